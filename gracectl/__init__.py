@@ -1,0 +1,1 @@
+"""gracectl: the command line to watch and steer graced."""

@@ -1,0 +1,359 @@
+"""The ``gracectl`` command line: talks to graced only through graced.protocol.
+
+Output: data on stdout (``--json`` for scripts), messages and errors on stderr.
+Exit codes are :class:`graced.protocol.ExitCode`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import trio
+
+from graced import __version__
+from graced.keys import parse_public_key
+from graced.paths import client_socket
+from graced.protocol import ExitCode, Violation, key_id
+
+from . import trust
+from .client import Endpoint, connect
+from .errors import CtlError
+from .tail import TailOptions, run_tail, stderr_note, verify_lines
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "GRACE"}
+T = TypeVar("T")
+
+
+def _endpoint(ctx: click.Context) -> Endpoint:
+    obj = ctx.find_root().obj or {}
+    if obj.get("url"):
+        return Endpoint(url=obj["url"])
+    return Endpoint(socket=obj.get("socket") or str(client_socket()))
+
+
+def _run(fn: Callable[[], Awaitable[T]]) -> T:
+    """Run ``fn`` under trio, unwrapping single-error exception groups from nurseries."""
+    try:
+        return trio.run(fn)
+    except BaseExceptionGroup as group:
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        raise leaf from None
+
+
+def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print JSON on stdout (for scripts).")(f)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def _read_key_file(path: str) -> bytes:
+    try:
+        return parse_public_key(Path(path).read_text())
+    except OSError as exc:
+        raise CtlError(f"{path}: cannot read key: {exc.strerror}") from None
+    except ValueError as exc:
+        raise CtlError(f"{path}: {exc}") from None
+
+
+def _trusted_key(endpoint: Endpoint, key_file: str | None, hello_key: bytes | None,
+                 daemon_id: str = "") -> bytes:
+    """The key to verify against: --key, else the pinned one, else pin on first use."""
+    if key_file:
+        return _read_key_file(key_file)
+    try:
+        known = trust.pinned(endpoint.name)
+    except ValueError as exc:
+        raise CtlError(str(exc)) from None
+    if known is not None:
+        return known
+    if hello_key is None:
+        raise CtlError("no trusted key: pass --key FILE or run 'gracectl keys trust'",
+                       ExitCode.BAD_SIGNATURE)
+    trust.pin(endpoint.name, hello_key, daemon_id)
+    stderr_note(f"trusting key {key_id(hello_key)} for {endpoint.name} on first use "
+                f"(pinned in {trust.store_path()})")
+    return hello_key
+
+
+async def _hello_key(endpoint: Endpoint) -> tuple[bytes, str]:
+    async with connect(endpoint) as conn:
+        hello = await conn.request("hello")
+    return base64.b64decode(hello["public_key"]), str(hello.get("daemon_id", ""))
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "--version", "-V", prog_name="gracectl")
+@click.option("--socket", "socket_path", metavar="PATH", envvar="GRACE_SOCKET",
+              help="graced's Unix socket (env GRACE_SOCKET).")
+@click.option("--url", metavar="ws://HOST:PORT", envvar="GRACE_URL",
+              help="graced's TCP WebSocket URL instead of the socket (env GRACE_URL).")
+@click.pass_context
+def cli(ctx: click.Context, socket_path: str | None, url: str | None) -> None:
+    """gracectl: watch and steer graced, the host's self-healing daemon."""
+    if socket_path and url:
+        raise click.UsageError("give --socket or --url, not both")
+    ctx.obj = {"socket": socket_path, "url": url}
+
+
+# -- status ---------------------------------------------------------------------
+
+def _human_duration(seconds: float) -> str:
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d " if d else "") + (f"{h}h " if h or d else "") + f"{m}m {s}s"
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Show the daemon's state: identity, head seq, journal and clients."""
+    endpoint = _endpoint(ctx)
+
+    async def go() -> Any:
+        async with connect(endpoint, trust.pinned(endpoint.name)) as conn:
+            return await conn.request("status")
+
+    st = _run(go)
+    if as_json:
+        _print_json(st)
+        return
+    j, w = st["journal"], st["wire"]
+    rows = [
+        ("daemon", f"graced {st['version']} on {st['host']} (pid {st['pid']})"),
+        ("daemon id", st["daemon_id"]),
+        ("uptime", _human_duration(st["uptime"])),
+        ("key", st["kid"]),
+        ("config", st["config"]),
+        ("state", st["state_dir"]),
+        ("head seq", str(st["head_seq"])),
+        ("journal", f"{j['size_bytes'] / 1e6:.1f} MB, last commit {j['commit_latency_ms']} ms, "
+                    f"{j['commit_errors']} errors" + (f" ({j['last_error']})" if j["last_error"]
+                                                     else "")),
+        ("clients", f"{w['clients']} connected, {w['subscribers']} subscribed, "
+                    f"{w['dropped_total']} dropped, {w['refused_total']} refused"),
+        ("socket", w["socket"] + (f"; tcp ports {w['tcp_ports']}" if w["tcp_ports"] else "")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+
+
+# -- tail / verify ----------------------------------------------------------------
+
+@cli.command()
+@click.argument("patterns", nargs=-1, metavar="[PATTERN]...")
+@click.option("--since", type=click.IntRange(min=1), metavar="SEQ",
+              help="Start at this seq (replayed from the journal, then live).")
+@click.option("-n", "--lines", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Without --since, start this many events before the head.")
+@json_option
+@click.option("--verify", is_flag=True,
+              help="Check every event's signature, the chain, seq continuity and heartbeat "
+                   "freshness; stop at the first violation.")
+@click.option("--no-follow", is_flag=True, help="Stop at the current head.")
+@click.option("--key", "key_file", metavar="KEYFILE", type=click.Path(dir_okay=False),
+              help="Trust this public key (key.pub) instead of the pinned one.")
+@click.option("--stale-after", type=click.FloatRange(min=0.1), metavar="SECONDS",
+              help="Silence that counts as a stale stream (default 3 heartbeats + 1 s).")
+@click.option("--reconnect-timeout", type=click.FloatRange(min=0), default=60.0,
+              show_default=True, metavar="SECONDS",
+              help="How long to wait for graced to come back after it stops.")
+@click.pass_context
+def tail(ctx: click.Context, patterns: tuple[str, ...], since: int | None, lines: int,
+         as_json: bool, verify: bool, no_follow: bool, key_file: str | None,
+         stale_after: float | None, reconnect_timeout: float) -> None:
+    """Stream events matching topic globs (e.g. 'mission.*'); all events by default.
+
+    With --json each event is printed in its exact signed form, one per line (JSONL).
+    """
+    endpoint = _endpoint(ctx)
+
+    async def go() -> int:
+        trusted = None
+        if verify:
+            hello_key, daemon_id = (None, "")
+            if not key_file and trust.pinned(endpoint.name) is None:
+                hello_key, daemon_id = await _hello_key(endpoint)
+            trusted = _trusted_key(endpoint, key_file, hello_key, daemon_id)
+        opts = TailOptions(
+            patterns=list(patterns) or ["*"], since=since, lines=lines, as_json=as_json,
+            verify=verify, follow=not no_follow, trusted_key=trusted,
+            stale_after=stale_after, reconnect_timeout=reconnect_timeout,
+        )
+        return await run_tail(endpoint, opts, sys.stdout, stderr_note)
+
+    try:
+        code = _run(go)
+    except Violation as exc:
+        raise CtlError(f"verification failed: {exc}", exc.code) from None
+    except BrokenPipeError:
+        code = 0
+    sys.exit(code)
+
+
+@cli.command()
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option("--key", "key_file", metavar="KEYFILE", type=click.Path(dir_okay=False),
+              help="The daemon's public key (key.pub); default: the key pinned for the "
+                   "current endpoint.")
+@click.option("--stale-after", type=click.FloatRange(min=0.1), metavar="SECONDS",
+              help="A gap between events that counts as stale (default 3 heartbeats + 1 s).")
+@json_option
+@click.pass_context
+def verify(ctx: click.Context, file: Any, key_file: str | None, stale_after: float | None,
+           as_json: bool) -> None:
+    """Verify a saved JSONL stream (from 'tail --json') offline: the same checks as --verify."""
+    key: bytes | None = _read_key_file(key_file) if key_file else trust.pinned(
+        _endpoint(ctx).name)
+    if key is None:
+        raise CtlError("no trusted key: pass --key FILE (the daemon's key.pub)",
+                       ExitCode.BAD_SIGNATURE)
+    try:
+        count, first, last = verify_lines(file, key, stale_after)
+    except Violation as exc:
+        if as_json:
+            _print_json({"ok": False, "seq": exc.seq, "kind": exc.kind, "reason": exc.reason,
+                         "exit_code": int(exc.code)})
+        raise CtlError(f"verification failed: {exc}", exc.code) from None
+    if as_json:
+        _print_json({"ok": True, "events": count, "first_seq": first, "last_seq": last,
+                     "kid": key_id(key)})
+    else:
+        stderr_note(f"verified {count} events (seq {first}..{last}), key {key_id(key)}: "
+                    "signatures valid, chain intact")
+
+
+# -- keys -------------------------------------------------------------------------
+
+@cli.group()
+def keys() -> None:
+    """The daemon's signing key: show it, trust (pin) it."""
+
+
+@keys.command("show")
+@json_option
+@click.pass_context
+def keys_show(ctx: click.Context, as_json: bool) -> None:
+    """Show the daemon's key id and public key, and whether it is pinned here."""
+    endpoint = _endpoint(ctx)
+
+    async def go() -> Any:
+        async with connect(endpoint) as conn:
+            return await conn.request("keys")
+
+    info = _run(go)
+    pub = base64.b64decode(info["public_key"])
+    pinned = trust.pinned(endpoint.name)
+    state = "not pinned" if pinned is None else ("pinned" if pinned == pub else "MISMATCH")
+    info = {**info, "endpoint": endpoint.name, "trust": state}
+    if as_json:
+        _print_json(info)
+    else:
+        click.echo(f"key id      {info['kid']}\npublic key  ed25519 {info['public_key']}\n"
+                   f"endpoint    {endpoint.name}\ntrust       {state}")
+
+
+@keys.command("trust")
+@click.option("--key", "key_file", metavar="KEYFILE", type=click.Path(dir_okay=False),
+              help="Pin this key file instead of the key the daemon offers.")
+@click.option("--replace", is_flag=True, help="Replace a different key pinned before.")
+@click.pass_context
+def keys_trust(ctx: click.Context, key_file: str | None, replace: bool) -> None:
+    """Pin the daemon's key for this endpoint (trust on first use, like ssh).
+
+    A different key for an endpoint already pinned is refused (exit 10) unless --replace.
+    """
+    endpoint = _endpoint(ctx)
+    offered, daemon_id = _run(lambda: _hello_key(endpoint))
+    key = _read_key_file(key_file) if key_file else offered
+    if key != offered:
+        raise CtlError(f"the daemon's key {key_id(offered)} is not {key_id(key)} from {key_file}",
+                       ExitCode.BAD_SIGNATURE)
+    known = trust.pinned(endpoint.name)
+    if known == key:
+        stderr_note(f"key {key_id(key)} already trusted for {endpoint.name}")
+        return
+    if known is not None and not replace:
+        raise CtlError(
+            f"WARNING: the key of {endpoint.name} has CHANGED: pinned {key_id(known)}, now "
+            f"offered {key_id(key)}; someone may be impersonating graced. If the change is "
+            "expected, run 'gracectl keys trust --replace'", ExitCode.BAD_SIGNATURE)
+    trust.pin(endpoint.name, key, daemon_id)
+    stderr_note(f"trusted key {key_id(key)} for {endpoint.name}")
+
+
+# -- emit -------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("topic")
+@click.option("--payload", default="{}", metavar="JSON", help="The event's payload (JSON).")
+@click.option("--count", type=click.IntRange(1, 10_000_000), default=1, show_default=True,
+              help="Publish this many events (for load tests).")
+@click.option("--rate", type=click.FloatRange(min=0.001), metavar="PER_SECOND",
+              help="Pace --count events at this rate.")
+@json_option
+@click.pass_context
+def emit(ctx: click.Context, topic: str, payload: str, count: int, rate: float | None,
+         as_json: bool) -> None:
+    """Publish a signed user event (TOPIC must start with 'user.'), e.g. an annotation."""
+    try:
+        data = json.loads(payload)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from None
+    endpoint = _endpoint(ctx)
+
+    async def go() -> Any:
+        async with connect(endpoint, trust.pinned(endpoint.name)) as conn:
+            return await conn.request("emit", {"topic": topic, "payload": data,
+                                               "count": count, "rate": rate})
+
+    result = _run(go)
+    if as_json:
+        _print_json(result)
+    elif "first_seq" in result:
+        click.echo(f"published seq {result['first_seq']}")
+    else:
+        stderr_note(f"queued {result['queued']} events")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except CtlError as exc:
+        if exc.code != ExitCode.OK:
+            click.echo(f"gracectl: {exc}", err=True)
+        sys.exit(int(exc.code))
+    except click.UsageError as exc:
+        exc.show()
+        sys.exit(ExitCode.USAGE)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(ExitCode.ERROR)
+    except click.exceptions.Abort:
+        sys.exit(ExitCode.ERROR)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        finally:
+            sys.exit(0)
+
+

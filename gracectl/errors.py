@@ -1,0 +1,36 @@
+"""gracectl's errors: each carries its one-line message and its exit code."""
+
+from __future__ import annotations
+
+from graced.protocol import ExitCode
+
+
+class CtlError(Exception):
+    """An error gracectl reports as one line on stderr, exiting with ``code``."""
+
+    code: ExitCode = ExitCode.ERROR
+
+    def __init__(self, message: str, code: ExitCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class Unreachable(CtlError):
+    code = ExitCode.UNREACHABLE
+
+
+class NotAuthorised(CtlError):
+    code = ExitCode.NOT_AUTHORISED
+
+
+class NotFound(CtlError):
+    code = ExitCode.NOT_FOUND
+
+
+class RemoteError(CtlError):
+    """The daemon answered a request with an error."""
+
+    def __init__(self, code_name: str, message: str, exit_code: ExitCode) -> None:
+        super().__init__(message, exit_code)
+        self.code_name = code_name

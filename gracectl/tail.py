@@ -1,0 +1,215 @@
+"""``gracectl tail`` and ``gracectl verify``: stream events, and prove the stream whole."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import IO, Any
+
+import trio
+
+from graced.mesh import compile_patterns
+from graced.protocol import ChainVerifier, ExitCode, Violation, key_id, parse_ts
+
+from .client import Endpoint, connect
+from .errors import CtlError, Unreachable
+
+
+def format_event(event: dict[str, Any]) -> str:
+    """One human line: time, seq, topic, payload."""
+    ts = str(event.get("ts", ""))
+    when = ts.replace("T", " ").rstrip("Z")[:23]
+    payload = event.get("payload")
+    if isinstance(payload, dict):
+        text = " ".join(
+            f"{k}={json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v}"
+            for k, v in payload.items()
+        )
+    else:
+        text = json.dumps(payload, ensure_ascii=False)
+    return f"{when}  {event.get('seq', '?'):>7}  {event.get('topic', '?'):<22}  {text}"
+
+
+@dataclass
+class TailOptions:
+    patterns: list[str]
+    since: int | None
+    lines: int
+    as_json: bool
+    verify: bool
+    follow: bool
+    trusted_key: bytes | None
+    stale_after: float | None
+    reconnect_timeout: float
+
+
+class Printer:
+    """Writes events to stdout; a held event waits until the verifier clears it."""
+
+    def __init__(self, opts: TailOptions, out: IO[str]) -> None:
+        self.opts = opts
+        self.out = out
+        self.match = compile_patterns(opts.patterns)
+        self.held: tuple[str, dict[str, Any]] | None = None
+        self.printed = 0
+
+    def emit(self, line: str, event: dict[str, Any]) -> None:
+        if not self.match(str(event.get("topic", ""))):
+            return
+        self.out.write((line if self.opts.as_json else format_event(event)) + "\n")
+        self.printed += 1
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.emit(*self.held)
+            self.held = None
+        self.out.flush()
+
+    def accept(self, line: str, event: dict[str, Any], pending: bool) -> None:
+        self.release()
+        if pending:
+            self.held = (line, event)
+        else:
+            self.emit(line, event)
+        self.out.flush()
+
+
+async def _reconnect_wait(endpoint: Endpoint, timeout: float) -> None:
+    """Wait until the daemon's socket accepts connections again."""
+    with trio.move_on_after(timeout):
+        while True:
+            try:
+                async with connect(endpoint, timeout=2):
+                    return
+            except Unreachable:
+                await trio.sleep(0.2)
+    raise Unreachable(f"graced did not come back within {timeout:g} s")
+
+
+async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
+                   note: Callable[[str], None]) -> int:
+    """Follow the stream; returns the exit code, raises Violation on a verification failure."""
+    verifier: ChainVerifier | None = None
+    printer = Printer(opts, out)
+    next_seq = opts.since
+    last_topic: str | None = None
+    while True:
+        graceful = False
+        async with connect(endpoint, opts.trusted_key if opts.verify else None) as conn:
+            hello = await conn.request("hello")
+            if opts.verify:
+                assert opts.trusted_key is not None
+                if hello.get("kid") != key_id(opts.trusted_key):
+                    raise Violation(ExitCode.BAD_SIGNATURE, None,
+                                    f"daemon key {hello.get('kid')} is not the trusted key "
+                                    f"{key_id(opts.trusted_key)}")
+                if verifier is None:
+                    interval = float(hello.get("heartbeat_interval", 5.0))
+                    stale = opts.stale_after or 3 * interval + 1
+                    verifier = ChainVerifier(opts.trusted_key, stale_after=stale)
+            head = int(hello.get("head_seq", 0))
+            if next_seq is None:
+                next_seq = max(1, head - opts.lines + 1) if opts.lines > 0 else head + 1
+            sub = await conn.request("subscribe", {
+                "patterns": ["*"] if opts.verify else opts.patterns, "since": next_seq,
+            })
+            stop_at = None if opts.follow else int(sub["head_seq"])
+            if stop_at is not None and next_seq > stop_at:
+                return 0
+            while True:
+                timeout = verifier.stale_after if verifier and verifier.stale_after else 3600.0
+                with trio.move_on_after(timeout) as cs:
+                    try:
+                        line, event = await conn.events.receive()
+                    except trio.EndOfChannel:
+                        break
+                if cs.cancelled_caught:
+                    if verifier is not None:
+                        verifier.flush()
+                        verifier.check_fresh(trio.current_time())
+                    continue
+                if "_unparsable" in event:
+                    if verifier is not None:
+                        raise Violation(ExitCode.CHAIN_BROKEN, None, "unparsable frame")
+                    continue
+                if verifier is not None:
+                    verifier.feed(event, trio.current_time())
+                    printer.accept(line, event, verifier.pending)
+                else:
+                    printer.accept(line, event, False)
+                seq = event.get("seq")
+                if isinstance(seq, int):
+                    next_seq = seq + 1
+                last_topic = event.get("topic")
+                if stop_at is not None and isinstance(seq, int) and seq >= stop_at:
+                    if verifier is not None:
+                        verifier.flush()
+                    printer.release()
+                    return 0
+            closed = conn.closed
+            graceful = (closed is not None and closed.code == 1001) if verifier is None else (
+                last_topic == "daemon.stopping"
+            )
+        if verifier is not None and not graceful:
+            verifier.end()
+        printer.release()
+        if not graceful:
+            why = f" ({closed.reason})" if closed and closed.reason else ""
+            raise Unreachable(f"connection to graced lost{why}")
+        if not opts.follow:
+            return 0
+        note("graced is stopping; waiting for it to come back")
+        await _reconnect_wait(endpoint, opts.reconnect_timeout)
+        note(f"reconnected; resuming at seq {next_seq}")
+
+
+def verify_lines(lines: Iterable[str], public_key: bytes,
+                 stale_after: float | None) -> tuple[int, int | None, int | None]:
+    """Verify a saved JSONL stream; returns (count, first seq, last seq)."""
+    verifier = ChainVerifier(public_key)
+    first: int | None = None
+    prev_ts: float | None = None
+    prev_topic: str | None = None
+    interval: float | None = None
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            raise Violation(ExitCode.CHAIN_BROKEN, None,
+                            f"line {lineno}: not a JSON event") from None
+        verifier.feed(event, 0.0)
+        if first is None:
+            first = event["seq"]
+        try:
+            ts = parse_ts(event["ts"])
+        except ValueError:
+            raise Violation(ExitCode.CHAIN_BROKEN, event["seq"], "malformed timestamp") from None
+        if event["topic"] == "daemon.heartbeat" and isinstance(event["payload"], dict):
+            value = event["payload"].get("interval")
+            if isinstance(value, (int, float)):
+                interval = float(value)
+        limit = stale_after or (3 * interval + 1 if interval else None)
+        if (limit is not None and prev_ts is not None and prev_topic != "daemon.stopping"
+                and ts - prev_ts > limit):
+            raise Violation(ExitCode.STALE, event["seq"],
+                            f"stream stale: {ts - prev_ts:.1f} s with no event or heartbeat "
+                            f"before this one (limit {limit:g} s)")
+        prev_ts, prev_topic = ts, event["topic"]
+    verifier.flush()
+    return verifier.count, first, verifier.last_seq
+
+
+def write_safely(out: IO[str], text: str) -> None:
+    try:
+        out.write(text)
+        out.flush()
+    except BrokenPipeError:
+        raise CtlError("stdout closed", ExitCode.OK) from None
+
+
+def stderr_note(message: str) -> None:
+    print(f"gracectl: {message}", file=sys.stderr, flush=True)

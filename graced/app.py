@@ -1,0 +1,286 @@
+"""The composition root: builds every component and runs them in one nursery.
+
+Start order: key, journal, mesh writer, wire server, heartbeat, then READY=1.
+Stop (SIGTERM or SIGINT): STOPPING=1, a final ``daemon.stopping`` event, clients are
+drained and closed with 1001 (going away), the journal is flushed and closed; all
+within ``shutdown_timeout``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import __version__, keys, sd_notify
+from .config import Config
+from .errors import StateError
+from .journal import Journal
+from .mesh import Mesh
+from .protocol import Signer
+from .protocol.wire import Request, RequestError
+from .wire import Client, Server
+
+log = logging.getLogger("graced")
+
+MAX_EMIT = 10_000_000
+
+
+def _prepare_state_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StateError(f"cannot create state dir {path}: {exc.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise StateError(f"state dir {path} is not writable by this user")
+
+
+def _daemon_id(state_dir: Path) -> str:
+    path = state_dir / "daemon-id"
+    try:
+        value = path.read_text().strip()
+        if value:
+            return value
+    except FileNotFoundError:
+        pass
+    value = str(uuid.uuid4())
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(value + "\n")
+    os.rename(tmp, path)
+    return value
+
+
+class Daemon:
+    """graced itself. :meth:`run` returns after a clean shutdown."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.started_mono = time.monotonic()
+        self.hostname = socket.gethostname()
+        self.signer: Signer | None = None
+        self.mesh: Mesh | None = None
+        self.server: Server | None = None
+        self.daemon_id = ""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        cfg = self.config
+        state = cfg.state_dir
+        _prepare_state_dir(state)
+        signer, created = keys.load_or_create(state)
+        self.signer = signer
+        self.daemon_id = _daemon_id(state)
+        journal = await trio.to_thread.run_sync(
+            lambda: Journal(state / "journal.db", synchronous=cfg.journal.synchronous)
+        )
+        mesh = Mesh(journal, signer, batch_max=cfg.journal.batch_max)
+        self.mesh = mesh
+        server = Server(
+            mesh=mesh,
+            signer=signer,
+            journal_path=journal.path,
+            socket_path=cfg.socket_path,
+            socket_mode=int(cfg.daemon.socket_mode, 8),
+            listen=list(cfg.daemon.listen),
+            allowed_origins=list(cfg.daemon.allowed_origins),
+            max_request_bytes=cfg.daemon.max_request_bytes,
+            max_clients=cfg.daemon.max_clients,
+            client_queue=cfg.daemon.client_queue,
+            send_timeout=cfg.daemon.send_timeout,
+            handlers={
+                "hello": self._hello,
+                "status": self._status,
+                "subscribe": self._subscribe,
+                "emit": self._emit,
+                "keys": self._keys,
+            },
+            clock=time.time,
+        )
+        self.server = server
+        try:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(mesh.run)
+                    kid_event = "crypto.key_created" if created else "crypto.key_loaded"
+                    mesh.publish_nowait(kid_event, {"kid": signer.kid,
+                                                    "public_key": keys.format_public_key(
+                                                        signer.public_key).split()[1]})
+                    await nursery.start(server.run)
+                    await mesh.publish("daemon.started", self._identity())
+                    hb_scope = trio.CancelScope()
+                    nursery.start_soon(self._heartbeat, hb_scope)
+                    interval = sd_notify.watchdog_interval()
+                    if interval:
+                        nursery.start_soon(self._watchdog, interval)
+                    sd_notify.notify(f"READY=1\nSTATUS=serving on {cfg.socket_path}")
+                    self._banner()
+                    task_status.started()
+                    async for signum in signals:
+                        log.info("received %s; stopping", signal.Signals(signum).name)
+                        break
+                    sd_notify.notify("STOPPING=1")
+                    with trio.move_on_after(cfg.daemon.shutdown_timeout) as cs:
+                        hb_scope.cancel()
+                        await mesh.publish("daemon.stopping", {"head_seq": mesh.delivered_seq + 1,
+                                                               "reason": "signal"})
+                        server.going_away("graced is stopping")
+                        await server.wait_all_closed()
+                    if cs.cancelled_caught:
+                        log.warning("shutdown deadline reached; closing remaining clients")
+                    nursery.cancel_scope.cancel()
+        finally:
+            mesh.close()
+            await trio.to_thread.run_sync(journal.close)
+        log.info("stopped cleanly at seq %d", mesh.delivered_seq)
+
+    def _banner(self) -> None:
+        cfg = self.config
+        from .paths import client_socket
+
+        sock = cfg.socket_path
+        ctl = "gracectl" if client_socket() == sock else f"gracectl --socket {sock}"
+        assert self.signer is not None
+        print(
+            f"graced {__version__}: serving on {sock} (state {cfg.state_dir}, "
+            f"key {self.signer.kid})\n"
+            f"graced: watch it from another shell with: {ctl} tail   "
+            f"(or: {ctl} status)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    async def _heartbeat(self, scope: trio.CancelScope) -> None:
+        assert self.mesh is not None
+        interval = self.config.daemon.heartbeat_interval
+        with scope:
+            while True:
+                await trio.sleep(interval)
+                self.mesh.publish_nowait("daemon.heartbeat", {
+                    "interval": interval,
+                    "uptime": round(time.monotonic() - self.started_mono, 3),
+                })
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            sd_notify.notify("WATCHDOG=1")
+            await trio.sleep(interval)
+
+    # -- request handlers --------------------------------------------------------
+
+    def _identity(self) -> dict[str, Any]:
+        assert self.signer is not None
+        return {
+            "daemon_id": self.daemon_id,
+            "version": __version__,
+            "host": self.hostname,
+            "pid": os.getpid(),
+            "kid": self.signer.kid,
+        }
+
+    async def _hello(self, client: Client, req: Request) -> Any:
+        assert self.mesh is not None and self.signer is not None
+        return {
+            **self._identity(),
+            "public_key": keys.format_public_key(self.signer.public_key).split()[1],
+            "head_seq": self.mesh.delivered_seq,
+            "heartbeat_interval": self.config.daemon.heartbeat_interval,
+            "peer": {"transport": client.peer.transport, "uid": client.peer.uid},
+            "can_control": client.can_control(),
+        }
+
+    async def _keys(self, client: Client, req: Request) -> Any:
+        assert self.signer is not None
+        return {
+            "kid": self.signer.kid,
+            "public_key": keys.format_public_key(self.signer.public_key).split()[1],
+            "algorithm": "ed25519",
+        }
+
+    async def _status(self, client: Client, req: Request) -> Any:
+        assert self.mesh is not None and self.server is not None
+        mesh = self.mesh
+        return {
+            **self._identity(),
+            "started_at": self.started_at,
+            "uptime": round(time.monotonic() - self.started_mono, 3),
+            "head_seq": mesh.delivered_seq,
+            "config": self.config.source,
+            "state_dir": str(self.config.state_dir),
+            "journal": {
+                "path": str(mesh.journal.path),
+                "size_bytes": mesh.journal.size_bytes(),
+                "commit_latency_ms": round(mesh.commit_seconds_last * 1000, 3),
+                "commits": mesh.commit_count,
+                "commit_errors": mesh.commit_errors,
+                "last_error": mesh.last_error,
+                "pending": len(mesh._pending),
+            },
+            "wire": self.server.status(),
+        }
+
+    async def _subscribe(self, client: Client, req: Request) -> Any:
+        assert self.server is not None
+        return await self.server.subscribe(client, req)
+
+    async def _emit(self, client: Client, req: Request) -> Any:
+        """Publish ``user.*`` events: annotations, and load for tests and benchmarks."""
+        assert self.mesh is not None and self.server is not None
+        if not client.can_control():
+            raise RequestError(
+                "not_authorised", f"emit needs root or uid {os.geteuid()} over the Unix socket"
+            )
+        p = req.params
+        topic = p.get("topic")
+        if not isinstance(topic, str) or not topic.startswith("user.") or len(topic) > 200:
+            raise RequestError("bad_request", "params.topic must be a string starting 'user.'")
+        payload = p.get("payload", {})
+        count = p.get("count", 1)
+        rate = p.get("rate")
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_EMIT:
+            raise RequestError("bad_request", f"params.count must be an integer 1-{MAX_EMIT}")
+        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool)
+                                 or not 0 < rate <= 1e6):
+            raise RequestError("bad_request", "params.rate must be a number of events/s or null")
+        if count == 1:
+            try:
+                ev = await self.mesh.publish(topic, payload)
+            except (ValueError, TypeError) as exc:
+                raise RequestError("bad_request", f"payload is not JSON-safe: {exc}") from None
+            assert ev is not None
+            return {"first_seq": ev.seq, "last_seq": ev.seq, "count": 1}
+        try:
+            from .protocol import canonical_bytes
+
+            canonical_bytes(payload)
+        except (ValueError, TypeError) as exc:
+            raise RequestError("bad_request", f"payload is not JSON-safe: {exc}") from None
+        self.server.spawn(self._emit_many, topic, payload, count, rate)
+        return {"queued": count, "rate": rate}
+
+    async def _emit_many(self, topic: str, payload: Any, count: int, rate: float | None) -> None:
+        assert self.mesh is not None
+        mesh = self.mesh
+        if rate is None:
+            for i in range(count):
+                await mesh.publish(topic, {"i": i, **_as_dict(payload)}, durable=False)
+            return
+        start = trio.current_time()
+        sent = 0
+        while sent < count:
+            due = min(count, int((trio.current_time() - start) * rate) + 1)
+            while sent < due:
+                mesh.publish_nowait(topic, {"i": sent, **_as_dict(payload)})
+                sent += 1
+            await trio.sleep_until(start + sent / rate)
+
+
+def _as_dict(payload: Any) -> dict[str, Any]:
+    return payload if isinstance(payload, dict) else {"value": payload}

@@ -1,0 +1,113 @@
+"""The ``graced`` command: run the daemon, check or print its config."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+import trio
+
+from . import __version__
+from .config import ConfigError, default_config, load_config, to_toml
+from .errors import DaemonExit, StartupError
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"graced: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(path: str | None) -> object:
+    from .paths import default_config_file
+
+    chosen = Path(path) if path else (
+        Path(os.environ["GRACED_CONFIG"]) if os.environ.get("GRACED_CONFIG")
+        else default_config_file()
+    )
+    try:
+        return load_config(chosen)
+    except ConfigError as exc:
+        _fail(f"config error: {exc}", DaemonExit.CONFIG)
+        raise AssertionError from None
+
+
+config_option = click.option(
+    "--config", "-c", "config_path", metavar="FILE", type=click.Path(dir_okay=False),
+    help="Config file (default: $GRACED_CONFIG, /etc/graced/graced.toml under systemd, "
+    "~/.config/graced/graced.toml, else the embedded default).",
+)
+
+
+@click.group(context_settings=CONTEXT, invoke_without_command=True)
+@click.version_option(__version__, "--version", "-V", prog_name="graced")
+@config_option
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """graced: keeps this host healthy by itself. With no command, runs the daemon."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(run, config_path=config_path)
+
+
+@cli.command()
+@config_option
+def run(config_path: str | None) -> None:
+    """Run the daemon in the foreground until SIGTERM or SIGINT."""
+    from .app import Daemon
+    from .config import Config
+
+    cfg = _load(config_path)
+    assert isinstance(cfg, Config)
+    level = getattr(logging, cfg.daemon.log_level.upper())
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="graced: %(levelname)s: %(name)s: %(message)s")
+    try:
+        trio.run(Daemon(cfg).run)
+    except StartupError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(DaemonExit.OK)
+
+
+@cli.group()
+def config() -> None:
+    """Check or print configuration."""
+
+
+@config.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+def config_check(file: str) -> None:
+    """Check FILE; print one line naming the problem and exit 3 if it is invalid."""
+    try:
+        load_config(Path(file))
+    except ConfigError as exc:
+        _fail(f"config error: {exc}", DaemonExit.CONFIG)
+    click.echo(f"{file}: ok")
+
+
+@config.command("default")
+def config_default() -> None:
+    """Print the embedded default config as TOML."""
+    click.echo(to_toml(default_config()), nl=False)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # pragma: no cover
+        click.echo(exc.format_message(), err=True)
+        sys.exit(DaemonExit.USAGE)
+    except click.UsageError as exc:
+        exc.show()
+        sys.exit(DaemonExit.USAGE)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(DaemonExit.ERROR)
+    except click.exceptions.Abort:
+        sys.exit(DaemonExit.ERROR)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)

@@ -1,0 +1,153 @@
+"""The journal: every signed event, in order, in SQLite (WAL).
+
+Blocking code, meant to run in a worker thread. One writer connection (owned by
+:class:`Journal`, used by one thread at a time); readers open their own connection.
+Schema changes are numbered migrations tracked in ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import StateError
+from .protocol import GENESIS_PREV, SignedEvent
+
+MIGRATIONS: list[str] = [
+    # 1: events and a small key/value table
+    """
+    CREATE TABLE events (
+        seq   INTEGER PRIMARY KEY,
+        ts    TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        hash  TEXT NOT NULL,
+        body  TEXT NOT NULL
+    );
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+]
+
+
+def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None
+        )
+    else:
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    return conn
+
+
+class Journal:
+    """Append-only event store. Not thread-safe: one caller at a time."""
+
+    def __init__(self, path: Path, *, synchronous: str = "full") -> None:
+        self.path = path
+        existed = path.exists()
+        try:
+            self._conn = _connect(path)
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            self._migrate()
+            self.head_seq, self.head_hash = self._read_head()
+        except sqlite3.DatabaseError as exc:
+            what = "an existing" if existed else "a new"
+            raise StateError(f"journal {path}: cannot open {what} database: {exc}") from None
+
+    def _migrate(self) -> None:
+        (version,) = self._conn.execute("PRAGMA user_version").fetchone()
+        if version > len(MIGRATIONS):
+            raise StateError(
+                f"journal {self.path}: schema version {version} is newer than this graced "
+                f"understands ({len(MIGRATIONS)}); upgrade graced"
+            )
+        for number in range(version, len(MIGRATIONS)):
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in MIGRATIONS[number].split(";"):
+                    if stmt.strip():
+                        self._conn.execute(stmt)
+                self._conn.execute(f"PRAGMA user_version = {number + 1}")
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    def _read_head(self) -> tuple[int, str]:
+        row = self._conn.execute(
+            "SELECT seq, hash, body FROM events ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return 0, GENESIS_PREV
+        seq, h, body = row
+        try:
+            json.loads(body)
+        except ValueError:
+            raise StateError(f"journal {self.path}: head event {seq} is corrupt") from None
+        return int(seq), str(h)
+
+    def append(self, events: Sequence[SignedEvent]) -> None:
+        """Commit a group of events in one transaction (one fsync)."""
+        if not events:
+            return
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            conn.executemany(
+                "INSERT INTO events (seq, ts, topic, hash, body) VALUES (?, ?, ?, ?, ?)",
+                [(e.seq, e.fields["ts"], e.topic, e.hash, e.text) for e in events],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.head_seq = events[-1].seq
+        self.head_hash = events[-1].hash
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def size_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += Path(str(self.path) + suffix).stat().st_size
+            except OSError:
+                pass
+        return total
+
+    def close(self) -> None:
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:
+            pass
+        self._conn.close()
+
+
+class JournalReader:
+    """A read connection for replays; one per replaying client."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn = _connect(path, readonly=True)
+
+    def read(self, first: int, last: int, limit: int) -> list[str]:
+        """Bodies of events ``first..last`` (inclusive), at most ``limit`` of them."""
+        rows = self._conn.execute(
+            "SELECT body FROM events WHERE seq BETWEEN ? AND ? ORDER BY seq LIMIT ?",
+            (first, last, limit),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def close(self) -> None:
+        self._conn.close()

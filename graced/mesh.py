@@ -1,0 +1,244 @@
+"""The mesh: publish/subscribe in the daemon, with every event signed and journaled.
+
+Theory of operation: :meth:`Mesh.publish` queues ``(time, topic, payload)``. The
+writer task (:meth:`Mesh.run`) takes everything queued, and in a worker thread
+assigns seq and prev, signs, hashes and commits the group to the journal in one
+transaction. Only after the commit does it fan the events out, in seq order, to the
+subscribers whose topic globs match. Fan-out never blocks: each subscriber supplies
+a ``deliver`` callback that must not block (the wire puts frames on a bounded
+channel and drops the client when it is full), so a slow subscriber never slows the
+publisher. A small ring of recent events serves replays without touching the disk.
+
+Channels owned: none; the writer is woken by a :class:`trio.Event`.
+"""
+
+from __future__ import annotations
+
+import collections
+import fnmatch
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .journal import Journal
+from .protocol import SignedEvent, Signer, canonical_bytes
+
+log = logging.getLogger("graced.mesh")
+
+Deliver = Callable[[SignedEvent], None]
+
+
+def compile_patterns(patterns: Iterable[str]) -> Callable[[str], bool]:
+    """A matcher for topic globs (``*``, ``?``, ``[...]``); no patterns match all."""
+    pats = list(patterns)
+    if not pats or "*" in pats:
+        return lambda topic: True
+    regex = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in pats))
+    cache: dict[str, bool] = {}
+
+    def match(topic: str) -> bool:
+        hit = cache.get(topic)
+        if hit is None:
+            hit = cache[topic] = regex.match(topic) is not None
+            if len(cache) > 4096:
+                cache.clear()
+        return hit
+
+    return match
+
+
+@dataclass(eq=False)
+class Subscription:
+    """A live subscriber; created by :meth:`Mesh.subscribe`."""
+
+    match: Callable[[str], bool]
+    deliver: Deliver
+    mesh: Mesh | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        if self.mesh is not None:
+            self.mesh._subs.discard(self)
+            self.mesh = None
+
+
+@dataclass(eq=False)
+class _Pending:
+    ts: float
+    topic: str
+    payload: Any
+    done: trio.Event | None = None
+    result: SignedEvent | None = None
+
+
+class Mesh:
+    """Signs, journals and fans out events. Run :meth:`run` before publishing."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        signer: Signer,
+        *,
+        batch_max: int = 4096,
+        ring_size: int = 65536,
+        max_pending: int = 65536,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.journal = journal
+        self.signer = signer
+        self.batch_max = batch_max
+        self.max_pending = max_pending
+        self.clock = clock
+        self._pending: list[_Pending] = []
+        self._wake = trio.Event()
+        self._room = trio.Event()
+        self._subs: set[Subscription] = set()
+        self.ring: collections.deque[SignedEvent] = collections.deque(maxlen=ring_size)
+        # Seq and hash of the last event fanned out (everything <= it is durable).
+        self.delivered_seq = journal.head_seq
+        self.commit_seconds_last = 0.0
+        self.commit_count = 0
+        self.commit_errors = 0
+        self.last_error: str | None = None
+        self._closed = False
+
+    # -- publishing ------------------------------------------------------------
+
+    def publish_nowait(self, topic: str, payload: Any) -> None:
+        """Queue an event without waiting; it is durable before anyone sees it."""
+        self._queue(topic, payload, None)
+
+    async def publish(
+        self, topic: str, payload: Any, *, durable: bool = True
+    ) -> SignedEvent | None:
+        """Queue an event; with ``durable``, wait until it is committed and return it.
+
+        Waits for room when too much is queued (back-pressure on fast producers).
+        """
+        while len(self._pending) >= self.max_pending:
+            self._room = trio.Event() if self._room.is_set() else self._room
+            await self._room.wait()
+        if not durable:
+            self._queue(topic, payload, None)
+            await trio.lowlevel.checkpoint()
+            return None
+        item = self._queue(topic, payload, trio.Event())
+        assert item.done is not None
+        await item.done.wait()
+        return item.result
+
+    def _queue(self, topic: str, payload: Any, done: trio.Event | None) -> _Pending:
+        if self._closed:
+            raise trio.ClosedResourceError("mesh is closed")
+        # Fail here, in the publisher, on a payload that cannot be canonical JSON.
+        canonical_bytes(payload)
+        item = _Pending(self.clock(), topic, payload, done)
+        self._pending.append(item)
+        self._wake.set()
+        return item
+
+    # -- subscribing -----------------------------------------------------------
+
+    def subscribe(self, patterns: Iterable[str], deliver: Deliver) -> Subscription:
+        """Register a live subscriber: it gets every event after :attr:`delivered_seq`."""
+        sub = Subscription(compile_patterns(patterns), deliver, self)
+        self._subs.add(sub)
+        return sub
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subs)
+
+    def recent(self, first: int) -> list[SignedEvent] | None:
+        """Events from ``first`` to :attr:`delivered_seq` if the ring still holds them."""
+        if first > self.delivered_seq:
+            return []
+        if not self.ring or self.ring[0].seq > first:
+            return None
+        start = first - self.ring[0].seq
+        return [self.ring[i] for i in range(start, len(self.ring))]
+
+    # -- the writer --------------------------------------------------------------
+
+    def _sign_and_commit(self, batch: list[_Pending]) -> list[SignedEvent]:
+        """Worker thread: sign the group in order and commit it in one transaction."""
+        seq, prev = self.journal.head_seq, self.journal.head_hash
+        events = []
+        for item in batch:
+            seq += 1
+            ev = self.signer.make_event(
+                seq=seq, ts=item.ts, topic=item.topic, payload=item.payload, prev=prev
+            )
+            prev = ev.hash
+            events.append(ev)
+        started = time.perf_counter()
+        self.journal.append(events)
+        self.commit_seconds_last = time.perf_counter() - started
+        return events
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The writer loop; never returns unless cancelled. Flushes what is queued on exit."""
+        task_status.started()
+        backoff = 0.05
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                while self._pending:
+                    try:
+                        await self._flush_once()
+                        backoff = 0.05
+                    except Exception as exc:  # noqa: BLE001 - disk full, I/O error
+                        self.commit_errors += 1
+                        self.last_error = f"journal commit failed: {exc}"
+                        log.error("%s; retrying in %.2f s", self.last_error, backoff)
+                        await trio.sleep(backoff)
+                        backoff = min(backoff * 2, 5.0)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.flush()
+
+    async def _flush_once(self) -> None:
+        batch = self._pending[: self.batch_max]
+        events = await trio.to_thread.run_sync(self._sign_and_commit, batch)
+        del self._pending[: len(batch)]
+        self.commit_count += 1
+        if len(self._pending) < self.max_pending:
+            self._room.set()
+        self._fan_out(events)
+        for item, ev in zip(batch, events, strict=True):
+            if item.done is not None:
+                item.result = ev
+                item.done.set()
+
+    def _fan_out(self, events: list[SignedEvent]) -> None:
+        subs = list(self._subs)
+        for ev in events:
+            self.ring.append(ev)
+            self.delivered_seq = ev.seq
+            topic = ev.topic
+            for sub in subs:
+                if sub.mesh is not None and sub.match(topic):
+                    try:
+                        sub.deliver(ev)
+                    except Exception:  # a subscriber's bug must not stop the mesh
+                        log.exception("subscriber failed; dropping it")
+                        sub.close()
+
+    async def flush(self) -> None:
+        """Commit and deliver everything queued now (used at shutdown)."""
+        tries = 0
+        while self._pending and tries < 3:
+            try:
+                await self._flush_once()
+            except Exception as exc:  # noqa: BLE001
+                tries += 1
+                self.last_error = f"journal commit failed: {exc}"
+                log.error("%s", self.last_error)
+
+    def close(self) -> None:
+        self._closed = True

@@ -1,0 +1,41 @@
+"""The wire format shared by graced and gracectl: canonical JSON, signing, verification.
+
+Imports no trio: everything here takes values and returns values.
+"""
+
+from .canonical import canonical_bytes, canonical_text
+from .signing import (
+    EVENT_FIELDS,
+    GENESIS_PREV,
+    PROTOCOL_VERSION,
+    SignedEvent,
+    Signer,
+    check_signature,
+    event_hash,
+    format_ts,
+    key_id,
+    parse_ts,
+    signing_bytes,
+    well_formed_event,
+)
+from .verify import ChainVerifier, ExitCode, Violation
+
+__all__ = [
+    "EVENT_FIELDS",
+    "GENESIS_PREV",
+    "PROTOCOL_VERSION",
+    "ChainVerifier",
+    "ExitCode",
+    "SignedEvent",
+    "Signer",
+    "Violation",
+    "canonical_bytes",
+    "canonical_text",
+    "check_signature",
+    "event_hash",
+    "format_ts",
+    "key_id",
+    "parse_ts",
+    "signing_bytes",
+    "well_formed_event",
+]

@@ -1,0 +1,143 @@
+"""Ed25519 signing and the event envelope: build, hash, sign and check one event.
+
+Pure code: no clocks are read and no I/O is done here; callers pass the time in.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import nacl.exceptions
+import nacl.signing
+
+from .canonical import canonical_bytes, canonical_text
+
+PROTOCOL_VERSION = 1
+GENESIS_PREV = "0" * 64
+EVENT_FIELDS = ("v", "seq", "ts", "topic", "payload", "prev", "kid", "sig")
+
+
+def key_id(public_key: bytes) -> str:
+    """The key id: the first 16 hex digits of SHA-256 of the raw 32-byte public key."""
+    return hashlib.sha256(public_key).hexdigest()[:16]
+
+
+def format_ts(epoch: float) -> str:
+    """RFC 3339 UTC timestamp with microseconds, e.g. ``2026-11-23T23:39:35.123456Z``."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_ts(ts: str) -> float:
+    """Inverse of :func:`format_ts`; raises ValueError on a malformed timestamp."""
+    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def signing_bytes(obj: dict[str, Any]) -> bytes:
+    """Canonical bytes of every field but ``sig``: what is signed, and what is hashed."""
+    return canonical_bytes({k: v for k, v in obj.items() if k != "sig"})
+
+
+def event_hash(event: dict[str, Any]) -> str:
+    """SHA-256 (hex) of the event's signing bytes; the next event's ``prev``."""
+    return hashlib.sha256(signing_bytes(event)).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class SignedEvent:
+    """One signed event: its fields, its hash and its canonical wire text."""
+
+    seq: int
+    topic: str
+    fields: dict[str, Any]
+    hash: str
+    text: str
+
+
+class Signer:
+    """Holds a signing key and signs events and frames."""
+
+    def __init__(self, signing_key: nacl.signing.SigningKey) -> None:
+        self._key = signing_key
+        self.public_key = bytes(signing_key.verify_key)
+        self.kid = key_id(self.public_key)
+
+    def sign_bytes(self, data: bytes) -> str:
+        return b64(self._key.sign(data).signature)
+
+    def make_event(
+        self, *, seq: int, ts: float, topic: str, payload: Any, prev: str
+    ) -> SignedEvent:
+        """Build, sign and hash one event."""
+        fields: dict[str, Any] = {
+            "v": PROTOCOL_VERSION,
+            "seq": seq,
+            "ts": format_ts(ts),
+            "topic": topic,
+            "payload": payload,
+            "prev": prev,
+            "kid": self.kid,
+        }
+        data = canonical_bytes(fields)
+        fields["sig"] = self.sign_bytes(data)
+        return SignedEvent(
+            seq=seq,
+            topic=topic,
+            fields=fields,
+            hash=hashlib.sha256(data).hexdigest(),
+            text=canonical_text(fields),
+        )
+
+    def sign_frame(self, frame: dict[str, Any]) -> dict[str, Any]:
+        """Add ``kid`` and ``sig`` to a non-event frame (a response or a notice)."""
+        frame = dict(frame)
+        frame["kid"] = self.kid
+        frame["sig"] = self.sign_bytes(signing_bytes(frame))
+        return frame
+
+
+def check_signature(obj: dict[str, Any], public_key: bytes) -> bool:
+    """True if ``obj["sig"]`` is a valid Ed25519 signature of its signing bytes."""
+    sig = obj.get("sig")
+    if not isinstance(sig, str):
+        return False
+    try:
+        raw = unb64(sig)
+        nacl.signing.VerifyKey(public_key).verify(signing_bytes(obj), raw)
+    except (ValueError, binascii.Error, nacl.exceptions.BadSignatureError, TypeError):
+        return False
+    except nacl.exceptions.CryptoError:
+        return False
+    return True
+
+
+def well_formed_event(obj: Any) -> str | None:
+    """Return None if ``obj`` has the shape of an event, else what is wrong with it."""
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    missing = [k for k in EVENT_FIELDS if k not in obj]
+    if missing:
+        return "missing field(s) " + ", ".join(missing)
+    extra = sorted(set(obj) - set(EVENT_FIELDS))
+    if extra:
+        return "unexpected field(s) " + ", ".join(extra)
+    if obj["v"] != PROTOCOL_VERSION:
+        return f"unsupported version {obj['v']!r}"
+    if not isinstance(obj["seq"], int) or isinstance(obj["seq"], bool) or obj["seq"] < 1:
+        return "seq is not a positive integer"
+    for key in ("ts", "topic", "prev", "kid", "sig"):
+        if not isinstance(obj[key], str):
+            return f"{key} is not a string"
+    return None

@@ -1,0 +1,126 @@
+"""Request and response frames on the wire (sans-IO).
+
+A client sends ``{"id": ID, "nonce": NONCE, "method": NAME, "params": {...}}`` as a
+text message. The daemon answers with a signed response frame that echoes both::
+
+    {"type": "response", "id": ID, "nonce": NONCE, "ok": true, "result": {...},
+     "ts": ..., "kid": ..., "sig": ...}
+    {"type": "response", "id": ID, "nonce": NONCE, "ok": false,
+     "error": {"code": "bad_request", "message": "..."}, "ts": ..., "kid": ..., "sig": ...}
+
+Events are sent as the bare signed event object (it has no ``type`` field); notices
+(for example why the daemon is closing the connection) are ``{"type": "notice", ...}``.
+One WebSocket text message carries one or more frames separated by a newline.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .verify import ExitCode
+
+ERROR_EXIT = {
+    "bad_request": ExitCode.ERROR,
+    "unknown_method": ExitCode.ERROR,
+    "too_large": ExitCode.ERROR,
+    "internal": ExitCode.ERROR,
+    "unavailable": ExitCode.ERROR,
+    "not_authorised": ExitCode.NOT_AUTHORISED,
+    "not_found": ExitCode.NOT_FOUND,
+    "invalid": ExitCode.ERROR,
+}
+
+MAX_NONCE = 128
+MAX_ID = 128
+MAX_DEPTH = 32
+
+
+class RequestError(Exception):
+    """A request the daemon refuses; carries the wire error code."""
+
+    def __init__(self, code: str, message: str, req_id: Any = None, nonce: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.req_id = req_id
+        self.nonce = nonce
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int | str
+    nonce: str
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _depth(obj: Any, limit: int) -> int:
+    """Nesting depth of a decoded JSON value, stopping once past ``limit``."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    deepest = 0
+    while stack:
+        item, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((v, d + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, d + 1) for v in item)
+    return deepest
+
+
+def parse_request(message: str | bytes, max_bytes: int) -> Request:
+    """Decode and validate one request; raises :class:`RequestError`."""
+    if isinstance(message, bytes):
+        raise RequestError("bad_request", "binary frames are not accepted; send JSON text")
+    if len(message) > max_bytes or len(message.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise RequestError("too_large", f"request larger than {max_bytes} bytes")
+    try:
+        obj = json.loads(message)
+    except (ValueError, RecursionError) as exc:
+        raise RequestError("bad_request", f"invalid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RequestError("bad_request", "a request must be a JSON object")
+    req_id = obj.get("id")
+    nonce = obj.get("nonce")
+    if not (isinstance(req_id, str) and len(req_id) <= MAX_ID) and not (
+        isinstance(req_id, int) and not isinstance(req_id, bool) and abs(req_id) < 2**53
+    ):
+        raise RequestError("bad_request", "field 'id' must be an integer or a short string")
+    if not isinstance(nonce, str) or not 1 <= len(nonce) <= MAX_NONCE:
+        raise RequestError(
+            "bad_request", f"field 'nonce' must be a string of 1-{MAX_NONCE} characters", req_id
+        )
+    method = obj.get("method")
+    if not isinstance(method, str):
+        raise RequestError("bad_request", "field 'method' must be a string", req_id, nonce)
+    params = obj.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise RequestError("bad_request", "field 'params' must be an object", req_id, nonce)
+    if _depth(params, MAX_DEPTH) > MAX_DEPTH:
+        raise RequestError("bad_request", f"params nested deeper than {MAX_DEPTH}", req_id, nonce)
+    extra = sorted(set(obj) - {"id", "nonce", "method", "params"})
+    if extra:
+        raise RequestError(
+            "bad_request", "unexpected field(s): " + ", ".join(extra), req_id, nonce
+        )
+    return Request(id=req_id, nonce=nonce, method=method, params=params)
+
+
+def response(req_id: Any, nonce: Any, ts: str, result: Any) -> dict[str, Any]:
+    return {"type": "response", "id": req_id, "nonce": nonce, "ok": True,
+            "result": result, "ts": ts}
+
+
+def error_response(req_id: Any, nonce: Any, ts: str, code: str, message: str) -> dict[str, Any]:
+    return {"type": "response", "id": req_id, "nonce": nonce, "ok": False,
+            "error": {"code": code, "message": message}, "ts": ts}
+
+
+def notice(ts: str, code: str, message: str) -> dict[str, Any]:
+    return {"type": "notice", "code": code, "message": message, "ts": ts}

@@ -1,0 +1,529 @@
+"""The WebSocket server: a Unix socket (default) and optional TCP listeners.
+
+Each client gets a reader task (requests in) and a sender task (frames out) fed by a
+bounded channel of ``client_queue`` frames. Mesh fan-out puts frames on that channel
+without blocking; when it is full, or one send takes longer than ``send_timeout``,
+the client is dropped with a close reason, so it never slows the publisher or other
+clients. Everything a client sends is checked; a bad request gets an error reply and
+nothing a client sends can take the daemon down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket as pysocket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+
+from .errors import DaemonExit, StartupError
+from .journal import JournalReader
+from .mesh import Mesh, Subscription, compile_patterns
+from .protocol import SignedEvent, Signer, canonical_text, format_ts
+from .protocol.wire import Request, RequestError, error_response, parse_request, response
+
+log = logging.getLogger("graced.wire")
+
+GOING_AWAY = 1001
+POLICY = 1008
+TRY_AGAIN = 1013
+MAX_PATTERNS = 64
+MAX_PATTERN_LEN = 200
+REPLAY_CHUNK = 2000
+COALESCE = 512
+
+
+@dataclass
+class Peer:
+    """Who is on the other end: transport and, over the Unix socket, uid/gid/pid."""
+
+    transport: str  # "unix" or "tcp"
+    uid: int | None = None
+    gid: int | None = None
+    pid: int | None = None
+    address: str = ""
+
+    def describe(self) -> str:
+        if self.transport == "unix":
+            return f"unix uid={self.uid} pid={self.pid}"
+        return f"tcp {self.address}"
+
+
+Handler = Callable[["Client", Request], Awaitable[Any]]
+
+
+@dataclass(eq=False)
+class Client:
+    """One connected WebSocket client."""
+
+    server: Server
+    ws: WebSocketConnection
+    stream: trio.abc.Stream
+    peer: Peer
+    send: trio.MemorySendChannel[str] = field(init=False)
+    recv: trio.MemoryReceiveChannel[str] = field(init=False)
+    subscription: Subscription | None = None
+    close_code: int | None = None
+    close_reason: str = ""
+    closing: trio.Event = field(default_factory=trio.Event)
+    send_broken: bool = False
+    frames_sent: int = 0
+
+    def __post_init__(self) -> None:
+        self.send, self.recv = trio.open_memory_channel(self.server.client_queue)
+
+    def queue(self, text: str) -> bool:
+        """Put a frame on the send queue without blocking; drop the client when full."""
+        if self.closing.is_set():
+            return False
+        try:
+            self.send.send_nowait(text)
+        except trio.WouldBlock:
+            self.drop(POLICY, f"slow consumer: send queue full ({self.server.client_queue} frames)")
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
+    def deliver(self, event: SignedEvent) -> None:
+        self.queue(event.text)
+
+    def drop(self, code: int, reason: str) -> None:
+        if self.closing.is_set():
+            return
+        self.close_code, self.close_reason = code, reason
+        if self.subscription is not None:
+            self.subscription.close()
+        if reason and code != GOING_AWAY:
+            log.warning("dropping client %s: %s", self.peer.describe(), reason)
+        self.closing.set()
+
+    def respond(self, req_id: Any, nonce: Any, result: Any) -> None:
+        frame = self.server.signer.sign_frame(
+            response(req_id, nonce, format_ts(self.server.clock()), result)
+        )
+        self.queue(canonical_text(frame))
+
+    def respond_error(self, req_id: Any, nonce: Any, code: str, message: str) -> None:
+        frame = self.server.signer.sign_frame(
+            error_response(req_id, nonce, format_ts(self.server.clock()), code, message)
+        )
+        self.queue(canonical_text(frame))
+
+    def can_control(self) -> bool:
+        return self.server.is_controller(self.peer)
+
+
+class Server:
+    """Serves the wire protocol; :meth:`run` never returns unless cancelled."""
+
+    def __init__(
+        self,
+        *,
+        mesh: Mesh,
+        signer: Signer,
+        journal_path: Path,
+        socket_path: Path,
+        socket_mode: int,
+        listen: list[str],
+        allowed_origins: list[str],
+        max_request_bytes: int,
+        max_clients: int,
+        client_queue: int,
+        send_timeout: float,
+        handlers: dict[str, Handler],
+        clock: Callable[[], float],
+    ) -> None:
+        self.mesh = mesh
+        self.signer = signer
+        self.journal_path = journal_path
+        self.socket_path = socket_path
+        self.socket_mode = socket_mode
+        self.listen = listen
+        self.allowed_origins = allowed_origins
+        self.max_request_bytes = max_request_bytes
+        self.max_clients = max_clients
+        self.client_queue = client_queue
+        self.send_timeout = send_timeout
+        self.handlers = handlers
+        self.clock = clock
+        self.clients: set[Client] = set()
+        self.tcp_ports: list[int] = []
+        self.connections_total = 0
+        self.refused_total = 0
+        self.dropped_total = 0
+        self._nursery: trio.Nursery | None = None
+        self._idle = trio.Event()
+
+    # -- authorisation -----------------------------------------------------------
+
+    def is_controller(self, peer: Peer) -> bool:
+        """Control over the Unix socket: root or the daemon's own uid."""
+        return peer.transport == "unix" and peer.uid in (0, os.geteuid())
+
+    # -- listeners ---------------------------------------------------------------
+
+    async def _unix_listener(self) -> trio.SocketListener:
+        path = self.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            probe = trio.socket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+            try:
+                await probe.connect(str(path))
+            except OSError:
+                path.unlink()  # stale socket from a daemon that died
+            else:
+                raise StartupError(
+                    f"another graced is already serving on {path}", DaemonExit.SOCKET
+                )
+            finally:
+                probe.close()
+        sock = trio.socket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
+        old = os.umask(0o777 & ~self.socket_mode)
+        try:
+            await sock.bind(str(path))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"cannot bind {path}: {exc.strerror}", DaemonExit.SOCKET) from None
+        finally:
+            os.umask(old)
+        os.chmod(path, self.socket_mode)
+        sock.listen(128)
+        return trio.SocketListener(sock)
+
+    async def _tcp_listeners(self) -> list[trio.SocketListener]:
+        out: list[trio.SocketListener] = []
+        for item in self.listen:
+            host, _, port = item.rpartition(":")
+            host = host.strip("[]")
+            try:
+                ls = await trio.open_tcp_listeners(int(port), host=host)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {item}: {exc.strerror}", DaemonExit.SOCKET
+                ) from None
+            for lst in ls:
+                self.tcp_ports.append(lst.socket.getsockname()[1])
+            out.extend(ls)
+        return out
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        unix = await self._unix_listener()
+        tcp = await self._tcp_listeners()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(trio.serve_listeners, self._handle_unix, [unix])
+                if tcp:
+                    await nursery.start(trio.serve_listeners, self._handle_tcp, tcp)
+                task_status.started()
+        finally:
+            try:
+                self.socket_path.unlink()
+            except OSError:
+                pass
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    # -- connections -------------------------------------------------------------
+
+    async def _handle_unix(self, stream: trio.SocketStream) -> None:
+        peer = Peer("unix")
+        try:
+            creds = stream.socket.getsockopt(
+                pysocket.SOL_SOCKET, pysocket.SO_PEERCRED, struct.calcsize("3i")
+            )
+            peer.pid, peer.uid, peer.gid = struct.unpack("3i", creds)
+        except OSError:
+            pass
+        await self._handle(stream, peer)
+
+    async def _handle_tcp(self, stream: trio.SocketStream) -> None:
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            addr = f"{host}:{port}"
+        except OSError:
+            addr = "?"
+        await self._handle(stream, Peer("tcp", address=addr))
+
+    def _check_http(self, request: WebSocketRequest, peer: Peer) -> str | None:
+        """Origin and Host checks for TCP (trio-websocket does none)."""
+        if peer.transport != "tcp":
+            return None
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
+        origin = headers.get("origin")
+        if origin is not None and origin not in self.allowed_origins:
+            return f"origin {origin!r} is not allowed"
+        host = headers.get("host", "")
+        hostname = urlsplit("//" + host).hostname or ""
+        allowed = {"localhost", "127.0.0.1", "::1"}
+        allowed.update(h.rpartition(":")[0].strip("[]") for h in self.listen)
+        if hostname not in allowed:
+            return f"host {host!r} is not one this daemon listens on"
+        return None
+
+    async def _handle(self, stream: trio.SocketStream, peer: Peer) -> None:
+        self.connections_total += 1
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    with trio.fail_after(10):
+                        request = await trio_websocket.wrap_server_stream(
+                            nursery, stream,
+                            max_message_size=max(4 * self.max_request_bytes, 1 << 20),
+                            message_queue_size=4,
+                        )
+                except (trio.TooSlowError, ConnectionClosed, trio_websocket.HandshakeError,
+                        trio.BrokenResourceError, trio.ClosedResourceError):
+                    nursery.cancel_scope.cancel()
+                    return
+                problem = self._check_http(request, peer)
+                if problem:
+                    log.warning("refusing %s: %s", peer.describe(), problem)
+                    with trio.move_on_after(2):
+                        await request.reject(403, body=problem.encode())
+                    nursery.cancel_scope.cancel()
+                    return
+                with trio.move_on_after(5) as cs:
+                    ws = await request.accept()
+                if cs.cancelled_caught:
+                    nursery.cancel_scope.cancel()
+                    return
+                if len(self.clients) >= self.max_clients:
+                    self.refused_total += 1
+                    with trio.move_on_after(2):
+                        await ws.aclose(TRY_AGAIN, f"too many clients (limit {self.max_clients})")
+                    nursery.cancel_scope.cancel()
+                    return
+                client = Client(self, ws, stream, peer)
+                self.clients.add(client)
+                try:
+                    await self._serve_client(client)
+                finally:
+                    self.clients.discard(client)
+                    if not self.clients:
+                        self._idle.set()
+                    if client.subscription is not None:
+                        client.subscription.close()
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
+            pass
+        except Exception:  # noqa: BLE001 - a client must never take the daemon down
+            log.exception("unexpected error serving %s", peer.describe())
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    async def _serve_client(self, client: Client) -> None:
+        async with trio.open_nursery() as nursery:
+            sender_done = trio.Event()
+
+            async def sender() -> None:
+                try:
+                    await self._sender(client)
+                finally:
+                    sender_done.set()
+
+            nursery.start_soon(sender)
+            nursery.start_soon(self._reader, client, nursery)
+            await client.closing.wait()
+            # Stop reading; let the sender finish what it is sending (or drain, when
+            # the daemon is going away), bounded by send_timeout.
+            client.send.close()
+            with trio.move_on_after(self.send_timeout):
+                await sender_done.wait()
+            nursery.cancel_scope.cancel()
+        if client.close_code is not None and client.close_code != GOING_AWAY:
+            self.dropped_total += 1
+        if not client.send_broken and client.ws.closed is None:
+            with trio.move_on_after(2):
+                await client.ws.aclose(client.close_code or 1000, client.close_reason or None)
+
+    async def _sender(self, client: Client) -> None:
+        recv = client.recv
+        ws = client.ws
+        while True:
+            try:
+                first = await recv.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            frames = [first]
+            while len(frames) < COALESCE:
+                try:
+                    frames.append(recv.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            draining = client.closing.is_set() and client.close_code == GOING_AWAY
+            if client.closing.is_set() and not draining:
+                return
+            with trio.move_on_after(self.send_timeout) as cs:
+                try:
+                    await ws.send_message("\n".join(frames))
+                except ConnectionClosed:
+                    client.send_broken = True
+                    client.drop(1000, "")
+                    return
+            if cs.cancelled_caught:
+                client.send_broken = True
+                client.drop(POLICY, f"slow consumer: a send took over {self.send_timeout:g} s")
+                return
+            client.frames_sent += len(frames)
+
+    async def _reader(self, client: Client, nursery: trio.Nursery) -> None:
+        ws = client.ws
+        while True:
+            try:
+                message = await ws.get_message()
+            except ConnectionClosed:
+                client.drop(1000, "")
+                return
+            try:
+                req = parse_request(message, self.max_request_bytes)
+            except RequestError as exc:
+                client.respond_error(exc.req_id, exc.nonce, exc.code, exc.message)
+                continue
+            handler = self.handlers.get(req.method)
+            if handler is None:
+                client.respond_error(
+                    req.id, req.nonce, "unknown_method",
+                    f"unknown method {req.method!r} (known: {', '.join(sorted(self.handlers))})",
+                )
+                continue
+            if req.method == "subscribe":
+                nursery.start_soon(self._run_handler, client, req, handler)
+            else:
+                await self._run_handler(client, req, handler)
+
+    async def _run_handler(self, client: Client, req: Request, handler: Handler) -> None:
+        try:
+            result = await handler(client, req)
+        except RequestError as exc:
+            client.respond_error(req.id, req.nonce, exc.code, exc.message)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("handler %s failed", req.method)
+            client.respond_error(req.id, req.nonce, "internal", f"internal error: {exc}")
+        else:
+            if result is not _NO_REPLY:
+                client.respond(req.id, req.nonce, result)
+
+    # -- subscribe ---------------------------------------------------------------
+
+    async def subscribe(self, client: Client, req: Request) -> Any:
+        """Replay from the journal from ``since``, then continue live: no gap, no duplicate."""
+        if client.subscription is not None:
+            raise RequestError("invalid", "already subscribed on this connection")
+        patterns = req.params.get("patterns", ["*"])
+        if patterns is None:
+            patterns = ["*"]
+        if (
+            not isinstance(patterns, list)
+            or len(patterns) > MAX_PATTERNS
+            or not all(isinstance(p, str) and 0 < len(p) <= MAX_PATTERN_LEN for p in patterns)
+        ):
+            raise RequestError(
+                "bad_request",
+                f"params.patterns must be a list of at most {MAX_PATTERNS} non-empty strings",
+            )
+        since = req.params.get("since")
+        if since is not None and (
+            not isinstance(since, int) or isinstance(since, bool) or since < 1 or since > 2**62
+        ):
+            raise RequestError("bad_request", "params.since must be a positive integer or null")
+        match = compile_patterns(patterns)
+        head = self.mesh.delivered_seq
+        client.respond(req.id, req.nonce, {"head_seq": head, "since": since,
+                                            "patterns": patterns})
+        if since is not None:
+            await self._replay(client, since, match)
+            if client.closing.is_set():
+                return _NO_REPLY
+        # No checkpoint between reading delivered_seq in _replay and registering:
+        # every later event reaches this subscription, every earlier one was replayed.
+        client.subscription = self.mesh.subscribe(patterns, client.deliver)
+        return _NO_REPLY
+
+    async def _replay(self, client: Client, since: int, match: Callable[[str], bool]) -> None:
+        """Send events ``since..delivered_seq``, waiting on the client's queue as it drains.
+
+        Returns with nothing left to replay and no checkpoint since the last check, so
+        the caller can register the live subscription without a gap.
+        """
+        nxt = since
+        reader: JournalReader | None = None
+        try:
+            while nxt <= self.mesh.delivered_seq and not client.closing.is_set():
+                recent = self.mesh.recent(nxt)
+                stats = client.send.statistics()
+                room = stats.max_buffer_size - stats.current_buffer_used
+                if recent is not None and len(recent) <= room // 2:
+                    # The rest fits: queue it without yielding, so no event slips in.
+                    for ev in recent:
+                        if match(ev.topic) and not client.queue(ev.text):
+                            return
+                    return
+                if recent is not None:
+                    texts = [ev.text for ev in recent[:REPLAY_CHUNK] if match(ev.topic)]
+                    count = min(len(recent), REPLAY_CHUNK)
+                else:
+                    if reader is None:
+                        reader = await trio.to_thread.run_sync(JournalReader, self.journal_path)
+                    bodies = await trio.to_thread.run_sync(
+                        reader.read, nxt, self.mesh.delivered_seq, REPLAY_CHUNK
+                    )
+                    if not bodies:
+                        raise RequestError("internal", f"journal has no event {nxt}")
+                    texts = [b for b in bodies if _topic_ok(b, match)]
+                    count = len(bodies)
+                for text in texts:
+                    await client.send.send(text)
+                nxt += count
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+        finally:
+            if reader is not None:
+                reader.close()
+
+    # -- shutdown ----------------------------------------------------------------
+
+    async def wait_all_closed(self) -> None:
+        """Block until no client is connected."""
+        while self.clients:
+            self._idle = trio.Event()
+            await self._idle.wait()
+
+    def going_away(self, reason: str) -> None:
+        for client in list(self.clients):
+            client.drop(GOING_AWAY, reason)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "clients": len(self.clients),
+            "subscribers": self.mesh.subscriber_count,
+            "connections_total": self.connections_total,
+            "refused_total": self.refused_total,
+            "dropped_total": self.dropped_total,
+            "socket": str(self.socket_path),
+            "tcp_ports": self.tcp_ports,
+        }
+
+
+_NO_REPLY = object()
+
+
+def _topic_ok(body: str, match: Callable[[str], bool]) -> bool:
+    try:
+        return match(json.loads(body)["topic"])
+    except (ValueError, KeyError, TypeError):
+        return False
+
