@@ -23,7 +23,7 @@ from graced.paths import client_socket
 from graced.protocol import ExitCode, Violation, key_id
 
 from . import trust
-from .client import Endpoint, connect
+from .client import Endpoint, connect, sole_exception
 from .errors import CtlError
 from .tail import TailOptions, run_tail, stderr_note, verify_lines
 
@@ -43,10 +43,7 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
     try:
         return trio.run(fn)
     except BaseExceptionGroup as group:
-        leaf: BaseException = group
-        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
-            leaf = leaf.exceptions[0]
-        raise leaf from None
+        raise sole_exception(group) from None
 
 
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -306,10 +303,12 @@ def keys_trust(ctx: click.Context, key_file: str | None, replace: bool) -> None:
               help="Publish this many events (for load tests).")
 @click.option("--rate", type=click.FloatRange(min=0.001), metavar="PER_SECOND",
               help="Pace --count events at this rate.")
+@click.option("--no-wait", is_flag=True,
+              help="Return once queued instead of when the last event is journaled.")
 @json_option
 @click.pass_context
 def emit(ctx: click.Context, topic: str, payload: str, count: int, rate: float | None,
-         as_json: bool) -> None:
+         no_wait: bool, as_json: bool) -> None:
     """Publish a signed user event (TOPIC must start with 'user.'), e.g. an annotation."""
     try:
         data = json.loads(payload)
@@ -320,13 +319,16 @@ def emit(ctx: click.Context, topic: str, payload: str, count: int, rate: float |
     async def go() -> Any:
         async with connect(endpoint, trust.pinned(endpoint.name)) as conn:
             return await conn.request("emit", {"topic": topic, "payload": data,
-                                               "count": count, "rate": rate})
+                                               "count": count, "rate": rate,
+                                               "wait": not no_wait})
 
     result = _run(go)
     if as_json:
         _print_json(result)
     elif "first_seq" in result:
         click.echo(f"published seq {result['first_seq']}")
+    elif "last_seq" in result:
+        click.echo(f"published {result['count']} events, last seq {result['last_seq']}")
     else:
         stderr_note(f"queued {result['queued']} events")
 

@@ -136,36 +136,52 @@ class Connection:
                 raise CtlError("response has a bad signature", ExitCode.BAD_SIGNATURE)
 
 
+def sole_exception(group: BaseExceptionGroup) -> BaseException:
+    """The one leaf of a nursery's exception group (or the group if there are several)."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+        leaf = leaf.exceptions[0]
+    return leaf
+
+
 @asynccontextmanager
 async def connect(endpoint: Endpoint, trusted_key: bytes | None = None,
                   timeout: float = 10.0) -> AsyncIterator[Connection]:
-    """Open a connection; raises :class:`Unreachable` if the daemon cannot be reached."""
-    async with trio.open_nursery() as nursery:
-        try:
-            with trio.fail_after(timeout):
-                if endpoint.url:
-                    ws = await trio_websocket.connect_websocket_url(
-                        nursery, endpoint.url, max_message_size=64 << 20
-                    )
-                else:
-                    path = endpoint.socket or ""
-                    stream = await trio.open_unix_socket(path)
-                    ws = await trio_websocket.wrap_client_stream(
-                        nursery, stream, "localhost", "/", max_message_size=64 << 20
-                    )
-        except (OSError, trio_websocket.HandshakeError, trio.TooSlowError,
-                ConnectionClosed) as exc:
-            where = endpoint.url or endpoint.socket
-            detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            if isinstance(exc, trio_websocket.ConnectionRejected):
-                detail = f"refused: {exc.body.decode('utf-8', 'replace') if exc.body else ''}"
-            raise Unreachable(f"cannot reach graced at {where}: {detail}") from None
-        conn = Connection(ws, trusted_key)
-        nursery.start_soon(conn.reader)
-        try:
-            yield conn
-        finally:
-            with trio.move_on_after(1) as cs:
-                cs.shield = True
-                await ws.aclose()
-            nursery.cancel_scope.cancel()
+    """Open a connection; raises :class:`Unreachable` if the daemon cannot be reached.
+
+    Errors raised in the body come out as themselves, not wrapped in an exception group.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await _open(nursery, endpoint, timeout)
+            conn = Connection(ws, trusted_key)
+            nursery.start_soon(conn.reader)
+            try:
+                yield conn
+            finally:
+                with trio.move_on_after(1) as cs:
+                    cs.shield = True
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise sole_exception(group) from None
+
+
+async def _open(nursery: trio.Nursery, endpoint: Endpoint, timeout: float) -> WebSocketConnection:
+    try:
+        with trio.fail_after(timeout):
+            if endpoint.url:
+                return await trio_websocket.connect_websocket_url(
+                    nursery, endpoint.url, max_message_size=64 << 20
+                )
+            stream = await trio.open_unix_socket(endpoint.socket or "")
+            return await trio_websocket.wrap_client_stream(
+                nursery, stream, "localhost", "/", max_message_size=64 << 20
+            )
+    except (OSError, trio_websocket.HandshakeError, trio.TooSlowError,
+            ConnectionClosed) as exc:
+        where = endpoint.url or endpoint.socket
+        detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        if isinstance(exc, trio_websocket.ConnectionRejected):
+            detail = f"refused: {exc.body.decode('utf-8', 'replace') if exc.body else ''}"
+        raise Unreachable(f"cannot reach graced at {where}: {detail}") from None

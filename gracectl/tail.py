@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -76,18 +77,6 @@ class Printer:
         self.out.flush()
 
 
-async def _reconnect_wait(endpoint: Endpoint, timeout: float) -> None:
-    """Wait until the daemon's socket accepts connections again."""
-    with trio.move_on_after(timeout):
-        while True:
-            try:
-                async with connect(endpoint, timeout=2):
-                    return
-            except Unreachable:
-                await trio.sleep(0.2)
-    raise Unreachable(f"graced did not come back within {timeout:g} s")
-
-
 async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
                    note: Callable[[str], None]) -> int:
     """Follow the stream; returns the exit code, raises Violation on a verification failure."""
@@ -95,9 +84,19 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
     printer = Printer(opts, out)
     next_seq = opts.since
     last_topic: str | None = None
+    retry_until: float | None = None
     while True:
         graceful = False
-        async with connect(endpoint, opts.trusted_key if opts.verify else None) as conn:
+        if retry_until is not None:
+            await _wait_for_daemon(endpoint, retry_until)
+        try:
+            conn_cm = connect(endpoint, opts.trusted_key if opts.verify else None)
+            conn = await conn_cm.__aenter__()
+        except Unreachable:
+            if retry_until is None or trio.current_time() >= retry_until:
+                raise
+            continue
+        async with _entered(conn_cm):
             hello = await conn.request("hello")
             if opts.verify:
                 assert opts.trusted_key is not None
@@ -160,9 +159,34 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
             raise Unreachable(f"connection to graced lost{why}")
         if not opts.follow:
             return 0
-        note("graced is stopping; waiting for it to come back")
-        await _reconnect_wait(endpoint, opts.reconnect_timeout)
-        note(f"reconnected; resuming at seq {next_seq}")
+        note(f"graced is stopping; waiting up to {opts.reconnect_timeout:g} s for it to come "
+             f"back, to resume at seq {next_seq}")
+        retry_until = trio.current_time() + opts.reconnect_timeout
+
+
+@asynccontextmanager
+async def _entered(cm: Any) -> AsyncIterator[None]:
+    """Exit an async context manager that was entered by hand."""
+    try:
+        yield
+    except BaseException as exc:
+        if not await cm.__aexit__(type(exc), exc, exc.__traceback__):
+            raise
+    else:
+        await cm.__aexit__(None, None, None)
+
+
+async def _wait_for_daemon(endpoint: Endpoint, until: float) -> None:
+    """Poll until graced's socket accepts a connection again, or raise Unreachable."""
+    while True:
+        try:
+            async with connect(endpoint, timeout=2) as conn:
+                await conn.request("hello")
+                return
+        except Unreachable:
+            if trio.current_time() >= until:
+                raise
+            await trio.sleep(0.1)
 
 
 def verify_lines(lines: Iterable[str], public_key: bytes,

@@ -262,24 +262,27 @@ class Daemon:
             canonical_bytes(payload)
         except (ValueError, TypeError) as exc:
             raise RequestError("bad_request", f"payload is not JSON-safe: {exc}") from None
-        self.server.spawn(self._emit_many, topic, payload, count, rate)
-        return {"queued": count, "rate": rate}
+        if p.get("wait", True) is False:
+            self.server.spawn(self._emit_many, topic, payload, count, rate)
+            return {"queued": count, "rate": rate}
+        last = await self._emit_many(topic, payload, count, rate)
+        return {"count": count, "last_seq": last}
 
-    async def _emit_many(self, topic: str, payload: Any, count: int, rate: float | None) -> None:
+    async def _emit_many(self, topic: str, payload: Any, count: int, rate: float | None) -> int:
+        """Publish ``count`` events (paced at ``rate``/s if given); returns the last seq."""
         assert self.mesh is not None
         mesh = self.mesh
-        if rate is None:
-            for i in range(count):
-                await mesh.publish(topic, {"i": i, **_as_dict(payload)}, durable=False)
-            return
+        body = _as_dict(payload)
         start = trio.current_time()
-        sent = 0
-        while sent < count:
-            due = min(count, int((trio.current_time() - start) * rate) + 1)
-            while sent < due:
-                mesh.publish_nowait(topic, {"i": sent, **_as_dict(payload)})
-                sent += 1
-            await trio.sleep_until(start + sent / rate)
+        for i in range(count - 1):
+            if rate is not None and i % 64 == 0:
+                await trio.sleep_until(start + i / rate)
+            await mesh.publish(topic, {"i": i, **body}, durable=False)
+        if rate is not None:
+            await trio.sleep_until(start + (count - 1) / rate)
+        ev = await mesh.publish(topic, {"i": count - 1, **body})
+        assert ev is not None
+        return ev.seq
 
 
 def _as_dict(payload: Any) -> dict[str, Any]:

@@ -163,6 +163,7 @@ class Server:
         self.dropped_total = 0
         self._nursery: trio.Nursery | None = None
         self._idle = trio.Event()
+        self._listen_scope = trio.CancelScope()
 
     # -- authorisation -----------------------------------------------------------
 
@@ -222,15 +223,26 @@ class Server:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await nursery.start(trio.serve_listeners, self._handle_unix, [unix])
+                # Listeners run under their own scope, so going_away() can stop
+                # accepting while the connections (in `nursery`) drain.
+                nursery.start_soon(self._accept, [unix], self._handle_unix, nursery)
                 if tcp:
-                    await nursery.start(trio.serve_listeners, self._handle_tcp, tcp)
+                    nursery.start_soon(self._accept, tcp, self._handle_tcp, nursery)
                 task_status.started()
         finally:
             try:
                 self.socket_path.unlink()
             except OSError:
                 pass
+
+    async def _accept(self, listeners: list[trio.SocketListener], handler: Any,
+                      nursery: trio.Nursery) -> None:
+        try:
+            with self._listen_scope:
+                await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+        finally:
+            for listener in listeners:
+                listener.socket.close()
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         assert self._nursery is not None
@@ -503,6 +515,7 @@ class Server:
             await self._idle.wait()
 
     def going_away(self, reason: str) -> None:
+        self._listen_scope.cancel()
         for client in list(self.clients):
             client.drop(GOING_AWAY, reason)
 

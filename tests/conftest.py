@@ -1,0 +1,177 @@
+"""Fixtures that start the real graced and run the real gracectl."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def bin_path(name: str) -> str:
+    found = BIN / name
+    return str(found) if found.exists() else (shutil.which(name) or name)
+
+
+class Graced:
+    """A real graced subprocess on a private state dir and socket."""
+
+    def __init__(self, base: Path, extra_config: str = "", heartbeat: float = 0.5) -> None:
+        self.base = base
+        self.state = base / "state"
+        self.socket = base / "g.sock"
+        self.config = base / "graced.toml"
+        self.home = base / "home"
+        self.home.mkdir(exist_ok=True)
+        self.config.write_text(
+            "version = 1\n[daemon]\n"
+            f'state_dir = "{self.state}"\nsocket = "{self.socket}"\n'
+            f"heartbeat_interval = {heartbeat}\n" + extra_config
+        )
+        self.proc: subprocess.Popen[str] | None = None
+        self.notify_path = base / "notify.sock"
+        self.notify: socket.socket | None = None
+        self.stderr_path = base / "graced.stderr"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "GRACE_SOCKET": str(self.socket),
+            "XDG_CONFIG_HOME": str(self.home / ".config"),
+            "XDG_STATE_HOME": str(self.home / ".state"),
+            "XDG_RUNTIME_DIR": str(self.home / "run"),
+            "HOME": str(self.home),
+        })
+        env.pop("GRACE_URL", None)
+        return env
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start graced and wait for its READY=1 on a real NOTIFY_SOCKET."""
+        if self.notify is None:
+            self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.notify.bind(str(self.notify_path))
+        env = self.env
+        env["NOTIFY_SOCKET"] = str(self.notify_path)
+        self.stderr_file = open(self.stderr_path, "a")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [bin_path("graced"), "run", "--config", str(self.config)],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=self.stderr_file, text=True,
+        )
+        self.wait_notify("READY=1", timeout)
+
+    def wait_notify(self, what: str, timeout: float) -> str:
+        assert self.notify is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"graced did not send {what}; stderr:\n{self.stderr()}")
+            self.notify.settimeout(min(remaining, 0.5))
+            try:
+                msg = self.notify.recv(4096).decode()
+            except TimeoutError:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"graced exited {self.proc.returncode}:\n{self.stderr()}") from None
+                continue
+            if what in msg.split("\n"):
+                return msg
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text()
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        self.stderr_file.close()
+        return rc
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+        self.stderr_file.close()
+
+    def ctl(self, *args: str, check: bool = False, timeout: float = 60,
+            input: str | None = None, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        """Run the real gracectl against this daemon."""
+        result = subprocess.run(
+            [bin_path("gracectl"), *args], env=env or self.env, capture_output=True,
+            text=True, timeout=timeout, input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"gracectl {' '.join(args)} exited {result.returncode}: {result.stderr}"
+            )
+        return result
+
+    def ctl_popen(self, *args: str, **kw: Any) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [bin_path("gracectl"), *args], env=self.env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, **kw,
+        )
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+        if self.notify is not None:
+            self.notify.close()
+
+
+@pytest.fixture
+def shortdir() -> Iterator[Path]:
+    """A temp dir with a short path (Unix socket paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="g", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def graced(shortdir: Path) -> Iterator[Graced]:
+    g = Graced(shortdir)
+    g.start()
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+@pytest.fixture
+def make_graced(shortdir: Path) -> Iterator[Any]:
+    made: list[Graced] = []
+
+    def make(extra_config: str = "", heartbeat: float = 0.5, start: bool = True) -> Graced:
+        g = Graced(shortdir, extra_config, heartbeat)
+        if start:
+            g.start()
+        made.append(g)
+        return g
+
+    try:
+        yield make
+    finally:
+        for g in made:
+            g.close()
