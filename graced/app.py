@@ -8,8 +8,11 @@ within ``shutdown_timeout``.
 
 from __future__ import annotations
 
+import fcntl
+import gc
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -22,7 +25,7 @@ import trio
 
 from . import __version__, keys, sd_notify
 from .config import Config
-from .errors import StateError
+from .errors import DaemonExit, StartupError, StateError
 from .journal import Journal
 from .mesh import Mesh
 from .protocol import Signer
@@ -41,6 +44,22 @@ def _prepare_state_dir(path: Path) -> None:
         raise StateError(f"cannot create state dir {path}: {exc.strerror}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise StateError(f"state dir {path} is not writable by this user")
+
+
+def _lock_state_dir(path: Path) -> int:
+    """Hold an exclusive lock on the state dir for the daemon's lifetime."""
+    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StartupError(
+            f"another graced (pid {other}) is using the state dir {path}", DaemonExit.SOCKET
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _daemon_id(state_dir: Path) -> str:
@@ -75,6 +94,7 @@ class Daemon:
         cfg = self.config
         state = cfg.state_dir
         _prepare_state_dir(state)
+        self._lock_fd = _lock_state_dir(state)
         signer, created = keys.load_or_create(state)
         self.signer = signer
         self.daemon_id = _daemon_id(state)
@@ -108,18 +128,21 @@ class Daemon:
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async with trio.open_nursery() as nursery:
+                    await nursery.start(server.run)
                     await nursery.start(mesh.run)
+                    nursery.start_soon(mesh.checkpointer)
                     kid_event = "crypto.key_created" if created else "crypto.key_loaded"
                     mesh.publish_nowait(kid_event, {"kid": signer.kid,
                                                     "public_key": keys.format_public_key(
                                                         signer.public_key).split()[1]})
-                    await nursery.start(server.run)
                     await mesh.publish("daemon.started", self._identity())
                     hb_scope = trio.CancelScope()
                     nursery.start_soon(self._heartbeat, hb_scope)
                     interval = sd_notify.watchdog_interval()
                     if interval:
                         nursery.start_soon(self._watchdog, interval)
+                    # Long-lived start-up objects need no more cyclic-GC scans.
+                    gc.freeze()
                     sd_notify.notify(f"READY=1\nSTATUS=serving on {cfg.socket_path}")
                     self._banner()
                     task_status.started()
@@ -139,6 +162,7 @@ class Daemon:
         finally:
             mesh.close()
             await trio.to_thread.run_sync(journal.close)
+            os.close(self._lock_fd)
         log.info("stopped cleanly at seq %d", mesh.delivered_seq)
 
     def _banner(self) -> None:
@@ -146,7 +170,12 @@ class Daemon:
         from .paths import client_socket
 
         sock = cfg.socket_path
-        ctl = "gracectl" if client_socket() == sock else f"gracectl --socket {sock}"
+        ctl = shutil.which("gracectl") and "gracectl"
+        if not ctl:
+            beside = Path(sys.executable).parent / "gracectl"
+            ctl = str(beside) if beside.exists() else "gracectl"
+        if client_socket() != sock:
+            ctl += f" --socket {sock}"
         assert self.signer is not None
         print(
             f"graced {__version__}: serving on {sock} (state {cfg.state_dir}, "
@@ -275,9 +304,12 @@ class Daemon:
         body = _as_dict(payload)
         start = trio.current_time()
         for i in range(count - 1):
-            if rate is not None and i % 64 == 0:
+            if rate is not None:
                 await trio.sleep_until(start + i / rate)
-            await mesh.publish(topic, {"i": i, **body}, durable=False)
+            elif i % 256 == 0:
+                await mesh.wait_room()
+                await trio.lowlevel.checkpoint()
+            mesh.publish_nowait(topic, {"i": i, **body}, checked=True)
         if rate is not None:
             await trio.sleep_until(start + (count - 1) / rate)
         ev = await mesh.publish(topic, {"i": count - 1, **body})

@@ -66,7 +66,13 @@ def run(config_path: str | None) -> None:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="graced: %(levelname)s: %(name)s: %(message)s")
     try:
-        trio.run(Daemon(cfg).run)
+        try:
+            trio.run(Daemon(cfg).run)
+        except BaseExceptionGroup as group:
+            leaf: BaseException = group
+            while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+                leaf = leaf.exceptions[0]
+            raise leaf from None
     except StartupError as exc:
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:

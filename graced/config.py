@@ -80,7 +80,7 @@ class DaemonConfig:
 class JournalConfig:
     """The ``[journal]`` table."""
 
-    synchronous: str = field(default="full", metadata=_check(_sync))
+    synchronous: str = field(default="normal", metadata=_check(_sync))
     batch_max: int = field(default=4096, metadata=_check(_positive))
 
 

@@ -46,11 +46,15 @@ class Journal:
 
     def __init__(self, path: Path, *, synchronous: str = "full") -> None:
         self.path = path
+        self.synchronous = synchronous
         existed = path.exists()
         try:
             self._conn = _connect(path)
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            # Checkpoints run apart from commits (see checkpoint()), so a commit never
+            # waits for one.
+            self._conn.execute("PRAGMA wal_autocheckpoint = 0")
             self._migrate()
             self.head_seq, self.head_hash = self._read_head()
         except sqlite3.DatabaseError as exc:
@@ -127,12 +131,27 @@ class Journal:
                 pass
         return total
 
+    def wal_bytes(self) -> int:
+        try:
+            return Path(str(self.path) + "-wal").stat().st_size
+        except OSError:
+            return 0
+
     def close(self) -> None:
         try:
             self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error:
             pass
         self._conn.close()
+
+
+def checkpoint(path: Path) -> None:
+    """Copy the WAL into the database on a connection of its own (never blocks writers)."""
+    conn = _connect(path)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    finally:
+        conn.close()
 
 
 class JournalReader:

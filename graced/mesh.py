@@ -25,7 +25,7 @@ from typing import Any
 
 import trio
 
-from .journal import Journal
+from .journal import Journal, checkpoint
 from .protocol import SignedEvent, Signer, canonical_bytes
 
 log = logging.getLogger("graced.mesh")
@@ -91,6 +91,8 @@ class Mesh:
         self.journal = journal
         self.signer = signer
         self.batch_max = batch_max
+        # Commit small groups in the event loop only when commits do not fsync.
+        self.inline_max = 32 if journal.synchronous == "normal" else 0
         self.max_pending = max_pending
         self.clock = clock
         self._pending: list[_Pending] = []
@@ -108,9 +110,12 @@ class Mesh:
 
     # -- publishing ------------------------------------------------------------
 
-    def publish_nowait(self, topic: str, payload: Any) -> None:
-        """Queue an event without waiting; it is durable before anyone sees it."""
-        self._queue(topic, payload, None)
+    def publish_nowait(self, topic: str, payload: Any, *, checked: bool = False) -> None:
+        """Queue an event without waiting; it is durable before anyone sees it.
+
+        ``checked`` skips the JSON check for a payload already known to be canonical-safe.
+        """
+        self._queue(topic, payload, None, checked)
 
     async def publish(
         self, topic: str, payload: Any, *, durable: bool = True
@@ -119,23 +124,23 @@ class Mesh:
 
         Waits for room when too much is queued (back-pressure on fast producers).
         """
-        while len(self._pending) >= self.max_pending:
-            self._room = trio.Event() if self._room.is_set() else self._room
-            await self._room.wait()
+        await self.wait_room()
         if not durable:
-            self._queue(topic, payload, None)
+            self._queue(topic, payload, None, False)
             await trio.lowlevel.checkpoint()
             return None
-        item = self._queue(topic, payload, trio.Event())
+        item = self._queue(topic, payload, trio.Event(), False)
         assert item.done is not None
         await item.done.wait()
         return item.result
 
-    def _queue(self, topic: str, payload: Any, done: trio.Event | None) -> _Pending:
+    def _queue(self, topic: str, payload: Any, done: trio.Event | None,
+               checked: bool) -> _Pending:
         if self._closed:
             raise trio.ClosedResourceError("mesh is closed")
-        # Fail here, in the publisher, on a payload that cannot be canonical JSON.
-        canonical_bytes(payload)
+        if not checked:
+            # Fail here, in the publisher, on a payload that cannot be canonical JSON.
+            canonical_bytes(payload)
         item = _Pending(self.clock(), topic, payload, done)
         self._pending.append(item)
         self._wake.set()
@@ -148,6 +153,17 @@ class Mesh:
         sub = Subscription(compile_patterns(patterns), deliver, self)
         self._subs.add(sub)
         return sub
+
+    @property
+    def has_room(self) -> bool:
+        return len(self._pending) < self.max_pending
+
+    async def wait_room(self) -> None:
+        """Block while too much is queued (back-pressure for bulk producers)."""
+        while len(self._pending) >= self.max_pending:
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
 
     @property
     def subscriber_count(self) -> int:
@@ -202,9 +218,27 @@ class Mesh:
             with trio.CancelScope(shield=True):
                 await self.flush()
 
+    async def checkpointer(self, *, interval: float = 1.0, wal_limit: int = 4 << 20,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Checkpoint the WAL in a thread when it grows past ``wal_limit`` bytes."""
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            if self.journal.wal_bytes() > wal_limit:
+                try:
+                    await trio.to_thread.run_sync(checkpoint, self.journal.path)
+                except Exception as exc:  # noqa: BLE001 - retried next time
+                    log.warning("WAL checkpoint failed: %s", exc)
+
     async def _flush_once(self) -> None:
         batch = self._pending[: self.batch_max]
-        events = await trio.to_thread.run_sync(self._sign_and_commit, batch)
+        if len(batch) <= self.inline_max:
+            # A small group with no fsync takes less time than the hand-off to a thread
+            # and back (two wake-ups, each a scheduling delay on a busy host).
+            events = self._sign_and_commit(batch)
+        else:
+            # In a thread: signing a large group, or an fsync, must not stall the loop.
+            events = await trio.to_thread.run_sync(self._sign_and_commit, batch)
         del self._pending[: len(batch)]
         self.commit_count += 1
         if len(self._pending) < self.max_pending:
@@ -214,6 +248,7 @@ class Mesh:
             if item.done is not None:
                 item.result = ev
                 item.done.set()
+        await trio.lowlevel.checkpoint()
 
     def _fan_out(self, events: list[SignedEvent]) -> None:
         subs = list(self._subs)

@@ -356,7 +356,7 @@ class Server:
             with trio.move_on_after(self.send_timeout):
                 await sender_done.wait()
             nursery.cancel_scope.cancel()
-        if client.close_code is not None and client.close_code != GOING_AWAY:
+        if client.close_code == POLICY:
             self.dropped_total += 1
         if not client.send_broken and client.ws.closed is None:
             with trio.move_on_after(2):

@@ -126,6 +126,9 @@ class Graced:
             )
         return result
 
+    def ctl_argv0(self) -> str:
+        return bin_path("gracectl")
+
     def ctl_popen(self, *args: str, **kw: Any) -> subprocess.Popen[str]:
         return subprocess.Popen(
             [bin_path("gracectl"), *args], env=self.env, stdout=subprocess.PIPE,

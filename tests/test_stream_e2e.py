@@ -244,7 +244,8 @@ def test_stalled_client_is_dropped_while_another_keeps_receiving(make_graced) ->
     slow.send_signal(signal.SIGSTOP)
     try:
         started = time.monotonic()
-        g.ctl("emit", "user.load", "--count", "60000", "--rate", "10000", check=True)
+        g.ctl("emit", "user.load", "--count", "60000", "--rate", "10000", "--no-wait",
+              check=True)
         dropped_after = None
         while time.monotonic() - started < 15:
             st = json.loads(g.ctl("status", "--json", check=True).stdout)
@@ -252,6 +253,7 @@ def test_stalled_client_is_dropped_while_another_keeps_receiving(make_graced) ->
                 dropped_after = time.monotonic() - started
                 break
         assert dropped_after is not None and dropped_after < 10, dropped_after
+        assert good.wait_for(seq_at_least(60_000), 60)
         last = head_seq(g)
         assert good.wait_for(seq_at_least(last), 30)
         assert "slow consumer" in g.stderr()

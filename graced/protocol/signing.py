@@ -14,6 +14,7 @@ from typing import Any
 
 import nacl.exceptions
 import nacl.signing
+from nacl.bindings import crypto_sign
 
 from .canonical import canonical_bytes, canonical_text
 
@@ -71,11 +72,13 @@ class Signer:
 
     def __init__(self, signing_key: nacl.signing.SigningKey) -> None:
         self._key = signing_key
+        self._sk = signing_key._signing_key
         self.public_key = bytes(signing_key.verify_key)
         self.kid = key_id(self.public_key)
 
     def sign_bytes(self, data: bytes) -> str:
-        return b64(self._key.sign(data).signature)
+        # nacl.bindings directly: the same Ed25519 signature without SignedMessage objects.
+        return b64(crypto_sign(data, self._sk)[:64])
 
     def make_event(
         self, *, seq: int, ts: float, topic: str, payload: Any, prev: str
@@ -90,14 +93,21 @@ class Signer:
             "prev": prev,
             "kid": self.kid,
         }
-        data = canonical_bytes(fields)
-        fields["sig"] = self.sign_bytes(data)
+        unsigned = canonical_text(fields)
+        data = unsigned.encode("utf-8")
+        sig = self.sign_bytes(data)
+        fields["sig"] = sig
+        # The full text is the unsigned text with "sig" spliced in before "topic" (keys
+        # are sorted). rfind: a payload may hold the same keys, but it comes earlier.
+        marker = f',"seq":{seq},"topic":'
+        cut = unsigned.rfind(marker) + len(f',"seq":{seq}')
+        text = f'{unsigned[:cut]},"sig":"{sig}"{unsigned[cut:]}'
         return SignedEvent(
             seq=seq,
             topic=topic,
             fields=fields,
             hash=hashlib.sha256(data).hexdigest(),
-            text=canonical_text(fields),
+            text=text,
         )
 
     def sign_frame(self, frame: dict[str, Any]) -> dict[str, Any]:

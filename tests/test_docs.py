@@ -1,0 +1,102 @@
+"""README, man pages and --help describe the same commands, options and config keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import click
+import pytest
+
+from gracectl.cli import cli as ctl_cli
+from graced.cli import cli as daemon_cli
+from graced.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+MAN = ROOT / "man"
+
+
+def _walk(group: click.Group, prefix: tuple[str, ...] = ()):
+    for name, cmd in group.commands.items():
+        path = (*prefix, name)
+        yield path, cmd
+        if isinstance(cmd, click.Group):
+            yield from _walk(cmd, path)
+
+
+def _options(cmd: click.Command) -> list[str]:
+    out = []
+    for p in cmd.params:
+        if isinstance(p, click.Option):
+            out.extend(o for o in p.opts if o.startswith("--") and o != "--help")
+    return out
+
+
+def _roff_text(path: Path) -> str:
+    # Undo roff escapes so "\-\-json" reads "--json".
+    return path.read_text().replace("\\-", "-").replace("\\(en", "-")
+
+
+@pytest.mark.parametrize("group, man, prog", [
+    (ctl_cli, "gracectl.1", "gracectl"), (daemon_cli, "graced.8", "graced"),
+])
+def test_every_command_and_option_is_in_the_man_page_and_readme(group: click.Group, man: str,
+                                                                 prog: str) -> None:
+    text = _roff_text(MAN / man)
+    readme = (ROOT / "README.md").read_text()
+    for opt in _options(group):
+        assert opt in text, f"{prog} {opt} missing from man/{man}"
+    for path, cmd in _walk(group):
+        words = " ".join(path)
+        assert re.search(rf"\b{re.escape(words)}\b", text), f"'{prog} {words}' not in man/{man}"
+        assert f"{prog} {words}" in readme, f"'{prog} {words}' not in README.md"
+        for opt in _options(cmd):
+            assert opt in text, f"{prog} {words} {opt} missing from man/{man}"
+            if not isinstance(cmd, click.Group):
+                assert opt in readme, f"{prog} {words} {opt} missing from README.md"
+
+
+def test_every_config_key_is_in_graced_toml_5() -> None:
+    text = _roff_text(MAN / "graced.toml.5")
+    for section in dataclasses.fields(Config):
+        if section.name in ("source",):
+            continue
+        if section.name == "version":
+            assert ".B version" in text
+            continue
+        assert f"[{section.name}]" in text, section.name
+        for f in dataclasses.fields(section.default_factory()):  # type: ignore[misc]
+            assert f".B {f.name}" in text, f"[{section.name}] {f.name} missing from graced.toml.5"
+
+
+def test_exit_codes_are_documented() -> None:
+    from graced.errors import DaemonExit
+    from graced.protocol import ExitCode
+
+    ctl = _roff_text(MAN / "gracectl.1")
+    daemon = _roff_text(MAN / "graced.8")
+    for code in ExitCode:
+        assert re.search(rf"^{int(code)}\t", ctl, re.M), f"gracectl exit {int(code)} undocumented"
+    for code in DaemonExit:
+        assert re.search(rf"^{int(code)}\t", daemon, re.M), f"graced exit {int(code)}"
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="groff not installed")
+@pytest.mark.parametrize("page", sorted(p.name for p in MAN.iterdir()))
+def test_man_pages_render_without_warnings(page: str) -> None:
+    res = subprocess.run(["groff", "-man", "-t", "-ww", "-z", str(MAN / page)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+
+
+def test_readme_test_command_is_what_ci_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)\n```", readme, re.S)
+    assert len(blocks) >= 2
+    install_run, test_cmd = blocks[0].strip(), blocks[1].strip()
+    assert install_run.endswith("graced") and "pip install" in install_run
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_cmd in ci.splitlines()

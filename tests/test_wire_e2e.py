@@ -1,0 +1,112 @@
+"""Whatever a client sends, the daemon answers or closes cleanly, and keeps serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import trio
+import trio_websocket
+
+from graced.keys import parse_public_key
+from graced.protocol import ExitCode, check_signature
+from tests.conftest import Graced
+
+
+async def _ws(g: Graced, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
+    stream = await trio.open_unix_socket(str(g.socket))
+    return await trio_websocket.wrap_client_stream(nursery, stream, "localhost", "/")
+
+
+async def _reply(ws: trio_websocket.WebSocketConnection) -> dict:
+    with trio.fail_after(10):
+        while True:
+            for line in str(await ws.get_message()).split("\n"):
+                frame = json.loads(line)
+                if frame.get("type") == "response":
+                    return frame
+
+
+async def test_bad_requests_get_signed_error_replies(make_graced) -> None:
+    g = make_graced(extra_config="max_request_bytes = 2048\n")
+    pub = parse_public_key((g.state / "key.pub").read_text())
+    cases = [
+        ("{not json", "bad_request"),
+        ("[1, 2, 3]", "bad_request"),
+        ('{"id": 1, "method": "hello"}', "bad_request"),  # no nonce
+        ('{"id": 1, "nonce": "n", "method": "no.such.method"}', "unknown_method"),
+        ('{"id": 1, "nonce": "n", "method": "hello", "params": [1]}', "bad_request"),
+        ('{"id": 1e400, "nonce": "n", "method": "hello"}', "bad_request"),
+        ('{"id": 99999999999999999999999, "nonce": "n", "method": "hello"}', "bad_request"),
+        ('{"id": 1, "nonce": "n", "method": "hello", "params": {"a": ' + "[" * 200 + "]" * 200
+         + "}}", "bad_request"),
+        ('{"id": 1, "nonce": "n", "method": "subscribe", "params": {"since": "x"}}',
+         "bad_request"),
+        ('{"id": 1, "nonce": "n", "method": "emit", "params": {"topic": "daemon.x"}}',
+         "bad_request"),
+        ('{"id": 1, "nonce": "n", "method": "hello", "extra": 1}', "bad_request"),
+        ('{"id": 1, "nonce": "n", "method": "hello", "params": {"pad": "' + "x" * 4000 + '"}}',
+         "too_large"),
+        ("\udcff", "bad_request"),
+    ]
+    async with trio.open_nursery() as nursery:
+        ws = await _ws(g, nursery)
+        bystander = await _ws(g, nursery)
+        for text, code in cases:
+            try:
+                await ws.send_message(text)
+            except UnicodeEncodeError:
+                # invalid UTF-8 cannot be produced by this client library as text:
+                # send the raw bytes as a binary frame instead
+                await ws.send_message(b"\xff\xfe")
+            frame = await _reply(ws)
+            assert frame["ok"] is False and frame["error"]["code"] == code, (text[:60], frame)
+            assert check_signature(frame, pub)
+        await ws.send_message(b"binary")
+        frame = await _reply(ws)
+        assert frame["error"]["code"] == "bad_request"
+        # Still serving, to this client and to another one.
+        for conn in (ws, bystander):
+            await conn.send_message(json.dumps({"id": 2, "nonce": "abc", "method": "hello"}))
+            frame = await _reply(conn)
+            assert frame["ok"] and frame["nonce"] == "abc" and check_signature(frame, pub)
+        await ws.aclose()
+        await bystander.aclose()
+        nursery.cancel_scope.cancel()
+    assert g.proc.poll() is None
+
+
+async def test_abrupt_disconnects_and_half_handshakes_do_not_hurt(graced: Graced) -> None:
+    for _ in range(20):
+        s = await trio.open_unix_socket(str(graced.socket))
+        await s.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n")  # half a handshake
+        await s.aclose()
+    for _ in range(20):
+        s = await trio.open_unix_socket(str(graced.socket))
+        await s.send_all(b"\x00\xff garbage \r\n\r\n")
+        await s.aclose()
+    assert graced.ctl("status").returncode == 0
+
+
+def test_emit_needs_control_rights(make_graced) -> None:
+    g = make_graced(extra_config='socket_mode = "0666"\n')
+    nobody = subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True)
+    if os.geteuid() != 0 or nobody.returncode != 0:
+        import pytest
+
+        pytest.skip("needs root to act as another uid")
+    os.chmod(g.base, 0o755)
+    os.chmod(g.home, 0o777)
+    env = g.env
+    res = subprocess.run(
+        ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+         g.ctl_argv0(), "emit", "user.x"], env=env, capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, timeout=30)
+    assert res.returncode == ExitCode.NOT_AUTHORISED, res.stderr
+    assert "emit needs root" in res.stderr
+    res = subprocess.run(
+        ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+         g.ctl_argv0(), "status", "--json"], env=env, capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, timeout=30)
+    assert res.returncode == 0, res.stderr
