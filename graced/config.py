@@ -84,6 +84,146 @@ class JournalConfig:
     batch_max: int = field(default=4096, metadata=_check(_positive))
 
 
+SEVERITIES = ("low", "medium", "high", "critical")
+DETECTOR_KINDS = ("memory", "swap", "cpu", "load", "disk", "inodes", "process", "process_rss",
+                  "tcp", "sqlite", "command", "http", "log", "journald", "value")
+
+
+def _severity(v: str) -> str | None:
+    return None if v in SEVERITIES else "must be one of " + ", ".join(f'"{x}"' for x in SEVERITIES)
+
+
+def _kind(v: str) -> str | None:
+    return None if v in DETECTOR_KINDS else (
+        "must be one of " + ", ".join(f'"{x}"' for x in DETECTOR_KINDS))
+
+
+def _non_empty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def _unit_interval(v: float) -> str | None:
+    return None if 0 < v < 1 else "must be between 0 and 1"
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0 else "must not be negative"
+
+
+# What each detector kind needs, and what its value means.
+KIND_REQUIRES: dict[str, tuple[str, ...]] = {
+    "process": ("process",), "process_rss": ("process",), "tcp": ("host", "port"),
+    "sqlite": ("database",), "command": ("argv",), "http": ("url",),
+    "log": ("file",), "journald": ("unit",), "value": ("file",),
+}
+KIND_DEFAULT_THRESHOLD: dict[str, float | None] = {
+    "memory": 90.0, "swap": 80.0, "cpu": 95.0, "load": 2.0, "disk": 90.0, "inodes": 90.0,
+    "process": None, "process_rss": None, "tcp": 1000.0, "sqlite": 1000.0, "command": 5000.0,
+    "http": 2000.0, "log": None, "journald": None, "value": None,
+}
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """One ``[[detector]]`` table."""
+
+    name: str = field(default="", metadata=_check(_non_empty))
+    kind: str = field(default="", metadata=_check(_kind))
+    interval: float = field(default=5.0, metadata=_check(_positive))
+    severity: str = field(default="medium", metadata=_check(_severity))
+    subject: str = ""
+    threshold: float | None = None
+    below: bool = False
+    baseline: bool = False
+    enabled: bool = True
+    # disk, inodes
+    path: str = "/"
+    # process, process_rss
+    process: str = ""
+    match_cmdline: bool = False
+    min_count: int = field(default=1, metadata=_check(_non_negative))
+    # tcp
+    host: str = ""
+    port: int = 0
+    send: str = ""
+    expect: str = ""
+    timeout: float = field(default=5.0, metadata=_check(_positive))
+    # sqlite
+    database: str = ""
+    query: str = "SELECT 1"
+    # command
+    argv: list[str] = field(default_factory=list)
+    # http
+    url: str = ""
+    expect_status: int = 200
+    # log, journald
+    file: str = ""
+    unit: str = ""
+    pattern: str = "ERROR"
+    window: float = field(default=60.0, metadata=_check(_positive))
+    max_ratio: float | None = None
+    max_rate: float | None = None
+    min_lines: int = field(default=5, metadata=_check(_non_negative))
+
+    @property
+    def effective_threshold(self) -> float | None:
+        return self.threshold if self.threshold is not None else KIND_DEFAULT_THRESHOLD.get(
+            self.kind)
+
+    @property
+    def effective_subject(self) -> str:
+        if self.subject:
+            return self.subject
+        return {
+            "disk": self.path, "inodes": self.path, "process": self.process,
+            "process_rss": self.process, "tcp": f"{self.host}:{self.port}",
+            "sqlite": self.database, "command": " ".join(self.argv[:1]), "http": self.url,
+            "log": self.file, "journald": self.unit, "value": self.file,
+        }.get(self.kind, "host")
+
+    def problem(self) -> tuple[str, str] | None:
+        """(key, reason) if this detector cannot work as configured."""
+        for key in KIND_REQUIRES.get(self.kind, ()):
+            if not getattr(self, key):
+                return key, f"required for kind \"{self.kind}\""
+        if self.kind == "tcp" and not 0 < self.port < 65536:
+            return "port", "must be 1-65535"
+        if self.kind in ("log", "journald"):
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                return "pattern", f"not a valid regular expression: {exc}"
+            if self.max_ratio is None and self.max_rate is None:
+                return "max_ratio", "set max_ratio and/or max_rate for a log detector"
+        if self.max_ratio is not None and not 0 < self.max_ratio <= 1:
+            return "max_ratio", "must be in (0, 1]"
+        if (self.effective_threshold is None and not self.baseline
+                and self.kind in ("process_rss", "value")):
+            return "threshold", f"kind \"{self.kind}\" needs a threshold or baseline = true"
+        return None
+
+
+def default_detectors() -> list[DetectorConfig]:
+    """The host detectors the embedded config turns on."""
+    return [
+        DetectorConfig(name="memory", kind="memory", severity="high"),
+        DetectorConfig(name="swap", kind="swap", severity="medium"),
+        DetectorConfig(name="cpu", kind="cpu", severity="medium"),
+        DetectorConfig(name="load", kind="load", severity="medium"),
+        DetectorConfig(name="disk", kind="disk", path="/", severity="high"),
+        DetectorConfig(name="inodes", kind="inodes", path="/", severity="high"),
+    ]
+
+
+@dataclass(frozen=True)
+class MissionsConfig:
+    """The ``[missions]`` table."""
+
+    resolve_after: int = field(default=3, metadata=_check(_positive))
+    flap_window: float = field(default=600.0, metadata=_check(_non_negative))
+    update_interval: float = field(default=60.0, metadata=_check(_positive))
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration; every value typed and checked."""
@@ -91,6 +231,8 @@ class Config:
     version: int = CONFIG_VERSION
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     journal: JournalConfig = field(default_factory=JournalConfig)
+    missions: MissionsConfig = field(default_factory=MissionsConfig)
+    detector: list[DetectorConfig] = field(default_factory=default_detectors)
     source: str = field(default="<embedded default>", metadata={"internal": True})
 
     @property
@@ -108,16 +250,22 @@ class _Locator:
     def __init__(self, text: str) -> None:
         self.lines = text.splitlines()
 
-    def line_of(self, table: str, key: str) -> int | None:
-        current = ""
+    def line_of(self, table: str, key: str | None, index: int = 0) -> int | None:
+        """Line of ``key`` in the ``index``-th ``[table]`` (or its header if key is None)."""
+        current, seen = "", -1
         for no, raw in enumerate(self.lines, 1):
             line = raw.strip()
             header = re.fullmatch(r"\[\[?\s*([^\]]+?)\s*\]\]?(\s*#.*)?", line)
             if header:
                 current = header.group(1)
+                if current == table:
+                    seen += 1
+                    if key is None and seen == index:
+                        return no
                 continue
             m = re.match(r"([A-Za-z0-9_\-\"']+)\s*=", line)
-            if m and current == table and m.group(1).strip("\"'") == key:
+            if (m and current == table and m.group(1).strip("\"'") == key
+                    and (seen == index or table == "")):
                 return no
         return None
 
@@ -170,9 +318,10 @@ def _expected(hint: Any) -> str:
     )
 
 
-def _build_table(cls: type, data: Any, table: str, where: Any) -> Any:
+def _build_table(cls: type, data: Any, table: str, where: Any, label: str = "") -> Any:
+    label = label or f"[{table}]"
     if not isinstance(data, dict):
-        raise ConfigError(f"{where(table, None)}[{table}] must be a table")
+        raise ConfigError(f"{where(table, None)}{label} must be a table")
     hints = get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs: dict[str, Any] = {}
@@ -180,21 +329,47 @@ def _build_table(cls: type, data: Any, table: str, where: Any) -> Any:
         if key not in known:
             choices = ", ".join(sorted(known))
             raise ConfigError(
-                f"{where(table, key)}[{table}] {key}: unknown key (known keys: {choices})"
+                f"{where(table, key)}{label} {key}: unknown key (known keys: {choices})"
             )
         hint = hints[key]
         ok, out = _coerce(value, hint)
         if not ok:
             raise ConfigError(
-                f"{where(table, key)}[{table}] {key}: expected {_expected(hint)}, "
+                f"{where(table, key)}{label} {key}: expected {_expected(hint)}, "
                 f"got {_type_name(value)} {value!r}"
             )
         check = known[key].metadata.get("check")
         problem = check(out) if check else None
         if problem:
-            raise ConfigError(f"{where(table, key)}[{table}] {key}: {problem}")
+            raise ConfigError(f"{where(table, key)}{label} {key}: {problem}")
         kwargs[key] = out
     return cls(**kwargs)
+
+
+def _build_detectors(value: Any, where: Any) -> list[DetectorConfig]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where('', 'detector')}detector: must be an array of tables "
+                          "([[detector]])")
+    out: list[DetectorConfig] = []
+    names: set[str] = set()
+    for index, item in enumerate(value):
+        def at(table: str, key: str | None, index: int = index) -> str:
+            return where(table, key, index)
+
+        name = item.get("name") if isinstance(item, dict) else None
+        label = f"[[detector]] #{index + 1}" + (f" ({name})" if isinstance(name, str) else "")
+        det = _build_table(DetectorConfig, item, "detector", at, label)
+        for key in ("name", "kind"):
+            if not getattr(det, key):
+                raise ConfigError(f"{at('detector', None)}{label} {key}: missing")
+        if det.name in names:
+            raise ConfigError(f"{at('detector', 'name')}{label} name: duplicate detector name")
+        names.add(det.name)
+        problem = det.problem()
+        if problem:
+            raise ConfigError(f"{at('detector', problem[0])}{label} {problem[0]}: {problem[1]}")
+        out.append(det)
+    return out
 
 
 def _with_default_paths(cfg: Config) -> Config:
@@ -217,8 +392,8 @@ def parse_config(text: str, source: str) -> Config:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
     loc = _Locator(text)
 
-    def where(table: str, key: str | None) -> str:
-        line = loc.line_of(table, key) if key else None
+    def where(table: str, key: str | None, index: int = 0) -> str:
+        line = loc.line_of(table, key, index)
         return f"{source}:{line}: " if line else f"{source}: "
 
     version = data.pop("version", CONFIG_VERSION)
@@ -231,11 +406,14 @@ def parse_config(text: str, source: str) -> Config:
         )
     if version < 1:
         raise ConfigError(f"{where('', 'version')}version: must be at least 1")
-    tables = {"daemon": DaemonConfig, "journal": JournalConfig}
+    tables = {"daemon": DaemonConfig, "journal": JournalConfig, "missions": MissionsConfig}
     built: dict[str, Any] = {}
     for key, value in data.items():
+        if key == "detector":
+            built[key] = _build_detectors(value, where)
+            continue
         if key not in tables:
-            known = ", ".join(["version", *tables])
+            known = ", ".join(["version", *tables, "detector"])
             raise ConfigError(f"{source}: unknown top-level key {key!r} (known: {known})")
         built[key] = _build_table(tables[key], value, key, where)
     cfg = Config(version=version, source=source, **built)
@@ -255,6 +433,13 @@ def load_config(path: Path | None) -> Config:
     return parse_config(text, str(path))
 
 
+def _compact(table: dict[str, Any], cls: type) -> dict[str, Any]:
+    """Only the keys that differ from the defaults (TOML has no null, so None is left out)."""
+    defaults = cls()
+    return {k: v for k, v in table.items()
+            if v is not None and (k in ("name", "kind") or v != getattr(defaults, k))}
+
+
 def default_config() -> Config:
     return _with_default_paths(Config())
 
@@ -262,12 +447,21 @@ def default_config() -> Config:
 def to_toml(cfg: Config) -> str:
     """The config as TOML text (what ``graced config default`` prints)."""
     data: dict[str, Any] = {"version": cfg.version}
+    arrays: list[str] = []
     for f in dataclasses.fields(cfg):
         if f.name in ("version", "source"):
             continue
-        data[f.name] = dataclasses.asdict(getattr(cfg, f.name))
+        value = getattr(cfg, f.name)
+        if isinstance(value, list):
+            for item in value:
+                table = _compact(dataclasses.asdict(item), type(item))
+                arrays.append(f"[[{f.name}]]\n" + tomli_w.dumps(table))
+            if not value:
+                data[f.name] = []
+        else:
+            data[f.name] = dataclasses.asdict(value)
     header = (
         "# graced configuration (see graced.toml(5)).\n"
         "# This is the embedded default; paths are resolved for this environment.\n"
     )
-    return header + tomli_w.dumps(data)
+    return header + tomli_w.dumps(data) + "".join("\n" + a for a in arrays)

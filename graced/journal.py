@@ -27,7 +27,30 @@ MIGRATIONS: list[str] = [
     );
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: missions (the source of truth for mission state) and detector state
+    """
+    CREATE TABLE missions (
+        id          INTEGER PRIMARY KEY,
+        detector    TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        subject     TEXT NOT NULL,
+        severity    TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        summary     TEXT NOT NULL,
+        opened_at   REAL NOT NULL,
+        updated_at  REAL NOT NULL,
+        closed_at   REAL,
+        occurrences INTEGER NOT NULL,
+        flapping    INTEGER NOT NULL,
+        data        TEXT NOT NULL
+    );
+    CREATE INDEX missions_state ON missions (state);
+    CREATE INDEX missions_key ON missions (detector, subject);
+    CREATE TABLE detector_state (name TEXT PRIMARY KEY, data TEXT NOT NULL);
+    """,
 ]
+
+Write = tuple[str, tuple[object, ...]]
 
 
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -93,9 +116,9 @@ class Journal:
             raise StateError(f"journal {self.path}: head event {seq} is corrupt") from None
         return int(seq), str(h)
 
-    def append(self, events: Sequence[SignedEvent]) -> None:
-        """Commit a group of events in one transaction (one fsync)."""
-        if not events:
+    def append(self, events: Sequence[SignedEvent], writes: Sequence[Write] = ()) -> None:
+        """Commit a group of events, and the state writes that go with them, atomically."""
+        if not events and not writes:
             return
         conn = self._conn
         conn.execute("BEGIN")
@@ -104,12 +127,19 @@ class Journal:
                 "INSERT INTO events (seq, ts, topic, hash, body) VALUES (?, ?, ?, ?, ?)",
                 [(e.seq, e.fields["ts"], e.topic, e.hash, e.text) for e in events],
             )
+            for sql, params in writes:
+                conn.execute(sql, params)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        self.head_seq = events[-1].seq
-        self.head_hash = events[-1].hash
+        if events:
+            self.head_seq = events[-1].seq
+            self.head_hash = events[-1].hash
+
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        """Read with the writer's connection (call from the writer's side only)."""
+        return list(self._conn.execute(sql, params).fetchall())
 
     def get_meta(self, key: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -159,6 +189,9 @@ class JournalReader:
 
     def __init__(self, path: Path) -> None:
         self._conn = _connect(path, readonly=True)
+
+    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        return list(self._conn.execute(sql, params).fetchall())
 
     def read(self, first: int, last: int, limit: int) -> list[str]:
         """Bodies of events ``first..last`` (inclusive), at most ``limit`` of them."""

@@ -19,13 +19,13 @@ import fnmatch
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from .journal import Journal, checkpoint
+from .journal import Journal, Write, checkpoint
 from .protocol import SignedEvent, Signer, canonical_bytes
 
 log = logging.getLogger("graced.mesh")
@@ -69,10 +69,11 @@ class Subscription:
 @dataclass(eq=False)
 class _Pending:
     ts: float
-    topic: str
+    topic: str | None  # None: state writes only, no event
     payload: Any
     done: trio.Event | None = None
     result: SignedEvent | None = None
+    writes: Sequence[Write] = ()
 
 
 class Mesh:
@@ -118,30 +119,36 @@ class Mesh:
         self._queue(topic, payload, None, checked)
 
     async def publish(
-        self, topic: str, payload: Any, *, durable: bool = True
+        self, topic: str, payload: Any, *, durable: bool = True, writes: Sequence[Write] = ()
     ) -> SignedEvent | None:
         """Queue an event; with ``durable``, wait until it is committed and return it.
 
+        ``writes`` are SQL statements committed in the same transaction as the event, so
+        state (a mission row) and the event that announces it never disagree.
         Waits for room when too much is queued (back-pressure on fast producers).
         """
         await self.wait_room()
         if not durable:
-            self._queue(topic, payload, None, False)
+            self._queue(topic, payload, None, False, writes)
             await trio.lowlevel.checkpoint()
             return None
-        item = self._queue(topic, payload, trio.Event(), False)
+        item = self._queue(topic, payload, trio.Event(), False, writes)
         assert item.done is not None
         await item.done.wait()
         return item.result
 
-    def _queue(self, topic: str, payload: Any, done: trio.Event | None,
-               checked: bool) -> _Pending:
+    def store(self, writes: Sequence[Write]) -> None:
+        """Queue state writes with no event (committed with the next group)."""
+        self._queue(None, None, None, True, writes)
+
+    def _queue(self, topic: str | None, payload: Any, done: trio.Event | None,
+               checked: bool, writes: Sequence[Write] = ()) -> _Pending:
         if self._closed:
             raise trio.ClosedResourceError("mesh is closed")
         if not checked:
             # Fail here, in the publisher, on a payload that cannot be canonical JSON.
             canonical_bytes(payload)
-        item = _Pending(self.clock(), topic, payload, done)
+        item = _Pending(self.clock(), topic, payload, done, None, writes)
         self._pending.append(item)
         self._wake.set()
         return item
@@ -180,19 +187,26 @@ class Mesh:
 
     # -- the writer --------------------------------------------------------------
 
-    def _sign_and_commit(self, batch: list[_Pending]) -> list[SignedEvent]:
-        """Worker thread: sign the group in order and commit it in one transaction."""
+    def _sign_and_commit(self, batch: list[_Pending]) -> list[SignedEvent | None]:
+        """Sign the group in order and commit it, with its writes, in one transaction."""
         seq, prev = self.journal.head_seq, self.journal.head_hash
-        events = []
+        events: list[SignedEvent | None] = []
+        signed: list[SignedEvent] = []
+        writes: list[Write] = []
         for item in batch:
+            writes.extend(item.writes)
+            if item.topic is None:
+                events.append(None)
+                continue
             seq += 1
             ev = self.signer.make_event(
                 seq=seq, ts=item.ts, topic=item.topic, payload=item.payload, prev=prev
             )
             prev = ev.hash
             events.append(ev)
+            signed.append(ev)
         started = time.perf_counter()
-        self.journal.append(events)
+        self.journal.append(signed, writes)
         self.commit_seconds_last = time.perf_counter() - started
         return events
 
@@ -243,7 +257,7 @@ class Mesh:
         self.commit_count += 1
         if len(self._pending) < self.max_pending:
             self._room.set()
-        self._fan_out(events)
+        self._fan_out([e for e in events if e is not None])
         for item, ev in zip(batch, events, strict=True):
             if item.done is not None:
                 item.result = ev

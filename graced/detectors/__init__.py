@@ -1,0 +1,5 @@
+"""Detectors: sample the host and its services (blocking code, run in worker threads)."""
+
+from .base import Detector, Observation, build_detector
+
+__all__ = ["Detector", "Observation", "build_detector"]

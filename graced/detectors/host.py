@@ -1,0 +1,90 @@
+"""Host detectors: memory, swap, CPU, load per core, disk and inode usage."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+from ..config import DetectorConfig
+from .base import Observation
+
+
+class _Simple:
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+        self.subject = config.effective_subject
+
+    def close(self) -> None:
+        pass
+
+
+class Memory(_Simple):
+    def sample(self) -> list[Observation]:
+        vm = psutil.virtual_memory()
+        return [Observation(self.subject, vm.percent, "%",
+                            detail={"available_mb": vm.available // 2**20,
+                                    "total_mb": vm.total // 2**20})]
+
+
+class Swap(_Simple):
+    def sample(self) -> list[Observation]:
+        sw = psutil.swap_memory()
+        return [Observation(self.subject, sw.percent if sw.total else 0.0, "%",
+                            detail={"used_mb": sw.used // 2**20, "total_mb": sw.total // 2**20})]
+
+
+class Cpu(_Simple):
+    def __init__(self, config: DetectorConfig) -> None:
+        super().__init__(config)
+        psutil.cpu_percent(interval=None)  # the first reading is meaningless
+
+    def sample(self) -> list[Observation]:
+        return [Observation(self.subject, psutil.cpu_percent(interval=None), "%")]
+
+
+class Load(_Simple):
+    def sample(self) -> list[Observation]:
+        one, five, fifteen = os.getloadavg()
+        cores = os.cpu_count() or 1
+        return [Observation(self.subject, round(one / cores, 3), "per core",
+                            detail={"load1": one, "load5": five, "load15": fifteen,
+                                    "cores": cores})]
+
+
+class Disk(_Simple):
+    def sample(self) -> list[Observation]:
+        st = os.statvfs(self.config.path)
+        total = st.f_blocks * st.f_frsize
+        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        # As df: used / (used + available to unprivileged users).
+        avail = st.f_bavail * st.f_frsize
+        pct = 100.0 * used / (used + avail) if used + avail else 0.0
+        return [Observation(self.subject, round(pct, 3), "%",
+                            detail={"used_mb": used // 2**20, "total_mb": total // 2**20,
+                                    "free_mb": avail // 2**20})]
+
+
+class Inodes(_Simple):
+    def sample(self) -> list[Observation]:
+        st = os.statvfs(self.config.path)
+        if not st.f_files:
+            return [Observation(self.subject, 0.0, "%")]
+        pct = 100.0 * (st.f_files - st.f_ffree) / st.f_files
+        return [Observation(self.subject, round(pct, 3), "%",
+                            detail={"inodes": st.f_files, "free": st.f_ffree})]
+
+
+class FileValue(_Simple):
+    """A number read from a file (e.g. a metric another program writes)."""
+
+    def sample(self) -> list[Observation]:
+        try:
+            with open(self.config.file) as fh:
+                text = fh.read(4096).strip()
+        except OSError as exc:
+            return [Observation(self.subject, None, failed=f"cannot read: {exc.strerror}")]
+        try:
+            return [Observation(self.subject, float(text))]
+        except ValueError:
+            return [Observation(self.subject, None, failed=f"not a number: {text[:40]!r}")]

@@ -1,0 +1,158 @@
+"""Log error rate: follow a file (surviving rotation and truncation) or a journald unit.
+
+Value: the share of new lines matching ``pattern`` over the last ``window`` seconds, in
+percent (when ``max_ratio`` is set; it needs at least ``min_lines`` lines), or the
+matching lines per second (``max_rate``).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import subprocess
+import time
+from typing import IO
+
+from ..config import DetectorConfig
+from .base import Observation
+
+
+class _Window:
+    """Counts of lines and matches per sample, over a sliding time window."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+        self.regex = re.compile(config.pattern)
+        self.samples: collections.deque[tuple[float, int, int]] = collections.deque()
+
+    def observe(self, subject: str, lines: list[str]) -> Observation:
+        cfg = self.config
+        now = time.monotonic()
+        matches = sum(1 for ln in lines if self.regex.search(ln))
+        self.samples.append((now, len(lines), matches))
+        while self.samples and self.samples[0][0] < now - cfg.window:
+            self.samples.popleft()
+        total = sum(s[1] for s in self.samples)
+        hits = sum(s[2] for s in self.samples)
+        ratio = hits / total if total else 0.0
+        rate = hits / cfg.window
+        obs = Observation(subject, round(100 * ratio, 3) if cfg.max_ratio is not None
+                          else round(rate, 4), "%" if cfg.max_ratio is not None else "lines/s",
+                          detail={"lines": total, "matches": hits, "window_s": cfg.window,
+                                  "rate_per_s": round(rate, 4), "ratio": round(ratio, 4)})
+        reasons = []
+        if cfg.max_ratio is not None and total >= cfg.min_lines and ratio > cfg.max_ratio:
+            reasons.append(f"{hits} of {total} lines match /{cfg.pattern}/ "
+                           f"({100 * ratio:.0f} % > {100 * cfg.max_ratio:g} %)")
+        if cfg.max_rate is not None and rate > cfg.max_rate:
+            reasons.append(f"{rate:.2f} matching lines/s > {cfg.max_rate:g}/s")
+        if reasons:
+            obs.alarm = "; ".join(reasons) + f" in the last {cfg.window:g} s"
+        return obs
+
+
+class LogFile:
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+        self.subject = config.effective_subject
+        self.window = _Window(config)
+        self._fh: IO[bytes] | None = None
+        self._ino: tuple[int, int] | None = None
+        self._partial = b""
+
+    def _open(self, at_end: bool) -> bool:
+        try:
+            fh = open(self.config.file, "rb")  # noqa: SIM115 - kept open between samples
+        except OSError:
+            return False
+        st = os.fstat(fh.fileno())
+        if at_end:
+            fh.seek(0, os.SEEK_END)
+        self._fh, self._ino, self._partial = fh, (st.st_dev, st.st_ino), b""
+        return True
+
+    def _read(self) -> list[str]:
+        assert self._fh is not None
+        data = self._partial + self._fh.read(8 << 20)
+        *lines, self._partial = data.split(b"\n")
+        return [ln.decode("utf-8", "replace") for ln in lines]
+
+    def sample(self) -> list[Observation]:
+        lines: list[str] = []
+        if self._fh is None:
+            if not self._open(at_end=True):
+                return [Observation(self.subject, None,
+                                    failed=f"cannot open {self.config.file}")]
+            return [self.window.observe(self.subject, [])]
+        try:
+            st = os.stat(self.config.file)
+            current = (st.st_dev, st.st_ino)
+        except OSError:
+            current = None  # rotated away, not yet re-created: keep reading the old file
+        if current is not None and current != self._ino:
+            lines += self._read()  # the rest of the rotated file
+            self._fh.close()
+            self._open(at_end=False)
+        elif current is not None and st.st_size < self._fh.tell():
+            self._fh.seek(0)  # truncated in place (copytruncate)
+            self._partial = b""
+        if self._fh is not None:
+            lines += self._read()
+        return [self.window.observe(self.subject, lines)]
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+class Journald:
+    """Follows ``journalctl -u UNIT -o json`` with a cursor between samples."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+        self.subject = config.effective_subject
+        self.window = _Window(config)
+        self._cursor: str | None = None
+
+    def _journal(self, *args: str) -> list[dict[str, object]]:
+        res = subprocess.run(["journalctl", "--no-pager", "-o", "json", "-u", self.config.unit,
+                              *args], capture_output=True, timeout=self.config.timeout,
+                             stdin=subprocess.DEVNULL, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr.decode(errors="replace").strip()[:200])
+        return parse_journal_json(res.stdout)
+
+    def sample(self) -> list[Observation]:
+        try:
+            if self._cursor is None:
+                entries = self._journal("-n", "1")
+                self._cursor = str(entries[-1]["__CURSOR"]) if entries else ""
+                return [self.window.observe(self.subject, [])]
+            args = ["--after-cursor", self._cursor] if self._cursor else ["--since", "-1min"]
+            entries = self._journal(*args)
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+            return [Observation(self.subject, None, failed=f"journalctl: {exc}")]
+        if entries:
+            self._cursor = str(entries[-1].get("__CURSOR", self._cursor))
+        return [self.window.observe(self.subject, [str(e.get("MESSAGE", "")) for e in entries])]
+
+    def close(self) -> None:
+        pass
+
+
+def parse_journal_json(raw: bytes) -> list[dict[str, object]]:
+    """Entries of ``journalctl -o json`` output; MESSAGE may be an array of bytes."""
+    out = []
+    for line in raw.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        msg = entry.get("MESSAGE")
+        if isinstance(msg, list):
+            entry["MESSAGE"] = bytes(x for x in msg if isinstance(x, int)).decode("utf-8",
+                                                                                  "replace")
+        out.append(entry)
+    return out

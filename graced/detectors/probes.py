@@ -1,0 +1,115 @@
+"""Probes: TCP connect (and optional request/response), SQLite query, command, HTTP GET.
+
+Each measures latency in milliseconds; a probe that fails (refused, timed out, bad
+status or exit code) reports ``failed`` with the reason, which is itself an anomaly.
+"""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+from ..config import DetectorConfig
+from .base import Observation
+
+
+class _Probe:
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+        self.subject = config.effective_subject
+
+    def close(self) -> None:
+        pass
+
+
+class TcpProbe(_Probe):
+    def sample(self) -> list[Observation]:
+        cfg = self.config
+        started = time.perf_counter()
+        try:
+            with socket.create_connection((cfg.host, cfg.port), timeout=cfg.timeout) as sock:
+                if cfg.send:
+                    sock.sendall(cfg.send.encode().decode("unicode_escape").encode())
+                if cfg.expect or cfg.send:
+                    sock.settimeout(max(0.001, cfg.timeout - (time.perf_counter() - started)))
+                    got = b""
+                    want = cfg.expect.encode()
+                    while not got or (want and want not in got):
+                        chunk = sock.recv(4096)
+                        if not chunk:
+                            break
+                        got += chunk
+                        if len(got) > 65536:
+                            break
+                    if want and want not in got:
+                        return [Observation(self.subject, None, failed=(
+                            f"{cfg.host}:{cfg.port} answered {got[:40]!r}, expected "
+                            f"{cfg.expect!r}"))]
+        except TimeoutError:
+            return [Observation(self.subject, None,
+                                failed=f"{cfg.host}:{cfg.port} timed out after {cfg.timeout:g} s")]
+        except OSError as exc:
+            return [Observation(self.subject, None,
+                                failed=f"{cfg.host}:{cfg.port}: {exc.strerror or exc}")]
+        return [Observation(self.subject, round((time.perf_counter() - started) * 1000, 3), "ms")]
+
+
+class SqliteProbe(_Probe):
+    def sample(self) -> list[Observation]:
+        cfg = self.config
+        started = time.perf_counter()
+        try:
+            conn = sqlite3.connect(f"file:{cfg.database}?mode=ro", uri=True,
+                                   timeout=cfg.timeout)
+            try:
+                conn.execute(cfg.query).fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            return [Observation(self.subject, None, failed=f"query failed: {exc}")]
+        return [Observation(self.subject, round((time.perf_counter() - started) * 1000, 3), "ms")]
+
+
+class CommandProbe(_Probe):
+    def sample(self) -> list[Observation]:
+        cfg = self.config
+        started = time.perf_counter()
+        try:
+            res = subprocess.run(cfg.argv, capture_output=True, timeout=cfg.timeout,
+                                 stdin=subprocess.DEVNULL, check=False)
+        except subprocess.TimeoutExpired:
+            return [Observation(self.subject, None,
+                                failed=f"{cfg.argv[0]} timed out after {cfg.timeout:g} s")]
+        except OSError as exc:
+            return [Observation(self.subject, None, failed=f"{cfg.argv[0]}: {exc.strerror}")]
+        ms = round((time.perf_counter() - started) * 1000, 3)
+        if res.returncode != 0:
+            tail = res.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            return [Observation(self.subject, ms, "ms",
+                                failed=f"{cfg.argv[0]} exited {res.returncode}: {tail[0][:200]}")]
+        return [Observation(self.subject, ms, "ms")]
+
+
+class HttpProbe(_Probe):
+    def sample(self) -> list[Observation]:
+        cfg = self.config
+        started = time.perf_counter()
+        try:
+            with urllib.request.urlopen(cfg.url, timeout=cfg.timeout) as resp:  # noqa: S310
+                resp.read(65536)
+                status = resp.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            return [Observation(self.subject, None, failed=f"GET {cfg.url}: {reason}")]
+        ms = round((time.perf_counter() - started) * 1000, 3)
+        if status != cfg.expect_status:
+            return [Observation(self.subject, ms, "ms",
+                                failed=f"GET {cfg.url}: status {status}, expected "
+                                       f"{cfg.expect_status}")]
+        return [Observation(self.subject, ms, "ms", detail={"status": status})]
