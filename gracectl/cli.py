@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -292,6 +293,137 @@ def keys_trust(ctx: click.Context, key_file: str | None, replace: bool) -> None:
             "expected, run 'gracectl keys trust --replace'", ExitCode.BAD_SIGNATURE)
     trust.pin(endpoint.name, key, daemon_id)
     stderr_note(f"trusted key {key_id(key)} for {endpoint.name}")
+
+
+# -- missions ---------------------------------------------------------------------
+
+STATES = ("detected", "open", "awaiting_approval", "approved", "executing", "verifying",
+          "resolved", "failed", "escalated", "rejected", "expired", "interrupted")
+SEVERITIES = ("low", "medium", "high", "critical")
+SEVERITY_COLOUR = {"low": "cyan", "medium": "yellow", "high": "red", "critical": "magenta"}
+
+
+def _age(seconds: float) -> str:
+    """Compact age: 42s, 3m05s, 2h10m, 4d03h."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
+async def _call(endpoint: Endpoint, method: str, params: dict[str, Any]) -> Any:
+    async with connect(endpoint, trust.pinned(endpoint.name)) as conn:
+        return await conn.request(method, params)
+
+
+@cli.group()
+def missions() -> None:
+    """Missions: what graced noticed and what it is doing about it."""
+
+
+@missions.command("ls")
+@click.option("--state", "states", multiple=True, type=click.Choice(STATES),
+              help="Only missions in this state (repeatable).")
+@click.option("--severity", "severities", multiple=True, type=click.Choice(SEVERITIES),
+              help="Only missions of this severity (repeatable).")
+@click.option("--all", "show_all", is_flag=True, help="Include closed missions.")
+@click.option("--limit", type=click.IntRange(1, 10000), default=200, show_default=True,
+              help="At most this many, newest first.")
+@json_option
+@click.pass_context
+def missions_ls(ctx: click.Context, states: tuple[str, ...], severities: tuple[str, ...],
+                show_all: bool, limit: int, as_json: bool) -> None:
+    """List missions: by default the active (not yet closed) ones."""
+    result = _run(lambda: _call(_endpoint(ctx), "missions.list", {
+        "states": list(states) or None, "severities": list(severities) or None,
+        "all": show_all, "limit": limit}))
+    rows = result["missions"]
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        stderr_note("no missions" + ("" if show_all or states else " open (--all for closed)"))
+        return
+    from tabulate import tabulate
+
+    colour = sys.stdout.isatty()
+    table = []
+    for m in rows:
+        sev = m["severity"] + ("!" if m["flapping"] else "")
+        if colour:
+            sev = click.style(sev, fg=SEVERITY_COLOUR.get(m["severity"]))
+        table.append([m["id"], sev, m["state"], m["detector"], m["subject"],
+                      m["summary"][:60], _age(result["now"] - m["opened_at"])])
+    click.echo(tabulate(table, headers=["ID", "SEVERITY", "STATE", "DETECTOR", "SUBJECT",
+                                        "SUMMARY", "AGE"]))
+
+
+def _ts(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+@missions.command("show")
+@click.argument("mission_id", metavar="ID", type=int)
+@json_option
+@click.pass_context
+def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
+    """Show one mission: symptoms, the samples that triggered it, its timeline."""
+    result = _run(lambda: _call(_endpoint(ctx), "missions.get", {"id": mission_id}))
+    m = result["mission"]
+    if as_json:
+        _print_json(m)
+        return
+    flap = " (flapping)" if m["flapping"] else ""
+    lines = [
+        f"mission {m['id']}: {m['summary']}",
+        f"  state       {m['state']}",
+        f"  severity    {m['severity']}{flap}",
+        f"  detector    {m['detector']} ({m['kind']})",
+        f"  subject     {m['subject']}",
+        f"  opened      {_ts(m['opened_at'])} ({_age(result['now'] - m['opened_at'])} ago)",
+        f"  occurrences {m['occurrences']}, last value {m['last_value']}",
+    ]
+    if m["closed_at"]:
+        lines.append(f"  closed      {_ts(m['closed_at'])}")
+    lines.append("samples:")
+    for smp in m["samples"]:
+        lines.append(f"  {_ts(smp['ts'])}  {smp['value']}  {smp['summary']}")
+    lines.append("timeline:")
+    for t in m["timeline"]:
+        lines.append(f"  {_ts(t['ts'])}  {t['from'] or '-'} -> {t['to']}  {t['reason']}")
+    click.echo("\n".join(lines))
+
+
+# -- detectors --------------------------------------------------------------------
+
+@cli.command()
+@json_option
+@click.pass_context
+def detectors(ctx: click.Context, as_json: bool) -> None:
+    """Each detector's state and last sample per subject."""
+    result = _run(lambda: _call(_endpoint(ctx), "detectors", {}))
+    if as_json:
+        _print_json(result["detectors"])
+        return
+    from tabulate import tabulate
+
+    rows = []
+    for name, d in result["detectors"].items():
+        subjects = d["subjects"] or {"": None}
+        for subject, smp in subjects.items():
+            if smp is None:
+                rows.append([name, d["kind"], d["state"], "", "", "", d["last_error"] or ""])
+                continue
+            value = "" if smp["value"] is None else f"{smp['value']:g} {smp['unit']}".strip()
+            rows.append([name, d["kind"], d["state"], subject, value,
+                         _age(result["now"] - smp["ts"]),
+                         ("ANOMALY: " if smp["anomalous"] else "") + smp["summary"][:50]])
+    click.echo(tabulate(rows, headers=["DETECTOR", "KIND", "STATE", "SUBJECT", "VALUE",
+                                       "SAMPLED", "STATUS"]))
 
 
 # -- emit -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import json
 import logging
 import os
 import shutil
@@ -25,9 +26,12 @@ import trio
 
 from . import __version__, keys, sd_notify
 from .config import Config
+from .detectors.runner import DetectorRunner
 from .errors import DaemonExit, StartupError, StateError
-from .journal import Journal
+from .journal import Journal, JournalReader
 from .mesh import Mesh
+from .missions import store
+from .missions.engine import ACTIVE, SEVERITIES, STATES, MissionEngine
 from .protocol import Signer
 from .protocol.wire import Request, RequestError
 from .wire import Client, Server
@@ -89,6 +93,8 @@ class Daemon:
         self.mesh: Mesh | None = None
         self.server: Server | None = None
         self.daemon_id = ""
+        self.engine: MissionEngine | None = None
+        self.runner: DetectorRunner | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
@@ -103,6 +109,10 @@ class Daemon:
         )
         mesh = Mesh(journal, signer, batch_max=cfg.journal.batch_max)
         self.mesh = mesh
+        engine, states = await trio.to_thread.run_sync(self._load_missions, journal)
+        self.engine = engine
+        runner = DetectorRunner(list(cfg.detector), mesh, engine, states)
+        self.runner = runner
         server = Server(
             mesh=mesh,
             signer=signer,
@@ -121,6 +131,9 @@ class Daemon:
                 "subscribe": self._subscribe,
                 "emit": self._emit,
                 "keys": self._keys,
+                "missions.list": self._missions_list,
+                "missions.get": self._missions_get,
+                "detectors": self._detectors,
             },
             clock=time.time,
         )
@@ -136,6 +149,7 @@ class Daemon:
                                                     "public_key": keys.format_public_key(
                                                         signer.public_key).split()[1]})
                     await mesh.publish("daemon.started", self._identity())
+                    await nursery.start(runner.run)
                     hb_scope = trio.CancelScope()
                     nursery.start_soon(self._heartbeat, hb_scope)
                     interval = sd_notify.watchdog_interval()
@@ -152,6 +166,7 @@ class Daemon:
                     sd_notify.notify("STOPPING=1")
                     with trio.move_on_after(cfg.daemon.shutdown_timeout) as cs:
                         hb_scope.cancel()
+                        runner.save_state()
                         await mesh.publish("daemon.stopping", {"head_seq": mesh.delivered_seq + 1,
                                                                "reason": "signal"})
                         server.going_away("graced is stopping")
@@ -164,6 +179,26 @@ class Daemon:
             await trio.to_thread.run_sync(journal.close)
             os.close(self._lock_fd)
         log.info("stopped cleanly at seq %d", mesh.delivered_seq)
+
+    def _load_missions(self, journal: Journal) -> tuple[MissionEngine, dict[str, Any]]:
+        """Rebuild the engine from the missions table (the source of truth)."""
+        active = [store.from_row(r) for r in journal.query(*store.active_query())]
+        (next_id,) = journal.query("SELECT COALESCE(MAX(id), 0) + 1 FROM missions")[0]
+        resolved = journal.query(
+            "SELECT detector, subject, MAX(closed_at) FROM missions "
+            "WHERE state = 'resolved' GROUP BY detector, subject")
+        states: dict[str, Any] = {}
+        for name, data in journal.query("SELECT name, data FROM detector_state"):
+            try:
+                states[str(name)] = json.loads(str(data))
+            except ValueError:
+                continue  # a damaged state: that detector starts learning again
+        mc = self.config.missions
+        engine = MissionEngine(
+            resolve_after=mc.resolve_after, flap_window=mc.flap_window,
+            update_interval=mc.update_interval, next_id=int(str(next_id)), active=active,
+            last_resolved={(str(d), str(s)): float(str(t)) for d, s, t in resolved})
+        return engine, states
 
     def _banner(self) -> None:
         cfg = self.config
@@ -254,6 +289,61 @@ class Daemon:
             },
             "wire": self.server.status(),
         }
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        assert self.mesh is not None
+        path = self.mesh.journal.path
+
+        def read() -> list[tuple[Any, ...]]:
+            reader = JournalReader(path)
+            try:
+                return reader.query(sql, params)
+            finally:
+                reader.close()
+
+        return await trio.to_thread.run_sync(read)
+
+    async def _missions_list(self, client: Client, req: Request) -> Any:
+        p = req.params
+        states = p.get("states")
+        severities = p.get("severities")
+        limit = p.get("limit", 200)
+        for name, value, allowed in (("states", states, STATES), ("severities", severities,
+                                                                   SEVERITIES)):
+            if value is not None and (not isinstance(value, list)
+                                      or not all(v in allowed for v in value)):
+                raise RequestError("bad_request", f"params.{name} must be a list of: "
+                                   + ", ".join(allowed))
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
+            raise RequestError("bad_request", "params.limit must be an integer 1-10000")
+        if not p.get("all") and not states:
+            states = list(ACTIVE)
+        rows = await self._read(*store.list_query(states, severities, limit))
+        return {"missions": [store.from_row(r).public() for r in rows], "now": time.time()}
+
+    async def _missions_get(self, client: Client, req: Request) -> Any:
+        mid = req.params.get("id")
+        if not isinstance(mid, int) or isinstance(mid, bool):
+            raise RequestError("bad_request", "params.id must be an integer")
+        rows = await self._read(f"{store.SELECT} WHERE id = ?", (mid,))
+        if not rows:
+            raise RequestError("not_found", f"no mission {mid}")
+        return {"mission": store.from_row(rows[0]).public(), "now": time.time()}
+
+    async def _detectors(self, client: Client, req: Request) -> Any:
+        assert self.runner is not None
+        history = req.params.get("history", 0)
+        if not isinstance(history, int) or isinstance(history, bool) or history < 0:
+            raise RequestError("bad_request", "params.history must be a non-negative integer")
+        out = {}
+        for name, st in self.runner.status.items():
+            entry = dict(st)
+            if history:
+                entry["history"] = {
+                    subj: [v for _, v in list(self.runner.history.get((name, subj), []))[
+                        -history:]] for subj in st["subjects"]}
+            out[name] = entry
+        return {"detectors": out, "now": time.time()}
 
     async def _subscribe(self, client: Client, req: Request) -> Any:
         assert self.server is not None

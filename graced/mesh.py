@@ -111,12 +111,14 @@ class Mesh:
 
     # -- publishing ------------------------------------------------------------
 
-    def publish_nowait(self, topic: str, payload: Any, *, checked: bool = False) -> None:
+    def publish_nowait(self, topic: str, payload: Any, *, checked: bool = False,
+                       writes: Sequence[Write] = ()) -> None:
         """Queue an event without waiting; it is durable before anyone sees it.
 
-        ``checked`` skips the JSON check for a payload already known to be canonical-safe.
+        ``checked`` skips the JSON check for a payload already known to be canonical-safe;
+        ``writes`` are committed in the same transaction as the event.
         """
-        self._queue(topic, payload, None, checked)
+        self._queue(topic, payload, None, checked, writes)
 
     async def publish(
         self, topic: str, payload: Any, *, durable: bool = True, writes: Sequence[Write] = ()

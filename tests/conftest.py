@@ -28,17 +28,19 @@ def bin_path(name: str) -> str:
 class Graced:
     """A real graced subprocess on a private state dir and socket."""
 
-    def __init__(self, base: Path, extra_config: str = "", heartbeat: float = 0.5) -> None:
+    def __init__(self, base: Path, extra_config: str = "", heartbeat: float = 0.5,
+                 detectors: str = "", top: str = "detector = []\n") -> None:
         self.base = base
         self.state = base / "state"
         self.socket = base / "g.sock"
         self.config = base / "graced.toml"
         self.home = base / "home"
         self.home.mkdir(exist_ok=True)
+        # No host detectors unless a test asks: a loaded CI host must not add missions.
         self.config.write_text(
-            "version = 1\n[daemon]\n"
+            "version = 1\n" + (top if not detectors else "") + "[daemon]\n"
             f'state_dir = "{self.state}"\nsocket = "{self.socket}"\n'
-            f"heartbeat_interval = {heartbeat}\n" + extra_config
+            f"heartbeat_interval = {heartbeat}\n" + extra_config + "\n" + detectors
         )
         self.proc: subprocess.Popen[str] | None = None
         self.notify_path = base / "notify.sock"
@@ -166,8 +168,9 @@ def graced(shortdir: Path) -> Iterator[Graced]:
 def make_graced(shortdir: Path) -> Iterator[Any]:
     made: list[Graced] = []
 
-    def make(extra_config: str = "", heartbeat: float = 0.5, start: bool = True) -> Graced:
-        g = Graced(shortdir, extra_config, heartbeat)
+    def make(extra_config: str = "", heartbeat: float = 0.5, start: bool = True,
+             detectors: str = "") -> Graced:
+        g = Graced(shortdir, extra_config, heartbeat, detectors)
         if start:
             g.start()
         made.append(g)

@@ -1,0 +1,141 @@
+"""The trio shell around detectors: sample on an interval, judge, feed the mission engine.
+
+One task per detector. Sampling runs in a worker thread (psutil, sockets and
+subprocesses block). A detector that raises is reported (``detector.error``) and
+restarted with exponential backoff; it never takes the daemon down. Edges of a
+(detector, subject) between normal and anomalous are ``detector.anomaly`` and
+``detector.recovered`` events; mission transitions are ``mission.*`` events committed
+with the mission's row in the same transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from typing import Any
+
+import trio
+
+from ..config import DetectorConfig
+from ..mesh import Mesh
+from ..missions import store
+from ..missions.engine import MissionEngine, Transition
+from .base import build_detector
+from .scoring import Scorer
+
+log = logging.getLogger("graced.detectors")
+
+HISTORY = 300  # recent values kept per subject (sparklines, status)
+
+
+class DetectorRunner:
+    """Runs every configured detector; :meth:`run` never returns unless cancelled."""
+
+    def __init__(self, detectors: list[DetectorConfig], mesh: Mesh, engine: MissionEngine,
+                 states: dict[str, dict[str, Any]]) -> None:
+        self.detectors = [d for d in detectors if d.enabled]
+        self.mesh = mesh
+        self.engine = engine
+        self.scorers = {d.name: Scorer(d, states.get(d.name)) for d in self.detectors}
+        self.status: dict[str, dict[str, Any]] = {
+            d.name: {"kind": d.kind, "interval": d.interval, "state": "starting",
+                     "subjects": {}, "errors": 0, "last_error": None} for d in self.detectors
+        }
+        self.history: dict[tuple[str, str], deque[tuple[float, float]]] = {}
+        self._anomalous: set[tuple[str, str]] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for det in self.detectors:
+                nursery.start_soon(self._loop, det)
+            nursery.start_soon(self._save_periodically)
+            task_status.started()
+
+    async def _save_periodically(self) -> None:
+        while True:
+            await trio.sleep(60)
+            self.save_state()
+
+    def save_state(self) -> None:
+        """Queue the baselines' state for the journal's next commit."""
+        writes = [("INSERT OR REPLACE INTO detector_state (name, data) VALUES (?, ?)",
+                   (name, json.dumps(scorer.state())))
+                  for name, scorer in self.scorers.items() if scorer.baselines]
+        if writes:
+            self.mesh.store(writes)
+
+    async def _loop(self, cfg: DetectorConfig) -> None:
+        backoff = 1.0
+        st = self.status[cfg.name]
+        while True:
+            detector = None
+            try:
+                detector = await trio.to_thread.run_sync(build_detector, cfg)
+                st["state"] = "up"
+                due = trio.current_time()
+                while True:
+                    observations = await trio.to_thread.run_sync(
+                        detector.sample, abandon_on_cancel=True)
+                    self._judge(cfg, observations)
+                    st["state"] = "up"
+                    backoff = 1.0
+                    due += cfg.interval
+                    now = trio.current_time()
+                    if due < now:  # fell behind (a slow probe): skip, do not burst
+                        due = now + cfg.interval
+                    await trio.sleep_until(due)
+            except Exception as exc:  # noqa: BLE001 - a detector must never take graced down
+                st["state"] = "error"
+                st["errors"] += 1
+                st["last_error"] = f"{type(exc).__name__}: {exc}"
+                log.warning("detector %s failed: %s; restarting in %.0f s", cfg.name,
+                            st["last_error"], backoff)
+                self.mesh.publish_nowait("detector.error", {
+                    "detector": cfg.name, "kind": cfg.kind, "error": st["last_error"],
+                    "restart_in": backoff})
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+            finally:
+                if detector is not None:
+                    detector.close()
+
+    def _judge(self, cfg: DetectorConfig, observations: list[Any]) -> None:
+        scorer = self.scorers[cfg.name]
+        subjects = self.status[cfg.name]["subjects"]
+        now = time.time()
+        for obs in observations:
+            verdict = scorer.judge(obs, now)
+            key = (cfg.name, obs.subject)
+            subjects[obs.subject] = {"ts": now, "value": obs.value, "unit": obs.unit,
+                                     "anomalous": verdict.anomalous,
+                                     "score": round(verdict.score, 4),
+                                     "summary": verdict.summary}
+            if obs.value is not None:
+                hist = self.history.setdefault(key, deque(maxlen=HISTORY))
+                hist.append((now, obs.value))
+            if verdict.anomalous and key not in self._anomalous:
+                self._anomalous.add(key)
+                self.mesh.publish_nowait("detector.anomaly", {
+                    "detector": cfg.name, "kind": cfg.kind, "subject": obs.subject,
+                    "value": obs.value, "score": round(verdict.score, 4),
+                    "summary": verdict.summary})
+            elif not verdict.anomalous and key in self._anomalous:
+                self._anomalous.discard(key)
+                self.mesh.publish_nowait("detector.recovered", {
+                    "detector": cfg.name, "subject": obs.subject, "value": obs.value,
+                    "summary": verdict.summary})
+            transitions = self.engine.observe(
+                detector=cfg.name, kind=cfg.kind, subject=obs.subject, severity=cfg.severity,
+                anomalous=verdict.anomalous, score=verdict.score, summary=verdict.summary,
+                value=obs.value, now=now, detail=obs.detail or None)
+            for tr in transitions:
+                self._record(tr)
+
+    def _record(self, tr: Transition) -> None:
+        write = store.upsert(tr.mission)
+        if tr.topic:
+            self.mesh.publish_nowait(tr.topic, tr.mission.brief(), writes=[write])
+        else:
+            self.mesh.store([write])

@@ -1,0 +1,80 @@
+"""Is an observation anomalous, and how much? Pure code: thresholds and the baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import DetectorConfig
+from .base import Observation
+from .baseline import Baseline
+
+
+@dataclass
+class Verdict:
+    anomalous: bool
+    score: float  # in [0, 1]; 0.5 and above is an anomaly
+    summary: str
+
+
+def _fmt(value: float, unit: str) -> str:
+    text = f"{value:.1f}" if abs(value) < 1000 else f"{value:.0f}"
+    return f"{text} {unit}".strip() if unit else text
+
+
+class Scorer:
+    """Judges one detector's observations; keeps one baseline per subject."""
+
+    def __init__(self, cfg: DetectorConfig, state: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.baselines: dict[str, Baseline] = {}
+        if cfg.baseline and state:
+            for subject, data in state.items():
+                try:
+                    self.baselines[subject] = Baseline.from_dict(data)
+                except (TypeError, ValueError):
+                    continue  # an old or damaged state: start learning again
+
+    def state(self) -> dict[str, Any]:
+        return {subject: b.to_dict() for subject, b in self.baselines.items()}
+
+    def threshold_score(self, value: float) -> float:
+        limit = self.cfg.effective_threshold
+        if limit is None:
+            return 0.0
+        if self.cfg.below:
+            if value >= limit:
+                return 0.0 if value > 0 else 1.0
+            return min(1.0, 0.5 + 0.5 * (limit - value) / (abs(limit) or 1.0))
+        if value <= limit:
+            return max(0.0, 0.5 * value / limit) if limit > 0 else 0.0
+        return min(1.0, 0.5 + 0.5 * (value - limit) / (abs(limit) or 1.0))
+
+    def judge(self, obs: Observation, ts: float) -> Verdict:
+        cfg = self.cfg
+        name = f"{cfg.name} {obs.subject}" if obs.subject not in ("", "host") else cfg.name
+        if obs.failed:
+            return Verdict(True, 1.0, f"{name}: {obs.failed}")
+        if obs.event:
+            return Verdict(True, 1.0, f"{name}: {obs.event}")
+        if obs.alarm:
+            return Verdict(True, 1.0, f"{name}: {obs.alarm}")
+        if obs.value is None:
+            return Verdict(False, 0.0, f"{name}: no value")
+        value = obs.value
+        score = self.threshold_score(value)
+        limit = cfg.effective_threshold
+        if score >= 0.5 and limit is not None:
+            word = "below" if cfg.below else "above"
+            return Verdict(True, score, f"{name} at {_fmt(value, obs.unit)}, {word} the "
+                                        f"threshold {_fmt(limit, obs.unit)}")
+        if cfg.baseline:
+            base = self.baselines.get(obs.subject)
+            if base is None:
+                base = self.baselines[obs.subject] = Baseline()
+            b = base.score(ts, value)
+            if b >= 0.5:
+                return Verdict(True, b, f"{name} at {_fmt(value, obs.unit)} is unusual for it "
+                                        f"({base.last_reason}, baseline score {b:.2f})")
+            score = max(score, b)
+        return Verdict(False, score, f"{name} at {_fmt(value, obs.unit)}")

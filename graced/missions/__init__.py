@@ -1,0 +1,1 @@
+"""Missions: the state machine (pure) and its store."""

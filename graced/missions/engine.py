@@ -1,0 +1,159 @@
+"""The mission engine: anomalies in, mission transitions out. Pure code.
+
+Theory of operation
+-------------------
+A mission is keyed by (detector, subject); at most one is open per key. An anomalous
+observation opens one (``detected`` -> ``open``) or, if one is open, updates it (its
+occurrence count, last value and summary). A normal observation counts towards
+``resolve_after`` consecutive normal samples, after which the mission is resolved by
+itself (hysteresis). A mission opened within ``flap_window`` seconds after the last
+one for the same key was resolved is *flapping*: flagged, and its severity raised one
+level. Each transition comes back as a :class:`Transition` (topic and payload for the
+signed journal, and the mission to store); callers commit both together.
+
+States: detected, open, awaiting_approval, approved, executing, verifying, and the
+final ones: resolved, failed, escalated, rejected, expired.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SEVERITIES = ("low", "medium", "high", "critical")
+ACTIVE = ("detected", "open", "awaiting_approval", "approved", "executing", "verifying")
+FINAL = ("resolved", "failed", "escalated", "rejected", "expired", "interrupted")
+STATES = ACTIVE + FINAL
+MAX_SAMPLES = 10
+MAX_TIMELINE = 200
+
+
+def raise_severity(severity: str) -> str:
+    i = SEVERITIES.index(severity)
+    return SEVERITIES[min(i + 1, len(SEVERITIES) - 1)]
+
+
+@dataclass
+class Mission:
+    id: int
+    detector: str
+    kind: str
+    subject: str
+    severity: str
+    state: str
+    summary: str
+    opened_at: float
+    updated_at: float
+    closed_at: float | None = None
+    occurrences: int = 1
+    last_value: float | None = None
+    score: float = 0.0
+    flapping: bool = False
+    normal_streak: int = 0
+    last_update_event: float = 0.0
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.detector, self.subject)
+
+    def public(self) -> dict[str, Any]:
+        """The mission as clients see it."""
+        data = asdict(self)
+        data.pop("last_update_event")
+        return data
+
+    def brief(self) -> dict[str, Any]:
+        """The fields a mission.* event carries."""
+        return {k: getattr(self, k) for k in (
+            "id", "detector", "kind", "subject", "severity", "state", "summary",
+            "occurrences", "last_value", "flapping", "opened_at")}
+
+
+@dataclass
+class Transition:
+    topic: str
+    mission: Mission  # a snapshot, safe to store
+
+
+class MissionEngine:
+    """Holds the active missions; :meth:`observe` returns the transitions to record."""
+
+    def __init__(self, *, resolve_after: int = 3, flap_window: float = 600.0,
+                 update_interval: float = 60.0, next_id: int = 1,
+                 active: list[Mission] | None = None,
+                 last_resolved: dict[tuple[str, str], float] | None = None) -> None:
+        self.resolve_after = resolve_after
+        self.flap_window = flap_window
+        self.update_interval = update_interval
+        self.next_id = next_id
+        self.active: dict[tuple[str, str], Mission] = {m.key: m for m in active or []}
+        self.last_resolved = dict(last_resolved or {})
+
+    def _move(self, m: Mission, to: str, now: float, reason: str) -> None:
+        m.timeline.append({"ts": now, "from": m.state, "to": to, "reason": reason})
+        if len(m.timeline) > MAX_TIMELINE:
+            del m.timeline[1:2]  # keep the first (how it started) and the latest
+        m.state = to
+        m.updated_at = now
+
+    def observe(self, *, detector: str, kind: str, subject: str, severity: str,
+                anomalous: bool, score: float, summary: str, value: float | None,
+                now: float, detail: dict[str, Any] | None = None) -> list[Transition]:
+        """Feed one judged observation; returns the transitions it caused."""
+        key = (detector, subject)
+        m = self.active.get(key)
+        out: list[Transition] = []
+        if anomalous:
+            sample = {"ts": now, "value": value, "score": round(score, 4), "summary": summary,
+                      **({"detail": detail} if detail else {})}
+            if m is None:
+                flapping = now - self.last_resolved.get(key, float("-inf")) <= self.flap_window
+                m = Mission(
+                    id=self.next_id, detector=detector, kind=kind, subject=subject,
+                    severity=raise_severity(severity) if flapping else severity,
+                    state="detected", summary=summary, opened_at=now, updated_at=now,
+                    last_value=value, score=score, flapping=flapping, last_update_event=now,
+                    samples=[sample],
+                )
+                self.next_id += 1
+                m.timeline.append({"ts": now, "from": None, "to": "detected", "reason": summary})
+                reason = "anomaly"
+                if flapping:
+                    reason = (f"flapping: re-opened within {self.flap_window:g} s of the last "
+                              f"resolution; severity raised to {m.severity}")
+                self._move(m, "open", now, reason)
+                self.active[key] = m
+                out.append(Transition("mission.opened", copy.deepcopy(m)))
+                return out
+            m.occurrences += 1
+            m.last_value = value
+            m.score = score
+            m.summary = summary
+            m.normal_streak = 0
+            m.updated_at = now
+            if len(m.samples) < MAX_SAMPLES:
+                m.samples.append(sample)
+            if now - m.last_update_event >= self.update_interval:
+                m.last_update_event = now
+                out.append(Transition("mission.updated", copy.deepcopy(m)))
+            else:
+                out.append(Transition("", copy.deepcopy(m)))  # store only, no event
+            return out
+        if m is None:
+            return out
+        m.normal_streak += 1
+        m.last_value = value
+        m.updated_at = now
+        if m.normal_streak >= self.resolve_after and m.state in ("open", "detected"):
+            self._move(m, "resolved", now,
+                       f"{detector} normal for {m.normal_streak} consecutive samples")
+            m.closed_at = now
+            del self.active[key]
+            self.last_resolved[key] = now
+            out.append(Transition("mission.resolved", copy.deepcopy(m)))
+        else:
+            out.append(Transition("", copy.deepcopy(m)))
+        return out

@@ -1,0 +1,59 @@
+"""Missions in SQLite: the row writes that go with mission events, and the queries."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..journal import Write
+from .engine import ACTIVE, Mission
+
+_COLUMNS = ("id", "detector", "kind", "subject", "severity", "state", "summary", "opened_at",
+            "updated_at", "closed_at", "occurrences", "flapping", "data")
+
+
+def upsert(m: Mission) -> Write:
+    data = json.dumps({"last_value": m.last_value, "score": m.score,
+                       "normal_streak": m.normal_streak,
+                       "last_update_event": m.last_update_event,
+                       "samples": m.samples, "timeline": m.timeline})
+    values = (m.id, m.detector, m.kind, m.subject, m.severity, m.state, m.summary, m.opened_at,
+              m.updated_at, m.closed_at, m.occurrences, int(m.flapping), data)
+    sets = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
+    sql = (f"INSERT INTO missions ({', '.join(_COLUMNS)}) VALUES "
+           f"({', '.join('?' * len(_COLUMNS))}) ON CONFLICT(id) DO UPDATE SET {sets}")
+    return sql, values
+
+
+def from_row(row: tuple[Any, ...]) -> Mission:
+    (mid, detector, kind, subject, severity, state, summary, opened_at, updated_at, closed_at,
+     occurrences, flapping, data) = row
+    extra = json.loads(data)
+    return Mission(id=mid, detector=detector, kind=kind, subject=subject, severity=severity,
+                   state=state, summary=summary, opened_at=opened_at, updated_at=updated_at,
+                   closed_at=closed_at, occurrences=occurrences, flapping=bool(flapping),
+                   last_value=extra.get("last_value"), score=extra.get("score", 0.0),
+                   normal_streak=extra.get("normal_streak", 0),
+                   last_update_event=extra.get("last_update_event", 0.0),
+                   samples=extra.get("samples", []), timeline=extra.get("timeline", []))
+
+
+SELECT = f"SELECT {', '.join(_COLUMNS)} FROM missions"
+
+
+def active_query() -> tuple[str, tuple[Any, ...]]:
+    marks = ", ".join("?" * len(ACTIVE))
+    return f"{SELECT} WHERE state IN ({marks}) ORDER BY id", tuple(ACTIVE)
+
+
+def list_query(states: list[str] | None, severities: list[str] | None,
+               limit: int) -> tuple[str, tuple[Any, ...]]:
+    where, params = [], []
+    if states:
+        where.append(f"state IN ({', '.join('?' * len(states))})")
+        params.extend(states)
+    if severities:
+        where.append(f"severity IN ({', '.join('?' * len(severities))})")
+        params.extend(severities)
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    return f"{SELECT}{clause} ORDER BY id DESC LIMIT ?", (*params, limit)

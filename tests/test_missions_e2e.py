@@ -1,0 +1,277 @@
+"""Real faults against a real graced (1 s interval): each opens exactly one mission within
+two intervals, and the mission resolves by itself once the fault is gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT, Graced
+from tests.helpers.procs import LineCollector
+
+MISSIONS = '\n[missions]\nresolve_after = 2\nflap_window = {flap}\nupdate_interval = 60\n'
+
+
+class Watch:
+    """Follows mission.* events with the real gracectl tail."""
+
+    def __init__(self, g: Graced) -> None:
+        self.g = g
+        self.tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "mission.*"))
+
+    def events(self, topic: str, detector: str) -> list[dict[str, Any]]:
+        return [e for e in self.tail.events()
+                if e["topic"] == topic and e["payload"]["detector"] == detector]
+
+    def wait(self, topic: str, detector: str, timeout: float, count: int = 1) -> dict[str, Any]:
+        ok = self.tail.wait_for(lambda _: len(self.events(topic, detector)) >= count, timeout)
+        assert ok, f"no {topic} for {detector} within {timeout} s: {self.tail.lines[-5:]}"
+        return self.events(topic, detector)[count - 1]
+
+    def missions(self, detector: str) -> list[dict[str, Any]]:
+        out = self.g.ctl("missions", "ls", "--all", "--json", check=True).stdout
+        return [m for m in json.loads(out) if m["detector"] == detector]
+
+    def close(self) -> None:
+        self.tail.proc.terminate()
+        self.tail.proc.wait(10)
+
+
+@pytest.fixture
+def watched(make_graced) -> Iterator[Callable[..., tuple[Graced, Watch]]]:
+    made: list[Watch] = []
+
+    def start(detectors: str, flap: float = 0.0) -> tuple[Graced, Watch]:
+        g = make_graced(detectors=detectors + MISSIONS.format(flap=flap))
+        w = Watch(g)
+        assert w.tail.wait_for(lambda ls: True, 0)  # started
+        made.append(w)
+        return g, w
+
+    yield start
+    for w in made:
+        w.close()
+
+
+def helper(*args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.faults", *args], cwd=ROOT,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def _ready_tail(w: Watch, g: Graced) -> None:
+    """Wait until every detector has taken its first sample."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        dets = json.loads(g.ctl("detectors", "--json", check=True).stdout)
+        if all(d["subjects"] for d in dets.values()):
+            return
+    raise AssertionError("detectors never sampled")
+
+
+def test_memory_hog_opens_one_mission_that_resolves(watched) -> None:
+    used = psutil.virtual_memory().percent
+    total_mb = psutil.virtual_memory().total // 2**20
+    threshold = used + 2.0
+    hog_mb = int(total_mb * 0.05)
+    g, w = watched(f'[[detector]]\nname = "mem"\nkind = "memory"\ninterval = 1.0\n'
+                   f"threshold = {threshold:.2f}\n")
+    _ready_tail(w, g)
+    hog = helper("hog", str(hog_mb))
+    t0 = time.monotonic()
+    opened = w.wait("mission.opened", "mem", 10)
+    assert time.monotonic() - t0 <= 2.5, time.monotonic() - t0
+    assert "above the threshold" in opened["payload"]["summary"]
+    hog.stdin.close()  # type: ignore[union-attr]
+    hog.wait(10)
+    w.wait("mission.resolved", "mem", 15)
+    ms = w.missions("mem")
+    assert len(ms) == 1 and ms[0]["state"] == "resolved" and ms[0]["id"] == opened["payload"]["id"]
+
+
+def test_slow_tcp_server_opens_one_mission_that_resolves(watched, shortdir: Path) -> None:
+    delay = shortdir / "delay"
+    delay.write_text("0")
+    port_file = shortdir / "port"
+    server = helper("slow", str(port_file), str(delay))
+    try:
+        port = int(port_file.read_text())
+        g, w = watched(f'[[detector]]\nname = "api"\nkind = "tcp"\ninterval = 1.0\n'
+                       f'host = "127.0.0.1"\nport = {port}\nsend = "ping\\\\n"\n'
+                       f'expect = "pong"\nthreshold = 300.0\ntimeout = 3.0\n')
+        _ready_tail(w, g)
+        delay.write_text("0.6")
+        t0 = time.monotonic()
+        opened = w.wait("mission.opened", "api", 10)
+        # Two intervals, plus the slow answer itself.
+        assert time.monotonic() - t0 <= 2.0 + 0.6 + 0.5, time.monotonic() - t0
+        assert "latency" in opened["payload"]["summary"] or "ms" in opened["payload"]["summary"]
+        delay.write_text("0")
+        w.wait("mission.resolved", "api", 15)
+        assert len(w.missions("api")) == 1
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_refused_probe_is_an_anomaly_with_a_reason(watched) -> None:
+    import socket as so
+
+    s = so.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    g, w = watched(f'[[detector]]\nname = "gone"\nkind = "tcp"\ninterval = 1.0\n'
+                   f'host = "127.0.0.1"\nport = {port}\n')
+    opened = w.wait("mission.opened", "gone", 10)
+    assert "refused" in opened["payload"]["summary"].lower()
+
+
+def test_error_lines_in_a_log_open_one_mission_and_rotation_is_followed(watched,
+                                                                       shortdir: Path) -> None:
+    log = shortdir / "app.log"
+    log.write_text("starting\n")
+    g, w = watched(f'[[detector]]\nname = "applog"\nkind = "log"\ninterval = 1.0\n'
+                   f'file = "{log}"\npattern = "ERROR"\nmax_ratio = 0.5\nmin_lines = 5\n'
+                   f"window = 2.0\n")
+    _ready_tail(w, g)
+    t0 = time.monotonic()
+    with log.open("a") as fh:
+        for i in range(40):
+            fh.write(f"2026-11-24 ERROR request {i} failed\n")
+    opened = w.wait("mission.opened", "applog", 10)
+    assert time.monotonic() - t0 <= 2.5
+    assert "match /ERROR/" in opened["payload"]["summary"]
+    # Rotate: the old file moves away, a new one fills with healthy lines.
+    log.rename(shortdir / "app.log.1")
+    with open(log, "w") as fh:
+        for i in range(40):
+            fh.write(f"2026-11-24 INFO request {i} ok\n")
+    resolved = w.wait("mission.resolved", "applog", 15)
+    assert resolved["payload"]["id"] == opened["payload"]["id"]
+    assert len(w.missions("applog")) == 1
+    # The detector follows the new file: errors there open a new mission.
+    with open(log, "a") as fh:
+        for i in range(40):
+            fh.write(f"2026-11-24 ERROR again {i}\n")
+    w.wait("mission.opened", "applog", 10, count=2)
+
+
+def _sleeper(marker: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", marker],
+                            stdin=subprocess.DEVNULL)
+
+
+def test_watched_process_death_opens_one_mission_that_resolves(watched) -> None:
+    marker = f"grace-sleeper-{uuid.uuid4().hex[:8]}"
+    proc = _sleeper(marker)
+    try:
+        g, w = watched(f'[[detector]]\nname = "worker"\nkind = "process"\ninterval = 1.0\n'
+                       f'process = "{marker}"\nmatch_cmdline = true\nseverity = "high"\n')
+        _ready_tail(w, g)
+        g.ctl("status", check=True)
+        proc.kill()
+        proc.wait()
+        t0 = time.monotonic()
+        opened = w.wait("mission.opened", "worker", 10)
+        assert time.monotonic() - t0 <= 2.5
+        assert "0 process(es)" in opened["payload"]["summary"]
+        proc = _sleeper(marker)
+        w.wait("mission.resolved", "worker", 15)
+        assert len(w.missions("worker")) == 1
+    finally:
+        proc.kill()
+
+
+def test_disk_usage_crossing_its_threshold(watched, shortdir: Path) -> None:
+    mnt = shortdir / "mnt"
+    mnt.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)]).returncode == 0
+    try:
+        if mounted:
+            threshold, size = 50.0, 6 * 2**20
+        else:  # a threshold just above current usage of this file system
+            st = os.statvfs(mnt)
+            used = (st.f_blocks - st.f_bfree) / (st.f_blocks - st.f_bfree + st.f_bavail)
+            size = 64 * 2**20
+            threshold = 100 * used + 100 * (size / 2) / (st.f_blocks * st.f_frsize)
+        g, w = watched(f'[[detector]]\nname = "data"\nkind = "disk"\ninterval = 1.0\n'
+                       f'path = "{mnt}"\nthreshold = {threshold:.4f}\n')
+        _ready_tail(w, g)
+        t0 = time.monotonic()
+        with open(mnt / "fill", "wb") as fh:
+            fh.write(b"x" * size)
+            fh.flush()
+            os.fsync(fh.fileno())
+        opened = w.wait("mission.opened", "data", 10)
+        assert time.monotonic() - t0 <= 2.5
+        (mnt / "fill").unlink()
+        w.wait("mission.resolved", "data", 15)
+        assert len(w.missions("data")) == 1 and opened["payload"]["subject"] == str(mnt)
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_toggling_a_fault_triggers_the_flapping_rule(watched) -> None:
+    marker = f"grace-flapper-{uuid.uuid4().hex[:8]}"
+    proc = _sleeper(marker)
+    try:
+        g, w = watched(f'[[detector]]\nname = "flappy"\nkind = "process"\ninterval = 1.0\n'
+                       f'process = "{marker}"\nmatch_cmdline = true\nseverity = "medium"\n',
+                       flap=300)
+        _ready_tail(w, g)
+        for round_ in (1, 2, 3):
+            proc.kill()
+            proc.wait()
+            w.wait("mission.opened", "flappy", 10, count=round_)
+            proc = _sleeper(marker)
+            w.wait("mission.resolved", "flappy", 15, count=round_)
+        opened = w.events("mission.opened", "flappy")
+        assert [e["payload"]["flapping"] for e in opened] == [False, True, True]
+        assert opened[0]["payload"]["severity"] == "medium"
+        assert opened[1]["payload"]["severity"] == "high"
+        show = json.loads(g.ctl("missions", "show", str(opened[1]["payload"]["id"]), "--json",
+                                check=True).stdout)
+        assert show["flapping"] and "flapping" in show["timeline"][1]["reason"]
+    finally:
+        proc.kill()
+
+
+def test_missions_cli_lists_shows_and_reports_not_found(watched) -> None:
+    marker = f"grace-absent-{uuid.uuid4().hex[:8]}"
+    g, w = watched(f'[[detector]]\nname = "absent"\nkind = "process"\ninterval = 1.0\n'
+                   f'process = "{marker}"\nmatch_cmdline = true\nseverity = "critical"\n')
+    opened = w.wait("mission.opened", "absent", 10)
+    mid = opened["payload"]["id"]
+    table = g.ctl("missions", "ls", check=True).stdout
+    header = table.splitlines()[0].split()
+    assert header == ["ID", "SEVERITY", "STATE", "DETECTOR", "SUBJECT", "SUMMARY", "AGE"]
+    assert any(line.split()[:4] == [str(mid), "critical", "open", "absent"]
+               for line in table.splitlines()[2:])
+    crit = json.loads(g.ctl("missions", "ls", "--severity", "critical", "--json").stdout)
+    assert [m["id"] for m in crit] == [mid]
+    assert json.loads(g.ctl("missions", "ls", "--severity", "low", "--json").stdout) == []
+    shown = g.ctl("missions", "show", str(mid), check=True).stdout
+    assert f"mission {mid}:" in shown and "timeline:" in shown and "-> open" in shown
+    missing = g.ctl("missions", "show", "99999")
+    assert missing.returncode == 5 and "no mission 99999" in missing.stderr
+    # The mission survives a restart, still open, with no duplicate.
+    assert g.stop() == 0
+    g.start()
+    again = json.loads(g.ctl("missions", "ls", "--json", check=True).stdout)
+    assert [m["id"] for m in again] == [mid]
+    _ = signal
