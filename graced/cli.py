@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import trio
@@ -99,6 +100,46 @@ def config_check(file: str) -> None:
 def config_default() -> None:
     """Print the embedded default config as TOML."""
     click.echo(to_toml(default_config()), nl=False)
+
+
+@cli.command()
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option("--kind", metavar="KIND",
+              help="Score as this detector kind with its default settings "
+                   "(memory, cpu, ..., or 'baseline' for the baseline alone).")
+@click.option("--detector", "detector_name", metavar="NAME",
+              help="Score as the detector NAME of the config.")
+@config_option
+@click.option("-o", "--output", type=click.File("w", encoding="utf-8", lazy=True), default="-",
+              help="Write the scored CSV here (default: stdout).")
+def backtest(file: Any, kind: str | None, detector_name: str | None, config_path: str | None,
+             output: Any) -> None:
+    """Replay FILE (CSV: timestamp,value) through a detector's scoring, offline.
+
+    Writes timestamp,value,anomaly_score,is_anomaly: one row per input row, in order.
+    """
+    from .backtest import BacktestError, detector_for_kind, run_backtest
+    from .config import Config
+
+    if (kind is None) == (detector_name is None):
+        raise click.UsageError("give exactly one of --kind or --detector")
+    if kind is not None:
+        det = detector_for_kind(kind)
+    else:
+        cfg = _load(config_path)
+        assert isinstance(cfg, Config)
+        found = [d for d in cfg.detector if d.name == detector_name]
+        if not found:
+            names = ", ".join(d.name for d in cfg.detector) or "none"
+            _fail(f"no detector {detector_name!r} in {cfg.source} (detectors: {names})",
+                  DaemonExit.CONFIG)
+        det = found[0]
+    try:
+        count, anomalies = run_backtest(file, file.name, det, output, sys.stderr.isatty())
+    except BacktestError as exc:
+        _fail(str(exc), DaemonExit.ERROR)
+    click.echo(f"graced: backtest: {count} rows, {anomalies} anomalies ({det.name})",
+               err=True)
 
 
 def main() -> None:

@@ -275,3 +275,45 @@ def test_missions_cli_lists_shows_and_reports_not_found(watched) -> None:
     again = json.loads(g.ctl("missions", "ls", "--json", check=True).stdout)
     assert [m["id"] for m in again] == [mid]
     _ = signal
+
+
+def test_a_failing_detector_is_reported_restarted_and_harmless(make_graced) -> None:
+    g = make_graced(detectors='[[detector]]\nname = "broken"\nkind = "disk"\ninterval = 1.0\n'
+                              'path = "/nonexistent/grace"\n\n'
+                              '[[detector]]\nname = "fine"\nkind = "load"\ninterval = 1.0\n')
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "detector.error"))
+    try:
+        assert tail.wait_for(lambda ls: len(ls) >= 2, 15), tail.lines
+        errors = tail.events()
+        assert all(e["payload"]["detector"] == "broken" for e in errors)
+        assert "FileNotFoundError" in errors[0]["payload"]["error"]
+        # Backoff: the second restart waits longer than the first.
+        assert errors[1]["payload"]["restart_in"] > errors[0]["payload"]["restart_in"]
+        dets = json.loads(g.ctl("detectors", "--json", check=True).stdout)
+        assert dets["broken"]["state"] == "error" and dets["broken"]["errors"] >= 2
+        assert dets["fine"]["state"] == "up" and dets["fine"]["subjects"]
+        assert g.proc.poll() is None  # type: ignore[union-attr]
+    finally:
+        tail.proc.terminate()
+
+
+def test_baseline_state_is_kept_across_restarts(make_graced, shortdir: Path) -> None:
+    value = shortdir / "metric"
+    value.write_text("100")
+    g = make_graced(detectors=f'[[detector]]\nname = "m"\nkind = "value"\ninterval = 0.2\n'
+                              f'file = "{value}"\nbaseline = true\n')
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        dets = json.loads(g.ctl("detectors", "--json", check=True).stdout)
+        if dets["m"]["subjects"]:
+            break
+    assert g.stop() == 0
+    import sqlite3
+
+    db = sqlite3.connect(g.state / "journal.db")
+    (data,) = db.execute("SELECT data FROM detector_state WHERE name = 'm'").fetchone()
+    db.close()
+    state = json.loads(data)[str(value)]["state"]
+    assert state["n"] >= 1 and abs(state["level"] - 100) < 1e-6
+    g.start()
+    assert g.ctl("detectors", "--json", check=True).returncode == 0

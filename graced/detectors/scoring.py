@@ -50,6 +50,21 @@ class Scorer:
             return max(0.0, 0.5 * value / limit) if limit > 0 else 0.0
         return min(1.0, 0.5 + 0.5 * (value - limit) / (abs(limit) or 1.0))
 
+    def score_value(self, subject: str, value: float, ts: float) -> tuple[float, bool, str]:
+        """(score, anomalous, why) for a plain value: the threshold, then the baseline."""
+        score = self.threshold_score(value)
+        if score >= 0.5:
+            return score, True, "threshold"
+        if self.cfg.baseline:
+            base = self.baselines.get(subject)
+            if base is None:
+                base = self.baselines[subject] = Baseline()
+            b = base.score(ts, value)
+            if b >= 0.5:
+                return b, True, base.last_reason
+            score = max(score, b)
+        return score, False, ""
+
     def judge(self, obs: Observation, ts: float) -> Verdict:
         cfg = self.cfg
         name = f"{cfg.name} {obs.subject}" if obs.subject not in ("", "host") else cfg.name
@@ -62,19 +77,13 @@ class Scorer:
         if obs.value is None:
             return Verdict(False, 0.0, f"{name}: no value")
         value = obs.value
-        score = self.threshold_score(value)
+        score, anomalous, why = self.score_value(obs.subject, value, ts)
         limit = cfg.effective_threshold
-        if score >= 0.5 and limit is not None:
+        if anomalous and why == "threshold" and limit is not None:
             word = "below" if cfg.below else "above"
             return Verdict(True, score, f"{name} at {_fmt(value, obs.unit)}, {word} the "
                                         f"threshold {_fmt(limit, obs.unit)}")
-        if cfg.baseline:
-            base = self.baselines.get(obs.subject)
-            if base is None:
-                base = self.baselines[obs.subject] = Baseline()
-            b = base.score(ts, value)
-            if b >= 0.5:
-                return Verdict(True, b, f"{name} at {_fmt(value, obs.unit)} is unusual for it "
-                                        f"({base.last_reason}, baseline score {b:.2f})")
-            score = max(score, b)
+        if anomalous:
+            return Verdict(True, score, f"{name} at {_fmt(value, obs.unit)} is unusual for it "
+                                        f"({why}, baseline score {score:.2f})")
         return Verdict(False, score, f"{name} at {_fmt(value, obs.unit)}")
