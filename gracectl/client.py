@@ -164,7 +164,12 @@ async def connect(endpoint: Endpoint, trusted_key: bytes | None = None,
                     await ws.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise sole_exception(group) from None
+        leaf = sole_exception(group)
+        if isinstance(leaf, trio_websocket.ConnectionRejected):
+            body = leaf.body.decode("utf-8", "replace") if leaf.body else ""
+            raise Unreachable(f"graced at {endpoint.url or endpoint.socket} refused the "
+                              f"connection ({leaf.status_code}: {body})") from None
+        raise leaf from None
 
 
 async def _open(nursery: trio.Nursery, endpoint: Endpoint, timeout: float) -> WebSocketConnection:

@@ -10,6 +10,7 @@ nothing a client sends can take the daemon down.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -225,9 +226,11 @@ class Server:
                 self._nursery = nursery
                 # Listeners run under their own scope, so going_away() can stop
                 # accepting while the connections (in `nursery`) drain.
-                nursery.start_soon(self._accept, [unix], self._handle_unix, nursery)
+                groups: list[tuple[list[trio.SocketListener], Any]] = [
+                    ([unix], self._handle_unix)]
                 if tcp:
-                    nursery.start_soon(self._accept, tcp, self._handle_tcp, nursery)
+                    groups.append((tcp, self._handle_tcp))
+                nursery.start_soon(self._accept, groups, nursery)
                 task_status.started()
         finally:
             try:
@@ -235,14 +238,19 @@ class Server:
             except OSError:
                 pass
 
-    async def _accept(self, listeners: list[trio.SocketListener], handler: Any,
-                      nursery: trio.Nursery) -> None:
+    async def _accept(self, groups: list[tuple[list[trio.SocketListener], Any]],
+                      handler_nursery: trio.Nursery) -> None:
         try:
             with self._listen_scope:
-                await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+                async with trio.open_nursery() as nursery:
+                    for listeners, handler in groups:
+                        nursery.start_soon(functools.partial(
+                            trio.serve_listeners, handler, listeners,
+                            handler_nursery=handler_nursery))
         finally:
-            for listener in listeners:
-                listener.socket.close()
+            for listeners, _ in groups:
+                for listener in listeners:
+                    listener.socket.close()
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         assert self._nursery is not None
@@ -277,7 +285,9 @@ class Server:
         origin = headers.get("origin")
         if origin is not None and origin not in self.allowed_origins:
             return f"origin {origin!r} is not allowed"
-        host = headers.get("host", "")
+        # wsproto keeps Host out of extra_headers: read it from the request event.
+        event = getattr(request, "_event", None)
+        host = str(getattr(event, "host", "") or headers.get("host", ""))
         hostname = urlsplit("//" + host).hostname or ""
         allowed = {"localhost", "127.0.0.1", "::1"}
         allowed.update(h.rpartition(":")[0].strip("[]") for h in self.listen)

@@ -110,3 +110,30 @@ def test_emit_needs_control_rights(make_graced) -> None:
          g.ctl_argv0(), "status", "--json"], env=env, capture_output=True, text=True,
         stdin=subprocess.DEVNULL, timeout=30)
     assert res.returncode == 0, res.stderr
+
+
+async def test_tcp_listener_streams_verifiably_is_read_only_and_checks_origin(make_graced) -> None:
+    g = make_graced(extra_config='listen = ["127.0.0.1:0"]\n')
+    port = json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["tcp_ports"][0]
+    url = f"ws://127.0.0.1:{port}"
+    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
+    res = subprocess.run([g.ctl_argv0(), "--url", url, "tail", "--verify", "--since", "1",
+                          "--no-follow", "--key", str(g.state / "key.pub")], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "daemon.started" in res.stdout
+    res = subprocess.run([g.ctl_argv0(), "--url", url, "emit", "user.x"], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == ExitCode.NOT_AUTHORISED, res.stderr
+    rejected = None
+    with trio.fail_after(10):
+        try:
+            async with trio.open_nursery() as nursery:
+                await trio_websocket.connect_websocket_url(
+                    nursery, url, extra_headers=[(b"Origin", b"http://evil.example")])
+        except BaseExceptionGroup as group:
+            rejected = group.exceptions[0]
+        except trio_websocket.ConnectionRejected as exc:
+            rejected = exc
+    assert isinstance(rejected, trio_websocket.ConnectionRejected), rejected
+    assert rejected.status_code == 403 and b"origin" in (rejected.body or b"")
