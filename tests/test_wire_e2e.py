@@ -117,13 +117,17 @@ async def test_tcp_listener_streams_verifiably_is_read_only_and_checks_origin(ma
     port = json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["tcp_ports"][0]
     url = f"ws://127.0.0.1:{port}"
     env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
-    res = subprocess.run([g.ctl_argv0(), "--url", url, "tail", "--verify", "--since", "1",
-                          "--no-follow", "--key", str(g.state / "key.pub")], env=env,
-                         capture_output=True, text=True, timeout=30)
+    with trio.fail_after(30):
+        res = await trio.run_process(
+            [g.ctl_argv0(), "--url", url, "tail", "--verify", "--since", "1", "--no-follow",
+             "--key", str(g.state / "key.pub")], env=env, capture_stdout=True,
+            capture_stderr=True, check=False, stdin=b"")
     assert res.returncode == 0, res.stderr
-    assert "daemon.started" in res.stdout
-    res = subprocess.run([g.ctl_argv0(), "--url", url, "emit", "user.x"], env=env,
-                         capture_output=True, text=True, timeout=30)
+    assert b"daemon.started" in res.stdout
+    with trio.fail_after(30):
+        res = await trio.run_process([g.ctl_argv0(), "--url", url, "emit", "user.x"], env=env,
+                                     capture_stdout=True, capture_stderr=True, check=False,
+                                     stdin=b"")
     assert res.returncode == ExitCode.NOT_AUTHORISED, res.stderr
     rejected = None
     with trio.fail_after(10):
