@@ -232,6 +232,8 @@ def idle(seconds: float) -> dict[str, float]:
     cpu = 100 * ((c1.user - c0.user) + (c1.system - c0.system)) / wall
     missions = json.loads(d.ctl("missions", "ls", "--all", "--json"))
     d.stop()
+    for m in missions:
+        print(f"idle mission: {m['detector']}: {m['summary']}", file=sys.stderr)
     return {"cpu_pct": cpu, "rss_mb": rss_max / 2**20, "missions": len(missions),
             "seconds": wall}
 
@@ -264,11 +266,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--idle-seconds", type=float, default=300.0)
     args = ap.parse_args()
-    times = time_to_mission(args.runs)
+    # Idle first: on a quiet host, before the faults raise the load average.
     idle_fig = idle(args.idle_seconds)
+    times = time_to_mission(args.runs)
     base = baseline_figures()
     print(f"bench/detect.py  ({args.runs} runs per fault, interval 1 s; idle "
           f"{idle_fig['seconds']:.0f} s; {os.cpu_count()} cores)")
+    print("time from injecting the fault to mission.opened (memory: from starting the hog, "
+          "its allocation included)")
     print(f"{'fault':10} {'median s':>9} {'max s':>7}")
     worst = 0.0
     for kind, ts in times.items():

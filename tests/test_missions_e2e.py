@@ -317,3 +317,58 @@ def test_baseline_state_is_kept_across_restarts(make_graced, shortdir: Path) -> 
     assert state["n"] >= 1 and abs(state["level"] - 100) < 1e-6
     g.start()
     assert g.ctl("detectors", "--json", check=True).returncode == 0
+
+
+def test_http_command_and_sqlite_probes_report_failures(watched, shortdir: Path) -> None:
+    import http.server
+    import sqlite3
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        status = 200
+
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(Handler.status)
+            self.end_headers()
+            self.wfile.write(b"hello")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    db = shortdir / "app.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE jobs (id INTEGER)")
+    conn.commit()
+    conn.close()
+    flag = shortdir / "healthy"
+    flag.write_text("")
+    try:
+        g, w = watched(
+            f'[[detector]]\nname = "web"\nkind = "http"\ninterval = 1.0\n'
+            f'url = "http://127.0.0.1:{server.server_address[1]}/health"\n\n'
+            f'[[detector]]\nname = "check"\nkind = "command"\ninterval = 1.0\n'
+            f'argv = ["test", "-e", "{flag}"]\n\n'
+            f'[[detector]]\nname = "db"\nkind = "sqlite"\ninterval = 1.0\n'
+            f'database = "{db}"\nquery = "SELECT count(*) FROM jobs"\n')
+        _ready_tail(w, g)
+        assert w.events("mission.opened", "web") == []
+        Handler.status = 503
+        flag.unlink()
+        conn = sqlite3.connect(db)
+        conn.execute("DROP TABLE jobs")
+        conn.commit()
+        conn.close()
+        web = w.wait("mission.opened", "web", 10)["payload"]["summary"]
+        check = w.wait("mission.opened", "check", 10)["payload"]["summary"]
+        dbm = w.wait("mission.opened", "db", 10)["payload"]["summary"]
+        assert "status 503, expected 200" in web
+        assert "test exited 1" in check
+        assert "no such table: jobs" in dbm
+        Handler.status = 200
+        flag.write_text("")
+        w.wait("mission.resolved", "web", 15)
+        w.wait("mission.resolved", "check", 15)
+    finally:
+        server.shutdown()

@@ -11,11 +11,10 @@ from pathlib import Path
 
 def memory_hog(megabytes: int) -> None:
     """Allocate and touch ``megabytes`` MB, say 'ready', hold it until stdin closes."""
-    block = bytearray(megabytes * 2**20)
-    for i in range(0, len(block), 4096):
-        block[i] = 1
+    block = b"\x01" * (megabytes * 2**20)  # one memset: every page touched at once
     print("ready", flush=True)
     sys.stdin.read()
+    del block
 
 
 def slow_server(port_file: str, delay_file: str) -> None:

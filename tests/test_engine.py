@@ -1,0 +1,69 @@
+"""The mission state machine, with plain values."""
+
+from __future__ import annotations
+
+from graced.missions.engine import MissionEngine
+
+
+def feed(engine: MissionEngine, anomalous: bool, now: float, subject: str = "/",
+         value: float = 1.0) -> list[str]:
+    out = engine.observe(detector="disk", kind="disk", subject=subject, severity="medium",
+                         anomalous=anomalous, score=0.9 if anomalous else 0.1,
+                         summary="disk full" if anomalous else "ok", value=value, now=now)
+    return [t.topic for t in out if t.topic]
+
+
+def test_one_mission_per_key_repeats_update_it() -> None:
+    e = MissionEngine(resolve_after=3, update_interval=10)
+    assert feed(e, True, 0) == ["mission.opened"]
+    assert feed(e, True, 1, value=2.0) == []
+    assert feed(e, True, 11, value=3.0) == ["mission.updated"]
+    assert feed(e, True, 12, subject="/var") == ["mission.opened"]
+    m = e.active[("disk", "/")]
+    assert m.occurrences == 3 and m.last_value == 3.0 and m.id == 1
+    assert e.active[("disk", "/var")].id == 2
+    assert [t["to"] for t in m.timeline] == ["detected", "open"]
+
+
+def test_resolves_after_n_consecutive_normal_samples_only() -> None:
+    e = MissionEngine(resolve_after=3)
+    feed(e, True, 0)
+    assert feed(e, False, 1) == [] and feed(e, False, 2) == []
+    assert feed(e, True, 3) == []  # the streak starts again
+    assert feed(e, False, 4) == [] and feed(e, False, 5) == []
+    assert feed(e, False, 6) == ["mission.resolved"]
+    assert ("disk", "/") not in e.active
+    assert feed(e, False, 7) == []
+
+
+def test_reopening_within_the_window_is_flapping_and_raises_severity() -> None:
+    e = MissionEngine(resolve_after=1, flap_window=60)
+    feed(e, True, 0)
+    feed(e, False, 1)
+    out = e.observe(detector="disk", kind="disk", subject="/", severity="medium",
+                    anomalous=True, score=1, summary="again", value=1, now=30)
+    m = out[0].mission
+    assert m.flapping and m.severity == "high" and m.id == 2
+    feed(e, False, 31)
+    out = e.observe(detector="disk", kind="disk", subject="/", severity="medium",
+                    anomalous=True, score=1, summary="later", value=1, now=200)
+    assert not out[0].mission.flapping and out[0].mission.severity == "medium"
+
+
+def test_critical_stays_critical_when_flapping() -> None:
+    e = MissionEngine(resolve_after=1, flap_window=60)
+    for now in (0, 1, 2):
+        e.observe(detector="d", kind="tcp", subject="s", severity="critical",
+                  anomalous=now != 1, score=1, summary="x", value=None, now=now)
+    assert e.active[("d", "s")].severity == "critical"
+
+
+def test_journald_json_lines_are_parsed_including_byte_array_messages() -> None:
+    from graced.detectors.logs import parse_journal_json
+
+    raw = (b'{"__CURSOR":"c1","MESSAGE":"ERROR disk"}\n'
+           b'{"__CURSOR":"c2","MESSAGE":[69,82,82,79,82,32,255]}\n'
+           b"not json\n")
+    entries = parse_journal_json(raw)
+    assert [e["__CURSOR"] for e in entries] == ["c1", "c2"]
+    assert entries[1]["MESSAGE"].startswith("ERROR ")
