@@ -357,9 +357,10 @@ def missions_ls(ctx: click.Context, states: tuple[str, ...], severities: tuple[s
         if colour:
             sev = click.style(sev, fg=SEVERITY_COLOUR.get(m["severity"]))
         table.append([m["id"], sev, m["state"], m["detector"], m["subject"],
-                      m["summary"][:60], _age(result["now"] - m["opened_at"])])
+                      m["playbook"] or "-", m["summary"][:60],
+                      _age(result["now"] - m["opened_at"])])
     click.echo(tabulate(table, headers=["ID", "SEVERITY", "STATE", "DETECTOR", "SUBJECT",
-                                        "SUMMARY", "AGE"]))
+                                        "PLAYBOOK", "SUMMARY", "AGE"]))
 
 
 def _ts(epoch: float) -> str:
@@ -389,6 +390,30 @@ def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
     ]
     if m["closed_at"]:
         lines.append(f"  closed      {_ts(m['closed_at'])}")
+    if m["playbook"]:
+        lines.append(f"  playbook    {m['playbook']} (risk {m['risk']})")
+    if m["reason"]:
+        lines.append(f"  reason      {m['reason']}")
+    if m["expires_at"] and m["state"] == "awaiting_approval":
+        lines.append(f"  expires     {_ts(m['expires_at'])}")
+    if m["steps"]:
+        lines.append("steps:")
+        for st in m["steps"]:
+            what = " ".join(st.get("argv") or []) or st.get("unit") or st.get("process") or ""
+            status = "ok" if st["ok"] else f"FAILED ({st.get('error')})"
+            lines.append(f"  {st['step']}. {st['action']} {what}: {status}, exit "
+                         f"{st.get('exit_code')}, {st['duration_s']} s")
+            for out_line in (st.get("output") or "").splitlines()[-5:]:
+                lines.append(f"       | {out_line}")
+    if m["verification"]:
+        v = m["verification"]
+        lines.append(f"verification: {v['result']} ({v.get('detail', '')})")
+    if m["approvals"]:
+        lines.append("approvals:")
+        for a in m["approvals"]:
+            note = f": {a['comment']}" if a.get("comment") else ""
+            lines.append(f"  {_ts(a['at'])}  {a['decision']} by {a.get('user')} "
+                         f"({a.get('auth')}){note}")
     lines.append("samples:")
     for smp in m["samples"]:
         lines.append(f"  {_ts(smp['ts'])}  {smp['value']}  {smp['summary']}")
@@ -396,6 +421,62 @@ def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
     for t in m["timeline"]:
         lines.append(f"  {_ts(t['ts'])}  {t['from'] or '-'} -> {t['to']}  {t['reason']}")
     click.echo("\n".join(lines))
+
+
+def _decide(ctx: click.Context, mission_id: int, comment: str, approve: bool,
+            as_json: bool) -> None:
+    method = "missions.approve" if approve else "missions.reject"
+    result = _run(lambda: _call(_endpoint(ctx), method, {"id": mission_id,
+                                                          "comment": comment}))
+    m = result["mission"]
+    if as_json:
+        _print_json(m)
+    else:
+        stderr_note(f"mission {m['id']}: {m['state']} ({m['reason']})")
+
+
+@missions.command("approve")
+@click.argument("mission_id", metavar="ID", type=int)
+@click.option("--comment", default="", metavar="TEXT", help="Recorded with the approval.")
+@json_option
+@click.pass_context
+def missions_approve(ctx: click.Context, mission_id: int, comment: str, as_json: bool) -> None:
+    """Approve a mission awaiting approval: its playbook runs now."""
+    _decide(ctx, mission_id, comment, True, as_json)
+
+
+@missions.command("reject")
+@click.argument("mission_id", metavar="ID", type=int)
+@click.option("--comment", default="", metavar="TEXT", help="Recorded with the rejection.")
+@json_option
+@click.pass_context
+def missions_reject(ctx: click.Context, mission_id: int, comment: str, as_json: bool) -> None:
+    """Reject a mission awaiting approval: nothing runs."""
+    _decide(ctx, mission_id, comment, False, as_json)
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def pause(ctx: click.Context, as_json: bool) -> None:
+    """Stop all automatic execution (persisted across restarts)."""
+    result = _run(lambda: _call(_endpoint(ctx), "pause", {}))
+    if as_json:
+        _print_json(result)
+    else:
+        stderr_note("paused" if result["changed"] else "already paused")
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def resume(ctx: click.Context, as_json: bool) -> None:
+    """Resume automatic execution; missions deferred while paused are considered again."""
+    result = _run(lambda: _call(_endpoint(ctx), "resume", {}))
+    if as_json:
+        _print_json(result)
+    else:
+        stderr_note("resumed" if result["changed"] else "not paused")
 
 
 # -- detectors --------------------------------------------------------------------

@@ -111,8 +111,11 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
             head = int(hello.get("head_seq", 0))
             if next_seq is None:
                 next_seq = max(1, head - opts.lines + 1) if opts.lines > 0 else head + 1
+            # Verifying needs the whole chain; --no-follow needs to see the head go by even
+            # when it does not match: both receive everything and filter here.
+            everything = opts.verify or not opts.follow
             sub = await conn.request("subscribe", {
-                "patterns": ["*"] if opts.verify else opts.patterns, "since": next_seq,
+                "patterns": ["*"] if everything else opts.patterns, "since": next_seq,
             })
             stop_at = None if opts.follow else int(sub["head_seq"])
             if stop_at is not None and next_seq > stop_at:

@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -28,6 +29,7 @@ from . import __version__, keys, sd_notify
 from .config import Config
 from .detectors.runner import DetectorRunner
 from .errors import DaemonExit, StartupError, StateError
+from .executor import Budgets, Executor
 from .journal import Journal, JournalReader
 from .mesh import Mesh
 from .missions import store
@@ -95,6 +97,7 @@ class Daemon:
         self.daemon_id = ""
         self.engine: MissionEngine | None = None
         self.runner: DetectorRunner | None = None
+        self.executor: Executor | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
@@ -111,7 +114,15 @@ class Daemon:
         self.mesh = mesh
         engine, states = await trio.to_thread.run_sync(self._load_missions, journal)
         self.engine = engine
-        runner = DetectorRunner(list(cfg.detector), mesh, engine, states)
+        meta: dict[str, str] = {
+            str(k): str(v) for k, v in await trio.to_thread.run_sync(
+                journal.query, "SELECT key, value FROM meta")}
+        executor = Executor(config=cfg.remediation, playbooks=list(cfg.playbook),
+                            notifiers=list(cfg.notifier), mesh=mesh, engine=engine,
+                            paused=meta.get("paused") == "1",
+                            budgets=Budgets.load(meta.get("budgets")))
+        self.executor = executor
+        runner = DetectorRunner(list(cfg.detector), mesh, engine, states, executor.consider)
         self.runner = runner
         server = Server(
             mesh=mesh,
@@ -134,6 +145,10 @@ class Daemon:
                 "missions.list": self._missions_list,
                 "missions.get": self._missions_get,
                 "detectors": self._detectors,
+                "missions.approve": self._approve,
+                "missions.reject": self._reject,
+                "pause": self._pause,
+                "resume": self._resume,
             },
             clock=time.time,
         )
@@ -149,6 +164,7 @@ class Daemon:
                                                     "public_key": keys.format_public_key(
                                                         signer.public_key).split()[1]})
                     await mesh.publish("daemon.started", self._identity())
+                    await nursery.start(executor.run)
                     await nursery.start(runner.run)
                     hb_scope = trio.CancelScope()
                     nursery.start_soon(self._heartbeat, hb_scope)
@@ -288,6 +304,7 @@ class Daemon:
                 "pending": len(mesh._pending),
             },
             "wire": self.server.status(),
+            "executor": self.executor.status() if self.executor else None,
         }
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
@@ -329,6 +346,67 @@ class Daemon:
         if not rows:
             raise RequestError("not_found", f"no mission {mid}")
         return {"mission": store.from_row(rows[0]).public(), "now": time.time()}
+
+    async def _decide(self, client: Client, req: Request, approve: bool) -> Any:
+        assert self.executor is not None and self.mesh is not None
+        mid = req.params.get("id")
+        comment = req.params.get("comment", "")
+        if not isinstance(mid, int) or isinstance(mid, bool):
+            raise RequestError("bad_request", "params.id must be an integer")
+        if not isinstance(comment, str) or len(comment) > 2000:
+            raise RequestError("bad_request", "params.comment must be a string (<= 2000)")
+        peer = client.peer
+        verb = "approve" if approve else "reject"
+        if peer.transport != "unix" or not self.executor.may_approve(peer.uid, peer.gid,
+                                                                       peer.pid):
+            reason = (f"uid {peer.uid} may not {verb} missions (allowed: root, uid "
+                      f"{os.geteuid()}, [remediation] approvers and approver_groups)"
+                      if peer.transport == "unix" else
+                      f"{verb} over TCP needs a signed request (not supported yet)")
+            await self.mesh.publish("mission.approval_refused", {
+                "mission": mid, "decision": verb, "peer": peer.describe(), "reason": reason})
+            raise RequestError("not_authorised", reason)
+        try:
+            user = pwd.getpwuid(peer.uid).pw_name if peer.uid is not None else "?"
+        except KeyError:
+            user = str(peer.uid)
+        who = {"user": user, "uid": peer.uid, "auth": "unix peer credentials"}
+        try:
+            m = await self.executor.decide(mid, approve, who, comment)
+        except LookupError as exc:
+            raise RequestError("not_found", str(exc)) from None
+        except ValueError as exc:
+            raise RequestError("invalid", str(exc)) from None
+        return {"mission": m.public()}
+
+    async def _approve(self, client: Client, req: Request) -> Any:
+        return await self._decide(client, req, True)
+
+    async def _reject(self, client: Client, req: Request) -> Any:
+        return await self._decide(client, req, False)
+
+    async def _set_paused(self, client: Client, paused: bool) -> Any:
+        assert self.executor is not None and self.mesh is not None
+        if not self.executor.may_approve(client.peer.uid, client.peer.gid, client.peer.pid) \
+                or client.peer.transport != "unix":
+            raise RequestError("not_authorised", "pause/resume needs an approver over the "
+                               "Unix socket")
+        changed = self.executor.paused != paused
+        self.executor.paused = paused
+        await self.mesh.publish(
+            "executor.paused" if paused else "executor.resumed",
+            {"by_uid": client.peer.uid, "changed": changed},
+            writes=[("INSERT OR REPLACE INTO meta (key, value) VALUES ('paused', ?)",
+                     ("1" if paused else "0",))])
+        if not paused and changed:
+            await self.executor.resume()
+        return {"paused": paused, "changed": changed}
+
+    async def _pause(self, client: Client, req: Request) -> Any:
+        return await self._set_paused(client, True)
+
+    async def _resume(self, client: Client, req: Request) -> Any:
+        return await self._set_paused(client, False)
 
     async def _detectors(self, client: Client, req: Request) -> Any:
         assert self.runner is not None

@@ -215,6 +215,105 @@ def default_detectors() -> list[DetectorConfig]:
     ]
 
 
+RISKS = ("low", "medium", "high", "critical")
+ACTIONS = ("run", "restart_unit", "signal")
+SIGNALS = ("TERM", "KILL", "HUP", "INT", "QUIT", "USR1", "USR2", "STOP", "CONT")
+
+
+def _risk(v: str) -> str | None:
+    return None if v in RISKS else "must be one of " + ", ".join(f'"{x}"' for x in RISKS)
+
+
+def _action(v: str) -> str | None:
+    return None if v in ACTIONS else "must be one of " + ", ".join(f'"{x}"' for x in ACTIONS)
+
+
+def _signal(v: str) -> str | None:
+    return None if v.upper().removeprefix("SIG") in SIGNALS else (
+        "must be one of " + ", ".join(SIGNALS))
+
+
+def _act_mode(v: str) -> str | None:
+    return None if v in ("act", "observe") else 'must be "act" or "observe"'
+
+
+def _env_list(v: list[str]) -> str | None:
+    bad = [e for e in v if "=" not in e or e.startswith("=")]
+    return f"{bad[0]!r} is not NAME=VALUE" if bad else None
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """One ``[[playbook.step]]``: an action with its own timeout."""
+
+    action: str = field(default="", metadata=_check(_action))
+    argv: list[str] = field(default_factory=list)
+    shell: bool = False
+    env: list[str] = field(default_factory=list, metadata=_check(_env_list))
+    cwd: str = ""
+    timeout: float = field(default=30.0, metadata=_check(_positive))
+    unit: str = ""
+    signal: str = field(default="TERM", metadata=_check(_signal))
+    process: str = ""
+    pid: int = 0
+    pid_file: str = ""
+    max_output: int = field(default=65536, metadata=_check(_positive))
+
+    def problem(self) -> tuple[str, str] | None:
+        if not self.action:
+            return "action", "missing"
+        if self.action == "run" and not self.argv:
+            return "argv", 'required for action "run"'
+        if self.action == "run" and self.shell and len(self.argv) != 1:
+            return "argv", "with shell = true, argv is one command line"
+        if self.action == "restart_unit" and not self.unit:
+            return "unit", 'required for action "restart_unit"'
+        if self.action == "signal" and not (self.process or self.pid or self.pid_file):
+            return "process", 'action "signal" needs process, pid or pid_file'
+        return None
+
+
+@dataclass(frozen=True)
+class PlaybookConfig:
+    """One ``[[playbook]]``: which missions it matches, its risk, steps and verification."""
+
+    name: str = field(default="", metadata=_check(_non_empty))
+    detector: str = ""
+    kind: str = ""
+    subject: str = "*"
+    severities: list[str] = field(default_factory=list)
+    risk: str = field(default="", metadata=_check(_risk))
+    budget: int = field(default=3, metadata=_check(_positive))
+    budget_window: float = field(default=3600.0, metadata=_check(_positive))
+    verify_timeout: float = field(default=60.0, metadata=_check(_positive))
+    step: list[StepConfig] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class NotifierConfig:
+    """One ``[[notifier]]``: a command that gets the mission as JSON, or a webhook."""
+
+    name: str = field(default="", metadata=_check(_non_empty))
+    kind: str = ""
+    argv: list[str] = field(default_factory=list)
+    url: str = ""
+    timeout: float = field(default=10.0, metadata=_check(_positive))
+    on: list[str] = field(default_factory=lambda: ["awaiting_approval", "escalated", "failed"])
+
+
+@dataclass(frozen=True)
+class RemediationConfig:
+    """The ``[remediation]`` table."""
+
+    mode: str = field(default="act", metadata=_check(_act_mode))
+    max_actions_per_hour: int = field(default=20, metadata=_check(_positive))
+    approval_timeout: float = field(default=3600.0, metadata=_check(_positive))
+    approvers: list[str] = field(default_factory=list)
+    approver_groups: list[str] = field(default_factory=list)
+    authorized_keys: list[str] = field(default_factory=list)
+    request_window: float = field(default=60.0, metadata=_check(_positive))
+
+
 @dataclass(frozen=True)
 class MissionsConfig:
     """The ``[missions]`` table."""
@@ -233,6 +332,9 @@ class Config:
     journal: JournalConfig = field(default_factory=JournalConfig)
     missions: MissionsConfig = field(default_factory=MissionsConfig)
     detector: list[DetectorConfig] = field(default_factory=default_detectors)
+    remediation: RemediationConfig = field(default_factory=RemediationConfig)
+    playbook: list[PlaybookConfig] = field(default_factory=list)
+    notifier: list[NotifierConfig] = field(default_factory=list)
     source: str = field(default="<embedded default>", metadata={"internal": True})
 
     @property
@@ -372,6 +474,76 @@ def _build_detectors(value: Any, where: Any) -> list[DetectorConfig]:
     return out
 
 
+def _array(value: Any, name: str, where: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{where('', name)}{name}: must be an array of tables ([[{name}]])")
+    return value
+
+
+def _build_playbooks(value: Any, where: Any) -> list[PlaybookConfig]:
+    out: list[PlaybookConfig] = []
+    names: set[str] = set()
+    step_index = 0
+    for index, item in enumerate(_array(value, "playbook", where)):
+        def at(table: str, key: str | None, index: int = index) -> str:
+            return where(table, key, index)
+
+        name = item.get("name") if isinstance(item, dict) else None
+        label = f"[[playbook]] #{index + 1}" + (f" ({name})" if isinstance(name, str) else "")
+        if not isinstance(item, dict):
+            raise ConfigError(f"{at('playbook', None)}{label} must be a table")
+        raw_steps = item.get("step", [])
+        body = {k: v for k, v in item.items() if k != "step"}
+        pb = _build_table(PlaybookConfig, body, "playbook", at, label)
+        for key in ("name", "risk"):
+            if not getattr(pb, key):
+                raise ConfigError(f"{at('playbook', None)}{label} {key}: missing")
+        if pb.name in names:
+            raise ConfigError(f"{at('playbook', 'name')}{label} name: duplicate playbook name")
+        names.add(pb.name)
+        bad = [s for s in pb.severities if s not in SEVERITIES]
+        if bad:
+            raise ConfigError(f"{at('playbook', 'severities')}{label} severities: {bad[0]!r} "
+                              "is not a severity")
+        if not isinstance(raw_steps, list) or not raw_steps:
+            raise ConfigError(f"{at('playbook', None)}{label} step: at least one "
+                              "[[playbook.step]] is required")
+        steps = []
+        for n, raw in enumerate(raw_steps):
+            def step_at(table: str, key: str | None, i: int = step_index) -> str:
+                return where("playbook.step", key, i)
+
+            slabel = f"{label} step {n + 1}"
+            st = _build_table(StepConfig, raw, "playbook.step", step_at, slabel)
+            problem = st.problem()
+            if problem:
+                raise ConfigError(f"{step_at('', problem[0])}{slabel} {problem[0]}: "
+                                  f"{problem[1]}")
+            steps.append(st)
+            step_index += 1
+        out.append(dataclasses.replace(pb, step=steps))
+    return out
+
+
+def _build_notifiers(value: Any, where: Any) -> list[NotifierConfig]:
+    out: list[NotifierConfig] = []
+    for index, item in enumerate(_array(value, "notifier", where)):
+        def at(table: str, key: str | None, index: int = index) -> str:
+            return where(table, key, index)
+
+        label = f"[[notifier]] #{index + 1}"
+        nt = _build_table(NotifierConfig, item, "notifier", at, label)
+        if nt.kind not in ("command", "webhook"):
+            raise ConfigError(f"{at('notifier', 'kind')}{label} kind: must be \"command\" "
+                              "or \"webhook\"")
+        if nt.kind == "command" and not nt.argv:
+            raise ConfigError(f"{at('notifier', 'argv')}{label} argv: required for a command")
+        if nt.kind == "webhook" and not nt.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{at('notifier', 'url')}{label} url: an http(s) URL is required")
+        out.append(nt)
+    return out
+
+
 def _with_default_paths(cfg: Config) -> Config:
     d = cfg.daemon
     return dataclasses.replace(
@@ -393,7 +565,8 @@ def parse_config(text: str, source: str) -> Config:
     loc = _Locator(text)
 
     def where(table: str, key: str | None, index: int = 0) -> str:
-        line = loc.line_of(table, key, index)
+        line = loc.line_of(table, key, index) or (loc.line_of(table, None, index) if table
+                                                  else None)
         return f"{source}:{line}: " if line else f"{source}: "
 
     version = data.pop("version", CONFIG_VERSION)
@@ -406,14 +579,21 @@ def parse_config(text: str, source: str) -> Config:
         )
     if version < 1:
         raise ConfigError(f"{where('', 'version')}version: must be at least 1")
-    tables = {"daemon": DaemonConfig, "journal": JournalConfig, "missions": MissionsConfig}
+    tables = {"daemon": DaemonConfig, "journal": JournalConfig, "missions": MissionsConfig,
+              "remediation": RemediationConfig}
     built: dict[str, Any] = {}
     for key, value in data.items():
         if key == "detector":
             built[key] = _build_detectors(value, where)
             continue
+        if key == "playbook":
+            built[key] = _build_playbooks(value, where)
+            continue
+        if key == "notifier":
+            built[key] = _build_notifiers(value, where)
+            continue
         if key not in tables:
-            known = ", ".join(["version", *tables, "detector"])
+            known = ", ".join(["version", *tables, "detector", "playbook", "notifier"])
             raise ConfigError(f"{source}: unknown top-level key {key!r} (known: {known})")
         built[key] = _build_table(tables[key], value, key, where)
     cfg = Config(version=version, source=source, **built)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import os
+import time
 
 import psutil
 
@@ -35,12 +37,22 @@ class Swap(_Simple):
 
 
 class Cpu(_Simple):
+    """CPU busy %, averaged over ``window`` seconds: a saturated host, not a busy second."""
+
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__(config)
         psutil.cpu_percent(interval=None)  # the first reading is meaningless
+        self._recent: collections.deque[tuple[float, float]] = collections.deque()
 
     def sample(self) -> list[Observation]:
-        return [Observation(self.subject, psutil.cpu_percent(interval=None), "%")]
+        now = time.monotonic()
+        pct = psutil.cpu_percent(interval=None)
+        self._recent.append((now, pct))
+        while self._recent and self._recent[0][0] < now - self.config.window:
+            self._recent.popleft()
+        avg = sum(p for _, p in self._recent) / len(self._recent)
+        return [Observation(self.subject, round(avg, 2), "%",
+                            detail={"now": pct, "window_s": self.config.window})]
 
 
 class Load(_Simple):

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -21,7 +22,7 @@ import trio
 from ..config import DetectorConfig
 from ..mesh import Mesh
 from ..missions import store
-from ..missions.engine import MissionEngine, Transition
+from ..missions.engine import Mission, MissionEngine, Transition
 from .base import build_detector
 from .scoring import Scorer
 
@@ -34,7 +35,9 @@ class DetectorRunner:
     """Runs every configured detector; :meth:`run` never returns unless cancelled."""
 
     def __init__(self, detectors: list[DetectorConfig], mesh: Mesh, engine: MissionEngine,
-                 states: dict[str, dict[str, Any]]) -> None:
+                 states: dict[str, dict[str, Any]],
+                 on_mission: Callable[[Mission], None] | None = None) -> None:
+        self.on_mission = on_mission
         self.detectors = [d for d in detectors if d.enabled]
         self.mesh = mesh
         self.engine = engine
@@ -132,6 +135,10 @@ class DetectorRunner:
                 value=obs.value, now=now, detail=obs.detail or None)
             for tr in transitions:
                 self._record(tr)
+            if verdict.anomalous and self.on_mission is not None:
+                m = self.engine.active.get(key)
+                if m is not None and m.state in ("open", "interrupted"):
+                    self.on_mission(m)
 
     def _record(self, tr: Transition) -> None:
         write = store.upsert(tr.mission)

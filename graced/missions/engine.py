@@ -22,9 +22,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 SEVERITIES = ("low", "medium", "high", "critical")
-ACTIVE = ("detected", "open", "awaiting_approval", "approved", "executing", "verifying")
-FINAL = ("resolved", "failed", "escalated", "rejected", "expired", "interrupted")
+ACTIVE = ("detected", "open", "awaiting_approval", "approved", "executing", "verifying",
+          "interrupted")
+FINAL = ("resolved", "failed", "escalated", "rejected", "expired")
 STATES = ACTIVE + FINAL
+# Active states in which a run of normal samples resolves the mission by itself.
+WATCHING = ("open", "detected", "verifying", "interrupted")
 MAX_SAMPLES = 10
 MAX_TIMELINE = 200
 
@@ -54,6 +57,15 @@ class Mission:
     last_update_event: float = 0.0
     samples: list[dict[str, Any]] = field(default_factory=list)
     timeline: list[dict[str, Any]] = field(default_factory=list)
+    # remediation
+    playbook: str | None = None
+    risk: str | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    approvals: list[dict[str, Any]] = field(default_factory=list)
+    verification: dict[str, Any] | None = None
+    expires_at: float | None = None
+    reason: str | None = None
+    verify_started: float | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -69,7 +81,8 @@ class Mission:
         """The fields a mission.* event carries."""
         return {k: getattr(self, k) for k in (
             "id", "detector", "kind", "subject", "severity", "state", "summary",
-            "occurrences", "last_value", "flapping", "opened_at")}
+            "occurrences", "last_value", "flapping", "opened_at", "playbook", "risk",
+            "reason")}
 
 
 @dataclass
@@ -91,6 +104,23 @@ class MissionEngine:
         self.next_id = next_id
         self.active: dict[tuple[str, str], Mission] = {m.key: m for m in active or []}
         self.last_resolved = dict(last_resolved or {})
+
+    def by_id(self, mission_id: int) -> Mission | None:
+        for m in self.active.values():
+            if m.id == mission_id:
+                return m
+        return None
+
+    def transition(self, m: Mission, to: str, now: float, reason: str) -> Transition:
+        """Move an active mission to ``to`` (from the executor); final states close it."""
+        self._move(m, to, now, reason)
+        m.reason = reason
+        if to in FINAL:
+            m.closed_at = now
+            self.active.pop(m.key, None)
+            if to == "resolved":
+                self.last_resolved[m.key] = now
+        return Transition(f"mission.{to}", copy.deepcopy(m))
 
     def _move(self, m: Mission, to: str, now: float, reason: str) -> None:
         m.timeline.append({"ts": now, "from": m.state, "to": to, "reason": reason})
@@ -147,7 +177,12 @@ class MissionEngine:
         m.normal_streak += 1
         m.last_value = value
         m.updated_at = now
-        if m.normal_streak >= self.resolve_after and m.state in ("open", "detected"):
+        if m.normal_streak >= self.resolve_after and m.state in WATCHING:
+            if m.state in ("verifying", "interrupted"):
+                m.verification = {
+                    "result": "passed", "at": now,
+                    "after_s": round(now - (m.verify_started or m.updated_at), 3),
+                    "detail": f"{detector} normal for {m.normal_streak} consecutive samples"}
             self._move(m, "resolved", now,
                        f"{detector} normal for {m.normal_streak} consecutive samples")
             m.closed_at = now

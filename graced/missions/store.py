@@ -12,11 +12,14 @@ _COLUMNS = ("id", "detector", "kind", "subject", "severity", "state", "summary",
             "updated_at", "closed_at", "occurrences", "flapping", "data")
 
 
+# Mission fields kept in the JSON data column.
+_DATA = ("last_value", "score", "normal_streak", "last_update_event", "samples", "timeline",
+         "playbook", "risk", "steps", "approvals", "verification", "expires_at", "reason",
+         "verify_started")
+
+
 def upsert(m: Mission) -> Write:
-    data = json.dumps({"last_value": m.last_value, "score": m.score,
-                       "normal_streak": m.normal_streak,
-                       "last_update_event": m.last_update_event,
-                       "samples": m.samples, "timeline": m.timeline})
+    data = json.dumps({k: getattr(m, k) for k in _DATA})
     values = (m.id, m.detector, m.kind, m.subject, m.severity, m.state, m.summary, m.opened_at,
               m.updated_at, m.closed_at, m.occurrences, int(m.flapping), data)
     sets = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
@@ -32,10 +35,7 @@ def from_row(row: tuple[Any, ...]) -> Mission:
     return Mission(id=mid, detector=detector, kind=kind, subject=subject, severity=severity,
                    state=state, summary=summary, opened_at=opened_at, updated_at=updated_at,
                    closed_at=closed_at, occurrences=occurrences, flapping=bool(flapping),
-                   last_value=extra.get("last_value"), score=extra.get("score", 0.0),
-                   normal_streak=extra.get("normal_streak", 0),
-                   last_update_event=extra.get("last_update_event", 0.0),
-                   samples=extra.get("samples", []), timeline=extra.get("timeline", []))
+                   **{k: extra[k] for k in _DATA if k in extra})
 
 
 SELECT = f"SELECT {', '.join(_COLUMNS)} FROM missions"

@@ -1,0 +1,476 @@
+"""The executor: policy, playbook steps, verification, approvals, notifications.
+
+Policy for a mission the engine opened (or one interrupted by a crash that is still
+anomalous): the first matching playbook is chosen. In observe mode, or while paused,
+nothing runs and ``executor.would_run`` records what would have. A flapping mission, or
+one whose playbook budget (per subject) or the global hourly cap is spent, escalates to
+a human. Low and medium risk run at once; high and critical wait in
+``awaiting_approval`` (the notifiers are told) until approved, rejected or expired.
+
+Running: the ``executing`` transition is committed before the first step starts. Steps
+run in order with their timeouts; a failed or timed-out step stops the playbook and
+fails the mission, with the reason and output, and notifies. After the last step the
+mission is ``verifying``: the engine resolves it once the detector is normal again,
+and it fails if that has not happened within ``verify_timeout``.
+
+Mission values reach steps as literal argv elements (``{subject}``, ``{value}``,
+``{detector}``, ``{mission}``) or, with ``shell = true``, only as environment
+variables (GRACE_SUBJECT, ...): never through a shell's parser.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import grp
+import hashlib
+import json
+import logging
+import os
+import pwd
+import signal as signals
+import time
+import urllib.request
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import trio
+
+from .config import NotifierConfig, PlaybookConfig, RemediationConfig, StepConfig
+from .mesh import Mesh
+from .missions import store
+from .missions.engine import Mission, MissionEngine, Transition
+
+log = logging.getLogger("graced.executor")
+
+AUTO_RISKS = ("low", "medium")
+
+
+def substitute(text: str, m: Mission) -> str:
+    """Literal placeholder replacement (no format(): nothing in a value is interpreted)."""
+    value = "" if m.last_value is None else f"{m.last_value:g}"
+    for key, val in (("{subject}", m.subject), ("{value}", value),
+                     ("{detector}", m.detector), ("{mission}", str(m.id))):
+        text = text.replace(key, val)
+    return text
+
+
+def matches(pb: PlaybookConfig, m: Mission) -> bool:
+    return ((not pb.detector or pb.detector == m.detector)
+            and (not pb.kind or pb.kind == m.kind)
+            and fnmatch.fnmatchcase(m.subject, pb.subject or "*")
+            and (not pb.severities or m.severity in pb.severities))
+
+
+@dataclass
+class Budgets:
+    """Executions per (playbook, subject) within the playbook's window, and a global cap."""
+
+    per_key: dict[str, list[float]] = field(default_factory=dict)
+    global_runs: list[float] = field(default_factory=list)
+
+    def spent(self, pb: PlaybookConfig, subject: str, cap: int, now: float) -> str | None:
+        key = f"{pb.name}\0{subject}"
+        runs = [t for t in self.per_key.get(key, []) if now - t < pb.budget_window]
+        self.per_key[key] = runs
+        self.global_runs = [t for t in self.global_runs if now - t < 3600]
+        if len(runs) >= pb.budget:
+            return (f"budget spent: playbook {pb.name} ran {len(runs)} times for {subject} in "
+                    f"{pb.budget_window:g} s (budget {pb.budget})")
+        if len(self.global_runs) >= cap:
+            return f"global cap spent: {len(self.global_runs)} automatic actions in the last hour"
+        return None
+
+    def spend(self, pb: PlaybookConfig, subject: str, now: float) -> None:
+        self.per_key.setdefault(f"{pb.name}\0{subject}", []).append(now)
+        self.global_runs.append(now)
+
+    def dump(self) -> str:
+        return json.dumps({"per_key": self.per_key, "global": self.global_runs})
+
+    @classmethod
+    def load(cls, text: str | None) -> Budgets:
+        if not text:
+            return cls()
+        try:
+            data = json.loads(text)
+            return cls(dict(data.get("per_key", {})), list(data.get("global", [])))
+        except (ValueError, AttributeError):
+            return cls()
+
+
+def peer_groups(pid: int | None, gid: int | None) -> set[int]:
+    groups = {gid} if gid is not None else set()
+    if pid:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("Groups:"):
+                        groups.update(int(g) for g in line.split()[1:])
+        except OSError:
+            pass
+    return groups
+
+
+class Executor:
+    """Runs playbooks for missions; :meth:`run` never returns unless cancelled."""
+
+    def __init__(self, *, config: RemediationConfig, playbooks: list[PlaybookConfig],
+                 notifiers: list[NotifierConfig], mesh: Mesh, engine: MissionEngine,
+                 paused: bool, budgets: Budgets) -> None:
+        self.config = config
+        self.playbooks = playbooks
+        self.notifiers = notifiers
+        self.mesh = mesh
+        self.engine = engine
+        self.paused = paused
+        self.budgets = budgets
+        self.running: dict[int, str] = {}
+        self.deferred: set[int] = set()
+        self.considered: set[int] = set()
+        self.recent: deque[dict[str, Any]] = deque(maxlen=50)
+        self._nursery: trio.Nursery | None = None
+        self._send, self._recv = trio.open_memory_channel[int](1024)
+
+    # -- recording ---------------------------------------------------------------
+
+    async def record(self, tr: Transition, *, durable: bool = True) -> None:
+        """Commit the mission row with its event; notify if the new state asks for it."""
+        write = store.upsert(tr.mission)
+        await self.mesh.publish(tr.topic, tr.mission.brief(), writes=[write], durable=durable)
+        self.notify(tr.mission)
+
+    def save(self, m: Mission) -> None:
+        self.mesh.store([store.upsert(m)])
+
+    def notify(self, m: Mission) -> None:
+        for nt in self.notifiers:
+            if m.state in nt.on and self._nursery is not None:
+                self._nursery.start_soon(self._notify_one, nt, m.public())
+
+    async def _notify_one(self, nt: NotifierConfig, mission: dict[str, Any]) -> None:
+        body = json.dumps({"mission": mission, "host": os.uname().nodename}).encode()
+        ok, error = True, None
+        try:
+            with trio.fail_after(nt.timeout):
+                if nt.kind == "command":
+                    res = await trio.run_process(nt.argv, stdin=body, capture_stdout=True,
+                                                 capture_stderr=True, check=False)
+                    if res.returncode != 0:
+                        ok, error = False, f"exited {res.returncode}"
+                else:
+                    req = urllib.request.Request(nt.url, data=body, method="POST", headers={
+                        "Content-Type": "application/json", "User-Agent": "graced"})
+
+                    def post() -> int:
+                        with urllib.request.urlopen(req, timeout=nt.timeout) as resp:  # noqa: S310
+                            return int(resp.status)
+
+                    status = await trio.to_thread.run_sync(post, abandon_on_cancel=True)
+                    ok = 200 <= status < 300
+                    error = None if ok else f"status {status}"
+        except trio.TooSlowError:
+            ok, error = False, f"timed out after {nt.timeout:g} s"
+        except OSError as exc:
+            ok, error = False, str(exc)
+        self.mesh.publish_nowait("executor.notified", {
+            "notifier": nt.name, "mission": mission["id"], "state": mission["state"],
+            "ok": ok, "error": error})
+
+    # -- policy --------------------------------------------------------------------
+
+    def consider(self, m: Mission) -> None:
+        """Queue a mission for the policy (from the detector runner; never blocks)."""
+        try:
+            self._send.send_nowait(m.id)
+        except trio.WouldBlock:
+            log.warning("executor queue full; mission %d not considered now", m.id)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._recover()
+            nursery.start_soon(self._expire_loop)
+            task_status.started()
+            async for mission_id in self._recv:
+                m = self.engine.by_id(mission_id)
+                if m is not None and mission_id not in self.running:
+                    await self._policy(m)
+
+    async def _recover(self) -> None:
+        """After a restart: an executing mission is interrupted, not run again."""
+        now = time.time()
+        for m in list(self.engine.active.values()):
+            if m.state == "executing":
+                m.verify_started = now
+                pb = self._playbook(m.playbook)
+                timeout = pb.verify_timeout if pb else 60.0
+                await self.record(self.engine.transition(
+                    m, "interrupted", now, "graced restarted while the playbook was running; "
+                    f"re-verifying for up to {timeout:g} s instead of running it again"))
+                # Give the interrupted step time to have its effect before any new run.
+                self.considered.add(m.id)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._reverify, m.id, timeout)
+            elif m.state == "approved":
+                pb = self._playbook(m.playbook)
+                if pb is not None:
+                    self._start(m, pb)
+            elif m.state == "verifying":
+                pb = self._playbook(m.playbook)
+                self._watch_verification(m, pb.verify_timeout if pb else 60.0)
+
+    def _playbook(self, name: str | None) -> PlaybookConfig | None:
+        return next((p for p in self.playbooks if p.name == name), None)
+
+    def would_run(self, m: Mission, pb: PlaybookConfig, why: str) -> None:
+        steps = [self.describe(st, m) for st in pb.step]
+        self.mesh.publish_nowait("executor.would_run", {
+            "mission": m.id, "playbook": pb.name, "risk": pb.risk, "why": why, "steps": steps})
+        m.reason = f"{why}: would run playbook {pb.name}"
+        m.playbook, m.risk = pb.name, pb.risk
+        self.save(m)
+
+    async def _policy(self, m: Mission) -> None:
+        if m.state not in ("open", "interrupted") or m.id in self.considered:
+            return
+        self.considered.add(m.id)
+        pb = next((p for p in self.playbooks if matches(p, m)), None)
+        if pb is None:
+            return
+        now = time.time()
+        if self.config.mode == "observe":
+            self.would_run(m, pb, "observe mode")
+            return
+        if self.paused:
+            self.deferred.add(m.id)
+            self.would_run(m, pb, "paused")
+            return
+        m.playbook, m.risk = pb.name, pb.risk
+        if m.flapping:
+            await self.record(self.engine.transition(
+                m, "escalated", now, f"flapping: not running {pb.name} again; a human should "
+                "look"))
+            return
+        spent = self.budgets.spent(pb, m.subject, self.config.max_actions_per_hour, now)
+        if spent:
+            self.mesh.publish_nowait("executor.budget_spent", {
+                "mission": m.id, "playbook": pb.name, "subject": m.subject, "reason": spent})
+            await self.record(self.engine.transition(m, "escalated", now, spent))
+            return
+        if pb.risk in AUTO_RISKS:
+            await self.record(self.engine.transition(
+                m, "approved", now, f"risk {pb.risk}: approved automatically"))
+            self._start(m, pb)
+            return
+        m.expires_at = now + self.config.approval_timeout
+        await self.record(self.engine.transition(
+            m, "awaiting_approval", now, f"risk {pb.risk}: playbook {pb.name} needs approval "
+            f"(expires in {self.config.approval_timeout:g} s)"))
+
+    async def resume(self) -> None:
+        self.considered -= self.deferred
+        for mid in sorted(self.deferred):
+            m = self.engine.by_id(mid)
+            if m is not None:
+                await self._policy(m)
+        self.deferred.clear()
+
+    # -- approvals -------------------------------------------------------------------
+
+    def may_approve(self, uid: int | None, gid: int | None, pid: int | None) -> bool:
+        if uid is None:
+            return False
+        if uid in (0, os.geteuid()):
+            return True
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = None
+        if name is not None and name in self.config.approvers:
+            return True
+        wanted = set()
+        for g in self.config.approver_groups:
+            try:
+                wanted.add(grp.getgrnam(g).gr_gid)
+            except KeyError:
+                continue
+        return bool(wanted & peer_groups(pid, gid))
+
+    async def decide(self, mission_id: int, approve: bool, who: dict[str, Any],
+                     comment: str) -> Mission:
+        """Approve or reject a mission awaiting approval; raises LookupError/ValueError."""
+        m = self.engine.by_id(mission_id)
+        if m is None:
+            raise LookupError(f"no active mission {mission_id}")
+        if m.state != "awaiting_approval":
+            raise ValueError(f"mission {mission_id} is {m.state}, not awaiting approval")
+        now = time.time()
+        m.approvals.append({**who, "decision": "approved" if approve else "rejected",
+                            "comment": comment, "at": now})
+        by = who.get("user") or who.get("key") or "?"
+        if not approve:
+            await self.record(self.engine.transition(
+                m, "rejected", now, f"rejected by {by}" + (f": {comment}" if comment else "")))
+            return m
+        pb = self._playbook(m.playbook)
+        if pb is None:
+            await self.record(self.engine.transition(
+                m, "failed", now, f"playbook {m.playbook} is no longer configured"))
+            return m
+        await self.record(self.engine.transition(
+            m, "approved", now, f"approved by {by}" + (f": {comment}" if comment else "")))
+        self._start(m, pb)
+        return m
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await trio.sleep(0.5)
+            now = time.time()
+            for m in list(self.engine.active.values()):
+                if m.state == "awaiting_approval" and m.expires_at and now >= m.expires_at:
+                    await self.record(self.engine.transition(
+                        m, "expired", now, "no approval before it expired; nothing was run"))
+
+    # -- running ---------------------------------------------------------------------
+
+    def _start(self, m: Mission, pb: PlaybookConfig) -> None:
+        assert self._nursery is not None
+        self.running[m.id] = pb.name
+        self._nursery.start_soon(self._execute, m, pb)
+
+    def describe(self, st: StepConfig, m: Mission) -> dict[str, Any]:
+        if st.action == "run":
+            argv = ["/bin/sh", "-c", st.argv[0]] if st.shell else [
+                substitute(a, m) for a in st.argv]
+            return {"action": "run", "argv": argv}
+        if st.action == "restart_unit":
+            return {"action": "restart_unit", "unit": substitute(st.unit, m)}
+        return {"action": "signal", "signal": st.signal.upper().removeprefix("SIG"),
+                "process": substitute(st.process, m), "pid": st.pid, "pid_file": st.pid_file}
+
+    async def _execute(self, m: Mission, pb: PlaybookConfig) -> None:
+        try:
+            now = time.time()
+            self.budgets.spend(pb, m.subject, now)
+            self.mesh.store([("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                              ("budgets", self.budgets.dump()))])
+            # Committed before the first step starts (crash safety).
+            await self.record(self.engine.transition(
+                m, "executing", now, f"running playbook {pb.name} ({len(pb.step)} steps)"))
+            for index, st in enumerate(pb.step, 1):
+                desc = self.describe(st, m)
+                self.mesh.publish_nowait("executor.step_started", {
+                    "mission": m.id, "playbook": pb.name, "step": index, **desc})
+                result = await self._run_step(st, m, desc)
+                result["step"] = index
+                m.steps.append(result)
+                self.recent.append({"mission": m.id, **result})
+                self.mesh.publish_nowait("executor.step_finished", {
+                    "mission": m.id, "playbook": pb.name, "step": index,
+                    "ok": result["ok"], "exit_code": result.get("exit_code"),
+                    "duration_s": result["duration_s"], "output_sha256": result["output_sha256"],
+                    "error": result.get("error")})
+                if not result["ok"]:
+                    await self.record(self.engine.transition(
+                        m, "failed", time.time(),
+                        f"step {index} ({st.action}) failed: {result.get('error')}"))
+                    return
+            m.verify_started = time.time()
+            await self.record(self.engine.transition(
+                m, "verifying", m.verify_started,
+                f"playbook {pb.name} done; waiting for {m.detector} to clear "
+                f"(up to {pb.verify_timeout:g} s)"))
+            self._watch_verification(m, pb.verify_timeout)
+        finally:
+            self.running.pop(m.id, None)
+
+    def _watch_verification(self, m: Mission, timeout: float) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._verify_deadline, m.id, timeout)
+
+    async def _reverify(self, mission_id: int, timeout: float) -> None:
+        """An interrupted mission still anomalous after ``timeout`` goes through the policy."""
+        await trio.sleep(timeout)
+        m = self.engine.by_id(mission_id)
+        if m is not None and m.state == "interrupted":
+            self.considered.discard(mission_id)
+            await self._policy(m)
+
+    async def _verify_deadline(self, mission_id: int, timeout: float) -> None:
+        await trio.sleep(timeout)
+        m = self.engine.by_id(mission_id)
+        if m is not None and m.state == "verifying":
+            m.verification = {"result": "failed", "at": time.time(),
+                              "detail": f"{m.detector} still anomalous after {timeout:g} s"}
+            await self.record(self.engine.transition(
+                m, "failed", time.time(), f"verification failed: {m.detector} still anomalous "
+                f"after {timeout:g} s"))
+
+    async def _run_step(self, st: StepConfig, m: Mission, desc: dict[str, Any]) -> dict[str, Any]:
+        started = time.monotonic()
+        result: dict[str, Any] = {"action": st.action, **desc, "started_at": time.time()}
+        output = b""
+        try:
+            with trio.fail_after(st.timeout):
+                if st.action == "signal":
+                    pids = await trio.to_thread.run_sync(self._pids, st, m)
+                    if not pids:
+                        raise ProcessLookupError("no matching process")
+                    sig = getattr(signals, "SIG" + st.signal.upper().removeprefix("SIG"))
+                    for pid in pids:
+                        os.kill(pid, sig)
+                    result.update(ok=True, pids=pids, exit_code=0)
+                else:
+                    argv = (["systemctl", "restart", "--", desc["unit"]]
+                            if st.action == "restart_unit" else desc["argv"])
+                    env = dict(os.environ)
+                    env.update(GRACE_MISSION=str(m.id), GRACE_SUBJECT=m.subject,
+                               GRACE_DETECTOR=m.detector,
+                               GRACE_VALUE="" if m.last_value is None else f"{m.last_value:g}")
+                    for item in st.env:
+                        name, _, val = item.partition("=")
+                        env[name] = substitute(val, m)
+                    res = await trio.run_process(
+                        argv, stdin=b"", capture_stdout=True, capture_stderr=True, check=False,
+                        env=env, cwd=st.cwd or None)
+                    output = (res.stdout + res.stderr)
+                    result.update(ok=res.returncode == 0, exit_code=res.returncode)
+                    if res.returncode != 0:
+                        result["error"] = f"exit code {res.returncode}"
+        except trio.TooSlowError:
+            result.update(ok=False, exit_code=None, error=f"timed out after {st.timeout:g} s")
+        except (OSError, ProcessLookupError) as exc:
+            result.update(ok=False, exit_code=None, error=str(exc))
+        result["duration_s"] = round(time.monotonic() - started, 3)
+        result["output_sha256"] = hashlib.sha256(output).hexdigest()
+        result["output"] = output[: st.max_output].decode("utf-8", "replace")
+        result["output_truncated"] = len(output) > st.max_output
+        return result
+
+    @staticmethod
+    def _pids(st: StepConfig, m: Mission) -> list[int]:
+        if st.pid:
+            return [st.pid]
+        if st.pid_file:
+            with open(substitute(st.pid_file, m)) as fh:
+                return [int(fh.read().strip())]
+        name = substitute(st.process, m)
+        me = os.getpid()
+        out = []
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            if proc.pid == me:
+                continue
+            if proc.info["name"] == name or name in " ".join(proc.info["cmdline"] or []):
+                out.append(proc.pid)
+        return out
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        return {"mode": self.config.mode, "paused": self.paused,
+                "running": dict(self.running),
+                "actions_last_hour": len([t for t in self.budgets.global_runs
+                                          if now - t < 3600]),
+                "max_actions_per_hour": self.config.max_actions_per_hour,
+                "playbooks": [p.name for p in self.playbooks]}

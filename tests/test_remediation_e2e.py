@@ -1,0 +1,291 @@
+"""Remediation against a real graced: playbooks that really fix real faults, approvals,
+observe mode, pause, budgets, refusals, and a crash in the middle of a step."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Graced
+from tests.helpers.procs import LineCollector
+from tests.test_missions_e2e import MISSIONS, Watch, _ready_tail
+
+
+def sleeper_cmd(marker: str) -> list[str]:
+    return [sys.executable, "-c", "import time; time.sleep(3600)", marker]
+
+
+def start_sleeper(marker: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(sleeper_cmd(marker), stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def kill_all(marker: str) -> None:
+    subprocess.run(["pkill", "-f", marker], check=False)
+
+
+def process_detector(marker: str) -> str:
+    return (f'[[detector]]\nname = "worker"\nkind = "process"\ninterval = 1.0\n'
+            f'process = "{marker}"\nmatch_cmdline = true\nseverity = "high"\n')
+
+
+def restart_playbook(marker: str, risk: str, extra: str = "", count_file: str = "",
+                     prelude: str = "") -> str:
+    """A playbook whose run step really restarts the worker (detached from graced).
+
+    The marker reaches the step through its environment, so the step's own command line
+    does not look like the worker to the process detector.
+    """
+    cmd = " ".join(sleeper_cmd(marker)[:2]) + ' "import time; time.sleep(3600)" "$WORKER"'
+    script = (f"{prelude}setsid {cmd} </dev/null >/dev/null 2>&1 &"
+              + (f" echo ran >> {count_file}" if count_file else ""))
+    return (f'[[playbook]]\nname = "restart-worker"\ndetector = "worker"\nrisk = "{risk}"\n'
+            f"verify_timeout = 20.0\n{extra}\n"
+            f'[[playbook.step]]\naction = "run"\nshell = true\nargv = [{json.dumps(script)}]\n'
+            f'env = ["WORKER={marker}"]\ntimeout = 30.0\n')
+
+
+@pytest.fixture
+def marker() -> Any:
+    m = f"grace-worker-{uuid.uuid4().hex[:8]}"
+    yield m
+    kill_all(m)
+
+
+def setup(make_graced, body: str, remediation: str = "", flap: float = 0.0) -> tuple[Graced,
+                                                                                      Watch]:
+    g = make_graced(detectors=body + MISSIONS.format(flap=flap)
+                    + ("\n[remediation]\n" + remediation if remediation else ""))
+    return g, Watch(g)
+
+
+def mission(g: Graced, mid: int) -> dict[str, Any]:
+    return json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
+
+
+def test_low_risk_playbook_restarts_the_process_and_is_verified(make_graced, marker) -> None:
+    proc = start_sleeper(marker)
+    g, w = setup(make_graced, process_detector(marker) + restart_playbook(marker, "low"))
+    _ready_tail(w, g)
+    proc.kill()
+    opened = w.wait("mission.opened", "worker", 10)["payload"]
+    w.wait("mission.executing", "worker", 10)
+    w.wait("mission.verifying", "worker", 20)
+    w.wait("mission.resolved", "worker", 20)
+    m = mission(g, opened["id"])
+    assert m["state"] == "resolved" and m["playbook"] == "restart-worker"
+    assert m["steps"][0]["ok"] and m["steps"][0]["exit_code"] == 0
+    assert m["verification"]["result"] == "passed"
+    states = [t["to"] for t in m["timeline"]]
+    assert states == ["detected", "open", "approved", "executing", "verifying", "resolved"]
+    shown = g.ctl("missions", "show", str(m["id"]), check=True).stdout
+    assert "steps:" in shown and "verification: passed" in shown
+
+
+def test_low_risk_signal_step_kills_a_memory_hog(make_graced) -> None:
+    import psutil
+
+    hog_marker = f"grace-hog-{uuid.uuid4().hex[:8]}"
+    vm = psutil.virtual_memory()
+    threshold = vm.percent + 2.0
+    mb = int(vm.total / 2**20 * 0.05)
+    g, w = setup(make_graced,
+                 f'[[detector]]\nname = "mem"\nkind = "memory"\ninterval = 1.0\n'
+                 f"threshold = {threshold:.2f}\n\n"
+                 f'[[playbook]]\nname = "kill-hog"\ndetector = "mem"\nrisk = "low"\n'
+                 f'[[playbook.step]]\naction = "signal"\nsignal = "KILL"\n'
+                 f'process = "{hog_marker}"\n')
+    _ready_tail(w, g)
+    hog = subprocess.Popen([sys.executable, "-c", "import sys, time; b = b'1' * "
+                            f"({mb} * 2**20); time.sleep(600)", hog_marker])
+    w.wait("mission.resolved", "mem", 30)
+    assert hog.wait(10) == -signal.SIGKILL
+    m = w.missions("mem")[0]
+    assert m["steps"][0]["pids"] == [hog.pid] and m["verification"]["result"] == "passed"
+
+
+def test_high_risk_waits_notifies_and_runs_once_approved(make_graced, marker,
+                                                         shortdir: Path) -> None:
+    note = shortdir / "notified.json"
+    proc = start_sleeper(marker)
+    g, w = setup(make_graced, process_detector(marker) + restart_playbook(marker, "high")
+                 + f'\n[[notifier]]\nname = "file"\nkind = "command"\n'
+                   f'argv = ["sh", "-c", "cat > {note}"]\n')
+    _ready_tail(w, g)
+    proc.kill()
+    waiting = w.wait("mission.awaiting_approval", "worker", 10)["payload"]
+    notified = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "executor.notified"))
+    assert notified.wait_for(lambda ls: len(ls) >= 1, 10)
+    notified.proc.terminate()
+    sent = json.loads(note.read_text())
+    assert sent["mission"]["id"] == waiting["id"]
+    assert sent["mission"]["state"] == "awaiting_approval"
+    assert w.events("mission.executing", "worker") == []
+    ls = g.ctl("missions", "ls", check=True).stdout
+    assert "restart-worker" in ls and "awaiting_approval" in ls
+    res = g.ctl("missions", "approve", str(waiting["id"]), "--comment", "go ahead")
+    assert res.returncode == 0, res.stderr
+    w.wait("mission.resolved", "worker", 30)
+    m = mission(g, waiting["id"])
+    assert m["approvals"][0]["decision"] == "approved"
+    assert m["approvals"][0]["comment"] == "go ahead"
+    assert m["approvals"][0]["auth"] == "unix peer credentials"
+    assert len(m["steps"]) == 1
+
+
+def test_rejected_and_expired_missions_never_execute(make_graced, marker, shortdir) -> None:
+    count = shortdir / "ran"
+    g, w = setup(make_graced, process_detector(marker)
+                 + restart_playbook(marker, "critical", count_file=str(count)),
+                 remediation="approval_timeout = 2.0\n")
+    first = w.wait("mission.awaiting_approval", "worker", 10)["payload"]
+    res = g.ctl("missions", "reject", str(first["id"]), "--comment", "not now")
+    assert res.returncode == 0, res.stderr
+    assert mission(g, first["id"])["state"] == "rejected"
+    again = g.ctl("missions", "approve", str(first["id"]))
+    assert again.returncode == 5  # no longer active
+    # The worker is still absent: the next mission waits, and expires.
+    second = w.wait("mission.awaiting_approval", "worker", 15, count=2)["payload"]
+    w.wait("mission.expired", "worker", 10)
+    assert mission(g, second["id"])["steps"] == []
+    assert w.events("mission.executing", "worker") == [] and not count.exists()
+
+
+def test_observe_mode_runs_nothing_and_journals_what_it_would_run(make_graced, marker,
+                                                                 shortdir) -> None:
+    count = shortdir / "ran"
+    g, w = setup(make_graced, process_detector(marker)
+                 + restart_playbook(marker, "low", count_file=str(count)),
+                 remediation='mode = "observe"\n')
+    opened = w.wait("mission.opened", "worker", 10)["payload"]
+    would = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "executor.would_run"))
+    assert would.wait_for(lambda ls: len(ls) >= 1, 10)
+    would.proc.terminate()
+    ev = would.events()[0]["payload"]
+    assert ev["mission"] == opened["id"] and ev["why"] == "observe mode"
+    assert ev["steps"][0]["action"] == "run"
+    st = json.loads(g.ctl("status", "--json", check=True).stdout)
+    assert st["executor"]["mode"] == "observe"
+    assert mission(g, opened["id"])["state"] == "open" and not count.exists()
+
+
+def test_pause_stops_execution_until_resume(make_graced, marker, shortdir) -> None:
+    count = shortdir / "ran"
+    proc = start_sleeper(marker)
+    g, w = setup(make_graced, process_detector(marker)
+                 + restart_playbook(marker, "low", count_file=str(count)))
+    _ready_tail(w, g)
+    assert g.ctl("pause").returncode == 0
+    # Paused survives a restart.
+    assert g.stop() == 0
+    g.start()
+    w.close()
+    w = Watch(g)
+    assert json.loads(g.ctl("status", "--json", check=True).stdout)["executor"]["paused"]
+    proc.kill()
+    opened = w.wait("mission.opened", "worker", 10)["payload"]
+    would = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "executor.would_run"))
+    assert would.wait_for(lambda ls: len(ls) >= 1, 10)
+    would.proc.terminate()
+    assert would.events()[0]["payload"]["why"] == "paused" and not count.exists()
+    assert g.ctl("resume").returncode == 0
+    w.wait("mission.resolved", "worker", 30)
+    assert mission(g, opened["id"])["steps"] and count.read_text().count("ran") == 1
+    w.close()
+
+
+def test_a_spent_budget_escalates(make_graced, marker, shortdir) -> None:
+    count = shortdir / "ran"
+    proc = start_sleeper(marker)
+    g, w = setup(make_graced, process_detector(marker)
+                 + restart_playbook(marker, "low", "budget = 1\n", str(count)))
+    _ready_tail(w, g)
+    proc.kill()
+    w.wait("mission.resolved", "worker", 30)
+    kill_all(marker)
+    escalated = w.wait("mission.escalated", "worker", 15)["payload"]
+    assert "budget spent" in escalated["reason"]
+    assert count.read_text().count("ran") == 1
+
+
+def test_an_approval_from_a_uid_not_allowed_is_refused_and_journaled(make_graced,
+                                                                    marker) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another uid")
+    g, w = setup(make_graced, process_detector(marker) + restart_playbook(marker, "high"),
+                 remediation='approvers = ["root"]\n')
+    os.chmod(g.socket, 0o666)
+    os.chmod(g.base, 0o755)
+    os.chmod(g.home, 0o777)
+    waiting = w.wait("mission.awaiting_approval", "worker", 10)["payload"]
+    res = subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup",
+                          "--clear-groups", g.ctl_argv0(), "missions", "approve",
+                          str(waiting["id"])], env=g.env, capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=30)
+    assert res.returncode == 4, res.stderr
+    assert "may not approve" in res.stderr and res.stderr.count("\n") == 1
+    refused = json.loads(g.ctl("tail", "--json", "--since", "1", "--no-follow",
+                               "mission.approval_refused", check=True).stdout.splitlines()[0])
+    assert refused["payload"]["mission"] == waiting["id"]
+    assert mission(g, waiting["id"])["state"] == "awaiting_approval"
+
+
+def test_shell_metacharacters_in_a_subject_never_reach_a_shell(make_graced, shortdir) -> None:
+    pwned = shortdir / "pwned"
+    subject = f"x; touch {pwned} #$(touch {pwned})`touch {pwned}`"
+    value = shortdir / "v"
+    value.write_text("100")
+    g, w = setup(make_graced,
+                 f'[[detector]]\nname = "m"\nkind = "value"\ninterval = 1.0\n'
+                 f'file = "{value}"\nthreshold = 50.0\nsubject = {json.dumps(subject)}\n\n'
+                 f'[[playbook]]\nname = "echo"\ndetector = "m"\nrisk = "low"\n'
+                 f"verify_timeout = 2.0\n"
+                 f'[[playbook.step]]\naction = "run"\nargv = ["echo", "{{subject}}"]\n')
+    w.wait("mission.executing", "m", 10)
+    failed = w.wait("mission.failed", "m", 20)["payload"]
+    step = mission(g, failed["id"])["steps"][0]
+    assert step["argv"] == ["echo", subject]
+    assert step["output"] == subject + "\n"
+    assert not pwned.exists()
+
+
+def test_kill9_during_a_long_step_interrupts_and_does_not_run_it_twice(make_graced, marker,
+                                                                      shortdir) -> None:
+    count = shortdir / "ran"
+    proc = start_sleeper(marker)
+    started = shortdir / "started"
+    g, w = setup(make_graced, process_detector(marker)
+                 + restart_playbook(marker, "low", count_file=str(count),
+                                    prelude=f"touch {started}; sleep 3; "))
+    _ready_tail(w, g)
+    proc.kill()
+    w.wait("mission.executing", "worker", 10)
+    steps = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "executor.step_started"))
+    assert steps.wait_for(lambda ls: len(ls) >= 1, 10)
+    steps.proc.terminate()
+    # The step's own first action is to touch `started`: wait for it, then SIGKILL graced in
+    # the middle of the step's 3 s sleep.
+    deadline = time.monotonic() + 10
+    while not started.exists():
+        assert time.monotonic() < deadline, "the step never started"
+    g.kill()
+    w.close()
+    g.start()
+    w = Watch(g)
+    interrupted = w.wait("mission.interrupted", "worker", 10)["payload"]
+    w.wait("mission.resolved", "worker", 30)
+    m = mission(g, interrupted["id"])
+    assert m["state"] == "resolved", m["timeline"]
+    assert m["verification"]["result"] == "passed"
+    assert "interrupted" in [t["to"] for t in m["timeline"]]
+    assert count.read_text().count("ran") == 1
+    w.close()
