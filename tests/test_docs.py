@@ -13,7 +13,13 @@ import pytest
 
 from gracectl.cli import cli as ctl_cli
 from graced.cli import cli as daemon_cli
-from graced.config import Config, DetectorConfig
+from graced.config import (
+    Config,
+    DetectorConfig,
+    NotifierConfig,
+    PlaybookConfig,
+    StepConfig,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "man"
@@ -67,9 +73,15 @@ def test_every_config_key_is_in_graced_toml_5() -> None:
         if section.name == "version":
             assert ".B version" in text
             continue
-        if section.name == "detector":
-            assert "[[detector]]" in text
-            fields = dataclasses.fields(DetectorConfig)
+        arrays = {"detector": DetectorConfig, "playbook": PlaybookConfig,
+                  "notifier": NotifierConfig}
+        if section.name in arrays:
+            assert f"[[{section.name}]]" in text
+            fields = dataclasses.fields(arrays[section.name])
+            if section.name == "playbook":
+                assert "[[playbook.step]]" in text
+                fields = tuple(f for f in fields if f.name != "step") + dataclasses.fields(
+                    StepConfig)
         else:
             assert f"[{section.name}]" in text, section.name
             fields = dataclasses.fields(section.default_factory())  # type: ignore[misc,arg-type]
