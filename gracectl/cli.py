@@ -316,7 +316,12 @@ def _age(seconds: float) -> str:
 
 
 async def _call(endpoint: Endpoint, method: str, params: dict[str, Any]) -> Any:
-    async with connect(endpoint, trust.pinned(endpoint.name)) as conn:
+    # Over TCP, requests are signed with this user's key (gracectl keys generate), if any.
+    try:
+        client_key = trust.load_client_key() if endpoint.url else None
+    except ValueError as exc:
+        raise CtlError(str(exc)) from None
+    async with connect(endpoint, trust.pinned(endpoint.name), client_key=client_key) as conn:
         return await conn.request(method, params)
 
 
@@ -505,6 +510,21 @@ def detectors(ctx: click.Context, as_json: bool) -> None:
                          ("ANOMALY: " if smp["anomalous"] else "") + smp["summary"][:50]])
     click.echo(tabulate(rows, headers=["DETECTOR", "KIND", "STATE", "SUBJECT", "VALUE",
                                        "SAMPLED", "STATUS"]))
+
+
+@keys.command("generate")
+@click.option("--force", is_flag=True, help="Replace an existing client key.")
+def keys_generate(force: bool) -> None:
+    """Create this user's own signing key, for approvals over TCP.
+
+    Prints the public key line to add to the daemon's [remediation] authorized_keys.
+    """
+    try:
+        path, signer = trust.generate_client_key(force)
+    except FileExistsError as exc:
+        raise CtlError(f"{exc} exists; use --force to replace it") from None
+    stderr_note(f"wrote {path} (mode 0600) and {path}.pub")
+    click.echo(f"ed25519 {base64.b64encode(signer.public_key).decode()} {signer.kid}")
 
 
 # -- emit -------------------------------------------------------------------------

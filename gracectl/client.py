@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from graced.protocol import ExitCode, check_signature, key_id
-from graced.protocol.wire import ERROR_EXIT
+from graced.protocol import ExitCode, Signer, check_signature, key_id
+from graced.protocol.wire import ERROR_EXIT, request_signing_bytes
 
 from .errors import CtlError, NotAuthorised, NotFound, RemoteError, Unreachable
 
@@ -48,9 +49,11 @@ class Closed(Exception):
 
 
 class Connection:
-    def __init__(self, ws: WebSocketConnection, trusted_key: bytes | None) -> None:
+    def __init__(self, ws: WebSocketConnection, trusted_key: bytes | None,
+                 client_key: Signer | None = None) -> None:
         self.ws = ws
         self.trusted_key = trusted_key
+        self.client_key = client_key
         self._next_id = 1
         self._waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self.events_send, self.events = trio.open_memory_channel[tuple[str, dict[str, Any]]](
@@ -97,10 +100,16 @@ class Connection:
         send, recv = trio.open_memory_channel[dict[str, Any]](1)
         self._waiting[req_id] = send
         try:
+            out: dict[str, Any] = {"id": req_id, "nonce": nonce, "method": method,
+                                   "params": params or {}}
+            if self.client_key is not None:
+                ts = time.time()
+                data = request_signing_bytes(req_id, nonce, method, out["params"], ts,
+                                             self.client_key.kid)
+                out["auth"] = {"kid": self.client_key.kid, "ts": ts,
+                               "sig": self.client_key.sign_bytes(data)}
             try:
-                await self.ws.send_message(json.dumps(
-                    {"id": req_id, "nonce": nonce, "method": method, "params": params or {}}
-                ))
+                await self.ws.send_message(json.dumps(out))
             except ConnectionClosed:
                 raise Unreachable("the daemon closed the connection") from None
             try:
@@ -146,7 +155,8 @@ def sole_exception(group: BaseExceptionGroup) -> BaseException:
 
 @asynccontextmanager
 async def connect(endpoint: Endpoint, trusted_key: bytes | None = None,
-                  timeout: float = 10.0) -> AsyncIterator[Connection]:
+                  timeout: float = 10.0, client_key: Signer | None = None
+                  ) -> AsyncIterator[Connection]:
     """Open a connection; raises :class:`Unreachable` if the daemon cannot be reached.
 
     Errors raised in the body come out as themselves, not wrapped in an exception group.
@@ -154,7 +164,7 @@ async def connect(endpoint: Endpoint, trusted_key: bytes | None = None,
     try:
         async with trio.open_nursery() as nursery:
             ws = await _open(nursery, endpoint, timeout)
-            conn = Connection(ws, trusted_key)
+            conn = Connection(ws, trusted_key, client_key)
             nursery.start_soon(conn.reader)
             try:
                 yield conn

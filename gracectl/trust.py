@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nacl.signing
+
 from graced.paths import client_config_dir
-from graced.protocol import key_id
+from graced.protocol import Signer, key_id
 
 
 def store_path() -> Path:
@@ -57,3 +59,41 @@ def pin(endpoint: str, public_key: bytes, daemon_id: str = "") -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def client_key_path() -> Path:
+    explicit = os.environ.get("GRACE_CLIENT_KEY")
+    return Path(explicit) if explicit else client_config_dir() / "client.key"
+
+
+def load_client_key() -> Signer | None:
+    """This user's own signing key (``gracectl keys generate``), if there is one."""
+    path = client_key_path()
+    try:
+        raw = base64.b64decode(path.read_bytes().strip(), validate=True)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable client key: {exc}") from None
+    if len(raw) != 32:
+        raise ValueError(f"{path}: not an Ed25519 key")
+    return Signer(nacl.signing.SigningKey(raw))
+
+
+def generate_client_key(force: bool) -> tuple[Path, Signer]:
+    path = client_key_path()
+    if path.exists() and not force:
+        raise FileExistsError(str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seed = nacl.signing.SigningKey.generate().encode()
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, base64.b64encode(seed) + b"\n")
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    signer = Signer(nacl.signing.SigningKey(seed))
+    pub = path.with_name(path.name + ".pub")
+    pub.write_text(f"ed25519 {base64.b64encode(signer.public_key).decode()} {signer.kid}\n")
+    return path, signer

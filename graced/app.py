@@ -34,8 +34,8 @@ from .journal import Journal, JournalReader
 from .mesh import Mesh
 from .missions import store
 from .missions.engine import ACTIVE, SEVERITIES, STATES, MissionEngine
-from .protocol import Signer
-from .protocol.wire import Request, RequestError
+from .protocol import Signer, check_signature, key_id
+from .protocol.wire import Request, RequestError, request_signing_bytes
 from .wire import Client, Server
 
 log = logging.getLogger("graced")
@@ -98,6 +98,13 @@ class Daemon:
         self.engine: MissionEngine | None = None
         self.runner: DetectorRunner | None = None
         self.executor: Executor | None = None
+        self.used_nonces: set[str] = set()
+        self.authorized_keys: list[bytes] = []
+        for line in config.remediation.authorized_keys:
+            try:
+                self.authorized_keys.append(keys.parse_public_key(line))
+            except ValueError:
+                log.warning("ignoring an authorized key that cannot be parsed: %r", line[:60])
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
@@ -357,20 +364,20 @@ class Daemon:
             raise RequestError("bad_request", "params.comment must be a string (<= 2000)")
         peer = client.peer
         verb = "approve" if approve else "reject"
-        if peer.transport != "unix" or not self.executor.may_approve(peer.uid, peer.gid,
-                                                                       peer.pid):
-            reason = (f"uid {peer.uid} may not {verb} missions (allowed: root, uid "
-                      f"{os.geteuid()}, [remediation] approvers and approver_groups)"
-                      if peer.transport == "unix" else
-                      f"{verb} over TCP needs a signed request (not supported yet)")
-            await self.mesh.publish("mission.approval_refused", {
-                "mission": mid, "decision": verb, "peer": peer.describe(), "reason": reason})
-            raise RequestError("not_authorised", reason)
-        try:
-            user = pwd.getpwuid(peer.uid).pw_name if peer.uid is not None else "?"
-        except KeyError:
-            user = str(peer.uid)
-        who = {"user": user, "uid": peer.uid, "auth": "unix peer credentials"}
+        who: dict[str, Any]
+        if peer.transport == "unix" and req.auth is None:
+            if not self.executor.may_approve(peer.uid, peer.gid, peer.pid):
+                await self._refuse(mid, verb, peer.describe(), (
+                    f"uid {peer.uid} may not {verb} missions (allowed: root, uid "
+                    f"{os.geteuid()}, [remediation] approvers and approver_groups)"))
+            try:
+                user = pwd.getpwuid(peer.uid).pw_name if peer.uid is not None else "?"
+            except KeyError:
+                user = str(peer.uid)
+            who = {"user": user, "uid": peer.uid, "auth": "unix peer credentials"}
+        else:
+            kid = await self._check_signed(req, verb, peer.describe())
+            who = {"user": f"key {kid}", "key": kid, "auth": f"signed request (ed25519 {kid})"}
         try:
             m = await self.executor.decide(mid, approve, who, comment)
         except LookupError as exc:
@@ -378,6 +385,48 @@ class Daemon:
         except ValueError as exc:
             raise RequestError("invalid", str(exc)) from None
         return {"mission": m.public()}
+
+    async def _refuse(self, mid: Any, verb: str, peer: str, reason: str) -> None:
+        assert self.mesh is not None
+        await self.mesh.publish("mission.approval_refused", {
+            "mission": mid, "decision": verb, "peer": peer, "reason": reason})
+        raise RequestError("not_authorised", reason)
+
+    async def _check_signed(self, req: Request, verb: str, peer: str) -> str:
+        """Authenticate a signed request: known key, fresh timestamp, unused nonce."""
+        assert self.mesh is not None
+        mid = req.params.get("id")
+        auth = req.auth
+        if auth is None:
+            await self._refuse(mid, verb, peer, f"{verb} over TCP must be signed by a key in "
+                               "[remediation] authorized_keys (gracectl keys generate)")
+        assert auth is not None
+        keys_by_kid = {key_id(k): k for k in self.authorized_keys}
+        public = keys_by_kid.get(auth["kid"])
+        if public is None:
+            await self._refuse(mid, verb, peer, f"key {auth['kid']} is not in "
+                               "[remediation] authorized_keys")
+        assert public is not None
+        data = request_signing_bytes(req.id, req.nonce, req.method, req.params, auth["ts"],
+                                     auth["kid"])
+        if not check_signature({"sig": auth["sig"]}, public, data=data):
+            await self._refuse(mid, verb, peer, "bad signature on the request")
+        window = self.config.remediation.request_window
+        skew = time.time() - float(auth["ts"])
+        if abs(skew) > window:
+            await self._refuse(mid, verb, peer, f"stale request: its timestamp is {skew:.0f} s "
+                               f"off (window {window:g} s)")
+        nonce_key = f"{auth['kid']}:{req.nonce}"
+        if nonce_key in self.used_nonces or await self._read(
+                "SELECT 1 FROM used_nonces WHERE nonce = ?", (nonce_key,)):
+            await self._refuse(mid, verb, peer, "replayed request: its nonce was used before")
+        self.used_nonces.add(nonce_key)
+        # Durable before the decision is acted on: a replay after a restart is refused too.
+        await self.mesh.publish("mission.request_authenticated", {
+            "mission": mid, "decision": verb, "kid": auth["kid"], "peer": peer},
+            writes=[("INSERT OR IGNORE INTO used_nonces (nonce, kid, ts) VALUES (?, ?, ?)",
+                     (nonce_key, auth["kid"], float(auth["ts"])))])
+        return str(auth["kid"])
 
     async def _approve(self, client: Client, req: Request) -> Any:
         return await self._decide(client, req, True)

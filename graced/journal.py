@@ -48,6 +48,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX missions_key ON missions (detector, subject);
     CREATE TABLE detector_state (name TEXT PRIMARY KEY, data TEXT NOT NULL);
     """,
+    # 3: nonces of signed requests already used (replay protection across restarts)
+    """
+    CREATE TABLE used_nonces (nonce TEXT PRIMARY KEY, kid TEXT NOT NULL, ts REAL NOT NULL);
+    """,
 ]
 
 Write = tuple[str, tuple[object, ...]]

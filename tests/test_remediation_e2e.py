@@ -289,3 +289,99 @@ def test_kill9_during_a_long_step_interrupts_and_does_not_run_it_twice(make_grac
     assert "interrupted" in [t["to"] for t in m["timeline"]]
     assert count.read_text().count("ran") == 1
     w.close()
+
+
+async def _send_raw(url: str, frame: dict[str, Any]) -> dict[str, Any]:
+    import trio
+    import trio_websocket
+
+    async with trio.open_nursery() as nursery:
+        ws = await trio_websocket.connect_websocket_url(nursery, url)
+        await ws.send_message(json.dumps(frame))
+        with trio.fail_after(15):
+            while True:
+                for line in str(await ws.get_message()).split("\n"):
+                    reply = json.loads(line)
+                    if reply.get("type") == "response" and reply.get("id") == frame["id"]:
+                        await ws.aclose()
+                        nursery.cancel_scope.cancel()
+                        return reply
+    raise AssertionError("unreachable")
+
+
+def _signed(key: Any, mid: int, ts: float, sign_with: Any = None) -> dict[str, Any]:
+    import secrets
+
+    from graced.protocol.wire import request_signing_bytes
+
+    nonce = secrets.token_hex(16)
+    params = {"id": mid, "comment": "over tcp"}
+    data = request_signing_bytes(1, nonce, "missions.approve", params, ts, key.kid)
+    sig = (sign_with or key).sign_bytes(data)
+    return {"id": 1, "nonce": nonce, "method": "missions.approve", "params": params,
+            "auth": {"kid": key.kid, "ts": ts, "sig": sig}}
+
+
+async def test_tcp_approvals_must_be_signed_fresh_and_never_replayed(make_graced, marker,
+                                                                    shortdir) -> None:
+    import base64
+
+    import nacl.signing
+    import trio
+
+    from graced.protocol import Signer
+
+    key = Signer(nacl.signing.SigningKey.generate())
+    other = Signer(nacl.signing.SigningKey.generate())
+    key_file = shortdir / "client.key"
+    key_file.write_bytes(base64.b64encode(other._key.encode()) + b"\n")
+    key_file.chmod(0o600)
+    pub = f"ed25519 {base64.b64encode(key.public_key).decode()} {key.kid}"
+    g, w = setup(make_graced, process_detector(marker) + restart_playbook(marker, "high"),
+                 remediation=f'authorized_keys = ["{pub}"]\nrequest_window = 30.0\n')
+    # listen on TCP too: restart with a listener
+    assert g.stop() == 0
+    text = g.config.read_text().replace("[daemon]\n", '[daemon]\nlisten = ["127.0.0.1:0"]\n')
+    g.config.write_text(text)
+    g.start()
+    w.close()
+    w = Watch(g)
+    port = json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["tcp_ports"][0]
+    url = f"ws://127.0.0.1:{port}"
+    waiting = w.wait("mission.awaiting_approval", "worker", 15)["payload"]
+    mid = waiting["id"]
+
+    async def ctl(*args: str, client_key: Path | None) -> Any:
+        env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
+        env["GRACE_CLIENT_KEY"] = str(client_key or shortdir / "none.key")
+        return await trio.run_process([g.ctl_argv0(), "--url", url, *args], env=env,
+                                      capture_stdout=True, capture_stderr=True, check=False,
+                                      stdin=b"")
+
+    unsigned = await ctl("missions", "approve", str(mid), client_key=None)
+    assert unsigned.returncode == 4 and b"must be signed" in unsigned.stderr
+    unknown = await ctl("missions", "approve", str(mid), client_key=key_file)
+    assert unknown.returncode == 4 and b"not in [remediation] authorized_keys" in unknown.stderr
+    forged = await _send_raw(url, _signed(key, mid, time.time(), sign_with=other))
+    assert forged["error"]["code"] == "not_authorised"
+    assert "bad signature" in forged["error"]["message"]
+    stale = await _send_raw(url, _signed(key, mid, time.time() - 3600))
+    assert "stale request" in stale["error"]["message"]
+    assert mission(g, mid)["state"] == "awaiting_approval"
+    good = _signed(key, mid, time.time())
+    ok = await _send_raw(url, good)
+    assert ok["ok"], ok
+    w.wait("mission.resolved", "worker", 30)
+    m = mission(g, mid)
+    assert m["approvals"][0]["auth"] == f"signed request (ed25519 {key.kid})"
+    again = await _send_raw(url, good)
+    assert "replayed request" in again["error"]["message"]
+    assert g.stop() == 0
+    g.start()
+    port = json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["tcp_ports"][0]
+    after_restart = await _send_raw(f"ws://127.0.0.1:{port}", good)
+    assert "replayed request" in after_restart["error"]["message"]
+    refusals = g.ctl("tail", "--json", "--since", "1", "--no-follow",
+                     "mission.approval_refused", check=True).stdout.splitlines()
+    assert len(refusals) == 6
+    w.close()

@@ -118,14 +118,16 @@ class Signer:
         return frame
 
 
-def check_signature(obj: dict[str, Any], public_key: bytes) -> bool:
-    """True if ``obj["sig"]`` is a valid Ed25519 signature of its signing bytes."""
+def check_signature(obj: dict[str, Any], public_key: bytes, *,
+                    data: bytes | None = None) -> bool:
+    """True if ``obj["sig"]`` is a valid Ed25519 signature of its signing bytes (or ``data``)."""
     sig = obj.get("sig")
     if not isinstance(sig, str):
         return False
     try:
         raw = unb64(sig)
-        nacl.signing.VerifyKey(public_key).verify(signing_bytes(obj), raw)
+        nacl.signing.VerifyKey(public_key).verify(
+            signing_bytes(obj) if data is None else data, raw)
     except (ValueError, binascii.Error, nacl.exceptions.BadSignatureError, TypeError):
         return False
     except nacl.exceptions.CryptoError:

@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .canonical import canonical_bytes
 from .verify import ExitCode
 
 ERROR_EXIT = {
@@ -54,6 +55,14 @@ class Request:
     nonce: str
     method: str
     params: dict[str, Any] = field(default_factory=dict)
+    auth: dict[str, Any] | None = None
+
+
+def request_signing_bytes(req_id: Any, nonce: str, method: str, params: dict[str, Any],
+                          ts: float, kid: str) -> bytes:
+    """What a client signs to authenticate a request (see docs/protocol.md)."""
+    return canonical_bytes({"id": req_id, "nonce": nonce, "method": method, "params": params,
+                            "ts": ts, "kid": kid})
 
 
 def _depth(obj: Any, limit: int) -> int:
@@ -104,12 +113,19 @@ def parse_request(message: str | bytes, max_bytes: int) -> Request:
         raise RequestError("bad_request", "field 'params' must be an object", req_id, nonce)
     if _depth(params, MAX_DEPTH) > MAX_DEPTH:
         raise RequestError("bad_request", f"params nested deeper than {MAX_DEPTH}", req_id, nonce)
-    extra = sorted(set(obj) - {"id", "nonce", "method", "params"})
+    extra = sorted(set(obj) - {"id", "nonce", "method", "params", "auth"})
     if extra:
         raise RequestError(
             "bad_request", "unexpected field(s): " + ", ".join(extra), req_id, nonce
         )
-    return Request(id=req_id, nonce=nonce, method=method, params=params)
+    auth = obj.get("auth")
+    if auth is not None and not (
+        isinstance(auth, dict) and isinstance(auth.get("kid"), str)
+        and isinstance(auth.get("sig"), str)
+        and isinstance(auth.get("ts"), (int, float)) and not isinstance(auth.get("ts"), bool)
+    ):
+        raise RequestError("bad_request", "field 'auth' must be {kid, ts, sig}", req_id, nonce)
+    return Request(id=req_id, nonce=nonce, method=method, params=params, auth=auth)
 
 
 def response(req_id: Any, nonce: Any, ts: str, result: Any) -> dict[str, Any]:
