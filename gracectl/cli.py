@@ -460,6 +460,61 @@ def missions_reject(ctx: click.Context, mission_id: int, comment: str, as_json: 
     _decide(ctx, mission_id, comment, False, as_json)
 
 
+FINAL_STATES = ("resolved", "failed", "escalated", "rejected", "expired")
+
+
+@cli.command()
+@click.argument("mission_id", metavar="ID", type=int)
+@click.option("--state", "wanted", required=True, multiple=True, type=click.Choice(STATES),
+              help="The state to wait for (repeatable: any of them).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Give up after this long (exit 6).")
+@json_option
+@click.pass_context
+def wait(ctx: click.Context, mission_id: int, wanted: tuple[str, ...], timeout: float | None,
+         as_json: bool) -> None:
+    """Wait until mission ID reaches --state (for scripts).
+
+    Exits 0 when it does, 6 on --timeout, 1 if the mission ends in another final state,
+    5 if there is no such mission.
+    """
+    endpoint = _endpoint(ctx)
+
+    async def go() -> dict[str, Any]:
+        async with connect(endpoint, trust.pinned(endpoint.name)) as conn:
+            # Subscribe first, then read the current state: no transition can slip by.
+            await conn.request("subscribe", {"patterns": ["mission.*"], "since": None})
+            m = (await conn.request("missions.get", {"id": mission_id}))["mission"]
+            while True:
+                if m["state"] in wanted:
+                    return dict(m)
+                if m["state"] in FINAL_STATES:
+                    raise CtlError(f"mission {mission_id} ended {m['state']}, not "
+                                   f"{' or '.join(wanted)} ({m.get('reason') or ''})")
+                try:
+                    _, event = await conn.events.receive()
+                except trio.EndOfChannel:
+                    raise CtlError("graced closed the connection",
+                                   ExitCode.UNREACHABLE) from None
+                payload = event.get("payload")
+                if isinstance(payload, dict) and payload.get("id") == mission_id:
+                    m = {**m, **payload}
+
+    async def with_timeout() -> dict[str, Any]:
+        if timeout is None:
+            return await go()
+        with trio.move_on_after(timeout):
+            return await go()
+        raise CtlError(f"mission {mission_id} did not reach {' or '.join(wanted)} within "
+                       f"{timeout:g} s", ExitCode.TIMEOUT)
+
+    m = _run(with_timeout)
+    if as_json:
+        _print_json(m)
+    else:
+        stderr_note(f"mission {mission_id} is {m['state']}")
+
+
 @cli.command()
 @json_option
 @click.pass_context

@@ -96,6 +96,20 @@ def config_check(file: str) -> None:
     click.echo(f"{file}: ok")
 
 
+@config.command("units")
+@config_option
+def config_units(config_path: str | None) -> None:
+    """Print the systemd units the playbooks restart (for the polkit rule), one per line."""
+    from .config import Config
+
+    cfg = _load(config_path)
+    assert isinstance(cfg, Config)
+    units = sorted({st.unit for pb in cfg.playbook for st in pb.step
+                    if st.action == "restart_unit"})
+    for unit in units:
+        click.echo(unit)
+
+
 @config.command("default")
 def config_default() -> None:
     """Print the embedded default config as TOML."""

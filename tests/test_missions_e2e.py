@@ -270,6 +270,11 @@ def test_missions_cli_lists_shows_and_reports_not_found(watched) -> None:
     assert f"mission {mid}:" in shown and "timeline:" in shown and "-> open" in shown
     missing = g.ctl("missions", "show", "99999")
     assert missing.returncode == 5 and "no mission 99999" in missing.stderr
+    waited = g.ctl("wait", str(mid), "--state", "resolved", "--timeout", "1")
+    assert waited.returncode == 6 and "did not reach resolved" in waited.stderr
+    assert g.ctl("wait", "99999", "--state", "resolved").returncode == 5
+    now = g.ctl("wait", str(mid), "--state", "open", "--json", check=True)
+    assert json.loads(now.stdout)["id"] == mid
     # The mission survives a restart, still open, with no duplicate.
     assert g.stop() == 0
     g.start()

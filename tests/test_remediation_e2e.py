@@ -385,3 +385,18 @@ async def test_tcp_approvals_must_be_signed_fresh_and_never_replayed(make_graced
                      "mission.approval_refused", check=True).stdout.splitlines()
     assert len(refusals) == 6
     w.close()
+
+
+def test_a_shell_script_waits_approves_and_checks_resolution(make_graced, marker) -> None:
+    from tests.conftest import BIN, ROOT
+
+    g, w = setup(make_graced, process_detector(marker) + restart_playbook(marker, "high"))
+    env = dict(g.env, PATH=f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    res = subprocess.run(["sh", str(ROOT / "tests/scripts/approve_flow.sh")], env=env,
+                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "awaits approval" in res.stdout and "resolved" in res.stdout
+    ms = w.missions("worker")
+    assert ms[0]["state"] == "resolved"
+    assert ms[0]["approvals"][0]["comment"] == "approved by approve_flow.sh"
+    w.close()

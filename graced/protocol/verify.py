@@ -42,6 +42,7 @@ class ExitCode(enum.IntEnum):
     UNREACHABLE = 3
     NOT_AUTHORISED = 4
     NOT_FOUND = 5
+    TIMEOUT = 6
     BAD_SIGNATURE = 10
     CHAIN_BROKEN = 11
     REPLAYED = 12
