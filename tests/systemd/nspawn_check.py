@@ -54,13 +54,16 @@ def build_tree() -> None:
         return
     shutil.rmtree(TREE, ignore_errors=True)
     TREE.parent.mkdir(parents=True, exist_ok=True)
-    say("debootstrap bookworm (minbase + systemd, dbus, polkitd, python3) ...")
+    say("debootstrap bookworm (minbase + systemd, dbus, logind, polkitd, python3) ...")
     t0 = time.monotonic()
     res = run(["debootstrap", "--variant=minbase",
-               "--include=systemd,systemd-sysv,dbus,polkitd,python3,python3-venv,procps,curl",
+               "--include=systemd,systemd-sysv,dbus,libpam-systemd,polkitd,python3,python3-venv,procps,curl",
                "bookworm", str(TREE)])
     if res.returncode != 0:
-        raise SystemExit(f"debootstrap failed: {res.stdout[-2000:]}{res.stderr[-2000:]}")
+        # The mirror or the machine, not Grace: say so plainly and skip.
+        print(f"nspawn-check: SKIPPED: debootstrap failed: {res.stdout[-1500:]}"
+              f"{res.stderr[-500:]}", flush=True)
+        raise SystemExit(SKIP)
     (TREE / ".grace-ready").write_text("")
     say(f"root tree ready in {time.monotonic() - t0:.0f} s")
 
