@@ -115,17 +115,40 @@ def test_low_risk_signal_step_kills_a_memory_hog(make_graced) -> None:
 
 def test_high_risk_waits_notifies_and_runs_once_approved(make_graced, marker,
                                                          shortdir: Path) -> None:
+    import http.server
+    import threading
+
+    posted: list[dict[str, Any]] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            posted.append({"type": self.headers["Content-Type"], **json.loads(body)})
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
     note = shortdir / "notified.json"
     proc = start_sleeper(marker)
     g, w = setup(make_graced, process_detector(marker) + restart_playbook(marker, "high")
                  + f'\n[[notifier]]\nname = "file"\nkind = "command"\n'
-                   f'argv = ["sh", "-c", "cat > {note}"]\n')
+                   f'argv = ["sh", "-c", "cat > {note}"]\n'
+                   f'\n[[notifier]]\nname = "hook"\nkind = "webhook"\n'
+                   f'url = "http://127.0.0.1:{hook.server_address[1]}/grace"\n')
     _ready_tail(w, g)
     proc.kill()
     waiting = w.wait("mission.awaiting_approval", "worker", 10)["payload"]
     notified = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "executor.notified"))
-    assert notified.wait_for(lambda ls: len(ls) >= 1, 10)
+    assert notified.wait_for(lambda ls: len(ls) >= 2, 10)
     notified.proc.terminate()
+    assert all(e["payload"]["ok"] for e in notified.events())
+    hook.shutdown()
+    assert posted and posted[0]["type"] == "application/json"
+    assert posted[0]["mission"]["id"] == waiting["id"]
     sent = json.loads(note.read_text())
     assert sent["mission"]["id"] == waiting["id"]
     assert sent["mission"]["state"] == "awaiting_approval"

@@ -183,8 +183,8 @@ class MissionEngine:
                     "result": "passed", "at": now,
                     "after_s": round(now - (m.verify_started or m.updated_at), 3),
                     "detail": f"{detector} normal for {m.normal_streak} consecutive samples"}
-            self._move(m, "resolved", now,
-                       f"{detector} normal for {m.normal_streak} consecutive samples")
+            m.reason = f"{detector} normal for {m.normal_streak} consecutive samples"
+            self._move(m, "resolved", now, m.reason)
             m.closed_at = now
             del self.active[key]
             self.last_resolved[key] = now

@@ -125,25 +125,42 @@ def install_grace() -> None:
 
 class Container:
     def __init__(self) -> None:
+        self.log = open(CACHE / "nspawn.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
             ["systemd-nspawn", "--quiet", "-D", str(TREE), "--machine", MACHINE, "--boot",
-             "--register=no"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
+             "--register=no", "--keep-unit"], stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=self.log)
         self.pid = self._leader()
 
     def _leader(self) -> int:
+        """The container's PID 1: the shallowest 'systemd' descending from nspawn."""
         deadline = time.monotonic() + 60
-        tree = str(TREE.resolve())
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit("systemd-nspawn exited: "
+                                 + (CACHE / "nspawn.log").read_text()[-2000:])
+            parent: dict[int, int] = {}
+            comm: dict[int, str] = {}
             for entry in Path("/proc").iterdir():
                 if not entry.name.isdigit():
                     continue
                 try:
-                    if (entry / "comm").read_text().strip() == "systemd" and \
-                            os.readlink(entry / "root") == tree:
-                        return int(entry.name)
-                except OSError:
+                    stat = (entry / "stat").read_text()
+                    comm[int(entry.name)] = stat[stat.index("(") + 1:stat.rindex(")")]
+                    parent[int(entry.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+                except (OSError, ValueError):
                     continue
+            best: tuple[int, int] | None = None
+            for pid, name in comm.items():
+                if name != "systemd":
+                    continue
+                depth, p = 0, pid
+                while p in parent and p != self.proc.pid and depth < 10:
+                    p, depth = parent[p], depth + 1
+                if p == self.proc.pid and (best is None or depth < best[0]):
+                    best = (depth, pid)
+            if best is not None:
+                return best[1]
             time.sleep(0.2)
         raise SystemExit("the container's systemd did not appear")
 
