@@ -11,6 +11,7 @@ import dataclasses
 import re
 import tomllib
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -448,25 +449,38 @@ def _build_table(cls: type, data: Any, table: str, where: Any, label: str = "") 
     return cls(**kwargs)
 
 
-def _build_detectors(value: Any, where: Any) -> list[DetectorConfig]:
+def _tables(value: Any, name: str, where: Any) -> Iterator[tuple[Any, Any, str]]:
+    """Each table of an array of tables, with its locator and a label for messages."""
     if not isinstance(value, list):
-        raise ConfigError(f"{where('', 'detector')}detector: must be an array of tables "
-                          "([[detector]])")
-    out: list[DetectorConfig] = []
-    names: set[str] = set()
+        raise ConfigError(f"{where('', name)}{name}: must be an array of tables ([[{name}]])")
     for index, item in enumerate(value):
         def at(table: str, key: str | None, index: int = index) -> str:
             return where(table, key, index)
 
-        name = item.get("name") if isinstance(item, dict) else None
-        label = f"[[detector]] #{index + 1}" + (f" ({name})" if isinstance(name, str) else "")
+        title = item.get("name") if isinstance(item, dict) else None
+        label = f"[[{name}]] #{index + 1}" + (f" ({title})" if isinstance(title, str) else "")
+        if not isinstance(item, dict):
+            raise ConfigError(f"{at(name, None)}{label} must be a table")
+        yield item, at, label
+
+
+def _named(obj: Any, required: tuple[str, ...], names: set[str], at: Any, label: str,
+           table: str) -> None:
+    """Required keys are present and the name is unique among its kind."""
+    for key in required:
+        if not getattr(obj, key):
+            raise ConfigError(f"{at(table, None)}{label} {key}: missing")
+    if obj.name in names:
+        raise ConfigError(f"{at(table, 'name')}{label} name: duplicate {table} name")
+    names.add(obj.name)
+
+
+def _build_detectors(value: Any, where: Any) -> list[DetectorConfig]:
+    out: list[DetectorConfig] = []
+    names: set[str] = set()
+    for item, at, label in _tables(value, "detector", where):
         det = _build_table(DetectorConfig, item, "detector", at, label)
-        for key in ("name", "kind"):
-            if not getattr(det, key):
-                raise ConfigError(f"{at('detector', None)}{label} {key}: missing")
-        if det.name in names:
-            raise ConfigError(f"{at('detector', 'name')}{label} name: duplicate detector name")
-        names.add(det.name)
+        _named(det, ("name", "kind"), names, at, label, "detector")
         problem = det.problem()
         if problem:
             raise ConfigError(f"{at('detector', problem[0])}{label} {problem[0]}: {problem[1]}")
@@ -474,33 +488,15 @@ def _build_detectors(value: Any, where: Any) -> list[DetectorConfig]:
     return out
 
 
-def _array(value: Any, name: str, where: Any) -> list[Any]:
-    if not isinstance(value, list):
-        raise ConfigError(f"{where('', name)}{name}: must be an array of tables ([[{name}]])")
-    return value
-
-
 def _build_playbooks(value: Any, where: Any) -> list[PlaybookConfig]:
     out: list[PlaybookConfig] = []
     names: set[str] = set()
     step_index = 0
-    for index, item in enumerate(_array(value, "playbook", where)):
-        def at(table: str, key: str | None, index: int = index) -> str:
-            return where(table, key, index)
-
-        name = item.get("name") if isinstance(item, dict) else None
-        label = f"[[playbook]] #{index + 1}" + (f" ({name})" if isinstance(name, str) else "")
-        if not isinstance(item, dict):
-            raise ConfigError(f"{at('playbook', None)}{label} must be a table")
+    for item, at, label in _tables(value, "playbook", where):
         raw_steps = item.get("step", [])
         body = {k: v for k, v in item.items() if k != "step"}
         pb = _build_table(PlaybookConfig, body, "playbook", at, label)
-        for key in ("name", "risk"):
-            if not getattr(pb, key):
-                raise ConfigError(f"{at('playbook', None)}{label} {key}: missing")
-        if pb.name in names:
-            raise ConfigError(f"{at('playbook', 'name')}{label} name: duplicate playbook name")
-        names.add(pb.name)
+        _named(pb, ("name", "risk"), names, at, label, "playbook")
         bad = [s for s in pb.severities if s not in SEVERITIES]
         if bad:
             raise ConfigError(f"{at('playbook', 'severities')}{label} severities: {bad[0]!r} "
@@ -527,12 +523,10 @@ def _build_playbooks(value: Any, where: Any) -> list[PlaybookConfig]:
 
 def _build_notifiers(value: Any, where: Any) -> list[NotifierConfig]:
     out: list[NotifierConfig] = []
-    for index, item in enumerate(_array(value, "notifier", where)):
-        def at(table: str, key: str | None, index: int = index) -> str:
-            return where(table, key, index)
-
-        label = f"[[notifier]] #{index + 1}"
+    names: set[str] = set()
+    for item, at, label in _tables(value, "notifier", where):
         nt = _build_table(NotifierConfig, item, "notifier", at, label)
+        _named(nt, ("name",), names, at, label, "notifier")
         if nt.kind not in ("command", "webhook"):
             raise ConfigError(f"{at('notifier', 'kind')}{label} kind: must be \"command\" "
                               "or \"webhook\"")
