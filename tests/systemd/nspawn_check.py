@@ -77,6 +77,9 @@ def install_grace() -> None:
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(wheels, dest)
     shutil.rmtree(TREE / "opt/grace", ignore_errors=True)
+    # A fresh start each run: no state left by an earlier run of this check.
+    for old in ("var/lib/graced", "var/lib/private/graced", "etc/graced"):
+        shutil.rmtree(TREE / old, ignore_errors=True)
     res = run(["chroot", str(TREE), "sh", "-c",
                "python3 -m venv /opt/grace && /opt/grace/bin/pip install -q --no-index "
                "--find-links /opt/grace-wheels grace && "
