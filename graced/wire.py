@@ -41,6 +41,7 @@ MAX_PATTERNS = 64
 MAX_PATTERN_LEN = 200
 REPLAY_CHUNK = 2000
 COALESCE = 512
+LISTEN_BACKLOG = 1024
 
 
 @dataclass
@@ -199,7 +200,9 @@ class Server:
         finally:
             os.umask(old)
         os.chmod(path, self.socket_mode)
-        sock.listen(128)
+        # A deep backlog: a burst of clients connecting at once must queue, not stall
+        # (a Unix-socket connect() to a full backlog fails with EAGAIN).
+        sock.listen(LISTEN_BACKLOG)
         return trio.SocketListener(sock)
 
     async def _tcp_listeners(self) -> list[trio.SocketListener]:
@@ -208,7 +211,8 @@ class Server:
             host, _, port = item.rpartition(":")
             host = host.strip("[]")
             try:
-                ls = await trio.open_tcp_listeners(int(port), host=host)
+                ls = await trio.open_tcp_listeners(int(port), host=host,
+                                                   backlog=LISTEN_BACKLOG)
             except OSError as exc:
                 raise StartupError(
                     f"cannot listen on {item}: {exc.strerror}", DaemonExit.SOCKET
