@@ -515,16 +515,21 @@ def wait(ctx: click.Context, mission_id: int, wanted: tuple[str, ...], timeout: 
         stderr_note(f"mission {mission_id} is {m['state']}")
 
 
+def _pause_or_resume(ctx: click.Context, method: str, done: str, already: str,
+                     as_json: bool) -> None:
+    result = _run(lambda: _call(_endpoint(ctx), method, {}))
+    if as_json:
+        _print_json(result)
+    else:
+        stderr_note(done if result["changed"] else already)
+
+
 @cli.command()
 @json_option
 @click.pass_context
 def pause(ctx: click.Context, as_json: bool) -> None:
     """Stop all automatic execution (persisted across restarts)."""
-    result = _run(lambda: _call(_endpoint(ctx), "pause", {}))
-    if as_json:
-        _print_json(result)
-    else:
-        stderr_note("paused" if result["changed"] else "already paused")
+    _pause_or_resume(ctx, "pause", "paused", "already paused", as_json)
 
 
 @cli.command()
@@ -532,11 +537,7 @@ def pause(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def resume(ctx: click.Context, as_json: bool) -> None:
     """Resume automatic execution; missions deferred while paused are considered again."""
-    result = _run(lambda: _call(_endpoint(ctx), "resume", {}))
-    if as_json:
-        _print_json(result)
-    else:
-        stderr_note("resumed" if result["changed"] else "not paused")
+    _pause_or_resume(ctx, "resume", "resumed", "not paused", as_json)
 
 
 # -- detectors --------------------------------------------------------------------

@@ -27,6 +27,17 @@ class Observation:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+class SimpleDetector:
+    """A detector with one subject and nothing to release: the common base."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+        self.subject = config.effective_subject
+
+    def close(self) -> None:
+        pass
+
+
 class Detector(Protocol):
     config: DetectorConfig
 

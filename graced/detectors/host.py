@@ -9,19 +9,10 @@ import time
 import psutil
 
 from ..config import DetectorConfig
-from .base import Observation
+from .base import Observation, SimpleDetector
 
 
-class _Simple:
-    def __init__(self, config: DetectorConfig) -> None:
-        self.config = config
-        self.subject = config.effective_subject
-
-    def close(self) -> None:
-        pass
-
-
-class Memory(_Simple):
+class Memory(SimpleDetector):
     def sample(self) -> list[Observation]:
         vm = psutil.virtual_memory()
         return [Observation(self.subject, vm.percent, "%",
@@ -29,14 +20,14 @@ class Memory(_Simple):
                                     "total_mb": vm.total // 2**20})]
 
 
-class Swap(_Simple):
+class Swap(SimpleDetector):
     def sample(self) -> list[Observation]:
         sw = psutil.swap_memory()
         return [Observation(self.subject, sw.percent if sw.total else 0.0, "%",
                             detail={"used_mb": sw.used // 2**20, "total_mb": sw.total // 2**20})]
 
 
-class Cpu(_Simple):
+class Cpu(SimpleDetector):
     """CPU busy %, averaged over ``window`` seconds: a saturated host, not a busy second."""
 
     def __init__(self, config: DetectorConfig) -> None:
@@ -55,7 +46,7 @@ class Cpu(_Simple):
                             detail={"now": pct, "window_s": self.config.window})]
 
 
-class Load(_Simple):
+class Load(SimpleDetector):
     def sample(self) -> list[Observation]:
         one, five, fifteen = os.getloadavg()
         cores = os.cpu_count() or 1
@@ -64,7 +55,7 @@ class Load(_Simple):
                                     "cores": cores})]
 
 
-class Disk(_Simple):
+class Disk(SimpleDetector):
     def sample(self) -> list[Observation]:
         st = os.statvfs(self.config.path)
         total = st.f_blocks * st.f_frsize
@@ -77,7 +68,7 @@ class Disk(_Simple):
                                     "free_mb": avail // 2**20})]
 
 
-class Inodes(_Simple):
+class Inodes(SimpleDetector):
     def sample(self) -> list[Observation]:
         st = os.statvfs(self.config.path)
         if not st.f_files:
@@ -87,7 +78,7 @@ class Inodes(_Simple):
                             detail={"inodes": st.f_files, "free": st.f_ffree})]
 
 
-class FileValue(_Simple):
+class FileValue(SimpleDetector):
     """A number read from a file (e.g. a metric another program writes)."""
 
     def sample(self) -> list[Observation]:

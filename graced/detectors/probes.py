@@ -13,20 +13,10 @@ import time
 import urllib.error
 import urllib.request
 
-from ..config import DetectorConfig
-from .base import Observation
+from .base import Observation, SimpleDetector
 
 
-class _Probe:
-    def __init__(self, config: DetectorConfig) -> None:
-        self.config = config
-        self.subject = config.effective_subject
-
-    def close(self) -> None:
-        pass
-
-
-class TcpProbe(_Probe):
+class TcpProbe(SimpleDetector):
     def sample(self) -> list[Observation]:
         cfg = self.config
         started = time.perf_counter()
@@ -58,7 +48,7 @@ class TcpProbe(_Probe):
         return [Observation(self.subject, round((time.perf_counter() - started) * 1000, 3), "ms")]
 
 
-class SqliteProbe(_Probe):
+class SqliteProbe(SimpleDetector):
     def sample(self) -> list[Observation]:
         cfg = self.config
         started = time.perf_counter()
@@ -74,7 +64,7 @@ class SqliteProbe(_Probe):
         return [Observation(self.subject, round((time.perf_counter() - started) * 1000, 3), "ms")]
 
 
-class CommandProbe(_Probe):
+class CommandProbe(SimpleDetector):
     def sample(self) -> list[Observation]:
         cfg = self.config
         started = time.perf_counter()
@@ -94,7 +84,7 @@ class CommandProbe(_Probe):
         return [Observation(self.subject, ms, "ms")]
 
 
-class HttpProbe(_Probe):
+class HttpProbe(SimpleDetector):
     def sample(self) -> list[Observation]:
         cfg = self.config
         started = time.perf_counter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psutil
 
 from ..config import DetectorConfig
-from .base import Observation
+from .base import Observation, SimpleDetector
 
 
 def _matching(cfg: DetectorConfig) -> list[psutil.Process]:
@@ -26,12 +26,11 @@ def _matching(cfg: DetectorConfig) -> list[psutil.Process]:
     return found
 
 
-class ProcessPresence:
+class ProcessPresence(SimpleDetector):
     """Value: how many processes match. Fewer than min_count, or a pid change, is an anomaly."""
 
     def __init__(self, config: DetectorConfig) -> None:
-        self.config = config
-        self.subject = config.effective_subject
+        super().__init__(config)
         self._pids: set[int] | None = None
 
     def sample(self) -> list[Observation]:
@@ -48,16 +47,9 @@ class ProcessPresence:
         self._pids = pids
         return [obs]
 
-    def close(self) -> None:
-        pass
 
-
-class ProcessRss:
+class ProcessRss(SimpleDetector):
     """Value: total resident memory of the matching processes, in MB."""
-
-    def __init__(self, config: DetectorConfig) -> None:
-        self.config = config
-        self.subject = config.effective_subject
 
     def sample(self) -> list[Observation]:
         total = 0
@@ -73,6 +65,3 @@ class ProcessRss:
                                 failed=f"no process named {self.config.process!r} running")]
         return [Observation(self.subject, round(total / 2**20, 1), "MB",
                             detail={"processes": count})]
-
-    def close(self) -> None:
-        pass
