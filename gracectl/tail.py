@@ -15,7 +15,7 @@ from graced.mesh import compile_patterns
 from graced.protocol import ChainVerifier, ExitCode, Violation, key_id, parse_ts
 
 from .client import Endpoint, connect
-from .errors import CtlError, Unreachable
+from .errors import Unreachable
 
 
 def format_event(event: dict[str, Any]) -> str:
@@ -228,14 +228,6 @@ def verify_lines(lines: Iterable[str], public_key: bytes,
         prev_ts, prev_topic = ts, event["topic"]
     verifier.flush()
     return verifier.count, first, verifier.last_seq
-
-
-def write_safely(out: IO[str], text: str) -> None:
-    try:
-        out.write(text)
-        out.flush()
-    except BrokenPipeError:
-        raise CtlError("stdout closed", ExitCode.OK) from None
 
 
 def stderr_note(message: str) -> None:

@@ -145,17 +145,6 @@ class Journal:
         """Read with the writer's connection (call from the writer's side only)."""
         return list(self._conn.execute(sql, params).fetchall())
 
-    def get_meta(self, key: str) -> str | None:
-        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
-
-    def set_meta(self, key: str, value: str) -> None:
-        self._conn.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
-
     def size_bytes(self) -> int:
         total = 0
         for suffix in ("", "-wal"):

@@ -163,10 +163,6 @@ class Mesh:
         self._subs.add(sub)
         return sub
 
-    @property
-    def has_room(self) -> bool:
-        return len(self._pending) < self.max_pending
-
     async def wait_room(self) -> None:
         """Block while too much is queued (back-pressure for bulk producers)."""
         while len(self._pending) >= self.max_pending:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -280,7 +279,6 @@ def test_missions_cli_lists_shows_and_reports_not_found(watched) -> None:
     g.start()
     again = json.loads(g.ctl("missions", "ls", "--json", check=True).stdout)
     assert [m["id"] for m in again] == [mid]
-    _ = signal
 
 
 def test_a_failing_detector_is_reported_restarted_and_harmless(make_graced) -> None:

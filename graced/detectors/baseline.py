@@ -146,6 +146,3 @@ class Baseline:
         state = BaselineState(**data.get("state", {}))
         return cls(params, state)
 
-
-def is_finite(x: float) -> bool:
-    return not (math.isnan(x) or math.isinf(x))

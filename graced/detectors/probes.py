@@ -16,6 +16,11 @@ import urllib.request
 from .base import Observation, SimpleDetector
 
 
+def _elapsed_ms(started: float) -> float:
+    """Milliseconds since ``started`` (a perf_counter reading), to the microsecond."""
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
 class TcpProbe(SimpleDetector):
     def sample(self) -> list[Observation]:
         cfg = self.config
@@ -45,7 +50,7 @@ class TcpProbe(SimpleDetector):
         except OSError as exc:
             return [Observation(self.subject, None,
                                 failed=f"{cfg.host}:{cfg.port}: {exc.strerror or exc}")]
-        return [Observation(self.subject, round((time.perf_counter() - started) * 1000, 3), "ms")]
+        return [Observation(self.subject, _elapsed_ms(started), "ms")]
 
 
 class SqliteProbe(SimpleDetector):
@@ -61,7 +66,7 @@ class SqliteProbe(SimpleDetector):
                 conn.close()
         except sqlite3.Error as exc:
             return [Observation(self.subject, None, failed=f"query failed: {exc}")]
-        return [Observation(self.subject, round((time.perf_counter() - started) * 1000, 3), "ms")]
+        return [Observation(self.subject, _elapsed_ms(started), "ms")]
 
 
 class CommandProbe(SimpleDetector):
@@ -76,7 +81,7 @@ class CommandProbe(SimpleDetector):
                                 failed=f"{cfg.argv[0]} timed out after {cfg.timeout:g} s")]
         except OSError as exc:
             return [Observation(self.subject, None, failed=f"{cfg.argv[0]}: {exc.strerror}")]
-        ms = round((time.perf_counter() - started) * 1000, 3)
+        ms = _elapsed_ms(started)
         if res.returncode != 0:
             tail = res.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
             return [Observation(self.subject, ms, "ms",
@@ -97,7 +102,7 @@ class HttpProbe(SimpleDetector):
         except (urllib.error.URLError, TimeoutError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             return [Observation(self.subject, None, failed=f"GET {cfg.url}: {reason}")]
-        ms = round((time.perf_counter() - started) * 1000, 3)
+        ms = _elapsed_ms(started)
         if status != cfg.expect_status:
             return [Observation(self.subject, ms, "ms",
                                 failed=f"GET {cfg.url}: status {status}, expected "
