@@ -146,6 +146,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
                     f"{w['dropped_total']} dropped, {w['refused_total']} refused"),
         ("socket", w["socket"] + (f"; tcp ports {w['tcp_ports']}" if w["tcp_ports"] else "")),
     ]
+    lr = st.get("learning")
+    if lr:
+        rate = "-" if lr["success_rate_7d"] is None else f"{lr['success_rate_7d'] * 100:.0f}%"
+        share = "-" if lr["consulted_share"] is None else f"{lr['consulted_share'] * 100:.0f}%"
+        rows.append(("learning", f"{lr['strategy']}; {lr['patterns']} patterns, "
+                                 f"{lr['outcomes']} outcomes; success {rate} (7 days); memory "
+                                 f"consulted for {share} of missions"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")
@@ -648,3 +655,5 @@ def main() -> None:
             sys.exit(0)
 
 
+# The learning commands register themselves on the groups above.
+from . import learn  # noqa: E402, F401

@@ -31,6 +31,8 @@ from .detectors.runner import DetectorRunner
 from .errors import DaemonExit, StartupError, StateError
 from .executor import Budgets, Executor
 from .journal import Journal, JournalReader
+from .learning import Learning
+from .learning import knowledge as kb
 from .mesh import Mesh
 from .missions import store
 from .missions.engine import ACTIVE, SEVERITIES, STATES, MissionEngine
@@ -98,6 +100,7 @@ class Daemon:
         self.engine: MissionEngine | None = None
         self.runner: DetectorRunner | None = None
         self.executor: Executor | None = None
+        self.learning: Learning | None = None
         self.used_nonces: set[str] = set()
         self.authorized_keys: list[bytes] = []
         for line in config.remediation.authorized_keys:
@@ -124,12 +127,18 @@ class Daemon:
         meta: dict[str, str] = {
             str(k): str(v) for k, v in await trio.to_thread.run_sync(
                 journal.query, "SELECT key, value FROM meta")}
+        patterns = await trio.to_thread.run_sync(
+            journal.query, "SELECT signature, playbook, source, detector, subject, successes, "
+            "failures, ttr_total, ttr_count, first_seen, last_seen FROM patterns")
+        learning = Learning(cfg.learning, kb.Knowledge(patterns), journal.path)
+        self.learning = learning
         executor = Executor(config=cfg.remediation, playbooks=list(cfg.playbook),
                             notifiers=list(cfg.notifier), mesh=mesh, engine=engine,
                             paused=meta.get("paused") == "1",
-                            budgets=Budgets.load(meta.get("budgets")))
+                            budgets=Budgets.load(meta.get("budgets")), learning=learning)
         self.executor = executor
-        runner = DetectorRunner(list(cfg.detector), mesh, engine, states, executor.consider)
+        runner = DetectorRunner(list(cfg.detector), mesh, engine, states, executor.consider,
+                                learning.outcome)
         self.runner = runner
         server = Server(
             mesh=mesh,
@@ -154,6 +163,12 @@ class Daemon:
                 "detectors": self._detectors,
                 "missions.approve": self._approve,
                 "missions.reject": self._reject,
+                "missions.similar": self._missions_similar,
+                "knowledge.list": self._knowledge_list,
+                "knowledge.show": self._knowledge_show,
+                "knowledge.export": self._knowledge_export,
+                "knowledge.import": self._knowledge_import,
+                "knowledge.stats": self._knowledge_stats,
                 "pause": self._pause,
                 "resume": self._resume,
             },
@@ -199,6 +214,7 @@ class Daemon:
                     nursery.cancel_scope.cancel()
         finally:
             mesh.close()
+            learning.close()
             await trio.to_thread.run_sync(journal.close)
             os.close(self._lock_fd)
         log.info("stopped cleanly at seq %d", mesh.delivered_seq)
@@ -312,7 +328,15 @@ class Daemon:
             },
             "wire": self.server.status(),
             "executor": self.executor.status() if self.executor else None,
+            "learning": await self._learning_summary(),
         }
+
+    async def _learning_summary(self) -> dict[str, Any] | None:
+        if self.learning is None:
+            return None
+        st = await self.learning.stats(time.time(), weeks=1, days=1)
+        return {k: st[k] for k in ("strategy", "patterns", "outcomes", "playbook_runs",
+                                   "success_rate", "success_rate_7d", "consulted_share")}
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         assert self.mesh is not None
@@ -346,13 +370,89 @@ class Daemon:
         return {"missions": [store.from_row(r).public() for r in rows], "now": time.time()}
 
     async def _missions_get(self, client: Client, req: Request) -> Any:
+        return {"mission": (await self._mission(req)).public(), "now": time.time()}
+
+    async def _mission(self, req: Request) -> Any:
         mid = req.params.get("id")
         if not isinstance(mid, int) or isinstance(mid, bool):
             raise RequestError("bad_request", "params.id must be an integer")
         rows = await self._read(f"{store.SELECT} WHERE id = ?", (mid,))
         if not rows:
             raise RequestError("not_found", f"no mission {mid}")
-        return {"mission": store.from_row(rows[0]).public(), "now": time.time()}
+        return store.from_row(rows[0])
+
+    async def _missions_similar(self, client: Client, req: Request) -> Any:
+        assert self.learning is not None
+        limit = req.params.get("limit", self.config.learning.similar_limit)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
+            raise RequestError("bad_request", "params.limit must be an integer 1-1000")
+        m = await self._mission(req)
+        started = time.perf_counter()
+        similar = await self.learning.similar(m, limit)
+        return {"mission": m.brief(), "similar": similar,
+                "lookup_ms": round((time.perf_counter() - started) * 1000, 3),
+                "recorded": m.similar if m.decision is not None else None}
+
+    async def _knowledge_list(self, client: Client, req: Request) -> Any:
+        assert self.learning is not None
+        return {"patterns": self.learning.patterns(), "now": time.time()}
+
+    async def _knowledge_show(self, client: Client, req: Request) -> Any:
+        assert self.learning is not None
+        sig = req.params.get("pattern")
+        if not isinstance(sig, str):
+            raise RequestError("bad_request", "params.pattern must be a string")
+        known = self.learning.knowledge.patterns
+        if sig not in known:
+            near = [p for p in known if sig in p][:5]
+            raise RequestError("not_found", f"no pattern {sig!r}" + (
+                f" (did you mean: {', '.join(near)})" if near else ""))
+        cfg = self.config.learning
+        recent = await self._read(
+            "SELECT mission_id, playbook, outcome, success, ttr, closed_at FROM outcomes "
+            "WHERE signature = ? ORDER BY mission_id DESC LIMIT 20", (sig,))
+        return {"pattern": self.learning.knowledge.summary(sig, cfg.demote_after,
+                                                           cfg.demote_below),
+                "recent": [dict(zip(("id", "playbook", "outcome", "success", "ttr",
+                                     "closed_at"), r, strict=True)) for r in recent],
+                "now": time.time()}
+
+    async def _knowledge_export(self, client: Client, req: Request) -> Any:
+        assert self.learning is not None
+        return self.learning.knowledge.export(self.daemon_id, self.hostname, time.time())
+
+    async def _knowledge_import(self, client: Client, req: Request) -> Any:
+        assert self.learning is not None and self.executor is not None
+        assert self.mesh is not None
+        peer = client.peer
+        if peer.transport != "unix" or not self.executor.may_approve(peer.uid, peer.gid,
+                                                                     peer.pid):
+            raise RequestError("not_authorised", "knowledge import needs an approver over the "
+                               "Unix socket")
+        p = req.params
+        source, host, replace = p.get("source"), p.get("host", ""), p.get("replace", True)
+        if not isinstance(source, str) or not source or len(source) > 200:
+            raise RequestError("bad_request", "params.source must be a non-empty string")
+        if source in (self.daemon_id, kb.LOCAL):
+            raise RequestError("invalid", "this knowledge was exported by this daemon; "
+                               "importing it would count its outcomes twice")
+        if not isinstance(host, str) or not isinstance(replace, bool):
+            raise RequestError("bad_request", "params.host must be a string, params.replace "
+                               "a boolean")
+        try:
+            patterns = kb.check(p.get("patterns"))
+        except ValueError as exc:
+            raise RequestError("bad_request", f"params.{exc}") from None
+        writes = self.learning.knowledge.import_(source, patterns, replace)
+        await self.mesh.publish("learning.imported", {
+            "source": source, "host": host, "patterns": len(patterns), "replace": replace,
+            "by_uid": peer.uid}, writes=writes)
+        return {"imported": len(patterns), "source": source,
+                "patterns": len(self.learning.knowledge.patterns)}
+
+    async def _knowledge_stats(self, client: Client, req: Request) -> Any:
+        assert self.learning is not None
+        return await self.learning.stats(time.time())
 
     async def _decide(self, client: Client, req: Request, approve: bool) -> Any:
         assert self.executor is not None and self.mesh is not None

@@ -315,6 +315,28 @@ class RemediationConfig:
     request_window: float = field(default=60.0, metadata=_check(_positive))
 
 
+def _strategy(v: str) -> str | None:
+    from .learning.ranking import STRATEGIES
+
+    return None if v in STRATEGIES else "must be one of " + ", ".join(
+        f'"{x}"' for x in STRATEGIES)
+
+
+def _fraction(v: float) -> str | None:
+    return None if 0 <= v <= 1 else "must be between 0 and 1"
+
+
+@dataclass(frozen=True)
+class LearningConfig:
+    """The ``[learning]`` table."""
+
+    strategy: str = field(default="thompson", metadata=_check(_strategy))
+    demote_after: int = field(default=3, metadata=_check(_positive))
+    demote_below: float = field(default=0.25, metadata=_check(_fraction))
+    similar_limit: int = field(default=10, metadata=_check(_positive))
+    text_weight: float = field(default=0.5, metadata=_check(_fraction))
+
+
 @dataclass(frozen=True)
 class MissionsConfig:
     """The ``[missions]`` table."""
@@ -334,6 +356,7 @@ class Config:
     missions: MissionsConfig = field(default_factory=MissionsConfig)
     detector: list[DetectorConfig] = field(default_factory=default_detectors)
     remediation: RemediationConfig = field(default_factory=RemediationConfig)
+    learning: LearningConfig = field(default_factory=LearningConfig)
     playbook: list[PlaybookConfig] = field(default_factory=list)
     notifier: list[NotifierConfig] = field(default_factory=list)
     source: str = field(default="<embedded default>", metadata={"internal": True})
@@ -574,7 +597,7 @@ def parse_config(text: str, source: str) -> Config:
     if version < 1:
         raise ConfigError(f"{where('', 'version')}version: must be at least 1")
     tables = {"daemon": DaemonConfig, "journal": JournalConfig, "missions": MissionsConfig,
-              "remediation": RemediationConfig}
+              "remediation": RemediationConfig, "learning": LearningConfig}
     built: dict[str, Any] = {}
     for key, value in data.items():
         if key == "detector":

@@ -1,11 +1,14 @@
 """The executor: policy, playbook steps, verification, approvals, notifications.
 
 Policy for a mission the engine opened (or one interrupted by a crash that is still
-anomalous): the first matching playbook is chosen. In observe mode, or while paused,
-nothing runs and ``executor.would_run`` records what would have. A flapping mission, or
-one whose playbook budget (per subject) or the global hourly cap is spent, escalates to
-a human. Low and medium risk run at once; high and critical wait in
-``awaiting_approval`` (the notifiers are told) until approved, rejected or expired.
+anomalous): the learning loop looks up similar past missions and ranks the matching
+playbooks by their record (see :mod:`graced.learning.ranking`); the choice is recorded
+on the mission. If every candidate is demoted for this symptom, the mission escalates.
+In observe mode, or while paused, nothing runs and ``executor.would_run`` records what
+would have. A flapping mission, or one whose playbook budget (per subject) or the
+global hourly cap is spent, escalates to a human. Low and medium risk run at once; high
+and critical wait in ``awaiting_approval`` (the notifiers are told) until approved,
+rejected or expired.
 
 Running: the ``executing`` transition is committed before the first step starts. Steps
 run in order with their timeouts; a failed or timed-out step stops the playbook and
@@ -38,6 +41,7 @@ import psutil
 import trio
 
 from .config import NotifierConfig, PlaybookConfig, RemediationConfig, StepConfig
+from .learning import Learning
 from .mesh import Mesh
 from .missions import store
 from .missions.engine import Mission, MissionEngine, Transition
@@ -118,8 +122,9 @@ class Executor:
 
     def __init__(self, *, config: RemediationConfig, playbooks: list[PlaybookConfig],
                  notifiers: list[NotifierConfig], mesh: Mesh, engine: MissionEngine,
-                 paused: bool, budgets: Budgets) -> None:
+                 paused: bool, budgets: Budgets, learning: Learning) -> None:
         self.config = config
+        self.learning = learning
         self.playbooks = playbooks
         self.notifiers = notifiers
         self.mesh = mesh
@@ -136,9 +141,13 @@ class Executor:
     # -- recording ---------------------------------------------------------------
 
     async def record(self, tr: Transition, *, durable: bool = True) -> None:
-        """Commit the mission row with its event; notify if the new state asks for it."""
-        write = store.upsert(tr.mission)
-        await self.mesh.publish(tr.topic, tr.mission.brief(), writes=[write], durable=durable)
+        """Commit the mission row (and its outcome, when final) with its event; notify if
+        the new state asks for it."""
+        more, events = self.learning.outcome(tr.mission, time.time())
+        await self.mesh.publish(tr.topic, tr.mission.brief(),
+                                writes=[store.upsert(tr.mission), *more], durable=durable)
+        for topic, payload in events:
+            self.mesh.publish_nowait(topic, payload)
         self.notify(tr.mission)
 
     def save(self, m: Mission) -> None:
@@ -236,10 +245,17 @@ class Executor:
         if m.state not in ("open", "interrupted") or m.id in self.considered:
             return
         self.considered.add(m.id)
-        pb = next((p for p in self.playbooks if matches(p, m)), None)
+        candidates = [p for p in self.playbooks if matches(p, m)]
+        decision = await self.learning.consult(m, candidates)
+        topic, payload = self.learning.consulted_event(m)
+        self.mesh.publish_nowait(topic, payload, writes=[store.upsert(m)])
+        now = time.time()
+        if decision.escalate:
+            await self.record(self.engine.transition(m, "escalated", now, decision.reason))
+            return
+        pb = self._playbook(decision.chosen)
         if pb is None:
             return
-        now = time.time()
         if self.config.mode == "observe":
             self.would_run(m, pb, "observe mode")
             return

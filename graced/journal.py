@@ -52,6 +52,47 @@ MIGRATIONS: list[str] = [
     """
     CREATE TABLE used_nonces (nonce TEXT PRIMARY KEY, kid TEXT NOT NULL, ts REAL NOT NULL);
     """,
+    # 4: outcome memory (with its full-text index) and learned patterns
+    """
+    CREATE TABLE outcomes (
+        mission_id    INTEGER PRIMARY KEY,
+        signature     TEXT NOT NULL,
+        detector      TEXT NOT NULL,
+        kind          TEXT NOT NULL,
+        subject       TEXT NOT NULL,
+        severity      TEXT NOT NULL,
+        summary       TEXT NOT NULL,
+        sample_values TEXT NOT NULL,
+        playbook      TEXT,
+        steps         TEXT NOT NULL,
+        outcome       TEXT NOT NULL,
+        ran           INTEGER NOT NULL,
+        success       INTEGER,
+        ttr           REAL,
+        approved_by   TEXT,
+        opened_at     REAL NOT NULL,
+        closed_at     REAL NOT NULL,
+        consulted     INTEGER NOT NULL,
+        interrupted   INTEGER NOT NULL
+    );
+    CREATE INDEX outcomes_key ON outcomes (detector, subject, mission_id);
+    CREATE INDEX outcomes_closed ON outcomes (closed_at);
+    CREATE VIRTUAL TABLE outcomes_fts USING fts5(symptoms);
+    CREATE TABLE patterns (
+        signature  TEXT NOT NULL,
+        playbook   TEXT NOT NULL,
+        source     TEXT NOT NULL,
+        detector   TEXT NOT NULL,
+        subject    TEXT NOT NULL,
+        successes  REAL NOT NULL,
+        failures   REAL NOT NULL,
+        ttr_total  REAL NOT NULL,
+        ttr_count  REAL NOT NULL,
+        first_seen REAL NOT NULL,
+        last_seen  REAL NOT NULL,
+        PRIMARY KEY (signature, playbook, source)
+    );
+""",
 ]
 
 Write = tuple[str, tuple[object, ...]]

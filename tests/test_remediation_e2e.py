@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -311,6 +312,11 @@ def test_kill9_during_a_long_step_interrupts_and_does_not_run_it_twice(make_grac
     assert m["verification"]["result"] == "passed"
     assert "interrupted" in [t["to"] for t in m["timeline"]]
     assert count.read_text().count("ran") == 1
+    # Outcome memory kept it, interruption included.
+    with sqlite3.connect(g.state / "journal.db") as db:
+        row = db.execute("SELECT outcome, interrupted, ran, success FROM outcomes WHERE "
+                         "mission_id = ?", (m["id"],)).fetchone()
+    assert row == ("resolved", 1, 1, 1)
     w.close()
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from ..config import DetectorConfig
+from ..journal import Write
 from ..mesh import Mesh
 from ..missions import store
 from ..missions.engine import Mission, MissionEngine, Transition
@@ -27,6 +28,9 @@ from .base import build_detector
 from .scoring import Scorer
 
 log = logging.getLogger("graced.detectors")
+
+# Writes and events that go with a final mission (the learning loop's outcome memory).
+Outcome = Callable[[Mission, float], tuple[list[Write], list[tuple[str, dict[str, Any]]]]]
 
 HISTORY = 300  # recent values kept per subject (sparklines, status)
 
@@ -36,8 +40,10 @@ class DetectorRunner:
 
     def __init__(self, detectors: list[DetectorConfig], mesh: Mesh, engine: MissionEngine,
                  states: dict[str, dict[str, Any]],
-                 on_mission: Callable[[Mission], None] | None = None) -> None:
+                 on_mission: Callable[[Mission], None] | None = None,
+                 outcome: Outcome | None = None) -> None:
         self.on_mission = on_mission
+        self.outcome = outcome
         self.detectors = [d for d in detectors if d.enabled]
         self.mesh = mesh
         self.engine = engine
@@ -141,8 +147,11 @@ class DetectorRunner:
                     self.on_mission(m)
 
     def _record(self, tr: Transition) -> None:
-        write = store.upsert(tr.mission)
-        if tr.topic:
-            self.mesh.publish_nowait(tr.topic, tr.mission.brief(), writes=[write])
-        else:
-            self.mesh.store([write])
+        writes = [store.upsert(tr.mission)]
+        if not tr.topic:
+            self.mesh.store(writes)
+            return
+        more, events = self.outcome(tr.mission, time.time()) if self.outcome else ([], [])
+        self.mesh.publish_nowait(tr.topic, tr.mission.brief(), writes=writes + more)
+        for topic, payload in events:
+            self.mesh.publish_nowait(topic, payload)

@@ -8,8 +8,12 @@ occurrence count, last value and summary). A normal observation counts towards
 ``resolve_after`` consecutive normal samples, after which the mission is resolved by
 itself (hysteresis). A mission opened within ``flap_window`` seconds after the last
 one for the same key was resolved is *flapping*: flagged, and its severity raised one
-level. Each transition comes back as a :class:`Transition` (topic and payload for the
-signed journal, and the mission to store); callers commit both together.
+level. A mission closed as escalated, rejected or expired hands the symptom to a human:
+no new mission opens for that key until the detector has seen it normal again (no storm
+of missions while a person looks). A failed one may reopen at once: another attempt,
+bounded by the playbook budgets and by demotion. Each transition comes back as a
+:class:`Transition` (topic and payload for the signed journal, and the mission to
+store); callers commit both together.
 
 States: detected, open, awaiting_approval, approved, executing, verifying, and the
 final ones: resolved, failed, escalated, rejected, expired.
@@ -26,6 +30,7 @@ ACTIVE = ("detected", "open", "awaiting_approval", "approved", "executing", "ver
           "interrupted")
 FINAL = ("resolved", "failed", "escalated", "rejected", "expired")
 STATES = ACTIVE + FINAL
+HANDED_OVER = ("escalated", "rejected", "expired")
 # Active states in which a run of normal samples resolves the mission by itself.
 WATCHING = ("open", "detected", "verifying", "interrupted")
 MAX_SAMPLES = 10
@@ -66,6 +71,9 @@ class Mission:
     expires_at: float | None = None
     reason: str | None = None
     verify_started: float | None = None
+    # learning: what memory held when the playbook was chosen, and the ranking
+    similar: list[dict[str, Any]] = field(default_factory=list)
+    decision: dict[str, Any] | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -104,6 +112,8 @@ class MissionEngine:
         self.next_id = next_id
         self.active: dict[tuple[str, str], Mission] = {m.key: m for m in active or []}
         self.last_resolved = dict(last_resolved or {})
+        # Keys handed to a human (escalated, rejected, expired) while still anomalous.
+        self.held: set[tuple[str, str]] = set()
 
     def by_id(self, mission_id: int) -> Mission | None:
         for m in self.active.values():
@@ -120,6 +130,8 @@ class MissionEngine:
             self.active.pop(m.key, None)
             if to == "resolved":
                 self.last_resolved[m.key] = now
+            elif to in HANDED_OVER:
+                self.held.add(m.key)
         return Transition(f"mission.{to}", copy.deepcopy(m))
 
     def _move(self, m: Mission, to: str, now: float, reason: str) -> None:
@@ -136,6 +148,10 @@ class MissionEngine:
         key = (detector, subject)
         m = self.active.get(key)
         out: list[Transition] = []
+        if not anomalous:
+            self.held.discard(key)
+        elif m is None and key in self.held:
+            return out
         if anomalous:
             sample = {"ts": now, "value": value, "score": round(score, 4), "summary": summary,
                       **({"detail": detail} if detail else {})}

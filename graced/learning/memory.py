@@ -1,0 +1,160 @@
+"""Outcome memory in SQLite: one row per mission that reached a final state, full-text
+indexed (FTS5) by its symptoms, and the similar-mission lookup.
+
+The writes here go into the journal's transaction with the mission's final event
+(nothing is stored unless the event is, and the other way round). The lookup runs on a
+read connection of its own, in a worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from ..journal import Write
+from ..missions.engine import Mission
+
+# Mission states whose outcome is stored. ``interrupted`` is stored as it happens and
+# replaced by the final outcome when the mission closes.
+OUTCOME_STATES = ("resolved", "failed", "escalated", "rejected", "expired", "interrupted")
+
+
+_WORD = re.compile(r"[^\W\d_][\w.-]*", re.UNICODE)
+MAX_QUERY_TERMS = 16
+
+
+def signature(detector: str, subject: str) -> str:
+    """The symptom signature patterns are keyed by."""
+    return f"{detector}:{subject}"
+
+
+def symptoms_text(detector: str, kind: str, subject: str, severity: str, summary: str) -> str:
+    return " ".join((detector, kind, subject, severity, summary))
+
+
+def terms(text: str) -> list[str]:
+    """Distinct words of a symptom text (numbers left out: values differ every time)."""
+    seen: dict[str, None] = {}
+    for word in _WORD.findall(text.lower()):
+        for part in re.split(r"[.-]+", word):
+            if len(part) >= 2:
+                seen.setdefault(part, None)
+    return list(seen)[:MAX_QUERY_TERMS]
+
+
+def fts_query(text: str) -> str:
+    return " OR ".join(f'"{t}"' for t in terms(text))
+
+
+def approved_by(m: Mission) -> str | None:
+    for a in reversed(m.approvals):
+        if a.get("decision") == "approved":
+            return str(a.get("user") or a.get("key") or "?")
+    if m.steps:
+        return "automatic"
+    return None
+
+
+def outcome_of(m: Mission) -> dict[str, Any]:
+    """The outcome row for a mission in a final state (or interrupted)."""
+    ran = bool(m.steps)
+    success: int | None = None
+    if ran and m.state == "resolved":
+        success = 1
+    elif ran and m.state == "failed":
+        success = 0
+    closed = m.closed_at if m.closed_at is not None else m.updated_at
+    values = [float(s["value"]) for s in m.samples if s.get("value") is not None]
+    return {
+        "mission_id": m.id, "signature": signature(m.detector, m.subject),
+        "detector": m.detector, "kind": m.kind, "subject": m.subject,
+        "severity": m.severity, "summary": m.summary,
+        "sample_values": {"first": values[0] if values else None,
+                          "last": m.last_value, "peak": max(values) if values else None,
+                          "samples": len(m.samples), "occurrences": m.occurrences},
+        "playbook": m.playbook if ran else (m.playbook or None),
+        "steps": [{k: s.get(k) for k in ("step", "action", "ok", "exit_code", "duration_s",
+                                         "error")} for s in m.steps],
+        "outcome": m.state, "ran": int(ran), "success": success,
+        "ttr": round(closed - m.opened_at, 3) if m.state == "resolved" else None,
+        "approved_by": approved_by(m), "opened_at": m.opened_at, "closed_at": closed,
+        "consulted": int(m.decision is not None),
+        "interrupted": int(any(t["to"] == "interrupted" for t in m.timeline)),
+    }
+
+
+_OUT_COLS = ("mission_id", "signature", "detector", "kind", "subject", "severity", "summary",
+             "sample_values", "playbook", "steps", "outcome", "ran", "success", "ttr",
+             "approved_by", "opened_at", "closed_at", "consulted", "interrupted")
+
+
+def outcome_writes(o: dict[str, Any]) -> list[Write]:
+    values = tuple(json.dumps(o[c]) if c in ("sample_values", "steps") else o[c]
+                   for c in _OUT_COLS)
+    text = symptoms_text(o["detector"], o["kind"], o["subject"], o["severity"], o["summary"])
+    return [
+        (f"INSERT OR REPLACE INTO outcomes ({', '.join(_OUT_COLS)}) VALUES "
+         f"({', '.join('?' * len(_OUT_COLS))})", values),
+        ("DELETE FROM outcomes_fts WHERE rowid = ?", (o["mission_id"],)),
+        ("INSERT INTO outcomes_fts (rowid, symptoms) VALUES (?, ?)", (o["mission_id"], text)),
+    ]
+
+
+_BRIEF = ("mission_id", "detector", "subject", "summary", "playbook", "outcome", "success",
+          "ttr", "closed_at")
+
+
+def _brief(row: tuple[Any, ...], match: str, score: float | None) -> dict[str, Any]:
+    d = dict(zip(_BRIEF, row, strict=True))
+    d["id"] = d.pop("mission_id")
+    d["match"] = match
+    d["score"] = None if score is None else round(score, 4)
+    return d
+
+
+class MemoryReader:
+    """The similar-mission lookup on a read-only connection (one thread at a time)."""
+
+    def __init__(self, path: Path) -> None:
+        self._conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
+                                     isolation_level=None)
+        self._conn.execute("PRAGMA busy_timeout = 5000")
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def similar(self, *, detector: str, kind: str, subject: str, severity: str, summary: str,
+                before: int, limit: int = 10) -> list[dict[str, Any]]:
+        """Past missions like this one: same detector and subject first (newest first),
+        then by text similarity of the symptoms (bm25, best first)."""
+        cols = ", ".join(_BRIEF)
+        rows = self._conn.execute(
+            f"SELECT {cols} FROM outcomes WHERE detector = ? AND subject = ? "
+            "AND mission_id < ? ORDER BY mission_id DESC LIMIT ?",
+            (detector, subject, before, limit)).fetchall()
+        found = [_brief(r, "same detector and subject", None) for r in rows]
+        if len(found) >= limit:
+            return found
+        query = fts_query(symptoms_text(detector, kind, subject, severity, summary))
+        if not query:
+            return found
+        hits = self._conn.execute(
+            "SELECT rowid, bm25(outcomes_fts) FROM outcomes_fts WHERE outcomes_fts MATCH ? "
+            "ORDER BY bm25(outcomes_fts) LIMIT ?", (query, (limit - len(found)) * 4 + 8),
+        ).fetchall()
+        for rowid, score in hits:
+            if len(found) >= limit or rowid >= before:
+                continue
+            row = self._conn.execute(
+                f"SELECT {cols} FROM outcomes WHERE mission_id = ? AND NOT "
+                "(detector = ? AND subject = ?)", (rowid, detector, subject)).fetchone()
+            if row is not None:
+                # bm25() is lower-is-better and negative; report higher-is-better.
+                found.append(_brief(row, "similar symptoms", -float(score)))
+        return found
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return list(self._conn.execute(sql, params).fetchall())

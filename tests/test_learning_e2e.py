@@ -1,0 +1,197 @@
+"""The learning loop against a real graced: every outcome stored, a failing playbook
+demoted in favour of the one that really fixes the fault, explain, similar missions, and
+knowledge exported from one daemon seeding a fresh one."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from graced.missions.engine import FINAL
+from tests.conftest import Graced
+from tests.helpers.procs import LineCollector
+from tests.test_missions_e2e import Watch
+
+FAULT, NORMAL = "99", "0"
+
+
+def value_detector(name: str, file: Path, severity: str = "medium") -> str:
+    return (f'[[detector]]\nname = "{name}"\nkind = "value"\nfile = "{file}"\n'
+            f'subject = "queue"\ninterval = 0.2\nthreshold = 50.0\nseverity = "{severity}"\n')
+
+
+def playbook(name: str, detector: str, risk: str, argv: list[str]) -> str:
+    return (f'[[playbook]]\nname = "{name}"\ndetector = "{detector}"\nrisk = "{risk}"\n'
+            f"budget = 1000\nverify_timeout = 10.0\n"
+            f'[[playbook.step]]\naction = "run"\nargv = {json.dumps(argv)}\ntimeout = 10.0\n')
+
+
+def fix(file: Path) -> list[str]:
+    return ["/bin/sh", "-c", f"echo {NORMAL} > {file}"]
+
+
+SETTINGS = ('\n[missions]\nresolve_after = 2\nflap_window = 0\nupdate_interval = 60\n'
+            "[remediation]\nmax_actions_per_hour = 10000\napproval_timeout = {approval}\n"
+            '[learning]\nstrategy = "ucb"\ndemote_after = 2\ndemote_below = 0.25\n')
+
+
+def outcomes(g: Graced) -> dict[int, tuple[Any, ...]]:
+    with sqlite3.connect(g.state / "journal.db") as db:
+        return {r[0]: r[1:] for r in db.execute(
+            "SELECT mission_id, outcome, playbook, ran, success, consulted FROM outcomes")}
+
+
+def missions(g: Graced, detector: str) -> list[dict[str, Any]]:
+    out = json.loads(g.ctl("missions", "ls", "--all", "--json", check=True).stdout)
+    return sorted((m for m in out if m["detector"] == detector), key=lambda m: m["id"])
+
+
+def test_every_final_state_is_stored_as_an_outcome(make_graced, shortdir: Path) -> None:
+    a, c, d = shortdir / "a", shortdir / "c", shortdir / "d"
+    for f in (a, c, d):
+        f.write_text(NORMAL)
+    detectors = (value_detector("fixable", a) + playbook("fix-a", "fixable", "low", fix(a))
+                 + value_detector("risky", c, "high")
+                 + playbook("risky-fix", "risky", "high", fix(c))
+                 + value_detector("broken", d) + playbook("never-works", "broken", "low",
+                                                          ["false"]))
+    g = make_graced(detectors=detectors + SETTINGS.format(approval=3.0))
+    w = Watch(g)
+    a.write_text(FAULT)
+    w.wait("mission.resolved", "fixable", 15)
+    c.write_text(FAULT)
+    waiting = w.wait("mission.awaiting_approval", "risky", 15)["payload"]
+    g.ctl("missions", "reject", str(waiting["id"]), "--comment", "not now", check=True)
+    w.wait("mission.rejected", "risky", 15)
+    # Handed to a human: no new mission while the fault lasts; once it has cleared and
+    # comes back, graced asks again, and this time nobody answers.
+    recovered = LineCollector(g.ctl_popen("tail", "--json", "detector.recovered"))
+    c.write_text(NORMAL)
+    assert recovered.wait_for(lambda _: any(
+        e["payload"]["detector"] == "risky" for e in recovered.events()), 15)
+    recovered.proc.terminate()
+    assert len(missions(g, "risky")) == 1
+    c.write_text(FAULT)
+    w.wait("mission.expired", "risky", 20)
+    c.write_text(NORMAL)
+    d.write_text(FAULT)
+    # never-works fails twice, is demoted, and the third mission escalates to a human.
+    w.wait("mission.failed", "broken", 15, count=2)
+    escalated = w.wait("mission.escalated", "broken", 15)["payload"]
+    assert "keeps failing" in escalated["reason"]
+    d.write_text(NORMAL)
+    w.close()
+    assert len(missions(g, "broken")) == 3  # held after the escalation: no storm
+
+    every = [m for det in ("fixable", "risky", "broken") for m in missions(g, det)]
+    stored = outcomes(g)
+    final = [m for m in every if m["state"] in FINAL]
+    assert {m["state"] for m in final} >= {"resolved", "failed", "escalated", "rejected",
+                                           "expired"}
+    for m in final:
+        assert m["id"] in stored, f"mission {m['id']} ({m['state']}) has no outcome"
+        assert stored[m["id"]][0] == m["state"]
+    first = missions(g, "fixable")[0]
+    assert stored[first["id"]][1:4] == ("fix-a", 1, 1)  # ran, and it worked
+    rejected = next(m for m in every if m["state"] == "rejected")
+    assert stored[rejected["id"]][2:4] == (0, None)  # nothing ran: no verdict on the playbook
+    status = json.loads(g.ctl("status", "--json", check=True).stdout)["learning"]
+    assert status["outcomes"] == len(stored) and status["patterns"] == 2
+    assert status["consulted_share"] is not None and status["consulted_share"] > 0.5
+
+
+def _fault_until_resolved(w: Watch, file: Path, count: int) -> None:
+    file.write_text(FAULT)
+    w.wait("mission.resolved", "learner", 20, count=count)
+
+
+def test_ranking_demotes_the_failing_playbook_and_knowledge_seeds_a_fresh_daemon(
+        make_graced, shortdir: Path) -> None:
+    b = shortdir / "b"
+    b.write_text(NORMAL)
+    # "reboot-queue" is listed first and never fixes anything; "flush-queue" does.
+    detectors = (value_detector("learner", b)
+                 + playbook("reboot-queue", "learner", "low", ["false"])
+                 + playbook("flush-queue", "learner", "low", fix(b)))
+    config = detectors + SETTINGS.format(approval=60.0)
+    g = make_graced(detectors=config)
+    w = Watch(g)
+    for n in range(1, 6):
+        _fault_until_resolved(w, b, n)
+    learning = g.ctl_popen("tail", "--json", "--since", "1", "--no-follow", "learning.*")
+    out, _ = learning.communicate(timeout=30)
+    w.close()
+    events = [json.loads(line) for line in out.splitlines()]
+    demoted = [e for e in events if e["topic"] == "learning.demoted"]
+    assert len(demoted) == 1 and demoted[0]["payload"]["playbook"] == "reboot-queue"
+    ms = missions(g, "learner")
+    runs = [m["playbook"] for m in ms]
+    assert runs.count("reboot-queue") == 2, runs
+    after = [m for m in ms if m["id"] > max(m2["id"] for m2 in ms
+                                            if m2["playbook"] == "reboot-queue")]
+    assert after and all(m["playbook"] == "flush-queue" and m["state"] == "resolved"
+                         for m in after)
+    assert all(m["state"] == ("failed" if m["playbook"] == "reboot-queue" else "resolved")
+               for m in ms)
+
+    # explain: the evidence, the similar missions, the ranking figures, the policy.
+    last = ms[-1]
+    text = g.ctl("missions", "explain", str(last["id"]), check=True).stdout
+    assert f"mission {last['id']}" in text and "evidence" in text
+    assert "similar past missions" in text and "same detector and subject" in text
+    assert "reboot-queue" in text and "DEMOTED" in text and "chosen" in text
+    assert "risk low: approved automatically" in text
+    # similar: the earlier missions of the same detector and subject, newest first.
+    sim = json.loads(g.ctl("missions", "similar", str(last["id"]), "--json",
+                           check=True).stdout)
+    ids = [s["id"] for s in sim["similar"]]
+    assert ids == sorted((m["id"] for m in ms[:-1]), reverse=True)[:len(ids)] and ids
+    assert all(s["match"] == "same detector and subject" for s in sim["similar"])
+
+    shown = json.loads(g.ctl("knowledge", "show", "learner:queue", "--json",
+                             check=True).stdout)["pattern"]
+    assert shown["best_playbook"] == "flush-queue"
+    assert [(p["playbook"], p["successes"], p["failures"], p["demoted"])
+            for p in shown["playbooks"]] == [("flush-queue", 5.0, 0.0, False),
+                                             ("reboot-queue", 0.0, 2.0, True)]
+    listed = json.loads(g.ctl("knowledge", "ls", "--json", check=True).stdout)
+    assert [p["pattern"] for p in listed] == ["learner:queue"]
+    export = g.base / "knowledge.json"
+    g.ctl("knowledge", "export", str(export), check=True)
+
+    # A fresh daemon, seeded with that file, ranks the same way before its first mission.
+    other = Path(tempfile.mkdtemp(prefix="g", dir="/tmp"))
+    b2 = other / "b"
+    b2.write_text(NORMAL)
+    fresh = Graced(other, detectors=config.replace(str(b), str(b2)))
+    try:
+        fresh.start()
+        cut = other / "cut.json"
+        cut.write_text(export.read_text()[:200])  # a truncated copy
+        bad = fresh.ctl("knowledge", "import", str(cut))
+        assert bad.returncode == 2 and bad.stdout == ""
+        assert bad.stderr.startswith(f"gracectl: {cut}: not JSON") and bad.stderr.count("\n") == 1
+        assert json.loads(fresh.ctl("knowledge", "ls", "--json", check=True).stdout) == []
+        fresh.ctl("knowledge", "import", str(export), check=True)
+        fresh.ctl("knowledge", "import", str(export), check=True)  # same host: counted once
+        seeded = json.loads(fresh.ctl("knowledge", "show", "learner:queue", "--json",
+                                      check=True).stdout)["pattern"]
+        assert [(p["playbook"], p["successes"], p["failures"], p["demoted"],
+                 p["posterior_mean"]) for p in seeded["playbooks"]] == [
+            (p["playbook"], p["successes"], p["failures"], p["demoted"], p["posterior_mean"])
+            for p in shown["playbooks"]]
+        fw = Watch(fresh)
+        _fault_until_resolved(fw, b2, 1)
+        fw.close()
+        first = missions(fresh, "learner")
+        assert [m["playbook"] for m in first] == ["flush-queue"]
+        why = fresh.ctl("missions", "explain", str(first[0]["id"]), check=True).stdout
+        assert "DEMOTED" in why and "reboot-queue" in why
+    finally:
+        fresh.close()
+        import shutil
+
+        shutil.rmtree(other, ignore_errors=True)
