@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -653,6 +654,47 @@ def main() -> None:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         finally:
             sys.exit(0)
+
+
+@cli.command()
+@click.option("--once", is_flag=True, help="Print one frame as plain text and exit.")
+@click.option("--key", "key_file", metavar="KEYFILE", type=click.Path(dir_okay=False),
+              help="Trust this public key (key.pub) instead of the pinned one.")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=1.0, show_default=True,
+              metavar="SECONDS", help="How often to refresh status, missions and detectors.")
+@click.pass_context
+def top(ctx: click.Context, once: bool, key_file: str | None, interval: float) -> None:
+    """Mission Control: a live dashboard of missions, activity and health.
+
+    Every frame is verified as 'tail --verify' does; the header turns red with the
+    reason the moment one does not check out. Keys: q quit, j/k or arrows move, Enter
+    detail, a approve, r reject (each asks to confirm).
+    """
+    from . import top as dashboard
+
+    endpoint = _endpoint(ctx)
+    if not once and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise CtlError("gracectl top needs a terminal; use --once for one plain-text frame",
+                       ExitCode.USAGE)
+
+    async def go() -> str | None:
+        hello_key, daemon_id = (None, "")
+        if not key_file and trust.pinned(endpoint.name) is None:
+            hello_key, daemon_id = await _hello_key(endpoint)
+        opts = dashboard.Options(_trusted_key(endpoint, key_file, hello_key, daemon_id), once,
+                                 interval)
+        if once:
+            size = shutil.get_terminal_size((100, 40))
+            return await dashboard.run_once(endpoint, opts, size.columns, size.lines)
+        await dashboard.run_live(endpoint, opts)
+        return None
+
+    try:
+        frame = _run(go)
+    except Violation as exc:
+        raise CtlError(f"verification failed: {exc}", exc.code) from None
+    if frame is not None:
+        click.echo(frame)
 
 
 # The learning commands register themselves on the groups above.

@@ -78,6 +78,7 @@ MIGRATIONS: list[str] = [
     CREATE INDEX outcomes_key ON outcomes (detector, subject, mission_id);
     CREATE INDEX outcomes_closed ON outcomes (closed_at);
     CREATE VIRTUAL TABLE outcomes_fts USING fts5(symptoms);
+    CREATE TABLE outcome_terms (term TEXT PRIMARY KEY, docs INTEGER NOT NULL) WITHOUT ROWID;
     CREATE TABLE patterns (
         signature  TEXT NOT NULL,
         playbook   TEXT NOT NULL,

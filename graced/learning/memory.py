@@ -24,6 +24,8 @@ OUTCOME_STATES = ("resolved", "failed", "escalated", "rejected", "expired", "int
 
 _WORD = re.compile(r"[^\W\d_][\w.-]*", re.UNICODE)
 MAX_QUERY_TERMS = 16
+FTS_WINDOW = 1000  # text similarity is ranked among this many most recent matches
+POSTINGS_BUDGET = 30_000  # index entries a lookup's bm25 may read
 
 
 def signature(detector: str, subject: str) -> str:
@@ -35,18 +37,37 @@ def symptoms_text(detector: str, kind: str, subject: str, severity: str, summary
     return " ".join((detector, kind, subject, severity, summary))
 
 
-def terms(text: str) -> list[str]:
+def terms(text: str, limit: int | None = MAX_QUERY_TERMS) -> list[str]:
     """Distinct words of a symptom text (numbers left out: values differ every time)."""
     seen: dict[str, None] = {}
     for word in _WORD.findall(text.lower()):
         for part in re.split(r"[.-]+", word):
             if len(part) >= 2:
                 seen.setdefault(part, None)
-    return list(seen)[:MAX_QUERY_TERMS]
+    return list(seen)[:limit]
 
 
-def fts_query(text: str) -> str:
-    return " OR ".join(f'"{t}"' for t in terms(text))
+def pick_terms(candidates: list[str], docs: dict[str, int], total: int) -> list[str]:
+    """The query's words worth searching for, rarest first.
+
+    bm25 counts every document holding each query word, so a word found in most
+    missions costs the most and tells the least (its IDF is about zero). Words in more
+    than half the missions are left out, and the rest are taken rarest first while their
+    postings stay within POSTINGS_BUDGET, so a lookup's cost stays bounded however much
+    memory grows."""
+    known = sorted((docs.get(t, 0), t) for t in candidates)
+    out: list[str] = []
+    spent = 0
+    for df, term in known:
+        if df == 0:
+            continue
+        if total >= 100 and df > total / 2:
+            break
+        if out and spent + df > POSTINGS_BUDGET:
+            break
+        out.append(term)
+        spent += df
+    return out
 
 
 def approved_by(m: Mission) -> str | None:
@@ -92,10 +113,18 @@ _OUT_COLS = ("mission_id", "signature", "detector", "kind", "subject", "severity
 
 
 def outcome_writes(o: dict[str, Any]) -> list[Write]:
+    """Store an outcome (replacing an earlier one for the same mission) and index it."""
     values = tuple(json.dumps(o[c]) if c in ("sample_values", "steps") else o[c]
                    for c in _OUT_COLS)
     text = symptoms_text(o["detector"], o["kind"], o["subject"], o["severity"], o["summary"])
-    return [
+    # Document frequencies (term '' counts the documents), for a new mission only; these
+    # run before the outcome row exists.
+    counts: list[Write] = [
+        ("INSERT INTO outcome_terms (term, docs) SELECT ?, 1 WHERE NOT EXISTS "
+         "(SELECT 1 FROM outcomes WHERE mission_id = ?) "
+         "ON CONFLICT (term) DO UPDATE SET docs = docs + 1", (term, o["mission_id"]))
+        for term in ["", *terms(text, limit=None)]]
+    return [*counts,
         (f"INSERT OR REPLACE INTO outcomes ({', '.join(_OUT_COLS)}) VALUES "
          f"({', '.join('?' * len(_OUT_COLS))})", values),
         ("DELETE FROM outcomes_fts WHERE rowid = ?", (o["mission_id"],)),
@@ -138,16 +167,25 @@ class MemoryReader:
         found = [_brief(r, "same detector and subject", None) for r in rows]
         if len(found) >= limit:
             return found
-        query = fts_query(symptoms_text(detector, kind, subject, severity, summary))
-        if not query:
+        words = terms(symptoms_text(detector, kind, subject, severity, summary))
+        marks = ", ".join("?" * (len(words) + 1))
+        docs = {str(t): int(n) for t, n in self._conn.execute(
+            f"SELECT term, docs FROM outcome_terms WHERE term IN ({marks})", ("", *words))}
+        chosen = pick_terms(words, docs, docs.get("", 0))
+        if not chosen:
             return found
+        query = " OR ".join(f'"{t}"' for t in chosen)
+        # bm25 over the most recent matches only: ranking every match of common words
+        # costs ~150 ms at 100,000 missions; the newest FTS_WINDOW are read from the
+        # index in rowid order and stop early, so the cost stays bounded.
         hits = self._conn.execute(
             "SELECT rowid, bm25(outcomes_fts) FROM outcomes_fts WHERE outcomes_fts MATCH ? "
-            "ORDER BY bm25(outcomes_fts) LIMIT ?", (query, (limit - len(found)) * 4 + 8),
+            "AND rowid < ? ORDER BY rowid DESC LIMIT ?", (query, before, FTS_WINDOW),
         ).fetchall()
+        hits.sort(key=lambda h: (h[1], -h[0]))
         for rowid, score in hits:
-            if len(found) >= limit or rowid >= before:
-                continue
+            if len(found) >= limit:
+                break
             row = self._conn.execute(
                 f"SELECT {cols} FROM outcomes WHERE mission_id = ? AND NOT "
                 "(detector = ? AND subject = ?)", (rowid, detector, subject)).fetchone()

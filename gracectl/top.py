@@ -1,0 +1,587 @@
+"""``gracectl top``: Mission Control, a live dashboard in the terminal.
+
+The screen is computed by :func:`render` from a :class:`Model` (pure: no I/O, no
+curses), so ``--once`` prints exactly what the live screen shows. The live loop
+(:func:`run_top`) is a trio program with three tasks: the event reader (every frame is
+verified by the same :class:`~graced.protocol.ChainVerifier` as ``tail --verify``), a
+poller (status, missions, detectors with their recent values, once a second and at
+once after a ``mission.*`` event), and the keyboard. The screen is redrawn when
+something changed, at most ten times a second, and once a second for the clocks.
+"""
+
+from __future__ import annotations
+
+import curses
+import locale
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from graced.protocol import ChainVerifier, ExitCode, Violation, key_id
+
+from .client import Connection, Endpoint, connect
+from .errors import CtlError, Unreachable
+
+Segment = tuple[str, str]  # text, style
+Line = list[Segment]
+
+SEVERITY_STYLE = {"low": "cyan", "medium": "yellow", "high": "red", "critical": "magenta"}
+VIOLATION_KIND = {ExitCode.BAD_SIGNATURE: "bad signature", ExitCode.CHAIN_BROKEN:
+                  "chain broken", ExitCode.REPLAYED: "replayed",
+                  ExitCode.STALE: "stale stream"}
+SPARK_UTF8 = "▁▂▃▄▅▆▇█"
+SPARK_ASCII = "_.-~=+*#"
+FEED_TOPICS = ("mission.", "executor.", "learning.", "detector.", "daemon.started",
+               "daemon.stopping", "crypto.", "integration.")
+
+
+def _age(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
+def sparkline(values: list[float], width: int, chars: str) -> str:
+    vals = [v for v in values if v is not None][-width:]
+    if not vals:
+        return ""
+    lo, hi = min(vals), max(vals)
+    span = hi - lo
+    top = len(chars) - 1
+    return "".join(chars[0 if span == 0 else round((v - lo) / span * top)] for v in vals)
+
+
+def describe_event(ev: dict[str, Any]) -> str:
+    """A short line for the activity feed."""
+    p = ev.get("payload")
+    p = p if isinstance(p, dict) else {}
+    topic = str(ev.get("topic", ""))
+    if topic.startswith("mission."):
+        what = f"#{p.get('id')} {p.get('detector')}:{p.get('subject')} {p.get('state')}"
+        return what + (f" - {p['reason']}" if p.get("reason") else "")
+    if topic.startswith("executor.step"):
+        ok = "" if "ok" not in p else (" ok" if p["ok"] else f" FAILED {p.get('error')}")
+        return f"#{p.get('mission')} {p.get('playbook')} step {p.get('step')}{ok}"
+    if topic.startswith("learning."):
+        bits = [str(p[k]) for k in ("mission", "pattern", "playbook", "chosen") if p.get(k)]
+        return " ".join(bits)
+    if topic.startswith("detector."):
+        return f"{p.get('detector')}:{p.get('subject', '')} {p.get('summary') or p.get('error')}"
+    return " ".join(f"{k}={v}" for k, v in list(p.items())[:4])
+
+
+@dataclass
+class Model:
+    """Everything the dashboard shows."""
+
+    hello: dict[str, Any] = field(default_factory=dict)
+    status: dict[str, Any] = field(default_factory=dict)
+    missions: list[dict[str, Any]] = field(default_factory=list)
+    detectors: dict[str, Any] = field(default_factory=dict)
+    feed: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=200))
+    verified: int = 0
+    last_seq: int | None = None
+    violation: str | None = None
+    connection: str | None = None  # why we are not connected, if we are not
+    selected: int = 0
+    detail: dict[str, Any] | None = None
+    prompt: tuple[str, int] | None = None  # (verb, mission id) awaiting y/n
+    message: tuple[str, str] | None = None  # (text, style)
+    utf8: bool = True
+
+    def add_event(self, ev: dict[str, Any]) -> None:
+        self.verified += 1
+        seq = ev.get("seq")
+        if isinstance(seq, int):
+            self.last_seq = seq
+        topic = str(ev.get("topic", ""))
+        if topic.startswith(FEED_TOPICS):
+            self.feed.append(ev)
+
+    def selected_mission(self) -> dict[str, Any] | None:
+        if not self.missions:
+            return None
+        self.selected = max(0, min(self.selected, len(self.missions) - 1))
+        return self.missions[self.selected]
+
+
+def _header(model: Model, now: float) -> list[Line]:
+    st = model.status or {}
+    ex = st.get("executor") or {}
+    mode = str(ex.get("mode", "?"))
+    if ex.get("paused"):
+        mode = "PAUSED"
+    host = st.get("host") or model.hello.get("host", "?")
+    version = st.get("version") or model.hello.get("version", "?")
+    kid = model.hello.get("kid", "?")
+    up = _age(st["uptime"]) if "uptime" in st else "?"
+    line1: Line = [(" Grace ", "title"), (f" graced {version} on {host}  up {up}  mode ",
+                                         "header"),
+                   (mode, "header_alert" if mode != "act" else "header"),
+                   (f"  key {kid}", "header")]
+    if model.violation:
+        line2: Line = [(f" SIGNATURE FAILED: {model.violation} ", "alarm")]
+    elif model.connection:
+        line2 = [(f" signature: verified up to seq {model.last_seq}; ", "green"),
+                 (model.connection, "yellow")]
+    else:
+        line2 = [(" signature: ", "normal"), ("verified", "green"),
+                 (f"  {model.verified} frames checked, head seq {model.last_seq}", "dim")]
+    return [line1, line2]
+
+
+def _section(title: str, width: int) -> Line:
+    text = f"-- {title} "
+    return [(text + "-" * max(0, width - len(text)), "section")]
+
+
+def _mission_lines(model: Model, now: float, rows: int, width: int) -> list[Line]:
+    out: list[Line] = []
+    if not model.missions:
+        return [[("  no active missions", "dim")]]
+    start = max(0, model.selected - rows + 1)
+    for i, m in enumerate(model.missions[start:start + rows], start):
+        style = SEVERITY_STYLE.get(m["severity"], "normal")
+        sel = i == model.selected
+        text = (f"{'>' if sel else ' '}{m['id']:>5} {m['severity']:<8} {m['state']:<17} "
+                f"{_age(now - m['opened_at']):>6} {m['detector']}:{m['subject']}  ")
+        out.append([(text, style + ("_sel" if sel else "")),
+                    (m["summary"], "sel" if sel else "normal")])
+    return out
+
+
+def _feed_lines(model: Model, rows: int) -> list[Line]:
+    events = list(model.feed)[-rows:] if rows > 0 else []
+    out: list[Line] = []
+    for ev in events:
+        ts = str(ev.get("ts", ""))[11:19]
+        topic = str(ev.get("topic", ""))
+        style = ("red" if topic.endswith(("failed", "escalated", "error", "demoted"))
+                 else "green" if topic.endswith(("resolved", "approved")) else "normal")
+        out.append([(f" {ts} ", "dim"), (f"{topic:<26} ", style),
+                    (describe_event(ev), "normal")])
+    return out or [[("  (no activity yet)", "dim")]]
+
+
+def _health_lines(model: Model, now: float, rows: int, width: int) -> list[Line]:
+    chars = SPARK_UTF8 if model.utf8 else SPARK_ASCII
+    out: list[Line] = []
+    spark_w = max(6, min(40, width - 68))
+    for name, d in sorted(model.detectors.items()):
+        subjects = d.get("subjects") or {}
+        if not subjects:
+            out.append([(f" {name:<16} {d.get('state', '?'):<6}", "dim"),
+                        (f" {d.get('last_error') or 'no sample yet'}", "dim")])
+        for subj, smp in subjects.items():
+            unit = str(smp.get("unit") or "").replace("per core", "/core")
+            value = "-" if smp.get("value") is None else f"{smp['value']:.4g} {unit}".strip()
+            hist = (d.get("history") or {}).get(subj) or []
+            bad = smp.get("anomalous")
+            out.append([
+                (f" {name[:16]:<16} {d.get('state', '?'):<6}", "red" if d.get("state") ==
+                 "error" else "normal"),
+                (f" {subj[:14]:<14} {value[:13]:>13} ", "bold"),
+                (f"{sparkline(hist, spark_w, chars):<{spark_w}} ", "cyan"),
+                (f"{_age(now - smp.get('ts', now)):>5} ", "dim"),
+                ("ANOMALY" if bad else "ok", "red" if bad else "green")])
+    st = model.status or {}
+    j, w, ex = st.get("journal") or {}, st.get("wire") or {}, st.get("executor") or {}
+    lr = st.get("learning") or {}
+    running = len(ex.get("running") or {})
+    rate = lr.get("success_rate_7d")
+    summary: list[Line] = [
+        [(f" journal seq {st.get('head_seq', '?')}, {j.get('size_bytes', 0) / 1e6:.1f} MB, "
+          f"commit {j.get('commit_latency_ms', '?')} ms", "normal"),
+         (f" | wire {w.get('clients', '?')} clients", "normal")],
+        [(f" executor {running} running, {ex.get('actions_last_hour', '?')}/"
+          f"{ex.get('max_actions_per_hour', '?')} actions/h", "normal"),
+         (f" | learning {lr.get('patterns', '?')} patterns"
+          + (f", {rate * 100:.0f}% success 7d" if rate is not None else ""), "normal")]]
+    room = max(0, rows - len(summary))
+    lines = out[:room]
+    if len(out) > room:
+        lines = out[:max(0, room - 1)] + [[(f"  ... {len(out) - room + 1} more", "dim")]]
+    return [*lines, *summary]
+
+
+def _footer(model: Model) -> Line:
+    if model.prompt:
+        verb, mid = model.prompt
+        return [(f" {verb} mission {mid}? [y/N] ", "alarm")]
+    if model.message:
+        return [(f" {model.message[0]} ", model.message[1])]
+    return [(" q quit  j/k or arrows move  Enter detail  a approve  r reject ", "dim")]
+
+
+def _detail_lines(model: Model, now: float) -> list[Line]:
+    from .learn import explain_lines
+
+    m = model.detail or {}
+    out: list[Line] = [[(f" mission {m.get('id')}: {m.get('summary')}",
+                         SEVERITY_STYLE.get(str(m.get("severity")), "bold"))]]
+    out += [[(" " + line, "normal")] for line in explain_lines(m, now)]
+    if m.get("steps"):
+        out.append([(" steps:", "bold")])
+        for st in m["steps"]:
+            ok = "ok" if st.get("ok") else f"FAILED ({st.get('error')})"
+            out.append([(f"   {st.get('step')}. {st.get('action')}: {ok}, "
+                         f"{st.get('duration_s')} s", "green" if st.get("ok") else "red")])
+    out.append([(" timeline:", "bold")])
+    for t in (m.get("timeline") or [])[-12:]:
+        when = time.strftime("%H:%M:%S", time.localtime(t["ts"]))
+        out.append([(f"   {when}  {t.get('from') or '-'} -> {t['to']}  {t['reason']}",
+                     "normal")])
+    return out
+
+
+def render(model: Model, width: int, height: int, now: float) -> list[Line]:
+    """The whole screen, at most ``height`` lines (each cut to ``width`` when drawn)."""
+    lines = _header(model, now)
+    if model.detail is not None:
+        body = _detail_lines(model, now)
+        room = height - len(lines) - 1
+        return [*lines, *body[:room], *([[]] * max(0, room - len(body))),
+                [(" Esc/Enter back  q quit  a approve  r reject ", "dim")]]
+    fixed = len(lines) + 3 + 1 + 1  # three section titles, the footer, a summary line
+    room = max(3, height - fixed)
+    n_det = sum(max(1, len(d.get("subjects") or {})) for d in model.detectors.values()) + 2
+    m_rows = max(1, min(max(1, len(model.missions)), room * 2 // 5))
+    h_rows = max(3, min(n_det, room // 2))
+    f_rows = max(1, room - m_rows - h_rows)
+    lines.append(_section(f"Active missions ({len(model.missions)})", width))
+    lines += _mission_lines(model, now, m_rows, width)[:m_rows]
+    lines.append(_section("Activity", width))
+    lines += _feed_lines(model, f_rows)[-f_rows:]
+    lines.append(_section("Health", width))
+    lines += _health_lines(model, now, h_rows, width)
+    lines = lines[:height - 1]
+    lines += [[]] * max(0, height - 1 - len(lines))
+    lines.append(_footer(model))
+    return lines
+
+
+def plain(lines: list[Line], width: int) -> str:
+    return "\n".join("".join(t for t, _ in line)[:width].rstrip() for line in lines)
+
+
+# -- the live program --------------------------------------------------------------
+
+@dataclass
+class Options:
+    trusted_key: bytes
+    once: bool
+    interval: float = 1.0
+
+
+async def _poll(conn: Connection, model: Model) -> None:
+    model.status = await conn.request("status")
+    model.missions = (await conn.request("missions.list", {}))["missions"]
+    model.detectors = (await conn.request("detectors", {"history": 120}))["detectors"]
+
+
+class Top:
+    """The live dashboard: owns the model, the connection and the screen."""
+
+    def __init__(self, endpoint: Endpoint, opts: Options) -> None:
+        self.endpoint = endpoint
+        self.opts = opts
+        self.model = Model(utf8="utf" in (locale.getpreferredencoding(False) or "").lower())
+        self.verifier: ChainVerifier | None = None
+        self.dirty = trio.Event()
+        self.poll_now = trio.Event()
+        self.conn: Connection | None = None
+        self.quit = False
+        self.next_seq: int | None = None
+
+    def changed(self) -> None:
+        self.dirty.set()
+
+    async def connect_once(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+                           ) -> None:
+        """Connect, subscribe and follow until the connection ends."""
+        key = self.opts.trusted_key
+        async with connect(self.endpoint, key) as conn:
+            hello = await conn.request("hello")
+            if hello.get("kid") != key_id(key):
+                raise Violation(ExitCode.BAD_SIGNATURE, None, f"daemon key {hello.get('kid')} "
+                                f"is not the trusted key {key_id(key)}")
+            self.model.hello = hello
+            if self.verifier is None:
+                stale = 3 * float(hello.get("heartbeat_interval", 5.0)) + 1
+                self.verifier = ChainVerifier(key, stale_after=stale)
+            head = int(hello.get("head_seq", 0))
+            if self.next_seq is None:
+                self.next_seq = max(1, head - 50)
+            sub = await conn.request("subscribe", {"patterns": ["*"], "since": self.next_seq})
+            await _poll(conn, self.model)
+            self.conn = conn
+            self.model.connection = None
+            self.changed()
+            task_status.started(int(sub["head_seq"]))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._poller, conn)
+                await self._events(conn)
+                nursery.cancel_scope.cancel()
+        self.conn = None
+
+    async def _events(self, conn: Connection) -> None:
+        assert self.verifier is not None
+        while True:
+            with trio.move_on_after(self.verifier.stale_after or 3600) as cs:
+                try:
+                    _, ev = await conn.events.receive()
+                except trio.EndOfChannel:
+                    return
+            try:
+                if cs.cancelled_caught:
+                    self.verifier.flush()
+                    self.verifier.check_fresh(trio.current_time())
+                    continue
+                if "_unparsable" in ev:
+                    raise Violation(ExitCode.CHAIN_BROKEN, None, "unparsable frame")
+                self.verifier.feed(ev, trio.current_time())
+            except Violation as exc:
+                self.model.violation = (f"seq {exc.seq if exc.seq is not None else '?'} "
+                                        f"{VIOLATION_KIND.get(exc.code, 'violation')}: "
+                                        f"{exc.reason}")
+                self.changed()
+                return
+            self.model.add_event(ev)
+            seq = ev.get("seq")
+            if isinstance(seq, int):
+                self.next_seq = seq + 1
+            if str(ev.get("topic", "")).startswith(("mission.", "executor.", "learning.")):
+                self.poll_now.set()
+            self.changed()
+
+    async def _poller(self, conn: Connection) -> None:
+        while True:
+            with trio.move_on_after(self.opts.interval):
+                await self.poll_now.wait()
+            self.poll_now = trio.Event()
+            await _poll(conn, self.model)
+            self.changed()
+
+    async def act(self, verb: str, mission_id: int) -> None:
+        if self.conn is None:
+            self.model.message = ("not connected", "red")
+            return
+        method = "missions.approve" if verb == "approve" else "missions.reject"
+        try:
+            res = await self.conn.request(method, {"id": mission_id,
+                                                   "comment": "from gracectl top"})
+            m = res["mission"]
+            self.model.message = (f"mission {m['id']}: {m['state']} ({m['reason']})", "green")
+            if self.model.detail is not None and self.model.detail.get("id") == mission_id:
+                self.model.detail = m
+            self.poll_now.set()
+        except CtlError as exc:
+            self.model.message = (f"{verb} mission {mission_id}: {exc}", "red")
+        self.changed()
+
+    async def show_detail(self, mission_id: int) -> None:
+        if self.conn is None:
+            return
+        try:
+            self.model.detail = (await self.conn.request("missions.get",
+                                                         {"id": mission_id}))["mission"]
+        except CtlError as exc:
+            self.model.message = (str(exc), "red")
+        self.changed()
+
+
+async def run_once(endpoint: Endpoint, opts: Options, width: int, height: int) -> str:
+    """Connect, verify the recent stream up to the head, and return one frame as text."""
+    top = Top(endpoint, opts)
+    key = opts.trusted_key
+    async with connect(endpoint, key) as conn:
+        hello = await conn.request("hello")
+        if hello.get("kid") != key_id(key):
+            raise Violation(ExitCode.BAD_SIGNATURE, None, f"daemon key {hello.get('kid')} is "
+                            f"not the trusted key {key_id(key)}")
+        top.model.hello = hello
+        verifier = ChainVerifier(key)
+        head = int(hello.get("head_seq", 0))
+        sub = await conn.request("subscribe", {"patterns": ["*"], "since": max(1, head - 50)})
+        stop = int(sub["head_seq"])
+        with trio.fail_after(10):
+            while top.model.last_seq is None or top.model.last_seq < stop:
+                try:
+                    _, ev = await conn.events.receive()
+                except trio.EndOfChannel:
+                    raise Unreachable("connection to graced lost") from None
+                try:
+                    verifier.feed(ev, trio.current_time())
+                except Violation as exc:
+                    top.model.violation = (f"seq {exc.seq} {VIOLATION_KIND.get(exc.code)}: "
+                                           f"{exc.reason}")
+                    break
+                top.model.add_event(ev)
+        if top.model.violation is None:
+            try:
+                verifier.flush()
+            except Violation as exc:
+                top.model.violation = f"seq {exc.seq} {VIOLATION_KIND.get(exc.code)}: {exc.reason}"
+        await _poll(conn, top.model)
+    frame = render(top.model, width, height, time.time())[:-1]  # no key help: not live
+    while frame and not frame[-1]:
+        frame.pop()
+    return plain(frame, width)
+
+
+# -- curses ------------------------------------------------------------------------
+
+STYLES = {"normal": (-1, -1, 0), "dim": (-1, -1, curses.A_DIM), "bold": (-1, -1, curses.A_BOLD),
+          "red": (curses.COLOR_RED, -1, curses.A_BOLD), "green": (curses.COLOR_GREEN, -1, 0),
+          "yellow": (curses.COLOR_YELLOW, -1, 0), "cyan": (curses.COLOR_CYAN, -1, 0),
+          "magenta": (curses.COLOR_MAGENTA, -1, curses.A_BOLD),
+          "alarm": (curses.COLOR_WHITE, curses.COLOR_RED, curses.A_BOLD),
+          "title": (curses.COLOR_BLACK, curses.COLOR_CYAN, curses.A_BOLD),
+          "header": (-1, -1, curses.A_REVERSE),
+          "header_alert": (curses.COLOR_YELLOW, -1, curses.A_REVERSE | curses.A_BOLD),
+          "section": (curses.COLOR_BLUE, -1, curses.A_BOLD), "sel": (-1, -1, curses.A_REVERSE)}
+
+
+class Screen:
+    def __init__(self, stdscr: Any) -> None:
+        self.scr = stdscr
+        self.attrs: dict[str, int] = {}
+        curses.start_color()
+        curses.use_default_colors()
+        for i, (name, (fg, bg, extra)) in enumerate(STYLES.items(), 1):
+            curses.init_pair(i, fg, bg)
+            self.attrs[name] = curses.color_pair(i) | extra
+
+    def attr(self, style: str) -> int:
+        if style.endswith("_sel"):
+            return self.attrs.get(style[:-4], 0) | curses.A_REVERSE
+        return self.attrs.get(style, 0)
+
+    def draw(self, lines: list[Line]) -> None:
+        height, width = self.scr.getmaxyx()
+        self.scr.erase()
+        for y, line in enumerate(lines[:height]):
+            x = 0
+            for text, style in line:
+                if x >= width:
+                    break
+                try:
+                    self.scr.addnstr(y, x, text, width - x, self.attr(style))
+                except curses.error:
+                    pass  # writing the bottom-right cell moves the cursor off screen
+                x += len(text)
+        self.scr.noutrefresh()
+        curses.doupdate()
+
+
+async def run_live(endpoint: Endpoint, opts: Options) -> int:
+    """The full-screen dashboard; returns when the user quits."""
+    os.environ.setdefault("ESCDELAY", "25")
+    locale.setlocale(locale.LC_ALL, "")
+    top = Top(endpoint, opts)
+    stdscr = curses.initscr()
+    try:
+        curses.noecho()
+        curses.cbreak()
+        stdscr.keypad(True)
+        stdscr.nodelay(True)
+        try:
+            curses.curs_set(0)
+        except curses.error:
+            pass
+        screen = Screen(stdscr)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_keep_connected, top)
+            nursery.start_soon(_keyboard, top, stdscr, nursery.cancel_scope.cancel)
+            while True:
+                with trio.move_on_after(1.0):
+                    await top.dirty.wait()
+                top.dirty = trio.Event()
+                height, width = stdscr.getmaxyx()
+                screen.draw(render(top.model, width, height, time.time()))
+                await trio.sleep(0.1)  # at most ten frames a second
+    finally:
+        stdscr.keypad(False)
+        curses.nocbreak()
+        curses.echo()
+        curses.endwin()
+    return 0
+
+
+async def _keep_connected(top: Top) -> None:
+    while True:
+        try:
+            await top.connect_once()
+            if top.model.violation:
+                return  # stay on the red screen; the user decides
+            top.model.connection = "connection closed; reconnecting"
+        except Unreachable as exc:
+            top.model.connection = f"{exc}; retrying"
+        except Violation as exc:
+            top.model.violation = f"{VIOLATION_KIND.get(exc.code)}: {exc.reason}"
+            top.changed()
+            return
+        top.changed()
+        await trio.sleep(1.0)
+
+
+async def _keyboard(top: Top, stdscr: Any, quit_: Callable[[], None]) -> None:
+    fd = sys.stdin.fileno()
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        while True:
+            key = stdscr.getch()
+            if key == -1:
+                break
+            await _on_key(top, key, quit_)
+            top.changed()
+
+
+async def _on_key(top: Top, key: int, quit_: Callable[[], None]) -> None:
+    model = top.model
+    if model.prompt is not None:
+        verb, mid = model.prompt
+        model.prompt = None
+        if key in (ord("y"), ord("Y")):
+            await top.act(verb, mid)
+        else:
+            model.message = (f"{verb} cancelled", "dim")
+        return
+    if key == ord("q"):
+        quit_()
+        return
+    model.message = None
+    if key == curses.KEY_RESIZE:
+        return
+    m = model.selected_mission()
+    if model.detail is not None and key in (27, curses.KEY_LEFT, curses.KEY_BACKSPACE, 10, 13,
+                                            curses.KEY_ENTER):
+        model.detail = None
+        return
+    if key in (curses.KEY_DOWN, ord("j")):
+        model.selected += 1
+        model.selected_mission()
+    elif key in (curses.KEY_UP, ord("k")):
+        model.selected = max(0, model.selected - 1)
+    elif key in (10, 13, curses.KEY_ENTER) and m is not None:
+        await top.show_detail(int(m["id"]))
+    elif key in (ord("a"), ord("r")):
+        target = model.detail or m
+        if target is None:
+            model.message = ("no mission selected", "dim")
+        elif target["state"] != "awaiting_approval":
+            model.message = (f"mission {target['id']} is {target['state']}, not awaiting "
+                             "approval", "yellow")
+        else:
+            model.prompt = ("approve" if key == ord("a") else "reject", int(target["id"]))
