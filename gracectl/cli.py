@@ -677,7 +677,7 @@ def top(ctx: click.Context, once: bool, key_file: str | None, interval: float) -
         raise CtlError("gracectl top needs a terminal; use --once for one plain-text frame",
                        ExitCode.USAGE)
 
-    async def go() -> str | None:
+    async def go() -> tuple[str, ExitCode] | None:
         hello_key, daemon_id = (None, "")
         if not key_file and trust.pinned(endpoint.name) is None:
             hello_key, daemon_id = await _hello_key(endpoint)
@@ -690,11 +690,13 @@ def top(ctx: click.Context, once: bool, key_file: str | None, interval: float) -
         return None
 
     try:
-        frame = _run(go)
+        result = _run(go)
     except Violation as exc:
         raise CtlError(f"verification failed: {exc}", exc.code) from None
-    if frame is not None:
-        click.echo(frame)
+    if result is not None:
+        click.echo(result[0])
+        if result[1] != ExitCode.OK:
+            raise CtlError("verification failed (see the frame's signature line)", result[1])
 
 
 # The learning commands register themselves on the groups above.

@@ -14,6 +14,7 @@ from __future__ import annotations
 import curses
 import locale
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -37,6 +38,7 @@ VIOLATION_KIND = {ExitCode.BAD_SIGNATURE: "bad signature", ExitCode.CHAIN_BROKEN
                   ExitCode.STALE: "stale stream"}
 SPARK_UTF8 = "▁▂▃▄▅▆▇█"
 SPARK_ASCII = "_.-~=+*#"
+MESSAGE_SECONDS = 5.0
 FEED_TOPICS = ("mission.", "executor.", "learning.", "detector.", "daemon.started",
                "daemon.stopping", "crypto.", "integration.")
 
@@ -97,7 +99,8 @@ class Model:
     selected: int = 0
     detail: dict[str, Any] | None = None
     prompt: tuple[str, int] | None = None  # (verb, mission id) awaiting y/n
-    message: tuple[str, str] | None = None  # (text, style)
+    message: tuple[str, str] | None = None  # (text, style), shown for MESSAGE_SECONDS
+    message_at: float = 0.0
     utf8: bool = True
 
     def add_event(self, ev: dict[str, Any]) -> None:
@@ -108,6 +111,10 @@ class Model:
         topic = str(ev.get("topic", ""))
         if topic.startswith(FEED_TOPICS):
             self.feed.append(ev)
+
+    def say(self, text: str, style: str) -> None:
+        self.message = (text, style)
+        self.message_at = time.time()
 
     def selected_mission(self) -> dict[str, Any] | None:
         if not self.missions:
@@ -215,11 +222,11 @@ def _health_lines(model: Model, now: float, rows: int, width: int) -> list[Line]
     return [*lines, *summary]
 
 
-def _footer(model: Model) -> Line:
+def _footer(model: Model, now: float) -> Line:
     if model.prompt:
         verb, mid = model.prompt
         return [(f" {verb} mission {mid}? [y/N] ", "alarm")]
-    if model.message:
+    if model.message and now - model.message_at < MESSAGE_SECONDS:
         return [(f" {model.message[0]} ", model.message[1])]
     return [(" q quit  j/k or arrows move  Enter detail  a approve  r reject ", "dim")]
 
@@ -267,7 +274,7 @@ def render(model: Model, width: int, height: int, now: float) -> list[Line]:
     lines += _health_lines(model, now, h_rows, width)
     lines = lines[:height - 1]
     lines += [[]] * max(0, height - 1 - len(lines))
-    lines.append(_footer(model))
+    lines.append(_footer(model, now))
     return lines
 
 
@@ -375,19 +382,19 @@ class Top:
 
     async def act(self, verb: str, mission_id: int) -> None:
         if self.conn is None:
-            self.model.message = ("not connected", "red")
+            self.model.say("not connected", "red")
             return
         method = "missions.approve" if verb == "approve" else "missions.reject"
         try:
             res = await self.conn.request(method, {"id": mission_id,
                                                    "comment": "from gracectl top"})
             m = res["mission"]
-            self.model.message = (f"mission {m['id']}: {m['state']} ({m['reason']})", "green")
+            self.model.say(f"mission {m['id']}: {m['state']} ({m['reason']})", "green")
             if self.model.detail is not None and self.model.detail.get("id") == mission_id:
                 self.model.detail = m
             self.poll_now.set()
         except CtlError as exc:
-            self.model.message = (f"{verb} mission {mission_id}: {exc}", "red")
+            self.model.say(f"{verb} mission {mission_id}: {exc}", "red")
         self.changed()
 
     async def show_detail(self, mission_id: int) -> None:
@@ -397,12 +404,15 @@ class Top:
             self.model.detail = (await self.conn.request("missions.get",
                                                          {"id": mission_id}))["mission"]
         except CtlError as exc:
-            self.model.message = (str(exc), "red")
+            self.model.say(str(exc), "red")
         self.changed()
 
 
-async def run_once(endpoint: Endpoint, opts: Options, width: int, height: int) -> str:
-    """Connect, verify the recent stream up to the head, and return one frame as text."""
+async def run_once(endpoint: Endpoint, opts: Options, width: int,
+                   height: int) -> tuple[str, ExitCode]:
+    """Connect, verify the recent stream up to the head; one frame as text, and the exit
+    code (a verification failure's, else OK)."""
+    code = ExitCode.OK
     top = Top(endpoint, opts)
     key = opts.trusted_key
     async with connect(endpoint, key) as conn:
@@ -426,6 +436,7 @@ async def run_once(endpoint: Endpoint, opts: Options, width: int, height: int) -
                 except Violation as exc:
                     top.model.violation = (f"seq {exc.seq} {VIOLATION_KIND.get(exc.code)}: "
                                            f"{exc.reason}")
+                    code = exc.code
                     break
                 top.model.add_event(ev)
         if top.model.violation is None:
@@ -433,11 +444,12 @@ async def run_once(endpoint: Endpoint, opts: Options, width: int, height: int) -
                 verifier.flush()
             except Violation as exc:
                 top.model.violation = f"seq {exc.seq} {VIOLATION_KIND.get(exc.code)}: {exc.reason}"
+                code = exc.code
         await _poll(conn, top.model)
     frame = render(top.model, width, height, time.time())[:-1]  # no key help: not live
     while frame and not frame[-1]:
         frame.pop()
-    return plain(frame, width)
+    return plain(frame, width), code
 
 
 # -- curses ------------------------------------------------------------------------
@@ -462,6 +474,16 @@ class Screen:
         for i, (name, (fg, bg, extra)) in enumerate(STYLES.items(), 1):
             curses.init_pair(i, fg, bg)
             self.attrs[name] = curses.color_pair(i) | extra
+
+    def fit(self) -> None:
+        """Follow the terminal's size (trio owns SIGWINCH, so tell curses ourselves)."""
+        try:
+            size = os.get_terminal_size(sys.stdout.fileno())
+        except OSError:
+            return
+        if (size.lines, size.columns) != self.scr.getmaxyx():
+            curses.resizeterm(size.lines, size.columns)
+            self.scr.clear()
 
     def attr(self, style: str) -> int:
         if style.endswith("_sel"):
@@ -501,22 +523,30 @@ async def run_live(endpoint: Endpoint, opts: Options) -> int:
         except curses.error:
             pass
         screen = Screen(stdscr)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_keep_connected, top)
-            nursery.start_soon(_keyboard, top, stdscr, nursery.cancel_scope.cancel)
-            while True:
-                with trio.move_on_after(1.0):
-                    await top.dirty.wait()
-                top.dirty = trio.Event()
-                height, width = stdscr.getmaxyx()
-                screen.draw(render(top.model, width, height, time.time()))
-                await trio.sleep(0.1)  # at most ten frames a second
+        with trio.open_signal_receiver(signal.SIGWINCH) as winch:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_keep_connected, top)
+                nursery.start_soon(_keyboard, top, stdscr, nursery.cancel_scope.cancel)
+                nursery.start_soon(_on_resize, top, winch)
+                while True:
+                    with trio.move_on_after(1.0):
+                        await top.dirty.wait()
+                    top.dirty = trio.Event()
+                    screen.fit()
+                    height, width = stdscr.getmaxyx()
+                    screen.draw(render(top.model, width, height, time.time()))
+                    await trio.sleep(0.1)  # at most ten frames a second
     finally:
         stdscr.keypad(False)
         curses.nocbreak()
         curses.echo()
         curses.endwin()
     return 0
+
+
+async def _on_resize(top: Top, winch: Any) -> None:
+    async for _ in winch:
+        top.changed()
 
 
 async def _keep_connected(top: Top) -> None:
@@ -556,7 +586,7 @@ async def _on_key(top: Top, key: int, quit_: Callable[[], None]) -> None:
         if key in (ord("y"), ord("Y")):
             await top.act(verb, mid)
         else:
-            model.message = (f"{verb} cancelled", "dim")
+            model.say(f"{verb} cancelled", "dim")
         return
     if key == ord("q"):
         quit_()
@@ -579,9 +609,9 @@ async def _on_key(top: Top, key: int, quit_: Callable[[], None]) -> None:
     elif key in (ord("a"), ord("r")):
         target = model.detail or m
         if target is None:
-            model.message = ("no mission selected", "dim")
+            model.say("no mission selected", "dim")
         elif target["state"] != "awaiting_approval":
-            model.message = (f"mission {target['id']} is {target['state']}, not awaiting "
-                             "approval", "yellow")
+            model.say(f"mission {target['id']} is {target['state']}, not awaiting approval",
+                      "yellow")
         else:
             model.prompt = ("approve" if key == ord("a") else "reject", int(target["id"]))
