@@ -143,6 +143,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
         ("journal", f"{j['size_bytes'] / 1e6:.1f} MB, last commit {j['commit_latency_ms']} ms, "
                     f"{j['commit_errors']} errors" + (f" ({j['last_error']})" if j["last_error"]
                                                      else "")),
+        *([("JOURNAL", f"COMMITS FAILING for {_human_duration(time.time() - j['failing_since'])}"
+                       f", {j['pending']} events queued: {j['last_error']}")]
+          if j.get("failing_since") else []),
         ("clients", f"{w['clients']} connected, {w['subscribers']} subscribed, "
                     f"{w['dropped_total']} dropped, {w['refused_total']} refused"),
         ("socket", w["socket"] + (f"; tcp ports {w['tcp_ports']}" if w["tcp_ports"] else "")),

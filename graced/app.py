@@ -324,6 +324,7 @@ class Daemon:
                 "commits": mesh.commit_count,
                 "commit_errors": mesh.commit_errors,
                 "last_error": mesh.last_error,
+                "failing_since": mesh.failing_since,
                 "pending": len(mesh._pending),
             },
             "wire": self.server.status(),

@@ -177,7 +177,10 @@ class Journal:
                 conn.execute(sql, params)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite already rolled back (disk full): keep the original error
             raise
         if events:
             self.head_seq = events[-1].seq

@@ -107,6 +107,8 @@ class Mesh:
         self.commit_count = 0
         self.commit_errors = 0
         self.last_error: str | None = None
+        # When commits started failing (disk full, I/O error), None while they succeed.
+        self.failing_since: float | None = None
         self._closed = False
 
     # -- publishing ------------------------------------------------------------
@@ -220,10 +222,19 @@ class Mesh:
                     try:
                         await self._flush_once()
                         backoff = 0.05
+                        if self.failing_since is not None:
+                            log.warning("journal commits resumed after %.1f s; nothing queued "
+                                        "was lost", time.time() - self.failing_since)
+                            self.failing_since = None
                     except Exception as exc:  # noqa: BLE001 - disk full, I/O error
+                        # Nothing is lost: the group stays queued (durable publishers keep
+                        # waiting, nobody sees an uncommitted event) and is retried.
                         self.commit_errors += 1
                         self.last_error = f"journal commit failed: {exc}"
-                        log.error("%s; retrying in %.2f s", self.last_error, backoff)
+                        if self.failing_since is None:
+                            self.failing_since = time.time()
+                        log.error("%s; %d events queued; retrying in %.2f s", self.last_error,
+                                  len(self._pending), backoff)
                         await trio.sleep(backoff)
                         backoff = min(backoff * 2, 5.0)
         finally:

@@ -140,3 +140,52 @@ def test_second_daemon_on_the_same_socket_is_refused(graced: Graced) -> None:
     assert res.returncode == DaemonExit.SOCKET
     assert "another graced" in res.stderr and res.stderr.count("\n") == 1
     assert graced.ctl("status").returncode == 0
+
+
+def test_config_from_a_newer_version_is_refused(shortdir: Path) -> None:
+    g = Graced(shortdir)
+    g.config.write_text("version = 7\n" + g.config.read_text().split("\n", 1)[1])
+    res = graced_cmd("run", "--config", str(g.config))
+    assert res.returncode == DaemonExit.CONFIG
+    assert f"{g.config}:1: version: config version 7 is newer" in res.stderr
+    assert res.stderr.count("\n") == 1 and not g.state.exists()
+
+
+def _unchanged_after_refusal(g: Graced, path: Path, needle: str) -> None:
+    before = path.read_bytes()
+    listing = sorted(p.name for p in g.state.iterdir())
+    res = graced_cmd("run", "--config", str(g.config))
+    assert res.returncode == DaemonExit.STATE, res.stderr
+    assert needle in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in g.state.iterdir() if p.name != "lock") == [
+        n for n in listing if n != "lock"]
+
+
+def test_journal_from_a_newer_graced_is_refused_untouched(shortdir: Path) -> None:
+    import sqlite3
+
+    g = _first_start(shortdir)
+    db = g.state / "journal.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    _unchanged_after_refusal(g, db, "schema version 99 is newer than this graced understands")
+
+
+def test_truncated_journal_is_refused_untouched(shortdir: Path) -> None:
+    g = _first_start(shortdir)
+    db = g.state / "journal.db"
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    data = db.read_bytes()
+    assert len(data) > 8192
+    db.write_bytes(data[: len(data) // 2 + 100])  # cut mid-page
+    _unchanged_after_refusal(g, db, "journal")
+
+
+def test_foreign_key_file_is_refused_untouched(shortdir: Path) -> None:
+    g = _first_start(shortdir)
+    key = g.state / "key"
+    key.write_bytes(os.urandom(64))  # binary garbage of a plausible size
+    _unchanged_after_refusal(g, key, "not a valid Ed25519 key")

@@ -1,0 +1,111 @@
+"""Disk full: graced's state dir on a small tmpfs that really fills up. It says so
+clearly, keeps serving reads, acknowledges nothing it could not commit, never corrupts
+the journal, and carries on by itself when space returns."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Graced
+from tests.helpers.procs import LineCollector
+
+
+@pytest.fixture
+def small_fs(shortdir: Path) -> Iterator[Path]:
+    mnt = shortdir / "state"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs",
+                          str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(path: Path) -> None:
+    """Write until the filesystem says it is full."""
+    chunk = b"\0" * 65536
+    with open(path, "wb") as fh:
+        while True:
+            try:
+                fh.write(chunk)
+                fh.flush()
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+    for size in (4096, 512, 1):  # and the last crumbs
+        try:
+            with open(path, "ab") as fh:
+                while True:
+                    fh.write(b"\0" * size)
+                    fh.flush()
+        except OSError:
+            continue
+
+
+def test_disk_full_is_reported_reads_go_on_and_it_recovers(small_fs: Path,
+                                                           shortdir: Path) -> None:
+    g = Graced(shortdir)
+    assert g.state == small_fs
+    g.start()
+    try:
+        g.ctl("keys", "trust", check=True)
+        watcher = LineCollector(g.ctl_popen("tail", "--verify", "--json", "user.*"))
+        g.ctl("emit", "user.before", check=True)
+        assert watcher.wait_for(lambda ls: any("user.before" in x for x in ls), 10)
+
+        fill(small_fs / "filler")
+        # A durable publish now cannot be acknowledged: it waits, it does not lie.
+        during = g.ctl_popen("emit", "user.during", "--json")
+        # The failure is reported: in status (which, like every read, still works) ...
+        failing = None
+        # No event can say so (nothing commits): ask, as an operator would, up to 200 times.
+        for _ in range(200):
+            st = json.loads(g.ctl("status", "--json", check=True).stdout)["journal"]
+            if st["failing_since"] is not None:
+                failing = st
+                break
+        assert failing is not None, "status never reported failing commits"
+        assert "full" in failing["last_error"], failing
+        assert failing["commit_errors"] >= 1
+        human = g.ctl("status", check=True).stdout
+        assert "COMMITS FAILING" in human
+        # ... and in the daemon's log (stderr: the journal under systemd).
+        assert "journal commit failed: database or disk is full" in g.stderr()
+        assert during.poll() is None  # still not acknowledged
+        replay = g.ctl("tail", "--since", "1", "--no-follow", "--json", "user.*", check=True)
+        assert "user.before" in replay.stdout and "user.during" not in replay.stdout
+        assert g.ctl("missions", "ls", "--json", check=True).stdout.strip() == "[]"
+        assert g.ctl("detectors", "--json").returncode == 0
+        # A verifying client is told too: with no signed heartbeat, the stream is stale.
+        assert watcher.proc.wait(30) == 13
+        assert "stale" in watcher.proc.stderr.read()  # type: ignore[union-attr]
+
+        os.unlink(small_fs / "filler")  # space returns
+        out, err = during.communicate(timeout=30)
+        assert during.returncode == 0, err
+        assert json.loads(out)["first_seq"] > 0
+        st = json.loads(g.ctl("status", "--json", check=True).stdout)["journal"]
+        assert st["failing_since"] is None and st["pending"] == 0
+        assert "journal commits resumed" in g.stderr()
+        assert g.stop() == 0
+        with sqlite3.connect(small_fs / "journal.db") as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        g.start()
+        # The whole chain, before, during (the queued event) and after, verifies.
+        whole = g.ctl("tail", "--verify", "--json", "--since", "1", "--no-follow",
+                      "--stale-after", "3600", "--key", str(small_fs / "key.pub"))
+        assert whole.returncode == 0, whole.stderr
+        assert '"user.before"' in whole.stdout and '"user.during"' in whole.stdout
+    finally:
+        g.close()
