@@ -1,96 +1,21 @@
 #!/usr/bin/env python3
-"""Crash safety: SIGKILL graced at random moments under load, many times, and check that
-nothing acknowledged or seen was lost.
+"""Crash safety: ``bench/crash.py [--kills 200] [--min-up 0.3] [--max-up 2.0]``.
 
-    python bench/crash.py [--kills 200] [--min-up 0.3] [--max-up 2.0]
-
-Each round starts graced on the same state dir and, while it runs:
-  * events stream: ``gracectl emit --rate 300`` inside the daemon, and a subscriber
-    (``gracectl tail --json``) records every event it receives;
-  * missions execute: a fault injector keeps breaking a watched value; a low-risk
-    playbook fixes it, appending its mission id to a ledger first;
-  * approvals arrive: a high-risk fault waits for approval and an approver approves it
-    with ``gracectl missions approve`` (each acknowledged approval is recorded);
-then SIGKILLs it after a random 0.3 to 2.0 s, and runs ``PRAGMA integrity_check``.
-At the end (after a clean start and stop) it checks:
-  * zero integrity_check failures;
-  * zero lost events: every event any subscriber received is in the journal, same hash;
-  * zero lost approvals: every acknowledged approval is on its mission;
-  * a valid chain across every restart (``gracectl tail --verify`` over the whole
-    journal, signatures and hash chain);
-  * no action run twice: a mission's playbook ran at most once per ``executing``
-    transition journaled for it (a crash mid-step makes it ``interrupted``, re-verified,
-    never blindly re-run).
+SIGKILLs graced at random moments under load (events streaming, missions executing,
+approvals arriving) and then checks: zero ``PRAGMA integrity_check`` failures, zero
+lost events that any client received, zero lost acknowledged approvals, a valid chain
+across every restart, and no action run twice. See tests/helpers/crash.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import random
-import signal
-import sqlite3
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-BIN = Path(sys.executable).parent
-FAULT, NORMAL = "99", "0"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from graced.protocol import event_hash  # noqa: E402
-
-
-def config(base: Path) -> str:
-    def step(file: Path, ledger: Path) -> str:
-        script = f'echo "$GRACE_MISSION" >> {ledger}; echo {NORMAL} > {file}'
-        return f'[[playbook.step]]\naction = "run"\nshell = true\nargv = [{json.dumps(script)}]\n'
-
-    parts = [f'version = 1\n[daemon]\nstate_dir = "{base}/state"\nsocket = "{base}/g.sock"\n'
-             "heartbeat_interval = 0.5\nshutdown_timeout = 5.0\n"
-             "[missions]\nresolve_after = 1\nflap_window = 0\n"
-             "[remediation]\nmax_actions_per_hour = 1000000\napproval_timeout = 3600.0\n"]
-    for name, risk in (("auto", "low"), ("gated", "high")):
-        file = base / name
-        file.write_text(NORMAL)
-        parts.append(f'[[detector]]\nname = "{name}"\nkind = "value"\nfile = "{file}"\n'
-                     f'subject = "svc"\ninterval = 0.1\nthreshold = 50.0\n'
-                     f'[[playbook]]\nname = "fix-{name}"\ndetector = "{name}"\nrisk = "{risk}"\n'
-                     f"budget = 1000000\nverify_timeout = 5.0\n" + step(file, base / "ledger"))
-    return "\n".join(parts)
-
-
-class Round:
-    def __init__(self, base: Path, env: dict[str, str]) -> None:
-        self.base = base
-        self.env = env
-
-    def ctl(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        try:
-            return subprocess.run([str(BIN / "gracectl"), *args], env=self.env, text=True,
-                                  capture_output=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            # Killed mid-handshake, gracectl waits out its 10 s connect timeout; a
-            # request that never got its answer is not acknowledged.
-            return subprocess.CompletedProcess(args, -1, "", "timed out")
-
-
-def start(base: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([str(BIN / "graced"), "run", "--config", str(base / "graced.toml")],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    assert proc.stderr is not None
-    line = proc.stderr.readline()
-    if "serving on" not in line:
-        raise SystemExit(f"graced did not start: {line}{proc.stderr.read()}")
-    threading.Thread(target=proc.stderr.read, daemon=True).start()  # drain
-    return proc
+from tests.helpers.crash import run  # noqa: E402
 
 
 def main() -> None:
@@ -99,111 +24,13 @@ def main() -> None:
     ap.add_argument("--min-up", type=float, default=0.3)
     ap.add_argument("--max-up", type=float, default=2.0)
     args = ap.parse_args()
-    base = Path(tempfile.mkdtemp(prefix="gc", dir="/tmp"))
-    (base / "graced.toml").write_text(config(base))
-    env = dict(os.environ, GRACE_SOCKET=str(base / "g.sock"), HOME=str(base))
-    r = Round(base, env)
-    rng = random.Random(7)
-    received: dict[int, str] = {}  # seq -> hash, as subscribers saw them
-    approved: set[int] = set()
-    integrity_failures = 0
-    next_seq = 1
-    t_start = time.monotonic()
-    for n in range(args.kills):
-        daemon = start(base)
-        stop = threading.Event()
-        sub = subprocess.Popen([str(BIN / "gracectl"), "tail", "--json", "--since",
-                                str(next_seq), "--reconnect-timeout", "0"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               stdin=subprocess.DEVNULL)
-        r.ctl("emit", "user.load", "--count", "1000000", "--rate", "300", "--no-wait")
-
-        def inject(stop: threading.Event = stop) -> None:
-            while not stop.is_set():
-                for name in ("auto", "gated"):
-                    if (base / name).read_text().strip() == NORMAL and rng.random() < 0.5:
-                        (base / name).write_text(FAULT)
-                stop.wait(0.15)
-
-        def approve(stop: threading.Event = stop) -> None:
-            while not stop.is_set():
-                res = r.ctl("missions", "ls", "--state", "awaiting_approval", "--json")
-                if res.returncode == 0:
-                    for m in json.loads(res.stdout):
-                        ok = r.ctl("missions", "approve", str(m["id"]), "--json")
-                        if ok.returncode == 0:
-                            approved.add(int(m["id"]))
-                stop.wait(0.05)
-
-        threads = [threading.Thread(target=f, daemon=True) for f in (inject, approve)]
-        for t in threads:
-            t.start()
-        time.sleep(rng.uniform(args.min_up, args.max_up))  # a random moment to crash at
-        daemon.send_signal(signal.SIGKILL)
-        daemon.wait()
-        stop.set()
-        for t in threads:
-            t.join(30)
-        out, _ = sub.communicate(timeout=30)
-        for line in out.splitlines():
-            ev = json.loads(line)
-            received[ev["seq"]] = event_hash(ev)
-            next_seq = max(next_seq, ev["seq"] + 1)
-        with sqlite3.connect(base / "state" / "journal.db") as db:
-            if db.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
-                integrity_failures += 1
-        if (n + 1) % 20 == 0:
-            print(f"  ... {n + 1} kills, {len(received):,} events received, "
-                  f"{len(approved)} approvals acknowledged", flush=True)
-    # A last clean run: let interrupted missions settle, then stop cleanly.
-    daemon = start(base)
-    for name in ("auto", "gated"):
-        (base / name).write_text(NORMAL)
-    verify = r.ctl("tail", "--verify", "--since", "1", "--no-follow", "--stale-after",
-                   "1000000", "--key", str(base / "state" / "key.pub"), timeout=600)
-    daemon.send_signal(signal.SIGTERM)
-    daemon.wait(30)
-    elapsed = time.monotonic() - t_start
-
-    db = sqlite3.connect(base / "state" / "journal.db")
-    journal = {int(s): str(h) for s, h in db.execute("SELECT seq, hash FROM events")}
-    lost = [s for s, h in received.items() if journal.get(s) != h]
-    missions: dict[int, dict[str, Any]] = {}
-    for mid, data in db.execute("SELECT id, data FROM missions"):
-        missions[int(mid)] = json.loads(data)
-    lost_approvals = [m for m in approved if not any(
-        a.get("decision") == "approved" for a in missions.get(m, {}).get("approvals", []))]
-    executing: dict[int, int] = {}
-    for (body,) in db.execute("SELECT body FROM events WHERE topic = 'mission.executing'"):
-        mid = json.loads(body)["payload"]["id"]
-        executing[mid] = executing.get(mid, 0) + 1
-    ran: dict[int, int] = {}
-    ledger = base / "ledger"
-    for line in (ledger.read_text().split() if ledger.exists() else []):
-        ran[int(line)] = ran.get(int(line), 0) + 1
-    twice = {m: c for m, c in ran.items() if c > executing.get(m, 0)}
-    interrupted = db.execute("SELECT COUNT(*) FROM events WHERE topic = "
-                             "'mission.interrupted'").fetchone()[0]
-    head = max(journal)
-    db.close()
-    print(f"bench/crash.py  ({args.kills} SIGKILLs at random moments {args.min_up:g}-"
-          f"{args.max_up:g} s after start, under load; {elapsed:.0f} s)")
-    print(f"  journal head seq {head:,}; events received by subscribers {len(received):,}; "
-          f"playbook runs {sum(ran.values())} for {len(ran)} missions; "
-          f"{interrupted} missions interrupted mid-step; approvals acknowledged "
-          f"{len(approved)}")
-    print(f"  PRAGMA integrity_check failures: {integrity_failures}")
-    print(f"  lost events (received by a client, missing or different in the journal): "
-          f"{len(lost)}")
-    print(f"  lost approvals (acknowledged, not on the mission): {len(lost_approvals)}")
-    print(f"  chain across every restart (tail --verify over the whole journal): "
-          f"{'valid' if verify.returncode == 0 else 'INVALID: ' + verify.stderr.strip()}")
-    print(f"  actions run more than once per executing decision: {len(twice)}"
-          + (f" {dict(list(twice.items())[:5])}" if twice else ""))
-    ok = (integrity_failures == 0 and not lost and not lost_approvals
-          and verify.returncode == 0 and not twice and len(received) > 0 and approved)
-    print(f"  {'PASS' if ok else 'FAIL'}")
-    subprocess.run(["rm", "-rf", str(base)], check=False)
+    report = run(args.kills, args.min_up, args.max_up,
+                 progress=lambda line: print("  " + line, flush=True))
+    print(f"bench/crash.py  ({report.kills} SIGKILLs at random moments {report.min_up:g}-"
+          f"{report.max_up:g} s after start, under load; {report.elapsed:.0f} s)")
+    for line in report.lines():
+        print("  " + line)
+    print(f"  {'PASS' if report.ok and report.approved else 'FAIL'}")
 
 
 if __name__ == "__main__":
