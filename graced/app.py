@@ -131,6 +131,8 @@ class Daemon:
             journal.query, "SELECT signature, playbook, source, detector, subject, successes, "
             "failures, ttr_total, ttr_count, first_seen, last_seen FROM patterns")
         learning = Learning(cfg.learning, kb.Knowledge(patterns), journal.path)
+        # Open its read connection now (a first read opens the WAL too): steady fds.
+        await learning.read(lambda reader: reader.query("SELECT COUNT(*) FROM patterns"))
         self.learning = learning
         executor = Executor(config=cfg.remediation, playbooks=list(cfg.playbook),
                             notifiers=list(cfg.notifier), mesh=mesh, engine=engine,

@@ -157,6 +157,11 @@ def test_ranking_demotes_the_failing_playbook_and_knowledge_seeds_a_fresh_daemon
     assert [(p["playbook"], p["successes"], p["failures"], p["demoted"])
             for p in shown["playbooks"]] == [("flush-queue", 5.0, 0.0, False),
                                              ("reboot-queue", 0.0, 2.0, True)]
+    stats = json.loads(g.ctl("knowledge", "stats", "--json", check=True).stdout)
+    assert sum(w["runs"] for w in stats["success_rate_per_week"]) == 7  # 5 fixed, 2 failed
+    assert sum(w["successes"] for w in stats["success_rate_per_week"]) == 5
+    assert stats["patterns_added_per_day"][-1]["patterns"] == 1
+    assert stats["consulted_share"] == 1.0  # every mission consulted memory first
     listed = json.loads(g.ctl("knowledge", "ls", "--json", check=True).stdout)
     assert [p["pattern"] for p in listed] == ["learner:queue"]
     export = g.base / "knowledge.json"
