@@ -26,6 +26,7 @@ import trio
 
 from graced.protocol import ChainVerifier, ExitCode, Violation, key_id
 
+from .cli import _age
 from .client import Connection, Endpoint, connect
 from .errors import CtlError, Unreachable
 
@@ -41,17 +42,6 @@ SPARK_ASCII = "_.-~=+*#"
 MESSAGE_SECONDS = 5.0
 FEED_TOPICS = ("mission.", "executor.", "learning.", "detector.", "daemon.started",
                "daemon.stopping", "crypto.", "integration.")
-
-
-def _age(seconds: float) -> str:
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
 
 
 def sparkline(values: list[float], width: int, chars: str) -> str:
