@@ -21,7 +21,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -66,6 +66,15 @@ class Subscription:
             self.mesh = None
 
 
+class Recent(NamedTuple):
+    """What the replay ring keeps of an event: enough to replay it, no more (the
+    fields dict of a signed event costs several times its wire text)."""
+
+    seq: int
+    topic: str
+    text: str
+
+
 @dataclass(eq=False)
 class _Pending:
     ts: float
@@ -100,7 +109,7 @@ class Mesh:
         self._wake = trio.Event()
         self._room = trio.Event()
         self._subs: set[Subscription] = set()
-        self.ring: collections.deque[SignedEvent] = collections.deque(maxlen=ring_size)
+        self.ring: collections.deque[Recent] = collections.deque(maxlen=ring_size)
         # Seq and hash of the last event fanned out (everything <= it is durable).
         self.delivered_seq = journal.head_seq
         self.commit_seconds_last = 0.0
@@ -176,7 +185,7 @@ class Mesh:
     def subscriber_count(self) -> int:
         return len(self._subs)
 
-    def recent(self, first: int) -> list[SignedEvent] | None:
+    def recent(self, first: int) -> list[Recent] | None:
         """Events from ``first`` to :attr:`delivered_seq` if the ring still holds them."""
         if first > self.delivered_seq:
             return []
@@ -276,7 +285,7 @@ class Mesh:
     def _fan_out(self, events: list[SignedEvent]) -> None:
         subs = list(self._subs)
         for ev in events:
-            self.ring.append(ev)
+            self.ring.append(Recent(ev.seq, ev.topic, ev.text))
             self.delivered_seq = ev.seq
             topic = ev.topic
             for sub in subs:
