@@ -177,7 +177,16 @@ def test_rejected_and_expired_missions_never_execute(make_graced, marker, shortd
     assert mission(g, first["id"])["state"] == "rejected"
     again = g.ctl("missions", "approve", str(first["id"]))
     assert again.returncode == 5  # no longer active
-    # The worker is still absent: the next mission waits, and expires.
+    # Rejected: the symptom is a person's now, so while the worker stays absent no new
+    # mission opens. Once it has been back and goes missing again, graced asks again,
+    # and that request, unanswered, expires.
+    recovered = LineCollector(g.ctl_popen("tail", "--json", "detector.recovered"))
+    proc = start_sleeper(marker)
+    assert recovered.wait_for(lambda ls: len(ls) >= 1, 15)
+    recovered.proc.terminate()
+    assert len([m for m in w.missions("worker")]) == 1
+    proc.kill()
+    proc.wait()
     second = w.wait("mission.awaiting_approval", "worker", 15, count=2)["payload"]
     w.wait("mission.expired", "worker", 10)
     assert mission(g, second["id"])["steps"] == []

@@ -74,14 +74,15 @@ def approved_by(m: Mission) -> str | None:
     for a in reversed(m.approvals):
         if a.get("decision") == "approved":
             return str(a.get("user") or a.get("key") or "?")
-    if m.steps:
+    if m.steps or any(t.get("to") == "executing" for t in m.timeline):
         return "automatic"
     return None
 
 
 def outcome_of(m: Mission) -> dict[str, Any]:
     """The outcome row for a mission in a final state (or interrupted)."""
-    ran = bool(m.steps)
+    # It ran once its playbook started (a crash mid-step leaves no step result).
+    ran = bool(m.steps) or any(t.get("to") == "executing" for t in m.timeline)
     success: int | None = None
     if ran and m.state == "resolved":
         success = 1
