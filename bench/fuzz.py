@@ -35,6 +35,16 @@ from tests.helpers.fuzz import FuzzClient, frames  # noqa: E402
 from tests.helpers.procs import LineCollector  # noqa: E402
 
 
+def fd_names(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return out
+
+
 def raw_abuse(path: str, rng: random.Random) -> None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(path)
@@ -64,7 +74,11 @@ def main() -> None:
     proc = psutil.Process(g.proc.pid)  # type: ignore[union-attr]
     bystander = LineCollector(g.ctl_popen("tail", "--verify", "--json", "user.*"))
     client = FuzzClient(str(g.socket), parse_public_key((g.state / "key.pub").read_text()))
+    # The baseline once the bystander is connected and streaming.
+    g.ctl("emit", "user.before-fuzz", check=True)
+    assert bystander.wait_for(lambda ls: any("user.before-fuzz" in x for x in ls), 10)
     fds0, rss0 = proc.num_fds(), proc.memory_info().rss / 2**20
+    names0 = fd_names(proc.pid)
     outcomes: dict[str, int] = {}
     failures: list[str] = []
 
@@ -97,6 +111,7 @@ def main() -> None:
     while fds1 > fds0 and time.monotonic() < deadline:
         fds1 = proc.num_fds()
     rss1 = proc.memory_info().rss / 2**20
+    extra = [n for n in fd_names(proc.pid) if n not in names0]
     bystander_ok = bystander.proc.poll() is None and seen
     bystander.proc.terminate()
     g.close()
@@ -108,7 +123,8 @@ def main() -> None:
         print(f"  {k:<26} {v:>7,}")
     print(f"  daemon alive and answering: {alive}; bystander tail --verify unaffected: "
           f"{bystander_ok}")
-    print(f"  descriptors {fds0} -> {fds1}; RSS {rss0:.1f} -> {rss1:.1f} MB")
+    print(f"  descriptors {fds0} -> {fds1}" + (f" (new: {extra})" if extra else "")
+          + f"; RSS {rss0:.1f} -> {rss1:.1f} MB")
     ok = not failures and alive and bystander_ok and fds1 <= fds0 and total >= args.cases \
         and "reply:internal" not in outcomes
     for f in failures[:5]:

@@ -8,6 +8,8 @@ within ``shutdown_timeout``.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fcntl
 import gc
 import json
@@ -190,6 +192,7 @@ class Daemon:
                     await mesh.publish("daemon.started", self._identity())
                     await nursery.start(executor.run)
                     await nursery.start(runner.run)
+                    nursery.start_soon(_trim_heap)
                     hb_scope = trio.CancelScope()
                     nursery.start_soon(self._heartbeat, hb_scope)
                     interval = sd_notify.watchdog_interval()
@@ -639,3 +642,19 @@ class Daemon:
 
 def _as_dict(payload: Any) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else {"value": payload}
+
+
+async def _trim_heap(interval: float = 60.0) -> None:
+    """Hand freed heap back to the OS now and then (glibc keeps it otherwise).
+
+    Under steady load the big transient strings (coalesced frames, replay chunks) leave
+    free but unreturned memory behind, which shows as RSS creeping up over hours.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return  # not glibc
+    while True:
+        await trio.sleep(interval)
+        await trio.to_thread.run_sync(trim, 0)

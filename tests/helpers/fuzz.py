@@ -112,6 +112,9 @@ class FuzzClient:
             self._nursery = nursery
             self._ready.set()
             await self._stop.wait()
+            if self._ws is not None:
+                with trio.move_on_after(5):
+                    await self._ws.aclose()  # a clean goodbye, so graced frees its side
             nursery.cancel_scope.cancel()
 
     def close(self) -> None:
