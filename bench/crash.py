@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Crash safety: ``bench/crash.py [--kills 200] [--min-up 0.3] [--max-up 2.0]``.
+"""Crash safety: ``bench/crash.py [--kills 200] [--min-up 0.5] [--max-up 3.0]``.
 
 SIGKILLs graced at random moments under load (events streaming, missions executing,
 approvals arriving) and then checks: zero ``PRAGMA integrity_check`` failures, zero
@@ -21,8 +21,8 @@ from tests.helpers.crash import run  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kills", type=int, default=200)
-    ap.add_argument("--min-up", type=float, default=0.3)
-    ap.add_argument("--max-up", type=float, default=2.0)
+    ap.add_argument("--min-up", type=float, default=0.5)
+    ap.add_argument("--max-up", type=float, default=3.0)
     args = ap.parse_args()
     report = run(args.kills, args.min_up, args.max_up,
                  progress=lambda line: print("  " + line, flush=True))
