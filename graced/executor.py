@@ -227,8 +227,12 @@ class Executor:
                 if pb is not None:
                     self._start(m, pb)
             elif m.state == "verifying":
+                # The deadline counts from when verification began, not from this start:
+                # a crash loop must not keep a mission verifying for ever.
                 pb = self._playbook(m.playbook)
-                self._watch_verification(m, pb.verify_timeout if pb else 60.0)
+                timeout = pb.verify_timeout if pb else 60.0
+                began = m.verify_started if m.verify_started is not None else now
+                self._watch_verification(m, max(0.0, began + timeout - now))
 
     def _playbook(self, name: str | None) -> PlaybookConfig | None:
         return next((p for p in self.playbooks if p.name == name), None)
@@ -418,11 +422,13 @@ class Executor:
         await trio.sleep(timeout)
         m = self.engine.by_id(mission_id)
         if m is not None and m.state == "verifying":
-            m.verification = {"result": "failed", "at": time.time(),
-                              "detail": f"{m.detector} still anomalous after {timeout:g} s"}
+            now = time.time()
+            waited = now - m.verify_started if m.verify_started is not None else timeout
+            m.verification = {"result": "failed", "at": now,
+                              "detail": f"{m.detector} still anomalous after {waited:.3g} s"}
             await self.record(self.engine.transition(
-                m, "failed", time.time(), f"verification failed: {m.detector} still anomalous "
-                f"after {timeout:g} s"))
+                m, "failed", now, f"verification failed: {m.detector} still anomalous "
+                f"after {waited:.3g} s"))
 
     async def _run_step(self, st: StepConfig, m: Mission, desc: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
