@@ -184,7 +184,6 @@ class Daemon:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(server.run)
                     await nursery.start(mesh.run)
-                    nursery.start_soon(mesh.checkpointer)
                     kid_event = "crypto.key_created" if created else "crypto.key_loaded"
                     mesh.publish_nowait(kid_event, {"kid": signer.kid,
                                                     "public_key": keys.format_public_key(

@@ -98,6 +98,8 @@ MIGRATIONS: list[str] = [
 
 Write = tuple[str, tuple[object, ...]]
 
+WAL_LIMIT = 4 << 20  # bytes of WAL past which the writer checkpoints it
+
 
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
@@ -124,6 +126,8 @@ class Journal:
             # Checkpoints run apart from commits (see checkpoint()), so a commit never
             # waits for one.
             self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+            # A reset WAL is reused from its start but keeps its size unless limited.
+            self._conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
             self._migrate()
             self.head_seq, self.head_hash = self._read_head()
         except sqlite3.DatabaseError as exc:
@@ -190,6 +194,14 @@ class Journal:
         """Read with the writer's connection (call from the writer's side only)."""
         return list(self._conn.execute(sql, params).fetchall())
 
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database, on the writer's own connection, between
+        commits: no frame is appended meanwhile, so (unless a reader still uses old
+        frames) it completes and the next commit starts the WAL again from the top. A
+        checkpoint on another connection never catches up with a writer that commits
+        every few milliseconds, and the WAL grows without bound."""
+        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
     def size_bytes(self) -> int:
         total = 0
         for suffix in ("", "-wal"):
@@ -211,15 +223,6 @@ class Journal:
         except sqlite3.Error:
             pass
         self._conn.close()
-
-
-def checkpoint(path: Path) -> None:
-    """Copy the WAL into the database on a connection of its own (never blocks writers)."""
-    conn = _connect(path)
-    try:
-        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-    finally:
-        conn.close()
 
 
 class JournalReader:

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import trio
 
-from .journal import Journal, Write, checkpoint
+from .journal import WAL_LIMIT, Journal, Write
 from .protocol import SignedEvent, Signer, canonical_bytes
 
 log = logging.getLogger("graced.mesh")
@@ -118,6 +118,7 @@ class Mesh:
         self.last_error: str | None = None
         # When commits started failing (disk full, I/O error), None while they succeed.
         self.failing_since: float | None = None
+        self._last_checkpoint = 0.0
         self._closed = False
 
     # -- publishing ------------------------------------------------------------
@@ -230,6 +231,7 @@ class Mesh:
                 while self._pending:
                     try:
                         await self._flush_once()
+                        await self._maybe_checkpoint()
                         backoff = 0.05
                         if self.failing_since is not None:
                             log.warning("journal commits resumed after %.1f s; nothing queued "
@@ -250,17 +252,17 @@ class Mesh:
             with trio.CancelScope(shield=True):
                 await self.flush()
 
-    async def checkpointer(self, *, interval: float = 1.0, wal_limit: int = 4 << 20,
-                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Checkpoint the WAL in a thread when it grows past ``wal_limit`` bytes."""
-        task_status.started()
-        while True:
-            await trio.sleep(interval)
-            if self.journal.wal_bytes() > wal_limit:
-                try:
-                    await trio.to_thread.run_sync(checkpoint, self.journal.path)
-                except Exception as exc:  # noqa: BLE001 - retried next time
-                    log.warning("WAL checkpoint failed: %s", exc)
+    async def _maybe_checkpoint(self) -> None:
+        """Checkpoint the WAL past :data:`WAL_LIMIT`, at most once a second; the writer
+        waits for it (publishers queue meanwhile)."""
+        now = time.monotonic()
+        if now - self._last_checkpoint < 1.0 or self.journal.wal_bytes() <= WAL_LIMIT:
+            return
+        self._last_checkpoint = now
+        try:
+            await trio.to_thread.run_sync(self.journal.checkpoint)
+        except Exception as exc:  # noqa: BLE001 - retried next time
+            log.warning("WAL checkpoint failed: %s", exc)
 
     async def _flush_once(self) -> None:
         batch = self._pending[: self.batch_max]
