@@ -272,6 +272,21 @@ def plain(lines: list[Line], width: int) -> str:
     return "\n".join("".join(t for t, _ in line)[:width].rstrip() for line in lines)
 
 
+def violation_text(exc: Violation) -> str:
+    """The signature line's reason: where (seq) and what kind, then why."""
+    seq = exc.seq if exc.seq is not None else "?"
+    return f"seq {seq} {VIOLATION_KIND.get(exc.code, 'violation')}: {exc.reason}"
+
+
+async def _trusted_hello(conn: Connection, key: bytes) -> dict[str, Any]:
+    """``hello``, refused unless the daemon's key is the one we trust."""
+    hello: dict[str, Any] = await conn.request("hello")
+    if hello.get("kid") != key_id(key):
+        raise Violation(ExitCode.BAD_SIGNATURE, None, f"daemon key {hello.get('kid')} is "
+                        f"not the trusted key {key_id(key)}")
+    return hello
+
+
 # -- the live program --------------------------------------------------------------
 
 @dataclass
@@ -309,10 +324,7 @@ class Top:
         """Connect, subscribe and follow until the connection ends."""
         key = self.opts.trusted_key
         async with connect(self.endpoint, key) as conn:
-            hello = await conn.request("hello")
-            if hello.get("kid") != key_id(key):
-                raise Violation(ExitCode.BAD_SIGNATURE, None, f"daemon key {hello.get('kid')} "
-                                f"is not the trusted key {key_id(key)}")
+            hello = await _trusted_hello(conn, key)
             self.model.hello = hello
             if self.verifier is None:
                 stale = 3 * float(hello.get("heartbeat_interval", 5.0)) + 1
@@ -349,9 +361,7 @@ class Top:
                     raise Violation(ExitCode.CHAIN_BROKEN, None, "unparsable frame")
                 self.verifier.feed(ev, trio.current_time())
             except Violation as exc:
-                self.model.violation = (f"seq {exc.seq if exc.seq is not None else '?'} "
-                                        f"{VIOLATION_KIND.get(exc.code, 'violation')}: "
-                                        f"{exc.reason}")
+                self.model.violation = violation_text(exc)
                 self.changed()
                 return
             self.model.add_event(ev)
@@ -406,10 +416,7 @@ async def run_once(endpoint: Endpoint, opts: Options, width: int,
     top = Top(endpoint, opts)
     key = opts.trusted_key
     async with connect(endpoint, key) as conn:
-        hello = await conn.request("hello")
-        if hello.get("kid") != key_id(key):
-            raise Violation(ExitCode.BAD_SIGNATURE, None, f"daemon key {hello.get('kid')} is "
-                            f"not the trusted key {key_id(key)}")
+        hello = await _trusted_hello(conn, key)
         top.model.hello = hello
         verifier = ChainVerifier(key)
         head = int(hello.get("head_seq", 0))
@@ -424,8 +431,7 @@ async def run_once(endpoint: Endpoint, opts: Options, width: int,
                 try:
                     verifier.feed(ev, trio.current_time())
                 except Violation as exc:
-                    top.model.violation = (f"seq {exc.seq} {VIOLATION_KIND.get(exc.code)}: "
-                                           f"{exc.reason}")
+                    top.model.violation = violation_text(exc)
                     code = exc.code
                     break
                 top.model.add_event(ev)
@@ -433,7 +439,7 @@ async def run_once(endpoint: Endpoint, opts: Options, width: int,
             try:
                 verifier.flush()
             except Violation as exc:
-                top.model.violation = f"seq {exc.seq} {VIOLATION_KIND.get(exc.code)}: {exc.reason}"
+                top.model.violation = violation_text(exc)
                 code = exc.code
         await _poll(conn, top.model)
     frame = render(top.model, width, height, time.time())[:-1]  # no key help: not live
