@@ -643,6 +643,24 @@ def _as_dict(payload: Any) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else {"value": payload}
 
 
+M_ARENA_MAX = -8  # glibc <malloc.h>
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas (as ``MALLOC_ARENA_MAX`` would) before any thread starts.
+
+    Every worker thread that signs and commits a group otherwise gets an arena of its
+    own, and strings freed on the event loop's thread leave holes in those arenas:
+    RSS creeps up under steady load. Done here, not only in the systemd unit, so
+    graced behaves the same however it is started. No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_ARENA_MAX, arenas)
+    except (OSError, AttributeError):
+        pass
+
+
 async def _trim_heap(interval: float = 60.0) -> None:
     """Hand freed heap back to the OS now and then (glibc keeps it otherwise).
 

@@ -58,8 +58,10 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 @config_option
 def run(config_path: str | None) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
-    from .app import Daemon
+    from .app import Daemon, limit_malloc_arenas
     from .config import Config
+
+    limit_malloc_arenas()
 
     cfg = _load(config_path)
     assert isinstance(cfg, Config)
