@@ -109,6 +109,7 @@ def main() -> None:
     # dropped by graced after 10 s.
     deadline = time.monotonic() + 15
     while fds1 > fds0 and time.monotonic() < deadline:
+        time.sleep(0.2)  # no event to wait on: graced's descriptor table, polled
         fds1 = proc.num_fds()
     rss1 = proc.memory_info().rss / 2**20
     after = fd_names(proc.pid)
