@@ -103,6 +103,11 @@ class Daemon:
         self.runner: DetectorRunner | None = None
         self.executor: Executor | None = None
         self.learning: Learning | None = None
+        # One read connection for the handlers, opened at start: a connection per request
+        # cost a connect each time, and SQLite parks a closed connection's descriptor
+        # while others hold locks on the file (a descriptor that came and went).
+        self.reader: JournalReader | None = None
+        self._read_lock = trio.Lock()
         self.used_nonces: set[str] = set()
         self.authorized_keys: list[bytes] = []
         for line in config.remediation.authorized_keys:
@@ -132,6 +137,9 @@ class Daemon:
         patterns = await trio.to_thread.run_sync(
             journal.query, "SELECT signature, playbook, source, detector, subject, successes, "
             "failures, ttr_total, ttr_count, first_seen, last_seen FROM patterns")
+        self.reader = await trio.to_thread.run_sync(JournalReader, journal.path)
+        # A first read opens the WAL too: the descriptors are all there from the start.
+        await self._read("SELECT COUNT(*) FROM meta", ())
         learning = Learning(cfg.learning, kb.Knowledge(patterns), journal.path)
         # Open its read connection now (a first read opens the WAL too): steady fds.
         await learning.read(lambda reader: reader.query("SELECT COUNT(*) FROM patterns"))
@@ -219,6 +227,8 @@ class Daemon:
         finally:
             mesh.close()
             learning.close()
+            if self.reader is not None:
+                self.reader.close()
             await trio.to_thread.run_sync(journal.close)
             os.close(self._lock_fd)
         log.info("stopped cleanly at seq %d", mesh.delivered_seq)
@@ -344,17 +354,11 @@ class Daemon:
                                    "success_rate", "success_rate_7d", "consulted_share")}
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        assert self.mesh is not None
-        path = self.mesh.journal.path
-
-        def read() -> list[tuple[Any, ...]]:
-            reader = JournalReader(path)
-            try:
-                return reader.query(sql, params)
-            finally:
-                reader.close()
-
-        return await trio.to_thread.run_sync(read)
+        """Run a read query on the handlers' connection, in a worker thread."""
+        reader = self.reader
+        assert reader is not None
+        async with self._read_lock:
+            return await trio.to_thread.run_sync(reader.query, sql, params)
 
     async def _missions_list(self, client: Client, req: Request) -> Any:
         p = req.params

@@ -74,3 +74,18 @@ async def test_a_flood_of_clients_is_capped_and_leaves_no_descriptor_behind(make
         await trio.sleep(0.1)
     assert daemon.num_fds() == baseline, (daemon.num_fds(), baseline)
     assert g.ctl("status").returncode == 0
+
+
+def test_read_commands_leave_the_descriptor_table_as_it_was(graced) -> None:
+    """Each read (missions, status, knowledge, detectors) reuses graced's own
+    connections: no descriptor is opened per request and none is left behind."""
+    daemon = psutil.Process(graced.proc.pid)  # type: ignore[union-attr]
+    assert graced.ctl("status").returncode == 0  # see above: READY=1 before the round trip
+    before = sorted(c.path for c in daemon.open_files())
+    fds = daemon.num_fds()
+    for args in (("missions", "ls"), ("missions", "ls", "--json"), ("status", "--json"),
+                 ("knowledge", "stats"), ("knowledge", "ls"), ("detectors",),
+                 ("missions", "show", "1")):
+        graced.ctl(*args)
+    after = sorted(c.path for c in daemon.open_files())
+    assert (daemon.num_fds(), after) == (fds, before)
