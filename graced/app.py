@@ -656,8 +656,11 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
     Every worker thread that signs and commits a group otherwise gets an arena of its
     own, and strings freed on the event loop's thread leave holes in those arenas:
     RSS creeps up under steady load. Done here, not only in the systemd unit, so
-    graced behaves the same however it is started. No-op off glibc.
+    graced behaves the same however it is started. No-op off glibc, and when
+    ``MALLOC_ARENA_MAX`` is set (the operator's choice wins).
     """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(M_ARENA_MAX, arenas)
