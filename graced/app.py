@@ -40,6 +40,7 @@ from .missions import store
 from .missions.engine import ACTIVE, SEVERITIES, STATES, MissionEngine
 from .protocol import Signer, check_signature, key_id
 from .protocol.wire import Request, RequestError, request_signing_bytes
+from .readers import SharedReader
 from .wire import Client, Server
 
 log = logging.getLogger("graced")
@@ -103,11 +104,7 @@ class Daemon:
         self.runner: DetectorRunner | None = None
         self.executor: Executor | None = None
         self.learning: Learning | None = None
-        # One read connection for the handlers, opened at start: a connection per request
-        # cost a connect each time, and SQLite parks a closed connection's descriptor
-        # while others hold locks on the file (a descriptor that came and went).
-        self.reader: JournalReader | None = None
-        self._read_lock = trio.Lock()
+        self.reads: SharedReader[JournalReader] | None = None  # the handlers' reads
         self.used_nonces: set[str] = set()
         self.authorized_keys: list[bytes] = []
         for line in config.remediation.authorized_keys:
@@ -137,11 +134,10 @@ class Daemon:
         patterns = await trio.to_thread.run_sync(
             journal.query, "SELECT signature, playbook, source, detector, subject, successes, "
             "failures, ttr_total, ttr_count, first_seen, last_seen FROM patterns")
-        self.reader = await trio.to_thread.run_sync(JournalReader, journal.path)
-        # A first read opens the WAL too: the descriptors are all there from the start.
-        await self._read("SELECT COUNT(*) FROM meta", ())
+        reads = self.reads = SharedReader(lambda: JournalReader(journal.path))
         learning = Learning(cfg.learning, kb.Knowledge(patterns), journal.path)
-        # Open its read connection now (a first read opens the WAL too): steady fds.
+        # Open both read connections now (see graced/readers.py): steady descriptors.
+        await self._read("SELECT COUNT(*) FROM meta", ())
         await learning.read(lambda reader: reader.query("SELECT COUNT(*) FROM patterns"))
         self.learning = learning
         executor = Executor(config=cfg.remediation, playbooks=list(cfg.playbook),
@@ -227,8 +223,7 @@ class Daemon:
         finally:
             mesh.close()
             learning.close()
-            if self.reader is not None:
-                self.reader.close()
+            reads.close()
             await trio.to_thread.run_sync(journal.close)
             os.close(self._lock_fd)
         log.info("stopped cleanly at seq %d", mesh.delivered_seq)
@@ -355,10 +350,8 @@ class Daemon:
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """Run a read query on the handlers' connection, in a worker thread."""
-        reader = self.reader
-        assert reader is not None
-        async with self._read_lock:
-            return await trio.to_thread.run_sync(reader.query, sql, params)
+        assert self.reads is not None
+        return await self.reads.run(lambda reader: reader.query(sql, params))
 
     async def _missions_list(self, client: Client, req: Request) -> Any:
         p = req.params

@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from ..config import LearningConfig, PlaybookConfig
 from ..journal import Write
 from ..missions.engine import Mission
+from ..readers import SharedReader
 from . import memory
 from .knowledge import Knowledge
 from .ranking import Decision, Record, demoted, rank
@@ -41,23 +40,15 @@ class Learning:
                  *, rng: random.Random | None = None) -> None:
         self.config = config
         self.knowledge = knowledge
-        self.journal_path = journal_path
         self.rng = rng or random.Random()
-        self._reader: memory.MemoryReader | None = None
-        self._lock = trio.Lock()
+        self._reads = SharedReader(lambda: memory.MemoryReader(journal_path))
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        self._reads.close()
 
     async def read(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(reader, ...)`` in a worker thread on the lookup connection."""
-        async with self._lock:
-            if self._reader is None:
-                self._reader = memory.MemoryReader(self.journal_path)
-            reader = self._reader
-            return await trio.to_thread.run_sync(lambda: fn(reader, *args, **kwargs))
+        return await self._reads.run(lambda reader: fn(reader, *args, **kwargs))
 
     # -- before acting -----------------------------------------------------------
 
