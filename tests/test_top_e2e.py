@@ -90,6 +90,16 @@ def terminal() -> Iterator[Callable[..., Terminal]]:
         t.close()
 
 
+FOOTERS = (" q quit", " mission")
+
+
+def drawn(text: str, height: int) -> bool:
+    """The whole frame is on screen: curses writes it top to bottom, so a capture can
+    catch one half-written; its last row, the footer, comes last."""
+    lines = text.split("\n")
+    return len(lines) >= height and lines[height - 1].startswith(FOOTERS)
+
+
 def clean(text: str, width: int, height: int) -> None:
     """Every line fits, the sections are there, the footer (key help, or the latest
     message for a few seconds) is on the last line."""
@@ -98,7 +108,7 @@ def clean(text: str, width: int, height: int) -> None:
     assert all(len(line) <= width for line in lines), max(lines, key=len)
     for part in ("Grace", "signature: verified", "Active missions", "Activity", "Health"):
         assert part in text, part
-    assert lines[height - 1].startswith((" q quit", " mission")), lines[height - 1]
+    assert lines[height - 1].startswith(FOOTERS), lines[height - 1]
 
 
 def test_fault_appears_is_approved_from_the_dashboard_and_fixed(
@@ -109,7 +119,8 @@ def test_fault_appears_is_approved_from_the_dashboard_and_fixed(
                     + playbook("drain", "backlog", "high", fix(queue))
                     + SETTINGS.format(approval=120.0))
     t = terminal(g)
-    text = t.wait_for(lambda s: "backlog" in s and "ok" in s and "verified" in s, 15)
+    text = t.wait_for(lambda s: "backlog" in s and "ok" in s and "verified" in s
+                      and drawn(s, 24), 15)
     clean(text, 80, 24)
     assert "no active missions" in text
 
@@ -141,10 +152,10 @@ def test_fault_appears_is_approved_from_the_dashboard_and_fixed(
     # Bigger terminal: the same screen, laid out to the new size.
     t.resize(200, 60)
     text = t.wait_for(lambda s: s.split("\n")[2].startswith("-- Active missions")
-                      and len(s.split("\n")[2]) == 200, 10)
+                      and len(s.split("\n")[2]) == 200 and drawn(s, 60), 10)
     clean(text, 200, 60)
     t.resize(80, 24)
-    text = t.wait_for(lambda s: len(s.split("\n")[2]) == 80, 10)
+    text = t.wait_for(lambda s: len(s.split("\n")[2]) == 80 and drawn(s, 24), 10)
     clean(text, 80, 24)
 
     t.keys("q")
