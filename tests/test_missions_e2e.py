@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT, Graced
-from tests.helpers.procs import LineCollector
+from tests.helpers.procs import LineCollector, poll_until, write_fifo
 
 MISSIONS = '\n[missions]\nresolve_after = 2\nflap_window = {flap}\nupdate_interval = 60\n'
 
@@ -54,7 +54,6 @@ def watched(make_graced) -> Iterator[Callable[..., tuple[Graced, Watch]]]:
     def start(detectors: str, flap: float = 0.0) -> tuple[Graced, Watch]:
         g = make_graced(detectors=detectors + MISSIONS.format(flap=flap))
         w = Watch(g)
-        assert w.tail.wait_for(lambda ls: True, 0)  # started
         made.append(w)
         return g, w
 
@@ -71,13 +70,12 @@ def helper(*args: str) -> subprocess.Popen[str]:
 
 
 def _ready_tail(w: Watch, g: Graced) -> None:
-    """Wait until every detector has taken its first sample."""
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+    """Wait until every detector has taken its first sample (no event says so: ask)."""
+    def sampled() -> bool:
         dets = json.loads(g.ctl("detectors", "--json", check=True).stdout)
-        if all(d["subjects"] for d in dets.values()):
-            return
-    raise AssertionError("detectors never sampled")
+        return all(d["subjects"] for d in dets.values())
+
+    poll_until(sampled, 15, "detectors never sampled")
 
 
 def test_memory_hog_opens_one_mission_that_resolves(watched) -> None:
@@ -301,26 +299,49 @@ def test_a_failing_detector_is_reported_restarted_and_harmless(make_graced) -> N
         tail.proc.terminate()
 
 
-def test_baseline_state_is_kept_across_restarts(make_graced, shortdir: Path) -> None:
-    value = shortdir / "metric"
-    value.write_text("100")
-    g = make_graced(detectors=f'[[detector]]\nname = "m"\nkind = "value"\ninterval = 0.2\n'
-                              f'file = "{value}"\nbaseline = true\n')
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        dets = json.loads(g.ctl("detectors", "--json", check=True).stdout)
-        if dets["m"]["subjects"]:
-            break
-    assert g.stop() == 0
+def _baseline_state(g: Graced, subject: str) -> dict[str, Any]:
+    """The baseline state graced saved for detector ``m`` (read with graced stopped)."""
     import sqlite3
 
-    db = sqlite3.connect(g.state / "journal.db")
-    (data,) = db.execute("SELECT data FROM detector_state WHERE name = 'm'").fetchone()
-    db.close()
-    state = json.loads(data)[str(value)]["state"]
-    assert state["n"] >= 1 and abs(state["level"] - 100) < 1e-6
+    with sqlite3.connect(g.state / "journal.db") as db:
+        (data,) = db.execute("SELECT data FROM detector_state WHERE name = 'm'").fetchone()
+    return json.loads(data)[subject]["state"]  # type: ignore[no-any-return]
+
+
+def test_baseline_state_is_kept_across_restarts(make_graced, shortdir: Path) -> None:
+    # The metric is a FIFO: each sample opens it and blocks until the test writes one
+    # value, so the test knows exactly which values the baseline learnt, no clock involved.
+    value = shortdir / "metric"
+    os.mkfifo(value)
+    g = make_graced(detectors=f'[[detector]]\nname = "m"\nkind = "value"\ninterval = 0.05\n'
+                              f'file = "{value}"\nbaseline = true\n')
+    for i in range(40):  # past the 30-value warm-up
+        write_fifo(str(value), f"{100 + i % 3}\n".encode(), 10)
+    assert g.stop() == 0
+    saved = _baseline_state(g, str(value))
+    assert saved["n"] in (39, 40) and abs(saved["level"] - 101) < 1, saved
+
     g.start()
-    assert g.ctl("detectors", "--json", check=True).returncode == 0
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "detector.*"))
+    try:
+        # The restarted daemon judges its first value against what it learnt before: a
+        # spike is flagged at once (a fresh baseline would only be learning, for 30 values).
+        write_fifo(str(value), b"1000\n", 10)
+        assert tail.wait_for(lambda ls: len(ls) >= 1, 10), "no anomaly after the restart"
+        anomaly = tail.events()[0]
+        assert anomaly["topic"] == "detector.anomaly", anomaly
+        assert "unusual for it" in anomaly["payload"]["summary"], anomaly
+        write_fifo(str(value), b"101\n", 10)
+        assert tail.wait_for(lambda ls: len(ls) >= 2, 10), tail.lines
+        assert tail.events()[1]["topic"] == "detector.recovered", tail.lines
+    finally:
+        tail.proc.terminate()
+        tail.proc.wait(10)
+    assert g.stop() == 0
+    kept = _baseline_state(g, str(value))
+    # The same baseline, carried on by exactly the two values of the second run.
+    assert kept["n"] == saved["n"] + 2 and kept["first_ts"] == saved["first_ts"], (saved, kept)
+    assert abs(kept["level"] - saved["level"]) < 1 and kept["scale"] > 0
 
 
 def test_http_command_and_sqlite_probes_report_failures(watched, shortdir: Path) -> None:

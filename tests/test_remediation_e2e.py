@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Graced
-from tests.helpers.procs import LineCollector
+from tests.helpers.procs import LineCollector, read_fifo
 from tests.test_missions_e2e import MISSIONS, Watch, _ready_tail
 
 
@@ -296,20 +296,19 @@ def test_kill9_during_a_long_step_interrupts_and_does_not_run_it_twice(make_grac
     count = shortdir / "ran"
     proc = start_sleeper(marker)
     started = shortdir / "started"
+    os.mkfifo(started)
     g, w = setup(make_graced, process_detector(marker)
                  + restart_playbook(marker, "low", count_file=str(count),
-                                    prelude=f"touch {started}; sleep 3; "))
+                                    prelude=f"echo started > {started}; sleep 3; "))
     _ready_tail(w, g)
     proc.kill()
     w.wait("mission.executing", "worker", 10)
     steps = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "executor.step_started"))
     assert steps.wait_for(lambda ls: len(ls) >= 1, 10)
     steps.proc.terminate()
-    # The step's own first action is to touch `started`: wait for it, then SIGKILL graced in
-    # the middle of the step's 3 s sleep.
-    deadline = time.monotonic() + 10
-    while not started.exists():
-        assert time.monotonic() < deadline, "the step never started"
+    # The step's own first action is to write to the `started` FIFO: read it, then SIGKILL
+    # graced in the middle of the step's 3 s sleep.
+    assert read_fifo(str(started), 10) == b"started\n"
     g.kill()
     w.close()
     g.start()

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import psutil
 
 from tests.conftest import ROOT, Graced
+from tests.helpers.procs import poll_until
 
 SECONDS = 20
 RATE = 300
@@ -36,7 +36,6 @@ def test_reconnecting_clients_see_every_seq_once_and_descriptors_stay_flat(
         assert r["reconnects"] >= 1 and r["received"] > SECONDS * RATE // 2, r
     # Every client stopped; descriptors back to the count before them (closes finish
     # asynchronously: ask until the deadline).
-    deadline = time.monotonic() + 10  # (a WAL checkpoint holds one for a moment too)
-    while proc.num_fds() > fds_before and time.monotonic() < deadline:
-        pass
-    assert proc.num_fds() <= fds_before
+    # (a WAL checkpoint holds one for a moment too).
+    poll_until(lambda: proc.num_fds() <= fds_before, 10,
+               f"descriptors back to {fds_before}")

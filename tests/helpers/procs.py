@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import select
 import subprocess
 import threading
 import time
@@ -65,3 +67,67 @@ def seq_at_least(n: int) -> Callable[[list[str]], bool]:
                 return int(json.loads(line)["seq"]) >= n
         return False
     return pred
+
+
+def read_fifo(path: str, timeout: float) -> bytes:
+    """Wait for a writer to write to the FIFO at ``path`` and return what it wrote.
+
+    The FIFO is the event: a playbook step or a detector's sample that opens it blocks
+    until this side reads (or, if this side opened first, is read at once). Raises
+    AssertionError when nothing was written within ``timeout``.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        chunks: list[bytes] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not poller.poll(remaining * 1000):
+                raise AssertionError(f"nothing written to {path} within {timeout} s")
+            data = os.read(fd, 4096)
+            if not data:  # the writer closed: all of it is here
+                return b"".join(chunks)
+            chunks.append(data)
+    finally:
+        os.close(fd)
+
+
+def write_fifo(path: str, data: bytes, timeout: float) -> None:
+    """Write ``data`` to the FIFO at ``path`` once a reader opens it (the reader's open is
+    the event, e.g. a detector's next sample), then put a fresh FIFO in its place for the
+    next reader; AssertionError after ``timeout``."""
+    opened: list[int] = []
+    opener = threading.Thread(target=lambda: opened.append(os.open(path, os.O_WRONLY)),
+                              daemon=True)
+    opener.start()  # a blocking open returns when a reader opens the other end
+    opener.join(timeout)
+    if not opened:
+        # Be the reader ourselves, so the blocked open returns and the thread ends.
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+        opener.join(5)
+        for fd in opened:
+            os.close(fd)
+        raise AssertionError(f"no reader opened {path} within {timeout} s")
+    try:
+        os.write(opened[0], data)
+        # A fresh FIFO takes the name before this reader sees EOF: the next write meets
+        # the next open, never this reader (which would read both values as one).
+        fresh = f"{path}.next"
+        os.mkfifo(fresh)
+        os.replace(fresh, path)
+    finally:
+        os.close(opened[0])
+
+
+def poll_until(pred: Callable[[], bool], timeout: float, what: str,
+               pause: float = 0.1) -> None:
+    """For a state that no event announces (a descriptor count): read it until ``pred``
+    holds, pausing between reads so the test never spins a core; AssertionError after
+    ``timeout``, naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(pause)
