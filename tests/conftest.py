@@ -46,6 +46,7 @@ class Graced:
         self.notify_path = base / "notify.sock"
         self.notify: socket.socket | None = None
         self.stderr_path = base / "graced.stderr"
+        self.wrap: list[str] = []  # e.g. nsenter: run graced inside another namespace
 
     @property
     def env(self) -> dict[str, str]:
@@ -69,7 +70,7 @@ class Graced:
         env["NOTIFY_SOCKET"] = str(self.notify_path)
         self.stderr_file = open(self.stderr_path, "a")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [bin_path("graced"), "run", "--config", str(self.config)],
+            [*self.wrap, bin_path("graced"), "run", "--config", str(self.config)],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=self.stderr_file, text=True,
         )
