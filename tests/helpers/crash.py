@@ -9,8 +9,11 @@ Each round starts graced on the same state dir and, while it runs:
   * missions execute: a fault injector keeps breaking a watched value; a low-risk
     playbook fixes it, appending its mission id to a ledger first;
   * approvals arrive: a high-risk fault waits for approval and an approver approves it
-    with ``gracectl missions approve`` (each acknowledged approval is recorded);
-then SIGKILLs it after a random 0.5 to 3.0 s, and runs ``PRAGMA integrity_check``.
+    with ``gracectl missions approve`` as soon as the subscriber sees it waiting (each
+    acknowledged approval is recorded);
+then SIGKILLs it after a random 0.5 to 3.0 s, or, in arranged rounds, the moment an
+approved step has started (it says so on a FIFO and then takes a second), and runs
+``PRAGMA integrity_check``.
 At the end (after a clean start and stop) it checks:
   * zero integrity_check failures;
   * zero lost events: every event any subscriber received is in the journal, same hash;
@@ -26,7 +29,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
+import select
 import signal
 import sqlite3
 import subprocess
@@ -35,7 +40,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +53,13 @@ from graced.protocol import event_hash  # noqa: E402
 
 
 def config(base: Path) -> str:
-    def step(file: Path, ledger: Path) -> str:
-        script = f'echo "$GRACE_MISSION" >> {ledger}; echo {NORMAL} > {file}'
+    def step(file: Path, ledger: Path, announce: bool) -> str:
+        # The gated step announces itself on a FIFO opened read-write (which never blocks:
+        # with no reader the line is simply dropped), then takes a second: the window in
+        # which an arranged round kills graced mid-step.
+        say = (f'exec 3<>{base / "started"}; echo "$GRACE_MISSION" >&3; exec 3>&-; sleep 1; '
+               if announce else "")
+        script = f'echo "$GRACE_MISSION" >> {ledger}; {say}echo {NORMAL} > {file}'
         return f'[[playbook.step]]\naction = "run"\nshell = true\nargv = [{json.dumps(script)}]\n'
 
     parts = [f'version = 1\n[daemon]\nstate_dir = "{base}/state"\nsocket = "{base}/g.sock"\n'
@@ -64,7 +74,8 @@ def config(base: Path) -> str:
         parts.append(f'[[detector]]\nname = "{name}"\nkind = "value"\nfile = "{file}"\n'
                      f'subject = "svc"\ninterval = 0.1\nthreshold = 50.0\n'
                      f'[[playbook]]\nname = "fix-{name}"\ndetector = "{name}"\nrisk = "{risk}"\n'
-                     f"budget = 1000000\nverify_timeout = 5.0\n" + step(file, base / "ledger"))
+                     f"budget = 1000000\nverify_timeout = 5.0\n"
+                     + step(file, base / "ledger", announce=risk == "high"))
     return "\n".join(parts)
 
 
@@ -112,11 +123,15 @@ class Report:
     lost_approvals: list[int]
     chain_error: str | None
     twice: dict[int, int]
+    arranged: int = 0  # rounds that were to kill graced mid-step
+    killed_mid_step: list[int] = field(default_factory=list)  # missions killed mid-step
+    not_interrupted: list[int] = field(default_factory=list)  # ... and not interrupted
 
     @property
     def ok(self) -> bool:
         return (self.integrity_failures == 0 and not self.lost and not self.lost_approvals
-                and self.chain_error is None and not self.twice and self.received > 0)
+                and self.chain_error is None and not self.twice and self.received > 0
+                and len(self.killed_mid_step) == self.arranged and not self.not_interrupted)
 
     def lines(self) -> list[str]:
         return [
@@ -124,6 +139,9 @@ class Report:
             f"{self.received:,}; playbook runs {self.runs} for {self.missions_run} missions; "
             f"{self.interrupted} missions interrupted mid-step; approvals acknowledged "
             f"{self.approved}",
+            f"kills arranged mid-step (once an approved step had started): "
+            f"{len(self.killed_mid_step)} of {self.arranged}; of those missions not then "
+            f"journaled as interrupted: {len(self.not_interrupted)}",
             f"PRAGMA integrity_check failures: {self.integrity_failures}",
             f"lost events (received by a client, missing or different in the journal): "
             f"{len(self.lost)}",
@@ -135,9 +153,42 @@ class Report:
         ]
 
 
+class Subscriber:
+    """``gracectl tail --json`` for one round: records every event it receives and hands
+    each mission awaiting approval to the approver as it arrives."""
+
+    def __init__(self, env: dict[str, str], since: int) -> None:
+        self.proc = subprocess.Popen([str(BIN / "gracectl"), "tail", "--json", "--since",
+                                      str(since), "--reconnect-timeout", "0"], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, stdin=subprocess.DEVNULL)
+        self.events: list[dict[str, Any]] = []
+        self.awaiting: queue.Queue[int] = queue.Queue()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            ev = json.loads(line)
+            self.events.append(ev)
+            if ev["topic"] == "mission.awaiting_approval":
+                self.awaiting.put(int(ev["payload"]["id"]))
+
+    def finish(self) -> list[dict[str, Any]]:
+        self.proc.wait(30)
+        self.thread.join(30)
+        return self.events
+
+
 def run(kills: int, min_up: float = 0.5, max_up: float = 3.0,
-        progress: Callable[[str], None] | None = None) -> Report:
-    """Start, load and SIGKILL graced ``kills`` times; then check what survived."""
+        progress: Callable[[str], None] | None = None, arrange_every: int = 0) -> Report:
+    """Start, load and SIGKILL graced ``kills`` times; then check what survived.
+
+    Every ``arrange_every``-th round (0: none) does not kill at a random moment: it waits
+    until an approved step has started (the step says so on a FIFO) and kills graced then,
+    mid-step, so that path is exercised for certain, not by luck.
+    """
     base = Path(tempfile.mkdtemp(prefix="gc", dir="/tmp"))
     (base / "graced.toml").write_text(config(base))
     env = dict(os.environ, GRACE_SOCKET=str(base / "g.sock"), HOME=str(base))
@@ -146,15 +197,21 @@ def run(kills: int, min_up: float = 0.5, max_up: float = 3.0,
     received: dict[int, str] = {}  # seq -> hash, as subscribers saw them
     approved: set[int] = set()
     integrity_failures = 0
+    arranged = 0
+    killed_mid_step: list[int] = []
     next_seq = 1
     t_start = time.monotonic()
     for n in range(kills):
+        arrange = bool(arrange_every) and n % arrange_every == 0
+        started_fd = None
+        if arrange:
+            # A fresh FIFO: a step left running by an earlier kill still writes to the old one.
+            os.mkfifo(base / "started.new")
+            os.replace(base / "started.new", base / "started")
+            started_fd = os.open(base / "started", os.O_RDONLY | os.O_NONBLOCK)
         daemon = start(base)
         stop = threading.Event()
-        sub = subprocess.Popen([str(BIN / "gracectl"), "tail", "--json", "--since",
-                                str(next_seq), "--reconnect-timeout", "0"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               stdin=subprocess.DEVNULL)
+        sub = Subscriber(env, next_seq)
         r.ctl("emit", "user.load", "--count", "1000000", "--rate", "300", "--no-wait")
 
         def inject(stop: threading.Event = stop) -> None:
@@ -170,28 +227,33 @@ def run(kills: int, min_up: float = 0.5, max_up: float = 3.0,
                         (base / name).write_text(FAULT)
                 stop.wait(0.1)
 
-        def approve(stop: threading.Event = stop) -> None:
+        def approve(stop: threading.Event = stop, sub: Subscriber = sub) -> None:
             while not stop.is_set():
-                res = r.ctl("missions", "ls", "--state", "awaiting_approval", "--json")
-                if res.returncode == 0:
-                    for m in json.loads(res.stdout):
-                        ok = r.ctl("missions", "approve", str(m["id"]), "--json")
-                        if ok.returncode == 0:
-                            approved.add(int(m["id"]))
-                stop.wait(0.05)
+                try:
+                    mid = sub.awaiting.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if r.ctl("missions", "approve", str(mid), "--json").returncode == 0:
+                    approved.add(mid)
 
         threads = [threading.Thread(target=f, daemon=True) for f in (inject, approve)]
         for t in threads:
             t.start()
-        time.sleep(rng.uniform(min_up, max_up))  # a random moment to crash at
+        if started_fd is not None:
+            arranged += 1
+            poller = select.poll()
+            poller.register(started_fd, select.POLLIN)
+            if poller.poll(30_000):  # the step is running now: kill graced under it
+                killed_mid_step += [int(x) for x in os.read(started_fd, 4096).split()]
+            os.close(started_fd)
+        else:
+            time.sleep(rng.uniform(min_up, max_up))  # a random moment to crash at
         daemon.send_signal(signal.SIGKILL)
         daemon.wait()
         stop.set()
         for t in threads:
             t.join(30)
-        out, _ = sub.communicate(timeout=30)
-        for line in out.splitlines():
-            ev = json.loads(line)
+        for ev in sub.finish():
             received[ev["seq"]] = event_hash(ev)
             next_seq = max(next_seq, ev["seq"] + 1)
         with sqlite3.connect(base / "state" / "journal.db") as db:
@@ -227,12 +289,13 @@ def run(kills: int, min_up: float = 0.5, max_up: float = 3.0,
     for line in (ledger.read_text().split() if ledger.exists() else []):
         ran[int(line)] = ran.get(int(line), 0) + 1
     twice = {m: c for m, c in ran.items() if c > executing.get(m, 0)}
-    interrupted = db.execute("SELECT COUNT(*) FROM events WHERE topic = "
-                             "'mission.interrupted'").fetchone()[0]
+    interrupted_ids = {json.loads(body)["payload"]["id"] for (body,) in db.execute(
+        "SELECT body FROM events WHERE topic = 'mission.interrupted'")}
     head = max(journal)
     db.close()
     subprocess.run(["rm", "-rf", str(base)], check=False)
     return Report(kills, min_up, max_up, elapsed, head, len(received), sum(ran.values()),
-                  len(ran), interrupted, len(approved), integrity_failures, lost,
+                  len(ran), len(interrupted_ids), len(approved), integrity_failures, lost,
                   lost_approvals, None if verify.returncode == 0 else verify.stderr.strip(),
-                  twice)
+                  twice, arranged, killed_mid_step,
+                  [m for m in killed_mid_step if m not in interrupted_ids])
