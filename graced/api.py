@@ -1,0 +1,419 @@
+"""graced's public API: the handler of every request method the wire serves.
+
+Each handler takes the :class:`~graced.wire.Client` that asked and its parsed
+:class:`~graced.protocol.wire.Request` and returns the result to sign and send, or
+raises :class:`~graced.protocol.wire.RequestError` (an error reply, never a crash).
+Who may call what is decided here and in :mod:`graced.wire`; :mod:`graced.app`, the
+composition root, builds the components this module is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import time
+from typing import Any
+
+import trio
+
+from . import __version__, keys
+from .config import Config
+from .detectors.runner import DetectorRunner
+from .executor import Executor
+from .journal import JournalReader
+from .learning import Learning
+from .learning import knowledge as kb
+from .mesh import Mesh
+from .missions import store
+from .missions.engine import ACTIVE, SEVERITIES, STATES
+from .protocol import Signer, check_signature, key_id
+from .protocol.wire import Request, RequestError, request_signing_bytes
+from .readers import SharedReader
+from .wire import Client, Handler, Server
+
+log = logging.getLogger("graced.api")
+
+MAX_EMIT = 10_000_000
+
+
+class Api:
+    """The request handlers, bound to the daemon's running components."""
+
+    def __init__(self, *, config: Config, daemon_id: str, hostname: str, started_at: float,
+                 started_mono: float, signer: Signer, mesh: Mesh, server: Server,
+                 executor: Executor, learning: Learning, runner: DetectorRunner,
+                 reads: SharedReader[JournalReader]) -> None:
+        self.config = config
+        self.daemon_id = daemon_id
+        self.hostname = hostname
+        self.started_at = started_at
+        self.started_mono = started_mono
+        self.signer = signer
+        self.mesh = mesh
+        self.server = server
+        self.executor = executor
+        self.learning = learning
+        self.runner = runner
+        self.reads = reads
+        self.used_nonces: set[str] = set()
+        self.authorized_keys: list[bytes] = []
+        for line in config.remediation.authorized_keys:
+            try:
+                self.authorized_keys.append(keys.parse_public_key(line))
+            except ValueError:
+                log.warning("ignoring an authorized key that cannot be parsed: %r", line[:60])
+
+    def handlers(self) -> dict[str, Handler]:
+        """The wire's method table: method name -> handler."""
+        return {
+            "hello": self.hello,
+            "status": self.status,
+            "subscribe": self.subscribe,
+            "emit": self.emit,
+            "keys": self.daemon_keys,
+            "missions.list": self.missions_list,
+            "missions.get": self.missions_get,
+            "detectors": self.detectors,
+            "missions.approve": self.approve,
+            "missions.reject": self.reject,
+            "missions.similar": self.missions_similar,
+            "knowledge.list": self.knowledge_list,
+            "knowledge.show": self.knowledge_show,
+            "knowledge.export": self.knowledge_export,
+            "knowledge.import": self.knowledge_import,
+            "knowledge.stats": self.knowledge_stats,
+            "pause": self.pause,
+            "resume": self.resume,
+        }
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "daemon_id": self.daemon_id,
+            "version": __version__,
+            "host": self.hostname,
+            "pid": os.getpid(),
+            "kid": self.signer.kid,
+        }
+
+    async def hello(self, client: Client, req: Request) -> Any:
+        return {
+            **self.identity(),
+            "public_key": keys.format_public_key(self.signer.public_key).split()[1],
+            "head_seq": self.mesh.delivered_seq,
+            "heartbeat_interval": self.config.daemon.heartbeat_interval,
+            "peer": {"transport": client.peer.transport, "uid": client.peer.uid},
+            "can_control": client.can_control(),
+        }
+
+    async def daemon_keys(self, client: Client, req: Request) -> Any:
+        return {
+            "kid": self.signer.kid,
+            "public_key": keys.format_public_key(self.signer.public_key).split()[1],
+            "algorithm": "ed25519",
+        }
+
+    async def status(self, client: Client, req: Request) -> Any:
+        mesh = self.mesh
+        return {
+            **self.identity(),
+            "started_at": self.started_at,
+            "uptime": round(time.monotonic() - self.started_mono, 3),
+            "head_seq": mesh.delivered_seq,
+            "config": self.config.source,
+            "state_dir": str(self.config.state_dir),
+            "journal": {
+                "path": str(mesh.journal.path),
+                "size_bytes": mesh.journal.size_bytes(),
+                "commit_latency_ms": round(mesh.commit_seconds_last * 1000, 3),
+                "commits": mesh.commit_count,
+                "commit_errors": mesh.commit_errors,
+                "last_error": mesh.last_error,
+                "failing_since": mesh.failing_since,
+                "pending": len(mesh._pending),
+            },
+            "wire": self.server.status(),
+            "executor": self.executor.status(),
+            "learning": await self._learning_summary(),
+        }
+
+    async def _learning_summary(self) -> dict[str, Any] | None:
+        st = await self.learning.stats(time.time(), weeks=1, days=1)
+        return {k: st[k] for k in ("strategy", "patterns", "outcomes", "playbook_runs",
+                                   "success_rate", "success_rate_7d", "consulted_share")}
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """Run a read query on the handlers' connection, in a worker thread."""
+        return await self.reads.run(lambda reader: reader.query(sql, params))
+
+    async def missions_list(self, client: Client, req: Request) -> Any:
+        p = req.params
+        states = p.get("states")
+        severities = p.get("severities")
+        limit = p.get("limit", 200)
+        for name, value, allowed in (("states", states, STATES), ("severities", severities,
+                                                                   SEVERITIES)):
+            if value is not None and (not isinstance(value, list)
+                                      or not all(v in allowed for v in value)):
+                raise RequestError("bad_request", f"params.{name} must be a list of: "
+                                   + ", ".join(allowed))
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
+            raise RequestError("bad_request", "params.limit must be an integer 1-10000")
+        if not p.get("all") and not states:
+            states = list(ACTIVE)
+        rows = await self._read(*store.list_query(states, severities, limit))
+        return {"missions": [store.from_row(r).public() for r in rows], "now": time.time()}
+
+    async def missions_get(self, client: Client, req: Request) -> Any:
+        return {"mission": (await self._mission(req)).public(), "now": time.time()}
+
+    async def _mission(self, req: Request) -> Any:
+        mid = req.params.get("id")
+        if not isinstance(mid, int) or isinstance(mid, bool):
+            raise RequestError("bad_request", "params.id must be an integer")
+        rows = await self._read(f"{store.SELECT} WHERE id = ?", (mid,))
+        if not rows:
+            raise RequestError("not_found", f"no mission {mid}")
+        return store.from_row(rows[0])
+
+    async def missions_similar(self, client: Client, req: Request) -> Any:
+        limit = req.params.get("limit", self.config.learning.similar_limit)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
+            raise RequestError("bad_request", "params.limit must be an integer 1-1000")
+        m = await self._mission(req)
+        started = time.perf_counter()
+        similar = await self.learning.similar(m, limit)
+        return {"mission": m.brief(), "similar": similar,
+                "lookup_ms": round((time.perf_counter() - started) * 1000, 3),
+                "recorded": m.similar if m.decision is not None else None}
+
+    async def knowledge_list(self, client: Client, req: Request) -> Any:
+        return {"patterns": self.learning.patterns(), "now": time.time()}
+
+    async def knowledge_show(self, client: Client, req: Request) -> Any:
+        sig = req.params.get("pattern")
+        if not isinstance(sig, str):
+            raise RequestError("bad_request", "params.pattern must be a string")
+        known = self.learning.knowledge.patterns
+        if sig not in known:
+            near = [p for p in known if sig in p][:5]
+            raise RequestError("not_found", f"no pattern {sig!r}" + (
+                f" (did you mean: {', '.join(near)})" if near else ""))
+        cfg = self.config.learning
+        recent = await self._read(
+            "SELECT mission_id, playbook, outcome, success, ttr, closed_at FROM outcomes "
+            "WHERE signature = ? ORDER BY mission_id DESC LIMIT 20", (sig,))
+        return {"pattern": self.learning.knowledge.summary(sig, cfg.demote_after,
+                                                           cfg.demote_below),
+                "recent": [dict(zip(("id", "playbook", "outcome", "success", "ttr",
+                                     "closed_at"), r, strict=True)) for r in recent],
+                "now": time.time()}
+
+    async def knowledge_export(self, client: Client, req: Request) -> Any:
+        return self.learning.knowledge.export(self.daemon_id, self.hostname, time.time())
+
+    async def knowledge_import(self, client: Client, req: Request) -> Any:
+        peer = client.peer
+        if peer.transport != "unix" or not self.executor.may_approve(peer.uid, peer.gid,
+                                                                     peer.pid):
+            raise RequestError("not_authorised", "knowledge import needs an approver over the "
+                               "Unix socket")
+        p = req.params
+        source, host, replace = p.get("source"), p.get("host", ""), p.get("replace", True)
+        if not isinstance(source, str) or not source or len(source) > 200:
+            raise RequestError("bad_request", "params.source must be a non-empty string")
+        if source in (self.daemon_id, kb.LOCAL):
+            raise RequestError("invalid", "this knowledge was exported by this daemon; "
+                               "importing it would count its outcomes twice")
+        if not isinstance(host, str) or not isinstance(replace, bool):
+            raise RequestError("bad_request", "params.host must be a string, params.replace "
+                               "a boolean")
+        try:
+            patterns = kb.check(p.get("patterns"))
+        except ValueError as exc:
+            raise RequestError("bad_request", f"params.{exc}") from None
+        writes = self.learning.knowledge.import_(source, patterns, replace)
+        await self.mesh.publish("learning.imported", {
+            "source": source, "host": host, "patterns": len(patterns), "replace": replace,
+            "by_uid": peer.uid}, writes=writes)
+        return {"imported": len(patterns), "source": source,
+                "patterns": len(self.learning.knowledge.patterns)}
+
+    async def knowledge_stats(self, client: Client, req: Request) -> Any:
+        return await self.learning.stats(time.time())
+
+    async def _decide(self, client: Client, req: Request, approve: bool) -> Any:
+        mid = req.params.get("id")
+        comment = req.params.get("comment", "")
+        if not isinstance(mid, int) or isinstance(mid, bool):
+            raise RequestError("bad_request", "params.id must be an integer")
+        if not isinstance(comment, str) or len(comment) > 2000:
+            raise RequestError("bad_request", "params.comment must be a string (<= 2000)")
+        peer = client.peer
+        verb = "approve" if approve else "reject"
+        who: dict[str, Any]
+        if peer.transport == "unix" and req.auth is None:
+            if not self.executor.may_approve(peer.uid, peer.gid, peer.pid):
+                await self._refuse(mid, verb, peer.describe(), (
+                    f"uid {peer.uid} may not {verb} missions (allowed: root, uid "
+                    f"{os.geteuid()}, [remediation] approvers and approver_groups)"))
+            try:
+                user = pwd.getpwuid(peer.uid).pw_name if peer.uid is not None else "?"
+            except KeyError:
+                user = str(peer.uid)
+            who = {"user": user, "uid": peer.uid, "auth": "unix peer credentials"}
+        else:
+            kid = await self._check_signed(req, verb, peer.describe())
+            who = {"user": f"key {kid}", "key": kid, "auth": f"signed request (ed25519 {kid})"}
+        try:
+            m = await self.executor.decide(mid, approve, who, comment)
+        except LookupError as exc:
+            raise RequestError("not_found", str(exc)) from None
+        except ValueError as exc:
+            raise RequestError("invalid", str(exc)) from None
+        return {"mission": m.public()}
+
+    async def _refuse(self, mid: Any, verb: str, peer: str, reason: str) -> None:
+        await self.mesh.publish("mission.approval_refused", {
+            "mission": mid, "decision": verb, "peer": peer, "reason": reason})
+        raise RequestError("not_authorised", reason)
+
+    async def _check_signed(self, req: Request, verb: str, peer: str) -> str:
+        """Authenticate a signed request: known key, fresh timestamp, unused nonce."""
+        mid = req.params.get("id")
+        auth = req.auth
+        if auth is None:
+            await self._refuse(mid, verb, peer, f"{verb} over TCP must be signed by a key in "
+                               "[remediation] authorized_keys (gracectl keys generate)")
+        assert auth is not None
+        keys_by_kid = {key_id(k): k for k in self.authorized_keys}
+        public = keys_by_kid.get(auth["kid"])
+        if public is None:
+            await self._refuse(mid, verb, peer, f"key {auth['kid']} is not in "
+                               "[remediation] authorized_keys")
+        assert public is not None
+        data = request_signing_bytes(req.id, req.nonce, req.method, req.params, auth["ts"],
+                                     auth["kid"])
+        if not check_signature({"sig": auth["sig"]}, public, data=data):
+            await self._refuse(mid, verb, peer, "bad signature on the request")
+        window = self.config.remediation.request_window
+        skew = time.time() - float(auth["ts"])
+        if abs(skew) > window:
+            await self._refuse(mid, verb, peer, f"stale request: its timestamp is {skew:.0f} s "
+                               f"off (window {window:g} s)")
+        nonce_key = f"{auth['kid']}:{req.nonce}"
+        if nonce_key in self.used_nonces or await self._read(
+                "SELECT 1 FROM used_nonces WHERE nonce = ?", (nonce_key,)):
+            await self._refuse(mid, verb, peer, "replayed request: its nonce was used before")
+        self.used_nonces.add(nonce_key)
+        # Durable before the decision is acted on: a replay after a restart is refused too.
+        await self.mesh.publish("mission.request_authenticated", {
+            "mission": mid, "decision": verb, "kid": auth["kid"], "peer": peer},
+            writes=[("INSERT OR IGNORE INTO used_nonces (nonce, kid, ts) VALUES (?, ?, ?)",
+                     (nonce_key, auth["kid"], float(auth["ts"])))])
+        return str(auth["kid"])
+
+    async def approve(self, client: Client, req: Request) -> Any:
+        return await self._decide(client, req, True)
+
+    async def reject(self, client: Client, req: Request) -> Any:
+        return await self._decide(client, req, False)
+
+    async def _set_paused(self, client: Client, paused: bool) -> Any:
+        if not self.executor.may_approve(client.peer.uid, client.peer.gid, client.peer.pid) \
+                or client.peer.transport != "unix":
+            raise RequestError("not_authorised", "pause/resume needs an approver over the "
+                               "Unix socket")
+        changed = self.executor.paused != paused
+        self.executor.paused = paused
+        await self.mesh.publish(
+            "executor.paused" if paused else "executor.resumed",
+            {"by_uid": client.peer.uid, "changed": changed},
+            writes=[("INSERT OR REPLACE INTO meta (key, value) VALUES ('paused', ?)",
+                     ("1" if paused else "0",))])
+        if not paused and changed:
+            await self.executor.resume()
+        return {"paused": paused, "changed": changed}
+
+    async def pause(self, client: Client, req: Request) -> Any:
+        return await self._set_paused(client, True)
+
+    async def resume(self, client: Client, req: Request) -> Any:
+        return await self._set_paused(client, False)
+
+    async def detectors(self, client: Client, req: Request) -> Any:
+        history = req.params.get("history", 0)
+        if not isinstance(history, int) or isinstance(history, bool) or history < 0:
+            raise RequestError("bad_request", "params.history must be a non-negative integer")
+        out = {}
+        for name, st in self.runner.status.items():
+            entry = dict(st)
+            if history:
+                entry["history"] = {
+                    subj: [v for _, v in list(self.runner.history.get((name, subj), []))[
+                        -history:]] for subj in st["subjects"]}
+            out[name] = entry
+        return {"detectors": out, "now": time.time()}
+
+    async def subscribe(self, client: Client, req: Request) -> Any:
+        return await self.server.subscribe(client, req)
+
+    async def emit(self, client: Client, req: Request) -> Any:
+        """Publish ``user.*`` events: annotations, and load for tests and benchmarks."""
+        if not client.can_control():
+            raise RequestError(
+                "not_authorised", f"emit needs root or uid {os.geteuid()} over the Unix socket"
+            )
+        p = req.params
+        topic = p.get("topic")
+        if not isinstance(topic, str) or not topic.startswith("user.") or len(topic) > 200:
+            raise RequestError("bad_request", "params.topic must be a string starting 'user.'")
+        payload = p.get("payload", {})
+        count = p.get("count", 1)
+        rate = p.get("rate")
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_EMIT:
+            raise RequestError("bad_request", f"params.count must be an integer 1-{MAX_EMIT}")
+        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool)
+                                 or not 0 < rate <= 1e6):
+            raise RequestError("bad_request", "params.rate must be a number of events/s or null")
+        if count == 1:
+            try:
+                ev = await self.mesh.publish(topic, payload)
+            except (ValueError, TypeError) as exc:
+                raise RequestError("bad_request", f"payload is not JSON-safe: {exc}") from None
+            assert ev is not None
+            return {"first_seq": ev.seq, "last_seq": ev.seq, "count": 1}
+        try:
+            from .protocol import canonical_bytes
+
+            canonical_bytes(payload)
+        except (ValueError, TypeError) as exc:
+            raise RequestError("bad_request", f"payload is not JSON-safe: {exc}") from None
+        if p.get("wait", True) is False:
+            self.server.spawn(self._emit_many, topic, payload, count, rate)
+            return {"queued": count, "rate": rate}
+        last = await self._emit_many(topic, payload, count, rate)
+        return {"count": count, "last_seq": last}
+
+    async def _emit_many(self, topic: str, payload: Any, count: int, rate: float | None) -> int:
+        """Publish ``count`` events (paced at ``rate``/s if given); returns the last seq."""
+        mesh = self.mesh
+        body = _as_dict(payload)
+        start = trio.current_time()
+        for i in range(count - 1):
+            if rate is not None:
+                await trio.sleep_until(start + i / rate)
+            elif i % 256 == 0:
+                await mesh.wait_room()
+                await trio.lowlevel.checkpoint()
+            mesh.publish_nowait(topic, {"i": i, **body}, checked=True)
+        if rate is not None:
+            await trio.sleep_until(start + (count - 1) / rate)
+        ev = await mesh.publish(topic, {"i": count - 1, **body})
+        assert ev is not None
+        return ev.seq
+
+
+
+def _as_dict(payload: Any) -> dict[str, Any]:
+    return payload if isinstance(payload, dict) else {"value": payload}
