@@ -23,13 +23,19 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _load(path: str | None) -> object:
+def config_file(path: str | None) -> Path | None:
+    """The file graced reads: --config, $GRACED_CONFIG, the system or user file, or None."""
     from .paths import default_config_file
 
-    chosen = Path(path) if path else (
-        Path(os.environ["GRACED_CONFIG"]) if os.environ.get("GRACED_CONFIG")
-        else default_config_file()
-    )
+    if path:
+        return Path(path)
+    if os.environ.get("GRACED_CONFIG"):
+        return Path(os.environ["GRACED_CONFIG"])
+    return default_config_file()
+
+
+def _load(path: str | None) -> object:
+    chosen = config_file(path)
     try:
         return load_config(chosen)
     except ConfigError as exc:
@@ -68,6 +74,8 @@ def run(config_path: str | None) -> None:
     level = getattr(logging, cfg.daemon.log_level.upper())
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="graced: %(levelname)s: %(name)s: %(message)s")
+    for warning in cfg.warnings:
+        logging.getLogger("graced.config").warning("%s", warning)
     try:
         try:
             trio.run(Daemon(cfg).run)
@@ -88,14 +96,22 @@ def config() -> None:
 
 
 @config.command("check")
-@click.argument("file", type=click.Path(dir_okay=False))
-def config_check(file: str) -> None:
-    """Check FILE; print one line naming the problem and exit 3 if it is invalid."""
+@click.argument("file", type=click.Path(dir_okay=False), required=False)
+def config_check(file: str | None) -> None:
+    """Check FILE (default: the config graced would load); exit 3 if it is invalid.
+
+    An invalid file gets one line on stderr naming the file, line, key and reason.
+    Warnings (a playbook that can never match) go to stderr; the file is still ok.
+    """
+    chosen = config_file(file)
     try:
-        load_config(Path(file))
+        cfg = load_config(chosen)
     except ConfigError as exc:
         _fail(f"config error: {exc}", DaemonExit.CONFIG)
-    click.echo(f"{file}: ok")
+        raise AssertionError from None
+    for warning in cfg.warnings:
+        click.echo(f"graced: warning: {warning}", err=True)
+    click.echo(f"{cfg.source}: ok")
 
 
 @config.command("units")

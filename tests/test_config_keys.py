@@ -70,12 +70,14 @@ def test_default_paths_follow_xdg_and_systemd(tmp_path: Path) -> None:
            if k not in ("INVOCATION_ID", "STATE_DIRECTORY", "RUNTIME_DIRECTORY")}
     env.update(XDG_STATE_HOME=str(tmp_path / "st"), XDG_RUNTIME_DIR=str(tmp_path / "rt"))
     out = graced_cmd("config", "default", env=env).stdout
-    assert f'state_dir = "{tmp_path}/st/graced"' in out
-    assert f'socket = "{tmp_path}/rt/graced/graced.sock"' in out
+    # Paths are found at start, so a default written from root's shell suits the service.
+    assert f'# state_dir = ""   # found at start; here: {tmp_path}/st/graced' in out
+    assert f'# socket = ""   # found at start; here: {tmp_path}/rt/graced/graced.sock' in out
+    assert "\nstate_dir" not in out and "\nsocket" not in out
     env.update(INVOCATION_ID="x", STATE_DIRECTORY="/var/lib/graced",
                RUNTIME_DIRECTORY="/run/graced")
     out = graced_cmd("config", "default", env=env).stdout
-    assert 'state_dir = "/var/lib/graced"' in out and 'socket = "/run/graced/graced.sock"' in out
+    assert "here: /var/lib/graced\n" in out and "here: /run/graced/graced.sock\n" in out
 
 
 def test_parse_errors_are_config_errors() -> None:

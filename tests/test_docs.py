@@ -68,7 +68,7 @@ def test_every_command_and_option_is_in_the_man_page_and_readme(group: click.Gro
 def test_every_config_key_is_in_graced_toml_5() -> None:
     text = _roff_text(MAN / "graced.toml.5")
     for section in dataclasses.fields(Config):
-        if section.name in ("source",):
+        if section.metadata.get("internal"):
             continue
         if section.name == "version":
             assert ".B version" in text
@@ -118,3 +118,22 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     assert install_run.endswith("graced") and "pip install" in install_run
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_cmd in ci.splitlines()
+
+
+def test_each_detector_kinds_keys_are_listed_in_graced_toml_5() -> None:
+    from graced.config import KINDS
+    from graced.config.detectors import COMMON
+
+    text = _roff_text(MAN / "graced.toml.5")
+    listing = text.split(".SH [[detector]]", 1)[1].split(".RS\n", 1)[1].split(".RE\n", 1)[0]
+    documented: dict[str, set[str]] = {}
+    for entry in listing.split(".TP\n")[1:]:
+        head, body = entry.split("\n", 1)
+        body = " ".join(body.split())
+        own = body.rsplit(":", 1)[1] if "no keys of their own" not in body else ""
+        keys = {k.strip(" .") for k in own.split(",") if k.strip(" .")}
+        for name in re.findall(r"[a-z_]+", head.removeprefix(".BR").removeprefix(".B")):
+            documented[name] = keys
+    assert set(documented) == set(KINDS)
+    for kind, schema in KINDS.items():
+        assert documented[kind] == set(schema.keys) - set(COMMON), kind

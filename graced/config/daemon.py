@@ -1,0 +1,109 @@
+"""The single-table sections: ``[daemon]``, ``[journal]``, ``[missions]``, ``[remediation]``,
+``[learning]``.
+
+To add a key: add a field (its type, its default and, if it has a range, a check) to the
+section's dataclass, and document it in man/graced.toml.5 (tests/test_docs.py holds them
+together). A new section also goes into :data:`SECTIONS`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .schema import check, one_of, positive
+
+
+def _mode(v: str) -> str | None:
+    if not re.fullmatch(r"0?[0-7]{3}", v):
+        return "must be an octal file mode such as \"0660\""
+    return None
+
+
+def _listen(v: list[str]) -> str | None:
+    for item in v:
+        m = re.fullmatch(r"\[?([0-9A-Za-z.:-]+?)\]?:(\d{1,5})", item)
+        if not m or not 0 <= int(m.group(2)) <= 65535:
+            return f"{item!r} is not HOST:PORT"
+    return None
+
+
+def _fraction(v: float) -> str | None:
+    return None if 0 <= v <= 1 else "must be between 0 and 1"
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0 else "must not be negative"
+
+
+def _strategy(v: str) -> str | None:
+    from ..learning.ranking import STRATEGIES
+
+    return one_of(STRATEGIES)(v)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """The ``[daemon]`` table."""
+
+    state_dir: str = ""
+    socket: str = ""
+    socket_mode: str = field(default="0660", metadata=check(_mode))
+    listen: list[str] = field(default_factory=list, metadata=check(_listen))
+    allowed_origins: list[str] = field(default_factory=list)
+    heartbeat_interval: float = field(default=5.0, metadata=check(positive))
+    max_request_bytes: int = field(default=65536, metadata=check(positive))
+    max_clients: int = field(default=256, metadata=check(positive))
+    client_queue: int = field(default=8192, metadata=check(positive))
+    send_timeout: float = field(default=5.0, metadata=check(positive))
+    shutdown_timeout: float = field(default=5.0, metadata=check(positive))
+    log_level: str = field(default="info", metadata=check(one_of(
+        ("debug", "info", "warning", "error"))))
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    """The ``[journal]`` table."""
+
+    synchronous: str = field(default="normal", metadata=check(one_of(("full", "normal"))))
+    batch_max: int = field(default=4096, metadata=check(positive))
+
+
+@dataclass(frozen=True)
+class MissionsConfig:
+    """The ``[missions]`` table."""
+
+    resolve_after: int = field(default=3, metadata=check(positive))
+    flap_window: float = field(default=600.0, metadata=check(_non_negative))
+    update_interval: float = field(default=60.0, metadata=check(positive))
+
+
+@dataclass(frozen=True)
+class RemediationConfig:
+    """The ``[remediation]`` table."""
+
+    mode: str = field(default="act", metadata=check(one_of(("act", "observe"))))
+    max_actions_per_hour: int = field(default=20, metadata=check(positive))
+    approval_timeout: float = field(default=3600.0, metadata=check(positive))
+    approvers: list[str] = field(default_factory=list)
+    approver_groups: list[str] = field(default_factory=list)
+    authorized_keys: list[str] = field(default_factory=list)
+    request_window: float = field(default=60.0, metadata=check(positive))
+
+
+@dataclass(frozen=True)
+class LearningConfig:
+    """The ``[learning]`` table."""
+
+    strategy: str = field(default="thompson", metadata=check(_strategy))
+    demote_after: int = field(default=3, metadata=check(positive))
+    demote_below: float = field(default=0.25, metadata=check(_fraction))
+    similar_limit: int = field(default=10, metadata=check(positive))
+    text_weight: float = field(default=0.5, metadata=check(_fraction))
+
+
+# The single-table sections, in the order `graced config default` prints them.
+SECTIONS: dict[str, type] = {
+    "daemon": DaemonConfig, "journal": JournalConfig, "missions": MissionsConfig,
+    "remediation": RemediationConfig, "learning": LearningConfig,
+}

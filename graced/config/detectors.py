@@ -1,0 +1,214 @@
+"""``[[detector]]`` tables: the keys every detector has, and one small schema per kind.
+
+:class:`DetectorConfig` is the typed value the detectors read. Which of its keys a table
+may set, and in which range, depends on the kind: :data:`KINDS` maps each kind to a
+:class:`Kind` naming its own keys (beyond :data:`COMMON`) with any range check of its own,
+the keys it requires, its default threshold and its default subject.
+
+To add a key to a kind: add the field to :class:`DetectorConfig` (type, default, and a
+check if every kind shares its range), then name it in that kind's ``keys`` (with a check
+if the range is the kind's own). A new kind is a new :data:`KINDS` entry plus its class in
+graced/detectors/base.py. Document both in man/graced.toml.5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .schema import (
+    Check,
+    ConfigError,
+    Where,
+    absolute_path,
+    at_least,
+    between,
+    build_table,
+    check,
+    http_url,
+    kind_of,
+    non_empty,
+    non_empty_list,
+    non_negative,
+    one_of,
+    positive,
+    regex,
+    require,
+    tables,
+    unique_name,
+)
+
+SEVERITIES = ("low", "medium", "high", "critical")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """One ``[[detector]]`` table (every kind's keys; a table sets only its kind's)."""
+
+    name: str = field(default="", metadata=check(non_empty))
+    kind: str = ""
+    interval: float = field(default=5.0, metadata=check(at_least(0.1, " s")))
+    severity: str = field(default="medium", metadata=check(one_of(SEVERITIES)))
+    subject: str = ""
+    threshold: float | None = None
+    below: bool = False
+    baseline: bool = False
+    enabled: bool = True
+    # disk, inodes
+    path: str = "/"
+    # process, process_rss
+    process: str = ""
+    match_cmdline: bool = False
+    min_count: int = field(default=1, metadata=check(non_negative))
+    # tcp
+    host: str = ""
+    port: int = 0
+    send: str = ""
+    expect: str = ""
+    timeout: float = field(default=5.0, metadata=check(positive))
+    # sqlite
+    database: str = ""
+    query: str = "SELECT 1"
+    # command
+    argv: list[str] = field(default_factory=list)
+    # http
+    url: str = ""
+    expect_status: int = field(default=200, metadata=check(between(100, 599)))
+    # log, journald
+    file: str = ""
+    unit: str = ""
+    pattern: str = field(default="ERROR", metadata=check(regex))
+    window: float = field(default=60.0, metadata=check(positive))
+    max_ratio: float | None = field(default=None, metadata=check(
+        between(0, 1, open_low=True)))
+    max_rate: float | None = field(default=None, metadata=check(positive))
+    min_lines: int = field(default=5, metadata=check(non_negative))
+
+    @property
+    def effective_threshold(self) -> float | None:
+        if self.threshold is not None:
+            return self.threshold
+        kind = KINDS.get(self.kind)
+        return kind.threshold if kind else None
+
+    @property
+    def effective_subject(self) -> str:
+        if self.subject:
+            return self.subject
+        kind = KINDS.get(self.kind)
+        return kind.subject(self) if kind else "host"
+
+
+Rule = Callable[[DetectorConfig], "tuple[str, str] | None"]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One detector kind: its own keys (with the kind's own range check, or None), the keys
+    it requires, its default threshold, default subject and any rule across keys."""
+
+    keys: Mapping[str, Check | None] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()
+    threshold: float | None = None
+    subject: Callable[[DetectorConfig], str] = lambda d: "host"
+    rule: Rule | None = None
+
+
+# Keys every kind has.
+COMMON = ("name", "kind", "interval", "severity", "subject", "threshold", "below",
+          "baseline", "enabled")
+
+_PERCENT: dict[str, Check | None] = {"threshold": between(0, 100)}
+_MS: dict[str, Check | None] = {"threshold": positive, "timeout": None}
+_LOG: dict[str, Check | None] = {"threshold": non_negative, "pattern": None, "window": None,
+                                 "max_ratio": None, "max_rate": None, "min_lines": None}
+
+
+def _log_rule(d: DetectorConfig) -> tuple[str, str] | None:
+    if d.max_ratio is None and d.max_rate is None:
+        return "max_ratio", "set max_ratio and/or max_rate for a log detector"
+    return None
+
+
+def _needs_threshold(d: DetectorConfig) -> tuple[str, str] | None:
+    if d.threshold is None and not d.baseline:
+        return "threshold", f'kind "{d.kind}" needs a threshold or baseline = true'
+    return None
+
+
+KINDS: dict[str, Kind] = {
+    "memory": Kind(_PERCENT, threshold=90.0),
+    "swap": Kind(_PERCENT, threshold=80.0),
+    "cpu": Kind({**_PERCENT, "window": None}, threshold=95.0),
+    "load": Kind({"threshold": positive}, threshold=2.0),
+    "disk": Kind({**_PERCENT, "path": absolute_path}, threshold=90.0,
+                 subject=lambda d: d.path),
+    "inodes": Kind({**_PERCENT, "path": absolute_path}, threshold=90.0,
+                   subject=lambda d: d.path),
+    "process": Kind({"threshold": non_negative, "process": non_empty, "match_cmdline": None,
+                     "min_count": None}, requires=("process",), subject=lambda d: d.process),
+    "process_rss": Kind({"threshold": positive, "process": non_empty, "match_cmdline": None},
+                        requires=("process",), subject=lambda d: d.process,
+                        rule=_needs_threshold),
+    "tcp": Kind({**_MS, "host": non_empty, "port": between(1, 65535), "send": None,
+                 "expect": None}, requires=("host", "port"), threshold=1000.0,
+                subject=lambda d: f"{d.host}:{d.port}"),
+    "sqlite": Kind({**_MS, "database": non_empty, "query": non_empty},
+                   requires=("database",), threshold=1000.0, subject=lambda d: d.database),
+    "command": Kind({**_MS, "argv": non_empty_list}, requires=("argv",), threshold=5000.0,
+                    subject=lambda d: " ".join(d.argv[:1])),
+    "http": Kind({**_MS, "url": http_url, "expect_status": None},
+                 requires=("url",), threshold=2000.0, subject=lambda d: d.url),
+    "log": Kind({**_LOG, "file": absolute_path}, requires=("file",),
+                subject=lambda d: d.file, rule=_log_rule),
+    "journald": Kind({**_LOG, "unit": non_empty, "timeout": None}, requires=("unit",),
+                     subject=lambda d: d.unit, rule=_log_rule),
+    "value": Kind({"file": absolute_path}, requires=("file",), subject=lambda d: d.file,
+                  rule=_needs_threshold),
+}
+DETECTOR_KINDS = tuple(KINDS)
+KIND_DEFAULT_THRESHOLD: dict[str, float | None] = {k: v.threshold for k, v in KINDS.items()}
+
+
+def keys_of_kind(kind: str) -> list[str]:
+    """Every key a detector of this kind may set."""
+    return [*COMMON, *(k for k in KINDS[kind].keys if k not in COMMON)]
+
+
+def build_detectors(value: Any, where: Where) -> list[DetectorConfig]:
+    """The ``detector`` array: each table checked against its kind's schema."""
+    out: list[DetectorConfig] = []
+    names: set[str] = set()
+    for item, at, label in tables(value, "detector", where):
+        name = kind_of(item, "kind", DETECTOR_KINDS, at, label, "detector")
+        kind = KINDS[name]
+        det = build_table(DetectorConfig, item, "detector", at, label,
+                          allowed=keys_of_kind(name), owner=f'kind "{name}"', ranges=kind.keys)
+        unique_name(det.name, names, at, label, "detector")
+        require(item, kind.requires, at, label, "detector", f'kind "{name}"')
+        problem = kind.rule(det) if kind.rule else None
+        if problem:
+            raise ConfigError(f"{at('detector', problem[0])}{label} {problem[0]}: {problem[1]}")
+        out.append(det)
+    return out
+
+
+def default_detectors() -> list[DetectorConfig]:
+    """The host detectors the embedded config turns on."""
+    return [
+        DetectorConfig(name="memory", kind="memory", severity="high"),
+        DetectorConfig(name="swap", kind="swap", severity="medium"),
+        DetectorConfig(name="cpu", kind="cpu", severity="medium"),
+        DetectorConfig(name="load", kind="load", severity="medium"),
+        DetectorConfig(name="disk", kind="disk", path="/", severity="high"),
+        DetectorConfig(name="inodes", kind="inodes", path="/", severity="high"),
+    ]
+
+
+def compact(det: DetectorConfig) -> dict[str, Any]:
+    """The keys of a detector that differ from the defaults (for ``config default``)."""
+    defaults = DetectorConfig()
+    return {k: v for k, v in dataclasses.asdict(det).items()
+            if v is not None and (k in ("name", "kind") or v != getattr(defaults, k))}

@@ -1,0 +1,238 @@
+"""The whole file: parse every section, check references across them, print the default."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .. import paths
+from .daemon import (
+    SECTIONS,
+    DaemonConfig,
+    JournalConfig,
+    LearningConfig,
+    MissionsConfig,
+    RemediationConfig,
+)
+from .detectors import (
+    DETECTOR_KINDS,
+    SEVERITIES,
+    DetectorConfig,
+    build_detectors,
+    compact,
+    default_detectors,
+)
+from .notifiers import NotifierConfig, build_notifiers
+from .playbooks import PlaybookConfig, build_playbooks
+from .schema import ConfigError, Locator, Where, build_table, internal
+
+CONFIG_VERSION = 1
+EMBEDDED = "<embedded default>"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; every value typed and checked."""
+
+    version: int = CONFIG_VERSION
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    journal: JournalConfig = field(default_factory=JournalConfig)
+    missions: MissionsConfig = field(default_factory=MissionsConfig)
+    detector: list[DetectorConfig] = field(default_factory=default_detectors)
+    remediation: RemediationConfig = field(default_factory=RemediationConfig)
+    learning: LearningConfig = field(default_factory=LearningConfig)
+    playbook: list[PlaybookConfig] = field(default_factory=list)
+    notifier: list[NotifierConfig] = field(default_factory=list)
+    source: str = field(default=EMBEDDED, metadata=internal())
+    # SHA-256 of the file's bytes ("" for the embedded default): daemon.config_reloaded.
+    digest: str = field(default="", metadata=internal())
+    # Things that are valid but surely not meant ("FILE:LINE: ..." lines).
+    warnings: tuple[str, ...] = field(default=(), metadata=internal())
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.daemon.state_dir)
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.daemon.socket)
+
+
+def _with_default_paths(cfg: Config) -> Config:
+    d = cfg.daemon
+    return dataclasses.replace(
+        cfg,
+        daemon=dataclasses.replace(
+            d,
+            state_dir=d.state_dir or str(paths.default_state_dir()),
+            socket=d.socket or str(paths.default_socket()),
+        ),
+    )
+
+
+def _never_matches(pb: PlaybookConfig, detectors: list[DetectorConfig]) -> str | None:
+    """Why ``pb`` can match no mission of these detectors, or None."""
+    if pb.detector:
+        det = next(d for d in detectors if d.name == pb.detector)
+        if not det.enabled:
+            return f"detector {det.name!r} is disabled (enabled = false)"
+        if pb.kind and pb.kind != det.kind:
+            return f"detector {det.name!r} is of kind {det.kind!r}, not {pb.kind!r}"
+        if not fnmatch.fnmatchcase(det.effective_subject, pb.subject or "*"):
+            return (f"detector {det.name!r} reports subject {det.effective_subject!r}, "
+                    f"which subject {pb.subject!r} does not match")
+        candidates = [det]
+    else:
+        candidates = [d for d in detectors if d.enabled and (not pb.kind or d.kind == pb.kind)]
+        if not candidates:
+            return f"no enabled detector of kind {pb.kind!r}"
+    if pb.severities:
+        # A mission has its detector's severity, one level higher when it flaps.
+        possible: set[str] = set()
+        for d in candidates:
+            i = SEVERITIES.index(d.severity)
+            possible.update(SEVERITIES[i:i + 2])
+        if not possible & set(pb.severities):
+            return ("its severities " + ", ".join(pb.severities) + " are never those of "
+                    "its detectors' missions (" + ", ".join(sorted(possible)) + ")")
+    return None
+
+
+def _check_references(cfg: Config, where: Where) -> tuple[str, ...]:
+    """Errors for references to nothing; warnings for playbooks that can never match."""
+    names = [d.name for d in cfg.detector]
+    warnings = []
+    for index, pb in enumerate(cfg.playbook):
+        label = f"[[playbook]] #{index + 1} ({pb.name})"
+        if pb.detector and pb.detector not in names:
+            raise ConfigError(f"{where('playbook', 'detector', index)}{label} detector: no "
+                              f"detector named {pb.detector!r} (detectors: "
+                              f"{', '.join(names) or 'none'})")
+        if pb.kind and pb.kind not in DETECTOR_KINDS:
+            raise ConfigError(f"{where('playbook', 'kind', index)}{label} kind: no detector "
+                              f"kind {pb.kind!r} (kinds: {', '.join(DETECTOR_KINDS)})")
+        why = _never_matches(pb, cfg.detector)
+        if why:
+            warnings.append(f"{where('playbook', None, index)}{label} never matches: {why}")
+    return tuple(warnings)
+
+
+def parse_config(text: str, source: str) -> Config:
+    """Parse TOML text into a Config; raises :class:`ConfigError`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    loc = Locator(text)
+
+    def where(table: str, key: str | None, index: int = 0) -> str:
+        line = loc.line_of(table, key, index) or (loc.line_of(table, None, index) if table
+                                                  else None)
+        return f"{source}:{line}: " if line else f"{source}: "
+
+    version = data.pop("version", CONFIG_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ConfigError(f"{where('', 'version')}version: expected an integer")
+    if version > CONFIG_VERSION:
+        raise ConfigError(
+            f"{where('', 'version')}version: config version {version} is newer than this "
+            f"graced understands ({CONFIG_VERSION}); upgrade graced"
+        )
+    if version < 1:
+        raise ConfigError(f"{where('', 'version')}version: must be at least 1")
+    arrays = {"detector": build_detectors, "playbook": build_playbooks,
+              "notifier": build_notifiers}
+    built: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in arrays:
+            built[key] = arrays[key](value, where)
+        elif key in SECTIONS:
+            built[key] = build_table(SECTIONS[key], value, key, where)
+        else:
+            known = ", ".join(["version", *SECTIONS, *arrays])
+            raise ConfigError(f"{source}: unknown top-level key {key!r} (known: {known})")
+    cfg = Config(version=version, source=source,
+                 digest=hashlib.sha256(text.encode()).hexdigest(), **built)
+    cfg = dataclasses.replace(cfg, warnings=_check_references(cfg, where))
+    return _with_default_paths(cfg)
+
+
+def load_config(path: Path | None) -> Config:
+    """Load ``path``, or the embedded default when it is None."""
+    if path is None:
+        return default_config()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
+    return parse_config(text, str(path))
+
+
+def default_config() -> Config:
+    return _with_default_paths(Config())
+
+
+_HEADER = """\
+# graced configuration: see graced.toml(5); `graced config check` checks it.
+# Sections left as comments take the defaults shown (state_dir and socket are found at
+# start: /var/lib/graced and /run/graced under systemd, XDG paths otherwise). To change
+# one, uncomment its header and the keys you change, or append the section, e.g. from
+# graced.toml(5)'s examples. Tables such as [[detector]], [[playbook]] and [[notifier]]
+# may be appended at the end.
+"""
+
+
+def _commented(text: str) -> str:
+    return "".join(f"# {line}\n" if line else "#\n" for line in text.splitlines())
+
+
+def to_toml(cfg: Config) -> str:
+    """The config as TOML text (what ``graced config default`` prints).
+
+    Sections equal to the default are printed as comments, so that any section can be
+    appended; state_dir and socket are printed only when set to something else than what
+    graced finds by itself at start.
+    """
+    default = default_config()
+    out = [_HEADER, f"\nversion = {cfg.version}\n"]
+    if not cfg.detector:
+        out.append("detector = []\n")
+    for name in SECTIONS:
+        value, base = getattr(cfg, name), getattr(default, name)
+        table = {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
+        if value != base:
+            changed = {k: v for k, v in table.items() if v != getattr(base, k)}
+            out.append("\n" + tomli_w.dumps({name: changed}))
+            continue
+        text = tomli_w.dumps({name: table})
+        if name == "daemon":
+            for key in ("state_dir", "socket"):
+                text = text.replace(f"{key} = {tomli_w.dumps({'v': table[key]})[4:]}",
+                                    f'{key} = ""   # found at start; here: {table[key]}\n')
+        out.append("\n" + _commented(text))
+    for name in ("detector", "playbook", "notifier"):
+        for item in getattr(cfg, name):
+            out.append(f"\n[[{name}]]\n" + tomli_w.dumps(_non_default(item)))
+            for step in getattr(item, "step", ()):
+                out.append(f"\n[[{name}.step]]\n" + tomli_w.dumps(_non_default(step)))
+    return "".join(out)
+
+
+def _non_default(item: Any) -> dict[str, Any]:
+    """A table's keys that differ from their defaults (``name``, ``kind``, ``action`` always)."""
+    if isinstance(item, DetectorConfig):
+        return compact(item)
+    defaults = type(item)()
+    return {f.name: getattr(item, f.name) for f in dataclasses.fields(item)
+            if f.name != "step" and getattr(item, f.name) is not None
+            and (f.name in ("name", "kind", "action")
+                 or getattr(item, f.name) != getattr(defaults, f.name))}

@@ -1,0 +1,155 @@
+"""``[[playbook]]`` tables and their ``[[playbook.step]]`` steps, one schema per action.
+
+To add a key to a step action: add the field to :class:`StepConfig` and name it in that
+action's entry of :data:`ACTIONS`; a playbook key goes into :class:`PlaybookConfig`.
+References to detectors are checked once every table is read (graced/config/file.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .detectors import SEVERITIES
+from .schema import (
+    Check,
+    ConfigError,
+    Where,
+    build_table,
+    check,
+    each,
+    kind_of,
+    non_empty,
+    non_empty_list,
+    one_of,
+    positive,
+    require,
+    tables,
+    unique_name,
+)
+
+RISKS = ("low", "medium", "high", "critical")
+SIGNALS = ("TERM", "KILL", "HUP", "INT", "QUIT", "USR1", "USR2", "STOP", "CONT")
+
+
+def _signal(v: str) -> str | None:
+    return None if v.upper().removeprefix("SIG") in SIGNALS else (
+        "must be one of " + ", ".join(SIGNALS))
+
+
+def _env_list(v: list[str]) -> str | None:
+    bad = [e for e in v if "=" not in e or e.startswith("=")]
+    return f"{bad[0]!r} is not NAME=VALUE" if bad else None
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """One ``[[playbook.step]]``: an action with its own timeout."""
+
+    action: str = ""
+    argv: list[str] = field(default_factory=list)
+    shell: bool = False
+    env: list[str] = field(default_factory=list, metadata=check(_env_list))
+    cwd: str = ""
+    timeout: float = field(default=30.0, metadata=check(positive))
+    unit: str = ""
+    signal: str = field(default="TERM", metadata=check(_signal))
+    process: str = ""
+    pid: int = field(default=0, metadata=check(positive))
+    pid_file: str = ""
+    max_output: int = field(default=65536, metadata=check(positive))
+
+
+StepRule = Callable[[StepConfig], "tuple[str, str] | None"]
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step action: its own keys (with any range check of its own) and rules."""
+
+    keys: Mapping[str, Check | None]
+    requires: tuple[str, ...] = ()
+    rule: StepRule | None = None
+
+
+def _run_rule(st: StepConfig) -> tuple[str, str] | None:
+    if st.shell and len(st.argv) != 1:
+        return "argv", "with shell = true, argv is one command line"
+    return None
+
+
+def _signal_rule(st: StepConfig) -> tuple[str, str] | None:
+    if not (st.process or st.pid or st.pid_file):
+        return "process", 'action "signal" needs process, pid or pid_file'
+    return None
+
+
+# Keys every step has.
+COMMON = ("action", "timeout")
+ACTIONS: dict[str, Action] = {
+    "run": Action({"argv": non_empty_list, "shell": None, "env": None, "cwd": None,
+                   "max_output": None}, requires=("argv",), rule=_run_rule),
+    "restart_unit": Action({"unit": non_empty, "max_output": None}, requires=("unit",)),
+    "signal": Action({"signal": None, "process": non_empty, "pid": None, "pid_file": None},
+                     rule=_signal_rule),
+}
+
+
+@dataclass(frozen=True)
+class PlaybookConfig:
+    """One ``[[playbook]]``: which missions it matches, its risk, steps and verification."""
+
+    name: str = field(default="", metadata=check(non_empty))
+    detector: str = ""
+    kind: str = ""
+    subject: str = "*"
+    severities: list[str] = field(default_factory=list, metadata=check(each(one_of(SEVERITIES))))
+    risk: str = field(default="", metadata=check(one_of(RISKS)))
+    budget: int = field(default=3, metadata=check(positive))
+    budget_window: float = field(default=3600.0, metadata=check(positive))
+    verify_timeout: float = field(default=60.0, metadata=check(positive))
+    step: list[StepConfig] = field(default_factory=list)
+
+
+def _build_step(raw: Any, at: Where, label: str) -> StepConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{at('playbook.step', None)}{label} must be a table")
+    name = kind_of(raw, "action", tuple(ACTIONS), at, label, "playbook.step")
+    action = ACTIONS[name]
+    st = build_table(StepConfig, raw, "playbook.step", at, label,
+                     allowed=[*COMMON, *action.keys], owner=f'action "{name}"',
+                     ranges=action.keys)
+    require(raw, action.requires, at, label, "playbook.step", f'action "{name}"')
+    problem = action.rule(st) if action.rule else None
+    if problem:
+        raise ConfigError(f"{at('playbook.step', problem[0])}{label} {problem[0]}: "
+                          f"{problem[1]}")
+    return st
+
+
+def build_playbooks(value: Any, where: Where) -> list[PlaybookConfig]:
+    """The ``playbook`` array; references are checked later, against the detectors."""
+    out: list[PlaybookConfig] = []
+    names: set[str] = set()
+    step_index = 0
+    for item, at, label in tables(value, "playbook", where):
+        raw_steps = item.get("step", [])
+        body = {k: v for k, v in item.items() if k != "step"}
+        pb = build_table(PlaybookConfig, body, "playbook", at, label)
+        unique_name(pb.name, names, at, label, "playbook")
+        if not pb.risk:
+            raise ConfigError(f"{at('playbook', None)}{label} risk: missing")
+        if not isinstance(raw_steps, list) or not raw_steps:
+            raise ConfigError(f"{at('playbook', None)}{label} step: at least one "
+                              "[[playbook.step]] is required")
+        steps = []
+        for n, raw in enumerate(raw_steps):
+            def step_at(table: str, key: str | None, i: int = step_index) -> str:
+                return where("playbook.step", key, i)
+
+            steps.append(_build_step(raw, step_at, f"{label} step {n + 1}"))
+            step_index += 1
+        out.append(dataclasses.replace(pb, step=steps))
+    return out

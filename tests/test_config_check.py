@@ -1,0 +1,122 @@
+"""`graced config check` refuses configs that can never work, per kind, with one line each;
+`graced config default` takes graced.toml(5)'s examples appended."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from graced.errors import DaemonExit
+from tests.test_config_keys import graced_cmd
+
+ROOT = Path(__file__).resolve().parent.parent
+MEMORY = '[[detector]]\nname = "m"\nkind = "memory"\n'
+PLAYBOOK = ('[[playbook]]\nname = "p"\ndetector = "{det}"\nrisk = "low"\n'
+            '[[playbook.step]]\naction = "run"\nargv = ["true"]\n')
+
+
+@pytest.mark.parametrize("text, needle", [
+    # The issue's configs that `config check` used to call ok.
+    (MEMORY + PLAYBOOK.format(det="nosuch"),
+     ":6: [[playbook]] #1 (p) detector: no detector named 'nosuch' (detectors: m)"),
+    ('[[notifier]]\nname = "n"\nkind = "command"\nargv = ["true"]\non = ["exploded"]\n',
+     ":5: [[notifier]] #1 (n) on: 'exploded': must be one of \"detected\""),
+    (MEMORY + 'url = "http://x/"\n',
+     ':4: [[detector]] #1 (m) url: not a key of kind "memory" (known keys: baseline, below,'),
+    (MEMORY + 'file = "/var/log/x"\n', ':4: [[detector]] #1 (m) file: not a key of kind '
+                                       '"memory"'),
+    (MEMORY + "max_ratio = 0.5\n", ':4: [[detector]] #1 (m) max_ratio: not a key of kind '
+                                   '"memory"'),
+    (MEMORY + "threshold = -5\n", ":4: [[detector]] #1 (m) threshold: must be between 0 and "
+                                  "100"),
+    (MEMORY + "interval = 0.0001\n", ":4: [[detector]] #1 (m) interval: must be at least "
+                                     "0.1 s"),
+    # More of the same family.
+    (MEMORY + "bogus = 1\n", ':4: [[detector]] #1 (m) bogus: not a key of kind "memory"'),
+    ('[[detector]]\nname = "t"\nkind = "tcp"\nhost = "h"\nport = 70000\n',
+     ":5: [[detector]] #1 (t) port: must be between 1 and 65535"),
+    ('[[detector]]\nname = "x"\nkind = "nosuch"\n',
+     ':3: [[detector]] #1 (x) kind: must be one of "memory", "swap"'),
+    ('[[detector]]\nname = "x"\n', ":1: [[detector]] #1 (x) kind: missing"),
+    ('[[detector]]\nname = "h"\nkind = "http"\nurl = "ftp://x"\n',
+     ":4: [[detector]] #1 (h) url: must be an http(s) URL"),
+    ('[[detector]]\nname = "l"\nkind = "log"\nfile = "/x"\npattern = "(("\nmax_rate = 1\n',
+     ":5: [[detector]] #1 (l) pattern: not a valid regular expression"),
+    ('[[playbook]]\nname = "p"\nrisk = "low"\n[[playbook.step]]\naction = "restart_unit"\n'
+     'unit = "a.service"\nargv = ["x"]\n',
+     ':7: [[playbook]] #1 (p) step 1 argv: not a key of action "restart_unit"'),
+    ('[[playbook]]\nname = "p"\nkind = "memroy"\nrisk = "low"\n[[playbook.step]]\n'
+     'action = "run"\nargv = ["true"]\n',
+     ":3: [[playbook]] #1 (p) kind: no detector kind 'memroy'"),
+    ('[[notifier]]\nname = "n"\nkind = "webhook"\nurl = "https://x/"\nargv = ["a"]\n',
+     ':5: [[notifier]] #1 (n) argv: not a key of kind "webhook"'),
+])
+def test_config_that_cannot_work_is_refused_in_one_line(tmp_path: Path, text: str,
+                                                        needle: str) -> None:
+    path = tmp_path / "graced.toml"
+    path.write_text(text)
+    res = graced_cmd("config", "check", str(path))
+    assert res.returncode == DaemonExit.CONFIG, res.stdout
+    assert res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith(f"graced: config error: {path}"), res.stderr
+    assert needle in res.stderr, res.stderr
+    assert res.stdout == ""
+
+
+@pytest.mark.parametrize("extra, why", [
+    ("enabled = false\n", "detector 'm' is disabled"),
+    ('severity = "low"\n', "its severities critical are never those of its detectors' "
+                           "missions (low, medium)"),
+])
+def test_a_playbook_that_can_never_match_is_a_warning(tmp_path: Path, extra: str,
+                                                      why: str) -> None:
+    path = tmp_path / "graced.toml"
+    path.write_text(MEMORY + extra + PLAYBOOK.format(det="m").replace(
+        'risk = "low"', 'risk = "low"\nseverities = ["critical"]'))
+    res = graced_cmd("config", "check", str(path))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == f"{path}: ok\n"
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"graced: warning: {path}:5: "), lines
+    assert "[[playbook]] #1 (p) never matches: " + why in lines[0]
+
+
+def _examples() -> list[str]:
+    text = (ROOT / "man" / "graced.toml.5").read_text()
+    section = text.split(".SH EXAMPLES", 1)[1].split(".SH ", 1)[0]
+    blocks = re.findall(r"^\.nf\n(.*?)^\.fi$", section, re.S | re.M)
+    return [b.replace("\\-", "-") for b in blocks]
+
+
+def test_every_example_appended_to_the_default_checks_ok(tmp_path: Path) -> None:
+    default = graced_cmd("config", "default")
+    assert default.returncode == 0 and "playbook = []" not in default.stdout
+    examples = _examples()
+    assert len(examples) >= 5
+    for n, example in enumerate([*examples, "\n".join(examples)]):
+        path = tmp_path / f"graced-{n}.toml"
+        path.write_text(default.stdout + "\n" + example)
+        res = graced_cmd("config", "check", str(path))
+        assert (res.returncode, res.stdout, res.stderr) == (0, f"{path}: ok\n", ""), example
+
+
+def test_check_without_a_file_checks_what_graced_would_load(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("INVOCATION_ID", "GRACED_CONFIG", "CONFIGURATION_DIRECTORY")}
+    env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "cfg"))
+    res = graced_cmd("config", "check", env=env)
+    assert (res.returncode, res.stdout) == (0, "<embedded default>: ok\n"), res.stderr
+    user = tmp_path / "cfg" / "graced" / "graced.toml"
+    user.parent.mkdir(parents=True)
+    user.write_text("[daemon]\nheartbeat_interval = 0\n")
+    res = graced_cmd("config", "check", env=env)
+    assert res.returncode == DaemonExit.CONFIG
+    assert res.stderr == (f"graced: config error: {user}:2: [daemon] heartbeat_interval: "
+                          "must be greater than 0\n")
+    other = tmp_path / "other.toml"
+    other.write_text("version = 1\n")
+    res = graced_cmd("config", "check", env={**env, "GRACED_CONFIG": str(other)})
+    assert (res.returncode, res.stdout) == (0, f"{other}: ok\n"), res.stderr
