@@ -182,3 +182,21 @@ def make_graced(shortdir: Path) -> Iterator[Any]:
     finally:
         for g in made:
             g.close()
+
+
+SLOW_AFTER = 4.0  # seconds: a test that takes longer alone is marked @pytest.mark.slow
+_unmarked_slow: list[tuple[str, float]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "call" and report.duration > SLOW_AFTER and "slow" not in report.keywords:
+        _unmarked_slow.append((report.nodeid, report.duration))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Name the tests that took over SLOW_AFTER without the slow marker (a hint, since a
+    loaded machine stretches any test; the quick part must stay under 90 s)."""
+    if _unmarked_slow:
+        terminalreporter.write_sep("-", f"over {SLOW_AFTER:g} s and not marked slow")
+        for nodeid, seconds in _unmarked_slow:
+            terminalreporter.write_line(f"{seconds:5.1f} s  {nodeid}")

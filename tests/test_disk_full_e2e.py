@@ -53,6 +53,7 @@ def fill(path: Path) -> None:
             continue
 
 
+@pytest.mark.slow
 def test_disk_full_is_reported_reads_go_on_and_it_recovers(small_fs: Path,
                                                            shortdir: Path) -> None:
     g = Graced(shortdir)

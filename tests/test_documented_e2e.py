@@ -40,6 +40,7 @@ def marker() -> Iterator[str]:
     kill_all(m)
 
 
+@pytest.mark.slow
 def test_max_actions_per_hour_caps_automatic_actions(make_graced, marker, shortdir) -> None:
     count = shortdir / "ran"
     start_sleeper(marker)
@@ -268,6 +269,7 @@ def journald(shortdir: Path) -> Iterator[list[str]]:
         proc.wait(10)
 
 
+@pytest.mark.slow
 def test_journald_detector_follows_a_units_errors(make_graced, journald: list[str]) -> None:
     unit = f"grace-{uuid.uuid4().hex[:8]}.service"
 

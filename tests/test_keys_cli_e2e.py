@@ -62,6 +62,7 @@ def test_keys_show_trust_and_a_changed_key_refused_loudly(graced: Graced) -> Non
     assert known[endpoint]["kid"] == new["kid"]
 
 
+@pytest.mark.slow
 def test_keys_generate_makes_a_key_whose_line_admits_a_tcp_approval(make_graced) -> None:
     marker = f"grace-worker-{os.getpid()}-keys"
     g = make_graced(start=False, extra_config='listen = ["127.0.0.1:0"]\n',

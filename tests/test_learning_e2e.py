@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from graced.missions.engine import FINAL
 from tests.conftest import Graced
 from tests.helpers.procs import LineCollector
@@ -49,6 +51,7 @@ def missions(g: Graced, detector: str) -> list[dict[str, Any]]:
     return sorted((m for m in out if m["detector"] == detector), key=lambda m: m["id"])
 
 
+@pytest.mark.slow
 def test_every_final_state_is_stored_as_an_outcome(make_graced, shortdir: Path) -> None:
     a, c, d = shortdir / "a", shortdir / "c", shortdir / "d"
     for f in (a, c, d):
@@ -108,6 +111,7 @@ def _fault_until_resolved(w: Watch, file: Path, count: int) -> None:
     w.wait("mission.resolved", "learner", 20, count=count)
 
 
+@pytest.mark.slow
 def test_ranking_demotes_the_failing_playbook_and_knowledge_seeds_a_fresh_daemon(
         make_graced, shortdir: Path) -> None:
     b = shortdir / "b"

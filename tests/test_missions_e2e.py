@@ -78,6 +78,7 @@ def _ready_tail(w: Watch, g: Graced) -> None:
     poll_until(sampled, 15, "detectors never sampled")
 
 
+@pytest.mark.slow
 def test_memory_hog_opens_one_mission_that_resolves(watched) -> None:
     used = psutil.virtual_memory().percent
     total_mb = psutil.virtual_memory().total // 2**20
@@ -136,6 +137,7 @@ def test_refused_probe_is_an_anomaly_with_a_reason(watched) -> None:
     assert "refused" in opened["payload"]["summary"].lower()
 
 
+@pytest.mark.slow
 def test_error_lines_in_a_log_open_one_mission_and_rotation_is_followed(watched,
                                                                        shortdir: Path) -> None:
     log = shortdir / "app.log"
@@ -171,6 +173,7 @@ def _sleeper(marker: str) -> subprocess.Popen[str]:
                             stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.slow
 def test_watched_process_death_opens_one_mission_that_resolves(watched) -> None:
     marker = f"grace-sleeper-{uuid.uuid4().hex[:8]}"
     proc = _sleeper(marker)
@@ -192,6 +195,7 @@ def test_watched_process_death_opens_one_mission_that_resolves(watched) -> None:
         proc.kill()
 
 
+@pytest.mark.slow
 def test_disk_usage_crossing_its_threshold(watched, shortdir: Path) -> None:
     mnt = shortdir / "mnt"
     mnt.mkdir()
@@ -223,6 +227,7 @@ def test_disk_usage_crossing_its_threshold(watched, shortdir: Path) -> None:
             subprocess.run(["umount", "-l", str(mnt)])
 
 
+@pytest.mark.slow
 def test_toggling_a_fault_triggers_the_flapping_rule(watched) -> None:
     marker = f"grace-flapper-{uuid.uuid4().hex[:8]}"
     proc = _sleeper(marker)
@@ -248,6 +253,7 @@ def test_toggling_a_fault_triggers_the_flapping_rule(watched) -> None:
         proc.kill()
 
 
+@pytest.mark.slow
 def test_missions_cli_lists_shows_and_reports_not_found(watched) -> None:
     marker = f"grace-absent-{uuid.uuid4().hex[:8]}"
     g, w = watched(f'[[detector]]\nname = "absent"\nkind = "process"\ninterval = 1.0\n'

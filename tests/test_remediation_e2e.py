@@ -73,6 +73,7 @@ def mission(g: Graced, mid: int) -> dict[str, Any]:
     return json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
 
 
+@pytest.mark.slow
 def test_low_risk_playbook_restarts_the_process_and_is_verified(make_graced, marker) -> None:
     proc = start_sleeper(marker)
     g, w = setup(make_graced, process_detector(marker) + restart_playbook(marker, "low"))
@@ -92,6 +93,7 @@ def test_low_risk_playbook_restarts_the_process_and_is_verified(make_graced, mar
     assert "steps:" in shown and "verification: passed" in shown
 
 
+@pytest.mark.slow
 def test_low_risk_signal_step_kills_a_memory_hog(make_graced) -> None:
     import psutil
 
@@ -114,6 +116,7 @@ def test_low_risk_signal_step_kills_a_memory_hog(make_graced) -> None:
     assert m["steps"][0]["pids"] == [hog.pid] and m["verification"]["result"] == "passed"
 
 
+@pytest.mark.slow
 def test_high_risk_waits_notifies_and_runs_once_approved(make_graced, marker,
                                                          shortdir: Path) -> None:
     import http.server
@@ -166,6 +169,7 @@ def test_high_risk_waits_notifies_and_runs_once_approved(make_graced, marker,
     assert len(m["steps"]) == 1
 
 
+@pytest.mark.slow
 def test_rejected_and_expired_missions_never_execute(make_graced, marker, shortdir) -> None:
     count = shortdir / "ran"
     g, w = setup(make_graced, process_detector(marker)
@@ -211,6 +215,7 @@ def test_observe_mode_runs_nothing_and_journals_what_it_would_run(make_graced, m
     assert mission(g, opened["id"])["state"] == "open" and not count.exists()
 
 
+@pytest.mark.slow
 def test_pause_stops_execution_until_resume(make_graced, marker, shortdir) -> None:
     count = shortdir / "ran"
     proc = start_sleeper(marker)
@@ -236,6 +241,7 @@ def test_pause_stops_execution_until_resume(make_graced, marker, shortdir) -> No
     w.close()
 
 
+@pytest.mark.slow
 def test_a_spent_budget_escalates(make_graced, marker, shortdir) -> None:
     count = shortdir / "ran"
     proc = start_sleeper(marker)
@@ -291,6 +297,7 @@ def test_shell_metacharacters_in_a_subject_never_reach_a_shell(make_graced, shor
     assert not pwned.exists()
 
 
+@pytest.mark.slow
 def test_kill9_during_a_long_step_interrupts_and_does_not_run_it_twice(make_graced, marker,
                                                                       shortdir) -> None:
     count = shortdir / "ran"
@@ -359,6 +366,7 @@ def _signed(key: Any, mid: int, ts: float, sign_with: Any = None) -> dict[str, A
             "auth": {"kid": key.kid, "ts": ts, "sig": sig}}
 
 
+@pytest.mark.slow
 async def test_tcp_approvals_must_be_signed_fresh_and_never_replayed(make_graced, marker,
                                                                     shortdir) -> None:
     import base64
@@ -424,6 +432,7 @@ async def test_tcp_approvals_must_be_signed_fresh_and_never_replayed(make_graced
     w.close()
 
 
+@pytest.mark.slow
 def test_a_shell_script_waits_approves_and_checks_resolution(make_graced, marker) -> None:
     from tests.conftest import BIN, ROOT
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import psutil
+import pytest
 
 from tests.conftest import ROOT, Graced
 from tests.helpers.procs import poll_until
@@ -17,6 +18,7 @@ SECONDS = 20
 RATE = 300
 
 
+@pytest.mark.slow
 def test_reconnecting_clients_see_every_seq_once_and_descriptors_stay_flat(
         graced: Graced) -> None:
     g = graced

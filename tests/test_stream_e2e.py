@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import nacl.signing
+import pytest
 
 from graced.keys import format_public_key
 from graced.protocol import ExitCode, canonical_text, signing_bytes
@@ -53,6 +54,7 @@ def _verify(g: Graced, lines: list[str], key: Path | None = None) -> subprocess.
     return g.ctl("verify", "--key", str(key or g.state / "key.pub"), str(path))
 
 
+@pytest.mark.slow
 def test_verify_file_catches_each_tampering(graced: Graced) -> None:
     g = graced
     g.ctl("emit", "user.note", "--payload", '{"msg": "hello"}', check=True)
@@ -94,6 +96,7 @@ def test_verify_file_catches_each_tampering(graced: Graced) -> None:
     assert res.returncode == ExitCode.BAD_SIGNATURE and "unknown key" in res.stderr
 
 
+@pytest.mark.slow
 def test_verify_file_catches_stopped_heartbeats(graced: Graced) -> None:
     g = graced
     lines = LineCollector(g.ctl_popen("tail", "--json", "-n", "0"))
@@ -129,6 +132,7 @@ def _proxy(g: Graced, mode: str, seq: int) -> tuple[subprocess.Popen[str], str]:
     return proc, path
 
 
+@pytest.mark.slow
 def test_tail_verify_catches_each_live_tampering(graced: Graced) -> None:
     g = graced
     key = str(g.state / "key.pub")
@@ -181,6 +185,7 @@ def test_tail_verify_catches_each_live_tampering(graced: Graced) -> None:
     assert res.returncode == ExitCode.BAD_SIGNATURE and "unknown key" in res.stderr
 
 
+@pytest.mark.slow
 def test_clean_stream_of_10000_events_across_a_restart_verifies(make_graced) -> None:
     g = make_graced(heartbeat=1.0)
     key = str(g.state / "key.pub")
@@ -203,6 +208,7 @@ def test_clean_stream_of_10000_events_across_a_restart_verifies(make_graced) -> 
     assert len(tail.events()) >= 10_000
 
 
+@pytest.mark.slow
 def test_chain_broken_across_a_restart_is_caught(make_graced) -> None:
     g = make_graced()
     emit(g, 20)
@@ -224,6 +230,7 @@ def test_chain_broken_across_a_restart_is_caught(make_graced) -> None:
     assert f"seq {last_seen + 1}:" in res.stderr
 
 
+@pytest.mark.slow
 def test_kill9_during_burst_loses_no_received_event(make_graced) -> None:
     g = make_graced()
     tail = LineCollector(g.ctl_popen("tail", "--json", "-n", "0"))
@@ -245,6 +252,7 @@ def test_kill9_during_burst_loses_no_received_event(make_graced) -> None:
     assert max(stored) > received[-1]["seq"]
 
 
+@pytest.mark.slow
 def test_stalled_client_is_dropped_while_another_keeps_receiving(make_graced) -> None:
     g = make_graced(extra_config="send_timeout = 2.0\n")
     slow = g.ctl_popen("tail", "--json", "-n", "0")

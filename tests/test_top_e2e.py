@@ -163,6 +163,7 @@ def test_fault_appears_is_approved_from_the_dashboard_and_fixed(
     assert "Active missions" not in text  # the terminal is restored
 
 
+@pytest.mark.slow
 def test_tampered_stream_turns_the_signature_status_red(graced: Graced, terminal) -> None:
     g = graced
     g.ctl("keys", "trust", check=True)
