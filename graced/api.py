@@ -214,8 +214,7 @@ class Api:
 
     async def knowledge_import(self, client: Client, req: Request) -> Any:
         peer = client.peer
-        if peer.transport != "unix" or not self.executor.may_approve(peer.uid, peer.gid,
-                                                                     peer.pid):
+        if peer.transport != "unix" or not self.executor.may_approve(peer.uid, peer.groups):
             raise RequestError("not_authorised", "knowledge import needs an approver over the "
                                "Unix socket")
         p = req.params
@@ -253,7 +252,7 @@ class Api:
         verb = "approve" if approve else "reject"
         who: dict[str, Any]
         if peer.transport == "unix" and req.auth is None:
-            if not self.executor.may_approve(peer.uid, peer.gid, peer.pid):
+            if not self.executor.may_approve(peer.uid, peer.groups):
                 await self._refuse(mid, verb, peer.describe(), (
                     f"uid {peer.uid} may not {verb} missions (allowed: root, uid "
                     f"{os.geteuid()}, [remediation] approvers and approver_groups)"))
@@ -320,7 +319,7 @@ class Api:
         return await self._decide(client, req, False)
 
     async def _set_paused(self, client: Client, paused: bool) -> Any:
-        if not self.executor.may_approve(client.peer.uid, client.peer.gid, client.peer.pid) \
+        if not self.executor.may_approve(client.peer.uid, client.peer.groups) \
                 or client.peer.transport != "unix":
             raise RequestError("not_authorised", "pause/resume needs an approver over the "
                                "Unix socket")

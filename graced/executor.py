@@ -104,19 +104,6 @@ class Budgets:
             return cls()
 
 
-def peer_groups(pid: int | None, gid: int | None) -> set[int]:
-    groups = {gid} if gid is not None else set()
-    if pid:
-        try:
-            with open(f"/proc/{pid}/status") as fh:
-                for line in fh:
-                    if line.startswith("Groups:"):
-                        groups.update(int(g) for g in line.split()[1:])
-        except OSError:
-            pass
-    return groups
-
-
 class Executor:
     """Runs playbooks for missions; :meth:`run` never returns unless cancelled."""
 
@@ -299,7 +286,8 @@ class Executor:
 
     # -- approvals -------------------------------------------------------------------
 
-    def may_approve(self, uid: int | None, gid: int | None, pid: int | None) -> bool:
+    def may_approve(self, uid: int | None, groups: frozenset[int]) -> bool:
+        """Whether a peer may approve: ``groups`` are the ones fixed when it connected."""
         if uid is None:
             return False
         if uid in (0, os.geteuid()):
@@ -316,7 +304,7 @@ class Executor:
                 wanted.add(grp.getgrnam(g).gr_gid)
             except KeyError:
                 continue
-        return bool(wanted & peer_groups(pid, gid))
+        return bool(wanted & groups)
 
     async def decide(self, mission_id: int, approve: bool, who: dict[str, Any],
                      comment: str) -> Mission:

@@ -10,10 +10,12 @@ nothing a client sends can take the daemon down.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
 import os
+import pwd
 import socket as pysocket
 import struct
 from collections.abc import Awaitable, Callable
@@ -44,20 +46,64 @@ COALESCE = 512
 LISTEN_BACKLOG = 1024
 
 
+SO_PEERGROUPS = getattr(pysocket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+
+
 @dataclass
 class Peer:
-    """Who is on the other end: transport and, over the Unix socket, uid/gid/pid."""
+    """Who is on the other end: transport and, over the Unix socket, uid/gid/groups.
+
+    A Unix peer's credentials are the ones the kernel recorded when it connected
+    (SO_PEERCRED, SO_PEERGROUPS), taken once at accept and never looked up again: the
+    pid is only shown in logs, because by the time a request arrives it may belong to
+    another process (the connecting one can hand its socket on and exit).
+    """
 
     transport: str  # "unix" or "tcp"
     uid: int | None = None
     gid: int | None = None
     pid: int | None = None
     address: str = ""
+    groups: frozenset[int] = frozenset()
 
     def describe(self) -> str:
         if self.transport == "unix":
             return f"unix uid={self.uid} pid={self.pid}"
         return f"tcp {self.address}"
+
+
+def unix_peer(sock: Any) -> Peer:
+    """The credentials of a connected Unix socket's peer, as of its connect()."""
+    peer = Peer("unix")
+    try:
+        creds = sock.getsockopt(pysocket.SOL_SOCKET, pysocket.SO_PEERCRED,
+                                struct.calcsize("3i"))
+        peer.pid, peer.uid, peer.gid = struct.unpack("3i", creds)
+    except OSError:
+        return peer  # no credentials: treated as nobody
+    groups = _peer_groups(sock)
+    if groups is None:
+        # No SO_PEERGROUPS: the user's groups from the group database, by uid.
+        try:
+            name = pwd.getpwuid(peer.uid).pw_name
+            groups = set(os.getgrouplist(name, peer.gid))
+        except (KeyError, OSError):
+            groups = set()
+    peer.groups = frozenset({peer.gid, *groups}) if peer.gid is not None else frozenset(groups)
+    return peer
+
+
+def _peer_groups(sock: Any) -> set[int] | None:
+    """Supplementary groups of the peer via SO_PEERGROUPS, or None where unsupported."""
+    for count in (64, 65536):
+        try:
+            raw = sock.getsockopt(pysocket.SOL_SOCKET, SO_PEERGROUPS, 4 * count)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue
+            return None
+        return {g for (g,) in struct.iter_unpack("I", raw[: len(raw) // 4 * 4])}
+    return None
 
 
 Handler = Callable[["Client", Request], Awaitable[Any]]
@@ -263,15 +309,7 @@ class Server:
     # -- connections -------------------------------------------------------------
 
     async def _handle_unix(self, stream: trio.SocketStream) -> None:
-        peer = Peer("unix")
-        try:
-            creds = stream.socket.getsockopt(
-                pysocket.SOL_SOCKET, pysocket.SO_PEERCRED, struct.calcsize("3i")
-            )
-            peer.pid, peer.uid, peer.gid = struct.unpack("3i", creds)
-        except OSError:
-            pass
-        await self._handle(stream, peer)
+        await self._handle(stream, unix_peer(stream.socket))
 
     async def _handle_tcp(self, stream: trio.SocketStream) -> None:
         try:

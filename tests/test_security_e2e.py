@@ -1,0 +1,94 @@
+"""The attacks of issue 14, each against a real graced: a second Unix user where a uid
+matters (created here when root; skipped with the reason otherwise)."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.procs import poll_until
+from tests.test_documented_e2e import APPROVER, GROUP, approver, marker  # noqa: F401
+from tests.test_remediation_e2e import process_detector, restart_playbook, setup
+
+HANDOFF = Path(__file__).parent / "helpers" / "handoff.py"
+OUTSIDER = "grace-outsider"
+
+
+def _outsider() -> str:
+    """A local user in no approver group (created here; the caller checked for root)."""
+    try:
+        pwd.getpwnam(OUTSIDER)
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        OUTSIDER], check=True)
+    return OUTSIDER
+
+
+def _reuse_pid(pid: int, argv: list[str]) -> subprocess.Popen[bytes]:
+    """Start ``argv`` so that it gets ``pid`` (ns_last_pid), retrying while others race."""
+    for _ in range(500):
+        try:
+            Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        except OSError as exc:
+            pytest.skip(f"cannot choose the next pid (ns_last_pid: {exc.strerror})")
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        if proc.pid == pid:
+            return proc
+        proc.kill()
+        proc.wait()
+    pytest.skip(f"pid {pid} could not be reused: other processes kept taking it")
+
+
+def _groups_of(pid: int) -> set[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Groups:"):
+            return {int(g) for g in line.split()[1:]}
+    return set()
+
+
+def test_a_reused_pid_lends_no_approver_groups(make_graced, marker, approver) -> None:  # noqa: F811
+    """The pid-reuse attack: an outsider connects, hands its socket to a child and exits;
+    an approver's process takes the pid; the child's approval must still be refused."""
+    outsider = _outsider()
+    g, w = setup(make_graced, process_detector(marker) + restart_playbook(marker, "high"),
+                 remediation=f'approver_groups = ["{GROUP}"]\n')
+    os.chmod(g.socket, 0o666)
+    os.chmod(g.base, 0o755)
+    os.chmod(g.home, 0o777)
+    waiting = w.wait("mission.awaiting_approval", "worker", 10)["payload"]
+    request = json.dumps({"id": 1, "nonce": "pid-reuse", "method": "missions.approve",
+                          "params": {"id": waiting["id"], "comment": "not mine to approve"}})
+    attacker = subprocess.Popen(
+        ["setpriv", "--reuid", outsider, "--regid", "nogroup", "--clear-groups",
+         sys.executable, str(HANDOFF), str(g.socket), request],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=g.env)
+    assert attacker.stdout is not None and attacker.stdin is not None
+    pid = int(attacker.stdout.readline())
+    assert attacker.wait(timeout=10) == 0  # the connecting process is gone, pid free
+    squatter = _reuse_pid(pid, ["setpriv", "--reuid", approver, "--regid", "nogroup",
+                                "--init-groups", "sleep", "120"])
+    try:
+        # The precondition of the attack holds: the pid now belongs to an approver.
+        gid = grp.getgrnam(GROUP).gr_gid
+        poll_until(lambda: gid in _groups_of(pid), 10, f"pid {pid} in group {GROUP}",
+                   pause=0.02)
+        attacker.stdin.write("go\n")
+        attacker.stdin.flush()
+        reply = json.loads(attacker.stdout.readline())
+    finally:
+        squatter.kill()
+        squatter.wait()
+    assert reply["ok"] is False, reply
+    assert reply["error"]["code"] == "not_authorised"
+    assert f"uid {pwd.getpwnam(outsider).pw_uid} may not approve" in reply["error"]["message"]
+    shown = json.loads(g.ctl("missions", "show", str(waiting["id"]), "--json",
+                             check=True).stdout)
+    assert shown["state"] == "awaiting_approval" and not shown["approvals"]
+    w.close()
