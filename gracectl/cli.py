@@ -22,12 +22,13 @@ import trio
 from graced import __version__
 from graced.keys import parse_public_key
 from graced.paths import client_socket
-from graced.protocol import ExitCode, Violation, key_id
+from graced.protocol import ExitCode, Violation, key_id, parse_anchor
 
 from . import trust
 from .client import Endpoint, connect, sole_exception
 from .errors import CtlError
-from .tail import TailOptions, run_tail, stderr_note, verify_lines
+from .tail import TailOptions, run_tail, stderr_note
+from .verify import verify_file
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "GRACE"}
 T = TypeVar("T")
@@ -215,36 +216,61 @@ def tail(ctx: click.Context, patterns: tuple[str, ...], since: int | None, lines
     sys.exit(code)
 
 
+def _anchor(value: str | None) -> tuple[int, str] | None:
+    if value is None:
+        return None
+    try:
+        return parse_anchor(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--from") from None
+
+
 @cli.command()
-@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--key", "key_file", metavar="KEYFILE", type=click.Path(dir_okay=False),
               help="The daemon's public key (key.pub); default: the key pinned for the "
                    "current endpoint.")
+@click.option("--from", "anchor", metavar="SEQ:HASH",
+              help="Start from this trusted event (from 'gracectl checkpoint' or a previous "
+                   "verification) instead of genesis (seq 1).")
+@click.option("--partial", is_flag=True,
+              help="Accept a stream that ends without daemon.stopping (still running).")
 @click.option("--stale-after", type=click.FloatRange(min=0.1), metavar="SECONDS",
               help="A gap between events that counts as stale (default 3 heartbeats + 1 s).")
+@click.option("--jobs", type=click.IntRange(min=1), metavar="N",
+              help="Verify with N processes (default: every usable core).")
 @json_option
 @click.pass_context
-def verify(ctx: click.Context, file: Any, key_file: str | None, stale_after: float | None,
-           as_json: bool) -> None:
-    """Verify a saved JSONL stream (from 'tail --json') offline: the same checks as --verify."""
+def verify(ctx: click.Context, file: str, key_file: str | None, anchor: str | None,
+           partial: bool, stale_after: float | None, jobs: int | None, as_json: bool) -> None:
+    """Prove a saved JSONL stream (from 'tail --json') offline, from genesis (or --from)
+    to daemon.stopping (or, with --partial, to its last event)."""
+    start = _anchor(anchor)
     key: bytes | None = _read_key_file(key_file) if key_file else trust.pinned(
         _endpoint(ctx).name)
     if key is None:
         raise CtlError("no trusted key: pass --key FILE (the daemon's key.pub)",
                        ExitCode.BAD_SIGNATURE)
     try:
-        count, first, last = verify_lines(file, key, stale_after)
+        result = verify_file(file, key, anchor=start, partial=partial,
+                             stale_after=stale_after, workers=jobs)
+    except OSError as exc:
+        raise CtlError(f"{file}: {exc.strerror or exc}") from None
     except Violation as exc:
         if as_json:
             _print_json({"ok": False, "seq": exc.seq, "kind": exc.kind, "reason": exc.reason,
                          "exit_code": int(exc.code)})
         raise CtlError(f"verification failed: {exc}", exc.code) from None
     if as_json:
-        _print_json({"ok": True, "events": count, "first_seq": first, "last_seq": last,
-                     "kid": key_id(key)})
+        _print_json({"ok": True, "events": result.count, "first_seq": result.first,
+                     "last_seq": result.last, "last_hash": result.last_hash,
+                     "complete": result.complete, "kid": key_id(key)})
     else:
-        stderr_note(f"verified {count} events (seq {first}..{last}), key {key_id(key)}: "
-                    "signatures valid, chain intact")
+        start_text = f"from anchor {start[0]}" if start else "from genesis"
+        end_text = "to daemon.stopping" if result.complete else "partial: no daemon.stopping"
+        stderr_note(f"verified {result.count} events (seq {result.first}..{result.last}, "
+                    f"{start_text}, {end_text}), key {key_id(key)}: signatures valid, chain "
+                    f"intact; anchor of its last event: {result.last}:{result.last_hash}")
 
 
 # -- keys -------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import IO, Any
@@ -12,7 +12,7 @@ from typing import IO, Any
 import trio
 
 from graced.mesh import compile_patterns
-from graced.protocol import ChainVerifier, ExitCode, Violation, key_id, parse_ts
+from graced.protocol import ChainVerifier, ExitCode, Violation, key_id
 
 from .client import Endpoint, connect
 from .errors import Unreachable
@@ -104,13 +104,16 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
                     raise Violation(ExitCode.BAD_SIGNATURE, None,
                                     f"daemon key {hello.get('kid')} is not the trusted key "
                                     f"{key_id(opts.trusted_key)}")
-                if verifier is None:
-                    interval = float(hello.get("heartbeat_interval", 5.0))
-                    stale = opts.stale_after or 3 * interval + 1
-                    verifier = ChainVerifier(opts.trusted_key, stale_after=stale)
             head = int(hello.get("head_seq", 0))
             if next_seq is None:
                 next_seq = max(1, head - opts.lines + 1) if opts.lines > 0 else head + 1
+            if opts.verify and verifier is None:
+                assert opts.trusted_key is not None
+                interval = float(hello.get("heartbeat_interval", 5.0))
+                stale = opts.stale_after or 3 * interval + 1
+                # The first event must be the one asked for: nobody may drop the head.
+                verifier = ChainVerifier(opts.trusted_key, stale_after=stale,
+                                         first_seq=next_seq)
             # Verifying needs the whole chain; --no-follow needs to see the head go by even
             # when it does not match: both receive everything and filter here.
             everything = opts.verify or not opts.follow
@@ -137,7 +140,8 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
                         raise Violation(ExitCode.CHAIN_BROKEN, None, "unparsable frame")
                     continue
                 if verifier is not None:
-                    verifier.feed(event, trio.current_time())
+                    verifier.feed_line(line.encode("utf-8", "surrogatepass"),
+                                       trio.current_time())
                     printer.accept(line, event, verifier.pending)
                 else:
                     printer.accept(line, event, False)
@@ -190,44 +194,6 @@ async def _wait_for_daemon(endpoint: Endpoint, until: float) -> None:
             if trio.current_time() >= until:
                 raise
             await trio.sleep(0.1)
-
-
-def verify_lines(lines: Iterable[str], public_key: bytes,
-                 stale_after: float | None) -> tuple[int, int | None, int | None]:
-    """Verify a saved JSONL stream; returns (count, first seq, last seq)."""
-    verifier = ChainVerifier(public_key)
-    first: int | None = None
-    prev_ts: float | None = None
-    prev_topic: str | None = None
-    interval: float | None = None
-    for lineno, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            event = json.loads(raw)
-        except ValueError:
-            raise Violation(ExitCode.CHAIN_BROKEN, None,
-                            f"line {lineno}: not a JSON event") from None
-        verifier.feed(event, 0.0)
-        if first is None:
-            first = event["seq"]
-        try:
-            ts = parse_ts(event["ts"])
-        except ValueError:
-            raise Violation(ExitCode.CHAIN_BROKEN, event["seq"], "malformed timestamp") from None
-        if event["topic"] == "daemon.heartbeat" and isinstance(event["payload"], dict):
-            value = event["payload"].get("interval")
-            if isinstance(value, (int, float)):
-                interval = float(value)
-        limit = stale_after or (3 * interval + 1 if interval else None)
-        if (limit is not None and prev_ts is not None and prev_topic != "daemon.stopping"
-                and ts - prev_ts > limit):
-            raise Violation(ExitCode.STALE, event["seq"],
-                            f"stream stale: {ts - prev_ts:.1f} s with no event or heartbeat "
-                            f"before this one (limit {limit:g} s)")
-        prev_ts, prev_topic = ts, event["topic"]
-    verifier.flush()
-    return verifier.count, first, verifier.last_seq
 
 
 def stderr_note(message: str) -> None:

@@ -326,12 +326,12 @@ class Top:
         async with connect(self.endpoint, key) as conn:
             hello = await _trusted_hello(conn, key)
             self.model.hello = hello
-            if self.verifier is None:
-                stale = 3 * float(hello.get("heartbeat_interval", 5.0)) + 1
-                self.verifier = ChainVerifier(key, stale_after=stale)
             head = int(hello.get("head_seq", 0))
             if self.next_seq is None:
                 self.next_seq = max(1, head - 50)
+            if self.verifier is None:
+                stale = 3 * float(hello.get("heartbeat_interval", 5.0)) + 1
+                self.verifier = ChainVerifier(key, stale_after=stale, first_seq=self.next_seq)
             sub = await conn.request("subscribe", {"patterns": ["*"], "since": self.next_seq})
             await _poll(conn, self.model)
             self.conn = conn
@@ -349,7 +349,7 @@ class Top:
         while True:
             with trio.move_on_after(self.verifier.stale_after or 3600) as cs:
                 try:
-                    _, ev = await conn.events.receive()
+                    line, ev = await conn.events.receive()
                 except trio.EndOfChannel:
                     return
             try:
@@ -359,7 +359,8 @@ class Top:
                     continue
                 if "_unparsable" in ev:
                     raise Violation(ExitCode.CHAIN_BROKEN, None, "unparsable frame")
-                self.verifier.feed(ev, trio.current_time())
+                self.verifier.feed_line(line.encode("utf-8", "surrogatepass"),
+                                        trio.current_time())
             except Violation as exc:
                 self.model.violation = violation_text(exc)
                 self.changed()
@@ -418,18 +419,19 @@ async def run_once(endpoint: Endpoint, opts: Options, width: int,
     async with connect(endpoint, key) as conn:
         hello = await _trusted_hello(conn, key)
         top.model.hello = hello
-        verifier = ChainVerifier(key)
         head = int(hello.get("head_seq", 0))
+        verifier = ChainVerifier(key, first_seq=max(1, head - 50))
         sub = await conn.request("subscribe", {"patterns": ["*"], "since": max(1, head - 50)})
         stop = int(sub["head_seq"])
         with trio.fail_after(10):
             while top.model.last_seq is None or top.model.last_seq < stop:
                 try:
-                    _, ev = await conn.events.receive()
+                    line, ev = await conn.events.receive()
                 except trio.EndOfChannel:
                     raise Unreachable("connection to graced lost") from None
                 try:
-                    verifier.feed(ev, trio.current_time())
+                    verifier.feed_line(line.encode("utf-8", "surrogatepass"),
+                                       trio.current_time())
                 except Violation as exc:
                     top.model.violation = violation_text(exc)
                     code = exc.code

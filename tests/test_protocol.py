@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nacl.signing
 import pytest
+import rfc8785
 
 from graced.protocol import (
     GENESIS_PREV,
@@ -20,6 +21,7 @@ from graced.protocol import (
     event_hash,
     signing_bytes,
 )
+from graced.protocol.canonical import canonical_text_v1
 from graced.protocol.signing import b64
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
@@ -32,11 +34,16 @@ def _doc_value(name: str) -> str:
 
 
 def _doc_vector_lines() -> list[str]:
-    """The test vector's JSON lines, in order: event 1's signing bytes, event 2's frame."""
+    """The test vectors' JSON lines, in order: v2 event 1's signing bytes, v2 events 2 and
+    3 as sent, v1 event 1's signing bytes, v1 event 2 as sent."""
     return [ln for ln in DOC.read_text().splitlines() if ln.startswith('{"kid":"')]
 
 
-def test_documented_test_vector_matches_the_implementation() -> None:
+VECTOR_PAYLOAD = {"small": 1e-7, "tiny": 0.00001, "big": 1e21, "two": 2.0, "third": 1 / 3,
+                  "neg_zero": -0.0, "text": "tab\t bell\u0007 é 😀", "ﬁ": 3, "😀": 2}
+
+
+def test_documented_test_vectors_match_the_implementation() -> None:
     seed = bytes.fromhex(_doc_value("seed-hex"))
     signer = Signer(nacl.signing.SigningKey(seed))
     assert base64.b64encode(signer.public_key).decode() == _doc_value("public-key-base64")
@@ -44,20 +51,46 @@ def test_documented_test_vector_matches_the_implementation() -> None:
     ev1 = signer.make_event(seq=1, ts=1767225600.0, topic="daemon.started",
                             payload={"host": "example", "pid": 42, "note": "héllo"},
                             prev=GENESIS_PREV)
-    signing_block, wire_block = _doc_vector_lines()
+    signing_block, wire_2, wire_3, v1_signing, v1_wire_2 = _doc_vector_lines()
     assert signing_bytes(ev1.fields) == signing_block.encode("utf-8")
     assert ev1.hash == _doc_value("hash-1")
     assert ev1.fields["sig"] == _doc_value("sig-1")
     ev2 = signer.make_event(seq=2, ts=1767225605.5, topic="daemon.heartbeat",
                             payload={"interval": 5.0, "uptime": 5.5}, prev=ev1.hash)
-    assert ev2.text == wire_block
+    assert ev2.text == wire_2
     assert ev2.hash == _doc_value("hash-2")
-    # A third party's verifier, given only the public key, accepts both.
-    v = ChainVerifier(base64.b64decode(_doc_value("public-key-base64")))
-    v.feed(json.loads(ev1.text), 0.0)
-    v.feed(json.loads(wire_block), 0.0)
+    ev3 = signer.make_event(seq=3, ts=1767225606.0, topic="user.vector",
+                            payload=VECTOR_PAYLOAD, prev=ev2.hash)
+    assert ev3.text == wire_3 and ev3.hash == _doc_value("hash-3")
+    # The JCS reference implementation agrees byte for byte.
+    assert rfc8785.dumps(ev3.fields) == wire_3.encode("utf-8")
+    # A third party's verifier, given only the public key, accepts them, strictly.
+    v = ChainVerifier(base64.b64decode(_doc_value("public-key-base64")), first_seq=1)
+    v.feed_line(ev1.text.encode(), 0.0)
+    v.feed_line(wire_2.encode(), 0.0)
+    v.feed_line(wire_3.encode(), 0.0)
     v.flush()
-    assert v.last_seq == 2
+    assert v.last_seq == 3 and v.last_hash == _doc_value("hash-3")
+
+
+def test_version_1_events_keep_verifying() -> None:
+    """Events journaled by 0.1.0 (Python's json as canonical form) verify, and a v2
+    event can continue their chain."""
+    signer = Signer(nacl.signing.SigningKey(bytes.fromhex(_doc_value("seed-hex"))))
+    _, _, _, v1_signing, v1_wire_2 = _doc_vector_lines()
+    fields = json.loads(v1_signing)
+    fields["sig"] = _doc_value("v1-sig-1")
+    v1_line_1 = canonical_text_v1(fields)
+    assert event_hash(fields) == _doc_value("v1-hash-1")
+    v = ChainVerifier(signer.public_key, first_seq=1)
+    v.feed_line(v1_line_1.encode(), 0.0)
+    v.feed_line(v1_wire_2.encode(), 0.0)
+    assert v.last_hash == _doc_value("v1-hash-2")
+    ev3 = signer.make_event(seq=3, ts=1767225610.0, topic="daemon.started", payload={},
+                            prev=_doc_value("v1-hash-2"))
+    v.feed_line(ev3.text.encode(), 0.0)
+    v.flush()
+    assert v.count == 3
 
 
 def test_canonical_form_sorts_keys_and_refuses_nan() -> None:

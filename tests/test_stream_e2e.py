@@ -48,10 +48,14 @@ def test_tail_shows_heartbeats(graced: Graced) -> None:
         proc.wait(10)
 
 
-def _verify(g: Graced, lines: list[str], key: Path | None = None) -> subprocess.CompletedProcess:
+def _verify(g: Graced, lines: list[str], key: Path | None = None,
+            partial: bool = True) -> subprocess.CompletedProcess:
+    """gracectl verify of a saved stream; ``partial``: the daemon is still running, so
+    the stream has no daemon.stopping yet."""
     path = g.base / "stream.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    return g.ctl("verify", "--key", str(key or g.state / "key.pub"), str(path))
+    return g.ctl("verify", "--key", str(key or g.state / "key.pub"), str(path),
+                 *(["--partial"] if partial else []))
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 Imports no trio: everything here takes values and returns values.
 """
 
-from .canonical import canonical_bytes, canonical_text
+from .canonical import CanonicalError, canonical_bytes, canonical_text
 from .signing import (
     EVENT_FIELDS,
     GENESIS_PREV,
@@ -16,14 +16,16 @@ from .signing import (
     key_id,
     parse_ts,
     signing_bytes,
+    verify_detached,
     well_formed_event,
 )
-from .verify import ChainVerifier, ExitCode, Violation
+from .verify import ChainVerifier, ExitCode, Violation, parse_anchor, parse_event_line
 
 __all__ = [
     "EVENT_FIELDS",
     "GENESIS_PREV",
     "PROTOCOL_VERSION",
+    "CanonicalError",
     "ChainVerifier",
     "ExitCode",
     "SignedEvent",
@@ -35,7 +37,10 @@ __all__ = [
     "event_hash",
     "format_ts",
     "key_id",
+    "parse_anchor",
+    "parse_event_line",
     "parse_ts",
     "signing_bytes",
+    "verify_detached",
     "well_formed_event",
 ]

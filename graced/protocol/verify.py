@@ -3,7 +3,11 @@
 Theory of operation
 -------------------
 A verifier is fed events in the order they arrived, with the local time of arrival.
-For each event it checks, in this order:
+A received line is fed with :meth:`ChainVerifier.feed_line`, which first parses it
+strictly (:func:`parse_event_line`): the line counts only if its bytes are exactly the
+canonical form of what it parses to, so no two readers can see different events in it
+(duplicate keys, whitespace, number and escape forms, NaN, lone surrogates, excessive
+depth and invalid UTF-8 are all *chain broken*, 11). Then, for each event, in order:
 
 1. shape: the event has exactly the envelope fields (else *chain broken*, 11);
 2. key: ``kid`` is the trusted key's id (else *unknown key*, 10);
@@ -18,6 +22,12 @@ For each event it checks, in this order:
    signature (10);
 5. chain: ``prev`` is the hash of the previous event (else *chain broken*, 11).
 
+Completeness: the first event must be where the verifier was told the stream
+starts: seq 1 with ``prev`` all zeros (genesis), a given ``first_seq``, or an anchor
+``(seq, hash)`` the user trusts (the anchor event itself or the one after it).
+:meth:`ChainVerifier.finish` fails an empty stream and, unless partial, one that
+does not end with ``daemon.stopping``.
+
 Freshness is checked with :meth:`ChainVerifier.check_fresh`: no event (the daemon
 sends a heartbeat every few seconds) for longer than ``stale_after`` seconds is a
 *stale* stream (13), and so is a stream that ends without the daemon's
@@ -27,10 +37,23 @@ sends a heartbeat every few seconds) for longer than ``stale_after`` seconds is 
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
-from .signing import check_signature, event_hash, key_id, well_formed_event
+from .canonical import CanonicalError, canonical_bytes_for
+from .signing import (
+    GENESIS_PREV,
+    key_id,
+    signing_bytes,
+    verify_detached,
+    well_formed_event,
+)
+
+MAX_LINE_BYTES = 16 << 20
+"""The longest line a verifier reads (graced's events are far smaller)."""
 
 
 class ExitCode(enum.IntEnum):
@@ -69,6 +92,93 @@ class Violation(Exception):
         }.get(self.code, "error")
 
 
+_SEQ = re.compile(rb'"seq":(\d{1,16})[,}]')
+
+
+def _seq_of(line: bytes) -> int | None:
+    m = _SEQ.search(line[:MAX_LINE_BYTES])
+    return int(m.group(1)) if m else None
+
+
+def _no_constants(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _duplicate_key(text: str) -> str | None:
+    found: list[str] = []
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys) and not found:
+            found.append(next(k for i, k in enumerate(keys) if k in keys[:i]))
+        return dict(pairs)
+
+    json.loads(text, object_pairs_hook=hook)
+    return found[0] if found else None
+
+
+def _not_canonical(line: bytes, text: str, canonical: bytes) -> str:
+    dup = _duplicate_key(text)
+    if dup is not None:
+        return f"duplicate key {json.dumps(dup)[:60]}"
+    at = next((i for i, (a, b) in enumerate(zip(line, canonical, strict=False)) if a != b),
+              min(len(line), len(canonical)))
+    got = line[at:at + 12].decode("utf-8", "backslashreplace")
+    want = canonical[at:at + 12].decode("utf-8", "backslashreplace")
+    return (f"not in canonical form at byte {at} (whitespace, number or escape form): "
+            f"{json.dumps(got)} where canonical has {json.dumps(want)}")
+
+
+def parse_event_line(line: bytes) -> tuple[dict[str, Any], bytes]:
+    """Parse one received line strictly; returns the event and its signing bytes.
+
+    Raises :class:`Violation` (chain broken) unless the line's bytes are exactly the
+    canonical form of an event (a trailing newline is not part of the line).
+    """
+    def bad(reason: str, seq: int | None = None) -> Violation:
+        return Violation(ExitCode.CHAIN_BROKEN, seq if seq is not None else _seq_of(line),
+                         reason)
+
+    if len(line) > MAX_LINE_BYTES:
+        raise bad(f"line longer than {MAX_LINE_BYTES} bytes")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise bad(f"not UTF-8 (byte {exc.start})") from None
+    try:
+        obj = json.loads(text, parse_constant=_no_constants)
+    except RecursionError:
+        raise bad("not an event: JSON nested too deep") from None
+    except ValueError as exc:
+        raise bad(f"not JSON: {str(exc)[:120]}") from None
+    problem = well_formed_event(obj)
+    seq = obj.get("seq") if isinstance(obj, dict) else None
+    seq = seq if type(seq) is int else None
+    if problem is not None:
+        raise bad(f"malformed event ({problem})", seq)
+    try:
+        canonical = canonical_bytes_for(obj["v"], obj, parsed=True)
+    except CanonicalError as exc:
+        raise bad(f"not canonical JSON: {exc}", seq) from None
+    if canonical != line:
+        raise bad(_not_canonical(line, text, canonical), seq)
+    # In a canonical event, the last ',"sig":"' is the envelope's (a string cannot hold
+    # a bare quote), and removing one member of a canonical object leaves the canonical
+    # form of the rest: the signing bytes.
+    cut = line.rfind(b',"sig":"')
+    end = line.index(b'"', cut + 8)
+    return obj, line[:cut] + line[end + 1:]
+
+
+def parse_anchor(text: str) -> tuple[int, str]:
+    """``SEQ:HASH`` (as ``gracectl checkpoint`` prints it) -> (seq, hash)."""
+    seq_text, sep, digest = text.strip().partition(":")
+    if not sep or not seq_text.isdigit() or int(seq_text) < 1 or not re.fullmatch(
+            r"[0-9a-f]{64}", digest):
+        raise ValueError("expected SEQ:HASH (a seq and 64 lower-case hex digits)")
+    return int(seq_text), digest
+
+
 @dataclass
 class _Suspect:
     seq: int
@@ -78,8 +188,11 @@ class _Suspect:
 class ChainVerifier:
     """Verifies a stream of events against one trusted public key.
 
-    ``anchor`` is ``(seq, hash)`` of the last event already trusted (for example
-    from a previous session), or None to accept the first event's ``prev`` as given.
+    Where the stream must start: ``anchor`` is ``(seq, hash)`` of an event already
+    trusted (a checkpoint, a previous verification): the stream starts with that event
+    or the one after it. Else ``first_seq`` is the seq the first event must have (1:
+    genesis, whose ``prev`` is all zeros). With neither, the first event anchors the
+    chain as it comes (a live view that starts at the head).
     """
 
     def __init__(
@@ -87,16 +200,20 @@ class ChainVerifier:
         public_key: bytes,
         *,
         anchor: tuple[int, str] | None = None,
+        first_seq: int | None = None,
         stale_after: float | None = None,
         remember: int = 1_000_000,
     ) -> None:
         self.public_key = public_key
         self.kid = key_id(public_key)
         self.stale_after = stale_after
-        self.last_seq: int | None = anchor[0] if anchor else None
-        self.last_hash: str | None = anchor[1] if anchor else None
+        self.anchor = anchor
+        self.first_seq = first_seq
+        self.last_seq: int | None = None
+        self.last_hash: str | None = None
         self.last_topic: str | None = None
         self.last_time: float | None = None
+        self.first: int | None = None
         self.count = 0
         self._seen: dict[int, str] = {}
         self._remember = remember
@@ -107,8 +224,14 @@ class ChainVerifier:
         """True while a bad signature waits for the next event to be classified."""
         return self._suspect is not None
 
+    def feed_line(self, line: bytes, now: float) -> dict[str, Any]:
+        """Check one received line (strictly parsed); returns the event."""
+        event, signing = parse_event_line(line)
+        self._check(event, signing, now)
+        return event
+
     def feed(self, event: Any, now: float) -> None:
-        """Check one event; raises :class:`Violation` at the first problem."""
+        """Check one already-parsed event; raises :class:`Violation` at the first problem."""
         problem = well_formed_event(event)
         if problem is not None:
             bad_seq = event.get("seq") if isinstance(event, dict) else None
@@ -116,14 +239,50 @@ class ChainVerifier:
                 ExitCode.CHAIN_BROKEN, bad_seq if isinstance(bad_seq, int) else None,
                 f"malformed event ({problem})",
             )
+        try:
+            signing = signing_bytes(event)
+        except CanonicalError as exc:
+            raise Violation(ExitCode.CHAIN_BROKEN, event["seq"],
+                            f"not canonical JSON: {exc}") from None
+        self._check(event, signing, now)
+
+    def check_start(self, seq: int, h: str, prev: str) -> None:
+        """Check where the stream starts (the first event fed)."""
+        if self.anchor is not None:
+            a_seq, a_hash = self.anchor
+            if seq == a_seq:
+                if h != a_hash:
+                    raise Violation(ExitCode.CHAIN_BROKEN, seq,
+                                    f"anchor mismatch: seq {seq} hashes to {h}, not {a_hash}")
+            elif seq == a_seq + 1:
+                if prev != a_hash:
+                    raise Violation(ExitCode.CHAIN_BROKEN, seq,
+                                    f"anchor mismatch: prev is not {a_hash} (seq {a_seq})")
+            else:
+                raise Violation(ExitCode.CHAIN_BROKEN, seq,
+                                f"missing head: the stream starts at seq {seq}, not at the "
+                                f"anchor seq {a_seq} or {a_seq + 1}")
+        elif self.first_seq is not None:
+            if seq != self.first_seq:
+                raise Violation(ExitCode.CHAIN_BROKEN, seq,
+                                f"missing head: the stream starts at seq {seq}, expected "
+                                f"{self.first_seq}" + (" (genesis)" if self.first_seq == 1
+                                                       else ""))
+            if seq == 1 and prev != GENESIS_PREV:
+                raise Violation(ExitCode.CHAIN_BROKEN, seq,
+                                "genesis event's prev is not all zeros")
+
+    def _check(self, event: dict[str, Any], signing: bytes, now: float) -> None:
         seq: int = event["seq"]
         if event["kid"] != self.kid:
             raise Violation(
                 ExitCode.BAD_SIGNATURE, seq,
                 f"unknown key {event['kid']} (trusted key is {self.kid})",
             )
-        h = event_hash(event)
-        if self.last_seq is not None:
+        h = hashlib.sha256(signing).hexdigest()
+        if self.last_seq is None:
+            self.check_start(seq, h, event["prev"])
+        else:
             if seq <= self.last_seq:
                 if self._seen.get(seq) == h:
                     raise Violation(
@@ -140,7 +299,7 @@ class ChainVerifier:
                     ExitCode.CHAIN_BROKEN, seq,
                     f"gap: expected seq {self.last_seq + 1} (dropped or reordered event)",
                 )
-        signed = check_signature(event, self.public_key)
+        signed = verify_detached(event["sig"], signing, self.public_key)
         if self._suspect is not None:
             suspect, self._suspect = self._suspect, None
             if signed and event["prev"] == suspect.hash:
@@ -157,6 +316,8 @@ class ChainVerifier:
                 ExitCode.CHAIN_BROKEN, seq,
                 f"chain broken: prev is not the hash of seq {self.last_seq}",
             )
+        if self.first is None:
+            self.first = seq
         self.last_seq = seq
         self.last_hash = h
         self.last_topic = event["topic"]
@@ -184,6 +345,19 @@ class ChainVerifier:
                 ExitCode.STALE, self.last_seq,
                 f"stream stale: no event or heartbeat for {silent:.1f} s "
                 f"(limit {self.stale_after:g} s)",
+            )
+
+    def finish(self, *, partial: bool = False) -> None:
+        """A saved stream ended: it must hold events, and (unless ``partial``) end with
+        the daemon's ``daemon.stopping``."""
+        self.flush()
+        if self.count == 0:
+            raise Violation(ExitCode.CHAIN_BROKEN, None, "empty stream: no events to verify")
+        if not partial and self.last_topic != "daemon.stopping":
+            raise Violation(
+                ExitCode.STALE, self.last_seq,
+                f"missing tail: the stream ends at seq {self.last_seq} without "
+                "daemon.stopping (cut short; --partial accepts a stream that is still going)",
             )
 
     def end(self, *, expect_stop: bool = True) -> None:

@@ -1,0 +1,243 @@
+"""``gracectl verify``: prove a saved JSONL stream whole, on every core the machine gives.
+
+A stream is proved from where it must start (genesis, or an anchor the user gives) to
+``daemon.stopping`` (or, with ``partial``, to wherever it ends). Each line is checked
+strictly (:func:`graced.protocol.parse_event_line`).
+
+Theory of operation: Ed25519 verification dominates, and one signature does not
+depend on another, so a large file is cut into chunks at line boundaries and each
+chunk is verified by a worker process with the same :class:`ChainVerifier` (chain
+links, seq continuity and gaps in time inside the chunk). The parent then checks the
+seams: each chunk's first event follows the previous chunk's last one (seq, prev,
+time). A parallel pass only ever says "all proved"; if any chunk or seam fails, the
+whole file is verified again in one pass, so the violation reported (its seq, reason
+and exit code) is exactly the one a sequential reader meets first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import IO
+
+from graced.protocol import ChainVerifier, ExitCode, Violation, parse_ts
+from graced.protocol.verify import MAX_LINE_BYTES
+
+PARALLEL_MIN_BYTES = 4 << 20
+CHUNKS_PER_WORKER = 6
+
+
+@dataclass
+class Result:
+    """What a verification proved."""
+
+    count: int
+    first: int | None
+    last: int | None
+    last_hash: str | None
+    complete: bool
+
+
+@dataclass
+class _Gaps:
+    """Time gaps between events: an event later than ``limit`` after the previous one
+    (3 heartbeat intervals + 1 s, or the user's --stale-after) means a stale stream."""
+
+    stale_after: float | None
+    interval: float | None = None
+    prev_ts: float | None = None
+    prev_topic: str | None = None
+    early_gap: float = 0.0  # the largest gap seen while no limit was known yet
+
+    def limit(self) -> float | None:
+        if self.stale_after is not None:
+            return self.stale_after
+        return 3 * self.interval + 1 if self.interval else None
+
+    def feed(self, event: dict, seq: int) -> None:
+        try:
+            ts = parse_ts(event["ts"])
+        except ValueError:
+            raise Violation(ExitCode.CHAIN_BROKEN, seq, "malformed timestamp") from None
+        if event["topic"] == "daemon.heartbeat" and isinstance(event["payload"], dict):
+            value = event["payload"].get("interval")
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.interval = float(value)
+        if self.prev_ts is not None and self.prev_topic != "daemon.stopping":
+            gap = ts - self.prev_ts
+            limit = self.limit()
+            if limit is None:
+                self.early_gap = max(self.early_gap, gap)
+            elif gap > limit:
+                raise Violation(ExitCode.STALE, seq,
+                                f"stream stale: {gap:.1f} s with no event or heartbeat "
+                                f"before this one (limit {limit:g} s)")
+        self.prev_ts, self.prev_topic = ts, event["topic"]
+
+
+def _lines(f: IO[bytes], end: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(line number, line without its newline) up to byte ``end``; bounded length."""
+    n = 0
+    while end is None or f.tell() < end:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        n += 1
+        if not raw.endswith(b"\n"):
+            if len(raw) > MAX_LINE_BYTES:
+                raise Violation(ExitCode.CHAIN_BROKEN, None,
+                                f"line {n}: longer than {MAX_LINE_BYTES} bytes")
+            raise Violation(ExitCode.CHAIN_BROKEN, None,
+                            f"line {n}: no newline at its end (the file was cut mid-line)")
+        yield n, raw[:-1]
+
+
+def _run(f: IO[bytes], verifier: ChainVerifier, gaps: _Gaps, end: int | None = None) -> None:
+    for n, line in _lines(f, end):
+        if not line:
+            raise Violation(ExitCode.CHAIN_BROKEN, None, f"line {n}: empty line")
+        event = verifier.feed_line(line, 0.0)
+        gaps.feed(event, event["seq"])
+    verifier.flush()
+
+
+def verify_stream(f: IO[bytes], public_key: bytes, *, anchor: tuple[int, str] | None = None,
+                  partial: bool = False, stale_after: float | None = None) -> Result:
+    """Verify a stream in one pass; raises :class:`Violation` at the first problem."""
+    verifier = ChainVerifier(public_key, anchor=anchor, first_seq=None if anchor else 1)
+    _run(f, verifier, _Gaps(stale_after))
+    verifier.finish(partial=partial)
+    return Result(verifier.count, verifier.first, verifier.last_seq, verifier.last_hash,
+                  verifier.last_topic == "daemon.stopping")
+
+
+@dataclass
+class _Chunk:
+    count: int
+    first_seq: int
+    first_prev: str
+    first_hash: str
+    first_ts: float
+    last_seq: int
+    last_hash: str
+    last_ts: float
+    last_topic: str
+    interval: float | None
+    early_gap: float
+
+
+def _verify_chunk(path: str, start: int, end: int, public_key: bytes,
+                  stale_after: float | None) -> _Chunk | None:
+    """Verify the lines in bytes [start, end) of ``path``; None if anything is wrong."""
+    verifier = ChainVerifier(public_key)
+    gaps = _Gaps(stale_after)
+    first: tuple[int, str, str, float] | None = None
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            for n, line in _lines(f, end):
+                if not line:
+                    return None
+                event = verifier.feed_line(line, 0.0)
+                gaps.feed(event, event["seq"])
+                if first is None:
+                    assert verifier.last_hash is not None and gaps.prev_ts is not None
+                    first = (event["seq"], event["prev"], verifier.last_hash, gaps.prev_ts)
+                del n
+            verifier.flush()
+    except Violation:
+        return None
+    if first is None or verifier.last_seq is None or verifier.last_hash is None:
+        return None
+    assert gaps.prev_ts is not None and verifier.last_topic is not None
+    return _Chunk(verifier.count, first[0], first[1], first[2], first[3], verifier.last_seq,
+                  verifier.last_hash, gaps.prev_ts, verifier.last_topic, gaps.interval,
+                  gaps.early_gap)
+
+
+def _boundaries(path: str, size: int, pieces: int) -> list[tuple[int, int]]:
+    """Byte ranges that start at line starts and cover the file."""
+    cuts = [0]
+    with open(path, "rb") as f:
+        for i in range(1, pieces):
+            f.seek(max(cuts[-1], size * i // pieces))
+            if f.tell() > 0:
+                f.seek(f.tell() - 1)
+                f.readline(MAX_LINE_BYTES + 1)
+            if cuts[-1] < f.tell() < size:
+                cuts.append(f.tell())
+    cuts.append(size)
+    return list(zip(cuts, cuts[1:], strict=False))
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _parallel(path: str, public_key: bytes, *, anchor: tuple[int, str] | None,
+              partial: bool, stale_after: float | None, workers: int) -> Result | None:
+    """The parallel pass: a Result if the file is proved, None to verify it again in one
+    pass (something is wrong, or the file cannot be split)."""
+    import multiprocessing
+
+    size = os.path.getsize(path)
+    ranges = _boundaries(path, size, workers * CHUNKS_PER_WORKER)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(_verify_chunk, path, a, b, public_key, stale_after)
+                   for a, b in ranges]
+        chunks = [fut.result() for fut in futures]
+    if not chunks or any(c is None for c in chunks):
+        return None
+    verifier = ChainVerifier(public_key, anchor=anchor, first_seq=None if anchor else 1)
+    head = chunks[0]
+    assert head is not None
+    try:
+        verifier.check_start(head.first_seq, head.first_hash, head.first_prev)
+    except Violation:
+        return None
+    stale_limit = stale_after
+    interval: float | None = None
+    prev: _Chunk | None = None
+    for chunk in chunks:
+        assert chunk is not None
+        if prev is not None:
+            if chunk.first_seq != prev.last_seq + 1 or chunk.first_prev != prev.last_hash:
+                return None
+            limit = stale_limit if stale_limit is not None else (
+                3 * interval + 1 if interval else None)
+            seam = chunk.first_ts - prev.last_ts if prev.last_topic != "daemon.stopping" else 0
+            if limit is not None and max(seam, chunk.early_gap) > limit:
+                return None
+        interval = chunk.interval or interval
+        prev = chunk
+    assert prev is not None
+    if not partial and prev.last_topic != "daemon.stopping":
+        return None
+    return Result(sum(c.count for c in chunks if c), head.first_seq, prev.last_seq,
+                  prev.last_hash, prev.last_topic == "daemon.stopping")
+
+
+def verify_file(path: str, public_key: bytes, *, anchor: tuple[int, str] | None = None,
+                partial: bool = False, stale_after: float | None = None,
+                workers: int | None = None) -> Result:
+    """Verify a saved stream (``-`` for stdin); raises :class:`Violation` at the first
+    problem. Uses ``workers`` processes (default: the usable cores) for large files."""
+    workers = usable_cores() if workers is None else workers
+    if path != "-" and workers > 1 and os.path.getsize(path) >= PARALLEL_MIN_BYTES:
+        result = _parallel(path, public_key, anchor=anchor, partial=partial,
+                           stale_after=stale_after, workers=workers)
+        if result is not None:
+            return result
+    if path == "-":
+        import sys
+
+        return verify_stream(sys.stdin.buffer, public_key, anchor=anchor, partial=partial,
+                             stale_after=stale_after)
+    with open(path, "rb") as f:
+        return verify_stream(f, public_key, anchor=anchor, partial=partial,
+                             stale_after=stale_after)

@@ -1,0 +1,173 @@
+"""Strict parsing and explicit completeness, on the pure verifier (graced.protocol) and
+the offline file verifier (gracectl.verify): every hostile line fails with its exit
+code and a one-line reason, never an exception of another kind."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import nacl.signing
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gracectl.verify import verify_stream
+from graced.protocol import (
+    GENESIS_PREV,
+    ExitCode,
+    Signer,
+    Violation,
+    canonical_bytes,
+    parse_anchor,
+    parse_event_line,
+)
+
+SIGNER = Signer(nacl.signing.SigningKey(bytes(range(32))))
+
+
+def _stream(n: int = 6, payloads: list | None = None) -> list[bytes]:
+    lines, prev = [], GENESIS_PREV
+    for seq in range(1, n + 1):
+        topic = "daemon.stopping" if seq == n else "user.t"
+        payload = payloads[seq - 1] if payloads else {"n": seq, "x": 99.5, "s": "é"}
+        ev = SIGNER.make_event(seq=seq, ts=1000.0 + seq, topic=topic, payload=payload,
+                               prev=prev)
+        prev = ev.hash
+        lines.append(ev.text.encode())
+    return lines
+
+
+def _verify(lines: list[bytes], **kw: object) -> Violation | None:
+    data = b"".join(line + b"\n" for line in lines)
+    try:
+        verify_stream(io.BytesIO(data), SIGNER.public_key, **kw)  # type: ignore[arg-type]
+    except Violation as exc:
+        return exc
+    return None
+
+
+def test_a_whole_stream_verifies() -> None:
+    assert _verify(_stream()) is None
+
+
+def _tamper(line: bytes, old: bytes, new: bytes) -> bytes:
+    assert old in line
+    return line.replace(old, new, 1)
+
+
+HOSTILE = {
+    # A duplicate key in front: Python keeps the last, SQLite's json_extract the first.
+    "duplicate key": lambda ln: b'{"topic":"mission.rejected",' + ln[1:],
+    "whitespace": lambda ln: _tamper(ln, b'"seq":3,', b'"seq": 3,'),
+    "number form": lambda ln: _tamper(ln, b"99.5", b"99.50"),
+    "exponent form": lambda ln: _tamper(ln, b"99.5", b"9.95e1"),
+    "escape form": lambda ln: _tamper(ln, "é".encode(), b"\\u00e9"),
+    "NaN": lambda ln: _tamper(ln, b"99.5", b"NaN"),
+    "infinity": lambda ln: _tamper(ln, b"99.5", b"1e400"),
+    "lone surrogate": lambda ln: _tamper(ln, "é".encode(), b"\\ud800"),
+    "deep array": lambda ln: _tamper(ln, b"99.5", b"[" * 100_000 + b"]" * 100_000),
+    "not UTF-8": lambda ln: _tamper(ln, "é".encode(), b"\xff\xfe"),
+    "sig spelling": lambda ln: ln.replace(b'==","topic"', b'=\\u003d","topic"'),
+    "carriage return": lambda ln: ln + b"\r",
+    "huge integer": lambda ln: _tamper(ln, b'"n":3', b'"n":9007199254740993'),
+    "garbage": lambda ln: b"\x00\x01\x02garbage\xff" * 10,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_each_hostile_line_fails_with_exit_11_and_names_seq(kind: str) -> None:
+    lines = _stream()
+    lines[2] = HOSTILE[kind](lines[2])
+    exc = _verify(lines)
+    assert exc is not None, kind
+    assert exc.code == ExitCode.CHAIN_BROKEN, (kind, exc)
+    if kind != "garbage":
+        assert exc.seq == 3, (kind, exc)
+    assert "\n" not in str(exc) and len(str(exc)) < 300
+
+
+def test_duplicate_key_is_named() -> None:
+    lines = _stream()
+    exc = _verify([lines[0], lines[1], HOSTILE["duplicate key"](lines[2])] + lines[3:])
+    assert exc is not None and 'duplicate key "topic"' in exc.reason
+
+
+def test_numbers_where_jcs_and_python_differ_round_trip() -> None:
+    payloads = [{"a": 5.0, "b": 1e-7, "c": 0.00001, "d": 1e21, "e": -0.0, "f": 2.0**60}] * 4
+    lines = _stream(4, payloads)
+    assert b'"a":5,' in lines[0] and b'"b":1e-7' in lines[0] and b'"c":0.00001' in lines[0]
+    # JCS writes a double as ECMAScript does: shortest digits, then zeros.
+    assert b'"f":1152921504606847000' in lines[0]
+    assert _verify(lines) is None
+    with pytest.raises(ValueError):
+        canonical_bytes({"x": float("nan")})
+    with pytest.raises(ValueError):
+        canonical_bytes({"x": 2**60})  # an integer beyond 2**53 has no exact JSON number
+    with pytest.raises(ValueError):
+        canonical_bytes({"x": "\ud800"})
+
+
+def test_completeness_is_explicit() -> None:
+    lines = _stream(8)
+    missing_head = _verify(lines[2:])
+    assert missing_head and missing_head.code == ExitCode.CHAIN_BROKEN
+    assert "missing head" in missing_head.reason and missing_head.seq == 3
+    missing_tail = _verify(lines[:-1])
+    assert missing_tail and missing_tail.code == ExitCode.STALE
+    assert "missing tail" in missing_tail.reason and missing_tail.seq == 7
+    assert _verify(lines[:-1], partial=True) is None
+    empty = _verify([])
+    assert empty and empty.code == ExitCode.CHAIN_BROKEN and "empty" in empty.reason
+    # From an anchor: the anchored event itself, or the one after it.
+    third = parse_event_line(lines[2])[1]
+    import hashlib
+    anchor = (3, hashlib.sha256(third).hexdigest())
+    assert _verify(lines[2:], anchor=anchor) is None
+    assert _verify(lines[3:], anchor=anchor) is None
+    wrong = _verify(lines[4:], anchor=anchor)
+    assert wrong and wrong.code == ExitCode.CHAIN_BROKEN and "missing head" in wrong.reason
+    other = _verify(lines[2:], anchor=(3, "0" * 64))
+    assert other and "anchor mismatch" in other.reason
+    assert parse_anchor(f"3:{anchor[1]}") == anchor
+    with pytest.raises(ValueError):
+        parse_anchor("3:xyz")
+
+
+def test_cut_mid_line_fails() -> None:
+    data = b"".join(ln + b"\n" for ln in _stream())[:-1]
+    with pytest.raises(Violation) as info:
+        verify_stream(io.BytesIO(data), SIGNER.public_key)
+    assert info.value.code == ExitCode.CHAIN_BROKEN and "newline" in info.value.reason
+
+
+STREAM = b"".join(ln + b"\n" for ln in _stream(4, [{"v": 1.5, "t": "é\t"}] * 4))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_mutation_fails_or_is_byte_identical(data: st.DataObject) -> None:
+    """Whatever is done to a signed stream's bytes, it fails verification or is the same
+    stream: nothing else verifies."""
+    buf = bytearray(STREAM)
+    for _ in range(data.draw(st.integers(1, 3))):
+        op = data.draw(st.sampled_from(["set", "insert", "delete"]))
+        at = data.draw(st.integers(0, len(buf) - 1)) if buf else 0
+        if op == "set" and buf:
+            buf[at] = data.draw(st.integers(0, 255))
+        elif op == "insert":
+            buf[at:at] = data.draw(st.binary(min_size=1, max_size=4))
+        elif buf:
+            del buf[at:at + data.draw(st.integers(1, 8))]
+    try:
+        verify_stream(io.BytesIO(bytes(buf)), SIGNER.public_key)
+    except Violation:
+        return
+    assert bytes(buf) == STREAM
+
+
+def test_parse_event_line_never_raises_anything_but_violation() -> None:
+    for junk in [b"", b"[]", b"{}", b"null", b'{"v":2}', b"\xff", b'"\\ud800"', b"[" * 5000,
+                 json.dumps({"v": 2, "seq": True}).encode()]:
+        with pytest.raises(Violation):
+            parse_event_line(junk)
