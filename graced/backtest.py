@@ -1,18 +1,25 @@
-"""``graced backtest``: replay a CSV of ``timestamp,value`` through a detector's scoring."""
+"""``graced backtest``: replay a CSV of ``timestamp,value`` through the daemon's own path:
+the detector's scoring and the mission engine (hysteresis, dedup), row by row."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import math
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import IO
+from typing import IO, Any
 
 import click
 
-from .config import KIND_DEFAULT_THRESHOLD, DetectorConfig
+from .config import KIND_DEFAULT_THRESHOLD, DetectorConfig, MissionsConfig
+from .detectors.base import Observation
+from .detectors.runner import judge_and_observe
 from .detectors.scoring import Scorer
+from .missions.engine import MissionEngine
 
 
 class BacktestError(Exception):
@@ -33,7 +40,63 @@ def detector_for_kind(kind: str) -> DetectorConfig:
         return DetectorConfig(name="baseline", kind="value", file="-", baseline=True)
     if kind not in KIND_DEFAULT_THRESHOLD:
         raise click.BadParameter(f"unknown kind {kind!r}", param_hint="--kind")
-    return DetectorConfig(name=kind, kind=kind)
+    return DetectorConfig(name=kind, kind=kind, file="-")
+
+
+SETTABLE = ("threshold", "below", "baseline", "sensitivity", "memory", "hold", "season")
+
+
+def apply_settings(cfg: DetectorConfig, threshold: float | None, below: bool,
+                   settings: tuple[str, ...]) -> DetectorConfig:
+    """The detector with ``--threshold``, ``--below`` and ``--set KEY=VALUE`` applied;
+    raises :class:`click.BadParameter` naming the bad key or value."""
+    changes: dict[str, Any] = {}
+    if threshold is not None:
+        changes["threshold"] = threshold
+    if below:
+        changes["below"] = True
+    for item in settings:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in SETTABLE:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE with KEY one of "
+                                     f"{', '.join(SETTABLE)}", param_hint="--set")
+        try:
+            changes[key] = _parse_setting(key, text.strip())
+        except ValueError as exc:
+            raise click.BadParameter(f"{key}: {exc}", param_hint="--set") from None
+    cfg = dataclasses.replace(cfg, **changes)
+    bad = _check_detector(cfg)
+    if bad:
+        raise click.BadParameter(bad, param_hint="--threshold")
+    return cfg
+
+
+def _parse_setting(key: str, text: str) -> Any:
+    if key in ("below", "baseline"):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if key in ("memory", "hold"):
+        value = int(text)
+        if value < (1 if key == "memory" else 0):
+            raise ValueError(f"must be at least {1 if key == 'memory' else 0}")
+        return value
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {text!r}")
+    if key in ("sensitivity",) and number <= 0:
+        raise ValueError("must be greater than 0")
+    if key == "season" and number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
+def _check_detector(cfg: DetectorConfig) -> str | None:
+    if cfg.effective_threshold is None and not cfg.baseline:
+        return (f"kind {cfg.kind!r} has no default threshold: give --threshold, or "
+                "--set baseline=true (or --kind baseline)")
+    return None
 
 
 def rows(fh: IO[str], name: str) -> Iterator[tuple[str, str, float, float]]:
@@ -61,14 +124,49 @@ def rows(fh: IO[str], name: str) -> Iterator[tuple[str, str, float, float]]:
         yield row[0].strip(), row[1].strip(), ts, value
 
 
+@dataclass
+class Summary:
+    rows: int = 0
+    flagged: int = 0
+    missions: int = 0
+    first_ts: float | None = None
+    last_ts: float | None = None
+    scores: list[float] = field(default_factory=list)
+
+    def lines(self, name: str) -> list[str]:
+        out = [f"graced: backtest: {self.rows} rows, {self.flagged} anomalies, "
+               f"{self.missions} missions opened ({name})"]
+        if self.rows and self.first_ts is not None and self.last_ts is not None:
+            days = max(self.last_ts - self.first_ts, 0.0) / 86400
+            if days >= 1:
+                out.append(f"  over {days:.2f} days: {self.missions / days * 7:.1f} missions "
+                           "a week")
+            ordered = sorted(self.scores)
+            last = len(ordered) - 1
+            qs = "  ".join(f"p{q:g} {ordered[min(last, int(q / 100 * len(ordered)))]:.4g}"
+                           for q in (50, 90, 99, 99.9))
+            out.append(f"  anomaly_score: {qs}  max {ordered[-1]:.4g}")
+            ladder = "  ".join(f">={t:g}: {sum(1 for x in ordered if x >= t)}"
+                               for t in (0.3, 0.5, 0.7, 0.9, 0.99))
+            out.append(f"  rows with anomaly_score {ladder}")
+        return out
+
+
 def run_backtest(infile: IO[str], name: str, cfg: DetectorConfig, out: IO[str],
-                 progress: bool) -> tuple[int, int]:
-    """Score every row; returns (rows, anomalies). Writes nothing if the input is bad."""
+                 progress: bool, missions: MissionsConfig | None = None) -> Summary:
+    """Score every row through the daemon's scoring and mission engine.
+
+    Writes nothing if the input is bad (raises :class:`BacktestError`).
+    """
+    mc = missions or MissionsConfig()
     scorer = Scorer(cfg)
+    engine = MissionEngine(resolve_after=mc.resolve_after, flap_window=mc.flap_window,
+                           update_interval=mc.update_interval)
+    subject = cfg.effective_subject if cfg.effective_subject != "-" else "backtest"
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["timestamp", "value", "anomaly_score", "is_anomaly"])
-    count = anomalies = 0
+    writer.writerow(["timestamp", "value", "anomaly_score", "is_anomaly", "mission_opened"])
+    summary = Summary()
     total = None
     if progress and infile.seekable():
         total = sum(1 for _ in infile) - 1
@@ -77,14 +175,22 @@ def run_backtest(infile: IO[str], name: str, cfg: DetectorConfig, out: IO[str],
         progress and total and total > 20000) else None
     try:
         for ts_text, value_text, ts, value in rows(infile, name):
-            score, anomalous, _ = scorer.score_value("backtest", value, ts)
-            writer.writerow([ts_text, value_text, f"{score:.4f}", int(anomalous)])
-            count += 1
-            anomalies += anomalous
-            if bar is not None and count % 5000 == 0:
+            obs = Observation(subject=subject, value=value)
+            verdict, transitions = judge_and_observe(scorer, engine, cfg, obs, ts)
+            opened = any(tr.topic == "mission.opened" for tr in transitions)
+            writer.writerow([ts_text, value_text, repr(verdict.score), int(verdict.anomalous),
+                             int(opened)])
+            summary.rows += 1
+            summary.flagged += verdict.anomalous
+            summary.missions += opened
+            summary.scores.append(verdict.score)
+            if summary.first_ts is None:
+                summary.first_ts = ts
+            summary.last_ts = ts
+            if bar is not None and summary.rows % 5000 == 0:
                 bar.update(5000)
     finally:
         if bar is not None:
             bar.render_finish()
     out.write(buf.getvalue())
-    return count, anomalies
+    return summary

@@ -144,17 +144,27 @@ def config_default() -> None:
 @config_option
 @click.option("-o", "--output", type=click.File("w", encoding="utf-8", lazy=True), default="-",
               help="Write the scored CSV here (default: stdout).")
+@click.option("--threshold", type=float, default=None, metavar="VALUE",
+              help="Anomalous above VALUE (or below it, with --below).")
+@click.option("--below", is_flag=True, help="Anomalous below the threshold instead of above.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Set a detector key for this run: threshold, below, baseline, "
+                   "sensitivity, memory, hold, season (repeatable).")
 def backtest(file: Any, kind: str | None, detector_name: str | None, config_path: str | None,
-             output: Any) -> None:
-    """Replay FILE (CSV: timestamp,value) through a detector's scoring, offline.
+             output: Any, threshold: float | None, below: bool,
+             settings: tuple[str, ...]) -> None:
+    """Replay FILE (CSV: timestamp,value) through a detector's scoring and the mission
+    engine, offline, as the daemon would.
 
-    Writes timestamp,value,anomaly_score,is_anomaly: one row per input row, in order.
+    Writes timestamp,value,anomaly_score,is_anomaly,mission_opened: one row per input
+    row, in order; a summary (anomalies, missions, score distribution) goes to stderr.
     """
-    from .backtest import BacktestError, detector_for_kind, run_backtest
-    from .config import Config
+    from .backtest import BacktestError, apply_settings, detector_for_kind, run_backtest
+    from .config import Config, MissionsConfig
 
     if (kind is None) == (detector_name is None):
         raise click.UsageError("give exactly one of --kind or --detector")
+    missions = MissionsConfig()
     if kind is not None:
         det = detector_for_kind(kind)
     else:
@@ -166,12 +176,14 @@ def backtest(file: Any, kind: str | None, detector_name: str | None, config_path
             _fail(f"no detector {detector_name!r} in {cfg.source} (detectors: {names})",
                   DaemonExit.CONFIG)
         det = found[0]
+        missions = cfg.missions
+    det = apply_settings(det, threshold, below, settings)
     try:
-        count, anomalies = run_backtest(file, file.name, det, output, sys.stderr.isatty())
+        summary = run_backtest(file, file.name, det, output, sys.stderr.isatty(), missions)
     except BacktestError as exc:
         _fail(str(exc), DaemonExit.ERROR)
-    click.echo(f"graced: backtest: {count} rows, {anomalies} anomalies ({det.name})",
-               err=True)
+    for line in summary.lines(det.name):
+        click.echo(line, err=True)
 
 
 def main() -> None:

@@ -35,15 +35,20 @@ def test_corpus_recall_and_false_alarms() -> None:
 
 def test_scores_are_in_unit_interval_and_spikes_do_not_poison_the_level() -> None:
     b = Baseline()
-    scores = []
-    for i in range(500):
+    scores, raw, why = [], [], []
+    for i in range(1200):
         v = 100.0 + (i % 7) * 0.5
-        if i in (200, 201, 202, 300):
-            v = 10_000.0  # a burst of spikes the baseline is learning from
+        if i in (200, 201, 202, 300, 900):
+            v = 10_000.0  # spikes the baseline is learning from
         scores.append(b.score(i * 60.0, v))
+        raw.append(b.raw)
+        why.append(b.last_reason)
     assert all(0.0 <= s <= 1.0 for s in scores)
-    assert scores[200] > 0.99 and scores[300] > 0.99
-    assert max(scores[310:]) < 0.5
+    assert scores[200] > 0.99 and why[200] == "rise"
+    # 100 values later, within the hold: as unusual, but the same event is not re-reported.
+    assert raw[300] > 0.99 and scores[300] < 0.5
+    assert scores[900] > 0.99  # after the hold, a new event
+    assert max(scores[910:]) < 0.5 and max(scores[205:300]) < 0.5
     assert 99 < b.s.level < 104
 
 
@@ -83,10 +88,17 @@ def test_backtest_of_100000_points_is_fast_and_complete(tmp_path: Path) -> None:
     assert elapsed < 5.0, elapsed
     with src.open() as a, out.open() as b:
         rin, rout = list(csv.reader(a)), list(csv.reader(b))
-    assert rout[0] == ["timestamp", "value", "anomaly_score", "is_anomaly"]
+    assert rout[0] == ["timestamp", "value", "anomaly_score", "is_anomaly", "mission_opened"]
     assert len(rout) == len(rin) == 100_001
     assert [r[:2] for r in rout[1:]] == [r[:2] for r in rin[1:]]
-    assert all(0 <= float(r[2]) <= 1 and r[3] in ("0", "1") for r in rout[1:])
+    assert all(0 <= float(r[2]) <= 1 and r[3] in ("0", "1") and r[4] in ("0", "1")
+               for r in rout[1:])
+    # Full precision: scores are not rounded to a few decimals.
+    assert any(len(r[2].split(".")[-1]) > 6 for r in rout[1:])
+    # A mission opens only on an anomalous row, and the summary counts them.
+    opened = [r for r in rout[1:] if r[4] == "1"]
+    assert opened and all(r[3] == "1" for r in opened)
+    assert f"{len(opened)} missions opened" in res.stderr
 
 
 def test_backtest_with_a_configured_detector_and_bad_input(tmp_path: Path) -> None:
@@ -115,3 +127,85 @@ def test_backtest_needs_exactly_one_of_kind_or_detector(tmp_path: Path, args: li
     res = subprocess.run([bin_path("graced"), "backtest", str(src), *args],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "exactly one of --kind or --detector" in res.stderr
+
+
+def _backtest(src: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([bin_path("graced"), "backtest", str(src), *args],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+
+
+def test_backtest_threshold_below_set_and_summary(tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text("timestamp,value\n1,95\n2,95.5\n3,94\n4,10\n")
+    res = _backtest(src, "--kind", "cpu")
+    assert res.returncode == 0, res.stderr
+    # cpu's threshold is 95 and the docs say "above": exactly 95 is normal.
+    assert [r.split(",")[3] for r in res.stdout.splitlines()[1:]] == ["0", "1", "0", "0"]
+    assert "4 rows, 1 anomalies, 1 missions opened (cpu)" in res.stderr
+    assert "anomaly_score: p50" in res.stderr
+    res = _backtest(src, "--kind", "cpu", "--threshold", "50", "--below")
+    assert [r.split(",")[3] for r in res.stdout.splitlines()[1:]] == ["0", "0", "0", "1"]
+    res = _backtest(src, "--kind", "value", "--set", "threshold=94.5")
+    assert [r.split(",")[3] for r in res.stdout.splitlines()[1:]] == ["1", "1", "0", "0"]
+    # No threshold and no baseline: an error, not a silent "0 anomalies".
+    res = _backtest(src, "--kind", "value")
+    assert res.returncode == 2 and res.stdout == ""
+    assert "no default threshold" in res.stderr
+    for bad in ("nope=1", "memory=0", "sensitivity=-1", "hold=x", "threshold"):
+        res = _backtest(src, "--kind", "baseline", "--set", bad)
+        assert res.returncode == 2 and res.stdout == "", (bad, res.stderr)
+        assert "Traceback" not in res.stderr
+
+
+def test_backtest_set_changes_the_baseline(tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    _csv(src, 3000, seed=5)
+    low = _backtest(src, "--kind", "baseline", "--set", "sensitivity=0.3")
+    high = _backtest(src, "--kind", "baseline", "--set", "sensitivity=3", "--set", "hold=0")
+    assert low.returncode == high.returncode == 0, low.stderr + high.stderr
+    count = [sum(r.split(",")[3] == "1" for r in x.stdout.splitlines()[1:]) for x in (low, high)]
+    assert count[0] < count[1]
+
+
+def test_flat_square_wave_and_quantised_series_do_not_alarm() -> None:
+    """Flat stretches and steps that repeat daily, and a quantised counter: normal."""
+    b = Baseline()
+    flags = []
+    for i in range(288 * 6):  # six days at 5 minutes
+        t = i * 300.0
+        v = 80.0 if (t % 86400) < 43200 else 20.0  # a clean square wave
+        flags.append(b.score(t, v) >= 0.5)
+    assert sum(flags[288:]) == 0, [i for i, f in enumerate(flags) if f]
+    q = Baseline()
+    rng = __import__("random").Random(4)
+    qflags = [q.score(i * 60.0, float(rng.choice([3, 4, 4, 5]))) >= 0.5 for i in range(3000)]
+    assert sum(qflags[100:]) == 0
+
+
+def test_time_of_day_anomaly_is_found() -> None:
+    """72 at 23:00 where the norm is 37 +- 2: unusual for the hour, not for the day."""
+    rng = __import__("random").Random(9)
+    b = Baseline()
+    day = 86400.0
+    flagged = []
+    for i in range(288 * 8):
+        t = i * 300.0
+        hour = (t % day) / 3600
+        norm = 37.0 if hour >= 20 else 80.0
+        v = norm + rng.gauss(0, 2)
+        if i == 288 * 7 + 276:  # 23:00 on day 8
+            v = 72.0
+        if b.score(t, v) >= 0.5:
+            flagged.append(i)
+    assert 288 * 7 + 276 in flagged
+    assert len([i for i in flagged if i > 288]) <= 2, flagged
+
+
+def test_one_report_per_event_then_the_new_level_is_normal() -> None:
+    b = Baseline()
+    rng = __import__("random").Random(2)
+    flags = [b.score(i * 60.0, (100.0 if i < 1000 else 160.0) + rng.gauss(0, 1)) >= 0.5
+             for i in range(3000)]
+    # Reported at the onset (again only while it grows clearly larger), then quiet.
+    assert flags[1000] and not any(flags[:1000])
+    assert not any(flags[1010:]) and sum(flags) <= 4

@@ -55,6 +55,11 @@ class DetectorConfig:
     threshold: float | None = None
     below: bool = False
     baseline: bool = False
+    # the baseline's knobs (graced/detectors/baseline.py), for every kind
+    sensitivity: float = field(default=1.0, metadata=check(positive))
+    memory: int = field(default=200, metadata=check(positive))
+    hold: int = field(default=500, metadata=check(non_negative))
+    season: float = field(default=86400.0, metadata=check(non_negative))
     enabled: bool = True
     # disk, inodes
     path: str = "/"
@@ -118,7 +123,7 @@ class Kind:
 
 # Keys every kind has.
 COMMON = ("name", "kind", "interval", "severity", "subject", "threshold", "below",
-          "baseline", "enabled")
+          "baseline", "sensitivity", "memory", "hold", "season", "enabled")
 
 _PERCENT: dict[str, Check | None] = {"threshold": between(0, 100)}
 _MS: dict[str, Check | None] = {"threshold": positive, "timeout": None}

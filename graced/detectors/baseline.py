@@ -2,25 +2,36 @@
 
 Theory of operation
 -------------------
-Pure code: values and timestamps in, a score in [0, 1] out; the state is a small dict
-that can be saved and restored (graced keeps it across restarts).
+Pure code: values and timestamps in, a score in [0, 1] out; O(1) work per value and a
+small state (a few numbers and one daily profile) that graced saves and restores.
 
-The model is ``value = level + season[time of day] + noise``:
+**What is expected.** Two models predict each value and the one with the smaller
+recent error is used: a *level* (an exponentially weighted average, updated with the
+residual clipped to a few scale units, so spikes it learns from barely move it), and
+a *daily profile* (``SEASON_BINS`` slots over ``season`` seconds around a slow level),
+used only once a full period has been seen and only if it predicts clearly better.
+The profile tolerates a pattern a slot early or late (the nearest of three slots), so
+a square wave or a cron job at a slightly different minute is not an anomaly.
 
-* **level** is an exponentially weighted average of the de-seasonalised value, updated
-  with the residual *clipped* to a few scale units, so the spikes it is learning from
-  barely move it (robust); slow drifts are followed.
-* **scale** is a clipped EWMA of the absolute residual (a robust mean absolute
-  deviation); a fast EWMA of the same is compared with it to notice variance changes.
-* **season** is a daily profile in ``bins`` slots learned from the residual of the
-  level, used once a full period has been seen (daily patterns).
-* A two-sided **CUSUM** of the standardised residual catches level shifts too small to
-  be a spike; when it fires, the level is re-anchored to the recent values, so the
-  new level becomes normal instead of alarming for ever.
+**How unusual.** The residual is looked at on three time scales: the point itself
+against the last few residuals (a spike), and two exponential averages of the
+residual (a level shift, a slow drift away from the norm). Each is divided by its own
+robust scale (a clipped average of its own absolute size), so autocorrelated noise
+and quantised series are measured against what they really do. A fast/slow ratio of
+the point scale catches variance changes. Scales are floored relative to the level,
+so a flat series does not divide by zero, and learn at ``1/n`` at first (short
+warm-up, no collapse on a flat start).
 
-The score combines three ratios, each 1 at its alarm threshold: ``|z| / point_z``,
-``cusum / cusum_h`` and ``fast_scale / scale / var_ratio``; ``u -> u^4 / (1 + u^4)``
-maps their maximum to [0, 1], so 0.5 is the alarm threshold.
+**Its own history.** A high quantile (99.8 %) of the metric's largest scale-free
+deviation is tracked; a deviation counts as unusual against the larger of
+``Z_ALARM / sensitivity`` and 1.5 x that quantile (at most three times the alarm
+level), so a metric whose normal life is spiky needs a bigger spike to alarm.
+
+**Score the onset.** ``u`` (1 at the alarm level) maps to ``u^4 / (1 + u^4)``, so 0.5
+is the alarm threshold. One event alarms once: after a report, the same kind of
+deviation (up, down, or variance) is reported again within ``hold`` values only if
+it is clearly larger; other values get 1 % of their score. The level, scales and
+profile keep learning, so after a level shift the new level becomes normal.
 """
 
 from __future__ import annotations
@@ -29,43 +40,65 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+SEASON_BINS = 288  # slots of the daily profile (5 minutes each for a day)
+Z_ALARM = 5.6  # robust deviations that are an anomaly at sensitivity 1
+LEVEL_ALPHA = 0.05  # level EWMA weight
+FAST_ALPHA = 0.3  # recent residual level, for spikes
+SCALES = (1.0, 0.2, 0.04)  # EWMA weights of the residual views (1 = the point)
+SEASON_BETA = 0.25  # profile slot weight per visit
+CLIP = 4.0  # residual clip for learning, in scale units
+SEASON_GAIN = 0.8  # the profile is used if its error is below this x the level's
+QUANTILE = 0.998  # tail of the metric's own deviations
+QUANTILE_STEP = 0.05  # log-quantile step per value
+QUANTILE_GAIN = 1.5  # alarm above this x the tail quantile
+QUANTILE_CAP = 3.0  # ... but at most this x the alarm level
+VAR_ALPHA = 0.1  # fast scale for variance changes
+VAR_RATIO = 2.5  # fast/slow scale ratio that is an anomaly
+REPORT = 0.33  # scores from here on start a hold (one report per event)
+STEP = 0.6  # a report during a hold must close this share of the gap to 1
+QUIET = 0.01  # share of the score reported during a hold
+
 
 @dataclass
 class BaselineParams:
-    alpha: float = 0.05  # level EWMA weight
-    scale_alpha: float = 0.02  # scale EWMA weight
-    fast_alpha: float = 0.1  # fast scale (variance change)
-    season_beta: float = 0.05  # season slot weight per visit
-    bins: int = 48  # slots per period
-    period: float = 86400.0  # seconds (daily)
+    """The knobs an operator may set (``[[detector]]`` keys and ``backtest --set``)."""
+
+    sensitivity: float = 1.0  # higher: alarms on smaller deviations
+    memory: int = 200  # values the scales remember (about)
+    hold: int = 500  # values after a report before the same event reports again
+    season: float = 86400.0  # seconds of the seasonal profile; 0: none
     warmup: int = 30  # values before any score
-    point_z: float = 10.0  # |residual| in scale units that is an anomaly
-    clip: float = 3.0  # residual clip for updates, in scale units
-    cusum_k: float = 2.0  # CUSUM slack, in scale units
-    cusum_h: float = 25.0  # CUSUM alarm level
-    cusum_clip: float = 8.0  # largest CUSUM step, in scale units
-    fast_clip: float = 8.0  # largest fast-scale step, in scale units
-    var_ratio: float = 2.75  # fast/slow scale ratio that is an anomaly
-    recent: int = 8  # values used to re-anchor the level after a shift
 
 
 @dataclass
 class BaselineState:
     n: int = 0
-    level: float = 0.0
-    scale: float = 0.0
-    fast: float = 0.0
-    cp: float = 0.0
-    cn: float = 0.0
     first_ts: float | None = None
-    season: list[float] = field(default_factory=list)
-    recent: list[float] = field(default_factory=list)
-    var_run: int = 0
+    last_ts: float | None = None
+    level: float = 0.0
+    err_level: float = 0.0
+    season_level: float = 0.0
+    season_err: float = 0.0
+    profile: list[float | None] = field(default_factory=lambda: [None] * SEASON_BINS)
+    fast: float = 0.0
+    views: list[float] = field(default_factory=lambda: [0.0] * len(SCALES))
+    scales: list[float] = field(default_factory=lambda: [0.0] * len(SCALES))
+    var_fast: float = 0.0
+    log_tail: float = 0.0
+    marks: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    holds: list[int] = field(default_factory=lambda: [0, 0, 0])
 
 
 def _squash(u: float) -> float:
     u4 = u * u * u * u
     return u4 / (1.0 + u4)
+
+
+def _clip(x: float, lim: float) -> float:
+    return lim if x > lim else -lim if x < -lim else x
+
+
+KINDS = ("drop", "rise", "variance change")
 
 
 class Baseline:
@@ -74,68 +107,109 @@ class Baseline:
     def __init__(self, params: BaselineParams | None = None,
                  state: BaselineState | None = None) -> None:
         self.p = params or BaselineParams()
-        self.s = state or BaselineState()
-        if len(self.s.season) != self.p.bins:
-            self.s.season = [0.0] * self.p.bins
+        if self.p.sensitivity <= 0 or self.p.memory < 1 or self.p.hold < 0 or self.p.warmup < 1:
+            raise ValueError("baseline: sensitivity > 0, memory >= 1, hold >= 0, warmup >= 1")
+        self.z_alarm = Z_ALARM / self.p.sensitivity
+        self.s = state or BaselineState(log_tail=math.log(self.z_alarm / QUANTILE_GAIN))
+        s = self.s
+        if (len(s.profile) != SEASON_BINS or len(s.views) != len(SCALES)
+                or len(s.scales) != len(SCALES) or len(s.marks) != 3 or len(s.holds) != 3):
+            raise ValueError("baseline: state does not fit these parameters")
         self.last_reason = ""
+        self.raw = 0.0  # the score before the one-report-per-event hold
 
     def score(self, ts: float, x: float) -> float:
         """Score ``x`` observed at ``ts`` (seconds), then learn from it."""
         p, s = self.p, self.s
-        if s.first_ts is None:
-            s.first_ts = ts
-        slot = int((ts % p.period) / p.period * p.bins) % p.bins
-        seasonal = ts - s.first_ts >= p.period
-        season = s.season[slot] if seasonal else 0.0
+        if s.first_ts is None or s.last_ts is None:
+            s.first_ts = s.last_ts = ts
+        dt = max(ts - s.last_ts, 0.0)
+        s.last_ts = ts
         s.n += 1
-        if s.n <= p.warmup:
-            # Warm-up: running mean and mean absolute deviation.
-            delta = x - s.level
-            s.level += delta / s.n
-            s.scale += (abs(x - s.level) - s.scale) / s.n
-            s.fast = s.scale
-            self._remember(x - season)
+        if s.n == 1:
+            s.level = s.season_level = x
             self.last_reason = "learning"
+            self.raw = 0.0
             return 0.0
+        warm = s.n <= p.warmup
         floor = 1e-9 + 1e-6 * abs(s.level)
-        scale = max(s.scale, floor)
-        r = x - s.level - season
-        z = r / scale
-        point = abs(z) / p.point_z
-        # Clipped, so one spike cannot push the CUSUM most of the way to an alarm.
-        zc = z if -p.cusum_clip <= z <= p.cusum_clip else math.copysign(p.cusum_clip, z)
-        s.cp = max(0.0, s.cp + zc - p.cusum_k)
-        s.cn = max(0.0, s.cn - zc - p.cusum_k)
-        shift = max(s.cp, s.cn) / p.cusum_h
-        lim = p.clip * scale
-        rc = r if -lim <= r <= lim else (lim if r > 0 else -lim)
-        # Clipped, so one spike does not look like a variance change.
-        s.fast += p.fast_alpha * (min(abs(r), p.fast_clip * scale) - s.fast)
-        var = s.fast / scale / p.var_ratio
-        u = max(point, shift, var)
-        self.last_reason = ("spike" if u == point else "level shift" if u == shift
-                            else "variance change")
-        self._remember(x - season)
-        s.var_run = s.var_run + 1 if var >= 1.0 else 0
-        if s.var_run >= p.recent:
-            # A sustained variance change is the new regime: adopt its scale.
-            s.scale = s.fast
-            s.var_run = 0
-        if shift >= 1.0:
-            # Re-anchor: the new level is the recent values' mean.
-            s.level = sum(s.recent) / len(s.recent)
-            s.cp = s.cn = 0.0
+        lim = CLIP * max(s.scales[0], floor)
+        r_level = x - s.level
+        r = r_level
+        # The daily profile, if it has seen a period and predicts clearly better.
+        slot = -1
+        r_season = r_level
+        seasonal = p.season > 0
+        if seasonal:
+            slot = int((ts % p.season) / p.season * SEASON_BINS) % SEASON_BINS
+            prof = s.profile
+            b = prof[slot]
+            if b is not None:
+                r_season = x - s.season_level - b
+                for j in (slot - 1, (slot + 1) % SEASON_BINS):
+                    bj = prof[j]
+                    if bj is not None and abs(x - s.season_level - bj) < abs(r_season):
+                        r_season = x - s.season_level - bj
+            if ts - s.first_ts >= p.season and s.season_err < SEASON_GAIN * s.err_level:
+                r = r_season
+        r_point = r - s.fast
+        s.fast += FAST_ALPHA * ((r if warm else _clip(r, lim)) - s.fast)
+        # Three views of the residual, each against its own robust scale.
+        zmax = 0.0
+        kind = 0
+        rate = max(1.0 / p.memory, 1.0 / s.n)
+        for k, a in enumerate(SCALES):
+            v = s.views[k] + a * ((r_point if k == 0 else r) - s.views[k])
+            s.views[k] = v
+            sc = max(s.scales[k], floor)
+            z = abs(v) / sc
+            if z >= zmax:
+                zmax = z
+                kind = 1 if v > 0 else 0
+            if warm:
+                s.scales[k] += (abs(v) - s.scales[k]) / s.n
+            else:
+                s.scales[k] += rate * (min(abs(v), CLIP * sc) - s.scales[k])
+        sc0 = max(s.scales[0], floor)
+        if warm:
+            s.var_fast += (abs(r_point) - s.var_fast) / s.n
+            u = 0.0
         else:
-            s.level += p.alpha * rc
-        s.scale += p.scale_alpha * (min(abs(r), lim) - s.scale)
-        s.season[slot] += p.season_beta * (max(-lim, min(lim, x - s.level)) - s.season[slot])
-        return _squash(u)
-
-    def _remember(self, value: float) -> None:
-        rec = self.s.recent
-        rec.append(value)
-        if len(rec) > self.p.recent:
-            del rec[0]
+            s.var_fast += VAR_ALPHA * (min(abs(r_point), 8.0 * sc0) - s.var_fast)
+            tail = math.exp(s.log_tail)
+            u = zmax / max(self.z_alarm, QUANTILE_GAIN * tail)
+            uv = s.var_fast / sc0 / VAR_RATIO
+            if uv > u:
+                u, kind = uv, 2
+            s.log_tail = min(s.log_tail, math.log(self.z_alarm * QUANTILE_CAP))
+            s.log_tail += QUANTILE_STEP * (QUANTILE if zmax > tail else QUANTILE - 1.0)
+        # Learn: clipped, so the spikes it learns from barely move it.
+        a_err = 2.0 / p.memory
+        s.level += (r_level / s.n) if warm else LEVEL_ALPHA * _clip(r_level, lim)
+        s.err_level += a_err * (min(abs(r_level), lim) - s.err_level)
+        if seasonal:
+            srate = 1.0 / s.n if warm else max(dt / p.season, 1.0 / (SEASON_BINS * 50))
+            d = x - s.season_level
+            s.season_level += srate * (d if warm else _clip(d, lim))
+            off = x - s.season_level
+            b = s.profile[slot]
+            s.profile[slot] = off if b is None else b + SEASON_BETA * (
+                off - b if warm else _clip(off - b, lim))
+            s.season_err += a_err * (min(abs(r_season), lim) - s.season_err)
+        out = _squash(u)
+        self.raw = out
+        self.last_reason = KINDS[kind] if u > 0 else "learning" if warm else ""
+        # One report per event.
+        for j in (0, 1, 2):
+            if s.holds[j] > 0:
+                s.holds[j] -= 1
+            else:
+                s.marks[j] = 0.0
+        if out > s.marks[kind] and out > REPORT:
+            s.marks[kind] = out + STEP * (1.0 - out)
+            s.holds[kind] = p.hold
+            return out
+        return out * QUIET
 
     def to_dict(self) -> dict[str, Any]:
         return {"params": asdict(self.p), "state": asdict(self.s)}
@@ -145,4 +219,3 @@ class Baseline:
         params = BaselineParams(**data.get("params", {}))
         state = BaselineState(**data.get("state", {}))
         return cls(params, state)
-

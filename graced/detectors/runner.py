@@ -24,8 +24,8 @@ from ..journal import Write
 from ..mesh import Mesh
 from ..missions import store
 from ..missions.engine import Mission, MissionEngine, Transition
-from .base import build_detector
-from .scoring import Scorer
+from .base import Observation, build_detector
+from .scoring import Scorer, Verdict
 
 log = logging.getLogger("graced.detectors")
 
@@ -33,6 +33,18 @@ log = logging.getLogger("graced.detectors")
 Outcome = Callable[[Mission, float], tuple[list[Write], list[tuple[str, dict[str, Any]]]]]
 
 HISTORY = 300  # recent values kept per subject (sparklines, status)
+
+
+def judge_and_observe(scorer: Scorer, engine: MissionEngine, cfg: DetectorConfig,
+                      obs: Observation, now: float) -> tuple[Verdict, list[Transition]]:
+    """One observation through scoring and the mission engine: the daemon's path, which
+    ``graced backtest`` runs too."""
+    verdict = scorer.judge(obs, now)
+    transitions = engine.observe(
+        detector=cfg.name, kind=cfg.kind, subject=obs.subject, severity=cfg.severity,
+        anomalous=verdict.anomalous, score=verdict.score, summary=verdict.summary,
+        value=obs.value, now=now, detail=obs.detail or None)
+    return verdict, transitions
 
 
 class DetectorRunner:
@@ -115,7 +127,7 @@ class DetectorRunner:
         subjects = self.status[cfg.name]["subjects"]
         now = time.time()
         for obs in observations:
-            verdict = scorer.judge(obs, now)
+            verdict, transitions = judge_and_observe(scorer, self.engine, cfg, obs, now)
             key = (cfg.name, obs.subject)
             subjects[obs.subject] = {"ts": now, "value": obs.value, "unit": obs.unit,
                                      "anomalous": verdict.anomalous,
@@ -135,10 +147,6 @@ class DetectorRunner:
                 self.mesh.publish_nowait("detector.recovered", {
                     "detector": cfg.name, "subject": obs.subject, "value": obs.value,
                     "summary": verdict.summary})
-            transitions = self.engine.observe(
-                detector=cfg.name, kind=cfg.kind, subject=obs.subject, severity=cfg.severity,
-                anomalous=verdict.anomalous, score=verdict.score, summary=verdict.summary,
-                value=obs.value, now=now, detail=obs.detail or None)
             for tr in transitions:
                 self._record(tr)
             if verdict.anomalous and self.on_mission is not None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import DetectorConfig
 from .base import Observation
-from .baseline import Baseline
+from .baseline import Baseline, BaselineParams
 
 
 @dataclass
@@ -31,9 +31,16 @@ class Scorer:
         if cfg.baseline and state:
             for subject, data in state.items():
                 try:
-                    self.baselines[subject] = Baseline.from_dict(data)
-                except (TypeError, ValueError):
+                    restored = Baseline.from_dict(data)
+                    # Knobs come from the config; learned state is kept if it fits them.
+                    self.baselines[subject] = Baseline(self.params(), restored.s)
+                except (TypeError, ValueError, AttributeError):
                     continue  # an old or damaged state: start learning again
+
+    def params(self) -> BaselineParams:
+        cfg = self.cfg
+        return BaselineParams(sensitivity=cfg.sensitivity, memory=cfg.memory, hold=cfg.hold,
+                              season=cfg.season)
 
     def state(self) -> dict[str, Any]:
         return {subject: b.to_dict() for subject, b in self.baselines.items()}
@@ -46,8 +53,8 @@ class Scorer:
             if value >= limit:
                 return 0.0 if value > 0 else 1.0
             return min(1.0, 0.5 + 0.5 * (limit - value) / (abs(limit) or 1.0))
-        if value <= limit:
-            return max(0.0, 0.5 * value / limit) if limit > 0 else 0.0
+        if value <= limit:  # "above" the threshold: equal is still normal
+            return max(0.0, min(0.4999, 0.5 * value / limit)) if limit > 0 else 0.0
         return min(1.0, 0.5 + 0.5 * (value - limit) / (abs(limit) or 1.0))
 
     def score_value(self, subject: str, value: float, ts: float) -> tuple[float, bool, str]:
@@ -58,7 +65,7 @@ class Scorer:
         if self.cfg.baseline:
             base = self.baselines.get(subject)
             if base is None:
-                base = self.baselines[subject] = Baseline()
+                base = self.baselines[subject] = Baseline(self.params())
             b = base.score(ts, value)
             if b >= 0.5:
                 return b, True, base.last_reason
