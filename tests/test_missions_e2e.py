@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.conftest import ROOT, Graced
+from tests.conftest import ROOT, Graced, bin_path
 from tests.helpers.procs import LineCollector, poll_until, write_fifo
 
 MISSIONS = '\n[missions]\nresolve_after = 2\nflap_window = {flap}\nupdate_interval = 60\n'
@@ -319,7 +319,7 @@ def test_baseline_state_is_kept_across_restarts(make_graced, shortdir: Path) -> 
     # value, so the test knows exactly which values the baseline learnt, no clock involved.
     value = shortdir / "metric"
     os.mkfifo(value)
-    g = make_graced(detectors=f'[[detector]]\nname = "m"\nkind = "value"\ninterval = 0.05\n'
+    g = make_graced(detectors=f'[[detector]]\nname = "m"\nkind = "value"\ninterval = 0.1\n'
                               f'file = "{value}"\nbaseline = true\n')
     for i in range(40):  # past the 30-value warm-up
         write_fifo(str(value), f"{100 + i % 3}\n".encode(), 10)
@@ -347,7 +347,7 @@ def test_baseline_state_is_kept_across_restarts(make_graced, shortdir: Path) -> 
     kept = _baseline_state(g, str(value))
     # The same baseline, carried on by exactly the two values of the second run.
     assert kept["n"] == saved["n"] + 2 and kept["first_ts"] == saved["first_ts"], (saved, kept)
-    assert abs(kept["level"] - saved["level"]) < 1 and kept["scale"] > 0
+    assert abs(kept["level"] - saved["level"]) < 1 and kept["scales"][0] > 0
 
 
 def test_http_command_and_sqlite_probes_report_failures(watched, shortdir: Path) -> None:
@@ -403,3 +403,50 @@ def test_http_command_and_sqlite_probes_report_failures(watched, shortdir: Path)
         w.wait("mission.resolved", "check", 15)
     finally:
         server.shutdown()
+
+
+@pytest.mark.slow
+def test_backtest_mission_opened_agrees_with_a_real_graced(make_graced, shortdir: Path,
+                                                           tmp_path: Path) -> None:
+    """One series, two ways: written to a real graced's `value` detector one value per
+    sample, and through `graced backtest` with the same detector settings. The rows where
+    backtest says a mission opens are the values graced opened missions on."""
+    normal = [100.0 + (i * 7 % 5) * 0.2 for i in range(120)]
+    series = normal[:40]
+    series += [300.0]  # above the threshold: opens
+    series += [101.0, 301.0, 100.4]  # back above before resolve_after normals: same mission
+    series += normal[40:50]  # resolves
+    series += [302.0, 303.0]  # opens again (a new mission, the same key)
+    series += normal[50:60]
+    series += [180.0]  # under the threshold, but far off the baseline: opens
+    series += normal[60:80]
+    series += [40.0]  # a drop the baseline sees
+    series += normal[80:100]
+    value = shortdir / "metric"
+    os.mkfifo(value)
+    settings = 'threshold = 250.0\nbaseline = true\nseason = 0.0\n'
+    cfg = tmp_path / "g.toml"
+    cfg.write_text(f'[[detector]]\nname = "m"\nkind = "value"\nfile = "{value}"\n{settings}')
+    src = tmp_path / "series.csv"
+    src.write_text("timestamp,value\n" + "".join(f"{i},{v!r}\n" for i, v in enumerate(series)))
+    res = subprocess.run([bin_path("graced"), "backtest", str(src), "--detector", "m",
+                          "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    rows = [r.split(",") for r in res.stdout.splitlines()[1:]]
+    expected = [float(r[1]) for r in rows if r[4] == "1"]
+    assert 300.0 in expected and 302.0 in expected and 180.0 in expected, expected
+    assert 301.0 not in expected and 303.0 not in expected
+
+    g = make_graced(detectors=f'[[detector]]\nname = "m"\nkind = "value"\ninterval = 0.1\n'
+                              f'file = "{value}"\n{settings}')
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "mission.opened"))
+    try:
+        for v in [*series, 100.0]:  # the extra value: the last one of the series was judged
+            write_fifo(str(value), f"{v!r}\n".encode(), 10)
+        # Each mission.opened was published before the next sample was taken.
+        assert tail.wait_for(lambda ls: len(ls) >= len(expected), 10), tail.lines
+        opened = [e["payload"]["last_value"] for e in tail.events()]
+        assert opened == expected, (opened, expected)
+    finally:
+        tail.proc.terminate()
+        tail.proc.wait(10)
