@@ -577,6 +577,27 @@ def resume(ctx: click.Context, as_json: bool) -> None:
     _pause_or_resume(ctx, "resume", "resumed", "not paused", as_json)
 
 
+@cli.command()
+@json_option
+@click.pass_context
+def reload(ctx: click.Context, as_json: bool) -> None:
+    """Make graced re-read its config file and apply it; exit 1 if it refuses it.
+
+    A refused config leaves the running one in place; the reason is printed.
+    """
+    result = _run(lambda: _call(_endpoint(ctx), "reload", {}))
+    if as_json:
+        _print_json(result)
+        return
+    det = result["detectors"]
+    changes = "; ".join(f"{k} {', '.join(v)}" for k, v in det.items() if v) or "no detector changed"
+    stderr_note(f"reloaded {result['source']} (sha256 {result['sha256'][:12] or '-'}): {changes}"
+                + (f"; closed missions {', '.join(map(str, result['closed_missions']))}"
+                   if result["closed_missions"] else ""))
+    for warning in result["warnings"]:
+        stderr_note(f"warning: {warning}")
+
+
 # -- detectors --------------------------------------------------------------------
 
 @cli.command()

@@ -30,6 +30,7 @@ from .missions.engine import ACTIVE, SEVERITIES, STATES
 from .protocol import Signer, check_signature, key_id
 from .protocol.wire import Request, RequestError, request_signing_bytes
 from .readers import SharedReader
+from .reload import ConfigRejected, Reloader
 from .wire import Client, Handler, Server
 
 log = logging.getLogger("graced.api")
@@ -57,6 +58,12 @@ class Api:
         self.runner = runner
         self.reads = reads
         self.used_nonces: set[str] = set()
+        self.reloader: Reloader | None = None
+        self.set_config(config)
+
+    def set_config(self, config: Config) -> None:
+        """Serve with this config from now on (at start, and after each reload)."""
+        self.config = config
         self.authorized_keys: list[bytes] = []
         for line in config.remediation.authorized_keys:
             try:
@@ -85,6 +92,7 @@ class Api:
             "knowledge.stats": self.knowledge_stats,
             "pause": self.pause,
             "resume": self.resume,
+            "reload": self.reload,
         }
 
     def identity(self) -> dict[str, Any]:
@@ -333,6 +341,17 @@ class Api:
         if not paused and changed:
             await self.executor.resume()
         return {"paused": paused, "changed": changed}
+
+    async def reload(self, client: Client, req: Request) -> Any:
+        """Re-read the config and apply it (who may control graced may reload it)."""
+        if not client.can_control() or self.reloader is None:
+            raise RequestError("not_authorised", f"reload needs root or uid {os.geteuid()} "
+                               "over the Unix socket")
+        try:
+            return await self.reloader.reload(f"gracectl (uid {client.peer.uid})")
+        except ConfigRejected as exc:
+            raise RequestError("invalid", f"config rejected, the running one kept: {exc}"
+                               ) from None
 
     async def pause(self, client: Client, req: Request) -> Any:
         return await self._set_paused(client, True)

@@ -28,7 +28,7 @@ import trio
 
 from . import __version__, keys, sd_notify
 from .api import Api
-from .config import Config
+from .config import Config, locate
 from .detectors.runner import DetectorRunner
 from .errors import DaemonExit, StartupError, StateError
 from .executor import Budgets, Executor
@@ -40,6 +40,7 @@ from .missions import store
 from .missions.engine import MissionEngine
 from .protocol import Signer
 from .readers import SharedReader
+from .reload import ConfigRejected, Reloader
 from .wire import Server
 
 log = logging.getLogger("graced")
@@ -88,8 +89,9 @@ def _daemon_id(state_dir: Path) -> str:
 class Daemon:
     """graced itself. :meth:`run` returns after a clean shutdown."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # --config, or None: found again at each reload
         self.started_at = time.time()
         self.started_mono = time.monotonic()
         self.hostname = socket.gethostname()
@@ -158,9 +160,14 @@ class Daemon:
                   started_at=self.started_at, started_mono=self.started_mono, signer=signer,
                   mesh=mesh, server=server, executor=executor, learning=learning,
                   runner=runner, reads=reads)
+        reloader = Reloader(config=cfg, locate=lambda: locate(self.config_path), mesh=mesh,
+                            engine=engine, runner=runner, executor=executor, learning=learning)
+        reloader.listeners += [lambda new: setattr(self, "config", new), api.set_config]
+        api.reloader = reloader
         server.handlers = api.handlers()
         try:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                           signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(server.run)
                     await nursery.start(mesh.run)
@@ -183,10 +190,13 @@ class Daemon:
                     self._banner()
                     task_status.started()
                     async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            nursery.start_soon(_reload, reloader, "SIGHUP")
+                            continue
                         log.info("received %s; stopping", signal.Signals(signum).name)
                         break
                     sd_notify.notify("STOPPING=1")
-                    with trio.move_on_after(cfg.daemon.shutdown_timeout) as cs:
+                    with trio.move_on_after(self.config.daemon.shutdown_timeout) as cs:
                         hb_scope.cancel()
                         runner.save_state()
                         await mesh.publish("daemon.stopping", {"head_seq": mesh.delivered_seq + 1,
@@ -247,9 +257,9 @@ class Daemon:
 
     async def _heartbeat(self, scope: trio.CancelScope) -> None:
         assert self.mesh is not None
-        interval = self.config.daemon.heartbeat_interval
         with scope:
             while True:
+                interval = self.config.daemon.heartbeat_interval  # a reload may change it
                 await trio.sleep(interval)
                 self.mesh.publish_nowait("daemon.heartbeat", {
                     "interval": interval,
@@ -260,6 +270,14 @@ class Daemon:
         while True:
             sd_notify.notify("WATCHDOG=1")
             await trio.sleep(interval)
+
+async def _reload(reloader: Reloader, by: str) -> None:
+    """A reload nobody waits for (SIGHUP): a rejected config is logged and published."""
+    try:
+        await reloader.reload(by)
+    except ConfigRejected:
+        pass
+
 
 M_ARENA_MAX = -8  # glibc <malloc.h>
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-import os
+import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
 import trio
 
 from . import __version__
-from .config import ConfigError, default_config, load_config, to_toml
+from .config import ConfigError, default_config, load_config, locate, to_toml
 from .errors import DaemonExit, StartupError
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -23,21 +22,9 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def config_file(path: str | None) -> Path | None:
-    """The file graced reads: --config, $GRACED_CONFIG, the system or user file, or None."""
-    from .paths import default_config_file
-
-    if path:
-        return Path(path)
-    if os.environ.get("GRACED_CONFIG"):
-        return Path(os.environ["GRACED_CONFIG"])
-    return default_config_file()
-
-
 def _load(path: str | None) -> object:
-    chosen = config_file(path)
     try:
-        return load_config(chosen)
+        return load_config(locate(path))
     except ConfigError as exc:
         _fail(f"config error: {exc}", DaemonExit.CONFIG)
         raise AssertionError from None
@@ -63,7 +50,7 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 @cli.command()
 @config_option
 def run(config_path: str | None) -> None:
-    """Run the daemon in the foreground until SIGTERM or SIGINT."""
+    """Run the daemon in the foreground until SIGTERM or SIGINT; SIGHUP reloads the config."""
     from .app import Daemon, limit_malloc_arenas
     from .config import Config
 
@@ -78,7 +65,7 @@ def run(config_path: str | None) -> None:
         logging.getLogger("graced.config").warning("%s", warning)
     try:
         try:
-            trio.run(Daemon(cfg).run)
+            trio.run(Daemon(cfg, config_path).run)
         except BaseExceptionGroup as group:
             leaf: BaseException = group
             while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
@@ -103,9 +90,8 @@ def config_check(file: str | None) -> None:
     An invalid file gets one line on stderr naming the file, line, key and reason.
     Warnings (a playbook that can never match) go to stderr; the file is still ok.
     """
-    chosen = config_file(file)
     try:
-        cfg = load_config(chosen)
+        cfg = load_config(locate(file))
     except ConfigError as exc:
         _fail(f"config error: {exc}", DaemonExit.CONFIG)
         raise AssertionError from None
@@ -187,6 +173,8 @@ def backtest(file: Any, kind: str | None, detector_name: str | None, config_path
 
 
 def main() -> None:
+    # SIGHUP reloads once graced serves; before that (and after) it must not kill it.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as exc:  # pragma: no cover

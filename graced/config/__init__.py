@@ -28,7 +28,15 @@ from .detectors import (
     default_detectors,
     keys_of_kind,
 )
-from .file import CONFIG_VERSION, Config, default_config, load_config, parse_config, to_toml
+from .file import (
+    CONFIG_VERSION,
+    Config,
+    default_config,
+    load_config,
+    locate,
+    parse_config,
+    to_toml,
+)
 from .notifiers import NOTIFIER_KINDS, NotifierConfig
 from .playbooks import ACTIONS, RISKS, PlaybookConfig, StepConfig
 from .schema import ConfigError
@@ -38,5 +46,5 @@ __all__ = [
     "NOTIFIER_KINDS", "RISKS", "SECTIONS", "SEVERITIES", "Config", "ConfigError",
     "DaemonConfig", "DetectorConfig", "JournalConfig", "LearningConfig", "MissionsConfig",
     "NotifierConfig", "PlaybookConfig", "RemediationConfig", "StepConfig", "default_config",
-    "default_detectors", "keys_of_kind", "load_config", "parse_config", "to_toml",
+    "default_detectors", "keys_of_kind", "load_config", "locate", "parse_config", "to_toml",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +163,16 @@ def parse_config(text: str, source: str) -> Config:
                  digest=hashlib.sha256(text.encode()).hexdigest(), **built)
     cfg = dataclasses.replace(cfg, warnings=_check_references(cfg, where))
     return _with_default_paths(cfg)
+
+
+def locate(path: str | None) -> Path | None:
+    """The file graced reads: ``path`` (--config), $GRACED_CONFIG, the system or user file,
+    or None for the embedded default."""
+    if path:
+        return Path(path)
+    if os.environ.get("GRACED_CONFIG"):
+        return Path(os.environ["GRACED_CONFIG"])
+    return paths.default_config_file()
 
 
 def load_config(path: Path | None) -> Config:

@@ -60,19 +60,49 @@ class DetectorRunner:
         self.mesh = mesh
         self.engine = engine
         self.scorers = {d.name: Scorer(d, states.get(d.name)) for d in self.detectors}
-        self.status: dict[str, dict[str, Any]] = {
-            d.name: {"kind": d.kind, "interval": d.interval, "state": "starting",
-                     "subjects": {}, "errors": 0, "last_error": None} for d in self.detectors
-        }
+        self.status: dict[str, dict[str, Any]] = {d.name: _fresh(d) for d in self.detectors}
         self.history: dict[tuple[str, str], deque[tuple[float, float]]] = {}
         self._anomalous: set[tuple[str, str]] = set()
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for det in self.detectors:
-                nursery.start_soon(self._loop, det)
+                self._start(det)
             nursery.start_soon(self._save_periodically)
             task_status.started()
+
+    def _start(self, det: DetectorConfig) -> None:
+        assert self._nursery is not None
+        scope = self._scopes[det.name] = trio.CancelScope()
+        self._nursery.start_soon(self._loop, det, scope)
+
+    def reconfigure(self, detectors: list[DetectorConfig]) -> dict[str, list[str]]:
+        """Run these detectors from now on: stop removed and changed ones, start changed and
+        new ones; unchanged ones keep running undisturbed. A changed detector keeps its
+        baselines. Returns the names added, changed and removed."""
+        new = {d.name: d for d in detectors if d.enabled}
+        old = {d.name: d for d in self.detectors}
+        diff = {"added": [n for n in new if n not in old],
+                "changed": [n for n in new if n in old and new[n] != old[n]],
+                "removed": [n for n in old if n not in new]}
+        for name in diff["changed"] + diff["removed"]:
+            self._scopes.pop(name).cancel()
+            state = self.scorers.pop(name).state()
+            del self.status[name]
+            for key in [k for k in self.history if k[0] == name]:
+                del self.history[key]
+            self._anomalous = {k for k in self._anomalous if k[0] != name}
+            if name in new:
+                self.scorers[name] = Scorer(new[name], state)
+        self.detectors = list(new.values())
+        for name in diff["added"] + diff["changed"]:
+            self.scorers.setdefault(name, Scorer(new[name]))
+            self.status[name] = _fresh(new[name])
+            self._start(new[name])
+        return diff
 
     async def _save_periodically(self) -> None:
         while True:
@@ -87,7 +117,11 @@ class DetectorRunner:
         if writes:
             self.mesh.store(writes)
 
-    async def _loop(self, cfg: DetectorConfig) -> None:
+    async def _loop(self, cfg: DetectorConfig, scope: trio.CancelScope) -> None:
+        with scope:
+            await self._sample_forever(cfg)
+
+    async def _sample_forever(self, cfg: DetectorConfig) -> None:
         backoff = 1.0
         st = self.status[cfg.name]
         while True:
@@ -163,3 +197,8 @@ class DetectorRunner:
         self.mesh.publish_nowait(tr.topic, tr.mission.brief(), writes=writes + more)
         for topic, payload in events:
             self.mesh.publish_nowait(topic, payload)
+
+
+def _fresh(d: DetectorConfig) -> dict[str, Any]:
+    return {"kind": d.kind, "interval": d.interval, "state": "starting", "subjects": {},
+            "errors": 0, "last_error": None}

@@ -1,0 +1,117 @@
+"""Reload: read the config again and apply it to the running daemon, or keep the old one.
+
+SIGHUP, ``systemctl reload graced`` (the unit's ExecReload= runs ``gracectl reload``) and
+``gracectl reload`` all come here. The file is found, parsed and checked as at start.
+Keys only a restart can apply (the socket, listeners, state dir, journal) must be
+unchanged. On success detectors, playbooks, notifiers, remediation, learning, missions,
+heartbeat and log level change in place: no client is dropped, no state is lost; the
+missions of a removed detector close (expired) saying so, unless a playbook step is
+running for them. ``daemon.config_reloaded`` carries the file's SHA-256; on any error
+``daemon.config_rejected`` carries the reason and the running config stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .config import Config, ConfigError, load_config
+from .detectors.runner import DetectorRunner
+from .executor import Executor
+from .learning import Learning
+from .mesh import Mesh
+from .missions.engine import MissionEngine
+
+log = logging.getLogger("graced.reload")
+
+# Keys that only a restart applies: [section] -> keys.
+RESTART_ONLY = {
+    "daemon": ("state_dir", "socket", "socket_mode", "listen", "allowed_origins",
+               "max_request_bytes", "max_clients", "client_queue", "send_timeout"),
+    "journal": ("synchronous", "batch_max"),
+}
+
+
+class ConfigRejected(Exception):
+    """The new config was refused; the message is the reason (one line)."""
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The restart-only keys whose value differs between ``old`` and ``new``."""
+    return [f"[{section}] {key}" for section, keys in RESTART_ONLY.items() for key in keys
+            if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)]
+
+
+class Reloader:
+    """Applies a new config to the running components; one reload at a time."""
+
+    def __init__(self, *, config: Config, locate: Callable[[], Path | None], mesh: Mesh,
+                 engine: MissionEngine, runner: DetectorRunner, executor: Executor,
+                 learning: Learning) -> None:
+        self.config = config
+        self.locate = locate
+        self.mesh = mesh
+        self.engine = engine
+        self.runner = runner
+        self.executor = executor
+        self.learning = learning
+        # Called with each applied config (the daemon and the API keep a reference).
+        self.listeners: list[Callable[[Config], None]] = []
+        self._lock = trio.Lock()
+
+    async def reload(self, by: str) -> dict[str, Any]:
+        """Re-read and apply the config; raises :class:`ConfigRejected` (old one kept)."""
+        async with self._lock:
+            try:
+                new = await trio.to_thread.run_sync(lambda: load_config(self.locate()))
+                changed = restart_only_changes(self.config, new)
+                if changed:
+                    raise ConfigError(f"{new.source}: {', '.join(changed)} changed: only a "
+                                      "restart of graced applies that")
+            except ConfigError as exc:
+                log.warning("config rejected (%s), keeping the running one: %s", by, exc)
+                await self.mesh.publish("daemon.config_rejected", {
+                    "by": by, "reason": str(exc), "running_sha256": self.config.digest})
+                raise ConfigRejected(str(exc)) from None
+            return await self._apply(new, by)
+
+    async def _apply(self, new: Config, by: str) -> dict[str, Any]:
+        diff = self.runner.reconfigure(list(new.detector))
+        ex = self.executor
+        ex.config, ex.playbooks, ex.notifiers = new.remediation, list(new.playbook), list(
+            new.notifier)
+        self.learning.config = new.learning
+        mc = new.missions
+        self.engine.resolve_after = mc.resolve_after
+        self.engine.flap_window = mc.flap_window
+        self.engine.update_interval = mc.update_interval
+        logging.getLogger().setLevel(new.daemon.log_level.upper())
+        self.config = new
+        for listener in self.listeners:
+            listener(new)
+        closed = await self._close_missions_of(diff["removed"])
+        for warning in new.warnings:
+            log.warning("%s", warning)
+        payload = {"by": by, "source": new.source, "sha256": new.digest, "detectors": diff,
+                   "closed_missions": closed, "warnings": list(new.warnings)}
+        log.info("config reloaded (%s): %s sha256 %s; detectors added %s, changed %s, "
+                 "removed %s", by, new.source, new.digest[:12] or "-",
+                 diff["added"] or "none", diff["changed"] or "none", diff["removed"] or "none")
+        await self.mesh.publish("daemon.config_reloaded", payload)
+        return payload
+
+    async def _close_missions_of(self, removed: list[str]) -> list[int]:
+        """Close the missions of removed detectors, except those a step is running for."""
+        closed = []
+        now = time.time()
+        for m in list(self.engine.active.values()):
+            if m.detector in removed and m.id not in self.executor.running:
+                await self.executor.record(self.engine.transition(
+                    m, "expired", now, f"detector {m.detector} was removed from the config"))
+                closed.append(m.id)
+        return closed

@@ -1,0 +1,115 @@
+"""Reload on a live graced: SIGHUP and `gracectl reload` apply a changed config without
+dropping a client, close the missions of a removed detector, and refuse a broken file
+while the old config keeps running. SIGHUP never stops graced."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import Graced
+from tests.helpers.procs import LineCollector
+
+VALUE = ('[[detector]]\nname = "{name}"\nkind = "value"\nfile = "{file}"\nthreshold = 50.0\n'
+         "interval = 0.2\n")
+MISSIONS = "\n[missions]\nresolve_after = 2\n"
+
+
+def _topic(tail: LineCollector, topic: str, count: int = 1, timeout: float = 30
+           ) -> dict[str, Any]:
+    def found() -> list[dict[str, Any]]:
+        return [e for e in tail.events() if e["topic"] == topic]
+
+    assert tail.wait_for(lambda _: len(found()) >= count, timeout), (
+        f"no {topic} within {timeout} s: {tail.lines[-5:]}")
+    return found()[count - 1]
+
+
+def _config(g: Graced, detectors: str) -> bytes:
+    """Rewrite the config with these detectors (the rest as the fixture wrote it)."""
+    head = g.config.read_text().split("[[detector]]", 1)[0].replace("detector = []\n", "")
+    g.config.write_text(head + detectors)
+    return g.config.read_bytes()
+
+
+def _detectors(g: Graced) -> list[str]:
+    return sorted(json.loads(g.ctl("detectors", "--json", check=True).stdout))
+
+
+def test_sighup_applies_detectors_and_rejects_a_broken_file(make_graced, shortdir: Path
+                                                            ) -> None:
+    high, low = shortdir / "high", shortdir / "low"
+    high.write_text("90\n")
+    low.write_text("10\n")
+    g = make_graced(extra_config=MISSIONS,
+                    detectors=VALUE.format(name="hot", file=high))
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "daemon.config_*",
+                                     "mission.*"))
+    opened = _topic(tail, "mission.opened")
+    assert opened["payload"]["detector"] == "hot"
+    pid = g.proc.pid
+
+    text = _config(g, VALUE.format(name="cool", file=low))
+    g.proc.send_signal(signal.SIGHUP)
+    done = _topic(tail, "daemon.config_reloaded")["payload"]
+    assert done["sha256"] == hashlib.sha256(text).hexdigest()
+    assert done["detectors"] == {"added": ["cool"], "changed": [], "removed": ["hot"]}
+    assert done["closed_missions"] == [opened["payload"]["id"]] and done["by"] == "SIGHUP"
+    expired = _topic(tail, "mission.expired")["payload"]
+    assert expired["id"] == opened["payload"]["id"]
+    assert expired["reason"] == "detector hot was removed from the config"
+    assert _detectors(g) == ["cool"]
+
+    # A broken file: rejected with the reason; the running config stays.
+    g.config.write_text(g.config.read_text() + 'url = "http://x/"\n')
+    g.proc.send_signal(signal.SIGHUP)
+    rejected = _topic(tail, "daemon.config_rejected")["payload"]
+    assert rejected["reason"].startswith(f"{g.config}:")
+    assert 'url: not a key of kind "value"' in rejected["reason"]
+    assert rejected["running_sha256"] == done["sha256"]
+    assert _detectors(g) == ["cool"]
+
+    # A storm of SIGHUPs (the kernel may merge some), then the file mended and one more:
+    # graced keeps serving, and the tail connected before every reload still is.
+    for _ in range(20):
+        g.proc.send_signal(signal.SIGHUP)
+    g.config.write_bytes(text)
+    g.proc.send_signal(signal.SIGHUP)
+    again = _topic(tail, "daemon.config_reloaded", count=2)["payload"]
+    assert again["sha256"] == done["sha256"] and again["detectors"] == {
+        "added": [], "changed": [], "removed": []}
+    assert g.proc.poll() is None and g.proc.pid == pid
+    assert g.ctl("status").returncode == 0
+    assert tail.proc.poll() is None
+    assert "config rejected (SIGHUP), keeping the running one" in g.stderr()
+
+
+def test_gracectl_reload_says_what_changed_or_why_not(graced: Graced, shortdir: Path) -> None:
+    value = shortdir / "v"
+    value.write_text("1\n")
+    _config(graced, VALUE.format(name="v", file=value))
+    res = graced.ctl("reload")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.startswith(f"gracectl: reloaded {graced.config} (sha256 ")
+    assert res.stderr.rstrip().endswith(": added v")
+    assert _detectors(graced) == ["v"]
+
+    good = graced.config.read_text()
+    graced.config.write_text(good.replace("threshold = 50.0", "threshold = 50.0\nport = 1"))
+    res = graced.ctl("reload")
+    assert res.returncode == 1
+    assert res.stderr.count("\n") == 1, res.stderr
+    assert "config rejected, the running one kept: " in res.stderr
+    assert f'{graced.config}:' in res.stderr and 'port: not a key of kind "value"' in res.stderr
+
+    # What only a restart can apply is refused too, naming the key.
+    graced.config.write_text(good.replace("heartbeat_interval", 'listen = ["127.0.0.1:0"]\n'
+                                          "heartbeat_interval"))
+    res = graced.ctl("reload")
+    assert res.returncode == 1
+    assert "[daemon] listen changed: only a restart of graced applies that" in res.stderr
+    assert _detectors(graced) == ["v"]
+    assert graced.ctl("status").returncode == 0
