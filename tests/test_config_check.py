@@ -33,7 +33,7 @@ PLAYBOOK = ('[[playbook]]\nname = "p"\ndetector = "{det}"\nrisk = "low"\n'
     (MEMORY + "threshold = -5\n", ":4: [[detector]] #1 (m) threshold: must be between 0 and "
                                   "100"),
     (MEMORY + "interval = 0.0001\n", ":4: [[detector]] #1 (m) interval: must be at least "
-                                     "0.1 s"),
+                                     "0.01 s"),
     # More of the same family.
     (MEMORY + "bogus = 1\n", ':4: [[detector]] #1 (m) bogus: not a key of kind "memory"'),
     ('[[detector]]\nname = "t"\nkind = "tcp"\nhost = "h"\nport = 70000\n',

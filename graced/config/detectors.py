@@ -49,7 +49,7 @@ class DetectorConfig:
 
     name: str = field(default="", metadata=check(non_empty))
     kind: str = ""
-    interval: float = field(default=5.0, metadata=check(at_least(0.1, " s")))
+    interval: float = field(default=5.0, metadata=check(at_least(0.01, " s")))
     severity: str = field(default="medium", metadata=check(one_of(SEVERITIES)))
     subject: str = ""
     threshold: float | None = None
