@@ -37,7 +37,9 @@ BIN = Path(sys.executable).parent
 
 from corpus import corpus, evaluate, make_series  # noqa: E402
 
+from bench.stats import cores  # noqa: E402
 from graced.detectors.baseline import Baseline  # noqa: E402
+from tests.helpers.procs import poll_until  # noqa: E402
 
 
 class Daemon:
@@ -78,6 +80,11 @@ class Daemon:
     def ctl(self, *args: str) -> str:
         return subprocess.run([str(BIN / "gracectl"), *args], env=self.env,
                               capture_output=True, text=True, check=True).stdout
+
+    def wait_sampled(self, timeout: float = 30) -> None:
+        """Until every detector has taken its first sample (no event says so: ask graced)."""
+        poll_until(lambda: all(d["subjects"] for d in json.loads(
+            self.ctl("detectors", "--json")).values()), timeout, "every detector sampled")
 
     def stop(self) -> None:
         self.tail.terminate()
@@ -153,10 +160,11 @@ match_cmdline = true
     d = Daemon(base, dets)
     times: dict[str, list[float]] = {k: [] for k in ("memory", "tcp", "log", "process", "disk")}
     try:
-        time.sleep(2.5)  # let every detector take its first sample
+        d.wait_sampled()
         for _ in range(runs):
             # Inject each fault at a random phase of the 1 s sampling interval, so the
-            # figures are not an artefact of injecting just before or after a sample.
+            # figures are not an artefact of injecting just before or after a sample (these
+            # random pauses are the experiment's design, not waits for an event).
             # memory (the time includes the hog's own allocation)
             time.sleep(random.random())
             t0 = time.monotonic()
@@ -214,11 +222,11 @@ match_cmdline = true
 
 def wait_for_quiet_host(limit: float = 300.0) -> float:
     """Wait (up to ``limit`` s) until the 1-minute load per core is under 0.5: "idle"."""
-    cores = os.cpu_count() or 1
+    n = cores()
     deadline = time.monotonic() + limit
-    while os.getloadavg()[0] / cores >= 0.5 and time.monotonic() < deadline:
-        time.sleep(5)
-    return os.getloadavg()[0] / cores
+    while os.getloadavg()[0] / n >= 0.5 and time.monotonic() < deadline:
+        time.sleep(5)  # the load average is a state with no event: read it every 5 s
+    return os.getloadavg()[0] / n
 
 
 def idle(seconds: float) -> dict[str, float]:
@@ -231,12 +239,12 @@ def idle(seconds: float) -> dict[str, float]:
         for k in ("memory", "swap", "cpu", "load", "disk", "inodes"))
     d = Daemon(base, body)
     proc = psutil.Process(d.proc.pid)
-    time.sleep(5)  # start-up is not idle
+    d.wait_sampled()  # start-up is not idle: it ends when every detector has sampled
     c0 = proc.cpu_times()
     t0 = time.monotonic()
     rss_max = 0
     while time.monotonic() - t0 < seconds:
-        time.sleep(5)
+        time.sleep(5)  # the measurement window, sampled every 5 s (not a wait for an event)
         rss_max = max(rss_max, proc.memory_info().rss)
     c1 = proc.cpu_times()
     wall = time.monotonic() - t0
@@ -282,7 +290,7 @@ def main() -> None:
     times = time_to_mission(args.runs)
     base = baseline_figures()
     print(f"bench/detect.py  ({args.runs} runs per fault, interval 1 s; idle "
-          f"{idle_fig['seconds']:.0f} s; {os.cpu_count()} cores)")
+          f"{idle_fig['seconds']:.0f} s; {cores()} cores)")
     print("time from injecting the fault to mission.opened (memory: from starting the hog, "
           "its allocation included)")
     print(f"{'fault':10} {'median s':>9} {'max s':>7}")

@@ -34,6 +34,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.stats import cores, p50, p99  # noqa: E402
+
 BIN = Path(sys.executable).parent
 
 
@@ -115,7 +118,7 @@ def main() -> None:
     sock = f"{base}/g.sock"
     default = tomllib.loads(subprocess.run([str(BIN / "graced"), "config", "default"],
                                            check=True, capture_output=True, text=True).stdout)
-    default["daemon"].update(state_dir=f"{base}/state", socket=sock)
+    default.setdefault("daemon", {}).update(state_dir=f"{base}/state", socket=sock)
     (base / "graced.toml").write_text(tomli_w.dumps(default))
     daemon = subprocess.Popen([str(BIN / "graced"), "run", "--config", str(base / "graced.toml")],
                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
@@ -152,8 +155,8 @@ def main() -> None:
     daemon.wait(30)
     subprocess.run(["rm", "-rf", str(base)], check=False)
 
-    print(f"bench/soak.py  ({args.minutes:g} min at {args.rate:g} events/s, {args.clients} "
-          "reconnecting clients in 2 processes; 2 cores; Unix socket)")
+    print(f"bench/soak.py  ({args.minutes:g} min at {args.rate:g} events/s, {len(results)} "
+          f"reconnecting clients in {len(procs)} processes; {cores()} cores; Unix socket)")
     window = 300.0
     lat = [pt for r in results for pt in r["lat"]]
     print(f"  {'window':>9}  {'p50 ms':>7}  {'p99 ms':>7}  {'RSS MB':>7}  {'fds':>4}")
@@ -161,13 +164,13 @@ def main() -> None:
     n_windows = max(1, int(seconds // window))
     for w in range(n_windows):
         lo, hi = t0 + w * window, t0 + (w + 1) * window
-        ls = sorted(x for t, x in lat if lo <= t < hi)
+        ls = [x for t, x in lat if lo <= t < hi]
         ss = [s for s in samples if lo <= s[0] < hi]
         if not ls or not ss:
             continue
-        p50, p99 = ls[len(ls) // 2] * 1000, ls[int(len(ls) * 0.99) - 1] * 1000
-        p99s.append(p99)
-        print(f"  {w * 5:>3}-{(w + 1) * 5:<3}min  {p50:7.2f}  {p99:7.2f}  {ss[-1][1]:7.1f}  "
+        median, worst = p50(ls) * 1000, p99(ls) * 1000
+        p99s.append(worst)
+        print(f"  {w * 5:>3}-{(w + 1) * 5:<3}min  {median:7.2f}  {worst:7.2f}  {ss[-1][1]:7.1f}  "
               f"{ss[-1][2]:4d}")
     # Warm-up: the ring of 65,536 recent events fills in 131 s at 500/s.
     warm = [s for s in samples if s[0] >= t0 + min(300, seconds / 4)]

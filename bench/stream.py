@@ -10,7 +10,8 @@ Prints, in one run on loopback (Unix sockets):
     broadcast server (per-client queue, same framing, no signing, no journal);
   * p50/p99 publish->receive latency at 1,000 events/s to 10 subscribers, for both;
   * the ratios. Targets: p99 < 20 ms at 1,000 events/s to 10 clients; signed
-    throughput to 1 client >= 50 % of the unsigned baseline.
+    throughput to 1 client >= 50 % of the like-for-like unsigned baseline (graced's
+    framing and batching, no signing, no journal). p50/p99 as in bench/stats.py.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import trio  # noqa: E402
 import trio_websocket  # noqa: E402
 
+from bench.stats import cores, p50, p99  # noqa: E402
 from graced.protocol import canonical_text, format_ts, parse_ts  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -189,13 +191,13 @@ def run_round(sock: str, kind: str, subscribers: int, count: int,
         if "error" in result:
             raise SystemExit(f"{kind}: a subscriber was {result['error']}")
         results.append(result)
-    lat = sorted(x for r in results for x in r["latencies"])
+    lat = [x for r in results for x in r["latencies"]]
     first = min(r["first_ts"] for r in results)
     last = max(r["last_recv"] for r in results)
     return {
         "events_per_s": count / (last - first) if last > first else float("nan"),
-        "p50_ms": 1000 * lat[len(lat) // 2],
-        "p99_ms": 1000 * lat[int(len(lat) * 0.99)],
+        "p50_ms": 1000 * p50(lat),
+        "p99_ms": 1000 * p99(lat),
         "wall_s": time.time() - started,
     }
 
@@ -237,9 +239,8 @@ def bench_signing(n: int) -> dict[str, float]:
         prev = ev.hash
         times.append(time.perf_counter() - a)
     total = time.perf_counter() - t0
-    times.sort()
-    return {"events_per_s": n / total, "p50_ms": 1000 * times[n // 2],
-            "p99_ms": 1000 * times[int(n * 0.99)]}
+    return {"events_per_s": n / total, "p50_ms": 1000 * p50(times),
+            "p99_ms": 1000 * p99(times)}
 
 
 def main() -> None:
@@ -275,7 +276,7 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
 
     print(f"bench/stream.py  (events/round {args.events}, latency round "
-          f"{args.latency_events} at 1,000/s; {os.cpu_count()} cores; Unix sockets; "
+          f"{args.latency_events} at 1,000/s; {cores()} cores; Unix sockets; "
           "subscribers are separate processes)")
     print(f"{'':44} {'events/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     print(f"{'Ed25519 sign + hash alone (per event)':44} {sig['events_per_s']:>9.0f} "
@@ -288,20 +289,22 @@ def main() -> None:
     def ratio(kind: str, name: str, key: str = "events_per_s") -> float:
         return rows["signed"][name][key] / rows[kind][name][key]
 
-    s1 = ratio("plain", "1 sub")
-    p99 = rows["signed"]["10 subs @1000/s"]["p99_ms"]
-    print(f"signed/plain throughput, 1 subscriber:      {s1:.2f}  "
-          f"(target >= 0.50: {'PASS' if s1 >= 0.5 else 'FAIL'})")
-    print(f"signed/plain throughput, 10 subscribers:    {ratio('plain', '10 subs'):.2f}")
-    print(f"signed/coalesced throughput, 1 subscriber:  {ratio('coalesced', '1 sub'):.2f}  "
-          "(the cost of signing + journaling alone)")
+    # The target is against the like-for-like baseline: the same framing and batching as
+    # graced, without signing or the journal (the plain broadcast is slower, so a ratio
+    # against it would flatter graced).
+    s1 = ratio("coalesced", "1 sub")
+    p99_ms = rows["signed"]["10 subs @1000/s"]["p99_ms"]
+    print(f"signed/coalesced throughput, 1 subscriber:  {s1:.2f}  (the cost of signing + "
+          f"journaling alone; target >= 0.50: {'PASS' if s1 >= 0.5 else 'FAIL'})")
     print(f"signed/coalesced throughput, 10 subscribers: {ratio('coalesced', '10 subs'):.2f}")
+    print(f"signed/plain throughput, 1 subscriber:      {ratio('plain', '1 sub'):.2f}")
+    print(f"signed/plain throughput, 10 subscribers:    {ratio('plain', '10 subs'):.2f}")
     print(f"signed/plain p99 at 1,000/s, 10 subscribers: "
           f"{ratio('plain', '10 subs @1000/s', 'p99_ms'):.2f}")
     print(f"signed delivery to 1 subscriber / signing alone: "
           f"{rows['signed']['1 sub']['events_per_s'] / sig['events_per_s']:.2f}")
-    print(f"p99 publish->receive at 1,000 events/s, 10 subscribers: {p99:.2f} ms  "
-          f"(target < 20 ms: {'PASS' if p99 < 20 else 'FAIL'})")
+    print(f"p99 publish->receive at 1,000 events/s, 10 subscribers: {p99_ms:.2f} ms  "
+          f"(target < 20 ms: {'PASS' if p99_ms < 20 else 'FAIL'})")
 
 
 if __name__ == "__main__":

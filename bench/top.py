@@ -25,7 +25,10 @@ import psutil
 import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
+
+from tests.helpers.procs import poll_until  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +40,7 @@ def main() -> None:
     # The embedded default config, with this run's own state dir and socket.
     default = tomllib.loads(subprocess.run([str(BIN / "graced"), "config", "default"],
                                            check=True, capture_output=True, text=True).stdout)
-    default["daemon"].update(state_dir=f"{base}/state", socket=f"{base}/g.sock")
+    default.setdefault("daemon", {}).update(state_dir=f"{base}/state", socket=f"{base}/g.sock")
     cfg.write_text(tomli_w.dumps(default))
     daemon = subprocess.Popen([str(BIN / "graced"), "run", "--config", str(cfg)],
                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
@@ -49,21 +52,20 @@ def main() -> None:
     subprocess.run(["tmux", "-L", server, "new-session", "-d", "-s", "t", "-x", "200", "-y",
                     "60", cmd], check=True)
     try:
-        top = None
-        deadline = time.monotonic() + 15
-        while top is None and time.monotonic() < deadline:
-            for p in psutil.process_iter(["cmdline"]):
-                cl = p.info["cmdline"] or []
-                if len(cl) >= 2 and cl[-1] == "top" and "gracectl" in " ".join(cl):
-                    top = p
-        assert top is not None, "gracectl top did not start"
-        time.sleep(5)  # let it connect and settle
-        screen = subprocess.run(["tmux", "-L", server, "capture-pane", "-p", "-t", "t"],
-                                capture_output=True, text=True, check=True).stdout
-        assert "verified" in screen, screen
+        # The pane's process is gracectl top itself (env execs it).
+        pane = subprocess.run(["tmux", "-L", server, "display", "-p", "-t", "t",
+                               "#{pane_pid}"], capture_output=True, text=True, check=True)
+        top = psutil.Process(int(pane.stdout))
+
+        def screen() -> str:
+            return subprocess.run(["tmux", "-L", server, "capture-pane", "-p", "-t", "t"],
+                                  capture_output=True, text=True, check=True).stdout
+
+        # Settled once it shows a verified stream (a screen has no event: read it).
+        poll_until(lambda: "verified" in screen(), 30, "gracectl top showing a verified stream")
         gd = psutil.Process(daemon.pid)
         t0, c0, g0 = time.monotonic(), top.cpu_times(), gd.cpu_times()
-        time.sleep(args.seconds)
+        time.sleep(args.seconds)  # the measurement window
         t1, c1, g1 = time.monotonic(), top.cpu_times(), gd.cpu_times()
         wall = t1 - t0
         top_cpu = 100 * ((c1.user + c1.system) - (c0.user + c0.system)) / wall
