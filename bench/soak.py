@@ -144,7 +144,7 @@ def main() -> None:
     t0 = time.time()
     while time.time() - t0 < seconds:
         samples.append((time.time(), gd.memory_info().rss / 2**20, gd.num_fds()))
-        time.sleep(10)
+        time.sleep(10)  # RSS and descriptors are sampled every 10 s (a cadence, not a wait)
     results = []
     for p in procs:
         out, _ = p.communicate(timeout=120)

@@ -54,6 +54,7 @@ class Terminal:
                 return text
             if time.monotonic() > deadline:
                 raise AssertionError(f"screen never matched within {timeout} s:\n{text}")
+            time.sleep(0.05)  # between two reads, so the poll never spins a core
 
     def resize(self, width: int, height: int) -> None:
         self.tmux("resize-window", "-t", "t", "-x", str(width), "-y", str(height))
