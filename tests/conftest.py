@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -186,16 +187,25 @@ def make_graced(shortdir: Path) -> Iterator[Any]:
 
 SLOW_AFTER = 4.0  # seconds: a test that takes longer alone is marked @pytest.mark.slow
 _unmarked_slow: list[tuple[str, float]] = []
+# The fuzz tests' seed: new each run unless given, printed at the end of every run that
+# fuzzed, so a failure replays with GRACE_FUZZ_SEED=<seed>.
+FUZZ_SEED = int(os.environ.get("GRACE_FUZZ_SEED") or random.SystemRandom().randrange(2**32))
+_fuzzed: list[str] = []
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.when == "call" and report.duration > SLOW_AFTER and "slow" not in report.keywords:
         _unmarked_slow.append((report.nodeid, report.duration))
+    if report.when == "call" and "fuzz" in report.nodeid:
+        _fuzzed.append(report.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Name the tests that took over SLOW_AFTER without the slow marker (a hint, since a
     loaded machine stretches any test; the quick part must stay under 90 s)."""
+    if _fuzzed:
+        terminalreporter.write_line(f"fuzz seed {FUZZ_SEED} (replay with "
+                                    f"GRACE_FUZZ_SEED={FUZZ_SEED})")
     if _unmarked_slow:
         terminalreporter.write_sep("-", f"over {SLOW_AFTER:g} s and not marked slow")
         for nodeid, seconds in _unmarked_slow:

@@ -7,8 +7,6 @@ Each run draws a new seed and prints it; a failure replays with GRACE_FUZZ_SEED=
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,13 +16,13 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 
 from graced.keys import parse_public_key
-from tests.conftest import Graced
+from tests.conftest import FUZZ_SEED, Graced
 from tests.helpers.fuzz import FuzzClient, RawText, check_outcome, frames
 from tests.helpers.procs import LineCollector
 
 CASES = 400
 MAX_REQUEST_BYTES = 65536
-SEED = int(os.environ.get("GRACE_FUZZ_SEED") or secrets.randbits(32))
+SEED = FUZZ_SEED
 REPLAY = f"replay with GRACE_FUZZ_SEED={SEED}"
 
 
