@@ -16,12 +16,24 @@ import click
 from tabulate import tabulate
 
 from graced.protocol import ExitCode
+from graced.protocol import knowledge as pk
 
-from .cli import _age, _call, _endpoint, _print_json, _run, _ts, cli, json_option, missions
+from . import trust
+from .cli import (
+    _age,
+    _call,
+    _endpoint,
+    _print_json,
+    _read_key_file,
+    _run,
+    _ts,
+    cli,
+    json_option,
+    missions,
+)
 from .errors import CtlError
 from .tail import stderr_note
 
-EXPORT_FORMAT = "grace-knowledge"
 CHUNK_BYTES = 48_000  # below the daemon's default max_request_bytes (65536)
 
 
@@ -83,18 +95,31 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
             lines.append(f"          #{s['id']} {s['playbook'] or '-'} -> {s['outcome']}"
                          f" ({s['match']})")
         if d["candidates"]:
-            lines.append(f"ranking   {d['strategy']}:")
+            lines.append(f"ranking   {d['strategy']} (OK/RUNS: evidence weight, local and "
+                         "imported together):")
             rows = []
             for c in d["candidates"]:
-                mark = "chosen" if c.get("chosen") else ("DEMOTED" if c["demoted"] else "")
+                blocked = c.get("blocked") or ("demoted" if c["demoted"] else "")
+                mark = "chosen" if c.get("chosen") else (
+                    "DEMOTED" if blocked.startswith("demoted") else "SKIPPED" if blocked
+                    else "")
+                prior = c.get("prior") or [0, 0]
                 rows.append([c["playbook"], c["risk"], f"{c['successes']:g}/{c['runs']:g}",
+                             f"{prior[0]:g}/{prior[0] + prior[1]:g}" if sum(prior) else "-",
                              _pct(c["ratio"]), f"{c['mean']:.2f}",
                              "-" if c["score"] is None else f"{c['score']:.2f}",
                              _secs(c["mttr_s"]), mark])
-            table = tabulate(rows, headers=["PLAYBOOK", "RISK", "OK/RUNS", "RATE", "MEAN",
-                                            "SCORE", "MTTR", ""])
+            table = tabulate(rows, headers=["PLAYBOOK", "RISK", "OK/RUNS", "IMPORTED",
+                                            "RATE", "MEAN", "SCORE", "MTTR", ""])
             lines.extend("  " + row for row in table.splitlines())
+            for c in d["candidates"]:
+                if c.get("imported_from"):
+                    lines.append(f"imported  {c['playbook']}: a prior of "
+                                 f"{sum(c.get('prior') or [0, 0]):g} runs' weight from "
+                                 f"{', '.join(c['imported_from'])} (bounded, fading)")
         lines.append(f"choice    {d['reason']}")
+        for note in d.get("held_back") or []:
+            lines.append(f"held back {note}")
     policy = next((t["reason"] for t in m["timeline"]
                    if t["to"] in ("approved", "awaiting_approval", "escalated")), None)
     if policy is None and m.get("reason") and m["state"] == "open":
@@ -104,6 +129,15 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
     if m["state"] == "resolved" and m["closed_at"]:
         outcome = f"resolved in {_secs(m['closed_at'] - m['opened_at'])}: {m['reason']}"
     lines.append(f"outcome   {outcome}")
+    held = m.get("held_back")
+    if held:
+        setting = held.get("setting", "")
+        where = "" if setting in ("credit", "paused") else f" (setting {setting})"
+        lines.append(f"learning  held back: {held.get('reason')}{where}")
+    elif m["state"] in ("resolved", "failed") and m.get("playbook") and m.get("steps"):
+        verdict = "success" if m["state"] == "resolved" else "failure"
+        lines.append(f"learning  counted as a {verdict} of {m['playbook']} for "
+                     f"{m['detector']}:{m['subject']}")
     return lines
 
 
@@ -118,7 +152,8 @@ def missions_explain(ctx: click.Context, mission_id: int, as_json: bool) -> None
     if as_json:
         _print_json({k: m.get(k) for k in ("id", "detector", "subject", "severity", "state",
                                            "summary", "samples", "similar", "decision",
-                                           "playbook", "risk", "reason", "timeline")})
+                                           "playbook", "risk", "reason", "timeline",
+                                           "held_back", "incident", "symptom_at_start")})
         return
     click.echo("\n".join(explain_lines(m, result["now"])))
 
@@ -138,13 +173,20 @@ def knowledge_ls(ctx: click.Context, as_json: bool) -> None:
         _print_json(result["patterns"])
         return
     rows = [[p["pattern"], p["best_playbook"] or "-", _pct(p["best_success_rate"]),
-             _pct(p["success_rate"]), f"{p['count']:g}", _secs(p["mttr_s"]),
-             _age(result["now"] - p["last_seen"]) + " ago"] for p in result["patterns"]]
+             _pct(p["success_rate"]), f"{p['count']:g}" + (" (imported only)"
+                                                          if p.get("imported_only") else ""),
+             _secs(p["mttr_s"]), _age(result["now"] - p["last_seen"]) + " ago",
+             _held(p.get("held_back") or {})] for p in result["patterns"]]
     if not rows:
         stderr_note("no patterns learned yet")
         return
     click.echo(tabulate(rows, headers=["PATTERN", "BEST PLAYBOOK", "ITS RATE", "ALL RATE",
-                                       "RUNS", "MTTR", "LAST SEEN"]))
+                                       "LOCAL RUNS", "MTTR", "LAST SEEN", "HELD BACK"]))
+
+
+def _held(held: dict[str, int]) -> str:
+    """Outcomes learning left out, by setting: 'missions.flap_window 3, ...'."""
+    return ", ".join(f"{k} {n}" for k, n in sorted(held.items())) or "-"
 
 
 @knowledge.command("show")
@@ -158,27 +200,42 @@ def knowledge_show(ctx: click.Context, pattern: str, as_json: bool) -> None:
         _print_json(result)
         return
     p = result["pattern"]
-    click.echo(f"pattern {p['pattern']}: best {p['best_playbook']}, {p['count']:g} runs, "
+    click.echo(f"pattern {p['pattern']}: best {p['best_playbook']}, {p['count']:g} local runs, "
                f"success {_pct(p['success_rate'])}, MTTR {_secs(p['mttr_s'])}, last seen "
                f"{_ts(p['last_seen'])}")
-    rows = [[b["playbook"], f"{b['successes']:g}", f"{b['failures']:g}",
-             _pct(b["success_rate"]), f"{b['posterior_mean']:.2f}", _secs(b["mttr_s"]),
-             "yes" if b["demoted"] else "", ",".join(b["sources"])] for b in p["playbooks"]]
-    click.echo(tabulate(rows, headers=["PLAYBOOK", "OK", "FAILED", "RATE", "MEAN", "MTTR",
-                                       "DEMOTED", "SOURCES"]))
+    rows = []
+    for b in p["playbooks"]:
+        imported = "; ".join(f"{i['successes']}/{i['successes'] + i['failures']} from "
+                             f"{i['host'] or i['source']} (key {i['kid'] or '?'})"
+                             for i in b.get("imported", [])) or "-"
+        w = b.get("weight") or {}
+        prior = (w.get("prior_successes", 0), w.get("prior_failures", 0))
+        rows.append([b["playbook"], f"{b['successes']:g}/{b['runs']:g}", _pct(b["success_rate"]),
+                     imported, f"{prior[0]:g}/{prior[0] + prior[1]:g}" if sum(prior) else "-",
+                     f"{b['posterior_mean']:.2f}", _secs(b["mttr_s"]),
+                     "yes" if b["demoted"] else ""])
+    click.echo(tabulate(rows, headers=["PLAYBOOK", "LOCAL OK/RUNS", "RATE", "IMPORTED OK/RUNS",
+                                       "PRIOR WEIGHT", "MEAN", "MTTR", "DEMOTED"]))
+    for b in p["playbooks"]:
+        if b.get("held_back"):
+            click.echo(f"{b['playbook']} not demoted: {b['held_back']}")
+    if p.get("held_back"):
+        click.echo(f"learning held back on {sum(p['held_back'].values())} missions: "
+                   f"{_held(p['held_back'])}")
     if result["recent"]:
         click.echo("recent missions:")
         for r in result["recent"][:10]:
+            held = f" (held back: {r['held_back']})" if r.get("held_back") else ""
             click.echo(f"  #{r['id']} {_ts(r['closed_at'])} {r['playbook'] or '-'} -> "
-                       f"{r['outcome']}")
+                       f"{r['outcome']}{held}")
 
 
 @knowledge.command("export")
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
 @click.pass_context
 def knowledge_export(ctx: click.Context, file: str) -> None:
-    """Write every pattern to FILE as JSON ('-' for stdout), to seed another host."""
-    data = _run(lambda: _call(_endpoint(ctx), "knowledge.export", {}))
+    """Write this host's patterns to FILE ('-' for stdout), signed by the daemon's key."""
+    data = _run(lambda: _call(_endpoint(ctx), "knowledge.export", {}))["export"]
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     if file == "-":
         click.echo(text, nl=False)
@@ -192,43 +249,68 @@ def knowledge_export(ctx: click.Context, file: str) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         raise CtlError(f"{file}: cannot write: {exc.strerror}") from None
-    stderr_note(f"exported {len(data['patterns'])} playbook records to {file}")
+    stderr_note(f"exported {len(data['patterns'])} playbook records to {file} (signed by "
+                f"key {data['kid']})")
 
 
-def _load_export(file: str) -> dict[str, Any]:
+def _load_export(file: str, key_file: str | None) -> tuple[dict[str, Any], str]:
+    """Read, bound-check and verify an export; returns it and how it was verified."""
     try:
-        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        if file == "-":
+            text = sys.stdin.read(pk.MAX_FILE_BYTES + 1)
+        else:
+            with open(file, encoding="utf-8") as fh:
+                text = fh.read(pk.MAX_FILE_BYTES + 1)
     except (OSError, UnicodeDecodeError) as exc:
         raise CtlError(f"{file}: cannot read: {exc}", ExitCode.USAGE) from None
+    if len(text) > pk.MAX_FILE_BYTES:
+        raise CtlError(f"{file}: larger than {pk.MAX_FILE_BYTES // 2**20} MB; an export "
+                       f"holds at most {pk.MAX_RECORDS} records", ExitCode.USAGE)
     try:
         data = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CtlError(f"{file}: not JSON: {exc}", ExitCode.USAGE) from None
-    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
-        raise CtlError(f"{file}: format: not a '{EXPORT_FORMAT}' export", ExitCode.USAGE)
-    if data.get("version") != 1:
-        raise CtlError(f"{file}: version: {data.get('version')!r} is not supported (1 is)",
-                       ExitCode.USAGE)
-    if not isinstance(data.get("source"), str) or not data["source"]:
-        raise CtlError(f"{file}: source: must be the exporting daemon's id", ExitCode.USAGE)
-    if not isinstance(data.get("patterns"), list):
-        raise CtlError(f"{file}: patterns: must be a list", ExitCode.USAGE)
-    from graced.learning.knowledge import check
-
     try:
-        check(data["patterns"])
+        pk.check_header(data)
+        pk.check(data["patterns"])
     except ValueError as exc:
         raise CtlError(f"{file}: {exc}", ExitCode.USAGE) from None
-    return data
+    if key_file:
+        key, how = _read_key_file(key_file), f"key {key_file}"
+    else:
+        try:
+            pinned = trust.pinned_for_daemon(data["source"])
+        except ValueError as exc:
+            raise CtlError(str(exc)) from None
+        if pinned is None:
+            raise CtlError(f"{file}: no trusted key for daemon {data['source']} "
+                           f"({data['host'] or 'unknown host'}): pass --key FILE (its "
+                           "key.pub), or pin it with 'gracectl --socket ... keys trust'",
+                           ExitCode.BAD_SIGNATURE)
+        key, how = pinned, "its pinned key"
+    try:
+        pk.verify_export(data, key)
+    except ValueError as exc:
+        raise CtlError(f"{file}: {exc}", ExitCode.BAD_SIGNATURE) from None
+    return data, f"signature verified with {how} ({data['kid']})"
 
 
 @knowledge.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--key", "key_file", metavar="KEYFILE", type=click.Path(dir_okay=False),
+              help="The exporting daemon's public key (its key.pub); default: the key "
+                   "pinned for that daemon.")
+@click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
 @json_option
 @click.pass_context
-def knowledge_import(ctx: click.Context, file: str, as_json: bool) -> None:
-    """Take patterns another host exported; importing the same host again replaces them."""
-    data = _load_export(file)
+def knowledge_import(ctx: click.Context, file: str, key_file: str | None, dry_run: bool,
+                     as_json: bool) -> None:
+    """Take patterns another daemon exported, as a bounded prior.
+
+    The file's signature must verify against a key trusted for the exporting daemon
+    (--key, or pinned); an edited or unsigned file is refused (exit 10). Importing the
+    same daemon again replaces its earlier import."""
+    data, verified = _load_export(file, key_file)
     chunks: list[list[Any]] = [[]]
     size = 0
     for p in data["patterns"]:
@@ -241,20 +323,52 @@ def knowledge_import(ctx: click.Context, file: str, as_json: bool) -> None:
     endpoint = _endpoint(ctx)
 
     async def go() -> dict[str, Any]:
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"changes": []}
         for i, chunk in enumerate(chunks):
-            out = await _call(endpoint, "knowledge.import", {
-                "source": data["source"], "host": str(data.get("host", "")),
-                "patterns": chunk, "replace": i == 0})
+            res = await _call(endpoint, "knowledge.import", {
+                "source": data["source"], "host": data["host"], "kid": data["kid"],
+                "patterns": chunk, "replace": i == 0, "dry_run": dry_run})
+            out = {**res, "changes": out["changes"] + res.get("changes", [])}
         return out
 
     result = _run(go)
-    result["imported"] = len(data["patterns"])
+    result.update(imported=0 if dry_run else len(data["patterns"]), verified=verified,
+                  host=data["host"])
+    if as_json:
+        _print_json(result)
+        return
+    stderr_note(f"{file}: {verified}")
+    if dry_run:
+        changes = result["changes"]
+        rows = [[c["pattern"], c["playbook"], c["change"],
+                 "-" if c["before"] is None else f"{c['before'][0]}/{sum(c['before'])}",
+                 f"{c['after'][0]}/{sum(c['after'])}",
+                 f"{c['prior'][0]:g}/{c['prior'][0] + c['prior'][1]:g}"] for c in changes]
+        if rows:
+            click.echo(tabulate(rows, headers=["PATTERN", "PLAYBOOK", "CHANGE", "BEFORE OK/RUNS",
+                                               "FILE OK/RUNS", "PRIOR WEIGHT OK/RUNS"]))
+        origin = data["host"] or data["source"]
+        stderr_note(f"dry run: {len(data['patterns'])} records from {origin} would be "
+                    "imported; nothing changed")
+        return
+    stderr_note(f"imported {result['imported']} playbook records from "
+                f"{data['host'] or data['source']}; {result['patterns']} patterns known")
+
+
+@knowledge.command("reset")
+@click.argument("target", metavar="PLAYBOOK|PATTERN")
+@json_option
+@click.pass_context
+def knowledge_reset(ctx: click.Context, target: str, as_json: bool) -> None:
+    """Forget what was learned about a playbook (everywhere) or a pattern (DETECTOR:SUBJECT).
+
+    Undoes damage: a demoted playbook is tried again. Needs control rights; recorded as a
+    signed learning.reset event."""
+    result = _run(lambda: _call(_endpoint(ctx), "knowledge.reset", {"target": target}))
     if as_json:
         _print_json(result)
     else:
-        stderr_note(f"imported {result['imported']} playbook records from "
-                    f"{data.get('host') or data['source']}; {result['patterns']} patterns known")
+        stderr_note(f"reset {target}: {result['records']} records forgotten")
 
 
 @knowledge.command("stats")

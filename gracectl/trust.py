@@ -97,3 +97,16 @@ def generate_client_key(force: bool) -> tuple[Path, Signer]:
     pub = path.with_name(path.name + ".pub")
     pub.write_text(f"ed25519 {base64.b64encode(signer.public_key).decode()} {signer.kid}\n")
     return path, signer
+
+
+def pinned_for_daemon(daemon_id: str) -> bytes | None:
+    """The key pinned for a daemon id (from any endpoint it was pinned at), if one is."""
+    for entry in _load().values():
+        if isinstance(entry, dict) and entry.get("daemon_id") == daemon_id and daemon_id:
+            try:
+                raw = base64.b64decode(entry["public_key"], validate=True)
+            except (KeyError, ValueError):
+                continue
+            if len(raw) == 32:
+                return raw
+    return None

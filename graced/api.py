@@ -28,6 +28,7 @@ from .mesh import Mesh
 from .missions import store
 from .missions.engine import ACTIVE, SEVERITIES, STATES
 from .protocol import Signer, check_signature, key_id
+from .protocol import knowledge as pk
 from .protocol.wire import Request, RequestError, request_signing_bytes
 from .readers import SharedReader
 from .reload import ConfigRejected, Reloader
@@ -44,7 +45,8 @@ class Api:
     def __init__(self, *, config: Config, daemon_id: str, hostname: str, started_at: float,
                  started_mono: float, signer: Signer, mesh: Mesh, server: Server,
                  executor: Executor, learning: Learning, runner: DetectorRunner,
-                 reads: SharedReader[JournalReader]) -> None:
+                 reads: SharedReader[JournalReader],
+                 quarantine: dict[str, Any] | None = None) -> None:
         self.config = config
         self.daemon_id = daemon_id
         self.hostname = hostname
@@ -57,6 +59,7 @@ class Api:
         self.learning = learning
         self.runner = runner
         self.reads = reads
+        self.quarantine = quarantine or {"rows": 0, "this_start": 0, "reasons": []}
         self.used_nonces: set[str] = set()
         self.reloader: Reloader | None = None
         self.set_config(config)
@@ -90,6 +93,7 @@ class Api:
             "knowledge.export": self.knowledge_export,
             "knowledge.import": self.knowledge_import,
             "knowledge.stats": self.knowledge_stats,
+            "knowledge.reset": self.knowledge_reset,
             "pause": self.pause,
             "resume": self.resume,
             "reload": self.reload,
@@ -147,8 +151,9 @@ class Api:
 
     async def _learning_summary(self) -> dict[str, Any] | None:
         st = await self.learning.stats(time.time(), weeks=1, days=1)
-        return {k: st[k] for k in ("strategy", "patterns", "outcomes", "playbook_runs",
-                                   "success_rate", "success_rate_7d", "consulted_share")}
+        return {**{k: st[k] for k in ("strategy", "patterns", "outcomes", "playbook_runs",
+                                      "success_rate", "success_rate_7d", "consulted_share")},
+                "quarantined": self.quarantine}
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """Run a read query on the handlers' connection, in a worker thread."""
@@ -196,7 +201,11 @@ class Api:
                 "recorded": m.similar if m.decision is not None else None}
 
     async def knowledge_list(self, client: Client, req: Request) -> Any:
-        return {"patterns": self.learning.patterns(), "now": time.time()}
+        held = await self.learning.held_back()
+        now = time.time()
+        return {"patterns": [{**p, "held_back": held.get(p["pattern"], {})}
+                             for p in self.learning.patterns(now)],
+                "held_back": held, "now": now}
 
     async def knowledge_show(self, client: Client, req: Request) -> Any:
         sig = req.params.get("pattern")
@@ -207,18 +216,20 @@ class Api:
             near = [p for p in known if sig in p][:5]
             raise RequestError("not_found", f"no pattern {sig!r}" + (
                 f" (did you mean: {', '.join(near)})" if near else ""))
-        cfg = self.config.learning
         recent = await self._read(
-            "SELECT mission_id, playbook, outcome, success, ttr, closed_at FROM outcomes "
-            "WHERE signature = ? ORDER BY mission_id DESC LIMIT 20", (sig,))
-        return {"pattern": self.learning.knowledge.summary(sig, cfg.demote_after,
-                                                           cfg.demote_below),
+            "SELECT mission_id, playbook, outcome, success, ttr, closed_at, held_back "
+            "FROM outcomes WHERE signature = ? ORDER BY mission_id DESC LIMIT 20", (sig,))
+        now = time.time()
+        return {"pattern": {**self.learning.knowledge.summary(sig, now),
+                            "held_back": (await self.learning.held_back(sig)).get(sig, {})},
                 "recent": [dict(zip(("id", "playbook", "outcome", "success", "ttr",
-                                     "closed_at"), r, strict=True)) for r in recent],
-                "now": time.time()}
+                                     "closed_at", "held_back"), r, strict=True))
+                           for r in recent],
+                "now": now}
 
     async def knowledge_export(self, client: Client, req: Request) -> Any:
-        return self.learning.knowledge.export(self.daemon_id, self.hostname, time.time())
+        body = self.learning.knowledge.export(self.daemon_id, self.hostname, time.time())
+        return {"export": self.signer.sign_frame(body)}
 
     async def knowledge_import(self, client: Client, req: Request) -> Any:
         peer = client.peer
@@ -227,24 +238,54 @@ class Api:
                                "Unix socket")
         p = req.params
         source, host, replace = p.get("source"), p.get("host", ""), p.get("replace", True)
+        kid, dry_run = p.get("kid", ""), p.get("dry_run", False)
         if not isinstance(source, str) or not source or len(source) > 200:
             raise RequestError("bad_request", "params.source must be a non-empty string")
         if source in (self.daemon_id, kb.LOCAL):
             raise RequestError("invalid", "this knowledge was exported by this daemon; "
                                "importing it would count its outcomes twice")
-        if not isinstance(host, str) or not isinstance(replace, bool):
-            raise RequestError("bad_request", "params.host must be a string, params.replace "
-                               "a boolean")
+        if not isinstance(host, str) or len(host) > 1000 or not isinstance(replace, bool) \
+                or not isinstance(kid, str) or len(kid) > 64 or not isinstance(dry_run, bool):
+            raise RequestError("bad_request", "params.host and params.kid must be short "
+                               "strings, params.replace and params.dry_run booleans")
         try:
-            patterns = kb.check(p.get("patterns"))
+            patterns = pk.check(p.get("patterns"))
         except ValueError as exc:
             raise RequestError("bad_request", f"params.{exc}") from None
-        writes = self.learning.knowledge.import_(source, patterns, replace)
+        knowledge = self.learning.knowledge
+        now = time.time()
+        if dry_run:
+            return {"dry_run": True, "source": source, "changes": knowledge.preview(
+                source, patterns, now), "records": len(patterns)}
+        held = 0 if replace else knowledge.imported(source)
+        if held + len(patterns) > pk.MAX_RECORDS:
+            raise RequestError("invalid", f"params.patterns: source {source} would hold more "
+                               f"than {pk.MAX_RECORDS} records")
+        writes = knowledge.import_(source, patterns, replace, host=host, kid=kid, now=now)
         await self.mesh.publish("learning.imported", {
-            "source": source, "host": host, "patterns": len(patterns), "replace": replace,
-            "by_uid": peer.uid}, writes=writes)
+            "source": source, "host": host, "kid": kid, "patterns": len(patterns),
+            "replace": replace, "by_uid": peer.uid}, writes=writes)
         return {"imported": len(patterns), "source": source,
-                "patterns": len(self.learning.knowledge.patterns)}
+                "patterns": len(knowledge.patterns)}
+
+    async def knowledge_reset(self, client: Client, req: Request) -> Any:
+        """Forget what was learned about a pattern or a playbook (control rights)."""
+        if not client.can_control():
+            raise RequestError("not_authorised", f"knowledge reset needs root or uid "
+                               f"{os.geteuid()} over the Unix socket")
+        target = req.params.get("target")
+        if not isinstance(target, str) or not target or len(target) > 2001:
+            raise RequestError("bad_request", "params.target must be a pattern "
+                               "(DETECTOR:SUBJECT) or a playbook name")
+        known = self.learning.knowledge.patterns
+        if target not in known and not any(target in pbs for pbs in known.values()):
+            raise RequestError("not_found", f"no pattern or playbook {target!r} in knowledge")
+        kind = "pattern" if target in known else "playbook"
+        writes, removed = self.learning.reset(target)
+        await self.mesh.publish("learning.reset", {
+            "target": target, "kind": kind, "records": removed,
+            "by_uid": client.peer.uid}, writes=writes)
+        return {"target": target, "records": removed}
 
     async def knowledge_stats(self, client: Client, req: Request) -> Any:
         return await self.learning.stats(time.time())
@@ -275,6 +316,12 @@ class Api:
         try:
             m = await self.executor.decide(mid, approve, who, comment)
         except LookupError as exc:
+            rows = await self._read(f"{store.SELECT} WHERE id = ?", (mid,))
+            if rows:
+                closed = store.from_row(rows[0])
+                # Exit 5 (no longer active), with the reason: "cleared before approval".
+                raise RequestError("not_found", f"mission {mid} is no longer active: "
+                                   f"{closed.state}: {closed.reason}; {verb} refused") from None
             raise RequestError("not_found", str(exc)) from None
         except ValueError as exc:
             raise RequestError("invalid", str(exc)) from None

@@ -35,6 +35,7 @@ from .executor import Budgets, Executor
 from .journal import Journal, JournalReader
 from .learning import Learning
 from .learning import knowledge as kb
+from .learning import settings as learning_settings
 from .mesh import Mesh
 from .missions import store
 from .missions.engine import MissionEngine
@@ -104,6 +105,8 @@ class Daemon:
         self.executor: Executor | None = None
         self.learning: Learning | None = None
         self.reads: SharedReader[JournalReader] | None = None  # the handlers' reads
+        # Stored patterns quarantined at start (reported in status).
+        self.quarantine: dict[str, Any] = {"rows": 0, "this_start": 0, "reasons": []}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config
@@ -123,11 +126,9 @@ class Daemon:
         meta: dict[str, str] = {
             str(k): str(v) for k, v in await trio.to_thread.run_sync(
                 journal.query, "SELECT key, value FROM meta")}
-        patterns = await trio.to_thread.run_sync(
-            journal.query, "SELECT signature, playbook, source, detector, subject, successes, "
-            "failures, ttr_total, ttr_count, first_seen, last_seen FROM patterns")
+        knowledge = await trio.to_thread.run_sync(self._load_knowledge, journal)
         reads = self.reads = SharedReader(lambda: JournalReader(journal.path))
-        learning = Learning(cfg.learning, kb.Knowledge(patterns), journal.path)
+        learning = Learning(cfg.learning, knowledge, journal.path)
         # Open both read connections now (see graced/readers.py): steady descriptors.
         await reads.run(lambda reader: reader.query("SELECT COUNT(*) FROM meta", ()))
         await learning.read(lambda reader: reader.query("SELECT COUNT(*) FROM patterns"))
@@ -159,7 +160,7 @@ class Daemon:
         api = Api(config=cfg, daemon_id=self.daemon_id, hostname=self.hostname,
                   started_at=self.started_at, started_mono=self.started_mono, signer=signer,
                   mesh=mesh, server=server, executor=executor, learning=learning,
-                  runner=runner, reads=reads)
+                  runner=runner, reads=reads, quarantine=self.quarantine)
         reloader = Reloader(config=cfg, locate=lambda: locate(self.config_path), mesh=mesh,
                             engine=engine, runner=runner, executor=executor, learning=learning)
         reloader.listeners += [lambda new: setattr(self, "config", new), api.set_config]
@@ -214,13 +215,43 @@ class Daemon:
             os.close(self._lock_fd)
         log.info("stopped cleanly at seq %d", mesh.delivered_seq)
 
+    def _load_knowledge(self, journal: Journal) -> kb.Knowledge:
+        """Load the patterns; rows out of bounds are moved to ``patterns_quarantine``,
+        logged and counted in ``status``, never used."""
+        knowledge = kb.Knowledge(journal.query(kb.SELECT),
+                                 settings=learning_settings(self.config.learning))
+        bad = knowledge.quarantined
+        if bad:
+            now = time.time()
+            writes: list[Any] = []
+            for sig, pb, source, reason in bad:
+                writes.append((
+                    "INSERT INTO patterns_quarantine (signature, playbook, source, reason, "
+                    "row, at) SELECT signature, playbook, source, ?, json_array(successes, "
+                    "failures, ttr_total, ttr_count, first_seen, last_seen, data), ? "
+                    "FROM patterns WHERE signature IS ? AND playbook IS ? AND source IS ?",
+                    (reason, now, sig, pb, source)))
+                writes.append(("DELETE FROM patterns WHERE signature IS ? AND playbook IS ? "
+                               "AND source IS ?", (sig, pb, source)))
+            journal.append([], writes)
+            for sig, pb, source, reason in bad[:20]:
+                log.error("learning: quarantined stored pattern %.80r / %.80r from %.40r: %s",
+                          sig, pb, source, reason)
+            if len(bad) > 20:
+                log.error("learning: quarantined %d more stored patterns", len(bad) - 20)
+        (total,) = journal.query("SELECT COUNT(*) FROM patterns_quarantine")[0]
+        self.quarantine = {"rows": int(str(total)), "this_start": len(bad),
+                           "reasons": sorted({r for *_, r in bad})[:5]}
+        return knowledge
+
     def _load_missions(self, journal: Journal) -> tuple[MissionEngine, dict[str, Any]]:
         """Rebuild the engine from the missions table (the source of truth)."""
         active = [store.from_row(r) for r in journal.query(*store.active_query())]
         (next_id,) = journal.query("SELECT COALESCE(MAX(id), 0) + 1 FROM missions")[0]
         resolved = journal.query(
             "SELECT detector, subject, MAX(closed_at) FROM missions "
-            "WHERE state = 'resolved' GROUP BY detector, subject")
+            "WHERE state = 'resolved' AND json_array_length(data, '$.steps') = 0 "
+            "AND data NOT LIKE '%\"to\": \"executing\"%' GROUP BY detector, subject")
         states: dict[str, Any] = {}
         for name, data in journal.query("SELECT name, data FROM detector_state"):
             try:

@@ -104,6 +104,15 @@ class Budgets:
             return cls()
 
 
+def publish_learning(mesh: Mesh, events: list[tuple[str, dict[str, Any]]]) -> None:
+    """Publish ``learning.*`` events; one that cannot be encoded is logged, never fatal."""
+    for topic, payload in events:
+        try:
+            mesh.publish_nowait(topic, payload)
+        except (ValueError, TypeError, OverflowError) as exc:
+            log.error("learning: %s not published: %s", topic, exc)
+
+
 class Executor:
     """Runs playbooks for missions; :meth:`run` never returns unless cancelled."""
 
@@ -133,8 +142,7 @@ class Executor:
         more, events = self.learning.outcome(tr.mission, time.time())
         await self.mesh.publish(tr.topic, tr.mission.brief(),
                                 writes=[store.upsert(tr.mission), *more], durable=durable)
-        for topic, payload in events:
-            self.mesh.publish_nowait(topic, payload)
+        publish_learning(self.mesh, events)
         self.notify(tr.mission)
 
     def save(self, m: Mission) -> None:
@@ -229,7 +237,8 @@ class Executor:
         self.mesh.publish_nowait("executor.would_run", {
             "mission": m.id, "playbook": pb.name, "risk": pb.risk, "why": why, "steps": steps})
         m.reason = f"{why}: would run playbook {pb.name}"
-        m.playbook, m.risk = pb.name, pb.risk
+        setting = "remediation.mode" if why == "observe mode" else "paused"
+        m.held_back = {"setting": setting, "reason": f"{why}: nothing ran, nothing learned"}
         self.save(m)
 
     async def _policy(self, m: Mission) -> None:
@@ -254,18 +263,25 @@ class Executor:
             self.deferred.add(m.id)
             self.would_run(m, pb, "paused")
             return
-        m.playbook, m.risk = pb.name, pb.risk
         if m.flapping:
+            m.held_back = {"setting": "missions.flap_window", "reason": (
+                f"flapping: it came back within {self.engine.flap_window:g} s of resolving by "
+                f"itself; {pb.name} was not run, so nothing was learned")}
             await self.record(self.engine.transition(
-                m, "escalated", now, f"flapping: not running {pb.name} again; a human should "
-                "look"))
+                m, "escalated", now, f"flapping: {m.detector} came back within "
+                f"{self.engine.flap_window:g} s of clearing by itself; {pb.name} not run; "
+                "a human should look"))
             return
         spent = self.budgets.spent(pb, m.subject, self.config.max_actions_per_hour, now)
         if spent:
+            m.held_back = {"setting": "playbook.budget" if spent.startswith("budget")
+                           else "remediation.max_actions_per_hour",
+                           "reason": f"{spent}; {pb.name} was not run, so nothing was learned"}
             self.mesh.publish_nowait("executor.budget_spent", {
                 "mission": m.id, "playbook": pb.name, "subject": m.subject, "reason": spent})
             await self.record(self.engine.transition(m, "escalated", now, spent))
             return
+        m.playbook, m.risk = pb.name, pb.risk
         if pb.risk in AUTO_RISKS:
             await self.record(self.engine.transition(
                 m, "approved", now, f"risk {pb.risk}: approved automatically"))
@@ -364,6 +380,8 @@ class Executor:
             self.budgets.spend(pb, m.subject, now)
             self.mesh.store([("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                               ("budgets", self.budgets.dump()))])
+            # Credited only if the symptom is still there as the playbook starts.
+            m.symptom_at_start = m.normal_streak == 0
             # Committed before the first step starts (crash safety).
             await self.record(self.engine.transition(
                 m, "executing", now, f"running playbook {pb.name} ({len(pb.step)} steps)"))

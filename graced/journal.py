@@ -94,6 +94,16 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (signature, playbook, source)
     );
 """,
+    # 5: learning that cannot be poisoned: evidence details and provenance of a pattern
+    # row (JSON), what held learning back on an outcome, and rows quarantined at start
+    """
+    ALTER TABLE patterns ADD COLUMN data TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE outcomes ADD COLUMN held_back TEXT;
+    CREATE TABLE patterns_quarantine (
+        signature TEXT, playbook TEXT, source TEXT, reason TEXT NOT NULL,
+        row TEXT NOT NULL, at REAL NOT NULL
+    );
+""",
 ]
 
 Write = tuple[str, tuple[object, ...]]

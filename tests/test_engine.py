@@ -67,3 +67,47 @@ def test_journald_json_lines_are_parsed_including_byte_array_messages() -> None:
     entries = parse_journal_json(raw)
     assert [e["__CURSOR"] for e in entries] == ["c1", "c2"]
     assert entries[1]["MESSAGE"].startswith("ERROR ")
+
+
+def test_a_mission_awaiting_approval_clears_before_approval() -> None:
+    e = MissionEngine(resolve_after=2)
+    feed(e, True, 0)
+    m = e.active[("disk", "/")]
+    e.transition(m, "awaiting_approval", 1, "needs approval")
+    assert feed(e, False, 2) == []
+    assert feed(e, False, 3) == ["mission.resolved"]
+    assert m.reason is not None and m.reason.startswith("cleared before approval")
+    assert m.held_back is not None and m.held_back["setting"] == "missions.resolve_after"
+    assert ("disk", "/") not in e.active
+
+
+def test_a_failed_mission_reopening_without_a_normal_sample_is_the_same_incident() -> None:
+    e = MissionEngine(resolve_after=1, flap_window=0)
+    feed(e, True, 0)
+    first = e.active[("disk", "/")]
+    assert first.incident == first.id
+    e.transition(first, "failed", 1, "verification failed")
+    feed(e, True, 2)
+    second = e.active[("disk", "/")]
+    assert second.id != first.id and second.incident == first.id
+    e.transition(second, "failed", 3, "verification failed")
+    feed(e, False, 4)  # the detector saw it normal: the next anomaly is a new incident
+    feed(e, True, 5)
+    third = e.active[("disk", "/")]
+    assert third.incident == third.id
+
+
+def test_a_fault_a_playbook_fixed_is_not_flapping_when_it_comes_back() -> None:
+    e = MissionEngine(resolve_after=1, flap_window=600)
+    feed(e, True, 0)
+    m = e.active[("disk", "/")]
+    m.steps = [{"step": 1, "ok": True}]
+    e.transition(m, "verifying", 1, "playbook done")
+    assert feed(e, False, 2) == ["mission.resolved"]
+    feed(e, True, 30)
+    again = e.active[("disk", "/")]
+    assert not again.flapping and again.severity == "medium"
+    # It clears by itself this time (nothing ran): coming back now is flapping.
+    feed(e, False, 31)
+    feed(e, True, 40)
+    assert e.active[("disk", "/")].flapping

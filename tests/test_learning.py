@@ -10,9 +10,10 @@ import pytest
 
 from graced.journal import Journal
 from graced.learning import memory
-from graced.learning.knowledge import Knowledge, check
-from graced.learning.ranking import Record, rank
+from graced.learning.knowledge import Knowledge, Settings
+from graced.learning.ranking import Record, demoted, rank
 from graced.missions.engine import Mission
+from graced.protocol.knowledge import check
 
 
 def simulate(strategy: str, probs: dict[str, float], rounds: int, seed: int) -> list[str]:
@@ -21,8 +22,9 @@ def simulate(strategy: str, probs: dict[str, float], rounds: int, seed: int) -> 
     records = {name: Record() for name in probs}
     chosen = []
     for _ in range(rounds):
+        blocked = {n: "demoted" for n, r in records.items() if demoted(r, 3, 0.25)}
         d = rank([(n, "low") for n in probs], records, strategy=strategy, rng=rng,
-                 demote_after=3, demote_below=0.25)
+                 blocked=blocked)
         assert d.chosen is not None
         chosen.append(d.chosen)
         if world.random() < probs[d.chosen]:
@@ -47,31 +49,30 @@ def test_uniform_is_learning_off() -> None:
     assert 60 <= late.count("a") <= 140  # about a third, whatever worked
 
 
-def test_failing_playbook_is_demoted_and_all_demoted_escalates() -> None:
+def test_blocked_playbook_is_skipped_and_all_blocked_escalates() -> None:
     rng = random.Random(0)
     records = {"bad": Record(successes=0, failures=3), "good": Record()}
     for _ in range(50):
         d = rank([("bad", "low"), ("good", "high")], records, strategy="thompson", rng=rng,
-                 demote_after=3, demote_below=0.25)
+                 blocked={"bad": "demoted: success below 25%"})
         assert d.chosen == "good"
     bad = next(c for c in d.candidates if c["playbook"] == "bad")
-    assert bad["demoted"] and "demoted" in d.reason and "bad" in d.reason
+    assert bad["demoted"] and "not run automatically" in d.reason and "bad" in d.reason
     # Learning picks which playbook, never its risk: "good" is still high risk.
     assert next(c for c in d.candidates if c["chosen"])["risk"] == "high"
-    records["good"] = Record(successes=1, failures=4)
     d = rank([("bad", "low"), ("good", "high")], records, strategy="thompson", rng=rng,
-             demote_after=3, demote_below=0.25)
+             blocked={"bad": "demoted", "good": "already failed in this incident"})
     assert d.escalate and d.chosen is None and "keeps failing" in d.reason
-    # Learning off never demotes.
+    # Learning off never blocks.
     d = rank([("bad", "low"), ("good", "high")], records, strategy="first", rng=rng,
-             demote_after=3, demote_below=0.25)
+             blocked={"bad": "demoted"})
     assert d.chosen == "bad" and not d.escalate
 
 
 def test_equal_records_go_to_the_faster_playbook() -> None:
     records = {"slow": Record(5, 1, 50.0, 5), "fast": Record(5, 1, 5.0, 5)}
     d = rank([("slow", "low"), ("fast", "low")], records, strategy="ucb",
-             rng=random.Random(0), demote_after=3, demote_below=0.25)
+             rng=random.Random(0))
     assert d.chosen == "fast"
 
 
@@ -136,32 +137,167 @@ def test_outcome_row_says_what_happened() -> None:
     assert (o["outcome"], o["ran"], o["success"], o["approved_by"]) == (
         "resolved", 1, 1, "alice")
     assert o["ttr"] == 10.0 and o["sample_values"]["peak"] == 95.0
+    # Time waiting (for approval, or paused) before the playbook started is not its time.
+    m.timeline = [{"ts": 1007.0, "from": "approved", "to": "executing", "reason": "run"}]
+    assert memory.outcome_of(m)["ttr"] == 12.0
     o = memory.outcome_of(_mission(10, "web", "api", "latency", "rejected", "restart-web"))
-    assert (o["ran"], o["success"], o["approved_by"]) == (0, None, None)
+    assert (o["ran"], o["success"], o["approved_by"], o["playbook"]) == (0, None, None, None)
 
 
-def test_knowledge_export_import_reproduces_records_once() -> None:
+def _learn(k: Knowledge, playbook: str, ok: bool, now: float, incident: int) -> None:
+    k.learn(sig="web:api", detector="web", subject="api", playbook=playbook, success=ok,
+            ttr=4.0 if ok else None, now=now, incident=incident)
+
+
+def test_knowledge_export_import_is_a_bounded_prior_counted_once() -> None:
     a = Knowledge()
-    for ok in (True, True, False):
-        a.learn(sig="web:api", detector="web", subject="api", playbook="restart", success=ok,
-                ttr=4.0 if ok else None, now=100.0)
-    a.learn(sig="web:api", detector="web", subject="api", playbook="reboot", success=False,
-            ttr=None, now=101.0)
+    for i, ok in enumerate((True, True, False)):
+        _learn(a, "restart", ok, 100.0, i)
+    _learn(a, "reboot", False, 101.0, 9)
     exported = a.export("daemon-a", "host-a", 200.0)
-    b = Knowledge()
-    b.import_("daemon-a", check(exported["patterns"]), replace=True)
-    b.import_("daemon-a", check(exported["patterns"]), replace=True)  # again: counted once
-    assert b.records("web:api") == a.records("web:api")
-    assert b.summary("web:api", 3, 0.25)["best_playbook"] == "restart"
+    b = Knowledge(settings=Settings(import_weight=5.0))
+    b.import_("daemon-a", check(exported["patterns"]), replace=True, host="host-a", kid="k",
+              now=200.0)
+    b.import_("daemon-a", check(exported["patterns"]), replace=True, host="host-a", kid="k",
+              now=200.0)  # again: counted once
+    assert b.records("web:api", 200.0) == a.records("web:api", 100.0)
+    assert b.summary("web:api", 200.0)["best_playbook"] == "restart"
+    assert b.summary("web:api", 200.0)["imported_only"]
+    # Nothing demoted or kept on imported figures alone.
+    assert b.demotion("web:api", "reboot", 200.0) == (False, None)
 
 
-@pytest.mark.parametrize("bad, where", [
-    ("x", "patterns: must be a list"),
-    ([{"signature": "s", "detector": "d", "subject": "x", "playbook": "p"}],
-     "patterns[0].successes"),
-    ([{"signature": "", "detector": "d", "subject": "x", "playbook": "p"}],
-     "patterns[0].signature"),
+def test_imported_evidence_is_bounded_fades_and_yields_to_local_runs() -> None:
+    k = Knowledge(settings=Settings(import_weight=5.0, half_life=1000.0))
+    record = {"signature": "web:api", "detector": "web", "subject": "api",
+              "playbook": "great", "successes": 1_000_000, "failures": 0, "ttr_total": 0,
+              "ttr_count": 0, "first_seen": 1.0, "last_seen": 2.0}
+    k.import_("other", check([record]), replace=True, host="h", kid="k", now=0.0)
+    assert k.prior("web:api", "great", 0.0).runs == pytest.approx(5.0)
+    assert k.prior("web:api", "great", 1000.0).runs == pytest.approx(2.5)  # one half-life
+    for i in range(5):
+        _learn(k, "great", False, 0.0, i)
+    # Five local failures: the prior shrinks to half, local evidence dominates.
+    assert k.prior("web:api", "great", 0.0).runs == pytest.approx(2.5)
+    assert k.records("web:api", 0.0)["great"].mean < 0.5
+
+
+def test_demotion_needs_distinct_incidents_over_a_time_span() -> None:
+    k = Knowledge(settings=Settings(demote_after=3, demote_below=0.25, demote_span=600.0))
+    for n in range(3):  # three failures in one incident count as one
+        assert not k.failed_in("web:api", "flaky", 1) or n > 0
+        if not k.failed_in("web:api", "flaky", 1):
+            _learn(k, "flaky", False, 10.0 + n, 1)
+    assert k.local("web:api", "flaky", 20.0).failures == pytest.approx(1.0, rel=1e-3)
+    _learn(k, "flaky", False, 20.0, 2)
+    _learn(k, "flaky", False, 30.0, 3)
+    is_demoted, held = k.demotion("web:api", "flaky", 30.0)
+    assert not is_demoted and "demote_span" in (held or "")
+    _learn(k, "flaky", False, 700.0, 4)
+    assert k.demotion("web:api", "flaky", 700.0) == (True, None)
+    writes, removed = k.reset("flaky")
+    assert removed == 1 and k.demotion("web:api", "flaky", 700.0) == (False, None)
+    assert writes == [("DELETE FROM patterns WHERE playbook = ?", ("flaky",))]
+
+
+def test_outcomes_decay_with_a_half_life() -> None:
+    k = Knowledge(settings=Settings(half_life=100.0))
+    _learn(k, "p", True, 0.0, 1)
+    assert k.local("web:api", "p", 100.0).successes == pytest.approx(0.5)
+    _learn(k, "p", True, 100.0, 2)
+    assert k.local("web:api", "p", 100.0).successes == pytest.approx(1.5)
+
+
+HOSTILE = [1e308, float("inf"), float("nan"), -1.0, -0.0, 5e-324, 2**64, 10**400, 0.5]
+
+
+@pytest.mark.parametrize("value", HOSTILE, ids=[repr(v)[:12] for v in HOSTILE])
+def test_ranking_stays_bounded_in_time_whatever_the_record(value: float) -> None:
+    """A pathological record (the 0.1.0 hang was betavariate(1 + 1e308, 1)) is clamped."""
+    import time
+
+    rec = Record(successes=value, failures=value, ttr_total=value, ttr_count=value)
+    started = time.perf_counter()
+    for strategy in ("thompson", "ucb"):
+        for _ in range(20):
+            d = rank([("a", "low"), ("b", "low")], {"a": rec, "b": Record(2, 1)},
+                     strategy=strategy, rng=random.Random(1))
+            assert d.chosen in ("a", "b")
+    assert time.perf_counter() - started < 1.0
+    import json
+
+    json.dumps(d.as_dict(), allow_nan=False)  # every figure is encodable
+
+
+@pytest.mark.parametrize("field, value, where", [
+    ("successes", 1e308, "patterns[0].successes: must be between 0 and 1000000"),
+    ("successes", 10**400, "patterns[0].successes: must be between"),
+    ("successes", 2**63, "patterns[0].successes: must be between"),
+    ("successes", 5e-324, "patterns[0].successes: must be an integer count"),
+    ("failures", -1, "patterns[0].failures: must be between"),
+    ("failures", 1.5, "patterns[0].failures: must be an integer count"),
+    ("ttr_count", 1e-10, "patterns[0].ttr_count: must be an integer count"),
+    ("ttr_total", 1e308, "patterns[0].ttr_total: must be between"),
+    ("ttr_total", float("nan"), "patterns[0].ttr_total: must be between"),
+    ("last_seen", float("inf"), "patterns[0].last_seen: must be between"),
+    ("successes", True, "patterns[0].successes: must be an integer count"),
+    ("successes", "5", "patterns[0].successes: must be an integer count"),
 ])
-def test_import_check_names_the_field(bad: object, where: str) -> None:
+def test_import_check_names_the_field(field: str, value: object, where: str) -> None:
+    record = {"signature": "web:api", "detector": "web", "subject": "api",
+              "playbook": "p", "successes": 2, "failures": 1, "ttr_total": 8.0,
+              "ttr_count": 2, "first_seen": 1.0, "last_seen": 2.0, field: value}
     with pytest.raises(ValueError, match=where.replace("[", r"\[").replace("]", r"\]")):
-        check(bad)
+        check([record])
+
+
+def test_negative_zero_and_integral_floats_are_normalised() -> None:
+    record = {"signature": "web:api", "detector": "web", "subject": "api",
+              "playbook": "p", "successes": 5.0, "failures": -0.0, "ttr_total": -0.0,
+              "ttr_count": 0, "first_seen": -0.0, "last_seen": 2}
+    (out,) = check([record])
+    assert out["successes"] == 5 and isinstance(out["successes"], int)
+    assert str(out["ttr_total"]) == "0.0" and str(out["first_seen"]) == "0.0"
+    with pytest.raises(ValueError, match="patterns: must be a list"):
+        check("x")
+    with pytest.raises(ValueError, match=r"patterns\[0\]\.signature"):
+        check([{**record, "signature": ""}])
+    with pytest.raises(ValueError, match=r"patterns: 100001 records; at most 100000"):
+        check([record] * 100_001)
+
+
+def test_stored_rows_out_of_bounds_are_quarantined_not_used() -> None:
+    good = ("web:api", "p", "local", "web", "api", 2, 1, 8.0, 2, 1.0, 2.0, "{}")
+    rows = [good,
+            ("web:api", "q", "x", "web", "api", 1e308, 1, 0.0, 0, 1.0, 2.0, "{}"),
+            ("web:api", "r", "x", "web", "api", 1, 0, 1e308, 1e-10, 1.0, 2.0, "{}"),
+            ("web:api", "s", "x", "web", "api", 1, 0, 0.0, 0, 1.0, 2.0, "not json"),
+            ("web:api", "t", "x", "web", "api", 1, 0, 0.0, 0, 1.0, 2.0,
+             '{"w_s": 1e308}')]
+    k = Knowledge(rows)
+    assert list(k.patterns["web:api"]) == ["p"]
+    assert [q[1] for q in k.quarantined] == ["q", "r", "s", "t"]
+    assert "successes" in k.quarantined[0][3] and "w_s" in k.quarantined[3][3]
+
+
+def test_signed_export_verifies_and_an_edited_one_does_not() -> None:
+    import nacl.signing
+
+    from graced.protocol import Signer
+    from graced.protocol.knowledge import check_header, verify_export
+
+    signer = Signer(nacl.signing.SigningKey.generate())
+    k = Knowledge()
+    _learn(k, "restart", True, 100.0, 1)
+    doc = signer.sign_frame(k.export("daemon-a", "host-a", 200.0))
+    check_header(doc)
+    verify_export(doc, signer.public_key)
+    edited = {**doc, "patterns": [{**doc["patterns"][0], "successes": 5000}]}
+    with pytest.raises(ValueError, match="^sig: the signature does not match"):
+        verify_export(edited, signer.public_key)
+    other = Signer(nacl.signing.SigningKey.generate())
+    with pytest.raises(ValueError, match="^kid: signed by key"):
+        verify_export(doc, other.public_key)
+    unsigned = {k2: v for k2, v in doc.items() if k2 not in ("sig", "kid")}
+    with pytest.raises(ValueError, match="^kid: must be a string"):
+        check_header(unsigned)

@@ -37,7 +37,8 @@ def fix(file: Path) -> list[str]:
 
 SETTINGS = ('\n[missions]\nresolve_after = 2\nflap_window = 0\nupdate_interval = 60\n'
             "[remediation]\nmax_actions_per_hour = 10000\napproval_timeout = {approval}\n"
-            '[learning]\nstrategy = "ucb"\ndemote_after = 2\ndemote_below = 0.25\n')
+            '[learning]\nstrategy = "ucb"\ndemote_after = 2\ndemote_below = 0.25\n'
+            "demote_span = 0\n")
 
 
 def outcomes(g: Graced) -> dict[int, tuple[Any, ...]]:
@@ -81,13 +82,15 @@ def test_every_final_state_is_stored_as_an_outcome(make_graced, shortdir: Path) 
     w.wait("mission.expired", "risky", 20)
     c.write_text(NORMAL)
     d.write_text(FAULT)
-    # never-works fails twice, is demoted, and the third mission escalates to a human.
-    w.wait("mission.failed", "broken", 15, count=2)
+    # never-works fails; the fault is still there, so the next mission belongs to the
+    # same incident: no playbook left to try, it escalates to a human.
+    w.wait("mission.failed", "broken", 15)
     escalated = w.wait("mission.escalated", "broken", 15)["payload"]
     assert "keeps failing" in escalated["reason"]
+    assert "already failed in this incident" in escalated["reason"]
     d.write_text(NORMAL)
     w.close()
-    assert len(missions(g, "broken")) == 3  # held after the escalation: no storm
+    assert len(missions(g, "broken")) == 2  # held after the escalation: no storm
 
     every = [m for det in ("fixable", "risky", "broken") for m in missions(g, det)]
     stored = outcomes(g)
@@ -133,9 +136,11 @@ def test_ranking_demotes_the_failing_playbook_and_knowledge_seeds_a_fresh_daemon
     assert len(demoted) == 1 and demoted[0]["payload"]["playbook"] == "reboot-queue"
     ms = missions(g, "learner")
     runs = [m["playbook"] for m in ms]
+    # Two failures in two distinct incidents (demote_after = 2), then never again.
     assert runs.count("reboot-queue") == 2, runs
-    after = [m for m in ms if m["id"] > max(m2["id"] for m2 in ms
-                                            if m2["playbook"] == "reboot-queue")]
+    failed = [m for m in ms if m["playbook"] == "reboot-queue"]
+    assert len({m["incident"] for m in failed}) == 2
+    after = [m for m in ms if m["id"] > max(m2["id"] for m2 in failed)]
     assert after and all(m["playbook"] == "flush-queue" and m["state"] == "resolved"
                          for m in after)
     assert all(m["state"] == ("failed" if m["playbook"] == "reboot-queue" else "resolved")
@@ -148,6 +153,7 @@ def test_ranking_demotes_the_failing_playbook_and_knowledge_seeds_a_fresh_daemon
     assert "similar past missions" in text and "same detector and subject" in text
     assert "reboot-queue" in text and "DEMOTED" in text and "chosen" in text
     assert "risk low: approved automatically" in text
+    assert "learning  counted as a success of flush-queue" in text
     # similar: the earlier missions of the same detector and subject, newest first.
     sim = json.loads(g.ctl("missions", "similar", str(last["id"]), "--json",
                            check=True).stdout)
@@ -159,8 +165,8 @@ def test_ranking_demotes_the_failing_playbook_and_knowledge_seeds_a_fresh_daemon
                              check=True).stdout)["pattern"]
     assert shown["best_playbook"] == "flush-queue"
     assert [(p["playbook"], p["successes"], p["failures"], p["demoted"])
-            for p in shown["playbooks"]] == [("flush-queue", 5.0, 0.0, False),
-                                             ("reboot-queue", 0.0, 2.0, True)]
+            for p in shown["playbooks"]] == [("flush-queue", 5, 0, False),
+                                             ("reboot-queue", 0, 2, True)]
     stats = json.loads(g.ctl("knowledge", "stats", "--json", check=True).stdout)
     assert sum(w["runs"] for w in stats["success_rate_per_week"]) == 7  # 5 fixed, 2 failed
     assert sum(w["successes"] for w in stats["success_rate_per_week"]) == 5
@@ -170,6 +176,8 @@ def test_ranking_demotes_the_failing_playbook_and_knowledge_seeds_a_fresh_daemon
     assert [p["pattern"] for p in listed] == ["learner:queue"]
     export = g.base / "knowledge.json"
     g.ctl("knowledge", "export", str(export), check=True)
+    signed = json.loads(export.read_text())
+    assert signed["version"] == 2 and signed["kid"] and signed["sig"]
 
     # A fresh daemon, seeded with that file, ranks the same way before its first mission.
     other = Path(tempfile.mkdtemp(prefix="g", dir="/tmp"))
@@ -183,22 +191,57 @@ def test_ranking_demotes_the_failing_playbook_and_knowledge_seeds_a_fresh_daemon
         bad = fresh.ctl("knowledge", "import", str(cut))
         assert bad.returncode == 2 and bad.stdout == ""
         assert bad.stderr.startswith(f"gracectl: {cut}: not JSON") and bad.stderr.count("\n") == 1
+        # No key trusted for the exporting daemon yet: refused.
+        untrusted = fresh.ctl("knowledge", "import", str(export))
+        assert untrusted.returncode == 10 and "no trusted key for daemon" in untrusted.stderr
+        # Edited with jq-like care: the playbook that never worked made the best one.
+        edited = other / "edited.json"
+        forged = json.loads(export.read_text())
+        for p in forged["patterns"]:
+            if p["playbook"] == "reboot-queue":
+                p["successes"] = 5000
+        edited.write_text(json.dumps(forged, indent=2))
+        refused = fresh.ctl("knowledge", "import", "--key", str(g.state / "key.pub"),
+                            str(edited))
+        assert refused.returncode == 10 and refused.stderr.count("\n") == 1
+        assert "sig: the signature does not match" in refused.stderr
+        unsigned = other / "unsigned.json"
+        unsigned.write_text(json.dumps({k: v for k, v in forged.items()
+                                        if k not in ("sig", "kid")}))
+        no_sig = fresh.ctl("knowledge", "import", "--key", str(g.state / "key.pub"),
+                           str(unsigned))
+        assert no_sig.returncode == 2 and "kid: must be a string (an unsigned export)" \
+            in no_sig.stderr
         assert json.loads(fresh.ctl("knowledge", "ls", "--json", check=True).stdout) == []
+        # --dry-run: what would change, and nothing changes.
+        dry = fresh.ctl("knowledge", "import", "--dry-run", "--key", str(g.state / "key.pub"),
+                        str(export), check=True)
+        assert "reboot-queue" in dry.stdout and "new" in dry.stdout
+        assert "nothing changed" in dry.stderr
+        assert json.loads(fresh.ctl("knowledge", "ls", "--json", check=True).stdout) == []
+        # Pinned once (keys trust on the exporting daemon's socket), then no --key needed.
+        fresh.ctl("--socket", str(g.socket), "keys", "trust", check=True)
         fresh.ctl("knowledge", "import", str(export), check=True)
         fresh.ctl("knowledge", "import", str(export), check=True)  # same host: counted once
         seeded = json.loads(fresh.ctl("knowledge", "show", "learner:queue", "--json",
                                       check=True).stdout)["pattern"]
-        assert [(p["playbook"], p["successes"], p["failures"], p["demoted"],
-                 p["posterior_mean"]) for p in seeded["playbooks"]] == [
-            (p["playbook"], p["successes"], p["failures"], p["demoted"], p["posterior_mean"])
-            for p in shown["playbooks"]]
+        # Provenance: no local runs; the imported figures, from whom; never demoted on
+        # imported evidence alone.
+        by = {p["playbook"]: p for p in seeded["playbooks"]}
+        assert seeded["imported_only"] and seeded["best_playbook"] == "flush-queue"
+        assert [(i["successes"], i["failures"], i["kid"]) for i in
+                by["reboot-queue"]["imported"]] == [(0, 2, signed["kid"])]
+        assert by["reboot-queue"]["runs"] == 0 and not by["reboot-queue"]["demoted"]
+        human = fresh.ctl("knowledge", "show", "learner:queue", check=True).stdout
+        assert f"from {signed['host']} (key {signed['kid']})" in human
         fw = Watch(fresh)
         _fault_until_resolved(fw, b2, 1)
         fw.close()
         first = missions(fresh, "learner")
         assert [m["playbook"] for m in first] == ["flush-queue"]
         why = fresh.ctl("missions", "explain", str(first[0]["id"]), check=True).stdout
-        assert "DEMOTED" in why and "reboot-queue" in why
+        assert "reboot-queue" in why and f"from {signed['host']}" in why
+        assert "IMPORTED" in why
     finally:
         fresh.close()
         import shutil

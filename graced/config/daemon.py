@@ -32,6 +32,10 @@ def _fraction(v: float) -> str | None:
     return None if 0 <= v <= 1 else "must be between 0 and 1"
 
 
+def _import_weight(v: float) -> str | None:
+    return None if 0 <= v <= 1000 else "must be between 0 and 1000 (runs)"
+
+
 def _non_negative(v: float) -> str | None:
     return None if v >= 0 else "must not be negative"
 
@@ -100,6 +104,9 @@ class LearningConfig:
     demote_below: float = field(default=0.25, metadata=check(_fraction))
     similar_limit: int = field(default=10, metadata=check(positive))
     text_weight: float = field(default=0.5, metadata=check(_fraction))
+    demote_span: float = field(default=3600.0, metadata=check(_non_negative))
+    half_life: float = field(default=30 * 86400.0, metadata=check(positive))
+    import_weight: float = field(default=5.0, metadata=check(_import_weight))
 
 
 # The single-table sections, in the order `graced config default` prints them.

@@ -189,14 +189,18 @@ class DetectorRunner:
                     self.on_mission(m)
 
     def _record(self, tr: Transition) -> None:
-        writes = [store.upsert(tr.mission)]
         if not tr.topic:
-            self.mesh.store(writes)
+            self.mesh.store([store.upsert(tr.mission)])
             return
+        # The outcome first: it may note on the mission why learning left it out.
         more, events = self.outcome(tr.mission, time.time()) if self.outcome else ([], [])
-        self.mesh.publish_nowait(tr.topic, tr.mission.brief(), writes=writes + more)
+        self.mesh.publish_nowait(tr.topic, tr.mission.brief(),
+                                 writes=[store.upsert(tr.mission), *more])
         for topic, payload in events:
-            self.mesh.publish_nowait(topic, payload)
+            try:
+                self.mesh.publish_nowait(topic, payload)
+            except (ValueError, TypeError, OverflowError) as exc:
+                log.error("learning: %s not published: %s", topic, exc)
 
 
 def _fresh(d: DetectorConfig) -> dict[str, Any]:

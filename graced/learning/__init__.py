@@ -22,15 +22,47 @@ from typing import Any
 
 from ..config import LearningConfig, PlaybookConfig
 from ..journal import Write
-from ..missions.engine import Mission
+from ..missions.engine import Mission, ran
 from ..readers import SharedReader
 from . import memory
-from .knowledge import Knowledge
-from .ranking import Decision, Record, demoted, rank
+from .knowledge import LOCAL, Knowledge, Settings
+from .ranking import Decision, Record, rank
 
 log = logging.getLogger("graced.learning")
 
 Event = tuple[str, dict[str, Any]]
+
+
+def settings(config: LearningConfig) -> Settings:
+    return Settings(half_life=config.half_life, import_weight=config.import_weight,
+                    demote_after=config.demote_after, demote_below=config.demote_below,
+                    demote_span=config.demote_span)
+
+
+def credit(m: Mission, knowledge: Knowledge, sig: str) -> tuple[bool | None, str | None]:
+    """Does this outcome count as evidence about its playbook, and if not, why not?
+
+    Returns (success, None) for a credited run, or (None, reason). A run counts only if
+    the symptom was present when it started; a success only if every step ran to
+    completion; a failure at most once per incident."""
+    o_success = None
+    if ran(m) and m.state == "resolved":
+        o_success = True
+    elif ran(m) and m.state == "failed":
+        o_success = False
+    if o_success is None or not m.playbook:
+        return None, None
+    if m.symptom_at_start is False:
+        return None, ("the symptom had cleared before the playbook started: "
+                      "not credited either way")
+    if o_success and (not m.steps or not all(st.get("ok") for st in m.steps)
+                      or any(t.get("to") == "interrupted" for t in m.timeline)):
+        return None, "the playbook's steps did not run to completion: no success credited"
+    incident = m.incident or m.id
+    if not o_success and knowledge.failed_in(sig, m.playbook, incident):
+        return None, (f"{m.playbook} already failed in this incident (#{incident}): one "
+                      "failure per incident is counted")
+    return o_success, None
 
 
 class Learning:
@@ -38,10 +70,20 @@ class Learning:
 
     def __init__(self, config: LearningConfig, knowledge: Knowledge, journal_path: Path,
                  *, rng: random.Random | None = None) -> None:
-        self.config = config
         self.knowledge = knowledge
+        self.config = config
         self.rng = rng or random.Random()
         self._reads = SharedReader(lambda: memory.MemoryReader(journal_path))
+
+    @property
+    def config(self) -> LearningConfig:
+        return self._config
+
+    @config.setter
+    def config(self, value: LearningConfig) -> None:
+        """Set on start and on a config reload; the knowledge base follows."""
+        self._config = value
+        self.knowledge.settings = settings(value)
 
     def close(self) -> None:
         self._reads.close()
@@ -59,24 +101,43 @@ class Learning:
             limit=limit or self.config.similar_limit))
 
     def records(self, m: Mission, names: list[str],
-                similar: list[dict[str, Any]]) -> dict[str, Record]:
-        """Each candidate's record: this symptom's history, plus similar symptoms' runs
-        down-weighted by ``text_weight``."""
-        exact = self.knowledge.records(memory.signature(m.detector, m.subject))
+                similar: list[dict[str, Any]], now: float) -> dict[str, Record]:
+        """Each candidate's record: this symptom's history (local, decayed, plus the
+        bounded prior), plus similar symptoms' runs down-weighted by ``text_weight``."""
+        exact = self.knowledge.records(memory.signature(m.detector, m.subject), now)
         out = {n: Record() for n in names}
         for n in names:
             if n in exact:
                 out[n].add(exact[n])
         for s in similar:
             if s["match"] == "same detector and subject" or s["playbook"] not in out \
-                    or s["success"] is None:
+                    or s["success"] not in (0, 1):
                 continue
+            ttr = s["ttr"] if isinstance(s["ttr"], (int, float)) else None
             out[s["playbook"]].add(Record(
                 successes=float(s["success"]), failures=float(1 - s["success"]),
-                ttr_total=float(s["ttr"] or 0.0) if s["success"] else 0.0,
-                ttr_count=1.0 if s["success"] and s["ttr"] is not None else 0.0),
+                ttr_total=float(ttr or 0.0) if s["success"] else 0.0,
+                ttr_count=1.0 if s["success"] and ttr is not None else 0.0),
                 self.config.text_weight)
-        return out
+        return {n: r.bounded() for n, r in out.items()}
+
+    def blocked(self, m: Mission, names: list[str], now: float) -> tuple[dict[str, str],
+                                                                         list[str]]:
+        """Candidates not to run automatically (demoted, or failed in this incident), and
+        notes on demotions that the settings held back."""
+        sig = memory.signature(m.detector, m.subject)
+        out: dict[str, str] = {}
+        notes: list[str] = []
+        for n in names:
+            is_demoted, held = self.knowledge.demotion(sig, n, now)
+            if is_demoted:
+                out[n] = (f"demoted: success below {self.config.demote_below:.0%} in "
+                          f"{self.config.demote_after}+ incidents")
+            elif m.incident is not None and self.knowledge.failed_in(sig, n, m.incident):
+                out[n] = "already failed in this incident"
+            elif held:
+                notes.append(f"{n}: {held}")
+        return out, notes
 
     async def consult(self, m: Mission, candidates: list[PlaybookConfig]) -> Decision:
         """Look up similar missions and rank ``candidates``; records both on ``m``."""
@@ -88,13 +149,22 @@ class Learning:
             similar = []
         lookup_ms = (time.perf_counter() - started) * 1000
         names = [p.name for p in candidates]
-        decision = rank([(p.name, p.risk) for p in candidates], self.records(m, names, similar),
-                        strategy=self.config.strategy, rng=self.rng,
-                        demote_after=self.config.demote_after,
-                        demote_below=self.config.demote_below)
+        now = time.time()
+        blocked, notes = self.blocked(m, names, now)
+        decision = rank([(p.name, p.risk) for p in candidates],
+                        self.records(m, names, similar, now), strategy=self.config.strategy,
+                        rng=self.rng, blocked=blocked)
+        sig = memory.signature(m.detector, m.subject)
+        for c in decision.candidates:
+            prior = self.knowledge.prior(sig, c["playbook"], now)
+            c["prior"] = [round(prior.successes, 3), round(prior.failures, 3)]
+            c["imported_from"] = sorted({
+                e.host or s for s, e in self.knowledge.patterns.get(sig, {}).get(
+                    c["playbook"], {}).items() if s != LOCAL})
         m.similar = similar
         same = sum(1 for s in similar if s["match"] == "same detector and subject")
         m.decision = {**decision.as_dict(), "lookup_ms": round(lookup_ms, 3),
+                      "held_back": notes,
                       "similar": {"found": len(similar), "same_key": same,
                                   "text": len(similar) - same,
                                   "resolved": sum(1 for s in similar
@@ -112,44 +182,64 @@ class Learning:
     # -- after the outcome -------------------------------------------------------
 
     def outcome(self, m: Mission, now: float) -> tuple[list[Write], list[Event]]:
-        """Store a final (or interrupted) mission's outcome; learn from a playbook run."""
+        """Store a final (or interrupted) mission's outcome; learn from a credited run.
+
+        May set ``m.held_back`` (the caller stores the mission after this call)."""
         if m.state not in memory.OUTCOME_STATES:
             return [], []
+        sig = memory.signature(m.detector, m.subject)
+        events: list[Event] = []
+        success, why_not = (None, None) if m.state == "interrupted" else credit(
+            m, self.knowledge, sig)
+        if why_not and m.held_back is None:
+            m.held_back = {"setting": "credit", "reason": why_not}
         o = memory.outcome_of(m)
         writes = memory.outcome_writes(o)
-        events: list[Event] = []
-        if o["success"] is None or not o["playbook"]:
+        if success is None or not o["playbook"]:
             return writes, events
-        sig = o["signature"]
-        before = self.knowledge.records(sig).get(o["playbook"], Record())
-        was_demoted = demoted(before, self.config.demote_after, self.config.demote_below)
-        more, change = self.knowledge.learn(
+        was_demoted, _ = self.knowledge.demotion(sig, o["playbook"], now)
+        more, new = self.knowledge.learn(
             sig=sig, detector=m.detector, subject=m.subject, playbook=o["playbook"],
-            success=bool(o["success"]), ttr=o["ttr"], now=now)
+            success=success, ttr=o["ttr"], now=now, incident=m.incident or m.id)
         writes += more
-        rec = self.knowledge.records(sig)[o["playbook"]]
-        events.append(("learning.pattern_learned" if change["new"] else
+        rec = self.knowledge.local(sig, o["playbook"], now)
+        entry = self.knowledge.patterns[sig][o["playbook"]][LOCAL]
+        events.append(("learning.pattern_learned" if new else
                        "learning.pattern_updated", {
                            "pattern": sig, "playbook": o["playbook"], "mission": m.id,
-                           "success": bool(o["success"]), "successes": rec.successes,
-                           "failures": rec.failures, "posterior_mean": round(rec.mean, 4),
+                           "success": success, "successes": entry.successes,
+                           "failures": entry.failures, "posterior_mean": round(rec.mean, 4),
                            "mttr_s": None if rec.mttr is None else round(rec.mttr, 3)}))
-        if not was_demoted and demoted(rec, self.config.demote_after,
-                                       self.config.demote_below):
+        is_demoted, _ = self.knowledge.demotion(sig, o["playbook"], now)
+        if not was_demoted and is_demoted:
             events.append(("learning.demoted", {
-                "pattern": sig, "playbook": o["playbook"], "successes": rec.successes,
-                "failures": rec.failures,
-                "reason": f"success {rec.successes:g}/{rec.runs:g} is below "
-                          f"{self.config.demote_below:.0%} after {self.config.demote_after}+ "
-                          "runs: no longer run automatically for this symptom"}))
+                "pattern": sig, "playbook": o["playbook"], "successes": entry.successes,
+                "failures": entry.failures,
+                "reason": f"success {entry.successes}/{entry.successes + entry.failures} is "
+                          f"below {self.config.demote_below:.0%}, failing in "
+                          f"{self.config.demote_after}+ incidents over "
+                          f"{self.config.demote_span:g}+ s: no longer run automatically "
+                          "for this symptom"}))
         return writes, events
+
+    def reset(self, target: str) -> tuple[list[Write], int]:
+        return self.knowledge.reset(target)
 
     # -- reporting -----------------------------------------------------------------
 
-    def patterns(self) -> list[dict[str, Any]]:
-        cfg = self.config
-        return [self.knowledge.summary(sig, cfg.demote_after, cfg.demote_below)
-                for sig in sorted(self.knowledge.patterns)]
+    def patterns(self, now: float) -> list[dict[str, Any]]:
+        return [self.knowledge.summary(sig, now) for sig in sorted(self.knowledge.patterns)]
+
+    async def held_back(self, sig: str | None = None) -> dict[str, dict[str, int]]:
+        """Per pattern, how many outcomes learning left out, by the setting responsible."""
+        rows = await self.read(lambda r: r.query(
+            "SELECT signature, held_back, COUNT(*) FROM outcomes WHERE held_back IS NOT NULL"
+            + (" AND signature = ?" if sig else "") + " GROUP BY signature, held_back",
+            (sig,) if sig else ()))
+        out: dict[str, dict[str, int]] = {}
+        for s, setting, n in rows:
+            out.setdefault(str(s), {})[str(setting)] = int(n)
+        return out
 
     async def stats(self, now: float, weeks: int = 8, days: int = 14) -> dict[str, Any]:
         """Success rate per week, patterns added per day, share that consulted memory."""

@@ -9,13 +9,14 @@ read connection of its own, in a worker thread.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from ..journal import Write
-from ..missions.engine import Mission
+from ..missions.engine import Mission, ran
 
 # Mission states whose outcome is stored. ``interrupted`` is stored as it happens and
 # replaced by the final outcome when the mission closes.
@@ -79,38 +80,54 @@ def approved_by(m: Mission) -> str | None:
     return None
 
 
+def run_started(m: Mission) -> float | None:
+    """When the playbook last started (its ``executing`` transition), if it did."""
+    return next((float(t["ts"]) for t in reversed(m.timeline) if t.get("to") == "executing"),
+                None)
+
+
 def outcome_of(m: Mission) -> dict[str, Any]:
-    """The outcome row for a mission in a final state (or interrupted)."""
-    # It ran once its playbook started (a crash mid-step leaves no step result).
-    ran = bool(m.steps) or any(t.get("to") == "executing" for t in m.timeline)
+    """The outcome row for a mission in a final state (or interrupted).
+
+    ``playbook`` is named only when it ran. ``ttr`` is the time from the playbook's start
+    to the resolution (waiting for approval, or while paused, is not time the playbook
+    took); for a mission that resolved by itself, from opening to resolution."""
+    was_run = ran(m)
     success: int | None = None
-    if ran and m.state == "resolved":
+    if was_run and m.state == "resolved":
         success = 1
-    elif ran and m.state == "failed":
+    elif was_run and m.state == "failed":
         success = 0
     closed = m.closed_at if m.closed_at is not None else m.updated_at
-    values = [float(s["value"]) for s in m.samples if s.get("value") is not None]
+    start = (run_started(m) or m.opened_at) if was_run else m.opened_at
+    values = [float(s["value"]) for s in m.samples
+              if isinstance(s.get("value"), (int, float)) and math.isfinite(s["value"])]
+    ttr = None
+    if m.state == "resolved" and start is not None:
+        ttr = round(min(max(closed - start, 0.0), 7 * 86400.0), 3)
+    last = m.last_value if m.last_value is None or math.isfinite(m.last_value) else None
     return {
         "mission_id": m.id, "signature": signature(m.detector, m.subject),
         "detector": m.detector, "kind": m.kind, "subject": m.subject,
         "severity": m.severity, "summary": m.summary,
         "sample_values": {"first": values[0] if values else None,
-                          "last": m.last_value, "peak": max(values) if values else None,
+                          "last": last, "peak": max(values) if values else None,
                           "samples": len(m.samples), "occurrences": m.occurrences},
-        "playbook": m.playbook if ran else (m.playbook or None),
+        "playbook": m.playbook if was_run else None,
         "steps": [{k: s.get(k) for k in ("step", "action", "ok", "exit_code", "duration_s",
                                          "error")} for s in m.steps],
-        "outcome": m.state, "ran": int(ran), "success": success,
-        "ttr": round(closed - m.opened_at, 3) if m.state == "resolved" else None,
+        "outcome": m.state, "ran": int(was_run), "success": success,
+        "ttr": ttr,
         "approved_by": approved_by(m), "opened_at": m.opened_at, "closed_at": closed,
         "consulted": int(m.decision is not None),
         "interrupted": int(any(t["to"] == "interrupted" for t in m.timeline)),
+        "held_back": (m.held_back or {}).get("setting"),
     }
 
 
 _OUT_COLS = ("mission_id", "signature", "detector", "kind", "subject", "severity", "summary",
              "sample_values", "playbook", "steps", "outcome", "ran", "success", "ttr",
-             "approved_by", "opened_at", "closed_at", "consulted", "interrupted")
+             "approved_by", "opened_at", "closed_at", "consulted", "interrupted", "held_back")
 
 
 def outcome_writes(o: dict[str, Any]) -> list[Write]:

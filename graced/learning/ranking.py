@@ -4,9 +4,12 @@ Theory of operation
 -------------------
 Each candidate playbook has a :class:`Record` for the mission's symptom: successes and
 failures of its past runs (a run succeeds when the mission resolved after it), and the
-time those successes took. The record is the exact symptom's history (same detector and
-subject, from every source the knowledge base holds) plus, down-weighted, the runs of
-that playbook on textually similar past missions.
+time those successes took. The record is this host's own history of the exact symptom
+(same detector and subject; older outcomes weigh less, see ``half_life``), plus a
+bounded prior from imported knowledge, plus, down-weighted, the runs of that playbook
+on textually similar past missions. Every figure is clamped to finite, non-negative
+values below :data:`BETA_CAP` before it reaches a sampler, so no record, however it
+was made, can stall or crash the choice.
 
 Strategies:
 
@@ -19,10 +22,16 @@ Strategies:
 
 Ties go to the shorter mean time to resolve, then to config order.
 
-Demotion: a candidate with at least ``demote_after`` runs whose success ratio is below
-``demote_below`` is *demoted* for this symptom and no longer run automatically. When
-every candidate is demoted the mission escalates to a human. Learning only ever chooses
-*which* playbook; the risk policy still decides whether it runs without approval.
+Blocking: the caller may name candidates that are not to run automatically, with the
+reason (demoted for this symptom by :func:`demotion`, or already failed in this
+incident). When every candidate is blocked the mission escalates to a human. Learning
+only ever chooses *which* playbook; the risk policy still decides whether it runs
+without approval.
+
+Demotion (:func:`demotion`) looks at this host's own evidence only: a playbook is
+demoted when its success ratio is below ``demote_below`` *and* it failed in at least
+``demote_after`` distinct incidents whose failures span at least ``demote_span``
+seconds. Imported knowledge never demotes (or saves) a playbook by itself.
 """
 
 from __future__ import annotations
@@ -33,11 +42,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 STRATEGIES = ("thompson", "ucb", "uniform", "first")
+BETA_CAP = 1e6  # Beta parameters are clamped here: betavariate stays O(1)
+MAX_SECONDS = 7 * 86400.0
+
+
+def finite(x: float, upper: float = BETA_CAP) -> float:
+    """``x`` clamped into [0, upper]; NaN and -inf become 0, +inf becomes ``upper``."""
+    try:
+        if x != x or x <= 0:  # NaN, negatives and -0.0
+            return 0.0
+        return min(float(x), upper)
+    except (OverflowError, TypeError):  # an int too large for a float, or not a number
+        return upper if isinstance(x, int) and x > 0 else 0.0
 
 
 @dataclass
 class Record:
-    """A playbook's runs for one symptom."""
+    """A playbook's (effective) runs for one symptom."""
 
     successes: float = 0.0
     failures: float = 0.0
@@ -51,7 +72,7 @@ class Record:
     @property
     def ratio(self) -> float | None:
         """The observed success ratio (None before any run)."""
-        return self.successes / self.runs if self.runs else None
+        return self.successes / self.runs if self.runs > 0 else None
 
     @property
     def mean(self) -> float:
@@ -60,13 +81,21 @@ class Record:
 
     @property
     def mttr(self) -> float | None:
-        return self.ttr_total / self.ttr_count if self.ttr_count else None
+        if self.ttr_count <= 1e-9:
+            return None
+        return min(self.ttr_total / self.ttr_count, MAX_SECONDS)
 
     def add(self, other: Record, weight: float = 1.0) -> None:
         self.successes += weight * other.successes
         self.failures += weight * other.failures
         self.ttr_total += weight * other.ttr_total
         self.ttr_count += weight * other.ttr_count
+
+    def bounded(self) -> Record:
+        """A copy with every figure finite, non-negative and under :data:`BETA_CAP`."""
+        count = finite(self.ttr_count)
+        return Record(finite(self.successes), finite(self.failures),
+                      finite(self.ttr_total, MAX_SECONDS * max(count, 1.0)), count)
 
 
 @dataclass
@@ -84,7 +113,31 @@ class Decision:
                 "reason": self.reason, "candidates": self.candidates}
 
 
+def demotion(local: Record, fails: list[tuple[int, float]], *, after: int, below: float,
+             span: float) -> tuple[bool, str | None]:
+    """Is a playbook demoted for a symptom, on this host's own evidence?
+
+    ``local`` is the (decayed) local record, ``fails`` the counted failures as
+    (incident, time), one per incident, oldest first. Returns (demoted, held): ``held``
+    says which setting kept a poor record from demoting it, when one did."""
+    ratio = local.ratio
+    if ratio is None or ratio >= below:
+        return False, None
+    recent = fails[-after:] if after > 0 else []
+    if len(recent) < after:
+        return False, (f"success {ratio:.0%} is below {below:.0%}, but it failed in "
+                       f"{len(fails)} distinct incident(s) and demotion needs {after} "
+                       "([learning] demote_after)")
+    took = recent[-1][1] - recent[0][1]
+    if took < span:
+        return False, (f"success {ratio:.0%} is below {below:.0%}, but its last {after} "
+                       f"failing incidents span {took:.0f} s and demotion needs {span:g} s "
+                       "([learning] demote_span)")
+    return True, None
+
+
 def demoted(rec: Record, demote_after: int, demote_below: float) -> bool:
+    """The ratio rule alone (for a record with no incident history: a simulation)."""
     ratio = rec.ratio
     return rec.runs >= demote_after and ratio is not None and ratio < demote_below
 
@@ -94,21 +147,23 @@ def _r(x: float | None, nd: int = 4) -> float | None:
 
 
 def rank(candidates: list[tuple[str, str]], records: dict[str, Record], *, strategy: str,
-         rng: random.Random, demote_after: int, demote_below: float) -> Decision:
-    """Choose among ``candidates`` (name, risk), in config order, by their ``records``."""
+         rng: random.Random, blocked: dict[str, str] | None = None) -> Decision:
+    """Choose among ``candidates`` (name, risk), in config order, by their ``records``;
+    ``blocked`` names candidates not to run automatically, and why."""
     if not candidates:
         return Decision(strategy, None, False, "no playbook matches this mission")
     learning = strategy in ("thompson", "ucb")
+    blocked = blocked if learning and blocked else {}
     rows: list[dict[str, Any]] = []
-    total_runs = sum(records.get(n, Record()).runs for n, _ in candidates)
+    recs = {n: records.get(n, Record()).bounded() for n, _ in candidates}
+    total_runs = sum(r.runs for r in recs.values())
     for order, (name, risk) in enumerate(candidates):
-        rec = records.get(name, Record())
-        is_demoted = learning and demoted(rec, demote_after, demote_below)
+        rec = recs[name]
         if strategy == "thompson":
             score = rng.betavariate(1 + rec.successes, 1 + rec.failures)
         elif strategy == "ucb":
-            score = (math.inf if rec.runs == 0 else
-                     rec.mean + math.sqrt(2 * math.log(max(total_runs, 1)) / rec.runs))
+            score = (math.inf if rec.runs < 1e-9 else
+                     rec.mean + math.sqrt(2 * math.log(max(total_runs, 1.0)) / rec.runs))
         elif strategy == "uniform":
             score = rng.random()
         else:
@@ -116,15 +171,15 @@ def rank(candidates: list[tuple[str, str]], records: dict[str, Record], *, strat
         rows.append({"playbook": name, "risk": risk, "successes": _r(rec.successes, 2),
                      "failures": _r(rec.failures, 2), "runs": _r(rec.runs, 2),
                      "ratio": _r(rec.ratio), "mean": _r(rec.mean), "score": score,
-                     "mttr_s": _r(rec.mttr, 3), "demoted": is_demoted, "order": order})
+                     "mttr_s": _r(rec.mttr, 3), "demoted": name in blocked,
+                     "blocked": blocked.get(name), "order": order})
     eligible = [r for r in rows if not r["demoted"]]
     for r in rows:
         r["score"] = None if math.isinf(r["score"]) else _r(r["score"])
     if not eligible:
-        names = ", ".join(r["playbook"] for r in rows)
+        why = "; ".join(f"{r['playbook']}: {r['blocked']}" for r in rows)
         return Decision(strategy, None, True,
-                        f"every matching playbook keeps failing for this symptom ({names}: "
-                        f"success below {demote_below:.0%} after {demote_after}+ runs); "
+                        f"every matching playbook keeps failing for this symptom ({why}); "
                         "a human should look", rows)
 
     def key(r: dict[str, Any]) -> tuple[float, float, int]:
@@ -139,10 +194,10 @@ def rank(candidates: list[tuple[str, str]], records: dict[str, Record], *, strat
            "ucb": "highest upper confidence bound",
            "uniform": "uniform choice (learning off)",
            "first": "first matching playbook (learning off)"}[strategy]
-    skipped = [r["playbook"] for r in rows if r["demoted"]]
+    skipped = [f"{r['playbook']} ({r['blocked']})" for r in rows if r["demoted"]]
     reason = f"{best['playbook']}: {why}"
     if skipped:
-        reason += f"; demoted, not run automatically: {', '.join(skipped)}"
+        reason += f"; not run automatically: {', '.join(skipped)}"
     return Decision(strategy, best["playbook"], False, reason, rows)
 
 

@@ -6,9 +6,19 @@ A mission is keyed by (detector, subject); at most one is open per key. An anoma
 observation opens one (``detected`` -> ``open``) or, if one is open, updates it (its
 occurrence count, last value and summary). A normal observation counts towards
 ``resolve_after`` consecutive normal samples, after which the mission is resolved by
-itself (hysteresis). A mission opened within ``flap_window`` seconds after the last
-one for the same key was resolved is *flapping*: flagged, and its severity raised one
-level. A mission closed as escalated, rejected or expired hands the symptom to a human:
+itself (hysteresis); a mission awaiting approval resolves the same way, as "cleared
+before approval" (an approval then is refused: there is nothing left to fix). A mission
+opened within ``flap_window`` seconds after the last one for the same key *resolved by
+itself* is *flapping*: flagged, and its severity raised one level. A fault that comes
+back after a playbook fixed it is not flapping: the playbook budgets bound how often
+it is fixed again.
+
+An *incident* is one unbroken stretch of anomaly for a key: a mission that failed and
+reopens while the detector never saw the key normal belongs to the same incident as the
+one before it (``Mission.incident`` is the id of the incident's first mission). The
+learning loop counts at most one failure of a playbook per incident.
+
+A mission closed as escalated, rejected or expired hands the symptom to a human:
 no new mission opens for that key until the detector has seen it normal again (no storm
 of missions while a person looks). A failed one may reopen at once: another attempt,
 bounded by the playbook budgets and by demotion. Each transition comes back as a
@@ -32,7 +42,8 @@ FINAL = ("resolved", "failed", "escalated", "rejected", "expired")
 STATES = ACTIVE + FINAL
 HANDED_OVER = ("escalated", "rejected", "expired")
 # Active states in which a run of normal samples resolves the mission by itself.
-WATCHING = ("open", "detected", "verifying", "interrupted")
+WATCHING = ("open", "detected", "verifying", "interrupted", "awaiting_approval")
+CLEARED = "cleared before approval"
 MAX_SAMPLES = 10
 MAX_TIMELINE = 200
 
@@ -74,6 +85,11 @@ class Mission:
     # learning: what memory held when the playbook was chosen, and the ranking
     similar: list[dict[str, Any]] = field(default_factory=list)
     decision: dict[str, Any] | None = None
+    incident: int | None = None
+    # was the symptom present when the playbook started (None: it never started)
+    symptom_at_start: bool | None = None
+    # what kept learning from using this mission, and the setting responsible
+    held_back: dict[str, Any] | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -91,6 +107,11 @@ class Mission:
             "id", "detector", "kind", "subject", "severity", "state", "summary",
             "occurrences", "last_value", "flapping", "opened_at", "playbook", "risk",
             "reason")}
+
+
+def ran(m: Mission) -> bool:
+    """Did the mission's playbook start (a crash mid-step leaves no step result)?"""
+    return bool(m.steps) or any(t.get("to") == "executing" for t in m.timeline)
 
 
 @dataclass
@@ -111,7 +132,11 @@ class MissionEngine:
         self.update_interval = update_interval
         self.next_id = next_id
         self.active: dict[tuple[str, str], Mission] = {m.key: m for m in active or []}
+        # Resolutions *by themselves* (no playbook ran): what flapping is measured from.
         self.last_resolved = dict(last_resolved or {})
+        # The incident (first mission id) each key's current stretch of anomaly belongs to.
+        self.incidents: dict[tuple[str, str], int] = {
+            m.key: m.incident or m.id for m in active or []}
         # Keys handed to a human (escalated, rejected, expired) while still anomalous.
         self.held: set[tuple[str, str]] = set()
 
@@ -129,7 +154,9 @@ class MissionEngine:
             m.closed_at = now
             self.active.pop(m.key, None)
             if to == "resolved":
-                self.last_resolved[m.key] = now
+                self.incidents.pop(m.key, None)
+                if not ran(m):
+                    self.last_resolved[m.key] = now
             elif to in HANDED_OVER:
                 self.held.add(m.key)
         return Transition(f"mission.{to}", copy.deepcopy(m))
@@ -150,6 +177,8 @@ class MissionEngine:
         out: list[Transition] = []
         if not anomalous:
             self.held.discard(key)
+            if m is None:
+                self.incidents.pop(key, None)
         elif m is None and key in self.held:
             return out
         if anomalous:
@@ -162,7 +191,7 @@ class MissionEngine:
                     severity=raise_severity(severity) if flapping else severity,
                     state="detected", summary=summary, opened_at=now, updated_at=now,
                     last_value=value, score=score, flapping=flapping, last_update_event=now,
-                    samples=[sample],
+                    samples=[sample], incident=self.incidents.setdefault(key, self.next_id),
                 )
                 self.next_id += 1
                 m.timeline.append({"ts": now, "from": None, "to": "detected", "reason": summary})
@@ -194,16 +223,24 @@ class MissionEngine:
         m.last_value = value
         m.updated_at = now
         if m.normal_streak >= self.resolve_after and m.state in WATCHING:
-            if m.state in ("verifying", "interrupted"):
+            normal = f"{detector} normal for {m.normal_streak} consecutive samples"
+            if m.state == "awaiting_approval":
+                m.reason = f"{CLEARED}: {normal}; nothing was run"
+                m.held_back = {"setting": "missions.resolve_after",
+                               "reason": f"{CLEARED}: no playbook ran, nothing to learn"}
+            elif m.state in ("verifying", "interrupted"):
                 m.verification = {
                     "result": "passed", "at": now,
                     "after_s": round(now - (m.verify_started or m.updated_at), 3),
                     "detail": f"{detector} normal for {m.normal_streak} consecutive samples"}
-            m.reason = f"{detector} normal for {m.normal_streak} consecutive samples"
-            self._move(m, "resolved", now, m.reason)
+            if m.state != "awaiting_approval":
+                m.reason = normal
+            self._move(m, "resolved", now, m.reason or normal)
             m.closed_at = now
             del self.active[key]
-            self.last_resolved[key] = now
+            self.incidents.pop(key, None)
+            if not ran(m):
+                self.last_resolved[key] = now
             out.append(Transition("mission.resolved", copy.deepcopy(m)))
         else:
             out.append(Transition("", copy.deepcopy(m)))

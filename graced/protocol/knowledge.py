@@ -1,0 +1,133 @@
+"""The knowledge export format: bounds on every figure, and its signature. Pure code.
+
+A knowledge export is one JSON object::
+
+    {"format": "grace-knowledge", "version": 2, "source": DAEMON_ID, "host": HOST,
+     "exported_at": EPOCH, "patterns": [RECORD, ...], "kid": KID, "sig": SIG}
+
+``sig`` is the exporting daemon's Ed25519 signature over the canonical form of every
+other field (the same signing bytes as a response frame, see docs/protocol.md), so an
+edited export no longer verifies. A RECORD is one playbook's figures for one symptom::
+
+    {"signature": "DETECTOR:SUBJECT", "detector": ..., "subject": ..., "playbook": ...,
+     "successes": N, "failures": N, "ttr_total": SECONDS, "ttr_count": N,
+     "first_seen": EPOCH, "last_seen": EPOCH}
+
+Bounds (checked on import, and on every stored row when graced starts): counts are
+integers from 0 to :data:`MAX_COUNT`; ``ttr_count`` at most ``successes``; times are
+finite and non-negative, a time to resolve at most :data:`MAX_TTR` seconds on average,
+epochs at most :data:`MAX_EPOCH`; strings non-empty and at most :data:`MAX_TEXT`
+characters; at most :data:`MAX_RECORDS` records in one export.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .signing import check_signature, key_id
+
+EXPORT_FORMAT = "grace-knowledge"
+EXPORT_VERSION = 2
+MAX_COUNT = 1_000_000  # runs of one playbook for one symptom
+MAX_TTR = 7 * 86400.0  # seconds: a mean time to resolve above a week is not a measurement
+MAX_EPOCH = 1e10  # about the year 2286
+MAX_TEXT = 1000
+MAX_RECORDS = 100_000  # records in one export, and records kept per source
+MAX_FILE_BYTES = 32 * 2**20
+
+COUNTS = ("successes", "failures", "ttr_count")
+TIMES = ("ttr_total", "first_seen", "last_seen")
+TEXTS = ("signature", "detector", "subject", "playbook")
+
+
+def count(v: Any, where: str) -> int:
+    """An integer count within bounds (an integral float such as ``5.0`` or ``-0.0`` too)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{where}: must be an integer count")
+    if isinstance(v, float) and not (math.isfinite(v) and v.is_integer()):
+        raise ValueError(f"{where}: must be an integer count, not {v!r}")
+    if not 0 <= v <= MAX_COUNT:
+        raise ValueError(f"{where}: must be between 0 and {MAX_COUNT}")
+    return int(v)
+
+
+def seconds(v: Any, where: str, upper: float) -> float:
+    """A finite, non-negative time no larger than ``upper`` (``-0.0`` becomes ``0.0``)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{where}: must be a number")
+    if isinstance(v, int) and abs(v) > upper:
+        raise ValueError(f"{where}: must be between 0 and {upper:g}")
+    f = float(v)
+    if not math.isfinite(f) or not 0 <= f <= upper:
+        raise ValueError(f"{where}: must be between 0 and {upper:g}")
+    return f + 0.0
+
+
+def check_record(p: Any, where: str) -> dict[str, Any]:
+    """One record, validated and normalised; raises ValueError naming the first bad field."""
+    if not isinstance(p, dict):
+        raise ValueError(f"{where}: must be an object")
+    item: dict[str, Any] = {}
+    for key in TEXTS:
+        v = p.get(key)
+        limit = 2 * MAX_TEXT + 1 if key == "signature" else MAX_TEXT
+        if not isinstance(v, str) or not v or len(v) > limit:
+            raise ValueError(f"{where}.{key}: must be a non-empty string of at most {limit} "
+                             "characters")
+        item[key] = v
+    if item["signature"] != f"{item['detector']}:{item['subject']}":
+        raise ValueError(f"{where}.signature: must be DETECTOR:SUBJECT of this record")
+    for key in COUNTS:
+        item[key] = count(p.get(key), f"{where}.{key}")
+    for key in ("first_seen", "last_seen"):
+        item[key] = seconds(p.get(key), f"{where}.{key}", MAX_EPOCH)
+    item["ttr_total"] = seconds(p.get("ttr_total"), f"{where}.ttr_total",
+                                MAX_TTR * MAX_COUNT)
+    if item["ttr_count"] > item["successes"]:
+        raise ValueError(f"{where}.ttr_count: cannot exceed successes")
+    if item["ttr_total"] > MAX_TTR * item["ttr_count"]:
+        raise ValueError(f"{where}.ttr_total: mean time to resolve above {MAX_TTR:g} s "
+                         "(or time without a count)")
+    if item["first_seen"] > item["last_seen"]:
+        raise ValueError(f"{where}.first_seen: after last_seen")
+    return item
+
+
+def check(patterns: Any) -> list[dict[str, Any]]:
+    """Validate an export's records; raises ValueError naming the first bad field."""
+    if not isinstance(patterns, list):
+        raise ValueError("patterns: must be a list")
+    if len(patterns) > MAX_RECORDS:
+        raise ValueError(f"patterns: {len(patterns)} records; at most {MAX_RECORDS}")
+    return [check_record(p, f"patterns[{i}]") for i, p in enumerate(patterns)]
+
+
+def check_header(data: Any) -> None:
+    """The export's envelope (everything but the records' figures); raises ValueError."""
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"format: not a '{EXPORT_FORMAT}' export")
+    if data.get("version") == 1:
+        raise ValueError("version: 1 exports are unsigned and no longer accepted; export "
+                         "again from the source host")
+    if data.get("version") != EXPORT_VERSION:
+        raise ValueError(f"version: {data.get('version')!r} is not supported "
+                         f"({EXPORT_VERSION} is)")
+    for key in ("source", "host", "kid", "sig"):
+        v = data.get(key)
+        if not isinstance(v, str) or (not v and key != "host") or len(v) > MAX_TEXT:
+            raise ValueError(f"{key}: must be a string" + (
+                " (an unsigned export)" if key in ("kid", "sig") else ""))
+    seconds(data.get("exported_at"), "exported_at", MAX_EPOCH)
+    if not isinstance(data.get("patterns"), list):
+        raise ValueError("patterns: must be a list")
+
+
+def verify_export(data: dict[str, Any], public_key: bytes) -> None:
+    """Check the export's signature against a key the operator trusts; raises ValueError."""
+    if data.get("kid") != key_id(public_key):
+        raise ValueError(f"kid: signed by key {data.get('kid')}, not by the trusted key "
+                         f"{key_id(public_key)} of daemon {data.get('source')}")
+    if not check_signature(data, public_key):
+        raise ValueError("sig: the signature does not match: the file was edited after "
+                         "it was exported")
