@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import nacl.signing
+import pytest
 import trio
 
 from gracectl.client import Endpoint, connect
@@ -22,6 +23,8 @@ from tests.conftest import Graced
 from tests.helpers.procs import LineCollector
 from tests.test_learning_e2e import FAULT, NORMAL, fix, playbook, value_detector
 from tests.test_missions_e2e import Watch
+
+pytestmark = pytest.mark.slow
 
 SETTINGS = ('\n[missions]\nresolve_after = 2\nflap_window = 0\nupdate_interval = 60\n'
             "[remediation]\nmax_actions_per_hour = 10000\napproval_timeout = 120\n"
