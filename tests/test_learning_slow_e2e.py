@@ -21,7 +21,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -111,16 +110,14 @@ def second_user() -> Iterator[str]:
 
 
 TOGGLER = """
-import sys, time
-path, until = sys.argv[1], time.monotonic() + float(sys.argv[2])
-while time.monotonic() < until:
-    # Hold the symptom through the fix and its verification, then let it clear.
-    hold = time.monotonic() + 20
-    while time.monotonic() < hold:
-        open(path, "w").write("99")
-        time.sleep(0.05)
-    open(path, "w").write("0")
-    time.sleep(3)
+# Hold the symptom through the fix and its verification (20 s), let it clear, again.
+end=$(( $(date +%s) + $2 ))
+while [ "$(date +%s)" -lt "$end" ]; do
+    hold=$(( $(date +%s) + 20 ))
+    while [ "$(date +%s)" -lt "$hold" ]; do echo 99 > "$1"; sleep 0.05; done
+    echo 0 > "$1"
+    sleep 3
+done
 """
 
 
@@ -132,7 +129,7 @@ def test_an_unprivileged_user_toggling_a_watched_file_cannot_demote_a_working_pl
         watched = shared / "queue"
         watched.write_text(NORMAL)
         watched.chmod(0o666)
-        script = shared / "toggle.py"
+        script = shared / "toggle.sh"
         script.write_text(TOGGLER)
         script.chmod(0o644)
         assert pwd.getpwnam(second_user).pw_uid != os.geteuid()
@@ -144,8 +141,8 @@ def test_an_unprivileged_user_toggling_a_watched_file_cannot_demote_a_working_pl
                         + noop_playbook("noop", "queue"))
         w = Watch(g)
         toggler = subprocess.run(
-            ["runuser", "-u", second_user, "--", sys.executable, str(script), str(watched),
-             "600"], capture_output=True, text=True, timeout=700)
+            ["runuser", "-u", second_user, "--", "/bin/sh", str(script), str(watched), "600"],
+            capture_output=True, text=True, timeout=700)
         assert toggler.returncode == 0, toggler.stderr
         watched.write_text(NORMAL)
         shown = json.loads(g.ctl("knowledge", "show", "queue:queue", "--json",
