@@ -54,16 +54,34 @@ def default_socket() -> Path:
     return SYSTEM_RUNTIME / SOCKET_NAME if under_systemd() else user_socket()
 
 
+def _present(path: Path) -> bool:
+    """True if ``path`` exists, or cannot be looked at (reading it then says why)."""
+    try:
+        return path.exists()
+    except PermissionError:
+        return True
+
+
 def default_config_file() -> Path | None:
-    """The config file graced reads when none is given, or None for the embedded one."""
+    """The config file graced reads when none is given, or None for the embedded one.
+
+    Under systemd: the unit's configuration directory, else /etc/graced/graced.toml.
+    Otherwise the user's ``$XDG_CONFIG_HOME/graced/graced.toml``; for root without one,
+    the system file (so `graced config check` in root's shell checks what the service
+    loads).
+    """
     explicit = _first("CONFIGURATION_DIRECTORY")
-    if explicit and (explicit / "graced.toml").exists():
+    if explicit and _present(explicit / "graced.toml"):
         return explicit / "graced.toml"
-    if under_systemd() and SYSTEM_CONFIG.exists():
+    if under_systemd() and _present(SYSTEM_CONFIG):
         return SYSTEM_CONFIG
     xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     user = Path(xdg) / "graced" / "graced.toml"
-    return user if user.exists() else None
+    if _present(user):
+        return user
+    if os.geteuid() == 0 and _present(SYSTEM_CONFIG):
+        return SYSTEM_CONFIG
+    return None
 
 
 def client_socket() -> Path:

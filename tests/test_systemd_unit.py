@@ -27,7 +27,8 @@ def test_security_exposure_is_at_most_2_5() -> None:
 def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
     # Verify the shipped unit with ExecStart pointing at this checkout's graced.
     unit = tmp_path / "graced.service"
-    unit.write_text(UNIT.read_text().replace("/usr/bin/graced", bin_path("graced")))
+    unit.write_text(UNIT.read_text().replace("/opt/grace/current/bin/",
+                                             str(Path(bin_path("graced")).parent) + "/"))
     res = subprocess.run(["systemd-analyze", "verify", "--man=no", str(unit)],
                          capture_output=True, text=True)
     lines = [ln for ln in (res.stdout + res.stderr).splitlines()
