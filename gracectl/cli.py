@@ -121,7 +121,12 @@ def _human_duration(seconds: float) -> str:
 @json_option
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Show the daemon's state: identity, head seq, journal and clients."""
+    """Show the daemon's state: identity, health, execution, missions, journal, clients.
+
+    Exits 7 when graced is degraded (journal commits or a detector failing), so that
+    `gracectl status && ...` works in scripts and health checks; a pause is shown but is
+    not degraded.
+    """
     endpoint = _endpoint(ctx)
 
     async def go() -> Any:
@@ -131,7 +136,35 @@ def status(ctx: click.Context, as_json: bool) -> None:
     st = _run(go)
     if as_json:
         _print_json(st)
-        return
+    else:
+        _print_status(st)
+    if st.get("degraded"):
+        raise SystemExit(ExitCode.DEGRADED)
+
+
+def _health_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
+    ex = st["executor"]
+    if ex["paused"]:
+        execution = "PAUSED: nothing runs by itself (gracectl resume)"
+    elif ex["mode"] == "observe":
+        execution = "observe only ([remediation] mode): journals what would run"
+    else:
+        execution = (f"automatic; {ex['actions_last_hour']} of {ex['max_actions_per_hour']} "
+                     "actions this hour")
+    counts = st["missions"]
+    active = sum(counts.values())
+    missions = f"{active} active" + (": " + ", ".join(
+        f"{n} {sev}" for sev, n in reversed(list(counts.items())) if n) if active else "")
+    failing = st["failing_detectors"]
+    detectors = f"{st['detectors_total']} running" + (
+        "; FAILING: " + "; ".join(f"{name} ({d['last_error']})" for name, d in failing.items())
+        if failing else "")
+    health = "DEGRADED: " + "; ".join(st["degraded"]) if st["degraded"] else "ok"
+    return [("health", health), ("execution", execution), ("missions", missions),
+            ("detectors", detectors)]
+
+
+def _print_status(st: dict[str, Any]) -> None:
     j, w = st["journal"], st["wire"]
     rows = [
         ("daemon", f"graced {st['version']} on {st['host']} (pid {st['pid']})"),
@@ -141,6 +174,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         ("config", st["config"]),
         ("state", st["state_dir"]),
         ("head seq", str(st["head_seq"])),
+        *_health_rows(st),
         ("journal", f"{j['size_bytes'] / 1e6:.1f} MB, last commit {j['commit_latency_ms']} ms, "
                     f"{j['commit_errors']} errors" + (f" ({j['last_error']})" if j["last_error"]
                                                      else "")),

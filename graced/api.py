@@ -147,7 +147,23 @@ class Api:
             "wire": self.server.status(),
             "executor": self.executor.status(),
             "learning": await self._learning_summary(),
+            **self._health(),
         }
+
+    def _health(self) -> dict[str, Any]:
+        """Active missions by severity, failing detectors, and why graced is degraded."""
+        by_severity = dict.fromkeys(SEVERITIES, 0)
+        for m in self.executor.engine.active.values():
+            by_severity[m.severity] = by_severity.get(m.severity, 0) + 1
+        failing = {name: {"errors": st["errors"], "last_error": st["last_error"]}
+                   for name, st in self.runner.status.items() if st["state"] == "error"}
+        degraded = []
+        if self.mesh.failing_since is not None:
+            degraded.append(f"journal commits failing: {self.mesh.last_error}")
+        degraded += [f"detector {name} failing: {d['last_error']}"
+                     for name, d in failing.items()]
+        return {"missions": by_severity, "failing_detectors": failing,
+                "detectors_total": len(self.runner.status), "degraded": degraded}
 
     async def _learning_summary(self) -> dict[str, Any] | None:
         st = await self.learning.stats(time.time(), weeks=1, days=1)

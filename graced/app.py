@@ -277,9 +277,12 @@ class Daemon:
         if client_socket() != sock:
             ctl += f" --socket {sock}"
         assert self.signer is not None
+        serving = f"serving on {sock} (state {cfg.state_dir}, key {self.signer.kid})"
+        if sd_notify.stderr_is_journal():
+            log.info("graced %s %s", __version__, serving)
+            return
         print(
-            f"graced {__version__}: serving on {sock} (state {cfg.state_dir}, "
-            f"key {self.signer.kid})\n"
+            f"graced {__version__}: {serving}\n"
             f"graced: watch it from another shell with: {ctl} tail   "
             f"(or: {ctl} status)",
             file=sys.stderr,

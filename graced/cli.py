@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import time
 from typing import Any
 
 import click
@@ -13,12 +14,49 @@ import trio
 from . import __version__
 from .config import ConfigError, default_config, load_config, locate, to_toml
 from .errors import DaemonExit, StartupError
+from .sd_notify import stderr_is_journal
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
+# syslog priorities (sd-daemon(3) "<N>" prefixes) of logging's levels.
+PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+            logging.CRITICAL: 2}
+
+
+class _Format(logging.Formatter):
+    """``<N>where: message`` for the journal; ``TIME LEVEL where: message`` otherwise.
+
+    ``where`` is the logger below ``graced`` (``detectors``, ``reload``); none for
+    graced's own logger (the journal and a terminal already say it is graced).
+    """
+
+    def __init__(self, journal: bool) -> None:
+        super().__init__("%(message)s")
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        where = record.name.removeprefix("graced").lstrip(".")
+        text = (f"{where}: " if where else "") + super().format(record)
+        if self.journal:
+            level = PRIORITY.get(record.levelno, 6)
+            return "\n".join(f"<{level}>{line}" for line in text.splitlines())
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        return f"{stamp} {record.levelname.lower()} {text}"
+
+
+def setup_logging(level: str) -> None:
+    """graced's log lines on stderr, at ``level`` and above."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format(stderr_is_journal()))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
 def _fail(message: str, code: int) -> None:
-    click.echo(f"graced: {message}", err=True)
+    # The journal names graced already; elsewhere the line says who speaks.
+    click.echo(f"<3>{message}" if stderr_is_journal() else f"graced: {message}", err=True)
     sys.exit(code)
 
 
@@ -58,9 +96,7 @@ def run(config_path: str | None) -> None:
 
     cfg = _load(config_path)
     assert isinstance(cfg, Config)
-    level = getattr(logging, cfg.daemon.log_level.upper())
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="graced: %(levelname)s: %(name)s: %(message)s")
+    setup_logging(cfg.daemon.log_level)
     for warning in cfg.warnings:
         logging.getLogger("graced.config").warning("%s", warning)
     try:

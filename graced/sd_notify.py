@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 
 def notify(state: str) -> bool:
@@ -32,3 +33,13 @@ def watchdog_interval() -> float | None:
         return int(usec) / 1e6 / 2
     except ValueError:
         return None
+
+
+def stderr_is_journal() -> bool:
+    """True when stderr is the journal's stream (systemd sets JOURNAL_STREAM=DEV:INODE)."""
+    try:
+        dev, ino = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)

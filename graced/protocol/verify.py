@@ -66,6 +66,7 @@ class ExitCode(enum.IntEnum):
     NOT_AUTHORISED = 4
     NOT_FOUND = 5
     TIMEOUT = 6
+    DEGRADED = 7  # gracectl status: journal commits or a detector failing
     BAD_SIGNATURE = 10
     CHAIN_BROKEN = 11
     REPLAYED = 12

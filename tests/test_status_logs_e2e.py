@@ -1,0 +1,105 @@
+"""`gracectl status` tells the truth (pause, missions by severity, failing detectors, exit 7
+when degraded), and graced's log lines suit where they go: `<N>` priorities for the journal,
+timestamps otherwise, never a doubled prefix."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from graced.protocol import ExitCode
+from tests.conftest import Graced
+from tests.helpers.procs import LineCollector
+
+HOT = ('[[detector]]\nname = "hot"\nkind = "value"\nfile = "{file}"\nthreshold = 50.0\n'
+       'interval = 0.2\nseverity = "high"\n')
+BROKEN = '[[detector]]\nname = "gone"\nkind = "disk"\npath = "/nonexistent/grace"\n'
+
+
+def _rows(text: str) -> dict[str, str]:
+    return {line.split("  ", 1)[0]: line.split("  ", 1)[1].strip()
+            for line in text.splitlines() if "  " in line}
+
+
+def test_status_shows_pause_missions_and_exits_0_when_healthy(make_graced, shortdir: Path
+                                                              ) -> None:
+    value = shortdir / "v"
+    value.write_text("90\n")
+    g = make_graced(detectors=HOT.format(file=value))
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "mission.opened"))
+    assert tail.wait_for(lambda lines: any(x.startswith("{") for x in lines), 30)
+    res = g.ctl("status")
+    assert res.returncode == ExitCode.OK, res.stderr
+    rows = _rows(res.stdout)
+    assert rows["health"] == "ok"
+    assert rows["execution"].startswith("automatic; 0 of 20 actions this hour")
+    assert rows["missions"] == "1 active: 1 high"
+    assert rows["detectors"] == "1 running"
+
+    assert g.ctl("pause").returncode == 0
+    res = g.ctl("status")
+    assert res.returncode == ExitCode.OK  # paused is a choice, not a fault
+    assert _rows(res.stdout)["execution"] == "PAUSED: nothing runs by itself (gracectl resume)"
+    data = json.loads(g.ctl("status", "--json").stdout)
+    assert data["executor"]["paused"] is True and data["degraded"] == []
+    assert data["missions"] == {"low": 0, "medium": 0, "high": 1, "critical": 0}
+    tail.proc.terminate()
+
+
+def test_status_exits_7_while_a_detector_fails(make_graced) -> None:
+    g = make_graced(detectors=BROKEN)
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "detector.error"))
+    assert tail.wait_for(lambda lines: any(x.startswith("{") for x in lines), 30)
+    res = g.ctl("status")
+    assert res.returncode == ExitCode.DEGRADED == 7, res.stdout + res.stderr
+    rows = _rows(res.stdout)
+    assert rows["health"].startswith("DEGRADED: detector gone failing: FileNotFoundError")
+    assert rows["detectors"].startswith("1 running; FAILING: gone (FileNotFoundError")
+    res = g.ctl("status", "--json")
+    assert res.returncode == 7 and json.loads(res.stdout)["failing_detectors"]["gone"][
+        "errors"] >= 1
+    # A reload that drops the broken detector makes graced healthy again.
+    g.config.write_text(g.config.read_text().replace(BROKEN, ""))
+    assert g.ctl("reload").returncode == 0
+    assert g.ctl("status").returncode == 0
+    tail.proc.terminate()
+
+
+@pytest.mark.parametrize("journal", [True, False])
+def test_log_lines_carry_priorities_for_the_journal_and_timestamps_elsewhere(
+        make_graced, monkeypatch: pytest.MonkeyPatch, journal: bool) -> None:
+    g: Graced = make_graced(detectors=BROKEN, start=False)
+    g.stderr_path.touch()
+    if journal:
+        st = os.stat(g.stderr_path)
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+    else:
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    g.start()
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "daemon.config_*"))
+    g.config.write_text(g.config.read_text() + "bogus = 1\n")
+    g.proc.send_signal(signal.SIGHUP)
+    assert tail.wait_for(lambda lines: any("config_rejected" in x for x in lines), 30)
+    tail.proc.terminate()
+    assert g.stop() == 0
+    lines = g.stderr().splitlines()
+    assert lines and "graced: INFO" not in g.stderr() and ": graced:" not in g.stderr()
+    if journal:
+        assert all(re.match(r"<[2-7]>", line) for line in lines), lines
+        assert any(re.match(r"<6>graced \S+ serving on ", line) for line in lines), lines
+        assert any(line.startswith("<4>detectors: detector gone failed: FileNotFoundError")
+                   for line in lines), lines
+        assert any(line.startswith("<4>reload: config rejected (SIGHUP)") for line in lines)
+        assert any(line.startswith("<6>stopped cleanly") for line in lines), lines
+    else:
+        stamped = [line for line in lines if re.match(
+            r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d (debug|info|warning|error|critical) ", line)]
+        # All but the banner a person reads when starting graced in a terminal.
+        assert len(stamped) == len(lines) - 2, lines
+        assert any(" warning detectors: detector gone failed: " in line for line in stamped)
+        assert any(" warning reload: config rejected (SIGHUP)" in line for line in stamped)
