@@ -137,3 +137,17 @@ def test_each_detector_kinds_keys_are_listed_in_graced_toml_5() -> None:
     assert set(documented) == set(KINDS)
     for kind, schema in KINDS.items():
         assert documented[kind] == set(schema.keys) - set(COMMON), kind
+
+
+def test_the_keys_only_a_restart_applies_are_documented() -> None:
+    from graced.reload import RESTART_ONLY
+
+    for page in ("graced.8", "graced.toml.5"):
+        text = " ".join(_roff_text(MAN / page).split())
+        para = text[text.index("except [daemon]" if page.endswith("5") else "applies ([daemon]"):]
+        para = para[:para.index("refused")]
+        for section, keys in RESTART_ONLY.items():
+            assert f"[{section}]" in para, (page, section)
+            if section == "daemon":
+                for key in keys:
+                    assert re.search(rf"\b{key}\b", para), (page, key)

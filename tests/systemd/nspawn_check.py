@@ -16,8 +16,8 @@ uninstall blocks literally, and check, printing each step:
 
 Needs root, systemd-nspawn and debootstrap: as root it installs them (Debian packages
 systemd-container, debootstrap) when they are missing. Exits 0 when every check passes,
-1 on a failed check, 77 when it cannot run here (and says why); with CI=true a reason to
-skip is a failure (exit 1). The root tree is cached in /var/tmp/grace-nspawn (debootstrap
+1 on a failed check, 77 when it cannot run here (and says why); as root with CI=true a
+reason to skip is a failure (exit 1). The root tree is cached in /var/tmp/grace-nspawn (debootstrap
 takes minutes; GRACE_NSPAWN_FRESH=1 rebuilds it).
 """
 
@@ -47,7 +47,7 @@ def say(msg: str) -> None:
 
 
 def skip(why: str) -> int:
-    if IN_CI:
+    if IN_CI and os.geteuid() == 0:
         say(f"FAIL: cannot run under CI: {why}")
         return 1
     say(f"SKIPPED: {why}")
@@ -302,7 +302,8 @@ def reload_checks(c: Container) -> None:
     res = c.sh("systemctl reload graced")
     journal = c.sh("journalctl -u graced --no-pager -n 20 -o cat").stdout
     check(res.returncode != 0 and c.value("ActiveState") == "active"
-          and c.value("MainPID") == pid and 'max_ratio: not a key of kind "http"' in journal,
+          and c.value("MainPID") == pid
+          and 'max_ratio: not a key of action "restart_unit"' in journal,
           "systemctl reload graced refused a broken file; graced kept running (same pid)",
           res.stderr + journal)
     dets = json.loads(c.sh(f"gracectl --socket {SOCK} detectors --json").stdout)
@@ -327,9 +328,10 @@ def upgrade_checks(c: Container, blocks: dict[str, str]) -> None:
           f"and config, journal continued (seq {before['head_seq']} -> {after['head_seq']})",
           json.dumps([before, after]))
     again = c.sh(f"gracectl --socket {SOCK} missions ls --all --json").stdout
-    check(json.loads(again)[:len(json.loads(missions))] == json.loads(missions)
-          or len(json.loads(again)) >= len(json.loads(missions)),
-          "missions kept across the upgrade")
+    ids_before = {m["id"] for m in json.loads(missions)}
+    ids_after = {m["id"] for m in json.loads(again)}
+    check(ids_before <= ids_after, f"the {len(ids_before)} missions are kept across the upgrade",
+          missions + again)
     rule = c.sh("cat /etc/polkit-1/rules.d/50-graced.rules").stdout
     check('var GRACED_UNITS = ["flaky.service"];' in rule,
           "the upgrade rewrote the polkit rule with the units the playbooks restart", rule)
@@ -366,16 +368,23 @@ def watchdog_checks(c: Container) -> None:
 
 
 def journal_checks(c: Container) -> None:
-    res = c.sh("journalctl -p warning -u graced --no-pager -o json")
-    entries = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
-    ours = [e for e in entries if e.get("SYSLOG_IDENTIFIER", "").startswith("grace")]
-    bad = [e for e in entries if int(e.get("PRIORITY", 6)) > 4]
-    rejected = [e for e in ours if "config rejected" in str(e.get("MESSAGE"))]
-    info = c.sh("journalctl -p info -u graced --no-pager -o cat | grep -c 'config reloaded'")
-    check(not bad and rejected and int(info.stdout.strip() or 0) >= 1,
-          f"journalctl -p warning -u graced shows only warnings and worse ({len(entries)} "
-          "lines, the rejected reload among them; the info lines are not)",
-          "\n".join(f"{e.get('PRIORITY')} {e.get('MESSAGE')}" for e in entries[:30]))
+    def entries(args: str) -> list[dict[str, str]]:
+        out = c.sh(f"journalctl {args} -u graced --no-pager -o json").stdout
+        return [e for e in map(json.loads, filter(None, out.splitlines()))
+                if e.get("SYSLOG_IDENTIFIER") == "graced"]
+
+    every, warn = entries(""), entries("-p warning")
+    reloaded = [e for e in every if "config reloaded" in str(e.get("MESSAGE"))]
+    rejected = [e for e in warn if "config rejected" in str(e.get("MESSAGE"))]
+    leaked = [e for e in warn if int(e.get("PRIORITY", 6)) > 4
+              or "config reloaded" in str(e.get("MESSAGE"))]
+    raw = [e for e in every if str(e.get("MESSAGE", "")).startswith("<")]
+    check(bool(reloaded) and all(e.get("PRIORITY") == "6" for e in reloaded) and bool(rejected)
+          and not leaked and not raw,
+          f"journalctl -p warning -u graced shows only warnings and worse: {len(warn)} of "
+          f"graced's {len(every)} lines, the rejected reload among them, the info lines "
+          "(config reloaded) not; no <N> prefix left in a message",
+          "\n".join(f"{e.get('PRIORITY')} {e.get('MESSAGE')}" for e in every[-40:]))
 
 
 def main() -> int:
