@@ -149,6 +149,20 @@ def reset_tree() -> None:
             path.unlink()
 
 
+def trust_local_cas() -> bool:
+    """This machine's own CAs (a TLS-inspecting egress here) for the container, as the host
+    has them: the machine's setup, not Grace's. True if there were any."""
+    local = [p for p in Path("/usr/local/share/ca-certificates").glob("*.crt")]
+    dest = TREE / "usr/local/share/ca-certificates"
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in local:
+        shutil.copy(path, dest / path.name)
+    # pip in a venv trusts its own CA bundle, unless told (as this host tells it).
+    if local and Path("/etc/pip.conf").exists():
+        shutil.copy("/etc/pip.conf", TREE / "etc/pip.conf")
+    return bool(local)
+
+
 def add_flaky_service() -> None:
     """A service that fails its HTTP probe while /run/flaky-broken exists; a restart fixes
     it. Not Grace: the thing Grace watches."""
@@ -159,7 +173,7 @@ def add_flaky_service() -> None:
         "        broken = os.path.exists('/run/flaky-broken')\n"
         "        self.send_response(503 if broken else 200); self.end_headers()\n"
         "    def log_message(self, *a): pass\n"
-        "http.server.HTTPServer(('127.0.0.1', 8765), H).serve_forever()\n")
+        "http.server.HTTPServer(('127.0.0.1', 7471), H).serve_forever()\n")
     (TREE / "etc/systemd/system/flaky.service").write_text(
         "[Unit]\nDescription=a service that breaks\n[Service]\n"
         "ExecStartPre=/bin/rm -f /run/flaky-broken\n"
@@ -171,7 +185,7 @@ FLAKY = """
 name = "flaky"
 kind = "http"
 interval = 1.0
-url = "http://127.0.0.1:8765/"
+url = "http://127.0.0.1:7471/"
 
 [[playbook]]
 name = "restart-flaky"
@@ -227,8 +241,11 @@ class Container:
         raise SystemExit("the container's systemd did not appear")
 
     def sh(self, script: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return run(["nsenter", "-t", str(self.pid), "-a", "/bin/sh", "-c", script],
-                   timeout=timeout)
+        """Run ``script`` in the container as root, with a root login's environment (none of
+        this host's variables)."""
+        return run(["nsenter", "-t", str(self.pid), "-a", "env", "-i", "HOME=/root",
+                    "LANG=C.UTF-8", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:"
+                    "/sbin:/bin", "/bin/sh", "-c", script], timeout=timeout)
 
     def readme(self, block: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """Run one README block, as written, in the checkout, as root's login shell."""
@@ -397,9 +414,16 @@ def main() -> int:
     add_flaky_service()
     c = Container()
     try:
-        res = c.sh("systemctl is-system-running --wait", timeout=120)
-        say(f"container booted: {res.stdout.strip()} (systemd pid {c.pid} on the host)")
+        booted = c.wait("the container booted", "systemctl is-system-running --wait | "
+                        "grep -Ex 'running|degraded'", timeout=120)
+        say(f"container booted: {booted.strip()} (systemd pid {c.pid} on the host)")
         c.sh("systemctl start flaky.service")
+        c.wait("flaky.service answers", "python3 -c \"import urllib.request as u; "
+               "u.urlopen('http://127.0.0.1:7471/', timeout=5)\"", timeout=30)
+        if trust_local_cas():
+            res = c.sh("update-ca-certificates --fresh")
+            say("the container trusts this host's local CAs, as the host does ("
+                + " ".join(res.stdout.split()[-8:]) + ")")
         install_and_default(c, blocks)
         reload_checks(c)
         upgrade_checks(c, blocks)
