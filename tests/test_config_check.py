@@ -88,7 +88,9 @@ def _examples() -> list[str]:
     text = (ROOT / "man" / "graced.toml.5").read_text()
     section = text.split(".SH EXAMPLES", 1)[1].split(".SH ", 1)[0]
     blocks = re.findall(r"^\.nf\n(.*?)^\.fi$", section, re.S | re.M)
-    return [b.replace("\\-", "-") for b in blocks]
+    # roff escapes back to the characters the reader types
+    return [b.replace("\\-", "-").replace("\\(rs", "\\").replace("\\e", "\\")
+            for b in blocks]
 
 
 def test_every_example_appended_to_the_default_checks_ok(tmp_path: Path) -> None:

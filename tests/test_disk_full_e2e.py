@@ -72,15 +72,20 @@ def test_disk_full_is_reported_reads_go_on_and_it_recovers(small_fs: Path,
         failing = None
         # No event can say so (nothing commits): ask, as an operator would, up to 200 times.
         for _ in range(200):
-            st = json.loads(g.ctl("status", "--json", check=True).stdout)["journal"]
+            res = g.ctl("status", "--json")
+            st = json.loads(res.stdout)["journal"]
             if st["failing_since"] is not None:
                 failing = st
+                assert res.returncode == 7  # degraded, for health checks
                 break
+            assert res.returncode == 0, res.stderr
         assert failing is not None, "status never reported failing commits"
         assert "full" in failing["last_error"], failing
         assert failing["commit_errors"] >= 1
-        human = g.ctl("status", check=True).stdout
-        assert "COMMITS FAILING" in human
+        res = g.ctl("status")
+        assert res.returncode == 7 and "COMMITS FAILING" in res.stdout
+        health = next(ln for ln in res.stdout.splitlines() if ln.startswith("health"))
+        assert "DEGRADED: journal commits failing: " in health and "full" in health, health
         # ... and in the daemon's log (stderr: the journal under systemd).
         assert "journal commit failed: database or disk is full" in g.stderr()
         assert during.poll() is None  # still not acknowledged
