@@ -120,7 +120,10 @@ def copy_checkout(version: str | None = None) -> None:
     """This checkout's tracked files into the container (optionally as another version)."""
     dest = TREE / CHECKOUT.lstrip("/")
     shutil.rmtree(dest, ignore_errors=True)
-    files = run(["git", "-C", str(ROOT), "ls-files", "-z"]).stdout.split("\0")
+    listed = run(["git", "-C", str(ROOT), "ls-files", "-z"])
+    files = listed.stdout.split("\0")
+    if listed.returncode != 0 or not any(files):
+        raise SystemExit(f"cannot list the checkout's files with git: {listed.stderr}")
     for name in filter(None, files):
         src = ROOT / name
         if src.is_file():
