@@ -25,7 +25,7 @@ from graced.paths import client_socket
 from graced.protocol import ExitCode, Violation, key_id, parse_anchor
 
 from . import trust
-from .client import Endpoint, connect, sole_exception
+from .client import Endpoint, connect, decide, sole_exception
 from .errors import CtlError
 from .tail import TailOptions, run_tail, stderr_note
 from .verify import verify_file
@@ -387,12 +387,7 @@ def _age(seconds: float) -> str:
 
 
 async def _call(endpoint: Endpoint, method: str, params: dict[str, Any]) -> Any:
-    # Over TCP, requests are signed with this user's key (gracectl keys generate), if any.
-    try:
-        client_key = trust.load_client_key() if endpoint.url else None
-    except ValueError as exc:
-        raise CtlError(str(exc)) from None
-    async with connect(endpoint, trust.pinned(endpoint.name), client_key=client_key) as conn:
+    async with connect(endpoint, trust.pinned(endpoint.name)) as conn:
         return await conn.request(method, params)
 
 
@@ -501,9 +496,12 @@ def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
 
 def _decide(ctx: click.Context, mission_id: int, comment: str, approve: bool,
             as_json: bool) -> None:
-    method = "missions.approve" if approve else "missions.reject"
-    result = _run(lambda: _call(_endpoint(ctx), method, {"id": mission_id,
-                                                          "comment": comment}))
+    async def run() -> Any:
+        endpoint = _endpoint(ctx)
+        async with connect(endpoint, trust.pinned(endpoint.name)) as conn:
+            return await decide(conn, mission_id, approve, comment)
+
+    result = _run(run)
     m = result["mission"]
     if as_json:
         _print_json(m)

@@ -24,6 +24,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from graced.protocol import ExitCode, Signer, check_signature, key_id
 from graced.protocol.wire import ERROR_EXIT, request_signing_bytes
 
+from . import trust
 from .errors import CtlError, NotAuthorised, NotFound, RemoteError, Unreachable
 
 
@@ -61,6 +62,7 @@ class Connection:
         )
         self.notices: list[dict[str, Any]] = []
         self.closed: Closed | None = None
+        self.daemon_id: str | None = None  # learnt from hello before signing a request
 
     async def reader(self) -> None:
         try:
@@ -93,7 +95,19 @@ class Connection:
                 waiter.close()
 
     async def request(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        """Send one request and return its result; raises a typed error on failure."""
+        """Send one request and return its result; raises a typed error on failure.
+
+        With a client key, the request is signed and bound to the daemon's id, which a
+        first (unsigned) ``hello`` on this connection tells.
+        """
+        if self.client_key is not None and self.daemon_id is None:
+            hello = await self._request("hello", {}, sign=False)
+            self.daemon_id = str(hello.get("daemon_id", "")) if isinstance(hello, dict) else ""
+            if method == "hello":
+                return hello
+        return await self._request(method, params, sign=self.client_key is not None)
+
+    async def _request(self, method: str, params: dict[str, Any] | None, sign: bool) -> Any:
         req_id = self._next_id
         self._next_id += 1
         nonce = secrets.token_hex(16)
@@ -102,11 +116,12 @@ class Connection:
         try:
             out: dict[str, Any] = {"id": req_id, "nonce": nonce, "method": method,
                                    "params": params or {}}
-            if self.client_key is not None:
+            if sign and self.client_key is not None:
                 ts = time.time()
+                daemon = self.daemon_id or ""
                 data = request_signing_bytes(req_id, nonce, method, out["params"], ts,
-                                             self.client_key.kid)
-                out["auth"] = {"kid": self.client_key.kid, "ts": ts,
+                                             self.client_key.kid, daemon)
+                out["auth"] = {"kid": self.client_key.kid, "ts": ts, "daemon": daemon,
                                "sig": self.client_key.sign_bytes(data)}
             try:
                 await self.ws.send_message(json.dumps(out))
@@ -145,6 +160,18 @@ class Connection:
                 raise CtlError("response has a bad signature", ExitCode.BAD_SIGNATURE)
 
 
+async def decide(conn: Connection, mission_id: int, approve: bool, comment: str) -> Any:
+    """Approve or reject a mission, naming it by id and the time it opened.
+
+    A signed decision is then good for that mission only: not for a mission that
+    opens later, nor on another daemon.
+    """
+    shown = await conn.request("missions.get", {"id": mission_id})
+    method = "missions.approve" if approve else "missions.reject"
+    return await conn.request(method, {"id": mission_id, "comment": comment,
+                                       "opened": shown["mission"]["opened_at"]})
+
+
 def sole_exception(group: BaseExceptionGroup) -> BaseException:
     """The one leaf of a nursery's exception group (or the group if there are several)."""
     leaf: BaseException = group
@@ -159,8 +186,15 @@ async def connect(endpoint: Endpoint, trusted_key: bytes | None = None,
                   ) -> AsyncIterator[Connection]:
     """Open a connection; raises :class:`Unreachable` if the daemon cannot be reached.
 
-    Errors raised in the body come out as themselves, not wrapped in an exception group.
+    Over TCP every request is signed with this user's key (``gracectl keys generate``)
+    unless ``client_key`` is given. Errors raised in the body come out as themselves,
+    not wrapped in an exception group.
     """
+    if client_key is None and endpoint.url:
+        try:
+            client_key = trust.load_client_key()
+        except ValueError as exc:
+            raise CtlError(str(exc)) from None
     try:
         async with trio.open_nursery() as nursery:
             ws = await _open(nursery, endpoint, timeout)

@@ -27,7 +27,7 @@ import trio
 from graced.protocol import ChainVerifier, ExitCode, Violation, key_id
 
 from .cli import _age
-from .client import Connection, Endpoint, connect
+from .client import Connection, Endpoint, connect, decide
 from .errors import CtlError, Unreachable
 
 Segment = tuple[str, str]  # text, style
@@ -385,10 +385,8 @@ class Top:
         if self.conn is None:
             self.model.say("not connected", "red")
             return
-        method = "missions.approve" if verb == "approve" else "missions.reject"
         try:
-            res = await self.conn.request(method, {"id": mission_id,
-                                                   "comment": "from gracectl top"})
+            res = await decide(self.conn, mission_id, verb == "approve", "from gracectl top")
             m = res["mission"]
             self.model.say(f"mission {m['id']}: {m['state']} ({m['reason']})", "green")
             if self.model.detail is not None and self.model.detail.get("id") == mission_id:

@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from . import __version__, keys
+from .auth import CONTROL, READ
 from .config import Config
 from .detectors.runner import DetectorRunner
 from .executor import Executor
@@ -27,9 +28,9 @@ from .learning import knowledge as kb
 from .mesh import Mesh
 from .missions import store
 from .missions.engine import ACTIVE, SEVERITIES, STATES
-from .protocol import Signer, check_signature, key_id
+from .protocol import Signer
 from .protocol import knowledge as pk
-from .protocol.wire import Request, RequestError, request_signing_bytes
+from .protocol.wire import Request, RequestError
 from .readers import SharedReader
 from .reload import ConfigRejected, Reloader
 from .wire import Client, Handler, Server
@@ -37,6 +38,19 @@ from .wire import Client, Handler, Server
 log = logging.getLogger("graced.api")
 
 MAX_EMIT = 10_000_000
+MAX_COMMENT = 1024  # bytes of UTF-8: a comment is journaled with the decision
+
+# The role a TCP client's signed request needs for each method (None: anyone).
+# Over the Unix socket the peer's uid decides (see the handlers and graced.wire).
+ROLES: dict[str, str | None] = {
+    "hello": None,
+    "status": READ, "subscribe": READ, "keys": READ, "missions.list": READ,
+    "missions.get": READ, "missions.similar": READ, "detectors": READ,
+    "knowledge.list": READ, "knowledge.show": READ, "knowledge.export": READ,
+    "knowledge.stats": READ,
+    "missions.approve": CONTROL, "missions.reject": CONTROL, "pause": CONTROL,
+    "resume": CONTROL, "emit": CONTROL, "knowledge.import": CONTROL, "reload": CONTROL,
+}
 
 
 class Api:
@@ -60,19 +74,16 @@ class Api:
         self.runner = runner
         self.reads = reads
         self.quarantine = quarantine or {"rows": 0, "this_start": 0, "reasons": []}
-        self.used_nonces: set[str] = set()
         self.reloader: Reloader | None = None
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
         """Serve with this config from now on (at start, and after each reload)."""
         self.config = config
-        self.authorized_keys: list[bytes] = []
-        for line in config.remediation.authorized_keys:
-            try:
-                self.authorized_keys.append(keys.parse_public_key(line))
-            except ValueError:
-                log.warning("ignoring an authorized key that cannot be parsed: %r", line[:60])
+        rem = config.remediation
+        self.server.authenticator.configure(
+            read_keys=list(rem.read_keys), control_keys=list(rem.control_keys),
+            authorized_keys=list(rem.authorized_keys), window=rem.request_window)
 
     def handlers(self) -> dict[str, Handler]:
         """The wire's method table: method name -> handler."""
@@ -309,14 +320,22 @@ class Api:
     async def _decide(self, client: Client, req: Request, approve: bool) -> Any:
         mid = req.params.get("id")
         comment = req.params.get("comment", "")
+        opened = req.params.get("opened")
         if not isinstance(mid, int) or isinstance(mid, bool):
             raise RequestError("bad_request", "params.id must be an integer")
-        if not isinstance(comment, str) or len(comment) > 2000:
-            raise RequestError("bad_request", "params.comment must be a string (<= 2000)")
+        if not isinstance(comment, str) or len(comment.encode("utf-8", "surrogatepass")) \
+                > MAX_COMMENT:
+            raise RequestError("bad_request", f"params.comment must be a string of at most "
+                               f"{MAX_COMMENT} bytes")
+        if opened is not None and (not isinstance(opened, (int, float))
+                                   or isinstance(opened, bool)):
+            raise RequestError("bad_request", "params.opened must be the mission's opened_at")
         peer = client.peer
         verb = "approve" if approve else "reject"
         who: dict[str, Any]
-        if peer.transport == "unix" and req.auth is None:
+        if req.kid is None:
+            if peer.transport != "unix":  # the wire admits no unsigned decision over TCP
+                raise RequestError("not_authorised", f"{verb} over TCP must be signed")
             if not self.executor.may_approve(peer.uid, peer.groups):
                 await self._refuse(mid, verb, peer.describe(), (
                     f"uid {peer.uid} may not {verb} missions (allowed: root, uid "
@@ -327,10 +346,13 @@ class Api:
                 user = str(peer.uid)
             who = {"user": user, "uid": peer.uid, "auth": "unix peer credentials"}
         else:
-            kid = await self._check_signed(req, verb, peer.describe())
+            if opened is None:
+                raise RequestError("bad_request", f"a signed {verb} must name the mission's "
+                                   "opened time (params.opened)")
+            kid = await self._check_signed(client, req, verb)
             who = {"user": f"key {kid}", "key": kid, "auth": f"signed request (ed25519 {kid})"}
         try:
-            m = await self.executor.decide(mid, approve, who, comment)
+            m = await self.executor.decide(mid, approve, who, comment, opened)
         except LookupError as exc:
             rows = await self._read(f"{store.SELECT} WHERE id = ?", (mid,))
             if rows:
@@ -343,45 +365,33 @@ class Api:
             raise RequestError("invalid", str(exc)) from None
         return {"mission": m.public()}
 
-    async def _refuse(self, mid: Any, verb: str, peer: str, reason: str) -> None:
+    async def _refuse(self, mid: int, verb: str, peer: str, reason: str) -> None:
+        """Refuse a local user's decision; journaled: that user is known by uid."""
         await self.mesh.publish("mission.approval_refused", {
             "mission": mid, "decision": verb, "peer": peer, "reason": reason})
         raise RequestError("not_authorised", reason)
 
-    async def _check_signed(self, req: Request, verb: str, peer: str) -> str:
-        """Authenticate a signed request: known key, fresh timestamp, unused nonce."""
-        mid = req.params.get("id")
-        auth = req.auth
-        if auth is None:
-            await self._refuse(mid, verb, peer, f"{verb} over TCP must be signed by a key in "
-                               "[remediation] authorized_keys (gracectl keys generate)")
-        assert auth is not None
-        keys_by_kid = {key_id(k): k for k in self.authorized_keys}
-        public = keys_by_kid.get(auth["kid"])
-        if public is None:
-            await self._refuse(mid, verb, peer, f"key {auth['kid']} is not in "
-                               "[remediation] authorized_keys")
-        assert public is not None
-        data = request_signing_bytes(req.id, req.nonce, req.method, req.params, auth["ts"],
-                                     auth["kid"])
-        if not check_signature({"sig": auth["sig"]}, public, data=data):
-            await self._refuse(mid, verb, peer, "bad signature on the request")
-        window = self.config.remediation.request_window
-        skew = time.time() - float(auth["ts"])
-        if abs(skew) > window:
-            await self._refuse(mid, verb, peer, f"stale request: its timestamp is {skew:.0f} s "
-                               f"off (window {window:g} s)")
-        nonce_key = f"{auth['kid']}:{req.nonce}"
-        if nonce_key in self.used_nonces or await self._read(
-                "SELECT 1 FROM used_nonces WHERE nonce = ?", (nonce_key,)):
-            await self._refuse(mid, verb, peer, "replayed request: its nonce was used before")
-        self.used_nonces.add(nonce_key)
+    async def _check_signed(self, client: Client, req: Request, verb: str) -> str:
+        """A signed decision (its signature checked by the wire): control role, nonce
+        never used, even before a restart. Refusals are counted, never journaled."""
+        kid = req.kid
+        assert kid is not None and req.auth is not None
+        reason = ""
+        nonce_key = f"{kid}:{req.nonce}"
+        if req.role != CONTROL:
+            reason = f"key {kid} has the {req.role} role; {verb} needs control"
+        elif await self._read("SELECT 1 FROM used_nonces WHERE nonce = ?", (nonce_key,)):
+            reason = "replayed request: its nonce was used before"
+        if reason:
+            self.server.refusals.refuse(client.peer.describe(), req.method, reason)
+            raise RequestError("not_authorised", reason)
         # Durable before the decision is acted on: a replay after a restart is refused too.
         await self.mesh.publish("mission.request_authenticated", {
-            "mission": mid, "decision": verb, "kid": auth["kid"], "peer": peer},
+            "mission": req.params["id"], "decision": verb, "kid": kid,
+            "peer": client.peer.describe()},
             writes=[("INSERT OR IGNORE INTO used_nonces (nonce, kid, ts) VALUES (?, ?, ?)",
-                     (nonce_key, auth["kid"], float(auth["ts"])))])
-        return str(auth["kid"])
+                     (nonce_key, kid, float(req.auth["ts"])))])
+        return kid
 
     async def approve(self, client: Client, req: Request) -> Any:
         return await self._decide(client, req, True)
@@ -389,11 +399,12 @@ class Api:
     async def reject(self, client: Client, req: Request) -> Any:
         return await self._decide(client, req, False)
 
-    async def _set_paused(self, client: Client, paused: bool) -> Any:
-        if not self.executor.may_approve(client.peer.uid, client.peer.groups) \
-                or client.peer.transport != "unix":
+    async def _set_paused(self, client: Client, req: Request, paused: bool) -> Any:
+        peer = client.peer
+        if req.role != CONTROL and not (peer.transport == "unix"
+                                        and self.executor.may_approve(peer.uid, peer.groups)):
             raise RequestError("not_authorised", "pause/resume needs an approver over the "
-                               "Unix socket")
+                               "Unix socket or a request signed by a control key")
         changed = self.executor.paused != paused
         self.executor.paused = paused
         await self.mesh.publish(
@@ -417,10 +428,10 @@ class Api:
                                ) from None
 
     async def pause(self, client: Client, req: Request) -> Any:
-        return await self._set_paused(client, True)
+        return await self._set_paused(client, req, True)
 
     async def resume(self, client: Client, req: Request) -> Any:
-        return await self._set_paused(client, False)
+        return await self._set_paused(client, req, False)
 
     async def detectors(self, client: Client, req: Request) -> Any:
         history = req.params.get("history", 0)
@@ -441,10 +452,10 @@ class Api:
 
     async def emit(self, client: Client, req: Request) -> Any:
         """Publish ``user.*`` events: annotations, and load for tests and benchmarks."""
-        if not client.can_control():
+        if not client.can_control() and req.role != CONTROL:
             raise RequestError(
-                "not_authorised", f"emit needs root or uid {os.geteuid()} over the Unix socket"
-            )
+                "not_authorised", f"emit needs root or uid {os.geteuid()} over the Unix socket, "
+                "or a request signed by a control key")
         p = req.params
         topic = p.get("topic")
         if not isinstance(topic, str) or not topic.startswith("user.") or len(topic) > 200:

@@ -27,7 +27,8 @@ from typing import Any
 import trio
 
 from . import __version__, keys, sd_notify
-from .api import Api
+from .api import ROLES, Api
+from .auth import Authenticator
 from .config import Config, locate
 from .detectors.runner import DetectorRunner
 from .errors import DaemonExit, StartupError, StateError
@@ -154,6 +155,7 @@ class Daemon:
             client_queue=cfg.daemon.client_queue,
             send_timeout=cfg.daemon.send_timeout,
             handlers={},
+            authenticator=Authenticator(self.daemon_id),  # keys: Api.set_config
             clock=time.time,
         )
         self.server = server
@@ -166,6 +168,7 @@ class Daemon:
         reloader.listeners += [lambda new: setattr(self, "config", new), api.set_config]
         api.reloader = reloader
         server.handlers = api.handlers()
+        server.roles = dict(ROLES)
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
                                            signal.SIGHUP) as signals:

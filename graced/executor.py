@@ -323,11 +323,18 @@ class Executor:
         return bool(wanted & groups)
 
     async def decide(self, mission_id: int, approve: bool, who: dict[str, Any],
-                     comment: str) -> Mission:
-        """Approve or reject a mission awaiting approval; raises LookupError/ValueError."""
+                     comment: str, opened: float | None = None) -> Mission:
+        """Approve or reject a mission awaiting approval; raises LookupError/ValueError.
+
+        ``opened``, when given, must be the mission's ``opened_at``: the decision was
+        made for that mission and no other (a signed request names it).
+        """
         m = self.engine.by_id(mission_id)
         if m is None:
             raise LookupError(f"no active mission {mission_id}")
+        if opened is not None and opened != m.opened_at:
+            raise ValueError(f"the request names mission {mission_id} opened at {opened!r}, "
+                             f"but mission {mission_id} opened at {m.opened_at!r}")
         if m.state != "awaiting_approval":
             raise ValueError(f"mission {mission_id} is {m.state}, not awaiting approval")
         now = time.time()

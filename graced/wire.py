@@ -10,6 +10,7 @@ nothing a client sends can take the daemon down.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import json
@@ -28,6 +29,7 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
+from .auth import CONTROL, RANK, Authenticator, AuthError, Refusals
 from .errors import DaemonExit, StartupError
 from .journal import JournalReader
 from .mesh import Mesh, Subscription, compile_patterns
@@ -189,6 +191,7 @@ class Server:
         client_queue: int,
         send_timeout: float,
         handlers: dict[str, Handler],
+        authenticator: Authenticator,
         clock: Callable[[], float],
     ) -> None:
         self.mesh = mesh
@@ -203,6 +206,9 @@ class Server:
         self.client_queue = client_queue
         self.send_timeout = send_timeout
         self.handlers = handlers
+        self.roles: dict[str, str | None] = {}  # method -> role a TCP request needs
+        self.authenticator = authenticator
+        self.refusals = Refusals()
         self.clock = clock
         self.clients: set[Client] = set()
         self.tcp_ports: list[int] = []
@@ -461,13 +467,45 @@ class Server:
             if handler is None:
                 client.respond_error(
                     req.id, req.nonce, "unknown_method",
-                    f"unknown method {req.method!r} (known: {', '.join(sorted(self.handlers))})",
+                    f"unknown method {req.method[:64]!r} "
+                    f"(known: {', '.join(sorted(self.handlers))})",
                 )
+                continue
+            try:
+                req = self._admit(client, req)
+            except RequestError as exc:
+                client.respond_error(req.id, req.nonce, exc.code, exc.message)
                 continue
             if req.method == "subscribe":
                 nursery.start_soon(self._run_handler, client, req, handler)
             else:
                 await self._run_handler(client, req, handler)
+
+    def _admit(self, client: Client, req: Request) -> Request:
+        """Check a request's signature, if any, and the role its method needs over TCP.
+
+        Returns the request with the signer's ``kid`` and ``role`` set. A refusal is
+        counted and logged (rate-limited), never journaled: the peer is unknown.
+        """
+        peer = client.peer
+        if req.auth is not None:
+            try:
+                kid, role = self.authenticator.verify(req)
+            except AuthError as exc:
+                self.refusals.refuse(peer.describe(), req.method, str(exc))
+                raise RequestError("not_authorised", str(exc)) from None
+            req = dataclasses.replace(req, kid=kid, role=role)
+        need = self.roles.get(req.method, CONTROL)
+        if peer.transport == "tcp" and RANK[req.role] < RANK[need]:
+            if req.kid is None:
+                reason = (f"over TCP, {req.method} must be signed by a key with the {need} "
+                          "role ([remediation] read_keys or control_keys; see gracectl keys "
+                          "generate)")
+            else:
+                reason = f"key {req.kid} has the {req.role} role; {req.method} needs {need}"
+            self.refusals.refuse(peer.describe(), req.method, reason)
+            raise RequestError("not_authorised", reason)
+        return req
 
     async def _run_handler(self, client: Client, req: Request, handler: Handler) -> None:
         try:
@@ -578,6 +616,7 @@ class Server:
             "connections_total": self.connections_total,
             "refused_total": self.refused_total,
             "dropped_total": self.dropped_total,
+            "refused_requests": self.refusals.total,
             "socket": str(self.socket_path),
             "tcp_ports": self.tcp_ports,
         }

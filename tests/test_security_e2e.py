@@ -9,10 +9,12 @@ import os
 import pwd
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from graced.protocol.signing import b64
 from tests.helpers.procs import poll_until
 from tests.test_documented_e2e import APPROVER, GROUP, approver, marker  # noqa: F401
 from tests.test_remediation_e2e import process_detector, restart_playbook, setup
@@ -92,3 +94,54 @@ def test_a_reused_pid_lends_no_approver_groups(make_graced, marker, approver) ->
                              check=True).stdout)
     assert shown["state"] == "awaiting_approval" and not shown["approvals"]
     w.close()
+
+
+async def test_a_captured_approval_is_refused_by_another_daemon_and_mission(
+        make_graced, marker, shortdir) -> None:  # noqa: F811
+    """Two daemons trust the same operator key; an approval signed for one daemon's
+    mission, replayed byte for byte to the other, or naming an earlier incarnation of
+    the mission, is refused; the original is accepted (the request itself was good)."""
+    import nacl.signing
+
+    from graced.protocol import Signer
+    from tests.conftest import Graced
+    from tests.test_missions_e2e import MISSIONS, Watch
+    from tests.test_remediation_e2e import _send_raw, _signed, mission
+
+    key = Signer(nacl.signing.SigningKey.generate())
+    pub = f"ed25519 {b64(key.public_key)} {key.kid}"
+    body = (process_detector(marker) + restart_playbook(marker, "high")
+            + MISSIONS.format(flap=0) + f'\n[remediation]\ncontrol_keys = ["{pub}"]\n')
+    a = make_graced(extra_config='listen = ["127.0.0.1:0"]\n', detectors=body)
+    (shortdir / "b").mkdir()
+    b = Graced(shortdir / "b", 'listen = ["127.0.0.1:0"]\n', detectors=body)
+    b.start()
+    try:
+        targets = {}
+        for name, g in (("a", a), ("b", b)):
+            w = Watch(g)
+            mid = w.wait("mission.awaiting_approval", "worker", 15)["payload"]["id"]
+            w.close()
+            st = json.loads(g.ctl("status", "--json", check=True).stdout)
+            targets[name] = (g, mid, mission(g, mid)["opened_at"], st["daemon_id"],
+                             f"ws://127.0.0.1:{st['wire']['tcp_ports'][0]}")
+        ga, mid_a, opened_a, id_a, url_a = targets["a"]
+        gb, mid_b, _, id_b, url_b = targets["b"]
+        assert id_a != id_b and mid_a == mid_b  # the same mission id on both daemons
+        captured = _signed(key, mid_a, time.time(), id_a, opened_a)
+        elsewhere = await _send_raw(url_b, captured)
+        assert elsewhere["ok"] is False and elsewhere["error"]["code"] == "not_authorised"
+        assert f"bound to daemon '{id_a}', not this one ({id_b})" \
+            in elsewhere["error"]["message"]
+        earlier = await _send_raw(url_a, _signed(key, mid_a, time.time(), id_a,
+                                                 opened_a - 600))
+        assert earlier["ok"] is False and earlier["error"]["code"] == "invalid"
+        assert f"opened at {opened_a!r}" in earlier["error"]["message"]
+        assert mission(gb, mid_b)["state"] == "awaiting_approval"
+        assert mission(ga, mid_a)["state"] == "awaiting_approval"
+        accepted = await _send_raw(url_a, captured)
+        assert accepted["ok"], accepted
+        assert mission(ga, mid_a)["approvals"][0]["key"] == key.kid
+        assert mission(gb, mid_b)["state"] == "awaiting_approval"
+    finally:
+        b.close()

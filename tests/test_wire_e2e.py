@@ -112,16 +112,29 @@ def test_emit_needs_control_rights(make_graced) -> None:
     assert res.returncode == 0, res.stderr
 
 
-async def test_tcp_listener_streams_verifiably_is_read_only_and_checks_origin(make_graced) -> None:
-    g = make_graced(extra_config='listen = ["127.0.0.1:0"]\n')
+async def test_tcp_listener_reads_only_with_a_read_key_and_checks_origin(make_graced) -> None:
+    """Over TCP nothing but hello without a key; a read key streams verifiably but
+    cannot control; a foreign Origin is refused at the handshake."""
+    g = make_graced(start=False, extra_config='listen = ["127.0.0.1:0"]\n'
+                    '[remediation]\nread_keys = ["KEY"]\n')
+    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
+    no_key = dict(env, GRACE_CLIENT_KEY=str(g.base / "none.key"))
+    line = g.ctl("keys", "generate", check=True).stdout.strip()
+    g.config.write_text(g.config.read_text().replace('"KEY"', json.dumps(line)))
+    g.start()
     port = json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["tcp_ports"][0]
     url = f"ws://127.0.0.1:{port}"
-    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
+    tail = [g.ctl_argv0(), "--url", url, "tail", "--verify", "--since", "1", "--no-follow",
+            "--key", str(g.state / "key.pub")]
     with trio.fail_after(30):
-        res = await trio.run_process(
-            [g.ctl_argv0(), "--url", url, "tail", "--verify", "--since", "1", "--no-follow",
-             "--key", str(g.state / "key.pub")], env=env, capture_stdout=True,
-            capture_stderr=True, check=False, stdin=b"")
+        res = await trio.run_process(tail, env=no_key, capture_stdout=True,
+                                     capture_stderr=True, check=False, stdin=b"")
+    assert res.returncode == ExitCode.NOT_AUTHORISED, res.stderr
+    assert b"must be signed by a key with the read role" in res.stderr
+    assert res.stdout == b""
+    with trio.fail_after(30):
+        res = await trio.run_process(tail, env=env, capture_stdout=True,
+                                     capture_stderr=True, check=False, stdin=b"")
     assert res.returncode == 0, res.stderr
     assert b"daemon.started" in res.stdout
     with trio.fail_after(30):
@@ -129,6 +142,7 @@ async def test_tcp_listener_streams_verifiably_is_read_only_and_checks_origin(ma
                                      capture_stdout=True, capture_stderr=True, check=False,
                                      stdin=b"")
     assert res.returncode == ExitCode.NOT_AUTHORISED, res.stderr
+    assert b"has the read role; emit needs control" in res.stderr
     rejected = None
     with trio.fail_after(10):
         try:

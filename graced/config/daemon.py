@@ -92,6 +92,8 @@ class RemediationConfig:
     approvers: list[str] = field(default_factory=list)
     approver_groups: list[str] = field(default_factory=list)
     authorized_keys: list[str] = field(default_factory=list)
+    read_keys: list[str] = field(default_factory=list)
+    control_keys: list[str] = field(default_factory=list)
     request_window: float = field(default=60.0, metadata=check(positive))
 
 

@@ -16,6 +16,8 @@ One WebSocket text message carries one or more frames separated by a newline.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,7 @@ ERROR_EXIT = {
 MAX_NONCE = 128
 MAX_ID = 128
 MAX_DEPTH = 32
+KID = re.compile(r"[0-9a-f]{16}")
 
 
 class RequestError(Exception):
@@ -56,13 +59,20 @@ class Request:
     method: str
     params: dict[str, Any] = field(default_factory=dict)
     auth: dict[str, Any] | None = None
+    # Set by the daemon once ``auth`` is verified: the signer's key id and its role.
+    kid: str | None = None
+    role: str | None = None
 
 
 def request_signing_bytes(req_id: Any, nonce: str, method: str, params: dict[str, Any],
-                          ts: float, kid: str) -> bytes:
-    """What a client signs to authenticate a request (see docs/protocol.md)."""
+                          ts: float, kid: str, daemon: str) -> bytes:
+    """What a client signs to authenticate a request (see docs/protocol.md).
+
+    ``daemon`` is the id of the daemon the request is meant for (``hello`` tells it), so
+    a captured request cannot be replayed to another daemon.
+    """
     return canonical_bytes({"id": req_id, "nonce": nonce, "method": method, "params": params,
-                            "ts": ts, "kid": kid})
+                            "ts": ts, "kid": kid, "daemon": daemon})
 
 
 def _depth(obj: Any, limit: int) -> int:
@@ -120,11 +130,15 @@ def parse_request(message: str | bytes, max_bytes: int) -> Request:
         )
     auth = obj.get("auth")
     if auth is not None and not (
-        isinstance(auth, dict) and isinstance(auth.get("kid"), str)
-        and isinstance(auth.get("sig"), str)
-        and isinstance(auth.get("ts"), (int, float)) and not isinstance(auth.get("ts"), bool)
+        isinstance(auth, dict) and set(auth) == {"kid", "ts", "sig", "daemon"}
+        and isinstance(auth["kid"], str) and KID.fullmatch(auth["kid"])
+        and isinstance(auth["sig"], str) and len(auth["sig"]) == 88
+        and isinstance(auth["daemon"], str) and len(auth["daemon"]) <= MAX_ID
+        and isinstance(auth["ts"], (int, float)) and not isinstance(auth["ts"], bool)
+        and math.isfinite(auth["ts"])
     ):
-        raise RequestError("bad_request", "field 'auth' must be {kid, ts, sig}", req_id, nonce)
+        raise RequestError("bad_request", "field 'auth' must be {kid (16 hex digits), ts, "
+                           "sig (base64 of 64 bytes), daemon}", req_id, nonce)
     return Request(id=req_id, nonce=nonce, method=method, params=params, auth=auth)
 
 

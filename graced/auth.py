@@ -1,0 +1,150 @@
+"""Who may call which method: roles, signed requests and what refusals cost.
+
+A request is *signed* when it carries ``auth`` (see docs/protocol.md): the signature
+covers the request, the signer's key id, a timestamp and the daemon's id, so a
+captured request is useless against another daemon. A signed request is accepted
+once: its ``KID:nonce`` is remembered (in memory for reads, for as long as the
+request window; durably for approvals, by :mod:`graced.api`).
+
+Roles: ``read`` (the stream, missions, detectors, status, knowledge) and ``control``
+(read, plus approve, reject, pause, resume, emit). Over TCP nothing but ``hello`` is
+served without a signature by a key that holds the role; over the Unix socket the
+peer's uid decides as before (root and the daemon's own user control).
+
+Refusals of unauthenticated requests are never journaled: they are counted and
+logged, at most :data:`LOG_BURST` lines per :data:`LOG_PERIOD` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from . import keys
+from .protocol import check_signature, key_id
+from .protocol.wire import Request, request_signing_bytes
+
+log = logging.getLogger("graced.auth")
+
+READ, CONTROL = "read", "control"
+RANK = {None: 0, READ: 1, CONTROL: 2}
+LOG_BURST = 10
+LOG_PERIOD = 60.0
+MAX_NONCES = 100_000  # remembered in memory; older ones fall out (the window refuses them)
+
+
+class AuthError(Exception):
+    """A signed request that cannot be accepted; the message says why (for the client)."""
+
+
+def parse_keys(lines: list[str], where: str) -> dict[str, bytes]:
+    """``{kid: public key}`` from config lines; unparsable ones are logged and skipped."""
+    out: dict[str, bytes] = {}
+    for line in lines:
+        try:
+            public = keys.parse_public_key(line)
+        except ValueError:
+            log.warning("ignoring a key in %s that cannot be parsed: %r", where, line[:60])
+            continue
+        out[key_id(public)] = public
+    return out
+
+
+class Authenticator:
+    """Checks signed requests against the configured keys and their roles."""
+
+    def __init__(self, daemon_id: str, clock: Callable[[], float] = time.time) -> None:
+        self.daemon_id = daemon_id
+        self.clock = clock
+        self.window = 60.0
+        self.roles: dict[str, str] = {}
+        self.keys: dict[str, bytes] = {}
+        self._nonces: OrderedDict[str, float] = OrderedDict()
+
+    def configure(self, *, read_keys: list[str], control_keys: list[str],
+                  authorized_keys: list[str], window: float) -> None:
+        """Take the keys and their roles from the config (at start and on reload)."""
+        roles: dict[str, str] = {}
+        found: dict[str, bytes] = {}
+        for lines, where, role in ((read_keys, "[remediation] read_keys", READ),
+                                   (control_keys, "[remediation] control_keys", CONTROL),
+                                   (authorized_keys, "[remediation] authorized_keys", CONTROL)):
+            for kid, public in parse_keys(lines, where).items():
+                found[kid] = public
+                if RANK[role] > RANK[roles.get(kid)]:
+                    roles[kid] = role
+        self.keys, self.roles, self.window = found, roles, window
+
+    def verify(self, req: Request) -> tuple[str, str]:
+        """``(kid, role)`` of a signed request; raises :class:`AuthError`."""
+        auth = req.auth
+        assert auth is not None
+        kid = auth["kid"]
+        public = self.keys.get(kid)
+        if public is None:
+            raise AuthError(f"key {kid} is not in [remediation] read_keys, control_keys "
+                            "or authorized_keys")
+        if auth.get("daemon") != self.daemon_id:
+            raise AuthError(f"the request is bound to daemon {auth.get('daemon')!r}, "
+                            f"not this one ({self.daemon_id})")
+        data = request_signing_bytes(req.id, req.nonce, req.method, req.params, auth["ts"],
+                                     kid, auth["daemon"])
+        if not check_signature({"sig": auth["sig"]}, public, data=data):
+            raise AuthError("bad signature on the request")
+        now = self.clock()
+        skew = now - float(auth["ts"])
+        if abs(skew) > self.window:
+            raise AuthError(f"stale request: its timestamp is {skew:.0f} s off "
+                            f"(window {self.window:g} s)")
+        nonce_key = f"{kid}:{req.nonce}"
+        if nonce_key in self._nonces:
+            raise AuthError("replayed request: its nonce was used before")
+        self._remember(nonce_key, now)
+        return kid, self.roles[kid]
+
+    def _remember(self, nonce_key: str, now: float) -> None:
+        """Keep nonces while a request carrying them could still be fresh; no longer."""
+        nonces = self._nonces
+        nonces[nonce_key] = now
+        horizon = now - 2 * self.window
+        while nonces and (len(nonces) > MAX_NONCES or next(iter(nonces.values())) < horizon):
+            nonces.popitem(last=False)
+
+    @property
+    def nonces_held(self) -> int:
+        return len(self._nonces)
+
+
+class Refusals:
+    """Counts refused requests and logs them without letting a flood fill the log."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.total = 0
+        self.suppressed = 0
+        self._window_start = -LOG_PERIOD
+        self._logged = 0
+
+    def refuse(self, peer: str, method: str, reason: str) -> None:
+        self.total += 1
+        now = self.clock()
+        if now - self._window_start >= LOG_PERIOD:
+            if self.suppressed:
+                log.warning("%d more refused requests were not logged", self.suppressed)
+            self._window_start, self._logged, self.suppressed = now, 0, 0
+        if self._logged < LOG_BURST:
+            self._logged += 1
+            log.warning("refused %s from %s: %s", _short(method), peer, _short(reason))
+        else:
+            self.suppressed += 1
+
+    def status(self) -> dict[str, Any]:
+        return {"refused": self.total}
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + "…"
