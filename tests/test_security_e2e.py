@@ -96,6 +96,7 @@ def test_a_reused_pid_lends_no_approver_groups(make_graced, marker, approver) ->
     w.close()
 
 
+@pytest.mark.slow
 async def test_a_captured_approval_is_refused_by_another_daemon_and_mission(
         make_graced, marker, shortdir) -> None:  # noqa: F811
     """Two daemons trust the same operator key; an approval signed for one daemon's
