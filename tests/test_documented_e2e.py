@@ -12,6 +12,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -20,6 +21,7 @@ import trio_websocket
 
 from graced.keys import parse_public_key
 from graced.protocol import check_signature
+from tests.conftest import Graced
 from tests.test_missions_e2e import MISSIONS, Watch, _ready_tail
 from tests.test_remediation_e2e import (
     kill_all,
@@ -73,14 +75,20 @@ def approver() -> Iterator[str]:
     yield APPROVER
 
 
-def test_a_member_of_an_approver_group_approves_and_the_fix_runs(make_graced, marker,
-                                                                 approver) -> None:
+def awaiting_group_approval(make_graced: Any, marker: str) -> tuple[Graced, Watch, dict]:
+    """A high-risk mission awaiting approval by group grace-approvers, on a daemon whose
+    socket any user may reach (the approval rules alone decide)."""
     g, w = setup(make_graced, process_detector(marker) + restart_playbook(marker, "high"),
                  remediation=f'approver_groups = ["{GROUP}"]\n')
     os.chmod(g.socket, 0o666)
     os.chmod(g.base, 0o755)
     os.chmod(g.home, 0o777)
-    waiting = w.wait("mission.awaiting_approval", "worker", 10)["payload"]
+    return g, w, w.wait("mission.awaiting_approval", "worker", 10)["payload"]
+
+
+def test_a_member_of_an_approver_group_approves_and_the_fix_runs(make_graced, marker,
+                                                                 approver) -> None:
+    g, w, waiting = awaiting_group_approval(make_graced, marker)
 
     def approve_as(*cred: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["setpriv", *cred, g.ctl_argv0(), "missions", "approve",

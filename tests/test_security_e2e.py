@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import grp
 import json
-import os
 import pwd
 import subprocess
 import sys
@@ -16,8 +15,13 @@ import pytest
 
 from graced.protocol.signing import b64
 from tests.helpers.procs import poll_until
-from tests.test_documented_e2e import APPROVER, GROUP, approver, marker  # noqa: F401
-from tests.test_remediation_e2e import process_detector, restart_playbook, setup
+from tests.test_documented_e2e import (  # noqa: F401
+    APPROVER,
+    GROUP,
+    approver,
+    awaiting_group_approval,
+    marker,
+)
 
 HANDOFF = Path(__file__).parent / "helpers" / "handoff.py"
 OUTSIDER = "grace-outsider"
@@ -59,12 +63,7 @@ def test_a_reused_pid_lends_no_approver_groups(make_graced, marker, approver) ->
     """The pid-reuse attack: an outsider connects, hands its socket to a child and exits;
     an approver's process takes the pid; the child's approval must still be refused."""
     outsider = _outsider()
-    g, w = setup(make_graced, process_detector(marker) + restart_playbook(marker, "high"),
-                 remediation=f'approver_groups = ["{GROUP}"]\n')
-    os.chmod(g.socket, 0o666)
-    os.chmod(g.base, 0o755)
-    os.chmod(g.home, 0o777)
-    waiting = w.wait("mission.awaiting_approval", "worker", 10)["payload"]
+    g, w, waiting = awaiting_group_approval(make_graced, marker)
     request = json.dumps({"id": 1, "nonce": "pid-reuse", "method": "missions.approve",
                           "params": {"id": waiting["id"], "comment": "not mine to approve"}})
     attacker = subprocess.Popen(
