@@ -22,6 +22,7 @@ from tests.test_documented_e2e import (  # noqa: F401
     awaiting_group_approval,
     marker,
 )
+from tests.test_remediation_e2e import process_detector, restart_playbook
 
 HANDOFF = Path(__file__).parent / "helpers" / "handoff.py"
 OUTSIDER = "grace-outsider"
