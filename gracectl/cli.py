@@ -27,6 +27,7 @@ from graced.protocol import ExitCode, Violation, key_id, parse_anchor
 from . import trust
 from .client import Endpoint, connect, decide, sole_exception
 from .errors import CtlError
+from .plan_text import render_plan
 from .tail import TailOptions, run_tail, stderr_note
 from .verify import verify_file
 
@@ -427,7 +428,9 @@ def missions_ls(ctx: click.Context, states: tuple[str, ...], severities: tuple[s
         sev = m["severity"] + ("!" if m["flapping"] else "")
         if colour:
             sev = click.style(sev, fg=SEVERITY_COLOUR.get(m["severity"]))
-        table.append([m["id"], sev, m["state"], m["detector"], m["subject"],
+        state = m["state"] + (f", silenced #{m['silenced']['id']}" if m.get("silenced")
+                              else "")
+        table.append([m["id"], sev, state, m["detector"], m["subject"],
                       m["playbook"] or "-", m["summary"][:60],
                       _age(result["now"] - m["opened_at"])])
     click.echo(tabulate(table, headers=["ID", "SEVERITY", "STATE", "DETECTOR", "SUBJECT",
@@ -467,6 +470,11 @@ def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
         lines.append(f"  reason      {m['reason']}")
     if m["expires_at"] and m["state"] == "awaiting_approval":
         lines.append(f"  expires     {_ts(m['expires_at'])}")
+    if m.get("plan"):
+        if m["state"] == "awaiting_approval":
+            lines.append("awaiting approval of this plan (gracectl missions approve "
+                         f"{m['id']}):")
+        lines.extend(render_plan(m["plan"]))
     if m["steps"]:
         lines.append("steps:")
         for st in m["steps"]:
@@ -495,28 +503,41 @@ def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
 
 
 def _decide(ctx: click.Context, mission_id: int, comment: str, approve: bool,
-            as_json: bool) -> None:
+            as_json: bool, plan: str | None = None) -> None:
     async def run() -> Any:
         endpoint = _endpoint(ctx)
         async with connect(endpoint, trust.pinned(endpoint.name)) as conn:
-            return await decide(conn, mission_id, approve, comment)
+            return await decide(conn, mission_id, approve, comment, plan)
 
     result = _run(run)
     m = result["mission"]
     if as_json:
         _print_json(m)
-    else:
-        stderr_note(f"mission {m['id']}: {m['state']} ({m['reason']})")
+        return
+    if approve and m.get("plan"):
+        stderr_note("approved " + "\n".join(render_plan(m["plan"])))
+    stderr_note(f"mission {m['id']}: {m['state']} ({m['reason']})")
 
 
 @missions.command("approve")
 @click.argument("mission_id", metavar="ID", type=int)
 @click.option("--comment", default="", metavar="TEXT", help="Recorded with the approval.")
+@click.option("--plan", "plan", metavar="SHA256",
+              help="The hash of the plan you reviewed (missions show); default: the plan it "
+                   "waits with now, printed on stderr.")
 @json_option
 @click.pass_context
-def missions_approve(ctx: click.Context, mission_id: int, comment: str, as_json: bool) -> None:
-    """Approve a mission awaiting approval: its playbook runs now."""
-    _decide(ctx, mission_id, comment, True, as_json)
+def missions_approve(ctx: click.Context, mission_id: int, comment: str, plan: str | None,
+                     as_json: bool) -> None:
+    """Approve a mission awaiting approval: its plan runs now.
+
+    The approval names the plan's hash: if the playbook changed since (a config reload),
+    graced refuses it and the mission waits with its new plan for a new approval.
+    """
+    if plan is not None and (len(plan) != 64 or any(c not in "0123456789abcdef"
+                                                    for c in plan)):
+        raise click.BadParameter("not a SHA-256 in hex", param_hint="--plan")
+    _decide(ctx, mission_id, comment, True, as_json, plan)
 
 
 @missions.command("reject")
@@ -781,5 +802,5 @@ def top(ctx: click.Context, once: bool, key_file: str | None, interval: float) -
             raise CtlError("verification failed (see the frame's signature line)", result[1])
 
 
-# The learning commands register themselves on the groups above.
-from . import learn  # noqa: E402, F401
+# The learning and playbook commands register themselves on the groups above.
+from . import learn, playbooks, silence  # noqa: E402, F401

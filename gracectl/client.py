@@ -160,16 +160,22 @@ class Connection:
                 raise CtlError("response has a bad signature", ExitCode.BAD_SIGNATURE)
 
 
-async def decide(conn: Connection, mission_id: int, approve: bool, comment: str) -> Any:
-    """Approve or reject a mission, naming it by id and the time it opened.
+async def decide(conn: Connection, mission_id: int, approve: bool, comment: str,
+                 plan: str | None = None) -> Any:
+    """Approve or reject a mission, naming it by id and the time it opened, and (an
+    approval) the plan approved: ``plan``, else the plan it waits with as read now.
 
     A signed decision is then good for that mission only: not for a mission that
-    opens later, nor on another daemon.
+    opens later, nor on another daemon; an approval is good for that plan only.
     """
-    shown = await conn.request("missions.get", {"id": mission_id})
+    shown = (await conn.request("missions.get", {"id": mission_id}))["mission"]
     method = "missions.approve" if approve else "missions.reject"
-    return await conn.request(method, {"id": mission_id, "comment": comment,
-                                       "opened": shown["mission"]["opened_at"]})
+    params = {"id": mission_id, "comment": comment, "opened": shown["opened_at"]}
+    if approve:
+        plan = plan or (shown.get("plan") or {}).get("sha256")
+        if plan:
+            params["plan"] = plan
+    return await conn.request(method, params)
 
 
 def sole_exception(group: BaseExceptionGroup) -> BaseException:

@@ -29,6 +29,7 @@ from graced.protocol import ChainVerifier, ExitCode, Violation, key_id
 from .cli import _age
 from .client import Connection, Endpoint, connect, decide
 from .errors import CtlError, Unreachable
+from .plan_text import render_plan
 
 Segment = tuple[str, str]  # text, style
 Line = list[Segment]
@@ -88,7 +89,9 @@ class Model:
     connection: str | None = None  # why we are not connected, if we are not
     selected: int = 0
     detail: dict[str, Any] | None = None
-    prompt: tuple[str, int] | None = None  # (verb, mission id) awaiting y/n
+    # (verb, mission id, the plan's hash for an approval) awaiting y/n
+    prompt: tuple[str, int, str | None] | None = None
+    back_after_prompt: bool = False  # the prompt opened the detail view: close it after
     message: tuple[str, str] | None = None  # (text, style), shown for MESSAGE_SECONDS
     message_at: float = 0.0
     utf8: bool = True
@@ -214,7 +217,10 @@ def _health_lines(model: Model, now: float, rows: int, width: int) -> list[Line]
 
 def _footer(model: Model, now: float) -> Line:
     if model.prompt:
-        verb, mid = model.prompt
+        verb, mid, plan = model.prompt
+        if plan:
+            return [(f" approve mission {mid}, the plan shown (sha256 {plan[:16]})? [y/N] ",
+                     "alarm")]
         return [(f" {verb} mission {mid}? [y/N] ", "alarm")]
     if model.message and now - model.message_at < MESSAGE_SECONDS:
         return [(f" {model.message[0]} ", model.message[1])]
@@ -228,6 +234,10 @@ def _detail_lines(model: Model, now: float) -> list[Line]:
     out: list[Line] = [[(f" mission {m.get('id')}: {m.get('summary')}",
                          SEVERITY_STYLE.get(str(m.get("severity")), "bold"))]]
     out += [[(" " + line, "normal")] for line in explain_lines(m, now)]
+    if m.get("plan"):
+        style = "alarm" if model.prompt and model.prompt[2] else "bold"
+        out += [[(" " + line, style if i == 0 else "normal")]
+                for i, line in enumerate(render_plan(m["plan"]))]
     if m.get("steps"):
         out.append([(" steps:", "bold")])
         for st in m["steps"]:
@@ -248,8 +258,9 @@ def render(model: Model, width: int, height: int, now: float) -> list[Line]:
     if model.detail is not None:
         body = _detail_lines(model, now)
         room = height - len(lines) - 1
-        return [*lines, *body[:room], *([[]] * max(0, room - len(body))),
-                [(" Esc/Enter back  q quit  a approve  r reject ", "dim")]]
+        foot = _footer(model, now) if model.prompt else [
+            (" Esc/Enter back  q quit  a approve  r reject ", "dim")]
+        return [*lines, *body[:room], *([[]] * max(0, room - len(body))), foot]
     fixed = len(lines) + 3 + 1 + 1  # three section titles, the footer, a summary line
     room = max(3, height - fixed)
     n_det = sum(max(1, len(d.get("subjects") or {})) for d in model.detectors.values()) + 2
@@ -381,12 +392,13 @@ class Top:
             await _poll(conn, self.model)
             self.changed()
 
-    async def act(self, verb: str, mission_id: int) -> None:
+    async def act(self, verb: str, mission_id: int, plan: str | None = None) -> None:
         if self.conn is None:
             self.model.say("not connected", "red")
             return
         try:
-            res = await decide(self.conn, mission_id, verb == "approve", "from gracectl top")
+            res = await decide(self.conn, mission_id, verb == "approve", "from gracectl top",
+                               plan)
             m = res["mission"]
             self.model.say(f"mission {m['id']}: {m['state']} ({m['reason']})", "green")
             if self.model.detail is not None and self.model.detail.get("id") == mission_id:
@@ -577,10 +589,12 @@ async def _keyboard(top: Top, stdscr: Any, quit_: Callable[[], None]) -> None:
 async def _on_key(top: Top, key: int, quit_: Callable[[], None]) -> None:
     model = top.model
     if model.prompt is not None:
-        verb, mid = model.prompt
+        verb, mid, plan = model.prompt
         model.prompt = None
+        if model.back_after_prompt:
+            model.detail, model.back_after_prompt = None, False
         if key in (ord("y"), ord("Y")):
-            await top.act(verb, mid)
+            await top.act(verb, mid, plan)
         else:
             model.say(f"{verb} cancelled", "dim")
         return
@@ -610,4 +624,14 @@ async def _on_key(top: Top, key: int, quit_: Callable[[], None]) -> None:
             model.say(f"mission {target['id']} is {target['state']}, not awaiting approval",
                       "yellow")
         else:
-            model.prompt = ("approve" if key == ord("a") else "reject", int(target["id"]))
+            mid = int(target["id"])
+            sha: str | None = None
+            if key == ord("a"):
+                # Approve what you can see: the detail view shows the plan it approves.
+                model.back_after_prompt = model.detail is None
+                await top.show_detail(mid)
+                sha = ((model.detail or {}).get("plan") or {}).get("sha256")
+                if not sha:
+                    model.say(f"mission {mid}: no plan to approve", "yellow")
+                    return
+            model.prompt = ("approve" if key == ord("a") else "reject", mid, sha)

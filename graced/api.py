@@ -21,18 +21,21 @@ from . import __version__, keys
 from .auth import CONTROL, READ
 from .config import Config
 from .detectors.runner import DetectorRunner
-from .executor import Executor
+from .executor import Executor, PlanChanged
 from .journal import JournalReader
 from .learning import Learning
 from .learning import knowledge as kb
 from .mesh import Mesh
 from .missions import store
 from .missions.engine import ACTIVE, SEVERITIES, STATES
+from .plan import build as build_plan
+from .plan import matches, mission_values
 from .protocol import Signer
 from .protocol import knowledge as pk
 from .protocol.wire import Request, RequestError
 from .readers import SharedReader
 from .reload import ConfigRejected, Reloader
+from .silences import parse_target
 from .wire import Client, Handler, Server
 
 log = logging.getLogger("graced.api")
@@ -108,6 +111,11 @@ class Api:
             "pause": self.pause,
             "resume": self.resume,
             "reload": self.reload,
+            "playbooks.list": self.playbooks_list,
+            "playbooks.run": self.playbooks_run,
+            "silence.add": self.silence_add,
+            "silence.list": self.silence_list,
+            "silence.remove": self.silence_remove,
         }
 
     def identity(self) -> dict[str, Any]:
@@ -205,12 +213,11 @@ class Api:
         return {"missions": [store.from_row(r).public() for r in rows], "now": time.time()}
 
     async def missions_get(self, client: Client, req: Request) -> Any:
-        return {"mission": (await self._mission(req)).public(), "now": time.time()}
+        return {"mission": (await self._mission(req.params.get("id"))).public(), "now": time.time()}
 
-    async def _mission(self, req: Request) -> Any:
-        mid = req.params.get("id")
+    async def _mission(self, mid: Any, key: str = "id") -> Any:
         if not isinstance(mid, int) or isinstance(mid, bool):
-            raise RequestError("bad_request", "params.id must be an integer")
+            raise RequestError("bad_request", f"params.{key} must be an integer")
         rows = await self._read(f"{store.SELECT} WHERE id = ?", (mid,))
         if not rows:
             raise RequestError("not_found", f"no mission {mid}")
@@ -220,7 +227,7 @@ class Api:
         limit = req.params.get("limit", self.config.learning.similar_limit)
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
             raise RequestError("bad_request", "params.limit must be an integer 1-1000")
-        m = await self._mission(req)
+        m = await self._mission(req.params.get("id"))
         started = time.perf_counter()
         similar = await self.learning.similar(m, limit)
         return {"mission": m.brief(), "similar": similar,
@@ -351,8 +358,15 @@ class Api:
                                    "opened time (params.opened)")
             kid = await self._check_signed(client, req, verb)
             who = {"user": f"key {kid}", "key": kid, "auth": f"signed request (ed25519 {kid})"}
+        # Checked once the caller is known to be allowed: an outsider learns nothing more.
+        plan = req.params.get("plan")
+        if plan is not None and (not isinstance(plan, str) or len(plan) > 64):
+            raise RequestError("bad_request", "params.plan must be the sha256 of the plan "
+                               "approved (missions.get: mission.plan.sha256)")
         try:
-            m = await self.executor.decide(mid, approve, who, comment, opened)
+            m = await self.executor.decide(mid, approve, who, comment, opened, plan)
+        except PlanChanged as exc:
+            raise RequestError("plan_changed", str(exc)) from None
         except LookupError as exc:
             rows = await self._read(f"{store.SELECT} WHERE id = ?", (mid,))
             if rows:
@@ -505,6 +519,131 @@ class Api:
         assert ev is not None
         return ev.seq
 
+
+    # -- playbooks ---------------------------------------------------------------------
+
+    async def playbooks_list(self, client: Client, req: Request) -> Any:
+        """Each playbook: what it matches, its risk, budget left and learned record."""
+        rows = await self._read(
+            "SELECT playbook, SUM(ran), SUM(CASE WHEN ran AND success THEN 1 ELSE 0 END), "
+            "MAX(closed_at) FROM outcomes WHERE playbook IS NOT NULL GROUP BY playbook", ())
+        learned = {str(r[0]): (int(r[1] or 0), int(r[2] or 0), r[3]) for r in rows}
+        ex = self.executor
+        now = time.time()
+        out = []
+        for pb in ex.playbooks:
+            used = ex.budgets.used(pb, now)
+            runs, successes, last = learned.get(pb.name, (0, 0, None))
+            out.append({
+                "name": pb.name,
+                "match": {"detector": pb.detector or None, "kind": pb.kind or None,
+                          "subject": pb.subject or "*", "severities": list(pb.severities)},
+                "risk": pb.risk, "auto": pb.risk in ("low", "medium"),
+                "steps": [st.action for st in pb.step],
+                "budget": pb.budget, "budget_window": pb.budget_window,
+                "budget_used": used,
+                "budget_left": pb.budget - max(used.values(), default=0),
+                "learned": {"runs": runs, "successes": successes,
+                            "success_rate": round(successes / runs, 4) if runs else None,
+                            "last_run": last},
+            })
+        return {"playbooks": out, "mode": ex.config.mode, "paused": ex.paused,
+                "global_left": max(0, ex.config.max_actions_per_hour
+                                   - len([t for t in ex.budgets.global_runs if now - t < 3600])),
+                "now": now}
+
+    async def playbooks_run(self, client: Client, req: Request) -> Any:
+        """Run a playbook by hand for a mission, or (``dry_run``) show exactly what would run."""
+        p = req.params
+        name, dry_run = p.get("name"), p.get("dry_run", False)
+        if not isinstance(name, str) or not name or len(name) > 200:
+            raise RequestError("bad_request", "params.name must be a playbook name")
+        if not isinstance(dry_run, bool):
+            raise RequestError("bad_request", "params.dry_run must be a boolean")
+        pb = next((x for x in self.executor.playbooks if x.name == name), None)
+        if pb is None:
+            raise RequestError("not_found", f"no playbook {name!r} (gracectl playbooks ls)")
+        m = await self._mission(p.get("mission"), "mission")
+        if not matches(pb, m):
+            raise RequestError("invalid", f"playbook {name} does not match mission {m.id} "
+                               f"({m.detector}:{m.subject}, {m.kind}, {m.severity})")
+        if dry_run:
+            plan = build_plan(pb, mission_values(m))
+            for st, step in zip(pb.step, plan["steps"], strict=True):
+                if st.action == "signal":
+                    try:
+                        step["matching_pids"] = await trio.to_thread.run_sync(
+                            self.executor.pids, st, plan["values"])
+                    except (OSError, ValueError) as exc:
+                        step["matching_pids"] = []
+                        step["error"] = str(exc)
+            return {"dry_run": True, "mission": m.brief(), "plan": plan}
+        user = self._controller(client, "running a playbook by hand")
+        who = {"user": user, "uid": client.peer.uid, "auth": "unix peer credentials"}
+        try:
+            done = await self.executor.run_by_hand(m.id, pb, who)
+        except LookupError as exc:
+            raise RequestError("not_found", str(exc)) from None
+        except ValueError as exc:
+            raise RequestError("invalid", str(exc)) from None
+        return {"dry_run": False, "mission": done.public()}
+
+    # -- silences ----------------------------------------------------------------------
+
+    def _controller(self, client: Client, what: str) -> str:
+        """The user name of a client with control rights; else not_authorised."""
+        if not client.can_control():
+            raise RequestError("not_authorised", f"{what} needs control rights (root or uid "
+                               f"{os.geteuid()} over the Unix socket)")
+        try:
+            return pwd.getpwuid(client.peer.uid).pw_name if client.peer.uid is not None \
+                else "?"
+        except KeyError:
+            return str(client.peer.uid)
+
+    async def silence_add(self, client: Client, req: Request) -> Any:
+        p = req.params
+        user = self._controller(client, "adding a silence")
+        target, duration = p.get("target"), p.get("duration")
+        comment, until_resolved = p.get("comment"), p.get("until_resolved", False)
+        if target is not None and not isinstance(target, str):
+            raise RequestError("bad_request", "params.target must be DETECTOR[:SUBJECT] or "
+                               "null (all)")
+        if not isinstance(duration, (int, float)) or isinstance(duration, bool):
+            raise RequestError("bad_request", "params.duration must be a number of seconds")
+        if not isinstance(comment, str) or not isinstance(until_resolved, bool):
+            raise RequestError("bad_request", "params.comment must be a string, "
+                               "params.until_resolved a boolean")
+        try:
+            detector, subject = parse_target(target) if target is not None else (None, None)
+            s = self.executor.silences.add(
+                detector=detector, subject=subject, duration=float(duration),
+                comment=comment, by=user, until_resolved=until_resolved, now=time.time())
+        except ValueError as exc:
+            raise RequestError("invalid", str(exc)) from None
+        known = {d.name for d in self.config.detector}
+        warning = None if detector is None or detector in known else (
+            f"no detector named {detector!r} is configured; the silence covers nothing now")
+        await self.mesh.publish("silence.added", {**s.public(), "uid": client.peer.uid},
+                                writes=[self.executor.silences.write()])
+        return {"silence": s.public(), "warning": warning}
+
+    async def silence_list(self, client: Client, req: Request) -> Any:
+        return {"silences": self.executor.silences.listed(), "now": time.time()}
+
+    async def silence_remove(self, client: Client, req: Request) -> Any:
+        user = self._controller(client, "removing a silence")
+        sid = req.params.get("id")
+        if not isinstance(sid, int) or isinstance(sid, bool):
+            raise RequestError("bad_request", "params.id must be an integer")
+        s = self.executor.silences.remove(sid)
+        if s is None:
+            raise RequestError("not_found", f"no silence {sid} (gracectl silence ls)")
+        await self.mesh.publish("silence.removed", {**s.public(), "removed_by": user,
+                                                    "uid": client.peer.uid},
+                                writes=[self.executor.silences.write()])
+        await self.executor.silence_ended()
+        return {"silence": s.public()}
 
 
 def _as_dict(payload: Any) -> dict[str, Any]:

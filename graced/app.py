@@ -43,6 +43,7 @@ from .missions.engine import MissionEngine
 from .protocol import Signer
 from .readers import SharedReader
 from .reload import ConfigRejected, Reloader
+from .silences import Silences
 from .wire import Server
 
 log = logging.getLogger("graced")
@@ -137,7 +138,8 @@ class Daemon:
         executor = Executor(config=cfg.remediation, playbooks=list(cfg.playbook),
                             notifiers=list(cfg.notifier), mesh=mesh, engine=engine,
                             paused=meta.get("paused") == "1",
-                            budgets=Budgets.load(meta.get("budgets")), learning=learning)
+                            budgets=Budgets.load(meta.get("budgets")), learning=learning,
+                            silences=Silences.load(meta.get("silences")))
         self.executor = executor
         runner = DetectorRunner(list(cfg.detector), mesh, engine, states, executor.consider,
                                 learning.outcome)

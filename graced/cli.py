@@ -139,14 +139,17 @@ def config_check(file: str | None) -> None:
 @config.command("units")
 @config_option
 def config_units(config_path: str | None) -> None:
-    """Print the systemd units the playbooks restart (for the polkit rule), one per line."""
+    """Print the units the playbooks restart, then the actions they start (for the polkit
+    rule's GRACED_UNITS and GRACED_ACTIONS), one per line."""
     from .config import Config
+    from .plan import action_unit
 
     cfg = _load(config_path)
     assert isinstance(cfg, Config)
-    units = sorted({st.unit for pb in cfg.playbook for st in pb.step
-                    if st.action == "restart_unit"})
-    for unit in units:
+    steps = [st for pb in cfg.playbook for st in pb.step]
+    units = sorted({st.unit for st in steps if st.action == "restart_unit"})
+    actions = sorted({action_unit(st.unit) for st in steps if st.action == "start_action"})
+    for unit in [*units, *actions]:
         click.echo(unit)
 
 

@@ -23,7 +23,6 @@ variables (GRACE_SUBJECT, ...): never through a shell's parser.
 
 from __future__ import annotations
 
-import fnmatch
 import grp
 import hashlib
 import json
@@ -45,26 +44,15 @@ from .learning import Learning
 from .mesh import Mesh
 from .missions import store
 from .missions.engine import Mission, MissionEngine, Transition
+from .plan import build as build_plan
+from .plan import describe, matches, mission_values, substitute
+from .silences import Silences
+
+__all__ = ["AUTO_RISKS", "Budgets", "Executor", "matches", "substitute"]
 
 log = logging.getLogger("graced.executor")
 
 AUTO_RISKS = ("low", "medium")
-
-
-def substitute(text: str, m: Mission) -> str:
-    """Literal placeholder replacement (no format(): nothing in a value is interpreted)."""
-    value = "" if m.last_value is None else f"{m.last_value:g}"
-    for key, val in (("{subject}", m.subject), ("{value}", value),
-                     ("{detector}", m.detector), ("{mission}", str(m.id))):
-        text = text.replace(key, val)
-    return text
-
-
-def matches(pb: PlaybookConfig, m: Mission) -> bool:
-    return ((not pb.detector or pb.detector == m.detector)
-            and (not pb.kind or pb.kind == m.kind)
-            and fnmatch.fnmatchcase(m.subject, pb.subject or "*")
-            and (not pb.severities or m.severity in pb.severities))
 
 
 @dataclass
@@ -85,6 +73,13 @@ class Budgets:
         if len(self.global_runs) >= cap:
             return f"global cap spent: {len(self.global_runs)} automatic actions in the last hour"
         return None
+
+    def used(self, pb: PlaybookConfig, now: float) -> dict[str, int]:
+        """Runs per subject of this playbook within its window."""
+        prefix = f"{pb.name}\0"
+        return {key[len(prefix):]: n for key, times in self.per_key.items()
+                if key.startswith(prefix)
+                and (n := len([t for t in times if now - t < pb.budget_window]))}
 
     def spend(self, pb: PlaybookConfig, subject: str, now: float) -> None:
         self.per_key.setdefault(f"{pb.name}\0{subject}", []).append(now)
@@ -113,13 +108,43 @@ def publish_learning(mesh: Mesh, events: list[tuple[str, dict[str, Any]]]) -> No
             log.error("learning: %s not published: %s", topic, exc)
 
 
+async def _action_readback(unit: str, since: float) -> bytes:
+    """What an installed action left in the journal since ``since``: its output and
+    systemd's lines about it (how it exited).
+
+    The exit status is systemctl's (``start --wait`` fails when the action failed); a
+    finished oneshot is unloaded at once, so the journal is what remains. Reading it needs
+    access to the system journal (group systemd-journal or adm); without it the step's
+    output says so.
+    """
+    for _ in range(3):  # journald stores lines a moment after systemctl returns
+        journal = await trio.run_process(
+            ["journalctl", "--no-pager", "-o", "cat", "-n", "200", "-u", unit,
+             f"--since=@{int(since)}"], stdin=b"", capture_stdout=True, capture_stderr=True,
+            check=False)
+        if journal.stdout.strip() and b"-- No entries --" not in journal.stdout:
+            break
+        await trio.sleep(0.2)
+    if not journal.stdout.strip() or b"-- No entries --" in journal.stdout:
+        return (f"[no journal lines of {unit} readable by graced: add its user to group "
+                "systemd-journal to read them back]\n").encode()
+    return b"[" + unit.encode() + b", from the journal]\n" + journal.stdout
+
+
+class PlanChanged(ValueError):
+    """An approval named a plan that is no longer the one that would run."""
+
+
 class Executor:
     """Runs playbooks for missions; :meth:`run` never returns unless cancelled."""
 
     def __init__(self, *, config: RemediationConfig, playbooks: list[PlaybookConfig],
                  notifiers: list[NotifierConfig], mesh: Mesh, engine: MissionEngine,
-                 paused: bool, budgets: Budgets, learning: Learning) -> None:
+                 paused: bool, budgets: Budgets, learning: Learning,
+                 silences: Silences | None = None) -> None:
         self.config = config
+        self.silences = silences or Silences()
+        self.silenced: set[int] = set()  # missions held back by a silence
         self.learning = learning
         self.playbooks = playbooks
         self.notifiers = notifiers
@@ -149,6 +174,8 @@ class Executor:
         self.mesh.store([store.upsert(m)])
 
     def notify(self, m: Mission) -> None:
+        if m.silenced and self.silences.covering(m.detector, m.subject, time.time()):
+            return  # silenced: recorded, no one is told
         for nt in self.notifiers:
             if m.state in nt.on and self._nursery is not None:
                 self._nursery.start_soon(self._notify_one, nt, m.public())
@@ -219,7 +246,16 @@ class Executor:
                 self._nursery.start_soon(self._reverify, m.id, timeout)
             elif m.state == "approved":
                 pb = self._playbook(m.playbook)
-                if pb is not None:
+                current = self.current_plan(m)
+                if pb is not None and current is not None and m.plan is not None \
+                        and current["sha256"] != m.plan["sha256"]:
+                    # Approved before a restart, changed since: approved was another plan.
+                    m.plan = current
+                    m.expires_at = now + self.config.approval_timeout
+                    await self.record(self.engine.transition(
+                        m, "awaiting_approval", now, f"playbook {pb.name} changed since it "
+                        f"was approved; plan sha256 {current['sha256'][:16]} needs approval"))
+                elif pb is not None:
                     self._start(m, pb)
             elif m.state == "verifying":
                 # The deadline counts from when verification began, not from this start:
@@ -233,9 +269,11 @@ class Executor:
         return next((p for p in self.playbooks if p.name == name), None)
 
     def would_run(self, m: Mission, pb: PlaybookConfig, why: str) -> None:
-        steps = [self.describe(st, m) for st in pb.step]
+        plan = build_plan(pb, mission_values(m))
+        m.plan = plan
         self.mesh.publish_nowait("executor.would_run", {
-            "mission": m.id, "playbook": pb.name, "risk": pb.risk, "why": why, "steps": steps})
+            "mission": m.id, "playbook": pb.name, "risk": pb.risk, "why": why,
+            "steps": plan["steps"], "plan_sha256": plan["sha256"]})
         m.reason = f"{why}: would run playbook {pb.name}"
         setting = "remediation.mode" if why == "observe mode" else "paused"
         m.held_back = {"setting": setting, "reason": f"{why}: nothing ran, nothing learned"}
@@ -245,6 +283,11 @@ class Executor:
         if m.state not in ("open", "interrupted") or m.id in self.considered:
             return
         self.considered.add(m.id)
+        now = time.time()
+        silence = self.silences.covering(m.detector, m.subject, now)
+        if silence is not None:
+            self._hold(m, silence)
+            return
         candidates = [p for p in self.playbooks if matches(p, m)]
         decision = await self.learning.consult(m, candidates)
         topic, payload = self.learning.consulted_event(m)
@@ -282,6 +325,7 @@ class Executor:
             await self.record(self.engine.transition(m, "escalated", now, spent))
             return
         m.playbook, m.risk = pb.name, pb.risk
+        m.plan = build_plan(pb, mission_values(m))
         if pb.risk in AUTO_RISKS:
             await self.record(self.engine.transition(
                 m, "approved", now, f"risk {pb.risk}: approved automatically"))
@@ -290,7 +334,36 @@ class Executor:
         m.expires_at = now + self.config.approval_timeout
         await self.record(self.engine.transition(
             m, "awaiting_approval", now, f"risk {pb.risk}: playbook {pb.name} needs approval "
-            f"(expires in {self.config.approval_timeout:g} s)"))
+            f"(expires in {self.config.approval_timeout:g} s); plan sha256 "
+            f"{m.plan['sha256'][:16]}"))
+
+    def _hold(self, m: Mission, silence: Any) -> None:
+        """A silenced mission: recorded, marked, deferred until the silence ends."""
+        self.silenced.add(m.id)
+        if m.id not in silence.missions:
+            silence.missions.append(m.id)
+        m.silenced = {"id": silence.id, "target": silence.target, "by": silence.by,
+                      "comment": silence.comment, "until": silence.expires_at}
+        until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(silence.expires_at))
+        m.reason = (f"silenced by {silence.by} until {until} (silence {silence.id}: "
+                    f"{silence.comment}); nothing runs, no one is told")
+        self.mesh.publish_nowait("executor.silenced", {
+            "mission": m.id, "detector": m.detector, "subject": m.subject,
+            "silence": silence.id}, writes=[store.upsert(m), self.silences.write()])
+
+    async def silence_ended(self) -> None:
+        """Missions held by silences that ended go through the policy again."""
+        held = sorted(self.silenced)
+        self.silenced.clear()
+        for mid in held:
+            m = self.engine.by_id(mid)
+            if m is None:
+                continue
+            if self.silences.covering(m.detector, m.subject, time.time()):
+                self.silenced.add(mid)
+                continue
+            self.considered.discard(mid)
+            await self._policy(m)
 
     async def resume(self) -> None:
         self.considered -= self.deferred
@@ -322,12 +395,25 @@ class Executor:
                 continue
         return bool(wanted & groups)
 
+    def current_plan(self, m: Mission) -> dict[str, Any] | None:
+        """The plan the mission's playbook gives now, for the values frozen in its plan."""
+        pb = self._playbook(m.playbook)
+        if pb is None:
+            return None
+        values = m.plan["values"] if m.plan else mission_values(m)
+        return build_plan(pb, values)
+
     async def decide(self, mission_id: int, approve: bool, who: dict[str, Any],
-                     comment: str, opened: float | None = None) -> Mission:
+                     comment: str, opened: float | None = None,
+                     plan_sha256: str | None = None) -> Mission:
         """Approve or reject a mission awaiting approval; raises LookupError/ValueError.
 
         ``opened``, when given, must be the mission's ``opened_at``: the decision was
         made for that mission and no other (a signed request names it).
+
+        An approval names the plan it approves (``plan_sha256``): if the playbook changed
+        since the plan was shown (a reload), the mission keeps waiting with the new plan,
+        and the approval is refused (:class:`PlanChanged`).
         """
         m = self.engine.by_id(mission_id)
         if m is None:
@@ -338,8 +424,26 @@ class Executor:
         if m.state != "awaiting_approval":
             raise ValueError(f"mission {mission_id} is {m.state}, not awaiting approval")
         now = time.time()
+        if approve:
+            current = self.current_plan(m)
+            if current is not None and plan_sha256 is None:
+                raise PlanChanged(f"mission {mission_id}: an approval names the plan it "
+                                  "approves (params.plan: mission.plan.sha256)")
+            if current is not None and current["sha256"] != plan_sha256:
+                shown = m.plan["sha256"] if m.plan else None
+                if current["sha256"] != shown:
+                    m.plan = current
+                    await self.mesh.publish("mission.plan_changed", {
+                        **m.brief(), "was": shown, "steps": current["steps"]},
+                        writes=[store.upsert(m)])
+                raise PlanChanged(
+                    f"mission {mission_id}: the approval names plan {str(plan_sha256)[:16]}, "
+                    f"but the plan it would run now is {current['sha256'][:16]} (the playbook "
+                    "changed since); review the plan (gracectl missions show) and approve "
+                    "again")
         m.approvals.append({**who, "decision": "approved" if approve else "rejected",
-                            "comment": comment, "at": now})
+                            "comment": comment, "at": now,
+                            **({"plan_sha256": plan_sha256} if approve else {})})
         by = who.get("user") or who.get("key") or "?"
         if not approve:
             await self.record(self.engine.transition(
@@ -355,10 +459,47 @@ class Executor:
         self._start(m, pb)
         return m
 
+    async def run_by_hand(self, mission_id: int, pb: PlaybookConfig,
+                          who: dict[str, Any]) -> Mission:
+        """Run ``pb`` for an active mission now, at a person's request (``playbooks run``).
+
+        Journaled as any run: an ``approved`` transition naming who asked, then the steps.
+        Policy (observe mode, pause, silences, risk) is the person's call here; the run
+        still spends the playbook's budget. Raises ValueError.
+        """
+        m = self.engine.by_id(mission_id)
+        if m is None:
+            raise ValueError(f"mission {mission_id} is not active (closed missions cannot "
+                             "be run again)")
+        if m.id in self.running or m.state not in ("open", "interrupted", "awaiting_approval"):
+            raise ValueError(f"mission {mission_id} is {m.state}: a playbook runs only for an "
+                             "open, interrupted or waiting mission")
+        now = time.time()
+        self.considered.add(m.id)
+        self.deferred.discard(m.id)
+        m.playbook, m.risk = pb.name, pb.risk
+        m.plan = build_plan(pb, mission_values(m))
+        m.approvals.append({**who, "decision": "run by hand", "comment": "", "at": now,
+                            "plan_sha256": m.plan["sha256"]})
+        by = who.get("user") or "?"
+        self.mesh.publish_nowait("executor.manual_run", {
+            "mission": m.id, "playbook": pb.name, "by": by, "uid": who.get("uid"),
+            "plan_sha256": m.plan["sha256"]})
+        await self.record(self.engine.transition(
+            m, "approved", now, f"run by hand by {by}: playbook {pb.name}"))
+        self._start(m, pb)
+        return m
+
     async def _expire_loop(self) -> None:
         while True:
             await trio.sleep(0.5)
             now = time.time()
+            ended = self.silences.due(now, {m.id for m in self.engine.active.values()})
+            for s, why in ended:
+                await self.mesh.publish("silence.expired", {**s.public(), "reason": why},
+                                        writes=[self.silences.write()])
+            if ended:
+                await self.silence_ended()
             for m in list(self.engine.active.values()):
                 if m.state == "awaiting_approval" and m.expires_at and now >= m.expires_at:
                     await self.record(self.engine.transition(
@@ -371,16 +512,6 @@ class Executor:
         self.running[m.id] = pb.name
         self._nursery.start_soon(self._execute, m, pb)
 
-    def describe(self, st: StepConfig, m: Mission) -> dict[str, Any]:
-        if st.action == "run":
-            argv = ["/bin/sh", "-c", st.argv[0]] if st.shell else [
-                substitute(a, m) for a in st.argv]
-            return {"action": "run", "argv": argv}
-        if st.action == "restart_unit":
-            return {"action": "restart_unit", "unit": substitute(st.unit, m)}
-        return {"action": "signal", "signal": st.signal.upper().removeprefix("SIG"),
-                "process": substitute(st.process, m), "pid": st.pid, "pid_file": st.pid_file}
-
     async def _execute(self, m: Mission, pb: PlaybookConfig) -> None:
         try:
             now = time.time()
@@ -389,14 +520,19 @@ class Executor:
                               ("budgets", self.budgets.dump()))])
             # Credited only if the symptom is still there as the playbook starts.
             m.symptom_at_start = m.normal_streak == 0
+            # The plan shown (and approved) is the plan that runs: its frozen values.
+            values = m.plan["values"] if m.plan and m.plan.get("playbook") == pb.name else (
+                mission_values(m))
+            m.plan = build_plan(pb, values)
             # Committed before the first step starts (crash safety).
             await self.record(self.engine.transition(
-                m, "executing", now, f"running playbook {pb.name} ({len(pb.step)} steps)"))
+                m, "executing", now, f"running playbook {pb.name} ({len(pb.step)} steps, "
+                f"plan sha256 {m.plan['sha256'][:16]})"))
             for index, st in enumerate(pb.step, 1):
-                desc = self.describe(st, m)
+                desc = describe(st, values)
                 self.mesh.publish_nowait("executor.step_started", {
                     "mission": m.id, "playbook": pb.name, "step": index, **desc})
-                result = await self._run_step(st, m, desc)
+                result = await self._run_step(st, values, desc)
                 result["step"] = index
                 m.steps.append(result)
                 self.recent.append({"mission": m.id, **result})
@@ -443,14 +579,15 @@ class Executor:
                 m, "failed", now, f"verification failed: {m.detector} still anomalous "
                 f"after {waited:.3g} s"))
 
-    async def _run_step(self, st: StepConfig, m: Mission, desc: dict[str, Any]) -> dict[str, Any]:
+    async def _run_step(self, st: StepConfig, values: dict[str, str],
+                        desc: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
         result: dict[str, Any] = {"action": st.action, **desc, "started_at": time.time()}
         output = b""
         try:
             with trio.fail_after(st.timeout):
                 if st.action == "signal":
-                    pids = await trio.to_thread.run_sync(self._pids, st, m)
+                    pids = await trio.to_thread.run_sync(self.pids, st, values)
                     if not pids:
                         raise ProcessLookupError("no matching process")
                     sig = getattr(signals, "SIG" + st.signal.upper().removeprefix("SIG"))
@@ -458,19 +595,14 @@ class Executor:
                         os.kill(pid, sig)
                     result.update(ok=True, pids=pids, exit_code=0)
                 else:
-                    argv = (["systemctl", "restart", "--", desc["unit"]]
-                            if st.action == "restart_unit" else desc["argv"])
                     env = dict(os.environ)
-                    env.update(GRACE_MISSION=str(m.id), GRACE_SUBJECT=m.subject,
-                               GRACE_DETECTOR=m.detector,
-                               GRACE_VALUE="" if m.last_value is None else f"{m.last_value:g}")
-                    for item in st.env:
-                        name, _, val = item.partition("=")
-                        env[name] = substitute(val, m)
+                    env.update(desc.get("env") or {})
                     res = await trio.run_process(
-                        argv, stdin=b"", capture_stdout=True, capture_stderr=True, check=False,
-                        env=env, cwd=st.cwd or None)
+                        desc["argv"], stdin=b"", capture_stdout=True, capture_stderr=True,
+                        check=False, env=env, cwd=st.cwd or None)
                     output = (res.stdout + res.stderr)
+                    if st.action == "start_action":
+                        output += await _action_readback(desc["unit"], result["started_at"])
                     result.update(ok=res.returncode == 0, exit_code=res.returncode)
                     if res.returncode != 0:
                         result["error"] = f"exit code {res.returncode}"
@@ -485,13 +617,14 @@ class Executor:
         return result
 
     @staticmethod
-    def _pids(st: StepConfig, m: Mission) -> list[int]:
+    def pids(st: StepConfig, values: dict[str, str]) -> list[int]:
+        """The processes a signal step targets now (blocking: psutil)."""
         if st.pid:
             return [st.pid]
         if st.pid_file:
-            with open(substitute(st.pid_file, m)) as fh:
+            with open(substitute(st.pid_file, values)) as fh:
                 return [int(fh.read().strip())]
-        name = substitute(st.process, m)
+        name = substitute(st.process, values)
         me = os.getpid()
         out = []
         for proc in psutil.process_iter(["name", "cmdline"]):
@@ -508,4 +641,5 @@ class Executor:
                 "actions_last_hour": len([t for t in self.budgets.global_runs
                                           if now - t < 3600]),
                 "max_actions_per_hour": self.config.max_actions_per_hour,
+                "silences": len(self.silences.items),
                 "playbooks": [p.name for p in self.playbooks]}

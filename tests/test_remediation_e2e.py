@@ -354,14 +354,18 @@ async def _send_raw(url: str, frame: dict[str, Any]) -> dict[str, Any]:
 
 
 def _signed(key: Any, mid: int, ts: float, daemon: str, opened: float,
-            sign_with: Any = None, method: str = "missions.approve") -> dict[str, Any]:
-    """A signed approval as gracectl makes it: bound to the daemon and the mission."""
+            sign_with: Any = None, method: str = "missions.approve",
+            plan: str | None = None) -> dict[str, Any]:
+    """A signed approval as gracectl makes it: bound to the daemon, the mission and (an
+    approval) the plan approved."""
     import secrets
 
     from graced.protocol.wire import request_signing_bytes
 
     nonce = secrets.token_hex(16)
-    params = {"id": mid, "comment": "over tcp", "opened": opened}
+    params: dict[str, Any] = {"id": mid, "comment": "over tcp", "opened": opened}
+    if plan is not None:
+        params["plan"] = plan
     data = request_signing_bytes(1, nonce, method, params, ts, key.kid, daemon)
     sig = (sign_with or key).sign_bytes(data)
     return {"id": 1, "nonce": nonce, "method": method, "params": params,
@@ -399,8 +403,10 @@ async def test_tcp_approvals_must_be_signed_fresh_and_never_replayed(make_graced
     mid, opened = waiting["id"], mission(g, waiting["id"])["opened_at"]
     daemon = json.loads(g.ctl("status", "--json", check=True).stdout)["daemon_id"]
 
+    plan = mission(g, mid)["plan"]["sha256"]
+
     def signed(ts: float, sign_with: Any = None) -> dict[str, Any]:
-        return _signed(key, mid, ts, daemon, opened, sign_with)
+        return _signed(key, mid, ts, daemon, opened, sign_with, plan=plan)
 
     async def ctl(*args: str, client_key: Path | None) -> Any:
         env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}

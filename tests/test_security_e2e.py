@@ -129,7 +129,8 @@ async def test_a_captured_approval_is_refused_by_another_daemon_and_mission(
         ga, mid_a, opened_a, id_a, url_a = targets["a"]
         gb, mid_b, _, id_b, url_b = targets["b"]
         assert id_a != id_b and mid_a == mid_b  # the same mission id on both daemons
-        captured = _signed(key, mid_a, time.time(), id_a, opened_a)
+        captured = _signed(key, mid_a, time.time(), id_a, opened_a,
+                           plan=mission(ga, mid_a)["plan"]["sha256"])
         elsewhere = await _send_raw(url_b, captured)
         assert elsewhere["ok"] is False and elsewhere["error"]["code"] == "not_authorised"
         assert f"bound to daemon '{id_a}', not this one ({id_b})" \

@@ -1,7 +1,9 @@
-"""The unit file: systemd-analyze verify is clean and the sandbox exposure is at most 2.5."""
+"""The unit files: systemd-analyze verify is clean and the sandbox exposure of graced and
+of an installed action is at most 2.0."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -16,12 +18,47 @@ pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                                 reason="systemd-analyze is not installed")
 
 
-def test_security_exposure_is_at_most_2_5() -> None:
+def test_security_exposure_is_at_most_2_0() -> None:
     res = subprocess.run(["systemd-analyze", "security", "--offline=true", str(UNIT)],
                          capture_output=True, text=True)
     m = re.search(r"Overall exposure level for graced.service: ([0-9.]+)", res.stdout)
     assert m, res.stdout + res.stderr
-    assert float(m.group(1)) <= 2.5, m.group(0)
+    assert float(m.group(1)) <= 2.0, m.group(0)
+
+
+def _action(tmp_path: Path) -> Path:
+    """grace-action@clean-logs.service as installed: the template plus the example drop-in."""
+    unit = tmp_path / "grace-action@clean-logs.service"
+    unit.write_text((ROOT / "systemd" / "grace-action@.service").read_text())
+    dropin = tmp_path / "grace-action@clean-logs.service.d"
+    dropin.mkdir()
+    (dropin / "action.conf").write_text(
+        (ROOT / "systemd" / "actions" / "clean-logs.conf").read_text())
+    return unit
+
+
+def test_an_installed_action_is_sandboxed_and_valid(tmp_path: Path) -> None:
+    unit = _action(tmp_path)
+    res = subprocess.run(["systemd-analyze", "security", "--offline=true", unit.name],
+                         capture_output=True, text=True, cwd=tmp_path)
+    m = re.search(r"Overall exposure level for grace-action@clean-logs.service: ([0-9.]+)",
+                  res.stdout)
+    assert m, res.stdout + res.stderr
+    assert float(m.group(1)) <= 2.0, m.group(0)
+    verify = subprocess.run(["systemd-analyze", "verify", "--man=no", unit.name],
+                            capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"})
+    assert verify.returncode == 0 and not verify.stdout + verify.stderr, verify.stderr
+
+
+def test_an_action_without_its_drop_in_cannot_start(tmp_path: Path) -> None:
+    # The template alone has no ExecStart=: only what the administrator installed runs.
+    unit = tmp_path / "grace-action@anything.service"
+    unit.write_text((ROOT / "systemd" / "grace-action@.service").read_text())
+    res = subprocess.run(["systemd-analyze", "verify", "--man=no", unit.name],
+                         capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"})
+    assert res.returncode != 0 and "has no ExecStart=" in res.stdout + res.stderr
 
 
 def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:

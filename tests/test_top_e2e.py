@@ -139,8 +139,14 @@ def test_fault_appears_is_approved_from_the_dashboard_and_fixed(
     t.wait_for(lambda s: f"mission {mid}: backlog" in s and "timeline:" in s, 10)
     t.keys("Escape")
     t.wait_for(lambda s: "Active missions (1)" in s, 10)
+    shown = json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
+    sha = shown["plan"]["sha256"]
     t.keys("a")
-    t.wait_for(lambda s: f"approve mission {mid}? [y/N]" in s, 10)
+    # The prompt shows the plan it approves (the detail view, with its steps and hash).
+    text = t.wait_for(lambda s: f"approve mission {mid}, the plan shown (sha256 {sha[:16]})"
+                      in s, 10)
+    assert f"plan: playbook drain (risk high), sha256 {sha}"[:78] in text
+    assert "1. run: argv" in text
     t.keys("y")
     waited = g.ctl("wait", str(mid), "--state", "resolved", "--timeout", "20", "--json")
     assert waited.returncode == 0, waited.stderr
@@ -148,6 +154,7 @@ def test_fault_appears_is_approved_from_the_dashboard_and_fixed(
     m = json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
     assert m["approvals"][0]["decision"] == "approved"
     assert m["approvals"][0]["comment"] == "from gracectl top"
+    assert m["approvals"][0]["plan_sha256"] == sha == m["plan"]["sha256"]
     t.wait_for(lambda s: "no active missions" in s and "mission.resolved" in s, 10)
 
     # Bigger terminal: the same screen, laid out to the new size.

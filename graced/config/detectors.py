@@ -27,6 +27,7 @@ from .schema import (
     between,
     build_table,
     check,
+    each,
     http_url,
     kind_of,
     non_empty,
@@ -81,6 +82,8 @@ class DetectorConfig:
     # http
     url: str = ""
     expect_status: int = field(default=200, metadata=check(between(100, 599)))
+    # systemd: unit names or globs (none: every unit)
+    units: list[str] = field(default_factory=list, metadata=check(each(non_empty)))
     # log, journald
     file: str = ""
     unit: str = ""
@@ -170,6 +173,7 @@ KINDS: dict[str, Kind] = {
                 subject=lambda d: d.file, rule=_log_rule),
     "journald": Kind({**_LOG, "unit": non_empty, "timeout": None}, requires=("unit",),
                      subject=lambda d: d.unit, rule=_log_rule),
+    "systemd": Kind({"units": None, "timeout": None}, subject=lambda d: "units"),
     "value": Kind({"file": absolute_path}, requires=("file",), subject=lambda d: d.file,
                   rule=_needs_threshold),
 }

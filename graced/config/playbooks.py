@@ -8,6 +8,7 @@ References to detectors are checked once every table is read (graced/config/file
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,12 +87,24 @@ def _signal_rule(st: StepConfig) -> tuple[str, str] | None:
     return None
 
 
+def _action_rule(st: StepConfig) -> tuple[str, str] | None:
+    # An installed action is chosen by the config alone: no placeholder, no path.
+    name = st.unit.removesuffix(".service")
+    if not re.fullmatch(r"(grace-action@)?[A-Za-z0-9_.:-]{1,100}", name):
+        return "unit", ("an installed action's name (grace-action@NAME.service): letters, "
+                        "digits and _.:- only, no placeholders")
+    return None
+
+
 # Keys every step has.
 COMMON = ("action", "timeout")
 ACTIONS: dict[str, Action] = {
     "run": Action({"argv": non_empty_list, "shell": None, "env": None, "cwd": None,
                    "max_output": None}, requires=("argv",), rule=_run_rule),
     "restart_unit": Action({"unit": non_empty, "max_output": None}, requires=("unit",)),
+    # An action the administrator installed: grace-action@UNIT.service (graced.8).
+    "start_action": Action({"unit": non_empty, "max_output": None}, requires=("unit",),
+                           rule=_action_rule),
     "signal": Action({"signal": None, "process": non_empty, "pid": None, "pid_file": None},
                      rule=_signal_rule),
 }

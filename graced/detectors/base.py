@@ -49,7 +49,7 @@ class Detector(Protocol):
 
 
 def build_detector(cfg: DetectorConfig) -> Detector:
-    from . import host, logs, probes, process
+    from . import host, logs, probes, process, systemd
 
     builders: dict[str, Any] = {
         "memory": host.Memory, "swap": host.Swap, "cpu": host.Cpu, "load": host.Load,
@@ -57,7 +57,7 @@ def build_detector(cfg: DetectorConfig) -> Detector:
         "process_rss": process.ProcessRss, "tcp": probes.TcpProbe,
         "sqlite": probes.SqliteProbe, "command": probes.CommandProbe,
         "http": probes.HttpProbe, "log": logs.LogFile, "journald": logs.Journald,
-        "value": host.FileValue,
+        "value": host.FileValue, "systemd": systemd.FailedUnits,
     }
     detector: Detector = builders[cfg.kind](cfg)
     return detector

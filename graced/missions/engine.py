@@ -82,6 +82,9 @@ class Mission:
     expires_at: float | None = None
     reason: str | None = None
     verify_started: float | None = None
+    # the exact plan it runs or would run (graced/plan.py), and the silence holding it back
+    plan: dict[str, Any] | None = None
+    silenced: dict[str, Any] | None = None
     # learning: what memory held when the playbook was chosen, and the ranking
     similar: list[dict[str, Any]] = field(default_factory=list)
     decision: dict[str, Any] | None = None
@@ -103,10 +106,13 @@ class Mission:
 
     def brief(self) -> dict[str, Any]:
         """The fields a mission.* event carries."""
-        return {k: getattr(self, k) for k in (
+        out = {k: getattr(self, k) for k in (
             "id", "detector", "kind", "subject", "severity", "state", "summary",
             "occurrences", "last_value", "flapping", "opened_at", "playbook", "risk",
             "reason")}
+        out["plan_sha256"] = self.plan.get("sha256") if self.plan else None
+        out["silenced"] = self.silenced.get("id") if self.silenced else None
+        return out
 
 
 def ran(m: Mission) -> bool:

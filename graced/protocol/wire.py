@@ -33,6 +33,7 @@ ERROR_EXIT = {
     "not_authorised": ExitCode.NOT_AUTHORISED,
     "not_found": ExitCode.NOT_FOUND,
     "invalid": ExitCode.ERROR,
+    "plan_changed": ExitCode.ERROR,
 }
 
 MAX_NONCE = 128

@@ -1,0 +1,49 @@
+"""Plans (what a playbook would run for a mission) as terminal text, escaped."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def safe(text: Any) -> str:
+    """Text for a terminal: control characters (escape sequences) shown escaped, not sent.
+
+    Plans carry monitored data (a subject, a unit or process name), which is attacker data.
+    """
+    s = str(text)
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in s)
+
+
+def render_plan(plan: dict[str, Any]) -> list[str]:
+    """A plan (graced/plan.py) as lines: each step exactly as it would run."""
+    lines = [f"plan: playbook {safe(plan['playbook'])} (risk {safe(plan['risk'])}), "
+             f"sha256 {safe(plan['sha256'])}"]
+    for st in plan["steps"]:
+        head = f"  {st['step']}. {safe(st['action'])}"
+        if st["action"] == "run":
+            lines.append(f"{head}: argv {json.dumps(st['argv'])}"
+                         + (f" in {safe(st['cwd'])}" if st.get("cwd") else ""))
+            extra = {k: v for k, v in (st.get("env") or {}).items()
+                     if not k.startswith("GRACE_")}
+            if extra:
+                lines.append("       env " + " ".join(json.dumps(f"{k}={v}")
+                                                      for k, v in extra.items()))
+        elif st["action"] in ("restart_unit", "start_action"):
+            lines.append(f"{head}: unit {safe(st['unit'])} (argv {json.dumps(st['argv'])})")
+        else:
+            target = (f"pid {st['pid']}" if st.get("pid") else
+                      f"the pid in {safe(st['pid_file'])}" if st.get("pid_file") else
+                      f"processes matching {json.dumps(st['process'])}")
+            lines.append(f"{head}: signal SIG{safe(st['signal'])} to {target}")
+            if "matching_pids" in st:
+                pids = ", ".join(str(p) for p in st["matching_pids"]) or "none"
+                lines.append(f"       targets now: {pids}"
+                             + (f" ({safe(st['error'])})" if st.get("error") else ""))
+        lines.append(f"       timeout {st['timeout']:g} s")
+    values = plan.get("values") or {}
+    if values:
+        lines.append("  values: " + " ".join(json.dumps(f"{{{k}}}={v}")
+                                             for k, v in values.items()))
+    return lines

@@ -1,0 +1,85 @@
+"""gracectl's remediation commands: ``playbooks ls|run`` and the plan a mission carries.
+
+Registered on the groups of :mod:`gracectl.cli` when that module is imported.
+"""
+
+from __future__ import annotations
+
+import click
+from tabulate import tabulate
+
+from .cli import _age, _call, _endpoint, _print_json, _run, cli, json_option
+from .plan_text import render_plan, safe
+from .tail import stderr_note
+
+
+@cli.group()
+def playbooks() -> None:
+    """Playbooks: what they match, their budget and record; run one by hand."""
+
+
+@playbooks.command("ls")
+@json_option
+@click.pass_context
+def playbooks_ls(ctx: click.Context, as_json: bool) -> None:
+    """List the playbooks: match, risk, budget left, and learned success and runs."""
+    result = _run(lambda: _call(_endpoint(ctx), "playbooks.list", {}))
+    rows = result["playbooks"]
+    if as_json:
+        _print_json(result)
+        return
+    if not rows:
+        stderr_note("no playbooks configured (remediation is observe-only until one is)")
+        return
+    table = []
+    for pb in rows:
+        mt = pb["match"]
+        match = " ".join(x for x in (
+            f"detector={mt['detector']}" if mt["detector"] else "",
+            f"kind={mt['kind']}" if mt["kind"] else "",
+            f"subject={mt['subject']}" if mt["subject"] != "*" else "",
+            f"severity={','.join(mt['severities'])}" if mt["severities"] else "") if x) or "any"
+        lr = pb["learned"]
+        success = "-" if lr["success_rate"] is None else f"{lr['success_rate'] * 100:.0f}%"
+        last = "-" if lr["last_run"] is None else _age(result["now"] - lr["last_run"]) + " ago"
+        table.append([safe(pb["name"]), safe(match), pb["risk"] + ("" if pb["auto"] else
+                                                                   " (approval)"),
+                      ",".join(pb["steps"]),
+                      f"{pb['budget_left']}/{pb['budget']} per {pb['budget_window']:g}s",
+                      success, lr["runs"], last])
+    click.echo(tabulate(table, headers=["PLAYBOOK", "MATCH", "RISK", "STEPS", "BUDGET LEFT",
+                                        "SUCCESS", "RUNS", "LAST RUN"]))
+    mode = result["mode"] + (", paused" if result["paused"] else "")
+    stderr_note(f"remediation: {mode}; {result['global_left']} automatic actions left this "
+                "hour")
+
+
+@playbooks.command("run")
+@click.argument("name")
+@click.option("--mission", "mission_id", required=True, type=int, metavar="ID",
+              help="The mission to run it for (its values fill the placeholders).")
+@click.option("--dry-run", is_flag=True,
+              help="Print exactly what would run (argv, unit, signal, targets); run nothing.")
+@json_option
+@click.pass_context
+def playbooks_run(ctx: click.Context, name: str, mission_id: int, dry_run: bool,
+                  as_json: bool) -> None:
+    """Run playbook NAME for mission ID now (control rights), or show what would run.
+
+    A real run is journaled like any other: the mission goes to approved (run by hand by
+    you), executing, verifying; it spends the playbook's budget.
+    """
+    result = _run(lambda: _call(_endpoint(ctx), "playbooks.run", {
+        "name": name, "mission": mission_id, "dry_run": dry_run}))
+    if as_json:
+        _print_json(result)
+        return
+    if dry_run:
+        m = result["mission"]
+        click.echo(f"dry run for mission {m['id']} ({safe(m['detector'])}:"
+                   f"{safe(m['subject'])}, {m['state']}): nothing was run")
+        click.echo("\n".join(render_plan(result["plan"])))
+        return
+    m = result["mission"]
+    stderr_note(f"mission {m['id']}: {m['state']} ({safe(m['reason'])}); follow it with "
+                f"'gracectl wait {m['id']} --state resolved'")

@@ -1,0 +1,106 @@
+"""The pure cores of plans (graced/plan.py) and silences (graced/silences.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from graced.config import PlaybookConfig, StepConfig
+from graced.missions.engine import Mission
+from graced.plan import build, mission_values, substitute
+from graced.silences import MAX_SILENCES, Silences, parse_target
+
+
+def mission(subject: str = "web", value: float | None = 97.5) -> Mission:
+    return Mission(id=7, detector="disk", kind="disk", subject=subject, severity="high",
+                   state="open", summary="", opened_at=0.0, updated_at=0.0, last_value=value)
+
+
+PB = PlaybookConfig(name="clean", detector="disk", risk="high", step=[
+    StepConfig(action="run", argv=["/usr/bin/clean", "{subject}", "--over={value}"],
+               env=["TARGET={subject}"]),
+    StepConfig(action="restart_unit", unit="{subject}.service"),
+    StepConfig(action="signal", signal="hup", process="{subject}d"),
+    StepConfig(action="start_action", unit="clean-logs"),
+])
+
+
+def test_a_plan_is_the_steps_with_the_values_put_in() -> None:
+    plan = build(PB, mission_values(mission()))
+    run, restart, sig, action = plan["steps"]
+    assert run["argv"] == ["/usr/bin/clean", "web", "--over=97.5"]
+    assert run["env"]["TARGET"] == "web" and run["env"]["GRACE_MISSION"] == "7"
+    assert restart["argv"] == ["systemctl", "restart", "--", "web.service"]
+    assert (sig["signal"], sig["process"]) == ("HUP", "webd")
+    assert action["unit"] == "grace-action@clean-logs.service"
+    assert action["argv"] == ["systemctl", "start", "--wait", "--", action["unit"]]
+    body = {k: v for k, v in plan.items() if k != "sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert plan["sha256"] == hashlib.sha256(text.encode()).hexdigest()  # as documented
+
+
+def test_the_hash_changes_with_the_playbook_not_with_later_samples() -> None:
+    m = mission()
+    plan = build(PB, mission_values(m))
+    m.last_value = 12.0  # a later sample: the frozen values keep the plan
+    assert build(PB, plan["values"])["sha256"] == plan["sha256"]
+    longer = dataclasses.replace(PB, step=[*PB.step[:1], dataclasses.replace(
+        PB.step[1], timeout=60.0), *PB.step[2:]])
+    assert build(longer, plan["values"])["sha256"] != plan["sha256"]
+
+
+@given(st.text(max_size=40))
+def test_values_are_never_interpreted(subject: str) -> None:
+    # A subject that looks like a placeholder or a format string stays literal text.
+    assert substitute("x{subject}y", {"subject": subject}) == f"x{subject}y"
+    plan = build(PB, mission_values(mission(subject=subject)))
+    assert plan["steps"][0]["argv"][1] == subject
+
+
+def test_silences_cover_end_and_survive_a_dump() -> None:
+    s = Silences()
+    a = s.add(detector="disk", subject="/var*", duration=60, comment="move", by="ann",
+              until_resolved=True, now=100.0)
+    b = s.add(detector=None, subject=None, duration=10, comment="all", by="bob",
+              until_resolved=False, now=100.0)
+    assert s.covering("disk", "/var/log", 105.0) is a  # the longest-lasting
+    assert s.covering("cpu", "host", 105.0) is b
+    assert s.covering("cpu", "host", 111.0) is None  # expired, even before due() runs
+    assert [(x.id, why) for x, why in s.due(111.0, set())] == [(b.id, "expired")]
+    a.missions.append(3)
+    assert s.due(112.0, {3}) == []
+    again = Silences.load(s.dump())
+    assert again.listed() == s.listed() and again.next_id == s.next_id
+    assert [(x.id, why) for x, why in s.due(113.0, set())] == [(a.id, "its missions closed")]
+    assert Silences.load("not json").listed() == []
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"duration": 0}, "duration"), ({"duration": 1e9}, "duration"),
+    ({"comment": "  "}, "comment"), ({"detector": None, "until_resolved": True}, "--all"),
+])
+def test_bad_silences_are_refused(kwargs: dict, error: str) -> None:
+    args = {"detector": "disk", "subject": None, "duration": 60.0, "comment": "why",
+            "by": "ann", "until_resolved": False, "now": 0.0, **kwargs}
+    with pytest.raises(ValueError, match=error):
+        Silences().add(**args)
+
+
+def test_silences_are_bounded_and_targets_parsed() -> None:
+    s = Silences()
+    for _ in range(MAX_SILENCES):
+        s.add(detector="d", subject=None, duration=1, comment="c", by="x",
+              until_resolved=False, now=0)
+    with pytest.raises(ValueError, match="already"):
+        s.add(detector="d", subject=None, duration=1, comment="c", by="x",
+              until_resolved=False, now=0)
+    assert parse_target("disk") == ("disk", None)
+    assert parse_target("disk:/var:x") == ("disk", "/var:x")
+    for bad in ("", ":x", "disk:"):
+        with pytest.raises(ValueError):
+            parse_target(bad)

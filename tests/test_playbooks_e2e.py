@@ -1,0 +1,222 @@
+"""Playbooks for humans against a real graced: ``playbooks ls``, a dry run that prints
+exactly what would run, a manual run journaled like any other, and approvals of what
+the approver saw (the plan and its hash; a changed plan needs a new approval)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Graced
+from tests.test_learning_e2e import FAULT, NORMAL, SETTINGS, value_detector
+from tests.test_missions_e2e import Watch
+
+
+def inspect_playbook(marker: str) -> str:
+    """Never automatic (critical): three actions, with placeholders."""
+    return ('[[playbook]]\nname = "inspect"\ndetector = "backlog"\nrisk = "critical"\n'
+            'budget = 5\n'
+            '[[playbook.step]]\naction = "run"\n'
+            'argv = ["/bin/echo", "{detector}", "{subject}", "value={value}", "m{mission}"]\n'
+            'env = ["WHERE={subject}"]\ntimeout = 5.0\n'
+            '[[playbook.step]]\naction = "restart_unit"\nunit = "{subject}-worker.service"\n'
+            '[[playbook.step]]\naction = "signal"\nsignal = "HUP"\n'
+            f'process = "{marker}"\n\n')
+
+
+def drain_playbook(queue: Path, echo: str = "drained") -> str:
+    """The fix, waiting for approval (high)."""
+    return ('[[playbook]]\nname = "drain"\ndetector = "backlog"\nrisk = "high"\n'
+            'budget = 4\nverify_timeout = 10.0\n'
+            '[[playbook.step]]\naction = "run"\nshell = true\n'
+            f'argv = ["echo {NORMAL} > {queue}; echo {echo}"]\ntimeout = 10.0\n')
+
+
+def show(g: Graced, mid: int) -> dict[str, Any]:
+    return json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
+
+
+@pytest.fixture
+def sleeper() -> Any:
+    marker = f"grace-target-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", marker],
+                            stdin=subprocess.DEVNULL)
+    yield marker, proc
+    proc.kill()
+    proc.wait(10)
+
+
+@pytest.mark.slow
+def test_playbooks_ls_dry_run_and_a_manual_run(make_graced, shortdir: Path, sleeper) -> None:
+    marker, target = sleeper
+    queue = shortdir / "queue"
+    queue.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("backlog", queue, "high")
+                    + inspect_playbook(marker) + drain_playbook(queue)
+                    + SETTINGS.format(approval=300.0))
+    w = Watch(g)
+    try:
+        listed = json.loads(g.ctl("playbooks", "ls", "--json", check=True).stdout)
+        by_name = {p["name"]: p for p in listed["playbooks"]}
+        assert set(by_name) == {"inspect", "drain"}
+        drain = by_name["drain"]
+        assert drain["match"] == {"detector": "backlog", "kind": None, "subject": "*",
+                                  "severities": []}
+        assert (drain["risk"], drain["auto"], drain["budget"], drain["budget_left"]) == (
+            "high", False, 4, 4)
+        assert drain["learned"] == {"runs": 0, "successes": 0, "success_rate": None,
+                                    "last_run": None}
+        assert by_name["inspect"]["steps"] == ["run", "restart_unit", "signal"]
+        text = g.ctl("playbooks", "ls", check=True).stdout
+        assert text.split("\n")[0].split() == ["PLAYBOOK", "MATCH", "RISK", "STEPS",
+                                               "BUDGET", "LEFT", "SUCCESS", "RUNS", "LAST",
+                                               "RUN"]
+        row = next(line for line in text.splitlines() if line.startswith("drain"))
+        assert row.split()[:6] == ["drain", "detector=backlog", "high", "(approval)", "run",
+                                   "4/4"]
+
+        queue.write_text(FAULT)
+        waiting = w.wait("mission.awaiting_approval", "backlog", 15)["payload"]
+        mid = waiting["id"]
+
+        # The dry run prints exactly what would run, with the mission's values put in,
+        # and runs nothing.
+        dry = g.ctl("playbooks", "run", "inspect", "--mission", str(mid), "--dry-run",
+                    check=True).stdout
+        assert f"dry run for mission {mid} (backlog:queue, awaiting_approval)" in dry
+        assert (f'1. run: argv ["/bin/echo", "backlog", "queue", "value=99", "m{mid}"]'
+                in dry)
+        assert 'env "WHERE=queue"' in dry
+        assert ('2. restart_unit: unit queue-worker.service (argv ["systemctl", "restart", '
+                '"--", "queue-worker.service"])') in dry
+        assert f'3. signal: signal SIGHUP to processes matching "{marker}"' in dry
+        assert f"targets now: {target.pid}" in dry
+        assert target.poll() is None and queue.read_text() == FAULT
+        as_json = json.loads(g.ctl("playbooks", "run", "inspect", "--mission", str(mid),
+                                   "--dry-run", "--json", check=True).stdout)
+        plan = as_json["plan"]
+        assert [s["action"] for s in plan["steps"]] == ["run", "restart_unit", "signal"]
+        assert plan["values"] == {"subject": "queue", "value": "99", "detector": "backlog",
+                                  "mission": str(mid)}
+        assert plan["steps"][2]["matching_pids"] == [target.pid]
+
+        # The waiting mission carries the plan it would run; missions show prints it.
+        m = show(g, mid)
+        assert m["plan"]["playbook"] == m["playbook"] and len(m["plan"]["sha256"]) == 64
+        assert waiting["plan_sha256"] == m["plan"]["sha256"]
+        shown = g.ctl("missions", "show", str(mid), check=True).stdout
+        assert f"awaiting approval of this plan (gracectl missions approve {mid}):" in shown
+        assert f"sha256 {m['plan']['sha256']}" in shown
+
+        # Unknown playbook, a playbook that does not match, a bad mission: one line each.
+        nope = g.ctl("playbooks", "run", "nope", "--mission", str(mid), "--dry-run")
+        assert nope.returncode == 5 and nope.stderr.count("\n") == 1
+        assert "no playbook 'nope'" in nope.stderr
+        missing = g.ctl("playbooks", "run", "drain", "--mission", "9999", "--dry-run")
+        assert missing.returncode == 5 and "no mission 9999" in missing.stderr
+
+        if os.geteuid() == 0:
+            # Without control rights a real run is refused (a dry run is fine).
+            os.chmod(g.socket, 0o666)
+            os.chmod(g.base, 0o755)
+            os.chmod(g.home, 0o777)
+            nobody = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+                      g.ctl_argv0(), "playbooks", "run", "drain", "--mission", str(mid)]
+            refused = subprocess.run(nobody, env=g.env, capture_output=True, text=True,
+                                     stdin=subprocess.DEVNULL, timeout=60)
+            assert refused.returncode == 4, refused.stderr
+            assert "needs control rights" in refused.stderr
+            allowed = subprocess.run([*nobody, "--dry-run"], env=g.env, capture_output=True,
+                                     text=True, stdin=subprocess.DEVNULL, timeout=60)
+            assert allowed.returncode == 0 and "1. run: argv" in allowed.stdout, allowed.stderr
+            assert show(g, mid)["state"] == "awaiting_approval"
+
+        # A manual run is a run like any other: journaled, verified, learned from.
+        run = g.ctl("playbooks", "run", "drain", "--mission", str(mid), "--json",
+                    check=True)
+        assert json.loads(run.stdout)["mission"]["state"] in ("approved", "executing",
+                                                             "verifying", "resolved")
+        w.wait("mission.resolved", "backlog", 20)
+        assert queue.read_text().strip() == NORMAL
+        m = show(g, mid)
+        assert [t["to"] for t in m["timeline"]][-4:] == ["approved", "executing", "verifying",
+                                                        "resolved"]
+        assert m["approvals"][0]["decision"] == "run by hand"
+        assert m["approvals"][0]["uid"] == os.geteuid()
+        assert m["steps"][0]["ok"] and m["steps"][0]["output"] == "drained\n"
+        assert m["plan"]["playbook"] == "drain"
+        assert m["steps"][0]["argv"] == m["plan"]["steps"][0]["argv"]
+        events = [json.loads(line) for line in g.ctl(
+            "tail", "--json", "--since", "1", "--no-follow", "executor.*",
+            check=True).stdout.splitlines()]
+        manual = [e["payload"] for e in events if e["topic"] == "executor.manual_run"]
+        assert manual == [{"mission": mid, "playbook": "drain", "by": m["approvals"][0]["user"],
+                           "uid": os.geteuid(), "plan_sha256": m["plan"]["sha256"]}]
+        after = {p["name"]: p for p in json.loads(g.ctl("playbooks", "ls", "--json",
+                                                        check=True).stdout)["playbooks"]}
+        assert after["drain"]["budget_left"] == 3
+        assert after["drain"]["budget_used"] == {"queue": 1}
+        assert after["drain"]["learned"]["runs"] == 1
+        assert after["drain"]["learned"]["successes"] == 1
+        # A closed mission cannot be run again.
+        again = g.ctl("playbooks", "run", "drain", "--mission", str(mid))
+        assert again.returncode == 1 and "not active" in again.stderr
+    finally:
+        w.close()
+
+
+@pytest.mark.slow
+def test_an_approval_for_a_plan_changed_since_is_refused(make_graced, shortdir: Path) -> None:
+    queue = shortdir / "queue"
+    queue.write_text(NORMAL)
+    settings = SETTINGS.format(approval=300.0)
+    g = make_graced(detectors=value_detector("backlog", queue, "high")
+                    + drain_playbook(queue, echo="first") + settings)
+    w = Watch(g)
+    try:
+        queue.write_text(FAULT)
+        waiting = w.wait("mission.awaiting_approval", "backlog", 15)["payload"]
+        mid = waiting["id"]
+        before = show(g, mid)["plan"]
+        assert before["playbook"] == waiting["playbook"]
+        # A wrong hash is refused and changes nothing.
+        wrong = g.ctl("missions", "approve", str(mid), "--plan", "0" * 64)
+        assert wrong.returncode == 1 and "changed since" in wrong.stderr
+        assert show(g, mid)["state"] == "awaiting_approval"
+
+        # The playbook changes under the waiting mission: a config reload.
+        g.config.write_text(g.config.read_text().replace("echo first", "echo second"))
+        g.ctl("reload", check=True)
+        stale = g.ctl("missions", "approve", str(mid), "--plan", before["sha256"])
+        assert stale.returncode == 1, stale.stderr
+        assert "changed since" in stale.stderr and stale.stderr.count("\n") == 1
+        now = show(g, mid)
+        assert now["state"] == "awaiting_approval" and not now["approvals"]
+        changed = now["plan"]
+        assert changed["sha256"] != before["sha256"]
+        assert "echo second" in changed["steps"][0]["argv"][2]
+        assert changed["values"] == before["values"]  # the values it was shown with
+        events = [json.loads(line) for line in g.ctl(
+            "tail", "--json", "--since", "1", "--no-follow", "mission.plan_changed",
+            check=True).stdout.splitlines()]
+        assert [(e["payload"]["id"], e["payload"]["was"], e["payload"]["plan_sha256"])
+                for e in events] == [(mid, before["sha256"], changed["sha256"])]
+
+        # Approving what is shown now works; the approval names that plan.
+        ok = g.ctl("missions", "approve", str(mid), "--comment", "read the new plan")
+        assert ok.returncode == 0, ok.stderr
+        assert f"sha256 {changed['sha256']}" in ok.stderr  # the plan approved, shown
+        final = g.ctl("wait", str(mid), "--state", "resolved", "--state", "failed",
+                      "--timeout", "30", "--json")
+        m = json.loads(final.stdout)
+        assert m["approvals"][-1]["plan_sha256"] == changed["sha256"]
+        assert m["plan"]["sha256"] == changed["sha256"]
+    finally:
+        w.close()

@@ -1,0 +1,182 @@
+"""Silences against a real graced: signed, listed, removed, kept across a restart, and
+ending by themselves (time, or their missions resolving); while one holds a mission the
+anomaly is recorded but no playbook runs and no notifier is told."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Graced
+from tests.helpers.procs import LineCollector
+from tests.test_learning_e2e import FAULT, NORMAL, SETTINGS, value_detector
+
+
+def config(queue: Path, notified: Path) -> str:
+    return (value_detector("backlog", queue, "high")
+            + '[[playbook]]\nname = "drain"\ndetector = "backlog"\nrisk = "low"\n'
+            'budget = 100\nverify_timeout = 10.0\n'
+            '[[playbook.step]]\naction = "run"\nshell = true\n'
+            f'argv = ["echo {NORMAL} > {queue}"]\ntimeout = 10.0\n\n'
+            '[[notifier]]\nname = "pager"\nkind = "command"\n'
+            f'argv = ["/bin/sh", "-c", "cat >> {notified}"]\n'
+            'on = ["executing", "failed", "escalated"]\n'
+            + SETTINGS.format(approval=300.0))
+
+
+class Events:
+    """Every silence.*, executor.* and mission.* event, from the real gracectl tail."""
+
+    def __init__(self, g: Graced) -> None:
+        self.tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "silence.*",
+                                              "executor.*", "mission.*"))
+
+    def of(self, topic: str, **match: Any) -> list[dict[str, Any]]:
+        return [e for e in self.tail.events() if e["topic"] == topic
+                and all(e["payload"].get(k) == v for k, v in match.items())]
+
+    def wait(self, topic: str, timeout: float = 20, **match: Any) -> dict[str, Any]:
+        ok = self.tail.wait_for(lambda _: bool(self.of(topic, **match)), timeout)
+        assert ok, f"no {topic} {match} within {timeout} s: {self.tail.lines[-5:]}"
+        return self.of(topic, **match)[0]
+
+    def close(self) -> None:
+        self.tail.proc.terminate()
+        self.tail.proc.wait(10)
+
+
+def add(g: Graced, *args: str) -> int:
+    res = g.ctl("silence", "add", *args, check=True)
+    return int(res.stdout.strip())
+
+
+def listed(g: Graced) -> list[dict[str, Any]]:
+    return json.loads(g.ctl("silence", "ls", "--json", check=True).stdout)
+
+
+@pytest.mark.slow
+def test_silences_are_signed_listed_removed_and_expire(make_graced, shortdir: Path) -> None:
+    queue, notified = shortdir / "queue", shortdir / "notified"
+    queue.write_text(NORMAL)
+    g = make_graced(detectors=config(queue, notified))
+    ev = Events(g)
+    try:
+        # Bad requests: one line, a usage exit code, nothing added.
+        for args in (["backlog", "--for", "soon", "--comment", "x"],
+                     ["backlog", "--all", "--for", "1h", "--comment", "x"],
+                     ["--for", "1h", "--comment", "x"],
+                     ["backlog", "--for", "1h"]):
+            bad = g.ctl("silence", "add", *args)
+            assert bad.returncode == 2, (args, bad.stderr)
+        empty = g.ctl("silence", "add", "backlog", "--for", "1h", "--comment", " ")
+        assert empty.returncode == 1 and "needs a comment" in empty.stderr
+        assert listed(g) == []
+
+        held = add(g, "backlog:qu*", "--for", "1h", "--comment", "draining by hand")
+        s = listed(g)[0]
+        assert (s["id"], s["target"], s["detector"], s["subject"], s["comment"]) == (
+            held, "backlog:qu*", "backlog", "qu*", "draining by hand")
+        assert 3590 < s["expires_at"] - s["created_at"] <= 3600
+        text = g.ctl("silence", "ls", check=True).stdout
+        assert text.split("\n")[0].split() == ["ID", "TARGET", "UNTIL", "BY", "MISSIONS",
+                                               "COMMENT"]
+        assert "backlog:qu*" in text and "draining by hand" in text
+
+        # Silenced: the anomaly opens a mission, and that is all.
+        queue.write_text(FAULT)
+        opened = ev.wait("mission.opened", detector="backlog")["payload"]
+        mid = opened["id"]
+        hold = ev.wait("executor.silenced", mission=mid)
+        assert hold["payload"]["silence"] == held
+        m = json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
+        assert m["state"] == "open" and m["silenced"]["id"] == held
+        assert "silenced by" in m["reason"] and "draining by hand" in m["reason"]
+        row = next(line for line in g.ctl("missions", "ls", check=True).stdout.splitlines()
+                   if line.split()[0] == str(mid))
+        assert f"silenced #{held}" in row
+        assert listed(g)[0]["missions"] == [mid]
+
+        # A silence that runs out ends by itself.
+        short = add(g, "other", "--for", "1s", "--comment", "short one")
+        gone = ev.wait("silence.expired", id=short)["payload"]
+        assert gone["reason"] == "expired" and [x["id"] for x in listed(g)] == [held]
+
+        # Kept across a restart, exactly.
+        ev.close()
+        before = listed(g)
+        assert g.stop() == 0
+        g.start()
+        ev = Events(g)
+        assert listed(g) == before
+        assert json.loads(g.ctl("missions", "show", str(mid), "--json",
+                                check=True).stdout)["state"] == "open"
+
+        # Only with control rights.
+        if os.geteuid() == 0:
+            os.chmod(g.socket, 0o666)
+            os.chmod(g.base, 0o755)
+            os.chmod(g.home, 0o777)
+            for args in (["add", "--all", "--for", "1h", "--comment", "x"], ["rm", str(held)]):
+                res = subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup",
+                                      "--clear-groups", g.ctl_argv0(), "silence", *args],
+                                     env=g.env, capture_output=True, text=True,
+                                     stdin=subprocess.DEVNULL, timeout=60)
+                assert res.returncode == 4 and "needs control rights" in res.stderr, res.stderr
+            assert listed(g) == before
+
+        # Removed: the mission goes through the policy at once; the fix runs, the
+        # notifier is told (it was not while silenced).
+        assert not notified.exists()
+        g.ctl("silence", "rm", str(held), check=True)
+        assert listed(g) == []
+        missing = g.ctl("silence", "rm", str(held))
+        assert missing.returncode == 5 and missing.stderr.count("\n") == 1
+        removed = ev.wait("silence.removed", id=held)
+        executing = ev.wait("mission.executing", id=mid)
+        ev.wait("mission.resolved", id=mid)
+        assert executing["seq"] > removed["seq"]
+        told = ev.wait("executor.notified", mission=mid)
+        assert told["seq"] > removed["seq"]
+        assert json.loads(notified.read_text().splitlines()[0])["mission"]["id"] == mid
+
+        # Every change was a signed event on the verified chain.
+        res = g.ctl("tail", "--json", "--verify", "--since", "1", "--no-follow", "silence.*")
+        assert res.returncode == 0, res.stderr
+        topics = [(json.loads(x)["topic"], json.loads(x)["payload"]["id"])
+                  for x in res.stdout.splitlines()]
+        assert topics == [("silence.added", held), ("silence.added", short),
+                          ("silence.expired", short), ("silence.removed", held)]
+        # missions ls still shows that it was silenced.
+        assert json.loads(g.ctl("missions", "ls", "--all", "--json", check=True).stdout)[0][
+            "silenced"]["id"] == held
+    finally:
+        ev.close()
+
+
+@pytest.mark.slow
+def test_a_silence_until_resolved_ends_with_its_missions(make_graced, shortdir: Path) -> None:
+    queue, notified = shortdir / "queue", shortdir / "notified"
+    queue.write_text(NORMAL)
+    g = make_graced(detectors=config(queue, notified))
+    ev = Events(g)
+    try:
+        sid = add(g, "backlog", "--for", "2h", "--comment", "until it clears",
+                  "--until-resolved")
+        assert listed(g)[0]["until_resolved"] is True
+        queue.write_text(FAULT)
+        mid = ev.wait("executor.silenced", silence=sid)["payload"]["mission"]
+        queue.write_text(NORMAL)  # the operator fixes it by hand
+        ev.wait("mission.resolved", id=mid)
+        ended = ev.wait("silence.expired", id=sid)["payload"]
+        assert ended["reason"] == "its missions closed" and ended["missions"] == [mid]
+        assert listed(g) == []
+        m = json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
+        assert not m["steps"] and m["playbook"] is None  # nothing ran
+        assert not notified.exists()
+    finally:
+        ev.close()
