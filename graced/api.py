@@ -53,6 +53,9 @@ ROLES: dict[str, str | None] = {
     "knowledge.stats": READ,
     "missions.approve": CONTROL, "missions.reject": CONTROL, "pause": CONTROL,
     "resume": CONTROL, "emit": CONTROL, "knowledge.import": CONTROL, "reload": CONTROL,
+    # A dry run only reads; a real run checks control rights in the handler.
+    "playbooks.list": READ, "playbooks.run": READ, "silence.list": READ,
+    "silence.add": CONTROL, "silence.remove": CONTROL,
 }
 
 
@@ -578,8 +581,10 @@ class Api:
                         step["matching_pids"] = []
                         step["error"] = str(exc)
             return {"dry_run": True, "mission": m.brief(), "plan": plan}
-        user = self._controller(client, "running a playbook by hand")
-        who = {"user": user, "uid": client.peer.uid, "auth": "unix peer credentials"}
+        user = self._controller(client, req, "running a playbook by hand")
+        who = {"user": user, "uid": client.peer.uid, "auth": (
+            f"signed request (ed25519 {req.kid})" if user.startswith("key ")
+            else "unix peer credentials")}
         try:
             done = await self.executor.run_by_hand(m.id, pb, who)
         except LookupError as exc:
@@ -590,11 +595,15 @@ class Api:
 
     # -- silences ----------------------------------------------------------------------
 
-    def _controller(self, client: Client, what: str) -> str:
-        """The user name of a client with control rights; else not_authorised."""
+    def _controller(self, client: Client, req: Request, what: str) -> str:
+        """Who asks, if they have control rights (root or graced's uid over the Unix socket,
+        or a request signed by a control key); else not_authorised."""
+        if req.role == CONTROL and req.kid is not None:
+            return f"key {req.kid}"
         if not client.can_control():
             raise RequestError("not_authorised", f"{what} needs control rights (root or uid "
-                               f"{os.geteuid()} over the Unix socket)")
+                               f"{os.geteuid()} over the Unix socket, or a request signed by "
+                               "a control key)")
         try:
             return pwd.getpwuid(client.peer.uid).pw_name if client.peer.uid is not None \
                 else "?"
@@ -603,7 +612,7 @@ class Api:
 
     async def silence_add(self, client: Client, req: Request) -> Any:
         p = req.params
-        user = self._controller(client, "adding a silence")
+        user = self._controller(client, req, "adding a silence")
         target, duration = p.get("target"), p.get("duration")
         comment, until_resolved = p.get("comment"), p.get("until_resolved", False)
         if target is not None and not isinstance(target, str):
@@ -632,7 +641,7 @@ class Api:
         return {"silences": self.executor.silences.listed(), "now": time.time()}
 
     async def silence_remove(self, client: Client, req: Request) -> Any:
-        user = self._controller(client, "removing a silence")
+        user = self._controller(client, req, "removing a silence")
         sid = req.params.get("id")
         if not isinstance(sid, int) or isinstance(sid, bool):
             raise RequestError("bad_request", "params.id must be an integer")

@@ -15,8 +15,8 @@ _COLUMNS = ("id", "detector", "kind", "subject", "severity", "state", "summary",
 # Mission fields kept in the JSON data column.
 _DATA = ("last_value", "score", "normal_streak", "last_update_event", "samples", "timeline",
          "playbook", "risk", "steps", "approvals", "verification", "expires_at", "reason",
-         "verify_started", "similar", "decision", "incident", "symptom_at_start", "held_back", "plan",
-         "silenced")
+         "verify_started", "similar", "decision", "incident", "symptom_at_start", "held_back",
+         "plan", "silenced")
 
 
 def upsert(m: Mission) -> Write:
