@@ -30,8 +30,9 @@ def main() -> None:
     report = run(args.kills, args.min_up, args.max_up,
                  progress=lambda line: print("  " + line, flush=True),
                  arrange_every=args.arrange_every)
-    print(f"bench/crash.py  ({report.kills} SIGKILLs at random moments {report.min_up:g}-"
-          f"{report.max_up:g} s after start, under load; {report.elapsed:.0f} s)")
+    print(f"bench/crash.py  ({report.kills} SIGKILLs under load: {report.arranged} once an "
+          f"approved step had started, the others at random moments {report.min_up:g}-"
+          f"{report.max_up:g} s after start; {report.elapsed:.0f} s)")
     for line in report.lines():
         print("  " + line)
     print(f"  {'PASS' if report.ok and report.approved and report.killed_mid_step else 'FAIL'}")
