@@ -9,6 +9,7 @@ import os
 import pwd
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -261,15 +262,26 @@ def journald(shortdir: Path) -> Iterator[list[str]]:
 
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(shortdir / "journald.notify"))
-    notify.settimeout(20)
+    notify.settimeout(1)
     proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                              NAMESPACE_SETUP.format(journald=JOURNALD)],
                             env=dict(os.environ, NOTIFY_SOCKET=str(shortdir / "journald.notify")),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
-        while b"READY=1" not in notify.recv(4096).split(b"\n"):
-            pass
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if b"READY=1" in notify.recv(4096).split(b"\n"):
+                    break
+            except TimeoutError:
+                if proc.poll() is not None:
+                    assert proc.stderr is not None
+                    pytest.skip(f"cannot start {JOURNALD} in a private mount namespace "
+                                f"(exit {proc.returncode}): "
+                                + proc.stderr.read().decode(errors="replace").strip()[-200:])
+                if time.monotonic() > deadline:
+                    raise
         yield ["nsenter", "-t", str(proc.pid), "-m", "--"]
     finally:
         notify.close()
