@@ -315,7 +315,9 @@ async def _reload(reloader: Reloader, by: str) -> None:
     try:
         await reloader.reload(by)
     except ConfigRejected:
-        pass
+        pass  # logged and published
+    except Exception:  # noqa: BLE001 - SIGHUP never stops graced
+        log.exception("reload (%s) failed while applying the config", by)
 
 
 M_ARENA_MAX = -8  # glibc <malloc.h>

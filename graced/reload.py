@@ -73,11 +73,13 @@ class Reloader:
                 if changed:
                     raise ConfigError(f"{new.source}: {', '.join(changed)} changed: only a "
                                       "restart of graced applies that")
-            except ConfigError as exc:
-                log.warning("config rejected (%s), keeping the running one: %s", by, exc)
+            except Exception as exc:  # noqa: BLE001 - nothing in a file may stop graced
+                reason = str(exc) if isinstance(exc, ConfigError) else (
+                    f"cannot read the config: {type(exc).__name__}: {exc}")
+                log.warning("config rejected (%s), keeping the running one: %s", by, reason)
                 await self.mesh.publish("daemon.config_rejected", {
-                    "by": by, "reason": str(exc), "running_sha256": self.config.digest})
-                raise ConfigRejected(str(exc)) from None
+                    "by": by, "reason": reason, "running_sha256": self.config.digest})
+                raise ConfigRejected(reason) from None
             return await self._apply(new, by)
 
     async def _apply(self, new: Config, by: str) -> dict[str, Any]:

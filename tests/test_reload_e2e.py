@@ -112,4 +112,7 @@ def test_gracectl_reload_says_what_changed_or_why_not(graced: Graced, shortdir: 
     assert res.returncode == 1
     assert "[daemon] listen changed: only a restart of graced applies that" in res.stderr
     assert _detectors(graced) == ["v"]
+    graced.config.unlink()  # gone: refused too, graced runs on
+    res = graced.ctl("reload")
+    assert res.returncode == 1 and f"{graced.config}: cannot read: No such file" in res.stderr
     assert graced.ctl("status").returncode == 0
