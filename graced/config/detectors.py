@@ -7,7 +7,8 @@ the keys it requires, its default threshold and its default subject.
 
 To add a key to a kind: add the field to :class:`DetectorConfig` (type, default, and a
 check if every kind shares its range), then name it in that kind's ``keys`` (with a check
-if the range is the kind's own). A new kind is a new :data:`KINDS` entry plus its class in
+if the range is the kind's own); a key every kind takes goes into :data:`COMMON` instead.
+A new kind is a new :data:`KINDS` entry plus its class in
 graced/detectors/base.py. Document both in man/graced.toml.5.
 """
 
