@@ -362,7 +362,9 @@ def remediation_checks(c: Container) -> None:
     c.sh("touch /run/flaky-broken")
     say("broke flaky.service (its HTTP probe now answers 503)")
     c.wait("the mission for flaky resolved",
-           f"gracectl --socket {SOCK} missions ls --all --json | grep -q '\"resolved\"'")
+           f"gracectl --socket {SOCK} missions ls --all --json | python3 -c \"import json, sys; "
+           "sys.exit(not [m for m in json.load(sys.stdin) if m['detector'] == 'flaky' "
+           "and m['state'] == 'resolved'])\"")
     after = c.value("InvocationID", "flaky.service")
     show = c.sh(f"gracectl --socket {SOCK} missions ls --all").stdout
     check(before != after, "graced restarted flaky.service through systemd and polkit (new "
