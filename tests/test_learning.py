@@ -61,7 +61,7 @@ def test_blocked_playbook_is_skipped_and_all_blocked_escalates() -> None:
     # Learning picks which playbook, never its risk: "good" is still high risk.
     assert next(c for c in d.candidates if c["chosen"])["risk"] == "high"
     d = rank([("bad", "low"), ("good", "high")], records, strategy="thompson", rng=rng,
-             blocked={"bad": "demoted", "good": "already failed in this incident"})
+             blocked={"bad": "demoted", "good": "failed 2 times in this incident"})
     assert d.escalate and d.chosen is None and "keeps failing" in d.reason
     # Learning off never blocks.
     d = rank([("bad", "low"), ("good", "high")], records, strategy="first", rng=rng,
@@ -184,11 +184,12 @@ def test_imported_evidence_is_bounded_fades_and_yields_to_local_runs() -> None:
 
 def test_demotion_needs_distinct_incidents_over_a_time_span() -> None:
     k = Knowledge(settings=Settings(demote_after=3, demote_below=0.25, demote_span=600.0))
-    for n in range(3):  # three failures in one incident count as one
-        assert not k.failed_in("web:api", "flaky", 1) or n > 0
-        if not k.failed_in("web:api", "flaky", 1):
-            _learn(k, "flaky", False, 10.0 + n, 1)
-    assert k.local("web:api", "flaky", 20.0).failures == pytest.approx(1.0, rel=1e-3)
+    for n in range(3):  # three failures in one incident: one incident for demotion
+        _learn(k, "flaky", False, 10.0 + n, 1)
+    assert k.failures_in("web:api", "flaky", 1) == 3
+    assert k.local("web:api", "flaky", 20.0).failures == pytest.approx(3.0, rel=1e-3)
+    is_demoted, held = k.demotion("web:api", "flaky", 20.0)
+    assert not is_demoted and "1 distinct incident(s)" in (held or "")
     _learn(k, "flaky", False, 20.0, 2)
     _learn(k, "flaky", False, 30.0, 3)
     is_demoted, held = k.demotion("web:api", "flaky", 30.0)

@@ -82,15 +82,15 @@ def test_every_final_state_is_stored_as_an_outcome(make_graced, shortdir: Path) 
     w.wait("mission.expired", "risky", 20)
     c.write_text(NORMAL)
     d.write_text(FAULT)
-    # never-works fails; the fault is still there, so the next mission belongs to the
-    # same incident: no playbook left to try, it escalates to a human.
-    w.wait("mission.failed", "broken", 15)
+    # never-works fails twice; the fault never cleared, so it is one incident: it is not
+    # run a third time, and the third mission escalates to a human.
+    w.wait("mission.failed", "broken", 15, count=2)
     escalated = w.wait("mission.escalated", "broken", 15)["payload"]
     assert "keeps failing" in escalated["reason"]
-    assert "already failed in this incident" in escalated["reason"]
+    assert "failed 2 times in this incident" in escalated["reason"]
     d.write_text(NORMAL)
     w.close()
-    assert len(missions(g, "broken")) == 2  # held after the escalation: no storm
+    assert len(missions(g, "broken")) == 3  # held after the escalation: no storm
 
     every = [m for det in ("fixable", "risky", "broken") for m in missions(g, det)]
     stored = outcomes(g)

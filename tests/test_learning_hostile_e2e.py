@@ -235,17 +235,20 @@ def test_imported_prior_is_bounded_demotion_needs_local_failures_and_reset_undoe
     # Imported as hopeless, yet still tried here: it works, and it is credited.
     fixed = incident(hope, "hope", "resolved", 1)
     assert fixed["playbook"] == "hopeless"
-    # Imported as excellent: run, fails; the same incident escalates; twice over two
-    # incidents (demote_after = 2) and it is demoted; the third incident escalates at once.
-    for n in (1, 2):
-        incident(star, "star", "escalated", n)
+    # Imported as excellent: it runs and fails, twice, and the incident escalates. The
+    # next incident's failure is the second distinct one (demote_after = 2): demoted,
+    # and from then on every incident escalates at once.
+    first = incident(star, "star", "escalated", 1)
+    assert "failed 2 times in this incident" in first["reason"], first["reason"]
     assert len(w.events("mission.failed", "star")) == 2
+    second = incident(star, "star", "escalated", 2)
+    assert "demoted" in second["reason"], second["reason"]
     third = incident(star, "star", "escalated", 3)
     assert "demoted" in third["reason"], third["reason"]
-    assert len(w.events("mission.failed", "star")) == 2
+    assert len(w.events("mission.failed", "star")) == 3
     shown = json.loads(g.ctl("knowledge", "show", "star:queue", "--json",
                              check=True).stdout)["pattern"]["playbooks"][0]
-    assert (shown["failures"], shown["demoted"]) == (2, True)
+    assert (shown["failures"], shown["demoted"]) == (3, True)
     assert shown["imported"][0]["successes"] == 1_000_000
     # Reset (control rights, a signed event): tried again on the next fault.
     recovered.proc.terminate()

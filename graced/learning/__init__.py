@@ -25,7 +25,7 @@ from ..journal import Write
 from ..missions.engine import Mission, ran
 from ..readers import SharedReader
 from . import memory
-from .knowledge import LOCAL, Knowledge, Settings
+from .knowledge import LOCAL, PER_INCIDENT, Knowledge, Settings
 from .ranking import Decision, Record, rank
 
 log = logging.getLogger("graced.learning")
@@ -44,7 +44,8 @@ def credit(m: Mission, knowledge: Knowledge, sig: str) -> tuple[bool | None, str
 
     Returns (success, None) for a credited run, or (None, reason). A run counts only if
     the symptom was present when it started; a success only if every step ran to
-    completion; a failure at most once per incident."""
+    completion. (A playbook runs at most PER_INCIDENT times in one incident, so one
+    incident adds at most that many failures.)"""
     o_success = None
     if ran(m) and m.state == "resolved":
         o_success = True
@@ -58,10 +59,6 @@ def credit(m: Mission, knowledge: Knowledge, sig: str) -> tuple[bool | None, str
     if o_success and (not m.steps or not all(st.get("ok") for st in m.steps)
                       or any(t.get("to") == "interrupted" for t in m.timeline)):
         return None, "the playbook's steps did not run to completion: no success credited"
-    incident = m.incident or m.id
-    if not o_success and knowledge.failed_in(sig, m.playbook, incident):
-        return None, (f"{m.playbook} already failed in this incident (#{incident}): one "
-                      "failure per incident is counted")
     return o_success, None
 
 
@@ -133,8 +130,9 @@ class Learning:
             if is_demoted:
                 out[n] = (f"demoted: success below {self.config.demote_below:.0%} in "
                           f"{self.config.demote_after}+ incidents")
-            elif m.incident is not None and self.knowledge.failed_in(sig, n, m.incident):
-                out[n] = "already failed in this incident"
+            elif m.incident is not None and self.knowledge.failures_in(
+                    sig, n, m.incident) >= PER_INCIDENT:
+                out[n] = f"failed {PER_INCIDENT} times in this incident"
             elif held:
                 notes.append(f"{n}: {held}")
         return out, notes
@@ -153,7 +151,7 @@ class Learning:
         blocked, notes = self.blocked(m, names, now)
         decision = rank([(p.name, p.risk) for p in candidates],
                         self.records(m, names, similar, now), strategy=self.config.strategy,
-                        rng=self.rng, blocked=blocked)
+                        rng=self.rng, blocked=blocked, exploration=self.config.exploration)
         sig = memory.signature(m.detector, m.subject)
         for c in decision.candidates:
             prior = self.knowledge.prior(sig, c["playbook"], now)

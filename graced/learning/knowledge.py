@@ -40,7 +40,8 @@ from ..protocol.knowledge import (
 from .ranking import Record, demotion, ordered
 
 LOCAL = "local"
-MAX_FAILS = 20  # counted failures (incident, time) remembered per local record
+MAX_FAILS = 20  # failures (incident, time) remembered per local record
+PER_INCIDENT = 2  # runs of a playbook that failed in one incident before it is skipped
 
 _COLS = ("signature, playbook, source, detector, subject, successes, failures, ttr_total, "
          "ttr_count, first_seen, last_seen, data")
@@ -243,8 +244,8 @@ class Knowledge:
         e.last_seen = max(now, e.first_seen)
         return [_upsert(sig, playbook, LOCAL, e)], new
 
-    def failed_in(self, sig: str, playbook: str, incident: int) -> bool:
-        return any(i == incident for i, _ in self.fails(sig, playbook))
+    def failures_in(self, sig: str, playbook: str, incident: int) -> int:
+        return sum(1 for i, _ in self.fails(sig, playbook) if i == incident)
 
     def reset(self, target: str) -> tuple[list[Write], int]:
         """Forget every record of a pattern (``DETECTOR:SUBJECT``) or of a playbook."""
