@@ -164,11 +164,13 @@ def knowledge() -> None:
 
 
 @knowledge.command("ls")
+@click.option("--limit", type=click.IntRange(1, 10000), default=1000, show_default=True,
+              help="At most this many patterns, the most recently seen.")
 @json_option
 @click.pass_context
-def knowledge_ls(ctx: click.Context, as_json: bool) -> None:
+def knowledge_ls(ctx: click.Context, limit: int, as_json: bool) -> None:
     """List learned patterns with their best playbook."""
-    result = _run(lambda: _call(_endpoint(ctx), "knowledge.list", {}))
+    result = _run(lambda: _call(_endpoint(ctx), "knowledge.list", {"limit": limit}))
     if as_json:
         _print_json(result["patterns"])
         return
@@ -182,6 +184,9 @@ def knowledge_ls(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(tabulate(rows, headers=["PATTERN", "BEST PLAYBOOK", "ITS RATE", "ALL RATE",
                                        "LOCAL RUNS", "MTTR", "LAST SEEN", "HELD BACK"]))
+    if result.get("total", len(rows)) > len(rows):
+        stderr_note(f"{len(rows)} of {result['total']} patterns shown (the most recently "
+                    "seen; --limit)")
 
 
 def _held(held: dict[str, int]) -> str:

@@ -238,11 +238,14 @@ class Api:
                 "recorded": m.similar if m.decision is not None else None}
 
     async def knowledge_list(self, client: Client, req: Request) -> Any:
+        limit = req.params.get("limit", 1000)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
+            raise RequestError("bad_request", "params.limit must be an integer 1-10000")
         held = await self.learning.held_back()
         now = time.time()
         return {"patterns": [{**p, "held_back": held.get(p["pattern"], {})}
-                             for p in self.learning.patterns(now)],
-                "held_back": held, "now": now}
+                             for p in self.learning.patterns(now, limit)],
+                "total": len(self.learning.knowledge.patterns), "now": now}
 
     async def knowledge_show(self, client: Client, req: Request) -> Any:
         sig = req.params.get("pattern")

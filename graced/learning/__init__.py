@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 import random
 import time
@@ -225,8 +226,13 @@ class Learning:
 
     # -- reporting -----------------------------------------------------------------
 
-    def patterns(self, now: float) -> list[dict[str, Any]]:
-        return [self.knowledge.summary(sig, now) for sig in sorted(self.knowledge.patterns)]
+    def patterns(self, now: float, limit: int = 1000) -> list[dict[str, Any]]:
+        """The ``limit`` most recently seen patterns, by name: bounded work on the event
+        loop however many patterns were imported."""
+        known = self.knowledge.patterns
+        last = heapq.nlargest(limit, known, key=lambda sig: max(
+            e.last_seen for srcs in known[sig].values() for e in srcs.values()))
+        return [self.knowledge.summary(sig, now) for sig in sorted(last)]
 
     async def held_back(self, sig: str | None = None) -> dict[str, dict[str, int]]:
         """Per pattern, how many outcomes learning left out, by the setting responsible."""
