@@ -13,8 +13,11 @@ playbook that does not fix it leaves the mission to fail verification; a new mis
 then opens for the same fault and graced tries again. If a mission escalates, the
 "operator" clears the fault by hand (counted as not fixed). It prints the success rate
 per 50-mission window for both runs, and the best achievable rate.
-Targets: with learning, the last windows reach >= 90 % of the best achievable rate and
-are >= 25 points above learning off.
+Targets: with learning, the last 150 missions reach >= 90 % of the best achievable rate
+and are >= 25 points above learning off, and the first 50 reach >= 85 % of it. The
+first 50 missions are few (about 17 per fault kind), so one run's figure for them
+varies by several points: --first-runs N adds N short runs (the first 50 missions
+only) and the target applies to the mean of all of them, each printed.
 
 Part 2 fills an outcome memory with --stored missions (the daemon's own schema and
 writes) and times the daemon's similar-mission lookup for --lookups missions, half with
@@ -155,7 +158,7 @@ def windows(closed: list[tuple[str, bool, str | None]], size: int = 50) -> list[
             for i in range(0, len(closed) - size + 1, size)]
 
 
-def part1(missions: int) -> None:
+def part1(missions: int, first_runs: int) -> None:
     print(f"part 1: simulated host, {missions} missions per run, fault kinds and the chance "
           "each playbook fixes them:")
     for kind, pbs in WORLD.items():
@@ -177,7 +180,13 @@ def part1(missions: int) -> None:
     print(f"  last {last} windows: learning {la:.1%} = {la / best:.1%} of best "
           f"(target >= 90 %); learning off {ua:.1%}; difference {100 * (la - ua):.1f} points "
           "(target >= 25)")
-    ok = la >= 0.9 * best and la - ua >= 0.25
+    firsts = [lw[0]]
+    for _ in range(first_runs):
+        firsts.append(windows(simulate("thompson", 50))[0])
+    fa = statistics.mean(firsts)
+    print(f"  first 50 missions: learning {fa:.1%} = {fa / best:.1%} of best (target >= 85 %)"
+          f" [mean of {len(firsts)} runs: " + ", ".join(f"{f:.0%}" for f in firsts) + "]")
+    ok = la >= 0.9 * best and la - ua >= 0.25 and fa >= 0.85 * best
     print(f"  {'PASS' if ok else 'FAIL'}")
     chosen: dict[str, dict[str, int]] = {}
     for kind, _, pb in learned[-150:]:
@@ -258,12 +267,14 @@ def main() -> None:
     ap.add_argument("--missions", type=int, default=600)
     ap.add_argument("--stored", type=int, default=100_000)
     ap.add_argument("--lookups", type=int, default=2000)
+    ap.add_argument("--first-runs", type=int, default=4,
+                    help="extra short runs for the first-50 figure (default 4)")
     ap.add_argument("--skip-simulation", action="store_true")
     args = ap.parse_args()
     print(f"bench/learning.py  ({cores()} cores; real graced, real playbook steps, SQLite on "
           "disk)")
     if not args.skip_simulation:
-        part1(args.missions)
+        part1(args.missions, args.first_runs)
     part2(args.stored, args.lookups)
 
 
