@@ -193,6 +193,10 @@ def _print_status(st: dict[str, Any]) -> None:
         rows.append(("learning", f"{lr['strategy']}; {lr['patterns']} patterns, "
                                  f"{lr['outcomes']} outcomes; success {rate} (7 days); memory "
                                  f"consulted for {share} of missions"))
+        q = lr.get("quarantined") or {}
+        if q.get("rows"):
+            rows.append(("quarantine", f"{q['rows']} stored learning records out of bounds, "
+                                       "set aside and never used (see the log)"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k:<{width}}  {v}")

@@ -291,7 +291,11 @@ class Executor:
         candidates = [p for p in self.playbooks if matches(p, m)]
         decision = await self.learning.consult(m, candidates)
         topic, payload = self.learning.consulted_event(m)
-        self.mesh.publish_nowait(topic, payload, writes=[store.upsert(m)])
+        try:
+            self.mesh.publish_nowait(topic, payload, writes=[store.upsert(m)])
+        except (ValueError, TypeError, OverflowError) as exc:  # never fatal to the executor
+            log.error("learning: %s not published: %s", topic, exc)
+            self.save(m)
         now = time.time()
         if decision.escalate:
             await self.record(self.engine.transition(m, "escalated", now, decision.reason))

@@ -184,6 +184,8 @@ def test_hostile_stored_rows_are_quarantined_and_graced_stays_live(
     assert q["rows"] == len(STORED) + 1 and q["this_start"] == len(STORED) + 1
     assert any("successes" in r for r in q["reasons"])
     assert "quarantined stored pattern" in g.stderr()
+    human = g.ctl("status", check=True).stdout
+    assert f"{len(STORED) + 1} stored learning records out of bounds" in human
     assert json.loads(g.ctl("knowledge", "ls", "--json", check=True).stdout) == []
     # A real fault: the mission consults memory (none of the bad rows) and is fixed.
     w = Watch(g)
