@@ -185,7 +185,7 @@ def make_graced(shortdir: Path) -> Iterator[Any]:
             g.close()
 
 
-SLOW_AFTER = 4.0  # seconds: a test that takes longer alone is marked @pytest.mark.slow
+SLOW_AFTER = 3.0  # seconds: a test that takes longer alone is marked @pytest.mark.slow
 _unmarked_slow: list[tuple[str, float]] = []
 # The fuzz tests' seed: new each run unless given, printed at the end of every run that
 # fuzzed, so a failure replays with GRACE_FUZZ_SEED=<seed>.

@@ -87,6 +87,7 @@ def awaiting_group_approval(make_graced: Any, marker: str) -> tuple[Graced, Watc
     return g, w, w.wait("mission.awaiting_approval", "worker", 10)["payload"]
 
 
+@pytest.mark.slow
 def test_a_member_of_an_approver_group_approves_and_the_fix_runs(make_graced, marker,
                                                                  approver) -> None:
     g, w, waiting = awaiting_group_approval(make_graced, marker)
@@ -148,6 +149,7 @@ def _hog(marker: str, megabytes: int) -> subprocess.Popen[str]:
     return proc
 
 
+@pytest.mark.slow
 def test_process_rss_detector_sees_a_process_grow_and_shrink(make_graced) -> None:
     marker = f"grace-rss-{uuid.uuid4().hex[:8]}"
     base = _hog(marker, 0)
@@ -172,6 +174,7 @@ def test_process_rss_detector_sees_a_process_grow_and_shrink(make_graced) -> Non
         base.kill()
 
 
+@pytest.mark.slow
 def test_inodes_detector_opens_and_resolves_on_a_small_file_system(make_graced,
                                                                    shortdir: Path) -> None:
     if os.geteuid() != 0:
@@ -206,6 +209,7 @@ def _meminfo_kb(field: str) -> int:
     raise AssertionError(f"{field} not in /proc/meminfo")
 
 
+@pytest.mark.slow
 def test_cpu_and_swap_detectors_report_this_host(make_graced) -> None:
     # A real CPU burner makes the host busier than a 1 % threshold whoever else runs here.
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"],

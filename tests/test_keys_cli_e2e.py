@@ -25,6 +25,7 @@ from tests.test_remediation_e2e import (
 )
 
 
+@pytest.mark.slow
 def test_keys_show_trust_and_a_changed_key_refused_loudly(graced: Graced) -> None:
     g = graced
     pub = (g.state / "key.pub").read_text().split()[1]
@@ -119,6 +120,7 @@ def test_config_units_lists_each_restarted_unit_once(shortdir) -> None:
     assert empty.returncode == 3 and empty.stdout == "" and empty.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_bash_completion_completes_commands_and_options(shortdir) -> None:
     bash = shutil.which("bash")
     if bash is None:

@@ -99,6 +99,7 @@ def test_memory_hog_opens_one_mission_that_resolves(watched) -> None:
     assert len(ms) == 1 and ms[0]["state"] == "resolved" and ms[0]["id"] == opened["payload"]["id"]
 
 
+@pytest.mark.slow
 def test_slow_tcp_server_opens_one_mission_that_resolves(watched, shortdir: Path) -> None:
     delay = shortdir / "delay"
     delay.write_text("0")
@@ -314,6 +315,7 @@ def _baseline_state(g: Graced, subject: str) -> dict[str, Any]:
     return json.loads(data)[subject]["state"]  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow
 def test_baseline_state_is_kept_across_restarts(make_graced, shortdir: Path) -> None:
     # The metric is a FIFO: each sample opens it and blocks until the test writes one
     # value, so the test knows exactly which values the baseline learnt, no clock involved.
@@ -350,6 +352,7 @@ def test_baseline_state_is_kept_across_restarts(make_graced, shortdir: Path) -> 
     assert abs(kept["level"] - saved["level"]) < 1 and kept["scales"][0] > 0
 
 
+@pytest.mark.slow
 def test_http_command_and_sqlite_probes_report_failures(watched, shortdir: Path) -> None:
     import http.server
     import sqlite3

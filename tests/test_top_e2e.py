@@ -112,6 +112,7 @@ def clean(text: str, width: int, height: int) -> None:
     assert lines[height - 1].startswith(FOOTERS), lines[height - 1]
 
 
+@pytest.mark.slow
 def test_fault_appears_is_approved_from_the_dashboard_and_fixed(
         make_graced, shortdir: Path, terminal) -> None:
     queue = shortdir / "queue"

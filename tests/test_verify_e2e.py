@@ -47,6 +47,7 @@ def saved(graced: Graced) -> tuple[Graced, list[str], int]:
     return graced, lines, note
 
 
+@pytest.mark.slow
 def test_a_complete_stream_verifies_and_its_cut_versions_do_not(
         saved: tuple[Graced, list[str], int]) -> None:
     g, lines, note = saved
