@@ -453,3 +453,42 @@ def test_backtest_mission_opened_agrees_with_a_real_graced(make_graced, shortdir
     finally:
         tail.proc.terminate()
         tail.proc.wait(10)
+
+
+@pytest.mark.slow
+def test_a_slow_postgres_opens_a_postgres_mission(watched) -> None:
+    """A real PostgreSQL: the probe's query calls a function the test makes slow
+    (pg_sleep, the delay read from a table), then fast again; then the server stops."""
+    import psycopg
+
+    from tests.helpers.postgres import postgres_server
+
+    with postgres_server() as sock:
+        dsn = f"host={sock} dbname=postgres user=postgres"
+        with psycopg.connect(dsn, autocommit=True) as db:
+            db.execute("CREATE TABLE app_delay (seconds float8 NOT NULL)")
+            db.execute("INSERT INTO app_delay VALUES (0)")
+            db.execute("CREATE FUNCTION app_health() RETURNS int LANGUAGE plpgsql AS "
+                       "$$ BEGIN PERFORM pg_sleep(seconds) FROM app_delay; RETURN 1; END $$")
+            g, w = watched(f'[[detector]]\nname = "db"\nkind = "postgres"\ninterval = 0.5\n'
+                           f'dsn = "{dsn} password=hunter2"\nquery = "SELECT app_health()"\n'
+                           'threshold = 100.0\ntimeout = 3.0\n')
+            _ready_tail(w, g)
+            dets = json.loads(g.ctl("detectors", "--json", check=True).stdout)
+            (subject, sample), = dets["db"]["subjects"].items()
+            assert "hunter2" not in subject and "password=***" in subject, subject
+            assert sample["unit"] == "ms" and sample["value"] < 100, sample
+            assert not w.missions("db")
+            db.execute("UPDATE app_delay SET seconds = 0.3")
+            opened = w.wait("mission.opened", "db", 10)
+            assert opened["payload"]["kind"] == "postgres"
+            assert opened["payload"]["last_value"] >= 300, opened
+            assert "above the threshold 100.0 ms" in opened["payload"]["summary"], opened
+            db.execute("UPDATE app_delay SET seconds = 0")
+            w.wait("mission.resolved", "db", 15)
+            assert len(w.missions("db")) == 1
+    # The server is gone: a failed probe, itself an anomaly, with the reason.
+    opened = w.wait("mission.opened", "db", 10, count=2)
+    assert "No such file" in opened["payload"]["summary"] or "connect" in \
+        opened["payload"]["summary"], opened
+    assert "hunter2" not in opened["payload"]["summary"]

@@ -15,6 +15,7 @@ graced/detectors/base.py. Document both in man/graced.toml.5.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,8 +76,9 @@ class DetectorConfig:
     send: str = ""
     expect: str = ""
     timeout: float = field(default=5.0, metadata=check(positive))
-    # sqlite
+    # sqlite, postgres
     database: str = ""
+    dsn: str = ""
     query: str = "SELECT 1"
     # command
     argv: list[str] = field(default_factory=list)
@@ -111,6 +113,12 @@ class DetectorConfig:
 
 
 Rule = Callable[[DetectorConfig], "tuple[str, str] | None"]
+
+
+def public_dsn(dsn: str) -> str:
+    """A PostgreSQL connection string without its password (a mission's subject)."""
+    text = re.sub(r"(?i)\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "password=***", dsn)
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", text)
 
 
 @dataclass(frozen=True)
@@ -166,6 +174,8 @@ KINDS: dict[str, Kind] = {
                 subject=lambda d: f"{d.host}:{d.port}"),
     "sqlite": Kind({**_MS, "database": non_empty, "query": non_empty},
                    requires=("database",), threshold=1000.0, subject=lambda d: d.database),
+    "postgres": Kind({**_MS, "dsn": non_empty, "query": non_empty}, requires=("dsn",),
+                     threshold=100.0, subject=lambda d: public_dsn(d.dsn)),
     "command": Kind({**_MS, "argv": non_empty_list}, requires=("argv",), threshold=5000.0,
                     subject=lambda d: " ".join(d.argv[:1])),
     "http": Kind({**_MS, "url": http_url, "expect_status": None},

@@ -55,7 +55,8 @@ def build_detector(cfg: DetectorConfig) -> Detector:
         "memory": host.Memory, "swap": host.Swap, "cpu": host.Cpu, "load": host.Load,
         "disk": host.Disk, "inodes": host.Inodes, "process": process.ProcessPresence,
         "process_rss": process.ProcessRss, "tcp": probes.TcpProbe,
-        "sqlite": probes.SqliteProbe, "command": probes.CommandProbe,
+        "sqlite": probes.SqliteProbe, "postgres": probes.PostgresProbe,
+        "command": probes.CommandProbe,
         "http": probes.HttpProbe, "log": logs.LogFile, "journald": logs.Journald,
         "value": host.FileValue, "systemd": systemd.FailedUnits,
     }

@@ -1,4 +1,5 @@
-"""Probes: TCP connect (and optional request/response), SQLite query, command, HTTP GET.
+"""Probes: TCP connect (and optional request/response), SQLite and PostgreSQL queries,
+command, HTTP GET.
 
 Each measures latency in milliseconds; a probe that fails (refused, timed out, bad
 status or exit code) reports ``failed`` with the reason, which is itself an anomaly.
@@ -6,13 +7,16 @@ status or exit code) reports ``failed`` with the reason, which is itself an anom
 
 from __future__ import annotations
 
+import math
 import socket
 import sqlite3
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
+from ..config import DetectorConfig
 from .base import Observation, SimpleDetector
 
 
@@ -51,6 +55,60 @@ class TcpProbe(SimpleDetector):
             return [Observation(self.subject, None,
                                 failed=f"{cfg.host}:{cfg.port}: {exc.strerror or exc}")]
         return [Observation(self.subject, _elapsed_ms(started), "ms")]
+
+
+class PostgresProbe(SimpleDetector):
+    """The latency of a real query on a PostgreSQL server (psycopg 3: ``grace[postgres]``).
+
+    One connection is kept between samples and opened again after an error; the server
+    cancels a query past ``timeout`` (statement_timeout), so a lock or a slow plan is a
+    failed probe, not a stuck one. The latency includes a reconnection when there was one.
+    """
+
+    def __init__(self, config: DetectorConfig) -> None:
+        super().__init__(config)
+        try:
+            import psycopg
+        except ImportError:
+            raise RuntimeError("the postgres detector needs psycopg 3: "
+                               "pip install 'grace[postgres]'") from None
+        self.psycopg: Any = psycopg
+        self.conn: Any = None
+
+    def _connect(self) -> Any:
+        cfg = self.config
+        return self.psycopg.connect(
+            cfg.dsn, autocommit=True, connect_timeout=max(1, math.ceil(cfg.timeout)),
+            options=f"-c statement_timeout={max(1, int(cfg.timeout * 1000))}",
+            application_name="graced")
+
+    def sample(self) -> list[Observation]:
+        cfg = self.config
+        started = time.perf_counter()
+        try:
+            if self.conn is None or self.conn.closed:
+                self.conn = self._connect()
+            with self.conn.cursor() as cur:
+                cur.execute(cfg.query)
+                if cur.description is not None:
+                    cur.fetchmany(1000)
+        except self.psycopg.errors.QueryCanceled:
+            self.close()
+            return [Observation(self.subject, None, failed=(
+                f"query took over {cfg.timeout:g} s (cancelled)"))]
+        except self.psycopg.Error as exc:
+            self.close()
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return [Observation(self.subject, None, failed=reason[:300])]
+        return [Observation(self.subject, _elapsed_ms(started), "ms")]
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - closing a broken connection
+                pass
 
 
 class SqliteProbe(SimpleDetector):
