@@ -169,6 +169,55 @@ def test_error_lines_in_a_log_open_one_mission_and_rotation_is_followed(watched,
     w.wait("mission.opened", "applog", 10, count=2)
 
 
+NGINX_REQUEST = r'"(GET|POST|PUT|DELETE|HEAD|PATCH) [^"]*" \d{3} '
+NGINX_ERROR = r'" 5\d\d '
+
+
+def _access_log(requests: int, failing: int, start: int = 0) -> str:
+    """nginx's combined format, with the noise real logs hold between requests: a banner,
+    stack traces mentioning 500, ERROR lines, blank lines, a POST body dumped by a bug."""
+    out = ["# nginx restarted; ERROR log level lowered\n", "\n"]
+    for i in range(start, start + requests):
+        status = 500 + i % 4 if i - start < failing else (200, 304, 404, 201)[i % 4]
+        out.append(f'10.0.0.{i % 250} - - [24/Nov/2026:00:00:{i % 60:02d} +0000] '
+                   f'"GET /api/items/{i} HTTP/1.1" {status} 512 "-" "curl/8.5"\n')
+        if i % 10 == 0:
+            out += ["Traceback (most recent call last):\n",
+                    '  File "app.py", line 500, in handler\n',
+                    "ERROR upstream said 500 Internal Server Error\n",
+                    '{"body": "GET /x HTTP/1.1", "status": 503}\n']
+    return "".join(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing", [6, 4])
+def test_error_rate_is_failed_requests_over_requests(watched, shortdir: Path,
+                                                     failing: int) -> None:
+    """An access log where 6 of 100 requests fail opens an error-rate mission (> 5 %); 4 of
+    100 does not, however many other lines (stack traces, ERROR, 500s in prose) it holds."""
+    log = shortdir / "access.log"
+    log.write_text("")
+    g, w = watched(f'[[detector]]\nname = "web5xx"\nkind = "log"\ninterval = 0.5\n'
+                   f'file = "{log}"\nrequest_pattern = \'{NGINX_REQUEST}\'\n'
+                   f'pattern = \'{NGINX_ERROR}\'\nmax_ratio = 0.05\nmin_lines = 100\n'
+                   'window = 600.0\n')
+    _ready_tail(w, g)
+    with log.open("a") as fh:
+        fh.write(_access_log(100, failing))
+    if failing == 6:
+        opened = w.wait("mission.opened", "web5xx", 10)
+        assert "6 of 100 requests" in opened["payload"]["summary"], opened
+        return
+    # 4 of 100 is under 5 %: prove no mission opened on them, by then failing 10 more
+    # requests: the first mission counts all 110 requests and 14 failures.
+    poll_until(lambda: json.loads(g.ctl("detectors", "--json", check=True).stdout)[
+        "web5xx"]["subjects"][str(log)].get("value") == 4.0, 10, "4 % judged")
+    with log.open("a") as fh:
+        fh.write(_access_log(10, 10, start=100))
+    opened = w.wait("mission.opened", "web5xx", 10)
+    assert "14 of 110 requests" in opened["payload"]["summary"], opened
+
+
 def _sleeper(marker: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", marker],
                             stdin=subprocess.DEVNULL)

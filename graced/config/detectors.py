@@ -91,6 +91,7 @@ class DetectorConfig:
     file: str = ""
     unit: str = ""
     pattern: str = field(default="ERROR", metadata=check(regex))
+    request_pattern: str = field(default="", metadata=check(regex))
     window: float = field(default=60.0, metadata=check(positive))
     max_ratio: float | None = field(default=None, metadata=check(
         between(0, 1, open_low=True)))
@@ -139,7 +140,8 @@ COMMON = ("name", "kind", "interval", "severity", "subject", "threshold", "below
 
 _PERCENT: dict[str, Check | None] = {"threshold": between(0, 100)}
 _MS: dict[str, Check | None] = {"threshold": positive, "timeout": None}
-_LOG: dict[str, Check | None] = {"threshold": non_negative, "pattern": None, "window": None,
+_LOG: dict[str, Check | None] = {"threshold": non_negative, "pattern": None,
+                                 "request_pattern": None, "window": None,
                                  "max_ratio": None, "max_rate": None, "min_lines": None}
 
 

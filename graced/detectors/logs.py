@@ -2,7 +2,10 @@
 
 Value: the share of new lines matching ``pattern`` over the last ``window`` seconds, in
 percent (when ``max_ratio`` is set; it needs at least ``min_lines`` lines), or the
-matching lines per second (``max_rate``).
+matching lines per second (``max_rate``). With ``request_pattern``, only the lines it
+matches count (the requests) and an error is a request that also matches ``pattern``:
+the error rate is failed requests / requests, whatever other lines (stack traces,
+banners, debug output) the log holds.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ class _Window:
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config
         self.regex = re.compile(config.pattern)
+        self.requests = re.compile(config.request_pattern) if config.request_pattern else None
         self.samples: collections.deque[tuple[float, int, int]] = collections.deque()
 
     def observe(self, subject: str, lines: list[str]) -> Observation:
         cfg = self.config
         now = time.monotonic()
+        if self.requests is not None:
+            lines = [ln for ln in lines if self.requests.search(ln)]
         matches = sum(1 for ln in lines if self.regex.search(ln))
         self.samples.append((now, len(lines), matches))
         while self.samples and self.samples[0][0] < now - cfg.window:
@@ -38,16 +44,18 @@ class _Window:
         hits = sum(s[2] for s in self.samples)
         ratio = hits / total if total else 0.0
         rate = hits / cfg.window
+        what = "requests" if self.requests is not None else "lines"
         obs = Observation(subject, round(100 * ratio, 3) if cfg.max_ratio is not None
-                          else round(rate, 4), "%" if cfg.max_ratio is not None else "lines/s",
-                          detail={"lines": total, "matches": hits, "window_s": cfg.window,
-                                  "rate_per_s": round(rate, 4), "ratio": round(ratio, 4)})
+                          else round(rate, 4), "%" if cfg.max_ratio is not None else
+                          f"{what}/s", detail={
+                              what: total, "matches": hits, "window_s": cfg.window,
+                              "rate_per_s": round(rate, 4), "ratio": round(ratio, 4)})
         reasons = []
         if cfg.max_ratio is not None and total >= cfg.min_lines and ratio > cfg.max_ratio:
-            reasons.append(f"{hits} of {total} lines match /{cfg.pattern}/ "
-                           f"({100 * ratio:.0f} % > {100 * cfg.max_ratio:g} %)")
+            reasons.append(f"{hits} of {total} {what} match /{cfg.pattern}/ "
+                           f"({100 * ratio:.1f} % > {100 * cfg.max_ratio:g} %)")
         if cfg.max_rate is not None and rate > cfg.max_rate:
-            reasons.append(f"{rate:.2f} matching lines/s > {cfg.max_rate:g}/s")
+            reasons.append(f"{rate:.2f} matching {what}/s > {cfg.max_rate:g}/s")
         if reasons:
             obs.alarm = "; ".join(reasons) + f" in the last {cfg.window:g} s"
         return obs
