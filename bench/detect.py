@@ -38,6 +38,7 @@ BIN = Path(sys.executable).parent
 from corpus import corpus, evaluate, make_series  # noqa: E402
 
 from bench.stats import cores  # noqa: E402
+from graced.config import default_detectors  # noqa: E402
 from graced.detectors.baseline import Baseline  # noqa: E402
 from tests.helpers.procs import poll_until  # noqa: E402
 
@@ -233,10 +234,12 @@ def idle(seconds: float) -> dict[str, float]:
     load = wait_for_quiet_host()
     print(f"idle phase starts at load {load:.2f} per core", file=sys.stderr)
     base = Path(tempfile.mkdtemp(prefix="gi", dir="/tmp"))
-    # The embedded default detectors, at 1 s.
+    # The embedded default detectors (with their baseline where it is on), at 1 s.
     body = "\n".join(
-        f'[[detector]]\nname = "{k}"\nkind = "{k}"\ninterval = 1.0\n'
-        for k in ("memory", "swap", "cpu", "load", "disk", "inodes"))
+        f'[[detector]]\nname = "{d.name}"\nkind = "{d.kind}"\ninterval = 1.0\n'
+        f'baseline = {"true" if d.baseline else "false"}\n'
+        + (f'path = "{d.path}"\n' if d.kind in ("disk", "inodes") else "")
+        for d in default_detectors())
     d = Daemon(base, body)
     proc = psutil.Process(d.proc.pid)
     d.wait_sampled()  # start-up is not idle: it ends when every detector has sampled
