@@ -26,7 +26,7 @@ from graced.protocol import ExitCode, Violation, key_id, parse_anchor
 
 from . import trust
 from .client import Endpoint, connect, decide, sole_exception
-from .errors import CtlError
+from .errors import CtlError, ProtocolViolation
 from .plan_text import render_plan
 from .tail import TailOptions, run_tail, stderr_note
 from .verify import verify_file
@@ -38,8 +38,8 @@ T = TypeVar("T")
 def _endpoint(ctx: click.Context) -> Endpoint:
     obj = ctx.find_root().obj or {}
     if obj.get("url"):
-        return Endpoint(url=obj["url"])
-    return Endpoint(socket=obj.get("socket") or str(client_socket()))
+        return Endpoint(url=obj["url"], key_file=obj.get("key"))
+    return Endpoint(socket=obj.get("socket") or str(client_socket()), key_file=obj.get("key"))
 
 
 def _run(fn: Callable[[], Awaitable[T]]) -> T:
@@ -68,9 +68,10 @@ def _read_key_file(path: str) -> bytes:
         raise CtlError(f"{path}: {exc}") from None
 
 
-def _trusted_key(endpoint: Endpoint, key_file: str | None, hello_key: bytes | None,
-                 daemon_id: str = "") -> bytes:
-    """The key to verify against: --key, else the pinned one, else pin on first use."""
+async def trusted_key(endpoint: Endpoint, key_file: str | None = None) -> bytes:
+    """The key every answer must be signed by: --key, else the one pinned for the
+    endpoint, else (Unix socket only) the daemon's, pinned on first use."""
+    key_file = key_file or endpoint.key_file
     if key_file:
         return _read_key_file(key_file)
     try:
@@ -79,9 +80,10 @@ def _trusted_key(endpoint: Endpoint, key_file: str | None, hello_key: bytes | No
         raise CtlError(str(exc)) from None
     if known is not None:
         return known
-    if hello_key is None:
-        raise CtlError("no trusted key: pass --key FILE or run 'gracectl keys trust'",
-                       ExitCode.BAD_SIGNATURE)
+    if endpoint.url:
+        raise CtlError(f"no trusted key for {endpoint.url}: pass --key FILE (the daemon's "
+                       "key.pub) or pin it with 'gracectl keys trust'", ExitCode.BAD_SIGNATURE)
+    hello_key, daemon_id = await _hello_key(endpoint)
     trust.pin(endpoint.name, hello_key, daemon_id)
     stderr_note(f"trusting key {key_id(hello_key)} for {endpoint.name} on first use "
                 f"(pinned in {trust.store_path()})")
@@ -89,9 +91,19 @@ def _trusted_key(endpoint: Endpoint, key_file: str | None, hello_key: bytes | No
 
 
 async def _hello_key(endpoint: Endpoint) -> tuple[bytes, str]:
+    """The key the daemon offers in ``hello`` (not verified: for pinning)."""
     async with connect(endpoint) as conn:
         hello = await conn.request("hello")
-    return base64.b64decode(hello["public_key"]), str(hello.get("daemon_id", ""))
+    try:
+        key = base64.b64decode(hello["public_key"], validate=True)
+        daemon_id = hello.get("daemon_id", "")
+    except (TypeError, KeyError, ValueError, AttributeError):
+        key, daemon_id = b"", ""
+    if len(key) != 32 or not isinstance(daemon_id, str):
+        raise ProtocolViolation("a hello without a valid public key")
+    if hello.get("kid") != key_id(key):
+        raise ProtocolViolation("a hello whose kid is not its public key's")
+    return key, daemon_id
 
 
 @click.group(context_settings=CONTEXT)
@@ -100,12 +112,22 @@ async def _hello_key(endpoint: Endpoint) -> tuple[bytes, str]:
               help="graced's Unix socket (env GRACE_SOCKET).")
 @click.option("--url", metavar="ws://HOST:PORT", envvar="GRACE_URL",
               help="graced's TCP WebSocket URL instead of the socket (env GRACE_URL).")
+@click.option("--key", "key_file", metavar="KEYFILE", envvar="GRACE_KEY",
+              type=click.Path(dir_okay=False),
+              help="Trust this public key (the daemon's key.pub) instead of the one pinned "
+                   "for the endpoint (env GRACE_KEY).")
 @click.pass_context
-def cli(ctx: click.Context, socket_path: str | None, url: str | None) -> None:
-    """gracectl: watch and steer graced, the host's self-healing daemon."""
+def cli(ctx: click.Context, socket_path: str | None, url: str | None,
+        key_file: str | None) -> None:
+    """gracectl: watch and steer graced, the host's self-healing daemon.
+
+    Every answer and event is checked against a trusted key: the one given with --key,
+    else the one pinned for the endpoint, else (over the Unix socket) the daemon's,
+    pinned on first use. Anything unsigned or unverifiable is refused (exit 10).
+    """
     if socket_path and url:
         raise click.UsageError("give --socket or --url, not both")
-    ctx.obj = {"socket": socket_path, "url": url}
+    ctx.obj = {"socket": socket_path, "url": url, "key": key_file}
 
 
 # -- status ---------------------------------------------------------------------
@@ -131,7 +153,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     endpoint = _endpoint(ctx)
 
     async def go() -> Any:
-        async with connect(endpoint, trust.pinned(endpoint.name)) as conn:
+        async with connect(endpoint, await trusted_key(endpoint)) as conn:
             return await conn.request("status")
 
     st = _run(go)
@@ -233,12 +255,7 @@ def tail(ctx: click.Context, patterns: tuple[str, ...], since: int | None, lines
     endpoint = _endpoint(ctx)
 
     async def go() -> int:
-        trusted = None
-        if verify:
-            hello_key, daemon_id = (None, "")
-            if not key_file and trust.pinned(endpoint.name) is None:
-                hello_key, daemon_id = await _hello_key(endpoint)
-            trusted = _trusted_key(endpoint, key_file, hello_key, daemon_id)
+        trusted = await trusted_key(endpoint, key_file)
         opts = TailOptions(
             patterns=list(patterns) or ["*"], since=since, lines=lines, as_json=as_json,
             verify=verify, follow=not no_follow, trusted_key=trusted,
@@ -285,6 +302,7 @@ def verify(ctx: click.Context, file: str, key_file: str | None, anchor: str | No
     """Prove a saved JSONL stream (from 'tail --json') offline, from genesis (or --from)
     to daemon.stopping (or, with --partial, to its last event)."""
     start = _anchor(anchor)
+    key_file = key_file or _endpoint(ctx).key_file
     key: bytes | None = _read_key_file(key_file) if key_file else trust.pinned(
         _endpoint(ctx).name)
     if key is None:
@@ -392,7 +410,8 @@ def _age(seconds: float) -> str:
 
 
 async def _call(endpoint: Endpoint, method: str, params: dict[str, Any]) -> Any:
-    async with connect(endpoint, trust.pinned(endpoint.name)) as conn:
+    key = await trusted_key(endpoint)
+    async with connect(endpoint, key) as conn:
         return await conn.request(method, params)
 
 
@@ -510,7 +529,7 @@ def _decide(ctx: click.Context, mission_id: int, comment: str, approve: bool,
             as_json: bool, plan: str | None = None) -> None:
     async def run() -> Any:
         endpoint = _endpoint(ctx)
-        async with connect(endpoint, trust.pinned(endpoint.name)) as conn:
+        async with connect(endpoint, await trusted_key(endpoint)) as conn:
             return await decide(conn, mission_id, approve, comment, plan)
 
     result = _run(run)
@@ -575,7 +594,7 @@ def wait(ctx: click.Context, mission_id: int, wanted: tuple[str, ...], timeout: 
     endpoint = _endpoint(ctx)
 
     async def go() -> dict[str, Any]:
-        async with connect(endpoint, trust.pinned(endpoint.name)) as conn:
+        async with connect(endpoint, await trusted_key(endpoint)) as conn:
             # Subscribe first, then read the current state: no transition can slip by.
             await conn.request("subscribe", {"patterns": ["mission.*"], "since": None})
             m = (await conn.request("missions.get", {"id": mission_id}))["mission"]
@@ -586,7 +605,7 @@ def wait(ctx: click.Context, mission_id: int, wanted: tuple[str, ...], timeout: 
                     raise CtlError(f"mission {mission_id} ended {m['state']}, not "
                                    f"{' or '.join(wanted)} ({m.get('reason') or ''})")
                 try:
-                    _, event = await conn.events.receive()
+                    _, event = await conn.next_event()
                 except trio.EndOfChannel:
                     raise CtlError("graced closed the connection",
                                    ExitCode.UNREACHABLE) from None
@@ -721,7 +740,7 @@ def emit(ctx: click.Context, topic: str, payload: str, count: int, rate: float |
     endpoint = _endpoint(ctx)
 
     async def go() -> Any:
-        async with connect(endpoint, trust.pinned(endpoint.name)) as conn:
+        async with connect(endpoint, await trusted_key(endpoint)) as conn:
             return await conn.request("emit", {"topic": topic, "payload": data,
                                                "count": count, "rate": rate,
                                                "wait": not no_wait})
@@ -743,6 +762,9 @@ def main() -> None:
     except CtlError as exc:
         if exc.code != ExitCode.OK:
             click.echo(f"gracectl: {exc}", err=True)
+        sys.exit(int(exc.code))
+    except Violation as exc:
+        click.echo(f"gracectl: verification failed: {exc}", err=True)
         sys.exit(int(exc.code))
     except click.UsageError as exc:
         exc.show()
@@ -785,11 +807,7 @@ def top(ctx: click.Context, once: bool, key_file: str | None, interval: float) -
                        ExitCode.USAGE)
 
     async def go() -> tuple[str, ExitCode] | None:
-        hello_key, daemon_id = (None, "")
-        if not key_file and trust.pinned(endpoint.name) is None:
-            hello_key, daemon_id = await _hello_key(endpoint)
-        opts = dashboard.Options(_trusted_key(endpoint, key_file, hello_key, daemon_id), once,
-                                 interval)
+        opts = dashboard.Options(await trusted_key(endpoint, key_file), once, interval)
         if once:
             size = shutil.get_terminal_size((100, 40))
             return await dashboard.run_once(endpoint, opts, size.columns, size.lines)

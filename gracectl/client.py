@@ -21,11 +21,59 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from graced.protocol import ExitCode, Signer, check_signature, key_id
+from graced.protocol import (
+    CanonicalError,
+    ExitCode,
+    Signer,
+    Violation,
+    check_signature,
+    key_id,
+    parse_event_line,
+    verify_detached,
+)
+from graced.protocol.canonical import canonical_bytes_parsed
+from graced.protocol.verify import MAX_LINE_BYTES
 from graced.protocol.wire import ERROR_EXIT, request_signing_bytes
 
 from . import trust
-from .errors import CtlError, NotAuthorised, NotFound, RemoteError, Unreachable
+from .errors import (
+    CtlError,
+    NotAuthorised,
+    NotFound,
+    ProtocolViolation,
+    RemoteError,
+    Unreachable,
+)
+
+EVENT_QUEUE = 1000
+"""Events received but not yet consumed, at most."""
+MAX_MESSAGE_BYTES = MAX_LINE_BYTES + 1024
+"""The largest WebSocket message taken from the daemon (bigger: closed, code 1009)."""
+
+
+_Item = tuple[str, dict[str, Any], bytes]
+"""An event as received: its line, the event, its signing bytes."""
+
+
+def _first_bad(batch: list[_Item], public_key: bytes) -> int | None:
+    """Index of the first event in ``batch`` whose signature does not verify."""
+    for i, (_, event, signing) in enumerate(batch):
+        if not verify_detached(event["sig"], signing, public_key):
+            return i
+    return None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _loose(line: str) -> dict[str, Any]:
+    """An event for a consumer that verifies it itself: parsed if it parses."""
+    try:
+        frame = json.loads(line)
+    except (ValueError, RecursionError):
+        return {"_unparsable": line[:200]}
+    return frame if isinstance(frame, dict) else {"_unparsable": line[:200]}
 
 
 @dataclass(frozen=True)
@@ -34,6 +82,7 @@ class Endpoint:
 
     socket: str | None = None
     url: str | None = None
+    key_file: str | None = None
 
     @property
     def name(self) -> str:
@@ -51,48 +100,157 @@ class Closed(Exception):
 
 class Connection:
     def __init__(self, ws: WebSocketConnection, trusted_key: bytes | None,
-                 client_key: Signer | None = None) -> None:
+                 client_key: Signer | None = None, verify_events: bool = True) -> None:
         self.ws = ws
         self.trusted_key = trusted_key
+        self.trusted_kid = key_id(trusted_key) if trusted_key is not None else None
         self.client_key = client_key
+        # A consumer that runs its own ChainVerifier (tail --verify, top) gets events as
+        # they came, to tell a forged signature from altered content by the next event.
+        self.verify_events = verify_events
         self._next_id = 1
+        self._last_seq: int | None = None
         self._waiting: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
+        # Bounded: when the consumer falls behind, the reader stops reading and the
+        # socket's own buffers push back on the daemon.
         self.events_send, self.events = trio.open_memory_channel[tuple[str, dict[str, Any]]](
-            1_000_000
+            EVENT_QUEUE
         )
+        self._batches_send, self._batches_recv = trio.open_memory_channel[list[_Item]](4)
         self.notices: list[dict[str, Any]] = []
         self.closed: Closed | None = None
+        self.violation: CtlError | Violation | None = None
+        self._reader_done = False
         self.daemon_id: str | None = None  # learnt from hello before signing a request
 
     async def reader(self) -> None:
+        """Read messages; responses go to their requests, events (a message's worth at a
+        time) to :meth:`checker`. Never returns unless the connection ends."""
         try:
             while True:
                 message = await self.ws.get_message()
                 if isinstance(message, bytes):
-                    continue
+                    raise ProtocolViolation("a binary message")
+                batch: list[_Item] = []
                 for line in message.split("\n"):
-                    try:
-                        frame = json.loads(line)
-                    except ValueError:
-                        frame = {"_unparsable": line}
-                    if not isinstance(frame, dict):
-                        frame = {"_unparsable": line}
-                    kind = frame.get("type")
-                    if kind == "response":
-                        waiter = self._waiting.get(frame.get("id"))  # type: ignore[arg-type]
-                        if waiter is not None:
-                            waiter.send_nowait(frame)
-                    elif kind == "notice":
-                        self.notices.append(frame)
-                    else:
-                        self.events_send.send_nowait((line, frame))
+                    item = self._frame(line)
+                    if item is not None:
+                        batch.append(item)
+                if batch:
+                    await self._batches_send.send(batch)
         except ConnectionClosed as exc:
             reason = exc.reason
             self.closed = Closed(reason.code if reason else None, reason.reason if reason else None)
+        except (CtlError, Violation) as exc:
+            self.violation = exc
         finally:
-            self.events_send.close()
+            self._reader_done = True
+            self._batches_send.close()
             for waiter in self._waiting.values():
                 waiter.close()
+            self._waiting.clear()
+
+    async def checker(self) -> None:
+        """Check the events' signatures, in a worker thread for a large batch (libsodium
+        releases the GIL: the reader parses the next message meanwhile), and pass them on
+        in order; stops at the first bad one."""
+        try:
+            async for batch in self._batches_recv:
+                bad = None
+                if self.verify_events and self.trusted_key is not None:
+                    if len(batch) >= 16:
+                        bad = await trio.to_thread.run_sync(_first_bad, batch, self.trusted_key)
+                    else:
+                        bad = _first_bad(batch, self.trusted_key)
+                for i, (line, event, _) in enumerate(batch):
+                    if i == bad:
+                        self.violation = Violation(ExitCode.BAD_SIGNATURE, event["seq"],
+                                                   "event with a bad signature")
+                        return
+                    await self.events_send.send((line, event))
+        finally:
+            self.events_send.close()
+
+    def _frame(self, line: str) -> _Item | None:
+        """Check one frame; hand a response to its request, keep a notice; return an
+        event for the events channel. Raises at the first frame that breaks the rules."""
+        data = line.encode("utf-8", "surrogatepass")
+        if len(data) > MAX_LINE_BYTES:
+            raise ProtocolViolation(f"a frame longer than {MAX_LINE_BYTES} bytes")
+        if data.startswith(b'{"kid":'):
+            # An event: its first key is "kid"; a response's or notice's canonical form
+            # starts with a key that sorts earlier ("code", "error", "id").
+            if self.verify_events:
+                return (line, *self._event(data))
+            return line, _loose(line), b""
+        try:
+            frame = json.loads(line, parse_constant=_no_constant)
+        except RecursionError:
+            raise ProtocolViolation("a frame nested too deep") from None
+        except ValueError:
+            raise ProtocolViolation("an unparsable frame") from None
+        if not isinstance(frame, dict):
+            raise ProtocolViolation("a frame that is not a JSON object")
+        try:
+            canonical = canonical_bytes_parsed(frame)
+        except CanonicalError as exc:
+            raise ProtocolViolation(f"a frame that is not canonical JSON ({exc})") from None
+        if canonical != data:
+            raise ProtocolViolation("a frame that is not in canonical form")
+        kind = frame.get("type")
+        if kind not in ("response", "notice"):
+            raise ProtocolViolation(f"a frame of unknown type {str(kind)[:40]!r}")
+        self._check_signed(frame, kind)
+        if kind == "notice":
+            self.notices.append(frame)
+            del self.notices[:-8]
+            return None
+        req_id = frame.get("id")
+        if type(req_id) is not int:
+            raise ProtocolViolation("a response whose id is not one of ours "
+                                    f"({json.dumps(req_id)[:40]})")
+        waiter = self._waiting.pop(req_id, None)
+        if waiter is None:
+            raise ProtocolViolation(f"a response to no pending request (id {req_id}: "
+                                    "duplicate or unsolicited)")
+        waiter.send_nowait(frame)
+        return None
+
+    def _check_signed(self, frame: dict[str, Any], kind: str) -> None:
+        if self.trusted_key is None:
+            return
+        if "sig" not in frame:
+            raise CtlError(f"an unsigned {kind} (no sig)", ExitCode.BAD_SIGNATURE)
+        if frame.get("kid") != self.trusted_kid:
+            raise CtlError(f"a {kind} signed by unknown key {str(frame.get('kid'))[:20]} "
+                           f"(trusted key is {self.trusted_kid})", ExitCode.BAD_SIGNATURE)
+        if not check_signature(frame, self.trusted_key):
+            raise CtlError(f"a {kind} with a bad or missing signature",
+                           ExitCode.BAD_SIGNATURE)
+
+    def _event(self, data: bytes) -> tuple[dict[str, Any], bytes]:
+        """A strictly parsed event by the trusted key, newer than the last one, and its
+        signing bytes (the signature is checked by :meth:`checker`)."""
+        event, signing = parse_event_line(data)
+        if self.trusted_key is not None and event["kid"] != self.trusted_kid:
+            raise Violation(ExitCode.BAD_SIGNATURE, event["seq"],
+                            f"event signed by unknown key {event['kid']} (trusted key "
+                            f"is {self.trusted_kid})")
+        if self._last_seq is not None and event["seq"] <= self._last_seq:
+            raise Violation(ExitCode.REPLAYED, event["seq"],
+                            f"event replayed or out of order (after seq {self._last_seq})")
+        self._last_seq = event["seq"]
+        return event, signing
+
+    async def next_event(self) -> tuple[str, dict[str, Any]]:
+        """The next event; raises the connection's violation, or EndOfChannel when the
+        connection ended."""
+        try:
+            return await self.events.receive()
+        except trio.EndOfChannel:
+            if self.violation is not None:
+                raise self.violation from None
+            raise
 
     async def request(self, method: str, params: dict[str, Any] | None = None) -> Any:
         """Send one request and return its result; raises a typed error on failure.
@@ -108,6 +266,10 @@ class Connection:
         return await self._request(method, params, sign=self.client_key is not None)
 
     async def _request(self, method: str, params: dict[str, Any] | None, sign: bool) -> Any:
+        if self.violation is not None:
+            raise self.violation
+        if self._reader_done:
+            raise Unreachable("the daemon closed the connection")
         req_id = self._next_id
         self._next_id += 1
         nonce = secrets.token_hex(16)
@@ -130,10 +292,12 @@ class Connection:
             try:
                 frame = await recv.receive()
             except trio.EndOfChannel:
+                if self.violation is not None:
+                    raise self.violation from None
                 why = f" ({self.closed.reason})" if self.closed and self.closed.reason else ""
                 raise Unreachable(f"the daemon closed the connection{why}") from None
         finally:
-            del self._waiting[req_id]
+            self._waiting.pop(req_id, None)
         self.check_frame(frame, nonce)
         if frame.get("ok"):
             return frame.get("result")
@@ -148,16 +312,14 @@ class Connection:
         raise RemoteError(code, message, exit_code)
 
     def check_frame(self, frame: dict[str, Any], nonce: str) -> None:
+        """The reader checked the signature; the nonce says the answer is to us, now."""
         if frame.get("nonce") != nonce:
             raise CtlError("response does not echo our nonce (replayed response?)",
                            ExitCode.REPLAYED)
-        if self.trusted_key is not None:
-            if frame.get("kid") != key_id(self.trusted_key):
-                raise CtlError(
-                    f"response signed by unknown key {frame.get('kid')} "
-                    f"(trusted key is {key_id(self.trusted_key)})", ExitCode.BAD_SIGNATURE)
-            if not check_signature(frame, self.trusted_key):
-                raise CtlError("response has a bad signature", ExitCode.BAD_SIGNATURE)
+        if not isinstance(frame.get("ok"), bool) or (
+                frame["ok"] and "result" not in frame) or (
+                not frame["ok"] and not isinstance(frame.get("error"), dict)):
+            raise ProtocolViolation("a response without ok and result or error")
 
 
 async def decide(conn: Connection, mission_id: int, approve: bool, comment: str,
@@ -188,10 +350,14 @@ def sole_exception(group: BaseExceptionGroup) -> BaseException:
 
 @asynccontextmanager
 async def connect(endpoint: Endpoint, trusted_key: bytes | None = None,
-                  timeout: float = 10.0, client_key: Signer | None = None
-                  ) -> AsyncIterator[Connection]:
+                  timeout: float = 10.0, client_key: Signer | None = None,
+                  verify_events: bool = True) -> AsyncIterator[Connection]:
     """Open a connection; raises :class:`Unreachable` if the daemon cannot be reached.
 
+    With ``trusted_key`` every response and notice must be signed by it, and (with
+    ``verify_events``) every event; without it only ``hello`` may be asked (to pin a
+    key). A frame that breaks the protocol ends the connection, and its error is raised
+    by whatever waits on the connection, and at the end of the block.
     Over TCP every request is signed with this user's key (``gracectl keys generate``)
     unless ``client_key`` is given. Errors raised in the body come out as themselves,
     not wrapped in an exception group.
@@ -204,8 +370,9 @@ async def connect(endpoint: Endpoint, trusted_key: bytes | None = None,
     try:
         async with trio.open_nursery() as nursery:
             ws = await _open(nursery, endpoint, timeout)
-            conn = Connection(ws, trusted_key, client_key)
+            conn = Connection(ws, trusted_key, client_key, verify_events)
             nursery.start_soon(conn.reader)
+            nursery.start_soon(conn.checker)
             try:
                 yield conn
             finally:
@@ -213,6 +380,8 @@ async def connect(endpoint: Endpoint, trusted_key: bytes | None = None,
                     cs.shield = True
                     await ws.aclose()
                 nursery.cancel_scope.cancel()
+            if conn.violation is not None:
+                raise conn.violation
     except BaseExceptionGroup as group:
         leaf = sole_exception(group)
         if isinstance(leaf, trio_websocket.ConnectionRejected):
@@ -227,11 +396,11 @@ async def _open(nursery: trio.Nursery, endpoint: Endpoint, timeout: float) -> We
         with trio.fail_after(timeout):
             if endpoint.url:
                 return await trio_websocket.connect_websocket_url(
-                    nursery, endpoint.url, max_message_size=64 << 20
+                    nursery, endpoint.url, max_message_size=MAX_MESSAGE_BYTES
                 )
             stream = await trio.open_unix_socket(endpoint.socket or "")
             return await trio_websocket.wrap_client_stream(
-                nursery, stream, "localhost", "/", max_message_size=64 << 20
+                nursery, stream, "localhost", "/", max_message_size=MAX_MESSAGE_BYTES
             )
     except (OSError, trio_websocket.HandshakeError, trio.TooSlowError,
             ConnectionClosed) as exc:

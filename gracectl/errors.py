@@ -34,3 +34,13 @@ class RemoteError(CtlError):
     def __init__(self, code_name: str, message: str, exit_code: ExitCode) -> None:
         super().__init__(message, exit_code)
         self.code_name = code_name
+
+
+class ProtocolViolation(CtlError):
+    """What answered broke the protocol: a frame unparsable, oversized, too deep, not
+    canonical, of an unknown type, or a response to no request."""
+
+    code = ExitCode.PROTOCOL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"protocol violation: the daemon sent {message}")

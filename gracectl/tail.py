@@ -90,7 +90,9 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
         if retry_until is not None:
             await _wait_for_daemon(endpoint, retry_until)
         try:
-            conn_cm = connect(endpoint, opts.trusted_key if opts.verify else None)
+            # With --verify the chain verifier checks each event itself (it tells a
+            # forged signature from altered content); without, the connection does.
+            conn_cm = connect(endpoint, opts.trusted_key, verify_events=not opts.verify)
             conn = await conn_cm.__aenter__()
         except Unreachable:
             if retry_until is None or trio.current_time() >= retry_until:
@@ -127,7 +129,7 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
                 timeout = verifier.stale_after if verifier and verifier.stale_after else 3600.0
                 with trio.move_on_after(timeout) as cs:
                     try:
-                        line, event = await conn.events.receive()
+                        line, event = await conn.next_event()
                     except trio.EndOfChannel:
                         break
                 if cs.cancelled_caught:

@@ -71,6 +71,7 @@ class ExitCode(enum.IntEnum):
     CHAIN_BROKEN = 11
     REPLAYED = 12
     STALE = 13
+    PROTOCOL = 14
 
 
 class Violation(Exception):
@@ -90,6 +91,7 @@ class Violation(Exception):
             ExitCode.CHAIN_BROKEN: "chain-broken",
             ExitCode.REPLAYED: "replayed",
             ExitCode.STALE: "stale",
+            ExitCode.PROTOCOL: "protocol",
         }.get(self.code, "error")
 
 
@@ -155,6 +157,8 @@ def parse_event_line(line: bytes) -> tuple[dict[str, Any], bytes]:
     problem = well_formed_event(obj)
     seq = obj.get("seq") if isinstance(obj, dict) else None
     seq = seq if type(seq) is int else None
+    if problem == "missing field(s) sig":
+        raise Violation(ExitCode.BAD_SIGNATURE, seq, "unsigned event (no sig)")
     if problem is not None:
         raise bad(f"malformed event ({problem})", seq)
     try:

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Offline verification speed: ``gracectl verify`` against PyNaCl's bare verify rate.
+
+    python bench/verify.py [--events 1000000] [--reuse DIR]
+
+Starts a real graced on a private state dir, publishes --events ``user.bench`` events
+(``gracectl emit --count``), saves the whole stream as ``gracectl tail --json --since 1``
+received it, stops graced (so the stream ends with ``daemon.stopping``), then times
+``gracectl verify`` of the file: every line strictly canonical, every signature, the
+chain, seq continuity, time gaps, genesis to ``daemon.stopping``.
+
+In the same run it measures PyNaCl's bare Ed25519 verify rate on one core over the same
+stream's signing bytes (the faster of ``VerifyKey.verify`` and the binding
+``crypto_sign_open``), and prints the ratio of gracectl's rate to that rate times the
+cores this process may use. Target: >= 0.9. The load average is printed with the figure:
+other processes on the machine take cores from both sides of the ratio unevenly.
+``--reuse DIR`` keeps (or reuses) the saved stream in DIR to re-run the timing alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nacl.signing
+from nacl.bindings import crypto_sign_open
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+
+from graced.keys import parse_public_key  # noqa: E402
+from graced.protocol import parse_event_line  # noqa: E402
+
+
+def make_stream(base: Path, events: int) -> tuple[Path, Path]:
+    """A real graced's complete stream of ``events`` user events; (file, key.pub)."""
+    cfg = base / "graced.toml"
+    cfg.write_text(f'version = 1\ndetector = []\n[daemon]\nstate_dir = "{base}/state"\n'
+                   f'socket = "{base}/g.sock"\n')
+    env = {**os.environ, "GRACE_SOCKET": f"{base}/g.sock", "HOME": str(base),
+           "XDG_CONFIG_HOME": f"{base}/.config"}
+    daemon = subprocess.Popen([str(BIN / "graced"), "run", "--config", str(cfg)],
+                              stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                              env=env)
+    assert daemon.stderr is not None and "serving on" in daemon.stderr.readline()
+    stream = base / "stream.jsonl"
+    try:
+        started = time.monotonic()
+        payload = '{"n": 1, "host": "bench", "value": 42.5, "note": "a user event"}'
+        subprocess.run([str(BIN / "gracectl"), "emit", "user.bench", "--count", str(events),
+                        "--payload", payload], check=True, env=env, stdout=subprocess.DEVNULL)
+        print(f"  published {events} events in {time.monotonic() - started:.0f} s",
+              file=sys.stderr)
+        with stream.open("wb") as out:
+            tail = subprocess.Popen([str(BIN / "gracectl"), "tail", "--json", "--since", "1",
+                                     "--reconnect-timeout", "0"], stdout=out, env=env,
+                                    stderr=subprocess.DEVNULL)
+            # Wait until the tail has every published event, then stop graced: the
+            # tail receives daemon.stopping and ends.
+            with stream.open("rb") as f:
+                while True:
+                    f.seek(max(0, stream.stat().st_size - 8192))
+                    tail_bytes = f.read()
+                    seq = tail_bytes.rfind(b'"seq":')
+                    if seq >= 0 and int(tail_bytes[seq + 6:].split(b",")[0]) >= events:
+                        break
+                    if tail.poll() is not None:
+                        raise SystemExit("gracectl tail ended early")
+                    time.sleep(0.2)
+            daemon.terminate()
+            daemon.wait(30)
+            tail.wait(60)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    return stream, base / "state" / "key.pub"
+
+
+def bare_rate(stream: Path, public_key: bytes, sample: int = 20000) -> float:
+    """PyNaCl's bare verifies per second on one core, over the stream's own messages."""
+    msgs = []
+    with stream.open("rb") as f:
+        for line in f:
+            event, signing = parse_event_line(line.rstrip(b"\n"))
+            msgs.append((base64.b64decode(event["sig"]), signing))
+            if len(msgs) >= sample:
+                break
+    key = nacl.signing.VerifyKey(public_key)
+    best = 0.0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for sig, data in msgs:
+            key.verify(data, sig)
+        best = max(best, len(msgs) / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        for sig, data in msgs:
+            crypto_sign_open(sig + data, public_key)
+        best = max(best, len(msgs) / (time.perf_counter() - t0))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--reuse", type=Path, help="keep or reuse the saved stream in this dir")
+    args = ap.parse_args()
+    base = args.reuse or Path(tempfile.mkdtemp(prefix="gv", dir="/tmp"))
+    base.mkdir(parents=True, exist_ok=True)
+    stream, key_file = base / "stream.jsonl", base / "state" / "key.pub"
+    try:
+        if not (args.reuse and stream.exists() and key_file.exists()):
+            stream, key_file = make_stream(base, args.events)
+        public_key = parse_public_key(key_file.read_text())
+        lines = sum(1 for _ in stream.open("rb"))
+        cores = len(os.sched_getaffinity(0))
+        load_before = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        res = subprocess.run([str(BIN / "gracectl"), "verify", "--key", str(key_file),
+                              str(stream)], capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise SystemExit(f"gracectl verify failed ({res.returncode}): {res.stderr}")
+        rate = lines / wall
+        bare = bare_rate(stream, public_key)
+        load = max(load_before, os.getloadavg()[0])
+        ratio = rate / (bare * cores)
+        print(f"bench/verify.py  (a real graced's complete stream: {lines} events, "
+              f"{stream.stat().st_size / 1e6:.0f} MB; {cores} usable cores; load average "
+              f"{load:.1f} during the run)")
+        print(f"  gracectl verify: {rate:,.0f} events/s ({lines} events in {wall:.1f} s; "
+              "strict canonical lines, signatures, chain, genesis to daemon.stopping)")
+        print(f"  PyNaCl bare verify: {bare:,.0f}/s on one core x {cores} cores = "
+              f"{bare * cores:,.0f}/s")
+        print(f"  ratio {ratio:.2f} (target >= 0.9): {'PASS' if ratio >= 0.9 else 'FAIL'}")
+        print(f"  {res.stderr.strip()}")
+    finally:
+        if args.reuse is None:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

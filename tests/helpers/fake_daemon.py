@@ -1,0 +1,150 @@
+"""A hostile graced impostor on a Unix socket, for testing what gracectl accepts.
+
+    python -m tests.helpers.fake_daemon SOCKET KEYFILE MODE
+
+It speaks the wire protocol (WebSocket over the socket) and holds the *trusted* key
+(KEYFILE: a base64 Ed25519 seed), so it can also sign what it sends: what is tested is
+everything a verifier must refuse besides a plain wrong key. Prints ``ready`` once
+listening. Modes:
+
+- ``unsigned-event`` / ``forged-event``: after ``subscribe``, a ``mission.resolved``
+  event for mission 1 that is unsigned / signed by another key;
+- ``unsigned-response`` / ``forged-response``: every answer but ``hello`` unsigned /
+  signed by another key (``missions.approve`` answers "approved, FORGED");
+- ``deep``: answers with a 100,000-deep JSON value;
+- ``dup-id``: answers each request twice, both signed;
+- ``list-id``: answers with an id that is a list;
+- ``flood``: after ``subscribe``, a million junk frames;
+- ``signed-flood``: after ``subscribe``, 30,000 validly signed unrelated events, then
+  nothing (a client waiting for something else must stay bounded).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import time
+from typing import Any
+
+import nacl.signing
+import trio
+import trio_websocket
+
+from graced.protocol import GENESIS_PREV, Signer, canonical_text, format_ts
+
+
+def _signed(signer: Signer, frame: dict[str, Any]) -> str:
+    return canonical_text(signer.sign_frame(frame))
+
+
+class Fake:
+    def __init__(self, key: Signer, mode: str) -> None:
+        self.key = key
+        self.other = Signer(nacl.signing.SigningKey.generate())
+        self.mode = mode
+        self.seq = 100
+
+    def answer(self, req: dict[str, Any], result: Any) -> list[str]:
+        frame = {"type": "response", "id": req["id"], "nonce": req["nonce"], "ok": True,
+                 "result": result, "ts": format_ts(time.time())}
+        mode = self.mode
+        if req["method"] == "hello":
+            return [_signed(self.key, frame)]
+        if mode == "unsigned-response":
+            return [canonical_text(frame)]
+        if mode == "forged-response":
+            return [_signed(self.other, frame)]
+        if mode == "deep":
+            frame["result"] = {"x": 1}
+            text = _signed(self.key, frame)
+            return [text.replace('{"x":1}', "[" * 100_000 + "]" * 100_000)]
+        if mode == "dup-id":
+            return [_signed(self.key, frame), _signed(self.key, frame)]
+        if mode == "list-id":
+            frame["id"] = [req["id"]]
+            return [_signed(self.key, frame)]
+        return [_signed(self.key, frame)]
+
+    def result(self, method: str, params: dict[str, Any]) -> Any:
+        mission = {"id": 1, "state": "awaiting_approval", "reason": "", "severity": "high",
+                   "summary": "s", "detector": "d", "subject": "x"}
+        if method == "hello":
+            return {"daemon_id": "fake", "version": "0", "host": "fake", "pid": 1,
+                    "kid": self.key.kid,
+                    "public_key": base64.b64encode(self.key.public_key).decode(),
+                    "head_seq": self.seq, "heartbeat_interval": 5.0, "peer": {},
+                    "can_control": True}
+        if method == "missions.approve":
+            return {"mission": {**mission, "state": "approved", "reason": "FORGED"}}
+        if method == "missions.get":
+            return {"mission": mission}
+        if method == "subscribe":
+            return {"head_seq": self.seq}
+        return {"daemon_id": "fake", "version": "0", "host": "fake", "pid": 1, "uptime": 1,
+                "kid": self.key.kid, "head_seq": self.seq}
+
+    def event(self, signer: Signer | None, topic: str, payload: Any) -> str:
+        self.seq += 1
+        ev = (signer or self.key).make_event(seq=self.seq, ts=time.time(), topic=topic,
+                                             payload=payload, prev=GENESIS_PREV)
+        if signer is None and self.mode == "unsigned-event":
+            fields = dict(ev.fields)
+            del fields["sig"]
+            return canonical_text(fields)
+        return ev.text
+
+    async def after_subscribe(self, ws: trio_websocket.WebSocketConnection) -> None:
+        mode = self.mode
+        if mode == "unsigned-event":
+            await ws.send_message(self.event(None, "mission.resolved",
+                                             {"id": 1, "state": "resolved", "reason": "FORGED"}))
+        elif mode == "forged-event":
+            await ws.send_message(self.event(self.other, "mission.resolved",
+                                             {"id": 1, "state": "resolved", "reason": "FORGED"}))
+        elif mode == "flood":
+            junk = "\n".join(['{"junk":' + str(i) + "}" for i in range(10_000)])
+            for _ in range(100):
+                await ws.send_message(junk)
+        elif mode == "signed-flood":
+            batch: list[str] = []
+            for _ in range(30_000):
+                batch.append(self.event(None, "user.flood", {"pad": "x" * 100}))
+                if len(batch) == 500:
+                    await ws.send_message("\n".join(batch))
+                    batch = []
+
+    async def serve(self, stream: trio.SocketStream) -> None:
+        async with trio.open_nursery() as nursery:
+            try:
+                request = await trio_websocket.wrap_server_stream(nursery, stream)
+                ws_conn = await request.accept()
+                while True:
+                    req = json.loads(await ws_conn.get_message())
+                    result = self.result(req["method"], req.get("params") or {})
+                    await ws_conn.send_message("\n".join(self.answer(req, result)))
+                    if req["method"] == "subscribe":
+                        await self.after_subscribe(ws_conn)
+            except (trio_websocket.ConnectionClosed, trio.BrokenResourceError,
+                    trio.ClosedResourceError):
+                pass
+            nursery.cancel_scope.cancel()
+
+
+async def main(path: str, key_file: str, mode: str) -> None:
+    seed = base64.b64decode(open(key_file).read().strip())
+    fake = Fake(Signer(nacl.signing.SigningKey(seed)), mode)
+    listeners = [trio.SocketListener(await _bind(path))]
+    print("ready", flush=True)
+    await trio.serve_listeners(fake.serve, listeners)
+
+
+async def _bind(path: str) -> trio.socket.SocketType:
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen(16)
+    return sock
+
+
+if __name__ == "__main__":
+    trio.run(main, *sys.argv[1:4])

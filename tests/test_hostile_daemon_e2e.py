@@ -1,0 +1,129 @@
+"""gracectl against a hostile impostor (tests/helpers/fake_daemon.py) on a real socket:
+forged and unsigned events and answers, floods, deep JSON and duplicate ids are each
+refused with a documented exit code, one line on stderr, no traceback, and gracectl's
+peak RSS stays under 100 MB."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import nacl.signing
+import pytest
+
+from graced.protocol import ExitCode, key_id
+from tests.conftest import ROOT, bin_path
+
+PROTOCOL = ExitCode.PROTOCOL
+
+
+class Impostor:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        seed = nacl.signing.SigningKey.generate()
+        self.key_file = base / "fake.key"
+        self.key_file.write_text(base64.b64encode(seed.encode()).decode())
+        self.public_key = bytes(seed.verify_key)
+        self.known = base / "known_keys.json"
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, mode: str, pin: bool = True) -> Path:
+        sock = self.base / f"{mode}.sock"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.helpers.fake_daemon", str(sock), str(self.key_file),
+             mode], cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        self.procs.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        data = json.loads(self.known.read_text()) if self.known.exists() else {}
+        name = f"unix:{os.path.abspath(sock)}"
+        if pin:
+            data[name] = {"public_key": base64.b64encode(self.public_key).decode(),
+                          "kid": key_id(self.public_key)}
+        else:
+            data.pop(name, None)
+        self.known.write_text(json.dumps(data))
+        return sock
+
+    def ctl(self, sock: Path, *args: str) -> tuple[int, str, int]:
+        """Run gracectl; (exit code, stderr, peak RSS in bytes) from wait4's rusage."""
+        env = {**os.environ, "GRACE_SOCKET": str(sock), "GRACE_KNOWN_KEYS": str(self.known),
+               "HOME": str(self.base)}
+        proc = subprocess.Popen([bin_path("gracectl"), *args], env=env, text=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL)
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        return proc.returncode, err, usage.ru_maxrss * 1024
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait(10)
+
+
+@pytest.fixture
+def impostor(shortdir: Path) -> Iterator[Impostor]:
+    imp = Impostor(shortdir)
+    try:
+        yield imp
+    finally:
+        imp.close()
+
+
+WAIT = ("wait", "1", "--state", "resolved", "--timeout", "30")
+APPROVE = ("missions", "approve", "1")
+CASES = [
+    # (mode, command, exit code, words in the message)
+    ("unsigned-event", WAIT, ExitCode.BAD_SIGNATURE, "unsigned"),
+    ("forged-event", WAIT, ExitCode.BAD_SIGNATURE, "key"),
+    ("unsigned-event", ("tail",), ExitCode.BAD_SIGNATURE, "unsigned"),
+    ("forged-event", ("tail", "--verify"), ExitCode.BAD_SIGNATURE, "key"),
+    ("unsigned-response", ("status",), ExitCode.BAD_SIGNATURE, "unsigned"),
+    ("forged-response", ("status",), ExitCode.BAD_SIGNATURE, "key"),
+    ("unsigned-response", APPROVE, ExitCode.BAD_SIGNATURE, "unsigned"),
+    ("forged-response", APPROVE, ExitCode.BAD_SIGNATURE, "key"),
+    ("deep", ("status",), PROTOCOL, "frame"),
+    ("deep", WAIT, PROTOCOL, "frame"),
+    ("deep", APPROVE, PROTOCOL, "frame"),
+    ("dup-id", ("status",), PROTOCOL, "id"),
+    ("dup-id", WAIT, PROTOCOL, "id"),
+    ("dup-id", APPROVE, PROTOCOL, "id"),
+    ("list-id", ("status",), PROTOCOL, "id"),
+    ("list-id", APPROVE, PROTOCOL, "id"),
+    ("flood", WAIT, PROTOCOL, "unknown type"),
+    ("flood", ("tail",), PROTOCOL, "unknown type"),
+    ("flood", ("tail", "--verify"), PROTOCOL, "unknown type"),
+    pytest.param("signed-flood", WAIT[:-1] + ("3",), ExitCode.TIMEOUT, "did not reach",
+                 marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("mode, command, code, words", CASES,
+                         ids=[f"{v[0]}-{v[1][0]}" + ("-v" if "--verify" in v[1] else "")
+                              for v in (getattr(c, "values", c) for c in CASES)])
+def test_hostile_answers_are_refused(impostor: Impostor, mode: str, command: tuple[str, ...],
+                                     code: int, words: str) -> None:
+    sock = impostor.start(mode)
+    rc, err, rss = impostor.ctl(sock, *command)
+    assert rc == code, (rc, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert words in err and "FORGED" not in err, err
+    assert rss < 100 * 2**20, rss
+
+
+def test_with_no_key_pinned_the_first_answer_pins_and_the_rest_must_match(
+        impostor: Impostor) -> None:
+    """Nothing pinned: the key is pinned on first use over the Unix socket, and an
+    unsigned answer after that is still refused."""
+    sock = impostor.start("unsigned-response", pin=False)
+    rc, err, _ = impostor.ctl(sock, *APPROVE)
+    assert rc == ExitCode.BAD_SIGNATURE, err
+    assert "trusting key" in err and "FORGED" not in err
+    assert key_id(impostor.public_key) in impostor.known.read_text()
