@@ -91,6 +91,7 @@ def test_keys_generate_makes_a_key_whose_line_admits_a_tcp_approval(make_graced)
         sleeper.wait()
         mid = w.wait("mission.awaiting_approval", "worker", 15)["payload"]["id"]
         env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
+        env["GRACE_KEY"] = str(g.state / "key.pub")  # over TCP a key must be pinned or given
         res = g.ctl("--url", f"ws://127.0.0.1:{port}", "missions", "approve", str(mid),
                     env=env)
         assert res.returncode == 0, res.stderr

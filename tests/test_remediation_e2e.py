@@ -411,6 +411,7 @@ async def test_tcp_approvals_must_be_signed_fresh_and_never_replayed(make_graced
     async def ctl(*args: str, client_key: Path | None) -> Any:
         env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
         env["GRACE_CLIENT_KEY"] = str(client_key or shortdir / "none.key")
+        env["GRACE_KEY"] = str(g.state / "key.pub")  # over TCP a key must be pinned or given
         return await trio.run_process([g.ctl_argv0(), "--url", url, *args], env=env,
                                       capture_stdout=True, capture_stderr=True, check=False,
                                       stdin=b"")

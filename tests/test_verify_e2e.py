@@ -11,21 +11,7 @@ import pytest
 
 from graced.protocol import ExitCode
 from tests.conftest import Graced
-from tests.helpers.procs import LineCollector
-
-
-def complete_stream(g: Graced) -> list[str]:
-    """Every event from genesis to daemon.stopping, as `tail --json` saved it."""
-    g.ctl("emit", "user.note", "--payload",
-          json.dumps({"msg": "héllo", "price": 99.5, "count": 3, "ratio": 1e-7}), check=True)
-    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1",
-                                     "--reconnect-timeout", "0"))
-    assert tail.wait_for(lambda ls: any('"user.note"' in x for x in ls), 20), tail.lines
-    g.stop()
-    assert tail.wait_for(lambda ls: bool(ls) and '"daemon.stopping"' in ls[-1], 20), tail.lines
-    tail.proc.terminate()
-    tail.wait_exit(10)
-    return list(tail.lines)
+from tests.helpers.streams import complete_stream
 
 
 def verify(g: Graced, data: bytes, *args: str) -> tuple[int, str]:

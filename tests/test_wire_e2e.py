@@ -126,6 +126,7 @@ async def test_tcp_listener_reads_only_with_a_read_key_and_checks_origin(make_gr
     url = f"ws://127.0.0.1:{port}"
     tail = [g.ctl_argv0(), "--url", url, "tail", "--verify", "--since", "1", "--no-follow",
             "--key", str(g.state / "key.pub")]
+    env["GRACE_KEY"] = no_key["GRACE_KEY"] = str(g.state / "key.pub")  # TCP: pinned or given
     with trio.fail_after(30):
         res = await trio.run_process(tail, env=no_key, capture_stdout=True,
                                      capture_stderr=True, check=False, stdin=b"")

@@ -131,8 +131,7 @@ class Fake:
             nursery.cancel_scope.cancel()
 
 
-async def main(path: str, key_file: str, mode: str) -> None:
-    seed = base64.b64decode(open(key_file).read().strip())
+async def main(path: str, seed: bytes, mode: str) -> None:
     fake = Fake(Signer(nacl.signing.SigningKey(seed)), mode)
     listeners = [trio.SocketListener(await _bind(path))]
     print("ready", flush=True)
@@ -147,4 +146,6 @@ async def _bind(path: str) -> trio.socket.SocketType:
 
 
 if __name__ == "__main__":
-    trio.run(main, *sys.argv[1:4])
+    with open(sys.argv[2]) as f:
+        key_seed = base64.b64decode(f.read().strip())
+    trio.run(main, sys.argv[1], key_seed, sys.argv[3])
