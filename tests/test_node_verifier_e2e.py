@@ -31,6 +31,7 @@ def node_verify(g: Graced, lines: list[str]) -> tuple[int, str]:
     return res.returncode, res.stdout + res.stderr
 
 
+@pytest.mark.slow
 def test_node_proves_a_real_stream_and_refuses_tampering(graced: Graced) -> None:
     g = graced
     g.ctl("emit", "user.load", "--count", "50", "--payload",

@@ -68,7 +68,7 @@ class Fake:
 
     def result(self, method: str, params: dict[str, Any]) -> Any:
         mission = {"id": 1, "state": "awaiting_approval", "reason": "", "severity": "high",
-                   "summary": "s", "detector": "d", "subject": "x"}
+                   "summary": "s", "detector": "d", "subject": "x", "opened_at": 1.0}
         if method == "hello":
             return {"daemon_id": "fake", "version": "0", "host": "fake", "pid": 1,
                     "kid": self.key.kid,
