@@ -7,6 +7,7 @@ Exit codes are :class:`graced.protocol.ExitCode`.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -22,9 +23,16 @@ import trio
 from graced import __version__
 from graced.keys import parse_public_key
 from graced.paths import client_socket
-from graced.protocol import ExitCode, Violation, key_id, parse_anchor
+from graced.protocol import (
+    ExitCode,
+    Violation,
+    key_id,
+    parse_anchor,
+    parse_event_line,
+    verify_detached,
+)
 
-from . import trust
+from . import out, trust
 from .client import Endpoint, connect, decide, sole_exception
 from .errors import CtlError, ProtocolViolation
 from .plan_text import render_plan
@@ -328,6 +336,45 @@ def verify(ctx: click.Context, file: str, key_file: str | None, anchor: str | No
         stderr_note(f"verified {result.count} events (seq {result.first}..{result.last}, "
                     f"{start_text}, {end_text}), key {key_id(key)}: signatures valid, chain "
                     f"intact; anchor of its last event: {result.last}:{result.last_hash}")
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def checkpoint(ctx: click.Context, as_json: bool) -> None:
+    """Print the daemon's latest signed checkpoint, for keeping off the host.
+
+    Its anchor (SEQ:HASH, the checkpoint event's own seq and hash) is what
+    'gracectl verify --from' takes; --json adds the exact signed event.
+    """
+    endpoint = _endpoint(ctx)
+
+    async def go() -> tuple[bytes, Any]:
+        key = await trusted_key(endpoint)
+        async with connect(endpoint, key) as conn:
+            return key, await conn.request("checkpoint")
+
+    key, result = _run(go)
+    text = result.get("event") if isinstance(result, dict) else None
+    if not isinstance(text, str):
+        raise ProtocolViolation("a checkpoint answer without its event")
+    event, signing = parse_event_line(text.encode("utf-8", "surrogatepass"))
+    seq = event["seq"]
+    if event["kid"] != key_id(key) or not verify_detached(event["sig"], signing, key):
+        raise Violation(ExitCode.BAD_SIGNATURE, seq, "checkpoint with a bad signature")
+    payload = event["payload"]
+    if event["topic"] != "daemon.checkpoint" or not isinstance(payload, dict):
+        raise ProtocolViolation("a checkpoint answer holding another event")
+    digest = hashlib.sha256(signing).hexdigest()
+    info = {"seq": seq, "hash": digest, "anchor": f"{seq}:{digest}", "ts": event["ts"],
+            "kid": event["kid"], "head_seq": payload.get("head_seq"),
+            "head_hash": payload.get("head_hash"), "event": text}
+    if as_json:
+        _print_json(info)
+        return
+    click.echo(f"checkpoint  seq {seq} at {out.safe(event['ts'])}, key {event['kid']}\n"
+               f"head        seq {out.safe(info['head_seq'])}: {out.safe(info['head_hash'])}\n"
+               f"anchor      {seq}:{digest}  (gracectl verify --from {seq}:{digest} FILE)")
 
 
 # -- keys -------------------------------------------------------------------------

@@ -47,7 +47,7 @@ MAX_COMMENT = 1024  # bytes of UTF-8: a comment is journaled with the decision
 # Over the Unix socket the peer's uid decides (see the handlers and graced.wire).
 ROLES: dict[str, str | None] = {
     "hello": None,
-    "status": READ, "subscribe": READ, "keys": READ, "missions.list": READ,
+    "status": READ, "subscribe": READ, "keys": READ, "checkpoint": READ, "missions.list": READ,
     "missions.get": READ, "missions.similar": READ, "detectors": READ,
     "knowledge.list": READ, "knowledge.show": READ, "knowledge.export": READ,
     "knowledge.stats": READ,
@@ -99,6 +99,7 @@ class Api:
             "subscribe": self.subscribe,
             "emit": self.emit,
             "keys": self.daemon_keys,
+            "checkpoint": self.checkpoint,
             "missions.list": self.missions_list,
             "missions.get": self.missions_get,
             "detectors": self.detectors,
@@ -139,6 +140,13 @@ class Api:
             "peer": {"transport": client.peer.transport, "uid": client.peer.uid},
             "can_control": client.can_control(),
         }
+
+    async def checkpoint(self, client: Client, req: Request) -> Any:
+        """The latest daemon.checkpoint event, exactly as signed and journaled."""
+        ev = self.mesh.last_checkpoint
+        if ev is None:
+            raise RequestError("not_found", "no checkpoint published yet")
+        return {"event": ev.text}
 
     async def daemon_keys(self, client: Client, req: Request) -> Any:
         return {

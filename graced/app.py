@@ -14,6 +14,7 @@ import fcntl
 import gc
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -295,15 +296,32 @@ class Daemon:
         )
 
     async def _heartbeat(self, scope: trio.CancelScope) -> None:
+        """Heartbeats every heartbeat_interval; a signed checkpoint (the head's seq and
+        hash, for keeping off the host) now and every checkpoint_interval."""
         assert self.mesh is not None
+        mesh = self.mesh
+        last_beat = last_checkpoint = -math.inf
         with scope:
             while True:
-                interval = self.config.daemon.heartbeat_interval  # a reload may change it
-                await trio.sleep(interval)
-                self.mesh.publish_nowait("daemon.heartbeat", {
-                    "interval": interval,
-                    "uptime": round(time.monotonic() - self.started_mono, 3),
-                })
+                # A reload may change either interval.
+                interval = self.config.daemon.heartbeat_interval
+                every = self.config.daemon.checkpoint_interval
+                now = trio.current_time()
+                if last_beat == -math.inf:
+                    last_beat = now
+                if now >= last_checkpoint + every:
+                    mesh.publish_nowait("daemon.checkpoint", {
+                        "head_seq": mesh.delivered_seq, "head_hash": mesh.delivered_hash,
+                        "interval": every,
+                    })
+                    last_checkpoint = now
+                if now >= last_beat + interval:
+                    mesh.publish_nowait("daemon.heartbeat", {
+                        "interval": interval,
+                        "uptime": round(time.monotonic() - self.started_mono, 3),
+                    })
+                    last_beat = now
+                await trio.sleep_until(min(last_beat + interval, last_checkpoint + every))
 
     async def _watchdog(self, interval: float) -> None:
         while True:

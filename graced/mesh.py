@@ -112,6 +112,9 @@ class Mesh:
         self.ring: collections.deque[Recent] = collections.deque(maxlen=ring_size)
         # Seq and hash of the last event fanned out (everything <= it is durable).
         self.delivered_seq = journal.head_seq
+        self.delivered_hash = journal.head_hash
+        # The latest daemon.checkpoint fanned out (gracectl checkpoint asks for it).
+        self.last_checkpoint: SignedEvent | None = None
         self.commit_seconds_last = 0.0
         self.commit_count = 0
         self.commit_errors = 0
@@ -289,7 +292,10 @@ class Mesh:
         for ev in events:
             self.ring.append(Recent(ev.seq, ev.topic, ev.text))
             self.delivered_seq = ev.seq
+            self.delivered_hash = ev.hash
             topic = ev.topic
+            if topic == "daemon.checkpoint":
+                self.last_checkpoint = ev
             for sub in subs:
                 if sub.mesh is not None and sub.match(topic):
                     try:

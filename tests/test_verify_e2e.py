@@ -11,6 +11,7 @@ import pytest
 
 from graced.protocol import ExitCode
 from tests.conftest import Graced
+from tests.helpers.procs import LineCollector
 from tests.helpers.streams import complete_stream
 
 
@@ -114,3 +115,36 @@ def test_a_large_stream_is_verified_in_parallel_with_the_same_verdicts(
     for jobs in ("1", "2"):
         rc, err = verify(g, joined(lines[:mid] + lines[mid + 1:]), "--jobs", jobs)
         assert rc == ExitCode.CHAIN_BROKEN and f"seq {seq + 1}: gap" in err, (jobs, err)
+
+
+@pytest.mark.slow
+def test_a_signed_checkpoint_anchors_a_later_verification(make_graced) -> None:
+    """graced publishes daemon.checkpoint events; 'gracectl checkpoint' prints the latest,
+    verified, and its anchor lets 'verify --from' prove the stream after it alone."""
+    g = make_graced(extra_config="checkpoint_interval = 1.0\n")
+    first = json.loads(g.ctl("checkpoint", "--json", check=True).stdout)
+    assert first["anchor"] == f"{first['seq']}:{first['hash']}"
+    g.ctl("emit", "user.load", "--count", "20", check=True)
+    # Wait for a checkpoint after the burst, as a user would: watch for it.
+    tail = LineCollector(g.ctl_popen("tail", "--json", "-n", "0", "daemon.checkpoint"))
+    assert tail.wait_for(lambda ls: bool(ls), 20), tail.lines
+    tail.proc.terminate()
+    tail.wait_exit(10)
+    latest = json.loads(g.ctl("checkpoint", "--json", check=True).stdout)
+    assert latest["seq"] > first["seq"] and latest["head_seq"] >= first["seq"] + 20
+    human = g.ctl("checkpoint", check=True).stdout
+    assert f"anchor      {latest['anchor']}" in human
+    lines = complete_stream(g)
+    at = next(i for i, x in enumerate(lines) if json.loads(x)["seq"] == latest["seq"])
+    assert lines[at] == latest["event"]  # the exact signed line, byte for byte
+    rc, err = verify(g, joined(lines[at:]), "--from", latest["anchor"])
+    assert rc == 0 and "from anchor" in err, err
+    rc, err = verify(g, joined(lines[at + 1:]), "--from", latest["anchor"])
+    assert rc == 0, err
+    head = f"{latest['head_seq']}:{latest['head_hash']}"  # the head it vouches for
+    rc, err = verify(g, joined(lines[latest["head_seq"] - 1:]), "--from", head)
+    assert rc == 0, err
+    tampered = list(lines[at + 1:])
+    tampered[0] = tampered[0].replace('"seq":', '"seq": ', 1)
+    rc, err = verify(g, joined(tampered), "--from", latest["anchor"])
+    assert rc == ExitCode.CHAIN_BROKEN, err

@@ -56,6 +56,7 @@ class DaemonConfig:
     listen: list[str] = field(default_factory=list, metadata=check(_listen))
     allowed_origins: list[str] = field(default_factory=list)
     heartbeat_interval: float = field(default=5.0, metadata=check(positive))
+    checkpoint_interval: float = field(default=300.0, metadata=check(positive))
     max_request_bytes: int = field(default=65536, metadata=check(positive))
     max_clients: int = field(default=256, metadata=check(positive))
     client_queue: int = field(default=8192, metadata=check(positive))
