@@ -228,6 +228,11 @@ def run(kills: int, min_up: float = 0.5, max_up: float = 3.0,
                 stop.wait(0.1)
 
         def approve(stop: threading.Event = stop, sub: Subscriber = sub) -> None:
+            # What still waits from before the last kill (its event went to the last
+            # round's subscriber), then each mission as the stream announces it.
+            res = r.ctl("missions", "ls", "--state", "awaiting_approval", "--json")
+            for m in json.loads(res.stdout) if res.returncode == 0 else []:
+                sub.awaiting.put(int(m["id"]))
             while not stop.is_set():
                 try:
                     mid = sub.awaiting.get(timeout=0.2)
