@@ -151,3 +151,14 @@ def test_the_keys_only_a_restart_applies_are_documented() -> None:
             if section == "daemon":
                 for key in keys:
                     assert re.search(rf"\b{key}\b", para), (page, key)
+
+
+def test_each_step_action_and_notifier_kinds_keys_are_listed_in_graced_toml_5() -> None:
+    from graced.config import ACTIONS, NOTIFIER_KINDS
+
+    text = " ".join(_roff_text(MAN / "graced.toml.5").split())
+    listed = dict(re.findall(r"\b([a-z_]+) \(keys: ([a-z_, ]+)\)", text))
+    for name, action in ACTIONS.items():
+        assert set(listed[name].split(", ")) == set(action.keys), name
+    for kind, (keys, _) in NOTIFIER_KINDS.items():
+        assert set(listed[kind].split(", ")) == set(keys), kind
