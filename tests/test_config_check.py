@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from graced.errors import DaemonExit
+from tests.conftest import bin_path
 from tests.test_config_keys import graced_cmd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,3 +124,26 @@ def test_check_without_a_file_checks_what_graced_would_load(tmp_path: Path) -> N
     other.write_text("version = 1\n")
     res = graced_cmd("config", "check", env={**env, "GRACED_CONFIG": str(other)})
     assert (res.returncode, res.stdout) == (0, f"{other}: ok\n"), res.stderr
+
+
+def test_a_config_the_user_cannot_read_is_one_line_exit_3(tmp_path: Path) -> None:
+    """The service user and a root-only /etc/graced: a config error, not a traceback."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    secret = tmp_path / "etc"
+    (secret / "graced").mkdir(parents=True)
+    (secret / "graced" / "graced.toml").write_text("version = 1\n")
+    secret.chmod(0o700)
+    tmp_path.chmod(0o755)
+    path = secret / "graced" / "graced.toml"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("INVOCATION_ID", "GRACED_CONFIG", "CONFIGURATION_DIRECTORY")}
+    env.update(XDG_CONFIG_HOME=str(secret), HOME=str(tmp_path), XDG_STATE_HOME=str(tmp_path))
+    as_nobody = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+                 bin_path("graced")]
+    for args in (["config", "check", str(path)], ["config", "check"], ["run"]):
+        res = subprocess.run([*as_nobody, *args], capture_output=True, text=True, env=env,
+                             stdin=subprocess.DEVNULL, timeout=30)
+        assert res.returncode == DaemonExit.CONFIG, (args, res.stderr)
+        assert res.stderr == (f"graced: config error: {path}: cannot read: "
+                              "Permission denied\n"), (args, res.stderr)
