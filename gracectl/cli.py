@@ -191,8 +191,10 @@ def _health_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
         "; FAILING: " + "; ".join(f"{name} ({d['last_error']})" for name, d in failing.items())
         if failing else "")
     health = "DEGRADED: " + "; ".join(st["degraded"]) if st["degraded"] else "ok"
+    silenced = ex.get("silences") or 0
     return [("health", health), ("execution", execution), ("missions", missions),
-            ("detectors", detectors)]
+            ("detectors", detectors),
+            *([("silences", f"{silenced} in force (gracectl silence ls)")] if silenced else [])]
 
 
 def _print_status(st: dict[str, Any]) -> None:

@@ -32,7 +32,8 @@ done
 
 if [ "$uninstall" = yes ]; then
     systemctl disable --now graced.service 2>/dev/null || true
-    rm -f /etc/systemd/system/graced.service /etc/sysusers.d/graced.conf \
+    rm -f /etc/systemd/system/graced.service /etc/systemd/system/grace-action@.service \
+        /etc/sysusers.d/graced.conf \
         /etc/tmpfiles.d/graced.conf /etc/polkit-1/rules.d/50-graced.rules \
         /usr/local/bin/graced /usr/local/bin/gracectl \
         /usr/local/share/man/man1/gracectl.1 /usr/local/share/man/man5/graced.toml.5 \
@@ -89,14 +90,23 @@ for page in gracectl.1 graced.toml.5 graced.8; do
     install -D -m 0644 "$SRC/man/$page" "/usr/local/share/man/man$section/$page"
 done
 
-# polkit may let graced restart exactly the units its playbooks name.
-units=$("$venv/bin/graced" config units --config "$ETC/graced.toml" | sed 's/.*/"&"/' | paste -sd, -)
+# polkit may let graced restart exactly the units its playbooks name, and start exactly
+# the privileged actions (grace-action@NAME.service) their start_action steps name.
+listed=$("$venv/bin/graced" config units --config "$ETC/graced.toml")
+units=$(printf '%s\n' "$listed" | { grep -v -e '^grace-action@' -e '^$' || true; } \
+    | sed 's/.*/"&"/' | paste -sd, -)
+actions=$(printf '%s\n' "$listed" | { grep '^grace-action@' || true; } \
+    | sed 's/.*/"&"/' | paste -sd, -)
 mkdir -p /etc/polkit-1/rules.d
-sed "s/^var GRACED_UNITS = .*/var GRACED_UNITS = [$units];/" "$SRC/systemd/graced.polkit.rules" \
-    > /etc/polkit-1/rules.d/50-graced.rules
+sed -e "s/^var GRACED_UNITS = .*/var GRACED_UNITS = [$units];/" \
+    -e "s/^var GRACED_ACTIONS = .*/var GRACED_ACTIONS = [$actions];/" \
+    "$SRC/systemd/graced.polkit.rules" > /etc/polkit-1/rules.d/50-graced.rules
 chmod 0644 /etc/polkit-1/rules.d/50-graced.rules
 
 install -m 0644 "$SRC/systemd/graced.service" /etc/systemd/system/graced.service
+# The template of privileged actions; each action is the administrator's own drop-in
+# (graced(8), PRIVILEGED ACTIONS): without one, an instance cannot start.
+install -m 0644 "$SRC/systemd/grace-action@.service" /etc/systemd/system/grace-action@.service
 systemctl daemon-reload
 if systemctl is-active --quiet graced.service; then
     systemctl restart graced.service

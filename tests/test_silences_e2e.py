@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -55,15 +56,20 @@ def add(g: Graced, *args: str) -> int:
     return int(res.stdout.strip())
 
 
+def started(make_graced: Any, base: Path) -> tuple[Graced, Path, Path]:
+    """graced watching a queue file, with its fix playbook and a pager notifier."""
+    queue, notified = base / "queue", base / "notified"
+    queue.write_text(NORMAL)
+    return make_graced(detectors=config(queue, notified)), queue, notified
+
+
 def listed(g: Graced) -> list[dict[str, Any]]:
     return json.loads(g.ctl("silence", "ls", "--json", check=True).stdout)
 
 
 @pytest.mark.slow
 def test_silences_are_signed_listed_removed_and_expire(make_graced, shortdir: Path) -> None:
-    queue, notified = shortdir / "queue", shortdir / "notified"
-    queue.write_text(NORMAL)
-    g = make_graced(detectors=config(queue, notified))
+    g, queue, notified = started(make_graced, shortdir)
     ev = Events(g)
     try:
         # Bad requests: one line, a usage exit code, nothing added.
@@ -82,6 +88,8 @@ def test_silences_are_signed_listed_removed_and_expire(make_graced, shortdir: Pa
         assert (s["id"], s["target"], s["detector"], s["subject"], s["comment"]) == (
             held, "backlog:qu*", "backlog", "qu*", "draining by hand")
         assert 3590 < s["expires_at"] - s["created_at"] <= 3600
+        assert re.search(r"^silences +1 in force \(gracectl silence ls\)$",
+                         g.ctl("status").stdout, re.M)
         text = g.ctl("silence", "ls", check=True).stdout
         assert text.split("\n")[0].split() == ["ID", "TARGET", "UNTIL", "BY", "MISSIONS",
                                                "COMMENT"]
@@ -160,9 +168,7 @@ def test_silences_are_signed_listed_removed_and_expire(make_graced, shortdir: Pa
 
 @pytest.mark.slow
 def test_a_silence_until_resolved_ends_with_its_missions(make_graced, shortdir: Path) -> None:
-    queue, notified = shortdir / "queue", shortdir / "notified"
-    queue.write_text(NORMAL)
-    g = make_graced(detectors=config(queue, notified))
+    g, queue, notified = started(make_graced, shortdir)
     ev = Events(g)
     try:
         sid = add(g, "backlog", "--for", "2h", "--comment", "until it clears",
