@@ -22,8 +22,10 @@ needs ``sh(script, timeout=...)`` and ``pid``, the container's PID 1 on the host
 It installs what it needs inside the running container itself (action template and
 drop-in, a polkit rule of its own, a unit that fails, its detectors and playbooks appended
 to /etc/graced/graced.toml) and restarts graced once. Run alone (``python3 -m
-tests.systemd.remediation_scenario``) it boots its own copy of the check's root tree, with
-the check's own helpers, and exits 0, 77 (cannot run here) or 1.
+tests.systemd.remediation_scenario``, as root) it boots its own tree
+(``$GRACE_NSPAWN_CACHE``, default /var/tmp/grace-nspawn-23) with the check's own helpers,
+installs Grace by the README's install block, runs the scenario and exits 0, 77 (cannot
+run here) or 1.
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def _write(c: Container, path: str, text: str) -> None:
 def _events(c: Container, since: int, pattern: str) -> subprocess.Popen[str]:
     """gracectl tail inside the container, from seq ``since``, as a process to read."""
     return subprocess.Popen(
-        ["nsenter", "-t", str(c.pid), "-a", "/bin/sh", "-c",
+        ["nsenter", "-t", str(c.pid), "-a", "env", "-i", "HOME=/root", "LANG=C.UTF-8",
+         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "/bin/sh", "-c",
          f"exec {CTL} tail --json --since {since} {shlex.quote(pattern)}"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
         text=True)
@@ -284,25 +287,24 @@ def run(c: Container, say: Say, check: Check) -> None:
 
 
 def main() -> int:
+    """Boot a copy of the check's tree, install Grace by the README, run the scenario."""
     os.environ.setdefault("GRACE_NSPAWN_CACHE", "/var/tmp/grace-nspawn-23")
     from tests.systemd import nspawn_check as base
 
     base.MACHINE = "grace-remediation"
-    why = base.can_run()
+    why = base.ensure_tools() or base.build_tree()
     if why:
-        print(f"remediation-scenario: SKIPPED: {why}", flush=True)
-        return base.SKIP
-    base.build_tree()
-    base.install_grace()
+        return base.skip(why)
+    blocks = base.readme_blocks()
+    base.reset_tree()
+    base.copy_checkout()
     c = base.Container()
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # until PID 1 answers at all (its bus is up)
-            if c.sh("systemctl is-system-running --wait", timeout=120).stdout.strip():
-                break
-            time.sleep(0.5)
-        res = c.sh("systemctl start graced.service && systemctl is-active graced")
-        base.check(res.returncode == 0, "graced is active", res.stdout + res.stderr)
+        c.wait("the container booted", "systemctl is-system-running --wait | "
+               "grep -Ex 'running|degraded'", timeout=120)
+        if base.trust_local_cas():
+            c.sh("update-ca-certificates --fresh")
+        base.install_and_default(c, blocks)
         run(c, base.say, base.check)
     finally:
         c.stop()
