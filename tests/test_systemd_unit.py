@@ -79,3 +79,25 @@ def test_every_relaxed_sandbox_setting_says_why() -> None:
         if line.startswith(("RestrictAddressFamilies=", "ProtectProc=default", "PrivateUsers=no",
                             "IPAddressDeny=")):
             assert text[i - 1].startswith("#"), f"{line} has no comment saying why"
+
+
+def test_config_units_lists_the_actions_after_the_units(tmp_path: Path) -> None:
+    cfg = tmp_path / "graced.toml"
+    base = 'version = 1\n[[detector]]\nname = "d"\nkind = "load"\n'
+    steps = ('[[playbook]]\nname = "p"\ndetector = "d"\nrisk = "low"\n'
+             '[[playbook.step]]\naction = "start_action"\nunit = "clean-logs"\n'
+             '[[playbook.step]]\naction = "restart_unit"\nunit = "web.service"\n'
+             '[[playbook.step]]\naction = "start_action"\nunit = "grace-action@rotate.service"\n')
+    cfg.write_text(base + steps)
+    res = subprocess.run([bin_path("graced"), "config", "units", "--config", str(cfg)],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == ("web.service\ngrace-action@clean-logs.service\n"
+                          "grace-action@rotate.service\n")
+    # Nothing from a mission may choose the action: no placeholder, no path.
+    for unit in ("{subject}", "../../etc/x", "a b"):
+        cfg.write_text(base + steps.replace('"clean-logs"', f'"{unit}"'))
+        bad = subprocess.run([bin_path("graced"), "config", "check", str(cfg)],
+                             capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert bad.returncode == 3 and "an installed action's name" in bad.stderr, bad.stderr
+        assert bad.stderr.count("\n") == 1
