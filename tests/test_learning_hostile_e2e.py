@@ -137,8 +137,11 @@ def test_hostile_imports_are_refused_with_one_line_and_graced_keeps_answering(
     assert res.returncode == 2 and "patterns: 100001 records; at most 100000" in res.stderr
     # Negative zero and integral floats are harmless: imported as 0 and 3.
     ok = ex.write(shortdir / "ok.json", [record(failures=-0.0, successes=3.0,
-                                                ttr_total=-0.0, ttr_count=0)])
+                                                ttr_total=-0.0, ttr_count=0)] + [
+        record(signature=f"star:q{i}", subject=f"q{i}", last_seen=1.5) for i in range(2)])
     g.ctl("knowledge", "import", "--key", str(ex.key), str(ok), check=True)
+    listed = g.ctl("knowledge", "ls", "--limit", "1", check=True)
+    assert "star:queue" in listed.stdout and "1 of 3 patterns shown" in listed.stderr
     status = answering(g)
     assert status["learning"]["quarantined"]["rows"] == 0
     shown = json.loads(g.ctl("knowledge", "show", "star:queue", "--json",
@@ -147,8 +150,9 @@ def test_hostile_imports_are_refused_with_one_line_and_graced_keeps_answering(
     g.stop()
     g.start()
     answering(g)
-    assert json.loads(g.ctl("knowledge", "ls", "--json", check=True).stdout)[0][
-        "pattern"] == "star:queue"
+    assert [p["pattern"] for p in json.loads(g.ctl("knowledge", "ls", "--json",
+                                                   check=True).stdout)] == [
+        "star:q0", "star:q1", "star:queue"]
 
 
 STORED = [  # as 0.1.0 could store them: what its import check let through, and worse
