@@ -407,6 +407,25 @@ class Executor:
         values = m.plan["values"] if m.plan else mission_values(m)
         return build_plan(pb, values)
 
+    async def _plan_changed(self, m: Mission, current: dict[str, Any]) -> None:
+        shown = m.plan["sha256"] if m.plan else None
+        m.plan = current
+        await self.mesh.publish("mission.plan_changed", {
+            **m.brief(), "was": shown, "steps": current["steps"]}, writes=[store.upsert(m)])
+
+    def replan_soon(self) -> None:
+        """After a reload: missions awaiting approval get the plan they would run now."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self.replan_waiting)
+
+    async def replan_waiting(self) -> None:
+        for m in list(self.engine.active.values()):
+            if m.state != "awaiting_approval" or m.plan is None:
+                continue
+            current = self.current_plan(m)
+            if current is not None and current["sha256"] != m.plan["sha256"]:
+                await self._plan_changed(m, current)
+
     async def decide(self, mission_id: int, approve: bool, who: dict[str, Any],
                      comment: str, opened: float | None = None,
                      plan_sha256: str | None = None) -> Mission:
@@ -434,12 +453,8 @@ class Executor:
                 raise PlanChanged(f"mission {mission_id}: an approval names the plan it "
                                   "approves (params.plan: mission.plan.sha256)")
             if current is not None and current["sha256"] != plan_sha256:
-                shown = m.plan["sha256"] if m.plan else None
-                if current["sha256"] != shown:
-                    m.plan = current
-                    await self.mesh.publish("mission.plan_changed", {
-                        **m.brief(), "was": shown, "steps": current["steps"]},
-                        writes=[store.upsert(m)])
+                if m.plan is None or current["sha256"] != m.plan["sha256"]:
+                    await self._plan_changed(m, current)
                 raise PlanChanged(
                     f"mission {mission_id}: the approval names plan {str(plan_sha256)[:16]}, "
                     f"but the plan it would run now is {current['sha256'][:16]} (the playbook "

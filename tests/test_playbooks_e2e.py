@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Graced
+from tests.helpers.procs import LineCollector
 from tests.test_learning_e2e import FAULT, NORMAL, SETTINGS, value_detector
 from tests.test_missions_e2e import Watch
 
@@ -191,23 +192,30 @@ def test_an_approval_for_a_plan_changed_since_is_refused(make_graced, shortdir: 
         assert wrong.returncode == 1 and "changed since" in wrong.stderr
         assert show(g, mid)["state"] == "awaiting_approval"
 
-        # The playbook changes under the waiting mission: a config reload.
+        # The playbook changes under the waiting mission: a config reload. The mission
+        # shows the plan it would run now at once (mission.plan_changed).
+        head = json.loads(g.ctl("status", "--json", check=True).stdout)["head_seq"]
+        changes = LineCollector(g.ctl_popen("tail", "--json", "--since", str(head),
+                                            "mission.plan_changed"))
         g.config.write_text(g.config.read_text().replace("echo first", "echo second"))
         g.ctl("reload", check=True)
-        stale = g.ctl("missions", "approve", str(mid), "--plan", before["sha256"])
-        assert stale.returncode == 1, stale.stderr
-        assert "changed since" in stale.stderr and stale.stderr.count("\n") == 1
+        assert changes.wait_for(lambda lines: bool(lines), 15), "no mission.plan_changed"
+        event = changes.events()[0]["payload"]
+        changes.proc.terminate()
+        changes.wait_exit(10)
         now = show(g, mid)
         assert now["state"] == "awaiting_approval" and not now["approvals"]
         changed = now["plan"]
         assert changed["sha256"] != before["sha256"]
         assert "echo second" in changed["steps"][0]["argv"][2]
         assert changed["values"] == before["values"]  # the values it was shown with
-        events = [json.loads(line) for line in g.ctl(
-            "tail", "--json", "--since", "1", "--no-follow", "mission.plan_changed",
-            check=True).stdout.splitlines()]
-        assert [(e["payload"]["id"], e["payload"]["was"], e["payload"]["plan_sha256"])
-                for e in events] == [(mid, before["sha256"], changed["sha256"])]
+        assert (event["id"], event["was"], event["plan_sha256"]) == (
+            mid, before["sha256"], changed["sha256"])
+        # An approval of the plan shown before the reload is refused.
+        stale = g.ctl("missions", "approve", str(mid), "--plan", before["sha256"])
+        assert stale.returncode == 1, stale.stderr
+        assert "changed since" in stale.stderr and stale.stderr.count("\n") == 1
+        assert show(g, mid)["state"] == "awaiting_approval"
 
         # Approving what is shown now works; the approval names that plan.
         ok = g.ctl("missions", "approve", str(mid), "--comment", "read the new plan")
