@@ -231,7 +231,7 @@ def _print_status(st: dict[str, Any]) -> None:
                                        "set aside and never used (see the log)"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
-        click.echo(f"{k:<{width}}  {v}")
+        out.echo(f"{k:<{width}}  {out.safe(v)}")
 
 
 # -- tail / verify ----------------------------------------------------------------
@@ -405,7 +405,7 @@ def keys_show(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         _print_json(info)
     else:
-        click.echo(f"key id      {info['kid']}\npublic key  ed25519 {info['public_key']}\n"
+        out.echo(f"key id      {info['kid']}\npublic key  ed25519 {info['public_key']}\n"
                    f"endpoint    {endpoint.name}\ntrust       {state}")
 
 
@@ -497,14 +497,14 @@ def missions_ls(ctx: click.Context, states: tuple[str, ...], severities: tuple[s
     colour = sys.stdout.isatty()
     table = []
     for m in rows:
-        sev = m["severity"] + ("!" if m["flapping"] else "")
-        if colour:
+        sev = out.safe(m["severity"] + ("!" if m["flapping"] else ""))
+        if colour:  # the only escape sequence in the table is ours
             sev = click.style(sev, fg=SEVERITY_COLOUR.get(m["severity"]))
         state = m["state"] + (f", silenced #{m['silenced']['id']}" if m.get("silenced")
                               else "")
-        table.append([m["id"], sev, state, m["detector"], m["subject"],
-                      m["playbook"] or "-", m["summary"][:60],
-                      _age(result["now"] - m["opened_at"])])
+        table.append([m["id"], sev] + [out.safe(c) for c in (
+            state, m["detector"], m["subject"], m["playbook"] or "-", m["summary"][:60])]
+            + [_age(result["now"] - m["opened_at"])])
     click.echo(tabulate(table, headers=["ID", "SEVERITY", "STATE", "DETECTOR", "SUBJECT",
                                         "PLAYBOOK", "SUMMARY", "AGE"]))
 
@@ -571,7 +571,7 @@ def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
     lines.append("timeline:")
     for t in m["timeline"]:
         lines.append(f"  {_ts(t['ts'])}  {t['from'] or '-'} -> {t['to']}  {t['reason']}")
-    click.echo("\n".join(lines))
+    out.echo("\n".join(lines))
 
 
 def _decide(ctx: click.Context, mission_id: int, comment: str, approve: bool,
@@ -734,8 +734,6 @@ def detectors(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         _print_json(result["detectors"])
         return
-    from tabulate import tabulate
-
     rows = []
     for name, d in result["detectors"].items():
         subjects = d["subjects"] or {"": None}
@@ -743,12 +741,13 @@ def detectors(ctx: click.Context, as_json: bool) -> None:
             if smp is None:
                 rows.append([name, d["kind"], d["state"], "", "", "", d["last_error"] or ""])
                 continue
-            value = "" if smp["value"] is None else f"{smp['value']:g} {smp['unit']}".strip()
+            value = (f"{smp['value']:g} {smp['unit']}".strip()
+                     if isinstance(smp["value"], (int, float)) else "")
             rows.append([name, d["kind"], d["state"], subject, value,
                          _age(result["now"] - smp["ts"]),
                          ("ANOMALY: " if smp["anomalous"] else "") + smp["summary"][:50]])
-    click.echo(tabulate(rows, headers=["DETECTOR", "KIND", "STATE", "SUBJECT", "VALUE",
-                                       "SAMPLED", "STATUS"]))
+    click.echo(out.table(rows, headers=["DETECTOR", "KIND", "STATE", "SUBJECT", "VALUE",
+                                        "SAMPLED", "STATUS"]))
 
 
 @keys.command("generate")
@@ -810,10 +809,10 @@ def main() -> None:
         cli.main(standalone_mode=False)
     except CtlError as exc:
         if exc.code != ExitCode.OK:
-            click.echo(f"gracectl: {exc}", err=True)
+            click.echo(f"gracectl: {out.safe(exc)}", err=True)
         sys.exit(int(exc.code))
     except Violation as exc:
-        click.echo(f"gracectl: verification failed: {exc}", err=True)
+        click.echo(f"gracectl: verification failed: {out.safe(exc)}", err=True)
         sys.exit(int(exc.code))
     except click.UsageError as exc:
         exc.show()

@@ -18,7 +18,7 @@ from tabulate import tabulate
 from graced.protocol import ExitCode
 from graced.protocol import knowledge as pk
 
-from . import trust
+from . import out, trust
 from .cli import (
     _age,
     _call,
@@ -71,7 +71,7 @@ def missions_similar(ctx: click.Context, mission_id: int, limit: int, as_json: b
                 f"{len(result['similar'])} similar past missions "
                 f"(lookup {result['lookup_ms']:.1f} ms)")
     if result["similar"]:
-        click.echo(tabulate(_similar_rows(result["similar"]), headers=SIMILAR_HEADERS))
+        out.echo(tabulate(_similar_rows(result["similar"]), headers=SIMILAR_HEADERS))
 
 
 def explain_lines(m: dict[str, Any], now: float) -> list[str]:
@@ -155,7 +155,7 @@ def missions_explain(ctx: click.Context, mission_id: int, as_json: bool) -> None
                                            "playbook", "risk", "reason", "timeline",
                                            "held_back", "incident", "symptom_at_start")})
         return
-    click.echo("\n".join(explain_lines(m, result["now"])))
+    out.echo("\n".join(explain_lines(m, result["now"])))
 
 
 @cli.group()
@@ -182,7 +182,7 @@ def knowledge_ls(ctx: click.Context, limit: int, as_json: bool) -> None:
     if not rows:
         stderr_note("no patterns learned yet")
         return
-    click.echo(tabulate(rows, headers=["PATTERN", "BEST PLAYBOOK", "ITS RATE", "ALL RATE",
+    out.echo(tabulate(rows, headers=["PATTERN", "BEST PLAYBOOK", "ITS RATE", "ALL RATE",
                                        "LOCAL RUNS", "MTTR", "LAST SEEN", "HELD BACK"]))
     if result.get("total", len(rows)) > len(rows):
         stderr_note(f"{len(rows)} of {result['total']} patterns shown (the most recently "
@@ -205,7 +205,7 @@ def knowledge_show(ctx: click.Context, pattern: str, as_json: bool) -> None:
         _print_json(result)
         return
     p = result["pattern"]
-    click.echo(f"pattern {p['pattern']}: best {p['best_playbook']}, {p['count']:g} local runs, "
+    out.echo(f"pattern {p['pattern']}: best {p['best_playbook']}, {p['count']:g} local runs, "
                f"success {_pct(p['success_rate'])}, MTTR {_secs(p['mttr_s'])}, last seen "
                f"{_ts(p['last_seen'])}")
     rows = []
@@ -219,19 +219,19 @@ def knowledge_show(ctx: click.Context, pattern: str, as_json: bool) -> None:
                      imported, f"{prior[0]:g}/{prior[0] + prior[1]:g}" if sum(prior) else "-",
                      f"{b['posterior_mean']:.2f}", _secs(b["mttr_s"]),
                      "yes" if b["demoted"] else ""])
-    click.echo(tabulate(rows, headers=["PLAYBOOK", "LOCAL OK/RUNS", "RATE", "IMPORTED OK/RUNS",
+    out.echo(tabulate(rows, headers=["PLAYBOOK", "LOCAL OK/RUNS", "RATE", "IMPORTED OK/RUNS",
                                        "PRIOR WEIGHT", "MEAN", "MTTR", "DEMOTED"]))
     for b in p["playbooks"]:
         if b.get("held_back"):
-            click.echo(f"{b['playbook']} not demoted: {b['held_back']}")
+            out.echo(f"{b['playbook']} not demoted: {b['held_back']}")
     if p.get("held_back"):
-        click.echo(f"learning held back on {sum(p['held_back'].values())} missions: "
+        out.echo(f"learning held back on {sum(p['held_back'].values())} missions: "
                    f"{_held(p['held_back'])}")
     if result["recent"]:
-        click.echo("recent missions:")
+        out.echo("recent missions:")
         for r in result["recent"][:10]:
             held = f" (held back: {r['held_back']})" if r.get("held_back") else ""
-            click.echo(f"  #{r['id']} {_ts(r['closed_at'])} {r['playbook'] or '-'} -> "
+            out.echo(f"  #{r['id']} {_ts(r['closed_at'])} {r['playbook'] or '-'} -> "
                        f"{r['outcome']}{held}")
 
 
@@ -243,7 +243,7 @@ def knowledge_export(ctx: click.Context, file: str) -> None:
     data = _run(lambda: _call(_endpoint(ctx), "knowledge.export", {}))["export"]
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     if file == "-":
-        click.echo(text, nl=False)
+        out.echo(text, nl=False)
         return
     path = Path(file)
     try:
@@ -350,7 +350,7 @@ def knowledge_import(ctx: click.Context, file: str, key_file: str | None, dry_ru
                  f"{c['after'][0]}/{sum(c['after'])}",
                  f"{c['prior'][0]:g}/{c['prior'][0] + c['prior'][1]:g}"] for c in changes]
         if rows:
-            click.echo(tabulate(rows, headers=["PATTERN", "PLAYBOOK", "CHANGE", "BEFORE OK/RUNS",
+            out.echo(tabulate(rows, headers=["PATTERN", "PLAYBOOK", "CHANGE", "BEFORE OK/RUNS",
                                                "FILE OK/RUNS", "PRIOR WEIGHT OK/RUNS"]))
         origin = data["host"] or data["source"]
         stderr_note(f"dry run: {len(data['patterns'])} records from {origin} would be "
@@ -385,14 +385,14 @@ def knowledge_stats(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         _print_json(st)
         return
-    click.echo(f"strategy {st['strategy']}; {st['outcomes']} outcomes stored, "
+    out.echo(f"strategy {st['strategy']}; {st['outcomes']} outcomes stored, "
                f"{st['playbook_runs']} playbook runs, {st['patterns']} patterns; success "
                f"{_pct(st['success_rate'])} overall, {_pct(st['success_rate_7d'])} last 7 days; "
                f"memory consulted for {_pct(st['consulted_share'])} of missions")
     if st["success_rate_per_week"]:
-        click.echo(tabulate([[w["week"], w["runs"], w["successes"], _pct(w["rate"])]
+        out.echo(tabulate([[w["week"], w["runs"], w["successes"], _pct(w["rate"])]
                              for w in st["success_rate_per_week"]],
                             headers=["WEEK", "RUNS", "OK", "SUCCESS"]))
     if st["patterns_added_per_day"]:
-        click.echo(tabulate([[d["day"], d["patterns"]] for d in st["patterns_added_per_day"]],
+        out.echo(tabulate([[d["day"], d["patterns"]] for d in st["patterns_added_per_day"]],
                             headers=["DAY", "NEW PATTERNS"]))

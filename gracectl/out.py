@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import click
+
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
 
@@ -29,3 +31,20 @@ def safe_lines(value: Any) -> list[str]:
     """Multi-line text (a step's output) as safe lines."""
     text = value if isinstance(value, str) else str(value)
     return [safe(line) for line in text.splitlines()]
+
+
+def _keep_lines(text: str) -> str:
+    return "\n".join(safe(line) for line in text.split("\n"))
+
+
+def echo(text: Any = "", err: bool = False, nl: bool = True) -> None:
+    """``click.echo`` for human text: line breaks kept, every other control escaped."""
+    click.echo(_keep_lines(text if isinstance(text, str) else str(text)), err=err, nl=nl)
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> str:
+    """A plain-text table (tabulate) of escaped cells."""
+    from tabulate import tabulate
+
+    return tabulate([[c if c is None or isinstance(c, (int, float)) else safe(c) for c in row]
+                     for row in rows], headers=headers)

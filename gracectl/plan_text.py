@@ -5,15 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-
-def safe(text: Any) -> str:
-    """Text for a terminal: control characters (escape sequences) shown escaped, not sent.
-
-    Plans carry monitored data (a subject, a unit or process name), which is attacker data.
-    """
-    s = str(text)
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in s)
+from .out import safe  # plans carry monitored data (a subject, a process name)
 
 
 def render_plan(plan: dict[str, Any]) -> list[str]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import click
 from tabulate import tabulate
 
+from . import out
 from .cli import _age, _call, _endpoint, _print_json, _run, cli, json_option
-from .plan_text import render_plan, safe
+from .out import safe
+from .plan_text import render_plan
 from .tail import stderr_note
 
 
@@ -47,7 +49,7 @@ def playbooks_ls(ctx: click.Context, as_json: bool) -> None:
                       ",".join(pb["steps"]),
                       f"{pb['budget_left']}/{pb['budget']} per {pb['budget_window']:g}s",
                       success, lr["runs"], last])
-    click.echo(tabulate(table, headers=["PLAYBOOK", "MATCH", "RISK", "STEPS", "BUDGET LEFT",
+    out.echo(tabulate(table, headers=["PLAYBOOK", "MATCH", "RISK", "STEPS", "BUDGET LEFT",
                                         "SUCCESS", "RUNS", "LAST RUN"]))
     mode = result["mode"] + (", paused" if result["paused"] else "")
     stderr_note(f"remediation: {mode}; {result['global_left']} automatic actions left this "
@@ -76,9 +78,9 @@ def playbooks_run(ctx: click.Context, name: str, mission_id: int, dry_run: bool,
         return
     if dry_run:
         m = result["mission"]
-        click.echo(f"dry run for mission {m['id']} ({safe(m['detector'])}:"
+        out.echo(f"dry run for mission {m['id']} ({safe(m['detector'])}:"
                    f"{safe(m['subject'])}, {m['state']}): nothing was run")
-        click.echo("\n".join(render_plan(result["plan"])))
+        out.echo("\n".join(render_plan(result["plan"])))
         return
     m = result["mission"]
     stderr_note(f"mission {m['id']}: {m['state']} ({safe(m['reason'])}); follow it with "

@@ -12,8 +12,9 @@ from typing import Any
 import click
 from tabulate import tabulate
 
+from . import out
 from .cli import _age, _call, _endpoint, _print_json, _run, cli, json_option
-from .plan_text import safe
+from .out import safe
 from .tail import stderr_note
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -72,7 +73,7 @@ def silence_add(ctx: click.Context, target: str | None, everything: bool, durati
     if as_json:
         _print_json(s)
         return
-    click.echo(s["id"])
+    out.echo(s["id"])
     stderr_note(f"silence {s['id']}: {safe(s['target'])} until "
                 f"{_until(s['expires_at'], s['created_at'])}"
                 + (" or until its missions close" if s["until_resolved"] else ""))
@@ -96,7 +97,7 @@ def silence_ls(ctx: click.Context, as_json: bool) -> None:
               + (" or resolved" if s["until_resolved"] else ""), safe(s["by"]),
               ",".join(str(m) for m in s["missions"]) or "-", safe(s["comment"])[:60]]
              for s in rows]
-    click.echo(tabulate(table, headers=["ID", "TARGET", "UNTIL", "BY", "MISSIONS",
+    out.echo(tabulate(table, headers=["ID", "TARGET", "UNTIL", "BY", "MISSIONS",
                                         "COMMENT"]))
 
 

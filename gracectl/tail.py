@@ -16,6 +16,7 @@ from graced.protocol import ChainVerifier, ExitCode, Violation, key_id
 
 from .client import Endpoint, connect
 from .errors import Unreachable
+from .out import safe
 
 
 def format_event(event: dict[str, Any]) -> str:
@@ -30,7 +31,7 @@ def format_event(event: dict[str, Any]) -> str:
         )
     else:
         text = json.dumps(payload, ensure_ascii=False)
-    return f"{when}  {event.get('seq', '?'):>7}  {event.get('topic', '?'):<22}  {text}"
+    return safe(f"{when}  {event.get('seq', '?'):>7}  {event.get('topic', '?'):<22}  {text}")
 
 
 @dataclass
@@ -199,4 +200,5 @@ async def _wait_for_daemon(endpoint: Endpoint, until: float) -> None:
 
 
 def stderr_note(message: str) -> None:
-    print(f"gracectl: {message}", file=sys.stderr, flush=True)
+    """One line on stderr for a human (what the daemon sent in it shown escaped)."""
+    print(f"gracectl: {safe(message)}", file=sys.stderr, flush=True)

@@ -29,6 +29,7 @@ from graced.protocol import ChainVerifier, ExitCode, Violation, key_id
 from .cli import _age
 from .client import Connection, Endpoint, connect, decide
 from .errors import CtlError, Unreachable
+from .out import safe
 from .plan_text import render_plan
 
 Segment = tuple[str, str]  # text, style
@@ -276,7 +277,8 @@ def render(model: Model, width: int, height: int, now: float) -> list[Line]:
     lines = lines[:height - 1]
     lines += [[]] * max(0, height - 1 - len(lines))
     lines.append(_footer(model, now))
-    return lines
+    # What the daemon and the monitored world sent is shown, never obeyed.
+    return [[(safe(text), style) for text, style in line] for line in lines]
 
 
 def plain(lines: list[Line], width: int) -> str:

@@ -262,7 +262,7 @@ class Daemon:
         states: dict[str, Any] = {}
         for name, data in journal.query("SELECT name, data FROM detector_state"):
             try:
-                states[str(name)] = json.loads(str(data))
+                states[str(name)] = json.loads(str(data), parse_constant=lambda _: None)
             except ValueError:
                 continue  # a damaged state: that detector starts learning again
         mc = self.config.missions

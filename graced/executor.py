@@ -39,6 +39,7 @@ from typing import Any
 import psutil
 import trio
 
+from . import targets
 from .config import NotifierConfig, PlaybookConfig, RemediationConfig, StepConfig
 from .learning import Learning
 from .mesh import Mesh
@@ -606,12 +607,11 @@ class Executor:
         try:
             with trio.fail_after(st.timeout):
                 if st.action == "signal":
-                    pids = await trio.to_thread.run_sync(self.pids, st, values)
+                    found = await trio.to_thread.run_sync(self.pids, st, values)
+                    sig = getattr(signals, "SIG" + st.signal.upper().removeprefix("SIG"))
+                    pids = await trio.to_thread.run_sync(targets.send, found, sig)
                     if not pids:
                         raise ProcessLookupError("no matching process")
-                    sig = getattr(signals, "SIG" + st.signal.upper().removeprefix("SIG"))
-                    for pid in pids:
-                        os.kill(pid, sig)
                     result.update(ok=True, pids=pids, exit_code=0)
                 else:
                     env = dict(os.environ)
@@ -627,7 +627,7 @@ class Executor:
                         result["error"] = f"exit code {res.returncode}"
         except trio.TooSlowError:
             result.update(ok=False, exit_code=None, error=f"timed out after {st.timeout:g} s")
-        except (OSError, ProcessLookupError) as exc:
+        except (OSError, ValueError, psutil.Error) as exc:
             result.update(ok=False, exit_code=None, error=str(exc))
         result["duration_s"] = round(time.monotonic() - started, 3)
         result["output_sha256"] = hashlib.sha256(output).hexdigest()
@@ -636,22 +636,11 @@ class Executor:
         return result
 
     @staticmethod
-    def pids(st: StepConfig, values: dict[str, str]) -> list[int]:
-        """The processes a signal step targets now (blocking: psutil)."""
-        if st.pid:
-            return [st.pid]
-        if st.pid_file:
-            with open(substitute(st.pid_file, values)) as fh:
-                return [int(fh.read().strip())]
-        name = substitute(st.process, values)
-        me = os.getpid()
-        out = []
-        for proc in psutil.process_iter(["name", "cmdline"]):
-            if proc.pid == me:
-                continue
-            if proc.info["name"] == name or name in " ".join(proc.info["cmdline"] or []):
-                out.append(proc.pid)
-        return out
+    def pids(st: StepConfig, values: dict[str, str]) -> list[targets.Target]:
+        """The processes a signal step targets now (blocking: psutil); see graced.targets."""
+        return targets.find(pid=st.pid, pid_file=substitute(st.pid_file, values),
+                            process=substitute(st.process, values),
+                            match_cmdline=st.match_cmdline)
 
     def status(self) -> dict[str, Any]:
         now = time.time()

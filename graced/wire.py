@@ -33,7 +33,8 @@ from .auth import CONTROL, RANK, Authenticator, AuthError, Refusals
 from .errors import DaemonExit, StartupError
 from .journal import JournalReader
 from .mesh import Mesh, Subscription, compile_patterns
-from .protocol import SignedEvent, Signer, canonical_text, format_ts
+from .protocol import CanonicalError, SignedEvent, Signer, canonical_text, format_ts
+from .protocol.canonical import json_safe
 from .protocol.wire import Request, RequestError, error_response, parse_request, response
 
 log = logging.getLogger("graced.wire")
@@ -158,9 +159,14 @@ class Client:
         self.closing.set()
 
     def respond(self, req_id: Any, nonce: Any, result: Any) -> None:
-        frame = self.server.signer.sign_frame(
-            response(req_id, nonce, format_ts(self.server.clock()), result)
-        )
+        ts = format_ts(self.server.clock())
+        try:
+            frame = self.server.signer.sign_frame(response(req_id, nonce, ts, result))
+        except CanonicalError:
+            # Data stored before non-finite numbers were refused (a NaN sample written
+            # by 0.1.0): answer with them as null rather than fail the request.
+            frame = self.server.signer.sign_frame(response(req_id, nonce, ts,
+                                                           json_safe(result)))
         self.queue(canonical_text(frame))
 
     def respond_error(self, req_id: Any, nonce: Any, code: str, message: str) -> None:

@@ -106,7 +106,7 @@ def test_low_risk_signal_step_kills_a_memory_hog(make_graced) -> None:
                  f"threshold = {threshold:.2f}\n\n"
                  f'[[playbook]]\nname = "kill-hog"\ndetector = "mem"\nrisk = "low"\n'
                  f'[[playbook.step]]\naction = "signal"\nsignal = "KILL"\n'
-                 f'process = "{hog_marker}"\n')
+                 f'process = "{hog_marker}"\nmatch_cmdline = true\n')
     _ready_tail(w, g)
     hog = subprocess.Popen([sys.executable, "-c", "import sys, time; b = b'1' * "
                             f"({mb} * 2**20); time.sleep(600)", hog_marker])

@@ -60,6 +60,7 @@ class StepConfig:
     process: str = ""
     pid: int = field(default=0, metadata=check(positive))
     pid_file: str = ""
+    match_cmdline: bool = False
     max_output: int = field(default=65536, metadata=check(positive))
 
 
@@ -105,7 +106,8 @@ ACTIONS: dict[str, Action] = {
     # An action the administrator installed: grace-action@UNIT.service (graced.8).
     "start_action": Action({"unit": non_empty, "max_output": None}, requires=("unit",),
                            rule=_action_rule),
-    "signal": Action({"signal": None, "process": non_empty, "pid": None, "pid_file": None},
+    "signal": Action({"signal": None, "process": non_empty, "pid": None, "pid_file": None,
+                      "match_cmdline": None},
                      rule=_signal_rule),
 }
 

@@ -21,6 +21,12 @@ from typing import IO
 from ..config import DetectorConfig
 from .base import Observation
 
+MAX_LINE = 64 << 10
+"""A log line longer than this is cut (the rest of it is skipped)."""
+READ_CHUNK = 1 << 20
+READ_MAX = 4 << 20
+"""At most this much of a log is read per sample; the rest waits for the next one."""
+
 
 class _Window:
     """Counts of lines and matches per sample, over a sliding time window."""
@@ -69,6 +75,7 @@ class LogFile:
         self._fh: IO[bytes] | None = None
         self._ino: tuple[int, int] | None = None
         self._partial = b""
+        self._skipping = False  # inside a line longer than MAX_LINE
 
     def _open(self, at_end: bool) -> bool:
         try:
@@ -79,13 +86,32 @@ class LogFile:
         if at_end:
             fh.seek(0, os.SEEK_END)
         self._fh, self._ino, self._partial = fh, (st.st_dev, st.st_ino), b""
+        self._skipping = False
         return True
 
     def _read(self) -> list[str]:
+        """The complete lines appended since the last read (at most READ_MAX bytes a
+        sample). A line is cut at MAX_LINE bytes and the rest of it skipped: a writer
+        that never ends its line cannot grow graced. Bytes that are not UTF-8 become
+        U+FFFD."""
         assert self._fh is not None
-        data = self._partial + self._fh.read(8 << 20)
-        *lines, self._partial = data.split(b"\n")
-        return [ln.decode("utf-8", "replace") for ln in lines]
+        lines: list[bytes] = []
+        for _ in range(READ_MAX // READ_CHUNK):
+            data = self._fh.read(READ_CHUNK)
+            if not data:
+                break
+            if self._skipping:
+                nl = data.find(b"\n")
+                if nl < 0:
+                    continue
+                data, self._skipping = data[nl + 1:], False
+            *done, partial = (self._partial + data).split(b"\n")
+            lines += done
+            if len(partial) > MAX_LINE:
+                lines.append(partial)  # counted once, cut below
+                partial, self._skipping = b"", True
+            self._partial = partial
+        return [ln[:MAX_LINE].decode("utf-8", "replace") for ln in lines]
 
     def sample(self) -> list[Observation]:
         lines: list[str] = []
@@ -105,7 +131,7 @@ class LogFile:
             self._open(at_end=False)
         elif current is not None and st.st_size < self._fh.tell():
             self._fh.seek(0)  # truncated in place (copytruncate)
-            self._partial = b""
+            self._partial, self._skipping = b"", False
         if self._fh is not None:
             lines += self._read()
         return [self.window.observe(self.subject, lines)]

@@ -132,8 +132,10 @@ class CommandProbe(SimpleDetector):
         cfg = self.config
         started = time.perf_counter()
         try:
-            res = subprocess.run(cfg.argv, capture_output=True, timeout=cfg.timeout,
-                                 stdin=subprocess.DEVNULL, check=False)
+            # Only the end of stderr is kept (stdout is not read at all), cut to 200
+            # characters: a probe's output is monitored data, not graced's to store.
+            res = subprocess.run(cfg.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 timeout=cfg.timeout, stdin=subprocess.DEVNULL, check=False)
         except subprocess.TimeoutExpired:
             return [Observation(self.subject, None,
                                 failed=f"{cfg.argv[0]} timed out after {cfg.timeout:g} s")]

@@ -24,6 +24,7 @@ from ..journal import Write
 from ..mesh import Mesh
 from ..missions import store
 from ..missions.engine import Mission, MissionEngine, Transition
+from ..protocol import CanonicalError, canonical_bytes
 from .base import Observation, build_detector
 from .scoring import Scorer, Verdict
 
@@ -133,6 +134,7 @@ class DetectorRunner:
                 while True:
                     observations = await trio.to_thread.run_sync(
                         detector.sample, abandon_on_cancel=True)
+                    _check_values(observations)
                     self._judge(cfg, observations)
                     st["state"] = "up"
                     backoff = 1.0
@@ -206,3 +208,16 @@ class DetectorRunner:
 def _fresh(d: DetectorConfig) -> dict[str, Any]:
     return {"kind": d.kind, "interval": d.interval, "state": "starting", "subjects": {},
             "errors": 0, "last_error": None}
+
+
+def _check_values(observations: list[Any]) -> None:
+    """Monitored data is hostile: a value that has no JSON form (NaN, an infinity, a huge
+    integer, a lone surrogate) never enters graced; the detector reports an error."""
+    for obs in observations:
+        try:
+            canonical_bytes([obs.subject, obs.value, obs.unit, obs.detail, obs.failed,
+                             obs.alarm, obs.event])
+        except CanonicalError as exc:
+            raise ValueError(f"subject {str(obs.subject)[:80]!r}: a value graced cannot "
+                             f"record ({exc})") from None
+

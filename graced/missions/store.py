@@ -32,7 +32,8 @@ def upsert(m: Mission) -> Write:
 def from_row(row: tuple[Any, ...]) -> Mission:
     (mid, detector, kind, subject, severity, state, summary, opened_at, updated_at, closed_at,
      occurrences, flapping, data) = row
-    extra = json.loads(data)
+    # 0.1.0 stored a NaN sample as the bare word NaN; it reads back as no value.
+    extra = json.loads(data, parse_constant=lambda _: None)
     return Mission(id=mid, detector=detector, kind=kind, subject=subject, severity=severity,
                    state=state, summary=summary, opened_at=opened_at, updated_at=updated_at,
                    closed_at=closed_at, occurrences=occurrences, flapping=bool(flapping),

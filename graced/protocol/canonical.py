@@ -166,6 +166,27 @@ def _reference(obj: Any) -> bytes:
                    else exc) from None
 
 
+def json_safe(obj: Any, depth: int = 1) -> Any:
+    """``obj`` with what has no canonical form made representable: NaN and infinities
+    become null, integers beyond 2**53 strings, lone surrogates U+FFFD, nesting past the
+    limit null. For reading back data stored before these were refused."""
+    t = type(obj)
+    if t is float:
+        return obj if math.isfinite(obj) else None
+    if t is int:
+        return obj if -SAFE_INT <= obj <= SAFE_INT else str(obj)
+    if t is str:
+        return obj if obj.isascii() else obj.encode("utf-8", "replace").decode("utf-8")
+    if depth > MAX_DEPTH:
+        return None
+    if t is dict:
+        return {json_safe(k) if type(k) is str else str(k): json_safe(v, depth + 1)
+                for k, v in obj.items()}
+    if t is list or t is tuple:
+        return [json_safe(v, depth + 1) for v in obj]
+    return obj
+
+
 def canonical_text_v1(obj: Any) -> str:
     """Version 1's canonical text: Python's ``json``, keys sorted, floats as ``repr``."""
     try:
