@@ -23,16 +23,20 @@ a flat or quantised series (a percentage that sits still, then moves by its last
 digit) is not alarming, and learn at ``1/n`` at first (short warm-up, no collapse on a
 flat start).
 
-**Its own history.** A high quantile (99.8 %) of the metric's largest scale-free
-deviation is tracked; a deviation counts as unusual against the larger of
-``Z_ALARM / sensitivity`` and 1.5 x that quantile (at most three times the alarm
-level), so a metric whose normal life is spiky needs a bigger spike to alarm.
+**Its own history.** For each view, a high quantile (99.8 %) of its own scale-free
+deviations is tracked; a deviation counts as unusual against the larger of
+``Z_ALARM / sensitivity`` and 1.5 x that view's quantile (at most three times the alarm
+level), so a metric whose normal life is spiky needs a bigger spike to alarm, without
+blunting its level-shift view (and the other way round).
 
 **Score the onset.** ``u`` (1 at the alarm level) maps to ``u^4 / (1 + u^4)``, so 0.5
 is the alarm threshold. One event alarms once: after a report, the same kind of
-deviation (up, down, or variance) is reported again within ``hold`` values only if
-it is clearly larger; other values get 1 % of their score. The level, scales and
-profile keep learning, so after a level shift the new level becomes normal.
+deviation (rise, drop, or variance change) is reported again within ``hold`` values
+only if it is clearly larger; other values get 1 % of their score. Each report also
+raises the bar for its kind by 5 %, relaxing with a half-life of about 7,000 values:
+alarms are rare by nature, so a metric that keeps alarming needs ever larger
+deviations, while a rare large event still shows. The level, scales and profile keep
+learning, so after a level shift the new level becomes normal.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ VAR_RATIO = 2.5  # fast/slow scale ratio that is an anomaly
 REPORT = 0.33  # scores from here on start a hold (one report per event)
 STEP = 0.6  # a report during a hold must close this share of the gap to 1
 QUIET = 0.01  # share of the score reported during a hold
+BAR_UP = 1.05  # each report raises the bar for its kind of deviation by 5 % ...
+BAR_DECAY = 0.9999  # ... relaxing back to 1 with a half-life of about 7,000 values
 REL_FLOOR = 1e-3  # scales are at least this share of the level: 0.1 % is never news
 
 
@@ -87,9 +93,10 @@ class BaselineState:
     views: list[float] = field(default_factory=lambda: [0.0] * len(SCALES))
     scales: list[float] = field(default_factory=lambda: [0.0] * len(SCALES))
     var_fast: float = 0.0
-    log_tail: float = 0.0
+    tails: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     marks: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     holds: list[int] = field(default_factory=lambda: [0, 0, 0])
+    bars: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
 
 
 def _squash(u: float) -> float:
@@ -113,10 +120,12 @@ class Baseline:
         if self.p.sensitivity <= 0 or self.p.memory < 1 or self.p.hold < 0 or self.p.warmup < 1:
             raise ValueError("baseline: sensitivity > 0, memory >= 1, hold >= 0, warmup >= 1")
         self.z_alarm = Z_ALARM / self.p.sensitivity
-        self.s = state or BaselineState(log_tail=math.log(self.z_alarm / QUANTILE_GAIN))
+        lt = math.log(self.z_alarm / QUANTILE_GAIN)
+        self.s = state or BaselineState(tails=[lt, lt, lt])
         s = self.s
         if (len(s.profile) != SEASON_BINS or len(s.views) != len(SCALES)
-                or len(s.scales) != len(SCALES) or len(s.marks) != 3 or len(s.holds) != 3):
+                or len(s.scales) != len(SCALES)
+                or not len(s.marks) == len(s.holds) == len(s.bars) == len(s.tails) == 3):
             raise ValueError("baseline: state does not fit these parameters")
         self.last_reason = ""
         self.raw = 0.0  # the score before the one-report-per-event hold
@@ -169,13 +178,8 @@ class Baseline:
         sc1 = sc1 if sc1 > floor else floor
         sc2 = sc2 if sc2 > floor else floor
         a0, a1, a2 = abs(v0), abs(v1), abs(v2)
-        zmax, kind = a0 / sc0, 1 if v0 > 0 else 0
-        z = a1 / sc1
-        if z >= zmax:
-            zmax, kind = z, 1 if v1 > 0 else 0
-        z = a2 / sc2
-        if z >= zmax:
-            zmax, kind = z, 1 if v2 > 0 else 0
+        z0, z1, z2 = a0 / sc0, a1 / sc1, a2 / sc2
+        kind = 0
         if warm:
             n = s.n
             scales[0] += (a0 - scales[0]) / n
@@ -192,13 +196,24 @@ class Baseline:
             u = 0.0
         else:
             s.var_fast += VAR_ALPHA * (min(abs(r_point), 8.0 * sc0) - s.var_fast)
-            tail = math.exp(s.log_tail)
-            u = zmax / max(self.z_alarm, QUANTILE_GAIN * tail)
-            uv = s.var_fast / sc0 / VAR_RATIO
+            bars = s.bars
+            for j in (0, 1, 2):
+                bars[j] = 1.0 + (bars[j] - 1.0) * BAR_DECAY
+            tails = s.tails
+            cap = math.log(self.z_alarm * QUANTILE_CAP)
+            u = 0.0
+            kind = 0
+            for k, (z, v) in enumerate(((z0, v0), (z1, v1), (z2, v2))):
+                tail = math.exp(tails[k])
+                kk = 1 if v > 0 else 0
+                uk = z / max(self.z_alarm, QUANTILE_GAIN * tail) / bars[kk]
+                if uk >= u:
+                    u, kind = uk, kk
+                lt = min(tails[k], cap)
+                tails[k] = lt + QUANTILE_STEP * (QUANTILE if z > tail else QUANTILE - 1.0)
+            uv = s.var_fast / sc0 / VAR_RATIO / bars[2]
             if uv > u:
                 u, kind = uv, 2
-            s.log_tail = min(s.log_tail, math.log(self.z_alarm * QUANTILE_CAP))
-            s.log_tail += QUANTILE_STEP * (QUANTILE if zmax > tail else QUANTILE - 1.0)
         # Learn: clipped, so the spikes it learns from barely move it.
         a_err = 2.0 / p.memory
         s.level += (r_level / s.n) if warm else LEVEL_ALPHA * _clip(r_level, lim)
@@ -211,7 +226,12 @@ class Baseline:
             b = s.profile[slot]
             s.profile[slot] = off if b is None else b + SEASON_BETA * (
                 off - b if warm else _clip(off - b, lim))
-            s.season_err += a_err * (min(abs(r_season), lim) - s.season_err)
+            if ts - s.first_ts < p.season:
+                # Its first period only compares slots with a neighbour set moments ago:
+                # no evidence yet; it must then predict better to be used.
+                s.season_err = s.err_level
+            else:
+                s.season_err += a_err * (min(abs(r_season), lim) - s.season_err)
         out = _squash(u)
         self.raw = out
         self.last_reason = KINDS[kind] if u > 0 else "learning" if warm else ""
@@ -226,6 +246,7 @@ class Baseline:
         if out > s.marks[kind] and out > REPORT:
             s.marks[kind] = out + STEP * (1.0 - out)
             s.holds[kind] = p.hold
+            s.bars[kind] *= BAR_UP
             return out
         return out * QUIET
 
