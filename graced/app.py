@@ -30,7 +30,7 @@ import trio
 from . import __version__, keys, sd_notify
 from .api import ROLES, Api
 from .auth import Authenticator
-from .config import Config, locate
+from .config import Config
 from .detectors.runner import DetectorRunner
 from .errors import DaemonExit, StartupError, StateError
 from .executor import Budgets, Executor
@@ -93,9 +93,11 @@ def _daemon_id(state_dir: Path) -> str:
 class Daemon:
     """graced itself. :meth:`run` returns after a clean shutdown."""
 
-    def __init__(self, config: Config, config_path: str | None = None) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
-        self.config_path = config_path  # --config, or None: found again at each reload
+        # The file found once at start (None: the embedded default). Every reload reads
+        # this file again, never another one: a file moved away is refused, not replaced.
+        self.config_path = config_path
         self.started_at = time.time()
         self.started_mono = time.monotonic()
         self.hostname = socket.gethostname()
@@ -166,7 +168,7 @@ class Daemon:
                   started_at=self.started_at, started_mono=self.started_mono, signer=signer,
                   mesh=mesh, server=server, executor=executor, learning=learning,
                   runner=runner, reads=reads, quarantine=self.quarantine)
-        reloader = Reloader(config=cfg, locate=lambda: locate(self.config_path), mesh=mesh,
+        reloader = Reloader(config=cfg, locate=lambda: self.config_path, mesh=mesh,
                             engine=engine, runner=runner, executor=executor, learning=learning)
         reloader.listeners += [lambda new: setattr(self, "config", new), api.set_config,
                                lambda new: executor.replan_soon()]

@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -60,9 +61,9 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _load(path: str | None) -> object:
+def _load(path: str | None, *, located: Path | None = None) -> object:
     try:
-        return load_config(locate(path))
+        return load_config(located or locate(path))
     except ConfigError as exc:
         _fail(f"config error: {exc}", DaemonExit.CONFIG)
         raise AssertionError from None
@@ -94,14 +95,16 @@ def run(config_path: str | None) -> None:
 
     limit_malloc_arenas()
 
-    cfg = _load(config_path)
+    # Found once: a reload reads this same file again (or the embedded default again).
+    path = locate(config_path)
+    cfg = _load(config_path, located=path) if path else default_config()
     assert isinstance(cfg, Config)
     setup_logging(cfg.daemon.log_level)
     for warning in cfg.warnings:
         logging.getLogger("graced.config").warning("%s", warning)
     try:
         try:
-            trio.run(Daemon(cfg, config_path).run)
+            trio.run(Daemon(cfg, path).run)
         except BaseExceptionGroup as group:
             leaf: BaseException = group
             while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:

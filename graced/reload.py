@@ -97,6 +97,8 @@ class Reloader:
         for listener in self.listeners:
             listener(new)
         closed = await self._close_missions_of(diff["removed"])
+        for name in diff["removed"]:
+            self.engine.forget_detector(name)
         for warning in new.warnings:
             log.warning("%s", warning)
         payload = {"by": by, "source": new.source, "sha256": new.digest, "detectors": diff,

@@ -48,6 +48,8 @@ class Graced:
         self.notify: socket.socket | None = None
         self.stderr_path = base / "graced.stderr"
         self.wrap: list[str] = []  # e.g. nsenter: run graced inside another namespace
+        self.pass_config = True  # False: no --config, graced finds self.config itself
+        self.env_extra: dict[str, str] = {}  # e.g. CONFIGURATION_DIRECTORY, as systemd sets
 
     @property
     def env(self) -> dict[str, str]:
@@ -60,6 +62,7 @@ class Graced:
             "HOME": str(self.home),
         })
         env.pop("GRACE_URL", None)
+        env.update(self.env_extra)
         return env
 
     def start(self, timeout: float = 20.0) -> None:
@@ -71,7 +74,8 @@ class Graced:
         env["NOTIFY_SOCKET"] = str(self.notify_path)
         self.stderr_file = open(self.stderr_path, "a")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [*self.wrap, bin_path("graced"), "run", "--config", str(self.config)],
+            [*self.wrap, bin_path("graced"), "run",
+             *(["--config", str(self.config)] if self.pass_config else [])],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=self.stderr_file, text=True,
         )

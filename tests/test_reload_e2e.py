@@ -91,6 +91,7 @@ def test_gracectl_reload_says_what_changed_or_why_not(graced: Graced, shortdir: 
     value = shortdir / "v"
     value.write_text("1\n")
     _config(graced, VALUE.format(name="v", file=value))
+    graced.ctl("status", check=True)  # the key pinned first: reload's stderr is its own
     res = graced.ctl("reload")
     assert res.returncode == 0, res.stderr
     assert res.stderr.startswith(f"gracectl: reloaded {graced.config} (sha256 ")
@@ -116,3 +117,85 @@ def test_gracectl_reload_says_what_changed_or_why_not(graced: Graced, shortdir: 
     res = graced.ctl("reload")
     assert res.returncode == 1 and f"{graced.config}: cannot read: No such file" in res.stderr
     assert graced.ctl("status").returncode == 0
+
+
+def _found_config(make_graced: Any, shortdir: Path, found_at: Path, detectors: str,
+                  env: dict[str, str] | None = None) -> Graced:
+    """A graced started with no --config that finds its file at ``found_at``."""
+    g = make_graced(extra_config=MISSIONS, detectors=detectors, start=False)
+    found_at.parent.mkdir(parents=True, exist_ok=True)
+    g.config.rename(found_at)
+    g.config, g.pass_config = found_at, False
+    g.env_extra.update(env or {})
+    g.start()
+    return g
+
+
+def test_reload_of_a_config_moved_away_is_refused_not_replaced(make_graced, shortdir: Path
+                                                               ) -> None:
+    """No --config: the file found at start is the file every reload reads. Moved away, a
+    reload is refused (old config kept, non-zero, a warning) — never the embedded default,
+    which would drop every detector and playbook."""
+    high = shortdir / "high"
+    high.write_text("90\n")
+    g = _found_config(make_graced, shortdir, shortdir / "home/.config/graced/graced.toml",
+                      VALUE.format(name="hot", file=high))
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "daemon.config_*",
+                                     "mission.*"))
+    opened = _topic(tail, "mission.opened")["payload"]
+    g.config.rename(shortdir / "moved.toml")
+    res = g.ctl("reload")
+    assert res.returncode == 1, res.stderr
+    assert f"{g.config}: cannot read: No such file" in res.stderr
+    g.proc.send_signal(signal.SIGHUP)
+    rejected = _topic(tail, "daemon.config_rejected", count=2)["payload"]
+    assert rejected["by"] == "SIGHUP" and str(g.config) in rejected["reason"]
+    assert _detectors(g) == ["hot"]
+    assert not [e for e in tail.events() if e["topic"] in (
+        "daemon.config_reloaded", "mission.expired")]
+    shown = json.loads(g.ctl("missions", "show", str(opened["id"]), "--json",
+                             check=True).stdout)
+    assert shown["state"] == "open"
+    assert " warning reload: config rejected (SIGHUP), keeping the running one: " in (
+        g.stderr()) and "<embedded default>" not in g.stderr()
+
+
+def test_reload_under_systemd_keeps_its_configuration_directory(make_graced, shortdir: Path
+                                                                ) -> None:
+    """With CONFIGURATION_DIRECTORY (as systemd sets it), the file there is the config;
+    once it is gone a reload is refused, and the user's ~/.config file is never read."""
+    high = shortdir / "high"
+    high.write_text("90\n")
+    etc = shortdir / "etc-graced"
+    g = _found_config(make_graced, shortdir, etc / "graced.toml",
+                      VALUE.format(name="hot", file=high),
+                      env={"CONFIGURATION_DIRECTORY": str(etc)})
+    user = shortdir / "home/.config/graced/graced.toml"
+    user.parent.mkdir(parents=True)
+    user.write_text(g.config.read_text().replace('name = "hot"', 'name = "user"'))
+    g.config.unlink()
+    res = g.ctl("reload")
+    assert res.returncode == 1 and f"{g.config}: cannot read" in res.stderr, res.stderr
+    assert _detectors(g) == ["hot"]
+
+
+def test_a_detector_removed_then_added_back_reopens_its_mission(make_graced, shortdir: Path
+                                                                ) -> None:
+    """Removing a detector expires its missions; adding it back while the symptom is still
+    there opens a new one (the removal handed nothing to a person)."""
+    high = shortdir / "high"
+    high.write_text("90\n")
+    g = make_graced(extra_config=MISSIONS, detectors=VALUE.format(name="hot", file=high))
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "daemon.config_*",
+                                     "mission.*"))
+    first = _topic(tail, "mission.opened")["payload"]
+    hot = g.config.read_text().split("[[detector]]", 1)[1]
+    low = shortdir / "low"
+    low.write_text("10\n")
+    _config(g, VALUE.format(name="cool", file=low))
+    assert g.ctl("reload").returncode == 0
+    assert _topic(tail, "mission.expired")["payload"]["id"] == first["id"]
+    _config(g, VALUE.format(name="cool", file=low) + "[[detector]]" + hot)
+    assert g.ctl("reload").returncode == 0
+    again = _topic(tail, "mission.opened", count=2)["payload"]
+    assert again["detector"] == "hot" and again["id"] != first["id"]

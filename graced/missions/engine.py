@@ -152,6 +152,11 @@ class MissionEngine:
                 return m
         return None
 
+    def forget_detector(self, detector: str) -> None:
+        """The detector left the config: nothing of it is held any more, so if it comes
+        back (a later reload) a symptom still there opens a mission again."""
+        self.held = {k for k in self.held if k[0] != detector}
+
     def transition(self, m: Mission, to: str, now: float, reason: str) -> Transition:
         """Move an active mission to ``to`` (from the executor); final states close it."""
         self._move(m, to, now, reason)
