@@ -147,3 +147,70 @@ async def test_a_captured_approval_is_refused_by_another_daemon_and_mission(
         assert mission(gb, mid_b)["state"] == "awaiting_approval"
     finally:
         b.close()
+
+
+def _state_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.mark.slow
+async def test_refused_network_requests_write_nothing(make_graced) -> None:
+    """3000 requests from a TCP peer without a key, each with a 60 KB field (a key id,
+    a comment, a method name): all refused, none journaled; the state dir grows by less
+    than 1 MB and graced's RSS by less than 10 MB; status counts them."""
+    import psutil
+    import trio
+    import trio_websocket
+
+    g = make_graced(extra_config='listen = ["127.0.0.1:0"]\n')
+    st = json.loads(g.ctl("status", "--json", check=True).stdout)
+    url = f"ws://127.0.0.1:{st['wire']['tcp_ports'][0]}"
+    proc = psutil.Process(st["pid"])
+    head = st["head_seq"]
+    big = "f" * 60_000
+    shapes = [
+        {"method": "missions.approve", "params": {"id": 1, "comment": big}},
+        {"method": "missions.approve", "params": {"id": 1},
+         "auth": {"kid": big, "ts": time.time(), "daemon": "x", "sig": "A" * 88}},
+        {"method": "missions.reject", "params": {"id": 1, "opened": 1.0},
+         "auth": {"kid": "0123456789abcdef", "ts": time.time(), "daemon": big,
+                  "sig": "A" * 88}},
+        {"method": "emit", "params": {"topic": "user." + big}},
+    ]
+
+    async def attacker(n: int, count: int) -> list[str]:
+        codes = []
+        async with trio_websocket.open_websocket_url(url, max_message_size=1 << 24) as ws:
+            for i in range(count):
+                req = {"id": i, "nonce": f"n{n}-{i}", **shapes[i % len(shapes)]}
+                await ws.send_message(json.dumps(req))
+                reply = json.loads(str(await ws.get_message()))
+                codes.append(reply["error"]["code"])
+        return codes
+
+    async def measure() -> tuple[int, int]:
+        return _state_bytes(g.state), proc.memory_info().rss
+
+    # One warm-up round, so the first connection's buffers are not counted as growth.
+    await attacker(99, 8)
+    state0, rss0 = await measure()
+    results: list[str] = []
+    with trio.fail_after(300):
+        async with trio.open_nursery() as nursery:
+            async def run(n: int) -> None:
+                results.extend(await attacker(n, 300))
+            for n in range(10):
+                nursery.start_soon(run, n)
+    state1, rss1 = await measure()
+    print(f"state dir +{state1 - state0} B, RSS +{(rss1 - rss0) / 2**20:.1f} MiB")
+    assert len(results) == 3000
+    assert set(results) <= {"not_authorised", "bad_request"}, set(results)
+    assert state1 - state0 < 1 << 20, (state0, state1)
+    assert rss1 - rss0 < 10 << 20, (rss0, rss1)
+    after = json.loads(g.ctl("status", "--json", check=True).stdout)
+    assert after["wire"]["refused_requests"] >= 1500
+    # Nothing but heartbeats was journaled meanwhile, and nothing carries the big field.
+    lines = g.ctl("tail", "--json", "--since", str(head + 1), "--no-follow",
+                  check=True).stdout.splitlines()
+    assert {json.loads(ln)["topic"] for ln in lines} <= {"daemon.heartbeat"}
+    assert big[:100] not in g.stderr()
