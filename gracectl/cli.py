@@ -46,7 +46,7 @@ T = TypeVar("T")
 def _endpoint(ctx: click.Context) -> Endpoint:
     obj = ctx.find_root().obj or {}
     if obj.get("url"):
-        return Endpoint(url=obj["url"], key_file=obj.get("key"))
+        return Endpoint(url=obj["url"], key_file=obj.get("key"), cacert=obj.get("cacert"))
     return Endpoint(socket=obj.get("socket") or str(client_socket()), key_file=obj.get("key"))
 
 
@@ -118,14 +118,18 @@ async def _hello_key(endpoint: Endpoint) -> tuple[bytes, str]:
 @click.version_option(__version__, "--version", "-V", prog_name="gracectl")
 @click.option("--socket", "socket_path", metavar="PATH", envvar="GRACE_SOCKET",
               help="graced's Unix socket (env GRACE_SOCKET).")
-@click.option("--url", metavar="ws://HOST:PORT", envvar="GRACE_URL",
-              help="graced's TCP WebSocket URL instead of the socket (env GRACE_URL).")
+@click.option("--url", metavar="wss://HOST:PORT", envvar="GRACE_URL",
+              help="graced's TCP WebSocket URL instead of the socket (env GRACE_URL); "
+                   "ws:// only to a loopback address.")
+@click.option("--cacert", metavar="FILE", envvar="GRACE_CACERT",
+              type=click.Path(dir_okay=False),
+              help="CA or self-signed certificate (PEM) to trust for wss:// (env GRACE_CACERT).")
 @click.option("--key", "key_file", metavar="KEYFILE", envvar="GRACE_KEY",
               type=click.Path(dir_okay=False),
               help="Trust this public key (the daemon's key.pub) instead of the one pinned "
                    "for the endpoint (env GRACE_KEY).")
 @click.pass_context
-def cli(ctx: click.Context, socket_path: str | None, url: str | None,
+def cli(ctx: click.Context, socket_path: str | None, url: str | None, cacert: str | None,
         key_file: str | None) -> None:
     """gracectl: watch and steer graced, the host's self-healing daemon.
 
@@ -135,7 +139,9 @@ def cli(ctx: click.Context, socket_path: str | None, url: str | None,
     """
     if socket_path and url:
         raise click.UsageError("give --socket or --url, not both")
-    ctx.obj = {"socket": socket_path, "url": url, "key": key_file}
+    if url and not url.startswith(("ws://", "wss://")):
+        raise click.UsageError(f"--url must start ws:// or wss://, not {url[:40]!r}")
+    ctx.obj = {"socket": socket_path, "url": url, "key": key_file, "cacert": cacert}
 
 
 # -- status ---------------------------------------------------------------------

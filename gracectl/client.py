@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
@@ -78,11 +80,16 @@ def _loose(line: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where the daemon is: a Unix socket path or a ws:// URL."""
+    """Where the daemon is: a Unix socket path or a ws:// or wss:// URL.
+
+    ``cacert``: a PEM file of the CA (or the self-signed certificate) to trust for
+    wss:// instead of the system's store.
+    """
 
     socket: str | None = None
     url: str | None = None
     key_file: str | None = None
+    cacert: str | None = None
 
     @property
     def name(self) -> str:
@@ -394,6 +401,22 @@ async def connect(endpoint: Endpoint, trusted_key: bytes | None = None,
 async def _open(nursery: trio.Nursery, endpoint: Endpoint, timeout: float) -> WebSocketConnection:
     try:
         with trio.fail_after(timeout):
+            if endpoint.url and endpoint.url.startswith("wss://"):
+                # The TLS handshake first, on its own: a certificate that does not
+                # verify is then an error that says so, not a stalled WebSocket.
+                parts = urlsplit(endpoint.url)
+                host = parts.hostname or ""
+                tcp = await trio.open_tcp_stream(host, parts.port or 443)
+                tls = trio.SSLStream(tcp, ssl.create_default_context(cafile=endpoint.cacert),
+                                     server_hostname=host, https_compatible=True)
+                try:
+                    await tls.do_handshake()
+                except BaseException:
+                    await trio.aclose_forcefully(tcp)
+                    raise
+                netloc = host if parts.port is None else f"{host}:{parts.port}"
+                return await trio_websocket.wrap_client_stream(
+                    nursery, tls, netloc, parts.path or "/", max_message_size=MAX_MESSAGE_BYTES)
             if endpoint.url:
                 return await trio_websocket.connect_websocket_url(
                     nursery, endpoint.url, max_message_size=MAX_MESSAGE_BYTES
@@ -402,10 +425,12 @@ async def _open(nursery: trio.Nursery, endpoint: Endpoint, timeout: float) -> We
             return await trio_websocket.wrap_client_stream(
                 nursery, stream, "localhost", "/", max_message_size=MAX_MESSAGE_BYTES
             )
-    except (OSError, trio_websocket.HandshakeError, trio.TooSlowError,
-            ConnectionClosed) as exc:
+    except (OSError, ssl.SSLError, trio.BrokenResourceError, trio_websocket.HandshakeError,
+            trio.TooSlowError, ConnectionClosed) as exc:
         where = endpoint.url or endpoint.socket
         detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+            detail = str(exc.__cause__)  # trio's SSLStream wraps the ssl error
         if isinstance(exc, trio_websocket.ConnectionRejected):
             detail = f"refused: {exc.body.decode('utf-8', 'replace') if exc.body else ''}"
         raise Unreachable(f"cannot reach graced at {where}: {detail}") from None

@@ -45,7 +45,7 @@ from .protocol import Signer
 from .readers import SharedReader
 from .reload import ConfigRejected, Reloader
 from .silences import Silences
-from .wire import Server
+from .wire import Server, certificate_names, tls_context
 
 log = logging.getLogger("graced")
 
@@ -155,6 +155,8 @@ class Daemon:
             socket_mode=int(cfg.daemon.socket_mode, 8),
             listen=list(cfg.daemon.listen),
             allowed_origins=list(cfg.daemon.allowed_origins),
+            tls=tls_context(cfg.daemon.tls_cert, cfg.daemon.tls_key),
+            server_names=certificate_names(cfg.daemon.tls_cert),
             max_request_bytes=cfg.daemon.max_request_bytes,
             max_clients=cfg.daemon.max_clients,
             client_queue=cfg.daemon.client_queue,

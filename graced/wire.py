@@ -13,11 +13,13 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import ipaddress
 import json
 import logging
 import os
 import pwd
 import socket as pysocket
+import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -47,6 +49,44 @@ MAX_PATTERN_LEN = 200
 REPLAY_CHUNK = 2000
 COALESCE = 512
 LISTEN_BACKLOG = 1024
+HANDSHAKE_TIMEOUT = 10.0  # seconds for TLS, then as much for the WebSocket handshake
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
+    """The server's TLS context from ``[daemon] tls_cert``/``tls_key``, or None for none."""
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise StartupError("[daemon] tls_cert and tls_key go together: give both",
+                           DaemonExit.CONFIG)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"cannot load [daemon] tls_cert {cert} / tls_key {key}: "
+                           f"{getattr(exc, 'strerror', None) or exc}", DaemonExit.CONFIG) from None
+    return ctx
+
+
+def certificate_names(cert: str) -> set[str]:
+    """The DNS names and addresses a PEM certificate is for (a Host header may be one)."""
+    if not cert:
+        return set()
+    try:
+        decoded = ssl._ssl._test_decode_cert(cert)  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ssl.SSLError):
+        return set()
+    return {str(value) for _, value in decoded.get("subjectAltName", ())}
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 SO_PEERGROUPS = getattr(pysocket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
@@ -192,6 +232,8 @@ class Server:
         socket_mode: int,
         listen: list[str],
         allowed_origins: list[str],
+        tls: ssl.SSLContext | None,
+        server_names: set[str],
         max_request_bytes: int,
         max_clients: int,
         client_queue: int,
@@ -207,6 +249,8 @@ class Server:
         self.socket_mode = socket_mode
         self.listen = listen
         self.allowed_origins = allowed_origins
+        self.tls = tls
+        self.server_names = server_names
         self.max_request_bytes = max_request_bytes
         self.max_clients = max_clients
         self.client_queue = client_queue
@@ -268,6 +312,11 @@ class Server:
         for item in self.listen:
             host, _, port = item.rpartition(":")
             host = host.strip("[]")
+            if self.tls is None and not _loopback(host):
+                raise StartupError(
+                    f"[daemon] listen {item!r}: plain ws:// is served only on loopback; "
+                    "set [daemon] tls_cert and tls_key to serve wss:// there",
+                    DaemonExit.CONFIG)
             try:
                 ls = await trio.open_tcp_listeners(int(port), host=host,
                                                    backlog=LISTEN_BACKLOG)
@@ -329,7 +378,21 @@ class Server:
             addr = f"{host}:{port}"
         except OSError:
             addr = "?"
-        await self._handle(stream, Peer("tcp", address=addr))
+        peer = Peer("tcp", address=addr)
+        if self.tls is None:
+            await self._handle(stream, peer)
+            return
+        tls = trio.SSLStream(stream, self.tls, server_side=True)
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await tls.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                ssl.SSLError, OSError) as exc:
+            log.debug("TLS handshake with %s failed: %s", addr, exc)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            return
+        await self._handle(tls, peer)
 
     def _check_http(self, request: WebSocketRequest, peer: Peer) -> str | None:
         """Origin and Host checks for TCP (trio-websocket does none)."""
@@ -343,13 +406,13 @@ class Server:
         event = getattr(request, "_event", None)
         host = str(getattr(event, "host", "") or headers.get("host", ""))
         hostname = urlsplit("//" + host).hostname or ""
-        allowed = {"localhost", "127.0.0.1", "::1"}
+        allowed = {"localhost", "127.0.0.1", "::1", *self.server_names}
         allowed.update(h.rpartition(":")[0].strip("[]") for h in self.listen)
         if hostname not in allowed:
             return f"host {host!r} is not one this daemon listens on"
         return None
 
-    async def _handle(self, stream: trio.SocketStream, peer: Peer) -> None:
+    async def _handle(self, stream: trio.abc.Stream, peer: Peer) -> None:
         self.connections_total += 1
         try:
             async with trio.open_nursery() as nursery:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grp
 import json
+import os
 import pwd
 import subprocess
 import sys
@@ -202,7 +203,6 @@ async def test_refused_network_requests_write_nothing(make_graced) -> None:
             for n in range(10):
                 nursery.start_soon(run, n)
     state1, rss1 = await measure()
-    print(f"state dir +{state1 - state0} B, RSS +{(rss1 - rss0) / 2**20:.1f} MiB")
     assert len(results) == 3000
     assert set(results) <= {"not_authorised", "bad_request"}, set(results)
     assert state1 - state0 < 1 << 20, (state0, state1)
@@ -214,3 +214,64 @@ async def test_refused_network_requests_write_nothing(make_graced) -> None:
                   check=True).stdout.splitlines()
     assert {json.loads(ln)["topic"] for ln in lines} <= {"daemon.heartbeat"}
     assert big[:100] not in g.stderr()
+
+
+def _self_signed(where: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1 (openssl, installed when
+    root and missing)."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        if os.geteuid() != 0:
+            pytest.skip("needs the openssl command to make a certificate (apt-get install "
+                        "openssl)")
+        subprocess.run(["apt-get", "install", "-y", "-q", "openssl"], check=True,
+                       stdin=subprocess.DEVNULL, capture_output=True)
+    cert, key = where / "cert.pem", where / "cert.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True, stdin=subprocess.DEVNULL)
+    return cert, key
+
+
+@pytest.mark.slow
+def test_wss_end_to_end_with_a_self_signed_certificate(make_graced, shortdir) -> None:
+    """graced serves wss:// with the configured certificate; gracectl --cacert trusts it,
+    streams and verifies; without --cacert, or over plain ws://, nothing is served."""
+    cert, key = _self_signed(shortdir)
+    g = make_graced(start=False, extra_config=(
+        f'listen = ["127.0.0.1:0"]\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+        '[remediation]\ncontrol_keys = ["KEY"]\n'))
+    line = g.ctl("keys", "generate", check=True).stdout.strip()
+    g.config.write_text(g.config.read_text().replace('"KEY"', json.dumps(line)))
+    g.start()
+    port = json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["tcp_ports"][0]
+    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
+
+    def ctl(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return g.ctl("--url", url, *args, env=env)
+
+    wss = f"wss://127.0.0.1:{port}"
+    tail = ("tail", "--verify", "--since", "1", "--no-follow", "--key", str(g.state / "key.pub"))
+    res = g.ctl("--url", wss, "--cacert", str(cert), *tail, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "daemon.started" in res.stdout
+    emitted = g.ctl("--url", wss, "--cacert", str(cert), "emit", "user.over_tls", env=env)
+    assert emitted.returncode == 0, emitted.stderr
+    untrusted = ctl(wss, *tail)
+    assert untrusted.returncode == 3 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr, \
+        untrusted.stderr
+    assert untrusted.stdout == ""
+    plain = ctl(f"ws://127.0.0.1:{port}", *tail)  # no TLS: the handshake never completes
+    assert plain.returncode == 3 and plain.stdout == "", plain.stderr
+
+
+def test_plain_ws_is_refused_off_loopback(make_graced) -> None:
+    g = make_graced(start=False, extra_config='listen = ["0.0.0.0:0"]\n')
+    with pytest.raises(RuntimeError) as failed:
+        g.start()
+    assert "graced exited 3" in str(failed.value)
+    assert ("[daemon] listen '0.0.0.0:0': plain ws:// is served only on loopback; set "
+            "[daemon] tls_cert and tls_key") in str(failed.value)

@@ -55,6 +55,8 @@ class DaemonConfig:
     socket_mode: str = field(default="0660", metadata=check(_mode))
     listen: list[str] = field(default_factory=list, metadata=check(_listen))
     allowed_origins: list[str] = field(default_factory=list)
+    tls_cert: str = ""  # PEM certificate (chain) for the TCP listeners: wss://
+    tls_key: str = ""  # its PEM private key
     heartbeat_interval: float = field(default=5.0, metadata=check(positive))
     checkpoint_interval: float = field(default=300.0, metadata=check(positive))
     max_request_bytes: int = field(default=65536, metadata=check(positive))
