@@ -31,7 +31,6 @@ import os
 import pwd
 import signal as signals
 import time
-import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +38,7 @@ from typing import Any
 import psutil
 import trio
 
-from . import targets
+from . import httpc, targets
 from .config import NotifierConfig, PlaybookConfig, RemediationConfig, StepConfig
 from .learning import Learning
 from .mesh import Mesh
@@ -47,6 +46,7 @@ from .missions import store
 from .missions.engine import Mission, MissionEngine, Transition
 from .plan import build as build_plan
 from .plan import describe, matches, mission_values, substitute
+from .redact import redact_text
 from .silences import Silences
 
 __all__ = ["AUTO_RISKS", "Budgets", "Executor", "matches", "substitute"]
@@ -136,6 +136,9 @@ class PlanChanged(ValueError):
     """An approval named a plan that is no longer the one that would run."""
 
 
+NOTIFIER_THREADS = 4
+
+
 class Executor:
     """Runs playbooks for missions; :meth:`run` never returns unless cancelled."""
 
@@ -147,6 +150,9 @@ class Executor:
         self.silences = silences or Silences()
         self.silenced: set[int] = set()  # missions held back by a silence
         self.learning = learning
+        # Notifiers get worker threads of their own: a stalled endpoint costs this pool,
+        # never the threads the journal, the handlers and the detectors use.
+        self.notifier_threads = trio.CapacityLimiter(NOTIFIER_THREADS)
         self.playbooks = playbooks
         self.notifiers = notifiers
         self.mesh = mesh
@@ -192,20 +198,21 @@ class Executor:
                     if res.returncode != 0:
                         ok, error = False, f"exited {res.returncode}"
                 else:
-                    req = urllib.request.Request(nt.url, data=body, method="POST", headers={
-                        "Content-Type": "application/json", "User-Agent": "graced"})
-
                     def post() -> int:
-                        with urllib.request.urlopen(req, timeout=nt.timeout) as resp:  # noqa: S310
-                            return int(resp.status)
+                        # The whole POST within the notifier's timeout; a redirect is a
+                        # failure, never followed: only the configured host is reached.
+                        return httpc.request("POST", nt.url, body=body, timeout=nt.timeout,
+                                             headers={"Content-Type": "application/json"})
 
-                    status = await trio.to_thread.run_sync(post, abandon_on_cancel=True)
+                    status = await trio.to_thread.run_sync(
+                        post, abandon_on_cancel=True, limiter=self.notifier_threads)
                     ok = 200 <= status < 300
-                    error = None if ok else f"status {status}"
+                    error = None if ok else f"status {status}" + (
+                        " (redirects are not followed)" if 300 <= status < 400 else "")
         except trio.TooSlowError:
             ok, error = False, f"timed out after {nt.timeout:g} s"
         except OSError as exc:
-            ok, error = False, str(exc)
+            ok, error = False, redact_text(str(exc.strerror or exc))
         self.mesh.publish_nowait("executor.notified", {
             "notifier": nt.name, "mission": mission["id"], "state": mission["state"],
             "ok": ok, "error": error})

@@ -23,7 +23,7 @@ from tests.test_documented_e2e import (  # noqa: F401
     awaiting_group_approval,
     marker,
 )
-from tests.test_remediation_e2e import process_detector, restart_playbook
+from tests.test_remediation_e2e import process_detector, restart_playbook, setup
 
 HANDOFF = Path(__file__).parent / "helpers" / "handoff.py"
 OUTSIDER = "grace-outsider"
@@ -275,3 +275,143 @@ def test_plain_ws_is_refused_off_loopback(make_graced) -> None:
     assert "graced exited 3" in str(failed.value)
     assert ("[daemon] listen '0.0.0.0:0': plain ws:// is served only on loopback; set "
             "[daemon] tls_cert and tls_key") in str(failed.value)
+
+
+def _server(shortdir: Path, name: str, *args: str) -> tuple[subprocess.Popen[str], int, Path]:
+    """A fault server from tests.helpers.faults as a real process: (proc, port, hits)."""
+    from tests.test_missions_e2e import helper
+
+    port_file, hits = shortdir / f"{name}.port", shortdir / f"{name}.hits"
+    hits.touch()
+    kind = args[0]
+    rest = args[1:]
+    proc = helper(kind, str(port_file), *((str(hits),) if kind != "silent" else ()), *rest)
+    return proc, int(port_file.read_text()), hits
+
+
+@pytest.mark.slow
+def test_a_redirecting_webhook_reaches_no_second_service(
+        make_graced, shortdir, marker) -> None:  # noqa: F811
+    """A webhook answering 302 to another loopback service: the notification fails
+    saying so, and the second service never hears from graced."""
+
+    other, other_port, other_hits = _server(shortdir, "other", "http", "204", "")
+    hook, hook_port, hook_hits = _server(
+        shortdir, "hook", "http", "302", f"http://127.0.0.1:{other_port}/stolen")
+    try:
+        g, w = setup(make_graced, process_detector(marker) + restart_playbook(marker, "high")
+                     + '\n[[notifier]]\nname = "hook"\nkind = "webhook"\n'
+                       f'url = "http://127.0.0.1:{hook_port}/grace"\n')
+        w.wait("mission.awaiting_approval", "worker", 10)
+        lines: list[str] = []
+
+        def notified_once() -> bool:
+            lines[:] = g.ctl("tail", "--json", "--since", "1", "--no-follow",
+                             "executor.notified", check=True).stdout.splitlines()
+            return bool(lines)
+
+        poll_until(notified_once, 15, "no executor.notified")
+        payload = json.loads(lines[0])["payload"]
+        assert payload["ok"] is False
+        assert payload["error"] == "status 302 (redirects are not followed)"
+        assert hook_hits.read_text() == "POST /grace\n"
+        assert other_hits.read_text() == ""
+        w.close()
+    finally:
+        for proc in (hook, other):
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+async def test_a_dripping_webhook_and_a_silent_probe_starve_nothing(
+        make_graced, shortdir, marker) -> None:  # noqa: F811
+    """45 webhooks that drip a byte a second (more than trio's 40 default worker threads)
+    and an http probe whose target never answers: the load detector keeps its interval,
+    status answers within 1 s, the probe fails by its own deadline."""
+    import trio
+    import trio_websocket
+
+
+    drip, drip_port, drip_hits = _server(shortdir, "drip", "drip")
+    silent, silent_port, _ = _server(shortdir, "silent", "silent")
+    hooks = "".join(f'\n[[notifier]]\nname = "drip{i}"\nkind = "webhook"\ntimeout = 60.0\n'
+                    f'url = "http://127.0.0.1:{drip_port}/hook{i}"\n' for i in range(45))
+    try:
+        g, w = setup(make_graced, process_detector(marker) + restart_playbook(marker, "high")
+                     + '[[detector]]\nname = "load"\nkind = "load"\ninterval = 0.5\n'
+                     + '[[detector]]\nname = "hang"\nkind = "http"\ninterval = 1.0\n'
+                       f'timeout = 2.0\nurl = "http://127.0.0.1:{silent_port}/"\n' + hooks)
+        w.wait("mission.awaiting_approval", "worker", 15)
+        poll_until(lambda: drip_hits.read_text().count("hit") >= 4, 15, "webhooks called")
+        stream = await trio.open_unix_socket(str(g.socket))
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(nursery, stream, "localhost", "/",
+                                                         max_message_size=1 << 24)
+
+            async def ask(n: int, method: str) -> dict:
+                await ws.send_message(json.dumps({"id": n, "nonce": f"n{n}", "method": method}))
+                while True:
+                    for line in str(await ws.get_message()).split("\n"):
+                        frame = json.loads(line)
+                        if frame.get("type") == "response" and frame["id"] == n:
+                            return frame["result"]  # type: ignore[no-any-return]
+
+            worst, stale = 0.0, []
+            for n in range(30):  # 15 s under the stalled webhooks
+                started = time.monotonic()
+                with trio.fail_after(5):
+                    await ask(2 * n, "status")
+                worst = max(worst, time.monotonic() - started)
+                dets = (await ask(2 * n + 1, "detectors"))
+                ages = {name: dets["now"] - max(s["ts"] for s in d["subjects"].values())
+                        for name, d in dets["detectors"].items()
+                        if name == "load" and d["subjects"]}
+                if ages.get("load", 99) > 1.5:
+                    stale.append(ages)
+                await trio.sleep(0.5)
+            await ws.aclose()
+            nursery.cancel_scope.cancel()
+        assert worst < 1.0, worst
+        assert stale == [], stale
+        hang = json.loads(g.ctl("detectors", "--json", check=True).stdout)["hang"]
+        assert hang["subjects"], hang
+        (sample,) = hang["subjects"].values()
+        assert sample["value"] is None  # failed, by its own deadline, again and again
+        w.close()
+    finally:
+        for proc in (drip, silent):
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_no_secret_from_a_url_is_journaled_or_shown(make_graced, shortdir) -> None:
+    """An http detector whose URL carries user:password@ and ?token=: its subject,
+    failures, missions, the journal, gracectl's output and graced's log show neither."""
+    from tests.test_missions_e2e import MISSIONS, Watch
+
+    server, port, hits = _server(shortdir, "web", "http", "500", "")
+    url = f"http://ops:s3cretpw@127.0.0.1:{port}/health?token=t0kenval&x=1"
+    try:
+        g = make_graced(detectors='[[detector]]\nname = "web"\nkind = "http"\n'
+                        f'interval = 0.5\nurl = "{url}"\n' + MISSIONS.format(flap=0))
+        w = Watch(g)
+        opened = w.wait("mission.opened", "web", 15)["payload"]
+        assert opened["subject"] == (f"http://REDACTED@127.0.0.1:{port}/health?"
+                                     "token=REDACTED&x=REDACTED")
+        assert "GET /health?token=t0kenval&x=1" in hits.read_text()  # the real URL is used
+        shown = [g.ctl("tail", "--json", "--since", "1", "--no-follow", check=True).stdout,
+                 g.ctl("detectors", "--json", check=True).stdout,
+                 g.ctl("detectors", check=True).stdout,
+                 g.ctl("missions", "ls", "--all", check=True).stdout,
+                 g.ctl("missions", "show", str(opened["id"]), "--json", check=True).stdout,
+                 g.ctl("status", "--json", check=True).stdout,
+                 *(p.read_bytes().decode("latin-1") for p in g.state.iterdir() if p.is_file()),
+                 g.stderr()]
+        for text in shown:
+            assert "s3cretpw" not in text and "t0kenval" not in text
+        w.close()
+    finally:
+        server.kill()
+        server.wait()

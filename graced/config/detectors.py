@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..redact import redact_url
 from .schema import (
     Check,
     ConfigError,
@@ -181,7 +182,7 @@ KINDS: dict[str, Kind] = {
     "command": Kind({**_MS, "argv": non_empty_list}, requires=("argv",), threshold=5000.0,
                     subject=lambda d: " ".join(d.argv[:1])),
     "http": Kind({**_MS, "url": http_url, "expect_status": None},
-                 requires=("url",), threshold=2000.0, subject=lambda d: d.url),
+                 requires=("url",), threshold=2000.0, subject=lambda d: redact_url(d.url)),
     "log": Kind({**_LOG, "file": absolute_path}, requires=("file",),
                 subject=lambda d: d.file, rule=_log_rule),
     "journald": Kind({**_LOG, "unit": non_empty, "timeout": None}, requires=("unit",),

@@ -12,11 +12,11 @@ import socket
 import sqlite3
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
+from .. import httpc
 from ..config import DetectorConfig
+from ..redact import redact_text, redact_url
 from .base import Observation, SimpleDetector
 
 
@@ -153,18 +153,17 @@ class HttpProbe(SimpleDetector):
     def sample(self) -> list[Observation]:
         cfg = self.config
         started = time.perf_counter()
+        shown = redact_url(cfg.url)
         try:
-            with urllib.request.urlopen(cfg.url, timeout=cfg.timeout) as resp:  # noqa: S310
-                resp.read(65536)
-                status = resp.status
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            return [Observation(self.subject, None, failed=f"GET {cfg.url}: {reason}")]
+            # The whole request within the probe's timeout (a dripping server included);
+            # a redirect is a status like any other, never followed.
+            status = httpc.request("GET", cfg.url, timeout=cfg.timeout)
+        except OSError as exc:
+            reason = redact_text(str(exc.strerror or exc))
+            return [Observation(self.subject, None, failed=f"GET {shown}: {reason}")]
         ms = _elapsed_ms(started)
         if status != cfg.expect_status:
             return [Observation(self.subject, ms, "ms",
-                                failed=f"GET {cfg.url}: status {status}, expected "
+                                failed=f"GET {shown}: status {status}, expected "
                                        f"{cfg.expect_status}")]
         return [Observation(self.subject, ms, "ms", detail={"status": status})]

@@ -66,6 +66,7 @@ class DetectorRunner:
         self._anomalous: set[tuple[str, str]] = set()
         self._scopes: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
+        self._pools: dict[str, trio.CapacityLimiter] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -74,6 +75,15 @@ class DetectorRunner:
                 self._start(det)
             nursery.start_soon(self._save_periodically)
             task_status.started()
+
+    def _pool(self, cfg: DetectorConfig) -> trio.CapacityLimiter:
+        """Each detector samples on a worker-thread budget of its own (one thread): a
+        probe stuck on a silent target costs that detector, never the threads the
+        journal, the handlers or the other detectors use."""
+        pool = self._pools.get(cfg.name)
+        if pool is None:
+            pool = self._pools[cfg.name] = trio.CapacityLimiter(1)
+        return pool
 
     def _start(self, det: DetectorConfig) -> None:
         assert self._nursery is not None
@@ -133,7 +143,7 @@ class DetectorRunner:
                 due = trio.current_time()
                 while True:
                     observations = await trio.to_thread.run_sync(
-                        detector.sample, abandon_on_cancel=True)
+                        detector.sample, abandon_on_cancel=True, limiter=self._pool(cfg))
                     _check_values(observations)
                     self._judge(cfg, observations)
                     st["state"] = "up"

@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 
 def memory_hog(megabytes: int) -> None:
@@ -41,11 +42,89 @@ def slow_server(port_file: str, delay_file: str) -> None:
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
+def _listen(port_file: str) -> socket.socket:
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    Path(port_file).write_text(str(srv.getsockname()[1]))
+    print("ready", flush=True)
+    return srv
+
+
+def _serve_forever(srv: socket.socket, serve: Any) -> None:
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def drip_server(port_file: str, hits_file: str) -> None:
+    """An HTTP endpoint that answers one byte a second, forever (a stalled webhook)."""
+    srv = _listen(port_file)
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                with open(hits_file, "a") as fh:
+                    fh.write("hit\n")
+                for byte in b"HTTP/1.1 200 OK\r\n" * 1000:
+                    conn.sendall(bytes([byte]))
+                    time.sleep(1)
+            except OSError:
+                pass
+
+    _serve_forever(srv, serve)
+
+
+def silent_server(port_file: str) -> None:
+    """Accepts connections and never answers (a probe target that hangs)."""
+    srv = _listen(port_file)
+    held = []
+    while True:
+        conn, _ = srv.accept()
+        held.append(conn)
+
+
+def http_server(port_file: str, hits_file: str, status: int, location: str) -> None:
+    """Answers every request with ``status`` (and ``Location`` if given); each request's
+    method and path are appended to ``hits_file``."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            self.rfile.read(length)
+            with open(hits_file, "a") as fh:
+                fh.write(f"{self.command} {self.path}\n")
+            self.send_response(status)
+            if location:
+                self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = _answer  # noqa: N815
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    Path(port_file).write_text(str(srv.server_address[1]))
+    print("ready", flush=True)
+    srv.serve_forever()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "hog":
         memory_hog(int(sys.argv[2]))
     elif sys.argv[1] == "slow":
         slow_server(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "drip":
+        drip_server(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "silent":
+        silent_server(sys.argv[2])
+    elif sys.argv[1] == "http":
+        http_server(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
     elif sys.argv[1] == "sleep":
         print("ready", flush=True)
         time.sleep(3600)
