@@ -258,7 +258,8 @@ def test_wss_end_to_end_with_a_self_signed_certificate(make_graced, shortdir) ->
     res = g.ctl("--url", wss, "--cacert", str(cert), *tail, env=env)
     assert res.returncode == 0, res.stderr
     assert "daemon.started" in res.stdout
-    emitted = g.ctl("--url", wss, "--cacert", str(cert), "emit", "user.over_tls", env=env)
+    emitted = g.ctl("--url", wss, "--cacert", str(cert), "--key", str(g.state / "key.pub"),
+                    "emit", "user.over_tls", env=env)
     assert emitted.returncode == 0, emitted.stderr
     untrusted = ctl(wss, *tail)
     assert untrusted.returncode == 3 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr, \
