@@ -291,6 +291,7 @@ def test_a_stale_approval_runs_nothing_before_or_after_a_restart(
     w.close()
     assert cleared["id"] == waiting["id"]
     assert cleared["reason"].startswith("cleared before approval")
+    assert "playbook risky was not run" in cleared["reason"] and cleared["playbook"] is None
     for restart in (False, True):
         if restart:
             g.stop()

@@ -236,7 +236,10 @@ class MissionEngine:
         if m.normal_streak >= self.resolve_after and m.state in WATCHING:
             normal = f"{detector} normal for {m.normal_streak} consecutive samples"
             if m.state == "awaiting_approval":
-                m.reason = f"{CLEARED}: {normal}; nothing was run"
+                waiting = f"playbook {m.playbook} was not run" if m.playbook else "nothing ran"
+                m.reason = f"{CLEARED}: {normal}; {waiting}"
+                # Listings name a playbook only where it ran.
+                m.playbook, m.risk = None, None
                 m.held_back = {"setting": "missions.resolve_after",
                                "reason": f"{CLEARED}: no playbook ran, nothing to learn"}
             elif m.state in ("verifying", "interrupted"):
