@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import rfc8785
@@ -146,6 +147,30 @@ def _as_doubles(obj: Any, depth: int = 1) -> Any:
     if type(obj) is list:
         return [_as_doubles(v, depth + 1) for v in obj]
     return obj
+
+
+_ASTRAL = re.compile(rb"[\xf0-\xf4]")
+
+
+def is_canonical_line(line: bytes, text: str, obj: Any, numbers_ok: bool) -> bool:
+    """Whether ``line`` (UTF-8 ``text``, parsed to ``obj``) is its own JCS form.
+
+    The fast way for the common line: when no number needs JCS's own spelling
+    (``numbers_ok``: the parser saw no float that is integral or in exponent form and no
+    integer of 16 digits or more), no key or string holds a character beyond U+FFFF
+    (UTF-16 order) and nesting is shallow, JCS and Python's sorted ``json`` agree, so the
+    C encoder decides. Anything else takes :func:`canonical_bytes_parsed`.
+    """
+    if (numbers_ok and line.count(b"[") + line.count(b"{") <= MAX_DEPTH
+            and (line.isascii() or not _ASTRAL.search(line))):
+        try:
+            return _encode(obj) == text
+        except (ValueError, RecursionError):
+            return False
+    try:
+        return canonical_bytes_parsed(obj) == line
+    except (ValueError, RecursionError):
+        return False
 
 
 def canonical_bytes_parsed(obj: Any) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -34,9 +35,14 @@ def format_ts(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+
+
 def parse_ts(ts: str) -> float:
     """Inverse of :func:`format_ts`; raises ValueError on a malformed timestamp."""
-    return datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+    if not _TS.fullmatch(ts):
+        raise ValueError(f"timestamp {ts[:40]!r} is not YYYY-MM-DDTHH:MM:SS.ffffffZ")
+    return datetime.fromisoformat(ts[:-1]).replace(tzinfo=UTC).timestamp()
 
 
 def b64(data: bytes) -> str:
@@ -156,10 +162,18 @@ def check_signature(obj: dict[str, Any], public_key: bytes, *,
     return verify_detached(sig, signed, public_key)
 
 
+_FIELD_SET = frozenset(EVENT_FIELDS)
+
+
 def well_formed_event(obj: Any) -> str | None:
     """Return None if ``obj`` has the shape of an event, else what is wrong with it."""
     if not isinstance(obj, dict):
         return "not a JSON object"
+    if (obj.keys() == _FIELD_SET and type(obj["v"]) is int and obj["v"] in SUPPORTED_VERSIONS
+            and type(obj["seq"]) is int and obj["seq"] >= 1 and type(obj["ts"]) is str
+            and type(obj["topic"]) is str and type(obj["prev"]) is str
+            and type(obj["kid"]) is str and type(obj["sig"]) is str):
+        return None  # the common case, checked at once
     missing = [k for k in EVENT_FIELDS if k not in obj]
     if missing:
         return "missing field(s) " + ", ".join(missing)

@@ -39,11 +39,12 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from .canonical import CanonicalError, canonical_bytes_for
+from .canonical import CanonicalError, canonical_bytes_for, is_canonical_line
 from .signing import (
     GENESIS_PREV,
     key_id,
@@ -107,6 +108,28 @@ def _no_constants(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
 
 
+_ODD_NUMBER = [False]
+
+
+def _float(token: str) -> float:
+    """A float as parsed; notes one whose JCS spelling is not Python's ``repr``."""
+    f = float(token)
+    if f.is_integer() or not math.isfinite(f) or "e-0" in repr(f):
+        _ODD_NUMBER[0] = True
+    return f
+
+
+def _int(token: str) -> int:
+    """An integer as parsed; notes one that may lie beyond 2**53 (16 digits or more)."""
+    if len(token) > 15:
+        _ODD_NUMBER[0] = True
+    return int(token)
+
+
+_DECODER = json.JSONDecoder(parse_float=_float, parse_int=_int,
+                            parse_constant=_no_constants)
+
+
 def _duplicate_key(text: str) -> str | None:
     found: list[str] = []
 
@@ -148,8 +171,9 @@ def parse_event_line(line: bytes) -> tuple[dict[str, Any], bytes]:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise bad(f"not UTF-8 (byte {exc.start})") from None
+    _ODD_NUMBER[0] = False
     try:
-        obj = json.loads(text, parse_constant=_no_constants)
+        obj = _DECODER.decode(text)
     except RecursionError:
         raise bad("not an event: JSON nested too deep") from None
     except ValueError as exc:
@@ -161,12 +185,13 @@ def parse_event_line(line: bytes) -> tuple[dict[str, Any], bytes]:
         raise Violation(ExitCode.BAD_SIGNATURE, seq, "unsigned event (no sig)")
     if problem is not None:
         raise bad(f"malformed event ({problem})", seq)
-    try:
-        canonical = canonical_bytes_for(obj["v"], obj, parsed=True)
-    except CanonicalError as exc:
-        raise bad(f"not canonical JSON: {exc}", seq) from None
-    if canonical != line:
-        raise bad(_not_canonical(line, text, canonical), seq)
+    if obj["v"] == 1 or not is_canonical_line(line, text, obj, not _ODD_NUMBER[0]):
+        try:
+            canonical = canonical_bytes_for(obj["v"], obj, parsed=True)
+        except CanonicalError as exc:
+            raise bad(f"not canonical JSON: {exc}", seq) from None
+        if canonical != line:
+            raise bad(_not_canonical(line, text, canonical), seq)
     # In a canonical event, the last ',"sig":"' is the envelope's (a string cannot hold
     # a bare quote), and removing one member of a canonical object leaves the canonical
     # form of the rest: the signing bytes.
@@ -328,9 +353,10 @@ class ChainVerifier:
         self.last_topic = event["topic"]
         self.last_time = now
         self.count += 1
-        self._seen[seq] = h
-        if len(self._seen) > self._remember:
-            self._seen.pop(next(iter(self._seen)))
+        if self._remember:
+            self._seen[seq] = h
+            if len(self._seen) > self._remember:
+                self._seen.pop(next(iter(self._seen)))
         if not signed:
             self._suspect = _Suspect(seq, h)
 
