@@ -122,6 +122,11 @@ def test_a_signed_checkpoint_anchors_a_later_verification(make_graced) -> None:
     """graced publishes daemon.checkpoint events; 'gracectl checkpoint' prints the latest,
     verified, and its anchor lets 'verify --from' prove the stream after it alone."""
     g = make_graced(extra_config="checkpoint_interval = 1.0\n")
+    # The first one is published at start (just after READY): watch for it.
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "daemon.checkpoint"))
+    assert tail.wait_for(lambda ls: bool(ls), 20), tail.lines
+    tail.proc.terminate()
+    tail.wait_exit(10)
     first = json.loads(g.ctl("checkpoint", "--json", check=True).stdout)
     assert first["anchor"] == f"{first['seq']}:{first['hash']}"
     g.ctl("emit", "user.load", "--count", "20", check=True)
