@@ -110,6 +110,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, command, code, words", CASES,
                          ids=[f"{v[0]}-{v[1][0]}" + ("-v" if "--verify" in v[1] else "")
                               for v in (getattr(c, "values", c) for c in CASES)])

@@ -40,6 +40,7 @@ def value_detector(name: str, file: Path) -> str:
             f'subject = "queue"\ninterval = 0.2\nthreshold = 50.0\n')
 
 
+@pytest.mark.slow
 def test_a_nan_reading_is_a_detector_error_and_views_keep_working(make_graced,
                                                                    shortdir: Path) -> None:
     value = shortdir / "value"

@@ -85,6 +85,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
 def test_each_hostile_form_fails_with_exit_11_naming_the_seq(
         saved: tuple[Graced, list[str], int], kind: str) -> None:
