@@ -144,7 +144,7 @@ def reset_tree() -> None:
                 "etc/systemd/system/graced.service", "etc/systemd/system/graced.service.d",
                 "etc/sysusers.d/graced.conf", "etc/tmpfiles.d/graced.conf",
                 "etc/polkit-1/rules.d/50-graced.rules", "usr/local/bin/graced",
-                "usr/local/bin/gracectl"):
+                "usr/local/bin/gracectl", "root/.config/grace"):
         path = TREE / old
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -433,6 +433,8 @@ def main() -> int:
         reload_checks(c)
         upgrade_checks(c, blocks)
         remediation_checks(c)
+        import remediation_scenario  # beside this file (issue 23's scenario)
+        remediation_scenario.run(c, say, check)
         watchdog_checks(c)
         journal_checks(c)
         t0 = time.monotonic()
