@@ -160,7 +160,8 @@ def _human_duration(seconds: float) -> str:
 def status(ctx: click.Context, as_json: bool) -> None:
     """Show the daemon's state: identity, health, execution, missions, journal, clients.
 
-    Exits 7 when graced is degraded (journal commits or a detector failing), so that
+    Exits 7 when graced is degraded (journal commits or a detector failing, or a mission
+    escalated whose symptom was not seen normal since: it needs a person), so that
     `gracectl status && ...` works in scripts and health checks; a pause is shown but is
     not degraded.
     """
@@ -192,6 +193,8 @@ def _health_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
     active = sum(counts.values())
     missions = f"{active} active" + (": " + ", ".join(
         f"{n} {sev}" for sev, n in reversed(list(counts.items())) if n) if active else "")
+    if st.get("escalated"):
+        missions += f"; {len(st['escalated'])} escalated (needs a person)"
     failing = st["failing_detectors"]
     detectors = f"{st['detectors_total']} running" + (
         "; FAILING: " + "; ".join(f"{name} ({d['last_error']})" for name, d in failing.items())
@@ -487,7 +490,8 @@ def missions() -> None:
 @click.pass_context
 def missions_ls(ctx: click.Context, states: tuple[str, ...], severities: tuple[str, ...],
                 show_all: bool, limit: int, as_json: bool) -> None:
-    """List missions: by default the active (not yet closed) ones."""
+    """List missions: by default the active ones and the escalated ones that need a person
+    (symptom not seen normal since)."""
     result = _run(lambda: _call(_endpoint(ctx), "missions.list", {
         "states": list(states) or None, "severities": list(severities) or None,
         "all": show_all, "limit": limit}))

@@ -188,11 +188,15 @@ class Api:
         failing = {name: {"errors": st["errors"], "last_error": st["last_error"]}
                    for name, st in self.runner.status.items() if st["state"] == "error"}
         degraded = []
+        escalated = self.executor.engine.needs_person()
+        if escalated:
+            degraded.append(f"{len(escalated)} escalated (needs a person): mission "
+                            + ", ".join(f"#{i}" for i in escalated))
         if self.mesh.failing_since is not None:
             degraded.append(f"journal commits failing: {self.mesh.last_error}")
         degraded += [f"detector {name} failing: {d['last_error']}"
                      for name, d in failing.items()]
-        return {"missions": by_severity, "failing_detectors": failing,
+        return {"missions": by_severity, "escalated": escalated, "failing_detectors": failing,
                 "detectors_total": len(self.runner.status), "degraded": degraded}
 
     async def _learning_summary(self) -> dict[str, Any] | None:
@@ -218,9 +222,16 @@ class Api:
                                    + ", ".join(allowed))
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
             raise RequestError("bad_request", "params.limit must be an integer 1-10000")
+        rows = []
         if not p.get("all") and not states:
+            # The default view: the active missions and the escalated ones a person has
+            # not seen the symptom of clear yet.
             states = list(ACTIVE)
-        rows = await self._read(*store.list_query(states, severities, limit))
+            escalated = self.executor.engine.needs_person()[-limit:]
+            if escalated:
+                rows = await self._read(*store.list_query(None, severities, limit, escalated))
+        rows = sorted([*rows, *await self._read(*store.list_query(states, severities, limit))],
+                      key=lambda r: -r[0])[:limit]
         return {"missions": [store.from_row(r).public() for r in rows], "now": time.time()}
 
     async def missions_get(self, client: Client, req: Request) -> Any:

@@ -175,6 +175,9 @@ class Executor:
         await self.mesh.publish(tr.topic, tr.mission.brief(),
                                 writes=[store.upsert(tr.mission), *more], durable=durable)
         publish_learning(self.mesh, events)
+        if tr.topic == "mission.escalated":
+            log.warning("mission %d escalated (needs a person): %s", tr.mission.id,
+                        tr.mission.reason)
         self.notify(tr.mission)
 
     def save(self, m: Mission) -> None:

@@ -143,8 +143,9 @@ class MissionEngine:
         # The incident (first mission id) each key's current stretch of anomaly belongs to.
         self.incidents: dict[tuple[str, str], int] = {
             m.key: m.incident or m.id for m in active or []}
-        # Keys handed to a human (escalated, rejected, expired) while still anomalous.
-        self.held: set[tuple[str, str]] = set()
+        # Keys handed to a human (escalated, rejected, expired) while still anomalous:
+        # key -> (the final state, the mission's id), until the detector sees it normal.
+        self.held: dict[tuple[str, str], tuple[str, int]] = {}
 
     def by_id(self, mission_id: int) -> Mission | None:
         for m in self.active.values():
@@ -155,7 +156,12 @@ class MissionEngine:
     def forget_detector(self, detector: str) -> None:
         """The detector left the config: nothing of it is held any more, so if it comes
         back (a later reload) a symptom still there opens a mission again."""
-        self.held = {k for k in self.held if k[0] != detector}
+        self.held = {k: v for k, v in self.held.items() if k[0] != detector}
+
+    def needs_person(self) -> list[int]:
+        """The escalated missions whose symptom was not seen normal since: a person has
+        to look (they stay in the default mission list and in status)."""
+        return sorted(mid for state, mid in self.held.values() if state == "escalated")
 
     def transition(self, m: Mission, to: str, now: float, reason: str) -> Transition:
         """Move an active mission to ``to`` (from the executor); final states close it."""
@@ -169,7 +175,7 @@ class MissionEngine:
                 if not ran(m):
                     self.last_resolved[m.key] = now
             elif to in HANDED_OVER:
-                self.held.add(m.key)
+                self.held[m.key] = (to, m.id)
         return Transition(f"mission.{to}", copy.deepcopy(m))
 
     def _move(self, m: Mission, to: str, now: float, reason: str) -> None:
@@ -187,7 +193,7 @@ class MissionEngine:
         m = self.active.get(key)
         out: list[Transition] = []
         if not anomalous:
-            self.held.discard(key)
+            self.held.pop(key, None)
             if m is None:
                 self.incidents.pop(key, None)
         elif m is None and key in self.held:

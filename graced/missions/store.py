@@ -49,8 +49,12 @@ def active_query() -> tuple[str, tuple[Any, ...]]:
 
 
 def list_query(states: list[str] | None, severities: list[str] | None,
-               limit: int) -> tuple[str, tuple[Any, ...]]:
-    where, params = [], []
+               limit: int, ids: list[int] | None = None) -> tuple[str, tuple[Any, ...]]:
+    where: list[str] = []
+    params: list[Any] = []
+    if ids is not None:
+        where.append(f"id IN ({', '.join('?' * len(ids))})")
+        params.extend(ids)
     if states:
         where.append(f"state IN ({', '.join('?' * len(states))})")
         params.extend(states)
