@@ -639,6 +639,10 @@ class Executor:
             result.update(ok=False, exit_code=None, error=f"timed out after {st.timeout:g} s")
         except (OSError, ValueError, psutil.Error) as exc:
             result.update(ok=False, exit_code=None, error=str(exc))
+        except Exception as exc:  # a step never takes graced down: a failed step, logged
+            log.exception("step %s failed inside graced", st.action)
+            result.update(ok=False, exit_code=None,
+                          error=f"graced internal error: {type(exc).__name__}: {exc}")
         result["duration_s"] = round(time.monotonic() - started, 3)
         result["output_sha256"] = hashlib.sha256(output).hexdigest()
         result["output"] = output[: st.max_output].decode("utf-8", "replace")

@@ -55,6 +55,13 @@ PLAYBOOK = ('[[playbook]]\nname = "p"\ndetector = "{det}"\nrisk = "low"\n'
      ":3: [[playbook]] #1 (p) kind: no detector kind 'memroy'"),
     ('[[notifier]]\nname = "n"\nkind = "webhook"\nurl = "https://x/"\nargv = ["a"]\n',
      ':5: [[notifier]] #1 (n) argv: not a key of kind "webhook"'),
+    # A NUL passed check and took graced down when the step ran (exec refuses it).
+    (PLAYBOOK.format(det="m").replace('["true"]', '["/bin/echo", "a\\u0000b"]'),
+     ":7: [[playbook]] #1 (p) step 1 argv: must not contain a NUL character"),
+    (PLAYBOOK.format(det="m") + 'env = ["A=\\u0000"]\n',
+     ":8: [[playbook]] #1 (p) step 1 env: must not contain a NUL character"),
+    (PLAYBOOK.format(det="m") + 'cwd = "/tmp\\u0000x"\n',
+     ":8: [[playbook]] #1 (p) step 1 cwd: must not contain a NUL character"),
 ])
 def test_config_that_cannot_work_is_refused_in_one_line(tmp_path: Path, text: str,
                                                         needle: str) -> None:

@@ -184,6 +184,12 @@ def _expected(hint: Any) -> str:
     )
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\0" in value
+    return isinstance(value, list) and any(_has_nul(v) for v in value)
+
+
 def keys_of(cls: type) -> list[str]:
     """The keys a section's dataclass declares (what a file may set)."""
     return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
@@ -217,6 +223,10 @@ def build_table(cls: type, data: Any, table: str, where: Where, label: str = "",
                 f"{where(table, key)}{label} {key}: expected {_expected(hint)}, "
                 f"got {_type_name(value)} {value!r}"
             )
+        if _has_nul(out):
+            # No path, argument or environment string can hold one: exec and open refuse it.
+            raise ConfigError(f"{where(table, key)}{label} {key}: must not contain a NUL "
+                              "character")
         for fn in (fields[key].metadata.get("check"), (ranges or {}).get(key)):
             problem = fn(out) if fn and out is not None else None
             if problem:
