@@ -52,6 +52,9 @@ def apply_settings(cfg: DetectorConfig, threshold: float | None, below: bool,
     raises :class:`click.BadParameter` naming the bad key or value."""
     changes: dict[str, Any] = {}
     if threshold is not None:
+        if not math.isfinite(threshold):
+            raise click.BadParameter(f"not a finite number: {threshold!r}",
+                                     param_hint="--threshold")
         changes["threshold"] = threshold
     if below:
         changes["below"] = True

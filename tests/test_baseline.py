@@ -23,6 +23,7 @@ def _flags(ts: list[float], values: list[float]) -> list[bool]:
     return [b.score(t, v) >= 0.5 for t, v in zip(ts, values, strict=True)]
 
 
+@pytest.mark.slow
 def test_corpus_recall_and_false_alarms() -> None:
     series = corpus(50, 4000)
     assert len(series) >= 50
@@ -77,6 +78,7 @@ def _csv(path: Path, n: int, seed: int = 11) -> None:
             fh.write(f"{t:.0f},{v:.4f}\n")
 
 
+@pytest.mark.slow
 def test_backtest_of_100000_points_is_fast_and_complete(tmp_path: Path) -> None:
     src, out = tmp_path / "in.csv", tmp_path / "out.csv"
     _csv(src, 100_000)
@@ -134,6 +136,7 @@ def _backtest(src: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
 
 
+@pytest.mark.slow
 def test_backtest_threshold_below_set_and_summary(tmp_path: Path) -> None:
     src = tmp_path / "in.csv"
     src.write_text("timestamp,value\n1,95\n2,95.5\n3,94\n4,10\n")
@@ -151,10 +154,12 @@ def test_backtest_threshold_below_set_and_summary(tmp_path: Path) -> None:
     res = _backtest(src, "--kind", "value")
     assert res.returncode == 2 and res.stdout == ""
     assert "no default threshold" in res.stderr
-    for bad in ("nope=1", "memory=0", "sensitivity=-1", "hold=x", "threshold"):
+    for bad in ("nope=1", "memory=0", "sensitivity=-1", "hold=x", "threshold", "season=nan"):
         res = _backtest(src, "--kind", "baseline", "--set", bad)
         assert res.returncode == 2 and res.stdout == "", (bad, res.stderr)
         assert "Traceback" not in res.stderr
+    res = _backtest(src, "--kind", "cpu", "--threshold", "nan")
+    assert res.returncode == 2 and "not a finite number" in res.stderr
 
 
 def test_backtest_set_changes_the_baseline(tmp_path: Path) -> None:
