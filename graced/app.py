@@ -44,6 +44,7 @@ from .missions.engine import MissionEngine
 from .protocol import Signer
 from .readers import SharedReader
 from .reload import ConfigRejected, Reloader
+from .safefiles import check_private_dir, write_new
 from .silences import Silences
 from .wire import Server, certificate_names, tls_context
 
@@ -55,13 +56,22 @@ def _prepare_state_dir(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise StateError(f"cannot create state dir {path}: {exc.strerror}") from None
+    problem = check_private_dir(path)
+    if problem:
+        raise StateError(f"state dir {path} {problem}: refusing it (it must belong to uid "
+                         f"{os.geteuid()} and be writable by no one else)")
     if not os.access(path, os.W_OK | os.X_OK):
         raise StateError(f"state dir {path} is not writable by this user")
 
 
 def _lock_state_dir(path: Path) -> int:
     """Hold an exclusive lock on the state dir for the daemon's lifetime."""
-    fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
+    except OSError as exc:
+        raise StateError(f"cannot open {path / 'lock'}: {exc.strerror} (a symbolic link "
+                         "there is refused)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -84,9 +94,7 @@ def _daemon_id(state_dir: Path) -> str:
     except FileNotFoundError:
         pass
     value = str(uuid.uuid4())
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(value + "\n")
-    os.rename(tmp, path)
+    write_new(path, (value + "\n").encode(), 0o644)
     return value
 
 

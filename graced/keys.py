@@ -16,6 +16,7 @@ import nacl.signing
 
 from .errors import StateError
 from .protocol import Signer, key_id
+from .safefiles import write_new
 
 KEY_FILE = "key"
 PUB_FILE = "key.pub"
@@ -39,22 +40,11 @@ def parse_public_key(text: str) -> bytes:
 
 
 def _write_private(path: Path, seed: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, base64.b64encode(seed) + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+    write_new(path, base64.b64encode(seed) + b"\n", 0o600)
 
 
 def _write_public(path: Path, public_key: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(format_public_key(public_key))
-    os.chmod(tmp, 0o644)
-    os.rename(tmp, path)
+    write_new(path, format_public_key(public_key).encode(), 0o644)
 
 
 def load_or_create(state_dir: Path) -> tuple[Signer, bool]:

@@ -416,3 +416,68 @@ def test_no_secret_from_a_url_is_journaled_or_shown(make_graced, shortdir) -> No
     finally:
         server.kill()
         server.wait()
+
+
+def _start_fails(g) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(RuntimeError) as failed:
+        g.start()
+    return str(failed.value)
+
+
+@pytest.mark.slow
+def test_planted_symlinks_and_foreign_state_dirs_are_refused(make_graced, shortdir) -> None:
+    """Symlinks planted in the state dir are never followed (the files they point at stay
+    as they were); a lock that is a symlink, or a state dir another user owns or may
+    write, is refused naming the path."""
+    g = make_graced()
+    assert g.stop() == 0
+    victims = {}
+    for name in ("key.tmp", "key.pub.tmp", "daemon-id.tmp"):
+        victim = shortdir / f"victim-{name}"
+        victim.write_text("precious\n")
+        victims[name] = victim
+        (g.state / name).symlink_to(victim)
+    (g.state / "key").unlink()
+    (g.state / "key.pub").unlink()
+    (g.state / "daemon-id").unlink()
+    lock_victim = shortdir / "victim-lock"
+    lock_victim.write_text("precious\n")
+    (g.state / "lock").unlink()
+    (g.state / "lock").symlink_to(lock_victim)
+    failed = _start_fails(g)
+    assert "graced exited 4" in failed
+    assert f"cannot open {g.state / 'lock'}: Too many levels of symbolic links" in failed
+    assert lock_victim.read_text() == "precious\n"
+    (g.state / "lock").unlink()
+    g.start()
+    assert all(v.read_text() == "precious\n" for v in victims.values())
+    assert not any((g.state / name).exists() for name in victims)
+    assert (g.state / "key").is_file() and not (g.state / "key").is_symlink()
+    assert g.stop() == 0
+    g.state.chmod(0o777)
+    failed = _start_fails(g)
+    assert f"state dir {g.state} is writable by group or others (mode 0777)" in failed
+    g.state.chmod(0o700)
+    if os.geteuid() == 0:
+        os.chown(g.state, pwd.getpwnam(_outsider()).pw_uid, -1)
+        failed = _start_fails(g)
+        assert f"state dir {g.state} is owned by uid {pwd.getpwnam(OUTSIDER).pw_uid}" in failed
+        os.chown(g.state, 0, -1)
+    g.start()
+
+
+def test_a_config_others_may_write_is_refused_naming_it(make_graced) -> None:
+    g = make_graced(start=False)
+    g.config.chmod(0o666)
+    failed = _start_fails(g)
+    assert "graced exited 3" in failed
+    assert (f"{g.config}: is writable by group or others (mode 0666): refusing it "
+            "(its commands would run as uid") in failed
+    g.config.chmod(0o644)
+    if os.geteuid() == 0:
+        os.chown(g.config, pwd.getpwnam(_outsider()).pw_uid, -1)
+        failed = _start_fails(g)
+        assert f"{g.config}: is owned by uid {pwd.getpwnam(OUTSIDER).pw_uid}" in failed
+        os.chown(g.config, 0, -1)
+    g.start()
+    assert g.ctl("status").returncode == 0

@@ -14,6 +14,7 @@ from typing import Any
 import tomli_w
 
 from .. import paths
+from ..safefiles import foreign_or_writable
 from .daemon import (
     SECTIONS,
     DaemonConfig,
@@ -180,9 +181,17 @@ def load_config(path: Path | None) -> Config:
     if path is None:
         return default_config()
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as fh:
+            # Checked on the open file: what is checked is what is read.
+            problem = foreign_or_writable(os.fstat(fh.fileno()), allow_root=True)
+            raw = fh.read()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    if problem:
+        raise ConfigError(f"{path}: {problem}: refusing it (its commands would run as "
+                          f"uid {os.geteuid()}; chown it to root and chmod go-w)")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
     return parse_config(text, str(path))
