@@ -7,24 +7,13 @@ never goes through here.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import click
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
+from graced.protocol.text import safe
 
-
-def _escape(m: re.Match[str]) -> str:
-    c = m.group()
-    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-
-
-def safe(value: Any) -> str:
-    """``value`` as one line of text with every control character escaped."""
-    text = value if isinstance(value, str) else str(value)
-    return _CONTROL.sub(_escape, text)
+__all__ = ["echo", "safe", "safe_lines", "table"]
 
 
 def safe_lines(value: Any) -> list[str]:

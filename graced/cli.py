@@ -12,7 +12,7 @@ from typing import Any
 import click
 import trio
 
-from . import __version__
+from . import __version__, logs
 from .config import ConfigError, default_config, load_config, locate, to_toml
 from .errors import DaemonExit, StartupError
 from .sd_notify import stderr_is_journal
@@ -52,7 +52,7 @@ def setup_logging(level: str) -> None:
     handler.setFormatter(_Format(stderr_is_journal()))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    logs.set_level(level)
 
 
 def _fail(message: str, code: int) -> None:

@@ -38,7 +38,7 @@ from typing import Any
 import psutil
 import trio
 
-from . import httpc, targets
+from . import httpc, logs, targets
 from .config import NotifierConfig, PlaybookConfig, RemediationConfig, StepConfig
 from .learning import Learning
 from .mesh import Mesh
@@ -175,9 +175,7 @@ class Executor:
         await self.mesh.publish(tr.topic, tr.mission.brief(),
                                 writes=[store.upsert(tr.mission), *more], durable=durable)
         publish_learning(self.mesh, events)
-        if tr.topic == "mission.escalated":
-            log.warning("mission %d escalated (needs a person): %s", tr.mission.id,
-                        tr.mission.reason)
+        logs.transition(tr.topic, tr.mission)
         self.notify(tr.mission)
 
     def save(self, m: Mission) -> None:

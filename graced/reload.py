@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from . import logs
 from .config import Config, ConfigError, load_config
 from .detectors.runner import DetectorRunner
 from .executor import Executor
@@ -93,7 +94,7 @@ class Reloader:
         self.engine.resolve_after = mc.resolve_after
         self.engine.flap_window = mc.flap_window
         self.engine.update_interval = mc.update_interval
-        logging.getLogger().setLevel(new.daemon.log_level.upper())
+        logs.set_level(new.daemon.log_level)
         self.config = new
         for listener in self.listeners:
             listener(new)

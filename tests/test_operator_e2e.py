@@ -18,12 +18,12 @@ def _hot(file: Path, playbook: str = "") -> str:
             'threshold = 50.0\ninterval = 0.2\n' + playbook + MISSIONS.format(flap=0.0))
 
 
-def _cooling(file: Path, extra: str = "") -> str:
-    """A low-risk playbook that really mends the value, once an hour at most."""
-    return ('[[playbook]]\nname = "cool-down"\ndetector = "hot"\nrisk = "low"\n'
-            f'budget = 1\nverify_timeout = 20.0\n{extra}\n'
+def _cooling(file: Path, risk: str = "low", budget: int = 1) -> str:
+    """A playbook that really mends the value, ``budget`` times an hour at most."""
+    return (f'[[playbook]]\nname = "cool-down"\ndetector = "hot"\nrisk = "{risk}"\n'
+            f'budget = {budget}\nverify_timeout = 20.0\n\n'
             '[[playbook.step]]\naction = "run"\n'
-            f'argv = ["sh", "-c", "echo 10 > {file}"]\ntimeout = 10.0\n')
+            f'argv = ["sh", "-c", "echo 10 > \\"$0\\"", "{file}"]\ntimeout = 10.0\n')
 
 
 def _ls(g: Graced) -> list[dict]:
@@ -62,3 +62,43 @@ def test_an_escalated_mission_stays_in_view_until_its_symptom_clears(make_graced
     assert _ls(g) == []
     assert g.ctl("status").returncode == 0
     assert [m["state"] for m in w.missions("hot")] == ["escalated", "resolved"]
+
+
+@pytest.mark.slow
+def test_the_log_tells_the_remediation_story_escaped_without_library_noise(
+        make_graced, shortdir: Path) -> None:
+    """At info: opened, awaiting approval, approved by whom, executing which playbook,
+    resolved, rejected by whom; a subject with terminal escapes is escaped; at debug no
+    trio-websocket frame lines."""
+    value = shortdir / "v\x1b]0;owned\x07"
+    value.write_text("90\n")
+    toml_path = str(value).replace("\x1b", "\\u001b").replace("\x07", "\\u0007")
+    g = make_graced(extra_config='log_level = "debug"\n', detectors=_hot(
+        Path(toml_path), _cooling(Path(toml_path), "high", 5)))
+    w = Watch(g)
+    first = w.wait("mission.awaiting_approval", "hot", 30)["payload"]["id"]
+    res = g.ctl("missions", "approve", str(first), "--comment", "go ahead")
+    assert res.returncode == 0, res.stderr
+    w.wait("mission.resolved", "hot", 30)
+    value.write_text("90\n")
+    second = w.wait("mission.awaiting_approval", "hot", 30, count=2)["payload"]["id"]
+    assert g.ctl("missions", "reject", str(second), "--comment", "not now\x1b[2J").returncode == 0
+    w.wait("mission.rejected", "hot", 10)
+    assert g.stop() == 0
+
+    lines = g.stderr().splitlines()
+    story = [line.split(" ", 2)[1:] for line in lines if " missions: mission " in line]
+    subject = str(shortdir) + "/v\\e]0;owned\\x07"
+    ours = f"({'medium'}) hot {subject}: hot {subject} at 90.0, above the threshold 50.0"
+    assert story[:5] == [
+        ["info", f"missions: mission {first} opened: {ours}"],
+        ["info", f"missions: mission {first} awaiting approval: playbook cool-down (risk high)"
+                 " needs an approval"],
+        ["info", f"missions: mission {first} approved: approved by root: go ahead"],
+        ["info", f"missions: mission {first} executing: playbook cool-down"],
+        ["info", f"missions: mission {first} resolved: hot normal for 2 consecutive samples"],
+    ], story
+    assert ["info", f"missions: mission {second} rejected: rejected by root: not now\\e[2J"
+            ] in story
+    assert not [line for line in lines if "\x1b" in line or "\x07" in line]
+    assert not [line for line in lines if "trio-websocket" in line or "wsproto" in line]

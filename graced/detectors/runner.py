@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from .. import logs
 from ..config import DetectorConfig
 from ..journal import Write
 from ..mesh import Mesh
@@ -208,6 +209,7 @@ class DetectorRunner:
         more, events = self.outcome(tr.mission, time.time()) if self.outcome else ([], [])
         self.mesh.publish_nowait(tr.topic, tr.mission.brief(),
                                  writes=[store.upsert(tr.mission), *more])
+        logs.transition(tr.topic, tr.mission)
         for topic, payload in events:
             try:
                 self.mesh.publish_nowait(topic, payload)
