@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -139,11 +140,8 @@ def config_check(file: str | None) -> None:
     click.echo(f"{cfg.source}: ok")
 
 
-@config.command("units")
-@config_option
-def config_units(config_path: str | None) -> None:
-    """Print the units the playbooks restart, then the actions they start (for the polkit
-    rule's GRACED_UNITS and GRACED_ACTIONS), one per line."""
+def _units(config_path: str | None) -> tuple[list[str], list[str]]:
+    """The units the playbooks restart, and the actions (grace-action@NAME.service) they start."""
     from .config import Config
     from .plan import action_unit
 
@@ -152,8 +150,52 @@ def config_units(config_path: str | None) -> None:
     steps = [st for pb in cfg.playbook for st in pb.step]
     units = sorted({st.unit for st in steps if st.action == "restart_unit"})
     actions = sorted({action_unit(st.unit) for st in steps if st.action == "start_action"})
+    return units, actions
+
+
+@config.command("units")
+@config_option
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"units": [...], "actions": [...]} instead.')
+def config_units(config_path: str | None, as_json: bool) -> None:
+    """Print the units the playbooks restart, then the actions they start (for the polkit
+    rule's GRACED_UNITS and GRACED_ACTIONS), one per line."""
+    units, actions = _units(config_path)
+    if as_json:
+        click.echo(json.dumps({"units": units, "actions": actions}))
+        return
     for unit in [*units, *actions]:
         click.echo(unit)
+
+
+@config.command("polkit-rule")
+@click.argument("template", type=click.Path(dir_okay=False))
+@config_option
+def config_polkit_rule(template: str, config_path: str | None) -> None:
+    """Print the polkit rule TEMPLATE (systemd/graced.polkit.rules) with its GRACED_UNITS
+    and GRACED_ACTIONS lines set to the config's units and actions (JSON arrays, which
+    are JavaScript literals: no name can break out of its string). install.sh uses it."""
+    units, actions = _units(config_path)
+    try:
+        with open(template, encoding="utf-8") as f:
+            lines = f.read().splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"polkit rule template {template}: {exc}", DaemonExit.CONFIG)
+        raise AssertionError from None
+    values = {"GRACED_UNITS": units, "GRACED_ACTIONS": actions}
+    done = set()
+    for i, line in enumerate(lines):
+        for name, value in values.items():
+            if line.startswith(f"var {name} = "):
+                # ensure_ascii: U+2028/2029, the two JSON characters JavaScript chokes on,
+                # come out escaped.
+                lines[i] = f"var {name} = {json.dumps(value, ensure_ascii=True)};\n"
+                done.add(name)
+    missing = sorted(set(values) - done)
+    if missing:
+        _fail(f"polkit rule template {template}: no line 'var {missing[0]} = ...'",
+              DaemonExit.CONFIG)
+    click.echo("".join(lines), nl=False)
 
 
 @config.command("default")

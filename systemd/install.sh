@@ -77,31 +77,30 @@ systemd-tmpfiles --create /etc/tmpfiles.d/graced.conf
 "$venv/bin/graced" config check "$ETC/graced.toml" \
     || { rm -rf "$venv"; die "the new graced refuses $ETC/graced.toml; nothing changed"; }
 
+# polkit may let graced restart exactly the units its playbooks name, and start exactly
+# the privileged actions (grace-action@NAME.service) their start_action steps name. The
+# new graced writes the rule (its lists as JSON, so no name can escape its string) into
+# a temporary file first: if that fails, nothing has changed yet.
+mkdir -p /etc/polkit-1/rules.d
+rule=/etc/polkit-1/rules.d/50-graced.rules
+"$venv/bin/graced" config polkit-rule "$SRC/systemd/graced.polkit.rules" \
+        --config "$ETC/graced.toml" > "$rule.new" \
+    || { rm -f "$rule.new"; rm -rf "$venv"; die "could not write the polkit rule; nothing changed"; }
+chmod 0644 "$rule.new"
+
 # Switch to the new venv (atomically), then drop all but it and the one before.
 old=$(readlink "$PREFIX/current" 2>/dev/null || true)
 ln -sfn "$venv" "$PREFIX/current.new" && mv -T "$PREFIX/current.new" "$PREFIX/current"
 for dir in "$PREFIX"/venv-*; do
     [ "$dir" = "$venv" ] || [ "$dir" = "$old" ] || rm -rf "$dir"
 done
+mv -f "$rule.new" "$rule"
 ln -sfn "$PREFIX/current/bin/graced" /usr/local/bin/graced
 ln -sfn "$PREFIX/current/bin/gracectl" /usr/local/bin/gracectl
 for page in gracectl.1 graced.toml.5 graced.8; do
     section=${page##*.}
     install -D -m 0644 "$SRC/man/$page" "/usr/local/share/man/man$section/$page"
 done
-
-# polkit may let graced restart exactly the units its playbooks name, and start exactly
-# the privileged actions (grace-action@NAME.service) their start_action steps name.
-listed=$("$venv/bin/graced" config units --config "$ETC/graced.toml")
-units=$(printf '%s\n' "$listed" | { grep -v -e '^grace-action@' -e '^$' || true; } \
-    | sed 's/.*/"&"/' | paste -sd, -)
-actions=$(printf '%s\n' "$listed" | { grep '^grace-action@' || true; } \
-    | sed 's/.*/"&"/' | paste -sd, -)
-mkdir -p /etc/polkit-1/rules.d
-sed -e "s/^var GRACED_UNITS = .*/var GRACED_UNITS = [$units];/" \
-    -e "s/^var GRACED_ACTIONS = .*/var GRACED_ACTIONS = [$actions];/" \
-    "$SRC/systemd/graced.polkit.rules" > /etc/polkit-1/rules.d/50-graced.rules
-chmod 0644 /etc/polkit-1/rules.d/50-graced.rules
 
 install -m 0644 "$SRC/systemd/graced.service" /etc/systemd/system/graced.service
 # The template of privileged actions; each action is the administrator's own drop-in

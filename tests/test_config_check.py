@@ -55,6 +55,10 @@ PLAYBOOK = ('[[playbook]]\nname = "p"\ndetector = "{det}"\nrisk = "low"\n'
      ":3: [[playbook]] #1 (p) kind: no detector kind 'memroy'"),
     ('[[notifier]]\nname = "n"\nkind = "webhook"\nurl = "https://x/"\nargv = ["a"]\n',
      ':5: [[notifier]] #1 (n) argv: not a key of kind "webhook"'),
+    # A unit name that would inject JavaScript into the polkit rule install.sh writes.
+    ('[[playbook]]\nname = "p"\nrisk = "low"\n[[playbook.step]]\naction = "restart_unit"\n'
+     "unit = 'app.service\"]; polkit.addRule(function(a, s) { return 1; }); var X = [\"'\n",
+     ":6: [[playbook]] #1 (p) step 1 unit: not a systemd unit name"),
     # A NUL passed check and took graced down when the step ran (exec refuses it).
     (PLAYBOOK.format(det="m").replace('["true"]', '["/bin/echo", "a\\u0000b"]'),
      ":7: [[playbook]] #1 (p) step 1 argv: must not contain a NUL character"),

@@ -97,12 +97,26 @@ def _action_rule(st: StepConfig) -> tuple[str, str] | None:
     return None
 
 
+# systemd's unit-name grammar (unit_name_is_valid): letters, digits and ":-_.\\" (a
+# systemd-escape'd name keeps its \x2d), one "@" before an instance that may hold more,
+# at most 255 characters. The type suffix may be left to systemctl (".service").
+_UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\-]+(@[A-Za-z0-9:_.\\@-]*)?")
+
+
+def _unit_name(v: str) -> str | None:
+    probe = re.sub(r"\{[a-z]+\}", "x", v)  # a placeholder is filled in when the step runs
+    if len(probe) > 255 or probe.startswith(("-", ".")) or not _UNIT_NAME.fullmatch(probe):
+        return ("not a systemd unit name (letters, digits and :-_.\\ only, one @ before an "
+                "instance, placeholders such as {subject} allowed, at most 255 characters)")
+    return None
+
+
 # Keys every step has.
 COMMON = ("action", "timeout")
 ACTIONS: dict[str, Action] = {
     "run": Action({"argv": non_empty_list, "shell": None, "env": None, "cwd": None,
                    "max_output": None}, requires=("argv",), rule=_run_rule),
-    "restart_unit": Action({"unit": non_empty, "max_output": None}, requires=("unit",)),
+    "restart_unit": Action({"unit": _unit_name, "max_output": None}, requires=("unit",)),
     # An action the administrator installed: grace-action@UNIT.service (graced.8).
     "start_action": Action({"unit": non_empty, "max_output": None}, requires=("unit",),
                            rule=_action_rule),
