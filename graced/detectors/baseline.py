@@ -3,15 +3,17 @@
 Theory of operation
 -------------------
 Pure code: values and timestamps in, a score in [0, 1] out; O(1) work per value and a
-small state (a few numbers and one daily profile) that graced saves and restores.
+small state (a few numbers and two profiles of 288 slots) that graced saves and restores.
 
-**What is expected.** Two models predict each value and the one with the smaller
+**What is expected.** Three models predict each value and the one with the smallest
 recent error is used: a *level* (an exponentially weighted average, updated with the
-residual clipped to a few scale units, so spikes it learns from barely move it), and
-a *daily profile* (``SEASON_BINS`` slots over ``season`` seconds around a slow level),
-used only once a full period has been seen and only if it predicts clearly better.
-The profile tolerates a pattern a slot early or late (the nearest of three slots), so
-a square wave or a cron job at a slightly different minute is not an anomaly.
+residual clipped to a few scale units, so spikes it learns from barely move it), a
+*daily profile* and a *weekly profile* (``SEASON_BINS`` slots over ``season`` seconds,
+and over seven times that, each around its own slow level). A profile is used only
+once it has seen its period and has then predicted clearly better than the level (the
+weekly one catches what a day cannot: weekends, a weekday's batch job). A profile
+tolerates a pattern a slot early or late (the nearest of three slots), so a square
+wave or a cron job at a slightly different minute is not an anomaly.
 
 **How unusual.** The residual is looked at on three time scales: the point itself
 against the last few residuals (a spike), and two exponential averages of the
@@ -45,7 +47,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SEASON_BINS = 288  # slots of the daily profile (5 minutes each for a day)
+SEASON_BINS = 288  # slots of each profile (5 minutes each for a day)
+PERIODS = (1, 7)  # the profiles: a day and a week (multiples of ``season``)
 Z_ALARM = 5.6  # robust deviations that are an anomaly at sensitivity 1
 LEVEL_ALPHA = 0.05  # level EWMA weight
 FAST_ALPHA = 0.3  # recent residual level, for spikes
@@ -86,9 +89,10 @@ class BaselineState:
     last_ts: float | None = None
     level: float = 0.0
     err_level: float = 0.0
-    season_level: float = 0.0
-    season_err: float = 0.0
-    profile: list[float | None] = field(default_factory=lambda: [None] * SEASON_BINS)
+    season_levels: list[float] = field(default_factory=lambda: [0.0] * len(PERIODS))
+    season_errs: list[float] = field(default_factory=lambda: [0.0] * len(PERIODS))
+    profiles: list[list[float | None]] = field(
+        default_factory=lambda: [[None] * SEASON_BINS for _ in PERIODS])
     fast: float = 0.0
     views: list[float] = field(default_factory=lambda: [0.0] * len(SCALES))
     scales: list[float] = field(default_factory=lambda: [0.0] * len(SCALES))
@@ -123,7 +127,9 @@ class Baseline:
         lt = math.log(self.z_alarm / QUANTILE_GAIN)
         self.s = state or BaselineState(tails=[lt, lt, lt])
         s = self.s
-        if (len(s.profile) != SEASON_BINS or len(s.views) != len(SCALES)
+        if (len(s.profiles) != len(PERIODS) or any(len(pr) != SEASON_BINS for pr in s.profiles)
+                or len(s.season_levels) != len(PERIODS) or len(s.season_errs) != len(PERIODS)
+                or len(s.views) != len(SCALES)
                 or len(s.scales) != len(SCALES)
                 or not len(s.marks) == len(s.holds) == len(s.bars) == len(s.tails) == 3):
             raise ValueError("baseline: state does not fit these parameters")
@@ -139,7 +145,8 @@ class Baseline:
         s.last_ts = ts
         s.n += 1
         if s.n == 1:
-            s.level = s.season_level = x
+            s.level = x
+            s.season_levels = [x] * len(PERIODS)
             self.last_reason = "learning"
             self.raw = 0.0
             return 0.0
@@ -148,22 +155,26 @@ class Baseline:
         lim = CLIP * max(s.scales[0], floor)
         r_level = x - s.level
         r = r_level
-        # The daily profile, if it has seen a period and predicts clearly better.
-        slot = -1
-        r_season = r_level
+        # A profile (daily, weekly), if it has seen its period and predicts clearly better.
+        slots = [-1] * len(PERIODS)
+        r_seasons = [r_level] * len(PERIODS)
         seasonal = p.season > 0
         if seasonal:
-            slot = int((ts % p.season) / p.season * SEASON_BINS) % SEASON_BINS
-            prof = s.profile
-            b = prof[slot]
-            if b is not None:
-                r_season = x - s.season_level - b
-                for j in (slot - 1, (slot + 1) % SEASON_BINS):
-                    bj = prof[j]
-                    if bj is not None and abs(x - s.season_level - bj) < abs(r_season):
-                        r_season = x - s.season_level - bj
-            if ts - s.first_ts >= p.season and s.season_err < SEASON_GAIN * s.err_level:
-                r = r_season
+            best = SEASON_GAIN * s.err_level
+            for m, mult in enumerate(PERIODS):
+                period = p.season * mult
+                slot = slots[m] = int((ts % period) / period * SEASON_BINS) % SEASON_BINS
+                prof, lvl = s.profiles[m], s.season_levels[m]
+                b = prof[slot]
+                if b is not None:
+                    rs = x - lvl - b
+                    for j in (slot - 1, (slot + 1) % SEASON_BINS):
+                        bj = prof[j]
+                        if bj is not None and abs(x - lvl - bj) < abs(rs):
+                            rs = x - lvl - bj
+                    r_seasons[m] = rs
+                if ts - s.first_ts >= period and s.season_errs[m] < best:
+                    best, r = s.season_errs[m], r_seasons[m]
         r_point = r - s.fast
         s.fast += FAST_ALPHA * ((r if warm else _clip(r, lim)) - s.fast)
         # Three views of the residual, each against its own robust scale (unrolled: this
@@ -219,19 +230,22 @@ class Baseline:
         s.level += (r_level / s.n) if warm else LEVEL_ALPHA * _clip(r_level, lim)
         s.err_level += a_err * (min(abs(r_level), lim) - s.err_level)
         if seasonal:
-            srate = 1.0 / s.n if warm else max(dt / p.season, 1.0 / (SEASON_BINS * 50))
-            d = x - s.season_level
-            s.season_level += srate * (d if warm else _clip(d, lim))
-            off = x - s.season_level
-            b = s.profile[slot]
-            s.profile[slot] = off if b is None else b + SEASON_BETA * (
-                off - b if warm else _clip(off - b, lim))
-            if ts - s.first_ts < p.season:
-                # Its first period only compares slots with a neighbour set moments ago:
-                # no evidence yet; it must then predict better to be used.
-                s.season_err = s.err_level
-            else:
-                s.season_err += a_err * (min(abs(r_season), lim) - s.season_err)
+            for m, mult in enumerate(PERIODS):
+                period = p.season * mult
+                srate = 1.0 / s.n if warm else max(dt / period, 1.0 / (SEASON_BINS * 50))
+                d = x - s.season_levels[m]
+                s.season_levels[m] += srate * (d if warm else _clip(d, lim))
+                off = x - s.season_levels[m]
+                prof, slot = s.profiles[m], slots[m]
+                b = prof[slot]
+                prof[slot] = off if b is None else b + SEASON_BETA * (
+                    off - b if warm else _clip(off - b, lim))
+                if ts - s.first_ts < period:
+                    # Its first period only compares slots with a neighbour set moments
+                    # ago: no evidence yet; it must then predict better to be used.
+                    s.season_errs[m] = s.err_level
+                else:
+                    s.season_errs[m] += a_err * (min(abs(r_seasons[m]), lim) - s.season_errs[m])
         out = _squash(u)
         self.raw = out
         self.last_reason = KINDS[kind] if u > 0 else "learning" if warm else ""
