@@ -724,11 +724,10 @@ def reload(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         _print_json(result)
         return
-    det = result["detectors"]
-    changes = "; ".join(f"{k} {', '.join(v)}" for k, v in det.items() if v) or "no detector changed"
-    stderr_note(f"reloaded {result['source']} (sha256 {result['sha256'][:12] or '-'}): {changes}"
-                + (f"; closed missions {', '.join(map(str, result['closed_missions']))}"
-                   if result["closed_missions"] else ""))
+    # The daemon names every change (detectors, playbooks and the missions whose plan
+    # changed, notifiers, each table's keys) in one line.
+    stderr_note(f"reloaded {result['source']} (sha256 {result['sha256'][:12] or '-'}): "
+                f"{result.get('summary') or 'nothing changed'}")
     for warning in result["warnings"]:
         stderr_note(f"warning: {warning}")
 

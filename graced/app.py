@@ -180,8 +180,7 @@ class Daemon:
                   runner=runner, reads=reads, quarantine=self.quarantine)
         reloader = Reloader(config=cfg, locate=lambda: self.config_path, mesh=mesh,
                             engine=engine, runner=runner, executor=executor, learning=learning)
-        reloader.listeners += [lambda new: setattr(self, "config", new), api.set_config,
-                               lambda new: executor.replan_soon()]
+        reloader.listeners += [lambda new: setattr(self, "config", new), api.set_config]
         api.reloader = reloader
         server.handlers = api.handlers()
         server.roles = dict(ROLES)

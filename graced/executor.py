@@ -422,18 +422,18 @@ class Executor:
         await self.mesh.publish("mission.plan_changed", {
             **m.brief(), "was": shown, "steps": current["steps"]}, writes=[store.upsert(m)])
 
-    def replan_soon(self) -> None:
-        """After a reload: missions awaiting approval get the plan they would run now."""
-        if self._nursery is not None:
-            self._nursery.start_soon(self.replan_waiting)
-
-    async def replan_waiting(self) -> None:
+    async def replan_waiting(self) -> list[int]:
+        """After a reload: missions awaiting approval get the plan they would run now;
+        returns the ids of those whose plan changed."""
+        changed = []
         for m in list(self.engine.active.values()):
             if m.state != "awaiting_approval" or m.plan is None:
                 continue
             current = self.current_plan(m)
             if current is not None and current["sha256"] != m.plan["sha256"]:
                 await self._plan_changed(m, current)
+                changed.append(m.id)
+        return changed
 
     async def decide(self, mission_id: int, approve: bool, who: dict[str, Any],
                      comment: str, opened: float | None = None,

@@ -12,6 +12,7 @@ running for them. ``daemon.config_reloaded`` carries the file's SHA-256; on any 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ import trio
 
 from . import logs
 from .config import Config, ConfigError, load_config
+from .config.daemon import SECTIONS
 from .detectors.runner import DetectorRunner
 from .executor import Executor
 from .learning import Learning
@@ -43,10 +45,47 @@ class ConfigRejected(Exception):
     """The new config was refused; the message is the reason (one line)."""
 
 
+def _named(old: list[Any], new: list[Any]) -> dict[str, list[str]]:
+    """Added, changed and removed entries of a ``[[table]]`` (by name)."""
+    before, after = {x.name: x for x in old}, {x.name: x for x in new}
+    return {"added": [n for n in after if n not in before],
+            "changed": [n for n in after if n in before and after[n] != before[n]],
+            "removed": [n for n in before if n not in after]}
+
+
+def changes(old: Config, new: Config) -> dict[str, Any]:
+    """What a reload changes, besides the detectors: playbooks and notifiers (by name),
+    and the keys of each single table ([remediation] mode, approvers, keys ...)."""
+    keys = {section: [f.name for f in dataclasses.fields(getattr(new, section))
+                      if getattr(getattr(old, section), f.name)
+                      != getattr(getattr(new, section), f.name)]
+            for section in SECTIONS}
+    return {"playbooks": _named(old.playbook, new.playbook),
+            "notifiers": _named(old.notifier, new.notifier),
+            "sections": {section: names for section, names in keys.items() if names}}
+
+
 def restart_only_changes(old: Config, new: Config) -> list[str]:
     """The restart-only keys whose value differs between ``old`` and ``new``."""
     return [f"[{section}] {key}" for section, keys in RESTART_ONLY.items() for key in keys
             if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)]
+
+
+def summary(result: dict[str, Any]) -> str:
+    """One line naming every change a reload result records ("nothing changed")."""
+    parts = []
+    for what in ("detectors", "playbooks", "notifiers"):
+        diff = result.get(what) or {}
+        done = "; ".join(f"{how} {', '.join(names)}" for how, names in diff.items() if names)
+        if done:
+            parts.append(f"{what} {done}")
+    parts += [f"[{section}] {', '.join(keys)}"
+              for section, keys in (result.get("sections") or {}).items()]
+    for what, label in (("replanned_missions", "plan changed for missions"),
+                        ("closed_missions", "closed missions")):
+        if result.get(what):
+            parts.append(f"{label} {', '.join(map(str, result[what]))}")
+    return "; ".join(parts) or "nothing changed"
 
 
 class Reloader:
@@ -85,6 +124,7 @@ class Reloader:
             return await self._apply(new, by)
 
     async def _apply(self, new: Config, by: str) -> dict[str, Any]:
+        changed = changes(self.config, new)
         diff = self.runner.reconfigure(list(new.detector))
         ex = self.executor
         ex.config, ex.playbooks, ex.notifiers = new.remediation, list(new.playbook), list(
@@ -98,16 +138,18 @@ class Reloader:
         self.config = new
         for listener in self.listeners:
             listener(new)
+        replanned = await self.executor.replan_waiting()
         closed = await self._close_missions_of(diff["removed"])
         for name in diff["removed"]:
             self.engine.forget_detector(name)
         for warning in new.warnings:
             log.warning("%s", warning)
         payload = {"by": by, "source": new.source, "sha256": new.digest, "detectors": diff,
-                   "closed_missions": closed, "warnings": list(new.warnings)}
-        log.info("config reloaded (%s): %s sha256 %s; detectors added %s, changed %s, "
-                 "removed %s", by, new.source, new.digest[:12] or "-",
-                 diff["added"] or "none", diff["changed"] or "none", diff["removed"] or "none")
+                   **changed, "replanned_missions": replanned, "closed_missions": closed,
+                   "warnings": list(new.warnings)}
+        payload["summary"] = summary(payload)
+        log.info("config reloaded (%s): %s sha256 %s; %s", by, new.source,
+                 new.digest[:12] or "-", payload["summary"])
         await self.mesh.publish("daemon.config_reloaded", payload)
         return payload
 

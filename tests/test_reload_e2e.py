@@ -95,7 +95,7 @@ def test_gracectl_reload_says_what_changed_or_why_not(graced: Graced, shortdir: 
     res = graced.ctl("reload")
     assert res.returncode == 0, res.stderr
     assert res.stderr.startswith(f"gracectl: reloaded {graced.config} (sha256 ")
-    assert res.stderr.rstrip().endswith(": added v")
+    assert res.stderr.rstrip().endswith(": detectors added v")
     assert _detectors(graced) == ["v"]
 
     good = graced.config.read_text()
@@ -199,3 +199,35 @@ def test_a_detector_removed_then_added_back_reopens_its_mission(make_graced, sho
     assert g.ctl("reload").returncode == 0
     again = _topic(tail, "mission.opened", count=2)["payload"]
     assert again["detector"] == "hot" and again["id"] != first["id"]
+
+
+def test_reload_names_every_section_that_changed(make_graced, shortdir: Path) -> None:
+    """Not only detectors: playbooks (and the missions whose plan changed), notifiers and
+    each table's keys ([remediation] mode, approvers ...), in the line and in --json."""
+    high = shortdir / "high"
+    high.write_text("90\n")
+    playbook = ('[[playbook]]\nname = "cool"\ndetector = "hot"\nrisk = "high"\n'
+                '[[playbook.step]]\naction = "run"\nargv = ["echo", "first"]\n')
+    g = make_graced(extra_config=MISSIONS, detectors=VALUE.format(name="hot", file=high)
+                    + playbook)
+    g.ctl("status", check=True)  # the key pinned first: reload's stderr is its own
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "mission.*"))
+    waiting = _topic(tail, "mission.awaiting_approval")["payload"]["id"]
+    res = g.ctl("reload")
+    assert res.returncode == 0 and res.stderr.rstrip().endswith(": nothing changed"), res
+    g.config.write_text(g.config.read_text().replace('"first"', '"second"')
+                        + '\n[remediation]\nmode = "observe"\napprovers = ["root"]\n'
+                        '\n[[notifier]]\nname = "pager"\nkind = "command"\n'
+                        'argv = ["true"]\n')
+    res = g.ctl("reload", "--json")
+    assert res.returncode == 0, res.stderr
+    done = json.loads(res.stdout)
+    assert done["detectors"] == {"added": [], "changed": [], "removed": []}
+    assert done["playbooks"] == {"added": [], "changed": ["cool"], "removed": []}
+    assert done["notifiers"] == {"added": ["pager"], "changed": [], "removed": []}
+    assert done["sections"] == {"remediation": ["mode", "approvers"]}
+    assert done["replanned_missions"] == [waiting]
+    g.config.write_text(g.config.read_text().replace('mode = "observe"', 'mode = "act"'))
+    res = g.ctl("reload")
+    assert res.returncode == 0
+    assert res.stderr.rstrip().endswith(": [remediation] mode"), res.stderr
