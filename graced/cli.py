@@ -143,12 +143,14 @@ def config_check(file: str | None) -> None:
 def _units(config_path: str | None) -> tuple[list[str], list[str]]:
     """The units the playbooks restart, and the actions (grace-action@NAME.service) they start."""
     from .config import Config
-    from .plan import action_unit
+    from .plan import action_unit, restart_units
 
     cfg = _load(config_path)
     assert isinstance(cfg, Config)
     steps = [st for pb in cfg.playbook for st in pb.step]
-    units = sorted({st.unit for st in steps if st.action == "restart_unit"})
+    units, warnings = restart_units(cfg)
+    for warning in warnings:  # stdout stays a clean list
+        click.echo(f"graced: warning: {warning}", err=True)
     actions = sorted({action_unit(st.unit) for st in steps if st.action == "start_action"})
     return units, actions
 
@@ -159,7 +161,11 @@ def _units(config_path: str | None) -> tuple[list[str], list[str]]:
               help='Print {"units": [...], "actions": [...]} instead.')
 def config_units(config_path: str | None, as_json: bool) -> None:
     """Print the units the playbooks restart, then the actions they start (for the polkit
-    rule's GRACED_UNITS and GRACED_ACTIONS), one per line."""
+    rule's GRACED_UNITS and GRACED_ACTIONS), one per line.
+
+    "{subject}" is expanded from a systemd detector's units; what cannot be listed (a
+    glob, {value}) is a warning on stderr: write those units into the rule by hand.
+    """
     units, actions = _units(config_path)
     if as_json:
         click.echo(json.dumps({"units": units, "actions": actions}))

@@ -23,7 +23,7 @@ import hashlib
 import json
 from typing import Any
 
-from .config import PlaybookConfig, StepConfig
+from .config import Config, PlaybookConfig, StepConfig
 from .missions.engine import Mission
 
 PLACEHOLDERS = ("subject", "value", "detector", "mission")
@@ -102,3 +102,53 @@ def build(pb: PlaybookConfig, values: dict[str, str]) -> dict[str, Any]:
                                       for i, st in enumerate(pb.step, 1)]}
     plan["sha256"] = digest(plan)
     return plan
+
+
+def _by_hand(pb: PlaybookConfig, i: int, unit: str, why: str) -> str:
+    return (f'playbook {pb.name} step {i} restarts "{unit}": {why}; list the units it may '
+            "restart in the polkit rule by hand (graced(8), PRIVILEGED ACTIONS)")
+
+
+def restart_units(cfg: Config) -> tuple[list[str], list[str]]:
+    """The units restart_unit steps may restart, for the polkit rule, and warnings.
+
+    A unit with placeholders is expanded where its values are known before anything
+    runs: ``{subject}`` from the names a systemd detector's ``units`` lists (those the
+    playbook's subject glob allows), ``{detector}`` from the detectors the playbook
+    matches. A glob, a detector watching every unit or of another kind, ``{value}`` or
+    ``{mission}``: those units cannot be listed; a warning says so.
+    """
+    units: set[str] = set()
+    warnings: list[str] = []
+    for pb in cfg.playbook:
+        dets = [d for d in cfg.detector if d.enabled and (not pb.detector or d.name == pb.detector)
+                and (not pb.kind or d.kind == pb.kind)]
+        for i, st in enumerate(pb.step, 1):
+            if st.action != "restart_unit":
+                continue
+            if "{" not in st.unit:
+                units.add(st.unit)
+                continue
+            if "{value}" in st.unit or "{mission}" in st.unit:
+                warnings.append(_by_hand(pb, i, st.unit, "{value} and {mission} are known "
+                                         "only when it runs"))
+                continue
+            if not dets:
+                warnings.append(_by_hand(pb, i, st.unit, "no detector matches the playbook"))
+            for d in dets:
+                values = {"detector": d.name}
+                if "{subject}" not in st.unit:
+                    units.add(substitute(st.unit, values))
+                elif d.kind != "systemd" or not d.units:
+                    why = (f"detector {d.name} watches every unit" if d.kind == "systemd"
+                           else f"the subjects of detector {d.name} (kind {d.kind}) are not "
+                                "unit names known before it runs")
+                    warnings.append(_by_hand(pb, i, st.unit, why))
+                else:
+                    for name in d.units:
+                        if any(c in name for c in "*?["):
+                            warnings.append(_by_hand(pb, i, st.unit, f"detector {d.name} "
+                                                     f'watches units by the glob "{name}"'))
+                        elif fnmatch.fnmatchcase(name, pb.subject or "*"):
+                            units.add(substitute(st.unit, {**values, "subject": name}))
+    return sorted(units), warnings

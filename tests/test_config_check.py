@@ -158,3 +158,29 @@ def test_a_config_the_user_cannot_read_is_one_line_exit_3(tmp_path: Path) -> Non
         assert res.returncode == DaemonExit.CONFIG, (args, res.stderr)
         assert res.stderr == (f"graced: config error: {path}: cannot read: "
                               "Permission denied\n"), (args, res.stderr)
+
+
+def test_config_units_expands_subject_from_the_detectors_units(tmp_path: Path) -> None:
+    """graced.toml(5)'s restart-failed-unit example restarts "{subject}": the polkit rule
+    gets the unit names the systemd detector lists; its glob cannot be listed, and a
+    warning on stderr says so (stdout stays a clean list of units)."""
+    example = next(e for e in _examples() if 'name = "restart-failed-unit"' in e)
+    assert 'unit = "{subject}"' in example and '"app-*.service"' in example
+    path = tmp_path / "graced.toml"
+    path.write_text("version = 1\n" + example)
+    res = graced_cmd("config", "units", "--config", str(path))
+    assert res.returncode == 0 and res.stdout == "nginx.service\n", res
+    assert res.stderr == (
+        'graced: warning: playbook restart-failed-unit step 1 restarts "{subject}": detector '
+        'failed-units watches units by the glob "app-*.service"; list the units it may '
+        "restart in the polkit rule by hand (graced(8), PRIVILEGED ACTIONS)\n")
+    rule = graced_cmd("config", "polkit-rule", str(ROOT / "systemd" / "graced.polkit.rules"),
+                      "--config", str(path))
+    assert 'var GRACED_UNITS = ["nginx.service"];' in rule.stdout and "{" not in "".join(
+        line for line in rule.stdout.splitlines() if line.startswith("var GRACED_UNITS"))
+
+    # Literal names only: all listed, no warning; a subject glob on the playbook narrows.
+    path.write_text(path.read_text().replace('"app-*.service", ', '"app-1.service", ')
+                    .replace('budget = 3', 'budget = 3\nsubject = "app-*"'))
+    res = graced_cmd("config", "units", "--config", str(path))
+    assert (res.returncode, res.stdout, res.stderr) == (0, "app-1.service\n", "")
