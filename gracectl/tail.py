@@ -11,8 +11,8 @@ from typing import IO, Any
 
 import trio
 
-from graced.mesh import compile_patterns
 from graced.protocol import ChainVerifier, ExitCode, Violation, key_id
+from graced.protocol.topics import compile_patterns
 
 from .client import Endpoint, connect
 from .errors import Unreachable

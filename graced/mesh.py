@@ -15,9 +15,7 @@ Channels owned: none; the writer is woken by a :class:`trio.Event`.
 from __future__ import annotations
 
 import collections
-import fnmatch
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,29 +25,11 @@ import trio
 
 from .journal import WAL_LIMIT, Journal, Write
 from .protocol import SignedEvent, Signer, canonical_bytes
+from .protocol.topics import compile_patterns
 
 log = logging.getLogger("graced.mesh")
 
 Deliver = Callable[[SignedEvent], None]
-
-
-def compile_patterns(patterns: Iterable[str]) -> Callable[[str], bool]:
-    """A matcher for topic globs (``*``, ``?``, ``[...]``); no patterns match all."""
-    pats = list(patterns)
-    if not pats or "*" in pats:
-        return lambda topic: True
-    regex = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in pats))
-    cache: dict[str, bool] = {}
-
-    def match(topic: str) -> bool:
-        hit = cache.get(topic)
-        if hit is None:
-            hit = cache[topic] = regex.match(topic) is not None
-            if len(cache) > 4096:
-                cache.clear()
-        return hit
-
-    return match
 
 
 @dataclass(eq=False)

@@ -34,9 +34,10 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 from .auth import CONTROL, RANK, Authenticator, AuthError, Refusals
 from .errors import DaemonExit, StartupError
 from .journal import JournalReader
-from .mesh import Mesh, Subscription, compile_patterns
+from .mesh import Mesh, Subscription
 from .protocol import CanonicalError, SignedEvent, Signer, canonical_text, format_ts
 from .protocol.canonical import json_safe
+from .protocol.topics import compile_patterns
 from .protocol.wire import Request, RequestError, error_response, parse_request, response
 
 log = logging.getLogger("graced.wire")

@@ -40,22 +40,27 @@ def value_detector(name: str, file: Path) -> str:
             f'subject = "queue"\ninterval = 0.2\nthreshold = 50.0\n')
 
 
-@pytest.mark.slow
-def test_a_nan_reading_is_a_detector_error_and_views_keep_working(make_graced,
-                                                                   shortdir: Path) -> None:
+def with_a_mission(make_graced, shortdir: Path) -> tuple[Graced, Watch, Path, int]:
+    """graced with a value detector whose mission is open."""
     value = shortdir / "value"
     value.write_text("99")
     g = make_graced(detectors=value_detector("v", value))
     w = Watch(g)
+    return g, w, value, w.wait("mission.opened", "v", 15)["payload"]["id"]
+
+
+@pytest.mark.slow
+def test_a_nan_reading_is_a_detector_error_and_views_keep_working(make_graced,
+                                                                   shortdir: Path) -> None:
+    g, w, value, mid = with_a_mission(make_graced, shortdir)
     errors = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "detector.error"))
     try:
-        opened = w.wait("mission.opened", "v", 15)["payload"]
         for bad in ("nan", "inf", "1e400", "-nan"):
             value.write_text(bad)
-            assert errors.wait_for(lambda ls, b=bad: any(
+            assert errors.wait_for(lambda ls: any(
                 "no JSON form" in x or "not a JSON number" in x for x in ls[-1:]), 15), bad
             errors.lines.clear()
-        shown = json.loads(g.ctl("missions", "show", str(opened["id"]), "--json",
+        shown = json.loads(g.ctl("missions", "show", str(mid), "--json",
                                  check=True).stdout)
         assert all(isinstance(s["value"], (int, float)) for s in shown["samples"])
         views_work(g)
@@ -68,11 +73,7 @@ def test_a_nan_reading_is_a_detector_error_and_views_keep_working(make_graced,
 
 def test_nan_rows_written_by_0_1_0_are_read_without_failing(make_graced,
                                                              shortdir: Path) -> None:
-    value = shortdir / "value"
-    value.write_text("99")
-    g = make_graced(detectors=value_detector("v", value))
-    w = Watch(g)
-    mid = w.wait("mission.opened", "v", 15)["payload"]["id"]
+    g, w, _, mid = with_a_mission(make_graced, shortdir)
     w.close()
     g.stop()
     # What 0.1.0 wrote for a NaN sample: Python's json with the bare word NaN.
@@ -124,6 +125,7 @@ def test_a_log_line_that_never_ends_does_not_grow_graced(make_graced, shortdir: 
 ESC = "\x1b]0;pwned\x07\x1b[31mRED\x1b[0m\u202eevil"
 
 
+@pytest.mark.slow
 def test_escape_sequences_from_a_probe_reach_the_terminal_escaped(make_graced,
                                                                   shortdir: Path) -> None:
     script = shortdir / "probe.sh"
