@@ -27,7 +27,9 @@ def render_plan(plan: dict[str, Any]) -> list[str]:
         else:
             target = (f"pid {st['pid']}" if st.get("pid") else
                       f"the pid in {safe(st['pid_file'])}" if st.get("pid_file") else
-                      f"processes matching {json.dumps(st['process'])}")
+                      f"processes matching {json.dumps(st['process'])}"
+                      if st.get("match_cmdline") else
+                      f"processes named {json.dumps(st['process'])}")
             lines.append(f"{head}: signal SIG{safe(st['signal'])} to {target}")
             if "matching_pids" in st:
                 pids = ", ".join(str(p) for p in st["matching_pids"]) or "none"

@@ -15,6 +15,7 @@ import pwd
 import time
 from typing import Any
 
+import psutil
 import trio
 
 from . import __version__, keys
@@ -597,9 +598,10 @@ class Api:
             for st, step in zip(pb.step, plan["steps"], strict=True):
                 if st.action == "signal":
                     try:
-                        step["matching_pids"] = await trio.to_thread.run_sync(
+                        found = await trio.to_thread.run_sync(
                             self.executor.pids, st, plan["values"])
-                    except (OSError, ValueError) as exc:
+                        step["matching_pids"] = [t.pid for t in found]
+                    except (OSError, ValueError, psutil.Error) as exc:
                         step["matching_pids"] = []
                         step["error"] = str(exc)
             return {"dry_run": True, "mission": m.brief(), "plan": plan}

@@ -80,7 +80,7 @@ def describe(st: StepConfig, values: dict[str, str]) -> dict[str, Any]:
     return {"action": "signal", "signal": st.signal.upper().removeprefix("SIG"),
             "process": substitute(st.process, values), "pid": st.pid,
             "pid_file": substitute(st.pid_file, values) if st.pid_file else "",
-            "timeout": st.timeout}
+            "match_cmdline": st.match_cmdline, "timeout": st.timeout}
 
 
 def action_unit(name: str) -> str:

@@ -29,7 +29,7 @@ def inspect_playbook(marker: str) -> str:
             'env = ["WHERE={subject}"]\ntimeout = 5.0\n'
             '[[playbook.step]]\naction = "restart_unit"\nunit = "{subject}-worker.service"\n'
             '[[playbook.step]]\naction = "signal"\nsignal = "HUP"\n'
-            f'process = "{marker}"\n\n')
+            f'process = "{marker}"\nmatch_cmdline = true\n\n')
 
 
 def drain_playbook(queue: Path, echo: str = "drained") -> str:

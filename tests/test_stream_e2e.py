@@ -153,6 +153,8 @@ def test_tail_verify_catches_each_live_tampering(graced: Graced) -> None:
         "replay": (ExitCode.REPLAYED, target, target + 2),
         "cut": (ExitCode.STALE, target, target + 1),
         "close": (ExitCode.STALE, target, target + 1),
+        # Every event before the target withheld: --since 1 must start at 1.
+        "drop-head": (ExitCode.CHAIN_BROKEN, target, 1),
     }
     outputs = {}
     for mode, expect in cases.items():
@@ -172,6 +174,8 @@ def test_tail_verify_catches_each_live_tampering(graced: Graced) -> None:
         code, seq, limit = expect
         assert res.returncode == code, (mode, res.returncode, res.stderr)
         assert f"seq {seq}:" in res.stderr, (mode, res.stderr)
+        if mode == "drop-head":
+            assert "missing head" in res.stderr, res.stderr
         # Nothing from the bad frame on was printed as if it were good.
         printed = [json.loads(x)["seq"] for x in outputs[mode]]
         assert all(s < limit for s in printed), (mode, printed)

@@ -40,6 +40,8 @@ def tamper_frames(frames: list[str], mode: str, target: int, state: dict) -> lis
             out.append(text)
             continue
         seq = obj.get("seq") if isinstance(obj, dict) and "type" not in obj else None
+        if mode == "drop-head" and isinstance(seq, int) and seq < target:
+            continue  # every event before the target: the head of the stream is withheld
         if seq == target:
             if mode == "forge":
                 other = nacl.signing.SigningKey.generate()
