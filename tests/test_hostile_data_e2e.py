@@ -71,6 +71,7 @@ def test_a_nan_reading_is_a_detector_error_and_views_keep_working(make_graced,
         w.close()
 
 
+@pytest.mark.slow
 def test_nan_rows_written_by_0_1_0_are_read_without_failing(make_graced,
                                                              shortdir: Path) -> None:
     g, w, _, mid = with_a_mission(make_graced, shortdir)
