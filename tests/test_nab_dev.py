@@ -35,4 +35,4 @@ def test_nab_dev_scores_of_the_default_baseline() -> None:
     assert rows["HTM (numenta)"] == ["65.8", "58.2", "70.3"]
     assert "28 series, 272544 rows" in res.stdout
     # standard, reward_low_FP, reward_low_FN: at least what this detector first reached.
-    assert mine[0] >= 60.0 and mine[1] >= 48.5 and mine[2] >= 66.0, res.stdout
+    assert mine[0] >= 62.0 and mine[1] >= 50.5 and mine[2] >= 69.0, res.stdout

@@ -56,7 +56,7 @@ SCALES = (1.0, 0.2, 0.04)  # EWMA weights of the residual views (1 = the point)
 A0, A1, A2 = SCALES
 SEASON_BETA = 0.25  # profile slot weight per visit
 CLIP = 4.0  # residual clip for learning, in scale units
-SEASON_GAIN = 0.8  # the profile is used if its error is below this x the level's
+SEASON_GAIN = 0.9  # a profile is used if its error is below this x the level's
 QUANTILE = 0.998  # tail of the metric's own deviations
 QUANTILE_STEP = 0.05  # log-quantile step per value
 QUANTILE_GAIN = 1.5  # alarm above this x the tail quantile
