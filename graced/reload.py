@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from . import logs
-from .config import Config, ConfigError, load_config
+from .config import EMBEDDED, Config, ConfigError, load_config
 from .config.daemon import SECTIONS
 from .detectors.runner import DetectorRunner
 from .executor import Executor
@@ -110,6 +110,10 @@ class Reloader:
         async with self._lock:
             try:
                 new = await trio.to_thread.run_sync(lambda: load_config(self.locate()))
+                if new.blank and self.config.source != EMBEDDED:
+                    # An editor saving in place truncates first: never apply "nothing".
+                    raise ConfigError(f"{new.source}: is empty (a save in progress?); the "
+                                      "running config came from a file")
                 changed = restart_only_changes(self.config, new)
                 if changed:
                     raise ConfigError(f"{new.source}: {', '.join(changed)} changed: only a "

@@ -184,3 +184,24 @@ def test_config_units_expands_subject_from_the_detectors_units(tmp_path: Path) -
                     .replace('budget = 3', 'budget = 3\nsubject = "app-*"'))
     res = graced_cmd("config", "units", "--config", str(path))
     assert (res.returncode, res.stdout, res.stderr) == (0, "app-1.service\n", "")
+
+
+@pytest.mark.slow
+def test_a_deep_oversized_or_special_file_is_one_line_exit_3(tmp_path: Path) -> None:
+    """A TOML nested 3000 deep (tomllib recurses), a file past the size limit and a FIFO
+    (which would block the open for ever): a config error each, never a traceback or hang."""
+    deep = tmp_path / "deep.toml"
+    deep.write_text("a = " + "[" * 3000 + "]" * 3000 + "\n")
+    big = tmp_path / "big.toml"
+    big.write_text("# padding\n" * (5 * 1024 * 1024 // 10))
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo, 0o644)
+    cases = {deep: "arrays or tables nested too deeply",
+             big: "more than a config may hold (4194304)", fifo: "not a regular file"}
+    for path, reason in cases.items():
+        for args in (["config", "check", str(path)], ["run", "--config", str(path)]):
+            res = graced_cmd(*args)
+            assert res.returncode == DaemonExit.CONFIG, (args, res.stderr)
+            assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+            assert res.stderr.startswith(f"graced: config error: {path}: "), res.stderr
+            assert reason in res.stderr, res.stderr

@@ -30,6 +30,7 @@ from .detectors import (
 )
 from .file import (
     CONFIG_VERSION,
+    EMBEDDED,
     Config,
     default_config,
     load_config,
@@ -42,7 +43,7 @@ from .playbooks import ACTIONS, RISKS, PlaybookConfig, StepConfig
 from .schema import ConfigError
 
 __all__ = [
-    "ACTIONS", "CONFIG_VERSION", "DETECTOR_KINDS", "KINDS", "KIND_DEFAULT_THRESHOLD",
+    "ACTIONS", "CONFIG_VERSION", "DETECTOR_KINDS", "EMBEDDED", "KINDS", "KIND_DEFAULT_THRESHOLD",
     "NOTIFIER_KINDS", "RISKS", "SECTIONS", "SEVERITIES", "Config", "ConfigError",
     "DaemonConfig", "DetectorConfig", "JournalConfig", "LearningConfig", "MissionsConfig",
     "NotifierConfig", "PlaybookConfig", "RemediationConfig", "StepConfig", "default_config",

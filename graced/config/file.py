@@ -6,6 +6,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,8 @@ class Config:
     source: str = field(default=EMBEDDED, metadata=internal())
     # SHA-256 of the file's bytes ("" for the embedded default): daemon.config_reloaded.
     digest: str = field(default="", metadata=internal())
+    # The file held nothing but whitespace (a reload refuses that: a save in progress).
+    blank: bool = field(default=False, metadata=internal())
     # Things that are valid but surely not meant ("FILE:LINE: ..." lines).
     warnings: tuple[str, ...] = field(default=(), metadata=internal())
 
@@ -126,8 +129,18 @@ def _check_references(cfg: Config, where: Where) -> tuple[str, ...]:
     return tuple(warnings)
 
 
-def parse_config(text: str, source: str) -> Config:
-    """Parse TOML text into a Config; raises :class:`ConfigError`."""
+def parse_config(text: str, source: str, *, raw: bytes | None = None) -> Config:
+    """Parse TOML text into a Config; raises :class:`ConfigError`.
+
+    ``raw``, the file's bytes, gives the digest (sha256sum's); else the text's UTF-8.
+    """
+    try:
+        return _parse(text, source, raw)
+    except RecursionError:
+        raise ConfigError(f"{source}: arrays or tables nested too deeply") from None
+
+
+def _parse(text: str, source: str, raw: bytes | None) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -161,7 +174,8 @@ def parse_config(text: str, source: str) -> Config:
             known = ", ".join(["version", *SECTIONS, *arrays])
             raise ConfigError(f"{source}: unknown top-level key {key!r} (known: {known})")
     cfg = Config(version=version, source=source,
-                 digest=hashlib.sha256(text.encode()).hexdigest(), **built)
+                 digest=hashlib.sha256(text.encode() if raw is None else raw).hexdigest(),
+                 blank=not text.strip(), **built)
     cfg = dataclasses.replace(cfg, warnings=_check_references(cfg, where))
     return _with_default_paths(cfg)
 
@@ -176,25 +190,67 @@ def locate(path: str | None) -> Path | None:
     return paths.default_config_file()
 
 
+# Larger than any real config: a bigger file is a mistake or an attack, never read.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
+def _read_config(path: Path) -> bytes:
+    """The file's bytes, read whole and stable (blocking; never waits on a FIFO).
+
+    Opened with O_NONBLOCK, so a FIFO or device cannot block the open; only a regular
+    file of at most MAX_CONFIG_BYTES is read. If its size or mtime moved while it was
+    read (an editor saving in place), it is read again.
+    """
+    for _ in range(5):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        try:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                raise ConfigError(f"{path}: not a regular file")
+            # Checked on the open file: what is checked is what is read.
+            problem = foreign_or_writable(before, allow_root=True)
+            if problem:
+                raise ConfigError(f"{path}: {problem}: refusing it (its commands would run "
+                                  f"as uid {os.geteuid()}; chown it to root and chmod go-w)")
+            if before.st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"{path}: {before.st_size} bytes, more than a config may "
+                                  f"hold ({MAX_CONFIG_BYTES})")
+            chunks = []
+            size = 0
+            while size <= MAX_CONFIG_BYTES:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            after = os.fstat(fd)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: more than a config may hold ({MAX_CONFIG_BYTES} "
+                              "bytes)")
+        raw = b"".join(chunks)
+        if (before.st_size == after.st_size == len(raw)
+                and before.st_mtime_ns == after.st_mtime_ns):
+            return raw
+    raise ConfigError(f"{path}: changed each time it was read (being written?)")
+
+
 def load_config(path: Path | None) -> Config:
     """Load ``path``, or the embedded default when it is None."""
     if path is None:
         return default_config()
-    try:
-        with open(path, "rb") as fh:
-            # Checked on the open file: what is checked is what is read.
-            problem = foreign_or_writable(os.fstat(fh.fileno()), allow_root=True)
-            raw = fh.read()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    if problem:
-        raise ConfigError(f"{path}: {problem}: refusing it (its commands would run as "
-                          f"uid {os.geteuid()}; chown it to root and chmod go-w)")
+    raw = _read_config(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
-    return parse_config(text, str(path))
+    return parse_config(text, str(path), raw=raw)
 
 
 def default_config() -> Config:

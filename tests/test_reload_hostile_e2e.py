@@ -1,0 +1,71 @@
+"""What sits at the config path is not trusted by a reload, against a real graced: an
+empty file (an editor saving in place) is refused, not applied; a FIFO neither hangs
+`gracectl reload` nor SIGTERM; the reported SHA-256 is the file's bytes, CRLF and all."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Graced
+from tests.helpers.procs import LineCollector
+from tests.test_playbooks_e2e import show
+from tests.test_reload_e2e import VALUE, _detectors, _topic
+
+HELD = ('[[playbook]]\nname = "held"\ndetector = "hot"\nrisk = "high"\n'
+        '[[playbook.step]]\naction = "run"\nargv = ["/bin/true"]\n')
+
+
+@pytest.mark.slow
+def test_an_empty_file_is_refused_and_the_running_config_stays(make_graced,
+                                                               shortdir: Path) -> None:
+    high = shortdir / "high"
+    high.write_text("90\n")
+    g: Graced = make_graced(start=False)
+    # Paths left to graced (as `graced config default` writes them), so an empty file
+    # changes no restart-only key: only the emptiness can refuse it.
+    g.config.write_text("version = 1\n[daemon]\nheartbeat_interval = 0.5\n"
+                        + VALUE.format(name="hot", file=high) + HELD)
+    g.socket = g.home / "run" / "graced" / "graced.sock"
+    g.start()
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "daemon.config_*",
+                                     "mission.*"))
+    try:
+        waiting = _topic(tail, "mission.awaiting_approval")["payload"]
+        good = g.config.read_bytes()
+        g.config.write_bytes(b"")  # the editor truncated; its write has not come yet
+        res = g.ctl("reload")
+        assert res.returncode == 1, res.stderr
+        assert f"{g.config}: is empty (a save in progress?)" in res.stderr
+        assert res.stderr.count("\n") == 1, res.stderr
+        assert show(g, waiting["id"])["state"] == "awaiting_approval"
+        assert _detectors(g) == ["hot"]
+        playbooks = json.loads(g.ctl("playbooks", "ls", "--json", check=True).stdout)
+        assert [p["name"] for p in playbooks["playbooks"]] == ["held"]
+
+        # The same config saved with CRLF line ends: applied, hashed as sha256sum does.
+        crlf = good.replace(b"\n", b"\r\n")
+        g.config.write_bytes(crlf)
+        assert g.ctl("reload").returncode == 0
+        done = _topic(tail, "daemon.config_reloaded")["payload"]
+        assert done["sha256"] == hashlib.sha256(crlf).hexdigest()
+        assert show(g, waiting["id"])["state"] == "awaiting_approval"
+    finally:
+        tail.proc.terminate()
+        tail.proc.wait(10)
+
+
+def test_a_fifo_at_the_config_path_neither_hangs_reload_nor_sigterm(graced: Graced) -> None:
+    graced.ctl("status", check=True)
+    graced.config.unlink()
+    os.mkfifo(graced.config, 0o644)
+    res = graced.ctl("reload", timeout=20)
+    assert res.returncode == 1, res.stderr
+    assert f"{graced.config}: not a regular file" in res.stderr
+    assert graced.ctl("status").returncode == 0
+    assert graced.stop(signal.SIGTERM, timeout=10) == 0
