@@ -20,8 +20,9 @@ def render_plan(plan: dict[str, Any]) -> list[str]:
             extra = {k: v for k, v in (st.get("env") or {}).items()
                      if not k.startswith("GRACE_")}
             if extra:
-                lines.append("       env " + " ".join(json.dumps(f"{k}={v}")
-                                                      for k, v in extra.items()))
+                # graced never sends a value the config sets: only a hash of it.
+                lines.append("       env " + ", ".join(
+                    f"{safe(k)} (value hidden, {safe(v)})" for k, v in extra.items()))
         elif st["action"] in ("restart_unit", "start_action"):
             lines.append(f"{head}: unit {safe(st['unit'])} (argv {json.dumps(st['argv'])})")
         else:

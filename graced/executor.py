@@ -45,7 +45,7 @@ from .mesh import Mesh
 from .missions import store
 from .missions.engine import Mission, MissionEngine, Transition
 from .plan import build as build_plan
-from .plan import describe, matches, mission_values, substitute
+from .plan import command, describe, matches, mission_values, redact_output, secrets, substitute
 from .redact import redact_text
 from .silences import Silences
 
@@ -622,10 +622,11 @@ class Executor:
                         raise ProcessLookupError("no matching process")
                     result.update(ok=True, pids=pids, exit_code=0)
                 else:
+                    argv, own_env = command(st, values)
                     env = dict(os.environ)
-                    env.update(desc.get("env") or {})
+                    env.update(own_env)
                     res = await trio.run_process(
-                        desc["argv"], stdin=b"", capture_stdout=True, capture_stderr=True,
+                        argv, stdin=b"", capture_stdout=True, capture_stderr=True,
                         check=False, env=env, cwd=st.cwd or None)
                     output = (res.stdout + res.stderr)
                     if st.action == "start_action":
@@ -643,7 +644,11 @@ class Executor:
                           error=f"graced internal error: {type(exc).__name__}: {exc}")
         result["duration_s"] = round(time.monotonic() - started, 3)
         result["output_sha256"] = hashlib.sha256(output).hexdigest()
-        result["output"] = output[: st.max_output].decode("utf-8", "replace")
+        # What is shown and journaled: the step's env values hidden, URLs redacted.
+        hide = secrets(st, values)
+        result["output"] = redact_output(output[: st.max_output].decode("utf-8", "replace"), hide)
+        if result.get("error"):
+            result["error"] = redact_output(str(result["error"]), hide)
         result["output_truncated"] = len(output) > st.max_output
         return result
 

@@ -14,6 +14,14 @@ The plan's ``sha256`` is the SHA-256 of its JSON with sorted keys and compact se
 computed over every field but ``sha256`` itself. An approval names this hash: if the
 playbook changed since (a config reload), the same values give another hash and the
 approval is refused.
+
+Secrets stay in the executor. A ``run`` step's ``env`` values (an API token) are never in
+a plan: the plan shows each variable the config sets by name, with ``sha256:`` and the
+first 16 hex digits of the SHA-256 of its value (graced's own ``GRACE_*`` variables, the
+mission's values, are shown as they are), so a changed value still changes the plan's
+hash. An argv shows URLs redacted (graced/redact.py: no password, user or query
+values); when that hid something, ``argv_sha256`` is the SHA-256 of the real argv's JSON.
+:func:`command` gives what actually runs.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from typing import Any
 
 from .config import Config, PlaybookConfig, StepConfig
 from .missions.engine import Mission
+from .redact import HIDDEN, redact_text
 
 PLACEHOLDERS = ("subject", "value", "detector", "mission")
 
@@ -62,25 +71,62 @@ def step_env(st: StepConfig, values: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def describe(st: StepConfig, values: dict[str, str]) -> dict[str, Any]:
-    """One step as it would run."""
+def command(st: StepConfig, values: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """What a step runs: its argv and the variables it gets (the secrets: never shown)."""
     if st.action == "run":
         argv = ["/bin/sh", "-c", st.argv[0]] if st.shell else [
             substitute(a, values) for a in st.argv]
-        return {"action": "run", "argv": argv, "env": step_env(st, values),
-                "cwd": st.cwd or None, "timeout": st.timeout}
+        return argv, step_env(st, values)
     if st.action == "restart_unit":
-        unit = substitute(st.unit, values)
-        return {"action": "restart_unit", "unit": unit,
-                "argv": ["systemctl", "restart", "--", unit], "timeout": st.timeout}
+        return ["systemctl", "restart", "--", substitute(st.unit, values)], {}
     if st.action == "start_action":
-        unit = action_unit(substitute(st.unit, values))
-        return {"action": "start_action", "unit": unit,
-                "argv": ["systemctl", "start", "--wait", "--", unit], "timeout": st.timeout}
+        return ["systemctl", "start", "--wait", "--",
+                action_unit(substitute(st.unit, values))], {}
+    return [], {}
+
+
+def hidden(value: str) -> str:
+    """How a plan shows a secret value: enough of its hash to see that it changed."""
+    return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def describe(st: StepConfig, values: dict[str, str]) -> dict[str, Any]:
+    """One step as it would run, as anyone may see it (no env value, URLs redacted)."""
+    argv, env = command(st, values)
+    if st.action == "run":
+        shown = [redact_text(a) for a in argv]
+        own = {item.partition("=")[0] for item in st.env}
+        desc: dict[str, Any] = {
+            "action": "run", "argv": shown,
+            "env": {k: hidden(v) if k in own else v for k, v in env.items()},
+            "cwd": st.cwd or None, "timeout": st.timeout}
+        if shown != argv:
+            desc["argv_sha256"] = hashlib.sha256(
+                _json(argv).encode("utf-8", "surrogatepass")).hexdigest()
+        return desc
+    if st.action in ("restart_unit", "start_action"):
+        return {"action": st.action, "unit": argv[-1], "argv": argv, "timeout": st.timeout}
     return {"action": "signal", "signal": st.signal.upper().removeprefix("SIG"),
             "process": substitute(st.process, values), "pid": st.pid,
             "pid_file": substitute(st.pid_file, values) if st.pid_file else "",
             "match_cmdline": st.match_cmdline, "timeout": st.timeout}
+
+
+def secrets(st: StepConfig, values: dict[str, str]) -> list[str]:
+    """The values of the variables a step's config sets, to hide from its output."""
+    own = {item.partition("=")[0] for item in st.env}
+    return [v for k, v in step_env(st, values).items() if k in own and len(v) >= 4]
+
+
+def redact_output(text: str, hide: list[str]) -> str:
+    """A step's output or error as shown: URLs redacted, the step's env values hidden."""
+    for value in sorted(hide, key=len, reverse=True):
+        text = text.replace(value, HIDDEN)
+    return redact_text(text)
 
 
 def action_unit(name: str) -> str:
@@ -90,8 +136,7 @@ def action_unit(name: str) -> str:
 
 def digest(plan: dict[str, Any]) -> str:
     body = {k: v for k, v in plan.items() if k != "sha256"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(_json(body).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def build(pb: PlaybookConfig, values: dict[str, str]) -> dict[str, Any]:

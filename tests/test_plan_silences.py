@@ -34,7 +34,8 @@ def test_a_plan_is_the_steps_with_the_values_put_in() -> None:
     plan = build(PB, mission_values(mission()))
     run, restart, sig, action = plan["steps"]
     assert run["argv"] == ["/usr/bin/clean", "web", "--over=97.5"]
-    assert run["env"]["TARGET"] == "web" and run["env"]["GRACE_MISSION"] == "7"
+    assert run["env"]["TARGET"] == "sha256:" + hashlib.sha256(b"web").hexdigest()[:16]
+    assert run["env"]["GRACE_MISSION"] == "7"
     assert restart["argv"] == ["systemctl", "restart", "--", "web.service"]
     assert (sig["signal"], sig["process"]) == ("HUP", "webd")
     assert action["unit"] == "grace-action@clean-logs.service"
@@ -52,6 +53,21 @@ def test_the_hash_changes_with_the_playbook_not_with_later_samples() -> None:
     longer = dataclasses.replace(PB, step=[*PB.step[:1], dataclasses.replace(
         PB.step[1], timeout=60.0), *PB.step[2:]])
     assert build(longer, plan["values"])["sha256"] != plan["sha256"]
+
+
+def test_env_values_stay_out_of_a_plan_but_still_change_its_hash() -> None:
+    token = "s3cr3t-token-value"
+    pb = dataclasses.replace(PB, step=[StepConfig(
+        action="run", argv=["/usr/bin/curl", f"https://ops:{token}@api.invalid/x?k={token}"],
+        env=[f"TOKEN={token}"])])
+    plan = build(pb, mission_values(mission()))
+    assert token not in json.dumps(plan)
+    assert plan["steps"][0]["argv"][1] == "https://REDACTED@api.invalid/x?k=REDACTED"
+    rotated = dataclasses.replace(pb, step=[dataclasses.replace(pb.step[0], env=["TOKEN=new"])])
+    assert build(rotated, plan["values"])["sha256"] != plan["sha256"]
+    other_url = dataclasses.replace(pb, step=[dataclasses.replace(
+        pb.step[0], argv=["/usr/bin/curl", "https://ops:other@api.invalid/x?k=other"])])
+    assert build(other_url, plan["values"])["sha256"] != plan["sha256"]
 
 
 @given(st.text(max_size=40))

@@ -94,7 +94,7 @@ def test_playbooks_ls_dry_run_and_a_manual_run(make_graced, shortdir: Path, slee
         assert f"dry run for mission {mid} (backlog:queue, awaiting_approval)" in dry
         assert (f'1. run: argv ["/bin/echo", "backlog", "queue", "value=99", "m{mid}"]'
                 in dry)
-        assert 'env "WHERE=queue"' in dry
+        assert 'env WHERE (value hidden, sha256:' in dry
         assert ('2. restart_unit: unit queue-worker.service (argv ["systemctl", "restart", '
                 '"--", "queue-worker.service"])') in dry
         assert f'3. signal: signal SIGHUP to processes matching "{marker}"' in dry
@@ -226,5 +226,52 @@ def test_an_approval_for_a_plan_changed_since_is_refused(make_graced, shortdir: 
         m = json.loads(final.stdout)
         assert m["approvals"][-1]["plan_sha256"] == changed["sha256"]
         assert m["plan"]["sha256"] == changed["sha256"]
+    finally:
+        w.close()
+
+
+@pytest.mark.slow
+def test_step_secrets_never_reach_a_reader(make_graced, shortdir: Path) -> None:
+    """A step's env values, a password and token in its argv's URL and those secrets in its
+    output reach the step, and no reader: not a plan, an event, a mission, the journal."""
+    queue, seen = shortdir / "queue", shortdir / "seen"
+    queue.write_text(NORMAL)
+    token, password, query = (f"{word}-{uuid.uuid4().hex}" for word in ("tok", "pw", "q"))
+    url = f"https://ops:{password}@api.example.invalid/drain?key={query}"
+    script = f'echo "token=$TOKEN url=$1"; echo "$TOKEN $1" > {seen}; echo {NORMAL} > {queue}'
+    g = make_graced(detectors=value_detector("backlog", queue, "high")
+                    + '[[playbook]]\nname = "drain"\ndetector = "backlog"\nrisk = "high"\n'
+                    'verify_timeout = 10.0\n[[playbook.step]]\naction = "run"\n'
+                    f'argv = {json.dumps(["/bin/sh", "-c", script, "sh", url])}\n'
+                    f'env = ["TOKEN={token}"]\ntimeout = 10.0\n'
+                    + SETTINGS.format(approval=300.0))
+    w = Watch(g)
+    try:
+        queue.write_text(FAULT)
+        mid = w.wait("mission.awaiting_approval", "backlog", 15)["payload"]["id"]
+        dry = g.ctl("playbooks", "run", "drain", "--mission", str(mid), "--dry-run", "--json",
+                    check=True).stdout
+        step = json.loads(dry)["plan"]["steps"][0]
+        assert step["env"]["TOKEN"].startswith("sha256:") and "argv_sha256" in step
+        assert step["argv"][-1] == ("https://REDACTED@api.example.invalid/drain?"
+                                    "key=REDACTED")
+        shown = g.ctl("missions", "show", str(mid), check=True).stdout
+        assert "TOKEN (value hidden, sha256:" in shown
+        plan = show(g, mid)["plan"]["sha256"]
+        g.ctl("missions", "approve", str(mid), "--plan", plan, check=True)
+        done = json.loads(g.ctl("wait", str(mid), "--state", "resolved", "--timeout", "30",
+                                "--json", check=True).stdout)
+        # The step got the real values ...
+        assert seen.read_text().split() == [token, url]
+        # ... and shows its output with them hidden.
+        assert done["steps"][0]["output"] == (
+            "token=REDACTED url=https://REDACTED@api.example.invalid/drain?key=REDACTED\n")
+        readers = [dry, shown, g.ctl("missions", "show", str(mid), "--json", check=True).stdout,
+                   g.ctl("missions", "ls", "--all", "--json", check=True).stdout,
+                   g.ctl("tail", "--json", "--since", "1", "--no-follow", check=True).stdout]
+        files = [p.read_bytes() for p in g.state.glob("journal.db*")]
+        for secret in (token, password, query):
+            assert not [r for r in readers if secret in r], secret
+            assert not [f for f in files if secret.encode() in f], secret
     finally:
         w.close()
