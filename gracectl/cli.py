@@ -713,14 +713,23 @@ def resume(ctx: click.Context, as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              metavar="SECONDS", help="Give up (exit 6) if graced has not answered by then.")
 @json_option
 @click.pass_context
-def reload(ctx: click.Context, as_json: bool) -> None:
+def reload(ctx: click.Context, timeout: float, as_json: bool) -> None:
     """Make graced re-read its config file and apply it; exit 1 if it refuses it.
 
-    A refused config leaves the running one in place; the reason is printed.
+    A refused config leaves the running one in place; the reason is printed. Exit 6 if
+    graced has not answered within --timeout (whether it applied the file is unknown).
     """
-    result = _run(lambda: _call(_endpoint(ctx), "reload", {}))
+    async def go() -> Any:
+        with trio.move_on_after(timeout):
+            return await _call(_endpoint(ctx), "reload", {})
+        raise CtlError(f"graced did not answer the reload within {timeout:g} s (whether it "
+                       "applied the file is unknown: see gracectl status)", ExitCode.TIMEOUT)
+
+    result = _run(go)
     if as_json:
         _print_json(result)
         return

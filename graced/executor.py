@@ -419,8 +419,10 @@ class Executor:
     async def _plan_changed(self, m: Mission, current: dict[str, Any]) -> None:
         shown = m.plan["sha256"] if m.plan else None
         m.plan = current
+        # Not waiting on the commit (a reload answers at once, even on a full disk).
         await self.mesh.publish("mission.plan_changed", {
-            **m.brief(), "was": shown, "steps": current["steps"]}, writes=[store.upsert(m)])
+            **m.brief(), "was": shown, "steps": current["steps"]}, writes=[store.upsert(m)],
+            durable=False)
 
     async def replan_waiting(self) -> list[int]:
         """After a reload: missions awaiting approval get the plan they would run now;

@@ -122,7 +122,8 @@ class Reloader:
                 reason = str(exc) if isinstance(exc, ConfigError) else (
                     f"cannot read the config: {type(exc).__name__}: {exc}")
                 log.warning("config rejected (%s), keeping the running one: %s", by, reason)
-                await self.mesh.publish("daemon.config_rejected", {
+                # Not waiting on the commit: the answer must not hang on a full disk.
+                self.mesh.publish_nowait("daemon.config_rejected", {
                     "by": by, "reason": reason, "running_sha256": self.config.digest})
                 raise ConfigRejected(reason) from None
             return await self._apply(new, by)
@@ -154,7 +155,9 @@ class Reloader:
         payload["summary"] = summary(payload)
         log.info("config reloaded (%s): %s sha256 %s; %s", by, new.source,
                  new.digest[:12] or "-", payload["summary"])
-        await self.mesh.publish("daemon.config_reloaded", payload)
+        # Applied in memory already: the answer says so at once, even while the journal
+        # cannot commit (a full disk); the event is committed with the next group.
+        self.mesh.publish_nowait("daemon.config_reloaded", payload)
         return payload
 
     async def _close_missions_of(self, removed: list[str]) -> list[int]:
@@ -164,6 +167,7 @@ class Reloader:
         for m in list(self.engine.active.values()):
             if m.detector in removed and m.id not in self.executor.running:
                 await self.executor.record(self.engine.transition(
-                    m, "expired", now, f"detector {m.detector} was removed from the config"))
+                    m, "expired", now, f"detector {m.detector} was removed from the config"),
+                    durable=False)
                 closed.append(m.id)
         return closed

@@ -115,3 +115,42 @@ def test_disk_full_is_reported_reads_go_on_and_it_recovers(small_fs: Path,
         assert '"user.before"' in whole.stdout and '"user.during"' in whole.stdout
     finally:
         g.close()
+
+
+@pytest.mark.slow
+def test_a_reload_on_a_full_disk_answers_at_once_and_applies(small_fs: Path,
+                                                            shortdir: Path) -> None:
+    """The config is applied in memory: `gracectl reload` (systemd's ExecReload=) says so
+    at once instead of waiting on a commit that cannot happen; its event follows once
+    space returns."""
+    g = Graced(shortdir)
+    g.start()
+    try:
+        g.ctl("keys", "trust", check=True)
+        fill(small_fs / "filler")
+        g.ctl_popen("emit", "user.stuck")  # waits for a commit: the failure shows at once
+        for _ in range(200):
+            if json.loads(g.ctl("status", "--json").stdout)["journal"]["failing_since"]:
+                break
+        else:
+            raise AssertionError("status never reported failing commits")
+        g.config.write_text(g.config.read_text() + "\n[missions]\nresolve_after = 4\n")
+        res = g.ctl("reload", "--json", "--timeout", "10", timeout=30)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["sections"] == {"missions": ["resolve_after"]}
+        # Refused on a full disk: said at once too.
+        g.config.write_text(g.config.read_text() + "bogus = 1\n")
+        res = g.ctl("reload", "--timeout", "10", timeout=30)
+        assert res.returncode == 1 and "bogus: unknown key" in res.stderr, res.stderr
+        tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "daemon.config_*"))
+        os.unlink(small_fs / "filler")
+
+        def topics() -> list[str]:
+            return [e["topic"] for e in tail.events()]
+
+        assert tail.wait_for(lambda _: len(topics()) >= 2, 30), tail.lines
+        assert topics() == ["daemon.config_reloaded", "daemon.config_rejected"]
+        tail.proc.terminate()
+        tail.proc.wait(10)
+    finally:
+        g.close()
