@@ -128,7 +128,8 @@ def config_check(file: str | None) -> None:
     """Check FILE (default: the config graced would load); exit 3 if it is invalid.
 
     An invalid file gets one line on stderr naming the file, line, key and reason.
-    Warnings (a playbook that can never match) go to stderr; the file is still ok.
+    Warnings (a playbook that can never match, a watched path that does not exist, a
+    missing optional module such as psycopg) go to stderr; the file is still ok.
     """
     try:
         cfg = load_config(locate(file))

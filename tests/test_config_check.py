@@ -115,7 +115,11 @@ def test_every_example_appended_to_the_default_checks_ok(tmp_path: Path) -> None
         path = tmp_path / f"graced-{n}.toml"
         path.write_text(default.stdout + "\n" + example)
         res = graced_cmd("config", "check", str(path))
-        assert (res.returncode, res.stdout, res.stderr) == (0, f"{path}: ok\n", ""), example
+        assert (res.returncode, res.stdout) == (0, f"{path}: ok\n"), example
+        # The only warnings: a file an example watches that this host does not have.
+        for line in res.stderr.splitlines():
+            missing = re.search(r" (file|path): (/\S+) does not exist \(yet\)", line)
+            assert missing and not os.path.exists(missing[2]), (line, example)
 
 
 def test_check_without_a_file_checks_what_graced_would_load(tmp_path: Path) -> None:
@@ -205,3 +209,38 @@ def test_a_deep_oversized_or_special_file_is_one_line_exit_3(tmp_path: Path) -> 
             assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
             assert res.stderr.startswith(f"graced: config error: {path}: "), res.stderr
             assert reason in res.stderr, res.stderr
+
+
+def test_check_warns_about_a_missing_path_and_a_missing_optional_module(tmp_path: Path
+                                                                        ) -> None:
+    """Valid configs that would fail once they run: config check says ok, and warns (one
+    line each, naming file, line and key) — a watched path that does not exist, and the
+    postgres example on a Python without psycopg."""
+    gone = tmp_path / "gone"
+    path = tmp_path / "graced.toml"
+    path.write_text(f'version = 1\n[[detector]]\nname = "d"\nkind = "disk"\npath = "{gone}"\n'
+                    f'[[detector]]\nname = "l"\nkind = "log"\nfile = "{gone}.log"\n'
+                    'pattern = "ERROR"\nmax_rate = 1\n')
+    res = graced_cmd("config", "check", str(path))
+    assert (res.returncode, res.stdout) == (0, f"{path}: ok\n"), res.stderr
+    assert res.stderr.splitlines() == [
+        f"graced: warning: {path}:5: [[detector]] #1 (d) path: {gone} does not exist (yet): "
+        "the detector fails until it does",
+        f"graced: warning: {path}:9: [[detector]] #2 (l) file: {gone}.log does not exist "
+        "(yet): the detector fails until it does"]
+
+    example = next(e for e in _examples() if 'kind = "postgres"' in e)
+    path.write_text("version = 1\n" + example)
+    # A Python where psycopg cannot be imported, as on a host without grace[postgres].
+    shadow = tmp_path / "site" / "psycopg"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ImportError("No module named \'psycopg\'")\n')
+    env = dict(os.environ, PYTHONPATH=str(shadow.parent))
+    res = graced_cmd("config", "check", str(path), env=env)
+    assert (res.returncode, res.stdout) == (0, f"{path}: ok\n"), res.stderr
+    [line] = res.stderr.splitlines()
+    assert line.startswith(f"graced: warning: {path}:")
+    assert line.endswith("kind: postgres needs the Python module psycopg (No module named "
+                         "'psycopg'): install it (pip install 'grace[postgres]') or the "
+                         "detector fails")
+    assert graced_cmd("config", "check", str(path)).stderr == ""  # here it is installed

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,30 @@ def test_log_lines_carry_priorities_for_the_journal_and_timestamps_elsewhere(
         assert len(stamped) == len(lines) - 2, lines
         assert any(" warning detectors: detector gone failed: " in line for line in stamped)
         assert any(" warning reload: config rejected (SIGHUP)" in line for line in stamped)
+
+
+def test_a_missing_log_file_is_a_detector_failure_like_a_missing_disk_path(
+        make_graced, shortdir) -> None:
+    """One rule for a watched path that does not exist (graced.toml(5)): the detector
+    fails (status FAILING, exit 7), no mission opens; once the file exists it is watched."""
+    log = shortdir / "app.log"
+    g = make_graced(detectors=f'[[detector]]\nname = "applog"\nkind = "log"\n'
+                              f'interval = 0.2\nfile = "{log}"\npattern = "ERROR"\n'
+                              'max_rate = 1\nwindow = 2.0\n')
+    errors = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "detector.error",
+                                       "mission.opened"))
+    assert errors.wait_for(lambda lines: any(x.startswith("{") for x in lines), 30)
+    res = g.ctl("status")
+    assert res.returncode == 7, res.stdout + res.stderr
+    assert _rows(res.stdout)["detectors"].startswith("1 running; FAILING: applog "
+                                                     "(FileNotFoundError")
+    assert [e["topic"] for e in errors.events()] == ["detector.error"]
+    log.write_text("")
+    deadline = time.monotonic() + 60  # the detector retries with a growing backoff
+    with log.open("a") as fh:  # now it exists: errors in it open a mission
+        while not errors.wait_for(lambda _: any(
+                e["topic"] == "mission.opened" for e in errors.events()), 0.5):
+            fh.write("ERROR x\n" * 20)
+            fh.flush()
+            assert errors.proc.poll() is None and time.monotonic() < deadline
+    errors.proc.terminate()

@@ -129,6 +129,33 @@ def _check_references(cfg: Config, where: Where) -> tuple[str, ...]:
     return tuple(warnings)
 
 
+# Detector kinds that need a module graced does not depend on: kind -> (module, extra).
+OPTIONAL = {"postgres": ("psycopg", "grace[postgres]")}
+
+
+def _host_warnings(cfg: Config, where: Where) -> tuple[str, ...]:
+    """What this host lacks for the config to work, though the config is valid: a path a
+    detector watches that does not exist (a detector failure once it runs, see
+    graced.toml(5)) and an optional module a kind needs."""
+    warnings = []
+    for index, d in enumerate(cfg.detector):
+        label = f"[[detector]] #{index + 1} ({d.name})"
+        key = {"disk": "path", "inodes": "path", "log": "file", "value": "file"}.get(d.kind)
+        if d.enabled and key and not os.path.lexists(getattr(d, key)):
+            warnings.append(f"{where('detector', key, index)}{label} {key}: "
+                            f"{getattr(d, key)} does not exist (yet): the detector fails "
+                            "until it does")
+        if d.enabled and d.kind in OPTIONAL:
+            module, extra = OPTIONAL[d.kind]
+            try:
+                __import__(module)
+            except ImportError as exc:
+                warnings.append(f"{where('detector', 'kind', index)}{label} kind: "
+                                f"{d.kind} needs the Python module {module} ({exc}): install "
+                                f"it (pip install '{extra}') or the detector fails")
+    return tuple(warnings)
+
+
 def parse_config(text: str, source: str, *, raw: bytes | None = None) -> Config:
     """Parse TOML text into a Config; raises :class:`ConfigError`.
 
@@ -176,7 +203,8 @@ def _parse(text: str, source: str, raw: bytes | None) -> Config:
     cfg = Config(version=version, source=source,
                  digest=hashlib.sha256(text.encode() if raw is None else raw).hexdigest(),
                  blank=not text.strip(), **built)
-    cfg = dataclasses.replace(cfg, warnings=_check_references(cfg, where))
+    cfg = dataclasses.replace(cfg, warnings=(*_check_references(cfg, where),
+                                             *_host_warnings(cfg, where)))
     return _with_default_paths(cfg)
 
 

@@ -81,6 +81,8 @@ class LogFile:
         try:
             fh = open(self.config.file, "rb")  # noqa: SIM115 - kept open between samples
         except OSError:
+            if at_end:  # the first open: a path graced cannot read is a detector failure
+                raise
             return False
         st = os.fstat(fh.fileno())
         if at_end:
@@ -116,9 +118,7 @@ class LogFile:
     def sample(self) -> list[Observation]:
         lines: list[str] = []
         if self._fh is None:
-            if not self._open(at_end=True):
-                return [Observation(self.subject, None,
-                                    failed=f"cannot open {self.config.file}")]
+            self._open(at_end=True)
             return [self.window.observe(self.subject, [])]
         try:
             st = os.stat(self.config.file)
@@ -128,6 +128,7 @@ class LogFile:
         if current is not None and current != self._ino:
             lines += self._read()  # the rest of the rotated file
             self._fh.close()
+            self._fh = None
             self._open(at_end=False)
         elif current is not None and st.st_size < self._fh.tell():
             self._fh.seek(0)  # truncated in place (copytruncate)
