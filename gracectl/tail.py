@@ -13,6 +13,7 @@ import trio
 
 from graced.protocol import ChainVerifier, ExitCode, Violation, key_id
 from graced.protocol.topics import compile_patterns
+from graced.protocol.verify import announced_interval, stale_limit
 
 from .client import Endpoint, connect
 from .errors import Unreachable
@@ -113,7 +114,7 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
             if opts.verify and verifier is None:
                 assert opts.trusted_key is not None
                 interval = float(hello.get("heartbeat_interval", 5.0))
-                stale = opts.stale_after or 3 * interval + 1
+                stale = opts.stale_after or stale_limit(interval)
                 # The first event must be the one asked for: nobody may drop the head.
                 verifier = ChainVerifier(opts.trusted_key, stale_after=stale,
                                          first_seq=next_seq)
@@ -145,6 +146,11 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
                 if verifier is not None:
                     verifier.feed_line(line.encode("utf-8", "surrogatepass"),
                                        trio.current_time())
+                    # The signed stream says how often to expect a heartbeat (a reload
+                    # may change it): the stale limit follows, unless the user set one.
+                    announced = announced_interval(event)
+                    if announced is not None and opts.stale_after is None:
+                        verifier.stale_after = stale_limit(announced)
                     printer.accept(line, event, verifier.pending)
                 else:
                     printer.accept(line, event, False)

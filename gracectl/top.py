@@ -25,6 +25,7 @@ from typing import Any
 import trio
 
 from graced.protocol import ChainVerifier, ExitCode, Violation, key_id
+from graced.protocol.verify import announced_interval, stale_limit
 
 from .cli import _age
 from .client import Connection, Endpoint, connect, decide
@@ -343,7 +344,7 @@ class Top:
             if self.next_seq is None:
                 self.next_seq = max(1, head - 50)
             if self.verifier is None:
-                stale = 3 * float(hello.get("heartbeat_interval", 5.0)) + 1
+                stale = stale_limit(float(hello.get("heartbeat_interval", 5.0)))
                 self.verifier = ChainVerifier(key, stale_after=stale, first_seq=self.next_seq)
             sub = await conn.request("subscribe", {"patterns": ["*"], "since": self.next_seq})
             await _poll(conn, self.model)
@@ -374,6 +375,9 @@ class Top:
                     raise Violation(ExitCode.CHAIN_BROKEN, None, "unparsable frame")
                 self.verifier.feed_line(line.encode("utf-8", "surrogatepass"),
                                         trio.current_time())
+                interval = announced_interval(ev)
+                if interval is not None:  # a reload may change the heartbeat's pace
+                    self.verifier.stale_after = stale_limit(interval)
             except Violation as exc:
                 self.model.violation = violation_text(exc)
                 self.changed()

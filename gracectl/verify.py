@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import IO
 
 from graced.protocol import ChainVerifier, ExitCode, Violation, parse_ts
-from graced.protocol.verify import MAX_LINE_BYTES
+from graced.protocol.verify import MAX_LINE_BYTES, announced_interval, stale_limit
 
 PARALLEL_MIN_BYTES = 4 << 20
 CHUNKS_PER_WORKER = 6
@@ -54,17 +54,14 @@ class _Gaps:
     def limit(self) -> float | None:
         if self.stale_after is not None:
             return self.stale_after
-        return 3 * self.interval + 1 if self.interval else None
+        return stale_limit(self.interval) if self.interval else None
 
     def feed(self, event: dict, seq: int) -> None:
         try:
             ts = parse_ts(event["ts"])
         except ValueError:
             raise Violation(ExitCode.CHAIN_BROKEN, seq, "malformed timestamp") from None
-        if event["topic"] == "daemon.heartbeat" and isinstance(event["payload"], dict):
-            value = event["payload"].get("interval")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.interval = float(value)
+        self.interval = announced_interval(event) or self.interval
         if self.prev_ts is not None and self.prev_topic != "daemon.stopping":
             gap = ts - self.prev_ts
             limit = self.limit()
@@ -205,7 +202,7 @@ def _parallel(path: str, public_key: bytes, *, anchor: tuple[int, str] | None,
         verifier.check_start(head.first_seq, head.first_hash, head.first_prev)
     except Violation:
         return None
-    stale_limit = stale_after
+    fixed = stale_after
     interval: float | None = None
     prev: _Chunk | None = None
     for chunk in chunks:
@@ -213,8 +210,8 @@ def _parallel(path: str, public_key: bytes, *, anchor: tuple[int, str] | None,
         if prev is not None:
             if chunk.first_seq != prev.last_seq + 1 or chunk.first_prev != prev.last_hash:
                 return None
-            limit = stale_limit if stale_limit is not None else (
-                3 * interval + 1 if interval else None)
+            limit = fixed if fixed is not None else (
+                stale_limit(interval) if interval else None)
             seam = chunk.first_ts - prev.last_ts if prev.last_topic != "daemon.stopping" else 0
             if limit is not None and max(seam, chunk.early_gap) > limit:
                 return None

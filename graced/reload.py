@@ -149,7 +149,9 @@ class Reloader:
             self.engine.forget_detector(name)
         for warning in new.warnings:
             log.warning("%s", warning)
+        # heartbeat_interval: a verifier's stale limit follows it (docs/protocol.md).
         payload = {"by": by, "source": new.source, "sha256": new.digest, "detectors": diff,
+                   "heartbeat_interval": new.daemon.heartbeat_interval,
                    **changed, "replanned_missions": replanned, "closed_missions": closed,
                    "warnings": list(new.warnings)}
         payload["summary"] = summary(payload)

@@ -69,3 +69,39 @@ def test_a_fifo_at_the_config_path_neither_hangs_reload_nor_sigterm(graced: Grac
     assert f"{graced.config}: not a regular file" in res.stderr
     assert graced.ctl("status").returncode == 0
     assert graced.stop(signal.SIGTERM, timeout=10) == 0
+
+
+@pytest.mark.slow
+def test_a_reload_that_slows_the_heartbeat_is_not_a_stale_stream(graced: Graced,
+                                                                  shortdir: Path) -> None:
+    """tail --verify and verify take the stale limit from the signed stream's announced
+    interval (heartbeats and daemon.config_reloaded), not a fixed one: a legitimate
+    reload from 0.5 s to 3 s heartbeats is no tamper-class exit 13."""
+    graced.ctl("keys", "trust", check=True)
+    tail = LineCollector(graced.ctl_popen("tail", "--verify", "--json", "--since", "1"))
+    try:
+        assert tail.wait_for(lambda _: any(e["topic"] == "daemon.heartbeat"
+                                           for e in tail.events()), 20), tail.lines
+        graced.config.write_text(graced.config.read_text().replace(
+            "heartbeat_interval = 0.5", "heartbeat_interval = 3.0"))
+        res = graced.ctl("reload", "--json")
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["heartbeat_interval"] == 3.0
+
+        def slow_beats() -> int:
+            return sum(1 for e in tail.events() if e["topic"] == "daemon.heartbeat"
+                       and e["payload"]["interval"] == 3.0)
+
+        assert tail.wait_for(lambda _: slow_beats() >= 2 or tail.proc.poll() is not None,
+                             30), tail.lines
+        assert tail.proc.poll() is None, tail.proc.stderr.read()  # type: ignore[union-attr]
+        assert graced.stop() == 0
+        assert tail.wait_for(lambda _: any(e["topic"] == "daemon.stopping"
+                                           for e in tail.events()), 20)
+    finally:
+        tail.proc.terminate()
+        tail.proc.wait(10)
+    saved = shortdir / "stream.jsonl"
+    saved.write_text("".join(line + "\n" for line in tail.lines if line.startswith("{")))
+    res = graced.ctl("verify", "--key", str(graced.state / "key.pub"), str(saved))
+    assert res.returncode == 0, res.stderr

@@ -200,6 +200,32 @@ def parse_event_line(line: bytes) -> tuple[dict[str, Any], bytes]:
     return obj, line[:cut] + line[end + 1:]
 
 
+# Which signed events announce the heartbeat interval, and under which payload key.
+_ANNOUNCES = {"daemon.heartbeat": "interval", "daemon.config_reloaded": "heartbeat_interval"}
+
+
+def announced_interval(event: dict[str, Any]) -> float | None:
+    """The heartbeat interval a (verified) event announces, or None.
+
+    ``daemon.heartbeat`` carries it as ``interval``; ``daemon.config_reloaded`` as
+    ``heartbeat_interval``, before the first heartbeat at the new pace, so a reload that
+    slows the heartbeat is never taken for a withheld stream.
+    """
+    key = _ANNOUNCES.get(event.get("topic", ""))
+    payload = event.get("payload")
+    if key is None or not isinstance(payload, dict):
+        return None
+    value = payload.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return None
+
+
+def stale_limit(interval: float) -> float:
+    """The silence that makes a stream stale: three heartbeats missed, plus 1 s."""
+    return 3 * interval + 1
+
+
 def parse_anchor(text: str) -> tuple[int, str]:
     """``SEQ:HASH`` (as ``gracectl checkpoint`` prints it) -> (seq, hash)."""
     seq_text, sep, digest = text.strip().partition(":")
