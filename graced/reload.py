@@ -5,14 +5,16 @@ SIGHUP, ``systemctl reload graced`` (the unit's ExecReload= runs ``gracectl relo
 Keys only a restart can apply (the socket, listeners, state dir, journal) must be
 unchanged. On success detectors, playbooks, notifiers, remediation, learning, missions,
 heartbeat and log level change in place: no client is dropped, no state is lost; the
-missions of a removed detector close (expired) saying so, unless a playbook step is
-running for them. ``daemon.config_reloaded`` carries the file's SHA-256; on any error
+missions of a removed detector, and those of a changed detector on a subject it no
+longer reports, close (expired) saying so, unless a playbook step is running for them.
+``daemon.config_reloaded`` carries the file's SHA-256; on any error
 ``daemon.config_rejected`` carries the reason and the running config stays.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import time
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from typing import Any
 import trio
 
 from . import logs
-from .config import EMBEDDED, Config, ConfigError, load_config
+from .config import EMBEDDED, Config, ConfigError, DetectorConfig, load_config
 from .config.daemon import SECTIONS
 from .detectors.runner import DetectorRunner
 from .executor import Executor
@@ -39,6 +41,14 @@ RESTART_ONLY = {
                "tls_cert", "tls_key"),
     "journal": ("synchronous", "batch_max"),
 }
+
+
+def reports(cfg: DetectorConfig, subject: str) -> bool:
+    """Whether detector ``cfg`` can report ``subject``: every kind reports its one subject,
+    except systemd, one per failed unit its ``units`` names or globs match (all if none)."""
+    if cfg.kind == "systemd":
+        return not cfg.units or any(fnmatch.fnmatchcase(subject, g) for g in cfg.units)
+    return subject == cfg.effective_subject
 
 
 class ConfigRejected(Exception):
@@ -147,6 +157,8 @@ class Reloader:
         closed = await self._close_missions_of(diff["removed"])
         for name in diff["removed"]:
             self.engine.forget_detector(name)
+        closed += await self._close_missions_of_lost_subjects(
+            {d.name: d for d in new.detector if d.name in diff["changed"]})
         for warning in new.warnings:
             log.warning("%s", warning)
         # heartbeat_interval: a verifier's stale limit follows it (docs/protocol.md).
@@ -161,6 +173,25 @@ class Reloader:
         # cannot commit (a full disk); the event is committed with the next group.
         self.mesh.publish_nowait("daemon.config_reloaded", payload)
         return payload
+
+    async def _close_missions_of_lost_subjects(self, changed: dict[str, DetectorConfig]
+                                               ) -> list[int]:
+        """Close the missions of changed detectors on a subject they no longer report (a
+        ``file`` moved from o1 to o2: nothing would ever sample o1 again)."""
+        closed = []
+        now = time.time()
+        for m in list(self.engine.active.values()):
+            cfg = changed.get(m.detector)
+            if cfg is None or reports(cfg, m.subject) or m.id in self.executor.running:
+                continue
+            await self.executor.record(self.engine.transition(
+                m, "expired", now, f"detector {m.detector} no longer reports subject "
+                f"{m.subject} (its config changed)"), durable=False)
+            closed.append(m.id)
+        for key in [k for k in self.engine.held if k[0] in changed
+                    and not reports(changed[k[0]], k[1])]:
+            self.engine.forget(key)
+        return closed
 
     async def _close_missions_of(self, removed: list[str]) -> list[int]:
         """Close the missions of removed detectors, except those a step is running for."""

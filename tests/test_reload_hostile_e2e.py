@@ -105,3 +105,32 @@ def test_a_reload_that_slows_the_heartbeat_is_not_a_stale_stream(graced: Graced,
     saved.write_text("".join(line + "\n" for line in tail.lines if line.startswith("{")))
     res = graced.ctl("verify", "--key", str(graced.state / "key.pub"), str(saved))
     assert res.returncode == 0, res.stderr
+
+
+def test_a_detector_whose_subject_changed_closes_the_old_subjects_mission(
+        make_graced, shortdir: Path) -> None:
+    """A value detector moved from file o1 (anomalous) to o2: nothing samples o1 any
+    more, so its mission closes with that reason instead of staying open for ever."""
+    o1, o2 = shortdir / "o1", shortdir / "o2"
+    o1.write_text("90\n")
+    o2.write_text("10\n")
+    g: Graced = make_graced(detectors=VALUE.format(name="v", file=o1))
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "daemon.config_*",
+                                     "mission.*"))
+    try:
+        opened = _topic(tail, "mission.opened")["payload"]
+        assert opened["subject"] == str(o1)
+        g.config.write_text(g.config.read_text().replace(str(o1), str(o2)))
+        res = g.ctl("reload", "--json")
+        assert res.returncode == 0, res.stderr
+        result = json.loads(res.stdout)
+        assert result["detectors"]["changed"] == ["v"]
+        assert result["closed_missions"] == [opened["id"]]
+        expired = _topic(tail, "mission.expired")["payload"]
+        assert expired["id"] == opened["id"]
+        assert expired["reason"] == (f"detector v no longer reports subject {o1} "
+                                     "(its config changed)")
+        assert g.ctl("missions", "ls", "--json", check=True).stdout.strip() == "[]"
+    finally:
+        tail.proc.terminate()
+        tail.proc.wait(10)

@@ -158,6 +158,11 @@ class MissionEngine:
         back (a later reload) a symptom still there opens a mission again."""
         self.held = {k: v for k, v in self.held.items() if k[0] != detector}
 
+    def forget(self, key: tuple[str, str]) -> None:
+        """Nothing held for this (detector, subject) any more: its detector no longer
+        reports that subject."""
+        self.held.pop(key, None)
+
     def needs_person(self) -> list[int]:
         """The escalated missions whose symptom was not seen normal since: a person has
         to look (they stay in the default mission list and in status)."""
