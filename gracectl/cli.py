@@ -585,7 +585,7 @@ def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
 
 
 def _decide(ctx: click.Context, mission_id: int, comment: str, approve: bool,
-            as_json: bool, plan: str | None = None) -> None:
+            as_json: bool, plan: str | None = None, show_plan: bool = False) -> None:
     async def run() -> Any:
         endpoint = _endpoint(ctx)
         async with connect(endpoint, await trusted_key(endpoint)) as conn:
@@ -597,29 +597,61 @@ def _decide(ctx: click.Context, mission_id: int, comment: str, approve: bool,
         _print_json(m)
         return
     if approve and m.get("plan"):
-        stderr_note("approved " + "\n".join(render_plan(m["plan"])))
+        if show_plan:  # --yes: what was approved, line by line
+            print_plan_lines(["approved:", *render_plan(m["plan"])])
+        else:
+            stderr_note(f"approved plan sha256 {m['plan']['sha256']}")
     stderr_note(f"mission {m['id']}: {m['state']} ({m['reason']})")
+
+
+def print_plan_lines(lines: list[str]) -> None:
+    """A rendered plan on stderr, one line each (render_plan escaped its fields)."""
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _review(ctx: click.Context, mission_id: int) -> str | None:
+    """On a terminal: the plan the mission waits with, then y/N; the hash approved."""
+    m = _run(lambda: _call(_endpoint(ctx), "missions.get", {"id": mission_id}))["mission"]
+    plan = m.get("plan")
+    if plan:
+        print_plan_lines([f"mission {m['id']} ({m['state']}) would run this plan:",
+                          *render_plan(plan)])
+    if not click.confirm(f"approve mission {m['id']}" + (" and run this plan" if plan else "")
+                         + "?", default=False, err=True):
+        raise CtlError("not approved: nothing was sent")
+    return str(plan["sha256"]) if plan else None
 
 
 @missions.command("approve")
 @click.argument("mission_id", metavar="ID", type=int)
 @click.option("--comment", default="", metavar="TEXT", help="Recorded with the approval.")
 @click.option("--plan", "plan", metavar="SHA256",
-              help="The hash of the plan you reviewed (missions show); default: the plan it "
-                   "waits with now, printed on stderr.")
+              help="The hash of the plan you reviewed (missions show); graced refuses the "
+                   "approval if the mission would run another plan.")
+@click.option("--yes", "-y", "yes", is_flag=True,
+              help="Approve the plan the mission waits with now without reviewing it here "
+                   "(printed on stderr afterwards).")
 @json_option
 @click.pass_context
 def missions_approve(ctx: click.Context, mission_id: int, comment: str, plan: str | None,
-                     as_json: bool) -> None:
+                     yes: bool, as_json: bool) -> None:
     """Approve a mission awaiting approval: its plan runs now.
 
-    The approval names the plan's hash: if the playbook changed since (a config reload),
-    graced refuses it and the mission waits with its new plan for a new approval.
+    On a terminal, without --plan or --yes, the plan is printed and you are asked y/N;
+    the approval names the hash of the plan you saw. Without a terminal, --plan SHA256
+    or --yes is required (exit 2). If the playbook changed since (a config reload),
+    graced refuses an approval of the old plan and the mission waits with its new plan.
     """
     if plan is not None and (len(plan) != 64 or any(c not in "0123456789abcdef"
                                                     for c in plan)):
         raise click.BadParameter("not a SHA-256 in hex", param_hint="--plan")
-    _decide(ctx, mission_id, comment, True, as_json, plan)
+    if plan is None and not yes:
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise click.UsageError("without a terminal to review the plan on, name it: "
+                                   "--plan SHA256 (gracectl missions show ID) or --yes")
+        plan = _review(ctx, mission_id)
+    _decide(ctx, mission_id, comment, True, as_json, plan, show_plan=yes and plan is None)
 
 
 @missions.command("reject")

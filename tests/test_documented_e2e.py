@@ -94,7 +94,7 @@ def test_a_member_of_an_approver_group_approves_and_the_fix_runs(make_graced, ma
 
     def approve_as(*cred: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["setpriv", *cred, g.ctl_argv0(), "missions", "approve",
-                               str(waiting["id"]), "--comment", "looked at it"], env=g.env,
+                               str(waiting["id"]), "--yes", "--comment", "looked at it"], env=g.env,
                               capture_output=True, text=True, stdin=subprocess.DEVNULL,
                               timeout=60)
 

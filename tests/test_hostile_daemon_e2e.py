@@ -83,7 +83,7 @@ def impostor(shortdir: Path) -> Iterator[Impostor]:
 
 
 WAIT = ("wait", "1", "--state", "resolved", "--timeout", "30")
-APPROVE = ("missions", "approve", "1")
+APPROVE = ("missions", "approve", "1", "--yes")
 CASES = [
     # (mode, command, exit code, words in the message)
     ("unsigned-event", WAIT, ExitCode.BAD_SIGNATURE, "unsigned"),

@@ -93,7 +93,7 @@ def test_keys_generate_makes_a_key_whose_line_admits_a_tcp_approval(make_graced)
         env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
         env["GRACE_KEY"] = str(g.state / "key.pub")  # over TCP a key must be pinned or given
         res = g.ctl("--url", f"ws://127.0.0.1:{port}", "missions", "approve", str(mid),
-                    env=env)
+                    "--yes", env=env)
         assert res.returncode == 0, res.stderr
         w.wait("mission.resolved", "worker", 30)
         assert mission(g, mid)["approvals"][0]["auth"] == \

@@ -296,7 +296,7 @@ def test_a_stale_approval_runs_nothing_before_or_after_a_restart(
         if restart:
             g.stop()
             g.start()
-        res = g.ctl("missions", "approve", str(waiting["id"]))
+        res = g.ctl("missions", "approve", str(waiting["id"]), "--yes")
         assert res.returncode == 5 and "cleared before approval" in res.stderr, res.stderr
         assert res.stderr.count("\n") == 1
     assert not ran.exists()

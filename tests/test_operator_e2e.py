@@ -77,7 +77,7 @@ def test_the_log_tells_the_remediation_story_escaped_without_library_noise(
         Path(toml_path), _cooling(Path(toml_path), "high", 5)))
     w = Watch(g)
     first = w.wait("mission.awaiting_approval", "hot", 30)["payload"]["id"]
-    res = g.ctl("missions", "approve", str(first), "--comment", "go ahead")
+    res = g.ctl("missions", "approve", str(first), "--yes", "--comment", "go ahead")
     assert res.returncode == 0, res.stderr
     w.wait("mission.resolved", "hot", 30)
     value.write_text("90\n")

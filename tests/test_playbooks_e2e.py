@@ -4,10 +4,13 @@ the approver saw (the plan and its hash; a changed plan needs a new approval).""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -218,7 +221,8 @@ def test_an_approval_for_a_plan_changed_since_is_refused(make_graced, shortdir: 
         assert show(g, mid)["state"] == "awaiting_approval"
 
         # Approving what is shown now works; the approval names that plan.
-        ok = g.ctl("missions", "approve", str(mid), "--comment", "read the new plan")
+        ok = g.ctl("missions", "approve", str(mid), "--yes", "--comment",
+                    "read the new plan")
         assert ok.returncode == 0, ok.stderr
         assert f"sha256 {changed['sha256']}" in ok.stderr  # the plan approved, shown
         final = g.ctl("wait", str(mid), "--state", "resolved", "--state", "failed",
@@ -273,5 +277,89 @@ def test_step_secrets_never_reach_a_reader(make_graced, shortdir: Path) -> None:
         for secret in (token, password, query):
             assert not [r for r in readers if secret in r], secret
             assert not [f for f in files if secret.encode() in f], secret
+    finally:
+        w.close()
+
+
+class OnTerminal:
+    """A gracectl on a real pseudo-terminal (stdin, stdout and stderr), as a person runs it."""
+
+    def __init__(self, g: Graced, *args: str) -> None:
+        self.master, slave = os.openpty()
+        self.proc = subprocess.Popen([g.ctl_argv0(), *args], env=g.env, stdin=slave,
+                                     stdout=slave, stderr=slave, close_fds=True)
+        os.close(slave)
+        self.screen = ""
+
+    def read_until(self, text: str, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while text not in self.screen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {text!r} on the terminal: {self.screen!r}"
+            if select.select([self.master], [], [], left)[0]:
+                try:
+                    self.screen += os.read(self.master, 65536).decode(errors="replace")
+                except OSError:  # the process closed the terminal
+                    break
+        assert text in self.screen, self.screen
+        return self.screen
+
+    def answer(self, line: str) -> int:
+        os.write(self.master, line.encode() + b"\n")
+        code = self.proc.wait(60)
+        with contextlib.suppress(OSError):
+            while select.select([self.master], [], [], 0.5)[0]:
+                chunk = os.read(self.master, 65536)
+                if not chunk:
+                    break
+                self.screen += chunk.decode(errors="replace")
+        os.close(self.master)
+        return code
+
+
+@pytest.mark.slow
+def test_approve_shows_the_plan_and_sends_only_the_plan_seen(make_graced,
+                                                             shortdir: Path) -> None:
+    queue = shortdir / "queue"
+    queue.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("backlog", queue, "high")
+                    + drain_playbook(queue, echo="first") + SETTINGS.format(approval=300.0))
+    w = Watch(g)
+    try:
+        queue.write_text(FAULT)
+        mid = w.wait("mission.awaiting_approval", "backlog", 15)["payload"]["id"]
+        first = show(g, mid)["plan"]
+        # Without a terminal an approval names the plan (or says --yes): nothing is sent.
+        blind = g.ctl("missions", "approve", str(mid))
+        assert blind.returncode == 2 and "--plan SHA256" in blind.stderr and "--yes" in \
+            blind.stderr, blind.stderr
+        assert show(g, mid)["state"] == "awaiting_approval"
+
+        # On a terminal: the plan line by line, then y/N; "n" sends nothing.
+        no = OnTerminal(g, "missions", "approve", str(mid))
+        screen = no.read_until("[y/N]")
+        assert f"sha256 {first['sha256']}" in screen
+        assert "\n  1. run: argv" in screen and "\\n" not in screen
+        assert no.answer("n") == 1 and "not approved" in no.screen
+        assert show(g, mid)["state"] == "awaiting_approval"
+
+        # The approver reads the plan; the config is reloaded before they answer y: the
+        # approval names the plan they read, and graced refuses it.
+        yes = OnTerminal(g, "missions", "approve", str(mid), "--comment", "read it")
+        yes.read_until("[y/N]")
+        g.config.write_text(g.config.read_text().replace("echo first", "echo second"))
+        g.ctl("reload", check=True)
+        assert show(g, mid)["plan"]["sha256"] != first["sha256"]
+        assert yes.answer("y") == 1 and "changed since" in yes.screen, yes.screen
+        m = show(g, mid)
+        assert m["state"] == "awaiting_approval" and not m["approvals"]
+
+        # Read again, approved with y: the plan seen runs.
+        again = OnTerminal(g, "missions", "approve", str(mid))
+        assert "echo second" in again.read_until("[y/N]")
+        assert again.answer("y") == 0, again.screen
+        done = json.loads(g.ctl("wait", str(mid), "--state", "resolved", "--timeout", "30",
+                                "--json", check=True).stdout)
+        assert done["approvals"][-1]["plan_sha256"] == done["plan"]["sha256"] != first["sha256"]
     finally:
         w.close()

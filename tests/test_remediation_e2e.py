@@ -159,7 +159,8 @@ def test_high_risk_waits_notifies_and_runs_once_approved(make_graced, marker,
     assert w.events("mission.executing", "worker") == []
     ls = g.ctl("missions", "ls", check=True).stdout
     assert "restart-worker" in ls and "awaiting_approval" in ls
-    res = g.ctl("missions", "approve", str(waiting["id"]), "--comment", "go ahead")
+    res = g.ctl("missions", "approve", str(waiting["id"]), "--yes",
+                "--comment", "go ahead")
     assert res.returncode == 0, res.stderr
     w.wait("mission.resolved", "worker", 30)
     m = mission(g, waiting["id"])
@@ -179,7 +180,7 @@ def test_rejected_and_expired_missions_never_execute(make_graced, marker, shortd
     res = g.ctl("missions", "reject", str(first["id"]), "--comment", "not now")
     assert res.returncode == 0, res.stderr
     assert mission(g, first["id"])["state"] == "rejected"
-    again = g.ctl("missions", "approve", str(first["id"]))
+    again = g.ctl("missions", "approve", str(first["id"]), "--yes")
     assert again.returncode == 5  # no longer active
     # Rejected: the symptom is a person's now, so while the worker stays absent no new
     # mission opens. Once it has been back and goes missing again, graced asks again,
@@ -268,7 +269,7 @@ def test_an_approval_from_a_uid_not_allowed_is_refused_and_journaled(make_graced
     waiting = w.wait("mission.awaiting_approval", "worker", 10)["payload"]
     res = subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup",
                           "--clear-groups", g.ctl_argv0(), "missions", "approve",
-                          str(waiting["id"])], env=g.env, capture_output=True, text=True,
+                          str(waiting["id"]), "--yes"], env=g.env, capture_output=True, text=True,
                          stdin=subprocess.DEVNULL, timeout=30)
     assert res.returncode == 4, res.stderr
     assert "may not approve" in res.stderr and res.stderr.count("\n") == 1
@@ -416,9 +417,9 @@ async def test_tcp_approvals_must_be_signed_fresh_and_never_replayed(make_graced
                                       capture_stdout=True, capture_stderr=True, check=False,
                                       stdin=b"")
 
-    unsigned = await ctl("missions", "approve", str(mid), client_key=None)
+    unsigned = await ctl("missions", "approve", str(mid), "--yes", client_key=None)
     assert unsigned.returncode == 4 and b"must be signed" in unsigned.stderr
-    unknown = await ctl("missions", "approve", str(mid), client_key=key_file)
+    unknown = await ctl("missions", "approve", str(mid), "--yes", client_key=key_file)
     assert unknown.returncode == 4 and b"read_keys, control_keys or authorized_keys" \
         in unknown.stderr
     forged = await _send_raw(url, signed(time.time(), sign_with=other))

@@ -238,7 +238,7 @@ def run(kills: int, min_up: float = 0.5, max_up: float = 3.0,
                     mid = sub.awaiting.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                if r.ctl("missions", "approve", str(mid), "--json").returncode == 0:
+                if r.ctl("missions", "approve", str(mid), "--yes", "--json").returncode == 0:
                     approved.add(mid)
 
         threads = [threading.Thread(target=f, daemon=True) for f in (inject, approve)]

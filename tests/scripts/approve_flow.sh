@@ -10,7 +10,7 @@ id=$(printf '%s\n' "$line" | sed -n 's/.*"payload":{[^}]*"id":\([0-9][0-9]*\).*/
 [ -n "$id" ] || { echo "no mission id in: $line" >&2; exit 1; }
 echo "mission $id awaits approval"
 
-gracectl missions approve "$id" --comment "approved by approve_flow.sh"
+gracectl missions approve "$id" --yes --comment "approved by approve_flow.sh"
 gracectl wait "$id" --state resolved --timeout 60
 state=$(gracectl missions show "$id" --json | grep -m 1 '"state":' | tr -d ' ",' | cut -d: -f2)
 [ "$state" = resolved ] || { echo "mission $id is $state" >&2; exit 1; }
