@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from graced.config import PlaybookConfig, StepConfig
+from graced.config.playbooks import ACTIONS, COMMON
 from graced.missions.engine import Mission
 from graced.plan import build, mission_values, substitute
 from graced.silences import MAX_SILENCES, Silences, parse_target
@@ -68,6 +69,29 @@ def test_env_values_stay_out_of_a_plan_but_still_change_its_hash() -> None:
     other_url = dataclasses.replace(pb, step=[dataclasses.replace(
         pb.step[0], argv=["/usr/bin/curl", "https://ops:other@api.invalid/x?k=other"])])
     assert build(other_url, plan["values"])["sha256"] != plan["sha256"]
+
+
+# A second value for every step key: each one (but max_output, which only bounds what is
+# kept of the output) changes what runs, so it must change the plan and its hash.
+OTHER = {"argv": ["/bin/echo other"], "shell": True, "env": ["A=2"], "cwd": "/tmp",
+         "timeout": 31.0, "unit": "other", "signal": "HUP", "process": "other", "pid": 5,
+         "pid_file": "/run/other.pid", "match_cmdline": True}
+BASE = {"run": StepConfig(action="run", argv=["/bin/echo hi"], env=["A=1"]),
+        "restart_unit": StepConfig(action="restart_unit", unit="web"),
+        "start_action": StepConfig(action="start_action", unit="clean"),
+        "signal": StepConfig(action="signal", process="web")}
+
+
+@pytest.mark.parametrize("action", sorted(ACTIONS))
+def test_every_step_key_that_changes_what_runs_changes_the_plan(action: str) -> None:
+    keys = [k for k in (*COMMON, *ACTIONS[action].keys) if k not in ("action", "max_output")]
+    assert set(keys) <= set(OTHER), "a new step key: add it to OTHER and to the plan"
+    base = PlaybookConfig(name="p", risk="high", step=[BASE[action]])
+    plan = build(base, mission_values(mission()))
+    for key in keys:
+        changed = dataclasses.replace(base, step=[dataclasses.replace(BASE[action],
+                                                                      **{key: OTHER[key]})])
+        assert build(changed, plan["values"])["sha256"] != plan["sha256"], key
 
 
 @given(st.text(max_size=40))
