@@ -510,8 +510,9 @@ def missions_ls(ctx: click.Context, states: tuple[str, ...], severities: tuple[s
         sev = out.safe(m["severity"] + ("!" if m["flapping"] else ""))
         if colour:  # the only escape sequence in the table is ours
             sev = click.style(sev, fg=SEVERITY_COLOUR.get(m["severity"]))
-        state = m["state"] + (f", silenced #{m['silenced']['id']}" if m.get("silenced")
-                              else "")
+        held = m.get("silenced") or {}
+        state = m["state"] + ("" if not held else f", was silenced #{held['id']}"
+                               if held.get("ended_at") else f", silenced #{held['id']}")
         table.append([m["id"], sev] + [out.safe(c) for c in (
             state, m["detector"], m["subject"], m["playbook"] or "-", m["summary"][:60])]
             + [_age(result["now"] - m["opened_at"])])

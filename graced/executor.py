@@ -182,8 +182,10 @@ class Executor:
         self.mesh.store([store.upsert(m)])
 
     def notify(self, m: Mission) -> None:
-        if m.silenced and self.silences.covering(m.detector, m.subject, time.time()):
-            return  # silenced: recorded, no one is told
+        # Whatever silence covers the mission now (one added after it opened too):
+        # recorded, no one is told.
+        if self.silences.covering(m.detector, m.subject, time.time()):
+            return
         for nt in self.notifiers:
             if m.state in nt.on and self._nursery is not None:
                 self._nursery.start_soon(self._notify_one, nt, m.public())
@@ -372,9 +374,14 @@ class Executor:
             m = self.engine.by_id(mid)
             if m is None:
                 continue
-            if self.silences.covering(m.detector, m.subject, time.time()):
+            now = time.time()
+            if self.silences.covering(m.detector, m.subject, now):
                 self.silenced.add(mid)
                 continue
+            if m.silenced and not m.silenced.get("ended_at"):
+                # Kept as history ("was silenced"), no longer shown as held.
+                m.silenced = {**m.silenced, "ended_at": now}
+                self.save(m)
             self.considered.discard(mid)
             await self._policy(m)
 

@@ -159,9 +159,12 @@ def test_silences_are_signed_listed_removed_and_expire(make_graced, shortdir: Pa
                   for x in res.stdout.splitlines()]
         assert topics == [("silence.added", held), ("silence.added", short),
                           ("silence.expired", short), ("silence.removed", held)]
-        # missions ls still shows that it was silenced.
-        assert json.loads(g.ctl("missions", "ls", "--all", "--json", check=True).stdout)[0][
-            "silenced"]["id"] == held
+        # missions ls still shows that it was silenced, as history: not held any more.
+        was = json.loads(g.ctl("missions", "ls", "--all", "--json", check=True).stdout)[0]
+        assert was["silenced"]["id"] == held and was["silenced"]["ended_at"] >= s["created_at"]
+        row = next(line for line in g.ctl("missions", "ls", "--all", check=True).stdout
+                   .splitlines() if line.split()[0] == str(mid))
+        assert f"resolved, was silenced #{held}" in row
     finally:
         ev.close()
 
@@ -184,5 +187,39 @@ def test_a_silence_until_resolved_ends_with_its_missions(make_graced, shortdir: 
         m = json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
         assert not m["steps"] and m["playbook"] is None  # nothing ran
         assert not notified.exists()
+    finally:
+        ev.close()
+
+
+@pytest.mark.slow
+def test_a_silence_added_later_stops_notifications_too(make_graced, shortdir: Path) -> None:
+    """A silence covers missions that were open before it: no notifier hears of them."""
+    notified = shortdir / "notified"
+    files = {name: shortdir / name for name in ("backlog", "spool")}
+    detectors = ""
+    for name, file in files.items():
+        file.write_text(NORMAL)
+        detectors += value_detector(name, file, "high").replace('"queue"', f'"{name}"') + (
+            f'[[playbook]]\nname = "fix-{name}"\ndetector = "{name}"\nrisk = "high"\n'
+            '[[playbook.step]]\naction = "run"\nargv = ["/bin/true"]\n\n')
+    g = make_graced(detectors=detectors + '[[notifier]]\nname = "pager"\nkind = "command"\n'
+                    f'argv = ["/bin/sh", "-c", "cat >> {notified}; echo >> {notified}"]\n'
+                    'on = ["awaiting_approval", "rejected"]\n' + SETTINGS.format(approval=300.0))
+    ev = Events(g)
+    try:
+        ids = {}
+        for name, file in files.items():
+            file.write_text(FAULT)
+            ids[name] = ev.wait("mission.awaiting_approval", detector=name)["payload"]["id"]
+            ev.wait("executor.notified", mission=ids[name], state="awaiting_approval")
+        add(g, "backlog", "--for", "1h", "--comment", "maintenance")
+        # Rejected while silenced: no one is told; the other mission's rejection is told.
+        g.ctl("missions", "reject", str(ids["backlog"]), check=True)
+        g.ctl("missions", "reject", str(ids["spool"]), check=True)
+        ev.wait("executor.notified", mission=ids["spool"], state="rejected")
+        assert ev.of("executor.notified", mission=ids["backlog"], state="rejected") == []
+        told = [(json.loads(line)["mission"]["id"], json.loads(line)["mission"]["state"])
+                for line in notified.read_text().splitlines() if line]
+        assert (ids["backlog"], "rejected") not in told and (ids["spool"], "rejected") in told
     finally:
         ev.close()

@@ -111,7 +111,8 @@ class Mission:
             "occurrences", "last_value", "flapping", "opened_at", "playbook", "risk",
             "reason")}
         out["plan_sha256"] = self.plan.get("sha256") if self.plan else None
-        out["silenced"] = self.silenced.get("id") if self.silenced else None
+        out["silenced"] = (self.silenced.get("id") if self.silenced
+                           and not self.silenced.get("ended_at") else None)
         return out
 
 
