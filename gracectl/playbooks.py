@@ -5,11 +5,14 @@ Registered on the groups of :mod:`gracectl.cli` when that module is imported.
 
 from __future__ import annotations
 
+import sys
+
 import click
 from tabulate import tabulate
 
 from . import out
-from .cli import _age, _call, _endpoint, _print_json, _run, cli, json_option
+from .cli import _age, _call, _endpoint, _print_json, _run, cli, json_option, print_plan_lines
+from .errors import CtlError
 from .out import safe
 from .plan_text import render_plan
 from .tail import stderr_note
@@ -62,25 +65,50 @@ def playbooks_ls(ctx: click.Context, as_json: bool) -> None:
               help="The mission to run it for (its values fill the placeholders).")
 @click.option("--dry-run", is_flag=True,
               help="Print exactly what would run (argv, unit, signal, targets); run nothing.")
+@click.option("--plan", "plan", metavar="SHA256",
+              help="The hash of the plan you reviewed (--dry-run); graced refuses to run "
+                   "another one.")
+@click.option("--yes", "-y", "yes", is_flag=True,
+              help="Run a high or critical risk playbook's plan without reviewing it here.")
 @json_option
 @click.pass_context
 def playbooks_run(ctx: click.Context, name: str, mission_id: int, dry_run: bool,
-                  as_json: bool) -> None:
+                  plan: str | None, yes: bool, as_json: bool) -> None:
     """Run playbook NAME for mission ID now (control rights), or show what would run.
 
     A real run is journaled like any other: the mission goes to approved (run by hand by
-    you), executing, verifying; it spends the playbook's budget.
+    you), executing, verifying; it spends the playbook's budget. A high or critical risk
+    playbook needs what an approval needs: on a terminal its plan is printed and you are
+    asked y/N; without one, --plan SHA256 or --yes (exit 2 otherwise).
     """
+    if plan is not None and (len(plan) != 64 or any(c not in "0123456789abcdef"
+                                                    for c in plan)):
+        raise click.BadParameter("not a SHA-256 in hex", param_hint="--plan")
+    dry = _run(lambda: _call(_endpoint(ctx), "playbooks.run", {
+        "name": name, "mission": mission_id, "dry_run": True}))
+    if dry_run:
+        if as_json:
+            _print_json(dry)
+            return
+        m = dry["mission"]
+        out.echo(f"dry run for mission {m['id']} ({safe(m['detector'])}:"
+                 f"{safe(m['subject'])}, {m['state']}): nothing was run")
+        out.echo("\n".join(render_plan(dry["plan"])))
+        return
+    shown = dry["plan"]
+    if plan is None and not yes and shown["risk"] not in ("low", "medium"):
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise click.UsageError(f"{name} is of risk {shown['risk']}: without a terminal to "
+                                   "review its plan on, name it: --plan SHA256 (--dry-run) "
+                                   "or --yes")
+        print_plan_lines([f"mission {mission_id} would run this plan:", *render_plan(shown)])
+        if not click.confirm("run this plan now?", default=False, err=True):
+            raise CtlError("not run: nothing was sent")
     result = _run(lambda: _call(_endpoint(ctx), "playbooks.run", {
-        "name": name, "mission": mission_id, "dry_run": dry_run}))
+        "name": name, "mission": mission_id, "dry_run": False,
+        "opened": dry["mission"]["opened_at"], "plan": plan or shown["sha256"]}))
     if as_json:
         _print_json(result)
-        return
-    if dry_run:
-        m = result["mission"]
-        out.echo(f"dry run for mission {m['id']} ({safe(m['detector'])}:"
-                   f"{safe(m['subject'])}, {m['state']}): nothing was run")
-        out.echo("\n".join(render_plan(result["plan"])))
         return
     m = result["mission"]
     stderr_note(f"mission {m['id']}: {m['state']} ({safe(m['reason'])}); follow it with "

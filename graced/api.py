@@ -22,7 +22,7 @@ from . import __version__, keys
 from .auth import CONTROL, READ
 from .config import Config
 from .detectors.runner import DetectorRunner
-from .executor import Executor, PlanChanged
+from .executor import AUTO_RISKS, Executor, PlanChanged
 from .journal import JournalReader
 from .learning import Learning
 from .learning import knowledge as kb
@@ -411,9 +411,12 @@ class Api:
             "mission": mid, "decision": verb, "peer": peer, "reason": reason})
         raise RequestError("not_authorised", reason)
 
-    async def _check_signed(self, client: Client, req: Request, verb: str) -> str:
-        """A signed decision (its signature checked by the wire): control role, nonce
-        never used, even before a restart. Refusals are counted, never journaled."""
+    async def _fresh_nonce(self, client: Client, req: Request,
+                           verb: str) -> list[tuple[str, tuple[Any, ...]]]:
+        """A signed request that acts (its signature checked by the wire): control role
+        and a nonce never used, even before a restart. Returns the write that records the
+        nonce: commit it with (or before) the event of what the request did. Refusals are
+        counted, never journaled."""
         kid = req.kid
         assert kid is not None and req.auth is not None
         reason = ""
@@ -425,12 +428,18 @@ class Api:
         if reason:
             self.server.refusals.refuse(client.peer.describe(), req.method, reason)
             raise RequestError("not_authorised", reason)
+        return [("INSERT OR IGNORE INTO used_nonces (nonce, kid, ts) VALUES (?, ?, ?)",
+                 (nonce_key, kid, float(req.auth["ts"])))]
+
+    async def _check_signed(self, client: Client, req: Request, verb: str) -> str:
+        """A signed decision: :meth:`_fresh_nonce`, made durable before it is acted on."""
+        kid = req.kid
+        assert kid is not None
+        writes = await self._fresh_nonce(client, req, verb)
         # Durable before the decision is acted on: a replay after a restart is refused too.
         await self.mesh.publish("mission.request_authenticated", {
             "mission": req.params["id"], "decision": verb, "kid": kid,
-            "peer": client.peer.describe()},
-            writes=[("INSERT OR IGNORE INTO used_nonces (nonce, kid, ts) VALUES (?, ?, ?)",
-                     (nonce_key, kid, float(req.auth["ts"])))])
+            "peer": client.peer.describe()}, writes=writes)
         return kid
 
     async def approve(self, client: Client, req: Request) -> Any:
@@ -445,13 +454,14 @@ class Api:
                                         and self.executor.may_approve(peer.uid, peer.groups)):
             raise RequestError("not_authorised", "pause/resume needs an approver over the "
                                "Unix socket or a request signed by a control key")
+        nonce = [] if req.kid is None else await self._fresh_nonce(client, req, req.method)
         changed = self.executor.paused != paused
         self.executor.paused = paused
         await self.mesh.publish(
             "executor.paused" if paused else "executor.resumed",
             {"by_uid": client.peer.uid, "changed": changed},
-            writes=[("INSERT OR REPLACE INTO meta (key, value) VALUES ('paused', ?)",
-                     ("1" if paused else "0",))])
+            writes=[*nonce, ("INSERT OR REPLACE INTO meta (key, value) VALUES ('paused', ?)",
+                             ("1" if paused else "0",))])
         if not paused and changed:
             await self.executor.resume()
         return {"paused": paused, "changed": changed}
@@ -609,8 +619,34 @@ class Api:
         who = {"user": user, "uid": client.peer.uid, "auth": (
             f"signed request (ed25519 {req.kid})" if user.startswith("key ")
             else "unix peer credentials")}
+        opened, named = p.get("opened"), p.get("plan")
+        if opened is not None and (not isinstance(opened, (int, float))
+                                   or isinstance(opened, bool)):
+            raise RequestError("bad_request", "params.opened must be the mission's opened_at")
+        if named is not None and (not isinstance(named, str) or len(named) > 64):
+            raise RequestError("bad_request", "params.plan must be the sha256 of the plan "
+                               "(playbooks.run with dry_run: plan.sha256)")
+        writes: list[tuple[str, tuple[Any, ...]]] = []
+        if req.kid is not None:
+            # A key runs a playbook by hand with what an approval needs: bound to the
+            # mission, to the plan it saw (high and critical risk), never replayed.
+            if opened is None or (named is None and pb.risk not in AUTO_RISKS):
+                raise RequestError("bad_request", "a signed run names the mission's opened "
+                                   "time (params.opened) and, for a playbook of risk "
+                                   f"{pb.risk}, the plan it runs (params.plan), as an "
+                                   "approval does")
+            writes = await self._fresh_nonce(client, req, "running a playbook by hand")
+        if opened is not None and opened != m.opened_at:
+            raise RequestError("invalid", f"the request names mission {m.id} opened at "
+                               f"{opened!r}, but mission {m.id} opened at {m.opened_at!r}")
+        if named is not None:
+            current = build_plan(pb, mission_values(m))["sha256"]
+            if named != current:
+                raise RequestError("plan_changed", f"mission {m.id}: the request names plan "
+                                   f"{named[:16]}, but {pb.name} would run plan {current[:16]} "
+                                   "now; review it (--dry-run) and run again")
         try:
-            done = await self.executor.run_by_hand(m.id, pb, who)
+            done = await self.executor.run_by_hand(m.id, pb, who, writes)
         except LookupError as exc:
             raise RequestError("not_found", str(exc)) from None
         except ValueError as exc:
@@ -637,6 +673,8 @@ class Api:
     async def silence_add(self, client: Client, req: Request) -> Any:
         p = req.params
         user = self._controller(client, req, "adding a silence")
+        nonce = [] if req.kid is None else await self._fresh_nonce(client, req,
+                                                                   "adding a silence")
         target, duration = p.get("target"), p.get("duration")
         comment, until_resolved = p.get("comment"), p.get("until_resolved", False)
         if target is not None and not isinstance(target, str):
@@ -658,7 +696,7 @@ class Api:
         warning = None if detector is None or detector in known else (
             f"no detector named {detector!r} is configured; the silence covers nothing now")
         await self.mesh.publish("silence.added", {**s.public(), "uid": client.peer.uid},
-                                writes=[self.executor.silences.write()])
+                                writes=[*nonce, self.executor.silences.write()])
         return {"silence": s.public(), "warning": warning}
 
     async def silence_list(self, client: Client, req: Request) -> Any:
@@ -669,12 +707,14 @@ class Api:
         sid = req.params.get("id")
         if not isinstance(sid, int) or isinstance(sid, bool):
             raise RequestError("bad_request", "params.id must be an integer")
+        nonce = [] if req.kid is None else await self._fresh_nonce(client, req,
+                                                                   "removing a silence")
         s = self.executor.silences.remove(sid)
         if s is None:
             raise RequestError("not_found", f"no silence {sid} (gracectl silence ls)")
         await self.mesh.publish("silence.removed", {**s.public(), "removed_by": user,
                                                     "uid": client.peer.uid},
-                                writes=[self.executor.silences.write()])
+                                writes=[*nonce, self.executor.silences.write()])
         await self.executor.silence_ended()
         return {"silence": s.public()}
 

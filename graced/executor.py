@@ -32,6 +32,7 @@ import pwd
 import signal as signals
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,7 @@ import trio
 
 from . import httpc, logs, targets
 from .config import NotifierConfig, PlaybookConfig, RemediationConfig, StepConfig
+from .journal import Write
 from .learning import Learning
 from .mesh import Mesh
 from .missions import store
@@ -496,8 +498,8 @@ class Executor:
         self._start(m, pb)
         return m
 
-    async def run_by_hand(self, mission_id: int, pb: PlaybookConfig,
-                          who: dict[str, Any]) -> Mission:
+    async def run_by_hand(self, mission_id: int, pb: PlaybookConfig, who: dict[str, Any],
+                          writes: Sequence[Write] = ()) -> Mission:
         """Run ``pb`` for an active mission now, at a person's request (``playbooks run``).
 
         Journaled as any run: an ``approved`` transition naming who asked, then the steps.
@@ -521,7 +523,7 @@ class Executor:
         by = who.get("user") or "?"
         self.mesh.publish_nowait("executor.manual_run", {
             "mission": m.id, "playbook": pb.name, "by": by, "uid": who.get("uid"),
-            "plan_sha256": m.plan["sha256"]})
+            "plan_sha256": m.plan["sha256"]}, writes=writes)  # a signed request's nonce
         await self.record(self.engine.transition(
             m, "approved", now, f"run by hand by {by}: playbook {pb.name}"))
         self._start(m, pb)

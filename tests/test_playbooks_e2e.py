@@ -132,7 +132,8 @@ def test_playbooks_ls_dry_run_and_a_manual_run(make_graced, shortdir: Path, slee
             os.chmod(g.base, 0o755)
             os.chmod(g.home, 0o777)
             nobody = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
-                      g.ctl_argv0(), "playbooks", "run", "drain", "--mission", str(mid)]
+                      g.ctl_argv0(), "playbooks", "run", "drain", "--mission", str(mid),
+                      "--yes"]
             refused = subprocess.run(nobody, env=g.env, capture_output=True, text=True,
                                      stdin=subprocess.DEVNULL, timeout=60)
             assert refused.returncode == 4, refused.stderr
@@ -143,8 +144,15 @@ def test_playbooks_ls_dry_run_and_a_manual_run(make_graced, shortdir: Path, slee
             assert show(g, mid)["state"] == "awaiting_approval"
 
         # A manual run is a run like any other: journaled, verified, learned from.
+        # drain is high risk: without a terminal, a real run names the plan (or --yes).
+        blind = g.ctl("playbooks", "run", "drain", "--mission", str(mid))
+        assert blind.returncode == 2 and "--plan SHA256" in blind.stderr, blind.stderr
+        drain_plan = json.loads(g.ctl("playbooks", "run", "drain", "--mission", str(mid),
+                                      "--dry-run", "--json", check=True).stdout)["plan"]
+        stale = g.ctl("playbooks", "run", "drain", "--mission", str(mid), "--plan", "0" * 64)
+        assert stale.returncode == 1 and "would run plan" in stale.stderr, stale.stderr
         run = g.ctl("playbooks", "run", "drain", "--mission", str(mid), "--json",
-                    check=True)
+                    "--plan", drain_plan["sha256"], check=True)
         assert json.loads(run.stdout)["mission"]["state"] in ("approved", "executing",
                                                              "verifying", "resolved")
         w.wait("mission.resolved", "backlog", 20)
@@ -170,7 +178,7 @@ def test_playbooks_ls_dry_run_and_a_manual_run(make_graced, shortdir: Path, slee
         assert after["drain"]["learned"]["runs"] == 1
         assert after["drain"]["learned"]["successes"] == 1
         # A closed mission cannot be run again.
-        again = g.ctl("playbooks", "run", "drain", "--mission", str(mid))
+        again = g.ctl("playbooks", "run", "drain", "--mission", str(mid), "--yes")
         assert again.returncode == 1 and "not active" in again.stderr
     finally:
         w.close()

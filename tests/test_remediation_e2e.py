@@ -451,6 +451,79 @@ async def test_tcp_approvals_must_be_signed_fresh_and_never_replayed(make_graced
 
 
 @pytest.mark.slow
+async def test_tcp_manual_runs_and_silences_are_never_replayed(make_graced, marker,
+                                                               shortdir) -> None:
+    """A control key runs a high-risk playbook by hand only with what an approval needs
+    (the mission's opened time and the plan), and no signed run or silence change works
+    twice, not even after a restart."""
+    import base64
+    import secrets
+
+    import nacl.signing
+
+    from graced.protocol import Signer
+    from graced.protocol.wire import request_signing_bytes
+
+    key = Signer(nacl.signing.SigningKey.generate())
+    pub = f"ed25519 {base64.b64encode(key.public_key).decode()} {key.kid}"
+    g, w = setup(make_graced, process_detector(marker) + restart_playbook(marker, "high"),
+                 remediation=f'control_keys = ["{pub}"]\nrequest_window = 60.0\n')
+    assert g.stop() == 0
+    g.config.write_text(g.config.read_text().replace(
+        "[daemon]\n", '[daemon]\nlisten = ["127.0.0.1:0"]\n'))
+    g.start()
+    w.close()
+    w = Watch(g)
+    daemon = json.loads(g.ctl("status", "--json", check=True).stdout)["daemon_id"]
+
+    def port() -> int:
+        return int(json.loads(g.ctl("status", "--json", check=True).stdout)["wire"][
+            "tcp_ports"][0])
+
+    def signed(method: str, params: dict[str, Any]) -> dict[str, Any]:
+        nonce, ts = secrets.token_hex(16), time.time()
+        sig = key.sign_bytes(request_signing_bytes(1, nonce, method, params, ts, key.kid,
+                                                   daemon))
+        return {"id": 1, "nonce": nonce, "method": method, "params": params,
+                "auth": {"kid": key.kid, "ts": ts, "daemon": daemon, "sig": sig}}
+
+    url = f"ws://127.0.0.1:{port()}"
+    mid = w.wait("mission.awaiting_approval", "worker", 15)["payload"]["id"]
+    m = mission(g, mid)
+    run = {"name": "restart-worker", "mission": mid, "dry_run": False}
+    # A key alone may not run a high-risk playbook by hand: no plan, no run.
+    bare = await _send_raw(url, signed("playbooks.run", {**run, "opened": m["opened_at"]}))
+    assert bare["error"]["code"] == "bad_request" and "params.plan" in \
+        bare["error"]["message"], bare
+    assert mission(g, mid)["state"] == "awaiting_approval" and not mission(g, mid)["steps"]
+
+    added = signed("silence.add", {"target": "nothing-here", "duration": 3600,
+                                   "comment": "over tcp"})
+    sid = (await _send_raw(url, added))["result"]["silence"]["id"]
+    removed = signed("silence.remove", {"id": sid})
+    assert (await _send_raw(url, removed))["ok"]
+    paused = signed("pause", {})
+    assert (await _send_raw(url, paused))["ok"]
+    assert (await _send_raw(url, signed("resume", {})))["ok"]
+    good = signed("playbooks.run", {**run, "opened": m["opened_at"],
+                                    "plan": m["plan"]["sha256"]})
+    assert (await _send_raw(url, good))["ok"]
+    w.wait("mission.resolved", "worker", 30)
+    assert mission(g, mid)["approvals"][0]["auth"] == f"signed request (ed25519 {key.kid})"
+
+    assert g.stop() == 0
+    g.start()
+    url = f"ws://127.0.0.1:{port()}"
+    for frame in (added, removed, paused, good):
+        again = await _send_raw(url, frame)
+        assert "replayed request" in again.get("error", {}).get("message", ""), (frame, again)
+    assert json.loads(g.ctl("silence", "ls", "--json", check=True).stdout) == []
+    assert json.loads(g.ctl("status", "--json", check=True).stdout)["executor"][
+        "paused"] is False
+    w.close()
+
+
+@pytest.mark.slow
 def test_a_shell_script_waits_approves_and_checks_resolution(make_graced, marker) -> None:
     from tests.conftest import BIN, ROOT
 
