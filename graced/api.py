@@ -239,8 +239,7 @@ class Api:
         return {"mission": (await self._mission(req.params.get("id"))).public(), "now": time.time()}
 
     async def _mission(self, mid: Any, key: str = "id") -> Any:
-        if not isinstance(mid, int) or isinstance(mid, bool):
-            raise RequestError("bad_request", f"params.{key} must be an integer")
+        mid = row_id(mid, key)
         rows = await self._read(f"{store.SELECT} WHERE id = ?", (mid,))
         if not rows:
             raise RequestError("not_found", f"no mission {mid}")
@@ -351,11 +350,9 @@ class Api:
         return await self.learning.stats(time.time())
 
     async def _decide(self, client: Client, req: Request, approve: bool) -> Any:
-        mid = req.params.get("id")
+        mid = row_id(req.params.get("id"))
         comment = req.params.get("comment", "")
         opened = req.params.get("opened")
-        if not isinstance(mid, int) or isinstance(mid, bool):
-            raise RequestError("bad_request", "params.id must be an integer")
         if not isinstance(comment, str) or len(comment.encode("utf-8", "surrogatepass")) \
                 > MAX_COMMENT:
             raise RequestError("bad_request", f"params.comment must be a string of at most "
@@ -704,9 +701,7 @@ class Api:
 
     async def silence_remove(self, client: Client, req: Request) -> Any:
         user = self._controller(client, req, "removing a silence")
-        sid = req.params.get("id")
-        if not isinstance(sid, int) or isinstance(sid, bool):
-            raise RequestError("bad_request", "params.id must be an integer")
+        sid = row_id(req.params.get("id"))
         nonce = [] if req.kid is None else await self._fresh_nonce(client, req,
                                                                    "removing a silence")
         s = self.executor.silences.remove(sid)
@@ -717,6 +712,16 @@ class Api:
                                 writes=[*nonce, self.executor.silences.write()])
         await self.executor.silence_ended()
         return {"silence": s.public()}
+
+
+MAX_ROW_ID = 2**63 - 1  # SQLite's largest integer
+
+
+def row_id(value: Any, key: str = "id") -> int:
+    """``params.KEY`` as an id SQLite can hold (a bigger one is the client's error)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ROW_ID:
+        raise RequestError("bad_request", f"params.{key} must be an integer 0-{MAX_ROW_ID}")
+    return value
 
 
 def _as_dict(payload: Any) -> dict[str, Any]:

@@ -118,28 +118,45 @@ class Authenticator:
         return len(self._nonces)
 
 
-class Refusals:
-    """Counts refused requests and logs them without letting a flood fill the log."""
+class LogBudget:
+    """At most :data:`LOG_BURST` log lines per :data:`LOG_PERIOD` seconds of one kind; the
+    rest are counted, and their number logged when the next period starts."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.total = 0
+    def __init__(self, what: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.what, self.clock = what, clock
         self.suppressed = 0
         self._window_start = -LOG_PERIOD
         self._logged = 0
 
-    def refuse(self, peer: str, method: str, reason: str) -> None:
-        self.total += 1
+    def allow(self) -> bool:
+        """Whether one more line may be logged now."""
         now = self.clock()
         if now - self._window_start >= LOG_PERIOD:
             if self.suppressed:
-                log.warning("%d more refused requests were not logged", self.suppressed)
+                log.warning("%d more %s were not logged", self.suppressed, self.what)
             self._window_start, self._logged, self.suppressed = now, 0, 0
         if self._logged < LOG_BURST:
             self._logged += 1
+            return True
+        self.suppressed += 1
+        return False
+
+
+class Refusals:
+    """Counts refused requests and logs them without letting a flood fill the log."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = 0
+        self._budget = LogBudget("refused requests", clock)
+
+    @property
+    def suppressed(self) -> int:
+        return self._budget.suppressed
+
+    def refuse(self, peer: str, method: str, reason: str) -> None:
+        self.total += 1
+        if self._budget.allow():
             log.warning("refused %s from %s: %s", _short(method), peer, _short(reason))
-        else:
-            self.suppressed += 1
 
     def status(self) -> dict[str, Any]:
         return {"refused": self.total}

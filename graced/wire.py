@@ -31,7 +31,7 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
-from .auth import CONTROL, RANK, Authenticator, AuthError, Refusals
+from .auth import CONTROL, RANK, Authenticator, AuthError, LogBudget, Refusals
 from .errors import DaemonExit, StartupError
 from .journal import JournalReader
 from .mesh import Mesh, Subscription
@@ -260,6 +260,7 @@ class Server:
         self.roles: dict[str, str | None] = {}  # method -> role a TCP request needs
         self.authenticator = authenticator
         self.refusals = Refusals()
+        self.handler_failures = LogBudget("failed requests (tracebacks)")
         self.clock = clock
         self.clients: set[Client] = set()
         self.tcp_ports: list[int] = []
@@ -583,7 +584,10 @@ class Server:
         except RequestError as exc:
             client.respond_error(req.id, req.nonce, exc.code, exc.message)
         except Exception as exc:  # noqa: BLE001
-            log.exception("handler %s failed", req.method)
+            # A bug a client can trigger at will must not fill the log: a traceback at
+            # most LOG_BURST times a LOG_PERIOD, then one count of the rest.
+            if self.handler_failures.allow():
+                log.exception("handler %s failed", req.method)
             client.respond_error(req.id, req.nonce, "internal", f"internal error: {exc}")
         else:
             if result is not _NO_REPLY:

@@ -371,3 +371,39 @@ def test_approve_shows_the_plan_and_sends_only_the_plan_seen(make_graced,
         assert done["approvals"][-1]["plan_sha256"] == done["plan"]["sha256"] != first["sha256"]
     finally:
         w.close()
+
+
+def test_ids_beyond_sqlite_are_bad_requests(make_graced, shortdir: Path) -> None:
+    """An id SQLite cannot hold is the client's error (bad_request), never graced's
+    (internal, with a traceback in its log)."""
+    import trio
+
+    from gracectl.client import Endpoint, connect
+    from gracectl.errors import CtlError
+
+    queue = shortdir / "queue"
+    queue.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("backlog", queue, "high")
+                    + drain_playbook(queue) + SETTINGS.format(approval=300.0))
+    huge = 2**70
+    asks = [("missions.get", {"id": huge}), ("missions.get", {"id": -(2**64)}),
+            ("missions.similar", {"id": huge}),
+            ("missions.approve", {"id": huge, "comment": ""}),
+            ("missions.reject", {"id": huge, "comment": ""}),
+            ("playbooks.run", {"name": "drain", "mission": huge, "dry_run": True}),
+            ("silence.remove", {"id": huge})]
+
+    async def ask_all() -> list[tuple[str, str]]:
+        codes = []
+        async with connect(Endpoint(socket=str(g.socket))) as conn:
+            for method, params in asks:
+                try:
+                    await conn.request(method, params)
+                    codes.append((method, "ok"))
+                except CtlError as exc:  # bad_request is a RemoteError; not_found, ...
+                    codes.append((method, getattr(exc, "code_name", type(exc).__name__)))
+        return codes
+
+    assert trio.run(ask_all) == [(method, "bad_request") for method, _ in asks]
+    assert "Traceback" not in g.stderr()
+    assert json.loads(g.ctl("status", "--json", check=True).stdout)["pid"] == g.proc.pid
