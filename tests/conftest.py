@@ -214,3 +214,74 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_sep("-", f"over {SLOW_AFTER:g} s and not marked slow")
         for nodeid, seconds in _unmarked_slow:
             terminalreporter.write_line(f"{seconds:5.1f} s  {nodeid}")
+
+
+# --- Tests that run in the background -------------------------------------------------
+# A test marked @pytest.mark.background takes minutes of real time mostly waiting (faults a
+# minute apart, a user toggling a file for ten minutes). The whole suite still runs it, but
+# not in line: as soon as collection is done, each one starts in a child pytest of its own
+# (GRACE_BACKGROUND_CHILD=1), running beside the rest of the suite; its item is moved to the
+# end, where it waits for its child's exit and fails with the child's output if the child
+# failed. Run alone (or in the child), such a test runs in line as any other.
+CHILD_ENV = "GRACE_BACKGROUND_CHILD"
+_background: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+
+
+def in_background_child() -> bool:
+    """True where a background test's body must run here (the child, or a run of it alone)."""
+    return os.environ.get(CHILD_ENV) == "1"
+
+
+def pytest_collection_modifyitems(config: Any, items: list[pytest.Item]) -> None:
+    """Background tests last, so everything else runs while their children work."""
+    items.sort(key=lambda item: item.get_closest_marker("background") is not None)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start a child pytest for each selected background test, unless it is alone."""
+    if in_background_child():
+        return
+    chosen = [i for i in session.items if i.get_closest_marker("background")]
+    if not chosen or len(chosen) == len(session.items):
+        os.environ[CHILD_ENV] = "1"  # alone: run in line, nothing to overlap with
+        return
+    logs = Path(tempfile.mkdtemp(prefix="grace-background-"))
+    for n, item in enumerate(chosen):
+        log = logs / f"{n}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                 "-rA", item.nodeid],
+                cwd=session.config.rootpath, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, env=dict(os.environ, **{CHILD_ENV: "1"}),
+                start_new_session=True)
+        _background[item.nodeid] = (proc, log)
+
+
+def wait_for_background(nodeid: str) -> None:
+    """In the parent run: wait for this test's child; skip if it skipped, fail with its
+    output if it failed."""
+    proc, log = _background[nodeid]
+    rc = proc.wait()
+    text = log.read_text(errors="replace")
+    assert rc == 0, f"background run of {nodeid} failed (exit {rc}):\n{text[-6000:]}"
+    skipped = [line for line in text.splitlines() if line.startswith("SKIPPED")]
+    if skipped:  # -rA names each outcome; rc 0 with a skip is a skip here too
+        pytest.skip(f"skipped in its background run: {skipped[0]}")
+
+
+@pytest.fixture
+def background(request: pytest.FixtureRequest) -> bool:
+    """For a @pytest.mark.background test: False in the parent run, once its child has
+    passed (the test returns at once); True where the body must run."""
+    if in_background_child():
+        return True
+    wait_for_background(request.node.nodeid)
+    return False
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A run cut short leaves no background child behind."""
+    for proc, _ in _background.values():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
