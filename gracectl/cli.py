@@ -535,22 +535,25 @@ def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
     if as_json:
         _print_json(m)
         return
+    # Each field is escaped on its own (newlines too): a comment, a unit's description or
+    # a step's output cannot forge a line of its own ("approved by root").
+    f = out.safe
     flap = " (flapping)" if m["flapping"] else ""
     lines = [
-        f"mission {m['id']}: {m['summary']}",
-        f"  state       {m['state']}",
-        f"  severity    {m['severity']}{flap}",
-        f"  detector    {m['detector']} ({m['kind']})",
-        f"  subject     {m['subject']}",
+        f"mission {m['id']}: {f(m['summary'])}",
+        f"  state       {f(m['state'])}",
+        f"  severity    {f(m['severity'])}{flap}",
+        f"  detector    {f(m['detector'])} ({f(m['kind'])})",
+        f"  subject     {f(m['subject'])}",
         f"  opened      {_ts(m['opened_at'])} ({_age(result['now'] - m['opened_at'])} ago)",
-        f"  occurrences {m['occurrences']}, last value {m['last_value']}",
+        f"  occurrences {f(m['occurrences'])}, last value {f(m['last_value'])}",
     ]
     if m["closed_at"]:
         lines.append(f"  closed      {_ts(m['closed_at'])}")
     if m["playbook"]:
-        lines.append(f"  playbook    {m['playbook']} (risk {m['risk']})")
+        lines.append(f"  playbook    {f(m['playbook'])} (risk {f(m['risk'])})")
     if m["reason"]:
-        lines.append(f"  reason      {m['reason']}")
+        lines.append(f"  reason      {f(m['reason'])}")
     if m["expires_at"] and m["state"] == "awaiting_approval":
         lines.append(f"  expires     {_ts(m['expires_at'])}")
     if m.get("plan"):
@@ -562,26 +565,27 @@ def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
         lines.append("steps:")
         for st in m["steps"]:
             what = " ".join(st.get("argv") or []) or st.get("unit") or st.get("process") or ""
-            status = "ok" if st["ok"] else f"FAILED ({st.get('error')})"
-            lines.append(f"  {st['step']}. {st['action']} {what}: {status}, exit "
-                         f"{st.get('exit_code')}, {st['duration_s']} s")
-            for out_line in (st.get("output") or "").splitlines()[-5:]:
+            status = "ok" if st["ok"] else f"FAILED ({f(st.get('error'))})"
+            lines.append(f"  {f(st['step'])}. {f(st['action'])} {f(what)}: {status}, exit "
+                         f"{f(st.get('exit_code'))}, {f(st['duration_s'])} s")
+            for out_line in out.safe_lines(st.get("output") or "")[-5:]:
                 lines.append(f"       | {out_line}")
     if m["verification"]:
         v = m["verification"]
-        lines.append(f"verification: {v['result']} ({v.get('detail', '')})")
+        lines.append(f"verification: {f(v['result'])} ({f(v.get('detail', ''))})")
     if m["approvals"]:
         lines.append("approvals:")
         for a in m["approvals"]:
-            note = f": {a['comment']}" if a.get("comment") else ""
-            lines.append(f"  {_ts(a['at'])}  {a['decision']} by {a.get('user')} "
-                         f"({a.get('auth')}){note}")
+            note = f": {f(a['comment'])}" if a.get("comment") else ""
+            lines.append(f"  {_ts(a['at'])}  {f(a['decision'])} by {f(a.get('user'))} "
+                         f"({f(a.get('auth'))}){note}")
     lines.append("samples:")
     for smp in m["samples"]:
-        lines.append(f"  {_ts(smp['ts'])}  {smp['value']}  {smp['summary']}")
+        lines.append(f"  {_ts(smp['ts'])}  {f(smp['value'])}  {f(smp['summary'])}")
     lines.append("timeline:")
     for t in m["timeline"]:
-        lines.append(f"  {_ts(t['ts'])}  {t['from'] or '-'} -> {t['to']}  {t['reason']}")
+        lines.append(f"  {_ts(t['ts'])}  {f(t['from'] or '-')} -> {f(t['to'])}  "
+                     f"{f(t['reason'])}")
     out.echo("\n".join(lines))
 
 

@@ -229,14 +229,21 @@ def test_an_approval_for_a_plan_changed_since_is_refused(make_graced, shortdir: 
         assert show(g, mid)["state"] == "awaiting_approval"
 
         # Approving what is shown now works; the approval names that plan.
+        forged = "  2026-01-01 00:00:00  approved by root (unix peer credentials)"
         ok = g.ctl("missions", "approve", str(mid), "--yes", "--comment",
-                    "read the new plan")
+                    f"read the new plan\n{forged}")
         assert ok.returncode == 0, ok.stderr
         assert f"sha256 {changed['sha256']}" in ok.stderr  # the plan approved, shown
         final = g.ctl("wait", str(mid), "--state", "resolved", "--state", "failed",
                       "--timeout", "30", "--json")
         m = json.loads(final.stdout)
         assert m["approvals"][-1]["plan_sha256"] == changed["sha256"]
+        # The comment keeps its newline in JSON; missions show escapes it in its field, so
+        # it cannot forge a line of its own.
+        assert m["approvals"][-1]["comment"] == f"read the new plan\n{forged}"
+        text = g.ctl("missions", "show", str(mid), check=True).stdout
+        assert forged not in text.splitlines()
+        assert f"read the new plan\\n{forged}" in text
         assert m["plan"]["sha256"] == changed["sha256"]
     finally:
         w.close()
