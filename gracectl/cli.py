@@ -566,8 +566,10 @@ def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
         for st in m["steps"]:
             what = " ".join(st.get("argv") or []) or st.get("unit") or st.get("process") or ""
             status = "ok" if st["ok"] else f"FAILED ({f(st.get('error'))})"
-            lines.append(f"  {f(st['step'])}. {f(st['action'])} {f(what)}: {status}, exit "
-                         f"{f(st.get('exit_code'))}, {f(st['duration_s'])} s")
+            # No exit code: the step timed out (its error says so) or never started.
+            code = "" if st.get("exit_code") is None else f"exit {f(st['exit_code'])}, "
+            lines.append(f"  {f(st['step'])}. {f(st['action'])} {f(what)}: {status}, {code}"
+                         f"{f(st['duration_s'])} s")
             for out_line in out.safe_lines(st.get("output") or "")[-5:]:
                 lines.append(f"       | {out_line}")
     if m["verification"]:

@@ -30,6 +30,7 @@ import logging
 import os
 import pwd
 import signal as signals
+import subprocess
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -56,6 +57,9 @@ __all__ = ["AUTO_RISKS", "Budgets", "Executor", "matches", "substitute"]
 log = logging.getLogger("graced.executor")
 
 AUTO_RISKS = ("low", "medium")
+# After a step's process exits, how long its output pipes are still read: a process it
+# started in the background (``nohup worker &``) keeps them open, and the step is over.
+STEP_DRAIN_S = 0.5
 
 
 @dataclass
@@ -636,15 +640,12 @@ class Executor:
                     argv, own_env = command(st, values)
                     env = dict(os.environ)
                     env.update(own_env)
-                    res = await trio.run_process(
-                        argv, stdin=b"", capture_stdout=True, capture_stderr=True,
-                        check=False, env=env, cwd=st.cwd or None)
-                    output = (res.stdout + res.stderr)
+                    code, output = await run_step_process(argv, env, st.cwd or None)
                     if st.action == "start_action":
                         output += await _action_readback(desc["unit"], result["started_at"])
-                    result.update(ok=res.returncode == 0, exit_code=res.returncode)
-                    if res.returncode != 0:
-                        result["error"] = f"exit code {res.returncode}"
+                    result.update(ok=code == 0, exit_code=code)
+                    if code != 0:
+                        result["error"] = f"exit code {code}"
         except trio.TooSlowError:
             result.update(ok=False, exit_code=None, error=f"timed out after {st.timeout:g} s")
         except (OSError, ValueError, psutil.Error) as exc:
@@ -679,3 +680,45 @@ class Executor:
                 "max_actions_per_hour": self.config.max_actions_per_hour,
                 "silences": len(self.silences.items),
                 "playbooks": [p.name for p in self.playbooks]}
+
+
+async def run_step_process(argv: Sequence[str], env: dict[str, str],
+                           cwd: str | None) -> tuple[int, bytes]:
+    """Run a step's command: its exit code and its stdout then stderr.
+
+    The step ends when its process exits: the pipes are read for at most STEP_DRAIN_S
+    more, since a process it left in the background may hold them open for ever.
+    Cancelled (the step's timeout), the process is killed.
+    """
+    proc = await trio.lowlevel.open_process(
+        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env, cwd=cwd)
+    out: list[bytes] = []
+    err: list[bytes] = []
+    closed = [trio.Event(), trio.Event()]
+
+    async def read(stream: trio.abc.ReceiveStream | None, into: list[bytes],
+                   done: trio.Event) -> None:
+        assert stream is not None
+        while chunk := await stream.receive_some(65536):
+            into.append(bytes(chunk))
+        done.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, proc.stdout, out, closed[0])
+            nursery.start_soon(read, proc.stderr, err, closed[1])
+            await proc.wait()
+            with trio.move_on_after(STEP_DRAIN_S):
+                for event in closed:
+                    await event.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.kill()
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    await stream.aclose()
+            code = await proc.wait()
+    return code, b"".join(out) + b"".join(err)

@@ -414,3 +414,50 @@ def test_ids_beyond_sqlite_are_bad_requests(make_graced, shortdir: Path) -> None
     assert trio.run(ask_all) == [(method, "bad_request") for method, _ in asks]
     assert "Traceback" not in g.stderr()
     assert json.loads(g.ctl("status", "--json", check=True).stdout)["pid"] == g.proc.pid
+
+
+@pytest.mark.slow
+def test_a_step_that_starts_a_background_process_ends_when_its_process_exits(
+        make_graced, shortdir: Path) -> None:
+    """``nohup worker &`` keeps the step's output pipe open in the worker: the step still
+    ends when its own process exits, not at its timeout. A step that does time out says so
+    in human output (never Python's None) and has a null exit code in JSON."""
+    queue, stuck, pid_file = shortdir / "queue", shortdir / "stuck", shortdir / "worker.pid"
+    queue.write_text(NORMAL)
+    stuck.write_text(NORMAL)
+    script = (f"nohup sleep 120 & echo $! > {pid_file}; echo started; "
+              f"echo {NORMAL} > {queue}")
+    g = make_graced(detectors=value_detector("backlog", queue, "high")
+                    + '[[playbook]]\nname = "restart-worker"\ndetector = "backlog"\n'
+                    'risk = "low"\nverify_timeout = 10.0\n[[playbook.step]]\naction = "run"\n'
+                    f'argv = {json.dumps(["/bin/sh", "-c", script])}\ntimeout = 8.0\n'
+                    + value_detector("stuck", stuck, "high")
+                    + '[[playbook]]\nname = "slow"\ndetector = "stuck"\nrisk = "low"\n'
+                    '[[playbook.step]]\naction = "run"\nargv = ["/bin/sleep", "30"]\n'
+                    'timeout = 1.0\n' + SETTINGS.format(approval=300.0))
+    w = Watch(g)
+    try:
+        queue.write_text(FAULT)
+        mid = w.wait("mission.opened", "backlog", 15)["payload"]["id"]
+        g.ctl("wait", str(mid), "--state", "resolved", "--timeout", "30", check=True)
+        step = show(g, mid)["steps"][0]
+        assert (step["ok"], step["exit_code"], step["output"]) == (True, 0, "started\n")
+        assert step["duration_s"] < 5.0, step
+        worker = int(pid_file.read_text())
+        os.kill(worker, 0)  # the worker it started still runs
+        os.kill(worker, 9)
+
+        stuck.write_text(FAULT)
+        again = w.wait("mission.opened", "stuck", 15)["payload"]["id"]
+        g.ctl("wait", str(again), "--state", "failed", "--timeout", "30", check=True)
+        slow = show(g, again)["steps"][0]
+        assert (slow["ok"], slow["exit_code"]) == (False, None)
+        assert '"exit_code": null' in g.ctl("missions", "show", str(again), "--json",
+                                            check=True).stdout
+        human = g.ctl("missions", "show", str(again), check=True).stdout
+        line = next(x for x in human.splitlines() if "/bin/sleep 30" in x)
+        assert "timed out" in line and "None" not in line, line
+    finally:
+        w.close()
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text()), 9)
