@@ -396,6 +396,9 @@ class Executor:
         for mid in sorted(self.deferred):
             m = self.engine.by_id(mid)
             if m is not None:
+                # Considered again: its "paused" mark no longer says what happens to it.
+                if m.held_back and m.held_back.get("setting") == "paused":
+                    m.held_back = None
                 await self._policy(m)
         self.deferred.clear()
 
@@ -563,6 +566,9 @@ class Executor:
                               ("budgets", self.budgets.dump()))])
             # Credited only if the symptom is still there as the playbook starts.
             m.symptom_at_start = m.normal_streak == 0
+            # It runs: a mark from when it was deferred (paused, observe mode) no longer
+            # holds; whether the run is learned from is decided at its outcome.
+            m.held_back = None
             # The plan shown (and approved) is the plan that runs: its frozen values.
             values = m.plan["values"] if m.plan and m.plan.get("playbook") == pb.name else (
                 mission_values(m))

@@ -329,3 +329,38 @@ def test_learning_at_the_bounds_is_learned_and_published(make_graced,
                     check=True).stdout
     assert [json.loads(line)["payload"]["playbook"] for line in learned.splitlines()] == ["a"]
     answering(g)
+
+
+@pytest.mark.slow
+def test_a_deferred_mission_that_then_runs_is_not_marked_held_back(make_graced,
+                                                                   shortdir: Path) -> None:
+    """Paused, a mission is deferred ("paused: nothing ran, nothing learned"); run by hand,
+    or run after resume, its mark says what finally happened, not that nothing ran."""
+    queue = shortdir / "queue"
+    queue.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("backlog", queue, "high")
+                    + playbook("drain", "backlog", "low", fix(queue)) + SETTINGS)
+    w = Watch(g)
+    would = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "executor.would_run"))
+    try:
+        assert g.ctl("pause").returncode == 0
+        ran = []
+        for count, go in ((1, ("playbooks", "run", "drain", "--mission", "{id}", "--yes")),
+                          (2, ("resume",))):
+            queue.write_text(FAULT)
+            mid = w.wait("mission.opened", "backlog", 20, count)["payload"]["id"]
+            assert would.wait_for(lambda ls, n=count: len(ls) >= n, 20)
+            deferred = g.ctl("missions", "explain", str(mid), check=True).stdout
+            assert "held back: paused" in deferred, deferred
+            g.ctl(*(a.format(id=mid) for a in go), check=True)
+            g.ctl("wait", str(mid), "--state", "resolved", "--timeout", "30", check=True)
+            explain = g.ctl("missions", "explain", str(mid), check=True).stdout
+            assert "paused" not in explain and "nothing ran" not in explain, explain
+            ran.append(mid)
+        with sqlite3.connect(g.state / "journal.db") as db:
+            rows = db.execute("SELECT mission_id, playbook, ran, success, held_back "
+                              "FROM outcomes ORDER BY mission_id").fetchall()
+        assert rows == [(ran[0], "drain", 1, 1, None), (ran[1], "drain", 1, 1, None)]
+    finally:
+        would.proc.terminate()
+        w.close()
