@@ -316,9 +316,12 @@ def knowledge_import(ctx: click.Context, file: str, key_file: str | None, dry_ru
     (--key, or pinned); an edited or unsigned file is refused (exit 10). Importing the
     same daemon again replaces its earlier import."""
     data, verified = _load_export(file, key_file)
+    # Sent in chunks sorted by (pattern, playbook): each replaces its span of the records
+    # held from that daemon (a record no longer exported is removed, and listed).
+    order = {(p["signature"], p["playbook"]): i for i, p in enumerate(data["patterns"])}
     chunks: list[list[Any]] = [[]]
     size = 0
-    for p in data["patterns"]:
+    for p in sorted(data["patterns"], key=lambda p: (p["signature"], p["playbook"])):
         n = len(json.dumps(p))
         if chunks[-1] and size + n > CHUNK_BYTES:
             chunks.append([])
@@ -329,29 +332,36 @@ def knowledge_import(ctx: click.Context, file: str, key_file: str | None, dry_ru
 
     async def go() -> dict[str, Any]:
         out: dict[str, Any] = {"changes": []}
+        after = None
         for i, chunk in enumerate(chunks):
+            until = None if i == len(chunks) - 1 else [chunk[-1]["signature"],
+                                                      chunk[-1]["playbook"]]
             res = await _call(endpoint, "knowledge.import", {
                 "source": data["source"], "host": data["host"], "kid": data["kid"],
-                "patterns": chunk, "replace": i == 0, "dry_run": dry_run})
+                "patterns": chunk, "replace": True, "span": [after, until],
+                "dry_run": dry_run})
             out = {**res, "changes": out["changes"] + res.get("changes", [])}
+            after = until
         return out
 
     result = _run(go)
+    # In the file's order, then the records it removes.
+    result["changes"].sort(key=lambda c: order.get((c["pattern"], c["playbook"]), len(order)))
     result.update(imported=0 if dry_run else len(data["patterns"]), verified=verified,
                   host=data["host"])
     if as_json:
         _print_json(result)
         return
     stderr_note(f"{file}: {verified}")
+    rows = [[c["pattern"], c["playbook"], c["change"],
+             "-" if c["before"] is None else f"{c['before'][0]}/{sum(c['before'])}",
+             "-" if c["after"] is None else f"{c['after'][0]}/{sum(c['after'])}",
+             "-" if c["prior"] is None else f"{c['prior'][0]:g}/{c['prior'][0] + c['prior'][1]:g}"]
+            for c in result["changes"]]
+    if rows:
+        out.echo(tabulate(rows, headers=["PATTERN", "PLAYBOOK", "CHANGE", "BEFORE OK/RUNS",
+                                           "FILE OK/RUNS", "PRIOR WEIGHT OK/RUNS"]))
     if dry_run:
-        changes = result["changes"]
-        rows = [[c["pattern"], c["playbook"], c["change"],
-                 "-" if c["before"] is None else f"{c['before'][0]}/{sum(c['before'])}",
-                 f"{c['after'][0]}/{sum(c['after'])}",
-                 f"{c['prior'][0]:g}/{c['prior'][0] + c['prior'][1]:g}"] for c in changes]
-        if rows:
-            out.echo(tabulate(rows, headers=["PATTERN", "PLAYBOOK", "CHANGE", "BEFORE OK/RUNS",
-                                               "FILE OK/RUNS", "PRIOR WEIGHT OK/RUNS"]))
         origin = data["host"] or data["source"]
         stderr_note(f"dry run: {len(data['patterns'])} records from {origin} would be "
                     "imported; nothing changed")

@@ -311,21 +311,26 @@ class Api:
             patterns = pk.check(p.get("patterns"))
         except ValueError as exc:
             raise RequestError("bad_request", f"params.{exc}") from None
+        span = _import_span(p.get("span"))
         knowledge = self.learning.knowledge
         now = time.time()
+        changes = knowledge.preview(source, patterns, now, span if span is not None else (
+            (None, None) if replace else None))
         if dry_run:
-            return {"dry_run": True, "source": source, "changes": knowledge.preview(
-                source, patterns, now), "records": len(patterns)}
-        held = 0 if replace else knowledge.imported(source)
+            return {"dry_run": True, "source": source, "changes": changes,
+                    "records": len(patterns)}
+        held = (knowledge.imported(source) - len(knowledge.held_in(source, span))
+                if span is not None else 0 if replace else knowledge.imported(source))
         if held + len(patterns) > pk.MAX_RECORDS:
             raise RequestError("invalid", f"params.patterns: source {source} would hold more "
                                f"than {pk.MAX_RECORDS} records")
-        writes = knowledge.import_(source, patterns, replace, host=host, kid=kid, now=now)
+        writes = knowledge.import_(source, patterns, replace, host=host, kid=kid, now=now,
+                                   span=span)
         await self.mesh.publish("learning.imported", {
             "source": source, "host": host, "kid": kid, "patterns": len(patterns),
             "replace": replace, "by_uid": peer.uid}, writes=writes)
         return {"imported": len(patterns), "source": source,
-                "patterns": len(knowledge.patterns)}
+                "patterns": len(knowledge.patterns), "changes": changes}
 
     async def knowledge_reset(self, client: Client, req: Request) -> Any:
         """Forget what was learned about a pattern or a playbook (control rights)."""
@@ -726,3 +731,23 @@ def row_id(value: Any, key: str = "id") -> int:
 
 def _as_dict(payload: Any) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else {"value": payload}
+
+
+def _import_span(raw: Any) -> kb.Span | None:
+    """params.span of knowledge.import: [after, until], each null or [pattern, playbook]."""
+    if raw is None:
+        return None
+
+    def key(k: Any) -> tuple[str, str] | None:
+        if k is None:
+            return None
+        if (isinstance(k, list) and len(k) == 2 and all(isinstance(x, str) for x in k)
+                and sum(len(x) for x in k) <= 4096):
+            return (k[0], k[1])
+        raise RequestError("bad_request", "params.span must be [after, until], each null "
+                           "or [pattern, playbook]")
+
+    if not isinstance(raw, list) or len(raw) != 2:
+        raise RequestError("bad_request", "params.span must be [after, until], each null "
+                           "or [pattern, playbook]")
+    return key(raw[0]), key(raw[1])

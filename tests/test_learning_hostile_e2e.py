@@ -364,3 +364,47 @@ def test_a_deferred_mission_that_then_runs_is_not_marked_held_back(make_graced,
     finally:
         would.proc.terminate()
         w.close()
+
+
+def test_import_dry_run_and_import_list_the_same_changes_removed_records_included(
+        make_graced, shortdir: Path) -> None:
+    """A peer re-exports without a record it reset: the import removes that record, and
+    the dry run says so beforehand; the real import lists the same changes."""
+    star = shortdir / "star"
+    star.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("star", star)
+                    + playbook("imported-star", "star", "low", ["false"]) + SETTINGS)
+    ex = Exporter(shortdir)
+    other = record(playbook="other", successes=1, failures=4, ttr_total=1.0, ttr_count=1)
+    g.ctl("knowledge", "import", "--key", str(ex.key),
+          str(ex.write(shortdir / "v1.json", [record(), other])), check=True)
+    again = ex.write(shortdir / "v2.json", [record(successes=4)])
+    dry = json.loads(g.ctl("knowledge", "import", "--dry-run", "--key", str(ex.key),
+                           str(again), "--json", check=True).stdout)
+    expected = [("star:queue", "imported-star", "changed", [3, 0], [4, 0]),
+                ("star:queue", "other", "removed", [1, 4], None)]
+    assert [(c["pattern"], c["playbook"], c["change"], c["before"], c["after"])
+            for c in dry["changes"]] == expected
+    human = g.ctl("knowledge", "import", "--dry-run", "--key", str(ex.key), str(again),
+                  check=True).stdout
+    assert next(x for x in human.splitlines() if " other " in x).split()[2] == "removed"
+    real = json.loads(g.ctl("knowledge", "import", "--key", str(ex.key), str(again),
+                            "--json", check=True).stdout)
+    assert real["changes"] == dry["changes"]
+    shown = json.loads(g.ctl("knowledge", "show", "star:queue", "--json", check=True).stdout)
+    assert "other" not in json.dumps(shown), shown
+    # An export larger than one request goes in sorted chunks, each replacing its span:
+    # one record left out in the middle is removed and listed, nothing else.
+    many = [record(playbook=f"p{i:03}") for i in range(600)]
+    g.ctl("knowledge", "import", "--key", str(ex.key),
+          str(ex.write(shortdir / "v3.json", many)), check=True)
+    fewer = ex.write(shortdir / "v4.json", many[:300] + many[301:])
+    dry = json.loads(g.ctl("knowledge", "import", "--dry-run", "--key", str(ex.key),
+                           str(fewer), "--json", check=True).stdout)
+    assert [(c["playbook"], c["change"]) for c in dry["changes"]
+            if c["change"] != "same"] == [("p300", "removed")]
+    real = json.loads(g.ctl("knowledge", "import", "--key", str(ex.key), str(fewer),
+                            "--json", check=True).stdout)
+    assert real["changes"] == dry["changes"]
+    shown = g.ctl("knowledge", "show", "star:queue", "--json", check=True).stdout
+    assert '"p301"' in shown and '"p300"' not in shown

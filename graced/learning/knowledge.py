@@ -80,6 +80,17 @@ class Entry:
                       float(self.ttr_count))
 
 
+# (after, until]: the (pattern, playbook) keys of one chunk of an import; None ends open.
+Span = tuple[tuple[str, str] | None, tuple[str, str] | None]
+
+
+def in_span(key: tuple[str, str], span: Span | None) -> bool:
+    if span is None:
+        return True
+    after, until = span
+    return (after is None or key > after) and (until is None or key <= until)
+
+
 def _decay(age: float, half_life: float) -> float:
     if half_life <= 0 or age <= 0:
         return 1.0
@@ -336,9 +347,17 @@ class Knowledge:
         return sum(1 for pbs in self.patterns.values() for srcs in pbs.values()
                    if source in srcs)
 
+    def held_in(self, source: str, span: Span | None) -> dict[tuple[str, str], Entry]:
+        """The records held from ``source`` whose (pattern, playbook) is within ``span``
+        (after, until]: the ones an import of that span replaces; None: all of them."""
+        return {(sig, pb): srcs[source] for sig, pbs in self.patterns.items()
+                for pb, srcs in pbs.items()
+                if source in srcs and in_span((sig, pb), span)}
+
     def preview(self, source: str, patterns: list[dict[str, Any]], now: float,
-                limit: int = 200) -> list[dict[str, Any]]:
-        """What importing ``patterns`` from ``source`` would change, record by record."""
+                span: Span | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """What importing ``patterns`` from ``source`` would change, record by record;
+        with ``span``, also the records held in it that the import removes."""
         out = []
         for p in patterns[:limit]:
             old = self.patterns.get(p["signature"], {}).get(p["playbook"], {}).get(source)
@@ -352,13 +371,24 @@ class Knowledge:
                         "after": [p["successes"], p["failures"]],
                         "prior": [round(p["successes"] * weight, 3),
                                   round(p["failures"] * weight, 3)]})
+        if span is not None:
+            kept = {(p["signature"], p["playbook"]) for p in patterns}
+            gone = [(k, e) for k, e in sorted(self.held_in(source, span).items())
+                    if k not in kept]
+            for (sig, pb), e in gone[:limit]:
+                out.append({"pattern": sig, "playbook": pb, "change": "removed",
+                            "before": [e.successes, e.failures], "after": None,
+                            "prior": None})
         return out
 
     def import_(self, source: str, patterns: list[dict[str, Any]], replace: bool, *,
-                host: str, kid: str, now: float) -> list[Write]:
-        """Take another host's checked patterns as source ``source``."""
+                host: str, kid: str, now: float, span: Span | None = None) -> list[Write]:
+        """Take another host's checked patterns as source ``source``.
+
+        ``replace`` drops every record held from ``source`` first; ``span`` only those
+        within it (an export sent in sorted chunks replaces one span at a time)."""
         writes: list[Write] = []
-        if replace:
+        if replace and span is None:
             for sig in list(self.patterns):
                 for pb in list(self.patterns[sig]):
                     self.patterns[sig][pb].pop(source, None)
@@ -367,6 +397,15 @@ class Knowledge:
                 if not self.patterns[sig]:
                     del self.patterns[sig]
             writes.append(("DELETE FROM patterns WHERE source = ?", (source,)))
+        elif span is not None:
+            for sig, pb in self.held_in(source, span):
+                del self.patterns[sig][pb][source]
+                if not self.patterns[sig][pb]:
+                    del self.patterns[sig][pb]
+                if not self.patterns[sig]:
+                    del self.patterns[sig]
+                writes.append(("DELETE FROM patterns WHERE source = ? AND signature = ? "
+                               "AND playbook = ?", (source, sig, pb)))
         for p in patterns:
             e = Entry(p["detector"], p["subject"], p["successes"], p["failures"],
                       p["ttr_total"], p["ttr_count"], p["first_seen"], p["last_seen"],
