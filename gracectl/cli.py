@@ -601,7 +601,8 @@ def _decide(ctx: click.Context, mission_id: int, comment: str, approve: bool,
     result = _run(run)
     m = result["mission"]
     if as_json:
-        _print_json(m)
+        # A warning (the latest sample was normal) rides along with the mission.
+        _print_json({**m, "warning": result["warning"]} if result.get("warning") else m)
         return
     if approve and m.get("plan"):
         if show_plan:  # --yes: what was approved, line by line
@@ -609,6 +610,8 @@ def _decide(ctx: click.Context, mission_id: int, comment: str, approve: bool,
         else:
             stderr_note(f"approved plan sha256 {m['plan']['sha256']}")
     stderr_note(f"mission {m['id']}: {m['state']} ({m['reason']})")
+    if result.get("warning"):
+        stderr_note(f"warning: {result['warning']}")
 
 
 def print_plan_lines(lines: list[str]) -> None:

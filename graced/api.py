@@ -391,6 +391,10 @@ class Api:
         if plan is not None and (not isinstance(plan, str) or len(plan) > 64):
             raise RequestError("bad_request", "params.plan must be the sha256 of the plan "
                                "approved (missions.get: mission.plan.sha256)")
+        # The symptom as the approver decided: its latest sample normal means it may be
+        # clearing (not yet resolved as cleared): the plan still runs, and the reply says so.
+        before = self.executor.engine.by_id(mid)
+        seen = (before.normal_streak, before.last_value) if before is not None else (0, None)
         try:
             m = await self.executor.decide(mid, approve, who, comment, opened, plan)
         except PlanChanged as exc:
@@ -405,6 +409,13 @@ class Api:
             raise RequestError("not_found", str(exc)) from None
         except ValueError as exc:
             raise RequestError("invalid", str(exc)) from None
+        if approve and seen[0] > 0:
+            value = "" if seen[1] is None else f" (value {seen[1]:g})"
+            return {"mission": m.public(), "warning": (
+                f"the latest sample of {m.detector} {m.subject} was normal{value}: the "
+                f"symptom may be clearing ({seen[0]} normal of the "
+                f"{self.executor.engine.resolve_after} that resolve it as cleared); "
+                f"the plan runs as approved")}
         return {"mission": m.public()}
 
     async def _refuse(self, mid: int, verb: str, peer: str, reason: str) -> None:

@@ -461,3 +461,38 @@ def test_a_step_that_starts_a_background_process_ends_when_its_process_exits(
         w.close()
         with contextlib.suppress(OSError, ValueError):
             os.kill(int(pid_file.read_text()), 9)
+
+
+@pytest.mark.slow
+def test_an_approval_as_the_symptom_clears_warns_and_names_the_normal_sample(
+        make_graced, shortdir: Path) -> None:
+    """Approved after the detector saw the symptom clear but before the mission resolved
+    as cleared: the plan runs (a person approved it), and the reply says the latest sample
+    was normal, naming it. Approved while the symptom is there: no warning."""
+    queue = shortdir / "queue"
+    queue.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("backlog", queue, "high")
+                    + drain_playbook(queue)
+                    + SETTINGS.format(approval=300.0).replace("resolve_after = 2",
+                                                               "resolve_after = 40"))
+    w = Watch(g)
+    recovered = LineCollector(g.ctl_popen("tail", "--json", "--since", "1",
+                                          "detector.recovered"))
+    try:
+        queue.write_text(FAULT)
+        first = w.wait("mission.awaiting_approval", "backlog", 15)["payload"]["id"]
+        res = g.ctl("missions", "approve", str(first), "--yes", check=True)
+        assert "warning" not in res.stderr, res.stderr
+        g.ctl("wait", str(first), "--state", "resolved", "--timeout", "30", check=True)
+
+        queue.write_text(FAULT)
+        mid = w.wait("mission.awaiting_approval", "backlog", 15, count=2)["payload"]["id"]
+        queue.write_text(NORMAL)
+        assert recovered.wait_for(lambda ls: len(ls) >= 2, 15)
+        res = g.ctl("missions", "approve", str(mid), "--yes", check=True)
+        warning = [x for x in res.stderr.splitlines() if "warning" in x]
+        assert len(warning) == 1 and "latest sample" in warning[0], res.stderr
+        assert "backlog queue was normal (value 0)" in warning[0], warning
+    finally:
+        recovered.proc.terminate()
+        w.close()
