@@ -99,9 +99,15 @@ def start(base: Path) -> subprocess.Popen[str]:
     proc = subprocess.Popen([str(BIN / "graced"), "run", "--config", str(base / "graced.toml")],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     assert proc.stderr is not None
-    line = proc.stderr.readline()
-    if "serving on" not in line:
-        raise SystemExit(f"graced did not start: {line}{proc.stderr.read()}")
+    # Startup may log first (a mission interrupted by the last kill, at warning): read
+    # up to the banner; EOF before it means graced did not start.
+    seen = []
+    for line in proc.stderr:
+        if "serving on" in line:
+            break
+        seen.append(line)
+    else:
+        raise SystemExit(f"graced did not start: {''.join(seen)[-2000:]}")
     threading.Thread(target=proc.stderr.read, daemon=True).start()  # drain
     return proc
 
