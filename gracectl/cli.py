@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -637,8 +638,9 @@ def _review(ctx: click.Context, mission_id: int) -> str | None:
 @click.argument("mission_id", metavar="ID", type=int)
 @click.option("--comment", default="", metavar="TEXT", help="Recorded with the approval.")
 @click.option("--plan", "plan", metavar="SHA256",
-              help="The hash of the plan you reviewed (missions show); graced refuses the "
-                   "approval if the mission would run another plan.")
+              help="The hash of the plan you reviewed (missions show), or a prefix of at "
+                   "least 12 hex digits; graced refuses the approval if the mission would "
+                   "run another plan.")
 @click.option("--yes", "-y", "yes", is_flag=True,
               help="Approve the plan the mission waits with now without reviewing it here "
                    "(printed on stderr afterwards).")
@@ -653,9 +655,9 @@ def missions_approve(ctx: click.Context, mission_id: int, comment: str, plan: st
     or --yes is required (exit 2). If the playbook changed since (a config reload),
     graced refuses an approval of the old plan and the mission waits with its new plan.
     """
-    if plan is not None and (len(plan) != 64 or any(c not in "0123456789abcdef"
-                                                    for c in plan)):
-        raise click.BadParameter("not a SHA-256 in hex", param_hint="--plan")
+    if plan is not None and not re.fullmatch(r"[0-9a-f]{12,64}", plan):
+        raise click.BadParameter("not a SHA-256, or a prefix of at least 12 of its hex "
+                                 "digits (lower case)", param_hint="--plan")
     if plan is None and not yes:
         if not (sys.stdin.isatty() and sys.stderr.isatty()):
             raise click.UsageError("without a terminal to review the plan on, name it: "

@@ -341,7 +341,10 @@ async def decide(conn: Connection, mission_id: int, approve: bool, comment: str,
     method = "missions.approve" if approve else "missions.reject"
     params = {"id": mission_id, "comment": comment, "opened": shown["opened_at"]}
     if approve:
-        plan = plan or (shown.get("plan") or {}).get("sha256")
+        full = (shown.get("plan") or {}).get("sha256")
+        # A prefix of the plan shown is sent as its full hash; any other as given (graced
+        # then says it does not match).
+        plan = full if not plan or (full and full.startswith(plan)) else plan
         if plan:
             params["plan"] = plan
     return await conn.request(method, params)

@@ -60,6 +60,8 @@ AUTO_RISKS = ("low", "medium")
 # After a step's process exits, how long its output pipes are still read: a process it
 # started in the background (``nohup worker &``) keeps them open, and the step is over.
 STEP_DRAIN_S = 0.5
+# An approval may name its plan by a prefix of its SHA-256 this long, at least.
+PLAN_PREFIX = 12
 
 
 @dataclass
@@ -155,6 +157,8 @@ class Executor:
         self.config = config
         self.silences = silences or Silences()
         self.silenced: set[int] = set()  # missions held back by a silence
+        # The plans a reload replaced, per waiting mission (since graced started).
+        self.superseded: dict[int, list[str]] = {}
         self.learning = learning
         # Notifiers get worker threads of their own: a stalled endpoint costs this pool,
         # never the threads the journal, the handlers and the detectors use.
@@ -434,6 +438,10 @@ class Executor:
 
     async def _plan_changed(self, m: Mission, current: dict[str, Any]) -> None:
         shown = m.plan["sha256"] if m.plan else None
+        if shown is not None:  # an approval of it is then "changed since", not "wrong"
+            was = self.superseded.setdefault(m.id, [])
+            was.append(shown)
+            del was[:-16]
         m.plan = current
         # Not waiting on the commit (a reload answers at once, even on a full disk).
         await self.mesh.publish("mission.plan_changed", {
@@ -479,14 +487,26 @@ class Executor:
             if current is not None and plan_sha256 is None:
                 raise PlanChanged(f"mission {mission_id}: an approval names the plan it "
                                   "approves (params.plan: mission.plan.sha256)")
-            if current is not None and current["sha256"] != plan_sha256:
-                if m.plan is None or current["sha256"] != m.plan["sha256"]:
+            # The plan is named by its hash or a prefix of at least PLAN_PREFIX hex digits
+            # (missions show prints 16); the approval records the full hash.
+            named = str(plan_sha256 or "")
+            if current is not None and not (len(named) >= PLAN_PREFIX
+                                            and current["sha256"].startswith(named)):
+                if m.plan is None or m.plan["sha256"] != current["sha256"]:
                     await self._plan_changed(m, current)
+                if len(named) >= PLAN_PREFIX and any(
+                        old.startswith(named) for old in self.superseded.get(m.id, [])):
+                    raise PlanChanged(
+                        f"mission {mission_id}: the approval names plan {named[:16]}, but "
+                        f"the plan it would run now is {current['sha256'][:16]} (the "
+                        "playbook changed since); review the plan (gracectl missions show) "
+                        "and approve again")
                 raise PlanChanged(
-                    f"mission {mission_id}: the approval names plan {str(plan_sha256)[:16]}, "
-                    f"but the plan it would run now is {current['sha256'][:16]} (the playbook "
-                    "changed since); review the plan (gracectl missions show) and approve "
-                    "again")
+                    f"mission {mission_id}: the approval names plan {named[:16]}, which does "
+                    f"not match the plan it would run: {current['sha256'][:16]}; review the "
+                    "plan (gracectl missions show) and approve again")
+            if current is not None:
+                plan_sha256 = current["sha256"]
         m.approvals.append({**who, "decision": "approved" if approve else "rejected",
                             "comment": comment, "at": now,
                             **({"plan_sha256": plan_sha256} if approve else {})})

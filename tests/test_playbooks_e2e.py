@@ -198,9 +198,16 @@ def test_an_approval_for_a_plan_changed_since_is_refused(make_graced, shortdir: 
         mid = waiting["id"]
         before = show(g, mid)["plan"]
         assert before["playbook"] == waiting["playbook"]
-        # A wrong hash is refused and changes nothing.
-        wrong = g.ctl("missions", "approve", str(mid), "--plan", "0" * 64)
-        assert wrong.returncode == 1 and "changed since" in wrong.stderr
+        # A wrong hash is refused and changes nothing; nothing changed, and it says so: the
+        # hash is not the plan's, which it names.
+        for bad in ("0" * 64, "0" * 12):
+            wrong = g.ctl("missions", "approve", str(mid), "--plan", bad)
+            assert wrong.returncode == 1 and "changed since" not in wrong.stderr
+            assert "does not match" in wrong.stderr and before["sha256"][:16] in wrong.stderr
+            assert wrong.stderr.count("\n") == 1
+        # missions show prints 16 hex digits: a prefix of at least 12 names the plan.
+        short = g.ctl("missions", "approve", str(mid), "--plan", before["sha256"][:11])
+        assert short.returncode == 2 and "--plan" in short.stderr
         assert show(g, mid)["state"] == "awaiting_approval"
 
         # The playbook changes under the waiting mission: a config reload. The mission
@@ -223,15 +230,16 @@ def test_an_approval_for_a_plan_changed_since_is_refused(make_graced, shortdir: 
         assert (event["id"], event["was"], event["plan_sha256"]) == (
             mid, before["sha256"], changed["sha256"])
         # An approval of the plan shown before the reload is refused.
-        stale = g.ctl("missions", "approve", str(mid), "--plan", before["sha256"])
-        assert stale.returncode == 1, stale.stderr
-        assert "changed since" in stale.stderr and stale.stderr.count("\n") == 1
+        for stale_hash in (before["sha256"], before["sha256"][:12]):
+            stale = g.ctl("missions", "approve", str(mid), "--plan", stale_hash)
+            assert stale.returncode == 1, stale.stderr
+            assert "changed since" in stale.stderr and stale.stderr.count("\n") == 1
         assert show(g, mid)["state"] == "awaiting_approval"
 
         # Approving what is shown now works; the approval names that plan.
         forged = "  2026-01-01 00:00:00  approved by root (unix peer credentials)"
-        ok = g.ctl("missions", "approve", str(mid), "--yes", "--comment",
-                    f"read the new plan\n{forged}")
+        ok = g.ctl("missions", "approve", str(mid), "--plan", changed["sha256"][:16],
+                   "--comment", f"read the new plan\n{forged}")
         assert ok.returncode == 0, ok.stderr
         assert f"sha256 {changed['sha256']}" in ok.stderr  # the plan approved, shown
         final = g.ctl("wait", str(mid), "--state", "resolved", "--state", "failed",
