@@ -27,7 +27,10 @@ def playbooks() -> None:
 @json_option
 @click.pass_context
 def playbooks_ls(ctx: click.Context, as_json: bool) -> None:
-    """List the playbooks: match, risk, budget left, and learned success and runs."""
+    """List the playbooks: match, risk, budget left, and learned success and runs.
+
+    SUCCESS and RUNS are the credited runs knowledge counts (after any knowledge reset);
+    "demoted (N)": demoted on N patterns (knowledge show PATTERN)."""
     result = _run(lambda: _call(_endpoint(ctx), "playbooks.list", {}))
     rows = result["playbooks"]
     if as_json:
@@ -46,6 +49,8 @@ def playbooks_ls(ctx: click.Context, as_json: bool) -> None:
             f"severity={','.join(mt['severities'])}" if mt["severities"] else "") if x) or "any"
         lr = pb["learned"]
         success = "-" if lr["success_rate"] is None else f"{lr['success_rate'] * 100:.0f}%"
+        if lr.get("demoted"):
+            success += f" demoted ({len(lr['demoted'])})"
         last = "-" if lr["last_run"] is None else _age(result["now"] - lr["last_run"]) + " ago"
         table.append([safe(pb["name"]), safe(match), pb["risk"] + ("" if pb["auto"] else
                                                                    " (approval)"),

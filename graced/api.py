@@ -573,16 +573,11 @@ class Api:
 
     async def playbooks_list(self, client: Client, req: Request) -> Any:
         """Each playbook: what it matches, its risk, budget left and learned record."""
-        rows = await self._read(
-            "SELECT playbook, SUM(ran), SUM(CASE WHEN ran AND success THEN 1 ELSE 0 END), "
-            "MAX(closed_at) FROM outcomes WHERE playbook IS NOT NULL GROUP BY playbook", ())
-        learned = {str(r[0]): (int(r[1] or 0), int(r[2] or 0), r[3]) for r in rows}
         ex = self.executor
         now = time.time()
         out = []
         for pb in ex.playbooks:
             used = ex.budgets.used(pb, now)
-            runs, successes, last = learned.get(pb.name, (0, 0, None))
             out.append({
                 "name": pb.name,
                 "match": {"detector": pb.detector or None, "kind": pb.kind or None,
@@ -592,9 +587,8 @@ class Api:
                 "budget": pb.budget, "budget_window": pb.budget_window,
                 "budget_used": used,
                 "budget_left": pb.budget - max(used.values(), default=0),
-                "learned": {"runs": runs, "successes": successes,
-                            "success_rate": round(successes / runs, 4) if runs else None,
-                            "last_run": last},
+                # The records knowledge ls/show read: credited runs, after any reset.
+                "learned": self.learning.knowledge.playbook_record(pb.name, now),
             })
         return {"playbooks": out, "mode": ex.config.mode, "paused": ex.paused,
                 "global_left": max(0, ex.config.max_actions_per_hour

@@ -54,6 +54,14 @@ class Exporter:
         return path
 
 
+def listed(g: Graced, name: str) -> dict[str, Any]:
+    """What playbooks ls says a playbook learned (without when it last ran)."""
+    pbs = json.loads(g.ctl("playbooks", "ls", "--json", check=True).stdout)["playbooks"]
+    learned = dict(next(p for p in pbs if p["name"] == name)["learned"])
+    learned.pop("last_run")
+    return learned
+
+
 def status_within(g: Graced, limit: float) -> dict[str, Any]:
     """Ask graced for its status over its socket; the answer must come within ``limit``."""
 
@@ -256,10 +264,19 @@ def test_imported_prior_is_bounded_demotion_needs_local_failures_and_reset_undoe
                              check=True).stdout)["pattern"]["playbooks"][0]
     assert (shown["failures"], shown["demoted"]) == (3, True)
     assert shown["imported"][0]["successes"] == 1_000_000
+    # playbooks ls reads the same records: the credited runs, and the demotion.
+    assert listed(g, "imported-star") == {
+        "runs": shown["runs"], "successes": shown["successes"],
+        "success_rate": shown["success_rate"], "demoted": ["star:queue"]}
+    row = next(x for x in g.ctl("playbooks", "ls", check=True).stdout.splitlines()
+               if x.startswith("imported-star"))
+    assert "demoted" in row, row
     # Reset (control rights, a signed event): tried again on the next fault.
     recovered.proc.terminate()
     res = g.ctl("knowledge", "reset", "imported-star", "--json", check=True)
     assert json.loads(res.stdout)["records"] == 2  # the local record and the import
+    assert listed(g, "imported-star") == {"runs": 0, "successes": 0, "success_rate": None,
+                                          "demoted": []}
     g.stop()
     g.start()  # the reset is durable
     w = Watch(g)

@@ -76,7 +76,7 @@ def test_playbooks_ls_dry_run_and_a_manual_run(make_graced, shortdir: Path, slee
         assert (drain["risk"], drain["auto"], drain["budget"], drain["budget_left"]) == (
             "high", False, 4, 4)
         assert drain["learned"] == {"runs": 0, "successes": 0, "success_rate": None,
-                                    "last_run": None}
+                                    "last_run": None, "demoted": []}
         assert by_name["inspect"]["steps"] == ["run", "restart_unit", "signal"]
         text = g.ctl("playbooks", "ls", check=True).stdout
         assert text.split("\n")[0].split() == ["PLAYBOOK", "MATCH", "RISK", "STEPS",

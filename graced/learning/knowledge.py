@@ -324,6 +324,19 @@ class Knowledge:
             "playbooks": playbooks,
         }
 
+    def playbook_record(self, playbook: str, now: float) -> dict[str, Any]:
+        """A playbook's local record over every pattern, as ``knowledge`` counts it
+        (credited runs, after any reset), and the patterns it is demoted on."""
+        local = [(sig, pbs[playbook][LOCAL]) for sig, pbs in self.patterns.items()
+                 if LOCAL in pbs.get(playbook, {})]
+        runs = sum(e.successes + e.failures for _, e in local)
+        wins = sum(e.successes for _, e in local)
+        return {"runs": runs, "successes": wins,
+                "success_rate": round(wins / runs, 4) if runs else None,
+                "last_run": max((e.last_seen for _, e in local), default=None),
+                "demoted": sorted(sig for sig, _ in local
+                                  if self.demotion(sig, playbook, now)[0])}
+
     def export(self, source_id: str, host: str, now: float) -> dict[str, Any]:
         """This host's own patterns as the export file's body (unsigned: the caller signs).
 
