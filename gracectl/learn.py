@@ -361,6 +361,9 @@ def knowledge_import(ctx: click.Context, file: str, key_file: str | None, dry_ru
     if rows:
         out.echo(tabulate(rows, headers=["PATTERN", "PLAYBOOK", "CHANGE", "BEFORE OK/RUNS",
                                            "FILE OK/RUNS", "PRIOR WEIGHT OK/RUNS"]))
+    for c in result["changes"]:
+        if c.get("note"):  # it applies only where DETECTOR:SUBJECT match exactly
+            stderr_note(f"{c['pattern']} {c['playbook']}: {c['note']}")
     if dry_run:
         origin = data["host"] or data["source"]
         stderr_note(f"dry run: {len(data['patterns'])} records from {origin} would be "

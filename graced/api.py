@@ -316,6 +316,7 @@ class Api:
         now = time.time()
         changes = knowledge.preview(source, patterns, now, span if span is not None else (
             (None, None) if replace else None))
+        self._note_unmatched(changes, patterns)
         if dry_run:
             return {"dry_run": True, "source": source, "changes": changes,
                     "records": len(patterns)}
@@ -331,6 +332,22 @@ class Api:
             "replace": replace, "by_uid": peer.uid}, writes=writes)
         return {"imported": len(patterns), "source": source,
                 "patterns": len(knowledge.patterns), "changes": changes}
+
+    def _note_unmatched(self, changes: list[dict[str, Any]],
+                        patterns: list[dict[str, Any]]) -> None:
+        """A record applies to missions of exactly its DETECTOR:SUBJECT: note the records
+        that nothing here reports (a detector not configured, or a subject not seen)."""
+        where = {(p["signature"], p["playbook"]): (p["detector"], p["subject"])
+                 for p in patterns}
+        status = self.runner.status
+        for c in changes:
+            if c["change"] == "removed" or (c["pattern"], c["playbook"]) not in where:
+                continue
+            detector, subject = where[(c["pattern"], c["playbook"])]
+            if detector not in status:
+                c["note"] = f"no local detector named {detector}"
+            elif subject not in status[detector]["subjects"]:
+                c["note"] = "no local detector reports this subject"
 
     async def knowledge_reset(self, client: Client, req: Request) -> Any:
         """Forget what was learned about a pattern or a playbook (control rights)."""

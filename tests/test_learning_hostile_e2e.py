@@ -20,7 +20,7 @@ from gracectl.client import Endpoint, connect
 from graced.keys import format_public_key
 from graced.protocol import Signer
 from tests.conftest import Graced
-from tests.helpers.procs import LineCollector
+from tests.helpers.procs import LineCollector, poll_until
 from tests.test_learning_e2e import FAULT, NORMAL, fix, playbook, value_detector
 from tests.test_missions_e2e import Watch
 
@@ -391,6 +391,9 @@ def test_import_dry_run_and_import_list_the_same_changes_removed_records_include
     star.write_text(NORMAL)
     g = make_graced(detectors=value_detector("star", star)
                     + playbook("imported-star", "star", "low", ["false"]) + SETTINGS)
+    # Sampled once: the changes' notes (a subject reported here or not) are then stable.
+    poll_until(lambda: "queue" in json.loads(g.ctl("detectors", "--json", check=True).stdout)
+               ["star"]["subjects"], 15, "a first sample of star")
     ex = Exporter(shortdir)
     other = record(playbook="other", successes=1, failures=4, ttr_total=1.0, ttr_count=1)
     g.ctl("knowledge", "import", "--key", str(ex.key),
@@ -425,3 +428,28 @@ def test_import_dry_run_and_import_list_the_same_changes_removed_records_include
     assert real["changes"] == dry["changes"]
     shown = g.ctl("knowledge", "show", "star:queue", "--json", check=True).stdout
     assert '"p301"' in shown and '"p300"' not in shown
+
+
+def test_import_dry_run_notes_records_no_local_detector_reports(make_graced,
+                                                                shortdir: Path) -> None:
+    """Imported knowledge applies to a DETECTOR:SUBJECT that matches exactly: the dry run
+    says which records nothing here reports."""
+    star = shortdir / "star"
+    star.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("star", star)
+                    + playbook("imported-star", "star", "low", ["false"]) + SETTINGS)
+    poll_until(lambda: "queue" in json.loads(g.ctl("detectors", "--json", check=True).stdout)
+               ["star"]["subjects"], 15, "a first sample of star")
+    ex = Exporter(shortdir)
+    path = ex.write(shortdir / "seed.json", [
+        record(), record(signature="star:db-1", subject="db-1"),
+        record(signature="web-queue:queue", detector="web-queue")])
+    dry = json.loads(g.ctl("knowledge", "import", "--dry-run", "--key", str(ex.key),
+                           str(path), "--json", check=True).stdout)
+    notes = {c["pattern"]: c.get("note") for c in dry["changes"]}
+    assert notes["star:queue"] is None
+    assert notes["star:db-1"] == "no local detector reports this subject"
+    assert notes["web-queue:queue"] == "no local detector named web-queue"
+    human = g.ctl("knowledge", "import", "--dry-run", "--key", str(ex.key), str(path))
+    assert "star:db-1" in human.stdout and "no local detector reports this subject" in (
+        human.stdout + human.stderr)
