@@ -124,11 +124,31 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
                    if t["to"] in ("approved", "awaiting_approval", "escalated")), None)
     if policy is None and m.get("reason") and m["state"] == "open":
         policy = m["reason"]
-    lines.append(f"policy    {policy or 'no action taken'}")
+    plan = (m.get("plan") or {}).get("sha256")
+    replaced = {was: f"{was} (replaced by {plan[:16]})" for was in (
+        str(t.get("reason") or "").partition("plan sha256 ")[2][:16] for t in m["timeline"])
+        if plan and was and not plan.startswith(was)}
+
+    def current(text: str) -> str:
+        """A reason naming a plan a reload replaced: say so, with the current one."""
+        for was, now_ in replaced.items():
+            text = text.replace(was, now_)
+        return text
+
+    lines.append(f"policy    {current(policy) if policy else 'no action taken'}")
+    if plan:
+        lines.append(f"plan      {m['plan'].get('playbook') or '-'} sha256 {plan[:16]}")
+    for a in m.get("approvals") or []:
+        # Who decided, how (peer credentials or a key) and when, on one line each.
+        what = f", plan {str(a['plan_sha256'])[:16]}" if a.get("plan_sha256") else ""
+        note = f": {out.safe(a['comment'])}" if a.get("comment") else ""
+        lines.append(f"approval  {out.safe(a.get('decision') or '?')} by "
+                     f"{out.safe(a.get('user') or '?')} ({out.safe(a.get('auth') or '?')}) "
+                     f"at {_ts(a['at'])}{what}{note}")
     outcome = m["reason"] or m["state"]
     if m["state"] == "resolved" and m["closed_at"]:
         outcome = f"resolved in {_secs(m['closed_at'] - m['opened_at'])}: {m['reason']}"
-    lines.append(f"outcome   {outcome}")
+    lines.append(f"outcome   {current(outcome)}")
     held = m.get("held_back")
     if held:
         setting = held.get("setting", "")
@@ -150,10 +170,11 @@ def missions_explain(ctx: click.Context, mission_id: int, as_json: bool) -> None
     result = _run(lambda: _call(_endpoint(ctx), "missions.get", {"id": mission_id}))
     m = result["mission"]
     if as_json:
-        _print_json({k: m.get(k) for k in ("id", "detector", "subject", "severity", "state",
-                                           "summary", "samples", "similar", "decision",
-                                           "playbook", "risk", "reason", "timeline",
-                                           "held_back", "incident", "symptom_at_start")})
+        _print_json({**{k: m.get(k) for k in (
+            "id", "detector", "subject", "severity", "state", "summary", "samples", "similar",
+            "decision", "playbook", "risk", "reason", "timeline", "held_back", "incident",
+            "symptom_at_start", "approvals")},
+            "plan_sha256": (m.get("plan") or {}).get("sha256")})
         return
     out.echo("\n".join(explain_lines(m, result["now"])))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import select
 import subprocess
 import sys
@@ -230,6 +231,11 @@ def test_an_approval_for_a_plan_changed_since_is_refused(make_graced, shortdir: 
         assert (event["id"], event["was"], event["plan_sha256"]) == (
             mid, before["sha256"], changed["sha256"])
         # An approval of the plan shown before the reload is refused.
+        # explain shows the plan it waits with now, and the replaced one only as replaced.
+        explain = g.ctl("missions", "explain", str(mid), check=True).stdout.splitlines()
+        assert f"plan      drain sha256 {changed['sha256'][:16]}" in explain, explain
+        assert all(f"replaced by {changed['sha256'][:16]}" in x
+                   for x in explain if before["sha256"][:16] in x), explain
         for stale_hash in (before["sha256"], before["sha256"][:12]):
             stale = g.ctl("missions", "approve", str(mid), "--plan", stale_hash)
             assert stale.returncode == 1, stale.stderr
@@ -253,6 +259,14 @@ def test_an_approval_for_a_plan_changed_since_is_refused(make_graced, shortdir: 
         assert forged not in text.splitlines()
         assert f"read the new plan\\n{forged}" in text
         assert m["plan"]["sha256"] == changed["sha256"]
+        # explain says who approved, how and when, on one line the comment cannot break.
+        explain = g.ctl("missions", "explain", str(mid), check=True).stdout.splitlines()
+        approval = [x for x in explain if x.startswith("approval")]
+        who = pwd.getpwuid(os.getuid()).pw_name
+        assert len(approval) == 1 and approval[0].startswith(
+            f"approval  approved by {who} (unix peer credentials) at "), explain
+        assert f"plan {changed['sha256'][:16]}" in approval[0]
+        assert forged not in explain
     finally:
         w.close()
 
