@@ -47,8 +47,17 @@ from .learning import Learning
 from .mesh import Mesh
 from .missions import store
 from .missions.engine import Mission, MissionEngine, Transition
+from .plan import (
+    JOURNALCTL,
+    command,
+    describe,
+    matches,
+    mission_values,
+    redact_output,
+    secrets,
+    substitute,
+)
 from .plan import build as build_plan
-from .plan import command, describe, matches, mission_values, redact_output, secrets, substitute
 from .redact import redact_text
 from .silences import Silences
 
@@ -128,7 +137,7 @@ async def _action_readback(unit: str, since: float) -> bytes:
     """
     for _ in range(3):  # journald stores lines a moment after systemctl returns
         journal = await trio.run_process(
-            ["journalctl", "--no-pager", "-o", "cat", "-n", "200", "-u", unit,
+            [JOURNALCTL, "--no-pager", "-o", "cat", "-n", "200", "-u", unit,
              f"--since=@{int(since)}"], stdin=b"", capture_stdout=True, capture_stderr=True,
             check=False)
         if journal.stdout.strip() and b"-- No entries --" not in journal.stdout:

@@ -36,6 +36,11 @@ from .missions.engine import Mission
 from .redact import HIDDEN, redact_text
 
 PLACEHOLDERS = ("subject", "value", "detector", "mission")
+# systemd's tools by their fixed paths, never through PATH (whoever sets graced's
+# environment does not choose what runs).
+SYSTEMCTL = "/usr/bin/systemctl"
+JOURNALCTL = "/usr/bin/journalctl"
+ACTION_PREFIX = "grace-action@"
 
 
 def mission_values(m: Mission) -> dict[str, str]:
@@ -78,9 +83,9 @@ def command(st: StepConfig, values: dict[str, str]) -> tuple[list[str], dict[str
             substitute(a, values) for a in st.argv]
         return argv, step_env(st, values)
     if st.action == "restart_unit":
-        return ["systemctl", "restart", "--", substitute(st.unit, values)], {}
+        return [SYSTEMCTL, "restart", "--", substitute(st.unit, values)], {}
     if st.action == "start_action":
-        return ["systemctl", "start", "--wait", "--",
+        return [SYSTEMCTL, "start", "--wait", "--",
                 action_unit(substitute(st.unit, values))], {}
     return [], {}
 
@@ -130,8 +135,11 @@ def redact_output(text: str, hide: list[str]) -> str:
 
 
 def action_unit(name: str) -> str:
-    """The unit an administrator installed for action ``name``: grace-action@NAME.service."""
-    return name if name.endswith(".service") else f"grace-action@{name}.service"
+    """The unit an administrator installed for action ``name`` (``NAME`` or
+    ``grace-action@NAME.service``): always grace-action@NAME.service, never another unit."""
+    if name.startswith(ACTION_PREFIX):
+        name = name.removeprefix(ACTION_PREFIX).removesuffix(".service")
+    return f"{ACTION_PREFIX}{name}.service"
 
 
 def digest(plan: dict[str, Any]) -> str:

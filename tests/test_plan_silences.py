@@ -37,10 +37,10 @@ def test_a_plan_is_the_steps_with_the_values_put_in() -> None:
     assert run["argv"] == ["/usr/bin/clean", "web", "--over=97.5"]
     assert run["env"]["TARGET"] == "sha256:" + hashlib.sha256(b"web").hexdigest()[:16]
     assert run["env"]["GRACE_MISSION"] == "7"
-    assert restart["argv"] == ["systemctl", "restart", "--", "web.service"]
+    assert restart["argv"] == ["/usr/bin/systemctl", "restart", "--", "web.service"]
     assert (sig["signal"], sig["process"]) == ("HUP", "webd")
     assert action["unit"] == "grace-action@clean-logs.service"
-    assert action["argv"] == ["systemctl", "start", "--wait", "--", action["unit"]]
+    assert action["argv"] == ["/usr/bin/systemctl", "start", "--wait", "--", action["unit"]]
     body = {k: v for k, v in plan.items() if k != "sha256"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     assert plan["sha256"] == hashlib.sha256(text.encode()).hexdigest()  # as documented
@@ -144,3 +144,23 @@ def test_silences_are_bounded_and_targets_parsed() -> None:
     for bad in ("", ":x", "disk:"):
         with pytest.raises(ValueError):
             parse_target(bad)
+
+
+@pytest.mark.parametrize("unit, runs", [
+    ("clean-logs", "grace-action@clean-logs.service"),
+    ("grace-action@rotate.service", "grace-action@rotate.service"),
+    ("sshd.service", None), ("grace-action@x.service.service", "grace-action@x.service.service"),
+    ("grace-action@../x.service", None), ("a@b", None), ("-x", "grace-action@-x.service"),
+    ("{subject}", None), ("grace-action@.service", None), ("x y", None)])
+def test_start_action_starts_only_installed_actions(unit: str, runs: str | None) -> None:
+    """A start_action step names an action (NAME or grace-action@NAME.service); any other
+    unit ("sshd.service") is refused by the config, never started."""
+    from graced.config.playbooks import ACTIONS as RULES
+    from graced.plan import action_unit
+
+    rule = RULES["start_action"].rule
+    assert rule is not None
+    problem = rule(StepConfig(action="start_action", unit=unit))
+    assert (problem is None) == (runs is not None), (unit, problem)
+    if runs is not None:
+        assert action_unit(unit) == runs

@@ -99,8 +99,8 @@ def test_playbooks_ls_dry_run_and_a_manual_run(make_graced, shortdir: Path, slee
         assert (f'1. run: argv ["/bin/echo", "backlog", "queue", "value=99", "m{mid}"]'
                 in dry)
         assert 'env WHERE (value hidden, sha256:' in dry
-        assert ('2. restart_unit: unit queue-worker.service (argv ["systemctl", "restart", '
-                '"--", "queue-worker.service"])') in dry
+        assert ('2. restart_unit: unit queue-worker.service (argv ["/usr/bin/systemctl", '
+                '"restart", "--", "queue-worker.service"])') in dry
         assert f'3. signal: signal SIGHUP to processes matching "{marker}"' in dry
         assert f"targets now: {target.pid}" in dry
         assert target.poll() is None and queue.read_text() == FAULT

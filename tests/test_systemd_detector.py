@@ -8,14 +8,22 @@ resolved) is proven under systemd-nspawn: tests/systemd/remediation_scenario.py.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from graced.config import DetectorConfig
 from graced.detectors.scoring import Scorer
-from graced.detectors.systemd import KEEP_NORMAL, FailedUnits, parse_show, parse_units
+from graced.detectors.systemd import (
+    KEEP_NORMAL,
+    FailedUnits,
+    parse_show,
+    parse_units,
+    unit_name,
+)
 
 # Captured from Debian 12's systemd 252 (list-units --failed --all --plain --output=json,
 # then show -p Id,Result,NRestarts,ExecMainStatus), with a description carrying escapes.
@@ -32,9 +40,25 @@ def test_what_systemd_prints_is_parsed_and_bounded() -> None:
     assert units["app-red.service"]["description"] == "App \x1b[31mred\x1b[0m worker"
     assert parse_show(SHOWN)["app-red.service"]["ExecMainStatus"] == "3"
     assert parse_units(b"[]\n") == {} and parse_units(b"") == {}
-    huge = json.dumps([{"unit": "x" * 5000, "description": "d" * 5000}]).encode()
-    (name, info), = parse_units(huge).items()
-    assert len(name) == 256 and len(info["description"]) == 200
+    huge = json.dumps([{"unit": "x" * 5000 + ".service", "description": "d"},
+                       {"unit": "long.service", "description": "d" * 5000}]).encode()
+    (name, info), = parse_units(huge).items()  # a name systemd cannot have is dropped
+    assert name == "long.service" and len(info["description"]) == 200
+
+
+def test_what_is_not_a_unit_name_never_becomes_a_subject() -> None:
+    # What a hostile systemctl (or unit) could print: none of it reaches a playbook.
+    bad = ["*", "--force", "../../etc/passwd", "a b.service", "a/b.service",
+           "x.service;id", "x.service\nId=y.service", "x" * 300 + ".service", "noservice",
+           ".service"]
+    good = ["app-red.service", "getty@tty1.service", "sys-fs-x2dy.mount",
+            "a\\x2db.service", "foo@.service", "-.mount"]
+    rows = [{"unit": n, "description": "d"} for n in bad + good]
+    assert list(parse_units(json.dumps(rows).encode())) == good
+    assert [n for n in bad + good if unit_name(n)] == good
+    shown = b"".join(f"Id={n}\nResult=exit-code\n\n".encode() for n in bad + good
+                     if "\n" not in n)  # show prints one property a line
+    assert list(parse_show(shown)) == good
     for bad in (b"not json", b'{"unit": "a"}'):
         with pytest.raises(RuntimeError):
             parse_units(bad)
@@ -69,7 +93,8 @@ def test_a_failed_unit_is_its_own_anomaly_until_it_is_not() -> None:
 
 
 @pytest.mark.slow
-def test_without_systemd_as_pid_1_the_detector_reports_its_error(make_graced) -> None:
+def test_without_systemd_as_pid_1_the_detector_reports_its_error(make_graced,
+                                                                  shortdir: Path) -> None:
     if shutil.which("systemctl") is None:
         pytest.skip("systemctl is not installed")
     probe = subprocess.run(["systemctl", "list-units", "--failed", "--output=json"],
@@ -77,7 +102,18 @@ def test_without_systemd_as_pid_1_the_detector_reports_its_error(make_graced) ->
     if probe.returncode == 0:
         pytest.skip("systemd runs here; the nspawn scenario covers the real detector")
     g = make_graced(detectors='[[detector]]\nname = "units"\nkind = "systemd"\n'
-                    'interval = 0.5\nunits = ["app-*.service"]\n')
+                    'interval = 0.5\nunits = ["app-*.service"]\n', start=False)
+    # A systemctl planted first in graced's PATH is never run: graced calls
+    # /usr/bin/systemctl.
+    planted, ran = shortdir / "bin", shortdir / "planted-ran"
+    planted.mkdir()
+    (planted / "systemctl").write_text(
+        f"#!/bin/sh\ntouch {ran}\n"
+        'echo \'[{"unit":"app-x.service","load":"loaded","active":"failed","sub":"failed",'
+        '"description":"planted"}]\'\n')
+    (planted / "systemctl").chmod(0o755)
+    g.env_extra["PATH"] = f"{planted}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    g.start()
     tail = g.ctl_popen("tail", "--json", "--since", "1", "detector.*")
     try:
         assert tail.stdout is not None
@@ -91,6 +127,7 @@ def test_without_systemd_as_pid_1_the_detector_reports_its_error(make_graced) ->
         assert missions == []
         state = json.loads(g.ctl("detectors", "--json", check=True).stdout)["units"]
         assert state["kind"] == "systemd" and state["errors"] >= 1
+        assert not ran.exists()
     finally:
         tail.terminate()
         tail.wait(10)

@@ -95,7 +95,8 @@ def test_config_units_lists_the_actions_after_the_units(tmp_path: Path) -> None:
     assert res.stdout == ("web.service\ngrace-action@clean-logs.service\n"
                           "grace-action@rotate.service\n")
     # Nothing from a mission may choose the action: no placeholder, no path.
-    for unit in ("{subject}", "../../etc/x", "a b"):
+    # Nor another unit than an installed action: sshd.service is no action.
+    for unit in ("{subject}", "../../etc/x", "a b", "sshd.service", "grace-action@x"):
         cfg.write_text(base + steps.replace('"clean-logs"', f'"{unit}"'))
         bad = subprocess.run([bin_path("graced"), "config", "check", str(cfg)],
                              capture_output=True, text=True, stdin=subprocess.DEVNULL)

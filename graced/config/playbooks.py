@@ -89,11 +89,14 @@ def _signal_rule(st: StepConfig) -> tuple[str, str] | None:
 
 
 def _action_rule(st: StepConfig) -> tuple[str, str] | None:
-    # An installed action is chosen by the config alone: no placeholder, no path.
-    name = st.unit.removesuffix(".service")
-    if not re.fullmatch(r"(grace-action@)?[A-Za-z0-9_.:-]{1,100}", name):
-        return "unit", ("an installed action's name (grace-action@NAME.service): letters, "
-                        "digits and _.:- only, no placeholders")
+    # An installed action is chosen by the config alone: no placeholder, no path, and
+    # only an action unit (grace-action@NAME.service): "sshd.service" is not an action.
+    full = re.fullmatch(r"grace-action@(.*)\.service", st.unit)
+    name = full.group(1) if full else st.unit
+    if not re.fullmatch(r"[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,99}", name) or (
+            not full and name.endswith(".service")):
+        return "unit", ("an installed action's name: NAME or grace-action@NAME.service (NAME: "
+                        "letters, digits and _.:- only, no placeholders)")
     return None
 
 

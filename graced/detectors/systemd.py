@@ -12,6 +12,7 @@ forgotten. Unit names come from systemd, but are still bounded before use.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 from ..config import DetectorConfig
@@ -21,6 +22,17 @@ KEEP_NORMAL = 30  # samples a recovered unit is still reported normal
 MAX_UNITS = 200  # failed units reported per sample
 MAX_TRACKED = 1000
 MAX_NAME = 256
+SYSTEMCTL = "/usr/bin/systemctl"  # never through PATH
+# A unit name as systemd writes one (unit_name_is_valid): letters, digits and :-_.\, one
+# @ before an instance, a type suffix. Anything else ("*", "--force", "../../etc/passwd")
+# is not a unit systemd listed, and never becomes a subject a playbook could act on.
+_UNIT = re.compile(r"[A-Za-z0-9:_\\-][A-Za-z0-9:_.\\-]*(@[A-Za-z0-9:_.\\@-]*)?\."
+                   r"(service|socket|target|device|mount|automount|swap|timer|path|slice|scope)")
+
+
+def unit_name(name: str) -> bool:
+    """Whether ``name`` is a valid systemd unit name (at most 255 characters)."""
+    return len(name) <= 255 and _UNIT.fullmatch(name) is not None
 
 
 def parse_units(stdout: bytes) -> dict[str, dict[str, str]]:
@@ -33,9 +45,10 @@ def parse_units(stdout: bytes) -> dict[str, dict[str, str]]:
         raise RuntimeError("systemctl printed JSON that is not a list of units")
     out: dict[str, dict[str, str]] = {}
     for row in rows:
-        if not isinstance(row, dict) or not isinstance(row.get("unit"), str):
+        if not isinstance(row, dict) or not isinstance(row.get("unit"), str) \
+                or not unit_name(row["unit"]):
             continue
-        name = row["unit"][:MAX_NAME]
+        name = row["unit"]
         out[name] = {k: str(row.get(k, ""))[:200] for k in ("load", "active", "sub",
                                                             "description")}
     return out
@@ -46,7 +59,7 @@ def parse_show(stdout: bytes) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for block in stdout.decode("utf-8", "replace").split("\n\n"):
         props = dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
-        if props.get("Id"):
+        if props.get("Id") and unit_name(props["Id"]):
             out[props["Id"][:MAX_NAME]] = {k: v[:100] for k, v in props.items()}
     return out
 
@@ -62,7 +75,7 @@ class FailedUnits:
         pass
 
     def _systemctl(self, *args: str) -> bytes:
-        res = subprocess.run(["systemctl", "--no-pager", *args], capture_output=True,
+        res = subprocess.run([SYSTEMCTL, "--no-pager", *args], capture_output=True,
                              timeout=self.config.timeout, stdin=subprocess.DEVNULL,
                              check=False)
         if res.returncode != 0:
