@@ -687,7 +687,7 @@ class Executor:
             result.update(ok=False, exit_code=None, error=str(exc))
         except Exception as exc:  # a step never takes graced down: a failed step, logged
             log.exception("step %s failed inside graced", st.action)
-            result.update(ok=False, exit_code=None,
+            result.update(ok=False, exit_code=None, graced_error=True,
                           error=f"graced internal error: {type(exc).__name__}: {exc}")
         result["duration_s"] = round(time.monotonic() - started, 3)
         result["output_sha256"] = hashlib.sha256(output).hexdigest()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from graced.journal import Journal
-from graced.learning import memory
+from graced.learning import credit, memory
 from graced.learning.knowledge import Knowledge, Settings
 from graced.learning.ranking import Record, demoted, rank
 from graced.missions.engine import Mission
@@ -302,3 +302,14 @@ def test_signed_export_verifies_and_an_edited_one_does_not() -> None:
     unsigned = {k2: v for k2, v in doc.items() if k2 not in ("sig", "kid")}
     with pytest.raises(ValueError, match="^kid: must be a string"):
         check_header(unsigned)
+
+
+def test_a_step_that_failed_inside_graced_is_not_held_against_the_playbook() -> None:
+    """graced's own error (the executor marks the step graced_error) is no evidence
+    about the playbook: no failure is credited, so it cannot be demoted for it."""
+    knowledge = Knowledge()
+    m = _mission(1, "web", "api", "latency", "failed", "restart-web", ran=True)
+    assert credit(m, knowledge, "sig") == (False, None)  # the playbook's own failure
+    m.steps[0].update(error="graced internal error: TypeError: x", graced_error=True)
+    success, why = credit(m, knowledge, "sig")
+    assert success is None and why is not None and "inside graced" in why

@@ -57,6 +57,9 @@ def credit(m: Mission, knowledge: Knowledge, sig: str) -> tuple[bool | None, str
     if m.symptom_at_start is False:
         return None, ("the symptom had cleared before the playbook started: "
                       "not credited either way")
+    if o_success is False and any(st.get("graced_error") for st in m.steps):
+        return None, ("a step failed inside graced itself, not by the playbook's doing: "
+                      "not credited either way")
     if o_success and (not m.steps or not all(st.get("ok") for st in m.steps)
                       or any(t.get("to") == "interrupted" for t in m.timeline)):
         return None, "the playbook's steps did not run to completion: no success credited"
