@@ -40,10 +40,10 @@ from .learning import knowledge as kb
 from .learning import settings as learning_settings
 from .mesh import Mesh
 from .missions import store
-from .missions.engine import MissionEngine
+from .missions.engine import HANDED_OVER, MissionEngine
 from .protocol import Signer
 from .readers import SharedReader
-from .reload import ConfigRejected, Reloader
+from .reload import ConfigRejected, Reloader, removed_reason
 from .safefiles import check_private_dir, write_new
 from .silences import Silences
 from .wire import Server, certificate_names, tls_context
@@ -270,6 +270,15 @@ class Daemon:
             "SELECT detector, subject, MAX(closed_at) FROM missions "
             "WHERE state = 'resolved' AND json_array_length(data, '$.steps') = 0 "
             "AND data NOT LIKE '%\"to\": \"executing\"%' GROUP BY detector, subject")
+        # Keys whose last mission handed the symptom to a person (a rejection holds until
+        # the symptom is seen normal, across restarts) — not those expired because their
+        # detector left the config (reload.py's reason): that handed nothing over.
+        last = journal.query(  # SQLite: the bare columns come from the MAX(id) row
+            "SELECT detector, subject, state, json_extract(data, '$.reason'), MAX(id) "
+            "FROM missions GROUP BY detector, subject")
+        held = {(str(d), str(s)): (str(state), int(str(mid)))
+                for d, s, state, reason, mid in last
+                if state in HANDED_OVER and reason != removed_reason(str(d))}
         states: dict[str, Any] = {}
         for name, data in journal.query("SELECT name, data FROM detector_state"):
             try:
@@ -280,7 +289,8 @@ class Daemon:
         engine = MissionEngine(
             resolve_after=mc.resolve_after, flap_window=mc.flap_window,
             update_interval=mc.update_interval, next_id=int(str(next_id)), active=active,
-            last_resolved={(str(d), str(s)): float(str(t)) for d, s, t in resolved})
+            last_resolved={(str(d), str(s)): float(str(t)) for d, s, t in resolved},
+            held=held)
         return engine, states
 
     def _banner(self) -> None:

@@ -51,6 +51,11 @@ def reports(cfg: DetectorConfig, subject: str) -> bool:
     return subject == cfg.effective_subject
 
 
+def removed_reason(detector: str) -> str:
+    """Why a mission of a detector a reload removed expired (graced reads it at start)."""
+    return f"detector {detector} was removed from the config"
+
+
 class ConfigRejected(Exception):
     """The new config was refused; the message is the reason (one line)."""
 
@@ -200,7 +205,7 @@ class Reloader:
         for m in list(self.engine.active.values()):
             if m.detector in removed and m.id not in self.executor.running:
                 await self.executor.record(self.engine.transition(
-                    m, "expired", now, f"detector {m.detector} was removed from the config"),
+                    m, "expired", now, removed_reason(m.detector)),
                     durable=False)
                 closed.append(m.id)
         return closed

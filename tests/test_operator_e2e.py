@@ -102,3 +102,43 @@ def test_the_log_tells_the_remediation_story_escaped_without_library_noise(
             ] in story
     assert not [line for line in lines if "\x1b" in line or "\x07" in line]
     assert not [line for line in lines if "trio-websocket" in line or "wsproto" in line]
+
+
+@pytest.mark.slow
+def test_a_rejection_holds_across_a_restart_until_the_symptom_clears(make_graced,
+                                                                     shortdir: Path) -> None:
+    """A person rejected the plan; graced restarts (every upgrade does) while the symptom
+    is still there: nobody is asked again. Once it is seen normal and comes back, a new
+    mission asks again."""
+    value = shortdir / "value"
+    value.write_text("90\n")
+    g = make_graced(detectors=_hot(value, _cooling(value, "high", 5)))
+    w = Watch(g)
+    waiting = w.wait("mission.awaiting_approval", "hot", 30)["payload"]["id"]
+    assert g.ctl("missions", "reject", str(waiting), "--comment", "leave it").returncode == 0
+    w.wait("mission.rejected", "hot", 10)
+    w.close()
+    head = json.loads(g.ctl("status", "--json", check=True).stdout)["head_seq"]
+    assert g.stop() == 0
+    g.start()
+
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", str(head + 1),
+                                     "detector.*", "mission.*", "daemon.heartbeat"))
+
+    def after(topic: str, seq: int = 0) -> list[dict]:
+        return [e for e in tail.events() if e["topic"] == topic and e["seq"] > seq
+                and e["payload"].get("detector", "hot") == "hot"]
+
+    # The detector judged the symptom after the restart (its first anomaly), and every
+    # event up to a later heartbeat has arrived: no mission opened for it.
+    assert tail.wait_for(lambda _: bool(after("detector.anomaly")), 30), tail.lines[-3:]
+    seen = after("detector.anomaly")[0]["seq"]
+    assert tail.wait_for(lambda _: bool(after("daemon.heartbeat", seen)), 30)
+    assert [e["topic"] for e in tail.events() if e["topic"].startswith("mission.")] == []
+    assert _ls(g) == [] and g.ctl("status").returncode == 0
+
+    value.write_text("10\n")
+    assert tail.wait_for(lambda _: bool(after("detector.recovered")), 30)
+    value.write_text("90\n")
+    assert tail.wait_for(lambda _: bool(after("mission.awaiting_approval")), 30)
+    assert after("mission.awaiting_approval")[0]["payload"]["id"] == waiting + 1

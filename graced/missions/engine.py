@@ -133,7 +133,8 @@ class MissionEngine:
     def __init__(self, *, resolve_after: int = 3, flap_window: float = 600.0,
                  update_interval: float = 60.0, next_id: int = 1,
                  active: list[Mission] | None = None,
-                 last_resolved: dict[tuple[str, str], float] | None = None) -> None:
+                 last_resolved: dict[tuple[str, str], float] | None = None,
+                 held: dict[tuple[str, str], tuple[str, int]] | None = None) -> None:
         self.resolve_after = resolve_after
         self.flap_window = flap_window
         self.update_interval = update_interval
@@ -146,7 +147,9 @@ class MissionEngine:
             m.key: m.incident or m.id for m in active or []}
         # Keys handed to a human (escalated, rejected, expired) while still anomalous:
         # key -> (the final state, the mission's id), until the detector sees it normal.
-        self.held: dict[tuple[str, str], tuple[str, int]] = {}
+        # Restored at start from each key's last mission: a graced that was stopped saw
+        # nothing, so a hold lasts across a restart until the symptom is seen normal.
+        self.held: dict[tuple[str, str], tuple[str, int]] = dict(held or {})
 
     def by_id(self, mission_id: int) -> Mission | None:
         for m in self.active.values():
