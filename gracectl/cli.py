@@ -320,7 +320,9 @@ def _anchor(value: str | None) -> tuple[int, str] | None:
 def verify(ctx: click.Context, file: str, key_file: str | None, anchor: str | None,
            partial: bool, stale_after: float | None, jobs: int | None, as_json: bool) -> None:
     """Prove a saved JSONL stream (from 'tail --json') offline, from genesis (or --from)
-    to daemon.stopping (or, with --partial, to its last event)."""
+    to daemon.stopping (or, with --partial, to its last event: a stream saved from a
+    running daemon needs it). The result is one line on stdout ending with the anchor
+    SEQ:HASH of the last event (--json: "anchor"); errors go to stderr."""
     start = _anchor(anchor)
     key_file = key_file or _endpoint(ctx).key_file
     key: bytes | None = _read_key_file(key_file) if key_file else trust.pinned(
@@ -341,13 +343,16 @@ def verify(ctx: click.Context, file: str, key_file: str | None, anchor: str | No
     if as_json:
         _print_json({"ok": True, "events": result.count, "first_seq": result.first,
                      "last_seq": result.last, "last_hash": result.last_hash,
+                     "anchor": f"{result.last}:{result.last_hash}",
                      "complete": result.complete, "kid": key_id(key)})
     else:
         start_text = f"from anchor {start[0]}" if start else "from genesis"
         end_text = "to daemon.stopping" if result.complete else "partial: no daemon.stopping"
-        stderr_note(f"verified {result.count} events (seq {result.first}..{result.last}, "
-                    f"{start_text}, {end_text}), key {key_id(key)}: signatures valid, chain "
-                    f"intact; anchor of its last event: {result.last}:{result.last_hash}")
+        # The result is the command's output (stdout, its last word the anchor), so a
+        # script can keep it: a=$(gracectl verify ...); errors stay on stderr.
+        click.echo(f"verified {result.count} events (seq {result.first}..{result.last}, "
+                   f"{start_text}, {end_text}), key {key_id(key)}: signatures valid, chain "
+                   f"intact; anchor of its last event: {result.last}:{result.last_hash}")
 
 
 @cli.command()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,9 @@ def verify(g: Graced, data: bytes, *args: str) -> tuple[int, str]:
     path.write_bytes(data)
     res = g.ctl("verify", "--key", str(g.state / "key.pub"), *args, str(path))
     assert "Traceback" not in res.stderr, res.stderr
-    return res.returncode, res.stderr
+    # The result on stdout, an error on stderr, never both.
+    assert not (res.stdout and res.stderr) or "--json" in args, res
+    return res.returncode, res.stderr if res.returncode else res.stdout
 
 
 def joined(lines: list[str]) -> bytes:
@@ -157,3 +160,29 @@ def test_a_signed_checkpoint_anchors_a_later_verification(make_graced) -> None:
     tampered[0] = tampered[0].replace('"seq":', '"seq": ', 1)
     rc, err = verify(g, joined(tampered), "--from", latest["anchor"])
     assert rc == ExitCode.CHAIN_BROKEN, err
+
+
+def test_the_documented_pair_on_a_running_daemon_and_the_anchor_on_stdout(
+        graced: Graced) -> None:
+    """gracectl(1)'s example: a stream saved from a running daemon has no daemon.stopping,
+    so verify says exit 13 without --partial and proves it with; the result line (its last
+    word the anchor) is on stdout for a=$(...), and --json carries the anchor."""
+    g = graced
+    g.ctl("emit", "user.note", "--count", "3", "--payload", "{}", check=True)
+    stream = g.base / "stream.jsonl"
+    key = str(g.state / "key.pub")
+    script = (f'"$CTL" tail --json --since 1 --no-follow > {stream}\n'
+              f'"$CTL" verify --key {key} {stream}; echo "rc=$?"\n'
+              f'a=$("$CTL" verify --partial --key {key} {stream}); echo "rc=$?"\n'
+              'echo "anchor=${a##* }"\n')
+    res = subprocess.run(["sh", "-c", script], env={**g.env, "CTL": g.ctl_argv0()},
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60)
+    out = res.stdout.splitlines()
+    assert out[0] == "rc=13" and "missing tail" in res.stderr, res
+    assert out[1] == "rc=0", res
+    lines = stream.read_text().splitlines()
+    last = json.loads(lines[-1])
+    data = json.loads(g.ctl("verify", "--partial", "--json", "--key", key, str(stream),
+                            check=True).stdout)
+    assert data["anchor"] == f"{last['seq']}:{data['last_hash']}"
+    assert out[2] == f"anchor={data['anchor']}"
