@@ -157,8 +157,11 @@ def _human_duration(seconds: float) -> str:
 
 @cli.command()
 @json_option
+@click.option("--quiet", "-q", is_flag=True,
+              help="Print nothing, not even errors: the exit status alone (0 ok, 7 degraded, "
+                   "3 unreachable ...), like 'systemctl is-active -q'.")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
+def status(ctx: click.Context, as_json: bool, quiet: bool) -> None:
     """Show the daemon's state: identity, health, execution, missions, journal, clients.
 
     Exits 7 when graced is degraded (journal commits or a detector failing, or a mission
@@ -166,6 +169,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     `gracectl status && ...` works in scripts and health checks; a pause is shown but is
     not degraded.
     """
+    if quiet:  # the exit status is the answer; nothing at all goes to the terminal
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - until exit
     endpoint = _endpoint(ctx)
 
     async def go() -> Any:

@@ -131,3 +131,26 @@ def test_a_missing_log_file_is_a_detector_failure_like_a_missing_disk_path(
             fh.flush()
             assert errors.proc.poll() is None and time.monotonic() < deadline
     errors.proc.terminate()
+
+
+def test_status_quiet_answers_with_its_exit_status_alone(make_graced, shortdir) -> None:
+    """`gracectl status -q` (like `systemctl is-active -q`): no output at all, not even the
+    first-use key note or an error; 0 ok, 7 degraded, 3 unreachable."""
+    g = make_graced()
+    for flag in ("-q", "--quiet"):
+        res = g.ctl("status", flag)  # the first call also pins the key: silently
+        assert (res.returncode, res.stdout, res.stderr) == (0, "", ""), res
+    (shortdir / "b").mkdir()
+    broken = Graced(shortdir / "b", detectors=BROKEN)
+    try:
+        broken.start()
+        tail = LineCollector(broken.ctl_popen("tail", "--json", "--since", "1",
+                                              "detector.error"))
+        assert tail.wait_for(lambda lines: any(x.startswith("{") for x in lines), 30)
+        tail.proc.terminate()
+        res = broken.ctl("status", "-q")
+        assert (res.returncode, res.stdout, res.stderr) == (7, "", ""), res
+    finally:
+        broken.close()
+    res = g.ctl("--socket", str(shortdir / "nobody.sock"), "status", "-q")
+    assert (res.returncode, res.stdout, res.stderr) == (3, "", ""), res
