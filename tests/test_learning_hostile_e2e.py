@@ -453,3 +453,54 @@ def test_import_dry_run_notes_records_no_local_detector_reports(make_graced,
     human = g.ctl("knowledge", "import", "--dry-run", "--key", str(ex.key), str(path))
     assert "star:db-1" in human.stdout and "no local detector reports this subject" in (
         human.stdout + human.stderr)
+
+
+@pytest.mark.slow
+def test_an_escalated_incident_survives_a_restart(make_graced, shortdir: Path) -> None:
+    """Every matching playbook kept failing and the incident went to a person; graced
+    restarts with the fault still there: no new mission, no new run, nothing learned
+    twice, until the symptom has been seen normal."""
+    star = shortdir / "star"
+    star.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("star", star)
+                    + playbook("broken", "star", "low", ["false"]) + SETTINGS)
+    w = Watch(g)
+    star.write_text(FAULT)
+    escalated = w.wait("mission.escalated", "star", 30)["payload"]
+    assert "failed 2 times in this incident" in escalated["reason"], escalated["reason"]
+    w.close()
+    learned = outcomes_of(g)
+    # (status exits 7 while an escalated mission waits for a person)
+    head = json.loads(g.ctl("status", "--json").stdout)["head_seq"]
+    assert g.stop() == 0
+    g.start()
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", str(head + 1), "detector.*",
+                                     "mission.*", "executor.*", "daemon.heartbeat"))
+
+    def after(topic: str, seq: int = 0) -> list[dict[str, Any]]:
+        return [e for e in tail.events() if e["topic"] == topic and e["seq"] > seq
+                and e["payload"].get("detector", "star") == "star"]
+
+    try:
+        # The detector judged the fault after the restart, and everything up to a later
+        # heartbeat has arrived: no mission, no run.
+        assert tail.wait_for(lambda _: bool(after("detector.anomaly")), 30), tail.lines[-3:]
+        seen = after("detector.anomaly")[0]["seq"]
+        assert tail.wait_for(lambda _: bool(after("daemon.heartbeat", seen)), 30)
+        assert [e["topic"] for e in tail.events()
+                if e["topic"].startswith(("mission.", "executor."))] == []
+        assert outcomes_of(g) == learned
+        # Seen normal, then back: a new incident, a new mission.
+        star.write_text(NORMAL)
+        assert tail.wait_for(lambda _: bool(after("detector.recovered")), 30)
+        star.write_text(FAULT)
+        assert tail.wait_for(lambda _: bool(after("mission.opened")), 30)
+        assert after("mission.opened")[0]["payload"]["id"] > escalated["id"]
+    finally:
+        tail.proc.terminate()
+
+
+def outcomes_of(g: Graced) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(g.state / "journal.db") as db:
+        return db.execute("SELECT mission_id, playbook, ran, success FROM outcomes "
+                          "ORDER BY mission_id").fetchall()
