@@ -383,18 +383,23 @@ def test_a_deferred_mission_that_then_runs_is_not_marked_held_back(make_graced,
         w.close()
 
 
-def test_import_dry_run_and_import_list_the_same_changes_removed_records_included(
-        make_graced, shortdir: Path) -> None:
-    """A peer re-exports without a record it reset: the import removes that record, and
-    the dry run says so beforehand; the real import lists the same changes."""
+def star_sampled(make_graced: Any, shortdir: Path) -> tuple[Graced, Exporter]:
+    """A graced whose detector star has reported its subject once (so whether a record's
+    subject is reported here is settled), and a foreign exporter."""
     star = shortdir / "star"
     star.write_text(NORMAL)
     g = make_graced(detectors=value_detector("star", star)
                     + playbook("imported-star", "star", "low", ["false"]) + SETTINGS)
-    # Sampled once: the changes' notes (a subject reported here or not) are then stable.
     poll_until(lambda: "queue" in json.loads(g.ctl("detectors", "--json", check=True).stdout)
                ["star"]["subjects"], 15, "a first sample of star")
-    ex = Exporter(shortdir)
+    return g, Exporter(shortdir)
+
+
+def test_import_dry_run_and_import_list_the_same_changes_removed_records_included(
+        make_graced, shortdir: Path) -> None:
+    """A peer re-exports without a record it reset: the import removes that record, and
+    the dry run says so beforehand; the real import lists the same changes."""
+    g, ex = star_sampled(make_graced, shortdir)
     other = record(playbook="other", successes=1, failures=4, ttr_total=1.0, ttr_count=1)
     g.ctl("knowledge", "import", "--key", str(ex.key),
           str(ex.write(shortdir / "v1.json", [record(), other])), check=True)
@@ -434,13 +439,7 @@ def test_import_dry_run_notes_records_no_local_detector_reports(make_graced,
                                                                 shortdir: Path) -> None:
     """Imported knowledge applies to a DETECTOR:SUBJECT that matches exactly: the dry run
     says which records nothing here reports."""
-    star = shortdir / "star"
-    star.write_text(NORMAL)
-    g = make_graced(detectors=value_detector("star", star)
-                    + playbook("imported-star", "star", "low", ["false"]) + SETTINGS)
-    poll_until(lambda: "queue" in json.loads(g.ctl("detectors", "--json", check=True).stdout)
-               ["star"]["subjects"], 15, "a first sample of star")
-    ex = Exporter(shortdir)
+    g, ex = star_sampled(make_graced, shortdir)
     path = ex.write(shortdir / "seed.json", [
         record(), record(signature="star:db-1", subject="db-1"),
         record(signature="web-queue:queue", detector="web-queue")])
