@@ -631,6 +631,14 @@ def print_plan_lines(lines: list[str]) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def check_plan_option(plan: str | None) -> None:
+    """--plan names a plan by its SHA-256 or a prefix of at least 12 hex digits (usage
+    error, exit 2, otherwise); graced checks it against the plan it would run."""
+    if plan is not None and not re.fullmatch(r"[0-9a-f]{12,64}", plan):
+        raise click.BadParameter("not a SHA-256, or a prefix of at least 12 of its hex "
+                                 "digits (lower case)", param_hint="--plan")
+
+
 def _review(ctx: click.Context, mission_id: int) -> str | None:
     """On a terminal: the plan the mission waits with, then y/N; the hash approved."""
     m = _run(lambda: _call(_endpoint(ctx), "missions.get", {"id": mission_id}))["mission"]
@@ -658,16 +666,16 @@ def _review(ctx: click.Context, mission_id: int) -> str | None:
 @click.pass_context
 def missions_approve(ctx: click.Context, mission_id: int, comment: str, plan: str | None,
                      yes: bool, as_json: bool) -> None:
-    """Approve a mission awaiting approval: its plan runs now.
+    """Approve a mission awaiting approval: its plan runs now (under a silence: when the
+    silence ends; the approval is recorded now).
 
     On a terminal, without --plan or --yes, the plan is printed and you are asked y/N;
     the approval names the hash of the plan you saw. Without a terminal, --plan SHA256
-    or --yes is required (exit 2). If the playbook changed since (a config reload),
+    or --yes is required (exit 2); answering n sends nothing (exit 1). If the playbook
+    changed since (a config reload),
     graced refuses an approval of the old plan and the mission waits with its new plan.
     """
-    if plan is not None and not re.fullmatch(r"[0-9a-f]{12,64}", plan):
-        raise click.BadParameter("not a SHA-256, or a prefix of at least 12 of its hex "
-                                 "digits (lower case)", param_hint="--plan")
+    check_plan_option(plan)
     if plan is None and not yes:
         if not (sys.stdin.isatty() and sys.stderr.isatty()):
             raise click.UsageError("without a terminal to review the plan on, name it: "

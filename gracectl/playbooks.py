@@ -11,7 +11,17 @@ import click
 from tabulate import tabulate
 
 from . import out
-from .cli import _age, _call, _endpoint, _print_json, _run, cli, json_option, print_plan_lines
+from .cli import (
+    _age,
+    _call,
+    _endpoint,
+    _print_json,
+    _run,
+    check_plan_option,
+    cli,
+    json_option,
+    print_plan_lines,
+)
 from .errors import CtlError
 from .out import safe
 from .plan_text import render_plan
@@ -71,8 +81,8 @@ def playbooks_ls(ctx: click.Context, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True,
               help="Print exactly what would run (argv, unit, signal, targets); run nothing.")
 @click.option("--plan", "plan", metavar="SHA256",
-              help="The hash of the plan you reviewed (--dry-run); graced refuses to run "
-                   "another one.")
+              help="The hash of the plan you reviewed (--dry-run), or a prefix of at least "
+                   "12 hex digits; graced refuses to run another one.")
 @click.option("--yes", "-y", "yes", is_flag=True,
               help="Run a high or critical risk playbook's plan without reviewing it here.")
 @json_option
@@ -84,11 +94,10 @@ def playbooks_run(ctx: click.Context, name: str, mission_id: int, dry_run: bool,
     A real run is journaled like any other: the mission goes to approved (run by hand by
     you), executing, verifying; it spends the playbook's budget. A high or critical risk
     playbook needs what an approval needs: on a terminal its plan is printed and you are
-    asked y/N; without one, --plan SHA256 or --yes (exit 2 otherwise).
+    asked y/N (n runs nothing, exit 1); without one, --plan SHA256 or --yes (exit 2
+    otherwise).
     """
-    if plan is not None and (len(plan) != 64 or any(c not in "0123456789abcdef"
-                                                    for c in plan)):
-        raise click.BadParameter("not a SHA-256 in hex", param_hint="--plan")
+    check_plan_option(plan)
     dry = _run(lambda: _call(_endpoint(ctx), "playbooks.run", {
         "name": name, "mission": mission_id, "dry_run": True}))
     if dry_run:

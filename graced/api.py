@@ -30,7 +30,7 @@ from .mesh import Mesh
 from .missions import store
 from .missions.engine import ACTIVE, SEVERITIES, STATES
 from .plan import build as build_plan
-from .plan import matches, mission_values
+from .plan import matches, mission_values, names_plan
 from .protocol import Signer
 from .protocol import knowledge as pk
 from .protocol.wire import Request, RequestError
@@ -665,7 +665,7 @@ class Api:
                                f"{opened!r}, but mission {m.id} opened at {m.opened_at!r}")
         if named is not None:
             current = build_plan(pb, mission_values(m))["sha256"]
-            if named != current:
+            if not names_plan(named, current):
                 raise RequestError("plan_changed", f"mission {m.id}: the request names plan "
                                    f"{named[:16]}, but {pb.name} would run plan {current[:16]} "
                                    "now; review it (--dry-run) and run again")
@@ -721,6 +721,7 @@ class Api:
             f"no detector named {detector!r} is configured; the silence covers nothing now")
         await self.mesh.publish("silence.added", {**s.public(), "uid": client.peer.uid},
                                 writes=[*nonce, self.executor.silences.write()])
+        self.executor.silence_added()
         return {"silence": s.public(), "warning": warning}
 
     async def silence_list(self, client: Client, req: Request) -> Any:

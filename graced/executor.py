@@ -49,10 +49,12 @@ from .missions import store
 from .missions.engine import Mission, MissionEngine, Transition
 from .plan import (
     JOURNALCTL,
+    PLAN_PREFIX,
     command,
     describe,
     matches,
     mission_values,
+    names_plan,
     redact_output,
     secrets,
     substitute,
@@ -69,8 +71,6 @@ AUTO_RISKS = ("low", "medium")
 # After a step's process exits, how long its output pipes are still read: a process it
 # started in the background (``nohup worker &``) keeps them open, and the step is over.
 STEP_DRAIN_S = 0.5
-# An approval may name its plan by a prefix of its SHA-256 this long, at least.
-PLAN_PREFIX = 12
 
 
 @dataclass
@@ -275,18 +275,7 @@ class Executor:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._reverify, m.id, timeout)
             elif m.state == "approved":
-                pb = self._playbook(m.playbook)
-                current = self.current_plan(m)
-                if pb is not None and current is not None and m.plan is not None \
-                        and current["sha256"] != m.plan["sha256"]:
-                    # Approved before a restart, changed since: approved was another plan.
-                    m.plan = current
-                    m.expires_at = now + self.config.approval_timeout
-                    await self.record(self.engine.transition(
-                        m, "awaiting_approval", now, f"playbook {pb.name} changed since it "
-                        f"was approved; plan sha256 {current['sha256'][:16]} needs approval"))
-                elif pb is not None:
-                    self._start(m, pb)
+                await self._run_approved(m, now)
             elif m.state == "verifying":
                 # The deadline counts from when verification began, not from this start:
                 # a crash loop must not keep a mission verifying for ever.
@@ -371,7 +360,39 @@ class Executor:
             f"(expires in {self.config.approval_timeout:g} s); plan sha256 "
             f"{m.plan['sha256'][:16]}"))
 
-    def _hold(self, m: Mission, silence: Any) -> None:
+    async def _run_approved(self, m: Mission, now: float) -> None:
+        """An approved mission that is not running: its plan runs now, unless a silence
+        covers it (held until the silence ends) or its playbook changed since (approved
+        was another plan: it waits for a new approval)."""
+        silence = self.silences.covering(m.detector, m.subject, now)
+        if silence is not None:
+            self._hold(m, silence, "approved; the run waits until the silence ends")
+            return
+        pb = self._playbook(m.playbook)
+        current = self.current_plan(m)
+        if pb is not None and current is not None and m.plan is not None \
+                and current["sha256"] != m.plan["sha256"]:
+            m.plan = current
+            m.expires_at = now + self.config.approval_timeout
+            await self.record(self.engine.transition(
+                m, "awaiting_approval", now, f"playbook {pb.name} changed since it "
+                f"was approved; plan sha256 {current['sha256'][:16]} needs approval"))
+        elif pb is not None:
+            self._start(m, pb)
+
+    def silence_added(self) -> None:
+        """A new silence: the missions it covers that wait for approval are marked
+        silenced (an approval is recorded, the run waits until the silence ends)."""
+        now = time.time()
+        for m in list(self.engine.active.values()):
+            silence = self.silences.covering(m.detector, m.subject, now)
+            if m.state == "awaiting_approval" and silence is not None \
+                    and m.id not in self.silenced:
+                self._hold(m, silence, "an approval is recorded, its run waits until the "
+                           "silence ends; no one is told")
+
+    def _hold(self, m: Mission, silence: Any,
+              what: str = "nothing runs, no one is told") -> None:
         """A silenced mission: recorded, marked, deferred until the silence ends."""
         self.silenced.add(m.id)
         if m.id not in silence.missions:
@@ -380,7 +401,7 @@ class Executor:
                       "comment": silence.comment, "until": silence.expires_at}
         until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(silence.expires_at))
         m.reason = (f"silenced by {silence.by} until {until} (silence {silence.id}: "
-                    f"{silence.comment}); nothing runs, no one is told")
+                    f"{silence.comment}); {what}")
         self.mesh.publish_nowait("executor.silenced", {
             "mission": m.id, "detector": m.detector, "subject": m.subject,
             "silence": silence.id}, writes=[store.upsert(m), self.silences.write()])
@@ -401,6 +422,9 @@ class Executor:
                 # Kept as history ("was silenced"), no longer shown as held.
                 m.silenced = {**m.silenced, "ended_at": now}
                 self.save(m)
+            if m.state == "approved" and mid not in self.running:
+                await self._run_approved(m, now)
+                continue
             self.considered.discard(mid)
             await self._policy(m)
 
@@ -499,8 +523,7 @@ class Executor:
             # The plan is named by its hash or a prefix of at least PLAN_PREFIX hex digits
             # (missions show prints 16); the approval records the full hash.
             named = str(plan_sha256 or "")
-            if current is not None and not (len(named) >= PLAN_PREFIX
-                                            and current["sha256"].startswith(named)):
+            if current is not None and not names_plan(named, current["sha256"]):
                 if m.plan is None or m.plan["sha256"] != current["sha256"]:
                     await self._plan_changed(m, current)
                 if len(named) >= PLAN_PREFIX and any(
@@ -531,7 +554,7 @@ class Executor:
             return m
         await self.record(self.engine.transition(
             m, "approved", now, f"approved by {by}" + (f": {comment}" if comment else "")))
-        self._start(m, pb)
+        await self._run_approved(m, now)
         return m
 
     async def run_by_hand(self, mission_id: int, pb: PlaybookConfig, who: dict[str, Any],

@@ -35,6 +35,15 @@ from .config import Config, PlaybookConfig, StepConfig
 from .missions.engine import Mission
 from .redact import HIDDEN, redact_text
 
+# A plan may be named by a prefix of its SHA-256 this long, at least (missions show prints 16).
+PLAN_PREFIX = 12
+
+
+def names_plan(named: str, sha256: str) -> bool:
+    """Whether ``named`` (a hash, or a prefix of at least PLAN_PREFIX hex digits) names
+    the plan of hash ``sha256``."""
+    return len(named) >= PLAN_PREFIX and sha256.startswith(named)
+
 PLACEHOLDERS = ("subject", "value", "detector", "mission")
 # systemd's tools by their fixed paths, never through PATH (whoever sets graced's
 # environment does not choose what runs).

@@ -518,3 +518,37 @@ def test_an_approval_as_the_symptom_clears_warns_and_names_the_normal_sample(
     finally:
         recovered.proc.terminate()
         w.close()
+
+
+@pytest.mark.slow
+def test_playbooks_run_takes_a_plan_prefix_and_n_exits_1(make_graced, shortdir: Path) -> None:
+    """``playbooks run --plan`` takes the prefix ``missions approve --plan`` takes (>= 12
+    hex digits); answering n at its prompt runs nothing and exits 1."""
+    queue = shortdir / "queue"
+    queue.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("backlog", queue, "high")
+                    + drain_playbook(queue) + SETTINGS.format(approval=300.0))
+    w = Watch(g)
+    try:
+        queue.write_text(FAULT)
+        mid = w.wait("mission.awaiting_approval", "backlog", 15)["payload"]["id"]
+        sha = show(g, mid)["plan"]["sha256"]
+
+        no = OnTerminal(g, "playbooks", "run", "drain", "--mission", str(mid))
+        assert f"sha256 {sha}" in no.read_until("[y/N]")
+        assert no.answer("n") == 1 and "not run: nothing was sent" in no.screen, no.screen
+        assert show(g, mid)["state"] == "awaiting_approval"
+
+        short = g.ctl("playbooks", "run", "drain", "--mission", str(mid), "--plan", sha[:11])
+        assert short.returncode == 2 and "--plan" in short.stderr, short.stderr
+        wrong = g.ctl("playbooks", "run", "drain", "--mission", str(mid), "--plan", "0" * 12)
+        assert wrong.returncode == 1 and sha[:16] in wrong.stderr, wrong.stderr
+        assert show(g, mid)["state"] == "awaiting_approval"
+
+        ran = g.ctl("playbooks", "run", "drain", "--mission", str(mid), "--plan", sha[:16])
+        assert ran.returncode == 0, ran.stderr
+        done = json.loads(g.ctl("wait", str(mid), "--state", "resolved", "--timeout", "30",
+                                "--json", check=True).stdout)
+        assert done["approvals"][-1]["plan_sha256"] == sha
+    finally:
+        w.close()

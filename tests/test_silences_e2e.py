@@ -223,3 +223,45 @@ def test_a_silence_added_later_stops_notifications_too(make_graced, shortdir: Pa
         assert (ids["backlog"], "rejected") not in told and (ids["spool"], "rejected") in told
     finally:
         ev.close()
+
+
+@pytest.mark.slow
+def test_a_silence_holds_a_mission_awaiting_approval_and_its_approved_run(
+        make_graced, shortdir: Path) -> None:
+    """A silence added while a mission waits for approval marks it silenced; an approval
+    under the silence is recorded, and the playbook runs only once the silence ends."""
+    queue = shortdir / "queue"
+    queue.write_text(NORMAL)
+    g = make_graced(detectors=config(queue, shortdir / "notified").replace(
+        'risk = "low"', 'risk = "high"'))
+    ev = Events(g)
+    try:
+        queue.write_text(FAULT)
+        mid = ev.wait("mission.awaiting_approval", detector="backlog")["payload"]["id"]
+        held = add(g, "backlog", "--for", "2h", "--comment", "maintenance")
+        ev.wait("executor.silenced", mission=mid, silence=held)
+        m = json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
+        assert m["state"] == "awaiting_approval" and m["silenced"]["id"] == held
+        assert "maintenance" in g.ctl("missions", "show", str(mid), check=True).stdout
+        assert [s["missions"] for s in listed(g)] == [[mid]]
+
+        # Approved under the silence: recorded, the reply and gracectl say the run waits.
+        ok = g.ctl("missions", "approve", str(mid), "--yes", "--comment", "go")
+        assert ok.returncode == 0, ok.stderr
+        assert "waits until the silence ends" in ok.stderr, ok.stderr
+        m = json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
+        assert m["state"] == "approved" and m["silenced"]["id"] == held
+        assert m["approvals"][-1]["decision"] == "approved"
+        assert queue.read_text() == FAULT
+
+        # The silence ends: the approved plan runs, after it and only after it.
+        g.ctl("silence", "rm", str(held), check=True)
+        removed = ev.wait("silence.removed", id=held)
+        executing = ev.wait("mission.executing", id=mid)
+        assert executing["seq"] > removed["seq"]
+        done = json.loads(g.ctl("wait", str(mid), "--state", "resolved", "--timeout", "30",
+                                "--json", check=True).stdout)
+        assert done["approvals"][-1]["comment"] == "go"
+        assert len(ev.of("mission.executing", id=mid)) == 1
+    finally:
+        ev.close()
