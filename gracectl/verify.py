@@ -23,7 +23,12 @@ from dataclasses import dataclass
 from typing import IO
 
 from graced.protocol import ChainVerifier, ExitCode, Violation, parse_ts
-from graced.protocol.verify import MAX_LINE_BYTES, announced_interval, stale_limit
+from graced.protocol.verify import (
+    MAX_LINE_BYTES,
+    RESTART_TOPICS,
+    announced_interval,
+    stale_limit,
+)
 
 PARALLEL_MIN_BYTES = 4 << 20
 CHUNKS_PER_WORKER = 6
@@ -62,7 +67,8 @@ class _Gaps:
         except ValueError:
             raise Violation(ExitCode.CHAIN_BROKEN, seq, "malformed timestamp") from None
         self.interval = announced_interval(event) or self.interval
-        if self.prev_ts is not None and self.prev_topic != "daemon.stopping":
+        if (self.prev_ts is not None and self.prev_topic != "daemon.stopping"
+                and event["topic"] not in RESTART_TOPICS):
             gap = ts - self.prev_ts
             limit = self.limit()
             if limit is None:

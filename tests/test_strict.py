@@ -171,3 +171,30 @@ def test_parse_event_line_never_raises_anything_but_violation() -> None:
                  json.dumps({"v": 2, "seq": True}).encode()]:
         with pytest.raises(Violation):
             parse_event_line(junk)
+
+
+def _timed_stream(steps: list[tuple[float, str]]) -> list[bytes]:
+    """Events at the given times with the given topics, chained and signed."""
+    lines, prev = [], GENESIS_PREV
+    for seq, (ts, topic) in enumerate(steps, start=1):
+        ev = SIGNER.make_event(seq=seq, ts=ts, topic=topic, payload={"interval": 1.0}
+                               if topic == "daemon.heartbeat" else {}, prev=prev)
+        prev = ev.hash
+        lines.append(ev.text.encode())
+    return lines
+
+
+def test_a_crash_gap_before_the_daemons_start_is_a_restart_not_a_stale_stream() -> None:
+    """kill -9, then graced starts again 30 s later: its first event is its signed key
+    event, and the chain goes on unbroken. The same silence before any other event is a
+    stale stream (13)."""
+    before = [(1000.0, "crypto.key_created"), (1000.1, "daemon.started"),
+              (1001.0, "daemon.heartbeat"), (1002.0, "daemon.heartbeat")]
+    restart = _timed_stream(before + [(1032.0, "crypto.key_loaded"),
+                                      (1032.1, "daemon.started"),
+                                      (1033.0, "daemon.stopping")])
+    assert _verify(restart) is None
+    withheld = _timed_stream(before + [(1032.0, "daemon.heartbeat"),
+                                       (1033.0, "daemon.stopping")])
+    exc = _verify(withheld)
+    assert exc is not None and exc.code == ExitCode.STALE and exc.seq == 5, exc

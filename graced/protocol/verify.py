@@ -221,6 +221,13 @@ def announced_interval(event: dict[str, Any]) -> float | None:
     return None
 
 
+# A daemon that starts again after a crash (no daemon.stopping before it) opens with its
+# signed key event. In a saved stream the time before that event is the daemon being down,
+# and the unbroken chain across it shows that nothing was held back: a restart, not a
+# stale stream. (A live verifier still reports silence as it happens.)
+RESTART_TOPICS = frozenset({"crypto.key_loaded", "crypto.key_created"})
+
+
 def stale_limit(interval: float) -> float:
     """The silence that makes a stream stale: three heartbeats missed, plus 1 s."""
     return 3 * interval + 1
