@@ -274,11 +274,19 @@ class Daemon:
         # the symptom is seen normal, across restarts) — not those expired because their
         # detector left the config (reload.py's reason): that handed nothing over.
         last = journal.query(  # SQLite: the bare columns come from the MAX(id) row
-            "SELECT detector, subject, state, json_extract(data, '$.reason'), MAX(id) "
-            "FROM missions GROUP BY detector, subject")
-        held = {(str(d), str(s)): (str(state), int(str(mid)))
-                for d, s, state, reason, mid in last
-                if state in HANDED_OVER and reason != removed_reason(str(d))}
+            "SELECT detector, subject, state, MAX(id) FROM missions GROUP BY detector, subject")
+        held: dict[tuple[str, str], tuple[str, int]] = {}
+        for d, s, state, mid in last:
+            if state not in HANDED_OVER:
+                continue
+            # Read in Python: a row 0.1.0 wrote (a bare NaN) is not JSON to SQLite.
+            (data,) = journal.query("SELECT data FROM missions WHERE id = ?", (mid,))[0]
+            try:
+                reason = json.loads(str(data), parse_constant=lambda _: None).get("reason")
+            except (ValueError, AttributeError):
+                reason = None
+            if reason != removed_reason(str(d)):
+                held[(str(d), str(s))] = (str(state), int(str(mid)))
         states: dict[str, Any] = {}
         for name, data in journal.query("SELECT name, data FROM detector_state"):
             try:
