@@ -488,7 +488,7 @@ async def test_tcp_manual_runs_and_silences_are_never_replayed(make_graced, mark
                 "auth": {"kid": key.kid, "ts": ts, "daemon": daemon, "sig": sig}}
 
     url = f"ws://127.0.0.1:{port()}"
-    mid = w.wait("mission.awaiting_approval", "worker", 15)["payload"]["id"]
+    mid = w.wait("mission.awaiting_approval", "worker", 30)["payload"]["id"]
     m = mission(g, mid)
     run = {"name": "restart-worker", "mission": mid, "dry_run": False}
     # A key alone may not run a high-risk playbook by hand: no plan, no run.
