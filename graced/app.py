@@ -46,7 +46,7 @@ from .readers import SharedReader
 from .reload import ConfigRejected, Reloader, removed_reason
 from .safefiles import check_private_dir, write_new
 from .silences import Silences
-from .wire import Server, certificate_names, tls_context
+from .wire import Budget, Server, certificate_names, tls_context
 
 log = logging.getLogger("graced")
 
@@ -166,7 +166,7 @@ class Daemon:
             tls=tls_context(cfg.daemon.tls_cert, cfg.daemon.tls_key),
             server_names=certificate_names(cfg.daemon.tls_cert),
             max_request_bytes=cfg.daemon.max_request_bytes,
-            max_clients=cfg.daemon.max_clients,
+            budget=Budget.from_config(cfg.daemon),
             client_queue=cfg.daemon.client_queue,
             send_timeout=cfg.daemon.send_timeout,
             handlers={},
@@ -180,7 +180,9 @@ class Daemon:
                   runner=runner, reads=reads, quarantine=self.quarantine)
         reloader = Reloader(config=cfg, locate=lambda: self.config_path, mesh=mesh,
                             engine=engine, runner=runner, executor=executor, learning=learning)
-        reloader.listeners += [lambda new: setattr(self, "config", new), api.set_config]
+        reloader.listeners += [lambda new: setattr(self, "config", new), api.set_config,
+                               lambda new: setattr(server, "budget",
+                                                   Budget.from_config(new.daemon))]
         api.reloader = reloader
         server.handlers = api.handlers()
         server.roles = dict(ROLES)

@@ -16,6 +16,7 @@ import functools
 import ipaddress
 import json
 import logging
+import math
 import os
 import pwd
 import socket as pysocket
@@ -50,7 +51,6 @@ MAX_PATTERN_LEN = 200
 REPLAY_CHUNK = 2000
 COALESCE = 512
 LISTEN_BACKLOG = 1024
-HANDSHAKE_TIMEOUT = 10.0  # seconds for TLS, then as much for the WebSocket handshake
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
@@ -153,6 +153,34 @@ def _peer_groups(sock: Any) -> set[int] | None:
 Handler = Callable[["Client", Request], Awaitable[Any]]
 
 
+@dataclass(frozen=True)
+class Budget:
+    """How many connections graced serves, so no one can take every slot.
+
+    ``max_clients`` Unix clients, plus ``reserved`` more that only root and graced's own
+    user may take; ``max_tcp`` TCP clients, at most ``per_address`` from one address;
+    at most ``handshakes`` connections (Unix and TCP) still in their TLS/WebSocket
+    handshake, each for at most ``handshake_timeout`` s; a TCP client that is not
+    subscribed and sends nothing for ``idle_timeout`` s is closed. Over budget, a
+    connection is closed at once, before any handshake.
+    """
+
+    max_clients: int = 256
+    reserved: int = 8
+    max_tcp: int = 64
+    per_address: int = 8
+    handshakes: int = 32
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 300.0
+
+    @classmethod
+    def from_config(cls, d: Any) -> Budget:
+        return cls(max_clients=d.max_clients, reserved=d.reserved_clients,
+                   max_tcp=d.max_tcp_clients, per_address=d.max_clients_per_address,
+                   handshakes=d.max_handshakes, handshake_timeout=d.handshake_timeout,
+                   idle_timeout=d.idle_timeout)
+
+
 @dataclass(eq=False)
 class Client:
     """One connected WebSocket client."""
@@ -236,7 +264,7 @@ class Server:
         tls: ssl.SSLContext | None,
         server_names: set[str],
         max_request_bytes: int,
-        max_clients: int,
+        budget: Budget,
         client_queue: int,
         send_timeout: float,
         handlers: dict[str, Handler],
@@ -253,7 +281,11 @@ class Server:
         self.tls = tls
         self.server_names = server_names
         self.max_request_bytes = max_request_bytes
-        self.max_clients = max_clients
+        self.budget = budget
+        self.unix_clients = 0
+        self.tcp_clients = 0
+        self.handshaking = 0
+        self.per_address: dict[str, int] = {}
         self.client_queue = client_queue
         self.send_timeout = send_timeout
         self.handlers = handlers
@@ -372,29 +404,79 @@ class Server:
     # -- connections -------------------------------------------------------------
 
     async def _handle_unix(self, stream: trio.SocketStream) -> None:
-        await self._handle(stream, unix_peer(stream.socket))
+        peer = unix_peer(stream.socket)
+        b = self.budget
+        limit = b.max_clients + (b.reserved if peer.uid in (0, os.geteuid()) else 0)
+        if self.unix_clients >= limit:
+            if self.handshaking >= b.handshakes:
+                self._over_budget(stream, f"{peer.describe()}: {self.handshaking} "
+                                  f"connections in handshake (limit {b.handshakes})")
+                return
+            # A local user is told why (close code 1013), after a bounded handshake.
+            self.refused_total += 1
+            await self._handle(stream, peer, gated=True, refuse=(
+                f"too many clients (limit {b.max_clients}, {b.reserved} more for root and "
+                "graced's user)"))
+            return
+        self.unix_clients += 1
+        try:
+            await self._handle(stream, peer)
+        finally:
+            self.unix_clients -= 1
+
+    def _over_budget(self, stream: trio.SocketStream, why: str) -> None:
+        """Close a connection the budget has no room for, at once and without a word."""
+        self.refused_total += 1
+        self.refusals.refuse(why.partition(":")[0], "connect", why)
+        stream.socket.close()
 
     async def _handle_tcp(self, stream: trio.SocketStream) -> None:
         try:
             host, port = stream.socket.getpeername()[:2]
             addr = f"{host}:{port}"
         except OSError:
-            addr = "?"
-        peer = Peer("tcp", address=addr)
-        if self.tls is None:
-            await self._handle(stream, peer)
+            host, addr = "?", "?"
+        b = self.budget
+        from_here = self.per_address.get(host, 0)
+        if self.tcp_clients >= b.max_tcp or from_here >= b.per_address \
+                or self.handshaking >= b.handshakes:
+            self._over_budget(stream, f"tcp {addr}: {self.tcp_clients} TCP clients "
+                              f"(limit {b.max_tcp}), {from_here} from {host} (limit "
+                              f"{b.per_address}), {self.handshaking} in handshake (limit "
+                              f"{b.handshakes})")
             return
+        self.tcp_clients += 1
+        self.per_address[host] = from_here + 1
+        try:
+            await self._handle_tcp_counted(stream, Peer("tcp", address=addr))
+        finally:
+            self.tcp_clients -= 1
+            left = self.per_address[host] - 1
+            if left:
+                self.per_address[host] = left
+            else:
+                del self.per_address[host]
+
+    async def _handle_tcp_counted(self, stream: trio.SocketStream, peer: Peer) -> None:
+        if self.tls is None:
+            await self._handle(stream, peer, gated=True)
+            return
+        addr = peer.address
         tls = trio.SSLStream(stream, self.tls, server_side=True)
         try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                await tls.do_handshake()
+            self.handshaking += 1
+            try:
+                with trio.fail_after(self.budget.handshake_timeout):
+                    await tls.do_handshake()
+            finally:
+                self.handshaking -= 1
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
                 ssl.SSLError, OSError) as exc:
             log.debug("TLS handshake with %s failed: %s", addr, exc)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             return
-        await self._handle(tls, peer)
+        await self._handle(tls, peer, gated=True)
 
     def _check_http(self, request: WebSocketRequest, peer: Peer) -> str | None:
         """Origin and Host checks for TCP (trio-websocket does none)."""
@@ -414,12 +496,17 @@ class Server:
             return f"host {host!r} is not one this daemon listens on"
         return None
 
-    async def _handle(self, stream: trio.abc.Stream, peer: Peer) -> None:
+    async def _handle(self, stream: trio.abc.Stream, peer: Peer, refuse: str = "",
+                      gated: bool = False) -> None:
+        """Serve one connection. ``gated``: its handshake counts against the cap on
+        connections in handshake (TCP, and Unix peers being refused); ``refuse``: close
+        it with 1013 and this reason once the handshake is done."""
         self.connections_total += 1
         try:
             async with trio.open_nursery() as nursery:
+                self.handshaking += gated
                 try:
-                    with trio.fail_after(10):
+                    with trio.fail_after(self.budget.handshake_timeout):
                         request = await trio_websocket.wrap_server_stream(
                             nursery, stream,
                             max_message_size=max(4 * self.max_request_bytes, 1 << 20),
@@ -429,6 +516,8 @@ class Server:
                         trio.BrokenResourceError, trio.ClosedResourceError):
                     nursery.cancel_scope.cancel()
                     return
+                finally:
+                    self.handshaking -= gated
                 problem = self._check_http(request, peer)
                 if problem:
                     log.warning("refusing %s: %s", peer.describe(), problem)
@@ -441,10 +530,9 @@ class Server:
                 if cs.cancelled_caught:
                     nursery.cancel_scope.cancel()
                     return
-                if len(self.clients) >= self.max_clients:
-                    self.refused_total += 1
+                if refuse:
                     with trio.move_on_after(2):
-                        await ws.aclose(TRY_AGAIN, f"too many clients (limit {self.max_clients})")
+                        await ws.aclose(TRY_AGAIN, refuse)
                     nursery.cancel_scope.cancel()
                     return
                 client = Client(self, ws, stream, peer)
@@ -524,10 +612,17 @@ class Server:
     async def _reader(self, client: Client, nursery: trio.Nursery) -> None:
         ws = client.ws
         while True:
-            try:
-                message = await ws.get_message()
-            except ConnectionClosed:
-                client.drop(1000, "")
+            idle = self.budget.idle_timeout
+            if client.peer.transport != "tcp" or client.subscription is not None:
+                idle = math.inf
+            with trio.move_on_after(idle) as cs:
+                try:
+                    message = await ws.get_message()
+                except ConnectionClosed:
+                    client.drop(1000, "")
+                    return
+            if cs.cancelled_caught:
+                client.drop(1000, f"idle for {idle:g} s (not subscribed)")
                 return
             try:
                 req = parse_request(message, self.max_request_bytes)
@@ -691,6 +786,9 @@ class Server:
             "refused_total": self.refused_total,
             "dropped_total": self.dropped_total,
             "refused_requests": self.refusals.total,
+            "unix_clients": self.unix_clients,
+            "tcp_clients": self.tcp_clients,
+            "handshaking": self.handshaking,
             "socket": str(self.socket_path),
             "tcp_ports": self.tcp_ports,
         }

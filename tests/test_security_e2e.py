@@ -481,3 +481,96 @@ def test_a_config_others_may_write_is_refused_naming_it(make_graced) -> None:
         os.chown(g.config, 0, -1)
     g.start()
     assert g.ctl("status").returncode == 0
+
+
+UPGRADE = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+@pytest.mark.slow
+async def test_idle_and_half_open_tcp_floods_leave_root_its_slots(
+        make_graced, shortdir, marker) -> None:  # noqa: F811
+    """Under a 1024 descriptor limit, 300 idle TCP WebSocket clients (from 60 addresses)
+    and 1000 half-open connections: graced stays within its budget, root's status and
+    approval over the Unix socket are answered within 1 s, detectors keep sampling, and
+    the approved playbook runs and is not demoted."""
+    import resource
+    import socket
+
+    import psutil
+    import trio
+    import trio_websocket
+
+    from tests.test_missions_e2e import MISSIONS, Watch
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2000:
+        pytest.skip(f"this test needs 2000 descriptors of its own (hard limit {hard})")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096) if hard ==
+                                                resource.RLIM_INFINITY else hard, hard))
+    g = make_graced(start=False, extra_config='listen = ["127.0.0.1:0"]\n',
+                    detectors=process_detector(marker) + restart_playbook(marker, "high")
+                    + '[[detector]]\nname = "load"\nkind = "load"\ninterval = 0.5\n'
+                    + MISSIONS.format(flap=0))
+    g.wrap = ["prlimit", "--nofile=1024:1024", "--"]
+    g.start()
+    w = Watch(g)
+    mid = w.wait("mission.awaiting_approval", "worker", 15)["payload"]["id"]
+    st = json.loads(g.ctl("status", "--json", check=True).stdout)
+    port, daemon = st["wire"]["tcp_ports"][0], psutil.Process(st["pid"])
+    assert daemon.rlimit(psutil.RLIMIT_NOFILE) == (1024, 1024)
+    held: list[socket.socket] = []
+    try:
+        for i in range(300):  # idle clients: a WebSocket handshake, then silence
+            s = socket.socket()
+            s.bind((f"127.0.0.{2 + i % 60}", 0))
+            s.connect(("127.0.0.1", port))
+            s.sendall(UPGRADE)
+            held.append(s)
+        for i in range(1000):  # half-open: connected, never a byte
+            s = socket.socket()
+            s.bind((f"127.0.0.{70 + i % 100}", 0))
+            s.connect(("127.0.0.1", port))
+            held.append(s)
+        wire = json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]
+        assert wire["tcp_clients"] <= 64 and wire["handshaking"] <= 32, wire
+        assert daemon.num_fds() < 400, daemon.num_fds()
+
+        stream = await trio.open_unix_socket(str(g.socket))
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(nursery, stream, "localhost", "/")
+
+            async def ask(n: int, method: str, params: dict | None = None) -> dict:
+                started = time.monotonic()
+                await ws.send_message(json.dumps({"id": n, "nonce": f"n{n}", "method": method,
+                                                  "params": params or {}}))
+                while True:
+                    for line in str(await ws.get_message()).split("\n"):
+                        frame = json.loads(line)
+                        if frame.get("type") == "response" and frame["id"] == n:
+                            assert time.monotonic() - started < 1.0, (method, frame)
+                            return frame  # type: ignore[no-any-return]
+
+            for n in range(10):
+                status = (await ask(n, "status"))["result"]
+                dets = (await ask(100 + n, "detectors"))["result"]
+                (load,) = dets["detectors"]["load"]["subjects"].values()
+                assert dets["now"] - load["ts"] < 1.5, load
+                await trio.sleep(0.3)
+            opened = (await ask(200, "missions.get", {"id": mid}))["result"]["mission"]
+            decided = await ask(201, "missions.approve", {
+                "id": mid, "comment": "under fire", "opened": opened["opened_at"],
+                "plan": opened["plan"]["sha256"]})
+            assert decided["ok"], decided
+            await ws.aclose()
+            nursery.cancel_scope.cancel()
+        assert status["wire"]["refused_total"] > 0
+        assert g.ctl("status").returncode in (0, 7)  # the real gracectl, as root
+        w.wait("mission.resolved", "worker", 30)
+        demoted = g.ctl("tail", "--json", "--since", "1", "--no-follow", "learning.demoted",
+                        check=True).stdout
+        assert demoted == ""
+    finally:
+        for s in held:
+            s.close()
+        w.close()

@@ -61,6 +61,13 @@ class DaemonConfig:
     checkpoint_interval: float = field(default=300.0, metadata=check(positive))
     max_request_bytes: int = field(default=65536, metadata=check(positive))
     max_clients: int = field(default=256, metadata=check(positive))
+    # The connection budget (reloadable): see graced.toml(5) and graced/wire.py.
+    max_tcp_clients: int = field(default=64, metadata=check(positive))
+    max_clients_per_address: int = field(default=8, metadata=check(positive))
+    reserved_clients: int = field(default=8, metadata=check(positive))
+    max_handshakes: int = field(default=32, metadata=check(positive))
+    handshake_timeout: float = field(default=10.0, metadata=check(positive))
+    idle_timeout: float = field(default=300.0, metadata=check(positive))
     client_queue: int = field(default=8192, metadata=check(positive))
     send_timeout: float = field(default=5.0, metadata=check(positive))
     shutdown_timeout: float = field(default=5.0, metadata=check(positive))
