@@ -52,7 +52,9 @@ async def _connect(path: str, results: dict[str, int], release: trio.Event,
 async def test_a_flood_of_clients_is_capped_and_leaves_no_descriptor_behind(make_graced) -> None:
     # This test's clients run as graced's own user: they may take the reserved slots too.
     g = make_graced(extra_config=f"max_clients = {LIMIT - RESERVED}\n"
-                                 f"reserved_clients = {RESERVED}\n")
+                                 f"reserved_clients = {RESERVED}\n"
+                                 # every refusal gets its 1013 and reason, all at once
+                                 f"max_handshakes = {CLIENTS}\n")
     daemon = psutil.Process(g.proc.pid)  # type: ignore[union-attr]
     # After a round trip: READY=1 can arrive before graced has closed its notify socket.
     assert g.ctl("status").returncode == 0

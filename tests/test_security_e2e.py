@@ -163,7 +163,7 @@ async def test_refused_network_requests_write_nothing(make_graced) -> None:
     import trio
     import trio_websocket
 
-    g = make_graced(extra_config='listen = ["127.0.0.1:0"]\n')
+    g = make_graced(extra_config='listen = ["127.0.0.1:0"]\nmax_clients_per_address = 16\n')
     st = json.loads(g.ctl("status", "--json", check=True).stdout)
     url = f"ws://127.0.0.1:{st['wire']['tcp_ports'][0]}"
     proc = psutil.Process(st["pid"])
