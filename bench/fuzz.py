@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Wire fuzzing at volume: hypothesis-generated malformed frames against a live graced.
 
-    python bench/fuzz.py [--cases 50000] [--raw 2000] [--seed N]
+    python bench/fuzz.py [--cases 50000] [--raw 2000] [--net 5000] [--net-raw 1000] [--seed N]
 
 Sends --cases frames (bad JSON, wrong types, huge numbers, deep nesting, invalid UTF-8 in
 binary and in raw text frames, oversized frames, unknown methods, random params to every
@@ -10,7 +10,10 @@ handshakes, garbage before the handshake, abrupt disconnects mid-frame). Every f
 have an outcome its case allows (a signed reply with the request's id and nonce, or the
 close its case calls for); a verifying ``gracectl tail --verify`` bystander must see
 the stream whole throughout; graced must still answer, with its descriptors back at
-their baseline. Prints the outcome counts and PASS/FAIL.
+their baseline. Then --net requests over TCP with TLS to a second graced serving wss://
+(unsigned, and signed every wrong way: bench/fuzz_net.py) and --net-raw abuses of its TLS
+port: each must be refused with its own code, none journaled. Prints the outcome counts
+and PASS/FAIL.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=50_000)
     ap.add_argument("--raw", type=int, default=2000)
+    ap.add_argument("--net", type=int, default=5000)
+    ap.add_argument("--net-raw", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=random.randrange(2**32),
                     help="hypothesis seed (default: a new one each run, printed)")
     args = ap.parse_args()
@@ -137,11 +142,75 @@ def main() -> None:
           f"{bystander_ok}")
     print(f"  descriptors {fds0} -> {fds1}" + (f" (new: {extra})" if extra else "")
           + f"; RSS {rss0:.1f} -> {rss1:.1f} MB")
+    net_ok = net(base, args.net, args.net_raw, args.seed)
     ok = not failures and alive and bystander_ok and fds1 <= fds0 and total >= args.cases \
-        and "reply:internal" not in outcomes
+        and "reply:internal" not in outcomes and net_ok
     for f in failures[:5]:
         print(f"  failure: {f}")
     print(f"  {'PASS' if ok else 'FAIL'}")
+
+
+def net(base: Path, n: int, n_raw: int, seed_: int) -> bool:
+    """The TCP/TLS/authentication part; prints its counts; True if it passed."""
+    import base64
+    import json
+
+    import nacl.signing
+    import trio
+
+    from bench.fuzz_net import raw_tls_abuse, run_requests, self_signed
+    from graced.protocol import Signer
+
+    keys = {name: Signer(nacl.signing.SigningKey.generate())
+            for name in ("read", "control", "stranger")}
+
+    def line(s: Signer) -> str:
+        return f"ed25519 {base64.b64encode(s.public_key).decode()} {s.kid}"
+
+    where = base / "net"
+    where.mkdir()
+    cert, key = self_signed(str(where))
+    g = Graced(where, f'listen = ["127.0.0.1:0"]\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+               f'[remediation]\nread_keys = ["{line(keys["read"])}"]\n'
+               f'control_keys = ["{line(keys["control"])}"]\n')
+    g.start()
+    st = json.loads(g.ctl("status", "--json", check=True).stdout)
+    port, head0 = st["wire"]["tcp_ports"][0], st["head_seq"]
+    proc = psutil.Process(st["pid"])
+    fds0, rss0 = proc.num_fds(), proc.memory_info().rss / 2**20
+    t0 = time.monotonic()
+    outcomes, failures = trio.run(run_requests, "127.0.0.1", port, cert, n, seed_, keys,
+                                  st["daemon_id"])
+    t1 = time.monotonic()
+    rng = random.Random(seed_)
+    raw: dict[str, int] = {}
+    for _ in range(n_raw):
+        kind = raw_tls_abuse("127.0.0.1", port, rng)
+        raw[kind] = raw.get(kind, 0) + 1
+    t2 = time.monotonic()
+    after = json.loads(g.ctl("status", "--json", check=True).stdout)
+    refused = g.ctl("tail", "--json", "--since", str(head0 + 1), "--no-follow",
+                    "mission.approval_refused", check=True).stdout.splitlines()
+    try:
+        poll_until(lambda: proc.num_fds() <= fds0, 20, "descriptors back", pause=0.2)
+    except AssertionError:
+        pass
+    fds1, rss1 = proc.num_fds(), proc.memory_info().rss / 2**20
+    g.close()
+    total = sum(outcomes.values())
+    print(f"  -- TCP + TLS + auth: {total:,} requests over wss:// in {t1 - t0:.0f} s "
+          f"({total / max(t1 - t0, 1e-9):.0f}/s); {n_raw:,} raw TLS-port abuses in "
+          f"{t2 - t1:.0f} s")
+    for k, v in sorted(outcomes.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:<34} {v:>7,}")
+    for k, v in sorted(raw.items()):
+        print(f"  raw {k:<30} {v:>7,}")
+    print(f"  refused (status wire.refused_requests): {after['wire']['refused_requests']:,}; "
+          f"refusals journaled: {len(refused)}")
+    print(f"  descriptors {fds0} -> {fds1}; RSS {rss0:.1f} -> {rss1:.1f} MB")
+    for f in failures[:5]:
+        print(f"  failure: {f}")
+    return not failures and not refused and fds1 <= fds0 and total == n
 
 
 if __name__ == "__main__":
