@@ -23,6 +23,7 @@ variables (GRACE_SUBJECT, ...): never through a shell's parser.
 
 from __future__ import annotations
 
+import errno
 import grp
 import hashlib
 import json
@@ -154,6 +155,9 @@ class PlanChanged(ValueError):
 
 
 NOTIFIER_THREADS = 4
+# errno values that mean graced itself is out of a resource, not that a step failed.
+OWN_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC,
+                            errno.EAGAIN})
 
 
 class Executor:
@@ -708,10 +712,16 @@ class Executor:
             result.update(ok=False, exit_code=None, error=f"timed out after {st.timeout:g} s")
         except (OSError, ValueError, psutil.Error) as exc:
             result.update(ok=False, exit_code=None, error=str(exc))
+            if isinstance(exc, OSError) and exc.errno in OWN_EXHAUSTION:
+                # graced itself ran out (descriptors, memory, disk, processes): the
+                # playbook never got its chance, and learning must not hold it against it.
+                result["graced_failure"] = f"graced could not run it: {exc.strerror}"
+                log.error("step %s not run: graced is out of resources: %s", st.action, exc)
         except Exception as exc:  # a step never takes graced down: a failed step, logged
             log.exception("step %s failed inside graced", st.action)
             result.update(ok=False, exit_code=None, graced_error=True,
-                          error=f"graced internal error: {type(exc).__name__}: {exc}")
+                          error=f"graced internal error: {type(exc).__name__}: {exc}",
+                          graced_failure="graced internal error")
         result["duration_s"] = round(time.monotonic() - started, 3)
         result["output_sha256"] = hashlib.sha256(output).hexdigest()
         # What is shown and journaled: the step's env values hidden, URLs redacted.

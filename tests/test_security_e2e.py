@@ -574,3 +574,52 @@ async def test_idle_and_half_open_tcp_floods_leave_root_its_slots(
         for s in held:
             s.close()
         w.close()
+
+
+@pytest.mark.slow
+async def test_a_step_graced_cannot_start_is_not_the_playbooks_failure(
+        make_graced, marker) -> None:  # noqa: F811
+    """A real EMFILE: graced's descriptor limit is lowered to what it holds, then a
+    mission is approved. The step fails saying graced could not run it, and learning
+    credits nothing: the playbook is not held responsible, let alone demoted."""
+    import psutil
+    import trio
+    import trio_websocket
+
+    g, w = setup(make_graced, process_detector(marker) + restart_playbook(marker, "high"))
+    mid = w.wait("mission.awaiting_approval", "worker", 15)["payload"]["id"]
+    daemon = psutil.Process(g.proc.pid)  # type: ignore[union-attr]
+    stream = await trio.open_unix_socket(str(g.socket))
+    async with trio.open_nursery() as nursery:
+        ws = await trio_websocket.wrap_client_stream(nursery, stream, "localhost", "/")
+
+        async def ask(n: int, method: str, params: dict) -> dict:
+            await ws.send_message(json.dumps({"id": n, "nonce": f"n{n}", "method": method,
+                                              "params": params}))
+            while True:
+                for line in str(await ws.get_message()).split("\n"):
+                    frame = json.loads(line)
+                    if frame.get("type") == "response" and frame["id"] == n:
+                        return frame  # type: ignore[no-any-return]
+
+        shown = (await ask(1, "missions.get", {"id": mid}))["result"]["mission"]
+        soft, hard = daemon.rlimit(psutil.RLIMIT_NOFILE)
+        daemon.rlimit(psutil.RLIMIT_NOFILE, (daemon.num_fds(), hard))
+        try:
+            decided = await ask(2, "missions.approve", {
+                "id": mid, "opened": shown["opened_at"], "plan": shown["plan"]["sha256"]})
+        finally:
+            daemon.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+        assert decided["ok"], decided
+        await ws.aclose()
+        nursery.cancel_scope.cancel()
+    w.wait("mission.failed", "worker", 30)
+    m = json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
+    step = m["steps"][0]
+    assert step["ok"] is False and "Too many open files" in step["error"], step
+    assert step["graced_failure"] == "graced could not run it: Too many open files"
+    learned = g.ctl("tail", "--json", "--since", "1", "--no-follow", "learning.*",
+                    check=True).stdout
+    assert '"success":false' not in learned.replace(" ", "") and "demoted" not in learned
+    assert m["held_back"]["reason"].startswith("graced could not run it"), m["held_back"]
+    w.close()

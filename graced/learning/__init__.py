@@ -54,6 +54,9 @@ def credit(m: Mission, knowledge: Knowledge, sig: str) -> tuple[bool | None, str
         o_success = False
     if o_success is None or not m.playbook:
         return None, None
+    own = [st["graced_failure"] for st in m.steps if st.get("graced_failure")]
+    if own:  # graced's own exhaustion, not the playbook's failure: never a demotion
+        return None, f"{own[0]}: graced's failure, not the playbook's; not credited"
     if m.symptom_at_start is False:
         return None, ("the symptom had cleared before the playbook started: "
                       "not credited either way")
