@@ -200,6 +200,7 @@ class Daemon:
                     await nursery.start(executor.run)
                     await nursery.start(runner.run)
                     nursery.start_soon(_trim_heap)
+                    nursery.start_soon(self._prune_nonces)
                     hb_scope = trio.CancelScope()
                     nursery.start_soon(self._heartbeat, hb_scope)
                     interval = sd_notify.watchdog_interval()
@@ -354,6 +355,15 @@ class Daemon:
                     })
                     last_beat = now
                 await trio.sleep_until(min(last_beat + interval, last_checkpoint + every))
+
+    async def _prune_nonces(self, every: float = 60.0) -> None:
+        """Forget used nonces older than twice the request window: a request carrying
+        one is refused as stale anyway, and the table must not grow without bound."""
+        assert self.mesh is not None
+        while True:
+            await trio.sleep(every)
+            horizon = time.time() - 2 * self.config.remediation.request_window
+            self.mesh.store([("DELETE FROM used_nonces WHERE ts < ?", (horizon,))])
 
     async def _watchdog(self, interval: float) -> None:
         while True:

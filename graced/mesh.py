@@ -75,6 +75,7 @@ class Mesh:
         *,
         batch_max: int = 4096,
         ring_size: int = 65536,
+        ring_max_bytes: int = 64 << 20,
         max_pending: int = 65536,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -90,6 +91,10 @@ class Mesh:
         self._room = trio.Event()
         self._subs: set[Subscription] = set()
         self.ring: collections.deque[Recent] = collections.deque(maxlen=ring_size)
+        # Bounded in bytes too: big events (a 60 KB payload each) must not make the ring
+        # hold gigabytes; the oldest go first, replays then read the journal.
+        self.ring_bytes = 0
+        self.ring_max_bytes = ring_max_bytes
         # Seq and hash of the last event fanned out (everything <= it is durable).
         self.delivered_seq = journal.head_seq
         self.delivered_hash = journal.head_hash
@@ -270,7 +275,13 @@ class Mesh:
     def _fan_out(self, events: list[SignedEvent]) -> None:
         subs = list(self._subs)
         for ev in events:
-            self.ring.append(Recent(ev.seq, ev.topic, ev.text))
+            ring = self.ring
+            if len(ring) == ring.maxlen:
+                self.ring_bytes -= len(ring[0].text)
+            ring.append(Recent(ev.seq, ev.topic, ev.text))
+            self.ring_bytes += len(ev.text)
+            while self.ring_bytes > self.ring_max_bytes and len(ring) > 1:
+                self.ring_bytes -= len(ring.popleft().text)
             self.delivered_seq = ev.seq
             self.delivered_hash = ev.hash
             topic = ev.topic
