@@ -20,5 +20,8 @@ def test_sigkill_under_load_loses_nothing() -> None:
     assert report.runs > 0, why  # missions really executed between the kills
     assert report.approved > 0, why  # approvals were acknowledged, then survived the kills
     # Four kills mid-step, each mission then interrupted (and, by report.ok, never run twice).
+    # A mission may be killed mid-step in two rounds (a second executing decision after the
+    # first was interrupted), so count the missions, not the kills.
     assert report.arranged == 4 and len(report.killed_mid_step) == 4, why
-    assert report.interrupted >= 4 and not report.not_interrupted, why
+    assert report.interrupted >= len(set(report.killed_mid_step)), why
+    assert not report.not_interrupted, why
