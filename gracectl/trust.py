@@ -56,7 +56,7 @@ def pin(endpoint: str, public_key: bytes, daemon_id: str = "") -> None:
     }
     path = store_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two first uses at once: each its own
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
