@@ -210,6 +210,14 @@ def _health_lines(model: Model, now: float, rows: int, width: int) -> list[Line]
           f"{ex.get('max_actions_per_hour', '?')} actions/h", "normal"),
          (f" | learning {lr.get('patterns', '?')} patterns"
           + (f", {rate * 100:.0f}% success 7d" if rate is not None else ""), "normal")]]
+    health = st.get("integration") or {}
+    if health:
+        bad = sorted((k, v) for k, v in health.items() if v.get("state") not in ("up", "observe"))
+        text = f" components {len(health) - len(bad)}/{len(health)} up"
+        if bad:
+            text += ": " + ", ".join(f"{k} {v.get('state')}" + (
+                f" ({v['last_error']})" if v.get("last_error") else "") for k, v in bad)
+        summary.append([(text[:max(0, width - 1)], "red" if bad else "normal")])
     room = max(0, rows - len(summary))
     lines = out[:room]
     if len(out) > room:

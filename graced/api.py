@@ -82,6 +82,8 @@ class Api:
         self.reads = reads
         self.quarantine = quarantine or {"rows": 0, "this_start": 0, "reasons": []}
         self.reloader: Reloader | None = None
+        # The components' health as last published (graced.integration), for status.
+        self.integration: dict[str, dict[str, Any]] = {}
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -177,6 +179,7 @@ class Api:
             },
             "wire": self.server.status(),
             "executor": self.executor.status(),
+            "integration": self.integration,
             "learning": await self._learning_summary(),
             **self._health(),
         }

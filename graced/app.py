@@ -34,6 +34,7 @@ from .config import Config
 from .detectors.runner import DetectorRunner
 from .errors import DaemonExit, StartupError, StateError
 from .executor import Budgets, Executor
+from .integration import IntegrationMonitor, budget_left, free_bytes
 from .journal import Journal, JournalReader
 from .learning import Learning
 from .learning import knowledge as kb
@@ -199,6 +200,11 @@ class Daemon:
                     await mesh.publish("daemon.started", api.identity())
                     await nursery.start(executor.run)
                     await nursery.start(runner.run)
+                    monitor = IntegrationMonitor(
+                        read=self._health_figures, publish=mesh.publish_nowait,
+                        interval=lambda: self.config.daemon.integration_interval)
+                    await nursery.start(monitor.run)
+                    api.integration = monitor.current
                     nursery.start_soon(_trim_heap)
                     nursery.start_soon(self._prune_nonces)
                     hb_scope = trio.CancelScope()
@@ -355,6 +361,23 @@ class Daemon:
                     })
                     last_beat = now
                 await trio.sleep_until(min(last_beat + interval, last_checkpoint + every))
+
+    def _health_figures(self) -> dict[str, Any]:
+        """What :func:`graced.integration.snapshot` reads, from each component."""
+        assert self.runner and self.executor and self.mesh and self.server
+        mesh, ex = self.mesh, self.executor
+        ex_status = ex.status()
+        return {
+            "detectors": self.runner.status,
+            "notifiers": {nt.name: ex.notifier_stats.get(nt.name, {}) for nt in ex.notifiers},
+            "journal": {"failing_since": mesh.failing_since, "last_error": mesh.last_error,
+                        "commit_latency_ms": mesh.commit_seconds_last * 1000,
+                        "size_bytes": mesh.journal.size_bytes(),
+                        "free_bytes": free_bytes(self.config.state_dir)},
+            "executor": {"paused": ex.paused, "mode": ex.config.mode,
+                         "running_steps": len(ex.running), "budget_left": budget_left(ex_status)},
+            "wire": self.server.status(),
+        }
 
     async def _prune_nonces(self, every: float = 60.0) -> None:
         """Forget used nonces older than twice the request window: a request carrying

@@ -183,6 +183,8 @@ class Executor:
         self.paused = paused
         self.budgets = budgets
         self.running: dict[int, str] = {}
+        # Per notifier: deliveries, failures, last_ok, last_error (integration health).
+        self.notifier_stats: dict[str, dict[str, Any]] = {}
         self.deferred: set[int] = set()
         self.considered: set[int] = set()
         self.recent: deque[dict[str, Any]] = deque(maxlen=50)
@@ -239,6 +241,10 @@ class Executor:
             ok, error = False, f"timed out after {nt.timeout:g} s"
         except OSError as exc:
             ok, error = False, redact_text(str(exc.strerror or exc))
+        tally = self.notifier_stats.setdefault(
+            nt.name, {"deliveries": 0, "failures": 0, "last_ok": None, "last_error": None})
+        tally["deliveries" if ok else "failures"] += 1
+        tally["last_ok"], tally["last_error"] = ok, error
         self.mesh.publish_nowait("executor.notified", {
             "notifier": nt.name, "mission": mission["id"], "state": mission["state"],
             "ok": ok, "error": error})

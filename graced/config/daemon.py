@@ -59,6 +59,7 @@ class DaemonConfig:
     tls_key: str = ""  # its PEM private key
     heartbeat_interval: float = field(default=5.0, metadata=check(positive))
     checkpoint_interval: float = field(default=300.0, metadata=check(positive))
+    integration_interval: float = field(default=60.0, metadata=check(positive))
     max_request_bytes: int = field(default=65536, metadata=check(positive))
     max_clients: int = field(default=256, metadata=check(positive))
     # The connection budget (reloadable): see graced.toml(5) and graced/wire.py.

@@ -179,7 +179,7 @@ class DetectorRunner:
             subjects[obs.subject] = {"ts": now, "value": obs.value, "unit": obs.unit,
                                      "anomalous": verdict.anomalous,
                                      "score": round(verdict.score, 4),
-                                     "summary": verdict.summary}
+                                     "summary": verdict.summary, "failed": obs.failed}
             if obs.value is not None:
                 hist = self.history.setdefault(key, deque(maxlen=HISTORY))
                 hist.append((now, obs.value))

@@ -1,0 +1,109 @@
+"""integration.* events: the health of graced's components, pure and against a real graced
+whose TCP probe's target really goes away and comes back."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from graced.integration import changes, snapshot
+from tests.helpers.procs import LineCollector
+
+FIGURES = {
+    "detectors": {"api": {"kind": "tcp", "state": "up", "errors": 0, "last_error": None,
+                          "subjects": {"127.0.0.1:9": {"value": 1.5, "unit": "ms",
+                                                       "failed": None}}}},
+    "notifiers": {"hook": {}},
+    "journal": {"failing_since": None, "commit_latency_ms": 0.4, "size_bytes": 4096,
+                "free_bytes": 10**9, "last_error": None},
+    "executor": {"paused": False, "mode": "act", "running_steps": 0, "budget_left": 20},
+    "wire": {"clients": 2, "unix_clients": 2, "tcp_clients": 0},
+}
+
+
+def test_snapshot_names_every_component_with_a_state() -> None:
+    snap = snapshot(**FIGURES)
+    assert {k: v["state"] for k, v in snap.items()} == {
+        "detector:api": "up", "notifier:hook": "up", "journal": "up", "executor": "up",
+        "wire": "up"}
+    assert snap["detector:api"]["latency_ms"] == 1.5
+    assert snap["journal"]["free_bytes"] == 10**9
+    assert snap["executor"]["budget_left"] == 20
+
+
+def test_a_failed_probe_is_failing_with_its_reason_and_only_state_moves_are_changes() -> None:
+    before = snapshot(**FIGURES)
+    down = json.loads(json.dumps(FIGURES))
+    down["detectors"]["api"]["subjects"]["127.0.0.1:9"] = {
+        "value": None, "unit": "", "failed": "127.0.0.1:9: Connection refused"}
+    down["notifiers"]["hook"] = {"last_ok": False, "last_error": "status 500", "failures": 1}
+    down["executor"]["paused"] = True
+    after = snapshot(**down)
+    moved = {c["component"]: c for c in changes(before, after)}
+    assert set(moved) == {"detector:api", "notifier:hook", "executor"}
+    assert moved["detector:api"]["state"] == "failing"
+    assert moved["detector:api"]["was"] == "up"
+    assert moved["detector:api"]["last_error"] == "127.0.0.1:9: Connection refused"
+    assert moved["notifier:hook"]["last_error"] == "status 500"
+    assert moved["executor"]["state"] == "paused"
+    # A latency that moves is not a change.
+    faster = json.loads(json.dumps(FIGURES))
+    faster["detectors"]["api"]["subjects"]["127.0.0.1:9"]["value"] = 9.0
+    assert changes(before, snapshot(**faster)) == []
+    # A component that leaves is reported once.
+    gone = json.loads(json.dumps(FIGURES))
+    del gone["detectors"]["api"]
+    assert changes(before, snapshot(**gone)) == [
+        {"component": "detector:api", "was": "up", "kind": "detector", "state": "removed"}]
+
+
+def _listen(port: int = 0) -> socket.socket:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(16)
+    return s
+
+
+@pytest.mark.slow
+def test_a_probe_going_down_and_up_is_published_and_summarised(make_graced) -> None:
+    server = _listen()
+    port = server.getsockname()[1]
+    g = make_graced(detectors=f'[[detector]]\nname = "api"\nkind = "tcp"\ninterval = 0.5\n'
+                              f'host = "127.0.0.1"\nport = {port}\ntimeout = 1.0\n')
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "integration.*"))
+    try:
+        def states(component: str) -> list[str]:
+            return [e["payload"]["state"] for e in tail.events()
+                    if e["topic"] == "integration.changed"
+                    and e["payload"]["component"] == component]
+
+        def summary() -> dict | None:
+            found = [e for e in tail.events() if e["topic"] == "integration.summary"]
+            return found[0]["payload"] if found else None
+
+        assert tail.wait_for(lambda _: summary() is not None, 10), tail.lines[-3:]
+        comps = summary()["components"]  # type: ignore[index]
+        assert {"journal", "executor", "wire", "detector:api"} <= set(comps)
+        assert comps["journal"]["free_bytes"] > 0
+        assert tail.wait_for(lambda _: "up" in states("detector:api")
+                             or comps["detector:api"]["state"] == "up", 10)
+        server.close()  # nothing listens there now: refused
+        assert tail.wait_for(lambda _: "failing" in states("detector:api"), 10), tail.lines[-3:]
+        failing = [e["payload"] for e in tail.events() if e["topic"] == "integration.changed"
+                   and e["payload"]["state"] == "failing"][0]
+        assert "refused" in failing["last_error"].lower()
+        # gracectl top shows it too (status carries the components' health).
+        status = json.loads(g.ctl("status", "--json", check=True).stdout)
+        assert status["integration"]["detector:api"]["state"] == "failing"
+        once = g.ctl("top", "--once", check=True).stdout
+        assert "detector:api failing" in once, once
+        server = _listen(port)
+        assert tail.wait_for(lambda _: states("detector:api")[-1:] == ["up"]
+                             and "failing" in states("detector:api"), 10), tail.lines[-3:]
+    finally:
+        server.close()
+        tail.proc.terminate()
+        tail.proc.wait(10)
