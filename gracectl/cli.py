@@ -817,17 +817,19 @@ def detectors(ctx: click.Context, as_json: bool) -> None:
     rows = []
     for name, d in result["detectors"].items():
         subjects = d["subjects"] or {"": None}
+        mode = str(d.get("mode") or "poll")  # an older graced says nothing: it polls
         for subject, smp in subjects.items():
             if smp is None:
-                rows.append([name, d["kind"], d["state"], "", "", "", d["last_error"] or ""])
+                rows.append([name, d["kind"], d["state"], mode, "", "", "",
+                             d["last_error"] or ""])
                 continue
             value = (f"{smp['value']:g} {smp['unit']}".strip()
                      if isinstance(smp["value"], (int, float)) else "")
-            rows.append([name, d["kind"], d["state"], subject, value,
+            rows.append([name, d["kind"], d["state"], mode, subject, value,
                          _age(result["now"] - smp["ts"]),
                          ("ANOMALY: " if smp["anomalous"] else "") + smp["summary"][:50]])
-    click.echo(out.table(rows, headers=["DETECTOR", "KIND", "STATE", "SUBJECT", "VALUE",
-                                        "SAMPLED", "STATUS"]))
+    click.echo(out.table(rows, headers=["DETECTOR", "KIND", "STATE", "MODE", "SUBJECT",
+                                        "VALUE", "SAMPLED", "STATUS"]))
 
 
 @keys.command("generate")

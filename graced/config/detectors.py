@@ -98,6 +98,10 @@ class DetectorConfig:
         between(0, 1, open_low=True)))
     max_rate: float | None = field(default=None, metadata=check(positive))
     min_lines: int = field(default=5, metadata=check(non_negative))
+    # psi_memory, psi_cpu, psi_io
+    stall: str = field(default="some", metadata=check(one_of(("some", "full"))))
+    stall_window: float = field(default=2.0, metadata=check(between(0.5, 10)))
+    cgroup: str = ""
 
     @property
     def effective_threshold(self) -> float | None:
@@ -146,6 +150,14 @@ _LOG: dict[str, Check | None] = {"threshold": non_negative, "pattern": None,
                                  "max_ratio": None, "max_rate": None, "min_lines": None}
 
 
+_PSI: dict[str, Check | None] = {"threshold": between(0, 100, open_low=True), "stall": None,
+                                 "stall_window": None, "cgroup": absolute_path}
+
+
+def _load_window(v: float) -> str | None:
+    return None if v in (60, 300, 900) else "must be 60, 300 or 900 (the kernel's averages)"
+
+
 def _log_rule(d: DetectorConfig) -> tuple[str, str] | None:
     if d.max_ratio is None and d.max_rate is None:
         return "max_ratio", "set max_ratio and/or max_rate for a log detector"
@@ -162,7 +174,7 @@ KINDS: dict[str, Kind] = {
     "memory": Kind(_PERCENT, threshold=90.0),
     "swap": Kind(_PERCENT, threshold=80.0),
     "cpu": Kind({**_PERCENT, "window": None}, threshold=95.0),
-    "load": Kind({"threshold": positive}, threshold=2.0),
+    "load": Kind({"threshold": positive, "window": _load_window}, threshold=2.0),
     "disk": Kind({**_PERCENT, "path": absolute_path}, threshold=90.0,
                  subject=lambda d: d.path),
     "inodes": Kind({**_PERCENT, "path": absolute_path}, threshold=90.0,
@@ -188,6 +200,9 @@ KINDS: dict[str, Kind] = {
     "journald": Kind({**_LOG, "unit": non_empty, "timeout": None}, requires=("unit",),
                      subject=lambda d: d.unit, rule=_log_rule),
     "systemd": Kind({"units": None, "timeout": None}, subject=lambda d: "units"),
+    "psi_memory": Kind(_PSI, threshold=10.0, subject=lambda d: d.cgroup or "host"),
+    "psi_cpu": Kind(_PSI, threshold=50.0, subject=lambda d: d.cgroup or "host"),
+    "psi_io": Kind(_PSI, threshold=30.0, subject=lambda d: d.cgroup or "host"),
     "value": Kind({"file": absolute_path}, requires=("file",), subject=lambda d: d.file,
                   rule=_needs_threshold),
 }
@@ -223,8 +238,10 @@ def default_detectors() -> list[DetectorConfig]:
     return [
         DetectorConfig(name="memory", kind="memory", severity="high"),
         DetectorConfig(name="swap", kind="swap", severity="medium"),
-        DetectorConfig(name="cpu", kind="cpu", severity="medium"),
-        DetectorConfig(name="load", kind="load", severity="medium"),
+        # Saturation that lasts, not a busy minute: a shared host running someone's build or
+        # test suite is busy, not broken (10 minutes of CPU, the 15-minute load).
+        DetectorConfig(name="cpu", kind="cpu", severity="medium", window=600.0),
+        DetectorConfig(name="load", kind="load", severity="medium", window=900.0),
         DetectorConfig(name="disk", kind="disk", path="/", severity="high"),
         DetectorConfig(name="inodes", kind="inodes", path="/", severity="high"),
     ]

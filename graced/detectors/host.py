@@ -47,10 +47,14 @@ class Cpu(SimpleDetector):
 
 
 class Load(SimpleDetector):
+    """Load average per core over ``window`` (60, 300 or 900 s: the kernel's 1, 5 and 15
+    minute averages)."""
+
     def sample(self) -> list[Observation]:
         one, five, fifteen = os.getloadavg()
         cores = os.cpu_count() or 1
-        return [Observation(self.subject, round(one / cores, 3), "per core",
+        load = {300: five, 900: fifteen}.get(int(self.config.window), one)
+        return [Observation(self.subject, round(load / cores, 3), "per core",
                             detail={"load1": one, "load5": five, "load15": fifteen,
                                     "cores": cores})]
 

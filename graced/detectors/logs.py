@@ -6,6 +6,11 @@ matching lines per second (``max_rate``). With ``request_pattern``, only the lin
 matches count (the requests) and an error is a request that also matches ``pattern``:
 the error rate is failed requests / requests, whatever other lines (stack traces,
 banners, debug output) the log holds.
+
+A log file is listened to with inotify (one inotify fd per detector, in its
+:class:`~.events.Wakeup`): a watch on the file (writes, truncation) and one on its
+directory (the file created, renamed or removed: rotation), so new lines are read the
+moment they are written; the interval still ticks, to slide the window.
 """
 
 from __future__ import annotations
@@ -18,14 +23,20 @@ import subprocess
 import time
 from typing import IO
 
+from inotify_simple import INotify
+from inotify_simple import flags as inf
+
 from ..config import DetectorConfig
 from .base import Observation
+from .events import POLL, Wakeup
 
 MAX_LINE = 64 << 10
 """A log line longer than this is cut (the rest of it is skipped)."""
 READ_CHUNK = 1 << 20
 READ_MAX = 4 << 20
 """At most this much of a log is read per sample; the rest waits for the next one."""
+FILE_EVENTS = inf.MODIFY | inf.ATTRIB | inf.MOVE_SELF | inf.DELETE_SELF
+DIR_EVENTS = inf.CREATE | inf.MOVED_TO | inf.MOVED_FROM | inf.DELETE | inf.MODIFY
 
 
 class _Window:
@@ -76,6 +87,54 @@ class LogFile:
         self._ino: tuple[int, int] | None = None
         self._partial = b""
         self._skipping = False  # inside a line longer than MAX_LINE
+        self.wakeup: Wakeup | None = None
+        self.mode, self.mode_note = POLL, ""
+        self._inotify: INotify | None = None
+        self._name = os.path.basename(config.file)
+        self._dir_wd = self._file_wd = -1
+        try:
+            self._inotify = INotify(nonblocking=True)
+            self._dir_wd = self._inotify.add_watch(os.path.dirname(config.file) or "/",
+                                                   DIR_EVENTS)
+        except OSError as exc:
+            self._stop_listening()
+            self.mode_note = f"no inotify: {exc.strerror or exc}"
+        else:
+            self.wakeup = Wakeup()
+            self.wakeup.add(self._inotify.fileno())
+            self.mode = "inotify"
+
+    def _stop_listening(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
+
+    def _watch_file(self) -> None:
+        """Watch the file now open (its inode: writes reach it whatever its name)."""
+        if self._inotify is None:
+            return
+        if self._file_wd >= 0:
+            try:
+                self._inotify.rm_watch(self._file_wd)
+            except OSError:
+                pass  # its inode is gone: the kernel dropped the watch
+            self._file_wd = -1
+        try:
+            self._file_wd = self._inotify.add_watch(self.config.file, FILE_EVENTS)
+        except OSError:
+            pass  # gone again already: the directory watch sees it come back
+
+    def drain(self) -> bool:
+        """Consume queued inotify events; True when one concerns this log."""
+        if self._inotify is None:
+            return False
+        try:
+            events = self._inotify.read(timeout=0)
+        except BlockingIOError:
+            return False
+        return any(ev.wd == self._file_wd or ev.mask & inf.Q_OVERFLOW
+                   or (ev.wd == self._dir_wd and ev.name == self._name)
+                   for ev in events)
 
     def _open(self, at_end: bool) -> bool:
         try:
@@ -89,6 +148,7 @@ class LogFile:
             fh.seek(0, os.SEEK_END)
         self._fh, self._ino, self._partial = fh, (st.st_dev, st.st_ino), b""
         self._skipping = False
+        self._watch_file()
         return True
 
     def _read(self) -> list[str]:
@@ -140,6 +200,9 @@ class LogFile:
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
+        self._stop_listening()
+        if self.wakeup is not None:
+            self.wakeup.close()
 
 
 class Journald:

@@ -1,24 +1,39 @@
-"""Process detectors: presence and count (and restarts), and resident memory."""
+"""Process detectors: presence and count (and restarts), and resident memory.
+
+Presence listens for deaths: each matching process is held by a pidfd (readable the
+moment it exits, Linux >= 5.3) in the detector's :class:`~.events.Wakeup`, so a killed
+process is sampled at once rather than at the next tick. Which processes match is
+re-resolved at every sample, so a new one started after a death is watched too.
+"""
 
 from __future__ import annotations
+
+import os
 
 import psutil
 
 from ..config import DetectorConfig
 from .base import Observation, SimpleDetector
+from .events import POLL, Wakeup
+
+MAX_PIDFDS = 256
+"""At most this many matching processes are held by a pidfd; the rest are polled."""
 
 
-def _matching(cfg: DetectorConfig) -> list[psutil.Process]:
+def _matching(cfg: DetectorConfig, gone: set[int] | None = None) -> list[psutil.Process]:
+    """The processes that match, zombies and ``gone`` (exited, known by pidfd) left out."""
     found = []
     me = psutil.Process().pid
     for proc in psutil.process_iter(["name", "cmdline"]):
-        if proc.pid == me:
+        if proc.pid == me or (gone and proc.pid in gone):
             continue
         try:
             if cfg.match_cmdline:
                 hit = cfg.process in " ".join(proc.info["cmdline"] or [])
             else:
                 hit = proc.info["name"] == cfg.process
+            if hit and proc.status() == psutil.STATUS_ZOMBIE:
+                continue  # dead, not yet reaped: its name is still there
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         if hit:
@@ -32,9 +47,20 @@ class ProcessPresence(SimpleDetector):
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__(config)
         self._pids: set[int] | None = None
+        self._fds: dict[int, int] = {}  # pidfd -> pid
+        self._gone: set[int] = set()
+        self.wakeup: Wakeup | None = None
+        self.mode, self.mode_note = POLL, ""
+        try:
+            os.close(os.pidfd_open(os.getpid()))
+        except (AttributeError, OSError) as exc:
+            self.mode_note = f"no pidfd: {getattr(exc, 'strerror', None) or exc}"
+        else:
+            self.wakeup = Wakeup()
+            self.mode = "pidfd"
 
     def sample(self) -> list[Observation]:
-        procs = _matching(self.config)
+        procs = _matching(self.config, self._gone)
         pids = {p.pid for p in procs}
         obs = Observation(self.subject, float(len(pids)), "processes",
                           detail={"pids": sorted(pids)[:20]})
@@ -45,7 +71,51 @@ class ProcessPresence(SimpleDetector):
             obs.event = (f"{self.config.process} restarted (pid {min(self._pids)} -> "
                          f"{min(pids)})")
         self._pids = pids
+        self._watch(pids)
         return [obs]
+
+    def _watch(self, pids: set[int]) -> None:
+        """Hold a pidfd for each matching process (and only for those)."""
+        if self.wakeup is None:
+            return
+        # A pid known dead stays left out until /proc forgets it (then it may be reused).
+        self._gone = {pid for pid in self._gone if psutil.pid_exists(pid)}
+        for fd, pid in list(self._fds.items()):
+            if pid not in pids:
+                self._release(fd)
+        held = set(self._fds.values())
+        for pid in sorted(pids - held)[:max(0, MAX_PIDFDS - len(held))]:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:  # exited meanwhile: the next sample sees it
+                continue
+            self._fds[fd] = pid
+            self.wakeup.add(fd)
+
+    def _release(self, fd: int) -> None:
+        assert self.wakeup is not None
+        self.wakeup.discard(fd)
+        del self._fds[fd]
+        os.close(fd)
+
+    def drain(self) -> bool:
+        """A watched process exited: note it (its pidfd says so even before it is reaped)."""
+        if self.wakeup is None:
+            return False
+        fired = False
+        for fd, _ in self.wakeup.ready():
+            pid = self._fds.get(fd)
+            if pid is not None:
+                self._gone.add(pid)
+                self._release(fd)
+                fired = True
+        return fired
+
+    def close(self) -> None:
+        for fd in list(self._fds):
+            self._release(fd)
+        if self.wakeup is not None:
+            self.wakeup.close()
 
 
 class ProcessRss(SimpleDetector):

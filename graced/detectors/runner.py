@@ -26,8 +26,9 @@ from ..mesh import Mesh
 from ..missions import store
 from ..missions.engine import Mission, MissionEngine, Transition
 from ..protocol import CanonicalError, canonical_bytes
-from .base import Observation, build_detector
-from .scoring import Scorer, Verdict
+from .base import Detector, Observation, build_detector
+from .events import POLL
+from .scoring import Scorer, Verdict, next_interval
 
 log = logging.getLogger("graced.detectors")
 
@@ -35,6 +36,13 @@ log = logging.getLogger("graced.detectors")
 Outcome = Callable[[Mission, float], tuple[list[Write], list[tuple[str, dict[str, Any]]]]]
 
 HISTORY = 300  # recent values kept per subject (sparklines, status)
+EVENT_GAP = 0.02
+"""After a kernel event, wait this long before sampling: the rest of a burst (a thousand
+log lines written in a loop) is read by the same sample, and a writer that never stops
+gets at most 1/EVENT_GAP samples a second, not one per line."""
+# Kinds whose value the kernel does not announce, sampled faster near their threshold.
+ADAPTIVE = frozenset({"memory", "swap", "disk", "inodes", "value", "process_rss", "tcp",
+                      "sqlite", "postgres", "command", "http"})
 
 
 def judge_and_observe(scorer: Scorer, engine: MissionEngine, cfg: DetectorConfig,
@@ -141,7 +149,10 @@ class DetectorRunner:
             try:
                 detector = await trio.to_thread.run_sync(build_detector, cfg)
                 st["state"] = "up"
+                st["mode"] = getattr(detector, "mode", POLL)
+                st["mode_note"] = getattr(detector, "mode_note", "")
                 due = trio.current_time()
+                woken = False
                 while True:
                     observations = await trio.to_thread.run_sync(
                         detector.sample, abandon_on_cancel=True, limiter=self._pool(cfg))
@@ -149,11 +160,14 @@ class DetectorRunner:
                     self._judge(cfg, observations)
                     st["state"] = "up"
                     backoff = 1.0
-                    due += cfg.interval
+                    step = self._step(cfg, detector, observations)
+                    st["cadence"] = round(step, 3)
                     now = trio.current_time()
+                    # A sample an event brought forward leaves the timer's schedule alone.
+                    due = min(due, now + step) if woken else due + step
                     if due < now:  # fell behind (a slow probe): skip, do not burst
-                        due = now + cfg.interval
-                    await trio.sleep_until(due)
+                        due = now + step
+                    woken = await self._wait(detector, due)
             except Exception as exc:  # noqa: BLE001 - a detector must never take graced down
                 st["state"] = "error"
                 st["errors"] += 1
@@ -168,6 +182,39 @@ class DetectorRunner:
             finally:
                 if detector is not None:
                     detector.close()
+
+    async def _wait(self, detector: Detector, due: float) -> bool:
+        """Until ``due``, or until the kernel says something the detector cares about (then
+        True, at most once per ``EVENT_GAP``, so a burst costs bounded CPU)."""
+        wakeup = getattr(detector, "wakeup", None)
+        if wakeup is None:
+            await trio.sleep_until(due)
+            return False
+        with trio.move_on_at(due):
+            while True:
+                await trio.lowlevel.wait_readable(wakeup.fileno())
+                if detector.drain():  # type: ignore[attr-defined]
+                    break
+            await trio.sleep(EVENT_GAP)  # what else the burst writes is read in one go
+            return True
+        return False
+
+    def _step(self, cfg: DetectorConfig, detector: Detector,
+              observations: list[Observation]) -> float:
+        """The wait before the next timed sample: the interval, shorter where the detector
+        asks (a PSI counter without a trigger) or a value nears its threshold."""
+        step = cfg.interval
+        cadence = getattr(detector, "cadence", None)
+        hint = cadence() if cadence is not None else None
+        if hint is not None:
+            step = min(step, hint)
+        if cfg.kind in ADAPTIVE and not cfg.baseline:
+            for obs in observations:
+                if obs.failed or (cfg.name, obs.subject) in self.engine.active:
+                    continue
+                step = min(step, next_interval(cfg.interval, obs.value,
+                                               cfg.effective_threshold, cfg.below))
+        return step
 
     def _judge(self, cfg: DetectorConfig, observations: list[Any]) -> None:
         scorer = self.scorers[cfg.name]
@@ -219,7 +266,8 @@ class DetectorRunner:
 
 def _fresh(d: DetectorConfig) -> dict[str, Any]:
     return {"kind": d.kind, "interval": d.interval, "state": "starting", "subjects": {},
-            "errors": 0, "last_error": None}
+            "errors": 0, "last_error": None, "mode": POLL, "mode_note": "",
+            "cadence": d.interval}
 
 
 def _check_values(observations: list[Any]) -> None:

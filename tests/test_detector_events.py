@@ -1,0 +1,153 @@
+"""Event sources of the detectors, in-process against the real kernel: a pidfd that fires on
+a real kill -9, inotify on a real log append and rotation, the PSI trigger's bytes; and the
+pure maths of sampling faster near a threshold."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from graced.config import DetectorConfig
+from graced.config.detectors import build_detectors
+from graced.config.schema import ConfigError
+from graced.detectors.logs import LogFile
+from graced.detectors.pressure import Pressure, parse_total, trigger
+from graced.detectors.process import ProcessPresence
+from graced.detectors.scoring import FASTEST, next_interval
+
+
+def _ready(fd: int, timeout: float) -> bool:
+    """Is the detector's wakeup fd readable within ``timeout`` s (what trio waits on)?"""
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def test_far_from_the_threshold_the_interval_is_kept() -> None:
+    assert next_interval(5.0, 30.0, 90.0) == 5.0
+    assert next_interval(5.0, None, 90.0) == 5.0
+    assert next_interval(5.0, 30.0, None) == 5.0
+
+
+def test_near_the_threshold_sampling_quickens_down_to_a_floor() -> None:
+    mid = next_interval(5.0, 80.0, 90.0)  # 11 % below: (0.111 / 0.25)^2 = 0.198
+    assert 0.9 < mid < 1.1
+    assert next_interval(5.0, 89.9, 90.0) == pytest.approx(5.0 * FASTEST)
+    assert next_interval(5.0, 89.0, 90.0) < mid  # closer: faster
+
+
+def test_past_the_threshold_the_interval_is_the_configured_one() -> None:
+    assert next_interval(5.0, 95.0, 90.0) == 5.0  # hysteresis counts samples: unchanged
+
+
+def test_a_below_threshold_quickens_as_the_value_falls_towards_it() -> None:
+    assert next_interval(10.0, 101.0, 100.0, below=True) < 1.0
+    assert next_interval(10.0, 200.0, 100.0, below=True) == 10.0
+    assert next_interval(10.0, 99.0, 100.0, below=True) == 10.0
+
+
+def test_a_psi_trigger_is_written_nul_terminated_in_microseconds() -> None:
+    cfg = DetectorConfig(name="p", kind="psi_memory", threshold=7.5, stall_window=2.0)
+    assert trigger(cfg) == b"some 150000 2000000\0"
+    assert trigger(DetectorConfig(name="p", kind="psi_io", stall="full")) == \
+        b"full 600000 2000000\0"
+
+
+def test_the_total_of_the_some_or_full_line_is_read() -> None:
+    text = ("some avg10=0.00 avg60=0.00 avg300=0.00 total=1526\n"
+            "full avg10=0.00 avg60=0.00 avg300=0.00 total=453\n")
+    assert parse_total(text, "some") == 1526
+    assert parse_total(text, "full") == 453
+    with pytest.raises(ValueError):
+        parse_total("garbage", "some")
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ('kind = "psi_memory"\nthreshold = 0', "threshold"),
+    ('kind = "psi_memory"\nstall_window = 30.0', "stall_window"),
+    ('kind = "psi_cpu"\nstall = "most"', "stall"),
+    ('kind = "psi_io"\ncgroup = "relative/dir"', "cgroup"),
+    ('kind = "load"\nwindow = 120.0', "window"),
+    ('kind = "memory"\nstall = "some"', "stall"),
+])
+def test_bad_pressure_and_load_keys_are_refused(body: str, message: str) -> None:
+    import tomllib
+    table = tomllib.loads(f'name = "x"\n{body}\n')
+    with pytest.raises(ConfigError, match=message):
+        build_detectors([table], lambda *a, **k: "")
+
+
+def test_pressure_kinds_and_load_windows_are_accepted() -> None:
+    dets = build_detectors([
+        {"name": "m", "kind": "psi_memory"}, {"name": "c", "kind": "psi_cpu", "stall": "full",
+                                             "stall_window": 4.0},
+        {"name": "l", "kind": "load", "window": 900.0}], lambda *a, **k: "")
+    assert [d.effective_threshold for d in dets[:2]] == [10.0, 50.0]
+    assert dets[0].effective_subject == "host"
+
+
+@pytest.mark.skipif(not Path("/proc/pressure/memory").exists(), reason="no PSI here")
+def test_pressure_reports_its_mode_and_why_a_trigger_was_refused() -> None:
+    det = Pressure(DetectorConfig(name="p", kind="psi_memory", stall_window=2.0))
+    try:
+        assert det.mode in ("psi-trigger", "poll")
+        if det.mode == "poll":  # refused here: it says why, and samples twice a window
+            assert det.mode_note.startswith("PSI trigger refused")
+            assert det.cadence() == 1.0
+        [obs] = det.sample()
+        assert obs.value is not None and 0 <= obs.value <= 100 and obs.unit == "% stalled"
+    finally:
+        det.close()
+
+
+def test_a_killed_process_wakes_its_detector_at_once() -> None:
+    marker = f"grace-pidfd-{os.getpid()}"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    det = ProcessPresence(DetectorConfig(name="w", kind="process", process=marker,
+                                         match_cmdline=True))
+    try:
+        assert det.mode == "pidfd" and det.wakeup is not None
+        assert det.sample()[0].value == 1.0
+        assert not _ready(det.wakeup.fileno(), 0)
+        child.kill()  # a real SIGKILL; not reaped yet: a zombie
+        assert _ready(det.wakeup.fileno(), 5)
+        assert det.drain()
+        [obs] = det.sample()
+        assert obs.value == 0.0 and obs.failed  # the zombie does not count as running
+    finally:
+        child.kill()
+        child.wait()
+        det.close()
+
+
+def test_a_log_append_and_a_rotation_wake_the_log_detector(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("start\n")
+    (tmp_path / "other.log").write_text("")
+    det = LogFile(DetectorConfig(name="l", kind="log", file=str(log), max_ratio=0.5,
+                                 window=60.0, min_lines=1))
+    try:
+        assert det.mode == "inotify" and det.wakeup is not None
+        det.sample()
+        with open(tmp_path / "other.log", "a") as fh:  # another file in the directory
+            fh.write("ERROR elsewhere\n")
+        assert _ready(det.wakeup.fileno(), 5)
+        assert not det.drain()  # seen, and not this log's business
+        with open(log, "a") as fh:
+            fh.write("ERROR one\n")
+        assert _ready(det.wakeup.fileno(), 5) and det.drain()
+        assert det.sample()[0].detail["matches"] == 1
+        log.rename(tmp_path / "app.log.1")
+        assert _ready(det.wakeup.fileno(), 5) and det.drain()
+        log.write_text("ERROR two\n")  # the new file
+        assert _ready(det.wakeup.fileno(), 5) and det.drain()
+        assert det.sample()[0].detail["matches"] == 2
+        with open(log, "a") as fh:  # the new file is watched too
+            fh.write("ERROR three\n")
+        assert _ready(det.wakeup.fileno(), 5) and det.drain()
+        assert det.sample()[0].detail["matches"] == 3
+    finally:
+        det.close()

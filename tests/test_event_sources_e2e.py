@@ -1,0 +1,162 @@
+"""Each event source against a real graced with a real fault: a kill -9 (pidfd), a burst of
+error lines and a rotation (inotify), memory pressure in a cgroup (PSI), and a value nearing
+its threshold (sampled faster). Intervals are long on purpose: a mission that opens well
+within one interval was announced by the kernel, not found by the timer. Each fault opens
+exactly one mission, which resolves once the fault is gone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT, Graced
+from tests.helpers import pressure
+from tests.test_missions_e2e import Watch, _ready_tail
+
+MISSIONS = '\n[missions]\nresolve_after = 1\nflap_window = 0\nupdate_interval = 60\n'
+
+
+def _started(make_graced: Any, detectors: str) -> tuple[Graced, Watch]:
+    g = make_graced(detectors=detectors + MISSIONS)
+    w = Watch(g)
+    _ready_tail(w, g)
+    return g, w
+
+
+def _after(event: dict[str, Any], t0: float) -> float:
+    """Seconds from the wall-clock time ``t0`` to the event's own timestamp."""
+    return datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp() - t0
+
+
+def _mode(g: Graced, name: str) -> dict[str, Any]:
+    det: dict[str, Any] = json.loads(g.ctl("detectors", "--json", check=True).stdout)[name]
+    return det
+
+
+@pytest.mark.slow
+def test_a_killed_process_opens_its_mission_at_once_by_pidfd(make_graced) -> None:
+    marker = f"grace-pidfd-{uuid.uuid4().hex[:8]}"
+
+    def sleeper() -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", marker],
+                                stdin=subprocess.DEVNULL)
+
+    proc = sleeper()
+    try:
+        g, w = _started(make_graced, f'[[detector]]\nname = "worker"\nkind = "process"\n'
+                                     f'interval = 5.0\nprocess = "{marker}"\n'
+                                     "match_cmdline = true\n")
+        assert _mode(g, "worker")["mode"] == "pidfd"
+        t0 = time.time()
+        proc.kill()  # a real SIGKILL
+        opened = w.wait("mission.opened", "worker", 10)
+        assert _after(opened, t0) < 1.0, "not announced: found by the 5 s timer"
+        proc.wait()
+        proc = sleeper()  # a new one: found at the next tick, and the mission resolves
+        resolved = w.wait("mission.resolved", "worker", 15)
+        assert resolved["payload"]["id"] == opened["payload"]["id"]
+        assert len(w.missions("worker")) == 1
+        w.close()
+    finally:
+        proc.kill()
+
+
+@pytest.mark.slow
+def test_an_error_burst_is_one_mission_read_at_once_and_rotation_is_followed(
+        make_graced, shortdir: Path) -> None:
+    log = shortdir / "app.log"
+    log.write_text("starting\n")
+    g, w = _started(make_graced, f'[[detector]]\nname = "applog"\nkind = "log"\n'
+                                 f'interval = 5.0\nfile = "{log}"\npattern = "ERROR"\n'
+                                 "max_ratio = 0.5\nmin_lines = 5\nwindow = 2.0\n")
+    assert _mode(g, "applog")["mode"] == "inotify"
+    daemon = psutil.Process(g.proc.pid)  # type: ignore[union-attr]
+    cpu0 = sum(daemon.cpu_times()[:2])
+    t0 = time.time()
+    with log.open("a") as fh:  # 1000 lines, each its own write: 1000 inotify events
+        for i in range(1000):
+            fh.write(f"2026-12-01 ERROR request {i} failed\n")
+            fh.flush()
+    opened = w.wait("mission.opened", "applog", 10)
+    assert _after(opened, t0) < 1.0, "not announced: found by the 5 s timer"
+    # Rotate: the old file moves away, the new one holds healthy lines only.
+    log.rename(shortdir / "app.log.1")
+    with open(log, "w") as fh:
+        fh.writelines(f"2026-12-01 INFO request {i} ok\n" for i in range(40))
+    resolved = w.wait("mission.resolved", "applog", 15)
+    assert resolved["payload"]["id"] == opened["payload"]["id"]
+    # The whole burst cost graced a bounded share of a core, not a sample per line.
+    burst_cpu = sum(daemon.cpu_times()[:2]) - cpu0
+    assert burst_cpu < 1.5, f"graced used {burst_cpu:.2f} s of CPU on a 1000-line burst"
+    assert len(w.missions("applog")) == 1
+    # The new file is followed: errors there open a new mission, as promptly.
+    t1 = time.time()
+    with log.open("a") as fh:
+        fh.writelines(f"2026-12-01 ERROR again {i}\n" for i in range(100))
+    again = w.wait("mission.opened", "applog", 10, count=2)
+    assert _after(again, t1) < 1.0
+    w.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(pressure.unavailable() is not None,
+                    reason=f"memory pressure: {pressure.unavailable()}")
+def test_memory_pressure_in_a_cgroup_opens_a_psi_mission(make_graced, shortdir: Path) -> None:
+    # 1 % of 2 s: 20 ms of stall; this reader stalls some task for far more (measured here:
+    # about 5 % of the time), an idle host for none.
+    g, w = _started(make_graced, '[[detector]]\nname = "mempsi"\nkind = "psi_memory"\n'
+                                 "interval = 3.0\nthreshold = 1.0\nstall_window = 2.0\n")
+    det = _mode(g, "mempsi")
+    assert det["mode"] in ("psi-trigger", "poll"), det
+    big = shortdir / "thrash.bin"  # page cache must be reclaimable: not on a tmpfs
+    if "tmpfs" in subprocess.run(["stat", "-f", "-c", "%T", str(shortdir)],
+                                 capture_output=True, text=True).stdout:
+        big = ROOT / f".thrash-{uuid.uuid4().hex[:8]}.bin"
+    try:
+        pressure.make_file(big, 64)
+        with pressure.memory_cgroup(f"grace-test-{uuid.uuid4().hex[:8]}", 16) as cg:
+            t0 = time.time()
+            reader = pressure.start_thrash(cg, big)
+            try:
+                opened = w.wait("mission.opened", "mempsi", 20)
+            finally:
+                assert reader.stdin is not None
+                reader.stdin.close()
+                reader.wait(10)
+        # Within the PSI window (plus the reader's start): before the 3 s timer, by trigger.
+        if det["mode"] == "psi-trigger":
+            assert _after(opened, t0) < 3.0
+            assert "PSI trigger" in opened["payload"]["summary"]
+        resolved = w.wait("mission.resolved", "mempsi", 20)
+        assert resolved["payload"]["id"] == opened["payload"]["id"]
+        assert len(w.missions("mempsi")) == 1
+    finally:
+        big.unlink(missing_ok=True)
+        w.close()
+
+
+@pytest.mark.slow
+def test_a_value_near_its_threshold_is_sampled_faster(make_graced, shortdir: Path) -> None:
+    near, far = shortdir / "near", shortdir / "far"
+    near.write_text("97\n")
+    far.write_text("10\n")
+    g, w = _started(make_graced, "".join(
+        f'[[detector]]\nname = "{f.name}"\nkind = "value"\ninterval = 20.0\n'
+        f'file = "{f}"\nthreshold = 100.0\n' for f in (near, far)))
+    assert _mode(g, "far")["cadence"] == 20.0  # far from its threshold: the interval
+    assert _mode(g, "near")["cadence"] <= 1.0  # 3 % below it: twenty times as often
+    t0 = time.time()
+    near.write_text("150\n")
+    opened = w.wait("mission.opened", "near", 10)
+    assert _after(opened, t0) < 2.5, "the crossing waited for the 20 s timer"
+    assert len(w.missions("near")) == 1
+    w.close()
