@@ -603,11 +603,12 @@ def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
 
 
 def _decide(ctx: click.Context, mission_id: int, comment: str, approve: bool,
-            as_json: bool, plan: str | None = None, show_plan: bool = False) -> None:
+            as_json: bool, plan: str | None = None, show_plan: bool = False,
+            clearing: bool = False) -> None:
     async def run() -> Any:
         endpoint = _endpoint(ctx)
         async with connect(endpoint, await trusted_key(endpoint)) as conn:
-            return await decide(conn, mission_id, approve, comment, plan)
+            return await decide(conn, mission_id, approve, comment, plan, clearing)
 
     result = _run(run)
     m = result["mission"]
@@ -662,10 +663,13 @@ def _review(ctx: click.Context, mission_id: int) -> str | None:
 @click.option("--yes", "-y", "yes", is_flag=True,
               help="Approve the plan the mission waits with now without reviewing it here "
                    "(printed on stderr afterwards).")
+@click.option("--even-if-clearing", "clearing", is_flag=True,
+              help="Run the plan even if the symptom's latest samples were normal "
+                   "(otherwise such an approval is refused, exit 1).")
 @json_option
 @click.pass_context
 def missions_approve(ctx: click.Context, mission_id: int, comment: str, plan: str | None,
-                     yes: bool, as_json: bool) -> None:
+                     yes: bool, clearing: bool, as_json: bool) -> None:
     """Approve a mission awaiting approval: its plan runs now (under a silence: when the
     silence ends; the approval is recorded now).
 
@@ -674,6 +678,8 @@ def missions_approve(ctx: click.Context, mission_id: int, comment: str, plan: st
     or --yes is required (exit 2); answering n sends nothing (exit 1). If the playbook
     changed since (a config reload),
     graced refuses an approval of the old plan and the mission waits with its new plan.
+    An approval while the symptom is clearing (its latest samples normal) is refused
+    with the reason, unless --even-if-clearing.
     """
     check_plan_option(plan)
     if plan is None and not yes:
@@ -681,7 +687,8 @@ def missions_approve(ctx: click.Context, mission_id: int, comment: str, plan: st
             raise click.UsageError("without a terminal to review the plan on, name it: "
                                    "--plan SHA256 (gracectl missions show ID) or --yes")
         plan = _review(ctx, mission_id)
-    _decide(ctx, mission_id, comment, True, as_json, plan, show_plan=yes and plan is None)
+    _decide(ctx, mission_id, comment, True, as_json, plan, show_plan=yes and plan is None,
+            clearing=clearing)
 
 
 @missions.command("reject")

@@ -330,7 +330,7 @@ class Connection:
 
 
 async def decide(conn: Connection, mission_id: int, approve: bool, comment: str,
-                 plan: str | None = None) -> Any:
+                 plan: str | None = None, clearing: bool = False) -> Any:
     """Approve or reject a mission, naming it by id and the time it opened, and (an
     approval) the plan approved: ``plan``, else the plan it waits with as read now.
 
@@ -347,6 +347,8 @@ async def decide(conn: Connection, mission_id: int, approve: bool, comment: str,
         plan = full if not plan or (full and full.startswith(plan)) else plan
         if plan:
             params["plan"] = plan
+        if clearing:
+            params["clearing"] = True
     return await conn.request(method, params)
 
 

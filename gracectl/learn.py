@@ -5,6 +5,7 @@ Registered on the groups of :mod:`gracectl.cli` when that module is imported.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
@@ -13,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from tabulate import tabulate
 
-from graced.protocol import ExitCode
+from graced.protocol import ExitCode, key_id
 from graced.protocol import knowledge as pk
 
 from . import out, trust
@@ -30,11 +30,13 @@ from .cli import (
     cli,
     json_option,
     missions,
+    trusted_key,
 )
+from .client import connect
 from .errors import CtlError
 from .tail import stderr_note
 
-CHUNK_BYTES = 48_000  # below the daemon's default max_request_bytes (65536)
+CHUNK_BYTES = 36_000  # 48,000 in base64: below the default max_request_bytes (65536)
 
 
 def _pct(x: float | None) -> str:
@@ -71,7 +73,7 @@ def missions_similar(ctx: click.Context, mission_id: int, limit: int, as_json: b
                 f"{len(result['similar'])} similar past missions "
                 f"(lookup {result['lookup_ms']:.1f} ms)")
     if result["similar"]:
-        out.echo(tabulate(_similar_rows(result["similar"]), headers=SIMILAR_HEADERS))
+        out.echo(out.table(_similar_rows(result["similar"]), headers=SIMILAR_HEADERS))
 
 
 def explain_lines(m: dict[str, Any], now: float) -> list[str]:
@@ -109,7 +111,7 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
                              _pct(c["ratio"]), f"{c['mean']:.2f}",
                              "-" if c["score"] is None else f"{c['score']:.2f}",
                              _secs(c["mttr_s"]), mark])
-            table = tabulate(rows, headers=["PLAYBOOK", "RISK", "OK/RUNS", "IMPORTED",
+            table = out.table(rows, headers=["PLAYBOOK", "RISK", "OK/RUNS", "IMPORTED",
                                             "RATE", "MEAN", "SCORE", "MTTR", ""])
             lines.extend("  " + row for row in table.splitlines())
             for c in d["candidates"]:
@@ -158,7 +160,8 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
         verdict = "success" if m["state"] == "resolved" else "failure"
         lines.append(f"learning  counted as a {verdict} of {m['playbook']} for "
                      f"{m['detector']}:{m['subject']}")
-    return lines
+    # Names came from the monitored world, a config or an imported file: one line each.
+    return [out.safe(line) for line in lines]
 
 
 @missions.command("explain")
@@ -187,11 +190,14 @@ def knowledge() -> None:
 @knowledge.command("ls")
 @click.option("--limit", type=click.IntRange(1, 10000), default=1000, show_default=True,
               help="At most this many patterns, the most recently seen.")
+@click.option("--offset", type=click.IntRange(0, pk.MAX_TOTAL_RECORDS), default=0,
+              show_default=True, help="Skip this many (the next page).")
 @json_option
 @click.pass_context
-def knowledge_ls(ctx: click.Context, limit: int, as_json: bool) -> None:
-    """List learned patterns with their best playbook."""
-    result = _run(lambda: _call(_endpoint(ctx), "knowledge.list", {"limit": limit}))
+def knowledge_ls(ctx: click.Context, limit: int, offset: int, as_json: bool) -> None:
+    """List learned patterns with their best playbook, most recently seen first."""
+    result = _run(lambda: _call(_endpoint(ctx), "knowledge.list",
+                                {"limit": limit, "offset": offset}))
     if as_json:
         _print_json(result["patterns"])
         return
@@ -203,11 +209,11 @@ def knowledge_ls(ctx: click.Context, limit: int, as_json: bool) -> None:
     if not rows:
         stderr_note("no patterns learned yet")
         return
-    out.echo(tabulate(rows, headers=["PATTERN", "BEST PLAYBOOK", "ITS RATE", "ALL RATE",
+    out.echo(out.table(rows, headers=["PATTERN", "BEST PLAYBOOK", "ITS RATE", "ALL RATE",
                                        "LOCAL RUNS", "MTTR", "LAST SEEN", "HELD BACK"]))
     if result.get("total", len(rows)) > len(rows):
-        stderr_note(f"{len(rows)} of {result['total']} patterns shown (the most recently "
-                    "seen; --limit)")
+        stderr_note(f"patterns {offset + 1}-{offset + len(rows)} of {result['total']} shown "
+                    "(the most recently seen first; --limit, --offset)")
 
 
 def _held(held: dict[str, int]) -> str:
@@ -217,18 +223,24 @@ def _held(held: dict[str, int]) -> str:
 
 @knowledge.command("show")
 @click.argument("pattern")
+@click.option("--limit", type=click.IntRange(1, pk.MAX_PLAYBOOKS), default=pk.MAX_PLAYBOOKS,
+              show_default=True, help="At most this many playbooks, best first.")
+@click.option("--offset", type=click.IntRange(0, pk.MAX_PLAYBOOKS), default=0,
+              show_default=True, help="Skip this many playbooks (the next page).")
 @json_option
 @click.pass_context
-def knowledge_show(ctx: click.Context, pattern: str, as_json: bool) -> None:
+def knowledge_show(ctx: click.Context, pattern: str, limit: int, offset: int,
+                   as_json: bool) -> None:
     """Show one pattern (DETECTOR:SUBJECT): every playbook's record and recent missions."""
-    result = _run(lambda: _call(_endpoint(ctx), "knowledge.show", {"pattern": pattern}))
+    result = _run(lambda: _call(_endpoint(ctx), "knowledge.show",
+                                {"pattern": pattern, "limit": limit, "offset": offset}))
     if as_json:
         _print_json(result)
         return
     p = result["pattern"]
-    out.echo(f"pattern {p['pattern']}: best {p['best_playbook']}, {p['count']:g} local runs, "
-               f"success {_pct(p['success_rate'])}, MTTR {_secs(p['mttr_s'])}, last seen "
-               f"{_ts(p['last_seen'])}")
+    out.echo(out.safe(f"pattern {p['pattern']}: best {p['best_playbook']}, {p['count']:g} "
+                      f"local runs, success {_pct(p['success_rate'])}, MTTR "
+                      f"{_secs(p['mttr_s'])}, last seen {_ts(p['last_seen'])}"))
     rows = []
     for b in p["playbooks"]:
         imported = "; ".join(f"{i['successes']}/{i['successes'] + i['failures']} from "
@@ -240,11 +252,14 @@ def knowledge_show(ctx: click.Context, pattern: str, as_json: bool) -> None:
                      imported, f"{prior[0]:g}/{prior[0] + prior[1]:g}" if sum(prior) else "-",
                      f"{b['posterior_mean']:.2f}", _secs(b["mttr_s"]),
                      "yes" if b["demoted"] else ""])
-    out.echo(tabulate(rows, headers=["PLAYBOOK", "LOCAL OK/RUNS", "RATE", "IMPORTED OK/RUNS",
+    out.echo(out.table(rows, headers=["PLAYBOOK", "LOCAL OK/RUNS", "RATE", "IMPORTED OK/RUNS",
                                        "PRIOR WEIGHT", "MEAN", "MTTR", "DEMOTED"]))
     for b in p["playbooks"]:
         if b.get("held_back"):
-            out.echo(f"{b['playbook']} not demoted: {b['held_back']}")
+            out.echo(out.safe(f"{b['playbook']} not demoted: {b['held_back']}"))
+    if p.get("playbooks_total", len(rows)) > len(rows):
+        stderr_note(f"playbooks {p['offset'] + 1}-{p['offset'] + len(rows)} of "
+                    f"{p['playbooks_total']} shown (--limit, --offset)")
     if p.get("held_back"):
         out.echo(f"learning held back on {sum(p['held_back'].values())} missions: "
                    f"{_held(p['held_back'])}")
@@ -252,8 +267,8 @@ def knowledge_show(ctx: click.Context, pattern: str, as_json: bool) -> None:
         out.echo("recent missions:")
         for r in result["recent"][:10]:
             held = f" (held back: {r['held_back']})" if r.get("held_back") else ""
-            out.echo(f"  #{r['id']} {_ts(r['closed_at'])} {r['playbook'] or '-'} -> "
-                       f"{r['outcome']}{held}")
+            out.echo(out.safe(f"  #{r['id']} {_ts(r['closed_at'])} {r['playbook'] or '-'} "
+                              f"-> {r['outcome']}{held}"))
 
 
 @knowledge.command("export")
@@ -279,119 +294,122 @@ def knowledge_export(ctx: click.Context, file: str) -> None:
                 f"key {data['kid']})")
 
 
-def _load_export(file: str, key_file: str | None) -> tuple[dict[str, Any], str]:
-    """Read, bound-check and verify an export; returns it and how it was verified."""
+def _load_export(file: str, key_file: str | None,
+                 replace_key: bool) -> tuple[bytes, dict[str, Any], bytes, str]:
+    """Read, bound-check and verify an export; returns its bytes, the document, the key
+    it verified with and how. The daemon checks it all again: this is for a clear error
+    before anything is sent, and to choose the key."""
     try:
         if file == "-":
-            text = sys.stdin.read(pk.MAX_FILE_BYTES + 1)
+            raw = sys.stdin.buffer.read(pk.MAX_FILE_BYTES + 1)
         else:
-            with open(file, encoding="utf-8") as fh:
-                text = fh.read(pk.MAX_FILE_BYTES + 1)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CtlError(f"{file}: cannot read: {exc}", ExitCode.USAGE) from None
-    if len(text) > pk.MAX_FILE_BYTES:
-        raise CtlError(f"{file}: larger than {pk.MAX_FILE_BYTES // 2**20} MB; an export "
-                       f"holds at most {pk.MAX_RECORDS} records", ExitCode.USAGE)
+            with open(file, "rb") as fh:
+                raw = fh.read(pk.MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise CtlError(f"{file}: cannot read: {exc.strerror}", ExitCode.USAGE) from None
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise CtlError(f"{file}: not JSON: {exc}", ExitCode.USAGE) from None
-    try:
-        pk.check_header(data)
-        pk.check(data["patterns"])
+        data, _ = pk.parse_export(raw)
     except ValueError as exc:
         raise CtlError(f"{file}: {exc}", ExitCode.USAGE) from None
+    source = data["source"]
+    try:
+        pinned = trust.pinned_for_daemon(source)
+    except ValueError as exc:  # endpoints disagree on that daemon's key
+        if not (key_file and replace_key):
+            raise CtlError(f"{file}: {exc}", ExitCode.BAD_SIGNATURE) from None
+        stderr_note(f"WARNING: {exc}; trusting --key {key_file} (--replace-key)")
+        pinned = None
     if key_file:
         key, how = _read_key_file(key_file), f"key {key_file}"
+        if pinned is not None and pinned != key:
+            if not replace_key:
+                raise CtlError(
+                    f"{file}: --key {key_file} ({key_id(key)}) is not the key pinned for "
+                    f"daemon {source} ({key_id(pinned)}): refused; if that daemon's key "
+                    "really changed, add --replace-key", ExitCode.BAD_SIGNATURE)
+            stderr_note(f"WARNING: replacing the key pinned for daemon {source}: "
+                        f"{key_id(pinned)} -> {key_id(key)} (--replace-key)")
+    elif pinned is None:
+        raise CtlError(f"{file}: no trusted key for daemon {source} "
+                       f"({out.safe(data['host']) or 'unknown host'}): pass --key FILE (its "
+                       "key.pub), or pin it with 'gracectl --socket ... keys trust'",
+                       ExitCode.BAD_SIGNATURE)
     else:
-        try:
-            pinned = trust.pinned_for_daemon(data["source"])
-        except ValueError as exc:
-            raise CtlError(str(exc)) from None
-        if pinned is None:
-            raise CtlError(f"{file}: no trusted key for daemon {data['source']} "
-                           f"({data['host'] or 'unknown host'}): pass --key FILE (its "
-                           "key.pub), or pin it with 'gracectl --socket ... keys trust'",
-                           ExitCode.BAD_SIGNATURE)
         key, how = pinned, "its pinned key"
     try:
         pk.verify_export(data, key)
     except ValueError as exc:
         raise CtlError(f"{file}: {exc}", ExitCode.BAD_SIGNATURE) from None
-    return data, f"signature verified with {how} ({data['kid']})"
+    return raw, data, key, f"signature verified with {how} ({data['kid']})"
 
 
 @knowledge.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--key", "key_file", metavar="KEYFILE", type=click.Path(dir_okay=False),
               help="The exporting daemon's public key (its key.pub); default: the key "
-                   "pinned for that daemon.")
+                   "pinned for that daemon id.")
+@click.option("--replace-key", is_flag=True,
+              help="Accept a --key that differs from the key pinned for that daemon id "
+                   "(its key really changed); it is pinned instead, loudly.")
 @click.option("--dry-run", is_flag=True, help="Show what would change; change nothing.")
 @json_option
 @click.pass_context
-def knowledge_import(ctx: click.Context, file: str, key_file: str | None, dry_run: bool,
-                     as_json: bool) -> None:
+def knowledge_import(ctx: click.Context, file: str, key_file: str | None, replace_key: bool,
+                     dry_run: bool, as_json: bool) -> None:
     """Take patterns another daemon exported, as a bounded prior.
 
-    The file's signature must verify against a key trusted for the exporting daemon
-    (--key, or pinned); an edited or unsigned file is refused (exit 10). Importing the
-    same daemon again replaces its earlier import."""
-    data, verified = _load_export(file, key_file)
-    # Sent in chunks sorted by (pattern, playbook): each replaces its span of the records
-    # held from that daemon (a record no longer exported is removed, and listed).
-    order = {(p["signature"], p["playbook"]): i for i, p in enumerate(data["patterns"])}
-    chunks: list[list[Any]] = [[]]
-    size = 0
-    for p in sorted(data["patterns"], key=lambda p: (p["signature"], p["playbook"])):
-        n = len(json.dumps(p))
-        if chunks[-1] and size + n > CHUNK_BYTES:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(p)
-        size += n
+    The file's signature must verify against the key trusted for the exporting daemon
+    id (--key, or the key pinned for that id); graced verifies it again. An edited or
+    unsigned file, or a --key other than the pinned one, is refused (exit 10). Importing
+    the same daemon again replaces its earlier import (all or nothing); an export older
+    than the one imported is refused."""
+    raw, data, key, verified = _load_export(file, key_file, replace_key)
     endpoint = _endpoint(ctx)
 
     async def go() -> dict[str, Any]:
-        out: dict[str, Any] = {"changes": []}
-        after = None
-        for i, chunk in enumerate(chunks):
-            until = None if i == len(chunks) - 1 else [chunk[-1]["signature"],
-                                                      chunk[-1]["playbook"]]
-            res = await _call(endpoint, "knowledge.import", {
-                "source": data["source"], "host": data["host"], "kid": data["kid"],
-                "patterns": chunk, "replace": True, "span": [after, until],
+        # One connection: the file is uploaded in parts, then imported in one request.
+        async with connect(endpoint, await trusted_key(endpoint)) as conn:
+            for offset in range(0, len(raw), CHUNK_BYTES):
+                await conn.request("knowledge.upload", {
+                    "offset": offset,
+                    "data": base64.b64encode(raw[offset:offset + CHUNK_BYTES]).decode()})
+            result: dict[str, Any] = await conn.request("knowledge.import", {
+                "key": base64.b64encode(key).decode(), "replace_key": replace_key,
                 "dry_run": dry_run})
-            out = {**res, "changes": out["changes"] + res.get("changes", [])}
-            after = until
-        return out
+            return result
 
     result = _run(go)
-    # In the file's order, then the records it removes.
-    result["changes"].sort(key=lambda c: order.get((c["pattern"], c["playbook"]), len(order)))
-    result.update(imported=0 if dry_run else len(data["patterns"]), verified=verified,
-                  host=data["host"])
+    if not dry_run:
+        trust.pin_for_daemon(data["source"], key)
+    result.update(verified=verified)
     if as_json:
         _print_json(result)
         return
-    stderr_note(f"{file}: {verified}")
+    origin = out.safe(data["host"] or data["source"])
+    stderr_note(f"{out.safe(file)}: {verified}")
+    for note in result.get("notes", []):
+        stderr_note(f"WARNING: {note}")
     rows = [[c["pattern"], c["playbook"], c["change"],
              "-" if c["before"] is None else f"{c['before'][0]}/{sum(c['before'])}",
              "-" if c["after"] is None else f"{c['after'][0]}/{sum(c['after'])}",
              "-" if c["prior"] is None else f"{c['prior'][0]:g}/{c['prior'][0] + c['prior'][1]:g}"]
             for c in result["changes"]]
     if rows:
-        out.echo(tabulate(rows, headers=["PATTERN", "PLAYBOOK", "CHANGE", "BEFORE OK/RUNS",
-                                           "FILE OK/RUNS", "PRIOR WEIGHT OK/RUNS"]))
+        out.echo(out.table(rows, headers=["PATTERN", "PLAYBOOK", "CHANGE", "BEFORE OK/RUNS",
+                                          "FILE OK/RUNS", "PRIOR WEIGHT OK/RUNS"]))
+    counts = result["counts"]
+    if result["changes_total"] > len(result["changes"]):
+        stderr_note(f"{len(result['changes'])} of {result['changes_total']} changes listed")
     for c in result["changes"]:
         if c.get("note"):  # it applies only where DETECTOR:SUBJECT match exactly
-            stderr_note(f"{c['pattern']} {c['playbook']}: {c['note']}")
+            stderr_note(out.safe(f"{c['pattern']} {c['playbook']}: {c['note']}"))
+    summary = ", ".join(f"{n} {kind}" for kind, n in counts.items())
     if dry_run:
-        origin = data["host"] or data["source"]
-        stderr_note(f"dry run: {len(data['patterns'])} records from {origin} would be "
-                    "imported; nothing changed")
+        stderr_note(f"dry run: {len(data['patterns'])} records from {origin} ({summary}); "
+                    "nothing changed")
         return
-    stderr_note(f"imported {result['imported']} playbook records from "
-                f"{data['host'] or data['source']}; {result['patterns']} patterns known")
+    stderr_note(f"imported {result['imported']} playbook records from {origin} "
+                f"({summary}); {result['patterns']} patterns known")
 
 
 @knowledge.command("reset")
@@ -424,9 +442,9 @@ def knowledge_stats(ctx: click.Context, as_json: bool) -> None:
                f"{_pct(st['success_rate'])} overall, {_pct(st['success_rate_7d'])} last 7 days; "
                f"memory consulted for {_pct(st['consulted_share'])} of missions")
     if st["success_rate_per_week"]:
-        out.echo(tabulate([[w["week"], w["runs"], w["successes"], _pct(w["rate"])]
+        out.echo(out.table([[w["week"], w["runs"], w["successes"], _pct(w["rate"])]
                              for w in st["success_rate_per_week"]],
                             headers=["WEEK", "RUNS", "OK", "SUCCESS"]))
     if st["patterns_added_per_day"]:
-        out.echo(tabulate([[d["day"], d["patterns"]] for d in st["patterns_added_per_day"]],
+        out.echo(out.table([[d["day"], d["patterns"]] for d in st["patterns_added_per_day"]],
                             headers=["DAY", "NEW PATTERNS"]))

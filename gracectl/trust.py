@@ -99,14 +99,41 @@ def generate_client_key(force: bool) -> tuple[Path, Signer]:
     return path, signer
 
 
+def _raw_key(entry: Any) -> bytes | None:
+    try:
+        raw = base64.b64decode(entry["public_key"], validate=True)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return raw if len(raw) == 32 else None
+
+
+KNOWLEDGE = "knowledge:"  # known_keys entries pinned for a daemon id's exports
+
+
 def pinned_for_daemon(daemon_id: str) -> bytes | None:
-    """The key pinned for a daemon id (from any endpoint it was pinned at), if one is."""
-    for entry in _load().values():
-        if isinstance(entry, dict) and entry.get("daemon_id") == daemon_id and daemon_id:
-            try:
-                raw = base64.b64decode(entry["public_key"], validate=True)
-            except (KeyError, ValueError):
-                continue
-            if len(raw) == 32:
-                return raw
-    return None
+    """The key trusted for exports of a daemon id: the one pinned for that id (at its
+    first import), else the one pinned for every endpoint that said it is that daemon.
+    Raises ValueError when endpoints pinned different keys for the same id: a daemon id
+    is a name anyone can claim, so neither is trusted."""
+    if not daemon_id:
+        return None
+    data = _load()
+    own = data.get(KNOWLEDGE + daemon_id)
+    if isinstance(own, dict):
+        return _raw_key(own)
+    found = {}
+    for name, entry in data.items():
+        if isinstance(entry, dict) and entry.get("daemon_id") == daemon_id \
+                and not name.startswith(KNOWLEDGE):
+            raw = _raw_key(entry)
+            if raw is not None:
+                found[raw] = name
+    if len(found) > 1:
+        raise ValueError(f"endpoints {', '.join(sorted(found.values()))} pinned different "
+                         f"keys for daemon id {daemon_id}: pass --key FILE with the right one")
+    return next(iter(found), None)
+
+
+def pin_for_daemon(daemon_id: str, public_key: bytes) -> None:
+    """Pin the key trusted for a daemon id's exports (see :func:`pinned_for_daemon`)."""
+    pin(KNOWLEDGE + daemon_id, public_key, daemon_id)

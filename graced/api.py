@@ -9,6 +9,8 @@ composition root, builds the components this module is given.
 
 from __future__ import annotations
 
+import base64
+import itertools
 import logging
 import os
 import pwd
@@ -54,6 +56,7 @@ ROLES: dict[str, str | None] = {
     "knowledge.stats": READ,
     "missions.approve": CONTROL, "missions.reject": CONTROL, "pause": CONTROL,
     "resume": CONTROL, "emit": CONTROL, "knowledge.import": CONTROL, "reload": CONTROL,
+    "knowledge.upload": CONTROL,
     # A dry run only reads; a real run checks control rights in the handler.
     "playbooks.list": READ, "playbooks.run": READ, "silence.list": READ,
     "silence.add": CONTROL, "silence.remove": CONTROL,
@@ -113,6 +116,7 @@ class Api:
             "knowledge.show": self.knowledge_show,
             "knowledge.export": self.knowledge_export,
             "knowledge.import": self.knowledge_import,
+            "knowledge.upload": self.knowledge_upload,
             "knowledge.stats": self.knowledge_stats,
             "knowledge.reset": self.knowledge_reset,
             "pause": self.pause,
@@ -260,29 +264,36 @@ class Api:
                 "recorded": m.similar if m.decision is not None else None}
 
     async def knowledge_list(self, client: Client, req: Request) -> Any:
-        limit = req.params.get("limit", 1000)
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
-            raise RequestError("bad_request", "params.limit must be an integer 1-10000")
+        limit = _page_param(req.params, "limit", 1000, 1, 10000)
+        offset = _page_param(req.params, "offset", 0, 0, pk.MAX_TOTAL_RECORDS)
         held = await self.learning.held_back()
         now = time.time()
         return {"patterns": [{**p, "held_back": held.get(p["pattern"], {})}
-                             for p in self.learning.patterns(now, limit)],
-                "total": len(self.learning.knowledge.patterns), "now": now}
+                             for p in self.learning.patterns(now, limit, offset)],
+                "total": len(self.learning.knowledge.patterns), "offset": offset,
+                "now": now}
 
     async def knowledge_show(self, client: Client, req: Request) -> Any:
         sig = req.params.get("pattern")
-        if not isinstance(sig, str):
+        if not isinstance(sig, str) or len(sig) > 2 * pk.MAX_TEXT + 1:
             raise RequestError("bad_request", "params.pattern must be a string")
+        limit = _page_param(req.params, "limit", pk.MAX_PLAYBOOKS, 1, pk.MAX_PLAYBOOKS)
+        offset = _page_param(req.params, "offset", 0, 0, pk.MAX_PLAYBOOKS)
         known = self.learning.knowledge.patterns
         if sig not in known:
-            near = [p for p in known if sig in p][:5]
+            # Bounded: the first patterns that start with the name (not a scan of all).
+            near = list(itertools.islice((p for p in known if p.startswith(sig)), 5)) \
+                if len(known) <= 10_000 else []
             raise RequestError("not_found", f"no pattern {sig!r}" + (
                 f" (did you mean: {', '.join(near)})" if near else ""))
         recent = await self._read(
             "SELECT mission_id, playbook, outcome, success, ttr, closed_at, held_back "
             "FROM outcomes WHERE signature = ? ORDER BY mission_id DESC LIMIT 20", (sig,))
         now = time.time()
-        return {"pattern": {**self.learning.knowledge.summary(sig, now),
+        summary = self.learning.knowledge.summary(sig, now)
+        playbooks = summary["playbooks"]
+        summary["playbooks"] = playbooks[offset:offset + limit]
+        return {"pattern": {**summary, "playbooks_total": len(playbooks), "offset": offset,
                             "held_back": (await self.learning.held_back(sig)).get(sig, {})},
                 "recent": [dict(zip(("id", "playbook", "outcome", "success", "ttr",
                                      "closed_at", "held_back"), r, strict=True))
@@ -293,48 +304,116 @@ class Api:
         body = self.learning.knowledge.export(self.daemon_id, self.hostname, time.time())
         return {"export": self.signer.sign_frame(body)}
 
-    async def knowledge_import(self, client: Client, req: Request) -> Any:
+    def _may_import(self, client: Client) -> None:
         peer = client.peer
         if peer.transport != "unix" or not self.executor.may_approve(peer.uid, peer.groups):
             raise RequestError("not_authorised", "knowledge import needs an approver over the "
                                "Unix socket")
+
+    async def knowledge_upload(self, client: Client, req: Request) -> Any:
+        """One part of an export file (base64), appended to this connection's upload;
+        ``offset`` 0 starts a new one. The file is read by knowledge.import."""
+        self._may_import(client)
+        offset, data = req.params.get("offset"), req.params.get("data")
+        if not isinstance(offset, int) or isinstance(offset, bool) or not isinstance(data, str):
+            raise RequestError("bad_request", "params.offset must be an integer and "
+                               "params.data a base64 string")
+        if offset == 0:
+            client.upload = bytearray()
+        if offset != len(client.upload):
+            raise RequestError("bad_request", f"params.offset: {offset}, but "
+                               f"{len(client.upload)} bytes were uploaded")
+        try:
+            part = base64.b64decode(data, validate=True)
+        except ValueError:
+            raise RequestError("bad_request", "params.data must be base64") from None
+        if len(client.upload) + len(part) > pk.MAX_FILE_BYTES:
+            client.upload = bytearray()
+            raise RequestError("invalid", f"an export file holds at most "
+                               f"{pk.MAX_FILE_BYTES // 2**20} MB")
+        client.upload += part
+        return {"received": len(client.upload)}
+
+    async def knowledge_import(self, client: Client, req: Request) -> Any:
+        """Import the export file uploaded on this connection, verified here.
+
+        graced checks the file itself: the bounds, the signature against the key the
+        client names (params.key, which must be the key pinned for that source once one
+        is, unless params.replace_key), and that it is not older than the last export
+        taken from that source. The whole file is planned first: the dry run answers
+        the plan, the import journals it in one transaction, then applies it."""
+        self._may_import(client)
         p = req.params
-        source, host, replace = p.get("source"), p.get("host", ""), p.get("replace", True)
-        kid, dry_run = p.get("kid", ""), p.get("dry_run", False)
-        if not isinstance(source, str) or not source or len(source) > 200:
-            raise RequestError("bad_request", "params.source must be a non-empty string")
+        key_b64, replace_key = p.get("key"), p.get("replace_key", False)
+        dry_run = p.get("dry_run", False)
+        if not isinstance(key_b64, str) or not isinstance(replace_key, bool) \
+                or not isinstance(dry_run, bool):
+            raise RequestError("bad_request", "params.key must be the exporting daemon's "
+                               "public key (base64), params.replace_key and params.dry_run "
+                               "booleans")
+        try:
+            key = base64.b64decode(key_b64, validate=True)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise RequestError("bad_request", "params.key must be a base64 Ed25519 public key")
+        raw, client.upload = bytes(client.upload), bytearray()
+        if not raw:
+            raise RequestError("bad_request", "no export file uploaded on this connection "
+                               "(knowledge.upload)")
+
+        def check() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            try:
+                data, patterns = pk.parse_export(raw)
+            except ValueError as exc:
+                raise RequestError("invalid", str(exc)) from None
+            try:
+                pk.verify_export(data, key)
+            except ValueError as exc:
+                raise RequestError("bad_signature", str(exc)) from None
+            return data, patterns
+
+        # Parsing and canonicalising 32 MB takes seconds: not on the event loop.
+        data, patterns = await trio.to_thread.run_sync(check)
+        source, host, kid = data["source"], data["host"], data["kid"]
+        exported_at = float(data["exported_at"])
         if source in (self.daemon_id, kb.LOCAL):
             raise RequestError("invalid", "this knowledge was exported by this daemon; "
                                "importing it would count its outcomes twice")
-        if not isinstance(host, str) or len(host) > 1000 or not isinstance(replace, bool) \
-                or not isinstance(kid, str) or len(kid) > 64 or not isinstance(dry_run, bool):
-            raise RequestError("bad_request", "params.host and params.kid must be short "
-                               "strings, params.replace and params.dry_run booleans")
-        try:
-            patterns = pk.check(p.get("patterns"))
-        except ValueError as exc:
-            raise RequestError("bad_request", f"params.{exc}") from None
-        span = _import_span(p.get("span"))
         knowledge = self.learning.knowledge
-        now = time.time()
-        changes = knowledge.preview(source, patterns, now, span if span is not None else (
-            (None, None) if replace else None))
-        self._note_unmatched(changes, patterns)
+        known = knowledge.sources.get(source)
+        notes = []
+        if known is not None and known["kid"] != kid:
+            if not replace_key:
+                raise RequestError("key_changed", (
+                    f"daemon {source} ({known['host'] or 'unknown host'}) was imported "
+                    f"signed by key {known['kid']}, this file by key {kid}: refused; if "
+                    "that daemon's key really changed, import with --replace-key"))
+            notes.append(f"the key of daemon {source} is replaced: {known['kid']} -> {kid}")
+        if known is not None and exported_at < known["exported_at"]:
+            raise RequestError("invalid", (
+                f"exported_at: this export of daemon {source} ({exported_at:.0f}) is older "
+                f"than the one imported already ({known['exported_at']:.0f}): refused"))
+        try:
+            plan = knowledge.plan_import(source, patterns, host=host, kid=kid,
+                                         exported_at=exported_at, now=time.time())
+        except ValueError as exc:
+            raise RequestError("invalid", str(exc)) from None
+        self._note_unmatched(plan.changes, patterns)
+        answer = {"source": source, "host": host, "kid": kid, "records": len(patterns),
+                  "counts": plan.counts, "changes": plan.changes,
+                  "changes_total": sum(plan.counts.values()), "notes": notes}
         if dry_run:
-            return {"dry_run": True, "source": source, "changes": changes,
-                    "records": len(patterns)}
-        held = (knowledge.imported(source) - len(knowledge.held_in(source, span))
-                if span is not None else 0 if replace else knowledge.imported(source))
-        if held + len(patterns) > pk.MAX_RECORDS:
-            raise RequestError("invalid", f"params.patterns: source {source} would hold more "
-                               f"than {pk.MAX_RECORDS} records")
-        writes = knowledge.import_(source, patterns, replace, host=host, kid=kid, now=now,
-                                   span=span)
+            return {**answer, "dry_run": True}
+        # Journaled first, in one transaction with the event; applied only once that
+        # is committed, so memory and the journal never disagree.
         await self.mesh.publish("learning.imported", {
-            "source": source, "host": host, "kid": kid, "patterns": len(patterns),
-            "replace": replace, "by_uid": peer.uid}, writes=writes)
-        return {"imported": len(patterns), "source": source,
-                "patterns": len(knowledge.patterns), "changes": changes}
+            "source": source, "host": host, "kid": kid, "exported_at": exported_at,
+            "patterns": len(patterns), "counts": plan.counts,
+            "key_replaced": bool(notes), "by_uid": client.peer.uid},
+            writes=knowledge.import_writes(plan))
+        knowledge.apply_import(plan)
+        return {**answer, "imported": len(patterns), "patterns": len(knowledge.patterns)}
 
     def _note_unmatched(self, changes: list[dict[str, Any]],
                         patterns: list[dict[str, Any]]) -> None:
@@ -411,10 +490,23 @@ class Api:
         if plan is not None and (not isinstance(plan, str) or len(plan) > 64):
             raise RequestError("bad_request", "params.plan must be the sha256 of the plan "
                                "approved (missions.get: mission.plan.sha256)")
+        clearing_ok = req.params.get("clearing", False)
+        if not isinstance(clearing_ok, bool):
+            raise RequestError("bad_request", "params.clearing must be a boolean")
         # The symptom as the approver decided: its latest sample normal means it may be
-        # clearing (not yet resolved as cleared): the plan still runs, and the reply says so.
+        # clearing (not yet resolved as cleared). Running a playbook against a symptom
+        # that is going away fixes nothing and teaches nothing (the run is not
+        # credited): refused, unless the approver says to run it anyway.
         before = self.executor.engine.by_id(mid)
         seen = (before.normal_streak, before.last_value) if before is not None else (0, None)
+        if approve and seen[0] > 0 and before is not None \
+                and before.state == "awaiting_approval" and not clearing_ok:
+            value = "" if seen[1] is None else f" (value {seen[1]:g})"
+            raise RequestError("clearing", (
+                f"mission {mid}: the symptom is clearing: the latest {seen[0]} sample(s) of "
+                f"{before.detector} {before.subject} were normal{value}, "
+                f"{self.executor.engine.resolve_after} resolve it as cleared; approval "
+                "refused, nothing run (approve with --even-if-clearing to run it anyway)"))
         try:
             m = await self.executor.decide(mid, approve, who, comment, opened, plan)
         except PlanChanged as exc:
@@ -435,7 +527,7 @@ class Api:
                 f"the latest sample of {m.detector} {m.subject} was normal{value}: the "
                 f"symptom may be clearing ({seen[0]} normal of the "
                 f"{self.executor.engine.resolve_after} that resolve it as cleared); "
-                f"the plan runs as approved")}
+                f"the plan runs as approved (--even-if-clearing)")}
         return {"mission": m.public()}
 
     async def _refuse(self, mid: int, verb: str, peer: str, reason: str) -> None:
@@ -755,25 +847,12 @@ def row_id(value: Any, key: str = "id") -> int:
     return value
 
 
+def _page_param(params: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    v = params.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not low <= v <= high:
+        raise RequestError("bad_request", f"params.{key} must be an integer {low}-{high}")
+    return v
+
+
 def _as_dict(payload: Any) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else {"value": payload}
-
-
-def _import_span(raw: Any) -> kb.Span | None:
-    """params.span of knowledge.import: [after, until], each null or [pattern, playbook]."""
-    if raw is None:
-        return None
-
-    def key(k: Any) -> tuple[str, str] | None:
-        if k is None:
-            return None
-        if (isinstance(k, list) and len(k) == 2 and all(isinstance(x, str) for x in k)
-                and sum(len(x) for x in k) <= 4096):
-            return (k[0], k[1])
-        raise RequestError("bad_request", "params.span must be [after, until], each null "
-                           "or [pattern, playbook]")
-
-    if not isinstance(raw, list) or len(raw) != 2:
-        raise RequestError("bad_request", "params.span must be [after, until], each null "
-                           "or [pattern, playbook]")
-    return key(raw[0]), key(raw[1])

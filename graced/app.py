@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import sys
 import time
 import uuid
@@ -245,30 +246,41 @@ class Daemon:
     def _load_knowledge(self, journal: Journal) -> kb.Knowledge:
         """Load the patterns; rows out of bounds are moved to ``patterns_quarantine``,
         logged and counted in ``status``, never used."""
-        knowledge = kb.Knowledge(journal.query(kb.SELECT),
-                                 settings=learning_settings(self.config.learning))
+        sources = journal.query("SELECT value FROM meta WHERE key = ?", (kb.SOURCES_KEY,))
+        # Read on a connection of its own that decodes any bytes: a row whose text is
+        # not UTF-8 is quarantined like any other bad row, never fatal. Each row ends
+        # with its rowid, by which it is moved aside.
+        conn = sqlite3.connect(f"file:{journal.path}?mode=ro", uri=True)
+        try:
+            conn.text_factory = lambda b: b.decode("utf-8", "surrogateescape")
+            rows = conn.execute(kb.SELECT.replace("SELECT ", "SELECT rowid, ", 1)).fetchall()
+        finally:
+            conn.close()
+        knowledge = kb.Knowledge([(*r[1:], r[0]) for r in rows],
+                                 settings=learning_settings(self.config.learning),
+                                 sources=kb.load_sources(sources[0][0] if sources else None))
         bad = knowledge.quarantined
         if bad:
             now = time.time()
             writes: list[Any] = []
-            for sig, pb, source, reason in bad:
+            for sig, pb, source, reason, row in bad:
+                # The row as text (repr, bounded): a BLOB or a deeply nested value is kept
+                # for a person to look at, never parsed again.
+                kept = json.dumps([repr(v)[:4000] for v in row[3:12]])
                 writes.append((
                     "INSERT INTO patterns_quarantine (signature, playbook, source, reason, "
-                    "row, at) SELECT signature, playbook, source, ?, json_array(successes, "
-                    "failures, ttr_total, ttr_count, first_seen, last_seen, data), ? "
-                    "FROM patterns WHERE signature IS ? AND playbook IS ? AND source IS ?",
-                    (reason, now, sig, pb, source)))
-                writes.append(("DELETE FROM patterns WHERE signature IS ? AND playbook IS ? "
-                               "AND source IS ?", (sig, pb, source)))
+                    "row, at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (_text(sig), _text(pb), _text(source), reason, kept, now)))
+                writes.append(("DELETE FROM patterns WHERE rowid = ?", (row[-1],)))
             journal.append([], writes)
-            for sig, pb, source, reason in bad[:20]:
+            for sig, pb, source, reason, _ in bad[:20]:
                 log.error("learning: quarantined stored pattern %.80r / %.80r from %.40r: %s",
                           sig, pb, source, reason)
             if len(bad) > 20:
                 log.error("learning: quarantined %d more stored patterns", len(bad) - 20)
         (total,) = journal.query("SELECT COUNT(*) FROM patterns_quarantine")[0]
         self.quarantine = {"rows": int(str(total)), "this_start": len(bad),
-                           "reasons": sorted({r for *_, r in bad})[:5]}
+                           "reasons": sorted({r for *_, r, _ in bad})[:5]}
         return knowledge
 
     def _load_missions(self, journal: Journal) -> tuple[MissionEngine, dict[str, Any]]:
@@ -278,7 +290,10 @@ class Daemon:
         resolved = journal.query(
             "SELECT detector, subject, MAX(closed_at) FROM missions "
             "WHERE state = 'resolved' AND json_array_length(data, '$.steps') = 0 "
-            "AND data NOT LIKE '%\"to\": \"executing\"%' GROUP BY detector, subject")
+            "AND data NOT LIKE '%\"to\": \"executing\"%' "
+            # cleared before approval: no flap (engine.py)
+            "AND data NOT LIKE '%\"reason\": \"cleared before approval%' "
+            "GROUP BY detector, subject")
         # Keys whose last mission handed the symptom to a person (a rejection holds until
         # the symptom is seen normal, across restarts) — not those expired because their
         # detector left the config (reload.py's reason): that handed nothing over.
@@ -438,3 +453,9 @@ async def _trim_heap(interval: float = 60.0) -> None:
     while True:
         await trio.sleep(interval)
         await trio.to_thread.run_sync(trim, 0)
+
+
+def _text(v: Any) -> str:
+    """A stored key as text (a BLOB or a number in a TEXT column, as its repr)."""
+    text = v if isinstance(v, str) else repr(v)
+    return text[:4000].encode("utf-8", "backslashreplace").decode("utf-8")

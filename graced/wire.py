@@ -197,6 +197,9 @@ class Client:
     closing: trio.Event = field(default_factory=trio.Event)
     send_broken: bool = False
     frames_sent: int = 0
+    # A file sent in parts (knowledge.upload), for the request that takes it; dropped
+    # with the connection.
+    upload: bytearray = field(default_factory=bytearray)
 
     def __post_init__(self) -> None:
         self.send, self.recv = trio.open_memory_channel(self.server.client_queue)

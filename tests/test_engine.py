@@ -111,3 +111,16 @@ def test_a_fault_a_playbook_fixed_is_not_flapping_when_it_comes_back() -> None:
     feed(e, False, 31)
     feed(e, True, 40)
     assert e.active[("disk", "/")].flapping
+
+
+def test_a_mission_cleared_before_approval_does_not_start_the_flap_window() -> None:
+    """Finding 3: "cleared before approval" counted as resolving by itself, so a real
+    critical fault that came back within flap_window was escalated as flapping and could
+    not be approved. It opens as an ordinary mission again."""
+    e = MissionEngine(resolve_after=1, flap_window=600)
+    feed(e, True, 0)
+    e.transition(e.active[("disk", "/")], "awaiting_approval", 1, "needs approval")
+    assert feed(e, False, 2) == ["mission.resolved"]
+    feed(e, True, 30)
+    again = e.active[("disk", "/")]
+    assert not again.flapping and again.severity == "medium"

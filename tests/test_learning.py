@@ -144,9 +144,17 @@ def test_outcome_row_says_what_happened() -> None:
     assert (o["ran"], o["success"], o["approved_by"], o["playbook"]) == (0, None, None, None)
 
 
-def _learn(k: Knowledge, playbook: str, ok: bool, now: float, incident: int) -> None:
+def _learn(k: Knowledge, playbook: str, ok: bool, now: float, incident: int,
+           own: bool = True) -> None:
     k.learn(sig="web:api", detector="web", subject="api", playbook=playbook, success=ok,
-            ttr=4.0 if ok else None, now=now, incident=incident)
+            ttr=4.0 if ok else None, now=now, incident=incident, own=own)
+
+
+def _import(k: Knowledge, source: str, patterns: list[dict[str, object]], now: float,
+            exported_at: float | None = None) -> None:
+    plan = k.plan_import(source, check(patterns), host="h", kid="k", now=now,
+                         exported_at=now if exported_at is None else exported_at)
+    k.apply_import(plan)
 
 
 def test_knowledge_export_import_is_a_bounded_prior_counted_once() -> None:
@@ -156,10 +164,8 @@ def test_knowledge_export_import_is_a_bounded_prior_counted_once() -> None:
     _learn(a, "reboot", False, 101.0, 9)
     exported = a.export("daemon-a", "host-a", 200.0)
     b = Knowledge(settings=Settings(import_weight=5.0))
-    b.import_("daemon-a", check(exported["patterns"]), replace=True, host="host-a", kid="k",
-              now=200.0)
-    b.import_("daemon-a", check(exported["patterns"]), replace=True, host="host-a", kid="k",
-              now=200.0)  # again: counted once
+    _import(b, "daemon-a", exported["patterns"], 200.0)
+    _import(b, "daemon-a", exported["patterns"], 200.0)  # again: counted once
     assert b.records("web:api", 200.0) == a.records("web:api", 100.0)
     assert b.summary("web:api", 200.0)["best_playbook"] == "restart"
     assert b.summary("web:api", 200.0)["imported_only"]
@@ -172,7 +178,7 @@ def test_imported_evidence_is_bounded_fades_and_yields_to_local_runs() -> None:
     record = {"signature": "web:api", "detector": "web", "subject": "api",
               "playbook": "great", "successes": 1_000_000, "failures": 0, "ttr_total": 0,
               "ttr_count": 0, "first_seen": 1.0, "last_seen": 2.0}
-    k.import_("other", check([record]), replace=True, host="h", kid="k", now=0.0)
+    _import(k, "other", [record], 0.0)
     assert k.prior("web:api", "great", 0.0).runs == pytest.approx(5.0)
     assert k.prior("web:api", "great", 1000.0).runs == pytest.approx(2.5)  # one half-life
     for i in range(5):
@@ -196,6 +202,9 @@ def test_demotion_needs_distinct_incidents_over_a_time_span() -> None:
     assert not is_demoted and "demote_span" in (held or "")
     _learn(k, "flaky", False, 700.0, 4)
     assert k.demotion("web:api", "flaky", 700.0) == (True, None)
+    # Failures fade: one older than half_life (30 days) no longer counts.
+    is_demoted, held = k.demotion("web:api", "flaky", 30.0 + 30 * 86400 + 1)
+    assert not is_demoted and "within half_life" in (held or "")
     writes, removed = k.reset("flaky")
     assert removed == 1 and k.demotion("web:api", "flaky", 700.0) == (False, None)
     assert writes == [("DELETE FROM patterns WHERE playbook = ?", ("flaky",))]
@@ -279,6 +288,105 @@ def test_stored_rows_out_of_bounds_are_quarantined_not_used() -> None:
     assert list(k.patterns["web:api"]) == ["p"]
     assert [q[1] for q in k.quarantined] == ["q", "r", "s", "t"]
     assert "successes" in k.quarantined[0][3] and "w_s" in k.quarantined[3][3]
+
+
+def test_stored_rows_nested_deep_or_blobs_are_quarantined_not_fatal() -> None:
+    """Finding 9: a data column nested 100,000 deep (RecursionError in the parser) or a
+    BLOB in a text column stopped graced at every start; now each is quarantined."""
+    good = ("web:api", "p", "local", "web", "api", 2, 1, 8.0, 2, 1.0, 2.0, "{}")
+    deep = (*good[:1], "deep", *good[2:11], "[" * 100_000 + "]" * 100_000)
+    blob = (b"web:api", "blob", *good[2:])
+    blob_data = (*good[:1], "blobdata", *good[2:11], b"\x00\xff")
+    k = Knowledge([good, deep, blob, blob_data])
+    assert list(k.patterns["web:api"]) == ["p"]
+    assert [q[1] for q in k.quarantined] == ["deep", "blob", "blobdata"]
+    assert "data" in k.quarantined[0][3] and "signature" in k.quarantined[1][3]
+
+
+def test_verification_failures_alone_never_demote_and_a_demoted_playbook_is_retried() -> None:
+    """Finding 1: anyone who can hold the symptom can make a working playbook's runs look
+    failed (its steps succeed, the symptom stays). Such failures count in the record but
+    never demote alone; a failure of the playbook's own steps can; a demoted playbook is
+    tried again once retry_after passed since its last failure."""
+    st = Settings(demote_after=3, demote_below=0.25, demote_span=600.0, retry_after=3600.0)
+    k = Knowledge(settings=st)
+    for n, at in enumerate((0.0, 1800.0, 3620.0)):  # the attack: three held incidents
+        _learn(k, "fix", False, at, n, own=False)
+    is_demoted, held = k.demotion("web:api", "fix", 3700.0)
+    assert not is_demoted and "never demotes alone" in (held or "")
+    assert k.records("web:api", 3700.0)["fix"].failures > 2.9  # still in the record
+    # The playbook's own step failing in one of the incidents: that can demote.
+    _learn(k, "fix", False, 3630.0, 2, own=True)
+    assert k.demotion("web:api", "fix", 3700.0) == (True, None)
+    assert not k.retry_due("web:api", "fix", 3700.0)
+    assert k.retry_due("web:api", "fix", 3630.0 + 3600.0)
+
+
+def test_import_plan_is_all_or_nothing_and_the_dry_run_is_the_plan() -> None:
+    """Findings 11 and 12: an import is planned in full (checked against the caps) before
+    anything changes; the plan lists exactly what applying it does, removals included."""
+    k = Knowledge()
+    rec = {"signature": "web:api", "detector": "web", "subject": "api", "playbook": "a",
+           "successes": 3, "failures": 0, "ttr_total": 0, "ttr_count": 0,
+           "first_seen": 1.0, "last_seen": 2.0}
+    _import(k, "peer", [rec, {**rec, "playbook": "b"}], 10.0)
+    plan = k.plan_import("peer", check([{**rec, "successes": 4}]), host="h", kid="k",
+                         exported_at=20.0, now=20.0)
+    assert plan.counts == {"new": 0, "changed": 1, "same": 0, "removed": 1}
+    assert [(c["playbook"], c["change"]) for c in plan.changes] == [("a", "changed"),
+                                                                     ("b", "removed")]
+    assert set(k.patterns["web:api"]) == {"a", "b"}  # planning changed nothing
+    k.apply_import(plan)
+    assert set(k.patterns["web:api"]) == {"a"} and k.sources["peer"]["exported_at"] == 20.0
+    # Over a cap: refused whole, nothing changed.
+    many = [{**rec, "playbook": f"p{i}"} for i in range(60)]
+    _import(k, "other", many, 30.0)
+    with pytest.raises(ValueError, match="more than 64 playbooks"):
+        k.plan_import("third", check([{**rec, "playbook": f"q{i}"} for i in range(10)]),
+                      host="h", kid="k", exported_at=1.0, now=40.0)
+    assert len(k.patterns["web:api"]) == 61
+
+
+def test_imported_prior_fades_from_export_time() -> None:
+    """Finding 10: an import fades from when it was exported, not imported."""
+    k = Knowledge(settings=Settings(import_weight=5.0, half_life=1000.0))
+    rec = {"signature": "web:api", "detector": "web", "subject": "api", "playbook": "old",
+           "successes": 100, "failures": 0, "ttr_total": 0, "ttr_count": 0,
+           "first_seen": 1.0, "last_seen": 2.0}
+    _import(k, "peer", [rec], now=2000.0, exported_at=1000.0)
+    assert k.prior("web:api", "old", 2000.0).runs == pytest.approx(2.5)  # one half-life
+    # An export time in the future (after its import) fades from the import.
+    _import(k, "later", [{**rec, "playbook": "new"}], now=2000.0, exported_at=9e9)
+    assert k.prior("web:api", "new", 2000.0).runs == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("name", ["noop\nqueue:queue  fix-queue  removed", "a\x1b[2J",
+                                  "rtl\u202eevil", "lone\ud800", "nul\x00"])
+def test_names_with_control_characters_are_refused_at_import(name: str) -> None:
+    """Findings 8 and 11: a newline in a name forged output lines; a lone surrogate
+    changed memory without a journal entry. Both are refused by the check, naming the
+    field."""
+    rec = {"signature": "web:api", "detector": "web", "subject": "api", "playbook": name,
+           "successes": 1, "failures": 0, "ttr_total": 0, "ttr_count": 0,
+           "first_seen": 1.0, "last_seen": 2.0}
+    with pytest.raises(ValueError, match=r"patterns\[0\]\.playbook: holds the control"):
+        check([rec])
+
+
+def test_similar_missions_held_back_are_no_evidence() -> None:
+    """Finding 7: an uncredited (held back) run on a similar mission counted as a success
+    of its playbook through text similarity; now it counts for nothing."""
+    from graced.config import LearningConfig
+    from graced.learning import Learning
+
+    k = Knowledge()
+    learning = Learning(LearningConfig(), k, Path("/nonexistent/journal.db"))
+    m = _mission(5, "web", "api", "latency", "open", None)
+    held = {"id": 1, "match": "similar symptoms", "playbook": "p", "success": 1, "ttr": 3.0,
+            "held_back": "credit"}
+    credited = {**held, "id": 2, "held_back": None}
+    assert learning.records(m, ["p"], [held], 0.0)["p"].runs == 0
+    assert learning.records(m, ["p"], [credited], 0.0)["p"].runs == pytest.approx(0.5)
 
 
 def test_signed_export_verifies_and_an_edited_one_does_not() -> None:

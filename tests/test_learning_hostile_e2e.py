@@ -149,7 +149,7 @@ def test_hostile_imports_are_refused_with_one_line_and_graced_keeps_answering(
         record(signature=f"star:q{i}", subject=f"q{i}", last_seen=1.5) for i in range(2)])
     g.ctl("knowledge", "import", "--key", str(ex.key), str(ok), check=True)
     listed = g.ctl("knowledge", "ls", "--limit", "1", check=True)
-    assert "star:queue" in listed.stdout and "1 of 3 patterns shown" in listed.stderr
+    assert "star:queue" in listed.stdout and "patterns 1-1 of 3 shown" in listed.stderr
     status = answering(g)
     assert status["learning"]["quarantined"]["rows"] == 0
     shown = json.loads(g.ctl("knowledge", "show", "star:queue", "--json",
@@ -158,9 +158,10 @@ def test_hostile_imports_are_refused_with_one_line_and_graced_keeps_answering(
     g.stop()
     g.start()
     answering(g)
+    # Most recently seen first (star:queue last seen at 2.0, the others at 1.5).
     assert [p["pattern"] for p in json.loads(g.ctl("knowledge", "ls", "--json",
                                                    check=True).stdout)] == [
-        "star:q0", "star:q1", "star:queue"]
+        "star:queue", "star:q1", "star:q0"]
 
 
 STORED = [  # as 0.1.0 could store them: what its import check let through, and worse
@@ -418,21 +419,23 @@ def test_import_dry_run_and_import_list_the_same_changes_removed_records_include
     assert real["changes"] == dry["changes"]
     shown = json.loads(g.ctl("knowledge", "show", "star:queue", "--json", check=True).stdout)
     assert "other" not in json.dumps(shown), shown
-    # An export larger than one request goes in sorted chunks, each replacing its span:
-    # one record left out in the middle is removed and listed, nothing else.
-    many = [record(playbook=f"p{i:03}") for i in range(600)]
+    # An export larger than one request is uploaded in parts and imported whole: one
+    # record left out in the middle is removed and listed, nothing else.
+    many = [record(signature=f"star:q{i:03}", subject=f"q{i:03}") for i in range(600)]
     g.ctl("knowledge", "import", "--key", str(ex.key),
           str(ex.write(shortdir / "v3.json", many)), check=True)
     fewer = ex.write(shortdir / "v4.json", many[:300] + many[301:])
+    assert fewer.stat().st_size > 3 * 36_000  # several parts
     dry = json.loads(g.ctl("knowledge", "import", "--dry-run", "--key", str(ex.key),
                            str(fewer), "--json", check=True).stdout)
-    assert [(c["playbook"], c["change"]) for c in dry["changes"]
-            if c["change"] != "same"] == [("p300", "removed")]
+    assert dry["counts"] == {"new": 0, "changed": 0, "same": 599, "removed": 1}
+    assert [(c["pattern"], c["change"]) for c in dry["changes"]
+            if c["change"] != "same"] == [("star:q300", "removed")]
     real = json.loads(g.ctl("knowledge", "import", "--key", str(ex.key), str(fewer),
                             "--json", check=True).stdout)
-    assert real["changes"] == dry["changes"]
-    shown = g.ctl("knowledge", "show", "star:queue", "--json", check=True).stdout
-    assert '"p301"' in shown and '"p300"' not in shown
+    assert real["changes"] == dry["changes"] and real["counts"] == dry["counts"]
+    listed = g.ctl("knowledge", "ls", "--json", check=True).stdout
+    assert '"star:q301"' in listed and '"star:q300"' not in listed
 
 
 def test_import_dry_run_notes_records_no_local_detector_reports(make_graced,

@@ -121,6 +121,7 @@ class LearningConfig:
     half_life: float = field(default=30 * 86400.0, metadata=check(positive))
     import_weight: float = field(default=5.0, metadata=check(_import_weight))
     exploration: float = field(default=0.3, metadata=check(_fraction))
+    retry_after: float = field(default=86400.0, metadata=check(_non_negative))
 
 
 # The single-table sections, in the order `graced config default` prints them.

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import heapq
 import logging
 import random
 import time
@@ -37,7 +36,7 @@ Event = tuple[str, dict[str, Any]]
 def settings(config: LearningConfig) -> Settings:
     return Settings(half_life=config.half_life, import_weight=config.import_weight,
                     demote_after=config.demote_after, demote_below=config.demote_below,
-                    demote_span=config.demote_span)
+                    demote_span=config.demote_span, retry_after=config.retry_after)
 
 
 def credit(m: Mission, knowledge: Knowledge, sig: str) -> tuple[bool | None, str | None]:
@@ -114,8 +113,10 @@ class Learning:
             if n in exact:
                 out[n].add(exact[n])
         for s in similar:
+            # An outcome learning left out (held back: not credited) is no evidence
+            # here either.
             if s["match"] == "same detector and subject" or s["playbook"] not in out \
-                    or s["success"] not in (0, 1):
+                    or s["success"] not in (0, 1) or s.get("held_back"):
                 continue
             ttr = s["ttr"] if isinstance(s["ttr"], (int, float)) else None
             out[s["playbook"]].add(Record(
@@ -134,7 +135,11 @@ class Learning:
         notes: list[str] = []
         for n in names:
             is_demoted, held = self.knowledge.demotion(sig, n, now)
-            if is_demoted:
+            if is_demoted and self.knowledge.retry_due(sig, n, now):
+                notes.append(f"{n}: demoted, but not run since its last failure "
+                             f"{self.config.retry_after:g} s ago or more: may be retried "
+                             "([learning] retry_after)")
+            elif is_demoted:
                 out[n] = (f"demoted: success below {self.config.demote_below:.0%} in "
                           f"{self.config.demote_after}+ incidents")
             elif m.incident is not None and self.knowledge.failures_in(
@@ -203,9 +208,12 @@ class Learning:
         if success is None or not o["playbook"]:
             return writes, events
         was_demoted, _ = self.knowledge.demotion(sig, o["playbook"], now)
+        # A failure is the playbook's own when one of its steps failed; when every step
+        # succeeded and the symptom stayed, whoever holds the symptom may have caused it.
+        own = not all(st.get("ok") for st in m.steps)
         more, new = self.knowledge.learn(
             sig=sig, detector=m.detector, subject=m.subject, playbook=o["playbook"],
-            success=success, ttr=o["ttr"], now=now, incident=m.incident or m.id)
+            success=success, ttr=o["ttr"], now=now, incident=m.incident or m.id, own=own)
         writes += more
         rec = self.knowledge.local(sig, o["playbook"], now)
         entry = self.knowledge.patterns[sig][o["playbook"]][LOCAL]
@@ -232,13 +240,11 @@ class Learning:
 
     # -- reporting -----------------------------------------------------------------
 
-    def patterns(self, now: float, limit: int = 1000) -> list[dict[str, Any]]:
-        """The ``limit`` most recently seen patterns, by name: bounded work on the event
-        loop however many patterns were imported."""
-        known = self.knowledge.patterns
-        last = heapq.nlargest(limit, known, key=lambda sig: max(
-            e.last_seen for srcs in known[sig].values() for e in srcs.values()))
-        return [self.knowledge.summary(sig, now) for sig in sorted(last)]
+    def patterns(self, now: float, limit: int = 1000, offset: int = 0) -> list[dict[str, Any]]:
+        """One page of patterns, most recently seen first: work in proportion to the
+        page (at most MAX_PLAYBOOKS playbooks each), however many were imported."""
+        return [self.knowledge.summary(sig, now)
+                for sig in self.knowledge.page(limit, offset)]
 
     async def held_back(self, sig: str | None = None) -> dict[str, dict[str, int]]:
         """Per pattern, how many outcomes learning left out, by the setting responsible."""

@@ -9,18 +9,26 @@ What the ranking sees (:meth:`Knowledge.records`):
 
 * local evidence, decayed: each outcome weighs ``0.5 ** (age / half_life)``;
 * imported evidence as a *prior*: each imported record is scaled down to at most
-  ``import_weight`` runs, fades with the same half-life from when it was imported, and
+  ``import_weight`` runs, fades with the same half-life from when it was exported, and
   shrinks as local runs of that playbook accumulate (factor ``w / (w + local runs)``).
   All imports together weigh at most ``import_weight`` runs.
 
 Demotion (:meth:`Knowledge.demotion`) looks at local evidence only, so nothing is
-demoted or kept on imported figures alone. Stored rows are checked with the export
-bounds (:mod:`graced.protocol.knowledge`) when graced starts; rows that fail are
+demoted or kept on imported figures alone; a failure counts towards it for
+``half_life`` after it happened, and only a failure of the playbook's own steps can
+demote (see :func:`graced.learning.ranking.demotion`). Stored rows are checked with the
+export bounds (:mod:`graced.protocol.knowledge`) when graced starts; rows that fail are
 quarantined, never used.
+
+An import is planned (:meth:`Knowledge.plan_import`: every record it adds, changes or
+removes, checked against the caps), then journaled, then applied
+(:meth:`Knowledge.apply_import`): a plan that cannot be journaled changes nothing, and
+the dry run shows the very plan the import would apply.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterable
@@ -33,14 +41,17 @@ from ..protocol.knowledge import (
     EXPORT_VERSION,
     MAX_COUNT,
     MAX_EPOCH,
+    MAX_PLAYBOOKS,
     MAX_RECORDS,
+    MAX_SOURCES,
+    MAX_TOTAL_RECORDS,
     check_record,
     seconds,
 )
-from .ranking import Record, demotion, ordered
+from .ranking import Fail, Record, demotion, ordered
 
 LOCAL = "local"
-MAX_FAILS = 20  # failures (incident, time) remembered per local record
+MAX_FAILS = 20  # failures (incident, time, own) remembered per local record
 PER_INCIDENT = 2  # runs of a playbook that failed in one incident before it is skipped
 
 _COLS = ("signature, playbook, source, detector, subject, successes, failures, ttr_total, "
@@ -64,31 +75,27 @@ class Entry:
     w_s: float = 0.0
     w_f: float = 0.0
     w_at: float = 0.0
-    fails: list[tuple[int, float]] = field(default_factory=list)
-    # imported: where from
+    fails: list[Fail] = field(default_factory=list)
+    # imported: where from, and when it was exported there
     host: str = ""
     kid: str = ""
     imported_at: float = 0.0
+    exported_at: float = 0.0
 
     def data(self) -> dict[str, Any]:
         return {"w_s": self.w_s, "w_f": self.w_f, "w_at": self.w_at,
-                "fails": [list(f) for f in self.fails], "host": self.host, "kid": self.kid,
-                "imported_at": self.imported_at}
+                "fails": [[f.incident, f.at, int(f.own)] for f in self.fails],
+                "host": self.host, "kid": self.kid, "imported_at": self.imported_at,
+                "exported_at": self.exported_at}
+
+    @property
+    def faded_from(self) -> float:
+        """When an imported record starts to fade: its export (never after its import)."""
+        return min(self.exported_at or self.imported_at, self.imported_at)
 
     def raw(self) -> Record:
         return Record(float(self.successes), float(self.failures), self.ttr_total,
                       float(self.ttr_count))
-
-
-# (after, until]: the (pattern, playbook) keys of one chunk of an import; None ends open.
-Span = tuple[tuple[str, str] | None, tuple[str, str] | None]
-
-
-def in_span(key: tuple[str, str], span: Span | None) -> bool:
-    if span is None:
-        return True
-    after, until = span
-    return (after is None or key > after) and (until is None or key <= until)
 
 
 def _decay(age: float, half_life: float) -> float:
@@ -106,7 +113,7 @@ def _upsert(sig: str, playbook: str, source: str, e: Entry) -> Write:
 
 def parse_row(row: tuple[Any, ...]) -> tuple[str, str, str, Entry]:
     """A stored row, checked with the export bounds; raises ValueError naming the field."""
-    (sig, pb, source, det, subj, s, f, tt, tc, first, last, data) = row
+    (sig, pb, source, det, subj, s, f, tt, tc, first, last, data) = row[:12]
     rec = check_record({"signature": sig, "playbook": pb, "detector": det, "subject": subj,
                         "successes": s, "failures": f, "ttr_total": tt, "ttr_count": tc,
                         "first_seen": first, "last_seen": last}, "row")
@@ -114,8 +121,8 @@ def parse_row(row: tuple[Any, ...]) -> tuple[str, str, str, Entry]:
         raise ValueError("row.source: must be a non-empty string")
     try:
         extra = json.loads(data) if data else {}
-    except (TypeError, ValueError):
-        raise ValueError("row.data: not JSON") from None
+    except (TypeError, ValueError, RecursionError):
+        raise ValueError("row.data: not JSON (or nested too deep)") from None
     if not isinstance(extra, dict):
         raise ValueError("row.data: not an object")
     e = Entry(rec["detector"], rec["subject"], rec["successes"], rec["failures"],
@@ -125,14 +132,19 @@ def parse_row(row: tuple[Any, ...]) -> tuple[str, str, str, Entry]:
     e.w_at = seconds(extra.get("w_at", e.last_seen), "row.data.w_at", MAX_EPOCH)
     e.imported_at = seconds(extra.get("imported_at", 0.0), "row.data.imported_at",
                             MAX_EPOCH)
+    e.exported_at = seconds(extra.get("exported_at", 0.0), "row.data.exported_at",
+                            MAX_EPOCH)
     fails = extra.get("fails", [])
     if not isinstance(fails, list) or len(fails) > MAX_FAILS:
         raise ValueError("row.data.fails: not a short list")
     for item in fails:
-        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)
-                and not isinstance(item[0], bool)):
-            raise ValueError("row.data.fails: not [incident, time] pairs")
-        e.fails.append((item[0], seconds(item[1], "row.data.fails", MAX_EPOCH)))
+        if not (isinstance(item, list) and len(item) in (2, 3) and isinstance(item[0], int)
+                and not isinstance(item[0], bool) and all(
+                    x in (0, 1) and not isinstance(x, float) for x in item[2:])):
+            raise ValueError("row.data.fails: not [incident, time, own] triples")
+        # Rows from before the kind was kept: a failure of its own steps (as then).
+        e.fails.append(Fail(item[0], seconds(item[1], "row.data.fails", MAX_EPOCH),
+                            bool(item[2]) if len(item) == 3 else True))
     for key in ("host", "kid"):
         v = extra.get(key, "")
         if not isinstance(v, str) or len(v) > 1000:
@@ -150,32 +162,73 @@ class Settings:
     demote_after: int = 3
     demote_below: float = 0.25
     demote_span: float = 3600.0
+    retry_after: float = 86400.0
+
+
+@dataclass
+class ImportPlan:
+    """What importing one export would do: the dry run shows it, the import applies it."""
+
+    source: str
+    meta: dict[str, Any]  # the source's record: host, kid, exported_at, imported_at
+    put: dict[tuple[str, str], Entry]
+    removed: dict[tuple[str, str], Entry]
+    changes: list[dict[str, Any]]
+    counts: dict[str, int]
 
 
 class Knowledge:
     """Patterns in memory, loaded from and written back to the ``patterns`` table.
 
     Rows that fail the bounds are left out and listed in :attr:`quarantined` as
-    (signature, playbook, source, reason); the caller moves them aside."""
+    (signature, playbook, source, reason, row); the caller moves them aside.
+
+    Reads stay bounded however much was imported: :attr:`recent` keeps the patterns in
+    order of last sight (newest last) so a listing reads one page of it, and
+    :attr:`by_source` the keys each source holds."""
 
     def __init__(self, rows: Iterable[tuple[Any, ...]] = (),
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None,
+                 sources: dict[str, dict[str, Any]] | None = None) -> None:
         self.settings = settings or Settings()
         self.patterns: dict[str, dict[str, dict[str, Entry]]] = {}
-        self.quarantined: list[tuple[Any, Any, Any, str]] = []
-        per_source: dict[str, int] = {}
+        self.quarantined: list[tuple[Any, Any, Any, str, tuple[Any, ...]]] = []
+        self.by_source: dict[str, set[tuple[str, str]]] = {}
+        # Per imported source: host, kid (the key pinned for it) and exported_at.
+        self.sources: dict[str, dict[str, Any]] = dict(sources or {})
         for row in rows:
+            row = tuple(row)
             try:
-                sig, pb, source, e = parse_row(tuple(row))
-            except (ValueError, TypeError, OverflowError) as exc:
-                self.quarantined.append((row[0], row[1], row[2], str(exc)))
+                sig, pb, source, e = parse_row(row)
+            except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
+                self.quarantined.append((*row[:3], str(exc)[:300], row))
                 continue
-            per_source[source] = per_source.get(source, 0) + 1
-            if per_source[source] > MAX_RECORDS:
-                self.quarantined.append((sig, pb, source, f"source holds more than "
-                                         f"{MAX_RECORDS} records"))
+            held = self.by_source.setdefault(source, set())
+            if len(held) >= MAX_RECORDS or (
+                    len(self.patterns.get(sig, {})) >= MAX_PLAYBOOKS
+                    and pb not in self.patterns[sig]):
+                self.quarantined.append((sig, pb, source, f"over the caps ({MAX_RECORDS} "
+                                         f"records a source, {MAX_PLAYBOOKS} playbooks a "
+                                         "pattern)", row))
                 continue
+            held.add((sig, pb))
             self.patterns.setdefault(sig, {}).setdefault(pb, {})[source] = e
+        self.recent: dict[str, None] = {}
+        self._reorder()
+
+    def _reorder(self) -> None:
+        """Rebuild :attr:`recent` (after a load or an import: a write, not a read)."""
+        self.recent = dict.fromkeys(sorted(self.patterns, key=lambda sig: (max(
+            e.last_seen for srcs in self.patterns[sig].values() for e in srcs.values()),
+            sig)))
+
+    @property
+    def total(self) -> int:
+        return sum(len(keys) for keys in self.by_source.values())
+
+    def page(self, limit: int, offset: int = 0) -> list[str]:
+        """Signatures, most recently seen first: ``limit`` of them after ``offset``."""
+        return list(itertools.islice(reversed(self.recent), offset, offset + limit))
 
     # -- what the ranking sees -------------------------------------------------------
 
@@ -202,7 +255,7 @@ class Knowledge:
             if raw.runs <= 0:
                 continue
             scale = min(1.0, st.import_weight / raw.runs) * _decay(
-                now - e.imported_at, st.half_life) * shrink
+                now - e.faded_from, st.half_life) * shrink
             out.add(Record(raw.successes, raw.failures), scale)
             if e.ttr_count:
                 out.ttr_total += scale * e.ttr_total
@@ -222,20 +275,32 @@ class Knowledge:
             out[pb] = rec
         return out
 
-    def fails(self, sig: str, playbook: str) -> list[tuple[int, float]]:
+    def fails(self, sig: str, playbook: str) -> list[Fail]:
         e = self.patterns.get(sig, {}).get(playbook, {}).get(LOCAL)
         return list(e.fails) if e else []
 
     def demotion(self, sig: str, playbook: str, now: float) -> tuple[bool, str | None]:
         st = self.settings
         return demotion(self.local(sig, playbook, now), self.fails(sig, playbook),
-                        after=st.demote_after, below=st.demote_below, span=st.demote_span)
+                        after=st.demote_after, below=st.demote_below, span=st.demote_span,
+                        now=now, fade=st.half_life)
+
+    def retry_due(self, sig: str, playbook: str, now: float) -> bool:
+        """A demoted playbook is tried again once ``retry_after`` passed since its last
+        failure (bounded exploration: one run per ``retry_after`` at most, as a failed
+        retry is its new last failure), so a playbook that works again can recover."""
+        fails = self.fails(sig, playbook)
+        return bool(fails) and now - max(f.at for f in fails) >= self.settings.retry_after
 
     # -- learning ----------------------------------------------------------------------
 
     def learn(self, *, sig: str, detector: str, subject: str, playbook: str, success: bool,
-              ttr: float | None, now: float, incident: int) -> tuple[list[Write], bool]:
-        """Count one credited run; returns the write and whether the record is new."""
+              ttr: float | None, now: float, incident: int,
+              own: bool = True) -> tuple[list[Write], bool]:
+        """Count one credited run; returns the write and whether the record is new.
+
+        ``own``: for a failure, whether a step of the playbook itself failed (rather than
+        every step succeeding and the symptom staying)."""
         sources = self.patterns.setdefault(sig, {}).setdefault(playbook, {})
         new = LOCAL not in sources
         e = sources.setdefault(LOCAL, Entry(detector, subject, first_seen=now, last_seen=now,
@@ -251,32 +316,45 @@ class Knowledge:
         else:
             e.failures = min(e.failures + 1, MAX_COUNT)
             e.w_f = min(e.w_f + 1, MAX_COUNT)
-            e.fails = [*e.fails, (incident, now)][-MAX_FAILS:]
+            # Failures older than half_life no longer count towards a demotion: forgotten.
+            e.fails = [*(f for f in e.fails if now - f.at <= self.settings.half_life),
+                       Fail(incident, now, own)][-MAX_FAILS:]
         e.last_seen = max(now, e.first_seen)
+        self.by_source.setdefault(LOCAL, set()).add((sig, playbook))
+        self.recent.pop(sig, None)
+        self.recent[sig] = None
         return [_upsert(sig, playbook, LOCAL, e)], new
 
     def failures_in(self, sig: str, playbook: str, incident: int) -> int:
-        return sum(1 for i, _ in self.fails(sig, playbook) if i == incident)
+        return sum(1 for f in self.fails(sig, playbook) if f.incident == incident)
 
     def reset(self, target: str) -> tuple[list[Write], int]:
         """Forget every record of a pattern (``DETECTOR:SUBJECT``) or of a playbook."""
         removed = 0
         if target in self.patterns:
-            removed = sum(len(s) for s in self.patterns.pop(target).values())
+            for pb, srcs in self.patterns.pop(target).items():
+                removed += len(srcs)
+                for source in srcs:
+                    self.by_source.get(source, set()).discard((target, pb))
+            self.recent.pop(target, None)
             return [("DELETE FROM patterns WHERE signature = ?", (target,))], removed
         for sig in list(self.patterns):
             sources = self.patterns[sig].pop(target, None)
             if sources:
                 removed += len(sources)
+                for source in sources:
+                    self.by_source.get(source, set()).discard((sig, target))
             if not self.patterns[sig]:
                 del self.patterns[sig]
+                self.recent.pop(sig, None)
         return [("DELETE FROM patterns WHERE playbook = ?", (target,))], removed
 
     # -- reporting -----------------------------------------------------------------------
 
     def summary(self, sig: str, now: float) -> dict[str, Any]:
         """One pattern as ``knowledge ls`` shows it: the best playbook and its figures,
-        with which of them are local and which imported, and from whom."""
+        with which of them are local and which imported, and from whom (at most
+        MAX_PLAYBOOKS playbooks: bounded work)."""
         recs = self.records(sig, now)
         entries = [e for srcs in self.patterns[sig].values() for e in srcs.values()]
         playbooks: list[dict[str, Any]] = []
@@ -301,7 +379,7 @@ class Knowledge:
                            "prior_failures": round(prior.failures, 3)},
                 "imported": [{"source": s, "host": e.host, "kid": e.kid,
                               "successes": e.successes, "failures": e.failures,
-                              "imported_at": e.imported_at}
+                              "imported_at": e.imported_at, "exported_at": e.exported_at}
                              for s, e in sorted(sources.items()) if s != LOCAL],
                 "sources": sorted(sources)})
         best = next((p for p in playbooks if not p["demoted"]), playbooks[0] if playbooks
@@ -327,8 +405,8 @@ class Knowledge:
     def playbook_record(self, playbook: str, now: float) -> dict[str, Any]:
         """A playbook's local record over every pattern, as ``knowledge`` counts it
         (credited runs, after any reset), and the patterns it is demoted on."""
-        local = [(sig, pbs[playbook][LOCAL]) for sig, pbs in self.patterns.items()
-                 if LOCAL in pbs.get(playbook, {})]
+        local = [(sig, self.patterns[sig][playbook][LOCAL])
+                 for sig, pb in self.by_source.get(LOCAL, ()) if pb == playbook]
         runs = sum(e.successes + e.failures for _, e in local)
         wins = sum(e.successes for _, e in local)
         return {"runs": runs, "successes": wins,
@@ -356,74 +434,107 @@ class Knowledge:
         return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "source": source_id,
                 "host": host, "exported_at": now, "patterns": patterns[:MAX_RECORDS]}
 
-    def imported(self, source: str) -> int:
-        return sum(1 for pbs in self.patterns.values() for srcs in pbs.values()
-                   if source in srcs)
-
-    def held_in(self, source: str, span: Span | None) -> dict[tuple[str, str], Entry]:
-        """The records held from ``source`` whose (pattern, playbook) is within ``span``
-        (after, until]: the ones an import of that span replaces; None: all of them."""
-        return {(sig, pb): srcs[source] for sig, pbs in self.patterns.items()
-                for pb, srcs in pbs.items()
-                if source in srcs and in_span((sig, pb), span)}
-
-    def preview(self, source: str, patterns: list[dict[str, Any]], now: float,
-                span: Span | None = None, limit: int = 200) -> list[dict[str, Any]]:
-        """What importing ``patterns`` from ``source`` would change, record by record;
-        with ``span``, also the records held in it that the import removes."""
-        out = []
-        for p in patterns[:limit]:
-            old = self.patterns.get(p["signature"], {}).get(p["playbook"], {}).get(source)
+    def plan_import(self, source: str, patterns: list[dict[str, Any]], *, host: str,
+                    kid: str, exported_at: float, now: float,
+                    limit: int = 200) -> ImportPlan:
+        """What importing an export from ``source`` (checked ``patterns``) would do: it
+        replaces every record held from that source (records no longer exported are
+        removed). Raises ValueError when the result would break a cap. Changes nothing."""
+        held = self.by_source.get(source, set())
+        put: dict[tuple[str, str], Entry] = {}
+        changes: list[dict[str, Any]] = []
+        same: list[dict[str, Any]] = []
+        counts = {"new": 0, "changed": 0, "same": 0, "removed": 0}
+        added: dict[str, int] = {}
+        for p in patterns:
+            key = (p["signature"], p["playbook"])
+            old = self.patterns.get(key[0], {}).get(key[1], {}).get(source)
+            if key[1] not in self.patterns.get(key[0], {}):
+                added[key[0]] = added.get(key[0], 0) + 1
+                if len(self.patterns.get(key[0], {})) + added[key[0]] > MAX_PLAYBOOKS:
+                    raise ValueError(f"patterns: pattern {key[0]} would have more than "
+                                     f"{MAX_PLAYBOOKS} playbooks")
+            put[key] = Entry(p["detector"], p["subject"], p["successes"], p["failures"],
+                             p["ttr_total"], p["ttr_count"], p["first_seen"], p["last_seen"],
+                             host=host, kid=kid, imported_at=now, exported_at=exported_at)
             runs = p["successes"] + p["failures"]
             weight = min(1.0, self.settings.import_weight / runs) if runs else 0.0
-            out.append({"pattern": p["signature"], "playbook": p["playbook"],
-                        "change": "new" if old is None else (
-                            "same" if (old.successes, old.failures) == (
-                                p["successes"], p["failures"]) else "changed"),
-                        "before": None if old is None else [old.successes, old.failures],
-                        "after": [p["successes"], p["failures"]],
-                        "prior": [round(p["successes"] * weight, 3),
-                                  round(p["failures"] * weight, 3)]})
-        if span is not None:
-            kept = {(p["signature"], p["playbook"]) for p in patterns}
-            gone = [(k, e) for k, e in sorted(self.held_in(source, span).items())
-                    if k not in kept]
-            for (sig, pb), e in gone[:limit]:
-                out.append({"pattern": sig, "playbook": pb, "change": "removed",
+            change = "new" if old is None else (
+                "same" if (old.successes, old.failures) == (p["successes"], p["failures"])
+                else "changed")
+            counts[change] += 1
+            listed = same if change == "same" else changes
+            if len(listed) < limit:
+                listed.append({"pattern": key[0], "playbook": key[1], "change": change,
+                               "before": None if old is None else [old.successes,
+                                                                   old.failures],
+                               "after": [p["successes"], p["failures"]],
+                               "prior": [round(p["successes"] * weight, 3),
+                                         round(p["failures"] * weight, 3)]})
+        removed = {key: self.patterns[key[0]][key[1]][source]
+                   for key in sorted(held) if key not in put}
+        counts["removed"] = len(removed)
+        for (sig, pb), e in removed.items():
+            if len(changes) >= limit:
+                break
+            changes.append({"pattern": sig, "playbook": pb, "change": "removed",
                             "before": [e.successes, e.failures], "after": None,
                             "prior": None})
-        return out
+        # What changes first (new and changed in the file's order, then removed), then
+        # what stays the same: the first ``limit`` of them.
+        changes = (changes + same)[:limit]
+        if self.total - len(held) + len(put) > MAX_TOTAL_RECORDS:
+            raise ValueError(f"patterns: graced would hold more than {MAX_TOTAL_RECORDS} "
+                             "records, every source together")
+        if source not in self.sources and len(self.sources) >= MAX_SOURCES:
+            raise ValueError(f"source: knowledge from {MAX_SOURCES} daemons is held "
+                             "already; reset one first")
+        return ImportPlan(source, {"host": host, "kid": kid, "exported_at": exported_at,
+                                   "imported_at": now}, put, removed, changes, counts)
 
-    def import_(self, source: str, patterns: list[dict[str, Any]], replace: bool, *,
-                host: str, kid: str, now: float, span: Span | None = None) -> list[Write]:
-        """Take another host's checked patterns as source ``source``.
-
-        ``replace`` drops every record held from ``source`` first; ``span`` only those
-        within it (an export sent in sorted chunks replaces one span at a time)."""
-        writes: list[Write] = []
-        if replace and span is None:
-            for sig in list(self.patterns):
-                for pb in list(self.patterns[sig]):
-                    self.patterns[sig][pb].pop(source, None)
-                    if not self.patterns[sig][pb]:
-                        del self.patterns[sig][pb]
-                if not self.patterns[sig]:
-                    del self.patterns[sig]
-            writes.append(("DELETE FROM patterns WHERE source = ?", (source,)))
-        elif span is not None:
-            for sig, pb in self.held_in(source, span):
-                del self.patterns[sig][pb][source]
-                if not self.patterns[sig][pb]:
-                    del self.patterns[sig][pb]
-                if not self.patterns[sig]:
-                    del self.patterns[sig]
-                writes.append(("DELETE FROM patterns WHERE source = ? AND signature = ? "
-                               "AND playbook = ?", (source, sig, pb)))
-        for p in patterns:
-            e = Entry(p["detector"], p["subject"], p["successes"], p["failures"],
-                      p["ttr_total"], p["ttr_count"], p["first_seen"], p["last_seen"],
-                      host=host, kid=kid, imported_at=now)
-            self.patterns.setdefault(p["signature"], {}).setdefault(p["playbook"], {})[
-                source] = e
-            writes.append(_upsert(p["signature"], p["playbook"], source, e))
+    def import_writes(self, plan: ImportPlan) -> list[Write]:
+        """The writes that store a plan (one transaction with its event)."""
+        writes: list[Write] = [("DELETE FROM patterns WHERE source = ?", (plan.source,))]
+        writes += [_upsert(sig, pb, plan.source, e) for (sig, pb), e in plan.put.items()]
+        writes.append(self.sources_write({**self.sources, plan.source: plan.meta}))
         return writes
+
+    @staticmethod
+    def sources_write(sources: dict[str, dict[str, Any]]) -> Write:
+        return ("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (SOURCES_KEY, json.dumps(sources, sort_keys=True)))
+
+    def apply_import(self, plan: ImportPlan) -> None:
+        """Apply a plan (once its writes are committed)."""
+        for sig, pb in plan.removed:
+            del self.patterns[sig][pb][plan.source]
+            if not self.patterns[sig][pb]:
+                del self.patterns[sig][pb]
+            if not self.patterns[sig]:
+                del self.patterns[sig]
+        for (sig, pb), e in plan.put.items():
+            self.patterns.setdefault(sig, {}).setdefault(pb, {})[plan.source] = e
+        self.by_source[plan.source] = set(plan.put)
+        self.sources[plan.source] = plan.meta
+        self._reorder()
+
+
+SOURCES_KEY = "knowledge_sources"
+
+
+def load_sources(raw: Any) -> dict[str, dict[str, Any]]:
+    """The stored per-source records (meta ``knowledge_sources``); bad ones left out."""
+    try:
+        data = json.loads(raw) if isinstance(raw, str) else {}
+    except (ValueError, RecursionError):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for source, meta in (data.items() if isinstance(data, dict) else ()):
+        try:
+            out[str(source)] = {
+                "host": str(meta["host"])[:1000], "kid": str(meta["kid"])[:64],
+                "exported_at": seconds(meta["exported_at"], "exported_at", MAX_EPOCH),
+                "imported_at": seconds(meta["imported_at"], "imported_at", MAX_EPOCH)}
+        except (KeyError, TypeError, ValueError):
+            continue
+    return dict(list(out.items())[:MAX_SOURCES])

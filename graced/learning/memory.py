@@ -151,7 +151,7 @@ def outcome_writes(o: dict[str, Any]) -> list[Write]:
 
 
 _BRIEF = ("mission_id", "detector", "subject", "summary", "playbook", "outcome", "success",
-          "ttr", "closed_at")
+          "ttr", "closed_at", "held_back")
 
 
 def _brief(row: tuple[Any, ...], match: str, score: float | None) -> dict[str, Any]:

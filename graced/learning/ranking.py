@@ -36,7 +36,16 @@ without approval.
 Demotion (:func:`demotion`) looks at this host's own evidence only: a playbook is
 demoted when its success ratio is below ``demote_below`` *and* it failed in at least
 ``demote_after`` distinct incidents whose failures span at least ``demote_span``
-seconds. Imported knowledge never demotes (or saves) a playbook by itself.
+seconds, *and* in at least one of them a step of the playbook itself failed. Failures
+fade: one older than ``half_life`` no longer counts. Imported knowledge never demotes
+(or saves) a playbook by itself.
+
+Why "a step of its own": graced cannot tell who caused a sample. Anyone who can hold a
+symptom (write a watched file, keep a port busy, load the host) can make a playbook
+whose steps all succeeded look like a failure, by putting the symptom back before the
+verification ends. Such verification failures count in the record (the ranking prefers
+the playbook that clears the symptom) but never demote alone; a playbook's own command
+failing (non-zero exit, timeout) is evidence the symptom's author does not control.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 STRATEGIES = ("thompson", "ucb", "uniform", "first")
 BETA_CAP = 1e6  # Beta parameters are clamped here: betavariate stays O(1)
@@ -118,31 +127,50 @@ class Decision:
                 "reason": self.reason, "candidates": self.candidates}
 
 
-def demotion(local: Record, fails: list[tuple[int, float]], *, after: int, below: float,
-             span: float) -> tuple[bool, str | None]:
+class Fail(NamedTuple):
+    """One credited failure: its incident, when, and whether a step of the playbook
+    itself failed (``own``) rather than the symptom staying after every step succeeded."""
+
+    incident: int
+    at: float
+    own: bool = True
+
+
+def demotion(local: Record, fails: list[Fail], *, after: int, below: float,
+             span: float, now: float | None = None,
+             fade: float = math.inf) -> tuple[bool, str | None]:
     """Is a playbook demoted for a symptom, on this host's own evidence?
 
-    ``local`` is the (decayed) local record, ``fails`` the failures as (incident, time),
-    oldest first; an incident counts once, from its first failure. Returns (demoted,
-    held): ``held`` says which setting kept a poor record from demoting it, when one did."""
+    ``local`` is the (decayed) local record, ``fails`` the failures, oldest first; an
+    incident counts once, from its first failure, and a failure older than ``fade``
+    seconds (before ``now``) not at all. Returns (demoted, held): ``held`` says which
+    setting kept a poor record from demoting it, when one did."""
     ratio = local.ratio
     if ratio is None or ratio >= below:
         return False, None
     first: dict[int, float] = {}
-    for incident, at in fails:
-        first.setdefault(incident, at)
+    own: set[int] = set()
+    for f in fails:
+        if now is not None and now - f.at > fade:
+            continue  # faded out
+        first.setdefault(f.incident, f.at)
+        if f.own:
+            own.add(f.incident)
     distinct = sorted(first.items(), key=lambda kv: kv[1])
-    fails = distinct
-    recent = fails[-after:] if after > 0 else []
+    recent = distinct[-after:] if after > 0 else []
     if len(recent) < after:
         return False, (f"success {ratio:.0%} is below {below:.0%}, but it failed in "
-                       f"{len(fails)} distinct incident(s) and demotion needs {after} "
-                       "([learning] demote_after)")
+                       f"{len(distinct)} distinct incident(s) within half_life and "
+                       f"demotion needs {after} ([learning] demote_after)")
     took = recent[-1][1] - recent[0][1]
     if took < span:
         return False, (f"success {ratio:.0%} is below {below:.0%}, but its last {after} "
                        f"failing incidents span {took:.0f} s and demotion needs {span:g} s "
                        "([learning] demote_span)")
+    if not any(incident in own for incident, _ in distinct):
+        return False, (f"success {ratio:.0%} is below {below:.0%}, but its steps always "
+                       "succeeded and the symptom stayed: evidence anyone who can hold the "
+                       "symptom can forge, which never demotes alone (docs/security.md)")
     return True, None
 
 

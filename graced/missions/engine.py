@@ -11,7 +11,8 @@ before approval" (an approval then is refused: there is nothing left to fix). A 
 opened within ``flap_window`` seconds after the last one for the same key *resolved by
 itself* is *flapping*: flagged, and its severity raised one level. A fault that comes
 back after a playbook fixed it is not flapping: the playbook budgets bound how often
-it is fixed again.
+it is fixed again; nor is one that cleared before approval (it must be approvable
+again when it comes back).
 
 An *incident* is one unbroken stretch of anomaly for a key: a mission that failed and
 reopens while the detector never saw the key normal belongs to the same incident as the
@@ -268,7 +269,10 @@ class MissionEngine:
             m.closed_at = now
             del self.active[key]
             self.incidents.pop(key, None)
-            if not ran(m):
+            # Flapping is measured from a mission that resolved by itself while graced
+            # watched; one that cleared while it waited for a person is no flap: if it
+            # comes back it must be approvable again, not escalated.
+            if not ran(m) and not (m.reason or "").startswith(CLEARED):
                 self.last_resolved[key] = now
             out.append(Transition("mission.resolved", copy.deepcopy(m)))
         else:

@@ -16,13 +16,18 @@ edited export no longer verifies. A RECORD is one playbook's figures for one sym
 Bounds (checked on import, and on every stored row when graced starts): counts are
 integers from 0 to :data:`MAX_COUNT`; ``ttr_count`` at most ``successes``; times are
 finite and non-negative, a time to resolve at most :data:`MAX_TTR` seconds on average,
-epochs at most :data:`MAX_EPOCH`; strings non-empty and at most :data:`MAX_TEXT`
-characters; at most :data:`MAX_RECORDS` records in one export.
+epochs at most :data:`MAX_EPOCH`; strings non-empty, at most :data:`MAX_TEXT`
+characters, and free of control characters (C0, C1, line separators, bidirectional
+controls) and lone surrogates, so a name cannot forge an output line; at most
+:data:`MAX_RECORDS` records in one export, each (pattern, playbook) once, and at most
+:data:`MAX_PLAYBOOKS` playbooks for one pattern.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from typing import Any
 
 from .signing import check_signature, key_id
@@ -35,10 +40,27 @@ MAX_EPOCH = 1e10  # about the year 2286
 MAX_TEXT = 1000
 MAX_RECORDS = 100_000  # records in one export, and records kept per source
 MAX_FILE_BYTES = 32 * 2**20
+MAX_PLAYBOOKS = 64  # playbooks for one pattern, every source together
+MAX_TOTAL_RECORDS = 200_000  # records a daemon holds, every source together
+MAX_SOURCES = 100  # daemons whose knowledge one daemon holds
+
+# Control characters (as graced.protocol.text escapes them) and lone surrogates.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e"
+                     "\u2066-\u2069\ud800-\udfff]")
 
 COUNTS = ("successes", "failures", "ttr_count")
 TIMES = ("ttr_total", "first_seen", "last_seen")
 TEXTS = ("signature", "detector", "subject", "playbook")
+
+
+def text(v: Any, where: str, limit: int = MAX_TEXT, *, empty: bool = False) -> str:
+    """A short string with no control character or lone surrogate; raises ValueError."""
+    if not isinstance(v, str) or (not v and not empty) or len(v) > limit:
+        raise ValueError(f"{where}: must be a non-empty string of at most {limit} characters")
+    bad = _UNSAFE.search(v)
+    if bad:
+        raise ValueError(f"{where}: holds the control character U+{ord(bad.group()):04X}")
+    return v
 
 
 def count(v: Any, where: str) -> int:
@@ -70,12 +92,8 @@ def check_record(p: Any, where: str) -> dict[str, Any]:
         raise ValueError(f"{where}: must be an object")
     item: dict[str, Any] = {}
     for key in TEXTS:
-        v = p.get(key)
-        limit = 2 * MAX_TEXT + 1 if key == "signature" else MAX_TEXT
-        if not isinstance(v, str) or not v or len(v) > limit:
-            raise ValueError(f"{where}.{key}: must be a non-empty string of at most {limit} "
-                             "characters")
-        item[key] = v
+        item[key] = text(p.get(key), f"{where}.{key}",
+                         2 * MAX_TEXT + 1 if key == "signature" else MAX_TEXT)
     if item["signature"] != f"{item['detector']}:{item['subject']}":
         raise ValueError(f"{where}.signature: must be DETECTOR:SUBJECT of this record")
     for key in COUNTS:
@@ -100,7 +118,19 @@ def check(patterns: Any) -> list[dict[str, Any]]:
         raise ValueError("patterns: must be a list")
     if len(patterns) > MAX_RECORDS:
         raise ValueError(f"patterns: {len(patterns)} records; at most {MAX_RECORDS}")
-    return [check_record(p, f"patterns[{i}]") for i, p in enumerate(patterns)]
+    out = [check_record(p, f"patterns[{i}]") for i, p in enumerate(patterns)]
+    seen: set[tuple[str, str]] = set()
+    per: dict[str, int] = {}
+    for i, p in enumerate(out):
+        key = (p["signature"], p["playbook"])
+        if key in seen:
+            raise ValueError(f"patterns[{i}]: a second record for {key[0]} {key[1]}")
+        seen.add(key)
+        per[key[0]] = per.get(key[0], 0) + 1
+        if per[key[0]] > MAX_PLAYBOOKS:
+            raise ValueError(f"patterns[{i}].playbook: more than {MAX_PLAYBOOKS} playbooks "
+                             f"for pattern {key[0]}")
+    return out
 
 
 def check_header(data: Any) -> None:
@@ -113,14 +143,33 @@ def check_header(data: Any) -> None:
     if data.get("version") != EXPORT_VERSION:
         raise ValueError(f"version: {data.get('version')!r} is not supported "
                          f"({EXPORT_VERSION} is)")
-    for key in ("source", "host", "kid", "sig"):
+    for key in ("kid", "sig"):
         v = data.get(key)
-        if not isinstance(v, str) or (not v and key != "host") or len(v) > MAX_TEXT:
-            raise ValueError(f"{key}: must be a string" + (
-                " (an unsigned export)" if key in ("kid", "sig") else ""))
+        if not isinstance(v, str) or not v or len(v) > MAX_TEXT:
+            raise ValueError(f"{key}: must be a string (an unsigned export)")
+    text(data.get("source"), "source", 200)
+    text(data.get("host"), "host", empty=True)
     seconds(data.get("exported_at"), "exported_at", MAX_EPOCH)
     if not isinstance(data.get("patterns"), list):
         raise ValueError("patterns: must be a list")
+
+
+def parse_export(raw: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """An export file's bytes, parsed and checked (not its signature): the document as
+    signed, and its records normalised. Raises ValueError
+    naming the first thing wrong. Bounded: a file over :data:`MAX_FILE_BYTES` is refused
+    unread, and nesting too deep for the parser is an error like any other."""
+    if len(raw) > MAX_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_FILE_BYTES // 2**20} MB; an export holds at "
+                         f"most {MAX_RECORDS} records")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8: {exc.reason} at byte {exc.start}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"not JSON: {str(exc)[:200]}") from None
+    check_header(data)
+    return data, check(data["patterns"])
 
 
 def verify_export(data: dict[str, Any], public_key: bytes) -> None:

@@ -34,6 +34,9 @@ ERROR_EXIT = {
     "not_found": ExitCode.NOT_FOUND,
     "invalid": ExitCode.ERROR,
     "plan_changed": ExitCode.ERROR,
+    "bad_signature": ExitCode.BAD_SIGNATURE,
+    "key_changed": ExitCode.BAD_SIGNATURE,
+    "clearing": ExitCode.ERROR,
 }
 
 MAX_NONCE = 128
