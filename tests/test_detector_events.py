@@ -39,8 +39,17 @@ def test_near_the_threshold_sampling_quickens_down_to_a_floor() -> None:
     assert next_interval(5.0, 89.0, 90.0) < mid  # closer: faster
 
 
+def test_a_percentage_is_near_within_ten_points() -> None:
+    assert next_interval(1.0, 5.0, 7.0, percent=True) == pytest.approx(0.05)  # 2 points
+    assert next_interval(1.0, 5.0, 7.0) == 1.0  # 29 % of the threshold: far, as a number
+    assert next_interval(1.0, 85.0, 90.0, percent=True) == pytest.approx(0.25)
+    assert next_interval(1.0, 70.0, 90.0, percent=True) == 1.0
+
+
 def test_past_the_threshold_the_interval_is_the_configured_one() -> None:
     assert next_interval(5.0, 95.0, 90.0) == 5.0  # hysteresis counts samples: unchanged
+    # On the threshold is still normal (the scorer's rule): the nearest, not past it.
+    assert next_interval(5.0, 90.0, 90.0) == pytest.approx(5.0 * FASTEST)
 
 
 def test_a_below_threshold_quickens_as_the_value_falls_towards_it() -> None:

@@ -213,7 +213,8 @@ class DetectorRunner:
                 if obs.failed or (cfg.name, obs.subject) in self.engine.active:
                     continue
                 step = min(step, next_interval(cfg.interval, obs.value,
-                                               cfg.effective_threshold, cfg.below))
+                                               cfg.effective_threshold, cfg.below,
+                                               percent=obs.unit == "%"))
         return step
 
     def _judge(self, cfg: DetectorConfig, observations: list[Any]) -> None:

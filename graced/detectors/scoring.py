@@ -97,25 +97,30 @@ class Scorer:
 
 
 NEAR = 0.25
-"""Within this fraction of its threshold, a value is sampled faster."""
+"""Within this fraction of its threshold, a value is sampled faster..."""
+NEAR_POINTS = 10.0
+"""...or, for a percentage, within this many points of it (memory at 82 % of a 90 %
+threshold is near; 25 % of the threshold would be 22 points, most of the free range)."""
 FASTEST = 0.05
 """The shortest interval near a threshold, as a fraction of the configured interval."""
 
 
 def next_interval(interval: float, value: float | None, threshold: float | None,
-                  below: bool = False) -> float:
+                  below: bool = False, percent: bool = False) -> float:
     """How long to wait before the next sample of a metric the kernel does not announce.
 
-    Far from its threshold (``NEAR`` of it or more) a value is sampled on its interval;
-    closer, the wait shrinks with the square of the distance, down to ``FASTEST`` of the
-    interval: a memory figure at 88 % of a 90 % threshold is read twenty times as often as
-    one at 30 %, so crossing it is seen sooner without an idle host paying for it. At or
-    past the threshold the interval is the configured one again: hysteresis counts samples,
-    and a mission's timing must not change with this.
+    Far from its threshold a value is sampled on its interval; nearer than ``NEAR`` of the
+    threshold (``NEAR_POINTS`` points for a ``percent`` value), the wait shrinks with the
+    square of the distance, down to ``FASTEST`` of the interval: memory at 89 % of a 90 %
+    threshold is read twenty times as often as at 30 %, so crossing it is seen sooner
+    without an idle host paying for it. At or past the threshold the interval is the
+    configured one again: hysteresis counts samples, and a mission's timing must not
+    change with this.
     """
     if value is None or threshold is None or threshold == 0:
         return interval
-    gap = ((value - threshold) if below else (threshold - value)) / abs(threshold)
-    if gap <= 0 or gap >= NEAR:
+    gap = (value - threshold) if below else (threshold - value)
+    near = NEAR_POINTS if percent else NEAR * abs(threshold)
+    if gap < 0 or gap >= near:  # past it (equal is still normal, and nearest of all)
         return interval
-    return interval * max(FASTEST, (gap / NEAR) ** 2)
+    return interval * max(FASTEST, (gap / near) ** 2)
