@@ -198,3 +198,77 @@ def test_a_crash_gap_before_the_daemons_start_is_a_restart_not_a_stale_stream() 
                                        (1033.0, "daemon.stopping")])
     exc = _verify(withheld)
     assert exc is not None and exc.code == ExitCode.STALE and exc.seq == 5, exc
+
+
+# -- the fast path (orjson) proves only what the exact check proves ------------------
+
+TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=12)
+# Keys that sort differently by UTF-16 code units (JCS) and by code points (Python).
+KEYS = st.sampled_from(["\U0001f600", "\ufffd", "\ue000", "a", "\u00e9"]) | TEXT
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans()
+    | st.integers(-(2**64), 2**64)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from([5.0, -0.0, 1e-7, 1.5e-5, 1e16, 1e21, 2.0**60, 1e300, 5e-324, 0.1,
+                       2**53, -(2**53), 2**53 - 1])
+    | TEXT,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(KEYS, inner, max_size=5),
+    max_leaves=12)
+
+
+def _spellings(payload: object) -> list[bytes]:
+    """One event in JCS form (if it has one), and the same event as other encoders
+    write it (the signature is left as it is: parsing does not check it)."""
+    try:
+        ev = SIGNER.make_event(seq=7, ts=1000.0, topic="user.t", payload=payload,
+                               prev=GENESIS_PREV)
+    except ValueError:
+        ev = SIGNER.make_event(seq=7, ts=1000.0, topic="user.t", payload=None,
+                               prev=GENESIS_PREV)
+    event = {**json.loads(ev.text), "payload": payload}  # numbers as Python has them
+    return [ev.text.encode(),
+            json.dumps(event, sort_keys=True, separators=(",", ":"),
+                       ensure_ascii=False).encode("utf-8", "surrogatepass"),
+            json.dumps(event, sort_keys=True, separators=(",", ":")).encode()]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload=JSON_VALUES, data=st.data())
+def test_the_fast_path_accepts_only_what_the_exact_check_accepts(
+        payload: object, data: st.DataObject) -> None:
+    """``parse_event_line`` first tries orjson; whatever it accepts must be exactly the
+    RFC 8785 form (checked here against the reference encoder) and what the exact,
+    all-Python check accepts, with the same event and signing bytes."""
+    import rfc8785
+
+    from graced.protocol.canonical import _as_doubles
+    from graced.protocol.verify import _exact_event, _fast_event
+
+    for line in _spellings(payload):
+        if data.draw(st.booleans()):  # and a byte changed somewhere
+            buf = bytearray(line)
+            buf[data.draw(st.integers(0, len(buf) - 1))] = data.draw(st.integers(0, 255))
+            line = bytes(buf)
+        fast = _fast_event(line)
+        if fast is None:
+            continue
+        assert rfc8785.dumps(_as_doubles(fast[0])) == line
+        assert _exact_event(line) == fast
+
+
+@pytest.mark.parametrize("payload", [
+    0.0, -0.0, 5.0, 1e16, 1e21, 1e-7, 1.5e-5, 2.0**60, 2**53 + 1, -(2**53) - 1, 2**60 + 3,
+    [1.0], {"a": 10.0}, {"\U0001f600": 1, "\ufffd": 2}, "\u2028\x7f\x1f", {"x": [[[1e300]]]},
+])
+def test_the_fast_path_on_numbers_and_keys_where_encoders_differ(payload: object) -> None:
+    from graced.protocol.verify import _exact_event, _fast_event
+
+    for line in _spellings(payload):
+        fast = _fast_event(line)
+        try:
+            exact = _exact_event(line)
+        except Violation:
+            assert fast is None, line
+        else:
+            assert fast is None or fast == exact
