@@ -4,14 +4,19 @@ traceback."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from graced.protocol import ExitCode
+from gracectl.verify import verify_stream
+from graced.keys import parse_public_key
+from graced.protocol import ExitCode, Violation
 from tests.conftest import Graced
 from tests.helpers.procs import LineCollector
 from tests.helpers.streams import complete_stream
@@ -186,3 +191,38 @@ def test_the_documented_pair_on_a_running_daemon_and_the_anchor_on_stdout(
                             check=True).stdout)
     assert data["anchor"] == f"{last['seq']}:{data['last_hash']}"
     assert out[2] == f"anchor={data['anchor']}"
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_mutation_of_a_real_stream_fails_or_is_byte_identical(
+        saved: tuple[Graced, list[str], int], data: st.DataObject) -> None:
+    """The property on a stream a real graced wrote (its key, its heartbeats, its
+    start and stop): whatever is done to the bytes, verification fails or the bytes are
+    the same. The verifier is gracectl's own (in-process, so hundreds of mutations fit)."""
+    g, lines, _ = saved
+    stream = joined(lines)
+    buf = bytearray(stream)
+    for _ in range(data.draw(st.integers(1, 3))):
+        op = data.draw(st.sampled_from(["set", "insert", "delete", "swap lines"]))
+        at = data.draw(st.integers(0, len(buf) - 1)) if buf else 0
+        if op == "set" and buf:
+            buf[at] = data.draw(st.integers(0, 255))
+        elif op == "insert":
+            buf[at:at] = data.draw(st.binary(min_size=1, max_size=4))
+        elif op == "delete" and buf:
+            del buf[at:at + data.draw(st.integers(1, 8))]
+        else:
+            rows = bytes(buf).split(b"\n")
+            i, j = data.draw(st.integers(0, len(rows) - 1)), data.draw(
+                st.integers(0, len(rows) - 1))
+            rows[i], rows[j] = rows[j], rows[i]
+            buf = bytearray(b"\n".join(rows))
+    key = parse_public_key((g.state / "key.pub").read_text())
+    try:
+        verify_stream(io.BytesIO(bytes(buf)), key)
+    except Violation:
+        return
+    assert bytes(buf) == stream
