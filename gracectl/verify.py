@@ -26,6 +26,7 @@ from typing import IO
 from graced.protocol import ChainVerifier, ExitCode, Violation, parse_ts
 from graced.protocol.signing import key_id, verify_detached
 from graced.protocol.verify import (
+    ANNOUNCING_TOPICS,
     MAX_LINE_BYTES,
     RESTART_TOPICS,
     announced_interval,
@@ -59,6 +60,9 @@ class _Gaps:
     prev_topic: str | None = None
     early_gap: float = 0.0  # the largest gap seen while no limit was known yet
 
+    def __post_init__(self) -> None:
+        self._limit = self.limit()
+
     def limit(self) -> float | None:
         if self.stale_after is not None:
             return self.stale_after
@@ -69,18 +73,23 @@ class _Gaps:
             ts = parse_ts(event["ts"])
         except ValueError:
             raise Violation(ExitCode.CHAIN_BROKEN, seq, "malformed timestamp") from None
-        self.interval = announced_interval(event) or self.interval
-        if (self.prev_ts is not None and self.prev_topic != "daemon.stopping"
-                and event["topic"] not in RESTART_TOPICS):
-            gap = ts - self.prev_ts
-            limit = self.limit()
-            if limit is None:
-                self.early_gap = max(self.early_gap, gap)
-            elif gap > limit:
-                raise Violation(ExitCode.STALE, seq,
-                                f"stream stale: {gap:.1f} s with no event or heartbeat "
-                                f"before this one (limit {limit:g} s)")
-        self.prev_ts, self.prev_topic = ts, event["topic"]
+        topic = event["topic"]
+        if topic in ANNOUNCING_TOPICS:  # judged by what it announces, as the gap before it
+            self.interval = announced_interval(event) or self.interval
+            self._limit = self.limit()
+        prev, prev_topic = self.prev_ts, self.prev_topic
+        self.prev_ts, self.prev_topic = ts, topic
+        if prev is not None:
+            gap, limit = ts - prev, self._limit
+            # Checked once per event, so the cheap test first.
+            if (gap > (self.early_gap if limit is None else limit)
+                    and prev_topic != "daemon.stopping" and topic not in RESTART_TOPICS):
+                if limit is None:
+                    self.early_gap = gap
+                else:
+                    raise Violation(ExitCode.STALE, seq,
+                                    f"stream stale: {gap:.1f} s with no event or heartbeat "
+                                    f"before this one (limit {limit:g} s)")
 
 
 def _lines(f: IO[bytes], end: int | None = None) -> Iterator[tuple[int, bytes]]:

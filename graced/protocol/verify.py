@@ -262,6 +262,7 @@ def _exact_event(line: bytes) -> tuple[dict[str, Any], bytes]:
 
 # Which signed events announce the heartbeat interval, and under which payload key.
 _ANNOUNCES = {"daemon.heartbeat": "interval", "daemon.config_reloaded": "heartbeat_interval"}
+ANNOUNCING_TOPICS = frozenset(_ANNOUNCES)
 
 
 def announced_interval(event: dict[str, Any]) -> float | None:
