@@ -15,6 +15,7 @@ import pytest
 from graced.config import DetectorConfig
 from graced.config.detectors import build_detectors
 from graced.config.schema import ConfigError
+from graced.detectors.cgroup import CgroupMemory, parse_events
 from graced.detectors.logs import LogFile
 from graced.detectors.pressure import Pressure, parse_total, trigger
 from graced.detectors.process import ProcessPresence
@@ -160,3 +161,41 @@ def test_a_log_append_and_a_rotation_wake_the_log_detector(tmp_path: Path) -> No
         assert det.sample()[0].detail["matches"] == 3
     finally:
         det.close()
+
+
+def test_memory_events_are_parsed_and_bounded() -> None:
+    assert parse_events("low 0\nhigh 3\nmax 1\noom 0\noom_kill 2\njunk\nx y\n") == {
+        "low": 0, "high": 3, "max": 1, "oom": 0, "oom_kill": 2}
+
+
+def test_a_memory_events_change_wakes_its_detector_and_is_one_event(tmp_path: Path) -> None:
+    """The cgroup_memory detector on a file laid out as memory.events (the real one needs
+    a cgroup v2 memory controller: see tests/test_event_sources_e2e.py): a write to the
+    file is an inotify event, and the counters that went up are the anomaly."""
+    events = tmp_path / "memory.events"
+    events.write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n")
+    det = CgroupMemory(DetectorConfig(name="c", kind="cgroup_memory", cgroup=str(tmp_path)))
+    try:
+        assert det.mode == "inotify" and det.wakeup is not None
+        [quiet] = det.sample()
+        assert quiet.value == 0.0 and quiet.event is None
+        events.write_text("low 0\nhigh 5\nmax 2\noom 1\noom_kill 1\n")
+        assert _ready(det.wakeup.fileno(), 5) and det.drain()
+        [obs] = det.sample()
+        assert obs.event == "memory events: max +2, oom +1, oom_kill +1"  # high: not counted
+        assert obs.value == 4.0
+        assert det.sample()[0].event is None  # nothing new: normal again
+    finally:
+        det.close()
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"name": "c", "kind": "cgroup_memory"}, "either cgroup"),
+    ({"name": "c", "kind": "cgroup_memory", "cgroup": "/x", "unit": "a.service"},
+     "either cgroup"),
+    ({"name": "c", "kind": "cgroup_memory", "unit": "a.service", "memory_events": ["boom"]},
+     "memory_events"),
+])
+def test_bad_cgroup_memory_tables_are_refused(table: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_detectors([table], lambda *a, **k: "")

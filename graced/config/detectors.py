@@ -45,6 +45,7 @@ from .schema import (
 )
 
 SEVERITIES = ("low", "medium", "high", "critical")
+MEMORY_EVENTS = ("low", "high", "max", "oom", "oom_kill", "oom_group_kill")
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,9 @@ class DetectorConfig:
     stall: str = field(default="some", metadata=check(one_of(("some", "full"))))
     stall_window: float = field(default=2.0, metadata=check(between(0.5, 10)))
     cgroup: str = ""
+    # cgroup_memory: which counters of memory.events count
+    memory_events: list[str] = field(default_factory=lambda: ["max", "oom", "oom_kill"],
+                                     metadata=check(each(one_of(MEMORY_EVENTS))))
 
     @property
     def effective_threshold(self) -> float | None:
@@ -158,6 +162,14 @@ def _load_window(v: float) -> str | None:
     return None if v in (60, 300, 900) else "must be 60, 300 or 900 (the kernel's averages)"
 
 
+def _cgroup_rule(d: DetectorConfig) -> tuple[str, str] | None:
+    if bool(d.cgroup) == bool(d.unit):
+        return "cgroup", "set either cgroup (a cgroup v2 directory) or unit"
+    if not d.memory_events:
+        return "memory_events", "name at least one counter of memory.events"
+    return None
+
+
 def _log_rule(d: DetectorConfig) -> tuple[str, str] | None:
     if d.max_ratio is None and d.max_rate is None:
         return "max_ratio", "set max_ratio and/or max_rate for a log detector"
@@ -203,6 +215,9 @@ KINDS: dict[str, Kind] = {
     "psi_memory": Kind(_PSI, threshold=10.0, subject=lambda d: d.cgroup or "host"),
     "psi_cpu": Kind(_PSI, threshold=50.0, subject=lambda d: d.cgroup or "host"),
     "psi_io": Kind(_PSI, threshold=30.0, subject=lambda d: d.cgroup or "host"),
+    "cgroup_memory": Kind({"cgroup": absolute_path, "unit": non_empty, "timeout": None,
+                           "memory_events": None}, subject=lambda d: d.unit or d.cgroup,
+                          rule=_cgroup_rule),
     "value": Kind({"file": absolute_path}, requires=("file",), subject=lambda d: d.file,
                   rule=_needs_threshold),
 }

@@ -49,7 +49,7 @@ class Detector(Protocol):
 
 
 def build_detector(cfg: DetectorConfig) -> Detector:
-    from . import host, logs, pressure, probes, process, systemd
+    from . import cgroup, host, logs, pressure, probes, process, systemd
 
     builders: dict[str, Any] = {
         "memory": host.Memory, "swap": host.Swap, "cpu": host.Cpu, "load": host.Load,
@@ -60,7 +60,7 @@ def build_detector(cfg: DetectorConfig) -> Detector:
         "http": probes.HttpProbe, "log": logs.LogFile, "journald": logs.Journald,
         "value": host.FileValue, "systemd": systemd.FailedUnits,
         "psi_memory": pressure.Pressure, "psi_cpu": pressure.Pressure,
-        "psi_io": pressure.Pressure,
+        "psi_io": pressure.Pressure, "cgroup_memory": cgroup.CgroupMemory,
     }
     detector: Detector = builders[cfg.kind](cfg)
     return detector

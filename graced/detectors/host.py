@@ -47,13 +47,16 @@ class Cpu(SimpleDetector):
 
 
 class Load(SimpleDetector):
-    """Load average per core over ``window`` (60, 300 or 900 s: the kernel's 1, 5 and 15
-    minute averages)."""
+    """Load per core sustained over ``window`` (60, 300 or 900 s): the lowest of the
+    kernel's 1, 5 and 15-minute averages up to that window, so the value is high only if
+    the load has been high all that time and still is (a busy hour that ended does not
+    linger in the 15-minute average as an open mission)."""
 
     def sample(self) -> list[Observation]:
         one, five, fifteen = os.getloadavg()
         cores = os.cpu_count() or 1
-        load = {300: five, 900: fifteen}.get(int(self.config.window), one)
+        load = {300: min(one, five), 900: min(one, five, fifteen)}.get(
+            int(self.config.window), one)
         return [Observation(self.subject, round(load / cores, 3), "per core",
                             detail={"load1": one, "load5": five, "load15": fifteen,
                                     "cores": cores})]

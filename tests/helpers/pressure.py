@@ -31,6 +31,17 @@ def _controller() -> tuple[Path, str] | None:
     return None
 
 
+def v2_unavailable() -> str | None:
+    """Why no cgroup v2 memory controller (memory.events) is usable here, or None."""
+    if os.geteuid() != 0:
+        return "making a memory cgroup needs root"
+    found = _controller()
+    if found is None or found[1] != "memory.max":
+        return ("no memory controller in cgroup v2 here (cgroups v1, or v2 without "
+                "memory in /sys/fs/cgroup/cgroup.subtree_control): no memory.events")
+    return None
+
+
 def unavailable() -> str | None:
     """Why no memory pressure can be made here, or None."""
     if not Path("/proc/pressure/memory").exists():

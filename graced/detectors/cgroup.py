@@ -1,0 +1,104 @@
+"""A cgroup's memory events: a unit that hit its memory limit or had a task OOM-killed.
+
+Kind ``cgroup_memory`` reads ``memory.events`` of a cgroup v2 directory (``cgroup``, or
+the one systemd gives ``unit``): counters of ``low``, ``high``, ``max``, ``oom``,
+``oom_kill`` and ``oom_group_kill`` events since the cgroup was made. A sample whose
+counters in ``memory_events`` (default max, oom, oom_kill) went up is an anomaly (one
+mission per cgroup; it resolves once samples see no new event); its value is how many
+such events happened since the previous sample.
+
+Listening: the kernel signals a change of ``memory.events`` as a modification of the file,
+so an inotify watch on it (in the detector's :class:`~.events.Wakeup`) makes the detector
+sample the moment the OOM killer acts, not at the next tick.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from inotify_simple import INotify
+from inotify_simple import flags as inf
+
+from ..config import DetectorConfig
+from .base import Observation
+from .events import POLL, Wakeup
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def parse_events(text: str) -> dict[str, int]:
+    """``memory.events`` as a mapping; lines that are not "NAME COUNT" are skipped."""
+    out: dict[str, int] = {}
+    for line in text.splitlines()[:64]:
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            out[parts[0][:40]] = int(parts[1])
+    return out
+
+
+def unit_cgroup(unit: str, timeout: float) -> str:
+    """The cgroup directory systemd runs ``unit`` in."""
+    res = subprocess.run(["systemctl", "show", "--value", "-p", "ControlGroup", "--", unit],
+                         capture_output=True, text=True, timeout=timeout,
+                         stdin=subprocess.DEVNULL, check=False)
+    path = res.stdout.strip()
+    if res.returncode != 0 or not path.startswith("/"):
+        raise RuntimeError(f"no cgroup for unit {unit!r}: "
+                           f"{(res.stderr.strip() or 'not running')[:200]}")
+    return CGROUP_ROOT + path
+
+
+class CgroupMemory:
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+        self.subject = config.effective_subject
+        directory = config.cgroup or unit_cgroup(config.unit, config.timeout)
+        self.path = os.path.join(directory, "memory.events")
+        self._last = self._read()  # missing: a detector error, said with the path
+        self.wakeup: Wakeup | None = None
+        self.mode, self.mode_note = POLL, ""
+        self._inotify: INotify | None = None
+        try:
+            self._inotify = INotify(nonblocking=True)
+            self._inotify.add_watch(self.path, inf.MODIFY)
+        except OSError as exc:
+            self._stop_listening()
+            self.mode_note = f"no inotify: {exc.strerror or exc}"
+        else:
+            self.wakeup = Wakeup()
+            self.wakeup.add(self._inotify.fileno())
+            self.mode = "inotify"
+
+    def _read(self) -> dict[str, int]:
+        with open(self.path) as fh:
+            return parse_events(fh.read(4096))
+
+    def _stop_listening(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
+
+    def drain(self) -> bool:
+        if self._inotify is None:
+            return False
+        try:
+            return bool(self._inotify.read(timeout=0))
+        except BlockingIOError:
+            return False
+
+    def sample(self) -> list[Observation]:
+        now = self._read()
+        grew = {k: now[k] - self._last.get(k, 0) for k in self.config.memory_events
+                if now.get(k, 0) > self._last.get(k, 0)}
+        self._last = now
+        obs = Observation(self.subject, float(sum(grew.values())), "events", detail={
+            k: now.get(k, 0) for k in ("high", "max", "oom", "oom_kill")})
+        if grew:
+            obs.event = "memory events: " + ", ".join(f"{k} +{n}" for k, n in grew.items())
+        return [obs]
+
+    def close(self) -> None:
+        self._stop_listening()
+        if self.wakeup is not None:
+            self.wakeup.close()
