@@ -33,11 +33,12 @@ from graced.protocol import (
     verify_detached,
 )
 
-from . import out, trust
+from . import out, timespec, trust
 from .client import Endpoint, connect, decide, sole_exception
 from .errors import CtlError, ProtocolViolation
 from .plan_text import render_plan
-from .tail import TailOptions, run_tail, stderr_note
+from .tail import OUTPUTS, TailOptions, run_tail, stderr_note
+from .timespec import Point
 from .verify import verify_file
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "GRACE"}
@@ -62,6 +63,25 @@ def _run(fn: Callable[[], Awaitable[T]]) -> T:
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True,
                         help="Print JSON on stdout (for scripts).")(f)
+
+
+def _set_wide(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    out.SETTINGS.wide = out.SETTINGS.wide or value
+
+
+def _set_utc(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    out.SETTINGS.utc = out.SETTINGS.utc or value
+
+
+def wide_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--wide", "-w", is_flag=True, expose_value=False, callback=_set_wide,
+                        help="Do not cut columns to the terminal's width (nothing is cut "
+                             "when stdout is not a terminal).")(f)
+
+
+def utc_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--utc", is_flag=True, expose_value=False, callback=_set_utc,
+                        help="Show times in UTC (default: local time with its offset).")(f)
 
 
 def _print_json(data: Any) -> None:
@@ -129,9 +149,13 @@ async def _hello_key(endpoint: Endpoint) -> tuple[bytes, str]:
               type=click.Path(dir_okay=False),
               help="Trust this public key (the daemon's key.pub) instead of the one pinned "
                    "for the endpoint (env GRACE_KEY).")
+@click.option("--color", "--colour", "colour", type=click.Choice(["auto", "always", "never"]),
+              default="auto", show_default=True, envvar="GRACE_COLOR",
+              help="Colour: on a terminal only (auto), always or never; NO_COLOR set to "
+                   "anything means never (env GRACE_COLOR).")
 @click.pass_context
 def cli(ctx: click.Context, socket_path: str | None, url: str | None, cacert: str | None,
-        key_file: str | None) -> None:
+        key_file: str | None, colour: str) -> None:
     """gracectl: watch and steer graced, the host's self-healing daemon.
 
     Every answer and event is checked against a trusted key: the one given with --key,
@@ -142,6 +166,7 @@ def cli(ctx: click.Context, socket_path: str | None, url: str | None, cacert: st
         raise click.UsageError("give --socket or --url, not both")
     if url and not url.startswith(("ws://", "wss://")):
         raise click.UsageError(f"--url must start ws:// or wss://, not {url[:40]!r}")
+    out.SETTINGS.colour = colour
     ctx.obj = {"socket": socket_path, "url": url, "key": key_file, "cacert": cacert}
 
 
@@ -251,40 +276,64 @@ def _print_status(st: dict[str, Any]) -> None:
 
 # -- tail / verify ----------------------------------------------------------------
 
+def _point(value: str | None, name: str) -> Point | None:
+    if value is None:
+        return None
+    try:
+        return timespec.parse(value, time.time())
+    except ValueError as exc:
+        raise click.BadParameter(f"{value[:40]!r}: {exc}", param_hint=name) from None
+
+
 @cli.command()
 @click.argument("patterns", nargs=-1, metavar="[PATTERN]...")
-@click.option("--since", type=click.IntRange(min=1), metavar="SEQ",
-              help="Start at this seq (replayed from the journal, then live).")
+@click.option("--follow/--no-follow", "-f", "follow", default=True, show_default=True,
+              help="Keep printing new events as they come (--no-follow: stop at the head).")
 @click.option("-n", "--lines", type=click.IntRange(min=0), default=10, show_default=True,
-              help="Without --since, start this many events before the head.")
+              help="Without --since, start with this many of the latest matching events.")
+@click.option("--since", "-S", metavar="SEQ|TIME",
+              help="Start at this seq, or at the first event at or after this time: "
+                   "'-10min', '2026-11-24 10:00', ISO 8601, 'today' (as journalctl).")
+@click.option("--until", "-U", metavar="SEQ|TIME",
+              help="Stop after this seq, or before the first event after this time.")
+@click.option("-o", "--output", type=click.Choice(OUTPUTS), default="short",
+              show_default=True,
+              help="short: time, seq, topic, payload; json and jsonl: each event in its "
+                   "exact signed form, one a line; cat: the payload alone.")
 @json_option
 @click.option("--verify", is_flag=True,
               help="Check every event's signature, the chain, seq continuity and heartbeat "
                    "freshness; stop at the first violation.")
-@click.option("--no-follow", is_flag=True, help="Stop at the current head.")
 @click.option("--key", "key_file", metavar="KEYFILE", type=click.Path(dir_okay=False),
-              help="Trust this public key (key.pub) instead of the pinned one.")
+              help="Trust this public key (key.pub) instead of the pinned one; implies "
+                   "--verify.")
 @click.option("--stale-after", type=click.FloatRange(min=0.1), metavar="SECONDS",
               help="Silence that counts as a stale stream (default 3 heartbeats + 1 s).")
 @click.option("--reconnect-timeout", type=click.FloatRange(min=0), default=60.0,
               show_default=True, metavar="SECONDS",
               help="How long to wait for graced to come back after it stops.")
+@utc_option
 @click.pass_context
-def tail(ctx: click.Context, patterns: tuple[str, ...], since: int | None, lines: int,
-         as_json: bool, verify: bool, no_follow: bool, key_file: str | None,
-         stale_after: float | None, reconnect_timeout: float) -> None:
+def tail(ctx: click.Context, patterns: tuple[str, ...], follow: bool, lines: int,
+         since: str | None, until: str | None, output: str, as_json: bool, verify: bool,
+         key_file: str | None, stale_after: float | None, reconnect_timeout: float) -> None:
     """Stream events matching topic globs (e.g. 'mission.*'); all events by default.
 
-    With --json each event is printed in its exact signed form, one per line (JSONL).
+    Like journalctl: -n counts matching events, --since/--until take a seq or a time,
+    -o json (or --json) prints each event in its exact signed form, one per line.
     """
     endpoint = _endpoint(ctx)
+    start, end = _point(since, "--since"), _point(until, "--until")
+    output = "json" if as_json else output
 
     async def go() -> int:
         trusted = await trusted_key(endpoint, key_file)
         opts = TailOptions(
-            patterns=list(patterns) or ["*"], since=since, lines=lines, as_json=as_json,
-            verify=verify, follow=not no_follow, trusted_key=trusted,
-            stale_after=stale_after, reconnect_timeout=reconnect_timeout,
+            patterns=list(patterns) or ["*"], since=None, lines=lines,
+            as_json=output in ("json", "jsonl"), verify=verify or key_file is not None,
+            follow=follow and end is None, trusted_key=trusted,
+            stale_after=stale_after, reconnect_timeout=reconnect_timeout, output=output,
+            since_at=start, until=end,
         )
         return await run_tail(endpoint, opts, sys.stdout, stderr_note)
 
@@ -490,6 +539,7 @@ def missions() -> None:
 
 
 @missions.command("ls")
+@wide_option
 @click.option("--state", "states", multiple=True, type=click.Choice(STATES),
               help="Only missions in this state (repeatable).")
 @click.option("--severity", "severities", multiple=True, type=click.Choice(SEVERITIES),
@@ -513,30 +563,33 @@ def missions_ls(ctx: click.Context, states: tuple[str, ...], severities: tuple[s
     if not rows:
         stderr_note("no missions" + ("" if show_all or states else " open (--all for closed)"))
         return
-    from tabulate import tabulate
-
-    colour = sys.stdout.isatty()
     table = []
     for m in rows:
-        sev = out.safe(m["severity"] + ("!" if m["flapping"] else ""))
-        if colour:  # the only escape sequence in the table is ours
-            sev = click.style(sev, fg=SEVERITY_COLOUR.get(m["severity"]))
+        sev = out.Cell(m["severity"] + ("!" if m["flapping"] else ""),
+                       SEVERITY_COLOUR.get(m["severity"]))
         held = m.get("silenced") or {}
         state = m["state"] + ("" if not held else f", was silenced #{held['id']}"
                                if held.get("ended_at") else f", silenced #{held['id']}")
-        table.append([m["id"], sev] + [out.safe(c) for c in (
-            state, m["detector"], m["subject"], m["playbook"] or "-", m["summary"][:60])]
-            + [_age(result["now"] - m["opened_at"])])
-    click.echo(tabulate(table, headers=["ID", "SEVERITY", "STATE", "DETECTOR", "SUBJECT",
-                                        "PLAYBOOK", "SUMMARY", "AGE"]))
+        table.append([str(m["id"]), sev, state, m["detector"], m["subject"],
+                      m["playbook"] or "-", _age(result["now"] - m["opened_at"]),
+                      out.reason(m["summary"], m["detector"], m["subject"])])
+    click.echo(out.table(table, MISSION_COLUMNS))
+
+
+MISSION_COLUMNS = [
+    out.Column("ID", right=True), out.Column("SEVERITY"), out.Column("STATE", 1, 9),
+    out.Column("DETECTOR", 2, 6), out.Column("SUBJECT", 3, 6, keep_end=True),
+    out.Column("PLAYBOOK", 2, 6), out.Column("AGE"), out.Column("REASON", 1, 24, spill=True),
+]
 
 
 def _ts(epoch: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+    return out.when(epoch)
 
 
 @missions.command("show")
 @click.argument("mission_id", metavar="ID", type=int)
+@utc_option
 @json_option
 @click.pass_context
 def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
@@ -813,6 +866,7 @@ def reload(ctx: click.Context, timeout: float, as_json: bool) -> None:
 # -- detectors --------------------------------------------------------------------
 
 @cli.command()
+@wide_option
 @json_option
 @click.pass_context
 def detectors(ctx: click.Context, as_json: bool) -> None:
@@ -832,11 +886,18 @@ def detectors(ctx: click.Context, as_json: bool) -> None:
                 continue
             value = (f"{smp['value']:g} {smp['unit']}".strip()
                      if isinstance(smp["value"], (int, float)) else "")
+            why = out.reason(smp["summary"], name, subject)
             rows.append([name, d["kind"], d["state"], mode, subject, value,
                          _age(result["now"] - smp["ts"]),
-                         ("ANOMALY: " if smp["anomalous"] else "") + smp["summary"][:50]])
-    click.echo(out.table(rows, headers=["DETECTOR", "KIND", "STATE", "MODE", "SUBJECT",
-                                        "VALUE", "SAMPLED", "STATUS"]))
+                         out.Cell("ANOMALY: " + why, "red") if smp["anomalous"] else why])
+    out.write(out.table(rows, DETECTOR_COLUMNS))
+
+
+DETECTOR_COLUMNS = [
+    out.Column("DETECTOR", 2, 8), out.Column("KIND", 1, 6), out.Column("STATE", 1, 5),
+    out.Column("MODE", 1, 4), out.Column("SUBJECT", 3, 8, keep_end=True),
+    out.Column("VALUE"), out.Column("SAMPLED"), out.Column("REASON", 1, 24, spill=True),
+]
 
 
 @keys.command("generate")

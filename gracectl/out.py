@@ -1,20 +1,261 @@
-"""Text for a human's terminal: whatever the daemon or the monitored world sent is shown
-with its control characters escaped, so a log line or a probe's output cannot move the
-cursor, set the title or the colours, or hide text (C0 and C1 controls, DEL, line and
-paragraph separators, bidirectional overrides). ``--json`` output is exact data and
-never goes through here.
+"""gracectl's one output module: width, colour, clock and escaping for a human's terminal.
+
+- **Escaping.** Whatever the daemon or the monitored world sent is shown with its control
+  characters escaped, so a log line or a probe's output cannot move the cursor, set the
+  title or the colours, or hide text (C0 and C1 controls, DEL, line and paragraph
+  separators, bidirectional overrides). ``--json`` output is exact data and never goes
+  through here.
+- **Width.** Tables fit the terminal: a column too wide is cut with ``…`` (a subject
+  from the left, keeping the end that tells paths apart). Nothing is cut when stdout is
+  not a terminal (a pipe, a file) or with ``--wide``.
+- **Colour** only on a terminal, never with ``NO_COLOR`` (https://no-color.org) set to
+  anything, nor with ``--color=never``; ``--color=always`` forces it.
+- **One clock.** Human output shows local time with its UTC offset in ISO 8601
+  (``2026-11-24T10:00:05+01:00``); ``--utc`` shows UTC (``…Z``).
+- **Values** are shown as JSON shows them (``null``, ``true``, ``1.5``), and a string is
+  quoted when it holds a space, a quote, an ``=`` or nothing at all.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-import click
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, Any
 
 from graced.protocol.text import safe
 
-__all__ = ["echo", "safe", "safe_lines", "table"]
+__all__ = ["SETTINGS", "Cell", "echo", "fit", "kv", "reason", "safe", "safe_lines", "table",
+           "terminal_width", "use_colour", "value", "when"]
 
+ELLIPSIS = "…"
+
+
+@dataclass
+class Settings:
+    """What the command line asked for (the root's --color, each command's --wide/--utc)."""
+
+    colour: str = "auto"  # auto | always | never
+    wide: bool = False
+    utc: bool = False
+
+
+SETTINGS = Settings()
+
+
+# -- colour -------------------------------------------------------------------------
+
+def use_colour(stream: IO[str] | None = None) -> bool:
+    """Colour for this stream: never with NO_COLOR or --color=never, always with
+    --color=always, else only on a terminal that is not 'dumb'."""
+    if os.environ.get("NO_COLOR") or SETTINGS.colour == "never":
+        return False
+    if SETTINGS.colour == "always":
+        return True
+    stream = stream or sys.stdout
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return tty and os.environ.get("TERM") != "dumb"
+
+
+_SGR = {"red": "31", "green": "32", "yellow": "33", "blue": "34", "magenta": "35",
+        "cyan": "36", "bold": "1", "dim": "2"}
+
+
+def paint(text: str, colour: str | None, stream: IO[str] | None = None) -> str:
+    """``text`` in ``colour`` when colour is on for ``stream`` (already escaped text)."""
+    if not colour or colour not in _SGR or not use_colour(stream):
+        return text
+    return f"\x1b[{_SGR[colour]}m{text}\x1b[0m"
+
+
+# -- width --------------------------------------------------------------------------
+
+def terminal_width(stream: IO[str] | None = None) -> int | None:
+    """Columns to fit in, or None for no limit (--wide, or not a terminal)."""
+    if SETTINGS.wide:
+        return None
+    stream = stream or sys.stdout
+    try:
+        if not stream.isatty():
+            return None
+        return os.get_terminal_size(stream.fileno()).columns or None
+    except (AttributeError, ValueError, OSError):
+        return shutil.get_terminal_size((0, 0)).columns or None
+
+
+def fit(text: str, width: int, keep_end: bool = False) -> str:
+    """``text`` in at most ``width`` characters, cut with ``…`` (at the start when
+    ``keep_end``: a path's last part is what tells it apart)."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return ELLIPSIS[:width]
+    return ELLIPSIS + text[-(width - 1):] if keep_end else text[:width - 1] + ELLIPSIS
+
+
+@dataclass
+class Cell:
+    """A table cell with a colour (the text is escaped and measured without it)."""
+
+    text: str
+    colour: str | None = None
+
+
+@dataclass
+class Column:
+    """A table column: ``shrink`` (0 never; higher gives up width first) down to
+    ``minimum`` (never below the header's width); ``keep_end`` cuts from the left;
+    ``right`` aligns right. A ``spill`` column (the last: a reason) that would be cut
+    moves to a line of its own under each row instead, so it is read whole."""
+
+    header: str
+    shrink: int = 0
+    minimum: int = 8
+    keep_end: bool = False
+    right: bool = False
+    spill: bool = False
+
+
+SPILL_INDENT = "    "
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str | Column],
+          width: int | None = -1, stream: IO[str] | None = None) -> str:
+    """A plain-text table: a header line, a rule, the rows; cells escaped; fitted to the
+    terminal (``width`` -1) unless piped or --wide."""
+    cols = [h if isinstance(h, Column) else Column(h) for h in headers]
+    if width == -1:
+        width = terminal_width(stream)
+    cells = [[c if isinstance(c, Cell) else Cell(_plain(c)) for c in row] for row in rows]
+    for row in cells:
+        row.extend(Cell("") for _ in range(len(cols) - len(row)))
+        for c in row:
+            c.text = safe(c.text)
+    widths = [max([len(col.header)] + [len(r[i].text) for r in cells])
+              for i, col in enumerate(cols)]
+    spilled: int | None = None
+    if width is not None and _total(widths) > width:
+        natural = list(widths)
+        _shrink(cols, widths, width)
+        spill = next((i for i, c in enumerate(cols) if c.spill), None)
+        if spill is not None and (widths[spill] < natural[spill] or _total(widths) > width):
+            spilled = spill
+            widths = [w for i, w in enumerate(natural) if i != spill]
+            cols = [c for i, c in enumerate(cols) if i != spill]
+            _shrink(cols, widths, width)
+    colour = use_colour(stream)
+
+    def line(parts: list[Cell]) -> str:
+        out = []
+        for col, w, c in zip(cols, widths, parts, strict=False):
+            text = fit(c.text, w, col.keep_end)
+            pad = " " * (w - len(text))
+            if colour and c.colour:
+                text = paint(text, c.colour, stream)
+            out.append(pad + text if col.right else text + pad)
+        return "  ".join(out).rstrip()
+
+    lines = [line([Cell(c.header) for c in cols]), "  ".join("-" * w for w in widths)]
+    for row in cells:
+        if spilled is None:
+            lines.append(line(row))
+            continue
+        extra = row[spilled]
+        lines.append(line([c for i, c in enumerate(row) if i != spilled]))
+        if extra.text:
+            assert width is not None
+            text = fit(extra.text, width - len(SPILL_INDENT))
+            lines.append(SPILL_INDENT + (paint(text, extra.colour, stream)
+                                         if colour and extra.colour else text))
+    return "\n".join(lines)
+
+
+def _total(widths: list[int]) -> int:
+    return sum(widths) + 2 * (len(widths) - 1)
+
+
+def _shrink(cols: list[Column], widths: list[int], limit: int) -> None:
+    """Narrow the shrinkable columns, the widest first (by weight), until the table fits
+    or each is at its minimum."""
+    floor = [max(c.minimum, len(c.header), 1) for c in cols]
+    while _total(widths) > limit:
+        able = [i for i, c in enumerate(cols) if c.shrink and widths[i] > floor[i]]
+        if not able:
+            return
+        i = max(able, key=lambda j: (widths[j] - floor[j]) * cols[j].shrink)
+        widths[i] -= 1
+
+
+# -- values -------------------------------------------------------------------------
+
+_NEEDS_QUOTES = re.compile(r"[\s\"'=\\]")
+
+
+def value(v: Any) -> str:
+    """A value as JSON writes it (null, true, 1.5, lists and objects), a string bare
+    unless it holds a space, a quote, an '=' or a backslash, or is empty: then JSON-quoted."""
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False) if not v or _NEEDS_QUOTES.search(v) else v
+    return json.dumps(v, ensure_ascii=False, sort_keys=True)
+
+
+def _plain(v: Any) -> str:
+    """A table cell: a string as it is, None as '-', anything else as JSON."""
+    if v is None:
+        return "-"
+    return v if isinstance(v, str) else value(v)
+
+
+def kv(payload: Any) -> str:
+    """A payload as 'key=value ...' (values as :func:`value` writes them)."""
+    if isinstance(payload, dict):
+        return " ".join(f"{k}={value(v)}" for k, v in payload.items())
+    return value(payload)
+
+
+def reason(summary: str, detector: str, subject: str) -> str:
+    """A mission's or sample's summary without the detector and subject its row shows
+    already ('memory host at 93.1 %, above …' -> 'at 93.1 %, above …')."""
+    text = summary or ""
+    for prefix in (f"{detector} {subject}", detector):
+        if prefix and text.startswith(prefix):
+            rest = text[len(prefix):]
+            if rest[:1] in (":", " ", ""):
+                text = rest.lstrip(": ").strip() or text
+                break
+    return text
+
+
+# -- time ---------------------------------------------------------------------------
+
+def when(t: float | str | None, ms: bool = False) -> str:
+    """A time for a human: local ISO 8601 with its offset (``--utc``: UTC, ``Z``);
+    ``t`` is epoch seconds or an event's ISO 8601 ``ts``; '-' when there is none."""
+    if t is None or t == "":
+        return "-"
+    try:
+        if isinstance(t, str):
+            dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=UTC)
+        else:
+            dt = datetime.fromtimestamp(float(t), UTC)
+    except (ValueError, OverflowError, OSError, TypeError):
+        return safe(str(t))
+    dt = dt.astimezone(UTC) if SETTINGS.utc else dt.astimezone()
+    text = dt.isoformat(timespec="milliseconds" if ms else "seconds")
+    return text.replace("+00:00", "Z") if SETTINGS.utc else text
+
+
+# -- printing -----------------------------------------------------------------------
 
 def safe_lines(value: Any) -> list[str]:
     """Multi-line text (a step's output) as safe lines."""
@@ -27,13 +268,7 @@ def _keep_lines(text: str) -> str:
 
 
 def echo(text: Any = "", err: bool = False, nl: bool = True) -> None:
-    """``click.echo`` for human text: line breaks kept, every other control escaped."""
-    click.echo(_keep_lines(text if isinstance(text, str) else str(text)), err=err, nl=nl)
-
-
-def table(rows: list[list[Any]], headers: list[str]) -> str:
-    """A plain-text table (tabulate) of escaped cells."""
-    from tabulate import tabulate
-
-    return tabulate([[c if c is None or isinstance(c, (int, float)) else safe(c) for c in row]
-                     for row in rows], headers=headers)
+    """Print human text: line breaks kept, every other control escaped."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(_keep_lines(text if isinstance(text, str) else str(text)) + ("\n" if nl else ""))
+    stream.flush()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -11,28 +10,28 @@ from typing import IO, Any
 
 import trio
 
-from graced.protocol import ChainVerifier, ExitCode, Violation, key_id
+from graced.protocol import ChainVerifier, ExitCode, Violation, key_id, parse_ts
 from graced.protocol.topics import compile_patterns
 from graced.protocol.verify import announced_interval, stale_limit
 
 from .client import Endpoint, connect
 from .errors import Unreachable
-from .out import safe
+from .out import kv, safe, when
+from .timespec import Point
+
+OUTPUTS = ("short", "json", "jsonl", "cat")
+"""tail -o: short (time, seq, topic, payload), json and jsonl (each event in its exact
+signed form, one a line), cat (the payload alone)."""
 
 
-def format_event(event: dict[str, Any]) -> str:
-    """One human line: time, seq, topic, payload."""
-    ts = str(event.get("ts", ""))
-    when = ts.replace("T", " ").rstrip("Z")[:23]
-    payload = event.get("payload")
-    if isinstance(payload, dict):
-        text = " ".join(
-            f"{k}={json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v}"
-            for k, v in payload.items()
-        )
-    else:
-        text = json.dumps(payload, ensure_ascii=False)
-    return safe(f"{when}  {event.get('seq', '?'):>7}  {event.get('topic', '?'):<22}  {text}")
+def format_event(event: dict[str, Any], output: str = "short") -> str:
+    """One human line: time (local, with its offset; --utc: UTC), seq, topic, payload
+    as key=value (values as JSON writes them, strings quoted when they hold a space)."""
+    text = kv(event.get("payload"))
+    if output == "cat":
+        return safe(text)
+    return safe(f"{when(event.get('ts'), ms=True)}  {event.get('seq', '?'):>7}  "
+                f"{event.get('topic', '?'):<22}  {text}".rstrip())
 
 
 @dataclass
@@ -46,6 +45,21 @@ class TailOptions:
     trusted_key: bytes | None
     stale_after: float | None
     reconnect_timeout: float
+    output: str = "short"
+    since_at: Point | None = None  # --since as given (a seq or a time)
+    until: Point | None = None
+
+    def past_until(self, event: dict[str, Any]) -> bool:
+        """Whether ``event`` comes after --until (the stream ends before it)."""
+        if self.until is None:
+            return False
+        seq = event.get("seq")
+        if self.until.seq is not None:
+            return isinstance(seq, int) and seq > self.until.seq
+        try:
+            return parse_ts(str(event.get("ts"))) > float(self.until.ts or 0)
+        except (ValueError, TypeError, OverflowError):
+            return False
 
 
 class Printer:
@@ -61,7 +75,8 @@ class Printer:
     def emit(self, line: str, event: dict[str, Any]) -> None:
         if not self.match(str(event.get("topic", ""))):
             return
-        self.out.write((line if self.opts.as_json else format_event(event)) + "\n")
+        self.out.write((line if self.opts.as_json else format_event(event, self.opts.output))
+                       + "\n")
         self.printed += 1
 
     def release(self) -> None:
@@ -84,7 +99,7 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
     """Follow the stream; returns the exit code, raises Violation on a verification failure."""
     verifier: ChainVerifier | None = None
     printer = Printer(opts, out)
-    next_seq = opts.since
+    next_seq = await _start(endpoint, opts)
     last_topic: str | None = None
     retry_until: float | None = None
     while True:
@@ -146,6 +161,12 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
                 if verifier is not None:
                     verifier.feed_line(line.encode("utf-8", "surrogatepass"),
                                        trio.current_time())
+                if opts.past_until(event):  # checked, and not shown: the end
+                    if verifier is not None:
+                        verifier.flush()
+                    printer.release()
+                    return 0
+                if verifier is not None:
                     # The signed stream says how often to expect a heartbeat (a reload
                     # may change it): the stale limit follows, unless the user set one.
                     announced = announced_interval(event)
@@ -178,6 +199,105 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
         note(f"graced is stopping; waiting up to {opts.reconnect_timeout:g} s for it to come "
              f"back, to resume at seq {next_seq}")
         retry_until = trio.current_time() + opts.reconnect_timeout
+
+
+async def _start(endpoint: Endpoint, opts: TailOptions) -> int | None:
+    """The seq to start at: --since's (a time: the first event at or after it), else the
+    first of the last -n events that match (counted back from the head, or from a
+    --until seq), else None (the head, live)."""
+    since = opts.since_at or (Point(seq=opts.since) if opts.since else None)
+    if since is not None:
+        if since.seq is not None:
+            return since.seq
+        return await _seq_at(endpoint, opts.trusted_key, float(since.ts or 0))
+    if opts.lines <= 0:
+        return None
+    return await _last_matching(endpoint, opts)
+
+
+async def _scan(conn: Any, since: int,
+                visit: Callable[[int, dict[str, Any]], bool]) -> None:
+    """Pass every event from ``since`` to the head at subscription to ``visit`` until it
+    returns False; unverified (this only finds where to start: what is shown is checked
+    when it is read again)."""
+    sub = await conn.request("subscribe", {"patterns": ["*"], "since": since})
+    head = int(sub["head_seq"])
+    if since > head:
+        return
+    while True:
+        try:
+            _, event = await conn.next_event()
+        except trio.EndOfChannel:
+            raise Unreachable("connection to graced lost") from None
+        seq = event.get("seq")
+        if not isinstance(seq, int):
+            continue
+        if not visit(seq, event) or seq >= head:
+            return
+
+
+async def _head(endpoint: Endpoint, key: bytes | None) -> int:
+    async with connect(endpoint, key, verify_events=False) as conn:
+        return int((await conn.request("hello")).get("head_seq", 0))
+
+
+async def _seq_at(endpoint: Endpoint, key: bytes | None, ts: float) -> int:
+    """The seq of the first event at or after ``ts`` (a binary search over the journal;
+    past the head: the next event)."""
+    lo, hi = 1, await _head(endpoint, key) + 1
+    got: list[tuple[int, dict[str, Any]]] = []
+
+    def first(seq: int, event: dict[str, Any]) -> bool:
+        got.append((seq, event))
+        return False
+
+    while lo < hi:
+        mid = (lo + hi) // 2
+        got.clear()
+        async with connect(endpoint, key, verify_events=False) as conn:
+            await _scan(conn, mid, first)
+        if not got:
+            return hi
+        seq, event = got[0]
+        try:
+            at = parse_ts(str(event.get("ts")))
+        except (ValueError, TypeError, OverflowError):
+            at = ts
+        if at >= ts:
+            hi = mid
+        else:
+            lo = seq + 1
+    return lo
+
+
+LOOKBACK = (1_000, 32_000, 1_000_000, 2**62)
+"""How far back -n looks for matching events, one window after another."""
+
+
+async def _last_matching(endpoint: Endpoint, opts: TailOptions) -> int:
+    """The seq of the first of the last ``opts.lines`` events that match the patterns
+    (journalctl's -n counts matching entries), up to the head or a --until seq."""
+    match = compile_patterns(opts.patterns)
+    head = await _head(endpoint, opts.trusted_key)
+    upper = min(head, opts.until.seq) if opts.until and opts.until.seq else head
+    found: list[int] = []
+
+    def visit(seq: int, event: dict[str, Any]) -> bool:
+        if seq > upper or opts.past_until(event):
+            return False
+        if match(str(event.get("topic", ""))):
+            found.append(seq)
+            del found[:-opts.lines]
+        return True
+
+    for window in LOOKBACK:
+        start = max(1, upper - window + 1)
+        found.clear()
+        async with connect(endpoint, opts.trusted_key, verify_events=False) as conn:
+            await _scan(conn, start, visit)
+        if len(found) >= opts.lines or start == 1:
+            break
+    return found[0] if found else upper + 1
 
 
 @asynccontextmanager

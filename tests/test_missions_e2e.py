@@ -312,8 +312,8 @@ def test_missions_cli_lists_shows_and_reports_not_found(watched) -> None:
     mid = opened["payload"]["id"]
     table = g.ctl("missions", "ls", check=True).stdout
     header = table.splitlines()[0].split()
-    assert header == ["ID", "SEVERITY", "STATE", "DETECTOR", "SUBJECT", "PLAYBOOK", "SUMMARY",
-                      "AGE"]
+    assert header == ["ID", "SEVERITY", "STATE", "DETECTOR", "SUBJECT", "PLAYBOOK", "AGE",
+                      "REASON"]
     assert any(line.split()[:4] == [str(mid), "critical", "open", "absent"]
                for line in table.splitlines()[2:])
     crit = json.loads(g.ctl("missions", "ls", "--severity", "critical", "--json").stdout)

@@ -1,0 +1,83 @@
+"""Where ``tail --since/--until`` start and stop: a seq, or a time as journalctl takes it.
+
+Pure: the caller passes ``now`` (epoch seconds) and gets a :class:`Point` back.
+
+Accepted (as journalctl(1) accepts them):
+- a positive integer: a seq (``--since 1``);
+- ``now``, ``today``, ``yesterday``, ``tomorrow`` (midnight, local time);
+- ``-10min``, ``+2h``, ``-1d 2h``, ``-90s``: relative to now (units s, sec, second(s),
+  m, min, minute(s), h, hour(s), d, day(s), w, week(s)); ``10min ago`` too;
+- ``2026-11-24``, ``2026-11-24 10:00``, ``2026-11-24 10:00:05`` (local time), and any
+  ISO 8601 time (``2026-11-24T10:00:05Z``, ``…+01:00``; without a zone: local time).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+UNITS = {"s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+         "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+         "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600,
+         "d": 86400, "day": 86400, "days": 86400, "w": 604800, "week": 604800,
+         "weeks": 604800}
+_SPAN = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]+)")
+_MAX_LEN = 64
+
+
+@dataclass(frozen=True)
+class Point:
+    """A seq or a time (epoch seconds): exactly one is set."""
+
+    seq: int | None = None
+    ts: float | None = None
+
+
+def _span(text: str) -> float | None:
+    parts = _SPAN.findall(text)
+    if not parts or _SPAN.sub("", text).strip():
+        return None
+    total = 0.0
+    for n, unit in parts:
+        if unit not in UNITS:
+            return None
+        total += float(n) * UNITS[unit]
+    return total
+
+
+def parse(text: str, now: float) -> Point:
+    """A seq or a time from ``text``; raises ValueError with the reason."""
+    t = text.strip().lower()
+    if not t or len(t) > _MAX_LEN:
+        raise ValueError("empty or too long")
+    if t.isdigit():
+        seq = int(t)
+        if not 1 <= seq <= 2**62:
+            raise ValueError("a seq is a positive integer")
+        return Point(seq=seq)
+    local_now = datetime.fromtimestamp(now).astimezone()
+    midnight = local_now.replace(hour=0, minute=0, second=0, microsecond=0)
+    days = {"today": 0, "yesterday": -1, "tomorrow": 1}
+    if t == "now":
+        return Point(ts=now)
+    if t in days:
+        return Point(ts=(midnight + timedelta(days=days[t])).timestamp())
+    sign = 0
+    if t.startswith(("-", "+")):
+        sign, t = (-1 if t[0] == "-" else 1), t[1:].strip()
+    elif t.endswith(" ago"):
+        sign, t = -1, t[:-4].strip()
+    if sign:
+        span = _span(t)
+        if span is None:
+            raise ValueError("not a time span such as -10min, -2h or -1d")
+        return Point(ts=now + sign * span)
+    try:
+        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError("not a seq, a time span (-10min) or a time (2026-11-24 10:00, "
+                         "ISO 8601)") from None
+    if dt.tzinfo is None:
+        dt = dt.astimezone()  # a time without a zone is local time, as journalctl reads it
+    return Point(ts=dt.timestamp())
