@@ -573,7 +573,7 @@ def missions_ls(ctx: click.Context, states: tuple[str, ...], severities: tuple[s
         table.append([str(m["id"]), sev, state, m["detector"], m["subject"],
                       m["playbook"] or "-", _age(result["now"] - m["opened_at"]),
                       out.reason(m["summary"], m["detector"], m["subject"])])
-    click.echo(out.table(table, MISSION_COLUMNS))
+    out.write(out.table(table, MISSION_COLUMNS))
 
 
 MISSION_COLUMNS = [

@@ -272,3 +272,10 @@ def echo(text: Any = "", err: bool = False, nl: bool = True) -> None:
     stream = sys.stderr if err else sys.stdout
     stream.write(_keep_lines(text if isinstance(text, str) else str(text)) + ("\n" if nl else ""))
     stream.flush()
+
+
+def write(text: str, err: bool = False) -> None:
+    """Print text already made safe (a table: cells escaped, colour ours), as it is."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text + "\n")
+    stream.flush()

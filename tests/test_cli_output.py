@@ -1,0 +1,108 @@
+"""The pure parts of gracectl's output: fitting, values, reasons, the clock, time specs."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime
+
+import pytest
+
+from gracectl import out, timespec
+
+
+@pytest.fixture(autouse=True)
+def settings(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(out, "SETTINGS", out.Settings())
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    yield out.SETTINGS
+
+
+def test_fit_cuts_with_an_ellipsis_from_either_end() -> None:
+    assert out.fit("abcdef", 6) == "abcdef"
+    assert out.fit("abcdef", 4) == "abc…"
+    assert out.fit("/var/lib/app/cache-a", 8, keep_end=True) == "…cache-a"
+
+
+def test_table_fits_the_width_and_spills_the_reason() -> None:
+    cols = [out.Column("ID"), out.Column("SUBJECT", 1, 6, keep_end=True),
+            out.Column("REASON", 1, 10, spill=True)]
+    rows = [["1", "/var/lib/app/cache/one-long-name", "at 99.0, above the threshold 50.0"]]
+    wide = out.table(rows, cols, width=None)
+    assert "/var/lib/app/cache/one-long-name" in wide and "…" not in wide
+    narrow = out.table(rows, cols, width=40).splitlines()
+    assert all(len(line) <= 40 for line in narrow), narrow
+    assert narrow[0].split() == ["ID", "SUBJECT"]
+    assert narrow[-1] == out.SPILL_INDENT + "at 99.0, above the threshold 50.0"
+    fits = out.table(rows, cols, width=80).splitlines()
+    assert len(fits) == 3 and fits[-1].endswith("above the threshold 50.0")
+
+
+def test_table_escapes_cells_and_colours_only_when_asked(settings: out.Settings) -> None:
+    rows = [["\x1b]0;pwned\x07", out.Cell("high", "red")]]
+    plain = out.table(rows, ["A", "B"], width=None)
+    assert "\x1b" not in plain and "\\e]0;pwned\\x07" in plain
+    settings.colour = "always"
+    assert "\x1b[31mhigh\x1b[0m" in out.table(rows, ["A", "B"], width=None)
+    os.environ["NO_COLOR"] = "1"
+    try:
+        assert "\x1b[31m" not in out.table(rows, ["A", "B"], width=None)
+    finally:
+        del os.environ["NO_COLOR"]
+
+
+def test_values_are_written_as_json_writes_them() -> None:
+    assert out.kv({"a": None, "b": True, "c": 1.5, "d": "x y", "e": "plain", "f": "",
+                   "g": [1, "z"]}) == 'a=null b=true c=1.5 d="x y" e=plain f="" g=[1, "z"]'
+    assert out.value('say "hi"') == '"say \\"hi\\""'
+
+
+def test_reason_drops_what_the_row_shows() -> None:
+    assert out.reason("memory at 93.1 %, above the threshold 90 %", "memory", "host") == \
+        "at 93.1 %, above the threshold 90 %"
+    assert out.reason("web /health: connection refused", "web", "/health") == \
+        "connection refused"
+    assert out.reason("something else", "web", "x") == "something else"
+
+
+def test_one_clock(settings: out.Settings) -> None:
+    epoch = 1_800_000_000.25
+    local = out.when(epoch)
+    assert datetime.fromisoformat(local).timestamp() == 1_800_000_000
+    assert out.when("2027-01-15T08:00:00.250000Z") == out.when(epoch)
+    settings.utc = True
+    assert out.when(epoch) == "2027-01-15T08:00:00Z"
+    assert out.when(epoch, ms=True) == "2027-01-15T08:00:00.250Z"
+    assert out.when(None) == "-"
+
+
+NOW = 1_800_000_000.0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("42", timespec.Point(seq=42)),
+    ("now", timespec.Point(ts=NOW)),
+    ("-10min", timespec.Point(ts=NOW - 600)),
+    ("-1h 30min", timespec.Point(ts=NOW - 5400)),
+    ("2h ago", timespec.Point(ts=NOW - 7200)),
+    ("+90s", timespec.Point(ts=NOW + 90)),
+    ("2027-01-15T08:00:00Z", timespec.Point(ts=NOW)),
+    ("2027-01-15T09:00:00+01:00", timespec.Point(ts=NOW)),
+])
+def test_time_specs(text: str, expected: timespec.Point) -> None:
+    assert timespec.parse(text, NOW) == expected
+
+
+def test_time_specs_without_a_zone_are_local() -> None:
+    local = time.strftime("%Y-%m-%d %H:%M", time.localtime(NOW))
+    assert timespec.parse(local, NOW).ts == NOW - NOW % 60
+    today = timespec.parse("today", NOW).ts
+    assert today is not None and time.localtime(today)[3:6] == (0, 0, 0)
+    assert timespec.parse("yesterday", NOW).ts == pytest.approx(today - 86400, abs=3600)
+
+
+@pytest.mark.parametrize("junk", ["", "0", "-", "-10 parsecs", "2027-13-45", "x" * 100,
+                                  "-1e999min", "99999999999999999999999"])
+def test_bad_time_specs_are_refused(junk: str) -> None:
+    with pytest.raises(ValueError):
+        timespec.parse(junk, NOW)

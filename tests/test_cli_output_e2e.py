@@ -1,0 +1,165 @@
+"""gracectl's output as an operator reads it, against a real graced: tail as journalctl
+(-n after the filter, --since/--until by time, -o formats), one clock, JSON-style values,
+colour only on a terminal and never with NO_COLOR, tables that fit 80 columns."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Graced, bin_path
+from tests.helpers.pty_run import run_on_tty
+
+LOCAL_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?[+-]\d\d:\d\d")
+UTC_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z")
+ESC = "\x1b["
+
+
+def _events(g: Graced, *args: str) -> list[dict]:
+    out = g.ctl("tail", "--no-follow", "-o", "json", *args, check=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+@pytest.mark.slow
+def test_tail_n_counts_matching_events_and_output_formats(graced: Graced) -> None:
+    g = graced
+    g.ctl("emit", "user.note", "--payload", '{"text": "hello world", "n": null, "ok": true}',
+          check=True)
+    g.ctl("emit", "user.other", check=True)
+    # The last event is user.other: -n 1 counts matching events, as journalctl does.
+    shown = g.ctl("tail", "-n", "1", "--no-follow", "user.note", check=True).stdout
+    assert len(shown.splitlines()) == 1 and "user.note" in shown
+    line = shown.strip()
+    assert LOCAL_TIME.match(line), line
+    # JSON's null and true, and a string with a space quoted.
+    assert 'text="hello world"' in line and "n=null" in line and "ok=true" in line
+    assert "None" not in line and "True" not in line
+    two = g.ctl("tail", "-n", "2", "--no-follow", "user.*", check=True).stdout.splitlines()
+    assert [ln.split()[2] for ln in two] == ["user.note", "user.other"]
+    utc = g.ctl("tail", "-n", "1", "--no-follow", "--utc", "user.note", check=True).stdout
+    assert UTC_TIME.match(utc.strip()), utc
+
+    cat = g.ctl("tail", "-n", "1", "--no-follow", "-o", "cat", "user.note", check=True).stdout
+    assert cat.split() == ['n=null', 'ok=true', 'text="hello', 'world"']
+    for fmt in (["-o", "json"], ["-o", "jsonl"], ["--output", "json"], ["--json"]):
+        text = g.ctl("tail", "-n", "1", "--no-follow", *fmt, "user.note", check=True).stdout
+        ev = json.loads(text)  # one event, its exact signed line
+        assert text.startswith('{"kid":') and ev["payload"]["text"] == "hello world"
+    # -f is the follow flag it always was; --no-follow and -f together: the last wins.
+    assert g.ctl("tail", "-f", "--no-follow", "-n", "0").returncode == 0
+    bad = g.ctl("tail", "-o", "yaml")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_tail_since_and_until_take_a_time(graced: Graced) -> None:
+    g = graced
+    first = json.loads(g.ctl("emit", "user.a", "--json", check=True).stdout)["first_seq"]
+    g.ctl("emit", "user.b", check=True)
+    last = json.loads(g.ctl("emit", "user.c", "--json", check=True).stdout)["first_seq"]
+    evs = {e["topic"]: e for e in _events(g, "--since", str(first), "--until", str(last),
+                                           "user.*")}
+    assert list(evs) == ["user.a", "user.b", "user.c"]
+    b_ts = evs["user.b"]["ts"]  # ISO 8601 UTC, as signed
+    since_b = [e["topic"] for e in _events(g, "--since", b_ts, "user.*")]
+    assert since_b == ["user.b", "user.c"]
+    until_b = [e["topic"] for e in _events(g, "--since", "-1h", "--until", b_ts, "user.*")]
+    assert until_b == ["user.a", "user.b"]
+    # The same instant in local time with its offset, and as journalctl's words.
+    local = datetime.fromisoformat(b_ts.replace("Z", "+00:00")).astimezone().isoformat()
+    assert [e["topic"] for e in _events(g, "--since", local, "user.*")] == since_b
+    assert _events(g, "--since", "today", "user.a")[0]["seq"] == first
+    assert _events(g, "--since", "+1h") == []
+    for junk in ("yesterday-ish", "-10 parsecs", "2026-13-45", "0", "x" * 500):
+        res = g.ctl("tail", "--since", junk, "--no-follow")
+        assert res.returncode == 2 and "--since" in res.stderr, (junk, res.stderr)
+        assert "Traceback" not in res.stderr
+
+
+def test_key_without_verify_verifies(graced: Graced, shortdir: Path) -> None:
+    """--key is never ignored: a key that is not the daemon's fails as --verify does."""
+    other = shortdir / "other.pub"
+    other.write_text(f"ed25519 {base64.b64encode(os.urandom(32)).decode()}\n")
+    res = graced.ctl("tail", "--key", str(other), "--no-follow")
+    assert res.returncode == 10 and "Traceback" not in res.stderr, res
+    own = graced.state / "key.pub"
+    ok = graced.ctl("tail", "--key", str(own), "--no-follow", "-n", "3", check=True)
+    assert len(ok.stdout.splitlines()) == 3
+
+
+VALUE = ('[[detector]]\nname = "queue-depth"\nkind = "value"\nfile = "{file}"\n'
+         'subject = "/var/lib/app/cache/worker-queue-long-name"\ninterval = 0.2\n'
+         'threshold = 50.0\nseverity = "high"\n')
+
+
+@pytest.fixture
+def with_mission(make_graced, shortdir: Path) -> Graced:
+    value = shortdir / "value"
+    value.write_text("99\n")
+    g = make_graced(detectors=VALUE.format(file=value))
+    first = g.ctl_popen("tail", "--since", "1", "mission.opened")
+    try:
+        assert first.stdout is not None
+        assert "mission.opened" in first.stdout.readline()
+    finally:
+        first.kill()
+        first.wait()
+    return g
+
+
+@pytest.mark.slow
+def test_tables_fit_80_columns_show_the_reason_and_colour_only_on_a_tty(
+        with_mission: Graced) -> None:
+    g = with_mission
+    ctl = bin_path("gracectl")
+    for cmd in (["missions", "ls"], ["detectors"]):
+        rc, text = run_on_tty([ctl, *cmd], g.env, columns=80)
+        assert rc == 0, text
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
+        assert all(len(line) <= 80 for line in plain.splitlines()), plain
+        # The reason is there whole, without the detector and subject it repeats.
+        assert "at 99.0, above the threshold 50.0" in plain, plain
+        assert "queue-depth /var/lib" not in plain
+        assert "…" in plain  # the long subject was cut, keeping its end
+        assert ESC in text  # severity or anomaly in colour on a terminal
+        for no_colour in ({"NO_COLOR": "1"}, {"GRACE_COLOR": "never"}):
+            rc, text = run_on_tty([ctl, *cmd], {**g.env, **no_colour}, columns=80)
+            assert rc == 0 and ESC not in text, text
+        rc, text = run_on_tty([ctl, "--color=never", *cmd], g.env, columns=80)
+        assert ESC not in text
+        # Piped: nothing cut, no colour, one row a line; --color=always forces colour.
+        piped = g.ctl(*cmd, check=True).stdout
+        assert ESC not in piped and "…" not in piped
+        assert "/var/lib/app/cache/worker-queue-long-name" in piped
+        assert ESC in g.ctl("--color", "always", *cmd, check=True).stdout
+        rc, wide = run_on_tty([ctl, *cmd, "--wide"], g.env, columns=80)
+        assert "/var/lib/app/cache/worker-queue-long-name" in wide
+
+
+def test_one_clock_in_human_output(with_mission: Graced) -> None:
+    g = with_mission
+    shown = g.ctl("missions", "show", "1", check=True).stdout
+    opened = re.search(r"opened\s+(\S+)", shown)
+    assert opened and LOCAL_TIME.fullmatch(opened.group(1)), shown
+    utc = g.ctl("missions", "show", "1", "--utc", check=True).stdout
+    opened_utc = re.search(r"opened\s+(\S+)", utc)
+    assert opened_utc and UTC_TIME.fullmatch(opened_utc.group(1)), utc
+    a = datetime.fromisoformat(opened.group(1))
+    b = datetime.fromisoformat(opened_utc.group(1).replace("Z", "+00:00"))
+    assert a == b  # the same instant, one clock
+    # Every time in the timeline and samples is in the same form.
+    stamps = re.findall(r"^\s+(\d{4}-\S+)\s", shown, re.M)
+    assert stamps and all(LOCAL_TIME.fullmatch(s) for s in stamps), stamps
+
+
+def test_bad_colour_is_a_usage_error() -> None:
+    res = subprocess.run([bin_path("gracectl"), "--color", "sometimes", "status"],
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
