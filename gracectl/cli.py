@@ -1023,4 +1023,4 @@ def top(ctx: click.Context, once: bool, key_file: str | None, interval: float) -
 
 
 # The learning and playbook commands register themselves on the groups above.
-from . import learn, playbooks, silence  # noqa: E402, F401
+from . import learn, playbooks, silence, web  # noqa: E402, F401

@@ -612,13 +612,15 @@ class Api:
         history = req.params.get("history", 0)
         if not isinstance(history, int) or isinstance(history, bool) or history < 0:
             raise RequestError("bad_request", "params.history must be a non-negative integer")
+        times = req.params.get("times", False) is True  # [ts, value] pairs (the web page)
         out = {}
         for name, st in self.runner.status.items():
             entry = dict(st)
             if history:
                 entry["history"] = {
-                    subj: [v for _, v in list(self.runner.history.get((name, subj), []))[
-                        -history:]] for subj in st["subjects"]}
+                    subj: [[t, v] if times else v for t, v in list(
+                        self.runner.history.get((name, subj), []))[-history:]]
+                    for subj in st["subjects"]}
             out[name] = entry
         return {"detectors": out, "now": time.time()}
 

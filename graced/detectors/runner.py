@@ -266,7 +266,8 @@ class DetectorRunner:
 
 
 def _fresh(d: DetectorConfig) -> dict[str, Any]:
-    return {"kind": d.kind, "interval": d.interval, "state": "starting", "subjects": {},
+    return {"kind": d.kind, "interval": d.interval, "threshold": d.effective_threshold,
+            "state": "starting", "subjects": {},
             "errors": 0, "last_error": None, "mode": POLL, "mode_note": "",
             "cadence": d.interval}
 

@@ -1,0 +1,340 @@
+"""``gracectl web``: Mission Control in the browser, relayed from graced's Unix socket.
+
+Theory of operation: one HTTP listener on a loopback address serves the page's static
+files (``gracectl/webui/``: plain HTML, CSS and JavaScript modules, a strict
+Content-Security-Policy) and, at ``/ws``, a WebSocket. A browser that connects there
+first proves the login token (``gracectl web`` prints it once, in the URL's fragment,
+which browsers never send to any server); the relay then opens its own connection to
+graced's Unix socket and passes messages both ways: graced's frames verbatim, byte for
+byte, to the browser (which verifies every one itself, in a Worker, against the key it
+pinned); the browser's requests to graced only if they are one of the methods the page
+uses, bounded in size. graced sees the relay's uid: the page has exactly the rights of
+the user who ran ``gracectl web`` (docs/security.md, "The browser").
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import ipaddress
+import json
+import logging
+import mimetypes
+import secrets
+import sys
+import webbrowser
+from importlib import resources
+from typing import Any
+
+import click
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from graced.protocol import key_id
+
+from .cli import _endpoint, _run, cli, trusted_key
+from .client import MAX_MESSAGE_BYTES, Endpoint
+from .errors import CtlError
+
+log = logging.getLogger("gracectl.web")
+
+MAX_HEAD = 16384  # bytes of an HTTP request head
+MAX_REQUEST = 65536  # bytes of one request from the page to graced
+HEAD_TIMEOUT = 10.0  # seconds to send a request head, and to prove the token
+# What the page may ask graced: reading, and deciding on a mission (approve/reject). The
+# rest (pause, emit, reload, knowledge import, playbooks run, silences) stays with gracectl.
+METHODS = frozenset({"hello", "status", "subscribe", "missions.list", "missions.get",
+                     "detectors", "knowledge.stats", "keys", "missions.approve",
+                     "missions.reject"})
+DECISIONS = frozenset({"missions.approve", "missions.reject"})
+FILES = ("index.html", "app.js", "worker.js", "verify.js", "chart.js", "style.css",
+         "favicon.svg")
+CSP = ("default-src 'none'; script-src 'self'; worker-src 'self'; style-src 'self'; "
+       "img-src 'self'; connect-src 'self' ws://{host}; base-uri 'none'; "
+       "form-action 'none'; frame-ancestors 'none'")
+
+
+def static_files() -> dict[str, bytes]:
+    """The page's files, read once from the package."""
+    root = resources.files("gracectl") / "webui"
+    return {name: (root / name).read_bytes() for name in FILES}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class PrefixedStream(trio.abc.Stream):
+    """A stream that first gives back bytes already read from it (the request head)."""
+
+    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        self.stream = stream
+        self.prefix = prefix
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.prefix:
+            data, self.prefix = self.prefix, b""
+            return data
+        return bytes(await self.stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def check_page_request(text: str) -> tuple[dict[str, Any] | None, str]:
+    """A request from the page, checked (pure): the object to pass on, or None and why."""
+    if len(text.encode()) > MAX_REQUEST:
+        return None, "request too large"
+    try:
+        req = json.loads(text)
+    except (ValueError, RecursionError):
+        return None, "not JSON"
+    if not isinstance(req, dict):
+        return None, "not a JSON object"
+    method = req.get("method")
+    if method not in METHODS:
+        return None, f"method {str(method)[:40]!r} is not served to the browser"
+    params = req.get("params", {})
+    if not isinstance(params, dict):
+        return None, "params must be an object"
+    if method in DECISIONS:
+        # As gracectl does: the decision names the mission's opened time, and an
+        # approval the full hash of the plan the operator saw.
+        if not isinstance(params.get("opened"), int | float) or isinstance(
+                params.get("opened"), bool):
+            return None, "a decision must name the mission's opened time"
+        plan = params.get("plan")
+        if method == "missions.approve" and not (
+                isinstance(plan, str) and len(plan) == 64
+                and all(c in "0123456789abcdef" for c in plan)):
+            return None, "an approval must name the full SHA-256 of the plan it approves"
+    return req, ""
+
+
+class Relay:
+    """Serves the page and relays the stream; :meth:`run` never returns unless cancelled."""
+
+    def __init__(self, endpoint: Endpoint, host: str, port: int, token: str,
+                 files: dict[str, bytes]) -> None:
+        self.endpoint = endpoint
+        self.host = host
+        self.port = port
+        self.token = token
+        self.files = files
+        self.relayed = 0  # messages relayed from graced (for the bench)
+
+    @property
+    def hosts(self) -> set[str]:
+        """The Host headers accepted: the address served (DNS rebinding gets a 403)."""
+        names = {self.host, "localhost", "127.0.0.1"} if is_loopback(self.host) else {self.host}
+        return {f"{n}:{self.port}" for n in names} | {
+            f"[{n}]:{self.port}" for n in names if ":" in n}
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self.handle, listeners)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        try:
+            await self._handle(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed,
+                trio_websocket.HandshakeError, OSError):
+            pass
+        except Exception:  # noqa: BLE001 - one browser never stops the relay
+            log.exception("web: a connection failed")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        head = b""
+        with trio.move_on_after(HEAD_TIMEOUT):
+            while b"\r\n\r\n" not in head and len(head) <= MAX_HEAD:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    return
+                head += chunk
+        if b"\r\n\r\n" not in head:
+            await _respond(stream, 431 if len(head) > MAX_HEAD else 408, b"bad request\n")
+            return
+        lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if len(parts) != 3 or parts[0] != "GET":
+            await _respond(stream, 405, b"only GET\n")
+            return
+        host = headers.get("host", "")
+        if host not in self.hosts:
+            await _respond(stream, 403, b"unknown Host (open the URL gracectl web printed)\n")
+            return
+        path = parts[1].split("?", 1)[0]
+        if path == "/ws" and headers.get("upgrade", "").lower() == "websocket":
+            origin = headers.get("origin", "")
+            if origin != f"http://{host}":
+                await _respond(stream, 403, b"cross-origin WebSocket refused\n")
+                return
+            async with trio.open_nursery() as nursery:
+                request = await trio_websocket.wrap_server_stream(
+                    nursery, PrefixedStream(stream, head), max_message_size=MAX_REQUEST)
+                ws = await request.accept()
+                await self.session(ws)
+                nursery.cancel_scope.cancel()
+            return
+        name = "index.html" if path == "/" else path.lstrip("/")
+        body = self.files.get(name)
+        if body is None:
+            await _respond(stream, 404, b"not found\n")
+            return
+        ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if ctype in ("text/javascript", "application/javascript"):
+            ctype = "text/javascript"
+        await _respond(stream, 200, body, ctype + "; charset=utf-8", host)
+
+    async def session(self, ws: WebSocketConnection) -> None:
+        """One browser: the token, then both directions until either side closes."""
+        first: str | bytes = ""
+        with trio.move_on_after(HEAD_TIMEOUT):
+            first = await ws.get_message()
+        try:
+            proof = json.loads(first)["token"] if isinstance(first, str) else ""
+        except (ValueError, TypeError, KeyError, RecursionError):
+            proof = ""
+        if not isinstance(proof, str) or not hmac.compare_digest(proof.encode(),
+                                                                 self.token.encode()):
+            await ws.aclose(4001, "bad or missing login token")
+            return
+        try:
+            up_stream = await trio.open_unix_socket(self.endpoint.socket or "")
+        except OSError as exc:
+            await ws.aclose(4002, f"graced unreachable: {exc.strerror or exc}"[:120])
+            return
+        async with trio.open_nursery() as nursery:
+            up = await trio_websocket.wrap_client_stream(
+                nursery, up_stream, "localhost", "/", max_message_size=MAX_MESSAGE_BYTES)
+
+            async def to_daemon() -> None:
+                try:
+                    while True:
+                        text = await ws.get_message()
+                        req, why = (check_page_request(text) if isinstance(
+                            text, str) else (None, "binary message"))
+                        if req is None:
+                            await ws.aclose(4003, f"refused: {why}"[:120])
+                            break
+                        await up.send_message(text)
+                except ConnectionClosed:
+                    pass
+                nursery.cancel_scope.cancel()
+
+            async def to_browser() -> None:
+                reason = "graced closed the connection"
+                try:
+                    while True:
+                        message = await up.get_message()
+                        await ws.send_message(message)
+                        self.relayed += 1
+                except ConnectionClosed as exc:
+                    if exc.reason is not None:
+                        reason = f"graced closed: {exc.reason.code} {exc.reason.reason or ''}"
+                with trio.move_on_after(1):
+                    await ws.aclose(4004, reason[:120])
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(to_daemon)
+            nursery.start_soon(to_browser)
+        with trio.move_on_after(1) as cs:
+            cs.shield = True
+            await up.aclose()
+
+
+async def _respond(stream: trio.abc.Stream, status: int, body: bytes,
+                   ctype: str = "text/plain; charset=utf-8", host: str = "") -> None:
+    reason = {200: "OK", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+              408: "Request Timeout", 431: "Request Header Fields Too Large"}[status]
+    head = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {ctype}",
+            f"Content-Length: {len(body)}", "Cache-Control: no-store",
+            "X-Content-Type-Options: nosniff", "Referrer-Policy: no-referrer",
+            "Cross-Origin-Opener-Policy: same-origin",
+            "Cross-Origin-Resource-Policy: same-origin", "Connection: close"]
+    if host:
+        head.append(f"Content-Security-Policy: {CSP.format(host=host)}")
+    await stream.send_all(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+
+
+def page_url(host: str, port: int, token: str, public_key: bytes | None) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    fragment = f"token={token}"
+    if public_key is not None:
+        fragment += "&key=" + base64.urlsafe_b64encode(public_key).decode().rstrip("=")
+    return f"http://{shown}:{port}/#{fragment}"
+
+
+@cli.command()
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+              help="TCP port to serve the page on (0: any free port).")
+@click.option("--bind", "bind", default="127.0.0.1", show_default=True, metavar="ADDRESS",
+              help="Loopback address to serve on (a browser verifies only on a loopback "
+                   "address or over https; the relay serves no TLS, so nothing else).")
+@click.option("--open/--no-open", "open_", default=True, show_default=True,
+              help="Open the page in the default browser.")
+@click.pass_context
+def web(ctx: click.Context, port: int, bind: str, open_: bool) -> None:
+    """Serve Mission Control in the browser, relayed from graced's Unix socket.
+
+    Prints the page's URL (with a login token, good for this run only) on stdout. The
+    page verifies every frame itself against the daemon's key: the one gracectl trusts
+    for the socket, passed in the URL and pinned by the browser. The page has this
+    user's rights on graced: it can approve or reject a mission only if this user may.
+    """
+    endpoint = _endpoint(ctx)
+    if endpoint.url:
+        raise click.UsageError("gracectl web relays graced's Unix socket; it takes --socket, "
+                               "not --url")
+    if not is_loopback(bind):
+        raise click.UsageError(f"--bind {bind!r} is not a loopback address: the relay serves "
+                               "plain http, which a browser verifies only on loopback")
+    try:
+        files = static_files()
+    except OSError as exc:
+        raise CtlError(f"the page's files are missing from this install: {exc}") from None
+    token = secrets.token_urlsafe(32)
+
+    async def go() -> None:
+        key = await trusted_key(endpoint)
+        relay = Relay(endpoint, bind, port, token, files)
+        async with trio.open_nursery() as nursery:
+            try:
+                bound = await nursery.start(relay.run)
+            except OSError as exc:
+                raise CtlError(f"cannot serve on {bind}:{port}: {exc.strerror or exc}") from None
+            url = page_url(bind, bound, token, key)
+            click.echo(url)
+            sys.stdout.flush()
+            click.echo(f"gracectl: Mission Control on http://{bind}:{bound}/ (daemon key "
+                       f"{key_id(key)}); open the URL above; Ctrl-C stops it", err=True)
+            if open_:
+                await trio.to_thread.run_sync(webbrowser.open, url)
+
+    try:
+        _run(go)
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,286 @@
+"""Mission Control in a real browser: headless Chromium (Debian's) driven by Selenium,
+against a real graced through the real ``gracectl web`` relay. A real fault shows up as a
+card, a tampering proxy turns the banner red and freezes the view, an approval from the
+page runs a high-risk playbook, and the integration map follows a probe down and up.
+Screenshots are saved under test-artifacts/."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import trio
+import trio_websocket
+
+from gracectl.web import check_page_request
+from tests.conftest import Graced
+from tests.helpers.browser import Browser, chromium
+from tests.helpers.procs import LineCollector
+from tests.test_learning_e2e import FAULT, NORMAL, SETTINGS, fix, playbook, value_detector
+from tests.test_stream_e2e import _proxy
+
+
+class Relay:
+    """``gracectl web`` as a user runs it, on a free port; its URL from stdout."""
+
+    def __init__(self, g: Graced, *args: str) -> None:
+        self.proc = g.ctl_popen(*args, "web", "--port", "0", "--no-open")
+        assert self.proc.stdout is not None
+        self.url = self.proc.stdout.readline().strip()
+        assert self.url.startswith("http://127.0.0.1:"), (self.url, self.proc.stderr)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    with chromium() as b:
+        yield b
+
+
+def _listen(port: int = 0) -> socket.socket:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(16)
+    return s
+
+
+def _follow(g: Graced, pattern: str) -> LineCollector:
+    """``gracectl tail`` from the next event on (wherever the head is when it connects)."""
+    head = json.loads(g.ctl("status", "--json", check=True).stdout)["head_seq"]
+    return LineCollector(g.ctl_popen("tail", "--json", "--since", str(head + 1), pattern))
+
+
+def _epoch(ts: str) -> float:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+def _verified(b: Browser) -> None:
+    b.wait(lambda: b.js("return document.getElementById('banner').className") == "banner green"
+           and b.js("return window.grace.verified") > 0, 15, "page verified")
+
+
+def _component(b: Browser, name: str) -> str | None:
+    return b.js("const e = document.querySelector(`[data-component='${arguments[0]}']`);"
+                "return e ? e.dataset.state : null", name)
+
+
+def _card_state(b: Browser, mission: int) -> str | None:
+    return b.js("const e = document.querySelector(`[data-mission='${arguments[0]}']`);"
+                "return e ? e.dataset.state : null", mission)
+
+
+def _nothing_left_the_machine(b: Browser, relay: Relay) -> None:
+    """Every request the page and its Worker made went to the relay on loopback. (Chromium
+    itself still calls home for updates and accounts despite the flags; the NetLog tells
+    those apart: their initiator is not the page.)"""
+    origin = relay.url.split("/#")[0]
+    requests = b.finish()
+    page = [url for initiator, url in requests if initiator == origin]
+    assert f"{origin.replace('http', 'ws')}/ws" in page  # the Worker's socket is seen
+    assert {f"{origin}/{f}" for f in ("app.js", "worker.js", "verify.js")} <= set(page)
+    assert Browser.leaving(requests, origin) == []
+
+
+def test_page_requests_are_checked_before_they_reach_graced() -> None:
+    plan = "a" * 64
+    ok, _ = check_page_request(json.dumps({"id": 1, "nonce": "n", "method": "missions.approve",
+                                           "params": {"id": 3, "opened": 1.5, "plan": plan}}))
+    assert ok is not None
+    for req, why in [
+        ({"method": "pause"}, "not served"),
+        ({"method": "emit", "params": {"topic": "user.x"}}, "not served"),
+        ({"method": "missions.approve", "params": {"id": 3, "opened": 1.5}}, "full SHA-256"),
+        ({"method": "missions.approve", "params": {"id": 3, "opened": 1.5, "plan": plan[:12]}},
+         "full SHA-256"),
+        ({"method": "missions.reject", "params": {"id": 3}}, "opened time"),
+        ({"method": "status", "params": []}, "params"),
+    ]:
+        got, reason = check_page_request(json.dumps(req))
+        assert got is None and why in reason, (req, reason)
+    assert check_page_request("[1]")[0] is None
+    assert check_page_request("{" * 100)[0] is None
+    assert "too large" in check_page_request(json.dumps({"method": "status",
+                                                         "x": "y" * 70000}))[1]
+
+
+@pytest.mark.slow
+def test_a_real_fault_is_a_card_within_a_second_and_the_map_follows_the_probe(
+        make_graced, browser: Browser) -> None:
+    server = _listen()
+    port = server.getsockname()[1]
+    g = make_graced(detectors=f'[[detector]]\nname = "api"\nkind = "tcp"\ninterval = 0.3\n'
+                              f'host = "127.0.0.1"\nport = {port}\ntimeout = 1.0\n'
+                              '\n[missions]\nresolve_after = 1\nflap_window = 0\n')
+    relay = Relay(g)
+    tail = _follow(g, "mission.opened")
+    try:
+        b = browser
+        b.driver.get(relay.url)
+        _verified(b)
+        b.wait(lambda: _component(b, "detector:api") == "up", 10, "probe shown up")
+        assert "#" not in b.driver.current_url, "the token stays in the address bar"
+        assert b.text("key").startswith(json.loads(
+            g.ctl("status", "--json", check=True).stdout)["kid"])
+        b.screenshot("web-loaded")
+
+        server.close()  # a real fault: the service's port refuses connections
+        assert tail.wait_for(lambda _: bool(tail.events()), 10), "no mission.opened"
+        opened = tail.events()[0]
+        mid = opened["payload"]["id"]
+        b.wait(lambda: _card_state(b, mid) is not None, 5, "mission card")
+        shown_ms = b.js("return window.grace.shownAt[arguments[0]]", mid)
+        lag = shown_ms / 1000 - _epoch(opened["ts"])
+        assert lag <= 1.0, f"card drawn {lag:.3f} s after mission.opened"
+        b.wait(lambda: _component(b, "detector:api") == "failing", 5, "probe shown failing")
+        err = b.js("return document.querySelector(\"[data-component='detector:api'] .err\")"
+                   ".textContent")
+        assert "refused" in err.lower(), err
+        # The detail view: timeline, and the chart drawn by the page.
+        b.driver.find_element("css selector", f"[data-mission='{mid}']").click()
+        b.wait(lambda: b.js("return !!document.querySelector('#detail svg.chart')"), 5,
+               "detail chart")
+        assert "opened" in b.text("detail")
+        b.screenshot("web-fault-card")
+
+        server = _listen(port)  # the service is back
+        b.wait(lambda: _component(b, "detector:api") == "up", 10, "probe shown up again")
+        b.wait(lambda: _card_state(b, mid) == "resolved", 15, "card resolved")
+        b.screenshot("web-probe-back")
+        assert b.console_errors() == []
+        _nothing_left_the_machine(b, relay)
+    finally:
+        server.close()
+        relay.close()
+        tail.proc.terminate()
+        tail.proc.wait(10)
+
+
+@pytest.mark.slow
+def test_a_frame_altered_on_its_way_turns_the_banner_red_and_freezes_the_view(
+        make_graced, browser: Browser, shortdir: Path) -> None:
+    queue = shortdir / "queue"
+    queue.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("backlog", queue))
+    head = json.loads(g.ctl("status", "--json", check=True).stdout)["head_seq"]
+    target = head + 100  # among the events emitted below, after the page is up
+    proxy, path = _proxy(g, "alter", target)
+    relay = Relay(g, "--socket", path, "--key", str(g.state / "key.pub"))
+    try:
+        b = browser
+        b.driver.get(relay.url)
+        _verified(b)
+        g.ctl("emit", "user.load", "--count", "150", check=True)
+        b.wait(lambda: "red" in b.js("return document.getElementById('banner').className"),
+               10, "red banner")
+        banner = b.text("banner")
+        assert f"seq {target}" in banner and "bad signature" in banner, banner
+        assert b.js("return window.grace.lastSeq") == target - 1
+        b.screenshot("web-tampered")
+        # Frozen: a mission opens and the daemon says so, the page shows nothing of it.
+        tail = _follow(g, "mission.opened")
+        queue.write_text(FAULT)
+        assert tail.wait_for(lambda _: bool(tail.events()), 10), tail.lines
+        tail.proc.terminate()
+        tail.proc.wait(10)
+        assert b.js("return document.querySelectorAll('[data-mission]').length") == 0
+        assert b.js("return window.grace.lastSeq") == target - 1
+        assert f"seq {target}" in b.text("banner")
+    finally:
+        relay.close()
+        proxy.kill()
+        proxy.wait()
+
+
+@pytest.mark.slow
+def test_approving_from_the_page_runs_the_high_risk_playbook_and_the_card_resolves(
+        make_graced, browser: Browser, shortdir: Path) -> None:
+    queue = shortdir / "queue"
+    queue.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("backlog", queue, "high")
+                    + playbook("drain", "backlog", "high", fix(queue))
+                    + SETTINGS.format(approval=120.0))
+    relay = Relay(g)
+    try:
+        b = browser
+        b.driver.get(relay.url)
+        _verified(b)
+        queue.write_text(FAULT)
+        b.wait(lambda: b.js("return document.querySelector(\"[data-state='awaiting_approval'] "
+                            "[data-action='approve']\")"), 10, "approve button")
+        mid = b.js("return Number(document.querySelector(\"[data-state='awaiting_approval']\")"
+                   ".dataset.mission)")
+        assert queue.read_text().strip() == FAULT  # nothing ran by itself: high risk waits
+        b.driver.find_element(
+            "css selector", f"[data-mission='{mid}'] [data-action='approve']").click()
+        confirm = b.wait(lambda: b.driver.find_elements(
+            "css selector", f"[data-mission='{mid}'] [data-action='confirm']"), 5, "confirm")
+        plan = json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)[
+            "plan"]["sha256"]
+        assert plan[:12] in confirm[0].text  # the operator confirms the plan they see
+        b.screenshot("web-approve")
+        confirm[0].click()
+        b.wait(lambda: _card_state(b, mid) == "resolved", 20, "card resolved")
+        assert queue.read_text().strip() == NORMAL  # the playbook really ran
+        shown = json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
+        assert shown["state"] == "resolved"
+        assert shown["approvals"][0]["plan_sha256"] == plan
+        assert shown["approvals"][0]["comment"] == "approved in the browser"
+        assert shown["approvals"][0]["uid"] == os.getuid()  # the relay user's rights
+        b.screenshot("web-resolved")
+        assert b.console_errors() == []
+        _nothing_left_the_machine(b, relay)
+    finally:
+        relay.close()
+
+
+@pytest.mark.slow
+def test_the_relay_wants_the_token_the_host_and_the_origin(make_graced) -> None:
+    g = make_graced()
+    relay = Relay(g)
+    try:
+        base = relay.url.split("#")[0].rstrip("/")
+        port = int(base.rsplit(":", 1)[1])
+        page = subprocess.run(["curl", "-sS", "-i", base + "/"], capture_output=True,
+                              text=True, timeout=10).stdout
+        assert "Content-Security-Policy: default-src 'none'; script-src 'self'" in page
+        assert "<script type=\"module\" src=\"app.js\"></script>" in page
+        assert "<script>" not in page  # no inline script
+        rebound = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                                  "-H", f"Host: evil.example:{port}", base + "/"],
+                                 capture_output=True, text=True, timeout=10).stdout
+        assert rebound == "403"
+        cross = subprocess.run(
+            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Connection: Upgrade",
+             "-H", "Upgrade: websocket", "-H", "Sec-WebSocket-Version: 13",
+             "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+             "-H", "Origin: http://evil.example", base + "/ws"],
+            capture_output=True, text=True, timeout=10).stdout
+        assert cross == "403"
+
+        async def with_token(token: str) -> tuple[int | None, str | None]:
+            async with trio_websocket.open_websocket_url(
+                    f"ws://127.0.0.1:{port}/ws",
+                    extra_headers=[("Origin", f"http://127.0.0.1:{port}")]) as ws:
+                await ws.send_message(json.dumps({"token": token}))
+                await ws.send_message(json.dumps({"id": 1, "nonce": "n", "method": "hello"}))
+                try:
+                    return 0, await ws.get_message()
+                except trio_websocket.ConnectionClosed as exc:
+                    return exc.reason.code, exc.reason.reason
+
+        assert trio.run(with_token, "not-the-token") == (4001, "bad or missing login token")
+        token = relay.url.split("token=")[1].split("&")[0]
+        code, hello = trio.run(with_token, token)
+        assert code == 0 and '"daemon_id"' in str(hello)
+    finally:
+        relay.close()
