@@ -65,6 +65,13 @@ def describe_event(ev: dict[str, Any]) -> str:
     if topic.startswith("mission."):
         what = f"#{p.get('id')} {p.get('detector')}:{p.get('subject')} {p.get('state')}"
         return what + (f" - {p['reason']}" if p.get("reason") else "")
+    if topic == "integration.changed":
+        return (f"{p.get('component')} {p.get('was')} -> {p.get('state')}"
+                + (f" ({p['last_error']})" if p.get("last_error") else ""))
+    if topic == "integration.summary":
+        comps = p.get("components") if isinstance(p.get("components"), dict) else {}
+        up = sum(1 for c in comps.values() if isinstance(c, dict) and c.get("state") == "up")
+        return f"{len(comps)} components, {up} up"
     if topic.startswith("executor.step"):
         ok = "" if "ok" not in p else (" ok" if p["ok"] else f" FAILED {p.get('error')}")
         return f"#{p.get('mission')} {p.get('playbook')} step {p.get('step')}{ok}"
@@ -211,13 +218,12 @@ def _health_lines(model: Model, now: float, rows: int, width: int) -> list[Line]
          (f" | learning {lr.get('patterns', '?')} patterns"
           + (f", {rate * 100:.0f}% success 7d" if rate is not None else ""), "normal")]]
     health = st.get("integration") or {}
-    if health:
-        bad = sorted((k, v) for k, v in health.items() if v.get("state") not in ("up", "observe"))
-        text = f" components {len(health) - len(bad)}/{len(health)} up"
-        if bad:
-            text += ": " + ", ".join(f"{k} {v.get('state')}" + (
-                f" ({v['last_error']})" if v.get("last_error") else "") for k, v in bad)
-        summary.append([(text[:max(0, width - 1)], "red" if bad else "normal")])
+    bad = sorted((k, v) for k, v in health.items() if v.get("state") not in ("up", "observe"))
+    if bad:  # a row only when a component is not up: small terminals keep the detectors
+        text = f" components {len(health) - len(bad)}/{len(health)} up: " + ", ".join(
+            f"{k} {v.get('state')}" + (f" ({v['last_error']})" if v.get("last_error") else "")
+            for k, v in bad)
+        summary.append([(text[:max(0, width - 1)], "red")])
     room = max(0, rows - len(summary))
     lines = out[:room]
     if len(out) > room:
