@@ -69,7 +69,8 @@ def describe_event(ev: dict[str, Any]) -> str:
         return (f"{p.get('component')} {p.get('was')} -> {p.get('state')}"
                 + (f" ({p['last_error']})" if p.get("last_error") else ""))
     if topic == "integration.summary":
-        comps = p.get("components") if isinstance(p.get("components"), dict) else {}
+        got = p.get("components")
+        comps: dict[str, Any] = got if isinstance(got, dict) else {}
         up = sum(1 for c in comps.values() if isinstance(c, dict) and c.get("state") == "up")
         return f"{len(comps)} components, {up} up"
     if topic.startswith("executor.step"):

@@ -271,9 +271,9 @@ def test_the_relay_wants_the_token_the_host_and_the_origin(make_graced) -> None:
             async with trio_websocket.open_websocket_url(
                     f"ws://127.0.0.1:{port}/ws",
                     extra_headers=[("Origin", f"http://127.0.0.1:{port}")]) as ws:
-                await ws.send_message(json.dumps({"token": token}))
-                await ws.send_message(json.dumps({"id": 1, "nonce": "n", "method": "hello"}))
                 try:
+                    await ws.send_message(json.dumps({"token": token}))
+                    await ws.send_message(json.dumps({"id": 1, "nonce": "n", "method": "hello"}))
                     return 0, await ws.get_message()
                 except trio_websocket.ConnectionClosed as exc:
                     return exc.reason.code, exc.reason.reason
