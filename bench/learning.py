@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
-from bench.stats import cores, p50, p99  # noqa: E402
+from bench.stats import machine, p50, p99  # noqa: E402
 from graced.journal import Journal  # noqa: E402
 from graced.learning import memory  # noqa: E402
 from graced.missions.engine import Mission  # noqa: E402
@@ -271,8 +271,11 @@ def main() -> None:
                     help="extra short runs for the first-50 figure (default 4)")
     ap.add_argument("--skip-simulation", action="store_true")
     args = ap.parse_args()
-    print(f"bench/learning.py  ({cores()} cores; real graced, real playbook steps, SQLite on "
-          "disk)")
+    print(f"bench/learning.py  ({machine()}; part 1: a real graced running real playbook "
+          "steps; part 2: the similar-mission lookup called in-process on an SQLite journal "
+          "on disk, no daemon)" if not args.skip_simulation else
+          f"bench/learning.py  ({machine()}; the similar-mission lookup called in-process on "
+          "an SQLite journal on disk, no daemon)")
     if not args.skip_simulation:
         part1(args.missions, args.first_runs)
     part2(args.stored, args.lookups)

@@ -33,3 +33,9 @@ def p99(values: Iterable[float]) -> float:
 def cores() -> int:
     """CPUs this process may run on (``sched_getaffinity``), as measured, not assumed."""
     return len(os.sched_getaffinity(0))
+
+
+def machine() -> str:
+    """What a figure was measured on: usable cores and the 1-minute load average (other
+    processes take cores from a bench unevenly; a figure means little without it)."""
+    return f"{cores()} cores, load average {os.getloadavg()[0]:.1f}"

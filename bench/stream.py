@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import trio  # noqa: E402
 import trio_websocket  # noqa: E402
 
-from bench.stats import cores, p50, p99  # noqa: E402
+from bench.stats import machine, p50, p99  # noqa: E402
 from graced.protocol import canonical_text, format_ts, parse_ts  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -276,8 +276,10 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
 
     print(f"bench/stream.py  (events/round {args.events}, latency round "
-          f"{args.latency_events} at 1,000/s; {cores()} cores; Unix sockets; "
+          f"{args.latency_events} at 1,000/s; {machine()}; Unix sockets; "
           "subscribers are separate processes)")
+    print("(throughput rows: latency of events published as fast as possible, so under "
+          "saturation; the '@1000/s' rows: paced latency)")
     print(f"{'':44} {'events/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     print(f"{'Ed25519 sign + hash alone (per event)':44} {sig['events_per_s']:>9.0f} "
           f"{sig['p50_ms']:>8.3f} {sig['p99_ms']:>8.3f}")

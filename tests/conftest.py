@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.users import CREATED_ENV, remove_created
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -281,7 +283,28 @@ def background(request: pytest.FixtureRequest) -> bool:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """A run cut short leaves no background child behind."""
+    """A run cut short leaves no background child behind, and the run removes the Unix
+    users and groups it created (tests/helpers/users.py)."""
     for proc, _ in _background.values():
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
+    for proc, _ in _background.values():
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if _CREATED is not None:
+        remove_created(_CREATED)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """One record of the users and groups this run creates, shared with its children."""
+    global _CREATED
+    if CREATED_ENV not in os.environ:
+        fd, name = tempfile.mkstemp(prefix="grace-test-users-")
+        os.close(fd)
+        os.environ[CREATED_ENV] = name
+        _CREATED = Path(name)
+
+
+_CREATED: Path | None = None

@@ -106,6 +106,7 @@ def _examples() -> list[str]:
             for b in blocks]
 
 
+@pytest.mark.slow
 def test_every_example_appended_to_the_default_checks_ok(tmp_path: Path) -> None:
     default = graced_cmd("config", "default")
     assert default.returncode == 0 and "playbook = []" not in default.stdout

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import trio_websocket
 from graced.keys import parse_public_key
 from graced.protocol import check_signature
 from tests.conftest import Graced
+from tests.helpers.users import ensure_user
 from tests.test_missions_e2e import MISSIONS, Watch, _ready_tail
 from tests.test_remediation_e2e import (
     kill_all,
@@ -66,14 +66,7 @@ def approver() -> Iterator[str]:
     """A second Unix user, in group grace-approvers (created here when root)."""
     if os.geteuid() != 0:
         pytest.skip("needs root to create a second Unix user and act as it")
-    subprocess.run(["groupadd", "-f", GROUP], check=True)
-    try:
-        pwd.getpwnam(APPROVER)
-    except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        "--groups", GROUP, APPROVER], check=True)
-    subprocess.run(["usermod", "-a", "-G", GROUP, APPROVER], check=True)
-    yield APPROVER
+    yield ensure_user(APPROVER, (GROUP,))
 
 
 def awaiting_group_approval(make_graced: Any, marker: str) -> tuple[Graced, Watch, dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import psutil
+import pytest
 import trio
 import trio_websocket
 
@@ -82,6 +83,7 @@ async def test_a_flood_of_clients_is_capped_and_leaves_no_descriptor_behind(make
     assert g.ctl("status").returncode == 0
 
 
+@pytest.mark.slow
 def test_read_commands_leave_the_descriptor_table_as_it_was(graced) -> None:
     """Each read (missions, status, knowledge, detectors) reuses graced's own
     connections: no descriptor is opened per request and none is left behind."""

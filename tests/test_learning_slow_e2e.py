@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.procs import LineCollector
+from tests.helpers.users import ensure_user
 from tests.test_learning_e2e import NORMAL, fix, value_detector
 from tests.test_missions_e2e import Watch
 from tests.test_remediation_e2e import kill_all, process_detector, restart_playbook, start_sleeper
@@ -98,15 +99,10 @@ def second_user() -> Iterator[str]:
         pytest.skip("a second Unix user can only be created as root")
     if not shutil.which("useradd") or not shutil.which("runuser"):
         pytest.skip("useradd/runuser not installed: cannot create a second Unix user")
-    name = f"gtog{uuid.uuid4().hex[:6]}"
-    res = subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                          name], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"useradd failed: {res.stderr.strip()}")
     try:
-        yield name
-    finally:
-        subprocess.run(["userdel", name], check=False, capture_output=True)
+        yield ensure_user("grace-toggler")
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"useradd failed: {exc.stderr.strip()}")
 
 
 TOGGLER = """

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import Graced
 from tests.helpers.procs import LineCollector
@@ -39,6 +43,7 @@ def _detectors(g: Graced) -> list[str]:
     return sorted(json.loads(g.ctl("detectors", "--json", check=True).stdout))
 
 
+@pytest.mark.slow
 def test_sighup_applies_detectors_and_rejects_a_broken_file(make_graced, shortdir: Path
                                                             ) -> None:
     high, low = shortdir / "high", shortdir / "low"
@@ -201,6 +206,7 @@ def test_a_detector_removed_then_added_back_reopens_its_mission(make_graced, sho
     assert again["detector"] == "hot" and again["id"] != first["id"]
 
 
+@pytest.mark.slow
 def test_reload_names_every_section_that_changed(make_graced, shortdir: Path) -> None:
     """Not only detectors: playbooks (and the missions whose plan changed), notifiers and
     each table's keys ([remediation] mode, approvers ...), in the line and in --json."""
@@ -231,3 +237,22 @@ def test_reload_names_every_section_that_changed(make_graced, shortdir: Path) ->
     res = g.ctl("reload")
     assert res.returncode == 0
     assert res.stderr.rstrip().endswith(": [remediation] mode"), res.stderr
+
+
+@pytest.mark.slow
+def test_reload_gives_up_after_its_timeout_with_exit_6(graced: Graced) -> None:
+    """gracectl.1: `reload --timeout` gives up after that long without an answer: exit
+    6, one line. A stopped graced (SIGSTOP) accepts the connection and never answers."""
+    graced.ctl("status", check=True)  # the key pinned first
+    assert graced.proc is not None
+    os.kill(graced.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        res = graced.ctl("reload", "--timeout", "1")
+        took = time.monotonic() - started
+    finally:
+        os.kill(graced.proc.pid, signal.SIGCONT)
+    assert res.returncode == 6, res
+    assert res.stderr.count("\n") == 1 and "within 1 s" in res.stderr, res.stderr
+    assert took < 10, took
+    assert graced.ctl("status").returncode == 0  # and it answers once it runs again

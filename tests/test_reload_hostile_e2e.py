@@ -60,6 +60,7 @@ def test_an_empty_file_is_refused_and_the_running_config_stays(make_graced,
         tail.proc.wait(10)
 
 
+@pytest.mark.slow
 def test_a_fifo_at_the_config_path_neither_hangs_reload_nor_sigterm(graced: Graced) -> None:
     graced.ctl("status", check=True)
     graced.config.unlink()
@@ -107,6 +108,7 @@ def test_a_reload_that_slows_the_heartbeat_is_not_a_stale_stream(graced: Graced,
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.slow
 def test_a_detector_whose_subject_changed_closes_the_old_subjects_mission(
         make_graced, shortdir: Path) -> None:
     """A value detector moved from file o1 (anomalous) to o2: nothing samples o1 any

@@ -198,6 +198,7 @@ def test_rejected_and_expired_missions_never_execute(make_graced, marker, shortd
     assert w.events("mission.executing", "worker") == [] and not count.exists()
 
 
+@pytest.mark.slow
 def test_observe_mode_runs_nothing_and_journals_what_it_would_run(make_graced, marker,
                                                                  shortdir) -> None:
     count = shortdir / "ran"
@@ -257,6 +258,7 @@ def test_a_spent_budget_escalates(make_graced, marker, shortdir) -> None:
     assert count.read_text().count("ran") == 1
 
 
+@pytest.mark.slow
 def test_an_approval_from_a_uid_not_allowed_is_refused_and_journaled(make_graced,
                                                                     marker) -> None:
     if os.geteuid() != 0:
@@ -536,4 +538,21 @@ def test_a_shell_script_waits_approves_and_checks_resolution(make_graced, marker
     ms = w.missions("worker")
     assert ms[0]["state"] == "resolved"
     assert ms[0]["approvals"][0]["comment"] == "approved by approve_flow.sh"
+    w.close()
+
+
+@pytest.mark.slow
+def test_wait_exits_1_when_the_mission_ends_in_another_final_state(make_graced, marker) -> None:
+    """gracectl.1: `wait` exits 1 if the mission ends in another final state: a script
+    waiting for "resolved" learns at once that the mission was rejected."""
+    g, w = setup(make_graced, process_detector(marker) + restart_playbook(marker, "high"))
+    waiting = w.wait("mission.awaiting_approval", "worker", 30)["payload"]
+    mid = str(waiting["id"])
+    waiter = LineCollector(g.ctl_popen("wait", mid, "--state", "resolved", "--timeout", "60"))
+    assert g.ctl("missions", "reject", mid, "--comment", "not now").returncode == 0
+    assert waiter.wait_exit(30) == 1
+    assert waiter.proc.stderr is not None
+    err = waiter.proc.stderr.read()
+    assert err.count("\n") == 1 and f"mission {mid} ended rejected, not resolved" in err, err
+    assert mission(g, int(mid))["state"] == "rejected"
     w.close()

@@ -16,6 +16,7 @@ import pytest
 
 from graced.protocol.signing import b64
 from tests.helpers.procs import poll_until
+from tests.helpers.users import ensure_user
 from tests.test_documented_e2e import (  # noqa: F401
     APPROVER,
     GROUP,
@@ -31,12 +32,7 @@ OUTSIDER = "grace-outsider"
 
 def _outsider() -> str:
     """A local user in no approver group (created here; the caller checked for root)."""
-    try:
-        pwd.getpwnam(OUTSIDER)
-    except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                        OUTSIDER], check=True)
-    return OUTSIDER
+    return ensure_user(OUTSIDER)
 
 
 def _reuse_pid(pid: int, argv: list[str]) -> subprocess.Popen[bytes]:
@@ -466,6 +462,7 @@ def test_planted_symlinks_and_foreign_state_dirs_are_refused(make_graced, shortd
     g.start()
 
 
+@pytest.mark.slow
 def test_a_config_others_may_write_is_refused_naming_it(make_graced) -> None:
     g = make_graced(start=False)
     g.config.chmod(0o666)

@@ -27,6 +27,7 @@ def _rows(text: str) -> dict[str, str]:
             for line in text.splitlines() if "  " in line}
 
 
+@pytest.mark.slow
 def test_status_shows_pause_missions_and_exits_0_when_healthy(make_graced, shortdir: Path
                                                               ) -> None:
     value = shortdir / "v"
@@ -52,6 +53,7 @@ def test_status_shows_pause_missions_and_exits_0_when_healthy(make_graced, short
     tail.proc.terminate()
 
 
+@pytest.mark.slow
 def test_status_exits_7_while_a_detector_fails(make_graced) -> None:
     g = make_graced(detectors=BROKEN)
     tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "detector.error"))
@@ -106,33 +108,41 @@ def test_log_lines_carry_priorities_for_the_journal_and_timestamps_elsewhere(
         assert any(" warning reload: config rejected (SIGHUP)" in line for line in stamped)
 
 
-def test_a_missing_log_file_is_a_detector_failure_like_a_missing_disk_path(
-        make_graced, shortdir) -> None:
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["log", "value"])
+def test_a_missing_file_is_a_detector_failure_like_a_missing_disk_path(
+        make_graced, shortdir, kind: str) -> None:
     """One rule for a watched path that does not exist (graced.toml(5)): the detector
     fails (status FAILING, exit 7), no mission opens; once the file exists it is watched."""
-    log = shortdir / "app.log"
-    g = make_graced(detectors=f'[[detector]]\nname = "applog"\nkind = "log"\n'
-                              f'interval = 0.2\nfile = "{log}"\npattern = "ERROR"\n'
-                              'max_rate = 1\nwindow = 2.0\n')
+    path = shortdir / "watched"
+    rule = ('pattern = "ERROR"\nmax_rate = 1\nwindow = 2.0\n' if kind == "log"
+            else "threshold = 10\n")
+    g = make_graced(detectors=f'[[detector]]\nname = "watched"\nkind = "{kind}"\n'
+                              f'interval = 0.2\nfile = "{path}"\n{rule}')
     errors = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "detector.error",
                                        "mission.opened"))
-    assert errors.wait_for(lambda lines: any(x.startswith("{") for x in lines), 30)
+    assert errors.wait_for(lambda lines: any(x.startswith("{") for x in lines), 30), (
+        errors.lines)
     res = g.ctl("status")
     assert res.returncode == 7, res.stdout + res.stderr
-    assert _rows(res.stdout)["detectors"].startswith("1 running; FAILING: applog "
-                                                     "(FileNotFoundError")
+    assert _rows(res.stdout)["detectors"].startswith("1 running; FAILING: watched "
+                                                     "(FileNotFoundError"), res.stdout
     assert {e["topic"] for e in errors.events()} == {"detector.error"}  # no mission
-    log.write_text("")
+    path.write_text("")
     deadline = time.monotonic() + 60  # the detector retries with a growing backoff
-    with log.open("a") as fh:  # now it exists: errors in it open a mission
+    with path.open("a") as fh:  # now it exists: a symptom in it opens a mission
         while not errors.wait_for(lambda _: any(
                 e["topic"] == "mission.opened" for e in errors.events()), 0.5):
-            fh.write("ERROR x\n" * 20)
-            fh.flush()
+            if kind == "log":
+                fh.write("ERROR x\n" * 20)
+                fh.flush()
+            else:
+                path.write_text("99\n")
             assert errors.proc.poll() is None and time.monotonic() < deadline
     errors.proc.terminate()
 
 
+@pytest.mark.slow
 def test_status_quiet_answers_with_its_exit_status_alone(make_graced, shortdir) -> None:
     """`gracectl status -q` (like `systemctl is-active -q`): no output at all, not even the
     first-use key note or an error; 0 ok, 7 degraded, 3 unreachable."""

@@ -108,7 +108,6 @@ def test_each_hostile_form_fails_with_exit_11_naming_the_seq(
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_a_large_stream_is_verified_in_parallel_with_the_same_verdicts(
         graced: Graced, tmp_path: Path) -> None:
     """Big enough to be split across processes: whole, it verifies; tampered in the

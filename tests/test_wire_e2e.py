@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 
+import pytest
 import trio
 import trio_websocket
 
@@ -112,6 +113,7 @@ def test_emit_needs_control_rights(make_graced) -> None:
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.slow
 async def test_tcp_listener_reads_only_with_a_read_key_and_checks_origin(make_graced) -> None:
     """Over TCP nothing but hello without a key; a read key streams verifiably but
     cannot control; a foreign Origin is refused at the handshake."""

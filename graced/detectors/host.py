@@ -89,11 +89,10 @@ class FileValue(SimpleDetector):
     """A number read from a file (e.g. a metric another program writes)."""
 
     def sample(self) -> list[Observation]:
-        try:
-            with open(self.config.file) as fh:
-                text = fh.read(4096).strip()
-        except OSError as exc:
-            return [Observation(self.subject, None, failed=f"cannot read: {exc.strerror}")]
+        # A file that is missing or unreadable is a detector failure, as for every kind
+        # (graced.toml(5)): graced cannot see, which is not a symptom of what it watches.
+        with open(self.config.file) as fh:
+            text = fh.read(4096).strip()
         try:
             return [Observation(self.subject, float(text))]
         except ValueError:

@@ -12,6 +12,36 @@ from collections.abc import Callable
 from typing import Any
 
 
+class Waited:
+    """A wait that did not see its condition: false, and its repr tells what was seen
+    (the last lines, and how the process ended if it did)."""
+
+    def __init__(self, collector: LineCollector, timeout: float) -> None:
+        proc = collector.proc
+        self.text = f"not seen within {timeout:g} s; {len(collector.lines)} line(s)"
+        if collector.lines:
+            self.text += ", the last: " + " | ".join(x[:300] for x in collector.lines[-5:])
+        rc = proc.poll()
+        if rc is not None:
+            self.text += f"; the process ended with {rc}"
+            if proc.stderr is not None and not proc.stderr.closed:
+                try:
+                    os.set_blocking(proc.stderr.fileno(), False)
+                    err = proc.stderr.read(2000)
+                except (OSError, ValueError, TypeError):
+                    err = None
+                if err:
+                    self.text += f", stderr: {err.strip()}"
+        else:
+            self.text += "; the process is still running"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return self.text
+
+
 class LineCollector:
     """Collects a process's stdout lines in a thread; wait for a condition on them."""
 
@@ -33,13 +63,15 @@ class LineCollector:
             self.done = True
             self._cond.notify_all()
 
-    def wait_for(self, pred: Callable[[list[str]], bool], timeout: float) -> bool:
+    def wait_for(self, pred: Callable[[list[str]], bool], timeout: float) -> bool | Waited:
+        """True once ``pred(lines)`` holds; else (timed out, or the output ended) a false
+        value whose repr says what was seen, so a failed ``assert`` shows it."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while not pred(self.lines):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or (self.done and not pred(self.lines)):
-                    return pred(self.lines)
+                    return pred(self.lines) or Waited(self, timeout)
                 self._cond.wait(remaining)
             return True
 

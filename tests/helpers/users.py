@@ -1,0 +1,63 @@
+"""Unix users and groups the tests need (created as root, removed when the run ends).
+
+Every user or group this run creates is written to the file named by
+``GRACE_TEST_CREATED`` (set by tests/conftest.py for the whole run, background children
+included), and the run removes exactly those at its end: a root test run leaves the
+host's accounts as it found them.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import subprocess
+from pathlib import Path
+
+CREATED_ENV = "GRACE_TEST_CREATED"
+
+
+def _note(kind: str, name: str) -> None:
+    path = os.environ.get(CREATED_ENV)
+    if path:
+        with open(path, "a") as fh:
+            fh.write(f"{kind} {name}\n")
+
+
+def ensure_group(name: str) -> str:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        subprocess.run(["groupadd", name], check=True, capture_output=True)
+        _note("group", name)
+    return name
+
+
+def ensure_user(name: str, groups: tuple[str, ...] = ()) -> str:
+    """A system-less login-less user ``name``, member of ``groups`` (created if needed)."""
+    for group in groups:
+        ensure_group(group)
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        "--comment", "grace test suite", name], check=True,
+                       capture_output=True)
+        _note("user", name)
+    for group in groups:
+        subprocess.run(["usermod", "-a", "-G", group, name], check=True, capture_output=True)
+    return name
+
+
+def remove_created(record: Path) -> None:
+    """Remove the users, then the groups, that the run created (as ``record`` lists)."""
+    try:
+        lines = record.read_text().split()
+    except OSError:
+        return
+    pairs = list(zip(lines[::2], lines[1::2], strict=False))
+    for kind, name in [p for p in pairs if p[0] == "user"] + [
+            p for p in pairs if p[0] == "group"]:
+        subprocess.run(["userdel" if kind == "user" else "groupdel", name],
+                       check=False, capture_output=True)
+    record.unlink(missing_ok=True)
