@@ -84,6 +84,8 @@ class Api:
         self.runner = runner
         self.reads = reads
         self.quarantine = quarantine or {"rows": 0, "this_start": 0, "reasons": []}
+        # Imports and resets one at a time: each changes memory and the journal together.
+        self._knowledge_lock = trio.Lock()
         self.reloader: Reloader | None = None
         # The components' health as last published (graced.integration), for status.
         self.integration: dict[str, dict[str, Any]] = {}
@@ -375,6 +377,14 @@ class Api:
 
         # Parsing and canonicalising 32 MB takes seconds: not on the event loop.
         data, patterns = await trio.to_thread.run_sync(check)
+        async with self._knowledge_lock:
+            return await self._import(client, data, patterns, replace_key, dry_run)
+
+    async def _import(self, client: Client, data: dict[str, Any],
+                      patterns: list[dict[str, Any]], replace_key: bool,
+                      dry_run: bool) -> Any:
+        """The checks against what is held from that daemon, the plan, then (unless a dry
+        run) its journal entry and its application; under the knowledge lock."""
         source, host, kid = data["source"], data["host"], data["kid"]
         exported_at = float(data["exported_at"])
         if source in (self.daemon_id, kb.LOCAL):
@@ -394,11 +404,8 @@ class Api:
             raise RequestError("invalid", (
                 f"exported_at: this export of daemon {source} ({exported_at:.0f}) is older "
                 f"than the one imported already ({known['exported_at']:.0f}): refused"))
-        try:
-            plan = knowledge.plan_import(source, patterns, host=host, kid=kid,
-                                         exported_at=exported_at, now=time.time())
-        except ValueError as exc:
-            raise RequestError("invalid", str(exc)) from None
+        plan, writes = await self._plan_import(source, patterns, host, kid, exported_at,
+                                               dry_run)
         self._note_unmatched(plan.changes, patterns)
         answer = {"source": source, "host": host, "kid": kid, "records": len(patterns),
                   "counts": plan.counts, "changes": plan.changes,
@@ -411,9 +418,34 @@ class Api:
             "source": source, "host": host, "kid": kid, "exported_at": exported_at,
             "patterns": len(patterns), "counts": plan.counts,
             "key_replaced": bool(notes), "by_uid": client.peer.uid},
-            writes=knowledge.import_writes(plan))
+            writes=writes)
         knowledge.apply_import(plan)
         return {**answer, "imported": len(patterns), "patterns": len(knowledge.patterns)}
+
+    async def _plan_import(self, source: str, patterns: list[dict[str, Any]], host: str,
+                           kid: str, exported_at: float,
+                           dry_run: bool) -> tuple[kb.ImportPlan, list[Any]]:
+        """Plan an import, and its writes, in a worker thread (100,000 records take
+        seconds): read-only work on the knowledge base, retried if a reset or another
+        import changed it meanwhile, so only the apply runs on the event loop."""
+        knowledge = self.learning.knowledge
+
+        def plan() -> tuple[kb.ImportPlan, list[Any]]:
+            p = knowledge.plan_import(source, patterns, host=host, kid=kid,
+                                      exported_at=exported_at, now=time.time())
+            return p, [] if dry_run else knowledge.import_writes(p)
+
+        for _ in range(3):
+            try:
+                done = await trio.to_thread.run_sync(plan)
+            except ValueError as exc:
+                raise RequestError("invalid", str(exc)) from None
+            except (RuntimeError, KeyError):  # changed under it (a dict resized): again
+                continue
+            if done[0].version == knowledge.version:
+                return done
+        raise RequestError("unavailable", "knowledge changed during the import (a reset or "
+                           "another import); try again")
 
     def _note_unmatched(self, changes: list[dict[str, Any]],
                         patterns: list[dict[str, Any]]) -> None:
@@ -444,6 +476,10 @@ class Api:
         if target not in known and not any(target in pbs for pbs in known.values()):
             raise RequestError("not_found", f"no pattern or playbook {target!r} in knowledge")
         kind = "pattern" if target in known else "playbook"
+        async with self._knowledge_lock:
+            return await self._reset(client, target, kind)
+
+    async def _reset(self, client: Client, target: str, kind: str) -> Any:
         writes, removed = self.learning.reset(target)
         await self.mesh.publish("learning.reset", {
             "target": target, "kind": kind, "records": removed,

@@ -175,6 +175,8 @@ class ImportPlan:
     removed: dict[tuple[str, str], Entry]
     changes: list[dict[str, Any]]
     counts: dict[str, int]
+    order: list[str] = field(default_factory=list)  # its patterns, least recent first
+    version: int = 0  # of the knowledge base it was planned on
 
 
 class Knowledge:
@@ -215,6 +217,9 @@ class Knowledge:
             self.patterns.setdefault(sig, {}).setdefault(pb, {})[source] = e
         self.recent: dict[str, None] = {}
         self._reorder()
+        # Bumped by every change an import plan depends on (a reset, an import): a plan
+        # made in a worker thread is applied only if nothing changed meanwhile.
+        self.version = 0
 
     def _reorder(self) -> None:
         """Rebuild :attr:`recent` (after a load or an import: a write, not a read)."""
@@ -331,6 +336,7 @@ class Knowledge:
     def reset(self, target: str) -> tuple[list[Write], int]:
         """Forget every record of a pattern (``DETECTOR:SUBJECT``) or of a playbook."""
         removed = 0
+        self.version += 1
         if target in self.patterns:
             for pb, srcs in self.patterns.pop(target).items():
                 removed += len(srcs)
@@ -489,8 +495,13 @@ class Knowledge:
         if source not in self.sources and len(self.sources) >= MAX_SOURCES:
             raise ValueError(f"source: knowledge from {MAX_SOURCES} daemons is held "
                              "already; reset one first")
+        last: dict[str, float] = {}
+        for (sig, _), e in put.items():
+            last[sig] = max(last.get(sig, 0.0), e.last_seen)
         return ImportPlan(source, {"host": host, "kid": kid, "exported_at": exported_at,
-                                   "imported_at": now}, put, removed, changes, counts)
+                                   "imported_at": now}, put, removed, changes, counts,
+                          order=sorted(last, key=lambda sig: (last[sig], sig)),
+                          version=self.version)
 
     def import_writes(self, plan: ImportPlan) -> list[Write]:
         """The writes that store a plan (one transaction with its event)."""
@@ -505,18 +516,25 @@ class Knowledge:
                 (SOURCES_KEY, json.dumps(sources, sort_keys=True)))
 
     def apply_import(self, plan: ImportPlan) -> None:
-        """Apply a plan (once its writes are committed)."""
+        """Apply a plan (once its writes are committed): work in proportion to the
+        plan, no sort of everything held. The imported patterns become the most recent
+        in listings, in the order of their own last sight."""
+        self.version += 1
         for sig, pb in plan.removed:
-            del self.patterns[sig][pb][plan.source]
-            if not self.patterns[sig][pb]:
-                del self.patterns[sig][pb]
-            if not self.patterns[sig]:
+            pbs = self.patterns.get(sig, {})
+            pbs.get(pb, {}).pop(plan.source, None)
+            if pb in pbs and not pbs[pb]:
+                del pbs[pb]
+            if sig in self.patterns and not pbs:
                 del self.patterns[sig]
+                self.recent.pop(sig, None)
         for (sig, pb), e in plan.put.items():
             self.patterns.setdefault(sig, {}).setdefault(pb, {})[plan.source] = e
+        for sig in plan.order:
+            self.recent.pop(sig, None)
+            self.recent[sig] = None
         self.by_source[plan.source] = set(plan.put)
         self.sources[plan.source] = plan.meta
-        self._reorder()
 
 
 SOURCES_KEY = "knowledge_sources"
