@@ -421,3 +421,24 @@ def test_a_step_that_failed_inside_graced_is_not_held_against_the_playbook() -> 
     m.steps[0].update(error="graced internal error: TypeError: x", graced_error=True)
     success, why = credit(m, knowledge, "sig")
     assert success is None and why is not None and "inside graced" in why
+
+
+def test_a_demoted_playbook_is_offered_again_once_retry_after_passed() -> None:
+    """Finding 1 (recovery): a demoted playbook was never run again. It is blocked
+    until retry_after has passed since its last failure, then offered (with a note
+    saying why), so a playbook that works again can recover."""
+    from graced.config import LearningConfig
+    from graced.learning import Learning
+
+    config = LearningConfig(demote_after=2, demote_span=0.0, retry_after=600.0)
+    k = Knowledge()
+    learning = Learning(config, k, Path("/nonexistent/journal.db"))
+    for incident, at in ((1, 0.0), (2, 100.0)):
+        _learn(k, "bad", False, at, incident)
+    m = _mission(5, "web", "api", "latency", "open", None)
+    blocked, notes = learning.blocked(m, ["bad"], 200.0)
+    assert blocked["bad"].startswith("demoted") and not notes
+    blocked, notes = learning.blocked(m, ["bad"], 700.0)
+    assert not blocked and "retry_after" in notes[0]
+    _learn(k, "bad", False, 700.0, 3)  # the retry failed: blocked for retry_after again
+    assert learning.blocked(m, ["bad"], 800.0)[0]["bad"].startswith("demoted")
