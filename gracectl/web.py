@@ -42,6 +42,7 @@ log = logging.getLogger("gracectl.web")
 MAX_HEAD = 16384  # bytes of an HTTP request head
 MAX_REQUEST = 65536  # bytes of one request from the page to graced
 HEAD_TIMEOUT = 10.0  # seconds to send a request head, and to prove the token
+MAX_CONNECTIONS = 64  # at once; more are closed at accept (a page uses a handful)
 # What the page may ask graced: reading, and deciding on a mission (approve/reject). The
 # rest (pause, emit, reload, knowledge import, playbooks run, silences) stays with gracectl.
 METHODS = frozenset({"hello", "status", "subscribe", "missions.list", "missions.get",
@@ -136,7 +137,7 @@ class Relay:
         self.port = port
         self.token = token
         self.files = files
-        self.relayed = 0  # messages relayed from graced (for the bench)
+        self.connections = 0
 
     @property
     def hosts(self) -> set[str]:
@@ -152,6 +153,10 @@ class Relay:
         await trio.serve_listeners(self.handle, listeners)
 
     async def handle(self, stream: trio.SocketStream) -> None:
+        if self.connections >= MAX_CONNECTIONS:
+            await trio.aclose_forcefully(stream)
+            return
+        self.connections += 1
         try:
             await self._handle(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed,
@@ -160,6 +165,7 @@ class Relay:
         except Exception:  # noqa: BLE001 - one browser never stops the relay
             log.exception("web: a connection failed")
         finally:
+            self.connections -= 1
             await trio.aclose_forcefully(stream)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
@@ -251,7 +257,6 @@ class Relay:
                     while True:
                         message = await up.get_message()
                         await ws.send_message(message)
-                        self.relayed += 1
                 except ConnectionClosed as exc:
                     if exc.reason is not None:
                         reason = f"graced closed: {exc.reason.code} {exc.reason.reason or ''}"

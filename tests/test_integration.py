@@ -4,12 +4,11 @@ whose TCP probe's target really goes away and comes back."""
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
 from graced.integration import changes, snapshot
-from tests.helpers.procs import LineCollector
+from tests.helpers.procs import LineCollector, tcp_listener
 
 FIGURES = {
     "detectors": {"api": {"kind": "tcp", "state": "up", "errors": 0, "last_error": None,
@@ -59,17 +58,9 @@ def test_a_failed_probe_is_failing_with_its_reason_and_only_state_moves_are_chan
         {"component": "detector:api", "was": "up", "kind": "detector", "state": "removed"}]
 
 
-def _listen(port: int = 0) -> socket.socket:
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", port))
-    s.listen(16)
-    return s
-
-
 @pytest.mark.slow
 def test_a_probe_going_down_and_up_is_published_and_summarised(make_graced) -> None:
-    server = _listen()
+    server = tcp_listener()
     port = server.getsockname()[1]
     g = make_graced(detectors=f'[[detector]]\nname = "api"\nkind = "tcp"\ninterval = 0.5\n'
                               f'host = "127.0.0.1"\nport = {port}\ntimeout = 1.0\n')
@@ -100,7 +91,7 @@ def test_a_probe_going_down_and_up_is_published_and_summarised(make_graced) -> N
         assert status["integration"]["detector:api"]["state"] == "failing"
         once = g.ctl("top", "--once", check=True).stdout
         assert "detector:api failing" in once, once
-        server = _listen(port)
+        server = tcp_listener(port)
         assert tail.wait_for(lambda _: states("detector:api")[-1:] == ["up"]
                              and "failing" in states("detector:api"), 10), tail.lines[-3:]
     finally:

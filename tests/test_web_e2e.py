@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from collections.abc import Iterator
 from datetime import datetime
@@ -21,7 +20,7 @@ import trio_websocket
 from gracectl.web import check_page_request
 from tests.conftest import Graced
 from tests.helpers.browser import Browser, chromium
-from tests.helpers.procs import LineCollector
+from tests.helpers.procs import LineCollector, tcp_listener
 from tests.test_learning_e2e import FAULT, NORMAL, SETTINGS, fix, playbook, value_detector
 from tests.test_stream_e2e import _proxy
 
@@ -29,8 +28,8 @@ from tests.test_stream_e2e import _proxy
 class Relay:
     """``gracectl web`` as a user runs it, on a free port; its URL from stdout."""
 
-    def __init__(self, g: Graced, *args: str) -> None:
-        self.proc = g.ctl_popen(*args, "web", "--port", "0", "--no-open")
+    def __init__(self, g: Graced, *args: str, port: int = 0) -> None:
+        self.proc = g.ctl_popen(*args, "web", "--port", str(port), "--no-open")
         assert self.proc.stdout is not None
         self.url = self.proc.stdout.readline().strip()
         assert self.url.startswith("http://127.0.0.1:"), (self.url, self.proc.stderr)
@@ -44,14 +43,6 @@ class Relay:
 def browser() -> Iterator[Browser]:
     with chromium() as b:
         yield b
-
-
-def _listen(port: int = 0) -> socket.socket:
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", port))
-    s.listen(16)
-    return s
 
 
 def _follow(g: Graced, pattern: str) -> LineCollector:
@@ -116,7 +107,7 @@ def test_page_requests_are_checked_before_they_reach_graced() -> None:
 @pytest.mark.slow
 def test_a_real_fault_is_a_card_within_a_second_and_the_map_follows_the_probe(
         make_graced, browser: Browser) -> None:
-    server = _listen()
+    server = tcp_listener()
     port = server.getsockname()[1]
     g = make_graced(detectors=f'[[detector]]\nname = "api"\nkind = "tcp"\ninterval = 0.3\n'
                               f'host = "127.0.0.1"\nport = {port}\ntimeout = 1.0\n'
@@ -152,7 +143,7 @@ def test_a_real_fault_is_a_card_within_a_second_and_the_map_follows_the_probe(
         assert "opened" in b.text("detail")
         b.screenshot("web-fault-card")
 
-        server = _listen(port)  # the service is back
+        server = tcp_listener(port)  # the service is back
         b.wait(lambda: _component(b, "detector:api") == "up", 10, "probe shown up again")
         b.wait(lambda: _card_state(b, mid) == "resolved", 15, "card resolved")
         b.screenshot("web-probe-back")
@@ -241,6 +232,60 @@ def test_approving_from_the_page_runs_the_high_risk_playbook_and_the_card_resolv
         _nothing_left_the_machine(b, relay)
     finally:
         relay.close()
+
+
+def _banner_class(b: Browser) -> str:
+    return str(b.js("return document.getElementById('banner').className"))
+
+
+@pytest.mark.slow
+def test_a_withheld_stream_turns_amber(make_graced, browser: Browser) -> None:
+    g = make_graced()  # heartbeats every 0.5 s: stale after 3 x 0.5 + 1 s of silence
+    head = json.loads(g.ctl("status", "--json", check=True).stdout)["head_seq"]
+    proxy, path = _proxy(g, "cut", head + 8)  # forwards nothing after it, stays connected
+    relay = Relay(g, "--socket", path, "--key", str(g.state / "key.pub"))
+    try:
+        b = browser
+        b.driver.get(relay.url)
+        _verified(b)
+        b.wait(lambda: "amber" in _banner_class(b), 10, "amber banner")
+        assert "STALE" in b.text("banner")
+        assert b.js("return window.grace.lastSeq") == head + 8
+        b.screenshot("web-stale")
+    finally:
+        relay.close()
+        proxy.kill()
+        proxy.wait()
+
+
+@pytest.mark.slow
+def test_a_daemon_with_another_key_is_refused_loudly(make_graced, shortdir: Path,
+                                                      browser: Browser) -> None:
+    free = tcp_listener()
+    port = free.getsockname()[1]
+    free.close()
+    first = make_graced()
+    relay = Relay(first, port=port)
+    b = browser
+    try:
+        b.driver.get(relay.url)
+        _verified(b)  # the browser pins this daemon's key for 127.0.0.1:port
+    finally:
+        relay.close()
+    (shortdir / "other").mkdir()
+    other = Graced(shortdir / "other")  # another daemon: a key of its own
+    other.start()
+    relay = Relay(other, port=port)
+    try:
+        b.driver.get(relay.url)
+        b.wait(lambda: "red" in _banner_class(b), 10, "red banner")
+        assert "KEY CHANGED" in b.text("banner")
+        assert b.js("return window.grace.verified") == 0
+        assert b.js("return document.querySelectorAll('[data-component]').length") == 0
+        b.screenshot("web-key-changed")
+    finally:
+        relay.close()
+        other.close()
 
 
 @pytest.mark.slow

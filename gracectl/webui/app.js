@@ -403,6 +403,9 @@ function describe(ev) {
   return JSON.stringify(p).slice(0, 160);
 }
 
+// A new URL from another run of gracectl web, opened in this tab, only changes the
+// fragment: start again with its token.
+window.addEventListener("hashchange", () => location.reload());
 setInterval(() => { if (!state.frozen) schedule(); }, 1000);
 start();
 render();

@@ -98,7 +98,7 @@ async function trustFromHello(text, pinned, given) {
   if (kid !== offered) {
     throw new Failure(null, `KEY CHANGED: this page trusts key ${kid} (${how}), the daemon now `
       + `offers ${offered}. Refused: if the key was rotated on purpose, clear the pin (site `
-      + "data) and reload.");
+      + "data) and reload");
   }
   verifier = new StreamVerifier(await importKey(trusted), kid);
   postMessage({ type: "key", kid, publicKey: toBase64(trusted), how });

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import socket
 import subprocess
 import threading
 import time
@@ -163,3 +164,13 @@ def poll_until(pred: Callable[[], bool], timeout: float, what: str,
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout} s")
         time.sleep(pause)
+
+
+def tcp_listener(port: int = 0) -> socket.socket:
+    """A real TCP service on loopback for a probe to reach: it accepts connections
+    (the kernel's backlog) until closed; reopen it on the same port to bring it back."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(16)
+    return s
