@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import subprocess
 from collections.abc import Iterator
 from datetime import datetime
@@ -21,15 +22,22 @@ from gracectl.web import check_page_request
 from tests.conftest import Graced
 from tests.helpers.browser import Browser, chromium
 from tests.helpers.procs import LineCollector, tcp_listener
+from tests.helpers.users import ensure_user
+from tests.test_documented_e2e import APPROVER, GROUP
 from tests.test_learning_e2e import FAULT, NORMAL, SETTINGS, fix, playbook, value_detector
 from tests.test_stream_e2e import _proxy
 
 
 class Relay:
-    """``gracectl web`` as a user runs it, on a free port; its URL from stdout."""
+    """``gracectl web`` as a user runs it, on a free port; its URL from stdout.
+    ``user``: setpriv's arguments to run it as another Unix user."""
 
-    def __init__(self, g: Graced, *args: str, port: int = 0) -> None:
-        self.proc = g.ctl_popen(*args, "web", "--port", str(port), "--no-open")
+    def __init__(self, g: Graced, *args: str, port: int = 0, user: list[str] | None = None
+                 ) -> None:
+        argv = [g.ctl_argv0(), *args, "web", "--port", str(port), "--no-open"]
+        self.proc = subprocess.Popen(
+            ["setpriv", *user, *argv] if user else argv, env=g.env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
         self.url = self.proc.stdout.readline().strip()
         assert self.url.startswith("http://127.0.0.1:"), (self.url, self.proc.stderr)
@@ -286,6 +294,69 @@ def test_a_daemon_with_another_key_is_refused_loudly(make_graced, shortdir: Path
     finally:
         relay.close()
         other.close()
+
+
+def _approve_on_page(b: Browser, relay: Relay) -> int:
+    """Open the page, approve the mission awaiting approval (both clicks); its id."""
+    b.driver.get(relay.url)
+    _verified(b)
+    b.wait(lambda: b.js("return document.querySelector(\"[data-state='awaiting_approval'] "
+                        "[data-action='approve']\")"), 10, "approve button")
+    mid = int(b.js("return Number(document.querySelector(\"[data-state='awaiting_approval']\")"
+                   ".dataset.mission)"))
+    b.driver.find_element(
+        "css selector", f"[data-mission='{mid}'] [data-action='approve']").click()
+    b.wait(lambda: b.driver.find_elements(
+        "css selector", f"[data-mission='{mid}'] [data-action='confirm']"), 5, "confirm")[0].click()
+    return mid
+
+
+@pytest.mark.slow
+def test_the_page_has_the_relay_users_rights_and_no_more(make_graced, browser: Browser,
+                                                         shortdir: Path) -> None:
+    """A relay run by a user who may read but not approve: the page's approval is refused
+    by graced and nothing runs; the same page through a relay run by a member of
+    approver_groups approves, and the plan runs."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create second Unix users and act as them")
+    outsider = ensure_user("grace-outsider")
+    member = ensure_user(APPROVER, (GROUP,))
+    queue = shortdir / "queue"
+    queue.write_text(NORMAL)
+    g = make_graced(extra_config="", detectors=value_detector("backlog", queue, "high")
+                    + playbook("drain", "backlog", "high", fix(queue))
+                    + SETTINGS.format(approval=120.0).replace(
+                        "[remediation]\n", f'[remediation]\napprover_groups = ["{GROUP}"]\n'))
+    os.chmod(g.socket, 0o666)  # anyone may read: the approval rules alone decide
+    os.chmod(g.base, 0o755)
+    os.chmod(g.home, 0o777)
+    key = g.base / "daemon.pub"  # the state dir is graced's alone
+    key.write_bytes((g.state / "key.pub").read_bytes())
+    key.chmod(0o644)
+    queue.write_text(FAULT)
+    plain = ["--regid", "nogroup", "--clear-groups"]
+    relay = Relay(g, "--key", str(key), user=["--reuid", outsider, *plain])
+    try:
+        mid = _approve_on_page(browser, relay)
+        b = browser
+        b.wait(lambda: "refused: not_authorised" in b.text("message"), 10, "refusal shown")
+        assert f"uid {pwd.getpwnam(outsider).pw_uid} may not approve" in b.text("message")
+        b.screenshot("web-not-authorised")
+        shown = json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
+        assert shown["state"] == "awaiting_approval" and not shown["approvals"]
+        assert queue.read_text().strip() == FAULT
+    finally:
+        relay.close()
+    relay = Relay(g, "--key", str(key), user=["--reuid", member, "--regid", "nogroup",
+                                              "--init-groups"])
+    try:
+        assert _approve_on_page(browser, relay) == mid
+        browser.wait(lambda: _card_state(browser, mid) == "resolved", 20, "card resolved")
+        shown = json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
+        assert shown["approvals"][0]["uid"] == pwd.getpwnam(member).pw_uid
+        assert queue.read_text().strip() == NORMAL
+    finally:
+        relay.close()
 
 
 @pytest.mark.slow
