@@ -36,6 +36,7 @@ from graced.protocol import (
 from . import out, timespec, trust
 from .client import Endpoint, connect, decide, sole_exception
 from .errors import CtlError, ProtocolViolation
+from .fleet import fleet as fleet_group
 from .plan_text import render_plan
 from .tail import OUTPUTS, TailOptions, run_tail, stderr_note
 from .timespec import Point
@@ -258,6 +259,15 @@ def _print_status(st: dict[str, Any]) -> None:
                     f"{w['dropped_total']} dropped, {w['refused_total']} refused"),
         ("socket", w["socket"] + (f"; tcp ports {w['tcp_ports']}" if w["tcp_ports"] else "")),
     ]
+    fl = st.get("fleet")
+    if fl:
+        state = "connected" if fl["connected"] else "DISCONNECTED"
+        lag = (f"{fl['lag_events']} events behind ({fl['lag_seconds']:.1f} s)"
+               if fl["lag_events"] else "caught up")
+        rows.append(("fleet", f"{state} to {fl['url']} stream {fl['stream']}; forwarded up to "
+                              f"seq {fl['acked_seq']}, {lag}" + (
+                                  f"; last error: {fl['last_error']}"
+                                  if fl["last_error"] and fl["lag_events"] else "")))
     lr = st.get("learning")
     if lr:
         rate = "-" if lr["success_rate_7d"] is None else f"{lr['success_rate_7d'] * 100:.0f}%"
@@ -952,6 +962,9 @@ def emit(ctx: click.Context, topic: str, payload: str, count: int, rate: float |
         click.echo(f"published {result['count']} events, last seq {result['last_seq']}")
     else:
         stderr_note(f"queued {result['queued']} events")
+
+
+cli.add_command(fleet_group)
 
 
 def main() -> None:

@@ -89,6 +89,7 @@ class Api:
         self.reloader: Reloader | None = None
         # The components' health as last published (graced.integration), for status.
         self.integration: dict[str, dict[str, Any]] = {}
+        self.fleet: Any = None  # graced.fleet.Forwarder when [fleet] url is set
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -187,6 +188,7 @@ class Api:
             "executor": self.executor.status(),
             "integration": self.integration,
             "learning": await self._learning_summary(),
+            "fleet": self.fleet.status() if self.fleet is not None else None,
             **self._health(),
         }
 

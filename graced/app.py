@@ -120,6 +120,7 @@ class Daemon:
         self.executor: Executor | None = None
         self.learning: Learning | None = None
         self.reads: SharedReader[JournalReader] | None = None  # the handlers' reads
+        self.fleet: Any = None  # graced.fleet.Forwarder with [fleet] url
         # Stored patterns quarantined at start (reported in status).
         self.quarantine: dict[str, Any] = {"rows": 0, "this_start": 0, "reasons": []}
 
@@ -186,6 +187,14 @@ class Daemon:
                                lambda new: setattr(server, "budget",
                                                    Budget.from_config(new.daemon))]
         api.reloader = reloader
+        forwarder = None
+        if cfg.fleet.url:
+            from .fleet import make_forwarder
+
+            forwarder = make_forwarder(cfg.fleet, daemon_id=self.daemon_id, mesh=mesh,
+                                       journal_path=journal.path,
+                                       acked=meta.get("fleet_acked"), answer=server.answer)
+            api.fleet = self.fleet = forwarder
         server.handlers = api.handlers()
         server.roles = dict(ROLES)
         try:
@@ -206,6 +215,8 @@ class Daemon:
                         interval=lambda: self.config.daemon.integration_interval)
                     await nursery.start(monitor.run)
                     api.integration = monitor.current
+                    if forwarder is not None:
+                        await nursery.start(forwarder.run)
                     nursery.start_soon(_trim_heap)
                     nursery.start_soon(self._prune_nonces)
                     hb_scope = trio.CancelScope()
@@ -370,10 +381,13 @@ class Daemon:
                     })
                     last_checkpoint = now
                 if now >= last_beat + interval:
-                    mesh.publish_nowait("daemon.heartbeat", {
+                    beat: dict[str, Any] = {
                         "interval": interval,
                         "uptime": round(time.monotonic() - self.started_mono, 3),
-                    })
+                    }
+                    if self.fleet is not None:  # how far forwarding lags, for fleet ls
+                        beat["fleet_lag"] = self.fleet.status()["lag_events"]
+                    mesh.publish_nowait("daemon.heartbeat", beat)
                     last_beat = now
                 await trio.sleep_until(min(last_beat + interval, last_checkpoint + every))
 

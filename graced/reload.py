@@ -40,6 +40,9 @@ RESTART_ONLY = {
                "max_request_bytes", "client_queue", "send_timeout",
                "tls_cert", "tls_key"),
     "journal": ("synchronous", "batch_max"),
+    "fleet": ("url", "stream", "creds", "nkey_seed", "user", "password", "tls_ca", "tls_cert",
+              "tls_key", "replicas", "max_age_days", "max_bytes_per_host", "in_flight",
+              "ack_timeout"),
 }
 
 

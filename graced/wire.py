@@ -25,7 +25,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import trio
@@ -627,28 +627,56 @@ class Server:
             if cs.cancelled_caught:
                 client.drop(1000, f"idle for {idle:g} s (not subscribed)")
                 return
-            try:
-                req = parse_request(message, self.max_request_bytes)
-            except RequestError as exc:
-                client.respond_error(exc.req_id, exc.nonce, exc.code, exc.message)
-                continue
-            handler = self.handlers.get(req.method)
-            if handler is None:
-                client.respond_error(
-                    req.id, req.nonce, "unknown_method",
-                    f"unknown method {req.method[:64]!r} "
-                    f"(known: {', '.join(sorted(self.handlers))})",
-                )
-                continue
-            try:
-                req = self._admit(client, req)
-            except RequestError as exc:
-                client.respond_error(req.id, req.nonce, exc.code, exc.message)
-                continue
-            if req.method == "subscribe":
-                nursery.start_soon(self._run_handler, client, req, handler)
-            else:
-                await self._run_handler(client, req, handler)
+            await self._dispatch(client, message, nursery)
+
+    async def _dispatch(self, client: Client, message: str | bytes,
+                        nursery: trio.Nursery | None) -> None:
+        """Parse one request, check its signature and role, run its handler; the answer
+        goes on the client's queue. ``nursery`` None: no subscription (request/reply)."""
+        try:
+            req = parse_request(message, self.max_request_bytes)
+        except RequestError as exc:
+            client.respond_error(exc.req_id, exc.nonce, exc.code, exc.message)
+            return
+        handler = self.handlers.get(req.method)
+        if handler is None:
+            client.respond_error(
+                req.id, req.nonce, "unknown_method",
+                f"unknown method {req.method[:64]!r} "
+                f"(known: {', '.join(sorted(self.handlers))})",
+            )
+            return
+        try:
+            req = self._admit(client, req)
+        except RequestError as exc:
+            client.respond_error(req.id, req.nonce, exc.code, exc.message)
+            return
+        if req.method == "subscribe":
+            if nursery is None:
+                client.respond_error(req.id, req.nonce, "invalid",
+                                     "subscribe needs a connection (the fleet reads JetStream)")
+                return
+            nursery.start_soon(self._run_handler, client, req, handler)
+        else:
+            await self._run_handler(client, req, handler)
+
+    async def answer(self, message: str, address: str) -> str:
+        """Serve one request that came by request/reply (NATS), not by a connection.
+
+        The peer counts as a TCP client at ``address``: the request goes through the very
+        checks a TCP client's does (:meth:`_dispatch`: parsing, signature, daemon id,
+        freshness, nonce, role; then the handler's own, e.g. an approval's mission and
+        plan). Returns the signed response frame, or "" when there is none.
+        """
+        client = Client(self, cast(Any, None), cast(Any, None), Peer("tcp", address=address))
+        try:
+            await self._dispatch(client, message, None)
+        finally:
+            client.send.close()
+        try:
+            return client.recv.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return ""
 
     def _admit(self, client: Client, req: Request) -> Request:
         """Check a request's signature, if any, and the role its method needs over TCP.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .fleet import FleetConfig
 from .schema import check, one_of, positive
 
 
@@ -127,5 +128,5 @@ class LearningConfig:
 # The single-table sections, in the order `graced config default` prints them.
 SECTIONS: dict[str, type] = {
     "daemon": DaemonConfig, "journal": JournalConfig, "missions": MissionsConfig,
-    "remediation": RemediationConfig, "learning": LearningConfig,
+    "remediation": RemediationConfig, "learning": LearningConfig, "fleet": FleetConfig,
 }

@@ -32,6 +32,7 @@ from .detectors import (
     compact,
     default_detectors,
 )
+from .fleet import FleetConfig
 from .notifiers import NotifierConfig, build_notifiers
 from .playbooks import PlaybookConfig, build_playbooks
 from .schema import ConfigError, Locator, Where, build_table, internal
@@ -51,6 +52,7 @@ class Config:
     detector: list[DetectorConfig] = field(default_factory=default_detectors)
     remediation: RemediationConfig = field(default_factory=RemediationConfig)
     learning: LearningConfig = field(default_factory=LearningConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     playbook: list[PlaybookConfig] = field(default_factory=list)
     notifier: list[NotifierConfig] = field(default_factory=list)
     source: str = field(default=EMBEDDED, metadata=internal())

@@ -1,0 +1,541 @@
+"""``gracectl fleet``: every host's events, missions and approvals, through NATS JetStream.
+
+The fleet view reads the stream each graced forwards to (``grace.<daemon-id>.<topic>``)
+and verifies each host's chain against the key pinned for that host
+(:mod:`gracectl.fleetview`); an approval is a signed request sent to that host's graced
+by NATS request/reply (``grace-rpc.<daemon-id>``), checked there as a TCP client's is,
+and its signed answer is checked here against the host's pinned key
+(:class:`gracectl.client.Connection`, as over a WebSocket).
+
+nats-py is asyncio only: it runs on an event loop in a thread of its own
+(:class:`Nats`); the trio side (the approval's :class:`~gracectl.client.Connection`)
+waits for it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import click
+import trio
+from trio_websocket import CloseReason, ConnectionClosed
+
+from graced.protocol import ExitCode, Violation, key_id, parse_event_line
+from graced.protocol import fleet as names
+from graced.protocol.topics import compile_patterns
+
+from . import out, trust
+from .client import Connection, decide, sole_exception
+from .errors import CtlError, NotFound, Unreachable
+from .fleetview import FleetView, HostView, dumps, resolve_host
+from .tail import format_event
+
+T = TypeVar("T")
+READ_IDLE = 1.0  # seconds without a message that end a read of the stream
+
+
+class Nats:
+    """One NATS connection on an asyncio loop in its own thread."""
+
+    def __init__(self, url: str, creds: str | None, timeout: float) -> None:
+        self.url, self.creds, self.timeout = url, creds, timeout
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.nc: Any = None
+        self.js: Any = None
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the loop; blocks this thread until it is done."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def connect(self) -> None:
+        try:
+            import nats
+        except ImportError:
+            raise CtlError("gracectl fleet needs nats-py: pip install 'grace[fleet]'") from None
+
+        async def go() -> None:
+            opts: dict[str, Any] = {"servers": [u.strip() for u in self.url.split(",")],
+                                    "connect_timeout": self.timeout, "allow_reconnect": False,
+                                    "name": "gracectl fleet"}
+            if self.creds:
+                opts["user_credentials"] = self.creds
+            self.nc = await nats.connect(**opts)
+            self.js = self.nc.jetstream(timeout=self.timeout)
+
+        try:
+            self.run(go())
+        except Exception as exc:  # noqa: BLE001 - nats-py raises many kinds
+            raise Unreachable(f"cannot reach NATS at {_redact(self.url)}: "
+                              f"{type(exc).__name__}: {exc}") from None
+
+    def close(self) -> None:
+        if self.nc is not None:
+            try:
+                self.run(self.nc.close())
+            except Exception:  # noqa: BLE001 - closing anyway
+                pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(2)
+
+    def read(self, stream: str, subject: str, on_message: Callable[[str, bytes], None],
+             follow: bool, on_idle: Callable[[], None] | None = None) -> int:
+        """Feed every message of ``stream`` on ``subject`` to ``on_message`` (on this
+        loop's thread), from the first, by one ordered consumer; with ``follow``, then
+        live (``on_idle`` is called whenever it has caught up) until interrupted."""
+
+        async def go() -> int:
+            from nats.js.errors import NotFoundError
+
+            try:
+                info = await self.js.stream_info(stream)
+            except NotFoundError:
+                raise CtlError(f"no stream {stream} on NATS at {_redact(self.url)} (no graced "
+                               "has forwarded to it yet)", ExitCode.NOT_FOUND) from None
+            last = info.state.last_seq
+            count = 0
+            if last == 0 and not follow:
+                return 0
+            sub = await self.js.subscribe(subject, stream=stream, ordered_consumer=True)
+            try:
+                while True:
+                    try:
+                        msg = await sub.next_msg(timeout=READ_IDLE if not follow else 0.25)
+                    except TimeoutError:
+                        if not follow:
+                            break
+                        if on_idle is not None:
+                            on_idle()
+                        continue
+                    on_message(msg.subject, msg.data)
+                    count += 1
+                    done = (msg.metadata.num_pending == 0
+                            or msg.metadata.sequence.stream >= last)
+                    if done and not follow:
+                        break
+                    if msg.metadata.num_pending == 0 and on_idle is not None:
+                        on_idle()
+            finally:
+                await sub.unsubscribe()
+            return count
+
+        try:
+            return self.run(go())
+        except CtlError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise Unreachable(f"reading stream {stream} failed: {type(exc).__name__}: "
+                              f"{exc}") from None
+
+
+def _redact(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = [urlsplit(u.strip()) for u in url.split(",")]
+    return ",".join(f"{p.scheme}://{p.hostname}:{p.port}" if p.password or p.username
+                    else p.geturl() for p in parts)
+
+
+def _keys_for(daemon_ids: list[str]) -> dict[str, bytes | None]:
+    try:
+        return {d: trust.pinned(f"fleet:{d}") or trust.pinned_for_daemon(d) for d in daemon_ids}
+    except ValueError as exc:
+        raise CtlError(str(exc)) from None
+
+
+class _Keys(dict[str, bytes | None]):
+    """The pinned key of each daemon id, looked up when first asked."""
+
+    def __missing__(self, daemon_id: str) -> bytes | None:
+        value = _keys_for([daemon_id])[daemon_id]
+        self[daemon_id] = value
+        return value
+
+    def get(self, daemon_id: str, default: Any = None) -> Any:  # type: ignore[override]
+        return self[daemon_id]
+
+
+def _load(ctx: click.Context, subject: str) -> tuple[FleetView, Nats]:
+    obj = ctx.find_object(dict) or {}
+    nats = Nats(obj["nats"], obj.get("creds"), obj["timeout"])
+    nats.connect()
+    view = FleetView(_Keys())
+    try:
+        nats.read(obj["stream"], subject, view.add, follow=False)
+    except BaseException:
+        nats.close()
+        raise
+    view.settle()
+    view.finish()
+    return view, nats
+
+
+def _view(ctx: click.Context, subject: str = names.host_filter()) -> FleetView:
+    view, nats = _load(ctx, subject)
+    nats.close()
+    return view
+
+
+@click.group("fleet")
+@click.option("--nats", "nats_url", metavar="nats://HOST:PORT", envvar="GRACE_NATS",
+              required=True, help="The NATS servers graced forwards to (env GRACE_NATS; "
+                                  "several: commas).")
+@click.option("--stream", default=names.DEFAULT_STREAM, show_default=True, metavar="NAME",
+              envvar="GRACE_STREAM", help="The JetStream stream ([fleet] stream).")
+@click.option("--creds", metavar="FILE", type=click.Path(dir_okay=False),
+              envvar="GRACE_NATS_CREDS", help="A NATS credentials file (env GRACE_NATS_CREDS).")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              metavar="SECONDS", help="How long to wait for NATS and for a host's answer.")
+@click.pass_context
+def fleet(ctx: click.Context, nats_url: str, stream: str, creds: str | None,
+          timeout: float) -> None:
+    """Every host that forwards to NATS JetStream: hosts, missions, events, approvals.
+
+    Each host's events are verified against the key pinned for it (gracectl keys trust
+    on that host, or gracectl fleet trust HOST). Exit 3 when NATS cannot be reached.
+    """
+    if not nats_url.startswith(("nats://", "tls://")):
+        raise click.UsageError(f"--nats must start nats:// or tls://, not {nats_url[:40]!r}")
+    ctx.obj = {**(ctx.obj or {}), "nats": nats_url, "stream": stream, "creds": creds,
+               "timeout": timeout}
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.0f}h ago"
+
+
+@fleet.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (for scripts).")
+@click.pass_context
+def fleet_ls(ctx: click.Context, as_json: bool) -> None:
+    """The hosts: name, daemon id, last heartbeat, open missions by severity, forwarding
+    lag, verification status. Exits 11 (or the violation's code) when a host's stream
+    fails verification."""
+    view = _view(ctx)
+    now = time.time()
+    hosts = sorted(view.hosts.values(), key=lambda h: (h.host, h.daemon_id))
+    if as_json:
+        click.echo(dumps({"hosts": [h.public(now) for h in hosts], "foreign": view.foreign}))
+    else:
+        rows = []
+        for h in hosts:
+            missions = ", ".join(f"{n} {sev}" for sev, n in sorted(h.open_missions().items()))
+            state = ("stopped" if h.stopped else "STALE" if h.stale(now) else "up")
+            rows.append([h.host, h.daemon_id, state, _age(h.silent_for(now)),
+                         missions or "-", "-" if h.fleet_lag is None else h.fleet_lag,
+                         h.last_seq, h.verified])
+        out.echo(out.table(rows, ["host", "daemon id", "state", "heartbeat", "open missions",
+                                  "lag", "seq", "verified"]))
+        if view.foreign:
+            out.echo(f"{view.foreign} messages on subjects that name no daemon", err=True)
+    _exit_for(hosts)
+
+
+def _exit_for(hosts: list[HostView]) -> None:
+    for h in hosts:
+        if h.violation is not None:
+            raise CtlError(f"host {h.host} ({h.daemon_id}): verification failed at seq "
+                           f"{h.violation.seq}: {h.violation}", h.violation.code)
+
+
+@fleet.group("missions")
+def fleet_missions() -> None:
+    """Missions across the fleet."""
+
+
+@fleet_missions.command("ls")
+@click.option("--host", "hosts", multiple=True, metavar="HOST",
+              help="Only this host (name, daemon id or its prefix); repeatable.")
+@click.option("--state", "states", multiple=True, metavar="STATE",
+              help="Only missions in this state; repeatable (default: the open ones).")
+@click.option("--all", "show_all", is_flag=True, help="Closed missions too.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (for scripts).")
+@click.pass_context
+def fleet_missions_ls(ctx: click.Context, hosts: tuple[str, ...], states: tuple[str, ...],
+                      show_all: bool, as_json: bool) -> None:
+    """Each host's missions as its mission.* events last showed them (verified events
+    only where a key is pinned)."""
+    view = _view(ctx)
+    chosen = list(view.hosts.values())
+    if hosts:
+        try:
+            chosen = [resolve_host(view.hosts, h) for h in hosts]
+        except LookupError as exc:
+            raise NotFound(str(exc)) from None
+    rows: list[dict[str, Any]] = []
+    for h in chosen:
+        for m in h.missions.values():
+            if states and m.get("state") not in states:
+                continue
+            if not states and not show_all and m.get("state") in _closed():
+                continue
+            rows.append({"host": h.host, "daemon_id": h.daemon_id, **m})
+    rows.sort(key=lambda r: (r["host"], r["daemon_id"], r["id"]))
+    if as_json:
+        click.echo(dumps(rows))
+    else:
+        now = time.time()
+        out.echo(out.table([[r["host"], r["id"], r.get("severity"), r.get("state"),
+                             r.get("detector"), r.get("subject"), r.get("summary"),
+                             _age(now - float(r.get("opened_at") or now))] for r in rows],
+                           ["host", "id", "severity", "state", "detector", "subject",
+                            "summary", "opened"]))
+    _exit_for(chosen)
+
+
+def _closed() -> tuple[str, ...]:
+    from .fleetview import CLOSED
+
+    return CLOSED
+
+
+@fleet.command("tail")
+@click.argument("patterns", nargs=-1, metavar="[PATTERN]...")
+@click.option("--host", "hosts", multiple=True, metavar="HOST",
+              help="Only this host (daemon id); repeatable.")
+@click.option("--verify", is_flag=True,
+              help="Verify each host's chain against its pinned key; report a violation "
+                   "per host (a host without a pinned key fails).")
+@click.option("--no-follow", is_flag=True, help="Stop at the end of the stream.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print each event in its exact signed form (JSONL).")
+@click.pass_context
+def fleet_tail(ctx: click.Context, patterns: tuple[str, ...], hosts: tuple[str, ...],
+               verify: bool, no_follow: bool, as_json: bool) -> None:
+    """Every host's events, oldest first (each line starts with the host); with
+    --verify, a violation is reported on stderr for its host and that host's events
+    stop there while the others go on. Exits with the code of the first host that
+    failed (10 to 13), else 0."""
+    obj = ctx.find_object(dict) or {}
+    match = compile_patterns(patterns)
+    keys = _Keys()
+    view = FleetView(keys if verify else _NoKeys(), require_keys=verify)
+    reported: set[str] = set()
+    wanted = set(hosts)
+
+    def take(subject: str, data: bytes) -> None:
+        if wanted and names.daemon_of(subject) not in wanted:
+            return
+        view.add(subject, data)
+        if len(view.hosts) and sum(len(h.pending) for h in view.hosts.values()) > 4096:
+            show()
+
+    def show() -> None:
+        for host, event in view.settle(hold=0.0 if no_follow else 2.0):
+            if not match(event["topic"]):
+                continue
+            if as_json:
+                click.echo(json.dumps(event, separators=(",", ":"), ensure_ascii=False))
+            else:
+                out.echo(f"{host.host[:20]:<20} {format_event(event)}")
+        sys.stdout.flush()
+        report()
+
+    def report() -> None:
+        for h in view.hosts.values():
+            if h.daemon_id in reported:
+                continue
+            if h.violation is not None:
+                reported.add(h.daemon_id)
+                out.echo(f"gracectl: host {h.host} ({h.daemon_id}): verification failed at "
+                         f"seq {h.violation.seq}: {h.violation}", err=True)
+
+    nats = Nats(obj["nats"], obj.get("creds"), obj["timeout"])
+    nats.connect()
+    try:
+        nats.read(obj["stream"], names.host_filter(), take, follow=not no_follow,
+                  on_idle=show)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        nats.close()
+    show()
+    view.finish()
+    report()
+    _exit_for(sorted(view.hosts.values(), key=lambda h: (h.host, h.daemon_id)))
+
+
+class _NoKeys(dict[str, bytes | None]):
+    def get(self, daemon_id: str, default: Any = None) -> Any:  # type: ignore[override]
+        return None
+
+
+@fleet.command("approve")
+@click.argument("host_name", metavar="HOST")
+@click.argument("mission_id", metavar="ID", type=int)
+@click.option("--comment", default="", metavar="TEXT", help="Recorded with the approval.")
+@click.option("--plan", "plan", metavar="SHA256",
+              help="The hash of the plan you reviewed, or a prefix of at least 12 hex digits.")
+@click.option("--yes", "-y", "yes", is_flag=True,
+              help="Approve the plan the mission waits with now, without naming its hash.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (for scripts).")
+@click.pass_context
+def fleet_approve(ctx: click.Context, host_name: str, mission_id: int, comment: str,
+                  plan: str | None, yes: bool, as_json: bool) -> None:
+    """Approve mission ID on HOST: a request signed with your key (gracectl keys
+    generate; its line in that host's [remediation] control_keys), bound to that host's
+    daemon id and to the mission, delivered by NATS request/reply and checked there as
+    any signed request. The answer must be signed by the key pinned for HOST."""
+    from .cli import check_plan_option
+
+    check_plan_option(plan)
+    if plan is None and not yes:
+        raise click.UsageError("name the plan you approve: --plan SHA256 (gracectl fleet "
+                               "missions ls --json shows plan_sha256) or --yes")
+    obj = ctx.find_object(dict) or {}
+    view, nats = _load(ctx, names.host_filter(topic="daemon.>"))
+    try:
+        try:
+            host = resolve_host(view.hosts, host_name)
+        except LookupError as exc:
+            raise NotFound(str(exc)) from None
+        key = _keys_for([host.daemon_id])[host.daemon_id]
+        if key is None:
+            raise CtlError(f"no key pinned for host {host.host} ({host.daemon_id}): gracectl "
+                           "fleet trust HOST", ExitCode.BAD_SIGNATURE)
+        try:
+            client_key = trust.load_client_key()
+        except ValueError as exc:
+            raise CtlError(str(exc)) from None
+        if client_key is None:
+            raise CtlError("approving by NATS needs your signing key: gracectl keys "
+                           "generate, then add its line to the host's [remediation] "
+                           "control_keys")
+
+        async def go() -> Any:
+            link = _NatsLink(nats, names.rpc_subject(host.daemon_id), obj["timeout"])
+            conn = Connection(link, key, client_key)  # type: ignore[arg-type]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn.reader)
+                nursery.start_soon(conn.checker)
+                try:
+                    return await decide(conn, mission_id, True, comment, plan)
+                finally:
+                    nursery.cancel_scope.cancel()
+
+        try:
+            result = trio.run(go)
+        except BaseExceptionGroup as group:
+            raise sole_exception(group) from None
+    finally:
+        nats.close()
+    m = result["mission"]
+    if as_json:
+        click.echo(dumps({"host": host.host, "daemon_id": host.daemon_id, **result}))
+        return
+    out.echo(f"gracectl: host {host.host}: mission {m['id']}: {m['state']} ({m['reason']})",
+             err=True)
+
+
+class _NatsLink:
+    """Stands in for the WebSocket under :class:`Connection`: each message sent is a
+    NATS request to the host, its reply the next message received."""
+
+    def __init__(self, nats: Nats, subject: str, timeout: float) -> None:
+        self.nats, self.subject, self.timeout = nats, subject, timeout
+        self._send, self._recv = trio.open_memory_channel[str](4)
+
+    async def send_message(self, text: str) -> None:
+        from nats.errors import NoRespondersError
+
+        def ask() -> bytes:
+            msg = self.nats.run(self.nats.nc.request(self.subject, text.encode(),
+                                                     timeout=self.timeout))
+            return bytes(msg.data)
+
+        try:
+            reply = await trio.to_thread.run_sync(ask)
+        except NoRespondersError:
+            raise Unreachable(f"no graced answers on {self.subject} (not connected to "
+                              "this NATS?)") from None
+        except TimeoutError:
+            raise Unreachable(f"no answer on {self.subject} within {self.timeout:g} s") \
+                from None
+        await self._send.send(reply.decode("utf-8", "replace"))
+
+    async def get_message(self) -> str:
+        try:
+            return await self._recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise ConnectionClosed(CloseReason(1000, "done")) from None
+
+    async def aclose(self) -> None:
+        self._send.close()
+
+
+@fleet.command("trust")
+@click.argument("host_name", metavar="HOST")
+@click.option("--key", "key_file", metavar="KEYFILE", type=click.Path(dir_okay=False),
+              help="The host's key.pub (else: the key its stream names, on first use).")
+@click.option("--replace", is_flag=True, help="Replace a key already pinned for HOST.")
+@click.pass_context
+def fleet_trust(ctx: click.Context, host_name: str, key_file: str | None,
+                replace: bool) -> None:
+    """Pin HOST's key for the fleet view: from --key (the safe way: its key.pub, taken
+    off the host), else the public key its forwarded crypto.key_* event names (trust on
+    first use). A different key already pinned is refused without --replace."""
+    from graced.keys import parse_public_key
+
+    view, nats = _load(ctx, names.host_filter(topic="crypto.>"))
+    nats.close()
+    try:
+        host = resolve_host(view.hosts, host_name)
+    except LookupError as exc:
+        raise NotFound(str(exc)) from None
+    if key_file:
+        try:
+            key = parse_public_key(open(key_file).read())
+        except (OSError, ValueError) as exc:
+            raise CtlError(f"{key_file}: {exc}") from None
+    else:
+        key = _offered_key(ctx, host)
+    endpoint = f"fleet:{host.daemon_id}"
+    old = trust.pinned(endpoint)
+    if old is not None and old != key and not replace:
+        raise CtlError(f"host {host.host} has key {key_id(old)} pinned, not {key_id(key)}: "
+                       "refused (--replace if the host's key really changed)",
+                       ExitCode.BAD_SIGNATURE)
+    trust.pin(endpoint, key, host.daemon_id)
+    out.echo(f"gracectl: pinned key {key_id(key)} for host {host.host} ({host.daemon_id})",
+             err=True)
+
+
+def _offered_key(ctx: click.Context, host: HostView) -> bytes:
+    obj = ctx.find_object(dict) or {}
+    found: list[bytes] = []
+
+    def take(subject: str, data: bytes) -> None:
+        try:
+            event, _ = parse_event_line(data)
+            raw = base64.b64decode(str(event["payload"]["public_key"]), validate=True)
+        except (Violation, KeyError, TypeError, ValueError):
+            return
+        if len(raw) == 32 and key_id(raw) == event["kid"]:
+            found.append(raw)
+
+    nats = Nats(obj["nats"], obj.get("creds"), obj["timeout"])
+    nats.connect()
+    try:
+        nats.read(obj["stream"], names.host_filter(host.daemon_id, "crypto.>"), take, False)
+    finally:
+        nats.close()
+    if not found:
+        raise CtlError(f"host {host.host} has forwarded no key event; pass --key",
+                       ExitCode.BAD_SIGNATURE)
+    print(f"trusting key {key_id(found[-1])} of host {host.host} on first use",
+          file=sys.stderr)
+    return found[-1]

@@ -1,0 +1,230 @@
+"""The fleet as read from JetStream, host by host (sans-IO: messages in, reports out).
+
+Every message on ``grace.<daemon-id>.>`` should be one signed event of that daemon, filed
+under the subject its topic maps to. :class:`FleetView` sorts each host's events by seq
+(JetStream's arrival order is not the chain: a reconnect may store a batch late), drops
+byte-identical copies of one event (counted: a copy proves nothing new, and the message
+id keeps them out in the common case), and feeds them to a
+:class:`~graced.protocol.ChainVerifier` with the key pinned for that host. The first
+violation of a host stops verifying that host and is reported for it; the other hosts go
+on. A host with no pinned key is shown, but reported as unverified.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from graced.protocol import ChainVerifier, ExitCode, Violation, parse_event_line
+from graced.protocol import fleet as names
+from graced.protocol.verify import announced_interval, stale_limit
+
+MAX_HOST_MESSAGES = 2_000_000  # held per host, at most, before verification
+
+
+@dataclass
+class HostView:
+    """What the fleet knows of one host."""
+
+    daemon_id: str
+    key: bytes | None = None
+    host: str = "?"
+    kid: str | None = None
+    version: str | None = None
+    first_seq: int | None = None
+    last_seq: int | None = None
+    events: int = 0
+    copies: int = 0
+    last_ts: float | None = None
+    last_heartbeat: float | None = None
+    heartbeat_interval: float | None = None
+    fleet_lag: int | None = None
+    stopped: bool = False
+    missions: dict[int, dict[str, Any]] = field(default_factory=dict)
+    violation: Violation | None = None
+    verifier: ChainVerifier | None = None
+    # seq -> (bytes, event, when it arrived), until settle() orders it
+    pending: dict[int, list[tuple[bytes, dict[str, Any], float]]] = field(default_factory=dict)
+
+    @property
+    def verified(self) -> str:
+        if self.violation is not None:
+            return f"FAILED at seq {self.violation.seq}: {self.violation}"
+        if self.key is None:
+            return "unverified: no key pinned for this host (gracectl fleet trust HOST)"
+        return "ok" if self.events else "no events"
+
+    def silent_for(self, now: float) -> float | None:
+        return None if self.last_heartbeat is None else max(0.0, now - self.last_heartbeat)
+
+    def stale(self, now: float) -> bool:
+        silent = self.silent_for(now)
+        limit = stale_limit(self.heartbeat_interval or 5.0)
+        return not self.stopped and silent is not None and silent > limit
+
+    def open_missions(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for m in self.missions.values():
+            if m.get("state") not in CLOSED:
+                sev = str(m.get("severity"))
+                out[sev] = out.get(sev, 0) + 1
+        return out
+
+    def public(self, now: float) -> dict[str, Any]:
+        return {
+            "daemon_id": self.daemon_id, "host": self.host, "kid": self.kid,
+            "version": self.version, "first_seq": self.first_seq, "last_seq": self.last_seq,
+            "events": self.events, "copies": self.copies, "last_heartbeat": self.last_heartbeat,
+            "silent_for": self.silent_for(now), "stale": self.stale(now),
+            "stopped": self.stopped, "forwarding_lag": self.fleet_lag,
+            "open_missions": self.open_missions(), "verified": self.verified,
+            "violation": None if self.violation is None else {
+                "code": int(self.violation.code), "kind": self.violation.kind,
+                "seq": self.violation.seq, "reason": str(self.violation)},
+        }
+
+
+CLOSED = ("resolved", "failed", "rejected", "expired", "interrupted")
+
+
+class FleetView:
+    """Hosts built from forwarded messages; :meth:`add` them, then :meth:`settle`."""
+
+    def __init__(self, keys: dict[str, bytes | None], clock: Any = time.time,
+                 require_keys: bool = False) -> None:
+        self.keys = keys  # daemon id -> pinned key (None: unverified)
+        self.require_keys = require_keys  # a host with no pinned key fails at once
+        self.hosts: dict[str, HostView] = {}
+        self.foreign = 0  # messages on subjects that name no daemon
+        self.clock = clock
+
+    def host(self, daemon_id: str) -> HostView:
+        view = self.hosts.get(daemon_id)
+        if view is None:
+            view = self.hosts[daemon_id] = HostView(daemon_id, key=self.keys.get(daemon_id))
+            if view.key is not None:
+                view.verifier = ChainVerifier(view.key)
+            elif self.require_keys:
+                view.violation = Violation(ExitCode.BAD_SIGNATURE, None,
+                                           "no key pinned for this host (gracectl fleet "
+                                           "trust HOST)")
+        return view
+
+    def add(self, subject: str, data: bytes) -> None:
+        """Take one message; held until :meth:`settle` orders it among its host's."""
+        daemon_id = names.daemon_of(subject)
+        if daemon_id is None:
+            self.foreign += 1
+            return
+        view = self.host(daemon_id)
+        if view.violation is not None:
+            return
+        try:
+            event, _ = parse_event_line(data)
+        except Violation as exc:
+            view.violation = Violation(exc.code, exc.seq, f"unparsable message on {subject}: "
+                                       f"{exc}")
+            return
+        if names.subject_for(daemon_id, event["topic"]) != subject:
+            view.violation = Violation(ExitCode.CHAIN_BROKEN, event["seq"], (
+                f"event of topic {event['topic']!r} filed under subject {subject!r}"))
+            return
+        bucket = view.pending.setdefault(event["seq"], [])
+        if any(raw == data for raw, _, _ in bucket):
+            view.copies += 1
+            return
+        bucket.append((data, event, self.clock()))
+
+    def settle(self, *, hold: float = 0.0) -> list[tuple[HostView, dict[str, Any]]]:
+        """Verify and apply the held events, in seq order per host; returns the events
+        that passed, in that order. With ``hold`` > 0 (a live view), an event after a gap
+        waits up to that many seconds for the missing ones (a batch stored late)."""
+        out: list[tuple[HostView, dict[str, Any]]] = []
+        now = self.clock()
+        for view in self.hosts.values():
+            for seq in sorted(view.pending):
+                if view.violation is not None:
+                    break
+                items = view.pending[seq]
+                gap = view.last_seq is not None and seq > view.last_seq + 1
+                if hold and gap and now - items[0][2] < hold:
+                    break
+                del view.pending[seq]
+                for data, event, _ in items:
+                    if not self._check(view, data, now):
+                        break
+                    self._apply(view, event)
+                    out.append((view, event))
+            if view.violation is not None:
+                view.pending.clear()
+        return out
+
+    def _check(self, view: HostView, data: bytes, now: float) -> bool:
+        if view.verifier is None:
+            return True
+        try:
+            view.verifier.feed_line(data, now)
+        except Violation as exc:
+            view.violation = exc
+            return False
+        return True
+
+    def finish(self) -> None:
+        """No more messages: a bad signature held for the next event is reported."""
+        for view in self.hosts.values():
+            if view.verifier is not None and view.violation is None:
+                try:
+                    view.verifier.flush()
+                except Violation as exc:
+                    view.violation = exc
+
+    @staticmethod
+    def _apply(view: HostView, event: dict[str, Any]) -> None:
+        seq, topic, payload = event["seq"], event["topic"], event["payload"]
+        view.events += 1
+        view.first_seq = seq if view.first_seq is None else min(view.first_seq, seq)
+        view.last_seq = seq if view.last_seq is None else max(view.last_seq, seq)
+        view.last_ts = _ts(event)
+        view.kid = event["kid"]
+        view.stopped = topic == "daemon.stopping"
+        if not isinstance(payload, dict):
+            return
+        if topic == "daemon.started":
+            view.host = str(payload.get("host", "?"))[:200]
+            view.version = str(payload.get("version", ""))[:40]
+        elif topic == "daemon.heartbeat":
+            view.last_heartbeat = _ts(event)
+            view.heartbeat_interval = announced_interval(event) or view.heartbeat_interval
+            lag = payload.get("fleet_lag")
+            view.fleet_lag = lag if isinstance(lag, int) else None
+        elif topic.startswith("mission.") and isinstance(payload.get("id"), int) \
+                and "state" in payload:
+            view.missions[payload["id"]] = {**payload, "updated_at": _ts(event)}
+
+
+def _ts(event: dict[str, Any]) -> float:
+    from graced.protocol import parse_ts
+
+    try:
+        return parse_ts(str(event["ts"]))
+    except (KeyError, ValueError):
+        return 0.0
+
+
+def resolve_host(hosts: dict[str, HostView], name: str) -> HostView:
+    """A host by daemon id, unique id prefix, or host name; raises LookupError."""
+    if name in hosts:
+        return hosts[name]
+    found = [h for h in hosts.values() if h.host == name or h.daemon_id.startswith(name)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise LookupError(f"no host {name!r} in the fleet")
+    raise LookupError(f"{name!r} names {len(found)} hosts: "
+                      + ", ".join(f"{h.host} ({h.daemon_id})" for h in found[:5]))
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False)

@@ -1,0 +1,36 @@
+"""The fleet: forwarding to NATS JetStream, requests by NATS (see docs/fleet.md).
+
+Imported only when ``[fleet] url`` is set; nats-py (the extra ``grace[fleet]``) is
+imported on the forwarder's own thread, so a missing module is an error at start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from ..config.fleet import FleetConfig
+from ..errors import StartupError
+from ..mesh import Mesh
+from .forwarder import Forwarder
+
+__all__ = ["Forwarder", "make_forwarder"]
+
+
+def make_forwarder(cfg: FleetConfig, *, daemon_id: str, mesh: Mesh, journal_path: Path,
+                   acked: str | None, answer: Callable[[str, str], Awaitable[str]]
+                   ) -> Forwarder:
+    """A forwarder for ``[fleet]``; raises StartupError if it cannot run here."""
+    from ..protocol.fleet import valid_daemon_id
+
+    try:
+        import nats  # noqa: F401
+    except ImportError:
+        raise StartupError("[fleet] url is set but nats-py is not installed "
+                           "(pip install 'grace[fleet]')") from None
+    if not valid_daemon_id(daemon_id):
+        raise StartupError(f"[fleet] needs a daemon id that is a UUID (the daemon-id file "
+                           f"holds {daemon_id[:60]!r})")
+    start = int(acked) if acked and acked.isdigit() else None
+    return Forwarder(cfg, daemon_id=daemon_id, mesh=mesh, journal_path=journal_path,
+                     acked=start, answer=answer)

@@ -1,0 +1,333 @@
+"""Forward every signed event to NATS JetStream; serve requests that come by NATS.
+
+Theory of operation: the journal is the source of truth, so the forwarder reads it,
+never the mesh's fan-out (a mesh subscriber that falls behind would be dropped). A mesh
+subscription only wakes the forwarder when the head moves. On its own asyncio thread
+(:mod:`graced.fleet.bridge`) it reads events ``acked+1 ..`` from the journal on a read
+connection of its own, publishes up to ``in_flight`` at a time to
+``grace.<daemon-id>.<topic>`` with ``Nats-Msg-Id: <kid>:<seq>``, and advances ``acked``
+over the contiguous prefix JetStream acknowledged. Any failure (a timeout, a lost
+connection, NATS down for minutes) sends again from ``acked+1``: JetStream drops the
+copies it already holds by message id, so the stream gets no gap and no duplicate. The
+acked seq is kept in the journal's ``meta`` (``fleet_acked``); after a restart
+forwarding resumes from the lower of it and the last seq JetStream holds for this host.
+
+Nothing here ever blocks trio: publishing, acks and reconnects happen on the asyncio
+thread; graced only lags, and ``status`` says by how much (:meth:`Forwarder.status`).
+
+Requests by NATS (``grace-rpc.<daemon-id>``, request/reply) are handed to the wire's
+:meth:`graced.wire.Server.answer`: the same parsing, signature and role checks as a
+request read from a TCP client.
+
+Channels owned: none. Threads: one (the asyncio loop), plus asyncio's executor for
+requests waiting on trio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..config.fleet import FleetConfig
+from ..journal import JournalReader
+from ..mesh import Mesh
+from ..protocol import SignedEvent
+from ..protocol import fleet as names
+from ..redact import redact_text, redact_url
+from .bridge import AsyncioThread
+
+log = logging.getLogger("graced.fleet")
+
+META_KEY = "fleet_acked"
+MAX_RPC = 8  # requests by NATS served at once; more wait
+MAX_RPC_BYTES = 1 << 20
+
+
+def connect_options(cfg: FleetConfig, name: str) -> dict[str, Any]:
+    """nats.connect() keyword arguments for ``[fleet]``; reconnects forever."""
+    servers = [u.strip() for u in cfg.url.split(",") if u.strip()]
+    opts: dict[str, Any] = {
+        "servers": servers, "name": name, "allow_reconnect": True,
+        "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5, "connect_timeout": 2,
+        "ping_interval": 5, "max_outstanding_pings": 2,
+        # No buffering while disconnected: a publish then fails at once and is sent again
+        # from the last acked seq, rather than flushed late behind newer ones.
+        "pending_size": 0,
+    }
+    if cfg.creds:
+        opts["user_credentials"] = cfg.creds
+    if cfg.nkey_seed:
+        opts["nkeys_seed"] = cfg.nkey_seed
+    if cfg.user:
+        opts["user"], opts["password"] = cfg.user, cfg.password
+    if cfg.tls_ca or cfg.tls_cert or any(s.startswith("tls://") for s in servers):
+        ctx = ssl.create_default_context(cafile=cfg.tls_ca or None)
+        if cfg.tls_cert:
+            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key or None)
+        opts["tls"] = ctx
+    return opts
+
+
+def stream_config(cfg: FleetConfig) -> dict[str, Any]:
+    """The stream graced creates when it finds none (an existing one is left as it is)."""
+    return {
+        "name": cfg.stream, "subjects": [f"{names.PREFIX}.>"],
+        "max_age": cfg.max_age_days * 86400.0, "num_replicas": cfg.replicas,
+        "max_msgs_per_subject": -1, "duplicate_window": 600.0,
+    }
+
+
+class Forwarder:
+    """Forwards the journal to JetStream; :meth:`run` never returns unless cancelled."""
+
+    def __init__(self, cfg: FleetConfig, *, daemon_id: str, mesh: Mesh, journal_path: Path,
+                 acked: int | None, answer: Callable[[str, str], Awaitable[str]]) -> None:
+        self.cfg = cfg
+        self.daemon_id = daemon_id
+        self.mesh = mesh
+        self.journal_path = journal_path
+        self.local_acked = acked
+        self.answer = answer
+        self.acked = acked or 0
+        self.connected = False
+        self.last_error: str | None = None
+        self.forwarded = 0
+        self.resumed_from: int | None = None
+        self.rpc_served = 0
+        self._behind_since: float | None = None
+        self._head = mesh.delivered_seq
+        self._wake: asyncio.Event | None = None
+        self._bridge: AsyncioThread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._saved = self.acked
+        self._drained: trio.Event | None = None
+
+    # -- trio side ------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        bridge = self._bridge = AsyncioThread("graced-fleet")
+        bridge.start()
+        sub = self.mesh.subscribe(["*"], self._on_event)
+        fut = bridge.submit(self._main())
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            sub.close()
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                # Give the last events (daemon.stopping) a moment to reach JetStream.
+                self._drained = trio.Event()
+                self._poke(self.mesh.delivered_seq)
+                if self.connected and self.acked < self.mesh.delivered_seq:
+                    await self._drained.wait()
+            fut.cancel()
+            bridge.stop()
+            self._save()
+
+    def _on_event(self, ev: SignedEvent) -> None:
+        """A mesh subscriber: never blocks, only wakes the forwarder."""
+        self._poke(ev.seq)
+
+    def _poke(self, seq: int) -> None:
+        self._head = seq
+        if self._behind_since is None:
+            self._behind_since = time.time()
+        if self._bridge is not None and self._wake is not None:
+            self._bridge.call_soon(self._wake.set)
+
+    def _save(self) -> None:
+        """Keep the acked seq in the journal's meta (committed with the next group)."""
+        if self._drained is not None and self.acked >= self.mesh.delivered_seq:
+            self._drained.set()
+        if self.acked != self._saved:
+            self._saved = self.acked
+            try:
+                self.mesh.store([("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                  (META_KEY, str(self.acked)))])
+            except trio.ClosedResourceError:
+                pass
+
+    def status(self) -> dict[str, Any]:
+        head = self.mesh.delivered_seq
+        lag = max(0, head - self.acked)
+        behind = self._behind_since
+        return {
+            "url": redact_url(self.cfg.url), "stream": self.cfg.stream,
+            "connected": self.connected, "acked_seq": self.acked, "head_seq": head,
+            "lag_events": lag,
+            "lag_seconds": round(time.time() - behind, 3) if lag and behind else 0.0,
+            "forwarded": self.forwarded, "resumed_from": self.resumed_from,
+            "requests_served": self.rpc_served, "last_error": self.last_error,
+        }
+
+    # -- asyncio side -----------------------------------------------------------------
+
+    def _trio_soon(self, fn: Callable[[], None]) -> None:
+        assert self._token is not None
+        try:
+            self._token.run_sync_soon(fn)
+        except trio.RunFinishedError:
+            pass
+
+    async def _main(self) -> None:
+        import nats  # the optional extra grace[fleet]
+        from nats.js.errors import NotFoundError
+
+        self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        reader = await loop.run_in_executor(None, JournalReader, self.journal_path)
+
+        async def disconnected() -> None:
+            self.connected = False
+
+        async def reconnected() -> None:
+            self.connected = True
+
+        async def error(exc: Exception) -> None:
+            self.last_error = redact_text(f"{type(exc).__name__}: {exc}")[:300]
+
+        backoff = 0.2
+        while True:
+            try:
+                nc = await nats.connect(
+                    **connect_options(self.cfg, f"graced {self.daemon_id}"),
+                    disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error)
+                break
+            except Exception as exc:  # noqa: BLE001 - NATS down at start: keep trying
+                await error(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        self.connected = True
+        js = nc.jetstream(timeout=self.cfg.ack_timeout)
+        rpc_slots = asyncio.Semaphore(MAX_RPC)
+        await nc.subscribe(names.rpc_subject(self.daemon_id),
+                           cb=functools.partial(self._on_rpc, rpc_slots))
+        try:
+            await self._resume(js, NotFoundError)
+            await self._forward(js, reader, NotFoundError)
+        finally:
+            reader.close()
+            await nc.close()
+
+    async def _resume(self, js: Any, not_found: type[Exception]) -> None:
+        """Where to start: the lower of our acked seq and JetStream's last for this host."""
+        backoff = 0.2
+        while True:
+            try:
+                await self._ensure_stream(js, not_found)
+                try:
+                    last = await js.get_last_msg(self.cfg.stream,
+                                                 names.host_filter(self.daemon_id))
+                    parsed = names.parse_msg_id((last.headers or {}).get(names.MSG_ID_HEADER))
+                    stored = parsed[1] if parsed else 0
+                except not_found:
+                    stored = 0
+                break
+            except Exception as exc:  # noqa: BLE001 - NATS unreachable: retry
+                self.last_error = redact_text(f"resume: {type(exc).__name__}: {exc}")[:300]
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+        start = stored if self.local_acked is None else min(self.local_acked, stored)
+        self.acked = start
+        self.resumed_from = start + 1
+        log.info("fleet: forwarding to %s stream %s from seq %d (JetStream holds up to %d)",
+                 redact_url(self.cfg.url), self.cfg.stream, start + 1, stored)
+
+    async def _ensure_stream(self, js: Any, not_found: type[Exception]) -> None:
+        try:
+            await js.stream_info(self.cfg.stream)
+        except not_found:
+            await js.add_stream(**stream_config(self.cfg))
+
+    async def _forward(self, js: Any, reader: JournalReader,
+                       not_found: type[Exception]) -> None:
+        assert self._wake is not None
+        prefix = names.PREFIX
+        backoff = 0.1
+        while True:
+            head = max(self._head, self.mesh.delivered_seq)
+            if self.acked >= head:
+                self._behind_since = None
+                self._trio_soon(self._save)
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                except TimeoutError:
+                    pass
+                continue
+            bodies = reader.read(self.acked + 1, head, self.cfg.in_flight)
+            if not bodies:
+                await asyncio.sleep(0.05)
+                continue
+            first = self.acked + 1
+            sends = []
+            for i, body in enumerate(bodies):
+                seq = first + i
+                kid, topic = _kid_topic(body)
+                subject = f"{prefix}.{self.daemon_id}." + ".".join(
+                    names.subject_token(t) for t in topic.split("."))
+                sends.append(js.publish(subject, body.encode(), stream=self.cfg.stream,
+                                        headers={names.MSG_ID_HEADER: names.msg_id(kid, seq)}))
+            results = await asyncio.gather(*sends, return_exceptions=True)
+            ok = 0
+            for res in results:
+                if isinstance(res, BaseException):
+                    break
+                ok += 1
+            if ok:
+                self.acked = first + ok - 1
+                self.forwarded += ok
+                self._behind_since = time.time() if self.acked < self._head else None
+                self._trio_soon(self._save)
+            if ok < len(results):
+                exc = results[ok]
+                self.last_error = redact_text(f"publish: {type(exc).__name__}: {exc}")[:300]
+                if isinstance(exc, not_found):  # the stream was deleted: make it again
+                    try:
+                        await self._ensure_stream(js, not_found)
+                    except Exception:  # noqa: BLE001
+                        pass
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            else:
+                backoff = 0.1
+
+    async def _on_rpc(self, slots: asyncio.Semaphore, msg: Any) -> None:
+        """One request by NATS: answered by the wire, on trio, as a TCP client's."""
+        if not msg.reply:
+            return
+        async with slots:
+            if len(msg.data) > MAX_RPC_BYTES:
+                return
+            text = msg.data.decode("utf-8", "replace")
+            peer = f"nats:{msg.subject}"
+            assert self._token is not None
+            loop = asyncio.get_running_loop()
+            try:
+                reply = await loop.run_in_executor(None, functools.partial(
+                    trio.from_thread.run, self.answer, text, peer, trio_token=self._token))
+            except Exception as exc:  # noqa: BLE001 - graced is stopping
+                log.warning("fleet: request by NATS not answered: %s", exc)
+                return
+            self.rpc_served += 1
+            if reply:
+                try:
+                    await msg.respond(reply.encode())
+                except Exception as exc:  # noqa: BLE001 - the asker went away
+                    log.info("fleet: could not send a reply: %s", exc)
+
+
+def _kid_topic(body: str) -> tuple[str, str]:
+    """An event's kid and topic from its canonical text (keys sorted: kid comes first)."""
+    event = json.loads(body)
+    return str(event["kid"]), str(event["topic"])

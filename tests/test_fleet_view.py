@@ -1,0 +1,99 @@
+"""The fleet's pure parts with plain values: subject names, message ids, and the per-host
+view (ordering by seq, copies, forged and misfiled events)."""
+
+from __future__ import annotations
+
+import uuid
+
+import nacl.signing
+
+from gracectl.fleetview import FleetView, resolve_host
+from graced.protocol import GENESIS_PREV, ExitCode, Signer
+from graced.protocol import fleet as names
+
+DAEMON = str(uuid.uuid4())
+
+
+def test_subjects_keep_only_what_nats_allows() -> None:
+    assert names.subject_for(DAEMON, "mission.opened") == f"grace.{DAEMON}.mission.opened"
+    # A user topic may hold wildcards, spaces or empty tokens: none reach the subject.
+    assert names.subject_for(DAEMON, "user.a b.*.>..") == f"grace.{DAEMON}.user.a_b._._._._"
+    assert names.daemon_of(f"grace.{DAEMON}.daemon.heartbeat") == DAEMON
+    assert names.daemon_of("grace.not-a-uuid.daemon.heartbeat") is None
+    assert names.daemon_of(f"other.{DAEMON}.x") is None
+
+
+def test_message_ids_round_trip_and_refuse_others() -> None:
+    assert names.parse_msg_id(names.msg_id("0123456789abcdef", 42)) == ("0123456789abcdef", 42)
+    for bad in (None, "", "k:1", "0123456789abcdef:0", "0123456789abcdef:-1",
+                "0123456789ABCDEF:1", "0123456789abcdef:1:2"):
+        assert names.parse_msg_id(bad) is None, bad
+
+
+def _chain(signer: Signer, n: int, first_topic: str = "daemon.started") -> list[tuple[str, bytes]]:
+    out, prev = [], GENESIS_PREV
+    for seq in range(1, n + 1):
+        topic = first_topic if seq == 1 else "daemon.heartbeat"
+        payload = {"host": "web1", "version": "0.1.0"} if seq == 1 else {"interval": 5}
+        ev = signer.make_event(seq=seq, ts=1_800_000_000.0 + seq, topic=topic,
+                               payload=payload, prev=prev)
+        prev = ev.hash
+        out.append((names.subject_for(DAEMON, topic), ev.text.encode()))
+    return out
+
+
+def _view(signer: Signer, messages: list[tuple[str, bytes]]) -> FleetView:
+    view = FleetView({DAEMON: signer.public_key}, clock=lambda: 1_800_000_100.0)
+    for subject, data in messages:
+        view.add(subject, data)
+    view.settle()
+    view.finish()
+    return view
+
+
+def test_events_stored_out_of_order_and_copies_still_verify() -> None:
+    signer = Signer(nacl.signing.SigningKey.generate())
+    msgs = _chain(signer, 6)
+    stored = [msgs[0], msgs[3], msgs[4], msgs[1], msgs[2], msgs[5], msgs[2]]
+    host = _view(signer, stored).hosts[DAEMON]
+    assert host.violation is None and host.verified == "ok"
+    assert (host.first_seq, host.last_seq, host.events, host.copies) == (1, 6, 6, 1)
+    assert host.host == "web1"
+
+
+def test_a_dropped_event_a_forgery_and_a_misfiled_event_are_reported() -> None:
+    signer = Signer(nacl.signing.SigningKey.generate())
+    msgs = _chain(signer, 5)
+    gap = _view(signer, msgs[:2] + msgs[3:]).hosts[DAEMON]
+    assert gap.violation is not None and gap.violation.code == ExitCode.CHAIN_BROKEN
+    assert gap.violation.seq == 4
+
+    attacker = Signer(nacl.signing.SigningKey.generate())
+    forged = _chain(attacker, 6)[5]
+    lying = forged[1].replace(attacker.kid.encode(), signer.kid.encode())
+    host = _view(signer, [*msgs, (forged[0], lying)]).hosts[DAEMON]
+    assert host.violation is not None and host.violation.seq == 6
+    assert host.violation.code in (ExitCode.BAD_SIGNATURE, ExitCode.CHAIN_BROKEN)
+    assert host.events == 5
+
+    other = str(uuid.uuid4())
+    misfiled = _view(signer, [*msgs, (f"grace.{DAEMON}.mission.opened", msgs[-1][1])])
+    assert misfiled.hosts[DAEMON].violation is not None
+    assert "filed under subject" in str(misfiled.hosts[DAEMON].violation)
+
+    unknown = FleetView({}, require_keys=True)
+    unknown.add(f"grace.{other}.daemon.started", msgs[0][1])
+    assert unknown.hosts[other].violation is not None
+
+
+def test_hosts_are_found_by_id_prefix_or_name() -> None:
+    signer = Signer(nacl.signing.SigningKey.generate())
+    view = _view(signer, _chain(signer, 2))
+    assert resolve_host(view.hosts, "web1").daemon_id == DAEMON
+    assert resolve_host(view.hosts, DAEMON[:8]).daemon_id == DAEMON
+    try:
+        resolve_host(view.hosts, "db9")
+    except LookupError as exc:
+        assert "no host" in str(exc)
+    else:
+        raise AssertionError("an unknown host was found")
