@@ -193,7 +193,9 @@ class Daemon:
 
             forwarder = make_forwarder(cfg.fleet, daemon_id=self.daemon_id, mesh=mesh,
                                        journal_path=journal.path,
-                                       acked=meta.get("fleet_acked"), answer=server.answer)
+                                       acked=meta.get("fleet_acked"), answer=server.answer,
+                                       hostname=self.hostname, signer=signer,
+                                       learning=learning)
             api.fleet = self.fleet = forwarder
         server.handlers = api.handlers()
         server.roles = dict(ROLES)

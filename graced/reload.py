@@ -42,7 +42,7 @@ RESTART_ONLY = {
     "journal": ("synchronous", "batch_max"),
     "fleet": ("url", "stream", "creds", "nkey_seed", "user", "password", "tls_ca", "tls_cert",
               "tls_key", "replicas", "max_age_days", "max_bytes_per_host", "in_flight",
-              "ack_timeout"),
+              "ack_timeout", "share_knowledge", "knowledge_keys", "knowledge_interval"),
 }
 
 

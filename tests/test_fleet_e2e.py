@@ -17,9 +17,11 @@ from typing import Any
 
 import pytest
 
+from graced import keys
+from graced.protocol.signing import b64
 from tests.conftest import Graced, bin_path
 from tests.helpers.nats import NatsServer, cluster, ensure_nats
-from tests.helpers.procs import poll_until
+from tests.helpers.procs import LineCollector, poll_until
 from tests.test_missions_e2e import MISSIONS, Watch
 from tests.test_remediation_e2e import (
     kill_all,
@@ -98,17 +100,27 @@ def test_three_hosts_one_view_fault_approval_and_forgery(shortdir: Path) -> None
     operator_key = op.signing_key()
     markers = [f"grace-fleet-{os.getpid()}-{i}" for i in range(3)]
     hosts: list[Graced] = []
+    # The hosts' keys, made before their first start, so that each config can name its
+    # peers' keys: host 0 imports host 1's knowledge; host 2 trusts only host 0's.
+    key_lines = []
+    for i in range(3):
+        (shortdir / f"h{i}" / "state").mkdir(parents=True, mode=0o700)
+        signer, _ = keys.load_or_create(shortdir / f"h{i}" / "state")
+        key_lines.append(f"ed25519 {b64(signer.public_key)} {signer.kid}")
+    peers = [[key_lines[1]], [], [key_lines[0]]]
     try:
         for i, marker in enumerate(markers):
             start_sleeper(marker)
-            (shortdir / f"h{i}").mkdir()
             g = Graced(shortdir / f"h{i}", detectors=(
                 process_detector(marker) + restart_playbook(marker, "high")
                 + MISSIONS.format(flap=0)
                 + f'\n[remediation]\ncontrol_keys = ["{operator_key}"]\n'
-                + fleet_section(server.url)))
+                + fleet_section(server.url, "knowledge_interval = 1\nknowledge_keys = "
+                                + json.dumps(peers[i]) + "\n")))
             g.start()
             hosts.append(g)
+        imports = LineCollector(hosts[0].ctl_popen("tail", "--json", "--since", "1",
+                                                   "learning.imported"))
         ids = [op.pin(g) for g in hosts]
         for g in hosts:
             wait_caught_up(g)
@@ -176,6 +188,20 @@ def test_three_hosts_one_view_fault_approval_and_forgery(shortdir: Path) -> None
         for other in (hosts[0], hosts[2]):
             assert json.loads(other.ctl("missions", "ls", "--all", "--json",
                                         check=True).stdout) == []
+        # What host 1 learned from that run reaches host 0 (which trusts host 1's key)
+        # through the knowledge bucket, as a bounded prior; host 2 refuses it.
+        assert imports.wait_for(lambda lines: any(
+            json.loads(x)["payload"]["source"] == ids[1]
+            and json.loads(x)["payload"]["patterns"] >= 1 for x in lines), 30), imports.lines
+        imports.proc.kill()
+        learned = json.loads(hosts[0].ctl("knowledge", "ls", "--json", check=True).stdout)
+        prior = [pb for p in learned for pb in p["playbooks"]
+                 if any(i["source"] == ids[1] for i in pb["imported"])]
+        assert prior and prior[0]["playbook"] == "restart-worker" and prior[0]["runs"] == 0
+        poll_until(lambda: status(hosts[2])["fleet"]["knowledge"]["refused"] >= 1, 30,
+                   "host 2 refusing host 1's export")
+        assert not any(pb["imported"] for p in json.loads(hosts[2].ctl(
+            "knowledge", "ls", "--json", check=True).stdout) for pb in p["playbooks"])
         # The same approval again is not accepted (the mission is closed).
         again = op.fleet("approve", ids[1], str(mid), "--yes")
         assert again.returncode == 5, again.stderr

@@ -11,15 +11,18 @@ from pathlib import Path
 
 from ..config.fleet import FleetConfig
 from ..errors import StartupError
+from ..learning import Learning
 from ..mesh import Mesh
+from ..protocol import Signer
 from .forwarder import Forwarder
+from .knowledge import KnowledgeShare
 
 __all__ = ["Forwarder", "make_forwarder"]
 
 
 def make_forwarder(cfg: FleetConfig, *, daemon_id: str, mesh: Mesh, journal_path: Path,
-                   acked: str | None, answer: Callable[[str, str], Awaitable[str]]
-                   ) -> Forwarder:
+                   acked: str | None, answer: Callable[[str, str], Awaitable[str]],
+                   hostname: str, signer: Signer, learning: Learning) -> Forwarder:
     """A forwarder for ``[fleet]``; raises StartupError if it cannot run here."""
     from ..protocol.fleet import valid_daemon_id
 
@@ -32,5 +35,9 @@ def make_forwarder(cfg: FleetConfig, *, daemon_id: str, mesh: Mesh, journal_path
         raise StartupError(f"[fleet] needs a daemon id that is a UUID (the daemon-id file "
                            f"holds {daemon_id[:60]!r})")
     start = int(acked) if acked and acked.isdigit() else None
+    share = None
+    if cfg.share_knowledge or cfg.knowledge_keys:
+        share = KnowledgeShare(daemon_id=daemon_id, hostname=hostname, signer=signer,
+                               mesh=mesh, learning=learning, trusted=list(cfg.knowledge_keys))
     return Forwarder(cfg, daemon_id=daemon_id, mesh=mesh, journal_path=journal_path,
-                     acked=start, answer=answer)
+                     acked=start, answer=answer, knowledge=share)

@@ -44,6 +44,7 @@ from ..protocol import SignedEvent
 from ..protocol import fleet as names
 from ..redact import redact_text, redact_url
 from .bridge import AsyncioThread
+from .knowledge import KnowledgeShare
 
 log = logging.getLogger("graced.fleet")
 
@@ -90,8 +91,10 @@ class Forwarder:
     """Forwards the journal to JetStream; :meth:`run` never returns unless cancelled."""
 
     def __init__(self, cfg: FleetConfig, *, daemon_id: str, mesh: Mesh, journal_path: Path,
-                 acked: int | None, answer: Callable[[str, str], Awaitable[str]]) -> None:
+                 acked: int | None, answer: Callable[[str, str], Awaitable[str]],
+                 knowledge: KnowledgeShare | None = None) -> None:
         self.cfg = cfg
+        self.knowledge = knowledge
         self.daemon_id = daemon_id
         self.mesh = mesh
         self.journal_path = journal_path
@@ -109,7 +112,8 @@ class Forwarder:
         self._bridge: AsyncioThread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._saved = self.acked
-        self._drained: trio.Event | None = None
+        self._saved_at = 0.0
+        self._waiters: list[tuple[int, trio.Event]] = []
 
     # -- trio side ------------------------------------------------------------------
 
@@ -126,13 +130,11 @@ class Forwarder:
             sub.close()
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 # Give the last events (daemon.stopping) a moment to reach JetStream.
-                self._drained = trio.Event()
                 self._poke(self.mesh.delivered_seq)
-                if self.connected and self.acked < self.mesh.delivered_seq:
-                    await self._drained.wait()
+                if self.connected:
+                    await self.wait_acked(self.mesh.delivered_seq)
             fut.cancel()
             bridge.stop()
-            self._save()
 
     def _on_event(self, ev: SignedEvent) -> None:
         """A mesh subscriber: never blocks, only wakes the forwarder."""
@@ -145,12 +147,30 @@ class Forwarder:
         if self._bridge is not None and self._wake is not None:
             self._bridge.call_soon(self._wake.set)
 
+    async def wait_acked(self, seq: int) -> None:
+        """Wait until JetStream has acknowledged every event up to ``seq``."""
+        if self.acked >= seq:
+            return
+        done = trio.Event()
+        self._waiters.append((seq, done))
+        await done.wait()
+
     def _save(self) -> None:
-        """Keep the acked seq in the journal's meta (committed with the next group)."""
-        if self._drained is not None and self.acked >= self.mesh.delivered_seq:
-            self._drained.set()
-        if self.acked != self._saved:
-            self._saved = self.acked
+        """On trio, after the acked seq moved: wake its waiters, and keep it in the
+        journal's meta (committed with the next group)."""
+        if self._waiters:
+            waiting = []
+            for seq, done in self._waiters:
+                if self.acked >= seq:
+                    done.set()
+                else:
+                    waiting.append((seq, done))
+            self._waiters = waiting
+        now = time.monotonic()
+        # At most once a second (not at the end either: the mesh may be stopping): a stale
+        # value only costs copies that JetStream drops by message id when forwarding resumes.
+        if self.acked != self._saved and now - self._saved_at >= 1.0:
+            self._saved, self._saved_at = self.acked, now
             try:
                 self.mesh.store([("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                                   (META_KEY, str(self.acked)))])
@@ -168,6 +188,7 @@ class Forwarder:
             "lag_seconds": round(time.time() - behind, 3) if lag and behind else 0.0,
             "forwarded": self.forwarded, "resumed_from": self.resumed_from,
             "requests_served": self.rpc_served, "last_error": self.last_error,
+            "knowledge": self.knowledge.status() if self.knowledge else None,
         }
 
     # -- asyncio side -----------------------------------------------------------------
@@ -212,10 +233,13 @@ class Forwarder:
         rpc_slots = asyncio.Semaphore(MAX_RPC)
         await nc.subscribe(names.rpc_subject(self.daemon_id),
                            cb=functools.partial(self._on_rpc, rpc_slots))
+        sharing = asyncio.ensure_future(self._share(js)) if self.knowledge else None
         try:
             await self._resume(js, NotFoundError)
             await self._forward(js, reader, NotFoundError)
         finally:
+            if sharing is not None:
+                sharing.cancel()
             reader.close()
             await nc.close()
 
@@ -301,6 +325,74 @@ class Forwarder:
                 backoff = min(backoff * 2, 2.0)
             else:
                 backoff = 0.1
+
+    # -- shared knowledge (asyncio side; see graced/fleet/knowledge.py) ------------------
+
+    def _on_trio(self, fn: Callable[..., Any], *args: Any, sync: bool = False) -> Any:
+        """An executor-thread call of ``fn`` on trio (never blocks the asyncio loop)."""
+        loop = asyncio.get_running_loop()
+        run = trio.from_thread.run_sync if sync else trio.from_thread.run
+        return loop.run_in_executor(None, functools.partial(run, fn, *args,
+                                                            trio_token=self._token))
+
+    async def _bucket(self, js: Any) -> Any:
+        from nats.js.errors import BucketNotFoundError
+
+        backoff = 0.5
+        while True:
+            try:
+                try:
+                    return await js.key_value(names.KNOWLEDGE_BUCKET)
+                except BucketNotFoundError:
+                    return await js.create_key_value(bucket=names.KNOWLEDGE_BUCKET,
+                                                     history=1, replicas=self.cfg.replicas)
+            except Exception as exc:  # noqa: BLE001 - NATS away: retry
+                self.last_error = redact_text(f"knowledge bucket: {exc}")[:300]
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    async def _share(self, js: Any) -> None:
+        """Put this host's export in the bucket now and then; import what peers put."""
+        assert self.knowledge is not None
+        kv = await self._bucket(js)
+        watching = asyncio.ensure_future(self._watch(kv)) if self.cfg.knowledge_keys else None
+        last = b""
+        try:
+            while self.cfg.share_knowledge:
+                try:
+                    value = await self._on_trio(self.knowledge.export_bytes, sync=True)
+                    if value != last:
+                        await kv.put(self.daemon_id, value)
+                        last = value
+                except Exception as exc:  # noqa: BLE001 - too big, or NATS away: next time
+                    self.last_error = redact_text(f"knowledge put: {exc}")[:300]
+                await asyncio.sleep(self.cfg.knowledge_interval)
+            if watching is not None:
+                await watching
+        finally:
+            if watching is not None:
+                watching.cancel()
+
+    async def _watch(self, kv: Any) -> None:
+        import nats.errors
+
+        assert self.knowledge is not None
+        while True:
+            try:
+                watcher = await kv.watchall()
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=5.0)
+                    except nats.errors.TimeoutError:
+                        continue
+                    if entry is None or not entry.value or entry.key == self.daemon_id:
+                        continue
+                    await self._on_trio(self.knowledge.accept, entry.key, entry.value)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a lost watcher: watch again
+                self.last_error = redact_text(f"knowledge watch: {exc}")[:300]
+                await asyncio.sleep(1.0)
 
     async def _on_rpc(self, slots: asyncio.Semaphore, msg: Any) -> None:
         """One request by NATS: answered by the wire, on trio, as a TCP client's."""
