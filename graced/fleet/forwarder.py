@@ -356,14 +356,15 @@ class Forwarder:
         assert self.knowledge is not None
         kv = await self._bucket(js)
         watching = asyncio.ensure_future(self._watch(kv)) if self.cfg.knowledge_keys else None
-        last = b""
+        last = ""
         try:
             while self.cfg.share_knowledge:
                 try:
-                    value = await self._on_trio(self.knowledge.export_bytes, sync=True)
-                    if value != last:
+                    digest, value = await self._on_trio(self.knowledge.export_bytes, last,
+                                                        sync=True)
+                    if value:  # its records changed (or it is the first)
                         await kv.put(self.daemon_id, value)
-                        last = value
+                        last = digest
                 except Exception as exc:  # noqa: BLE001 - too big, or NATS away: next time
                     self.last_error = redact_text(f"knowledge put: {exc}")[:300]
                 await asyncio.sleep(self.cfg.knowledge_interval)

@@ -5,9 +5,9 @@ body ``gracectl knowledge export`` writes, signed by the daemon's key) under its
 id in the bucket ``grace-knowledge``. Each host watches the bucket and imports a peer's
 export when it is signed by a key listed in ``[fleet] knowledge_keys``, through the same
 public entry points as ``gracectl knowledge import`` (:func:`graced.protocol.knowledge
-.check_header`, :func:`~graced.protocol.knowledge.check`,
-:func:`~graced.protocol.knowledge.verify_export`,
-:meth:`graced.learning.knowledge.Knowledge.import_`): a bounded, fading prior weighted
+.parse_export`, :func:`~graced.protocol.knowledge.verify_export`,
+:meth:`graced.learning.knowledge.Knowledge.plan_import`, ``import_writes`` and
+``apply_import``): a bounded, fading prior weighted
 by ``[learning] import_weight``, replacing that peer's earlier import. An export signed
 by any other key is counted and ignored: whoever can write to NATS cannot teach graced.
 
@@ -18,10 +18,11 @@ and :meth:`accept` through the trio token.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from typing import Any
+
+import trio
 
 from ..auth import parse_keys
 from ..learning import Learning
@@ -48,10 +49,14 @@ class KnowledgeShare:
         self.last_error: str | None = None
         self._seen: dict[str, str] = {}  # peer -> digest of the export last imported
 
-    def export_bytes(self) -> bytes:
-        """This host's export, signed (as ``gracectl knowledge export`` writes it)."""
+    def export_bytes(self, last: str) -> tuple[str, bytes]:
+        """This host's export, signed (as ``gracectl knowledge export`` signs it), and
+        the digest of its records; no bytes when that digest is ``last`` (unchanged)."""
         body = self.learning.knowledge.export(self.daemon_id, self.hostname, time.time())
-        return canonical_text(self.signer.sign_frame(body)).encode()
+        digest = hashlib.sha256(canonical_text(body["patterns"]).encode()).hexdigest()
+        if digest == last:
+            return digest, b""
+        return digest, canonical_text(self.signer.sign_frame(body)).encode()
 
     async def accept(self, key: str, value: bytes) -> str:
         """Import one peer's export if it is trusted and new; returns what was done."""
@@ -60,30 +65,43 @@ class KnowledgeShare:
         digest = hashlib.sha256(value).hexdigest()
         if self._seen.get(key) == digest:
             return "unchanged"
-        try:
-            if len(value) > pk.MAX_FILE_BYTES:
-                raise ValueError(f"{len(value)} bytes; at most {pk.MAX_FILE_BYTES}")
-            data = json.loads(value)
-            pk.check_header(data)
+        def check() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            # Parsing and canonicalising a large export takes a while: not on the loop.
+            data, patterns = pk.parse_export(value)
             if data["source"] != key:
                 raise ValueError(f"source: {data['source'][:60]!r} put under key {key!r}")
             public = self.trusted.get(data["kid"])
             if public is None:
-                self.refused += 1
-                return f"key {data['kid'][:20]} is not in [fleet] knowledge_keys"
+                raise LookupError(f"key {data['kid'][:20]} is not in [fleet] knowledge_keys")
             pk.verify_export(data, public)
-            patterns = pk.check(data["patterns"])
-        except (ValueError, RecursionError, TypeError) as exc:
+            return data, patterns
+
+        knowledge = self.learning.knowledge
+        try:
+            data, patterns = await trio.to_thread.run_sync(check)
+            known = knowledge.sources.get(key)
+            exported_at = float(data["exported_at"])
+            if known is not None and known["kid"] != data["kid"]:
+                raise ValueError(f"kid: imported before signed by key {known['kid']}, now by "
+                                 f"{data['kid']} (gracectl knowledge import --replace-key "
+                                 "takes a changed key)")
+            if known is not None and exported_at <= known["exported_at"]:
+                self._seen[key] = digest
+                return "not newer than the export imported already"
+            plan = knowledge.plan_import(key, patterns, host=data["host"], kid=data["kid"],
+                                         exported_at=exported_at, now=time.time())
+        except (ValueError, LookupError, RecursionError, TypeError) as exc:
             self.refused += 1
+            self._seen[key] = digest
             self.last_error = f"export of {key[:40]} refused: {exc}"[:300]
             log.warning("fleet: %s", self.last_error)
             return self.last_error
-        knowledge = self.learning.knowledge
-        writes = knowledge.import_(key, patterns, True, host=data["host"], kid=data["kid"],
-                                   now=time.time(), span=None)
+        # Journaled first, with its event; applied once committed (as knowledge.import).
         await self.mesh.publish("learning.imported", {
             "source": key, "host": data["host"], "kid": data["kid"],
-            "patterns": len(patterns), "replace": True, "by": "fleet"}, writes=writes)
+            "exported_at": exported_at, "patterns": len(patterns), "counts": plan.counts,
+            "key_replaced": False, "by": "fleet"}, writes=knowledge.import_writes(plan))
+        knowledge.apply_import(plan)
         self._seen[key] = digest
         self.imported += 1
         return f"imported {len(patterns)} records"
