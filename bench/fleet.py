@@ -157,6 +157,7 @@ class View:
     def __init__(self, url: str) -> None:
         self.url = url
         self.latencies: dict[int, float] = {}  # stream seq -> seconds from host to view
+        self.sizes: dict[int, int] = {}  # stream seq -> bytes of the event
         self.last_seen = 0
         self.nc: Any = None
         self.loop = asyncio.new_event_loop()
@@ -190,6 +191,7 @@ class View:
             event = json.loads(msg.data)
             seq = msg.metadata.sequence.stream
             self.latencies[seq] = time.time() - parse_ts(event["ts"])
+            self.sizes[seq] = len(msg.data)
             self.last_seen = seq
 
     def close(self) -> None:
@@ -267,9 +269,12 @@ def main() -> None:
               f"{p99(lat):.1f} ms; load average {os.getloadavg()[0]:.1f} on {cores()} cores")
         stored = after.messages - before.messages
         per_event = (after.bytes - before.bytes) / max(1, stored)
+        sizes = [n for seq, n in view.sizes.items() if before.last_seq < seq <= after.last_seq]
+        body = sum(sizes) / max(1, len(sizes))
         per_day = per_event * args.rate * 86400
-        print(f"storage: {per_event:.0f} bytes per stored event (JetStream file store); "
-              f"at {args.rate:g} events/s a host needs {per_day / 1e6:.1f} MB per day "
+        print(f"storage: {per_event:.0f} bytes per stored event of {body:.0f} bytes (JetStream "
+              f"file store: {per_event - body:.0f} bytes of subject, headers and index); at "
+              f"{args.rate:g} events/s a host needs {per_day / 1e6:.1f} MB per day "
               f"({per_day * 30 / 1e9:.2f} GB for 30 days of retention)")
         one = _send(hosts[:1], f"burst {args.burst}")[0]
         alone = one["burst"] / one["seconds"]

@@ -62,10 +62,17 @@ class Nats:
         except ImportError:
             raise CtlError("gracectl fleet needs nats-py: pip install 'grace[fleet]'") from None
 
+        async def quiet(*_: Any) -> None:
+            """nats-py prints a traceback per failed attempt by default; gracectl says
+            one line (below)."""
+
         async def go() -> None:
             opts: dict[str, Any] = {"servers": [u.strip() for u in self.url.split(",")],
                                     "connect_timeout": self.timeout, "allow_reconnect": False,
-                                    "name": "gracectl fleet"}
+                                    "max_reconnect_attempts": 1, "reconnect_time_wait": 0.2,
+                                    "name": "gracectl fleet",
+                                    "error_cb": quiet, "disconnected_cb": quiet,
+                                    "closed_cb": quiet}
             if self.creds:
                 opts["user_credentials"] = self.creds
             self.nc = await nats.connect(**opts)

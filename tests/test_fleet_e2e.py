@@ -377,3 +377,26 @@ def test_a_three_node_cluster_with_a_node_killed_mid_run_loses_nothing(
         g.close()
         for node in nodes:
             node.stop()
+
+
+@pytest.mark.slow
+def test_fleet_view_errors_are_one_line_with_their_exit_code(shortdir: Path) -> None:
+    """NATS unreachable: exit 3; a NATS where no graced forwarded yet: exit 5; a bad URL:
+    a usage error (2). One line on stderr each, never a traceback."""
+    from tests.helpers.nats import free_port
+
+    server = NatsServer(shortdir)
+    server.start()
+    try:
+        op = Operator(shortdir, server.url)
+        empty = op.fleet("ls")
+        assert empty.returncode == 5 and "no stream GRACE" in empty.stderr, empty.stderr
+        op.env["GRACE_NATS"] = f"nats://127.0.0.1:{free_port()}"
+        down = op.fleet("missions", "ls")
+        assert down.returncode == 3 and "cannot reach NATS" in down.stderr, down.stderr
+        bad = op.ctl("fleet", "--nats", "http://127.0.0.1:4222", "ls")
+        assert bad.returncode == 2
+        for res in (empty, down, bad):
+            assert "Traceback" not in res.stderr and res.stdout == ""
+    finally:
+        server.stop()
