@@ -442,3 +442,18 @@ def test_a_demoted_playbook_is_offered_again_once_retry_after_passed() -> None:
     assert not blocked and "retry_after" in notes[0]
     _learn(k, "bad", False, 700.0, 3)  # the retry failed: blocked for retry_after again
     assert learning.blocked(m, ["bad"], 800.0)[0]["bad"].startswith("demoted")
+
+
+def test_local_records_with_control_characters_are_kept_but_not_exported() -> None:
+    """A subject is monitored data: a local record may hold a control character (shown
+    escaped); it stays across a restart, and is left out of an export, which an
+    importer would refuse whole for it."""
+    row = ("web:a\x1bb", "p", "local", "web", "a\x1bb", 2, 1, 8.0, 2, 1.0, 2.0, "{}")
+    k = Knowledge([row, (*row[:2], "peer", *row[3:])])
+    assert list(k.patterns) == ["web:a\x1bb"] and list(k.patterns["web:a\x1bb"]["p"]) == [
+        "local"]
+    assert "control character" in k.quarantined[0][3]
+    _learn(k, "p", True, 5.0, 1)
+    exported = k.export("me", "host", 10.0)["patterns"]
+    assert [p["signature"] for p in exported] == ["web:api"]
+    check(exported)

@@ -46,6 +46,7 @@ from ..protocol.knowledge import (
     MAX_SOURCES,
     MAX_TOTAL_RECORDS,
     check_record,
+    exportable,
     seconds,
 )
 from .ranking import Fail, Record, demotion, ordered
@@ -116,7 +117,8 @@ def parse_row(row: tuple[Any, ...]) -> tuple[str, str, str, Entry]:
     (sig, pb, source, det, subj, s, f, tt, tc, first, last, data) = row[:12]
     rec = check_record({"signature": sig, "playbook": pb, "detector": det, "subject": subj,
                         "successes": s, "failures": f, "ttr_total": tt, "ttr_count": tc,
-                        "first_seen": first, "last_seen": last}, "row")
+                        "first_seen": first, "last_seen": last}, "row",
+                       controls=source == LOCAL)
     if not isinstance(source, str) or not source or len(source) > 200:
         raise ValueError("row.source: must be a non-empty string")
     try:
@@ -425,12 +427,15 @@ class Knowledge:
         """This host's own patterns as the export file's body (unsigned: the caller signs).
 
         Only local evidence is exported: re-exporting an import would pass on figures
-        this host never saw, under its own name."""
+        this host never saw, under its own name. A record whose names hold control
+        characters (a subject from the monitored world) is left out: an importer
+        refuses them."""
         patterns = []
         for sig, pbs in sorted(self.patterns.items()):
             for pb, sources in sorted(pbs.items()):
                 e = sources.get(LOCAL)
-                if e is None:
+                if e is None or not exportable({"signature": sig, "detector": e.detector,
+                                                "subject": e.subject, "playbook": pb}):
                     continue
                 patterns.append({
                     "signature": sig, "detector": e.detector, "subject": e.subject,

@@ -86,14 +86,21 @@ def seconds(v: Any, where: str, upper: float) -> float:
     return f + 0.0
 
 
-def check_record(p: Any, where: str) -> dict[str, Any]:
-    """One record, validated and normalised; raises ValueError naming the first bad field."""
+def check_record(p: Any, where: str, *, controls: bool = False) -> dict[str, Any]:
+    """One record, validated and normalised; raises ValueError naming the first bad field.
+
+    ``controls``: names may hold control characters (this host's own records: a subject
+    is monitored data; they are escaped wherever shown, and never exported)."""
     if not isinstance(p, dict):
         raise ValueError(f"{where}: must be an object")
     item: dict[str, Any] = {}
     for key in TEXTS:
-        item[key] = text(p.get(key), f"{where}.{key}",
-                         2 * MAX_TEXT + 1 if key == "signature" else MAX_TEXT)
+        limit = 2 * MAX_TEXT + 1 if key == "signature" else MAX_TEXT
+        v = p.get(key)
+        if controls and isinstance(v, str) and v and len(v) <= limit:
+            item[key] = v
+            continue
+        item[key] = text(v, f"{where}.{key}", limit)
     if item["signature"] != f"{item['detector']}:{item['subject']}":
         raise ValueError(f"{where}.signature: must be DETECTOR:SUBJECT of this record")
     for key in COUNTS:
@@ -131,6 +138,11 @@ def check(patterns: Any) -> list[dict[str, Any]]:
             raise ValueError(f"patterns[{i}].playbook: more than {MAX_PLAYBOOKS} playbooks "
                              f"for pattern {key[0]}")
     return out
+
+
+def exportable(p: dict[str, Any]) -> bool:
+    """Would an importer take this record's names (no control characters)?"""
+    return all(isinstance(p.get(k), str) and not _UNSAFE.search(p[k]) for k in TEXTS)
 
 
 def check_header(data: Any) -> None:
