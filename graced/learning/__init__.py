@@ -136,9 +136,9 @@ class Learning:
         for n in names:
             is_demoted, held = self.knowledge.demotion(sig, n, now)
             if is_demoted and self.knowledge.retry_due(sig, n, now):
-                notes.append(f"{n}: demoted, but not run since its last failure "
-                             f"{self.config.retry_after:g} s ago or more: may be retried "
-                             "([learning] retry_after)")
+                notes.append(f"{n}: demoted, but its last failure was "
+                             f"{self.config.retry_after:g} s ago or more: it may be tried "
+                             "again ([learning] retry_after)")
             elif is_demoted:
                 out[n] = (f"demoted: success below {self.config.demote_below:.0%} in "
                           f"{self.config.demote_after}+ incidents")
