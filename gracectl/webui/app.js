@@ -236,10 +236,13 @@ function detailView() {
   if (!d) return null;
   const m = d.mission;
   const live = state.missions.get(m.id) || m;
-  let points = [];
+  // The detector's recent samples (kept in memory by graced) and the mission's own
+  // (kept with the mission, so an old mission still shows its anomaly), in time order.
   const hist = d.detector && d.detector.history && d.detector.history[m.subject];
-  if (Array.isArray(hist) && hist.length && Array.isArray(hist[0])) points = hist;
-  if (points.length === 0) points = (m.samples || []).map((s) => [s.ts, s.value]);
+  const recent = Array.isArray(hist) ? hist.filter((p) => Array.isArray(p)) : [];
+  const firstRecent = recent.length ? recent[0][0] : Infinity;
+  const own = (m.samples || []).map((x) => [x.ts, x.value]).filter(([t]) => t < firstRecent);
+  const points = own.concat(recent);
   const threshold = d.detector && typeof d.detector.threshold === "number"
     ? d.detector.threshold : null;
   const marks = [{ ts: m.opened_at, label: "opened", cls: "opened" }];
