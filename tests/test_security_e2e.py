@@ -10,6 +10,7 @@ import pwd
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from tests.test_documented_e2e import (  # noqa: F401
     awaiting_group_approval,
     marker,
 )
-from tests.test_remediation_e2e import process_detector, restart_playbook, setup
+from tests.test_remediation_e2e import kill_all, process_detector, restart_playbook, setup
 
 HANDOFF = Path(__file__).parent / "helpers" / "handoff.py"
 OUTSIDER = "grace-outsider"
@@ -108,11 +109,16 @@ async def test_a_captured_approval_is_refused_by_another_daemon_and_mission(
 
     key = Signer(nacl.signing.SigningKey.generate())
     pub = f"ed25519 {b64(key.public_key)} {key.kid}"
-    body = (process_detector(marker) + restart_playbook(marker, "high")
-            + MISSIONS.format(flap=0) + f'\n[remediation]\ncontrol_keys = ["{pub}"]\n')
-    a = make_graced(extra_config='listen = ["127.0.0.1:0"]\n', detectors=body)
+    def body(worker: str) -> str:
+        return (process_detector(worker) + restart_playbook(worker, "high")
+                + MISSIONS.format(flap=0) + f'\n[remediation]\ncontrol_keys = ["{pub}"]\n')
+
+    # Each daemon watches a worker of its own: a's approved fix starting its worker must
+    # not clear b's mission.
+    other = f"grace-other-{uuid.uuid4().hex[:8]}"
+    a = make_graced(extra_config='listen = ["127.0.0.1:0"]\n', detectors=body(marker))
     (shortdir / "b").mkdir()
-    b = Graced(shortdir / "b", 'listen = ["127.0.0.1:0"]\n', detectors=body)
+    b = Graced(shortdir / "b", 'listen = ["127.0.0.1:0"]\n', detectors=body(other))
     b.start()
     try:
         targets = {}
@@ -144,6 +150,7 @@ async def test_a_captured_approval_is_refused_by_another_daemon_and_mission(
         assert mission(gb, mid_b)["state"] == "awaiting_approval"
     finally:
         b.close()
+        kill_all(other)
 
 
 def _state_bytes(path: Path) -> int:
