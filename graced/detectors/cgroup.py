@@ -17,12 +17,11 @@ from __future__ import annotations
 import os
 import subprocess
 
-from inotify_simple import INotify
 from inotify_simple import flags as inf
 
 from ..config import DetectorConfig
 from .base import Observation
-from .events import POLL, Wakeup
+from .events import POLL, Watches
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 
@@ -56,36 +55,16 @@ class CgroupMemory:
         directory = config.cgroup or unit_cgroup(config.unit, config.timeout)
         self.path = os.path.join(directory, "memory.events")
         self._last = self._read()  # missing: a detector error, said with the path
-        self.wakeup: Wakeup | None = None
-        self.mode, self.mode_note = POLL, ""
-        self._inotify: INotify | None = None
-        try:
-            self._inotify = INotify(nonblocking=True)
-            self._inotify.add_watch(self.path, inf.MODIFY)
-        except OSError as exc:
-            self._stop_listening()
-            self.mode_note = f"no inotify: {exc.strerror or exc}"
-        else:
-            self.wakeup = Wakeup()
-            self.wakeup.add(self._inotify.fileno())
-            self.mode = "inotify"
+        self._watches, _, self.mode_note = Watches.listen(self.path, inf.MODIFY)
+        self.wakeup = self._watches.wakeup if self._watches else None
+        self.mode = "inotify" if self._watches else POLL
 
     def _read(self) -> dict[str, int]:
         with open(self.path) as fh:
             return parse_events(fh.read(4096))
 
-    def _stop_listening(self) -> None:
-        if self._inotify is not None:
-            self._inotify.close()
-            self._inotify = None
-
     def drain(self) -> bool:
-        if self._inotify is None:
-            return False
-        try:
-            return bool(self._inotify.read(timeout=0))
-        except BlockingIOError:
-            return False
+        return bool(self._watches.events()) if self._watches else False
 
     def sample(self) -> list[Observation]:
         now = self._read()
@@ -99,6 +78,5 @@ class CgroupMemory:
         return [obs]
 
     def close(self) -> None:
-        self._stop_listening()
-        if self.wakeup is not None:
-            self.wakeup.close()
+        if self._watches is not None:
+            self._watches.close()

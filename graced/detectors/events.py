@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import select
 
+from inotify_simple import Event, INotify
+
 POLL = "poll"
 """The mode of a detector that only samples on its interval. A detector that listens says
 how instead (``pidfd``, ``inotify``, ``psi-trigger``) in its ``mode``; one that could not
@@ -58,3 +60,37 @@ class Wakeup:
     def close(self) -> None:
         self._fds.clear()
         self._ep.close()
+
+
+class Watches:
+    """One inotify fd (the ``inotify_simple`` binding) in a :class:`Wakeup` of its own: the
+    log and cgroup detectors' event source. Make it with :meth:`listen`."""
+
+    def __init__(self) -> None:
+        self.inotify = INotify(nonblocking=True)
+        self.wakeup = Wakeup()
+        self.wakeup.add(self.inotify.fileno())
+
+    @classmethod
+    def listen(cls, path: str, mask: int) -> tuple[Watches | None, int, str]:
+        """(watches, the first watch's descriptor, "") watching ``path``; or (None, -1,
+        why not) where inotify is unavailable (the detector then polls)."""
+        watches = None
+        try:
+            watches = cls()
+            return watches, watches.inotify.add_watch(path, mask), ""
+        except OSError as exc:
+            if watches is not None:
+                watches.close()
+            return None, -1, f"no inotify: {exc.strerror or exc}"
+
+    def events(self) -> list[Event]:
+        """What the kernel queued; never blocks."""
+        try:
+            return list(self.inotify.read(timeout=0))
+        except BlockingIOError:
+            return []
+
+    def close(self) -> None:
+        self.inotify.close()
+        self.wakeup.close()

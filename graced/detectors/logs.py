@@ -23,12 +23,11 @@ import subprocess
 import time
 from typing import IO
 
-from inotify_simple import INotify
 from inotify_simple import flags as inf
 
 from ..config import DetectorConfig
 from .base import Observation
-from .events import POLL, Wakeup
+from .events import POLL, Watches
 
 MAX_LINE = 64 << 10
 """A log line longer than this is cut (the rest of it is skipped)."""
@@ -87,54 +86,35 @@ class LogFile:
         self._ino: tuple[int, int] | None = None
         self._partial = b""
         self._skipping = False  # inside a line longer than MAX_LINE
-        self.wakeup: Wakeup | None = None
-        self.mode, self.mode_note = POLL, ""
-        self._inotify: INotify | None = None
         self._name = os.path.basename(config.file)
-        self._dir_wd = self._file_wd = -1
-        try:
-            self._inotify = INotify(nonblocking=True)
-            self._dir_wd = self._inotify.add_watch(os.path.dirname(config.file) or "/",
-                                                   DIR_EVENTS)
-        except OSError as exc:
-            self._stop_listening()
-            self.mode_note = f"no inotify: {exc.strerror or exc}"
-        else:
-            self.wakeup = Wakeup()
-            self.wakeup.add(self._inotify.fileno())
-            self.mode = "inotify"
-
-    def _stop_listening(self) -> None:
-        if self._inotify is not None:
-            self._inotify.close()
-            self._inotify = None
+        self._watches, self._dir_wd, self.mode_note = Watches.listen(
+            os.path.dirname(config.file) or "/", DIR_EVENTS)
+        self._file_wd = -1
+        self.wakeup = self._watches.wakeup if self._watches else None
+        self.mode = "inotify" if self._watches else POLL
 
     def _watch_file(self) -> None:
         """Watch the file now open (its inode: writes reach it whatever its name)."""
-        if self._inotify is None:
+        if self._watches is None:
             return
         if self._file_wd >= 0:
             try:
-                self._inotify.rm_watch(self._file_wd)
+                self._watches.inotify.rm_watch(self._file_wd)
             except OSError:
                 pass  # its inode is gone: the kernel dropped the watch
             self._file_wd = -1
         try:
-            self._file_wd = self._inotify.add_watch(self.config.file, FILE_EVENTS)
+            self._file_wd = self._watches.inotify.add_watch(self.config.file, FILE_EVENTS)
         except OSError:
             pass  # gone again already: the directory watch sees it come back
 
     def drain(self) -> bool:
         """Consume queued inotify events; True when one concerns this log."""
-        if self._inotify is None:
-            return False
-        try:
-            events = self._inotify.read(timeout=0)
-        except BlockingIOError:
+        if self._watches is None:
             return False
         return any(ev.wd == self._file_wd or ev.mask & inf.Q_OVERFLOW
                    or (ev.wd == self._dir_wd and ev.name == self._name)
-                   for ev in events)
+                   for ev in self._watches.events())
 
     def _open(self, at_end: bool) -> bool:
         try:
@@ -200,9 +180,8 @@ class LogFile:
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
-        self._stop_listening()
-        if self.wakeup is not None:
-            self.wakeup.close()
+        if self._watches is not None:
+            self._watches.close()
 
 
 class Journald:
