@@ -144,8 +144,10 @@ def test_a_log_append_and_a_rotation_wake_the_log_detector(tmp_path: Path) -> No
         det.sample()
         with open(tmp_path / "other.log", "a") as fh:  # another file in the directory
             fh.write("ERROR elsewhere\n")
+        assert not _ready(det.wakeup.fileno(), 0.2)  # its writes never wake this one
+        (tmp_path / "other.log").rename(tmp_path / "other.log.1")
         assert _ready(det.wakeup.fileno(), 5)
-        assert not det.drain()  # seen, and not this log's business
+        assert not det.drain()  # a name came and went: seen, and not this log's business
         with open(log, "a") as fh:
             fh.write("ERROR one\n")
         assert _ready(det.wakeup.fileno(), 5) and det.drain()

@@ -35,7 +35,9 @@ READ_CHUNK = 1 << 20
 READ_MAX = 4 << 20
 """At most this much of a log is read per sample; the rest waits for the next one."""
 FILE_EVENTS = inf.MODIFY | inf.ATTRIB | inf.MOVE_SELF | inf.DELETE_SELF
-DIR_EVENTS = inf.CREATE | inf.MOVED_TO | inf.MOVED_FROM | inf.DELETE | inf.MODIFY
+# Names coming and going only: writes to the directory's other files (a busy /var/log)
+# never wake this detector; its own file's writes reach it through the file's watch.
+DIR_EVENTS = inf.CREATE | inf.MOVED_TO | inf.MOVED_FROM | inf.DELETE
 
 
 class _Window:

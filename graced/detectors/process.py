@@ -105,10 +105,12 @@ class ProcessPresence(SimpleDetector):
         fired = False
         for fd, _ in self.wakeup.ready():
             pid = self._fds.get(fd)
-            if pid is not None:
-                self._gone.add(pid)
-                self._release(fd)
-                fired = True
+            if pid is None:  # not ours (cannot happen): never let it wake us again
+                self.wakeup.discard(fd)
+                continue
+            self._gone.add(pid)
+            self._release(fd)
+            fired = True
         return fired
 
     def close(self) -> None:
