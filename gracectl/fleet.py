@@ -38,7 +38,6 @@ from .fleetview import FleetView, HostView, dumps, resolve_host
 from .tail import format_event
 
 T = TypeVar("T")
-READ_IDLE = 1.0  # seconds without a message that end a read of the stream
 
 
 class Nats:
@@ -99,36 +98,49 @@ class Nats:
         loop's thread), from the first, by one ordered consumer; with ``follow``, then
         live (``on_idle`` is called whenever it has caught up) until interrupted."""
 
+        async def retried(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+            """A JetStream API call, tried again on a timeout (a cluster electing a new
+            leader after losing a node answers after a while), within 3 timeouts."""
+            for attempt in range(3):
+                try:
+                    return await make()
+                except TimeoutError:
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
+
         async def go() -> int:
             from nats.js.errors import NotFoundError
 
             try:
-                info = await self.js.stream_info(stream)
+                await retried(lambda: self.js.stream_info(stream))
             except NotFoundError:
                 raise CtlError(f"no stream {stream} on NATS at {_redact(self.url)} (no graced "
                                "has forwarded to it yet)", ExitCode.NOT_FOUND) from None
-            last = info.state.last_seq
+            sub = await retried(lambda: self.js.subscribe(subject, stream=stream,
+                                                          ordered_consumer=True))
             count = 0
-            if last == 0 and not follow:
-                return 0
-            sub = await self.js.subscribe(subject, stream=stream, ordered_consumer=True)
             try:
-                while True:
+                # Without follow, read until nothing matching is left: a stall is an error,
+                # never a view cut short without a word.
+                info = await retried(sub.consumer_info)
+                # Some may be delivered already, waiting in the client's queue.
+                left = info.num_pending + (info.delivered.consumer_seq or 0)
+                while follow or left:
                     try:
-                        msg = await sub.next_msg(timeout=READ_IDLE if not follow else 0.25)
+                        msg = await sub.next_msg(timeout=0.25 if follow else self.timeout)
                     except TimeoutError:
                         if not follow:
-                            break
+                            raise CtlError(f"reading stream {stream} stalled: {left} messages "
+                                           f"left, none within {self.timeout:g} s",
+                                           ExitCode.UNREACHABLE) from None
                         if on_idle is not None:
                             on_idle()
                         continue
                     on_message(msg.subject, msg.data)
                     count += 1
-                    done = (msg.metadata.num_pending == 0
-                            or msg.metadata.sequence.stream >= last)
-                    if done and not follow:
-                        break
-                    if msg.metadata.num_pending == 0 and on_idle is not None:
+                    left = msg.metadata.num_pending
+                    if left == 0 and on_idle is not None:
                         on_idle()
             finally:
                 await sub.unsubscribe()
