@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import socket
 import subprocess
 from collections.abc import Iterator
 from datetime import datetime
@@ -395,6 +396,20 @@ def test_the_relay_wants_the_token_the_host_and_the_origin(make_graced) -> None:
                     return exc.reason.code, exc.reason.reason
 
         assert trio.run(with_token, "not-the-token") == (4001, "bad or missing login token")
+
+        def raw(data: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=15) as conn:
+                conn.sendall(data)
+                got = b""
+                while chunk := conn.recv(65536):
+                    got += chunk
+                return got
+
+        assert raw(b"GET /" + b"a" * 20000 + b"\r\n").startswith(b"HTTP/1.1 431 ")
+        assert raw(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").startswith(b"HTTP/1.1 405")
+        assert raw(b"\x00\xff\r\n\r\n").startswith(b"HTTP/1.1 405")
+        assert raw(f"GET /../../etc/passwd HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+                   .encode()).startswith(b"HTTP/1.1 404")
         token = relay.url.split("token=")[1].split("&")[0]
         code, hello = trio.run(with_token, token)
         assert code == 0 and '"daemon_id"' in str(hello)
