@@ -284,6 +284,15 @@ class Executor:
                 self.considered.add(m.id)
                 assert self._nursery is not None
                 self._nursery.start_soon(self._reverify, m.id, timeout)
+            elif m.state == "interrupted":
+                # Killed again while re-verifying: the wait goes on from where it began,
+                # not from this start, and nothing runs before it ends.
+                pb = self._playbook(m.playbook)
+                timeout = pb.verify_timeout if pb else 60.0
+                began = m.verify_started if m.verify_started is not None else now
+                self.considered.add(m.id)
+                assert self._nursery is not None
+                self._nursery.start_soon(self._reverify, m.id, max(0.0, began + timeout - now))
             elif m.state == "approved":
                 await self._run_approved(m, now)
             elif m.state == "verifying":

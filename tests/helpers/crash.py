@@ -47,9 +47,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
+VERIFY_TIMEOUT = 5.0  # how long graced re-verifies an interrupted mission before a re-run
 FAULT, NORMAL = "99", "0"
 
-from graced.protocol import event_hash  # noqa: E402
+from graced.protocol import event_hash, parse_ts  # noqa: E402
 
 
 def config(base: Path) -> str:
@@ -74,7 +75,7 @@ def config(base: Path) -> str:
         parts.append(f'[[detector]]\nname = "{name}"\nkind = "value"\nfile = "{file}"\n'
                      f'subject = "svc"\ninterval = 0.1\nthreshold = 50.0\n'
                      f'[[playbook]]\nname = "fix-{name}"\ndetector = "{name}"\nrisk = "{risk}"\n'
-                     f"budget = 1000000\nverify_timeout = 5.0\n"
+                     f"budget = 1000000\nverify_timeout = {VERIFY_TIMEOUT}\n"
                      + step(file, base / "ledger", announce=risk == "high"))
     return "\n".join(parts)
 
@@ -132,12 +133,16 @@ class Report:
     arranged: int = 0  # rounds that were to kill graced mid-step
     killed_mid_step: list[int] = field(default_factory=list)  # missions killed mid-step
     not_interrupted: list[int] = field(default_factory=list)  # ... and not interrupted
+    # Interrupted missions that went through the policy again before re-verification
+    # ended (blind re-runs) -> (mission, seconds after the interruption).
+    blind_reruns: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return (self.integrity_failures == 0 and not self.lost and not self.lost_approvals
                 and self.chain_error is None and not self.twice and self.received > 0
-                and len(self.killed_mid_step) == self.arranged and not self.not_interrupted)
+                and len(self.killed_mid_step) == self.arranged and not self.not_interrupted
+                and not self.blind_reruns)
 
     def lines(self) -> list[str]:
         return [
@@ -156,6 +161,9 @@ class Report:
             + ("valid" if self.chain_error is None else "INVALID: " + self.chain_error),
             f"actions run more than once per executing decision: {len(self.twice)}"
             + (f" {dict(list(self.twice.items())[:5])}" if self.twice else ""),
+            f"interrupted missions run again before re-verification ended (blind re-runs): "
+            f"{len(self.blind_reruns)}"
+            + (f" {self.blind_reruns[:5]}" if self.blind_reruns else ""),
         ]
 
 
@@ -302,6 +310,7 @@ def run(kills: int, min_up: float = 0.5, max_up: float = 3.0,
     twice = {m: c for m, c in ran.items() if c > executing.get(m, 0)}
     interrupted_ids = {json.loads(body)["payload"]["id"] for (body,) in db.execute(
         "SELECT body FROM events WHERE topic = 'mission.interrupted'")}
+    blind = blind_reruns(db, VERIFY_TIMEOUT)
     head = max(journal)
     db.close()
     subprocess.run(["rm", "-rf", str(base)], check=False)
@@ -309,4 +318,25 @@ def run(kills: int, min_up: float = 0.5, max_up: float = 3.0,
                   len(ran), len(interrupted_ids), len(approved), integrity_failures, lost,
                   lost_approvals, None if verify.returncode == 0 else verify.stderr.strip(),
                   twice, arranged, killed_mid_step,
-                  [m for m in killed_mid_step if m not in interrupted_ids])
+                  [m for m in killed_mid_step if m not in interrupted_ids], blind)
+
+
+def blind_reruns(db: sqlite3.Connection, verify_timeout: float) -> list[tuple[int, float]]:
+    """Each interrupted mission that went through the policy again (awaiting approval or
+    executing) less than ``verify_timeout`` after it was interrupted: graced re-verifies
+    an interrupted mission (it waits that long, across restarts, for the interrupted
+    step to have its effect) before it may run it again. -> (mission, seconds waited)."""
+    interrupted: dict[int, float] = {}
+    found: list[tuple[int, float]] = []
+    for topic, ts, body in db.execute(
+            "SELECT topic, ts, body FROM events WHERE topic IN ('mission.interrupted', "
+            "'mission.awaiting_approval', 'mission.executing') ORDER BY seq"):
+        mid = json.loads(body)["payload"]["id"]
+        when = parse_ts(ts)
+        if topic == "mission.interrupted":
+            interrupted[mid] = when
+        elif mid in interrupted:
+            waited = when - interrupted.pop(mid)
+            if waited < verify_timeout - 0.5:
+                found.append((mid, round(waited, 2)))
+    return found
