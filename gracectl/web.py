@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import hmac
-import ipaddress
 import json
 import logging
 import mimetypes
@@ -32,6 +31,7 @@ import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from graced.protocol import key_id
+from graced.protocol.wire import loopback_host
 
 from .cli import _endpoint, _run, cli, trusted_key
 from .client import MAX_MESSAGE_BYTES, Endpoint
@@ -60,15 +60,6 @@ def static_files() -> dict[str, bytes]:
     """The page's files, read once from the package."""
     root = resources.files("gracectl") / "webui"
     return {name: (root / name).read_bytes() for name in FILES}
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class PrefixedStream(trio.abc.Stream):
@@ -142,7 +133,7 @@ class Relay:
     @property
     def hosts(self) -> set[str]:
         """The Host headers accepted: the address served (DNS rebinding gets a 403)."""
-        names = {self.host, "localhost", "127.0.0.1"} if is_loopback(self.host) else {self.host}
+        names = {self.host, "localhost", "127.0.0.1"} if loopback_host(self.host) else {self.host}
         return {f"{n}:{self.port}" for n in names} | {
             f"[{n}]:{self.port}" for n in names if ":" in n}
 
@@ -314,7 +305,7 @@ def web(ctx: click.Context, port: int, bind: str, open_: bool) -> None:
     if endpoint.url:
         raise click.UsageError("gracectl web relays graced's Unix socket; it takes --socket, "
                                "not --url")
-    if not is_loopback(bind):
+    if not loopback_host(bind):
         raise click.UsageError(f"--bind {bind!r} is not a loopback address: the relay serves "
                                "plain http, which a browser verifies only on loopback")
     try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
-import ipaddress
 import json
 import logging
 import math
@@ -39,7 +38,14 @@ from .mesh import Mesh, Subscription
 from .protocol import CanonicalError, SignedEvent, Signer, canonical_text, format_ts
 from .protocol.canonical import json_safe
 from .protocol.topics import compile_patterns
-from .protocol.wire import Request, RequestError, error_response, parse_request, response
+from .protocol.wire import (
+    Request,
+    RequestError,
+    error_response,
+    loopback_host,
+    parse_request,
+    response,
+)
 
 log = logging.getLogger("graced.wire")
 
@@ -79,15 +85,6 @@ def certificate_names(cert: str) -> set[str]:
     except (AttributeError, OSError, ssl.SSLError):
         return set()
     return {str(value) for _, value in decoded.get("subjectAltName", ())}
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 SO_PEERGROUPS = getattr(pysocket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
@@ -349,7 +346,7 @@ class Server:
         for item in self.listen:
             host, _, port = item.rpartition(":")
             host = host.strip("[]")
-            if self.tls is None and not _loopback(host):
+            if self.tls is None and not loopback_host(host):
                 raise StartupError(
                     f"[daemon] listen {item!r}: plain ws:// is served only on loopback; "
                     "set [daemon] tls_cert and tls_key to serve wss:// there",

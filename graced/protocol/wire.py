@@ -15,6 +15,7 @@ One WebSocket text message carries one or more frames separated by a newline.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
@@ -158,3 +159,14 @@ def error_response(req_id: Any, nonce: Any, ts: str, code: str, message: str) ->
 
 def notice(ts: str, code: str, message: str) -> dict[str, Any]:
     return {"type": "notice", "code": code, "message": message, "ts": ts}
+
+
+def loopback_host(host: str) -> bool:
+    """Is ``host`` a loopback name or address? Plain ``ws://``/``http://`` is used only
+    there: graced's TCP listener without TLS, and the ``gracectl web`` relay."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
