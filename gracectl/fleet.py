@@ -523,7 +523,7 @@ def fleet_trust(ctx: click.Context, host_name: str, key_file: str | None,
     else:
         key = _offered_key(ctx, host)
     endpoint = f"fleet:{host.daemon_id}"
-    old = trust.pinned(endpoint)
+    old = _keys_for([host.daemon_id])[host.daemon_id]  # for the fleet, or over its socket
     if old is not None and old != key and not replace:
         raise CtlError(f"host {host.host} has key {key_id(old)} pinned, not {key_id(key)}: "
                        "refused (--replace if the host's key really changed)",

@@ -408,6 +408,7 @@ class Daemon:
             "executor": {"paused": ex.paused, "mode": ex.config.mode,
                          "running_steps": len(ex.running), "budget_left": budget_left(ex_status)},
             "wire": self.server.status(),
+            "fleet": self.fleet.status() if self.fleet is not None else None,
         }
 
     async def _prune_nonces(self, every: float = 60.0) -> None:

@@ -64,7 +64,8 @@ def detector_health(name: str, st: dict[str, Any]) -> dict[str, Any]:
 
 def snapshot(*, detectors: dict[str, dict[str, Any]], notifiers: dict[str, dict[str, Any]],
              journal: dict[str, Any], executor: dict[str, Any],
-             wire: dict[str, Any]) -> dict[str, dict[str, Any]]:
+             wire: dict[str, Any], fleet: dict[str, Any] | None = None
+             ) -> dict[str, dict[str, Any]]:
     """Every component's health from the figures each keeps (pure)."""
     out: dict[str, dict[str, Any]] = {}
     for name, st in detectors.items():
@@ -93,6 +94,12 @@ def snapshot(*, detectors: dict[str, dict[str, Any]], notifiers: dict[str, dict[
                    "tcp_clients": wire.get("tcp_clients", 0),
                    "dropped_total": wire.get("dropped_total", 0),
                    "refused_requests": wire.get("refused_requests", 0)}
+    if fleet is not None:  # [fleet]: forwarding to NATS JetStream (graced/fleet/)
+        up = bool(fleet.get("connected"))
+        out["fleet"] = {"kind": "fleet", "state": "up" if up else "disconnected",
+                        "lag_events": fleet.get("lag_events", 0),
+                        "acked_seq": fleet.get("acked_seq"),
+                        "last_error": None if up else _short(fleet.get("last_error"))}
     return out
 
 

@@ -202,6 +202,16 @@ def test_three_hosts_one_view_fault_approval_and_forgery(shortdir: Path) -> None
                    "host 2 refusing host 1's export")
         assert not any(pb["imported"] for p in json.loads(hosts[2].ctl(
             "knowledge", "ls", "--json", check=True).stdout) for pb in p["playbooks"])
+        # By NATS as over TCP: an unsigned approval is refused before anything else.
+        unsigned = _ask(server.url, ids[0], {"id": 1, "nonce": "n" * 32,
+                                             "method": "missions.approve",
+                                             "params": {"id": mid, "opened": 1.0}})
+        assert unsigned["ok"] is False and unsigned["error"]["code"] == "not_authorised"
+        assert "must be signed" in unsigned["error"]["message"], unsigned
+        # A key already pinned for a host is not replaced by another one quietly.
+        other_pub = str(shortdir / "h2" / "state" / "key.pub")
+        swap = op.fleet("trust", ids[0], "--key", other_pub)
+        assert swap.returncode == 10 and "refused" in swap.stderr, swap.stderr
         # The same approval again is not accepted (the mission is closed).
         again = op.fleet("approve", ids[1], str(mid), "--yes")
         assert again.returncode == 5, again.stderr
@@ -241,6 +251,20 @@ def _forge(kid: str, seq: int) -> str:
     ev = attacker.make_event(seq=seq, ts=time.time(), topic="mission.resolved",
                              payload={"id": 1, "state": "resolved"}, prev="0" * 64)
     return canonical_text({**ev.fields, "kid": kid})
+
+
+def _ask(url: str, daemon_id: str, request: dict[str, Any]) -> Any:
+    """A raw request to a host by NATS request/reply, as anyone on NATS may send."""
+    import nats
+
+    async def go() -> Any:
+        nc = await nats.connect(url)
+        reply = await nc.request(f"grace-rpc.{daemon_id}", json.dumps(request).encode(),
+                                 timeout=10)
+        await nc.close()
+        return json.loads(reply.data)
+
+    return asyncio.run(go())
 
 
 def _inject(url: str, subject: str, body: str) -> None:
@@ -289,8 +313,8 @@ def test_nats_down_for_30_s_graced_keeps_working_and_catches_up_without_gap(
     try:
         daemon_id = op.pin(g)
         wait_caught_up(g)
-        server.stop()
         down_from = status(g)["head_seq"]
+        server.stop()
         down_at = time.monotonic()
         emitted = 0
         restarted = False
@@ -325,6 +349,11 @@ def test_nats_down_for_30_s_graced_keeps_working_and_catches_up_without_gap(
         server.start()
         host = assert_whole(op, g, daemon_id)
         assert host["last_seq"] >= emitted
+        # The outage is in the journal too: the fleet component went down and came back.
+        fleet_states = [e["payload"]["state"] for e in map(json.loads, g.ctl(
+            "tail", "--json", "--no-follow", "--since", str(down_from), "integration.changed",
+            check=True).stdout.splitlines()) if e["payload"]["component"] == "fleet"]
+        assert "disconnected" in fleet_states and fleet_states[-1] == "up", fleet_states
         out = op.fleet("tail", "--no-follow", "--json", "--host", daemon_id, "user.outage")
         payloads = [json.loads(line) for line in out.stdout.splitlines()]
         assert len(payloads) == emitted

@@ -97,3 +97,18 @@ def test_hosts_are_found_by_id_prefix_or_name() -> None:
         assert "no host" in str(exc)
     else:
         raise AssertionError("an unknown host was found")
+
+
+def test_the_fleet_is_a_component_whose_health_is_published() -> None:
+    from graced.integration import changes, snapshot
+
+    base = {"detectors": {}, "notifiers": {}, "journal": {}, "executor": {}, "wire": {}}
+    assert "fleet" not in snapshot(**base)  # no [fleet]: no component
+    up = snapshot(**base, fleet={"connected": True, "lag_events": 0, "acked_seq": 9,
+                                 "last_error": "an old error"})
+    down = snapshot(**base, fleet={"connected": False, "lag_events": 40, "acked_seq": 9,
+                                   "last_error": "ConnectionRefusedError"})
+    assert up["fleet"]["state"] == "up" and up["fleet"]["last_error"] is None
+    assert down["fleet"]["last_error"] == "ConnectionRefusedError"
+    assert [(c["component"], c["was"], c["state"]) for c in changes(up, down)] == [
+        ("fleet", "up", "disconnected")]
