@@ -11,6 +11,13 @@ listening. Modes:
   event for mission 1 that is unsigned / signed by another key;
 - ``unsigned-response`` / ``forged-response``: every answer but ``hello`` unsigned /
   signed by another key (``missions.approve`` answers "approved, FORGED");
+- ``bad-sig-event`` / ``altered-event``: after ``subscribe``, a ``mission.resolved``
+  event for mission 1 under the trusted key id whose signature is wrong (one bit
+  flipped) / whose payload was changed after signing (its reason says FORGED);
+- ``bad-sig-response`` / ``altered-response``: every answer but ``hello`` under the
+  trusted key id, its signature wrong (one bit flipped) / its result changed after
+  signing (a mission's reason, or the host, says FORGED): only the signature check
+  itself can catch these, not the key-id check;
 - ``deep``: answers with a 100,000-deep JSON value;
 - ``dup-id``: answers each request twice, both signed;
 - ``list-id``: answers with an id that is a list;
@@ -38,6 +45,22 @@ def _signed(signer: Signer, frame: dict[str, Any]) -> str:
     return canonical_text(signer.sign_frame(frame))
 
 
+def _flip(sig: str) -> str:
+    """The same signature with one bit of its first byte flipped (still well formed)."""
+    raw = bytearray(base64.b64decode(sig))
+    raw[0] ^= 1
+    return base64.b64encode(bytes(raw)).decode()
+
+
+def _altered(result: Any) -> Any:
+    """``result`` with what a user reads changed: a mission's reason, else the host."""
+    if isinstance(result, dict) and isinstance(result.get("mission"), dict):
+        return {**result, "mission": {**result["mission"], "reason": "FORGED"}}
+    if isinstance(result, dict):
+        return {**result, "host": "FORGED"}
+    return result
+
+
 class Fake:
     def __init__(self, key: Signer, mode: str) -> None:
         self.key = key
@@ -55,6 +78,12 @@ class Fake:
             return [canonical_text(frame)]
         if mode == "forged-response":
             return [_signed(self.other, frame)]
+        if mode == "bad-sig-response":
+            signed = self.key.sign_frame(frame)
+            return [canonical_text({**signed, "sig": _flip(signed["sig"])})]
+        if mode == "altered-response":
+            signed = self.key.sign_frame(frame)
+            return [canonical_text({**signed, "result": _altered(result)})]
         if mode == "deep":
             frame["result"] = {"x": 1}
             text = _signed(self.key, frame)
@@ -102,6 +131,17 @@ class Fake:
         elif mode == "forged-event":
             await ws.send_message(self.event(self.other, "mission.resolved",
                                              {"id": 1, "state": "resolved", "reason": "FORGED"}))
+        elif mode in ("bad-sig-event", "altered-event"):
+            self.seq += 1
+            ev = self.key.make_event(seq=self.seq, ts=time.time(), topic="mission.resolved",
+                                     payload={"id": 1, "state": "resolved", "reason": ""},
+                                     prev=GENESIS_PREV)
+            fields = dict(ev.fields)
+            if mode == "bad-sig-event":
+                fields["sig"] = _flip(fields["sig"])
+            else:
+                fields["payload"] = {**fields["payload"], "reason": "FORGED"}
+            await ws.send_message(canonical_text(fields))
         elif mode == "flood":
             junk = "\n".join(['{"junk":' + str(i) + "}" for i in range(10_000)])
             for _ in range(100):
