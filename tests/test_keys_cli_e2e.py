@@ -110,11 +110,19 @@ def test_config_units_lists_each_restarted_unit_once(shortdir) -> None:
                     f'[[playbook.step]]\naction = "restart_unit"\nunit = "{unit}"\n'
                     f'[[playbook.step]]\naction = "run"\nargv = ["true"]\n'
                     for i, unit in enumerate(["web.service", "db.service", "web.service"]))
+    steps += ('[[playbook]]\nname = "clean"\ndetector = "d"\nrisk = "low"\n'
+              '[[playbook.step]]\naction = "start_action"\nunit = "clean-logs"\n')
     cfg.write_text('version = 1\n[[detector]]\nname = "d"\nkind = "load"\n' + steps)
     res = subprocess.run([bin_path("graced"), "config", "units", "--config", str(cfg)],
                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stderr
-    assert res.stdout == "db.service\nweb.service\n"
+    assert res.stdout == "db.service\nweb.service\ngrace-action@clean-logs.service\n"
+    as_json = subprocess.run([bin_path("graced"), "config", "units", "--config", str(cfg),
+                              "--json"], capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL)
+    assert (as_json.returncode, as_json.stderr) == (0, "")
+    assert json.loads(as_json.stdout) == {"units": ["db.service", "web.service"],
+                                          "actions": ["grace-action@clean-logs.service"]}
     empty = subprocess.run([bin_path("graced"), "config", "units", "--config",
                             str(shortdir / "missing.toml")], capture_output=True, text=True,
                            stdin=subprocess.DEVNULL)
@@ -152,7 +160,32 @@ def test_bash_completion_completes_commands_and_options(shortdir) -> None:
     assert {"approve", "reject", "show", "ls"} <= set(complete("gracectl missions "))
     assert "--verify" in complete("gracectl tail --ver")
     for shell in ("zsh", "fish"):
+        # The script each shell sources asks gracectl itself for the candidates, with
+        # COMP_WORDS and COMP_CWORD as the shell fills them: run that exchange.
         env = dict(os.environ, _GRACECTL_COMPLETE=f"{shell}_source")
         src = subprocess.run([bin_path("gracectl")], env=env, capture_output=True, text=True,
                              stdin=subprocess.DEVNULL, check=True).stdout
-        assert "_GRACECTL_COMPLETE" in src, shell
+        assert f"_GRACECTL_COMPLETE={shell}_complete " in src, src
+        assert shell_complete(shell, "gracectl mi") == ["missions"], shell
+        assert {"approve", "reject", "show", "ls"} <= set(
+            shell_complete(shell, "gracectl missions ")), shell
+        assert shell_complete(shell, "gracectl tail --ver") == ["--verify"], shell
+
+
+def shell_complete(shell: str, line: str) -> list[str]:
+    """The plain candidates gracectl answers the zsh or fish completion script with for
+    ``line`` (the cursor at its end): zsh sends the word index and reads (type, value,
+    description) triples; fish sends the current word and reads "type,value\tdescription"."""
+    words = line.split(" ")
+    cword = str(len(words) - 1) if shell == "zsh" else words[-1]
+    res = subprocess.run([bin_path("gracectl")], capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=60,
+                         env=dict(os.environ, _GRACECTL_COMPLETE=f"{shell}_complete",
+                                  COMP_WORDS=line, COMP_CWORD=cword))
+    assert res.returncode == 0 and res.stderr == "", res
+    if shell == "zsh":
+        out = res.stdout.splitlines()
+        return [value for kind, value in zip(out[::3], out[1::3], strict=True)
+                if kind == "plain"]
+    return [entry.split("\t")[0].partition(",")[2] for entry in res.stdout.splitlines()
+            if entry.startswith("plain,")]

@@ -21,10 +21,13 @@ NAB = SHARED / "datasets" / "nab-dev"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (NAB / "score.py").is_file(),
-                    reason=f"no NAB dev split at {NAB} (CI puts shared/ beside the clone; "
-                           "GRACE_SHARED_DIR points elsewhere)")
 def test_nab_dev_scores_of_the_default_baseline() -> None:
+    if not (NAB / "score.py").is_file():
+        why = (f"no NAB dev split at {NAB} (CI puts shared/ beside the clone; "
+               "GRACE_SHARED_DIR points elsewhere)")
+        if os.environ.get("CI") == "true":  # CI must run it, as it runs the nspawn check
+            pytest.fail(f"cannot run under CI: {why}")
+        pytest.skip(why)
     res = subprocess.run([sys.executable, str(ROOT / "bench" / "nab_dev.py"), "--data",
                           str(NAB), "--no-corpus"], capture_output=True, text=True,
                          stdin=subprocess.DEVNULL, timeout=600)
