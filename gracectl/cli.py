@@ -983,8 +983,9 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(ExitCode.ERROR)
-    except click.exceptions.Abort:
-        sys.exit(ExitCode.ERROR)
+    except click.exceptions.Abort as exc:
+        # click turns SIGINT into Abort (from KeyboardInterrupt): gracectl.1 says 130.
+        sys.exit(130 if isinstance(exc.__cause__, KeyboardInterrupt) else ExitCode.ERROR)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
