@@ -69,11 +69,14 @@ def approver() -> Iterator[str]:
     yield ensure_user(APPROVER, (GROUP,))
 
 
-def awaiting_group_approval(make_graced: Any, marker: str) -> tuple[Graced, Watch, dict]:
-    """A high-risk mission awaiting approval by group grace-approvers, on a daemon whose
-    socket any user may reach (the approval rules alone decide)."""
+def awaiting_group_approval(make_graced: Any, marker: str,
+                            remediation: str = f'approver_groups = ["{GROUP}"]\n'
+                            ) -> tuple[Graced, Watch, dict]:
+    """A high-risk mission awaiting approval by group grace-approvers (or as
+    ``remediation`` says), on a daemon whose socket any user may reach (the approval
+    rules alone decide)."""
     g, w = setup(make_graced, process_detector(marker) + restart_playbook(marker, "high"),
-                 remediation=f'approver_groups = ["{GROUP}"]\n')
+                 remediation=remediation)
     os.chmod(g.socket, 0o666)
     os.chmod(g.base, 0o755)
     os.chmod(g.home, 0o777)

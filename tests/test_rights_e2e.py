@@ -1,0 +1,136 @@
+"""Who may steer graced over its Unix socket (docs/security.md, graced.toml(5)), each as a
+real second Unix user against the real graced (created when root; skipped otherwise):
+a user who is no approver is refused ``missions reject``, ``pause``, ``resume`` and
+``knowledge import`` (exit 4, nothing changed), a member of an approver group may do
+each, and a user named in ``approvers`` (no group) approves under that name."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+
+import pytest
+
+from graced.protocol import ExitCode
+from tests.conftest import Graced
+from tests.helpers.users import ensure_user
+from tests.test_documented_e2e import (  # noqa: F401
+    APPROVER,
+    approver,
+    awaiting_group_approval,
+    marker,
+)
+from tests.test_learning_hostile_e2e import Exporter, record
+from tests.test_remediation_e2e import mission
+
+OUTSIDER = "grace-outsider"
+
+
+def as_user(g: Graced, user: str, *args: str, groups: bool) -> subprocess.CompletedProcess[str]:
+    """The real gracectl run as ``user`` (with its supplementary groups, or none), with a
+    home of its own on the daemon's socket, where the daemon's key is pinned first."""
+    home = g.base / f"home-{user}"
+    env = dict(g.env, HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
+    env.pop("GRACE_KNOWN_KEYS", None)
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["setpriv", "--reuid", user, "--regid", "nogroup",
+                               "--init-groups" if groups else "--clear-groups",
+                               g.ctl_argv0(), *argv], env=env, capture_output=True,
+                              text=True, stdin=subprocess.DEVNULL, timeout=60)
+
+    if not home.exists():
+        home.mkdir()
+        entry = pwd.getpwnam(user)
+        os.chown(home, entry.pw_uid, entry.pw_gid)
+        pinned = run("keys", "trust", "--key", str(g.base / "key.pub"))
+        assert pinned.returncode == 0, pinned.stderr
+    return run(*args)
+
+
+def share_key(g: Graced) -> None:
+    """The daemon's key.pub where the other users can read it (the state dir is 0700)."""
+    (g.base / "key.pub").write_text((g.state / "key.pub").read_text())
+
+
+def refused(res: subprocess.CompletedProcess[str]) -> bool:
+    return (res.returncode == ExitCode.NOT_AUTHORISED and res.stdout == ""
+            and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr)
+
+
+def paused(g: Graced) -> bool:
+    return bool(json.loads(g.ctl("playbooks", "ls", "--json", check=True).stdout)["paused"])
+
+
+def knowledge(g: Graced) -> list[str]:
+    return [p["pattern"] for p in json.loads(g.ctl("knowledge", "ls", "--json",
+                                                   check=True).stdout)]
+
+
+@pytest.mark.slow
+def test_only_approvers_reject_pause_resume_and_import(make_graced, marker,  # noqa: F811
+                                                       approver: str) -> None:  # noqa: F811
+    outsider = ensure_user(OUTSIDER)
+    g, w, waiting = awaiting_group_approval(make_graced, marker)
+    share_key(g)
+    mid = str(waiting["id"])
+    exporter = Exporter(g.base)
+    export = exporter.write(g.base / "export.json", [record()])
+    imports = ("knowledge", "import", "--key", str(exporter.key), str(export))
+
+    # Not an approver: each refused with one line, and nothing changed.
+    res = as_user(g, outsider, "missions", "reject", mid, "--comment", "not mine", groups=True)
+    assert refused(res) and "may not reject" in res.stderr, res
+    m = mission(g, waiting["id"])
+    assert m["state"] == "awaiting_approval" and m["approvals"] == [], m["approvals"]
+    for command in ("pause", "resume"):
+        res = as_user(g, outsider, command, groups=True)
+        assert refused(res) and "pause/resume needs an approver" in res.stderr, res
+        assert not paused(g)
+    res = as_user(g, outsider, *imports, groups=True)
+    assert refused(res) and "knowledge import needs an approver" in res.stderr, res
+    assert knowledge(g) == []
+
+    # A member of the approver group: each done.
+    assert as_user(g, approver, "pause", groups=True).returncode == 0
+    assert paused(g)
+    assert as_user(g, approver, "resume", groups=True).returncode == 0
+    assert not paused(g)
+    res = as_user(g, approver, *imports, groups=True)
+    assert res.returncode == 0, res.stderr
+    assert knowledge(g) == ["star:queue"]
+    res = as_user(g, approver, "missions", "reject", mid, "--comment", "not now", groups=True)
+    assert res.returncode == 0, res.stderr
+    m = mission(g, waiting["id"])
+    assert m["state"] == "rejected" and not m["steps"], m
+    assert [(a["decision"], a["user"], a["comment"]) for a in m["approvals"]] == [
+        ("rejected", approver, "not now")]
+    w.close()
+
+
+@pytest.mark.slow
+def test_a_user_named_in_approvers_approves_without_any_group(make_graced,
+                                                              marker: str) -> None:  # noqa: F811
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a second Unix user and act as it")
+    user = ensure_user(APPROVER)
+    g, w, waiting = awaiting_group_approval(make_graced, marker,
+                                            remediation=f'approvers = ["{user}"]\n')
+    share_key(g)
+    outsider = ensure_user(OUTSIDER)
+    res = as_user(g, outsider, "missions", "approve", str(waiting["id"]), "--yes",
+                  groups=False)
+    assert refused(res) and "may not approve" in res.stderr, res
+    # No supplementary groups at all: the name alone admits it.
+    res = as_user(g, user, "missions", "approve", str(waiting["id"]), "--yes", "--comment",
+                  "by name", groups=False)
+    assert res.returncode == 0, res.stderr
+    w.wait("mission.resolved", "worker", 30)
+    m = mission(g, waiting["id"])
+    assert m["state"] == "resolved" and m["steps"], m["timeline"]
+    approval = m["approvals"][0]
+    assert (approval["decision"], approval["user"], approval["uid"], approval["comment"]) == (
+        "approved", user, pwd.getpwnam(user).pw_uid, "by name")
+    w.close()
