@@ -48,7 +48,9 @@ def test_scores_are_in_unit_interval_and_spikes_do_not_poison_the_level() -> Non
     assert scores[200] > 0.99 and why[200] == "rise"
     # 100 values later, within the hold: as unusual, but the same event is not re-reported.
     assert raw[300] > 0.99 and scores[300] < 0.5
-    assert scores[900] > 0.99  # after the hold, a new event
+    # After the hold, a new event: reported, though less urgently than the first spike of
+    # that size (the bar a report leaves behind relaxes over a few thousand values).
+    assert 0.5 <= scores[900] < scores[200] and why[900] == "rise"
     assert max(scores[910:]) < 0.5 and max(scores[205:300]) < 0.5
     assert 99 < b.s.level < 104
 

@@ -35,9 +35,14 @@ blunting its level-shift view (and the other way round).
 is the alarm threshold. One event alarms once: after a report, the same kind of
 deviation (rise, drop, or variance change) is reported again within ``hold`` values
 only if it is clearly larger; other values get 1 % of their score. Each report also
-raises the bar for its kind by 5 %, relaxing with a half-life of about 7,000 values:
-alarms are rare by nature, so a metric that keeps alarming needs ever larger
-deviations, while a rare large event still shows. The level, scales and profile keep
+raises the bar for its kind: by 5 %, or to 40 % of the deviation it reported if that
+is more, relaxing with a half-life of about 3,500 values. (The kind of a value is that
+of its largest deviation before the bars, so the spread that grows while the level
+adapts to a shift is not reported as a second event.) Alarms are rare by nature: a
+metric whose normal life holds spikes of some size (bursty traffic, a periodic job)
+needs a deviation at least 40 % as large as its last reported one to alarm again soon,
+and one that keeps alarming needs ever larger deviations, while a rare large event
+still shows. The level, scales and profile keep
 learning, so after a level shift the new level becomes normal.
 """
 
@@ -66,8 +71,9 @@ VAR_RATIO = 2.5  # fast/slow scale ratio that is an anomaly
 REPORT = 0.33  # scores from here on start a hold (one report per event)
 STEP = 0.6  # a report during a hold must close this share of the gap to 1
 QUIET = 0.01  # share of the score reported during a hold
-BAR_UP = 1.05  # each report raises the bar for its kind of deviation by 5 % ...
-BAR_DECAY = 0.9999  # ... relaxing back to 1 with a half-life of about 7,000 values
+BAR_UP = 1.05  # each report raises the bar for its kind of deviation by 5 %, ...
+BAR_GAIN = 0.4  # ... or to 40 % of the deviation it reported if that is more,
+BAR_DECAY = 0.9998  # ... relaxing back to 1 with a half-life of about 3,500 values
 REL_FLOOR = 1e-3  # scales are at least this share of the level: 0.1 % is never news
 
 
@@ -212,19 +218,18 @@ class Baseline:
                 bars[j] = 1.0 + (bars[j] - 1.0) * BAR_DECAY
             tails = s.tails
             cap = math.log(self.z_alarm * QUANTILE_CAP)
-            u = 0.0
-            kind = 0
+            us = [0.0, 0.0, s.var_fast / sc0 / VAR_RATIO]
             for k, (z, v) in enumerate(((z0, v0), (z1, v1), (z2, v2))):
                 tail = math.exp(tails[k])
                 kk = 1 if v > 0 else 0
-                uk = z / max(self.z_alarm, QUANTILE_GAIN * tail) / bars[kk]
-                if uk >= u:
-                    u, kind = uk, kk
+                uk = z / max(self.z_alarm, QUANTILE_GAIN * tail)
+                if uk > us[kk]:
+                    us[kk] = uk
                 lt = min(tails[k], cap)
                 tails[k] = lt + QUANTILE_STEP * (QUANTILE if z > tail else QUANTILE - 1.0)
-            uv = s.var_fast / sc0 / VAR_RATIO / bars[2]
-            if uv > u:
-                u, kind = uv, 2
+            # The largest deviation names the event; the bar of its kind then scales it.
+            kind = 0 if us[0] >= us[1] and us[0] >= us[2] else 1 if us[1] >= us[2] else 2
+            u = us[kind] / bars[kind]
         # Learn: clipped, so the spikes it learns from barely move it.
         a_err = 2.0 / p.memory
         s.level += (r_level / s.n) if warm else LEVEL_ALPHA * _clip(r_level, lim)
@@ -257,10 +262,10 @@ class Baseline:
                     holds[j] -= 1
                 else:
                     marks[j] = 0.0
-        if out > s.marks[kind] and out > REPORT:
+        if out > marks[kind] and out > REPORT:
             s.marks[kind] = out + STEP * (1.0 - out)
             s.holds[kind] = p.hold
-            s.bars[kind] *= BAR_UP
+            s.bars[kind] = max(s.bars[kind] * BAR_UP, BAR_GAIN * u * s.bars[kind])
             return out
         return out * QUIET
 
