@@ -46,8 +46,9 @@ def test_scores_are_in_unit_interval_and_spikes_do_not_poison_the_level() -> Non
         why.append(b.last_reason)
     assert all(0.0 <= s <= 1.0 for s in scores)
     assert scores[200] > 0.99 and why[200] == "rise"
-    # 100 values later, within the hold: as unusual, but the same event is not re-reported.
-    assert raw[300] > 0.99 and scores[300] < 0.5
+    # 100 values later, within the hold: an anomaly by itself, but the same event is not
+    # re-reported.
+    assert raw[300] > 0.9 and scores[300] < 0.5
     # After the hold, a new event: reported, though less urgently than the first spike of
     # that size (the bar a report leaves behind relaxes over a few thousand values).
     assert 0.5 <= scores[900] < scores[200] and why[900] == "rise"
