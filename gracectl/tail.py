@@ -125,7 +125,10 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
                                     f"{key_id(opts.trusted_key)}")
             head = int(hello.get("head_seq", 0))
             if next_seq is None:
-                next_seq = max(1, head - opts.lines + 1) if opts.lines > 0 else head + 1
+                # Never before the oldest event kept (retention prunes the ones before).
+                first = hello.get("first_seq")
+                first = first if isinstance(first, int) and first > 1 else 1
+                next_seq = max(first, head - opts.lines + 1) if opts.lines > 0 else head + 1
             if opts.verify and verifier is None:
                 assert opts.trusted_key is not None
                 interval = float(hello.get("heartbeat_interval", 5.0))
@@ -236,15 +239,19 @@ async def _scan(conn: Any, since: int,
             return
 
 
-async def _head(endpoint: Endpoint, key: bytes | None) -> int:
+async def _head(endpoint: Endpoint, key: bytes | None) -> tuple[int, int]:
+    """The head seq and the oldest seq kept (journal retention prunes those before)."""
     async with connect(endpoint, key, verify_events=False) as conn:
-        return int((await conn.request("hello")).get("head_seq", 0))
+        hello = await conn.request("hello")
+    first = hello.get("first_seq")
+    return int(hello.get("head_seq", 0)), first if isinstance(first, int) and first > 1 else 1
 
 
 async def _seq_at(endpoint: Endpoint, key: bytes | None, ts: float) -> int:
     """The seq of the first event at or after ``ts`` (a binary search over the journal;
     past the head: the next event)."""
-    lo, hi = 1, await _head(endpoint, key) + 1
+    head, lo = await _head(endpoint, key)
+    hi = head + 1
     got: list[tuple[int, dict[str, Any]]] = []
 
     def first(seq: int, event: dict[str, Any]) -> bool:
@@ -278,7 +285,7 @@ async def _last_matching(endpoint: Endpoint, opts: TailOptions) -> int:
     """The seq of the first of the last ``opts.lines`` events that match the patterns
     (journalctl's -n counts matching entries), up to the head or a --until seq."""
     match = compile_patterns(opts.patterns)
-    head = await _head(endpoint, opts.trusted_key)
+    head, oldest = await _head(endpoint, opts.trusted_key)
     upper = min(head, opts.until.seq) if opts.until and opts.until.seq else head
     found: list[int] = []
 
@@ -291,7 +298,7 @@ async def _last_matching(endpoint: Endpoint, opts: TailOptions) -> int:
         return True
 
     for window in LOOKBACK:
-        start = max(1, upper - window + 1)
+        start = max(oldest, upper - window + 1)
         found.clear()
         async with connect(endpoint, opts.trusted_key, verify_events=False) as conn:
             await _scan(conn, start, visit)

@@ -38,6 +38,7 @@ from .protocol import knowledge as pk
 from .protocol.wire import Request, RequestError
 from .readers import SharedReader
 from .reload import ConfigRejected, Reloader
+from .retention import Retention
 from .silences import parse_target
 from .wire import Client, Handler, Server
 
@@ -90,6 +91,7 @@ class Api:
         # The components' health as last published (graced.integration), for status.
         self.integration: dict[str, dict[str, Any]] = {}
         self.fleet: Any = None  # graced.fleet.Forwarder when [fleet] url is set
+        self.retention: Retention | None = None
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -146,6 +148,7 @@ class Api:
             **self.identity(),
             "public_key": keys.format_public_key(self.signer.public_key).split()[1],
             "head_seq": self.mesh.delivered_seq,
+            "first_seq": self.mesh.journal.first_seq,
             "heartbeat_interval": self.config.daemon.heartbeat_interval,
             "peer": {"transport": client.peer.transport, "uid": client.peer.uid},
             "can_control": client.can_control(),
@@ -183,6 +186,8 @@ class Api:
                 "last_error": mesh.last_error,
                 "failing_since": mesh.failing_since,
                 "pending": len(mesh._pending),
+                "first_seq": mesh.journal.first_seq,
+                "retention": self.retention.status() if self.retention else None,
             },
             "wire": self.server.status(),
             "executor": self.executor.status(),

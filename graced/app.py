@@ -36,7 +36,7 @@ from .detectors.runner import DetectorRunner
 from .errors import DaemonExit, StartupError, StateError
 from .executor import Budgets, Executor
 from .integration import IntegrationMonitor, budget_left, free_bytes
-from .journal import Journal, JournalReader
+from .journal import Journal, JournalReader, wal_limit
 from .learning import Learning
 from .learning import knowledge as kb
 from .learning import settings as learning_settings
@@ -46,6 +46,7 @@ from .missions.engine import HANDED_OVER, MissionEngine
 from .protocol import Signer
 from .readers import SharedReader
 from .reload import ConfigRejected, Reloader, removed_reason
+from .retention import Retention, checkpoint_payload
 from .safefiles import check_private_dir, write_new
 from .silences import Silences
 from .wire import Budget, Server, certificate_names, tls_context
@@ -133,7 +134,8 @@ class Daemon:
         self.signer = signer
         self.daemon_id = _daemon_id(state)
         journal = await trio.to_thread.run_sync(
-            lambda: Journal(state / "journal.db", synchronous=cfg.journal.synchronous)
+            lambda: Journal(state / "journal.db", synchronous=cfg.journal.synchronous,
+                            wal_limit=wal_limit(cfg.journal.max_size))
         )
         mesh = Mesh(journal, signer, batch_max=cfg.journal.batch_max)
         self.mesh = mesh
@@ -197,6 +199,13 @@ class Daemon:
                                        hostname=self.hostname, signer=signer,
                                        learning=learning)
             api.fleet = self.fleet = forwarder
+        retention = Retention(
+            mesh=mesh, reads=reads, max_size=cfg.journal.max_size,
+            max_age=cfg.journal.max_age,
+            checkpoint_interval=lambda: self.config.daemon.checkpoint_interval,
+            request_window=lambda: self.config.remediation.request_window,
+            pinned=server.oldest_replay)
+        api.retention = retention
         server.handlers = api.handlers()
         server.roles = dict(ROLES)
         try:
@@ -220,7 +229,7 @@ class Daemon:
                     if forwarder is not None:
                         await nursery.start(forwarder.run)
                     nursery.start_soon(_trim_heap)
-                    nursery.start_soon(self._prune_nonces)
+                    await nursery.start(retention.run)
                     hb_scope = trio.CancelScope()
                     nursery.start_soon(self._heartbeat, hb_scope)
                     interval = sd_notify.watchdog_interval()
@@ -377,10 +386,7 @@ class Daemon:
                 if last_beat == -math.inf:
                     last_beat = now
                 if now >= last_checkpoint + every:
-                    mesh.publish_nowait("daemon.checkpoint", {
-                        "head_seq": mesh.delivered_seq, "head_hash": mesh.delivered_hash,
-                        "interval": every,
-                    })
+                    mesh.publish_nowait("daemon.checkpoint", checkpoint_payload(mesh, every))
                     last_checkpoint = now
                 if now >= last_beat + interval:
                     beat: dict[str, Any] = {
@@ -410,15 +416,6 @@ class Daemon:
             "wire": self.server.status(),
             "fleet": self.fleet.status() if self.fleet is not None else None,
         }
-
-    async def _prune_nonces(self, every: float = 60.0) -> None:
-        """Forget used nonces older than twice the request window: a request carrying
-        one is refused as stale anyway, and the table must not grow without bound."""
-        assert self.mesh is not None
-        while True:
-            await trio.sleep(every)
-            horizon = time.time() - 2 * self.config.remediation.request_window
-            self.mesh.store([("DELETE FROM used_nonces WHERE ts < ?", (horizon,))])
 
     async def _watchdog(self, interval: float) -> None:
         while True:

@@ -108,7 +108,13 @@ MIGRATIONS: list[str] = [
 
 Write = tuple[str, tuple[object, ...]]
 
-WAL_LIMIT = 4 << 20  # bytes of WAL past which the writer checkpoints it
+WAL_LIMIT = 4 << 20  # bytes of WAL past which the writer checkpoints it (at most)
+
+
+def wal_limit(max_size: int) -> int:
+    """The WAL's limit for a journal kept under ``max_size`` bytes (0: no limit): a
+    thirty-second of it, at most :data:`WAL_LIMIT`."""
+    return WAL_LIMIT if max_size <= 0 else max(32 << 10, min(WAL_LIMIT, max_size // 32))
 
 
 def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -125,9 +131,11 @@ def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
 class Journal:
     """Append-only event store. Not thread-safe: one caller at a time."""
 
-    def __init__(self, path: Path, *, synchronous: str = "full") -> None:
+    def __init__(self, path: Path, *, synchronous: str = "full",
+                 wal_limit: int = WAL_LIMIT) -> None:
         self.path = path
         self.synchronous = synchronous
+        self.wal_limit = wal_limit
         existed = path.exists()
         try:
             self._conn = _connect(path)
@@ -137,9 +145,13 @@ class Journal:
             # waits for one.
             self._conn.execute("PRAGMA wal_autocheckpoint = 0")
             # A reset WAL is reused from its start but keeps its size unless limited.
-            self._conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
+            self._conn.execute(f"PRAGMA journal_size_limit = {int(wal_limit)}")
             self._migrate()
             self.head_seq, self.head_hash = self._read_head()
+            # The oldest event kept (retention prunes the ones before it); 0 when empty.
+            row = self._conn.execute(
+                "SELECT seq, hash FROM events ORDER BY seq LIMIT 1").fetchone()
+            self.first_seq, self.first_hash = (int(row[0]), str(row[1])) if row else (0, "")
         except sqlite3.DatabaseError as exc:
             what = "an existing" if existed else "a new"
             raise StateError(f"journal {path}: cannot open {what} database: {exc}") from None
@@ -199,6 +211,8 @@ class Journal:
         if events:
             self.head_seq = events[-1].seq
             self.head_hash = events[-1].hash
+            if not self.first_seq:
+                self.first_seq, self.first_hash = events[0].seq, events[0].hash
 
     def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         """Read with the writer's connection (call from the writer's side only)."""

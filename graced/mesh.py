@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import trio
 
-from .journal import WAL_LIMIT, Journal, Write
+from .journal import Journal, Write
 from .protocol import SignedEvent, Signer, canonical_bytes
 from .protocol.topics import compile_patterns
 
@@ -87,6 +87,7 @@ class Mesh:
         self.max_pending = max_pending
         self.clock = clock
         self._pending: list[_Pending] = []
+        self._first: list[_Pending] = []  # publish_first's, each a group ahead of the rest
         self._wake = trio.Event()
         self._room = trio.Event()
         self._subs: set[Subscription] = set()
@@ -101,6 +102,7 @@ class Mesh:
         # The latest daemon.checkpoint fanned out (gracectl checkpoint asks for it).
         self.last_checkpoint: SignedEvent | None = None
         self.commit_seconds_last = 0.0
+        self.committed_bytes = 0  # of event text, since start (retention's pace)
         self.commit_count = 0
         self.commit_errors = 0
         self.last_error: str | None = None
@@ -108,6 +110,14 @@ class Mesh:
         self.failing_since: float | None = None
         self._last_checkpoint = 0.0
         self._closed = False
+        # Retention (graced/retention.py) looks at the journal's size after every
+        # ``look_every`` bytes of events committed (0: never); a group holds at most that
+        # many bytes, and the writer holds further groups once twice that went by without
+        # a look, so no burst outruns it. Its own checkpoint (``publish_first``) passes.
+        self.look_every = 0
+        self.looked_bytes = 0
+        self._look_due = trio.Event()
+        self._resume = trio.Event()
 
     # -- publishing ------------------------------------------------------------
 
@@ -138,6 +148,37 @@ class Mesh:
         assert item.done is not None
         await item.done.wait()
         return item.result
+
+    async def publish_first(self, topic: str, payload: Any,
+                            writes: Sequence[Write] = ()) -> SignedEvent | None:
+        """Publish an event (and its writes) in a group of its own, ahead of whatever is
+        queued, even while the writer holds for retention; returns it once committed."""
+        canonical_bytes(payload)
+        if self._closed:
+            raise trio.ClosedResourceError("mesh is closed")
+        item = _Pending(self.clock(), topic, payload, trio.Event(), None, writes)
+        self._first.append(item)
+        self._wake.set()
+        self._resume.set()
+        assert item.done is not None
+        await item.done.wait()
+        return item.result
+
+    async def wait_look_due(self) -> None:
+        """Until ``look_every`` bytes were committed since retention's last look."""
+        await self._look_due.wait()
+
+    def looked(self, at: int) -> None:
+        """Retention looked (and pruned what it had to) at ``committed_bytes`` = ``at``."""
+        self.looked_bytes = at
+        self._look_due = trio.Event()
+        if self.look_every and self.committed_bytes - at >= self.look_every:
+            self._look_due.set()
+        self._resume.set()
+
+    def _held(self) -> bool:
+        return bool(self.look_every and not self._first
+                    and self.committed_bytes - self.looked_bytes >= 2 * self.look_every)
 
     def store(self, writes: Sequence[Write]) -> None:
         """Queue state writes with no event (committed with the next group)."""
@@ -186,12 +227,17 @@ class Mesh:
     # -- the writer --------------------------------------------------------------
 
     def _sign_and_commit(self, batch: list[_Pending]) -> list[SignedEvent | None]:
-        """Sign the group in order and commit it, with its writes, in one transaction."""
+        """Sign the group in order and commit it, with its writes, in one transaction.
+        With retention on, the group ends once it holds ``look_every`` bytes of events:
+        the events returned are those of the items committed, a prefix of ``batch``."""
         seq, prev = self.journal.head_seq, self.journal.head_hash
         events: list[SignedEvent | None] = []
         signed: list[SignedEvent] = []
         writes: list[Write] = []
+        cap, size = self.look_every or -1, 0
         for item in batch:
+            if size >= cap > 0:
+                break
             writes.extend(item.writes)
             if item.topic is None:
                 events.append(None)
@@ -203,9 +249,11 @@ class Mesh:
             prev = ev.hash
             events.append(ev)
             signed.append(ev)
+            size += len(ev.text)
         started = time.perf_counter()
         self.journal.append(signed, writes)
         self.commit_seconds_last = time.perf_counter() - started
+        self.committed_bytes += sum(len(ev.text) for ev in signed)
         return events
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -216,7 +264,13 @@ class Mesh:
             while True:
                 await self._wake.wait()
                 self._wake = trio.Event()
-                while self._pending:
+                while self._pending or self._first:
+                    if self._held():
+                        # Retention is due and has not looked: wait for it (or for its
+                        # checkpoint, which is committed ahead of the rest).
+                        self._resume = trio.Event()
+                        await self._resume.wait()
+                        continue
                     try:
                         await self._flush_once()
                         await self._maybe_checkpoint()
@@ -241,10 +295,13 @@ class Mesh:
                 await self.flush()
 
     async def _maybe_checkpoint(self) -> None:
-        """Checkpoint the WAL past :data:`WAL_LIMIT`, at most once a second; the writer
-        waits for it (publishers queue meanwhile)."""
+        """Checkpoint the WAL past the journal's ``wal_limit``, at most once a second; the
+        writer waits for it (publishers queue meanwhile)."""
         now = time.monotonic()
-        if now - self._last_checkpoint < 1.0 or self.journal.wal_bytes() <= WAL_LIMIT:
+        # Under retention the WAL counts against max_size: checkpoint as soon as it is over.
+        pace = 0.0 if self.look_every else 1.0
+        if (now - self._last_checkpoint < pace
+                or self.journal.wal_bytes() <= self.journal.wal_limit):
             return
         self._last_checkpoint = now
         try:
@@ -253,7 +310,8 @@ class Mesh:
             log.warning("WAL checkpoint failed: %s", exc)
 
     async def _flush_once(self) -> None:
-        batch = self._pending[: self.batch_max]
+        queue = self._first or self._pending
+        batch = queue[:1] if queue is self._first else queue[: self.batch_max]
         if len(batch) <= self.inline_max:
             # A small group with no fsync takes less time than the hand-off to a thread
             # and back (two wake-ups, each a scheduling delay on a busy host).
@@ -261,8 +319,11 @@ class Mesh:
         else:
             # In a thread: signing a large group, or an fsync, must not stall the loop.
             events = await trio.to_thread.run_sync(self._sign_and_commit, batch)
-        del self._pending[: len(batch)]
+        batch = batch[: len(events)]
+        del queue[: len(batch)]
         self.commit_count += 1
+        if self.look_every and self.committed_bytes - self.looked_bytes >= self.look_every:
+            self._look_due.set()
         if len(self._pending) < self.max_pending:
             self._room.set()
         self._fan_out([e for e in events if e is not None])
@@ -298,7 +359,7 @@ class Mesh:
     async def flush(self) -> None:
         """Commit and deliver everything queued now (used at shutdown)."""
         tries = 0
-        while self._pending and tries < 3:
+        while (self._pending or self._first) and tries < 3:
             try:
                 await self._flush_once()
             except Exception as exc:  # noqa: BLE001

@@ -295,6 +295,8 @@ class Server:
         self.handler_failures = LogBudget("failed requests (tracebacks)")
         self.clock = clock
         self.clients: set[Client] = set()
+        # Where each replay in progress is: retention prunes nothing it has still to send.
+        self.replaying: dict[Client, int] = {}
         self.tcp_ports: list[int] = []
         self.connections_total = 0
         self.refused_total = 0
@@ -739,12 +741,20 @@ class Server:
             not isinstance(since, int) or isinstance(since, bool) or since < 1 or since > 2**62
         ):
             raise RequestError("bad_request", "params.since must be a positive integer or null")
+        first = self.mesh.journal.first_seq
+        if since is not None and since < first:
+            raise RequestError("pruned", f"events before seq {first} were pruned (journal "
+                                         f"retention); the oldest kept is seq {first}")
         match = compile_patterns(patterns)
         head = self.mesh.delivered_seq
         client.respond(req.id, req.nonce, {"head_seq": head, "since": since,
                                             "patterns": patterns})
         if since is not None:
-            await self._replay(client, since, match)
+            self.replaying[client] = since  # before any wait: retention sees it
+            try:
+                await self._replay(client, since, match)
+            finally:
+                del self.replaying[client]
             if client.closing.is_set():
                 return _NO_REPLY
         # No checkpoint between reading delivered_seq in _replay and registering:
@@ -787,11 +797,16 @@ class Server:
                 for text in texts:
                     await client.send.send(text)
                 nxt += count
+                self.replaying[client] = nxt
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return
         finally:
             if reader is not None:
                 reader.close()
+
+    def oldest_replay(self) -> int | None:
+        """The lowest seq a replay in progress has still to send (None: no replay)."""
+        return min(self.replaying.values(), default=None)
 
     # -- shutdown ----------------------------------------------------------------
 

@@ -41,6 +41,10 @@ def _non_negative(v: float) -> str | None:
     return None if v >= 0 else "must not be negative"
 
 
+def _max_size(v: int) -> str | None:
+    return None if v == 0 or v >= 1 << 20 else "must be 0 (no limit) or at least 1048576 (1 MiB)"
+
+
 def _strategy(v: str) -> str | None:
     from ..learning.ranking import STRATEGIES
 
@@ -83,6 +87,9 @@ class JournalConfig:
 
     synchronous: str = field(default="normal", metadata=check(one_of(("full", "normal"))))
     batch_max: int = field(default=4096, metadata=check(positive))
+    # Retention (graced/retention.py): bytes of journal.db and its WAL, and seconds.
+    max_size: int = field(default=1 << 30, metadata=check(_max_size))
+    max_age: float = field(default=90 * 86400.0, metadata=check(_non_negative))
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ class ExitCode(enum.IntEnum):
     NOT_FOUND = 5
     TIMEOUT = 6
     DEGRADED = 7  # gracectl status: journal commits or a detector failing
+    PRUNED = 8  # tail --since: the events asked for were pruned (journal retention)
     BAD_SIGNATURE = 10
     CHAIN_BROKEN = 11
     REPLAYED = 12

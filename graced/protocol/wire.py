@@ -38,6 +38,7 @@ ERROR_EXIT = {
     "bad_signature": ExitCode.BAD_SIGNATURE,
     "key_changed": ExitCode.BAD_SIGNATURE,
     "clearing": ExitCode.ERROR,
+    "pruned": ExitCode.PRUNED,
 }
 
 MAX_NONCE = 128
