@@ -42,8 +42,8 @@ from .readers import SharedReader
 
 log = logging.getLogger("graced.retention")
 
-HIGH = 0.8  # of the room: pages in use past this start a prune...
-LOW = 0.6  # ...down to this
+HIGH = 0.75  # of the room: pages in use past this start a prune...
+LOW = 0.55  # ...down to this
 PERIOD = 10.0  # seconds between looks at most (max_age, nonces), when little is written
 CHUNK = 5000  # events read per query
 MAX_PRUNE = 100_000  # events deleted per transaction

@@ -46,6 +46,7 @@ from .protocol.wire import (
     parse_request,
     response,
 )
+from .wsconn import wrap_server_stream
 
 log = logging.getLogger("graced.wire")
 
@@ -509,7 +510,7 @@ class Server:
                 self.handshaking += gated
                 try:
                     with trio.fail_after(self.budget.handshake_timeout):
-                        request = await trio_websocket.wrap_server_stream(
+                        request = await wrap_server_stream(
                             nursery, stream,
                             max_message_size=max(4 * self.max_request_bytes, 1 << 20),
                             message_queue_size=4,

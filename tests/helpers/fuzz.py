@@ -40,11 +40,9 @@ MAX_ID = MAX_NONCE = 128  # docs/protocol.md: the longest id and nonce a request
 
 
 # RFC 6455 8.1 and 7.1.7: invalid UTF-8 in a text frame fails the connection, and a server
-# SHOULD say so with a 1007 close frame first. trio-websocket 0.12 on wsproto 1.3 closes the
-# TCP stream without one (wsproto reports the parse failure as if the peer had sent a close,
-# and trio-websocket, as a server, answers that by closing the stream). Until graced sends
-# 1007 itself, "dropped" (that connection only; graced keeps serving) is allowed for it.
-DROPPED_ON_BAD_UTF8 = True
+# SHOULD say so with a 1007 close frame first. trio-websocket alone closes the TCP stream
+# without one; graced/wsconn.py sends it. So a drop without a close frame is a failure.
+DROPPED_ON_BAD_UTF8 = False
 
 
 @dataclass(frozen=True)
