@@ -101,6 +101,7 @@ class Api:
         self.server.authenticator.configure(
             read_keys=list(rem.read_keys), control_keys=list(rem.control_keys),
             authorized_keys=list(rem.authorized_keys), window=rem.request_window)
+        self.server.revoke()
 
     def handlers(self) -> dict[str, Handler]:
         """The wire's method table: method name -> handler."""

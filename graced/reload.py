@@ -31,6 +31,7 @@ from .executor import Executor
 from .learning import Learning
 from .mesh import Mesh
 from .missions.engine import MissionEngine
+from .redact import redact_text
 
 log = logging.getLogger("graced.reload")
 
@@ -139,6 +140,8 @@ class Reloader:
             except Exception as exc:  # noqa: BLE001 - nothing in a file may stop graced
                 reason = str(exc) if isinstance(exc, ConfigError) else (
                     f"cannot read the config: {type(exc).__name__}: {exc}")
+                # Journaled and shown to readers: no URL credentials or query values.
+                reason = redact_text(reason)
                 log.warning("config rejected (%s), keeping the running one: %s", by, reason)
                 # Not waiting on the commit: the answer must not hang on a full disk.
                 self.mesh.publish_nowait("daemon.config_rejected", {

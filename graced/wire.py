@@ -198,6 +198,7 @@ class Client:
     # A file sent in parts (knowledge.upload), for the request that takes it; dropped
     # with the connection.
     upload: bytearray = field(default_factory=bytearray)
+    sub_kid: str | None = None  # over TCP: the key its subscription was signed by
 
     def __post_init__(self) -> None:
         self.send, self.recv = trio.open_memory_channel(self.server.client_queue)
@@ -747,6 +748,8 @@ class Server:
             raise RequestError("pruned", f"events before seq {first} were pruned (journal "
                                          f"retention); the oldest kept is seq {first}")
         match = compile_patterns(patterns)
+        if client.peer.transport == "tcp":
+            client.sub_kid = req.kid  # a reload that revokes it closes this stream
         head = self.mesh.delivered_seq
         client.respond(req.id, req.nonce, {"head_seq": head, "since": since,
                                             "patterns": patterns})
@@ -804,6 +807,22 @@ class Server:
         finally:
             if reader is not None:
                 reader.close()
+
+    def revoke(self) -> int:
+        """Close every TCP stream whose key no longer holds the read role (after a
+        reload took it out of the config); returns how many were closed. A request
+        on a connection that is not subscribed is checked against the keys anyway."""
+        closed = 0
+        for client in list(self.clients):
+            kid = client.sub_kid
+            if kid is None or client.closing.is_set():
+                continue
+            role = self.authenticator.roles.get(kid)
+            if RANK[role] < RANK[self.roles.get("subscribe", CONTROL)]:
+                client.drop(POLICY, f"key {kid} no longer has the read role "
+                                    "(the config was reloaded)")
+                closed += 1
+        return closed
 
     def oldest_replay(self) -> int | None:
         """The lowest seq a replay in progress has still to send (None: no replay)."""

@@ -13,6 +13,7 @@ import trio_websocket
 from graced.keys import parse_public_key
 from graced.protocol import ExitCode, check_signature
 from tests.conftest import Graced
+from tests.helpers.procs import LineCollector
 
 
 async def _ws(g: Graced, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
@@ -158,3 +159,38 @@ async def test_tcp_listener_reads_only_with_a_read_key_and_checks_origin(make_gr
             rejected = exc
     assert isinstance(rejected, trio_websocket.ConnectionRejected), rejected
     assert rejected.status_code == 403 and b"origin" in (rejected.body or b"")
+
+
+@pytest.mark.slow
+def test_a_reload_that_revokes_a_read_key_closes_its_open_stream(make_graced) -> None:
+    """A stream opened over TCP with a read key ends when a reload takes the key out of
+    the config, with the reason; the next request with it is refused."""
+    g = make_graced(start=False, extra_config='listen = ["127.0.0.1:0"]\n'
+                    '[remediation]\nread_keys = ["KEY"]\n')
+    line = g.ctl("keys", "generate", check=True).stdout.strip()
+    with_key = g.config.read_text().replace('"KEY"', json.dumps(line))
+    g.config.write_text(with_key)
+    g.start()
+    port = json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["tcp_ports"][0]
+    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
+    env["GRACE_KEY"] = str(g.state / "key.pub")
+    url = f"ws://127.0.0.1:{port}"
+    proc = subprocess.Popen([g.ctl_argv0(), "--url", url, "tail", "--since", "1", "--json"],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stream = LineCollector(proc)
+    try:
+        assert stream.wait_for(lambda ls: any("daemon.started" in x for x in ls), 30), \
+            proc.stderr
+        g.config.write_text(with_key.replace(json.dumps(line), ""))
+        reload = g.ctl("reload")
+        assert reload.returncode == 0, reload.stderr
+        assert stream.wait_exit(30) == ExitCode.UNREACHABLE
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert "no longer has the read role" in err and err.count("\n") == 1, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    again = g.ctl("--url", url, "status", env=env)
+    assert again.returncode == ExitCode.NOT_AUTHORISED, again.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import grp
 import hashlib
 import os
 import stat
@@ -11,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import tomli_w
 
@@ -31,6 +33,7 @@ from .detectors import (
     build_detectors,
     compact,
     default_detectors,
+    public_dsn,
 )
 from .fleet import FleetConfig
 from .notifiers import NotifierConfig, build_notifiers
@@ -224,7 +227,52 @@ def locate(path: str | None) -> Path | None:
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
 
-def _read_config(path: Path) -> bytes:
+def _url_secret(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        return bool(parts.username or parts.password or parts.query)
+    except ValueError:
+        return True
+
+
+def secrets_held(cfg: Config) -> list[str]:
+    """Where the config holds secrets: URL credentials or query strings, a password in a
+    DSN, a step's env values."""
+    out = [f"[[notifier]] {n.name} url" for n in cfg.notifier if n.url and _url_secret(n.url)]
+    for d in cfg.detector:
+        if d.url and _url_secret(d.url):
+            out.append(f"[[detector]] {d.name} url")
+        if d.dsn and public_dsn(d.dsn) != d.dsn:
+            out.append(f"[[detector]] {d.name} dsn")
+    out += [f"[[playbook]] {pb.name} step {i} env" for pb in cfg.playbook
+            for i, st in enumerate(pb.step, 1) if st.env]
+    return out
+
+
+def _exposed(path: Path, st: os.stat_result, cfg: Config) -> str | None:
+    """A warning when a config that holds secrets may be read by others than graced (as
+    sshd warns of a private key others may read), else None."""
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & (stat.S_IRGRP | stat.S_IROTH):
+        return None
+    held = secrets_held(cfg)
+    if not held:
+        return None
+    who = "everyone" if mode & stat.S_IROTH else f"group {_group_name(st.st_gid)}"
+    more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+    return (f"{path}: holds secrets ({', '.join(held[:3])}{more}) and {who} may read it "
+            f"(mode {mode:04o}): chmod go-r, and chown it to graced's user if graced "
+            "reads it through its group")
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _read_config(path: Path) -> tuple[bytes, os.stat_result]:
     """The file's bytes, read whole and stable (blocking; never waits on a FIFO).
 
     Opened with O_NONBLOCK, so a FIFO or device cannot block the open; only a regular
@@ -267,7 +315,7 @@ def _read_config(path: Path) -> bytes:
         raw = b"".join(chunks)
         if (before.st_size == after.st_size == len(raw)
                 and before.st_mtime_ns == after.st_mtime_ns):
-            return raw
+            return raw, after
     raise ConfigError(f"{path}: changed each time it was read (being written?)")
 
 
@@ -275,12 +323,16 @@ def load_config(path: Path | None) -> Config:
     """Load ``path``, or the embedded default when it is None."""
     if path is None:
         return default_config()
-    raw = _read_config(path)
+    raw, st = _read_config(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
-    return parse_config(text, str(path), raw=raw)
+    cfg = parse_config(text, str(path), raw=raw)
+    exposed = _exposed(path, st, cfg)
+    if exposed:
+        cfg = dataclasses.replace(cfg, warnings=(*cfg.warnings, exposed))
+    return cfg
 
 
 def default_config() -> Config:

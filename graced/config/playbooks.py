@@ -41,8 +41,9 @@ def _signal(v: str) -> str | None:
 
 
 def _env_list(v: list[str]) -> str | None:
-    bad = [e for e in v if "=" not in e or e.startswith("=")]
-    return f"{bad[0]!r} is not NAME=VALUE" if bad else None
+    bad = [i for i, e in enumerate(v, 1) if "=" not in e or e.startswith("=")]
+    # Not echoed: an entry may be a secret value.
+    return f"entry {bad[0]} is not NAME=VALUE" if bad else None
 
 
 @dataclass(frozen=True)

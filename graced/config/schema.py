@@ -15,6 +15,8 @@ import types
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from ..redact import redact_text
+
 Check = Callable[[Any], "str | None"]
 # Where a key is, for a message: (table, key, index of the table) -> "FILE:LINE: ".
 Where = Callable[..., str]
@@ -219,9 +221,11 @@ def build_table(cls: type, data: Any, table: str, where: Where, label: str = "",
         hint = hints[key]
         ok, out = _coerce(value, hint)
         if not ok:
+            shown = redact_text(repr(value))  # a URL's credentials are never echoed
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
             raise ConfigError(
                 f"{where(table, key)}{label} {key}: expected {_expected(hint)}, "
-                f"got {_type_name(value)} {value!r}"
+                f"got {_type_name(value)} {shown}"
             )
         if _has_nul(out):
             # No path, argument or environment string can hold one: exec and open refuse it.
