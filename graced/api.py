@@ -198,6 +198,17 @@ class Api:
             **self._health(),
         }
 
+    async def answers(self) -> bool:
+        """For the watchdog: what a status request needs (the event loop, a worker
+        thread, the journal's read connection) works now."""
+        try:
+            await self._learning_summary()
+            self._health()
+        except Exception:  # noqa: BLE001 - a failing status is not an answer
+            log.exception("watchdog: status fails")
+            return False
+        return True
+
     def _health(self) -> dict[str, Any]:
         """Active missions by severity, failing detectors, and why graced is degraded."""
         by_severity = dict.fromkeys(SEVERITIES, 0)
@@ -659,7 +670,7 @@ class Api:
         times = req.params.get("times", False) is True  # [ts, value] pairs (the web page)
         out = {}
         for name, st in self.runner.status.items():
-            entry = dict(st)
+            entry = {k: v for k, v in st.items() if k not in ("sampled_at", "timeout")}
             if history:
                 entry["history"] = {
                     subj: [[t, v] if times else v for t, v in list(

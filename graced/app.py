@@ -234,7 +234,7 @@ class Daemon:
                     nursery.start_soon(self._heartbeat, hb_scope)
                     interval = sd_notify.watchdog_interval()
                     if interval:
-                        nursery.start_soon(self._watchdog, interval)
+                        nursery.start_soon(self._watchdog, interval, api)
                     # Long-lived start-up objects need no more cyclic-GC scans.
                     gc.freeze()
                     sd_notify.notify(f"READY=1\nSTATUS=serving on {cfg.socket_path}")
@@ -417,9 +417,28 @@ class Daemon:
             "fleet": self.fleet.status() if self.fleet is not None else None,
         }
 
-    async def _watchdog(self, interval: float) -> None:
+    async def _watchdog(self, interval: float, api: Api) -> None:
+        """WATCHDOG=1 only while the daemon works, not merely while a timer fires: sent
+        from the event loop (a stalled loop sends none), only when every detector has
+        sampled recently (:meth:`DetectorRunner.stalled`) and a request to the API
+        answers. systemd restarts a graced that stops sending it for WatchdogSec."""
+        assert self.runner is not None
+        runner = self.runner
+        warned = False
         while True:
-            sd_notify.notify("WATCHDOG=1")
+            stalled = runner.stalled(trio.current_time())
+            answers = False
+            with trio.move_on_after(interval):
+                answers = await api.answers()
+            if not stalled and answers:
+                sd_notify.notify("WATCHDOG=1")
+                warned = False
+            elif not warned:
+                why = (f"detectors not sampling: {', '.join(stalled[:5])}" if stalled
+                       else "status does not answer")
+                log.error("watchdog: not petting systemd (%s)", why)
+                sd_notify.notify(f"STATUS=unhealthy: {why}")
+                warned = True
             await trio.sleep(interval)
 
 async def _reload(reloader: Reloader, by: str) -> None:

@@ -129,6 +129,13 @@ class DetectorRunner:
             await trio.sleep(60)
             self.save_state()
 
+    def stalled(self, now: float) -> list[str]:
+        """Detectors whose last sample ended (or that started) longer ago than a sample
+        may take: three intervals, or an interval plus the probe's timeout, plus 5 s."""
+        return [name for name, st in self.status.items()
+                if now - st["sampled_at"] > max(3 * st["interval"],
+                                                st["interval"] + st["timeout"]) + 5.0]
+
     def save_state(self) -> None:
         """Queue the baselines' state for the journal's next commit."""
         writes = [("INSERT OR REPLACE INTO detector_state (name, data) VALUES (?, ?)",
@@ -154,8 +161,11 @@ class DetectorRunner:
                 due = trio.current_time()
                 woken = False
                 while True:
-                    observations = await trio.to_thread.run_sync(
-                        detector.sample, abandon_on_cancel=True, limiter=self._pool(cfg))
+                    try:
+                        observations = await trio.to_thread.run_sync(
+                            detector.sample, abandon_on_cancel=True, limiter=self._pool(cfg))
+                    finally:
+                        st["sampled_at"] = trio.current_time()  # the watchdog's proof
                     _check_values(observations)
                     self._judge(cfg, observations)
                     st["state"] = "up"
@@ -269,7 +279,8 @@ def _fresh(d: DetectorConfig) -> dict[str, Any]:
     return {"kind": d.kind, "interval": d.interval, "threshold": d.effective_threshold,
             "state": "starting", "subjects": {},
             "errors": 0, "last_error": None, "mode": POLL, "mode_note": "",
-            "cadence": d.interval}
+            "cadence": d.interval, "sampled_at": trio.current_time(),
+            "timeout": float(getattr(d, "timeout", 0) or 0)}
 
 
 def _check_values(observations: list[Any]) -> None:
