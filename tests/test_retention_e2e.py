@@ -62,7 +62,8 @@ def prune_checkpoints(lines: list[str]) -> list[dict]:
 def verify_from_oldest_kept(g: Graced, tries: int = 5) -> tuple[int, int]:
     """What a user does after pruning: read the oldest kept seq and its anchor from the
     latest checkpoint, follow the stream from there with --verify, save it from there
-    and prove it offline from that anchor. Returns (oldest kept seq, events verified).
+    and prove it offline from that anchor. Returns (oldest kept seq, bytes of the events
+    verified).
     A prune between reading the checkpoint and following the stream moves the oldest
     kept on (exit 8): the user reads the checkpoint again."""
     cp = json.loads(g.ctl("checkpoint", "--json", check=True).stdout)
@@ -82,7 +83,7 @@ def verify_from_oldest_kept(g: Graced, tries: int = 5) -> tuple[int, int]:
                 f"{first}:{first_hash}", str(saved), "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["events"] == len(lines)
-    return first, len(lines)
+    return first, len(live.stdout)
 
 
 @pytest.mark.slow
@@ -102,9 +103,9 @@ def test_a_small_max_size_holds_and_what_is_kept_verifies(make_graced) -> None:
     assert largest < limit, f"journal reached {largest} bytes, over max_size {limit}"
     pruned = prune_checkpoints(checkpoints.lines)
     assert all(p["payload"]["reason"] == "max_size" for p in pruned), pruned
-    first, count = verify_from_oldest_kept(g)
-    # Something was kept: the prune goes down to 55 % of the room, not to nothing.
-    assert count > 100, count
+    first, kept = verify_from_oldest_kept(g)
+    # A real share was kept: the prune goes down to 55 % of the room, not to nothing.
+    assert kept > limit // 5, kept
     # The pruned past: one line and its own exit code, no traceback.
     old = g.ctl("tail", "--since", "1", "--no-follow")
     assert old.returncode == ExitCode.PRUNED, (old.returncode, old.stderr)
@@ -163,8 +164,8 @@ def test_a_500_per_second_flood_for_ten_minutes_stays_under_max_size(
           f"{status['head_seq']}; retention {journal['retention']}")
     assert largest < limit, f"journal reached {largest} bytes, over max_size {limit}"
     assert journal["retention"]["pruned"] > seconds * rate // 2, journal
-    first, count = verify_from_oldest_kept(g)
-    assert count > 10000, count
+    first, kept = verify_from_oldest_kept(g)
+    assert kept > limit // 5, kept
     started = time.monotonic()
     assert g.ctl("tail", "--since", "1", "--no-follow").returncode == ExitCode.PRUNED
     assert time.monotonic() - started < 10
