@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from graced.protocol import ExitCode
 from tests.conftest import bin_path
-from tests.test_hostile_daemon_e2e import Impostor
+from tests.test_hostile_daemon_e2e import Impostor, impostor  # noqa: F401
 
 WAIT = ("wait", "1", "--state", "resolved", "--timeout", "20")
 APPROVE = ("missions", "approve", "1", "--yes")
@@ -34,19 +32,10 @@ CASES = [
 ]
 
 
-@pytest.fixture
-def impostor(shortdir: Path) -> Iterator[Impostor]:
-    imp = Impostor(shortdir)
-    try:
-        yield imp
-    finally:
-        imp.close()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, command", CASES, ids=[f"{m}-{c[0]}" for m, c in CASES])
 def test_a_bad_signature_under_the_trusted_key_id_is_refused(
-        impostor: Impostor, mode: str, command: tuple[str, ...]) -> None:
+        impostor: Impostor, mode: str, command: tuple[str, ...]) -> None:  # noqa: F811
     sock = impostor.start(mode)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRACE_")}
     env.update({"GRACE_SOCKET": str(sock), "GRACE_KNOWN_KEYS": str(impostor.known),
