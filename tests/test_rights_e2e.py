@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import subprocess
+import sys
 
 import pytest
 
@@ -24,6 +25,7 @@ from tests.test_documented_e2e import (  # noqa: F401
 )
 from tests.test_learning_hostile_e2e import Exporter, record
 from tests.test_remediation_e2e import mission
+from tests.test_security_e2e import HANDOFF
 
 OUTSIDER = "grace-outsider"
 
@@ -48,6 +50,17 @@ def as_user(g: Graced, user: str, *args: str, groups: bool) -> subprocess.Comple
         pinned = run("keys", "trust", "--key", str(g.base / "key.pub"))
         assert pinned.returncode == 0, pinned.stderr
     return run(*args)
+
+
+def raw_request(g: Graced, user: str, method: str, params: dict) -> dict:
+    """One request on a connection of its own, as ``user`` with no groups; the reply."""
+    request = json.dumps({"id": 1, "nonce": "n-1", "method": method, "params": params})
+    proc = subprocess.Popen(["setpriv", "--reuid", user, "--regid", "nogroup",
+                             "--clear-groups", sys.executable, str(HANDOFF), str(g.socket),
+                             request], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=g.env)
+    out, _ = proc.communicate("go\n", timeout=60)  # the pid it prints, then the reply
+    return json.loads(out.splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def share_key(g: Graced) -> None:
@@ -91,6 +104,10 @@ def test_only_approvers_reject_pause_resume_and_import(make_graced, marker,  # n
         assert not paused(g)
     res = as_user(g, outsider, *imports, groups=True)
     assert refused(res) and "knowledge import needs an approver" in res.stderr, res
+    # knowledge.import checks the caller itself, not only knowledge.upload before it.
+    reply = raw_request(g, outsider, "knowledge.import", {
+        "key": exporter.key.read_text().split()[1], "replace_key": False, "dry_run": False})
+    assert (reply["ok"], reply["error"]["code"]) == (False, "not_authorised"), reply
     assert knowledge(g) == []
 
     # A member of the approver group: each done.
