@@ -11,15 +11,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import click
-import trio
 
 from graced import __version__
 from graced.keys import parse_public_key
@@ -34,14 +32,14 @@ from graced.protocol import (
 )
 
 from . import out, timespec, trust
-from .client import Endpoint, connect, decide, sole_exception
+from .endpoint import Endpoint
 from .errors import CtlError, ProtocolViolation
-from .fleet import fleet as fleet_group
+from .out import stderr_note
 from .plan_text import render_plan
-from .tail import OUTPUTS, TailOptions, run_tail, stderr_note
 from .timespec import Point
-from .verify import verify_file
 
+STARTED = time.monotonic()
+"""When gracectl started: wait's --timeout counts from here."""
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "GRACE"}
 T = TypeVar("T")
 
@@ -53,10 +51,66 @@ def _endpoint(ctx: click.Context) -> Endpoint:
     return Endpoint(socket=obj.get("socket") or str(client_socket()), key_file=obj.get("key"))
 
 
-def _run(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run ``fn`` under trio, unwrapping single-error exception groups from nurseries."""
+class OneCall:
+    """One request and its answer (what :func:`_call` makes and :func:`_run` runs):
+    over a Unix socket on a plain blocking socket (no event loop to import or start),
+    over TCP with trio. Both check every frame against the trusted key alike."""
+
+    def __init__(self, endpoint: Endpoint, method: str, params: dict[str, Any],
+                 timeout: float | None = None, too_slow: str = "",
+                 trusted: bool = True) -> None:
+        self.endpoint, self.method, self.params = endpoint, method, params
+        self.timeout, self.too_slow, self.trusted = timeout, too_slow, trusted
+
+    def run(self) -> Any:
+        # Untrusted: only for what pins or shows a key (keys show), whose answer is
+        # compared with the pinned key by the caller.
+        key = trusted_key(self.endpoint) if self.trusted else None
+        if self.endpoint.url:
+            return _run(lambda: self._over_tcp(key))
+        from .wsclient import SyncConnection, TooSlow
+
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            with SyncConnection(self.endpoint.socket or "", key, deadline=deadline) as conn:
+                return conn.request(self.method, self.params)
+        except TooSlow:
+            raise CtlError(self.too_slow, ExitCode.TIMEOUT) from None
+
+    async def _over_tcp(self, key: bytes | None) -> Any:
+        import trio
+
+        from .client import connect
+
+        with trio.move_on_after(self.timeout if self.timeout is not None else float("inf")):
+            async with connect(self.endpoint, key) as conn:
+                return await conn.request(self.method, self.params)
+        raise CtlError(self.too_slow, ExitCode.TIMEOUT)
+
+
+@overload
+def _run(fn: Callable[[], OneCall]) -> Any: ...
+
+
+@overload
+def _run(fn: Callable[[], Awaitable[T]]) -> T: ...
+
+
+def _run(fn: Callable[[], Awaitable[T] | OneCall]) -> Any:
+    """Run ``fn``: a :class:`OneCall` by itself, a coroutine under trio (unwrapping
+    single-error exception groups from nurseries)."""
+    made = fn()
+    if isinstance(made, OneCall):
+        return made.run()
+    import trio
+
+    from .client import sole_exception
+
+    async def main() -> T:
+        return await made
+
     try:
-        return trio.run(fn)
+        return trio.run(main)
     except BaseExceptionGroup as group:
         raise sole_exception(group) from None
 
@@ -98,7 +152,7 @@ def _read_key_file(path: str) -> bytes:
         raise CtlError(f"{path}: {exc}") from None
 
 
-async def trusted_key(endpoint: Endpoint, key_file: str | None = None) -> bytes:
+def trusted_key(endpoint: Endpoint, key_file: str | None = None) -> bytes:
     """The key every answer must be signed by: --key, else the one pinned for the
     endpoint, else (Unix socket only) the daemon's, pinned on first use."""
     key_file = key_file or endpoint.key_file
@@ -113,30 +167,56 @@ async def trusted_key(endpoint: Endpoint, key_file: str | None = None) -> bytes:
     if endpoint.url:
         raise CtlError(f"no trusted key for {endpoint.url}: pass --key FILE (the daemon's "
                        "key.pub) or pin it with 'gracectl keys trust'", ExitCode.BAD_SIGNATURE)
-    hello_key, daemon_id = await _hello_key(endpoint)
+    hello_key, daemon_id = _hello_key(endpoint)
     trust.pin(endpoint.name, hello_key, daemon_id)
     stderr_note(f"trusting key {key_id(hello_key)} for {endpoint.name} on first use "
                 f"(pinned in {trust.store_path()})")
     return hello_key
 
 
-async def _hello_key(endpoint: Endpoint) -> tuple[bytes, str]:
+def _hello_key(endpoint: Endpoint) -> tuple[bytes, str]:
     """The key the daemon offers in ``hello`` (not verified: for pinning)."""
+    from .wsclient import SyncConnection, check_hello
+
+    if endpoint.url:
+        return check_hello(_run(lambda: _hello_tcp(endpoint)))
+    with SyncConnection(endpoint.socket or "", None) as conn:
+        return check_hello(conn.request("hello"))
+
+
+async def _hello_tcp(endpoint: Endpoint) -> Any:
+    from .client import connect
+
     async with connect(endpoint) as conn:
-        hello = await conn.request("hello")
-    try:
-        key = base64.b64decode(hello["public_key"], validate=True)
-        daemon_id = hello.get("daemon_id", "")
-    except (TypeError, KeyError, ValueError, AttributeError):
-        key, daemon_id = b"", ""
-    if len(key) != 32 or not isinstance(daemon_id, str):
-        raise ProtocolViolation("a hello without a valid public key")
-    if hello.get("kid") != key_id(key):
-        raise ProtocolViolation("a hello whose kid is not its public key's")
-    return key, daemon_id
+        return await conn.request("hello")
 
 
-@click.group(context_settings=CONTEXT)
+class Root(click.Group):
+    """gracectl's command group: a command whose module is heavy (fleet: NATS, asyncio)
+    is imported only when it is asked for, so the one-shot commands start fast."""
+
+    LAZY = {"fleet": ("gracectl.fleet", "fleet")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.LAZY and cmd_name not in self.commands:
+            import importlib
+
+            module, attr = self.LAZY[cmd_name]
+            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def load_all(self) -> Root:
+        """Every command, lazy ones included (for docs and tests that walk them)."""
+        ctx = click.Context(self)
+        for name in self.LAZY:
+            self.get_command(ctx, name)
+        return self
+
+
+@click.group(cls=Root, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", "-V", prog_name="gracectl")
 @click.option("--socket", "socket_path", metavar="PATH", envvar="GRACE_SOCKET",
               help="graced's Unix socket (env GRACE_SOCKET).")
@@ -198,12 +278,7 @@ def status(ctx: click.Context, as_json: bool, quiet: bool) -> None:
     if quiet:  # the exit status is the answer; nothing at all goes to the terminal
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - until exit
     endpoint = _endpoint(ctx)
-
-    async def go() -> Any:
-        async with connect(endpoint, await trusted_key(endpoint)) as conn:
-            return await conn.request("status")
-
-    st = _run(go)
+    st = _run(lambda: _call(endpoint, "status", {}))
     if as_json:
         _print_json(st)
     else:
@@ -306,7 +381,7 @@ def _point(value: str | None, name: str) -> Point | None:
                    "'-10min', '2026-11-24 10:00', ISO 8601, 'today' (as journalctl).")
 @click.option("--until", "-U", metavar="SEQ|TIME",
               help="Stop after this seq, or before the first event after this time.")
-@click.option("-o", "--output", type=click.Choice(OUTPUTS), default="short",
+@click.option("-o", "--output", type=click.Choice(out.TAIL_OUTPUTS), default="short",
               show_default=True,
               help="short: time, seq, topic, payload; json and jsonl: each event in its "
                    "exact signed form, one a line; cat: the payload alone.")
@@ -332,12 +407,14 @@ def tail(ctx: click.Context, patterns: tuple[str, ...], follow: bool, lines: int
     Like journalctl: -n counts matching events, --since/--until take a seq or a time,
     -o json (or --json) prints each event in its exact signed form, one per line.
     """
+    from .tail import TailOptions, run_tail
+
     endpoint = _endpoint(ctx)
     start, end = _point(since, "--since"), _point(until, "--until")
     output = "json" if as_json else output
 
     async def go() -> int:
-        trusted = await trusted_key(endpoint, key_file)
+        trusted = trusted_key(endpoint, key_file)
         opts = TailOptions(
             patterns=list(patterns) or ["*"], since=None, lines=lines,
             as_json=output in ("json", "jsonl"), verify=verify or key_file is not None,
@@ -394,6 +471,8 @@ def verify(ctx: click.Context, file: str, key_file: str | None, anchor: str | No
     if key is None:
         raise CtlError("no trusted key: pass --key FILE (the daemon's key.pub)",
                        ExitCode.BAD_SIGNATURE)
+    from .verify import verify_file
+
     try:
         result = verify_file(file, key, anchor=start, partial=partial,
                              stale_after=stale_after, workers=jobs)
@@ -429,13 +508,8 @@ def checkpoint(ctx: click.Context, as_json: bool) -> None:
     'gracectl verify --from' takes; --json adds the exact signed event.
     """
     endpoint = _endpoint(ctx)
-
-    async def go() -> tuple[bytes, Any]:
-        key = await trusted_key(endpoint)
-        async with connect(endpoint, key) as conn:
-            return key, await conn.request("checkpoint")
-
-    key, result = _run(go)
+    key = trusted_key(endpoint)
+    result = _run(lambda: _call(endpoint, "checkpoint", {}))
     text = result.get("event") if isinstance(result, dict) else None
     if not isinstance(text, str):
         raise ProtocolViolation("a checkpoint answer without its event")
@@ -471,12 +545,7 @@ def keys() -> None:
 def keys_show(ctx: click.Context, as_json: bool) -> None:
     """Show the daemon's key id and public key, and whether it is pinned here."""
     endpoint = _endpoint(ctx)
-
-    async def go() -> Any:
-        async with connect(endpoint) as conn:
-            return await conn.request("keys")
-
-    info = _run(go)
+    info = _run(lambda: OneCall(endpoint, "keys", {}, trusted=False))
     pub = base64.b64decode(info["public_key"])
     pinned = trust.pinned(endpoint.name)
     state = "not pinned" if pinned is None else ("pinned" if pinned == pub else "MISMATCH")
@@ -499,7 +568,7 @@ def keys_trust(ctx: click.Context, key_file: str | None, replace: bool) -> None:
     A different key for an endpoint already pinned is refused (exit 10) unless --replace.
     """
     endpoint = _endpoint(ctx)
-    offered, daemon_id = _run(lambda: _hello_key(endpoint))
+    offered, daemon_id = _hello_key(endpoint)
     key = _read_key_file(key_file) if key_file else offered
     if key != offered:
         raise CtlError(f"the daemon's key {key_id(offered)} is not {key_id(key)} from {key_file}",
@@ -537,10 +606,9 @@ def _age(seconds: float) -> str:
     return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
 
 
-async def _call(endpoint: Endpoint, method: str, params: dict[str, Any]) -> Any:
-    key = await trusted_key(endpoint)
-    async with connect(endpoint, key) as conn:
-        return await conn.request(method, params)
+def _call(endpoint: Endpoint, method: str, params: dict[str, Any]) -> OneCall:
+    """One request to run with :func:`_run` (``_run(lambda: _call(...))``)."""
+    return OneCall(endpoint, method, params)
 
 
 @cli.group()
@@ -669,8 +737,10 @@ def _decide(ctx: click.Context, mission_id: int, comment: str, approve: bool,
             as_json: bool, plan: str | None = None, show_plan: bool = False,
             clearing: bool = False) -> None:
     async def run() -> Any:
+        from .client import connect, decide
+
         endpoint = _endpoint(ctx)
-        async with connect(endpoint, await trusted_key(endpoint)) as conn:
+        async with connect(endpoint, trusted_key(endpoint)) as conn:
             return await decide(conn, mission_id, approve, comment, plan, clearing)
 
     result = _run(run)
@@ -767,56 +837,93 @@ def missions_reject(ctx: click.Context, mission_id: int, comment: str, as_json: 
 FINAL_STATES = ("resolved", "failed", "escalated", "rejected", "expired")
 
 
+WAIT_TIMEOUT = 30.0
+"""wait's --timeout when none is given (kubectl wait's default)."""
+
+
+def _reached(m: dict[str, Any], wanted: set[str], mission_id: int) -> bool:
+    """Whether mission ``m`` is in a wanted state; raises if it ended in another."""
+    if m["state"] in wanted:
+        return True
+    if m["state"] in FINAL_STATES:
+        raise CtlError(f"mission {mission_id} ended {m['state']}, not "
+                       f"{' or '.join(sorted(wanted))} ({m.get('reason') or ''})")
+    return False
+
+
+def _update(m: dict[str, Any], event: dict[str, Any], mission_id: int) -> dict[str, Any]:
+    payload = event.get("payload")
+    if isinstance(payload, dict) and payload.get("id") == mission_id:
+        return {**m, **payload}
+    return m
+
+
 @cli.command()
 @click.argument("mission_id", metavar="ID", type=int)
-@click.option("--state", "wanted", required=True, multiple=True, type=click.Choice(STATES),
-              help="The state to wait for (repeatable: any of them).")
-@click.option("--timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
-              help="Give up after this long (exit 6).")
+@click.option("--state", "wanted", required=True, multiple=True,
+              type=click.Choice((*STATES, "final")),
+              help="The state to wait for (repeatable: any of them); 'final' is any final "
+                   "state (resolved, failed, escalated, rejected, expired).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=WAIT_TIMEOUT,
+              show_default=True, metavar="SECONDS",
+              help="Give up after this long (exit 6), counted from the start; 0: never.")
 @json_option
 @click.pass_context
-def wait(ctx: click.Context, mission_id: int, wanted: tuple[str, ...], timeout: float | None,
+def wait(ctx: click.Context, mission_id: int, wanted: tuple[str, ...], timeout: float,
          as_json: bool) -> None:
     """Wait until mission ID reaches --state (for scripts).
 
     Exits 0 when it does, 6 on --timeout, 1 if the mission ends in another final state,
     5 if there is no such mission.
     """
+    deadline = STARTED + timeout if timeout else None
+    want = set(FINAL_STATES if "final" in wanted else ()) | (set(wanted) - {"final"})
     endpoint = _endpoint(ctx)
+    key = trusted_key(endpoint)
+    too_slow = CtlError(f"mission {mission_id} did not reach {' or '.join(wanted)} within "
+                        f"{timeout:g} s", ExitCode.TIMEOUT)
+    if endpoint.url:
+        m = _run(lambda: _wait_tcp(endpoint, key, mission_id, want, deadline, too_slow))
+    else:
+        from .wsclient import SyncConnection, TooSlow
 
-    async def go() -> dict[str, Any]:
-        async with connect(endpoint, await trusted_key(endpoint)) as conn:
-            # Subscribe first, then read the current state: no transition can slip by.
+        try:
+            with SyncConnection(endpoint.socket or "", key, deadline=deadline) as conn:
+                # Subscribe first, then read the state: no transition can slip by.
+                conn.request("subscribe", {"patterns": ["mission.*"], "since": None})
+                m = conn.request("missions.get", {"id": mission_id})["mission"]
+                while not _reached(m, want, mission_id):
+                    m = _update(m, conn.next_event()[1], mission_id)
+        except TooSlow:
+            raise too_slow from None
+    if as_json:
+        _print_json(m)
+    else:
+        stderr_note(f"mission {mission_id} is {m['state']}")
+
+
+async def _wait_tcp(endpoint: Endpoint, key: bytes, mission_id: int, want: set[str],
+                    deadline: float | None, too_slow: CtlError) -> dict[str, Any]:
+    import trio
+
+    from .client import connect
+
+    # The deadline is checked inside the connection, so it closes cleanly and at once.
+    trio_deadline = (trio.current_time() + deadline - time.monotonic() if deadline
+                     else float("inf"))
+    async with connect(endpoint, key) as conn:
+        with trio.move_on_at(trio_deadline):
             await conn.request("subscribe", {"patterns": ["mission.*"], "since": None})
             m = (await conn.request("missions.get", {"id": mission_id}))["mission"]
-            while True:
-                if m["state"] in wanted:
-                    return dict(m)
-                if m["state"] in FINAL_STATES:
-                    raise CtlError(f"mission {mission_id} ended {m['state']}, not "
-                                   f"{' or '.join(wanted)} ({m.get('reason') or ''})")
+            while not _reached(m, want, mission_id):
                 try:
                     _, event = await conn.next_event()
                 except trio.EndOfChannel:
                     raise CtlError("graced closed the connection",
                                    ExitCode.UNREACHABLE) from None
-                payload = event.get("payload")
-                if isinstance(payload, dict) and payload.get("id") == mission_id:
-                    m = {**m, **payload}
-
-    async def with_timeout() -> dict[str, Any]:
-        if timeout is None:
-            return await go()
-        with trio.move_on_after(timeout):
-            return await go()
-        raise CtlError(f"mission {mission_id} did not reach {' or '.join(wanted)} within "
-                       f"{timeout:g} s", ExitCode.TIMEOUT)
-
-    m = _run(with_timeout)
-    if as_json:
-        _print_json(m)
-    else:
-        stderr_note(f"mission {mission_id} is {m['state']}")
+                m = _update(m, event, mission_id)
+            return dict(m)
+    raise too_slow
 
 
 def _pause_or_resume(ctx: click.Context, method: str, done: str, already: str,
@@ -855,13 +962,10 @@ def reload(ctx: click.Context, timeout: float, as_json: bool) -> None:
     A refused config leaves the running one in place; the reason is printed. Exit 6 if
     graced has not answered within --timeout (whether it applied the file is unknown).
     """
-    async def go() -> Any:
-        with trio.move_on_after(timeout):
-            return await _call(_endpoint(ctx), "reload", {})
-        raise CtlError(f"graced did not answer the reload within {timeout:g} s (whether it "
-                       "applied the file is unknown: see gracectl status)", ExitCode.TIMEOUT)
-
-    result = _run(go)
+    result = _run(lambda: OneCall(
+        _endpoint(ctx), "reload", {}, timeout,
+        f"graced did not answer the reload within {timeout:g} s (whether it applied the "
+        "file is unknown: see gracectl status)"))
     if as_json:
         _print_json(result)
         return
@@ -941,19 +1045,15 @@ def keys_generate(force: bool) -> None:
 def emit(ctx: click.Context, topic: str, payload: str, count: int, rate: float | None,
          no_wait: bool, as_json: bool) -> None:
     """Publish a signed user event (TOPIC must start with 'user.'), e.g. an annotation."""
+    if not topic.startswith("user.") or len(topic) > 200:
+        raise click.BadParameter("must start with 'user.' (at most 200 characters), e.g. "
+                                 f"user.{out.safe(topic[:40])}", param_hint="TOPIC")
     try:
         data = json.loads(payload)
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from None
-    endpoint = _endpoint(ctx)
-
-    async def go() -> Any:
-        async with connect(endpoint, await trusted_key(endpoint)) as conn:
-            return await conn.request("emit", {"topic": topic, "payload": data,
-                                               "count": count, "rate": rate,
-                                               "wait": not no_wait})
-
-    result = _run(go)
+    result = _run(lambda: _call(_endpoint(ctx), "emit", {
+        "topic": topic, "payload": data, "count": count, "rate": rate, "wait": not no_wait}))
     if as_json:
         _print_json(result)
     elif "first_seq" in result:
@@ -963,8 +1063,6 @@ def emit(ctx: click.Context, topic: str, payload: str, count: int, rate: float |
     else:
         stderr_note(f"queued {result['queued']} events")
 
-
-cli.add_command(fleet_group)
 
 
 def main() -> None:
@@ -1019,8 +1117,10 @@ def top(ctx: click.Context, once: bool, key_file: str | None, interval: float) -
                        ExitCode.USAGE)
 
     async def go() -> tuple[str, ExitCode] | None:
-        opts = dashboard.Options(await trusted_key(endpoint, key_file), once, interval)
+        opts = dashboard.Options(trusted_key(endpoint, key_file), once, interval)
         if once:
+            import shutil
+
             size = shutil.get_terminal_size((100, 40))
             return await dashboard.run_once(endpoint, opts, size.columns, size.lines)
         await dashboard.run_live(endpoint, opts)

@@ -9,13 +9,11 @@ when one is known, and must echo the request's nonce.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,6 +36,7 @@ from graced.protocol.verify import MAX_LINE_BYTES
 from graced.protocol.wire import ERROR_EXIT, request_signing_bytes
 
 from . import trust
+from .endpoint import Endpoint
 from .errors import (
     CtlError,
     NotAuthorised,
@@ -76,24 +75,6 @@ def _loose(line: str) -> dict[str, Any]:
     except (ValueError, RecursionError):
         return {"_unparsable": line[:200]}
     return frame if isinstance(frame, dict) else {"_unparsable": line[:200]}
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where the daemon is: a Unix socket path or a ws:// or wss:// URL.
-
-    ``cacert``: a PEM file of the CA (or the self-signed certificate) to trust for
-    wss:// instead of the system's store.
-    """
-
-    socket: str | None = None
-    url: str | None = None
-    key_file: str | None = None
-    cacert: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.url or f"unix:{os.path.abspath(self.socket or '')}"
 
 
 class Closed(Exception):

@@ -9,7 +9,6 @@ import base64
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,8 @@ from .cli import (
     missions,
     trusted_key,
 )
-from .client import connect
 from .errors import CtlError
-from .tail import stderr_note
+from .out import stderr_note
 
 CHUNK_BYTES = 36_000  # 48,000 in base64: below the default max_request_bytes (65536)
 
@@ -283,6 +281,8 @@ def knowledge_export(ctx: click.Context, file: str) -> None:
         return
     path = Path(file)
     try:
+        import tempfile
+
         fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -367,8 +367,10 @@ def knowledge_import(ctx: click.Context, file: str, key_file: str | None, replac
     endpoint = _endpoint(ctx)
 
     async def go() -> dict[str, Any]:
+        from .client import connect
+
         # One connection: the file is uploaded in parts, then imported in one request.
-        async with connect(endpoint, await trusted_key(endpoint)) as conn:
+        async with connect(endpoint, trusted_key(endpoint)) as conn:
             for offset in range(0, len(raw), CHUNK_BYTES):
                 await conn.request("knowledge.upload", {
                     "offset": offset,

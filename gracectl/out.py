@@ -21,11 +21,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import IO, Any
 
 from graced.protocol.text import safe
@@ -34,6 +32,9 @@ __all__ = ["SETTINGS", "Cell", "echo", "fit", "kv", "reason", "safe", "safe_line
            "terminal_width", "use_colour", "value", "when"]
 
 ELLIPSIS = "…"
+TAIL_OUTPUTS = ("short", "json", "jsonl", "cat")
+"""tail -o: short (time, seq, topic, payload), json and jsonl (each event in its exact
+signed form, one a line), cat (the payload alone)."""
 
 
 @dataclass
@@ -88,7 +89,10 @@ def terminal_width(stream: IO[str] | None = None) -> int | None:
             return None
         return os.get_terminal_size(stream.fileno()).columns or None
     except (AttributeError, ValueError, OSError):
-        return shutil.get_terminal_size((0, 0)).columns or None
+        try:
+            return int(os.environ.get("COLUMNS", "")) or None
+        except ValueError:
+            return None
 
 
 def fit(text: str, width: int, keep_end: bool = False) -> str:
@@ -241,6 +245,8 @@ def when(t: float | str | None, ms: bool = False) -> str:
     ``t`` is epoch seconds or an event's ISO 8601 ``ts``; '-' when there is none."""
     if t is None or t == "":
         return "-"
+    from datetime import UTC, datetime
+
     try:
         if isinstance(t, str):
             dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
@@ -279,3 +285,8 @@ def write(text: str, err: bool = False) -> None:
     stream = sys.stderr if err else sys.stdout
     stream.write(text + "\n")
     stream.flush()
+
+
+def stderr_note(message: str) -> None:
+    """One line on stderr for a human (what the daemon sent in it shown escaped)."""
+    print(f"gracectl: {safe(message)}", file=sys.stderr, flush=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import sys
 
 import click
-from tabulate import tabulate
 
 from . import out
 from .cli import (
@@ -23,9 +22,8 @@ from .cli import (
     print_plan_lines,
 )
 from .errors import CtlError
-from .out import safe
+from .out import safe, stderr_note
 from .plan_text import render_plan
-from .tail import stderr_note
 
 
 @cli.group()
@@ -67,7 +65,7 @@ def playbooks_ls(ctx: click.Context, as_json: bool) -> None:
                       ",".join(pb["steps"]),
                       f"{pb['budget_left']}/{pb['budget']} per {pb['budget_window']:g}s",
                       success, lr["runs"], last])
-    out.echo(tabulate(table, headers=["PLAYBOOK", "MATCH", "RISK", "STEPS", "BUDGET LEFT",
+    out.write(out.table(table, ["PLAYBOOK", "MATCH", "RISK", "STEPS", "BUDGET LEFT",
                                         "SUCCESS", "RUNS", "LAST RUN"]))
     mode = result["mode"] + (", paused" if result["paused"] else "")
     stderr_note(f"remediation: {mode}; {result['global_left']} automatic actions left this "

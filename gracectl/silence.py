@@ -6,16 +6,13 @@ Registered on :data:`gracectl.cli.cli` when that module is imported.
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 import click
-from tabulate import tabulate
 
 from . import out
 from .cli import _age, _call, _endpoint, _print_json, _run, cli, json_option
-from .out import safe
-from .tail import stderr_note
+from .out import safe, stderr_note
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -36,7 +33,7 @@ def parse_duration(text: str) -> float:
 
 
 def _until(epoch: float, now: float) -> str:
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(epoch))} (in {_age(epoch - now)})"
+    return f"{out.when(epoch)} (in {_age(epoch - now)})"
 
 
 @cli.group()
@@ -97,7 +94,7 @@ def silence_ls(ctx: click.Context, as_json: bool) -> None:
               + (" or resolved" if s["until_resolved"] else ""), safe(s["by"]),
               ",".join(str(m) for m in s["missions"]) or "-", safe(s["comment"])[:60]]
              for s in rows]
-    out.echo(tabulate(table, headers=["ID", "TARGET", "UNTIL", "BY", "MISSIONS",
+    out.write(out.table(table, ["ID", "TARGET", "UNTIL", "BY", "MISSIONS",
                                         "COMMENT"]))
 
 

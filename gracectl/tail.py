@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -16,12 +15,12 @@ from graced.protocol.verify import announced_interval, stale_limit
 
 from .client import Endpoint, connect
 from .errors import Unreachable
-from .out import kv, safe, when
+from .out import TAIL_OUTPUTS, kv, safe, stderr_note, when
 from .timespec import Point
 
-OUTPUTS = ("short", "json", "jsonl", "cat")
-"""tail -o: short (time, seq, topic, payload), json and jsonl (each event in its exact
-signed form, one a line), cat (the payload alone)."""
+__all__ = ["OUTPUTS", "TailOptions", "format_event", "run_tail", "stderr_note"]
+
+OUTPUTS = TAIL_OUTPUTS
 
 
 def format_event(event: dict[str, Any], output: str = "short") -> str:
@@ -330,8 +329,3 @@ async def _wait_for_daemon(endpoint: Endpoint, until: float) -> None:
             if trio.current_time() >= until:
                 raise
             await trio.sleep(0.1)
-
-
-def stderr_note(message: str) -> None:
-    """One line on stderr for a human (what the daemon sent in it shown escaped)."""
-    print(f"gracectl: {safe(message)}", file=sys.stderr, flush=True)

@@ -38,6 +38,7 @@ from .schema import (
     non_negative,
     one_of,
     positive,
+    proxy_setting,
     regex,
     require,
     tables,
@@ -87,6 +88,9 @@ class DetectorConfig:
     # http
     url: str = ""
     expect_status: int = field(default=200, metadata=check(between(100, 599)))
+    # "none": straight to the URL's host; "env": http_proxy/https_proxy, never for
+    # loopback or what no_proxy names; or an http:// proxy URL
+    proxy: str = field(default="none", metadata=check(proxy_setting))
     # systemd: unit names or globs (none: every unit)
     units: list[str] = field(default_factory=list, metadata=check(each(non_empty)))
     # log, journald
@@ -205,7 +209,7 @@ KINDS: dict[str, Kind] = {
                      threshold=100.0, subject=lambda d: public_dsn(d.dsn)),
     "command": Kind({**_MS, "argv": non_empty_list}, requires=("argv",), threshold=5000.0,
                     subject=lambda d: " ".join(d.argv[:1])),
-    "http": Kind({**_MS, "url": http_url, "expect_status": None},
+    "http": Kind({**_MS, "url": http_url, "expect_status": None, "proxy": None},
                  requires=("url",), threshold=2000.0, subject=lambda d: redact_url(d.url)),
     "log": Kind({**_LOG, "file": absolute_path}, requires=("file",),
                 subject=lambda d: d.file, rule=_log_rule),

@@ -106,6 +106,11 @@ def http_url(v: str) -> str | None:
     return None if v.startswith(("http://", "https://")) else "must be an http(s) URL"
 
 
+def proxy_setting(v: str) -> str | None:
+    return None if v in ("none", "env") or v.startswith("http://") else (
+        'must be "none", "env" or an http:// proxy URL')
+
+
 # --- where in the file ----------------------------------------------------------------
 
 class Locator:

@@ -157,7 +157,8 @@ class HttpProbe(SimpleDetector):
         try:
             # The whole request within the probe's timeout (a dripping server included);
             # a redirect is a status like any other, never followed.
-            status = httpc.request("GET", cfg.url, timeout=cfg.timeout)
+            status = httpc.request("GET", cfg.url, timeout=cfg.timeout,
+                                   proxy=httpc.proxy_for(cfg.url, cfg.proxy))
         except OSError as exc:
             reason = redact_text(str(exc.strerror or exc))
             return [Observation(self.subject, None, failed=f"GET {shown}: {reason}")]

@@ -1,0 +1,365 @@
+"""A small blocking WebSocket client for one-shot commands over graced's Unix socket.
+
+``gracectl status`` asks one question and prints one answer; a shell script calls it in a
+loop. An event loop and a WebSocket library cost more to import than the whole exchange
+takes, so one-shot commands speak RFC 6455 here, on a plain socket: the client's side of
+the handshake, masked text frames out, unmasked frames in (ping answered, close honoured,
+fragments joined, at most :data:`MAX_MESSAGE_BYTES` a message). No extension is offered,
+so a frame with a reserved bit set is a protocol violation.
+
+What the daemon sends is checked exactly as :class:`gracectl.client.Connection` checks it:
+every response and notice in canonical form and signed by the trusted key, a response to
+our request echoing its nonce; an event strictly parsed, signed by the trusted key and
+newer than the one before. Every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import socket
+import struct
+import time
+from typing import Any
+
+from graced.protocol import (
+    CanonicalError,
+    ExitCode,
+    Violation,
+    check_signature,
+    key_id,
+    parse_event_line,
+    verify_detached,
+)
+from graced.protocol.canonical import canonical_bytes_parsed
+from graced.protocol.verify import MAX_LINE_BYTES
+from graced.protocol.wire import ERROR_EXIT
+
+from .errors import CtlError, NotAuthorised, NotFound, ProtocolViolation, RemoteError, Unreachable
+
+MAX_MESSAGE_BYTES = MAX_LINE_BYTES + 1024
+MAX_HEAD = 16384
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, 1.3
+
+
+class TooSlow(Exception):
+    """The deadline passed while waiting for the daemon."""
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+class SyncConnection:
+    """One WebSocket connection to graced over a Unix socket (use as a context manager).
+
+    ``trusted_key``: every response, notice and event must be signed by it (None: only
+    ``hello`` may be asked, to pin a key). ``deadline``: time.monotonic() by which every
+    wait ends (TooSlow), else ``timeout`` seconds for the connection and each answer.
+    """
+
+    def __init__(self, path: str, trusted_key: bytes | None, timeout: float = 10.0,
+                 deadline: float | None = None) -> None:
+        self.path = path
+        self.trusted_key = trusted_key
+        self.trusted_kid = key_id(trusted_key) if trusted_key is not None else None
+        self.timeout = timeout
+        self.deadline = deadline
+        self.sock: socket.socket | None = None
+        self.buf = bytearray()
+        self.pending: list[tuple[str, dict[str, Any]]] = []  # events not yet taken
+        self.next_id = 1
+        self.last_seq: int | None = None
+        self.closed = False
+        self.open = False  # the handshake is done
+
+    # -- the socket ---------------------------------------------------------------
+
+    def _left(self, until: float | None = None) -> float:
+        until = until if until is not None else self.deadline
+        if until is None:
+            return self.timeout
+        left = until - time.monotonic()
+        if left <= 0:
+            raise TooSlow
+        return left
+
+    def __enter__(self) -> SyncConnection:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(min(self.timeout, self._left()) if self.deadline else self.timeout)
+            sock.connect(self.path)
+            self.sock = sock
+            self._handshake()
+        except TooSlow:
+            sock.close()
+            raise
+        except (OSError, ValueError) as exc:
+            sock.close()
+            detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            raise Unreachable(f"cannot reach graced at {self.path}: {detail}") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.sock is None:
+            return
+        try:
+            if not self.closed:
+                self.sock.settimeout(0.2)
+                self._send_frame(0x8, struct.pack("!H", 1000))
+        except OSError:
+            pass
+        finally:
+            self.sock.close()
+            self.sock = None
+
+    def _recv_more(self, until: float | None = None) -> None:
+        """Read what the daemon sent next. Until the handshake is done the wait is
+        bounded by ``timeout``; then, as over trio, by ``until`` or the deadline only."""
+        assert self.sock is not None
+        limit = until if until is not None else self.deadline
+        if limit is not None:
+            self.sock.settimeout(self._left(limit))
+        else:
+            self.sock.settimeout(None if self.open else self.timeout)
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError:
+            if limit is not None:
+                raise TooSlow from None
+            raise Unreachable(f"graced at {self.path} did not answer within "
+                              f"{self.timeout:g} s") from None
+        except OSError as exc:
+            raise Unreachable(f"connection to graced lost: {exc.strerror or exc}") from None
+        if not chunk:
+            self.closed = True
+            raise Unreachable("the daemon closed the connection")
+        self.buf += chunk
+
+    def _handshake(self) -> None:
+        assert self.sock is not None
+        key = base64.b64encode(secrets.token_bytes(16))
+        self.sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key +
+                          b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        while b"\r\n\r\n" not in self.buf:
+            if len(self.buf) > MAX_HEAD:
+                raise ProtocolViolation("an HTTP answer head over 16 KiB")
+            self._recv_more()
+        head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
+        self.buf = bytearray(rest)
+        lines = head.decode("latin-1").split("\r\n")
+        status = lines[0].split()
+        if len(status) < 2 or status[1] != "101":
+            body = rest.decode("utf-8", "replace")[:200]
+            raise Unreachable(f"graced at {self.path} refused the connection "
+                              f"({' '.join(status[1:2]) or '?'}: {body})")
+        fields = {k.strip().lower(): v.strip() for k, _, v in
+                  (line.partition(":") for line in lines[1:])}
+        accept = base64.b64encode(hashlib.sha1(key + GUID).digest()).decode()
+        if fields.get("sec-websocket-accept") != accept:
+            raise ProtocolViolation("a WebSocket handshake with a wrong Sec-WebSocket-Accept")
+        if fields.get("sec-websocket-extensions"):
+            raise ProtocolViolation("a WebSocket extension nobody asked for")
+        self.open = True
+
+    def _send_frame(self, opcode: int, payload: bytes) -> None:
+        assert self.sock is not None
+        n = len(payload)
+        head = bytes([0x80 | opcode])
+        if n < 126:
+            head += bytes([0x80 | n])
+        elif n < 65536:
+            head += bytes([0x80 | 126]) + struct.pack("!H", n)
+        else:
+            head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+        mask = secrets.token_bytes(4)
+        masked = (int.from_bytes(payload, "big") ^ int.from_bytes(
+            (mask * (n // 4 + 1))[:n], "big")).to_bytes(n, "big") if n else b""
+        self.sock.sendall(head + mask + masked)
+
+    def _need(self, n: int, until: float | None) -> None:
+        while len(self.buf) < n:
+            self._recv_more(until)
+
+    def _message(self, until: float | None = None) -> str:
+        """The next text message (pings answered); raises Unreachable on a close."""
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            self._need(2, until)
+            b0, b1 = self.buf[0], self.buf[1]
+            if b0 & 0x70:
+                raise ProtocolViolation("a WebSocket frame with a reserved bit set")
+            if b1 & 0x80:
+                raise ProtocolViolation("a masked WebSocket frame from the server")
+            opcode, n, at = b0 & 0x0F, b1 & 0x7F, 2
+            if n == 126:
+                self._need(4, until)
+                n, at = struct.unpack_from("!H", self.buf, 2)[0], 4
+            elif n == 127:
+                self._need(10, until)
+                n, at = struct.unpack_from("!Q", self.buf, 2)[0], 10
+            if opcode >= 0x8 and (n > 125 or not b0 & 0x80):
+                raise ProtocolViolation("a WebSocket control frame too long or fragmented")
+            if size + n > MAX_MESSAGE_BYTES:
+                raise ProtocolViolation(f"a message over {MAX_MESSAGE_BYTES} bytes")
+            self._need(at + n, until)
+            payload = bytes(self.buf[at:at + n])
+            del self.buf[:at + n]
+            if opcode == 0x9:
+                self._send_frame(0xA, payload)
+                continue
+            if opcode == 0xA:
+                continue
+            if opcode == 0x8:
+                self.closed = True
+                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+                why = payload[2:].decode("utf-8", "replace")
+                raise Unreachable("the daemon closed the connection"
+                                  + (f" ({why})" if why else f" ({code})" if code else ""))
+            if opcode == 0x2 or (opcode == 0x1 and parts) or (opcode == 0x0 and not parts
+                                                              and not size):
+                raise ProtocolViolation("a binary or out-of-order WebSocket frame")
+            parts.append(payload)
+            size += n
+            if b0 & 0x80:
+                try:
+                    return b"".join(parts).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ProtocolViolation("a text message that is not UTF-8") from None
+
+    # -- frames -------------------------------------------------------------------
+
+    def _check_signed(self, frame: dict[str, Any], kind: str) -> None:
+        if self.trusted_key is None:
+            return
+        if "sig" not in frame:
+            raise CtlError(f"an unsigned {kind} (no sig)", ExitCode.BAD_SIGNATURE)
+        if frame.get("kid") != self.trusted_kid:
+            raise CtlError(f"a {kind} signed by unknown key {str(frame.get('kid'))[:20]} "
+                           f"(trusted key is {self.trusted_kid})", ExitCode.BAD_SIGNATURE)
+        if not check_signature(frame, self.trusted_key):
+            raise CtlError(f"a {kind} with a bad or missing signature", ExitCode.BAD_SIGNATURE)
+
+    def _frames(self, until: float | None) -> list[tuple[str, dict[str, Any]]]:
+        """The next message's frames: ('response', frame) or ('event', event); notices
+        are checked and dropped."""
+        out: list[tuple[str, dict[str, Any]]] = []
+        for line in self._message(until).split("\n"):
+            data = line.encode("utf-8", "surrogatepass")
+            if not data:
+                continue
+            if len(data) > MAX_LINE_BYTES:
+                raise ProtocolViolation(f"a frame longer than {MAX_LINE_BYTES} bytes")
+            if data.startswith(b'{"kid":'):
+                out.append(("event", self._event(data, line)))
+                continue
+            try:
+                frame = json.loads(line, parse_constant=_no_constant)
+            except RecursionError:
+                raise ProtocolViolation("a frame nested too deep") from None
+            except ValueError:
+                raise ProtocolViolation("an unparsable frame") from None
+            if not isinstance(frame, dict):
+                raise ProtocolViolation("a frame that is not a JSON object")
+            try:
+                canonical = canonical_bytes_parsed(frame)
+            except CanonicalError as exc:
+                raise ProtocolViolation(f"a frame that is not canonical JSON ({exc})") from None
+            if canonical != data:
+                raise ProtocolViolation("a frame that is not in canonical form")
+            kind = frame.get("type")
+            if kind not in ("response", "notice"):
+                raise ProtocolViolation(f"a frame of unknown type {str(kind)[:40]!r}")
+            self._check_signed(frame, kind)
+            if kind == "response":
+                out.append(("response", frame))
+        return out
+
+    def _event(self, data: bytes, line: str) -> dict[str, Any]:
+        event, signing = parse_event_line(data)
+        if self.trusted_key is not None:
+            if event["kid"] != self.trusted_kid:
+                raise Violation(ExitCode.BAD_SIGNATURE, event["seq"],
+                                f"event signed by unknown key {event['kid']} (trusted key "
+                                f"is {self.trusted_kid})")
+            if not verify_detached(event["sig"], signing, self.trusted_key):
+                raise Violation(ExitCode.BAD_SIGNATURE, event["seq"],
+                                "event with a bad signature")
+        if self.last_seq is not None and event["seq"] <= self.last_seq:
+            raise Violation(ExitCode.REPLAYED, event["seq"],
+                            f"event replayed or out of order (after seq {self.last_seq})")
+        self.last_seq = event["seq"]
+        event["_line"] = line
+        return event
+
+    # -- requests and events --------------------------------------------------------
+
+    def request(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        """Send one request and return its result; raises a typed error on failure."""
+        req_id = self.next_id
+        self.next_id += 1
+        nonce = secrets.token_hex(16)
+        body = json.dumps({"id": req_id, "nonce": nonce, "method": method,
+                           "params": params or {}})
+        try:
+            self._send_frame(0x1, body.encode())
+        except OSError:
+            raise Unreachable("the daemon closed the connection") from None
+        while True:
+            for kind, frame in self._frames(None):
+                if kind == "event":
+                    self.pending.append((frame.pop("_line"), frame))
+                    continue
+                if type(frame.get("id")) is not int or frame["id"] != req_id:
+                    raise ProtocolViolation("a response to no pending request (id "
+                                            f"{json.dumps(frame.get('id'))[:40]})")
+                return self._result(frame, nonce)
+
+    @staticmethod
+    def _result(frame: dict[str, Any], nonce: str) -> Any:
+        if frame.get("nonce") != nonce:
+            raise CtlError("response does not echo our nonce (replayed response?)",
+                           ExitCode.REPLAYED)
+        if not isinstance(frame.get("ok"), bool) or (
+                frame["ok"] and "result" not in frame) or (
+                not frame["ok"] and not isinstance(frame.get("error"), dict)):
+            raise ProtocolViolation("a response without ok and result or error")
+        if frame["ok"]:
+            return frame["result"]
+        err = frame["error"]
+        code = str(err.get("code", "error"))
+        message = str(err.get("message", "request failed"))
+        exit_code = ERROR_EXIT.get(code, ExitCode.ERROR)
+        if exit_code == ExitCode.NOT_AUTHORISED:
+            raise NotAuthorised(message)
+        if exit_code == ExitCode.NOT_FOUND:
+            raise NotFound(message)
+        raise RemoteError(code, message, exit_code)
+
+    def next_event(self, until: float | None = None) -> tuple[str, dict[str, Any]]:
+        """The next event (line, event), checked; TooSlow at ``until``."""
+        while not self.pending:
+            for kind, frame in self._frames(until):
+                if kind == "response":
+                    raise ProtocolViolation("a response to no pending request")
+                self.pending.append((frame.pop("_line"), frame))
+        return self.pending.pop(0)
+
+
+def check_hello(hello: Any) -> tuple[bytes, str]:
+    """The key and daemon id a ``hello`` offers (not verified: for pinning)."""
+    try:
+        key = base64.b64decode(hello["public_key"], validate=True)
+        daemon_id = hello.get("daemon_id", "")
+    except (TypeError, KeyError, ValueError, AttributeError):
+        key, daemon_id = b"", ""
+    if len(key) != 32 or not isinstance(daemon_id, str):
+        raise ProtocolViolation("a hello without a valid public key")
+    if hello.get("kid") != key_id(key):
+        raise ProtocolViolation("a hello whose kid is not its public key's")
+    return key, daemon_id
+
