@@ -38,7 +38,22 @@ from .out import stderr_note
 from .plan_text import render_plan
 from .timespec import Point
 
-STARTED = time.monotonic()
+
+def _started() -> float:
+    """When this process started, on the monotonic clock (from /proc/self/stat, to the
+    kernel's tick), so that wait's --timeout counts Python's own start too."""
+    now = time.monotonic()
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot
+    except (OSError, ValueError, IndexError):
+        return now
+    return now - age if 0 <= age < 60 else now
+
+
+STARTED = _started()
 """When gracectl started: wait's --timeout counts from here."""
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "GRACE"}
 T = TypeVar("T")
@@ -1066,33 +1081,66 @@ def emit(ctx: click.Context, topic: str, payload: str, count: int, rate: float |
 
 
 def main() -> None:
+    """Run gracectl; exit at once when done (a one-shot command's answer is printed:
+    the interpreter's teardown would only add to a script's wait)."""
+    code = _main()
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass  # a closed pipe: what was printed is all the reader wanted
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(code)
+
+
+def _main() -> int:
+    """Run the command line; the exit status. Every error is one line on stderr (with
+    GRACE_DEBUG=1 an unexpected one also shows its traceback)."""
     try:
         cli.main(standalone_mode=False)
+        return 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return int(exc.code or 0)
+        click.echo(f"gracectl: {out.safe(exc.code)}", err=True)
+        return int(ExitCode.ERROR)
     except CtlError as exc:
         if exc.code != ExitCode.OK:
             click.echo(f"gracectl: {out.safe(exc)}", err=True)
-        sys.exit(int(exc.code))
+        return int(exc.code)
     except Violation as exc:
         click.echo(f"gracectl: verification failed: {out.safe(exc)}", err=True)
-        sys.exit(int(exc.code))
+        return int(exc.code)
     except click.UsageError as exc:
         exc.show()
-        sys.exit(ExitCode.USAGE)
+        return int(ExitCode.USAGE)
     except click.ClickException as exc:
         exc.show()
-        sys.exit(ExitCode.ERROR)
+        return int(ExitCode.ERROR)
     except click.exceptions.Abort as exc:
         # click turns SIGINT into Abort (from KeyboardInterrupt): gracectl.1 says 130.
-        sys.exit(130 if isinstance(exc.__cause__, KeyboardInterrupt) else ExitCode.ERROR)
+        return 130 if isinstance(exc.__cause__, KeyboardInterrupt) else int(ExitCode.ERROR)
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        return int(exc.exit_code)
     except KeyboardInterrupt:
-        sys.exit(130)
+        return 130
     except BrokenPipeError:
-        try:
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-        finally:
-            sys.exit(0)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - until exit
+        return 0
+    except OSError as exc:  # a file or socket the command touched, named by the OS
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"gracectl: {out.safe(where)}{out.safe(exc.strerror or exc)}", err=True)
+        return int(ExitCode.ERROR)
+    except Exception as exc:  # noqa: BLE001 - the promise: one line, never a traceback
+        if os.environ.get("GRACE_DEBUG") == "1":
+            import traceback
+
+            traceback.print_exc()
+        click.echo(f"gracectl: internal error: {type(exc).__name__}: {out.safe(exc)} "
+                   "(GRACE_DEBUG=1 shows where; please report it)", err=True)
+        return int(ExitCode.ERROR)
 
 
 @cli.command()

@@ -103,12 +103,16 @@ class SyncConnection:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Close as RFC 6455 asks: our close frame, then wait (briefly) until the daemon
+        has closed its end, so it holds nothing of ours once we are gone."""
         if self.sock is None:
             return
         try:
             if not self.closed:
-                self.sock.settimeout(0.2)
+                self.sock.settimeout(0.5)
                 self._send_frame(0x8, struct.pack("!H", 1000))
+                while self.sock.recv(65536):
+                    pass
         except OSError:
             pass
         finally:

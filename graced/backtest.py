@@ -27,12 +27,20 @@ class BacktestError(Exception):
 
 
 def parse_timestamp(text: str) -> float:
-    """Epoch seconds, or ISO 8601 (``2026-11-24T00:00:00Z``)."""
+    """Epoch seconds, or ISO 8601 (``2026-11-24T00:00:00Z``); ValueError for anything
+    else, nan and infinities included."""
     try:
-        return float(text)
+        number = float(text)
     except ValueError:
         pass
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    else:
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ValueError(f"not a finite number: {text!r}")
+        return number
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except (OverflowError, OSError) as exc:
+        raise ValueError(str(exc)) from None
 
 
 def detector_for_kind(kind: str) -> DetectorConfig:
@@ -104,9 +112,20 @@ def _check_detector(cfg: DetectorConfig) -> str | None:
 
 def rows(fh: IO[str], name: str) -> Iterator[tuple[str, str, float, float]]:
     reader = csv.reader(fh)
+    try:
+        yield from _rows(reader, name)
+    except csv.Error as exc:  # a field over csv's limit (128 KiB), a NUL, ...
+        raise BacktestError(f"{name}:{reader.line_num}: not CSV: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise BacktestError(f"{name}: not UTF-8 text (byte {exc.start} of a chunk: "
+                            f"{exc.object[exc.start:exc.start + 1]!r})") from None
+
+
+def _rows(reader: Any, name: str) -> Iterator[tuple[str, str, float, float]]:
     header = next(reader, None)
     if header is None or [h.strip().lower() for h in header[:2]] != ["timestamp", "value"]:
-        raise BacktestError(f"{name}:1: header must be 'timestamp,value', got {header!r}")
+        raise BacktestError(f"{name}:1: header must be 'timestamp,value', got "
+                            f"{str(header)[:80]}")
     for row in reader:
         line = reader.line_num
         if not row or not "".join(row).strip():
@@ -116,14 +135,16 @@ def rows(fh: IO[str], name: str) -> Iterator[tuple[str, str, float, float]]:
         try:
             ts = parse_timestamp(row[0].strip())
         except ValueError:
-            raise BacktestError(f"{name}:{line}: timestamp: not a number or ISO 8601 time: "
-                                f"{row[0]!r}") from None
+            raise BacktestError(f"{name}:{line}: timestamp: not a finite number or ISO 8601 "
+                                f"time: {row[0][:80]!r}") from None
         try:
             value = float(row[1])
         except ValueError:
-            raise BacktestError(f"{name}:{line}: value: not a number: {row[1]!r}") from None
+            raise BacktestError(f"{name}:{line}: value: not a number: {row[1][:80]!r}"
+                                ) from None
         if value != value or value in (float("inf"), float("-inf")):
-            raise BacktestError(f"{name}:{line}: value: not a finite number: {row[1]!r}")
+            raise BacktestError(f"{name}:{line}: value: not a finite number: "
+                                f"{row[1][:80]!r}")
         yield row[0].strip(), row[1].strip(), ts, value
 
 

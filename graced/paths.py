@@ -87,10 +87,16 @@ def default_config_file() -> Path | None:
 def client_socket() -> Path:
     """The socket gracectl tries when neither --socket nor GRACE_SOCKET is given."""
     user = user_socket()
-    if user.exists():
+    try:
+        if user.exists():
+            return user
+    except OSError:  # a directory this user cannot enter: connecting will say so
         return user
     system = SYSTEM_RUNTIME / SOCKET_NAME
-    if system.exists():
+    try:
+        if system.exists():
+            return system
+    except OSError:
         return system
     return user
 

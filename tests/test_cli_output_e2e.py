@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -163,3 +164,30 @@ def test_bad_colour_is_a_usage_error() -> None:
     res = subprocess.run([bin_path("gracectl"), "--color", "sometimes", "status"],
                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert res.returncode == 2 and "Traceback" not in res.stderr
+
+
+PLAYBOOK = ('[[playbook]]\nname = "drain"\ndetector = "queue-depth"\nrisk = "high"\n'
+            '[[playbook.step]]\naction = "run"\nargv = ["/bin/true"]\ntimeout = 5.0\n')
+
+
+@pytest.mark.slow
+def test_wait_timeout_is_exact_and_final_means_any_final_state(
+        make_graced, shortdir: Path) -> None:
+    value = shortdir / "value"
+    value.write_text("99\n")
+    g = make_graced(detectors=VALUE.format(file=value) + PLAYBOOK)
+    g.ctl("wait", "1", "--state", "awaiting_approval", "--timeout", "20", check=True)
+    for timeout in (1.0, 2.0):
+        t0 = time.monotonic()
+        res = g.ctl("wait", "1", "--state", "resolved", "--timeout", f"{timeout:g}")
+        took = time.monotonic() - t0
+        assert res.returncode == 6 and "did not reach resolved" in res.stderr, res
+        # Counted from gracectl's own start, to a tenth of a second.
+        assert timeout - 0.02 <= took <= timeout + 0.1, took
+    waiter = g.ctl_popen("wait", "1", "--state", "final", "--json")
+    g.ctl("missions", "reject", "1", "--comment", "not now", check=True)
+    out, err = waiter.communicate(timeout=30)
+    assert waiter.returncode == 0, err
+    assert json.loads(out)["state"] == "rejected"
+    # Without --timeout the documented default applies (30 s): shown in --help.
+    assert "default: 30" in g.ctl("wait", "--help").stdout.replace("\n", " ")
