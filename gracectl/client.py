@@ -369,7 +369,11 @@ async def connect(endpoint: Endpoint, trusted_key: bytes | None = None,
             try:
                 yield conn
             finally:
-                with trio.move_on_after(1) as cs:
+                # A clean close waits for the daemon's close frame, which the reader
+                # tasks receive; if we are being cancelled (q in top, a deadline), they
+                # are too: send ours and go, rather than wait out the second.
+                cancelled = trio.current_effective_deadline() == float("-inf")
+                with trio.move_on_after(0.05 if cancelled else 1) as cs:
                     cs.shield = True
                     await ws.aclose()
                 nursery.cancel_scope.cancel()

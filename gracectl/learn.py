@@ -110,7 +110,7 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
                              "-" if c["score"] is None else f"{c['score']:.2f}",
                              _secs(c["mttr_s"]), mark])
             table = out.table(rows, headers=["PLAYBOOK", "RISK", "OK/RUNS", "IMPORTED",
-                                            "RATE", "MEAN", "SCORE", "MTTR", ""])
+                                            "RATE", "MEAN", "SCORE", "MTTR", "PICK"])
             lines.extend("  " + row for row in table.splitlines())
             for c in d["candidates"]:
                 if c.get("imported_from"):

@@ -30,7 +30,7 @@ from graced.protocol.verify import announced_interval, stale_limit
 from .cli import _age
 from .client import Connection, Endpoint, connect, decide
 from .errors import CtlError, Unreachable
-from .out import safe
+from .out import fit, kv, reason, safe, value, when
 from .plan_text import render_plan
 
 Segment = tuple[str, str]  # text, style
@@ -47,14 +47,52 @@ FEED_TOPICS = ("mission.", "executor.", "learning.", "detector.", "daemon.starte
                "daemon.stopping", "crypto.", "integration.")
 
 
-def sparkline(values: list[float], width: int, chars: str) -> str:
+def scale(unit: str, values: list[float], threshold: float | None) -> tuple[float, float]:
+    """The range a sparkline draws on, from what the metric means: 0-100 for a
+    percentage; else from 0 (or the lowest value, if below 0) to the highest of the
+    values and 1.25 times the threshold, so a series far under its threshold stays low."""
+    if unit.strip() == "%":
+        return 0.0, 100.0
+    vals = [v for v in values if v is not None]
+    lo = min([0.0, *vals])
+    hi = max([*vals, *([threshold * 1.25] if threshold else []), lo + 1e-9])
+    return lo, hi
+
+
+def sparkline(values: list[float], width: int, chars: str, lo: float | None = None,
+              hi: float | None = None) -> str:
+    """The last ``width`` values as bars on the scale ``lo``..``hi`` (default: their own
+    range)."""
     vals = [v for v in values if v is not None][-width:]
     if not vals:
         return ""
-    lo, hi = min(vals), max(vals)
+    lo = min(vals) if lo is None else lo
+    hi = max(vals) if hi is None else hi
     span = hi - lo
     top = len(chars) - 1
-    return "".join(chars[0 if span == 0 else round((v - lo) / span * top)] for v in vals)
+    return "".join(chars[0 if span <= 0 else max(0, min(top, round((v - lo) / span * top)))]
+                   for v in vals)
+
+
+def _spark_segments(values: list[float], width: int, chars: str, unit: str,
+                    threshold: float | None, below: bool) -> Line:
+    """A sparkline on the metric's scale: bars past the threshold in red, then the
+    threshold itself."""
+    vals = [v for v in values if v is not None][-width:]
+    lo, hi = scale(unit, vals, threshold)
+    bars = sparkline(vals, width, chars, lo, hi)
+    segs: Line = []
+    for v, ch in zip(vals, bars, strict=False):
+        past = threshold is not None and (v < threshold if below else v > threshold)
+        style = "red" if past else "cyan"
+        if segs and segs[-1][1] == style:
+            segs[-1] = (segs[-1][0] + ch, style)
+        else:
+            segs.append((ch, style))
+    segs.append((" " * (width - len(bars)), "cyan"))
+    mark = "" if threshold is None else f"{'<' if below else '>'}{threshold:g}"
+    segs.append((f" {mark:<7}", "dim"))
+    return segs
 
 
 def describe_event(ev: dict[str, Any]) -> str:
@@ -64,7 +102,8 @@ def describe_event(ev: dict[str, Any]) -> str:
     topic = str(ev.get("topic", ""))
     if topic.startswith("mission."):
         what = f"#{p.get('id')} {p.get('detector')}:{p.get('subject')} {p.get('state')}"
-        return what + (f" - {p['reason']}" if p.get("reason") else "")
+        why = reason(str(p.get("reason") or ""), str(p.get("detector")), str(p.get("subject")))
+        return what + (f" - {why}" if why else "")
     if topic == "integration.changed":
         return (f"{p.get('component')} {p.get('was')} -> {p.get('state')}"
                 + (f" ({p['last_error']})" if p.get("last_error") else ""))
@@ -74,14 +113,14 @@ def describe_event(ev: dict[str, Any]) -> str:
         up = sum(1 for c in comps.values() if isinstance(c, dict) and c.get("state") == "up")
         return f"{len(comps)} components, {up} up"
     if topic.startswith("executor.step"):
-        ok = "" if "ok" not in p else (" ok" if p["ok"] else f" FAILED {p.get('error')}")
+        ok = "" if "ok" not in p else (" ok" if p["ok"] else f" FAILED {value(p.get('error'))}")
         return f"#{p.get('mission')} {p.get('playbook')} step {p.get('step')}{ok}"
     if topic.startswith("learning."):
         bits = [str(p[k]) for k in ("mission", "pattern", "playbook", "chosen") if p.get(k)]
         return " ".join(bits)
     if topic.startswith("detector."):
         return f"{p.get('detector')}:{p.get('subject', '')} {p.get('summary') or p.get('error')}"
-    return " ".join(f"{k}={v}" for k, v in list(p.items())[:4])
+    return kv(dict(list(p.items())[:4]))
 
 
 @dataclass
@@ -105,6 +144,9 @@ class Model:
     message: tuple[str, str] | None = None  # (text, style), shown for MESSAGE_SECONDS
     message_at: float = 0.0
     utf8: bool = True
+    help: bool = False  # the key help is shown
+    scroll: int = 0  # the detail view's first line
+    page: int = 10  # the detail view's lines a page
 
     def add_event(self, ev: dict[str, Any]) -> None:
         self.verified += 1
@@ -126,7 +168,7 @@ class Model:
         return self.missions[self.selected]
 
 
-def _header(model: Model, now: float) -> list[Line]:
+def _header(model: Model, now: float, width: int = 10**6) -> list[Line]:
     st = model.status or {}
     ex = st.get("executor") or {}
     mode = str(ex.get("mode", "?"))
@@ -141,7 +183,8 @@ def _header(model: Model, now: float) -> list[Line]:
                    (mode, "header_alert" if mode != "act" else "header"),
                    (f"  key {kid}", "header")]
     if model.violation:
-        line2: Line = [(f" SIGNATURE FAILED: {model.violation} ", "alarm")]
+        # Wrapped, never cut: the reason is what the operator must read.
+        return [line1, *_wrap([(f" SIGNATURE FAILED: {model.violation} ", "alarm")], width)]
     elif model.connection:
         line2 = [(f" signature: verified up to seq {model.last_seq}; ", "green"),
                  (model.connection, "yellow")]
@@ -157,17 +200,33 @@ def _section(title: str, width: int) -> Line:
 
 
 def _mission_lines(model: Model, now: float, rows: int, width: int) -> list[Line]:
+    """One line a mission, or, when the reason would not fit beside it, two: the reason
+    whole (to the screen's width) on the line under it."""
     out: list[Line] = []
     if not model.missions:
         return [[("  no active missions", "dim")]]
-    start = max(0, model.selected - rows + 1)
-    for i, m in enumerate(model.missions[start:start + rows], start):
+    heads = []
+    for m in model.missions:
+        what = fit(f"{m['detector']}:{m['subject']}", max(16, (width - 42) // 2),
+                   keep_end=True)
+        heads.append((f"{m['id']:>5} {m['severity']:<8} {m['state']:<17} "
+                      f"{_age(now - m['opened_at']):>6} {what}  ",
+                      reason(m["summary"], m["detector"], m["subject"])))
+    spill = any(1 + len(head) + len(why) > width for head, why in heads)
+    per = 2 if spill and rows >= 2 else 1
+    visible = max(1, rows // per)
+    start = max(0, model.selected - visible + 1)
+    for i in range(start, min(len(heads), start + visible)):
+        m, (head, why) = model.missions[i], heads[i]
         style = SEVERITY_STYLE.get(m["severity"], "normal")
         sel = i == model.selected
-        text = (f"{'>' if sel else ' '}{m['id']:>5} {m['severity']:<8} {m['state']:<17} "
-                f"{_age(now - m['opened_at']):>6} {m['detector']}:{m['subject']}  ")
-        out.append([(text, style + ("_sel" if sel else "")),
-                    (m["summary"], "sel" if sel else "normal")])
+        text = ("> " if sel else "  ")[:1] + head
+        if per == 1:
+            out.append([(text, style + ("_sel" if sel else "")),
+                        (fit(why, max(1, width - len(text))), "sel" if sel else "normal")])
+        else:
+            out.append([(text.rstrip(), style + ("_sel" if sel else ""))])
+            out.append([("       " + fit(why, max(1, width - 7)), "normal")])
     return out
 
 
@@ -175,7 +234,7 @@ def _feed_lines(model: Model, rows: int) -> list[Line]:
     events = list(model.feed)[-rows:] if rows > 0 else []
     out: list[Line] = []
     for ev in events:
-        ts = str(ev.get("ts", ""))[11:19]
+        ts = _clock(ev.get("ts"))
         topic = str(ev.get("topic", ""))
         style = ("red" if topic.endswith(("failed", "escalated", "error", "demoted"))
                  else "green" if topic.endswith(("resolved", "approved")) else "normal")
@@ -187,7 +246,10 @@ def _feed_lines(model: Model, rows: int) -> list[Line]:
 def _health_lines(model: Model, now: float, rows: int, width: int) -> list[Line]:
     chars = SPARK_UTF8 if model.utf8 else SPARK_ASCII
     out: list[Line] = []
-    spark_w = max(6, min(40, width - 68))
+    # The subject gets what the other columns leave (kept from its end: a path's last
+    # part tells it apart), then the sparkline.
+    subj_w = max(14, min(48, width - 76))
+    spark_w = max(6, min(40, width - 59 - subj_w))
     for name, d in sorted(model.detectors.items()):
         subjects = d.get("subjects") or {}
         if not subjects:
@@ -195,14 +257,15 @@ def _health_lines(model: Model, now: float, rows: int, width: int) -> list[Line]
                         (f" {d.get('last_error') or 'no sample yet'}", "dim")])
         for subj, smp in subjects.items():
             unit = str(smp.get("unit") or "").replace("per core", "/core")
-            value = "-" if smp.get("value") is None else f"{smp['value']:.4g} {unit}".strip()
+            shown = "-" if smp.get("value") is None else f"{smp['value']:.4g} {unit}".strip()
             hist = (d.get("history") or {}).get(subj) or []
             bad = smp.get("anomalous")
             out.append([
                 (f" {name[:16]:<16} {d.get('state', '?'):<6}", "red" if d.get("state") ==
                  "error" else "normal"),
-                (f" {subj[:14]:<14} {value[:13]:>13} ", "bold"),
-                (f"{sparkline(hist, spark_w, chars):<{spark_w}} ", "cyan"),
+                (f" {fit(subj, subj_w, keep_end=True):<{subj_w}} {shown[:10]:>10} ", "bold"),
+                *_spark_segments(hist, spark_w, chars, str(smp.get("unit") or ""),
+                                 d.get("threshold"), bool(d.get("below"))),
                 (f"{_age(now - smp.get('ts', now)):>5} ", "dim"),
                 ("ANOMALY" if bad else "ok", "red" if bad else "green")])
     st = model.status or {}
@@ -232,6 +295,60 @@ def _health_lines(model: Model, now: float, rows: int, width: int) -> list[Line]
     return [*lines, *summary]
 
 
+def _clock(t: Any) -> str:
+    """The time of day on the one clock (local, or UTC with --utc), as in tail."""
+    return when(t)[11:19]
+
+
+HELP = [
+    " Keys",
+    "   q            quit (at once)",
+    "   ?            this help (any key closes it)",
+    "   j/k, arrows  move between missions; in the detail view, scroll",
+    "   PgDn/PgUp    in the detail view, a page down or up (also space and b)",
+    "   g/G          in the detail view, the top or the end",
+    "   Enter        the selected mission's detail: evidence, plan (every argument), "
+    "steps, timeline",
+    "   Esc, Enter   back from the detail view",
+    "   a            approve the mission (its plan is shown first; y to confirm)",
+    "   r            reject the mission (y to confirm)",
+    "",
+    " Health: each sparkline is on its metric's scale (0-100 for a percentage), bars past",
+    " the threshold in red, the threshold after it (>90: anomalous above 90).",
+]
+
+
+def _wrap(line: Line, width: int) -> list[Line]:
+    """A line too long for the screen, wrapped (never clipped: an approver must read
+    every argument of the plan); continuation lines are indented."""
+    text = "".join(t for t, _ in line)
+    if width <= 12 or len(text) <= width:
+        return [line]
+    style = line[0][1] if line else "normal"
+    out: list[Line] = [[(text[:width], style)]]
+    rest, indent = text[width:], "      "
+    step = width - len(indent)
+    while rest:
+        out.append([(indent + rest[:step], style)])
+        rest = rest[step:]
+    return out
+
+
+def _scrolled(body: list[Line], model: Model, room: int) -> list[Line]:
+    """The part of ``body`` the detail view shows at its scroll offset, with a marker
+    where more is above or below."""
+    model.page = max(1, room - 2)
+    top = max(0, min(model.scroll, len(body) - room))
+    model.scroll = top
+    shown = body[top:top + room]
+    if top > 0 and shown:
+        shown[0] = [(f"   ^ {top} more line{'s' * (top != 1)} above (k, PgUp)", "dim")]
+    below = len(body) - (top + room)
+    if below > 0 and shown:
+        shown[-1] = [(f"   v {below + 1} more lines below (j, PgDn)", "dim")]
+    return shown
+
+
 def _footer(model: Model, now: float) -> Line:
     if model.prompt:
         verb, mid, plan = model.prompt
@@ -241,7 +358,7 @@ def _footer(model: Model, now: float) -> Line:
         return [(f" {verb} mission {mid}? [y/N] ", "alarm")]
     if model.message and now - model.message_at < MESSAGE_SECONDS:
         return [(f" {model.message[0]} ", model.message[1])]
-    return [(" q quit  j/k or arrows move  Enter detail  a approve  r reject ", "dim")]
+    return [(" q quit  ? keys  j/k or arrows move  Enter detail  a approve  r reject ", "dim")]
 
 
 def _detail_lines(model: Model, now: float) -> list[Line]:
@@ -262,26 +379,32 @@ def _detail_lines(model: Model, now: float) -> list[Line]:
             out.append([(f"   {st.get('step')}. {st.get('action')}: {ok}, "
                          f"{st.get('duration_s')} s", "green" if st.get("ok") else "red")])
     out.append([(" timeline:", "bold")])
-    for t in (m.get("timeline") or [])[-12:]:
-        when = time.strftime("%H:%M:%S", time.localtime(t["ts"]))
-        out.append([(f"   {when}  {t.get('from') or '-'} -> {t['to']}  {t['reason']}",
+    for t in m.get("timeline") or []:
+        out.append([(f"   {_clock(t['ts'])}  {t.get('from') or '-'} -> {t['to']}  {t['reason']}",
                      "normal")])
     return out
 
 
 def render(model: Model, width: int, height: int, now: float) -> list[Line]:
     """The whole screen, at most ``height`` lines (each cut to ``width`` when drawn)."""
-    lines = _header(model, now)
+    lines = _header(model, now, width)
+    room = height - len(lines) - 1
+    if model.help:
+        body = [[(text, "bold" if i == 0 else "normal")] for i, text in enumerate(HELP)]
+        return _safe([*lines, *body[:room], *([[]] * max(0, room - len(body))),
+                      [(" any key: back ", "dim")]])
     if model.detail is not None:
-        body = _detail_lines(model, now)
-        room = height - len(lines) - 1
+        body = [w for line in _detail_lines(model, now) for w in _wrap(line, width)]
         foot = _footer(model, now) if model.prompt else [
-            (" Esc/Enter back  q quit  a approve  r reject ", "dim")]
-        return [*lines, *body[:room], *([[]] * max(0, room - len(body))), foot]
+            (" Esc/Enter back  j/k PgDn/PgUp scroll  ? keys  q quit  a approve  r reject ",
+             "dim")]
+        shown = _scrolled(body, model, room)
+        return _safe([*lines, *shown, *([[]] * max(0, room - len(shown))), foot])
     fixed = len(lines) + 3 + 1 + 1  # three section titles, the footer, a summary line
     room = max(3, height - fixed)
     n_det = sum(max(1, len(d.get("subjects") or {})) for d in model.detectors.values()) + 2
-    m_rows = max(1, min(max(1, len(model.missions)), room * 2 // 5))
+    need = len(_mission_lines(model, now, 2 * len(model.missions) or 1, width))
+    m_rows = max(1, min(need, room * 2 // 5))
     h_rows = max(3, min(n_det, room // 2))
     f_rows = max(1, room - m_rows - h_rows)
     lines.append(_section(f"Active missions ({len(model.missions)})", width))
@@ -293,6 +416,10 @@ def render(model: Model, width: int, height: int, now: float) -> list[Line]:
     lines = lines[:height - 1]
     lines += [[]] * max(0, height - 1 - len(lines))
     lines.append(_footer(model, now))
+    return _safe(lines)
+
+
+def _safe(lines: list[Line]) -> list[Line]:
     # What the daemon and the monitored world sent is shown, never obeyed.
     return [[(safe(text), style) for text, style in line] for line in lines]
 
@@ -432,6 +559,8 @@ class Top:
     async def show_detail(self, mission_id: int) -> None:
         if self.conn is None:
             return
+        if (self.model.detail or {}).get("id") != mission_id:
+            self.model.scroll = 0
         try:
             self.model.detail = (await self.conn.request("missions.get",
                                                          {"id": mission_id}))["mission"]
@@ -440,12 +569,10 @@ class Top:
         self.changed()
 
 
-async def run_once(endpoint: Endpoint, opts: Options, width: int,
-                   height: int) -> tuple[str, ExitCode]:
-    """Connect, verify the recent stream up to the head; one frame as text, and the exit
-    code (a verification failure's, else OK)."""
+async def _once(endpoint: Endpoint, opts: Options, top: Top) -> ExitCode:
+    """Fill ``top.model`` from the daemon, verifying the recent stream to the head; the
+    exit code (a verification failure's, else OK)."""
     code = ExitCode.OK
-    top = Top(endpoint, opts)
     key = opts.trusted_key
     async with connect(endpoint, key, verify_events=False) as conn:
         hello = await _trusted_hello(conn, key)
@@ -475,6 +602,25 @@ async def run_once(endpoint: Endpoint, opts: Options, width: int,
                 top.model.violation = violation_text(exc)
                 code = exc.code
         await _poll(conn, top.model)
+    return code
+
+
+async def run_once(endpoint: Endpoint, opts: Options, width: int,
+                   height: int) -> tuple[str, ExitCode]:
+    """Connect, verify the recent stream up to the head; one frame as text, and the exit
+    code (a verification failure's, else OK)."""
+    code = ExitCode.OK
+    top = Top(endpoint, opts)
+    try:
+        code = await _once(endpoint, opts, top)
+    except Violation as exc:  # the daemon is not who we trust: show why, nothing else
+        top.model = Model(violation=violation_text(exc), utf8=top.model.utf8)
+        code = exc.code
+    except CtlError as exc:
+        if exc.code not in VIOLATION_KIND:
+            raise
+        top.model = Model(violation=str(exc), utf8=top.model.utf8)
+        code = exc.code
     frame = render(top.model, width, height, time.time())[:-1]  # no key help: not live
     while frame and not frame[-1]:
         frame.pop()
@@ -625,11 +771,26 @@ async def _on_key(top: Top, key: int, quit_: Callable[[], None]) -> None:
     model.message = None
     if key == curses.KEY_RESIZE:
         return
+    if model.help:
+        model.help = False
+        return
+    if key == ord("?"):
+        model.help = True
+        return
     m = model.selected_mission()
     if model.detail is not None and key in (27, curses.KEY_LEFT, curses.KEY_BACKSPACE, 10, 13,
                                             curses.KEY_ENTER):
         model.detail = None
         return
+    if model.detail is not None:
+        moves = {curses.KEY_DOWN: 1, ord("j"): 1, curses.KEY_UP: -1, ord("k"): -1,
+                 curses.KEY_NPAGE: model.page, ord(" "): model.page,
+                 curses.KEY_PPAGE: -model.page, ord("b"): -model.page,
+                 ord("g"): -10**9, curses.KEY_HOME: -10**9, ord("G"): 10**9,
+                 curses.KEY_END: 10**9}
+        if key in moves:
+            model.scroll = max(0, model.scroll + moves[key])  # render clamps the end
+            return
     if key in (curses.KEY_DOWN, ord("j")):
         model.selected += 1
         model.selected_mission()

@@ -280,7 +280,7 @@ def _fresh(d: DetectorConfig) -> dict[str, Any]:
             "state": "starting", "subjects": {},
             "errors": 0, "last_error": None, "mode": POLL, "mode_note": "",
             "cadence": d.interval, "sampled_at": trio.current_time(),
-            "timeout": float(getattr(d, "timeout", 0) or 0)}
+            "timeout": float(getattr(d, "timeout", 0) or 0), "below": d.below}
 
 
 def _check_values(observations: list[Any]) -> None:

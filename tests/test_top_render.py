@@ -1,0 +1,89 @@
+"""gracectl top's screen, computed from a model (pure: no terminal, no daemon)."""
+
+from __future__ import annotations
+
+import time
+
+from gracectl import top
+from gracectl.top import SPARK_UTF8, Model, plain, render, scale, sparkline
+
+NOW = time.time()
+
+
+def _mission(**kw: object) -> dict:
+    m = {"id": 7, "severity": "high", "state": "awaiting_approval", "opened_at": NOW - 60,
+         "detector": "disk", "subject": "/var/lib/app/cache-b",
+         "summary": "disk /var/lib/app/cache-b at 97.0 %, above the threshold 90.0 %",
+         "flapping": False, "samples": [], "occurrences": 3, "timeline": [], "kind": "disk",
+         "reason": None, "steps": [], "approvals": []}
+    m.update(kw)
+    return m
+
+
+def _detector(values: list[float], unit: str = "%", threshold: float | None = 90.0) -> dict:
+    return {"kind": "memory", "state": "up", "threshold": threshold, "below": False,
+            "subjects": {"host": {"value": values[-1], "unit": unit, "ts": NOW,
+                                  "anomalous": False, "summary": "memory at 2.9 %"}},
+            "history": {"host": values}}
+
+
+def test_a_percentage_is_drawn_on_0_to_100_with_its_threshold() -> None:
+    assert scale("%", [1.9, 2.9], 90.0) == (0.0, 100.0)
+    assert sparkline([1.9, 2.4, 2.9], 3, SPARK_UTF8, 0, 100) == "▁▁▁"  # not a full bar
+    assert sparkline([1.9, 2.9], 2, SPARK_UTF8) == "▁█"  # its own range would say "full"
+    lo, hi = scale("ms", [10, 20], 2000.0)
+    assert (lo, hi) == (0.0, 2500.0)
+    model = Model(detectors={"memory": _detector([1.9, 2.2, 2.9])})
+    text = plain(render(model, 100, 30, NOW), 100)
+    row = next(line for line in text.splitlines() if line.startswith(" memory"))
+    assert "▁▁▁" in row and ">90" in row and "█" not in row
+
+
+def test_subjects_keep_their_end_and_each_mission_shows_its_reason() -> None:
+    model = Model(missions=[_mission(), _mission(id=8, subject="/var/lib/app/cache-c",
+                                                 summary="disk /var/lib/app/cache-c at 95.0 %,"
+                                                         " above the threshold 90.0 %")])
+    for width in (80, 200):
+        text = plain(render(model, width, 24, NOW), width)
+        assert all(len(line) <= width for line in text.splitlines())
+        assert "cache-b" in text and "cache-c" in text  # the end that tells them apart
+        assert "at 97.0 %, above the threshold 90.0 %" in text
+        assert "at 95.0 %, above the threshold 90.0 %" in text
+        assert "disk /var/lib/app/cache-b at" not in text  # no repeat of the columns
+
+
+def test_the_detail_view_wraps_the_plan_and_scrolls() -> None:
+    argv = ["/usr/local/bin/drain-queue", "--really-long-option-name=value-one",
+            "--another-long-option=/var/lib/app/cache/with/a/long/path", "--final-arg"]
+    steps = [{"step": 1, "action": "run", "argv": argv, "timeout": 10.0}]
+    detail = {**_mission(), "plan": {"playbook": "drain", "risk": "high", "sha256": "ab" * 32,
+                                     "steps": steps},
+              "timeline": [{"ts": NOW - i, "from": "open", "to": "open", "reason": f"r{i}"}
+                           for i in range(40)]}
+    model = Model(detail=detail)
+    text = plain(render(model, 80, 24, NOW), 80)
+    lines = text.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    joined = "".join(line.strip() for line in lines)
+    assert all(a in joined for a in argv)  # every argument, never clipped
+    assert "more lines below" in lines[-2]
+    model.scroll = 10**9  # G: the end
+    end = plain(render(model, 80, 24, NOW), 80).splitlines()
+    assert "more lines above" in end[2] and "r39" in "\n".join(end)
+    assert "more lines below" not in "\n".join(end)
+
+
+def test_question_mark_shows_the_keys() -> None:
+    model = Model(help=True)
+    text = plain(render(model, 80, 24, NOW), 80)
+    assert "q            quit" in text and "PgDn/PgUp" in text
+    assert " q quit  ? keys" in plain(render(Model(), 80, 24, NOW), 80)
+
+
+def test_activity_values_are_written_as_json() -> None:
+    ev = {"topic": "executor.step_finished", "payload": {"mission": 3, "playbook": "p",
+                                                         "step": 1, "ok": False,
+                                                         "error": None}}
+    assert top.describe_event(ev) == "#3 p step 1 FAILED null"
+    other = {"topic": "daemon.started", "payload": {"ok": True, "error": None, "x": "a b"}}
+    assert top.describe_event(other) == 'ok=true error=null x="a b"'
