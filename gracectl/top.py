@@ -147,6 +147,7 @@ class Model:
     help: bool = False  # the key help is shown
     scroll: int = 0  # the detail view's first line
     page: int = 10  # the detail view's lines a page
+    plan_focus: bool = False  # scroll the detail view to its plan (an approval asks)
 
     def add_event(self, ev: dict[str, Any]) -> None:
         self.verified += 1
@@ -395,6 +396,10 @@ def render(model: Model, width: int, height: int, now: float) -> list[Line]:
                       [(" any key: back ", "dim")]])
     if model.detail is not None:
         body = [w for line in _detail_lines(model, now) for w in _wrap(line, width)]
+        if model.plan_focus:  # approve what you can see: the plan, from its first line
+            model.plan_focus = False
+            model.scroll = next((i for i, line in enumerate(body)
+                                 if line and line[0][0].startswith(" plan: ")), 0)
         foot = _footer(model, now) if model.prompt else [
             (" Esc/Enter back  j/k PgDn/PgUp scroll  ? keys  q quit  a approve  r reject ",
              "dim")]
@@ -402,7 +407,10 @@ def render(model: Model, width: int, height: int, now: float) -> list[Line]:
         return _safe([*lines, *shown, *([[]] * max(0, room - len(shown))), foot])
     fixed = len(lines) + 3 + 1 + 1  # three section titles, the footer, a summary line
     room = max(3, height - fixed)
-    n_det = sum(max(1, len(d.get("subjects") or {})) for d in model.detectors.values()) + 2
+    # Each detector's subjects, then the summary: journal, executor, and the components'
+    # health when graced reports it.
+    n_det = (sum(max(1, len(d.get("subjects") or {})) for d in model.detectors.values()) + 2
+             + (1 if (model.status or {}).get("integration") else 0))
     need = len(_mission_lines(model, now, 2 * len(model.missions) or 1, width))
     m_rows = max(1, min(need, room * 2 // 5))
     h_rows = max(3, min(n_det, room // 2))
@@ -812,6 +820,7 @@ async def _on_key(top: Top, key: int, quit_: Callable[[], None]) -> None:
                 # Approve what you can see: the detail view shows the plan it approves.
                 model.back_after_prompt = model.detail is None
                 await top.show_detail(mid)
+                model.plan_focus = True
                 sha = ((model.detail or {}).get("plan") or {}).get("sha256")
                 if not sha:
                     model.say(f"mission {mid}: no plan to approve", "yellow")

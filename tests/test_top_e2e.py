@@ -137,7 +137,7 @@ def test_fault_appears_is_approved_from_the_dashboard_and_fixed(
     assert row.startswith(f">{mid:>5} high") and "backlog:queue" in row
 
     t.keys("Enter")
-    t.wait_for(lambda s: f"mission {mid}: backlog" in s and "timeline:" in s, 10)
+    t.wait_for(lambda s: f"mission {mid}: backlog" in s and "more lines below" in s, 10)
     t.keys("Escape")
     t.wait_for(lambda s: "Active missions (1)" in s, 10)
     shown = json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
