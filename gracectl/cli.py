@@ -207,10 +207,11 @@ async def _hello_tcp(endpoint: Endpoint) -> Any:
 
 
 class Root(click.Group):
-    """gracectl's command group: a command whose module is heavy (fleet: NATS, asyncio)
-    is imported only when it is asked for, so the one-shot commands start fast."""
+    """gracectl's command group: a command whose module is heavy (fleet: NATS, asyncio;
+    web: trio and a server) is imported only when it is asked for, so the one-shot
+    commands start fast."""
 
-    LAZY = {"fleet": ("gracectl.fleet", "fleet")}
+    LAZY = {"fleet": ("gracectl.fleet", "fleet"), "web": ("gracectl.web", "web")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
@@ -1185,4 +1186,4 @@ def top(ctx: click.Context, once: bool, key_file: str | None, interval: float) -
 
 
 # The learning and playbook commands register themselves on the groups above.
-from . import learn, playbooks, silence, web  # noqa: E402, F401
+from . import learn, playbooks, silence  # noqa: E402, F401

@@ -315,7 +315,7 @@ def web(ctx: click.Context, port: int, bind: str, open_: bool) -> None:
     token = secrets.token_urlsafe(32)
 
     async def go() -> None:
-        key = await trusted_key(endpoint)
+        key = trusted_key(endpoint)
         relay = Relay(endpoint, bind, port, token, files)
         async with trio.open_nursery() as nursery:
             try:

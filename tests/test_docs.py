@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import pytest
 
-from gracectl.cli import cli as ctl_cli
+from gracectl.cli import cli as _ctl_cli
 from graced.cli import cli as daemon_cli
 from graced.config import (
     Config,
@@ -23,6 +23,8 @@ from graced.config import (
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN = ROOT / "man"
+
+ctl_cli = _ctl_cli.load_all()  # fleet and web are loaded when asked for
 
 
 def _walk(group: click.Group, prefix: tuple[str, ...] = ()):

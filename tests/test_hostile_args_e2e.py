@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import pytest
 
-from gracectl.cli import cli as ctl_cli
+from gracectl.cli import cli as _ctl_cli
 from graced.cli import cli as daemon_cli
 from graced.errors import DaemonExit
 from graced.protocol import ExitCode
@@ -24,6 +24,8 @@ from tests.conftest import bin_path
 
 CTL_CODES = {int(c) for c in ExitCode}
 DAEMON_CODES = {int(c) for c in DaemonExit}
+
+ctl_cli = _ctl_cli.load_all()  # fleet and web are loaded when asked for
 
 
 def _leaves(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[
