@@ -288,10 +288,14 @@ match_cmdline = true
         if fill is not None:  # the same two alarms, timed from the crossing
             assert fill.stdout is not None
             word, stamp = fill.stdout.readline().split()
-            assert word == "crossed" and stamp != "never", (fault, word, stamp)
-            ours[f"{fault}*"].append(ours[fault][-1] + t0 - float(stamp))
-            if monit is not None and fault in checks:
-                theirs[f"{fault}*"].append(fired[fault] - float(stamp))
+            assert word == "crossed", (fault, word, stamp)
+            if stamp == "never":  # others' work moved the host's figure: no crossing seen
+                print(f"{fault} run {run + 1}: the filler never saw the threshold crossed "
+                      "(the host's own use moved): no crossing time", file=sys.stderr)
+            else:
+                ours[f"{fault}*"].append(ours[fault][-1] + t0 - float(stamp))
+                if monit is not None and fault in checks:
+                    theirs[f"{fault}*"].append(fired[fault] - float(stamp))
             assert fill.stdout.readline().strip() == "ready"
 
     def cleared(fault: str, run: int) -> None:
