@@ -486,11 +486,12 @@ def test_a_step_that_starts_a_background_process_ends_when_its_process_exits(
 
 
 @pytest.mark.slow
-def test_an_approval_as_the_symptom_clears_warns_and_names_the_normal_sample(
+def test_an_approval_as_the_symptom_clears_is_refused_naming_the_normal_sample(
         make_graced, shortdir: Path) -> None:
     """Approved after the detector saw the symptom clear but before the mission resolved
-    as cleared: the plan runs (a person approved it), and the reply says the latest sample
-    was normal, naming it. Approved while the symptom is there: no warning."""
+    as cleared: refused (exit 1, nothing runs), naming the normal sample; with
+    --even-if-clearing the plan runs and the reply still says the latest sample was
+    normal. Approved while the symptom is there: no warning."""
     queue = shortdir / "queue"
     queue.write_text(NORMAL)
     g = make_graced(detectors=value_detector("backlog", queue, "high")
@@ -511,7 +512,14 @@ def test_an_approval_as_the_symptom_clears_warns_and_names_the_normal_sample(
         mid = w.wait("mission.awaiting_approval", "backlog", 15, count=2)["payload"]["id"]
         queue.write_text(NORMAL)
         assert recovered.wait_for(lambda ls: len(ls) >= 2, 15)
-        res = g.ctl("missions", "approve", str(mid), "--yes", check=True)
+        res = g.ctl("missions", "approve", str(mid), "--yes")
+        assert res.returncode == 1 and res.stderr.count("\n") == 1, res
+        assert "symptom is clearing" in res.stderr and "backlog queue were normal (value 0)" \
+            in res.stderr and "nothing run" in res.stderr, res.stderr
+        assert not [e for e in w.events("mission.executing", "backlog")
+                    if e["payload"]["id"] == mid]  # nothing ran for it
+        res = g.ctl("missions", "approve", str(mid), "--yes", "--even-if-clearing",
+                    check=True)
         warning = [x for x in res.stderr.splitlines() if "warning" in x]
         assert len(warning) == 1 and "latest sample" in warning[0], res.stderr
         assert "backlog queue was normal (value 0)" in warning[0], warning
