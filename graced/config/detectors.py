@@ -64,7 +64,7 @@ class DetectorConfig:
     # the baseline's knobs (graced/detectors/baseline.py), for every kind
     sensitivity: float = field(default=1.0, metadata=check(positive))
     memory: int = field(default=200, metadata=check(positive))
-    hold: int = field(default=500, metadata=check(non_negative))
+    hold: int = field(default=350, metadata=check(non_negative))
     season: float = field(default=86400.0, metadata=check(non_negative))
     enabled: bool = True
     # disk, inodes

@@ -83,7 +83,7 @@ class BaselineParams:
 
     sensitivity: float = 1.0  # higher: alarms on smaller deviations
     memory: int = 200  # values the scales remember (about)
-    hold: int = 500  # values after a report before the same event reports again
+    hold: int = 350  # values after a report before the same event reports again
     season: float = 86400.0  # seconds of the seasonal profile; 0: none
     warmup: int = 30  # values before any score
 
