@@ -163,8 +163,9 @@ def allowed(frame: str | bytes | RawText, max_request_bytes: int) -> set[str] | 
 
 def check_outcome(frame: str | bytes | RawText, outcome: str, max_request_bytes: int) -> bool:
     ok = allowed(frame, max_request_bytes)
-    if ok is None:
-        return outcome.startswith("reply:") and outcome != "reply:internal"
+    if ok is None:  # a text frame within the limit: any signed reply but these two
+        return outcome.startswith("reply:") and outcome not in ("reply:internal",
+                                                                  "reply:too_large")
     return outcome in ok
 
 
