@@ -1,7 +1,8 @@
 """The close codes docs/protocol.md names, read by a raw WebSocket client, and what plain
 ``gracectl tail`` does with them (gracectl.1): a graceful stop closes with 1001 and tail
 waits for graced to come back and resumes with no gap; a connection cut without a close
-ends tail with exit 3; a client that stops reading is closed with 1008 and the reason."""
+ends tail with exit 3; a client that stops reading is closed with 1008 and the reason;
+SIGINT stops a following tail with exit 130."""
 
 from __future__ import annotations
 
@@ -101,3 +102,11 @@ async def test_a_client_that_stops_reading_is_closed_with_1008_and_why(make_grac
         nursery.cancel_scope.cancel()
     status = json.loads(g.ctl("status", "--json", check=True).stdout)
     assert status["wire"]["dropped_total"] == 1
+
+
+def test_sigint_stops_a_following_tail_with_exit_130(graced: Graced) -> None:
+    """gracectl.1, SIGNALS: SIGINT stops a following tail (exit 130), no traceback."""
+    tail = tail_json(graced)
+    tail.proc.send_signal(signal.SIGINT)
+    assert tail.wait_exit(10) == 130
+    assert tail.proc.stderr is not None and "Traceback" not in tail.proc.stderr.read()
