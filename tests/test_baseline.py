@@ -56,6 +56,19 @@ def test_scores_are_in_unit_interval_and_spikes_do_not_poison_the_level() -> Non
     assert 99 < b.s.level < 104
 
 
+def _spike_flags(spikes: dict[int, float]) -> list[int]:
+    rng = __import__("random").Random(5)
+    b = Baseline()
+    return [i for i in range(3000)
+            if b.score(i * 60.0, 100.0 + rng.gauss(0, 1) + spikes.get(i, 0.0)) >= 0.5]
+
+
+def test_small_spikes_in_the_wake_of_a_large_one_do_not_alarm() -> None:
+    assert _spike_flags({1000: 40.0}) == [1000]  # on its own, a 40-sigma spike alarms
+    # 500 values after a 120-sigma spike it does not; a second large one still does.
+    assert _spike_flags({500: 120.0, 1000: 40.0, 1500: 120.0}) == [500, 1500]
+
+
 def test_level_shift_alarms_then_becomes_normal() -> None:
     b = Baseline()
     flags = [b.score(i * 60.0, (100.0 if i < 400 else 160.0) + (i % 5) * 0.3) >= 0.5

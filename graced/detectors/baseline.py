@@ -38,11 +38,11 @@ only if it is clearly larger; other values get 1 % of their score. Each report a
 raises the bar for its kind: by 5 %, or to 40 % of the deviation it reported if that
 is more, relaxing with a half-life of about 3,500 values. (The kind of a value is that
 of its largest deviation before the bars, so the spread that grows while the level
-adapts to a shift is not reported as a second event.) Alarms are rare by nature: a
-metric whose normal life holds spikes of some size (bursty traffic, a periodic job)
-needs a deviation at least 40 % as large as its last reported one to alarm again soon,
-and one that keeps alarming needs ever larger deviations, while a rare large event
-still shows. The level, scales and profile keep
+adapts to a shift is not reported as a second event.) Alarms are rare by nature:
+soon after a large event, the smaller ones in its wake (aftershocks, the bursts of a
+busy spell) do not alarm, a repeat of the same size alarms with a slightly lower score,
+a metric that keeps alarming needs ever larger deviations, and a rare large event still
+shows. The level, scales and profile keep
 learning, so after a level shift the new level becomes normal.
 """
 
