@@ -56,6 +56,9 @@ def test_a_killed_process_opens_its_mission_at_once_by_pidfd(make_graced) -> Non
                                      f'interval = 5.0\nprocess = "{marker}"\n'
                                      "match_cmdline = true\n")
         assert _mode(g, "worker")["mode"] == "pidfd"
+        table = g.ctl("detectors", check=True).stdout.splitlines()
+        assert table[0].split()[:4] == ["DETECTOR", "KIND", "STATE", "MODE"]
+        assert table[2].split()[:4] == ["worker", "process", "up", "pidfd"]
         t0 = time.time()
         proc.kill()  # a real SIGKILL
         opened = w.wait("mission.opened", "worker", 10)
