@@ -186,8 +186,9 @@ def knowledge() -> None:
 
 
 @knowledge.command("ls")
-@click.option("--limit", type=click.IntRange(1, 10000), default=1000, show_default=True,
-              help="At most this many patterns, the most recently seen.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=1000, show_default=True,
+              help="At most this many patterns, the most recently seen (fewer when "
+                   "they hold many records: graced bounds a page).")
 @click.option("--offset", type=click.IntRange(0, pk.MAX_TOTAL_RECORDS), default=0,
               show_default=True, help="Skip this many (the next page).")
 @json_option
@@ -210,8 +211,10 @@ def knowledge_ls(ctx: click.Context, limit: int, offset: int, as_json: bool) -> 
     out.echo(out.table(rows, headers=["PATTERN", "BEST PLAYBOOK", "ITS RATE", "ALL RATE",
                                        "LOCAL RUNS", "MTTR", "LAST SEEN", "HELD BACK"]))
     if result.get("total", len(rows)) > len(rows):
+        nxt = result.get("next_offset")
         stderr_note(f"patterns {offset + 1}-{offset + len(rows)} of {result['total']} shown "
-                    "(the most recently seen first; --limit, --offset)")
+                    "(the most recently seen first; --limit, --offset"
+                    + (f"; the next page: --offset {nxt})" if isinstance(nxt, int) else ")"))
 
 
 def _held(held: dict[str, int]) -> str:

@@ -285,13 +285,15 @@ class Api:
                 "recorded": m.similar if m.decision is not None else None}
 
     async def knowledge_list(self, client: Client, req: Request) -> Any:
-        limit = _page_param(req.params, "limit", 1000, 1, 10000)
+        limit = _page_param(req.params, "limit", 1000, 1, 1000)
         offset = _page_param(req.params, "offset", 0, 0, pk.MAX_TOTAL_RECORDS)
         held = await self.learning.held_back()
         now = time.time()
-        return {"patterns": [{**p, "held_back": held.get(p["pattern"], {})}
-                             for p in self.learning.patterns(now, limit, offset)],
-                "total": len(self.learning.knowledge.patterns), "offset": offset,
+        page = await self.learning.patterns(now, limit, offset)
+        total = len(self.learning.knowledge.patterns)
+        return {"patterns": [{**p, "held_back": held.get(p["pattern"], {})} for p in page],
+                "total": total, "offset": offset,
+                "next_offset": offset + len(page) if offset + len(page) < total else None,
                 "now": now}
 
     async def knowledge_show(self, client: Client, req: Request) -> Any:
@@ -311,7 +313,10 @@ class Api:
             "SELECT mission_id, playbook, outcome, success, ttr, closed_at, held_back "
             "FROM outcomes WHERE signature = ? ORDER BY mission_id DESC LIMIT 20", (sig,))
         now = time.time()
-        summary = self.learning.knowledge.summary(sig, now)
+        try:
+            summary = await self.learning.summary(sig, now)
+        except KeyError:
+            raise RequestError("not_found", f"no pattern {sig!r}") from None
         playbooks = summary["playbooks"]
         summary["playbooks"] = playbooks[offset:offset + limit]
         return {"pattern": {**summary, "playbooks_total": len(playbooks), "offset": offset,

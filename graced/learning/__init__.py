@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from ..config import LearningConfig, PlaybookConfig
 from ..journal import Write
 from ..missions.engine import Mission, ran
@@ -240,11 +242,26 @@ class Learning:
 
     # -- reporting -----------------------------------------------------------------
 
-    def patterns(self, now: float, limit: int = 1000, offset: int = 0) -> list[dict[str, Any]]:
-        """One page of patterns, most recently seen first: work in proportion to the
-        page (at most MAX_PLAYBOOKS playbooks each), however many were imported."""
-        return [self.knowledge.summary(sig, now)
-                for sig in self.knowledge.page(limit, offset)]
+    async def patterns(self, now: float, limit: int = 1000,
+                       offset: int = 0) -> list[dict[str, Any]]:
+        """One page of patterns, most recently seen first, built in a worker thread
+        within a budget of records and bytes (:meth:`Knowledge.summaries`): work in
+        proportion to the page, however many were imported."""
+        return list(await self.off_loop(self.knowledge.summaries, now, limit, offset))
+
+    async def summary(self, sig: str, now: float) -> dict[str, Any]:
+        """One pattern (up to 64 playbooks of 101 sources), in a worker thread."""
+        return dict(await self.off_loop(self.knowledge.summary, sig, now))
+
+    async def off_loop(self, fn: Any, *args: Any) -> Any:
+        """Read the knowledge base in a worker thread; again if a learned outcome or an
+        import changed it meanwhile (a dict resized under the reader)."""
+        for _ in range(5):
+            try:
+                return await trio.to_thread.run_sync(fn, *args)
+            except (RuntimeError, KeyError, StopIteration):
+                continue
+        return await trio.to_thread.run_sync(fn, *args)
 
     async def held_back(self, sig: str | None = None) -> dict[str, dict[str, int]]:
         """Per pattern, how many outcomes learning left out, by the setting responsible."""

@@ -52,6 +52,11 @@ from ..protocol.knowledge import (
 from .ranking import Fail, Record, demotion, ordered
 
 LOCAL = "local"
+# One page of ``knowledge ls``: at most this many records (a pattern's records are its
+# playbooks times their sources) and about this many bytes of summaries, whatever the
+# page's limit in patterns; the first pattern is always on the page.
+PAGE_RECORDS = 5000
+PAGE_BYTES = 4 * 2**20
 MAX_FAILS = 20  # failures (incident, time, own) remembered per local record
 PER_INCIDENT = 2  # runs of a playbook that failed in one incident before it is skipped
 
@@ -237,6 +242,31 @@ class Knowledge:
         """Signatures, most recently seen first: ``limit`` of them after ``offset``."""
         return list(itertools.islice(reversed(self.recent), offset, offset + limit))
 
+    def size(self, sig: str) -> int:
+        """How many records a pattern holds (every playbook, every source)."""
+        return sum(len(srcs) for srcs in self.patterns.get(sig, {}).values())
+
+    def summaries(self, now: float, limit: int, offset: int = 0, *,
+                  records: int = PAGE_RECORDS,
+                  size: int = PAGE_BYTES) -> list[dict[str, Any]]:
+        """One page of :meth:`summary`, most recently seen first: at most ``limit``
+        patterns, and no more once the page holds ``records`` records or ``size`` bytes
+        of JSON (the first pattern always: 64 playbooks of 101 sources at most). Work and
+        reply in proportion to the records shown, however many were imported."""
+        out: list[dict[str, Any]] = []
+        held = used = 0
+        for sig in itertools.islice(reversed(self.recent), offset, offset + limit):
+            n = self.size(sig)
+            if out and held + n > records:
+                break
+            summary = self.summary(sig, now)
+            nbytes = len(json.dumps(summary))
+            if out and used + nbytes > size:
+                break
+            out.append(summary)
+            held, used = held + n, used + nbytes
+        return out
+
     # -- what the ranking sees -------------------------------------------------------
 
     def local(self, sig: str, playbook: str, now: float) -> Record:
@@ -363,14 +393,18 @@ class Knowledge:
         """One pattern as ``knowledge ls`` shows it: the best playbook and its figures,
         with which of them are local and which imported, and from whom (at most
         MAX_PLAYBOOKS playbooks: bounded work)."""
-        recs = self.records(sig, now)
+        priors = {pb: self.prior(sig, pb, now) for pb in self.patterns[sig]}
+        recs: dict[str, Record] = {}
+        for pb, prior in priors.items():
+            recs[pb] = self.local(sig, pb, now)
+            recs[pb].add(prior)
         entries = [e for srcs in self.patterns[sig].values() for e in srcs.values()]
         playbooks: list[dict[str, Any]] = []
         for pb, rec in ordered(recs):
             sources = self.patterns[sig][pb]
             local = sources.get(LOCAL)
             is_demoted, held = self.demotion(sig, pb, now)
-            prior = self.prior(sig, pb, now)
+            prior = priors[pb]
             playbooks.append({
                 "playbook": pb,
                 "successes": local.successes if local else 0,

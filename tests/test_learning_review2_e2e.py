@@ -1,0 +1,99 @@
+"""The second attacker review of learning (issue #22), against a real graced and the
+real gracectl: each test failed on the code the review broke, and holds now.
+(The pure-core halves are in tests/test_learning_review2.py.)"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+import pytest
+
+from graced.keys import format_public_key
+from graced.protocol import Signer
+from tests.conftest import Graced
+from tests.test_learning_hostile_e2e import SETTINGS, status_within
+
+pytestmark = pytest.mark.slow
+
+
+class Daemon:
+    """A foreign daemon (its own id and key) that signs exports the way graced does."""
+
+    def __init__(self, base: Path, source: str) -> None:
+        self.source = source
+        self.signer = Signer(nacl.signing.SigningKey.generate())
+        self.key = base / f"{source}.pub"
+        self.key.write_text(format_public_key(self.signer.public_key))
+        self.base = base
+
+    def export(self, patterns: list[dict[str, Any]], exported_at: float | None = None,
+               name: str = "") -> Path:
+        path = self.base / f"{self.source}{name}.json"
+        path.write_text(json.dumps(self.signer.sign_frame({
+            "format": "grace-knowledge", "version": 2, "source": self.source,
+            "host": f"host-{self.source}", "patterns": patterns,
+            "exported_at": time.time() if exported_at is None else exported_at})))
+        return path
+
+    def load(self, g: Graced, path: Path, *more: str) -> Any:
+        return g.ctl("knowledge", "import", "--key", str(self.key), *more, str(path),
+                     timeout=180)
+
+
+def rec(sig: str, playbook: str, **over: Any) -> dict[str, Any]:
+    det, subj = sig.split(":", 1)
+    return {"signature": sig, "detector": det, "subject": subj, "playbook": playbook,
+            "successes": 5, "failures": 0, "ttr_total": 0.0, "ttr_count": 0,
+            "first_seen": 1.0, "last_seen": 2.0, **over}
+
+
+# -- 1 ---------------------------------------------------------------------------------
+
+def test_two_wide_imports_leave_the_default_ls_answering_and_graced_live(
+        make_graced, shortdir: Path) -> None:
+    """Finding 1: two imports of 64 playbooks for each pattern made the default
+    ``knowledge ls`` answer more than a frame may hold (exit 3) after seconds on the event
+    loop. Now the default page answers (a page bounded in records, the next offset on
+    stderr), the pages cover every pattern, and status answers within 1 s meanwhile."""
+    g = make_graced(extra_config=SETTINGS)
+    wide = [rec(f"queue:s{i:04}", f"pb{j:02}", last_seen=2.0 + i) for i in range(500)
+            for j in range(64)]
+    for name in ("daemon-a", "daemon-b"):
+        d = Daemon(shortdir, name)
+        res = d.load(g, d.export(wide))
+        assert res.returncode == 0, res.stderr
+    late: list[float] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            started = time.monotonic()
+            status_within(g, 5.0)
+            late.append(time.monotonic() - started)
+            done.wait(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        res = g.ctl("knowledge", "ls")
+        assert res.returncode == 0, res.stderr
+        assert "patterns 1-39 of 500 shown" in res.stderr, res.stderr
+        assert "the next page: --offset 39" in res.stderr, res.stderr
+        assert res.stdout.splitlines()[2].startswith("queue:s0499")
+        last = g.ctl("knowledge", "ls", "--offset", "468", check=True)
+        assert "patterns 469-500 of 500 shown" in last.stderr, last.stderr
+        assert "next page" not in last.stderr
+        page = json.loads(g.ctl("knowledge", "ls", "--json", "--offset", "468",
+                                check=True).stdout)
+        assert [p["pattern"] for p in page] == [f"queue:s{i:04}" for i in range(31, -1, -1)]
+    finally:
+        done.set()
+        watcher.join()
+    assert late and max(late) < 1.5, late
+    res = g.ctl("knowledge", "ls", "--limit", "1001")
+    assert res.returncode == 2 and "1001 is not in the range 1<=x<=1000" in res.stderr
