@@ -315,8 +315,10 @@ def test_verification_failures_alone_never_demote_and_a_demoted_playbook_is_retr
     is_demoted, held = k.demotion("web:api", "fix", 3700.0)
     assert not is_demoted and "never demotes alone" in (held or "")
     assert k.records("web:api", 3700.0)["fix"].failures > 2.9  # still in the record
-    # The playbook's own step failing in one of the incidents: that can demote.
-    _learn(k, "fix", False, 3630.0, 2, own=True)
+    # The playbook's own steps failing in demote_after (3) of the incidents: that can
+    # demote (one step failure alone cannot: tests/test_learning_review2.py).
+    for n, at in enumerate((10.0, 1810.0, 3630.0)):
+        _learn(k, "fix", False, at, n, own=True)
     assert k.demotion("web:api", "fix", 3700.0) == (True, None)
     assert not k.retry_due("web:api", "fix", 3700.0)
     assert k.retry_due("web:api", "fix", 3630.0 + 3600.0)
@@ -436,12 +438,12 @@ def test_a_demoted_playbook_is_offered_again_once_retry_after_passed() -> None:
     for incident, at in ((1, 0.0), (2, 100.0)):
         _learn(k, "bad", False, at, incident)
     m = _mission(5, "web", "api", "latency", "open", None)
-    blocked, notes = learning.blocked(m, ["bad"], 200.0)
+    blocked, notes = learning.blocked(m, ["bad", "other"], 200.0)
     assert blocked["bad"].startswith("demoted") and not notes
-    blocked, notes = learning.blocked(m, ["bad"], 700.0)
+    blocked, notes = learning.blocked(m, ["bad", "other"], 700.0)
     assert not blocked and "retry_after" in notes[0]
     _learn(k, "bad", False, 700.0, 3)  # the retry failed: blocked for retry_after again
-    assert learning.blocked(m, ["bad"], 800.0)[0]["bad"].startswith("demoted")
+    assert learning.blocked(m, ["bad", "other"], 800.0)[0]["bad"].startswith("demoted")
 
 
 def test_local_records_with_control_characters_are_kept_but_not_exported() -> None:

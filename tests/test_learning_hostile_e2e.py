@@ -251,19 +251,21 @@ def test_imported_prior_is_bounded_demotion_needs_local_failures_and_reset_undoe
     fixed = incident(hope, "hope", "resolved", 1)
     assert fixed["playbook"] == "hopeless"
     # Imported as excellent: it runs and fails, twice, and the incident escalates. The
-    # next incident's failure is the second distinct one (demote_after = 2): demoted,
-    # and from then on every incident escalates at once.
+    # next incident's failure is the second distinct one (demote_after = 2): demoted;
+    # from then on, as the only playbook for the symptom, it runs once an incident
+    # before the mission escalates (a real fault gets its fix).
     first = incident(star, "star", "escalated", 1)
     assert "failed 2 times in this incident" in first["reason"], first["reason"]
     assert len(w.events("mission.failed", "star")) == 2
     second = incident(star, "star", "escalated", 2)
     assert "demoted" in second["reason"], second["reason"]
+    assert len(w.events("mission.failed", "star")) == 3
     third = incident(star, "star", "escalated", 3)
     assert "demoted" in third["reason"], third["reason"]
-    assert len(w.events("mission.failed", "star")) == 3
+    assert len(w.events("mission.failed", "star")) == 4
     shown = json.loads(g.ctl("knowledge", "show", "star:queue", "--json",
                              check=True).stdout)["pattern"]["playbooks"][0]
-    assert (shown["failures"], shown["demoted"]) == (3, True)
+    assert (shown["failures"], shown["demoted"]) == (4, True)
     assert shown["imported"][0]["successes"] == 1_000_000
     # playbooks ls reads the same records: the credited runs, and the demotion.
     assert listed(g, "imported-star") == {

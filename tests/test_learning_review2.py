@@ -4,6 +4,7 @@ each test failed on the code the review broke."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from graced.learning.knowledge import PAGE_BYTES, PAGE_RECORDS, Knowledge
@@ -28,13 +29,13 @@ def test_a_page_of_patterns_is_bounded_in_records_and_bytes() -> None:
     (1000 patterns) 128,000 records: ~20 s on the event loop and a reply over 16 MB. A
     page ends at PAGE_RECORDS records (and PAGE_BYTES), and the pages still cover all."""
     k = Knowledge()
-    wide = [rec(f"q:s{i:04}", f"pb{j:02}", last_seen=2.0 + i) for i in range(120)
+    wide = [rec(f"q:s{i:04}", f"pb{j:02}", last_seen=2.0 + i) for i in range(80)
             for j in range(64)]
     imported(k, "a", wide)
     imported(k, "b", wide)
     page = k.summaries(20.0, 1000)
-    assert len(page) == PAGE_RECORDS // 128 < 120
-    assert [p["pattern"] for p in page[:2]] == ["q:s0119", "q:s0118"]
+    assert len(page) == PAGE_RECORDS // 128 < 80
+    assert [p["pattern"] for p in page[:2]] == ["q:s0079", "q:s0078"]
     assert len(json.dumps(page)) <= PAGE_BYTES
     assert sum(len(pb["sources"]) for p in page for pb in p["playbooks"]) <= PAGE_RECORDS
     seen, offset = [], 0
@@ -43,7 +44,49 @@ def test_a_page_of_patterns_is_bounded_in_records_and_bytes() -> None:
         assert more
         seen += [p["pattern"] for p in more]
         offset += len(more)
-    assert sorted(seen) == sorted(k.patterns) and len(seen) == 120
+    assert sorted(seen) == sorted(k.patterns) and len(seen) == 80
     # A pattern larger than the budget is still shown, alone.
     assert len(k.summaries(20.0, 1000, records=10)) == 1
     assert len(k.summaries(20.0, 1000, size=10)) == 1
+
+
+def test_one_step_failure_does_not_unlock_demotion_and_a_sole_playbook_is_tried() -> None:
+    """Finding 2: a user who owns what a step acts on (a file in a sticky world-writable
+    directory the step must remove) made one step fail; with held incidents around it,
+    that one failure demoted a working playbook. Demotion now needs own step failures in
+    demote_after distinct incidents; and a demoted playbook that is the only candidate
+    runs once in each incident before the mission escalates."""
+    from graced.config import LearningConfig
+    from graced.learning import Learning
+    from graced.missions.engine import Mission
+
+    config = LearningConfig(demote_after=3, demote_span=0.0, retry_after=86400.0)
+    k = Knowledge()
+    learning = Learning(config, k, Path("/nonexistent/journal.db"))
+
+    def fail(incident: int, at: float, own: bool) -> None:
+        k.learn(sig="web:api", detector="web", subject="api", playbook="fix",
+                success=False, ttr=None, now=at, incident=incident, own=own)
+
+    fail(1, 10.0, True)  # the attacker's file: one step failed
+    fail(2, 20.0, False)  # then held incidents: the steps succeeded
+    fail(3, 30.0, False)
+    is_demoted, held = k.demotion("web:api", "fix", 40.0)
+    assert not is_demoted
+    assert "own steps failed in 1 distinct incident(s)" in (held or ""), held
+    fail(2, 21.0, True)
+    assert not k.demotion("web:api", "fix", 40.0)[0]
+    fail(3, 31.0, True)
+    assert k.demotion("web:api", "fix", 40.0) == (True, None)
+    # Demoted, yet the only playbook for the symptom: once in each new incident.
+    m = Mission(id=9, detector="web", kind="value", subject="api", severity="medium",
+                state="open", summary="latency", opened_at=50.0, updated_at=50.0)
+    m.incident = 9
+    blocked, notes = learning.blocked(m, ["fix"], 60.0)
+    assert not blocked and "the only playbook for this symptom" in notes[0], notes
+    fail(9, 61.0, True)  # it failed in this incident: now a person is asked
+    blocked, notes = learning.blocked(m, ["fix"], 70.0)
+    assert blocked["fix"].startswith("demoted") and not notes
+    # With another candidate, a demoted playbook is not run at all.
+    m.incident = 10
+    assert learning.blocked(m, ["fix", "other"], 80.0)[0]["fix"].startswith("demoted")

@@ -137,10 +137,17 @@ class Learning:
         notes: list[str] = []
         for n in names:
             is_demoted, held = self.knowledge.demotion(sig, n, now)
+            tried = m.incident is not None and self.knowledge.failures_in(
+                sig, n, m.incident) > 0
             if is_demoted and self.knowledge.retry_due(sig, n, now):
                 notes.append(f"{n}: demoted, but its last failure was "
                              f"{self.config.retry_after:g} s ago or more: it may be tried "
                              "again ([learning] retry_after)")
+            elif is_demoted and len(names) == 1 and not tried:
+                # Whoever can make its step fail must not leave a real fault unfixed:
+                # the only playbook for the symptom runs once an incident.
+                notes.append(f"{n}: demoted, but the only playbook for this symptom: "
+                             "tried once in this incident before a human is asked")
             elif is_demoted:
                 out[n] = (f"demoted: success below {self.config.demote_below:.0%} in "
                           f"{self.config.demote_after}+ incidents")

@@ -36,7 +36,8 @@ without approval.
 Demotion (:func:`demotion`) looks at this host's own evidence only: a playbook is
 demoted when its success ratio is below ``demote_below`` *and* it failed in at least
 ``demote_after`` distinct incidents whose failures span at least ``demote_span``
-seconds, *and* in at least one of them a step of the playbook itself failed. Failures
+seconds, *and* in ``demote_after`` distinct incidents a step of the playbook itself
+failed (one step failure is not enough: see below). Failures
 fade: one older than ``half_life`` no longer counts. Imported knowledge never demotes
 (or saves) a playbook by itself.
 
@@ -45,7 +46,13 @@ symptom (write a watched file, keep a port busy, load the host) can make a playb
 whose steps all succeeded look like a failure, by putting the symptom back before the
 verification ends. Such verification failures count in the record (the ranking prefers
 the playbook that clears the symptom) but never demote alone; a playbook's own command
-failing (non-zero exit, timeout) is evidence the symptom's author does not control.
+failing (non-zero exit, timeout) is evidence the symptom's author does not control
+-- mostly: a step can be made to fail by whoever owns what it acts on (a file in a
+sticky world-writable directory the step must remove). So demotion needs the playbook's
+own steps to fail in ``demote_after`` distinct incidents, and a demoted playbook that is
+the only candidate for a symptom is still run once in each incident before a human is
+asked (the caller's rule, :meth:`graced.learning.Learning.blocked`): a real fault gets
+its fix, and one who makes the fix fail costs one run per incident.
 """
 
 from __future__ import annotations
@@ -167,10 +174,16 @@ def demotion(local: Record, fails: list[Fail], *, after: int, below: float,
         return False, (f"success {ratio:.0%} is below {below:.0%}, but its last {after} "
                        f"failing incidents span {took:.0f} s and demotion needs {span:g} s "
                        "([learning] demote_span)")
-    if not any(incident in own for incident, _ in distinct):
+    owned = sum(1 for incident, _ in distinct if incident in own)
+    if not owned:
         return False, (f"success {ratio:.0%} is below {below:.0%}, but its steps always "
                        "succeeded and the symptom stayed: evidence anyone who can hold the "
                        "symptom can forge, which never demotes alone (docs/security.md)")
+    if owned < after:
+        return False, (f"success {ratio:.0%} is below {below:.0%}, but its own steps "
+                       f"failed in {owned} distinct incident(s) within half_life and "
+                       f"demotion needs {after} ([learning] demote_after; "
+                       "docs/security.md)")
     return True, None
 
 
