@@ -90,3 +90,37 @@ def test_one_step_failure_does_not_unlock_demotion_and_a_sole_playbook_is_tried(
     # With another candidate, a demoted playbook is not run at all.
     m.incident = 10
     assert learning.blocked(m, ["fix", "other"], 80.0)[0]["fix"].startswith("demoted")
+
+
+def rows_of(k: Knowledge) -> list[tuple[Any, ...]]:
+    """The stored rows of a knowledge base, imported ones first (as SQLite may give)."""
+    out = [(sig, pb, src, e.detector, e.subject, e.successes, e.failures, e.ttr_total,
+            e.ttr_count, e.first_seen, e.last_seen, json.dumps(e.data()))
+           for sig, pbs in k.patterns.items() for pb, srcs in pbs.items()
+           for src, e in srcs.items()]
+    return sorted(out, key=lambda r: r[2] == "local")
+
+
+def test_imports_never_push_local_records_over_the_pattern_cap() -> None:
+    """Finding 3: an import with 64 playbooks for a symptom, then a local run of another
+    playbook: at the next start the local row was quarantined ("over the caps") and this
+    host's own evidence lost. Local rows load first and count only against the local
+    playbooks; imports get what is left; learn() itself keeps the caps."""
+    k = Knowledge()
+    imported(k, "peer", [rec("web:api", f"pb{j:02}") for j in range(64)])
+    writes, new = k.learn(sig="web:api", detector="web", subject="api", playbook="mine",
+                          success=True, ttr=3.0, now=20.0, incident=1)
+    assert writes and new
+    again = Knowledge(rows_of(k))
+    assert "mine" in again.patterns["web:api"]
+    assert again.patterns["web:api"]["mine"]["local"].successes == 1
+    assert [(q[1], q[2]) for q in again.quarantined] == [("pb63", "peer")]
+    assert len(again.patterns["web:api"]) == 64
+    # learn() keeps the caps: at most 64 local playbooks for one pattern.
+    full = Knowledge()
+    for j in range(64):
+        assert full.learn(sig="web:api", detector="web", subject="api", playbook=f"l{j}",
+                          success=False, ttr=None, now=1.0, incident=j)[0]
+    assert full.learn(sig="web:api", detector="web", subject="api", playbook="l64",
+                      success=False, ttr=None, now=1.0, incident=64) == ([], False)
+    assert len(full.patterns["web:api"]) == 64 and not Knowledge(rows_of(full)).quarantined

@@ -205,6 +205,8 @@ class Knowledge:
         self.by_source: dict[str, set[tuple[str, str]]] = {}
         # Per imported source: host, kid (the key pinned for it) and exported_at.
         self.sources: dict[str, dict[str, Any]] = dict(sources or {})
+        # This host's own rows first: imported ones never crowd them out of a pattern.
+        parsed: list[tuple[str, str, str, Entry, tuple[Any, ...]]] = []
         for row in rows:
             row = tuple(row)
             try:
@@ -212,21 +214,36 @@ class Knowledge:
             except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
                 self.quarantined.append((*row[:3], str(exc)[:300], row))
                 continue
-            held = self.by_source.setdefault(source, set())
-            if len(held) >= MAX_RECORDS or (
-                    len(self.patterns.get(sig, {})) >= MAX_PLAYBOOKS
-                    and pb not in self.patterns[sig]):
+            parsed.append((sig, pb, source, e, row))
+        parsed.sort(key=lambda item: item[2] != LOCAL)
+        for sig, pb, source, e, row in parsed:
+            if not self.room(sig, pb, source):
                 self.quarantined.append((sig, pb, source, f"over the caps ({MAX_RECORDS} "
                                          f"records a source, {MAX_PLAYBOOKS} playbooks a "
                                          "pattern)", row))
                 continue
-            held.add((sig, pb))
+            self.by_source.setdefault(source, set()).add((sig, pb))
             self.patterns.setdefault(sig, {}).setdefault(pb, {})[source] = e
         self.recent: dict[str, None] = {}
         self._reorder()
         # Bumped by every change an import plan depends on (a reset, an import): a plan
         # made in a worker thread is applied only if nothing changed meanwhile.
         self.version = 0
+
+    def room(self, sig: str, pb: str, source: str) -> bool:
+        """May ``source`` hold a record for (``sig``, ``pb``)? A source holds at most
+        MAX_RECORDS records. A pattern holds at most MAX_PLAYBOOKS playbooks, this
+        host's own first: an imported playbook needs a free place among them, a local
+        one only a free place among the local ones (imports never push it out)."""
+        held = self.by_source.get(source, set())
+        if (sig, pb) in held:
+            return True
+        if len(held) >= MAX_RECORDS:
+            return False
+        pbs = self.patterns.get(sig, {})
+        if source == LOCAL:
+            return sum(1 for srcs in pbs.values() if LOCAL in srcs) < MAX_PLAYBOOKS
+        return pb in pbs or len(pbs) < MAX_PLAYBOOKS
 
     def _reorder(self) -> None:
         """Rebuild :attr:`recent` (after a load or an import: a write, not a read)."""
@@ -337,7 +354,10 @@ class Knowledge:
         """Count one credited run; returns the write and whether the record is new.
 
         ``own``: for a failure, whether a step of the playbook itself failed (rather than
-        every step succeeding and the symptom staying)."""
+        every step succeeding and the symptom staying). A new record over the caps
+        (:meth:`room`) is not made: no writes, nothing learned."""
+        if not self.room(sig, playbook, LOCAL):
+            return [], False
         sources = self.patterns.setdefault(sig, {}).setdefault(playbook, {})
         new = LOCAL not in sources
         e = sources.setdefault(LOCAL, Entry(detector, subject, first_seen=now, last_seen=now,
