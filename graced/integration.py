@@ -96,10 +96,14 @@ def snapshot(*, detectors: dict[str, dict[str, Any]], notifiers: dict[str, dict[
                    "refused_requests": wire.get("refused_requests", 0)}
     if fleet is not None:  # [fleet]: forwarding to NATS JetStream (graced/fleet/)
         up = bool(fleet.get("connected"))
-        out["fleet"] = {"kind": "fleet", "state": "up" if up else "disconnected",
+        alert = fleet.get("alert")  # an event dropped as a copy of a message not sent
+        state = "disconnected" if not up else "failing" if alert else "up"
+        out["fleet"] = {"kind": "fleet", "state": state,
                         "lag_events": fleet.get("lag_events", 0),
                         "acked_seq": fleet.get("acked_seq"),
-                        "last_error": None if up else _short(fleet.get("last_error"))}
+                        "refused_duplicates": fleet.get("refused_duplicates", 0),
+                        "last_error": None if state == "up"
+                        else _short(alert or fleet.get("last_error"))}
     return out
 
 

@@ -5,12 +5,17 @@ never the mesh's fan-out (a mesh subscriber that falls behind would be dropped).
 subscription only wakes the forwarder when the head moves. On its own asyncio thread
 (:mod:`graced.fleet.bridge`) it reads events ``acked+1 ..`` from the journal on a read
 connection of its own, publishes up to ``in_flight`` at a time to
-``grace.<daemon-id>.<topic>`` with ``Nats-Msg-Id: <kid>:<seq>``, and advances ``acked``
-over the contiguous prefix JetStream acknowledged. Any failure (a timeout, a lost
-connection, NATS down for minutes) sends again from ``acked+1``: JetStream drops the
-copies it already holds by message id, so the stream gets no gap and no duplicate. The
-acked seq is kept in the journal's ``meta`` (``fleet_acked``); after a restart
-forwarding resumes from the lower of it and the last seq JetStream holds for this host.
+``grace.<daemon-id>.<topic>`` with ``Nats-Msg-Id: <kid>:<seq>:<sha256 of the body>``, and
+advances ``acked`` over the contiguous prefix JetStream acknowledged. Any failure (a
+timeout, a lost connection, NATS down for minutes) sends again from ``acked+1``:
+JetStream drops the copies it already holds by message id, so the stream gets no gap and
+no duplicate. A "duplicate" ack is taken only when the message JetStream holds under that
+id is byte for byte the one sent; anything else (a message someone else published with
+that id, or one purged since) is counted, alerted (``status``, the fleet component of
+``integration``) and the event sent again under a fresh id. The acked seq is kept in the
+journal's ``meta`` (``fleet_acked``); after a restart, and when the stream was deleted
+under it, forwarding resumes from the lower of it and the last seq JetStream holds for
+this host (a last message that is not this host's journaled event counts for nothing).
 
 Nothing here ever blocks trio: publishing, acks and reconnects happen on the asyncio
 thread; graced only lags, and ``status`` says by how much (:meth:`Forwarder.status`).
@@ -29,6 +34,7 @@ import asyncio
 import functools
 import json
 import logging
+import secrets
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -51,6 +57,7 @@ log = logging.getLogger("graced.fleet")
 META_KEY = "fleet_acked"
 MAX_RPC = 8  # requests by NATS served at once; more wait
 MAX_RPC_BYTES = 1 << 20
+ALERT_FOR = 300.0  # seconds the fleet component stays "failing" after a refused duplicate
 
 
 def connect_options(cfg: FleetConfig, name: str) -> dict[str, Any]:
@@ -106,6 +113,8 @@ class Forwarder:
         self.forwarded = 0
         self.resumed_from: int | None = None
         self.rpc_served = 0
+        self.refused_duplicates = 0
+        self._alert: tuple[float, str] | None = None
         self._behind_since: float | None = None
         self._head = mesh.delivered_seq
         self._wake: asyncio.Event | None = None
@@ -188,8 +197,16 @@ class Forwarder:
             "lag_seconds": round(time.time() - behind, 3) if lag and behind else 0.0,
             "forwarded": self.forwarded, "resumed_from": self.resumed_from,
             "requests_served": self.rpc_served, "last_error": self.last_error,
+            "refused_duplicates": self.refused_duplicates, "alert": self.alert(),
             "knowledge": self.knowledge.status() if self.knowledge else None,
         }
+
+    def alert(self) -> str | None:
+        """Why forwarding was tampered with lately (JetStream dropped an event as a copy
+        of a message graced did not send), or None."""
+        if self._alert is None or time.time() - self._alert[0] > ALERT_FOR:
+            return None
+        return self._alert[1]
 
     # -- asyncio side -----------------------------------------------------------------
 
@@ -235,7 +252,7 @@ class Forwarder:
                            cb=functools.partial(self._on_rpc, rpc_slots))
         sharing = asyncio.ensure_future(self._share(js)) if self.knowledge else None
         try:
-            await self._resume(js, NotFoundError)
+            await self._resume(js, reader, NotFoundError)
             await self._forward(js, reader, NotFoundError)
         finally:
             if sharing is not None:
@@ -243,8 +260,10 @@ class Forwarder:
             reader.close()
             await nc.close()
 
-    async def _resume(self, js: Any, not_found: type[Exception]) -> None:
-        """Where to start: the lower of our acked seq and JetStream's last for this host."""
+    async def _resume(self, js: Any, reader: JournalReader,
+                      not_found: type[Exception]) -> None:
+        """Where to start: the lower of our acked seq and JetStream's last for this host
+        (which counts only if it is byte for byte the event this host journaled)."""
         backoff = 0.2
         while True:
             try:
@@ -252,8 +271,7 @@ class Forwarder:
                 try:
                     last = await js.get_last_msg(self.cfg.stream,
                                                  names.host_filter(self.daemon_id))
-                    parsed = names.parse_msg_id((last.headers or {}).get(names.MSG_ID_HEADER))
-                    stored = parsed[1] if parsed else 0
+                    stored = self._own_seq(reader, bytes(last.data or b""))
                 except not_found:
                     stored = 0
                 break
@@ -261,11 +279,23 @@ class Forwarder:
                 self.last_error = redact_text(f"resume: {type(exc).__name__}: {exc}")[:300]
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+        if stored is None:  # not this host's event: trust only our own acked seq
+            stored = self.local_acked or 0
         start = stored if self.local_acked is None else min(self.local_acked, stored)
         self.acked = start
         self.resumed_from = start + 1
         log.info("fleet: forwarding to %s stream %s from seq %d (JetStream holds up to %d)",
                  redact_url(self.cfg.url), self.cfg.stream, start + 1, stored)
+
+    @staticmethod
+    def _own_seq(reader: JournalReader, data: bytes) -> int | None:
+        """The seq of ``data`` if it is exactly an event of this host's journal, else None."""
+        try:
+            seq = _fields(data.decode())[1]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return None
+        held = reader.read(seq, seq, 1)
+        return seq if held and held[0].encode() == data else None
 
     async def _ensure_stream(self, js: Any, not_found: type[Exception]) -> None:
         try:
@@ -275,6 +305,8 @@ class Forwarder:
 
     async def _forward(self, js: Any, reader: JournalReader,
                        not_found: type[Exception]) -> None:
+        from nats.js.errors import NoStreamResponseError
+
         assert self._wake is not None
         prefix = names.PREFIX
         backoff = 0.1
@@ -293,14 +325,16 @@ class Forwarder:
             if not bodies:
                 await asyncio.sleep(0.05)
                 continue
-            sends, seqs = [], []
+            sends, seqs, msgs = [], [], []
             for body in bodies:
                 kid, seq, topic = _fields(body)
                 seqs.append(seq)
                 subject = f"{prefix}.{self.daemon_id}." + ".".join(
                     names.subject_token(t) for t in topic.split("."))
-                sends.append(js.publish(subject, body.encode(), stream=self.cfg.stream,
-                                        headers={names.MSG_ID_HEADER: names.msg_id(kid, seq)}))
+                data = body.encode()
+                msgs.append((subject, data, kid, seq))
+                sends.append(js.publish(subject, data, stream=self.cfg.stream, headers={
+                    names.MSG_ID_HEADER: names.msg_id(kid, seq, data)}))
             if seqs[0] != self.acked + 1:
                 # Retention pruned the journal behind a checkpoint before these were sent
                 # (NATS away for longer than the journal keeps events): the fleet view
@@ -308,9 +342,11 @@ class Forwarder:
                 self.last_error = (f"events {self.acked + 1}..{seqs[0] - 1} were pruned from "
                                    "the journal before they could be forwarded")
                 log.error("fleet: %s", self.last_error)
-            results = await asyncio.gather(*sends, return_exceptions=True)
+            results: list[Any] = list(await asyncio.gather(*sends, return_exceptions=True))
             ok = 0
-            for res in results:
+            for i, res in enumerate(results):
+                if not isinstance(res, BaseException) and getattr(res, "duplicate", False):
+                    results[i] = res = await self._check_duplicate(js, res, *msgs[i])
                 if isinstance(res, BaseException):
                     break
                 ok += 1
@@ -322,15 +358,44 @@ class Forwarder:
             if ok < len(results):
                 exc = results[ok]
                 self.last_error = redact_text(f"publish: {type(exc).__name__}: {exc}")[:300]
-                if isinstance(exc, not_found):  # the stream was deleted: make it again
+                if isinstance(exc, (not_found, NoStreamResponseError)):
+                    # The stream was deleted: make it again, and resend what it lost.
                     try:
-                        await self._ensure_stream(js, not_found)
+                        self.local_acked = self.acked
+                        await self._resume(js, reader, not_found)
                     except Exception:  # noqa: BLE001
                         pass
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             else:
                 backoff = 0.1
+
+    async def _check_duplicate(self, js: Any, ack: Any, subject: str, data: bytes, kid: str,
+                               seq: int) -> Any:
+        """JetStream dropped event ``seq`` as a copy: fine if what it holds under that id is
+        this very message; else someone else published under its id (or it was purged):
+        alert, and send it again under a fresh id. Returns the ack to count, or the
+        exception that stops this batch."""
+        try:
+            held = await js.get_msg(self.cfg.stream, ack.seq)
+            if bytes(held.data or b"") == data and held.subject == subject:
+                return ack
+        except Exception as exc:  # noqa: BLE001 - not found (purged), or NATS away
+            from nats.js.errors import NotFoundError
+
+            if not isinstance(exc, NotFoundError):
+                return exc
+        self.refused_duplicates += 1
+        why = (f"JetStream dropped event {seq} as a duplicate of a message graced did not "
+               f"send (stream seq {ack.seq}); sent again under a fresh id")
+        self._alert = (time.time(), why)
+        self.last_error = why
+        log.error("fleet: %s", why)
+        try:
+            return await js.publish(subject, data, stream=self.cfg.stream, headers={
+                names.MSG_ID_HEADER: names.msg_id(kid, seq, data, secrets.token_hex(8))})
+        except Exception as exc:  # noqa: BLE001 - the batch is sent again from here
+            return exc
 
     # -- shared knowledge (asyncio side; see graced/fleet/knowledge.py) ------------------
 

@@ -1,9 +1,11 @@
 """Names on NATS JetStream for the fleet (sans-IO): subjects, message ids, buckets.
 
 Each graced forwards every signed event, byte for byte, to the subject
-``grace.<daemon-id>.<topic>`` with the header ``Nats-Msg-Id: <kid>:<seq>``, so that
-JetStream drops a copy sent twice (after a reconnect or a restart) within its duplicate
-window. A topic's tokens are mapped to what a NATS subject allows (a ``user.*`` topic
+``grace.<daemon-id>.<topic>`` with the header ``Nats-Msg-Id: <kid>:<seq>:<sha256>``
+(the SHA-256 of the message body, the signed event), so that JetStream drops a copy sent
+twice (after a reconnect or a restart) within its duplicate window. Message ids are
+stream-wide: an id anyone could compute before the event exists (``<kid>:<seq>``) would
+let any publisher make JetStream drop the host's real event as a "duplicate". A topic's tokens are mapped to what a NATS subject allows (a ``user.*`` topic
 may hold anything): each token keeps ``[A-Za-z0-9_-]`` and every other character becomes
 ``_``; an empty token becomes ``_``. The event itself, in the message body, keeps its
 real topic: a subject only routes.
@@ -16,6 +18,7 @@ asks is stored.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 
@@ -26,7 +29,7 @@ KNOWLEDGE_BUCKET = "grace-knowledge"
 MSG_ID_HEADER = "Nats-Msg-Id"
 
 _TOKEN_BAD = re.compile(r"[^A-Za-z0-9_-]")
-_MSG_ID = re.compile(r"([0-9a-f]{16}):([1-9][0-9]{0,18})")
+_MSG_ID = re.compile(r"([0-9a-f]{16}):([1-9][0-9]{0,18}):([0-9a-f]{64})(?::[0-9a-f]{1,32})?")
 
 
 def valid_daemon_id(daemon_id: str) -> bool:
@@ -56,14 +59,18 @@ def rpc_subject(daemon_id: str) -> str:
     return f"{RPC_PREFIX}.{daemon_id}"
 
 
-def msg_id(kid: str, seq: int) -> str:
-    return f"{kid}:{seq}"
+def msg_id(kid: str, seq: int, body: bytes, resend: str = "") -> str:
+    """The message id of an event: unguessable before the event exists. ``resend`` (hex)
+    makes a fresh id for an event JetStream dropped as a copy of a message that was not
+    this one."""
+    tail = f":{resend}" if resend else ""
+    return f"{kid}:{seq}:{hashlib.sha256(body).hexdigest()}{tail}"
 
 
-def parse_msg_id(value: str | None) -> tuple[str, int] | None:
-    """``(kid, seq)`` of a message id graced set, or None for anything else."""
+def parse_msg_id(value: str | None) -> tuple[str, int, str] | None:
+    """``(kid, seq, sha256)`` of a message id graced set, or None for anything else."""
     m = _MSG_ID.fullmatch(value or "")
-    return (m.group(1), int(m.group(2))) if m else None
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
 
 
 def daemon_of(subject: str) -> str | None:
