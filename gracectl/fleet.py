@@ -358,7 +358,7 @@ def fleet_tail(ctx: click.Context, patterns: tuple[str, ...], hosts: tuple[str, 
             if not match(event["topic"]):
                 continue
             if as_json:
-                click.echo(json.dumps(event, separators=(",", ":"), ensure_ascii=False))
+                click.echo(json.dumps(event, separators=(",", ":")))  # ASCII: no raw controls
             else:
                 out.echo(f"{host.host[:20]:<20} {format_event(event)}")
         sys.stdout.flush()

@@ -227,4 +227,4 @@ def resolve_host(hosts: dict[str, HostView], name: str) -> HostView:
 
 
 def dumps(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False)
+    return json.dumps(data, indent=2, sort_keys=True)  # ASCII: no raw C1 or bidi controls

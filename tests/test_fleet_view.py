@@ -23,10 +23,20 @@ def test_subjects_keep_only_what_nats_allows() -> None:
     assert names.daemon_of(f"other.{DAEMON}.x") is None
 
 
-def test_message_ids_round_trip_and_refuse_others() -> None:
-    assert names.parse_msg_id(names.msg_id("0123456789abcdef", 42)) == ("0123456789abcdef", 42)
-    for bad in (None, "", "k:1", "0123456789abcdef:0", "0123456789abcdef:-1",
-                "0123456789ABCDEF:1", "0123456789abcdef:1:2"):
+def test_message_ids_are_unguessable_before_the_event_and_round_trip() -> None:
+    import hashlib
+
+    body = b'{"seq":42}'
+    sha = hashlib.sha256(body).hexdigest()
+    mid = names.msg_id("0123456789abcdef", 42, body)
+    assert mid == f"0123456789abcdef:42:{sha}"  # the body's hash: not known in advance
+    assert names.msg_id("0123456789abcdef", 42, b'{"seq":42} ') != mid
+    assert names.parse_msg_id(mid) == ("0123456789abcdef", 42, sha)
+    fresh = names.msg_id("0123456789abcdef", 42, body, "00ff")
+    assert fresh == mid + ":00ff" and names.parse_msg_id(fresh) == ("0123456789abcdef", 42, sha)
+    for bad in (None, "", "k:1", "0123456789abcdef:1", "0123456789abcdef:0:" + sha,
+                "0123456789abcdef:-1:" + sha, "0123456789ABCDEF:1:" + sha,
+                "0123456789abcdef:1:" + sha[:-1], "0123456789abcdef:1:" + sha + ":"):
         assert names.parse_msg_id(bad) is None, bad
 
 
@@ -112,3 +122,13 @@ def test_the_fleet_is_a_component_whose_health_is_published() -> None:
     assert down["fleet"]["last_error"] == "ConnectionRefusedError"
     assert [(c["component"], c["was"], c["state"]) for c in changes(up, down)] == [
         ("fleet", "up", "disconnected")]
+
+
+def test_json_output_escapes_control_and_bidi_characters() -> None:
+    from gracectl.fleetview import dumps
+
+    text = dumps({"host": "web\u009b2J\u202eevil", "ok": "é"})
+    assert text.isascii() and "\\u009b" in text and "\\u202e" in text
+    import json
+
+    assert json.loads(text)["host"] == "web\u009b2J\u202eevil"
