@@ -5,7 +5,9 @@ Each graced forwards every signed event, byte for byte, to the subject
 (the SHA-256 of the message body, the signed event), so that JetStream drops a copy sent
 twice (after a reconnect or a restart) within its duplicate window. Message ids are
 stream-wide: an id anyone could compute before the event exists (``<kid>:<seq>``) would
-let any publisher make JetStream drop the host's real event as a "duplicate". A topic's tokens are mapped to what a NATS subject allows (a ``user.*`` topic
+let any publisher make JetStream drop the host's real event as a "duplicate".
+
+A topic's tokens are mapped to what a NATS subject allows (a ``user.*`` topic
 may hold anything): each token keeps ``[A-Za-z0-9_-]`` and every other character becomes
 ``_``; an empty token becomes ``_``. The event itself, in the message body, keeps its
 real topic: a subject only routes.
