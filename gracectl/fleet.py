@@ -242,8 +242,9 @@ def _age(seconds: float | None) -> str:
 @click.pass_context
 def fleet_ls(ctx: click.Context, as_json: bool) -> None:
     """The hosts: name, daemon id, last heartbeat, open missions by severity, forwarding
-    lag, verification status. Exits 11 (or the violation's code) when a host's stream
-    fails verification."""
+    lag, verification status. Exits 11 (or the violation's code) when the stream of a
+    host whose key is pinned fails verification (a host with no key pinned is shown as
+    unverified, or failed, but sets no exit code: anyone on NATS can make one up)."""
     view = _view(ctx)
     now = time.time()
     hosts = sorted(view.hosts.values(), key=lambda h: (h.host, h.daemon_id))
@@ -261,11 +262,13 @@ def fleet_ls(ctx: click.Context, as_json: bool) -> None:
                                   "lag", "seq", "verified"]))
         if view.foreign:
             out.echo(f"{view.foreign} messages on subjects that name no daemon", err=True)
-    _exit_for(hosts)
+    _exit_for(hosts, pinned_only=True)
 
 
-def _exit_for(hosts: list[HostView]) -> None:
+def _exit_for(hosts: list[HostView], pinned_only: bool = False) -> None:
     for h in hosts:
+        if pinned_only and h.key is None:
+            continue
         if h.violation is not None:
             raise CtlError(f"host {h.host} ({h.daemon_id}): verification failed at seq "
                            f"{h.violation.seq}: {h.violation}", h.violation.code)
@@ -282,12 +285,18 @@ def fleet_missions() -> None:
 @click.option("--state", "states", multiple=True, metavar="STATE",
               help="Only missions in this state; repeatable (default: the open ones).")
 @click.option("--all", "show_all", is_flag=True, help="Closed missions too.")
+@click.option("--unverified", "show_unverified", is_flag=True,
+              help="Also the missions of hosts with no key pinned (marked UNVERIFIED: "
+                   "anyone on NATS can publish them).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (for scripts).")
 @click.pass_context
 def fleet_missions_ls(ctx: click.Context, hosts: tuple[str, ...], states: tuple[str, ...],
-                      show_all: bool, as_json: bool) -> None:
-    """Each host's missions as its mission.* events last showed them (verified events
-    only where a key is pinned)."""
+                      show_all: bool, show_unverified: bool, as_json: bool) -> None:
+    """Each host's missions as its verified mission.* events last showed them. Hosts
+    with no key pinned are left out unless --unverified (then marked); in JSON each
+    mission has "verified" (true: from events verified against the host's pinned key).
+    Exits 11 (or the violation's code) when the stream of a host whose key is pinned
+    fails verification."""
     view = _view(ctx)
     chosen = list(view.hosts.values())
     if hosts:
@@ -297,23 +306,31 @@ def fleet_missions_ls(ctx: click.Context, hosts: tuple[str, ...], states: tuple[
             raise NotFound(str(exc)) from None
     rows: list[dict[str, Any]] = []
     for h in chosen:
+        if h.key is None and not show_unverified:
+            continue
         for m in h.missions.values():
             if states and m.get("state") not in states:
                 continue
             if not states and not show_all and m.get("state") in _closed():
                 continue
-            rows.append({"host": h.host, "daemon_id": h.daemon_id, **m})
+            rows.append({**m, "host": h.host, "daemon_id": h.daemon_id,
+                         "verified": h.key is not None})
     rows.sort(key=lambda r: (r["host"], r["daemon_id"], r["id"]))
     if as_json:
         click.echo(dumps(rows))
     else:
         now = time.time()
-        out.echo(out.table([[r["host"], r["id"], r.get("severity"), r.get("state"),
+        out.echo(out.table([[r["host"] if r["verified"] else f"{r['host']} UNVERIFIED",
+                             r["id"], r.get("severity"), r.get("state"),
                              r.get("detector"), r.get("subject"), r.get("summary"),
                              _age(now - float(r.get("opened_at") or now))] for r in rows],
                            ["host", "id", "severity", "state", "detector", "subject",
                             "summary", "opened"]))
-    _exit_for(chosen)
+        hidden = sum(1 for h in chosen if h.key is None and h.missions)
+        if hidden and not show_unverified:
+            out.echo(f"{hidden} hosts with no key pinned left out (--unverified shows them)",
+                     err=True)
+    _exit_for(chosen, pinned_only=True)
 
 
 def _closed() -> tuple[str, ...]:
@@ -499,14 +516,18 @@ class _NatsLink:
 @fleet.command("trust")
 @click.argument("host_name", metavar="HOST")
 @click.option("--key", "key_file", metavar="KEYFILE", type=click.Path(dir_okay=False),
-              help="The host's key.pub (else: the key its stream names, on first use).")
+              help="The host's key.pub (else: the key its first event names, on first use, "
+                   "if its whole chain verifies with it).")
 @click.option("--replace", is_flag=True, help="Replace a key already pinned for HOST.")
 @click.pass_context
 def fleet_trust(ctx: click.Context, host_name: str, key_file: str | None,
                 replace: bool) -> None:
     """Pin HOST's key for the fleet view: from --key (the safe way: its key.pub, taken
-    off the host), else the public key its forwarded crypto.key_* event names (trust on
-    first use). A different key already pinned is refused without --replace."""
+    off the host), else the public key its first event (seq 1, crypto.key_created) names,
+    only if that event and the host's whole chain in the stream verify with it and the
+    stream offers no other key for the host (trust on first use). A different key
+    already pinned is refused without --replace. A fleet pin is for the fleet view and
+    approvals only: knowledge import never takes it."""
     from graced.keys import parse_public_key
 
     view, nats = _load(ctx, names.host_filter(topic="crypto.>"))
@@ -534,8 +555,11 @@ def fleet_trust(ctx: click.Context, host_name: str, key_file: str | None,
 
 
 def _offered_key(ctx: click.Context, host: HostView) -> bytes:
+    """The key HOST's genesis event names, if its chain verifies with it from seq 1 and
+    the stream offers no other key for it; else CtlError (exit 10)."""
     obj = ctx.find_object(dict) or {}
-    found: list[bytes] = []
+    offered: set[bytes] = set()
+    genesis: list[tuple[dict[str, Any], bytes]] = []
 
     def take(subject: str, data: bytes) -> None:
         try:
@@ -543,18 +567,35 @@ def _offered_key(ctx: click.Context, host: HostView) -> bytes:
             raw = base64.b64decode(str(event["payload"]["public_key"]), validate=True)
         except (Violation, KeyError, TypeError, ValueError):
             return
-        if len(raw) == 32 and key_id(raw) == event["kid"]:
-            found.append(raw)
+        offered.add(raw)
+        if event["seq"] == 1 and event["topic"] == "crypto.key_created":
+            genesis.append((event, raw))
+
+    def refuse(why: str) -> CtlError:
+        return CtlError(f"host {host.host} ({host.daemon_id}): {why}; not trusted on first "
+                        "use: pass --key with the host's key.pub", ExitCode.BAD_SIGNATURE)
 
     nats = Nats(obj["nats"], obj.get("creds"), obj["timeout"])
     nats.connect()
     try:
         nats.read(obj["stream"], names.host_filter(host.daemon_id, "crypto.>"), take, False)
+        if len(offered) > 1:
+            raise refuse(f"its stream offers {len(offered)} different keys")
+        if len({raw for _, raw in genesis}) != 1:
+            raise refuse("its stream holds no first event (seq 1, crypto.key_created)")
+        event, key = genesis[0]
+        if len(key) != 32 or key_id(key) != event["kid"]:
+            raise refuse("its first event names a key it is not signed with")
+        view = FleetView({host.daemon_id: key}, first_seq=1)
+        nats.read(obj["stream"], names.host_filter(host.daemon_id), view.add, False)
     finally:
         nats.close()
-    if not found:
-        raise CtlError(f"host {host.host} has forwarded no key event; pass --key",
-                       ExitCode.BAD_SIGNATURE)
-    print(f"trusting key {key_id(found[-1])} of host {host.host} on first use",
-          file=sys.stderr)
-    return found[-1]
+    view.settle()
+    view.finish()
+    checked = view.hosts.get(host.daemon_id)
+    if checked is None or checked.violation is not None or checked.first_seq != 1:
+        why = checked.violation if checked is not None else "no events"
+        raise refuse(f"its chain does not verify with the key its first event names ({why})")
+    print(f"trusting key {key_id(key)} of host {host.host} on first use: its {checked.events} "
+          "events verify with it from seq 1", file=sys.stderr)
+    return key

@@ -93,7 +93,8 @@ class FleetView:
     """Hosts built from forwarded messages; :meth:`add` them, then :meth:`settle`."""
 
     def __init__(self, keys: dict[str, bytes | None], clock: Any = time.time,
-                 require_keys: bool = False) -> None:
+                 require_keys: bool = False, first_seq: int | None = None) -> None:
+        self.first_seq = first_seq  # the seq each host's chain must start at (1: genesis)
         self.keys = keys  # daemon id -> pinned key (None: unverified)
         self.require_keys = require_keys  # a host with no pinned key fails at once
         self.hosts: dict[str, HostView] = {}
@@ -105,7 +106,7 @@ class FleetView:
         if view is None:
             view = self.hosts[daemon_id] = HostView(daemon_id, key=self.keys.get(daemon_id))
             if view.key is not None:
-                view.verifier = ChainVerifier(view.key)
+                view.verifier = ChainVerifier(view.key, first_seq=self.first_seq)
             elif self.require_keys:
                 view.violation = Violation(ExitCode.BAD_SIGNATURE, None,
                                            "no key pinned for this host (gracectl fleet "

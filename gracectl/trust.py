@@ -110,9 +110,13 @@ def _raw_key(entry: Any) -> bytes | None:
 KNOWLEDGE = "knowledge:"  # known_keys entries pinned for a daemon id's exports
 
 
+FLEET = "fleet:"  # a key pinned by gracectl fleet trust, for the fleet view only
+
+
 def pinned_for_daemon(daemon_id: str) -> bytes | None:
     """The key trusted for exports of a daemon id: the one pinned for that id (at its
-    first import), else the one pinned for every endpoint that said it is that daemon.
+    first import), else the one pinned for every endpoint that said it is that daemon
+    (its socket or URL; never a fleet pin, whose key came by NATS).
     Raises ValueError when endpoints pinned different keys for the same id: a daemon id
     is a name anyone can claim, so neither is trusted."""
     if not daemon_id:
@@ -124,7 +128,7 @@ def pinned_for_daemon(daemon_id: str) -> bytes | None:
     found = {}
     for name, entry in data.items():
         if isinstance(entry, dict) and entry.get("daemon_id") == daemon_id \
-                and not name.startswith(KNOWLEDGE):
+                and not name.startswith((KNOWLEDGE, FLEET)):
             raw = _raw_key(entry)
             if raw is not None:
                 found[raw] = name

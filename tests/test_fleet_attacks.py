@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,97 @@ def test_guessed_message_ids_a_purge_or_a_deleted_stream_silence_no_host(
         _nats(server.url, delete)
         assert g.ctl("emit", "user.after", "--count", "5").returncode == 0
         assert_whole(op, g, daemon_id)
+    finally:
+        g.close()
+        server.stop()
+
+
+def _forge_host(url: str, daemon_id: str, events: list[tuple[str, dict[str, Any]]],
+                signer: Any = None, first: int = 1, prev: str = "0" * 64) -> Any:
+    """Publish a chain of events signed by ``signer`` (a new key by default) under
+    ``daemon_id``'s subjects, as anyone on NATS may."""
+    import nacl.signing
+
+    from graced.protocol import Signer
+    from graced.protocol import fleet as names
+
+    signer = signer or Signer(nacl.signing.SigningKey.generate())
+    now = time.time()
+
+    async def go(nc: Any, js: Any) -> None:
+        nonlocal prev
+        for seq, (topic, payload) in enumerate(events, first):
+            ev = signer.make_event(seq=seq, ts=now, topic=topic, payload=payload, prev=prev)
+            prev = ev.hash
+            await js.publish(names.subject_for(daemon_id, topic), ev.text.encode())
+
+    _nats(url, go)
+    return signer
+
+
+@pytest.mark.slow
+def test_made_up_hosts_and_offered_keys_are_not_trusted(shortdir: Path) -> None:
+    """A made-up host's forged mission is left out of fleet missions ls (shown, marked,
+    with --unverified); junk on a made-up host's subjects fails that host only; fleet
+    trust without --key pins the key of the host's genesis event only when its chain
+    verifies with it, and refuses when the stream offers another key."""
+    from graced.keys import parse_public_key
+    from graced.protocol.signing import b64
+
+    server = NatsServer(shortdir)
+    server.start()
+    op = Operator(shortdir, server.url)
+    (shortdir / "h").mkdir()
+    g = Graced(shortdir / "h", fleet_section(server.url))
+    g.start()
+    try:
+        daemon_id = str(json.loads(g.ctl("status", "--json", check=True).stdout)["daemon_id"])
+        wait_caught_up(g)
+        fake = str(uuid.uuid4())
+        import nacl.signing
+
+        from graced.protocol import Signer
+
+        genesis_key = Signer(nacl.signing.SigningKey.generate())
+        _forge_host(server.url, fake, [("crypto.key_created", {
+            "kid": genesis_key.kid, "public_key": b64(genesis_key.public_key)})],
+            signer=genesis_key)
+        _forge_host(server.url, fake, [  # ... but the rest is signed by another key
+            ("daemon.started", {"host": "db-1", "version": "0.1.0"}),
+            ("mission.opened", {"id": 7, "state": "awaiting_approval", "severity": "critical",
+                                "detector": "disk", "subject": "/", "opened_at": time.time(),
+                                "summary": "disk full: approve wipe-and-reboot"})], first=2)
+        junk = str(uuid.uuid4())
+        _nats(server.url, lambda nc, js: js.publish(f"grace.{junk}.daemon.started", b"junk"))
+
+        # Trust on first use: the genesis key, the whole chain verified with it.
+        trusted = op.fleet("trust", daemon_id)
+        assert trusted.returncode == 0, trusted.stderr
+        own = parse_public_key((g.state / "key.pub").read_text())
+        pinned = json.loads((op.home / ".config" / "grace" / "known_keys.json").read_text())
+        assert pinned[f"fleet:{daemon_id}"]["public_key"] == b64(own)
+        made_up = op.fleet("trust", fake)  # its chain does not verify with its genesis key
+        assert made_up.returncode == 10 and "does not verify" in made_up.stderr, made_up.stderr
+
+        listed = {h["daemon_id"]: h for h in op.fleet_json("ls")["hosts"]}  # exit 0
+        assert listed[daemon_id]["verified"] == "ok"
+        assert listed[fake]["verified"].startswith("unverified")
+        assert listed[junk]["violation"] is not None
+        assert op.fleet_json("missions", "ls") == []
+        shown = op.fleet_json("missions", "ls", "--unverified")
+        assert [(m["daemon_id"], m["id"], m["verified"]) for m in shown] == [(fake, 7, False)]
+        text = op.fleet("missions", "ls", "--unverified")
+        assert text.returncode == 0 and "db-1 UNVERIFIED" in text.stdout, text
+
+        # Another key offered on the host's own subjects: no key is taken on first use.
+        signer = Signer(nacl.signing.SigningKey.generate())
+        _forge_host(server.url, daemon_id, [("crypto.key_loaded", {
+            "kid": signer.kid, "public_key": b64(signer.public_key)})], signer=signer,
+            first=listed[daemon_id]["last_seq"] + 1)
+        again = op.fleet("trust", daemon_id, "--replace")
+        assert again.returncode == 10 and "2 different keys" in again.stderr, again.stderr
+        pinned = json.loads((op.home / ".config" / "grace" / "known_keys.json").read_text())
+        assert pinned[f"fleet:{daemon_id}"]["public_key"] == b64(own)
     finally:
         g.close()
         server.stop()

@@ -132,3 +132,20 @@ def test_json_output_escapes_control_and_bidi_characters() -> None:
     import json
 
     assert json.loads(text)["host"] == "web\u009b2J\u202eevil"
+
+
+def test_a_fleet_pin_never_becomes_the_key_for_a_daemons_knowledge(
+        tmp_path: object, monkeypatch: object) -> None:
+    """A key pinned by gracectl fleet trust came by NATS: knowledge import does not take it."""
+    import pytest
+
+    from gracectl import trust
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    monkeypatch.setenv("GRACE_KNOWN_KEYS", f"{tmp_path}/known_keys.json")
+    key = Signer(nacl.signing.SigningKey.generate()).public_key
+    trust.pin(f"fleet:{DAEMON}", key, DAEMON)
+    assert trust.pinned(f"fleet:{DAEMON}") == key
+    assert trust.pinned_for_daemon(DAEMON) is None
+    trust.pin("unix:/run/graced.sock", key, DAEMON)  # pinned over its socket: taken
+    assert trust.pinned_for_daemon(DAEMON) == key
