@@ -86,7 +86,8 @@ class Api:
         self.reads = reads
         self.quarantine = quarantine or {"rows": 0, "this_start": 0, "reasons": []}
         # Imports and resets one at a time: each changes memory and the journal together.
-        self._knowledge_lock = trio.Lock()
+        # Knowledge imports and resets, one at a time (the fleet's imports take it too).
+        self.knowledge_lock = self._knowledge_lock = trio.Lock()
         self.reloader: Reloader | None = None
         # The components' health as last published (graced.integration), for status.
         self.integration: dict[str, dict[str, Any]] = {}

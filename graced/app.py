@@ -197,7 +197,7 @@ class Daemon:
                                        journal_path=journal.path,
                                        acked=meta.get("fleet_acked"), answer=server.answer,
                                        hostname=self.hostname, signer=signer,
-                                       learning=learning)
+                                       learning=learning, knowledge_lock=api.knowledge_lock)
             api.fleet = self.fleet = forwarder
         retention = Retention(
             mesh=mesh, reads=reads, max_size=cfg.journal.max_size,

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import Graced
 from tests.helpers.nats import NatsServer
-from tests.helpers.procs import poll_until
+from tests.helpers.procs import LineCollector, poll_until
 from tests.test_fleet_e2e import Operator, assert_whole, fleet_section, status, wait_caught_up
 
 
@@ -174,6 +174,64 @@ def test_made_up_hosts_and_offered_keys_are_not_trusted(shortdir: Path) -> None:
         assert again.returncode == 10 and "2 different keys" in again.stderr, again.stderr
         pinned = json.loads((op.home / ".config" / "grace" / "known_keys.json").read_text())
         assert pinned[f"fleet:{daemon_id}"]["public_key"] == b64(own)
+    finally:
+        g.close()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_trusted_peer_cannot_overwrite_the_hosts_own_knowledge(shortdir: Path) -> None:
+    """Exports signed by a trusted peer's key but naming source "local", the host's own
+    id, or no daemon id at all are refused (counted); a proper one is imported."""
+    import nacl.signing
+
+    from graced.protocol import Signer, canonical_text
+    from graced.protocol import knowledge as pk
+    from graced.protocol.signing import b64
+
+    peer = Signer(nacl.signing.SigningKey.generate())
+    line = f"ed25519 {b64(peer.public_key)} {peer.kid}"
+    server = NatsServer(shortdir)
+    server.start()
+    (shortdir / "h").mkdir()
+    g = Graced(shortdir / "h", fleet_section(server.url, "knowledge_interval = 1\n"
+                                            f"knowledge_keys = {json.dumps([line])}\n"))
+    g.start()
+    try:
+        own_id = status(g)["daemon_id"]
+        poll_until(lambda: status(g)["fleet"]["knowledge"] is not None
+                   and status(g)["fleet"]["connected"], 20, "the fleet connected")
+        imports = LineCollector(g.ctl_popen("tail", "--json", "--since", "1",
+                                            "learning.imported"))
+        good = str(uuid.uuid4())
+
+        def export(source: str) -> bytes:
+            body = {"format": pk.EXPORT_FORMAT, "version": pk.EXPORT_VERSION,
+                    "source": source, "host": "peer", "exported_at": time.time(),
+                    "patterns": []}
+            return canonical_text(peer.sign_frame(body)).encode()
+
+        async def put(nc: Any, js: Any) -> None:
+            for _ in range(100):  # graced makes the bucket once connected
+                try:
+                    kv = await js.key_value("grace-knowledge")
+                    break
+                except Exception:  # noqa: BLE001 - not made yet
+                    await asyncio.sleep(0.1)
+            for source in ("local", "not-a-daemon-id", own_id.upper(), good):
+                await kv.put(source, export(source))
+
+        _nats(server.url, put)
+        assert imports.wait_for(lambda lines: len(lines) >= 1, 30), imports.lines
+        imports.proc.kill()
+        got = json.loads(imports.lines[0])
+        assert got["payload"]["source"] == good and got["payload"]["by"] == "fleet", got
+        knowledge = status(g)["fleet"]["knowledge"]
+        assert knowledge["imports"] == 1 and knowledge["refused"] == 3, knowledge
+        sources = [json.loads(x)["payload"]["source"] for x in g.ctl(
+            "tail", "--json", "--no-follow", "--since", "1", "learning.imported",
+            check=True).stdout.splitlines()]
+        assert sources == [good]
     finally:
         g.close()
         server.stop()

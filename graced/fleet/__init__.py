@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import trio
+
 from ..config.fleet import FleetConfig
 from ..errors import StartupError
 from ..learning import Learning
@@ -22,7 +24,8 @@ __all__ = ["Forwarder", "make_forwarder"]
 
 def make_forwarder(cfg: FleetConfig, *, daemon_id: str, mesh: Mesh, journal_path: Path,
                    acked: str | None, answer: Callable[[str, str], Awaitable[str]],
-                   hostname: str, signer: Signer, learning: Learning) -> Forwarder:
+                   hostname: str, signer: Signer, learning: Learning,
+                   knowledge_lock: trio.Lock | None = None) -> Forwarder:
     """A forwarder for ``[fleet]``; raises StartupError if it cannot run here."""
     from ..protocol.fleet import valid_daemon_id
 
@@ -38,6 +41,7 @@ def make_forwarder(cfg: FleetConfig, *, daemon_id: str, mesh: Mesh, journal_path
     share = None
     if cfg.share_knowledge or cfg.knowledge_keys:
         share = KnowledgeShare(daemon_id=daemon_id, hostname=hostname, signer=signer,
-                               mesh=mesh, learning=learning, trusted=list(cfg.knowledge_keys))
+                               mesh=mesh, learning=learning, trusted=list(cfg.knowledge_keys),
+                               lock=knowledge_lock)
     return Forwarder(cfg, daemon_id=daemon_id, mesh=mesh, journal_path=journal_path,
                      acked=start, answer=answer, knowledge=share)

@@ -10,6 +10,11 @@ public entry points as ``gracectl knowledge import`` (:func:`graced.protocol.kno
 ``apply_import``): a bounded, fading prior weighted
 by ``[learning] import_weight``, replacing that peer's earlier import. An export signed
 by any other key is counted and ignored: whoever can write to NATS cannot teach graced.
+An export whose source is not a daemon id (a UUID), or is this daemon's own id or
+``local`` (this host's own records), is refused as ``knowledge.import`` refuses it: a
+trusted peer may add a prior, never overwrite what this host learned. An import runs
+under the API's knowledge lock (never at once with a manual import or a reset), its plan
+made in a worker thread and used only if the knowledge base did not change meanwhile.
 
 This module runs on trio; the forwarder's asyncio thread calls :meth:`export_bytes`
 and :meth:`accept` through the trio token.
@@ -26,9 +31,11 @@ import trio
 
 from ..auth import parse_keys
 from ..learning import Learning
+from ..learning import knowledge as kb
 from ..mesh import Mesh
 from ..protocol import Signer, canonical_text
 from ..protocol import knowledge as pk
+from ..protocol.fleet import valid_daemon_id
 
 log = logging.getLogger("graced.fleet")
 
@@ -37,7 +44,9 @@ class KnowledgeShare:
     """Publishes this host's export and imports trusted peers'."""
 
     def __init__(self, *, daemon_id: str, hostname: str, signer: Signer, mesh: Mesh,
-                 learning: Learning, trusted: list[str]) -> None:
+                 learning: Learning, trusted: list[str],
+                 lock: trio.Lock | None = None) -> None:
+        self.lock = lock or trio.Lock()  # the API's knowledge lock (import, reset)
         self.daemon_id = daemon_id
         self.hostname = hostname
         self.signer = signer
@@ -68,6 +77,8 @@ class KnowledgeShare:
         def check() -> tuple[dict[str, Any], list[dict[str, Any]]]:
             # Parsing and canonicalising a large export takes a while: not on the loop.
             data, patterns = pk.parse_export(value)
+            if key in (self.daemon_id, kb.LOCAL) or not valid_daemon_id(key):
+                raise ValueError(f"source: {key[:60]!r} is not another daemon's id")
             if data["source"] != key:
                 raise ValueError(f"source: {data['source'][:60]!r} put under key {key!r}")
             public = self.trusted.get(data["kid"])
@@ -76,6 +87,10 @@ class KnowledgeShare:
             pk.verify_export(data, public)
             return data, patterns
 
+        async with self.lock:
+            return await self._accept(key, digest, check)
+
+    async def _accept(self, key: str, digest: str, check: Any) -> str:
         knowledge = self.learning.knowledge
         try:
             data, patterns = await trio.to_thread.run_sync(check)
@@ -88,8 +103,7 @@ class KnowledgeShare:
             if known is not None and exported_at <= known["exported_at"]:
                 self._seen[key] = digest
                 return "not newer than the export imported already"
-            plan = knowledge.plan_import(key, patterns, host=data["host"], kid=data["kid"],
-                                         exported_at=exported_at, now=time.time())
+            plan = await self._plan(key, patterns, data, exported_at)
         except (ValueError, LookupError, RecursionError, TypeError) as exc:
             self.refused += 1
             self._seen[key] = digest
@@ -105,6 +119,25 @@ class KnowledgeShare:
         self._seen[key] = digest
         self.imported += 1
         return f"imported {len(patterns)} records"
+
+    async def _plan(self, key: str, patterns: list[dict[str, Any]], data: dict[str, Any],
+                    exported_at: float) -> kb.ImportPlan:
+        """The import's plan, made in a worker thread (100,000 records take seconds);
+        made again if the knowledge base changed meanwhile (learning goes on)."""
+        knowledge = self.learning.knowledge
+
+        def plan() -> kb.ImportPlan:
+            return knowledge.plan_import(key, patterns, host=data["host"], kid=data["kid"],
+                                         exported_at=exported_at, now=time.time())
+
+        for _ in range(3):
+            try:
+                done = await trio.to_thread.run_sync(plan)
+            except (RuntimeError, KeyError):  # changed under it (a dict resized): again
+                continue
+            if done.version == knowledge.version:
+                return done
+        raise LookupError("the knowledge base kept changing during the import; next time")
 
     def status(self) -> dict[str, Any]:
         return {"trusted_keys": len(self.trusted), "imports": self.imported,
