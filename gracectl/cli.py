@@ -206,12 +206,40 @@ async def _hello_tcp(endpoint: Endpoint) -> Any:
         return await conn.request("hello")
 
 
-class Root(click.Group):
+_SENTENCE_END = re.compile(r"(?<!e\.g)(?<!i\.e)(?<!etc)\.(?=\s|$)")
+
+
+def summary(cmd: click.Command) -> str:
+    """A command's summary for the list in --help: its first sentence, whole."""
+    if cmd.short_help:
+        return cmd.short_help
+    text = " ".join((cmd.help or "").split("\n\n", 1)[0].split())
+    end = _SENTENCE_END.search(text)
+    return text[:end.start() + 1] if end else text
+
+
+class HelpGroup(click.Group):
+    """A group whose --help lists each command with its first sentence whole (wrapped),
+    never cut mid-phrase."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, summary(cmd)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class Root(HelpGroup):
     """gracectl's command group: a command whose module is heavy (fleet: NATS, asyncio;
     web: trio and a server) is imported only when it is asked for, so the one-shot
     commands start fast."""
 
     LAZY = {"fleet": ("gracectl.fleet", "fleet"), "web": ("gracectl.web", "web")}
+    group_class = HelpGroup
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.LAZY})
