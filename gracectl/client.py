@@ -22,29 +22,24 @@ import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from graced.protocol import (
-    CanonicalError,
     ExitCode,
     Signer,
     Violation,
-    check_signature,
     key_id,
     parse_event_line,
     verify_detached,
 )
-from graced.protocol.canonical import canonical_bytes_parsed
 from graced.protocol.verify import MAX_LINE_BYTES
-from graced.protocol.wire import ERROR_EXIT, request_signing_bytes
+from graced.protocol.wire import request_signing_bytes
 
 from . import trust
 from .endpoint import Endpoint
 from .errors import (
     CtlError,
-    NotAuthorised,
-    NotFound,
     ProtocolViolation,
-    RemoteError,
     Unreachable,
 )
+from .wsclient import answer, check_signed, parse_frame
 
 EVENT_QUEUE = 1000
 """Events received but not yet consumed, at most."""
@@ -171,24 +166,9 @@ class Connection:
             if self.verify_events:
                 return (line, *self._event(data))
             return line, _loose(line), b""
-        try:
-            frame = json.loads(line, parse_constant=_no_constant)
-        except RecursionError:
-            raise ProtocolViolation("a frame nested too deep") from None
-        except ValueError:
-            raise ProtocolViolation("an unparsable frame") from None
-        if not isinstance(frame, dict):
-            raise ProtocolViolation("a frame that is not a JSON object")
-        try:
-            canonical = canonical_bytes_parsed(frame)
-        except CanonicalError as exc:
-            raise ProtocolViolation(f"a frame that is not canonical JSON ({exc})") from None
-        if canonical != data:
-            raise ProtocolViolation("a frame that is not in canonical form")
-        kind = frame.get("type")
-        if kind not in ("response", "notice"):
-            raise ProtocolViolation(f"a frame of unknown type {str(kind)[:40]!r}")
-        self._check_signed(frame, kind)
+        frame = parse_frame(line, data)
+        kind = frame["type"]
+        check_signed(frame, kind, self.trusted_key)
         if kind == "notice":
             self.notices.append(frame)
             del self.notices[:-8]
@@ -203,18 +183,6 @@ class Connection:
                                     "duplicate or unsolicited)")
         waiter.send_nowait(frame)
         return None
-
-    def _check_signed(self, frame: dict[str, Any], kind: str) -> None:
-        if self.trusted_key is None:
-            return
-        if "sig" not in frame:
-            raise CtlError(f"an unsigned {kind} (no sig)", ExitCode.BAD_SIGNATURE)
-        if frame.get("kid") != self.trusted_kid:
-            raise CtlError(f"a {kind} signed by unknown key {str(frame.get('kid'))[:20]} "
-                           f"(trusted key is {self.trusted_kid})", ExitCode.BAD_SIGNATURE)
-        if not check_signature(frame, self.trusted_key):
-            raise CtlError(f"a {kind} with a bad or missing signature",
-                           ExitCode.BAD_SIGNATURE)
 
     def _event(self, data: bytes) -> tuple[dict[str, Any], bytes]:
         """A strictly parsed event by the trusted key, newer than the last one, and its
@@ -286,28 +254,7 @@ class Connection:
                 raise Unreachable(f"the daemon closed the connection{why}") from None
         finally:
             self._waiting.pop(req_id, None)
-        self.check_frame(frame, nonce)
-        if frame.get("ok"):
-            return frame.get("result")
-        err = frame.get("error") or {}
-        code = str(err.get("code", "error"))
-        message = str(err.get("message", "request failed"))
-        exit_code = ERROR_EXIT.get(code, ExitCode.ERROR)
-        if exit_code == ExitCode.NOT_AUTHORISED:
-            raise NotAuthorised(message)
-        if exit_code == ExitCode.NOT_FOUND:
-            raise NotFound(message)
-        raise RemoteError(code, message, exit_code)
-
-    def check_frame(self, frame: dict[str, Any], nonce: str) -> None:
-        """The reader checked the signature; the nonce says the answer is to us, now."""
-        if frame.get("nonce") != nonce:
-            raise CtlError("response does not echo our nonce (replayed response?)",
-                           ExitCode.REPLAYED)
-        if not isinstance(frame.get("ok"), bool) or (
-                frame["ok"] and "result" not in frame) or (
-                not frame["ok"] and not isinstance(frame.get("error"), dict)):
-            raise ProtocolViolation("a response without ok and result or error")
+        return answer(frame, nonce)
 
 
 async def decide(conn: Connection, mission_id: int, approve: bool, comment: str,

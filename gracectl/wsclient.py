@@ -52,6 +52,68 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def parse_frame(line: str, data: bytes) -> dict[str, Any]:
+    """A response or notice, strictly: JSON, an object, in canonical form, of a known
+    type; raises ProtocolViolation otherwise. (An event, whose line starts with
+    '{"kid":', is parsed by parse_event_line.)"""
+    if len(data) > MAX_LINE_BYTES:
+        raise ProtocolViolation(f"a frame longer than {MAX_LINE_BYTES} bytes")
+    try:
+        frame = json.loads(line, parse_constant=_no_constant)
+    except RecursionError:
+        raise ProtocolViolation("a frame nested too deep") from None
+    except ValueError:
+        raise ProtocolViolation("an unparsable frame") from None
+    if not isinstance(frame, dict):
+        raise ProtocolViolation("a frame that is not a JSON object")
+    try:
+        canonical = canonical_bytes_parsed(frame)
+    except CanonicalError as exc:
+        raise ProtocolViolation(f"a frame that is not canonical JSON ({exc})") from None
+    if canonical != data:
+        raise ProtocolViolation("a frame that is not in canonical form")
+    kind = frame.get("type")
+    if kind not in ("response", "notice"):
+        raise ProtocolViolation(f"a frame of unknown type {str(kind)[:40]!r}")
+    return frame
+
+
+def check_signed(frame: dict[str, Any], kind: str, key: bytes | None) -> None:
+    """A response or notice must be signed by the trusted ``key`` (None: not checked)."""
+    if key is None:
+        return
+    kid = key_id(key)
+    if "sig" not in frame:
+        raise CtlError(f"an unsigned {kind} (no sig)", ExitCode.BAD_SIGNATURE)
+    if frame.get("kid") != kid:
+        raise CtlError(f"a {kind} signed by unknown key {str(frame.get('kid'))[:20]} "
+                       f"(trusted key is {kid})", ExitCode.BAD_SIGNATURE)
+    if not check_signature(frame, key):
+        raise CtlError(f"a {kind} with a bad or missing signature", ExitCode.BAD_SIGNATURE)
+
+
+def answer(frame: dict[str, Any], nonce: str) -> Any:
+    """A checked response's result, or its error raised as the typed exception."""
+    if frame.get("nonce") != nonce:
+        raise CtlError("response does not echo our nonce (replayed response?)",
+                       ExitCode.REPLAYED)
+    if not isinstance(frame.get("ok"), bool) or (
+            frame["ok"] and "result" not in frame) or (
+            not frame["ok"] and not isinstance(frame.get("error"), dict)):
+        raise ProtocolViolation("a response without ok and result or error")
+    if frame["ok"]:
+        return frame["result"]
+    err = frame["error"]
+    code = str(err.get("code", "error"))
+    message = str(err.get("message", "request failed"))
+    exit_code = ERROR_EXIT.get(code, ExitCode.ERROR)
+    if exit_code == ExitCode.NOT_AUTHORISED:
+        raise NotAuthorised(message)
+    if exit_code == ExitCode.NOT_FOUND:
+        raise NotFound(message)
+    raise RemoteError(code, message, exit_code)
+
+
 class SyncConnection:
     """One WebSocket connection to graced over a Unix socket (use as a context manager).
 
@@ -237,17 +299,6 @@ class SyncConnection:
 
     # -- frames -------------------------------------------------------------------
 
-    def _check_signed(self, frame: dict[str, Any], kind: str) -> None:
-        if self.trusted_key is None:
-            return
-        if "sig" not in frame:
-            raise CtlError(f"an unsigned {kind} (no sig)", ExitCode.BAD_SIGNATURE)
-        if frame.get("kid") != self.trusted_kid:
-            raise CtlError(f"a {kind} signed by unknown key {str(frame.get('kid'))[:20]} "
-                           f"(trusted key is {self.trusted_kid})", ExitCode.BAD_SIGNATURE)
-        if not check_signature(frame, self.trusted_key):
-            raise CtlError(f"a {kind} with a bad or missing signature", ExitCode.BAD_SIGNATURE)
-
     def _frames(self, until: float | None) -> list[tuple[str, dict[str, Any]]]:
         """The next message's frames: ('response', frame) or ('event', event); notices
         are checked and dropped."""
@@ -256,29 +307,14 @@ class SyncConnection:
             data = line.encode("utf-8", "surrogatepass")
             if not data:
                 continue
-            if len(data) > MAX_LINE_BYTES:
-                raise ProtocolViolation(f"a frame longer than {MAX_LINE_BYTES} bytes")
             if data.startswith(b'{"kid":'):
+                if len(data) > MAX_LINE_BYTES:
+                    raise ProtocolViolation(f"a frame longer than {MAX_LINE_BYTES} bytes")
                 out.append(("event", self._event(data, line)))
                 continue
-            try:
-                frame = json.loads(line, parse_constant=_no_constant)
-            except RecursionError:
-                raise ProtocolViolation("a frame nested too deep") from None
-            except ValueError:
-                raise ProtocolViolation("an unparsable frame") from None
-            if not isinstance(frame, dict):
-                raise ProtocolViolation("a frame that is not a JSON object")
-            try:
-                canonical = canonical_bytes_parsed(frame)
-            except CanonicalError as exc:
-                raise ProtocolViolation(f"a frame that is not canonical JSON ({exc})") from None
-            if canonical != data:
-                raise ProtocolViolation("a frame that is not in canonical form")
-            kind = frame.get("type")
-            if kind not in ("response", "notice"):
-                raise ProtocolViolation(f"a frame of unknown type {str(kind)[:40]!r}")
-            self._check_signed(frame, kind)
+            frame = parse_frame(line, data)
+            kind = frame["type"]
+            check_signed(frame, kind, self.trusted_key)
             if kind == "response":
                 out.append(("response", frame))
         return out
@@ -313,36 +349,21 @@ class SyncConnection:
             self._send_frame(0x1, body.encode())
         except OSError:
             raise Unreachable("the daemon closed the connection") from None
-        while True:
+        got: dict[str, Any] | None = None
+        while got is None:
+            # A whole message is checked: a second answer in it (a duplicate, or to no
+            # request of ours) is a violation, as it is over trio.
             for kind, frame in self._frames(None):
                 if kind == "event":
                     self.pending.append((frame.pop("_line"), frame))
                     continue
-                if type(frame.get("id")) is not int or frame["id"] != req_id:
+                if got is not None or type(frame.get("id")) is not int or \
+                        frame["id"] != req_id:
                     raise ProtocolViolation("a response to no pending request (id "
-                                            f"{json.dumps(frame.get('id'))[:40]})")
-                return self._result(frame, nonce)
-
-    @staticmethod
-    def _result(frame: dict[str, Any], nonce: str) -> Any:
-        if frame.get("nonce") != nonce:
-            raise CtlError("response does not echo our nonce (replayed response?)",
-                           ExitCode.REPLAYED)
-        if not isinstance(frame.get("ok"), bool) or (
-                frame["ok"] and "result" not in frame) or (
-                not frame["ok"] and not isinstance(frame.get("error"), dict)):
-            raise ProtocolViolation("a response without ok and result or error")
-        if frame["ok"]:
-            return frame["result"]
-        err = frame["error"]
-        code = str(err.get("code", "error"))
-        message = str(err.get("message", "request failed"))
-        exit_code = ERROR_EXIT.get(code, ExitCode.ERROR)
-        if exit_code == ExitCode.NOT_AUTHORISED:
-            raise NotAuthorised(message)
-        if exit_code == ExitCode.NOT_FOUND:
-            raise NotFound(message)
-        raise RemoteError(code, message, exit_code)
+                                            f"{json.dumps(frame.get('id'))[:40]}: duplicate "
+                                            "or unsolicited)")
+                got = frame
+        return answer(got, nonce)
 
     def next_event(self, until: float | None = None) -> tuple[str, dict[str, Any]]:
         """The next event (line, event), checked; TooSlow at ``until``."""
