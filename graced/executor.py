@@ -660,7 +660,11 @@ class Executor:
                     "mission": m.id, "playbook": pb.name, "step": index,
                     "ok": result["ok"], "exit_code": result.get("exit_code"),
                     "duration_s": result["duration_s"], "output_sha256": result["output_sha256"],
-                    "error": result.get("error")})
+                    "error": result.get("error"),
+                    # graced could not run it (out of processes, descriptors...): not the
+                    # playbook's failure, and learning credits nothing for it.
+                    **({"graced_failure": result["graced_failure"]}
+                       if result.get("graced_failure") else {})})
                 if not result["ok"]:
                     await self.record(self.engine.transition(
                         m, "failed", time.time(),
