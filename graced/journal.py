@@ -221,13 +221,15 @@ class Journal:
         """Read with the writer's connection (call from the writer's side only)."""
         return list(self._conn.execute(sql, params).fetchall())
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, truncate: bool = False) -> None:
         """Copy the WAL into the database, on the writer's own connection, between
         commits: no frame is appended meanwhile, so (unless a reader still uses old
         frames) it completes and the next commit starts the WAL again from the top. A
         checkpoint on another connection never catches up with a writer that commits
-        every few milliseconds, and the WAL grows without bound."""
-        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        every few milliseconds, and the WAL grows without bound. ``truncate`` waits for
+        readers of old frames (busy_timeout at most) and empties the WAL file: for a WAL
+        that passive checkpoints let grow past twice its limit while readers held it."""
+        self._conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})")
 
     def size_bytes(self) -> int:
         total = 0

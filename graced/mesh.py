@@ -300,12 +300,14 @@ class Mesh:
         now = time.monotonic()
         # Under retention the WAL counts against max_size: checkpoint as soon as it is over.
         pace = 0.0 if self.look_every else 1.0
-        if (now - self._last_checkpoint < pace
-                or self.journal.wal_bytes() <= self.journal.wal_limit):
+        wal = self.journal.wal_bytes()
+        if now - self._last_checkpoint < pace or wal <= self.journal.wal_limit:
             return
         self._last_checkpoint = now
+        # Readers holding old frames kept it from being reset: wait for them, then empty it.
+        truncate = bool(self.look_every) and wal > 2 * self.journal.wal_limit
         try:
-            await trio.to_thread.run_sync(self.journal.checkpoint)
+            await trio.to_thread.run_sync(self.journal.checkpoint, truncate)
         except Exception as exc:  # noqa: BLE001 - retried next time
             log.warning("WAL checkpoint failed: %s", exc)
 

@@ -125,12 +125,13 @@ class Retention:
 
     @property
     def room(self) -> int:
-        """Bytes the database file may take: ``max_size`` less four times the WAL's
+        """Bytes the database file may take: ``max_size`` less six times the WAL's
         limit (the WAL grows past its limit by a group and a prune between two of the
-        writer's checkpoints, and while a reader holds an old snapshot)."""
+        writer's checkpoints, and while readers hold old frames, until the writer
+        truncates it at twice its limit)."""
         if self.max_size <= 0:
             return 0
-        return max(self.max_size - 4 * self.mesh.journal.wal_limit, self.max_size // 2)
+        return max(self.max_size - 6 * self.mesh.journal.wal_limit, self.max_size // 2)
 
     def status(self) -> dict[str, Any]:
         return {"max_size": self.max_size, "max_age": self.max_age,
