@@ -395,7 +395,7 @@ def test_the_relay_wants_the_token_the_host_and_the_origin(make_graced) -> None:
                 except trio_websocket.ConnectionClosed as exc:
                     return exc.reason.code, exc.reason.reason
 
-        assert trio.run(with_token, "not-the-token") == (4001, "bad or missing login token")
+        assert trio.run(with_token, "not-the-token") == (4001, "bad, spent or missing login token")
 
         def raw(data: bytes) -> bytes:
             with socket.create_connection(("127.0.0.1", port), timeout=15) as conn:
@@ -411,7 +411,9 @@ def test_the_relay_wants_the_token_the_host_and_the_origin(make_graced) -> None:
         assert raw(f"GET /../../etc/passwd HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
                    .encode()).startswith(b"HTTP/1.1 404")
         token = relay.url.split("token=")[1].split("&")[0]
-        code, hello = trio.run(with_token, token)
-        assert code == 0 and '"daemon_id"' in str(hello)
+        code, first = trio.run(with_token, token)
+        assert code == 0 and json.loads(str(first))["relay"] == "session"
+        # Good once: the token is spent, a copy of it read later opens nothing.
+        assert trio.run(with_token, token) == (4001, "bad, spent or missing login token")
     finally:
         relay.close()

@@ -8,10 +8,12 @@ const ACTIVE = new Set(["detected", "open", "awaiting_approval", "approved", "ex
 const FEED_TOPICS = ["mission.", "executor.", "learning."];
 const FEED_MAX = 100;
 const PIN = "grace.pinned_key";
+const SESSION = "grace.session";
 
 const state = {
   frozen: false, failure: null, kid: null, keyHow: null, hello: null, lastSeq: null,
-  verified: 0, lastEventAt: null, interval: 5, missions: new Map(), feed: [],
+  verified: 0, lastEventAt: null, interval: 5, subscribedAt: null, anchor: null, lastBeat: null,
+  missions: new Map(), feed: [],
   components: {}, knowledge: null, status: null, detail: null, arming: null, message: null,
   shownAt: {}, closed: null,
 };
@@ -66,8 +68,13 @@ worker.onmessage = (e) => {
       state.keyHow = msg.how;
       if (msg.how !== "pinned") localStorage.setItem(PIN, msg.publicKey);
       break;
+    case "session":
+      sessionStorage.setItem(SESSION, msg.session);
+      break;
     case "ready":
       state.hello = msg.hello;
+      state.subscribedAt = msg.subscribed;
+      state.anchor = msg.anchor;
       refresh();
       break;
     case "events":
@@ -75,7 +82,10 @@ worker.onmessage = (e) => {
       state.verified = msg.verified;
       state.lastEventAt = msg.at;
       if (typeof msg.interval === "number") state.interval = msg.interval;
-      for (const ev of msg.events) apply(ev);
+      for (const ev of msg.events) {
+        if (ev.topic === "daemon.heartbeat") state.lastBeat = Date.parse(ev.ts) / 1000;
+        apply(ev);
+      }
       break;
     case "response": {
       const resolve = waiting.get(msg.id);
@@ -100,15 +110,28 @@ worker.onmessage = (e) => {
 };
 
 function start() {
+  // The relay serves no service worker: one that controls this origin was planted by
+  // another server that had this address before, and could read and answer anything.
+  if (navigator.serviceWorker && navigator.serviceWorker.controller) {
+    navigator.serviceWorker.getRegistrations()
+      .then((all) => all.forEach((r) => r.unregister())).catch(() => {});
+    state.frozen = true;
+    state.failure = { seq: null, reason: "a service worker the relay did not serve controls "
+      + "this page's origin; nothing was sent to the relay and the worker is unregistered. "
+      + "Start gracectl web again and open its new URL" };
+    return;
+  }
   const params = new URLSearchParams(location.hash.slice(1));
-  const token = params.get("token") || sessionStorage.getItem("grace.token") || "";
-  if (params.get("token")) sessionStorage.setItem("grace.token", token);
+  const token = params.get("token") || "";
+  // A reload of this tab: the session the relay gave it (the token is spent at first use).
+  const session = token ? null : sessionStorage.getItem(SESSION);
   let given = params.get("key");
   if (given) given = given.replace(/-/g, "+").replace(/_/g, "/").padEnd(44, "=");
-  // The token and key leave the address bar (and the history).
+  // The token and key leave the address bar. The browser's history (and a session
+  // restore file) keep the URL as it was opened: harmless, the token is spent by now.
   if (location.hash) history.replaceState(null, "", location.pathname);
   worker.postMessage({
-    type: "start", url: `ws://${location.host}/ws`, token,
+    type: "start", url: `ws://${location.host}/ws`, token, session,
     pinned: localStorage.getItem(PIN), given,
   });
 }
@@ -293,14 +316,29 @@ function banner() {
     return;
   }
   const staleAfter = 3 * (state.interval || 5) + 1;
-  const quiet = state.lastEventAt === null ? 0 : (Date.now() - state.lastEventAt) / 1000;
+  const now = Date.now() / 1000;
+  // Silence, counted from the last verified frame or, before any, from the subscribe.
+  const since = state.lastEventAt !== null ? state.lastEventAt / 1000 : state.subscribedAt;
+  const quiet = since === null ? 0 : now - since;
+  // Lag: the daemon's clock now (the hello reply's signed ts, advanced by the browser's
+  // clock since the hello went out) minus the newest heartbeat's signed ts, or the
+  // hello's before any: a stream passed on late, however steadily, falls behind.
+  let lag = 0;
+  if (state.anchor) {
+    const daemonNow = state.anchor.daemon + (now - state.anchor.sent);
+    lag = daemonNow - Math.max(state.lastBeat ?? -Infinity, state.anchor.daemon);
+  }
   if (state.closed) {
     b.className = "banner amber";
     b.textContent = `Disconnected (${state.closed}); last verified seq ${state.lastSeq ?? "—"}. Reload to reconnect.`;
-  } else if (state.lastEventAt !== null && quiet > staleAfter) {
+  } else if (quiet > staleAfter) {
     b.className = "banner amber";
     b.textContent = `STALE: no frame for ${Math.round(quiet)} s (heartbeat every ${state.interval} s): `
       + "the stream may be withheld.";
+  } else if (lag > staleAfter) {
+    b.className = "banner amber";
+    b.textContent = `STALE: the newest heartbeat is ${Math.round(lag)} s behind the daemon's clock `
+      + `(heartbeat every ${state.interval} s): the stream may be delayed or withheld.`;
   } else if (state.kid === null) {
     b.className = "banner amber";
     b.textContent = "Connecting…";

@@ -1,10 +1,13 @@
 // The Worker: holds the WebSocket to the relay, verifies every frame before the page
 // sees it, and stops at the first one that fails. The page receives only verified data.
 //
-// page -> worker: {type: "start", url, token, pinned, given}  (keys: base64 or null)
+// page -> worker: {type: "start", url, token, session, pinned, given}  (keys: base64 or null)
 //                 {type: "request", id, method, params}
-// worker -> page: {type: "key", kid, publicKey, how}   how: pinned | given | first-use
-//                 {type: "ready", hello, since}
+// worker -> page: {type: "session", session}           the relay's secret for this page
+//                 {type: "key", kid, publicKey, how}   how: pinned | given | first-use
+//                 {type: "ready", hello, since, subscribed, anchor}
+//                   subscribed: when the subscribe went out; anchor: {daemon, sent}: the
+//                   hello reply's signed ts and when the hello went out (seconds)
 //                 {type: "events", events, lastSeq, verified, at, interval}
 //                 {type: "response", id, ok, result, error}
 //                 {type: "notice", notice}
@@ -135,13 +138,30 @@ async function onMessage(text) {
   if (outbox.length && flushTimer === null) flushTimer = setTimeout(flush, FLUSH_MS);
 }
 
-async function start({ url, token, pinned, given }) {
+// The relay's own first message: the page's session secret (the login token is spent).
+function relayed(text) {
+  let msg = null;
+  try {
+    msg = JSON.parse(text);
+  } catch {
+    // not the relay's message
+  }
+  if (!msg || msg.relay !== "session" || typeof msg.session !== "string") {
+    throw new Failure(null, "the relay did not answer the login");
+  }
+  postMessage({ type: "session", session: msg.session });
+}
+
+async function start({ url, token, session, pinned, given }) {
   ws = new WebSocket(url);
   let hello = null;
+  let helloSent = null;
+  let signedIn = false;
   ws.onopen = () => {
-    ws.send(JSON.stringify({ token }));
+    ws.send(JSON.stringify(session ? { session } : { token }));
     const n = nonce();
     hello = n;
+    helloSent = Date.now() / 1000;
     ws.send(JSON.stringify({ id: 0, nonce: n, method: "hello", params: {} }));
   };
   ws.onclose = (e) => {
@@ -154,6 +174,16 @@ async function start({ url, token, pinned, given }) {
     }
     queue = queue.then(async () => {
       if (failed) return;
+      if (!signedIn) {
+        try {
+          relayed(e.data);
+        } catch (err) {
+          fail(null, err.message);
+          return;
+        }
+        signedIn = true;
+        return;
+      }
       if (verifier === null) {
         try {
           await trustFromHello(e.data, pinned, given);
@@ -173,12 +203,19 @@ async function start({ url, token, pinned, given }) {
             interval = h.heartbeat_interval;
             const since = Math.max(1, h.head_seq - BACKLOG + 1);
             verifier.expect = since;
+            const subscribed = Date.now() / 1000;
             const sub = await send("subscribe", { patterns: ["*"], since });
             if (!sub.ok) {
               fail(null, `subscribe refused: ${sub.error && sub.error.message}`);
               return;
             }
-            postMessage({ type: "ready", hello: h, since });
+            // The clock anchor: the daemon signed the hello reply at frame.ts, after the
+            // browser sent the hello. Taking the send time (not the arrival) makes a
+            // heartbeat's lag never look smaller than it is, however long the reply was
+            // held on its way.
+            const daemon = Date.parse(frame.ts) / 1000;
+            postMessage({ type: "ready", hello: h, since, subscribed,
+              anchor: Number.isFinite(daemon) ? { daemon, sent: helloSent } : null });
           },
         });
       }
