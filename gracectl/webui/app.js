@@ -75,6 +75,10 @@ worker.onmessage = (e) => {
       state.hello = msg.hello;
       state.subscribedAt = msg.subscribed;
       state.anchor = msg.anchor;
+      // The pace the daemon announced: the stale clock runs before any heartbeat came.
+      if (typeof msg.hello.heartbeat_interval === "number") {
+        state.interval = msg.hello.heartbeat_interval;
+      }
       refresh();
       break;
     case "events":

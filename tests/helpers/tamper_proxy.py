@@ -12,13 +12,17 @@ whose seq is SEQ, by MODE:
   replay   send event SEQ again after SEQ+1
   cut      stop forwarding anything after SEQ, but keep the connection open
   close    close the connection abruptly after SEQ
+  withhold pass responses and notices, never an event (SEQ is ignored)
+  delay    pass responses at once, every event SEQ seconds late (a constant delay)
 Prints "ready" on stdout once listening.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
+from contextlib import suppress
 
 import nacl.signing
 import trio
@@ -86,11 +90,26 @@ async def handle(stream: trio.SocketStream, upstream_path: str, mode: str, targe
             except ConnectionClosed:
                 closed.set()
 
+        late_in, late_out = trio.open_memory_channel[tuple[float, str]](math.inf)
+
+        async def later() -> None:  # one sender: the delayed events keep their order
+            async for due, frame in late_out:
+                await trio.sleep_until(due)
+                with suppress(ConnectionClosed):
+                    await down.send_message(frame)
+
         async def daemon_to_client() -> None:
             try:
                 while True:
                     message = await up.get_message()
                     assert isinstance(message, str)
+                    if mode in ("withhold", "delay"):
+                        for frame in message.split("\n"):
+                            if "type" in json.loads(frame):  # a response or a notice
+                                await down.send_message(frame)
+                            elif mode == "delay":
+                                late_in.send_nowait((trio.current_time() + target, frame))
+                        continue
                     for frame in tamper_frames(message.split("\n"), mode, target, state):
                         await down.send_message(frame)
                     if state.get("cut"):
@@ -102,6 +121,8 @@ async def handle(stream: trio.SocketStream, upstream_path: str, mode: str, targe
             except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
                 closed.set()
 
+        if mode == "delay":
+            nursery.start_soon(later)
         nursery.start_soon(client_to_daemon)
         nursery.start_soon(daemon_to_client)
         await closed.wait()
