@@ -453,7 +453,7 @@ def fleet_approve(ctx: click.Context, host_name: str, mission_id: int, comment: 
                            "control_keys")
 
         async def go() -> Any:
-            link = _NatsLink(nats, names.rpc_subject(host.daemon_id), obj["timeout"])
+            link = _NatsLink(nats, names.rpc_subject(host.daemon_id), obj["timeout"], key)
             conn = Connection(link, key, client_key)  # type: ignore[arg-type]
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn.reader)
@@ -479,19 +479,60 @@ def fleet_approve(ctx: click.Context, host_name: str, mission_id: int, comment: 
 
 class _NatsLink:
     """Stands in for the WebSocket under :class:`Connection`: each message sent is a
-    NATS request to the host, its reply the next message received."""
+    NATS request to the host, its reply the next message received. Anyone subscribed to
+    the host's subject sees the request and may answer it: the reply taken is the first
+    one to the request's own inbox that is a response to it signed by the host's pinned
+    key; any other is ignored until the timeout."""
 
-    def __init__(self, nats: Nats, subject: str, timeout: float) -> None:
-        self.nats, self.subject, self.timeout = nats, subject, timeout
+    def __init__(self, nats: Nats, subject: str, timeout: float, key: bytes) -> None:
+        self.nats, self.subject, self.timeout, self.key = nats, subject, timeout, key
+        self.ignored = 0
         self._send, self._recv = trio.open_memory_channel[str](4)
+
+    def _ours(self, data: bytes, req_id: Any) -> bool:
+        from graced.protocol import check_signature
+
+        try:
+            frame = json.loads(data)
+        except (ValueError, RecursionError):
+            return False
+        return (isinstance(frame, dict) and frame.get("type") == "response"
+                and frame.get("id") == req_id and frame.get("kid") == key_id(self.key)
+                and check_signature(frame, self.key))
+
+    async def _request(self, data: bytes) -> bytes:
+        """On the NATS loop: publish to the host with an inbox of this request's own."""
+        from nats.errors import NoRespondersError
+
+        try:
+            req_id = json.loads(data).get("id")
+        except (ValueError, AttributeError):
+            req_id = None
+        nc = self.nats.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, pending_msgs_limit=64)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        try:
+            await nc.publish(self.subject, data, reply=inbox)
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError
+                msg = await sub.next_msg(timeout=left)
+                if msg.headers and msg.headers.get("Status") == "503" and not msg.data:
+                    raise NoRespondersError
+                if self._ours(bytes(msg.data), req_id):
+                    return bytes(msg.data)
+                self.ignored += 1  # someone else's answer: not the host's
+        finally:
+            await sub.unsubscribe()
 
     async def send_message(self, text: str) -> None:
         from nats.errors import NoRespondersError
 
         def ask() -> bytes:
-            msg = self.nats.run(self.nats.nc.request(self.subject, text.encode(),
-                                                     timeout=self.timeout))
-            return bytes(msg.data)
+            return self.nats.run(self._request(text.encode()))
 
         try:
             reply = await trio.to_thread.run_sync(ask)
@@ -499,8 +540,10 @@ class _NatsLink:
             raise Unreachable(f"no graced answers on {self.subject} (not connected to "
                               "this NATS?)") from None
         except TimeoutError:
-            raise Unreachable(f"no answer on {self.subject} within {self.timeout:g} s") \
-                from None
+            ignored = f" ({self.ignored} answers not signed by the host ignored)" \
+                if self.ignored else ""
+            raise Unreachable(f"no answer on {self.subject} within {self.timeout:g} s"
+                              f"{ignored}") from None
         await self._send.send(reply.decode("utf-8", "replace"))
 
     async def get_message(self) -> str:

@@ -22,6 +22,8 @@ from graced.protocol import fleet as names
 from graced.protocol.verify import announced_interval, stale_limit
 
 MAX_HOST_MESSAGES = 2_000_000  # held per host, at most, before verification
+MAX_HOST_BYTES = 256 << 20  # their bytes, at most ([fleet] max_bytes_per_host's default)
+MAX_HOSTS = 10_000  # hosts, at most: messages of any further daemon id count as foreign
 
 
 @dataclass
@@ -41,6 +43,8 @@ class HostView:
     last_heartbeat: float | None = None
     heartbeat_interval: float | None = None
     fleet_lag: int | None = None
+    open_reported: int | None = None  # open missions, as its last heartbeat said
+    held_bytes: int = 0  # the bytes of the messages held in pending
     stopped: bool = False
     missions: dict[int, dict[str, Any]] = field(default_factory=dict)
     violation: Violation | None = None
@@ -54,6 +58,9 @@ class HostView:
             return f"FAILED at seq {self.violation.seq}: {self.violation}"
         if self.key is None:
             return "unverified: no key pinned for this host (gracectl fleet trust HOST)"
+        if self.first_seq is not None and self.first_seq > 1:
+            return (f"partial: verified from seq {self.first_seq}; the stream no longer holds "
+                    "the events before it (purged or expired)")
         return "ok" if self.events else "no events"
 
     def silent_for(self, now: float) -> float | None:
@@ -79,7 +86,8 @@ class HostView:
             "events": self.events, "copies": self.copies, "last_heartbeat": self.last_heartbeat,
             "silent_for": self.silent_for(now), "stale": self.stale(now),
             "stopped": self.stopped, "forwarding_lag": self.fleet_lag,
-            "open_missions": self.open_missions(), "verified": self.verified,
+            "open_missions": self.open_missions(), "open_missions_reported": self.open_reported,
+            "verified": self.verified,
             "violation": None if self.violation is None else {
                 "code": int(self.violation.code), "kind": self.violation.kind,
                 "seq": self.violation.seq, "reason": str(self.violation)},
@@ -104,6 +112,8 @@ class FleetView:
     def host(self, daemon_id: str) -> HostView:
         view = self.hosts.get(daemon_id)
         if view is None:
+            if len(self.hosts) >= MAX_HOSTS:
+                raise LookupError(daemon_id)
             view = self.hosts[daemon_id] = HostView(daemon_id, key=self.keys.get(daemon_id))
             if view.key is not None:
                 view.verifier = ChainVerifier(view.key, first_seq=self.first_seq)
@@ -116,11 +126,23 @@ class FleetView:
     def add(self, subject: str, data: bytes) -> None:
         """Take one message; held until :meth:`settle` orders it among its host's."""
         daemon_id = names.daemon_of(subject)
-        if daemon_id is None:
+        try:
+            view = self.host(daemon_id) if daemon_id is not None else None
+        except LookupError:
+            view = None
+        if view is None:
             self.foreign += 1
             return
-        view = self.host(daemon_id)
         if view.violation is not None:
+            return
+        if view.held_bytes + len(data) > MAX_HOST_BYTES or \
+                sum(map(len, view.pending.values())) >= MAX_HOST_MESSAGES:
+            # Unbounded memory for one host's flood: that host fails, the view goes on.
+            view.violation = Violation(ExitCode.CHAIN_BROKEN, None, (
+                f"more than {MAX_HOST_MESSAGES} messages or {MAX_HOST_BYTES >> 20} MiB held "
+                "for this host before verification: not read further"))
+            view.pending.clear()
+            view.held_bytes = 0
             return
         try:
             event, _ = parse_event_line(data)
@@ -128,7 +150,7 @@ class FleetView:
             view.violation = Violation(exc.code, exc.seq, f"unparsable message on {subject}: "
                                        f"{exc}")
             return
-        if names.subject_for(daemon_id, event["topic"]) != subject:
+        if names.subject_for(view.daemon_id, event["topic"]) != subject:
             view.violation = Violation(ExitCode.CHAIN_BROKEN, event["seq"], (
                 f"event of topic {event['topic']!r} filed under subject {subject!r}"))
             return
@@ -137,6 +159,7 @@ class FleetView:
             view.copies += 1
             return
         bucket.append((data, event, self.clock()))
+        view.held_bytes += len(data)
 
     def settle(self, *, hold: float = 0.0) -> list[tuple[HostView, dict[str, Any]]]:
         """Verify and apply the held events, in seq order per host; returns the events
@@ -153,6 +176,7 @@ class FleetView:
                 if hold and gap and now - items[0][2] < hold:
                     break
                 del view.pending[seq]
+                view.held_bytes -= sum(len(data) for data, _, _ in items)
                 for data, event, _ in items:
                     if not self._check(view, data, now):
                         break
@@ -160,6 +184,7 @@ class FleetView:
                     out.append((view, event))
             if view.violation is not None:
                 view.pending.clear()
+                view.held_bytes = 0
         return out
 
     def _check(self, view: HostView, data: bytes, now: float) -> bool:
@@ -196,6 +221,13 @@ class FleetView:
             view.host = str(payload.get("host", "?"))[:200]
             view.version = str(payload.get("version", ""))[:40]
         elif topic == "daemon.heartbeat":
+            # Its host name and open missions, signed in every heartbeat (graced with
+            # [fleet]): known even where the stream lost daemon.started and mission.*.
+            if isinstance(payload.get("host"), str):
+                view.host = payload["host"][:200]
+            n = payload.get("open_missions")
+            view.open_reported = n if isinstance(n, int) and not isinstance(n, bool) \
+                else view.open_reported
             view.last_heartbeat = _ts(event)
             view.heartbeat_interval = announced_interval(event) or view.heartbeat_interval
             lag = payload.get("fleet_lag")

@@ -393,8 +393,11 @@ class Daemon:
                         "interval": interval,
                         "uptime": round(time.monotonic() - self.started_mono, 3),
                     }
-                    if self.fleet is not None:  # how far forwarding lags, for fleet ls
+                    if self.fleet is not None:  # for fleet ls: lag, host, open missions
                         beat["fleet_lag"] = self.fleet.status()["lag_events"]
+                        beat["host"] = self.hostname
+                        if self.engine is not None:
+                            beat["open_missions"] = len(self.engine.active)
                     mesh.publish_nowait("daemon.heartbeat", beat)
                     last_beat = now
                 await trio.sleep_until(min(last_beat + interval, last_checkpoint + every))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -61,6 +62,20 @@ def test_guessed_message_ids_a_purge_or_a_deleted_stream_silence_no_host(
         assert g.ctl("emit", "user.after", "--count", "50").returncode == 0
         host = assert_whole(op, g, daemon_id)
         assert host["last_seq"] >= head + 50
+        # The stream graced made is bounded (bytes, oldest dropped first; message size).
+        info = _nats(server.url, lambda nc, js: js.stream_info("GRACE"))
+        assert (info.config.max_bytes, info.config.discard) == (16 * (256 << 20), "old")
+        assert info.config.max_msg_size == 16 << 20
+
+        # The start of the host's history purged: verified, but only "partial"; its name
+        # still known (every heartbeat carries it, signed).
+        async def purge_start(nc: Any, js: Any) -> None:
+            await js.purge_stream("GRACE", subject=f"grace.{daemon_id}.>", seq=4)
+
+        _nats(server.url, purge_start)
+        host = next(h for h in op.fleet_json("ls")["hosts"] if h["daemon_id"] == daemon_id)
+        assert host["first_seq"] == 4 and host["verified"].startswith("partial"), host
+        assert host["host"] == socket.gethostname() and host["open_missions_reported"] == 0
 
         async def purge(nc: Any, js: Any) -> None:
             await js.purge_stream("GRACE")
@@ -233,5 +248,71 @@ def test_a_trusted_peer_cannot_overwrite_the_hosts_own_knowledge(shortdir: Path)
             check=True).stdout.splitlines()]
         assert sources == [good]
     finally:
+        g.close()
+        server.stop()
+
+
+@pytest.mark.slow
+def test_a_junk_replier_and_a_flood_of_unsigned_requests_do_not_stop_approvals(
+        shortdir: Path) -> None:
+    """Someone subscribed to grace-rpc.<id> answers every request with junk, and floods
+    it with 30,000 unsigned requests: fleet approve still gets the host's own signed
+    answer (here: no such mission, exit 5), within its 5 s timeout."""
+    import threading
+
+    server = NatsServer(shortdir)
+    server.start()
+    op = Operator(shortdir, server.url)
+    operator_key = op.signing_key()
+    (shortdir / "h").mkdir()
+    g = Graced(shortdir / "h", fleet_section(server.url)
+               + f'\n[remediation]\ncontrol_keys = ["{operator_key}"]\n')
+    g.start()
+    stop = threading.Event()
+    ready = threading.Event()
+    try:
+        daemon_id = op.pin(g)
+        wait_caught_up(g)
+        subject = f"grace-rpc.{daemon_id}"
+
+        def replier() -> None:
+            import nats
+
+            async def go() -> None:
+                nc = await nats.connect(server.url)
+
+                async def junk(msg: Any) -> None:
+                    if msg.reply:
+                        await msg.respond(b'{"id":1,"ok":true,"result":{},"type":"response"}')
+
+                await nc.subscribe(subject, cb=junk)
+                await nc.flush()
+                ready.set()
+                await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+                await nc.close()
+
+            asyncio.run(go())
+
+        thread = threading.Thread(target=replier, daemon=True)
+        thread.start()
+        assert ready.wait(10)
+        res = op.fleet("approve", daemon_id, "999", "--yes")
+        assert res.returncode == 5 and "999" in res.stderr, res.stderr
+
+        async def flood(nc: Any, js: Any) -> None:
+            body = json.dumps({"id": 1, "nonce": "n" * 32, "method": "missions.approve",
+                               "params": {"id": 999, "opened": 1.0}}).encode()
+            for _ in range(30_000):
+                await nc.publish(subject, body, reply="flood.inbox")
+            await nc.flush()
+
+        _nats(server.url, flood)
+        started = time.monotonic()
+        res = op.fleet("approve", daemon_id, "999", "--yes")
+        assert res.returncode == 5 and "999" in res.stderr, res.stderr
+        assert time.monotonic() - started < 5.0
+        assert status(g)["fleet"]["requests_dropped"] > 1000
+    finally:
+        stop.set()
         g.close()
         server.stop()

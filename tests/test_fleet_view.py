@@ -149,3 +149,36 @@ def test_a_fleet_pin_never_becomes_the_key_for_a_daemons_knowledge(
     assert trust.pinned_for_daemon(DAEMON) is None
     trust.pin("unix:/run/graced.sock", key, DAEMON)  # pinned over its socket: taken
     assert trust.pinned_for_daemon(DAEMON) == key
+
+
+def test_one_hosts_flood_fails_that_host_only(monkeypatch: object) -> None:
+    import pytest
+
+    from gracectl import fleetview
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    signer = Signer(nacl.signing.SigningKey.generate())
+    msgs = _chain(signer, 4)
+    monkeypatch.setattr(fleetview, "MAX_HOST_BYTES", sum(len(d) for _, d in msgs[:3]))
+    monkeypatch.setattr(fleetview, "MAX_HOSTS", 2)
+    other = str(uuid.uuid4())
+    view = FleetView({DAEMON: signer.public_key, other: signer.public_key},
+                     clock=lambda: 1_800_000_100.0)
+    for subject, data in msgs:  # the fourth goes over the byte limit
+        view.add(subject, data)
+    for subject, data in msgs[:2]:
+        view.add(subject.replace(DAEMON, other), data)
+    view.add(f"grace.{uuid.uuid4()}.daemon.started", msgs[0][1])  # a third host: foreign
+    view.settle()
+    view.finish()
+    flooded, fine = view.hosts[DAEMON], view.hosts[other]
+    assert flooded.violation is not None and "held for this host" in str(flooded.violation)
+    assert fine.violation is None and fine.events == 2 and fine.verified == "ok"
+    assert len(view.hosts) == 2 and view.foreign == 1
+
+
+def test_a_host_whose_history_starts_after_genesis_is_partial() -> None:
+    signer = Signer(nacl.signing.SigningKey.generate())
+    host = _view(signer, _chain(signer, 5)[2:]).hosts[DAEMON]
+    assert host.violation is None and host.first_seq == 3
+    assert host.verified.startswith("partial: verified from seq 3")

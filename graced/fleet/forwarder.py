@@ -22,7 +22,12 @@ thread; graced only lags, and ``status`` says by how much (:meth:`Forwarder.stat
 
 Requests by NATS (``grace-rpc.<daemon-id>``, request/reply) are handed to the wire's
 :meth:`graced.wire.Server.answer`: the same parsing, signature and role checks as a
-request read from a TCP client.
+request read from a TCP client. Anyone on NATS may send them, so they are bounded before
+trio sees them: the subscription holds at most ``RPC_PENDING_MSGS`` (nats-py drops the
+rest), an unsigned request (other than ``hello``) is answered only while no other
+unsigned one is (else dropped at once: it can only be refused), and signed ones are
+served ``MAX_RPC`` at a time with at most ``MAX_RPC_WAITING`` waiting (else dropped).
+``status`` counts what was dropped (``requests_dropped``).
 
 Channels owned: none. Threads: one (the asyncio loop), plus asyncio's executor for
 requests waiting on trio.
@@ -55,8 +60,11 @@ from .knowledge import KnowledgeShare
 log = logging.getLogger("graced.fleet")
 
 META_KEY = "fleet_acked"
-MAX_RPC = 8  # requests by NATS served at once; more wait
+MAX_RPC = 8  # signed requests by NATS served at once
+MAX_RPC_WAITING = 32  # signed requests waiting for a slot; more are dropped
 MAX_RPC_BYTES = 1 << 20
+# The subscription's own queue: excess is dropped by nats-py (a slow consumer), never held.
+RPC_PENDING_MSGS, RPC_PENDING_BYTES = 16384, 8 << 20
 ALERT_FOR = 300.0  # seconds the fleet component stays "failing" after a refused duplicate
 
 
@@ -85,12 +93,19 @@ def connect_options(cfg: FleetConfig, name: str) -> dict[str, Any]:
     return opts
 
 
+STREAM_HOSTS = 16  # the stream graced creates holds max_bytes_per_host for this many
+MAX_MSG_SIZE = 16 << 20  # graced's largest event
+
+
 def stream_config(cfg: FleetConfig) -> dict[str, Any]:
-    """The stream graced creates when it finds none (an existing one is left as it is)."""
+    """The stream graced creates when it finds none (an existing one is left as it is):
+    bounded in age, bytes (the oldest go first) and message size."""
     return {
         "name": cfg.stream, "subjects": [f"{names.PREFIX}.>"],
         "max_age": cfg.max_age_days * 86400.0, "num_replicas": cfg.replicas,
         "max_msgs_per_subject": -1, "duplicate_window": 600.0,
+        "max_bytes": cfg.max_bytes_per_host * STREAM_HOSTS, "max_msg_size": MAX_MSG_SIZE,
+        "discard": "old",
     }
 
 
@@ -113,6 +128,10 @@ class Forwarder:
         self.forwarded = 0
         self.resumed_from: int | None = None
         self.rpc_served = 0
+        self.rpc_dropped = 0
+        self._rpc_waiting = 0
+        self._unsigned_busy = False
+        self._rpc_tasks: set[asyncio.Future[None]] = set()  # held: asyncio keeps weak refs
         self.refused_duplicates = 0
         self._alert: tuple[float, str] | None = None
         self._behind_since: float | None = None
@@ -196,7 +215,8 @@ class Forwarder:
             "lag_events": lag,
             "lag_seconds": round(time.time() - behind, 3) if lag and behind else 0.0,
             "forwarded": self.forwarded, "resumed_from": self.resumed_from,
-            "requests_served": self.rpc_served, "last_error": self.last_error,
+            "requests_served": self.rpc_served, "requests_dropped": self.rpc_dropped,
+            "last_error": self.last_error,
             "refused_duplicates": self.refused_duplicates, "alert": self.alert(),
             "knowledge": self.knowledge.status() if self.knowledge else None,
         }
@@ -249,7 +269,9 @@ class Forwarder:
         js = nc.jetstream(timeout=self.cfg.ack_timeout)
         rpc_slots = asyncio.Semaphore(MAX_RPC)
         await nc.subscribe(names.rpc_subject(self.daemon_id),
-                           cb=functools.partial(self._on_rpc, rpc_slots))
+                           cb=functools.partial(self._on_rpc, rpc_slots),
+                           pending_msgs_limit=RPC_PENDING_MSGS,
+                           pending_bytes_limit=RPC_PENDING_BYTES)
         sharing = asyncio.ensure_future(self._share(js)) if self.knowledge else None
         try:
             await self._resume(js, reader, NotFoundError)
@@ -467,28 +489,70 @@ class Forwarder:
                 await asyncio.sleep(1.0)
 
     async def _on_rpc(self, slots: asyncio.Semaphore, msg: Any) -> None:
-        """One request by NATS: answered by the wire, on trio, as a TCP client's."""
-        if not msg.reply:
+        """One request by NATS, as nats-py delivers them (one at a time: never waits
+        here): dropped, or answered in a task of its own."""
+        if not msg.reply or len(msg.data) > MAX_RPC_BYTES:
+            self.rpc_dropped += 1
             return
-        async with slots:
-            if len(msg.data) > MAX_RPC_BYTES:
+        if not _signed_or_hello(msg.data):
+            if self._unsigned_busy:  # a flood of what can only be refused: not served
+                self.rpc_dropped += 1
                 return
-            text = msg.data.decode("utf-8", "replace")
-            peer = f"nats:{msg.subject}"
-            assert self._token is not None
-            loop = asyncio.get_running_loop()
+            self._unsigned_busy = True
+            self._spawn(self._serve_unsigned(msg))
+            return
+        if self._rpc_waiting >= MAX_RPC + MAX_RPC_WAITING:
+            self.rpc_dropped += 1
+            return
+        self._rpc_waiting += 1
+        self._spawn(self._serve_signed(slots, msg))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._rpc_tasks.add(task)
+        task.add_done_callback(self._rpc_tasks.discard)
+
+    async def _serve_unsigned(self, msg: Any) -> None:
+        try:
+            await self._serve(msg)
+        finally:
+            self._unsigned_busy = False
+
+    async def _serve_signed(self, slots: asyncio.Semaphore, msg: Any) -> None:
+        try:
+            async with slots:
+                await self._serve(msg)
+        finally:
+            self._rpc_waiting -= 1
+
+    async def _serve(self, msg: Any) -> None:
+        """Answered by the wire, on trio, as a TCP client's request."""
+        text = msg.data.decode("utf-8", "replace")
+        peer = f"nats:{msg.subject}"
+        assert self._token is not None
+        loop = asyncio.get_running_loop()
+        try:
+            reply = await loop.run_in_executor(None, functools.partial(
+                trio.from_thread.run, self.answer, text, peer, trio_token=self._token))
+        except Exception as exc:  # noqa: BLE001 - graced is stopping
+            log.warning("fleet: request by NATS not answered: %s", exc)
+            return
+        self.rpc_served += 1
+        if reply:
             try:
-                reply = await loop.run_in_executor(None, functools.partial(
-                    trio.from_thread.run, self.answer, text, peer, trio_token=self._token))
-            except Exception as exc:  # noqa: BLE001 - graced is stopping
-                log.warning("fleet: request by NATS not answered: %s", exc)
-                return
-            self.rpc_served += 1
-            if reply:
-                try:
-                    await msg.respond(reply.encode())
-                except Exception as exc:  # noqa: BLE001 - the asker went away
-                    log.info("fleet: could not send a reply: %s", exc)
+                await msg.respond(reply.encode())
+            except Exception as exc:  # noqa: BLE001 - the asker went away
+                log.info("fleet: could not send a reply: %s", exc)
+
+
+def _signed_or_hello(data: bytes) -> bool:
+    """Whether a request may be worth trio's time: a JSON object that carries a signature
+    (checked by the wire), or ``hello``. Cheap: no canonicalising, no signature."""
+    try:
+        req = json.loads(data)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(req, dict) and ("auth" in req or req.get("method") == "hello")
 
 
 def _fields(body: str) -> tuple[str, int, str]:
