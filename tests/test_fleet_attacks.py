@@ -197,7 +197,8 @@ def test_made_up_hosts_and_offered_keys_are_not_trusted(shortdir: Path) -> None:
 @pytest.mark.slow
 def test_a_trusted_peer_cannot_overwrite_the_hosts_own_knowledge(shortdir: Path) -> None:
     """Exports signed by a trusted peer's key but naming source "local", the host's own
-    id, or no daemon id at all are refused (counted); a proper one is imported."""
+    id, or no daemon id at all are refused (counted); a proper one is imported. The
+    host's own entry in the bucket, overwritten, is put back."""
     import nacl.signing
 
     from graced.protocol import Signer, canonical_text
@@ -247,6 +248,20 @@ def test_a_trusted_peer_cannot_overwrite_the_hosts_own_knowledge(shortdir: Path)
             "tail", "--json", "--no-follow", "--since", "1", "learning.imported",
             check=True).stdout.splitlines()]
         assert sources == [good]
+
+        # Its own entry overwritten (here: by the trusted peer): put back, counted.
+        async def entry(nc: Any, js: Any) -> bytes:
+            return bytes((await (await js.key_value("grace-knowledge")).get(own_id)).value)
+
+        async def overwrite(nc: Any, js: Any) -> None:
+            await (await js.key_value("grace-knowledge")).put(own_id, export(good))
+
+        poll_until(lambda: pk.parse_export(_nats(server.url, entry))[0]["source"] == own_id,
+                   20, "the host's own export in the bucket")
+        _nats(server.url, overwrite)
+        poll_until(lambda: pk.parse_export(_nats(server.url, entry))[0]["source"] == own_id
+                   and status(g)["fleet"]["knowledge"]["overwritten"] >= 1, 20,
+                   "the host's export put back")
     finally:
         g.close()
         server.stop()

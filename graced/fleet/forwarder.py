@@ -129,6 +129,9 @@ class Forwarder:
         self.resumed_from: int | None = None
         self.rpc_served = 0
         self.rpc_dropped = 0
+        self.overwritten = 0  # times this host's knowledge entry was found overwritten
+        self._shared: bytes | None = None  # the export last put in the bucket
+        self._reshare = asyncio.Event()
         self._rpc_waiting = 0
         self._unsigned_busy = False
         self._rpc_tasks: set[asyncio.Future[None]] = set()  # held: asyncio keeps weak refs
@@ -218,7 +221,8 @@ class Forwarder:
             "requests_served": self.rpc_served, "requests_dropped": self.rpc_dropped,
             "last_error": self.last_error,
             "refused_duplicates": self.refused_duplicates, "alert": self.alert(),
-            "knowledge": self.knowledge.status() if self.knowledge else None,
+            "knowledge": {**self.knowledge.status(), "overwritten": self.overwritten}
+            if self.knowledge else None,
         }
 
     def alert(self) -> str | None:
@@ -445,10 +449,14 @@ class Forwarder:
                 backoff = min(backoff * 2, 10.0)
 
     async def _share(self, js: Any) -> None:
-        """Put this host's export in the bucket now and then; import what peers put."""
+        """Put this host's export in the bucket now and then; import what peers put.
+        Anyone who may write to the bucket may overwrite this host's entry: its own key
+        is watched, and put again whenever what the bucket holds is not what was put."""
         assert self.knowledge is not None
         kv = await self._bucket(js)
         watching = asyncio.ensure_future(self._watch(kv)) if self.cfg.knowledge_keys else None
+        self._reshare = asyncio.Event()
+        guarding = asyncio.ensure_future(self._guard(kv)) if self.cfg.share_knowledge else None
         last = ""
         try:
             while self.cfg.share_knowledge:
@@ -457,15 +465,58 @@ class Forwarder:
                                                         sync=True)
                     if value:  # its records changed (or it is the first)
                         await kv.put(self.daemon_id, value)
-                        last = digest
+                        last, self._shared = digest, value
+                    elif self._shared is not None and await self._held(kv) != self._shared:
+                        self.overwritten += 1
+                        self.last_error = ("knowledge: this host's entry in the bucket was "
+                                           "overwritten or deleted; put again")
+                        log.warning("fleet: %s", self.last_error)
+                        await kv.put(self.daemon_id, self._shared)
                 except Exception as exc:  # noqa: BLE001 - too big, or NATS away: next time
                     self.last_error = redact_text(f"knowledge put: {exc}")[:300]
-                await asyncio.sleep(self.cfg.knowledge_interval)
+                self._reshare.clear()
+                try:
+                    await asyncio.wait_for(self._reshare.wait(), self.cfg.knowledge_interval)
+                except TimeoutError:
+                    pass
             if watching is not None:
                 await watching
         finally:
-            if watching is not None:
-                watching.cancel()
+            for task in (watching, guarding):
+                if task is not None:
+                    task.cancel()
+
+    async def _held(self, kv: Any) -> bytes | None:
+        """What the bucket holds under this host's id (None: nothing)."""
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            entry = await kv.get(self.daemon_id)
+        except KeyNotFoundError:  # deleted or purged too
+            return None
+        return bytes(entry.value) if entry.value else None
+
+    async def _guard(self, kv: Any) -> None:
+        """Wake the sharing loop when this host's entry changes to anything but its own."""
+        import nats.errors
+
+        while True:
+            try:
+                watcher = await kv.watch(self.daemon_id)
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=5.0)
+                    except nats.errors.TimeoutError:
+                        continue
+                    if entry is None or self._shared is None:
+                        continue
+                    if (bytes(entry.value) if entry.value else None) != self._shared:
+                        self._reshare.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a lost watcher: watch again
+                self.last_error = redact_text(f"knowledge watch: {exc}")[:300]
+                await asyncio.sleep(1.0)
 
     async def _watch(self, kv: Any) -> None:
         import nats.errors
