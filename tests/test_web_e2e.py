@@ -30,12 +30,13 @@ from tests.test_stream_e2e import _proxy
 
 
 class Relay:
-    """``gracectl web`` as a user runs it, on a free port; its URL from stdout.
-    ``user``: setpriv's arguments to run it as another Unix user."""
+    """``gracectl web`` as a user runs it, on a free port (``port=None``: the default);
+    its URL from stdout. ``user``: setpriv's arguments to run it as another Unix user."""
 
-    def __init__(self, g: Graced, *args: str, port: int = 0, user: list[str] | None = None
-                 ) -> None:
-        argv = [g.ctl_argv0(), *args, "web", "--port", str(port), "--no-open"]
+    def __init__(self, g: Graced, *args: str, port: int | None = 0,
+                 user: list[str] | None = None) -> None:
+        argv = [g.ctl_argv0(), *args, "web", *(["--port", str(port)] if port is not None
+                                               else []), "--no-open"]
         self.proc = subprocess.Popen(
             ["setpriv", *user, *argv] if user else argv, env=g.env, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
