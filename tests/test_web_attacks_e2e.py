@@ -21,7 +21,7 @@ import trio
 import trio_websocket
 
 from tests.helpers.browser import ARGS, Browser, chromium, ensure_chromium
-from tests.helpers.procs import LineCollector, poll_until
+from tests.helpers.procs import LineCollector, poll_until, tcp_listener
 from tests.helpers.users import ensure_user
 from tests.test_learning_e2e import FAULT, NORMAL, SETTINGS, fix, playbook, value_detector
 from tests.test_stream_e2e import _proxy
@@ -211,6 +211,7 @@ def _plant(b: Browser, site: Path, port: int) -> None:
         poll_until(lambda: _listening(port), 10, f"the other server on {port}")
         b.driver.get(f"http://127.0.0.1:{port}/")
         b.wait(lambda: b.text("s") == "planted", 10, f"service worker planted on {port}")
+        b.driver.get("about:blank")  # a later URL on this origin is a new page load
     finally:
         server.terminate()
         server.wait(10)
@@ -266,6 +267,48 @@ def test_a_service_worker_planted_on_an_old_address_gets_nothing(
         assert queue.read_text().strip() == FAULT
         assert int(relay.url.split("/#")[0].rsplit(":", 1)[1]) not in planted
         b.screenshot("web-planted-worker-missed")
+    finally:
+        relay.close()
+
+
+PASSING_SW = """
+self.addEventListener("install", () => self.skipWaiting());
+self.addEventListener("activate", (e) => e.waitUntil(self.clients.claim()));
+self.addEventListener("fetch", (e) => e.respondWith(fetch(e.request)));
+"""
+
+
+@pytest.mark.slow
+def test_the_page_refuses_to_start_under_a_service_worker(make_graced, browser: Browser,
+                                                          shortdir: Path) -> None:
+    """A fixed --port reuses an origin: a worker planted there that passes the relay's
+    page through (and could change it) finds the page refusing to start: red banner,
+    nothing sent, so the token is not spent; the worker is unregistered."""
+    if os.geteuid() == 0:
+        ensure_user(OTHER)
+    site = shortdir / "site"
+    site.mkdir()
+    (site / "index.html").write_text(EVIL_PAGE)
+    (site / "sw.js").write_text(PASSING_SW)
+    site.chmod(0o755)
+    shortdir.chmod(0o755)
+    g = make_graced()
+    free = tcp_listener()
+    port = free.getsockname()[1]
+    free.close()
+    b = browser
+    _plant(b, site, port)
+    relay = Relay(g, port=port)
+    try:
+        b.driver.get(relay.url)
+        b.wait(lambda: "red" in _banner_class(b), 10, "red banner")
+        assert "service worker the relay did not serve" in b.text("banner")
+        b.wait(lambda: b.js("return navigator.serviceWorker.getRegistrations()"
+                            ".then((r) => r.length)") == 0, 10, "worker unregistered")
+        token = relay.url.split("token=")[1].split("&")[0]
+        code, first = trio.run(_sign_in, port, {"token": token})  # nothing spent it
+        assert code == 0 and json.loads(str(first))["relay"] == "session"
+        b.screenshot("web-under-a-worker")
     finally:
         relay.close()
 
