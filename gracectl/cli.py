@@ -567,12 +567,18 @@ def checkpoint(ctx: click.Context, as_json: bool) -> None:
     digest = hashlib.sha256(signing).hexdigest()
     info = {"seq": seq, "hash": digest, "anchor": f"{seq}:{digest}", "ts": event["ts"],
             "kid": event["kid"], "head_seq": payload.get("head_seq"),
-            "head_hash": payload.get("head_hash"), "event": text}
+            "head_hash": payload.get("head_hash"), "first_seq": payload.get("first_seq"),
+            "first_hash": payload.get("first_hash"), "event": text}
     if as_json:
         _print_json(info)
         return
+    oldest = ""
+    if info["first_seq"] is not None:  # the oldest event kept (journal retention)
+        first = f"{out.safe(info['first_seq'])}:{out.safe(info['first_hash'])}"
+        oldest = f"oldest kept {first}  (what is kept verifies from it)\n"
     click.echo(f"checkpoint  seq {seq} at {out.safe(event['ts'])}, key {event['kid']}\n"
                f"head        seq {out.safe(info['head_seq'])}: {out.safe(info['head_hash'])}\n"
+               + oldest +
                f"anchor      {seq}:{digest}  (gracectl verify --from {seq}:{digest} FILE)")
 
 

@@ -4,6 +4,7 @@ events behind a signed checkpoint from which what is kept still verifies."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import threading
 import time
@@ -68,8 +69,8 @@ def verify_from_oldest_kept(g: Graced, tries: int = 5) -> tuple[int, int]:
     kept on (exit 8): the user reads the checkpoint again."""
     cp = json.loads(g.ctl("checkpoint", "--json", check=True).stdout)
     payload = json.loads(cp["event"])["payload"]
-    first, first_hash = payload["first_seq"], payload["first_hash"]
-    assert first > 1, payload
+    first, first_hash = cp["first_seq"], cp["first_hash"]
+    assert (first, first_hash) == (payload["first_seq"], payload["first_hash"]) and first > 1
     live = g.ctl("tail", "--verify", "--key", str(g.state / "key.pub"), "--since", str(first),
                  "--no-follow", "--json")
     if live.returncode == ExitCode.PRUNED and tries > 1:
@@ -113,6 +114,9 @@ def test_a_small_max_size_holds_and_what_is_kept_verifies(make_graced) -> None:
     status = json.loads(g.ctl("status", "--json", check=True).stdout)["journal"]
     assert f"the oldest kept is seq {status['first_seq']}" in old.stderr, (old.stderr, status)
     assert status["first_seq"] >= first
+    human = g.ctl("checkpoint", check=True).stdout
+    assert re.search(r"^oldest kept (\d+):[0-9a-f]{64}  \(what is kept verifies from it\)$",
+                     human, re.M), human
     # A plain tail starts at what is kept.
     assert g.ctl("tail", "-n", "1000000", "--no-follow").returncode == 0
 
