@@ -199,6 +199,19 @@ EVIL_PAGE = ('<!doctype html><title>innocent</title><p id=s>registering</p><scri
              'document.getElementById("s").textContent = "planted"; });</script>')
 
 
+def _site(shortdir: Path, worker: str) -> Path:
+    """The other user's web site: a page that registers ``worker`` for its whole origin."""
+    if os.geteuid() == 0:
+        ensure_user(OTHER)
+    site = shortdir / "site"
+    site.mkdir()
+    (site / "index.html").write_text(EVIL_PAGE)
+    (site / "sw.js").write_text(worker)
+    site.chmod(0o755)
+    shortdir.chmod(0o755)  # the other user serves it
+    return site
+
+
 def _plant(b: Browser, site: Path, port: int) -> None:
     """Another user's web server on 127.0.0.1:``port`` registers its service worker in
     this browser (as any page the operator visits there may), then goes away."""
@@ -229,14 +242,7 @@ def test_a_service_worker_planted_on_an_old_address_gets_nothing(
     port the previous run used (free again once it stopped) does not control the next
     run's page: the page is the relay's, it verifies, and the mission awaiting approval
     is not approved by the worker's page."""
-    if os.geteuid() == 0:
-        ensure_user(OTHER)
-    site = shortdir / "site"
-    site.mkdir()
-    (site / "index.html").write_text(EVIL_PAGE)
-    (site / "sw.js").write_text(EVIL_SW)
-    site.chmod(0o755)
-    shortdir.chmod(0o755)
+    site = _site(shortdir, EVIL_SW)
     queue = shortdir / "queue"
     queue.write_text(NORMAL)
     g = make_graced(detectors=value_detector("backlog", queue, "high")
@@ -284,14 +290,7 @@ def test_the_page_refuses_to_start_under_a_service_worker(make_graced, browser: 
     """A fixed --port reuses an origin: a worker planted there that passes the relay's
     page through (and could change it) finds the page refusing to start: red banner,
     nothing sent, so the token is not spent; the worker is unregistered."""
-    if os.geteuid() == 0:
-        ensure_user(OTHER)
-    site = shortdir / "site"
-    site.mkdir()
-    (site / "index.html").write_text(EVIL_PAGE)
-    (site / "sw.js").write_text(PASSING_SW)
-    site.chmod(0o755)
-    shortdir.chmod(0o755)
+    site = _site(shortdir, PASSING_SW)
     g = make_graced()
     free = tcp_listener()
     port = free.getsockname()[1]
