@@ -305,8 +305,36 @@ class Daemon:
                            "reasons": sorted({r for *_, r, _ in bad})[:5]}
         return knowledge
 
+    def _mend_missions(self, journal: Journal) -> None:
+        """Mission rows whose data SQLite cannot parse (a bare NaN or Infinity, stored by
+        0.1.0 or by an edit) would fail the queries below, and with them the start.
+        Numbers are mended (a non-finite one becomes null, as from_row reads it); a row
+        that is not JSON at all is moved to ``missions_quarantine`` and logged."""
+        bad = journal.query("SELECT id, data FROM missions WHERE NOT json_valid(data)")
+        writes: list[Any] = []
+        for mid, data in bad:
+            try:
+                extra = json.loads(data, parse_constant=lambda _: None)
+                if not isinstance(extra, dict):
+                    raise ValueError("not an object")
+            except (TypeError, ValueError, RecursionError) as exc:
+                log.error("missions: quarantined stored mission %s: data is not JSON (%s)",
+                          mid, str(exc)[:200])
+                writes.append(("INSERT INTO missions_quarantine (id, reason, row, at) "
+                               "VALUES (?, ?, ?, ?)", (mid, f"data: not JSON: {exc}"[:300],
+                                                       repr(data)[:100_000], time.time())))
+                writes.append(("DELETE FROM missions WHERE id = ?", (mid,)))
+                continue
+            log.warning("missions: stored mission %s held a number that is not finite: "
+                        "kept as null", mid)
+            writes.append(("UPDATE missions SET data = ? WHERE id = ?",
+                           (store.dumps(extra), mid)))
+        if writes:
+            journal.append([], writes)
+
     def _load_missions(self, journal: Journal) -> tuple[MissionEngine, dict[str, Any]]:
         """Rebuild the engine from the missions table (the source of truth)."""
+        self._mend_missions(journal)
         active = [store.from_row(r) for r in journal.query(*store.active_query())]
         (next_id,) = journal.query("SELECT COALESCE(MAX(id), 0) + 1 FROM missions")[0]
         resolved = journal.query(

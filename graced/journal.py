@@ -104,6 +104,12 @@ MIGRATIONS: list[str] = [
         row TEXT NOT NULL, at REAL NOT NULL
     );
 """,
+    # 6: mission rows whose data SQLite cannot parse, moved aside at start
+    """
+    CREATE TABLE missions_quarantine (
+        id INTEGER, reason TEXT NOT NULL, row TEXT NOT NULL, at REAL NOT NULL
+    );
+""",
 ]
 
 Write = tuple[str, tuple[object, ...]]

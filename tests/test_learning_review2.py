@@ -124,3 +124,41 @@ def test_imports_never_push_local_records_over_the_pattern_cap() -> None:
     assert full.learn(sig="web:api", detector="web", subject="api", playbook="l64",
                       success=False, ttr=None, now=1.0, incident=64) == ([], False)
     assert len(full.patterns["web:api"]) == 64 and not Knowledge(rows_of(full)).quarantined
+
+
+def test_outcome_rows_edited_to_infinity_never_reach_a_missions_data(tmp_path: Path) -> None:
+    """Finding 4: an outcomes row edited to Infinity (ttr, closed_at 9e999) flowed through
+    the similar-missions lookup into a new mission's data as the bare word Infinity,
+    which SQLite cannot parse: the next start failed. Outcome figures are checked on
+    read (finite, or null), and mission data is written as JSON SQLite parses."""
+    import sqlite3
+
+    from graced.journal import Journal
+    from graced.learning import memory
+    from graced.missions import store
+    from graced.missions.engine import Mission
+
+    journal = Journal(tmp_path / "journal.db", synchronous="normal")
+    m = Mission(id=1, detector="web", kind="value", subject="api", severity="medium",
+                state="resolved", summary="latency high", opened_at=1.0, updated_at=2.0,
+                closed_at=2.0, samples=[])
+    m.playbook, m.steps = "fix", [{"step": 1, "action": "run", "ok": True}]
+    journal.append([], memory.outcome_writes(memory.outcome_of(m)))
+    journal.append([], [("UPDATE outcomes SET ttr = 9e999, closed_at = 9e999, "
+                         "success = 7", ())])
+    reader = memory.MemoryReader(journal.path)
+    try:
+        found = reader.similar(detector="web", kind="value", subject="api",
+                               severity="medium", summary="latency high", before=5)
+    finally:
+        reader.close()
+    assert [(f["ttr"], f["closed_at"], f["success"]) for f in found] == [(None, None, None)]
+    new = Mission(id=2, detector="web", kind="value", subject="api", severity="medium",
+                  state="open", summary="latency high", opened_at=3.0, updated_at=3.0)
+    new.similar = [{"ttr": float("inf"), "score": float("nan")}]  # however it came
+    journal.append([], [store.upsert(new)])
+    conn = sqlite3.connect(journal.path)
+    assert conn.execute("SELECT json_valid(data), json_extract(data, '$.similar[0].ttr') "
+                        "FROM missions WHERE id = 2").fetchone() == (1, None)
+    conn.close()
+    journal.close()

@@ -5,6 +5,7 @@ real gracectl: each test failed on the code the review broke, and holds now.
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -97,3 +98,37 @@ def test_two_wide_imports_leave_the_default_ls_answering_and_graced_live(
     assert late and max(late) < 1.5, late
     res = g.ctl("knowledge", "ls", "--limit", "1001")
     assert res.returncode == 2 and "1001 is not in the range 1<=x<=1000" in res.stderr
+
+
+# -- 4 ---------------------------------------------------------------------------------
+
+def test_a_mission_row_sqlite_cannot_parse_is_mended_or_quarantined_at_start(
+        make_graced) -> None:
+    """Finding 4: a mission whose data held Infinity (copied from an edited outcomes row)
+    made every later start fail ("malformed JSON", exit 1). Now graced starts: a
+    non-finite number is kept as null, a row that is not JSON at all is moved to
+    missions_quarantine, and the other missions are untouched."""
+    g = make_graced(extra_config=SETTINGS)
+    g.stop()
+    db = sqlite3.connect(g.state / "journal.db")
+    cols = ("INSERT INTO missions (id, detector, kind, subject, severity, state, summary, "
+            "opened_at, updated_at, closed_at, occurrences, flapping, data) VALUES "
+            "(?, 'queue', 'value', 'q', 'medium', ?, 'queue high', 1.0, 2.0, ?, 1, 0, ?)")
+    db.execute(cols, (1, "resolved", 2.0, '{"steps": [], "similar": [{"ttr": Infinity}], '
+                                          '"samples": [], "timeline": []}'))
+    db.execute(cols, (2, "resolved", 2.0, "not json {"))
+    db.execute(cols, (3, "open", None, '{"steps": [], "samples": [], "timeline": []}'))
+    db.commit()
+    db.close()
+    g.start()
+    shown = json.loads(g.ctl("missions", "show", "1", "--json", check=True).stdout)
+    assert shown["similar"] == [{"ttr": None}], shown.get("similar")
+    assert g.ctl("missions", "show", "2").returncode == 5
+    assert json.loads(g.ctl("missions", "show", "3", "--json", check=True).stdout)[
+        "state"] == "open"
+    db = sqlite3.connect(g.state / "journal.db")
+    assert [r[0] for r in db.execute("SELECT id FROM missions_quarantine")] == [2]
+    db.close()
+    assert "quarantined stored mission 2" in g.stderr()
+    g.stop()
+    g.start()  # and again: nothing left to mend

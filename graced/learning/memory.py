@@ -154,8 +154,27 @@ _BRIEF = ("mission_id", "detector", "subject", "summary", "playbook", "outcome",
           "ttr", "closed_at", "held_back")
 
 
+def _number(v: Any, upper: float) -> float | None:
+    """A stored figure as a finite number in [0, upper], or None (an edited row)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) and 0 <= f <= upper else None
+
+
 def _brief(row: tuple[Any, ...], match: str, score: float | None) -> dict[str, Any]:
+    """One outcome row as a similar mission, every figure checked: it is copied into the
+    new mission's data (an edited row holding Infinity once made the next start fail)."""
     d = dict(zip(_BRIEF, row, strict=True))
+    d["ttr"] = _number(d["ttr"], 7 * 86400.0)
+    d["closed_at"] = _number(d["closed_at"], 1e10)
+    if d["success"] not in (0, 1) or isinstance(d["success"], float):
+        d["success"] = None
+    if score is not None and not math.isfinite(score):
+        score = None
     d["id"] = d.pop("mission_id")
     d["match"] = match
     d["score"] = None if score is None else round(score, 4)

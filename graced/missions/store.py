@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from ..journal import Write
+from ..protocol.canonical import json_safe
 from .engine import ACTIVE, Mission
 
 _COLUMNS = ("id", "detector", "kind", "subject", "severity", "state", "summary", "opened_at",
@@ -19,8 +20,17 @@ _DATA = ("last_value", "score", "normal_streak", "last_update_event", "samples",
          "plan", "silenced")
 
 
+def dumps(data: dict[str, Any]) -> str:
+    """A mission's data column: JSON SQLite can parse (a non-finite number, which no
+    check upstream should let through, is stored as null rather than as a bare word)."""
+    try:
+        return json.dumps(data, allow_nan=False)
+    except ValueError:
+        return json.dumps(json_safe(data), allow_nan=False)
+
+
 def upsert(m: Mission) -> Write:
-    data = json.dumps({k: getattr(m, k) for k in _DATA})
+    data = dumps({k: getattr(m, k) for k in _DATA})
     values = (m.id, m.detector, m.kind, m.subject, m.severity, m.state, m.summary, m.opened_at,
               m.updated_at, m.closed_at, m.occurrences, int(m.flapping), data)
     sets = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
