@@ -425,7 +425,13 @@ class Api:
                     f"signed by key {known['kid']}, this file by key {kid}: refused; if "
                     "that daemon's key really changed, import with --replace-key"))
             notes.append(f"the key of daemon {source} is replaced: {known['kid']} -> {kid}")
-        if known is not None and exported_at < known["exported_at"]:
+        if known is not None and exported_at < known["exported_at"] and replace_key \
+                and known["kid"] != kid:
+            # Journaled with the import (key_replaced): the operator vouches for the new
+            # key, so the export time the old key claimed no longer holds.
+            notes.append(f"the export time stored for daemon {source} "
+                         f"({known['exported_at']:.0f}) is reset with its key")
+        elif known is not None and exported_at < known["exported_at"]:
             raise RequestError("invalid", (
                 f"exported_at: this export of daemon {source} ({exported_at:.0f}) is older "
                 f"than the one imported already ({known['exported_at']:.0f}): refused"))

@@ -314,7 +314,8 @@ class Daemon:
         writes: list[Any] = []
         for mid, data in bad:
             try:
-                extra = json.loads(data, parse_constant=lambda _: None)
+                text = data if isinstance(data, (str, bytes)) else str(data)
+                extra = json.loads(text, parse_constant=lambda _: None)
                 if not isinstance(extra, dict):
                     raise ValueError("not an object")
             except (TypeError, ValueError, RecursionError) as exc:

@@ -357,8 +357,9 @@ def test_imported_prior_fades_from_export_time() -> None:
            "first_seen": 1.0, "last_seen": 2.0}
     _import(k, "peer", [rec], now=2000.0, exported_at=1000.0)
     assert k.prior("web:api", "old", 2000.0).runs == pytest.approx(2.5)  # one half-life
-    # An export time in the future (after its import) fades from the import.
-    _import(k, "later", [{**rec, "playbook": "new"}], now=2000.0, exported_at=9e9)
+    # An export time in the future (after its import, within the clock skew allowed)
+    # fades from the import.
+    _import(k, "later", [{**rec, "playbook": "new"}], now=2000.0, exported_at=2500.0)
     assert k.prior("web:api", "new", 2000.0).runs == pytest.approx(5.0)
 
 

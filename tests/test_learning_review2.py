@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from graced.learning.knowledge import PAGE_BYTES, PAGE_RECORDS, Knowledge
+import pytest
+
+from graced.learning.knowledge import MAX_SKEW, PAGE_BYTES, PAGE_RECORDS, Knowledge
 from graced.protocol.knowledge import check
 
 
@@ -162,3 +164,35 @@ def test_outcome_rows_edited_to_infinity_never_reach_a_missions_data(tmp_path: P
                         "FROM missions WHERE id = 2").fetchone() == (1, None)
     conn.close()
     journal.close()
+
+
+def test_resetting_a_sources_last_record_frees_its_place() -> None:
+    """Finding 6: the 100-source cap never freed: a source whose records were all reset
+    still counted. Its entry goes with its last record (and the stored list with it)."""
+    k = Knowledge()
+    for i in range(100):
+        imported(k, f"d{i:03}", [rec(f"web:s{i:03}", "p")])
+    with pytest.raises(ValueError, match="knowledge from 100 daemons"):
+        k.plan_import("new", check([rec("web:new", "p")]), host="h", kid="k",
+                      exported_at=10.0, now=10.0)
+    writes, removed = k.reset("web:s007")
+    assert removed == 1 and "d007" not in k.sources and len(k.sources) == 100 - 1
+    stored = json.loads(writes[-1][1][1])
+    assert sorted(stored) == sorted(k.sources)
+    imported(k, "new", [rec("web:new", "p")])
+    assert "new" in k.sources
+    # A playbook reset that empties several sources frees them all.
+    writes, removed = k.reset("p")
+    assert k.sources == {} and json.loads(writes[-1][1][1]) == {}
+
+
+def test_an_export_dated_in_the_future_is_refused() -> None:
+    """Finding 7: an export dated 2286 claiming a daemon id locked that id out for ever
+    (every genuine export is "older"). Beyond MAX_SKEW ahead of now it is refused."""
+    k = Knowledge()
+    with pytest.raises(ValueError, match="exported_at: .* in the future"):
+        k.plan_import("d", check([rec()]), host="h", kid="k", exported_at=9.9e9,
+                      now=1000.0)
+    plan = k.plan_import("d", check([rec()]), host="h", kid="k",
+                         exported_at=1000.0 + MAX_SKEW, now=1000.0)
+    assert plan.meta["exported_at"] == 1000.0 + MAX_SKEW

@@ -132,3 +132,40 @@ def test_a_mission_row_sqlite_cannot_parse_is_mended_or_quarantined_at_start(
     assert "quarantined stored mission 2" in g.stderr()
     g.stop()
     g.start()  # and again: nothing left to mend
+
+
+# -- 7 ---------------------------------------------------------------------------------
+
+def test_a_future_export_is_refused_and_a_replaced_key_resets_the_export_time(
+        make_graced, shortdir: Path) -> None:
+    """Finding 7: an export dated 2286 claiming a daemon id locked that id out for ever
+    (every genuine export was "older"). graced refuses an export dated more than the
+    allowed skew ahead (exit 1, one line naming the field); and an operator who imports the genuine
+    daemon's export with --replace-key (journaled) resets the export time the other key
+    claimed."""
+    g = make_graced(extra_config=SETTINGS)
+    g.ctl("status", check=True)  # the daemon's key pinned: no note on stderr below
+    impostor = Daemon(shortdir, "victim")
+    far = impostor.export([rec("queue:q", "p")], exported_at=9.9e9, name="-far")
+    res = impostor.load(g, far)
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert "in the future" in res.stderr and "exported_at" in res.stderr
+    # Within the skew (clocks differ a little) it imports, and pins the impostor's key.
+    soon = impostor.export([rec("queue:q", "p")], exported_at=time.time() + 500,
+                           name="-soon")
+    assert impostor.load(g, soon).returncode == 0
+    (shortdir / "genuine").mkdir()
+    genuine = Daemon(shortdir / "genuine", "victim")
+    real = genuine.export([rec("queue:q", "p", successes=9)])
+    res = genuine.load(g, real)
+    assert res.returncode != 0 and "--replace-key" in res.stderr, res.stderr
+    res = genuine.load(g, real, "--replace-key", "--json")
+    assert res.returncode == 0, res.stderr
+    assert any("export time stored for daemon victim" in n
+               for n in json.loads(res.stdout)["notes"]), res.stdout
+    shown = json.loads(g.ctl("knowledge", "show", "queue:q", "--json",
+                             check=True).stdout)["pattern"]["playbooks"][0]
+    assert shown["imported"][0]["successes"] == 9
+    ev = g.ctl("tail", "--json", "--since", "1", "--no-follow", "learning.imported",
+               check=True).stdout.splitlines()
+    assert json.loads(ev[-1])["payload"]["key_replaced"] is True

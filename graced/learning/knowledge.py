@@ -58,7 +58,10 @@ LOCAL = "local"
 PAGE_RECORDS = 5000
 PAGE_BYTES = 4 * 2**20
 MAX_FAILS = 20  # failures (incident, time, own) remembered per local record
-PER_INCIDENT = 2  # runs of a playbook that failed in one incident before it is skipped
+PER_INCIDENT = 2
+# An export dated further ahead than this is refused: "older than the last import" must
+# not let one file lock a daemon id out for ever.
+MAX_SKEW = 600.0  # runs of a playbook that failed in one incident before it is skipped
 
 _COLS = ("signature, playbook, source, detector, subject, successes, failures, ttr_total, "
          "ttr_count, first_seen, last_seen, data")
@@ -395,7 +398,8 @@ class Knowledge:
                 for source in srcs:
                     self.by_source.get(source, set()).discard((target, pb))
             self.recent.pop(target, None)
-            return [("DELETE FROM patterns WHERE signature = ?", (target,))], removed
+            return [("DELETE FROM patterns WHERE signature = ?", (target,)),
+                    *self._drop_empty_sources()], removed
         for sig in list(self.patterns):
             sources = self.patterns[sig].pop(target, None)
             if sources:
@@ -405,7 +409,17 @@ class Knowledge:
             if not self.patterns[sig]:
                 del self.patterns[sig]
                 self.recent.pop(sig, None)
-        return [("DELETE FROM patterns WHERE playbook = ?", (target,))], removed
+        return [("DELETE FROM patterns WHERE playbook = ?", (target,)),
+                *self._drop_empty_sources()], removed
+
+    def _drop_empty_sources(self) -> list[Write]:
+        """Forget the imported sources left with no record (they no longer count
+        towards MAX_SOURCES); the write that stores what remains, if any changed."""
+        empty = [s for s in self.sources if not self.by_source.get(s)]
+        for source in empty:
+            del self.sources[source]
+            self.by_source.pop(source, None)
+        return [self.sources_write(self.sources)] if empty else []
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -505,6 +519,9 @@ class Knowledge:
         """What importing an export from ``source`` (checked ``patterns``) would do: it
         replaces every record held from that source (records no longer exported are
         removed). Raises ValueError when the result would break a cap. Changes nothing."""
+        if exported_at > now + MAX_SKEW:
+            raise ValueError(f"exported_at: {exported_at:.0f} is {exported_at - now:.0f} s "
+                             f"in the future (at most {MAX_SKEW:g} s of clock skew): refused")
         held = self.by_source.get(source, set())
         put: dict[tuple[str, str], Entry] = {}
         changes: list[dict[str, Any]] = []
