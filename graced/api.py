@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import itertools
 import logging
+import math
 import os
 import pwd
 import time
@@ -88,6 +89,10 @@ class Api:
         # Imports and resets one at a time: each changes memory and the journal together.
         # Knowledge imports and resets, one at a time (the fleet's imports take it too).
         self.knowledge_lock = self._knowledge_lock = trio.Lock()
+        # One knowledge upload (and its parse) at a time, daemon-wide: its connection,
+        # and when it last sent a part (an upload idle UPLOAD_IDLE s may be dropped).
+        self._uploader: Client | None = None
+        self._upload_at = 0.0
         self.reloader: Reloader | None = None
         # The components' health as last published (graced.integration), for status.
         self.integration: dict[str, dict[str, Any]] = {}
@@ -347,6 +352,13 @@ class Api:
                                "params.data a base64 string")
         if offset == 0:
             client.upload = bytearray()
+            self._take_upload(client)
+        elif self._uploader is not client:
+            client.upload = bytearray()
+            raise RequestError("invalid", f"params.offset: this connection's upload was "
+                               f"dropped (idle more than {UPLOAD_IDLE:g} s while another "
+                               "waited); start again at offset 0")
+        self._upload_at = time.monotonic()
         if offset != len(client.upload):
             raise RequestError("bad_request", f"params.offset: {offset}, but "
                                f"{len(client.upload)} bytes were uploaded")
@@ -354,7 +366,12 @@ class Api:
             part = base64.b64decode(data, validate=True)
         except ValueError:
             raise RequestError("bad_request", "params.data must be base64") from None
+        if offset == 0 and part.lstrip()[:1] != b"{":
+            self._release_upload(client)
+            raise RequestError("invalid", "not a knowledge export: it does not start as a "
+                               "JSON object")
         if len(client.upload) + len(part) > pk.MAX_FILE_BYTES:
+            self._release_upload(client)
             client.upload = bytearray()
             raise RequestError("invalid", f"an export file holds at most "
                                f"{pk.MAX_FILE_BYTES // 2**20} MB")
@@ -385,9 +402,37 @@ class Api:
         if len(key) != 32:
             raise RequestError("bad_request", "params.key must be a base64 Ed25519 public key")
         raw, client.upload = bytes(client.upload), bytearray()
-        if not raw:
+        if not raw or self._uploader is not client:
             raise RequestError("bad_request", "no export file uploaded on this connection "
-                               "(knowledge.upload)")
+                               "(knowledge.upload; one dropped idle is gone)")
+        # Held through the parse: the one document built in memory at a time.
+        self._upload_at = math.inf
+        try:
+            return await self._import_file(client, raw, key, replace_key, dry_run)
+        finally:
+            self._release_upload(client)
+
+    def _take_upload(self, client: Client) -> None:
+        """Make ``client`` the one connection uploading (or being parsed): a daemon-wide
+        bound on what uploads hold in memory (one 32 MB file and its parse, not one per
+        connection). Another's upload is taken over only once it is idle past
+        UPLOAD_IDLE or its connection has gone; its bytes are dropped then."""
+        other = self._uploader
+        if other is not None and other is not client and not other.closing.is_set() \
+                and time.monotonic() - self._upload_at < UPLOAD_IDLE:
+            raise RequestError("unavailable", "another knowledge import is being uploaded "
+                               "or read; try again shortly")
+        if other is not None and other is not client:
+            other.upload = bytearray()
+        self._uploader = client
+
+    def _release_upload(self, client: Client) -> None:
+        client.upload = bytearray()
+        if self._uploader is client:
+            self._uploader = None
+
+    async def _import_file(self, client: Client, raw: bytes, key: bytes, replace_key: bool,
+                           dry_run: bool) -> Any:
 
         def check() -> tuple[dict[str, Any], list[dict[str, Any]]]:
             try:
@@ -914,6 +959,9 @@ def row_id(value: Any, key: str = "id") -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ROW_ID:
         raise RequestError("bad_request", f"params.{key} must be an integer 0-{MAX_ROW_ID}")
     return value
+
+
+UPLOAD_IDLE = 30.0  # s without a part after which another connection may take the upload
 
 
 def _page_param(params: dict[str, Any], key: str, default: int, low: int, high: int) -> int:

@@ -4,6 +4,7 @@ real gracectl: each test failed on the code the review broke, and holds now.
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 import threading
@@ -13,7 +14,10 @@ from typing import Any
 
 import nacl.signing
 import pytest
+import trio
 
+from gracectl.client import Endpoint, connect
+from gracectl.errors import RemoteError
 from graced.keys import format_public_key
 from graced.protocol import Signer
 from tests.conftest import Graced
@@ -169,3 +173,45 @@ def test_a_future_export_is_refused_and_a_replaced_key_resets_the_export_time(
     ev = g.ctl("tail", "--json", "--since", "1", "--no-follow", "learning.imported",
                check=True).stdout.splitlines()
     assert json.loads(ev[-1])["payload"]["key_replaced"] is True
+
+
+# -- 5 ---------------------------------------------------------------------------------
+
+def test_one_knowledge_upload_at_a_time_and_a_file_that_is_no_export_is_refused_early(
+        make_graced, shortdir: Path) -> None:
+    """Finding 5: uploads had no daemon-wide bound (eight unfinished 32 MB uploads on
+    eight connections, four imports parsed at once: gigabytes). One connection uploads
+    (and has its file parsed) at a time: another is refused (unavailable) until it
+    imports, goes away or idles past the deadline; a file that does not start as a JSON
+    object is refused at its first part."""
+    g = make_graced(extra_config=SETTINGS)
+    d = Daemon(shortdir, "peer")
+    raw = d.export([rec("queue:q", "p")]).read_bytes()
+    part = {"offset": 0, "data": base64.b64encode(raw[:100]).decode()}
+
+    async def scenario() -> None:
+        async with connect(Endpoint(socket=str(g.socket))) as a:
+            assert (await a.request("knowledge.upload", part))["received"] == 100
+            async with connect(Endpoint(socket=str(g.socket))) as b:
+                with pytest.raises(RemoteError) as info:
+                    await b.request("knowledge.upload", part)
+                assert info.value.code_name == "unavailable", info.value
+                assert "another knowledge import" in str(info.value)
+            # a finishes its file and imports it: the upload is free again.
+            await a.request("knowledge.upload", {
+                "offset": 100, "data": base64.b64encode(raw[100:]).decode()})
+            done = await a.request("knowledge.import", {
+                "key": base64.b64encode(d.signer.public_key).decode()})
+            assert done["imported"] == 1
+        async with connect(Endpoint(socket=str(g.socket))) as c:
+            await c.request("knowledge.upload", part)  # a left it: c may start
+        async with connect(Endpoint(socket=str(g.socket))) as e:
+            # c's connection is gone: e takes over its unfinished upload.
+            await e.request("knowledge.upload", part)
+            with pytest.raises(RemoteError) as info:
+                await e.request("knowledge.upload", {
+                    "offset": 0, "data": base64.b64encode(b"  [1, 2, 3]").decode()})
+            assert "not a knowledge export" in str(info.value)
+
+    trio.run(scenario)
+    status_within(g, 1.0)
