@@ -196,3 +196,43 @@ def test_an_export_dated_in_the_future_is_refused() -> None:
     plan = k.plan_import("d", check([rec()]), host="h", kid="k",
                          exported_at=1000.0 + MAX_SKEW, now=1000.0)
     assert plan.meta["exported_at"] == 1000.0 + MAX_SKEW
+
+
+def test_a_symptom_toggled_while_awaiting_approval_pages_a_few_times_then_waits() -> None:
+    """Finding 8: "cleared before approval is not a flap" let anyone toggling the
+    symptom open a new mission, and a new approval request, at every return (17 in
+    30 s). After CLEARED_REPEATS clears within flap_window the mission awaiting approval
+    is kept open for a person: the toggles no longer page."""
+    from graced.missions.engine import CLEARED, CLEARED_REPEATS, MissionEngine
+
+    engine = MissionEngine(resolve_after=1, flap_window=600.0)
+    opened: list[int] = []
+    resolved: list[str] = []
+
+    def see(anomalous: bool, now: float) -> None:
+        for t in engine.observe(detector="queue", kind="value", subject="q",
+                                severity="critical", anomalous=anomalous, score=1.0,
+                                summary="queue high", value=99.0 if anomalous else 1.0,
+                                now=now):
+            if t.topic == "mission.opened":
+                opened.append(t.mission.id)
+                engine.transition(engine.active[("queue", "q")], "awaiting_approval", now,
+                                  "needs approval")
+            elif t.topic == "mission.resolved":
+                resolved.append(t.mission.reason or "")
+
+    for i in range(17):
+        see(True, 10.0 + 2 * i)
+        see(False, 11.0 + 2 * i)
+    assert len(opened) == CLEARED_REPEATS + 1, opened
+    assert len(resolved) == CLEARED_REPEATS and all(r.startswith(CLEARED) for r in resolved)
+    kept = engine.active[("queue", "q")]
+    assert kept.state == "awaiting_approval" and kept.flapping is False
+    assert sum(1 for t in kept.timeline if t.get("note") == "kept open") == 1
+    # Beyond flap_window the count starts again: a fault that returns a day later is
+    # approvable as usual (it clears, and its next return opens a new mission).
+    engine.transition(kept, "expired", 100.0, "approval timed out")
+    see(False, 101.0)
+    see(True, 2000.0)
+    see(False, 2001.0)
+    assert len(opened) == CLEARED_REPEATS + 2 and len(resolved) == CLEARED_REPEATS + 1

@@ -12,7 +12,11 @@ opened within ``flap_window`` seconds after the last one for the same key *resol
 itself* is *flapping*: flagged, and its severity raised one level. A fault that comes
 back after a playbook fixed it is not flapping: the playbook budgets bound how often
 it is fixed again; nor is one that cleared before approval (it must be approvable
-again when it comes back).
+again when it comes back). But a symptom that keeps coming and going while graced waits
+for approval would page a person each time: once a key has cleared before approval
+``CLEARED_REPEATS`` times within ``flap_window``, its next mission awaiting approval is
+kept open for a person (one request, until approved, rejected or expired) instead of
+clearing and asking again at the next toggle.
 
 An *incident* is one unbroken stretch of anomaly for a key: a mission that failed and
 reopens while the detector never saw the key normal belongs to the same incident as the
@@ -45,6 +49,7 @@ HANDED_OVER = ("escalated", "rejected", "expired")
 # Active states in which a run of normal samples resolves the mission by itself.
 WATCHING = ("open", "detected", "verifying", "interrupted", "awaiting_approval")
 CLEARED = "cleared before approval"
+CLEARED_REPEATS = 3  # clears before approval within flap_window before one is kept open
 MAX_SAMPLES = 10
 MAX_TIMELINE = 200
 
@@ -151,6 +156,8 @@ class MissionEngine:
         # Restored at start from each key's last mission: a graced that was stopped saw
         # nothing, so a hold lasts across a restart until the symptom is seen normal.
         self.held: dict[tuple[str, str], tuple[str, int]] = dict(held or {})
+        # When each key last cleared before approval (within flap_window; newest last).
+        self.cleared: dict[tuple[str, str], list[float]] = {}
 
     def by_id(self, mission_id: int) -> Mission | None:
         for m in self.active.values():
@@ -194,6 +201,23 @@ class MissionEngine:
             del m.timeline[1:2]  # keep the first (how it started) and the latest
         m.state = to
         m.updated_at = now
+
+    def _recent_clears(self, key: tuple[str, str], now: float) -> list[float]:
+        return [t for t in self.cleared.get(key, []) if now - t <= self.flap_window]
+
+    def _keep_open(self, m: Mission, now: float) -> bool:
+        """Is this mission awaiting approval kept open though its symptom cleared (the
+        key cleared before approval CLEARED_REPEATS times within flap_window)? Notes it
+        on the timeline the first time."""
+        if len(self._recent_clears(m.key, now)) < CLEARED_REPEATS:
+            return False
+        if not any(t.get("note") == "kept open" for t in m.timeline[-20:]):
+            m.timeline.append({
+                "ts": now, "from": m.state, "to": m.state, "note": "kept open",
+                "reason": f"{CLEARED} {CLEARED_REPEATS} times within {self.flap_window:g} s "
+                          "(missions.flap_window): kept open for a person instead of "
+                          "asking again at each return"})
+        return True
 
     def observe(self, *, detector: str, kind: str, subject: str, severity: str,
                 anomalous: bool, score: float, summary: str, value: float | None,
@@ -251,6 +275,9 @@ class MissionEngine:
         m.updated_at = now
         if m.normal_streak >= self.resolve_after and m.state in WATCHING:
             normal = f"{detector} normal for {m.normal_streak} consecutive samples"
+            if m.state == "awaiting_approval" and self._keep_open(m, now):
+                out.append(Transition("", copy.deepcopy(m)))
+                return out
             if m.state == "awaiting_approval":
                 waiting = f"playbook {m.playbook} was not run" if m.playbook else "nothing ran"
                 m.reason = f"{CLEARED}: {normal}; {waiting}"
@@ -274,6 +301,8 @@ class MissionEngine:
             # comes back it must be approvable again, not escalated.
             if not ran(m) and not (m.reason or "").startswith(CLEARED):
                 self.last_resolved[key] = now
+            elif (m.reason or "").startswith(CLEARED):
+                self.cleared[key] = [*self._recent_clears(key, now), now][-CLEARED_REPEATS:]
             out.append(Transition("mission.resolved", copy.deepcopy(m)))
         else:
             out.append(Transition("", copy.deepcopy(m)))
