@@ -519,7 +519,8 @@ def verify(ctx: click.Context, file: str, key_file: str | None, anchor: str | No
 
     try:
         result = verify_file(file, key, anchor=start, partial=partial,
-                             stale_after=stale_after, workers=jobs)
+                             stale_after=stale_after, workers=jobs,
+                             progress=out.progress("verifying"))
     except OSError as exc:
         raise CtlError(f"{file}: {exc.strerror or exc}") from None
     except Violation as exc:

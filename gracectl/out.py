@@ -290,3 +290,21 @@ def write(text: str, err: bool = False) -> None:
 def stderr_note(message: str) -> None:
     """One line on stderr for a human (what the daemon sent in it shown escaped)."""
     print(f"gracectl: {safe(message)}", file=sys.stderr, flush=True)
+
+
+def progress(label: str) -> Any:
+    """A progress reporter for long work: (done, total) to a line on stderr redrawn in
+    place, on a terminal only (None elsewhere: a pipe or a log gets nothing)."""
+    try:
+        if not sys.stderr.isatty():
+            return None
+    except (AttributeError, ValueError):
+        return None
+
+    def report(done: int, total: int) -> None:
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\r{label}: {done}/{total} ({100 * done // max(1, total)}%)"
+                         + end)
+        sys.stderr.flush()
+
+    return report

@@ -17,7 +17,7 @@ and exit code) is exactly the one a sequential reader meets first.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from hashlib import sha256
@@ -219,7 +219,8 @@ def usable_cores() -> int:
 
 
 def _parallel(path: str, public_key: bytes, *, anchor: tuple[int, str] | None,
-              partial: bool, stale_after: float | None, workers: int) -> Result | None:
+              partial: bool, stale_after: float | None, workers: int,
+              progress: Callable[[int, int], None] | None = None) -> Result | None:
     """The parallel pass: a Result if the file is proved, None to verify it again in one
     pass (something is wrong, or the file cannot be split)."""
     import multiprocessing
@@ -229,6 +230,11 @@ def _parallel(path: str, public_key: bytes, *, anchor: tuple[int, str] | None,
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         futures = [pool.submit(_verify_chunk, path, a, b, public_key, stale_after)
                    for a, b in ranges]
+        if progress is not None:
+            from concurrent.futures import as_completed
+
+            for done, _ in enumerate(as_completed(futures), 1):
+                progress(done, len(futures))
         chunks = [fut.result() for fut in futures]
     if not chunks or any(c is None for c in chunks):
         return None
@@ -263,13 +269,15 @@ def _parallel(path: str, public_key: bytes, *, anchor: tuple[int, str] | None,
 
 def verify_file(path: str, public_key: bytes, *, anchor: tuple[int, str] | None = None,
                 partial: bool = False, stale_after: float | None = None,
-                workers: int | None = None) -> Result:
+                workers: int | None = None,
+                progress: Callable[[int, int], None] | None = None) -> Result:
     """Verify a saved stream (``-`` for stdin); raises :class:`Violation` at the first
-    problem. Uses ``workers`` processes (default: the usable cores) for large files."""
+    problem. Uses ``workers`` processes (default: the usable cores) for large files, and
+    tells ``progress`` (parts done, parts) as they finish."""
     workers = usable_cores() if workers is None else workers
     if path != "-" and workers > 1 and os.path.getsize(path) >= PARALLEL_MIN_BYTES:
         result = _parallel(path, public_key, anchor=anchor, partial=partial,
-                           stale_after=stale_after, workers=workers)
+                           stale_after=stale_after, workers=workers, progress=progress)
         if result is not None:
             return result
     if path == "-":

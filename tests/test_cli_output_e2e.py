@@ -191,3 +191,22 @@ def test_wait_timeout_is_exact_and_final_means_any_final_state(
     assert json.loads(out)["state"] == "rejected"
     # Without --timeout the documented default applies (30 s): shown in --help.
     assert "default: 30" in g.ctl("wait", "--help").stdout.replace("\n", " ")
+
+
+@pytest.mark.slow
+def test_verify_of_a_big_file_shows_progress_on_a_terminal_only(graced: Graced,
+                                                               shortdir: Path) -> None:
+    g = graced
+    g.ctl("emit", "user.load", "--count", "14000", "--payload",
+          '{"text": "a load event with some words in it"}', check=True)
+    stream = shortdir / "s.jsonl"
+    with stream.open("w") as fh:
+        subprocess.run([bin_path("gracectl"), "tail", "-o", "json", "--since", "1",
+                        "--no-follow"], env=g.env, stdout=fh, check=True)
+    assert stream.stat().st_size > 4 << 20  # large enough to be verified in parts
+    rc, text = run_on_tty([bin_path("gracectl"), "verify", "--partial", "--jobs", "2",
+                           str(stream)], g.env)
+    assert rc == 0 and "verified" in text, text
+    assert re.search(r"verifying: \d+/\d+ \(\d+%\)", text), text
+    piped = g.ctl("verify", "--partial", "--jobs", "2", str(stream), check=True)
+    assert "verifying" not in piped.stderr and "verified" in piped.stdout
