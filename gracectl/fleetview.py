@@ -24,6 +24,9 @@ from graced.protocol.verify import announced_interval, stale_limit
 MAX_HOST_MESSAGES = 2_000_000  # held per host, at most, before verification
 MAX_HOST_BYTES = 256 << 20  # their bytes, at most ([fleet] max_bytes_per_host's default)
 MAX_HOSTS = 10_000  # hosts, at most: messages of any further daemon id count as foreign
+# Held by all the hosts with no key pinned together (anyone on NATS can make those up): a
+# host with no key pinned that would go over it fails.
+MAX_UNPINNED_BYTES = 512 << 20
 
 
 @dataclass
@@ -45,6 +48,7 @@ class HostView:
     fleet_lag: int | None = None
     open_reported: int | None = None  # open missions, as its last heartbeat said
     held_bytes: int = 0  # the bytes of the messages held in pending
+    held: int = 0  # and their number
     stopped: bool = False
     missions: dict[int, dict[str, Any]] = field(default_factory=dict)
     violation: Violation | None = None
@@ -107,6 +111,7 @@ class FleetView:
         self.require_keys = require_keys  # a host with no pinned key fails at once
         self.hosts: dict[str, HostView] = {}
         self.foreign = 0  # messages on subjects that name no daemon
+        self.unpinned_bytes = 0  # held for hosts with no key pinned, all together
         self.clock = clock
 
     def host(self, daemon_id: str) -> HostView:
@@ -135,14 +140,15 @@ class FleetView:
             return
         if view.violation is not None:
             return
-        if view.held_bytes + len(data) > MAX_HOST_BYTES or \
-                sum(map(len, view.pending.values())) >= MAX_HOST_MESSAGES:
+        unpinned = view.key is None
+        if view.held_bytes + len(data) > MAX_HOST_BYTES or view.held >= MAX_HOST_MESSAGES \
+                or (unpinned and self.unpinned_bytes + len(data) > MAX_UNPINNED_BYTES):
             # Unbounded memory for one host's flood: that host fails, the view goes on.
             view.violation = Violation(ExitCode.CHAIN_BROKEN, None, (
                 f"more than {MAX_HOST_MESSAGES} messages or {MAX_HOST_BYTES >> 20} MiB held "
-                "for this host before verification: not read further"))
-            view.pending.clear()
-            view.held_bytes = 0
+                "for this host before verification (or, with no key pinned, more than "
+                f"{MAX_UNPINNED_BYTES >> 20} MiB for all such hosts): not read further"))
+            self._release(view)
             return
         try:
             event, _ = parse_event_line(data)
@@ -160,6 +166,9 @@ class FleetView:
             return
         bucket.append((data, event, self.clock()))
         view.held_bytes += len(data)
+        view.held += 1
+        if unpinned:
+            self.unpinned_bytes += len(data)
 
     def settle(self, *, hold: float = 0.0) -> list[tuple[HostView, dict[str, Any]]]:
         """Verify and apply the held events, in seq order per host; returns the events
@@ -176,16 +185,26 @@ class FleetView:
                 if hold and gap and now - items[0][2] < hold:
                     break
                 del view.pending[seq]
-                view.held_bytes -= sum(len(data) for data, _, _ in items)
+                size = sum(len(data) for data, _, _ in items)
+                view.held_bytes -= size
+                view.held -= len(items)
+                if view.key is None:
+                    self.unpinned_bytes -= size
                 for data, event, _ in items:
                     if not self._check(view, data, now):
                         break
                     self._apply(view, event)
                     out.append((view, event))
             if view.violation is not None:
-                view.pending.clear()
-                view.held_bytes = 0
+                self._release(view)
         return out
+
+    def _release(self, view: HostView) -> None:
+        """Drop what is held for a host that failed."""
+        if view.key is None:
+            self.unpinned_bytes -= view.held_bytes
+        view.pending.clear()
+        view.held_bytes = view.held = 0
 
     def _check(self, view: HostView, data: bytes, now: float) -> bool:
         if view.verifier is None:

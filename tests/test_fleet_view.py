@@ -182,3 +182,26 @@ def test_a_host_whose_history_starts_after_genesis_is_partial() -> None:
     host = _view(signer, _chain(signer, 5)[2:]).hosts[DAEMON]
     assert host.violation is None and host.first_seq == 3
     assert host.verified.startswith("partial: verified from seq 3")
+
+
+def test_hosts_with_no_key_pinned_share_one_memory_limit(monkeypatch: object) -> None:
+    import pytest
+
+    from gracectl import fleetview
+
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    signer = Signer(nacl.signing.SigningKey.generate())
+    msgs = _chain(signer, 3)
+    monkeypatch.setattr(fleetview, "MAX_UNPINNED_BYTES", sum(len(d) for _, d in msgs) + 10)
+    made_up = [str(uuid.uuid4()) for _ in range(2)]
+    view = FleetView({DAEMON: signer.public_key}, clock=lambda: 1_800_000_100.0)
+    for host in [*made_up, DAEMON]:  # the second made-up host goes over the shared limit
+        for subject, data in msgs:
+            view.add(subject.replace(DAEMON, host), data)
+    view.settle()
+    view.finish()
+    first, second = (view.hosts[h] for h in made_up)
+    assert first.violation is None and first.events == 3
+    assert second.violation is not None and "not read further" in str(second.violation)
+    assert view.hosts[DAEMON].verified == "ok" and view.hosts[DAEMON].events == 3
+    assert view.unpinned_bytes == 0  # all released once settled
