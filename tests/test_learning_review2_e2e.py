@@ -21,7 +21,11 @@ from gracectl.errors import RemoteError
 from graced.keys import format_public_key
 from graced.protocol import Signer
 from tests.conftest import Graced
+from tests.helpers.procs import poll_until
+from tests.test_learning_e2e import FAULT, NORMAL
 from tests.test_learning_hostile_e2e import SETTINGS, status_within
+from tests.test_learning_review_e2e import critical
+from tests.test_missions_e2e import Watch
 
 pytestmark = pytest.mark.slow
 
@@ -215,3 +219,42 @@ def test_one_knowledge_upload_at_a_time_and_a_file_that_is_no_export_is_refused_
 
     trio.run(scenario)
     status_within(g, 1.0)
+
+
+# -- 8 ---------------------------------------------------------------------------------
+
+def test_a_symptom_toggled_while_awaiting_approval_stops_paging(make_graced,
+                                                                 shortdir: Path) -> None:
+    """Finding 8: anyone toggling a critical symptom opened a new mission awaiting
+    approval at every return (17 requests in 30 s). After three clears before approval
+    within flap_window, the fourth request is kept open for a person: further toggles
+    update it and ask nobody again."""
+    g, crit, ran = critical(make_graced, shortdir, "\n[missions]\nresolve_after = 2\n")
+    w = Watch(g)
+    for n in (1, 2, 3):
+        crit.write_text(FAULT)
+        w.wait("mission.awaiting_approval", "crit", 20, count=n)
+        crit.write_text(NORMAL)
+        assert w.wait("mission.resolved", "crit", 20, count=n)["payload"]["reason"].startswith(
+            "cleared before approval")
+    crit.write_text(FAULT)
+    kept = w.wait("mission.awaiting_approval", "crit", 20, count=4)["payload"]["id"]
+    crit.write_text(NORMAL)
+
+    def mission() -> dict[str, Any]:
+        return dict(json.loads(g.ctl("missions", "show", str(kept), "--json",
+                                     check=True).stdout))
+
+    poll_until(lambda: any(t.get("note") == "kept open" for t in mission()["timeline"]),
+               20, "the mission kept open")
+    for _ in range(3):
+        seen = mission()["occurrences"]
+        crit.write_text(FAULT)
+        poll_until(lambda: mission()["occurrences"] > seen, 20, "the symptom back")  # noqa: B023
+        crit.write_text(NORMAL)
+        poll_until(lambda: mission()["normal_streak"] >= 2, 20, "the symptom gone")
+    assert mission()["state"] == "awaiting_approval"
+    assert len(w.events("mission.awaiting_approval", "crit")) == 4
+    assert len(w.events("mission.resolved", "crit")) == 3
+    assert not ran.exists()
+    w.close()
