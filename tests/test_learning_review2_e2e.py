@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -21,10 +24,16 @@ from gracectl.errors import RemoteError
 from graced.keys import format_public_key
 from graced.protocol import Signer
 from tests.conftest import Graced
-from tests.helpers.procs import poll_until
-from tests.test_learning_e2e import FAULT, NORMAL
+from tests.helpers.procs import LineCollector, poll_until
+from tests.test_learning_e2e import FAULT, NORMAL, value_detector
 from tests.test_learning_hostile_e2e import SETTINGS, status_within
-from tests.test_learning_review_e2e import critical
+from tests.test_learning_review_e2e import (
+    HOLDER,
+    critical,
+    quick_playbook,
+    recovered_once_more,
+    recoveries,
+)
 from tests.test_missions_e2e import Watch
 
 pytestmark = pytest.mark.slow
@@ -257,4 +266,53 @@ def test_a_symptom_toggled_while_awaiting_approval_stops_paging(make_graced,
     assert len(w.events("mission.awaiting_approval", "crit")) == 4
     assert len(w.events("mission.resolved", "crit")) == 3
     assert not ran.exists()
+    w.close()
+
+
+# -- 2 ---------------------------------------------------------------------------------
+
+def test_one_step_failure_someone_caused_does_not_demote_a_working_playbook(
+        make_graced, shortdir: Path) -> None:
+    """Finding 2: one incident held through the verifications (the steps succeed, the
+    symptom stays), then one in which a step fails because someone put a directory where
+    the step removes a file: with demote_after = 2 that single step failure demoted the
+    working playbook. Demotion needs step failures in demote_after incidents: it stays
+    in service, says why, and fixes the next real fault."""
+    watched, lock = shortdir / "queue", shortdir / "lock"
+    watched.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("queue", watched) + quick_playbook(
+        "fix-queue", "queue", "low",
+        ["/bin/sh", "-c", f"rm -f {lock} && echo {NORMAL} > {watched}"]) + SETTINGS)
+    w = Watch(g)
+    recovered = LineCollector(g.ctl_popen("tail", "--json", "detector.recovered"))
+    # Incident 1: the symptom held through the fix and its verification.
+    seen = recoveries(recovered, "queue")
+    holder = subprocess.Popen(["/bin/sh", "-c", HOLDER, "sh", str(watched)],
+                              start_new_session=True)
+    try:
+        w.wait("mission.escalated", "queue", 60)
+    finally:
+        os.killpg(holder.pid, signal.SIGTERM)
+        holder.wait(10)
+    watched.write_text(NORMAL)
+    recovered_once_more(recovered, "queue", seen)
+    # Incident 2: a directory where the step removes a file: the step itself fails.
+    seen = recoveries(recovered, "queue")
+    lock.mkdir()
+    watched.write_text(FAULT)
+    w.wait("mission.escalated", "queue", 60, count=2)
+    watched.write_text(NORMAL)
+    recovered_once_more(recovered, "queue", seen)
+    fixer = json.loads(g.ctl("knowledge", "show", "queue:queue", "--json",
+                             check=True).stdout)["pattern"]["playbooks"][0]
+    assert (fixer["playbook"], fixer["successes"], fixer["demoted"]) == (
+        "fix-queue", 0, False), fixer
+    assert "own steps failed in 1 distinct incident(s)" in fixer["held_back"], fixer
+    # The directory gone, a real fault: the playbook runs and fixes it.
+    lock.rmdir()
+    watched.write_text(FAULT)
+    assert w.wait("mission.resolved", "queue", 30)["payload"]["playbook"] == "fix-queue"
+    assert not g.ctl("tail", "--json", "--since", "1", "--no-follow", "learning.demoted",
+                     check=True).stdout
+    recovered.proc.terminate()
     w.close()
