@@ -23,7 +23,28 @@ from wsproto.events import CloseConnection
 
 
 class Connection(WebSocketConnection):
-    """A server connection that says why it fails a connection (1007, 1002...)."""
+    """A server connection that says why it fails a connection (1007, 1002...), and
+    whose handshake ends when the peer goes away before finishing it."""
+
+    async def _get_request(self) -> WebSocketRequest:
+        """trio-websocket waits for the handshake even after the peer closed its side (it
+        then holds a connection slot until graced's handshake deadline): here the wait
+        ends with ConnectionClosed as soon as the connection is gone."""
+        got: list[WebSocketRequest] = []
+        async with trio.open_nursery() as nursery:
+            async def proposal() -> None:
+                got.append(await WebSocketConnection._get_request(self))
+                nursery.cancel_scope.cancel()
+
+            async def gone() -> None:
+                await self._close_handshake.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(proposal)
+            nursery.start_soon(gone)
+        if not got:
+            raise ConnectionClosed(self._close_reason)
+        return got[0]
 
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
         if self.is_server and self._wsproto.state == ConnectionState.OPEN:

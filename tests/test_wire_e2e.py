@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
+import psutil
 import pytest
 import trio
 import trio_websocket
@@ -194,3 +196,24 @@ def test_a_reload_that_revokes_a_read_key_closes_its_open_stream(make_graced) ->
             proc.kill()
     again = g.ctl("--url", url, "status", env=env)
     assert again.returncode == ExitCode.NOT_AUTHORISED, again.stderr
+
+
+def test_a_peer_that_leaves_mid_handshake_frees_its_slot_at_once(make_graced) -> None:
+    """Half a handshake, then the peer closes: graced lets the connection go when it sees
+    the close, not at its handshake deadline (10 s), so such peers cannot hold slots."""
+    import socket
+
+    from tests.helpers.procs import poll_until
+
+    g = make_graced()
+    daemon = psutil.Process(g.proc.pid)  # type: ignore[union-attr]
+    assert g.ctl("status").returncode == 0
+    baseline = daemon.num_fds()
+    started = time.monotonic()
+    for _ in range(50):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(g.socket))
+            s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n")  # half, then gone
+    poll_until(lambda: daemon.num_fds() <= baseline, 8, "descriptors back", pause=0.1)
+    assert time.monotonic() - started < 8
+    assert json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["handshaking"] == 0
