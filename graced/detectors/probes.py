@@ -8,9 +8,11 @@ status or exit code) reports ``failed`` with the reason, which is itself an anom
 from __future__ import annotations
 
 import math
+import os
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
 from typing import Any
 
@@ -34,10 +36,15 @@ class TcpProbe(SimpleDetector):
                 if cfg.send:
                     sock.sendall(cfg.send.encode().decode("unicode_escape").encode())
                 if cfg.expect or cfg.send:
-                    sock.settimeout(max(0.001, cfg.timeout - (time.perf_counter() - started)))
                     got = b""
                     want = cfg.expect.encode()
                     while not got or (want and want not in got):
+                        # One deadline for the whole answer: a peer dripping a byte at a
+                        # time gets no fresh timeout per recv.
+                        left = cfg.timeout - (time.perf_counter() - started)
+                        if left <= 0:
+                            raise TimeoutError
+                        sock.settimeout(left)
                         chunk = sock.recv(4096)
                         if not chunk:
                             break
@@ -57,13 +64,49 @@ class TcpProbe(SimpleDetector):
         return [Observation(self.subject, _elapsed_ms(started), "ms")]
 
 
+class _Deadline:
+    """Shuts a socket down (both ways) once ``seconds`` pass, unless cancelled first: a
+    client-side deadline for a library whose blocking calls have none. The socket is
+    shut, not closed, so its descriptor stays the library's to close."""
+
+    def __init__(self, fd: int, seconds: float) -> None:
+        self.fired = False
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._done = False
+        self._timer = threading.Timer(max(0.0, seconds), self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.fired = True
+            try:
+                with socket.socket(fileno=os.dup(self._fd)) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._done = True
+        self._timer.cancel()
+
+
 class PostgresProbe(SimpleDetector):
     """The latency of a real query on a PostgreSQL server (psycopg 3: ``grace[postgres]``).
 
     One connection is kept between samples and opened again after an error; the server
     cancels a query past ``timeout`` (statement_timeout), so a lock or a slow plan is a
-    failed probe, not a stuck one. The latency includes a reconnection when there was one.
+    failed probe, not a stuck one. A server that does not answer at all (statement_timeout
+    is its own) meets graced's deadline: ``timeout`` plus ``GRACE_S`` after the sample began,
+    the connection's socket is shut down and the probe fails. The latency includes a
+    reconnection when there was one.
     """
+
+    GRACE_S = 1.0  # past timeout, for the server's own cancellation to arrive first
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__(config)
@@ -85,9 +128,12 @@ class PostgresProbe(SimpleDetector):
     def sample(self) -> list[Observation]:
         cfg = self.config
         started = time.perf_counter()
+        guard: _Deadline | None = None
         try:
             if self.conn is None or self.conn.closed:
                 self.conn = self._connect()
+            guard = _Deadline(self.conn.fileno(),
+                              cfg.timeout + self.GRACE_S - (time.perf_counter() - started))
             with self.conn.cursor() as cur:
                 cur.execute(cfg.query)
                 if cur.description is not None:
@@ -98,8 +144,14 @@ class PostgresProbe(SimpleDetector):
                 f"query took over {cfg.timeout:g} s (cancelled)"))]
         except self.psycopg.Error as exc:
             self.close()
+            if guard is not None and guard.fired:
+                return [Observation(self.subject, None, failed=(
+                    f"no answer within {cfg.timeout + self.GRACE_S:g} s (connection closed)"))]
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             return [Observation(self.subject, None, failed=reason[:300])]
+        finally:
+            if guard is not None:
+                guard.cancel()
         return [Observation(self.subject, _elapsed_ms(started), "ms")]
 
     def close(self) -> None:

@@ -36,6 +36,7 @@ log = logging.getLogger("graced.detectors")
 Outcome = Callable[[Mission, float], tuple[list[Write], list[tuple[str, dict[str, Any]]]]]
 
 HISTORY = 300  # recent values kept per subject (sparklines, status)
+OVERRUN_S = 3.0  # past a probe's timeout, a sample still running is abandoned
 EVENT_GAP = 0.02
 """After a kernel event, wait this long before sampling: the rest of a burst (a thousand
 log lines written in a loop) is read by the same sample, and a writer that never stops
@@ -162,8 +163,7 @@ class DetectorRunner:
                 woken = False
                 while True:
                     try:
-                        observations = await trio.to_thread.run_sync(
-                            detector.sample, abandon_on_cancel=True, limiter=self._pool(cfg))
+                        observations = await self._sample(detector, cfg, st["timeout"])
                     finally:
                         st["sampled_at"] = trio.current_time()  # the watchdog's proof
                     _check_values(observations)
@@ -192,6 +192,20 @@ class DetectorRunner:
             finally:
                 if detector is not None:
                     detector.close()
+
+    async def _sample(self, detector: Detector, cfg: DetectorConfig,
+                      timeout: float) -> list[Any]:
+        """One sample in the detector's own thread budget. A probe (it has a ``timeout``)
+        that overruns it by ``OVERRUN_S`` is abandoned and reported as this detector
+        failing, so one hung probe never stalls the watchdog for every other one."""
+        if timeout <= 0:
+            return await trio.to_thread.run_sync(
+                detector.sample, abandon_on_cancel=True, limiter=self._pool(cfg))
+        bound = timeout + OVERRUN_S
+        with trio.move_on_after(bound):
+            return await trio.to_thread.run_sync(
+                detector.sample, abandon_on_cancel=True, limiter=self._pool(cfg))
+        raise TimeoutError(f"a sample took over {bound:g} s (abandoned)")
 
     async def _wait(self, detector: Detector, due: float) -> bool:
         """Until ``due``, or until the kernel says something the detector cares about (then

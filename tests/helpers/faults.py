@@ -86,6 +86,64 @@ def silent_server(port_file: str) -> None:
         held.append(conn)
 
 
+def trickle_server(port_file: str) -> None:
+    """A TCP service that answers each connection one byte every 0.5 s, forever, never the
+    expected reply (a peer that would reset a per-recv timeout at every byte)."""
+    srv = _listen(port_file)
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while True:
+                    conn.sendall(b".")
+                    time.sleep(0.5)
+            except OSError:
+                pass
+
+    _serve_forever(srv, serve)
+
+
+def mute_postgres(port_file: str) -> None:
+    """A PostgreSQL server (protocol 3) that lets every client log in, then never answers
+    a query: the server-side statement_timeout of the probe cannot help."""
+    import struct
+
+    srv = _listen(port_file)
+
+    def read(conn: socket.socket, n: int) -> bytes:
+        got = b""
+        while len(got) < n:
+            chunk = conn.recv(n - len(got))
+            if not chunk:
+                raise EOFError
+            got += chunk
+        return got
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while True:  # SSL/GSS requests refused, then the startup message
+                    (length,) = struct.unpack("!I", read(conn, 4))
+                    body = read(conn, length - 4)
+                    if struct.unpack("!I", body[:4])[0] not in (80877103, 80877104):
+                        break
+                    conn.sendall(b"N")
+                reply = b"R" + struct.pack("!II", 8, 0)  # AuthenticationOk
+                for key, value in ((b"server_version", b"16.0"), (b"client_encoding", b"UTF8"),
+                                   (b"standard_conforming_strings", b"on"),
+                                   (b"integer_datetimes", b"on"), (b"DateStyle", b"ISO, MDY")):
+                    param = key + b"\0" + value + b"\0"
+                    reply += b"S" + struct.pack("!I", 4 + len(param)) + param
+                reply += b"K" + struct.pack("!III", 12, 1, 2) + b"Z" + struct.pack("!I", 5) + b"I"
+                conn.sendall(reply)
+                while conn.recv(4096):  # the query, read and never answered
+                    pass
+            except (OSError, EOFError):
+                pass
+
+    _serve_forever(srv, serve)
+
+
 def http_server(port_file: str, hits_file: str, status: int, location: str) -> None:
     """Answers every request with ``status`` (and ``Location`` if given); each request's
     method and path are appended to ``hits_file``."""
@@ -123,6 +181,10 @@ if __name__ == "__main__":
         drip_server(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "silent":
         silent_server(sys.argv[2])
+    elif sys.argv[1] == "trickle":
+        trickle_server(sys.argv[2])
+    elif sys.argv[1] == "mute_postgres":
+        mute_postgres(sys.argv[2])
     elif sys.argv[1] == "http":
         http_server(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
     elif sys.argv[1] == "sleep":
