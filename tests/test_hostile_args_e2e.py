@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +53,15 @@ def _junk_args(cmd: click.Command, junk: Path) -> list[str]:
                 out.append(p.opts[0])
             out.append(str(value))
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bytecode() -> None:
+    """Hundreds of starts: from bytecode, as an installed gracectl starts (with
+    PYTHONDONTWRITEBYTECODE each start would compile every module again)."""
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "graced"),
+                    str(root / "gracectl")], check=True, stdout=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="module")
