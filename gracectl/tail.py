@@ -48,6 +48,23 @@ class TailOptions:
     since_at: Point | None = None  # --since as given (a seq or a time)
     until: Point | None = None
 
+    def before_since(self, event: dict[str, Any]) -> bool:
+        """Whether ``event`` is older than a --since time (an event published while the
+        start was being looked up, when the time lies past the head)."""
+        if self.since_at is None or self.since_at.ts is None:
+            return False
+        try:
+            return parse_ts(str(event.get("ts"))) < float(self.since_at.ts)
+        except (ValueError, TypeError, OverflowError):
+            return False
+
+    @property
+    def last_n(self) -> bool:
+        """-n N alone and not following: the last N matches when asked, no more (the head
+        may move between counting back and subscribing)."""
+        return (not self.follow and self.lines > 0 and self.since is None
+                and self.since_at is None)
+
     def past_until(self, event: dict[str, Any]) -> bool:
         """Whether ``event`` comes after --until (the stream ends before it)."""
         if self.until is None:
@@ -168,15 +185,22 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
                         verifier.flush()
                     printer.release()
                     return 0
+                shown = not opts.before_since(event)
                 if verifier is not None:
                     # The signed stream says how often to expect a heartbeat (a reload
                     # may change it): the stale limit follows, unless the user set one.
                     announced = announced_interval(event)
                     if announced is not None and opts.stale_after is None:
                         verifier.stale_after = stale_limit(announced)
-                    printer.accept(line, event, verifier.pending)
-                else:
+                    if shown:
+                        printer.accept(line, event, verifier.pending)
+                elif shown:
                     printer.accept(line, event, False)
+                if opts.last_n and printer.printed >= opts.lines:
+                    if verifier is not None:
+                        verifier.flush()
+                    printer.release()
+                    return 0
                 seq = event.get("seq")
                 if isinstance(seq, int):
                     next_seq = seq + 1

@@ -210,3 +210,14 @@ def test_verify_of_a_big_file_shows_progress_on_a_terminal_only(graced: Graced,
     assert re.search(r"verifying: \d+/\d+ \(\d+%\)", text), text
     piped = g.ctl("verify", "--partial", "--jobs", "2", str(stream), check=True)
     assert "verifying" not in piped.stderr and "verified" in piped.stdout
+
+
+@pytest.mark.slow
+def test_last_n_and_a_future_since_hold_while_events_keep_coming(make_graced) -> None:
+    """`tail -n 3 --no-follow` prints 3 lines and `--since +1h` nothing, even while the
+    head moves between finding where to start and subscribing (a heartbeat every 50 ms;
+    both raced before: 4 lines, and a heartbeat older than the asked time)."""
+    g = make_graced(heartbeat=0.05)
+    for _ in range(15):
+        assert len(g.ctl("tail", "-n", "3", "--no-follow", check=True).stdout.splitlines()) == 3
+        assert _events(g, "--since", "+1h") == []
