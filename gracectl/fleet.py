@@ -208,7 +208,8 @@ def _view(ctx: click.Context, subject: str = names.host_filter()) -> FleetView:
               required=True, help="The NATS servers graced forwards to (env GRACE_NATS; "
                                   "several: commas).")
 @click.option("--stream", default=names.DEFAULT_STREAM, show_default=True, metavar="NAME",
-              envvar="GRACE_STREAM", help="The JetStream stream ([fleet] stream).")
+              envvar="GRACE_STREAM",
+              help="The JetStream stream ([fleet] stream; env GRACE_STREAM).")
 @click.option("--creds", metavar="FILE", type=click.Path(dir_okay=False),
               envvar="GRACE_NATS_CREDS", help="A NATS credentials file (env GRACE_NATS_CREDS).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
@@ -243,8 +244,9 @@ def _age(seconds: float | None) -> str:
 def fleet_ls(ctx: click.Context, as_json: bool) -> None:
     """The hosts: name, daemon id, last heartbeat, open missions by severity, forwarding
     lag, verification status. Exits 11 (or the violation's code) when the stream of a
-    host whose key is pinned fails verification (a host with no key pinned is shown as
-    unverified, or failed, but sets no exit code: anyone on NATS can make one up)."""
+    host whose key is pinned fails verification, 10 when a forged message on its
+    subjects was rejected (a host with no key pinned is shown as unverified, or failed,
+    but sets no exit code: anyone on NATS can make one up)."""
     view = _view(ctx)
     now = time.time()
     hosts = sorted(view.hosts.values(), key=lambda h: (h.host, h.daemon_id))
@@ -254,10 +256,10 @@ def fleet_ls(ctx: click.Context, as_json: bool) -> None:
         rows = []
         for h in hosts:
             missions = ", ".join(f"{n} {sev}" for sev, n in sorted(h.open_missions().items()))
-            state = ("stopped" if h.stopped else "STALE" if h.stale(now) else "up")
-            rows.append([h.host, h.daemon_id, state, _age(h.silent_for(now)),
+            verified = h.verified + (f"; {h.rejected_note}" if h.rejection else "")
+            rows.append([h.host, h.daemon_id, h.state(now), _age(h.silent_for(now)),
                          missions or "-", "-" if h.fleet_lag is None else h.fleet_lag,
-                         h.last_seq, h.verified])
+                         h.last_seq, verified])
         out.echo(out.table(rows, ["host", "daemon id", "state", "heartbeat", "open missions",
                                   "lag", "seq", "verified"]))
         if view.foreign:
@@ -272,6 +274,10 @@ def _exit_for(hosts: list[HostView], pinned_only: bool = False) -> None:
         if h.violation is not None:
             raise CtlError(f"host {h.host} ({h.daemon_id}): verification failed at seq "
                            f"{h.violation.seq}: {h.violation}", h.violation.code)
+    for h in hosts:
+        if (not pinned_only or h.key is not None) and h.rejection is not None:
+            raise CtlError(f"host {h.host} ({h.daemon_id}): {h.rejected_note}",
+                           h.rejection.code)
 
 
 @fleet.group("missions")
@@ -361,6 +367,7 @@ def fleet_tail(ctx: click.Context, patterns: tuple[str, ...], hosts: tuple[str, 
     keys = _Keys()
     view = FleetView(keys if verify else _NoKeys(), require_keys=verify)
     reported: set[str] = set()
+    rejected: set[str] = set()
     wanted = set(hosts)
 
     def take(subject: str, data: bytes) -> None:
@@ -383,6 +390,10 @@ def fleet_tail(ctx: click.Context, patterns: tuple[str, ...], hosts: tuple[str, 
 
     def report() -> None:
         for h in view.hosts.values():
+            if h.rejection is not None and h.daemon_id not in rejected:
+                rejected.add(h.daemon_id)  # once: a flood of them says no more
+                out.echo(f"gracectl: host {h.host} ({h.daemon_id}): injected message "
+                         f"rejected: {h.rejection}", err=True)
             if h.daemon_id in reported:
                 continue
             if h.violation is not None:
@@ -636,8 +647,11 @@ def _offered_key(ctx: click.Context, host: HostView) -> bytes:
     view.settle()
     view.finish()
     checked = view.hosts.get(host.daemon_id)
-    if checked is None or checked.violation is not None or checked.first_seq != 1:
-        why = checked.violation if checked is not None else "no events"
+    # Any message on its subjects that is not its event refuses the pin too: trust on
+    # first use needs every message there to be the chain the genesis key signs.
+    if checked is None or checked.violation is not None or checked.rejection is not None \
+            or checked.first_seq != 1:
+        why = ("no events" if checked is None else checked.violation or checked.rejected_note)
         raise refuse(f"its chain does not verify with the key its first event names ({why})")
     print(f"trusting key {key_id(key)} of host {host.host} on first use: its {checked.events} "
           "events verify with it from seq 1", file=sys.stderr)

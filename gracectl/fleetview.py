@@ -8,6 +8,12 @@ id keeps them out in the common case), and feeds them to a
 :class:`~graced.protocol.ChainVerifier` with the key pinned for that host. The first
 violation of a host stops verifying that host and is reported for it; the other hosts go
 on. A host with no pinned key is shown, but reported as unverified.
+
+A message that cannot be that host's event where it was found (unparsable, filed under
+another topic's subject, or, with a key pinned, not signed by that key) is rejected:
+anyone on NATS can publish one, so it is counted and the first is reported for the host,
+but it never stops the host's verified events from being read (one injected message must
+not blind the view to a host).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 
 from graced.protocol import ChainVerifier, ExitCode, Violation, parse_event_line
 from graced.protocol import fleet as names
+from graced.protocol.signing import verify_detached
 from graced.protocol.verify import announced_interval, stale_limit
 
 MAX_HOST_MESSAGES = 2_000_000  # held per host, at most, before verification
@@ -52,6 +59,8 @@ class HostView:
     stopped: bool = False
     missions: dict[int, dict[str, Any]] = field(default_factory=dict)
     violation: Violation | None = None
+    rejected: int = 0  # messages on its subjects that are not its events (injected)
+    rejection: Violation | None = None  # the first of them
     verifier: ChainVerifier | None = None
     # seq -> (bytes, event, when it arrived), until settle() orders it
     pending: dict[int, list[tuple[bytes, dict[str, Any], float]]] = field(default_factory=dict)
@@ -66,6 +75,24 @@ class HostView:
             return (f"partial: verified from seq {self.first_seq}; the stream no longer holds "
                     "the events before it (purged or expired)")
         return "ok" if self.events else "no events"
+
+    @property
+    def rejected_note(self) -> str:
+        if self.rejection is None:
+            return ""
+        return (f"{self.rejected} injected message{'s' if self.rejected != 1 else ''} "
+                f"rejected (first: {self.rejection})")
+
+    def state(self, now: float) -> str:
+        """failed (its chain did not verify), unknown (no verified heartbeat: its
+        liveness is not known), stopped, STALE or up."""
+        if self.violation is not None:
+            return "FAILED"
+        if self.stopped:
+            return "stopped"
+        if self.last_heartbeat is None:
+            return "unknown"
+        return "STALE" if self.stale(now) else "up"
 
     def silent_for(self, now: float) -> float | None:
         return None if self.last_heartbeat is None else max(0.0, now - self.last_heartbeat)
@@ -91,7 +118,11 @@ class HostView:
             "silent_for": self.silent_for(now), "stale": self.stale(now),
             "stopped": self.stopped, "forwarding_lag": self.fleet_lag,
             "open_missions": self.open_missions(), "open_missions_reported": self.open_reported,
-            "verified": self.verified,
+            "verified": self.verified, "state": self.state(now),
+            "rejected": self.rejected,
+            "rejection": None if self.rejection is None else {
+                "code": int(self.rejection.code), "kind": self.rejection.kind,
+                "seq": self.rejection.seq, "reason": self.rejection.reason},
             "violation": None if self.violation is None else {
                 "code": int(self.violation.code), "kind": self.violation.kind,
                 "seq": self.violation.seq, "reason": str(self.violation)},
@@ -151,15 +182,25 @@ class FleetView:
             self._release(view)
             return
         try:
-            event, _ = parse_event_line(data)
+            event, signing = parse_event_line(data)
         except Violation as exc:
-            view.violation = Violation(exc.code, exc.seq, f"unparsable message on {subject}: "
-                                       f"{exc}")
+            self._reject(view, Violation(exc.code, exc.seq, f"unparsable message on "
+                                         f"{subject}: {exc}"))
             return
         if names.subject_for(view.daemon_id, event["topic"]) != subject:
-            view.violation = Violation(ExitCode.CHAIN_BROKEN, event["seq"], (
-                f"event of topic {event['topic']!r} filed under subject {subject!r}"))
+            self._reject(view, Violation(ExitCode.CHAIN_BROKEN, event["seq"], (
+                f"event of topic {event['topic']!r} filed under subject {subject!r}")))
             return
+        if view.verifier is not None:
+            if event["kid"] != view.verifier.kid:
+                self._reject(view, Violation(ExitCode.BAD_SIGNATURE, event["seq"], (
+                    f"forged (unknown key {event['kid']}; the pinned key is "
+                    f"{view.verifier.kid})")))
+                return
+            if not verify_detached(event["sig"], signing, view.verifier.public_key):
+                self._reject(view, Violation(ExitCode.BAD_SIGNATURE, event["seq"],
+                                             "forged (bad signature)"))
+                return
         bucket = view.pending.setdefault(event["seq"], [])
         if any(raw == data for raw, _, _ in bucket):
             view.copies += 1
@@ -198,6 +239,14 @@ class FleetView:
             if view.violation is not None:
                 self._release(view)
         return out
+
+    @staticmethod
+    def _reject(view: HostView, why: Violation) -> None:
+        """A message on the host's subjects that is not its event: counted, the first
+        kept to report; the host's verified events go on."""
+        view.rejected += 1
+        if view.rejection is None:
+            view.rejection = why
 
     def _release(self, view: HostView) -> None:
         """Drop what is held for a host that failed."""

@@ -67,6 +67,17 @@ def test_every_command_and_option_is_in_the_man_page_and_readme(group: click.Gro
                 assert opt in readme, f"{prog} {words} {opt} missing from README.md"
 
 
+@pytest.mark.parametrize("group", [ctl_cli, daemon_cli])
+def test_every_environment_variable_an_option_reads_is_in_its_help(group: click.Group) -> None:
+    """--help says which environment variable sets an option (GRACE_STREAM was read but
+    not named)."""
+    commands = [((), group), *_walk(group)]
+    for path, cmd in commands:
+        for p in cmd.params:
+            if isinstance(p, click.Option) and isinstance(p.envvar, str):
+                assert p.envvar in (p.help or ""), f"{' '.join(path)} {p.opts[0]}: {p.envvar}"
+
+
 def test_every_config_key_is_in_graced_toml_5() -> None:
     text = _roff_text(MAN / "graced.toml.5")
     for section in dataclasses.fields(Config):

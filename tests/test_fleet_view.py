@@ -78,22 +78,82 @@ def test_a_dropped_event_a_forgery_and_a_misfiled_event_are_reported() -> None:
     assert gap.violation is not None and gap.violation.code == ExitCode.CHAIN_BROKEN
     assert gap.violation.seq == 4
 
+    # Injected messages (anyone on NATS can publish) are rejected and reported; the
+    # host's own events still verify.
     attacker = Signer(nacl.signing.SigningKey.generate())
     forged = _chain(attacker, 6)[5]
     lying = forged[1].replace(attacker.kid.encode(), signer.kid.encode())
     host = _view(signer, [*msgs, (forged[0], lying)]).hosts[DAEMON]
-    assert host.violation is not None and host.violation.seq == 6
-    assert host.violation.code in (ExitCode.BAD_SIGNATURE, ExitCode.CHAIN_BROKEN)
-    assert host.events == 5
+    assert host.violation is None and host.events == 5
+    assert host.rejection is not None and host.rejection.seq == 6
+    assert host.rejection.code == ExitCode.BAD_SIGNATURE
+    assert host.rejection.reason == "forged (bad signature)"
+
+    misfiled = _view(signer, [*msgs, (f"grace.{DAEMON}.mission.opened", msgs[-1][1])])
+    assert misfiled.hosts[DAEMON].violation is None and misfiled.hosts[DAEMON].events == 5
+    assert "filed under subject" in str(misfiled.hosts[DAEMON].rejection)
 
     other = str(uuid.uuid4())
-    misfiled = _view(signer, [*msgs, (f"grace.{DAEMON}.mission.opened", msgs[-1][1])])
-    assert misfiled.hosts[DAEMON].violation is not None
-    assert "filed under subject" in str(misfiled.hosts[DAEMON].violation)
-
     unknown = FleetView({}, require_keys=True)
     unknown.add(f"grace.{other}.daemon.started", msgs[0][1])
     assert unknown.hosts[other].violation is not None
+
+
+def _mission_chain(signer: Signer) -> list[tuple[str, bytes]]:
+    """started, heartbeat, mission 1 awaiting approval, heartbeat, heartbeat."""
+    out, prev = [], GENESIS_PREV
+    steps = [("daemon.started", {"host": "web1", "version": "0.1.0"}),
+             ("daemon.heartbeat", {"interval": 5, "host": "web1"}),
+             ("mission.opened", {"id": 1, "state": "awaiting_approval", "severity": "high"}),
+             ("daemon.heartbeat", {"interval": 5, "host": "web1"}),
+             ("daemon.heartbeat", {"interval": 5, "host": "web1"})]
+    for seq, (topic, payload) in enumerate(steps, 1):
+        ev = signer.make_event(seq=seq, ts=1_800_000_090.0 + seq, topic=topic,
+                               payload=payload, prev=prev)
+        prev = ev.hash
+        out.append((names.subject_for(DAEMON, topic), ev.text.encode()))
+    return out
+
+
+def test_one_injected_message_does_not_blind_the_view_to_a_host() -> None:
+    """A copy of one of the host's events, re-numbered and signed by another key, stored
+    first at a seq the host also used, or far ahead: reported as forged (exit 10), once
+    per host, and the host's heartbeat, missions and liveness still come from its own
+    verified events."""
+    import json
+
+    signer = Signer(nacl.signing.SigningKey.generate())
+    attacker = Signer(nacl.signing.SigningKey.generate())
+    msgs = _mission_chain(signer)
+    for seq, kid in ((5, attacker.kid), (10_000, signer.kid)):
+        copy = json.loads(msgs[2][1])
+        copy.update(seq=seq, topic="mission.resolved", kid=kid,
+                    payload={**copy["payload"], "state": "resolved"})
+        ev = attacker.make_event(seq=seq, ts=1_800_000_099.0, topic="mission.resolved",
+                                 payload=copy["payload"], prev=copy["prev"])
+        body = ev.text.replace(attacker.kid, kid).encode()
+        view = _view(signer, [(names.subject_for(DAEMON, "mission.resolved"), body),
+                              *msgs])
+        host = view.hosts[DAEMON]
+        assert host.violation is None, host.violation
+        assert (host.events, host.rejected) == (5, 1)
+        assert host.rejection is not None and host.rejection.seq == seq
+        assert host.rejection.code == ExitCode.BAD_SIGNATURE
+        assert "forged" in str(host.rejection)
+        assert host.last_heartbeat == 1_800_000_095.0
+        assert host.state(1_800_000_100.0) == "up"
+        assert host.missions[1]["state"] == "awaiting_approval"
+        # Stopped (SIGSTOP) after that: its heartbeat ages, and it is STALE, not up.
+        assert host.state(1_800_000_200.0) == "STALE"
+
+
+def test_a_host_without_a_verified_heartbeat_is_never_shown_up() -> None:
+    signer = Signer(nacl.signing.SigningKey.generate())
+    msgs = _mission_chain(signer)
+    started = _view(signer, msgs[:1]).hosts[DAEMON]
+    assert started.last_heartbeat is None and started.state(1_800_000_100.0) == "unknown"
+    broken = _view(signer, msgs[:1] + msgs[2:]).hosts[DAEMON]  # seq 2 dropped
+    assert broken.violation is not None and broken.state(1_800_000_100.0) == "FAILED"
 
 
 def test_hosts_are_found_by_id_prefix_or_name() -> None:
