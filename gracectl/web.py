@@ -237,7 +237,7 @@ class Relay:
             nonlocal authenticated
             if self.authenticated >= MAX_AUTHENTICATED:
                 return False
-            self.unauthenticated[peer] -= 1
+            self._release(peer)
             self.authenticated += 1
             authenticated = True
             scope.deadline = math.inf
@@ -255,10 +255,16 @@ class Relay:
             if authenticated:
                 self.authenticated -= 1
             else:
-                self.unauthenticated[peer] -= 1
-            if not self.unauthenticated[peer]:
-                del self.unauthenticated[peer]
+                self._release(peer)
             await trio.aclose_forcefully(stream)
+
+    def _release(self, peer: Any) -> None:
+        """One unauthenticated connection of ``peer`` less; a peer with none left has no
+        entry (a promoted connection released its count when it proved itself, so its
+        close touches this table no more: another connection may have emptied it)."""
+        self.unauthenticated[peer] -= 1
+        if not self.unauthenticated[peer]:
+            del self.unauthenticated[peer]
 
     async def _handle(self, stream: trio.SocketStream, promote: Any) -> None:
         head = b""

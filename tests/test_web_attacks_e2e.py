@@ -165,8 +165,24 @@ def test_the_token_buys_one_session_which_a_reload_keeps(make_graced,
         b.driver.get(relay.url)  # the printed URL again, in another tab: spent
         b.wait(lambda: "spent" in b.text("banner"), 10, "spent token refused")
         assert b.js("return window.grace.verified") == 0
+        # A reload would present the same spent token: the banner says what does work.
+        assert "Run gracectl web again for a new URL." in b.text("banner")
+        assert "Reload" not in b.text("banner")
+        # graced stops under the first tab's session: the relay closes that page and
+        # keeps serving (the second tab's refused connections had been counted and
+        # uncounted meanwhile; closing the session once crashed the relay on that).
+        b.driver.switch_to.window(b.driver.window_handles[0])
+        g.stop()
+        b.wait(lambda: "Disconnected" in b.text("banner"), 15, "the page saw graced go")
+        base = relay.url.split("#")[0]
+        page = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", base],
+                              capture_output=True, text=True, timeout=10).stdout
+        assert page == "200"
+        assert relay.proc.poll() is None
     finally:
         relay.close()
+    assert relay.proc.stderr is not None
+    assert "Traceback" not in relay.proc.stderr.read()
 
 
 EVIL_SW = """

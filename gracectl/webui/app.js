@@ -334,7 +334,11 @@ function banner() {
   }
   if (state.closed) {
     b.className = "banner amber";
-    b.textContent = `Disconnected (${state.closed}); last verified seq ${state.lastSeq ?? "—"}. Reload to reconnect.`;
+    // 4001: the login token was spent (or wrong) and this tab has no session of its own;
+    // a reload would present the same spent token.
+    const refused = state.closed.startsWith("4001");
+    b.textContent = `Disconnected (${state.closed}); last verified seq ${state.lastSeq ?? "—"}. `
+      + (refused ? "Run gracectl web again for a new URL." : "Reload to reconnect.");
   } else if (quiet > staleAfter) {
     b.className = "banner amber";
     b.textContent = `STALE: no frame for ${Math.round(quiet)} s (heartbeat every ${state.interval} s): `
