@@ -238,6 +238,22 @@ def test_approving_from_the_page_runs_the_high_risk_playbook_and_the_card_resolv
         assert shown["approvals"][0]["comment"] == "approved in the browser"
         assert shown["approvals"][0]["uid"] == os.getuid()  # the relay user's rights
         b.screenshot("web-resolved")
+        # The closed mission's detail at 800x600: the step's duration, a chart of the
+        # mission's own window, and nothing wider than the window.
+        b.driver.set_window_size(800, 600)
+        b.driver.find_element("css selector", f"[data-mission='{mid}']").click()
+        b.wait(lambda: b.js("return !!document.querySelector('#detail svg.chart')"), 5,
+               "detail chart")
+        ran = shown["steps"][0]
+        assert f"exit {ran['exit_code']} in {ran['duration_s']:.2f} s" in b.text("detail")
+        t0, t1 = b.js("const c = document.querySelector('#detail svg.chart');"
+                      "return [Number(c.dataset.t0), Number(c.dataset.t1)]")
+        margin = max(10, (shown["closed_at"] - shown["opened_at"]) * 0.25)
+        assert t0 == pytest.approx(shown["opened_at"] - margin)
+        assert t1 == pytest.approx(shown["closed_at"] + margin)
+        b.wait(lambda: b.js("return document.documentElement.scrollWidth <= innerWidth"), 5,
+               "no horizontal overflow at 800x600")
+        b.screenshot("web-detail-800x600")
         assert b.console_errors() == []
         _nothing_left_the_machine(b, relay)
     finally:

@@ -269,7 +269,13 @@ function detailView() {
   const recent = Array.isArray(hist) ? hist.filter((p) => Array.isArray(p)) : [];
   const firstRecent = recent.length ? recent[0][0] : Infinity;
   const own = (m.samples || []).map((x) => [x.ts, x.value]).filter(([t]) => t < firstRecent);
-  const points = own.concat(recent);
+  // A closed mission: its own window (opened less a margin .. closed plus one), not
+  // the detector's samples of today; an open one: from before its opening until now.
+  const span = m.closed_at ? Math.max(0, m.closed_at - m.opened_at) : 0;
+  const margin = Math.max(10, span * 0.25);
+  const from = m.opened_at - margin;
+  const until = m.closed_at ? m.closed_at + margin : Infinity;
+  const points = own.concat(recent).filter(([t]) => t >= from && t <= until);
   const threshold = d.detector && typeof d.detector.threshold === "number"
     ? d.detector.threshold : null;
   const marks = [{ ts: m.opened_at, label: "opened", cls: "opened" }];
@@ -281,7 +287,7 @@ function detailView() {
       el("button", { class: "close", onclick: () => { state.detail = null; schedule(); } },
         "Close")),
     el("p", { class: "summary" }, `${live.state} · ${m.severity} · ${m.summary}`),
-    chart(points, { threshold, marks }),
+    chart(points, { threshold, marks, window: [from, m.closed_at ? until : null] }),
     el("h3", {}, "Timeline"),
     el("ol", { class: "timeline" }, ...(m.timeline || []).map((t) => el("li", {},
       el("time", {}, new Date(t.ts * 1000).toISOString().slice(11, 19)), ` ${t.from || "—"} → ${t.to}`,
@@ -290,7 +296,7 @@ function detailView() {
     steps
       ? el("ol", { class: "steps" }, ...steps.map((s) => el("li", {},
         `${s.action || ""} ${(s.argv || []).join(" ")} → exit ${s.exit_code ?? "?"}`
-        + ` in ${s.duration ?? "?"} s`)))
+        + ` in ${typeof s.duration_s === "number" ? s.duration_s.toFixed(2) : "?"} s`)))
       : plan
         ? el("div", {}, el("p", { class: "dim" }, `${plan.playbook} (risk ${plan.risk}), sha256 ${plan.sha256}`),
           el("ol", { class: "steps" }, ...(plan.steps || []).map((s) => el("li", {},
