@@ -179,6 +179,15 @@ def test_the_token_buys_one_session_which_a_reload_keeps(make_graced,
                               capture_output=True, text=True, timeout=10).stdout
         assert page == "200"
         assert relay.proc.poll() is None
+        # graced back: the page reconnects by itself with its session, and the stream it
+        # resumes continues the chain it verified (seq and prev checked as ever).
+        before = b.js("return window.grace.lastSeq")
+        assert "Reconnecting" in b.text("banner")
+        g.start()
+        b.wait(lambda: b.js("return window.grace.reconnects") == 1
+               and b.js("return window.grace.lastSeq") > before, 30, "reconnected")
+        _verified(b)
+        assert b.js("return window.grace.failure") is None
     finally:
         relay.close()
     assert relay.proc.stderr is not None

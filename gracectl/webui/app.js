@@ -72,6 +72,9 @@ worker.onmessage = (e) => {
       sessionStorage.setItem(SESSION, msg.session);
       break;
     case "ready":
+      state.closed = null;
+      state.retry = null;
+      if (msg.resumed) state.reconnects = (state.reconnects || 0) + 1;
       state.hello = msg.hello;
       state.subscribedAt = msg.subscribed;
       state.anchor = msg.anchor;
@@ -106,6 +109,7 @@ worker.onmessage = (e) => {
       break;
     case "closed":
       state.closed = msg.reason;
+      state.retry = msg.retry;
       break;
     default:
       return;
@@ -344,7 +348,10 @@ function banner() {
     // a reload would present the same spent token.
     const refused = state.closed.startsWith("4001");
     b.textContent = `Disconnected (${state.closed}); last verified seq ${state.lastSeq ?? "—"}. `
-      + (refused ? "Run gracectl web again for a new URL." : "Reload to reconnect.");
+      + (refused ? "Run gracectl web again for a new URL."
+        : state.retry !== null && state.retry !== undefined
+          ? `Reconnecting with this page's session in ${state.retry} s (the chain must continue).`
+          : "Reload to reconnect.");
   } else if (quiet > staleAfter) {
     b.className = "banner amber";
     b.textContent = `STALE: no frame for ${Math.round(quiet)} s (heartbeat every ${state.interval} s): `

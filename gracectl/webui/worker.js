@@ -12,7 +12,12 @@
 //                 {type: "response", id, ok, result, error}
 //                 {type: "notice", notice}
 //                 {type: "fail", seq, reason}   (nothing follows)
-//                 {type: "closed", reason}
+//                 {type: "closed", reason, retry}   retry: seconds until the next
+//                   attempt with this page's session (null: no retry, e.g. refused)
+//
+// After graced restarts (or the relay loses it), the worker reconnects with the same
+// session and backs off; the resumed stream must continue the verified chain exactly
+// (same key, seq lastSeq + 1 whose prev is the last verified hash), as strict as ever.
 import { Failure, StreamVerifier, fromBase64, importKey, keyId, toBase64 } from "./verify.js";
 
 const BACKLOG = 200; // events replayed before the head, for the feed
@@ -27,6 +32,13 @@ let nextId = 1;
 let outbox = [];
 let flushTimer = null;
 let interval = null;
+let mySession = null; // the relay's secret for this page, once given
+let delay = 0; // the reconnect backoff, seconds
+const RETRY_MIN = 0.5;
+const RETRY_MAX = 10;
+// Closes after which a retry cannot help: a verification failure, a refused login or
+// session, a refused request.
+const FINAL = new Set([4000, 4001, 4003]);
 
 function nonce() {
   const b = new Uint8Array(16);
@@ -149,11 +161,27 @@ function relayed(text) {
   if (!msg || msg.relay !== "session" || typeof msg.session !== "string") {
     throw new Failure(null, "the relay did not answer the login");
   }
+  mySession = msg.session;
   postMessage({ type: "session", session: msg.session });
 }
 
-async function start({ url, token, session, pinned, given }) {
+// A resumed connection's hello reply: the same key as before, and a head not behind
+// what was verified already.
+function resumedHello(h, frame) {
+  if (!h || h.kid !== verifier.kid || frame.kid !== verifier.kid) {
+    throw new Failure(null, `KEY CHANGED on reconnect: this page trusts key ${verifier.kid}, `
+      + `the daemon now offers ${h && h.kid}. Refused`);
+  }
+  if (verifier.lastSeq !== null && h.head_seq < verifier.lastSeq) {
+    throw new Failure(null, `on reconnect the daemon's head is seq ${h.head_seq}, behind the `
+      + `seq ${verifier.lastSeq} already verified here (a replaced or rewound journal)`);
+  }
+}
+
+function start({ url, token, session, pinned, given }) {
   ws = new WebSocket(url);
+  const resuming = verifier !== null;
+  let awaitingHello = true; // the first message after the relay's: the hello reply
   let hello = null;
   let helloSent = null;
   let signedIn = false;
@@ -165,7 +193,21 @@ async function start({ url, token, session, pinned, given }) {
     ws.send(JSON.stringify({ id: 0, nonce: n, method: "hello", params: {} }));
   };
   ws.onclose = (e) => {
-    if (!failed) postMessage({ type: "closed", reason: `${e.code} ${e.reason || ""}`.trim() });
+    if (failed) return;
+    // Requests in flight get no answer from this connection.
+    for (const [id, w] of pending) {
+      if (id !== 0) w.resolve({ ok: false, error: { code: "unavailable", message: "disconnected" } });
+    }
+    pending = new Map();
+    const retry = mySession !== null && verifier !== null && !FINAL.has(e.code);
+    if (retry) {
+      delay = delay ? Math.min(RETRY_MAX, delay * 2) : RETRY_MIN;
+      setTimeout(() => {
+        if (!failed) start({ url, token: "", session: mySession, pinned, given });
+      }, delay * 1000);
+    }
+    postMessage({ type: "closed", reason: `${e.code} ${e.reason || ""}`.trim(),
+      retry: retry ? delay : null });
   };
   ws.onmessage = (e) => {
     if (typeof e.data !== "string") {
@@ -184,12 +226,15 @@ async function start({ url, token, session, pinned, given }) {
         signedIn = true;
         return;
       }
-      if (verifier === null) {
-        try {
-          await trustFromHello(e.data, pinned, given);
-        } catch (err) {
-          fail(null, err instanceof Failure ? err.message : String(err));
-          return;
+      if (awaitingHello) {
+        awaitingHello = false;
+        if (!resuming) {
+          try {
+            await trustFromHello(e.data, pinned, given);
+          } catch (err) {
+            fail(null, err instanceof Failure ? err.message : String(err));
+            return;
+          }
         }
         // The same hello reply, now verified against the trusted key.
         pending.set(0, {
@@ -200,9 +245,21 @@ async function start({ url, token, session, pinned, given }) {
               return;
             }
             const h = frame.result;
+            if (resuming) {
+              try {
+                resumedHello(h, frame);
+              } catch (err) {
+                fail(null, err.message);
+                return;
+              }
+            }
             interval = h.heartbeat_interval;
-            const since = Math.max(1, h.head_seq - BACKLOG + 1);
-            verifier.expect = since;
+            // Resumed: from the event after the last one verified, whose prev must be
+            // that event's hash (the verifier keeps both).
+            const since = resuming && verifier.lastSeq !== null ? verifier.lastSeq + 1
+              : Math.max(1, h.head_seq - BACKLOG + 1);
+            if (!resuming || verifier.lastSeq === null) verifier.expect = since;
+            delay = 0;
             const subscribed = Date.now() / 1000;
             const sub = await send("subscribe", { patterns: ["*"], since });
             if (!sub.ok) {
@@ -214,7 +271,7 @@ async function start({ url, token, session, pinned, given }) {
             // heartbeat's lag never look smaller than it is, however long the reply was
             // held on its way.
             const daemon = Date.parse(frame.ts) / 1000;
-            postMessage({ type: "ready", hello: h, since, subscribed,
+            postMessage({ type: "ready", hello: h, since, subscribed, resumed: resuming,
               anchor: Number.isFinite(daemon) ? { daemon, sent: helloSent } : null });
           },
         });
@@ -229,7 +286,7 @@ onmessage = async (e) => {
   if (msg.type === "start") {
     start(msg);
   } else if (msg.type === "request") {
-    if (failed || ws === null || verifier === null) {
+    if (failed || ws === null || ws.readyState !== WebSocket.OPEN || verifier === null) {
       postMessage({ type: "response", id: msg.id, ok: false,
         error: { code: "unavailable", message: "not connected or verification failed" } });
       return;
