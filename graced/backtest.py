@@ -18,7 +18,7 @@ import click
 from .config import KIND_DEFAULT_THRESHOLD, DetectorConfig, MissionsConfig
 from .detectors.base import Observation
 from .detectors.runner import judge_and_observe
-from .detectors.scoring import Scorer
+from .detectors.scoring import BaselineError, Scorer, Verdict
 from .missions.engine import MissionEngine
 
 
@@ -200,7 +200,11 @@ def run_backtest(infile: IO[str], name: str, cfg: DetectorConfig, out: IO[str],
     try:
         for ts_text, value_text, ts, value in rows(infile, name):
             obs = Observation(subject=subject, value=value)
-            verdict, transitions = judge_and_observe(scorer, engine, cfg, obs, ts)
+            try:
+                verdict, transitions = judge_and_observe(scorer, engine, cfg, obs, ts)
+            except BaselineError as exc:  # graced: a detector error, no verdict; then relearn
+                click.echo(f"graced backtest: data row {summary.rows + 1}: {exc}", err=True)
+                verdict, transitions = Verdict(False, 0.0, str(exc)), []
             opened = any(tr.topic == "mission.opened" for tr in transitions)
             writer.writerow([ts_text, value_text, repr(verdict.score), int(verdict.anomalous),
                              int(opened)])

@@ -230,3 +230,68 @@ def test_one_report_per_event_then_the_new_level_is_normal() -> None:
     # Reported at the onset (again only while it grows clearly larger), then quiet.
     assert flags[1000] and not any(flags[:1000])
     assert not any(flags[1010:]) and sum(flags) <= 4
+
+
+def _noise(b: Baseline, n: int, t: float, seed: int = 1) -> float:
+    import random
+    rnd = random.Random(seed)
+    for _ in range(n):
+        b.score(t, 10 + rnd.random())
+        t += 10
+    return t
+
+
+def test_a_huge_finite_value_scores_one_and_leaves_a_finite_state() -> None:
+    """1e200 after a calm series (review of #16): an anomaly scored 1, then every score
+    stays a number in [0, 1] and the state saves as JSON without NaN or infinities."""
+    b = Baseline()
+    t = _noise(b, 2000, 1.7e9)
+    assert b.score(t, 1e200) == 1.0
+    t = _noise(b, 500, t + 10, seed=2)
+    later = [b.score(t + 10 * k, 100.0) for k in range(5)]
+    assert all(0.0 <= s <= 1.0 for s in later), later
+    assert b.finite()
+    saved = json.dumps(b.to_dict(), allow_nan=False)
+    again = Baseline.from_dict(json.loads(saved))
+    assert again.score(t + 60, 100.0) == b.score(t + 60, 100.0)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("bars", [1e300, 1.0, 1.0]), ("level", float("nan")), ("tails", [800.0, 0.0, 0.0]),
+    ("level", "x"), ("holds", [True, 0, 0]), ("profiles", "x"), ("n", -1)])
+def test_a_damaged_saved_state_is_dropped_with_a_reason_and_relearned(
+        field: str, value: object) -> None:
+    """A saved baseline is data from disk: out of range, non-finite or of the wrong type,
+    it is not restored (the reason is kept for the log) and the subject learns again;
+    no sample raises."""
+    from graced.config import DetectorConfig
+    from graced.detectors.scoring import Scorer
+
+    cfg = DetectorConfig(name="v", kind="value", baseline=True)
+    b = Baseline()
+    _noise(b, 100, 1.7e9)
+    data = json.loads(json.dumps(b.to_dict()))
+    data["state"][field] = value
+    scorer = Scorer(cfg, {"host": data})
+    assert scorer.baselines == {}
+    (why,) = scorer.dropped
+    assert why.startswith("'host': baseline"), why
+    for k in range(50):
+        score, _, _ = scorer.score_value("host", 10.0 + k % 2, 1.8e9 + 10 * k)
+        assert 0.0 <= score <= 1.0
+    assert scorer.baselines["host"].s.n == 50
+
+
+def test_a_non_finite_baseline_is_a_detector_error_then_relearns() -> None:
+    from graced.config import DetectorConfig
+    from graced.detectors.scoring import BaselineError, Scorer
+
+    scorer = Scorer(DetectorConfig(name="v", kind="value", baseline=True))
+    for k in range(40):
+        scorer.score_value("host", 10.0 + k % 2, 1.7e9 + 10 * k)
+    scorer.baselines["host"].s.scales[0] = float("inf")  # as a runaway value would leave it
+    with pytest.raises(BaselineError, match="went non-finite"):
+        scorer.score_value("host", 10.0, 1.7e9 + 500)
+    assert "host" not in scorer.baselines
+    scorer.score_value("host", 10.0, 1.7e9 + 510)
+    assert scorer.baselines["host"].s.n == 1

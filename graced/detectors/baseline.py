@@ -23,7 +23,8 @@ and quantised series are measured against what they really do. A fast/slow ratio
 the point scale catches variance changes. Scales are floored at 0.1 % of the level, so
 a flat or quantised series (a percentage that sits still, then moves by its last
 digit) is not alarming, and learn at ``1/n`` at first (short warm-up, no collapse on a
-flat start).
+flat start). After warm-up a residual enters the views clipped to ``VIEW_CLIP`` x the
+learning clip, so a value however far off (1e200) scores 1 and leaves every number finite.
 
 **Its own history.** For each view, a high quantile (99.8 %) of its own scale-free
 deviations is tracked; a deviation counts as unusual against the larger of
@@ -75,6 +76,7 @@ BAR_UP = 1.05  # each report raises the bar for its kind of deviation by 5 %, ..
 BAR_GAIN = 0.4  # ... or to 40 % of the deviation it reported if that is more,
 BAR_DECAY = 0.9998  # ... relaxing back to 1 with a half-life of about 3,500 values
 REL_FLOOR = 1e-3  # scales are at least this share of the level: 0.1 % is never news
+VIEW_CLIP = 1e6  # after warm-up, a residual enters the views clipped to this x ``CLIP`` scales
 
 
 @dataclass
@@ -110,6 +112,8 @@ class BaselineState:
 
 
 def _squash(u: float) -> float:
+    if u >= 1e3:  # 1 to double precision; u**4 would overflow further on
+        return 1.0
     u4 = u * u * u * u
     return u4 / (1.0 + u4)
 
@@ -119,6 +123,41 @@ def _clip(x: float, lim: float) -> float:
 
 
 KINDS = ("drop", "rise", "variance change")
+BIG = 1e100  # no learned number of a sane state comes near this
+
+
+def _number(x: object, lo: float = -BIG, hi: float = BIG) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)
+            and math.isfinite(x) and lo <= x <= hi)
+
+
+def _check_state(s: BaselineState) -> None:
+    """A saved state is data from disk: every field of the right type, finite and within
+    the range the code itself keeps it in, else ``ValueError`` (the caller relearns)."""
+    bad = []
+    if not (isinstance(s.n, int) and not isinstance(s.n, bool) and 0 <= s.n < 2**62):
+        bad.append("n")
+    for name in ("first_ts", "last_ts"):
+        v = getattr(s, name)
+        if v is not None and not _number(v):
+            bad.append(name)
+    for name in ("level", "err_level", "fast", "var_fast"):
+        if not _number(getattr(s, name)):
+            bad.append(name)
+    checks: tuple[tuple[str, float, float], ...] = (
+        ("season_levels", -BIG, BIG), ("season_errs", 0.0, BIG), ("views", -BIG, BIG),
+        ("scales", 0.0, BIG), ("tails", -100.0, 100.0), ("marks", 0.0, 1.0),
+        ("bars", 1.0, BIG))
+    for name, lo, hi in checks:
+        if not all(_number(v, lo, hi) for v in getattr(s, name)):
+            bad.append(name)
+    if not all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < 2**31
+               for h in s.holds):
+        bad.append("holds")
+    if not all(v is None or _number(v) for prof in s.profiles for v in prof):
+        bad.append("profiles")
+    if bad:
+        raise ValueError(f"baseline: saved state out of range ({', '.join(bad)})")
 
 
 class Baseline:
@@ -139,6 +178,7 @@ class Baseline:
                 or len(s.scales) != len(SCALES)
                 or not len(s.marks) == len(s.holds) == len(s.bars) == len(s.tails) == 3):
             raise ValueError("baseline: state does not fit these parameters")
+        _check_state(s)
         self.last_reason = ""
         self.raw = 0.0  # the score before the one-report-per-event hold
 
@@ -183,6 +223,8 @@ class Baseline:
                     best, r = s.season_errs[m], r_seasons[m]
         r_point = r - s.fast
         s.fast += FAST_ALPHA * ((r if warm else _clip(r, lim)) - s.fast)
+        if not warm:  # a huge finite value (1e200) is as unusual as any beyond this
+            r_point, r = _clip(r_point, VIEW_CLIP * lim), _clip(r, VIEW_CLIP * lim)
         # Three views of the residual, each against its own robust scale (unrolled: this
         # runs for every value of every metric, and 100,000 values backtest in ~1 s).
         views, scales = s.views, s.scales
@@ -268,6 +310,13 @@ class Baseline:
             s.bars[kind] = max(s.bars[kind] * BAR_UP, BAR_GAIN * u * s.bars[kind])
             return out
         return out * QUIET
+
+    def finite(self) -> bool:
+        """Whether every learned number is still finite (the profiles apart: O(1) here)."""
+        s = self.s
+        return all(map(math.isfinite, (s.level, s.err_level, s.fast, s.var_fast, *s.views,
+                                       *s.scales, *s.tails, *s.bars, *s.marks,
+                                       *s.season_levels, *s.season_errs)))
 
     def to_dict(self) -> dict[str, Any]:
         return {"params": asdict(self.p), "state": asdict(self.s)}

@@ -71,6 +71,10 @@ class DetectorRunner:
         self.mesh = mesh
         self.engine = engine
         self.scorers = {d.name: Scorer(d, states.get(d.name)) for d in self.detectors}
+        for name, scorer in self.scorers.items():
+            for why in scorer.dropped:
+                log.warning("detector %s: saved baseline not restored, learning again: %s",
+                            name, why)
         self.status: dict[str, dict[str, Any]] = {d.name: _fresh(d) for d in self.detectors}
         self.history: dict[tuple[str, str], deque[tuple[float, float]]] = {}
         self._anomalous: set[tuple[str, str]] = set()

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import DetectorConfig
 from .base import Observation
 from .baseline import Baseline, BaselineParams
+
+
+class BaselineError(ValueError):
+    """A baseline went non-finite: it is dropped (the subject learns again) and the value
+    is a detector error, not a verdict."""
 
 
 @dataclass
@@ -28,14 +34,16 @@ class Scorer:
     def __init__(self, cfg: DetectorConfig, state: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.baselines: dict[str, Baseline] = {}
-        if cfg.baseline and state:
+        self.dropped: list[str] = []  # why a saved state was not restored, for the log
+        if cfg.baseline and isinstance(state, dict):
             for subject, data in state.items():
                 try:
                     restored = Baseline.from_dict(data)
                     # Knobs come from the config; learned state is kept if it fits them.
                     self.baselines[subject] = Baseline(self.params(), restored.s)
-                except (TypeError, ValueError, AttributeError):
-                    continue  # an old or damaged state: start learning again
+                except (TypeError, ValueError, AttributeError) as exc:
+                    # An old or damaged state: start learning again.
+                    self.dropped.append(f"{str(subject)[:80]!r}: {str(exc)[:200]}")
 
     def params(self) -> BaselineParams:
         cfg = self.cfg
@@ -67,6 +75,10 @@ class Scorer:
             if base is None:
                 base = self.baselines[subject] = Baseline(self.params())
             b = base.score(ts, value)
+            if not (math.isfinite(b) and base.finite()):
+                del self.baselines[subject]
+                raise BaselineError(f"the baseline of {str(subject)[:80]!r} went non-finite "
+                                    f"at {value!r}; it learns again")
             if b >= 0.5:
                 return b, True, base.last_reason
             score = max(score, b)
