@@ -139,6 +139,10 @@ def test_a_real_fault_is_a_card_within_a_second_and_the_map_follows_the_probe(
         opened = tail.events()[0]
         mid = opened["payload"]["id"]
         b.wait(lambda: _card_state(b, mid) is not None, 5, "mission card")
+        # The card names detector/subject once; its summary does not repeat the subject.
+        summary = b.js("return document.querySelector(arguments[0]).textContent",
+                       f"[data-mission='{mid}'] .summary")
+        assert f"127.0.0.1:{port}" not in summary and "refused" in summary.lower(), summary
         shown_ms = b.js("return window.grace.shownAt[arguments[0]]", mid)
         lag = shown_ms / 1000 - _epoch(opened["ts"])
         assert lag <= 1.0, f"card drawn {lag:.3f} s after mission.opened"
@@ -254,6 +258,17 @@ def test_approving_from_the_page_runs_the_high_risk_playbook_and_the_card_resolv
         b.wait(lambda: b.js("return document.documentElement.scrollWidth <= innerWidth"), 5,
                "no horizontal overflow at 800x600")
         b.screenshot("web-detail-800x600")
+        # Words, not raw JSON: the learning events in Activity, the Knowledge panel, and
+        # how the key came to be trusted.
+        b.wait(lambda: "learning.pattern_learned" in b.text("feed"), 10, "learned in feed")
+        feed = b.text("feed")
+        assert "{" not in feed, feed
+        assert "drain on backlog" in feed and "expected success" in feed, feed
+        assert "memory consulted" in feed, feed
+        b.wait(lambda: "1 patterns learned" in b.text("knowledge"), 10, "knowledge panel")
+        assert "success 100 %" in b.text("knowledge"), b.text("knowledge")
+        assert "_" not in b.text("knowledge"), b.text("knowledge")
+        assert "given: passed in the URL by gracectl web" in b.text("key")
         assert b.console_errors() == []
         _nothing_left_the_machine(b, relay)
     finally:

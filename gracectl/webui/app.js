@@ -290,7 +290,7 @@ function detailView() {
     el("h2", {}, `Mission #${m.id} — ${m.detector} / ${m.subject}`,
       el("button", { class: "close", onclick: () => { state.detail = null; schedule(); } },
         "Close")),
-    el("p", { class: "summary" }, `${live.state} · ${m.severity} · ${m.summary}`),
+    el("p", { class: "summary" }, `${live.state} · ${m.severity} · ${brief(m)}`),
     chart(points, { threshold, marks, window: [from, m.closed_at ? until : null] }),
     el("h3", {}, "Timeline"),
     el("ol", { class: "timeline" }, ...(m.timeline || []).map((t) => el("li", {},
@@ -391,7 +391,7 @@ function card(m, now) {
     el("div", { class: "what" }, `${m.detector} / ${m.subject}`),
     el("div", { class: "dim" }, ageSpan, ` · playbook ${m.playbook || "none"}`
       + (m.risk ? ` (${m.risk})` : "")),
-    el("div", { class: "summary" }, m.summary || ""),
+    el("div", { class: "summary" }, brief(m)),
     decisionButtons(m));
     c = { sig, node, ageSpan };
     cards.set(m.id, c);
@@ -436,10 +436,9 @@ function render() {
   }
   place($("detail-slot"), detailNode ? [detailNode] : []);
   const k = state.knowledge;
-  $("knowledge").textContent = k
-    ? Object.entries(k).filter(([, v]) => typeof v !== "object").map(([a, v]) => `${a}: ${v}`).join(" · ")
+  $("knowledge").textContent = k ? knowledgeText(k) : "—";
+  $("key").textContent = state.kid ? `${state.kid} (${KEY_HOW[state.keyHow] || state.keyHow})`
     : "—";
-  $("key").textContent = state.kid ? `${state.kid} (${state.keyHow})` : "—";
   $("daemon").textContent = state.hello ? `${state.hello.host} · ${state.hello.daemon_id}` : "—";
   if (!dirty.feed && !dirty.components) return;
   dirty.feed = false;
@@ -457,13 +456,70 @@ function render() {
 
 function describe(ev) {
   const p = ev.payload || {};
-  if (ev.topic.startsWith("mission.")) return `#${p.id} ${p.detector}/${p.subject}: ${p.state} ${p.summary || ""}`;
+  if (ev.topic.startsWith("mission.")) return `#${p.id} ${p.detector}/${p.subject}: ${p.state} — ${brief(p)}`;
   if (ev.topic.startsWith("executor.")) {
     return [p.mission !== undefined ? `#${p.mission}` : "", p.playbook || "", p.step !== undefined ? `step ${p.step}` : "",
       p.exit_code !== undefined ? `exit ${p.exit_code}` : ""].filter(Boolean).join(" ");
   }
+  if (ev.topic.startsWith("learning.")) return learned(ev.topic, p);
   return JSON.stringify(p).slice(0, 160);
 }
+
+// A mission's summary without the "detector subject: " it starts with (the card and the
+// feed name both already), nor the subject once more when the probe's message repeats it.
+function brief(m) {
+  let text = String(m.summary || "");
+  for (const prefix of [`${m.detector} ${m.subject}: `, `${m.subject}: `]) {
+    if (m.subject && text.startsWith(prefix)) text = text.slice(prefix.length);
+  }
+  return text;
+}
+
+const pct = (x) => (typeof x === "number" ? `${Math.round(x * 100)} %` : "—");
+
+// learning.* events in words, not raw JSON.
+function learned(topic, p) {
+  const mission = typeof p.mission === "number" ? `#${p.mission} ` : "";
+  const tally = typeof p.successes === "number"
+    ? `${p.successes} of ${p.successes + (p.failures || 0)} runs fixed it` : "";
+  switch (topic) {
+    case "learning.consulted": {
+      const sim = p.similar || {};
+      const past = `${sim.found ?? 0} similar past missions (${sim.resolved ?? 0} resolved)`;
+      const choice = p.chosen ? `chose ${p.chosen}` : p.escalate ? "escalates" : "no playbook to choose";
+      return `${mission}memory consulted: ${past}; ${choice}${p.strategy ? ` (${p.strategy})` : ""}`;
+    }
+    case "learning.pattern_learned":
+    case "learning.pattern_updated":
+      return `${mission}${p.playbook} on ${p.pattern}: ${p.success ? "worked" : "did not work"}; `
+        + `${tally}, expected success ${pct(p.posterior_mean)}`
+        + (typeof p.mttr_s === "number" ? `, mean time to resolve ${p.mttr_s.toFixed(1)} s` : "");
+    case "learning.demoted":
+      return `${p.playbook} on ${p.pattern} demoted: ${p.reason || tally}`;
+    default:
+      return Object.entries(p).filter(([, v]) => v === null || typeof v !== "object")
+        .map(([k, v]) => `${k.replace(/_/g, " ")} ${v}`).join(", ").slice(0, 160);
+  }
+}
+
+// The knowledge.stats answer as labels and percentages.
+function knowledgeText(k) {
+  const parts = [`strategy ${k.strategy}`, `${k.patterns} patterns learned`,
+    `${k.outcomes} outcomes`, `${k.playbook_runs} playbook runs, ${k.successes} fixed`];
+  if (typeof k.success_rate === "number") parts.push(`success ${pct(k.success_rate)}`);
+  if (typeof k.success_rate_7d === "number") parts.push(`last 7 days ${pct(k.success_rate_7d)}`);
+  if (typeof k.consulted_share === "number") {
+    parts.push(`memory consulted for ${pct(k.consulted_share)} of missions`);
+  }
+  return parts.join(" · ");
+}
+
+// How the key shown came to be trusted.
+const KEY_HOW = {
+  pinned: "pinned: this browser trusted it before and keeps it",
+  given: "given: passed in the URL by gracectl web, from gracectl's own trust",
+  "first-use": "first use: taken from the daemon itself, nothing to check it against",
+};
 
 // A new URL from another run of gracectl web, opened in this tab, only changes the
 // fragment: start again with its token.
