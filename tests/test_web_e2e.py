@@ -255,6 +255,14 @@ def test_approving_from_the_page_runs_the_high_risk_playbook_and_the_card_resolv
         margin = max(10, (shown["closed_at"] - shown["opened_at"]) * 0.25)
         assert t0 == pytest.approx(shown["opened_at"] - margin)
         assert t1 == pytest.approx(shown["closed_at"] + margin)
+        # Its "opened" and "resolved" labels (seconds apart) do not overlap; a time axis.
+        boxes = b.js("return ['opened', 'closed'].map((c) => { const r = document"
+                     ".querySelector('#detail svg.chart text.' + c).getBoundingClientRect();"
+                     " return [r.left, r.top, r.right, r.bottom]; })")
+        (l0, t_0, r0, b0), (l1, t_1, r1, b1) = boxes
+        assert r0 <= l1 or r1 <= l0 or b0 <= t_1 or b1 <= t_0, boxes
+        assert len(b.driver.find_elements("css selector", "#detail svg.chart text.time")) == 3
+        b.driver.execute_script("document.getElementById('detail').scrollIntoView()")
         b.wait(lambda: b.js("return document.documentElement.scrollWidth <= innerWidth"), 5,
                "no horizontal overflow at 800x600")
         b.screenshot("web-detail-800x600")
