@@ -123,14 +123,14 @@ def rows(fh: IO[str], name: str) -> Iterator[tuple[str, str, float, float]]:
 
 def _rows(reader: Any, name: str) -> Iterator[tuple[str, str, float, float]]:
     header = next(reader, None)
-    if header is None or [h.strip().lower() for h in header[:2]] != ["timestamp", "value"]:
+    if header is None or [h.strip().lower() for h in header] != ["timestamp", "value"]:
         raise BacktestError(f"{name}:1: header must be 'timestamp,value', got "
                             f"{str(header)[:80]}")
     for row in reader:
         line = reader.line_num
         if not row or not "".join(row).strip():
             continue
-        if len(row) < 2:
+        if len(row) != 2:  # a third field is a mistake to say, not data to drop
             raise BacktestError(f"{name}:{line}: expected 2 fields, got {len(row)}")
         try:
             ts = parse_timestamp(row[0].strip())

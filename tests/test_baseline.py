@@ -133,6 +133,16 @@ def test_backtest_with_a_configured_detector_and_bad_input(tmp_path: Path) -> No
                          capture_output=True, text=True)
     assert res.returncode == 1 and res.stdout == ""
     assert res.stderr.strip() == f"graced: {src}:3: value: not a number: 'oops'"
+    src.write_text("timestamp,value\n1,10\n2,11,12\n")  # a third field is not dropped
+    res = subprocess.run([bin_path("graced"), "backtest", str(src), "--kind", "baseline"],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.strip() == f"graced: {src}:3: expected 2 fields, got 3"
+    src.write_text("timestamp,value,label\n1,10,0\n")
+    res = subprocess.run([bin_path("graced"), "backtest", str(src), "--kind", "baseline"],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.strip().startswith(f"graced: {src}:1: header must be 'timestamp,value'")
     res = subprocess.run([bin_path("graced"), "backtest", str(src), "--kind", "nope"],
                          capture_output=True, text=True)
     assert res.returncode == 2
