@@ -34,7 +34,7 @@ from graced.protocol.topics import compile_patterns
 from . import out, trust
 from .client import Connection, decide, sole_exception
 from .errors import CtlError, NotFound, Unreachable
-from .fleetview import FleetView, HostView, dumps, resolve_host
+from .fleetview import FleetView, HostView, dumps, event_time, resolve_host
 from .tail import format_event
 
 T = TypeVar("T")
@@ -182,11 +182,12 @@ class _Keys(dict[str, bytes | None]):
         return self[daemon_id]
 
 
-def _load(ctx: click.Context, subject: str) -> tuple[FleetView, Nats]:
+def _load(ctx: click.Context, subject: str,
+          keys: dict[str, bytes | None] | None = None) -> tuple[FleetView, Nats]:
     obj = ctx.find_object(dict) or {}
     nats = Nats(obj["nats"], obj.get("creds"), obj["timeout"])
     nats.connect()
-    view = FleetView(_Keys())
+    view = FleetView(_Keys() if keys is None else keys)
     try:
         nats.read(obj["stream"], subject, view.add, follow=False)
     except BaseException:
@@ -201,6 +202,18 @@ def _view(ctx: click.Context, subject: str = names.host_filter()) -> FleetView:
     view, nats = _load(ctx, subject)
     nats.close()
     return view
+
+
+def _find_hosts(ctx: click.Context, given: tuple[str, ...]) -> list[HostView]:
+    """The hosts named (daemon id, unique id prefix or host name), by their daemon.*
+    events (daemon.started and every heartbeat carry the name); NotFound (exit 4) for a
+    name that is no host's or names several, listing them."""
+    view, nats = _load(ctx, names.host_filter(topic="daemon.>"), _NoKeys())
+    nats.close()
+    try:
+        return [resolve_host(view.hosts, h) for h in given]
+    except LookupError as exc:
+        raise NotFound(str(exc)) from None
 
 
 @click.group("fleet")
@@ -348,7 +361,7 @@ def _closed() -> tuple[str, ...]:
 @fleet.command("tail")
 @click.argument("patterns", nargs=-1, metavar="[PATTERN]...")
 @click.option("--host", "hosts", multiple=True, metavar="HOST",
-              help="Only this host (daemon id); repeatable.")
+              help="Only this host (name, daemon id or its prefix); repeatable.")
 @click.option("--verify", is_flag=True,
               help="Verify each host's chain against its pinned key; report a violation "
                    "per host (a host without a pinned key fails).")
@@ -368,7 +381,7 @@ def fleet_tail(ctx: click.Context, patterns: tuple[str, ...], hosts: tuple[str, 
     view = FleetView(keys if verify else _NoKeys(), require_keys=verify)
     reported: set[str] = set()
     rejected: set[str] = set()
-    wanted = set(hosts)
+    wanted = {h.daemon_id for h in _find_hosts(ctx, hosts)} if hosts else set()
 
     def take(subject: str, data: bytes) -> None:
         if wanted and names.daemon_of(subject) not in wanted:
@@ -378,7 +391,11 @@ def fleet_tail(ctx: click.Context, patterns: tuple[str, ...], hosts: tuple[str, 
             show()
 
     def show() -> None:
-        for host, event in view.settle(hold=0.0 if no_follow else 2.0):
+        # The hosts merged, oldest first (each host's events come in seq order; a stable
+        # sort by time keeps that order where two share a time).
+        settled = sorted(view.settle(hold=0.0 if no_follow else 2.0),
+                         key=lambda item: event_time(item[1]))
+        for host, event in settled:
             if not match(event["topic"]):
                 continue
             if as_json:
@@ -584,12 +601,7 @@ def fleet_trust(ctx: click.Context, host_name: str, key_file: str | None,
     approvals only: knowledge import never takes it."""
     from graced.keys import parse_public_key
 
-    view, nats = _load(ctx, names.host_filter(topic="crypto.>"))
-    nats.close()
-    try:
-        host = resolve_host(view.hosts, host_name)
-    except LookupError as exc:
-        raise NotFound(str(exc)) from None
+    host = _find_hosts(ctx, (host_name,))[0]
     if key_file:
         try:
             key = parse_public_key(open(key_file).read())

@@ -280,7 +280,7 @@ class FleetView:
         view.events += 1
         view.first_seq = seq if view.first_seq is None else min(view.first_seq, seq)
         view.last_seq = seq if view.last_seq is None else max(view.last_seq, seq)
-        view.last_ts = _ts(event)
+        view.last_ts = event_time(event)
         view.kid = event["kid"]
         view.stopped = topic == "daemon.stopping"
         if not isinstance(payload, dict):
@@ -296,16 +296,17 @@ class FleetView:
             n = payload.get("open_missions")
             view.open_reported = n if isinstance(n, int) and not isinstance(n, bool) \
                 else view.open_reported
-            view.last_heartbeat = _ts(event)
+            view.last_heartbeat = event_time(event)
             view.heartbeat_interval = announced_interval(event) or view.heartbeat_interval
             lag = payload.get("fleet_lag")
             view.fleet_lag = lag if isinstance(lag, int) else None
         elif topic.startswith("mission.") and isinstance(payload.get("id"), int) \
                 and "state" in payload:
-            view.missions[payload["id"]] = {**payload, "updated_at": _ts(event)}
+            view.missions[payload["id"]] = {**payload, "updated_at": event_time(event)}
 
 
-def _ts(event: dict[str, Any]) -> float:
+def event_time(event: dict[str, Any]) -> float:
+    """An event's time (0 when it has none)."""
     from graced.protocol import parse_ts
 
     try:

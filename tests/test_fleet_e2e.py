@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from graced import keys
+from graced.protocol import parse_ts
 from graced.protocol.signing import b64
 from tests.conftest import Graced, bin_path
 from tests.helpers.nats import NatsServer, cluster, ensure_nats
@@ -130,6 +131,21 @@ def test_three_hosts_one_view_fault_approval_and_forgery(shortdir: Path) -> None
         assert all(h["verified"] == "ok" and h["first_seq"] == 1 and h["copies"] == 0
                    for h in listed), listed
         assert op.fleet_json("missions", "ls") == []
+        # The three share a host name: naming it names them all, wherever a host is named.
+        name = listed[0]["host"]
+        assert len({h["host"] for h in listed}) == 1
+        for args in (("trust", name), ("tail", "--no-follow", "--host", name)):
+            res = op.fleet(*args)
+            assert res.returncode == 5, res  # not found: no one host by that name
+            assert f"{name!r} names 3 hosts" in res.stderr and ids[0] in res.stderr, res.stderr
+        # Oldest first across the hosts, not host by host.
+        events = [json.loads(line) for line in
+                  op.fleet("tail", "--no-follow", "--json").stdout.splitlines()]
+        times = [parse_ts(e["ts"]) for e in events]
+        assert len({e["kid"] for e in events}) == 3 and times == sorted(times)
+        one = op.fleet("tail", "--no-follow", "--json", "--host", ids[1][:8])
+        assert {json.loads(line)["kid"] for line in one.stdout.splitlines()} == {
+            h["kid"] for h in listed if h["daemon_id"] == ids[1]}
 
         # A real fault on host 1: its worker dies. The live fleet view (fleet tail) must
         # show the mission within 1 s of the host opening it.
@@ -160,7 +176,6 @@ def test_three_hosts_one_view_fault_approval_and_forgery(shortdir: Path) -> None
         for marker in markers:  # a real fault on every host: its worker dies
             kill_all(marker)
         assert got.wait(30), tail.stderr.read() if tail.poll() is not None else seen[-5:]
-        from graced.protocol import parse_ts
 
         missions_seen = [(arrived, e) for arrived, e in seen
                          if e["topic"].startswith("mission.")]
@@ -348,7 +363,6 @@ def test_nats_down_for_30_s_graced_keeps_working_and_catches_up_without_gap(
         beats = [json.loads(line) for line in g.ctl(
             "tail", "--json", "--no-follow", "--since", str(down_from), "daemon.heartbeat",
             check=True).stdout.splitlines()]
-        from graced.protocol import parse_ts
         from graced.protocol.verify import stale_limit
 
         gaps = [parse_ts(b["ts"]) - parse_ts(a["ts"])
