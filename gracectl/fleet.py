@@ -210,8 +210,11 @@ def _find_hosts(ctx: click.Context, given: tuple[str, ...]) -> list[HostView]:
     name that is no host's or names several, listing them."""
     view, nats = _load(ctx, names.host_filter(topic="daemon.>"), _NoKeys())
     nats.close()
+    # A whole daemon id is that host, even with no daemon.* event held.
+    exact = {h: HostView(h) for h in given
+             if h not in view.hosts and names.daemon_of(names.host_filter(h, "x")) == h}
     try:
-        return [resolve_host(view.hosts, h) for h in given]
+        return [exact.get(h) or resolve_host(view.hosts, h) for h in given]
     except LookupError as exc:
         raise NotFound(str(exc)) from None
 
