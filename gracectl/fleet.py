@@ -32,6 +32,7 @@ from graced.protocol import fleet as names
 from graced.protocol.topics import compile_patterns
 
 from . import out, trust
+from .cli import utc_option, wide_option
 from .client import Connection, decide, sole_exception
 from .errors import CtlError, NotFound, Unreachable
 from .fleetview import FleetView, HostView, dumps, event_time, resolve_host
@@ -255,6 +256,7 @@ def _age(seconds: float | None) -> str:
 
 
 @fleet.command("ls")
+@wide_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (for scripts).")
 @click.pass_context
 def fleet_ls(ctx: click.Context, as_json: bool) -> None:
@@ -269,18 +271,48 @@ def fleet_ls(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(dumps({"hosts": [h.public(now) for h in hosts], "foreign": view.foreign}))
     else:
-        rows = []
-        for h in hosts:
-            missions = ", ".join(f"{n} {sev}" for sev, n in sorted(h.open_missions().items()))
-            verified = h.verified + (f"; {h.rejected_note}" if h.rejection else "")
-            rows.append([h.host, h.daemon_id, h.state(now), _age(h.silent_for(now)),
-                         missions or "-", "-" if h.fleet_lag is None else h.fleet_lag,
-                         h.last_seq, verified])
-        out.echo(out.table(rows, ["host", "daemon id", "state", "heartbeat", "open missions",
-                                  "lag", "seq", "verified"]))
+        out.echo(hosts_table(hosts, now))
         if view.foreign:
             out.echo(f"{view.foreign} messages on subjects that name no daemon", err=True)
     _exit_for(hosts, pinned_only=True)
+
+
+HOST_COLUMNS = [
+    out.Column("host", 2, 8), out.Column("daemon id", 1, 9), out.Column("state"),
+    out.Column("heartbeat"), out.Column("open missions", 1, 13), out.Column("lag", right=True),
+    out.Column("seq", right=True), out.Column("verified", 1, 24, spill=True)]
+
+
+def hosts_table(hosts: list[HostView], now: float, width: int | None = -1) -> str:
+    """``fleet ls`` as text, fitted to the terminal as the local tables are (cut with …,
+    the daemon id down to a prefix, the verification on its own line; --wide: whole)."""
+    rows = []
+    for h in hosts:
+        missions = ", ".join(f"{n} {sev}" for sev, n in sorted(h.open_missions().items()))
+        verified = h.verified + (f"; {h.rejected_note}" if h.rejection else "")
+        rows.append([h.host, h.daemon_id, h.state(now), _age(h.silent_for(now)),
+                     missions or "-", "-" if h.fleet_lag is None else h.fleet_lag,
+                     h.last_seq, verified])
+    return out.table(rows, HOST_COLUMNS, width)
+
+
+MISSION_COLUMNS = [
+    out.Column("host", 2, 8), out.Column("daemon", 0, 8), out.Column("id", right=True),
+    out.Column("severity"), out.Column("state", 1, 9), out.Column("detector", 2, 6),
+    out.Column("subject", 3, 6, keep_end=True), out.Column("opened"),
+    out.Column("reason", 1, 24, spill=True)]
+
+
+def missions_table(rows: list[dict[str, Any]], now: float, width: int | None = -1) -> str:
+    """``fleet missions ls`` as text: as ``missions ls``, with the host and the first 8
+    digits of its daemon id (hosts may share a name)."""
+    return out.table([[r["host"] if r["verified"] else f"{r['host']} UNVERIFIED",
+                       str(r["daemon_id"])[:8], r["id"], r.get("severity"), r.get("state"),
+                       r.get("detector"), r.get("subject"),
+                       _age(now - float(r.get("opened_at") or now)),
+                       out.reason(str(r.get("summary") or ""), str(r.get("detector") or ""),
+                                  str(r.get("subject") or ""))] for r in rows],
+                     MISSION_COLUMNS, width)
 
 
 def _exit_for(hosts: list[HostView], pinned_only: bool = False) -> None:
@@ -310,6 +342,7 @@ def fleet_missions() -> None:
 @click.option("--unverified", "show_unverified", is_flag=True,
               help="Also the missions of hosts with no key pinned (marked UNVERIFIED: "
                    "anyone on NATS can publish them).")
+@wide_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (for scripts).")
 @click.pass_context
 def fleet_missions_ls(ctx: click.Context, hosts: tuple[str, ...], states: tuple[str, ...],
@@ -341,13 +374,7 @@ def fleet_missions_ls(ctx: click.Context, hosts: tuple[str, ...], states: tuple[
     if as_json:
         click.echo(dumps(rows))
     else:
-        now = time.time()
-        out.echo(out.table([[r["host"] if r["verified"] else f"{r['host']} UNVERIFIED",
-                             r["id"], r.get("severity"), r.get("state"),
-                             r.get("detector"), r.get("subject"), r.get("summary"),
-                             _age(now - float(r.get("opened_at") or now))] for r in rows],
-                           ["host", "id", "severity", "state", "detector", "subject",
-                            "summary", "opened"]))
+        out.echo(missions_table(rows, time.time()))
         hidden = sum(1 for h in chosen if h.key is None and h.missions)
         if hidden and not show_unverified:
             out.echo(f"{hidden} hosts with no key pinned left out (--unverified shows them)",
@@ -369,6 +396,7 @@ def _closed() -> tuple[str, ...]:
               help="Verify each host's chain against its pinned key; report a violation "
                    "per host (a host without a pinned key fails).")
 @click.option("--no-follow", is_flag=True, help="Stop at the end of the stream.")
+@utc_option
 @click.option("--json", "as_json", is_flag=True,
               help="Print each event in its exact signed form (JSONL).")
 @click.pass_context

@@ -265,3 +265,30 @@ def test_hosts_with_no_key_pinned_share_one_memory_limit(monkeypatch: object) ->
     assert second.violation is not None and "not read further" in str(second.violation)
     assert view.hosts[DAEMON].verified == "ok" and view.hosts[DAEMON].events == 3
     assert view.unpinned_bytes == 0  # all released once settled
+
+
+def test_fleet_tables_fit_the_terminal_and_tell_same_named_hosts_apart() -> None:
+    """As missions ls: cut with … to the width, the reason (or the verification) on a line
+    of its own, nothing cut when --wide (width None); a daemon-id prefix tells two hosts
+    named alike apart."""
+    from gracectl.fleet import hosts_table, missions_table
+
+    signer = Signer(nacl.signing.SigningKey.generate())
+    view = _view(signer, _mission_chain(signer))
+    host = view.hosts[DAEMON]
+    twin = str(uuid.uuid4())
+    rows = [{"host": "web1", "daemon_id": d, "verified": True, "id": 1, "severity": "high",
+             "state": "awaiting_approval", "detector": "queue",
+             "subject": "/var/lib/a/very/long/path/to/the/queue/file", "opened_at": 0,
+             "summary": "queue /var/lib/a/very/long/path/to/the/queue/file at 700.0, above "
+                        "the threshold 100.0"} for d in (DAEMON, twin)]
+    for text in (hosts_table([host], 1_800_000_100.0, 72),
+                 missions_table(rows, 1_800_000_100.0, 72)):
+        assert all(len(line) <= 72 for line in text.splitlines()), text
+        assert "…" in text, text
+    spilled = missions_table(rows, 1_800_000_100.0, 72).splitlines()
+    assert spilled[3] == "    at 700.0, above the threshold 100.0", spilled
+    assert DAEMON[:8] in spilled[2] and twin[:8] in spilled[4], spilled
+    whole = missions_table(rows, 1_800_000_100.0, None)
+    assert "/var/lib/a/very/long/path/to/the/queue/file" in whole and "…" not in whole
+    assert DAEMON in hosts_table([host], 1_800_000_100.0, None)
