@@ -48,3 +48,30 @@ def test_a_dripping_peer_and_a_mute_postgres_fail_by_their_deadline(
         for proc in (drip, mute):
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_a_postgres_probe_reads_a_bounded_share_of_a_huge_answer() -> None:
+    """A real PostgreSQL asked for 3 million rows of 100 bytes (300 MB): the probe reads
+    them row by row, stops after MAX_ROWS and cancels the rest, so graced's memory does
+    not grow with the answer; the connection then serves the next sample."""
+    import resource
+
+    pytest.importorskip("psycopg", reason="the postgres probe needs grace[postgres]")
+    from graced.config import DetectorConfig
+    from graced.detectors.probes import PostgresProbe
+    from tests.helpers.postgres import postgres_server
+
+    with postgres_server() as sock:
+        probe = PostgresProbe(DetectorConfig(
+            name="db", kind="postgres", dsn=f"host={sock} dbname=postgres user=postgres",
+            query="SELECT repeat('x', 100) FROM generate_series(1, 3000000)", timeout=20.0))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            for _ in range(2):
+                (obs,) = probe.sample()
+                assert obs.failed is None and obs.value is not None, obs
+        finally:
+            probe.close()
+        grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        assert grew_mb < 50, grew_mb

@@ -107,6 +107,7 @@ class PostgresProbe(SimpleDetector):
     """
 
     GRACE_S = 1.0  # past timeout, for the server's own cancellation to arrive first
+    MAX_ROWS = 1000  # rows of the answer read; the rest is cancelled
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__(config)
@@ -135,9 +136,11 @@ class PostgresProbe(SimpleDetector):
             guard = _Deadline(self.conn.fileno(),
                               cfg.timeout + self.GRACE_S - (time.perf_counter() - started))
             with self.conn.cursor() as cur:
-                cur.execute(cfg.query)
-                if cur.description is not None:
-                    cur.fetchmany(1000)
+                # Row by row (libpq's single-row mode): a query returning millions of rows
+                # costs one row of memory; past MAX_ROWS the rest is cancelled.
+                for n, _ in enumerate(cur.stream(cfg.query), 1):
+                    if n >= self.MAX_ROWS:
+                        break
         except self.psycopg.errors.QueryCanceled:
             self.close()
             return [Observation(self.subject, None, failed=(
