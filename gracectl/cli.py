@@ -724,10 +724,15 @@ def _ts(epoch: float) -> str:
 def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
     """Show one mission: symptoms, the samples that triggered it, its timeline."""
     result = _run(lambda: _call(_endpoint(ctx), "missions.get", {"id": mission_id}))
-    m = result["mission"]
     if as_json:
-        _print_json(m)
+        _print_json(result["mission"])
         return
+    out.echo(mission_text(result))
+
+
+def mission_text(result: dict[str, Any]) -> str:
+    """missions.get's answer for a human (missions show, fleet missions show)."""
+    m = result["mission"]
     # Each field is escaped on its own (newlines too): a comment, a unit's description or
     # a step's output cannot forge a line of its own ("approved by root").
     f = out.safe
@@ -781,7 +786,7 @@ def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
     for t in m["timeline"]:
         lines.append(f"  {_ts(t['ts'])}  {f(t['from'] or '-')} -> {f(t['to'])}  "
                      f"{f(t['reason'])}")
-    out.echo("\n".join(lines))
+    return "\n".join(lines)
 
 
 def _decide(ctx: click.Context, mission_id: int, comment: str, approve: bool,
@@ -826,7 +831,13 @@ def check_plan_option(plan: str | None) -> None:
 
 def _review(ctx: click.Context, mission_id: int) -> str | None:
     """On a terminal: the plan the mission waits with, then y/N; the hash approved."""
-    m = _run(lambda: _call(_endpoint(ctx), "missions.get", {"id": mission_id}))["mission"]
+    return review_plan(_run(lambda: _call(_endpoint(ctx), "missions.get",
+                                          {"id": mission_id}))["mission"])
+
+
+def review_plan(m: dict[str, Any]) -> str | None:
+    """The plan mission ``m`` waits with, then y/N on the terminal; the hash approved
+    (CtlError, exit 1, when not)."""
     plan = m.get("plan")
     if plan:
         print_plan_lines([f"mission {m['id']} ({m['state']}) would run this plan:",

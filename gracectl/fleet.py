@@ -382,6 +382,29 @@ def fleet_missions_ls(ctx: click.Context, hosts: tuple[str, ...], states: tuple[
     _exit_for(chosen, pinned_only=True)
 
 
+@fleet_missions.command("show")
+@click.argument("host_name", metavar="HOST")
+@click.argument("mission_id", metavar="ID", type=int)
+@utc_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (for scripts).")
+@click.pass_context
+def fleet_missions_show(ctx: click.Context, host_name: str, mission_id: int,
+                        as_json: bool) -> None:
+    """Mission ID on HOST as missions show shows it there (the plan it waits with, each
+    step's argv whole): asked of that host's graced by NATS, a request signed with your
+    key, its answer signed by the key pinned for HOST."""
+    from .cli import mission_text
+
+    host, result = _on_host(ctx, host_name, lambda conn: conn.request(
+        "missions.get", {"id": mission_id}))
+    if as_json:
+        click.echo(dumps({"host": host.host, "daemon_id": host.daemon_id,
+                          **result["mission"]}))
+        return
+    out.echo(f"host {out.safe(host.host)} ({host.daemon_id})")
+    out.echo(mission_text(result))
+
+
 def _closed() -> tuple[str, ...]:
     from .fleetview import CLOSED
 
@@ -485,55 +508,65 @@ def fleet_approve(ctx: click.Context, host_name: str, mission_id: int, comment: 
     generate; its line in that host's [remediation] control_keys), bound to that host's
     daemon id and to the mission, delivered by NATS request/reply and checked there as
     any signed request. The answer must be signed by the key pinned for HOST."""
-    from .cli import check_plan_option
+    from .cli import check_plan_option, review_plan
 
     check_plan_option(plan)
     if plan is None and not yes:
-        raise click.UsageError("name the plan you approve: --plan SHA256 (gracectl fleet "
-                               "missions ls --json shows plan_sha256) or --yes")
-    obj = ctx.find_object(dict) or {}
-    view, nats = _load(ctx, names.host_filter(topic="daemon.>"))
-    try:
-        try:
-            host = resolve_host(view.hosts, host_name)
-        except LookupError as exc:
-            raise NotFound(str(exc)) from None
-        key = _keys_for([host.daemon_id])[host.daemon_id]
-        if key is None:
-            raise CtlError(f"no key pinned for host {host.host} ({host.daemon_id}): gracectl "
-                           "fleet trust HOST", ExitCode.BAD_SIGNATURE)
-        try:
-            client_key = trust.load_client_key()
-        except ValueError as exc:
-            raise CtlError(str(exc)) from None
-        if client_key is None:
-            raise CtlError("approving by NATS needs your signing key: gracectl keys "
-                           "generate, then add its line to the host's [remediation] "
-                           "control_keys")
-
-        async def go() -> Any:
-            link = _NatsLink(nats, names.rpc_subject(host.daemon_id), obj["timeout"], key)
-            conn = Connection(link, key, client_key)  # type: ignore[arg-type]
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(conn.reader)
-                nursery.start_soon(conn.checker)
-                try:
-                    return await decide(conn, mission_id, True, comment, plan)
-                finally:
-                    nursery.cancel_scope.cancel()
-
-        try:
-            result = trio.run(go)
-        except BaseExceptionGroup as group:
-            raise sole_exception(group) from None
-    finally:
-        nats.close()
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise click.UsageError("without a terminal to review the plan on, name it: "
+                                   "--plan SHA256 (gracectl fleet missions show HOST ID) "
+                                   "or --yes")
+        _, shown = _on_host(ctx, host_name, lambda conn: conn.request(
+            "missions.get", {"id": mission_id}))
+        plan = review_plan(shown["mission"])
+    host, result = _on_host(ctx, host_name,
+                            lambda conn: decide(conn, mission_id, True, comment, plan))
     m = result["mission"]
     if as_json:
         click.echo(dumps({"host": host.host, "daemon_id": host.daemon_id, **result}))
         return
     out.echo(f"gracectl: host {host.host}: mission {m['id']}: {m['state']} ({m['reason']})",
              err=True)
+
+
+def _on_host(ctx: click.Context, host_name: str,
+             call: Callable[[Connection], Coroutine[Any, Any, T]]) -> tuple[HostView, T]:
+    """``call`` on HOST's graced by NATS request/reply, its requests signed with your
+    key, its answers checked against the key pinned for HOST."""
+    obj = ctx.find_object(dict) or {}
+    host = _find_hosts(ctx, (host_name,))[0]
+    key = _keys_for([host.daemon_id])[host.daemon_id]
+    if key is None:
+        raise CtlError(f"no key pinned for host {host.host} ({host.daemon_id}): gracectl "
+                       "fleet trust HOST", ExitCode.BAD_SIGNATURE)
+    try:
+        client_key = trust.load_client_key()
+    except ValueError as exc:
+        raise CtlError(str(exc)) from None
+    if client_key is None:
+        raise CtlError("asking a host by NATS needs your signing key: gracectl keys "
+                       "generate, then add its line to the host's [remediation] "
+                       "control_keys")
+    nats = Nats(obj["nats"], obj.get("creds"), obj["timeout"])
+    nats.connect()
+    try:
+        async def go() -> T:
+            link = _NatsLink(nats, names.rpc_subject(host.daemon_id), obj["timeout"], key)
+            conn = Connection(link, key, client_key)  # type: ignore[arg-type]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(conn.reader)
+                nursery.start_soon(conn.checker)
+                try:
+                    return await call(conn)
+                finally:
+                    nursery.cancel_scope.cancel()
+
+        try:
+            return host, trio.run(go)
+        except BaseExceptionGroup as group:
+            raise sole_exception(group) from None
+    finally:
+        nats.close()
 
 
 class _NatsLink:

@@ -194,6 +194,16 @@ def test_three_hosts_one_view_fault_approval_and_forgery(shortdir: Path) -> None
         only = op.fleet_json("missions", "ls", "--host", ids[0])
         assert [m["daemon_id"] for m in only] == [ids[0]]
 
+        # The plan can be reviewed from the fleet, as on the host (its steps' argv whole),
+        # and without a terminal to review it on, an approval must name it.
+        local = hosts[1].ctl("missions", "show", str(mid), check=True).stdout
+        remote = op.fleet("missions", "show", ids[1][:8], str(mid))
+        assert remote.returncode == 0, remote.stderr
+        assert "awaiting approval of this plan" in remote.stdout, remote.stdout
+        plan_lines = [x for x in local.splitlines() if x.startswith(("plan:", "  1."))]
+        assert plan_lines and all(x in remote.stdout.splitlines() for x in plan_lines)
+        unnamed = op.fleet("approve", ids[1], str(mid))
+        assert unnamed.returncode == 2 and "without a terminal" in unnamed.stderr, unnamed
         # Approve by NATS: signed with the operator's key, bound to host 1's id.
         w = Watch(hosts[1])
         res = op.fleet("approve", ids[1], str(mid), "--yes", "--comment", "from the fleet")
