@@ -24,6 +24,7 @@ from tests.conftest import Graced, bin_path
 from tests.helpers.nats import NatsServer, cluster, ensure_nats
 from tests.helpers.procs import LineCollector, poll_until
 from tests.test_missions_e2e import MISSIONS, Watch
+from tests.test_playbooks_e2e import OnTerminal
 from tests.test_remediation_e2e import (
     kill_all,
     process_detector,
@@ -53,6 +54,9 @@ class Operator:
 
     def fleet(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return self.ctl("fleet", *args, timeout=timeout)
+
+    def ctl_argv0(self) -> str:  # for OnTerminal: gracectl as the operator runs it
+        return str(bin_path("gracectl"))
 
     def fleet_json(self, *args: str, rc: int = 0) -> Any:
         res = self.fleet(*args, "--json")
@@ -204,6 +208,11 @@ def test_three_hosts_one_view_fault_approval_and_forgery(shortdir: Path) -> None
         assert plan_lines and all(x in remote.stdout.splitlines() for x in plan_lines)
         unnamed = op.fleet("approve", ids[1], str(mid))
         assert unnamed.returncode == 2 and "without a terminal" in unnamed.stderr, unnamed
+        # On a terminal: the plan, then y/N; "n" sends nothing.
+        no = OnTerminal(op, "fleet", "approve", ids[1], str(mid))  # type: ignore[arg-type]
+        screen = no.read_until("[y/N]")
+        assert all(x in screen for x in plan_lines), screen
+        assert no.answer("n") == 1 and "not approved" in no.screen, no.screen
         # Approve by NATS: signed with the operator's key, bound to host 1's id.
         w = Watch(hosts[1])
         res = op.fleet("approve", ids[1], str(mid), "--yes", "--comment", "from the fleet")
