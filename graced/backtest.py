@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import math
+import shutil
 import sys
+import tempfile
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -155,7 +157,7 @@ class Summary:
     missions: int = 0
     first_ts: float | None = None
     last_ts: float | None = None
-    scores: list[float] = field(default_factory=list)
+    scores: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes a row
 
     def lines(self, name: str) -> list[str]:
         out = [f"graced: backtest: {self.rows} rows, {self.flagged} anomalies, "
@@ -187,7 +189,9 @@ def run_backtest(infile: IO[str], name: str, cfg: DetectorConfig, out: IO[str],
     engine = MissionEngine(resolve_after=mc.resolve_after, flap_window=mc.flap_window,
                            update_interval=mc.update_interval)
     subject = cfg.effective_subject if cfg.effective_subject != "-" else "backtest"
-    buf = io.StringIO()
+    # Spooled to a temporary file past 4 MiB: nothing is written if the input is bad, and
+    # memory does not grow with the rows.
+    buf = tempfile.SpooledTemporaryFile(max_size=4 << 20, mode="w+", newline="")
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["timestamp", "value", "anomaly_score", "is_anomaly", "mission_opened"])
     summary = Summary()
@@ -217,8 +221,13 @@ def run_backtest(infile: IO[str], name: str, cfg: DetectorConfig, out: IO[str],
             summary.last_ts = ts
             if bar is not None and summary.rows % 5000 == 0:
                 bar.update(5000)
+        if bar is not None:
+            bar.render_finish()
+            bar = None
+        buf.seek(0)
+        shutil.copyfileobj(buf, out)
     finally:
         if bar is not None:
             bar.render_finish()
-    out.write(buf.getvalue())
+        buf.close()
     return summary
