@@ -183,12 +183,11 @@ class _Keys(dict[str, bytes | None]):
         return self[daemon_id]
 
 
-def _load(ctx: click.Context, subject: str,
-          keys: dict[str, bytes | None] | None = None) -> tuple[FleetView, Nats]:
+def _load(ctx: click.Context, subject: str) -> tuple[FleetView, Nats]:
     obj = ctx.find_object(dict) or {}
     nats = Nats(obj["nats"], obj.get("creds"), obj["timeout"])
     nats.connect()
-    view = FleetView(_Keys() if keys is None else keys)
+    view = FleetView(_Keys())
     try:
         nats.read(obj["stream"], subject, view.add, follow=False)
     except BaseException:
@@ -207,9 +206,11 @@ def _view(ctx: click.Context, subject: str = names.host_filter()) -> FleetView:
 
 def _find_hosts(ctx: click.Context, given: tuple[str, ...]) -> list[HostView]:
     """The hosts named (daemon id, unique id prefix or host name), by their daemon.*
-    events (daemon.started and every heartbeat carry the name); NotFound (exit 4) for a
-    name that is no host's or names several, listing them."""
-    view, nats = _load(ctx, names.host_filter(topic="daemon.>"), _NoKeys())
+    events (daemon.started and every heartbeat carry the name; for a host whose key is
+    pinned, only those that verify: an injected event must not lend a host another's
+    name); NotFound (exit 5) for a name that is no host's or names several, listing
+    them."""
+    view, nats = _load(ctx, names.host_filter(topic="daemon.>"))
     nats.close()
     # A whole daemon id is that host, even with no daemon.* event held.
     exact = {h: HostView(h) for h in given
