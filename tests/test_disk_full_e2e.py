@@ -33,9 +33,10 @@ def small_fs(shortdir: Path) -> Iterator[Path]:
 
 
 def fill(path: Path) -> None:
-    """Write until the filesystem says it is full."""
+    """Write until the filesystem says it is full (unbuffered: a buffered file would try
+    its leftover bytes again when closed and raise ENOSPC from the close)."""
     chunk = b"\0" * 65536
-    with open(path, "wb") as fh:
+    with open(path, "wb", buffering=0) as fh:
         while True:
             try:
                 fh.write(chunk)
@@ -45,7 +46,7 @@ def fill(path: Path) -> None:
                 break
     for size in (4096, 512, 1):  # and the last crumbs
         try:
-            with open(path, "ab") as fh:
+            with open(path, "ab", buffering=0) as fh:
                 while True:
                     fh.write(b"\0" * size)
                     fh.flush()
