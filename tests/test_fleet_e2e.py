@@ -448,6 +448,10 @@ def test_a_three_node_cluster_with_a_node_killed_mid_run_loses_nothing(
         assert load.wait(60) == 0, load.stderr.read() if load.stderr else ""
         survivors = [n for n in nodes if n is not victim]
         op.env["GRACE_NATS"] = ",".join(n.url for n in survivors)
+        # The survivors elect the stream's new leader first (longer on a loaded machine):
+        # reads time out (exit 3) until then, as for any JetStream client. Then check.
+        poll_until(lambda: op.fleet("ls", "--json").returncode == 0, 120,
+                   "the cluster serving reads again after the kill", pause=1.0)
         host = assert_whole(op, g, daemon_id)
         out = op.fleet("tail", "--no-follow", "--json", "--host", daemon_id, "user.load")
         assert len(out.stdout.splitlines()) == 3000
