@@ -53,7 +53,15 @@ class Operator:
                               capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def fleet(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return self.ctl("fleet", *args, timeout=timeout)
+        """`gracectl fleet ...`; a read that timed out inside NATS (exit 3, "nats:
+        timeout": a cluster electing a leader, a loaded machine) is tried again for up to
+        a minute, as an operator would. (The view should retry by itself: not yet.)"""
+        deadline = time.monotonic() + 60
+        while True:
+            res = self.ctl("fleet", *args, timeout=timeout)
+            if (res.returncode != 3 or "nats: timeout" not in res.stderr
+                    or time.monotonic() > deadline):
+                return res
 
     def ctl_argv0(self) -> str:  # for OnTerminal: gracectl as the operator runs it
         return str(bin_path("gracectl"))
