@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar, overload
 
 import click
+from click.core import ParameterSource
 
 from graced import __version__
 from graced.keys import parse_public_key
@@ -419,7 +420,8 @@ def _point(value: str | None, name: str) -> Point | None:
 @click.option("--follow/--no-follow", "-f", "follow", default=True, show_default=True,
               help="Keep printing new events as they come (--no-follow: stop at the head).")
 @click.option("-n", "--lines", type=click.IntRange(min=0), default=10, show_default=True,
-              help="Without --since, start with this many of the latest matching events.")
+              help="Start with this many of the latest matching events; with --since, the "
+                   "last this many of its window (--since alone shows it all).")
 @click.option("--since", "-S", metavar="SEQ|TIME",
               help="Start at this seq, or at the first event at or after this time: "
                    "'-10min', '2026-11-24 10:00', ISO 8601, 'today' (as journalctl).")
@@ -465,6 +467,7 @@ def tail(ctx: click.Context, patterns: tuple[str, ...], follow: bool, lines: int
             follow=follow and end is None, trusted_key=trusted,
             stale_after=stale_after, reconnect_timeout=reconnect_timeout, output=output,
             since_at=start, until=end,
+            lines_given=ctx.get_parameter_source("lines") != ParameterSource.DEFAULT,
         )
         return await run_tail(endpoint, opts, sys.stdout, stderr_note)
 

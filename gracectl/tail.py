@@ -47,6 +47,16 @@ class TailOptions:
     output: str = "short"
     since_at: Point | None = None  # --since as given (a seq or a time)
     until: Point | None = None
+    # -n given on the command line: with --since it counts back from the window's end
+    # (journalctl's -n with --since); without -n, --since shows the whole window.
+    lines_given: bool = False
+
+    @property
+    def count_back(self) -> bool:
+        """Whether -n picks the start: the last N matching events (in the --since window
+        when there is one)."""
+        return self.lines > 0 and (self.lines_given or (self.since is None
+                                                        and self.since_at is None))
 
     def before_since(self, event: dict[str, Any]) -> bool:
         """Whether ``event`` is older than a --since time (an event published while the
@@ -62,8 +72,7 @@ class TailOptions:
     def last_n(self) -> bool:
         """-n N alone and not following: the last N matches when asked, no more (the head
         may move between counting back and subscribing)."""
-        return (not self.follow and self.lines > 0 and self.since is None
-                and self.since_at is None)
+        return not self.follow and self.count_back
 
     def past_until(self, event: dict[str, Any]) -> bool:
         """Whether ``event`` comes after --until (the stream ends before it)."""
@@ -228,17 +237,17 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
 
 
 async def _start(endpoint: Endpoint, opts: TailOptions) -> int | None:
-    """The seq to start at: --since's (a time: the first event at or after it), else the
-    first of the last -n events that match (counted back from the head, or from a
-    --until seq), else None (the head, live)."""
+    """The seq to start at: the first of the last -n events that match (counted back
+    from the head, or from --until, never before --since), else --since's (a time: the
+    first event at or after it), else None (the head, live)."""
     since = opts.since_at or (Point(seq=opts.since) if opts.since else None)
+    floor: int | None = None
     if since is not None:
-        if since.seq is not None:
-            return since.seq
-        return await _seq_at(endpoint, opts.trusted_key, float(since.ts or 0))
-    if opts.lines <= 0:
-        return None
-    return await _last_matching(endpoint, opts)
+        floor = (since.seq if since.seq is not None
+                 else await _seq_at(endpoint, opts.trusted_key, float(since.ts or 0)))
+    if not opts.count_back:
+        return floor
+    return await _last_matching(endpoint, opts, floor or 1)
 
 
 async def _scan(conn: Any, since: int,
@@ -304,9 +313,10 @@ LOOKBACK = (1_000, 32_000, 1_000_000, 2**62)
 """How far back -n looks for matching events, one window after another."""
 
 
-async def _last_matching(endpoint: Endpoint, opts: TailOptions) -> int:
+async def _last_matching(endpoint: Endpoint, opts: TailOptions, floor: int = 1) -> int:
     """The seq of the first of the last ``opts.lines`` events that match the patterns
-    (journalctl's -n counts matching entries), up to the head or a --until seq."""
+    (journalctl's -n counts matching entries), up to the head or --until, from ``floor``
+    (--since) at the earliest."""
     match = compile_patterns(opts.patterns)
     head, oldest = await _head(endpoint, opts.trusted_key)
     upper = min(head, opts.until.seq) if opts.until and opts.until.seq else head
@@ -321,13 +331,14 @@ async def _last_matching(endpoint: Endpoint, opts: TailOptions) -> int:
         return True
 
     for window in LOOKBACK:
-        start = max(oldest, upper - window + 1)
+        start = max(oldest, floor, upper - window + 1)
         found.clear()
-        async with connect(endpoint, opts.trusted_key, verify_events=False) as conn:
-            await _scan(conn, start, visit)
-        if len(found) >= opts.lines or start == 1:
+        if start <= upper:
+            async with connect(endpoint, opts.trusted_key, verify_events=False) as conn:
+                await _scan(conn, start, visit)
+        if len(found) >= opts.lines or start <= max(oldest, floor):
             break
-    return found[0] if found else upper + 1
+    return found[0] if found else max(upper + 1, floor)
 
 
 @asynccontextmanager

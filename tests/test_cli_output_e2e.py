@@ -84,6 +84,36 @@ def test_tail_since_and_until_take_a_time(graced: Graced) -> None:
         assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
+def test_tail_n_with_since_counts_back_from_the_end_of_the_window(graced: Graced) -> None:
+    """journalctl's -n with --since: the last N matching events of the window, never one
+    before --since; --since alone shows the whole window."""
+    g = graced
+    g.ctl("emit", "user.before", check=True)
+    first = json.loads(g.ctl("emit", "user.in", "--count", "12", "--json",
+                             check=True).stdout)["last_seq"] - 11
+    g.ctl("emit", "user.other", check=True)
+    last = json.loads(g.ctl("emit", "user.in", "--json", check=True).stdout)["first_seq"]
+    window = [e["seq"] for e in _events(g, "--since", str(first), "user.in")]
+    assert window == [*range(first, first + 12), last]  # all of it, not the default 10
+    assert [e["seq"] for e in _events(g, "-n", "5", "--since", str(first), "user.in")] == [
+        *range(first + 8, first + 12), last]
+    # The last matching ones before --until; more than the window holds: from --since.
+    assert [e["seq"] for e in _events(g, "-n", "2", "--since", str(first), "--until",
+                                      str(first + 6), "user.in")] == [first + 5, first + 6]
+    assert [e["seq"] for e in _events(g, "-n", "50", "--since", str(first + 9),
+                                      "user.*")] == [first + 9, first + 10, first + 11,
+                                                     first + 12, last]
+    # --since as a time: the issue's 'tail -n 5 --since -10min'.
+    assert [e["seq"] for e in _events(g, "-n", "5", "--since", "-10min", "user.*")] == [
+        first + 9, first + 10, first + 11, first + 12, last]
+    # Nothing in the window: nothing, not the events before it.
+    assert _events(g, "-n", "3", "--since", "+1h", "user.*") == []
+    human = g.ctl("tail", "-n", "1", "--since", str(first), "--no-follow", "user.*",
+                  check=True).stdout.splitlines()
+    assert len(human) == 1 and f" {last} " in human[0]
+
+
 def test_key_without_verify_verifies(graced: Graced, shortdir: Path) -> None:
     """--key is never ignored: a key that is not the daemon's fails as --verify does."""
     other = shortdir / "other.pub"
