@@ -118,6 +118,9 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
                                  f"{sum(c.get('prior') or [0, 0]):g} runs' weight from "
                                  f"{', '.join(c['imported_from'])} (bounded, fading)")
         lines.append(f"choice    {d['reason']}")
+        explore = _exploration(d)
+        if explore:
+            lines.append(f"explore   {explore}")
         for note in d.get("held_back") or []:
             lines.append(f"held back {note}")
     policy = next((t["reason"] for t in m["timeline"]
@@ -162,6 +165,24 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
     return [out.safe(line) for line in lines]
 
 
+EXPLORES = {"thompson": "Thompson sampling drew it from its wider posterior: a playbook "
+                        "with less evidence is tried now and then",
+            "ucb": "ucb's bonus for the less-tried playbook outweighed the record"}
+
+
+def _exploration(d: dict[str, Any]) -> str | None:
+    """Whether the choice explored or took the best known record, in words (None when
+    the decision predates the mark, chose nothing or learning is off)."""
+    if d.get("explored") is None or not d.get("chosen") or d.get("strategy") not in EXPLORES:
+        return None
+    if d["explored"]:
+        means = {c["playbook"]: c["mean"] for c in d["candidates"]}
+        return (f"yes: tried {d['chosen']} although {d['best_known']} has the better record "
+                f"(mean {means.get(d['best_known'], 0):.2f} vs "
+                f"{means.get(d['chosen'], 0):.2f}); {EXPLORES[d['strategy']]}")
+    return f"no: no playbook it could run has a better record than {d['chosen']}"
+
+
 @missions.command("explain")
 @click.argument("mission_id", metavar="ID", type=int)
 @json_option
@@ -175,7 +196,10 @@ def missions_explain(ctx: click.Context, mission_id: int, as_json: bool) -> None
             "id", "detector", "subject", "severity", "state", "summary", "samples", "similar",
             "decision", "playbook", "risk", "reason", "timeline", "held_back", "incident",
             "symptom_at_start", "approvals")},
-            "plan_sha256": (m.get("plan") or {}).get("sha256")})
+            "plan_sha256": (m.get("plan") or {}).get("sha256"),
+            # true: learning tried a playbook although best_known has the better record
+            "explored": (m.get("decision") or {}).get("explored"),
+            "best_known": (m.get("decision") or {}).get("best_known")})
         return
     out.echo("\n".join(explain_lines(m, result["now"])))
 

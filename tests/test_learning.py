@@ -69,6 +69,30 @@ def test_blocked_playbook_is_skipped_and_all_blocked_escalates() -> None:
     assert d.chosen == "bad" and not d.escalate
 
 
+def test_thompson_says_when_it_explores_rather_than_picks_the_best_record() -> None:
+    """A Thompson draw now and then favours the playbook with less evidence: the decision
+    says so and names the one with the better record; picking the best says nothing."""
+    records = {"proven": Record(successes=4, failures=1), "young": Record(successes=1)}
+    rng = random.Random(5)
+    seen = {True: 0, False: 0}
+    for _ in range(400):
+        d = rank([("proven", "low"), ("young", "low")], records, strategy="thompson",
+                 rng=rng, exploration=1.0)
+        seen[d.explored] += 1
+        if d.chosen == "young":  # mean 0.67 against 0.71: exploring
+            assert d.explored and d.best_known == "proven"
+            assert d.as_dict()["explored"] is True
+        else:
+            assert not d.explored and d.best_known is None
+    assert seen[True] > 40 and seen[False] > 40, seen
+    # Equal records: whichever is drawn, no other has the better record.
+    d = rank([("a", "low"), ("b", "low")], {}, strategy="thompson", rng=rng)
+    assert not d.explored
+    # Learning off never explores, whatever it picks.
+    d = rank([("young", "low"), ("proven", "low")], records, strategy="first", rng=rng)
+    assert d.chosen == "young" and not d.explored
+
+
 def test_equal_records_go_to_the_faster_playbook() -> None:
     records = {"slow": Record(5, 1, 50.0, 5), "fast": Record(5, 1, 5.0, 5)}
     d = rank([("slow", "low"), ("fast", "low")], records, strategy="ucb",

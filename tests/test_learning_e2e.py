@@ -154,6 +154,17 @@ def test_ranking_demotes_the_failing_playbook_and_knowledge_seeds_a_fresh_daemon
     assert "reboot-queue" in text and "DEMOTED" in text and "chosen" in text
     assert "risk low: approved automatically" in text
     assert "learning  counted as a success of flush-queue" in text
+    assert "explore   no: no playbook it could run has a better record than flush-queue" in text
+    # reboot-queue's second run came after flush-queue had fixed it: ucb explored, and
+    # explain says so in words and in JSON.
+    second = [m for m in ms if m["playbook"] == "reboot-queue"][1]
+    text = g.ctl("missions", "explain", str(second["id"]), check=True).stdout
+    assert ("explore   yes: tried reboot-queue although flush-queue has the better record"
+            in text), text
+    why = json.loads(g.ctl("missions", "explain", str(second["id"]), "--json",
+                           check=True).stdout)
+    assert why["explored"] is True and why["best_known"] == "flush-queue"
+    assert why["decision"]["explored"] is True
     # similar: the earlier missions of the same detector and subject, newest first.
     sim = json.loads(g.ctl("missions", "similar", str(last["id"]), "--json",
                            check=True).stdout)

@@ -196,6 +196,7 @@ class Learning:
             "mission": m.id, "signature": memory.signature(m.detector, m.subject),
             "similar": d.get("similar"), "strategy": d.get("strategy"),
             "chosen": d.get("chosen"), "escalate": d.get("escalate"),
+            "explored": d.get("explored"), "best_known": d.get("best_known"),
             "lookup_ms": d.get("lookup_ms")})
 
     # -- after the outcome -------------------------------------------------------

@@ -27,6 +27,11 @@ Strategies:
 
 Ties go to the shorter mean time to resolve, then to config order.
 
+Exploration is said, not hidden: when a learning strategy (thompson, ucb) chooses a
+playbook whose posterior mean is below that of another candidate it could run, the
+decision is marked ``explored`` and names that ``best_known`` playbook (``missions
+explain``: "explore   yes: tried X although Y has the better record").
+
 Blocking: the caller may name candidates that are not to run automatically, with the
 reason (demoted for this symptom by :func:`demotion`, or failed twice already in this
 incident). When every candidate is blocked the mission escalates to a human. Learning
@@ -128,10 +133,15 @@ class Decision:
     escalate: bool
     reason: str
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    # A learning strategy chose a playbook although another it could run has the better
+    # record (a higher posterior mean): exploration, and that playbook (else None).
+    explored: bool = False
+    best_known: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"strategy": self.strategy, "chosen": self.chosen, "escalate": self.escalate,
-                "reason": self.reason, "candidates": self.candidates}
+                "reason": self.reason, "candidates": self.candidates,
+                "explored": self.explored, "best_known": self.best_known}
 
 
 class Fail(NamedTuple):
@@ -249,9 +259,15 @@ def rank(candidates: list[tuple[str, str]], records: dict[str, Record], *, strat
            "first": "first matching playbook (learning off)"}[strategy]
     skipped = [f"{r['playbook']} ({r['blocked']})" for r in rows if r["demoted"]]
     reason = f"{best['playbook']}: {why}"
+    # The best known record: the highest posterior mean (then the quicker fix, then
+    # config order), as ordered() ranks playbooks; exploring is choosing below it.
+    known = min(eligible, key=lambda r: (-r["mean"], r["mttr_s"] if r["mttr_s"] is not None
+                                         else math.inf, r["order"]))
+    explored = learning and known["mean"] > best["mean"]
     if skipped:
         reason += f"; not run automatically: {', '.join(skipped)}"
-    return Decision(strategy, best["playbook"], False, reason, rows)
+    return Decision(strategy, best["playbook"], False, reason, rows, explored,
+                    known["playbook"] if explored else None)
 
 
 def ordered(records: dict[str, Record]) -> list[tuple[str, Record]]:
