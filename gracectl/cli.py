@@ -10,19 +10,14 @@ import base64
 import hashlib
 import json
 import os
-import re
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any, TypeVar, overload
+from typing import Any
 
 import click
 from click.core import ParameterSource
 
 from graced import __version__
-from graced.keys import parse_public_key
-from graced.paths import client_socket
 from graced.protocol import (
     ExitCode,
     Violation,
@@ -32,206 +27,28 @@ from graced.protocol import (
     verify_detached,
 )
 
-from . import out, timespec, trust
+from . import learn, out, playbooks, silence, timespec, trust
+from .command import (
+    CONTEXT,
+    STARTED,
+    HelpGroup,
+    OneCall,
+    call,
+    endpoint_of,
+    hello_key,
+    json_option,
+    perform,
+    print_json,
+    read_key_file,
+    trusted_key,
+    utc_option,
+    wide_option,
+)
 from .endpoint import Endpoint
 from .errors import CtlError, ProtocolViolation
+from .missions import STATES, missions
 from .out import stderr_note
-from .plan_text import render_plan
 from .timespec import Point
-
-
-def _started() -> float:
-    """When this process started, on the monotonic clock (from /proc/self/stat, to the
-    kernel's tick), so that wait's --timeout counts Python's own start too."""
-    now = time.monotonic()
-    try:
-        with open("/proc/self/stat", "rb") as fh:
-            fields = fh.read().rsplit(b")", 1)[1].split()
-        since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot
-    except (OSError, ValueError, IndexError):
-        return now
-    return now - age if 0 <= age < 60 else now
-
-
-STARTED = _started()
-"""When gracectl started: wait's --timeout counts from here."""
-CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "GRACE"}
-T = TypeVar("T")
-
-
-def _endpoint(ctx: click.Context) -> Endpoint:
-    obj = ctx.find_root().obj or {}
-    if obj.get("url"):
-        return Endpoint(url=obj["url"], key_file=obj.get("key"), cacert=obj.get("cacert"))
-    return Endpoint(socket=obj.get("socket") or str(client_socket()), key_file=obj.get("key"))
-
-
-class OneCall:
-    """One request and its answer (what :func:`_call` makes and :func:`_run` runs):
-    over a Unix socket on a plain blocking socket (no event loop to import or start),
-    over TCP with trio. Both check every frame against the trusted key alike."""
-
-    def __init__(self, endpoint: Endpoint, method: str, params: dict[str, Any],
-                 timeout: float | None = None, too_slow: str = "",
-                 trusted: bool = True) -> None:
-        self.endpoint, self.method, self.params = endpoint, method, params
-        self.timeout, self.too_slow, self.trusted = timeout, too_slow, trusted
-
-    def run(self) -> Any:
-        # Untrusted: only for what pins or shows a key (keys show), whose answer is
-        # compared with the pinned key by the caller.
-        key = trusted_key(self.endpoint) if self.trusted else None
-        if self.endpoint.url:
-            return _run(lambda: self._over_tcp(key))
-        from .wsclient import SyncConnection, TooSlow
-
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        try:
-            with SyncConnection(self.endpoint.socket or "", key, deadline=deadline) as conn:
-                return conn.request(self.method, self.params)
-        except TooSlow:
-            raise CtlError(self.too_slow, ExitCode.TIMEOUT) from None
-
-    async def _over_tcp(self, key: bytes | None) -> Any:
-        import trio
-
-        from .client import connect
-
-        with trio.move_on_after(self.timeout if self.timeout is not None else float("inf")):
-            async with connect(self.endpoint, key) as conn:
-                return await conn.request(self.method, self.params)
-        raise CtlError(self.too_slow, ExitCode.TIMEOUT)
-
-
-@overload
-def _run(fn: Callable[[], OneCall]) -> Any: ...
-
-
-@overload
-def _run(fn: Callable[[], Awaitable[T]]) -> T: ...
-
-
-def _run(fn: Callable[[], Awaitable[T] | OneCall]) -> Any:
-    """Run ``fn``: a :class:`OneCall` by itself, a coroutine under trio (unwrapping
-    single-error exception groups from nurseries)."""
-    made = fn()
-    if isinstance(made, OneCall):
-        return made.run()
-    import trio
-
-    from .client import sole_exception
-
-    async def main() -> T:
-        return await made
-
-    try:
-        return trio.run(main)
-    except BaseExceptionGroup as group:
-        raise sole_exception(group) from None
-
-
-def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True,
-                        help="Print JSON on stdout (for scripts).")(f)
-
-
-def _set_wide(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    out.SETTINGS.wide = out.SETTINGS.wide or value
-
-
-def _set_utc(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    out.SETTINGS.utc = out.SETTINGS.utc or value
-
-
-def wide_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--wide", "-w", is_flag=True, expose_value=False, callback=_set_wide,
-                        help="Do not cut columns to the terminal's width (nothing is cut "
-                             "when stdout is not a terminal).")(f)
-
-
-def utc_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--utc", is_flag=True, expose_value=False, callback=_set_utc,
-                        help="Show times in UTC (default: local time with its offset).")(f)
-
-
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
-
-
-def _read_key_file(path: str) -> bytes:
-    try:
-        return parse_public_key(Path(path).read_text())
-    except OSError as exc:
-        raise CtlError(f"{path}: cannot read key: {exc.strerror}") from None
-    except ValueError as exc:
-        raise CtlError(f"{path}: {exc}") from None
-
-
-def trusted_key(endpoint: Endpoint, key_file: str | None = None) -> bytes:
-    """The key every answer must be signed by: --key, else the one pinned for the
-    endpoint, else (Unix socket only) the daemon's, pinned on first use."""
-    key_file = key_file or endpoint.key_file
-    if key_file:
-        return _read_key_file(key_file)
-    try:
-        known = trust.pinned(endpoint.name)
-    except ValueError as exc:
-        raise CtlError(str(exc)) from None
-    if known is not None:
-        return known
-    if endpoint.url:
-        raise CtlError(f"no trusted key for {endpoint.url}: pass --key FILE (the daemon's "
-                       "key.pub) or pin it with 'gracectl keys trust'", ExitCode.BAD_SIGNATURE)
-    hello_key, daemon_id = _hello_key(endpoint)
-    trust.pin(endpoint.name, hello_key, daemon_id)
-    stderr_note(f"trusting key {key_id(hello_key)} for {endpoint.name} on first use "
-                f"(pinned in {trust.store_path()})")
-    return hello_key
-
-
-def _hello_key(endpoint: Endpoint) -> tuple[bytes, str]:
-    """The key the daemon offers in ``hello`` (not verified: for pinning)."""
-    from .wsclient import SyncConnection, check_hello
-
-    if endpoint.url:
-        return check_hello(_run(lambda: _hello_tcp(endpoint)))
-    with SyncConnection(endpoint.socket or "", None) as conn:
-        return check_hello(conn.request("hello"))
-
-
-async def _hello_tcp(endpoint: Endpoint) -> Any:
-    from .client import connect
-
-    async with connect(endpoint) as conn:
-        return await conn.request("hello")
-
-
-_SENTENCE_END = re.compile(r"(?<!e\.g)(?<!i\.e)(?<!etc)\.(?=\s|$)")
-
-
-def summary(cmd: click.Command) -> str:
-    """A command's summary for the list in --help: its first sentence, whole."""
-    if cmd.short_help:
-        return cmd.short_help
-    text = " ".join((cmd.help or "").split("\n\n", 1)[0].split())
-    end = _SENTENCE_END.search(text)
-    return text[:end.start() + 1] if end else text
-
-
-class HelpGroup(click.Group):
-    """A group whose --help lists each command with its first sentence whole (wrapped),
-    never cut mid-phrase."""
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = []
-        for name in self.list_commands(ctx):
-            cmd = self.get_command(ctx, name)
-            if cmd is not None and not cmd.hidden:
-                rows.append((name, summary(cmd)))
-        if rows:
-            with formatter.section("Commands"):
-                formatter.write_dl(rows)
 
 
 class Root(HelpGroup):
@@ -322,10 +139,10 @@ def status(ctx: click.Context, as_json: bool, quiet: bool) -> None:
     """
     if quiet:  # the exit status is the answer; nothing at all goes to the terminal
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - until exit
-    endpoint = _endpoint(ctx)
-    st = _run(lambda: _call(endpoint, "status", {}))
+    endpoint = endpoint_of(ctx)
+    st = perform(lambda: call(endpoint, "status", {}))
     if as_json:
-        _print_json(st)
+        print_json(st)
     else:
         _print_status(st)
     if st.get("degraded"):
@@ -455,7 +272,7 @@ def tail(ctx: click.Context, patterns: tuple[str, ...], follow: bool, lines: int
     """
     from .tail import TailOptions, run_tail
 
-    endpoint = _endpoint(ctx)
+    endpoint = endpoint_of(ctx)
     start, end = _point(since, "--since"), _point(until, "--until")
     output = "json" if as_json else output
 
@@ -472,7 +289,7 @@ def tail(ctx: click.Context, patterns: tuple[str, ...], follow: bool, lines: int
         return await run_tail(endpoint, opts, sys.stdout, stderr_note)
 
     try:
-        code = _run(go)
+        code = perform(go)
     except Violation as exc:
         raise CtlError(f"verification failed: {exc}", exc.code) from None
     except BrokenPipeError:
@@ -512,9 +329,9 @@ def verify(ctx: click.Context, file: str, key_file: str | None, anchor: str | No
     running daemon needs it). The result is one line on stdout ending with the anchor
     SEQ:HASH of the last event (--json: "anchor"); errors go to stderr."""
     start = _anchor(anchor)
-    key_file = key_file or _endpoint(ctx).key_file
-    key: bytes | None = _read_key_file(key_file) if key_file else trust.pinned(
-        _endpoint(ctx).name)
+    key_file = key_file or endpoint_of(ctx).key_file
+    key: bytes | None = read_key_file(key_file) if key_file else trust.pinned(
+        endpoint_of(ctx).name)
     if key is None:
         raise CtlError("no trusted key: pass --key FILE (the daemon's key.pub)",
                        ExitCode.BAD_SIGNATURE)
@@ -528,11 +345,11 @@ def verify(ctx: click.Context, file: str, key_file: str | None, anchor: str | No
         raise CtlError(f"{file}: {exc.strerror or exc}") from None
     except Violation as exc:
         if as_json:
-            _print_json({"ok": False, "seq": exc.seq, "kind": exc.kind, "reason": exc.reason,
+            print_json({"ok": False, "seq": exc.seq, "kind": exc.kind, "reason": exc.reason,
                          "exit_code": int(exc.code)})
         raise CtlError(f"verification failed: {exc}", exc.code) from None
     if as_json:
-        _print_json({"ok": True, "events": result.count, "first_seq": result.first,
+        print_json({"ok": True, "events": result.count, "first_seq": result.first,
                      "last_seq": result.last, "last_hash": result.last_hash,
                      "anchor": f"{result.last}:{result.last_hash}",
                      "complete": result.complete, "kid": key_id(key)})
@@ -555,9 +372,9 @@ def checkpoint(ctx: click.Context, as_json: bool) -> None:
     Its anchor (SEQ:HASH, the checkpoint event's own seq and hash) is what
     'gracectl verify --from' takes; --json adds the exact signed event.
     """
-    endpoint = _endpoint(ctx)
+    endpoint = endpoint_of(ctx)
     key = trusted_key(endpoint)
-    result = _run(lambda: _call(endpoint, "checkpoint", {}))
+    result = perform(lambda: call(endpoint, "checkpoint", {}))
     text = result.get("event") if isinstance(result, dict) else None
     if not isinstance(text, str):
         raise ProtocolViolation("a checkpoint answer without its event")
@@ -574,7 +391,7 @@ def checkpoint(ctx: click.Context, as_json: bool) -> None:
             "head_hash": payload.get("head_hash"), "first_seq": payload.get("first_seq"),
             "first_hash": payload.get("first_hash"), "event": text}
     if as_json:
-        _print_json(info)
+        print_json(info)
         return
     oldest = ""
     if info["first_seq"] is not None:  # the oldest event kept (journal retention)
@@ -598,14 +415,14 @@ def keys() -> None:
 @click.pass_context
 def keys_show(ctx: click.Context, as_json: bool) -> None:
     """Show the daemon's key id and public key, and whether it is pinned here."""
-    endpoint = _endpoint(ctx)
-    info = _run(lambda: OneCall(endpoint, "keys", {}, trusted=False))
+    endpoint = endpoint_of(ctx)
+    info = perform(lambda: OneCall(endpoint, "keys", {}, trusted=False))
     pub = base64.b64decode(info["public_key"])
     pinned = trust.pinned(endpoint.name)
     state = "not pinned" if pinned is None else ("pinned" if pinned == pub else "MISMATCH")
     info = {**info, "endpoint": endpoint.name, "trust": state}
     if as_json:
-        _print_json(info)
+        print_json(info)
     else:
         out.echo(f"key id      {info['kid']}\npublic key  ed25519 {info['public_key']}\n"
                    f"endpoint    {endpoint.name}\ntrust       {state}")
@@ -621,9 +438,9 @@ def keys_trust(ctx: click.Context, key_file: str | None, replace: bool) -> None:
 
     A different key for an endpoint already pinned is refused (exit 10) unless --replace.
     """
-    endpoint = _endpoint(ctx)
-    offered, daemon_id = _hello_key(endpoint)
-    key = _read_key_file(key_file) if key_file else offered
+    endpoint = endpoint_of(ctx)
+    offered, daemon_id = hello_key(endpoint)
+    key = read_key_file(key_file) if key_file else offered
     if key != offered:
         raise CtlError(f"the daemon's key {key_id(offered)} is not {key_id(key)} from {key_file}",
                        ExitCode.BAD_SIGNATURE)
@@ -638,265 +455,6 @@ def keys_trust(ctx: click.Context, key_file: str | None, replace: bool) -> None:
             "expected, run 'gracectl keys trust --replace'", ExitCode.BAD_SIGNATURE)
     trust.pin(endpoint.name, key, daemon_id)
     stderr_note(f"trusted key {key_id(key)} for {endpoint.name}")
-
-
-# -- missions ---------------------------------------------------------------------
-
-STATES = ("detected", "open", "awaiting_approval", "approved", "executing", "verifying",
-          "resolved", "failed", "escalated", "rejected", "expired", "interrupted")
-SEVERITIES = ("low", "medium", "high", "critical")
-SEVERITY_COLOUR = {"low": "cyan", "medium": "yellow", "high": "red", "critical": "magenta"}
-
-
-def _age(seconds: float) -> str:
-    """Compact age: 42s, 3m05s, 2h10m, 4d03h."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
-
-
-def _call(endpoint: Endpoint, method: str, params: dict[str, Any]) -> OneCall:
-    """One request to run with :func:`_run` (``_run(lambda: _call(...))``)."""
-    return OneCall(endpoint, method, params)
-
-
-@cli.group()
-def missions() -> None:
-    """Missions: what graced noticed and what it is doing about it."""
-
-
-@missions.command("ls")
-@wide_option
-@click.option("--state", "states", multiple=True, type=click.Choice(STATES),
-              help="Only missions in this state (repeatable).")
-@click.option("--severity", "severities", multiple=True, type=click.Choice(SEVERITIES),
-              help="Only missions of this severity (repeatable).")
-@click.option("--all", "show_all", is_flag=True, help="Include closed missions.")
-@click.option("--limit", type=click.IntRange(1, 10000), default=200, show_default=True,
-              help="At most this many, newest first.")
-@json_option
-@click.pass_context
-def missions_ls(ctx: click.Context, states: tuple[str, ...], severities: tuple[str, ...],
-                show_all: bool, limit: int, as_json: bool) -> None:
-    """List missions: by default the active ones and the escalated ones that need a person
-    (symptom not seen normal since)."""
-    result = _run(lambda: _call(_endpoint(ctx), "missions.list", {
-        "states": list(states) or None, "severities": list(severities) or None,
-        "all": show_all, "limit": limit}))
-    rows = result["missions"]
-    if as_json:
-        _print_json(rows)
-        return
-    if not rows:
-        stderr_note("no missions" + ("" if show_all or states else " open (--all for closed)"))
-        return
-    table = []
-    for m in rows:
-        sev = out.Cell(m["severity"] + ("!" if m["flapping"] else ""),
-                       SEVERITY_COLOUR.get(m["severity"]))
-        held = m.get("silenced") or {}
-        state = m["state"] + ("" if not held else f", was silenced #{held['id']}"
-                               if held.get("ended_at") else f", silenced #{held['id']}")
-        table.append([str(m["id"]), sev, state, m["detector"], m["subject"],
-                      m["playbook"] or "-", _age(result["now"] - m["opened_at"]),
-                      out.reason(m["summary"], m["detector"], m["subject"])])
-    out.write(out.table(table, MISSION_COLUMNS))
-
-
-MISSION_COLUMNS = [
-    out.Column("ID", right=True), out.Column("SEVERITY"), out.Column("STATE", 1, 9),
-    out.Column("DETECTOR", 2, 6), out.Column("SUBJECT", 3, 6, keep_end=True),
-    out.Column("PLAYBOOK", 2, 6), out.Column("AGE"), out.Column("REASON", 1, 24, spill=True),
-]
-
-
-def _ts(epoch: float) -> str:
-    return out.when(epoch)
-
-
-@missions.command("show")
-@click.argument("mission_id", metavar="ID", type=int)
-@utc_option
-@json_option
-@click.pass_context
-def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
-    """Show one mission: symptoms, the samples that triggered it, its timeline."""
-    result = _run(lambda: _call(_endpoint(ctx), "missions.get", {"id": mission_id}))
-    if as_json:
-        _print_json(result["mission"])
-        return
-    out.echo(mission_text(result))
-
-
-def mission_text(result: dict[str, Any]) -> str:
-    """missions.get's answer for a human (missions show, fleet missions show)."""
-    m = result["mission"]
-    # Each field is escaped on its own (newlines too): a comment, a unit's description or
-    # a step's output cannot forge a line of its own ("approved by root").
-    f = out.safe
-    flap = " (flapping)" if m["flapping"] else ""
-    lines = [
-        f"mission {m['id']}: {f(m['summary'])}",
-        f"  state       {f(m['state'])}",
-        f"  severity    {f(m['severity'])}{flap}",
-        f"  detector    {f(m['detector'])} ({f(m['kind'])})",
-        f"  subject     {f(m['subject'])}",
-        f"  opened      {_ts(m['opened_at'])} ({_age(result['now'] - m['opened_at'])} ago)",
-        f"  occurrences {f(m['occurrences'])}, last value {f(m['last_value'])}",
-    ]
-    if m["closed_at"]:
-        lines.append(f"  closed      {_ts(m['closed_at'])}")
-    if m["playbook"]:
-        lines.append(f"  playbook    {f(m['playbook'])} (risk {f(m['risk'])})")
-    if m["reason"]:
-        lines.append(f"  reason      {f(m['reason'])}")
-    if m["expires_at"] and m["state"] == "awaiting_approval":
-        lines.append(f"  expires     {_ts(m['expires_at'])}")
-    if m.get("plan"):
-        if m["state"] == "awaiting_approval":
-            lines.append("awaiting approval of this plan (gracectl missions approve "
-                         f"{m['id']}):")
-        lines.extend(render_plan(m["plan"]))
-    if m["steps"]:
-        lines.append("steps:")
-        for st in m["steps"]:
-            what = " ".join(st.get("argv") or []) or st.get("unit") or st.get("process") or ""
-            status = "ok" if st["ok"] else f"FAILED ({f(st.get('error'))})"
-            # No exit code: the step timed out (its error says so) or never started.
-            code = "" if st.get("exit_code") is None else f"exit {f(st['exit_code'])}, "
-            lines.append(f"  {f(st['step'])}. {f(st['action'])} {f(what)}: {status}, {code}"
-                         f"{f(st['duration_s'])} s")
-            for out_line in out.safe_lines(st.get("output") or "")[-5:]:
-                lines.append(f"       | {out_line}")
-    if m["verification"]:
-        v = m["verification"]
-        lines.append(f"verification: {f(v['result'])} ({f(v.get('detail', ''))})")
-    if m["approvals"]:
-        lines.append("approvals:")
-        for a in m["approvals"]:
-            note = f": {f(a['comment'])}" if a.get("comment") else ""
-            lines.append(f"  {_ts(a['at'])}  {f(a['decision'])} by {f(a.get('user'))} "
-                         f"({f(a.get('auth'))}){note}")
-    lines.append("samples:")
-    for smp in m["samples"]:
-        lines.append(f"  {_ts(smp['ts'])}  {f(smp['value'])}  {f(smp['summary'])}")
-    lines.append("timeline:")
-    for t in m["timeline"]:
-        lines.append(f"  {_ts(t['ts'])}  {f(t['from'] or '-')} -> {f(t['to'])}  "
-                     f"{f(t['reason'])}")
-    return "\n".join(lines)
-
-
-def _decide(ctx: click.Context, mission_id: int, comment: str, approve: bool,
-            as_json: bool, plan: str | None = None, show_plan: bool = False,
-            clearing: bool = False) -> None:
-    async def run() -> Any:
-        from .client import connect, decide
-
-        endpoint = _endpoint(ctx)
-        async with connect(endpoint, trusted_key(endpoint)) as conn:
-            return await decide(conn, mission_id, approve, comment, plan, clearing)
-
-    result = _run(run)
-    m = result["mission"]
-    if as_json:
-        # A warning (the latest sample was normal) rides along with the mission.
-        _print_json({**m, "warning": result["warning"]} if result.get("warning") else m)
-        return
-    if approve and m.get("plan"):
-        if show_plan:  # --yes: what was approved, line by line
-            print_plan_lines(["approved:", *render_plan(m["plan"])])
-        else:
-            stderr_note(f"approved plan sha256 {m['plan']['sha256']}")
-    stderr_note(f"mission {m['id']}: {m['state']} ({m['reason']})")
-    if result.get("warning"):
-        stderr_note(f"warning: {result['warning']}")
-
-
-def print_plan_lines(lines: list[str]) -> None:
-    """A rendered plan on stderr, one line each (render_plan escaped its fields)."""
-    for line in lines:
-        print(line, file=sys.stderr, flush=True)
-
-
-def check_plan_option(plan: str | None) -> None:
-    """--plan names a plan by its SHA-256 or a prefix of at least 12 hex digits (usage
-    error, exit 2, otherwise); graced checks it against the plan it would run."""
-    if plan is not None and not re.fullmatch(r"[0-9a-f]{12,64}", plan):
-        raise click.BadParameter("not a SHA-256, or a prefix of at least 12 of its hex "
-                                 "digits (lower case)", param_hint="--plan")
-
-
-def _review(ctx: click.Context, mission_id: int) -> str | None:
-    """On a terminal: the plan the mission waits with, then y/N; the hash approved."""
-    return review_plan(_run(lambda: _call(_endpoint(ctx), "missions.get",
-                                          {"id": mission_id}))["mission"])
-
-
-def review_plan(m: dict[str, Any]) -> str | None:
-    """The plan mission ``m`` waits with, then y/N on the terminal; the hash approved
-    (CtlError, exit 1, when not)."""
-    plan = m.get("plan")
-    if plan:
-        print_plan_lines([f"mission {m['id']} ({m['state']}) would run this plan:",
-                          *render_plan(plan)])
-    if not click.confirm(f"approve mission {m['id']}" + (" and run this plan" if plan else "")
-                         + "?", default=False, err=True):
-        raise CtlError("not approved: nothing was sent")
-    return str(plan["sha256"]) if plan else None
-
-
-@missions.command("approve")
-@click.argument("mission_id", metavar="ID", type=int)
-@click.option("--comment", default="", metavar="TEXT", help="Recorded with the approval.")
-@click.option("--plan", "plan", metavar="SHA256",
-              help="The hash of the plan you reviewed (missions show), or a prefix of at "
-                   "least 12 hex digits; graced refuses the approval if the mission would "
-                   "run another plan.")
-@click.option("--yes", "-y", "yes", is_flag=True,
-              help="Approve the plan the mission waits with now without reviewing it here "
-                   "(printed on stderr afterwards).")
-@click.option("--even-if-clearing", "clearing", is_flag=True,
-              help="Run the plan even if the symptom's latest samples were normal "
-                   "(otherwise such an approval is refused, exit 1).")
-@json_option
-@click.pass_context
-def missions_approve(ctx: click.Context, mission_id: int, comment: str, plan: str | None,
-                     yes: bool, clearing: bool, as_json: bool) -> None:
-    """Approve a mission awaiting approval: its plan runs now (under a silence: when the
-    silence ends; the approval is recorded now).
-
-    On a terminal, without --plan or --yes, the plan is printed and you are asked y/N;
-    the approval names the hash of the plan you saw. Without a terminal, --plan SHA256
-    or --yes is required (exit 2); answering n sends nothing (exit 1). If the playbook
-    changed since (a config reload),
-    graced refuses an approval of the old plan and the mission waits with its new plan.
-    An approval while the symptom is clearing (its latest samples normal) is refused
-    with the reason, unless --even-if-clearing.
-    """
-    check_plan_option(plan)
-    if plan is None and not yes:
-        if not (sys.stdin.isatty() and sys.stderr.isatty()):
-            raise click.UsageError("without a terminal to review the plan on, name it: "
-                                   "--plan SHA256 (gracectl missions show ID) or --yes")
-        plan = _review(ctx, mission_id)
-    _decide(ctx, mission_id, comment, True, as_json, plan, show_plan=yes and plan is None,
-            clearing=clearing)
-
-
-@missions.command("reject")
-@click.argument("mission_id", metavar="ID", type=int)
-@click.option("--comment", default="", metavar="TEXT", help="Recorded with the rejection.")
-@json_option
-@click.pass_context
-def missions_reject(ctx: click.Context, mission_id: int, comment: str, as_json: bool) -> None:
-    """Reject a mission awaiting approval: nothing runs."""
-    _decide(ctx, mission_id, comment, False, as_json)
 
 
 FINAL_STATES = ("resolved", "failed", "escalated", "rejected", "expired")
@@ -943,12 +501,12 @@ def wait(ctx: click.Context, mission_id: int, wanted: tuple[str, ...], timeout: 
     """
     deadline = STARTED + timeout if timeout else None
     want = set(FINAL_STATES if "final" in wanted else ()) | (set(wanted) - {"final"})
-    endpoint = _endpoint(ctx)
+    endpoint = endpoint_of(ctx)
     key = trusted_key(endpoint)
     too_slow = CtlError(f"mission {mission_id} did not reach {' or '.join(wanted)} within "
                         f"{timeout:g} s", ExitCode.TIMEOUT)
     if endpoint.url:
-        m = _run(lambda: _wait_tcp(endpoint, key, mission_id, want, deadline, too_slow))
+        m = perform(lambda: _wait_tcp(endpoint, key, mission_id, want, deadline, too_slow))
     else:
         from .wsclient import SyncConnection, TooSlow
 
@@ -962,7 +520,7 @@ def wait(ctx: click.Context, mission_id: int, wanted: tuple[str, ...], timeout: 
         except TooSlow:
             raise too_slow from None
     if as_json:
-        _print_json(m)
+        print_json(m)
     else:
         stderr_note(f"mission {mission_id} is {m['state']}")
 
@@ -993,9 +551,9 @@ async def _wait_tcp(endpoint: Endpoint, key: bytes, mission_id: int, want: set[s
 
 def _pause_or_resume(ctx: click.Context, method: str, done: str, already: str,
                      as_json: bool) -> None:
-    result = _run(lambda: _call(_endpoint(ctx), method, {}))
+    result = perform(lambda: call(endpoint_of(ctx), method, {}))
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
         stderr_note(done if result["changed"] else already)
 
@@ -1027,12 +585,12 @@ def reload(ctx: click.Context, timeout: float, as_json: bool) -> None:
     A refused config leaves the running one in place; the reason is printed. Exit 6 if
     graced has not answered within --timeout (whether it applied the file is unknown).
     """
-    result = _run(lambda: OneCall(
-        _endpoint(ctx), "reload", {}, timeout,
+    result = perform(lambda: OneCall(
+        endpoint_of(ctx), "reload", {}, timeout,
         f"graced did not answer the reload within {timeout:g} s (whether it applied the "
         "file is unknown: see gracectl status)"))
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     # The daemon names every change (detectors, playbooks and the missions whose plan
     # changed, notifiers, each table's keys) in one line.
@@ -1050,9 +608,9 @@ def reload(ctx: click.Context, timeout: float, as_json: bool) -> None:
 @click.pass_context
 def detectors(ctx: click.Context, as_json: bool) -> None:
     """Each detector's state and last sample per subject."""
-    result = _run(lambda: _call(_endpoint(ctx), "detectors", {}))
+    result = perform(lambda: call(endpoint_of(ctx), "detectors", {}))
     if as_json:
-        _print_json(result["detectors"])
+        print_json(result["detectors"])
         return
     rows = []
     for name, d in result["detectors"].items():
@@ -1067,7 +625,7 @@ def detectors(ctx: click.Context, as_json: bool) -> None:
                      if isinstance(smp["value"], (int, float)) else "")
             why = out.reason(smp["summary"], name, subject)
             rows.append([name, d["kind"], d["state"], mode, subject, value,
-                         _age(result["now"] - smp["ts"]),
+                         out.age(result["now"] - smp["ts"]),
                          out.Cell("ANOMALY: " + why, "red") if smp["anomalous"] else why])
     out.write(out.table(rows, DETECTOR_COLUMNS))
 
@@ -1117,10 +675,10 @@ def emit(ctx: click.Context, topic: str, payload: str, count: int, rate: float |
         data = json.loads(payload)
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from None
-    result = _run(lambda: _call(_endpoint(ctx), "emit", {
+    result = perform(lambda: call(endpoint_of(ctx), "emit", {
         "topic": topic, "payload": data, "count": count, "rate": rate, "wait": not no_wait}))
     if as_json:
-        _print_json(result)
+        print_json(result)
     elif "first_seq" in result:
         click.echo(f"published seq {result['first_seq']}")
     elif "last_seq" in result:
@@ -1209,7 +767,7 @@ def top(ctx: click.Context, once: bool, key_file: str | None, interval: float) -
     """
     from . import top as dashboard
 
-    endpoint = _endpoint(ctx)
+    endpoint = endpoint_of(ctx)
     if not once and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise CtlError("gracectl top needs a terminal; use --once for one plain-text frame",
                        ExitCode.USAGE)
@@ -1225,7 +783,7 @@ def top(ctx: click.Context, once: bool, key_file: str | None, interval: float) -
         return None
 
     try:
-        result = _run(go)
+        result = perform(go)
     except Violation as exc:
         raise CtlError(f"verification failed: {exc}", exc.code) from None
     if result is not None:
@@ -1234,5 +792,9 @@ def top(ctx: click.Context, once: bool, key_file: str | None, interval: float) -
             raise CtlError("verification failed (see the frame's signature line)", result[1])
 
 
-# The learning and playbook commands register themselves on the groups above.
-from . import learn, playbooks, silence  # noqa: E402, F401
+# The groups that live in modules of their own (missions explain and similar are put on
+# the missions group by gracectl.learn).
+cli.add_command(missions)
+cli.add_command(learn.knowledge)
+cli.add_command(playbooks.playbooks)
+cli.add_command(silence.silence)

@@ -32,8 +32,8 @@ from graced.protocol import fleet as names
 from graced.protocol.topics import compile_patterns
 
 from . import out, trust
-from .cli import utc_option, wide_option
 from .client import Connection, decide, sole_exception
+from .command import utc_option, wide_option
 from .errors import CtlError, NotFound, Unreachable
 from .fleetview import FleetView, HostView, dumps, event_time, resolve_host
 from .tail import format_event
@@ -394,7 +394,7 @@ def fleet_missions_show(ctx: click.Context, host_name: str, mission_id: int,
     """Mission ID on HOST as missions show shows it there (the plan it waits with, each
     step's argv whole): asked of that host's graced by NATS, a request signed with your
     key, its answer signed by the key pinned for HOST."""
-    from .cli import mission_text
+    from .missions import mission_text
 
     host, result = _on_host(ctx, host_name, lambda conn: conn.request(
         "missions.get", {"id": mission_id}))
@@ -509,7 +509,7 @@ def fleet_approve(ctx: click.Context, host_name: str, mission_id: int, comment: 
     generate; its line in that host's [remediation] control_keys), bound to that host's
     daemon id and to the mission, delivered by NATS request/reply and checked there as
     any signed request. The answer must be signed by the key pinned for HOST."""
-    from .cli import check_plan_option, review_plan
+    from .missions import check_plan_option, review_plan
 
     check_plan_option(plan)
     if plan is None and not yes:

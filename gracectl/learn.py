@@ -1,6 +1,6 @@
 """gracectl's learning commands: ``missions similar``, ``missions explain``, ``knowledge``.
 
-Registered on the groups of :mod:`gracectl.cli` when that module is imported.
+Put on gracectl's command groups by :mod:`gracectl.cli`.
 """
 
 from __future__ import annotations
@@ -18,20 +18,18 @@ from graced.protocol import ExitCode, key_id
 from graced.protocol import knowledge as pk
 
 from . import out, trust
-from .cli import (
-    _age,
-    _call,
-    _endpoint,
-    _print_json,
-    _read_key_file,
-    _run,
-    _ts,
-    cli,
+from .command import (
+    HelpGroup,
+    call,
+    endpoint_of,
     json_option,
-    missions,
+    perform,
+    print_json,
+    read_key_file,
     trusted_key,
 )
 from .errors import CtlError
+from .missions import missions
 from .out import stderr_note
 
 CHUNK_BYTES = 36_000  # 48,000 in base64: below the default max_request_bytes (65536)
@@ -61,10 +59,10 @@ SIMILAR_HEADERS = ["ID", "MATCH", "SYMPTOM", "PLAYBOOK", "OUTCOME", "TTR", "SUMM
 @click.pass_context
 def missions_similar(ctx: click.Context, mission_id: int, limit: int, as_json: bool) -> None:
     """Past missions like this one: same detector and subject first, then by symptom text."""
-    result = _run(lambda: _call(_endpoint(ctx), "missions.similar",
+    result = perform(lambda: call(endpoint_of(ctx), "missions.similar",
                                 {"id": mission_id, "limit": limit}))
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     m = result["mission"]
     stderr_note(f"mission {m['id']} ({m['detector']}:{m['subject']}): "
@@ -82,7 +80,7 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
     values = [s["value"] for s in m["samples"] if s.get("value") is not None]
     peak = f", peak {max(values):g}" if values else ""
     lines.append(f"evidence  {m['summary']} ({m['occurrences']} samples{peak}; opened "
-                 f"{_age(now - m['opened_at'])} ago)")
+                 f"{out.age(now - m['opened_at'])} ago)")
     d = m.get("decision")
     if d is None:
         lines.append("memory    not consulted (no playbook decision was needed for it)")
@@ -147,7 +145,7 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
         note = f": {out.safe(a['comment'])}" if a.get("comment") else ""
         lines.append(f"approval  {out.safe(a.get('decision') or '?')} by "
                      f"{out.safe(a.get('user') or '?')} ({out.safe(a.get('auth') or '?')}) "
-                     f"at {_ts(a['at'])}{what}{note}")
+                     f"at {out.when(a['at'])}{what}{note}")
     outcome = m["reason"] or m["state"]
     if m["state"] == "resolved" and m["closed_at"]:
         outcome = f"resolved in {_secs(m['closed_at'] - m['opened_at'])}: {m['reason']}"
@@ -189,10 +187,10 @@ def _exploration(d: dict[str, Any]) -> str | None:
 @click.pass_context
 def missions_explain(ctx: click.Context, mission_id: int, as_json: bool) -> None:
     """Why graced did what it did: evidence, similar missions, ranking, policy."""
-    result = _run(lambda: _call(_endpoint(ctx), "missions.get", {"id": mission_id}))
+    result = perform(lambda: call(endpoint_of(ctx), "missions.get", {"id": mission_id}))
     m = result["mission"]
     if as_json:
-        _print_json({**{k: m.get(k) for k in (
+        print_json({**{k: m.get(k) for k in (
             "id", "detector", "subject", "severity", "state", "summary", "samples", "similar",
             "decision", "playbook", "risk", "reason", "timeline", "held_back", "incident",
             "symptom_at_start", "approvals")},
@@ -204,7 +202,7 @@ def missions_explain(ctx: click.Context, mission_id: int, as_json: bool) -> None
     out.echo("\n".join(explain_lines(m, result["now"])))
 
 
-@cli.group()
+@click.group(cls=HelpGroup)
 def knowledge() -> None:
     """What graced has learned: symptom patterns and the playbooks that fix them."""
 
@@ -219,15 +217,15 @@ def knowledge() -> None:
 @click.pass_context
 def knowledge_ls(ctx: click.Context, limit: int, offset: int, as_json: bool) -> None:
     """List learned patterns with their best playbook, most recently seen first."""
-    result = _run(lambda: _call(_endpoint(ctx), "knowledge.list",
+    result = perform(lambda: call(endpoint_of(ctx), "knowledge.list",
                                 {"limit": limit, "offset": offset}))
     if as_json:
-        _print_json(result["patterns"])
+        print_json(result["patterns"])
         return
     rows = [[p["pattern"], p["best_playbook"] or "-", _pct(p["best_success_rate"]),
              _pct(p["success_rate"]), f"{p['count']:g}" + (" (imported only)"
                                                           if p.get("imported_only") else ""),
-             _secs(p["mttr_s"]), _age(result["now"] - p["last_seen"]) + " ago",
+             _secs(p["mttr_s"]), out.age(result["now"] - p["last_seen"]) + " ago",
              _held(p.get("held_back") or {})] for p in result["patterns"]]
     if not rows:
         stderr_note("no patterns learned yet")
@@ -257,15 +255,15 @@ def _held(held: dict[str, int]) -> str:
 def knowledge_show(ctx: click.Context, pattern: str, limit: int, offset: int,
                    as_json: bool) -> None:
     """Show one pattern (DETECTOR:SUBJECT): every playbook's record and recent missions."""
-    result = _run(lambda: _call(_endpoint(ctx), "knowledge.show",
+    result = perform(lambda: call(endpoint_of(ctx), "knowledge.show",
                                 {"pattern": pattern, "limit": limit, "offset": offset}))
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     p = result["pattern"]
     out.echo(out.safe(f"pattern {p['pattern']}: best {p['best_playbook']}, {p['count']:g} "
                       f"local runs, success {_pct(p['success_rate'])}, MTTR "
-                      f"{_secs(p['mttr_s'])}, last seen {_ts(p['last_seen'])}"))
+                      f"{_secs(p['mttr_s'])}, last seen {out.when(p['last_seen'])}"))
     rows = []
     for b in p["playbooks"]:
         imported = "; ".join(f"{i['successes']}/{i['successes'] + i['failures']} from "
@@ -292,7 +290,7 @@ def knowledge_show(ctx: click.Context, pattern: str, limit: int, offset: int,
         out.echo("recent missions:")
         for r in result["recent"][:10]:
             held = f" (held back: {r['held_back']})" if r.get("held_back") else ""
-            out.echo(out.safe(f"  #{r['id']} {_ts(r['closed_at'])} {r['playbook'] or '-'} "
+            out.echo(out.safe(f"  #{r['id']} {out.when(r['closed_at'])} {r['playbook'] or '-'} "
                               f"-> {r['outcome']}{held}"))
 
 
@@ -301,7 +299,7 @@ def knowledge_show(ctx: click.Context, pattern: str, limit: int, offset: int,
 @click.pass_context
 def knowledge_export(ctx: click.Context, file: str) -> None:
     """Write this host's patterns to FILE ('-' for stdout), signed by the daemon's key."""
-    data = _run(lambda: _call(_endpoint(ctx), "knowledge.export", {}))["export"]
+    data = perform(lambda: call(endpoint_of(ctx), "knowledge.export", {}))["export"]
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
     if file == "-":
         out.echo(text, nl=False)
@@ -347,7 +345,7 @@ def _load_export(file: str, key_file: str | None,
         stderr_note(f"WARNING: {exc}; trusting --key {key_file} (--replace-key)")
         pinned = None
     if key_file:
-        key, how = _read_key_file(key_file), f"key {key_file}"
+        key, how = read_key_file(key_file), f"key {key_file}"
         if pinned is not None and pinned != key:
             if not replace_key:
                 raise CtlError(
@@ -391,7 +389,7 @@ def knowledge_import(ctx: click.Context, file: str, key_file: str | None, replac
     the same daemon again replaces its earlier import (all or nothing); an export older
     than the one imported is refused."""
     raw, data, key, verified = _load_export(file, key_file, replace_key)
-    endpoint = _endpoint(ctx)
+    endpoint = endpoint_of(ctx)
 
     async def go() -> dict[str, Any]:
         from .client import connect
@@ -407,12 +405,12 @@ def knowledge_import(ctx: click.Context, file: str, key_file: str | None, replac
                 "dry_run": dry_run})
             return result
 
-    result = _run(go)
+    result = perform(go)
     if not dry_run:
         trust.pin_for_daemon(data["source"], key)
     result.update(verified=verified)
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     origin = out.safe(data["host"] or data["source"])
     stderr_note(f"{out.safe(file)}: {verified}")
@@ -450,9 +448,9 @@ def knowledge_reset(ctx: click.Context, target: str, as_json: bool) -> None:
 
     Undoes damage: a demoted playbook is tried again. Needs control rights; recorded as a
     signed learning.reset event."""
-    result = _run(lambda: _call(_endpoint(ctx), "knowledge.reset", {"target": target}))
+    result = perform(lambda: call(endpoint_of(ctx), "knowledge.reset", {"target": target}))
     if as_json:
-        _print_json(result)
+        print_json(result)
     else:
         stderr_note(f"reset {target}: {result['records']} records forgotten")
 
@@ -462,9 +460,9 @@ def knowledge_reset(ctx: click.Context, target: str, as_json: bool) -> None:
 @click.pass_context
 def knowledge_stats(ctx: click.Context, as_json: bool) -> None:
     """Learning metrics: success rate per week, patterns per day, memory consulted."""
-    st = _run(lambda: _call(_endpoint(ctx), "knowledge.stats", {}))
+    st = perform(lambda: call(endpoint_of(ctx), "knowledge.stats", {}))
     if as_json:
-        _print_json(st)
+        print_json(st)
         return
     out.echo(f"strategy {st['strategy']}; {st['outcomes']} outcomes stored, "
                f"{st['playbook_runs']} playbook runs, {st['patterns']} patterns; success "

@@ -1,6 +1,6 @@
 """gracectl's remediation commands: ``playbooks ls|run`` and the plan a mission carries.
 
-Registered on the groups of :mod:`gracectl.cli` when that module is imported.
+Put on gracectl's command groups by :mod:`gracectl.cli`.
 """
 
 from __future__ import annotations
@@ -10,23 +10,14 @@ import sys
 import click
 
 from . import out
-from .cli import (
-    _age,
-    _call,
-    _endpoint,
-    _print_json,
-    _run,
-    check_plan_option,
-    cli,
-    json_option,
-    print_plan_lines,
-)
+from .command import HelpGroup, call, endpoint_of, json_option, perform, print_json
 from .errors import CtlError
+from .missions import check_plan_option, print_plan_lines
 from .out import safe, stderr_note
 from .plan_text import render_plan
 
 
-@cli.group()
+@click.group(cls=HelpGroup)
 def playbooks() -> None:
     """Playbooks: what they match, their budget and record; run one by hand."""
 
@@ -39,10 +30,10 @@ def playbooks_ls(ctx: click.Context, as_json: bool) -> None:
 
     SUCCESS and RUNS are the credited runs knowledge counts (after any knowledge reset);
     "demoted (N)": demoted on N patterns (knowledge show PATTERN)."""
-    result = _run(lambda: _call(_endpoint(ctx), "playbooks.list", {}))
+    result = perform(lambda: call(endpoint_of(ctx), "playbooks.list", {}))
     rows = result["playbooks"]
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     if not rows:
         stderr_note("no playbooks configured (remediation is observe-only until one is)")
@@ -59,7 +50,7 @@ def playbooks_ls(ctx: click.Context, as_json: bool) -> None:
         success = "-" if lr["success_rate"] is None else f"{lr['success_rate'] * 100:.0f}%"
         if lr.get("demoted"):
             success += f" demoted ({len(lr['demoted'])})"
-        last = "-" if lr["last_run"] is None else _age(result["now"] - lr["last_run"]) + " ago"
+        last = "-" if lr["last_run"] is None else out.age(result["now"] - lr["last_run"]) + " ago"
         table.append([safe(pb["name"]), safe(match), pb["risk"] + ("" if pb["auto"] else
                                                                    " (approval)"),
                       ",".join(pb["steps"]),
@@ -96,11 +87,11 @@ def playbooks_run(ctx: click.Context, name: str, mission_id: int, dry_run: bool,
     otherwise).
     """
     check_plan_option(plan)
-    dry = _run(lambda: _call(_endpoint(ctx), "playbooks.run", {
+    dry = perform(lambda: call(endpoint_of(ctx), "playbooks.run", {
         "name": name, "mission": mission_id, "dry_run": True}))
     if dry_run:
         if as_json:
-            _print_json(dry)
+            print_json(dry)
             return
         m = dry["mission"]
         out.echo(f"dry run for mission {m['id']} ({safe(m['detector'])}:"
@@ -116,11 +107,11 @@ def playbooks_run(ctx: click.Context, name: str, mission_id: int, dry_run: bool,
         print_plan_lines([f"mission {mission_id} would run this plan:", *render_plan(shown)])
         if not click.confirm("run this plan now?", default=False, err=True):
             raise CtlError("not run: nothing was sent")
-    result = _run(lambda: _call(_endpoint(ctx), "playbooks.run", {
+    result = perform(lambda: call(endpoint_of(ctx), "playbooks.run", {
         "name": name, "mission": mission_id, "dry_run": False,
         "opened": dry["mission"]["opened_at"], "plan": plan or shown["sha256"]}))
     if as_json:
-        _print_json(result)
+        print_json(result)
         return
     m = result["mission"]
     stderr_note(f"mission {m['id']}: {m['state']} ({safe(m['reason'])}); follow it with "

@@ -1,6 +1,6 @@
 """gracectl's ``silence add|ls|rm``: maintenance that pauses remediation and notification.
 
-Registered on :data:`gracectl.cli.cli` when that module is imported.
+Put on gracectl's root group by :mod:`gracectl.cli`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from . import out
-from .cli import _age, _call, _endpoint, _print_json, _run, cli, json_option
+from .command import HelpGroup, call, endpoint_of, json_option, perform, print_json
 from .out import safe, stderr_note
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -33,10 +33,10 @@ def parse_duration(text: str) -> float:
 
 
 def _until(epoch: float, now: float) -> str:
-    return f"{out.when(epoch)} (in {_age(epoch - now)})"
+    return f"{out.when(epoch)} (in {out.age(epoch - now)})"
 
 
-@cli.group()
+@click.group(cls=HelpGroup)
 def silence() -> None:
     """Silences: while one covers a mission, nothing runs for it and no one is told."""
 
@@ -61,14 +61,14 @@ def silence_add(ctx: click.Context, target: str | None, everything: bool, durati
     if bool(target) == everything:
         raise click.UsageError("give DETECTOR[:SUBJECT] or --all (one of them)")
     seconds = parse_duration(duration)
-    result = _run(lambda: _call(_endpoint(ctx), "silence.add", {
+    result = perform(lambda: call(endpoint_of(ctx), "silence.add", {
         "target": None if everything else target, "duration": seconds, "comment": comment,
         "until_resolved": until_resolved}))
     s = result["silence"]
     if result.get("warning"):
         stderr_note(f"warning: {result['warning']}")
     if as_json:
-        _print_json(s)
+        print_json(s)
         return
     out.echo(s["id"])
     stderr_note(f"silence {s['id']}: {safe(s['target'])} until "
@@ -81,10 +81,10 @@ def silence_add(ctx: click.Context, target: str | None, everything: bool, durati
 @click.pass_context
 def silence_ls(ctx: click.Context, as_json: bool) -> None:
     """List the silences in force: target, until when, who, why, missions held."""
-    result = _run(lambda: _call(_endpoint(ctx), "silence.list", {}))
+    result = perform(lambda: call(endpoint_of(ctx), "silence.list", {}))
     rows: list[dict[str, Any]] = result["silences"]
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
     if not rows:
         stderr_note("no silences")
@@ -104,8 +104,8 @@ def silence_ls(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def silence_rm(ctx: click.Context, silence_id: int, as_json: bool) -> None:
     """Remove silence ID now; missions it held back are considered again. Control rights."""
-    result = _run(lambda: _call(_endpoint(ctx), "silence.remove", {"id": silence_id}))
+    result = perform(lambda: call(endpoint_of(ctx), "silence.remove", {"id": silence_id}))
     if as_json:
-        _print_json(result["silence"])
+        print_json(result["silence"])
     else:
         stderr_note(f"silence {silence_id} removed")

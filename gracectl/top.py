@@ -27,10 +27,9 @@ import trio
 from graced.protocol import ChainVerifier, ExitCode, Violation, key_id
 from graced.protocol.verify import announced_interval, stale_limit
 
-from .cli import _age
 from .client import Connection, Endpoint, connect, decide
 from .errors import CtlError, Unreachable
-from .out import fit, kv, reason, safe, value, when
+from .out import age, fit, kv, reason, safe, value, when
 from .plan_text import render_plan
 
 Segment = tuple[str, str]  # text, style
@@ -178,7 +177,7 @@ def _header(model: Model, now: float, width: int = 10**6) -> list[Line]:
     host = st.get("host") or model.hello.get("host", "?")
     version = st.get("version") or model.hello.get("version", "?")
     kid = model.hello.get("kid", "?")
-    up = _age(st["uptime"]) if "uptime" in st else "?"
+    up = age(st["uptime"]) if "uptime" in st else "?"
     line1: Line = [(" Grace ", "title"), (f" graced {version} on {host}  up {up}  mode ",
                                          "header"),
                    (mode, "header_alert" if mode != "act" else "header"),
@@ -211,7 +210,7 @@ def _mission_lines(model: Model, now: float, rows: int, width: int) -> list[Line
         what = fit(f"{m['detector']}:{m['subject']}", max(16, (width - 42) // 2),
                    keep_end=True)
         heads.append((f"{m['id']:>5} {m['severity']:<8} {m['state']:<17} "
-                      f"{_age(now - m['opened_at']):>6} {what}  ",
+                      f"{age(now - m['opened_at']):>6} {what}  ",
                       reason(m["summary"], m["detector"], m["subject"])))
     spill = any(1 + len(head) + len(why) > width for head, why in heads)
     per = 2 if spill and rows >= 2 else 1
@@ -267,7 +266,7 @@ def _health_lines(model: Model, now: float, rows: int, width: int) -> list[Line]
                 (f" {fit(subj, subj_w, keep_end=True):<{subj_w}} {shown[:10]:>10} ", "bold"),
                 *_spark_segments(hist, spark_w, chars, str(smp.get("unit") or ""),
                                  d.get("threshold"), bool(d.get("below"))),
-                (f"{_age(now - smp.get('ts', now)):>5} ", "dim"),
+                (f"{age(now - smp.get('ts', now)):>5} ", "dim"),
                 ("ANOMALY" if bad else "ok", "red" if bad else "green")])
     st = model.status or {}
     j, w, ex = st.get("journal") or {}, st.get("wire") or {}, st.get("executor") or {}

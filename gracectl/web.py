@@ -45,8 +45,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from graced.protocol import key_id
 from graced.protocol.wire import loopback_host
 
-from .cli import _endpoint, _run, cli, trusted_key
 from .client import MAX_MESSAGE_BYTES, Endpoint
+from .command import endpoint_of, perform, trusted_key
 from .errors import CtlError
 
 log = logging.getLogger("gracectl.web")
@@ -429,7 +429,7 @@ def write_launcher(url: str) -> Path:
     return path
 
 
-@cli.command()
+@click.command()
 @click.option("--port", type=click.IntRange(0, 65535), default=0,
               help="TCP port to serve the page on (default: a fresh free port each run, so "
                    "the page's origin is new and nothing another server left in the "
@@ -450,7 +450,7 @@ def web(ctx: click.Context, port: int, bind: str, open_: bool) -> None:
     the socket, passed in the URL and pinned by the browser. The page has this user's
     rights on graced: it can approve or reject a mission only if this user may.
     """
-    endpoint = _endpoint(ctx)
+    endpoint = endpoint_of(ctx)
     if endpoint.url:
         raise click.UsageError("gracectl web relays graced's Unix socket; it takes --socket, "
                                "not --url")
@@ -497,7 +497,7 @@ def web(ctx: click.Context, port: int, bind: str, open_: bool) -> None:
                     await trio.to_thread.run_sync(webbrowser.open, launcher[0].as_uri())
 
     try:
-        _run(go)
+        perform(go)
     except KeyboardInterrupt:
         pass
     finally:

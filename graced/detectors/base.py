@@ -1,4 +1,6 @@
-"""What a detector returns, and how a config table becomes a detector.
+"""What a detector returns (:class:`Observation`) and what it is (:class:`Detector`).
+
+Which class each config ``kind`` builds is in :mod:`graced.detectors.kinds`.
 
 A detector's :meth:`Detector.sample` is blocking (psutil, sockets, subprocesses) and
 runs in a worker thread. It returns one :class:`Observation` per subject: the metric's
@@ -47,20 +49,3 @@ class Detector(Protocol):
 
     def close(self) -> None: ...
 
-
-def build_detector(cfg: DetectorConfig) -> Detector:
-    from . import cgroup, host, logs, pressure, probes, process, systemd
-
-    builders: dict[str, Any] = {
-        "memory": host.Memory, "swap": host.Swap, "cpu": host.Cpu, "load": host.Load,
-        "disk": host.Disk, "inodes": host.Inodes, "process": process.ProcessPresence,
-        "process_rss": process.ProcessRss, "tcp": probes.TcpProbe,
-        "sqlite": probes.SqliteProbe, "postgres": probes.PostgresProbe,
-        "command": probes.CommandProbe,
-        "http": probes.HttpProbe, "log": logs.LogFile, "journald": logs.Journald,
-        "value": host.FileValue, "systemd": systemd.FailedUnits,
-        "psi_memory": pressure.Pressure, "psi_cpu": pressure.Pressure,
-        "psi_io": pressure.Pressure, "cgroup_memory": cgroup.CgroupMemory,
-    }
-    detector: Detector = builders[cfg.kind](cfg)
-    return detector

@@ -26,8 +26,9 @@ from ..mesh import Mesh
 from ..missions import store
 from ..missions.engine import Mission, MissionEngine, Transition
 from ..protocol import CanonicalError, canonical_bytes
-from .base import Detector, Observation, build_detector
+from .base import Detector, Observation
 from .events import POLL
+from .kinds import build_detector
 from .scoring import Scorer, Verdict, next_interval
 
 log = logging.getLogger("graced.detectors")

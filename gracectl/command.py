@@ -1,0 +1,230 @@
+"""What every gracectl command shares: where graced is (the endpoint), one call to it
+(over the Unix socket on a plain blocking socket, over TCP with trio), the key every answer
+must be signed by, the common options and JSON on stdout.
+
+The command modules (cli, missions, learn, playbooks, silence, top, fleet, web) import from
+here, never from each other's insides; :mod:`gracectl.cli` puts them together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar, overload
+
+import click
+
+from graced.keys import parse_public_key
+from graced.paths import client_socket
+from graced.protocol import ExitCode, key_id
+
+from . import out, trust
+from .endpoint import Endpoint
+from .errors import CtlError
+from .out import stderr_note
+
+
+def _started() -> float:
+    """When this process started, on the monotonic clock (from /proc/self/stat, to the
+    kernel's tick), so that wait's --timeout counts Python's own start too."""
+    now = time.monotonic()
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot
+    except (OSError, ValueError, IndexError):
+        return now
+    return now - age if 0 <= age < 60 else now
+
+
+STARTED = _started()
+"""When gracectl started: wait's --timeout counts from here."""
+CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "GRACE"}
+"""click settings of every gracectl command group."""
+T = TypeVar("T")
+
+
+def endpoint_of(ctx: click.Context) -> Endpoint:
+    """The endpoint the root options (--socket, --url, --key, --cacert) name."""
+    obj = ctx.find_root().obj or {}
+    if obj.get("url"):
+        return Endpoint(url=obj["url"], key_file=obj.get("key"), cacert=obj.get("cacert"))
+    return Endpoint(socket=obj.get("socket") or str(client_socket()), key_file=obj.get("key"))
+
+
+class OneCall:
+    """One request and its answer (what :func:`call` makes and :func:`perform` runs):
+    over a Unix socket on a plain blocking socket (no event loop to import or start),
+    over TCP with trio. Both check every frame against the trusted key alike."""
+
+    def __init__(self, endpoint: Endpoint, method: str, params: dict[str, Any],
+                 timeout: float | None = None, too_slow: str = "",
+                 trusted: bool = True) -> None:
+        self.endpoint, self.method, self.params = endpoint, method, params
+        self.timeout, self.too_slow, self.trusted = timeout, too_slow, trusted
+
+    def run(self) -> Any:
+        # Untrusted: only for what pins or shows a key (keys show), whose answer is
+        # compared with the pinned key by the caller.
+        key = trusted_key(self.endpoint) if self.trusted else None
+        if self.endpoint.url:
+            return perform(lambda: self._over_tcp(key))
+        from .wsclient import SyncConnection, TooSlow
+
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            with SyncConnection(self.endpoint.socket or "", key, deadline=deadline) as conn:
+                return conn.request(self.method, self.params)
+        except TooSlow:
+            raise CtlError(self.too_slow, ExitCode.TIMEOUT) from None
+
+    async def _over_tcp(self, key: bytes | None) -> Any:
+        import trio
+
+        from .client import connect
+
+        with trio.move_on_after(self.timeout if self.timeout is not None else float("inf")):
+            async with connect(self.endpoint, key) as conn:
+                return await conn.request(self.method, self.params)
+        raise CtlError(self.too_slow, ExitCode.TIMEOUT)
+
+
+@overload
+def perform(fn: Callable[[], OneCall]) -> Any: ...
+
+
+@overload
+def perform(fn: Callable[[], Awaitable[T]]) -> T: ...
+
+
+def perform(fn: Callable[[], Awaitable[T] | OneCall]) -> Any:
+    """Run ``fn``: a :class:`OneCall` by itself, a coroutine under trio (unwrapping
+    single-error exception groups from nurseries)."""
+    made = fn()
+    if isinstance(made, OneCall):
+        return made.run()
+    import trio
+
+    from .client import sole_exception
+
+    async def main() -> T:
+        return await made
+
+    try:
+        return trio.run(main)
+    except BaseExceptionGroup as group:
+        raise sole_exception(group) from None
+
+
+def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True,
+                        help="Print JSON on stdout (for scripts).")(f)
+
+
+def _set_wide(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    out.SETTINGS.wide = out.SETTINGS.wide or value
+
+
+def _set_utc(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    out.SETTINGS.utc = out.SETTINGS.utc or value
+
+
+def wide_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--wide", "-w", is_flag=True, expose_value=False, callback=_set_wide,
+                        help="Do not cut columns to the terminal's width (nothing is cut "
+                             "when stdout is not a terminal).")(f)
+
+
+def utc_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--utc", is_flag=True, expose_value=False, callback=_set_utc,
+                        help="Show times in UTC (default: local time with its offset).")(f)
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+def read_key_file(path: str) -> bytes:
+    try:
+        return parse_public_key(Path(path).read_text())
+    except OSError as exc:
+        raise CtlError(f"{path}: cannot read key: {exc.strerror}") from None
+    except ValueError as exc:
+        raise CtlError(f"{path}: {exc}") from None
+
+
+def trusted_key(endpoint: Endpoint, key_file: str | None = None) -> bytes:
+    """The key every answer must be signed by: --key, else the one pinned for the
+    endpoint, else (Unix socket only) the daemon's, pinned on first use."""
+    key_file = key_file or endpoint.key_file
+    if key_file:
+        return read_key_file(key_file)
+    try:
+        known = trust.pinned(endpoint.name)
+    except ValueError as exc:
+        raise CtlError(str(exc)) from None
+    if known is not None:
+        return known
+    if endpoint.url:
+        raise CtlError(f"no trusted key for {endpoint.url}: pass --key FILE (the daemon's "
+                       "key.pub) or pin it with 'gracectl keys trust'", ExitCode.BAD_SIGNATURE)
+    offered, daemon_id = hello_key(endpoint)
+    trust.pin(endpoint.name, offered, daemon_id)
+    stderr_note(f"trusting key {key_id(offered)} for {endpoint.name} on first use "
+                f"(pinned in {trust.store_path()})")
+    return offered
+
+
+def hello_key(endpoint: Endpoint) -> tuple[bytes, str]:
+    """The key the daemon offers in ``hello`` (not verified: for pinning)."""
+    from .wsclient import SyncConnection, check_hello
+
+    if endpoint.url:
+        return check_hello(perform(lambda: _hello_tcp(endpoint)))
+    with SyncConnection(endpoint.socket or "", None) as conn:
+        return check_hello(conn.request("hello"))
+
+
+async def _hello_tcp(endpoint: Endpoint) -> Any:
+    from .client import connect
+
+    async with connect(endpoint) as conn:
+        return await conn.request("hello")
+
+
+
+def call(endpoint: Endpoint, method: str, params: dict[str, Any]) -> OneCall:
+    """One request to run with :func:`perform` (``perform(lambda: call(...))``)."""
+    return OneCall(endpoint, method, params)
+
+
+_SENTENCE_END = re.compile(r"(?<!e\.g)(?<!i\.e)(?<!etc)\.(?=\s|$)")
+
+
+def summary(cmd: click.Command) -> str:
+    """A command's summary for the list in --help: its first sentence, whole."""
+    if cmd.short_help:
+        return cmd.short_help
+    text = " ".join((cmd.help or "").split("\n\n", 1)[0].split())
+    end = _SENTENCE_END.search(text)
+    return text[:end.start() + 1] if end else text
+
+
+class HelpGroup(click.Group):
+    """A group whose --help lists each command with its first sentence whole (wrapped),
+    never cut mid-phrase."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, summary(cmd)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
