@@ -1,37 +1,66 @@
 #!/usr/bin/env python3
-"""A fault that fills memory or a file system step by step and says when it crossed a line.
+"""A fault that fills memory or a file system and says when it crossed a line.
 
-    python bench/fill.py memory MEGABYTES PERCENT
+    python bench/fill.py memory MEGABYTES PERCENT [MB_PER_S]
     python bench/fill.py disk MOUNTPOINT PERCENT
 
-Fills in small steps (8 MB of touched memory; 128 KB written to MOUNTPOINT/fill) and,
-after each step, reads the host's figure the way graced and Monit read it (memory: total
-minus MemAvailable; disk: used / (used + available), as df). Prints ``crossed TIMESTAMP``
-(wall clock) once the figure first exceeds PERCENT, then ``ready`` when the whole fault is
-in place, and holds it until stdin closes. The crossing is when a monitor could first see
-the fault: the time from it to an alarm is the monitor's own detection delay.
+memory: a runaway process. It maps MEGABYTES of anonymous memory, prints ``armed`` and
+waits for a line on stdin; then it has the kernel fill the mapping as fast as the kernel
+hands out pages (MADV_POPULATE_WRITE, Linux 5.14; else one byte written per page), 16 MB
+at a time, or at MB_PER_S (a leak that grows steadily). disk: writes 128 KB at a time to
+MOUNTPOINT/fill. After each step it reads the host's figure the way graced and Monit read
+it (memory: total minus MemAvailable, from /proc/meminfo; disk: used / (used + available),
+as df). Prints ``crossed TIMESTAMP`` (wall clock) once the figure first exceeds PERCENT,
+then ``ready`` when the whole fault is in place, and holds it until stdin closes. The
+crossing is when a monitor could first see the fault: the time from it to an alarm is the
+monitor's own detection delay.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import time
 
-import psutil
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+CHUNK = 16 << 20
 
 
-def _memory(megabytes: int, percent: float) -> list[bytes]:
-    held = []
+def memory_percent() -> float:
+    """Total minus MemAvailable, as a share of the total (psutil's and Monit's figure)."""
+    with open("/proc/meminfo", "rb") as fh:
+        fields = {k: int(v.split()[0]) for k, _, v in
+                  (line.partition(b":") for line in fh) if v.strip()}
+    return 100.0 * (fields[b"MemTotal"] - fields[b"MemAvailable"]) / fields[b"MemTotal"]
+
+
+def _populate(buf: mmap.mmap, off: int, n: int) -> None:
+    try:
+        buf.madvise(MADV_POPULATE_WRITE, off, n)
+    except OSError:  # an older kernel: fault every page in by writing to it
+        pages = range(off, off + n, mmap.PAGESIZE)
+        buf[off:off + n:mmap.PAGESIZE] = b"\x01" * len(pages)
+
+
+def _memory(megabytes: int, percent: float, rate: float) -> mmap.mmap:
+    size = megabytes << 20
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    print("armed", flush=True)
+    sys.stdin.readline()
+    start = time.monotonic()
     crossed = False
-    for _ in range(0, megabytes, 8):
-        held.append(b"\x01" * (8 << 20))  # written, so every page is touched
-        if not crossed and psutil.virtual_memory().percent > percent:
+    for off in range(0, size, CHUNK):
+        n = min(CHUNK, size - off)
+        _populate(buf, off, n)
+        if not crossed and memory_percent() > percent:
             print(f"crossed {time.time():.6f}", flush=True)
             crossed = True
+        if rate:  # a steady leak: the pace is the fault's design, not a wait for an event
+            time.sleep(max(0.0, start + (off + n) / (rate * 2**20) - time.monotonic()))
     if not crossed:
         print("crossed never", flush=True)
-    return held
+    return buf
 
 
 def _disk_pct(path: str) -> float:
@@ -61,6 +90,7 @@ def _disk(mount: str, percent: float) -> None:
 
 if __name__ == "__main__":
     what, arg, pct = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    held = _memory(int(arg), pct) if what == "memory" else _disk(arg, pct)
+    rate = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+    held = _memory(int(arg), pct, rate) if what == "memory" else _disk(arg, pct)
     print("ready", flush=True)
     sys.stdin.read()

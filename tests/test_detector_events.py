@@ -8,6 +8,7 @@ import os
 import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,24 @@ def test_a_memory_events_change_wakes_its_detector_and_is_one_event(tmp_path: Pa
 def test_bad_cgroup_memory_tables_are_refused(table: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build_detectors([table], lambda *a, **k: "")
+
+
+def test_a_cpu_average_over_a_window_has_no_value_until_it_has_watched_that_long() -> None:
+    # A busy minute just after graced starts is not ten minutes of saturation: even with
+    # a threshold every host is above (0 %), the first samples are judged normal.
+    from graced.detectors.host import Cpu
+    from graced.detectors.scoring import Scorer
+
+    cfg = DetectorConfig(name="cpu", kind="cpu", window=600.0, threshold=0.0)
+    obs = Cpu(cfg).sample()[0]
+    assert obs.value is None and obs.detail["window_s"] == 600.0
+    assert 0 <= obs.detail["so_far"] <= 100 and obs.detail["watched_s"] < 600
+    assert not Scorer(cfg).judge(obs, 0.0).anomalous
+    # Once it has watched its window (here 0.3 s, sampled as it passes), it has a value.
+    short = Cpu(DetectorConfig(name="cpu", kind="cpu", window=0.3, threshold=0.0))
+    values = [short.sample()[0].value]
+    deadline = time.monotonic() + 5
+    while values[-1] is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # time passing is the state awaited: sampled as a detector would
+        values.append(short.sample()[0].value)
+    assert values[0] is None and values[-1] is not None and 0 <= values[-1] <= 100

@@ -28,11 +28,16 @@ class Swap(SimpleDetector):
 
 
 class Cpu(SimpleDetector):
-    """CPU busy %, averaged over ``window`` seconds: a saturated host, not a busy second."""
+    """CPU busy %, averaged over ``window`` seconds: a saturated host, not a busy second.
+
+    An average over the window needs the window: until the detector has watched that
+    long, a sample has no value (the average so far is in its detail), so a busy minute
+    just after graced starts is not ten minutes of saturation."""
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__(config)
         psutil.cpu_percent(interval=None)  # the first reading is meaningless
+        self._since = time.monotonic()
         self._recent: collections.deque[tuple[float, float]] = collections.deque()
 
     def sample(self) -> list[Observation]:
@@ -41,9 +46,12 @@ class Cpu(SimpleDetector):
         self._recent.append((now, pct))
         while self._recent and self._recent[0][0] < now - self.config.window:
             self._recent.popleft()
-        avg = sum(p for _, p in self._recent) / len(self._recent)
-        return [Observation(self.subject, round(avg, 2), "%",
-                            detail={"now": pct, "window_s": self.config.window})]
+        avg = round(sum(p for _, p in self._recent) / len(self._recent), 2)
+        detail = {"now": pct, "window_s": self.config.window}
+        if now - self._since < self.config.window:
+            return [Observation(self.subject, None, "%", detail={
+                **detail, "so_far": avg, "watched_s": round(now - self._since, 1)})]
+        return [Observation(self.subject, avg, "%", detail=detail)]
 
 
 class Load(SimpleDetector):
