@@ -326,9 +326,11 @@ match_cmdline = true
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline().strip() == "armed"
         time.sleep(random.random())
-        t0 = time.time()  # the hog starts allocating now: the fault's start
         proc.stdin.write("go\n")
         proc.stdin.flush()
+        word, stamp = proc.stdout.readline().split()
+        assert word == "start", word
+        t0 = float(stamp)  # the fault's start: the hog's first allocation (its stamp)
         both("memory", t0, run, proc, row)
         proc.stdin.close()
         proc.wait()

@@ -5,9 +5,9 @@
     python bench/fill.py disk MOUNTPOINT PERCENT
 
 memory: a runaway process. It maps MEGABYTES of anonymous memory, prints ``armed`` and
-waits for a line on stdin; then it has the kernel fill the mapping as fast as the kernel
-hands out pages (MADV_POPULATE_WRITE, Linux 5.14; else one byte written per page), 16 MB
-at a time, or at MB_PER_S (a leak that grows steadily). disk: writes 128 KB at a time to
+waits for a line on stdin; then it prints ``start TIMESTAMP`` and has the kernel fill the
+mapping as fast as it hands out pages (MADV_POPULATE_WRITE, Linux 5.14; else one byte
+written per page), 16 MB at a time, or at MB_PER_S (a leak that grows steadily). disk: writes 128 KB at a time to
 MOUNTPOINT/fill. After each step it reads the host's figure the way graced and Monit read
 it (memory: total minus MemAvailable, from /proc/meminfo; disk: used / (used + available),
 as df). Prints ``crossed TIMESTAMP`` (wall clock) once the figure first exceeds PERCENT,
@@ -48,6 +48,7 @@ def _memory(megabytes: int, percent: float, rate: float) -> mmap.mmap:
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     print("armed", flush=True)
     sys.stdin.readline()
+    print(f"start {time.time():.6f}", flush=True)  # the fault's start: its first page next
     start = time.monotonic()
     crossed = False
     for off in range(0, size, CHUNK):
