@@ -7,13 +7,13 @@
 memory: a runaway process. It maps MEGABYTES of anonymous memory, prints ``armed`` and
 waits for a line on stdin; then it prints ``start TIMESTAMP`` and has the kernel fill the
 mapping as fast as it hands out pages (MADV_POPULATE_WRITE, Linux 5.14; else one byte
-written per page), 16 MB at a time, or at MB_PER_S (a leak that grows steadily). disk: writes 128 KB at a time to
-MOUNTPOINT/fill. After each step it reads the host's figure the way graced and Monit read
-it (memory: total minus MemAvailable, from /proc/meminfo; disk: used / (used + available),
-as df). Prints ``crossed TIMESTAMP`` (wall clock) once the figure first exceeds PERCENT,
-then ``ready`` when the whole fault is in place, and holds it until stdin closes. The
-crossing is when a monitor could first see the fault: the time from it to an alarm is the
-monitor's own detection delay.
+written per page), 16 MB at a time, or at MB_PER_S (a leak that grows steadily). disk:
+writes 128 KB at a time to MOUNTPOINT/fill. After each step it reads the host's figure
+the way graced and Monit read it (memory: total minus MemAvailable, from /proc/meminfo;
+disk: used / (used + available), as df). Prints ``crossed TIMESTAMP`` (wall clock) once
+the figure first exceeds PERCENT, then ``ready`` when the whole fault is in place, and
+holds it until stdin closes. The crossing is when a monitor could first see the fault:
+the time from it to an alarm is the monitor's own detection delay.
 """
 
 from __future__ import annotations
