@@ -206,6 +206,8 @@ class Daemon:
             request_window=lambda: self.config.remediation.request_window,
             pinned=server.oldest_replay)
         api.retention = retention
+        reloader.listeners.append(
+            lambda new: retention.configure(new.journal.max_size, new.journal.max_age))
         server.handlers = api.handlers()
         server.roles = dict(ROLES)
         try:
