@@ -12,8 +12,9 @@ import trio
 from graced.protocol import ChainVerifier, ExitCode, Violation, key_id, parse_ts
 from graced.protocol.topics import compile_patterns
 from graced.protocol.verify import announced_interval, stale_limit
+from graced.protocol.wire import CLOSE_REVOKED
 
-from .client import Endpoint, connect
+from .client import Endpoint, closed_error, connect
 from .errors import RemoteError, Unreachable
 from .out import TAIL_OUTPUTS, kv, safe, stderr_note, when
 from .timespec import Point
@@ -227,12 +228,12 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
             graceful = (closed is not None and closed.code == 1001) if verifier is None else (
                 last_topic == "daemon.stopping"
             )
-        if verifier is not None and not graceful:
-            verifier.end()
+        revoked = closed is not None and closed.code == CLOSE_REVOKED
+        if verifier is not None and not graceful and not revoked:
+            verifier.end()  # cut short: what a tamperer dropping the tail would do
         printer.release()
         if not graceful:
-            why = f" ({closed.reason})" if closed and closed.reason else ""
-            raise Unreachable(f"connection to graced lost{why}")
+            raise closed_error(closed, "connection to graced lost")
         if not opts.follow:
             return 0
         note(f"graced is stopping; waiting up to {opts.reconnect_timeout:g} s for it to come "

@@ -39,6 +39,7 @@ from .protocol import CanonicalError, SignedEvent, Signer, canonical_text, forma
 from .protocol.canonical import json_safe
 from .protocol.topics import compile_patterns
 from .protocol.wire import (
+    CLOSE_REVOKED,
     Request,
     RequestError,
     error_response,
@@ -819,7 +820,7 @@ class Server:
                 continue
             role = self.authenticator.roles.get(kid)
             if RANK[role] < RANK[self.roles.get("subscribe", CONTROL)]:
-                client.drop(POLICY, f"key {kid} no longer has the read role "
+                client.drop(CLOSE_REVOKED, f"key {kid} no longer has the read role "
                                     "(the config was reloaded)")
                 closed += 1
         return closed
