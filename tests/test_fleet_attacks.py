@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Graced
-from tests.helpers.nats import NatsServer
+from tests.helpers.nats import one_host, status, wait_caught_up
 from tests.helpers.procs import LineCollector, poll_until
-from tests.test_fleet_e2e import Operator, assert_whole, fleet_section, status, wait_caught_up
+from tests.test_fleet_e2e import assert_whole
 
 
 def _nats(url: str, work: Any) -> Any:
@@ -41,13 +40,8 @@ def test_guessed_message_ids_a_purge_or_a_deleted_stream_silence_no_host(
     graced is told its events are "duplicates" of messages no longer held: it does not
     count them as sent, it sends them again, and says so in status and integration; a
     stream deleted under it is made again and the journal's history sent again."""
-    server = NatsServer(shortdir)
-    server.start()
-    op = Operator(shortdir, server.url)
-    (shortdir / "h").mkdir()
-    g = Graced(shortdir / "h", "integration_interval = 0.3\n" + fleet_section(server.url))
-    g.start()
-    try:
+    with one_host(shortdir, "integration_interval = 0.3\n") as site:
+        server, op, g = site.server, site.op, site.g
         daemon_id = op.pin(g)
         st = wait_caught_up(g)
         head = st["head_seq"]
@@ -98,9 +92,6 @@ def test_guessed_message_ids_a_purge_or_a_deleted_stream_silence_no_host(
         _nats(server.url, delete)
         assert g.ctl("emit", "user.after", "--count", "5").returncode == 0
         assert_whole(op, g, daemon_id)
-    finally:
-        g.close()
-        server.stop()
 
 
 def _forge_host(url: str, daemon_id: str, events: list[tuple[str, dict[str, Any]]],
@@ -135,13 +126,8 @@ def test_made_up_hosts_and_offered_keys_are_not_trusted(shortdir: Path) -> None:
     from graced.keys import parse_public_key
     from graced.protocol.signing import b64
 
-    server = NatsServer(shortdir)
-    server.start()
-    op = Operator(shortdir, server.url)
-    (shortdir / "h").mkdir()
-    g = Graced(shortdir / "h", fleet_section(server.url))
-    g.start()
-    try:
+    with one_host(shortdir) as site:
+        server, op, g = site.server, site.op, site.g
         daemon_id = str(json.loads(g.ctl("status", "--json", check=True).stdout)["daemon_id"])
         wait_caught_up(g)
         fake = str(uuid.uuid4())
@@ -190,9 +176,6 @@ def test_made_up_hosts_and_offered_keys_are_not_trusted(shortdir: Path) -> None:
         assert again.returncode == 10 and "2 different keys" in again.stderr, again.stderr
         pinned = json.loads((op.home / ".config" / "grace" / "known_keys.json").read_text())
         assert pinned[f"fleet:{daemon_id}"]["public_key"] == b64(own)
-    finally:
-        g.close()
-        server.stop()
 
 
 @pytest.mark.slow
@@ -208,13 +191,9 @@ def test_a_trusted_peer_cannot_overwrite_the_hosts_own_knowledge(shortdir: Path)
 
     peer = Signer(nacl.signing.SigningKey.generate())
     line = f"ed25519 {b64(peer.public_key)} {peer.kid}"
-    server = NatsServer(shortdir)
-    server.start()
-    (shortdir / "h").mkdir()
-    g = Graced(shortdir / "h", fleet_section(server.url, "knowledge_interval = 1\n"
-                                            f"knowledge_keys = {json.dumps([line])}\n"))
-    g.start()
-    try:
+    with one_host(shortdir, fleet="knowledge_interval = 1\n"
+                  f"knowledge_keys = {json.dumps([line])}\n") as site:
+        server, g = site.server, site.g
         own_id = status(g)["daemon_id"]
         poll_until(lambda: status(g)["fleet"]["knowledge"] is not None
                    and status(g)["fleet"]["connected"], 20, "the fleet connected")
@@ -263,9 +242,6 @@ def test_a_trusted_peer_cannot_overwrite_the_hosts_own_knowledge(shortdir: Path)
         poll_until(lambda: pk.parse_export(_nats(server.url, entry))[0]["source"] == own_id
                    and status(g)["fleet"]["knowledge"]["overwritten"] >= 1, 20,
                    "the host's export put back")
-    finally:
-        g.close()
-        server.stop()
 
 
 @pytest.mark.slow
@@ -276,59 +252,51 @@ def test_a_junk_replier_and_a_flood_of_unsigned_requests_do_not_stop_approvals(
     answer (here: no such mission, exit 5), within its 5 s timeout."""
     import threading
 
-    server = NatsServer(shortdir)
-    server.start()
-    op = Operator(shortdir, server.url)
-    operator_key = op.signing_key()
-    (shortdir / "h").mkdir()
-    g = Graced(shortdir / "h", fleet_section(server.url)
-               + f'\n[remediation]\ncontrol_keys = ["{operator_key}"]\n')
-    g.start()
     stop = threading.Event()
     ready = threading.Event()
-    try:
-        daemon_id = op.pin(g)
-        wait_caught_up(g)
-        subject = f"grace-rpc.{daemon_id}"
+    with one_host(shortdir, control=True) as site:
+        server, op, g = site.server, site.op, site.g
+        try:
+            daemon_id = op.pin(g)
+            wait_caught_up(g)
+            subject = f"grace-rpc.{daemon_id}"
 
-        def replier() -> None:
-            import nats
+            def replier() -> None:
+                import nats
 
-            async def go() -> None:
-                nc = await nats.connect(server.url)
+                async def go() -> None:
+                    nc = await nats.connect(server.url)
 
-                async def junk(msg: Any) -> None:
-                    if msg.reply:
-                        await msg.respond(b'{"id":1,"ok":true,"result":{},"type":"response"}')
+                    async def junk(msg: Any) -> None:
+                        if msg.reply:
+                            await msg.respond(b'{"id":1,"ok":true,"result":{},"type":"response"}')
 
-                await nc.subscribe(subject, cb=junk)
+                    await nc.subscribe(subject, cb=junk)
+                    await nc.flush()
+                    ready.set()
+                    await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+                    await nc.close()
+
+                asyncio.run(go())
+
+            thread = threading.Thread(target=replier, daemon=True)
+            thread.start()
+            assert ready.wait(10)
+            res = op.fleet("approve", daemon_id, "999", "--yes")
+            assert res.returncode == 5 and "999" in res.stderr, res.stderr
+
+            async def flood(nc: Any, js: Any) -> None:
+                body = json.dumps({"id": 1, "nonce": "n" * 32, "method": "missions.approve",
+                                   "params": {"id": 999, "opened": 1.0}}).encode()
+                for _ in range(30_000):
+                    await nc.publish(subject, body, reply="flood.inbox")
                 await nc.flush()
-                ready.set()
-                await asyncio.get_running_loop().run_in_executor(None, stop.wait)
-                await nc.close()
 
-            asyncio.run(go())
-
-        thread = threading.Thread(target=replier, daemon=True)
-        thread.start()
-        assert ready.wait(10)
-        res = op.fleet("approve", daemon_id, "999", "--yes")
-        assert res.returncode == 5 and "999" in res.stderr, res.stderr
-
-        async def flood(nc: Any, js: Any) -> None:
-            body = json.dumps({"id": 1, "nonce": "n" * 32, "method": "missions.approve",
-                               "params": {"id": 999, "opened": 1.0}}).encode()
-            for _ in range(30_000):
-                await nc.publish(subject, body, reply="flood.inbox")
-            await nc.flush()
-
-        _nats(server.url, flood)
-        started = time.monotonic()
-        res = op.fleet("approve", daemon_id, "999", "--yes")
-        assert res.returncode == 5 and "999" in res.stderr, res.stderr
-        assert time.monotonic() - started < 5.0
-        assert status(g)["fleet"]["requests_dropped"] > 1000
-    finally:
-        stop.set()
-        g.close()
-        server.stop()
+            _nats(server.url, flood)
+            started = time.monotonic()
+            res = op.fleet("approve", daemon_id, "999", "--yes")
+            assert res.returncode == 5 and "999" in res.stderr, res.stderr
+            assert time.monotonic() - started < 5.0
+            assert status(g)["fleet"]["requests_dropped"] > 1000
+        finally:
+            stop.set()
