@@ -196,6 +196,7 @@ class Daemon:
             forwarder = make_forwarder(cfg.fleet, daemon_id=self.daemon_id, mesh=mesh,
                                        journal_path=journal.path,
                                        acked=meta.get("fleet_acked"), answer=server.answer,
+                                       screen=server.authenticator.screen,
                                        hostname=self.hostname, signer=signer,
                                        learning=learning, knowledge_lock=api.knowledge_lock)
             api.fleet = self.fleet = forwarder

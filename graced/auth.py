@@ -80,6 +80,18 @@ class Authenticator:
 
     def verify(self, req: Request) -> tuple[str, str]:
         """``(kid, role)`` of a signed request; raises :class:`AuthError`."""
+        kid = self.screen(req)
+        nonce_key = f"{kid}:{req.nonce}"
+        if nonce_key in self._nonces:
+            raise AuthError("replayed request: its nonce was used before")
+        self._remember(nonce_key, self.clock())
+        return kid, self.roles[kid]
+
+    def screen(self, req: Request) -> str:
+        """The signer's kid if the signed request passes every check but its nonce's
+        (a key with a role, this daemon, signature, freshness); raises
+        :class:`AuthError`. Changes nothing, so any thread may call it: the fleet's
+        NATS thread screens requests with it before they wait for trio."""
         auth = req.auth
         assert auth is not None
         kid = auth["kid"]
@@ -99,11 +111,7 @@ class Authenticator:
         if abs(skew) > self.window:
             raise AuthError(f"stale request: its timestamp is {skew:.0f} s off "
                             f"(window {self.window:g} s)")
-        nonce_key = f"{kid}:{req.nonce}"
-        if nonce_key in self._nonces:
-            raise AuthError("replayed request: its nonce was used before")
-        self._remember(nonce_key, now)
-        return kid, self.roles[kid]
+        return str(kid)
 
     def _remember(self, nonce_key: str, now: float) -> None:
         """Keep nonces while a request carrying them could still be fresh; no longer."""

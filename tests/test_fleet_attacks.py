@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import time
 import uuid
@@ -300,3 +301,77 @@ def test_a_junk_replier_and_a_flood_of_unsigned_requests_do_not_stop_approvals(
             assert status(g)["fleet"]["requests_dropped"] > 1000
         finally:
             stop.set()
+
+
+@pytest.mark.slow
+def test_a_real_approval_gets_through_a_flood_of_forged_signed_requests(
+        shortdir: Path) -> None:
+    """While someone floods grace-rpc.<id> with 150,000 approvals that name the operator's
+    real key, this daemon and the time now (fresh nonces; only the signature is not the
+    key's), the operator's real fleet approve, sent a quarter of the way in, is answered
+    and runs the playbook: within 10 s of the flood's end (before the screening and
+    gracectl's resending it was dropped: the forged ones filled the queue for signed
+    requests)."""
+    import base64
+    import secrets
+    import threading
+
+    import nacl.signing
+
+    from tests.test_missions_e2e import MISSIONS, Watch
+    from tests.test_remediation_e2e import (
+        kill_all,
+        process_detector,
+        restart_playbook,
+        start_sleeper,
+    )
+
+    marker = f"grace-flood-{os.getpid()}"
+    start_sleeper(marker)
+    with one_host(shortdir, control=True, detectors=process_detector(marker)
+                  + restart_playbook(marker, "high") + MISSIONS.format(flap=0)) as site:
+        server, op, g = site.server, site.op, site.g
+        try:
+            assert site.operator_key is not None
+            kid = site.operator_key.split()[-1]
+            daemon_id = op.pin(g)
+            w = Watch(g)
+            kill_all(marker)  # a real fault: the worker dies, a high-risk mission waits
+            mid = w.wait("mission.awaiting_approval", "worker", 30)["payload"]["id"]
+            wait_caught_up(g)
+            # A well-formed signature by another key (random bytes would be refused by
+            # libsodium before the costly part): only the whole check tells them apart.
+            sig = base64.b64encode(nacl.signing.SigningKey.generate().sign(b"x")
+                                   .signature).decode()
+            forged = [json.dumps({
+                "id": 1, "nonce": secrets.token_hex(16), "method": "missions.approve",
+                "params": {"id": mid, "opened": 1.0},
+                "auth": {"kid": kid, "ts": time.time(), "daemon": daemon_id,
+                         "sig": sig},
+            }).encode() for _ in range(150_000)]
+            quarter = threading.Event()
+            flooded: list[float] = []
+
+            async def flood(nc: Any, js: Any) -> None:
+                for i, body in enumerate(forged):
+                    await nc.publish(f"grace-rpc.{daemon_id}", body, reply="flood.inbox")
+                    if i == len(forged) // 4:
+                        await nc.flush()
+                        quarter.set()
+                await nc.flush()
+                flooded.append(time.monotonic())
+
+            flooder = threading.Thread(target=_nats, args=(server.url, flood), daemon=True)
+            flooder.start()
+            assert quarter.wait(30)
+            res = op.fleet("--timeout", "30", "approve", daemon_id, str(mid), "--yes")
+            answered = time.monotonic()
+            flooder.join(60)
+            assert res.returncode == 0, res.stderr
+            assert flooded and answered - flooded[0] < 10.0, answered - flooded[0]
+            w.wait("mission.resolved", "worker", 60)
+            w.close()
+            fl = status(g)["fleet"]
+            assert fl["requests_dropped"] > 1000, fl  # the forged ones, never queued
+        finally:
+            kill_all(marker)

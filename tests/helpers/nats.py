@@ -217,11 +217,12 @@ class OneHost:
 
 
 @contextmanager
-def one_host(base: Path, config: str = "", fleet: str = "",
-             control: bool = False) -> Iterator[OneHost]:
-    """A nats-server and a graced (``config`` added to its graced.toml, ``fleet`` to its
-    ``[fleet]``) started; with ``control``, the operator's signing key made first and
-    put in graced's ``[remediation] control_keys``. Both stopped at the end."""
+def one_host(base: Path, config: str = "", fleet: str = "", control: bool = False,
+             detectors: str = "") -> Iterator[OneHost]:
+    """A nats-server and a graced (``config`` added to its graced.toml's ``[daemon]``,
+    ``fleet`` to its ``[fleet]``, ``detectors`` (detectors, playbooks, other tables)
+    last) started; with ``control``, the operator's signing key made first and put in
+    graced's ``[remediation] control_keys``. Both stopped at the end."""
     server = NatsServer(base)
     server.start()
     try:
@@ -230,7 +231,7 @@ def one_host(base: Path, config: str = "", fleet: str = "",
         if key is not None:
             config += f'\n[remediation]\ncontrol_keys = ["{key}"]\n'
         (base / "h").mkdir()
-        g = Graced(base / "h", config + fleet_section(server.url, fleet))
+        g = Graced(base / "h", config + fleet_section(server.url, fleet), detectors=detectors)
         g.start()
         try:
             yield OneHost(server, op, g, key)
