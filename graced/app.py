@@ -47,7 +47,7 @@ from .protocol import Signer
 from .readers import SharedReader
 from .reload import ConfigRejected, Reloader, removed_reason
 from .retention import Retention, checkpoint_payload
-from .safefiles import check_private_dir, write_new
+from .safefiles import check_dir_chain, check_private_dir, make_dirs, write_new
 from .silences import Silences
 from .wire import Budget, Server, certificate_names, tls_context
 
@@ -55,8 +55,14 @@ log = logging.getLogger("graced")
 
 
 def _prepare_state_dir(path: Path) -> None:
+    # The directories above it first: nothing is made inside one another user may swap.
+    problem = check_dir_chain(path.parent)
+    if problem:
+        raise StateError(f"state dir {path}: {problem}: refusing it (every directory above "
+                         "it must belong to this user or root and be writable by no one "
+                         "else, sticky ones such as /tmp aside)")
     try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(path, 0o700)
     except OSError as exc:
         raise StateError(f"cannot create state dir {path}: {exc.strerror}") from None
     problem = check_private_dir(path)
