@@ -244,7 +244,11 @@ class _Keys(dict[str, bytes | None]):
 
 
 def _load(ctx: click.Context, subject: str) -> tuple[FleetView, Nats]:
-    obj = ctx.find_object(dict) or {}
+    return _load_from(ctx.find_object(dict) or {}, subject)
+
+
+def _load_from(obj: dict[str, Any], subject: str) -> tuple[FleetView, Nats]:
+    """The fleet view of every message on ``subject``, settled, and the connection."""
     nats = Nats(obj["nats"], obj.get("creds"), obj["timeout"])
     nats.connect()
     view = FleetView(_Keys())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -41,6 +42,7 @@ from tests.test_remediation_e2e import (
     restart_playbook,
     start_sleeper,
 )
+from tests.test_top_e2e import Terminal
 
 
 @pytest.mark.slow
@@ -147,6 +149,24 @@ def test_three_hosts_one_view_fault_approval_and_forgery(shortdir: Path) -> None
         assert {m["id"] for m in missions} == {mid}  # the same id on every host
         only = op.fleet_json("missions", "ls", "--host", ids[0])
         assert [m["daemon_id"] for m in only] == [ids[0]]
+        # The fleet's Mission Control: every host up, the three approvals waiting; live
+        # on a real terminal too (tmux), where q quits.
+        frame = op.ctl("top", "--fleet", "--once")
+        assert frame.returncode == 0, frame.stderr
+        assert "3 hosts: 3 up" in frame.stdout, frame.stdout
+        assert "3 open missions, 3 awaiting approval" in frame.stdout, frame.stdout
+        if shutil.which("tmux"):
+            env = {k: v for k, v in op.env.items()
+                   if k in ("HOME", "XDG_CONFIG_HOME", "GRACE_NATS", "PATH")}
+            live = Terminal([op.ctl_argv0(), "top", "--fleet"],
+                            {**env, "LANG": "C.UTF-8", "TERM": "screen-256color"}, 120, 30)
+            try:
+                live.wait_for(lambda text: "3 awaiting approval" in text
+                              and " q quit" in text, 30)
+                live.keys("q")
+                live.wait_for(lambda text: "TOP EXITED rc=0" in text, 15)
+            finally:
+                live.close()
 
         # The plan can be reviewed from the fleet, as on the host (its steps' argv whole),
         # and without a terminal to review it on, an approval must name it.
