@@ -253,7 +253,7 @@ class StallingRelay:
         self.port = self.listener.getsockname()[1]
         self.stalled = threading.Event()  # set when the stall begins
         self._down = 0
-        self._stop = False
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -264,7 +264,7 @@ class StallingRelay:
     def _run(self) -> None:
         sel = selectors.DefaultSelector()
         sel.register(self.listener, selectors.EVENT_READ, None)
-        while not self._stop:
+        while not self._stop.is_set():
             for key, _ in sel.select(0.2):
                 if key.data is None:
                     client, _ = self.listener.accept()
@@ -291,10 +291,10 @@ class StallingRelay:
                     self._down += len(data)
                     if self._down >= self.after and not self.stalled.is_set():
                         self.stalled.set()
-                        time.sleep(self.stall)  # nothing is read or sent meanwhile
+                        self._stop.wait(self.stall)  # nothing is read or sent meanwhile
         sel.close()
 
     def close(self) -> None:
-        self._stop = True
+        self._stop.set()
         self._thread.join(5)
         self.listener.close()
