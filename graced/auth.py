@@ -150,6 +150,37 @@ class LogBudget:
         return False
 
 
+class PerKeyBudget:
+    """At most ``burst`` events per key (a uid, an address) per ``period`` seconds; the
+    rest are counted, and the count handed to the next one allowed. At most ``keys``
+    keys are tracked at once (the oldest window is forgotten first)."""
+
+    def __init__(self, burst: int = LOG_BURST, period: float = LOG_PERIOD,
+                 clock: Callable[[], float] = time.monotonic, keys: int = 4096) -> None:
+        self.burst, self.period, self.clock, self.max_keys = burst, period, clock, keys
+        # key -> [window start, taken in the window, not taken since the last taken]
+        self._windows: OrderedDict[Any, list[float]] = OrderedDict()
+
+    def take(self, key: Any) -> int | None:
+        """None when ``key`` is over its budget (counted); else how many were refused
+        for it since the last one taken (0 usually)."""
+        now = self.clock()
+        w = self._windows.get(key)
+        if w is None or now - w[0] >= self.period:
+            skipped = int(w[2]) if w is not None else 0
+            w = [now, 0.0, float(skipped)]
+            self._windows[key] = w
+            self._windows.move_to_end(key)
+            while len(self._windows) > self.max_keys:
+                self._windows.popitem(last=False)
+        if w[1] >= self.burst:
+            w[2] += 1
+            return None
+        w[1] += 1
+        skipped, w[2] = int(w[2]), 0.0
+        return skipped
+
+
 class Refusals:
     """Counts refused requests and logs them without letting a flood fill the log."""
 
