@@ -23,7 +23,8 @@ thread; graced only lags, and ``status`` says by how much (:meth:`Forwarder.stat
 Requests by NATS (``grace-rpc.<daemon-id>``, request/reply) are handed to the wire's
 :meth:`graced.wire.Server.answer`: the same parsing, signature and role checks as a
 request read from a TCP client. Anyone on NATS may send them, so they are screened
-before trio sees them, here on the asyncio thread: the subscription holds at most
+before trio sees them, here on the asyncio thread, one between two turns of its other
+tasks (reading the socket, forwarding): the subscription holds at most
 ``RPC_PENDING_MSGS`` (nats-py drops the rest); a request whose signature verifies with a
 key that has a role, bound to this daemon and fresh (the wire's own checks but the
 nonce's, :meth:`graced.auth.Authenticator.screen`) is served ``MAX_RPC`` at a time with
@@ -78,7 +79,6 @@ ALERT_FOR = 300.0  # seconds the fleet component stays "failing" after a refused
 # Signed requests screened in, remembered (kid:nonce) to know a resend: at most this many,
 # for at most this long (a client resends while it waits, a few seconds).
 MAX_ADMITTED, ADMITTED_FOR = 4096, 300.0
-YIELD_EVERY = 1  # requests screened between two turns of the loop's other tasks
 
 
 def connect_options(cfg: FleetConfig, name: str) -> dict[str, Any]:
@@ -146,7 +146,6 @@ class Forwarder:
         self.rpc_dropped = 0
         self.rpc_resent = 0
         self._admitted: OrderedDict[str, float] = OrderedDict()  # kid:nonce -> when
-        self._screened = 0
         self.overwritten = 0  # times this host's knowledge entry was found overwritten
         self._shared: bytes | None = None  # the export last put in the bucket
         self._reshare = asyncio.Event()
@@ -566,11 +565,10 @@ class Forwarder:
     async def _on_rpc(self, slots: asyncio.Semaphore, msg: Any) -> None:
         """One request by NATS, as nats-py delivers them (one at a time): screened, then
         dropped or answered in a task of its own."""
-        self._screened += 1
-        if self._screened % YIELD_EVERY == 0:
-            # nats-py hands over a full queue without a pause: let the loop read the
-            # socket and forward events meanwhile.
-            await asyncio.sleep(0)
+        # nats-py hands over a full queue without a pause: one request, then the loop's
+        # other tasks (reading the socket, forwarding), so a flood is read as fast as it
+        # comes and what finds the queue full is dropped there, unscreened.
+        await asyncio.sleep(0)
         if not msg.reply or len(msg.data) > MAX_RPC_BYTES:
             self.rpc_dropped += 1
             return
@@ -606,8 +604,8 @@ class Forwarder:
             if req.auth is None:
                 return None
             return f"{self.screen(req)}:{req.nonce}"
-        except (UnicodeDecodeError, RequestError, AuthError):
-            return None
+        except (UnicodeDecodeError, RequestError, AuthError, ValueError, TypeError):
+            return None  # the wire says why, if this one is answered
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
