@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -440,19 +441,54 @@ def knowledge_import(ctx: click.Context, file: str, key_file: str | None, replac
 
 
 @knowledge.command("reset")
-@click.argument("target", metavar="PLAYBOOK|PATTERN")
+@click.argument("target", metavar="PLAYBOOK|PATTERN", required=False)
+@click.option("--source", metavar="DAEMON_ID",
+              help="Forget an imported source instead: its records, its pinned key and "
+                   "its last export time (an approver, as for knowledge import).")
 @json_option
 @click.pass_context
-def knowledge_reset(ctx: click.Context, target: str, as_json: bool) -> None:
+def knowledge_reset(ctx: click.Context, target: str | None, source: str | None,
+                    as_json: bool) -> None:
     """Forget what was learned about a playbook (everywhere) or a pattern (DETECTOR:SUBJECT).
 
     Undoes damage: a demoted playbook is tried again. Needs control rights; recorded as a
-    signed learning.reset event."""
-    result = perform(lambda: call(endpoint_of(ctx), "knowledge.reset", {"target": target}))
+    signed learning.reset event. An imported source's pinned key and last export time
+    are kept (an older export or another key is still refused); --source DAEMON_ID
+    forgets them with its records and frees its place (knowledge sources lists them)."""
+    if (target is None) == (source is None):
+        raise click.UsageError("name a PLAYBOOK|PATTERN or --source DAEMON_ID (one of them)")
+    params = {"target": target} if source is None else {"source": source}
+    result = perform(lambda: call(endpoint_of(ctx), "knowledge.reset", params))
     if as_json:
         print_json(result)
+    elif source is not None:
+        stderr_note(f"forgot source {source}: {result['records']} records and its pinned "
+                    f"key {result['kid']}")
     else:
         stderr_note(f"reset {target}: {result['records']} records forgotten")
+
+
+@knowledge.command("sources")
+@json_option
+@click.pass_context
+def knowledge_sources(ctx: click.Context, as_json: bool) -> None:
+    """List the daemons whose knowledge was imported: pinned key, last export, records."""
+    result = perform(lambda: call(endpoint_of(ctx), "knowledge.sources", {}))
+    if as_json:
+        print_json(result)
+        return
+    now = time.time()
+    if result["loading"]:
+        stderr_note("imported knowledge is still loading: records shown may grow")
+    if not result["sources"]:
+        stderr_note("no knowledge imported")
+        return
+    out.echo(out.table([[s["source"], s["host"] or "-", s["kid"], s["records"],
+                         out.age(now - s["exported_at"]) + " ago"]
+                        for s in result["sources"]],
+                       headers=["SOURCE", "HOST", "KEY", "RECORDS", "EXPORTED"]))
+    stderr_note(f"{result['held']} of at most {result['max_sources']} sources hold records; "
+                f"{len(result['sources'])} of at most {result['max_pinned']} keys pinned")
 
 
 @knowledge.command("stats")

@@ -22,7 +22,7 @@ import psutil
 import trio
 
 from . import __version__, keys
-from .auth import CONTROL, READ, PerKeyBudget
+from .auth import CONTROL, READ
 from .config import Config
 from .detectors.runner import DetectorRunner
 from .executor import AUTO_RISKS, Executor, PlanChanged
@@ -47,7 +47,6 @@ log = logging.getLogger("graced.api")
 
 MAX_EMIT = 10_000_000
 MAX_COMMENT = 1024  # bytes of UTF-8: a comment is journaled with the decision
-REFUSALS_JOURNALED = 10  # a local user's refused decisions journaled per minute, per uid
 
 # The role a TCP client's signed request needs for each method (None: anyone).
 # Over the Unix socket the peer's uid decides (see the handlers and graced.wire).
@@ -56,7 +55,7 @@ ROLES: dict[str, str | None] = {
     "status": READ, "subscribe": READ, "keys": READ, "checkpoint": READ, "missions.list": READ,
     "missions.get": READ, "missions.similar": READ, "detectors": READ,
     "knowledge.list": READ, "knowledge.show": READ, "knowledge.export": READ,
-    "knowledge.stats": READ,
+    "knowledge.stats": READ, "knowledge.sources": READ,
     "missions.approve": CONTROL, "missions.reject": CONTROL, "pause": CONTROL,
     "resume": CONTROL, "emit": CONTROL, "knowledge.import": CONTROL, "reload": CONTROL,
     "knowledge.upload": CONTROL,
@@ -99,7 +98,6 @@ class Api:
         self.integration: dict[str, dict[str, Any]] = {}
         self.fleet: Any = None  # graced.fleet.Forwarder when [fleet] url is set
         self.retention: Retention | None = None
-        self._refusals_journaled = PerKeyBudget(REFUSALS_JOURNALED, 60.0)
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -132,6 +130,7 @@ class Api:
             "knowledge.import": self.knowledge_import,
             "knowledge.upload": self.knowledge_upload,
             "knowledge.stats": self.knowledge_stats,
+            "knowledge.sources": self.knowledge_sources,
             "knowledge.reset": self.knowledge_reset,
             "pause": self.pause,
             "resume": self.resume,
@@ -237,10 +236,12 @@ class Api:
                 "detectors_total": len(self.runner.status), "degraded": degraded}
 
     async def _learning_summary(self) -> dict[str, Any] | None:
-        st = await self.learning.stats(time.time(), weeks=1, days=1)
+        st = await self.learning.stats(time.time(), weeks=1, days=0)
+        knowledge = self.learning.knowledge
         return {**{k: st[k] for k in ("strategy", "patterns", "outcomes", "playbook_runs",
                                       "success_rate", "success_rate_7d", "consulted_share")},
-                "quarantined": self.quarantine}
+                "quarantined": self.quarantine, "sources": knowledge.held_sources(),
+                "pinned": len(knowledge.sources), "loading": knowledge.loading}
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         """Run a read query on the handlers' connection, in a worker thread."""
@@ -438,7 +439,7 @@ class Api:
 
         def check() -> tuple[dict[str, Any], list[dict[str, Any]]]:
             try:
-                data, patterns = pk.parse_export(raw)
+                data, patterns = pk.parse_export(raw, time.time())
             except ValueError as exc:
                 raise RequestError("invalid", str(exc)) from None
             try:
@@ -542,7 +543,16 @@ class Api:
                 c["note"] = "no local detector reports this subject"
 
     async def knowledge_reset(self, client: Client, req: Request) -> Any:
-        """Forget what was learned about a pattern or a playbook (control rights)."""
+        """Forget what was learned about a pattern or a playbook (control rights), or
+        forget an imported source: its records, pinned key and export time
+        (params.source; an approver, as for an import)."""
+        source = req.params.get("source")
+        if source is not None:
+            self._may_import(client)
+            if not isinstance(source, str) or not source or len(source) > 200:
+                raise RequestError("bad_request", "params.source must be a daemon id")
+            async with self._knowledge_lock:
+                return await self._forget(client, source)
         if not client.can_control():
             raise RequestError("not_authorised", f"knowledge reset needs root or uid "
                                f"{os.geteuid()} over the Unix socket")
@@ -550,11 +560,12 @@ class Api:
         if not isinstance(target, str) or not target or len(target) > 2001:
             raise RequestError("bad_request", "params.target must be a pattern "
                                "(DETECTOR:SUBJECT) or a playbook name")
-        known = self.learning.knowledge.patterns
-        if target not in known and not any(target in pbs for pbs in known.values()):
-            raise RequestError("not_found", f"no pattern or playbook {target!r} in knowledge")
-        kind = "pattern" if target in known else "playbook"
-        async with self._knowledge_lock:
+        async with self._knowledge_lock:  # imported records load after start under it
+            known = self.learning.knowledge.patterns
+            if target not in known and not any(target in pbs for pbs in known.values()):
+                raise RequestError("not_found", f"no pattern or playbook {target!r} in "
+                                   "knowledge")
+            kind = "pattern" if target in known else "playbook"
             return await self._reset(client, target, kind)
 
     async def _reset(self, client: Client, target: str, kind: str) -> Any:
@@ -563,6 +574,26 @@ class Api:
             "target": target, "kind": kind, "records": removed,
             "by_uid": client.peer.uid}, writes=writes)
         return {"target": target, "records": removed}
+
+    async def _forget(self, client: Client, source: str) -> Any:
+        knowledge = self.learning.knowledge
+        meta = knowledge.sources.get(source)
+        if meta is None:
+            raise RequestError("not_found", f"no imported source {source!r} in knowledge "
+                               "(gracectl knowledge sources lists them)")
+        writes, removed = knowledge.forget_source(source)
+        await self.mesh.publish("learning.reset", {
+            "target": source, "kind": "source", "records": removed, "host": meta["host"],
+            "kid": meta["kid"], "exported_at": meta["exported_at"],
+            "by_uid": client.peer.uid}, writes=writes)
+        return {"target": source, "records": removed, "kid": meta["kid"]}
+
+    async def knowledge_sources(self, client: Client, req: Request) -> Any:
+        """The imported sources remembered: pinned key, last export time, records."""
+        knowledge = self.learning.knowledge
+        return {"sources": knowledge.source_list(), "held": knowledge.held_sources(),
+                "max_sources": pk.MAX_SOURCES, "max_pinned": pk.MAX_PINNED,
+                "loading": knowledge.loading}
 
     async def knowledge_stats(self, client: Client, req: Request) -> Any:
         return await self.learning.stats(time.time())
@@ -585,7 +616,7 @@ class Api:
             if peer.transport != "unix":  # the wire admits no unsigned decision over TCP
                 raise RequestError("not_authorised", f"{verb} over TCP must be signed")
             if not self.executor.may_approve(peer.uid, peer.groups):
-                await self._refuse(client, req, mid, verb, (
+                await self._refuse(mid, verb, peer.describe(), (
                     f"uid {peer.uid} may not {verb} missions (allowed: root, uid "
                     f"{os.geteuid()}, [remediation] approvers and approver_groups)"))
             try:
@@ -644,25 +675,10 @@ class Api:
                 f"the plan runs as approved (--even-if-clearing)")}
         return {"mission": m.public()}
 
-    async def _refuse(self, client: Client, req: Request, mid: int, verb: str,
-                      reason: str) -> None:
-        """Refuse a local user's decision. Journaled (that user is known by uid), but only
-        for a mission that is active, and at most REFUSALS_JOURNALED a minute per uid,
-        the next one journaled carrying how many were not: anyone may open the socket,
-        and an unbounded stream of refusals would have retention prune every event
-        worth keeping. The rest are counted and logged (rate-limited), as refusals of
-        unauthenticated requests are."""
-        peer = client.peer
-        skipped = (self._refusals_journaled.take(peer.uid)
-                   if self.executor.engine.by_id(mid) is not None else None)
-        if skipped is None:
-            self.server.refusals.refuse(peer.describe(), req.method, reason)
-            raise RequestError("not_authorised", reason)
-        payload: dict[str, Any] = {"mission": mid, "decision": verb,
-                                   "peer": peer.describe(), "reason": reason}
-        if skipped:
-            payload["not_journaled"] = skipped
-        await self.mesh.publish("mission.approval_refused", payload)
+    async def _refuse(self, mid: int, verb: str, peer: str, reason: str) -> None:
+        """Refuse a local user's decision; journaled: that user is known by uid."""
+        await self.mesh.publish("mission.approval_refused", {
+            "mission": mid, "decision": verb, "peer": peer, "reason": reason})
         raise RequestError("not_authorised", reason)
 
     async def _fresh_nonce(self, client: Client, req: Request,
@@ -774,13 +790,9 @@ class Api:
         if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool)
                                  or not 0 < rate <= 1e6):
             raise RequestError("bad_request", "params.rate must be a number of events/s or null")
-        # A signed emit's nonce is kept durably, with its first event, as an approval's
-        # is: replayed after a restart (when the memory of nonces is gone) it is refused.
-        nonce = ([] if req.kid is None or client.can_control()
-                 else await self._fresh_nonce(client, req, "emit"))
         if count == 1:
             try:
-                ev = await self.mesh.publish(topic, payload, writes=nonce)
+                ev = await self.mesh.publish(topic, payload)
             except (ValueError, TypeError) as exc:
                 raise RequestError("bad_request", f"payload is not JSON-safe: {exc}") from None
             assert ev is not None
@@ -791,25 +803,18 @@ class Api:
             canonical_bytes(payload)
         except (ValueError, TypeError) as exc:
             raise RequestError("bad_request", f"payload is not JSON-safe: {exc}") from None
-        first = 0
-        if nonce:
-            # The first event carries the nonce, committed before the rest is queued.
-            await self.mesh.publish(topic, {"i": 0, **_as_dict(payload)}, writes=nonce)
-            first = 1
         if p.get("wait", True) is False:
-            self.server.spawn(self._emit_many, topic, payload, count, rate, first)
+            self.server.spawn(self._emit_many, topic, payload, count, rate)
             return {"queued": count, "rate": rate}
-        last = await self._emit_many(topic, payload, count, rate, first)
+        last = await self._emit_many(topic, payload, count, rate)
         return {"count": count, "last_seq": last}
 
-    async def _emit_many(self, topic: str, payload: Any, count: int, rate: float | None,
-                         first: int = 0) -> int:
-        """Publish events ``first..count-1`` of ``count`` (paced at ``rate``/s if given);
-        returns the last seq."""
+    async def _emit_many(self, topic: str, payload: Any, count: int, rate: float | None) -> int:
+        """Publish ``count`` events (paced at ``rate``/s if given); returns the last seq."""
         mesh = self.mesh
         body = _as_dict(payload)
         start = trio.current_time()
-        for i in range(first, count - 1):
+        for i in range(count - 1):
             if rate is not None:
                 await trio.sleep_until(start + i / rate)
             elif i % 256 == 0:

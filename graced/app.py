@@ -47,7 +47,7 @@ from .protocol import Signer
 from .readers import SharedReader
 from .reload import ConfigRejected, Reloader, removed_reason
 from .retention import Retention, checkpoint_payload
-from .safefiles import check_dir_chain, check_private_dir, make_dirs, write_new
+from .safefiles import check_private_dir, write_new
 from .silences import Silences
 from .wire import Budget, Server, certificate_names, tls_context
 
@@ -55,14 +55,8 @@ log = logging.getLogger("graced")
 
 
 def _prepare_state_dir(path: Path) -> None:
-    # The directories above it first: nothing is made inside one another user may swap.
-    problem = check_dir_chain(path.parent)
-    if problem:
-        raise StateError(f"state dir {path}: {problem}: refusing it (every directory above "
-                         "it must belong to this user or root and be writable by no one "
-                         "else, sticky ones such as /tmp aside)")
     try:
-        make_dirs(path, 0o700)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise StateError(f"cannot create state dir {path}: {exc.strerror}") from None
     problem = check_private_dir(path)
@@ -202,7 +196,6 @@ class Daemon:
             forwarder = make_forwarder(cfg.fleet, daemon_id=self.daemon_id, mesh=mesh,
                                        journal_path=journal.path,
                                        acked=meta.get("fleet_acked"), answer=server.answer,
-                                       screen=server.authenticator.screen,
                                        hostname=self.hostname, signer=signer,
                                        learning=learning, knowledge_lock=api.knowledge_lock)
             api.fleet = self.fleet = forwarder
@@ -213,8 +206,6 @@ class Daemon:
             request_window=lambda: self.config.remediation.request_window,
             pinned=server.oldest_replay)
         api.retention = retention
-        reloader.listeners.append(
-            lambda new: retention.configure(new.journal.max_size, new.journal.max_age))
         server.handlers = api.handlers()
         server.roles = dict(ROLES)
         try:
@@ -228,6 +219,7 @@ class Daemon:
                                                     "public_key": keys.format_public_key(
                                                         signer.public_key).split()[1]})
                     await mesh.publish("daemon.started", api.identity())
+                    nursery.start_soon(self._load_imported, api, mesh, journal.path)
                     await nursery.start(executor.run)
                     await nursery.start(runner.run)
                     monitor = IntegrationMonitor(
@@ -275,44 +267,59 @@ class Daemon:
         log.info("stopped cleanly at seq %d", mesh.delivered_seq)
 
     def _load_knowledge(self, journal: Journal) -> kb.Knowledge:
-        """Load the patterns; rows out of bounds are moved to ``patterns_quarantine``,
-        logged and counted in ``status``, never used."""
-        sources = journal.query("SELECT value FROM meta WHERE key = ?", (kb.SOURCES_KEY,))
-        # Read on a connection of its own that decodes any bytes: a row whose text is
-        # not UTF-8 is quarantined like any other bad row, never fatal. Each row ends
-        # with its rowid, by which it is moved aside.
-        conn = sqlite3.connect(f"file:{journal.path}?mode=ro", uri=True)
-        try:
-            conn.text_factory = lambda b: b.decode("utf-8", "surrogateescape")
-            rows = conn.execute(kb.SELECT.replace("SELECT ", "SELECT rowid, ", 1)).fetchall()
-        finally:
-            conn.close()
-        knowledge = kb.Knowledge([(*r[1:], r[0]) for r in rows],
+        """Load this host's own patterns (the imported ones: :meth:`_load_imported`, once
+        graced serves); rows out of bounds are moved to ``patterns_quarantine``, logged
+        and counted in ``status``, never used."""
+        now = time.time()
+        stored = journal.query("SELECT value FROM meta WHERE key = ?", (kb.SOURCES_KEY,))
+        sources, notes = kb.load_sources(stored[0][0] if stored else None, now)
+        knowledge = kb.Knowledge(_pattern_rows(journal.path, local=True),
                                  settings=learning_settings(self.config.learning),
-                                 sources=kb.load_sources(sources[0][0] if sources else None))
+                                 sources=sources, now=now)
+        knowledge.loading = True
         bad = knowledge.quarantined
-        if bad:
-            now = time.time()
-            writes: list[Any] = []
-            for sig, pb, source, reason, row in bad:
-                # The row as text (repr, bounded): a BLOB or a deeply nested value is kept
-                # for a person to look at, never parsed again.
-                kept = json.dumps([repr(v)[:4000] for v in row[3:12]])
-                writes.append((
-                    "INSERT INTO patterns_quarantine (signature, playbook, source, reason, "
-                    "row, at) VALUES (?, ?, ?, ?, ?, ?)",
-                    (_text(sig), _text(pb), _text(source), reason, kept, now)))
-                writes.append(("DELETE FROM patterns WHERE rowid = ?", (row[-1],)))
-            journal.append([], writes)
-            for sig, pb, source, reason, _ in bad[:20]:
-                log.error("learning: quarantined stored pattern %.80r / %.80r from %.40r: %s",
-                          sig, pb, source, reason)
-            if len(bad) > 20:
-                log.error("learning: quarantined %d more stored patterns", len(bad) - 20)
+        writes = _quarantine_writes(bad, now)
+        for note in notes:
+            log.error("learning: stored knowledge source out of bounds: %s", note)
+        if notes:
+            writes.append(knowledge.sources_write(knowledge.sources))
+        journal.append([], writes)
         (total,) = journal.query("SELECT COUNT(*) FROM patterns_quarantine")[0]
-        self.quarantine = {"rows": int(str(total)), "this_start": len(bad),
-                           "reasons": sorted({r for *_, r, _ in bad})[:5]}
+        self.quarantine = {"rows": int(str(total)), "this_start": len(bad) + len(notes),
+                           "reasons": sorted({r for *_, r, _ in bad} | set(notes))[:5]}
         return knowledge
+
+    async def _load_imported(self, api: Api, mesh: Mesh, path: Path) -> None:
+        """Load the imported patterns once graced serves: 100,000 records take seconds
+        to check, and status must answer within one. Parsed in a worker thread, added in
+        steps on the event loop, under the knowledge lock (no import, reset or fleet
+        import meanwhile); until then missions are ranked on local evidence alone."""
+        assert self.learning is not None
+        knowledge = self.learning.knowledge
+        async with api.knowledge_lock:
+            now = time.time()
+            try:
+                # Abandoned on stop (it reads on a connection of its own): a stop
+                # during the load does not wait for it.
+                parsed, bad = await trio.to_thread.run_sync(_parse_imported, path, now,
+                                                            abandon_on_cancel=True)
+            except (sqlite3.Error, MemoryError) as exc:  # never fatal: local ones serve
+                log.error("learning: imported knowledge not loaded: %s", exc)
+                knowledge.loading = False
+                return
+            for i in range(0, len(parsed), 5000):
+                bad += knowledge.merge(parsed[i:i + 5000])
+                await trio.lowlevel.checkpoint()
+            knowledge.set_order(await self.learning.off_loop(knowledge.order))
+            knowledge.version += 1
+            knowledge.loading = False
+            if bad:
+                mesh.store(_quarantine_writes(bad, now))
+                q = self.quarantine
+                q["rows"] += len(bad)
+                q["this_start"] += len(bad)
+                q["reasons"] = sorted(set(q["reasons"]) | {r for *_, r, _ in bad})[:5]
+        log.info("learning: %d imported records loaded", len(parsed))
 
     def _mend_missions(self, journal: Journal) -> None:
         """Mission rows whose data SQLite cannot parse (a bare NaN or Infinity, stored by
@@ -527,6 +534,57 @@ async def _trim_heap(interval: float = 60.0) -> None:
     while True:
         await trio.sleep(interval)
         await trio.to_thread.run_sync(trim, 0)
+
+
+def _pattern_rows(path: Path, *, local: bool) -> list[tuple[Any, ...]]:
+    """This host's own stored patterns (``local``) or the imported ones, each row ending
+    with its rowid, by which a bad one is moved aside. Read on a connection of its own
+    that decodes any bytes: a row whose text is not UTF-8 is quarantined like any other
+    bad row, never fatal."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        conn.text_factory = lambda b: b.decode("utf-8", "surrogateescape")
+        rows = conn.execute(kb.SELECT.replace("SELECT ", "SELECT rowid, ", 1)
+                            + f" WHERE source {'=' if local else '!='} ?",
+                            (kb.LOCAL,)).fetchall()
+    finally:
+        conn.close()
+    return [(*r[1:], r[0]) for r in rows]
+
+
+def _parse_imported(path: Path, now: float) -> tuple[list[Any], list[Any]]:
+    """The imported rows, parsed in steps: between two, the event loop's thread gets the
+    GIL at once (status stays quick while 100,000 rows are checked)."""
+    rows = _pattern_rows(path, local=False)
+    parsed: list[Any] = []
+    bad: list[Any] = []
+    for i in range(0, len(rows), 1000):
+        more, wrong = kb.Knowledge.parse_rows(rows[i:i + 1000], now)
+        parsed += more
+        bad += wrong
+        time.sleep(0)  # releases the GIL: a thread waiting for it runs now
+    return parsed, bad
+
+
+def _quarantine_writes(bad: list[tuple[Any, Any, Any, str, tuple[Any, ...]]],
+                       now: float) -> list[Any]:
+    """Move bad stored patterns to ``patterns_quarantine`` (and log them)."""
+    writes: list[Any] = []
+    for sig, pb, source, reason, row in bad:
+        # The row as text (repr, bounded): a BLOB or a deeply nested value is kept for a
+        # person to look at, never parsed again.
+        kept = json.dumps([repr(v)[:4000] for v in row[3:12]])
+        writes.append((
+            "INSERT INTO patterns_quarantine (signature, playbook, source, reason, "
+            "row, at) VALUES (?, ?, ?, ?, ?, ?)",
+            (_text(sig), _text(pb), _text(source), reason, kept, now)))
+        writes.append(("DELETE FROM patterns WHERE rowid = ?", (row[-1],)))
+    for sig, pb, source, reason, _ in bad[:20]:
+        log.error("learning: quarantined stored pattern %.80r / %.80r from %.40r: %s",
+                  sig, pb, source, reason)
+    if len(bad) > 20:
+        log.error("learning: quarantined %d more stored patterns", len(bad) - 20)
+    return writes
 
 
 def _text(v: Any) -> str:

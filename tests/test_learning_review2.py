@@ -168,7 +168,8 @@ def test_outcome_rows_edited_to_infinity_never_reach_a_missions_data(tmp_path: P
 
 def test_resetting_a_sources_last_record_frees_its_place() -> None:
     """Finding 6: the 100-source cap never freed: a source whose records were all reset
-    still counted. Its entry goes with its last record (and the stored list with it)."""
+    still counted. A source with no record left no longer counts (its pinned key and
+    export time stay: third review, finding 2), and nothing is written for it."""
     k = Knowledge()
     for i in range(100):
         imported(k, f"d{i:03}", [rec(f"web:s{i:03}", "p")])
@@ -176,14 +177,13 @@ def test_resetting_a_sources_last_record_frees_its_place() -> None:
         k.plan_import("new", check([rec("web:new", "p")]), host="h", kid="k",
                       exported_at=10.0, now=10.0)
     writes, removed = k.reset("web:s007")
-    assert removed == 1 and "d007" not in k.sources and len(k.sources) == 100 - 1
-    stored = json.loads(writes[-1][1][1])
-    assert sorted(stored) == sorted(k.sources)
+    assert removed == 1 and k.held_sources() == 100 - 1 and "d007" in k.sources
+    assert writes == [("DELETE FROM patterns WHERE signature = ?", ("web:s007",))]
     imported(k, "new", [rec("web:new", "p")])
-    assert "new" in k.sources
+    assert k.held_sources() == 100
     # A playbook reset that empties several sources frees them all.
     writes, removed = k.reset("p")
-    assert k.sources == {} and json.loads(writes[-1][1][1]) == {}
+    assert k.held_sources() == 0 and len(k.sources) == 101 and removed == 100
 
 
 def test_an_export_dated_in_the_future_is_refused() -> None:

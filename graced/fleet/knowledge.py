@@ -3,13 +3,17 @@
 Every ``[fleet] knowledge_interval`` seconds a host puts its knowledge export (the very
 body ``gracectl knowledge export`` writes, signed by the daemon's key) under its daemon
 id in the bucket ``grace-knowledge``. Each host watches the bucket and imports a peer's
-export when it is signed by a key listed in ``[fleet] knowledge_keys``, through the same
+export when it is signed by a key listed in ``[fleet] knowledge_keys`` *for that daemon
+id* (:func:`trusted_keys`: the ids written after the key, or else the first id the key
+was imported under, pinned), through the same
 public entry points as ``gracectl knowledge import`` (:func:`graced.protocol.knowledge
 .parse_export`, :func:`~graced.protocol.knowledge.verify_export`,
 :meth:`graced.learning.knowledge.Knowledge.plan_import`, ``import_writes`` and
 ``apply_import``): a bounded, fading prior weighted
 by ``[learning] import_weight``, replacing that peer's earlier import. An export signed
-by any other key is counted and ignored: whoever can write to NATS cannot teach graced.
+by any other key is counted and ignored: whoever can write to NATS cannot teach graced;
+and a trusted peer speaks for its own daemon id(s) only: it cannot squat another peer's id
+nor fill the places of MAX_SOURCES daemons with ids of its own making.
 An export whose source is not a daemon id (a UUID), or is this daemon's own id or
 ``local`` (this host's own records), is refused as ``knowledge.import`` refuses it: a
 trusted peer may add a prior, never overwrite what this host learned. An import runs
@@ -25,19 +29,72 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+import uuid
 from typing import Any
 
 import trio
 
-from ..auth import parse_keys
+from .. import keys
 from ..learning import Learning
 from ..learning import knowledge as kb
 from ..mesh import Mesh
 from ..protocol import Signer, canonical_text
 from ..protocol import knowledge as pk
 from ..protocol.fleet import valid_daemon_id
+from ..protocol.signing import key_id
 
 log = logging.getLogger("graced.fleet")
+
+
+def trusted_keys(lines: list[str]) -> dict[str, tuple[bytes, frozenset[str]]]:
+    """``[fleet] knowledge_keys``: ``{kid: (public key, daemon ids it may speak for)}``.
+
+    A line is a key as ``key.pub`` holds it (``ed25519 BASE64 KID``), then the daemon
+    id(s) that key signs for (``gracectl status`` shows a daemon's id); the same key on
+    several lines speaks for every id named. A key named with no id speaks for one
+    daemon: the first it is imported under, pinned from then on. A line that does not
+    parse (no key, or a word that is neither the key, its id nor a daemon id: a mistyped
+    id must not leave the key free) is logged and skipped."""
+    out: dict[str, tuple[bytes, frozenset[str]]] = {}
+    for line in lines:
+        try:
+            public = keys.parse_public_key(line)
+        except ValueError:
+            log.warning("ignoring a key in [fleet] knowledge_keys that cannot be parsed: "
+                        "%r", line[:60])
+            continue
+        kid = key_id(public)
+        ids: set[str] = set()
+        bad = None
+        for token in line.split():
+            if token in ("ed25519", kid) or _is_key(token, public):
+                continue
+            daemon_id = _daemon_id(token)
+            if daemon_id is None:
+                bad = token
+                break
+            ids.add(daemon_id)
+        if bad is not None:
+            log.warning("ignoring a key in [fleet] knowledge_keys: %r is not a daemon id "
+                        "(a UUID)", bad[:60])
+            continue
+        _, before = out.get(kid, (public, frozenset()))
+        out[kid] = (public, before | ids)
+    return out
+
+
+def _daemon_id(token: str) -> str | None:
+    try:
+        return str(uuid.UUID(token)) if token.count("-") == 4 else None
+    except ValueError:
+        return None
+
+
+def _is_key(token: str, public: bytes) -> bool:
+    try:
+        return keys.parse_public_key(token) == public
+    except ValueError:
+        return False
 
 
 class KnowledgeShare:
@@ -52,7 +109,7 @@ class KnowledgeShare:
         self.signer = signer
         self.mesh = mesh
         self.learning = learning
-        self.trusted = parse_keys(trusted, "[fleet] knowledge_keys")
+        self.trusted = trusted_keys(trusted)
         self.imported = 0
         self.refused = 0
         self.last_error: str | None = None
@@ -76,14 +133,19 @@ class KnowledgeShare:
             return "unchanged"
         def check() -> tuple[dict[str, Any], list[dict[str, Any]]]:
             # Parsing and canonicalising a large export takes a while: not on the loop.
-            data, patterns = pk.parse_export(value)
+            data, patterns = pk.parse_export(value, time.time())
             if key in (self.daemon_id, kb.LOCAL) or not valid_daemon_id(key):
                 raise ValueError(f"source: {key[:60]!r} is not another daemon's id")
             if data["source"] != key:
                 raise ValueError(f"source: {data['source'][:60]!r} put under key {key!r}")
-            public = self.trusted.get(data["kid"])
-            if public is None:
+            entry = self.trusted.get(data["kid"])
+            if entry is None:
                 raise LookupError(f"key {data['kid'][:20]} is not in [fleet] knowledge_keys")
+            public, ids = entry
+            if ids and key not in ids:
+                raise ValueError(f"source: key {data['kid']} speaks for daemon "
+                                 f"{', '.join(sorted(ids))} ([fleet] knowledge_keys), not "
+                                 f"for {key}")
             pk.verify_export(data, public)
             return data, patterns
 
@@ -94,6 +156,15 @@ class KnowledgeShare:
         knowledge = self.learning.knowledge
         try:
             data, patterns = await trio.to_thread.run_sync(check)
+            if not self.trusted[data["kid"]][1]:
+                # A key named with no daemon id: the first id it was imported under.
+                bound = next((s for s, m in knowledge.sources.items()
+                              if m["kid"] == data["kid"] and s != key), None)
+                if bound is not None:
+                    raise ValueError(f"source: key {data['kid']} speaks for daemon {bound} "
+                                     "(the first it was imported under; name the daemon "
+                                     "id after the key in [fleet] knowledge_keys to "
+                                     f"choose), not for {key}")
             known = knowledge.sources.get(key)
             exported_at = float(data["exported_at"])
             if known is not None and known["kid"] != data["kid"]:

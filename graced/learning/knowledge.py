@@ -41,12 +41,15 @@ from ..protocol.knowledge import (
     EXPORT_VERSION,
     MAX_COUNT,
     MAX_EPOCH,
+    MAX_PINNED,
     MAX_PLAYBOOKS,
     MAX_RECORDS,
+    MAX_SKEW,
     MAX_SOURCES,
     MAX_TOTAL_RECORDS,
     check_record,
     exportable,
+    not_after,
     seconds,
 )
 from .ranking import Fail, Record, demotion, ordered
@@ -58,10 +61,8 @@ LOCAL = "local"
 PAGE_RECORDS = 5000
 PAGE_BYTES = 4 * 2**20
 MAX_FAILS = 20  # failures (incident, time, own) remembered per local record
-PER_INCIDENT = 2
-# An export dated further ahead than this is refused: "older than the last import" must
-# not let one file lock a daemon id out for ever.
-MAX_SKEW = 600.0  # runs of a playbook that failed in one incident before it is skipped
+PER_INCIDENT = 2  # runs of a playbook that failed in one incident before it is skipped
+__all__ = ["LOCAL", "MAX_SKEW", "Entry", "ImportPlan", "Knowledge", "Settings", "parse_row"]
 
 _COLS = ("signature, playbook, source, detector, subject, successes, failures, ttr_total, "
          "ttr_count, first_seen, last_seen, data")
@@ -120,13 +121,19 @@ def _upsert(sig: str, playbook: str, source: str, e: Entry) -> Write:
              e.ttr_total, e.ttr_count, e.first_seen, e.last_seen, json.dumps(e.data())))
 
 
-def parse_row(row: tuple[Any, ...]) -> tuple[str, str, str, Entry]:
-    """A stored row, checked with the export bounds; raises ValueError naming the field."""
+Parsed = tuple[str, str, str, Entry, tuple[Any, ...]]
+
+
+def parse_row(row: tuple[Any, ...], now: float | None = None) -> tuple[str, str, str, Entry]:
+    """A stored row, checked with the export bounds (and, given ``now``, no time later
+    than ``now`` plus MAX_SKEW: a failure dated in the future would count for ever and
+    never let its playbook be retried); raises ValueError naming the field."""
     (sig, pb, source, det, subj, s, f, tt, tc, first, last, data) = row[:12]
+    latest = None if now is None else now + MAX_SKEW
     rec = check_record({"signature": sig, "playbook": pb, "detector": det, "subject": subj,
                         "successes": s, "failures": f, "ttr_total": tt, "ttr_count": tc,
                         "first_seen": first, "last_seen": last}, "row",
-                       controls=source == LOCAL)
+                       controls=source == LOCAL, latest=latest)
     if not isinstance(source, str) or not source or len(source) > 200:
         raise ValueError("row.source: must be a non-empty string")
     try:
@@ -139,11 +146,11 @@ def parse_row(row: tuple[Any, ...]) -> tuple[str, str, str, Entry]:
               rec["ttr_total"], rec["ttr_count"], rec["first_seen"], rec["last_seen"])
     e.w_s = seconds(extra.get("w_s", e.successes), "row.data.w_s", MAX_COUNT)
     e.w_f = seconds(extra.get("w_f", e.failures), "row.data.w_f", MAX_COUNT)
-    e.w_at = seconds(extra.get("w_at", e.last_seen), "row.data.w_at", MAX_EPOCH)
-    e.imported_at = seconds(extra.get("imported_at", 0.0), "row.data.imported_at",
-                            MAX_EPOCH)
-    e.exported_at = seconds(extra.get("exported_at", 0.0), "row.data.exported_at",
-                            MAX_EPOCH)
+    for key, default in (("w_at", e.last_seen), ("imported_at", 0.0),
+                         ("exported_at", 0.0)):
+        where = f"row.data.{key}"
+        setattr(e, key, not_after(seconds(extra.get(key, default), where, MAX_EPOCH),
+                                  where, latest))
     fails = extra.get("fails", [])
     if not isinstance(fails, list) or len(fails) > MAX_FAILS:
         raise ValueError("row.data.fails: not a short list")
@@ -153,8 +160,9 @@ def parse_row(row: tuple[Any, ...]) -> tuple[str, str, str, Entry]:
                     x in (0, 1) and not isinstance(x, float) for x in item[2:])):
             raise ValueError("row.data.fails: not [incident, time, own] triples")
         # Rows from before the kind was kept: a failure of its own steps (as then).
-        e.fails.append(Fail(item[0], seconds(item[1], "row.data.fails", MAX_EPOCH),
-                            bool(item[2]) if len(item) == 3 else True))
+        at = not_after(seconds(item[1], "row.data.fails", MAX_EPOCH), "row.data.fails",
+                       latest)
+        e.fails.append(Fail(item[0], at, bool(item[2]) if len(item) == 3 else True))
     for key in ("host", "kid"):
         v = extra.get(key, "")
         if not isinstance(v, str) or len(v) > 1000:
@@ -192,8 +200,11 @@ class ImportPlan:
 class Knowledge:
     """Patterns in memory, loaded from and written back to the ``patterns`` table.
 
-    Rows that fail the bounds are left out and listed in :attr:`quarantined` as
-    (signature, playbook, source, reason, row); the caller moves them aside.
+    Rows that fail the bounds (given ``now``: a time later than ``now`` plus MAX_SKEW
+    too) are left out and listed in :attr:`quarantined` as (signature, playbook, source,
+    reason, row); the caller moves them aside. graced loads this host's own rows this
+    way before it serves, and the imported ones after (:meth:`parse_rows` in a worker
+    thread, :meth:`merge` in steps on the event loop).
 
     Reads stay bounded however much was imported: :attr:`recent` keeps the patterns in
     order of last sight (newest last) so a listing reads one page of it, and
@@ -201,37 +212,58 @@ class Knowledge:
 
     def __init__(self, rows: Iterable[tuple[Any, ...]] = (),
                  settings: Settings | None = None,
-                 sources: dict[str, dict[str, Any]] | None = None) -> None:
+                 sources: dict[str, dict[str, Any]] | None = None,
+                 now: float | None = None) -> None:
         self.settings = settings or Settings()
         self.patterns: dict[str, dict[str, dict[str, Entry]]] = {}
         self.quarantined: list[tuple[Any, Any, Any, str, tuple[Any, ...]]] = []
         self.by_source: dict[str, set[tuple[str, str]]] = {}
-        # Per imported source: host, kid (the key pinned for it) and exported_at.
+        # Per imported source: host, kid (the key pinned for it) and exported_at. Kept
+        # when the source's records are reset; forgotten only by forget_source.
         self.sources: dict[str, dict[str, Any]] = dict(sources or {})
-        # This host's own rows first: imported ones never crowd them out of a pattern.
-        parsed: list[tuple[str, str, str, Entry, tuple[Any, ...]]] = []
+        parsed, self.quarantined = self.parse_rows(rows, now)
+        self.quarantined += self.merge(parsed)
+        self.recent: dict[str, None] = {}
+        self._reorder()
+        # Bumped by every change an import plan depends on (a reset, an import, a new
+        # local record): a plan made in a worker thread is applied only if nothing
+        # changed meanwhile.
+        self.version = 0
+        # True while graced loads the imported rows after start (status says so).
+        self.loading = False
+
+    @staticmethod
+    def parse_rows(rows: Iterable[tuple[Any, ...]], now: float | None = None
+                   ) -> tuple[list[Parsed], list[tuple[Any, Any, Any, str, tuple[Any, ...]]]]:
+        """Stored rows parsed and checked (pure: a worker thread may run it), this
+        host's own first; and the rows that fail, with why."""
+        parsed: list[Parsed] = []
+        bad: list[tuple[Any, Any, Any, str, tuple[Any, ...]]] = []
         for row in rows:
             row = tuple(row)
             try:
-                sig, pb, source, e = parse_row(row)
+                sig, pb, source, e = parse_row(row, now)
             except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
-                self.quarantined.append((*row[:3], str(exc)[:300], row))
+                bad.append((*row[:3], str(exc)[:300], row))
                 continue
             parsed.append((sig, pb, source, e, row))
+        # This host's own rows first: imported ones never crowd them out of a pattern.
         parsed.sort(key=lambda item: item[2] != LOCAL)
+        return parsed, bad
+
+    def merge(self, parsed: Iterable[Parsed]) -> list[tuple[Any, Any, Any, str,
+                                                           tuple[Any, ...]]]:
+        """Add parsed rows (not to :attr:`recent`: :meth:`reorder` after); returns the
+        ones over the caps, left out."""
+        over = []
         for sig, pb, source, e, row in parsed:
             if not self.room(sig, pb, source):
-                self.quarantined.append((sig, pb, source, f"over the caps ({MAX_RECORDS} "
-                                         f"records a source, {MAX_PLAYBOOKS} playbooks a "
-                                         "pattern)", row))
+                over.append((sig, pb, source, f"over the caps ({MAX_RECORDS} records a "
+                             f"source, {MAX_PLAYBOOKS} playbooks a pattern)", row))
                 continue
             self.by_source.setdefault(source, set()).add((sig, pb))
             self.patterns.setdefault(sig, {}).setdefault(pb, {})[source] = e
-        self.recent: dict[str, None] = {}
-        self._reorder()
-        # Bumped by every change an import plan depends on (a reset, an import): a plan
-        # made in a worker thread is applied only if nothing changed meanwhile.
-        self.version = 0
+        return over
 
     def room(self, sig: str, pb: str, source: str) -> bool:
         """May ``source`` hold a record for (``sig``, ``pb``)? A source holds at most
@@ -250,9 +282,32 @@ class Knowledge:
 
     def _reorder(self) -> None:
         """Rebuild :attr:`recent` (after a load or an import: a write, not a read)."""
-        self.recent = dict.fromkeys(sorted(self.patterns, key=lambda sig: (max(
+        self.set_order(self.order())
+
+    def order(self) -> list[str]:
+        """Every pattern, least recently seen first (a read: a worker thread may run it)."""
+        return sorted(self.patterns, key=lambda sig: (max(
             e.last_seen for srcs in self.patterns[sig].values() for e in srcs.values()),
-            sig)))
+            sig))
+
+    def set_order(self, order: list[str]) -> None:
+        """Take an :meth:`order` made meanwhile: patterns made since come last."""
+        recent = dict.fromkeys(sig for sig in order if sig in self.patterns)
+        recent.update((sig, None) for sig in self.recent if sig not in recent
+                      and sig in self.patterns)
+        recent.update((sig, None) for sig in self.patterns if sig not in recent)
+        self.recent = recent
+
+    def held_sources(self) -> int:
+        """How many daemons this one holds records from (at most MAX_SOURCES)."""
+        return sum(1 for s, keys in self.by_source.items() if s != LOCAL and keys)
+
+    def source_list(self) -> list[dict[str, Any]]:
+        """Every imported source remembered: its key, export time, records held."""
+        return [{"source": s, "host": m["host"], "kid": m["kid"],
+                 "exported_at": m["exported_at"], "imported_at": m["imported_at"],
+                 "records": len(self.by_source.get(s, ()))}
+                for s, m in sorted(self.sources.items())]
 
     @property
     def total(self) -> int:
@@ -363,6 +418,8 @@ class Knowledge:
             return [], False
         sources = self.patterns.setdefault(sig, {}).setdefault(playbook, {})
         new = LOCAL not in sources
+        if new:  # a pattern's playbooks count towards its cap: an import plan depends on it
+            self.version += 1
         e = sources.setdefault(LOCAL, Entry(detector, subject, first_seen=now, last_seen=now,
                                             w_at=now))
         k = _decay(now - e.w_at, self.settings.half_life)
@@ -398,8 +455,7 @@ class Knowledge:
                 for source in srcs:
                     self.by_source.get(source, set()).discard((target, pb))
             self.recent.pop(target, None)
-            return [("DELETE FROM patterns WHERE signature = ?", (target,)),
-                    *self._drop_empty_sources()], removed
+            return [("DELETE FROM patterns WHERE signature = ?", (target,))], removed
         for sig in list(self.patterns):
             sources = self.patterns[sig].pop(target, None)
             if sources:
@@ -409,17 +465,26 @@ class Knowledge:
             if not self.patterns[sig]:
                 del self.patterns[sig]
                 self.recent.pop(sig, None)
-        return [("DELETE FROM patterns WHERE playbook = ?", (target,)),
-                *self._drop_empty_sources()], removed
+        return [("DELETE FROM patterns WHERE playbook = ?", (target,))], removed
 
-    def _drop_empty_sources(self) -> list[Write]:
-        """Forget the imported sources left with no record (they no longer count
-        towards MAX_SOURCES); the write that stores what remains, if any changed."""
-        empty = [s for s in self.sources if not self.by_source.get(s)]
-        for source in empty:
-            del self.sources[source]
-            self.by_source.pop(source, None)
-        return [self.sources_write(self.sources)] if empty else []
+    def forget_source(self, source: str) -> tuple[list[Write], int]:
+        """Forget an imported source: its records, and its pinned key and last export
+        time (so any key may speak for that daemon id again, with any export time).
+        A reset of records keeps both; a source left with no record no longer counts
+        towards MAX_SOURCES, but only this frees its place among MAX_PINNED."""
+        self.version += 1
+        keys = self.by_source.pop(source, set())
+        for sig, pb in keys:
+            pbs = self.patterns.get(sig, {})
+            pbs.get(pb, {}).pop(source, None)
+            if pb in pbs and not pbs[pb]:
+                del pbs[pb]
+            if sig in self.patterns and not pbs:
+                del self.patterns[sig]
+                self.recent.pop(sig, None)
+        self.sources.pop(source, None)
+        return [("DELETE FROM patterns WHERE source = ?", (source,)),
+                self.sources_write(self.sources)], len(keys)
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -568,9 +633,14 @@ class Knowledge:
         if self.total - len(held) + len(put) > MAX_TOTAL_RECORDS:
             raise ValueError(f"patterns: graced would hold more than {MAX_TOTAL_RECORDS} "
                              "records, every source together")
-        if source not in self.sources and len(self.sources) >= MAX_SOURCES:
+        if put and not held and self.held_sources() >= MAX_SOURCES:
             raise ValueError(f"source: knowledge from {MAX_SOURCES} daemons is held "
-                             "already; reset one first")
+                             "already; reset one first (gracectl knowledge sources, "
+                             "knowledge reset --source ID)")
+        if source not in self.sources and len(self.sources) >= MAX_PINNED:
+            raise ValueError(f"source: the keys of {MAX_PINNED} daemons are pinned "
+                             "already; forget one first (gracectl knowledge sources, "
+                             "knowledge reset --source ID)")
         last: dict[str, float] = {}
         for (sig, _), e in put.items():
             last[sig] = max(last.get(sig, 0.0), e.last_seen)
@@ -616,19 +686,32 @@ class Knowledge:
 SOURCES_KEY = "knowledge_sources"
 
 
-def load_sources(raw: Any) -> dict[str, dict[str, Any]]:
-    """The stored per-source records (meta ``knowledge_sources``); bad ones left out."""
+def load_sources(raw: Any, now: float | None = None
+                 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The stored per-source records (meta ``knowledge_sources``), bad ones left out;
+    and what was wrong. A time later than ``now`` plus MAX_SKEW is out of bounds: the
+    source keeps its pinned key, its export time becomes ``now`` (no export made before
+    this start is taken from it any more: nothing older slips in)."""
     try:
         data = json.loads(raw) if isinstance(raw, str) else {}
     except (ValueError, RecursionError):
-        return {}
+        return {}, ["knowledge_sources: not JSON"]
     out: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    latest = None if now is None else now + MAX_SKEW
     for source, meta in (data.items() if isinstance(data, dict) else ()):
         try:
             out[str(source)] = {
                 "host": str(meta["host"])[:1000], "kid": str(meta["kid"])[:64],
                 "exported_at": seconds(meta["exported_at"], "exported_at", MAX_EPOCH),
                 "imported_at": seconds(meta["imported_at"], "imported_at", MAX_EPOCH)}
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError) as exc:
+            notes.append(f"source {str(source)[:60]!r}: {str(exc)[:100]}")
             continue
-    return dict(list(out.items())[:MAX_SOURCES])
+        for key in ("exported_at", "imported_at"):
+            try:
+                not_after(out[str(source)][key], key, latest)
+            except ValueError as exc:
+                notes.append(f"source {str(source)[:60]!r}: {exc}; set to now")
+                out[str(source)][key] = now
+    return dict(list(out.items())[:MAX_PINNED]), notes

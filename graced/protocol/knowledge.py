@@ -16,9 +16,12 @@ edited export no longer verifies. A RECORD is one playbook's figures for one sym
 Bounds (checked on import, and on every stored row when graced starts): counts are
 integers from 0 to :data:`MAX_COUNT`; ``ttr_count`` at most ``successes``; times are
 finite and non-negative, a time to resolve at most :data:`MAX_TTR` seconds on average,
-epochs at most :data:`MAX_EPOCH`; strings non-empty, at most :data:`MAX_TEXT`
-characters, and free of control characters (C0, C1, line separators, bidirectional
-controls) and lone surrogates, so a name cannot forge an output line; at most
+epochs at most :data:`MAX_EPOCH` and, on import, no later than the importer's clock plus
+:data:`MAX_SKEW` (a time in the future would pass every "since" and "older than" bound);
+strings non-empty, at most :data:`MAX_TEXT` characters, and free of control characters
+(C0, C1, line separators, format, bidirectional and default-ignorable code points such as
+U+061C or zero-width spaces: :data:`graced.protocol.text.UNSAFE_CHARS`) and lone
+surrogates, so a name cannot forge an output line or pass for another; at most
 :data:`MAX_RECORDS` records in one export, each (pattern, playbook) once, and at most
 :data:`MAX_PLAYBOOKS` playbooks for one pattern.
 """
@@ -31,6 +34,7 @@ import re
 from typing import Any
 
 from .signing import check_signature, key_id
+from .text import UNSAFE_CHARS
 
 EXPORT_FORMAT = "grace-knowledge"
 EXPORT_VERSION = 2
@@ -42,11 +46,15 @@ MAX_RECORDS = 100_000  # records in one export, and records kept per source
 MAX_FILE_BYTES = 32 * 2**20
 MAX_PLAYBOOKS = 64  # playbooks for one pattern, every source together
 MAX_TOTAL_RECORDS = 200_000  # records a daemon holds, every source together
-MAX_SOURCES = 100  # daemons whose knowledge one daemon holds
+MAX_SOURCES = 100  # daemons whose knowledge one daemon holds (records from them)
+MAX_PINNED = 1000  # daemons whose key and last export time one daemon remembers
+# A time further ahead of this host's clock than this is refused on import (and a stored
+# one quarantined at start): "older than the last import" and "failed within the last
+# hour" must not let one figure hold for ever.
+MAX_SKEW = 600.0
 
 # Control characters (as graced.protocol.text escapes them) and lone surrogates.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e"
-                     "\u2066-\u2069\ud800-\udfff]")
+_UNSAFE = re.compile(f"[{UNSAFE_CHARS}\ud800-\udfff]")
 
 COUNTS = ("successes", "failures", "ttr_count")
 TIMES = ("ttr_total", "first_seen", "last_seen")
@@ -86,11 +94,21 @@ def seconds(v: Any, where: str, upper: float) -> float:
     return f + 0.0
 
 
-def check_record(p: Any, where: str, *, controls: bool = False) -> dict[str, Any]:
+def not_after(v: float, where: str, latest: float | None) -> float:
+    """``v`` unless it is later than ``latest`` (this host's clock plus MAX_SKEW)."""
+    if latest is not None and v > latest:
+        raise ValueError(f"{where}: {v:.0f} is in the future (more than {MAX_SKEW:g} s "
+                         "ahead of this host's clock)")
+    return v
+
+
+def check_record(p: Any, where: str, *, controls: bool = False,
+                 latest: float | None = None) -> dict[str, Any]:
     """One record, validated and normalised; raises ValueError naming the first bad field.
 
     ``controls``: names may hold control characters (this host's own records: a subject
-    is monitored data; they are escaped wherever shown, and never exported)."""
+    is monitored data; they are escaped wherever shown, and never exported).
+    ``latest``: no time may be later (now plus MAX_SKEW)."""
     if not isinstance(p, dict):
         raise ValueError(f"{where}: must be an object")
     item: dict[str, Any] = {}
@@ -106,7 +124,8 @@ def check_record(p: Any, where: str, *, controls: bool = False) -> dict[str, Any
     for key in COUNTS:
         item[key] = count(p.get(key), f"{where}.{key}")
     for key in ("first_seen", "last_seen"):
-        item[key] = seconds(p.get(key), f"{where}.{key}", MAX_EPOCH)
+        item[key] = not_after(seconds(p.get(key), f"{where}.{key}", MAX_EPOCH),
+                              f"{where}.{key}", latest)
     item["ttr_total"] = seconds(p.get("ttr_total"), f"{where}.ttr_total",
                                 MAX_TTR * MAX_COUNT)
     if item["ttr_count"] > item["successes"]:
@@ -119,13 +138,15 @@ def check_record(p: Any, where: str, *, controls: bool = False) -> dict[str, Any
     return item
 
 
-def check(patterns: Any) -> list[dict[str, Any]]:
-    """Validate an export's records; raises ValueError naming the first bad field."""
+def check(patterns: Any, now: float | None = None) -> list[dict[str, Any]]:
+    """Validate an export's records (no time after ``now`` plus MAX_SKEW, when given);
+    raises ValueError naming the first bad field."""
     if not isinstance(patterns, list):
         raise ValueError("patterns: must be a list")
     if len(patterns) > MAX_RECORDS:
         raise ValueError(f"patterns: {len(patterns)} records; at most {MAX_RECORDS}")
-    out = [check_record(p, f"patterns[{i}]") for i, p in enumerate(patterns)]
+    latest = None if now is None else now + MAX_SKEW
+    out = [check_record(p, f"patterns[{i}]", latest=latest) for i, p in enumerate(patterns)]
     seen: set[tuple[str, str]] = set()
     per: dict[str, int] = {}
     for i, p in enumerate(out):
@@ -145,7 +166,7 @@ def exportable(p: dict[str, Any]) -> bool:
     return all(isinstance(p.get(k), str) and not _UNSAFE.search(p[k]) for k in TEXTS)
 
 
-def check_header(data: Any) -> None:
+def check_header(data: Any, now: float | None = None) -> None:
     """The export's envelope (everything but the records' figures); raises ValueError."""
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
         raise ValueError(f"format: not a '{EXPORT_FORMAT}' export")
@@ -161,14 +182,17 @@ def check_header(data: Any) -> None:
             raise ValueError(f"{key}: must be a string (an unsigned export)")
     text(data.get("source"), "source", 200)
     text(data.get("host"), "host", empty=True)
-    seconds(data.get("exported_at"), "exported_at", MAX_EPOCH)
+    not_after(seconds(data.get("exported_at"), "exported_at", MAX_EPOCH), "exported_at",
+              None if now is None else now + MAX_SKEW)
     if not isinstance(data.get("patterns"), list):
         raise ValueError("patterns: must be a list")
 
 
-def parse_export(raw: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def parse_export(raw: bytes, now: float | None = None
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """An export file's bytes, parsed and checked (not its signature): the document as
-    signed, and its records normalised. Raises ValueError
+    signed, and its records normalised, every time no later than ``now`` plus MAX_SKEW
+    (when given: an importer's clock). Raises ValueError
     naming the first thing wrong. Bounded: a file over :data:`MAX_FILE_BYTES` is refused
     unread, and nesting too deep for the parser is an error like any other."""
     if len(raw) > MAX_FILE_BYTES:
@@ -180,8 +204,8 @@ def parse_export(raw: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         raise ValueError(f"not UTF-8: {exc.reason} at byte {exc.start}") from None
     except (ValueError, RecursionError) as exc:
         raise ValueError(f"not JSON: {str(exc)[:200]}") from None
-    check_header(data)
-    return data, check(data["patterns"])
+    check_header(data, now)
+    return data, check(data["patterns"], now)
 
 
 def verify_export(data: dict[str, Any], public_key: bytes) -> None:

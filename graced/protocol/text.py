@@ -1,9 +1,12 @@
 """Text that came from the monitored world or a client, made safe for a terminal or a log.
 
 Control characters are escaped, so a subject, summary or reason cannot move the cursor,
-set the title or the colours, forge a log line, or hide text (C0 and C1 controls, DEL,
-line and paragraph separators, bidirectional overrides). Both sides use it: gracectl for
-what it prints, graced for its log lines.
+set the title or the colours, forge a log line, or hide or disguise text: C0 and C1
+controls, DEL, line and paragraph separators, and every format (Unicode category Cf),
+bidirectional control (Bidi_Control, U+061C too) and default-ignorable code point
+(zero-width spaces and joiners, word joiners, variation selectors, Hangul fillers, tags),
+each of which changes how a line reads without showing itself. Both sides use it:
+gracectl for what it prints, graced for its log lines.
 """
 
 from __future__ import annotations
@@ -11,13 +14,23 @@ from __future__ import annotations
 import re
 from typing import Any
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# Every code point of category Cf, Bidi_Control or Default_Ignorable_Code_Point (Unicode
+# 15.1; tests/test_learning_review3.py checks it against unicodedata), with the C0 and C1
+# controls, DEL and the line and paragraph separators: a regular-expression class body.
+UNSAFE_CHARS = (
+    "\x00-\x1f\x7f-\x9f\xad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2"
+    "\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u2028-\u202e\u2060-\u206f"
+    "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb\U000110bd\U000110cd"
+    "\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    "\U000e0000-\U000e0fff")
+_CONTROL = re.compile(f"[{UNSAFE_CHARS}]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e"}
 
 
 def _escape(m: re.Match[str]) -> str:
-    c = m.group()
-    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+    c = ord(m.group())
+    return _NAMED.get(m.group()) or (
+        f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" if c < 0x10000 else f"\\U{c:08x}")
 
 
 def safe(value: Any, limit: int | None = None) -> str:
