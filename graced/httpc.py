@@ -10,13 +10,14 @@ host ever contacted is the URL's own.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import socket
 import ssl
 import time
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 MAX_HEAD = 16384
 
@@ -90,7 +91,10 @@ def request(method: str, url: str, *, timeout: float, body: bytes = b"",
     host = parts.hostname
     if parts.scheme not in ("http", "https") or not host:
         raise HttpError(f"not an http(s) URL: {parts.scheme}://")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:  # out of range, not a number
+        raise HttpError(f"bad port in the URL: {exc}") from None
     deadline = time.monotonic() + timeout
 
     def left() -> float:
@@ -106,14 +110,23 @@ def request(method: str, url: str, *, timeout: float, body: bytes = b"",
     lines = [f"{method} {target} HTTP/1.1", f"Host: {hostport}", "Connection: close",
              "User-Agent: graced", f"Content-Length: {len(body)}"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    # user:password@ in the URL is HTTP Basic authentication, as curl takes it.
+    if parts.username is not None and not any(k.lower() == "authorization"
+                                              for k in headers or {}):
+        lines.append(f"Authorization: {basic(parts.username, parts.password)}")
     via: tuple[str, int] | None = None
+    tunnel_auth = ""
     if proxy:
         pp = urlsplit(proxy)
         if pp.scheme != "http" or not pp.hostname:
             raise HttpError("the proxy must be an http:// URL")
         via = (pp.hostname, pp.port or 80)
+        if pp.username is not None:
+            tunnel_auth = f"Proxy-Authorization: {basic(pp.username, pp.password)}\r\n"
         if parts.scheme == "http":  # the absolute form, to the proxy
             lines[0] = f"{method} http://{hostport}{target} HTTP/1.1"
+            if tunnel_auth:
+                lines.append(tunnel_auth.rstrip())
     wire = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
     try:
         sock: socket.socket = socket.create_connection(via or (host, port), timeout=left())
@@ -122,7 +135,7 @@ def request(method: str, url: str, *, timeout: float, body: bytes = b"",
     try:
         if via and parts.scheme == "https":
             _connect_tunnel(sock, f"{host}:{port}" if ":" not in host else f"[{host}]:{port}",
-                            left)
+                            left, tunnel_auth)
         if parts.scheme == "https":
             sock.settimeout(left())
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
@@ -149,10 +162,16 @@ def request(method: str, url: str, *, timeout: float, body: bytes = b"",
         sock.close()
 
 
-def _connect_tunnel(sock: socket.socket, hostport: str, left: Any) -> None:
+def basic(user: str, password: str | None) -> str:
+    """The Basic credentials of a URL's (percent-encoded) user and password."""
+    pair = f"{unquote(user)}:{unquote(password or '')}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
+
+
+def _connect_tunnel(sock: socket.socket, hostport: str, left: Any, auth: str = "") -> None:
     """Ask the proxy for a tunnel (CONNECT) to ``hostport``; raises unless it says 200."""
     sock.settimeout(left())
-    sock.sendall(f"CONNECT {hostport} HTTP/1.1\r\nHost: {hostport}\r\n\r\n"
+    sock.sendall(f"CONNECT {hostport} HTTP/1.1\r\nHost: {hostport}\r\n{auth}\r\n"
                  .encode("latin-1"))
     head = b""
     while b"\r\n\r\n" not in head:

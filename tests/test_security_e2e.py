@@ -3,6 +3,7 @@ matters (created here when root; skipped with the reason otherwise)."""
 
 from __future__ import annotations
 
+import base64
 import grp
 import json
 import os
@@ -404,7 +405,9 @@ def test_no_secret_from_a_url_is_journaled_or_shown(make_graced, shortdir) -> No
         opened = w.wait("mission.opened", "web", 15)["payload"]
         assert opened["subject"] == (f"http://REDACTED@127.0.0.1:{port}/health?"
                                      "token=REDACTED&x=REDACTED")
-        assert "GET /health?token=t0kenval&x=1" in hits.read_text()  # the real URL is used
+        # The real URL is used, its user:password as HTTP Basic authentication (as curl).
+        basic = base64.b64encode(b"ops:s3cretpw").decode()
+        assert f"GET /health?token=t0kenval&x=1 auth=Basic {basic}\n" in hits.read_text()
         shown = [g.ctl("tail", "--json", "--since", "1", "--no-follow", check=True).stdout,
                  g.ctl("detectors", "--json", check=True).stdout,
                  g.ctl("detectors", check=True).stdout,

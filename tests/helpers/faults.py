@@ -146,7 +146,8 @@ def mute_postgres(port_file: str) -> None:
 
 def http_server(port_file: str, hits_file: str, status: int, location: str) -> None:
     """Answers every request with ``status`` (and ``Location`` if given); each request's
-    method and path are appended to ``hits_file``."""
+    method and path (and ``auth=`` its Authorization header, if any) are appended to
+    ``hits_file``."""
     import http.server
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -154,7 +155,9 @@ def http_server(port_file: str, hits_file: str, status: int, location: str) -> N
             length = int(self.headers.get("Content-Length") or 0)
             self.rfile.read(length)
             with open(hits_file, "a") as fh:
-                fh.write(f"{self.command} {self.path}\n")
+                auth = self.headers.get("Authorization")
+                fh.write(f"{self.command} {self.path}"
+                         + (f" auth={auth}" if auth else "") + "\n")
             self.send_response(status)
             if location:
                 self.send_header("Location", location)
