@@ -44,7 +44,7 @@ from .command import (
     utc_option,
     wide_option,
 )
-from .endpoint import Endpoint
+from .endpoint import Endpoint, url_problem
 from .errors import CtlError, ProtocolViolation
 from .missions import STATES, missions
 from .out import stderr_note
@@ -109,6 +109,9 @@ def cli(ctx: click.Context, socket_path: str | None, url: str | None, cacert: st
         raise click.UsageError("give --socket or --url, not both")
     if url and not url.startswith(("ws://", "wss://")):
         raise click.UsageError(f"--url must start ws:// or wss://, not {url[:40]!r}")
+    problem = url_problem(url) if url else None
+    if problem:
+        raise click.UsageError(problem)
     out.SETTINGS.colour = colour
     ctx.obj = {"socket": socket_path, "url": url, "key": key_file, "cacert": cacert}
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from graced.protocol.wire import loopback_host
 
 
 @dataclass(frozen=True)
@@ -22,3 +25,21 @@ class Endpoint:
     @property
     def name(self) -> str:
         return self.url or f"unix:{os.path.abspath(self.socket or '')}"
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` (ws:// or wss://) cannot be used, before any connection: no host, a
+    bad port, or plain ws:// to an address that is not loopback (sent in clear)."""
+    shown = ascii(url[:80])
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port out of range or not a number
+    except ValueError as exc:
+        return f"--url {shown}: {exc}"
+    host = parts.hostname
+    if not host:
+        return f"--url names no host: {shown}"
+    if parts.scheme == "ws" and not loopback_host(host):
+        return (f"--url {shown}: ws:// is plain text, only for a loopback address "
+                "(127.0.0.1, ::1, localhost); use wss:// with graced's tls_cert")
+    return None

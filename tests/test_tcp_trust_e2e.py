@@ -6,6 +6,7 @@ file that is not the daemon's is refused), and the handshake's Host and Origin c
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import nacl.signing
@@ -100,3 +101,43 @@ async def test_handshake_checks_host_and_exact_origin(make_graced) -> None:
     got = [(host, origin, await _handshake(port, f"{host}:{port}", origin))
            for host, origin, _ in HANDSHAKES]
     assert got == HANDSHAKES
+
+
+def _non_loopback_address() -> str | None:
+    import psutil
+
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return str(a.address)
+    return None
+
+
+def test_plain_ws_to_a_non_loopback_address_is_a_usage_error_before_any_connection(
+        shortdir: Path) -> None:
+    """--url ws:// to an address that is not loopback would send requests (and a key's
+    signatures) in clear: exit 2 before any connection; a bad port or host likewise."""
+    address = _non_loopback_address()
+    listener = socket.socket()
+    listener.bind((address or "127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    g = Graced(shortdir)  # not started: nothing may be reached anyway
+    env = tcp_env(g)
+    key = shortdir / "any.pub"
+    key.write_text(format_public_key(bytes(nacl.signing.SigningKey.generate().verify_key))
+                   + "\n")
+    env["GRACE_KEY"] = str(key)
+    urls = [f"ws://{address or '10.1.2.3'}:{port}", "ws://127.0.0.1:99999", "ws://[::1"]
+    try:
+        for url in urls:
+            res = g.ctl("--url", url, "status", env=env)
+            assert res.returncode == ExitCode.USAGE, (url, res.returncode, res.stderr)
+            assert "Traceback" not in res.stderr and url in res.stderr, res.stderr
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
+    finally:
+        listener.close()
+    assert "ws:// is plain text, only for a loopback address" in g.ctl(
+        "--url", urls[0], "status", env=env).stderr
