@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -18,20 +19,48 @@ import nacl.signing
 from graced.paths import client_config_dir
 from graced.protocol import Signer, key_id
 
+MAX_FILE = 16 << 20  # bytes read of a key or known keys file at most
+
 
 def store_path() -> Path:
     explicit = os.environ.get("GRACE_KNOWN_KEYS")
     return Path(explicit) if explicit else client_config_dir() / "known_keys.json"
 
 
+def _read_checked(path: Path, what: str, forbidden: int, fix: str) -> bytes:
+    """The bytes of ``path`` (a symlink's target too), refused as ssh does when a mode
+    bit in ``forbidden`` is set or another user than this one (or root) owns it.
+    Raises FileNotFoundError when it does not exist, ValueError naming it otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: {what} is not a regular file")
+        if st.st_uid not in (os.geteuid(), 0):
+            raise ValueError(f"{path}: {what} belongs to uid {st.st_uid}, not to this user: "
+                             "refusing it")
+        if st.st_mode & forbidden:
+            raise ValueError(f"{path}: {what} has mode {stat.S_IMODE(st.st_mode):04o}: "
+                             f"refusing it ({fix} {path})")
+        return fh.read(MAX_FILE + 1)[:MAX_FILE]
+
+
 def _load() -> dict[str, Any]:
     path = store_path()
     try:
-        data = json.loads(path.read_text())
+        # Whoever may write it may make gracectl trust any key.
+        text = _read_checked(path, "the known keys file", 0o022, "chmod go-w")
+        data = json.loads(text)
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: unreadable known keys file: {exc}") from None
+        raise ValueError(str(exc) if str(exc).startswith(str(path)) else
+                         f"{path}: unreadable known keys file: {exc}") from None
     return data if isinstance(data, dict) else {}
 
 
@@ -70,10 +99,14 @@ def load_client_key() -> Signer | None:
     """This user's own signing key (``gracectl keys generate``), if there is one."""
     path = client_key_path()
     try:
-        raw = base64.b64decode(path.read_bytes().strip(), validate=True)
+        # A private key others may read is no longer this user's alone (ssh's
+        # "UNPROTECTED PRIVATE KEY FILE").
+        text = _read_checked(path, "private key", 0o077, "chmod 600")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except ValueError as exc:
         raise ValueError(f"{path}: unreadable client key: {exc}") from None
     if len(raw) != 32:
         raise ValueError(f"{path}: not an Ed25519 key")

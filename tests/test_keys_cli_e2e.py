@@ -189,3 +189,39 @@ def shell_complete(shell: str, line: str) -> list[str]:
                 if kind == "plain"]
     return [entry.split("\t")[0].partition(",")[2] for entry in res.stdout.splitlines()
             if entry.startswith("plain,")]
+
+
+@pytest.mark.slow
+def test_a_private_key_others_may_read_and_a_pin_file_others_may_write_are_refused(
+        make_graced) -> None:
+    """As ssh: a client key readable by group or others is refused (it is no longer this
+    user's alone), and so is a known keys file they may write (they would choose the key
+    gracectl trusts); one line naming the file, nothing on stdout. chmod mends both."""
+    g = make_graced(start=False, extra_config='listen = ["127.0.0.1:0"]\n'
+                    '[remediation]\nread_keys = ["KEY"]\n')
+    line = g.ctl("keys", "generate", check=True).stdout.strip()
+    g.config.write_text(g.config.read_text().replace('"KEY"', json.dumps(line)))
+    g.start()
+    port = json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["tcp_ports"][0]
+    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
+    env["GRACE_KEY"] = str(g.state / "key.pub")
+    url = f"ws://127.0.0.1:{port}"
+    key = g.home / ".config" / "grace" / "client.key"
+    assert g.ctl("--url", url, "status", env=env).returncode == 0
+    key.chmod(0o644)
+    res = g.ctl("--url", url, "status", env=env)
+    assert res.returncode == ExitCode.ERROR and res.stdout == "", res
+    assert res.stderr == (f"gracectl: {key}: private key has mode 0644: refusing it "
+                          f"(chmod 600 {key})\n"), res.stderr
+    key.chmod(0o600)
+    assert g.ctl("--url", url, "status", env=env).returncode == 0
+
+    known = g.home / ".config" / "grace" / "known_keys.json"
+    assert g.ctl("status").returncode == 0  # pins the socket's key
+    known.chmod(0o666)
+    res = g.ctl("status")
+    assert res.returncode != 0 and res.stdout == "", res
+    assert res.stderr.count("\n") == 1 and f"{known}: the known keys file has mode 0666: " \
+        f"refusing it (chmod go-w {known})" in res.stderr, res.stderr
+    known.chmod(0o644)
+    assert g.ctl("status").returncode == 0
