@@ -5,15 +5,17 @@
     python bench/fill.py disk MOUNTPOINT PERCENT
 
 memory: a runaway process. It maps MEGABYTES of anonymous memory, prints ``armed`` and
-waits for a line on stdin; then it has the kernel fill the mapping as fast as the kernel
-hands out pages (MADV_POPULATE_WRITE, Linux 5.14; else one byte written per page), 16 MB
-at a time, or at MB_PER_S (a leak that grows steadily). disk: writes 128 KB at a time to
-MOUNTPOINT/fill. After each step it reads the host's figure the way graced and Monit read
-it (memory: total minus MemAvailable, from /proc/meminfo; disk: used / (used + available),
-as df). Prints ``crossed TIMESTAMP`` (wall clock) once the figure first exceeds PERCENT,
-then ``ready`` when the whole fault is in place, and holds it until stdin closes. The
-crossing is when a monitor could first see the fault: the time from it to an alarm is the
-monitor's own detection delay.
+waits for a line on stdin; then it prints ``start TIMESTAMP`` and has the kernel fill the
+mapping as fast as it hands out pages (MADV_POPULATE_WRITE, Linux 5.14; else one byte
+written per page), 16 MB at a time, or at MB_PER_S (a leak that grows steadily), until
+the host's figure is BEYOND points past PERCENT (others' work moves it too) or the
+mapping is full. disk:
+writes 128 KB at a time to MOUNTPOINT/fill. After each step it reads the host's figure
+the way graced and Monit read it (memory: total minus MemAvailable, from /proc/meminfo;
+disk: used / (used + available), as df). Prints ``crossed TIMESTAMP`` (wall clock) once
+the figure first exceeds PERCENT, then ``ready`` when the whole fault is in place, and
+holds it until stdin closes. The crossing is when a monitor could first see the fault:
+the time from it to an alarm is the monitor's own detection delay.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 CHUNK = 16 << 20
+BEYOND = 1.5
 
 
 def memory_percent() -> float:
@@ -48,14 +51,18 @@ def _memory(megabytes: int, percent: float, rate: float) -> mmap.mmap:
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     print("armed", flush=True)
     sys.stdin.readline()
+    print(f"start {time.time():.6f}", flush=True)  # the fault's start: its first page next
     start = time.monotonic()
     crossed = False
     for off in range(0, size, CHUNK):
         n = min(CHUNK, size - off)
         _populate(buf, off, n)
-        if not crossed and memory_percent() > percent:
+        used = memory_percent()
+        if not crossed and used > percent:
             print(f"crossed {time.time():.6f}", flush=True)
             crossed = True
+        if used > percent + BEYOND:
+            break
         if rate:  # a steady leak: the pace is the fault's design, not a wait for an event
             time.sleep(max(0.0, start + (off + n) / (rate * 2**20) - time.monotonic()))
     if not crossed:

@@ -760,20 +760,29 @@ def _main() -> int:
               help="Trust this public key (key.pub) instead of the pinned one.")
 @click.option("--interval", type=click.FloatRange(min=0.2), default=1.0, show_default=True,
               metavar="SECONDS", help="How often to refresh status, missions and detectors.")
+@click.option("--fleet", "fleet_view", is_flag=True,
+              help="The whole fleet instead, from NATS JetStream (env GRACE_NATS, and "
+                   "GRACE_STREAM, GRACE_NATS_CREDS as for gracectl fleet): hosts and open "
+                   "missions, every host verified against its pinned key.")
 @click.pass_context
-def top(ctx: click.Context, once: bool, key_file: str | None, interval: float) -> None:
+def top(ctx: click.Context, once: bool, key_file: str | None, interval: float,
+        fleet_view: bool) -> None:
     """Mission Control: a live dashboard of missions, activity and health.
 
     Every frame is verified as 'tail --verify' does; the header turns red with the
     reason the moment one does not check out. Keys: q quit, j/k or arrows move, Enter
-    detail, a approve, r reject (each asks to confirm).
+    detail, a approve, r reject (each asks to confirm). With --fleet: every host that
+    forwards to NATS (as gracectl fleet ls and fleet missions ls); q quits.
     """
-    from . import top as dashboard
-
-    endpoint = endpoint_of(ctx)
     if not once and not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise CtlError("gracectl top needs a terminal; use --once for one plain-text frame",
                        ExitCode.USAGE)
+    if fleet_view:
+        _fleet_top(once, key_file, interval)
+        return
+    from . import top as dashboard
+
+    endpoint = endpoint_of(ctx)
 
     async def go() -> tuple[str, ExitCode] | None:
         opts = dashboard.Options(trusted_key(endpoint, key_file), once, interval)
@@ -793,6 +802,30 @@ def top(ctx: click.Context, once: bool, key_file: str | None, interval: float) -
         click.echo(result[0])
         if result[1] != ExitCode.OK:
             raise CtlError("verification failed (see the frame's signature line)", result[1])
+
+
+def _fleet_top(once: bool, key_file: str | None, interval: float) -> None:
+    """``top --fleet``: NATS from the environment, as gracectl fleet takes it."""
+    import shutil
+
+    from graced.protocol import fleet as names
+
+    from . import fleettop
+
+    url = os.environ.get("GRACE_NATS", "")
+    if key_file:
+        raise click.UsageError("--key is for one daemon; the fleet's keys are pinned per "
+                               "host (gracectl fleet trust HOST)")
+    if not url.startswith(("nats://", "tls://")):
+        raise click.UsageError("top --fleet reads NATS at GRACE_NATS (nats://HOST:PORT or "
+                               "tls://…, as gracectl fleet --nats)")
+    obj = {"nats": url, "stream": os.environ.get("GRACE_STREAM") or names.DEFAULT_STREAM,
+           "creds": os.environ.get("GRACE_NATS_CREDS") or None, "timeout": 5.0}
+    if once:
+        size = shutil.get_terminal_size((100, 40))
+        fleettop.run_once(obj, size.columns, size.lines)
+    else:
+        fleettop.run_live(obj, interval)
 
 
 # The groups that live in modules of their own (missions explain and similar are put on

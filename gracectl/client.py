@@ -30,12 +30,13 @@ from graced.protocol import (
     verify_detached,
 )
 from graced.protocol.verify import MAX_LINE_BYTES
-from graced.protocol.wire import request_signing_bytes
+from graced.protocol.wire import CLOSE_REVOKED, request_signing_bytes
 
 from . import trust
 from .endpoint import Endpoint
 from .errors import (
     CtlError,
+    NotAuthorised,
     ProtocolViolation,
     Unreachable,
 )
@@ -79,6 +80,15 @@ class Closed(Exception):
         super().__init__(f"connection closed ({code}: {reason or 'no reason'})")
         self.code = code
         self.reason = reason
+
+
+def closed_error(closed: Closed | None, what: str) -> CtlError:
+    """The error for a connection the daemon closed: not authorised (exit 4) when it
+    revoked the key the stream was opened with, else unreachable; with its reason."""
+    why = f" ({closed.reason})" if closed and closed.reason else ""
+    if closed is not None and closed.code == CLOSE_REVOKED:
+        return NotAuthorised(f"not authorised any more{why}")
+    return Unreachable(f"{what}{why}")
 
 
 class Connection:
@@ -250,8 +260,7 @@ class Connection:
             except trio.EndOfChannel:
                 if self.violation is not None:
                     raise self.violation from None
-                why = f" ({self.closed.reason})" if self.closed and self.closed.reason else ""
-                raise Unreachable(f"the daemon closed the connection{why}") from None
+                raise closed_error(self.closed, "the daemon closed the connection") from None
         finally:
             self._waiting.pop(req_id, None)
         return answer(frame, nonce)

@@ -96,56 +96,72 @@ class Nats:
     def read(self, stream: str, subject: str, on_message: Callable[[str, bytes], None],
              follow: bool, on_idle: Callable[[], None] | None = None) -> int:
         """Feed every message of ``stream`` on ``subject`` to ``on_message`` (on this
-        loop's thread), from the first, by one ordered consumer; with ``follow``, then
-        live (``on_idle`` is called whenever it has caught up) until interrupted."""
+        loop's thread), from the first, each once and in stream order, by an ordered
+        consumer; with ``follow``, then live (``on_idle`` is called whenever it has
+        caught up) until interrupted.
 
-        async def retried(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-            """A JetStream API call, tried again on a timeout (a cluster electing a new
-            leader after losing a node answers after a while), within 3 timeouts."""
-            for attempt in range(3):
-                try:
-                    return await make()
-                except TimeoutError:
-                    if attempt == 2:
-                        raise
-            raise AssertionError("unreachable")
+        A read that times out inside NATS (a JetStream request not answered, or no
+        message while some are left: a cluster electing a leader after losing a node,
+        the node that held the consumer gone, a stalled server) is tried again, the
+        read resuming with a new consumer after the last message taken, up to
+        :data:`READ_ATTEMPTS` times in a row (anything received starts the count
+        again); then :class:`Unreachable` (exit 3)."""
 
         async def go() -> int:
+            from nats.js import api
             from nats.js.errors import NotFoundError
 
+            patience = _Patience(f"reading stream {stream}", self.timeout)
             try:
-                await retried(lambda: self.js.stream_info(stream))
+                await patience.call(lambda: self.js.stream_info(stream))
             except NotFoundError:
                 raise CtlError(f"no stream {stream} on NATS at {_redact(self.url)} (no graced "
                                "has forwarded to it yet)", ExitCode.NOT_FOUND) from None
-            sub = await retried(lambda: self.js.subscribe(subject, stream=stream,
-                                                          ordered_consumer=True))
-            count = 0
-            try:
-                # Without follow, read until nothing matching is left: a stall is an error,
-                # never a view cut short without a word.
-                info = await retried(sub.consumer_info)
-                # Some may be delivered already, waiting in the client's queue.
-                left = info.num_pending + (info.delivered.consumer_seq or 0)
-                while follow or left:
-                    try:
-                        msg = await sub.next_msg(timeout=0.25 if follow else self.timeout)
-                    except TimeoutError:
-                        if not follow:
-                            raise CtlError(f"reading stream {stream} stalled: {left} messages "
-                                           f"left, none within {self.timeout:g} s",
-                                           ExitCode.UNREACHABLE) from None
-                        if on_idle is not None:
+            count = left = 0
+            after = 0  # the stream seq of the last message taken
+            while True:
+                def consumer(start: int = after + 1) -> Coroutine[Any, Any, Any]:
+                    # A config of its own each try: nats-py fills in the deliver subject,
+                    # and a consumer a timed-out try made may still push to that one.
+                    config = None if start == 1 else api.ConsumerConfig(
+                        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                        opt_start_seq=start)
+                    return self.js.subscribe(subject, stream=stream, ordered_consumer=True,
+                                             config=config)
+
+                sub = await patience.call(consumer)
+                try:
+                    # Without follow, read until nothing matching is left: a stall is
+                    # tried again, then an error, never a view cut short without a word.
+                    info = await patience.call(sub.consumer_info)
+                    # Some may be delivered already, waiting in the client's queue. A
+                    # resumed read keeps its own count too: nats-server 2.9 may count
+                    # fewer pending (by about the start seq) for a filtered consumer that
+                    # starts at a seq.
+                    resumed = after > 0
+                    left = max(left if resumed else 0,
+                               info.num_pending + (info.delivered.consumer_seq or 0))
+                    while follow or left:
+                        try:
+                            msg = await sub.next_msg(timeout=0.25 if follow else self.timeout)
+                        except TimeoutError:
+                            if not follow:
+                                patience.timed_out(f"{left} messages left")
+                                break  # resume after the last message taken
+                            if on_idle is not None:
+                                on_idle()
+                            continue
+                        patience.answered()
+                        after = msg.metadata.sequence.stream
+                        on_message(msg.subject, msg.data)
+                        count += 1
+                        left = max(left - 1 if resumed else 0, msg.metadata.num_pending)
+                        if left == 0 and on_idle is not None:
                             on_idle()
-                        continue
-                    on_message(msg.subject, msg.data)
-                    count += 1
-                    left = msg.metadata.num_pending
-                    if left == 0 and on_idle is not None:
-                        on_idle()
-            finally:
-                await sub.unsubscribe()
-            return count
+                    else:
+                        return count
+                finally:
+                    await sub.unsubscribe()
 
         try:
             return self.run(go())
@@ -154,6 +170,50 @@ class Nats:
         except Exception as exc:  # noqa: BLE001
             raise Unreachable(f"reading stream {stream} failed: {type(exc).__name__}: "
                               f"{exc}") from None
+
+
+READ_ATTEMPTS = 3  # tries of a read that times out inside NATS, in a row
+
+
+class _Patience:
+    """Counts a read's timeouts in a row: each is said on stderr and tried again, up to
+    :data:`READ_ATTEMPTS`; then :class:`Unreachable`. Anything received resets it."""
+
+    def __init__(self, what: str, timeout: float) -> None:
+        self.what, self.timeout = what, timeout
+        self.failed = 0
+
+    def answered(self) -> None:
+        self.failed = 0
+
+    def timed_out(self, why: str) -> None:
+        """One more timeout (``why``: what was awaited); raises once they are too many."""
+        self.failed += 1
+        if self.failed >= READ_ATTEMPTS:
+            raise Unreachable(f"{self.what}: NATS did not answer ({why}) within "
+                              f"{self.timeout:g} s, {READ_ATTEMPTS} times in a row")
+        out.echo(f"gracectl: {self.what}: NATS did not answer ({why}) within "
+                 f"{self.timeout:g} s; trying again ({self.failed + 1} of {READ_ATTEMPTS})",
+                 err=True)
+
+    async def call(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """A JetStream API request, tried again while it times out or JetStream says it
+        is unavailable for now (no leader yet)."""
+        from nats.errors import NoRespondersError
+        from nats.js.errors import ServiceUnavailableError
+
+        while True:
+            try:
+                result = await make()
+            except TimeoutError:
+                self.timed_out("a JetStream request")
+                continue
+            except (ServiceUnavailableError, NoRespondersError) as exc:
+                self.timed_out(f"JetStream unavailable: {exc}")
+                await asyncio.sleep(min(self.timeout, 1.0))
+                continue
+            self.answered()
+            return result
 
 
 def _redact(url: str) -> str:
@@ -184,7 +244,11 @@ class _Keys(dict[str, bytes | None]):
 
 
 def _load(ctx: click.Context, subject: str) -> tuple[FleetView, Nats]:
-    obj = ctx.find_object(dict) or {}
+    return _load_from(ctx.find_object(dict) or {}, subject)
+
+
+def _load_from(obj: dict[str, Any], subject: str) -> tuple[FleetView, Nats]:
+    """The fleet view of every message on ``subject``, settled, and the connection."""
     nats = Nats(obj["nats"], obj.get("creds"), obj["timeout"])
     nats.connect()
     view = FleetView(_Keys())
@@ -231,7 +295,9 @@ def _find_hosts(ctx: click.Context, given: tuple[str, ...]) -> list[HostView]:
 @click.option("--creds", metavar="FILE", type=click.Path(dir_okay=False),
               envvar="GRACE_NATS_CREDS", help="A NATS credentials file (env GRACE_NATS_CREDS).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
-              metavar="SECONDS", help="How long to wait for NATS and for a host's answer.")
+              metavar="SECONDS",
+              help="How long to wait for NATS and for a host's answer; a read of the "
+                   "stream that times out is tried again, up to 3 timeouts in a row.")
 @click.pass_context
 def fleet(ctx: click.Context, nats_url: str, stream: str, creds: str | None,
           timeout: float) -> None:
@@ -554,6 +620,9 @@ def _on_host(ctx: click.Context, host_name: str,
         async def go() -> T:
             link = _NatsLink(nats, names.rpc_subject(host.daemon_id), obj["timeout"], key)
             conn = Connection(link, key, client_key)  # type: ignore[arg-type]
+            # Every request signed, bound to the id the view knows: no unsigned hello,
+            # which waits behind whatever else cannot be signed (docs/fleet.md).
+            conn.daemon_id = host.daemon_id
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(conn.reader)
                 nursery.start_soon(conn.checker)
@@ -570,12 +639,17 @@ def _on_host(ctx: click.Context, host_name: str,
         nats.close()
 
 
+RESEND_EVERY = 0.5  # seconds a request by NATS waits for its answer before it is sent again
+
+
 class _NatsLink:
     """Stands in for the WebSocket under :class:`Connection`: each message sent is a
     NATS request to the host, its reply the next message received. Anyone subscribed to
     the host's subject sees the request and may answer it: the reply taken is the first
     one to the request's own inbox that is a response to it signed by the host's pinned
-    key; any other is ignored until the timeout."""
+    key; any other is ignored until the timeout. A request not answered within
+    :data:`RESEND_EVERY` is sent again, the same bytes (graced drops it under a flood
+    it cannot keep up with; it serves a request it has taken once)."""
 
     def __init__(self, nats: Nats, subject: str, timeout: float, key: bytes) -> None:
         self.nats, self.subject, self.timeout, self.key = nats, subject, timeout, key
@@ -608,11 +682,21 @@ class _NatsLink:
         deadline = loop.time() + self.timeout
         try:
             await nc.publish(self.subject, data, reply=inbox)
+            resend = loop.time() + RESEND_EVERY
             while True:
                 left = deadline - loop.time()
                 if left <= 0:
                     raise TimeoutError
-                msg = await sub.next_msg(timeout=left)
+                try:
+                    msg = await sub.next_msg(timeout=min(left, max(resend - loop.time(),
+                                                                   0.01)))
+                except TimeoutError:
+                    if loop.time() >= resend:
+                        # Dropped under a flood (graced's queue full)? The very same
+                        # request again: graced serves it once (docs/fleet.md).
+                        await nc.publish(self.subject, data, reply=inbox)
+                        resend = loop.time() + RESEND_EVERY
+                    continue
                 if msg.headers and msg.headers.get("Status") == "503" and not msg.data:
                     raise NoRespondersError
                 if self._ours(bytes(msg.data), req_id):

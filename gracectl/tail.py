@@ -12,9 +12,10 @@ import trio
 from graced.protocol import ChainVerifier, ExitCode, Violation, key_id, parse_ts
 from graced.protocol.topics import compile_patterns
 from graced.protocol.verify import announced_interval, stale_limit
+from graced.protocol.wire import CLOSE_REVOKED
 
-from .client import Endpoint, connect
-from .errors import Unreachable
+from .client import Endpoint, closed_error, connect
+from .errors import RemoteError, Unreachable
 from .out import TAIL_OUTPUTS, kv, safe, stderr_note, when
 from .timespec import Point
 
@@ -127,6 +128,7 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
     next_seq = await _start(endpoint, opts)
     last_topic: str | None = None
     retry_until: float | None = None
+    started = False
     while True:
         graceful = False
         if retry_until is not None:
@@ -154,6 +156,15 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
                 first = hello.get("first_seq")
                 first = first if isinstance(first, int) and first > 1 else 1
                 next_seq = max(first, head - opts.lines + 1) if opts.lines > 0 else head + 1
+            # Verifying needs the whole chain; --no-follow needs to see the head go by even
+            # when it does not match: both receive everything and filter here.
+            everything = opts.verify or not opts.follow
+            # A start the user did not name (-n, the head) moves on to the oldest event
+            # kept when retention prunes under it; a --since seq pruned is exit 8.
+            asked = opts.since is not None or opts.since_at is not None
+            next_seq, sub = await _subscribe(conn, ["*"] if everything else opts.patterns,
+                                             next_seq, move_on=not asked and not started)
+            started = True
             if opts.verify and verifier is None:
                 assert opts.trusted_key is not None
                 interval = float(hello.get("heartbeat_interval", 5.0))
@@ -161,12 +172,6 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
                 # The first event must be the one asked for: nobody may drop the head.
                 verifier = ChainVerifier(opts.trusted_key, stale_after=stale,
                                          first_seq=next_seq)
-            # Verifying needs the whole chain; --no-follow needs to see the head go by even
-            # when it does not match: both receive everything and filter here.
-            everything = opts.verify or not opts.follow
-            sub = await conn.request("subscribe", {
-                "patterns": ["*"] if everything else opts.patterns, "since": next_seq,
-            })
             stop_at = None if opts.follow else int(sub["head_seq"])
             if stop_at is not None and next_seq > stop_at:
                 return 0
@@ -223,12 +228,12 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
             graceful = (closed is not None and closed.code == 1001) if verifier is None else (
                 last_topic == "daemon.stopping"
             )
-        if verifier is not None and not graceful:
-            verifier.end()
+        revoked = closed is not None and closed.code == CLOSE_REVOKED
+        if verifier is not None and not graceful and not revoked:
+            verifier.end()  # cut short: what a tamperer dropping the tail would do
         printer.release()
         if not graceful:
-            why = f" ({closed.reason})" if closed and closed.reason else ""
-            raise Unreachable(f"connection to graced lost{why}")
+            raise closed_error(closed, "connection to graced lost")
         if not opts.follow:
             return 0
         note(f"graced is stopping; waiting up to {opts.reconnect_timeout:g} s for it to come "
@@ -255,7 +260,7 @@ async def _scan(conn: Any, since: int,
     """Pass every event from ``since`` to the head at subscription to ``visit`` until it
     returns False; unverified (this only finds where to start: what is shown is checked
     when it is read again)."""
-    sub = await conn.request("subscribe", {"patterns": ["*"], "since": since})
+    since, sub = await _subscribe(conn, ["*"], since, move_on=True)
     head = int(sub["head_seq"])
     if since > head:
         return
@@ -269,6 +274,29 @@ async def _scan(conn: Any, since: int,
             continue
         if not visit(seq, event) or seq >= head:
             return
+
+
+async def _subscribe(conn: Any, patterns: list[str], since: int, *, move_on: bool
+                     ) -> tuple[int, dict[str, Any]]:
+    """Subscribe from ``since``; returns the seq it starts at and the answer. When
+    retention pruned ``since`` and ``move_on``, from the oldest event kept instead (a
+    start gracectl chose); else the pruned error says where to start."""
+    for _ in range(20):
+        try:
+            return since, await conn.request("subscribe", {"patterns": patterns,
+                                                           "since": since})
+        except RemoteError as exc:
+            if exc.code_name != "pruned":
+                raise
+            if not move_on:
+                raise RemoteError(exc.code_name, f"{exc}; start there (gracectl tail --since "
+                                  "FIRST_SEQ; gracectl checkpoint shows the anchor to "
+                                  "verify from)", exc.code) from None
+        hello = await conn.request("hello")
+        first = hello.get("first_seq")
+        if isinstance(first, int) and first > since:
+            since = first
+    raise Unreachable("retention kept pruning the start of the stream; try again")
 
 
 async def _head(endpoint: Endpoint, key: bytes | None) -> tuple[int, int]:

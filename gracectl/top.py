@@ -11,6 +11,7 @@ something changed, at most ten times a second, and once a second for the clocks.
 
 from __future__ import annotations
 
+import contextlib
 import curses
 import locale
 import os
@@ -18,7 +19,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -689,11 +690,12 @@ class Screen:
         curses.doupdate()
 
 
-async def run_live(endpoint: Endpoint, opts: Options) -> int:
-    """The full-screen dashboard; returns when the user quits."""
+@contextlib.contextmanager
+def full_screen() -> Iterator[tuple[Any, Screen]]:
+    """curses set up for a dashboard (no echo, keys at once, no wait, no cursor), and
+    the terminal put back as it was on the way out."""
     os.environ.setdefault("ESCDELAY", "25")
     locale.setlocale(locale.LC_ALL, "")
-    top = Top(endpoint, opts)
     stdscr = curses.initscr()
     try:
         curses.noecho()
@@ -704,7 +706,18 @@ async def run_live(endpoint: Endpoint, opts: Options) -> int:
             curses.curs_set(0)
         except curses.error:
             pass
-        screen = Screen(stdscr)
+        yield stdscr, Screen(stdscr)
+    finally:
+        stdscr.keypad(False)
+        curses.nocbreak()
+        curses.echo()
+        curses.endwin()
+
+
+async def run_live(endpoint: Endpoint, opts: Options) -> int:
+    """The full-screen dashboard; returns when the user quits."""
+    top = Top(endpoint, opts)
+    with full_screen() as (stdscr, screen):
         with trio.open_signal_receiver(signal.SIGWINCH) as winch:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_keep_connected, top)
@@ -718,11 +731,6 @@ async def run_live(endpoint: Endpoint, opts: Options) -> int:
                     height, width = stdscr.getmaxyx()
                     screen.draw(render(top.model, width, height, time.time()))
                     await trio.sleep(0.1)  # at most ten frames a second
-    finally:
-        stdscr.keypad(False)
-        curses.nocbreak()
-        curses.echo()
-        curses.endwin()
     return 0
 
 

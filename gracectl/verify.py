@@ -16,26 +16,33 @@ and exit code) is exactly the one a sequential reader meets first.
 
 from __future__ import annotations
 
+import gc
 import os
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from hashlib import sha256
-from typing import IO
+from operator import methodcaller, sub
+from typing import IO, Any, NoReturn
 
 from graced.protocol import ChainVerifier, ExitCode, Violation, parse_ts
-from graced.protocol.signing import key_id, verify_detached
+from graced.protocol.signing import key_id, verify_all
 from graced.protocol.verify import (
     ANNOUNCING_TOPICS,
     MAX_LINE_BYTES,
     RESTART_TOPICS,
+    EventBlock,
     announced_interval,
+    parse_event_block,
     parse_event_line,
     stale_limit,
 )
 
 PARALLEL_MIN_BYTES = 4 << 20
 CHUNKS_PER_WORKER = 6
+CHUNK_BYTES = 4 << 20
 
 
 @dataclass
@@ -73,7 +80,49 @@ class _Gaps:
             ts = parse_ts(event["ts"])
         except ValueError:
             raise Violation(ExitCode.CHAIN_BROKEN, seq, "malformed timestamp") from None
-        topic = event["topic"]
+        self._step(ts, event["topic"], event, seq)
+
+    def feed_many(self, stamps: list[float], topics: Sequence[str],
+                  events: Sequence[dict[str, Any]], seqs: Sequence[int]) -> None:
+        """:meth:`feed` for many events (their times already parsed), with the same
+        verdicts: between the events that announce an interval or may open or close a
+        silence (a restart, ``daemon.stopping``), the limit is one, and only the largest
+        gap is compared with it."""
+        special = ([] if _SPECIAL_TOPICS.isdisjoint(topics) else
+                   [i for i, topic in enumerate(topics) if topic in _SPECIAL_TOPICS])
+        start = 0
+        for stop in [*special, len(stamps)]:
+            if stop > start:
+                self._plain(stamps, start, stop, seqs)
+                self.prev_topic = topics[stop - 1]
+            if stop < len(stamps):
+                self._step(stamps[stop], topics[stop], events[stop], seqs[stop])
+            start = stop + 1
+
+    def _plain(self, stamps: list[float], start: int, stop: int, seqs: Sequence[int]) -> None:
+        """Events start..stop-1, none of them special."""
+        times = stamps[start:stop]
+        if self.prev_ts is not None and self.prev_topic != "daemon.stopping":
+            times.insert(0, self.prev_ts)
+            start -= 1
+        self.prev_ts = stamps[stop - 1]
+        if len(times) < 2:
+            return
+        gaps = list(map(sub, times[1:], times[:-1]))
+        worst, limit = max(gaps), self._limit
+        if worst > (self.early_gap if limit is None else limit):
+            if limit is None:
+                self.early_gap = worst
+            else:
+                at = next(i for i, gap in enumerate(gaps) if gap > limit)
+                self._stale(seqs[start + at + 1], gaps[at], limit)
+
+    def _stale(self, seq: int, gap: float, limit: float) -> NoReturn:
+        raise Violation(ExitCode.STALE, seq,
+                        f"stream stale: {gap:.1f} s with no event or heartbeat "
+                        f"before this one (limit {limit:g} s)")
+
+    def _step(self, ts: float, topic: str, event: dict, seq: int) -> None:
         if topic in ANNOUNCING_TOPICS:  # judged by what it announces, as the gap before it
             self.interval = announced_interval(event) or self.interval
             self._limit = self.limit()
@@ -87,9 +136,10 @@ class _Gaps:
                 if limit is None:
                     self.early_gap = gap
                 else:
-                    raise Violation(ExitCode.STALE, seq,
-                                    f"stream stale: {gap:.1f} s with no event or heartbeat "
-                                    f"before this one (limit {limit:g} s)")
+                    self._stale(seq, gap, limit)
+
+
+_SPECIAL_TOPICS = ANNOUNCING_TOPICS | RESTART_TOPICS | {"daemon.stopping"}
 
 
 def _lines(f: IO[bytes], end: int | None = None) -> Iterator[tuple[int, bytes]]:
@@ -146,54 +196,113 @@ class _Chunk:
     early_gap: float
 
 
+_TS_COLUMN = re.compile(r"(?:[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}"
+                        r"\.[0-9]{6}Z\n)*")
+_HEX = methodcaller("hexdigest")
+_TIMESTAMP = datetime.timestamp
+_FROM_ISO = datetime.fromisoformat
+BLOCK_BYTES = 1 << 20
+
+
+class _ChunkProver:
+    """Proves a chunk block by block: each block's events are checked as
+    :class:`ChainVerifier` checks them (key, seq, chain link, signature, time gap), a
+    whole column at a time (``list == list`` compares in C), so the common block runs
+    no Python code per event."""
+
+    def __init__(self, public_key: bytes, stale_after: float | None) -> None:
+        self.public_key = public_key
+        self.kid = key_id(public_key)
+        self.gaps = _Gaps(stale_after)
+        self.count = 0
+        self.first: tuple[int, str, str, float] | None = None
+        self.last_seq = -1
+        self.last_hash = self.last_topic = ""
+
+    def feed(self, block: EventBlock) -> bool:
+        """False at the first doubt."""
+        n = len(block.events)
+        seqs, prevs, hashes = block.seqs, block.prevs, list(map(_HEX, map(sha256,
+                                                                             block.signing)))
+        if self.first is not None and (seqs[0] != self.last_seq + 1
+                                       or prevs[0] != self.last_hash):
+            return False
+        if (list(seqs) != list(range(seqs[0], seqs[0] + n)) or list(prevs[1:]) != hashes[:-1]
+                or block.kids.count(self.kid) != n
+                or not verify_all(block.sigs, block.signing, self.public_key)
+                or not _TS_COLUMN.fullmatch("\n".join(block.stamps) + "\n")):
+            return False
+        try:
+            stamps = list(map(_TIMESTAMP, map(_FROM_ISO, block.stamps)))
+            self.gaps.feed_many(stamps, block.topics, block.events, seqs)
+        except (ValueError, Violation):
+            return False
+        if self.first is None:
+            self.first = (seqs[0], prevs[0], hashes[0], stamps[0])
+        self.last_seq, self.last_hash, self.last_topic = seqs[-1], hashes[-1], block.topics[-1]
+        self.count += n
+        return True
+
+    def result(self) -> _Chunk | None:
+        gaps = self.gaps
+        if self.first is None or gaps.prev_ts is None:
+            return None
+        return _Chunk(self.count, *self.first, self.last_seq, self.last_hash,
+                      gaps.prev_ts, self.last_topic, gaps.interval, gaps.early_gap)
+
+
+def _one_by_one(block: bytes) -> EventBlock | None:
+    """The block's events parsed line by line (the exact check where the fast one
+    cannot decide), or None if a line is not an event."""
+    events, signing = [], []
+    lines = block.split(b"\n")
+    lines.pop()
+    for line in lines:
+        if not line or len(line) > MAX_LINE_BYTES:
+            return None
+        try:
+            event, data = parse_event_line(line)
+        except Violation:
+            return None
+        events.append(event)
+        signing.append(data)
+    return EventBlock.of(events, signing)
+
+
+def _prove(data: bytes, public_key: bytes, stale_after: float | None) -> _Chunk | None:
+    """What whole lines ``data`` prove, or None at the first doubt (the sequential pass
+    that follows names the violation exactly: a forged signature and an altered
+    event, a replay and a reorder, look alike here)."""
+    prover = _ChunkProver(public_key, stale_after)
+    at = 0
+    while at < len(data):
+        cut = data.rfind(b"\n", at, at + BLOCK_BYTES) + 1 or data.find(b"\n",
+                                                                       at + BLOCK_BYTES) + 1
+        if cut <= at:  # cut mid-line: the sequential pass says where
+            return None
+        block = data[at:cut]
+        at = cut
+        events = parse_event_block(block) or _one_by_one(block)
+        if events is None or not prover.feed(events):
+            return None
+    return prover.result()
+
+
 def _verify_chunk(path: str, start: int, end: int, public_key: bytes,
                   stale_after: float | None) -> _Chunk | None:
-    """Verify the lines in bytes [start, end) of ``path``; None if anything is wrong.
-
-    The hot loop of a large verification, kept lean: each line is parsed strictly
-    (:func:`parse_event_line`, whose common case runs in C), then the key, the seq and
-    the chain link, the signature and the time gap are checked as
-    :class:`ChainVerifier` checks them. It only ever proves; at the first doubt it gives
-    up (None) and the sequential pass that follows names the violation exactly (a
-    forged signature and an altered event, a replay and a reorder, look alike here).
-    """
-    kid = key_id(public_key)
-    gaps = _Gaps(stale_after)
-    first: tuple[int, str, str, float] | None = None
-    count = 0
-    last_seq = -1
-    last_hash = last_topic = ""
+    """Verify the lines in bytes [start, end) of ``path``; None if anything is wrong."""
     with open(path, "rb") as f:
         f.seek(start)
-        lines = f.read(end - start).split(b"\n")
-    if lines.pop() != b"":  # cut mid-line: the sequential pass says where
-        return None
+        data = f.read(end - start)
+    # The parsed events hold no cycles: reference counting frees them, and the cyclic
+    # collector, woken by every few hundred new dicts, would only walk them for nothing.
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        for line in lines:
-            if not line or len(line) > MAX_LINE_BYTES:
-                return None
-            event, signing = parse_event_line(line)
-            seq = event["seq"]
-            if event["kid"] != kid:
-                return None
-            if first is not None and (seq != last_seq + 1 or event["prev"] != last_hash):
-                return None
-            if not verify_detached(event["sig"], signing, public_key):
-                return None
-            h = sha256(signing).hexdigest()
-            gaps.feed(event, seq)
-            if first is None:
-                assert gaps.prev_ts is not None
-                first = (seq, event["prev"], h, gaps.prev_ts)
-            last_seq, last_hash, last_topic = seq, h, event["topic"]
-            count += 1
-    except Violation:
-        return None
-    if first is None:
-        return None
-    assert gaps.prev_ts is not None
-    return _Chunk(count, first[0], first[1], first[2], first[3], last_seq, last_hash,
-                  gaps.prev_ts, last_topic, gaps.interval, gaps.early_gap)
+        return _prove(data, public_key, stale_after)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _boundaries(path: str, size: int, pieces: int) -> list[tuple[int, int]]:
@@ -226,16 +335,29 @@ def _parallel(path: str, public_key: bytes, *, anchor: tuple[int, str] | None,
     import multiprocessing
 
     size = os.path.getsize(path)
-    ranges = _boundaries(path, size, workers * CHUNKS_PER_WORKER)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        futures = [pool.submit(_verify_chunk, path, a, b, public_key, stale_after)
-                   for a, b in ranges]
-        if progress is not None:
-            from concurrent.futures import as_completed
+    # Small chunks, many per worker: the last ones end close together, no core idles
+    # long at the end. Each worker reads its own bytes; only offsets and a small
+    # summary cross between processes.
+    ranges = _boundaries(path, size, max(workers * CHUNKS_PER_WORKER, size // CHUNK_BYTES))
+    chunks: list[_Chunk | None] = []
+    if workers == 1:
+        for a, b in ranges:
+            chunks.append(_verify_chunk(path, a, b, public_key, stale_after))
+            if chunks[-1] is None:
+                return None
+            if progress is not None:
+                progress(len(chunks), len(ranges))
+    else:
+        with ProcessPoolExecutor(workers,
+                                 mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = [pool.submit(_verify_chunk, path, a, b, public_key, stale_after)
+                       for a, b in ranges]
+            if progress is not None:
+                from concurrent.futures import as_completed
 
-            for done, _ in enumerate(as_completed(futures), 1):
-                progress(done, len(futures))
-        chunks = [fut.result() for fut in futures]
+                for done, _ in enumerate(as_completed(futures), 1):
+                    progress(done, len(futures))
+            chunks = [fut.result() for fut in futures]
     if not chunks or any(c is None for c in chunks):
         return None
     verifier = ChainVerifier(public_key, anchor=anchor, first_seq=None if anchor else 1)
@@ -275,7 +397,7 @@ def verify_file(path: str, public_key: bytes, *, anchor: tuple[int, str] | None 
     problem. Uses ``workers`` processes (default: the usable cores) for large files, and
     tells ``progress`` (parts done, parts) as they finish."""
     workers = usable_cores() if workers is None else workers
-    if path != "-" and workers > 1 and os.path.getsize(path) >= PARALLEL_MIN_BYTES:
+    if path != "-" and os.path.getsize(path) >= PARALLEL_MIN_BYTES:
         result = _parallel(path, public_key, anchor=anchor, partial=partial,
                            stale_after=stale_after, workers=workers, progress=progress)
         if result is not None:

@@ -22,7 +22,7 @@ import psutil
 import trio
 
 from . import __version__, keys
-from .auth import CONTROL, READ
+from .auth import CONTROL, READ, PerKeyBudget
 from .config import Config
 from .detectors.runner import DetectorRunner
 from .executor import AUTO_RISKS, Executor, PlanChanged
@@ -47,6 +47,7 @@ log = logging.getLogger("graced.api")
 
 MAX_EMIT = 10_000_000
 MAX_COMMENT = 1024  # bytes of UTF-8: a comment is journaled with the decision
+REFUSALS_JOURNALED = 10  # a local user's refused decisions journaled per minute, per uid
 
 # The role a TCP client's signed request needs for each method (None: anyone).
 # Over the Unix socket the peer's uid decides (see the handlers and graced.wire).
@@ -98,6 +99,7 @@ class Api:
         self.integration: dict[str, dict[str, Any]] = {}
         self.fleet: Any = None  # graced.fleet.Forwarder when [fleet] url is set
         self.retention: Retention | None = None
+        self._refusals_journaled = PerKeyBudget(REFUSALS_JOURNALED, 60.0)
         self.set_config(config)
 
     def set_config(self, config: Config) -> None:
@@ -616,7 +618,7 @@ class Api:
             if peer.transport != "unix":  # the wire admits no unsigned decision over TCP
                 raise RequestError("not_authorised", f"{verb} over TCP must be signed")
             if not self.executor.may_approve(peer.uid, peer.groups):
-                await self._refuse(mid, verb, peer.describe(), (
+                await self._refuse(client, req, mid, verb, (
                     f"uid {peer.uid} may not {verb} missions (allowed: root, uid "
                     f"{os.geteuid()}, [remediation] approvers and approver_groups)"))
             try:
@@ -675,10 +677,25 @@ class Api:
                 f"the plan runs as approved (--even-if-clearing)")}
         return {"mission": m.public()}
 
-    async def _refuse(self, mid: int, verb: str, peer: str, reason: str) -> None:
-        """Refuse a local user's decision; journaled: that user is known by uid."""
-        await self.mesh.publish("mission.approval_refused", {
-            "mission": mid, "decision": verb, "peer": peer, "reason": reason})
+    async def _refuse(self, client: Client, req: Request, mid: int, verb: str,
+                      reason: str) -> None:
+        """Refuse a local user's decision. Journaled (that user is known by uid), but only
+        for a mission that is active, and at most REFUSALS_JOURNALED a minute per uid,
+        the next one journaled carrying how many were not: anyone may open the socket,
+        and an unbounded stream of refusals would have retention prune every event
+        worth keeping. The rest are counted and logged (rate-limited), as refusals of
+        unauthenticated requests are."""
+        peer = client.peer
+        skipped = (self._refusals_journaled.take(peer.uid)
+                   if self.executor.engine.by_id(mid) is not None else None)
+        if skipped is None:
+            self.server.refusals.refuse(peer.describe(), req.method, reason)
+            raise RequestError("not_authorised", reason)
+        payload: dict[str, Any] = {"mission": mid, "decision": verb,
+                                   "peer": peer.describe(), "reason": reason}
+        if skipped:
+            payload["not_journaled"] = skipped
+        await self.mesh.publish("mission.approval_refused", payload)
         raise RequestError("not_authorised", reason)
 
     async def _fresh_nonce(self, client: Client, req: Request,
@@ -790,9 +807,13 @@ class Api:
         if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool)
                                  or not 0 < rate <= 1e6):
             raise RequestError("bad_request", "params.rate must be a number of events/s or null")
+        # A signed emit's nonce is kept durably, with its first event, as an approval's
+        # is: replayed after a restart (when the memory of nonces is gone) it is refused.
+        nonce = ([] if req.kid is None or client.can_control()
+                 else await self._fresh_nonce(client, req, "emit"))
         if count == 1:
             try:
-                ev = await self.mesh.publish(topic, payload)
+                ev = await self.mesh.publish(topic, payload, writes=nonce)
             except (ValueError, TypeError) as exc:
                 raise RequestError("bad_request", f"payload is not JSON-safe: {exc}") from None
             assert ev is not None
@@ -803,18 +824,25 @@ class Api:
             canonical_bytes(payload)
         except (ValueError, TypeError) as exc:
             raise RequestError("bad_request", f"payload is not JSON-safe: {exc}") from None
+        first = 0
+        if nonce:
+            # The first event carries the nonce, committed before the rest is queued.
+            await self.mesh.publish(topic, {"i": 0, **_as_dict(payload)}, writes=nonce)
+            first = 1
         if p.get("wait", True) is False:
-            self.server.spawn(self._emit_many, topic, payload, count, rate)
+            self.server.spawn(self._emit_many, topic, payload, count, rate, first)
             return {"queued": count, "rate": rate}
-        last = await self._emit_many(topic, payload, count, rate)
+        last = await self._emit_many(topic, payload, count, rate, first)
         return {"count": count, "last_seq": last}
 
-    async def _emit_many(self, topic: str, payload: Any, count: int, rate: float | None) -> int:
-        """Publish ``count`` events (paced at ``rate``/s if given); returns the last seq."""
+    async def _emit_many(self, topic: str, payload: Any, count: int, rate: float | None,
+                         first: int = 0) -> int:
+        """Publish events ``first..count-1`` of ``count`` (paced at ``rate``/s if given);
+        returns the last seq."""
         mesh = self.mesh
         body = _as_dict(payload)
         start = trio.current_time()
-        for i in range(count - 1):
+        for i in range(first, count - 1):
             if rate is not None:
                 await trio.sleep_until(start + i / rate)
             elif i % 256 == 0:

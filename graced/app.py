@@ -47,7 +47,7 @@ from .protocol import Signer
 from .readers import SharedReader
 from .reload import ConfigRejected, Reloader, removed_reason
 from .retention import Retention, checkpoint_payload
-from .safefiles import check_private_dir, write_new
+from .safefiles import check_dir_chain, check_private_dir, make_dirs, write_new
 from .silences import Silences
 from .wire import Budget, Server, certificate_names, tls_context
 
@@ -55,8 +55,14 @@ log = logging.getLogger("graced")
 
 
 def _prepare_state_dir(path: Path) -> None:
+    # The directories above it first: nothing is made inside one another user may swap.
+    problem = check_dir_chain(path.parent)
+    if problem:
+        raise StateError(f"state dir {path}: {problem}: refusing it (every directory above "
+                         "it must belong to this user or root and be writable by no one "
+                         "else, sticky ones such as /tmp aside)")
     try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(path, 0o700)
     except OSError as exc:
         raise StateError(f"cannot create state dir {path}: {exc.strerror}") from None
     problem = check_private_dir(path)
@@ -196,6 +202,7 @@ class Daemon:
             forwarder = make_forwarder(cfg.fleet, daemon_id=self.daemon_id, mesh=mesh,
                                        journal_path=journal.path,
                                        acked=meta.get("fleet_acked"), answer=server.answer,
+                                       screen=server.authenticator.screen,
                                        hostname=self.hostname, signer=signer,
                                        learning=learning, knowledge_lock=api.knowledge_lock)
             api.fleet = self.fleet = forwarder
@@ -206,6 +213,8 @@ class Daemon:
             request_window=lambda: self.config.remediation.request_window,
             pinned=server.oldest_replay)
         api.retention = retention
+        reloader.listeners.append(
+            lambda new: retention.configure(new.journal.max_size, new.journal.max_age))
         server.handlers = api.handlers()
         server.roles = dict(ROLES)
         try:

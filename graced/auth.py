@@ -80,6 +80,18 @@ class Authenticator:
 
     def verify(self, req: Request) -> tuple[str, str]:
         """``(kid, role)`` of a signed request; raises :class:`AuthError`."""
+        kid = self.screen(req)
+        nonce_key = f"{kid}:{req.nonce}"
+        if nonce_key in self._nonces:
+            raise AuthError("replayed request: its nonce was used before")
+        self._remember(nonce_key, self.clock())
+        return kid, self.roles[kid]
+
+    def screen(self, req: Request) -> str:
+        """The signer's kid if the signed request passes every check but its nonce's
+        (a key with a role, this daemon, signature, freshness); raises
+        :class:`AuthError`. Changes nothing, so any thread may call it: the fleet's
+        NATS thread screens requests with it before they wait for trio."""
         auth = req.auth
         assert auth is not None
         kid = auth["kid"]
@@ -99,11 +111,7 @@ class Authenticator:
         if abs(skew) > self.window:
             raise AuthError(f"stale request: its timestamp is {skew:.0f} s off "
                             f"(window {self.window:g} s)")
-        nonce_key = f"{kid}:{req.nonce}"
-        if nonce_key in self._nonces:
-            raise AuthError("replayed request: its nonce was used before")
-        self._remember(nonce_key, now)
-        return kid, self.roles[kid]
+        return str(kid)
 
     def _remember(self, nonce_key: str, now: float) -> None:
         """Keep nonces while a request carrying them could still be fresh; no longer."""
@@ -140,6 +148,37 @@ class LogBudget:
             return True
         self.suppressed += 1
         return False
+
+
+class PerKeyBudget:
+    """At most ``burst`` events per key (a uid, an address) per ``period`` seconds; the
+    rest are counted, and the count handed to the next one allowed. At most ``keys``
+    keys are tracked at once (the oldest window is forgotten first)."""
+
+    def __init__(self, burst: int = LOG_BURST, period: float = LOG_PERIOD,
+                 clock: Callable[[], float] = time.monotonic, keys: int = 4096) -> None:
+        self.burst, self.period, self.clock, self.max_keys = burst, period, clock, keys
+        # key -> [window start, taken in the window, not taken since the last taken]
+        self._windows: OrderedDict[Any, list[float]] = OrderedDict()
+
+    def take(self, key: Any) -> int | None:
+        """None when ``key`` is over its budget (counted); else how many were refused
+        for it since the last one taken (0 usually)."""
+        now = self.clock()
+        w = self._windows.get(key)
+        if w is None or now - w[0] >= self.period:
+            skipped = int(w[2]) if w is not None else 0
+            w = [now, 0.0, float(skipped)]
+            self._windows[key] = w
+            self._windows.move_to_end(key)
+            while len(self._windows) > self.max_keys:
+                self._windows.popitem(last=False)
+        if w[1] >= self.burst:
+            w[2] += 1
+            return None
+        w[1] += 1
+        skipped, w[2] = int(w[2]), 0.0
+        return skipped
 
 
 class Refusals:

@@ -23,14 +23,25 @@ from .detectors.runner import judge_and_observe
 from .detectors.scoring import BaselineError, Scorer, Verdict
 from .missions.engine import MissionEngine
 
+_UNIT_NAMES = {"s": "seconds", "ms": "milliseconds", "us": "microseconds",
+               "ns": "nanoseconds"}
+
 
 class BacktestError(Exception):
     """Bad input: the message names the file, the line and the field."""
 
 
-def parse_timestamp(text: str) -> float:
-    """Epoch seconds, or ISO 8601 (``2026-11-24T00:00:00Z``); ValueError for anything
-    else, nan and infinities included."""
+TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+"""--time-unit: what a numeric timestamp counts, to seconds."""
+SECONDS_BEFORE = 1e11
+"""Epoch seconds at or past this (the year 5138) are surely not seconds: milliseconds
+(1.7e12 today), microseconds or nanoseconds read as seconds. Refused with a hint."""
+
+
+def parse_timestamp(text: str, unit: str = "s") -> float:
+    """Epoch seconds (or ``unit``: ms, us, ns), or ISO 8601 (``2026-11-24T00:00:00Z``);
+    ValueError for anything else, nan and infinities included, and for seconds so large
+    they must be another unit."""
     try:
         number = float(text)
     except ValueError:
@@ -38,7 +49,13 @@ def parse_timestamp(text: str) -> float:
     else:
         if number != number or number in (float("inf"), float("-inf")):
             raise ValueError(f"not a finite number: {text!r}")
-        return number
+        seconds = number * TIME_UNITS[unit]
+        if abs(seconds) >= SECONDS_BEFORE:
+            guess = next((u for u, f in (("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9))
+                          if abs(number * f) < SECONDS_BEFORE), "ns")
+            raise ValueError(f"{text[:40]!r} is not epoch {_UNIT_NAMES[unit]} (the year "
+                             f"would be past 5000): give --time-unit {guess}?")
+        return seconds
     try:
         return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     except (OverflowError, OSError) as exc:
@@ -112,10 +129,10 @@ def _check_detector(cfg: DetectorConfig) -> str | None:
     return None
 
 
-def rows(fh: IO[str], name: str) -> Iterator[tuple[str, str, float, float]]:
+def rows(fh: IO[str], name: str, unit: str = "s") -> Iterator[tuple[str, str, float, float]]:
     reader = csv.reader(fh)
     try:
-        yield from _rows(reader, name)
+        yield from _rows(reader, name, unit)
     except csv.Error as exc:  # a field over csv's limit (128 KiB), a NUL, ...
         raise BacktestError(f"{name}:{reader.line_num}: not CSV: {exc}") from None
     except UnicodeDecodeError as exc:
@@ -123,11 +140,12 @@ def rows(fh: IO[str], name: str) -> Iterator[tuple[str, str, float, float]]:
                             f"{exc.object[exc.start:exc.start + 1]!r})") from None
 
 
-def _rows(reader: Any, name: str) -> Iterator[tuple[str, str, float, float]]:
+def _rows(reader: Any, name: str, unit: str) -> Iterator[tuple[str, str, float, float]]:
     header = next(reader, None)
     if header is None or [h.strip().lower() for h in header] != ["timestamp", "value"]:
         raise BacktestError(f"{name}:1: header must be 'timestamp,value', got "
                             f"{str(header)[:80]}")
+    last: tuple[float, int] | None = None
     for row in reader:
         line = reader.line_num
         if not row or not "".join(row).strip():
@@ -135,10 +153,18 @@ def _rows(reader: Any, name: str) -> Iterator[tuple[str, str, float, float]]:
         if len(row) != 2:  # a third field is a mistake to say, not data to drop
             raise BacktestError(f"{name}:{line}: expected 2 fields, got {len(row)}")
         try:
-            ts = parse_timestamp(row[0].strip())
-        except ValueError:
-            raise BacktestError(f"{name}:{line}: timestamp: not a finite number or ISO 8601 "
-                                f"time: {row[0][:80]!r}") from None
+            ts = parse_timestamp(row[0].strip(), unit)
+        except ValueError as exc:
+            why = str(exc) if "--time-unit" in str(exc) else (
+                f"not a finite number or ISO 8601 time: {row[0][:80]!r}")
+            raise BacktestError(f"{name}:{line}: timestamp: {why}") from None
+        if last is not None and ts < last[0]:
+            # The rows stand for the clock: time going back would replay hysteresis and
+            # windows wrongly. Equal times are fine (two samples in one tick).
+            raise BacktestError(f"{name}:{line}: timestamp: {row[0][:40]!r} is earlier than "
+                                f"line {last[1]}'s: sort the file by time first "
+                                "(sort -t, -k1,1n, keeping the header)")
+        last = (ts, line)
         try:
             value = float(row[1])
         except ValueError:
@@ -175,11 +201,15 @@ class Summary:
             ladder = "  ".join(f">={t:g}: {sum(1 for x in ordered if x >= t)}"
                                for t in (0.3, 0.5, 0.7, 0.9, 0.99))
             out.append(f"  rows with anomaly_score {ladder}")
+            out.append("  (anomaly_score is graced's 0-1 score; a row is an anomaly at the "
+                       "detector's settings: --threshold is a VALUE, --set sensitivity=S "
+                       "moves the baseline's cut-off)")
         return out
 
 
 def run_backtest(infile: IO[str], name: str, cfg: DetectorConfig, out: IO[str],
-                 progress: bool, missions: MissionsConfig | None = None) -> Summary:
+                 progress: bool, missions: MissionsConfig | None = None,
+                 unit: str = "s") -> Summary:
     """Score every row through the daemon's scoring and mission engine.
 
     Writes nothing if the input is bad (raises :class:`BacktestError`).
@@ -202,7 +232,7 @@ def run_backtest(infile: IO[str], name: str, cfg: DetectorConfig, out: IO[str],
     bar = click.progressbar(length=total, label="backtest", file=sys.stderr) if (
         progress and total and total > 20000) else None
     try:
-        for ts_text, value_text, ts, value in rows(infile, name):
+        for ts_text, value_text, ts, value in rows(infile, name, unit):
             obs = Observation(subject=subject, value=value)
             try:
                 verdict, transitions = judge_and_observe(scorer, engine, cfg, obs, ts)

@@ -224,11 +224,15 @@ def config_default() -> None:
 @click.option("--threshold", type=float, default=None, metavar="VALUE",
               help="Anomalous above VALUE (or below it, with --below).")
 @click.option("--below", is_flag=True, help="Anomalous below the threshold instead of above.")
+@click.option("--time-unit", "unit", type=click.Choice(["s", "ms", "us", "ns"]), default="s",
+              show_default=True,
+              help="What a numeric timestamp counts since the epoch (an ISO 8601 time is "
+                   "read as written); seconds past the year 5000 are refused with a hint.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Set a detector key for this run: threshold, below, baseline, "
                    "sensitivity, memory, hold, season (repeatable).")
 def backtest(file: Any, kind: str | None, detector_name: str | None, config_path: str | None,
-             output: Any, threshold: float | None, below: bool,
+             output: Any, threshold: float | None, below: bool, unit: str,
              settings: tuple[str, ...]) -> None:
     """Replay FILE (CSV: timestamp,value) through a detector's scoring and the mission
     engine, offline, as the daemon would.
@@ -256,7 +260,8 @@ def backtest(file: Any, kind: str | None, detector_name: str | None, config_path
         missions = cfg.missions
     det = apply_settings(det, threshold, below, settings)
     try:
-        summary = run_backtest(file, file.name, det, output, sys.stderr.isatty(), missions)
+        summary = run_backtest(file, file.name, det, output, sys.stderr.isatty(), missions,
+                               unit)
     except BacktestError as exc:
         _fail(str(exc), DaemonExit.ERROR)
     for line in summary.lines(det.name):

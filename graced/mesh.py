@@ -168,6 +168,10 @@ class Mesh:
         """Until ``look_every`` bytes were committed since retention's last look."""
         await self._look_due.wait()
 
+    def look_now(self) -> None:
+        """Wake retention now (a reload changed its limits)."""
+        self._look_due.set()
+
     def looked(self, at: int) -> None:
         """Retention looked (and pruned what it had to) at ``committed_bytes`` = ``at``."""
         self.looked_bytes = at

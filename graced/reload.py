@@ -2,11 +2,12 @@
 
 SIGHUP, ``systemctl reload graced`` (the unit's ExecReload= runs ``gracectl reload``) and
 ``gracectl reload`` all come here. The file is found, parsed and checked as at start.
-Keys only a restart can apply (the socket, listeners, state dir, journal) must be
-unchanged. On success detectors, playbooks, notifiers, remediation, learning, missions,
-heartbeat and log level change in place: no client is dropped, no state is lost; the
-missions of a removed detector, and those of a changed detector on a subject it no
-longer reports, close (expired) saying so, unless a playbook step is running for them.
+Keys only a restart can apply (the socket, listeners, state dir, the journal's
+synchronous and batch_max) must be unchanged. On success detectors, playbooks, notifiers,
+remediation, learning, missions, retention limits, heartbeat and log level change in
+place: no client is dropped, no state is lost; the missions of a removed detector, and
+those of a changed detector on a subject it no longer reports, close (expired) saying
+so, unless a playbook step is running for them.
 ``daemon.config_reloaded`` carries the file's SHA-256; on any error
 ``daemon.config_rejected`` carries the reason and the running config stays.
 """

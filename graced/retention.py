@@ -122,6 +122,7 @@ class Retention:
         self.prunes = 0
         self.last_prune: dict[str, Any] | None = None
         self.last_error: str | None = None
+        self._running = False
 
     @property
     def room(self) -> int:
@@ -139,16 +140,28 @@ class Retention:
                 "prunes": self.prunes, "last_prune": self.last_prune,
                 "last_error": self.last_error}
 
+    def configure(self, max_size: int, max_age: float) -> None:
+        """Apply reloaded limits: the next look (at once) prunes to them."""
+        if (max_size, max_age) == (self.max_size, self.max_age):
+            return
+        self.max_size, self.max_age = max_size, max_age
+        if self._running:
+            self.mesh.look_every = max(self.room // 20, 1) if max_size > 0 else 0
+            self.mesh.look_now()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         mesh = self.mesh
         if self.max_size > 0:
             mesh.look_every = max(self.room // 20, 1)
+        self._running = True
         task_status.started()
-        # A short max_age is looked at often enough to hold (a quarter of it, 1 s at least).
-        period = min(PERIOD, max(1.0, self.max_age / 4)) if self.max_age > 0 else PERIOD
         try:
             while True:
+                # A short max_age is looked at often enough to hold (a quarter of it, 1 s
+                # at least); read each time, as a reload may change it.
+                period = (min(PERIOD, max(1.0, self.max_age / 4)) if self.max_age > 0
+                          else PERIOD)
                 with trio.move_on_after(period):
                     await mesh.wait_look_due()
                 at = mesh.committed_bytes
@@ -165,6 +178,7 @@ class Retention:
                 finally:
                     mesh.looked(at)
         finally:
+            self._running = False
             mesh.look_every = 0  # never hold the writer for a retention that is gone
             mesh.looked(mesh.committed_bytes)
 

@@ -8,6 +8,10 @@
   target (a rename replaces a planted symlink itself, not what it points to).
 - A config file writable by group or others, or owned by a user other than root or
   the daemon's, is refused: its commands would run as graced.
+- The directories above the state dir, and the socket's directory and those above it,
+  must belong to the daemon's user or root and be writable by nobody else (a sticky
+  directory such as /tmp above them aside): whoever may rename an entry in one of them
+  could swap the state dir or the socket for a symlink of their own.
 """
 
 from __future__ import annotations
@@ -40,6 +44,64 @@ def check_private_dir(path: Path) -> str | None:
     if not stat.S_ISDIR(st.st_mode):
         return "is not a directory"
     return foreign_or_writable(st, allow_root=False)
+
+
+def _components(path: Path) -> list[Path]:
+    """``path`` and every directory above it, deepest first, for a path made absolute
+    and normalised, then for its real path (symlinks resolved) too."""
+    literal = Path(os.path.normpath(os.path.abspath(path)))
+    real = Path(os.path.realpath(literal))
+    out = [literal, *literal.parents]
+    out += [p for p in [real, *real.parents] if p not in out]
+    return out
+
+
+def check_dir_chain(path: Path) -> str | None:
+    """Why someone other than this user and root could swap ``path`` or a directory
+    above it, or None.
+
+    Each directory on the way (as written and once symlinks are resolved) must belong
+    to this user or root and be writable by nobody else; a sticky directory (as /tmp)
+    above ``path`` may be, since nobody may rename another's entry in it. Components
+    that do not exist yet are skipped: call it again once they are made.
+    """
+    me = os.geteuid()
+    leaf = Path(os.path.normpath(os.path.abspath(path)))
+    for part in _components(path):
+        try:
+            st = os.lstat(part)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            return f"{part} cannot be checked: {exc.strerror}"
+        if stat.S_ISLNK(st.st_mode):
+            continue  # a name in its directory (checked); its target is on the real path
+        if st.st_uid not in (me, 0):
+            owners = " or ".join(f"uid {u}" for u in sorted({me, 0}))
+            return f"{part} is owned by uid {st.st_uid}, not {owners}"
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (
+                st.st_mode & stat.S_ISVTX and part != leaf):
+            return (f"{part} is writable by group or others "
+                    f"(mode {stat.S_IMODE(st.st_mode):04o})")
+    return None
+
+
+def make_dirs(path: Path, mode: int) -> None:
+    """Create ``path`` and the directories above it that are missing, each with
+    ``mode`` (less the umask); raises OSError. An existing ``path`` must be a
+    directory (a symlink to one is checked by :func:`check_dir_chain`)."""
+    missing: list[Path] = []
+    for part in [path, *path.parents]:
+        if os.path.lexists(part):
+            break
+        missing.append(part)
+    for part in reversed(missing):
+        try:
+            os.mkdir(part, mode)
+        except FileExistsError:
+            pass
+    if not os.path.isdir(path):
+        raise NotADirectoryError(20, "Not a directory", str(path))
 
 
 def write_new(path: Path, data: bytes, mode: int) -> None:

@@ -39,6 +39,7 @@ from .protocol import CanonicalError, SignedEvent, Signer, canonical_text, forma
 from .protocol.canonical import json_safe
 from .protocol.topics import compile_patterns
 from .protocol.wire import (
+    CLOSE_REVOKED,
     Request,
     RequestError,
     error_response,
@@ -46,6 +47,7 @@ from .protocol.wire import (
     parse_request,
     response,
 )
+from .safefiles import check_dir_chain, make_dirs
 from .wsconn import wrap_server_stream
 
 log = logging.getLogger("graced.wire")
@@ -317,7 +319,17 @@ class Server:
 
     async def _unix_listener(self) -> trio.SocketListener:
         path = self.socket_path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Its directory, and every one above it, must be this user's or root's and
+        # writable by no one else: whoever may rename entries there could swap the
+        # socket for a symlink (and the socket's mode onto another file) or serve in
+        # graced's place. Checked before anything is made there, and after.
+        self._check_socket_dir()
+        try:
+            make_dirs(path.parent, 0o755)
+        except OSError as exc:
+            raise StartupError(f"cannot create the socket's directory {path.parent}: "
+                               f"{exc.strerror}", DaemonExit.SOCKET) from None
+        self._check_socket_dir()
         if path.exists() or path.is_symlink():
             probe = trio.socket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM)
             try:
@@ -339,11 +351,21 @@ class Server:
             raise StartupError(f"cannot bind {path}: {exc.strerror}", DaemonExit.SOCKET) from None
         finally:
             os.umask(old)
-        os.chmod(path, self.socket_mode)
+        # The umask gave the socket its mode as bind made it: no chmod by path, which
+        # would follow a symlink put there since.
         # A deep backlog: a burst of clients connecting at once must queue, not stall
         # (a Unix-socket connect() to a full backlog fails with EAGAIN).
         sock.listen(LISTEN_BACKLOG)
         return trio.SocketListener(sock)
+
+    def _check_socket_dir(self) -> None:
+        problem = check_dir_chain(self.socket_path.parent)
+        if problem:
+            raise StartupError(
+                f"socket {self.socket_path}: {problem}: refusing it (the socket's directory "
+                "and every one above it must belong to this user or root and be writable "
+                "by no one else, sticky ones such as /tmp above it aside)",
+                DaemonExit.SOCKET)
 
     async def _tcp_listeners(self) -> list[trio.SocketListener]:
         out: list[trio.SocketListener] = []
@@ -819,7 +841,7 @@ class Server:
                 continue
             role = self.authenticator.roles.get(kid)
             if RANK[role] < RANK[self.roles.get("subscribe", CONTROL)]:
-                client.drop(POLICY, f"key {kid} no longer has the read role "
+                client.drop(CLOSE_REVOKED, f"key {kid} no longer has the read role "
                                     "(the config was reloaded)")
                 closed += 1
         return closed

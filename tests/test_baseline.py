@@ -330,3 +330,33 @@ def test_backtest_memory_does_not_grow_with_the_rows(tmp_path: Path) -> None:
                           for i in range(n))
     grew = _backtest_maxrss_mb(large) - _backtest_maxrss_mb(small)
     assert grew < 15, grew
+
+
+def test_backtest_refuses_milliseconds_read_as_seconds_and_reads_them_when_told(
+        tmp_path: Path) -> None:
+    """A Prometheus or pandas export in epoch milliseconds, read as seconds, spans
+    centuries between rows: windows and hysteresis would mean nothing. Refused with the
+    line and a hint; --time-unit ms reads the same file."""
+    src = tmp_path / "ms.csv"
+    src.write_text("timestamp,value\n1796160000000,95\n1796160001000,99\n1796160002000,10\n")
+    res = _backtest(src, "--kind", "cpu")
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert "ms.csv:2: timestamp:" in res.stderr and "--time-unit ms" in res.stderr
+    res = _backtest(src, "--kind", "cpu", "--time-unit", "ms")
+    assert res.returncode == 0, res.stderr
+    assert [r.split(",")[3] for r in res.stdout.splitlines()[1:]] == ["0", "1", "0"]
+    assert res.stdout.splitlines()[1].startswith("1796160000000,")  # written as given
+
+
+def test_backtest_refuses_rows_that_go_back_in_time(tmp_path: Path) -> None:
+    src = tmp_path / "shuffled.csv"
+    src.write_text("timestamp,value\n10,1\n10,2\n20,3\n15,4\n30,5\n")
+    res = _backtest(src, "--kind", "cpu")
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert "shuffled.csv:5: timestamp: '15' is earlier than line 4's" in res.stderr
+    iso = tmp_path / "iso.csv"  # the same rule for ISO 8601 times
+    iso.write_text("timestamp,value\n2026-12-01T10:00:00Z,1\n2026-12-01T09:59:59Z,2\n")
+    res = _backtest(iso, "--kind", "cpu")
+    assert res.returncode == 1 and "iso.csv:3: timestamp:" in res.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import time
 import uuid
@@ -13,10 +14,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Graced
-from tests.helpers.nats import NatsServer
+from tests.helpers.nats import one_host, status, wait_caught_up
 from tests.helpers.procs import LineCollector, poll_until
-from tests.test_fleet_e2e import Operator, assert_whole, fleet_section, status, wait_caught_up
+from tests.test_fleet_e2e import assert_whole
 
 
 def _nats(url: str, work: Any) -> Any:
@@ -41,13 +41,8 @@ def test_guessed_message_ids_a_purge_or_a_deleted_stream_silence_no_host(
     graced is told its events are "duplicates" of messages no longer held: it does not
     count them as sent, it sends them again, and says so in status and integration; a
     stream deleted under it is made again and the journal's history sent again."""
-    server = NatsServer(shortdir)
-    server.start()
-    op = Operator(shortdir, server.url)
-    (shortdir / "h").mkdir()
-    g = Graced(shortdir / "h", "integration_interval = 0.3\n" + fleet_section(server.url))
-    g.start()
-    try:
+    with one_host(shortdir, "integration_interval = 0.3\n") as site:
+        server, op, g = site.server, site.op, site.g
         daemon_id = op.pin(g)
         st = wait_caught_up(g)
         head = st["head_seq"]
@@ -98,9 +93,6 @@ def test_guessed_message_ids_a_purge_or_a_deleted_stream_silence_no_host(
         _nats(server.url, delete)
         assert g.ctl("emit", "user.after", "--count", "5").returncode == 0
         assert_whole(op, g, daemon_id)
-    finally:
-        g.close()
-        server.stop()
 
 
 def _forge_host(url: str, daemon_id: str, events: list[tuple[str, dict[str, Any]]],
@@ -135,13 +127,8 @@ def test_made_up_hosts_and_offered_keys_are_not_trusted(shortdir: Path) -> None:
     from graced.keys import parse_public_key
     from graced.protocol.signing import b64
 
-    server = NatsServer(shortdir)
-    server.start()
-    op = Operator(shortdir, server.url)
-    (shortdir / "h").mkdir()
-    g = Graced(shortdir / "h", fleet_section(server.url))
-    g.start()
-    try:
+    with one_host(shortdir) as site:
+        server, op, g = site.server, site.op, site.g
         daemon_id = str(json.loads(g.ctl("status", "--json", check=True).stdout)["daemon_id"])
         wait_caught_up(g)
         fake = str(uuid.uuid4())
@@ -190,9 +177,6 @@ def test_made_up_hosts_and_offered_keys_are_not_trusted(shortdir: Path) -> None:
         assert again.returncode == 10 and "2 different keys" in again.stderr, again.stderr
         pinned = json.loads((op.home / ".config" / "grace" / "known_keys.json").read_text())
         assert pinned[f"fleet:{daemon_id}"]["public_key"] == b64(own)
-    finally:
-        g.close()
-        server.stop()
 
 
 @pytest.mark.slow
@@ -208,13 +192,9 @@ def test_a_trusted_peer_cannot_overwrite_the_hosts_own_knowledge(shortdir: Path)
 
     peer = Signer(nacl.signing.SigningKey.generate())
     line = f"ed25519 {b64(peer.public_key)} {peer.kid}"
-    server = NatsServer(shortdir)
-    server.start()
-    (shortdir / "h").mkdir()
-    g = Graced(shortdir / "h", fleet_section(server.url, "knowledge_interval = 1\n"
-                                            f"knowledge_keys = {json.dumps([line])}\n"))
-    g.start()
-    try:
+    with one_host(shortdir, fleet="knowledge_interval = 1\n"
+                  f"knowledge_keys = {json.dumps([line])}\n") as site:
+        server, g = site.server, site.g
         own_id = status(g)["daemon_id"]
         poll_until(lambda: status(g)["fleet"]["knowledge"] is not None
                    and status(g)["fleet"]["connected"], 20, "the fleet connected")
@@ -263,9 +243,6 @@ def test_a_trusted_peer_cannot_overwrite_the_hosts_own_knowledge(shortdir: Path)
         poll_until(lambda: pk.parse_export(_nats(server.url, entry))[0]["source"] == own_id
                    and status(g)["fleet"]["knowledge"]["overwritten"] >= 1, 20,
                    "the host's export put back")
-    finally:
-        g.close()
-        server.stop()
 
 
 @pytest.mark.slow
@@ -276,59 +253,125 @@ def test_a_junk_replier_and_a_flood_of_unsigned_requests_do_not_stop_approvals(
     answer (here: no such mission, exit 5), within its 5 s timeout."""
     import threading
 
-    server = NatsServer(shortdir)
-    server.start()
-    op = Operator(shortdir, server.url)
-    operator_key = op.signing_key()
-    (shortdir / "h").mkdir()
-    g = Graced(shortdir / "h", fleet_section(server.url)
-               + f'\n[remediation]\ncontrol_keys = ["{operator_key}"]\n')
-    g.start()
     stop = threading.Event()
     ready = threading.Event()
-    try:
-        daemon_id = op.pin(g)
-        wait_caught_up(g)
-        subject = f"grace-rpc.{daemon_id}"
+    with one_host(shortdir, control=True) as site:
+        server, op, g = site.server, site.op, site.g
+        try:
+            daemon_id = op.pin(g)
+            wait_caught_up(g)
+            subject = f"grace-rpc.{daemon_id}"
 
-        def replier() -> None:
-            import nats
+            def replier() -> None:
+                import nats
 
-            async def go() -> None:
-                nc = await nats.connect(server.url)
+                async def go() -> None:
+                    nc = await nats.connect(server.url)
 
-                async def junk(msg: Any) -> None:
-                    if msg.reply:
-                        await msg.respond(b'{"id":1,"ok":true,"result":{},"type":"response"}')
+                    async def junk(msg: Any) -> None:
+                        if msg.reply:
+                            await msg.respond(b'{"id":1,"ok":true,"result":{},"type":"response"}')
 
-                await nc.subscribe(subject, cb=junk)
+                    await nc.subscribe(subject, cb=junk)
+                    await nc.flush()
+                    ready.set()
+                    await asyncio.get_running_loop().run_in_executor(None, stop.wait)
+                    await nc.close()
+
+                asyncio.run(go())
+
+            thread = threading.Thread(target=replier, daemon=True)
+            thread.start()
+            assert ready.wait(10)
+            res = op.fleet("approve", daemon_id, "999", "--yes")
+            assert res.returncode == 5 and "999" in res.stderr, res.stderr
+
+            async def flood(nc: Any, js: Any) -> None:
+                body = json.dumps({"id": 1, "nonce": "n" * 32, "method": "missions.approve",
+                                   "params": {"id": 999, "opened": 1.0}}).encode()
+                for _ in range(30_000):
+                    await nc.publish(subject, body, reply="flood.inbox")
                 await nc.flush()
-                ready.set()
-                await asyncio.get_running_loop().run_in_executor(None, stop.wait)
-                await nc.close()
 
-            asyncio.run(go())
+            _nats(server.url, flood)
+            started = time.monotonic()
+            res = op.fleet("approve", daemon_id, "999", "--yes")
+            assert res.returncode == 5 and "999" in res.stderr, res.stderr
+            assert time.monotonic() - started < 5.0
+            assert status(g)["fleet"]["requests_dropped"] > 1000
+        finally:
+            stop.set()
 
-        thread = threading.Thread(target=replier, daemon=True)
-        thread.start()
-        assert ready.wait(10)
-        res = op.fleet("approve", daemon_id, "999", "--yes")
-        assert res.returncode == 5 and "999" in res.stderr, res.stderr
 
-        async def flood(nc: Any, js: Any) -> None:
-            body = json.dumps({"id": 1, "nonce": "n" * 32, "method": "missions.approve",
-                               "params": {"id": 999, "opened": 1.0}}).encode()
-            for _ in range(30_000):
-                await nc.publish(subject, body, reply="flood.inbox")
-            await nc.flush()
+@pytest.mark.slow
+def test_a_real_approval_gets_through_a_flood_of_forged_signed_requests(
+        shortdir: Path) -> None:
+    """While someone floods grace-rpc.<id> with 150,000 approvals that name the operator's
+    real key, this daemon and the time now (fresh nonces; only the signature is not the
+    key's), the operator's real fleet approve, sent a quarter of the way in, is answered
+    and runs the playbook: within 10 s of the flood's end (before the screening and
+    gracectl's resending it was dropped: the forged ones filled the queue for signed
+    requests)."""
+    import base64
+    import secrets
+    import threading
 
-        _nats(server.url, flood)
-        started = time.monotonic()
-        res = op.fleet("approve", daemon_id, "999", "--yes")
-        assert res.returncode == 5 and "999" in res.stderr, res.stderr
-        assert time.monotonic() - started < 5.0
-        assert status(g)["fleet"]["requests_dropped"] > 1000
-    finally:
-        stop.set()
-        g.close()
-        server.stop()
+    import nacl.signing
+
+    from tests.test_missions_e2e import MISSIONS, Watch
+    from tests.test_remediation_e2e import (
+        kill_all,
+        process_detector,
+        restart_playbook,
+        start_sleeper,
+    )
+
+    marker = f"grace-flood-{os.getpid()}"
+    start_sleeper(marker)
+    with one_host(shortdir, control=True, detectors=process_detector(marker)
+                  + restart_playbook(marker, "high") + MISSIONS.format(flap=0)) as site:
+        server, op, g = site.server, site.op, site.g
+        try:
+            assert site.operator_key is not None
+            kid = site.operator_key.split()[-1]
+            daemon_id = op.pin(g)
+            w = Watch(g)
+            kill_all(marker)  # a real fault: the worker dies, a high-risk mission waits
+            mid = w.wait("mission.awaiting_approval", "worker", 30)["payload"]["id"]
+            wait_caught_up(g)
+            # A well-formed signature by another key (random bytes would be refused by
+            # libsodium before the costly part): only the whole check tells them apart.
+            sig = base64.b64encode(nacl.signing.SigningKey.generate().sign(b"x")
+                                   .signature).decode()
+            forged = [json.dumps({
+                "id": 1, "nonce": secrets.token_hex(16), "method": "missions.approve",
+                "params": {"id": mid, "opened": 1.0},
+                "auth": {"kid": kid, "ts": time.time(), "daemon": daemon_id,
+                         "sig": sig},
+            }).encode() for _ in range(150_000)]
+            quarter = threading.Event()
+            flooded: list[float] = []
+
+            async def flood(nc: Any, js: Any) -> None:
+                for i, body in enumerate(forged):
+                    await nc.publish(f"grace-rpc.{daemon_id}", body, reply="flood.inbox")
+                    if i == len(forged) // 4:
+                        await nc.flush()
+                        quarter.set()
+                await nc.flush()
+                flooded.append(time.monotonic())
+
+            flooder = threading.Thread(target=_nats, args=(server.url, flood), daemon=True)
+            flooder.start()
+            assert quarter.wait(30)
+            res = op.fleet("--timeout", "30", "approve", daemon_id, str(mid), "--yes")
+            answered = time.monotonic()
+            flooder.join(60)
+            assert res.returncode == 0, res.stderr
+            assert flooded and answered - flooded[0] < 10.0, answered - flooded[0]
+            w.wait("mission.resolved", "worker", 60)
+            w.close()
+            fl = status(g)["fleet"]
+            assert fl["requests_dropped"] > 1000, fl  # the forged ones, never queued
+        finally:
+            kill_all(marker)

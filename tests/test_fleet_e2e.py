@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -21,7 +22,17 @@ from graced import keys
 from graced.protocol import parse_ts
 from graced.protocol.signing import b64
 from tests.conftest import Graced, bin_path
-from tests.helpers.nats import NatsServer, cluster, ensure_nats
+from tests.helpers.nats import (
+    NatsServer,
+    Operator,
+    StallingRelay,
+    cluster,
+    ensure_nats,
+    fleet_section,
+    one_host,
+    status,
+    wait_caught_up,
+)
 from tests.helpers.procs import LineCollector, poll_until
 from tests.test_missions_e2e import MISSIONS, Watch
 from tests.test_playbooks_e2e import OnTerminal
@@ -31,74 +42,7 @@ from tests.test_remediation_e2e import (
     restart_playbook,
     start_sleeper,
 )
-
-
-def fleet_section(url: str, extra: str = "") -> str:
-    return f'\n[fleet]\nurl = "{url}"\n{extra}'
-
-
-class Operator:
-    """The operator's side: a home of its own (pinned keys, signing key) and gracectl."""
-
-    def __init__(self, base: Path, nats_url: str) -> None:
-        self.home = base / "operator"
-        self.home.mkdir(exist_ok=True)
-        self.env = {**os.environ, "HOME": str(self.home),
-                    "XDG_CONFIG_HOME": str(self.home / ".config"), "GRACE_NATS": nats_url}
-        for var in ("GRACE_SOCKET", "GRACE_URL", "GRACE_KNOWN_KEYS", "GRACE_CLIENT_KEY"):
-            self.env.pop(var, None)
-
-    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([bin_path("gracectl"), *args], env=self.env, text=True,
-                              capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
-
-    def fleet(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """`gracectl fleet ...`; a read that timed out inside NATS (exit 3, "nats:
-        timeout": a cluster electing a leader, a loaded machine) is tried again for up to
-        a minute, as an operator would. (The view should retry by itself: not yet.)"""
-        deadline = time.monotonic() + 60
-        while True:
-            res = self.ctl("fleet", *args, timeout=timeout)
-            if (res.returncode != 3 or "nats: timeout" not in res.stderr
-                    or time.monotonic() > deadline):
-                return res
-
-    def ctl_argv0(self) -> str:  # for OnTerminal: gracectl as the operator runs it
-        return str(bin_path("gracectl"))
-
-    def fleet_json(self, *args: str, rc: int = 0) -> Any:
-        res = self.fleet(*args, "--json")
-        assert res.returncode == rc, res.stderr
-        return json.loads(res.stdout)
-
-    def pin(self, g: Graced) -> str:
-        """Pin the host's key as any operator does, over its socket; returns its id."""
-        res = self.ctl("--socket", str(g.socket), "keys", "trust")
-        assert res.returncode == 0, res.stderr
-        return str(json.loads(self.ctl("--socket", str(g.socket), "status", "--json").stdout)
-                   ["daemon_id"])
-
-    def signing_key(self) -> str:
-        res = self.ctl("keys", "generate")
-        assert res.returncode == 0, res.stderr
-        return res.stdout.strip().splitlines()[-1]
-
-
-def status(g: Graced) -> dict[str, Any]:
-    return json.loads(g.ctl("status", "--json", check=True).stdout)
-
-
-def wait_caught_up(g: Graced, timeout: float = 30) -> dict[str, Any]:
-    """Until graced says forwarding has caught up (nothing announces it: status is read)."""
-    seen: dict[str, Any] = {}
-
-    def caught_up() -> bool:
-        seen.update(status(g))
-        fl = seen["fleet"]
-        return bool(fl["connected"] and fl["lag_events"] == 0)
-
-    poll_until(caught_up, timeout, "forwarding caught up", pause=0.2)
-    return seen
+from tests.test_top_e2e import Terminal
 
 
 @pytest.mark.slow
@@ -205,6 +149,24 @@ def test_three_hosts_one_view_fault_approval_and_forgery(shortdir: Path) -> None
         assert {m["id"] for m in missions} == {mid}  # the same id on every host
         only = op.fleet_json("missions", "ls", "--host", ids[0])
         assert [m["daemon_id"] for m in only] == [ids[0]]
+        # The fleet's Mission Control: every host up, the three approvals waiting; live
+        # on a real terminal too (tmux), where q quits.
+        frame = op.ctl("top", "--fleet", "--once")
+        assert frame.returncode == 0, frame.stderr
+        assert "3 hosts: 3 up" in frame.stdout, frame.stdout
+        assert "3 open missions, 3 awaiting approval" in frame.stdout, frame.stdout
+        if shutil.which("tmux"):
+            env = {k: v for k, v in op.env.items()
+                   if k in ("HOME", "XDG_CONFIG_HOME", "GRACE_NATS", "PATH")}
+            live = Terminal([op.ctl_argv0(), "top", "--fleet"],
+                            {**env, "LANG": "C.UTF-8", "TERM": "screen-256color"}, 120, 30)
+            try:
+                live.wait_for(lambda text: "3 awaiting approval" in text
+                              and " q quit" in text, 30)
+                live.keys("q")
+                live.wait_for(lambda text: "TOP EXITED rc=0" in text, 15)
+            finally:
+                live.close()
 
         # The plan can be reviewed from the fleet, as on the host (its steps' argv whole),
         # and without a terminal to review it on, an approval must name it.
@@ -356,13 +318,8 @@ def test_nats_down_for_30_s_graced_keeps_working_and_catches_up_without_gap(
     """NATS stops for 30 s; meanwhile graced answers, journals 1000 events and is even
     restarted (it starts without NATS); once NATS is back it catches up: every event
     once, no gap, and the forwarding lag it showed while NATS was down is gone."""
-    server = NatsServer(shortdir)
-    server.start()
-    op = Operator(shortdir, server.url)
-    (shortdir / "h").mkdir()
-    g = Graced(shortdir / "h", fleet_section(server.url))
-    g.start()
-    try:
+    with one_host(shortdir) as site:
+        server, op, g = site.server, site.op, site.g
         daemon_id = op.pin(g)
         wait_caught_up(g)
         down_from = status(g)["head_seq"]
@@ -415,9 +372,40 @@ def test_nats_down_for_30_s_graced_keeps_working_and_catches_up_without_gap(
         out = op.fleet("tail", "--no-follow", "--json", "--host", daemon_id, "user.outage")
         payloads = [json.loads(line) for line in out.stdout.splitlines()]
         assert len(payloads) == emitted
-    finally:
-        g.close()
-        server.stop()
+
+
+@pytest.mark.slow
+def test_a_read_that_stalls_inside_nats_is_tried_again_by_the_view(shortdir: Path) -> None:
+    """The connection to NATS stalls for 4 s in the middle of a read (a real TCP relay
+    that stops passing bytes either way): the view, waiting 2 s at a time, says it
+    tries again and resumes after the last message it got, so it ends with every event
+    once, in order (before, it gave up at the first timeout: exit 3). A stall longer
+    than its three tries is exit 3, one line, no traceback."""
+    with one_host(shortdir) as site:
+        op, g = site.op, site.g
+        daemon_id = op.pin(g)
+        assert g.ctl("emit", "user.load", "--count", "3000").returncode == 0
+        acked = wait_caught_up(g, 60)["fleet"]["acked_seq"]
+        relay = StallingRelay(site.server.port, after=300_000, stall=4.0)
+        try:
+            res = op.fleet("--nats", relay.url, "--timeout", "2", "tail", "--no-follow",
+                           "--json", "--verify")
+        finally:
+            relay.close()
+        assert relay.stalled.is_set()
+        assert res.returncode == 0, res.stderr
+        assert "trying again (2 of 3)" in res.stderr, res.stderr
+        seqs = [json.loads(line)["seq"] for line in res.stdout.splitlines()]
+        assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= acked, res.stderr
+        assert _host(op, daemon_id)["verified"] == "ok"
+
+        relay = StallingRelay(site.server.port, after=300_000, stall=30.0)
+        try:
+            res = op.fleet("--nats", relay.url, "--timeout", "1", "ls")
+        finally:
+            relay.close()
+        assert res.returncode == 3, res.stderr
+        assert "3 times in a row" in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
 def _connected_node(nodes: list[NatsServer], name: str) -> NatsServer:
@@ -456,10 +444,10 @@ def test_a_three_node_cluster_with_a_node_killed_mid_run_loses_nothing(
         assert load.wait(60) == 0, load.stderr.read() if load.stderr else ""
         survivors = [n for n in nodes if n is not victim]
         op.env["GRACE_NATS"] = ",".join(n.url for n in survivors)
-        # The survivors elect the stream's new leader first (longer on a loaded machine):
-        # reads time out (exit 3) until then, as for any JetStream client. Then check.
-        poll_until(lambda: op.fleet("ls", "--json").returncode == 0, 120,
-                   "the cluster serving reads again after the kill", pause=1.0)
+        # The survivors elect the stream's new leader (longer on a loaded machine), and
+        # the view's requests meanwhile time out: the view tries them again by itself.
+        first = op.fleet("--timeout", "20", "ls", "--json")
+        assert first.returncode == 0, first.stderr
         host = assert_whole(op, g, daemon_id)
         out = op.fleet("tail", "--no-follow", "--json", "--host", daemon_id, "user.load")
         assert len(out.stdout.splitlines()) == 3000

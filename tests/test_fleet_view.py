@@ -292,3 +292,37 @@ def test_fleet_tables_fit_the_terminal_and_tell_same_named_hosts_apart() -> None
     whole = missions_table(rows, 1_800_000_100.0, None)
     assert "/var/lib/a/very/long/path/to/the/queue/file" in whole and "…" not in whole
     assert DAEMON in hosts_table([host], 1_800_000_100.0, None)
+
+
+def test_the_fleet_frame_counts_hosts_and_puts_approvals_first() -> None:
+    """top --fleet's frame (pure): the header counts hosts by state and the open
+    missions; a mission awaiting approval of a pinned host is listed, an unpinned
+    host's is not (said instead); STALE turns the header to an alert, a failed chain to
+    an alarm; text from the hosts is escaped."""
+    from gracectl.fleettop import render
+    from gracectl.top import plain
+
+    signer = Signer(nacl.signing.SigningKey.generate())
+    view = _view(signer, _mission_chain(signer))
+    other = str(uuid.uuid4())
+    stranger = Signer(nacl.signing.SigningKey.generate())
+    ev = stranger.make_event(seq=1, ts=1_800_000_091.0, topic="mission.opened",
+                             payload={"id": 9, "state": "awaiting_approval",
+                                      "severity": "critical", "summary": "\x1b[2Jwipe"},
+                             prev=GENESIS_PREV)
+    view.add(names.subject_for(other, "mission.opened"), ev.text.encode())
+    view.settle()
+    frame = render(view, 120, 40, 1_800_000_100.0)
+    text = plain(frame, 120)
+    assert frame[0][1][1] == "header", frame[0]
+    assert "2 hosts: 1 unknown, 1 up" in text and "1 open mission, 1 awaiting approval" in text
+    missions = text.split("missions open")[1]
+    assert "web1" in missions and "awaiting_approval" in missions
+    assert "wipe" not in missions and "1 host with no key pinned" in text
+    assert "\x1b" not in text
+    assert frame[-1][0][0].startswith(" q quit")
+    assert render(view, 120, 40, 1_800_000_300.0)[0][1][1] == "header_alert"  # STALE
+    short = render(view, 120, 5, 1_800_000_100.0)
+    assert len(short) == 5 and short[-1][0][0].startswith(" q quit")
+    broken = _view(signer, _mission_chain(signer)[:1] + _mission_chain(signer)[2:])
+    assert render(broken, 120, 40, 1_800_000_100.0)[0][1][1] == "alarm"

@@ -173,3 +173,65 @@ def test_a_500_per_second_flood_for_ten_minutes_stays_under_max_size(
     started = time.monotonic()
     assert g.ctl("tail", "--since", "1", "--no-follow").returncode == ExitCode.PRUNED
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.slow
+def test_a_reload_applies_new_retention_limits(make_graced) -> None:
+    """A reload that says it applied [journal] max_age / max_size applies them: the next
+    look prunes to the new max_age, status shows the new limits, and a later reload to 0
+    stops pruning by age."""
+    g = make_graced(extra_config=journal_config(0, max_age=0), heartbeat=5)
+    checkpoints = LineCollector(g.ctl_popen("tail", "--json", "-n", "0", "daemon.checkpoint"))
+    old = json.loads(g.ctl("emit", "user.old", "--json", check=True).stdout)["last_seq"]
+    g.config.write_text(g.config.read_text().replace(journal_config(0, max_age=0),
+                                                     journal_config(8 * MiB, max_age=1)))
+    res = g.ctl("reload", check=True)
+    assert "[journal] max_size, max_age" in res.stderr + res.stdout, res
+    assert checkpoints.wait_for(
+        lambda ls: any(p["payload"]["first_seq"] > old and p["payload"]["reason"] == "max_age"
+                       for p in prune_checkpoints(ls)), 30), (checkpoints.lines, g.stderr())
+    checkpoints.proc.terminate()
+    retention = json.loads(g.ctl("status", "--json", check=True).stdout)["journal"][
+        "retention"]
+    assert (retention["max_size"], retention["max_age"]) == (8 * MiB, 1), retention
+    assert g.ctl("tail", "--since", str(old), "--no-follow").returncode == ExitCode.PRUNED
+    g.config.write_text(g.config.read_text().replace(journal_config(8 * MiB, max_age=1),
+                                                     journal_config(0, max_age=0)))
+    g.ctl("reload", check=True)
+    retention = json.loads(g.ctl("status", "--json", check=True).stdout)["journal"][
+        "retention"]
+    assert (retention["max_size"], retention["max_age"]) == (0, 0), retention
+
+
+@pytest.mark.slow
+def test_a_plain_tail_starts_at_what_is_kept_while_retention_prunes(make_graced) -> None:
+    """tail without --since never exits 8 (pruned) when retention prunes under it: the
+    start it chose (the last -n matches, found by scanning from the oldest kept) moves on
+    to the oldest event kept. Only a --since seq the user named is 'pruned'."""
+    g = make_graced(extra_config=journal_config(MiB))
+    pad = json.dumps({"pad": "z" * 2000})
+    flood = g.ctl_popen("emit", "user.flood", "--count", "1000000", "--rate", "3000",
+                        "--payload", pad)
+    checkpoints = LineCollector(g.ctl_popen("tail", "--json", "-n", "0", "daemon.checkpoint"))
+    try:
+        assert checkpoints.wait_for(lambda ls: len(prune_checkpoints(ls)) >= 1, 30), \
+            g.stderr()
+        codes = []
+        for _ in range(8):
+            # 'nothing.*' matches nothing: the scan for the last 10 runs from the oldest
+            # kept, the seq retention prunes next.
+            res = g.ctl("tail", "--no-follow", "-n", "10", "nothing.*")
+            codes.append((res.returncode, res.stderr.strip()))
+            res = g.ctl("tail", "--no-follow", "-n", "5", "user.flood")
+            codes.append((res.returncode, res.stderr.strip()))
+            assert res.stdout.count("\n") == 5, res.stdout
+        assert all(rc == 0 for rc, _ in codes), codes
+        assert len(prune_checkpoints(checkpoints.lines)) >= 2, "no prune during the tails"
+    finally:
+        flood.terminate()
+        flood.wait(10)
+        checkpoints.proc.terminate()
+    first = json.loads(g.ctl("status", "--json", check=True).stdout)["journal"]["first_seq"]
+    old = g.ctl("tail", "--since", str(first - 1), "--no-follow")
+    assert old.returncode == ExitCode.PRUNED, old
+    assert "gracectl tail --since FIRST_SEQ" in old.stderr and old.stderr.count("\n") == 1

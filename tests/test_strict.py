@@ -272,3 +272,175 @@ def test_the_fast_path_on_numbers_and_keys_where_encoders_differ(payload: object
             assert fast is None, line
         else:
             assert fast is None or fast == exact
+
+
+# -- the block path (gracectl verify's hot loop) proves only what the line path proves --
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payloads=st.lists(JSON_VALUES, min_size=1, max_size=4), data=st.data())
+def test_the_block_path_accepts_only_what_the_line_path_accepts(
+        payloads: list[object], data: st.DataObject) -> None:
+    """``parse_event_block`` reads many lines at once; whatever block it accepts, each
+    of its lines is what the exact, all-Python check makes of it: the same event, the
+    same signature, the same signing bytes."""
+    from graced.protocol.verify import _exact_event, parse_event_block
+
+    lines = [data.draw(st.sampled_from(_spellings(p))) for p in payloads]
+    block = bytearray(b"".join(line + b"\n" for line in lines))
+    for _ in range(data.draw(st.integers(0, 2))):  # bytes changed, inserted, deleted
+        at = data.draw(st.integers(0, len(block) - 1))
+        op = data.draw(st.sampled_from(["set", "insert", "delete"]))
+        if op == "set":
+            block[at] = data.draw(st.integers(0, 255))
+        elif op == "insert":
+            block[at:at] = data.draw(st.binary(min_size=1, max_size=3))
+        else:
+            del block[at:at + data.draw(st.integers(1, 4))]
+    got = parse_event_block(bytes(block))
+    if got is None:
+        return
+    rows = bytes(block).split(b"\n")[:-1]
+    assert len(rows) == len(got.events)
+    for i, row in enumerate(rows):
+        event, signing = _exact_event(row)
+        assert {**got.events[i], "sig": got.sigs[i]} == event
+        assert got.signing[i] == signing
+        assert (got.seqs[i], got.prevs[i], got.kids[i], got.topics[i], got.stamps[i]) == (
+            event["seq"], event["prev"], event["kid"], event["topic"], event["ts"])
+
+
+def test_the_block_path_leaves_what_orjson_and_jcs_spell_otherwise_to_the_line_path(
+        ) -> None:
+    from graced.protocol.verify import parse_event_block
+
+    good = _stream(3)
+    assert parse_event_block(b"".join(x + b"\n" for x in good)) is not None
+    # Canonical lines the block path cannot prove on its own (an exponent, a character
+    # beyond U+FFFF, more brackets than MAX_DEPTH): the line path proves them.
+    for payload in [1e21, 1e-7, {"\U0001f600": 1}, [[]] * 70]:
+        odd = _stream(3, [{"n": 1}, payload, {"n": 3}])
+        assert parse_event_block(b"".join(x + b"\n" for x in odd)) is None, payload
+        assert _verify(odd) is None
+    # Lines orjson writes back as they are but JCS does not: refused on both paths.
+    for old, new in [(b'"n":2', b'"n":2.0'), (b'"n":2', b'"n":1e+16')]:
+        bad = [good[0], _tamper(good[1], old, new), good[2]]
+        assert parse_event_block(b"".join(x + b"\n" for x in bad)) is None, new
+        exc = _verify(bad)
+        assert exc is not None and exc.code == ExitCode.CHAIN_BROKEN and exc.seq == 2, exc
+
+
+# A longer stream for the chunk prover: heartbeats that announce an interval, a user
+# event after a pause, a restart and the daemon's stop, each in its own place.
+LONG = _timed_stream([(1000.0, "crypto.key_created"), (1000.1, "daemon.started")]
+                     + [(1000.5 + i, "daemon.heartbeat" if i % 3 == 0 else "user.t")
+                        for i in range(9)]
+                     + [(1030.0, "crypto.key_loaded"), (1030.2, "user.t"),
+                        (1030.4, "daemon.stopping")])
+LONG_BYTES = b"".join(ln + b"\n" for ln in LONG)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_the_chunk_prover_proves_only_unaltered_runs_of_lines(data: st.DataObject) -> None:
+    """``gracectl verify``'s parallel pass proves chunks (its blocks as small as one
+    line, so every seam between blocks is crossed); whatever is done to a stream's
+    bytes, a chunk it proves is a run of the stream's own lines, unaltered."""
+    from gracectl import verify as gv
+
+    buf = bytearray(LONG_BYTES)
+    for _ in range(data.draw(st.integers(1, 3))):
+        op = data.draw(st.sampled_from(["set", "insert", "delete", "swap lines"]))
+        at = data.draw(st.integers(0, len(buf) - 1)) if buf else 0
+        if op == "set" and buf:
+            buf[at] = data.draw(st.integers(0, 255))
+        elif op == "insert":
+            buf[at:at] = data.draw(st.binary(min_size=1, max_size=4))
+        elif op == "delete" and buf:
+            del buf[at:at + data.draw(st.integers(1, 400))]
+        else:
+            rows = bytes(buf).split(b"\n")
+            i, j = (data.draw(st.integers(0, len(rows) - 1)) for _ in "ij")
+            rows[i], rows[j] = rows[j], rows[i]
+            buf = bytearray(b"\n".join(rows))
+    block_bytes = data.draw(st.sampled_from([1, 600, 1 << 20]))
+    old, gv.BLOCK_BYTES = gv.BLOCK_BYTES, block_bytes
+    try:
+        chunk = gv._prove(bytes(buf), SIGNER.public_key, None)
+    finally:
+        gv.BLOCK_BYTES = old
+    if chunk is None:
+        return
+    run = LONG[chunk.first_seq - 1:chunk.last_seq]
+    assert bytes(buf) == b"".join(ln + b"\n" for ln in run)
+    assert chunk.count == len(run)
+
+
+def test_the_chunk_prover_and_the_sequential_verifier_agree_on_time_gaps() -> None:
+    from gracectl.verify import _Gaps, _prove
+
+    assert _prove(LONG_BYTES, SIGNER.public_key, None) is not None
+    for stale_after in (None, 2.0, 0.3):
+        gaps = _Gaps(stale_after)
+        try:
+            for line in LONG:
+                event, _ = parse_event_line(line)
+                gaps.feed(event, event["seq"])
+            sequential = (gaps.interval, gaps.early_gap, gaps.prev_ts)
+        except Violation:
+            sequential = None
+        chunk = _prove(LONG_BYTES, SIGNER.public_key, stale_after)
+        assert (None if chunk is None else (chunk.interval, chunk.early_gap, chunk.last_ts)
+                ) == sequential, stale_after
+
+    # A run of whole lines from anywhere in the stream is a chunk.
+    chunk = _prove(b"".join(ln + b"\n" for ln in LONG[3:8]), SIGNER.public_key, None)
+    assert chunk is not None and (chunk.first_seq, chunk.last_seq, chunk.count) == (4, 8, 5)
+
+
+GAP_TOPICS = ["user.t", "user.t", "daemon.heartbeat", "daemon.config_reloaded",
+              "daemon.stopping", "crypto.key_loaded", "crypto.key_created"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(st.tuples(st.floats(-1, 12), st.sampled_from(GAP_TOPICS),
+                                st.sampled_from([None, 0.5, 1.0, 3.0])), min_size=1,
+                      max_size=30),
+       stale_after=st.sampled_from([None, 0.5, 6.0]), cuts=st.lists(st.integers(1, 30)))
+def test_time_gaps_block_by_block_as_event_by_event(
+        steps: list[tuple[float, str, float | None]], stale_after: float | None,
+        cuts: list[int]) -> None:
+    """The chunk prover judges time gaps a block at a time (``_Gaps.feed_many``): the
+    same verdict, the same seq and the same state after it as one event at a time."""
+    from gracectl.verify import _Gaps
+
+    events, ts = [], 1000.0
+    for seq, (dt, topic, interval) in enumerate(steps, start=1):
+        ts += dt
+        payload = ({"interval": interval} if topic == "daemon.heartbeat" else
+                   {"heartbeat_interval": interval} if topic == "daemon.config_reloaded"
+                   else {})
+        events.append({"seq": seq, "ts": ts, "topic": topic, "payload": payload})
+
+    def outcome(feed: object) -> object:
+        gaps = _Gaps(stale_after)
+        try:
+            feed(gaps)  # type: ignore[operator]
+        except Violation as exc:
+            return exc.code, exc.seq, exc.reason
+        return gaps.interval, gaps.early_gap, gaps.prev_ts, gaps.prev_topic
+
+    def one_by_one(gaps: _Gaps) -> None:
+        for e in events:
+            gaps._step(e["ts"], e["topic"], e, e["seq"])
+
+    def by_blocks(gaps: _Gaps) -> None:
+        at = 0
+        for size in [*cuts, len(events)]:
+            part = events[at:at + size]
+            if part:
+                gaps.feed_many([e["ts"] for e in part], [e["topic"] for e in part], part,
+                               [e["seq"] for e in part])
+            at += size
+
+    assert outcome(by_blocks) == outcome(one_by_one)

@@ -127,6 +127,7 @@ def test_without_systemd_as_pid_1_the_detector_reports_its_error(make_graced,
         assert missions == []
         state = json.loads(g.ctl("detectors", "--json", check=True).stdout)["units"]
         assert state["kind"] == "systemd" and state["errors"] >= 1
+        assert state["mode"] == "poll" and "D-Bus" in state["mode_note"]
         assert not ran.exists()
     finally:
         tail.terminate()

@@ -30,7 +30,14 @@ from .base import Observation
 from .events import POLL, Watches
 
 MAX_LINE = 64 << 10
-"""A log line longer than this is cut (the rest of it is skipped)."""
+"""A log line longer than this is cut: its first MAX_LINE bytes are kept, the rest is
+only searched for ``pattern`` and ``request_pattern`` as it streams past (what matched
+is kept, a few hundred bytes around it), so a marker at the end of a huge line counts."""
+OVERLAP = 4 << 10
+"""Bytes of a long line's previous piece searched again with the next one (a match
+across the boundary of two reads)."""
+SNIPPET = 256
+"""Bytes kept on each side of a match found past MAX_LINE."""
 READ_CHUNK = 1 << 20
 READ_MAX = 4 << 20
 """At most this much of a log is read per sample; the rest waits for the next one."""
@@ -79,6 +86,42 @@ class _Window:
         return obs
 
 
+class _LongLine:
+    """A line longer than MAX_LINE, while it streams past: its head, plus a snippet
+    around the first match of ``pattern`` and of ``request_pattern`` in the rest. Its
+    memory is bounded (MAX_LINE + OVERLAP + two snippets) however long the line."""
+
+    def __init__(self, head: bytes, window: _Window) -> None:
+        self.window = window
+        self.head = head[:MAX_LINE]
+        self.snippets: list[bytes] = []
+        self.found = [r is None for r in (window.regex, window.requests)]
+        self.tail = head[-OVERLAP:]
+        self._search(head[MAX_LINE - OVERLAP:])
+
+    def feed(self, data: bytes) -> None:
+        if not all(self.found) and data:
+            self._search(self.tail + data)
+        self.tail = (self.tail + data)[-OVERLAP:]
+
+    def _search(self, piece: bytes) -> None:
+        text = piece.decode("utf-8", "replace")
+        for i, regex in enumerate((self.window.regex, self.window.requests)):
+            if self.found[i] or regex is None:
+                continue
+            m = regex.search(text)
+            if m is not None:
+                self.found[i] = True
+                got = text[max(0, m.start() - SNIPPET):m.end() + SNIPPET].encode()
+                self.snippets.append(got[:2 * SNIPPET + MAX_LINE // 16])
+
+    def text(self) -> bytes:
+        """The line as counted: the head (cut to MAX_LINE) and the snippets found."""
+        return b" \xe2\x80\xa6 ".join([self.head[:MAX_LINE - sum(len(x) + 5 for x in
+                                                                   self.snippets)],
+                                       *self.snippets])
+
+
 class LogFile:
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config
@@ -87,7 +130,7 @@ class LogFile:
         self._fh: IO[bytes] | None = None
         self._ino: tuple[int, int] | None = None
         self._partial = b""
-        self._skipping = False  # inside a line longer than MAX_LINE
+        self._long: _LongLine | None = None  # inside a line longer than MAX_LINE
         self._name = os.path.basename(config.file)
         self._watches, self._dir_wd, self.mode_note = Watches.listen(
             os.path.dirname(config.file) or "/", DIR_EVENTS)
@@ -129,33 +172,37 @@ class LogFile:
         if at_end:
             fh.seek(0, os.SEEK_END)
         self._fh, self._ino, self._partial = fh, (st.st_dev, st.st_ino), b""
-        self._skipping = False
+        self._long = None
         self._watch_file()
         return True
 
     def _read(self) -> list[str]:
         """The complete lines appended since the last read (at most READ_MAX bytes a
-        sample). A line is cut at MAX_LINE bytes and the rest of it skipped: a writer
-        that never ends its line cannot grow graced. Bytes that are not UTF-8 become
-        U+FFFD."""
+        sample). A line longer than MAX_LINE keeps its first MAX_LINE bytes and what
+        the patterns match in the rest (:class:`_LongLine`): a writer that never ends
+        its line cannot grow graced, nor hide a marker behind 64 KiB of padding. Bytes
+        that are not UTF-8 become U+FFFD."""
         assert self._fh is not None
         lines: list[bytes] = []
         for _ in range(READ_MAX // READ_CHUNK):
             data = self._fh.read(READ_CHUNK)
             if not data:
                 break
-            if self._skipping:
+            if self._long is not None:
                 nl = data.find(b"\n")
+                self._long.feed(data if nl < 0 else data[:nl])
                 if nl < 0:
                     continue
-                data, self._skipping = data[nl + 1:], False
+                lines.append(self._long.text())  # at most MAX_LINE bytes
+                data, self._long = data[nl + 1:], None
             *done, partial = (self._partial + data).split(b"\n")
             lines += done
             if len(partial) > MAX_LINE:
-                lines.append(partial)  # counted once, cut below
-                partial, self._skipping = b"", True
+                self._long = _LongLine(partial, self.window)
+                partial = b""
             self._partial = partial
-        return [ln[:MAX_LINE].decode("utf-8", "replace") for ln in lines]
+        return [(_LongLine(ln, self.window).text() if len(ln) > MAX_LINE else ln)
+                .decode("utf-8", "replace") for ln in lines]
 
     def sample(self) -> list[Observation]:
         lines: list[str] = []
@@ -174,7 +221,7 @@ class LogFile:
             self._open(at_end=False)
         elif current is not None and st.st_size < self._fh.tell():
             self._fh.seek(0)  # truncated in place (copytruncate)
-            self._partial, self._skipping = b"", False
+            self._partial, self._long = b"", None
         if self._fh is not None:
             lines += self._read()
         return [self.window.observe(self.subject, lines)]

@@ -67,6 +67,12 @@ def parse_show(stdout: bytes) -> dict[str, dict[str, str]]:
 class FailedUnits:
     """Value per unit: 1 while it is failed, 0 once it is not."""
 
+    # systemd announces a unit's state only on D-Bus; what the file system shows is no
+    # substitute (/run/systemd/units/ marks a unit's start, not its failure; a cgroup's
+    # cgroup.events says its processes ended before systemd has judged the unit).
+    mode_note = ("systemd announces unit state changes only on D-Bus, which graced does "
+                 "not speak: systemctl is asked every interval")
+
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config
         self.recovering: dict[str, int] = {}

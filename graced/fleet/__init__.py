@@ -16,6 +16,7 @@ from ..errors import StartupError
 from ..learning import Learning
 from ..mesh import Mesh
 from ..protocol import Signer
+from ..protocol.wire import Request
 from .forwarder import Forwarder
 from .knowledge import KnowledgeShare
 
@@ -24,8 +25,8 @@ __all__ = ["Forwarder", "make_forwarder"]
 
 def make_forwarder(cfg: FleetConfig, *, daemon_id: str, mesh: Mesh, journal_path: Path,
                    acked: str | None, answer: Callable[[str, str], Awaitable[str]],
-                   hostname: str, signer: Signer, learning: Learning,
-                   knowledge_lock: trio.Lock | None = None) -> Forwarder:
+                   screen: Callable[[Request], str], hostname: str, signer: Signer,
+                   learning: Learning, knowledge_lock: trio.Lock | None = None) -> Forwarder:
     """A forwarder for ``[fleet]``; raises StartupError if it cannot run here."""
     from ..protocol.fleet import valid_daemon_id
 
@@ -44,4 +45,4 @@ def make_forwarder(cfg: FleetConfig, *, daemon_id: str, mesh: Mesh, journal_path
                                mesh=mesh, learning=learning, trusted=list(cfg.knowledge_keys),
                                lock=knowledge_lock)
     return Forwarder(cfg, daemon_id=daemon_id, mesh=mesh, journal_path=journal_path,
-                     acked=start, answer=answer, knowledge=share)
+                     acked=start, answer=answer, screen=screen, knowledge=share)

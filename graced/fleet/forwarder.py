@@ -22,12 +22,19 @@ thread; graced only lags, and ``status`` says by how much (:meth:`Forwarder.stat
 
 Requests by NATS (``grace-rpc.<daemon-id>``, request/reply) are handed to the wire's
 :meth:`graced.wire.Server.answer`: the same parsing, signature and role checks as a
-request read from a TCP client. Anyone on NATS may send them, so they are bounded before
-trio sees them: the subscription holds at most ``RPC_PENDING_MSGS`` (nats-py drops the
-rest), an unsigned request (other than ``hello``) is answered only while no other
-unsigned one is (else dropped at once: it can only be refused), and signed ones are
-served ``MAX_RPC`` at a time with at most ``MAX_RPC_WAITING`` waiting (else dropped).
-``status`` counts what was dropped (``requests_dropped``).
+request read from a TCP client. Anyone on NATS may send them, so they are screened
+before trio sees them, here on the asyncio thread, one between two turns of its other
+tasks (reading the socket, forwarding): the subscription holds at most
+``RPC_PENDING_MSGS`` (nats-py drops the rest); a request whose signature verifies with a
+key that has a role, bound to this daemon and fresh (the wire's own checks but the
+nonce's, :meth:`graced.auth.Authenticator.screen`) is served ``MAX_RPC`` at a time with
+at most ``MAX_RPC_WAITING`` waiting; the same request sent again (a client resending
+while it waits for the answer) is dropped, its answer is on its way; anything else (no
+signature, a forged or unknown one, another daemon's, stale, unparsable: it can only be
+refused) is answered only while no other such is being answered, else dropped at once.
+So a flood of requests that cannot be signed, however they look, never queues ahead of
+a signed one; it costs a signature check each at most. ``status`` counts what was
+dropped (``requests_dropped``) and the resends (``requests_resent``).
 
 Channels owned: none. Threads: one (the asyncio loop), plus asyncio's executor for
 requests waiting on trio.
@@ -42,17 +49,20 @@ import logging
 import secrets
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from ..auth import AuthError
 from ..config.fleet import FleetConfig
 from ..journal import JournalReader
 from ..mesh import Mesh
 from ..protocol import SignedEvent
 from ..protocol import fleet as names
+from ..protocol.wire import Request, RequestError, parse_request
 from ..redact import redact_text, redact_url
 from .bridge import AsyncioThread
 from .knowledge import KnowledgeShare
@@ -64,8 +74,11 @@ MAX_RPC = 8  # signed requests by NATS served at once
 MAX_RPC_WAITING = 32  # signed requests waiting for a slot; more are dropped
 MAX_RPC_BYTES = 1 << 20
 # The subscription's own queue: excess is dropped by nats-py (a slow consumer), never held.
-RPC_PENDING_MSGS, RPC_PENDING_BYTES = 16384, 8 << 20
+RPC_PENDING_MSGS, RPC_PENDING_BYTES = 1024, 8 << 20
 ALERT_FOR = 300.0  # seconds the fleet component stays "failing" after a refused duplicate
+# Signed requests screened in, remembered (kid:nonce) to know a resend: at most this many,
+# for at most this long (a client resends while it waits, a few seconds).
+MAX_ADMITTED, ADMITTED_FOR = 4096, 300.0
 
 
 def connect_options(cfg: FleetConfig, name: str) -> dict[str, Any]:
@@ -114,6 +127,7 @@ class Forwarder:
 
     def __init__(self, cfg: FleetConfig, *, daemon_id: str, mesh: Mesh, journal_path: Path,
                  acked: int | None, answer: Callable[[str, str], Awaitable[str]],
+                 screen: Callable[[Request], str] | None = None,
                  knowledge: KnowledgeShare | None = None) -> None:
         self.cfg = cfg
         self.knowledge = knowledge
@@ -122,6 +136,7 @@ class Forwarder:
         self.journal_path = journal_path
         self.local_acked = acked
         self.answer = answer
+        self.screen = screen  # None: no key may sign (every request can only be refused)
         self.acked = acked or 0
         self.connected = False
         self.last_error: str | None = None
@@ -129,11 +144,13 @@ class Forwarder:
         self.resumed_from: int | None = None
         self.rpc_served = 0
         self.rpc_dropped = 0
+        self.rpc_resent = 0
+        self._admitted: OrderedDict[str, float] = OrderedDict()  # kid:nonce -> when
         self.overwritten = 0  # times this host's knowledge entry was found overwritten
         self._shared: bytes | None = None  # the export last put in the bucket
         self._reshare = asyncio.Event()
         self._rpc_waiting = 0
-        self._unsigned_busy = False
+        self._refusable_busy = False
         self._rpc_tasks: set[asyncio.Future[None]] = set()  # held: asyncio keeps weak refs
         self.refused_duplicates = 0
         self._alert: tuple[float, str] | None = None
@@ -219,6 +236,7 @@ class Forwarder:
             "lag_seconds": round(time.time() - behind, 3) if lag and behind else 0.0,
             "forwarded": self.forwarded, "resumed_from": self.resumed_from,
             "requests_served": self.rpc_served, "requests_dropped": self.rpc_dropped,
+            "requests_resent": self.rpc_resent,
             "last_error": self.last_error,
             "refused_duplicates": self.refused_duplicates, "alert": self.alert(),
             "knowledge": {**self.knowledge.status(), "overwritten": self.overwritten}
@@ -255,7 +273,12 @@ class Forwarder:
         async def reconnected() -> None:
             self.connected = True
 
+        rpc_subject = names.rpc_subject(self.daemon_id)
+
         async def error(exc: Exception) -> None:
+            if isinstance(exc, nats.errors.SlowConsumerError) and exc.subject == rpc_subject:
+                self.rpc_dropped += 1  # a request its full subscription had no room for
+                return
             self.last_error = redact_text(f"{type(exc).__name__}: {exc}")[:300]
 
         backoff = 0.2
@@ -272,7 +295,7 @@ class Forwarder:
         self.connected = True
         js = nc.jetstream(timeout=self.cfg.ack_timeout)
         rpc_slots = asyncio.Semaphore(MAX_RPC)
-        await nc.subscribe(names.rpc_subject(self.daemon_id),
+        await nc.subscribe(rpc_subject,
                            cb=functools.partial(self._on_rpc, rpc_slots),
                            pending_msgs_limit=RPC_PENDING_MSGS,
                            pending_bytes_limit=RPC_PENDING_BYTES)
@@ -540,34 +563,60 @@ class Forwarder:
                 await asyncio.sleep(1.0)
 
     async def _on_rpc(self, slots: asyncio.Semaphore, msg: Any) -> None:
-        """One request by NATS, as nats-py delivers them (one at a time: never waits
-        here): dropped, or answered in a task of its own."""
+        """One request by NATS, as nats-py delivers them (one at a time): screened, then
+        dropped or answered in a task of its own."""
+        # nats-py hands over a full queue without a pause: one request, then the loop's
+        # other tasks (reading the socket, forwarding), so a flood is read as fast as it
+        # comes and what finds the queue full is dropped there, unscreened.
+        await asyncio.sleep(0)
         if not msg.reply or len(msg.data) > MAX_RPC_BYTES:
             self.rpc_dropped += 1
             return
-        if not _signed_or_hello(msg.data):
-            if self._unsigned_busy:  # a flood of what can only be refused: not served
+        admitted = self._admit(msg.data)
+        if admitted is None:
+            if self._refusable_busy:  # a flood of what can only be refused: not served
                 self.rpc_dropped += 1
                 return
-            self._unsigned_busy = True
-            self._spawn(self._serve_unsigned(msg))
+            self._refusable_busy = True
+            self._spawn(self._serve_refusable(msg))
+            return
+        if admitted in self._admitted:  # sent again while it waits: its answer will come
+            self.rpc_resent += 1
             return
         if self._rpc_waiting >= MAX_RPC + MAX_RPC_WAITING:
             self.rpc_dropped += 1
             return
+        now = time.monotonic()
+        self._admitted[admitted] = now
+        while len(self._admitted) > MAX_ADMITTED or \
+                next(iter(self._admitted.values())) < now - ADMITTED_FOR:
+            self._admitted.popitem(last=False)
         self._rpc_waiting += 1
         self._spawn(self._serve_signed(slots, msg))
+
+    def _admit(self, data: bytes) -> str | None:
+        """``kid:nonce`` of a request that passes the wire's checks but the nonce's; None
+        for one that can only be refused. Costs a signature check at most."""
+        if self.screen is None:
+            return None
+        try:
+            req = parse_request(data.decode("utf-8"), MAX_RPC_BYTES)
+            if req.auth is None:
+                return None
+            return f"{self.screen(req)}:{req.nonce}"
+        except (UnicodeDecodeError, RequestError, AuthError, ValueError, TypeError):
+            return None  # the wire says why, if this one is answered
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._rpc_tasks.add(task)
         task.add_done_callback(self._rpc_tasks.discard)
 
-    async def _serve_unsigned(self, msg: Any) -> None:
+    async def _serve_refusable(self, msg: Any) -> None:
         try:
             await self._serve(msg)
         finally:
-            self._unsigned_busy = False
+            self._refusable_busy = False
 
     async def _serve_signed(self, slots: asyncio.Semaphore, msg: Any) -> None:
         try:
@@ -594,16 +643,6 @@ class Forwarder:
                 await msg.respond(reply.encode())
             except Exception as exc:  # noqa: BLE001 - the asker went away
                 log.info("fleet: could not send a reply: %s", exc)
-
-
-def _signed_or_hello(data: bytes) -> bool:
-    """Whether a request may be worth trio's time: a JSON object that carries a signature
-    (checked by the wire), or ``hello``. Cheap: no canonicalising, no signature."""
-    try:
-        req = json.loads(data)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(req, dict) and ("auth" in req or req.get("method") == "hello")
 
 
 def _fields(body: str) -> tuple[str, int, str]:

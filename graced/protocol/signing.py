@@ -9,12 +9,17 @@ import base64
 import binascii
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import repeat
+from operator import add
 from typing import Any
 
 import nacl.exceptions
 import nacl.signing
+from nacl._sodium import ffi as _ffi
+from nacl._sodium import lib as _sodium
 from nacl.bindings import crypto_sign, crypto_sign_open
 
 from .canonical import canonical_bytes_for, canonical_text
@@ -128,6 +133,36 @@ class Signer:
         frame["kid"] = self.kid
         frame["sig"] = self.sign_bytes(signing_bytes(frame))
         return frame
+
+
+_SIG_SPELLINGS = re.compile(r"(?:[A-Za-z0-9+/]{85}[AQgw]==\n)*")
+
+
+def verify_all(sigs: Sequence[str], datas: Sequence[bytes], public_key: bytes) -> bool:
+    """True if every ``sigs[i]`` is, in its one canonical spelling (as
+    :func:`verify_detached` demands), an Ed25519 signature of ``datas[i]`` by
+    ``public_key``.
+
+    The same check as :func:`verify_detached` for many signatures at once, with no
+    Python code run per signature: one regular expression spells them all, and
+    libsodium's ``crypto_sign_open`` (through PyNaCl's own cffi binding, into one
+    reused buffer) is called from a C loop.
+    """
+    if len(sigs) != len(datas) or len(public_key) != 32:
+        return False
+    if not sigs:
+        return True
+    try:
+        if not _SIG_SPELLINGS.fullmatch("\n".join(sigs) + "\n"):
+            return False
+    except TypeError:  # a sig that is not a string
+        return False
+    signed = list(map(add, map(binascii.a2b_base64, sigs), datas))
+    out = _ffi.new("unsigned char[]", max(map(len, signed), default=1))
+    out_len = _ffi.new("unsigned long long *")
+    results = list(map(_sodium.crypto_sign_open, repeat(out), repeat(out_len), signed,
+                       map(len, signed), repeat(public_key)))
+    return results.count(0) == len(results)
 
 
 def verify_detached(sig: str, data: bytes, public_key: bytes) -> bool:

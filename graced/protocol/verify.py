@@ -37,11 +37,15 @@ sends a heartbeat every few seconds) for longer than ``stale_after`` seconds is 
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import json
 import math
+import operator
 import re
 from dataclasses import dataclass
+from itertools import accumulate, repeat
+from operator import add, sub
 from typing import Any, NoReturn
 
 import orjson
@@ -204,6 +208,104 @@ def _fast_event(line: bytes) -> tuple[dict[str, Any], bytes] | None:
     cut = line.rfind(b',"sig":"')
     end = line.index(b'"', cut + 8)
     return obj, line[:cut] + line[end + 1:]
+
+
+@dataclass(slots=True)
+class EventBlock:
+    """Many parsed events, each with its signing bytes, and the envelope's fields as
+    columns (``seqs[i]`` is ``events[i]["seq"]``). The events are left without their
+    ``sig`` (it is in ``sigs``)."""
+
+    events: list[dict[str, Any]]
+    signing: list[bytes]
+    seqs: tuple[int, ...]
+    prevs: tuple[str, ...]
+    kids: tuple[str, ...]
+    sigs: tuple[str, ...]
+    topics: tuple[str, ...]
+    stamps: tuple[str, ...]  # the events' ``ts``
+
+    @classmethod
+    def of(cls, events: list[dict[str, Any]], signing: list[bytes]) -> EventBlock | None:
+        """The block of these well-formed events (None if there are none)."""
+        if not events:
+            return None
+        seqs, prevs, kids, sigs, topics, stamps = zip(*map(_ENVELOPE, events), strict=True)
+        list(map(dict.pop, events, repeat("sig")))
+        return cls(events, signing, seqs, prevs, kids, sigs, topics, stamps)
+
+
+_ENVELOPE = operator.itemgetter("seq", "prev", "kid", "sig", "topic", "ts")
+_ENVELOPE_ALL = operator.itemgetter("seq", "prev", "kid", "sig", "topic", "ts", "v",
+                                    "payload")
+_DUMPS = functools.partial(orjson.dumps, option=_ORJSON_CANONICAL)
+_SIG_MEMBER_BYTES = len(',"sig":""') + 88
+_NOT_BRACKET = bytes(c for c in range(256) if c not in b"[{\n")
+_DEEP = re.compile(rb"[^\n]{%d}" % (MAX_DEPTH + 1))
+_BELOW_F0 = bytes(range(0xF0))
+
+
+def parse_event_block(block: bytes) -> EventBlock | None:
+    """:func:`parse_event_line`'s fast path for many lines at once, with no Python code
+    run per line in the common case: an :class:`EventBlock` if every line of ``block``
+    (whole lines, each ending in a newline) is certainly a well-formed v2 event in
+    canonical form, else None (parse the lines one by one: the exact check decides).
+
+    The same proof as :func:`_fast_event`'s: orjson parses each line and writes it back
+    with sorted keys, byte for byte; the numbers and characters where orjson and JCS
+    differ send the block to the exact check, and so does any line with more than
+    ``MAX_DEPTH`` brackets. Every event has exactly the envelope's fields with their
+    types, and version 2.
+    """
+    lines = block.split(b"\n")
+    if lines.pop() != b"" or not lines or max(map(len, lines)) > MAX_LINE_BYTES:
+        return None
+    # Brackets counted per line at once: only they (and the newlines) are kept.
+    if _DEEP.search(block.translate(None, _NOT_BRACKET)):
+        return None
+    if not block.isascii() and block.translate(None, _BELOW_F0):  # a 4-byte character
+        return None
+    n = len(lines)
+    try:
+        events = list(map(orjson.loads, lines))
+        # One call writes them all back: "[" + d1 + "," + d2 ... + "]" equals the lines
+        # so joined only if each di is its line (a JSON text ends where its value does).
+        if orjson.dumps(events, option=_ORJSON_CANONICAL) != b"[" + b",".join(lines) + b"]":
+            return None
+        if list(map(type, events)).count(dict) != n or list(map(len, events)).count(8) != n:
+            return None
+        seqs, prevs, kids, sigs, topics, stamps, vs, payloads = zip(
+            *map(_ENVELOPE_ALL, events), strict=True)
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError, TypeError, KeyError):
+        return None
+    # Eight fields, the envelope's eight: exactly the envelope. Its types:
+    if (list(map(type, vs)).count(int) != n or vs.count(2) != n
+            or list(map(type, seqs)).count(int) != n or min(seqs) < 1
+            or any(list(map(type, column)).count(str) != n
+                   for column in (prevs, kids, sigs, topics, stamps))):
+        return None
+    # Numbers live in the payloads (seq is an integer): an integral double or an
+    # exponent, which JCS writes otherwise, sends the block to the exact check.
+    numbers = orjson.dumps(payloads)
+    for needle in (b".0", b"e-", b"e+"):
+        at = numbers.find(needle)
+        while at >= 0:
+            if (_INTEGRAL_DOUBLE if needle == b".0" else _EXPONENT).match(numbers, at - 1):
+                return None
+            at = numbers.find(needle, at + 2)
+    # The signing bytes: every field but "sig", written back in one call. A signature
+    # of 88 characters that need no escape is a member of 97 bytes (',"sig":"' and '"'),
+    # so each event's signing bytes are its line's length less 97.
+    if list(map(len, sigs)).count(88) != n:
+        return None
+    list(map(dict.pop, events, repeat("sig")))
+    unsigned = orjson.dumps(events, option=_ORJSON_CANONICAL)
+    lengths = list(map(sub, map(len, lines), repeat(_SIG_MEMBER_BYTES)))
+    starts = list(accumulate(map(add, lengths, repeat(1)), initial=1))
+    if len(unsigned) != starts.pop():  # a member longer than 97 bytes: an escape
+        return None
+    signing = list(map(unsigned.__getitem__, map(slice, starts, map(add, starts, lengths))))
+    return EventBlock(events, signing, seqs, prevs, kids, sigs, topics, stamps)
 
 
 def parse_event_line(line: bytes) -> tuple[dict[str, Any], bytes]:

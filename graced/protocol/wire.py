@@ -41,6 +41,11 @@ ERROR_EXIT = {
     "pruned": ExitCode.PRUNED,
 }
 
+# A stream closed because its key lost the read role (a reload revoked it): not
+# authorised, not a fault of the stream (WebSocket close codes 4000-4999 are the
+# application's).
+CLOSE_REVOKED = 4003
+
 MAX_NONCE = 128
 MAX_ID = 128
 MAX_DEPTH = 32

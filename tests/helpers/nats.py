@@ -1,4 +1,6 @@
-"""Real NATS servers for tests: JetStream on, loopback only, a private store dir each.
+"""Real NATS servers for tests: JetStream on, loopback only, a private store dir each;
+the operator's side of the fleet (:class:`Operator`: a home of its own and the real
+gracectl), and :func:`one_host`: one nats-server and one real graced forwarding to it.
 
 Uses Debian's ``nats-server`` package (installed with apt-get when running as root and it
 is missing); skips with the reason when it cannot be had, or when nats-py (the extra
@@ -9,15 +11,24 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.conftest import Graced, bin_path
+from tests.helpers.procs import poll_until
 
 
 def ensure_nats() -> str:
@@ -133,3 +144,157 @@ def cluster(base: Path, size: int = 3) -> list[NatsServer]:
     for node in nodes:
         node.wait_ready(60)
     return nodes
+
+
+def fleet_section(url: str, extra: str = "") -> str:
+    return f'\n[fleet]\nurl = "{url}"\n{extra}'
+
+
+class Operator:
+    """The operator's side: a home of its own (pinned keys, signing key) and gracectl."""
+
+    def __init__(self, base: Path, nats_url: str) -> None:
+        self.home = base / "operator"
+        self.home.mkdir(exist_ok=True)
+        self.env = {**os.environ, "HOME": str(self.home),
+                    "XDG_CONFIG_HOME": str(self.home / ".config"), "GRACE_NATS": nats_url}
+        for var in ("GRACE_SOCKET", "GRACE_URL", "GRACE_KNOWN_KEYS", "GRACE_CLIENT_KEY"):
+            self.env.pop(var, None)
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([bin_path("gracectl"), *args], env=self.env, text=True,
+                              capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def fleet(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return self.ctl("fleet", *args, timeout=timeout)
+
+    def ctl_argv0(self) -> str:  # for OnTerminal: gracectl as the operator runs it
+        return str(bin_path("gracectl"))
+
+    def fleet_json(self, *args: str, rc: int = 0) -> Any:
+        res = self.fleet(*args, "--json")
+        assert res.returncode == rc, res.stderr
+        return json.loads(res.stdout)
+
+    def pin(self, g: Graced) -> str:
+        """Pin the host's key as any operator does, over its socket; returns its id."""
+        res = self.ctl("--socket", str(g.socket), "keys", "trust")
+        assert res.returncode == 0, res.stderr
+        return str(json.loads(self.ctl("--socket", str(g.socket), "status", "--json").stdout)
+                   ["daemon_id"])
+
+    def signing_key(self) -> str:
+        res = self.ctl("keys", "generate")
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip().splitlines()[-1]
+
+
+def status(g: Graced) -> dict[str, Any]:
+    return dict(json.loads(g.ctl("status", "--json", check=True).stdout))
+
+
+def wait_caught_up(g: Graced, timeout: float = 30) -> dict[str, Any]:
+    """Until graced says forwarding has caught up (nothing announces it: status is read)."""
+    seen: dict[str, Any] = {}
+
+    def caught_up() -> bool:
+        seen.update(status(g))
+        fl = seen["fleet"]
+        return bool(fl["connected"] and fl["lag_events"] == 0)
+
+    poll_until(caught_up, timeout, "forwarding caught up", pause=0.2)
+    return seen
+
+
+@dataclass
+class OneHost:
+    """One nats-server, one graced forwarding to it, and an operator."""
+
+    server: NatsServer
+    op: Operator
+    g: Graced
+    operator_key: str | None  # the operator's key line, in graced's control_keys
+
+
+@contextmanager
+def one_host(base: Path, config: str = "", fleet: str = "", control: bool = False,
+             detectors: str = "") -> Iterator[OneHost]:
+    """A nats-server and a graced (``config`` added to its graced.toml's ``[daemon]``,
+    ``fleet`` to its ``[fleet]``, ``detectors`` (detectors, playbooks, other tables)
+    last) started; with ``control``, the operator's signing key made first and put in
+    graced's ``[remediation] control_keys``. Both stopped at the end."""
+    server = NatsServer(base)
+    server.start()
+    try:
+        op = Operator(base, server.url)
+        key = op.signing_key() if control else None
+        if key is not None:
+            config += f'\n[remediation]\ncontrol_keys = ["{key}"]\n'
+        (base / "h").mkdir()
+        g = Graced(base / "h", config + fleet_section(server.url, fleet), detectors=detectors)
+        g.start()
+        try:
+            yield OneHost(server, op, g, key)
+        finally:
+            g.close()
+    finally:
+        server.stop()
+
+
+class StallingRelay:
+    """A TCP relay on loopback to ``port`` that stalls once: after ``after`` bytes have
+    gone from the server to the client, nothing goes either way for ``stall`` seconds
+    (the connection stays open), then everything flows again. A real stall on a real
+    connection, at a point in a read that does not depend on the machine's speed."""
+
+    def __init__(self, port: int, after: int, stall: float) -> None:
+        self.upstream, self.after, self.stall = port, after, stall
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stalled = threading.Event()  # set when the stall begins
+        self._down = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ, None)
+        while not self._stop.is_set():
+            for key, _ in sel.select(0.2):
+                if key.data is None:
+                    client, _ = self.listener.accept()
+                    server = socket.create_connection(("127.0.0.1", self.upstream))
+                    sel.register(client, selectors.EVENT_READ, (server, False))
+                    sel.register(server, selectors.EVENT_READ, (client, True))
+                    continue
+                src, (dst, downstream) = key.fileobj, key.data
+                assert isinstance(src, socket.socket)
+                try:
+                    data = src.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    for s in (src, dst):
+                        try:
+                            sel.unregister(s)
+                        except (KeyError, ValueError):
+                            pass
+                        s.close()
+                    continue
+                dst.sendall(data)
+                if downstream:
+                    self._down += len(data)
+                    if self._down >= self.after and not self.stalled.is_set():
+                        self.stalled.set()
+                        self._stop.wait(self.stall)  # nothing is read or sent meanwhile
+        sel.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.listener.close()
