@@ -44,7 +44,7 @@ import math
 import operator
 import re
 from dataclasses import dataclass
-from itertools import accumulate, repeat
+from itertools import accumulate, chain, repeat
 from operator import add, sub
 from typing import Any, NoReturn
 
@@ -270,7 +270,9 @@ def parse_event_block(block: bytes) -> EventBlock | None:
         events = list(map(orjson.loads, lines))
         # One call writes them all back: "[" + d1 + "," + d2 ... + "]" equals the lines
         # so joined only if each di is its line (a JSON text ends where its value does).
-        if orjson.dumps(events, option=_ORJSON_CANONICAL) != b"[" + b",".join(lines) + b"]":
+        written, joined = orjson.dumps(events, option=_ORJSON_CANONICAL), b",".join(lines)
+        if (len(written) != len(joined) + 2 or not written.startswith(joined, 1)
+                or written[0] != 0x5B or written[-1] != 0x5D):  # "[" and "]"
             return None
         if list(map(type, events)).count(dict) != n or list(map(len, events)).count(8) != n:
             return None
@@ -281,8 +283,7 @@ def parse_event_block(block: bytes) -> EventBlock | None:
     # Eight fields, the envelope's eight: exactly the envelope. Its types:
     if (list(map(type, vs)).count(int) != n or vs.count(2) != n
             or list(map(type, seqs)).count(int) != n or min(seqs) < 1
-            or any(list(map(type, column)).count(str) != n
-                   for column in (prevs, kids, sigs, topics, stamps))):
+            or set(map(type, chain(prevs, kids, sigs, topics, stamps))) != {str}):
         return None
     # Numbers live in the payloads (seq is an integer): an integral double or an
     # exponent, which JCS writes otherwise, sends the block to the exact check.
