@@ -42,7 +42,7 @@ from graced.protocol.verify import (
 
 PARALLEL_MIN_BYTES = 4 << 20
 CHUNKS_PER_WORKER = 6
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 2 << 20
 
 
 @dataclass
