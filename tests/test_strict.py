@@ -277,7 +277,7 @@ def test_the_fast_path_on_numbers_and_keys_where_encoders_differ(payload: object
 # -- the block path (gracectl verify's hot loop) proves only what the line path proves --
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(payloads=st.lists(JSON_VALUES, min_size=1, max_size=4), data=st.data())
 def test_the_block_path_accepts_only_what_the_line_path_accepts(
         payloads: list[object], data: st.DataObject) -> None:
