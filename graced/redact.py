@@ -22,6 +22,9 @@ def redact_url(url: str) -> str:
         port = parts.port
     except ValueError:
         return HIDDEN
+    if (parts.username is None and parts.password is None and not parts.query
+            and not parts.fragment):
+        return url  # nothing to hide: as written (urlsplit would lower-case it)
     netloc = host if ":" not in host else f"[{host}]"
     if port is not None:
         netloc += f":{port}"
@@ -33,7 +36,7 @@ def redact_url(url: str) -> str:
             f"{item.split('=', 1)[0]}={HIDDEN}" if "=" in item else HIDDEN
             for item in query.split("&"))
     fragment = HIDDEN if parts.fragment else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
+    return urlunsplit((url[:len(parts.scheme)], netloc, parts.path, query, fragment))
 
 
 def redact_text(text: str) -> str:
