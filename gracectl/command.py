@@ -146,7 +146,11 @@ def utc_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
+    """``--json`` output: every time field in the one documented form (ISO 8601 UTC, as
+    an event's ts; gracectl(1) OUTPUT)."""
+    from graced.protocol.times import iso_times
+
+    click.echo(json.dumps(iso_times(data), indent=2, sort_keys=True, ensure_ascii=False))
 
 
 def read_key_file(path: str) -> bytes:

@@ -29,6 +29,7 @@ from trio_websocket import CloseReason, ConnectionClosed
 
 from graced.protocol import ExitCode, Violation, key_id, parse_event_line
 from graced.protocol import fleet as names
+from graced.protocol.times import epoch
 from graced.protocol.topics import compile_patterns
 
 from . import out, trust
@@ -376,7 +377,7 @@ def missions_table(rows: list[dict[str, Any]], now: float, width: int | None = -
     return out.table([[r["host"] if r["verified"] else f"{r['host']} UNVERIFIED",
                        str(r["daemon_id"])[:8], r["id"], r.get("severity"), r.get("state"),
                        r.get("detector"), r.get("subject"),
-                       _age(now - float(r.get("opened_at") or now)),
+                       _age(now - (epoch(r.get("opened_at")) or now)),
                        out.reason(str(r.get("summary") or ""), str(r.get("detector") or ""),
                                   str(r.get("subject") or ""))] for r in rows],
                      MISSION_COLUMNS, width)

@@ -329,4 +329,8 @@ def resolve_host(hosts: dict[str, HostView], name: str) -> HostView:
 
 
 def dumps(data: Any) -> str:
-    return json.dumps(data, indent=2, sort_keys=True)  # ASCII: no raw C1 or bidi controls
+    """``fleet ... --json`` output: times as ISO 8601 UTC, as every --json output."""
+    from graced.protocol.times import iso_times
+
+    # ASCII: no raw C1 or bidi controls
+    return json.dumps(iso_times(data), indent=2, sort_keys=True)

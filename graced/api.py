@@ -36,6 +36,7 @@ from .plan import build as build_plan
 from .plan import matches, mission_values, names_plan
 from .protocol import Signer
 from .protocol import knowledge as pk
+from .protocol.times import is_instant, same_instant, shown
 from .protocol.wire import Request, RequestError
 from .readers import SharedReader
 from .reload import ConfigRejected, Reloader
@@ -44,6 +45,13 @@ from .silences import parse_target
 from .wire import Client, Handler, Server
 
 log = logging.getLogger("graced.api")
+def _when(t: float | str) -> str:
+    """A time in a message: the ISO form (a string given was checked to be one)."""
+    return t if isinstance(t, str) else str(shown(t))
+
+
+OPENED = ("params.opened must be the mission's opened_at: its number, or its ISO 8601 "
+          "form as --json prints it")
 
 MAX_EMIT = 10_000_000
 MAX_COMMENT = 1024  # bytes of UTF-8: a comment is journaled with the decision
@@ -496,7 +504,8 @@ class Api:
         # Journaled first, in one transaction with the event; applied only once that
         # is committed, so memory and the journal never disagree.
         await self.mesh.publish("learning.imported", {
-            "source": source, "host": host, "kid": kid, "exported_at": exported_at,
+            "source": source, "host": host, "kid": kid,
+            "exported_at": shown(exported_at),
             "patterns": len(patterns), "counts": plan.counts,
             "key_replaced": bool(notes), "by_uid": client.peer.uid},
             writes=writes)
@@ -608,9 +617,8 @@ class Api:
                 > MAX_COMMENT:
             raise RequestError("bad_request", f"params.comment must be a string of at most "
                                f"{MAX_COMMENT} bytes")
-        if opened is not None and (not isinstance(opened, (int, float))
-                                   or isinstance(opened, bool)):
-            raise RequestError("bad_request", "params.opened must be the mission's opened_at")
+        if opened is not None and not is_instant(opened):
+            raise RequestError("bad_request", OPENED)
         peer = client.peer
         verb = "approve" if approve else "reject"
         who: dict[str, Any]
@@ -914,9 +922,8 @@ class Api:
             f"signed request (ed25519 {req.kid})" if user.startswith("key ")
             else "unix peer credentials")}
         opened, named = p.get("opened"), p.get("plan")
-        if opened is not None and (not isinstance(opened, (int, float))
-                                   or isinstance(opened, bool)):
-            raise RequestError("bad_request", "params.opened must be the mission's opened_at")
+        if opened is not None and not is_instant(opened):
+            raise RequestError("bad_request", OPENED)
         if named is not None and (not isinstance(named, str) or len(named) > 64):
             raise RequestError("bad_request", "params.plan must be the sha256 of the plan "
                                "(playbooks.run with dry_run: plan.sha256)")
@@ -930,9 +937,10 @@ class Api:
                                    f"{pb.risk}, the plan it runs (params.plan), as an "
                                    "approval does")
             writes = await self._fresh_nonce(client, req, "running a playbook by hand")
-        if opened is not None and opened != m.opened_at:
+        if opened is not None and not same_instant(opened, m.opened_at):
             raise RequestError("invalid", f"the request names mission {m.id} opened at "
-                               f"{opened!r}, but mission {m.id} opened at {m.opened_at!r}")
+                               f"{_when(opened)}, but mission {m.id} opened at "
+                               f"{_when(m.opened_at)}")
         if named is not None:
             current = build_plan(pb, mission_values(m))["sha256"]
             if not names_plan(named, current):
@@ -989,7 +997,7 @@ class Api:
         known = {d.name for d in self.config.detector}
         warning = None if detector is None or detector in known else (
             f"no detector named {detector!r} is configured; the silence covers nothing now")
-        await self.mesh.publish("silence.added", {**s.public(), "uid": client.peer.uid},
+        await self.mesh.publish("silence.added", s.event(uid=client.peer.uid),
                                 writes=[*nonce, self.executor.silences.write()])
         self.executor.silence_added()
         return {"silence": s.public(), "warning": warning}
@@ -1005,8 +1013,8 @@ class Api:
         s = self.executor.silences.remove(sid)
         if s is None:
             raise RequestError("not_found", f"no silence {sid} (gracectl silence ls)")
-        await self.mesh.publish("silence.removed", {**s.public(), "removed_by": user,
-                                                    "uid": client.peer.uid},
+        await self.mesh.publish("silence.removed", s.event(removed_by=user,
+                                                           uid=client.peer.uid),
                                 writes=[*nonce, self.executor.silences.write()])
         await self.executor.silence_ended()
         return {"silence": s.public()}

@@ -61,6 +61,7 @@ from .plan import (
     substitute,
 )
 from .plan import build as build_plan
+from .protocol.times import same_instant, shown
 from .redact import redact_text
 from .silences import Silences
 
@@ -514,12 +515,13 @@ class Executor:
         return changed
 
     async def decide(self, mission_id: int, approve: bool, who: dict[str, Any],
-                     comment: str, opened: float | None = None,
+                     comment: str, opened: float | str | None = None,
                      plan_sha256: str | None = None) -> Mission:
         """Approve or reject a mission awaiting approval; raises LookupError/ValueError.
 
-        ``opened``, when given, must be the mission's ``opened_at``: the decision was
-        made for that mission and no other (a signed request names it).
+        ``opened``, when given, must be the mission's ``opened_at`` (the number, or its
+        ISO form as ``--json`` prints it): the decision was made for that mission and no
+        other (a signed request names it).
 
         An approval names the plan it approves (``plan_sha256``): if the playbook changed
         since the plan was shown (a reload), the mission keeps waiting with the new plan,
@@ -528,9 +530,10 @@ class Executor:
         m = self.engine.by_id(mission_id)
         if m is None:
             raise LookupError(f"no active mission {mission_id}")
-        if opened is not None and opened != m.opened_at:
-            raise ValueError(f"the request names mission {mission_id} opened at {opened!r}, "
-                             f"but mission {mission_id} opened at {m.opened_at!r}")
+        if opened is not None and not same_instant(opened, m.opened_at):
+            raise ValueError(f"the request names mission {mission_id} opened at "
+                             f"{opened if isinstance(opened, str) else shown(opened)}, but "
+                             f"mission {mission_id} opened at {shown(m.opened_at)}")
         if m.state != "awaiting_approval":
             raise ValueError(f"mission {mission_id} is {m.state}, not awaiting approval")
         now = time.time()
@@ -613,7 +616,7 @@ class Executor:
             now = time.time()
             ended = self.silences.due(now, {m.id for m in self.engine.active.values()})
             for s, why in ended:
-                await self.mesh.publish("silence.expired", {**s.public(), "reason": why},
+                await self.mesh.publish("silence.expired", s.event(reason=why),
                                         writes=[self.silences.write()])
             if ended:
                 await self.silence_ended()

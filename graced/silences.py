@@ -21,6 +21,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .protocol.times import iso_times
+
 MAX_SILENCES = 1000
 MAX_DURATION = 90 * 86400.0
 MAX_COMMENT = 1000
@@ -50,6 +52,11 @@ class Silence:
 
     def public(self) -> dict[str, Any]:
         return {**asdict(self), "target": self.target}
+
+    def event(self, **extra: Any) -> dict[str, Any]:
+        """A silence.* event's payload: :meth:`public` and ``extra``, times in the ISO
+        form of an event's ts."""
+        return dict(iso_times({**self.public(), **extra}))
 
 
 def parse_target(text: str) -> tuple[str, str | None]:

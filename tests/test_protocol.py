@@ -187,3 +187,29 @@ def test_freshness_and_cut_short(chain: tuple[Signer, list[dict]]) -> None:
 def test_hash_is_over_signing_bytes(chain: tuple[Signer, list[dict]]) -> None:
     _, events = chain
     assert events[1]["prev"] == event_hash(events[0])
+
+
+def test_one_time_form_for_json() -> None:
+    """Every time field as an event's ts is written; durations, a sample's detail and
+    what is already a string are left alone; a request may name a time either way."""
+    from graced.protocol.times import epoch, iso_times, same_instant
+
+    t = 1796160432.7783372
+    data = {"opened_at": t, "now": t, "uptime": 12.5, "duration_s": 3, "ttr": 4.0,
+            "ts": "2026-12-01T21:27:12.778337Z", "closed_at": None, "flapping": True,
+            "samples": [{"ts": t, "value": 93.1, "detail": {"now": 93.1, "at": 7}}],
+            "huge_at": 1e300, "bad_at": float("nan")}
+    out = iso_times(data)
+    assert out["opened_at"] == out["now"] == "2026-12-01T21:27:12.778337Z"
+    assert (out["uptime"], out["duration_s"], out["ttr"], out["flapping"]) == (12.5, 3, 4.0,
+                                                                               True)
+    assert out["closed_at"] is None and out["ts"] == data["ts"]
+    assert out["samples"] == [{"ts": "2026-12-01T21:27:12.778337Z", "value": 93.1,
+                               "detail": {"now": 93.1, "at": 7}}]
+    assert out["huge_at"] == 1e300 and out["bad_at"] != out["bad_at"]  # kept: no calendar
+    assert data["opened_at"] == t  # a copy
+    assert same_instant(t, t) and same_instant(out["opened_at"], t)
+    assert not same_instant(t + 1e-6, t) and not same_instant("2026-12-01T21:27:12Z", t)
+    assert not same_instant(True, 1.0) and not same_instant(None, t)
+    assert epoch(out["opened_at"]) == pytest.approx(t, abs=1e-6) and epoch(t) == t
+    assert epoch("yesterday") is None and epoch(False) is None

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from graced.protocol import parse_ts
 from graced.protocol.signing import b64
 from tests.helpers.procs import poll_until
 from tests.helpers.users import ensure_user
@@ -139,10 +140,12 @@ async def test_a_captured_approval_is_refused_by_another_daemon_and_mission(
         assert elsewhere["ok"] is False and elsewhere["error"]["code"] == "not_authorised"
         assert f"bound to daemon '{id_a}', not this one ({id_b})" \
             in elsewhere["error"]["message"]
+        # --json printed the time it opened in ISO 8601; the request may name it so or
+        # as the number of seconds; the refusal names both times as --json writes them.
         earlier = await _send_raw(url_a, _signed(key, mid_a, time.time(), id_a,
-                                                 opened_a - 600))
+                                                 parse_ts(opened_a) - 600))
         assert earlier["ok"] is False and earlier["error"]["code"] == "invalid"
-        assert f"opened at {opened_a!r}" in earlier["error"]["message"]
+        assert f"but mission {mid_a} opened at {opened_a}" in earlier["error"]["message"]
         assert mission(gb, mid_b)["state"] == "awaiting_approval"
         assert mission(ga, mid_a)["state"] == "awaiting_approval"
         accepted = await _send_raw(url_a, captured)

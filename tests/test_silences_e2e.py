@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from graced.protocol import parse_ts
 from tests.conftest import Graced
 from tests.helpers.procs import LineCollector
 from tests.test_learning_e2e import FAULT, NORMAL, SETTINGS, value_detector
@@ -87,7 +88,7 @@ def test_silences_are_signed_listed_removed_and_expire(make_graced, shortdir: Pa
         s = listed(g)[0]
         assert (s["id"], s["target"], s["detector"], s["subject"], s["comment"]) == (
             held, "backlog:qu*", "backlog", "qu*", "draining by hand")
-        assert 3590 < s["expires_at"] - s["created_at"] <= 3600
+        assert 3590 < parse_ts(s["expires_at"]) - parse_ts(s["created_at"]) <= 3600
         assert re.search(r"^silences +1 in force \(gracectl silence ls\)$",
                          g.ctl("status").stdout, re.M)
         text = g.ctl("silence", "ls", check=True).stdout

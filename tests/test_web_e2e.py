@@ -20,6 +20,7 @@ import trio
 import trio_websocket
 
 from gracectl.web import check_page_request
+from graced.protocol import parse_ts
 from tests.conftest import Graced
 from tests.helpers.browser import Browser, chromium
 from tests.helpers.procs import LineCollector, tcp_listener
@@ -252,9 +253,10 @@ def test_approving_from_the_page_runs_the_high_risk_playbook_and_the_card_resolv
         assert f"exit {ran['exit_code']} in {ran['duration_s']:.2f} s" in b.text("detail")
         t0, t1 = b.js("const c = document.querySelector('#detail svg.chart');"
                       "return [Number(c.dataset.t0), Number(c.dataset.t1)]")
-        margin = max(10, (shown["closed_at"] - shown["opened_at"]) * 0.25)
-        assert t0 == pytest.approx(shown["opened_at"] - margin)
-        assert t1 == pytest.approx(shown["closed_at"] + margin)
+        opened_at, closed_at = parse_ts(shown["opened_at"]), parse_ts(shown["closed_at"])
+        margin = max(10, (closed_at - opened_at) * 0.25)
+        assert t0 == pytest.approx(opened_at - margin)
+        assert t1 == pytest.approx(closed_at + margin)
         # Its "opened" and "resolved" labels (seconds apart) do not overlap; a time axis.
         boxes = b.js("return ['opened', 'closed'].map((c) => { const r = document"
                      ".querySelector('#detail svg.chart text.' + c).getBoundingClientRect();"

@@ -37,6 +37,12 @@ function el(tag, attrs = {}, ...children) {
   return n;
 }
 
+// A time as graced sends it: seconds since the epoch in its answers, the ISO 8601 form
+// of an event's ts in the payloads of new events (opened_at in mission.*).
+function secs(t) {
+  return typeof t === "string" ? Date.parse(t) / 1000 : t;
+}
+
 function age(seconds) {
   const s = Math.max(0, Math.round(seconds));
   if (s < 60) return `${s}s`;
@@ -396,7 +402,7 @@ function card(m, now) {
     c = { sig, node, ageSpan };
     cards.set(m.id, c);
   }
-  const text = `${age(now - (m.opened_at || now))} ago`;
+  const text = `${age(now - (secs(m.opened_at) || now))} ago`;
   if (c.ageSpan.textContent !== text) c.ageSpan.textContent = text;
   return c.node;
 }

@@ -42,6 +42,7 @@ from ..protocol import Signer, canonical_text
 from ..protocol import knowledge as pk
 from ..protocol.fleet import valid_daemon_id
 from ..protocol.signing import key_id
+from ..protocol.times import shown
 
 log = logging.getLogger("graced.fleet")
 
@@ -184,7 +185,8 @@ class KnowledgeShare:
         # Journaled first, with its event; applied once committed (as knowledge.import).
         await self.mesh.publish("learning.imported", {
             "source": key, "host": data["host"], "kid": data["kid"],
-            "exported_at": exported_at, "patterns": len(patterns), "counts": plan.counts,
+            "exported_at": shown(exported_at),
+            "patterns": len(patterns), "counts": plan.counts,
             "key_replaced": False, "by": "fleet"}, writes=knowledge.import_writes(plan))
         knowledge.apply_import(plan)
         self._seen[key] = digest

@@ -40,6 +40,8 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..protocol.times import iso_times
+
 SEVERITIES = ("low", "medium", "high", "critical")
 ACTIVE = ("detected", "open", "awaiting_approval", "approved", "executing", "verifying",
           "interrupted")
@@ -111,7 +113,8 @@ class Mission:
         return data
 
     def brief(self) -> dict[str, Any]:
-        """The fields a mission.* event carries."""
+        """The fields a mission.* event carries (its time, opened_at, in the ISO form of
+        an event's ts, as every time in a new event)."""
         out = {k: getattr(self, k) for k in (
             "id", "detector", "kind", "subject", "severity", "state", "summary",
             "occurrences", "last_value", "flapping", "opened_at", "playbook", "risk",
@@ -119,7 +122,7 @@ class Mission:
         out["plan_sha256"] = self.plan.get("sha256") if self.plan else None
         out["silenced"] = (self.silenced.get("id") if self.silenced
                            and not self.silenced.get("ended_at") else None)
-        return out
+        return dict(iso_times(out))
 
 
 def ran(m: Mission) -> bool:

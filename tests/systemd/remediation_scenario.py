@@ -41,6 +41,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+
+def _secs(value: Any) -> float:
+    """A time from an event's payload: ISO 8601 UTC (graced 0.2 on) or epoch seconds."""
+    if isinstance(value, str):
+        from datetime import datetime
+
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return float(value)
+
+
+def _span(silence: dict[str, Any]) -> float:
+    """How long a silence was set for, from its event's payload."""
+    return _secs(silence["expires_at"]) - _secs(silence["created_at"])
+
+
 ROOT = Path(__file__).resolve().parents[2]
 CTL = "gracectl --socket /run/graced/graced.sock"
 LOGS = "/srv/applogs"
@@ -258,7 +273,7 @@ def restart_failed_unit(c: Container, say: Say, check: Check, unit: str,
             check(ended is not None and ran is not None and ran["seq"] > ended["seq"]
                   and ended["payload"]["reason"] == "expired",
                   f"silence {sid} expired by itself after "
-                  f"{ended['payload']['expires_at'] - ended['payload']['created_at']:.0f} s "
+                  f"{_span(ended['payload']):.0f} s "
                   f"(seq {ended['seq']}) and only then did the playbook run (seq {ran['seq']})"
                   if ended and ran else "the silence expired", json.dumps(
                       _mission(c, mid).get("timeline"), indent=1))
