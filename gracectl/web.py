@@ -43,6 +43,7 @@ import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from graced.protocol import key_id
+from graced.protocol.times import is_instant
 from graced.protocol.wire import loopback_host
 
 from .client import MAX_MESSAGE_BYTES, Endpoint
@@ -125,10 +126,10 @@ def check_page_request(text: str) -> tuple[dict[str, Any] | None, str]:
     if not isinstance(params, dict):
         return None, "params must be an object"
     if method in DECISIONS:
-        # As gracectl does: the decision names the mission's opened time, and an
+        # As gracectl does: the decision names the mission's opened time (the number
+        # of an answer, or the ISO form of a new mission.* event's payload), and an
         # approval the full hash of the plan the operator saw.
-        if not isinstance(params.get("opened"), int | float) or isinstance(
-                params.get("opened"), bool):
+        if not is_instant(params.get("opened")):
             return None, "a decision must name the mission's opened time"
         plan = params.get("plan")
         if method == "missions.approve" and not (

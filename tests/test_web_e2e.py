@@ -98,6 +98,11 @@ def test_page_requests_are_checked_before_they_reach_graced() -> None:
     ok, _ = check_page_request(json.dumps({"id": 1, "nonce": "n", "method": "missions.approve",
                                            "params": {"id": 3, "opened": 1.5, "plan": plan}}))
     assert ok is not None
+    # The time it opened as a new mission.* event's payload writes it: the same.
+    iso, _ = check_page_request(json.dumps({"id": 1, "nonce": "n", "method": "missions.reject",
+                                            "params": {"id": 3,
+                                                       "opened": "2026-12-01T21:00:00.000000Z"}}))
+    assert iso is not None
     for req, why in [
         ({"method": "pause"}, "not served"),
         ({"method": "emit", "params": {"topic": "user.x"}}, "not served"),
@@ -105,6 +110,9 @@ def test_page_requests_are_checked_before_they_reach_graced() -> None:
         ({"method": "missions.approve", "params": {"id": 3, "opened": 1.5, "plan": plan[:12]}},
          "full SHA-256"),
         ({"method": "missions.reject", "params": {"id": 3}}, "opened time"),
+        ({"method": "missions.reject", "params": {"id": 3, "opened": "yesterday"}},
+         "opened time"),
+        ({"method": "missions.reject", "params": {"id": 3, "opened": True}}, "opened time"),
         ({"method": "status", "params": []}, "params"),
     ]:
         got, reason = check_page_request(json.dumps(req))
