@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.nats import one_host, status, wait_caught_up
+from tests.helpers.nats import knowledge_bucket, one_host, status, wait_caught_up
 from tests.helpers.procs import LineCollector, poll_until
 from tests.test_fleet_e2e import assert_whole
 
@@ -209,12 +209,7 @@ def test_a_trusted_peer_cannot_overwrite_the_hosts_own_knowledge(shortdir: Path)
             return canonical_text(peer.sign_frame(body)).encode()
 
         async def put(nc: Any, js: Any) -> None:
-            for _ in range(100):  # graced makes the bucket once connected
-                try:
-                    kv = await js.key_value("grace-knowledge")
-                    break
-                except Exception:  # noqa: BLE001 - not made yet
-                    await asyncio.sleep(0.1)
+            kv = await knowledge_bucket(js)
             for source in ("local", "not-a-daemon-id", own_id.upper(), good):
                 await kv.put(source, export(source))
 

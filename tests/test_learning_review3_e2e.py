@@ -4,7 +4,6 @@ review broke, and holds now. (The pure-core halves are in tests/test_learning_re
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import subprocess
@@ -20,8 +19,9 @@ from gracectl.client import Endpoint, connect
 from graced.learning.knowledge import _upsert
 from graced.protocol import canonical_text
 from tests.conftest import Graced, bin_path
-from tests.helpers.nats import NatsServer
+from tests.helpers.nats import NatsServer, knowledge_bucket
 from tests.helpers.procs import poll_until
+from tests.test_fleet_attacks import _nats
 from tests.test_fleet_e2e import fleet_section
 from tests.test_learning_hostile_e2e import SETTINGS
 from tests.test_learning_review2_e2e import Daemon, rec
@@ -56,8 +56,6 @@ def test_a_trusted_fleet_key_speaks_only_for_its_own_daemon_ids(shortdir: Path) 
     100 empty exports under made-up ids (every other peer locked out). Now a key named
     with daemon ids speaks for those only, and a key named alone for the first id it
     was imported under; every other export it signs is refused and counted."""
-    import nats
-
     server = NatsServer(shortdir)
     server.start()
     x, y, w = (Daemon(shortdir, str(uuid.uuid4())) for _ in range(3))
@@ -81,22 +79,12 @@ def test_a_trusted_fleet_key_speaks_only_for_its_own_daemon_ids(shortdir: Path) 
                 "patterns": patterns})).encode()
 
         def put(*entries: tuple[str, bytes]) -> None:
-            async def go() -> None:
-                nc = await nats.connect(server.url)
-                try:
-                    js = nc.jetstream()
-                    for _ in range(100):  # graced makes the bucket once connected
-                        try:
-                            kv = await js.key_value("grace-knowledge")
-                            break
-                        except Exception:  # noqa: BLE001 - not made yet
-                            await asyncio.sleep(0.1)
-                    for key, value in entries:
-                        await kv.put(key, value)
-                finally:
-                    await nc.close()
+            async def go(nc: Any, js: Any) -> None:
+                kv = await knowledge_bucket(js)
+                for key, value in entries:
+                    await kv.put(key, value)
 
-            asyncio.run(go())
+            _nats(server.url, go)
 
         def counts() -> tuple[int, int]:
             k = status(g)["fleet"]["knowledge"]

@@ -298,3 +298,16 @@ class StallingRelay:
         self._stop.set()
         self._thread.join(5)
         self.listener.close()
+
+
+async def knowledge_bucket(js: Any) -> Any:
+    """The key-value bucket grace-knowledge, once graced has made it (it does so when it
+    connects: nothing announces it to another client)."""
+    import asyncio
+
+    for _ in range(100):
+        try:
+            return await js.key_value("grace-knowledge")
+        except Exception:  # noqa: BLE001 - not made yet
+            await asyncio.sleep(0.1)
+    return await js.key_value("grace-knowledge")
