@@ -754,7 +754,7 @@ class Api:
         self.executor.paused = paused
         await self.mesh.publish(
             "executor.paused" if paused else "executor.resumed",
-            {"by_uid": client.peer.uid, "changed": changed},
+            {"by": self._who(client, req), "by_uid": client.peer.uid, "changed": changed},
             writes=[*nonce, ("INSERT OR REPLACE INTO meta (key, value) VALUES ('paused', ?)",
                              ("1" if paused else "0",))])
         if not paused and changed:
@@ -966,6 +966,14 @@ class Api:
             raise RequestError("not_authorised", f"{what} needs control rights (root or uid "
                                f"{os.geteuid()} over the Unix socket, or a request signed by "
                                "a control key)")
+        return self._who(client, req)
+
+    @staticmethod
+    def _who(client: Client, req: Request) -> str:
+        """Who asks, as a journaled ``by``: ``key KID`` for a signed request, else the Unix
+        peer's user name (its uid when it has none)."""
+        if req.kid is not None:
+            return f"key {req.kid}"
         try:
             return pwd.getpwuid(client.peer.uid).pw_name if client.peer.uid is not None \
                 else "?"

@@ -222,3 +222,26 @@ def test_a_peer_that_leaves_mid_handshake_frees_its_slot_at_once(make_graced) ->
     poll_until(lambda: daemon.num_fds() <= baseline, 8, "descriptors back", pause=0.1)
     assert time.monotonic() - started < 8
     assert json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["handshaking"] == 0
+
+
+def test_pause_and_resume_record_who_asked(make_graced) -> None:
+    """executor.paused / executor.resumed name who asked, as silences do: ``key KID`` for
+    a request signed by a control key over TCP, the user name over the Unix socket."""
+    import pwd
+
+    g = make_graced(start=False, extra_config='listen = ["127.0.0.1:0"]\n'
+                    '[remediation]\ncontrol_keys = ["KEY"]\n')
+    line = g.ctl("keys", "generate", check=True).stdout.strip()
+    g.config.write_text(g.config.read_text().replace('"KEY"', json.dumps(line)))
+    g.start()
+    port = json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["tcp_ports"][0]
+    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
+    env["GRACE_KEY"] = str(g.state / "key.pub")
+    g.ctl("--url", f"ws://127.0.0.1:{port}", "pause", env=env, check=True)
+    g.ctl("resume", check=True)
+    events = [json.loads(x) for x in g.ctl(
+        "tail", "--json", "--since", "1", "--no-follow", "executor.*", check=True
+    ).stdout.splitlines()]
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    assert [(e["topic"], e["payload"]["by"]) for e in events] == [
+        ("executor.paused", f"key {line.split()[2]}"), ("executor.resumed", me)], events
