@@ -127,16 +127,31 @@ def config() -> None:
 def config_check(file: str | None) -> None:
     """Check FILE (default: the config graced would load); exit 3 if it is invalid.
 
-    An invalid file gets one line on stderr naming the file, line, key and reason.
+    An invalid file gets one line on stderr naming the file, line, key and reason; so does
+    what graced would refuse at start (a TLS certificate or key it cannot load).
     Warnings (a playbook that can never match, a watched path that does not exist, a
-    missing optional module such as psycopg) go to stderr; the file is still ok.
+    missing optional module such as psycopg, an approver this host does not know, a
+    state dir graced would refuse) go to stderr; the file is still ok.
     """
     try:
         cfg = load_config(locate(file))
     except ConfigError as exc:
         _fail(f"config error: {exc}", DaemonExit.CONFIG)
         raise AssertionError from None
-    for warning in cfg.warnings:
+    from .safefiles import check_private_dir
+    from .wire import tls_context
+
+    try:
+        tls_context(cfg.daemon.tls_cert, cfg.daemon.tls_key)
+    except StartupError as exc:
+        _fail(f"config error: {cfg.source}: {exc}", DaemonExit.CONFIG)
+    problem = check_private_dir(cfg.state_dir) if cfg.state_dir.exists() else None
+    if problem and problem.startswith("is owned by"):
+        problem = None  # the check may run as another user than graced (root, for one)
+    warnings = [*cfg.warnings, *([f"state dir {cfg.state_dir} {problem}: graced run refuses "
+                                  "it (it must belong to graced's user, writable by no one "
+                                  "else)"] if problem else [])]
+    for warning in warnings:
         click.echo(f"graced: warning: {warning}", err=True)
     click.echo(f"{cfg.source}: ok")
 

@@ -66,6 +66,26 @@ PLAYBOOK = ('[[playbook]]\nname = "p"\ndetector = "{det}"\nrisk = "low"\n'
      ":8: [[playbook]] #1 (p) step 1 env: must not contain a NUL character"),
     (PLAYBOOK.format(det="m") + 'cwd = "/tmp\\u0000x"\n',
      ":8: [[playbook]] #1 (p) step 1 cwd: must not contain a NUL character"),
+    # What the newcomer review found "ok" that broke at run time.
+    ('[remediation]\ncontrol_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoq'
+     'KLsabgH5C9okWi0dh2l9GKJl ops@host"]\n',
+     ":2: [remediation] control_keys: entry 1 is not an Ed25519 public key (an ssh key: use "
+     "'gracectl keys generate')"),
+    ('[remediation]\nread_keys = ["ed25519 Ty8QpMHM9Kh3MvgHJGK4x4fV3KbskgWpG2oIG1EBqOA= '
+     'b24d53773b3a6750"]\n',
+     ":2: [remediation] read_keys: entry 1 names key id b24d53773b3a6750, but its key's id "
+     "is b24d53773b3a6759"),
+    ('[daemon]\nlisten = ["0.0.0.0:8552"]\n',
+     ":2: [daemon] listen '0.0.0.0:8552': plain ws:// is served only on loopback; set "
+     "[daemon] tls_cert and tls_key"),
+    ('[daemon]\ntls_cert = "/etc/graced/cert.pem"\n',
+     ":2: [daemon] tls_cert without tls_key: the two go together"),
+    ('[[detector]]\nname = "h"\nkind = "http"\nurl = "http://a:b@h:99999/x?t=1"\n',
+     ":4: [[detector]] #1 (h) url: is not a usable URL (Port out of range 0-65535)"),
+    ('[[detector]]\nname = "h"\nkind = "http"\nurl = "http://[::1/"\n',
+     ":4: [[detector]] #1 (h) url: is not a usable URL (Invalid IPv6 URL)"),
+    ('[[notifier]]\nname = "n"\nkind = "webhook"\nurl = "http://h/a\\r\\nX-Evil: 1"\n',
+     ":4: [[notifier]] #1 (n) url: holds white space or a control character"),
 ])
 def test_config_that_cannot_work_is_refused_in_one_line(tmp_path: Path, text: str,
                                                         needle: str) -> None:
@@ -77,6 +97,7 @@ def test_config_that_cannot_work_is_refused_in_one_line(tmp_path: Path, text: st
     assert res.stderr.startswith(f"graced: config error: {path}"), res.stderr
     assert needle in res.stderr, res.stderr
     assert res.stdout == ""
+    assert "a:b@" not in res.stderr  # no URL credentials echoed
 
 
 @pytest.mark.parametrize("extra, why", [
@@ -245,3 +266,31 @@ def test_check_warns_about_a_missing_path_and_a_missing_optional_module(tmp_path
                          "'psycopg'): install it (pip install 'grace[postgres]') or the "
                          "detector fails")
     assert graced_cmd("config", "check", str(path)).stderr == ""  # here it is installed
+
+
+def test_check_refuses_tls_files_graced_cannot_load_and_warns_of_unknown_approvers(
+        tmp_path: Path) -> None:
+    """nginx -t's way: a certificate graced could not load at start is an error (exit 3,
+    one line); approvers and groups this host does not know, and a state dir graced run
+    would refuse, are warnings naming them."""
+    path = tmp_path / "graced.toml"
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o775)
+    head = f'version = 1\n[daemon]\nstate_dir = "{state}"\n'
+    path.write_text(head + f'tls_cert = "{tmp_path}/none.pem"\ntls_key = "{tmp_path}/k.pem"\n')
+    res = graced_cmd("config", "check", str(path))
+    assert (res.returncode, res.stdout) == (DaemonExit.CONFIG, ""), res
+    assert res.stderr.count("\n") == 1 and f"cannot load [daemon] tls_cert {tmp_path}/none.pem" \
+        in res.stderr, res.stderr
+    path.write_text(head + '[remediation]\napprovers = ["nosuchuser-g14"]\n'
+                    'approver_groups = ["nosuchgroup-g14"]\n')
+    res = graced_cmd("config", "check", str(path))
+    assert (res.returncode, res.stdout) == (0, f"{path}: ok\n"), res.stderr
+    assert res.stderr.splitlines() == [
+        f"graced: warning: {path}:5: [remediation] approvers: no user 'nosuchuser-g14' on this "
+        "host: nobody approves through it",
+        f"graced: warning: {path}:6: [remediation] approver_groups: no group 'nosuchgroup-g14' "
+        "on this host: nobody approves through it",
+        f"graced: warning: state dir {state} is writable by group or others (mode 0775): "
+        "graced run refuses it (it must belong to graced's user, writable by no one else)"]

@@ -45,6 +45,29 @@ def _max_size(v: int) -> str | None:
     return None if v == 0 or v >= 1 << 20 else "must be 0 (no limit) or at least 1048576 (1 MiB)"
 
 
+def _key_lines(v: list[str]) -> str | None:
+    """Each entry is an Ed25519 public key line, and names its own key id if it names one
+    (graced would otherwise ignore the entry at run time: nobody gets in with it)."""
+    from ..keys import parse_public_key
+    from ..protocol import key_id
+
+    for n, line in enumerate(v, 1):
+        try:
+            public = parse_public_key(line)
+        except ValueError:
+            kind = " (an ssh key: use 'gracectl keys generate')" if line.lstrip().startswith(
+                "ssh-") else ""
+            return (f"entry {n} is not an Ed25519 public key{kind}: expected the line "
+                    "'gracectl keys generate' prints, 'ed25519 BASE64 KEYID'")
+        fields = line.split()
+        if (len(fields) >= 3 and fields[0] == "ed25519" and re.fullmatch(r"[0-9a-f]{16}",
+                                                                         fields[2])
+                and fields[2] != key_id(public)):
+            return (f"entry {n} names key id {fields[2]}, but its key's id is "
+                    f"{key_id(public)}")
+    return None
+
+
 def _strategy(v: str) -> str | None:
     from ..learning.ranking import STRATEGIES
 
@@ -110,9 +133,9 @@ class RemediationConfig:
     approval_timeout: float = field(default=3600.0, metadata=check(positive))
     approvers: list[str] = field(default_factory=list)
     approver_groups: list[str] = field(default_factory=list)
-    authorized_keys: list[str] = field(default_factory=list)
-    read_keys: list[str] = field(default_factory=list)
-    control_keys: list[str] = field(default_factory=list)
+    authorized_keys: list[str] = field(default_factory=list, metadata=check(_key_lines))
+    read_keys: list[str] = field(default_factory=list, metadata=check(_key_lines))
+    control_keys: list[str] = field(default_factory=list, metadata=check(_key_lines))
     request_window: float = field(default=60.0, metadata=check(positive))
 
 

@@ -7,6 +7,7 @@ import fnmatch
 import grp
 import hashlib
 import os
+import pwd
 import stat
 import tomllib
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 import tomli_w
 
 from .. import paths
+from ..protocol.wire import loopback_host
 from ..safefiles import foreign_or_writable
 from .daemon import (
     SECTIONS,
@@ -134,6 +136,38 @@ def _check_references(cfg: Config, where: Where) -> tuple[str, ...]:
     return tuple(warnings)
 
 
+def _check_daemon(cfg: Config, where: Where) -> None:
+    """What graced would refuse at start: half a TLS pair, plain ws:// off loopback."""
+    d = cfg.daemon
+    if bool(d.tls_cert) != bool(d.tls_key):
+        given, missing = ("tls_cert", "tls_key") if d.tls_cert else ("tls_key", "tls_cert")
+        raise ConfigError(f"{where('daemon', given)}[daemon] {given} without {missing}: "
+                          "the two go together, give both or neither")
+    if not d.tls_cert:
+        for item in d.listen:
+            host = item.rpartition(":")[0].strip("[]")
+            if not loopback_host(host):
+                raise ConfigError(
+                    f"{where('daemon', 'listen')}[daemon] listen {item!r}: plain ws:// is "
+                    "served only on loopback; set [daemon] tls_cert and tls_key to serve "
+                    "wss:// there")
+
+
+def _account_warnings(cfg: Config, where: Where) -> tuple[str, ...]:
+    """Approvers and approver groups this host does not know: nobody approves through
+    them (a typo, or an account not made yet)."""
+    warnings = []
+    for key, lookup in (("approvers", pwd.getpwnam), ("approver_groups", grp.getgrnam)):
+        for name in getattr(cfg.remediation, key):
+            try:
+                lookup(name)
+            except KeyError:
+                what = "user" if key == "approvers" else "group"
+                warnings.append(f"{where('remediation', key)}[remediation] {key}: no "
+                                f"{what} {name!r} on this host: nobody approves through it")
+    return tuple(warnings)
+
+
 # Detector kinds that need a module graced does not depend on: kind -> (module, extra).
 OPTIONAL = {"postgres": ("psycopg", "grace[postgres]")}
 
@@ -208,8 +242,10 @@ def _parse(text: str, source: str, raw: bytes | None) -> Config:
     cfg = Config(version=version, source=source,
                  digest=hashlib.sha256(text.encode() if raw is None else raw).hexdigest(),
                  blank=not text.strip(), **built)
+    _check_daemon(cfg, where)
     cfg = dataclasses.replace(cfg, warnings=(*_check_references(cfg, where),
-                                             *_host_warnings(cfg, where)))
+                                             *_host_warnings(cfg, where),
+                                             *_account_warnings(cfg, where)))
     return _with_default_paths(cfg)
 
 

@@ -14,6 +14,7 @@ import re
 import types
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 from ..redact import redact_text
 
@@ -103,7 +104,18 @@ def regex(v: str) -> str | None:
 
 
 def http_url(v: str) -> str | None:
-    return None if v.startswith(("http://", "https://")) else "must be an http(s) URL"
+    if not v.startswith(("http://", "https://")):
+        return "must be an http(s) URL"
+    try:  # what a request would raise at run time (the URL is not echoed: secrets)
+        parts = urlsplit(v)
+        parts.port  # noqa: B018 - raises for a port out of range or not a number
+    except ValueError as exc:
+        return f"is not a usable URL ({exc})"
+    if not parts.hostname:
+        return "names no host"
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in v):
+        return "holds white space or a control character"
+    return None
 
 
 def proxy_setting(v: str) -> str | None:
