@@ -214,7 +214,12 @@ def _print_status(st: dict[str, Any]) -> None:
         share = "-" if lr["consulted_share"] is None else f"{lr['consulted_share'] * 100:.0f}%"
         rows.append(("learning", f"{lr['strategy']}; {lr['patterns']} patterns, "
                                  f"{lr['outcomes']} outcomes; success {rate} (7 days); memory "
-                                 f"consulted for {share} of missions"))
+                                 f"consulted for {share} of missions"
+                                 + (f"; imported from {lr['sources']} daemons, "
+                                    f"{lr['pinned']} keys pinned (knowledge sources)"
+                                    if lr.get("pinned") else "")
+                                 + ("; imported records still loading"
+                                    if lr.get("loading") else "")))
         q = lr.get("quarantined") or {}
         if q.get("rows"):
             rows.append(("quarantine", f"{q['rows']} stored learning records out of bounds, "

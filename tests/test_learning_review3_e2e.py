@@ -162,6 +162,7 @@ def test_a_reset_keeps_the_pinned_key_and_forgetting_a_source_is_explicit(
     assert e.load(g, e.export([])).returncode == 0
     learning = status(g)["learning"]
     assert (learning["sources"], learning["pinned"]) == (0, 2), learning
+    assert "imported from 0 daemons, 2 keys pinned" in g.ctl("status", check=True).stdout
     # Forgetting the source is explicit, and journaled with the key it forgets.
     res = g.ctl("knowledge", "reset", "--source", x_id)
     assert res.returncode == 0 and f"pinned key {x.signer.kid}" in res.stderr, res.stderr
