@@ -62,7 +62,9 @@ def backtest_split(data: Path, out: Path) -> tuple[list[str], float, int]:
         dest = out / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         with (data / "data" / rel).open() as src, dest.open("w") as fh:
-            rows += run_backtest(src, rel, cfg, fh, False).rows
+            # NAB's machine_temperature writes one hour twice (its line 10151 goes back
+            # to 02:00): replayed as given, as the published detectors were scored.
+            rows += run_backtest(src, rel, cfg, fh, False, ordered=False).rows
     return rels, time.monotonic() - t0, rows
 
 

@@ -129,10 +129,13 @@ def _check_detector(cfg: DetectorConfig) -> str | None:
     return None
 
 
-def rows(fh: IO[str], name: str, unit: str = "s") -> Iterator[tuple[str, str, float, float]]:
+def rows(fh: IO[str], name: str, unit: str = "s",
+         ordered: bool = True) -> Iterator[tuple[str, str, float, float]]:
+    """The rows of a ``timestamp,value`` CSV; time going back is refused unless not
+    ``ordered`` (bench/nab_dev.py: a published data set is replayed as it was scored)."""
     reader = csv.reader(fh)
     try:
-        yield from _rows(reader, name, unit)
+        yield from _rows(reader, name, unit, ordered)
     except csv.Error as exc:  # a field over csv's limit (128 KiB), a NUL, ...
         raise BacktestError(f"{name}:{reader.line_num}: not CSV: {exc}") from None
     except UnicodeDecodeError as exc:
@@ -140,7 +143,8 @@ def rows(fh: IO[str], name: str, unit: str = "s") -> Iterator[tuple[str, str, fl
                             f"{exc.object[exc.start:exc.start + 1]!r})") from None
 
 
-def _rows(reader: Any, name: str, unit: str) -> Iterator[tuple[str, str, float, float]]:
+def _rows(reader: Any, name: str, unit: str,
+          ordered: bool) -> Iterator[tuple[str, str, float, float]]:
     header = next(reader, None)
     if header is None or [h.strip().lower() for h in header] != ["timestamp", "value"]:
         raise BacktestError(f"{name}:1: header must be 'timestamp,value', got "
@@ -158,7 +162,7 @@ def _rows(reader: Any, name: str, unit: str) -> Iterator[tuple[str, str, float, 
             why = str(exc) if "--time-unit" in str(exc) else (
                 f"not a finite number or ISO 8601 time: {row[0][:80]!r}")
             raise BacktestError(f"{name}:{line}: timestamp: {why}") from None
-        if last is not None and ts < last[0]:
+        if ordered and last is not None and ts < last[0]:
             # The rows stand for the clock: time going back would replay hysteresis and
             # windows wrongly. Equal times are fine (two samples in one tick).
             raise BacktestError(f"{name}:{line}: timestamp: {row[0][:40]!r} is earlier than "
@@ -209,10 +213,12 @@ class Summary:
 
 def run_backtest(infile: IO[str], name: str, cfg: DetectorConfig, out: IO[str],
                  progress: bool, missions: MissionsConfig | None = None,
-                 unit: str = "s") -> Summary:
+                 unit: str = "s", ordered: bool = True) -> Summary:
     """Score every row through the daemon's scoring and mission engine.
 
-    Writes nothing if the input is bad (raises :class:`BacktestError`).
+    Writes nothing if the input is bad (raises :class:`BacktestError`). ``ordered=False``
+    replays rows whose time goes back as they come (only for a published data set, such
+    as NAB's, that must be scored as its other detectors were).
     """
     mc = missions or MissionsConfig()
     scorer = Scorer(cfg)
@@ -232,7 +238,7 @@ def run_backtest(infile: IO[str], name: str, cfg: DetectorConfig, out: IO[str],
     bar = click.progressbar(length=total, label="backtest", file=sys.stderr) if (
         progress and total and total > 20000) else None
     try:
-        for ts_text, value_text, ts, value in rows(infile, name, unit):
+        for ts_text, value_text, ts, value in rows(infile, name, unit, ordered):
             obs = Observation(subject=subject, value=value)
             try:
                 verdict, transitions = judge_and_observe(scorer, engine, cfg, obs, ts)
