@@ -22,6 +22,7 @@ from graced.protocol import (
     parse_anchor,
     parse_event_line,
 )
+from tests.helpers.streams import mutate
 
 SIGNER = Signer(nacl.signing.SigningKey(bytes(range(32))))
 
@@ -149,16 +150,7 @@ STREAM = b"".join(ln + b"\n" for ln in _stream(4, [{"v": 1.5, "t": "é\t"}] * 4)
 def test_any_mutation_fails_or_is_byte_identical(data: st.DataObject) -> None:
     """Whatever is done to a signed stream's bytes, it fails verification or is the same
     stream: nothing else verifies."""
-    buf = bytearray(STREAM)
-    for _ in range(data.draw(st.integers(1, 3))):
-        op = data.draw(st.sampled_from(["set", "insert", "delete"]))
-        at = data.draw(st.integers(0, len(buf) - 1)) if buf else 0
-        if op == "set" and buf:
-            buf[at] = data.draw(st.integers(0, 255))
-        elif op == "insert":
-            buf[at:at] = data.draw(st.binary(min_size=1, max_size=4))
-        elif buf:
-            del buf[at:at + data.draw(st.integers(1, 8))]
+    buf = mutate(data, STREAM, swap_lines=False)
     try:
         verify_stream(io.BytesIO(bytes(buf)), SIGNER.public_key)
     except Violation:
@@ -340,7 +332,7 @@ LONG = _timed_stream([(1000.0, "crypto.key_created"), (1000.1, "daemon.started")
 LONG_BYTES = b"".join(ln + b"\n" for ln in LONG)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_the_chunk_prover_proves_only_unaltered_runs_of_lines(data: st.DataObject) -> None:
     """``gracectl verify``'s parallel pass proves chunks (its blocks as small as one
@@ -348,21 +340,7 @@ def test_the_chunk_prover_proves_only_unaltered_runs_of_lines(data: st.DataObjec
     bytes, a chunk it proves is a run of the stream's own lines, unaltered."""
     from gracectl import verify as gv
 
-    buf = bytearray(LONG_BYTES)
-    for _ in range(data.draw(st.integers(1, 3))):
-        op = data.draw(st.sampled_from(["set", "insert", "delete", "swap lines"]))
-        at = data.draw(st.integers(0, len(buf) - 1)) if buf else 0
-        if op == "set" and buf:
-            buf[at] = data.draw(st.integers(0, 255))
-        elif op == "insert":
-            buf[at:at] = data.draw(st.binary(min_size=1, max_size=4))
-        elif op == "delete" and buf:
-            del buf[at:at + data.draw(st.integers(1, 400))]
-        else:
-            rows = bytes(buf).split(b"\n")
-            i, j = (data.draw(st.integers(0, len(rows) - 1)) for _ in "ij")
-            rows[i], rows[j] = rows[j], rows[i]
-            buf = bytearray(b"\n".join(rows))
+    buf = mutate(data, LONG_BYTES, longest_cut=400)
     block_bytes = data.draw(st.sampled_from([1, 600, 1 << 20]))
     old, gv.BLOCK_BYTES = gv.BLOCK_BYTES, block_bytes
     try:
@@ -402,7 +380,7 @@ GAP_TOPICS = ["user.t", "user.t", "daemon.heartbeat", "daemon.config_reloaded",
               "daemon.stopping", "crypto.key_loaded", "crypto.key_created"]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(steps=st.lists(st.tuples(st.floats(-1, 12), st.sampled_from(GAP_TOPICS),
                                 st.sampled_from([None, 0.5, 1.0, 3.0])), min_size=1,
                       max_size=30),

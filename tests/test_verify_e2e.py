@@ -19,7 +19,7 @@ from graced.keys import parse_public_key
 from graced.protocol import ExitCode, Violation
 from tests.conftest import Graced
 from tests.helpers.procs import LineCollector
-from tests.helpers.streams import complete_stream
+from tests.helpers.streams import complete_stream, mutate
 
 
 def verify(g: Graced, data: bytes, *args: str) -> tuple[int, str]:
@@ -203,22 +203,7 @@ def test_any_mutation_of_a_real_stream_fails_or_is_byte_identical(
     the same. The verifier is gracectl's own (in-process, so hundreds of mutations fit)."""
     g, lines, _ = saved
     stream = joined(lines)
-    buf = bytearray(stream)
-    for _ in range(data.draw(st.integers(1, 3))):
-        op = data.draw(st.sampled_from(["set", "insert", "delete", "swap lines"]))
-        at = data.draw(st.integers(0, len(buf) - 1)) if buf else 0
-        if op == "set" and buf:
-            buf[at] = data.draw(st.integers(0, 255))
-        elif op == "insert":
-            buf[at:at] = data.draw(st.binary(min_size=1, max_size=4))
-        elif op == "delete" and buf:
-            del buf[at:at + data.draw(st.integers(1, 8))]
-        else:
-            rows = bytes(buf).split(b"\n")
-            i, j = data.draw(st.integers(0, len(rows) - 1)), data.draw(
-                st.integers(0, len(rows) - 1))
-            rows[i], rows[j] = rows[j], rows[i]
-            buf = bytearray(b"\n".join(rows))
+    buf = mutate(data, stream)
     key = parse_public_key((g.state / "key.pub").read_text())
     try:
         verify_stream(io.BytesIO(bytes(buf)), key)
