@@ -349,11 +349,11 @@ class Api:
         body = self.learning.knowledge.export(self.daemon_id, self.hostname, time.time())
         return {"export": self.signer.sign_frame(body)}
 
-    def _may_import(self, client: Client) -> None:
+    def _may_import(self, client: Client, what: str = "knowledge import") -> None:
         peer = client.peer
         if peer.transport != "unix" or not self.executor.may_approve(peer.uid, peer.groups):
-            raise RequestError("not_authorised", "knowledge import needs an approver over the "
-                               "Unix socket")
+            raise RequestError("not_authorised", f"{what} needs an approver over the Unix "
+                               "socket")
 
     async def knowledge_upload(self, client: Client, req: Request) -> Any:
         """One part of an export file (base64), appended to this connection's upload;
@@ -559,7 +559,7 @@ class Api:
         (params.source; an approver, as for an import)."""
         source = req.params.get("source")
         if source is not None:
-            self._may_import(client)
+            self._may_import(client, "knowledge reset --source")
             if not isinstance(source, str) or not source or len(source) > 200:
                 raise RequestError("bad_request", "params.source must be a daemon id")
             async with self._knowledge_lock:

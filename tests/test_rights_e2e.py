@@ -1,8 +1,9 @@
 """Who may steer graced over its Unix socket (docs/security.md, graced.toml(5)), each as a
 real second Unix user against the real graced (created when root; skipped otherwise):
-a user who is no approver is refused ``missions reject``, ``pause``, ``resume`` and
-``knowledge import`` (exit 4, nothing changed), a member of an approver group may do
-each, and a user named in ``approvers`` (no group) approves under that name."""
+a user who is no approver is refused ``missions reject``, ``pause``, ``resume``,
+``knowledge import`` and ``knowledge reset --source`` (exit 4, nothing changed), a
+member of an approver group may do each, and a user named in ``approvers`` (no group)
+approves under that name."""
 
 from __future__ import annotations
 
@@ -118,6 +119,15 @@ def test_only_approvers_reject_pause_resume_and_import(make_graced, marker,  # n
     res = as_user(g, approver, *imports, groups=True)
     assert res.returncode == 0, res.stderr
     assert knowledge(g) == ["star:queue"]
+    # Forgetting the source's pinned key is an approver's too (#22, third review).
+    forget = ("knowledge", "reset", "--source", "foreign-daemon")
+    res = as_user(g, outsider, *forget, groups=True)
+    assert refused(res) and "knowledge reset --source needs an approver" in res.stderr, res
+    assert knowledge(g) == ["star:queue"]
+    res = as_user(g, approver, *forget, groups=True)
+    assert res.returncode == 0 and "forgot source foreign-daemon" in res.stderr, res.stderr
+    assert knowledge(g) == []
+    assert as_user(g, approver, *imports, groups=True).returncode == 0
     res = as_user(g, approver, "missions", "reject", mid, "--comment", "not now", groups=True)
     assert res.returncode == 0, res.stderr
     m = mission(g, waiting["id"])
