@@ -422,3 +422,25 @@ def test_time_gaps_block_by_block_as_event_by_event(
             at += size
 
     assert outcome(by_blocks) == outcome(one_by_one)
+
+
+def test_verify_all_accepts_exactly_what_verify_detached_accepts() -> None:
+    """The batch signature check (libsodium from a C loop) against the one-by-one one,
+    on the one canonical spelling and on others: each signature alone and all at once."""
+    from graced.protocol.signing import verify_all, verify_detached
+
+    ev = [parse_event_line(line) for line in _stream(3)]
+    sigs, datas = [e["sig"] for e, _ in ev], [d for _, d in ev]
+    assert verify_all(sigs, datas, SIGNER.public_key) and verify_all([], [], SIGNER.public_key)
+    s = sigs[0]
+    spellings = ([s, s[:85] + chr(ord(s[85]) + 1) + "==", s[:-2], s + "=", s.replace("=", "A"),
+                  s[:40] + "\n" + s[41:], sigs[0] + "\n" + sigs[1], " " + s[1:], s.lower(),
+                  s[:10] + "é" + s[11:], sigs[1]]
+                 + [s[:85] + c + "==" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"])
+    for sig in spellings:
+        alone = verify_detached(sig, datas[0], SIGNER.public_key)
+        assert verify_all([sig], [datas[0]], SIGNER.public_key) == alone, sig
+        assert verify_all([sig, sigs[1]], [datas[0], datas[1]], SIGNER.public_key) == alone
+    assert not verify_all(sigs, datas[:2], SIGNER.public_key)  # not one sig per message
+    assert not verify_all([None], [datas[0]], SIGNER.public_key)  # type: ignore[list-item]
+    assert not verify_all(sigs, datas, SIGNER.public_key[:31])  # not a key
