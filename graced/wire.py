@@ -58,6 +58,7 @@ TRY_AGAIN = 1013
 MAX_PATTERNS = 64
 MAX_PATTERN_LEN = 200
 REPLAY_CHUNK = 2000
+UNPROVEN_REQUESTS = 4  # requests (hello, refusals) a TCP connection may send before a key
 COALESCE = 512
 LISTEN_BACKLOG = 1024
 
@@ -172,13 +173,45 @@ class Budget:
     handshakes: int = 32
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
+    unproven: int = 16
+    unproven_per_address: int = 4
+    auth_timeout: float = 10.0
 
     @classmethod
     def from_config(cls, d: Any) -> Budget:
         return cls(max_clients=d.max_clients, reserved=d.reserved_clients,
                    max_tcp=d.max_tcp_clients, per_address=d.max_clients_per_address,
                    handshakes=d.max_handshakes, handshake_timeout=d.handshake_timeout,
-                   idle_timeout=d.idle_timeout)
+                   idle_timeout=d.idle_timeout, unproven=d.max_unauthenticated,
+                   unproven_per_address=d.max_unauthenticated_per_address,
+                   auth_timeout=d.auth_timeout)
+
+
+@dataclass(eq=False)
+class Unproven:
+    """A TCP connection that has not proved a key yet (no signed request verified).
+
+    Such connections have a budget of their own (``Budget.unproven`` at once, at most
+    ``unproven_per_address`` from one address), ``auth_timeout`` seconds from accept to
+    prove a key whatever they send (hello resets nothing), and at most
+    :data:`UNPROVEN_REQUESTS` requests. When the budget is full a newcomer is not
+    refused: the oldest unproven connection of the address holding the most is closed
+    instead, so nobody holding idle connections keeps a client with a key out.
+    """
+
+    host: str
+    since: float
+    scope: trio.CancelScope
+    client: Client | None = None
+    requests: int = 0
+
+    def close(self, reason: str) -> None:
+        """Close it: with 1008 and ``reason`` once it is a WebSocket client, else at once."""
+        if self.client is not None and not self.client.closing.is_set():
+            self.client.drop(POLICY, reason, quiet=True)
+            self.scope.deadline = min(self.scope.deadline, trio.current_time() + 3)
+        else:
+            self.scope.cancel()
 
 
 @dataclass(eq=False)
@@ -201,6 +234,7 @@ class Client:
     # with the connection.
     upload: bytearray = field(default_factory=bytearray)
     sub_kid: str | None = None  # over TCP: the key its subscription was signed by
+    unproven: Unproven | None = None  # over TCP, until a signed request verifies
 
     def __post_init__(self) -> None:
         self.send, self.recv = trio.open_memory_channel(self.server.client_queue)
@@ -221,13 +255,15 @@ class Client:
     def deliver(self, event: SignedEvent) -> None:
         self.queue(event.text)
 
-    def drop(self, code: int, reason: str) -> None:
+    def drop(self, code: int, reason: str, *, quiet: bool = False) -> None:
+        """Close with ``code`` and ``reason``; logged unless ``quiet`` (the caller counted
+        it in a rate-limited log of its own)."""
         if self.closing.is_set():
             return
         self.close_code, self.close_reason = code, reason
         if self.subscription is not None:
             self.subscription.close()
-        if reason and code != GOING_AWAY:
+        if reason and code != GOING_AWAY and not quiet:
             log.warning("dropping client %s: %s", self.peer.describe(), reason)
         self.closing.set()
 
@@ -290,6 +326,10 @@ class Server:
         self.tcp_clients = 0
         self.handshaking = 0
         self.per_address: dict[str, int] = {}
+        # TCP connections that have not proved a key, per address, oldest first.
+        self.unproven: dict[str, list[Unproven]] = {}
+        self.unproven_count = 0
+        self.unproven_closed = 0  # evicted, out of time or out of requests
         self.client_queue = client_queue
         self.send_timeout = send_timeout
         self.handlers = handlers
@@ -297,6 +337,7 @@ class Server:
         self.authenticator = authenticator
         self.refusals = Refusals()
         self.handler_failures = LogBudget("failed requests (tracebacks)")
+        self.serve_failures = LogBudget("failed connections (tracebacks)")
         self.clock = clock
         self.clients: set[Client] = set()
         # Where each replay in progress is: retention prunes nothing it has still to send.
@@ -471,11 +512,18 @@ class Server:
                               f"{b.per_address}), {self.handshaking} in handshake (limit "
                               f"{b.handshakes})")
             return
+        self._make_room_for_unproven(host)
+        entry = Unproven(host, trio.current_time(), trio.CancelScope(
+            deadline=trio.current_time() + b.auth_timeout + 3))  # a hard stop after
+        self.unproven.setdefault(host, []).append(entry)
+        self.unproven_count += 1
         self.tcp_clients += 1
         self.per_address[host] = from_here + 1
         try:
-            await self._handle_tcp_counted(stream, Peer("tcp", address=addr))
+            with entry.scope:
+                await self._handle_tcp_counted(stream, Peer("tcp", address=addr), entry)
         finally:
+            self._proven(entry)
             self.tcp_clients -= 1
             left = self.per_address[host] - 1
             if left:
@@ -483,9 +531,41 @@ class Server:
             else:
                 del self.per_address[host]
 
-    async def _handle_tcp_counted(self, stream: trio.SocketStream, peer: Peer) -> None:
+    def _make_room_for_unproven(self, host: str) -> None:
+        """Before a new TCP connection from ``host``: close the unproven connection that
+        must give way, if the budget for them is full (see :class:`Unproven`)."""
+        b = self.budget
+        mine = self.unproven.get(host, [])
+        if len(mine) >= b.unproven_per_address:
+            victim = mine[0]
+            why = (f"{len(mine)} connections from {host} have not proved a key (limit "
+                   f"{b.unproven_per_address}); the oldest gives way")
+        elif self.unproven_count >= b.unproven:
+            victim = max((entries[0] for entries in self.unproven.values() if entries),
+                         key=lambda e: (len(self.unproven[e.host]), -e.since))
+            why = (f"{self.unproven_count} connections have not proved a key (limit "
+                   f"{b.unproven}); the oldest from the address holding the most gives way")
+        else:
+            return
+        self._proven(victim)  # it no longer counts: the newcomer takes its place
+        self.unproven_closed += 1
+        self.refusals.refuse(f"tcp {victim.host}", "connect", why)
+        victim.close(why)
+
+    def _proven(self, entry: Unproven) -> None:
+        """``entry`` leaves the unproven budget (it proved a key, gave way or ended)."""
+        entries = self.unproven.get(entry.host)
+        if entries is None or entry not in entries:
+            return
+        entries.remove(entry)
+        if not entries:
+            del self.unproven[entry.host]
+        self.unproven_count -= 1
+
+    async def _handle_tcp_counted(self, stream: trio.SocketStream, peer: Peer,
+                                  entry: Unproven) -> None:
         if self.tls is None:
-            await self._handle(stream, peer, gated=True)
+            await self._handle(stream, peer, gated=True, unproven=entry)
             return
         addr = peer.address
         tls = trio.SSLStream(stream, self.tls, server_side=True)
@@ -502,7 +582,7 @@ class Server:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             return
-        await self._handle(tls, peer, gated=True)
+        await self._handle(tls, peer, gated=True, unproven=entry)
 
     def _check_http(self, request: WebSocketRequest, peer: Peer) -> str | None:
         """Origin and Host checks for TCP (trio-websocket does none)."""
@@ -511,7 +591,7 @@ class Server:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
         origin = headers.get("origin")
         if origin is not None and origin not in self.allowed_origins:
-            return f"origin {origin!r} is not allowed"
+            return f"origin {_cut(origin)!r} is not allowed"
         # wsproto keeps Host out of extra_headers: read it from the request event.
         event = getattr(request, "_event", None)
         host = str(getattr(event, "host", "") or headers.get("host", ""))
@@ -519,11 +599,11 @@ class Server:
         allowed = {"localhost", "127.0.0.1", "::1", *self.server_names}
         allowed.update(h.rpartition(":")[0].strip("[]") for h in self.listen)
         if hostname not in allowed:
-            return f"host {host!r} is not one this daemon listens on"
+            return f"host {_cut(host)!r} is not one this daemon listens on"
         return None
 
     async def _handle(self, stream: trio.abc.Stream, peer: Peer, refuse: str = "",
-                      gated: bool = False) -> None:
+                      gated: bool = False, unproven: Unproven | None = None) -> None:
         """Serve one connection. ``gated``: its handshake counts against the cap on
         connections in handshake (TCP, and Unix peers being refused); ``refuse``: close
         it with 1013 and this reason once the handshake is done."""
@@ -546,9 +626,12 @@ class Server:
                     self.handshaking -= gated
                 problem = self._check_http(request, peer)
                 if problem:
-                    log.warning("refusing %s: %s", peer.describe(), problem)
+                    # Counted and logged like any refusal (rate-limited, cut short); the
+                    # answer echoes nothing the peer sent.
+                    self.refusals.refuse(peer.describe(), "handshake", problem)
                     with trio.move_on_after(2):
-                        await request.reject(403, body=problem.encode())
+                        await request.reject(403, body=b"forbidden: Origin or Host not "
+                                                       b"allowed\n")
                     nursery.cancel_scope.cancel()
                     return
                 with trio.move_on_after(5) as cs:
@@ -562,6 +645,9 @@ class Server:
                     nursery.cancel_scope.cancel()
                     return
                 client = Client(self, ws, stream, peer)
+                if unproven is not None and unproven in self.unproven.get(unproven.host, ()):
+                    client.unproven = unproven
+                    unproven.client = client
                 self.clients.add(client)
                 try:
                     await self._serve_client(client)
@@ -575,7 +661,9 @@ class Server:
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
             pass
         except Exception:  # noqa: BLE001 - a client must never take the daemon down
-            log.exception("unexpected error serving %s", peer.describe())
+            # Out of descriptors, every connection may fail so: rate-limited.
+            if self.serve_failures.allow():
+                log.exception("unexpected error serving %s", peer.describe())
         finally:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
@@ -641,6 +729,11 @@ class Server:
             idle = self.budget.idle_timeout
             if client.peer.transport != "tcp" or client.subscription is not None:
                 idle = math.inf
+            unproven = client.unproven
+            if unproven is not None:
+                # Whatever it sends: from accept, not from its last message.
+                left = unproven.since + self.budget.auth_timeout - trio.current_time()
+                idle = min(idle, max(left, 0))
             with trio.move_on_after(idle) as cs:
                 try:
                     message = await ws.get_message()
@@ -648,8 +741,24 @@ class Server:
                     client.drop(1000, "")
                     return
             if cs.cancelled_caught:
-                client.drop(1000, f"idle for {idle:g} s (not subscribed)")
+                if client.unproven is not None:
+                    self.unproven_closed += 1
+                    self.refusals.refuse(client.peer.describe(), "connect",
+                                         "no key proved in time")
+                    client.drop(POLICY, f"no signed request within {self.budget.auth_timeout:g}"
+                                        " s of connecting (auth_timeout)", quiet=True)
+                else:
+                    client.drop(1000, f"idle for {idle:g} s (not subscribed)")
                 return
+            if client.unproven is not None:
+                client.unproven.requests += 1
+                if client.unproven.requests > UNPROVEN_REQUESTS:
+                    self.unproven_closed += 1
+                    self.refusals.refuse(client.peer.describe(), "request",
+                                         "too many requests before proving a key")
+                    client.drop(POLICY, f"at most {UNPROVEN_REQUESTS} requests before one "
+                                        "signed by a key (hello, then sign)", quiet=True)
+                    return
             await self._dispatch(client, message, nursery)
 
     async def _dispatch(self, client: Client, message: str | bytes,
@@ -715,6 +824,11 @@ class Server:
                 self.refusals.refuse(peer.describe(), req.method, str(exc))
                 raise RequestError("not_authorised", str(exc)) from None
             req = dataclasses.replace(req, kid=kid, role=role)
+            if client.unproven is not None:
+                # A key is proved: the connection leaves the unproven budget.
+                self._proven(client.unproven)
+                client.unproven.scope.deadline = math.inf
+                client.unproven = None
         need = self.roles.get(req.method, CONTROL)
         if peer.transport == "tcp" and RANK[req.role] < RANK[need]:
             if req.kid is None:
@@ -874,12 +988,19 @@ class Server:
             "unix_clients": self.unix_clients,
             "tcp_clients": self.tcp_clients,
             "handshaking": self.handshaking,
+            "unauthenticated": self.unproven_count,
+            "unauthenticated_closed": self.unproven_closed,
             "socket": str(self.socket_path),
             "tcp_ports": self.tcp_ports,
         }
 
 
 _NO_REPLY = object()
+
+
+def _cut(value: str, limit: int = 100) -> str:
+    """A header's value, cut short for a log line."""
+    return value if len(value) <= limit else value[:limit] + "…"
 
 
 def _topic_ok(body: str, match: Callable[[str], bool]) -> bool:

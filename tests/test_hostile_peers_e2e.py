@@ -161,3 +161,181 @@ async def test_a_captured_signed_emit_is_refused_after_a_restart(make_graced) ->
         assert not again["ok"] and again["error"]["code"] == "not_authorised", again
         assert "replayed request" in again["error"]["message"], again
     assert len(_events(g, 1, "user.captured")) == 4
+
+
+def _keyed(make_graced: Any, extra: str = "") -> Any:
+    """A graced on 127.0.0.1 with gracectl's own client key as a control key."""
+    g = make_graced(start=False, extra_config=(
+        f'listen = ["127.0.0.1:0"]\n{extra}[remediation]\ncontrol_keys = ["KEY"]\n'))
+    line = g.ctl("keys", "generate", check=True).stdout.strip()
+    g.config.write_text(g.config.read_text().replace('"KEY"', json.dumps(line)))
+    g.start()
+    return g
+
+
+async def _status_json(g: Any) -> dict[str, Any]:
+    import trio
+
+    res = await trio.to_thread.run_sync(lambda: g.ctl("status", "--json", check=True))
+    return json.loads(res.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.mark.slow
+async def test_unauthenticated_peers_cannot_hold_the_slots_of_a_client_with_a_key(
+        make_graced) -> None:
+    """The review's attack: 64 WebSockets from 127.0.0.2-9 (8 each, every TCP slot), no
+    key, a hello every second, each re-opened as soon as it is closed, plus raw
+    connections that never send a byte. gracectl with a control key gets in three times
+    in a row; at most 16 unproven connections are held at once, and none outlives its
+    auth_timeout (hello resets nothing)."""
+    import trio
+    import trio_websocket
+
+    g = _keyed(make_graced, "idle_timeout = 8\nauth_timeout = 3\n")
+    port = (await _status_json(g))["wire"]["tcp_ports"][0]
+    lived: list[float] = []  # how long each attacker connection stayed open
+    stop = trio.Event()
+
+    greeted: set[int] = set()  # attackers that got a hello answered at least once
+    all_greeted = trio.Event()
+
+    async def websocket(source: str, me: int) -> None:
+        while not stop.is_set():
+            opened = trio.current_time()
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
+                async with trio.open_nursery() as nursery:
+                    try:
+                        # A connection closed at accept never answers the handshake.
+                        with trio.fail_after(5):
+                            ws = await trio_websocket.wrap_client_stream(
+                                nursery, stream, f"127.0.0.1:{port}", "/")
+                        with trio.move_on_after(30):
+                            while not stop.is_set():
+                                await ws.send_message(json.dumps(
+                                    {"id": 1, "nonce": secrets.token_hex(8),
+                                     "method": "hello"}))
+                                await ws.get_message()
+                                greeted.add(me)
+                                if len(greeted) == 48:
+                                    all_greeted.set()
+                                await trio.sleep(1)
+                    except (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed,
+                            trio.TooSlowError):
+                        pass
+                    nursery.cancel_scope.cancel()
+            except (OSError, trio.BrokenResourceError):
+                pass
+            lived.append(trio.current_time() - opened)
+            await trio.sleep(0.2)
+
+    async def silent(source: str) -> None:
+        while not stop.is_set():
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port, local_address=source)
+                with trio.move_on_after(30):
+                    await stream.receive_some(1)  # until graced closes it
+                await stream.aclose()
+            except (OSError, trio.BrokenResourceError):
+                pass
+            await trio.sleep(0.2)
+
+    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
+    url = f"ws://127.0.0.1:{port}"
+    async with trio.open_nursery() as nursery:
+        for a in range(2, 10):
+            for i in range(8):
+                nursery.start_soon(websocket, f"127.0.0.{a}", a * 8 + i)
+        for _ in range(8):
+            nursery.start_soon(silent, "127.0.0.10")
+        with trio.fail_after(60):
+            await all_greeted.wait()
+        held = []
+        for _ in range(3):
+            res = await trio.to_thread.run_sync(lambda: g.ctl(
+                "--url", url, "--key", str(g.state / "key.pub"), "status", env=env,
+                timeout=30))
+            assert res.returncode == 0, res.stderr
+            assert f"daemon {json.loads(g.ctl('status', '--json').stdout)['daemon_id']}" \
+                in res.stdout or res.stdout
+            held.append((await _status_json(g))["wire"])
+        with trio.fail_after(30):
+            while len(lived) < 64:  # noqa: ASYNC110 - the attackers' own tally
+                await trio.sleep(0.2)
+        stop.set()
+        nursery.cancel_scope.cancel()
+    assert all(w["unauthenticated"] <= 16 for w in held), held
+    assert max(lived) < 3 + 3 + 1, max(lived)  # auth_timeout, graced's hard stop, slack
+    assert held[-1]["unauthenticated_closed"] > 0
+
+
+async def test_an_unauthenticated_connection_gets_four_requests_then_is_closed(
+        make_graced) -> None:
+    """Every hello costs graced a signature: a connection that has not proved a key is
+    answered four requests, then closed with 1008 and why (8 connections once got
+    21,000 hellos answered in 20 s). A connection that proved a key is not limited."""
+    import trio
+    import trio_websocket
+
+    g = _keyed(make_graced)
+    port = (await _status_json(g))["wire"]["tcp_ports"][0]
+    answered = 0
+    reason = None
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with trio.open_nursery() as nursery:
+        ws = await trio_websocket.wrap_client_stream(nursery, stream, f"127.0.0.1:{port}", "/")
+        try:
+            with trio.fail_after(20):
+                for i in range(50):
+                    await ws.send_message(json.dumps({"id": i, "nonce": f"n{i}",
+                                                      "method": "hello"}))
+                    reply = json.loads(str(await ws.get_message()))
+                    answered += reply["type"] == "response" and reply["ok"]
+        except trio_websocket.ConnectionClosed as exc:
+            reason = exc.reason
+        nursery.cancel_scope.cancel()
+    assert answered == 4
+    assert reason is not None and reason.code == 1008, reason
+    assert "at most 4 requests before one signed by a key" in str(reason.reason)
+    # gracectl with its key: hello, then signed requests, as many as it needs.
+    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
+    tail = await trio.to_thread.run_sync(lambda: g.ctl(
+        "--url", f"ws://127.0.0.1:{port}", "--key", str(g.state / "key.pub"), "tail",
+        "--verify", "--since", "1", "--no-follow", env=env))
+    assert tail.returncode == 0, tail.stderr
+
+
+@pytest.mark.slow
+async def test_refused_handshakes_neither_flood_the_log_nor_echo_what_they_sent(
+        make_graced) -> None:
+    """300 handshakes with a 12 KB Origin: each gets 403 with a fixed body; graced's log
+    grows by a few lines (rate-limited, values cut short), not by 300 copies."""
+    import trio
+    import trio_websocket
+
+    g = _keyed(make_graced)
+    port = (await _status_json(g))["wire"]["tcp_ports"][0]
+    origin = "http://" + "A" * 12_000
+    log_before = g.stderr_path.stat().st_size
+    bodies = set()
+    for _ in range(300):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        try:
+            async with trio.open_nursery() as nursery:
+                await trio_websocket.wrap_client_stream(nursery, stream, f"127.0.0.1:{port}",
+                                                        "/", extra_headers=[("Origin", origin)])
+        except* trio_websocket.ConnectionRejected as group:
+            exc: BaseException = group
+            while isinstance(exc, BaseExceptionGroup):
+                exc = exc.exceptions[0]
+            assert isinstance(exc, trio_websocket.ConnectionRejected)
+            assert exc.status_code == 403
+            bodies.add(exc.body)
+        else:
+            raise AssertionError("a 12 KB Origin was accepted")
+    assert bodies == {b"forbidden: Origin or Host not allowed\n"}
+    grown = g.stderr_path.stat().st_size - log_before
+    assert grown < 8 * 1024, grown
+    assert "AAAA" * 50 not in g.stderr()
+    status = await _status_json(g)
+    assert status["wire"]["refused_requests"] >= 300

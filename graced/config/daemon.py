@@ -97,6 +97,10 @@ class DaemonConfig:
     max_handshakes: int = field(default=32, metadata=check(positive))
     handshake_timeout: float = field(default=10.0, metadata=check(positive))
     idle_timeout: float = field(default=300.0, metadata=check(positive))
+    # TCP connections that have not proved a key yet (graced/wire.py, "unproven").
+    max_unauthenticated: int = field(default=16, metadata=check(positive))
+    max_unauthenticated_per_address: int = field(default=4, metadata=check(positive))
+    auth_timeout: float = field(default=10.0, metadata=check(positive))
     client_queue: int = field(default=8192, metadata=check(positive))
     send_timeout: float = field(default=5.0, metadata=check(positive))
     shutdown_timeout: float = field(default=5.0, metadata=check(positive))
