@@ -444,3 +444,20 @@ def test_verify_all_accepts_exactly_what_verify_detached_accepts() -> None:
     assert not verify_all(sigs, datas[:2], SIGNER.public_key)  # not one sig per message
     assert not verify_all([None], [datas[0]], SIGNER.public_key)  # type: ignore[list-item]
     assert not verify_all(sigs, datas, SIGNER.public_key[:31])  # not a key
+
+
+def test_a_signature_with_a_second_one_after_a_newline_is_refused_on_both_paths() -> None:
+    """A sig of two spellings joined by an (escaped) newline: parse_event_line lets the
+    signature check decide, and both the sequential verifier and the chunk prover say
+    no, though the first spelling alone is the event's valid signature."""
+    from gracectl.verify import _prove
+
+    sig = json.loads(LONG[2])["sig"]
+    lines = list(LONG)
+    lines[2] = _tamper(lines[2], sig.encode(), sig.encode() + b"\\n" + sig.encode())
+    parse_event_line(lines[2])  # well-formed and canonical: only the signature is wrong
+    data = b"".join(ln + b"\n" for ln in lines)
+    assert _prove(data, SIGNER.public_key, None) is None
+    exc = _verify(lines)
+    assert exc is not None and exc.seq == 3 and exc.code in (ExitCode.BAD_SIGNATURE,
+                                                              ExitCode.CHAIN_BROKEN), exc
