@@ -129,13 +129,23 @@ def _check_detector(cfg: DetectorConfig) -> str | None:
     return None
 
 
-def rows(fh: IO[str], name: str, unit: str = "s",
-         ordered: bool = True) -> Iterator[tuple[str, str, float, float]]:
-    """The rows of a ``timestamp,value`` CSV; time going back is refused unless not
-    ``ordered`` (bench/nab_dev.py: a published data set is replayed as it was scored)."""
+@dataclass
+class Backwards:
+    """Rows whose time went back (a DST hour written twice, a merged file): replayed in
+    file order and counted; the first is named in the summary."""
+
+    steps: int = 0
+    first: str = ""
+
+
+def rows(fh: IO[str], name: str, unit: str = "s", ordered: bool = False,
+         back: Backwards | None = None) -> Iterator[tuple[str, str, float, float]]:
+    """The rows of a ``timestamp,value`` CSV. Time going back is counted in ``back`` and
+    the row replayed as given (real data has it: NAB's machine_temperature writes one hour
+    twice), or refused when ``ordered``."""
     reader = csv.reader(fh)
     try:
-        yield from _rows(reader, name, unit, ordered)
+        yield from _rows(reader, name, unit, ordered, back or Backwards())
     except csv.Error as exc:  # a field over csv's limit (128 KiB), a NUL, ...
         raise BacktestError(f"{name}:{reader.line_num}: not CSV: {exc}") from None
     except UnicodeDecodeError as exc:
@@ -143,8 +153,8 @@ def rows(fh: IO[str], name: str, unit: str = "s",
                             f"{exc.object[exc.start:exc.start + 1]!r})") from None
 
 
-def _rows(reader: Any, name: str, unit: str,
-          ordered: bool) -> Iterator[tuple[str, str, float, float]]:
+def _rows(reader: Any, name: str, unit: str, ordered: bool,
+          back: Backwards) -> Iterator[tuple[str, str, float, float]]:
     header = next(reader, None)
     if header is None or [h.strip().lower() for h in header] != ["timestamp", "value"]:
         raise BacktestError(f"{name}:1: header must be 'timestamp,value', got "
@@ -162,12 +172,17 @@ def _rows(reader: Any, name: str, unit: str,
             why = str(exc) if "--time-unit" in str(exc) else (
                 f"not a finite number or ISO 8601 time: {row[0][:80]!r}")
             raise BacktestError(f"{name}:{line}: timestamp: {why}") from None
-        if ordered and last is not None and ts < last[0]:
-            # The rows stand for the clock: time going back would replay hysteresis and
-            # windows wrongly. Equal times are fine (two samples in one tick).
-            raise BacktestError(f"{name}:{line}: timestamp: {row[0][:40]!r} is earlier than "
-                                f"line {last[1]}'s: sort the file by time first "
-                                "(sort -t, -k1,1n, keeping the header)")
+        if last is not None and ts < last[0]:
+            # The rows stand for the clock: time going back replays windows and hysteresis
+            # as the file has it. Equal times are fine (two samples in one tick).
+            if ordered:
+                raise BacktestError(f"{name}:{line}: timestamp: {row[0][:40]!r} is earlier "
+                                    f"than line {last[1]}'s: sort the file by time first "
+                                    "(sort -t, -k1,1n, keeping the header)")
+            back.steps += 1
+            if not back.first:
+                back.first = (f"{name}:{line}: {row[0][:40]!r} is {last[0] - ts:g} s before "
+                              f"line {last[1]}'s")
         last = (ts, line)
         try:
             value = float(row[1])
@@ -188,10 +203,15 @@ class Summary:
     first_ts: float | None = None
     last_ts: float | None = None
     scores: array[float] = field(default_factory=lambda: array("d"))  # 8 bytes a row
+    back: Backwards = field(default_factory=Backwards)
 
     def lines(self, name: str) -> list[str]:
         out = [f"graced: backtest: {self.rows} rows, {self.flagged} anomalies, "
                f"{self.missions} missions opened ({name})"]
+        if self.back.steps:
+            out.append(f"  warning: time went back {self.back.steps} time(s), first at "
+                       f"{self.back.first}; rows replayed in file order (sort the file by "
+                       "time if that is not what it means)")
         if self.rows and self.first_ts is not None and self.last_ts is not None:
             days = max(self.last_ts - self.first_ts, 0.0) / 86400
             if days >= 1:
@@ -213,12 +233,12 @@ class Summary:
 
 def run_backtest(infile: IO[str], name: str, cfg: DetectorConfig, out: IO[str],
                  progress: bool, missions: MissionsConfig | None = None,
-                 unit: str = "s", ordered: bool = True) -> Summary:
+                 unit: str = "s", ordered: bool = False) -> Summary:
     """Score every row through the daemon's scoring and mission engine.
 
-    Writes nothing if the input is bad (raises :class:`BacktestError`). ``ordered=False``
-    replays rows whose time goes back as they come (only for a published data set, such
-    as NAB's, that must be scored as its other detectors were).
+    Writes nothing if the input is bad (raises :class:`BacktestError`). Rows whose time
+    goes back are replayed in file order and counted in the summary (refused when
+    ``ordered``).
     """
     mc = missions or MissionsConfig()
     scorer = Scorer(cfg)
@@ -238,7 +258,7 @@ def run_backtest(infile: IO[str], name: str, cfg: DetectorConfig, out: IO[str],
     bar = click.progressbar(length=total, label="backtest", file=sys.stderr) if (
         progress and total and total > 20000) else None
     try:
-        for ts_text, value_text, ts, value in rows(infile, name, unit, ordered):
+        for ts_text, value_text, ts, value in rows(infile, name, unit, ordered, summary.back):
             obs = Observation(subject=subject, value=value)
             try:
                 verdict, transitions = judge_and_observe(scorer, engine, cfg, obs, ts)
