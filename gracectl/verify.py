@@ -6,12 +6,18 @@ strictly (:func:`graced.protocol.parse_event_line`).
 
 Theory of operation: Ed25519 verification dominates, and one signature does not
 depend on another, so a large file is cut into chunks at line boundaries and each
-chunk is verified by a worker process with the same :class:`ChainVerifier` (chain
-links, seq continuity and gaps in time inside the chunk). The parent then checks the
-seams: each chunk's first event follows the previous chunk's last one (seq, prev,
-time). A parallel pass only ever says "all proved"; if any chunk or seam fails, the
-whole file is verified again in one pass, so the violation reported (its seq, reason
-and exit code) is exactly the one a sequential reader meets first.
+chunk is verified by a worker process (every usable core, small chunks so that none
+idles at the end; a worker reads its own bytes) with the checks of
+:class:`ChainVerifier` (strict lines, key, seq continuity, signatures, chain links and
+gaps in time inside the chunk). A worker takes a block of lines at a time and checks
+it a column at a time, so the common block runs no Python code per event:
+:func:`graced.protocol.verify.parse_event_block` parses and proves the lines canonical,
+:func:`graced.protocol.signing.verify_all` calls libsodium from a C loop; a block they
+cannot decide is parsed line by line. The parent then checks the seams: each chunk's
+first event follows the previous chunk's last one (seq, prev, time). A parallel pass
+only ever says "all proved"; if any chunk or seam fails, the whole file is verified
+again in one pass, so the violation reported (its seq, reason and exit code) is
+exactly the one a sequential reader meets first.
 """
 
 from __future__ import annotations
