@@ -17,7 +17,10 @@ with the figure: other processes on the machine take cores from both sides of th
 ratio unevenly, so the same ratio per CPU second is printed too. For reference it also
 prints the rate of the raw binding gracectl itself calls (libsodium's
 ``crypto_sign_open`` through PyNaCl's cffi ``lib``, from a C loop), which skips
-``VerifyKey.verify``'s Python wrapper: the baseline stays PyNaCl's own verify.
+``VerifyKey.verify``'s Python wrapper: the baseline stays PyNaCl's own verify. And as
+the machine is shared, it also runs the VerifyKey.verify loop in one process per usable
+core at once and prints gracectl's rate against that measured total (the target's
+verdict stays on the product above).
 ``--reuse DIR`` keeps (or reuses) the saved stream in DIR to re-run the timing alone.
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import multiprocessing
 import os
 import resource
 import shutil
@@ -129,7 +133,26 @@ def bare_rates(stream: Path, public_key: bytes,
             best = max(best, len(msgs) / (time.perf_counter() - t0))
             best_cpu = max(best_cpu, len(msgs) / (time.process_time() - c0))
         rates[name] = (best, best_cpu)
+    # The same VerifyKey.verify loop in one process per usable core at once: what bare
+    # PyNaCl gets from all the cores now, measured rather than multiplied.
+    cores = len(os.sched_getaffinity(0))
+    _SAMPLE[:] = [(public_key, msgs)]  # the forked workers have it: nothing is pickled
+    with multiprocessing.get_context("fork").Pool(cores) as pool:
+        t0 = time.perf_counter()
+        pool.map(_verify_sample, range(cores), chunksize=1)
+        rates["VerifyKey.verify, all cores"] = (cores * len(msgs) / (time.perf_counter() - t0),
+                                                0.0)
     return rates
+
+
+_SAMPLE: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
+
+
+def _verify_sample(_: int) -> None:
+    public_key, msgs = _SAMPLE[0]
+    key = nacl.signing.VerifyKey(public_key)
+    for sig, data in msgs:
+        key.verify(data, sig)
 
 
 def main() -> None:
@@ -165,6 +188,7 @@ def main() -> None:
         raw, raw_cpu = (sum(r["binding"][i] for r in (before, after)) / 2 for i in (0, 1))
         rate, rate_cpu = lines / wall, lines / cpu
         ratio = rate / (bare * cores)
+        together = sum(r["VerifyKey.verify, all cores"][0] for r in (before, after)) / 2
         print(f"bench/verify.py  (a real graced's complete stream: {lines} events, "
               f"{stream.stat().st_size / 1e6:.0f} MB; {cores} usable cores; load average "
               f"{load:.1f} during the run)")
@@ -174,6 +198,8 @@ def main() -> None:
         print(f"  PyNaCl bare verify (VerifyKey.verify, the baseline): {bare:,.0f}/s on one "
               f"core x {cores} cores = {bare * cores:,.0f}/s")
         print(f"  ratio {ratio:.2f} (target >= 0.9): {'PASS' if ratio >= 0.9 else 'FAIL'}")
+        print(f"  (VerifyKey.verify in {cores} processes at once, measured: {together:,.0f}/s; "
+              f"gracectl verify is {rate / together:.2f} of it)")
         print(f"  per CPU second (what other load does not move): gracectl verify "
               f"{rate_cpu:,.0f} events, VerifyKey.verify {bare_cpu:,.0f} verifies: "
               f"{rate_cpu / bare_cpu:.2f} of bare on each core used "
