@@ -128,12 +128,18 @@ def test_fault_appears_is_approved_from_the_dashboard_and_fixed(
 
     queue.write_text(FAULT)
     started = time.monotonic()
-    text = t.wait_for(lambda s: "awaiting_approval" in s, 10)
+    # The mission's row (selected: '>'), not the activity feed's line for the event,
+    # which may be drawn a refresh before the row.
+    def row_of(screen: str) -> str | None:
+        return next((line for line in screen.splitlines()
+                     if line.startswith(">") and "awaiting_approval" in line), None)
+
+    text = t.wait_for(lambda s: row_of(s) is not None, 10)
     assert time.monotonic() - started <= 2.0, time.monotonic() - started
     missions = json.loads(g.ctl("missions", "ls", "--json", check=True).stdout)
     assert len(missions) == 1
     mid = missions[0]["id"]
-    row = next(line for line in text.splitlines() if "awaiting_approval" in line)
+    row = row_of(text) or ""
     assert row.startswith(f">{mid:>5} high") and "backlog:queue" in row
 
     t.keys("Enter")
