@@ -103,13 +103,16 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
                     "DEMOTED" if blocked.startswith("demoted") else "SKIPPED" if blocked
                     else "")
                 prior = c.get("prior") or [0, 0]
+                budget = c.get("budget")
                 rows.append([c["playbook"], c["risk"], f"{c['successes']:g}/{c['runs']:g}",
                              f"{prior[0]:g}/{prior[0] + prior[1]:g}" if sum(prior) else "-",
                              _pct(c["ratio"]), f"{c['mean']:.2f}",
                              "-" if c["score"] is None else f"{c['score']:.2f}",
-                             _secs(c["mttr_s"]), mark])
-            table = out.table(rows, headers=["PLAYBOOK", "RISK", "OK/RUNS", "IMPORTED",
-                                            "RATE", "MEAN", "SCORE", "MTTR", "PICK"])
+                             _secs(c["mttr_s"]),
+                             f"{budget[0]}/{budget[1]}" if budget else "-", mark])
+            table = out.table(rows, headers=[
+                out.Column("PLAYBOOK", shrink=1, minimum=10), "RISK", "OK/RUNS", "IMPORTED",
+                "RATE", "MEAN", "SCORE", "MTTR", "BUDGET", "PICK"])
             lines.extend("  " + row for row in table.splitlines())
             for c in d["candidates"]:
                 if c.get("imported_from"):
@@ -151,6 +154,9 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
     if m["state"] == "resolved" and m["closed_at"]:
         outcome = f"resolved in {_secs(m['closed_at'] - m['opened_at'])}: {m['reason']}"
     lines.append(f"outcome   {current(outcome)}")
+    v = m.get("verification") or {}
+    if v.get("result") == "passed" and v.get("detail"):
+        lines.append(f"verified  {v['detail']}")
     held = m.get("held_back")
     if held:
         setting = held.get("setting", "")

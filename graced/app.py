@@ -166,6 +166,8 @@ class Daemon:
         runner = DetectorRunner(list(cfg.detector), mesh, engine, states, executor.consider,
                                 learning.outcome)
         self.runner = runner
+        executor.interval_of = runner.interval_of
+        runner.notify = executor.notify
         server = Server(
             mesh=mesh,
             signer=signer,

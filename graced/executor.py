@@ -14,7 +14,12 @@ Running: the ``executing`` transition is committed before the first step starts.
 run in order with their timeouts; a failed or timed-out step stops the playbook and
 fails the mission, with the reason and output, and notifies. After the last step the
 mission is ``verifying``: the engine resolves it once the detector is normal again,
-and it fails if that has not happened within ``verify_timeout``.
+and it fails if no normal sample came within ``verify_timeout``. A first normal sample
+within it starts the confirmation (``resolve_after`` consecutive normal samples), which
+may end after ``verify_timeout``: the engine fails the mission at the first anomalous
+sample past it (the symptom came back), and if the detector stops reporting, it fails
+once ``resolve_after`` intervals (twice over, plus a margin) have passed without the
+confirmation.
 
 Mission values reach steps as literal argv elements (``{subject}``, ``{value}``,
 ``{detector}``, ``{mission}``) or, with ``shell = true``, only as environment
@@ -28,6 +33,7 @@ import grp
 import hashlib
 import json
 import logging
+import math
 import os
 import pwd
 import signal as signals
@@ -62,6 +68,7 @@ from .plan import (
 )
 from .plan import build as build_plan
 from .protocol.times import same_instant, shown
+from .protocol.text import count
 from .redact import redact_text
 from .silences import Silences
 
@@ -82,17 +89,27 @@ class Budgets:
     per_key: dict[str, list[float]] = field(default_factory=dict)
     global_runs: list[float] = field(default_factory=list)
 
-    def spent(self, pb: PlaybookConfig, subject: str, cap: int, now: float) -> str | None:
+    def spent(self, pb: PlaybookConfig, subject: str, cap: int, now: float,
+              automatic: bool = True) -> str | None:
+        """Why ``pb`` may not run for ``subject`` now (its budget, or for an automatic
+        run the global cap), or None."""
         key = f"{pb.name}\0{subject}"
         runs = [t for t in self.per_key.get(key, []) if now - t < pb.budget_window]
         self.per_key[key] = runs
         self.global_runs = [t for t in self.global_runs if now - t < 3600]
         if len(runs) >= pb.budget:
-            return (f"budget spent: playbook {pb.name} ran {len(runs)} times for {subject} in "
+            return (f"budget spent: playbook {pb.name} ran {count(len(runs), 'time')} for "
+                    f"{subject} in "
                     f"{pb.budget_window:g} s (budget {pb.budget})")
-        if len(self.global_runs) >= cap:
+        if automatic and len(self.global_runs) >= cap:
             return f"global cap spent: {len(self.global_runs)} automatic actions in the last hour"
         return None
+
+    def left(self, pb: PlaybookConfig, subject: str, now: float) -> int:
+        """Runs ``pb`` may still make for ``subject`` within its window."""
+        key = f"{pb.name}\0{subject}"
+        return max(0, pb.budget - len([t for t in self.per_key.get(key, [])
+                                       if now - t < pb.budget_window]))
 
     def used(self, pb: PlaybookConfig, now: float) -> dict[str, int]:
         """Runs per subject of this playbook within its window."""
@@ -101,9 +118,13 @@ class Budgets:
                 if key.startswith(prefix)
                 and (n := len([t for t in times if now - t < pb.budget_window]))}
 
-    def spend(self, pb: PlaybookConfig, subject: str, now: float) -> None:
+    def spend(self, pb: PlaybookConfig, subject: str, now: float,
+              automatic: bool = True) -> None:
+        """A run of ``pb`` for ``subject``: it spends the playbook's budget, and the
+        global cap only if nobody approved it (the cap is on automatic runs)."""
         self.per_key.setdefault(f"{pb.name}\0{subject}", []).append(now)
-        self.global_runs.append(now)
+        if automatic:
+            self.global_runs.append(now)
 
     def dump(self) -> str:
         return json.dumps({"per_key": self.per_key, "global": self.global_runs})
@@ -189,6 +210,9 @@ class Executor:
         self.deferred: set[int] = set()
         self.considered: set[int] = set()
         self.recent: deque[dict[str, Any]] = deque(maxlen=50)
+        # The configured sampling interval of a detector, by name (the runner's, set by
+        # the composition root): how long a confirmation may take.
+        self.interval_of: Any = lambda name: None
         self._nursery: trio.Nursery | None = None
         self._send, self._recv = trio.open_memory_channel[int](1024)
 
@@ -302,7 +326,9 @@ class Executor:
                 pb = self._playbook(m.playbook)
                 timeout = pb.verify_timeout if pb else 60.0
                 began = m.verify_started if m.verify_started is not None else now
-                self._watch_verification(m, max(0.0, began + timeout - now))
+                if m.verify_until is None:
+                    m.verify_until = began + timeout
+                self._watch_verification(m, max(0.0, m.verify_until - now))
 
     def _playbook(self, name: str | None) -> PlaybookConfig | None:
         return next((p for p in self.playbooks if p.name == name), None)
@@ -329,6 +355,7 @@ class Executor:
             return
         candidates = [p for p in self.playbooks if matches(p, m)]
         decision = await self.learning.consult(m, candidates)
+        self._within_budget(m, now)
         topic, payload = self.learning.consulted_event(m)
         try:
             self.mesh.publish_nowait(topic, payload, writes=[store.upsert(m)])
@@ -339,7 +366,7 @@ class Executor:
         if decision.escalate:
             await self.record(self.engine.transition(m, "escalated", now, decision.reason))
             return
-        pb = self._playbook(decision.chosen)
+        pb = self._playbook((m.decision or {}).get("chosen"))
         if pb is None:
             return
         if self.config.mode == "observe":
@@ -358,8 +385,13 @@ class Executor:
                 f"{self.engine.flap_window:g} s of clearing by itself; {pb.name} not run; "
                 "a human should look"))
             return
-        spent = self.budgets.spent(pb, m.subject, self.config.max_actions_per_hour, now)
+        spent = self.budgets.spent(pb, m.subject, self.config.max_actions_per_hour, now,
+                                   automatic=pb.risk in AUTO_RISKS)
         if spent:
+            others = [c["playbook"] for c in (m.decision or {}).get("candidates", [])
+                      if c["playbook"] != pb.name and not c.get("demoted")]
+            if spent.startswith("budget") and others:
+                spent += f"; no other matching playbook has budget left ({', '.join(others)})"
             m.held_back = {"setting": "playbook.budget" if spent.startswith("budget")
                            else "remediation.max_actions_per_hour",
                            "reason": f"{spent}; {pb.name} was not run, so nothing was learned"}
@@ -379,6 +411,44 @@ class Executor:
             m, "awaiting_approval", now, f"risk {pb.risk}: playbook {pb.name} needs approval "
             f"(expires in {self.config.approval_timeout:g} s); plan sha256 "
             f"{m.plan['sha256'][:16]}"))
+
+    def _within_budget(self, m: Mission, now: float) -> None:
+        """Each candidate's budget on the ranking; if the chosen playbook's is spent for
+        this subject, the next in the ranking that may run and has budget left is
+        chosen instead (the ranking says why), else the choice stands and the policy
+        escalates with the reason."""
+        d = m.decision
+        if not d:
+            return
+        rows = d.get("candidates") or []
+        for c in rows:
+            pb = self._playbook(c["playbook"])
+            if pb is not None:
+                c["budget"] = [pb.budget - self.budgets.left(pb, m.subject, now), pb.budget]
+        chosen = next((c for c in rows if c.get("chosen")), None)
+        if chosen is None or "budget" not in chosen or chosen["budget"][0] < chosen[
+                "budget"][1]:
+            return
+        spare = [c for c in rows if c is not chosen and not c.get("demoted")
+                 and "budget" in c and c["budget"][0] < c["budget"][1]]
+        if not spare:
+            return
+        spare.sort(key=lambda c: (-(math.inf if c["score"] is None else c["score"]),
+                                  c["mttr_s"] if c["mttr_s"] is not None else math.inf,
+                                  c["order"]))
+        pb = self._playbook(chosen["playbook"])
+        assert pb is not None
+        used, budget = chosen["budget"]
+        chosen["chosen"] = False
+        chosen["blocked"] = (f"budget spent: ran {count(used, 'time')} for {m.subject} in "
+                             f"{pb.budget_window:g} s (budget {budget})")
+        nxt = spare[0]
+        nxt["chosen"] = True
+        d["chosen"] = nxt["playbook"]
+        d["reason"] = (f"{nxt['playbook']}: the next in the ranking with budget left; "
+                       f"{chosen['playbook']} ranked first, but its {chosen['blocked']}")
+        # Chosen for its budget, not explored: no "tried X although Y" on it.
+        d["explored"], d["best_known"] = False, None
 
     async def _run_approved(self, m: Mission, now: float) -> None:
         """An approved mission that is not running: its plan runs now, unless a silence
@@ -635,7 +705,10 @@ class Executor:
     async def _execute(self, m: Mission, pb: PlaybookConfig) -> None:
         try:
             now = time.time()
-            self.budgets.spend(pb, m.subject, now)
+            # A person approved it (or ran it by hand): not an automatic action.
+            by_person = any(a.get("decision") in ("approved", "run by hand")
+                            for a in m.approvals)
+            self.budgets.spend(pb, m.subject, now, automatic=not by_person)
             self.mesh.store([("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                               ("budgets", self.budgets.dump()))])
             # Credited only if the symptom is still there as the playbook starts.
@@ -674,6 +747,7 @@ class Executor:
                         f"step {index} ({st.action}) failed: {result.get('error')}"))
                     return
             m.verify_started = time.time()
+            m.verify_until = m.verify_started + pb.verify_timeout
             await self.record(self.engine.transition(
                 m, "verifying", m.verify_started,
                 f"playbook {pb.name} done; waiting for {m.detector} to clear "
@@ -695,16 +769,41 @@ class Executor:
             await self._policy(m)
 
     async def _verify_deadline(self, mission_id: int, timeout: float) -> None:
+        """Fail a verifying mission that saw no normal sample within ``timeout``; one
+        that did is confirming: the engine resolves or fails it at its next samples,
+        and this fails it only if they stop coming."""
         await trio.sleep(timeout)
+        m = self.engine.by_id(mission_id)
+        if m is None or m.state != "verifying":
+            return
+        now = time.time()
+        began = m.verify_started if m.verify_started is not None else now - timeout
+        waited = now - began
+        if m.normal_streak == 0:
+            detail = f"{m.detector} still anomalous (value {m.last_value}) after {waited:.3g} s"
+            m.verification = {"result": "failed", "at": now, "detail": detail}
+            await self.record(self.engine.transition(m, "failed", now,
+                                                     f"verification failed: {detail}"))
+            return
+        interval = self.interval_of(m.detector) or 60.0
+        left = max(1, self.engine.resolve_after - m.normal_streak)
+        bound = 2 * left * interval + 5.0
+        m.timeline.append({
+            "ts": now, "from": m.state, "to": m.state, "note": "confirming",
+            "reason": f"{m.detector} normal {(m.normal_since or now) - began:.3g} s after "
+                      f"the steps, within verify_timeout; confirming: {left} more "
+                      "normal sample(s) resolve it (missions.resolve_after), an anomalous "
+                      "one fails it"})
+        self.save(m)
+        await trio.sleep(bound)
         m = self.engine.by_id(mission_id)
         if m is not None and m.state == "verifying":
             now = time.time()
-            waited = now - m.verify_started if m.verify_started is not None else timeout
-            m.verification = {"result": "failed", "at": now,
-                              "detail": f"{m.detector} still anomalous after {waited:.3g} s"}
-            await self.record(self.engine.transition(
-                m, "failed", now, f"verification failed: {m.detector} still anomalous "
-                f"after {waited:.3g} s"))
+            detail = (f"{m.detector} was normal again but reported no confirming sample "
+                      f"within {bound:g} s past verify_timeout")
+            m.verification = {"result": "failed", "at": now, "detail": detail}
+            await self.record(self.engine.transition(m, "failed", now,
+                                                     f"verification failed: {detail}"))
 
     async def _run_step(self, st: StepConfig, values: dict[str, str],
                         desc: dict[str, Any]) -> dict[str, Any]:

@@ -124,3 +124,55 @@ def test_a_mission_cleared_before_approval_does_not_start_the_flap_window() -> N
     feed(e, True, 30)
     again = e.active[("disk", "/")]
     assert not again.flapping and again.severity == "medium"
+
+
+def verifying(e: MissionEngine, started: float, timeout: float) -> None:
+    """The executor's part: the playbook ran and verification began at ``started``."""
+    m = e.active[("disk", "/")]
+    e.transition(m, "verifying", started, "playbook done")
+    m.verify_started, m.verify_until = started, started + timeout
+
+
+def test_a_fix_seen_normal_within_verify_timeout_resolves_after_it() -> None:
+    """The newcomer's P1: interval 30 s, resolve_after 3, verify_timeout 60 s. The first
+    normal sample (30 s after the steps) is within the window; the confirming two come
+    at 60 s and 90 s, past it: the fix is credited, never "still anomalous"."""
+    e = MissionEngine(resolve_after=3)
+    feed(e, True, 0)
+    verifying(e, 1, 60)
+    assert feed(e, False, 31, value=0) == []
+    assert feed(e, False, 61, value=0) == []
+    out = e.observe(detector="disk", kind="disk", subject="/", severity="medium",
+                    anomalous=False, score=0.1, summary="ok", value=0, now=91)
+    (tr,) = out
+    assert tr.topic == "mission.resolved"
+    v = tr.mission.verification
+    assert v is not None and v["result"] == "passed" and v["normal_after_s"] == 30
+    assert "normal 30 s after the steps" in v["detail"]
+    assert "past verify_timeout" in v["detail"]
+
+
+def test_an_anomalous_sample_past_verify_timeout_fails_the_confirmation() -> None:
+    e = MissionEngine(resolve_after=3)
+    feed(e, True, 0)
+    verifying(e, 1, 60)
+    assert feed(e, False, 31, value=0) == []
+    assert feed(e, True, 50, value=7) == []  # within the window: it may still clear
+    assert feed(e, False, 55, value=0) == []
+    out = e.observe(detector="disk", kind="disk", subject="/", severity="medium",
+                    anomalous=True, score=0.9, summary="full", value=9, now=70)
+    (tr,) = out
+    assert tr.topic == "mission.failed" and ("disk", "/") not in e.active
+    assert tr.mission.reason is not None
+    assert "was normal again, then anomalous (value 9)" in tr.mission.reason
+    assert "after 1 of the 3 normal samples" in tr.mission.reason
+
+
+def test_an_anomalous_sample_past_verify_timeout_with_no_normal_one_fails() -> None:
+    e = MissionEngine(resolve_after=3)
+    feed(e, True, 0)
+    verifying(e, 1, 10)
+    (tr,) = e.observe(detector="disk", kind="disk", subject="/", severity="medium",
+                      anomalous=True, score=0.9, summary="full", value=9, now=12)
+    assert tr.topic == "mission.failed"
+    assert tr.mission.reason == "verification failed: disk still anomalous (value 9) after 11 s"

@@ -168,6 +168,36 @@ def _account_warnings(cfg: Config, where: Where) -> tuple[str, ...]:
     return tuple(warnings)
 
 
+def _verification_warnings(cfg: Config, where: Where) -> tuple[str, ...]:
+    """Where a playbook's verify_timeout and its detectors' sampling do not fit: a fix
+    is seen by the first normal sample after the steps, which must come within
+    verify_timeout; the ``resolve_after`` samples that confirm it may run past it."""
+    warnings = []
+    after = cfg.missions.resolve_after
+    for index, pb in enumerate(cfg.playbook):
+        label = f"[[playbook]] #{index + 1} ({pb.name})"
+        dets = [d for d in cfg.detector if d.enabled
+                and (not pb.detector or d.name == pb.detector)
+                and (not pb.kind or d.kind == pb.kind)]
+        if not dets:
+            continue
+        slowest = max(dets, key=lambda d: d.interval)
+        at = where("playbook", "verify_timeout", index)
+        if slowest.interval >= pb.verify_timeout:
+            warnings.append(
+                f"{at}{label} verify_timeout: {pb.verify_timeout:g} s is not longer than "
+                f"detector {slowest.name!r}'s interval ({slowest.interval:g} s): the first "
+                "sample after the steps may come after it, and a run that fixed the fault "
+                "is then counted a failure; make verify_timeout longer than the interval")
+        elif after * slowest.interval > pb.verify_timeout:
+            warnings.append(
+                f"{at}{label} verify_timeout: {pb.verify_timeout:g} s is shorter than "
+                f"[missions] resolve_after x detector {slowest.name!r}'s interval ({after} x "
+                f"{slowest.interval:g} s): a fix seen normal within verify_timeout is "
+                f"confirmed after it, up to {after * slowest.interval:g} s after the steps")
+    return tuple(warnings)
+
+
 # Detector kinds that need a module graced does not depend on: kind -> (module, extra).
 OPTIONAL = {"postgres": ("psycopg", "grace[postgres]")}
 
@@ -244,6 +274,7 @@ def _parse(text: str, source: str, raw: bytes | None) -> Config:
                  blank=not text.strip(), **built)
     _check_daemon(cfg, where)
     cfg = dataclasses.replace(cfg, warnings=(*_check_references(cfg, where),
+                                             *_verification_warnings(cfg, where),
                                              *_host_warnings(cfg, where),
                                              *_account_warnings(cfg, where)))
     return _with_default_paths(cfg)

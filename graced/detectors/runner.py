@@ -24,7 +24,7 @@ from ..config import DetectorConfig
 from ..journal import Write
 from ..mesh import Mesh
 from ..missions import store
-from ..missions.engine import Mission, MissionEngine, Transition
+from ..missions.engine import FINAL, Mission, MissionEngine, Transition
 from ..protocol import CanonicalError, canonical_bytes
 from .base import Detector, Observation
 from .events import POLL
@@ -67,6 +67,8 @@ class DetectorRunner:
                  on_mission: Callable[[Mission], None] | None = None,
                  outcome: Outcome | None = None) -> None:
         self.on_mission = on_mission
+        # Told of each mission this runner closes (the executor's notifiers).
+        self.notify: Callable[[Mission], None] | None = None
         self.outcome = outcome
         self.detectors = [d for d in detectors if d.enabled]
         self.mesh = mesh
@@ -278,6 +280,10 @@ class DetectorRunner:
                 if m is not None and m.state in ("open", "interrupted"):
                     self.on_mission(m)
 
+    def interval_of(self, name: str) -> float | None:
+        """A detector's configured sampling interval (None: no such detector now)."""
+        return next((d.interval for d in self.detectors if d.name == name), None)
+
     def _record(self, tr: Transition) -> None:
         if not tr.topic:
             self.mesh.store([store.upsert(tr.mission)])
@@ -287,6 +293,8 @@ class DetectorRunner:
         self.mesh.publish_nowait(tr.topic, tr.mission.brief(),
                                  writes=[store.upsert(tr.mission), *more])
         logs.transition(tr.topic, tr.mission)
+        if tr.mission.state in FINAL and self.notify is not None:
+            self.notify(tr.mission)  # a verification failed at a sample, say
         for topic, payload in events:
             try:
                 self.mesh.publish_nowait(topic, payload)

@@ -101,6 +101,10 @@ class Mission:
     symptom_at_start: bool | None = None
     # what kept learning from using this mission, and the setting responsible
     held_back: dict[str, Any] | None = None
+    # verification: until when the first normal sample counts (verify_started plus the
+    # playbook's verify_timeout), and when the current run of normal samples began
+    verify_until: float | None = None
+    normal_since: float | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -222,6 +226,24 @@ class MissionEngine:
                           "asking again at each return"})
         return True
 
+    def _verification_failed(self, m: Mission, now: float, value: float | None,
+                             confirming: int) -> Transition:
+        """An anomalous sample after ``verify_until``: the playbook did not fix it.
+
+        ``confirming`` is how many normal samples came since the first after the steps
+        (0: none came within verify_timeout; the executor's deadline fails it then)."""
+        began = m.verify_started if m.verify_started is not None else now
+        if confirming:
+            detail = (f"{m.detector} was normal again, then anomalous (value {value}) "
+                      f"{now - began:.3g} s after the steps, after {confirming} of the "
+                      f"{self.resolve_after} normal samples that confirm a fix "
+                      "(missions.resolve_after)")
+        else:
+            detail = (f"{m.detector} still anomalous (value {value}) after "
+                      f"{now - began:.3g} s")
+        m.verification = {"result": "failed", "at": now, "detail": detail}
+        return self.transition(m, "failed", now, f"verification failed: {detail}")
+
     def observe(self, *, detector: str, kind: str, subject: str, severity: str,
                 anomalous: bool, score: float, summary: str, value: float | None,
                 now: float, detail: dict[str, Any] | None = None) -> list[Transition]:
@@ -261,10 +283,16 @@ class MissionEngine:
             m.last_value = value
             m.score = score
             m.summary = summary
+            confirming = m.normal_streak
             m.normal_streak = 0
+            m.normal_since = None
             m.updated_at = now
             if len(m.samples) < MAX_SAMPLES:
                 m.samples.append(sample)
+            if m.state == "verifying" and m.verify_until is not None \
+                    and now >= m.verify_until:
+                out.append(self._verification_failed(m, now, value, confirming))
+                return out
             if now - m.last_update_event >= self.update_interval:
                 m.last_update_event = now
                 out.append(Transition("mission.updated", copy.deepcopy(m)))
@@ -273,6 +301,8 @@ class MissionEngine:
             return out
         if m is None:
             return out
+        if m.normal_streak == 0:
+            m.normal_since = now
         m.normal_streak += 1
         m.last_value = value
         m.updated_at = now
@@ -289,10 +319,16 @@ class MissionEngine:
                 m.held_back = {"setting": "missions.resolve_after",
                                "reason": f"{CLEARED}: no playbook ran, nothing to learn"}
             elif m.state in ("verifying", "interrupted"):
+                began = m.verify_started if m.verify_started is not None else now
+                first = m.normal_since if m.normal_since is not None else now
+                passed = (f"{detector} normal {max(0.0, first - began):.3g} s after the "
+                          f"steps, then for {m.normal_streak} consecutive samples")
+                if m.verify_until is not None and now > m.verify_until:
+                    passed += (f" (confirmed {now - m.verify_until:.3g} s past "
+                               "verify_timeout: the first normal sample came within it)")
                 m.verification = {
-                    "result": "passed", "at": now,
-                    "after_s": round(now - (m.verify_started or m.updated_at), 3),
-                    "detail": f"{detector} normal for {m.normal_streak} consecutive samples"}
+                    "result": "passed", "at": now, "after_s": round(now - began, 3),
+                    "normal_after_s": round(max(0.0, first - began), 3), "detail": passed}
             if m.state != "awaiting_approval":
                 m.reason = normal
             self._move(m, "resolved", now, m.reason or normal)

@@ -17,7 +17,7 @@ _COLUMNS = ("id", "detector", "kind", "subject", "severity", "state", "summary",
 _DATA = ("last_value", "score", "normal_streak", "last_update_event", "samples", "timeline",
          "playbook", "risk", "steps", "approvals", "verification", "expires_at", "reason",
          "verify_started", "similar", "decision", "incident", "symptom_at_start", "held_back",
-         "plan", "silenced")
+         "plan", "silenced", "verify_until", "normal_since")
 
 
 def dumps(data: dict[str, Any]) -> str:

@@ -40,3 +40,8 @@ def safe(value: Any, limit: int | None = None) -> str:
     if limit is not None and len(text) > limit:
         text = text[:limit] + "…"
     return _CONTROL.sub(_escape, text)
+
+
+def count(n: float, noun: str, plural: str | None = None) -> str:
+    """``n`` and its noun in the right number: "1 run", "3 runs", "0.5 runs"."""
+    return f"{n:g} {noun if n == 1 else plural or noun + 's'}"

@@ -1,0 +1,155 @@
+"""The newcomer review of learning (issue #22), against a real graced and the real
+gracectl: each test failed on the code the review used, and holds now."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Graced
+from tests.test_config_keys import graced_cmd
+from tests.test_learning_e2e import FAULT, NORMAL, fix, value_detector
+from tests.test_missions_e2e import Watch
+
+
+def slow_detector(name: str, file: Path, interval: float) -> str:
+    return (f'[[detector]]\nname = "{name}"\nkind = "value"\nfile = "{file}"\n'
+            f'subject = "queue"\ninterval = {interval}\nthreshold = 50.0\n')
+
+
+def one_playbook(name: str, detector: str, argv: list[str], *, risk: str = "low",
+                 verify_timeout: float = 10.0, budget: int = 1000) -> str:
+    return (f'[[playbook]]\nname = "{name}"\ndetector = "{detector}"\nrisk = "{risk}"\n'
+            f"budget = {budget}\nverify_timeout = {verify_timeout}\n"
+            f'[[playbook.step]]\naction = "run"\nargv = {json.dumps(argv)}\ntimeout = 10.0\n')
+
+
+def explain(g: Graced, mission: int) -> str:
+    return g.ctl("missions", "explain", str(mission), check=True).stdout
+
+
+# -- P1 --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_fix_seen_within_verify_timeout_is_a_success_though_confirmed_after_it(
+        make_graced, shortdir: Path) -> None:
+    """P1: resolve_after x interval (6 x 0.5 s) does not fit in verify_timeout (1.5 s).
+    The fix works at once; the first normal sample comes within verify_timeout, the
+    confirming ones after it: the mission resolves and learning counts a success (it
+    failed with "still anomalous" next to last_value 0)."""
+    queue = shortdir / "queue"
+    queue.write_text(NORMAL)
+    g = make_graced(detectors=slow_detector("slowq", queue, 0.5)
+                    + one_playbook("drain-slowq", "slowq", fix(queue), verify_timeout=1.5)
+                    + "\n[missions]\nresolve_after = 6\nflap_window = 0\n")
+    w = Watch(g)
+    try:
+        queue.write_text(FAULT)
+        resolved = w.wait("mission.resolved", "slowq", 30)["payload"]
+        assert not w.events("mission.failed", "slowq")
+    finally:
+        w.close()
+    text = explain(g, resolved["id"])
+    assert "verification failed" not in text and "still anomalous" not in text, text
+    assert "past verify_timeout" in text, text
+    assert "counted as a success of drain-slowq" in text, text
+
+
+def test_config_check_warns_when_verification_cannot_fit(tmp_path: Path) -> None:
+    """P1: config check printed only "ok" for numbers that cannot fit; now a warning
+    says what happens (graced.toml(5) verify_timeout)."""
+    path = tmp_path / "graced.toml"
+    queue = tmp_path / "q"
+    queue.write_text(NORMAL)
+    path.write_text(slow_detector("slowq", queue, 30.0)
+                    + one_playbook("drain-slowq", "slowq", fix(queue), verify_timeout=60.0)
+                    + slow_detector("rareq", queue, 90.0)
+                    + one_playbook("drain-rareq", "rareq", fix(queue), verify_timeout=60.0))
+    res = graced_cmd("config", "check", str(path))
+    assert (res.returncode, res.stdout) == (0, f"{path}: ok\n"), res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"graced: warning: {path}:13: [[playbook]] #1 (drain-slowq) "
+                               "verify_timeout: 60 s is shorter than [missions] resolve_after x "
+                               "detector 'slowq''s interval (3 x 30 s): a fix seen normal "
+                               "within verify_timeout is confirmed after it"), lines
+    assert lines[1].startswith(f"graced: warning: {path}:30: [[playbook]] #2 (drain-rareq) "
+                               "verify_timeout: 60 s is not longer than detector 'rareq''s "
+                               "interval (90 s)"), lines
+
+
+# -- P3 --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_approved_runs_do_not_use_up_the_automatic_cap(make_graced, shortdir: Path) -> None:
+    """P3: max_actions_per_hour caps *automatic* runs; two approved high-risk runs used
+    it up and the next low-risk fault escalated "global cap spent". Now the low-risk
+    fault is fixed, and status counts only the automatic run."""
+    risky, plain = shortdir / "risky", shortdir / "plain"
+    for f in (risky, plain):
+        f.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("risky", risky, "high")
+                    + one_playbook("drain-risky", "risky", fix(risky), risk="high")
+                    + value_detector("plain", plain)
+                    + one_playbook("drain-plain", "plain", fix(plain))
+                    + "\n[missions]\nresolve_after = 2\nflap_window = 0\n"
+                    "[remediation]\nmax_actions_per_hour = 2\n")
+    w = Watch(g)
+    try:
+        for n in (1, 2):
+            risky.write_text(FAULT)
+            waiting = w.wait("mission.awaiting_approval", "risky", 15, count=n)["payload"]
+            g.ctl("missions", "approve", str(waiting["id"]), "--yes", check=True)
+            w.wait("mission.resolved", "risky", 20, count=n)
+        plain.write_text(FAULT)
+        w.wait("mission.resolved", "plain", 20)
+        assert not w.events("mission.escalated", "plain")
+    finally:
+        w.close()
+    status = json.loads(g.ctl("status", "--json", check=True).stdout)
+    assert status["executor"]["actions_last_hour"] == 1, status["executor"]
+
+
+# -- P4 --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_spent_budget_hands_the_fault_to_the_next_ranked_playbook(
+        make_graced, shortdir: Path) -> None:
+    """P4: the chosen playbook's budget was spent and the mission escalated although
+    another matching playbook had budget left; the ranking said "chosen" with no budget
+    shown. Now the next in the ranking runs, explain shows each one's budget and why the
+    first was skipped; once every budget is spent, the escalation says so."""
+    queue = shortdir / "queue"
+    queue.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("q", queue)
+                    + one_playbook("first-fix", "q", fix(queue), budget=1)
+                    + one_playbook("second-fix", "q", fix(queue), budget=1)
+                    + "\n[missions]\nresolve_after = 2\nflap_window = 0\n"
+                    '[learning]\nstrategy = "first"\n')
+    w = Watch(g)
+    try:
+        for n in (1, 2):
+            queue.write_text(FAULT)
+            w.wait("mission.resolved", "q", 20, count=n)
+        queue.write_text(FAULT)
+        escalated = w.wait("mission.escalated", "q", 20)["payload"]
+    finally:
+        w.close()
+    done = [m for m in json.loads(g.ctl("missions", "ls", "--all", "--json",
+                                        check=True).stdout) if m["detector"] == "q"]
+    done.sort(key=lambda m: m["id"])
+    assert [m["playbook"] for m in done[:2]] == ["first-fix", "second-fix"]
+    text = explain(g, done[1]["id"])
+    assert "BUDGET" in text, text
+    row = next(line for line in text.splitlines() if line.strip().startswith("first-fix"))
+    assert row.split()[-2:] == ["1/1", "SKIPPED"], row
+    row = next(line for line in text.splitlines() if line.strip().startswith("second-fix"))
+    assert row.split()[-2:] == ["0/1", "chosen"], row
+    assert ("choice    second-fix: the next in the ranking with budget left; first-fix "
+            "ranked first, but its budget spent: ran 1 time for queue in 3600 s (budget 1)"
+            in text), text
+    assert escalated["reason"] == (
+        "budget spent: playbook first-fix ran 1 time for queue in 3600 s (budget 1); no "
+        "other matching playbook has budget left (second-fix)"), escalated
