@@ -17,6 +17,7 @@ import click
 
 from graced.protocol import ExitCode, key_id
 from graced.protocol import knowledge as pk
+from graced.protocol.text import count
 
 from . import out, trust
 from .command import (
@@ -80,7 +81,7 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
              f"{m['state']}"]
     values = [s["value"] for s in m["samples"] if s.get("value") is not None]
     peak = f", peak {max(values):g}" if values else ""
-    lines.append(f"evidence  {m['summary']} ({m['occurrences']} samples{peak}; opened "
+    lines.append(f"evidence  {m['summary']} ({count(m['occurrences'], 'sample')}{peak}; opened "
                  f"{out.age(now - m['opened_at'])} ago)")
     d = m.get("decision")
     if d is None:
@@ -116,15 +117,18 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
             lines.extend("  " + row for row in table.splitlines())
             for c in d["candidates"]:
                 if c.get("imported_from"):
-                    lines.append(f"imported  {c['playbook']}: a prior of "
-                                 f"{sum(c.get('prior') or [0, 0]):g} runs' weight from "
-                                 f"{', '.join(c['imported_from'])} (bounded, fading)")
+                    weight = count(sum(c.get("prior") or [0, 0]), "run")
+                    lines.append(f"imported  {c['playbook']}: a prior weighing as much as "
+                                 f"{weight} here, from {', '.join(c['imported_from'])} "
+                                 "(bounded, fading)")
         lines.append(f"choice    {d['reason']}")
         explore = _exploration(d)
         if explore:
             lines.append(f"explore   {explore}")
+        # Why a poor record did not demote a playbook (or why a demoted one may run):
+        # "held back" is for learning held back (below), not for demotion.
         for note in d.get("held_back") or []:
-            lines.append(f"held back {note}")
+            lines.append(f"demotion  {note}")
     policy = next((t["reason"] for t in m["timeline"]
                    if t["to"] in ("approved", "awaiting_approval", "escalated")), None)
     if policy is None and m.get("reason") and m["state"] == "open":
@@ -141,6 +145,14 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
         return text
 
     lines.append(f"policy    {current(policy) if policy else 'no action taken'}")
+    kept = next((t for t in m["timeline"] if t.get("note") == "kept open"), None)
+    if kept is not None:
+        lines.append(f"waiting   kept open for a person since {out.when(kept['ts'])}: "
+                     f"{kept.get('reason')}")
+        if m["state"] == "awaiting_approval":
+            lines.append(f"          to do: reject it if the fault is gone (gracectl missions "
+                         f"reject {m['id']}), or approve it, with --even-if-clearing if its "
+                         "latest samples are normal")
     if plan:
         lines.append(f"plan      {m['plan'].get('playbook') or '-'} sha256 {plan[:16]}")
     for a in m.get("approvals") or []:
@@ -152,7 +164,14 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
                      f"at {out.when(a['at'])}{what}{note}")
     outcome = m["reason"] or m["state"]
     if m["state"] == "resolved" and m["closed_at"]:
-        outcome = f"resolved in {_secs(m['closed_at'] - m['opened_at'])}: {m['reason']}"
+        # From opening (approval waits included) and, when a playbook ran, from its
+        # start: the time learning's MTTR counts.
+        started = next((t["ts"] for t in m["timeline"] if t.get("to") == "executing"), None)
+        took = "" if started is None else (
+            f", {_secs(m['closed_at'] - started)} after the playbook started (learning's "
+            "time to resolve)")
+        outcome = (f"resolved {_secs(m['closed_at'] - m['opened_at'])} after it opened{took}: "
+                   f"{m['reason']}")
     lines.append(f"outcome   {current(outcome)}")
     v = m.get("verification") or {}
     if v.get("result") == "passed" and v.get("detail"):
@@ -166,6 +185,10 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
         verdict = "success" if m["state"] == "resolved" else "failure"
         lines.append(f"learning  counted as a {verdict} of {m['playbook']} for "
                      f"{m['detector']}:{m['subject']}")
+    elif m["state"] in ("rejected", "expired", "escalated") and not m.get("steps"):
+        what = f"{m['playbook']} did not run" if m.get("playbook") else "no playbook ran"
+        lines.append(f"learning  nothing learned: {what} ({m['state']}); no playbook's "
+                     "record changed")
     # Names came from the monitored world, a config or an imported file: one line each.
     return [out.safe(line) for line in lines]
 
@@ -246,9 +269,13 @@ def knowledge_ls(ctx: click.Context, limit: int, offset: int, as_json: bool) -> 
                     + (f"; the next page: --offset {nxt})" if isinstance(nxt, int) else ")"))
 
 
+# Outcomes learning left out for a reason that is no setting: named as what happened.
+HELD_REASONS = {"credit": "not credited", "paused": "paused"}
+
+
 def _held(held: dict[str, int]) -> str:
-    """Outcomes learning left out, by setting: 'missions.flap_window 3, ...'."""
-    return ", ".join(f"{k} {n}" for k, n in sorted(held.items())) or "-"
+    """Outcomes learning left out, by setting: 'missions.flap_window 3, not credited 1'."""
+    return ", ".join(f"{HELD_REASONS.get(k, k)} {n}" for k, n in sorted(held.items())) or "-"
 
 
 @knowledge.command("show")
@@ -268,13 +295,15 @@ def knowledge_show(ctx: click.Context, pattern: str, limit: int, offset: int,
         print_json(result)
         return
     p = result["pattern"]
-    out.echo(out.safe(f"pattern {p['pattern']}: best {p['best_playbook']}, {p['count']:g} "
-                      f"local runs, success {_pct(p['success_rate'])}, MTTR "
-                      f"{_secs(p['mttr_s'])}, last seen {out.when(p['last_seen'])}"))
+    out.echo(out.safe(f"pattern {p['pattern']}: best {p['best_playbook']}, "
+                      f"{count(p['count'], 'local run')}, success {_pct(p['success_rate'])}, "
+                      f"MTTR {_secs(p['mttr_s'])} (every local fix), last seen "
+                      f"{out.when(p['last_seen'])}"))
     rows = []
     for b in p["playbooks"]:
         imported = "; ".join(f"{i['successes']}/{i['successes'] + i['failures']} from "
-                             f"{i['host'] or i['source']} (key {i['kid'] or '?'})"
+                             f"{i['host'] or '?'} (daemon {str(i['source'])[:8]}, key "
+                             f"{i['kid'] or '?'})"
                              for i in b.get("imported", [])) or "-"
         w = b.get("weight") or {}
         prior = (w.get("prior_successes", 0), w.get("prior_failures", 0))
@@ -284,6 +313,9 @@ def knowledge_show(ctx: click.Context, pattern: str, limit: int, offset: int,
                      "yes" if b["demoted"] else ""])
     out.echo(out.table(rows, headers=["PLAYBOOK", "LOCAL OK/RUNS", "RATE", "IMPORTED OK/RUNS",
                                        "PRIOR WEIGHT", "MEAN", "MTTR", "DEMOTED"]))
+    out.echo("MTTR: time from a playbook's start to the resolution; a row's is its own "
+             "weighted record (older runs weigh less, an import is a prior), the header's "
+             "the plain mean of every local fix")
     for b in p["playbooks"]:
         if b.get("held_back"):
             out.echo(out.safe(f"{b['playbook']} not demoted: {b['held_back']}"))
@@ -297,7 +329,8 @@ def knowledge_show(ctx: click.Context, pattern: str, limit: int, offset: int,
         out.echo("recent missions:")
         for r in result["recent"][:10]:
             held = f" (held back: {r['held_back']})" if r.get("held_back") else ""
-            out.echo(out.safe(f"  #{r['id']} {out.when(r['closed_at'])} {r['playbook'] or '-'} "
+            name = r["playbook"] or (f"{r['not_run']} (not run)" if r.get("not_run") else "-")
+            out.echo(out.safe(f"  #{r['id']} {out.when(r['closed_at'])} {name} "
                               f"-> {r['outcome']}{held}"))
 
 
@@ -327,10 +360,12 @@ def knowledge_export(ctx: click.Context, file: str) -> None:
 
 
 def _load_export(file: str, key_file: str | None,
-                 replace_key: bool) -> tuple[bytes, dict[str, Any], bytes, str]:
+                 replace_key: bool) -> tuple[bytes, dict[str, Any], bytes, str, list[str]]:
     """Read, bound-check and verify an export; returns its bytes, the document, the key
-    it verified with and how. The daemon checks it all again: this is for a clear error
-    before anything is sent, and to choose the key."""
+    it verified with and how, and the warnings to print once the import is done (a
+    pinned key replaced: said only when it happens). The daemon checks it all again:
+    this is for a clear error before anything is sent, and to choose the key."""
+    replacing: list[str] = []
     try:
         if file == "-":
             raw = sys.stdin.buffer.read(pk.MAX_FILE_BYTES + 1)
@@ -349,7 +384,7 @@ def _load_export(file: str, key_file: str | None,
     except ValueError as exc:  # endpoints disagree on that daemon's key
         if not (key_file and replace_key):
             raise CtlError(f"{file}: {exc}", ExitCode.BAD_SIGNATURE) from None
-        stderr_note(f"WARNING: {exc}; trusting --key {key_file} (--replace-key)")
+        replacing.append(f"{exc}; trusted --key {key_file} (--replace-key)")
         pinned = None
     if key_file:
         key, how = read_key_file(key_file), f"key {key_file}"
@@ -359,8 +394,8 @@ def _load_export(file: str, key_file: str | None,
                     f"{file}: --key {key_file} ({key_id(key)}) is not the key pinned for "
                     f"daemon {source} ({key_id(pinned)}): refused; if that daemon's key "
                     "really changed, add --replace-key", ExitCode.BAD_SIGNATURE)
-            stderr_note(f"WARNING: replacing the key pinned for daemon {source}: "
-                        f"{key_id(pinned)} -> {key_id(key)} (--replace-key)")
+            replacing.append(f"the key pinned for daemon {source} is replaced: "
+                             f"{key_id(pinned)} -> {key_id(key)} (--replace-key)")
     elif pinned is None:
         raise CtlError(f"{file}: no trusted key for daemon {source} "
                        f"({out.safe(data['host']) or 'unknown host'}): pass --key FILE (its "
@@ -372,7 +407,7 @@ def _load_export(file: str, key_file: str | None,
         pk.verify_export(data, key)
     except ValueError as exc:
         raise CtlError(f"{file}: {exc}", ExitCode.BAD_SIGNATURE) from None
-    return raw, data, key, f"signature verified with {how} ({data['kid']})"
+    return raw, data, key, f"signature verified with {how} ({data['kid']})", replacing
 
 
 @knowledge.command("import")
@@ -395,7 +430,7 @@ def knowledge_import(ctx: click.Context, file: str, key_file: str | None, replac
     unsigned file, or a --key other than the pinned one, is refused (exit 10). Importing
     the same daemon again replaces its earlier import (all or nothing); an export older
     than the one imported is refused."""
-    raw, data, key, verified = _load_export(file, key_file, replace_key)
+    raw, data, key, verified, replacing = _load_export(file, key_file, replace_key)
     endpoint = endpoint_of(ctx)
 
     async def go() -> dict[str, Any]:
@@ -415,6 +450,9 @@ def knowledge_import(ctx: click.Context, file: str, key_file: str | None, replac
     result = perform(go)
     if not dry_run:
         trust.pin_for_daemon(data["source"], key)
+    # Now that it happened (or, in a dry run, would): not before a refusal.
+    for note in replacing:
+        stderr_note(f"WARNING: {'dry run: would be: ' if dry_run else ''}{note}")
     result.update(verified=verified)
     if as_json:
         print_json(result)

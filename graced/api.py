@@ -31,11 +31,12 @@ from .learning import Learning
 from .learning import knowledge as kb
 from .mesh import Mesh
 from .missions import store
-from .missions.engine import ACTIVE, SEVERITIES, STATES
+from .missions.engine import ACTIVE, CLEARED_REPEATS, SEVERITIES, STATES
 from .plan import build as build_plan
 from .plan import matches, mission_values, names_plan
 from .protocol import Signer
 from .protocol import knowledge as pk
+from .protocol.text import local_time
 from .protocol.times import is_instant, same_instant, shown
 from .protocol.wire import Request, RequestError
 from .readers import SharedReader
@@ -72,6 +73,19 @@ ROLES: dict[str, str | None] = {
     "playbooks.list": READ, "playbooks.run": READ, "silence.list": READ,
     "silence.add": CONTROL, "silence.remove": CONTROL,
 }
+
+
+def controllers() -> str:
+    """Who controls graced over the Unix socket: root and graced's own user, named once
+    when graced runs as root."""
+    uid = os.geteuid()
+    if uid == 0:
+        return "root (uid 0)"
+    try:
+        name = f" ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        name = ""
+    return f"root or uid {uid}{name}"
 
 
 class Api:
@@ -328,9 +342,14 @@ class Api:
                 if len(known) <= 10_000 else []
             raise RequestError("not_found", f"no pattern {sig!r}" + (
                 f" (did you mean: {', '.join(near)})" if near else ""))
+        # A mission that named a playbook which never ran (rejected, expired, escalated):
+        # its proposed playbook, so the list agrees with missions ls.
         recent = await self._read(
-            "SELECT mission_id, playbook, outcome, success, ttr, closed_at, held_back "
-            "FROM outcomes WHERE signature = ? ORDER BY mission_id DESC LIMIT 20", (sig,))
+            "SELECT o.mission_id, o.playbook, o.outcome, o.success, o.ttr, o.closed_at, "
+            "o.held_back, CASE WHEN o.ran = 0 AND json_valid(m.data) "
+            "THEN json_extract(m.data, '$.playbook') END FROM outcomes AS o "
+            "LEFT JOIN missions AS m ON m.id = o.mission_id WHERE o.signature = ? "
+            "ORDER BY o.mission_id DESC LIMIT 20", (sig,))
         now = time.time()
         try:
             summary = await self.learning.summary(sig, now)
@@ -341,7 +360,7 @@ class Api:
         return {"pattern": {**summary, "playbooks_total": len(playbooks), "offset": offset,
                             "held_back": (await self.learning.held_back(sig)).get(sig, {})},
                 "recent": [dict(zip(("id", "playbook", "outcome", "success", "ttr",
-                                     "closed_at", "held_back"), r, strict=True))
+                                     "closed_at", "held_back", "not_run"), r, strict=True))
                            for r in recent],
                 "now": now}
 
@@ -488,11 +507,12 @@ class Api:
             # Journaled with the import (key_replaced): the operator vouches for the new
             # key, so the export time the old key claimed no longer holds.
             notes.append(f"the export time stored for daemon {source} "
-                         f"({known['exported_at']:.0f}) is reset with its key")
+                         f"({local_time(known['exported_at'])}) is reset with its key")
         elif known is not None and exported_at < known["exported_at"]:
             raise RequestError("invalid", (
-                f"exported_at: this export of daemon {source} ({exported_at:.0f}) is older "
-                f"than the one imported already ({known['exported_at']:.0f}): refused"))
+                f"exported_at: this export of daemon {source} ({local_time(exported_at)}) is "
+                f"older than the one imported already ({local_time(known['exported_at'])}): "
+                "refused"))
         plan, writes = await self._plan_import(source, patterns, host, kid, exported_at,
                                                dry_run)
         self._note_unmatched(plan.changes, patterns)
@@ -565,8 +585,8 @@ class Api:
             async with self._knowledge_lock:
                 return await self._forget(client, source)
         if not client.can_control():
-            raise RequestError("not_authorised", f"knowledge reset needs root or uid "
-                               f"{os.geteuid()} over the Unix socket")
+            raise RequestError("not_authorised", f"knowledge reset needs {controllers()} over "
+                               "the Unix socket")
         target = req.params.get("target")
         if not isinstance(target, str) or not target or len(target) > 2001:
             raise RequestError("bad_request", "params.target must be a pattern "
@@ -657,11 +677,22 @@ class Api:
         if approve and seen[0] > 0 and before is not None \
                 and before.state == "awaiting_approval" and not clearing_ok:
             value = "" if seen[1] is None else f" (value {seen[1]:g})"
-            raise RequestError("clearing", (
-                f"mission {mid}: the symptom is clearing: the latest {seen[0]} sample(s) of "
-                f"{before.detector} {before.subject} were normal{value}, "
-                f"{self.executor.engine.resolve_after} resolve it as cleared; approval "
-                "refused, nothing run (approve with --even-if-clearing to run it anyway)"))
+            latest = (f"the latest sample of {before.detector} {before.subject} was "
+                      f"normal{value}" if seen[0] == 1 else
+                      f"the latest {seen[0]} samples of {before.detector} {before.subject} "
+                      f"were normal{value}")
+            if any(t.get("note") == "kept open" for t in before.timeline):
+                why = (f"{latest}; it was kept open for a person (it cleared before approval "
+                       f"{CLEARED_REPEATS} times within missions.flap_window) instead of "
+                       f"resolving as cleared; approval refused, nothing run: reject it if "
+                       "the fault is gone (gracectl missions reject), or approve with "
+                       "--even-if-clearing to run the playbook anyway")
+            else:
+                why = (f"{latest}, and {self.executor.engine.resolve_after} in a row resolve "
+                       "it as cleared before approval (missions.resolve_after); approval "
+                       "refused, nothing run (approve with --even-if-clearing to run it "
+                       "anyway)")
+            raise RequestError("clearing", f"mission {mid}: the symptom is clearing: {why}")
         try:
             m = await self.executor.decide(mid, approve, who, comment, opened, plan)
         except PlanChanged as exc:
@@ -764,8 +795,8 @@ class Api:
     async def reload(self, client: Client, req: Request) -> Any:
         """Re-read the config and apply it (who may control graced may reload it)."""
         if not client.can_control() or self.reloader is None:
-            raise RequestError("not_authorised", f"reload needs root or uid {os.geteuid()} "
-                               "over the Unix socket")
+            raise RequestError("not_authorised", f"reload needs {controllers()} over the Unix "
+                               "socket")
         try:
             return await self.reloader.reload(f"gracectl (uid {client.peer.uid})")
         except ConfigRejected as exc:
@@ -801,8 +832,8 @@ class Api:
         """Publish ``user.*`` events: annotations, and load for tests and benchmarks."""
         if not client.can_control() and req.role != CONTROL:
             raise RequestError(
-                "not_authorised", f"emit needs root or uid {os.geteuid()} over the Unix socket, "
-                "or a request signed by a control key")
+                "not_authorised", f"emit needs {controllers()} over the Unix socket, or a "
+                "request signed by a control key")
         p = req.params
         topic = p.get("topic")
         if not isinstance(topic, str) or not topic.startswith("user.") or len(topic) > 200:

@@ -8,6 +8,7 @@ within ``shutdown_timeout``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import fcntl
@@ -94,6 +95,40 @@ def _lock_state_dir(path: Path) -> int:
     return fd
 
 
+def _missing_key(state_dir: Path, allowed: bool) -> str | None:
+    """The key id that signed the journal's last event when the key file is gone (None
+    when the key is there, or the journal holds no event). Unless ``allowed`` (graced run
+    --new-key), that is unusable state: a new key would sign on over a chain no one can
+    verify any more, so graced refuses to start (StateError, exit 4)."""
+    if os.path.lexists(state_dir / keys.KEY_FILE):
+        return None
+    db = state_dir / "journal.db"
+    if not db.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            row = conn.execute("SELECT seq, body FROM events ORDER BY seq DESC LIMIT 1"
+                               ).fetchone()
+    except sqlite3.Error:
+        return None  # the journal's own checks report it
+    if row is None:
+        return None
+    try:
+        kid = str(json.loads(row[1]).get("kid") or "?")
+    except (ValueError, AttributeError):
+        kid = "?"
+    if allowed:
+        log.warning("the key file %s is missing; a new key is made (--new-key): the "
+                    "journal up to seq %s stays signed by key %s", state_dir / keys.KEY_FILE,
+                    row[0], kid)
+        return kid
+    raise StateError(
+        f"key file {state_dir / keys.KEY_FILE} is missing, but the journal holds events up to "
+        f"seq {row[0]} signed by key {kid}: restore the key from a backup, or run graced "
+        "run --new-key to make a new one (journaled; the old events stay verifiable only "
+        "with the old key)")
+
+
 def _daemon_id(state_dir: Path) -> str:
     path = state_dir / "daemon-id"
     try:
@@ -110,8 +145,11 @@ def _daemon_id(state_dir: Path) -> str:
 class Daemon:
     """graced itself. :meth:`run` returns after a clean shutdown."""
 
-    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None, *,
+                 new_key: bool = False) -> None:
         self.config = config
+        # graced run --new-key: a missing key may be replaced over a journal signed by it.
+        self.new_key = new_key
         # The file found once at start (None: the embedded default). Every reload reads
         # this file again, never another one: a file moved away is refused, not replaced.
         self.config_path = config_path
@@ -136,6 +174,7 @@ class Daemon:
         state = cfg.state_dir
         _prepare_state_dir(state)
         self._lock_fd = _lock_state_dir(state)
+        replaced = _missing_key(state, self.new_key)
         signer, created = keys.load_or_create(state)
         self.signer = signer
         self.daemon_id = _daemon_id(state)
@@ -226,9 +265,13 @@ class Daemon:
                     await nursery.start(server.run)
                     await nursery.start(mesh.run)
                     kid_event = "crypto.key_created" if created else "crypto.key_loaded"
-                    mesh.publish_nowait(kid_event, {"kid": signer.kid,
-                                                    "public_key": keys.format_public_key(
-                                                        signer.public_key).split()[1]})
+                    mesh.publish_nowait(kid_event, {
+                        "kid": signer.kid,
+                        "public_key": keys.format_public_key(signer.public_key).split()[1],
+                        # A key made over a journal another key signed (--new-key): which.
+                        **({"replaces": replaced, "reason": "the key was missing; a new one "
+                            "was made at the operator's request (graced run --new-key)"}
+                           if created and replaced else {})})
                     await mesh.publish("daemon.started", api.identity())
                     nursery.start_soon(self._load_imported, api, mesh, journal.path)
                     await nursery.start(executor.run)

@@ -89,7 +89,11 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 
 @cli.command()
 @config_option
-def run(config_path: str | None) -> None:
+@click.option("--new-key", is_flag=True,
+              help="If the signing key is missing but the journal holds events, make a new "
+                   "key anyway (journaled in crypto.key_created as replacing the old one); "
+                   "without it graced refuses to start (exit 4).")
+def run(config_path: str | None, new_key: bool = False) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT; SIGHUP reloads the config."""
     from .app import Daemon, limit_malloc_arenas
     from .config import Config
@@ -105,7 +109,7 @@ def run(config_path: str | None) -> None:
         logging.getLogger("graced.config").warning("%s", warning)
     try:
         try:
-            trio.run(Daemon(cfg, path).run)
+            trio.run(Daemon(cfg, path, new_key=new_key).run)
         except BaseExceptionGroup as group:
             leaf: BaseException = group
             while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:

@@ -67,8 +67,8 @@ from .plan import (
     substitute,
 )
 from .plan import build as build_plan
-from .protocol.times import same_instant, shown
 from .protocol.text import count
+from .protocol.times import same_instant, shown
 from .redact import redact_text
 from .silences import Silences
 

@@ -52,6 +52,7 @@ class Graced:
         self.wrap: list[str] = []  # e.g. nsenter: run graced inside another namespace
         self.pass_config = True  # False: no --config, graced finds self.config itself
         self.env_extra: dict[str, str] = {}  # e.g. CONFIGURATION_DIRECTORY, as systemd sets
+        self.run_args: list[str] = []  # e.g. --new-key
 
     @property
     def env(self) -> dict[str, str]:
@@ -77,7 +78,7 @@ class Graced:
         self.stderr_file = open(self.stderr_path, "a")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [*self.wrap, bin_path("graced"), "run",
-             *(["--config", str(self.config)] if self.pass_config else [])],
+             *(["--config", str(self.config)] if self.pass_config else []), *self.run_args],
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=self.stderr_file, text=True,
         )

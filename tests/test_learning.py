@@ -219,7 +219,7 @@ def test_demotion_needs_distinct_incidents_over_a_time_span() -> None:
     assert k.failures_in("web:api", "flaky", 1) == 3
     assert k.local("web:api", "flaky", 20.0).failures == pytest.approx(3.0, rel=1e-3)
     is_demoted, held = k.demotion("web:api", "flaky", 20.0)
-    assert not is_demoted and "1 distinct incident(s)" in (held or "")
+    assert not is_demoted and "own steps failed in 1 distinct incident within" in (held or "")
     _learn(k, "flaky", False, 20.0, 2)
     _learn(k, "flaky", False, 30.0, 3)
     is_demoted, held = k.demotion("web:api", "flaky", 30.0)
@@ -484,3 +484,25 @@ def test_local_records_with_control_characters_are_kept_but_not_exported() -> No
     exported = k.export("me", "host", 10.0)["patterns"]
     assert [p["signature"] for p in exported] == ["web:api"]
     check(exported)
+
+
+def test_a_playbook_whose_steps_succeed_is_said_never_to_demote_from_its_first_failure(
+        ) -> None:
+    """The newcomer's P6: after one or two such incidents the reason said "it failed in
+    2 distinct incident(s) ... demotion needs 3", as if a third would demote it; it
+    never does. The true reason is given from the first failure, and the count is
+    grammatical when a step of its own did fail."""
+    k = Knowledge(settings=Settings(demote_after=3, demote_below=0.25, demote_span=0.0))
+    for incident in (1, 2, 3, 4):
+        _learn(k, "held", False, 10.0 * incident, incident, own=False)
+        is_demoted, held = k.demotion("web:api", "held", 10.0 * incident)
+        assert not is_demoted
+        assert held == ("success 0% is below 25%, but its steps always succeeded and the "
+                        "symptom stayed: evidence anyone who can hold the symptom can forge, "
+                        "which never demotes alone, however often it happens "
+                        "(docs/security.md)"), (incident, held)
+    _learn(k, "broken", False, 10.0, 1)
+    _learn(k, "broken", False, 20.0, 2, own=False)
+    assert k.demotion("web:api", "broken", 20.0)[1] == (
+        "success 0% is below 25%, but its own steps failed in 1 distinct incident within "
+        "half_life and demotion needs 3 ([learning] demote_after; docs/security.md)")

@@ -244,14 +244,16 @@ def test_ranking_demotes_the_failing_playbook_and_knowledge_seeds_a_fresh_daemon
                 by["reboot-queue"]["imported"]] == [(0, 2, signed["kid"])]
         assert by["reboot-queue"]["runs"] == 0 and not by["reboot-queue"]["demoted"]
         human = fresh.ctl("knowledge", "show", "learner:queue", check=True).stdout
-        assert f"from {signed['host']} (key {signed['kid']})" in human
+        assert (f"from {signed['host']} (daemon {signed['source'][:8]}, key "
+                f"{signed['kid']})") in human
         fw = Watch(fresh)
         _fault_until_resolved(fw, b2, 1)
         fw.close()
         first = missions(fresh, "learner")
         assert [m["playbook"] for m in first] == ["flush-queue"]
         why = fresh.ctl("missions", "explain", str(first[0]["id"]), check=True).stdout
-        assert "reboot-queue" in why and f"from {signed['host']}" in why
+        assert "reboot-queue" in why and (f"from {signed['host']} (daemon "
+                                          f"{signed['source'][:8]}, key {signed['kid']})") in why
         assert "IMPORTED" in why
     finally:
         fresh.close()

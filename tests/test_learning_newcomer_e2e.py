@@ -4,13 +4,18 @@ gracectl: each test failed on the code the review used, and holds now."""
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Graced
+from tests.conftest import Graced, bin_path
+from tests.helpers.procs import poll_until
 from tests.test_config_keys import graced_cmd
 from tests.test_learning_e2e import FAULT, NORMAL, fix, value_detector
+from tests.test_learning_hostile_e2e import SETTINGS
+from tests.test_learning_review2_e2e import Daemon, rec
 from tests.test_missions_e2e import Watch
 
 
@@ -153,3 +158,101 @@ def test_a_spent_budget_hands_the_fault_to_the_next_ranked_playbook(
     assert escalated["reason"] == (
         "budget spent: playbook first-fix ran 1 time for queue in 3600 s (budget 1); no "
         "other matching playbook has budget left (second-fix)"), escalated
+
+
+# -- P5 --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_mission_kept_open_for_a_person_is_explained(make_graced, shortdir: Path) -> None:
+    """P5: after three clears before approval the next mission is kept open for a
+    person; approving it said "the latest 7 sample(s) were normal, 2 resolve it" (it did
+    not) and explain said nothing. Now explain says it was kept open and what to do, and
+    the refusal says why it did not resolve."""
+    crit = shortdir / "crit"
+    crit.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("crit", crit, "critical")
+                    + one_playbook("drain", "crit", fix(crit), risk="high")
+                    + "\n[missions]\nresolve_after = 2\nflap_window = 600\n")
+    w = Watch(g)
+    try:
+        for n in (1, 2, 3):
+            crit.write_text(FAULT)
+            w.wait("mission.awaiting_approval", "crit", 15, count=n)
+            crit.write_text(NORMAL)
+            w.wait("mission.resolved", "crit", 15, count=n)
+        crit.write_text(FAULT)
+        mid = w.wait("mission.awaiting_approval", "crit", 15, count=4)["payload"]["id"]
+        crit.write_text(NORMAL)
+        poll_until(lambda: "kept open" in explain(g, mid), 15, "the mission kept open")
+        assert len(w.events("mission.resolved", "crit")) == 3
+    finally:
+        w.close()
+    text = explain(g, mid)
+    assert "waiting   kept open for a person since " in text, text
+    assert (f"to do: reject it if the fault is gone (gracectl missions reject {mid}), or "
+            "approve it, with --even-if-clearing") in text, text
+    res = g.ctl("missions", "approve", str(mid), "--yes")
+    assert res.returncode == 1 and res.stderr.count("\n") == 1, res.stderr
+    assert "were normal (value 0); it was kept open for a person" in res.stderr, res.stderr
+    assert "resolve it as cleared" not in res.stderr, res.stderr
+
+
+# -- P8 --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_replace_key_warns_only_when_the_key_is_replaced(make_graced, shortdir: Path) -> None:
+    """P8: ``--replace-key`` printed "WARNING: replacing the key pinned ..." and then
+    refused the file (exit 10, pin unchanged). Now a refusal warns of nothing, a dry run
+    says what would be, and the import that replaces the key says so."""
+    g = make_graced(extra_config=SETTINGS)
+    a = Daemon(shortdir, "daemon-a")
+    first = a.export([rec("queue:q", "drain")], exported_at=time.time() - 60)
+    assert a.load(g, first).returncode == 0
+    (shortdir / "new").mkdir()
+    new = Daemon(shortdir / "new", "daemon-a")  # the same daemon id, a new key
+    # A file signed by the old key, offered with the new one: refused before anything.
+    res = g.ctl("knowledge", "import", "--key", str(new.key), "--replace-key", str(first))
+    assert res.returncode == 10, res.stderr
+    assert "WARNING" not in res.stderr and "replac" not in res.stderr, res.stderr
+    renewed = new.export([rec("queue:q", "drain")], name="-renewed")
+    res = g.ctl("knowledge", "import", "--key", str(new.key), "--replace-key", "--dry-run",
+                str(renewed))
+    assert res.returncode == 0, res.stderr
+    assert "WARNING: dry run: would be: the key pinned for daemon daemon-a is replaced: " \
+        in res.stderr, res.stderr
+    res = g.ctl("knowledge", "import", "--key", str(new.key), "--replace-key", str(renewed))
+    assert res.returncode == 0, res.stderr
+    assert "WARNING: the key pinned for daemon daemon-a is replaced: " in res.stderr, res.stderr
+
+
+# -- P11 -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_graced_refuses_a_new_key_over_a_journal_its_old_key_signed(make_graced) -> None:
+    """P11: with its key moved away, graced made a new one silently and signed on over
+    the old chain (tail --verify --since 1 then failed, unknown key). Now it refuses to
+    start (exit 4, one line naming the old key id); --new-key makes one, journaled as
+    replacing the old key."""
+    g = make_graced()
+    old = json.loads(g.ctl("status", "--json", check=True).stdout)
+    assert g.stop() == 0
+    (g.state / "key").rename(g.base / "key.moved")
+    res = subprocess.run([bin_path("graced"), "run", "--config", str(g.config)], env=g.env,
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30)
+    assert res.returncode == 4, res
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
+    assert f"key file {g.state / 'key'} is missing, but the journal holds events" \
+        in res.stderr, res.stderr
+    assert "run graced run --new-key" in res.stderr, res.stderr
+    assert not (g.state / "key").exists()
+    g.run_args = ["--new-key"]
+    g.start()
+    # A client that pinned the old key refuses the new one (as it should): a fresh one.
+    fresh = {**g.env, "XDG_CONFIG_HOME": str(g.base / "fresh-config")}
+    created = [json.loads(line) for line in g.ctl(
+        "tail", "--json", "-n", "1", "--no-follow", "crypto.key_created",
+        check=True, env=fresh).stdout.splitlines()]
+    replaced = [e for e in created if e["payload"].get("replaces")]
+    assert len(replaced) == 1, created
+    assert replaced[0]["payload"]["replaces"] == old["kid"] != replaced[0]["kid"]
+    assert "--new-key" in replaced[0]["payload"]["reason"]

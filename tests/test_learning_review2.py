@@ -75,7 +75,7 @@ def test_one_step_failure_does_not_unlock_demotion_and_a_sole_playbook_is_tried(
     fail(3, 30.0, False)
     is_demoted, held = k.demotion("web:api", "fix", 40.0)
     assert not is_demoted
-    assert "own steps failed in 1 distinct incident(s)" in (held or ""), held
+    assert "own steps failed in 1 distinct incident within" in (held or ""), held
     fail(2, 21.0, True)
     assert not k.demotion("web:api", "fix", 40.0)[0]
     fail(3, 31.0, True)

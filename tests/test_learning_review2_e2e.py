@@ -307,7 +307,7 @@ def test_one_step_failure_someone_caused_does_not_demote_a_working_playbook(
                              check=True).stdout)["pattern"]["playbooks"][0]
     assert (fixer["playbook"], fixer["successes"], fixer["demoted"]) == (
         "fix-queue", 0, False), fixer
-    assert "own steps failed in 1 distinct incident(s)" in fixer["held_back"], fixer
+    assert "own steps failed in 1 distinct incident within" in fixer["held_back"], fixer
     # The directory gone, a real fault: the playbook runs and fixes it.
     lock.rmdir()
     watched.write_text(FAULT)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -291,6 +292,9 @@ def test_graced_verifies_imports_itself_all_or_nothing(make_graced, shortdir: Pa
     older = doc([record(failures=1)], exported_at=150.0)
     err = refused(g, raw(older), key)
     assert "older than the one imported already" in str(err)
+    # The newcomer's P9: the times in local ISO 8601, not epoch seconds.
+    assert re.search(r"daemon \S+ \(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d([+-]\d\d:\d\d|Z)\) "
+                     r"is older than the one imported already \(\d{4}-", str(err)), str(err)
     # 11: a lone surrogate in a name (valid JSON, valid UTF-8 bytes).
     lone = raw(doc([record()], exported_at=300.0)).replace(
         b'"imported-star"', b'"imported-\\ud800"')

@@ -177,8 +177,10 @@ class Learning:
         for c in decision.candidates:
             prior = self.knowledge.prior(sig, c["playbook"], now)
             c["prior"] = [round(prior.successes, 3), round(prior.failures, 3)]
+            # Hosts may share a name: the daemon (its id's first 8) and key say which.
             c["imported_from"] = sorted({
-                e.host or s for s, e in self.knowledge.patterns.get(sig, {}).get(
+                f"{e.host or '?'} (daemon {s[:8]}, key {e.kid or '?'})"
+                for s, e in self.knowledge.patterns.get(sig, {}).get(
                     c["playbook"], {}).items() if s != LOCAL})
         m.similar = similar
         same = sum(1 for s in similar if s["match"] == "same detector and subject")

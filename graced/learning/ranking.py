@@ -67,6 +67,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from ..protocol.text import count
+
 STRATEGIES = ("thompson", "ucb", "uniform", "first")
 BETA_CAP = 1e6  # Beta parameters are clamped here: betavariate stays O(1)
 MAX_SECONDS = 7 * 86400.0
@@ -174,26 +176,24 @@ def demotion(local: Record, fails: list[Fail], *, after: int, below: float,
         if f.own:
             own.add(f.incident)
     distinct = sorted(first.items(), key=lambda kv: kv[1])
-    recent = distinct[-after:] if after > 0 else []
-    if len(recent) < after:
-        return False, (f"success {ratio:.0%} is below {below:.0%}, but it failed in "
-                       f"{len(distinct)} distinct incident(s) within half_life and "
-                       f"demotion needs {after} ([learning] demote_after)")
-    took = recent[-1][1] - recent[0][1]
-    if took < span:
-        return False, (f"success {ratio:.0%} is below {below:.0%}, but its last {after} "
-                       f"failing incidents span {took:.0f} s and demotion needs {span:g} s "
-                       "([learning] demote_span)")
     owned = sum(1 for incident, _ in distinct if incident in own)
+    low = f"success {ratio:.0%} is below {below:.0%}"
+    if not distinct:
+        return False, f"{low}, but none of its failures is recent enough (half_life) to count"
     if not owned:
-        return False, (f"success {ratio:.0%} is below {below:.0%}, but its steps always "
-                       "succeeded and the symptom stayed: evidence anyone who can hold the "
-                       "symptom can forge, which never demotes alone (docs/security.md)")
+        # Said from the first such failure: more of them never demote it.
+        return False, (f"{low}, but its steps always succeeded and the symptom stayed: "
+                       "evidence anyone who can hold the symptom can forge, which never "
+                       "demotes alone, however often it happens (docs/security.md)")
     if owned < after:
-        return False, (f"success {ratio:.0%} is below {below:.0%}, but its own steps "
-                       f"failed in {owned} distinct incident(s) within half_life and "
-                       f"demotion needs {after} ([learning] demote_after; "
-                       "docs/security.md)")
+        return False, (f"{low}, but its own steps failed in "
+                       f"{count(owned, 'distinct incident')} within half_life and demotion "
+                       f"needs {after} ([learning] demote_after; docs/security.md)")
+    recent = distinct[-after:] if after > 0 else []
+    took = recent[-1][1] - recent[0][1] if recent else 0.0
+    if took < span:
+        return False, (f"{low}, but its last {after} failing incidents span {took:.0f} s "
+                       f"and demotion needs {span:g} s ([learning] demote_span)")
     return True, None
 
 

@@ -45,3 +45,14 @@ def safe(value: Any, limit: int | None = None) -> str:
 def count(n: float, noun: str, plural: str | None = None) -> str:
     """``n`` and its noun in the right number: "1 run", "3 runs", "0.5 runs"."""
     return f"{n:g} {noun if n == 1 else plural or noun + 's'}"
+
+
+def local_time(t: float) -> str:
+    """Epoch seconds as a human reads them in a message: local ISO 8601 with the UTC
+    offset (``2026-12-01T21:30:05+01:00``); the number itself if it is no time."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromtimestamp(float(t)).astimezone().isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError, TypeError):
+        return safe(t)
