@@ -26,6 +26,7 @@ from graced.protocol import (
     parse_event_line,
     verify_detached,
 )
+from graced.protocol.text import count
 
 from . import learn, out, playbooks, silence, timespec, trust
 from .command import (
@@ -128,6 +129,7 @@ def _human_duration(seconds: float) -> str:
 
 @cli.command()
 @json_option
+@wide_option
 @click.option("--quiet", "-q", is_flag=True,
               help="Print nothing, not even errors: the exit status alone (0 ok, 7 degraded, "
                    "3 unreachable ...), like 'systemctl is-active -q'.")
@@ -212,11 +214,11 @@ def _print_status(st: dict[str, Any]) -> None:
     if lr:
         rate = "-" if lr["success_rate_7d"] is None else f"{lr['success_rate_7d'] * 100:.0f}%"
         share = "-" if lr["consulted_share"] is None else f"{lr['consulted_share'] * 100:.0f}%"
-        rows.append(("learning", f"{lr['strategy']}; {lr['patterns']} patterns, "
-                                 f"{lr['outcomes']} outcomes; success {rate} (7 days); memory "
-                                 f"consulted for {share} of missions"
-                                 + (f"; imported from {lr['sources']} daemons, "
-                                    f"{lr['pinned']} keys pinned (knowledge sources)"
+        rows.append(("learning", f"{lr['strategy']}; {count(lr['patterns'], 'pattern')}, "
+                                 f"{count(lr['outcomes'], 'outcome')}; success {rate} "
+                                 f"(7 days); memory consulted for {share} of missions"
+                                 + (f"; imported from {count(lr['sources'], 'daemon')}, "
+                                    f"{count(lr['pinned'], 'key')} pinned (knowledge sources)"
                                     if lr.get("pinned") else "")
                                  + ("; imported records still loading"
                                     if lr.get("loading") else "")))
@@ -225,8 +227,8 @@ def _print_status(st: dict[str, Any]) -> None:
             rows.append(("quarantine", f"{q['rows']} stored learning records out of bounds, "
                                        "set aside and never used (see the log)"))
     width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        out.echo(f"{k:<{width}}  {out.safe(v)}")
+    # Long values fold under their column on a terminal (whole when piped or --wide).
+    out.write(out.fold("\n".join(f"{k:<{width}}  {out.safe(v)}" for k, v in rows)))
 
 
 # -- tail / verify ----------------------------------------------------------------

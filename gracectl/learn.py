@@ -29,6 +29,7 @@ from .command import (
     print_json,
     read_key_file,
     trusted_key,
+    wide_option,
 )
 from .errors import CtlError
 from .missions import missions
@@ -47,14 +48,18 @@ def _secs(x: float | None) -> str:
 
 def _similar_rows(similar: list[dict[str, Any]]) -> list[list[Any]]:
     return [[s["id"], s["match"], f"{s['detector']}:{s['subject']}", s["playbook"] or "-",
-             s["outcome"], _secs(s["ttr"]), (s["summary"] or "")[:48]] for s in similar]
+             s["outcome"], _secs(s["ttr"]), s["summary"] or ""] for s in similar]
 
 
-SIMILAR_HEADERS = ["ID", "MATCH", "SYMPTOM", "PLAYBOOK", "OUTCOME", "TTR", "SUMMARY"]
+# Fitted to the terminal (cut with …), whole when piped or --wide.
+SIMILAR_HEADERS: list[str | out.Column] = [out.Column("ID", right=True), out.Column("MATCH", 2, 8),
+                   out.Column("SYMPTOM", 3, 10, keep_end=True), out.Column("PLAYBOOK", 2, 8),
+                   out.Column("OUTCOME", 1, 8), "TTR", out.Column("SUMMARY", 4, 10)]
 
 
 @missions.command("similar")
 @click.argument("mission_id", metavar="ID", type=int)
+@wide_option
 @click.option("--limit", type=click.IntRange(1, 1000), default=10, show_default=True,
               help="At most this many past missions.")
 @json_option
@@ -68,10 +73,10 @@ def missions_similar(ctx: click.Context, mission_id: int, limit: int, as_json: b
         return
     m = result["mission"]
     stderr_note(f"mission {m['id']} ({m['detector']}:{m['subject']}): "
-                f"{len(result['similar'])} similar past missions "
+                f"{count(len(result['similar']), 'similar past mission')} "
                 f"(lookup {result['lookup_ms']:.1f} ms)")
     if result["similar"]:
-        out.echo(out.table(_similar_rows(result["similar"]), headers=SIMILAR_HEADERS))
+        out.write(out.table(_similar_rows(result["similar"]), headers=SIMILAR_HEADERS))
 
 
 def explain_lines(m: dict[str, Any], now: float) -> list[str]:
@@ -88,7 +93,8 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
         lines.append("memory    not consulted (no playbook decision was needed for it)")
     else:
         sim = d["similar"]
-        lines.append(f"memory    {sim['found']} similar past missions ({sim['same_key']} same "
+        lines.append(f"memory    {count(sim['found'], 'similar past mission')} "
+                     f"({sim['same_key']} same "
                      f"detector and subject, {sim['text']} by symptom text), {sim['resolved']} "
                      f"resolved; lookup {d['lookup_ms']:.1f} ms")
         for s in m.get("similar", [])[:3]:
@@ -111,9 +117,11 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
                              "-" if c["score"] is None else f"{c['score']:.2f}",
                              _secs(c["mttr_s"]),
                              f"{budget[0]}/{budget[1]}" if budget else "-", mark])
+            width = out.terminal_width()
             table = out.table(rows, headers=[
-                out.Column("PLAYBOOK", shrink=1, minimum=10), "RISK", "OK/RUNS", "IMPORTED",
-                "RATE", "MEAN", "SCORE", "MTTR", "BUDGET", "PICK"])
+                out.Column("PLAYBOOK", 2, 8), "RISK", "OK/RUNS", out.Column("IMPORTED", 1, 8),
+                "RATE", "MEAN", "SCORE", "MTTR", "BUDGET", "PICK"],
+                width=None if width is None else width - 2)
             lines.extend("  " + row for row in table.splitlines())
             for c in d["candidates"]:
                 if c.get("imported_from"):
@@ -213,6 +221,7 @@ def _exploration(d: dict[str, Any]) -> str | None:
 
 @missions.command("explain")
 @click.argument("mission_id", metavar="ID", type=int)
+@wide_option
 @json_option
 @click.pass_context
 def missions_explain(ctx: click.Context, mission_id: int, as_json: bool) -> None:
@@ -229,7 +238,7 @@ def missions_explain(ctx: click.Context, mission_id: int, as_json: bool) -> None
             "explored": (m.get("decision") or {}).get("explored"),
             "best_known": (m.get("decision") or {}).get("best_known")})
         return
-    out.echo("\n".join(explain_lines(m, result["now"])))
+    out.write(out.fold("\n".join(explain_lines(m, result["now"]))))
 
 
 @click.group(cls=HelpGroup)
@@ -238,6 +247,7 @@ def knowledge() -> None:
 
 
 @knowledge.command("ls")
+@wide_option
 @click.option("--limit", type=click.IntRange(1, 1000), default=1000, show_default=True,
               help="At most this many patterns, the most recently seen (fewer when "
                    "they hold many records: graced bounds a page).")
@@ -260,8 +270,10 @@ def knowledge_ls(ctx: click.Context, limit: int, offset: int, as_json: bool) -> 
     if not rows:
         stderr_note("no patterns learned yet")
         return
-    out.echo(out.table(rows, headers=["PATTERN", "BEST PLAYBOOK", "ITS RATE", "ALL RATE",
-                                       "LOCAL RUNS", "MTTR", "LAST SEEN", "HELD BACK"]))
+    out.write(out.table(rows, headers=[
+        out.Column("PATTERN", 3, 10, keep_end=True), out.Column("BEST PLAYBOOK", 2, 13),
+        "ITS RATE", "ALL RATE", out.Column("LOCAL RUNS", 1, 10), "MTTR", "LAST SEEN",
+        out.Column("HELD BACK", 1, 9, spill=True)]))
     if result.get("total", len(rows)) > len(rows):
         nxt = result.get("next_offset")
         stderr_note(f"patterns {offset + 1}-{offset + len(rows)} of {result['total']} shown "
@@ -280,6 +292,7 @@ def _held(held: dict[str, int]) -> str:
 
 @knowledge.command("show")
 @click.argument("pattern")
+@wide_option
 @click.option("--limit", type=click.IntRange(1, pk.MAX_PLAYBOOKS), default=pk.MAX_PLAYBOOKS,
               show_default=True, help="At most this many playbooks, best first.")
 @click.option("--offset", type=click.IntRange(0, pk.MAX_PLAYBOOKS), default=0,
@@ -295,10 +308,12 @@ def knowledge_show(ctx: click.Context, pattern: str, limit: int, offset: int,
         print_json(result)
         return
     p = result["pattern"]
-    out.echo(out.safe(f"pattern {p['pattern']}: best {p['best_playbook']}, "
-                      f"{count(p['count'], 'local run')}, success {_pct(p['success_rate'])}, "
-                      f"MTTR {_secs(p['mttr_s'])} (every local fix), last seen "
-                      f"{out.when(p['last_seen'])}"))
+    prose: list[str] = []  # folded to the terminal
+    out.write(out.fold(out.safe(
+        f"pattern {p['pattern']}: best {p['best_playbook']}, "
+        f"{count(p['count'], 'local run')}, success {_pct(p['success_rate'])}, "
+        f"MTTR {_secs(p['mttr_s'])} (every local fix), last seen "
+        f"{out.when(p['last_seen'])}")))
     rows = []
     for b in p["playbooks"]:
         imported = "; ".join(f"{i['successes']}/{i['successes'] + i['failures']} from "
@@ -308,30 +323,34 @@ def knowledge_show(ctx: click.Context, pattern: str, limit: int, offset: int,
         w = b.get("weight") or {}
         prior = (w.get("prior_successes", 0), w.get("prior_failures", 0))
         rows.append([b["playbook"], f"{b['successes']:g}/{b['runs']:g}", _pct(b["success_rate"]),
-                     imported, f"{prior[0]:g}/{prior[0] + prior[1]:g}" if sum(prior) else "-",
+                     f"{prior[0]:g}/{prior[0] + prior[1]:g}" if sum(prior) else "-",
                      f"{b['posterior_mean']:.2f}", _secs(b["mttr_s"]),
-                     "yes" if b["demoted"] else ""])
-    out.echo(out.table(rows, headers=["PLAYBOOK", "LOCAL OK/RUNS", "RATE", "IMPORTED OK/RUNS",
-                                       "PRIOR WEIGHT", "MEAN", "MTTR", "DEMOTED"]))
-    out.echo("MTTR: time from a playbook's start to the resolution; a row's is its own "
-             "weighted record (older runs weigh less, an import is a prior), the header's "
-             "the plain mean of every local fix")
+                     "yes" if b["demoted"] else "", imported])
+    # The imported figures (who, which key) go under their row when they do not fit.
+    out.write(out.table(rows, headers=[
+        out.Column("PLAYBOOK", 2, 8), "LOCAL OK/RUNS", "RATE", "PRIOR WEIGHT", "MEAN", "MTTR",
+        "DEMOTED", out.Column("IMPORTED OK/RUNS", 1, 16, spill=True)]))
+    prose.append("MTTR: time from a playbook's start to the resolution; a row's is its own "
+                 "weighted record (older runs weigh less, an import is a prior), the header's "
+                 "the plain mean of every local fix")
     for b in p["playbooks"]:
         if b.get("held_back"):
-            out.echo(out.safe(f"{b['playbook']} not demoted: {b['held_back']}"))
+            prose.append(out.safe(f"{b['playbook']} not demoted: {b['held_back']}"))
     if p.get("playbooks_total", len(rows)) > len(rows):
         stderr_note(f"playbooks {p['offset'] + 1}-{p['offset'] + len(rows)} of "
                     f"{p['playbooks_total']} shown (--limit, --offset)")
     if p.get("held_back"):
-        out.echo(f"learning held back on {sum(p['held_back'].values())} missions: "
-                   f"{_held(p['held_back'])}")
+        held_on = count(sum(p["held_back"].values()), "mission")
+        prose.append(out.safe(f"learning held back on {held_on}: {_held(p['held_back'])}"))
     if result["recent"]:
-        out.echo("recent missions:")
+        prose.append("recent missions:")
         for r in result["recent"][:10]:
-            held = f" (held back: {r['held_back']})" if r.get("held_back") else ""
+            held = (f" (held back: {HELD_REASONS.get(r['held_back'], r['held_back'])})"
+                    if r.get("held_back") else "")
             name = r["playbook"] or (f"{r['not_run']} (not run)" if r.get("not_run") else "-")
-            out.echo(out.safe(f"  #{r['id']} {out.when(r['closed_at'])} {name} "
-                              f"-> {r['outcome']}{held}"))
+            prose.append(out.safe(f"  #{r['id']} {out.when(r['closed_at'])} {name} "
+                                  f"-> {r['outcome']}{held}"))
+    out.write(out.fold("\n".join(prose)))
 
 
 @knowledge.command("export")
@@ -412,6 +431,7 @@ def _load_export(file: str, key_file: str | None,
 
 @knowledge.command("import")
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@wide_option
 @click.option("--key", "key_file", metavar="KEYFILE", type=click.Path(dir_okay=False),
               help="The exporting daemon's public key (its key.pub); default: the key "
                    "pinned for that daemon id.")
@@ -467,8 +487,9 @@ def knowledge_import(ctx: click.Context, file: str, key_file: str | None, replac
              "-" if c["prior"] is None else f"{c['prior'][0]:g}/{c['prior'][0] + c['prior'][1]:g}"]
             for c in result["changes"]]
     if rows:
-        out.echo(out.table(rows, headers=["PATTERN", "PLAYBOOK", "CHANGE", "BEFORE OK/RUNS",
-                                          "FILE OK/RUNS", "PRIOR WEIGHT OK/RUNS"]))
+        out.write(out.table(rows, headers=[
+            out.Column("PATTERN", 3, 10, keep_end=True), out.Column("PLAYBOOK", 2, 8),
+            "CHANGE", "BEFORE OK/RUNS", "FILE OK/RUNS", "PRIOR WEIGHT OK/RUNS"]))
     counts = result["counts"]
     if result["changes_total"] > len(result["changes"]):
         stderr_note(f"{len(result['changes'])} of {result['changes_total']} changes listed")
@@ -536,6 +557,7 @@ def knowledge_sources(ctx: click.Context, as_json: bool) -> None:
 
 
 @knowledge.command("stats")
+@wide_option
 @json_option
 @click.pass_context
 def knowledge_stats(ctx: click.Context, as_json: bool) -> None:
@@ -544,10 +566,11 @@ def knowledge_stats(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         print_json(st)
         return
-    out.echo(f"strategy {st['strategy']}; {st['outcomes']} outcomes stored, "
-               f"{st['playbook_runs']} playbook runs, {st['patterns']} patterns; success "
-               f"{_pct(st['success_rate'])} overall, {_pct(st['success_rate_7d'])} last 7 days; "
-               f"memory consulted for {_pct(st['consulted_share'])} of missions")
+    out.write(out.fold(out.safe(
+        f"strategy {st['strategy']}; {count(st['outcomes'], 'outcome')} stored, "
+        f"{count(st['playbook_runs'], 'playbook run')}, {count(st['patterns'], 'pattern')}; "
+        f"success {_pct(st['success_rate'])} overall, {_pct(st['success_rate_7d'])} last 7 "
+        f"days; memory consulted for {_pct(st['consulted_share'])} of missions")))
     if st["success_rate_per_week"]:
         out.echo(out.table([[w["week"], w["runs"], w["successes"], _pct(w["rate"])]
                              for w in st["success_rate_per_week"]],

@@ -87,6 +87,7 @@ MISSION_COLUMNS = [
 @missions.command("show")
 @click.argument("mission_id", metavar="ID", type=int)
 @utc_option
+@wide_option
 @json_option
 @click.pass_context
 def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
@@ -95,7 +96,8 @@ def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
     if as_json:
         print_json(result["mission"])
         return
-    out.echo(mission_text(result))
+    # Each field escaped, then long lines folded to the terminal (whole when piped).
+    out.write(out.fold(out.safe_text(mission_text(result))))
 
 
 def mission_text(result: dict[str, Any]) -> str:

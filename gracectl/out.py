@@ -28,8 +28,8 @@ from typing import IO, Any
 
 from graced.protocol.text import safe
 
-__all__ = ["SETTINGS", "Cell", "echo", "fit", "kv", "reason", "safe", "safe_lines", "table",
-           "terminal_width", "use_colour", "value", "when"]
+__all__ = ["SETTINGS", "Cell", "Column", "echo", "fit", "fold", "kv", "reason", "safe",
+           "safe_lines", "table", "terminal_width", "use_colour", "value", "when"]
 
 ELLIPSIS = "…"
 TAIL_OUTPUTS = ("short", "json", "jsonl", "cat")
@@ -174,7 +174,7 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str | Column],
             continue
         extra = row[spilled]
         lines.append(line([c for i, c in enumerate(row) if i != spilled]))
-        if extra.text:
+        if extra.text and extra.text != "-":  # nothing to say: no line for it
             assert width is not None
             text = fit(extra.text, width - len(SPILL_INDENT))
             lines.append(SPILL_INDENT + (paint(text, extra.colour, stream)
@@ -196,6 +196,35 @@ def _shrink(cols: list[Column], widths: list[int], limit: int) -> None:
             return
         i = max(able, key=lambda j: (widths[j] - floor[j]) * cols[j].shrink)
         widths[i] -= 1
+
+
+_LABEL = re.compile(r"^(\s*)(\S+(?: \S+)?\s{2,})?")
+
+
+def fold(text: str, width: int | None = -1, stream: IO[str] | None = None) -> str:
+    """Prose lines for a human's terminal (escaped already): each one longer than the
+    terminal is wrapped at spaces, its continuation indented under its text (after a
+    label such as ``outcome   `` or its leading spaces), a word longer than a line cut
+    into pieces; nothing changes when piped or with --wide."""
+    if width == -1:
+        width = terminal_width(stream)
+    if width is None:
+        return text
+    import textwrap
+
+    out: list[str] = []
+    for line in text.split("\n"):
+        if len(line) <= width:
+            out.append(line)
+            continue
+        m = _LABEL.match(line)
+        indent = len(m.group(0)) if m else 0
+        if indent > width // 2:
+            indent = len(m.group(1)) + 2 if m else 2
+        out.extend(textwrap.wrap(line, width, subsequent_indent=" " * min(indent, width // 2),
+                                 break_long_words=True, break_on_hyphens=False,
+                                 drop_whitespace=True) or [""])
+    return "\n".join(out)
 
 
 # -- values -------------------------------------------------------------------------
@@ -273,6 +302,11 @@ def _keep_lines(text: str) -> str:
     return "\n".join(safe(line) for line in text.split("\n"))
 
 
+def safe_text(text: str) -> str:
+    """Text made safe line by line (its line breaks kept), as :func:`echo` prints it."""
+    return _keep_lines(text)
+
+
 def echo(text: Any = "", err: bool = False, nl: bool = True) -> None:
     """Print human text: line breaks kept, every other control escaped."""
     stream = sys.stderr if err else sys.stdout
@@ -288,8 +322,10 @@ def write(text: str, err: bool = False) -> None:
 
 
 def stderr_note(message: str) -> None:
-    """One line on stderr for a human (what the daemon sent in it shown escaped)."""
-    print(f"gracectl: {safe(message)}", file=sys.stderr, flush=True)
+    """One line on stderr for a human (what the daemon sent in it shown escaped), folded
+    to the width of a terminal (one line when stderr is not a terminal)."""
+    print(fold(f"gracectl: {safe(message)}", stream=sys.stderr), file=sys.stderr,
+          flush=True)
 
 
 def progress(label: str) -> Any:

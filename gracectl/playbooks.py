@@ -10,7 +10,15 @@ import sys
 import click
 
 from . import out
-from .command import HelpGroup, call, endpoint_of, json_option, perform, print_json
+from .command import (
+    HelpGroup,
+    call,
+    endpoint_of,
+    json_option,
+    perform,
+    print_json,
+    wide_option,
+)
 from .errors import CtlError
 from .missions import check_plan_option, print_plan_lines
 from .out import safe, stderr_note
@@ -23,6 +31,7 @@ def playbooks() -> None:
 
 
 @playbooks.command("ls")
+@wide_option
 @json_option
 @click.pass_context
 def playbooks_ls(ctx: click.Context, as_json: bool) -> None:
@@ -56,8 +65,10 @@ def playbooks_ls(ctx: click.Context, as_json: bool) -> None:
                       ",".join(pb["steps"]),
                       f"{pb['budget_left']}/{pb['budget']} per {pb['budget_window']:g}s",
                       success, lr["runs"], last])
-    out.write(out.table(table, ["PLAYBOOK", "MATCH", "RISK", "STEPS", "BUDGET LEFT",
-                                        "SUCCESS", "RUNS", "LAST RUN"]))
+    out.write(out.table(table, [
+        out.Column("PLAYBOOK", 2, 8), out.Column("MATCH", 3, 5), out.Column("RISK", 1, 4),
+        out.Column("STEPS", 2, 5), out.Column("BUDGET LEFT", 1, 11), out.Column("SUCCESS", 1, 7),
+        "RUNS", "LAST RUN"]))
     mode = result["mode"] + (", paused" if result["paused"] else "")
     stderr_note(f"remediation: {mode}; {result['global_left']} automatic actions left this "
                 "hour")

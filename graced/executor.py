@@ -722,7 +722,7 @@ class Executor:
             m.plan = build_plan(pb, values)
             # Committed before the first step starts (crash safety).
             await self.record(self.engine.transition(
-                m, "executing", now, f"running playbook {pb.name} ({len(pb.step)} steps, "
+                m, "executing", now, f"running playbook {pb.name} ({count(len(pb.step), 'step')}, "
                 f"plan sha256 {m.plan['sha256'][:16]})"))
             for index, st in enumerate(pb.step, 1):
                 desc = describe(st, values)

@@ -4,6 +4,7 @@ gracectl: each test failed on the code the review used, and holds now."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from tests.conftest import Graced, bin_path
 from tests.helpers.procs import poll_until
+from tests.helpers.pty_run import run_on_tty
 from tests.test_config_keys import graced_cmd
 from tests.test_learning_e2e import FAULT, NORMAL, fix, value_detector
 from tests.test_learning_hostile_e2e import SETTINGS
@@ -256,3 +258,68 @@ def test_graced_refuses_a_new_key_over_a_journal_its_old_key_signed(make_graced)
     assert len(replaced) == 1, created
     assert replaced[0]["payload"]["replaces"] == old["kid"] != replaced[0]["kid"]
     assert "--new-key" in replaced[0]["payload"]["reason"]
+
+
+# -- P2 --------------------------------------------------------------------------------
+
+LONG_SUBJECT = "/var/lib/app/cache/worker-queue-with-a-rather-long-name"
+
+
+@pytest.mark.slow
+def test_the_learning_commands_fit_an_80_column_terminal(make_graced, shortdir: Path) -> None:
+    """P2: on an 80-column pty the learning commands printed lines of 97 to 197
+    characters (missions similar cut SUMMARY at a fixed width with no …). Each fits now
+    (tables cut with …, prose folded under its label); piped and --wide, nothing is
+    cut."""
+    queue, other = shortdir / "queue", shortdir / "other"
+    for f in (queue, other):
+        f.write_text(NORMAL)
+    g = make_graced(detectors=(
+        '[[detector]]\nname = "worker-queue-depth-detector"\nkind = "value"\n'
+        f'file = "{queue}"\nsubject = "{LONG_SUBJECT}"\ninterval = 0.2\nthreshold = 50.0\n')
+        + one_playbook("drain-the-worker-queue-and-restart-the-consumers",
+                       "worker-queue-depth-detector", fix(queue))
+        + one_playbook("flush-the-worker-queue-cache-to-disk-and-retry",
+                       "worker-queue-depth-detector", ["/bin/false"])
+        + "\n[missions]\nresolve_after = 2\nflap_window = 0\n"
+        '[learning]\nstrategy = "first"\n')
+    w = Watch(g)
+    try:
+        for n in (1, 2):
+            queue.write_text(FAULT)
+            w.wait("mission.resolved", "worker-queue-depth-detector", 20, count=n)
+    finally:
+        w.close()
+    pattern = f"worker-queue-depth-detector:{LONG_SUBJECT}"
+    ctl = bin_path("gracectl")
+    commands = [["knowledge", "ls"], ["knowledge", "show", pattern], ["knowledge", "stats"],
+                ["missions", "show", "2"], ["missions", "explain", "2"],
+                ["missions", "similar", "2"], ["playbooks", "ls"], ["status"]]
+    for cmd in commands:
+        rc, text = run_on_tty([ctl, *cmd], g.env, columns=80)
+        assert rc == 0, (cmd, text)
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
+        widest = max(plain.splitlines(), key=len)
+        assert len(widest) <= 80, (cmd, widest)
+        piped = g.ctl(*cmd, check=True).stdout
+        assert "…" not in piped, (cmd, piped)
+        if cmd[-1] not in ("status", "stats"):
+            assert "drain-the-worker-queue-and-restart-the-consumers" in piped, (cmd, piped)
+            rc, wide = run_on_tty([ctl, *cmd, "--wide"], g.env, columns=80)
+            assert rc == 0 and "drain-the-worker-queue-and-restart-the-consumers" in wide, \
+                (cmd, wide)
+    rc, text = run_on_tty([ctl, "missions", "similar", "2"], g.env, columns=80)
+    assert "…" in text, text  # the summary is cut with …, not at a fixed width
+    # The import table of a dry run too.
+    export = shortdir / "export.json"
+    g.ctl("knowledge", "export", str(export), check=True)
+    (shortdir / "h").mkdir()
+    h = Graced(shortdir / "h", detectors=slow_detector("other", other, 0.2))
+    h.start()
+    try:
+        rc, text = run_on_tty([ctl, "knowledge", "import", "--key", str(g.state / "key.pub"),
+                               "--dry-run", str(export)], h.env, columns=80)
+    finally:
+        h.close()
+    assert rc == 0, text
+    assert "PATTERN" in text and max(len(line) for line in text.splitlines()) <= 80, text

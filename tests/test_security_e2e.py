@@ -458,6 +458,7 @@ def test_planted_symlinks_and_foreign_state_dirs_are_refused(make_graced, shortd
     assert f"cannot open {g.state / 'lock'}: Too many levels of symbolic links" in failed
     assert lock_victim.read_text() == "precious\n"
     (g.state / "lock").unlink()
+    g.run_args = ["--new-key"]  # the key is gone, its journal is not (graced(8))
     g.start()
     assert all(v.read_text() == "precious\n" for v in victims.values())
     assert not any((g.state / name).exists() for name in victims)
