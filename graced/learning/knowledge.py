@@ -52,6 +52,7 @@ from ..protocol.knowledge import (
     not_after,
     seconds,
 )
+from ..protocol.text import local_time
 from .ranking import Fail, Record, demotion, ordered
 
 LOCAL = "local"
@@ -585,7 +586,8 @@ class Knowledge:
         replaces every record held from that source (records no longer exported are
         removed). Raises ValueError when the result would break a cap. Changes nothing."""
         if exported_at > now + MAX_SKEW:
-            raise ValueError(f"exported_at: {exported_at:.0f} is {exported_at - now:.0f} s "
+            raise ValueError(f"exported_at: {local_time(exported_at)} is "
+                             f"{exported_at - now:.0f} s "
                              f"in the future (at most {MAX_SKEW:g} s of clock skew): refused")
         held = self.by_source.get(source, set())
         put: dict[tuple[str, str], Entry] = {}
