@@ -22,7 +22,7 @@ __all__ = ["TIME_KEYS", "VERBATIM", "epoch", "is_instant", "is_time_key", "iso",
 
 TIME_KEYS = frozenset({
     "ts", "at", "now", "until", "first_seen", "last_seen", "last_run", "verify_started",
-    "failing_since", "last_heartbeat",
+    "failing_since", "last_heartbeat", "verify_until", "normal_since",
 })
 """Time fields whose name does not end in ``_at``."""
 
