@@ -214,7 +214,9 @@ def test_a_cpu_average_over_a_window_has_no_value_until_it_has_watched_that_long
     obs = Cpu(cfg).sample()[0]
     assert obs.value is None and obs.detail["window_s"] == 600.0
     assert 0 <= obs.detail["so_far"] <= 100 and obs.detail["watched_s"] < 600
-    assert not Scorer(cfg).judge(obs, 0.0).anomalous
+    verdict = Scorer(cfg).judge(obs, 0.0)
+    assert not verdict.anomalous
+    assert verdict.summary.startswith("cpu: no value yet: ") and "over 600 s" in verdict.summary
     # Once it has watched its window (here 0.3 s, sampled as it passes), it has a value.
     short = Cpu(DetectorConfig(name="cpu", kind="cpu", window=0.3, threshold=0.0))
     values = [short.sample()[0].value]

@@ -48,9 +48,12 @@ class Cpu(SimpleDetector):
             self._recent.popleft()
         avg = round(sum(p for _, p in self._recent) / len(self._recent), 2)
         detail = {"now": pct, "window_s": self.config.window}
-        if now - self._since < self.config.window:
+        watched = now - self._since
+        if watched < self.config.window:
             return [Observation(self.subject, None, "%", detail={
-                **detail, "so_far": avg, "watched_s": round(now - self._since, 1)})]
+                **detail, "so_far": avg, "watched_s": round(watched, 1),
+                "pending": f"{avg:g} % so far, averaged over {self.config.window:g} s once "
+                           f"watched that long ({watched:.0f} s)"})]
         return [Observation(self.subject, avg, "%", detail=detail)]
 
 

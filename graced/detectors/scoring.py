@@ -93,8 +93,10 @@ class Scorer:
             return Verdict(True, 1.0, f"{name}: {obs.event}")
         if obs.alarm:
             return Verdict(True, 1.0, f"{name}: {obs.alarm}")
-        if obs.value is None:
-            return Verdict(False, 0.0, f"{name}: no value")
+        if obs.value is None:  # a detector may say why not yet (a window still filling)
+            pending = obs.detail.get("pending") if obs.detail else None
+            return Verdict(False, 0.0, f"{name}: no value" + (
+                f" yet: {str(pending)[:200]}" if pending else ""))
         value = obs.value
         score, anomalous, why = self.score_value(obs.subject, value, ts)
         limit = cfg.effective_threshold
