@@ -40,7 +40,7 @@ from .errors import (
     ProtocolViolation,
     Unreachable,
 )
-from .wsclient import answer, check_signed, parse_frame
+from .wsclient import answer, check_signed, parse_frame, socket_hint
 
 EVENT_QUEUE = 1000
 """Events received but not yet consumed, at most."""
@@ -235,7 +235,7 @@ class Connection:
         if self.violation is not None:
             raise self.violation
         if self._reader_done:
-            raise Unreachable("the daemon closed the connection")
+            raise closed_error(self.closed, "the daemon closed the connection")
         req_id = self._next_id
         self._next_id += 1
         nonce = secrets.token_hex(16)
@@ -253,8 +253,11 @@ class Connection:
                                "sig": self.client_key.sign_bytes(data)}
             try:
                 await self.ws.send_message(json.dumps(out))
-            except ConnectionClosed:
-                raise Unreachable("the daemon closed the connection") from None
+            except ConnectionClosed as exc:
+                reason = exc.reason
+                raise closed_error(self.closed or Closed(
+                    reason.code if reason else None, reason.reason if reason else None),
+                    "the daemon closed the connection") from None
             try:
                 frame = await recv.receive()
             except trio.EndOfChannel:
@@ -379,4 +382,8 @@ async def _open(nursery: trio.Nursery, endpoint: Endpoint, timeout: float) -> We
             detail = str(exc.__cause__)  # trio's SSLStream wraps the ssl error
         if isinstance(exc, trio_websocket.ConnectionRejected):
             detail = f"refused: {exc.body.decode('utf-8', 'replace') if exc.body else ''}"
+        if isinstance(exc, PermissionError) and not endpoint.url:
+            raise NotAuthorised(f"cannot reach graced at {where}: {detail} ({socket_hint(where)})"
+                                ) from None
         raise Unreachable(f"cannot reach graced at {where}: {detail}") from None
+

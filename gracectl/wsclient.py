@@ -16,10 +16,13 @@ newer than the one before. Every wait has a deadline.
 from __future__ import annotations
 
 import base64
+import grp
 import hashlib
 import json
+import os
 import secrets
 import socket
+import stat
 import struct
 import time
 from typing import Any
@@ -161,6 +164,9 @@ class SyncConnection:
         except (OSError, ValueError) as exc:
             sock.close()
             detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            if isinstance(exc, PermissionError):
+                raise NotAuthorised(f"cannot reach graced at {self.path}: {detail} "
+                                    f"({socket_hint(self.path)})") from None
             raise Unreachable(f"cannot reach graced at {self.path}: {detail}") from None
         return self
 
@@ -388,3 +394,13 @@ def check_hello(hello: Any) -> tuple[bytes, str]:
         raise ProtocolViolation("a hello whose kid is not its public key's")
     return key, daemon_id
 
+
+def socket_hint(path: str | None) -> str:
+    """What to do about a socket this user may not open: be in its group."""
+    try:
+        st = os.stat(path or "")
+        group = grp.getgrgid(st.st_gid).gr_name
+    except (OSError, KeyError):
+        return "ask graced's operator for access: [daemon] socket_group, graced.toml(5)"
+    return (f"the socket is mode {stat.S_IMODE(st.st_mode):04o}, group {group}: ask to be "
+            f"added to group {group}, see [daemon] socket_group in graced.toml(5)")

@@ -43,7 +43,7 @@ from .readers import SharedReader
 from .reload import ConfigRejected, Reloader
 from .retention import Retention
 from .silences import parse_target
-from .wire import Client, Handler, Server
+from .wire import Client, Handler, Server, user_name
 
 log = logging.getLogger("graced.api")
 def _when(t: float | str) -> str:
@@ -647,8 +647,8 @@ class Api:
                 raise RequestError("not_authorised", f"{verb} over TCP must be signed")
             if not self.executor.may_approve(peer.uid, peer.groups):
                 await self._refuse(client, req, mid, verb, (
-                    f"uid {peer.uid} may not {verb} missions (allowed: root, uid "
-                    f"{os.geteuid()}, [remediation] approvers and approver_groups)"))
+                    f"{user_name(peer.uid)} may not {verb} missions (allowed: "
+                    f"{controllers()}, [remediation] approvers and approver_groups)"))
             try:
                 user = pwd.getpwuid(peer.uid).pw_name if peer.uid is not None else "?"
             except KeyError:
@@ -994,9 +994,8 @@ class Api:
         if req.role == CONTROL and req.kid is not None:
             return f"key {req.kid}"
         if not client.can_control():
-            raise RequestError("not_authorised", f"{what} needs control rights (root or uid "
-                               f"{os.geteuid()} over the Unix socket, or a request signed by "
-                               "a control key)")
+            raise RequestError("not_authorised", f"{what} needs control rights ({controllers()} "
+                               "over the Unix socket, or a request signed by a control key)")
         return self._who(client, req)
 
     @staticmethod

@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import fcntl
 import gc
+import grp
 import json
 import logging
 import math
@@ -213,6 +214,8 @@ class Daemon:
             journal_path=journal.path,
             socket_path=cfg.socket_path,
             socket_mode=int(cfg.daemon.socket_mode, 8),
+            socket_gid=(grp.getgrnam(cfg.daemon.socket_group).gr_gid
+                        if cfg.daemon.socket_group else None),
             listen=list(cfg.daemon.listen),
             allowed_origins=list(cfg.daemon.allowed_origins),
             tls=tls_context(cfg.daemon.tls_cert, cfg.daemon.tls_key),
@@ -257,6 +260,7 @@ class Daemon:
         reloader.listeners.append(
             lambda new: retention.configure(new.journal.max_size, new.journal.max_age))
         server.handlers = api.handlers()
+        server.may_approve = executor.may_approve  # approvers may take reserved slots
         server.roles = dict(ROLES)
         try:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,

@@ -38,7 +38,7 @@ log = logging.getLogger("graced.reload")
 
 # Keys that only a restart applies: [section] -> keys.
 RESTART_ONLY = {
-    "daemon": ("state_dir", "socket", "socket_mode", "listen", "allowed_origins",
+    "daemon": ("state_dir", "socket", "socket_mode", "socket_group", "listen", "allowed_origins",
                "max_request_bytes", "client_queue", "send_timeout",
                "tls_cert", "tls_key"),
     "journal": ("synchronous", "batch_max"),

@@ -94,6 +94,17 @@ def certificate_names(cert: str) -> set[str]:
 SO_PEERGROUPS = getattr(pysocket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 
 
+def user_name(uid: int | None) -> str:
+    """A Unix user as refusals and logs name it: ``name (uid N)``, or ``uid N`` when the
+    host has no such user."""
+    if uid is None:
+        return "an unknown user"
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 @dataclass
 class Peer:
     """Who is on the other end: transport and, over the Unix socket, uid/gid/groups.
@@ -158,8 +169,9 @@ Handler = Callable[["Client", Request], Awaitable[Any]]
 class Budget:
     """How many connections graced serves, so no one can take every slot.
 
-    ``max_clients`` Unix clients, plus ``reserved`` more that only root and graced's own
-    user may take; ``max_tcp`` TCP clients, at most ``per_address`` from one address;
+    ``max_clients`` Unix clients, at most ``per_user`` of one user (root and graced's own
+    aside), plus ``reserved`` more that only root, graced's own user and approvers may
+    take; ``max_tcp`` TCP clients, at most ``per_address`` from one address;
     at most ``handshakes`` connections (Unix and TCP) still in their TLS/WebSocket
     handshake, each for at most ``handshake_timeout`` s; a TCP client that is not
     subscribed and sends nothing for ``idle_timeout`` s is closed. Over budget, a
@@ -167,6 +179,7 @@ class Budget:
     """
 
     max_clients: int = 256
+    per_user: int = 32
     reserved: int = 8
     max_tcp: int = 64
     per_address: int = 8
@@ -179,7 +192,8 @@ class Budget:
 
     @classmethod
     def from_config(cls, d: Any) -> Budget:
-        return cls(max_clients=d.max_clients, reserved=d.reserved_clients,
+        return cls(max_clients=d.max_clients, per_user=d.max_clients_per_user,
+                   reserved=d.reserved_clients,
                    max_tcp=d.max_tcp_clients, per_address=d.max_clients_per_address,
                    handshakes=d.max_handshakes, handshake_timeout=d.handshake_timeout,
                    idle_timeout=d.idle_timeout, unproven=d.max_unauthenticated,
@@ -310,8 +324,10 @@ class Server:
         handlers: dict[str, Handler],
         authenticator: Authenticator,
         clock: Callable[[], float],
+        socket_gid: int | None = None,
     ) -> None:
         self.mesh = mesh
+        self.socket_gid = socket_gid
         self.signer = signer
         self.journal_path = journal_path
         self.socket_path = socket_path
@@ -330,6 +346,11 @@ class Server:
         self.unproven: dict[str, list[Unproven]] = {}
         self.unproven_count = 0
         self.unproven_closed = 0  # evicted, out of time or out of requests
+        self.per_uid: dict[int | None, int] = {}
+        self.refusing: dict[str, int] = {}  # per address: over-budget peers being told why
+        # Whether a Unix peer (uid, groups) is an approver: the reserved slots are theirs
+        # too (set by the composition root; the wire knows no executor).
+        self.may_approve: Callable[[int | None, frozenset[int]], bool] | None = None
         self.client_queue = client_queue
         self.send_timeout = send_timeout
         self.handlers = handlers
@@ -394,6 +415,14 @@ class Server:
             os.umask(old)
         # The umask gave the socket its mode as bind made it: no chmod by path, which
         # would follow a symlink put there since.
+        if self.socket_gid is not None:
+            try:  # the link itself if one was put there since, never what it points to
+                os.chown(path, -1, self.socket_gid, follow_symlinks=False)
+            except OSError as exc:
+                sock.close()
+                raise StartupError(f"cannot give {path} to [daemon] socket_group (gid "
+                                   f"{self.socket_gid}): {exc.strerror}",
+                                   DaemonExit.SOCKET) from None
         # A deep backlog: a burst of clients connecting at once must queue, not stall
         # (a Unix-socket connect() to a full backlog fails with EAGAIN).
         sock.listen(LISTEN_BACKLOG)
@@ -473,23 +502,39 @@ class Server:
     async def _handle_unix(self, stream: trio.SocketStream) -> None:
         peer = unix_peer(stream.socket)
         b = self.budget
-        limit = b.max_clients + (b.reserved if peer.uid in (0, os.geteuid()) else 0)
+        owner = peer.uid in (0, os.geteuid())
+        kept = owner or (self.may_approve is not None
+                         and self.may_approve(peer.uid, peer.groups))
+        limit = b.max_clients + (b.reserved if kept else 0)
+        mine = self.per_uid.get(peer.uid, 0)
+        refuse = ""
         if self.unix_clients >= limit:
+            refuse = (f"too many clients (limit {b.max_clients}, {b.reserved} more for root, "
+                      "graced's user and approvers)")
+        elif not owner and mine >= b.per_user:
+            refuse = (f"too many clients of user {user_name(peer.uid)} (limit {b.per_user} "
+                      "a user: [daemon] max_clients_per_user)")
+        if refuse:
             if self.handshaking >= b.handshakes:
                 self._over_budget(stream, f"{peer.describe()}: {self.handshaking} "
                                   f"connections in handshake (limit {b.handshakes})")
                 return
             # A local user is told why (close code 1013), after a bounded handshake.
             self.refused_total += 1
-            await self._handle(stream, peer, gated=True, refuse=(
-                f"too many clients (limit {b.max_clients}, {b.reserved} more for root and "
-                "graced's user)"))
+            self.refusals.refuse(peer.describe(), "connect", refuse)
+            await self._handle(stream, peer, gated=True, refuse=refuse)
             return
         self.unix_clients += 1
+        self.per_uid[peer.uid] = mine + 1
         try:
             await self._handle(stream, peer)
         finally:
             self.unix_clients -= 1
+            left = self.per_uid[peer.uid] - 1
+            if left:
+                self.per_uid[peer.uid] = left
+            else:
+                del self.per_uid[peer.uid]
 
     def _over_budget(self, stream: trio.SocketStream, why: str) -> None:
         """Close a connection the budget has no room for, at once and without a word."""
@@ -507,10 +552,23 @@ class Server:
         from_here = self.per_address.get(host, 0)
         if self.tcp_clients >= b.max_tcp or from_here >= b.per_address \
                 or self.handshaking >= b.handshakes:
-            self._over_budget(stream, f"tcp {addr}: {self.tcp_clients} TCP clients "
-                              f"(limit {b.max_tcp}), {from_here} from {host} (limit "
-                              f"{b.per_address}), {self.handshaking} in handshake (limit "
-                              f"{b.handshakes})")
+            why = (f"tcp {addr}: {self.tcp_clients} TCP clients (limit {b.max_tcp}), "
+                   f"{from_here} from {host} (limit {b.per_address}), {self.handshaking} "
+                   f"in handshake (limit {b.handshakes})")
+            if self.handshaking >= b.handshakes or self.refusing.get(host, 0):
+                self._over_budget(stream, why)
+                return
+            # One at a time per address, within the handshake cap: told why (HTTP 503)
+            # rather than met with a bare EOF.
+            self.refused_total += 1
+            self.refusals.refuse(why.partition(":")[0], "connect", why)
+            self.refusing[host] = 1
+            try:
+                await self._handle_tcp_counted(stream, Peer("tcp", address=addr), None, refuse=(
+                    f"too many clients: {from_here} from {host} (limit {b.per_address}), "
+                    f"{self.tcp_clients} over TCP (limit {b.max_tcp})"))
+            finally:
+                del self.refusing[host]
             return
         self._make_room_for_unproven(host)
         entry = Unproven(host, trio.current_time(), trio.CancelScope(
@@ -563,9 +621,10 @@ class Server:
         self.unproven_count -= 1
 
     async def _handle_tcp_counted(self, stream: trio.SocketStream, peer: Peer,
-                                  entry: Unproven) -> None:
+                                  entry: Unproven | None, refuse: str = "") -> None:
         if self.tls is None:
-            await self._handle(stream, peer, gated=True, unproven=entry)
+            await self._handle(stream, peer, gated=True, unproven=entry, refuse=refuse,
+                               reject=bool(refuse))
             return
         addr = peer.address
         tls = trio.SSLStream(stream, self.tls, server_side=True)
@@ -582,7 +641,8 @@ class Server:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             return
-        await self._handle(tls, peer, gated=True, unproven=entry)
+        await self._handle(tls, peer, gated=True, unproven=entry, refuse=refuse,
+                           reject=bool(refuse))
 
     def _check_http(self, request: WebSocketRequest, peer: Peer) -> str | None:
         """Origin and Host checks for TCP (trio-websocket does none)."""
@@ -603,10 +663,12 @@ class Server:
         return None
 
     async def _handle(self, stream: trio.abc.Stream, peer: Peer, refuse: str = "",
-                      gated: bool = False, unproven: Unproven | None = None) -> None:
+                      gated: bool = False, unproven: Unproven | None = None,
+                      reject: bool = False) -> None:
         """Serve one connection. ``gated``: its handshake counts against the cap on
         connections in handshake (TCP, and Unix peers being refused); ``refuse``: close
-        it with 1013 and this reason once the handshake is done."""
+        it with 1013 and this reason once the handshake is done (``reject``: answer the
+        WebSocket handshake with HTTP 503 and the reason instead)."""
         self.connections_total += 1
         try:
             async with trio.open_nursery() as nursery:
@@ -625,6 +687,11 @@ class Server:
                 finally:
                     self.handshaking -= gated
                 problem = self._check_http(request, peer)
+                if refuse and reject:
+                    with trio.move_on_after(2):
+                        await request.reject(503, body=refuse.encode())
+                    nursery.cancel_scope.cancel()
+                    return
                 if problem:
                     # Counted and logged like any refusal (rate-limited, cut short); the
                     # answer echoes nothing the peer sent.

@@ -73,7 +73,7 @@ async def test_a_flood_of_clients_is_capped_and_leaves_no_descriptor_behind(make
     assert results["failed"] == 0, results
     assert results["served"] == LIMIT and results["refused"] == CLIENTS - LIMIT, results
     assert reasons == {f"1013 too many clients (limit {LIMIT - RESERVED}, {RESERVED} more "
-                       "for root and graced's user)"}
+                       "for root, graced's user and approvers)"}
     # The daemon closes its side as each close handshake ends; a descriptor count has no
     # event to wait on, so it is read until it is back (or a deadline passes).
     deadline = time.monotonic() + 20

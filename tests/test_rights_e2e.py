@@ -7,6 +7,7 @@ approves under that name."""
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
@@ -20,6 +21,7 @@ from tests.conftest import Graced
 from tests.helpers.users import ensure_user
 from tests.test_documented_e2e import (  # noqa: F401
     APPROVER,
+    GROUP,
     approver,
     awaiting_group_approval,
     marker,
@@ -161,3 +163,88 @@ def test_a_user_named_in_approvers_approves_without_any_group(make_graced,
     assert (approval["decision"], approval["user"], approval["uid"], approval["comment"]) == (
         "approved", user, pwd.getpwnam(user).pw_uid, "by name")
     w.close()
+
+
+def as_user_popen(g: Graced, user: str, *args: str) -> subprocess.Popen[str]:
+    """A long-running gracectl as ``user`` (with its groups), home made by as_user."""
+    home = g.base / f"home-{user}"
+    env = dict(g.env, HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"))
+    return subprocess.Popen(["setpriv", "--reuid", user, "--regid", "nogroup",
+                             "--init-groups", g.ctl_argv0(), *args], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def unix_clients(g: Graced) -> int:
+    return int(json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["unix_clients"])
+
+
+@pytest.mark.slow
+def test_one_reader_cannot_lock_out_an_approver_and_every_refusal_says_why(
+        make_graced, approver: str) -> None:  # noqa: F811
+    """A reader holding connections meets its per-user cap, told why on the tail path
+    too (exit 3, one line with the reason); an approver still gets in on the reserved
+    slots once the shared ones are full; graced's log names each refusal."""
+    from tests.helpers.procs import poll_until
+
+    outsider = ensure_user(OUTSIDER)
+    g = make_graced(extra_config="max_clients = 3\nreserved_clients = 2\n"
+                    f'max_clients_per_user = 2\n[remediation]\napprover_groups = ["{GROUP}"]\n')
+    os.chmod(g.socket, 0o666)
+    os.chmod(g.base, 0o755)
+    os.chmod(g.home, 0o777)
+    share_key(g)
+    held: list[subprocess.Popen[str]] = []
+    try:
+        assert as_user(g, outsider, "status", groups=True).returncode == 0
+        for n in (1, 2):
+            held.append(as_user_popen(g, outsider, "tail", "-n", "0", "nothing.*"))
+            poll_until(lambda n=n: unix_clients(g) == n, 20, f"{n} reader(s) connected")
+        # Its third: refused by the per-user cap, and tail says why.
+        res = as_user(g, outsider, "tail", "--no-follow", "-n", "1", groups=True)
+        assert res.returncode == ExitCode.UNREACHABLE and res.stdout == "", res
+        assert res.stderr.count("\n") == 1 and (
+            f"too many clients of user {outsider} (uid {pwd.getpwnam(outsider).pw_uid}) "
+            "(limit 2 a user: [daemon] max_clients_per_user)") in res.stderr, res.stderr
+        # The approver takes the last shared slot, then a reserved one.
+        as_user(g, approver, "status", groups=True)  # its home and pinned key
+        held.append(as_user_popen(g, approver, "tail", "-n", "0", "nothing.*"))
+        poll_until(lambda: unix_clients(g) == 3, 20, "the approver's reader connected")
+        res = as_user(g, approver, "status", groups=True)
+        assert res.returncode == 0, res.stderr
+        res = as_user(g, outsider, "status", groups=True)  # full for it, and told so
+        assert res.returncode == ExitCode.UNREACHABLE and "too many clients (limit 3, 2 more " \
+            "for root, graced's user and approvers)" in res.stderr, res.stderr
+        assert "too many clients of user" in g.stderr()  # graced's log says it too
+    finally:
+        for proc in held:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_socket_group_gives_read_access_and_a_refused_user_gets_a_hint(make_graced) -> None:
+    """Outside systemd, [daemon] socket_group gives the socket to a group: its members
+    read, and anyone else meets Permission denied with what to do (exit 4)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a second Unix user and act as it")
+    from tests.helpers.users import ensure_group
+
+    group = ensure_group("grace-readers")
+    reader = ensure_user("grace-reader", (group,))
+    outsider = ensure_user(OUTSIDER)
+    g = make_graced(extra_config=f'socket_group = "{group}"\n')
+    os.chmod(g.base, 0o755)
+    os.chmod(g.home, 0o777)
+    share_key(g)
+    st = os.stat(g.socket)
+    assert (st.st_gid, st.st_mode & 0o777) == (grp.getgrnam(group).gr_gid, 0o660)
+    res = as_user(g, reader, "status", "--json", groups=True)
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run(["setpriv", "--reuid", outsider, "--regid", "nogroup",
+                          "--init-groups", g.ctl_argv0(), "--key", str(g.base / "key.pub"),
+                          "status"], env=g.env, capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=60)
+    assert refused(res), res
+    assert f"Permission denied (the socket is mode 0660, group {group}: ask to be added " \
+        f"to group {group}, see [daemon] socket_group in graced.toml(5))" in res.stderr

@@ -246,3 +246,35 @@ def test_pause_and_resume_record_who_asked(make_graced) -> None:
     me = pwd.getpwuid(os.geteuid()).pw_name
     assert [(e["topic"], e["payload"]["by"]) for e in events] == [
         ("executor.paused", f"key {line.split()[2]}"), ("executor.resumed", me)], events
+
+
+@pytest.mark.slow
+def test_a_tcp_client_over_the_per_address_limit_is_told_why(make_graced) -> None:
+    """Over max_clients_per_address, a TCP client gets HTTP 503 and the reason (not a
+    bare EOF), which gracectl prints (exit 3); graced's log names the refusal too."""
+    from tests.helpers.procs import poll_until
+
+    g = make_graced(start=False, extra_config='listen = ["127.0.0.1:0"]\n'
+                    'max_clients_per_address = 1\n[remediation]\nread_keys = ["KEY"]\n')
+    line = g.ctl("keys", "generate", check=True).stdout.strip()
+    g.config.write_text(g.config.read_text().replace('"KEY"', json.dumps(line)))
+    g.start()
+    port = json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["tcp_ports"][0]
+    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
+    env["GRACE_KEY"] = str(g.state / "key.pub")
+    url = f"ws://127.0.0.1:{port}"
+    holder = subprocess.Popen([g.ctl_argv0(), "--url", url, "tail", "-n", "0", "nothing.*"],
+                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        poll_until(lambda: json.loads(g.ctl("status", "--json", check=True).stdout)["wire"][
+            "tcp_clients"] == 1, 20, "the first TCP client connected")
+        res = g.ctl("--url", url, "status", env=env)
+        assert res.returncode == ExitCode.UNREACHABLE and res.stdout == "", res
+        assert res.stderr == (f"gracectl: graced at {url} refused the connection (503: too "
+                              "many clients: 1 from 127.0.0.1 (limit 1), 1 over TCP (limit "
+                              "64))\n"), res.stderr
+        assert "1 from 127.0.0.1 (limit 1)" in g.stderr()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -81,6 +81,7 @@ class DaemonConfig:
     state_dir: str = ""
     socket: str = ""
     socket_mode: str = field(default="0660", metadata=check(_mode))
+    socket_group: str = ""  # the socket's group (name): its members may read
     listen: list[str] = field(default_factory=list, metadata=check(_listen))
     allowed_origins: list[str] = field(default_factory=list)
     tls_cert: str = ""  # PEM certificate (chain) for the TCP listeners: wss://
@@ -90,6 +91,7 @@ class DaemonConfig:
     integration_interval: float = field(default=60.0, metadata=check(positive))
     max_request_bytes: int = field(default=65536, metadata=check(positive))
     max_clients: int = field(default=256, metadata=check(positive))
+    max_clients_per_user: int = field(default=32, metadata=check(positive))
     # The connection budget (reloadable): see graced.toml(5) and graced/wire.py.
     max_tcp_clients: int = field(default=64, metadata=check(positive))
     max_clients_per_address: int = field(default=8, metadata=check(positive))

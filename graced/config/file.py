@@ -143,6 +143,12 @@ def _check_daemon(cfg: Config, where: Where) -> None:
         given, missing = ("tls_cert", "tls_key") if d.tls_cert else ("tls_key", "tls_cert")
         raise ConfigError(f"{where('daemon', given)}[daemon] {given} without {missing}: "
                           "the two go together, give both or neither")
+    if d.socket_group:
+        try:
+            grp.getgrnam(d.socket_group)
+        except KeyError:
+            raise ConfigError(f"{where('daemon', 'socket_group')}[daemon] socket_group: no "
+                              f"group {d.socket_group!r} on this host") from None
     if not d.tls_cert:
         for item in d.listen:
             host = item.rpartition(":")[0].strip("[]")
