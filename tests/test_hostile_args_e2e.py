@@ -171,7 +171,8 @@ def _as_nobody() -> list[str] | None:
 
 
 def test_a_socket_in_a_directory_the_user_cannot_enter(shortdir: Path) -> None:
-    """The default socket or --socket alike: graced is unreachable (exit 3), one line."""
+    """The default socket or --socket alike: not authorised (exit 4: permission denied,
+    with what to do), one line."""
     prefix = _as_nobody()
     if prefix is None:
         pytest.skip("running as root without setpriv: cannot be a user who lacks access")
@@ -185,7 +186,7 @@ def test_a_socket_in_a_directory_the_user_cannot_enter(shortdir: Path) -> None:
     if prefix:
         os.chown(home, 65534, 65534)
     for argv in (["status"], ["--socket", str(locked / "graced" / "graced.sock"), "status"]):
-        problem = _check([bin_path("gracectl"), *argv], env, {3}, as_user=prefix)
+        problem = _check([bin_path("gracectl"), *argv], env, {4}, as_user=prefix)
         assert problem is None, problem
 
 
