@@ -89,7 +89,8 @@ def test_a_reused_pid_lends_no_approver_groups(make_graced, marker, approver) ->
         squatter.wait()
     assert reply["ok"] is False, reply
     assert reply["error"]["code"] == "not_authorised"
-    assert f"{outsider} (uid {pwd.getpwnam(outsider).pw_uid}) may not approve" in reply["error"]["message"]
+    who = f"{outsider} (uid {pwd.getpwnam(outsider).pw_uid})"
+    assert f"{who} may not approve" in reply["error"]["message"]
     shown = json.loads(g.ctl("missions", "show", str(waiting["id"]), "--json",
                              check=True).stdout)
     assert shown["state"] == "awaiting_approval" and not shown["approvals"]

@@ -391,7 +391,8 @@ def test_the_page_has_the_relay_users_rights_and_no_more(make_graced, browser: B
         mid = _approve_on_page(browser, relay)
         b = browser
         b.wait(lambda: "refused: not_authorised" in b.text("message"), 10, "refusal shown")
-        assert f"{outsider} (uid {pwd.getpwnam(outsider).pw_uid}) may not approve" in b.text("message")
+        who = f"{outsider} (uid {pwd.getpwnam(outsider).pw_uid})"
+        assert f"{who} may not approve" in b.text("message")
         b.screenshot("web-not-authorised")
         shown = json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
         assert shown["state"] == "awaiting_approval" and not shown["approvals"]
