@@ -323,3 +323,42 @@ def test_the_learning_commands_fit_an_80_column_terminal(make_graced, shortdir: 
         h.close()
     assert rc == 0, text
     assert "PATTERN" in text and max(len(line) for line in text.splitlines()) <= 80, text
+
+
+# -- P12 -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_rejected_mission_and_the_times_to_resolve_are_shown_alike(
+        make_graced, shortdir: Path) -> None:
+    """P12: a rejected mission named its playbook in missions ls but "- -> rejected" in
+    knowledge show, and explain had no learning line for it; the mean times to resolve
+    in knowledge show's header and rows and explain's "resolved in" were three figures
+    with nothing to tell them apart."""
+    crit = shortdir / "crit"
+    crit.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("crit", crit, "critical")
+                    + one_playbook("drain", "crit", fix(crit), risk="high")
+                    + "\n[missions]\nresolve_after = 2\nflap_window = 0\n")
+    w = Watch(g)
+    try:
+        crit.write_text(FAULT)
+        first = w.wait("mission.awaiting_approval", "crit", 15)["payload"]["id"]
+        g.ctl("missions", "approve", str(first), "--yes", check=True)
+        w.wait("mission.resolved", "crit", 20)
+        crit.write_text(FAULT)
+        second = w.wait("mission.awaiting_approval", "crit", 15, count=2)["payload"]["id"]
+        g.ctl("missions", "reject", str(second), "--comment", "not now", check=True)
+        w.wait("mission.rejected", "crit", 15)
+    finally:
+        w.close()
+    listed = json.loads(g.ctl("missions", "ls", "--all", "--json", check=True).stdout)
+    assert next(m for m in listed if m["id"] == second)["playbook"] == "drain"
+    shown = g.ctl("knowledge", "show", "crit:queue", check=True).stdout
+    assert re.search(rf"#{second} \S+ drain \(not run\) -> rejected", shown), shown
+    assert "MTTR" in shown and "(every local fix)" in shown, shown
+    assert "a row's is its own weighted record" in shown, shown
+    why = explain(g, second)
+    assert "learning  nothing learned: drain did not run (rejected)" in why, why
+    why = explain(g, first)
+    assert re.search(r"outcome   resolved \d+\.\ds after it opened, \d+\.\ds after the "
+                     r"playbook started \(learning's time to resolve\)", why), why

@@ -108,7 +108,14 @@ def test_emit_needs_control_rights(make_graced) -> None:
          g.ctl_argv0(), "emit", "user.x"], env=env, capture_output=True, text=True,
         stdin=subprocess.DEVNULL, timeout=30)
     assert res.returncode == ExitCode.NOT_AUTHORISED, res.stderr
-    assert "emit needs root" in res.stderr
+    # graced runs as root: root is named once, not as "root or uid 0" (newcomer P12).
+    assert "emit needs root (uid 0) over the Unix socket" in res.stderr, res.stderr
+    res = subprocess.run(
+        ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+         g.ctl_argv0(), "knowledge", "reset", "some-playbook"], env=env, capture_output=True,
+        text=True, stdin=subprocess.DEVNULL, timeout=30)
+    assert res.returncode == ExitCode.NOT_AUTHORISED, res.stderr
+    assert "knowledge reset needs root (uid 0) over the Unix socket" in res.stderr, res.stderr
     res = subprocess.run(
         ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
          g.ctl_argv0(), "status", "--json"], env=env, capture_output=True, text=True,
