@@ -460,7 +460,7 @@ def knowledge_import(ctx: click.Context, file: str, key_file: str | None, replac
         async with connect(endpoint, trusted_key(endpoint)) as conn:
             for offset in range(0, len(raw), CHUNK_BYTES):
                 await conn.request("knowledge.upload", {
-                    "offset": offset,
+                    "offset": offset, "dry_run": dry_run,
                     "data": base64.b64encode(raw[offset:offset + CHUNK_BYTES]).decode()})
             result: dict[str, Any] = await conn.request("knowledge.import", {
                 "key": base64.b64encode(key).decode(), "replace_key": replace_key,

@@ -67,8 +67,9 @@ ROLES: dict[str, str | None] = {
     "knowledge.list": READ, "knowledge.show": READ, "knowledge.export": READ,
     "knowledge.stats": READ, "knowledge.sources": READ,
     "missions.approve": CONTROL, "missions.reject": CONTROL, "pause": CONTROL,
-    "resume": CONTROL, "emit": CONTROL, "knowledge.import": CONTROL, "reload": CONTROL,
-    "knowledge.upload": CONTROL,
+    "resume": CONTROL, "emit": CONTROL, "reload": CONTROL,
+    # A dry run of an import only reads; a real one needs an approver (the handlers).
+    "knowledge.import": READ, "knowledge.upload": READ,
     # A dry run only reads; a real run checks control rights in the handler.
     "playbooks.list": READ, "playbooks.run": READ, "silence.list": READ,
     "silence.add": CONTROL, "silence.remove": CONTROL,
@@ -376,15 +377,26 @@ class Api:
 
     async def knowledge_upload(self, client: Client, req: Request) -> Any:
         """One part of an export file (base64), appended to this connection's upload;
-        ``offset`` 0 starts a new one. The file is read by knowledge.import."""
-        self._may_import(client)
+        ``offset`` 0 starts a new one. The file is read by knowledge.import.
+
+        An upload for a dry run (params.dry_run) needs only read rights; an approver's
+        upload takes the place of a dry run's that is not being read yet."""
+        dry = req.params.get("dry_run", False)
+        if not isinstance(dry, bool):
+            raise RequestError("bad_request", "params.dry_run must be a boolean")
+        if not dry:
+            self._may_import(client)
         offset, data = req.params.get("offset"), req.params.get("data")
         if not isinstance(offset, int) or isinstance(offset, bool) or not isinstance(data, str):
             raise RequestError("bad_request", "params.offset must be an integer and "
                                "params.data a base64 string")
         if offset == 0:
             client.upload = bytearray()
+            client.upload_dry = dry
             self._take_upload(client)
+        elif dry != client.upload_dry:
+            raise RequestError("bad_request", "params.dry_run: every part of an upload "
+                               "says the same")
         elif self._uploader is not client:
             client.upload = bytearray()
             raise RequestError("invalid", f"params.offset: this connection's upload was "
@@ -417,11 +429,13 @@ class Api:
         client names (params.key, which must be the key pinned for that source once one
         is, unless params.replace_key), and that it is not older than the last export
         taken from that source. The whole file is planned first: the dry run answers
-        the plan, the import journals it in one transaction, then applies it."""
-        self._may_import(client)
+        the plan, the import journals it in one transaction, then applies it. A dry run
+        needs read rights only (it changes nothing); an import, an approver."""
         p = req.params
-        key_b64, replace_key = p.get("key"), p.get("replace_key", False)
         dry_run = p.get("dry_run", False)
+        if not isinstance(dry_run, bool) or not dry_run or not client.upload_dry:
+            self._may_import(client)
+        key_b64, replace_key = p.get("key"), p.get("replace_key", False)
         if not isinstance(key_b64, str) or not isinstance(replace_key, bool) \
                 or not isinstance(dry_run, bool):
             raise RequestError("bad_request", "params.key must be the exporting daemon's "
@@ -450,8 +464,12 @@ class Api:
         connection). Another's upload is taken over only once it is idle past
         UPLOAD_IDLE or its connection has gone; its bytes are dropped then."""
         other = self._uploader
+        # A dry run's upload (anyone who may read) never keeps an approver waiting,
+        # unless its file is being read already (the one parse in memory at a time).
+        yields = other is not None and other.upload_dry and not client.upload_dry \
+            and self._upload_at != math.inf
         if other is not None and other is not client and not other.closing.is_set() \
-                and time.monotonic() - self._upload_at < UPLOAD_IDLE:
+                and time.monotonic() - self._upload_at < UPLOAD_IDLE and not yields:
             raise RequestError("unavailable", "another knowledge import is being uploaded "
                                "or read; try again shortly")
         if other is not None and other is not client:

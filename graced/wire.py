@@ -247,6 +247,7 @@ class Client:
     # A file sent in parts (knowledge.upload), for the request that takes it; dropped
     # with the connection.
     upload: bytearray = field(default_factory=bytearray)
+    upload_dry: bool = False  # ... for a dry run (read rights suffice)
     sub_kid: str | None = None  # over TCP: the key its subscription was signed by
     unproven: Unproven | None = None  # over TCP, until a signed request verifies
 

@@ -112,6 +112,13 @@ def test_only_approvers_reject_pause_resume_and_import(make_graced, marker,  # n
         "key": exporter.key.read_text().split()[1], "replace_key": False, "dry_run": False})
     assert (reply["ok"], reply["error"]["code"]) == (False, "not_authorised"), reply
     assert knowledge(g) == []
+    # A dry run only reads: anyone who may read may see what an import would change
+    # (the newcomer review's P12), and nothing changes.
+    res = as_user(g, outsider, *imports[:-1], "--dry-run", str(export), groups=True)
+    assert res.returncode == 0, res.stderr
+    assert "dry run: 1 records from foreign-host" in res.stderr and "nothing changed" \
+        in res.stderr, res.stderr
+    assert knowledge(g) == []
 
     # A member of the approver group: each done.
     assert as_user(g, approver, "pause", groups=True).returncode == 0
