@@ -8,6 +8,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,17 @@ def one_playbook(name: str, detector: str, argv: list[str], *, risk: str = "low"
     return (f'[[playbook]]\nname = "{name}"\ndetector = "{detector}"\nrisk = "{risk}"\n'
             f"budget = {budget}\nverify_timeout = {verify_timeout}\n"
             f'[[playbook.step]]\naction = "run"\nargv = {json.dumps(argv)}\ntimeout = 10.0\n')
+
+
+def high_risk(make_graced: Any, shortdir: Path, flap_window: float) -> tuple[Graced, Path]:
+    """A graced with a critical value detector "crit" and its high-risk playbook "drain"
+    (which fixes it once approved); the detector's file."""
+    crit = shortdir / "crit"
+    crit.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("crit", crit, "critical")
+                    + one_playbook("drain", "crit", fix(crit), risk="high")
+                    + f"\n[missions]\nresolve_after = 2\nflap_window = {flap_window:g}\n")
+    return g, crit
 
 
 def explain(g: Graced, mission: int) -> str:
@@ -170,11 +182,7 @@ def test_a_mission_kept_open_for_a_person_is_explained(make_graced, shortdir: Pa
     person; approving it said "the latest 7 sample(s) were normal, 2 resolve it" (it did
     not) and explain said nothing. Now explain says it was kept open and what to do, and
     the refusal says why it did not resolve."""
-    crit = shortdir / "crit"
-    crit.write_text(NORMAL)
-    g = make_graced(detectors=value_detector("crit", crit, "critical")
-                    + one_playbook("drain", "crit", fix(crit), risk="high")
-                    + "\n[missions]\nresolve_after = 2\nflap_window = 600\n")
+    g, crit = high_risk(make_graced, shortdir, flap_window=600)
     w = Watch(g)
     try:
         for n in (1, 2, 3):
@@ -334,11 +342,7 @@ def test_a_rejected_mission_and_the_times_to_resolve_are_shown_alike(
     knowledge show, and explain had no learning line for it; the mean times to resolve
     in knowledge show's header and rows and explain's "resolved in" were three figures
     with nothing to tell them apart."""
-    crit = shortdir / "crit"
-    crit.write_text(NORMAL)
-    g = make_graced(detectors=value_detector("crit", crit, "critical")
-                    + one_playbook("drain", "crit", fix(crit), risk="high")
-                    + "\n[missions]\nresolve_after = 2\nflap_window = 0\n")
+    g, crit = high_risk(make_graced, shortdir, flap_window=0)
     w = Watch(g)
     try:
         crit.write_text(FAULT)
