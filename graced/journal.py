@@ -269,13 +269,22 @@ class JournalReader:
     def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         return list(self._conn.execute(sql, params).fetchall())
 
-    def read(self, first: int, last: int, limit: int) -> list[str]:
-        """Bodies of events ``first..last`` (inclusive), at most ``limit`` of them."""
-        rows = self._conn.execute(
+    def read(self, first: int, last: int, limit: int, max_bytes: int = 0) -> list[str]:
+        """Bodies of events ``first..last`` (inclusive), at most ``limit`` of them and,
+        with ``max_bytes``, no more once they hold that many bytes (at least one)."""
+        cursor = self._conn.execute(
             "SELECT body FROM events WHERE seq BETWEEN ? AND ? ORDER BY seq LIMIT ?",
             (first, last, limit),
-        ).fetchall()
-        return [r[0] for r in rows]
+        )
+        out: list[str] = []
+        size = 0
+        for (body,) in cursor:
+            out.append(body)
+            size += len(body)
+            if max_bytes and size >= max_bytes:
+                break
+        cursor.close()
+        return out
 
     def close(self) -> None:
         self._conn.close()

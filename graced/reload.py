@@ -39,7 +39,7 @@ log = logging.getLogger("graced.reload")
 # Keys that only a restart applies: [section] -> keys.
 RESTART_ONLY = {
     "daemon": ("state_dir", "socket", "socket_mode", "socket_group", "listen", "allowed_origins",
-               "max_request_bytes", "client_queue", "send_timeout",
+               "max_request_bytes", "client_queue", "client_queue_bytes", "send_timeout",
                "tls_cert", "tls_key"),
     "journal": ("synchronous", "batch_max"),
     "fleet": ("url", "stream", "creds", "nkey_seed", "user", "password", "tls_ca", "tls_cert",

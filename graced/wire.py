@@ -58,6 +58,13 @@ TRY_AGAIN = 1013
 MAX_PATTERNS = 64
 MAX_PATTERN_LEN = 200
 REPLAY_CHUNK = 2000
+# Bytes of events read back from the journal for replays and not yet sent, all clients
+# together, and one client's share: each replay makes copies of its own (the memory ring
+# shares one copy between clients), so 40 readers who never read grew RSS by 365 MB.
+REPLAY_BYTES = 32 << 20
+REPLAY_SHARE = 8 << 20
+JOURNAL_READS = 4  # replays reading the journal at once (each a connection and its cache)
+COALESCE_BYTES = 256 << 10  # frames joined into one message, at most
 UNPROVEN_REQUESTS = 4  # requests (hello, refusals) a TCP connection may send before a key
 COALESCE = 512
 LISTEN_BACKLOG = 1024
@@ -250,6 +257,9 @@ class Client:
     upload_dry: bool = False  # ... for a dry run (read rights suffice)
     sub_kid: str | None = None  # over TCP: the key its subscription was signed by
     unproven: Unproven | None = None  # over TCP, until a signed request verifies
+    queued_bytes: int = 0  # of the frames on its send queue
+    replay_bytes: int = 0  # of those, copies read from the journal for its replay
+    replayed_total: int = 0  # bytes its replays read from the journal
 
     def __post_init__(self) -> None:
         self.send, self.recv = trio.open_memory_channel(self.server.client_queue)
@@ -258,6 +268,10 @@ class Client:
         """Put a frame on the send queue without blocking; drop the client when full."""
         if self.closing.is_set():
             return False
+        if self.queued_bytes + len(text) > self.server.client_queue_bytes:
+            self.drop(POLICY, "slow consumer: send queue full "
+                              f"({self.server.client_queue_bytes} bytes)")
+            return False
         try:
             self.send.send_nowait(text)
         except trio.WouldBlock:
@@ -265,6 +279,7 @@ class Client:
             return False
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return False
+        self.queued_bytes += len(text)
         return True
 
     def deliver(self, event: SignedEvent) -> None:
@@ -322,6 +337,7 @@ class Server:
         budget: Budget,
         client_queue: int,
         send_timeout: float,
+        client_queue_bytes: int = 16 << 20,
         handlers: dict[str, Handler],
         authenticator: Authenticator,
         clock: Callable[[], float],
@@ -353,6 +369,11 @@ class Server:
         # too (set by the composition root; the wire knows no executor).
         self.may_approve: Callable[[int | None, frozenset[int]], bool] | None = None
         self.client_queue = client_queue
+        self.client_queue_bytes = client_queue_bytes
+        self.replay_bytes = 0  # see REPLAY_BYTES
+        self._replay_room = trio.Event()
+        self._journal_reads = trio.Semaphore(JOURNAL_READS)
+        self.trim_wanted = trio.Event()  # set when a replay from the journal ends
         self.send_timeout = send_timeout
         self.handlers = handlers
         self.roles: dict[str, str | None] = {}  # method -> role a TCP request needs
@@ -721,6 +742,9 @@ class Server:
                     await self._serve_client(client)
                 finally:
                     self.clients.discard(client)
+                    self._replayed_sent(client, client.replay_bytes)
+                    if client.replayed_total >= 1 << 20:
+                        self.trim_wanted.set()
                     if not self.clients:
                         self._idle.set()
                     if client.subscription is not None:
@@ -770,11 +794,13 @@ class Server:
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 return
             frames = [first]
-            while len(frames) < COALESCE:
+            size = len(first)
+            while len(frames) < COALESCE and size < COALESCE_BYTES:
                 try:
                     frames.append(recv.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
+                size += len(frames[-1])
             draining = client.closing.is_set() and client.close_code == GOING_AWAY
             if client.closing.is_set() and not draining:
                 return
@@ -790,6 +816,10 @@ class Server:
                 client.drop(POLICY, f"slow consumer: a send took over {self.send_timeout:g} s")
                 return
             client.frames_sent += len(frames)
+            client.queued_bytes -= size
+            # Replayed frames are queued before any live one: the first bytes sent
+            # are the journal's copies.
+            self._replayed_sent(client, min(client.replay_bytes, size))
 
     async def _reader(self, client: Client, nursery: trio.Nursery) -> None:
         ws = client.ws
@@ -970,6 +1000,26 @@ class Server:
         client.subscription = self.mesh.subscribe(patterns, client.deliver)
         return _NO_REPLY
 
+    def _replayed_sent(self, client: Client, size: int) -> None:
+        """``size`` bytes of ``client``'s journal copies are sent (or dropped with it)."""
+        if size <= 0:
+            return
+        client.replay_bytes -= size
+        self.replay_bytes -= size
+        self._replay_room.set()
+        self._replay_room = trio.Event()
+
+    async def _room_to_replay(self, client: Client) -> int:
+        """Wait until ``client`` may read more of the journal; returns how many bytes
+        (0: it is closing). See REPLAY_BYTES."""
+        while not client.closing.is_set():
+            room = min(REPLAY_SHARE - client.replay_bytes, REPLAY_BYTES - self.replay_bytes,
+                       self.client_queue_bytes // 2 - client.queued_bytes)
+            if room > 0:
+                return room
+            await self._replay_room.wait()
+        return 0
+
     async def _replay(self, client: Client, since: int, match: Callable[[str], bool]) -> None:
         """Send events ``since..delivered_seq``, waiting on the client's queue as it drains.
 
@@ -977,7 +1027,6 @@ class Server:
         the caller can register the live subscription without a gap.
         """
         nxt = since
-        reader: JournalReader | None = None
         try:
             while nxt <= self.mesh.delivered_seq and not client.closing.is_set():
                 recent = self.mesh.recent(nxt)
@@ -993,24 +1042,39 @@ class Server:
                     texts = [ev.text for ev in recent[:REPLAY_CHUNK] if match(ev.topic)]
                     count = min(len(recent), REPLAY_CHUNK)
                 else:
-                    if reader is None:
-                        reader = await trio.to_thread.run_sync(JournalReader, self.journal_path)
-                    bodies = await trio.to_thread.run_sync(
-                        reader.read, nxt, self.mesh.delivered_seq, REPLAY_CHUNK
-                    )
+                    room = await self._room_to_replay(client)
+                    if not room:
+                        return
+                    # Reserved before the read, so replays reading at once share the room.
+                    client.replay_bytes += room
+                    self.replay_bytes += room
+                    try:
+                        async with self._journal_reads:  # a few read connections at once
+                            bodies = await trio.to_thread.run_sync(
+                                _read_journal, self.journal_path, nxt,
+                                self.mesh.delivered_seq, room)
+                    finally:
+                        self._replayed_sent(client, room)  # the reservation ends
                     if not bodies:
                         raise RequestError("internal", f"journal has no event {nxt}")
                     texts = [b for b in bodies if _topic_ok(b, match)]
                     count = len(bodies)
+                    del bodies
+                    copied = sum(len(t) for t in texts)
+                    client.replay_bytes += copied
+                    client.replayed_total += copied
+                    self.replay_bytes += copied
                 for text in texts:
                     await client.send.send(text)
+                    client.queued_bytes += len(text)
+                del texts
                 nxt += count
                 self.replaying[client] = nxt
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return
         finally:
-            if reader is not None:
-                reader.close()
+            if client.replayed_total >= 1 << 20:
+                self.trim_wanted.set()  # copies freed: hand the memory back soon
 
     def revoke(self) -> int:
         """Close every TCP stream whose key no longer holds the read role (after a
@@ -1027,6 +1091,11 @@ class Server:
                                     "(the config was reloaded)")
                 closed += 1
         return closed
+
+    async def trim_due(self) -> None:
+        """Until a replay that read from the journal has ended (its copies are freed)."""
+        await self.trim_wanted.wait()
+        self.trim_wanted = trio.Event()
 
     def oldest_replay(self) -> int | None:
         """The lowest seq a replay in progress has still to send (None: no replay)."""
@@ -1064,6 +1133,16 @@ class Server:
 
 
 _NO_REPLY = object()
+
+
+def _read_journal(path: Path, first: int, last: int, max_bytes: int) -> list[str]:
+    """Events ``first..last`` (at most REPLAY_CHUNK, about ``max_bytes``) on a read
+    connection of its own, closed at once: an idle one would keep its page cache."""
+    reader = JournalReader(path)
+    try:
+        return reader.read(first, last, REPLAY_CHUNK, max_bytes)
+    finally:
+        reader.close()
 
 
 def _cut(value: str, limit: int = 100) -> str:

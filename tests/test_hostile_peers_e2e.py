@@ -15,6 +15,7 @@ import secrets
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -339,3 +340,64 @@ async def test_refused_handshakes_neither_flood_the_log_nor_echo_what_they_sent(
     assert "AAAA" * 50 not in g.stderr()
     status = await _status_json(g)
     assert status["wire"]["refused_requests"] >= 300
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM: the peak RSS since start) of ``pid``, in bytes."""
+    got = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            got[key] = int(value.split()[0]) * 1024
+    return got["VmRSS"], got["VmHWM"]
+
+
+@pytest.mark.slow
+async def test_readers_who_never_read_a_replay_cannot_grow_graceds_memory(make_graced) -> None:
+    """The review's attack: 8,200 events of ~3 KB, graced restarted (nothing in its
+    memory ring), then 40 Unix connections subscribe from seq 1 and never read. graced's
+    peak RSS grows by less than 100 MB (it grew by 365 MB: each replay read its own
+    copies from the journal, queued by frames, not bytes), and once they are gone its
+    RSS is back within 40 MB of where it was."""
+    import trio
+    import trio_websocket
+
+    g = make_graced()
+    pad = "x" * 3000
+    g.ctl("emit", "user.big", "--count", "8200", "--payload", json.dumps({"pad": pad}),
+          check=True, timeout=300)
+    assert g.stop() == 0
+    g.start()
+    pid = int((await _status_json(g))["pid"])
+    rss0, hwm0 = _memory(pid)
+
+    async def reader_who_never_reads(ready: trio.Event, done: list[int]) -> None:
+        stream = await trio.open_unix_socket(str(g.socket))
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(nursery, stream, "localhost", "/",
+                                                         message_queue_size=1)
+            await ws.send_message(json.dumps({"id": 1, "nonce": "n", "method": "subscribe",
+                                              "params": {"since": 1}}))
+            done.append(1)
+            if len(done) == 40:
+                ready.set()
+            await trio.sleep_forever()  # never reads past the first message
+
+    ready = trio.Event()
+    done: list[int] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(40):
+            nursery.start_soon(reader_who_never_reads, ready, done)
+        await ready.wait()
+        # graced drops each as a slow consumer: until none is left (a count in status).
+        with trio.fail_after(120):
+            while (await _status_json(g))["wire"]["clients"] > 1:  # noqa: ASYNC110 (+ itself)
+                await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    rss1, hwm1 = _memory(pid)
+    print(f"RSS {rss0 / 2**20:.1f} MB -> peak {hwm1 / 2**20:.1f} MB (was {hwm0 / 2**20:.1f})"
+          f" -> {rss1 / 2**20:.1f} MB after")
+    assert hwm1 - max(hwm0, rss0) < 100 * 2**20, (rss0, hwm0, hwm1)
+    with trio.fail_after(30):  # memory is handed back once the replays end
+        while _memory(pid)[0] - rss0 > 40 * 2**20:  # noqa: ASYNC110
+            await trio.sleep(0.5)

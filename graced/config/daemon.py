@@ -104,6 +104,7 @@ class DaemonConfig:
     max_unauthenticated_per_address: int = field(default=4, metadata=check(positive))
     auth_timeout: float = field(default=10.0, metadata=check(positive))
     client_queue: int = field(default=8192, metadata=check(positive))
+    client_queue_bytes: int = field(default=16 << 20, metadata=check(positive))
     send_timeout: float = field(default=5.0, metadata=check(positive))
     shutdown_timeout: float = field(default=5.0, metadata=check(positive))
     log_level: str = field(default="info", metadata=check(one_of(
