@@ -402,6 +402,34 @@ def test_baseline_state_is_kept_across_restarts(make_graced, shortdir: Path) -> 
 
 
 @pytest.mark.slow
+def test_a_sustained_fault_is_one_mission_until_the_value_returns(make_graced,
+                                                                  shortdir: Path) -> None:
+    """A real graced, a metric 100 times its normal level for 40 samples (review of #16):
+    the baseline adapts to it, but the mission stays open until the value is back, then
+    resolves; no second (flapping) mission."""
+    value = shortdir / "metric"
+    os.mkfifo(value)
+    g = make_graced(detectors=f'[[detector]]\nname = "m"\nkind = "value"\ninterval = 0.1\n'
+                              f'file = "{value}"\nbaseline = true\nseason = 0.0\n')
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "mission.*"))
+    try:
+        series = [100.0 + i % 3 for i in range(60)] + [10000.0 + i % 3 for i in range(40)]
+        series += [100.0 + i % 3 for i in range(10)]
+        for v in [*series, 100.0]:  # the extra value: the last one of the series was judged
+            write_fifo(str(value), f"{v!r}\n".encode(), 10)
+        assert tail.wait_for(lambda ls: any('"mission.resolved"' in ln for ln in ls), 10), \
+            tail.lines
+        events = [(e["topic"], e["payload"]["last_value"]) for e in tail.events()
+                  if e["topic"] in ("mission.opened", "mission.resolved")]
+        assert events[0] == ("mission.opened", 10000.0), events
+        assert len(events) == 2 and events[1][0] == "mission.resolved", events
+        assert events[1][1] < 200, events  # resolved once back, not while 100x normal
+    finally:
+        tail.proc.terminate()
+        tail.proc.wait(10)
+
+
+@pytest.mark.slow
 def test_http_command_and_sqlite_probes_report_failures(watched, shortdir: Path) -> None:
     import http.server
     import sqlite3

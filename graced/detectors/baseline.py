@@ -45,6 +45,15 @@ busy spell) do not alarm, a repeat of the same size alarms with a slightly lower
 a metric that keeps alarming needs ever larger deviations, and a rare large event still
 shows. The level, scales and profile keep
 learning, so after a level shift the new level becomes normal.
+
+**While an event lasts.** The score is news: it falls as the model adapts to a sustained
+fault. Whether a value is an anomaly for the daemon (``alarm``, what keeps a mission open)
+also remembers the rise or drop reported last: where the model's level stood before it,
+and its usual error then. A value more than ``BACK_Z`` of those errors (over sensitivity)
+away in the same direction continues the event; one back within them is no news, even
+while the model, which learnt the fault, relearns the old level; the event ends once the
+model agrees, when the value crosses to the other side, or after ``hold`` values (a
+level that holds that long is the new normal). This is part of the saved state.
 """
 
 from __future__ import annotations
@@ -75,6 +84,7 @@ QUIET = 0.01  # share of the score reported during a hold
 BAR_UP = 1.05  # each report raises the bar for its kind of deviation by 5 %, ...
 BAR_GAIN = 0.4  # ... or to 40 % of the deviation it reported if that is more,
 BAR_DECAY = 0.9998  # ... relaxing back to 1 with a half-life of about 3,500 values
+BACK_Z = 3.0  # an event is over once the value is within this many usual errors of before
 REL_FLOOR = 1e-3  # scales are at least this share of the level: 0.1 % is never news
 VIEW_CLIP = 1e6  # after warm-up, a residual enters the views clipped to this x ``CLIP`` scales
 
@@ -109,6 +119,15 @@ class BaselineState:
     marks: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     holds: list[int] = field(default_factory=lambda: [0, 0, 0])
     bars: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    # The event reported last, while it lasts: its direction (+1 a rise, -1 a drop, 0
+    # none), the level of the model that predicted the value before it (-1 the level, m
+    # profile m) and that model's usual error then, and the values left before a level
+    # that stays is taken as the new normal.
+    ev_sign: int = 0
+    ev_ref: float = 0.0
+    ev_model: int = -1
+    ev_scale: float = 0.0
+    ev_left: int = 0
 
 
 def _squash(u: float) -> float:
@@ -141,7 +160,7 @@ def _check_state(s: BaselineState) -> None:
         v = getattr(s, name)
         if v is not None and not _number(v):
             bad.append(name)
-    for name in ("level", "err_level", "fast", "var_fast"):
+    for name in ("level", "err_level", "fast", "var_fast", "ev_ref"):
         if not _number(getattr(s, name)):
             bad.append(name)
     checks: tuple[tuple[str, float, float], ...] = (
@@ -154,6 +173,13 @@ def _check_state(s: BaselineState) -> None:
     if not all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < 2**31
                for h in s.holds):
         bad.append("holds")
+    if not _number(s.ev_scale, 0.0, BIG):
+        bad.append("ev_scale")
+    for name, lo, hi in (("ev_sign", -1, 1), ("ev_model", -1, len(PERIODS) - 1),
+                         ("ev_left", 0, 2**31 - 1)):
+        v = getattr(s, name)
+        if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+            bad.append(name)
     if not all(v is None or _number(v) for prof in s.profiles for v in prof):
         bad.append("profiles")
     if bad:
@@ -181,6 +207,8 @@ class Baseline:
         _check_state(s)
         self.last_reason = ""
         self.raw = 0.0  # the score before the one-report-per-event hold
+        self.alarm = False  # the value is anomalous: news, or an event still going on
+        self.expected: float | None = None  # while an event goes on: the value before it
 
     def score(self, ts: float, x: float) -> float:
         """Score ``x`` observed at ``ts`` (seconds), then learn from it."""
@@ -195,6 +223,7 @@ class Baseline:
             s.season_levels = [x] * len(PERIODS)
             self.last_reason = "learning"
             self.raw = 0.0
+            self.alarm, self.expected = False, None
             return 0.0
         warm = s.n <= p.warmup
         floor = 1e-9 + REL_FLOOR * abs(s.level)
@@ -205,6 +234,7 @@ class Baseline:
         slots = [-1] * len(PERIODS)
         r_seasons = [r_level] * len(PERIODS)
         seasonal = p.season > 0
+        chosen = -1  # the model that predicts x: -1 the level, m profile m
         if seasonal:
             best = SEASON_GAIN * s.err_level
             for m, mult in enumerate(PERIODS):
@@ -220,7 +250,20 @@ class Baseline:
                             rs = x - lvl - bj
                     r_seasons[m] = rs
                 if ts - s.first_ts >= period and s.season_errs[m] < best:
-                    best, r = s.season_errs[m], r_seasons[m]
+                    best, r, chosen = s.season_errs[m], r_seasons[m], m
+        # Before learning from x: where an event would have started from, and how far x
+        # is from where the event it may continue started (over 1: still away).
+        if chosen < 0:
+            base, err = s.level, s.err_level
+        else:
+            base, err = s.season_levels[chosen], s.season_errs[chosen]
+        gone = 0.0
+        if s.ev_sign:
+            m = s.ev_model
+            e = (r_level + s.level if m < 0 or not seasonal
+                 else r_seasons[m] + s.season_levels[m]) - s.ev_ref
+            gone = e * s.ev_sign / (BACK_Z / p.sensitivity * max(s.ev_scale, 1e-300))
+            self.expected = x - e
         r_point = r - s.fast
         s.fast += FAST_ALPHA * ((r if warm else _clip(r, lim)) - s.fast)
         if not warm:  # a huge finite value (1e200) is as unusual as any beyond this
@@ -308,8 +351,36 @@ class Baseline:
             s.marks[kind] = out + STEP * (1.0 - out)
             s.holds[kind] = p.hold
             s.bars[kind] = max(s.bars[kind] * BAR_UP, BAR_GAIN * u * s.bars[kind])
-            return out
-        return out * QUIET
+        else:
+            out *= QUIET
+        self._event(out, kind, warm, gone, (base, chosen, max(err, floor)))
+        return out
+
+    def _event(self, out: float, kind: int, warm: bool, gone: float,
+               start: tuple[float, int, float]) -> None:
+        """Whether the value is an anomaly for the daemon (``self.alarm``): news (``out``
+        at 0.5 or more), or still far from where the event reported last started, for
+        ``hold`` values at most (then a level that stays is the new normal); a value back
+        where the event started is no news while the model relearns it. ``start``: where
+        an event starting now starts (the model's level, which model, its usual error)."""
+        s = self.s
+        self.alarm = out >= 0.5
+        if s.ev_sign:
+            s.ev_left -= 1
+            if gone > 1.0 and s.ev_left > 0:  # still far away: the same event goes on
+                self.alarm = True
+                self.last_reason = f"still a {KINDS[1 if s.ev_sign > 0 else 0]}"
+                return
+            if -1.0 <= gone <= 1.0 and s.ev_left > 0:  # back where it started
+                self.alarm = False
+                if self.raw >= 0.5:  # the model has not yet relearned it
+                    return
+            s.ev_sign = 0  # over: back and relearned, past it the other way, or too long
+        self.expected = None
+        if self.alarm and kind < 2 and self.p.hold > 0 and not warm:
+            s.ev_sign = 1 if kind else -1
+            s.ev_ref, s.ev_model, s.ev_scale = start
+            s.ev_left = self.p.hold
 
     def finite(self) -> bool:
         """Whether every learned number is still finite (the profiles apart: O(1) here)."""

@@ -19,7 +19,9 @@ class BaselineError(ValueError):
 @dataclass
 class Verdict:
     anomalous: bool
-    score: float  # in [0, 1]; 0.5 and above is an anomaly
+    # in [0, 1]; 0.5 and above is news. A baseline's event stays anomalous while it lasts
+    # (far from where it started), though its score falls as the model adapts to it.
+    score: float
     summary: str
 
 
@@ -79,8 +81,11 @@ class Scorer:
                 del self.baselines[subject]
                 raise BaselineError(f"the baseline of {str(subject)[:80]!r} went non-finite "
                                     f"at {value!r}; it learns again")
-            if b >= 0.5:
-                return b, True, base.last_reason
+            if base.alarm:
+                why = base.last_reason
+                if base.expected is not None:  # an event still going on
+                    why += f" from about {base.expected:.4g}"
+                return b, True, why
             score = max(score, b)
         return score, False, ""
 

@@ -1,0 +1,93 @@
+"""The baseline through the daemon's own path (scoring and the mission engine): an event
+stays one mission for as long as it lasts (review of #16)."""
+
+from __future__ import annotations
+
+import random
+import re
+
+from graced.config import DetectorConfig
+from graced.detectors.base import Observation
+from graced.detectors.runner import judge_and_observe
+from graced.detectors.scoring import Scorer
+from graced.missions.engine import MissionEngine
+
+
+def _replay(values: list[float], scorer: Scorer | None = None, step: float = 5.0,
+            **cfg_keys: object) -> tuple[list[bool], list[str], Scorer]:
+    """(is_anomaly per value, mission topics in order, scorer) through the daemon's path."""
+    cfg = DetectorConfig(name="lat", kind="value", file="-", baseline=True, **cfg_keys)
+    scorer = scorer or Scorer(cfg)
+    engine = MissionEngine()
+    flags, topics = [], []
+    for i, v in enumerate(values):
+        verdict, transitions = judge_and_observe(scorer, engine, cfg,
+                                                 Observation("s", v), 1.8e9 + i * step)
+        flags.append(verdict.anomalous)
+        topics += [tr.topic for tr in transitions if tr.topic in (
+            "mission.opened", "mission.resolved")]
+    return flags, topics, scorer
+
+
+def _calm(n: int, seed: int = 3) -> list[float]:
+    rng = random.Random(seed)
+    return [10.0 + rng.gauss(0, 0.5) for _ in range(n)]
+
+
+def test_a_sustained_fault_keeps_its_one_mission_open_until_the_value_returns() -> None:
+    """100x the normal level for 200 samples: the model adapts to it (its score falls),
+    but the mission stays open while the value is far from where it was before, resolves
+    once it is back, and does not reopen (no flapping)."""
+    values = _calm(600) + [1000.0 + x for x in _calm(200, seed=4)] + _calm(300, seed=5)
+    flags, topics, _ = _replay(values)
+    assert not any(flags[:600])
+    assert all(flags[600:800]), [i for i in range(600, 800) if not flags[i]][:5]
+    assert not any(flags[805:])
+    assert topics == ["mission.opened", "mission.resolved"]
+
+
+def test_a_spike_opens_a_mission_that_resolves_as_soon_as_the_value_is_back() -> None:
+    values = _calm(700)
+    values[600] = 1000.0
+    flags, topics, _ = _replay(values)
+    assert [i for i, f in enumerate(flags) if f] == [600]
+    assert topics == ["mission.opened", "mission.resolved"]
+
+
+def test_a_new_level_that_holds_becomes_normal_after_hold_samples() -> None:
+    """A level that stays (a deploy doubled the traffic) is one mission for ``hold``
+    samples, then normal: it does not alarm for ever, nor open a second mission."""
+    values = _calm(600) + [20.0 + x - 10.0 for x in _calm(400, seed=6)]
+    flags, topics, _ = _replay(values, hold=100)
+    assert all(flags[600:700]) and not any(flags[705:])
+    assert topics == ["mission.opened", "mission.resolved"]
+
+
+def test_an_open_event_survives_a_restart() -> None:
+    """The event is part of the saved state: a restart mid-fault keeps it anomalous."""
+    values = _calm(600) + [1000.0 + x for x in _calm(50, seed=4)]
+    flags, _, scorer = _replay(values)
+    assert flags[-1]
+    cfg = scorer.cfg
+    again = Scorer(cfg, scorer.state())
+    flags2, topics2, _ = _replay([1000.0 + x for x in _calm(20, seed=7)], scorer=again)
+    assert all(flags2) and topics2 == ["mission.opened"]
+
+
+def test_the_mission_says_the_event_goes_on_and_from_where() -> None:
+    cfg = DetectorConfig(name="lat", kind="value", file="-", baseline=True)
+    scorer = Scorer(cfg)
+    for i, v in enumerate(_calm(600) + [1000.0] * 5):
+        verdict = scorer.judge(Observation("s", v, unit="ms"), 1.8e9 + i * 5.0)
+    assert verdict.anomalous
+    assert re.fullmatch(r"lat s at 1000 ms is unusual for it \(still a rise from about "
+                        r"(9\.\d+|10\.\d+), baseline score 0\.\d\d\)", verdict.summary), verdict
+
+
+def test_a_damaged_saved_event_is_dropped_with_its_reason() -> None:
+    _, _, scorer = _replay(_calm(600) + [1000.0] * 5)
+    state = scorer.state()
+    state["s"]["state"]["ev_sign"] = 7
+    state["s"]["state"]["ev_scale"] = -1.0
+    again = Scorer(scorer.cfg, state)
+    assert not again.baselines and "ev_scale, ev_sign" in again.dropped[0], again.dropped
