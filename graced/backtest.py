@@ -70,7 +70,8 @@ def detector_for_kind(kind: str) -> DetectorConfig:
     return DetectorConfig(name=kind, kind=kind, file="-")
 
 
-SETTABLE = ("threshold", "below", "baseline", "sensitivity", "memory", "hold", "season")
+SETTABLE = ("threshold", "below", "baseline", "sensitivity", "memory", "hold", "season",
+            "min_change")
 
 
 def apply_settings(cfg: DetectorConfig, threshold: float | None, below: bool,
@@ -117,7 +118,7 @@ def _parse_setting(key: str, text: str) -> Any:
         raise ValueError(f"not a finite number: {text!r}")
     if key in ("sensitivity",) and number <= 0:
         raise ValueError("must be greater than 0")
-    if key == "season" and number < 0:
+    if key in ("season", "min_change") and number < 0:
         raise ValueError("must not be negative")
     return number
 

@@ -249,7 +249,7 @@ def config_default() -> None:
                    "read as written); seconds past the year 5000 are refused with a hint.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Set a detector key for this run: threshold, below, baseline, "
-                   "sensitivity, memory, hold, season (repeatable).")
+                   "sensitivity, memory, hold, season, min_change (repeatable).")
 def backtest(file: Any, kind: str | None, detector_name: str | None, config_path: str | None,
              output: Any, threshold: float | None, below: bool, unit: str,
              settings: tuple[str, ...]) -> None:

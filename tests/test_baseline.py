@@ -369,3 +369,18 @@ def test_backtest_replays_rows_that_go_back_in_time_and_says_where(tmp_path: Pat
     in_order.write_text("timestamp,value\n2026-12-01T09:59:59Z,1\n2026-12-01T10:00:00Z,2\n")
     res = _backtest(in_order, "--kind", "cpu")
     assert res.returncode == 0 and "warning" not in res.stderr
+
+
+@pytest.mark.slow
+def test_backtest_set_min_change_quiets_blips_of_a_series_at_zero(tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text("timestamp,value\n" + "".join(
+        f"{60 * i},{1e-6 if i % 97 == 50 else 0}\n" for i in range(3000)))
+    plain = _backtest(src, "--kind", "baseline")
+    floored = _backtest(src, "--kind", "baseline", "--set", "min_change=0.01")
+    bad = _backtest(src, "--kind", "baseline", "--set", "min_change=-1")
+    assert plain.returncode == floored.returncode == 0, plain.stderr + floored.stderr
+    flagged = [sum(r.split(",")[3] == "1" for r in x.stdout.splitlines()[1:])
+               for x in (plain, floored)]
+    assert flagged[0] > 0 and flagged[1] == 0, flagged
+    assert bad.returncode == 2 and "min_change: must not be negative" in bad.stderr, bad.stderr

@@ -91,3 +91,33 @@ def test_a_damaged_saved_event_is_dropped_with_its_reason() -> None:
     state["s"]["state"]["ev_scale"] = -1.0
     again = Scorer(scorer.cfg, state)
     assert not again.baselines and "ev_scale, ev_sign" in again.dropped[0], again.dropped
+
+
+def _blips(size: float, n: int = 3000) -> list[float]:
+    """A metric that sits at 0 and blips by ``size`` every 97 values."""
+    return [size if i % 97 == 50 else 0.0 for i in range(n)]
+
+
+def test_a_series_at_zero_alarms_on_blips_smaller_than_min_change_never() -> None:
+    """Review of #16: a series at 0 alarmed on every 1e-6 blip (its scales collapse to
+    the 1e-9 floor). With min_change, a blip under it is no news; one over it still is."""
+    flags, _, _ = _replay(_blips(1e-6), min_change=0.01)
+    assert not any(flags)
+    flags, topics, _ = _replay(_blips(1e-6)[:1000] + [5.0] + [0.0] * 10, min_change=0.01)
+    assert [i for i, f in enumerate(flags) if f] == [1000] and topics[0] == "mission.opened"
+
+
+def test_percent_and_millisecond_kinds_have_a_default_min_change() -> None:
+    """Memory flat at 40.0 % stepping by 0.4 points, a 0.3 ms query stepping to 0.8 ms:
+    under their kinds' min_change (1 point, 1 ms), no news; 10 points or 10 ms is."""
+    for kind, base, small, big in (("memory", 40.0, 0.4, 10.0), ("sqlite", 0.3, 0.5, 10.0)):
+        cfg = DetectorConfig(name="m", kind=kind, database="x", baseline=True)
+        assert cfg.effective_min_change == 1.0
+        scorer = Scorer(cfg)
+        series = [base + (small if (i // 200) % 2 else 0.0) for i in range(2000)]
+        series += [base + big] * 3
+        got = [i for i, v in enumerate(series)
+               if scorer.score_value("s", v, 1.8e9 + 60.0 * i)[1]]
+        assert got[:1] == [2000] and len(got) <= 3, (kind, got)
+    assert DetectorConfig(kind="value").effective_min_change == 0.0
+    assert DetectorConfig(kind="value", min_change=2.5).effective_min_change == 2.5

@@ -66,6 +66,8 @@ class DetectorConfig:
     memory: int = field(default=200, metadata=check(positive))
     hold: int = field(default=350, metadata=check(non_negative))
     season: float = field(default=86400.0, metadata=check(non_negative))
+    # a deviation smaller than this is never news (None: the kind's, from its unit)
+    min_change: float | None = field(default=None, metadata=check(non_negative))
     enabled: bool = True
     # disk, inodes
     path: str = "/"
@@ -119,6 +121,13 @@ class DetectorConfig:
         return kind.threshold if kind else None
 
     @property
+    def effective_min_change(self) -> float:
+        if self.min_change is not None:
+            return self.min_change
+        kind = KINDS.get(self.kind)
+        return kind.min_change if kind else 0.0
+
+    @property
     def effective_subject(self) -> str:
         if self.subject:
             return self.subject
@@ -145,11 +154,12 @@ class Kind:
     threshold: float | None = None
     subject: Callable[[DetectorConfig], str] = lambda d: "host"
     rule: Rule | None = None
+    min_change: float = 0.0  # the baseline's smallest news, in the kind's unit
 
 
 # Keys every kind has.
 COMMON = ("name", "kind", "interval", "severity", "subject", "threshold", "below",
-          "baseline", "sensitivity", "memory", "hold", "season", "enabled")
+          "baseline", "sensitivity", "memory", "hold", "season", "min_change", "enabled")
 
 _PERCENT: dict[str, Check | None] = {"threshold": between(0, 100)}
 _MS: dict[str, Check | None] = {"threshold": positive, "timeout": None}
@@ -160,6 +170,12 @@ _LOG: dict[str, Check | None] = {"threshold": non_negative, "pattern": None,
 
 _PSI: dict[str, Check | None] = {"threshold": between(0, 100, open_low=True), "stall": None,
                                  "stall_window": None, "cgroup": absolute_path}
+
+
+PCT = 1.0
+"""The baseline's smallest news for a percentage: a point (disk at 40.0 % then 40.4 %)."""
+MS = 1.0
+"""... and for a latency in milliseconds: 1 ms (a query at 0.2 ms, then 0.9 ms)."""
 
 
 def _load_window(v: float) -> str | None:
@@ -187,38 +203,45 @@ def _needs_threshold(d: DetectorConfig) -> tuple[str, str] | None:
 
 
 KINDS: dict[str, Kind] = {
-    "memory": Kind(_PERCENT, threshold=90.0),
-    "swap": Kind(_PERCENT, threshold=80.0),
-    "cpu": Kind({**_PERCENT, "window": None}, threshold=95.0),
-    "load": Kind({"threshold": positive, "window": _load_window}, threshold=2.0),
-    "disk": Kind({**_PERCENT, "path": absolute_path}, threshold=90.0,
+    "memory": Kind(_PERCENT, min_change=PCT, threshold=90.0),
+    "swap": Kind(_PERCENT, min_change=PCT, threshold=80.0),
+    "cpu": Kind({**_PERCENT, "window": None}, threshold=95.0, min_change=PCT),
+    "load": Kind({"threshold": positive, "window": _load_window}, threshold=2.0,
+                 min_change=0.05),
+    "disk": Kind({**_PERCENT, "path": absolute_path}, threshold=90.0, min_change=PCT,
                  subject=lambda d: d.path),
-    "inodes": Kind({**_PERCENT, "path": absolute_path}, threshold=90.0,
+    "inodes": Kind({**_PERCENT, "path": absolute_path}, threshold=90.0, min_change=PCT,
                    subject=lambda d: d.path),
     "process": Kind({"threshold": non_negative, "process": non_empty, "match_cmdline": None,
                      "min_count": None}, requires=("process",), subject=lambda d: d.process),
     "process_rss": Kind({"threshold": positive, "process": non_empty, "match_cmdline": None},
                         requires=("process",), subject=lambda d: d.process,
-                        rule=_needs_threshold),
+                        rule=_needs_threshold, min_change=1.0),
     "tcp": Kind({**_MS, "host": non_empty, "port": between(1, 65535), "send": None,
-                 "expect": None}, requires=("host", "port"), threshold=1000.0,
+                 "expect": None}, requires=("host", "port"), threshold=1000.0, min_change=MS,
                 subject=lambda d: f"{d.host}:{d.port}"),
     "sqlite": Kind({**_MS, "database": non_empty, "query": non_empty},
-                   requires=("database",), threshold=1000.0, subject=lambda d: d.database),
+                   requires=("database",), threshold=1000.0, min_change=MS,
+                   subject=lambda d: d.database),
     "postgres": Kind({**_MS, "dsn": non_empty, "query": non_empty}, requires=("dsn",),
-                     threshold=100.0, subject=lambda d: public_dsn(d.dsn)),
+                     threshold=100.0, min_change=MS, subject=lambda d: public_dsn(d.dsn)),
     "command": Kind({**_MS, "argv": non_empty_list}, requires=("argv",), threshold=5000.0,
+                    min_change=MS,
                     subject=lambda d: " ".join(d.argv[:1])),
     "http": Kind({**_MS, "url": http_url, "expect_status": None, "proxy": None},
-                 requires=("url",), threshold=2000.0, subject=lambda d: redact_url(d.url)),
+                 requires=("url",), threshold=2000.0, min_change=MS,
+                 subject=lambda d: redact_url(d.url)),
     "log": Kind({**_LOG, "file": absolute_path}, requires=("file",),
                 subject=lambda d: d.file, rule=_log_rule),
     "journald": Kind({**_LOG, "unit": non_empty, "timeout": None}, requires=("unit",),
                      subject=lambda d: d.unit, rule=_log_rule),
     "systemd": Kind({"units": None, "timeout": None}, subject=lambda d: "units"),
-    "psi_memory": Kind(_PSI, threshold=10.0, subject=lambda d: d.cgroup or "host"),
-    "psi_cpu": Kind(_PSI, threshold=50.0, subject=lambda d: d.cgroup or "host"),
-    "psi_io": Kind(_PSI, threshold=30.0, subject=lambda d: d.cgroup or "host"),
+    "psi_memory": Kind(_PSI, threshold=10.0, min_change=PCT,
+                       subject=lambda d: d.cgroup or "host"),
+    "psi_cpu": Kind(_PSI, threshold=50.0, min_change=PCT,
+                    subject=lambda d: d.cgroup or "host"),
+    "psi_io": Kind(_PSI, threshold=30.0, min_change=PCT,
+                   subject=lambda d: d.cgroup or "host"),
     "cgroup_memory": Kind({"cgroup": absolute_path, "unit": non_empty, "timeout": None,
                            "memory_events": None}, subject=lambda d: d.unit or d.cgroup,
                           rule=_cgroup_rule),

@@ -98,6 +98,7 @@ class BaselineParams:
     hold: int = 350  # values after a report before the same event reports again
     season: float = 86400.0  # seconds of the seasonal profile; 0: none
     warmup: int = 30  # values before any score
+    min_change: float = 0.0  # a deviation smaller than this (in the metric's unit) is no news
 
 
 @dataclass
@@ -192,9 +193,15 @@ class Baseline:
     def __init__(self, params: BaselineParams | None = None,
                  state: BaselineState | None = None) -> None:
         self.p = params or BaselineParams()
-        if self.p.sensitivity <= 0 or self.p.memory < 1 or self.p.hold < 0 or self.p.warmup < 1:
-            raise ValueError("baseline: sensitivity > 0, memory >= 1, hold >= 0, warmup >= 1")
+        if (self.p.sensitivity <= 0 or self.p.memory < 1 or self.p.hold < 0
+                or self.p.warmup < 1 or not 0 <= self.p.min_change < BIG):
+            raise ValueError("baseline: sensitivity > 0, memory >= 1, hold >= 0, warmup >= 1, "
+                             "min_change >= 0")
         self.z_alarm = Z_ALARM / self.p.sensitivity
+        # Scales at least this: a deviation under min_change stays under the alarm level
+        # (and a spread under it is no variance change).
+        self.abs_floor = self.p.min_change / self.z_alarm
+        self.var_floor = self.p.min_change / VAR_RATIO
         lt = math.log(self.z_alarm / QUANTILE_GAIN)
         self.s = state or BaselineState(tails=[lt, lt, lt])
         s = self.s
@@ -227,6 +234,8 @@ class Baseline:
             return 0.0
         warm = s.n <= p.warmup
         floor = 1e-9 + REL_FLOOR * abs(s.level)
+        if floor < self.abs_floor:
+            floor = self.abs_floor
         lim = CLIP * max(s.scales[0], floor)
         r_level = x - s.level
         r = r_level
@@ -303,7 +312,7 @@ class Baseline:
                 bars[j] = 1.0 + (bars[j] - 1.0) * BAR_DECAY
             tails = s.tails
             cap = math.log(self.z_alarm * QUANTILE_CAP)
-            us = [0.0, 0.0, s.var_fast / sc0 / VAR_RATIO]
+            us = [0.0, 0.0, s.var_fast / max(sc0, self.var_floor) / VAR_RATIO]
             for k, (z, v) in enumerate(((z0, v0), (z1, v1), (z2, v2))):
                 tail = math.exp(tails[k])
                 kk = 1 if v > 0 else 0

@@ -50,7 +50,7 @@ class Scorer:
     def params(self) -> BaselineParams:
         cfg = self.cfg
         return BaselineParams(sensitivity=cfg.sensitivity, memory=cfg.memory, hold=cfg.hold,
-                              season=cfg.season)
+                              season=cfg.season, min_change=cfg.effective_min_change)
 
     def state(self) -> dict[str, Any]:
         return {subject: b.to_dict() for subject, b in self.baselines.items()}
