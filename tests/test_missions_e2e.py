@@ -218,6 +218,44 @@ def test_error_rate_is_failed_requests_over_requests(watched, shortdir: Path,
     assert "14 of 110 requests" in opened["payload"]["summary"], opened
 
 
+@pytest.mark.slow
+def test_error_rate_window_survives_a_restart(make_graced, shortdir: Path) -> None:
+    """4 of 100 requests failed, then graced restarts (review of #16): it still counts
+    them, so 3 more failures make 7 of 103 (> 5 %) and open a mission; a graced that forgot
+    its window would see 3 requests, under min_lines, and open nothing."""
+    log = shortdir / "access.log"
+    log.write_text("")
+    g = make_graced(detectors=f'[[detector]]\nname = "web5xx"\nkind = "log"\n'
+                              f'interval = 0.5\nfile = "{log}"\n'
+                              f'request_pattern = \'{NGINX_REQUEST}\'\n'
+                              f'pattern = \'{NGINX_ERROR}\'\nmax_ratio = 0.05\n'
+                              'min_lines = 100\nwindow = 600.0\n')
+
+    def sample() -> dict[str, Any]:
+        subjects = json.loads(g.ctl("detectors", "--json", check=True).stdout)[
+            "web5xx"]["subjects"]
+        return subjects.get(str(log)) or {}
+
+    poll_until(lambda: sample(), 15, "the log detector never sampled")
+    with log.open("a") as fh:
+        fh.write(_access_log(100, 4))
+    poll_until(lambda: sample().get("value") == 4.0, 10, "4 % judged")
+    assert g.stop() == 0
+    g.start()
+    tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "mission.opened"))
+    try:
+        poll_until(lambda: sample(), 15, "the log detector never sampled after the restart")
+        assert sample()["value"] == 4.0, sample()  # the window as it was, 100 requests
+        with log.open("a") as fh:
+            fh.write(_access_log(3, 3, start=100))
+        assert tail.wait_for(lambda ls: len(ls) >= 1, 10), sample()
+        opened = tail.events()[0]["payload"]
+        assert "7 of 103 requests" in opened["summary"], opened
+    finally:
+        tail.proc.terminate()
+        tail.proc.wait(10)
+
+
 def _sleeper(marker: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", marker],
                             stdin=subprocess.DEVNULL)
@@ -361,7 +399,7 @@ def _baseline_state(g: Graced, subject: str) -> dict[str, Any]:
 
     with sqlite3.connect(g.state / "journal.db") as db:
         (data,) = db.execute("SELECT data FROM detector_state WHERE name = 'm'").fetchone()
-    return json.loads(data)[subject]["state"]  # type: ignore[no-any-return]
+    return json.loads(data)["baselines"][subject]["state"]  # type: ignore[no-any-return]
 
 
 @pytest.mark.slow

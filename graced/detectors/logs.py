@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import re
 import subprocess
 import time
-from typing import IO
+from typing import IO, Any
 
 from inotify_simple import flags as inf
 
@@ -45,6 +46,8 @@ FILE_EVENTS = inf.MODIFY | inf.ATTRIB | inf.MOVE_SELF | inf.DELETE_SELF
 # Names coming and going only: writes to the directory's other files (a busy /var/log)
 # never wake this detector; its own file's writes reach it through the file's watch.
 DIR_EVENTS = inf.CREATE | inf.MOVED_TO | inf.MOVED_FROM | inf.DELETE
+SAVED_BUCKETS = 120
+"""The window's counts are saved (across a restart) in at most this many time buckets."""
 
 
 class _Window:
@@ -84,6 +87,55 @@ class _Window:
         if reasons:
             obs.alarm = "; ".join(reasons) + f" in the last {cfg.window:g} s"
         return obs
+
+    def saved(self) -> dict[str, Any]:
+        """The counts in the window, to keep across a restart: each bucket of samples by
+        its age (a monotonic clock does not survive a reboot), the newest age of a bucket
+        standing for it, at most ``SAVED_BUCKETS`` of them. Safe beside a sample running in
+        another thread (the deque is copied in one step)."""
+        cfg = self.config
+        now = time.monotonic()
+        width = cfg.window / SAVED_BUCKETS
+        buckets: dict[int, list[float]] = {}
+        for t, n, k in tuple(self.samples):
+            age = max(now - t, 0.0)
+            b = buckets.setdefault(min(int(age / width), SAVED_BUCKETS - 1), [age, 0, 0])
+            b[0], b[1], b[2] = min(b[0], age), b[1] + n, b[2] + k
+        return {"pattern": cfg.pattern, "request_pattern": cfg.request_pattern,
+                "saved_at": time.time(),
+                "counts": [[round(a, 3), int(n), int(k)] for a, n, k in buckets.values()]}
+
+    def restore(self, data: object) -> None:
+        """The counts :meth:`saved` wrote that are still inside the window, so a restart
+        forgets neither the requests nor the errors of the last ``window`` seconds. Data
+        from disk: anything but what :meth:`saved` writes is ``ValueError``; counts of
+        other patterns (the config changed) are dropped."""
+        cfg = self.config
+        if not isinstance(data, dict):
+            raise ValueError("log window: saved state is not a table")
+        if (data.get("pattern"), data.get("request_pattern")) != (cfg.pattern,
+                                                                  cfg.request_pattern):
+            return  # counts of other patterns mean nothing now
+        at, counts = data.get("saved_at"), data.get("counts")
+        if not (isinstance(at, (int, float)) and not isinstance(at, bool)
+                and math.isfinite(at)):
+            raise ValueError("log window: saved_at is not a time")
+        if not isinstance(counts, list) or len(counts) > SAVED_BUCKETS:
+            raise ValueError(f"log window: counts is not a list of at most {SAVED_BUCKETS}")
+        got = []
+        for c in counts:
+            if not (isinstance(c, list) and len(c) == 3
+                    and isinstance(c[0], (int, float)) and math.isfinite(c[0]) and c[0] >= 0
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in c[1:])
+                    and 0 <= c[2] <= c[1] < 2**53):
+                raise ValueError(f"log window: a count is not [age, lines, matches]: "
+                                 f"{str(c)[:80]}")
+            got.append((float(c[0]), c[1], c[2]))
+        now = time.monotonic()
+        since = max(time.time() - at, 0.0)  # graced was down this long
+        kept = [(now - since - age, n, k) for age, n, k in sorted(got, reverse=True)
+                if since + age <= cfg.window]
+        self.samples.extendleft(reversed(kept))  # oldest first, before any new sample
 
 
 class _LongLine:
@@ -226,6 +278,12 @@ class LogFile:
             lines += self._read()
         return [self.window.observe(self.subject, lines)]
 
+    def saved(self) -> dict[str, Any]:
+        return self.window.saved()
+
+    def restore(self, data: object) -> None:
+        self.window.restore(data)
+
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
@@ -263,6 +321,12 @@ class Journald:
         if entries:
             self._cursor = str(entries[-1].get("__CURSOR", self._cursor))
         return [self.window.observe(self.subject, [str(e.get("MESSAGE", "")) for e in entries])]
+
+    def saved(self) -> dict[str, Any]:
+        return self.window.saved()
+
+    def restore(self, data: object) -> None:
+        self.window.restore(data)
 
     def close(self) -> None:
         pass

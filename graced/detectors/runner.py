@@ -73,7 +73,17 @@ class DetectorRunner:
         self.detectors = [d for d in detectors if d.enabled]
         self.mesh = mesh
         self.engine = engine
-        self.scorers = {d.name: Scorer(d, states.get(d.name)) for d in self.detectors}
+        # A saved row: {"baselines": {subject: state}, "detector": the detector's own state
+        # (a log's window)}; before 0.2, the baselines alone.
+        self._kept: dict[str, Any] = {}
+        baselines: dict[str, Any] = {}
+        for name, data in states.items():
+            if isinstance(data, dict) and data.get("version") == 2:
+                baselines[name], self._kept[name] = data.get("baselines"), data.get("detector")
+            else:
+                baselines[name] = data
+        self._live: dict[str, Detector] = {}  # the detectors built, by name
+        self.scorers = {d.name: Scorer(d, baselines.get(d.name)) for d in self.detectors}
         for name, scorer in self.scorers.items():
             for why in scorer.dropped:
                 log.warning("detector %s: saved baseline not restored, learning again: %s",
@@ -144,11 +154,23 @@ class DetectorRunner:
                 if now - st["sampled_at"] > max(3 * st["interval"],
                                                 st["interval"] + st["timeout"]) + 5.0]
 
+    def _detector_state(self, name: str) -> Any:
+        """A detector's own state to keep (a log's window), or what was kept of it."""
+        det = self._live.get(name)
+        saved = getattr(det, "saved", None)
+        if saved is not None:
+            self._kept[name] = saved()
+        return self._kept.get(name)
+
     def save_state(self) -> None:
-        """Queue the baselines' state for the journal's next commit."""
-        writes = [("INSERT OR REPLACE INTO detector_state (name, data) VALUES (?, ?)",
-                   (name, json.dumps(scorer.state())))
-                  for name, scorer in self.scorers.items() if scorer.baselines]
+        """Queue the baselines' and the detectors' own state for the journal's next commit."""
+        writes = []
+        for name, scorer in self.scorers.items():
+            own = self._detector_state(name)
+            if scorer.baselines or own is not None:
+                data = {"version": 2, "baselines": scorer.state(), "detector": own}
+                writes.append(("INSERT OR REPLACE INTO detector_state (name, data) "
+                               "VALUES (?, ?)", (name, json.dumps(data))))
         if writes:
             self.mesh.store(writes)
 
@@ -163,6 +185,8 @@ class DetectorRunner:
             detector = None
             try:
                 detector = await trio.to_thread.run_sync(build_detector, cfg)
+                self._restore(cfg, detector)
+                self._live[cfg.name] = detector
                 st["state"] = "up"
                 st["mode"] = getattr(detector, "mode", POLL)
                 st["mode_note"] = getattr(detector, "mode_note", "")
@@ -198,7 +222,22 @@ class DetectorRunner:
                 backoff = min(backoff * 2, 60.0)
             finally:
                 if detector is not None:
+                    if self._live.get(cfg.name) is detector:
+                        self._detector_state(cfg.name)  # kept for the detector built next
+                        del self._live[cfg.name]
                     detector.close()
+
+    def _restore(self, cfg: DetectorConfig, detector: Detector) -> None:
+        """Give a detector built now what its predecessor kept (before a restart, a
+        reload or a failure); a damaged state is logged and dropped."""
+        kept = self._kept.pop(cfg.name, None)
+        restore = getattr(detector, "restore", None)
+        if kept is None or restore is None:
+            return
+        try:
+            restore(kept)
+        except ValueError as exc:
+            log.warning("detector %s: saved state not restored: %s", cfg.name, str(exc)[:200])
 
     async def _sample(self, detector: Detector, cfg: DetectorConfig,
                       timeout: float) -> list[Any]:
