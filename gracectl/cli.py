@@ -140,7 +140,8 @@ def status(ctx: click.Context, as_json: bool, quiet: bool) -> None:
     Exits 7 when graced is degraded (journal commits or a detector failing, or a mission
     escalated whose symptom was not seen normal since: it needs a person), so that
     `gracectl status && ...` works in scripts and health checks; a pause is shown but is
-    not degraded.
+    not degraded, nor is a probe whose target fails (refused, timed out: shown, and a
+    mission of its own).
     """
     if quiet:  # the exit status is the answer; nothing at all goes to the terminal
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - until exit
@@ -170,9 +171,13 @@ def _health_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
     if st.get("escalated"):
         missions += f"; {len(st['escalated'])} escalated (needs a person)"
     failing = st["failing_detectors"]
+    probes = st.get("failing_probes") or {}
     detectors = f"{st['detectors_total']} running" + (
         "; FAILING: " + "; ".join(f"{name} ({d['last_error']})" for name, d in failing.items())
-        if failing else "")
+        if failing else "") + (
+        "; probe target failing: " + "; ".join(f"{name} ({d['last_error']})"
+                                               for name, d in probes.items())
+        if probes else "")
     health = "DEGRADED: " + "; ".join(st["degraded"]) if st["degraded"] else "ok"
     silenced = ex.get("silences") or 0
     return [("health", health), ("execution", execution), ("missions", missions),

@@ -95,17 +95,26 @@ def _spark_segments(values: list[float], width: int, chars: str, unit: str,
     return segs
 
 
+def _t(v: Any) -> str:
+    """A payload field in a feed line: '-' where it is missing (never 'None')."""
+    return "-" if v is None else str(v)
+
+
 def describe_event(ev: dict[str, Any]) -> str:
-    """A short line for the activity feed."""
+    """A short line for the activity feed: a missing field of a sentence shows as '-', a
+    value of a payload written out as JSON (null); never Python's None."""
     p = ev.get("payload")
     p = p if isinstance(p, dict) else {}
     topic = str(ev.get("topic", ""))
     if topic.startswith("mission."):
-        what = f"#{p.get('id')} {p.get('detector')}:{p.get('subject')} {p.get('state')}"
+        what = (f"#{_t(p.get('id'))} {_t(p.get('detector'))}:{_t(p.get('subject'))} "
+                f"{_t(p.get('state'))}")
         why = reason(str(p.get("reason") or ""), str(p.get("detector")), str(p.get("subject")))
         return what + (f" - {why}" if why else "")
     if topic == "integration.changed":
-        return (f"{p.get('component')} {p.get('was')} -> {p.get('state')}"
+        was = p.get("was")  # null: the component appeared
+        return (f"{_t(p.get('component'))} "
+                + (f"{was} -> " if was is not None else "new, ") + _t(p.get("state"))
                 + (f" ({p['last_error']})" if p.get("last_error") else ""))
     if topic == "integration.summary":
         got = p.get("components")
@@ -114,13 +123,15 @@ def describe_event(ev: dict[str, Any]) -> str:
         return f"{len(comps)} components, {up} up"
     if topic.startswith("executor.step"):
         ok = "" if "ok" not in p else (" ok" if p["ok"] else f" FAILED {value(p.get('error'))}")
-        return f"#{p.get('mission')} {p.get('playbook')} step {p.get('step')}{ok}"
+        return f"#{_t(p.get('mission'))} {_t(p.get('playbook'))} step {_t(p.get('step'))}{ok}"
     if topic.startswith("learning."):
         bits = [str(p[k]) for k in ("mission", "pattern", "playbook", "chosen") if p.get(k)]
         return " ".join(bits)
     if topic.startswith("detector."):
-        return f"{p.get('detector')}:{p.get('subject', '')} {p.get('summary') or p.get('error')}"
-    return kv(dict(list(p.items())[:4]))
+        subject = p.get("subject")
+        return (f"{_t(p.get('detector'))}" + (f":{subject}" if subject else "") + " "
+                + _t(p.get("summary") or p.get("error")))
+    return kv(dict(list(p.items())[:4]))  # values as JSON writes them: null, not None
 
 
 @dataclass
@@ -249,21 +260,24 @@ def _health_lines(model: Model, now: float, rows: int, width: int) -> list[Line]
     out: list[Line] = []
     # The subject gets what the other columns leave (kept from its end: a path's last
     # part tells it apart), then the sparkline.
-    subj_w = max(14, min(48, width - 76))
-    spark_w = max(6, min(40, width - 59 - subj_w))
+    subj_w = max(14, min(48, width - 77))
+    spark_w = max(6, min(40, width - 60 - subj_w))
     for name, d in sorted(model.detectors.items()):
         subjects = d.get("subjects") or {}
         if not subjects:
-            out.append([(f" {name:<16} {d.get('state', '?'):<6}", "dim"),
+            out.append([(f" {name:<16} {d.get('state', '?'):<7}", "dim"),
                         (f" {d.get('last_error') or 'no sample yet'}", "dim")])
         for subj, smp in subjects.items():
+            # A probe whose target failed is "failing", as status and the components say.
+            state = "failing" if smp.get("failed") and d.get("state") == "up" else str(
+                d.get("state", "?"))
             unit = str(smp.get("unit") or "").replace("per core", "/core")
             shown = "-" if smp.get("value") is None else f"{smp['value']:.4g} {unit}".strip()
             hist = (d.get("history") or {}).get(subj) or []
             bad = smp.get("anomalous")
             out.append([
-                (f" {name[:16]:<16} {d.get('state', '?'):<6}", "red" if d.get("state") ==
-                 "error" else "normal"),
+                (f" {name[:16]:<16} {state:<7}", "red" if state in ("error", "failing")
+                 else "normal"),
                 (f" {fit(subj, subj_w, keep_end=True):<{subj_w}} {shown[:10]:>10} ", "bold"),
                 *_spark_segments(hist, spark_w, chars, str(smp.get("unit") or ""),
                                  d.get("threshold"), bool(d.get("below"))),

@@ -26,6 +26,7 @@ from .auth import CONTROL, READ, PerKeyBudget
 from .config import Config
 from .detectors.runner import DetectorRunner
 from .executor import AUTO_RISKS, Executor, PlanChanged
+from .integration import detector_health
 from .journal import JournalReader
 from .learning import Learning
 from .learning import knowledge as kb
@@ -248,6 +249,12 @@ class Api:
             by_severity[m.severity] = by_severity.get(m.severity, 0) + 1
         failing = {name: {"errors": st["errors"], "last_error": st["last_error"]}
                    for name, st in self.runner.status.items() if st["state"] == "error"}
+        # A probe whose target fails (refused, timed out): its mission says so; graced is
+        # not degraded, but status says it as top's health does (integration's word).
+        probes = {name: {"last_error": h["last_error"]}
+                  for name, h in ((n, detector_health(n, st))
+                                  for n, st in self.runner.status.items())
+                  if h["state"] == "failing"}
         degraded = []
         escalated = self.executor.engine.needs_person()
         if escalated:
@@ -258,6 +265,7 @@ class Api:
         degraded += [f"detector {name} failing: {d['last_error']}"
                      for name, d in failing.items()]
         return {"missions": by_severity, "escalated": escalated, "failing_detectors": failing,
+                "failing_probes": probes,
                 "detectors_total": len(self.runner.status), "degraded": degraded}
 
     async def _learning_summary(self) -> dict[str, Any] | None:

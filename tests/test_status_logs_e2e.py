@@ -73,6 +73,40 @@ def test_status_exits_7_while_a_detector_fails(make_graced) -> None:
     tail.proc.terminate()
 
 
+@pytest.mark.slow
+def test_status_and_top_agree_on_a_probe_whose_target_fails(make_graced) -> None:
+    """Review of #16: top said the probe was failing, status said nothing. Both say so
+    now; a target that refuses is a mission, not graced degraded (exit 0)."""
+    import socket
+
+    closed = socket.socket()  # bound, never listening: connections are refused
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    try:
+        g = make_graced(detectors=f'[[detector]]\nname = "redis"\nkind = "tcp"\n'
+                                  f'host = "127.0.0.1"\nport = {port}\ninterval = 0.5\n')
+        tail = LineCollector(g.ctl_popen("tail", "--json", "--since", "1",
+                                         "integration.changed"))
+        assert tail.wait_for(lambda ls: any('"failing"' in x for x in ls), 30), tail.lines
+        tail.proc.terminate()
+        res = g.ctl("status")
+        assert res.returncode == ExitCode.OK, res.stdout + res.stderr
+        rows = _rows(res.stdout)
+        assert rows["health"] == "ok"
+        assert rows["detectors"] == (f"1 running; probe target failing: redis "
+                                     f"(127.0.0.1:{port}: Connection refused)"), rows
+        data = json.loads(g.ctl("status", "--json").stdout)
+        assert data["failing_probes"] == {
+            "redis": {"last_error": f"127.0.0.1:{port}: Connection refused"}}
+        frame = g.ctl("top", "--once", env={**g.env, "COLUMNS": "120"})
+        assert frame.returncode == 0, frame.stderr
+        row = next(ln for ln in frame.stdout.splitlines() if ln.startswith(" redis "))
+        assert row.split()[:2] == ["redis", "failing"] and row.endswith("ANOMALY"), row
+        assert f"detector:redis failing (127.0.0.1:{port}: Connection refused)" in frame.stdout
+    finally:
+        closed.close()
+
+
 @pytest.mark.parametrize("journal", [True, False])
 def test_log_lines_carry_priorities_for_the_journal_and_timestamps_elsewhere(
         make_graced, monkeypatch: pytest.MonkeyPatch, journal: bool) -> None:

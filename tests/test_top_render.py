@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from gracectl import top
 from gracectl.top import SPARK_UTF8, Model, plain, render, scale, sparkline
 
@@ -87,3 +89,18 @@ def test_activity_values_are_written_as_json() -> None:
     assert top.describe_event(ev) == "#3 p step 1 FAILED null"
     other = {"topic": "daemon.started", "payload": {"ok": True, "error": None, "x": "a b"}}
     assert top.describe_event(other) == 'ok=true error=null x="a b"'
+
+
+@pytest.mark.parametrize("topic", ["mission.opened", "integration.changed",
+                                   "executor.step_started", "detector.anomaly",
+                                   "detector.error", "learning.consulted", "daemon.started"])
+def test_the_feed_never_shows_python_none(topic: str) -> None:
+    """Review of #16: a field missing or null in a payload read 'None' in the feed."""
+    keys = ("id", "detector", "subject", "state", "reason", "component", "was", "mission",
+            "playbook", "step", "summary", "error")
+    for payload in ({}, dict.fromkeys(keys)):
+        line = top.describe_event({"topic": topic, "payload": payload})
+        assert "None" not in line, (topic, payload, line)
+    appeared = {"topic": "integration.changed", "payload": {
+        "component": "detector:web", "was": None, "state": "up"}}
+    assert top.describe_event(appeared) == "detector:web new, up"

@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import httpc
 from ..config import DetectorConfig
+from ..protocol.text import safe
 from ..redact import redact_text, redact_url
 from .base import Observation, SimpleDetector
 
@@ -25,6 +26,10 @@ from .base import Observation, SimpleDetector
 def _elapsed_ms(started: float) -> float:
     """Milliseconds since ``started`` (a perf_counter reading), to the microsecond."""
     return round((time.perf_counter() - started) * 1000, 3)
+
+
+ANSWER_SHOWN = 60
+"""Bytes of a tcp probe's unexpected answer shown in its failure."""
 
 
 class TcpProbe(SimpleDetector):
@@ -52,9 +57,13 @@ class TcpProbe(SimpleDetector):
                         if len(got) > 65536:
                             break
                     if want and want not in got:
+                        # The answer is the peer's: text, escaped as graced escapes what
+                        # the monitored world says (not Python's bytes repr).
+                        answer = safe(got[:ANSWER_SHOWN].decode("utf-8", "replace"))
+                        more = "…" if len(got) > ANSWER_SHOWN else ""
                         return [Observation(self.subject, None, failed=(
-                            f"{cfg.host}:{cfg.port} answered {got[:40]!r}, expected "
-                            f"{cfg.expect!r}"))]
+                            f'{cfg.host}:{cfg.port} answered "{answer}"{more}, expected '
+                            f'"{safe(cfg.expect)}"'))]
         except TimeoutError:
             return [Observation(self.subject, None,
                                 failed=f"{cfg.host}:{cfg.port} timed out after {cfg.timeout:g} s")]
