@@ -121,3 +121,47 @@ def test_percent_and_millisecond_kinds_have_a_default_min_change() -> None:
         assert got[:1] == [2000] and len(got) <= 3, (kind, got)
     assert DetectorConfig(kind="value").effective_min_change == 0.0
     assert DetectorConfig(kind="value", min_change=2.5).effective_min_change == 2.5
+
+
+def _fault_after(spikes: dict[int, float], fault_at: int, n: int = 2600) -> list[int]:
+    """Indices scored 0.5 or more: level 10 (sd 1) at 5 minutes, ``spikes``, then from
+    ``fault_at`` on 10 times the level (a fault that lasts)."""
+    from graced.detectors.baseline import Baseline
+
+    rng = random.Random(8)
+    b = Baseline()
+    out = []
+    for i in range(n):
+        v = spikes.get(i, 10.0 + rng.gauss(0, 1)) if i < fault_at else 100.0 + rng.gauss(0, 1)
+        if b.score(i * 300.0, v) >= 0.5:
+            out.append(i)
+    return out
+
+
+def test_one_huge_spike_does_not_blind_the_baseline_to_a_fault_days_later() -> None:
+    """Review of #16: a 1e6 spike raised the bar to 400,000, which takes some 65,000 values
+    to relax, so a fault at 10x the level two days later went unseen as a rise (only a
+    variance change some 90 values on). The bar now rises to at most 12 (30 x 40 % of the
+    largest event reported before): the fault alarms at once."""
+    got = _fault_after({1000: 1e6}, 1000 + 576)
+    assert got[:2] == [1000, 1576], got
+
+
+def test_a_metric_whose_life_holds_huge_events_still_learns_to_need_larger_ones() -> None:
+    """Huge spikes again and again: after the first, each raises the bar to 40 % of its
+    size, so a middling spike (60 sd) in their wake does not alarm, a new huge one does."""
+    spikes = {1000: 1e4, 1400: 1e4, 1800: 1e4, 2200: 70.0, 2590: 1e4}
+    got = _fault_after(spikes, 10**9, n=2600)
+    assert 2200 not in got and 2590 in got and 1000 in got, got
+
+
+def test_once_back_a_modest_excursion_is_not_the_old_event_again() -> None:
+    """After the fault is over and the value back, the model still relearns the old
+    level; a value a little above it then (4 sd) is judged as news, not as 'still a rise'
+    (it would have reopened the mission the moment it had resolved)."""
+    values = _calm(600) + [1000.0] * 50 + _calm(200, seed=9)
+    values[670] = 12.0
+    flags, topics, _ = _replay(values)
+    assert all(flags[600:650]) and not any(flags[652:]), [
+        i for i, f in enumerate(flags) if f and i >= 650]
+    assert topics == ["mission.opened", "mission.resolved"]
