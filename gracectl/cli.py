@@ -46,7 +46,7 @@ from .command import (
     wide_option,
 )
 from .endpoint import Endpoint, url_problem
-from .errors import CtlError, ProtocolViolation
+from .errors import CtlError, ProtocolViolation, RemoteError
 from .missions import STATES, missions
 from .out import stderr_note
 from .timespec import Point
@@ -600,10 +600,16 @@ def reload(ctx: click.Context, timeout: float, as_json: bool) -> None:
     A refused config leaves the running one in place; the reason is printed. Exit 6 if
     graced has not answered within --timeout (whether it applied the file is unknown).
     """
-    result = perform(lambda: OneCall(
-        endpoint_of(ctx), "reload", {}, timeout,
-        f"graced did not answer the reload within {timeout:g} s (whether it applied the "
-        "file is unknown: see gracectl status)"))
+    try:
+        result = perform(lambda: OneCall(
+            endpoint_of(ctx), "reload", {}, timeout,
+            f"graced did not answer the reload within {timeout:g} s (whether it applied the "
+            "file is unknown: see gracectl status)"))
+    except RemoteError as exc:
+        if as_json and exc.code_name == "invalid":  # refused: scripts read why on stdout
+            print_json({"applied": False, "error": {"code": exc.code_name,
+                                                    "message": str(exc)}})
+        raise
     if as_json:
         print_json(result)
         return

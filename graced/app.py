@@ -52,7 +52,7 @@ from .reload import ConfigRejected, Reloader, removed_reason
 from .retention import Retention, checkpoint_payload
 from .safefiles import check_dir_chain, check_private_dir, make_dirs, write_new
 from .silences import Silences
-from .wire import Budget, Server, certificate_names, tls_context
+from .wire import Budget, Server, certificate_names, tls_context, tls_digest
 
 log = logging.getLogger("graced")
 
@@ -241,6 +241,9 @@ class Daemon:
                                lambda new: setattr(server, "budget",
                                                    Budget.from_config(new.daemon))]
         api.reloader = reloader
+        reloader.load_tls = lambda new: server.prepare_tls(new.daemon.tls_cert,
+                                                           new.daemon.tls_key)
+        reloader.tls_digest = tls_digest(cfg.daemon.tls_cert, cfg.daemon.tls_key)
         forwarder = None
         if cfg.fleet.url:
             from .fleet import make_forwarder

@@ -3,11 +3,13 @@
 SIGHUP, ``systemctl reload graced`` (the unit's ExecReload= runs ``gracectl reload``) and
 ``gracectl reload`` all come here. The file is found, parsed and checked as at start.
 Keys only a restart can apply (the socket, listeners, state dir, the journal's
-synchronous and batch_max) must be unchanged. On success detectors, playbooks, notifiers,
-remediation, learning, missions, retention limits, heartbeat and log level change in
-place: no client is dropped, no state is lost; the missions of a removed detector, and
-those of a changed detector on a subject it no longer reports, close (expired) saying
-so, unless a playbook step is running for them.
+synchronous and batch_max) must be unchanged; the TLS certificate and key are loaded
+again (a renewed certificate at the same path is served to new connections). On
+success detectors, playbooks, notifiers, remediation, learning, missions, retention
+limits, heartbeat and log level change in place: no client is dropped, no state is
+lost; the missions of a removed detector, and those of a changed detector on a subject
+it no longer reports, close (expired) saying so, unless a playbook step is running for
+them.
 ``daemon.config_reloaded`` carries the file's SHA-256; on any error
 ``daemon.config_rejected`` carries the reason and the running config stays.
 """
@@ -28,6 +30,7 @@ from . import logs
 from .config import EMBEDDED, Config, ConfigError, DetectorConfig, load_config
 from .config.daemon import SECTIONS
 from .detectors.runner import DetectorRunner
+from .errors import StartupError
 from .executor import Executor
 from .learning import Learning
 from .mesh import Mesh
@@ -39,8 +42,7 @@ log = logging.getLogger("graced.reload")
 # Keys that only a restart applies: [section] -> keys.
 RESTART_ONLY = {
     "daemon": ("state_dir", "socket", "socket_mode", "socket_group", "listen", "allowed_origins",
-               "max_request_bytes", "client_queue", "client_queue_bytes", "send_timeout",
-               "tls_cert", "tls_key"),
+               "max_request_bytes", "client_queue", "client_queue_bytes", "send_timeout"),
     "journal": ("synchronous", "batch_max"),
     "fleet": ("url", "stream", "creds", "nkey_seed", "user", "password", "tls_ca", "tls_cert",
               "tls_key", "replicas", "max_age_days", "max_bytes_per_host", "in_flight",
@@ -123,6 +125,11 @@ class Reloader:
         self.learning = learning
         # Called with each applied config (the daemon and the API keep a reference).
         self.listeners: list[Callable[[Config], None]] = []
+        # Loads the TLS certificate and key a config names (in a worker thread; raises
+        # on a file it cannot load), returning what to apply and a digest of the files'
+        # contents: a certificate renewed at the same path is applied too, as nginx does.
+        self.load_tls: Callable[[Config], tuple[Callable[[], None], str]] | None = None
+        self.tls_digest = ""
         self._lock = trio.Lock()
 
     async def reload(self, by: str) -> dict[str, Any]:
@@ -138,6 +145,13 @@ class Reloader:
                 if changed:
                     raise ConfigError(f"{new.source}: {', '.join(changed)} changed: only a "
                                       "restart of graced applies that")
+                tls = None
+                if self.load_tls is not None:
+                    load = self.load_tls
+                    try:
+                        tls = await trio.to_thread.run_sync(lambda: load(new))
+                    except StartupError as exc:
+                        raise ConfigError(f"{new.source}: {exc}") from None
             except Exception as exc:  # noqa: BLE001 - nothing in a file may stop graced
                 reason = str(exc) if isinstance(exc, ConfigError) else (
                     f"cannot read the config: {type(exc).__name__}: {exc}")
@@ -148,10 +162,19 @@ class Reloader:
                 self.mesh.publish_nowait("daemon.config_rejected", {
                     "by": by, "reason": reason, "running_sha256": self.config.digest})
                 raise ConfigRejected(reason) from None
-            return await self._apply(new, by)
+            tls_renewed = False
+            if tls is not None:
+                apply_tls, digest = tls
+                apply_tls()
+                tls_renewed = digest != self.tls_digest and self.config.daemon.tls_cert \
+                    == new.daemon.tls_cert and self.config.daemon.tls_key == new.daemon.tls_key
+                self.tls_digest = digest
+            return await self._apply(new, by, tls_renewed)
 
-    async def _apply(self, new: Config, by: str) -> dict[str, Any]:
+    async def _apply(self, new: Config, by: str, tls_renewed: bool = False) -> dict[str, Any]:
         changed = changes(self.config, new)
+        if tls_renewed:  # the same paths, new contents
+            changed["sections"].setdefault("daemon", []).append("tls_cert/tls_key contents")
         diff = self.runner.reconfigure(list(new.detector))
         ex = self.executor
         ex.config, ex.playbooks, ex.notifiers = new.remediation, list(new.playbook), list(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -85,6 +86,21 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
         raise StartupError(f"cannot load [daemon] tls_cert {cert} / tls_key {key}: "
                            f"{getattr(exc, 'strerror', None) or exc}", DaemonExit.CONFIG) from None
     return ctx
+
+
+def tls_digest(cert: str, key: str) -> str:
+    """SHA-256 of the certificate and key files' contents ("" without TLS or a file)."""
+    if not cert and not key:
+        return ""
+    h = hashlib.sha256()
+    for path in (cert, key):
+        try:
+            with open(path, "rb") as fh:
+                h.update(fh.read(1 << 20))
+        except OSError:
+            return ""
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 def certificate_names(cert: str) -> set[str]:
@@ -394,6 +410,16 @@ class Server:
         self._listen_scope = trio.CancelScope()
 
     # -- authorisation -----------------------------------------------------------
+
+    def prepare_tls(self, cert: str, key: str) -> tuple[Callable[[], None], str]:
+        """Load a TLS certificate and key (raises StartupError when they cannot be);
+        returns what serves them to new connections, and their contents' digest."""
+        context = tls_context(cert, key)
+        names = certificate_names(cert)
+
+        def apply() -> None:
+            self.tls, self.server_names = context, names
+        return apply, tls_digest(cert, key)
 
     def is_controller(self, peer: Peer) -> bool:
         """Control over the Unix socket: root or the daemon's own uid."""

@@ -587,3 +587,50 @@ async def test_idle_and_half_open_tcp_floods_leave_root_its_slots(
             s.close()
         w.close()
 
+
+
+@pytest.mark.slow
+def test_reload_serves_a_certificate_renewed_at_the_same_path(make_graced, shortdir) -> None:
+    """As nginx's reload: a certificate and key replaced at the same paths are served to
+    new connections after `gracectl reload`, which says so; a certificate graced cannot
+    load is refused (exit 1, the old one still served), and `reload --json` prints the
+    refusal as JSON on stdout."""
+    old_dir, new_dir = shortdir / "old", shortdir / "new"
+    old_dir.mkdir()
+    new_dir.mkdir()
+    old_cert, _ = _self_signed(old_dir)
+    new_cert, new_key = _self_signed(new_dir)
+    live_cert, live_key = shortdir / "live.pem", shortdir / "live.key"
+    live_cert.write_bytes(old_cert.read_bytes())
+    live_key.write_bytes((old_dir / "cert.key").read_bytes())
+    g = make_graced(start=False, extra_config=(
+        f'listen = ["127.0.0.1:0"]\ntls_cert = "{live_cert}"\ntls_key = "{live_key}"\n'
+        '[remediation]\nread_keys = ["KEY"]\n'))
+    line = g.ctl("keys", "generate", check=True).stdout.strip()
+    g.config.write_text(g.config.read_text().replace('"KEY"', json.dumps(line)))
+    g.start()
+    port = json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["tcp_ports"][0]
+    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
+    env["GRACE_KEY"] = str(g.state / "key.pub")
+
+    def status(cacert: Path) -> subprocess.CompletedProcess[str]:
+        return g.ctl("--url", f"wss://127.0.0.1:{port}", "--cacert", str(cacert), "status",
+                     env=env)
+
+    assert status(old_cert).returncode == 0
+    live_cert.write_bytes(new_cert.read_bytes())
+    live_key.write_bytes(new_key.read_bytes())
+    res = g.ctl("reload", check=True)
+    assert "[daemon] tls_cert/tls_key contents" in res.stderr, res.stderr
+    assert status(new_cert).returncode == 0
+    refused = status(old_cert)
+    assert refused.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in refused.stderr
+
+    live_cert.write_text("not a certificate\n")
+    res = g.ctl("reload", "--json")
+    assert res.returncode == 1, res
+    answer = json.loads(res.stdout)
+    assert answer["applied"] is False and answer["error"]["code"] == "invalid", answer
+    assert f"cannot load [daemon] tls_cert {live_cert}" in answer["error"]["message"]
+    assert res.stderr.count("\n") == 1 and "config rejected" in res.stderr, res.stderr
+    assert status(new_cert).returncode == 0  # the running certificate stays
