@@ -185,6 +185,21 @@ def _health_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
             *([("silences", f"{silenced} in force (gracectl silence ls)")] if silenced else [])]
 
 
+def _retention(j: dict[str, Any]) -> str:
+    """The journal's retention limits and the oldest event it keeps, for status."""
+    r = j["retention"]
+    size = f"{r['max_size'] / 1e6:.0f} MB" if r.get("max_size") else "no size limit"
+    age = "no age limit"
+    if r.get("max_age"):
+        parts = _human_duration(r["max_age"]).split()
+        age = " ".join(p for p in parts if not p.startswith("0")) or parts[-1]
+    first = j.get("first_seq") or r.get("first_seq") or 1
+    pruned = f"; {r['pruned']} events pruned" if r.get("pruned") else ""
+    limits = (f"at most {size}, {age}" if r.get("max_size") or r.get("max_age")
+              else "keeps everything (no max_size, no max_age)")
+    return f"{limits}; oldest kept seq {first}{pruned}"
+
+
 def _print_status(st: dict[str, Any]) -> None:
     j, w = st["journal"], st["wire"]
     rows = [
@@ -199,6 +214,7 @@ def _print_status(st: dict[str, Any]) -> None:
         ("journal", f"{j['size_bytes'] / 1e6:.1f} MB, last commit {j['commit_latency_ms']} ms, "
                     f"{j['commit_errors']} errors" + (f" ({j['last_error']})" if j["last_error"]
                                                      else "")),
+        *([("retention", _retention(j))] if j.get("retention") else []),
         *([("JOURNAL", f"COMMITS FAILING for {_human_duration(time.time() - j['failing_since'])}"
                        f", {j['pending']} events queued: {j['last_error']}")]
           if j.get("failing_since") else []),

@@ -195,6 +195,9 @@ def test_a_reload_applies_new_retention_limits(make_graced) -> None:
         "retention"]
     assert (retention["max_size"], retention["max_age"]) == (8 * MiB, 1), retention
     assert g.ctl("tail", "--since", str(old), "--no-follow").returncode == ExitCode.PRUNED
+    # The human status says the limits and where what is kept starts.
+    assert re.search(r"^retention +at most 8 MB, 1s; oldest kept seq \d+; \d+ events pruned$",
+                     g.ctl("status", check=True).stdout, re.M), g.ctl("status").stdout
     g.config.write_text(g.config.read_text().replace(journal_config(8 * MiB, max_age=1),
                                                      journal_config(0, max_age=0)))
     g.ctl("reload", check=True)

@@ -54,6 +54,7 @@ def test_a_complete_stream_verifies_and_its_cut_versions_do_not(
 
     rc, err = verify(g, joined(lines[3:]))  # the head dropped
     assert rc == ExitCode.CHAIN_BROKEN and "seq 4: missing head" in err, err
+    assert "verifies from its checkpoint: --from FIRST_SEQ:FIRST_HASH" in err, err  # a hint
     rc, err = verify(g, joined(lines[:-1]))  # the tail cut off
     assert rc == ExitCode.STALE and "missing tail" in err, err
     rc, err = verify(g, joined(lines[:-1]), "--partial")

@@ -494,8 +494,11 @@ class ChainVerifier:
             if seq != self.first_seq:
                 raise Violation(ExitCode.CHAIN_BROKEN, seq,
                                 f"missing head: the stream starts at seq {seq}, expected "
-                                f"{self.first_seq}" + (" (genesis)" if self.first_seq == 1
-                                                       else ""))
+                                f"{self.first_seq}" + (
+                                    " (genesis; a journal pruned by retention verifies from "
+                                    "its checkpoint: --from FIRST_SEQ:FIRST_HASH, which "
+                                    "gracectl checkpoint prints)" if self.first_seq == 1
+                                    else ""))
             if seq == 1 and prev != GENESIS_PREV:
                 raise Violation(ExitCode.CHAIN_BROKEN, seq,
                                 "genesis event's prev is not all zeros")
