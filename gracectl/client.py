@@ -29,6 +29,7 @@ from graced.protocol import (
     parse_event_line,
     verify_detached,
 )
+from graced.protocol.redact import redact_text, redact_url
 from graced.protocol.verify import MAX_LINE_BYTES
 from graced.protocol.wire import CLOSE_REVOKED, request_signing_bytes
 
@@ -342,7 +343,7 @@ async def connect(endpoint: Endpoint, trusted_key: bytes | None = None,
         leaf = sole_exception(group)
         if isinstance(leaf, trio_websocket.ConnectionRejected):
             body = leaf.body.decode("utf-8", "replace") if leaf.body else ""
-            raise Unreachable(f"graced at {endpoint.url or endpoint.socket} refused the "
+            raise Unreachable(f"graced at {_where(endpoint)} refused the "
                               f"connection ({leaf.status_code}: {body})") from None
         raise leaf from None
 
@@ -376,7 +377,7 @@ async def _open(nursery: trio.Nursery, endpoint: Endpoint, timeout: float) -> We
             )
     except (OSError, ssl.SSLError, trio.BrokenResourceError, trio_websocket.HandshakeError,
             trio.TooSlowError, ConnectionClosed) as exc:
-        where = endpoint.url or endpoint.socket
+        where = _where(endpoint)
         detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
             detail = str(exc.__cause__)  # trio's SSLStream wraps the ssl error
@@ -385,5 +386,10 @@ async def _open(nursery: trio.Nursery, endpoint: Endpoint, timeout: float) -> We
         if isinstance(exc, PermissionError) and not endpoint.url:
             raise NotAuthorised(f"cannot reach graced at {where}: {detail} ({socket_hint(where)})"
                                 ) from None
-        raise Unreachable(f"cannot reach graced at {where}: {detail}") from None
+        raise Unreachable(f"cannot reach graced at {where}: {redact_text(detail)}") from None
+
+
+def _where(endpoint: Endpoint) -> str:
+    """The endpoint as a message shows it: a URL without its credentials or query."""
+    return redact_url(endpoint.url) if endpoint.url else str(endpoint.socket)
 

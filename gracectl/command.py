@@ -21,6 +21,7 @@ import click
 from graced.keys import parse_public_key
 from graced.paths import client_socket
 from graced.protocol import ExitCode, key_id
+from graced.protocol.redact import redact_url
 
 from . import out, trust
 from .endpoint import Endpoint
@@ -175,7 +176,8 @@ def trusted_key(endpoint: Endpoint, key_file: str | None = None) -> bytes:
     if known is not None:
         return known
     if endpoint.url:
-        raise CtlError(f"no trusted key for {endpoint.url}: pass --key FILE (the daemon's "
+        raise CtlError(f"no trusted key for {redact_url(endpoint.url)}: pass --key FILE "
+                       "(the daemon's "
                        "key.pub) or pin it with 'gracectl keys trust'", ExitCode.BAD_SIGNATURE)
     offered, daemon_id = hello_key(endpoint)
     trust.pin(endpoint.name, offered, daemon_id)

@@ -401,3 +401,51 @@ async def test_readers_who_never_read_a_replay_cannot_grow_graceds_memory(make_g
     with trio.fail_after(30):  # memory is handed back once the replays end
         while _memory(pid)[0] - rss0 > 40 * 2**20:  # noqa: ASYNC110
             await trio.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_secrets_in_a_urls_path_are_never_shown(make_graced, shortdir) -> None:
+    """An http detector's URL with a ;jsessionid= path parameter, and one whose path is
+    itself the secret (secret_path = true: a health check's UUID): no event, mission,
+    output or log line shows either. gracectl's own --url credentials and query are
+    not printed in its errors either."""
+    from tests.test_security_e2e import _server
+
+    server, port, hits = _server(shortdir, "web", "http", "500", "")
+    params = f"http://127.0.0.1:{port}/p;jsessionid=PSECRET1;x=1/x#FRAG"
+    pathed = f"http://127.0.0.1:{port}/hc/UUIDSECRET2"
+    try:
+        g = make_graced(detectors=(
+            f'[[detector]]\nname = "params"\nkind = "http"\ninterval = 0.5\nurl = "{params}"\n'
+            f'[[detector]]\nname = "pathed"\nkind = "http"\ninterval = 0.5\nurl = "{pathed}"\n'
+            "secret_path = true\n" + MISSIONS.format(flap=0)))
+        w = Watch(g)
+        try:
+            a = w.wait("mission.opened", "params", 15)["payload"]
+            b = w.wait("mission.opened", "pathed", 15)["payload"]
+        finally:
+            w.close()
+        assert a["subject"] == (f"http://127.0.0.1:{port}/p;jsessionid=REDACTED;x=REDACTED/x"
+                                "#REDACTED")
+        assert b["subject"].startswith(f"http://127.0.0.1:{port}/REDACTED-")
+        # The real URLs are the ones requested.
+        seen = hits.read_text()
+        assert "GET /p;jsessionid=PSECRET1;x=1/x" in seen and "GET /hc/UUIDSECRET2" in seen
+        shown = [g.ctl("tail", "--json", "--since", "1", "--no-follow", check=True).stdout,
+                 g.ctl("detectors", "--json", check=True).stdout,
+                 g.ctl("missions", "ls", "--all", "--json", check=True).stdout,
+                 g.ctl("missions", "show", str(a["id"]), "--json", check=True).stdout,
+                 g.ctl("status", "--json", check=True).stdout,
+                 *(p.read_bytes().decode("latin-1") for p in g.state.iterdir() if p.is_file()),
+                 g.stderr()]
+        for text in shown:
+            assert "PSECRET1" not in text and "UUIDSECRET2" not in text
+    finally:
+        server.kill()
+        server.wait()
+    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
+    res = g.ctl("--url", f"wss://u:URLPW1@127.0.0.1:{port}/?token=URLTOK2",
+                "--key", str(g.state / "key.pub"), "status", env=env)
+    assert res.returncode == 3, res.stderr
+    assert "cannot reach graced at wss://REDACTED@127.0.0.1" in res.stderr, res.stderr
+    assert "URLPW1" not in res.stderr + res.stdout and "URLTOK2" not in res.stderr

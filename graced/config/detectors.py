@@ -93,6 +93,8 @@ class DetectorConfig:
     # "none": straight to the URL's host; "env": http_proxy/https_proxy, never for
     # loopback or what no_proxy names; or an http:// proxy URL
     proxy: str = field(default="none", metadata=check(proxy_setting))
+    # http: the URL's path is a secret (a token in it): shown as a hash, never as is
+    secret_path: bool = False
     # systemd: unit names or globs (none: every unit)
     units: list[str] = field(default_factory=list, metadata=check(each(non_empty)))
     # log, journald
@@ -228,9 +230,9 @@ KINDS: dict[str, Kind] = {
     "command": Kind({**_MS, "argv": non_empty_list}, requires=("argv",), threshold=5000.0,
                     min_change=MS,
                     subject=lambda d: " ".join(d.argv[:1])),
-    "http": Kind({**_MS, "url": http_url, "expect_status": None, "proxy": None},
-                 requires=("url",), threshold=2000.0, min_change=MS,
-                 subject=lambda d: redact_url(d.url)),
+    "http": Kind({**_MS, "url": http_url, "expect_status": None, "proxy": None,
+                  "secret_path": None}, requires=("url",), threshold=2000.0, min_change=MS,
+                 subject=lambda d: redact_url(d.url, hide_path=d.secret_path)),
     "log": Kind({**_LOG, "file": absolute_path}, requires=("file",),
                 subject=lambda d: d.file, rule=_log_rule),
     "journald": Kind({**_LOG, "unit": non_empty, "timeout": None}, requires=("unit",),

@@ -217,7 +217,7 @@ class HttpProbe(SimpleDetector):
     def sample(self) -> list[Observation]:
         cfg = self.config
         started = time.perf_counter()
-        shown = redact_url(cfg.url)
+        shown = redact_url(cfg.url, hide_path=cfg.secret_path)
         try:
             # The whole request within the probe's timeout (a dripping server included);
             # a redirect is a status like any other, never followed.
