@@ -397,6 +397,10 @@ class Server:
         self.refusals = Refusals()
         self.handler_failures = LogBudget("failed requests (tracebacks)")
         self.serve_failures = LogBudget("failed connections (tracebacks)")
+        # trio logs every accept that fails (EMFILE: 96 lines in 10 s): rate-limited too.
+        accept_errors = LogBudget("failed accepts")
+        logging.getLogger("trio.serve_listeners").addFilter(
+            lambda record: accept_errors.allow())
         self.clock = clock
         self.clients: set[Client] = set()
         # Where each replay in progress is: retention prunes nothing it has still to send.

@@ -157,3 +157,46 @@ def test_writable_dirs_above_the_socket_or_state_are_refused(make_graced, shortd
     open_dir.chmod(0o755)
     g.start()
     assert g.ctl("status").returncode == 0
+
+
+@pytest.mark.slow
+def test_a_detector_sees_again_within_seconds_after_descriptors_come_back(
+        make_graced, shortdir) -> None:
+    """A real fault: graced's descriptor limit lowered under what it holds (prlimit), so
+    a file detector's open() fails with EMFILE for 8 s, then raised back. The detector
+    says so once (not every retry) and samples again within 3 s of the descriptors
+    coming back (its backoff once doubled to a minute while graced itself was out)."""
+    import json
+    import shutil
+    import time
+
+    import psutil
+
+    from tests.helpers.procs import poll_until
+
+    if not shutil.which("prlimit"):
+        pytest.skip("prlimit (util-linux) not installed")
+    value = shortdir / "v"
+    value.write_text("1")
+    g = make_graced(detectors=f'[[detector]]\nname = "v"\nkind = "value"\ninterval = 0.5\n'
+                              f'file = "{value}"\nthreshold = 50.0\n')
+
+    def state() -> str:
+        return str(json.loads(g.ctl("detectors", "--json", check=True).stdout)["v"]["state"])
+
+    poll_until(lambda: state() == "up", 10, "the detector up")
+    assert g.proc is not None
+    pid = g.proc.pid
+    soft, hard = psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE)
+    held = psutil.Process(pid).num_fds()
+    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={held}:{hard}"], check=True)
+    try:
+        poll_until(lambda: "Too many open files" in g.stderr(), 10, "EMFILE in the log")
+        time.sleep(8)  # the fault's duration, not a wait for an event
+    finally:
+        subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:{hard}"], check=True)
+    back = time.monotonic()
+    poll_until(lambda: state() == "up", 30, "the detector up again")
+    assert time.monotonic() - back < 3.0 + 1.5, time.monotonic() - back  # + gracectl's run
+    failed = [line for line in g.stderr().splitlines() if "detector v failed" in line]
+    assert len(failed) == 1, failed

@@ -10,6 +10,7 @@ with the mission's row in the same transaction.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from .kinds import build_detector
 from .scoring import Scorer, Verdict, next_interval
 
 log = logging.getLogger("graced.detectors")
+EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 # Writes and events that go with a final mission (the learning loop's outcome memory).
 Outcome = Callable[[Mission, float], tuple[list[Write], list[tuple[str, dict[str, Any]]]]]
@@ -180,6 +182,7 @@ class DetectorRunner:
 
     async def _sample_forever(self, cfg: DetectorConfig) -> None:
         backoff = 1.0
+        said = ""  # the exhaustion error already logged and published, while it lasts
         st = self.status[cfg.name]
         while True:
             detector = None
@@ -200,7 +203,7 @@ class DetectorRunner:
                     _check_values(observations)
                     self._judge(cfg, observations)
                     st["state"] = "up"
-                    backoff = 1.0
+                    backoff, said = 1.0, ""
                     step = self._step(cfg, detector, observations)
                     st["cadence"] = round(step, 3)
                     now = trio.current_time()
@@ -210,16 +213,26 @@ class DetectorRunner:
                         due = now + step
                     woken = await self._wait(detector, due)
             except Exception as exc:  # noqa: BLE001 - a detector must never take graced down
+                error = f"{type(exc).__name__}: {exc}"
+                # graced itself out of descriptors or memory: not the detector's fault,
+                # and over as soon as they come back: retried every second (said once
+                # while it lasts), not after a backoff that left it blind for a minute.
+                exhausted = isinstance(exc, OSError) and exc.errno in EXHAUSTION
+                repeat = exhausted and said == error
+                said = error if exhausted else ""
                 st["state"] = "error"
                 st["errors"] += 1
-                st["last_error"] = f"{type(exc).__name__}: {exc}"
-                log.warning("detector %s failed: %s; restarting in %.0f s", cfg.name,
-                            st["last_error"], backoff)
-                self.mesh.publish_nowait("detector.error", {
-                    "detector": cfg.name, "kind": cfg.kind, "error": st["last_error"],
-                    "restart_in": backoff})
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 60.0)
+                st["last_error"] = error
+                wait = 1.0 if exhausted else backoff
+                if not repeat:
+                    log.warning("detector %s failed: %s; restarting in %.0f s", cfg.name,
+                                error, wait)
+                    self.mesh.publish_nowait("detector.error", {
+                        "detector": cfg.name, "kind": cfg.kind, "error": error,
+                        "restart_in": wait})
+                await trio.sleep(wait)
+                if not exhausted:
+                    backoff = min(backoff * 2, 60.0)
             finally:
                 if detector is not None:
                     if self._live.get(cfg.name) is detector:
