@@ -24,3 +24,13 @@ def test_a_url_with_nothing_to_hide_is_left_as_written(url: str) -> None:
 def test_secrets_are_hidden_and_the_rest_kept(url: str, shown: str) -> None:
     assert redact_url(url) == shown
     assert "hunter2" not in redact_text(f"error: {url}") and "abc" not in redact_url(url)
+
+
+def test_path_parameters_and_secret_paths_are_hidden() -> None:
+    from graced.redact import redact_url
+
+    assert redact_url("http://h:1/p;jsessionid=S3CRET;flag/x") == \
+        "http://h:1/p;jsessionid=REDACTED;REDACTED/x"
+    hidden = redact_url("https://hooks.example/services/T0/B0/S3CRET", hide_path=True)
+    assert hidden.startswith("https://hooks.example/REDACTED-") and "S3CRET" not in hidden
+    assert hidden != redact_url("https://hooks.example/services/T0/B0/OTHER", hide_path=True)

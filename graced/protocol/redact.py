@@ -46,6 +46,9 @@ def redact_url(url: str, *, hide_path: bool = False) -> str:
         port = parts.port
     except ValueError:
         return HIDDEN
+    if (parts.username is None and parts.password is None and not parts.query
+            and not parts.fragment and ";" not in parts.path and not hide_path):
+        return url  # nothing to hide: as written (urlsplit would lower-case it)
     netloc = host if ":" not in host else f"[{host}]"
     if port is not None:
         netloc += f":{port}"
@@ -62,7 +65,7 @@ def redact_url(url: str, *, hide_path: bool = False) -> str:
         path = hidden_path(path)
     else:
         path = "/".join(_params(seg) for seg in path.split("/"))
-    return urlunsplit((parts.scheme, netloc, path, query, fragment))
+    return urlunsplit((url[:len(parts.scheme)], netloc, path, query, fragment))
 
 
 def redact_text(text: str) -> str:
