@@ -15,6 +15,7 @@ import pytest
 
 from graced.protocol import ExitCode
 from tests.conftest import Graced, bin_path
+from tests.helpers.tcp import keyed_daemon
 from tests.test_missions_e2e import MISSIONS, Watch
 from tests.test_remediation_e2e import (
     kill_all,
@@ -197,14 +198,7 @@ def test_a_private_key_others_may_read_and_a_pin_file_others_may_write_are_refus
     """As ssh: a client key readable by group or others is refused (it is no longer this
     user's alone), and so is a known keys file they may write (they would choose the key
     gracectl trusts); one line naming the file, nothing on stdout. chmod mends both."""
-    g = make_graced(start=False, extra_config='listen = ["127.0.0.1:0"]\n'
-                    '[remediation]\nread_keys = ["KEY"]\n')
-    line = g.ctl("keys", "generate", check=True).stdout.strip()
-    g.config.write_text(g.config.read_text().replace('"KEY"', json.dumps(line)))
-    g.start()
-    port = json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["tcp_ports"][0]
-    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
-    env["GRACE_KEY"] = str(g.state / "key.pub")
+    g, port, env, _ = keyed_daemon(make_graced, "read_keys")
     url = f"ws://127.0.0.1:{port}"
     key = g.home / ".config" / "grace" / "client.key"
     assert g.ctl("--url", url, "status", env=env).returncode == 0

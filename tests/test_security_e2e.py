@@ -19,6 +19,7 @@ import pytest
 from graced.protocol import parse_ts
 from graced.protocol.signing import b64
 from tests.helpers.procs import poll_until
+from tests.helpers.tcp import keyed_daemon
 from tests.helpers.users import ensure_user
 from tests.test_documented_e2e import (  # noqa: F401
     APPROVER,
@@ -603,15 +604,8 @@ def test_reload_serves_a_certificate_renewed_at_the_same_path(make_graced, short
     live_cert, live_key = shortdir / "live.pem", shortdir / "live.key"
     live_cert.write_bytes(old_cert.read_bytes())
     live_key.write_bytes((old_dir / "cert.key").read_bytes())
-    g = make_graced(start=False, extra_config=(
-        f'listen = ["127.0.0.1:0"]\ntls_cert = "{live_cert}"\ntls_key = "{live_key}"\n'
-        '[remediation]\nread_keys = ["KEY"]\n'))
-    line = g.ctl("keys", "generate", check=True).stdout.strip()
-    g.config.write_text(g.config.read_text().replace('"KEY"', json.dumps(line)))
-    g.start()
-    port = json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["tcp_ports"][0]
-    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
-    env["GRACE_KEY"] = str(g.state / "key.pub")
+    g, port, env, _ = keyed_daemon(make_graced, "read_keys",
+                                   f'tls_cert = "{live_cert}"\ntls_key = "{live_key}"\n')
 
     def status(cacert: Path) -> subprocess.CompletedProcess[str]:
         return g.ctl("--url", f"wss://127.0.0.1:{port}", "--cacert", str(cacert), "status",

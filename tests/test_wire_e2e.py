@@ -16,6 +16,7 @@ from graced.keys import parse_public_key
 from graced.protocol import ExitCode, check_signature
 from tests.conftest import Graced
 from tests.helpers.procs import LineCollector
+from tests.helpers.tcp import keyed_daemon
 
 
 async def _ws(g: Graced, nursery: trio.Nursery) -> trio_websocket.WebSocketConnection:
@@ -237,14 +238,7 @@ def test_pause_and_resume_record_who_asked(make_graced) -> None:
     a request signed by a control key over TCP, the user name over the Unix socket."""
     import pwd
 
-    g = make_graced(start=False, extra_config='listen = ["127.0.0.1:0"]\n'
-                    '[remediation]\ncontrol_keys = ["KEY"]\n')
-    line = g.ctl("keys", "generate", check=True).stdout.strip()
-    g.config.write_text(g.config.read_text().replace('"KEY"', json.dumps(line)))
-    g.start()
-    port = json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["tcp_ports"][0]
-    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
-    env["GRACE_KEY"] = str(g.state / "key.pub")
+    g, port, env, line = keyed_daemon(make_graced, "control_keys")
     g.ctl("--url", f"ws://127.0.0.1:{port}", "pause", env=env, check=True)
     g.ctl("resume", check=True)
     events = [json.loads(x) for x in g.ctl(
@@ -261,14 +255,7 @@ def test_a_tcp_client_over_the_per_address_limit_is_told_why(make_graced) -> Non
     bare EOF), which gracectl prints (exit 3); graced's log names the refusal too."""
     from tests.helpers.procs import poll_until
 
-    g = make_graced(start=False, extra_config='listen = ["127.0.0.1:0"]\n'
-                    'max_clients_per_address = 1\n[remediation]\nread_keys = ["KEY"]\n')
-    line = g.ctl("keys", "generate", check=True).stdout.strip()
-    g.config.write_text(g.config.read_text().replace('"KEY"', json.dumps(line)))
-    g.start()
-    port = json.loads(g.ctl("status", "--json", check=True).stdout)["wire"]["tcp_ports"][0]
-    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
-    env["GRACE_KEY"] = str(g.state / "key.pub")
+    g, port, env, _ = keyed_daemon(make_graced, "read_keys", "max_clients_per_address = 1\n")
     url = f"ws://127.0.0.1:{port}"
     holder = subprocess.Popen([g.ctl_argv0(), "--url", url, "tail", "-n", "0", "nothing.*"],
                               env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
