@@ -9,6 +9,8 @@ re-resolved at every sample, so a new one started after a death is watched too.
 from __future__ import annotations
 
 import os
+import resource
+import threading
 
 import psutil
 
@@ -17,7 +19,41 @@ from .base import Observation, SimpleDetector
 from .events import POLL, Wakeup
 
 MAX_PIDFDS = 256
-"""At most this many matching processes are held by a pidfd; the rest are polled."""
+"""At most this many matching processes are held by a pidfd per detector; the rest are polled."""
+
+NOFILE_SHARE = 4
+"""All process detectors together hold at most 1/NOFILE_SHARE of graced's file descriptor
+limit (RLIMIT_NOFILE, soft) as pidfds: anyone can start processes with a watched name, and
+graced must keep descriptors for its sockets, journal and logs (review of #19, attacker 2)."""
+
+
+class _PidfdBudget:
+    """The daemon-wide count of pidfds held, against a budget read from RLIMIT_NOFILE."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.held = 0
+
+    @staticmethod
+    def limit() -> int:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 1 << 20
+        return max(0, soft // NOFILE_SHARE)
+
+    def take(self, wanted: int) -> int:
+        """Reserve up to ``wanted`` descriptors; returns how many were granted."""
+        with self._lock:
+            granted = max(0, min(wanted, self.limit() - self.held))
+            self.held += granted
+            return granted
+
+    def give_back(self, count: int) -> None:
+        with self._lock:
+            self.held = max(0, self.held - count)
+
+
+PIDFD_BUDGET = _PidfdBudget()
 
 
 def _matching(cfg: DetectorConfig, gone: set[int] | None = None) -> list[psutil.Process]:
@@ -84,19 +120,27 @@ class ProcessPresence(SimpleDetector):
             if pid not in pids:
                 self._release(fd)
         held = set(self._fds.values())
-        for pid in sorted(pids - held)[:max(0, MAX_PIDFDS - len(held))]:
+        wanted = sorted(pids - held)[:max(0, MAX_PIDFDS - len(held))]
+        granted = PIDFD_BUDGET.take(len(wanted))
+        for pid in wanted[:granted]:
             try:
                 fd = os.pidfd_open(pid)
-            except OSError:  # exited meanwhile: the next sample sees it
+            except OSError:  # exited meanwhile (or no descriptor left): the next sample sees it
+                PIDFD_BUDGET.give_back(1)
                 continue
             self._fds[fd] = pid
             self.wakeup.add(fd)
+        unheld = len(pids) - len(self._fds)
+        self.mode_note = (f"{unheld} of {len(pids)} processes polled, not held by a pidfd "
+                          f"(graced's pidfd budget: a quarter of its file descriptor limit)"
+                          if unheld > 0 else "")
 
     def _release(self, fd: int) -> None:
         assert self.wakeup is not None
         self.wakeup.discard(fd)
         del self._fds[fd]
         os.close(fd)
+        PIDFD_BUDGET.give_back(1)
 
     def drain(self) -> bool:
         """A watched process exited: note it (its pidfd says so even before it is reaped)."""

@@ -203,6 +203,7 @@ class DetectorRunner:
                     _check_values(observations)
                     self._judge(cfg, observations)
                     st["state"] = "up"
+                    st["mode_note"] = getattr(detector, "mode_note", "")  # may change
                     backoff, said = 1.0, ""
                     step = self._step(cfg, detector, observations)
                     st["cadence"] = round(step, 3)
