@@ -225,3 +225,30 @@ def test_a_cpu_average_over_a_window_has_no_value_until_it_has_watched_that_long
         time.sleep(0.02)  # time passing is the state awaited: sampled as a detector would
         values.append(short.sample()[0].value)
     assert values[0] is None and values[-1] is not None and 0 <= values[-1] <= 100
+
+
+def test_a_copytruncate_rotation_is_read_from_the_start_even_when_the_log_grew_back(
+        tmp_path: Path) -> None:
+    """The log is copied, truncated in place and written again past graced's offset before
+    graced looks (review of #19, newcomer 1): every new line is read, none from mid-line."""
+    log = tmp_path / "rot.log"
+    log.write_text("")
+    det = LogFile(DetectorConfig(name="rot", kind="log", file=str(log), max_ratio=1.0,
+                                 window=600.0, min_lines=1))
+    try:
+        det.sample()
+        with open(log, "a") as fh:
+            fh.write("".join(f"ERROR old {i}\n" for i in range(100)))
+        assert det.sample()[0].detail["lines"] == 100
+        (tmp_path / "rot.log.1").write_bytes(log.read_bytes())  # cp, then : > rot.log
+        with open(log, "r+") as fh:
+            fh.truncate(0)
+        with open(log, "a") as fh:  # longer than what was read: the size tells nothing
+            fh.write("".join(f"fine new line {i}\n" for i in range(150)))
+        obs = det.sample()[0]
+        assert (obs.detail["lines"], obs.detail["matches"]) == (250, 100)
+        with open(log, "a") as fh:  # and an ordinary append after it is read once
+            fh.write("ERROR new\n")
+        assert det.sample()[0].detail["lines"] == 251
+    finally:
+        det.close()

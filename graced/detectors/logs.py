@@ -39,6 +39,8 @@ OVERLAP = 4 << 10
 """Bytes of a long line's previous piece searched again with the next one (a match
 across the boundary of two reads)."""
 SNIPPET = 256
+FINGERPRINT = 64
+"""Bytes of a followed log kept to tell a truncated-and-rewritten file from a grown one."""
 """Bytes kept on each side of a match found past MAX_LINE."""
 READ_CHUNK = 1 << 20
 READ_MAX = 4 << 20
@@ -204,6 +206,11 @@ class LogFile:
         self._partial = b""
         self._long: _LongLine | None = None  # inside a line longer than MAX_LINE
         self._behind = False  # the last read stopped at READ_MAX, not at the end
+        # What an append-only file never changes: its first bytes and the bytes just before
+        # the offset read to. Either changed means it was truncated and written again
+        # (copytruncate), even when it has already grown past the offset (review of #19).
+        self._head = b""
+        self._mark = b""
         self._name = os.path.basename(config.file)
         self._watches, self._dir_wd, self.mode_note = Watches.listen(
             os.path.dirname(config.file) or "/", DIR_EVENTS)
@@ -251,7 +258,28 @@ class LogFile:
         self._fh, self._ino, self._partial = fh, (st.st_dev, st.st_ino), b""
         self._long = None
         self._watch_file()
+        self._remember()
         return True
+
+    def _remember(self) -> None:
+        """Note the file's first bytes and those before the offset (see ``_rewritten``)."""
+        assert self._fh is not None
+        fd, pos = self._fh.fileno(), self._fh.tell()
+        self._head = os.pread(fd, FINGERPRINT, 0)
+        self._mark = os.pread(fd, min(FINGERPRINT, pos), pos - min(FINGERPRINT, pos))
+
+    def _rewritten(self, size: int) -> bool:
+        """Truncated in place since the last read (copytruncate), written again or not."""
+        assert self._fh is not None
+        pos = self._fh.tell()
+        if size < pos:
+            return True
+        fd = self._fh.fileno()
+        try:
+            return (os.pread(fd, len(self._head), 0) != self._head
+                    or os.pread(fd, len(self._mark), pos - len(self._mark)) != self._mark)
+        except OSError:
+            return False
 
     def _read(self) -> list[str]:
         """The complete lines appended since the last read (at most READ_MAX bytes a
@@ -298,11 +326,12 @@ class LogFile:
             self._fh.close()
             self._fh = None
             self._open(at_end=False)
-        elif current is not None and st.st_size < self._fh.tell():
-            self._fh.seek(0)  # truncated in place (copytruncate)
+        elif current is not None and self._rewritten(st.st_size):
+            self._fh.seek(0)  # truncated in place (copytruncate): its new lines from the start
             self._partial, self._long = b"", None
         if self._fh is not None:
             lines += self._read()
+            self._remember()
         return [self.window.observe(self.subject, lines)]
 
     def saved(self) -> dict[str, Any]:
