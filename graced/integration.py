@@ -22,6 +22,8 @@ from typing import Any
 
 import trio
 
+from .config.detectors import PROBES
+
 log = logging.getLogger("graced.integration")
 
 MAX_ERROR = 300  # characters of a last error carried in an event
@@ -43,11 +45,13 @@ def _finite(value: Any) -> float | None:
 
 def detector_health(name: str, st: dict[str, Any]) -> dict[str, Any]:
     """One detector or probe: ``error`` (it raised), ``failing`` (a probe's last sample
-    failed), ``up`` or ``starting``; its latency when it measures one (ms)."""
+    failed: its target fails), ``up`` or ``starting``; its latency when it measures one
+    (ms). A detector that is not a probe and sees its anomaly (no process running) is up:
+    the mission says it, failure is reserved for what graced cannot see."""
     subjects = st.get("subjects") or {}
     failed = {s: v.get("failed") for s, v in subjects.items() if v.get("failed")}
     state = st.get("state", "starting")
-    if state == "up" and failed:
+    if state == "up" and failed and st.get("kind") in PROBES:
         state = "failing"
     latency = None
     for v in subjects.values():

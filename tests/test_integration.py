@@ -4,6 +4,9 @@ whose TCP probe's target really goes away and comes back."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import uuid
 
 import pytest
 
@@ -98,3 +101,30 @@ def test_a_probe_going_down_and_up_is_published_and_summarised(make_graced) -> N
         server.close()
         tail.proc.terminate()
         tail.proc.wait(10)
+
+
+@pytest.mark.slow
+def test_a_dead_process_is_its_detectors_anomaly_not_a_failure(make_graced) -> None:
+    """Review of #19, newcomer 2: failure is reserved for what graced cannot see; a watched
+    process that died is seen, so its detector stays up and the mission says it."""
+    from tests.test_missions_e2e import Watch, _ready_tail
+
+    marker = f"grace-dead-{uuid.uuid4().hex[:8]}"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", marker],
+                            stdin=subprocess.DEVNULL)
+    try:
+        g = make_graced(detectors=f'[[detector]]\nname = "web"\nkind = "process"\n'
+                                  f'interval = 0.5\nprocess = "{marker}"\nmatch_cmdline = true\n'
+                                  '\n[missions]\nresolve_after = 1\nflap_window = 0\n')
+        w = Watch(g)
+        _ready_tail(w, g)
+        proc.kill()
+        proc.wait()
+        w.wait("mission.opened", "web", 10)
+        status = json.loads(g.ctl("status", "--json", check=True).stdout)
+        health = status["integration"]["detector:web"]
+        assert (health["state"], health["last_error"]) == ("up", None), health
+        assert not status["failing_probes"] and not status["failing_detectors"]
+        w.close()
+    finally:
+        proc.kill()

@@ -204,6 +204,10 @@ def _needs_threshold(d: DetectorConfig) -> tuple[str, str] | None:
     return None
 
 
+PROBES = frozenset({"tcp", "sqlite", "postgres", "command", "http"})
+"""Kinds that probe a target: a failed sample is the target failing (integration's
+'failing'); for the other kinds a failed sample (no process running) is the anomaly itself."""
+
 KINDS: dict[str, Kind] = {
     "memory": Kind(_PERCENT, min_change=PCT, threshold=90.0),
     "swap": Kind(_PERCENT, min_change=PCT, threshold=80.0),
