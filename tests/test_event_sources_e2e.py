@@ -7,6 +7,7 @@ exactly one mission, which resolves once the fault is gone."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -185,3 +186,23 @@ def test_an_oom_kill_in_a_cgroup_opens_one_mission(make_graced) -> None:
         w.wait("mission.resolved", "oom", 20)
         assert len(w.missions("oom")) == 1
         w.close()
+
+
+@pytest.mark.slow
+def test_a_recreated_cgroups_events_count_from_zero(make_graced, shortdir: Path) -> None:
+    """Review of #19, attacker 5: a unit restarted after an OOM gets a new cgroup whose
+    memory.events starts again from zero; its OOM kill is news, not below the old count.
+    (A directory laid out as a cgroup: the detector reads files, whatever holds them.)"""
+    cg = shortdir / "fakecg" / "svc"
+    cg.mkdir(parents=True)
+    (cg / "memory.events").write_text("low 0\nhigh 0\nmax 5\noom 3\noom_kill 3\n")
+    g, w = _started(make_graced, f'[[detector]]\nname = "cgm"\nkind = "cgroup_memory"\n'
+                                 f'interval = 0.5\ncgroup = "{cg}"\n')
+    shutil.rmtree(cg)
+    cg.mkdir()
+    (cg / "memory.events").write_text("low 0\nhigh 0\nmax 2\noom 1\noom_kill 1\n")
+    opened = w.wait("mission.opened", "cgm", 15)
+    assert "oom_kill +1" in opened["payload"]["summary"], opened
+    w.wait("mission.resolved", "cgm", 20)
+    assert len(w.missions("cgm")) == 1
+    w.close()

@@ -10,12 +10,18 @@ such events happened since the previous sample.
 Listening: the kernel signals a change of ``memory.events`` as a modification of the file,
 so an inotify watch on it (in the detector's :class:`~.events.Wakeup`) makes the detector
 sample the moment the OOM killer acts, not at the next tick.
+
+A cgroup made again (a unit restarted after an OOM) is a new one: its counters count
+from zero, not from what the detector last saw. It is told by the identity (device and
+inode) of its directory and memory.events, or by a counter that went down; the counters
+and identity are kept across a detector's restart (review of #19, attacker 5).
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+from typing import Any
 
 from inotify_simple import flags as inf
 
@@ -54,20 +60,59 @@ class CgroupMemory:
         self.subject = config.effective_subject
         directory = config.cgroup or unit_cgroup(config.unit, config.timeout)
         self.path = os.path.join(directory, "memory.events")
+        self._ident: list[int] = []
         self._last = self._read()  # missing: a detector error, said with the path
         self._watches, _, self.mode_note = Watches.listen(self.path, inf.MODIFY)
         self.wakeup = self._watches.wakeup if self._watches else None
         self.mode = "inotify" if self._watches else POLL
 
     def _read(self) -> dict[str, int]:
+        """The counters; ``_ident`` becomes the cgroup's identity, and a new cgroup's
+        baseline is zero."""
         with open(self.path) as fh:
-            return parse_events(fh.read(4096))
+            st, dst = os.fstat(fh.fileno()), os.stat(os.path.dirname(self.path))
+            now = parse_events(fh.read(4096))
+        ident = [st.st_dev, st.st_ino, dst.st_dev, dst.st_ino]
+        if self._ident and ident != self._ident:
+            self._last = {}  # made again: every event it counted is new
+        self._ident = ident
+        return now
+
+    def saved(self) -> dict[str, Any]:
+        return {"ident": list(self._ident), "counters": dict(self._last)}
+
+    def restore(self, data: object) -> None:
+        """What the predecessor saw: the events since then count, and all of them when the
+        cgroup is not the same one (or a counter went down). Data from disk: anything but
+        what :meth:`saved` writes is ``ValueError``."""
+        if not isinstance(data, dict):
+            raise ValueError("cgroup_memory: saved state is not a table")
+        ident, counters = data.get("ident"), data.get("counters")
+        if not (isinstance(ident, list) and len(ident) == 4
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in ident)):
+            raise ValueError("cgroup_memory: ident is not four integers")
+        if not (isinstance(counters, dict) and len(counters) <= 64
+                and all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                        and v >= 0 for k, v in counters.items())):
+            raise ValueError("cgroup_memory: counters is not a table of counts")
+        if ident != self._ident or any(self._last.get(k, 0) < v for k, v in counters.items()):
+            self._last = {}
+        else:
+            self._last = dict(counters)
 
     def drain(self) -> bool:
         return bool(self._watches.events()) if self._watches else False
 
     def sample(self) -> list[Observation]:
+        before = self._ident
         now = self._read()
+        if before != self._ident and self._watches is not None:
+            try:  # the new memory.events: the watch was on the old one's inode
+                self._watches.inotify.add_watch(self.path, inf.MODIFY)
+            except OSError:
+                pass  # gone again: the next sample says so
+        if any(now.get(k, 0) < v for k, v in self._last.items()):
+            self._last = {}  # a counter went down: a new cgroup under the same identity
         grew = {k: now[k] - self._last.get(k, 0) for k in self.config.memory_events
                 if now.get(k, 0) > self._last.get(k, 0)}
         self._last = now
