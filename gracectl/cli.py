@@ -537,7 +537,8 @@ def wait(ctx: click.Context, mission_id: int, wanted: tuple[str, ...], timeout: 
     too_slow = CtlError(f"mission {mission_id} did not reach {' or '.join(wanted)} within "
                         f"{timeout:g} s", ExitCode.TIMEOUT)
     if endpoint.url:
-        m = perform(lambda: _wait_tcp(endpoint, key, mission_id, want, deadline, too_slow))
+        m = perform(lambda: _wait_tcp(endpoint, key, mission_id, want, deadline, too_slow,
+                                      as_json))
     else:
         from .wsclient import SyncConnection, TooSlow
 
@@ -546,8 +547,11 @@ def wait(ctx: click.Context, mission_id: int, wanted: tuple[str, ...], timeout: 
                 # Subscribe first, then read the state: no transition can slip by.
                 conn.request("subscribe", {"patterns": ["mission.*"], "since": None})
                 m = conn.request("missions.get", {"id": mission_id})["mission"]
+                moved = False
                 while not _reached(m, want, mission_id):
-                    m = _update(m, conn.next_event()[1], mission_id)
+                    m, moved = _update(m, conn.next_event()[1], mission_id), True
+                if moved and as_json:  # the mission as it is now, not as the event had it
+                    m = conn.request("missions.get", {"id": mission_id})["mission"]
         except TooSlow:
             raise too_slow from None
     if as_json:
@@ -557,7 +561,8 @@ def wait(ctx: click.Context, mission_id: int, wanted: tuple[str, ...], timeout: 
 
 
 async def _wait_tcp(endpoint: Endpoint, key: bytes, mission_id: int, want: set[str],
-                    deadline: float | None, too_slow: CtlError) -> dict[str, Any]:
+                    deadline: float | None, too_slow: CtlError,
+                    fetch: bool) -> dict[str, Any]:
     import trio
 
     from .client import connect
@@ -569,13 +574,16 @@ async def _wait_tcp(endpoint: Endpoint, key: bytes, mission_id: int, want: set[s
         with trio.move_on_at(trio_deadline):
             await conn.request("subscribe", {"patterns": ["mission.*"], "since": None})
             m = (await conn.request("missions.get", {"id": mission_id}))["mission"]
+            moved = False
             while not _reached(m, want, mission_id):
                 try:
                     _, event = await conn.next_event()
                 except trio.EndOfChannel:
                     raise CtlError("graced closed the connection",
                                    ExitCode.UNREACHABLE) from None
-                m = _update(m, event, mission_id)
+                m, moved = _update(m, event, mission_id), True
+            if moved and fetch:  # the mission as it is now, not as the event had it
+                m = (await conn.request("missions.get", {"id": mission_id}))["mission"]
             return dict(m)
     raise too_slow
 
@@ -693,7 +701,8 @@ def keys_generate(force: bool) -> None:
 
 @cli.command()
 @click.argument("topic")
-@click.option("--payload", default="{}", metavar="JSON", help="The event's payload (JSON).")
+@click.option("--payload", default="{}", metavar="JSON",
+              help="The event's payload: a JSON object.")
 @click.option("--count", type=click.IntRange(1, 10_000_000), default=1, show_default=True,
               help="Publish this many events (for load tests).")
 @click.option("--rate", type=click.FloatRange(min=0.001), metavar="PER_SECOND",
@@ -712,6 +721,9 @@ def emit(ctx: click.Context, topic: str, payload: str, count: int, rate: float |
         data = json.loads(payload)
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from None
+    if not isinstance(data, dict):
+        raise click.BadParameter("must be a JSON object ({...}), as every event's payload "
+                                 "is", param_hint="--payload")
     result = perform(lambda: call(endpoint_of(ctx), "emit", {
         "topic": topic, "payload": data, "count": count, "rate": rate, "wait": not no_wait}))
     if as_json:

@@ -578,7 +578,7 @@ def fleet_approve(ctx: click.Context, host_name: str, mission_id: int, comment: 
     any signed request. The answer must be signed by the key pinned for HOST."""
     from .missions import check_plan_option, review_plan
 
-    check_plan_option(plan)
+    plan = check_plan_option(plan)
     if plan is None and not yes:
         if not (sys.stdin.isatty() and sys.stderr.isatty()):
             raise click.UsageError("without a terminal to review the plan on, name it: "

@@ -191,12 +191,16 @@ def print_plan_lines(lines: list[str]) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def check_plan_option(plan: str | None) -> None:
-    """--plan names a plan by its SHA-256 or a prefix of at least 12 hex digits (usage
-    error, exit 2, otherwise); graced checks it against the plan it would run."""
-    if plan is not None and not re.fullmatch(r"[0-9a-f]{12,64}", plan):
+def check_plan_option(plan: str | None) -> str | None:
+    """--plan names a plan by its SHA-256 or a prefix of at least 12 hex digits, in
+    either case (usage error, exit 2, otherwise); graced checks it against the plan it
+    would run. Returns it in lower case, as graced writes hashes."""
+    if plan is None:
+        return None
+    if not re.fullmatch(r"[0-9a-fA-F]{12,64}", plan):
         raise click.BadParameter("not a SHA-256, or a prefix of at least 12 of its hex "
-                                 "digits (lower case)", param_hint="--plan")
+                                 "digits", param_hint="--plan")
+    return plan.lower()
 
 
 def _review(ctx: click.Context, mission_id: int) -> str | None:
@@ -246,7 +250,7 @@ def missions_approve(ctx: click.Context, mission_id: int, comment: str, plan: st
     An approval while the symptom is clearing (its latest samples normal) is refused
     with the reason, unless --even-if-clearing.
     """
-    check_plan_option(plan)
+    plan = check_plan_option(plan)
     if plan is None and not yes:
         if not (sys.stdin.isatty() and sys.stderr.isatty()):
             raise click.UsageError("without a terminal to review the plan on, name it: "

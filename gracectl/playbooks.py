@@ -97,7 +97,7 @@ def playbooks_run(ctx: click.Context, name: str, mission_id: int, dry_run: bool,
     asked y/N (n runs nothing, exit 1); without one, --plan SHA256 or --yes (exit 2
     otherwise).
     """
-    check_plan_option(plan)
+    plan = check_plan_option(plan)
     dry = perform(lambda: call(endpoint_of(ctx), "playbooks.run", {
         "name": name, "mission": mission_id, "dry_run": True}))
     if dry_run:
