@@ -41,6 +41,7 @@ from .command import (
     perform,
     print_json,
     read_key_file,
+    set_wide,
     trusted_key,
     utc_option,
     wide_option,
@@ -291,6 +292,10 @@ def _point(value: str | None, name: str) -> Point | None:
 @click.option("--reconnect-timeout", type=click.FloatRange(min=0), default=60.0,
               show_default=True, metavar="SECONDS",
               help="How long to wait for graced to come back after it stops.")
+@click.option("--wide", "-w", "--full", "-l", is_flag=True, expose_value=False,
+              callback=set_wide,
+              help="Print each event whole on a terminal too (short lines are cut to its "
+                   "width with …; never when piped), as journalctl's --full.")
 @utc_option
 @click.pass_context
 def tail(ctx: click.Context, patterns: tuple[str, ...], follow: bool, lines: int,

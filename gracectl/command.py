@@ -127,7 +127,7 @@ def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
                         help="Print JSON on stdout (for scripts).")(f)
 
 
-def _set_wide(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+def set_wide(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     out.SETTINGS.wide = out.SETTINGS.wide or value
 
 
@@ -136,7 +136,7 @@ def _set_utc(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 
 
 def wide_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--wide", "-w", is_flag=True, expose_value=False, callback=_set_wide,
+    return click.option("--wide", "-w", is_flag=True, expose_value=False, callback=set_wide,
                         help="Do not cut columns to the terminal's width (nothing is cut "
                              "when stdout is not a terminal).")(f)
 

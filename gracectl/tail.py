@@ -16,7 +16,7 @@ from graced.protocol.wire import CLOSE_REVOKED
 
 from .client import Endpoint, closed_error, connect
 from .errors import RemoteError, Unreachable
-from .out import TAIL_OUTPUTS, kv, safe, stderr_note, when
+from .out import TAIL_OUTPUTS, fit, kv, safe, stderr_note, terminal_width, when
 from .timespec import Point
 
 __all__ = ["OUTPUTS", "TailOptions", "format_event", "run_tail", "stderr_note"]
@@ -97,12 +97,17 @@ class Printer:
         self.match = compile_patterns(opts.patterns)
         self.held: tuple[str, dict[str, Any]] | None = None
         self.printed = 0
+        # short lines are cut to a terminal's width (whole when piped, or with --wide).
+        self.width = terminal_width(out)
 
     def emit(self, line: str, event: dict[str, Any]) -> None:
         if not self.match(str(event.get("topic", ""))):
             return
-        self.out.write((line if self.opts.as_json else format_event(event, self.opts.output))
-                       + "\n")
+        if not self.opts.as_json:
+            line = format_event(event, self.opts.output)
+            if self.width is not None and self.opts.output == "short":
+                line = fit(line, self.width)  # one event a line, as journalctl's pager
+        self.out.write(line + "\n")
         self.printed += 1
 
     def release(self) -> None:

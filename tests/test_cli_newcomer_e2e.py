@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Graced
+from tests.helpers.pty_run import run_on_tty
 from tests.test_learning_e2e import FAULT, SETTINGS, fix, playbook, value_detector
 
 
@@ -60,3 +61,30 @@ def test_emit_payload_must_be_a_json_object(graced: Graced) -> None:
         assert "JSON object" in res.stderr and "Traceback" not in res.stderr
     assert "user.note" not in graced.ctl("tail", "--no-follow", "user.*").stdout
     assert graced.ctl("emit", "user.note", "--payload", '{"a": 1}').returncode == 0
+
+
+def _tty(g: Graced, *args: str, columns: int = 80) -> str:
+    env = {**g.env, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TERM": "xterm-256color"}
+    rc, text = run_on_tty([g.ctl_argv0(), *args], env, columns, 24)
+    assert rc == 0, text
+    return text
+
+
+def test_tail_fits_a_terminal_and_is_whole_when_piped_or_wide(graced: Graced) -> None:
+    g = graced
+    words = " ".join(f"word{i}" for i in range(40))
+    g.ctl("emit", "user.note", "--payload", json.dumps({"text": words, "end": "THE-END"}),
+          check=True)
+    args = ("tail", "-n", "1", "--no-follow", "user.note")
+    shown = [ln for ln in _tty(g, *args).split("\n") if ln]
+    assert len(shown) == 1, shown  # one event, one line: no wrapping mid-word
+    assert len(shown[0]) == 80 and shown[0].endswith("…"), shown
+    assert "user.note" in shown[0]
+    for flag in ("--wide", "-l", "--full"):  # whole, as journalctl's --full
+        whole = [ln for ln in _tty(g, *args, flag).split("\n") if ln]
+        assert "end=THE-END" in whole[0] and words in whole[0], whole
+    piped = g.ctl(*args, check=True).stdout
+    assert "end=THE-END" in piped and words in piped
+    # -o cat and -o json are data for a pipe or a human to read whole: never cut.
+    assert "end=THE-END" in _tty(g, *args, "-o", "cat")
+    assert "THE-END" in json.loads(_tty(g, *args, "-o", "json"))["payload"]["end"]
