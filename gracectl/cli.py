@@ -264,16 +264,38 @@ def _point(value: str | None, name: str) -> Point | None:
         raise click.BadParameter(f"{value[:40]!r}: {exc}", param_hint=name) from None
 
 
+class Lines(click.ParamType):
+    """-n: a count of events (0 or more), or 'all' (None), as journalctl's -n."""
+
+    name = "lines"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int | None:
+        text = str(value).strip().lower()
+        if text == "all":
+            return None
+        if text.isdigit() and len(text) <= 18:
+            return int(text)
+        self.fail(f"{str(value)[:40]!r} is not a count of events (0 or more) or 'all'",
+                  param, ctx)
+
+
+LINES = Lines()
+
+
 @cli.command()
 @click.argument("patterns", nargs=-1, metavar="[PATTERN]...")
 @click.option("--follow/--no-follow", "-f", "follow", default=True, show_default=True,
               help="Keep printing new events as they come (--no-follow: stop at the head).")
-@click.option("-n", "--lines", type=click.IntRange(min=0), default=10, show_default=True,
-              help="Start with this many of the latest matching events; with --since, the "
-                   "last this many of its window (--since alone shows it all).")
+@click.option("-n", "--lines", type=LINES, default="10", show_default=True,
+              metavar="N|all",
+              help="Start with this many of the latest matching events ('all': every one "
+                   "kept); with --since, the last this many of its window (--since alone "
+                   "shows it all).")
 @click.option("--since", "-S", metavar="SEQ|TIME",
               help="Start at this seq, or at the first event at or after this time: "
-                   "'-10min', '2026-11-24 10:00', ISO 8601, 'today' (as journalctl).")
+                   "'-10min', '22:31', 'yesterday 22:00', '2026-11-24 10:00', ISO 8601, "
+                   "'@EPOCH', 'today' (as journalctl).")
 @click.option("--until", "-U", metavar="SEQ|TIME",
               help="Stop after this seq, or before the first event after this time.")
 @click.option("-o", "--output", type=click.Choice(out.TAIL_OUTPUTS), default="short",
@@ -296,9 +318,11 @@ def _point(value: str | None, name: str) -> Point | None:
               callback=set_wide,
               help="Print each event whole on a terminal too (short lines are cut to its "
                    "width with …; never when piped), as journalctl's --full.")
+@click.option("--no-pager", is_flag=True, expose_value=False,
+              help="Accepted for journalctl's habit and ignored: gracectl never pages.")
 @utc_option
 @click.pass_context
-def tail(ctx: click.Context, patterns: tuple[str, ...], follow: bool, lines: int,
+def tail(ctx: click.Context, patterns: tuple[str, ...], follow: bool, lines: int | None,
          since: str | None, until: str | None, output: str, as_json: bool, verify: bool,
          key_file: str | None, stale_after: float | None, reconnect_timeout: float) -> None:
     """Stream events matching topic globs (e.g. 'mission.*'); all events by default.
@@ -310,17 +334,21 @@ def tail(ctx: click.Context, patterns: tuple[str, ...], follow: bool, lines: int
 
     endpoint = endpoint_of(ctx)
     start, end = _point(since, "--since"), _point(until, "--until")
-    output = "json" if as_json else output
+    output = "json" if as_json else "short" if output == "short-iso" else output
+    every = lines is None  # -n all: from the oldest event kept (or the whole --since window)
+    if every and start is None:
+        start = Point(ts=0.0)  # a time before the oldest event kept starts at it
 
     async def go() -> int:
         trusted = trusted_key(endpoint, key_file)
         opts = TailOptions(
-            patterns=list(patterns) or ["*"], since=None, lines=lines,
+            patterns=list(patterns) or ["*"], since=None, lines=lines or 0,
             as_json=output in ("json", "jsonl"), verify=verify or key_file is not None,
             follow=follow and end is None, trusted_key=trusted,
             stale_after=stale_after, reconnect_timeout=reconnect_timeout, output=output,
             since_at=start, until=end,
-            lines_given=ctx.get_parameter_source("lines") != ParameterSource.DEFAULT,
+            lines_given=not every
+            and ctx.get_parameter_source("lines") != ParameterSource.DEFAULT,
         )
         return await run_tail(endpoint, opts, sys.stdout, stderr_note)
 

@@ -32,9 +32,10 @@ __all__ = ["SETTINGS", "Cell", "Column", "echo", "fit", "fold", "kv", "reason", 
            "safe_lines", "table", "terminal_width", "use_colour", "value", "when"]
 
 ELLIPSIS = "…"
-TAIL_OUTPUTS = ("short", "json", "jsonl", "cat")
-"""tail -o: short (time, seq, topic, payload), json and jsonl (each event in its exact
-signed form, one a line), cat (the payload alone)."""
+TAIL_OUTPUTS = ("short", "short-iso", "json", "jsonl", "cat")
+"""tail -o: short (time, seq, topic, payload; short-iso the same, as its times are ISO
+8601 already), json and jsonl (each event in its exact signed form, one a line), cat (the
+payload alone)."""
 
 
 @dataclass

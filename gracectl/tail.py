@@ -10,7 +10,7 @@ from typing import IO, Any
 import trio
 
 from graced.protocol import ChainVerifier, ExitCode, Violation, key_id, parse_ts
-from graced.protocol.topics import compile_patterns
+from graced.protocol.topics import FAMILIES, compile_patterns, matches_no_family
 from graced.protocol.verify import announced_interval, stale_limit
 from graced.protocol.wire import CLOSE_REVOKED
 
@@ -127,9 +127,23 @@ class Printer:
 
 async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
                    note: Callable[[str], None]) -> int:
-    """Follow the stream; returns the exit code, raises Violation on a verification failure."""
-    verifier: ChainVerifier | None = None
+    """Follow the stream; returns the exit code, raises Violation on a verification failure.
+    A pattern that can match no topic is named on stderr at the start; a --no-follow that
+    printed nothing says so there (journalctl's "-- No entries --")."""
+    for pattern in opts.patterns:
+        if matches_no_family(pattern):
+            note(f"no topic can match {pattern!r}: patterns match topics FAMILY.NAME, e.g. "
+                 f"'detector.*', 'mission.*' (families: {', '.join(FAMILIES)})")
     printer = Printer(opts, out)
+    code = await _run_tail(endpoint, opts, printer, note)
+    if code == 0 and not opts.follow and printer.printed == 0:
+        note("-- No entries --")
+    return code
+
+
+async def _run_tail(endpoint: Endpoint, opts: TailOptions, printer: Printer,
+                    note: Callable[[str], None]) -> int:
+    verifier: ChainVerifier | None = None
     next_seq = await _start(endpoint, opts)
     last_topic: str | None = None
     retry_until: float | None = None

@@ -4,7 +4,10 @@ Pure: the caller passes ``now`` (epoch seconds) and gets a :class:`Point` back.
 
 Accepted (as journalctl(1) accepts them):
 - a positive integer: a seq (``--since 1``);
-- ``now``, ``today``, ``yesterday``, ``tomorrow`` (midnight, local time);
+- ``now``, ``today``, ``yesterday``, ``tomorrow`` (midnight, local time), each with a
+  time of day (``yesterday 22:00``);
+- ``22:31``, ``22:31:05``: that time today (local time);
+- ``@1796164260``: seconds since the epoch (UTC);
 - ``-10min``, ``+2h``, ``-1d 2h``, ``-90s``: relative to now (units s, sec, second(s),
   m, min, minute(s), h, hour(s), d, day(s), w, week(s)); ``10min ago`` too;
 - ``2026-11-24``, ``2026-11-24 10:00``, ``2026-11-24 10:00:05`` (local time), and any
@@ -23,6 +26,8 @@ UNITS = {"s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
          "d": 86400, "day": 86400, "days": 86400, "w": 604800, "week": 604800,
          "weeks": 604800}
 _SPAN = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]+)")
+_DAY_TIME = re.compile(r"(?:(today|yesterday|tomorrow)\s+)?(\d{1,2}):(\d\d)(?::(\d\d))?")
+_EPOCH = re.compile(r"@(\d{1,12}(?:\.\d{1,9})?)")
 _MAX_LEN = 64
 
 
@@ -63,6 +68,19 @@ def parse(text: str, now: float) -> Point:
         return Point(ts=now)
     if t in days:
         return Point(ts=(midnight + timedelta(days=days[t])).timestamp())
+    epoch = _EPOCH.fullmatch(t)
+    if epoch:
+        return Point(ts=float(epoch.group(1)))
+    clock = _DAY_TIME.fullmatch(t)
+    if clock:
+        day, hour, minute, second = clock.groups()
+        if int(hour) > 23 or int(minute) > 59 or int(second or 0) > 59:
+            raise ValueError("not a time of day (HH:MM or HH:MM:SS, 00:00 to 23:59:59)")
+        # Local wall-clock time on that day (a day with a DST change keeps its own offset).
+        date = (midnight + timedelta(days=days[day or "today"])).date()
+        at = datetime(date.year, date.month, date.day, int(hour), int(minute),
+                      int(second or 0)).astimezone()
+        return Point(ts=at.timestamp())
     sign = 0
     if t.startswith(("-", "+")):
         sign, t = (-1 if t[0] == "-" else 1), t[1:].strip()
@@ -76,8 +94,8 @@ def parse(text: str, now: float) -> Point:
     try:
         dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise ValueError("not a seq, a time span (-10min) or a time (2026-11-24 10:00, "
-                         "ISO 8601)") from None
+        raise ValueError("not a seq, a time span (-10min), a time (22:31, yesterday "
+                         "22:00, 2026-11-24 10:00, ISO 8601) or @EPOCH") from None
     if dt.tzinfo is None:
         dt = dt.astimezone()  # a time without a zone is local time, as journalctl reads it
     return Point(ts=dt.timestamp())

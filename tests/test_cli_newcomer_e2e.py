@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,7 @@ def _tty(g: Graced, *args: str, columns: int = 80) -> str:
     return text
 
 
+@pytest.mark.slow
 def test_tail_fits_a_terminal_and_is_whole_when_piped_or_wide(graced: Graced) -> None:
     g = graced
     words = " ".join(f"word{i}" for i in range(40))
@@ -88,3 +90,55 @@ def test_tail_fits_a_terminal_and_is_whole_when_piped_or_wide(graced: Graced) ->
     # -o cat and -o json are data for a pipe or a human to read whole: never cut.
     assert "end=THE-END" in _tty(g, *args, "-o", "cat")
     assert "THE-END" in json.loads(_tty(g, *args, "-o", "json"))["payload"]["end"]
+
+
+def _topics(g: Graced, *args: str) -> list[str]:
+    out = g.ctl("tail", "--no-follow", "-o", "json", *args, check=True).stdout
+    return [json.loads(line)["topic"] for line in out.splitlines()]
+
+
+@pytest.mark.slow
+def test_tail_takes_journalctl_time_forms_and_habits(graced: Graced) -> None:
+    g = graced
+    a = json.loads(g.ctl("emit", "user.a", "--json", check=True).stdout)
+    ts_a = json.loads(g.ctl("tail", "--no-follow", "-o", "json", "-n", "1", "user.a",
+                            check=True).stdout)["ts"]
+    at = datetime.fromisoformat(ts_a.replace("Z", "+00:00"))
+    g.ctl("emit", "user.b", check=True)
+    second = at.replace(microsecond=0)  # user.a is at or after its own second
+    local = second.astimezone()
+    forms = [local.strftime("%H:%M:%S"), f"@{int(second.timestamp())}",
+             f"today {local.strftime('%H:%M:%S')}"]
+    if local.date() == datetime.now().astimezone().date():  # not across midnight
+        for form in forms:
+            assert _topics(g, "--since", form, "user.*") == ["user.a", "user.b"], form
+        assert _topics(g, "--since", local.strftime("%H:%M"), "user.*")[-2:] == [
+            "user.a", "user.b"]
+        # yesterday at this time: everything of the last day, these two included.
+        yesterday = f"yesterday {local.strftime('%H:%M')}"
+        assert _topics(g, "--since", yesterday, "user.*") == ["user.a", "user.b"]
+    assert _topics(g, "--until", f"@{int(second.timestamp()) - 1}", "user.*") == []
+    # -n all: every matching event kept; --no-pager as scripts carry it; short-iso.
+    assert _topics(g, "-n", "all", "user.*") == ["user.a", "user.b"]
+    assert _topics(g, "-n", "ALL", "--no-pager", "user.*") == ["user.a", "user.b"]
+    iso = g.ctl("tail", "--no-follow", "-o", "short-iso", "-n", "1", "user.a", check=True)
+    assert iso.stdout.split()[1:3] == [str(a["first_seq"]), "user.a"], iso.stdout
+    for bad in ("25:00", "@x", "yesterday 9"):
+        res = g.ctl("tail", "--no-follow", "--since", bad)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res
+    assert g.ctl("tail", "--no-follow", "-n", "some").returncode == 2
+
+
+def test_tail_says_when_nothing_matches(graced: Graced) -> None:
+    g = graced
+    g.ctl("emit", "user.a", check=True)
+    res = g.ctl("tail", "--no-follow", "queue")
+    assert res.returncode == 0 and res.stdout == ""
+    assert "no topic can match 'queue'" in res.stderr and "'detector.*'" in res.stderr
+    assert "-- No entries --" in res.stderr
+    # A pattern that matches: no hint, no note.
+    ok = g.ctl("tail", "--no-follow", "user.*", check=True)
+    assert "user.a" in ok.stdout and ok.stderr == "", ok.stderr
+    # One that could match but has nothing yet: only the note.
+    none = g.ctl("tail", "--no-follow", "mission.*", check=True)
+    assert none.stderr.strip() == "gracectl: -- No entries --", none.stderr

@@ -101,8 +101,26 @@ def test_time_specs_without_a_zone_are_local() -> None:
     assert timespec.parse("yesterday", NOW).ts == pytest.approx(today - 86400, abs=3600)
 
 
+def test_journalctl_clock_and_epoch_forms() -> None:
+    """22:31, 22:31:05, 'yesterday 22:00', 'today 08:00', @EPOCH (journalctl(1))."""
+    today = timespec.parse("today", NOW).ts
+    assert today is not None
+    hm = time.strftime("%H:%M", time.localtime(NOW))
+    hms = time.strftime("%H:%M:%S", time.localtime(NOW))
+    assert timespec.parse(hm, NOW).ts == NOW - NOW % 60
+    assert timespec.parse(hms, NOW).ts == NOW
+    assert timespec.parse(f"today {hms}", NOW).ts == NOW
+    yesterday = timespec.parse(f"yesterday {hm}", NOW).ts
+    assert yesterday == pytest.approx(NOW - NOW % 60 - 86400, abs=3600)  # a DST change
+    assert time.localtime(yesterday)[3:5] == time.localtime(NOW)[3:5]
+    assert timespec.parse("@1796164260", NOW) == timespec.Point(ts=1796164260.0)
+    assert timespec.parse("@1796164260.5", NOW) == timespec.Point(ts=1796164260.5)
+
+
 @pytest.mark.parametrize("junk", ["", "0", "-", "-10 parsecs", "2027-13-45", "x" * 100,
-                                  "-1e999min", "99999999999999999999999"])
+                                  "-1e999min", "99999999999999999999999", "25:00",
+                                  "12:60", "yesterday 24:00", "@", "@-5", "@1e9",
+                                  "someday 10:00"])
 def test_bad_time_specs_are_refused(junk: str) -> None:
     with pytest.raises(ValueError):
         timespec.parse(junk, NOW)

@@ -7,6 +7,10 @@ import fnmatch
 import re
 from collections.abc import Callable, Iterable
 
+FAMILIES = ("daemon", "crypto", "detector", "mission", "executor", "learning",
+            "integration", "silence", "user")
+"""The topic families graced publishes (a topic is FAMILY.NAME: DESIGN.md, Topics)."""
+
 
 def compile_patterns(patterns: Iterable[str]) -> Callable[[str], bool]:
     """A matcher for topic globs (``*``, ``?``, ``[...]``); no patterns match all."""
@@ -25,3 +29,17 @@ def compile_patterns(patterns: Iterable[str]) -> Callable[[str], bool]:
         return hit
 
     return match
+
+
+def matches_no_family(pattern: str) -> bool:
+    """Whether glob ``pattern`` can match no topic of any family: a bare word ('queue',
+    where 'detector.*' was meant), or one that names an unknown family ('deploy.*').
+    Judged on the literal part before the first wildcard; a pattern that might match
+    is never reported."""
+    cut = min((i for i, c in enumerate(pattern) if c in "*?["), default=None)
+    literal = pattern if cut is None else pattern[:cut]
+    if "." in literal:
+        return literal.split(".", 1)[0] not in FAMILIES
+    if cut is None:  # no dot, no wildcard: every topic has a dot
+        return True
+    return not any(f.startswith(literal) for f in FAMILIES)
