@@ -697,14 +697,20 @@ def detectors(ctx: click.Context, as_json: bool) -> None:
         for subject, smp in subjects.items():
             if smp is None:
                 rows.append([name, d["kind"], d["state"], mode, "", "", "",
-                             d["last_error"] or ""])
+                             out.Cell(f"FAILING: {d['last_error']}", "red")
+                             if d["last_error"] else ""])
                 continue
             value = (f"{smp['value']:g} {smp['unit']}".strip()
                      if isinstance(smp["value"], (int, float)) else "")
-            why = out.reason(smp["summary"], name, subject)
+            why: str | out.Cell = out.reason(smp["summary"], name, subject)
+            if d["state"] == "error" and d.get("last_error"):
+                # The sample is an old one: say why there is no newer one.
+                why = out.Cell(f"FAILING: {d['last_error']} (last sample "
+                               f"{out.age(result['now'] - smp['ts'])} ago)", "red")
+            elif smp["anomalous"]:
+                why = out.Cell(f"ANOMALY: {why}", "red")
             rows.append([name, d["kind"], d["state"], mode, subject, value,
-                         out.age(result["now"] - smp["ts"]),
-                         out.Cell("ANOMALY: " + why, "red") if smp["anomalous"] else why])
+                         out.age(result["now"] - smp["ts"]), why])
     out.write(out.table(rows, DETECTOR_COLUMNS))
 
 

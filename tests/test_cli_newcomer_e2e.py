@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Graced
+from tests.helpers.procs import LineCollector
 from tests.helpers.pty_run import run_on_tty
 from tests.test_learning_e2e import FAULT, SETTINGS, fix, playbook, value_detector
 
@@ -142,3 +143,27 @@ def test_tail_says_when_nothing_matches(graced: Graced) -> None:
     # One that could match but has nothing yet: only the note.
     none = g.ctl("tail", "--no-follow", "mission.*", check=True)
     assert none.stderr.strip() == "gracectl: -- No entries --", none.stderr
+
+
+@pytest.mark.slow
+def test_a_failing_detector_says_why_in_plain_words(make_graced, shortdir: Path) -> None:
+    queue = shortdir / "queue"
+    queue.write_text(FAULT)
+    g = make_graced(detectors=value_detector("backlog", queue))
+    first = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "detector.error",
+                                      "mission.opened"))
+    try:  # a mission opens from a sample: the detector has one to show
+        assert first.wait_for(lambda ls: any('"mission.opened"' in x for x in ls), 15)
+        queue.unlink()  # a real fault: the file it reads is gone
+        assert first.wait_for(lambda ls: any('"detector.error"' in x for x in ls), 15)
+    finally:
+        first.proc.kill()
+    why = f"cannot read {queue}: no such file or directory"
+    table = g.ctl("detectors", "--wide").stdout
+    row = next(line for line in table.splitlines() if line.startswith("backlog"))
+    assert f"FAILING: {why} (last sample" in row, table  # not the old sample alone
+    status = g.ctl("status")
+    assert status.returncode == 7
+    assert f"detector backlog failing: {why}" in status.stdout, status.stdout
+    for text in (table, status.stdout):
+        assert "Error" not in text and "Errno" not in text, text

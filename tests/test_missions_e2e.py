@@ -382,7 +382,9 @@ def test_a_failing_detector_is_reported_restarted_and_harmless(make_graced) -> N
         assert tail.wait_for(lambda ls: len(ls) >= 2, 15), tail.lines
         errors = tail.events()
         assert all(e["payload"]["detector"] == "broken" for e in errors)
-        assert "FileNotFoundError" in errors[0]["payload"]["error"]
+        assert errors[0]["payload"]["exception"] == "FileNotFoundError"
+        assert errors[0]["payload"]["error"] == ("cannot read /nonexistent/grace: no such "
+                                                 "file or directory")
         # Backoff: the second restart waits longer than the first.
         assert errors[1]["payload"]["restart_in"] > errors[0]["payload"]["restart_in"]
         dets = json.loads(g.ctl("detectors", "--json", check=True).stdout)

@@ -122,7 +122,8 @@ def test_without_systemd_as_pid_1_the_detector_reports_its_error(make_graced,
             if event["topic"] == "detector.error":
                 break
         assert event["payload"]["detector"] == "units"
-        assert event["payload"]["error"].startswith("RuntimeError: systemctl: ")
+        assert event["payload"]["error"].startswith("systemctl: ")
+        assert event["payload"]["exception"] == "RuntimeError"
         missions = json.loads(g.ctl("missions", "ls", "--all", "--json", check=True).stdout)
         assert missions == []
         state = json.loads(g.ctl("detectors", "--json", check=True).stdout)["units"]

@@ -35,6 +35,18 @@ from .scoring import Scorer, Verdict, next_interval
 log = logging.getLogger("graced.detectors")
 EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
+
+def plain_error(exc: BaseException) -> str:
+    """Why a detector failed, in words an operator reads ('cannot read /data/queue: no
+    such file or directory'), not Python's ('FileNotFoundError: [Errno 2] ...'); the
+    exception's class goes to the log and the event's ``exception``."""
+    if isinstance(exc, OSError) and exc.strerror:
+        why = exc.strerror[:1].lower() + exc.strerror[1:]
+        name = exc.filename if exc.filename is not None else exc.filename2
+        return f"cannot read {name}: {why}" if name is not None else why
+    text = str(exc).strip()
+    return text or type(exc).__name__
+
 # Writes and events that go with a final mission (the learning loop's outcome memory).
 Outcome = Callable[[Mission, float], tuple[list[Write], list[tuple[str, dict[str, Any]]]]]
 
@@ -214,7 +226,7 @@ class DetectorRunner:
                         due = now + step
                     woken = await self._wait(detector, due)
             except Exception as exc:  # noqa: BLE001 - a detector must never take graced down
-                error = f"{type(exc).__name__}: {exc}"
+                error = plain_error(exc)
                 # graced itself out of descriptors or memory: not the detector's fault,
                 # and over as soon as they come back: retried every second (said once
                 # while it lasts), not after a backoff that left it blind for a minute.
@@ -226,11 +238,12 @@ class DetectorRunner:
                 st["last_error"] = error
                 wait = 1.0 if exhausted else backoff
                 if not repeat:
-                    log.warning("detector %s failed: %s; restarting in %.0f s", cfg.name,
-                                error, wait)
+                    # The log keeps Python's own words for whoever debugs it.
+                    log.warning("detector %s failed: %s: %s; restarting in %.0f s", cfg.name,
+                                type(exc).__name__, exc, wait)
                     self.mesh.publish_nowait("detector.error", {
                         "detector": cfg.name, "kind": cfg.kind, "error": error,
-                        "restart_in": wait})
+                        "exception": type(exc).__name__, "restart_in": wait})
                 await trio.sleep(wait)
                 if not exhausted:
                     backoff = min(backoff * 2, 60.0)
