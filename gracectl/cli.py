@@ -72,6 +72,31 @@ class Root(HelpGroup):
             self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
         return super().get_command(ctx, cmd_name)
 
+    GLOBAL_FLAGS = ("--utc",)
+    GLOBAL_VALUED = ("--color", "--colour")
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """--utc and --color are global: given after the command too (``missions ls
+        --color=always``, ``status --utc``), they are taken as if given before it."""
+        front: list[str] = []
+        rest: list[str] = []
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            if arg == "--":
+                rest.extend(args[i:])
+                break
+            if arg in self.GLOBAL_FLAGS or arg.startswith(
+                    tuple(f"{name}=" for name in self.GLOBAL_VALUED)):
+                front.append(arg)
+            elif arg in self.GLOBAL_VALUED and i + 1 < len(args):
+                front.extend(args[i:i + 2])
+                i += 1
+            else:
+                rest.append(arg)
+            i += 1
+        return super().parse_args(ctx, front + rest)
+
     def load_all(self) -> Root:
         """Every command, lazy ones included (for docs and tests that walk them)."""
         ctx = click.Context(self)
@@ -96,8 +121,10 @@ class Root(HelpGroup):
                    "for the endpoint (env GRACE_KEY).")
 @click.option("--color", "--colour", "colour", type=click.Choice(["auto", "always", "never"]),
               default="auto", show_default=True, envvar="GRACE_COLOR",
-              help="Colour: on a terminal only (auto), always or never; NO_COLOR set to "
-                   "anything means never (env GRACE_COLOR).")
+              help="Colour: on a terminal only (auto), always or never (env GRACE_COLOR); "
+                   "with auto, NO_COLOR set and not empty means never. Also after the "
+                   "command.")
+@utc_option
 @click.pass_context
 def cli(ctx: click.Context, socket_path: str | None, url: str | None, cacert: str | None,
         key_file: str | None, colour: str) -> None:
@@ -461,7 +488,7 @@ def checkpoint(ctx: click.Context, as_json: bool) -> None:
     if info["first_seq"] is not None:  # the oldest event kept (journal retention)
         first = f"{out.safe(info['first_seq'])}:{out.safe(info['first_hash'])}"
         oldest = f"oldest kept {first}  (what is kept verifies from it)\n"
-    click.echo(f"checkpoint  seq {seq} at {out.safe(event['ts'])}, key {event['kid']}\n"
+    click.echo(f"checkpoint  seq {seq} at {out.when(event['ts'])}, key {event['kid']}\n"
                f"head        seq {out.safe(info['head_seq'])}: {out.safe(info['head_hash'])}\n"
                + oldest +
                f"anchor      {seq}:{digest}  (gracectl verify --from {seq}:{digest} FILE)")

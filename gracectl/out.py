@@ -8,8 +8,9 @@
 - **Width.** Tables fit the terminal: a column too wide is cut with ``…`` (a subject
   from the left, keeping the end that tells paths apart). Nothing is cut when stdout is
   not a terminal (a pipe, a file) or with ``--wide``.
-- **Colour** only on a terminal, never with ``NO_COLOR`` (https://no-color.org) set to
-  anything, nor with ``--color=never``; ``--color=always`` forces it.
+- **Colour** only on a terminal, never with ``NO_COLOR`` (https://no-color.org) set and
+  not empty, nor with ``--color=never``; ``--color=always`` forces it, NO_COLOR or not
+  (a flag overrides the environment).
 - **One clock.** Human output shows local time with its UTC offset in ISO 8601
   (``2026-11-24T10:00:05+01:00``); ``--utc`` shows UTC (``…Z``).
 - **Values** are shown as JSON shows them (``null``, ``true``, ``1.5``), and a string is
@@ -53,12 +54,13 @@ SETTINGS = Settings()
 # -- colour -------------------------------------------------------------------------
 
 def use_colour(stream: IO[str] | None = None) -> bool:
-    """Colour for this stream: never with NO_COLOR or --color=never, always with
-    --color=always, else only on a terminal that is not 'dumb'."""
-    if os.environ.get("NO_COLOR") or SETTINGS.colour == "never":
+    """Colour for this stream: --color=never or always (or GRACE_COLOR) decide; else
+    (auto) never with NO_COLOR set and not empty (https://no-color.org: a flag overrides
+    it), else only on a terminal that is not 'dumb'."""
+    if SETTINGS.colour in ("never", "always"):
+        return SETTINGS.colour == "always"
+    if os.environ.get("NO_COLOR"):
         return False
-    if SETTINGS.colour == "always":
-        return True
     stream = stream or sys.stdout
     try:
         tty = stream.isatty()

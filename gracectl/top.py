@@ -30,7 +30,7 @@ from graced.protocol.verify import announced_interval, stale_limit
 
 from .client import Connection, Endpoint, connect, decide
 from .errors import CtlError, Unreachable
-from .out import age, fit, kv, reason, safe, value, when
+from .out import age, fit, kv, reason, safe, use_colour, value, when
 from .plan_text import render_plan
 
 Segment = tuple[str, str]  # text, style
@@ -666,11 +666,15 @@ class Screen:
     def __init__(self, stdscr: Any) -> None:
         self.scr = stdscr
         self.attrs: dict[str, int] = {}
-        curses.start_color()
-        curses.use_default_colors()
+        # NO_COLOR and --color=never leave bold and reverse video, not colours.
+        colour = use_colour(sys.stdout) and curses.has_colors()
+        if colour:
+            curses.start_color()
+            curses.use_default_colors()
         for i, (name, (fg, bg, extra)) in enumerate(STYLES.items(), 1):
-            curses.init_pair(i, fg, bg)
-            self.attrs[name] = curses.color_pair(i) | extra
+            if colour:
+                curses.init_pair(i, fg, bg)
+            self.attrs[name] = (curses.color_pair(i) if colour else 0) | extra
 
     def fit(self) -> None:
         """Follow the terminal's size (trio owns SIGWINCH, so tell curses ourselves)."""

@@ -6,6 +6,7 @@ time forms journalctl takes, a failing detector's reason in plain words, --utc a
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from tests.conftest import Graced
 from tests.helpers.procs import LineCollector
 from tests.helpers.pty_run import run_on_tty
+from tests.test_cli_output_e2e import VALUE
 from tests.test_learning_e2e import FAULT, SETTINGS, fix, playbook, value_detector
 
 
@@ -167,3 +169,46 @@ def test_a_failing_detector_says_why_in_plain_words(make_graced, shortdir: Path)
     assert f"detector backlog failing: {why}" in status.stdout, status.stdout
     for text in (table, status.stdout):
         assert "Error" not in text and "Errno" not in text, text
+
+
+ESC = "\x1b["
+LOCAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?[+-]\d\d:\d\d")
+UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z")
+
+
+@pytest.mark.slow
+def test_utc_and_color_are_global_and_a_flag_beats_no_color(make_graced,
+                                                            shortdir: Path) -> None:
+    value = shortdir / "value"
+    value.write_text("99\n")
+    g = make_graced(detectors=VALUE.format(file=value))
+    opened = LineCollector(g.ctl_popen("tail", "--since", "1", "mission.opened"))
+    try:
+        assert opened.wait_for(lambda ls: any("mission.opened" in x for x in ls), 15)
+    finally:
+        opened.proc.kill()
+    g.ctl("silence", "add", "queue-depth", "--for", "1h", "--comment", "test", check=True)
+    # --utc wherever a time is printed, before or after the command.
+    for cmd in (["missions", "show", "1"], ["checkpoint"], ["silence", "ls"],
+                ["tail", "--no-follow", "-n", "1", "mission.*"]):
+        local = g.ctl(*cmd, check=True).stdout
+        assert LOCAL.search(local) and not UTC.search(local), (cmd, local)
+        for utc in (g.ctl("--utc", *cmd, check=True), g.ctl(*cmd, "--utc", check=True)):
+            assert UTC.search(utc.stdout) and not LOCAL.search(utc.stdout), (cmd, utc.stdout)
+    for cmd in (["status"], ["missions", "ls"], ["detectors"]):  # accepted, as everywhere
+        assert g.ctl(*cmd, "--utc").returncode in (0, 7), cmd
+        assert g.ctl("--utc", *cmd).returncode in (0, 7), cmd
+    # A flag overrides NO_COLOR (no-color.org); --color also after the command.
+    no_colour = {**g.env, "NO_COLOR": "1"}
+    assert ESC not in g.ctl("missions", "ls", env=no_colour).stdout
+    for args in (["--color=always", "missions", "ls"], ["missions", "ls", "--color=always"],
+                 ["missions", "ls", "--colour", "always"]):
+        res = g.ctl(*args, env=no_colour)
+        assert res.returncode == 0 and ESC in res.stdout, (args, res)
+    assert ESC in g.ctl("missions", "ls", env={**no_colour, "GRACE_COLOR": "always"}).stdout
+    # NO_COLOR set but empty is not set (no-color.org): colour on a terminal.
+    env = {**g.env, "NO_COLOR": "", "TERM": "xterm-256color"}
+    rc, text = run_on_tty([g.ctl_argv0(), "missions", "ls"], env)
+    assert rc == 0 and ESC in text, text
+    rc, text = run_on_tty([g.ctl_argv0(), "missions", "ls"], {**env, "NO_COLOR": "1"})
+    assert rc == 0 and ESC not in text, text

@@ -45,8 +45,10 @@ def test_table_escapes_cells_and_colours_only_when_asked(settings: out.Settings)
     settings.colour = "always"
     assert "\x1b[31mhigh\x1b[0m" in out.table(rows, ["A", "B"], width=None)
     os.environ["NO_COLOR"] = "1"
-    try:
-        assert "\x1b[31m" not in out.table(rows, ["A", "B"], width=None)
+    try:  # a flag overrides NO_COLOR (no-color.org); auto obeys it
+        assert "\x1b[31mhigh" in out.table(rows, ["A", "B"], width=None)
+        settings.colour = "auto"
+        assert not out.use_colour()
     finally:
         del os.environ["NO_COLOR"]
 
