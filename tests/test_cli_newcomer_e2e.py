@@ -212,3 +212,28 @@ def test_utc_and_color_are_global_and_a_flag_beats_no_color(make_graced,
     assert rc == 0 and ESC in text, text
     rc, text = run_on_tty([g.ctl_argv0(), "missions", "ls"], {**env, "NO_COLOR": "1"})
     assert rc == 0 and ESC not in text, text
+
+
+@pytest.mark.slow
+def test_command_probes_say_why_and_are_told_apart(make_graced, shortdir: Path) -> None:
+    missing = shortdir / "nothing-here"
+    long_script = f"test -e {missing} && echo " + "x" * 80
+    g = make_graced(detectors=(
+        '[[detector]]\nname = "a"\nkind = "command"\ninterval = 0.3\n'
+        f'argv = ["/bin/sh", "-c", "test -e {missing}"]\n\n'
+        '[[detector]]\nname = "b"\nkind = "command"\ninterval = 0.3\n'
+        f'argv = ["/bin/sh", "-c", "{long_script}"]\n\n'
+        '[[detector]]\nname = "c"\nkind = "command"\ninterval = 0.3\n'
+        'argv = ["/bin/sh", "-c", "echo disk on fire >&2; exit 3"]\n'))
+    opened = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "mission.opened"))
+    try:
+        assert opened.wait_for(lambda ls: len(ls) >= 3, 20), opened.lines
+    finally:
+        opened.proc.kill()
+    found = {m["detector"]: m for m in json.loads(
+        g.ctl("missions", "ls", "--json", check=True).stdout)}
+    assert found["a"]["subject"] == f"test -e {missing}"  # the script, not /bin/sh
+    assert found["b"]["subject"] == long_script[:59] + "…"
+    assert found["a"]["summary"].endswith("/bin/sh exited 1"), found["a"]["summary"]
+    assert found["c"]["summary"].endswith("/bin/sh exited 3: disk on fire")
+    assert found["c"]["subject"] == "echo disk on fire >&2; exit 3"

@@ -140,6 +140,22 @@ class DetectorConfig:
 Rule = Callable[[DetectorConfig], "tuple[str, str] | None"]
 
 
+SHELLS = ("sh", "bash", "dash", "zsh", "ksh", "ash", "busybox")
+SUBJECT_MAX = 60
+
+
+def command_subject(argv: list[str] | tuple[str, ...]) -> str:
+    """A command probe's default subject: the program (argv[0]), or for a shell's ``-c``
+    the script itself (whitespace folded, cut to 60 characters with …), so that two
+    ``sh -c`` checks are told apart."""
+    if not argv:
+        return ""
+    if len(argv) >= 3 and argv[0].rsplit("/", 1)[-1] in SHELLS and argv[1] == "-c":
+        script = " ".join(argv[2].split())
+        return script if len(script) <= SUBJECT_MAX else script[:SUBJECT_MAX - 1] + "…"
+    return argv[0]
+
+
 def public_dsn(dsn: str) -> str:
     """A PostgreSQL connection string without its password (a mission's subject)."""
     text = re.sub(r"(?i)\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "password=***", dsn)
@@ -233,7 +249,7 @@ KINDS: dict[str, Kind] = {
                      threshold=100.0, min_change=MS, subject=lambda d: public_dsn(d.dsn)),
     "command": Kind({**_MS, "argv": non_empty_list}, requires=("argv",), threshold=5000.0,
                     min_change=MS,
-                    subject=lambda d: " ".join(d.argv[:1])),
+                    subject=lambda d: command_subject(d.argv)),
     "http": Kind({**_MS, "url": http_url, "expect_status": None, "proxy": None,
                   "secret_path": None}, requires=("url",), threshold=2000.0, min_change=MS,
                  subject=lambda d: redact_url(d.url, hide_path=d.secret_path)),

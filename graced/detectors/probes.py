@@ -208,8 +208,10 @@ class CommandProbe(SimpleDetector):
         ms = _elapsed_ms(started)
         if res.returncode != 0:
             tail = res.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            said = tail[0].strip()[:200]  # nothing on stderr: no colon left dangling
             return [Observation(self.subject, ms, "ms",
-                                failed=f"{cfg.argv[0]} exited {res.returncode}: {tail[0][:200]}")]
+                                failed=f"{cfg.argv[0]} exited {res.returncode}"
+                                       + (f": {said}" if said else ""))]
         return [Observation(self.subject, ms, "ms")]
 
 
