@@ -196,6 +196,9 @@ def _health_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
     active = sum(counts.values())
     missions = f"{active} active" + (": " + ", ".join(
         f"{n} {sev}" for sev, n in reversed(list(counts.items())) if n) if active else "")
+    if st.get("awaiting_approval"):
+        missions += (f"; {st['awaiting_approval']} awaiting approval (gracectl missions "
+                     "approve ID)")
     if st.get("escalated"):
         missions += f"; {len(st['escalated'])} escalated (needs a person)"
     failing = st["failing_detectors"]

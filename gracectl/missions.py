@@ -28,6 +28,8 @@ from .plan_text import render_plan
 STATES = ("detected", "open", "awaiting_approval", "approved", "executing", "verifying",
           "resolved", "failed", "escalated", "rejected", "expired", "interrupted")
 SEVERITIES = ("low", "medium", "high", "critical")
+WHY_STATES = ("escalated", "failed")
+"""States whose reason missions ls adds to the symptom (why it escalated or failed)."""
 SEVERITY_COLOUR = {"low": "cyan", "medium": "yellow", "high": "red", "critical": "magenta"}
 
 
@@ -70,9 +72,11 @@ def missions_ls(ctx: click.Context, states: tuple[str, ...], severities: tuple[s
         held = m.get("silenced") or {}
         state = m["state"] + ("" if not held else f", was silenced #{held['id']}"
                                if held.get("ended_at") else f", silenced #{held['id']}")
+        why = out.reason(m["summary"], m["detector"], m["subject"])
+        if m["state"] in WHY_STATES and m.get("reason"):
+            why += f"; {m['state']}: {m['reason']}"  # why a person has it now
         table.append([str(m["id"]), sev, state, m["detector"], m["subject"],
-                      m["playbook"] or "-", out.age(result["now"] - m["opened_at"]),
-                      out.reason(m["summary"], m["detector"], m["subject"])])
+                      m["playbook"] or "-", out.age(result["now"] - m["opened_at"]), why])
     out.write(out.table(table, MISSION_COLUMNS))
 
 

@@ -245,8 +245,10 @@ class Api:
     def _health(self) -> dict[str, Any]:
         """Active missions by severity, failing detectors, and why graced is degraded."""
         by_severity = dict.fromkeys(SEVERITIES, 0)
+        awaiting = 0
         for m in self.executor.engine.active.values():
             by_severity[m.severity] = by_severity.get(m.severity, 0) + 1
+            awaiting += m.state == "awaiting_approval"
         failing = {name: {"errors": st["errors"], "last_error": st["last_error"]}
                    for name, st in self.runner.status.items() if st["state"] == "error"}
         # A probe whose target fails (refused, timed out): its mission says so; graced is
@@ -264,7 +266,8 @@ class Api:
             degraded.append(f"journal commits failing: {self.mesh.last_error}")
         degraded += [f"detector {name} failing: {d['last_error']}"
                      for name, d in failing.items()]
-        return {"missions": by_severity, "escalated": escalated, "failing_detectors": failing,
+        return {"missions": by_severity, "awaiting_approval": awaiting,
+                "escalated": escalated, "failing_detectors": failing,
                 "failing_probes": probes,
                 "detectors_total": len(self.runner.status), "degraded": degraded}
 

@@ -33,6 +33,8 @@ def test_wait_json_prints_the_mission_as_it_is_and_plan_takes_upper_case(
                     + playbook("drain", "backlog", "high", fix(queue))
                     + SETTINGS.format(approval=600))
     g.ctl("wait", "1", "--state", "awaiting_approval", "--timeout", "20", check=True)
+    status = g.ctl("status").stdout  # what waits for a person, said so
+    assert "missions   1 active: 1 high; 1 awaiting approval" in status, status
     before = _subscribers(g)
     waiter = g.ctl_popen("wait", "1", "--state", "final", "--timeout", "30", "--json")
     try:
@@ -237,3 +239,21 @@ def test_command_probes_say_why_and_are_told_apart(make_graced, shortdir: Path) 
     assert found["a"]["summary"].endswith("/bin/sh exited 1"), found["a"]["summary"]
     assert found["c"]["summary"].endswith("/bin/sh exited 3: disk on fire")
     assert found["c"]["subject"] == "echo disk on fire >&2; exit 3"
+
+
+@pytest.mark.slow
+def test_missions_ls_says_why_a_mission_escalated(make_graced, shortdir: Path) -> None:
+    queue = shortdir / "queue"
+    queue.write_text(FAULT)
+    g = make_graced(detectors=value_detector("backlog", queue)
+                    + playbook("drain", "backlog", "low", fix(queue)).replace(
+                        "budget = 1000", "budget = 1")
+                    + SETTINGS.format(approval=600))
+    g.ctl("wait", "1", "--state", "resolved", "--timeout", "20", check=True)
+    queue.write_text(FAULT)  # back again: the playbook's budget of one run is spent
+    g.ctl("wait", "2", "--state", "escalated", "--timeout", "20", check=True)
+    reason = json.loads(g.ctl("missions", "show", "2", "--json", check=True).stdout)["reason"]
+    assert "budget" in reason, reason
+    listed = g.ctl("missions", "ls", check=True).stdout
+    row = next(line for line in listed.splitlines() if line.split()[:1] == ["2"])
+    assert row.endswith(f"; escalated: {reason}"), row  # not the symptom alone
