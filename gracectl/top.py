@@ -198,8 +198,12 @@ def _header(model: Model, now: float, width: int = 10**6) -> list[Line]:
         # Wrapped, never cut: the reason is what the operator must read.
         return [line1, *_wrap([(f" SIGNATURE FAILED: {model.violation} ", "alarm")], width)]
     elif model.connection:
-        line2 = [(f" signature: verified up to seq {model.last_seq}; ", "green"),
-                 (model.connection, "yellow")]
+        # Why graced cannot be reached (its path, the error) is read whole: wrapped.
+        lead = f" signature: verified up to seq {model.last_seq}; "
+        wrapped = _wrap([(lead + model.connection, "yellow")], width)
+        first = wrapped[0][0][0]
+        return [line1, [(first[:len(lead)], "green"), (first[len(lead):], "yellow")],
+                *wrapped[1:]]
     else:
         line2 = [(" signature: ", "normal"), ("verified", "green"),
                  (f"  {model.verified} frames checked, head seq {model.last_seq}", "dim")]
@@ -217,15 +221,20 @@ def _mission_lines(model: Model, now: float, rows: int, width: int) -> list[Line
     out: list[Line] = []
     if not model.missions:
         return [[("  no active missions", "dim")]]
-    heads = []
+    parts = []
     for m in model.missions:
-        what = fit(f"{m['detector']}:{m['subject']}", max(16, (width - 42) // 2),
-                   keep_end=True)
-        heads.append((f"{m['id']:>5} {m['severity']:<8} {m['state']:<17} "
-                      f"{age(now - m['opened_at']):>6} {what}  ",
+        lead = (f"{m['id']:>5} {m['severity']:<8} {m['state']:<17} "
+                f"{age(now - m['opened_at']):>6} ")
+        parts.append((lead, str(m["detector"]), str(m["subject"]),
                       reason(m["summary"], m["detector"], m["subject"])))
-    spill = any(1 + len(head) + len(why) > width for head, why in heads)
+    spill = any(1 + len(lead) + len(det) + 1 + len(subj) + 2 + len(why) > width
+                for lead, det, subj, why in parts)
     per = 2 if spill and rows >= 2 else 1
+    # Two lines a mission: the first has the whole free width for detector and subject;
+    # one line: they share it with the reason.
+    room = (width - 1 - len(parts[0][0]) if per == 2 else max(16, (width - 42) // 2)
+            ) if spill else 10**6
+    heads = [(f"{lead}{_what(det, subj, room)}  ", why) for lead, det, subj, why in parts]
     visible = max(1, rows // per)
     start = max(0, model.selected - visible + 1)
     for i in range(start, min(len(heads), start + visible)):
@@ -242,7 +251,19 @@ def _mission_lines(model: Model, now: float, rows: int, width: int) -> list[Line
     return out
 
 
-def _feed_lines(model: Model, rows: int) -> list[Line]:
+def _what(detector: str, subject: str, room: int) -> str:
+    """'detector:subject' in ``room`` columns: the detector whole when it leaves a subject
+    some room (cut from its start: a path's end tells it apart), each cut with …."""
+    both = f"{detector}:{subject}"
+    if len(both) <= room:
+        return both
+    if room - len(detector) - 1 >= 8:
+        return f"{detector}:{fit(subject, room - len(detector) - 1, keep_end=True)}"
+    det = max(4, room - 9)
+    return f"{fit(detector, det)}:{fit(subject, max(1, room - det - 1), keep_end=True)}"
+
+
+def _feed_lines(model: Model, rows: int, width: int = 10**6) -> list[Line]:
     events = list(model.feed)[-rows:] if rows > 0 else []
     out: list[Line] = []
     for ev in events:
@@ -250,8 +271,11 @@ def _feed_lines(model: Model, rows: int) -> list[Line]:
         topic = str(ev.get("topic", ""))
         style = ("red" if topic.endswith(("failed", "escalated", "error", "demoted"))
                  else "green" if topic.endswith(("resolved", "approved")) else "normal")
-        out.append([(f" {ts} ", "dim"), (f"{topic:<26} ", style),
-                    (describe_event(ev), "normal")])
+        head = f" {ts} "
+        topic_text = f"{topic:<26} "
+        text = safe(describe_event(ev))  # measured as it is drawn: escaped
+        out.append([(head, "dim"), (topic_text, style),
+                    (fit(text, max(1, width - len(head) - len(topic_text))), "normal")])
     return out or [[("  (no activity yet)", "dim")]]
 
 
@@ -315,38 +339,51 @@ def _clock(t: Any) -> str:
     return when(t)[11:19]
 
 
-HELP = [
-    " Keys",
-    "   q            quit (at once)",
-    "   ?            this help (any key closes it)",
-    "   j/k, arrows  move between missions; in the detail view, scroll",
-    "   PgDn/PgUp    in the detail view, a page down or up (also space and b)",
-    "   g/G          in the detail view, the top or the end",
-    "   Enter        the selected mission's detail: evidence, plan (every argument), "
-    "steps, timeline",
-    "   Esc, Enter   back from the detail view",
-    "   a            approve the mission (its plan is shown first; y to confirm)",
-    "   r            reject the mission (y to confirm)",
-    "",
-    " Health: each sparkline is on its metric's scale (0-100 for a percentage), bars past",
-    " the threshold in red, the threshold after it (>90: anomalous above 90).",
+HELP_KEYS = [
+    ("q", "quit (at once)"),
+    ("?", "this help (any key closes it)"),
+    ("j/k, arrows", "move between missions; in the detail view, scroll"),
+    ("PgDn/PgUp", "in the detail view, a page down or up (also space and b)"),
+    ("g/G", "in the detail view, the top or the end"),
+    ("Enter", "the selected mission's detail: evidence, plan (every argument), steps, "
+              "timeline"),
+    ("Esc, Enter", "back from the detail view"),
+    ("a", "approve the mission (its plan is shown first; y to confirm)"),
+    ("r", "reject the mission (y to confirm)"),
 ]
+HELP_NOTE = ("Health: each sparkline is on its metric's scale (0-100 for a percentage), bars "
+             "past the threshold in red, the threshold after it (>90: anomalous above 90).")
+
+
+def help_lines(width: int) -> list[str]:
+    """The ? screen, wrapped at words to ``width`` (no word lost, none split unless it is
+    longer than a line); a key's description continues under itself."""
+    import textwrap
+
+    lines = [" Keys"]
+    for key, text in HELP_KEYS:
+        head = f"   {key:<13}"
+        lines += textwrap.wrap(text, max(20, width - 1), initial_indent=head,
+                               subsequent_indent=" " * len(head), break_on_hyphens=False)
+    return [*lines, "", *textwrap.wrap(HELP_NOTE, max(20, width - 1), initial_indent=" ",
+                                      subsequent_indent=" ", break_on_hyphens=False)]
 
 
 def _wrap(line: Line, width: int) -> list[Line]:
-    """A line too long for the screen, wrapped (never clipped: an approver must read
-    every argument of the plan); continuation lines are indented."""
+    """A line too long for the screen, wrapped at words (never clipped: an approver must
+    read every argument of the plan; a word longer than a line is split); continuation
+    lines are indented."""
+    import textwrap
+
     text = "".join(t for t, _ in line)
     if width <= 12 or len(text) <= width:
         return [line]
     style = line[0][1] if line else "normal"
-    out: list[Line] = [[(text[:width], style)]]
-    rest, indent = text[width:], "      "
-    step = width - len(indent)
-    while rest:
-        out.append([(indent + rest[:step], style)])
-        rest = rest[step:]
-    return out
+    lead = len(text) - len(text.lstrip(" "))
+    indent = " " * min(width // 3, lead + 5)
+    parts = textwrap.wrap(text, width, subsequent_indent=indent, break_on_hyphens=False,
+                          break_long_words=True, drop_whitespace=True)
+    return [[(part, style)] for part in parts] or [line]
 
 
 def _scrolled(body: list[Line], model: Model, room: int) -> list[Line]:
@@ -405,7 +442,8 @@ def render(model: Model, width: int, height: int, now: float) -> list[Line]:
     lines = _header(model, now, width)
     room = height - len(lines) - 1
     if model.help:
-        body = [[(text, "bold" if i == 0 else "normal")] for i, text in enumerate(HELP)]
+        body = [[(text, "bold" if i == 0 else "normal")]
+                for i, text in enumerate(help_lines(width))]
         return _safe([*lines, *body[:room], *([[]] * max(0, room - len(body))),
                       [(" any key: back ", "dim")]])
     if model.detail is not None:
@@ -432,7 +470,7 @@ def render(model: Model, width: int, height: int, now: float) -> list[Line]:
     lines.append(_section(f"Active missions ({len(model.missions)})", width))
     lines += _mission_lines(model, now, m_rows, width)[:m_rows]
     lines.append(_section("Activity", width))
-    lines += _feed_lines(model, f_rows)[-f_rows:]
+    lines += _feed_lines(model, f_rows, width)[-f_rows:]
     lines.append(_section("Health", width))
     lines += _health_lines(model, now, h_rows, width)
     lines = lines[:height - 1]

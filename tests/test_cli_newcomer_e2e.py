@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -257,3 +258,47 @@ def test_missions_ls_says_why_a_mission_escalated(make_graced, shortdir: Path) -
     listed = g.ctl("missions", "ls", check=True).stdout
     row = next(line for line in listed.splitlines() if line.split()[:1] == ["2"])
     assert row.endswith(f"; escalated: {reason}"), row  # not the symptom alone
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_top_at_80x24_wraps_at_words_and_keeps_detector_and_subject(
+        make_graced, shortdir: Path) -> None:
+    from tests.test_cli_terminal_e2e import PLAYBOOK, _env
+    from tests.test_top_e2e import Terminal, drawn
+
+    value = shortdir / "value"
+    value.write_text("99\n")
+    g = make_graced(detectors=VALUE.format(file=value) + PLAYBOOK)
+    g.ctl("wait", "1", "--state", "awaiting_approval", "--timeout", "20", check=True)
+    t = Terminal([g.ctl_argv0(), "top"], _env(g), 80, 24)
+    try:
+        screen = t.wait_for(lambda s: "awaiting_approval" in s and "verified" in s
+                            and "mission.opened" in s and drawn(s, 24), 20)
+        lines = screen.split("\n")
+        assert all(len(line) <= 80 for line in lines), screen
+        row = next(line for line in lines if "awaiting_approval" in line)
+        # The detector whole, the subject's end, in the width the row has free.
+        assert "queue-depth:" in row and row.rstrip().endswith("worker-queue-long-name"), row
+        # Activity with more to say than a line holds (a key, a long subject): cut with …
+        cut = [line for line in lines if "crypto.key_created" in line
+               or "mission.opened" in line]
+        assert cut and all(line.endswith("…") for line in cut), cut
+
+        t.keys("?")
+        help_screen = t.wait_for(lambda s: "q            quit" in s, 10)
+        words = " ".join(line.strip() for line in help_screen.split("\n")).split()
+        from gracectl.top import HELP_KEYS, HELP_NOTE
+        for _, text in HELP_KEYS:  # every word of each key's text, in order
+            assert " ".join(text.split()) in " ".join(words), text
+        assert " ".join(HELP_NOTE.split()) in " ".join(words)
+        t.keys("x")
+        t.wait_for(lambda s: "Active missions" in s, 10)
+
+        t.keys("Enter")
+        detail = t.wait_for(lambda s: "mission 1:" in s, 10)
+        assert all(len(line) <= 80 for line in detail.split("\n")), detail
+        text = " ".join(line.strip() for line in detail.split("\n"))
+        assert "above the threshold 50.0" in text, detail  # no word split across lines
+    finally:
+        t.close()

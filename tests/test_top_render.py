@@ -104,3 +104,14 @@ def test_the_feed_never_shows_python_none(topic: str) -> None:
     appeared = {"topic": "integration.changed", "payload": {
         "component": "detector:web", "was": None, "state": "up"}}
     assert top.describe_event(appeared) == "detector:web new, up"
+
+
+def test_why_graced_cannot_be_reached_is_wrapped_whole() -> None:
+    why = ("cannot reach graced at /work/scratch/a-rather-long-state-dir/run/graced/"
+           "graced.sock: No such file or directory; retrying")
+    model = Model(connection=why, last_seq=12)
+    text = plain(render(model, 80, 24, NOW), 80)
+    assert all(len(line) <= 80 for line in text.splitlines()), text
+    joined = " ".join(line.strip() for line in text.splitlines()[1:4])
+    assert "signature: verified up to seq 12;" in joined
+    assert why in joined, text  # nothing cut mid-path
