@@ -348,13 +348,16 @@ LINES = Lines()
               callback=set_wide,
               help="Print each event whole on a terminal too (short lines are cut to its "
                    "width with …; never when piped), as journalctl's --full.")
+@click.option("--reverse", "-r", is_flag=True,
+              help="Newest first, as journalctl -r (implies --no-follow).")
 @click.option("--no-pager", is_flag=True, expose_value=False,
               help="Accepted for journalctl's habit and ignored: gracectl never pages.")
 @utc_option
 @click.pass_context
 def tail(ctx: click.Context, patterns: tuple[str, ...], follow: bool, lines: int | None,
          since: str | None, until: str | None, output: str, as_json: bool, verify: bool,
-         key_file: str | None, stale_after: float | None, reconnect_timeout: float) -> None:
+         key_file: str | None, stale_after: float | None, reconnect_timeout: float,
+         reverse: bool) -> None:
     """Stream events matching topic globs (e.g. 'mission.*'); all events by default.
 
     Like journalctl: -n counts matching events, --since/--until take a seq or a time,
@@ -365,6 +368,9 @@ def tail(ctx: click.Context, patterns: tuple[str, ...], follow: bool, lines: int
     endpoint = endpoint_of(ctx)
     start, end = _point(since, "--since"), _point(until, "--until")
     output = "json" if as_json else "short" if output == "short-iso" else output
+    if reverse and follow and ctx.get_parameter_source("follow") != ParameterSource.DEFAULT:
+        raise click.UsageError("--reverse and --follow cannot go together (as journalctl)")
+    follow = follow and not reverse
     every = lines is None  # -n all: from the oldest event kept (or the whole --since window)
     if every and start is None:
         start = Point(ts=0.0)  # a time before the oldest event kept starts at it
@@ -376,7 +382,7 @@ def tail(ctx: click.Context, patterns: tuple[str, ...], follow: bool, lines: int
             as_json=output in ("json", "jsonl"), verify=verify or key_file is not None,
             follow=follow and end is None, trusted_key=trusted,
             stale_after=stale_after, reconnect_timeout=reconnect_timeout, output=output,
-            since_at=start, until=end,
+            since_at=start, until=end, reverse=reverse,
             lines_given=not every
             and ctx.get_parameter_source("lines") != ParameterSource.DEFAULT,
         )

@@ -51,6 +51,7 @@ class TailOptions:
     # -n given on the command line: with --since it counts back from the window's end
     # (journalctl's -n with --since); without -n, --since shows the whole window.
     lines_given: bool = False
+    reverse: bool = False  # -r: newest first (never following), as journalctl -r
 
     @property
     def count_back(self) -> bool:
@@ -97,6 +98,7 @@ class Printer:
         self.match = compile_patterns(opts.patterns)
         self.held: tuple[str, dict[str, Any]] | None = None
         self.printed = 0
+        self.kept: list[str] = []
         # short lines are cut to a terminal's width (whole when piped, or with --wide).
         self.width = terminal_width(out)
 
@@ -107,8 +109,16 @@ class Printer:
             line = format_event(event, self.opts.output)
             if self.width is not None and self.opts.output == "short":
                 line = fit(line, self.width)  # one event a line, as journalctl's pager
-        self.out.write(line + "\n")
+        if self.opts.reverse:
+            self.kept.append(line)  # printed newest first once the range is read
+        else:
+            self.out.write(line + "\n")
         self.printed += 1
+
+    def write_reversed(self) -> None:
+        self.out.writelines(line + "\n" for line in reversed(self.kept))
+        self.kept.clear()
+        self.out.flush()
 
     def release(self) -> None:
         if self.held is not None:
@@ -136,6 +146,7 @@ async def run_tail(endpoint: Endpoint, opts: TailOptions, out: IO[str],
                  f"'detector.*', 'mission.*' (families: {', '.join(FAMILIES)})")
     printer = Printer(opts, out)
     code = await _run_tail(endpoint, opts, printer, note)
+    printer.write_reversed()
     if code == 0 and not opts.follow and printer.printed == 0:
         note("-- No entries --")
     return code

@@ -127,6 +127,10 @@ def test_tail_takes_journalctl_time_forms_and_habits(graced: Graced) -> None:
     # -n all: every matching event kept; --no-pager as scripts carry it; short-iso.
     assert _topics(g, "-n", "all", "user.*") == ["user.a", "user.b"]
     assert _topics(g, "-n", "ALL", "--no-pager", "user.*") == ["user.a", "user.b"]
+    # -r: newest first, and it does not follow (exit at the head, as journalctl -r).
+    rev = g.ctl("tail", "-r", "-n", "all", "-o", "json", "user.*", timeout=20, check=True)
+    assert [json.loads(x)["topic"] for x in rev.stdout.splitlines()] == ["user.b", "user.a"]
+    assert g.ctl("tail", "-r", "-f").returncode == 2
     iso = g.ctl("tail", "--no-follow", "-o", "short-iso", "-n", "1", "user.a", check=True)
     assert iso.stdout.split()[1:3] == [str(a["first_seq"]), "user.a"], iso.stdout
     for bad in ("25:00", "@x", "yesterday 9"):
