@@ -255,8 +255,14 @@ def test_missions_ls_says_why_a_mission_escalated(make_graced, shortdir: Path) -
                         "budget = 1000", "budget = 1")
                     + SETTINGS.format(approval=600))
     g.ctl("wait", "1", "--state", "resolved", "--timeout", "20", check=True)
-    queue.write_text(FAULT)  # back again: the playbook's budget of one run is spent
-    g.ctl("wait", "2", "--state", "escalated", "--timeout", "20", check=True)
+    escalated = LineCollector(g.ctl_popen("tail", "--json", "--since", "1",
+                                          "mission.escalated"))
+    try:
+        queue.write_text(FAULT)  # back again: the playbook's budget of one run is spent
+        assert escalated.wait_for(lambda ls: bool(ls), 20), escalated
+    finally:
+        escalated.proc.kill()
+    assert json.loads(escalated.lines[0])["payload"]["id"] == 2
     reason = json.loads(g.ctl("missions", "show", "2", "--json", check=True).stdout)["reason"]
     assert "budget" in reason, reason
     listed = g.ctl("missions", "ls", check=True).stdout
