@@ -29,6 +29,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import re
 from typing import Any
 
 from .config import Config, PlaybookConfig, StepConfig
@@ -59,11 +60,13 @@ def mission_values(m: Mission) -> dict[str, str]:
             "detector": m.detector, "mission": str(m.id)}
 
 
+_PLACEHOLDER = re.compile("{(" + "|".join(re.escape(k) for k in PLACEHOLDERS) + ")}")
+
+
 def substitute(text: str, values: dict[str, str]) -> str:
-    """Literal placeholder replacement (no format(): nothing in a value is interpreted)."""
-    for key in PLACEHOLDERS:
-        text = text.replace("{" + key + "}", values.get(key, ""))
-    return text
+    """Literal placeholder replacement in one pass over ``text`` (no format(), and a
+    value is never searched again: a subject spelled '{value}' stays that text)."""
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), text)
 
 
 def matches(pb: PlaybookConfig, m: Mission) -> bool:
