@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import Graced
 from tests.helpers.procs import LineCollector
 from tests.helpers.pty_run import run_on_tty
-from tests.test_cli_output_e2e import VALUE
+from tests.test_cli_output_e2e import VALUE, awaiting_approval
 from tests.test_learning_e2e import FAULT, SETTINGS, fix, playbook, value_detector
 
 
@@ -277,10 +277,7 @@ def test_top_at_80x24_wraps_at_words_and_keeps_detector_and_subject(
     from tests.test_cli_terminal_e2e import PLAYBOOK, _env
     from tests.test_top_e2e import Terminal, drawn
 
-    value = shortdir / "value"
-    value.write_text("99\n")
-    g = make_graced(detectors=VALUE.format(file=value) + PLAYBOOK)
-    g.ctl("wait", "1", "--state", "awaiting_approval", "--timeout", "20", check=True)
+    g = awaiting_approval(make_graced, shortdir, PLAYBOOK)
     t = Terminal([g.ctl_argv0(), "top"], _env(g), 80, 24)
     try:
         screen = t.wait_for(lambda s: "awaiting_approval" in s and "verified" in s

@@ -12,6 +12,7 @@ import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -202,13 +203,19 @@ PLAYBOOK = ('[[playbook]]\nname = "drain"\ndetector = "queue-depth"\nrisk = "hig
             '[[playbook.step]]\naction = "run"\nargv = ["/bin/true"]\ntimeout = 5.0\n')
 
 
+def awaiting_approval(make_graced: Any, shortdir: Path, playbook: str = PLAYBOOK) -> Graced:
+    """A real graced whose mission 1 (queue-depth, a long subject) awaits approval."""
+    value = shortdir / "value"
+    value.write_text("99\n")
+    g: Graced = make_graced(detectors=VALUE.format(file=value) + playbook)
+    g.ctl("wait", "1", "--state", "awaiting_approval", "--timeout", "20", check=True)
+    return g
+
+
 @pytest.mark.slow
 def test_wait_timeout_is_exact_and_final_means_any_final_state(
         make_graced, shortdir: Path) -> None:
-    value = shortdir / "value"
-    value.write_text("99\n")
-    g = make_graced(detectors=VALUE.format(file=value) + PLAYBOOK)
-    g.ctl("wait", "1", "--state", "awaiting_approval", "--timeout", "20", check=True)
+    g = awaiting_approval(make_graced, shortdir)
     for timeout in (1.0, 2.0):
         t0 = time.monotonic()
         res = g.ctl("wait", "1", "--state", "resolved", "--timeout", f"{timeout:g}")
