@@ -294,3 +294,21 @@ def test_check_refuses_tls_files_graced_cannot_load_and_warns_of_unknown_approve
         "on this host: nobody approves through it",
         f"graced: warning: state dir {state} is writable by group or others (mode 0775): "
         "graced run refuses it (it must belong to graced's user, writable by no one else)"]
+
+
+def test_a_config_in_a_directory_others_may_write_is_a_warning(tmp_path: Path) -> None:
+    """The file's own mode protects nothing when others may replace it: its directory
+    writable by group or others (and not sticky) is a warning naming it."""
+    where = tmp_path / "etc"
+    where.mkdir()
+    path = where / "graced.toml"
+    path.write_text("version = 1\n")
+    path.chmod(0o600)
+    where.chmod(0o777)
+    res = graced_cmd("config", "check", str(path))
+    assert (res.returncode, res.stdout) == (0, f"{path}: ok\n"), res.stderr
+    assert res.stderr == (f"graced: warning: {path}: its directory {where} is writable by "
+                          f"group or others (mode 0777): they could replace the file: chmod "
+                          f"go-w {where}\n"), res.stderr
+    where.chmod(0o1777)  # sticky, as /tmp: only the owner may replace it
+    assert graced_cmd("config", "check", str(path)).stderr == ""

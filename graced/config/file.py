@@ -405,7 +405,25 @@ def load_config(path: Path | None) -> Config:
     exposed = _exposed(path, st, cfg)
     if exposed:
         cfg = dataclasses.replace(cfg, warnings=(*cfg.warnings, exposed))
+    swappable = _swappable_dir(path)
+    if swappable:
+        cfg = dataclasses.replace(cfg, warnings=(*cfg.warnings, swappable))
     return cfg
+
+
+def _swappable_dir(path: Path) -> str | None:
+    """A warning when others may replace the config file: its directory is writable by
+    group or others without the sticky bit (the file's own checks then protect nothing)."""
+    where = path.absolute().parent
+    try:
+        st = os.stat(where)
+    except OSError:
+        return None
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+        return (f"{path}: its directory {where} is writable by group or others (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}): they could replace the file: chmod go-w "
+                f"{where}")
+    return None
 
 
 def default_config() -> Config:
