@@ -27,6 +27,7 @@ from graced.protocol import (
     verify_detached,
 )
 from graced.protocol.text import count
+from graced.protocol.topics import user_topic_error
 
 from . import learn, out, playbooks, silence, timespec, trust
 from .command import (
@@ -789,9 +790,10 @@ def keys_generate(force: bool) -> None:
 def emit(ctx: click.Context, topic: str, payload: str, count: int, rate: float | None,
          no_wait: bool, as_json: bool) -> None:
     """Publish a signed user event (TOPIC must start with 'user.'), e.g. an annotation."""
-    if not topic.startswith("user.") or len(topic) > 200:
-        raise click.BadParameter("must start with 'user.' (at most 200 characters), e.g. "
-                                 f"user.{out.safe(topic[:40])}", param_hint="TOPIC")
+    bad = user_topic_error(topic)
+    if bad:
+        raise click.BadParameter(f"{out.safe(out.as_typed(topic), 60)}: {bad}",
+                                 param_hint="TOPIC")
     try:
         data = json.loads(payload)
     except ValueError as exc:

@@ -40,6 +40,7 @@ from .errors import (
     NotAuthorised,
     ProtocolViolation,
     Unreachable,
+    check_utf8,
 )
 from .wsclient import answer, check_signed, parse_frame, socket_hint
 
@@ -237,6 +238,7 @@ class Connection:
             raise self.violation
         if self._reader_done:
             raise closed_error(self.closed, "the daemon closed the connection")
+        check_utf8(params)
         req_id = self._next_id
         self._next_id += 1
         nonce = secrets.token_hex(16)

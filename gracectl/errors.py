@@ -44,3 +44,13 @@ class ProtocolViolation(CtlError):
 
     def __init__(self, message: str) -> None:
         super().__init__(f"protocol violation: the daemon sent {message}")
+
+
+def check_utf8(params: object) -> None:
+    """Refuse (exit 2) to send a request holding a string with no UTF-8 form (a command
+    line argument that was not UTF-8): graced would refuse it too."""
+    from graced.protocol.wire import not_utf8
+
+    bad = not_utf8(params)
+    if bad:
+        raise CtlError(f"{bad.removeprefix('params.')}; nothing was sent", ExitCode.USAGE)

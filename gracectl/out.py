@@ -358,3 +358,12 @@ def age(seconds: float) -> str:
     if s < 86400:
         return f"{s // 3600}h{(s % 3600) // 60:02d}m"
     return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
+
+
+def as_typed(arg: str) -> str:
+    """A command line argument as typed: bytes that were not UTF-8 (which Python decodes
+    to lone surrogates) as ``\\xff`` escapes, so an error message can quote it."""
+    try:
+        return arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return ascii(arg)[1:-1]

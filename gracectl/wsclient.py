@@ -40,7 +40,15 @@ from graced.protocol.canonical import canonical_bytes_parsed
 from graced.protocol.verify import MAX_LINE_BYTES
 from graced.protocol.wire import ERROR_EXIT
 
-from .errors import CtlError, NotAuthorised, NotFound, ProtocolViolation, RemoteError, Unreachable
+from .errors import (
+    CtlError,
+    NotAuthorised,
+    NotFound,
+    ProtocolViolation,
+    RemoteError,
+    Unreachable,
+    check_utf8,
+)
 
 MAX_MESSAGE_BYTES = MAX_LINE_BYTES + 1024
 MAX_HEAD = 16384
@@ -346,6 +354,7 @@ class SyncConnection:
 
     def request(self, method: str, params: dict[str, Any] | None = None) -> Any:
         """Send one request and return its result; raises a typed error on failure."""
+        check_utf8(params)
         req_id = self.next_id
         self.next_id += 1
         nonce = secrets.token_hex(16)

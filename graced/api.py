@@ -39,6 +39,7 @@ from .protocol import Signer
 from .protocol import knowledge as pk
 from .protocol.text import local_time
 from .protocol.times import is_instant, same_instant, shown
+from .protocol.topics import user_topic_error
 from .protocol.wire import Request, RequestError
 from .readers import SharedReader
 from .reload import ConfigRejected, Reloader
@@ -217,6 +218,7 @@ class Api:
                 "commit_latency_ms": round(mesh.commit_seconds_last * 1000, 3),
                 "commits": mesh.commit_count,
                 "commit_errors": mesh.commit_errors,
+                "dropped": mesh.dropped,
                 "last_error": mesh.last_error,
                 "failing_since": mesh.failing_since,
                 "pending": len(mesh._pending),
@@ -865,8 +867,9 @@ class Api:
                 "request signed by a control key")
         p = req.params
         topic = p.get("topic")
-        if not isinstance(topic, str) or not topic.startswith("user.") or len(topic) > 200:
-            raise RequestError("bad_request", "params.topic must be a string starting 'user.'")
+        bad = user_topic_error(topic)
+        if bad or not isinstance(topic, str):
+            raise RequestError("bad_request", f"params.topic: {bad}")
         payload = p.get("payload", {})
         count = p.get("count", 1)
         rate = p.get("rate")
@@ -1064,8 +1067,13 @@ class Api:
         known = {d.name for d in self.config.detector}
         warning = None if detector is None or detector in known else (
             f"no detector named {detector!r} is configured; the silence covers nothing now")
-        await self.mesh.publish("silence.added", s.event(uid=client.peer.uid),
-                                writes=[*nonce, self.executor.silences.write()])
+        try:
+            await self.mesh.publish("silence.added", s.event(uid=client.peer.uid),
+                                    writes=[*nonce, self.executor.silences.write()])
+        except Exception:
+            # Not journaled, so not in force either (nor after a restart).
+            self.executor.silences.remove(s.id)
+            raise
         self.executor.silence_added()
         return {"silence": s.public(), "warning": warning}
 

@@ -48,6 +48,7 @@ import psutil
 import trio
 
 from . import httpc, logs, targets
+from .auth import LogBudget
 from .config import NotifierConfig, PlaybookConfig, RemediationConfig, StepConfig
 from .journal import Write
 from .learning import Learning
@@ -67,6 +68,7 @@ from .plan import (
     substitute,
 )
 from .plan import build as build_plan
+from .protocol.canonical import canonical_bytes, json_safe
 from .protocol.text import count
 from .protocol.times import same_instant, shown
 from .redact import redact_text
@@ -192,6 +194,8 @@ class Executor:
         self.config = config
         self.silences = silences or Silences()
         self.silenced: set[int] = set()  # missions held back by a silence
+        # A failing expiry round logs its traceback a few times a minute, not twice a second.
+        self._expire_failures = LogBudget("failed expiry rounds (tracebacks)")
         # The plans a reload replaced, per waiting mission (since graced started).
         self.superseded: dict[int, list[str]] = {}
         self.learning = learning
@@ -681,19 +685,40 @@ class Executor:
         return m
 
     async def _expire_loop(self) -> None:
+        """Ends silences and expires approvals that are due; never returns unless
+        cancelled. A round that fails is logged and the next one runs: this loop must not
+        take graced down (it did, publishing a silence whose comment had no UTF-8 form)."""
         while True:
             await trio.sleep(0.5)
-            now = time.time()
-            ended = self.silences.due(now, {m.id for m in self.engine.active.values()})
-            for s, why in ended:
-                await self.mesh.publish("silence.expired", s.event(reason=why),
-                                        writes=[self.silences.write()])
-            if ended:
-                await self.silence_ended()
-            for m in list(self.engine.active.values()):
-                if m.state == "awaiting_approval" and m.expires_at and now >= m.expires_at:
-                    await self.record(self.engine.transition(
-                        m, "expired", now, "no approval before it expired; nothing was run"))
+            try:
+                await self._expire_due(time.time())
+            except trio.ClosedResourceError:
+                return  # the mesh is closed: graced is stopping
+            except Exception:  # noqa: BLE001 - a background loop never stops graced
+                if self._expire_failures.allow():
+                    log.exception("ending silences and expiring approvals failed; "
+                                  "trying again")
+
+    async def _expire_due(self, now: float) -> None:
+        ended = self.silences.due(now, {m.id for m in self.engine.active.values()})
+        for s, why in ended:
+            payload = s.event(reason=why)
+            try:
+                canonical_bytes(payload)
+            except ValueError as exc:
+                # Stored before such strings were refused: journaled with U+FFFD in
+                # their place rather than not at all.
+                log.error("silence %d: %s; its silence.expired event shows U+FFFD "
+                          "instead", s.id, exc)
+                payload = json_safe(payload)
+            await self.mesh.publish("silence.expired", payload,
+                                    writes=[self.silences.write()])
+        if ended:
+            await self.silence_ended()
+        for m in list(self.engine.active.values()):
+            if m.state == "awaiting_approval" and m.expires_at and now >= m.expires_at:
+                await self.record(self.engine.transition(
+                    m, "expired", now, "no approval before it expired; nothing was run"))
 
     # -- running ---------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import trio
 
 from .journal import Journal, Write
 from .protocol import SignedEvent, Signer, canonical_bytes
+from .protocol.text import safe
 from .protocol.topics import compile_patterns
 
 log = logging.getLogger("graced.mesh")
@@ -63,6 +64,8 @@ class _Pending:
     done: trio.Event | None = None
     result: SignedEvent | None = None
     writes: Sequence[Write] = ()
+    # Why it could not be signed (it was dropped, with its writes); publish raises it.
+    error: Exception | None = None
 
 
 class Mesh:
@@ -105,6 +108,7 @@ class Mesh:
         self.committed_bytes = 0  # of event text, since start (retention's pace)
         self.commit_count = 0
         self.commit_errors = 0
+        self.dropped = 0  # events that could not be signed (see _sign_and_commit)
         self.last_error: str | None = None
         # When commits started failing (disk full, I/O error), None while they succeed.
         self.failing_since: float | None = None
@@ -147,13 +151,15 @@ class Mesh:
         item = self._queue(topic, payload, trio.Event(), False, writes)
         assert item.done is not None
         await item.done.wait()
+        if item.error is not None:
+            raise item.error
         return item.result
 
     async def publish_first(self, topic: str, payload: Any,
                             writes: Sequence[Write] = ()) -> SignedEvent | None:
         """Publish an event (and its writes) in a group of its own, ahead of whatever is
         queued, even while the writer holds for retention; returns it once committed."""
-        canonical_bytes(payload)
+        canonical_bytes([topic, payload])
         if self._closed:
             raise trio.ClosedResourceError("mesh is closed")
         item = _Pending(self.clock(), topic, payload, trio.Event(), None, writes)
@@ -195,6 +201,9 @@ class Mesh:
         if not checked:
             # Fail here, in the publisher, on a payload that cannot be canonical JSON.
             canonical_bytes(payload)
+        if topic is not None and not (type(topic) is str and topic.isascii()):
+            # The topic too: one with no UTF-8 form would fail in the writer.
+            canonical_bytes(topic)
         item = _Pending(self.clock(), topic, payload, done, None, writes)
         self._pending.append(item)
         self._wake.set()
@@ -242,14 +251,28 @@ class Mesh:
         for item in batch:
             if size >= cap > 0:
                 break
-            writes.extend(item.writes)
-            if item.topic is None:
+            if item.error is not None:
                 events.append(None)
                 continue
+            if item.topic is None:
+                writes.extend(item.writes)
+                events.append(None)
+                continue
+            try:
+                ev = self.signer.make_event(
+                    seq=seq + 1, ts=item.ts, topic=item.topic, payload=item.payload,
+                    prev=prev)
+            except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+                # It can never be signed: retrying would hold everything queued behind
+                # it for ever. Dropped, with its writes, once; its publisher is told.
+                item.error = exc if isinstance(exc, ValueError) else ValueError(str(exc))
+                self.dropped += 1
+                log.error("event %s dropped, it cannot be signed: %s",
+                          safe(ascii(item.topic), 80), exc)
+                events.append(None)
+                continue
+            writes.extend(item.writes)
             seq += 1
-            ev = self.signer.make_event(
-                seq=seq, ts=item.ts, topic=item.topic, payload=item.payload, prev=prev
-            )
             prev = ev.hash
             events.append(ev)
             signed.append(ev)
@@ -372,6 +395,11 @@ class Mesh:
                 tries += 1
                 self.last_error = f"journal commit failed: {exc}"
                 log.error("%s", self.last_error)
+        lost = len(self._pending) + len(self._first)
+        if lost:
+            # Said, not silent: these never reach the journal.
+            log.critical("%d queued events were not journaled (the journal kept failing "
+                         "at shutdown): %s", lost, self.last_error)
 
     def close(self) -> None:
         self._closed = True

@@ -83,6 +83,13 @@ class Silences:
         if not comment.strip() or len(comment) > MAX_COMMENT:
             raise ValueError(f"a silence needs a comment (1-{MAX_COMMENT} characters): say "
                              "why, for whoever looks next")
+        for what, text in (("comment", comment), ("target", detector), ("target", subject)):
+            if text is not None and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    # It could be neither journaled nor signed (see graced.protocol.wire).
+                    raise ValueError(f"the {what} is not valid UTF-8") from None
         if until_resolved and detector is None:
             raise ValueError("--until-resolved needs a DETECTOR[:SUBJECT], not --all")
         if len(self.items) >= MAX_SILENCES:

@@ -325,9 +325,15 @@ class Client:
         self.queue(canonical_text(frame))
 
     def respond_error(self, req_id: Any, nonce: Any, code: str, message: str) -> None:
-        frame = self.server.signer.sign_frame(
-            error_response(req_id, nonce, format_ts(self.server.clock()), code, message)
-        )
+        ts = format_ts(self.server.clock())
+        try:
+            frame = self.server.signer.sign_frame(error_response(req_id, nonce, ts, code,
+                                                                 message))
+        except CanonicalError:
+            # A message quoting what the client sent (a string with no UTF-8 form): sent
+            # with U+FFFD in its place rather than not at all.
+            frame = self.server.signer.sign_frame(json_safe(error_response(
+                req_id, nonce, ts, code, message)))
         self.queue(canonical_text(frame))
 
     def can_control(self) -> bool:

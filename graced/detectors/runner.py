@@ -27,6 +27,7 @@ from ..mesh import Mesh
 from ..missions import store
 from ..missions.engine import FINAL, Mission, MissionEngine, Transition
 from ..protocol import CanonicalError, canonical_bytes
+from ..protocol.canonical import json_safe
 from .base import Detector, Observation
 from .events import POLL
 from .kinds import build_detector
@@ -241,9 +242,11 @@ class DetectorRunner:
                     # The log keeps Python's own words for whoever debugs it.
                     log.warning("detector %s failed: %s: %s; restarting in %.0f s", cfg.name,
                                 type(exc).__name__, exc, wait)
-                    self.mesh.publish_nowait("detector.error", {
+                    # json_safe: an error may quote what was monitored (a file name
+                    # that is not UTF-8), and this loop must go on whatever it says.
+                    self.mesh.publish_nowait("detector.error", json_safe({
                         "detector": cfg.name, "kind": cfg.kind, "error": error,
-                        "exception": type(exc).__name__, "restart_in": wait})
+                        "exception": type(exc).__name__, "restart_in": wait}))
                 await trio.sleep(wait)
                 if not exhausted:
                     backoff = min(backoff * 2, 60.0)

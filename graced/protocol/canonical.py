@@ -28,6 +28,7 @@ MAX_DEPTH = 64
 """Deepest nesting a canonical value may have (a verifier refuses deeper input)."""
 
 SAFE_INT = 2**53 - 1
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _ENCODER = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
@@ -201,7 +202,7 @@ def json_safe(obj: Any, depth: int = 1) -> Any:
     if t is int:
         return obj if -SAFE_INT <= obj <= SAFE_INT else str(obj)
     if t is str:
-        return obj if obj.isascii() else obj.encode("utf-8", "replace").decode("utf-8")
+        return obj if obj.isascii() else _LONE_SURROGATE.sub("\ufffd", obj)
     if depth > MAX_DEPTH:
         return None
     if t is dict:

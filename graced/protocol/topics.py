@@ -43,3 +43,18 @@ def matches_no_family(pattern: str) -> bool:
     if cut is None:  # no dot, no wildcard: every topic has a dot
         return True
     return not any(f.startswith(literal) for f in FAMILIES)
+
+
+MAX_USER_TOPIC = 200
+# A user event's topic: ``user.`` and a non-empty name of letters, digits, ``_ . -``;
+# no glob or NATS wildcard (``* ? [ >``), so ``tail user.NAME`` selects exactly it.
+USER_TOPIC = re.compile(r"user\.[A-Za-z0-9_.-]+")
+
+
+def user_topic_error(topic: object) -> str | None:
+    """Why ``topic`` is not a user event's topic (``emit``), or None when it is one."""
+    if isinstance(topic, str) and len(topic) <= MAX_USER_TOPIC \
+            and USER_TOPIC.fullmatch(topic):
+        return None
+    return (f"a topic is 'user.' then a name of letters, digits, '_', '.' or '-' "
+            f"(at most {MAX_USER_TOPIC} characters in all), e.g. user.deploy")

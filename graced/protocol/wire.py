@@ -51,6 +51,11 @@ MAX_ID = 128
 MAX_DEPTH = 32
 KID = re.compile(r"[0-9a-f]{16}")
 
+# A lone surrogate in a decoded request comes from a \uD800-\uDFFF escape (or, in text
+# not read from a WebSocket frame, from the character itself).
+_MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 class RequestError(Exception):
     """A request the daemon refuses; carries the wire error code."""
@@ -84,6 +89,35 @@ def request_signing_bytes(req_id: Any, nonce: str, method: str, params: dict[str
     """
     return canonical_bytes({"id": req_id, "nonce": nonce, "method": method, "params": params,
                             "ts": ts, "kid": kid, "daemon": daemon})
+
+
+def not_utf8(obj: Any, where: str = "params") -> str | None:
+    """Where a string in ``obj`` (a decoded JSON value: keys and values) has no UTF-8
+    form, or None when every one has.
+
+    Such a string (a lone surrogate: a ``\\uDCFF`` escape, or a byte that was not UTF-8
+    in a command line argument, which Python decodes to U+DC80-U+DCFF) can be neither
+    signed nor journaled: canonical JSON is UTF-8. A request holding one is refused
+    before anything is stored or queued, and gracectl refuses to send one.
+    """
+    stack: list[tuple[Any, str]] = [(obj, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            bad = _SURROGATE.search(item)
+            if bad:
+                code = ord(bad.group())
+                what = (f"byte 0x{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF
+                        else f"a lone surrogate U+{code:04X}")
+                return f"{path} is not valid UTF-8 ({what})"
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                key = f"{path}.{k}" if isinstance(k, str) and k.isidentifier() else path
+                stack.append((v, key))
+                stack.append((k, f"a key in {path}"))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
+    return None
 
 
 def _depth(obj: Any, limit: int) -> int:
@@ -124,6 +158,9 @@ def parse_request(message: str | bytes, max_bytes: int) -> Request:
         raise RequestError(
             "bad_request", f"field 'nonce' must be a string of 1-{MAX_NONCE} characters", req_id
         )
+    if _MAYBE_SURROGATE.search(message) and (not_utf8(req_id, "id") or not_utf8(nonce, "nonce")):
+        # Not echoed: the answer, which echoes both, could not be signed.
+        raise RequestError("bad_request", "fields 'id' and 'nonce' must be valid UTF-8")
     method = obj.get("method")
     if not isinstance(method, str):
         raise RequestError("bad_request", "field 'method' must be a string", req_id, nonce)
@@ -134,6 +171,12 @@ def parse_request(message: str | bytes, max_bytes: int) -> Request:
         raise RequestError("bad_request", "field 'params' must be an object", req_id, nonce)
     if _depth(params, MAX_DEPTH) > MAX_DEPTH:
         raise RequestError("bad_request", f"params nested deeper than {MAX_DEPTH}", req_id, nonce)
+    if _MAYBE_SURROGATE.search(message):
+        # Refused here, for every method: a string with no UTF-8 form can reach neither
+        # a signature nor the journal (a topic or a comment held one wedged the journal).
+        why = not_utf8(method, "method") or not_utf8(params)
+        if why:
+            raise RequestError("bad_request", why, req_id, nonce)
     extra = sorted(set(obj) - {"id", "nonce", "method", "params", "auth"})
     if extra:
         raise RequestError(
