@@ -33,6 +33,7 @@ from . import learn, out, playbooks, silence, timespec, trust
 from .command import (
     CONTEXT,
     STARTED,
+    Finite,
     HelpGroup,
     OneCall,
     call,
@@ -47,7 +48,7 @@ from .command import (
     utc_option,
     wide_option,
 )
-from .endpoint import Endpoint, url_problem
+from .endpoint import ANSWER_TIMEOUT, Endpoint, url_problem
 from .errors import CtlError, ProtocolViolation, RemoteError
 from .missions import STATES, missions
 from .out import stderr_note
@@ -120,6 +121,10 @@ class Root(HelpGroup):
               type=click.Path(dir_okay=False),
               help="Trust this public key (the daemon's key.pub) instead of the one pinned "
                    "for the endpoint (env GRACE_KEY).")
+@click.option("--answer-timeout", type=Finite(0.1), default=ANSWER_TIMEOUT, show_default=True,
+              metavar="SECONDS", envvar="GRACE_ANSWER_TIMEOUT",
+              help="Give up on graced (exit 3) when a request is not answered within this "
+                   "(env GRACE_ANSWER_TIMEOUT).")
 @click.option("--color", "--colour", "colour", type=click.Choice(["auto", "always", "never"]),
               default="auto", show_default=True, envvar="GRACE_COLOR",
               help="Colour: on a terminal only (auto), always or never (env GRACE_COLOR); "
@@ -128,7 +133,7 @@ class Root(HelpGroup):
 @utc_option
 @click.pass_context
 def cli(ctx: click.Context, socket_path: str | None, url: str | None, cacert: str | None,
-        key_file: str | None, colour: str) -> None:
+        key_file: str | None, answer_timeout: float, colour: str) -> None:
     """gracectl: watch and steer graced, the host's self-healing daemon.
 
     Every answer and event is checked against a trusted key: the one given with --key,
@@ -136,14 +141,25 @@ def cli(ctx: click.Context, socket_path: str | None, url: str | None, cacert: st
     pinned on first use. Anything unsigned or unverifiable is refused (exit 10).
     """
     if socket_path and url:
-        raise click.UsageError("give --socket or --url, not both")
+        # A flag overrides the other endpoint's environment variable.
+        from_env = {name for name in ("socket_path", "url")
+                    if ctx.get_parameter_source(name) == ParameterSource.ENVIRONMENT}
+        if from_env == {"socket_path"}:
+            socket_path = None
+        elif from_env == {"url"}:
+            url = None
+        else:
+            raise click.UsageError("give --socket or --url, not both" if not from_env else
+                                   "GRACE_SOCKET and GRACE_URL are both set: unset one, "
+                                   "or give --socket or --url")
     if url and not url.startswith(("ws://", "wss://")):
         raise click.UsageError(f"--url must start ws:// or wss://, not {url[:40]!r}")
     problem = url_problem(url) if url else None
     if problem:
         raise click.UsageError(problem)
     out.SETTINGS.colour = colour
-    ctx.obj = {"socket": socket_path, "url": url, "key": key_file, "cacert": cacert}
+    ctx.obj = {"socket": socket_path, "url": url, "key": key_file, "cacert": cacert,
+               "answer_timeout": answer_timeout}
 
 
 # -- status ---------------------------------------------------------------------
@@ -340,9 +356,9 @@ LINES = Lines()
 @click.option("--key", "key_file", metavar="KEYFILE", type=click.Path(dir_okay=False),
               help="Trust this public key (key.pub) instead of the pinned one; implies "
                    "--verify.")
-@click.option("--stale-after", type=click.FloatRange(min=0.1), metavar="SECONDS",
+@click.option("--stale-after", type=Finite(0.1), metavar="SECONDS",
               help="Silence that counts as a stale stream (default 3 heartbeats + 1 s).")
-@click.option("--reconnect-timeout", type=click.FloatRange(min=0), default=60.0,
+@click.option("--reconnect-timeout", type=Finite(0), default=60.0,
               show_default=True, metavar="SECONDS",
               help="How long to wait for graced to come back after it stops.")
 @click.option("--wide", "-w", "--full", "-l", is_flag=True, expose_value=False,
@@ -417,7 +433,7 @@ def _anchor(value: str | None) -> tuple[int, str] | None:
                    "verification) instead of genesis (seq 1).")
 @click.option("--partial", is_flag=True,
               help="Accept a stream that ends without daemon.stopping (still running).")
-@click.option("--stale-after", type=click.FloatRange(min=0.1), metavar="SECONDS",
+@click.option("--stale-after", type=Finite(0.1), metavar="SECONDS",
               help="A gap between events that counts as stale (default 3 heartbeats + 1 s).")
 @click.option("--jobs", type=click.IntRange(min=1), metavar="N",
               help="Verify with N processes (default: every usable core).")
@@ -588,7 +604,7 @@ def _update(m: dict[str, Any], event: dict[str, Any], mission_id: int) -> dict[s
               type=click.Choice((*STATES, "final")),
               help="The state to wait for (repeatable: any of them); 'final' is any final "
                    "state (resolved, failed, escalated, rejected, expired).")
-@click.option("--timeout", type=click.FloatRange(min=0), default=WAIT_TIMEOUT,
+@click.option("--timeout", type=Finite(0), default=WAIT_TIMEOUT,
               show_default=True, metavar="SECONDS",
               help="Give up after this long (exit 6), counted from the start; 0: never.")
 @json_option
@@ -684,7 +700,7 @@ def resume(ctx: click.Context, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+@click.option("--timeout", type=Finite(0.1), default=30.0, show_default=True,
               metavar="SECONDS", help="Give up (exit 6) if graced has not answered by then.")
 @json_option
 @click.pass_context
@@ -781,7 +797,7 @@ def keys_generate(force: bool) -> None:
               help="The event's payload: a JSON object.")
 @click.option("--count", type=click.IntRange(1, 10_000_000), default=1, show_default=True,
               help="Publish this many events (for load tests).")
-@click.option("--rate", type=click.FloatRange(min=0.001), metavar="PER_SECOND",
+@click.option("--rate", type=Finite(0.001, 1e6, "rate"), metavar="PER_SECOND",
               help="Pace --count events at this rate.")
 @click.option("--no-wait", is_flag=True,
               help="Return once queued instead of when the last event is journaled.")
@@ -801,8 +817,14 @@ def emit(ctx: click.Context, topic: str, payload: str, count: int, rate: float |
     if not isinstance(data, dict):
         raise click.BadParameter("must be a JSON object ({...}), as every event's payload "
                                  "is", param_hint="--payload")
-    result = perform(lambda: call(endpoint_of(ctx), "emit", {
-        "topic": topic, "payload": data, "count": count, "rate": rate, "wait": not no_wait}))
+    endpoint = endpoint_of(ctx)
+    # Waiting for many events to be journaled takes longer than one answer: a second
+    # more per 1000 events (graced journals tens of thousands a second), or the rate's.
+    answer = endpoint.answer_timeout + (0.0 if no_wait or count == 1 else
+                                        count / rate if rate else count / 1000)
+    result = perform(lambda: call(endpoint, "emit", {
+        "topic": topic, "payload": data, "count": count, "rate": rate, "wait": not no_wait},
+        answer))
     if as_json:
         print_json(result)
     elif "first_seq" in result:
@@ -881,7 +903,7 @@ def _main() -> int:
 @click.option("--once", is_flag=True, help="Print one frame as plain text and exit.")
 @click.option("--key", "key_file", metavar="KEYFILE", type=click.Path(dir_okay=False),
               help="Trust this public key (key.pub) instead of the pinned one.")
-@click.option("--interval", type=click.FloatRange(min=0.2), default=1.0, show_default=True,
+@click.option("--interval", type=Finite(0.2, 3600), default=1.0, show_default=True,
               metavar="SECONDS", help="How often to refresh status, missions and detectors.")
 @click.option("--fleet", "fleet_view", is_flag=True,
               help="The whole fleet instead, from NATS JetStream (env GRACE_NATS, and "

@@ -34,7 +34,7 @@ from graced.protocol.verify import MAX_LINE_BYTES
 from graced.protocol.wire import CLOSE_REVOKED, request_signing_bytes
 
 from . import trust
-from .endpoint import Endpoint
+from .endpoint import ANSWER_TIMEOUT, Endpoint, no_answer
 from .errors import (
     CtlError,
     NotAuthorised,
@@ -95,8 +95,12 @@ def closed_error(closed: Closed | None, what: str) -> CtlError:
 
 class Connection:
     def __init__(self, ws: WebSocketConnection, trusted_key: bytes | None,
-                 client_key: Signer | None = None, verify_events: bool = True) -> None:
+                 client_key: Signer | None = None, verify_events: bool = True,
+                 answer_timeout: float = ANSWER_TIMEOUT, where: str = "") -> None:
         self.ws = ws
+        # Seconds each answer is waited for (Unreachable after: exit 3).
+        self.answer_timeout = answer_timeout
+        self.where = where
         self.trusted_key = trusted_key
         self.trusted_kid = key_id(trusted_key) if trusted_key is not None else None
         self.client_key = client_key
@@ -220,12 +224,21 @@ class Connection:
                 raise self.violation from None
             raise
 
-    async def request(self, method: str, params: dict[str, Any] | None = None) -> Any:
+    async def request(self, method: str, params: dict[str, Any] | None = None,
+                      timeout: float | None = None) -> Any:
         """Send one request and return its result; raises a typed error on failure.
 
         With a client key, the request is signed and bound to the daemon's id, which a
-        first (unsigned) ``hello`` on this connection tells.
+        first (unsigned) ``hello`` on this connection tells. The answer is waited for
+        ``timeout`` seconds (the connection's ``answer_timeout`` by default), then
+        Unreachable (exit 3).
         """
+        seconds = self.answer_timeout if timeout is None else timeout
+        with trio.move_on_after(seconds):
+            return await self._request_signed(method, params)
+        raise Unreachable(no_answer(self.where, method, seconds))
+
+    async def _request_signed(self, method: str, params: dict[str, Any] | None) -> Any:
         if self.client_key is not None and self.daemon_id is None:
             hello = await self._request("hello", {}, sign=False)
             self.daemon_id = str(hello.get("daemon_id", "")) if isinstance(hello, dict) else ""
@@ -305,7 +318,7 @@ def sole_exception(group: BaseExceptionGroup) -> BaseException:
 
 @asynccontextmanager
 async def connect(endpoint: Endpoint, trusted_key: bytes | None = None,
-                  timeout: float = 10.0, client_key: Signer | None = None,
+                  timeout: float | None = None, client_key: Signer | None = None,
                   verify_events: bool = True) -> AsyncIterator[Connection]:
     """Open a connection; raises :class:`Unreachable` if the daemon cannot be reached.
 
@@ -324,8 +337,10 @@ async def connect(endpoint: Endpoint, trusted_key: bytes | None = None,
             raise CtlError(str(exc)) from None
     try:
         async with trio.open_nursery() as nursery:
-            ws = await _open(nursery, endpoint, timeout)
-            conn = Connection(ws, trusted_key, client_key, verify_events)
+            ws = await _open(nursery, endpoint,
+                             endpoint.answer_timeout if timeout is None else timeout)
+            conn = Connection(ws, trusted_key, client_key, verify_events,
+                              endpoint.answer_timeout, endpoint.url or endpoint.socket or "")
             nursery.start_soon(conn.reader)
             nursery.start_soon(conn.checker)
             try:

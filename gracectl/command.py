@@ -9,6 +9,7 @@ here, never from each other's insides; :mod:`gracectl.cli` puts them together.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -24,7 +25,7 @@ from graced.protocol import ExitCode, key_id
 from graced.protocol.redact import redact_url
 
 from . import out, trust
-from .endpoint import Endpoint
+from .endpoint import ANSWER_TIMEOUT, Endpoint
 from .errors import CtlError
 from .out import stderr_note
 
@@ -53,21 +54,31 @@ T = TypeVar("T")
 def endpoint_of(ctx: click.Context) -> Endpoint:
     """The endpoint the root options (--socket, --url, --key, --cacert) name."""
     obj = ctx.find_root().obj or {}
+    answer = obj.get("answer_timeout") or ANSWER_TIMEOUT
     if obj.get("url"):
-        return Endpoint(url=obj["url"], key_file=obj.get("key"), cacert=obj.get("cacert"))
-    return Endpoint(socket=obj.get("socket") or str(client_socket()), key_file=obj.get("key"))
+        return Endpoint(url=obj["url"], key_file=obj.get("key"), cacert=obj.get("cacert"),
+                        answer_timeout=answer)
+    return Endpoint(socket=obj.get("socket") or str(client_socket()), key_file=obj.get("key"),
+                    answer_timeout=answer)
 
 
 class OneCall:
     """One request and its answer (what :func:`call` makes and :func:`perform` runs):
     over a Unix socket on a plain blocking socket (no event loop to import or start),
-    over TCP with trio. Both check every frame against the trusted key alike."""
+    over TCP with trio. Both check every frame against the trusted key alike.
+
+
+    ``timeout``: give up by then (exit 6, ``too_slow``); else the answer is waited for
+    ``answer_timeout`` seconds (the endpoint's --answer-timeout by default; exit 3).
+    """
 
     def __init__(self, endpoint: Endpoint, method: str, params: dict[str, Any],
                  timeout: float | None = None, too_slow: str = "",
-                 trusted: bool = True) -> None:
+                 trusted: bool = True, answer_timeout: float | None = None) -> None:
         self.endpoint, self.method, self.params = endpoint, method, params
         self.timeout, self.too_slow, self.trusted = timeout, too_slow, trusted
+        self.answer_timeout = (endpoint.answer_timeout if answer_timeout is None
+                               else answer_timeout)
 
     def run(self) -> Any:
         # Untrusted: only for what pins or shows a key (keys show), whose answer is
@@ -79,8 +90,9 @@ class OneCall:
 
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
-            with SyncConnection(self.endpoint.socket or "", key, deadline=deadline) as conn:
-                return conn.request(self.method, self.params)
+            with SyncConnection(self.endpoint.socket or "", key, self.answer_timeout,
+                                deadline=deadline) as conn:
+                return conn.request(self.method, self.params, self.answer_timeout)
         except TooSlow:
             raise CtlError(self.too_slow, ExitCode.TIMEOUT) from None
 
@@ -89,9 +101,12 @@ class OneCall:
 
         from .client import connect
 
-        with trio.move_on_after(self.timeout if self.timeout is not None else float("inf")):
+        if self.timeout is None:
             async with connect(self.endpoint, key) as conn:
-                return await conn.request(self.method, self.params)
+                return await conn.request(self.method, self.params, self.answer_timeout)
+        with trio.move_on_after(self.timeout):
+            async with connect(self.endpoint, key) as conn:
+                return await conn.request(self.method, self.params, math.inf)
         raise CtlError(self.too_slow, ExitCode.TIMEOUT)
 
 
@@ -120,6 +135,31 @@ def perform(fn: Callable[[], Awaitable[T] | OneCall]) -> Any:
         return trio.run(main)
     except BaseExceptionGroup as group:
         raise sole_exception(group) from None
+
+
+YEAR = 365 * 86400.0
+
+
+class Finite(click.ParamType):
+    """A finite number from ``low`` to ``high``: nan, inf and absurdly large values are
+    usage errors (exit 2), as any other bad value is."""
+
+    name = "seconds"
+
+    def __init__(self, low: float = 0.0, high: float = YEAR, name: str = "seconds") -> None:
+        self.low, self.high, self.name = low, high, name
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{out.safe(str(value), 40)!r} is not a number", param, ctx)
+        if not (math.isfinite(number) and self.low <= number <= self.high):
+            what = "a number of seconds" if self.name == "seconds" else "a number"
+            self.fail(f"{out.safe(str(value), 40)} is not {what} from {self.low:.10g} to "
+                      f"{self.high:.10g}", param, ctx)
+        return number
 
 
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -192,7 +232,7 @@ def hello_key(endpoint: Endpoint) -> tuple[bytes, str]:
 
     if endpoint.url:
         return check_hello(perform(lambda: _hello_tcp(endpoint)))
-    with SyncConnection(endpoint.socket or "", None) as conn:
+    with SyncConnection(endpoint.socket or "", None, endpoint.answer_timeout) as conn:
         return check_hello(conn.request("hello"))
 
 
@@ -204,9 +244,11 @@ async def _hello_tcp(endpoint: Endpoint) -> Any:
 
 
 
-def call(endpoint: Endpoint, method: str, params: dict[str, Any]) -> OneCall:
-    """One request to run with :func:`perform` (``perform(lambda: call(...))``)."""
-    return OneCall(endpoint, method, params)
+def call(endpoint: Endpoint, method: str, params: dict[str, Any],
+         answer_timeout: float | None = None) -> OneCall:
+    """One request to run with :func:`perform` (``perform(lambda: call(...))``);
+    ``answer_timeout`` for a request that takes longer than most (emit --count)."""
+    return OneCall(endpoint, method, params, answer_timeout=answer_timeout)
 
 
 _SENTENCE_END = re.compile(r"(?<!e\.g)(?<!i\.e)(?<!etc)\.(?=\s|$)")

@@ -8,19 +8,30 @@ from urllib.parse import urlsplit
 
 from graced.protocol.wire import loopback_host
 
+ANSWER_TIMEOUT = 10.0
+"""Seconds a request waits for its answer by default (--answer-timeout)."""
+
+
+def no_answer(where: str, method: str, seconds: float) -> str:
+    """The message of a request not answered in time (exit 3: graced is not answering)."""
+    return (f"graced at {where} did not answer {method} within {seconds:g} s "
+            "(--answer-timeout)")
+
 
 @dataclass(frozen=True)
 class Endpoint:
     """Where the daemon is: a Unix socket path or a ws:// or wss:// URL.
 
     ``cacert``: a PEM file of the CA (or the self-signed certificate) to trust for
-    wss:// instead of the system's store.
+    wss:// instead of the system's store. ``answer_timeout``: seconds a request waits for
+    its answer (--answer-timeout) before gracectl gives up (exit 3).
     """
 
     socket: str | None = None
     url: str | None = None
     key_file: str | None = None
     cacert: str | None = None
+    answer_timeout: float = ANSWER_TIMEOUT
 
     @property
     def name(self) -> str:

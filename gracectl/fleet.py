@@ -34,7 +34,7 @@ from graced.protocol.topics import compile_patterns
 
 from . import out, trust
 from .client import Connection, decide, sole_exception
-from .command import utc_option, wide_option
+from .command import Finite, utc_option, wide_option
 from .errors import CtlError, NotFound, Unreachable
 from .fleetview import FleetView, HostView, dumps, event_time, resolve_host
 from .tail import format_event
@@ -295,7 +295,7 @@ def _find_hosts(ctx: click.Context, given: tuple[str, ...]) -> list[HostView]:
               help="The JetStream stream ([fleet] stream; env GRACE_STREAM).")
 @click.option("--creds", metavar="FILE", type=click.Path(dir_okay=False),
               envvar="GRACE_NATS_CREDS", help="A NATS credentials file (env GRACE_NATS_CREDS).")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+@click.option("--timeout", type=Finite(0.1), default=5.0, show_default=True,
               metavar="SECONDS",
               help="How long to wait for NATS and for a host's answer; a read of the "
                    "stream that times out is tried again, up to 3 timeouts in a row.")

@@ -40,6 +40,7 @@ from graced.protocol.canonical import canonical_bytes_parsed
 from graced.protocol.verify import MAX_LINE_BYTES
 from graced.protocol.wire import ERROR_EXIT
 
+from .endpoint import ANSWER_TIMEOUT, no_answer
 from .errors import (
     CtlError,
     NotAuthorised,
@@ -52,6 +53,11 @@ from .errors import (
 
 MAX_MESSAGE_BYTES = MAX_LINE_BYTES + 1024
 MAX_HEAD = 16384
+MAX_FRAGMENTS = 4096
+"""Frames one message may come in (empty continuation frames would grow the list of
+parts for ever without growing its size)."""
+MAX_PENDING_BYTES = 64 << 20
+"""Events received while waiting for an answer and not yet taken, at most (bytes)."""
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, 1.3
 
 
@@ -130,11 +136,14 @@ class SyncConnection:
 
     ``trusted_key``: every response, notice and event must be signed by it (None: only
     ``hello`` may be asked, to pin a key). ``deadline``: time.monotonic() by which every
-    wait ends (TooSlow), else ``timeout`` seconds for the connection and each answer.
+    wait ends (TooSlow), else ``timeout`` seconds for the connection and each answer
+    (Unreachable, exit 3: a daemon that stopped answering, or a peer that sends nothing
+    useful, never holds a one-shot command for ever). Events are waited for until the
+    deadline or the ``until`` given.
     """
 
-    def __init__(self, path: str, trusted_key: bytes | None, timeout: float = 10.0,
-                 deadline: float | None = None) -> None:
+    def __init__(self, path: str, trusted_key: bytes | None,
+                 timeout: float = ANSWER_TIMEOUT, deadline: float | None = None) -> None:
         self.path = path
         self.trusted_key = trusted_key
         self.trusted_kid = key_id(trusted_key) if trusted_key is not None else None
@@ -143,6 +152,8 @@ class SyncConnection:
         self.sock: socket.socket | None = None
         self.buf = bytearray()
         self.pending: list[tuple[str, dict[str, Any]]] = []  # events not yet taken
+        self.pending_bytes = 0
+        self.subscribed = False  # events are expected only once we subscribed
         self.next_id = 1
         self.last_seq: int | None = None
         self.closed = False
@@ -168,7 +179,11 @@ class SyncConnection:
             self._handshake()
         except TooSlow:
             sock.close()
-            raise
+            if self.deadline is not None:
+                raise
+            raise Unreachable(f"graced at {self.path} did not complete the WebSocket "
+                              f"handshake within {self.timeout:g} s (--answer-timeout)"
+                              ) from None
         except (OSError, ValueError) as exc:
             sock.close()
             detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
@@ -187,8 +202,13 @@ class SyncConnection:
             if not self.closed:
                 self.sock.settimeout(0.5)
                 self._send_frame(0x8, struct.pack("!H", 1000))
+                # Half a second in all: a peer that keeps sending does not hold us.
+                until = time.monotonic() + 0.5
                 while self.sock.recv(65536):
-                    pass
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.sock.settimeout(left)
         except OSError:
             pass
         finally:
@@ -196,8 +216,10 @@ class SyncConnection:
             self.sock = None
 
     def _recv_more(self, until: float | None = None) -> None:
-        """Read what the daemon sent next. Until the handshake is done the wait is
-        bounded by ``timeout``; then, as over trio, by ``until`` or the deadline only."""
+        """Read what the daemon sent next, waiting until ``until`` or the deadline (then
+        TooSlow); with neither, ``timeout`` for one read before the handshake is done,
+        and for ever after it (an event stream the user asked to wait on: requests
+        always give ``until``)."""
         assert self.sock is not None
         limit = until if until is not None else self.deadline
         if limit is not None:
@@ -210,7 +232,7 @@ class SyncConnection:
             if limit is not None:
                 raise TooSlow from None
             raise Unreachable(f"graced at {self.path} did not answer within "
-                              f"{self.timeout:g} s") from None
+                              f"{self.timeout:g} s (--answer-timeout)") from None
         except OSError as exc:
             raise Unreachable(f"connection to graced lost: {exc.strerror or exc}") from None
         if not chunk:
@@ -224,10 +246,13 @@ class SyncConnection:
         self.sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
                           b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key +
                           b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        # The whole answer by then: a daemon dripping a byte at a time does not hold us.
+        until = self.deadline if self.deadline is not None else (
+            time.monotonic() + self.timeout)
         while b"\r\n\r\n" not in self.buf:
             if len(self.buf) > MAX_HEAD:
                 raise ProtocolViolation("an HTTP answer head over 16 KiB")
-            self._recv_more()
+            self._recv_more(until)
         head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
         self.buf = bytearray(rest)
         lines = head.decode("latin-1").split("\r\n")
@@ -305,6 +330,8 @@ class SyncConnection:
                 raise ProtocolViolation("a binary or out-of-order WebSocket frame")
             parts.append(payload)
             size += n
+            if len(parts) > MAX_FRAGMENTS:
+                raise ProtocolViolation(f"a message in more than {MAX_FRAGMENTS} fragments")
             if b0 & 0x80:
                 try:
                     return b"".join(parts).decode("utf-8")
@@ -352,9 +379,24 @@ class SyncConnection:
 
     # -- requests and events --------------------------------------------------------
 
-    def request(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        """Send one request and return its result; raises a typed error on failure."""
+    def request(self, method: str, params: dict[str, Any] | None = None,
+                timeout: float | None = None) -> Any:
+        """Send one request and return its result; raises a typed error on failure.
+
+        The answer is waited for until the deadline (TooSlow), else ``timeout`` seconds
+        (the connection's by default; then Unreachable, exit 3)."""
+        if self.deadline is not None:
+            return self._request(method, params, self.deadline)
+        seconds = self.timeout if timeout is None else timeout
+        try:
+            return self._request(method, params, time.monotonic() + seconds)
+        except TooSlow:
+            raise Unreachable(no_answer(self.path, method, seconds)) from None
+
+    def _request(self, method: str, params: dict[str, Any] | None, until: float) -> Any:
         check_utf8(params)
+        if method == "subscribe":
+            self.subscribed = True
         req_id = self.next_id
         self.next_id += 1
         nonce = secrets.token_hex(16)
@@ -368,9 +410,17 @@ class SyncConnection:
         while got is None:
             # A whole message is checked: a second answer in it (a duplicate, or to no
             # request of ours) is a violation, as it is over trio.
-            for kind, frame in self._frames(None):
+            for kind, frame in self._frames(until):
                 if kind == "event":
-                    self.pending.append((frame.pop("_line"), frame))
+                    if not self.subscribed:
+                        raise ProtocolViolation("an event on a connection that never "
+                                                "subscribed")
+                    line = frame.pop("_line")
+                    self.pending_bytes += len(line)
+                    if self.pending_bytes > MAX_PENDING_BYTES:
+                        raise ProtocolViolation(f"over {MAX_PENDING_BYTES >> 20} MiB of "
+                                                "events before the answer to a request")
+                    self.pending.append((line, frame))
                     continue
                 if got is not None or type(frame.get("id")) is not int or \
                         frame["id"] != req_id:
@@ -387,7 +437,9 @@ class SyncConnection:
                 if kind == "response":
                     raise ProtocolViolation("a response to no pending request")
                 self.pending.append((frame.pop("_line"), frame))
-        return self.pending.pop(0)
+        line, event = self.pending.pop(0)
+        self.pending_bytes = max(0, self.pending_bytes - len(line))
+        return line, event
 
 
 def check_hello(hello: Any) -> tuple[bytes, str]:

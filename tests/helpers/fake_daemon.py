@@ -24,12 +24,26 @@ listening. Modes:
 - ``flood``: after ``subscribe``, a million junk frames;
 - ``signed-flood``: after ``subscribe``, 30,000 validly signed unrelated events, then
   nothing (a client waiting for something else must stay bounded).
+
+Raw modes: the WebSocket handshake done by hand, then frames written byte by byte as
+a hostile peer would (no library in the way); ``hello`` is never answered, so the
+client must be given the key:
+
+- ``silent``: reads every request, answers none;
+- ``drip``: answers each request with a frame announcing 1000 bytes, then one byte
+  every 0.2 s;
+- ``ping-flood``: a ping every 10 ms, for ever, never an answer;
+- ``fragments``: a text frame without FIN, then empty continuation frames for ever;
+- ``unsubscribed-events``: validly signed events, for ever, on a connection that never
+  subscribed, never the answer.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import struct
 import sys
 import time
 from typing import Any
@@ -171,11 +185,92 @@ class Fake:
             nursery.cancel_scope.cancel()
 
 
+RAW_MODES = ("silent", "drip", "ping-flood", "fragments", "unsubscribed-events")
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """An unmasked server frame."""
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([n])
+    elif n < 65536:
+        head += bytes([126]) + struct.pack("!H", n)
+    else:
+        head += bytes([127]) + struct.pack("!Q", n)
+    return head + payload
+
+
+async def serve_raw(fake: Fake, stream: trio.SocketStream) -> None:
+    """A raw mode's connection: the handshake by hand, then what the mode sends."""
+    head = b""
+    try:
+        while b"\r\n\r\n" not in head:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                return
+            head += chunk
+        key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:"))
+        accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+        await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                              b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept
+                              + b"\r\n\r\n")
+        async with trio.open_nursery() as nursery:
+            # Requests are read and ignored; the client leaving ends the connection.
+            nursery.start_soon(_drain, stream, nursery.cancel_scope)
+            nursery.start_soon(_send_mode, fake, stream, nursery.cancel_scope)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, StopIteration):
+        pass
+
+
+async def _send_mode(fake: Fake, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    mode = fake.mode
+    try:
+        if mode == "drip":
+            await stream.send_all(bytes([0x81, 126]) + struct.pack("!H", 1000))
+            while True:
+                await trio.sleep(0.2)
+                await stream.send_all(b" ")
+        elif mode == "ping-flood":
+            while True:
+                await stream.send_all(_frame(0x9, b"p"))
+                await trio.sleep(0.01)
+        elif mode == "fragments":
+            await stream.send_all(_frame(0x1, b"{", fin=False))
+            empty = _frame(0x0, b"", fin=False) * 512
+            while True:
+                await stream.send_all(empty)
+        elif mode == "unsubscribed-events":
+            while True:
+                batch = "\n".join(fake.event(None, "user.flood", {"pad": "x" * 100})
+                                  for _ in range(200))
+                await stream.send_all(_frame(0x1, batch.encode()))
+        else:  # silent
+            await trio.sleep_forever()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        scope.cancel()
+
+
+async def _drain(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    try:
+        while await stream.receive_some(65536):
+            pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    scope.cancel()
+
+
 async def main(path: str, seed: bytes, mode: str) -> None:
     fake = Fake(Signer(nacl.signing.SigningKey(seed)), mode)
     listeners = [trio.SocketListener(await _bind(path))]
     print("ready", flush=True)
-    await trio.serve_listeners(fake.serve, listeners)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        await (serve_raw(fake, stream) if mode in RAW_MODES else fake.serve(stream))
+
+    await trio.serve_listeners(serve, listeners)
 
 
 async def _bind(path: str) -> trio.socket.SocketType:

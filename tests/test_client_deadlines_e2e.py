@@ -1,0 +1,116 @@
+"""gracectl never waits for ever nor grows without bound, whatever answers on the
+socket (attacker review of #18, findings 3, 4, 7, 11): a daemon that goes silent after
+the handshake, drips a byte at a time, floods pings, sends a message in endless empty
+fragments or events nobody subscribed to; a real graced stopped with SIGSTOP. Each is
+one line on stderr and a documented exit code."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from graced.protocol import ExitCode
+from tests.conftest import Graced
+from tests.test_hostile_daemon_e2e import Impostor, impostor  # noqa: F401 - a fixture
+
+CASES = [
+    # (mode, exit code, words in the message)
+    ("silent", ExitCode.UNREACHABLE, "did not answer status within 1 s (--answer-timeout)"),
+    ("drip", ExitCode.UNREACHABLE, "did not answer status within 1 s (--answer-timeout)"),
+    ("ping-flood", ExitCode.UNREACHABLE, "did not answer status within 1 s"),
+    ("fragments", ExitCode.PROTOCOL, "in more than 4096 fragments"),
+    ("unsubscribed-events", ExitCode.PROTOCOL, "an event on a connection that never "
+                                               "subscribed"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, code, words", CASES, ids=[c[0] for c in CASES])
+def test_a_one_shot_request_has_an_answer_deadline(impostor: Impostor,  # noqa: F811
+                                                   mode: str, code: int, words: str) -> None:
+    sock = impostor.start(mode)
+    started = time.monotonic()
+    rc, err, rss = impostor.ctl(sock, "--answer-timeout", "1", "status")
+    took = time.monotonic() - started
+    assert rc == code, (rc, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert words in err, err
+    assert took < 10, took  # 1 s, Python's start and the close; never the peer's pace
+    assert rss < 100 * 2**20, rss
+
+
+@pytest.mark.slow
+def test_a_stopped_graced_gives_exit_3_naming_the_deadline(graced: Graced) -> None:
+    """A real graced, SIGSTOPped: status, a missions list and a first-use hello (no key
+    pinned yet) each end at --answer-timeout with exit 3, not when graced resumes."""
+    graced.ctl("status", check=True)  # pins its key
+    assert graced.proc is not None
+    os.kill(graced.proc.pid, signal.SIGSTOP)
+    try:
+        env = {**graced.env, "GRACE_ANSWER_TIMEOUT": "1"}
+        fresh = {**env, "XDG_CONFIG_HOME": str(graced.base / "fresh")}  # nothing pinned
+        for args, e in ((["status", "-q"], env), (["missions", "ls", "--json"], env),
+                        (["status"], fresh)):
+            started = time.monotonic()
+            res = graced.ctl(*args, env=e, timeout=30)
+            took = time.monotonic() - started
+            assert res.returncode == ExitCode.UNREACHABLE, (args, res.returncode, res.stderr)
+            assert "Traceback" not in res.stderr
+            if "-q" not in args:
+                assert "within 1 s (--answer-timeout)" in res.stderr, res.stderr
+            assert took < 10, (args, took)
+    finally:
+        os.kill(graced.proc.pid, signal.SIGCONT)
+    graced.ctl("status", check=True)
+
+
+def test_float_options_refuse_non_finite_values(tmp_path: Path) -> None:
+    """nan, inf and absurd numbers are usage errors (exit 2, one error line), checked
+    before any connection (the socket named does not exist)."""
+    import subprocess
+
+    from tests.conftest import bin_path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRACE_")}
+    env.update(HOME=str(tmp_path), GRACE_SOCKET=str(tmp_path / "none.sock"))
+    for args in (["--answer-timeout", "nan", "status"], ["--answer-timeout", "0", "status"],
+                 ["wait", "1", "--state", "resolved", "--timeout", "nan"],
+                 ["wait", "1", "--timeout", "inf"], ["wait", "1", "--timeout", "1e308"],
+                 ["reload", "--timeout", "nan"], ["emit", "user.x", "--rate", "nan"],
+                 ["emit", "user.x", "--count", "2", "--rate", "inf"],
+                 ["tail", "--stale-after", "nan"], ["tail", "--reconnect-timeout", "nan"],
+                 ["top", "--interval", "inf"], ["top", "--interval", "nan"]):
+        res = subprocess.run([bin_path("gracectl"), *args], env=env, capture_output=True,
+                             text=True, stdin=subprocess.DEVNULL, timeout=30)
+        assert res.returncode == ExitCode.USAGE, (args, res.returncode, res.stderr)
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("Error:")]
+        assert len(errors) == 1 and "Traceback" not in res.stderr, (args, res.stderr)
+        assert "is not a number" in errors[0], (args, errors)
+
+
+def test_a_flag_overrides_the_other_endpoints_environment_variable(tmp_path: Path) -> None:
+    """--url with GRACE_SOCKET set (and --socket with GRACE_URL set) uses the flag."""
+    import subprocess
+
+    from tests.conftest import bin_path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRACE_")}
+    env.update(HOME=str(tmp_path), GRACE_SOCKET=str(tmp_path / "env.sock"))
+    res = subprocess.run([bin_path("gracectl"), "--url", "ws://127.0.0.1:9/", "--key",
+                          str(tmp_path / "k.pub"), "status"], env=env, capture_output=True,
+                         text=True, stdin=subprocess.DEVNULL, timeout=30)
+    assert "not both" not in res.stderr and "k.pub" in res.stderr, res.stderr
+    env.update(GRACE_URL="ws://127.0.0.1:9/")
+    del env["GRACE_SOCKET"]
+    res = subprocess.run([bin_path("gracectl"), "--socket", str(tmp_path / "flag.sock"),
+                          "status"], env=env, capture_output=True, text=True,
+                         stdin=subprocess.DEVNULL, timeout=30)
+    assert res.returncode == ExitCode.UNREACHABLE and "flag.sock" in res.stderr, res.stderr
+    env.update(GRACE_SOCKET=str(tmp_path / "env.sock"))
+    res = subprocess.run([bin_path("gracectl"), "status"], env=env, capture_output=True,
+                         text=True, stdin=subprocess.DEVNULL, timeout=30)
+    assert res.returncode == ExitCode.USAGE and "both set" in res.stderr, res.stderr
