@@ -68,6 +68,7 @@ def test_a_stopped_graced_gives_exit_3_naming_the_deadline(graced: Graced) -> No
     graced.ctl("status", check=True)
 
 
+@pytest.mark.slow
 def test_float_options_refuse_non_finite_values(tmp_path: Path) -> None:
     """nan, inf and absurd numbers are usage errors (exit 2, one error line), checked
     before any connection (the socket named does not exist)."""
