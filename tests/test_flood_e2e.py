@@ -80,7 +80,12 @@ async def test_a_flood_of_clients_is_capped_and_leaves_no_descriptor_behind(make
     while daemon.num_fds() > baseline and time.monotonic() < deadline:  # noqa: ASYNC110
         await trio.sleep(0.1)
     assert daemon.num_fds() == baseline, (daemon.num_fds(), baseline)
-    assert g.ctl("status").returncode == 0
+    # A slot is given back when its handler ends, a moment after its descriptor closed:
+    # status gets in within seconds of the flood (read until it does, as for the count).
+    deadline = time.monotonic() + 10
+    while (rc := g.ctl("status").returncode) != 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+        await trio.sleep(0.1)
+    assert rc == 0
 
 
 @pytest.mark.slow
