@@ -62,7 +62,13 @@ class TailOptions:
 
     def before_since(self, event: dict[str, Any]) -> bool:
         """Whether ``event`` is older than a --since time (an event published while the
-        start was being looked up, when the time lies past the head)."""
+        start was being looked up, when the time lies past the head), or below a --since
+        seq (one past the head: the stream starts at the head)."""
+        seq = event.get("seq")
+        floor = self.since if self.since is not None else (
+            self.since_at.seq if self.since_at is not None else None)
+        if floor is not None and isinstance(seq, int) and seq < floor:
+            return True
         if self.since_at is None or self.since_at.ts is None:
             return False
         try:

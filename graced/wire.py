@@ -340,6 +340,17 @@ class Client:
         return self.server.is_controller(self.peer)
 
 
+_ROUTINE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed)
+
+
+def _disconnected(exc: BaseException) -> bool:
+    """Whether ``exc`` (or every error a nursery grouped in it) is only the peer going
+    away: no fault of graced's, nothing to log above debug."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_disconnected(e) for e in exc.exceptions)
+    return isinstance(exc, _ROUTINE)
+
+
 class Server:
     """Serves the wire protocol; :meth:`run` never returns unless cancelled."""
 
@@ -788,9 +799,12 @@ class Server:
                 nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed):
             pass
-        except Exception:  # noqa: BLE001 - a client must never take the daemon down
+        except Exception as exc:  # noqa: BLE001 - a client must never take the daemon down
+            if _disconnected(exc):
+                # A client gone mid-handshake (or mid-accept): routine, whoever it was.
+                log.debug("%s left during the handshake", peer.describe())
             # Out of descriptors, every connection may fail so: rate-limited.
-            if self.serve_failures.allow():
+            elif self.serve_failures.allow():
                 log.exception("unexpected error serving %s", peer.describe())
         finally:
             with trio.CancelScope(shield=True):
