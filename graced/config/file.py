@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import tomli_w
 
-from .. import paths
+from .. import cgroupfs, paths
 from ..protocol.wire import loopback_host
 from ..safefiles import foreign_or_writable
 from .daemon import (
@@ -220,6 +220,11 @@ def _host_warnings(cfg: Config, where: Where) -> tuple[str, ...]:
             warnings.append(f"{where('detector', key, index)}{label} {key}: "
                             f"{getattr(d, key)} does not exist (yet): the detector fails "
                             "until it does")
+        cgroup_file = ("memory.events" if d.kind == "cgroup_memory" else
+                       f"{d.kind[4:]}.pressure" if d.kind.startswith("psi_") else "")
+        if d.enabled and d.cgroup and cgroup_file:
+            warnings += [f"{where('detector', 'cgroup', index)}{label} cgroup: {why}"
+                         for why in cgroupfs.problems(d.cgroup, cgroup_file)]
         if d.enabled and d.kind in OPTIONAL:
             module, extra = OPTIONAL[d.kind]
             try:

@@ -25,11 +25,10 @@ from typing import Any
 
 from inotify_simple import flags as inf
 
+from ..cgroupfs import CgroupFileMissing, cgroup2_root
 from ..config import DetectorConfig
 from .base import Observation
 from .events import POLL, Watches
-
-CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 def parse_events(text: str) -> dict[str, int]:
@@ -51,7 +50,7 @@ def unit_cgroup(unit: str, timeout: float) -> str:
     if res.returncode != 0 or not path.startswith("/"):
         raise RuntimeError(f"no cgroup for unit {unit!r}: "
                            f"{(res.stderr.strip() or 'not running')[:200]}")
-    return CGROUP_ROOT + path
+    return cgroup2_root() + path  # /sys/fs/cgroup/unified on a hybrid host
 
 
 class CgroupMemory:
@@ -69,7 +68,11 @@ class CgroupMemory:
     def _read(self) -> dict[str, int]:
         """The counters; ``_ident`` becomes the cgroup's identity, and a new cgroup's
         baseline is zero."""
-        with open(self.path) as fh:
+        try:
+            fh = open(self.path)
+        except FileNotFoundError:
+            raise CgroupFileMissing(os.path.dirname(self.path), "memory.events") from None
+        with fh:
             st, dst = os.fstat(fh.fileno()), os.stat(os.path.dirname(self.path))
             now = parse_events(fh.read(4096))
         ident = [st.st_dev, st.st_ino, dst.st_dev, dst.st_ino]

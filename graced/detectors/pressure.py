@@ -21,6 +21,7 @@ import os
 import select
 import time
 
+from ..cgroupfs import CgroupFileMissing
 from ..config import DetectorConfig
 from .base import Observation
 from .events import POLL, Wakeup
@@ -80,7 +81,13 @@ class Pressure:
             self.mode = "psi-trigger"
 
     def _total(self) -> int:
-        with open(self.path) as fh:
+        try:
+            fh = open(self.path)
+        except FileNotFoundError:
+            if not self.config.cgroup:
+                raise
+            raise CgroupFileMissing(self.config.cgroup, os.path.basename(self.path)) from None
+        with fh:
             return parse_total(fh.read(4096), self.config.stall)
 
     def _close_fd(self) -> None:
