@@ -220,8 +220,9 @@ def _health_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
         missions += f"; {len(st['escalated'])} escalated (needs a person)"
     failing = st["failing_detectors"]
     probes = st.get("failing_probes") or {}
-    detectors = f"{st['detectors_total']} running" + (
-        "; FAILING: " + "; ".join(f"{name} ({d['last_error']})" for name, d in failing.items())
+    # A failing detector is not running: "15 running, 2 failing" (review of #19, newcomer 7).
+    detectors = f"{st['detectors_total'] - len(failing)} running" + (
+        f", {len(failing)} failing; FAILING: " + "; ".join(f"{name} ({d['last_error']})" for name, d in failing.items())
         if failing else "") + (
         "; probe target failing: " + "; ".join(f"{name} ({d['last_error']})"
                                                for name, d in probes.items())

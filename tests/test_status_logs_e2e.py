@@ -64,8 +64,8 @@ def test_status_exits_7_while_a_detector_fails(make_graced) -> None:
     # In plain words, not Python's (FileNotFoundError: [Errno 2] ...).
     assert rows["health"] == ("DEGRADED: detector gone failing: cannot read "
                               "/nonexistent/grace: no such file or directory"), rows
-    assert rows["detectors"] == ("1 running; FAILING: gone (cannot read /nonexistent/grace: "
-                                 "no such file or directory)"), rows
+    assert rows["detectors"] == ("0 running, 1 failing; FAILING: gone (cannot read "
+                                 "/nonexistent/grace: no such file or directory)"), rows
     res = g.ctl("status", "--json")
     assert res.returncode == 7 and json.loads(res.stdout)["failing_detectors"]["gone"][
         "errors"] >= 1
@@ -162,8 +162,9 @@ def test_a_missing_file_is_a_detector_failure_like_a_missing_disk_path(
         errors.lines)
     res = g.ctl("status")
     assert res.returncode == 7, res.stdout + res.stderr
-    assert _rows(res.stdout)["detectors"] == (f"1 running; FAILING: watched (cannot read "
-                                              f"{path}: no such file or directory)"), res.stdout
+    assert _rows(res.stdout)["detectors"] == (f"0 running, 1 failing; FAILING: watched "
+                                              f"(cannot read {path}: no such file or "
+                                              "directory)"), res.stdout
     assert {e["topic"] for e in errors.events()} == {"detector.error"}  # no mission
     path.write_text("")
     deadline = time.monotonic() + 60  # the detector retries with a growing backoff
