@@ -222,7 +222,8 @@ def _health_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
     probes = st.get("failing_probes") or {}
     # A failing detector is not running: "15 running, 2 failing" (review of #19, newcomer 7).
     detectors = f"{st['detectors_total'] - len(failing)} running" + (
-        f", {len(failing)} failing; FAILING: " + "; ".join(f"{name} ({d['last_error']})" for name, d in failing.items())
+        f", {len(failing)} failing; FAILING: "
+        + "; ".join(f"{name} ({d['last_error']})" for name, d in failing.items())
         if failing else "") + (
         "; probe target failing: " + "; ".join(f"{name} ({d['last_error']})"
                                                for name, d in probes.items())
@@ -747,7 +748,9 @@ def detectors(ctx: click.Context, as_json: bool) -> None:
     rows = []
     for name, d in result["detectors"].items():
         subjects = d["subjects"] or {"": None}
-        mode = str(d.get("mode") or "poll")  # an older graced says nothing: it polls
+        mode = str(d.get("mode") or "poll")[:11]  # an older graced says nothing: it polls
+        # Why a listening kind polls (or polls some): said after the reason, read whole.
+        note = f"; mode: {d['mode_note']}" if d.get("mode_note") else ""
         for subject, smp in subjects.items():
             if smp is None:
                 rows.append([name, d["kind"], d["state"], mode, "", "", "",
@@ -756,7 +759,7 @@ def detectors(ctx: click.Context, as_json: bool) -> None:
                 continue
             value = (f"{smp['value']:g} {smp['unit']}".strip()
                      if isinstance(smp["value"], (int, float)) else "")
-            why: str | out.Cell = out.reason(smp["summary"], name, subject)
+            why: str | out.Cell = out.reason(smp["summary"], name, subject) + note
             if d["state"] == "error" and d.get("last_error"):
                 # The sample is an old one: say why there is no newer one.
                 why = out.Cell(f"FAILING: {d['last_error']} (last sample "
@@ -770,7 +773,7 @@ def detectors(ctx: click.Context, as_json: bool) -> None:
 
 DETECTOR_COLUMNS = [
     out.Column("DETECTOR", 2, 8), out.Column("KIND", 1, 6), out.Column("STATE", 1, 5),
-    out.Column("MODE", 1, 4), out.Column("SUBJECT", 3, 8, keep_end=True),
+    out.Column("MODE"), out.Column("SUBJECT", 3, 8, keep_end=True),
     out.Column("VALUE"), out.Column("SAMPLED"), out.Column("REASON", 1, 24, spill=True),
 ]
 

@@ -260,3 +260,18 @@ def test_last_n_and_a_future_since_hold_while_events_keep_coming(make_graced) ->
     for _ in range(15):
         assert len(g.ctl("tail", "-n", "3", "--no-follow", check=True).stdout.splitlines()) == 3
         assert _events(g, "--since", "+1h") == []
+
+
+
+def test_the_mode_column_is_never_cut() -> None:
+    """Review of #19, newcomer 4: at 80 columns MODE read 'psi-trigg…'; it is at most 11
+    characters and never cut, whatever else must give way."""
+    from gracectl import out
+    from gracectl.cli import DETECTOR_COLUMNS
+
+    row = ["memory-pressure-of-the-host", "psi_memory", "starting", "psi-trigger",
+           "/sys/fs/cgroup/system.slice/a-long-service-name.service", "12.345 %", "10s",
+           "at 12.3 %"]
+    for width in (80, 60):
+        text = out.table([row], DETECTOR_COLUMNS, width=width)
+        assert " psi-trigger " in text.splitlines()[2], text

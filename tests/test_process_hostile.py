@@ -64,6 +64,8 @@ def test_many_processes_with_a_watched_name_do_not_exhaust_graceds_descriptors(
         assert not status["failing_detectors"], status["failing_detectors"]
         assert all(d["state"] == "up" for d in dets.values())
         assert any("polled, not held by a pidfd" in d["mode_note"] for d in dets.values())
+        table = g.ctl("detectors", check=True).stdout
+        assert "; mode: " in table and "processes polled, not held by a pidfd" in table
         # Still listening: a new client is served.
         assert g.ctl("status", check=True).returncode == 0
     finally:
