@@ -58,6 +58,6 @@ def test_a_cgroup_without_memory_events_fails_with_a_plain_reason(make_graced) -
         assert time.monotonic() < deadline, det
         time.sleep(0.1)
     assert det["last_error"] == (
-        f"CgroupFileMissing: no memory.events in {root}: the memory controller is not "
+        f"no memory.events in {root}: the memory controller is not "
         "enabled for this cgroup (on cgroup v2, +memory in its parent's "
         "cgroup.subtree_control; on a hybrid host the v1 hierarchy holds it)"), det
