@@ -438,7 +438,8 @@ def _anchor(value: str | None) -> tuple[int, str] | None:
 @click.option("--stale-after", type=Finite(0.1), metavar="SECONDS",
               help="A gap between events that counts as stale (default 3 heartbeats + 1 s).")
 @click.option("--jobs", type=click.IntRange(min=1), metavar="N",
-              help="Verify with N processes (default: every usable core).")
+              help="Verify with N processes (default and at most: the usable cores); "
+                   "--jobs 1 verifies in one pass, as a stream read from stdin.")
 @json_option
 @click.pass_context
 def verify(ctx: click.Context, file: str, key_file: str | None, anchor: str | None,

@@ -22,11 +22,11 @@ exactly the one a sequential reader meets first.
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from hashlib import sha256
@@ -194,6 +194,8 @@ class _Chunk:
     first_prev: str
     first_hash: str
     first_ts: float
+    first_topic: str
+    first_interval: float | None  # what the first event announces, if anything
     last_seq: int
     last_hash: str
     last_ts: float
@@ -221,7 +223,7 @@ class _ChunkProver:
         self.kid = key_id(public_key)
         self.gaps = _Gaps(stale_after)
         self.count = 0
-        self.first: tuple[int, str, str, float] | None = None
+        self.first: tuple[int, str, str, float, str, float | None] | None = None
         self.last_seq = -1
         self.last_hash = self.last_topic = ""
 
@@ -244,7 +246,10 @@ class _ChunkProver:
         except (ValueError, Violation):
             return False
         if self.first is None:
-            self.first = (seqs[0], prevs[0], hashes[0], stamps[0])
+            topic = block.topics[0]
+            self.first = (seqs[0], prevs[0], hashes[0], stamps[0], topic,
+                          announced_interval(block.events[0])
+                          if topic in ANNOUNCING_TOPICS else None)
         self.last_seq, self.last_hash, self.last_topic = seqs[-1], hashes[-1], block.topics[-1]
         self.count += n
         return True
@@ -354,16 +359,16 @@ def _parallel(path: str, public_key: bytes, *, anchor: tuple[int, str] | None,
             if progress is not None:
                 progress(len(chunks), len(ranges))
     else:
-        with ProcessPoolExecutor(workers,
-                                 mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = [pool.submit(_verify_chunk, path, a, b, public_key, stale_after)
+        # multiprocessing.Pool, not ProcessPoolExecutor: leaving its block for any reason
+        # (an error, too many open files, a signal) terminates its workers, so none is
+        # left behind holding the caller's pipes open.
+        with multiprocessing.get_context("fork").Pool(min(workers, len(ranges))) as pool:
+            pending = [pool.apply_async(_verify_chunk, (path, a, b, public_key, stale_after))
                        for a, b in ranges]
-            if progress is not None:
-                from concurrent.futures import as_completed
-
-                for done, _ in enumerate(as_completed(futures), 1):
-                    progress(done, len(futures))
-            chunks = [fut.result() for fut in futures]
+            for done, job in enumerate(pending, 1):
+                chunks.append(job.get())
+                if progress is not None:
+                    progress(done, len(pending))
     if not chunks or any(c is None for c in chunks):
         return None
     verifier = ChainVerifier(public_key, anchor=anchor, first_seq=None if anchor else 1)
@@ -373,7 +378,6 @@ def _parallel(path: str, public_key: bytes, *, anchor: tuple[int, str] | None,
         verifier.check_start(head.first_seq, head.first_hash, head.first_prev)
     except Violation:
         return None
-    fixed = stale_after
     interval: float | None = None
     prev: _Chunk | None = None
     for chunk in chunks:
@@ -381,9 +385,14 @@ def _parallel(path: str, public_key: bytes, *, anchor: tuple[int, str] | None,
         if prev is not None:
             if chunk.first_seq != prev.last_seq + 1 or chunk.first_prev != prev.last_hash:
                 return None
-            limit = fixed if fixed is not None else (
+            # The seam's gap and the chunk's early gaps judged as _Gaps judges them: the
+            # first event's announcement counts for the gap before it.
+            interval = chunk.first_interval or interval
+            limit = stale_after if stale_after is not None else (
                 stale_limit(interval) if interval else None)
-            seam = chunk.first_ts - prev.last_ts if prev.last_topic != "daemon.stopping" else 0
+            seam = (0.0 if prev.last_topic == "daemon.stopping"
+                    or chunk.first_topic in RESTART_TOPICS
+                    else chunk.first_ts - prev.last_ts)
             if limit is not None and max(seam, chunk.early_gap) > limit:
                 return None
         interval = chunk.interval or interval
@@ -395,6 +404,9 @@ def _parallel(path: str, public_key: bytes, *, anchor: tuple[int, str] | None,
                   prev.last_hash, prev.last_topic == "daemon.stopping")
 
 
+_NO_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM})
+
+
 def verify_file(path: str, public_key: bytes, *, anchor: tuple[int, str] | None = None,
                 partial: bool = False, stale_after: float | None = None,
                 workers: int | None = None,
@@ -402,10 +414,18 @@ def verify_file(path: str, public_key: bytes, *, anchor: tuple[int, str] | None 
     """Verify a saved stream (``-`` for stdin); raises :class:`Violation` at the first
     problem. Uses ``workers`` processes (default: the usable cores) for large files, and
     tells ``progress`` (parts done, parts) as they finish."""
-    workers = usable_cores() if workers is None else workers
-    if path != "-" and os.path.getsize(path) >= PARALLEL_MIN_BYTES:
-        result = _parallel(path, public_key, anchor=anchor, partial=partial,
-                           stale_after=stale_after, workers=workers, progress=progress)
+    # --jobs 1 is the one-pass verifier (the reference verdict); more processes than
+    # usable cores would only compete for them.
+    one_pass = workers == 1
+    workers = min(workers or usable_cores(), usable_cores())
+    if not one_pass and path != "-" and os.path.getsize(path) >= PARALLEL_MIN_BYTES:
+        try:
+            result = _parallel(path, public_key, anchor=anchor, partial=partial,
+                               stale_after=stale_after, workers=workers, progress=progress)
+        except OSError as exc:  # no processes or pipes to be had: the one pass needs none
+            if exc.errno not in _NO_RESOURCES:
+                raise
+            result = None
         if result is not None:
             return result
     if path == "-":
