@@ -265,8 +265,11 @@ async def _run_tail(endpoint: Endpoint, opts: TailOptions, printer: Printer,
                 last_topic == "daemon.stopping"
             )
         revoked = closed is not None and closed.code == CLOSE_REVOKED
-        if verifier is not None and not graceful and not revoked:
-            verifier.end()  # cut short: what a tamperer dropping the tail would do
+        if verifier is not None:
+            if graceful or revoked:
+                verifier.flush()  # a forged last event, daemon.stopping too, is reported
+            else:
+                verifier.end()  # cut short: what a tamperer dropping the tail would do
         printer.release()
         if not graceful:
             raise closed_error(closed, "connection to graced lost")

@@ -90,6 +90,9 @@ CASES = [
     ("forged-event", WAIT, ExitCode.BAD_SIGNATURE, "key"),
     ("unsigned-event", ("tail",), ExitCode.BAD_SIGNATURE, "unsigned"),
     ("forged-event", ("tail", "--verify"), ExitCode.BAD_SIGNATURE, "key"),
+    # A forged last event, then the close of a clean stop: still reported (review 4).
+    ("forged-stopping", ("tail", "--verify", "--since", "101"), ExitCode.BAD_SIGNATURE,
+     "seq 102: bad signature"),
     ("unsigned-response", ("status",), ExitCode.BAD_SIGNATURE, "unsigned"),
     ("forged-response", ("status",), ExitCode.BAD_SIGNATURE, "key"),
     ("unsigned-response", APPROVE, ExitCode.BAD_SIGNATURE, "unsigned"),

@@ -21,6 +21,9 @@ listening. Modes:
 - ``deep``: answers with a 100,000-deep JSON value;
 - ``dup-id``: answers each request twice, both signed;
 - ``list-id``: answers with an id that is a list;
+- ``forged-stopping``: after ``subscribe``, a signed heartbeat (seq 101), then a
+  ``daemon.stopping`` (seq 102) under the trusted key id whose signature is wrong, and
+  the connection closed, as a daemon that stops would;
 - ``flood``: after ``subscribe``, a million junk frames;
 - ``signed-flood``: after ``subscribe``, 30,000 validly signed unrelated events, then
   nothing (a client waiting for something else must stay bounded).
@@ -156,6 +159,15 @@ class Fake:
             else:
                 fields["payload"] = {**fields["payload"], "reason": "FORGED"}
             await ws.send_message(canonical_text(fields))
+        elif mode == "forged-stopping":
+            beat = self.key.make_event(seq=101, ts=time.time(), topic="daemon.heartbeat",
+                                       payload={"interval": 5.0}, prev=GENESIS_PREV)
+            stop = self.key.make_event(seq=102, ts=time.time(), topic="daemon.stopping",
+                                       payload={}, prev=beat.hash)
+            await ws.send_message(beat.text)
+            await ws.send_message(canonical_text({**stop.fields,
+                                                  "sig": _flip(stop.fields["sig"])}))
+            await ws.aclose(1001, "stopping")
         elif mode == "flood":
             junk = "\n".join(['{"junk":' + str(i) + "}" for i in range(10_000)])
             for _ in range(100):
