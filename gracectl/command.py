@@ -196,11 +196,35 @@ def print_json(data: Any) -> None:
 
 def read_key_file(path: str) -> bytes:
     try:
-        return parse_public_key(Path(path).read_text())
+        text = Path(path).read_text()
+        key = parse_public_key(text)
     except OSError as exc:
         raise CtlError(f"{path}: cannot read key: {exc.strerror}") from None
     except ValueError as exc:
         raise CtlError(f"{path}: {exc}") from None
+    public = _public_beside(Path(path)) if "ed25519" not in text else None
+    if public is not None and _derived(key) == public:
+        # The daemon's key (a bare seed) next to its key.pub: an easy slip, and one that
+        # would chase a key change that never happened.
+        raise CtlError(f"{path}: this is a private key (its public key is in "
+                       f"{path}.pub): give --key the .pub file, and keep this one on the host")
+    return key
+
+
+def _public_beside(path: Path) -> bytes | None:
+    for pub in (path.with_name(path.name + ".pub"), path.with_suffix(".pub")):
+        try:
+            return parse_public_key(pub.read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _derived(seed: bytes) -> bytes:
+    """The public key of a private key's 32-byte seed."""
+    from nacl.signing import SigningKey
+
+    return bytes(SigningKey(seed).verify_key)
 
 
 def trusted_key(endpoint: Endpoint, key_file: str | None = None) -> bytes:

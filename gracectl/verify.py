@@ -172,7 +172,14 @@ def _run(f: IO[bytes], verifier: ChainVerifier, gaps: _Gaps, end: int | None = N
     for n, line in _lines(f, end):
         if not line:
             raise Violation(ExitCode.CHAIN_BROKEN, None, f"line {n}: empty line")
-        event = verifier.feed_line(line, 0.0)
+        try:
+            event = verifier.feed_line(line, 0.0)
+        except Violation as exc:
+            if exc.seq is not None:
+                raise
+            # A line with no seq of its own (junk, not JSON): say where it is.
+            after = "" if verifier.last_seq is None else f" (after seq {verifier.last_seq})"
+            raise Violation(exc.code, None, f"line {n}{after}: {exc.reason}") from None
         gaps.feed(event, event["seq"])
     verifier.flush()
 

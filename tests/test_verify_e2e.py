@@ -211,3 +211,28 @@ def test_any_mutation_of_a_real_stream_fails_or_is_byte_identical(
     except Violation:
         return
     assert bytes(buf) == stream
+
+
+@pytest.mark.slow
+def test_a_junk_line_is_named_by_its_line_and_the_seq_before_it(saved) -> None:
+    """The auditor's question is where: Python's 'line 1 column 1' of the line alone
+    misled (newcomer review of #15)."""
+    g, lines, _ = saved
+    junk = [*lines[:5], "garbage junk {not json", *lines[5:]]
+    code, err = verify(g, joined(junk))
+    assert code == 11, err
+    seq = json.loads(lines[4])["seq"]
+    assert f"line 6 (after seq {seq}): not JSON" in err and err.count("\n") == 1
+
+
+def test_the_daemons_private_key_given_as_key_is_refused_by_name(graced: Graced) -> None:
+    """key sits next to key.pub: --key key read its seed as a public key and reported an
+    'unknown key', sending an auditor after a key change that never happened."""
+    stream = graced.base / "s.jsonl"
+    stream.write_bytes(graced.ctl("tail", "--json", "--since", "1", "--no-follow",
+                                  check=True).stdout.encode())
+    res = graced.ctl("verify", "--partial", "--key", str(graced.state / "key"), str(stream))
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res
+    assert "this is a private key" in res.stderr and "key.pub" in res.stderr
+    ok = graced.ctl("verify", "--partial", "--key", str(graced.state / "key.pub"), str(stream))
+    assert ok.returncode == 0, ok.stderr
