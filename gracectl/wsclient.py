@@ -19,6 +19,7 @@ import base64
 import grp
 import hashlib
 import json
+import math
 import os
 import secrets
 import socket
@@ -37,6 +38,7 @@ from graced.protocol import (
     verify_detached,
 )
 from graced.protocol.canonical import canonical_bytes_parsed
+from graced.protocol.times import VERBATIM, epoch, is_time_key
 from graced.protocol.verify import MAX_LINE_BYTES
 from graced.protocol.wire import ERROR_EXIT
 
@@ -109,6 +111,32 @@ def check_signed(frame: dict[str, Any], kind: str, key: bytes | None) -> None:
         raise CtlError(f"a {kind} with a bad or missing signature", ExitCode.BAD_SIGNATURE)
 
 
+LATEST = 1e10  # about the year 2286: no time graced keeps is later
+
+
+def bad_time(result: Any) -> str | None:
+    """What in an answer is a time field (``opened_at``, ``ts``...: graced.protocol.times)
+    holding no sane time, or None: each must be null, a finite number of seconds from 0
+    to :data:`LATEST`, or the ISO form of one. A detector's own ``detail`` is its data."""
+    stack = [result]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            for key, value in item.items():
+                if key in VERBATIM:
+                    continue
+                if is_time_key(key) and value is not None:
+                    t = epoch(value)
+                    if t is None or not (math.isfinite(t) and 0 <= t <= LATEST) or (
+                            isinstance(value, str) and "T" not in value):
+                        return f"{key} is not a time ({json.dumps(value)[:40]})"
+                else:
+                    stack.append(value)
+    return None
+
+
 def answer(frame: dict[str, Any], nonce: str) -> Any:
     """A checked response's result, or its error raised as the typed exception."""
     if frame.get("nonce") != nonce:
@@ -119,6 +147,9 @@ def answer(frame: dict[str, Any], nonce: str) -> Any:
             not frame["ok"] and not isinstance(frame.get("error"), dict)):
         raise ProtocolViolation("a response without ok and result or error")
     if frame["ok"]:
+        bad = bad_time(frame["result"])
+        if bad:
+            raise ProtocolViolation(f"an answer whose {bad}")
         return frame["result"]
     err = frame["error"]
     code = str(err.get("code", "error"))

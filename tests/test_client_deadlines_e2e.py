@@ -115,3 +115,21 @@ def test_a_flag_overrides_the_other_endpoints_environment_variable(tmp_path: Pat
     res = subprocess.run([bin_path("gracectl"), "status"], env=env, capture_output=True,
                          text=True, stdin=subprocess.DEVNULL, timeout=30)
     assert res.returncode == ExitCode.USAGE and "both set" in res.stderr, res.stderr
+
+
+BAD_TIMES = ["string", "huge", "bool", "leap", "year0", "list"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", BAD_TIMES)
+def test_an_answer_whose_times_are_no_times_is_a_protocol_violation(
+        impostor: Impostor, kind: str) -> None:  # noqa: F811
+    """A signed answer with a time field that holds no sane time (attacker review 5):
+    exit 14 naming the field, never "internal error" nor a year-0 or 1e308 date."""
+    sock = impostor.start(f"bad-time-{kind}")
+    for command in (("status",), ("missions", "ls"), ("missions", "show", "1"),
+                    ("missions", "ls", "--json")):
+        rc, err, _ = impostor.ctl(sock, "--answer-timeout", "5", *command)
+        assert rc == ExitCode.PROTOCOL, (command, rc, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "is not a time" in err and ("opened_at" in err or "started_at" in err), err

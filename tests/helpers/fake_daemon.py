@@ -27,6 +27,9 @@ listening. Modes:
 - ``flood``: after ``subscribe``, a million junk frames;
 - ``signed-flood``: after ``subscribe``, 30,000 validly signed unrelated events, then
   nothing (a client waiting for something else must stay bounded).
+- ``bad-time-*``: validly signed answers whose time fields hold no time: ``-string``
+  ("not-a-time"), ``-huge`` (1e308), ``-bool`` (true), ``-leap`` (a leap second),
+  ``-year0`` (year 0), ``-list`` ([1, 2]).
 
 Raw modes: the WebSocket handshake done by hand, then frames written byte by byte as
 a hostile peer would (no library in the way); ``hello`` is never answered, so the
@@ -121,6 +124,18 @@ class Fake:
                     "public_key": base64.b64encode(self.key.public_key).decode(),
                     "head_seq": self.seq, "heartbeat_interval": 5.0, "peer": {},
                     "can_control": True}
+        if self.mode.startswith("bad-time-"):
+            when = {"string": "not-a-time", "huge": 1e308, "bool": True,
+                    "leap": "2026-12-31T23:59:60.000000Z",
+                    "year0": "0000-01-01T00:00:00.000000Z", "list": [1, 2]}[self.mode[9:]]
+            mission = {**mission, "opened_at": when}
+            if method == "missions.list":
+                return {"missions": [mission], "now": 1.0}
+            if method == "missions.get":
+                return {"mission": mission}
+            return {"daemon_id": "fake", "version": "0", "host": "fake", "pid": 1,
+                    "uptime": 1, "kid": self.key.kid, "head_seq": self.seq,
+                    "started_at": when}
         if method == "missions.approve":
             return {"mission": {**mission, "state": "approved", "reason": "FORGED"}}
         if method == "missions.get":
