@@ -113,6 +113,7 @@ def test_every_json_output_writes_every_time_one_way(make_graced, shortdir: Path
     run("knowledge", "ls")
     run("knowledge", "show", "fixable:queue")
     run("knowledge", "stats")
+    run("knowledge", "sources")
     run("playbooks", "ls")
     run("playbooks", "run", "fix-h", "--mission", mid, "--dry-run")
     sid = run("silence", "add", "nothing-here", "--for", "1h", "--comment", "quiet")

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +225,9 @@ def test_times_from_the_future_are_refused_and_quarantined(make_graced,
     res = g.ctl("knowledge", "show", "queue:queue", "--json", check=True)
     assert [p["playbook"] for p in json.loads(res.stdout)["pattern"]["playbooks"]] == ["p"]
     shown = json.loads(g.ctl("knowledge", "sources", "--json", check=True).stdout)
-    assert now <= shown["sources"][0]["exported_at"] <= time.time()
+    # --json writes times in the one ISO 8601 UTC form (gracectl(1) OUTPUT).
+    held = datetime.fromisoformat(shown["sources"][0]["exported_at"].replace("Z", "+00:00"))
+    assert now <= held.timestamp() <= time.time()
     # An export made before this start is now older than the one held.
     res = d.load(g, d.export([rec("queue:queue", "p")], exported_at=now - 1, name="-b"))
     assert res.returncode == 1 and "older than the one imported already" in res.stderr
