@@ -44,8 +44,11 @@ def transition(topic: str, m: Mission) -> None:
     if level is None or not log.isEnabledFor(level):
         return
     if state == "opened":
-        what = (f"({m.severity}{', flapping' if m.flapping else ''}) {safe(m.detector, FIELD)}"
-                f" {safe(m.subject, FIELD)}: {safe(m.summary, FIELD)}")
+        # A summary names its detector and subject already ("web nginx: 0 process(es)..."):
+        # said once (review of #19, newcomer 5).
+        named = f"{m.detector} {m.subject}"
+        said = m.summary if m.summary.startswith(named) else f"{named}: {m.summary}"
+        what = f"({m.severity}{', flapping' if m.flapping else ''}) {safe(said, 3 * FIELD)}"
     elif state == "awaiting_approval":
         what = f"playbook {safe(m.playbook, FIELD)} (risk {m.risk}) needs an approval"
     elif state == "executing":

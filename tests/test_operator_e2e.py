@@ -89,7 +89,7 @@ def test_the_log_tells_the_remediation_story_escaped_without_library_noise(
     lines = g.stderr().splitlines()
     story = [line.split(" ", 2)[1:] for line in lines if " missions: mission " in line]
     subject = str(shortdir) + "/v\\e]0;owned\\x07"
-    ours = f"({'medium'}) hot {subject}: hot {subject} at 90.0, above the threshold 50.0"
+    ours = f"({'medium'}) hot {subject} at 90.0, above the threshold 50.0"  # said once
     assert story[:5] == [
         ["info", f"missions: mission {first} opened: {ours}"],
         ["info", f"missions: mission {first} awaiting approval: playbook cool-down (risk high)"
