@@ -252,3 +252,28 @@ def test_a_copytruncate_rotation_is_read_from_the_start_even_when_the_log_grew_b
         assert det.sample()[0].detail["lines"] == 251
     finally:
         det.close()
+
+
+@pytest.mark.skipif(not Path("/proc/pressure/cpu").exists(), reason="no PSI here")
+def test_a_psi_alarm_says_how_much_was_stalled() -> None:
+    """Review of #19, newcomer 6: the alarm led with the trigger's text and no amount; it
+    says the measured stall first, as a timed sample does ("52 % stalled")."""
+    det = Pressure(DetectorConfig(name="p", kind="psi_cpu", threshold=1.0, stall_window=2.0))
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range((os.cpu_count() or 1) + 2)]  # more runnable tasks than CPUs
+    try:
+        if det.wakeup is None:
+            pytest.skip(f"the kernel refused the PSI trigger here: {det.mode_note}")
+        det.sample()
+        assert _ready(det.wakeup.fileno(), 15), "CPU stalled, and no PSI trigger fired"
+        assert det.drain()
+        [obs] = det.sample()
+        assert obs.alarm is not None and obs.value is not None
+        assert obs.alarm.startswith(f"{obs.value:.0f} % stalled: some tasks on cpu over the "
+                                    "last "), obs.alarm
+        assert obs.alarm.endswith("(PSI trigger: 1 % or more of 2 s)"), obs.alarm
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+        det.close()

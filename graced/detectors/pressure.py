@@ -119,8 +119,10 @@ class Pressure:
         if self._fired:
             self._fired = False
             cfg = self.config
-            obs.alarm = (f"PSI trigger: {cfg.stall} tasks stalled on {self.resource} for "
-                         f"{cfg.effective_threshold:g} % or more of {cfg.stall_window:g} s")
+            # The amount first, as a timed sample says it (review of #19, newcomer 6).
+            obs.alarm = (f"{obs.value:.0f} % stalled: {cfg.stall} tasks on {self.resource} "
+                         f"over the last {span:.1f} s (PSI trigger: "
+                         f"{cfg.effective_threshold:g} % or more of {cfg.stall_window:g} s)")
         return [obs]
 
     def close(self) -> None:
