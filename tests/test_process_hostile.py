@@ -4,8 +4,11 @@ with a watched name, and graced must not spend its file descriptors holding them
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +18,8 @@ import psutil
 import pytest
 
 from tests.conftest import Graced
+from tests.helpers.users import ensure_user
+from tests.test_missions_e2e import Watch, _ready_tail
 
 
 def _pidfds(pid: int) -> int:
@@ -73,3 +78,51 @@ def test_many_processes_with_a_watched_name_do_not_exhaust_graceds_descriptors(
             p.kill()
         for p in crowd:
             p.wait()
+
+
+@pytest.mark.slow
+def test_a_decoy_of_another_user_neither_hides_a_death_nor_closes_its_mission(
+        make_graced) -> None:
+    """Review of #19, attacker 3: another user ran a process of the watched name; the real
+    one's death was reported as a restart onto the decoy. With ``user`` the decoy is not
+    the service: the death opens a mission, which stays open while only the decoy runs."""
+    if os.geteuid() != 0:
+        pytest.skip("a second Unix user can only be created as root")
+    if not shutil.which("useradd") or not shutil.which("runuser"):
+        pytest.skip("useradd/runuser not installed: cannot create a second Unix user")
+    try:
+        decoy_user = ensure_user("grace-decoy")
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"useradd failed: {exc.stderr.strip()}")
+    name = f"r19{uuid.uuid4().hex[:8]}"
+    where = Path(tempfile.mkdtemp(prefix="grace-decoy-"))
+    try:
+        where.chmod(0o755)
+        exe = where / name
+        shutil.copy(shutil.which("sleep") or "/bin/sleep", exe)
+        exe.chmod(0o755)
+        real = subprocess.Popen([str(exe), "600"], stdin=subprocess.DEVNULL)
+        decoy = subprocess.Popen(["runuser", "-u", decoy_user, "--", str(exe), "600"],
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            g = make_graced(detectors=f'[[detector]]\nname = "svc"\nkind = "process"\n'
+                                      f'interval = 0.5\nprocess = "{name}"\nuser = "root"\n'
+                                      '\n[missions]\nresolve_after = 1\nflap_window = 0\n')
+            w = Watch(g)
+            _ready_tail(w, g)
+            real.kill()
+            real.wait()
+            opened = w.wait("mission.opened", "svc", 10)
+            assert "0 process(es)" in opened["payload"]["summary"], opened
+            # Samples go on with the decoy running: still no process of root, still open.
+            out = json.loads(g.ctl("detectors", "--json", check=True).stdout)["svc"]
+            assert [s["value"] for s in out["subjects"].values()] == [0], out
+            [mission] = w.missions("svc")
+            assert mission["state"] != "resolved", mission
+            w.close()
+        finally:
+            real.kill()
+            os.killpg(decoy.pid, signal.SIGKILL)  # runuser and the decoy it started
+            decoy.wait()
+    finally:
+        shutil.rmtree(where, ignore_errors=True)

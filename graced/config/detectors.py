@@ -74,6 +74,9 @@ class DetectorConfig:
     # process, process_rss
     process: str = ""
     match_cmdline: bool = False
+    # process, process_rss: only processes whose real user is this one (a name or a uid),
+    # so another user's process of the same name is no decoy (review of #19, attacker 3)
+    user: str = ""
     min_count: int = field(default=1, metadata=check(non_negative))
     # tcp
     host: str = ""
@@ -235,8 +238,10 @@ KINDS: dict[str, Kind] = {
     "inodes": Kind({**_PERCENT, "path": absolute_path}, threshold=90.0, min_change=PCT,
                    subject=lambda d: d.path),
     "process": Kind({"threshold": non_negative, "process": non_empty, "match_cmdline": None,
-                     "min_count": None}, requires=("process",), subject=lambda d: d.process),
-    "process_rss": Kind({"threshold": positive, "process": non_empty, "match_cmdline": None},
+                     "min_count": None, "user": non_empty}, requires=("process",),
+                    subject=lambda d: d.process),
+    "process_rss": Kind({"threshold": positive, "process": non_empty, "match_cmdline": None,
+                         "user": non_empty},
                         requires=("process",), subject=lambda d: d.process,
                         rule=_needs_threshold, min_change=1.0),
     "tcp": Kind({**_MS, "host": non_empty, "port": between(1, 65535), "send": None,

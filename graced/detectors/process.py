@@ -9,6 +9,7 @@ re-resolved at every sample, so a new one started after a death is watched too.
 from __future__ import annotations
 
 import os
+import pwd
 import resource
 import threading
 
@@ -56,12 +57,26 @@ class _PidfdBudget:
 PIDFD_BUDGET = _PidfdBudget()
 
 
+def _uid(user: str) -> int:
+    """``user`` (a name or a uid) as a uid; one this host does not know is a detector error."""
+    if user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise LookupError(f"no user {user!r} on this host") from None
+
+
 def _matching(cfg: DetectorConfig, gone: set[int] | None = None) -> list[psutil.Process]:
-    """The processes that match, zombies and ``gone`` (exited, known by pidfd) left out."""
+    """The processes that match (of ``user`` only, if set), zombies and ``gone`` (exited,
+    known by pidfd) left out."""
     found = []
     me = psutil.Process().pid
-    for proc in psutil.process_iter(["name", "cmdline"]):
+    uid = _uid(cfg.user) if cfg.user else None
+    for proc in psutil.process_iter(["name", "cmdline", "uids"]):
         if proc.pid == me or (gone and proc.pid in gone):
+            continue
+        if uid is not None and (proc.info["uids"] is None or proc.info["uids"].real != uid):
             continue
         try:
             if cfg.match_cmdline:
