@@ -107,17 +107,15 @@ def test_a_probe_going_down_and_up_is_published_and_summarised(make_graced) -> N
 def test_a_dead_process_is_its_detectors_anomaly_not_a_failure(make_graced) -> None:
     """Review of #19, newcomer 2: failure is reserved for what graced cannot see; a watched
     process that died is seen, so its detector stays up and the mission says it."""
-    from tests.test_missions_e2e import Watch, _ready_tail
+    from tests.test_event_sources_e2e import _started
 
     marker = f"grace-dead-{uuid.uuid4().hex[:8]}"
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", marker],
                             stdin=subprocess.DEVNULL)
     try:
-        g = make_graced(detectors=f'[[detector]]\nname = "web"\nkind = "process"\n'
-                                  f'interval = 0.5\nprocess = "{marker}"\nmatch_cmdline = true\n'
-                                  '\n[missions]\nresolve_after = 1\nflap_window = 0\n')
-        w = Watch(g)
-        _ready_tail(w, g)
+        g, w = _started(make_graced, f'[[detector]]\nname = "web"\nkind = "process"\n'
+                                     f'interval = 0.5\nprocess = "{marker}"\n'
+                                     'match_cmdline = true\n')
         proc.kill()
         proc.wait()
         w.wait("mission.opened", "web", 10)

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import Graced
 from tests.helpers.users import ensure_user
-from tests.test_missions_e2e import Watch, _ready_tail
+from tests.test_event_sources_e2e import _started
 
 
 def _pidfds(pid: int) -> int:
@@ -105,11 +105,8 @@ def test_a_decoy_of_another_user_neither_hides_a_death_nor_closes_its_mission(
         decoy = subprocess.Popen(["runuser", "-u", decoy_user, "--", str(exe), "600"],
                                  stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            g = make_graced(detectors=f'[[detector]]\nname = "svc"\nkind = "process"\n'
-                                      f'interval = 0.5\nprocess = "{name}"\nuser = "root"\n'
-                                      '\n[missions]\nresolve_after = 1\nflap_window = 0\n')
-            w = Watch(g)
-            _ready_tail(w, g)
+            g, w = _started(make_graced, f'[[detector]]\nname = "svc"\nkind = "process"\n'
+                                         f'interval = 0.5\nprocess = "{name}"\nuser = "root"\n')
             real.kill()
             real.wait()
             opened = w.wait("mission.opened", "svc", 10)
