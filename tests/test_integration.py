@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -119,8 +120,13 @@ def test_a_dead_process_is_its_detectors_anomaly_not_a_failure(make_graced) -> N
         proc.kill()
         proc.wait()
         w.wait("mission.opened", "web", 10)
-        status = json.loads(g.ctl("status", "--json", check=True).stdout)
-        health = status["integration"]["detector:web"]
+        deadline = time.monotonic() + 10  # the health is published once a second
+        while True:
+            status = json.loads(g.ctl("status", "--json", check=True).stdout)
+            health = status["integration"].get("detector:web") or {"state": "starting"}
+            if health["state"] != "starting" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert (health["state"], health["last_error"]) == ("up", None), health
         assert not status["failing_probes"] and not status["failing_detectors"]
         w.close()
