@@ -139,14 +139,14 @@ class Backwards:
     first: str = ""
 
 
-def rows(fh: IO[str], name: str, unit: str = "s", ordered: bool = False,
+def rows(fh: IO[str], name: str, unit: str = "s",
          back: Backwards | None = None) -> Iterator[tuple[str, str, float, float]]:
     """The rows of a ``timestamp,value`` CSV. Time going back is counted in ``back`` and
     the row replayed as given (real data has it: NAB's machine_temperature writes one hour
-    twice), or refused when ``ordered``."""
+    twice)."""
     reader = csv.reader(fh)
     try:
-        yield from _rows(reader, name, unit, ordered, back or Backwards())
+        yield from _rows(reader, name, unit, back or Backwards())
     except csv.Error as exc:  # a field over csv's limit (128 KiB), a NUL, ...
         raise BacktestError(f"{name}:{reader.line_num}: not CSV: {exc}") from None
     except UnicodeDecodeError as exc:
@@ -154,7 +154,7 @@ def rows(fh: IO[str], name: str, unit: str = "s", ordered: bool = False,
                             f"{exc.object[exc.start:exc.start + 1]!r})") from None
 
 
-def _rows(reader: Any, name: str, unit: str, ordered: bool,
+def _rows(reader: Any, name: str, unit: str,
           back: Backwards) -> Iterator[tuple[str, str, float, float]]:
     header = next(reader, None)
     if header is None or [h.strip().lower() for h in header] != ["timestamp", "value"]:
@@ -176,10 +176,6 @@ def _rows(reader: Any, name: str, unit: str, ordered: bool,
         if last is not None and ts < last[0]:
             # The rows stand for the clock: time going back replays windows and hysteresis
             # as the file has it. Equal times are fine (two samples in one tick).
-            if ordered:
-                raise BacktestError(f"{name}:{line}: timestamp: {row[0][:40]!r} is earlier "
-                                    f"than line {last[1]}'s: sort the file by time first "
-                                    "(sort -t, -k1,1n, keeping the header)")
             back.steps += 1
             if not back.first:
                 back.first = (f"{name}:{line}: {row[0][:40]!r} is {last[0] - ts:g} s before "
@@ -234,12 +230,11 @@ class Summary:
 
 def run_backtest(infile: IO[str], name: str, cfg: DetectorConfig, out: IO[str],
                  progress: bool, missions: MissionsConfig | None = None,
-                 unit: str = "s", ordered: bool = False) -> Summary:
+                 unit: str = "s") -> Summary:
     """Score every row through the daemon's scoring and mission engine.
 
     Writes nothing if the input is bad (raises :class:`BacktestError`). Rows whose time
-    goes back are replayed in file order and counted in the summary (refused when
-    ``ordered``).
+    goes back are replayed in file order and counted in the summary.
     """
     mc = missions or MissionsConfig()
     scorer = Scorer(cfg)
@@ -259,7 +254,7 @@ def run_backtest(infile: IO[str], name: str, cfg: DetectorConfig, out: IO[str],
     bar = click.progressbar(length=total, label="backtest", file=sys.stderr) if (
         progress and total and total > 20000) else None
     try:
-        for ts_text, value_text, ts, value in rows(infile, name, unit, ordered, summary.back):
+        for ts_text, value_text, ts, value in rows(infile, name, unit, summary.back):
             obs = Observation(subject=subject, value=value)
             try:
                 verdict, transitions = judge_and_observe(scorer, engine, cfg, obs, ts)
