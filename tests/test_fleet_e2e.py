@@ -29,6 +29,7 @@ from tests.helpers.nats import (
     cluster,
     ensure_nats,
     fleet_section,
+    led_by,
     one_host,
     status,
     wait_caught_up,
@@ -444,9 +445,10 @@ def test_a_three_node_cluster_with_a_node_killed_mid_run_loses_nothing(
         assert load.wait(60) == 0, load.stderr.read() if load.stderr else ""
         survivors = [n for n in nodes if n is not victim]
         op.env["GRACE_NATS"] = ",".join(n.url for n in survivors)
-        # The survivors elect the stream's new leader (longer on a loaded machine), and
-        # the view's requests meanwhile time out: the view tries them again by itself.
-        first = op.fleet("--timeout", "20", "ls", "--json")
+        # The survivors elect new leaders (the meta group's and the stream's): JetStream
+        # answers nothing until then, for tens of seconds on a loaded machine.
+        poll_until(lambda: led_by(survivors), 180, "the survivors elect leaders")
+        first = op.fleet("--timeout", "20", "ls", "--json", timeout=120)
         assert first.returncode == 0, first.stderr
         host = assert_whole(op, g, daemon_id)
         out = op.fleet("tail", "--no-follow", "--json", "--host", daemon_id, "user.load")

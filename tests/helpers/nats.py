@@ -146,6 +146,28 @@ def cluster(base: Path, size: int = 3) -> list[NatsServer]:
     return nodes
 
 
+def led_by(nodes: list[NatsServer], stream: str = "GRACE") -> bool:
+    """Some node in ``nodes`` says the JetStream meta group and ``stream`` both have a
+    leader among ``nodes`` (its monitoring /jsz): after a node is killed, the survivors
+    answer JetStream requests only once they have elected them."""
+    names = {n.name for n in nodes}
+    for node in nodes:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{node.monitor}/jsz?accounts=true"
+                                        "&streams=true", timeout=2) as resp:
+                data = json.loads(resp.read())
+        except (OSError, ValueError):
+            continue
+        if (data.get("meta_cluster") or {}).get("leader") not in names:
+            continue
+        for account in data.get("account_details") or []:
+            for detail in account.get("stream_detail") or []:
+                if (detail.get("name") == stream
+                        and (detail.get("cluster") or {}).get("leader") in names):
+                    return True
+    return False
+
+
 def fleet_section(url: str, extra: str = "") -> str:
     return f'\n[fleet]\nurl = "{url}"\n{extra}'
 
