@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
@@ -29,12 +29,14 @@ from graced.protocol import (
 from graced.protocol.text import count
 from graced.protocol.topics import user_topic_error
 
-from . import learn, out, playbooks, silence, timespec, trust
+from . import out, trust
 from .command import (
     CONTEXT,
     STARTED,
+    STATES,
     Finite,
     HelpGroup,
+    LazyGroup,
     OneCall,
     call,
     endpoint_of,
@@ -50,29 +52,18 @@ from .command import (
 )
 from .endpoint import ANSWER_TIMEOUT, Endpoint, url_problem
 from .errors import CtlError, ProtocolViolation, RemoteError
-from .missions import STATES, missions
 from .out import stderr_note
-from .timespec import Point
+
+if TYPE_CHECKING:
+    from .timespec import Point
 
 
-class Root(HelpGroup):
-    """gracectl's command group: a command whose module is heavy (fleet: NATS, asyncio;
-    web: trio and a server) is imported only when it is asked for, so the one-shot
-    commands start fast."""
+class Root(LazyGroup):
+    """gracectl's command group: the commands that live in modules of their own (missions,
+    knowledge, playbooks, silence; fleet: NATS, asyncio; web: trio and a server) are
+    imported only when one is asked for, so each one-shot command starts fast."""
 
-    LAZY = {"fleet": ("gracectl.fleet", "fleet"), "web": ("gracectl.web", "web")}
     group_class = HelpGroup
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self.LAZY})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in self.LAZY and cmd_name not in self.commands:
-            import importlib
-
-            module, attr = self.LAZY[cmd_name]
-            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
-        return super().get_command(ctx, cmd_name)
 
     GLOBAL_FLAGS = ("--utc",)
     GLOBAL_VALUED = ("--color", "--colour")
@@ -99,15 +90,11 @@ class Root(HelpGroup):
             i += 1
         return super().parse_args(ctx, front + rest)
 
-    def load_all(self) -> Root:
-        """Every command, lazy ones included (for docs and tests that walk them)."""
-        ctx = click.Context(self)
-        for name in self.LAZY:
-            self.get_command(ctx, name)
-        return self
 
-
-@click.group(cls=Root, context_settings=CONTEXT)
+@click.group(cls=Root, context_settings=CONTEXT, lazy={
+    "missions": "gracectl.missions:missions", "knowledge": "gracectl.learn:knowledge",
+    "playbooks": "gracectl.playbooks:playbooks", "silence": "gracectl.silence:silence",
+    "fleet": "gracectl.fleet:fleet", "web": "gracectl.web:web"})
 @click.version_option(__version__, "--version", "-V", prog_name="gracectl")
 @click.option("--socket", "socket_path", metavar="PATH", envvar="GRACE_SOCKET",
               help="graced's Unix socket (env GRACE_SOCKET).")
@@ -307,6 +294,8 @@ def _print_status(st: dict[str, Any]) -> None:
 def _point(value: str | None, name: str) -> Point | None:
     if value is None:
         return None
+    from . import timespec
+
     try:
         return timespec.parse(value, time.time())
     except ValueError as exc:
@@ -392,6 +381,8 @@ def tail(ctx: click.Context, patterns: tuple[str, ...], follow: bool, lines: int
     follow = follow and not reverse
     every = lines is None  # -n all: from the oldest event kept (or the whole --since window)
     if every and start is None:
+        from .timespec import Point
+
         start = Point(ts=0.0)  # a time before the oldest event kept starts at it
 
     async def go() -> int:
@@ -978,11 +969,3 @@ def _fleet_top(once: bool, key_file: str | None, interval: float) -> None:
         fleettop.run_once(obj, size.columns, size.lines)
     else:
         fleettop.run_live(obj, interval)
-
-
-# The groups that live in modules of their own (missions explain and similar are put on
-# the missions group by gracectl.learn).
-cli.add_command(missions)
-cli.add_command(learn.knowledge)
-cli.add_command(playbooks.playbooks)
-cli.add_command(silence.silence)

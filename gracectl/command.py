@@ -49,6 +49,9 @@ STARTED = _started()
 CONTEXT = {"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "GRACE"}
 """click settings of every gracectl command group."""
 T = TypeVar("T")
+STATES = ("detected", "open", "awaiting_approval", "approved", "executing", "verifying",
+          "resolved", "failed", "escalated", "rejected", "expired", "interrupted")
+"""Every state a mission can be in (missions ls --state, wait --state)."""
 
 
 def endpoint_of(ctx: click.Context) -> Endpoint:
@@ -300,3 +303,35 @@ class HelpGroup(click.Group):
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
+
+
+class LazyGroup(HelpGroup):
+    """A group some of whose commands live in modules imported only when one is asked for
+    (click's documented LazyGroup pattern), so a one-shot command imports only its own:
+    ``lazy`` maps a command's name to ``"module:attribute"``. Listings (--help, shell
+    completion) name every command, lazy ones included, exactly as if all were loaded."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            import importlib
+
+            module, attr = self.lazy[cmd_name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def load_all(self) -> LazyGroup:
+        """Every command, lazy ones included, in this group and the groups under it (for
+        the docs and the tests that walk them)."""
+        ctx = click.Context(self)
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if isinstance(cmd, LazyGroup):
+                cmd.load_all()
+        return self

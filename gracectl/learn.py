@@ -32,7 +32,6 @@ from .command import (
     wide_option,
 )
 from .errors import CtlError
-from .missions import missions
 from .out import stderr_note
 
 CHUNK_BYTES = 36_000  # 48,000 in base64: below the default max_request_bytes (65536)
@@ -57,7 +56,7 @@ SIMILAR_HEADERS: list[str | out.Column] = [out.Column("ID", right=True), out.Col
                    out.Column("OUTCOME", 1, 8), "TTR", out.Column("SUMMARY", 4, 10)]
 
 
-@missions.command("similar")
+@click.command("similar")
 @click.argument("mission_id", metavar="ID", type=int)
 @wide_option
 @click.option("--limit", type=click.IntRange(1, 1000), default=10, show_default=True,
@@ -219,7 +218,7 @@ def _exploration(d: dict[str, Any]) -> str | None:
     return f"no: no playbook it could run has a better record than {d['chosen']}"
 
 
-@missions.command("explain")
+@click.command("explain")
 @click.argument("mission_id", metavar="ID", type=int)
 @wide_option
 @json_option

@@ -11,7 +11,8 @@ import click
 
 from . import out
 from .command import (
-    HelpGroup,
+    STATES,
+    LazyGroup,
     call,
     endpoint_of,
     json_option,
@@ -25,8 +26,6 @@ from .errors import CtlError
 from .out import stderr_note
 from .plan_text import render_plan
 
-STATES = ("detected", "open", "awaiting_approval", "approved", "executing", "verifying",
-          "resolved", "failed", "escalated", "rejected", "expired", "interrupted")
 SEVERITIES = ("low", "medium", "high", "critical")
 WHY_STATES = ("escalated", "failed")
 """States whose reason missions ls adds to the symptom (why it escalated or failed)."""
@@ -35,7 +34,8 @@ SEVERITY_COLOUR = {"low": "cyan", "medium": "yellow", "high": "red", "critical":
 
 
 
-@click.group(cls=HelpGroup)
+@click.group(cls=LazyGroup, lazy={"similar": "gracectl.learn:missions_similar",
+                                 "explain": "gracectl.learn:missions_explain"})
 def missions() -> None:
     """Missions: what graced noticed and what it is doing about it."""
 
