@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -17,9 +19,10 @@ from typing import Any
 import psutil
 import pytest
 
+from graced.detectors.process import login_uids, service_owner
 from tests.conftest import Graced
 from tests.helpers.users import ensure_user
-from tests.test_event_sources_e2e import _started
+from tests.test_event_sources_e2e import _after, _started
 
 
 def _pidfds(pid: int) -> int:
@@ -81,11 +84,14 @@ def test_many_processes_with_a_watched_name_do_not_exhaust_graceds_descriptors(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("user", ['user = "root"\n', ""], ids=["user", "no-user"])
 def test_a_decoy_of_another_user_neither_hides_a_death_nor_closes_its_mission(
-        make_graced) -> None:
+        make_graced, user: str) -> None:
     """Review of #19, attacker 3: another user ran a process of the watched name; the real
     one's death was reported as a restart onto the decoy. With ``user`` the decoy is not
-    the service: the death opens a mission, which stays open while only the decoy runs."""
+    the service; without it, neither (a login user's process is never the service unless
+    ``user`` names that user): the death opens a mission, which stays open while only the
+    decoy runs, and graced holds no pidfd for the decoy."""
     if os.geteuid() != 0:
         pytest.skip("a second Unix user can only be created as root")
     if not shutil.which("useradd") or not shutil.which("runuser"):
@@ -94,6 +100,7 @@ def test_a_decoy_of_another_user_neither_hides_a_death_nor_closes_its_mission(
         decoy_user = ensure_user("grace-decoy")
     except subprocess.CalledProcessError as exc:
         pytest.skip(f"useradd failed: {exc.stderr.strip()}")
+    assert pwd.getpwnam(decoy_user).pw_uid in login_uids(), "the decoy is a login account"
     name = f"r19{uuid.uuid4().hex[:8]}"
     where = Path(tempfile.mkdtemp(prefix="grace-decoy-"))
     try:
@@ -106,14 +113,16 @@ def test_a_decoy_of_another_user_neither_hides_a_death_nor_closes_its_mission(
                                  stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             g, w = _started(make_graced, f'[[detector]]\nname = "svc"\nkind = "process"\n'
-                                         f'interval = 0.5\nprocess = "{name}"\nuser = "root"\n')
+                                         f'interval = 0.5\nprocess = "{name}"\n{user}')
             real.kill()
             real.wait()
             opened = w.wait("mission.opened", "svc", 10)
-            assert "0 process(es)" in opened["payload"]["summary"], opened
+            summary = opened["payload"]["summary"]
+            assert "0 process(es)" in summary and "1 more named so" in summary, opened
             # Samples go on with the decoy running: still no process of root, still open.
             out = json.loads(g.ctl("detectors", "--json", check=True).stdout)["svc"]
             assert [s["value"] for s in out["subjects"].values()] == [0], out
+            assert g.proc is not None and _pidfds(g.proc.pid) == 0, "the decoy is held"
             [mission] = w.missions("svc")
             assert mission["state"] != "resolved", mission
             w.close()
@@ -123,3 +132,80 @@ def test_a_decoy_of_another_user_neither_hides_a_death_nor_closes_its_mission(
             decoy.wait()
     finally:
         shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_crowded_name_leaves_other_process_detectors_their_share_of_pidfds(
+        make_graced, shortdir: Path) -> None:
+    """Review of #19: one process detector could take graced's whole pidfd budget (a
+    crowd of processes with its name), so a detector added next held none and saw its
+    service die only at its next tick. Each holds at most its fair share: the budget (a
+    quarter of RLIMIT_NOFILE) divided among the process detectors."""
+    name = f"r19{uuid.uuid4().hex[:8]}"
+    exe = shortdir / name
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", exe)
+    marker = f"grace-share-{uuid.uuid4().hex[:8]}"
+
+    def service() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", marker],
+                                stdin=subprocess.DEVNULL)
+
+    crowd = [subprocess.Popen([str(exe), "600"], stdin=subprocess.DEVNULL,
+                              start_new_session=True) for _ in range(60)]
+    svc = service()
+    try:
+        g, w = _started(make_graced, f'[[detector]]\nname = "crowd"\nkind = "process"\n'
+                                     f'interval = 0.5\nprocess = "{name}"\n')
+        assert g.proc is not None
+        daemon = psutil.Process(g.proc.pid)
+        deadline = time.monotonic() + 30
+        while _pidfds(daemon.pid) < 60:  # a held pidfd has no event of its own: read it
+            assert time.monotonic() < deadline, _detectors(g)
+            time.sleep(0.2)
+        # What LimitNOFILE does, tight: a budget of about 30 pidfds, all held by the crowd.
+        limit = daemon.num_fds() + 40
+        daemon.rlimit(psutil.RLIMIT_NOFILE, (limit, limit))
+        share = limit // 4 // 2
+        g.config.write_text(g.config.read_text() + (
+            f'\n[[detector]]\nname = "svc"\nkind = "process"\ninterval = 5.0\n'
+            f'process = "{marker}"\nmatch_cmdline = true\n'))
+        g.ctl("reload", check=True)
+        deadline = time.monotonic() + 30
+        while True:  # the crowd gives back its excess; svc takes its pidfd at a sample
+            dets = _detectors(g)
+            if "svc" in dets and dets["svc"]["state"] == "up" and \
+                    dets["svc"]["subjects"] and not dets["svc"]["mode_note"]:
+                break
+            assert time.monotonic() < deadline, f"svc never held its pidfd: {dets}"
+            time.sleep(0.2)
+        assert f"{60 - share} of 60 processes polled" in dets["crowd"]["mode_note"], dets
+        assert _pidfds(daemon.pid) <= share + 1
+        t0 = time.time()
+        svc.kill()  # a real SIGKILL: announced by its pidfd, not found at the 5 s tick
+        opened = w.wait("mission.opened", "svc", 10)
+        assert _after(opened, t0) < 1.0, "not announced: found by the 5 s timer"
+        svc.wait()
+        svc = service()
+        resolved = w.wait("mission.resolved", "svc", 20)
+        assert resolved["payload"]["id"] == opened["payload"]["id"]
+        assert len(w.missions("svc")) == 1
+        w.close()
+    finally:
+        svc.kill()
+        for p in crowd:
+            p.kill()
+        for p in crowd:
+            p.wait()
+
+
+def test_who_may_be_a_service_without_user(tmp_path: Path) -> None:
+    """Login accounts come from /etc/login.defs (useradd's defaults where it is silent);
+    their processes, and subordinate uids past UID_MAX, are decoys without ``user``."""
+    defs = tmp_path / "login.defs"
+    defs.write_text("# comment\nUID_MIN\t\t 500\nUID_MAX 2000\nSYS_UID_MAX 499\n")
+    assert login_uids(str(defs)) == range(500, 2001)
+    assert login_uids(str(tmp_path / "missing")) == range(1000, 60001)
+    me = 1234
+    assert [service_owner(uid, 500, me) for uid in (0, 499, 500, 1234, 1999, 100000)] == [
+        True, True, False, True, False, False]
+    assert service_owner(61184, 500, me) and service_owner(65534, 500, me)

@@ -25,15 +25,18 @@ MAX_PIDFDS = 256
 NOFILE_SHARE = 4
 """All process detectors together hold at most 1/NOFILE_SHARE of graced's file descriptor
 limit (RLIMIT_NOFILE, soft) as pidfds: anyone can start processes with a watched name, and
-graced must keep descriptors for its sockets, journal and logs (review of #19, attacker 2)."""
+graced must keep descriptors for its sockets, journal and logs (review of #19, attacker 2).
+Each detector's fair share is that budget divided by the number of process detectors
+running, so one crowded name never leaves another detector without a pidfd."""
 
 
 class _PidfdBudget:
-    """The daemon-wide count of pidfds held, against a budget read from RLIMIT_NOFILE."""
+    """The daemon-wide count of pidfds held, per holder (a detector), against a budget read
+    from RLIMIT_NOFILE and shared fairly: each holder may hold ``limit() // holders``."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.held = 0
+        self._held: dict[int, int] = {}  # id(holder) -> pidfds it holds
 
     @staticmethod
     def limit() -> int:
@@ -42,16 +45,46 @@ class _PidfdBudget:
             soft = 1 << 20
         return max(0, soft // NOFILE_SHARE)
 
-    def take(self, wanted: int) -> int:
-        """Reserve up to ``wanted`` descriptors; returns how many were granted."""
+    @property
+    def held(self) -> int:
         with self._lock:
-            granted = max(0, min(wanted, self.limit() - self.held))
-            self.held += granted
+            return sum(self._held.values())
+
+    def join(self, holder: object) -> None:
+        with self._lock:
+            self._held.setdefault(id(holder), 0)
+
+    def leave(self, holder: object) -> None:
+        with self._lock:
+            self._held.pop(id(holder), None)
+
+    def share(self) -> int:
+        """What each holder may hold now: the budget divided among the holders."""
+        with self._lock:
+            return self.limit() // max(1, len(self._held))
+
+    def excess(self, holder: object) -> int:
+        """How many pidfds ``holder`` holds past its share (a detector joined since, or the
+        limit was lowered): it gives them back."""
+        with self._lock:
+            share = self.limit() // max(1, len(self._held))
+            return max(0, self._held.get(id(holder), 0) - share)
+
+    def take(self, holder: object, wanted: int) -> int:
+        """Reserve up to ``wanted`` descriptors for ``holder``, within its share and what
+        the budget has left; returns how many were granted."""
+        with self._lock:
+            limit = self.limit()
+            mine = self._held.get(id(holder), 0)
+            share = limit // max(1, len(self._held))
+            granted = max(0, min(wanted, share - mine, limit - sum(self._held.values())))
+            self._held[id(holder)] = mine + granted
             return granted
 
-    def give_back(self, count: int) -> None:
+    def give_back(self, holder: object, count: int) -> None:
         with self._lock:
-            self.held = max(0, self.held - count)
+            if id(holder) in self._held:
+                self._held[id(holder)] = max(0, self._held[id(holder)] - count)
 
 
 PIDFD_BUDGET = _PidfdBudget()
@@ -67,16 +100,48 @@ def _uid(user: str) -> int:
         raise LookupError(f"no user {user!r} on this host") from None
 
 
-def _matching(cfg: DetectorConfig, gone: set[int] | None = None) -> list[psutil.Process]:
-    """The processes that match (of ``user`` only, if set), zombies and ``gone`` (exited,
-    known by pidfd) left out."""
+DYNAMIC_USERS = range(61184, 65520)
+"""systemd's DynamicUser= uids: services, never a login account."""
+NOBODY = 65534
+
+
+def login_uids(defs: str = "/etc/login.defs") -> range:
+    """The uids of login accounts: UID_MIN to UID_MAX of login.defs (1000 to 60000 where it
+    says nothing, as useradd)."""
+    bounds = {"UID_MIN": 1000, "UID_MAX": 60000}
+    try:
+        with open(defs, encoding="utf-8", errors="replace") as fh:
+            for line in fh.read(1 << 16).splitlines():
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] in bounds and parts[1].isdigit():
+                    bounds[parts[0]] = int(parts[1])
+    except OSError:
+        pass
+    return range(bounds["UID_MIN"], max(bounds["UID_MIN"], bounds["UID_MAX"]) + 1)
+
+
+def service_owner(uid: int, login_min: int, me: int) -> bool:
+    """Without ``user``, may a process of ``uid`` be the watched service? A login account
+    can start a process under any name, and so can the subordinate uids its user
+    namespaces map (/etc/subuid, past UID_MAX): those are decoys until ``user`` names
+    them. Root, the system accounts (below UID_MIN), systemd's dynamic users, nobody and
+    graced's own user cannot be taken by a login account."""
+    return uid == me or uid < login_min or uid in DYNAMIC_USERS or uid == NOBODY
+
+
+def _matching(cfg: DetectorConfig, login_min: int, gone: set[int] | None = None
+              ) -> tuple[list[psutil.Process], int]:
+    """(The processes that match, how many more matched but belong to a user who is not
+    the service's), zombies and ``gone`` (exited, known by pidfd) left out. The service's
+    user: ``user`` if set, else any :func:`service_owner` (review of #19: without
+    ``user``, a login user's decoy counted as the service and hid its death)."""
     found = []
+    others = 0
     me = psutil.Process().pid
     uid = _uid(cfg.user) if cfg.user else None
+    my_uid = os.getuid()
     for proc in psutil.process_iter(["name", "cmdline", "uids"]):
         if proc.pid == me or (gone and proc.pid in gone):
-            continue
-        if uid is not None and (proc.info["uids"] is None or proc.info["uids"].real != uid):
             continue
         try:
             if cfg.match_cmdline:
@@ -87,9 +152,24 @@ def _matching(cfg: DetectorConfig, gone: set[int] | None = None) -> list[psutil.
                 continue  # dead, not yet reaped: its name is still there
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if hit:
-            found.append(proc)
-    return found
+        if not hit:
+            continue
+        owner = proc.info["uids"].real if proc.info["uids"] is not None else None
+        if owner is None or (owner != uid if uid is not None
+                             else not service_owner(owner, login_min, my_uid)):
+            others += 1
+            continue
+        found.append(proc)
+    return found, others
+
+
+def _not_counted(cfg: DetectorConfig, others: int) -> str:
+    """What an observation says of the matching processes left out, if any."""
+    if not others:
+        return ""
+    whose = (f"not of user {cfg.user}" if cfg.user
+             else "of login users, not counted without the detector's user key")
+    return f"; {others} more named so, {whose}"
 
 
 class ProcessPresence(SimpleDetector):
@@ -97,6 +177,7 @@ class ProcessPresence(SimpleDetector):
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__(config)
+        self._login_min = login_uids().start
         self._pids: set[int] | None = None
         self._fds: dict[int, int] = {}  # pidfd -> pid
         self._gone: set[int] = set()
@@ -109,15 +190,17 @@ class ProcessPresence(SimpleDetector):
         else:
             self.wakeup = Wakeup()
             self.mode = "pidfd"
+            PIDFD_BUDGET.join(self)
 
     def sample(self) -> list[Observation]:
-        procs = _matching(self.config, self._gone)
+        procs, others = _matching(self.config, self._login_min, self._gone)
         pids = {p.pid for p in procs}
         obs = Observation(self.subject, float(len(pids)), "processes",
-                          detail={"pids": sorted(pids)[:20]})
+                          detail={"pids": sorted(pids)[:20], "not_counted": others})
         if len(pids) < self.config.min_count:
             obs.failed = (f"{len(pids)} process(es) named {self.config.process!r} running, "
-                          f"expected at least {self.config.min_count}")
+                          f"expected at least {self.config.min_count}"
+                          + _not_counted(self.config, others))
         elif self._pids is not None and self._pids and pids and not (pids & self._pids):
             obs.event = (f"{self.config.process} restarted (pid {min(self._pids)} -> "
                          f"{min(pids)})")
@@ -134,20 +217,26 @@ class ProcessPresence(SimpleDetector):
         for fd, pid in list(self._fds.items()):
             if pid not in pids:
                 self._release(fd)
+        # Past its fair share (another process detector started, or the limit was
+        # lowered): the newest processes go back to being polled.
+        for fd in sorted(self._fds, key=self._fds.__getitem__)[
+                len(self._fds) - PIDFD_BUDGET.excess(self):]:
+            self._release(fd)
         held = set(self._fds.values())
         wanted = sorted(pids - held)[:max(0, MAX_PIDFDS - len(held))]
-        granted = PIDFD_BUDGET.take(len(wanted))
+        granted = PIDFD_BUDGET.take(self, len(wanted))
         for pid in wanted[:granted]:
             try:
                 fd = os.pidfd_open(pid)
             except OSError:  # exited meanwhile (or no descriptor left): the next sample sees it
-                PIDFD_BUDGET.give_back(1)
+                PIDFD_BUDGET.give_back(self, 1)
                 continue
             self._fds[fd] = pid
             self.wakeup.add(fd)
         unheld = len(pids) - len(self._fds)
         self.mode_note = (f"{unheld} of {len(pids)} processes polled, not held by a pidfd "
-                          f"(graced's pidfd budget: a quarter of its file descriptor limit)"
+                          f"(this detector's share of graced's pidfd budget: "
+                          f"{min(MAX_PIDFDS, PIDFD_BUDGET.share())})"
                           if unheld > 0 else "")
 
     def _release(self, fd: int) -> None:
@@ -155,7 +244,7 @@ class ProcessPresence(SimpleDetector):
         self.wakeup.discard(fd)
         del self._fds[fd]
         os.close(fd)
-        PIDFD_BUDGET.give_back(1)
+        PIDFD_BUDGET.give_back(self, 1)
 
     def drain(self) -> bool:
         """A watched process exited: note it (its pidfd says so even before it is reaped)."""
@@ -175,6 +264,7 @@ class ProcessPresence(SimpleDetector):
     def close(self) -> None:
         for fd in list(self._fds):
             self._release(fd)
+        PIDFD_BUDGET.leave(self)
         if self.wakeup is not None:
             self.wakeup.close()
 
@@ -182,10 +272,15 @@ class ProcessPresence(SimpleDetector):
 class ProcessRss(SimpleDetector):
     """Value: total resident memory of the matching processes, in MB."""
 
+    def __init__(self, config: DetectorConfig) -> None:
+        super().__init__(config)
+        self._login_min = login_uids().start
+
     def sample(self) -> list[Observation]:
         total = 0
         count = 0
-        for proc in _matching(self.config):
+        procs, others = _matching(self.config, self._login_min)
+        for proc in procs:
             try:
                 total += proc.memory_info().rss
                 count += 1
@@ -193,6 +288,7 @@ class ProcessRss(SimpleDetector):
                 continue
         if not count:
             return [Observation(self.subject, None,
-                                failed=f"no process named {self.config.process!r} running")]
+                                failed=f"no process named {self.config.process!r} running"
+                                + _not_counted(self.config, others))]
         return [Observation(self.subject, round(total / 2**20, 1), "MB",
                             detail={"processes": count})]
