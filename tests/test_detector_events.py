@@ -11,16 +11,20 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from graced.config import DetectorConfig
 from graced.config.detectors import build_detectors
 from graced.config.schema import ConfigError
 from graced.detectors.cgroup import CgroupMemory, parse_events
+from graced.detectors.host import Memory
 from graced.detectors.logs import LogFile
+from graced.detectors.memcg import UsageThreshold
 from graced.detectors.pressure import Pressure, parse_total, trigger
 from graced.detectors.process import ProcessPresence
 from graced.detectors.scoring import FASTEST, next_interval
+from tests.conftest import ROOT
 
 
 def _ready(fd: int, timeout: float) -> bool:
@@ -276,4 +280,56 @@ def test_a_psi_alarm_says_how_much_was_stalled() -> None:
         for p in busy:
             p.kill()
             p.wait()
+        det.close()
+
+
+def _memcg_unavailable() -> str | None:
+    """Why the kernel's memory usage threshold cannot be armed here, or None."""
+    try:
+        UsageThreshold().close()
+    except OSError as exc:
+        return f"no memory usage threshold event: {exc.strerror or exc}"
+    return None
+
+
+@pytest.mark.skipif(_memcg_unavailable() is not None, reason=str(_memcg_unavailable()))
+def test_a_real_hog_crossing_the_memory_threshold_wakes_its_detector() -> None:
+    """The memory detector arms the kernel's usage threshold where its own threshold lies
+    (2 points above the host's use): a real process filling memory wakes it, with no
+    timer, and the sample it then takes is past the threshold; the hog's exit wakes it
+    again (the way back)."""
+    vm = psutil.virtual_memory()
+    det = Memory(DetectorConfig(name="m", kind="memory", threshold=vm.percent + 2.0))
+    hog = None
+    try:
+        assert det.mode == "memcg-threshold" and det.wakeup is not None, det.mode_note
+        [first] = det.sample()
+        assert first.value is not None and first.value < vm.percent + 2.0
+        hog = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fill.py"), "memory",
+                                str(int(vm.total / 2**20 * 0.045)), f"{vm.percent + 2.0:.2f}"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert hog.stdin is not None and hog.stdout is not None
+        assert hog.stdout.readline().strip() == "armed"
+        assert not _ready(det.wakeup.fileno(), 0), "woken with 2 points still to go"
+        hog.stdin.write("go\n")
+        hog.stdin.flush()
+        assert _ready(det.wakeup.fileno(), 30), "the crossing never woke the detector"
+        assert det.drain()
+        assert hog.stdout.readline().startswith("start ")
+        assert hog.stdout.readline().split()[0] == "crossed"
+        assert hog.stdout.readline().strip() == "ready"
+        # The filler stops 1.5 points past it: the wake came with the crossing, so the
+        # sample now (at most a 16 MB step after the crossing) is past the threshold.
+        [past] = det.sample()
+        assert past.value is not None and past.value > vm.percent + 2.0, past
+        hog.stdin.close()
+        hog.wait(30)
+        assert _ready(det.wakeup.fileno(), 30), "the way back never woke the detector"
+        assert det.drain()
+        [back] = det.sample()
+        assert back.value is not None and back.value < vm.percent + 2.0, back
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
         det.close()

@@ -10,14 +10,77 @@ import psutil
 
 from ..config import DetectorConfig
 from .base import Observation, SimpleDetector
+from .events import POLL, Wakeup
+from .memcg import MODE as MEMCG_MODE
+from .memcg import UsageThreshold
 
 
 class Memory(SimpleDetector):
+    """Value: the share of memory in use (total minus MemAvailable), as free(1) and Monit
+    count it.
+
+    Listening: where the kernel offers a usage threshold (cgroup v1's memory controller,
+    see :mod:`.memcg`), each sample arms one at the usage its threshold corresponds to, so
+    crossing it wakes the detector at once; elsewhere it polls, faster near the threshold.
+    """
+
+    event_gap = 0.0
+    """A crossing wakes it once (the next level is armed at least NEAR_SHARE away): no
+    burst to gather, so the sample follows the wake at once."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        super().__init__(config)
+        self._level: UsageThreshold | None = None
+        self.wakeup: Wakeup | None = None
+        self.mode, self.mode_note = POLL, ""
+        if config.effective_threshold is None or config.below:
+            self.mode_note = "no threshold to be woken at: sampled on the interval"
+            return
+        try:
+            self._level = UsageThreshold()
+        except OSError as exc:
+            self.mode_note = f"no memory threshold event: {exc.strerror or exc}"
+            return
+        self.wakeup = self._level.wakeup
+        self.mode = MEMCG_MODE
+
+    def drain(self) -> bool:
+        return self._level.drain() if self._level is not None else False
+
     def sample(self) -> list[Observation]:
         vm = psutil.virtual_memory()
+        if self._level is not None:
+            self._rearm(vm.percent, vm.total)
         return [Observation(self.subject, vm.percent, "%",
                             detail={"available_mb": vm.available // 2**20,
                                     "total_mb": vm.total // 2**20})]
+
+    def _rearm(self, percent: float, total: int) -> None:
+        """Arm the level where usage will be once the figure has moved to the threshold
+        (past it: back under it), unless the armed one is close enough already."""
+        assert self._level is not None and self.config.effective_threshold is not None
+        gap = (self.config.effective_threshold - percent) / 100 * total  # bytes to go
+        near = NEAR_SHARE * total
+        if abs(gap) < near:  # closer than the noise: the timer samples fast there anyway
+            gap = near if gap >= 0 else -near
+        try:
+            level = self._level.usage() + int(gap)
+            armed = self._level.level
+            if armed is None or abs(level - armed) > max(near, abs(gap) / 8):
+                self._level.arm(level)
+            self.mode_note = ""
+        except (OSError, ValueError) as exc:  # the value is still good: keep it, say so
+            self.mode_note = f"memory threshold event not armed: {exc}"[:200]
+
+    def close(self) -> None:
+        if self._level is not None:
+            self._level.close()
+
+
+NEAR_SHARE = 0.0025
+"""The memory detector's armed level is at least this share of the total memory (60 MB of
+24 GB) from today's usage, so usage that hovers around a level does not wake it on every
+jitter."""
 
 
 class Swap(SimpleDetector):
