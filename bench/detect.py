@@ -13,9 +13,12 @@ Prints:
     cache in a small memory cgroup), a watched process killed (SIGKILL), a burst of 1,000
     error lines in a log, a disk (an 8 MB tmpfs at 45 %) filling past its 50 % threshold;
     memory and disk are also timed from the moment the filler saw the threshold crossed
-    (rows memory* and disk*). graced runs at interval 1 s, Monit at `set daemon 1`. Where
-    Monit cannot detect a fault, the table says so. Monit (Debian's `monit`) is installed
-    with apt-get when run as root and missing;
+    (rows memory* and disk*), and the fault's own time from its start to that crossing,
+    which both tools pay, with the ratio graced would have if its own delay were zero
+    (the floor of the memory and disk rows); and how each of graced's detectors listened
+    (pidfd, inotify, memcg-threshold, ...). graced runs at interval 1 s, Monit at
+    `set daemon 1`. Where Monit cannot detect a fault, the table says so. Monit (Debian's
+    `monit`) is installed with apt-get when run as root and missing;
   * CPU % (of one core) and RSS of an idle graced with the default detectors as shipped,
     the same at 1 s, and Monit at 1 s on the same checks, over --idle-seconds, measured at
     once on the same host, the load average over that window, whether the host was idle,
@@ -208,9 +211,13 @@ def filler(*args: str) -> subprocess.Popen[str]:
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
+Times = dict[str, list[float]]
+
+
 def time_to_mission(runs: int, monit_bin: str | None,
-                    margin: float) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """(graced's times, Monit's times) per fault, each fault injected ``runs`` times."""
+                    margin: float) -> tuple[Times, Times, Times, dict[str, str]]:
+    """(graced's times, Monit's times, the fault's own time to its crossing) per fault,
+    each fault injected ``runs`` times, and how each of graced's detectors listened."""
     base = Path(tempfile.mkdtemp(prefix="gd", dir="/tmp"))
     log = base / "app.log"
     log.write_text("start\n")
@@ -279,8 +286,10 @@ match_cmdline = true
     except BaseException:
         d.stop()
         raise
-    ours: dict[str, list[float]] = {k: [] for k in ROWS}
-    theirs: dict[str, list[float]] = {k: [] for k in ROWS}
+    ours: Times = {k: [] for k in ROWS}
+    theirs: Times = {k: [] for k in ROWS}
+    crossing: Times = {k: [] for k in ROWS}  # the fault's own time to the threshold
+    modes: dict[str, str] = {}
     big = base / "thrash.bin"
     if psi:
         pressure.make_file(big, 64)
@@ -302,6 +311,7 @@ match_cmdline = true
                 print(f"{fault} run {run + 1}: the filler never saw the threshold crossed "
                       "(the host's own use moved): no crossing time", file=sys.stderr)
             elif row == fault:
+                crossing[fault].append(float(stamp) - t0)
                 ours[f"{fault}*"].append(ours[fault][-1] + t0 - float(stamp))
                 if monit is not None and fault in checks:
                     theirs[f"{fault}*"].append(fired[fault] - float(stamp))
@@ -344,6 +354,8 @@ match_cmdline = true
         (mnt / "before").write_bytes(b"x" * int(0.45 * 8 * 2**20))
     try:
         d.wait_sampled()
+        for name, det in json.loads(d.ctl("detectors", "--json")).items():
+            modes[name] = det["mode"] + (f" ({det['mode_note']})" if det["mode_note"] else "")
         for run in range(runs):
             # Inject each fault at a random phase of the 1 s cycles, so the figures are not
             # an artefact of injecting just before or after a sample (these random pauses
@@ -393,7 +405,7 @@ match_cmdline = true
         sleeper.kill()
         if mounted:
             subprocess.run(["umount", "-l", str(mnt)])
-    return ours, theirs
+    return ours, theirs, crossing, modes
 
 
 IDLE_LOAD = 0.5
@@ -524,7 +536,7 @@ def main() -> None:
     # Idle first: on a quiet host, before the faults raise the load average.
     idle_fig = idle(args.idle_seconds, monit_bin, args.quiet_wait)
     load0 = os.getloadavg()
-    ours, theirs = time_to_mission(args.runs, monit_bin, args.memory_margin)
+    ours, theirs, crossing, modes = time_to_mission(args.runs, monit_bin, args.memory_margin)
     load1 = os.getloadavg()
     base = None if args.no_baseline else baseline_figures()
     info = idle_fig.pop("_")
@@ -566,6 +578,15 @@ def main() -> None:
         print(line)
     if verdicts:
         print(f"graced vs Monit: {sum(verdicts)} of {len(verdicts)} rows meet their target")
+    for fault in ("memory", "disk"):
+        if crossing[fault] and theirs[f"{fault}*"]:
+            # Both tools' times are the fault's own time to the threshold plus their own
+            # delay: the ratio a graced with no delay at all would have is the floor.
+            f, m = statistics.median(crossing[fault]), statistics.median(theirs[f"{fault}*"])
+            print(f"{fault}: the fault itself took {f:.3f} s (median, max "
+                  f"{max(crossing[fault]):.3f}) from its start to the threshold, paid by "
+                  f"both; with no delay of its own graced's ratio would be {f / (f + m):.2f}")
+    print("graced's detectors listened by: " + "; ".join(f"{k} {v}" for k, v in modes.items()))
     idle_host = bool(info["idle"])
     print(f"idle, measured at once over {info['seconds']:.0f} s: load per core (1 min) "
           f"{info['start_load']:.2f} at the start, {info['end_load']:.2f} at the end, mean "
