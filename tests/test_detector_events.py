@@ -295,22 +295,24 @@ def _memcg_unavailable() -> str | None:
 @pytest.mark.skipif(_memcg_unavailable() is not None, reason=str(_memcg_unavailable()))
 def test_a_real_hog_crossing_the_memory_threshold_wakes_its_detector() -> None:
     """The memory detector arms the kernel's usage threshold where its own threshold lies
-    (2 points above the host's use): a real process filling memory wakes it, with no
+    (3 points above the host's use): a real process filling memory wakes it, with no
     timer, and the sample it then takes is past the threshold; the hog's exit wakes it
-    again (the way back)."""
+    again (the way back). Others' work moves the host's use too: the way back is judged
+    by the hog's share (about 4 points) leaving, not by the line."""
     vm = psutil.virtual_memory()
-    det = Memory(DetectorConfig(name="m", kind="memory", threshold=vm.percent + 2.0))
+    line = vm.percent + 3.0
+    det = Memory(DetectorConfig(name="m", kind="memory", threshold=line))
     hog = None
     try:
         assert det.mode == "memcg-threshold" and det.wakeup is not None, det.mode_note
         [first] = det.sample()
-        assert first.value is not None and first.value < vm.percent + 2.0
+        assert first.value is not None and first.value < line
         hog = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fill.py"), "memory",
-                                str(int(vm.total / 2**20 * 0.045)), f"{vm.percent + 2.0:.2f}"],
+                                str(int(vm.total / 2**20 * 0.06)), f"{line:.2f}"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert hog.stdin is not None and hog.stdout is not None
         assert hog.stdout.readline().strip() == "armed"
-        assert not _ready(det.wakeup.fileno(), 0), "woken with 2 points still to go"
+        assert not _ready(det.wakeup.fileno(), 0), "woken with 3 points still to go"
         hog.stdin.write("go\n")
         hog.stdin.flush()
         assert _ready(det.wakeup.fileno(), 30), "the crossing never woke the detector"
@@ -318,16 +320,15 @@ def test_a_real_hog_crossing_the_memory_threshold_wakes_its_detector() -> None:
         assert hog.stdout.readline().startswith("start ")
         assert hog.stdout.readline().split()[0] == "crossed"
         assert hog.stdout.readline().strip() == "ready"
-        # The filler stops 1.5 points past it: the wake came with the crossing, so the
-        # sample now (at most a 16 MB step after the crossing) is past the threshold.
+        # The filler stops 1.5 points past the line: the sample now is past it.
         [past] = det.sample()
-        assert past.value is not None and past.value > vm.percent + 2.0, past
+        assert past.value is not None and past.value > line, past
         hog.stdin.close()
         hog.wait(30)
         assert _ready(det.wakeup.fileno(), 30), "the way back never woke the detector"
         assert det.drain()
         [back] = det.sample()
-        assert back.value is not None and back.value < vm.percent + 2.0, back
+        assert back.value is not None and back.value < past.value - 1.5, (past, back)
     finally:
         if hog is not None:
             hog.kill()

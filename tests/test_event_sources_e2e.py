@@ -220,21 +220,21 @@ def _memcg_mode() -> bool:
 
 @pytest.mark.slow
 def test_a_memory_hog_opens_one_mission_as_it_crosses_and_it_resolves(make_graced) -> None:
-    """A real process filling memory, 2 points past the host's use: the memory detector
+    """A real process filling memory, 3 points past the host's use: the memory detector
     opens one mission as the hog crosses its threshold and resolves it once the hog is
     gone. With the kernel's usage threshold (cgroup v1 memory) the interval is 120 s: the
-    timer, even sampling fast near the threshold (a twentieth: 6 s), cannot be what saw
+    timer, even sampling faster near the threshold (every 6 s at best), cannot be what saw
     the crossing within 1 s, nor the way back; where it polls, 5 s."""
     listening = _memcg_mode()
     interval = 120.0 if listening else 5.0
     vm = psutil.virtual_memory()
-    threshold = vm.percent + 2.0
+    threshold = vm.percent + 3.0  # room for others' work to move the host's use
     g, w = _started(make_graced, f'[[detector]]\nname = "mem"\nkind = "memory"\n'
                                  f'interval = {interval}\nthreshold = {threshold:.2f}\n')
     det = _mode(g, "mem")
     assert det["mode"] == ("memcg-threshold" if listening else "poll"), det
     hog = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fill.py"), "memory",
-                            str(int(vm.total / 2**20 * 0.045)), f"{threshold:.2f}"],
+                            str(int(vm.total / 2**20 * 0.06)), f"{threshold:.2f}"],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert hog.stdin is not None and hog.stdout is not None

@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from graced.detectors.process import login_uids, service_owner
+from graced.detectors.process import _PidfdBudget, login_uids, service_owner
 from tests.conftest import Graced
 from tests.helpers.users import ensure_user
 from tests.test_event_sources_e2e import _after, _started
@@ -209,3 +209,19 @@ def test_who_may_be_a_service_without_user(tmp_path: Path) -> None:
     assert [service_owner(uid, 500, me) for uid in (0, 499, 500, 1234, 1999, 100000)] == [
         True, True, False, True, False, False]
     assert service_owner(61184, 500, me) and service_owner(65534, 500, me)
+
+
+def test_the_pidfd_budget_is_shared_fairly_among_process_detectors() -> None:
+    class Budget(_PidfdBudget):
+        limit = staticmethod(lambda: 30)
+
+    budget, crowd, svc = Budget(), object(), object()
+    budget.join(crowd)
+    assert budget.take(crowd, 100) == 30  # alone: the whole budget
+    budget.join(svc)  # a second detector: each may hold 15, the crowd gives 15 back
+    assert budget.share() == 15 and budget.excess(crowd) == 15
+    assert budget.take(svc, 1) == 0  # nothing left until it does
+    budget.give_back(crowd, 15)
+    assert budget.take(svc, 100) == 15 and budget.take(crowd, 1) == 0
+    budget.leave(svc)
+    assert budget.excess(crowd) == 0 and budget.take(crowd, 100) == 15

@@ -45,11 +45,6 @@ class _PidfdBudget:
             soft = 1 << 20
         return max(0, soft // NOFILE_SHARE)
 
-    @property
-    def held(self) -> int:
-        with self._lock:
-            return sum(self._held.values())
-
     def join(self, holder: object) -> None:
         with self._lock:
             self._held.setdefault(id(holder), 0)
