@@ -22,7 +22,6 @@ import click
 from graced.keys import parse_public_key
 from graced.paths import client_socket
 from graced.protocol import ExitCode, key_id
-from graced.protocol.redact import redact_url
 
 from . import out, trust
 from .endpoint import ANSWER_TIMEOUT, Endpoint
@@ -243,6 +242,8 @@ def trusted_key(endpoint: Endpoint, key_file: str | None = None) -> bytes:
     if known is not None:
         return known
     if endpoint.url:
+        from graced.protocol.redact import redact_url
+
         raise CtlError(f"no trusted key for {redact_url(endpoint.url)}: pass --key FILE "
                        "(the daemon's "
                        "key.pub) or pin it with 'gracectl keys trust'", ExitCode.BAD_SIGNATURE)

@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nacl.signing
-
 from graced.paths import client_config_dir
 from graced.protocol import Signer, key_id
 
@@ -110,10 +108,14 @@ def load_client_key() -> Signer | None:
         raise ValueError(f"{path}: unreadable client key: {exc}") from None
     if len(raw) != 32:
         raise ValueError(f"{path}: not an Ed25519 key")
+    import nacl.signing
+
     return Signer(nacl.signing.SigningKey(raw))
 
 
 def generate_client_key(force: bool) -> tuple[Path, Signer]:
+    import nacl.signing
+
     path = client_key_path()
     if path.exists() and not force:
         raise FileExistsError(str(path))

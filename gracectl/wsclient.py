@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
 import socket
 import stat
 import struct
@@ -273,7 +272,7 @@ class SyncConnection:
 
     def _handshake(self) -> None:
         assert self.sock is not None
-        key = base64.b64encode(secrets.token_bytes(16))
+        key = base64.b64encode(os.urandom(16))
         self.sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
                           b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key +
                           b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
@@ -311,7 +310,7 @@ class SyncConnection:
             head += bytes([0x80 | 126]) + struct.pack("!H", n)
         else:
             head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-        mask = secrets.token_bytes(4)
+        mask = os.urandom(4)  # what secrets.token_bytes is, without importing it
         masked = (int.from_bytes(payload, "big") ^ int.from_bytes(
             (mask * (n // 4 + 1))[:n], "big")).to_bytes(n, "big") if n else b""
         self.sock.sendall(head + mask + masked)
@@ -430,7 +429,7 @@ class SyncConnection:
             self.subscribed = True
         req_id = self.next_id
         self.next_id += 1
-        nonce = secrets.token_hex(16)
+        nonce = os.urandom(16).hex()
         body = json.dumps({"id": req_id, "nonce": nonce, "method": method,
                            "params": params or {}})
         try:

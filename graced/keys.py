@@ -12,8 +12,6 @@ import os
 import stat
 from pathlib import Path
 
-import nacl.signing
-
 from .errors import StateError
 from .protocol import Signer, key_id
 from .safefiles import write_new
@@ -53,6 +51,8 @@ def load_or_create(state_dir: Path) -> tuple[Signer, bool]:
     Raises :class:`StateError` if the key file is readable by group or others, not
     owned by this user, or not a valid key. An existing key is never overwritten.
     """
+    import nacl.signing  # here: gracectl imports this module for parse_public_key alone
+
     path = state_dir / KEY_FILE
     created = False
     try:

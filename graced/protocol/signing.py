@@ -14,15 +14,21 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import repeat
 from operator import add
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import nacl.exceptions
-import nacl.signing
+# libsodium through PyNaCl's own cffi binding, not nacl.signing nor nacl.bindings, which
+# import every primitive PyNaCl binds: verifying is all a one-shot gracectl command does
+# with a key, and it should not pay for the rest at each start.
 from nacl._sodium import ffi as _ffi
 from nacl._sodium import lib as _sodium
-from nacl.bindings import crypto_sign, crypto_sign_open
 
 from .canonical import canonical_bytes_for, canonical_text
+
+if TYPE_CHECKING:
+    import nacl.signing
+
+if _sodium.sodium_init() < 0:  # as importing nacl.bindings does: once, idempotent
+    raise RuntimeError("libsodium could not be initialised")
 
 PROTOCOL_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
@@ -88,6 +94,9 @@ class Signer:
     """Holds a signing key and signs events and frames."""
 
     def __init__(self, signing_key: nacl.signing.SigningKey) -> None:
+        from nacl.bindings import crypto_sign
+
+        self._crypto_sign = crypto_sign
         self._key = signing_key
         self._sk = signing_key._signing_key
         self.public_key = bytes(signing_key.verify_key)
@@ -95,7 +104,7 @@ class Signer:
 
     def sign_bytes(self, data: bytes) -> str:
         # nacl.bindings directly: the same Ed25519 signature without SignedMessage objects.
-        return b64(crypto_sign(data, self._sk)[:64])
+        return b64(self._crypto_sign(data, self._sk)[:64])
 
     def make_event(
         self, *, seq: int, ts: float, topic: str, payload: Any, prev: str
@@ -179,10 +188,14 @@ def verify_detached(sig: str, data: bytes, public_key: bytes) -> bool:
     except (ValueError, binascii.Error):
         return False
     try:
-        crypto_sign_open(raw + data, public_key)
-    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        signed = raw + data
+        if len(public_key) != 32:
+            return False
+        out = _ffi.new("unsigned char[]", len(signed))
+        return _sodium.crypto_sign_open(out, _ffi.new("unsigned long long *"), signed,
+                                        len(signed), public_key) == 0
+    except TypeError:  # a key or data that is not bytes
         return False
-    return True
 
 
 def check_signature(obj: dict[str, Any], public_key: bytes, *,

@@ -15,7 +15,6 @@ One WebSocket text message carries one or more frames separated by a newline.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import re
@@ -215,6 +214,8 @@ def loopback_host(host: str) -> bool:
     there: graced's TCP listener without TLS, and the ``gracectl web`` relay."""
     if host == "localhost":
         return True
+    import ipaddress  # here: gracectl over its Unix socket never needs it
+
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
