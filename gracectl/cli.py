@@ -111,7 +111,7 @@ class Root(LazyGroup):
 @click.option("--answer-timeout", type=Finite(0.1), default=ANSWER_TIMEOUT, show_default=True,
               metavar="SECONDS", envvar="GRACE_ANSWER_TIMEOUT",
               help="Give up on graced (exit 3) when a request is not answered within this "
-                   "(env GRACE_ANSWER_TIMEOUT).")
+                   "(env GRACE_ANSWER_TIMEOUT). Before the command, as --socket.")
 @click.option("--color", "--colour", "colour", type=click.Choice(["auto", "always", "never"]),
               default="auto", show_default=True, envvar="GRACE_COLOR",
               help="Colour: on a terminal only (auto), always or never (env GRACE_COLOR); "
@@ -126,6 +126,9 @@ def cli(ctx: click.Context, socket_path: str | None, url: str | None, cacert: st
     Every answer and event is checked against a trusted key: the one given with --key,
     else the one pinned for the endpoint, else (over the Unix socket) the daemon's,
     pinned on first use. Anything unsigned or unverifiable is refused (exit 10).
+
+    The options below go before the command (gracectl --answer-timeout 3 status);
+    --color and --utc may also follow it.
     """
     if socket_path and url:
         # A flag overrides the other endpoint's environment variable.
@@ -178,13 +181,47 @@ def status(ctx: click.Context, as_json: bool, quiet: bool) -> None:
     if quiet:  # the exit status is the answer; nothing at all goes to the terminal
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - until exit
     endpoint = endpoint_of(ctx)
-    st = perform(lambda: call(endpoint, "status", {}))
+    st = _checked_status(perform(lambda: call(endpoint, "status", {})))
     if as_json:
         print_json(st)
     else:
-        _print_status(st)
+        try:
+            _print_status(st)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # Signed by the trusted key, and still not what a status answer holds.
+            raise ProtocolViolation(f"a status answer with a malformed field "
+                                    f"({type(exc).__name__}: {exc})") from None
     if st.get("degraded"):
         raise SystemExit(ExitCode.DEGRADED)
+
+
+STATUS_KEYS: dict[str, tuple[str, ...]] = {
+    "": ("version", "host", "pid", "daemon_id", "uptime", "kid", "config", "state_dir",
+         "head_seq", "executor", "missions", "failing_detectors", "detectors_total",
+         "degraded", "journal", "wire"),
+    "executor": ("paused", "mode", "actions_last_hour", "max_actions_per_hour"),
+    "journal": ("size_bytes", "commit_latency_ms", "commit_errors", "last_error"),
+    "wire": ("clients", "subscribers", "dropped_total", "refused_total", "socket",
+             "tcp_ports"),
+}
+"""What a status answer holds, at the top and in its parts (what status shows)."""
+
+
+def _checked_status(st: Any) -> dict[str, Any]:
+    """graced's status answer, if it holds what status shows; else exit 14 (the answer is
+    malformed: an impostor's, or a graced that breaks the protocol), naming what lacks."""
+    if not isinstance(st, dict):
+        raise ProtocolViolation("a status answer that is not an object")
+    missing = [key for key in STATUS_KEYS[""] if key not in st]
+    for part in ("executor", "journal", "wire"):
+        if part in st and not isinstance(st[part], dict):
+            missing.append(f"{part} (not an object)")
+        elif part in st:
+            missing += [f"{part}.{key}" for key in STATUS_KEYS[part] if key not in st[part]]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ProtocolViolation(f"a status answer without {', '.join(missing[:5])}{more}")
+    return st
 
 
 def _health_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
@@ -849,6 +886,23 @@ def main() -> None:
     os._exit(code)
 
 
+def _name_the_place(exc: click.UsageError) -> click.UsageError:
+    """An option of gracectl itself given after the command (``status --answer-timeout
+    3``): say where it goes rather than only that the command has no such option."""
+    if not isinstance(exc, click.NoSuchOption) or exc.ctx is None or \
+            exc.ctx.command is cli:
+        return exc
+    for param in cli.params:
+        if isinstance(param, click.Option) and not param.is_eager and \
+                exc.option_name in param.opts:
+            value = f" {param.metavar}" if param.metavar and not param.is_flag else ""
+            return click.UsageError(
+                f"{exc.option_name} is an option of gracectl itself: give it before the "
+                f"command (gracectl {exc.option_name}{value} "
+                f"{exc.ctx.command_path.partition(' ')[2]} ...)", exc.ctx)
+    return exc
+
+
 def _main() -> int:
     """Run the command line; the exit status. Every error is one line on stderr (with
     GRACE_DEBUG=1 an unexpected one also shows its traceback)."""
@@ -868,7 +922,7 @@ def _main() -> int:
         click.echo(f"gracectl: verification failed: {out.safe(exc)}", err=True)
         return int(exc.code)
     except click.UsageError as exc:
-        exc.show()
+        _name_the_place(exc).show()
         return int(ExitCode.USAGE)
     except click.ClickException as exc:
         exc.show()

@@ -133,3 +133,27 @@ def test_an_answer_whose_times_are_no_times_is_a_protocol_violation(
         assert rc == ExitCode.PROTOCOL, (command, rc, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert "is not a time" in err and ("opened_at" in err or "started_at" in err), err
+
+
+def test_answer_timeout_goes_before_the_command_as_socket_does(
+        impostor: Impostor) -> None:  # noqa: F811
+    """--answer-timeout is gracectl's own option, as --socket and --url are: before the
+    command it bounds the wait (a silent daemon: exit 3 naming it); after the command it
+    is a usage error that says where it goes, as --socket's is (review of #18). A
+    command's own option of the same name (tail --key) is still the command's."""
+    sock = impostor.start("silent")
+    rc, err, _ = impostor.ctl(sock, "--answer-timeout", "0.5", "status")
+    assert rc == ExitCode.UNREACHABLE and "within 0.5 s (--answer-timeout)" in err, err
+    for args, option, metavar in (
+            (("status", "--answer-timeout", "0.5"), "--answer-timeout", "SECONDS"),
+            (("missions", "ls", "--answer-timeout=0.5"), "--answer-timeout", "SECONDS"),
+            (("status", "--socket", str(sock)), "--socket", "PATH")):
+        rc, err, _ = impostor.ctl(sock, *args)
+        assert rc == ExitCode.USAGE, (args, rc, err)
+        assert "Traceback" not in err
+        place = " ".join(a for a in args if not a.startswith("-") and a != str(sock)
+                         and a != "0.5")
+        assert (f"Error: {option} is an option of gracectl itself: give it before the "
+                f"command (gracectl {option} {metavar} {place} ...)") in err, err
+    rc, err, _ = impostor.ctl(sock, "tail", "--key", str(impostor.base / "no-such.pub"))
+    assert rc == ExitCode.ERROR and "no-such.pub: cannot read key" in err, err

@@ -127,6 +127,29 @@ def test_hostile_answers_are_refused(impostor: Impostor, mode: str, command: tup
     assert rss < 100 * 2**20, rss
 
 
+@pytest.mark.parametrize("mode, words", [
+    ("empty-status", "a status answer without version, host, pid, daemon_id, uptime and "),
+    ("odd-status", "a status answer with a malformed field (ValueError"),
+])
+def test_a_signed_status_answer_that_is_not_one_is_a_protocol_violation(
+        impostor: Impostor, mode: str, words: str) -> None:
+    """A status answer signed by the trusted key that lacks what status shows (``{}``),
+    or holds it in the wrong type: exit 14 and one line, in every output form, never
+    "internal error" (review of #18)."""
+    sock = impostor.start(mode)
+    for args in (("status",), ("status", "--json"), ("status", "-q")):
+        if mode == "odd-status" and args[1:] == ("--json",):
+            continue  # every key is there: --json prints the answer as it came
+        rc, err, _ = impostor.ctl(sock, *args)
+        assert rc == PROTOCOL, (args, rc, err)
+        if "-q" in args:
+            assert err == "", err  # -q prints nothing, not even errors
+            continue
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("gracectl: protocol violation: the daemon sent " + words), err
+        assert "internal error" not in err
+
+
 def test_with_no_key_pinned_the_first_answer_pins_and_the_rest_must_match(
         impostor: Impostor) -> None:
     """Nothing pinned: the key is pinned on first use over the Unix socket, and an

@@ -30,6 +30,8 @@ listening. Modes:
 - ``bad-time-*``: validly signed answers whose time fields hold no time: ``-string``
   ("not-a-time"), ``-huge`` (1e308), ``-bool`` (true), ``-leap`` (a leap second),
   ``-year0`` (year 0), ``-list`` ([1, 2]).
+- ``empty-status`` / ``odd-status``: a validly signed ``status`` answer that is ``{}`` /
+  that holds every key but one of the wrong type (``uptime`` a word).
 
 Raw modes: the WebSocket handshake done by hand, then frames written byte by byte as
 a hostile peer would (no library in the way); ``hello`` is never answered, so the
@@ -136,6 +138,20 @@ class Fake:
             return {"daemon_id": "fake", "version": "0", "host": "fake", "pid": 1,
                     "uptime": 1, "kid": self.key.kid, "head_seq": self.seq,
                     "started_at": when}
+        if method == "status" and self.mode == "empty-status":
+            return {}
+        if method == "status" and self.mode == "odd-status":
+            # Every key a status answer holds, one of them not what it should be.
+            return {"daemon_id": "fake", "version": "0", "host": "fake", "pid": 1,
+                    "uptime": "long", "kid": self.key.kid, "head_seq": self.seq,
+                    "config": "-", "state_dir": "/x", "missions": {}, "degraded": [],
+                    "failing_detectors": {}, "detectors_total": 0,
+                    "executor": {"paused": False, "mode": "auto", "actions_last_hour": 0,
+                                 "max_actions_per_hour": 20},
+                    "journal": {"size_bytes": 0, "commit_latency_ms": 0, "commit_errors": 0,
+                                "last_error": None},
+                    "wire": {"clients": 1, "subscribers": 0, "dropped_total": 0,
+                             "refused_total": 0, "socket": "/x", "tcp_ports": []}}
         if method == "missions.approve":
             return {"mission": {**mission, "state": "approved", "reason": "FORGED"}}
         if method == "missions.get":
