@@ -18,7 +18,9 @@ alike: ``python -c pass``, ``gracectl status``, ``gracectl missions ls --json`` 
 ``gracectl emit user.bench`` (each to its exit), for both installs. Prints each one's
 median wall time (and CPU time: on a loaded machine the wall time is mostly waiting for a
 core), its ratio to the same venv's Python start, and the load average before and after.
-Target: each installed gracectl command <= 80 ms and <= 3.5x Python's start (aim: 50 ms).
+Target (#18): each installed gracectl command <= 80 ms, aim 50 ms. (The issue's "3.5x
+Python's start" is 80 ms over the 22 ms it measured; the ratio printed here is to this
+run's Python start in the same venv, for comparison, not a second target.)
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ ARGS = {
     "missions ls --json": ["missions", "ls", "--json"],
     "emit user.bench": ["emit", "user.bench"],
 }
-TARGET_MS, TARGET_RATIO = 80.0, 3.5
+TARGET_MS, AIM_MS = 80.0, 50.0
 FLAVOURS = ("installed", "editable")
 LABELS = {
     "installed": "installed (pip install ., as the README installs it): the target",
@@ -142,9 +144,9 @@ def main() -> None:
                     ratio = med / base_ms
                     line += f"  {ratio:4.1f}x Python's start"
                     if flavour == "installed":
-                        ok = med <= TARGET_MS and ratio <= TARGET_RATIO
-                        line += (f"  (target <= {TARGET_MS:g} ms, <= {TARGET_RATIO:g}x): "
-                                 f"{'PASS' if ok else 'FAIL'}")
+                        line += (f"  target <= {TARGET_MS:g} ms: "
+                                 f"{'PASS' if med <= TARGET_MS else 'FAIL'}; aim <= "
+                                 f"{AIM_MS:g} ms: {'met' if med <= AIM_MS else 'not met'}")
                 print(line)
     finally:
         if daemon is not None:
