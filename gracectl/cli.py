@@ -477,7 +477,9 @@ def verify(ctx: click.Context, file: str, key_file: str | None, anchor: str | No
     running daemon needs it). The result is one line on stdout ending with the anchor
     SEQ:HASH of the last event (--json: "anchor"); errors go to stderr. Complete means up
     to a clean stop (any daemon.stopping, an earlier run's too), not up to the head:
-    compare the anchor with one kept off the host to know it is the stop you expect."""
+    compare the anchor with one kept off the host to know it is the stop you expect.
+    Offline, on a machine with no key pinned: --key with the daemon's key.pub, e.g.
+    'gracectl verify --key key.pub stream.jsonl'."""
     start = _anchor(anchor)
     key_file = key_file or endpoint_of(ctx).key_file
     key: bytes | None = read_key_file(key_file) if key_file else trust.pinned(

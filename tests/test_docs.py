@@ -175,3 +175,20 @@ def test_each_step_action_and_notifier_kinds_keys_are_listed_in_graced_toml_5() 
         assert set(listed[name].split(", ")) == set(action.keys), name
     for kind, (keys, _) in NOTIFIER_KINDS.items():
         assert set(listed[kind].split(", ")) == set(keys), kind
+
+
+def test_the_offline_verify_example_gives_the_key_in_readme_man_and_help() -> None:
+    """Offline, on another machine, no key is pinned: README, gracectl(1) and
+    'gracectl verify --help' each show the same example with --key and the daemon's
+    key.pub, and the option they use is the command's own."""
+    from click.testing import CliRunner
+
+    example = "gracectl verify --key key.pub stream.jsonl"
+    readme = (ROOT / "README.md").read_text()
+    man = _roff_text(MAN / "gracectl.1")
+    examples = man[man.index(".SH EXAMPLES"):]
+    help_text = CliRunner().invoke(ctl_cli, ["verify", "--help"], terminal_width=200).output
+    for where, text in (("README.md", readme), ("gracectl.1 EXAMPLES", examples),
+                        ("verify --help", " ".join(help_text.split()))):
+        assert example in text, f"{where} has no offline verify example with --key"
+    assert "--key" in _options(ctl_cli.commands["verify"])
