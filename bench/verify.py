@@ -148,6 +148,51 @@ def bare_rates(stream: Path, public_key: bytes,
 _SAMPLE: list[tuple[bytes, list[tuple[bytes, bytes]]]] = []
 
 
+def worker_costs(stream: Path, public_key: bytes, sample: int = 20000,
+                 rounds: int = 5) -> dict[str, float]:
+    """CPU microseconds per event, measured in turns in this one process, the least of
+    ``rounds`` (a round that other load slows loses to one it spared, on every side
+    alike): ``VerifyKey.verify`` and the raw binding over ``sample`` lines from the middle
+    of the stream, and ``worker``: a ``gracectl verify`` worker's whole path over the
+    same lines' bytes (read, strict parse, signatures, chain, seq, key and time checks)."""
+    from gracectl.verify import _verify_chunk
+
+    with stream.open("rb") as f:
+        f.seek(stream.stat().st_size // 2)
+        f.readline()
+        start = f.tell()
+        lines = [f.readline() for _ in range(sample)]
+    end = start + sum(map(len, lines))
+    msgs = [(base64.b64decode(event["sig"]), data)
+            for event, data in map(parse_event_line, (line.rstrip(b"\n") for line in lines))]
+    signed = [sig + data for sig, data in msgs]
+    key = nacl.signing.VerifyKey(public_key)
+    out, out_len = ffi.new("unsigned char[]", max(map(len, signed))), ffi.new(
+        "unsigned long long *")
+
+    def pynacl() -> None:
+        for sig, data in msgs:
+            key.verify(data, sig)
+
+    def binding() -> None:
+        results = list(map(lib.crypto_sign_open, repeat(out), repeat(out_len), signed,
+                           map(len, signed), repeat(public_key)))
+        assert results.count(0) == len(results)
+
+    def worker() -> None:
+        chunk = _verify_chunk(str(stream), start, end, public_key, None)
+        assert chunk is not None and chunk.count == sample
+
+    best = dict.fromkeys(("VerifyKey.verify", "binding", "worker"), float("inf"))
+    for _ in range(rounds):
+        for name, run in (("VerifyKey.verify", pynacl), ("binding", binding),
+                          ("worker", worker)):
+            c0 = time.process_time()
+            run()
+            best[name] = min(best[name], (time.process_time() - c0) / sample * 1e6)
+    return best
+
+
 def _verify_sample(_: int) -> None:
     public_key, msgs = _SAMPLE[0]
     key = nacl.signing.VerifyKey(public_key)
@@ -181,6 +226,7 @@ def main() -> None:
         if res.returncode != 0:
             raise SystemExit(f"gracectl verify failed ({res.returncode}): {res.stderr}")
         after = bare_rates(stream, public_key)
+        costs = worker_costs(stream, public_key)
         load = max(load_before, os.getloadavg()[0])
         # Measured just before and just after: other load moves both sides.
         bare, bare_cpu = (sum(r["VerifyKey.verify"][i] for r in (before, after)) / 2
@@ -207,7 +253,14 @@ def main() -> None:
         print(f"  for reference, the raw binding gracectl calls (crypto_sign_open through "
               f"PyNaCl's cffi lib, from a C loop): {raw:,.0f}/s wall, {raw_cpu:,.0f} per CPU "
               f"second; gracectl verify is {rate_cpu / raw_cpu:.2f} of it per CPU second")
-        print(f"  {res.stderr.strip()}")
+        us, worker = costs["VerifyKey.verify"], costs["worker"]
+        print(f"  per event, in turns in one process (least of 5 rounds of 20000 lines): "
+              f"VerifyKey.verify {us:.1f} us of CPU, the binding {costs['binding']:.1f} us, "
+              f"a gracectl verify worker's whole path {worker:.1f} us (the binding + "
+              f"{worker - costs['binding']:.1f} us of reading, strict parsing, chain hash, "
+              f"seq, key and time checks): {us / worker:.2f} of bare on a core")
+        if res.stderr.strip():
+            print(f"  {res.stderr.strip()}")
     finally:
         if args.reuse is None:
             shutil.rmtree(base, ignore_errors=True)
