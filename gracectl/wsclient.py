@@ -15,13 +15,16 @@ newer than the one before. Every wait has a deadline.
 
 from __future__ import annotations
 
+# socket.py's own core (socket.socket is its subclass): connect, settimeout, sendall,
+# recv and close are all this client calls, and socket.py itself (makefile, sendfile,
+# enum names for every constant, selectors) would cost 2 ms more at each start.
+import _socket
 import base64
 import grp
 import hashlib
 import json
 import math
 import os
-import socket
 import stat
 import struct
 import time
@@ -179,7 +182,7 @@ class SyncConnection:
         self.trusted_kid = key_id(trusted_key) if trusted_key is not None else None
         self.timeout = timeout
         self.deadline = deadline
-        self.sock: socket.socket | None = None
+        self.sock: _socket.socket | None = None
         self.buf = bytearray()
         self.pending: list[tuple[str, dict[str, Any]]] = []  # events not yet taken
         self.pending_bytes = 0
@@ -201,7 +204,7 @@ class SyncConnection:
         return left
 
     def __enter__(self) -> SyncConnection:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             sock.settimeout(min(self.timeout, self._left()) if self.deadline else self.timeout)
             sock.connect(self.path)

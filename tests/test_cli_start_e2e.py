@@ -19,6 +19,7 @@ from tests.conftest import Graced
 NOT_FOR_ONE_SHOT = (
     # an event loop and what runs on one: over the Unix socket a plain socket does
     "trio", "trio_websocket", "wsproto", "asyncio", "nats", "gracectl.client",
+    "socket",  # socket.py: the one-shot client calls its core, _socket, alone
     # the other commands' modules, imported when one of them is asked for
     "gracectl.learn", "gracectl.playbooks", "gracectl.silence", "gracectl.tail",
     "gracectl.timespec", "gracectl.top", "gracectl.verify", "gracectl.fleet",
