@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from datetime import datetime
@@ -55,6 +56,7 @@ BIN = Path(sys.executable).parent
 
 from corpus import corpus, evaluate, make_series  # noqa: E402
 
+from bench.cli import wait_serving  # noqa: E402
 from bench.stats import cores  # noqa: E402
 from graced.config import default_detectors  # noqa: E402
 from graced.detectors.baseline import Baseline  # noqa: E402
@@ -76,9 +78,10 @@ class Daemon:
         self.proc = subprocess.Popen([str(BIN / "graced"), "run", "--config", str(cfg)],
                                      stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      text=True)
+        wait_serving(self.proc)  # its first lines may be others (learning's, warnings)
+        # The rest is read and dropped: a full pipe would stall graced's logging.
         assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
-        assert "serving on" in line, line
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()
         self.env = dict(os.environ, GRACE_SOCKET=str(self.sock),
                         XDG_CONFIG_HOME=str(base / "cfg"))
         self.tail = subprocess.Popen([str(BIN / "gracectl"), "tail", "--json", "--since", "1",
