@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import time
 
@@ -38,8 +39,11 @@ class Memory(SimpleDetector):
             return
         try:
             self._level = UsageThreshold()
-        except OSError as exc:
-            self.mode_note = f"no memory threshold event: {exc.strerror or exc}"
+        except OSError as exc:  # cgroup v2 only, or not root (cgroup.event_control is root's)
+            why = (exc.strerror or str(exc)).lower()
+            where = f" ({exc.filename}; root's)" if exc.errno in (errno.EACCES, errno.EPERM,
+                                                                  errno.EROFS) else ""
+            self.mode_note = f"no memory threshold event: {why}{where}"
             return
         self.wakeup = self._level.wakeup
         self.mode = MEMCG_MODE
