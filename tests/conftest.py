@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -17,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.locks import run_lock
 from tests.helpers.users import CREATED_ENV, remove_created
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,8 +230,15 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 # (GRACE_BACKGROUND_CHILD=1), running beside the rest of the suite; its item is moved to the
 # end, where it waits for its child's exit and fails with the child's output if the child
 # failed. Run alone (or in the child), such a test runs in line as any other.
+#
+# The suite runs in pytest-xdist workers (-n in pyproject.toml's addopts): the first worker
+# to finish collecting starts the children (under a lock, in the run's directory, shared
+# through the environment); whichever worker gets a background item waits for its child by
+# a pidfd (the child need not be its own) and reads the exit status the child wrote.
 CHILD_ENV = "GRACE_BACKGROUND_CHILD"
-_background: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+RUN_DIR_ENV = "GRACE_TEST_RUN_DIR"  # the run's shared directory (background children)
+RC_ENV = "GRACE_BACKGROUND_RC"  # in a child: where it writes its exit status
+_children: list[subprocess.Popen[bytes]] = []
 
 
 def in_background_child() -> bool:
@@ -235,39 +246,71 @@ def in_background_child() -> bool:
     return os.environ.get(CHILD_ENV) == "1"
 
 
+def _is_worker(config: Any) -> bool:
+    return hasattr(config, "workerinput")
+
+
 def pytest_collection_modifyitems(config: Any, items: list[pytest.Item]) -> None:
     """Background tests last, so everything else runs while their children work."""
     items.sort(key=lambda item: item.get_closest_marker("background") is not None)
 
 
+def _manifest() -> Path:
+    return Path(os.environ[RUN_DIR_ENV]) / "background.json"
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start a child pytest for each selected background test, unless it is alone."""
+    """Start a child pytest for each selected background test, unless it is alone; once
+    for the whole run, however many workers collect."""
     if in_background_child():
         return
     chosen = [i for i in session.items if i.get_closest_marker("background")]
     if not chosen or len(chosen) == len(session.items):
         os.environ[CHILD_ENV] = "1"  # alone: run in line, nothing to overlap with
         return
-    logs = Path(tempfile.mkdtemp(prefix="grace-background-"))
-    for n, item in enumerate(chosen):
-        log = logs / f"{n}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                 "-rA", item.nodeid],
-                cwd=session.config.rootpath, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, env=dict(os.environ, **{CHILD_ENV: "1"}),
-                start_new_session=True)
-        _background[item.nodeid] = (proc, log)
+    run_dir = Path(os.environ[RUN_DIR_ENV])
+    with run_lock(f"background-{run_dir.name}"):
+        if _manifest().exists():
+            return
+        started = {}
+        for n, item in enumerate(chosen):
+            log, rc = run_dir / f"{n}.log", run_dir / f"{n}.rc"
+            with log.open("wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
+                     "-rA", item.nodeid],
+                    cwd=session.config.rootpath, stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=dict(os.environ, **{CHILD_ENV: "1", RC_ENV: str(rc)}),
+                    start_new_session=True)
+            _children.append(proc)
+            started[item.nodeid] = {"pid": proc.pid, "log": str(log), "rc": str(rc)}
+        _manifest().write_text(json.dumps(started))
+
+
+def _wait_exit(pid: int, timeout: float | None = None) -> bool:
+    """Wait for process ``pid`` (any process, not only a child of this one) to end; True
+    once it has ended, False if ``timeout`` passed first."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 def wait_for_background(nodeid: str) -> None:
     """In the parent run: wait for this test's child; skip if it skipped, fail with its
     output if it failed."""
-    proc, log = _background[nodeid]
-    rc = proc.wait()
-    text = log.read_text(errors="replace")
-    assert rc == 0, f"background run of {nodeid} failed (exit {rc}):\n{text[-6000:]}"
+    child = json.loads(_manifest().read_text())[nodeid]
+    rc_file = Path(child["rc"])
+    if not rc_file.exists():  # written as the child ends: until then, wait for its exit
+        _wait_exit(child["pid"])
+    rc = rc_file.read_text().strip() if rc_file.exists() else "killed"
+    text = Path(child["log"]).read_text(errors="replace")
+    assert rc == "0", f"background run of {nodeid} failed (exit {rc}):\n{text[-6000:]}"
     skipped = [line for line in text.splitlines() if line.startswith("SKIPPED")]
     if skipped:  # -rA names each outcome; rc 0 with a skip is a skip here too
         pytest.skip(f"skipped in its background run: {skipped[0]}")
@@ -283,29 +326,49 @@ def background(request: pytest.FixtureRequest) -> bool:
     return False
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    """A run cut short leaves no background child behind, and the run removes the Unix
-    users and groups it created (tests/helpers/users.py)."""
-    for proc, _ in _background.values():
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc, _ in _background.values():
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A background child writes its exit status. At the end of the whole run (not of one
+    worker): a run cut short leaves no background child behind, and the run removes the
+    Unix users and groups it created (tests/helpers/users.py) and its shared directory."""
+    if in_background_child() and os.environ.get(RC_ENV):
+        Path(os.environ[RC_ENV]).write_text(str(int(exitstatus)))
+    for proc in _children:
+        proc.poll()  # reap the ones that ended; the others are waited for below
+    if _is_worker(session.config) or _RUN_DIR is None:
+        return
+    try:
+        children = json.loads(_manifest().read_text())
+    except (OSError, ValueError):
+        children = {}
+    live = [c["pid"] for c in children.values() if not Path(c["rc"]).exists()]
+    for pid in live:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+    for pid in live:
+        if not _wait_exit(pid, 10):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
     if _CREATED is not None:
         remove_created(_CREATED)
+    shutil.rmtree(_RUN_DIR, ignore_errors=True)
+    Path(f"/tmp/grace-test-background-{_RUN_DIR.name}.lock").unlink(missing_ok=True)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """One record of the users and groups this run creates, shared with its children."""
-    global _CREATED
+    """One record of the users and groups this run creates, one shared directory and one
+    fuzz seed, shared with its workers and children (they inherit the environment: this
+    runs before xdist starts its workers)."""
+    global _CREATED, _RUN_DIR
     if CREATED_ENV not in os.environ:
         fd, name = tempfile.mkstemp(prefix="grace-test-users-")
         os.close(fd)
         os.environ[CREATED_ENV] = name
         _CREATED = Path(name)
+    if RUN_DIR_ENV not in os.environ:
+        _RUN_DIR = Path(tempfile.mkdtemp(prefix="grace-run-"))
+        os.environ[RUN_DIR_ENV] = str(_RUN_DIR)
+    os.environ.setdefault("GRACE_FUZZ_SEED", str(FUZZ_SEED))
 
 
+_RUN_DIR: Path | None = None
 _CREATED: Path | None = None

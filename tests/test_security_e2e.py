@@ -18,6 +18,7 @@ import pytest
 
 from graced.protocol import parse_ts
 from graced.protocol.signing import b64
+from tests.helpers.locks import apt_install
 from tests.helpers.procs import poll_until
 from tests.helpers.tcp import keyed_daemon
 from tests.helpers.users import ensure_user
@@ -245,8 +246,7 @@ def _self_signed(where: Path) -> tuple[Path, Path]:
         if os.geteuid() != 0:
             pytest.skip("needs the openssl command to make a certificate (apt-get install "
                         "openssl)")
-        subprocess.run(["apt-get", "install", "-y", "-q", "openssl"], check=True,
-                       stdin=subprocess.DEVNULL, capture_output=True)
+        apt_install(["openssl"], lambda: shutil.which("openssl") is not None)
     cert, key = where / "cert.pem", where / "cert.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
                     "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(cert),

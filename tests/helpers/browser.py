@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +21,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+
+from tests.helpers.locks import apt_install
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -39,12 +40,8 @@ def _found() -> tuple[str, str] | None:
 def ensure_chromium() -> tuple[str, str]:
     """Paths of chromium and chromedriver, installing Debian's packages if root; else skip."""
     found = _found()
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for argv in (["apt-get", "update", "-q"],
-                     ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]):
-            subprocess.run(argv, env=env, capture_output=True, stdin=subprocess.DEVNULL,
-                           timeout=900)
+    if found is None:
+        apt_install(["chromium", "chromium-driver"], lambda: _found() is not None)
         found = _found()
     if found is None:
         pytest.skip("Chromium is not installed (Debian's chromium and chromium-driver) and "

@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Graced, bin_path
+from tests.helpers.locks import apt_install
 from tests.helpers.procs import poll_until
 
 
@@ -35,15 +36,13 @@ def ensure_nats() -> str:
     """The nats-server binary, installing Debian's package if root; else skip."""
     found = shutil.which("nats-server") or ("/usr/sbin/nats-server"
                                             if os.path.exists("/usr/sbin/nats-server") else None)
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True,
-                       stdin=subprocess.DEVNULL, timeout=600)
-        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q",
-                        "nats-server"], env=env, capture_output=True,
-                       stdin=subprocess.DEVNULL, timeout=900)
-        found = shutil.which("nats-server") or (
-            "/usr/sbin/nats-server" if os.path.exists("/usr/sbin/nats-server") else None)
+    if found is None:
+        def where() -> str | None:
+            return shutil.which("nats-server") or (
+                "/usr/sbin/nats-server" if os.path.exists("/usr/sbin/nats-server") else None)
+
+        apt_install(["nats-server"], lambda: where() is not None)
+        found = where()
     if found is None:
         pytest.skip("nats-server is not installed (Debian's nats-server package) and cannot "
                     "be installed here (needs root and apt-get)")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.locks import apt_install
+
 
 def _bindir() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
@@ -27,12 +29,8 @@ def _bindir() -> Path | None:
 def ensure_postgres() -> Path:
     """The server's bin directory, installing Debian's postgresql if root; else skip."""
     bindir = _bindir()
-    if bindir is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True,
-                       stdin=subprocess.DEVNULL, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-q", "postgresql"], env=env,
-                       capture_output=True, stdin=subprocess.DEVNULL, timeout=900)
+    if bindir is None:
+        apt_install(["postgresql"], lambda: _bindir() is not None)
         bindir = _bindir()
     if bindir is None:
         pytest.skip("PostgreSQL is not installed (Debian's postgresql package) and cannot "

@@ -14,6 +14,8 @@ import pwd
 import subprocess
 from pathlib import Path
 
+from tests.helpers.locks import run_lock
+
 CREATED_ENV = "GRACE_TEST_CREATED"
 
 
@@ -25,6 +27,11 @@ def _note(kind: str, name: str) -> None:
 
 
 def ensure_group(name: str) -> str:
+    with run_lock("users"):
+        return _ensure_group(name)
+
+
+def _ensure_group(name: str) -> str:
     try:
         grp.getgrnam(name)
     except KeyError:
@@ -34,9 +41,15 @@ def ensure_group(name: str) -> str:
 
 
 def ensure_user(name: str, groups: tuple[str, ...] = ()) -> str:
-    """A system-less login-less user ``name``, member of ``groups`` (created if needed)."""
+    """A system-less login-less user ``name``, member of ``groups`` (created if needed;
+    one process of the run at a time)."""
+    with run_lock("users"):
+        return _ensure_user(name, groups)
+
+
+def _ensure_user(name: str, groups: tuple[str, ...]) -> str:
     for group in groups:
-        ensure_group(group)
+        _ensure_group(group)
     try:
         pwd.getpwnam(name)
     except KeyError:
