@@ -19,7 +19,6 @@ from typing import Any, TypeVar, overload
 
 import click
 
-from graced.keys import parse_public_key
 from graced.paths import client_socket
 from graced.protocol import ExitCode, key_id
 
@@ -197,6 +196,8 @@ def print_json(data: Any) -> None:
 
 
 def read_key_file(path: str) -> bytes:
+    from graced.keys import parse_public_key  # here: only --key reads a key file
+
     try:
         text = Path(path).read_text()
         key = parse_public_key(text)
@@ -214,6 +215,8 @@ def read_key_file(path: str) -> bytes:
 
 
 def _public_beside(path: Path) -> bytes | None:
+    from graced.keys import parse_public_key
+
     for pub in (path.with_name(path.name + ".pub"), path.with_suffix(".pub")):
         try:
             return parse_public_key(pub.read_text())
