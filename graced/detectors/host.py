@@ -26,12 +26,14 @@ class Memory(SimpleDetector):
     """
 
     event_gap = 0.0
-    """A crossing wakes it once (the next level is armed at least NEAR_SHARE away): no
-    burst to gather, so the sample follows the wake at once."""
+    """A crossing wakes it once: the sample it brings arms the next level at least
+    NEAR_SHARE from today's usage, so usage hovering at a level cannot wake it again and
+    again; no burst to gather, so the sample follows the wake at once."""
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__(config)
         self._level: UsageThreshold | None = None
+        self._woken = False  # the armed level was crossed: arm another, away from usage
         self.wakeup: Wakeup | None = None
         self.mode, self.mode_note = POLL, ""
         if config.effective_threshold is None or config.below:
@@ -49,7 +51,8 @@ class Memory(SimpleDetector):
         self.mode = MEMCG_MODE
 
     def drain(self) -> bool:
-        return self._level.drain() if self._level is not None else False
+        self._woken = self._level is not None and self._level.drain()
+        return self._woken
 
     def sample(self) -> list[Observation]:
         vm = psutil.virtual_memory()
@@ -70,8 +73,9 @@ class Memory(SimpleDetector):
         try:
             level = self._level.usage() + int(gap)
             armed = self._level.level
-            if armed is None or abs(level - armed) > max(near, abs(gap) / 8):
+            if self._woken or armed is None or abs(level - armed) > max(near, abs(gap) / 8):
                 self._level.arm(level)
+                self._woken = False
             self.mode_note = ""
         except (OSError, ValueError) as exc:  # the value is still good: keep it, say so
             self.mode_note = f"memory threshold event not armed: {exc}"[:200]
