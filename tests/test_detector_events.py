@@ -304,7 +304,7 @@ def test_a_real_hog_crossing_the_memory_threshold_wakes_its_detector() -> None:
     det = Memory(DetectorConfig(name="m", kind="memory", threshold=line))
     hog = None
     try:
-        assert det.mode == "memcg-threshold" and det.wakeup is not None, det.mode_note
+        assert det.mode == "memcg-event" and det.wakeup is not None, det.mode_note
         [first] = det.sample()
         assert first.value is not None and first.value < line
         hog = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fill.py"), "memory",

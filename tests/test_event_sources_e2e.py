@@ -243,7 +243,7 @@ def test_a_memory_hog_opens_one_mission_as_it_crosses_and_it_resolves(make_grace
     g, w = _started(make_graced, f'[[detector]]\nname = "mem"\nkind = "memory"\n'
                                  f'interval = {interval}\nthreshold = {threshold:.2f}\n')
     det = _mode(g, "mem")
-    assert det["mode"] == ("memcg-threshold" if listening else "poll"), det
+    assert det["mode"] == ("memcg-event" if listening else "poll"), det
     hog = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fill.py"), "memory",
                             str(int(vm.total / 2**20 * 0.06)), f"{threshold:.2f}"],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

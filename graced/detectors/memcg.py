@@ -25,7 +25,7 @@ import os
 from ..cgroupfs import memcg_v1_root
 from .events import Wakeup
 
-MODE = "memcg-threshold"
+MODE = "memcg-event"
 
 
 class UsageThreshold:
