@@ -461,9 +461,11 @@ def knowledge_import(ctx: click.Context, file: str, key_file: str | None, replac
                 await conn.request("knowledge.upload", {
                     "offset": offset, "dry_run": dry_run,
                     "data": base64.b64encode(raw[offset:offset + CHUNK_BYTES]).decode()})
+            # graced verifies and stores every record before it answers: a large file
+            # takes longer than one answer, so the wait grows by a second per MB.
             result: dict[str, Any] = await conn.request("knowledge.import", {
                 "key": base64.b64encode(key).decode(), "replace_key": replace_key,
-                "dry_run": dry_run})
+                "dry_run": dry_run}, endpoint.answer_timeout + len(raw) / 1e6)
             return result
 
     result = perform(go)
