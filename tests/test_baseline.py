@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -94,16 +95,24 @@ def _csv(path: Path, n: int, seed: int = 11) -> None:
             fh.write(f"{t:.0f},{v:.4f}\n")
 
 
+def _children_cpu() -> float:
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
+
+
 @pytest.mark.slow
 def test_backtest_of_100000_points_is_fast_and_complete(tmp_path: Path) -> None:
     src, out = tmp_path / "in.csv", tmp_path / "out.csv"
     _csv(src, 100_000)
-    t0 = time.monotonic()
+    t0, c0 = time.monotonic(), _children_cpu()
     res = subprocess.run([bin_path("graced"), "backtest", str(src), "--kind", "baseline",
                           "-o", str(out)], capture_output=True, text=True, timeout=60)
-    elapsed = time.monotonic() - t0
+    elapsed, cpu = time.monotonic() - t0, _children_cpu() - c0
     assert res.returncode == 0, res.stderr
-    assert elapsed < 5.0, elapsed
+    # Its own CPU time: the work it does, whatever else the machine runs meanwhile (the
+    # suite runs tests side by side); the wall time only bounds how long it may wait.
+    assert cpu < 5.0, (cpu, elapsed)
+    assert elapsed < 30.0, (cpu, elapsed)
     with src.open() as a, out.open() as b:
         rin, rout = list(csv.reader(a)), list(csv.reader(b))
     assert rout[0] == ["timestamp", "value", "anomaly_score", "is_anomaly", "mission_opened"]
