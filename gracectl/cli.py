@@ -790,7 +790,7 @@ def detectors(ctx: click.Context, as_json: bool) -> None:
                              out.Cell(f"FAILING: {d['last_error']}", "red")
                              if d["last_error"] else ""])
                 continue
-            value = (f"{smp['value']:g} {smp['unit']}".strip()
+            value = (out.quantity(smp["value"], str(smp["unit"] or ""))
                      if isinstance(smp["value"], (int, float)) else "")
             why: str | out.Cell = out.reason(smp["summary"], name, subject) + note
             if d["state"] == "error" and d.get("last_error"):

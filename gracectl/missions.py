@@ -190,9 +190,9 @@ def _decide(ctx: click.Context, mission_id: int, comment: str, approve: bool,
 
 
 def print_plan_lines(lines: list[str]) -> None:
-    """A rendered plan on stderr, one line each (render_plan escaped its fields)."""
-    for line in lines:
-        print(line, file=sys.stderr, flush=True)
+    """A rendered plan on stderr (render_plan escaped its fields), its long lines folded
+    to a terminal's width as ``missions show`` folds them (whole when not a terminal)."""
+    print(out.fold("\n".join(lines), stream=sys.stderr), file=sys.stderr, flush=True)
 
 
 def check_plan_option(plan: str | None) -> str | None:

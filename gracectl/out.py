@@ -29,8 +29,9 @@ from typing import IO, Any
 
 from graced.protocol.text import safe
 
-__all__ = ["SETTINGS", "Cell", "Column", "echo", "fit", "fold", "kv", "reason", "safe",
-           "safe_lines", "table", "terminal_width", "use_colour", "value", "when"]
+__all__ = ["SETTINGS", "Cell", "Column", "echo", "fit", "fold", "kv", "quantity",
+           "quantity_in", "reason", "safe", "safe_lines", "table", "terminal_width",
+           "use_colour", "value", "when"]
 
 ELLIPSIS = "…"
 TAIL_OUTPUTS = ("short", "short-iso", "json", "jsonl", "cat")
@@ -121,7 +122,7 @@ class Column:
     """A table column: ``shrink`` (0 never; higher gives up width first) down to
     ``minimum`` (never below the header's width); ``keep_end`` cuts from the left;
     ``right`` aligns right. A ``spill`` column (the last: a reason) that would be cut
-    moves to a line of its own under each row instead, so it is read whole."""
+    moves under each row instead, wrapped at words, so it is read whole."""
 
     header: str
     shrink: int = 0
@@ -179,10 +180,24 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str | Column],
         lines.append(line([c for i, c in enumerate(row) if i != spilled]))
         if extra.text and extra.text != "-":  # nothing to say: no line for it
             assert width is not None
-            text = fit(extra.text, width - len(SPILL_INDENT))
-            lines.append(SPILL_INDENT + (paint(text, extra.colour, stream)
-                                         if colour and extra.colour else text))
+            # Whole: wrapped at words under the row (a word longer than a line split).
+            for text in _spill_lines(extra.text, width):
+                lines.append(text[:len(SPILL_INDENT)] + (
+                    paint(text[len(SPILL_INDENT):], extra.colour, stream)
+                    if colour and extra.colour else text[len(SPILL_INDENT):]))
     return "\n".join(lines)
+
+
+def _spill_lines(text: str, width: int) -> list[str]:
+    """A spilled cell's lines under its row: indented, wrapped at words to ``width``,
+    its continuation lines indented two more (none of it cut)."""
+    import textwrap
+
+    if len(SPILL_INDENT) + len(text) <= width:
+        return [SPILL_INDENT + text]
+    return textwrap.wrap(text, max(len(SPILL_INDENT) + 12, width),
+                         initial_indent=SPILL_INDENT, subsequent_indent=SPILL_INDENT + "  ",
+                         break_long_words=True, break_on_hyphens=False) or [SPILL_INDENT]
 
 
 def _total(widths: list[int]) -> int:
@@ -248,6 +263,36 @@ def _plain(v: Any) -> str:
     if v is None:
         return "-"
     return v if isinstance(v, str) else value(v)
+
+
+SINGULAR = {"processes": "process", "events": "event"}
+"""Count units a detector names in the plural, and their singular (``1 process``)."""
+SHORT_UNITS = {"per core": "/core", "processes": "procs", "process": "proc",
+               "events": "ev", "event": "ev", "requests/s": "req/s", "lines/s": "ln/s"}
+"""Units abbreviated (whole words, never cut) where a narrow column needs it."""
+
+
+def quantity(number: float, unit: str, digits: str = "g") -> str:
+    """A sample's value and unit (``1 process``, ``3 processes``, ``93.1 %``)."""
+    if number == 1:
+        unit = SINGULAR.get(unit, unit)
+    return f"{number:{digits}} {unit}".strip()
+
+
+def quantity_in(number: float, unit: str, width: int, digits: str = ".4g") -> str:
+    """:func:`quantity` in ``width`` characters: the unit abbreviated, else dropped,
+    never cut mid-word (the number is kept whole)."""
+    whole = quantity(number, unit, digits)
+    if len(whole) <= width:
+        return whole
+    if number == 1:
+        unit = SINGULAR.get(unit, unit)
+    short = SHORT_UNITS.get(unit)
+    if short is not None:
+        text = f"{number:{digits}}" + ("" if short.startswith("/") else " ") + short
+        if len(text) <= width:
+            return text
+    return f"{number:{digits}}"
 
 
 def kv(payload: Any) -> str:

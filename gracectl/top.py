@@ -30,7 +30,7 @@ from graced.protocol.verify import announced_interval, stale_limit
 
 from .client import Connection, Endpoint, connect, decide
 from .errors import CtlError, Unreachable
-from .out import age, fit, kv, reason, safe, use_colour, value, when
+from .out import age, fit, kv, quantity_in, reason, safe, use_colour, value, when
 from .plan_text import render_plan
 
 Segment = tuple[str, str]  # text, style
@@ -286,23 +286,28 @@ def _health_lines(model: Model, now: float, rows: int, width: int) -> list[Line]
     # part tells it apart), then the sparkline.
     subj_w = max(14, min(48, width - 77))
     spark_w = max(6, min(40, width - 60 - subj_w))
+    components = (model.status or {}).get("integration") or {}
     for name, d in sorted(model.detectors.items()):
         subjects = d.get("subjects") or {}
         if not subjects:
             out.append([(f" {name:<16} {d.get('state', '?'):<7}", "dim"),
                         (f" {d.get('last_error') or 'no sample yet'}", "dim")])
         for subj, smp in subjects.items():
-            # A probe whose target failed is "failing", as status and the components say.
-            state = "failing" if smp.get("failed") and d.get("state") == "up" else str(
+            # A probe whose target failed is "failing", as status and the components say;
+            # any other detector that samples and sees its anomaly (no process running,
+            # say) is up: the ANOMALY at the row's end says it.
+            comp = components.get(f"detector:{name}") or {}
+            state = "failing" if smp.get("failed") and comp.get("state") == "failing" else str(
                 d.get("state", "?"))
-            unit = str(smp.get("unit") or "").replace("per core", "/core")
-            shown = "-" if smp.get("value") is None else f"{smp['value']:.4g} {unit}".strip()
+            unit = str(smp.get("unit") or "")
+            shown = ("-" if not isinstance(smp.get("value"), (int, float))
+                     else quantity_in(smp["value"], unit, 10))
             hist = (d.get("history") or {}).get(subj) or []
             bad = smp.get("anomalous")
             out.append([
                 (f" {name[:16]:<16} {state:<7}", "red" if state in ("error", "failing")
                  else "normal"),
-                (f" {fit(subj, subj_w, keep_end=True):<{subj_w}} {shown[:10]:>10} ", "bold"),
+                (f" {fit(subj, subj_w, keep_end=True):<{subj_w}} {shown:>10} ", "bold"),
                 *_spark_segments(hist, spark_w, chars, str(smp.get("unit") or ""),
                                  d.get("threshold"), bool(d.get("below"))),
                 (f"{age(now - smp.get('ts', now)):>5} ", "dim"),

@@ -126,3 +126,32 @@ def test_journalctl_clock_and_epoch_forms() -> None:
 def test_bad_time_specs_are_refused(junk: str) -> None:
     with pytest.raises(ValueError):
         timespec.parse(junk, NOW)
+
+
+def test_a_spilled_reason_longer_than_the_terminal_wraps_whole_at_80() -> None:
+    # The newcomer's row: the reason moved under it was still cut at 80 columns.
+    why = ("no value yet: 44.34 % so far, averaged over 600 s once watched that long "
+           "(412 s to go); mode: memcg-event")
+    rows = [["memory", "memory", "up", "poll", "host", "44.34 %", "2s", why]]
+    cols = [out.Column("DETECTOR", 2, 8), out.Column("KIND", 1, 6), out.Column("STATE", 1, 5),
+            out.Column("MODE"), out.Column("SUBJECT", 3, 8, keep_end=True),
+            out.Column("VALUE"), out.Column("SAMPLED"), out.Column("REASON", 1, 24, spill=True)]
+    lines = out.table(rows, cols, width=80).splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    under = lines[3:]
+    assert len(under) == 2 and all(line.startswith(out.SPILL_INDENT) for line in under)
+    assert "…" not in "".join(under)
+    assert " ".join(line.strip() for line in under) == why  # every word, none split
+
+
+@pytest.mark.parametrize(("number", "unit", "width", "shown"), [
+    (1.0, "processes", 10, "1 process"), (3.0, "processes", 11, "3 processes"),
+    (12.0, "processes", 10, "12 procs"), (1.507, "per core", 10, "1.507/core"),
+    (1.0, "events", 10, "1 event"), (93.12, "%", 10, "93.12 %"),
+    (12345.0, "requests/s", 10, "1.234e+04"), (0.5, "lines/s", 11, "0.5 lines/s"),
+    (1234.0, "lines/s", 10, "1234 ln/s")])
+def test_a_unit_is_abbreviated_or_dropped_never_cut(number: float, unit: str, width: int,
+                                                    shown: str) -> None:
+    assert out.quantity_in(number, unit, width) == shown
+    assert out.quantity(1.0, "processes") == "1 process"
+    assert out.quantity(2.0, "processes") == "2 processes"

@@ -6,14 +6,20 @@ still prints the frame, its signature line red with the reason."""
 from __future__ import annotations
 
 import base64
+import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Graced
+from tests.helpers.pty_run import run_on_tty
 from tests.test_cli_output_e2e import VALUE
 from tests.test_top_e2e import Terminal, drawn
 
@@ -98,3 +104,84 @@ def test_top_once_with_the_wrong_key_prints_the_frame_red(graced: Graced,
     assert "SIGNATURE FAILED" in res.stdout and "unknown key" in res.stdout, res.stdout
     assert "Active missions" in res.stdout  # the frame, with nothing unverified in it
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_80_columns_reasons_whole_units_never_cut_states_as_status_plans_folded(
+        make_graced, shortdir: Path) -> None:
+    """The newcomer's four findings at 80 columns: a reason moved under its row is whole,
+    top never cuts a unit mid-word (and says '1 process'), a watched process that is not
+    running is its detector's anomaly (up, as status says), not 'failing', and the
+    approve prompt folds the plan's hash line as missions show does."""
+    value = shortdir / "value"
+    value.write_text("99\n")
+    worker = f"grace-worker-{uuid.uuid4().hex[:8]}"
+    absent = f"grace-hog-that-is-never-running-{uuid.uuid4().hex}"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", worker],
+                               stdin=subprocess.DEVNULL)
+    terms: list[Terminal] = []
+    try:
+        g = make_graced(detectors=VALUE.format(file=value) + PLAYBOOK
+                        + f'[[detector]]\nname = "worker"\nkind = "process"\ninterval = 0.5\n'
+                          f'process = "{worker}"\nmatch_cmdline = true\n'
+                        + f'[[detector]]\nname = "hog-rss"\nkind = "process"\ninterval = 0.5\n'
+                          f'process = "{absent}"\nmatch_cmdline = true\n')
+        opened = g.ctl_popen("tail", "--since", "1", "-o", "jsonl", "mission.opened")
+        ids: dict[str, int] = {}
+        try:
+            assert opened.stdout is not None
+            while not {"queue-depth", "hog-rss"} <= set(ids):
+                p = json.loads(opened.stdout.readline())["payload"]
+                ids[p["detector"]] = p["id"]
+        finally:
+            opened.kill()
+            opened.wait()
+        g.ctl("wait", str(ids["queue-depth"]), "--state", "awaiting_approval", "--timeout",
+              "20", check=True)
+
+        # 1. detectors: the reason under its row is whole, wrapped at words.
+        t = Terminal([g.ctl_argv0(), "detectors"], _env(g), 80, 24)
+        terms.append(t)
+        rows = t.wait_for(lambda s: "TOP EXITED rc=0" in s, 20).split("\n")
+        start = next(i for i, r in enumerate(rows) if r.startswith("hog-rss"))
+        under = []
+        for r in rows[start + 1:]:
+            if not r.startswith(" "):
+                break
+            under.append(r.strip())
+        assert len(under) >= 2 and "…" not in "".join(under), rows
+        assert f"'{absent}' running, expected at least 1" in " ".join(under), under
+
+        # 2, 3. top --once: '1 process', whole; hog-rss up with its ANOMALY, not failing.
+        rc, text = run_on_tty([g.ctl_argv0(), "top", "--once"], _env(g), 80, 24)
+        assert rc == 0, text
+        frame = re.sub(r"\x1b\[[0-9;]*m", "", text).split("\n")
+        _fits("\n".join(frame), 80)
+        health = {r.split()[0]: r for r in frame if r.startswith(" ") and r.split()}
+        assert " 1 process " in health["worker"], health["worker"]
+        assert health["hog-rss"].split()[1] == "up" and "ANOMALY" in health["hog-rss"]
+        assert "failing" not in health["hog-rss"]
+        st = json.loads(g.ctl("status", "--json", check=True).stdout)
+        assert "hog-rss" not in st["failing_detectors"], st  # status: running
+
+        # 4. missions approve: the plan's sha256 line folded, the hash whole on one line.
+        sha = json.loads(g.ctl("missions", "show", str(ids["queue-depth"]), "--json",
+                               check=True).stdout)["plan"]["sha256"]
+        t = Terminal([g.ctl_argv0(), "missions", "approve", str(ids["queue-depth"])],
+                     _env(g), 80, 24)
+        terms.append(t)
+        screen = t.wait_for(lambda s: "[y/N]" in s, 20)
+        # Folded at words: the 64 hex digits whole on one row (the terminal did not wrap it).
+        assert any(r.strip() == sha for r in screen.split("\n")), screen
+        rc, text = run_on_tty([g.ctl_argv0(), "missions", "show", str(ids["queue-depth"])],
+                              _env(g), 80, 24)
+        assert rc == 0, text
+        _fits(text, 80)
+        assert any(line.strip() == sha for line in text.split("\n")), text  # the same way
+        t.keys("n", "Enter")
+        t.wait_for(lambda s: "nothing was sent" in s and "TOP EXITED rc=1" in s, 10)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for t in terms:
+            t.close()

@@ -115,3 +115,39 @@ def test_why_graced_cannot_be_reached_is_wrapped_whole() -> None:
     joined = " ".join(line.strip() for line in text.splitlines()[1:4])
     assert "signature: verified up to seq 12;" in joined
     assert why in joined, text  # nothing cut mid-path
+
+
+def _sample(value: float | None, unit: str, failed: str | None = None,
+            anomalous: bool = False) -> dict:
+    return {"value": value, "unit": unit, "ts": NOW, "anomalous": anomalous,
+            "summary": failed or "", "failed": failed}
+
+
+def test_health_units_are_never_cut_and_only_a_failing_probe_is_failing() -> None:
+    # At 80 columns the value column is 10 wide: '1 processe' and '1.507 /cor' were cut.
+    gone = "0 process(es) named 'hog' running, expected at least 1"
+    model = Model(
+        detectors={
+            "load": {"kind": "load", "state": "up", "threshold": 2.0, "below": False,
+                     "subjects": {"host": _sample(1.507, "per core")}, "history": {}},
+            "worker": {"kind": "process", "state": "up", "threshold": None, "below": False,
+                       "subjects": {"worker": _sample(1.0, "processes")}, "history": {}},
+            "hog-rss": {"kind": "process", "state": "up", "threshold": None, "below": False,
+                        "subjects": {"hog": _sample(0.0, "processes", gone, True)},
+                        "history": {}},
+            "redis": {"kind": "tcp", "state": "up", "threshold": None, "below": False,
+                      "subjects": {"127.0.0.1:6379": _sample(None, "ms", "refused", True)},
+                      "history": {}}},
+        status={"integration": {
+            "detector:load": {"state": "up"}, "detector:worker": {"state": "up"},
+            "detector:hog-rss": {"state": "up"},  # as status says: running, anomalous
+            "detector:redis": {"state": "failing", "last_error": "refused"}}})
+    text = plain(render(model, 80, 24, NOW), 80)
+    rows = {line.split()[0]: line for line in text.splitlines()
+            if line.startswith(" ") and line.split()
+            and line.split()[0] in ("load", "worker", "hog-rss", "redis")}
+    assert "1.507/core" in rows["load"] and "/cor " not in rows["load"]
+    assert " 1 process " in rows["worker"] and "processe" not in rows["worker"]
+    assert rows["hog-rss"].split()[1] == "up" and "ANOMALY" in rows["hog-rss"]
+    assert "failing" not in rows["hog-rss"]
+    assert rows["redis"].split()[1] == "failing"
