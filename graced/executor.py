@@ -54,7 +54,7 @@ from .journal import Write
 from .learning import Learning
 from .mesh import Mesh
 from .missions import store
-from .missions.engine import Mission, MissionEngine, Transition
+from .missions.engine import Mission, MissionEngine, Transition, value_text
 from .plan import (
     JOURNALCTL,
     PLAN_PREFIX,
@@ -805,7 +805,8 @@ class Executor:
         began = m.verify_started if m.verify_started is not None else now - timeout
         waited = now - began
         if m.normal_streak == 0:
-            detail = f"{m.detector} still anomalous (value {m.last_value}) after {waited:.3g} s"
+            detail = (f"{m.detector} still anomalous ({value_text(m.last_value)}) "
+                      f"after {waited:.3g} s")
             m.verification = {"result": "failed", "at": now, "detail": detail}
             await self.record(self.engine.transition(m, "failed", now,
                                                      f"verification failed: {detail}"))

@@ -176,3 +176,13 @@ def test_an_anomalous_sample_past_verify_timeout_with_no_normal_one_fails() -> N
                       anomalous=True, score=0.9, summary="full", value=9, now=12)
     assert tr.topic == "mission.failed"
     assert tr.mission.reason == "verification failed: disk still anomalous (value 9) after 11 s"
+
+
+def test_a_failure_with_no_value_says_so_not_python_s_none() -> None:
+    e = MissionEngine(resolve_after=3)
+    feed(e, True, 0)
+    verifying(e, 1, 10)
+    (tr,) = e.observe(detector="disk", kind="disk", subject="/", severity="medium",
+                      anomalous=True, score=1.0, summary="unreadable", value=None, now=12)
+    assert tr.mission.reason == ("verification failed: disk still anomalous (no value) "
+                                 "after 11 s")

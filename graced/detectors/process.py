@@ -264,26 +264,54 @@ class ProcessPresence(SimpleDetector):
             self.wakeup.close()
 
 
-class ProcessRss(SimpleDetector):
-    """Value: total resident memory of the matching processes, in MB."""
+class ProcessMetric(SimpleDetector):
+    """A resource of the matching processes (their memory, say), summed: the base of every
+    per-process metric kind.
+
+    No matching process means nothing to measure, not a symptom (monit's ``check process
+    ... if totalmem > X`` is silent too): the observation has no value and is normal, so a
+    mission it had open resolves once the process is gone (a playbook's kill is a fix).
+    Absence is what the ``process`` kind reports."""
+
+    unit = ""
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__(config)
         self._login_min = login_uids().start
 
+    def measure(self, proc: psutil.Process) -> float:
+        """One process's share of the value; blocking; may raise psutil's errors."""
+        raise NotImplementedError
+
+    def value(self, total: float) -> float:
+        """The observed value of the processes' summed measures."""
+        return total
+
     def sample(self) -> list[Observation]:
-        total = 0
+        total = 0.0
         count = 0
         procs, others = _matching(self.config, self._login_min)
         for proc in procs:
             try:
-                total += proc.memory_info().rss
+                total += self.measure(proc)
                 count += 1
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         if not count:
-            return [Observation(self.subject, None,
-                                failed=f"no process named {self.config.process!r} running"
-                                + _not_counted(self.config, others))]
-        return [Observation(self.subject, round(total / 2**20, 1), "MB",
+            return [Observation(self.subject, None, self.unit, detail={
+                "processes": 0, "absent": f"no process named {self.config.process!r} running"
+                                          + _not_counted(self.config, others)})]
+        return [Observation(self.subject, self.value(total), self.unit,
                             detail={"processes": count})]
+
+
+class ProcessRss(ProcessMetric):
+    """Value: total resident memory of the matching processes, in MB."""
+
+    unit = "MB"
+
+    def measure(self, proc: psutil.Process) -> float:
+        return float(proc.memory_info().rss)
+
+    def value(self, total: float) -> float:
+        return round(total / 2**20, 1)

@@ -99,6 +99,9 @@ class Scorer:
         if obs.alarm:
             return Verdict(True, 1.0, f"{name}: {obs.alarm}")
         if obs.value is None:  # a detector may say why not yet (a window still filling)
+            absent = obs.detail.get("absent") if obs.detail else None
+            if absent:  # nothing to measure (no process): normal, the absence is not news
+                return Verdict(False, 0.0, f"{name}: no value: {str(absent)[:200]}")
             pending = obs.detail.get("pending") if obs.detail else None
             return Verdict(False, 0.0, f"{name}: no value" + (
                 f" yet: {str(pending)[:200]}" if pending else ""))

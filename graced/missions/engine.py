@@ -134,6 +134,12 @@ def ran(m: Mission) -> bool:
     return bool(m.steps) or any(t.get("to") == "executing" for t in m.timeline)
 
 
+def value_text(value: float | None) -> str:
+    """A sample's value as a reason quotes it: "value 412.3", or "no value" (a detector
+    that had nothing to measure), never Python's None."""
+    return "no value" if value is None else f"value {value}"
+
+
 @dataclass
 class Transition:
     topic: str
@@ -234,12 +240,12 @@ class MissionEngine:
         (0: none came within verify_timeout; the executor's deadline fails it then)."""
         began = m.verify_started if m.verify_started is not None else now
         if confirming:
-            detail = (f"{m.detector} was normal again, then anomalous (value {value}) "
+            detail = (f"{m.detector} was normal again, then anomalous ({value_text(value)}) "
                       f"{now - began:.3g} s after the steps, after {confirming} of the "
                       f"{self.resolve_after} normal samples that confirm a fix "
                       "(missions.resolve_after)")
         else:
-            detail = (f"{m.detector} still anomalous (value {value}) after "
+            detail = (f"{m.detector} still anomalous ({value_text(value)}) after "
                       f"{now - began:.3g} s")
         m.verification = {"result": "failed", "at": now, "detail": detail}
         return self.transition(m, "failed", now, f"verification failed: {detail}")

@@ -18,6 +18,21 @@ def memory_hog(megabytes: int) -> None:
     del block
 
 
+def growing_hog(name: str, megabytes: int) -> None:
+    """Call itself ``name`` (what psutil and the process detectors see), say 'ready', then
+    grow by 4 MB steps (touched) to ``megabytes`` MB: a runaway; hold it until stdin
+    closes or it is killed."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    print("ready", flush=True)
+    blocks = []
+    for _ in range(megabytes // 4):
+        blocks.append(b"\x01" * (4 * 2**20))
+        time.sleep(0.02)
+    sys.stdin.read()
+
+
 def slow_server(port_file: str, delay_file: str) -> None:
     """Answer 'ping' with 'pong' after the delay (seconds) written in ``delay_file``."""
     srv = socket.socket()
@@ -178,6 +193,8 @@ def http_server(port_file: str, hits_file: str, status: int, location: str) -> N
 if __name__ == "__main__":
     if sys.argv[1] == "hog":
         memory_hog(int(sys.argv[2]))
+    elif sys.argv[1] == "grow":
+        growing_hog(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1] == "slow":
         slow_server(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "drip":
