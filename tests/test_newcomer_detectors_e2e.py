@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
+from graced.detectors.logs import GONE_GRACE
 from tests.conftest import ROOT, Graced
-from tests.helpers.procs import poll_until
+from tests.helpers.procs import LineCollector, poll_until
 from tests.test_missions_e2e import MISSIONS, Watch
 
 HOG = "memhog"
@@ -103,3 +104,68 @@ def test_a_killed_runaway_resolves_its_rss_mission_and_counts_as_a_success(
                 hog.kill()
                 hog.wait(10)
         w.close()
+
+
+def health(g: Graced) -> dict[str, Any]:
+    return dict(json.loads(g.ctl("detectors", "--json", check=True).stdout))
+
+
+def last_sample(det: dict[str, Any]) -> float:
+    """When the detector's newest published sample was taken (0: none yet)."""
+    stamps = [datetime.fromisoformat(s["ts"]).timestamp() for s in det["subjects"].values()]
+    return max(stamps, default=0.0)
+
+
+@pytest.mark.slow
+def test_a_deleted_log_makes_its_detector_failing_until_it_is_back_and_rotation_does_not(
+        make_graced, shortdir) -> None:
+    rotated, deleted = shortdir / "rotated.log", shortdir / "app.log"
+    for f in (rotated, deleted):
+        f.write_text("start\n")
+    rule = 'interval = 0.5\npattern = "ERROR"\nmax_rate = 100\nwindow = 5.0\n'
+    g = make_graced(detectors="".join(
+        f'[[detector]]\nname = "{name}"\nkind = "log"\nfile = "{f}"\n{rule}'
+        for name, f in (("rotated", rotated), ("deleted", deleted))))
+    errors = LineCollector(g.ctl_popen("tail", "--json", "--since", "1", "detector.error",
+                                       "mission.opened"))
+    try:
+        poll_until(lambda: all(d["state"] == "up" and d["subjects"]
+                               for d in health(g).values()), 15, "detectors never sampled")
+        # A rotation: renamed, seen missing by a sample, then a new file at the path.
+        rotated.rename(shortdir / "rotated.log.1")
+        gone_at = time.time()
+        poll_until(lambda: last_sample(health(g)["rotated"]) > gone_at, 15,
+                   "rotated: no sample while the file was away")
+        rotated.write_text("ERROR in the new file\n")
+        poll_until(lambda: any(s["value"] for s in health(g)["rotated"]["subjects"].values()),
+                   15, "rotated: the new file's line never counted")
+        deleted.unlink()
+        rm_at = time.time()
+        assert errors.wait_for(lambda _: any(
+            e["payload"]["detector"] == "deleted" for e in errors.events()), 30), errors.lines
+        failed_at = time.time()
+        dets = health(g)
+        assert dets["deleted"]["state"] == "error"
+        assert str(deleted) in dets["deleted"]["last_error"]
+        assert "no such file or directory" in dets["deleted"]["last_error"]
+        assert failed_at - rm_at >= GONE_GRACE  # a rotation's grace first
+        shown = g.ctl("detectors").stdout
+        assert f"FAILING: cannot read {deleted}" in shown, shown
+        res = g.ctl("status", "-q")
+        assert (res.returncode, res.stdout, res.stderr) == (7, "", ""), res
+        # The rotated log, past the same grace, is followed and healthy.
+        poll_until(lambda: last_sample(health(g)["rotated"]) > gone_at + GONE_GRACE, 15,
+                   "rotated: no sample past the grace")
+        follow = health(g)["rotated"]
+        assert follow["state"] == "up" and follow["errors"] == 0, follow
+        assert {(e["topic"], e["payload"]["detector"]) for e in errors.events()} == {
+            ("detector.error", "deleted")}  # and no mission opened
+        # The file is back: the detector recovers, the host is healthy again.
+        deleted.write_text("back\n")
+        poll_until(lambda: health(g)["deleted"]["state"] == "up", 30,
+                   "deleted: never recovered")
+        res = g.ctl("status", "-q")
+        assert res.returncode == 0, res
+    finally:
+        errors.proc.terminate()
+        errors.proc.wait(10)

@@ -16,6 +16,7 @@ moment they are written; the interval still ticks, to slide the window.
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import math
 import os
@@ -48,6 +49,10 @@ READ_MAX = 4 << 20
 comes after CATCH_UP rather than the interval (a burst is read at up to ~80 MiB/s, with
 bounded CPU, and detection is not minutes late)."""
 CATCH_UP = 0.05
+GONE_GRACE = 10.0
+"""A followed log may be missing this long (seconds) after it was renamed or removed:
+rotation (a rename, then a new file). Still gone past it, the file is missing: the
+detector fails, naming it, until the file is back."""
 FILE_EVENTS = inf.MODIFY | inf.ATTRIB | inf.MOVE_SELF | inf.DELETE_SELF
 # Names coming and going only: writes to the directory's other files (a busy /var/log)
 # never wake this detector; its own file's writes reach it through the file's watch.
@@ -206,6 +211,7 @@ class LogFile:
         self._partial = b""
         self._long: _LongLine | None = None  # inside a line longer than MAX_LINE
         self._behind = False  # the last read stopped at READ_MAX, not at the end
+        self._gone_since: float | None = None  # when the path was first seen missing
         # What an append-only file never changes: its first bytes and the bytes just before
         # the offset read to. Either changed means it was truncated and written again
         # (copytruncate), even when it has already grown past the offset (review of #19).
@@ -234,8 +240,24 @@ class LogFile:
             pass  # gone again already: the directory watch sees it come back
 
     def cadence(self) -> float | None:
-        """Sample again soon while behind the file's end (the runner's step hint)."""
-        return CATCH_UP if self._behind else None
+        """Sample again soon while behind the file's end, and when a missing file's grace
+        ends (the runner's step hint)."""
+        if self._behind:
+            return CATCH_UP
+        if self._gone_since is not None:
+            return max(CATCH_UP, self._gone_since + GONE_GRACE - time.monotonic())
+        return None
+
+    def _still_gone(self) -> None:
+        """The path is missing: fine within GONE_GRACE (a rotation's new file is coming),
+        a detector failure naming the file past it."""
+        now = time.monotonic()
+        if self._gone_since is None:
+            self._gone_since = now
+        elif now - self._gone_since >= GONE_GRACE:
+            raise FileNotFoundError(
+                errno.ENOENT, f"No such file or directory (gone for over {GONE_GRACE:g} s, "
+                              "no new file came: not a rotation)", self.config.file)
 
     def drain(self) -> bool:
         """Consume queued inotify events; True when one concerns this log."""
@@ -321,6 +343,9 @@ class LogFile:
             current = (st.st_dev, st.st_ino)
         except OSError:
             current = None  # rotated away, not yet re-created: keep reading the old file
+            self._still_gone()
+        else:
+            self._gone_since = None
         if current is not None and current != self._ino:
             lines += self._read()  # the rest of the rotated file
             self._fh.close()
