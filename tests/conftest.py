@@ -326,6 +326,21 @@ def background(request: pytest.FixtureRequest) -> bool:
     return False
 
 
+@pytest.fixture(autouse=True)
+def _alone_if_host_wide(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test marked ``host_wide`` judges something every process of the host moves (the
+    host's memory use): it runs with no other test of this run beside it (the workers'
+    tests hold a shared run lock, it holds it exclusively). Background tests, which run
+    for minutes (or wait that long for their child), stay out of it, as they did before
+    the suite ran in workers."""
+    if request.node.get_closest_marker("background"):
+        yield
+        return
+    name = f"host-wide-{Path(os.environ.get(RUN_DIR_ENV, 'alone')).name}"
+    with run_lock(name, shared=request.node.get_closest_marker("host_wide") is None):
+        yield
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """A background child writes its exit status. At the end of the whole run (not of one
     worker): a run cut short leaves no background child behind, and the run removes the
@@ -351,6 +366,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _CREATED is not None:
         remove_created(_CREATED)
     shutil.rmtree(_RUN_DIR, ignore_errors=True)
+    Path(f"/tmp/grace-test-host-wide-{_RUN_DIR.name}.lock").unlink(missing_ok=True)
     Path(f"/tmp/grace-test-background-{_RUN_DIR.name}.lock").unlink(missing_ok=True)
 
 

@@ -79,11 +79,12 @@ def _ready_tail(w: Watch, g: Graced) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.host_wide
 def test_memory_hog_opens_one_mission_that_resolves(watched) -> None:
     used = psutil.virtual_memory().percent
     total_mb = psutil.virtual_memory().total // 2**20
     threshold = used + 2.0
-    hog_mb = int(total_mb * 0.05)
+    hog_mb = int(total_mb * 0.10)
     g, w = watched(f'[[detector]]\nname = "mem"\nkind = "memory"\ninterval = 1.0\n'
                    f"threshold = {threshold:.2f}\n")
     _ready_tail(w, g)

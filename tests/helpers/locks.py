@@ -14,13 +14,14 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def run_lock(name: str) -> Iterator[None]:
-    """An exclusive lock named ``name``, held until the block ends (a file in /tmp opened
-    without following a symlink another user may have planted)."""
+def run_lock(name: str, shared: bool = False) -> Iterator[None]:
+    """An exclusive lock named ``name`` (or, ``shared``, one many may hold while nobody
+    holds it exclusively), held until the block ends (a file in /tmp opened without
+    following a symlink another user may have planted)."""
     fd = os.open(f"/tmp/grace-test-{name}.lock",
                  os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
