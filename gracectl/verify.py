@@ -17,12 +17,16 @@ cannot decide is parsed line by line. The parent then checks the seams: each chu
 first event follows the previous chunk's last one (seq, prev, time). A parallel pass
 only ever says "all proved"; if any chunk or seam fails, the whole file is verified
 again in one pass, so the violation reported (its seq, reason and exit code) is
-exactly the one a sequential reader meets first.
+exactly the one a sequential reader meets first. So that a hostile file costs no more
+than that one pass, the first chunk that fails stops the parallel pass (its workers
+skip the chunks they still hold, the parent terminates them), and so does a cut that
+finds no line end within MAX_LINE_BYTES (that line is too long: nothing more to read).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import os
 import re
@@ -326,15 +330,45 @@ def _verify_chunk(path: str, start: int, end: int, public_key: bytes,
             gc.enable()
 
 
-def _boundaries(path: str, size: int, pieces: int) -> list[tuple[int, int]]:
-    """Byte ranges that start at line starts and cover the file."""
+# In a worker of the parallel pass: a flag shared by all the workers (shared memory),
+# raised by the first chunk that fails, so that the chunks already handed out are
+# skipped before the parent has even heard of it.
+_failed: Any = None
+
+
+def _share_failure(flag: Any) -> None:
+    global _failed
+    _failed = flag
+
+
+def _verify_numbered(path: str, public_key: bytes, stale_after: float | None,
+                     part: tuple[int, tuple[int, int]]) -> tuple[int, _Chunk | None]:
+    """:func:`_verify_chunk` of the ``part`` numbered i: (i, what it proves); (i, None)
+    at once if a chunk has failed already."""
+    i, (start, end) = part
+    if _failed is not None and _failed.value:
+        return i, None
+    chunk = _verify_chunk(path, start, end, public_key, stale_after)
+    if chunk is None and _failed is not None:
+        _failed.value = 1
+    return i, chunk
+
+
+def _boundaries(path: str, size: int, pieces: int) -> list[tuple[int, int]] | None:
+    """Byte ranges that start at line starts and cover the file; None if a search for a
+    line's end finds no newline within MAX_LINE_BYTES (a line too long: the file fails,
+    and the one pass says where at once, without reading the rest of it)."""
     cuts = [0]
     with open(path, "rb") as f:
         for i in range(1, pieces):
             f.seek(max(cuts[-1], size * i // pieces))
             if f.tell() > 0:
                 f.seek(f.tell() - 1)
-                f.readline(MAX_LINE_BYTES + 1)
+                if not f.readline(MAX_LINE_BYTES + 1).endswith(b"\n"):
+                    # The end of the file, or a line longer than any line may be.
+                    if f.tell() < size:
+                        return None
+                    break
             if cuts[-1] < f.tell() < size:
                 cuts.append(f.tell())
     cuts.append(size)
@@ -360,25 +394,34 @@ def _parallel(path: str, public_key: bytes, *, anchor: tuple[int, str] | None,
     # long at the end. Each worker reads its own bytes; only offsets and a small
     # summary cross between processes.
     ranges = _boundaries(path, size, max(workers * CHUNKS_PER_WORKER, size // CHUNK_BYTES))
-    chunks: list[_Chunk | None] = []
+    if ranges is None:
+        return None
+    chunks: list[_Chunk | None] = [None] * len(ranges)
     if workers == 1:
-        for a, b in ranges:
-            chunks.append(_verify_chunk(path, a, b, public_key, stale_after))
-            if chunks[-1] is None:
+        for i, (a, b) in enumerate(ranges):
+            chunks[i] = _verify_chunk(path, a, b, public_key, stale_after)
+            if chunks[i] is None:
                 return None
             if progress is not None:
-                progress(len(chunks), len(ranges))
+                progress(i + 1, len(ranges))
     else:
         # multiprocessing.Pool, not ProcessPoolExecutor: leaving its block for any reason
-        # (an error, too many open files, a signal) terminates its workers, so none is
-        # left behind holding the caller's pipes open.
-        with multiprocessing.get_context("fork").Pool(min(workers, len(ranges))) as pool:
-            pending = [pool.apply_async(_verify_chunk, (path, a, b, public_key, stale_after))
-                       for a, b in ranges]
-            for done, job in enumerate(pending, 1):
-                chunks.append(job.get())
+        # (an error, too many open files, a signal, the first chunk that fails) terminates
+        # its workers, so none is left behind holding the caller's pipes open, and none
+        # goes on reading a file already known to fail. Chunks are taken as they finish:
+        # a failing one stops the pass at once, whatever its place (the one pass that
+        # follows names the first violation in file order).
+        context = multiprocessing.get_context("fork")
+        failed = context.RawValue("b", 0)
+        with context.Pool(min(workers, len(ranges)), _share_failure, (failed,)) as pool:
+            done = pool.imap_unordered(functools.partial(_verify_numbered, path, public_key,
+                                                         stale_after), enumerate(ranges))
+            for finished, (i, chunk) in enumerate(done, 1):
+                if chunk is None:
+                    return None
+                chunks[i] = chunk
                 if progress is not None:
-                    progress(done, len(pending))
+                    progress(finished, len(ranges))
     if not chunks or any(c is None for c in chunks):
         return None
     verifier = ChainVerifier(public_key, anchor=anchor, first_seq=None if anchor else 1)
