@@ -58,7 +58,8 @@ def key(tmp_path: Path) -> Path:
     return key
 
 
-@pytest.mark.parametrize("case", ["no newline", "a junk line per chunk"])
+@pytest.mark.parametrize("case", ["no newline", pytest.param(
+    "a junk line per chunk", marks=pytest.mark.slow)])  # 3-8 s on a loaded machine
 def test_gigabytes_of_junk_are_refused_at_once_with_the_one_pass_verdict(
         tmp_path: Path, key: Path, case: str) -> None:
     """8 GB with no newline at all (the boundary search gives up within MAX_LINE_BYTES);
