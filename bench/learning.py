@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
+from bench.served import wait_serving  # noqa: E402
 from bench.stats import machine, p50, p99  # noqa: E402
 from graced.journal import Journal  # noqa: E402
 from graced.learning import memory  # noqa: E402
@@ -92,7 +93,7 @@ def simulate(strategy: str, missions: int) -> list[tuple[str, bool, str | None]]
     env = dict(os.environ, GRACE_SOCKET=str(base / "g.sock"), HOME=str(base))
     daemon = subprocess.Popen([str(BIN / "graced"), "run", "--config", str(cfg)],
                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    assert daemon.stderr is not None and "serving on" in daemon.stderr.readline()
+    wait_serving(daemon)
     tail = subprocess.Popen([str(BIN / "gracectl"), "tail", "--json", "--since", "1",
                              "mission.resolved", "mission.failed", "mission.escalated",
                              "detector.recovered"],

@@ -35,6 +35,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.served import wait_serving  # noqa: E402
 from bench.stats import cores, p50, p99  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -122,7 +123,7 @@ def main() -> None:
     (base / "graced.toml").write_text(tomli_w.dumps(default))
     daemon = subprocess.Popen([str(BIN / "graced"), "run", "--config", str(base / "graced.toml")],
                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    assert daemon.stderr is not None and "serving on" in daemon.stderr.readline()
+    wait_serving(daemon)
     env = dict(os.environ, GRACE_SOCKET=sock, HOME=str(base))
     seconds = args.minutes * 60
     count = int(args.rate * seconds)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import trio  # noqa: E402
 import trio_websocket  # noqa: E402
 
+from bench.served import wait_serving  # noqa: E402
 from bench.stats import machine, p50, p99  # noqa: E402
 from graced.protocol import canonical_text, format_ts, parse_ts  # noqa: E402
 
@@ -209,9 +210,7 @@ def start_graced(base: Path) -> subprocess.Popen[str]:
                    + os.environ.get("BENCH_GRACED_CONFIG", ""))
     proc = subprocess.Popen([str(BIN / "graced"), "run", "--config", str(cfg)],
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    assert proc.stderr is not None
-    line = proc.stderr.readline()
-    assert "serving on" in line, line
+    wait_serving(proc)
     return proc
 
 

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
+from bench.served import wait_serving  # noqa: E402
 from tests.helpers.procs import poll_until  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def main() -> None:
     cfg.write_text(tomli_w.dumps(default))
     daemon = subprocess.Popen([str(BIN / "graced"), "run", "--config", str(cfg)],
                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    assert daemon.stderr is not None and "serving on" in daemon.stderr.readline()
+    wait_serving(daemon)
     server = f"grace-bench-{os.getpid()}"
     env = (f"GRACE_SOCKET={base}/g.sock HOME={base} LANG=C.UTF-8 LC_ALL=C.UTF-8 "
            "TERM=screen-256color")

@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
+from bench.served import wait_serving  # noqa: E402
 from graced.keys import parse_public_key  # noqa: E402
 from graced.protocol import parse_event_line  # noqa: E402
 
@@ -66,7 +67,7 @@ def make_stream(base: Path, events: int) -> tuple[Path, Path]:
     daemon = subprocess.Popen([str(BIN / "graced"), "run", "--config", str(cfg)],
                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                               env=env)
-    assert daemon.stderr is not None and "serving on" in daemon.stderr.readline()
+    wait_serving(daemon)
     stream = base / "stream.jsonl"
     try:
         started = time.monotonic()
