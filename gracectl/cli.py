@@ -567,10 +567,14 @@ def keys() -> None:
 @click.pass_context
 def keys_show(ctx: click.Context, as_json: bool) -> None:
     """Show the daemon's key id and public key, and whether it is pinned here."""
+    from .wsclient import check_hello
+
     endpoint = endpoint_of(ctx)
+    pinned = trust.pinned(endpoint.name)  # a pin that cannot be read: exit 10 at once
     info = perform(lambda: OneCall(endpoint, "keys", {}, trusted=False))
-    pub = base64.b64decode(info["public_key"])
-    pinned = trust.pinned(endpoint.name)
+    pub, _ = check_hello(info)  # the same checks: 32 bytes, its kid
+    info = {"kid": info["kid"], "public_key": info["public_key"],
+            "algorithm": out.safe(str(info.get("algorithm", "ed25519")), 20)}
     state = "not pinned" if pinned is None else ("pinned" if pinned == pub else "MISMATCH")
     info = {**info, "endpoint": endpoint.name, "trust": state}
     if as_json:
@@ -596,7 +600,12 @@ def keys_trust(ctx: click.Context, key_file: str | None, replace: bool) -> None:
     if key != offered:
         raise CtlError(f"the daemon's key {key_id(offered)} is not {key_id(key)} from {key_file}",
                        ExitCode.BAD_SIGNATURE)
-    known = trust.pinned(endpoint.name)
+    try:
+        known = trust.pinned(endpoint.name)
+    except trust.BadPin:
+        if not replace:
+            raise
+        known = None  # --replace mends a pin that cannot be read
     if known == key:
         stderr_note(f"key {key_id(key)} already trusted for {endpoint.name}")
         return

@@ -240,6 +240,8 @@ def trusted_key(endpoint: Endpoint, key_file: str | None = None) -> bytes:
         return read_key_file(key_file)
     try:
         known = trust.pinned(endpoint.name)
+    except trust.BadPin:
+        raise  # exit 10: never trusted on first use instead
     except ValueError as exc:
         raise CtlError(str(exc)) from None
     if known is not None:

@@ -228,6 +228,8 @@ def _redact(url: str) -> str:
 def _keys_for(daemon_ids: list[str]) -> dict[str, bytes | None]:
     try:
         return {d: trust.pinned(f"fleet:{d}") or trust.pinned_for_daemon(d) for d in daemon_ids}
+    except trust.BadPin:
+        raise
     except ValueError as exc:
         raise CtlError(str(exc)) from None
 
@@ -760,7 +762,12 @@ def fleet_trust(ctx: click.Context, host_name: str, key_file: str | None,
     else:
         key = _offered_key(ctx, host)
     endpoint = f"fleet:{host.daemon_id}"
-    old = _keys_for([host.daemon_id])[host.daemon_id]  # for the fleet, or over its socket
+    try:
+        old = _keys_for([host.daemon_id])[host.daemon_id]  # for the fleet, or over its socket
+    except trust.BadPin:
+        if not replace:
+            raise
+        old = None  # --replace mends a pin that cannot be read
     if old is not None and old != key and not replace:
         raise CtlError(f"host {host.host} has key {key_id(old)} pinned, not {key_id(key)}: "
                        "refused (--replace if the host's key really changed)",

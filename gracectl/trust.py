@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from graced.paths import client_config_dir
-from graced.protocol import Signer, key_id
+from graced.protocol import ExitCode, Signer, key_id
+
+from .errors import CtlError
 
 MAX_FILE = 16 << 20  # bytes read of a key or known keys file at most
 
@@ -59,18 +61,38 @@ def _load() -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ValueError(str(exc) if str(exc).startswith(str(path)) else
                          f"{path}: unreadable known keys file: {exc}") from None
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: unreadable known keys file: not a JSON object")
+    return data
+
+
+class BadPin(CtlError, ValueError):
+    """A pin that exists but cannot be read: never a reason to trust whatever key the
+    daemon offers (exit 10, a key problem)."""
+
+    code = ExitCode.BAD_SIGNATURE
+
+
+def _entry_key(name: str, entry: Any) -> bytes:
+    """The key of the pin ``name``; :class:`BadPin` naming the file and the endpoint
+    when it is not a 32-byte Ed25519 public key in base64."""
+    raw = _raw_key(entry)
+    if raw is None:
+        path = store_path()
+        raise BadPin(f"{path}: the key pinned for {name[:200]} is unreadable (not an "
+                     "Ed25519 public key in base64): refusing to trust any key for it; "
+                     "mend or remove that entry, or pin again with 'gracectl keys trust "
+                     "--replace'")
+    return raw
 
 
 def pinned(endpoint: str) -> bytes | None:
-    entry = _load().get(endpoint)
-    if not isinstance(entry, dict):
+    """The key pinned for ``endpoint``, None when there is none; :class:`BadPin` when
+    there is one that cannot be read."""
+    data = _load()
+    if endpoint not in data:
         return None
-    try:
-        raw = base64.b64decode(entry["public_key"], validate=True)
-    except (KeyError, ValueError):
-        return None
-    return raw if len(raw) == 32 else None
+    return _entry_key(endpoint, data[endpoint])
 
 
 def pin(endpoint: str, public_key: bytes, daemon_id: str = "") -> None:
@@ -153,20 +175,18 @@ def pinned_for_daemon(daemon_id: str) -> bytes | None:
     first import), else the one pinned for every endpoint that said it is that daemon
     (its socket or URL; never a fleet pin, whose key came by NATS).
     Raises ValueError when endpoints pinned different keys for the same id: a daemon id
-    is a name anyone can claim, so neither is trusted."""
+    is a name anyone can claim, so neither is trusted; :class:`BadPin` when one of those
+    pins cannot be read."""
     if not daemon_id:
         return None
     data = _load()
-    own = data.get(KNOWLEDGE + daemon_id)
-    if isinstance(own, dict):
-        return _raw_key(own)
+    if KNOWLEDGE + daemon_id in data:
+        return _entry_key(KNOWLEDGE + daemon_id, data[KNOWLEDGE + daemon_id])
     found = {}
     for name, entry in data.items():
         if isinstance(entry, dict) and entry.get("daemon_id") == daemon_id \
                 and not name.startswith((KNOWLEDGE, FLEET)):
-            raw = _raw_key(entry)
-            if raw is not None:
-                found[raw] = name
+            found[_entry_key(name, entry)] = name
     if len(found) > 1:
         raise ValueError(f"endpoints {', '.join(sorted(found.values()))} pinned different "
                          f"keys for daemon id {daemon_id}: pass --key FILE with the right one")

@@ -159,3 +159,55 @@ def test_with_no_key_pinned_the_first_answer_pins_and_the_rest_must_match(
     assert rc == ExitCode.BAD_SIGNATURE, err
     assert "trusting key" in err and "FORGED" not in err
     assert key_id(impostor.public_key) in impostor.known.read_text()
+
+
+@pytest.mark.slow
+def test_a_pin_that_cannot_be_read_is_refused_never_replaced_on_first_use(
+        impostor: Impostor) -> None:
+    """A known_keys.json entry for the endpoint whose key cannot be read (a key of the
+    wrong length, a number, null) is an error naming the file and the endpoint (exit
+    10): gracectl neither trusts the key the daemon offers on first use nor crashes, and
+    the file is left as it was (review 8)."""
+    sock = impostor.start("forged-response", pin=False)
+    name = f"unix:{os.path.abspath(sock)}"
+    cases = [(base64.b64encode(b"\x01" * 33).decode(), ("status",)),
+             (base64.b64encode(b"\x01" * 33).decode(), ("keys", "show")),
+             (base64.b64encode(b"\x01" * 33).decode(), ("keys", "trust")),
+             (5, ("status",)), (None, ("missions", "approve", "1", "--yes"))]
+    for bad, args in cases:
+        impostor.known.write_text(json.dumps({name: {"public_key": bad, "kid": "0" * 16}}))
+        before = impostor.known.read_text()
+        rc, err, _ = impostor.ctl(sock, *args)
+        assert rc == ExitCode.BAD_SIGNATURE, (args, rc, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"{impostor.known}: the key pinned for {name} is unreadable" in err, err
+        assert "trusting key" not in err and "internal error" not in err, err
+        assert impostor.known.read_text() == before
+    # The documented way out: pin again, on purpose.
+    rc, err, _ = impostor.ctl(sock, "keys", "trust", "--replace")
+    assert rc == 0, err
+    assert key_id(impostor.public_key) in impostor.known.read_text()
+
+
+def test_a_daemon_id_pin_that_cannot_be_read_is_refused(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key pinned for a daemon id (knowledge exports, the fleet view) is read as
+    strictly: an unreadable one, its own or an endpoint's that names the daemon, is
+    BadPin (exit 10), not "nothing pinned"."""
+    from gracectl import trust
+
+    known = tmp_path / "known_keys.json"
+    monkeypatch.setenv("GRACE_KNOWN_KEYS", str(known))
+    good = base64.b64encode(b"\x02" * 32).decode()
+    short = base64.b64encode(b"\x02" * 31).decode()
+    for pins in ({"knowledge:d1": {"public_key": short}},
+                 {"unix:/a.sock": {"public_key": [good], "daemon_id": "d1"}},
+                 {"fleet:d1": {"public_key": short, "daemon_id": "d1"}}):
+        known.write_text(json.dumps(pins))
+        with pytest.raises(trust.BadPin, match=f"{known}: the key pinned for "):
+            trust.pinned("fleet:d1") or trust.pinned_for_daemon("d1")
+    known.write_text(json.dumps({"unix:/a.sock": {"public_key": good, "daemon_id": "d1"}}))
+    assert trust.pinned("fleet:d1") is None and trust.pinned_for_daemon("d1") == b"\x02" * 32
+    known.write_text("[]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        trust.pinned("unix:/a.sock")
