@@ -318,6 +318,23 @@ class SyncConnection:
             (mask * (n // 4 + 1))[:n], "big")).to_bytes(n, "big") if n else b""
         self.sock.sendall(head + mask + masked)
 
+    def _pong(self, payload: bytes, until: float | None) -> None:
+        """Answer a ping, within the time a read would have: a peer that pings and
+        never reads (our pongs fill the socket) is one that does not answer, exit 3 (or
+        TooSlow past the deadline), never an error of the OS's."""
+        assert self.sock is not None
+        limit = until if until is not None else self.deadline
+        self.sock.settimeout(self._left(limit) if limit is not None else self.timeout)
+        try:
+            self._send_frame(0xA, payload)
+        except TimeoutError:
+            if limit is not None:
+                raise TooSlow from None
+            raise Unreachable(f"graced at {self.path} sends pings and reads no pong within "
+                              f"{self.timeout:g} s (--answer-timeout)") from None
+        except OSError as exc:
+            raise Unreachable(f"connection to graced lost: {exc.strerror or exc}") from None
+
     def _need(self, n: int, until: float | None) -> None:
         while len(self.buf) < n:
             self._recv_more(until)
@@ -348,7 +365,7 @@ class SyncConnection:
             payload = bytes(self.buf[at:at + n])
             del self.buf[:at + n]
             if opcode == 0x9:
-                self._send_frame(0xA, payload)
+                self._pong(payload, until)
                 continue
             if opcode == 0xA:
                 continue

@@ -41,6 +41,8 @@ client must be given the key:
 - ``drip``: answers each request with a frame announcing 1000 bytes, then one byte
   every 0.2 s;
 - ``ping-flood``: a ping every 10 ms, for ever, never an answer;
+- ``deaf-ping-flood``: 125-byte pings, a hundred per write, for ever, and nothing read
+  after the handshake (the client's pongs fill its socket);
 - ``fragments``: a text frame without FIN, then empty continuation frames for ever;
 - ``unsubscribed-events``: validly signed events, for ever, on a connection that never
   subscribed, never the answer.
@@ -228,7 +230,8 @@ class Fake:
             nursery.cancel_scope.cancel()
 
 
-RAW_MODES = ("silent", "drip", "ping-flood", "fragments", "unsubscribed-events")
+RAW_MODES = ("silent", "drip", "ping-flood", "deaf-ping-flood", "fragments",
+             "unsubscribed-events")
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -262,7 +265,8 @@ async def serve_raw(fake: Fake, stream: trio.SocketStream) -> None:
                               + b"\r\n\r\n")
         async with trio.open_nursery() as nursery:
             # Requests are read and ignored; the client leaving ends the connection.
-            nursery.start_soon(_drain, stream, nursery.cancel_scope)
+            if fake.mode != "deaf-ping-flood":
+                nursery.start_soon(_drain, stream, nursery.cancel_scope)
             nursery.start_soon(_send_mode, fake, stream, nursery.cancel_scope)
     except (trio.BrokenResourceError, trio.ClosedResourceError, StopIteration):
         pass
@@ -280,6 +284,10 @@ async def _send_mode(fake: Fake, stream: trio.SocketStream, scope: trio.CancelSc
             while True:
                 await stream.send_all(_frame(0x9, b"p"))
                 await trio.sleep(0.01)
+        elif mode == "deaf-ping-flood":
+            pings = _frame(0x9, b"p" * 125) * 100
+            while True:
+                await stream.send_all(pings)
         elif mode == "fragments":
             await stream.send_all(_frame(0x1, b"{", fin=False))
             empty = _frame(0x0, b"", fin=False) * 512
