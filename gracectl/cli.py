@@ -221,6 +221,9 @@ def _checked_status(st: Any) -> dict[str, Any]:
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ProtocolViolation(f"a status answer without {', '.join(missing[:5])}{more}")
+    from .statuscheck import check_status
+
+    check_status(st)  # each field of the kind status shows it as, before any is shown
     return st
 
 
@@ -289,7 +292,8 @@ def _print_status(st: dict[str, Any]) -> None:
                     f"{j['commit_errors']} errors" + (f" ({j['last_error']})" if j["last_error"]
                                                      else "")),
         *([("retention", _retention(j))] if j.get("retention") else []),
-        *([("JOURNAL", f"COMMITS FAILING for {_human_duration(time.time() - j['failing_since'])}"
+        *([("JOURNAL", f"COMMITS FAILING for "
+                       f"{_human_duration(max(0.0, time.time() - j['failing_since']))}"
                        f", {j['pending']} events queued: {j['last_error']}")]
           if j.get("failing_since") else []),
         ("clients", f"{w['clients']} connected, {w['subscribers']} subscribed, "

@@ -139,6 +139,16 @@ def bad_time(result: Any) -> str | None:
     return None
 
 
+MAX_REMOTE_TEXT = 400  # characters of a daemon's error message shown (graced's own: ~300)
+
+
+def remote_text(message: Any) -> str:
+    """An error message from the daemon as gracectl shows it: a string (anything else
+    as its JSON), cut to MAX_REMOTE_TEXT characters; escaped when printed."""
+    text = message if isinstance(message, str) else json.dumps(message)[:MAX_REMOTE_TEXT + 1]
+    return text if len(text) <= MAX_REMOTE_TEXT else text[:MAX_REMOTE_TEXT] + "... (cut)"
+
+
 def answer(frame: dict[str, Any], nonce: str) -> Any:
     """A checked response's result, or its error raised as the typed exception."""
     if frame.get("nonce") != nonce:
@@ -154,8 +164,9 @@ def answer(frame: dict[str, Any], nonce: str) -> Any:
             raise ProtocolViolation(f"an answer whose {bad}")
         return frame["result"]
     err = frame["error"]
-    code = str(err.get("code", "error"))
-    message = str(err.get("message", "request failed"))
+    code = err.get("code", "error")
+    code = code if isinstance(code, str) and len(code) <= 64 else "error"
+    message = remote_text(err.get("message", "request failed"))
     exit_code = ERROR_EXIT.get(code, ExitCode.ERROR)
     if exit_code == ExitCode.NOT_AUTHORISED:
         raise NotAuthorised(message)

@@ -18,6 +18,9 @@ listening. Modes:
   trusted key id, its signature wrong (one bit flipped) / its result changed after
   signing (a mission's reason, or the host, says FORGED): only the signature check
   itself can catch these, not the key-id check;
+- ``error-object`` / ``error-long``: every answer but ``hello`` a signed error whose
+  code is a list and message an object of 1000 escape sequences / whose message is an
+  escape sequence and 100,000 characters;
 - ``deep``: answers with a 100,000-deep JSON value;
 - ``dup-id``: answers each request twice, both signed;
 - ``list-id``: answers with an id that is a list;
@@ -32,6 +35,8 @@ listening. Modes:
   ``-year0`` (year 0), ``-list`` ([1, 2]).
 - ``empty-status`` / ``odd-status``: a validly signed ``status`` answer that is ``{}`` /
   that holds every key but one of the wrong type (``uptime`` a word).
+- ``status-*`` (:data:`BAD_STATUS`): a validly signed, well-formed ``status`` answer
+  with one field set to what is named (``status-fine``: none).
 
 Raw modes: the WebSocket handshake done by hand, then frames written byte by byte as
 a hostile peer would (no library in the way); ``hello`` is never answered, so the
@@ -112,6 +117,13 @@ class Fake:
             frame["result"] = {"x": 1}
             text = _signed(self.key, frame)
             return [text.replace('{"x":1}', "[" * 100_000 + "]" * 100_000)]
+        if mode in ("error-object", "error-long"):
+            del frame["result"]
+            frame["ok"] = False
+            frame["error"] = ({"code": ["x"], "message": {"a": "\x1b[31m" * 1000}}
+                              if mode == "error-object" else
+                              {"code": "invalid", "message": "\x1b[2J" + "x" * 100_000})
+            return [_signed(self.key, frame)]
         if mode == "dup-id":
             return [_signed(self.key, frame), _signed(self.key, frame)]
         if mode == "list-id":
@@ -144,16 +156,16 @@ class Fake:
             return {}
         if method == "status" and self.mode == "odd-status":
             # Every key a status answer holds, one of them not what it should be.
-            return {"daemon_id": "fake", "version": "0", "host": "fake", "pid": 1,
-                    "uptime": "long", "kid": self.key.kid, "head_seq": self.seq,
-                    "config": "-", "state_dir": "/x", "missions": {}, "degraded": [],
-                    "failing_detectors": {}, "detectors_total": 0,
-                    "executor": {"paused": False, "mode": "auto", "actions_last_hour": 0,
-                                 "max_actions_per_hour": 20},
-                    "journal": {"size_bytes": 0, "commit_latency_ms": 0, "commit_errors": 0,
-                                "last_error": None},
-                    "wire": {"clients": 1, "subscribers": 0, "dropped_total": 0,
-                             "refused_total": 0, "socket": "/x", "tcp_ports": []}}
+            return {**self.status(), "uptime": "long"}
+        if method == "status" and self.mode in BAD_STATUS:
+            st = self.status()
+            for path, value in BAD_STATUS[self.mode].items():
+                *parts, last = path.split(".")
+                place = st
+                for part in parts:
+                    place = place.setdefault(part, {})
+                place[last] = value() if callable(value) else value
+            return st
         if method == "missions.approve":
             return {"mission": {**mission, "state": "approved", "reason": "FORGED"}}
         if method == "missions.get":
@@ -162,6 +174,19 @@ class Fake:
             return {"head_seq": self.seq}
         return {"daemon_id": "fake", "version": "0", "host": "fake", "pid": 1, "uptime": 1,
                 "kid": self.key.kid, "head_seq": self.seq}
+
+    def status(self) -> dict[str, Any]:
+        """A status answer with every key graced's holds, each of the right kind."""
+        return {"daemon_id": "fake", "version": "0", "host": "fake", "pid": 1,
+                "uptime": 1, "kid": self.key.kid, "head_seq": self.seq,
+                "config": "-", "state_dir": "/x", "missions": {}, "degraded": [],
+                "failing_detectors": {}, "detectors_total": 0,
+                "executor": {"paused": False, "mode": "auto", "actions_last_hour": 0,
+                             "max_actions_per_hour": 20},
+                "journal": {"size_bytes": 0, "commit_latency_ms": 0, "commit_errors": 0,
+                            "last_error": None},
+                "wire": {"clients": 1, "subscribers": 0, "dropped_total": 0,
+                         "refused_total": 0, "socket": "/x", "tcp_ports": []}}
 
     def event(self, signer: Signer | None, topic: str, payload: Any) -> str:
         self.seq += 1
@@ -228,6 +253,23 @@ class Fake:
                     trio.ClosedResourceError):
                 pass
             nursery.cancel_scope.cancel()
+
+
+BAD_STATUS: dict[str, dict[str, Any]] = {
+    # mode -> {dotted field: value (or what makes it)} set in a well-formed status answer
+    "status-fine": {},
+    "status-paused-word": {"executor.paused": "false"},
+    "status-pid-list": {"pid": [1, 2]},
+    "status-head-word": {"head_seq": "many"},
+    "status-degraded-object": {"degraded": {"journal": 1}},
+    "status-degraded-word": {"degraded": "false"},
+    "status-huge-rate": {"learning": lambda: {"strategy": "x", "patterns": 1, "outcomes": 1,
+                                              "success_rate_7d": "A" * (15 << 20),
+                                              "consulted_share": 0.5}},
+    "status-future-failing": {"journal.failing_since": lambda: time.time() + 30 * 86400,
+                              "journal.pending": 1},
+    "status-huge-max-age": {"journal.retention": {"max_size": 1, "max_age": 1e300}},
+}
 
 
 RAW_MODES = ("silent", "drip", "ping-flood", "deaf-ping-flood", "fragments",
