@@ -128,7 +128,8 @@ def cli(ctx: click.Context, socket_path: str | None, url: str | None, cacert: st
     pinned on first use. Anything unsigned or unverifiable is refused (exit 10).
 
     The options below go before the command (gracectl --answer-timeout 3 status);
-    --color and --utc may also follow it.
+    --color and --utc may also follow it. A command's own options, --json among them,
+    go after it (gracectl status --json).
     """
     if socket_path and url:
         # A flag overrides the other endpoint's environment variable.
@@ -677,7 +678,10 @@ def wait(ctx: click.Context, mission_id: int, wanted: tuple[str, ...], timeout: 
         from .wsclient import SyncConnection, TooSlow
 
         try:
-            with SyncConnection(endpoint.socket or "", key, deadline=deadline) as conn:
+            # --answer-timeout bounds the handshake and each answer (exit 3: graced
+            # hung), --timeout the whole wait (exit 6: the mission is still on its way).
+            with SyncConnection(endpoint.socket or "", key, endpoint.answer_timeout,
+                                deadline=deadline, answer_too=True) as conn:
                 # Subscribe first, then read the state: no transition can slip by.
                 conn.request("subscribe", {"patterns": ["mission.*"], "since": None})
                 m = conn.request("missions.get", {"id": mission_id})["mission"]
@@ -862,11 +866,21 @@ def emit(ctx: click.Context, topic: str, payload: str, count: int, rate: float |
                                  param_hint="TOPIC")
     try:
         data = json.loads(payload)
+    except RecursionError:
+        raise click.BadParameter("not JSON: nested too deep", param_hint="--payload") from None
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--payload") from None
     if not isinstance(data, dict):
         raise click.BadParameter("must be a JSON object ({...}), as every event's payload "
                                  "is", param_hint="--payload")
+    from graced.protocol.canonical import canonical_bytes
+
+    try:  # what an event cannot carry (1e400, NaN, 2**64): refused here, as graced would
+        canonical_bytes(data)
+    except (ValueError, RecursionError) as exc:
+        why = "nested too deep" if isinstance(exc, RecursionError) else out.safe(str(exc), 100)
+        raise click.BadParameter(f"no canonical JSON form: {why}",
+                                 param_hint="--payload") from None
     endpoint = endpoint_of(ctx)
     # Waiting for many events to be journaled takes longer than one answer: a second
     # more per 1000 events (graced journals tens of thousands a second), or the rate's.
@@ -903,10 +917,12 @@ def main() -> None:
 
 def _name_the_place(exc: click.UsageError) -> click.UsageError:
     """An option of gracectl itself given after the command (``status --answer-timeout
-    3``): say where it goes rather than only that the command has no such option."""
-    if not isinstance(exc, click.NoSuchOption) or exc.ctx is None or \
-            exc.ctx.command is cli:
+    3``): say where it goes rather than only that the command has no such option; and
+    the other way round, a command's option given before it (``gracectl --json status``)."""
+    if not isinstance(exc, click.NoSuchOption) or exc.ctx is None:
         return exc
+    if exc.ctx.command is cli:
+        return _after_the_command(exc, exc.ctx)
     for param in cli.params:
         if isinstance(param, click.Option) and not param.is_eager and \
                 exc.option_name in param.opts:
@@ -916,6 +932,25 @@ def _name_the_place(exc: click.UsageError) -> click.UsageError:
                 f"command (gracectl {exc.option_name}{value} "
                 f"{exc.ctx.command_path.partition(' ')[2]} ...)", exc.ctx)
     return exc
+
+
+def _after_the_command(exc: click.NoSuchOption, ctx: click.Context) -> click.UsageError:
+    """A command's own option given before the command: say it goes after it, naming
+    the command the line gives (its subcommand too) if that command has the option."""
+    command: click.Command = cli
+    path: list[str] = []
+    for arg in sys.argv[1:]:
+        if not isinstance(command, click.Group):
+            break
+        sub = None if arg.startswith("-") else command.get_command(ctx, arg)
+        if sub is not None:
+            command, path = sub, [*path, arg]
+    name = exc.option_name.partition("=")[0]
+    if command is cli or not any(isinstance(p, click.Option) and name in p.opts
+                                 for p in command.params):
+        return exc
+    return click.UsageError(f"{name} goes after the command (gracectl {' '.join(path)} "
+                            f"{name})", ctx)
 
 
 def _main() -> int:

@@ -395,6 +395,9 @@ async def _open(nursery: trio.Nursery, endpoint: Endpoint, timeout: float) -> We
     except (OSError, ssl.SSLError, trio.BrokenResourceError, trio_websocket.HandshakeError,
             trio.TooSlowError, ConnectionClosed) as exc:
         where = _where(endpoint)
+        if isinstance(exc, trio.TooSlowError):  # as the one-shot commands say it
+            raise Unreachable(f"graced at {where} did not complete the WebSocket handshake "
+                              f"within {timeout:g} s (--answer-timeout)") from None
         detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
             detail = str(exc.__cause__)  # trio's SSLStream wraps the ssl error

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -195,16 +196,42 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(iso_times(data), indent=2, sort_keys=True, ensure_ascii=False))
 
 
+MAX_KEY_FILE = 4096
+"""Bytes a key file may hold, at most: a key.pub is under 200 (--key /dev/zero is refused,
+not read until memory runs out)."""
+
+
+def read_key_text(path: str | Path) -> str:
+    """The text of a key file, read only if it is a regular file of at most
+    :data:`MAX_KEY_FILE` bytes of UTF-8; raises ValueError naming ``path`` otherwise (a
+    FIFO is not waited on)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read key: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise ValueError(f"{path}: not a key file (not a regular file)")
+        data = fh.read(MAX_KEY_FILE + 1)
+    if len(data) > MAX_KEY_FILE:
+        raise ValueError(f"{path}: not a key file (over {MAX_KEY_FILE} bytes; a key.pub "
+                         "is one line under 200)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a key file (not UTF-8 text)") from None
+
+
 def read_key_file(path: str) -> bytes:
+    """The public key in the file at ``path`` (--key), or CtlError (exit 1, one line)."""
     from graced.keys import parse_public_key  # here: only --key reads a key file
 
     try:
-        text = Path(path).read_text()
+        text = read_key_text(path)
         key = parse_public_key(text)
-    except OSError as exc:
-        raise CtlError(f"{path}: cannot read key: {exc.strerror}") from None
     except ValueError as exc:
-        raise CtlError(f"{path}: {exc}") from None
+        raise CtlError(str(exc) if str(exc).startswith(f"{path}: ") else f"{path}: {exc}"
+                       ) from None
     public = _public_beside(Path(path)) if "ed25519" not in text else None
     if public is not None and _derived(key) == public:
         # The daemon's key (a bare seed) next to its key.pub: an easy slip, and one that
@@ -219,8 +246,8 @@ def _public_beside(path: Path) -> bytes | None:
 
     for pub in (path.with_name(path.name + ".pub"), path.with_suffix(".pub")):
         try:
-            return parse_public_key(pub.read_text())
-        except (OSError, ValueError):
+            return parse_public_key(read_key_text(pub))
+        except ValueError:
             continue
     return None
 

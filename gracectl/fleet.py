@@ -34,7 +34,7 @@ from graced.protocol.topics import compile_patterns
 
 from . import out, trust
 from .client import Connection, decide, sole_exception
-from .command import Finite, utc_option, wide_option
+from .command import Finite, read_key_file, utc_option, wide_option
 from .errors import CtlError, NotFound, Unreachable
 from .fleetview import FleetView, HostView, dumps, event_time, resolve_host
 from .tail import format_event
@@ -751,14 +751,10 @@ def fleet_trust(ctx: click.Context, host_name: str, key_file: str | None,
     stream offers no other key for the host (trust on first use). A different key
     already pinned is refused without --replace. A fleet pin is for the fleet view and
     approvals only: knowledge import never takes it."""
-    from graced.keys import parse_public_key
 
     host = _find_hosts(ctx, (host_name,))[0]
     if key_file:
-        try:
-            key = parse_public_key(open(key_file).read())
-        except (OSError, ValueError) as exc:
-            raise CtlError(f"{key_file}: {exc}") from None
+        key = read_key_file(key_file)
     else:
         key = _offered_key(ctx, host)
     endpoint = f"fleet:{host.daemon_id}"

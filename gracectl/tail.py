@@ -208,6 +208,9 @@ async def _run_tail(endpoint: Endpoint, opts: TailOptions, printer: Printer,
                 # The first event must be the one asked for: nobody may drop the head.
                 verifier = ChainVerifier(opts.trusted_key, stale_after=stale,
                                          first_seq=next_seq)
+                # Fresh from the connection on, not from a first event (-n 0 may wait
+                # for one that a frozen graced never sends).
+                verifier.connected(trio.current_time())
             stop_at = None if opts.follow else int(sub["head_seq"])
             if stop_at is not None and next_seq > stop_at:
                 return 0

@@ -130,7 +130,8 @@ class _Gaps:
     def _stale(self, seq: int, gap: float, limit: float) -> NoReturn:
         raise Violation(ExitCode.STALE, seq,
                         f"stream stale: {gap:.1f} s with no event or heartbeat "
-                        f"before this one (limit {limit:g} s)")
+                        f"before this one (limit {limit:g} s; --stale-after SECONDS "
+                        "accepts a longer silence)")
 
     def _step(self, ts: float, topic: str, event: dict, seq: int) -> None:
         if topic in ANNOUNCING_TOPICS:  # judged by what it announces, as the gap before it

@@ -182,13 +182,16 @@ class SyncConnection:
     ``hello`` may be asked, to pin a key). ``deadline``: time.monotonic() by which every
     wait ends (TooSlow), else ``timeout`` seconds for the connection and each answer
     (Unreachable, exit 3: a daemon that stopped answering, or a peer that sends nothing
-    useful, never holds a one-shot command for ever). Events are waited for until the
-    deadline or the ``until`` given.
+    useful, never holds a one-shot command for ever); with ``answer_too``, both: the
+    handshake and each answer within ``timeout`` (exit 3), all by the deadline (TooSlow).
+    Events are waited for until the deadline or the ``until`` given.
     """
 
     def __init__(self, path: str, trusted_key: bytes | None,
-                 timeout: float = ANSWER_TIMEOUT, deadline: float | None = None) -> None:
+                 timeout: float = ANSWER_TIMEOUT, deadline: float | None = None,
+                 answer_too: bool = False) -> None:
         self.path = path
+        self.answer_too = answer_too  # with a deadline, ``timeout`` still bounds answers
         self.trusted_key = trusted_key
         self.trusted_kid = key_id(trusted_key) if trusted_key is not None else None
         self.timeout = timeout
@@ -205,6 +208,14 @@ class SyncConnection:
 
     # -- the socket ---------------------------------------------------------------
 
+    def _answer_by(self, seconds: float) -> tuple[float, bool]:
+        """When an answer wanted now must have come, and whether that limit is the answer
+        timeout (then Unreachable, exit 3) rather than the deadline (then TooSlow)."""
+        limit = time.monotonic() + seconds
+        if self.deadline is None or (self.answer_too and limit < self.deadline):
+            return limit, True
+        return self.deadline, False
+
     def _left(self, until: float | None = None) -> float:
         until = until if until is not None else self.deadline
         if until is None:
@@ -216,14 +227,17 @@ class SyncConnection:
 
     def __enter__(self) -> SyncConnection:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        answer = False
         try:
             sock.settimeout(min(self.timeout, self._left()) if self.deadline else self.timeout)
             sock.connect(self.path)
             self.sock = sock
-            self._handshake()
+            until, answer = self._answer_by(self.timeout)
+            self._handshake(until)
         except TooSlow:
             sock.close()
-            if self.deadline is not None:
+            self.sock = None
+            if not answer:
                 raise
             raise Unreachable(f"graced at {self.path} did not complete the WebSocket "
                               f"handshake within {self.timeout:g} s (--answer-timeout)"
@@ -284,15 +298,13 @@ class SyncConnection:
             raise Unreachable("the daemon closed the connection")
         self.buf += chunk
 
-    def _handshake(self) -> None:
+    def _handshake(self, until: float) -> None:
         assert self.sock is not None
         key = base64.b64encode(os.urandom(16))
         self.sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
                           b"Connection: Upgrade\r\nSec-WebSocket-Key: " + key +
                           b"\r\nSec-WebSocket-Version: 13\r\n\r\n")
         # The whole answer by then: a daemon dripping a byte at a time does not hold us.
-        until = self.deadline if self.deadline is not None else (
-            time.monotonic() + self.timeout)
         while b"\r\n\r\n" not in self.buf:
             if len(self.buf) > MAX_HEAD:
                 raise ProtocolViolation("an HTTP answer head over 16 KiB")
@@ -445,13 +457,15 @@ class SyncConnection:
         """Send one request and return its result; raises a typed error on failure.
 
         The answer is waited for until the deadline (TooSlow), else ``timeout`` seconds
-        (the connection's by default; then Unreachable, exit 3)."""
-        if self.deadline is not None:
-            return self._request(method, params, self.deadline)
+        (the connection's by default; then Unreachable, exit 3), or whichever comes
+        first with ``answer_too``."""
         seconds = self.timeout if timeout is None else timeout
+        until, answer = self._answer_by(seconds)
         try:
-            return self._request(method, params, time.monotonic() + seconds)
+            return self._request(method, params, until)
         except TooSlow:
+            if not answer:
+                raise
             raise Unreachable(no_answer(self.path, method, seconds)) from None
 
     def _request(self, method: str, params: dict[str, Any] | None, until: float) -> Any:

@@ -123,6 +123,9 @@ def test_verify_file_catches_stopped_heartbeats(graced: Graced) -> None:
     res = _verify(g, saved_stream(g))
     assert res.returncode == ExitCode.STALE, res.stderr
     assert "stale" in res.stderr
+    # The way out is named, as a cut-short stream names --partial.
+    assert "--stale-after SECONDS accepts a longer silence" in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1, res.stderr
 
 
 def _proxy(g: Graced, mode: str, seq: int) -> tuple[subprocess.Popen[str], str]:

@@ -567,6 +567,12 @@ class ChainVerifier:
             suspect, self._suspect = self._suspect, None
             raise Violation(ExitCode.BAD_SIGNATURE, suspect.seq, "bad signature")
 
+    def connected(self, now: float) -> None:
+        """The stream is open at ``now``: its silence counts from then until the first
+        event (a stream that never sends one is stale too)."""
+        if self.last_time is None:
+            self.last_time = now
+
     def check_fresh(self, now: float) -> None:
         """Raise STALE if nothing arrived for longer than ``stale_after`` seconds."""
         if self.stale_after is None or self.last_time is None:
