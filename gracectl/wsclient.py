@@ -286,13 +286,8 @@ class SyncConnection:
             self.sock.settimeout(None if self.open else self.timeout)
         try:
             chunk = self.sock.recv(65536)
-        except TimeoutError:
-            if limit is not None:
-                raise TooSlow from None
-            raise Unreachable(f"graced at {self.path} did not answer within "
-                              f"{self.timeout:g} s (--answer-timeout)") from None
         except OSError as exc:
-            raise Unreachable(f"connection to graced lost: {exc.strerror or exc}") from None
+            raise self._failure(exc, limit, "did not answer") from None
         if not chunk:
             self.closed = True
             raise Unreachable("the daemon closed the connection")
@@ -350,13 +345,19 @@ class SyncConnection:
         self.sock.settimeout(self._left(limit) if limit is not None else self.timeout)
         try:
             self._send_frame(0xA, payload)
-        except TimeoutError:
-            if limit is not None:
-                raise TooSlow from None
-            raise Unreachable(f"graced at {self.path} sends pings and reads no pong within "
-                              f"{self.timeout:g} s (--answer-timeout)") from None
         except OSError as exc:
-            raise Unreachable(f"connection to graced lost: {exc.strerror or exc}") from None
+            raise self._failure(exc, limit, "sends pings and reads no pong") from None
+
+    def _failure(self, exc: OSError, limit: float | None, what: str) -> Exception:
+        """A socket's error as gracectl's: a timeout is TooSlow when there is a limit,
+        else Unreachable naming --answer-timeout (graced ``what`` within it); any other
+        error a connection lost (exit 3 both)."""
+        if not isinstance(exc, TimeoutError):
+            return Unreachable(f"connection to graced lost: {exc.strerror or exc}")
+        if limit is not None:
+            return TooSlow()
+        return Unreachable(f"graced at {self.path} {what} within {self.timeout:g} s "
+                           "(--answer-timeout)")
 
     def _need(self, n: int, until: float | None) -> None:
         while len(self.buf) < n:
