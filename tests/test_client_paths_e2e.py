@@ -22,6 +22,7 @@ import pytest
 from graced.protocol import ExitCode
 from tests.conftest import Graced, bin_path
 from tests.helpers.procs import poll_until
+from tests.test_hostile_daemon_e2e import Impostor, impostor  # noqa: F401 - a fixture
 
 
 @contextmanager
@@ -168,3 +169,21 @@ def test_a_payload_with_no_canonical_json_form_is_a_bad_option_value(
     assert notes.stdout == "", notes.stdout
     assert g.ctl("emit", "user.note", "--payload", '{"n":1e300}').returncode == 0
 
+
+
+@pytest.mark.slow
+def test_wait_gives_up_on_a_request_not_answered_at_answer_timeout(
+        impostor: Impostor) -> None:  # noqa: F811
+    """Past the handshake too: a peer that completes it, then answers nothing, ends
+    wait at --answer-timeout with exit 3 naming the request, well before --timeout's
+    exit 6 (with and without one)."""
+    sock = impostor.start("silent")
+    for timeout in ("15", "0"):
+        started = time.monotonic()
+        rc, err, _ = impostor.ctl(sock, "--answer-timeout", "1", "wait", "4", "--state",
+                                  "resolved", "--timeout", timeout)
+        took = time.monotonic() - started
+        assert rc == ExitCode.UNREACHABLE, (timeout, rc, err)
+        assert "did not answer subscribe within 1 s (--answer-timeout)" in err, err
+        assert err.count("\n") == 1, err
+        assert took < 8, took
