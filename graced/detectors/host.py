@@ -26,14 +26,17 @@ class Memory(SimpleDetector):
     """
 
     event_gap = 0.0
-    """A crossing wakes it once: the sample it brings arms the next level at least
-    NEAR_SHARE from today's usage, so usage hovering at a level cannot wake it again and
-    again; no burst to gather, so the sample follows the wake at once."""
+    """A crossing wakes it once: the sample it brings arms the next level away from
+    today's usage (below the threshold, at least NEAR_SHARE away; past it, where the
+    figure is back at the threshold, so the first wake on the way down that is not yet
+    back is followed by one that is), so usage hovering at a level cannot wake it over
+    and over; no burst to gather, so the sample follows the wake at once."""
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__(config)
         self._level: UsageThreshold | None = None
         self._woken = False  # the armed level was crossed: arm another, away from usage
+        self._settle_until = 0.0
         self.wakeup: Wakeup | None = None
         self.mode, self.mode_note = POLL, ""
         if config.effective_threshold is None or config.below:
@@ -52,7 +55,16 @@ class Memory(SimpleDetector):
 
     def drain(self) -> bool:
         self._woken = self._level is not None and self._level.drain()
+        if self._woken:
+            self._settle_until = time.monotonic() + SETTLE_S
         return self._woken
+
+    def cadence(self) -> float | None:
+        """Just after a wake, sampled every SETTLE_STEP for SETTLE_S: usage moves before
+        the figure does (pages unmapped by an exiting hog are freed a moment later, and
+        MemAvailable counts them only then), so the wake's own sample may not show yet
+        what the kernel announced."""
+        return SETTLE_STEP if time.monotonic() < self._settle_until else None
 
     def sample(self) -> list[Observation]:
         vm = psutil.virtual_memory()
@@ -64,12 +76,12 @@ class Memory(SimpleDetector):
 
     def _rearm(self, percent: float, total: int) -> None:
         """Arm the level where usage will be once the figure has moved to the threshold
-        (past it: back under it), unless the armed one is close enough already."""
+        (past it: back at it, which is normal), unless the armed one is close enough."""
         assert self._level is not None and self.config.effective_threshold is not None
         gap = (self.config.effective_threshold - percent) / 100 * total  # bytes to go
         near = NEAR_SHARE * total
-        if abs(gap) < near:  # closer than the noise: the timer samples fast there anyway
-            gap = near if gap >= 0 else -near
+        if 0 <= gap < near:  # closer than the noise: the timer samples fast there anyway
+            gap = near
         try:
             level = self._level.usage() + int(gap)
             armed = self._level.level
@@ -85,10 +97,16 @@ class Memory(SimpleDetector):
             self._level.close()
 
 
+SETTLE_S = 1.0
+SETTLE_STEP = 0.05
+"""After a wake, the memory detector samples every SETTLE_STEP seconds for SETTLE_S."""
+
 NEAR_SHARE = 0.0025
-"""The memory detector's armed level is at least this share of the total memory (60 MB of
-24 GB) from today's usage, so usage that hovers around a level does not wake it on every
-jitter."""
+"""Below its threshold, the memory detector's armed level is at least this share of the
+total memory (60 MB of 24 GB) above today's usage, so usage that hovers just under the
+threshold does not wake it on every jitter (the timer samples fastest there anyway). Past
+it, the level is exactly where the figure is back at the threshold: a wake there brings a
+normal sample, which ends the mission and arms the next level NEAR_SHARE up."""
 
 
 class Swap(SimpleDetector):

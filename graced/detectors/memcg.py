@@ -5,13 +5,18 @@ announced by the kernel, but the root memory cgroup's ``memory.usage_in_bytes`` 
 pages plus mapped anonymous pages, host-wide) is, on hosts that mount the v1 memory
 controller: an eventfd registered through ``cgroup.event_control`` with a level is
 signalled the moment usage crosses that level, either way (the kernel checks it every
-few hundred pages charged). After each sample the detector arms one at the usage that
+128 pages charged or uncharged in any cgroup; pages of the root cgroup itself count only
+as they are charged, so a hog living there is seen going away at the next allocation
+anywhere, or by the timer). After each sample the detector arms one at the usage that
 corresponds to its threshold (today's usage plus the distance from its figure to the
 threshold), so a hog that crosses the threshold wakes it at once instead of at its next
 tick. The wake is only a hint: the sample decides, through the same scorer, so page cache
 that moves usage without moving the figure costs a sample, never a false alarm; and an
 anonymous allocation that takes the place of page cache moves the figure without usage,
-which the timer (sampled faster near the threshold) still sees.
+which the timer (sampled faster near the threshold) still sees. Usage also moves a
+moment before the figure (an exiting hog's pages leave usage as they are unmapped and
+MemAvailable as they are freed), so after a wake the detector samples every 50 ms for a
+second.
 
 cgroup v2 has no such threshold for the whole host (``memory.events`` counts only limits
 set on a cgroup), and ``cgroup.event_control`` is root's: elsewhere the detector polls
