@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """A fault that fills memory or a file system and says when it crossed a line.
 
-    python bench/fill.py memory MEGABYTES PERCENT [MB_PER_S]
+    python bench/fill.py memory MEGABYTES PERCENT [MB_PER_S [BEYOND]]
     python bench/fill.py disk MOUNTPOINT PERCENT
 
 memory: a runaway process. It maps MEGABYTES of anonymous memory, prints ``armed`` and
 waits for a line on stdin; then it prints ``start TIMESTAMP`` and has the kernel fill the
 mapping as fast as it hands out pages (MADV_POPULATE_WRITE, Linux 5.14; else one byte
 written per page), 16 MB at a time, or at MB_PER_S (a leak that grows steadily), until
-the host's figure is BEYOND points past PERCENT (others' work moves it too) or the
+the host's figure is BEYOND (1.5) points past PERCENT (others' work moves it too) or the
 mapping is full. disk:
 writes 128 KB at a time to MOUNTPOINT/fill. After each step it reads the host's figure
 the way graced and Monit read it (memory: total minus MemAvailable, from /proc/meminfo;
@@ -46,7 +46,8 @@ def _populate(buf: mmap.mmap, off: int, n: int) -> None:
         buf[off:off + n:mmap.PAGESIZE] = b"\x01" * len(pages)
 
 
-def _memory(megabytes: int, percent: float, rate: float) -> mmap.mmap:
+def _memory(megabytes: int, percent: float, rate: float, beyond: float = BEYOND
+            ) -> mmap.mmap:
     size = megabytes << 20
     buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     print("armed", flush=True)
@@ -61,7 +62,7 @@ def _memory(megabytes: int, percent: float, rate: float) -> mmap.mmap:
         if not crossed and used > percent:
             print(f"crossed {time.time():.6f}", flush=True)
             crossed = True
-        if used > percent + BEYOND:
+        if used > percent + beyond:
             break
         if rate:  # a steady leak: the pace is the fault's design, not a wait for an event
             time.sleep(max(0.0, start + (off + n) / (rate * 2**20) - time.monotonic()))
@@ -98,6 +99,7 @@ def _disk(mount: str, percent: float) -> None:
 if __name__ == "__main__":
     what, arg, pct = sys.argv[1], sys.argv[2], float(sys.argv[3])
     rate = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
-    held = _memory(int(arg), pct, rate) if what == "memory" else _disk(arg, pct)
+    beyond = float(sys.argv[5]) if len(sys.argv) > 5 else BEYOND
+    held = _memory(int(arg), pct, rate, beyond) if what == "memory" else _disk(arg, pct)
     print("ready", flush=True)
     sys.stdin.read()

@@ -232,7 +232,8 @@ def _memcg_mode() -> bool:
 @pytest.mark.slow
 @pytest.mark.host_wide
 def test_a_memory_hog_opens_one_mission_as_it_crosses_and_it_resolves(make_graced) -> None:
-    """A real process filling memory, 3 points past the host's use: the memory detector
+    """A real process filling memory, 4 points past the host's use and 4 more (others'
+    work moves it a point or two within seconds on a shared host): the memory detector
     opens one mission as the hog crosses its threshold and resolves it once the hog is
     gone. With the kernel's usage threshold (cgroup v1 memory) the interval is 120 s: the
     timer, even sampling faster near the threshold (every 6 s at best), cannot be what saw
@@ -240,13 +241,13 @@ def test_a_memory_hog_opens_one_mission_as_it_crosses_and_it_resolves(make_grace
     listening = _memcg_mode()
     interval = 120.0 if listening else 5.0
     vm = psutil.virtual_memory()
-    threshold = vm.percent + 3.0  # room for others' work to move the host's use
+    threshold = vm.percent + 4.0  # room for others' work to move the host's use
     g, w = _started(make_graced, f'[[detector]]\nname = "mem"\nkind = "memory"\n'
                                  f'interval = {interval}\nthreshold = {threshold:.2f}\n')
     det = _mode(g, "mem")
     assert det["mode"] == ("memcg-event" if listening else "poll"), det
     hog = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fill.py"), "memory",
-                            str(int(vm.total / 2**20 * 0.15)), f"{threshold:.2f}"],
+                            str(int(vm.total / 2**20 * 0.10)), f"{threshold:.2f}", "0", "4"],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert hog.stdin is not None and hog.stdout is not None

@@ -37,6 +37,7 @@ class Memory(SimpleDetector):
         self._level: UsageThreshold | None = None
         self._woken = False  # the armed level was crossed: arm another, away from usage
         self._settle_until = 0.0
+        self._up = True  # the armed level is above usage: a wake means the figure went up
         self.wakeup: Wakeup | None = None
         self.mode, self.mode_note = POLL, ""
         if config.effective_threshold is None or config.below:
@@ -60,15 +61,20 @@ class Memory(SimpleDetector):
         return self._woken
 
     def cadence(self) -> float | None:
-        """Just after a wake, sampled every SETTLE_STEP for SETTLE_S: usage moves before
+        """Just after a wake, sampled every SETTLE_STEP (for SETTLE_S at most) until the
+        figure is on the side of the threshold the kernel announced: usage moves before
         the figure does (pages unmapped by an exiting hog are freed a moment later, and
-        MemAvailable counts them only then), so the wake's own sample may not show yet
-        what the kernel announced."""
+        MemAvailable counts them only then), so the wake's own sample may not show it yet.
+        Once it does, the interval again: the samples that resolve a mission
+        (missions.resolve_after) keep their pace."""
         return SETTLE_STEP if time.monotonic() < self._settle_until else None
 
     def sample(self) -> list[Observation]:
         vm = psutil.virtual_memory()
         if self._level is not None:
+            limit = self.config.effective_threshold
+            if self._settle_until and (limit is not None and vm.percent > limit) == self._up:
+                self._settle_until = 0.0  # the figure shows what the kernel announced
             self._rearm(vm.percent, vm.total)
         return [Observation(self.subject, vm.percent, "%",
                             detail={"available_mb": vm.available // 2**20,
@@ -87,7 +93,7 @@ class Memory(SimpleDetector):
             armed = self._level.level
             if self._woken or armed is None or abs(level - armed) > max(near, abs(gap) / 8):
                 self._level.arm(level)
-                self._woken = False
+                self._woken, self._up = False, gap > 0
             self.mode_note = ""
         except (OSError, ValueError) as exc:  # the value is still good: keep it, say so
             self.mode_note = f"memory threshold event not armed: {exc}"[:200]
@@ -99,7 +105,8 @@ class Memory(SimpleDetector):
 
 SETTLE_S = 1.0
 SETTLE_STEP = 0.05
-"""After a wake, the memory detector samples every SETTLE_STEP seconds for SETTLE_S."""
+"""After a wake, the memory detector samples every SETTLE_STEP seconds until its figure is
+on the side of the threshold the kernel announced, for SETTLE_S at most."""
 
 NEAR_SHARE = 0.0025
 """Below its threshold, the memory detector's armed level is at least this share of the
