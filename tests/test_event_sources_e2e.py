@@ -265,10 +265,10 @@ def test_a_memory_hog_opens_one_mission_as_it_crosses_and_it_resolves(make_grace
         hog.stdin.close()
         hog.wait(30)
         t0 = time.time()
-        resolved = w.wait("mission.resolved", "mem", 30 if listening else 60)
+        resolved = w.wait("mission.resolved", "mem", 60)
         assert resolved["payload"]["id"] == opened["payload"]["id"]
-        if listening:
-            assert _after(resolved, t0) < 5.0, "the way back waited for the timer"
+        if listening:  # freeing gigabytes takes its time on a busy host; the timer, 120 s
+            assert _after(resolved, t0) < 30.0, "the way back waited for the timer"
         assert len(w.missions("mem")) == 1
         w.close()
     finally:

@@ -103,7 +103,7 @@ class Memory(SimpleDetector):
             self._level.close()
 
 
-SETTLE_S = 1.0
+SETTLE_S = 5.0
 SETTLE_STEP = 0.05
 """After a wake, the memory detector samples every SETTLE_STEP seconds until its figure is
 on the side of the threshold the kernel announced, for SETTLE_S at most."""

@@ -15,8 +15,9 @@ that moves usage without moving the figure costs a sample, never a false alarm; 
 anonymous allocation that takes the place of page cache moves the figure without usage,
 which the timer (sampled faster near the threshold) still sees. Usage also moves a
 moment before the figure (an exiting hog's pages leave usage as they are unmapped and
-MemAvailable as they are freed), so after a wake the detector samples every 50 ms until
-its figure shows the crossing too (a second at most).
+MemAvailable as they are freed, which takes a second or more for gigabytes on a busy
+host), so after a wake the detector samples every 50 ms until its figure shows the
+crossing too (five seconds at most).
 
 cgroup v2 has no such threshold for the whole host (``memory.events`` counts only limits
 set on a cgroup), and ``cgroup.event_control`` is root's: elsewhere the detector polls
