@@ -16,7 +16,7 @@ Prints:
     (rows memory* and disk*), and the fault's own time from its start to that crossing,
     which both tools pay, with the ratio graced would have if its own delay were zero
     (the floor of the memory and disk rows); and how each of graced's detectors listened
-    (pidfd, inotify, memcg-event, ...). graced runs at interval 1 s, Monit at
+    (pidfd, inotify, psi-trigger or poll). graced runs at interval 1 s, Monit at
     `set daemon 1`. Where Monit cannot detect a fault, the table says so. Monit (Debian's
     `monit`) is installed with apt-get when run as root and missing;
   * CPU % (of one core) and RSS of an idle graced with the default detectors as shipped,

@@ -23,29 +23,19 @@ WHY_MISSING = {
 }
 
 
-def _mounts(mounts: str) -> list[list[str]]:
-    """The fields of each line of ``/proc/self/mounts`` (none if unreadable)."""
+def cgroup2_mounts(mounts: str = MOUNTS) -> list[str]:
+    """Where cgroup2 is mounted (``/proc/self/mounts``), in the order listed."""
     try:
         with open(mounts, encoding="utf-8", errors="replace") as fh:
             text = fh.read(1 << 20)
     except OSError:
         return []
-    return [fields for fields in (line.split() for line in text.splitlines())
-            if len(fields) >= 4]
-
-
-def cgroup2_mounts(mounts: str = MOUNTS) -> list[str]:
-    """Where cgroup2 is mounted (``/proc/self/mounts``), in the order listed."""
-    return [f[1].replace("\\040", " ") for f in _mounts(mounts) if f[2] == "cgroup2"]
-
-
-def memcg_v1_root(mounts: str = MOUNTS) -> str | None:
-    """Where the cgroup v1 memory controller is mounted (its root: the whole host's
-    memory), or None on a host without it (cgroup v2 only)."""
-    for f in _mounts(mounts):
-        if f[2] == "cgroup" and "memory" in f[3].split(","):
-            return f[1].replace("\\040", " ")
-    return None
+    found = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2] == "cgroup2":
+            found.append(fields[1].replace("\\040", " "))
+    return found
 
 
 def cgroup2_root() -> str:

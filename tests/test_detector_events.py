@@ -11,20 +11,16 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from graced.config import DetectorConfig
 from graced.config.detectors import build_detectors
 from graced.config.schema import ConfigError
 from graced.detectors.cgroup import CgroupMemory, parse_events
-from graced.detectors.host import Memory
 from graced.detectors.logs import LogFile
-from graced.detectors.memcg import UsageThreshold
 from graced.detectors.pressure import Pressure, parse_total, trigger
 from graced.detectors.process import ProcessPresence
 from graced.detectors.scoring import FASTEST, next_interval
-from tests.conftest import ROOT
 
 
 def _ready(fd: int, timeout: float) -> bool:
@@ -280,71 +276,4 @@ def test_a_psi_alarm_says_how_much_was_stalled() -> None:
         for p in busy:
             p.kill()
             p.wait()
-        det.close()
-
-
-def _memcg_unavailable() -> str | None:
-    """Why the kernel's memory usage threshold cannot be armed here, or None."""
-    try:
-        UsageThreshold().close()
-    except OSError as exc:
-        return f"no memory usage threshold event: {exc.strerror or exc}"
-    return None
-
-
-@pytest.mark.skipif(_memcg_unavailable() is not None, reason=str(_memcg_unavailable()))
-@pytest.mark.host_wide
-def test_a_real_hog_crossing_the_memory_threshold_wakes_its_detector() -> None:
-    """The memory detector arms the kernel's usage threshold where its own threshold lies
-    (4 points above the host's use): a real process filling memory (to 4 points past it)
-    wakes it, with no timer, and the sample it then takes is past the threshold; the
-    hog's exit wakes it again (the way back). Others' work moves the host's use too (a
-    point or two within seconds on a shared host): the way back is judged by the hog's
-    share leaving, not by the line."""
-    vm = psutil.virtual_memory()
-    line = vm.percent + 4.0
-    det = Memory(DetectorConfig(name="m", kind="memory", threshold=line))
-    hog = None
-    try:
-        assert det.mode == "memcg-event" and det.wakeup is not None, det.mode_note
-        [first] = det.sample()
-        assert first.value is not None and first.value < line
-        hog = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fill.py"), "memory",
-                                str(int(vm.total / 2**20 * 0.10)), f"{line:.2f}", "0", "4"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert hog.stdin is not None and hog.stdout is not None
-        assert hog.stdout.readline().strip() == "armed"
-        assert not _ready(det.wakeup.fileno(), 0), "woken with 4 points still to go"
-        hog.stdin.write("go\n")
-        hog.stdin.flush()
-        assert _ready(det.wakeup.fileno(), 30), "the crossing never woke the detector"
-        assert det.drain()
-        assert hog.stdout.readline().startswith("start ")
-        assert hog.stdout.readline().split()[0] == "crossed"
-        assert hog.stdout.readline().strip() == "ready"
-        # The filler stops 4 points past the line: the sample now is past it.
-        [past] = det.sample()
-        assert past.value is not None and past.value > line, past
-        # Past it, the way back is armed below today's usage.
-        assert det._level is not None and det._level.level is not None
-        assert det._level.level < det._level.usage()
-        hog.stdin.close()
-        hog.wait(30)
-        assert _ready(det.wakeup.fileno(), 30), "the way back never woke the detector"
-        assert det.drain()
-        [back] = det.sample()
-        # Usage moves before the figure (the hog's pages leave usage as they are unmapped,
-        # MemAvailable as they are freed): until the figure shows it, the detector asks
-        # for its next sample at once, as the runner's timer would take it.
-        while back.value is not None and back.value >= past.value - 4.0:
-            step = det.cadence()
-            assert step is not None and step <= 0.05, ("no longer settling", past, back)
-            time.sleep(step)  # the detector's own cadence, not a wait for an event
-            [back] = det.sample()
-        assert back.value is not None, back
-        assert det.cadence() is None  # shown: on its interval again
-    finally:
-        if hog is not None:
-            hog.kill()
-            hog.wait()
         det.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import collections
-import errno
 import os
 import time
 
@@ -11,109 +10,14 @@ import psutil
 
 from ..config import DetectorConfig
 from .base import Observation, SimpleDetector
-from .events import POLL, Wakeup
-from .memcg import MODE as MEMCG_MODE
-from .memcg import UsageThreshold
 
 
 class Memory(SimpleDetector):
-    """Value: the share of memory in use (total minus MemAvailable), as free(1) and Monit
-    count it.
-
-    Listening: where the kernel offers a usage threshold (cgroup v1's memory controller,
-    see :mod:`.memcg`), each sample arms one at the usage its threshold corresponds to, so
-    crossing it wakes the detector at once; elsewhere it polls, faster near the threshold.
-    """
-
-    event_gap = 0.0
-    """A crossing wakes it once: the sample it brings arms the next level away from
-    today's usage (below the threshold, at least NEAR_SHARE away; past it, where the
-    figure is back at the threshold, so the first wake on the way down that is not yet
-    back is followed by one that is), so usage hovering at a level cannot wake it over
-    and over; no burst to gather, so the sample follows the wake at once."""
-
-    def __init__(self, config: DetectorConfig) -> None:
-        super().__init__(config)
-        self._level: UsageThreshold | None = None
-        self._woken = False  # the armed level was crossed: arm another, away from usage
-        self._settle_until = 0.0
-        self._up = True  # the armed level is above usage: a wake means the figure went up
-        self.wakeup: Wakeup | None = None
-        self.mode, self.mode_note = POLL, ""
-        if config.effective_threshold is None or config.below:
-            self.mode_note = "no threshold to be woken at: sampled on the interval"
-            return
-        try:
-            self._level = UsageThreshold()
-        except OSError as exc:  # cgroup v2 only, or not root (cgroup.event_control is root's)
-            why = (exc.strerror or str(exc)).lower()
-            where = f" ({exc.filename}; root's)" if exc.errno in (errno.EACCES, errno.EPERM,
-                                                                  errno.EROFS) else ""
-            self.mode_note = f"no memory threshold event: {why}{where}"
-            return
-        self.wakeup = self._level.wakeup
-        self.mode = MEMCG_MODE
-
-    def drain(self) -> bool:
-        self._woken = self._level is not None and self._level.drain()
-        if self._woken:
-            self._settle_until = time.monotonic() + SETTLE_S
-        return self._woken
-
-    def cadence(self) -> float | None:
-        """Just after a wake, sampled every SETTLE_STEP (for SETTLE_S at most) until the
-        figure is on the side of the threshold the kernel announced: usage moves before
-        the figure does (pages unmapped by an exiting hog are freed a moment later, and
-        MemAvailable counts them only then), so the wake's own sample may not show it yet.
-        Once it does, the interval again: the samples that resolve a mission
-        (missions.resolve_after) keep their pace."""
-        return SETTLE_STEP if time.monotonic() < self._settle_until else None
-
     def sample(self) -> list[Observation]:
         vm = psutil.virtual_memory()
-        if self._level is not None:
-            limit = self.config.effective_threshold
-            if self._settle_until and (limit is not None and vm.percent > limit) == self._up:
-                self._settle_until = 0.0  # the figure shows what the kernel announced
-            self._rearm(vm.percent, vm.total)
         return [Observation(self.subject, vm.percent, "%",
                             detail={"available_mb": vm.available // 2**20,
                                     "total_mb": vm.total // 2**20})]
-
-    def _rearm(self, percent: float, total: int) -> None:
-        """Arm the level where usage will be once the figure has moved to the threshold
-        (past it: back at it, which is normal), unless the armed one is close enough."""
-        assert self._level is not None and self.config.effective_threshold is not None
-        gap = (self.config.effective_threshold - percent) / 100 * total  # bytes to go
-        near = NEAR_SHARE * total
-        if 0 <= gap < near:  # closer than the noise: the timer samples fast there anyway
-            gap = near
-        try:
-            level = self._level.usage() + int(gap)
-            armed = self._level.level
-            if self._woken or armed is None or abs(level - armed) > max(near, abs(gap) / 8):
-                self._level.arm(level)
-                self._woken, self._up = False, gap > 0
-            self.mode_note = ""
-        except (OSError, ValueError) as exc:  # the value is still good: keep it, say so
-            self.mode_note = f"memory threshold event not armed: {exc}"[:200]
-
-    def close(self) -> None:
-        if self._level is not None:
-            self._level.close()
-
-
-SETTLE_S = 5.0
-SETTLE_STEP = 0.05
-"""After a wake, the memory detector samples every SETTLE_STEP seconds until its figure is
-on the side of the threshold the kernel announced, for SETTLE_S at most."""
-
-NEAR_SHARE = 0.0025
-"""Below its threshold, the memory detector's armed level is at least this share of the
-total memory (60 MB of 24 GB) above today's usage, so usage that hovers just under the
-threshold does not wake it on every jitter (the timer samples fastest there anyway). Past
-it, the level is exactly where the figure is back at the threshold: a wake there brings a
-normal sample, which ends the mission and arms the next level NEAR_SHARE up."""
 
 
 class Swap(SimpleDetector):

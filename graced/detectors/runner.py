@@ -295,9 +295,7 @@ class DetectorRunner:
                 await trio.lowlevel.wait_readable(wakeup.fileno())
                 if detector.drain():  # type: ignore[attr-defined]
                     break
-            # What else the burst writes is read in one go (a detector woken once per
-            # change may say it has no burst to gather: its event_gap).
-            await trio.sleep(getattr(detector, "event_gap", EVENT_GAP))
+            await trio.sleep(EVENT_GAP)  # what else the burst writes is read in one go
             return True
         return False
 
