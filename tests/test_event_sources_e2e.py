@@ -22,7 +22,6 @@ import pytest
 
 from tests.conftest import ROOT, Graced
 from tests.helpers import pressure
-from tests.helpers.locks import run_lock
 from tests.test_missions_e2e import Watch, _ready_tail
 
 MISSIONS = '\n[missions]\nresolve_after = 1\nflap_window = 0\nupdate_interval = 60\n'
@@ -228,39 +227,38 @@ def test_a_memory_hog_opens_one_mission_as_it_crosses_and_it_resolves(make_grace
     (interval 5 s, so sampled every 0.8 s 4 points below its threshold and faster as the
     hog nears it: the kernel announces no change of MemAvailable) opens one mission within
     1.5 s of the crossing, and resolves it once the hog is gone."""
-    with run_lock("memory-hog"):  # one hog at a time among the workers
-        interval = 5.0
-        vm = psutil.virtual_memory()
-        threshold = vm.percent + 4.0  # room for others' work to move the host's use
-        # Three normal samples resolve it (not one): others' work may dip the host's use
-        # for a sample while the hog holds its memory.
-        g = make_graced(detectors=f'[[detector]]\nname = "mem"\nkind = "memory"\n'
-                                  f'interval = {interval}\nthreshold = {threshold:.2f}\n'
-                                  + MISSIONS.replace("resolve_after = 1", "resolve_after = 3"))
-        w = Watch(g)
-        _ready_tail(w, g)
-        hog = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fill.py"), "memory",
-                                str(int(vm.total / 2**20 * 0.14)), f"{threshold:.2f}", "0", "4"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            assert hog.stdin is not None and hog.stdout is not None
-            assert hog.stdout.readline().strip() == "armed"
-            hog.stdin.write("go\n")
-            hog.stdin.flush()
-            assert hog.stdout.readline().startswith("start ")
-            word, stamp = hog.stdout.readline().split()
-            assert word == "crossed" and stamp != "never", "others' work moved the host's use"
-            opened = w.wait("mission.opened", "mem", 30)
-            assert "above the threshold" in opened["payload"]["summary"], opened
-            late = _after(opened, float(stamp))
-            assert late < 1.5, f"{late:.2f} s after the crossing: not sampled faster near it"
-            assert hog.stdout.readline().strip() == "ready"
-            hog.stdin.close()
-            hog.wait(30)
-            resolved = w.wait("mission.resolved", "mem", 3 * interval + 30)
-            assert resolved["payload"]["id"] == opened["payload"]["id"]
-            assert len(w.missions("mem")) == 1
-            w.close()
-        finally:
-            hog.kill()
-            hog.wait()
+    interval = 5.0
+    vm = psutil.virtual_memory()
+    threshold = vm.percent + 4.0  # room for others' work to move the host's use
+    # Three normal samples resolve it (not one): others' work may dip the host's use
+    # for a sample while the hog holds its memory.
+    g = make_graced(detectors=f'[[detector]]\nname = "mem"\nkind = "memory"\n'
+                              f'interval = {interval}\nthreshold = {threshold:.2f}\n'
+                              + MISSIONS.replace("resolve_after = 1", "resolve_after = 3"))
+    w = Watch(g)
+    _ready_tail(w, g)
+    hog = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fill.py"), "memory",
+                            str(int(vm.total / 2**20 * 0.15)), f"{threshold:.2f}", "0", "4"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdin is not None and hog.stdout is not None
+        assert hog.stdout.readline().strip() == "armed"
+        hog.stdin.write("go\n")
+        hog.stdin.flush()
+        assert hog.stdout.readline().startswith("start ")
+        word, stamp = hog.stdout.readline().split()
+        assert word == "crossed" and stamp != "never", "others' work moved the host's use"
+        opened = w.wait("mission.opened", "mem", 30)
+        assert "above the threshold" in opened["payload"]["summary"], opened
+        late = _after(opened, float(stamp))
+        assert late < 1.5, f"{late:.2f} s after the crossing: not sampled faster near it"
+        assert hog.stdout.readline().strip() == "ready"
+        hog.stdin.close()
+        hog.wait(30)
+        resolved = w.wait("mission.resolved", "mem", 3 * interval + 30)
+        assert resolved["payload"]["id"] == opened["payload"]["id"]
+        assert len(w.missions("mem")) == 1
+        w.close()
+    finally:
+        hog.kill()
+        hog.wait()
