@@ -83,7 +83,7 @@ def _ready_tail(w: Watch, g: Graced) -> None:
 def test_memory_hog_opens_one_mission_that_resolves(watched) -> None:
     used = psutil.virtual_memory().percent
     total_mb = psutil.virtual_memory().total // 2**20
-    threshold = used + 2.0
+    threshold = used + 4.0  # others' work moves the host a point or two within seconds
     hog_mb = int(total_mb * 0.10)
     g, w = watched(f'[[detector]]\nname = "mem"\nkind = "memory"\ninterval = 1.0\n'
                    f"threshold = {threshold:.2f}\n")
@@ -95,7 +95,8 @@ def test_memory_hog_opens_one_mission_that_resolves(watched) -> None:
     assert "above the threshold" in opened["payload"]["summary"]
     hog.stdin.close()  # type: ignore[union-attr]
     hog.wait(10)
-    w.wait("mission.resolved", "mem", 15)
+    # Freeing gigabytes shows in MemAvailable a second or more later on a busy host.
+    w.wait("mission.resolved", "mem", 30)
     ms = w.missions("mem")
     assert len(ms) == 1 and ms[0]["state"] == "resolved" and ms[0]["id"] == opened["payload"]["id"]
 
