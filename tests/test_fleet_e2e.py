@@ -295,20 +295,21 @@ def _inject(url: str, subject: str, body: str) -> None:
     asyncio.run(go())
 
 
-def _host(op: Operator, daemon_id: str) -> dict[str, Any]:
-    listed = op.fleet_json("ls")["hosts"]
+def _host(op: Operator, daemon_id: str, *wait: str) -> dict[str, Any]:
+    listed = op.fleet_json(*wait, "ls")["hosts"]
     return next(h for h in listed if h["daemon_id"] == daemon_id)
 
 
-def assert_whole(op: Operator, g: Graced, daemon_id: str) -> dict[str, Any]:
-    """JetStream holds this host's every event from seq 1, each once, and it verifies."""
+def assert_whole(op: Operator, g: Graced, daemon_id: str, *wait: str) -> dict[str, Any]:
+    """JetStream holds this host's every event from seq 1, each once, and it verifies
+    (``wait``: e.g. ``--timeout 20`` for each read, on a cluster that just lost a node)."""
     st = wait_caught_up(g, 60)
-    host = _host(op, daemon_id)
+    host = _host(op, daemon_id, *wait)
     assert host["verified"] == "ok", host
     assert host["first_seq"] == 1 and host["last_seq"] >= st["fleet"]["acked_seq"], host
     assert host["events"] == host["last_seq"], host  # no gap
     assert host["copies"] == 0, host  # no duplicate stored
-    res = op.fleet("tail", "--verify", "--no-follow", "--host", daemon_id)
+    res = op.fleet(*wait, "tail", "--verify", "--no-follow", "--host", daemon_id, timeout=120)
     assert res.returncode == 0, res.stderr
     return host
 
@@ -450,8 +451,10 @@ def test_a_three_node_cluster_with_a_node_killed_mid_run_loses_nothing(
         poll_until(lambda: led_by(survivors), 180, "the survivors elect leaders")
         first = op.fleet("--timeout", "20", "ls", "--json", timeout=120)
         assert first.returncode == 0, first.stderr
-        host = assert_whole(op, g, daemon_id)
-        out = op.fleet("tail", "--no-follow", "--json", "--host", daemon_id, "user.load")
+        # The survivors answer slowly for a while after the election: 20 s per read.
+        host = assert_whole(op, g, daemon_id, "--timeout", "20")
+        out = op.fleet("--timeout", "20", "tail", "--no-follow", "--json", "--host", daemon_id,
+                       "user.load", timeout=120)
         assert len(out.stdout.splitlines()) == 3000
         assert host["last_seq"] >= start + 3000
     finally:

@@ -23,8 +23,9 @@ from tests.test_verify_seams import SIGNER, N, stream
 SIZE = 8 << 30  # a sparse file: no disk but a few blocks
 
 # What the parallel pass of 8 GB must cost at most, in CPU seconds of gracectl and its
-# workers (the review measured 79 s; the one pass needs about 0.1 s).
-CPU_BUDGET = 5.0
+# workers (the review measured 79 s; the one pass needs about 0.1 s; alone it takes 0.2-1.3 s,
+# beside the suite's other worker up to 12 s in CI: workers finish the chunks they hold).
+CPU_BUDGET = 20.0
 
 
 def verify(key: Path, path: Path, jobs: str) -> tuple[int, str, float]:
