@@ -34,7 +34,7 @@ from .mesh import Mesh
 from .missions import store
 from .missions.engine import ACTIVE, CLEARED_REPEATS, SEVERITIES, STATES
 from .plan import build as build_plan
-from .plan import matches, mission_values, names_plan
+from .plan import matches, plan_values
 from .protocol import Signer
 from .protocol import knowledge as pk
 from .protocol.text import local_time
@@ -969,7 +969,8 @@ class Api:
             raise RequestError("invalid", f"playbook {name} does not match mission {m.id} "
                                f"({m.detector}:{m.subject}, {m.kind}, {m.severity})")
         if dry_run:
-            plan = build_plan(pb, mission_values(m))
+            # The values frozen in the mission's plan: the hash missions show prints.
+            plan = build_plan(pb, plan_values(m))
             for st, step in zip(pb.step, plan["steps"], strict=True):
                 if st.action == "signal":
                     try:
@@ -1004,14 +1005,12 @@ class Api:
             raise RequestError("invalid", f"the request names mission {m.id} opened at "
                                f"{_when(opened)}, but mission {m.id} opened at "
                                f"{_when(m.opened_at)}")
-        if named is not None:
-            current = build_plan(pb, mission_values(m))["sha256"]
-            if not names_plan(named, current):
-                raise RequestError("plan_changed", f"mission {m.id}: the request names plan "
-                                   f"{named[:16]}, but {pb.name} would run plan {current[:16]} "
-                                   "now; review it (--dry-run) and run again")
         try:
-            done = await self.executor.run_by_hand(m.id, pb, who, writes)
+            # Checked against the live mission where the plan is built, with no
+            # checkpoint between: what runs is the plan named.
+            done = await self.executor.run_by_hand(m.id, pb, who, writes, named)
+        except PlanChanged as exc:
+            raise RequestError("plan_changed", str(exc)) from None
         except LookupError as exc:
             raise RequestError("not_found", str(exc)) from None
         except ValueError as exc:

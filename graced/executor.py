@@ -63,6 +63,7 @@ from .plan import (
     matches,
     mission_values,
     names_plan,
+    plan_values,
     redact_output,
     secrets,
     substitute,
@@ -560,8 +561,7 @@ class Executor:
         pb = self._playbook(m.playbook)
         if pb is None:
             return None
-        values = m.plan["values"] if m.plan else mission_values(m)
-        return build_plan(pb, values)
+        return build_plan(pb, plan_values(m))
 
     async def _plan_changed(self, m: Mission, current: dict[str, Any]) -> None:
         shown = m.plan["sha256"] if m.plan else None
@@ -654,12 +654,16 @@ class Executor:
         return m
 
     async def run_by_hand(self, mission_id: int, pb: PlaybookConfig, who: dict[str, Any],
-                          writes: Sequence[Write] = ()) -> Mission:
+                          writes: Sequence[Write] = (), named: str | None = None) -> Mission:
         """Run ``pb`` for an active mission now, at a person's request (``playbooks run``).
 
         Journaled as any run: an ``approved`` transition naming who asked, then the steps.
         Policy (observe mode, pause, silences, risk) is the person's call here; the run
         still spends the playbook's budget. Raises ValueError.
+
+        The plan that runs has the values frozen in the mission's plan (the one a dry run
+        and missions show print); ``named``, a hash or a prefix of it, must name it, else
+        :class:`PlanChanged` and nothing runs.
         """
         m = self.engine.by_id(mission_id)
         if m is None:
@@ -668,11 +672,16 @@ class Executor:
         if m.id in self.running or m.state not in ("open", "interrupted", "awaiting_approval"):
             raise ValueError(f"mission {mission_id} is {m.state}: a playbook runs only for an "
                              "open, interrupted or waiting mission")
+        plan = build_plan(pb, plan_values(m))
+        if named is not None and not names_plan(named, plan["sha256"]):
+            raise PlanChanged(f"mission {m.id}: the request names plan {named[:16]}, but "
+                              f"{pb.name} would run plan {plan['sha256'][:16]} now; review "
+                              "it (--dry-run) and run again")
         now = time.time()
         self.considered.add(m.id)
         self.deferred.discard(m.id)
         m.playbook, m.risk = pb.name, pb.risk
-        m.plan = build_plan(pb, mission_values(m))
+        m.plan = plan
         m.approvals.append({**who, "decision": "run by hand", "comment": "", "at": now,
                             "plan_sha256": m.plan["sha256"]})
         by = who.get("user") or "?"
@@ -742,8 +751,7 @@ class Executor:
             # holds; whether the run is learned from is decided at its outcome.
             m.held_back = None
             # The plan shown (and approved) is the plan that runs: its frozen values.
-            values = m.plan["values"] if m.plan and m.plan.get("playbook") == pb.name else (
-                mission_values(m))
+            values = plan_values(m)
             m.plan = build_plan(pb, values)
             # Committed before the first step starts (crash safety).
             await self.record(self.engine.transition(

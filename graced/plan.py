@@ -7,7 +7,9 @@ placeholders (``{subject}``, ``{value}``, ``{detector}``, ``{mission}``), the st
 environment and working directory; for ``restart_unit`` the unit and the systemctl argv;
 for ``signal`` the signal and its targets (a process name, a pid or a pid file). The
 values are frozen in the plan when it is made, so the plan an approver reads is the plan
-that runs, whatever the detector samples afterwards.
+that runs, whatever the detector samples afterwards: every later plan of that mission (a
+dry run, a run by hand, a replan after a reload) puts in the same values
+(:func:`plan_values`), so an unchanged playbook gives the same hash.
 
 The plan's ``sha256`` is the SHA-256 of its JSON with sorted keys and compact separators
 (``json.dumps(plan, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``, UTF-8),
@@ -58,6 +60,14 @@ def mission_values(m: Mission) -> dict[str, str]:
     return {"subject": m.subject,
             "value": "" if m.last_value is None else f"{m.last_value:g}",
             "detector": m.detector, "mission": str(m.id)}
+
+
+def plan_values(m: Mission) -> dict[str, str]:
+    """The values a plan for ``m`` puts in: those frozen in its plan once it has one (the
+    plan missions show prints), else as they are now. Every sample moves ``value``: a
+    plan made from the latest one would hash differently from the plan a person read."""
+    return dict(m.plan["values"]) if m.plan and isinstance(m.plan.get("values"), dict) \
+        else mission_values(m)
 
 
 _PLACEHOLDER = re.compile("{(" + "|".join(re.escape(k) for k in PLACEHOLDERS) + ")}")

@@ -562,3 +562,53 @@ def test_playbooks_run_takes_a_plan_prefix_and_n_exits_1(make_graced, shortdir: 
         assert done["approvals"][-1]["plan_sha256"] == sha
     finally:
         w.close()
+
+
+def put(file: Path, text: str) -> None:
+    """Replace the file whole (a reader never sees it empty, as it may mid write_text)."""
+    new = file.with_name(file.name + ".new")
+    new.write_text(text)
+    os.replace(new, file)
+
+
+@pytest.mark.slow
+def test_a_waiting_plan_keeps_its_hash_while_the_detector_samples_on(
+        make_graced, shortdir: Path) -> None:
+    """The plan ``missions show`` prints is the plan ``playbooks run`` shows, accepts by
+    its hash and runs, however the value moves after the plan was made (its values are
+    frozen): a sample of 98 after a plan made at 99 changes neither the hash nor what
+    runs. (The flake: a dry run put in the latest sample's value, so its hash differed
+    from the one missions show had just printed.)"""
+    queue = shortdir / "queue"
+    put(queue, NORMAL)
+    g = make_graced(detectors=value_detector("backlog", queue, "high")
+                    + drain_playbook(queue, echo="value=$GRACE_VALUE")
+                    + SETTINGS.format(approval=300.0).replace("update_interval = 60",
+                                                               "update_interval = 0.1"))
+    w = Watch(g)
+    try:
+        put(queue, FAULT)
+        mid = w.wait("mission.awaiting_approval", "backlog", 15)["payload"]["id"]
+        plan = show(g, mid)["plan"]
+        sha = plan["sha256"]
+        assert plan["values"]["value"] == FAULT, plan
+
+        put(queue, "98")  # still anomalous: the mission waits on, its last value moves
+        assert w.tail.wait_for(lambda _: any(
+            e["payload"]["last_value"] == 98 for e in w.events("mission.updated", "backlog")),
+            15), w.tail.lines[-3:]
+        now = show(g, mid)
+        assert now["last_value"] == 98 and now["plan"]["sha256"] == sha, now
+
+        dry = json.loads(g.ctl("playbooks", "run", "drain", "--mission", str(mid),
+                               "--dry-run", "--json", check=True).stdout)["plan"]
+        assert dry["sha256"] == sha and dry["values"]["value"] == FAULT, dry
+
+        ran = g.ctl("playbooks", "run", "drain", "--mission", str(mid), "--plan", sha[:16])
+        assert ran.returncode == 0, ran.stderr
+        done = json.loads(g.ctl("wait", str(mid), "--state", "resolved", "--timeout", "30",
+                                "--json", check=True).stdout)
+        assert done["approvals"][-1]["plan_sha256"] == sha
+        assert done["steps"][0]["output"].strip().endswith(f"value={FAULT}"), done["steps"]
+    finally:
+        w.close()
