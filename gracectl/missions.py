@@ -24,7 +24,7 @@ from .command import (
 )
 from .errors import CtlError
 from .out import stderr_note
-from .plan_text import render_plan
+from .plan_text import render_plan, skipped_lines
 
 SEVERITIES = ("low", "medium", "high", "critical")
 WHY_STATES = ("escalated", "failed")
@@ -142,6 +142,9 @@ def mission_text(result: dict[str, Any]) -> str:
             code = "" if st.get("exit_code") is None else f"exit {f(st['exit_code'])}, "
             lines.append(f"  {f(st['step'])}. {f(st['action'])} {f(what)}: {status}, {code}"
                          f"{f(st['duration_s'])} s")
+            if st.get("pids"):
+                lines.append("       signalled pids " + ", ".join(f(p) for p in st["pids"]))
+            lines.extend(skipped_lines(st))
             for out_line in out.safe_lines(st.get("output") or "")[-5:]:
                 lines.append(f"       | {out_line}")
     if m["verification"]:

@@ -31,14 +31,37 @@ def render_plan(plan: dict[str, Any]) -> list[str]:
                       f"processes matching {json.dumps(st['process'])}"
                       if st.get("match_cmdline") else
                       f"processes named {json.dumps(st['process'])}")
-            lines.append(f"{head}: signal SIG{safe(st['signal'])} to {target}")
+            whose = (f" of user {safe(st['user'])}" if st.get("user") else
+                     "" if st.get("pid") or st.get("pid_file") else
+                     " of root, a system or service user or graced's (never a login user)")
+            lines.append(f"{head}: signal SIG{safe(st['signal'])} to {target}{whose}")
             if "matching_pids" in st:
-                pids = ", ".join(str(p) for p in st["matching_pids"]) or "none"
+                pids = ", ".join(safe(p) for p in st["matching_pids"]) or "none"
                 lines.append(f"       targets now: {pids}"
                              + (f" ({safe(st['error'])})" if st.get("error") else ""))
+                lines.extend(skipped_lines(st))
         lines.append(f"       timeout {st['timeout']:g} s")
     values = plan.get("values") or {}
     if values:
         lines.append("  values: " + " ".join(json.dumps(f"{{{k}}}={v}")
                                              for k, v in values.items()))
+    return lines
+
+
+def skipped_lines(st: dict[str, Any]) -> list[str]:
+    """The processes a signal step found but left alone (a step record, or a dry run's
+    step), one line each as graced bounds them, and how many more it counted."""
+    raw = st.get("skipped")
+    listed: list[Any] = raw if isinstance(raw, list) else []
+    lines = []
+    for s in listed:
+        if not isinstance(s, dict):
+            continue
+        uid = "" if s.get("uid") is None else f", uid {safe(s['uid'])}"
+        lines.append(f"       skipped pid {safe(s.get('pid'))} ({safe(s.get('name'))}{uid}): "
+                     f"{safe(s.get('reason'))}")
+    count = st.get("skipped_count")
+    more = count - len(listed) if isinstance(count, int) else 0
+    if more > 0:
+        lines.append(f"       and {more} more skipped")
     return lines

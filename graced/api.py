@@ -976,7 +976,9 @@ class Api:
                     try:
                         found = await trio.to_thread.run_sync(
                             self.executor.pids, st, plan["values"])
-                        step["matching_pids"] = [t.pid for t in found]
+                        step["matching_pids"] = [t.pid for t in found.targets]
+                        step["skipped"] = found.skipped
+                        step["skipped_count"] = found.skipped_count
                     except (OSError, ValueError, psutil.Error) as exc:
                         step["matching_pids"] = []
                         step["error"] = str(exc)

@@ -850,8 +850,11 @@ class Executor:
                     found = await trio.to_thread.run_sync(self.pids, st, values)
                     sig = getattr(signals, "SIG" + st.signal.upper().removeprefix("SIG"))
                     pids = await trio.to_thread.run_sync(targets.send, found, sig)
+                    # What was found but left alone, and why (bounded; counted in full).
+                    result.update(skipped=found.skipped, skipped_count=found.skipped_count)
                     if not pids:
-                        raise ProcessLookupError("no matching process")
+                        raise ProcessLookupError("no matching process" + (
+                            f" ({found.summary()})" if found.skipped_count else ""))
                     result.update(ok=True, pids=pids, exit_code=0)
                 else:
                     argv, own_env = command(st, values)
@@ -888,11 +891,12 @@ class Executor:
         return result
 
     @staticmethod
-    def pids(st: StepConfig, values: dict[str, str]) -> list[targets.Target]:
-        """The processes a signal step targets now (blocking: psutil); see graced.targets."""
+    def pids(st: StepConfig, values: dict[str, str]) -> targets.Selection:
+        """The processes a signal step targets now, and those it leaves alone (blocking:
+        psutil); see graced.targets."""
         return targets.find(pid=st.pid, pid_file=substitute(st.pid_file, values),
                             process=substitute(st.process, values),
-                            match_cmdline=st.match_cmdline)
+                            match_cmdline=st.match_cmdline, user=st.user)
 
     def status(self) -> dict[str, Any]:
         now = time.time()

@@ -5,11 +5,11 @@ Theory of operation
 A plan is a playbook's steps with the mission's values put in: for ``run`` the argv after
 placeholders (``{subject}``, ``{value}``, ``{detector}``, ``{mission}``), the step's
 environment and working directory; for ``restart_unit`` the unit and the systemctl argv;
-for ``signal`` the signal and its targets (a process name, a pid or a pid file). The
-values are frozen in the plan when it is made, so the plan an approver reads is the plan
-that runs, whatever the detector samples afterwards: every later plan of that mission (a
-dry run, a run by hand, a replan after a reload) puts in the same values
-(:func:`plan_values`), so an unchanged playbook gives the same hash.
+for ``signal`` the signal and its targets (a process name, a pid or a pid file, and whose
+processes: ``user``). The values are frozen in the plan when it is made, so the plan an
+approver reads is the plan that runs, whatever the detector samples afterwards: every
+later plan of that mission (a dry run, a run by hand, a replan after a reload) puts in the
+same values (:func:`plan_values`), so an unchanged playbook gives the same hash.
 
 The plan's ``sha256`` is the SHA-256 of its JSON with sorted keys and compact separators
 (``json.dumps(plan, sort_keys=True, separators=(",", ":"), ensure_ascii=False)``, UTF-8),
@@ -140,7 +140,7 @@ def describe(st: StepConfig, values: dict[str, str]) -> dict[str, Any]:
     return {"action": "signal", "signal": st.signal.upper().removeprefix("SIG"),
             "process": substitute(st.process, values), "pid": st.pid,
             "pid_file": substitute(st.pid_file, values) if st.pid_file else "",
-            "match_cmdline": st.match_cmdline, "timeout": st.timeout}
+            "match_cmdline": st.match_cmdline, "user": st.user, "timeout": st.timeout}
 
 
 def secrets(st: StepConfig, values: dict[str, str]) -> list[str]:

@@ -2,9 +2,13 @@
 
 A signal step names its target by exact process name (``process``; the command line
 only with ``match_cmdline = true``), by ``pid``, or by ``pid_file``. Never pid 1, a pid
-<= 0 or graced itself. A pid file is trusted only if it is a regular file (not a
-symlink), owned by root or by the user the named process runs as, and writable by
-nobody else (no group or other write bit); it must hold one decimal pid. Each target
+<= 0 or graced itself. Found by name, a process is hit only if its real user is the
+step's ``user``, or without ``user`` one a login account cannot be (graced.owners, the
+process detectors' rule): a login user's process of the service's name is a decoy, left
+alone. With ``user``, a ``pid`` or ``pid_file`` target must be that user's too. A pid
+file is trusted only if it is a regular file (not a symlink), owned by root or by the
+user the named process runs as, and writable by nobody else (no group or other write
+bit); it must hold one decimal pid. Each target
 is remembered with its start time, and re-checked just before the signal: through a
 pidfd (opened first, then checked, then signalled through), so a pid recycled by
 another process in between is never hit.
@@ -16,9 +20,16 @@ import os
 import re
 import signal
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
+
+from .owners import foreign, login_uids, uid_of
+
+MAX_SKIPPED = 20
+"""A step's record lists at most this many skipped processes (and counts them all):
+anyone may start thousands of decoys."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,30 @@ class Target:
     name: str
 
 
+@dataclass
+class Selection:
+    """The processes a step hits now, and those it found but leaves alone (bounded)."""
+
+    targets: list[Target] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    skipped_count: int = 0
+
+    def skip(self, pid: int, name: str, uid: int | None, reason: str) -> None:
+        self.skipped_count += 1
+        if len(self.skipped) < MAX_SKIPPED:
+            self.skipped.append({"pid": pid, "name": name, "uid": uid, "reason": reason})
+
+    def summary(self) -> str:
+        """The skipped processes' reasons, counted: "2 of a login user, not signalled
+        without the step's user key"."""
+        counts: dict[str, int] = {}
+        for s in self.skipped:
+            counts[s["reason"]] = counts.get(s["reason"], 0) + 1
+        text = "; ".join(f"{n} {why}" for why, n in counts.items())
+        unlisted = self.skipped_count - len(self.skipped)
+        return text + (f"; {unlisted} more" if unlisted else "")
+
+
 def _allowed(pid: int) -> bool:
     return pid > 1 and pid != os.getpid()
 
@@ -35,6 +70,14 @@ def _allowed(pid: int) -> bool:
 def _target(pid: int) -> Target:
     proc = psutil.Process(pid)
     return Target(pid, proc.create_time(), proc.name())
+
+
+def _reason(why: str, user: str) -> str:
+    """What a step record says of a process :func:`graced.owners.foreign` refused."""
+    return {"user unknown": "its user could not be read",
+            "another user": f"not of user {user}",
+            "login user": "of a login user, not signalled without the step's user key",
+            }[why]
 
 
 def pid_from_file(path: str) -> int:
@@ -72,32 +115,52 @@ def pid_from_file(path: str) -> int:
 
 
 def find(*, pid: int = 0, pid_file: str = "", process: str = "",
-         match_cmdline: bool = False) -> list[Target]:
-    """The processes a step names, now."""
+         match_cmdline: bool = False, user: str = "") -> Selection:
+    """The processes a step names, now, and those it leaves alone. ``user`` (a name or a
+    uid) is whose processes it may hit; "" means the service's (see the module)."""
     try:
-        if pid:
-            if not _allowed(pid):
+        wanted = uid_of(user) if user else None
+    except LookupError as exc:
+        raise ValueError(str(exc)) from None
+    sel = Selection()
+    try:
+        if pid or pid_file:
+            if pid and not _allowed(pid):
                 raise PermissionError(f"pid {pid}: graced never signals it")
-            return [_target(pid)]
-        if pid_file:
-            return [_target(pid_from_file(pid_file))]
+            target = _target(pid or pid_from_file(pid_file))
+            owner = psutil.Process(target.pid).uids().real
+            if wanted is not None and owner != wanted:
+                sel.skip(target.pid, target.name, owner, _reason("another user", user))
+            else:
+                sel.targets.append(target)
+            return sel
     except psutil.NoSuchProcess:
-        return []
-    out = []
-    for proc in psutil.process_iter(["name", "cmdline", "create_time"]):
-        if not _allowed(proc.pid):
-            continue
-        hit = proc.info["name"] == process or (
+        return sel
+    login_min = login_uids().start
+    me, my_uid = os.getpid(), os.getuid()
+    for proc in psutil.process_iter(["name", "cmdline", "create_time", "uids"]):
+        name = proc.info["name"] or ""
+        hit = name == process or (
             match_cmdline and process in " ".join(proc.info["cmdline"] or []))
-        if hit:
-            out.append(Target(proc.pid, proc.info["create_time"], proc.info["name"] or ""))
-    return out
+        if not hit:
+            continue
+        owner = proc.info["uids"].real if proc.info["uids"] is not None else None
+        if proc.pid == me:
+            sel.skip(proc.pid, name, owner, "graced itself")
+        elif not _allowed(proc.pid):
+            sel.skip(proc.pid, name, owner, f"pid {proc.pid}, never signalled")
+        elif why := foreign(owner, wanted, login_min, my_uid):
+            sel.skip(proc.pid, name, owner, _reason(why, user))
+        else:
+            sel.targets.append(Target(proc.pid, proc.info["create_time"], name))
+    return sel
 
 
-def send(targets: list[Target], sig: int) -> list[int]:
-    """Signal each target that is still the process it was; returns the pids hit."""
+def send(sel: Selection, sig: int) -> list[int]:
+    """Signal each target that is still the process it was; returns the pids hit (one
+    that exited or was replaced meanwhile is added to the skipped)."""
     hit = []
-    for t in targets:
+    for t in sel.targets:
         fd = None
         try:
             try:
@@ -105,13 +168,16 @@ def send(targets: list[Target], sig: int) -> list[int]:
             except (AttributeError, OSError):
                 fd = None  # no pidfd on this kernel: re-check, then kill by pid
             if psutil.Process(t.pid).create_time() != t.started:
-                continue  # the pid now belongs to another process
+                # the pid now belongs to another process
+                sel.skip(t.pid, t.name, None, "its pid was reused before the signal")
+                continue
             if fd is not None:
                 signal.pidfd_send_signal(fd, sig)
             else:
                 os.kill(t.pid, sig)
             hit.append(t.pid)
         except (psutil.NoSuchProcess, ProcessLookupError):
+            sel.skip(t.pid, t.name, None, "exited before the signal")
             continue
         finally:
             if fd is not None:

@@ -19,7 +19,8 @@ from typing import Any
 import psutil
 import pytest
 
-from graced.detectors.process import _PidfdBudget, login_uids, service_owner
+from graced.detectors.process import _PidfdBudget
+from graced.owners import login_uids, service_owner
 from tests.conftest import Graced
 from tests.helpers.users import ensure_user
 from tests.test_event_sources_e2e import _started, killed_and_restarted

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..owners import check_user
 from .detectors import SEVERITIES
 from .schema import (
     Check,
@@ -40,6 +41,10 @@ def _signal(v: str) -> str | None:
         "must be one of " + ", ".join(SIGNALS))
 
 
+def _user(v: str) -> str | None:
+    return non_empty(v) or check_user(v)
+
+
 def _env_list(v: list[str]) -> str | None:
     bad = [i for i, e in enumerate(v, 1) if "=" not in e or e.startswith("=")]
     # Not echoed: an entry may be a secret value.
@@ -62,6 +67,9 @@ class StepConfig:
     pid: int = field(default=0, metadata=check(positive))
     pid_file: str = ""
     match_cmdline: bool = False
+    # signal: only processes whose real user is this one (a name or a uid this host
+    # knows); without it, never a login user's process found by name (graced.owners)
+    user: str = field(default="", metadata=check(_user))
     max_output: int = field(default=65536, metadata=check(positive))
 
 
@@ -125,7 +133,7 @@ ACTIONS: dict[str, Action] = {
     "start_action": Action({"unit": non_empty, "max_output": None}, requires=("unit",),
                            rule=_action_rule),
     "signal": Action({"signal": None, "process": non_empty, "pid": None, "pid_file": None,
-                      "match_cmdline": None},
+                      "match_cmdline": None, "user": None},
                      rule=_signal_rule),
 }
 

@@ -9,13 +9,13 @@ re-resolved at every sample, so a new one started after a death is watched too.
 from __future__ import annotations
 
 import os
-import pwd
 import resource
 import threading
 
 import psutil
 
 from ..config import DetectorConfig
+from ..owners import foreign, login_uids, uid_of
 from .base import Observation, SimpleDetector
 from .events import POLL, Wakeup
 
@@ -85,55 +85,16 @@ class _PidfdBudget:
 PIDFD_BUDGET = _PidfdBudget()
 
 
-def _uid(user: str) -> int:
-    """``user`` (a name or a uid) as a uid; one this host does not know is a detector error."""
-    if user.isdigit():
-        return int(user)
-    try:
-        return pwd.getpwnam(user).pw_uid
-    except KeyError:
-        raise LookupError(f"no user {user!r} on this host") from None
-
-
-DYNAMIC_USERS = range(61184, 65520)
-"""systemd's DynamicUser= uids: services, never a login account."""
-NOBODY = 65534
-
-
-def login_uids(defs: str = "/etc/login.defs") -> range:
-    """The uids of login accounts: UID_MIN to UID_MAX of login.defs (1000 to 60000 where it
-    says nothing, as useradd)."""
-    bounds = {"UID_MIN": 1000, "UID_MAX": 60000}
-    try:
-        with open(defs, encoding="utf-8", errors="replace") as fh:
-            for line in fh.read(1 << 16).splitlines():
-                parts = line.split()
-                if len(parts) >= 2 and parts[0] in bounds and parts[1].isdigit():
-                    bounds[parts[0]] = int(parts[1])
-    except OSError:
-        pass
-    return range(bounds["UID_MIN"], max(bounds["UID_MIN"], bounds["UID_MAX"]) + 1)
-
-
-def service_owner(uid: int, login_min: int, me: int) -> bool:
-    """Without ``user``, may a process of ``uid`` be the watched service? A login account
-    can start a process under any name, and so can the subordinate uids its user
-    namespaces map (/etc/subuid, past UID_MAX): those are decoys until ``user`` names
-    them. Root, the system accounts (below UID_MIN), systemd's dynamic users, nobody and
-    graced's own user cannot be taken by a login account."""
-    return uid == me or uid < login_min or uid in DYNAMIC_USERS or uid == NOBODY
-
-
 def _matching(cfg: DetectorConfig, login_min: int, gone: set[int] | None = None
               ) -> tuple[list[psutil.Process], int]:
     """(The processes that match, how many more matched but belong to a user who is not
     the service's), zombies and ``gone`` (exited, known by pidfd) left out. The service's
-    user: ``user`` if set, else any :func:`service_owner` (review of #19: without
-    ``user``, a login user's decoy counted as the service and hid its death)."""
+    user: ``user`` if set, else any :func:`~graced.owners.service_owner` (review of #19:
+    without ``user``, a login user's decoy counted as the service and hid its death)."""
     found = []
     others = 0
     me = psutil.Process().pid
-    uid = _uid(cfg.user) if cfg.user else None
+    uid = uid_of(cfg.user) if cfg.user else None
     my_uid = os.getuid()
     for proc in psutil.process_iter(["name", "cmdline", "uids"]):
         if proc.pid == me or (gone and proc.pid in gone):
@@ -150,8 +111,7 @@ def _matching(cfg: DetectorConfig, login_min: int, gone: set[int] | None = None
         if not hit:
             continue
         owner = proc.info["uids"].real if proc.info["uids"] is not None else None
-        if owner is None or (owner != uid if uid is not None
-                             else not service_owner(owner, login_min, my_uid)):
+        if foreign(owner, uid, login_min, my_uid):
             others += 1
             continue
         found.append(proc)

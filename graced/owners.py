@@ -1,0 +1,77 @@
+"""Whose process may be the service a config names (process detectors, signal steps).
+
+Any user can start a process under any name. So a process found by name is taken for
+the service only if its real user is the one the config's ``user`` key names, or, with
+no ``user``, one a login account cannot be: root, a system account (below UID_MIN of
+/etc/login.defs), one of systemd's dynamic users, nobody, or graced's own user. A login
+account's process (and one of the subordinate uids its user namespaces map, past
+UID_MAX) is a decoy until ``user`` names that account (review of #19, attacker 3; #15).
+"""
+
+from __future__ import annotations
+
+import pwd
+
+DYNAMIC_USERS = range(61184, 65520)
+"""systemd's DynamicUser= uids: services, never a login account."""
+NOBODY = 65534
+MAX_UID = 4294967294  # (uid_t) -1 means "no user"
+
+
+def uid_of(user: str) -> int:
+    """``user`` (a name or a uid) as a uid; raises LookupError for a name this host does
+    not know, ValueError for a uid out of range."""
+    if len(user) > 256:
+        raise ValueError(f"user name too long ({len(user)} characters)")
+    if user.isdigit():
+        uid = int(user)
+        if uid > MAX_UID:
+            raise ValueError(f"uid {user} is out of range (0 to {MAX_UID})")
+        return uid
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except (KeyError, ValueError):  # ValueError: a NUL in the name
+        raise LookupError(f"no user {user!r} on this host") from None
+
+
+def check_user(user: str) -> str | None:
+    """A config check (graced/config/schema.py): None if ``user`` names a user here."""
+    try:
+        uid_of(user)
+    except (LookupError, ValueError) as exc:
+        return str(exc.args[0]) if exc.args else "not a user"
+    return None
+
+
+def login_uids(defs: str = "/etc/login.defs") -> range:
+    """The uids of login accounts: UID_MIN to UID_MAX of login.defs (1000 to 60000 where it
+    says nothing, as useradd)."""
+    bounds = {"UID_MIN": 1000, "UID_MAX": 60000}
+    try:
+        with open(defs, encoding="utf-8", errors="replace") as fh:
+            for line in fh.read(1 << 16).splitlines():
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] in bounds and parts[1].isdigit():
+                    bounds[parts[0]] = int(parts[1])
+    except OSError:
+        pass
+    return range(bounds["UID_MIN"], max(bounds["UID_MIN"], bounds["UID_MAX"]) + 1)
+
+
+def service_owner(uid: int, login_min: int, me: int) -> bool:
+    """Without ``user``, may a process of ``uid`` be the service? Root, the system accounts
+    (below ``login_min``), systemd's dynamic users, nobody and graced's own user (``me``)
+    cannot be taken by a login account; anyone else can."""
+    return uid == me or uid < login_min or uid in DYNAMIC_USERS or uid == NOBODY
+
+
+def foreign(owner: int | None, wanted: int | None, login_min: int, me: int) -> str | None:
+    """Why a process of real user ``owner`` found by name is not the service's, or None if
+    it may be: ``wanted`` is the uid the config's ``user`` names (None without ``user``).
+    The reason is ``"user unknown"``, ``"another user"`` (not ``wanted``) or ``"login
+    user"`` (no ``user``, and ``owner`` is a login account or one it maps)."""
+    if owner is None:
+        return "user unknown"
+    if wanted is not None:
+        return None if owner == wanted else "another user"
+    return None if service_owner(owner, login_min, me) else "login user"
