@@ -23,7 +23,7 @@ def uid_of(user: str) -> int:
     not know, ValueError for a uid out of range."""
     if len(user) > 256:
         raise ValueError(f"user name too long ({len(user)} characters)")
-    if user.isdigit():
+    if user.isascii() and user.isdigit():  # not "\u0661" (an Arabic-Indic one)
         uid = int(user)
         if uid > MAX_UID:
             raise ValueError(f"uid {user} is out of range (0 to {MAX_UID})")
@@ -51,7 +51,8 @@ def login_uids(defs: str = "/etc/login.defs") -> range:
         with open(defs, encoding="utf-8", errors="replace") as fh:
             for line in fh.read(1 << 16).splitlines():
                 parts = line.split()
-                if len(parts) >= 2 and parts[0] in bounds and parts[1].isdigit():
+                if len(parts) >= 2 and parts[0] in bounds and parts[1].isascii() \
+                        and parts[1].isdigit():
                     bounds[parts[0]] = int(parts[1])
     except OSError:
         pass

@@ -1,0 +1,206 @@
+"""Signal steps hit only the users' processes they should (#15 item 7, #19 leftover): a
+login user can start a process under the service's name, and graced must not kill it
+(nor take it for the service) unless the step's ``user`` names that user."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from graced.owners import foreign, login_uids, uid_of
+from graced.targets import MAX_SKIPPED, Selection, find
+from tests.helpers.procs import poll_until
+from tests.helpers.users import ensure_user
+from tests.test_config_keys import graced_cmd
+from tests.test_hostile_data_e2e import value_detector
+from tests.test_missions_e2e import Watch
+
+
+def test_whose_process_a_step_may_hit() -> None:
+    """The one rule of graced.owners, as the process detectors and signal steps use it."""
+    me = 4242
+    assert foreign(0, None, 1000, me) is None  # root
+    assert foreign(999, None, 1000, me) is None  # a system account
+    assert foreign(61184, None, 1000, me) is None  # a dynamic user
+    assert foreign(65534, None, 1000, me) is None  # nobody
+    assert foreign(me, None, 1000, me) is None  # graced's own user
+    assert foreign(1000, None, 1000, me) == "login user"
+    assert foreign(165536, None, 1000, me) == "login user"  # a subordinate uid
+    assert foreign(None, None, 1000, me) == "user unknown"
+    assert foreign(1000, 1000, 1000, me) is None  # user names the login account
+    assert foreign(0, 1000, 1000, me) == "another user"  # ... and then only it
+    assert uid_of("0") == 0 and uid_of("root") == 0
+    for bad in ("\u0661", "no-such-user-x", "a\0b", "x" * 300, "4294967295"):
+        with pytest.raises((LookupError, ValueError)):
+            uid_of(bad)
+
+
+def test_a_steps_record_of_skipped_processes_is_bounded() -> None:
+    sel = Selection()
+    for pid in range(100, 100 + 3 * MAX_SKIPPED):
+        sel.skip(pid, "svcd", 1000, "of a login user, not signalled without the step's user key")
+    sel.skip(7, "svcd", 0, "pid 7, never signalled")
+    assert len(sel.skipped) == MAX_SKIPPED and sel.skipped_count == 3 * MAX_SKIPPED + 1
+    assert sel.summary() == (f"{MAX_SKIPPED} of a login user, not signalled without the step's "
+                             f"user key; {2 * MAX_SKIPPED + 1} more")
+
+
+def test_a_step_naming_an_unknown_user_fails_at_run_time_not_graced() -> None:
+    with pytest.raises(ValueError, match="no user 'no-such-user-x' on this host"):
+        find(process="svcd", user="no-such-user-x")
+
+
+@pytest.mark.parametrize("value, reason", [
+    ('"no-such-user-x"', "user: no user 'no-such-user-x' on this host"),
+    ('""', "user: must not be empty"),
+    ('"99999999999"', "user: uid 99999999999 is out of range"),
+    ("12", "user: expected a string, got integer 12"),
+])
+def test_a_signal_steps_user_is_checked_when_the_config_is_loaded(
+        tmp_path: Path, value: str, reason: str) -> None:
+    path = tmp_path / "graced.toml"
+    path.write_text('[[playbook]]\nname = "kick"\nrisk = "low"\n[[playbook.step]]\n'
+                    f'action = "signal"\nprocess = "svcd"\nuser = {value}\n')
+    res = graced_cmd("config", "check", str(path))
+    assert res.returncode == 3 and res.stdout == ""
+    assert res.stderr.count("\n") == 1, res.stderr
+    assert f"{path}:7: [[playbook]] #1 (kick) step 1 {reason}" in res.stderr, res.stderr
+
+
+def _as(user: str, exe: Path) -> tuple[subprocess.Popen[bytes], psutil.Process]:
+    """``exe`` run as ``user`` (runuser stays its parent): (runuser, the process)."""
+    runner = subprocess.Popen(["runuser", "-u", user, "--", str(exe), "600"],
+                              stdin=subprocess.DEVNULL, start_new_session=True)
+    uid = pwd.getpwnam(user).pw_uid
+
+    def started() -> psutil.Process | None:
+        for child in psutil.Process(runner.pid).children():
+            if child.name() == exe.name and child.uids().real == uid:
+                return child
+        return None
+
+    poll_until(lambda: started() is not None, 15, f"{exe.name} never started as {user}")
+    child = started()
+    assert child is not None
+    return runner, child
+
+
+def _step(g, mid: int) -> dict:  # type: ignore[no-untyped-def]
+    shown = json.loads(g.ctl("missions", "show", str(mid), "--json", check=True).stdout)
+    assert shown["steps"], shown
+    return dict(shown["steps"][0])
+
+
+@pytest.mark.slow
+def test_a_login_users_decoy_survives_a_signal_step_unless_its_user_is_named(
+        make_graced) -> None:
+    """A decoy of the service's exact name, owned by a login user, survives ``process =
+    NAME``, which signals the service's processes (root's, graced's own user, and a system
+    account's); ``user = "<login user>"`` signals the decoy and nothing else; a pid file
+    naming the decoy with ``user = "root"`` leaves it alone. Each step's record says which
+    processes it skipped and why, and missions show prints it."""
+    if os.geteuid() != 0:
+        pytest.skip("a second Unix user can only be created (and run) as root")
+    if not shutil.which("useradd") or not shutil.which("runuser"):
+        pytest.skip("useradd/runuser not installed: cannot create a second Unix user")
+    try:
+        decoy_user = ensure_user("grace-decoy")
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"useradd failed: {exc.stderr.strip()}")
+    decoy_uid = pwd.getpwnam(decoy_user).pw_uid
+    assert decoy_uid in login_uids(), "the decoy's user is a login account"
+    system = next((u for u in ("daemon", "bin", "sys") if _uid_or_none(u) is not None), None)
+    if system is None:
+        pytest.skip("no system account (daemon, bin, sys) to run a service as")
+    assert (_uid_or_none(system) or 0) < login_uids().start
+    name = f"s15{uuid.uuid4().hex[:8]}"
+    where = Path(tempfile.mkdtemp(prefix="grace-sig-"))
+    runners: list[subprocess.Popen[bytes]] = []
+    service = None
+    try:
+        where.chmod(0o755)
+        exe = where / name
+        shutil.copy(shutil.which("sleep") or "/bin/sleep", exe)
+        exe.chmod(0o755)
+        service = subprocess.Popen([str(exe), "600"], stdin=subprocess.DEVNULL)  # graced's user
+        sys_runner, sys_service = _as(system, exe)
+        decoy_runner, decoy = _as(decoy_user, exe)
+        runners += [sys_runner, decoy_runner]
+        pid_file = where / "decoy.pid"
+        pid_file.write_text(f"{decoy.pid}\n")
+        pid_file.chmod(0o644)
+        files, config = {}, ""
+        steps = {"byname": f'process = "{name}"',
+                 "asuser": f'process = "{name}"\nuser = "{decoy_user}"',
+                 "pidroot": f'pid_file = "{pid_file}"\nuser = "root"'}
+        for det, how in steps.items():
+            files[det] = where / f"{det}.value"
+            files[det].write_text("0")
+            config += value_detector(det, files[det]) + (
+                f'[[playbook]]\nname = "sig-{det}"\ndetector = "{det}"\nrisk = "low"\n'
+                f'verify_timeout = 30.0\n[[playbook.step]]\naction = "signal"\n'
+                f'signal = "TERM"\n{how}\n')
+        g = make_graced(detectors=config + "\n[remediation]\nmax_actions_per_hour = 100\n")
+        w = Watch(g)
+        try:
+            # By name, no user: the service's two processes, never the decoy.
+            files["byname"].write_text("99")
+            assert service.wait(30) == -signal.SIGTERM
+            sys_runner.wait(30)
+            assert not sys_service.is_running()
+            mid = w.wait("mission.verifying", "byname", 30)["payload"]["id"]
+            step = _step(g, mid)
+            assert step["ok"] and sorted(step["pids"]) == sorted([service.pid, sys_service.pid])
+            assert decoy.is_running() and decoy.status() != psutil.STATUS_ZOMBIE
+            assert step["skipped_count"] == 1, step
+            assert step["skipped"] == [{
+                "pid": decoy.pid, "name": name, "uid": decoy_uid,
+                "reason": "of a login user, not signalled without the step's user key"}]
+            shown = g.ctl("missions", "show", str(mid), check=True).stdout
+            assert (f"skipped pid {decoy.pid} ({name}, uid {decoy_uid}): of a login user, "
+                    "not signalled without the step's user key") in shown, shown
+            assert f"signalled pids {', '.join(str(p) for p in step['pids'])}" in shown
+
+            # A pid file naming the decoy, but user = "root": left alone, the step fails.
+            files["pidroot"].write_text("99")
+            mid = w.wait("mission.failed", "pidroot", 30)["payload"]["id"]
+            step = _step(g, mid)
+            assert not step["ok"] and "not of user root" in step["error"], step
+            assert step["skipped"][0]["pid"] == decoy.pid
+            assert decoy.is_running()
+
+            # user names the login account: the decoy is the one signalled.
+            files["asuser"].write_text("99")
+            decoy_runner.wait(30)  # it ends once the decoy it started is gone
+            mid = w.wait("mission.verifying", "asuser", 30)["payload"]["id"]
+            step = _step(g, mid)
+            assert step["ok"] and step["pids"] == [decoy.pid], step
+            assert not decoy.is_running()
+        finally:
+            w.close()
+    finally:
+        if service is not None and service.poll() is None:
+            service.kill()
+            service.wait()
+        for runner in runners:
+            if runner.poll() is None:
+                os.killpg(runner.pid, signal.SIGKILL)  # runuser and what it started
+            runner.wait()
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def _uid_or_none(user: str) -> int | None:
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
