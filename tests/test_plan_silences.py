@@ -75,7 +75,7 @@ def test_env_values_stay_out_of_a_plan_but_still_change_its_hash() -> None:
 # kept of the output) changes what runs, so it must change the plan and its hash.
 OTHER = {"argv": ["/bin/echo other"], "shell": True, "env": ["A=2"], "cwd": "/tmp",
          "timeout": 31.0, "unit": "other", "signal": "HUP", "process": "other", "pid": 5,
-         "pid_file": "/run/other.pid", "match_cmdline": True}
+         "pid_file": "/run/other.pid", "match_cmdline": True, "user": "root"}
 BASE = {"run": StepConfig(action="run", argv=["/bin/echo hi"], env=["A=1"]),
         "restart_unit": StepConfig(action="restart_unit", unit="web"),
         "start_action": StepConfig(action="start_action", unit="clean"),

@@ -101,7 +101,6 @@ def _step(g, mid: int) -> dict:  # type: ignore[no-untyped-def]
     return dict(shown["steps"][0])
 
 
-@pytest.mark.slow
 def test_a_login_users_decoy_survives_a_signal_step_unless_its_user_is_named(
         make_graced) -> None:
     """A decoy of the service's exact name, owned by a login user, survives ``process =
@@ -170,6 +169,12 @@ def test_a_login_users_decoy_survives_a_signal_step_unless_its_user_is_named(
             assert (f"skipped pid {decoy.pid} ({name}, uid {decoy_uid}): of a login user, "
                     "not signalled without the step's user key") in shown, shown
             assert f"signalled pids {', '.join(str(p) for p in step['pids'])}" in shown
+            # A dry run says the same before anything is signalled.
+            dry = g.ctl("playbooks", "run", "sig-byname", "--mission", str(mid), "--dry-run",
+                        check=True).stdout
+            assert (f'signal SIGTERM to processes named "{name}" of root, a system or '
+                    "service user or graced's (never a login user)") in dry, dry
+            assert "targets now: none" in dry and f"skipped pid {decoy.pid} ({name}" in dry
 
             # A pid file naming the decoy, but user = "root": left alone, the step fails.
             files["pidroot"].write_text("99")
