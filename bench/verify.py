@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from itertools import repeat
 from pathlib import Path
 
@@ -101,22 +102,11 @@ def make_stream(base: Path, events: int) -> tuple[Path, Path]:
     return stream, base / "state" / "key.pub"
 
 
-def bare_rates(stream: Path, public_key: bytes,
-               sample: int = 20000) -> dict[str, tuple[float, float]]:
-    """Bare Ed25519 verifies per second on one core over the stream's own messages, as
-    (per second of wall time, per second of CPU time), by two calls:
-
-    - ``VerifyKey.verify``: PyNaCl's verify, the baseline the target is measured against;
-    - ``binding``: libsodium's ``crypto_sign_open`` through PyNaCl's cffi binding, called
-      from a C loop into one buffer, as ``gracectl verify`` calls it (``verify_all``).
-    """
-    msgs = []
-    with stream.open("rb") as f:
-        for line in f:
-            event, signing = parse_event_line(line.rstrip(b"\n"))
-            msgs.append((base64.b64decode(event["sig"]), signing))
-            if len(msgs) >= sample:
-                break
+def _timers(msgs: list[tuple[bytes, bytes]],
+            public_key: bytes) -> dict[str, Callable[[], None]]:
+    """The two bare verifies of ``msgs`` ((signature, signed bytes) pairs), each one pass
+    over them: ``VerifyKey.verify`` (PyNaCl) and ``binding`` (``crypto_sign_open`` through
+    PyNaCl's cffi binding, from a C loop into one buffer, as ``verify_all`` calls it)."""
     key = nacl.signing.VerifyKey(public_key)
     signed = [sig + data for sig, data in msgs]
     out, out_len = ffi.new("unsigned char[]", max(map(len, signed))), ffi.new(
@@ -131,8 +121,25 @@ def bare_rates(stream: Path, public_key: bytes,
                            map(len, signed), repeat(public_key)))
         assert results.count(0) == len(results)
 
+    return {"VerifyKey.verify": pynacl, "binding": binding}
+
+
+def bare_rates(stream: Path, public_key: bytes,
+               sample: int = 20000) -> dict[str, tuple[float, float]]:
+    """Bare Ed25519 verifies per second on one core over the stream's own messages, as
+    (per second of wall time, per second of CPU time), by the two calls of
+    :func:`_timers`: ``VerifyKey.verify``, the baseline the target is measured against,
+    and ``binding``, as ``gracectl verify`` calls libsodium.
+    """
+    msgs = []
+    with stream.open("rb") as f:
+        for line in f:
+            event, signing = parse_event_line(line.rstrip(b"\n"))
+            msgs.append((base64.b64decode(event["sig"]), signing))
+            if len(msgs) >= sample:
+                break
     rates = {}
-    for name, run in (("VerifyKey.verify", pynacl), ("binding", binding)):
+    for name, run in _timers(msgs, public_key).items():
         best = best_cpu = 0.0
         for _ in range(2):
             t0, c0 = time.perf_counter(), time.process_time()
@@ -172,28 +179,15 @@ def worker_costs(stream: Path, public_key: bytes, sample: int = 20000,
     end = start + sum(map(len, lines))
     msgs = [(base64.b64decode(event["sig"]), data)
             for event, data in map(parse_event_line, (line.rstrip(b"\n") for line in lines))]
-    signed = [sig + data for sig, data in msgs]
-    key = nacl.signing.VerifyKey(public_key)
-    out, out_len = ffi.new("unsigned char[]", max(map(len, signed))), ffi.new(
-        "unsigned long long *")
-
-    def pynacl() -> None:
-        for sig, data in msgs:
-            key.verify(data, sig)
-
-    def binding() -> None:
-        results = list(map(lib.crypto_sign_open, repeat(out), repeat(out_len), signed,
-                           map(len, signed), repeat(public_key)))
-        assert results.count(0) == len(results)
 
     def worker() -> None:
         chunk = _verify_chunk(str(stream), start, end, public_key, None)
         assert chunk is not None and chunk.count == sample
 
-    best = dict.fromkeys(("VerifyKey.verify", "binding", "worker"), float("inf"))
+    runs = {**_timers(msgs, public_key), "worker": worker}
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(rounds):
-        for name, run in (("VerifyKey.verify", pynacl), ("binding", binding),
-                          ("worker", worker)):
+        for name, run in runs.items():
             c0 = time.process_time()
             run()
             best[name] = min(best[name], (time.process_time() - c0) / sample * 1e6)
