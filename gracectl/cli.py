@@ -377,7 +377,8 @@ LINES = Lines()
                    "'-10min', '22:31', 'yesterday 22:00', '2026-11-24 10:00', ISO 8601, "
                    "'@EPOCH', 'today' (as journalctl).")
 @click.option("--until", "-U", metavar="SEQ|TIME",
-              help="Stop after this seq, or before the first event after this time.")
+              help="Stop after this seq, or before the first event after this time "
+                   "(before --since: exit 2, as journalctl).")
 @click.option("-o", "--output", type=click.Choice(out.TAIL_OUTPUTS), default="short",
               show_default=True,
               help="short: time, seq, topic, payload; json and jsonl: each event in its "
@@ -417,6 +418,13 @@ def tail(ctx: click.Context, patterns: tuple[str, ...], follow: bool, lines: int
 
     endpoint = endpoint_of(ctx)
     start, end = _point(since, "--since"), _point(until, "--until")
+    if start is not None and end is not None:
+        from .timespec import after
+
+        if after(start, end):  # journalctl: "--since= must be before --until="
+            raise CtlError(f"--since {str(since)[:40]!r} is after --until "
+                           f"{str(until)[:40]!r}: no event can be in that range",
+                           ExitCode.USAGE)
     output = "json" if as_json else "short" if output == "short-iso" else output
     if reverse and follow and ctx.get_parameter_source("follow") != ParameterSource.DEFAULT:
         raise click.UsageError("--reverse and --follow cannot go together (as journalctl)")

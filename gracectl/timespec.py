@@ -51,6 +51,16 @@ def _span(text: str) -> float | None:
     return total
 
 
+def after(since: Point, until: Point) -> bool:
+    """Whether ``since`` lies after ``until`` (both seqs, or both times): a range no event
+    can be in, which journalctl refuses. A seq against a time is not known here."""
+    if since.seq is not None and until.seq is not None:
+        return since.seq > until.seq
+    if since.ts is not None and until.ts is not None:
+        return since.ts > until.ts
+    return False
+
+
 def parse(text: str, now: float) -> Point:
     """A seq or a time from ``text``; raises ValueError with the reason."""
     t = text.strip().lower()

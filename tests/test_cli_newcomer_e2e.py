@@ -155,6 +155,45 @@ def test_tail_says_when_nothing_matches(graced: Graced) -> None:
 
 
 @pytest.mark.slow
+def test_tail_refuses_a_since_after_its_until_and_escapes_as_the_docs_say(
+        graced: Graced) -> None:
+    """A range no event can be in is a usage error (exit 2, one line), as journalctl's
+    '--since= must be before --until='; the same range the right way round is shown.
+    A bare value shows ESC as \\e (as every other control: \\x07, \\u202e); inside a
+    value written in JSON (a quoted string, a list) it is JSON's \\u001b: the README and
+    gracectl(1) say both, with this example."""
+    g = graced
+    g.ctl("emit", "user.a", "--count", "3", check=True)
+    seqs = [json.loads(x)["seq"] for x in g.ctl("tail", "--no-follow", "-o", "json", "-n",
+                                                 "3", "user.a", check=True).stdout.splitlines()]
+    low, high = str(seqs[0]), str(seqs[-1])
+    for since, until in ((high, low), ("now", "-1h")):
+        res = g.ctl("tail", "--no-follow", "-S", since, "-U", until, "user.*")
+        assert res.returncode == 2 and res.stdout == "", res
+        assert res.stderr == (f"gracectl: --since {since!r} is after --until {until!r}: "
+                              "no event can be in that range\n"), res.stderr
+    ok = g.ctl("tail", "--no-follow", "-o", "json", "-S", low, "-U", high, "user.*",
+               check=True)
+    assert [json.loads(x)["seq"] for x in ok.stdout.splitlines()] == seqs
+
+    payload = {"bare": "a\x1b[31mb", "bell": "x\x07y", "list": ["\x1b"],
+               "rlo": "x\u202ey", "spaced": "a b\x1b[31m"}
+    g.ctl("emit", "user.esc", "--payload", json.dumps(payload), check=True)
+    shown = (r'bare=a\e[31mb bell=x\x07y list=["\u001b"] rlo=x\u202ey '
+             r'spaced="a b\u001b[31m"')
+    short = g.ctl("tail", "--no-follow", "-n", "1", "user.esc", check=True).stdout
+    assert short.split(" user.esc ", 1)[1].strip() == shown, short
+    cat = g.ctl("tail", "--no-follow", "-n", "1", "-o", "cat", "user.esc", check=True)
+    assert cat.stdout == shown + "\n", cat.stdout
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    assert r"(`\e`, `\x07`," in readme and r'`"a b\u001b[31m"`' in readme
+    man = (root / "man" / "gracectl.1").read_text()
+    assert r'.RB ( \ee ", " \ex07 ", " \eu202e ),' in man
+    assert r'.RB ( "spaced=""a b\eu001b[31m""" ),' in man
+
+
+@pytest.mark.slow
 def test_a_failing_detector_says_why_in_plain_words(make_graced, shortdir: Path) -> None:
     queue = shortdir / "queue"
     queue.write_text(FAULT)
@@ -176,8 +215,24 @@ def test_a_failing_detector_says_why_in_plain_words(make_graced, shortdir: Path)
     assert f"detector backlog failing: {why}" in status.stdout, status.stdout
     for text in (table, status.stdout):
         assert "Error" not in text and "Errno" not in text, text
+    # --json: one object keyed by detector name, subjects keyed by subject, as documented.
+    dets = json.loads(g.ctl("detectors", "--json", check=True).stdout)
+    assert list(dets) == ["backlog"] and set(dets["backlog"]) == DETECTOR_KEYS, dets
+    assert set(dets["backlog"]["subjects"]["queue"]) == SAMPLE_KEYS, dets
+    root = Path(__file__).resolve().parent.parent
+    man = (root / "man" / "gracectl.1").read_text()
+    section = man.split(".SS detectors", 1)[1].split(".SS ", 1)[0]
+    shape = " ".join(section.split("keyed by detector name", 1)[1].split())
+    row = next(x for x in (root / "docs" / "protocol.md").read_text().splitlines()
+               if x.startswith("| `detectors` |"))
+    for key in DETECTOR_KEYS | SAMPLE_KEYS:
+        assert re.search(rf"\b{key}\b", shape) and f"`{key}`" in row, key
+    assert "one object keyed by detector name" in (root / "README.md").read_text()
 
 
+DETECTOR_KEYS = {"kind", "interval", "threshold", "below", "state", "errors", "last_error",
+                 "mode", "mode_note", "cadence", "subjects"}
+SAMPLE_KEYS = {"ts", "value", "unit", "anomalous", "score", "summary", "failed"}
 ESC = "\x1b["
 LOCAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?[+-]\d\d:\d\d")
 UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z")

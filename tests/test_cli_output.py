@@ -128,6 +128,15 @@ def test_bad_time_specs_are_refused(junk: str) -> None:
         timespec.parse(junk, NOW)
 
 
+@pytest.mark.parametrize(("since", "until", "after"), [
+    ("10", "5", True), ("5", "10", False), ("5", "5", False),
+    ("now", "-1h", True), ("-1h", "now", False), ("today", "today", False),
+    ("10", "now", False),  # a seq against a time: graced knows, not the command line
+])
+def test_since_after_until(since: str, until: str, after: bool) -> None:
+    assert timespec.after(timespec.parse(since, NOW), timespec.parse(until, NOW)) is after
+
+
 def test_a_spilled_reason_longer_than_the_terminal_wraps_whole_at_80() -> None:
     # The newcomer's row: the reason moved under it was still cut at 80 columns.
     why = ("no value yet: 44.34 % so far, averaged over 600 s once watched that long "
