@@ -22,7 +22,7 @@ import pytest
 from graced.detectors.process import _PidfdBudget
 from graced.owners import login_uids, service_owner
 from tests.conftest import Graced
-from tests.helpers.users import ensure_user
+from tests.helpers.users import login_user
 from tests.test_event_sources_e2e import _started, killed_and_restarted
 
 
@@ -93,14 +93,7 @@ def test_a_decoy_of_another_user_neither_hides_a_death_nor_closes_its_mission(
     the service; without it, neither (a login user's process is never the service unless
     ``user`` names that user): the death opens a mission, which stays open while only the
     decoy runs, and graced holds no pidfd for the decoy."""
-    if os.geteuid() != 0:
-        pytest.skip("a second Unix user can only be created as root")
-    if not shutil.which("useradd") or not shutil.which("runuser"):
-        pytest.skip("useradd/runuser not installed: cannot create a second Unix user")
-    try:
-        decoy_user = ensure_user("grace-decoy")
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"useradd failed: {exc.stderr.strip()}")
+    decoy_user = login_user()
     assert pwd.getpwnam(decoy_user).pw_uid in login_uids(), "the decoy is a login account"
     name = f"r19{uuid.uuid4().hex[:8]}"
     where = Path(tempfile.mkdtemp(prefix="grace-decoy-"))

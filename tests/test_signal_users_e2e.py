@@ -20,7 +20,7 @@ import pytest
 from graced.owners import foreign, login_uids, uid_of
 from graced.targets import MAX_SKIPPED, Selection, find
 from tests.helpers.procs import poll_until
-from tests.helpers.users import ensure_user
+from tests.helpers.users import login_user
 from tests.test_config_keys import graced_cmd
 from tests.test_hostile_data_e2e import value_detector
 from tests.test_missions_e2e import Watch
@@ -108,14 +108,7 @@ def test_a_login_users_decoy_survives_a_signal_step_unless_its_user_is_named(
     account's); ``user = "<login user>"`` signals the decoy and nothing else; a pid file
     naming the decoy with ``user = "root"`` leaves it alone. Each step's record says which
     processes it skipped and why, and missions show prints it."""
-    if os.geteuid() != 0:
-        pytest.skip("a second Unix user can only be created (and run) as root")
-    if not shutil.which("useradd") or not shutil.which("runuser"):
-        pytest.skip("useradd/runuser not installed: cannot create a second Unix user")
-    try:
-        decoy_user = ensure_user("grace-decoy")
-    except subprocess.CalledProcessError as exc:
-        pytest.skip(f"useradd failed: {exc.stderr.strip()}")
+    decoy_user = login_user()
     decoy_uid = pwd.getpwnam(decoy_user).pw_uid
     assert decoy_uid in login_uids(), "the decoy's user is a login account"
     system = next((u for u in ("daemon", "bin", "sys") if _uid_or_none(u) is not None), None)
@@ -209,3 +202,27 @@ def _uid_or_none(user: str) -> int | None:
         return pwd.getpwnam(user).pw_uid
     except KeyError:
         return None
+
+
+def test_the_docs_state_the_rule_and_the_bound_the_code_applies() -> None:
+    """graced.toml.5 says the same rule for a process detector's and a signal step's
+    ``user`` (one function decides both: graced.owners), with the code's dynamic-user
+    range; the bound on skipped processes is the code's in every place that names it."""
+    from graced.owners import DYNAMIC_USERS
+    from tests.test_docs import MAN, ROOT, _roff_text
+
+    toml5 = " ".join(_roff_text(MAN / "graced.toml.5").split())
+    dynamic = f"({DYNAMIC_USERS.start}-{DYNAMIC_USERS.stop - 1})"
+    detector = toml5[toml5.index(".B user process, process_rss"):]
+    step = toml5[toml5.index('.BR signal ", " process ", " match_cmdline ", " pid ", " '
+                             'pid_file ", " user'):]
+    for text in (detector[:1200], step[:1600]):
+        assert dynamic in text and "nobody" in text and "graced's own user" in text
+        assert "UID_MIN of /etc/login.defs" in text
+    assert f"at most {MAX_SKIPPED} (skipped)" in step
+    ctl = " ".join(_roff_text(MAN / "gracectl.1").split())
+    assert f"(at most {MAX_SKIPPED}, then how many more)" in ctl
+    protocol = (ROOT / "docs" / "protocol.md").read_text()
+    assert f"at most {MAX_SKIPPED} with `pid`, `name`, `uid`, `reason`" in protocol
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "A `signal` step hits only processes" in readme and "step's `user`" in readme

@@ -11,8 +11,11 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from tests.helpers.locks import run_lock
 
@@ -60,6 +63,19 @@ def _ensure_user(name: str, groups: tuple[str, ...]) -> str:
     for group in groups:
         subprocess.run(["usermod", "-a", "-G", group, name], check=True, capture_output=True)
     return name
+
+
+def login_user(name: str = "grace-decoy") -> str:
+    """A second, login account ``name`` whose processes a test runs with runuser (a
+    decoy of a service's name, say); the test skips, saying why, where it cannot be."""
+    if os.geteuid() != 0:
+        pytest.skip("a second Unix user can only be created (and run) as root")
+    if not shutil.which("useradd") or not shutil.which("runuser"):
+        pytest.skip("useradd/runuser not installed: cannot create a second Unix user")
+    try:
+        return ensure_user(name)
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"useradd failed: {exc.stderr.strip()}")
 
 
 def remove_created(record: Path) -> None:
