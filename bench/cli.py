@@ -39,7 +39,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 DEV_BIN = Path(sys.executable).parent
+
+from bench.served import wait_serving  # noqa: E402
+
 ARGS = {
     "status": ["status"],
     "missions ls --json": ["missions", "ls", "--json"],
@@ -77,17 +81,6 @@ def commands(bins: dict[str, Path]) -> dict[tuple[str, str], list[str]]:
     return cmds
 
 
-def wait_serving(daemon: subprocess.Popen[str]) -> None:
-    """Read graced's stderr until it says it serves (its first lines may be warnings)."""
-    assert daemon.stderr is not None
-    seen = []
-    for line in daemon.stderr:
-        if "serving on" in line:
-            return
-        seen.append(line)
-    raise SystemExit("graced did not start:\n" + "".join(seen[-20:]))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=30)
@@ -112,7 +105,7 @@ def main() -> None:
         daemon = subprocess.Popen([str(DEV_BIN / "graced"), "run", "--config", str(cfg)],
                                   env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                   text=True)
-        wait_serving(daemon)
+        wait_serving(daemon)  # and drains its stderr: a full pipe would block graced
         for flavour in FLAVOURS:  # pins the key; and checks each install answers
             subprocess.run(cmds[flavour, "gracectl status"], env=env, check=True,
                            capture_output=True)

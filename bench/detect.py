@@ -1,24 +1,34 @@
 #!/usr/bin/env python3
 """Detection benchmark: graced against Monit on the same real faults, idle cost, the baseline.
 
-    python bench/detect.py [--runs 10] [--idle-seconds 300] [--memory-margin 1.5]
+    python bench/detect.py [--runs 10] [--idle-seconds 300] [--memory-margin 1.0]
 
 Prints:
-  * for each fault, the time from injecting it to graced's mission.opened (the event's own
-    timestamp) and to Monit's action (a timestamp its `exec` writes), both watching the
-    same fault in the same run, median over --runs runs, and their ratio: a memory hog (a
-    runaway process the kernel fills as fast as it hands out pages, crossing a threshold
-    --memory-margin points above the host's use; also, without a target, the same hog
-    leaking at 256 MB/s, row memory~), memory pressure (PSI; a reader thrashing its page
-    cache in a small memory cgroup), a watched process killed (SIGKILL), a burst of 1,000
-    error lines in a log, a disk (an 8 MB tmpfs at 45 %) filling past its 50 % threshold;
-    memory and disk are also timed from the moment the filler saw the threshold crossed
-    (rows memory* and disk*), and the fault's own time from its start to that crossing,
-    which both tools pay, with the ratio graced would have if its own delay were zero
-    (the floor of the memory and disk rows); and how each of graced's detectors listened
-    (pidfd, inotify, psi-trigger or poll). graced runs at interval 1 s, Monit at
-    `set daemon 1`. Where Monit cannot detect a fault, the table says so. Monit (Debian's
-    `monit`) is installed with apt-get when run as root and missing;
+  * for each fault, the time to graced's mission.opened (the event's own timestamp) and to
+    Monit's action (a timestamp its `exec` writes), both watching the same fault in the
+    same run, median over --runs runs, and their ratio: a memory hog (a runaway process
+    the kernel fills as fast as it hands out pages, crossing a threshold --memory-margin
+    points above the host's use; also, without a target, the same hog leaking at 256 MB/s,
+    row memory~), memory pressure (PSI; a reader thrashing its page cache in a small
+    memory cgroup), a watched process killed (SIGKILL), a burst of 1,000 error lines in a
+    log, a disk (an 8 MB tmpfs at 45 %) filling past its 50 % threshold. Process, log and
+    PSI are timed from injecting the fault. Memory and disk are timed from the moment the
+    filler saw the threshold crossed (rows memory* and disk*: when the fault became
+    detectable, so each tool's own delay): the target is judged on these. They are also
+    printed timed from the fault's start (rows memory and disk, not judged): those times
+    include the fault's own ramp to the threshold (the hog's allocation: ~1.2 GB/s of
+    page provisioning on this VM), paid by both tools alike, so their ratio mostly
+    measures where Monit's cycle happened to be; each is printed with that ramp and its
+    floor, the ratio a graced with no delay at all would have. How each of graced's
+    detectors listened (pidfd, inotify, psi-trigger or poll). graced runs at interval
+    1 s, Monit at `set daemon 1`. Where Monit cannot detect a fault, the table says so.
+    Monit (Debian's `monit`) is installed with apt-get when run as root and missing.
+    This VM hands a hog's freed memory back to MemAvailable late, over seconds to a
+    minute (free page reporting: tests/helpers/memory.py): before each hog run the host's
+    level is taken once it has stopped falling, and both tools' line is set --memory-margin
+    above it when it has moved; after each hog the bench waits for the kernel to show the
+    memory as available again. A run others' work spoils (the host past the line before
+    the hog, or falling so far that the hog never reaches it) is said and tried again;
   * CPU % (of one core) and RSS of an idle graced with the default detectors as shipped,
     the same at 1 s, and Monit at 1 s on the same checks, over --idle-seconds, measured at
     once on the same host, the load average over that window, whether the host was idle,
@@ -26,8 +36,9 @@ Prints:
     on one overloaded for the last 15 minutes, a load mission is the right answer);
   * the baseline detector's recall and false alarms on the labelled corpus, and the
     time to backtest 100,000 points.
-Targets: ratio <= 0.5 on every fault Monit detects; process death and log burst to mission
-<= 100 ms (median); idle CPU < 0.5 %; RSS < 50 MB; zero idle missions.
+Targets: ratio <= 0.5 on every fault Monit detects (memory and disk: rows memory* and
+disk*); process death and log burst to mission <= 100 ms (median); idle CPU < 0.5 %;
+RSS < 50 MB; zero idle missions.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import random
 import shutil
 import statistics
@@ -56,11 +68,12 @@ BIN = Path(sys.executable).parent
 
 from corpus import corpus, evaluate, make_series  # noqa: E402
 
-from bench.cli import wait_serving  # noqa: E402
+from bench.served import wait_serving  # noqa: E402
 from bench.stats import cores  # noqa: E402
 from graced.config import default_detectors  # noqa: E402
 from graced.detectors.baseline import Baseline  # noqa: E402
 from tests.helpers import pressure  # noqa: E402
+from tests.helpers.memory import BACK_S, settled_percent, wait_below  # noqa: E402
 from tests.helpers.procs import poll_until  # noqa: E402
 
 
@@ -73,15 +86,24 @@ class Daemon:
         self.proc = subprocess.Popen([str(BIN / "graced"), "run", "--config", str(cfg)],
                                      stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      text=True)
-        wait_serving(self.proc)  # its first lines may be others (learning's, warnings)
-        # The rest is read and dropped: a full pipe would stall graced's logging.
-        assert self.proc.stderr is not None
-        threading.Thread(target=self.proc.stderr.read, daemon=True).start()
+        # Its first lines may be others (learning's, warnings); the rest is drained: a
+        # full pipe would stall graced's logging.
+        wait_serving(self.proc)
         self.env = dict(os.environ, GRACE_SOCKET=str(self.sock),
                         XDG_CONFIG_HOME=str(base / "cfg"))
         self.tail = subprocess.Popen([str(BIN / "gracectl"), "tail", "--json", "--since", "1",
                                       "mission.*"], env=self.env, stdout=subprocess.PIPE,
                                      text=True)
+        # Read in a thread, so that a wait for an event that never comes ends at its
+        # timeout (a readline on a silent pipe never returns: a run once hung 443 s on it).
+        self.events: queue.Queue[dict | None] = queue.Queue()
+        threading.Thread(target=self._read_tail, daemon=True).start()
+
+    def _read_tail(self) -> None:
+        assert self.tail.stdout is not None
+        for line in self.tail.stdout:
+            self.events.put(json.loads(line))
+        self.events.put(None)
 
     def _write(self, body: str) -> None:
         text = f'version = 1\n{body}\n'.replace(
@@ -98,20 +120,30 @@ class Daemon:
 
     def opened_after(self, detector: str, t0: float, timeout: float = 30) -> float:
         """Seconds from wall-clock ``t0`` to the next mission.opened of ``detector``."""
-        ev = self.next_event("mission.opened", detector, timeout)
-        return datetime.fromisoformat(ev["ts"].replace("Z", "+00:00")).timestamp() - t0
+        return stamp(self.next_event("mission.opened", detector, timeout)) - t0
 
-    def next_event(self, topic: str, detector: str, timeout: float = 30) -> dict:
-        assert self.tail.stdout is not None
+    def next_event(self, topic: str, detector: str, timeout: float = 30,
+                   since: float = 0.0) -> dict:
+        """The next ``topic`` event of ``detector`` stamped at or after ``since`` (wall
+        clock), within ``timeout`` seconds; SystemExit if none comes."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.tail.stdout.readline()
-            if not line:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                ev = self.events.get(timeout=left)
+            except queue.Empty:
                 break
-            ev = json.loads(line)
-            if ev["topic"] == topic and ev["payload"]["detector"] == detector:
+            if ev is None:  # gracectl tail ended: nothing more will come
+                self.events.put(None)
+                break
+            if (ev["topic"] == topic and ev["payload"]["detector"] == detector
+                    and stamp(ev) >= since):
                 return ev
-        raise SystemExit(f"no {topic} for {detector}")
+        raise SystemExit(f"no {topic} for {detector} within {timeout:g} s")
+
+    def active(self, detector: str) -> bool:
+        """Whether graced has a mission open for ``detector`` now."""
+        return any(m["detector"] == detector
+                   for m in json.loads(self.ctl("missions", "ls", "--json")))
 
     def ctl(self, *args: str) -> str:
         return subprocess.run([str(BIN / "gracectl"), *args], env=self.env,
@@ -126,6 +158,11 @@ class Daemon:
         self.tail.terminate()
         self.proc.terminate()
         self.proc.wait(10)
+
+
+def stamp(event: dict) -> float:
+    """An event's own timestamp, as wall-clock seconds."""
+    return datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
 
 
 def helper(*args: str) -> subprocess.Popen[str]:
@@ -212,6 +249,12 @@ class Monit:
         assert stamp is not None
         return stamp
 
+    def last(self, name: str) -> tuple[str, float] | None:
+        """``name``'s last state line (state, stamp), or None before the first."""
+        lines = [ln.split() for ln in _read(self.events).splitlines()]
+        found = [(p[1], float(p[2])) for p in lines if len(p) == 3 and p[0] == name]
+        return found[-1] if found else None
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
@@ -228,8 +271,32 @@ FAULTS = ("memory", "psi", "process", "log", "disk")
 # memory* and disk*: the same alarms timed from when the fault crossed the threshold;
 # memory~: the same hog leaking at LEAK_MB_S, which takes its time to reach the threshold
 # (no target: its own ramp, the same for both tools, dominates both times).
-ROWS = ("memory", "memory*", "memory~", "psi", "process", "log", "disk", "disk*")
+ROWS = ("memory*", "memory", "memory~", "psi", "process", "log", "disk*", "disk")
+RAMPED = ("memory", "disk")
+"""Rows timed from the fault's start: printed with their floor, not judged."""
 LEAK_MB_S = 256
+
+
+HOG_ATTEMPTS = 3
+"""A hog run others' work spoils (see ``hog``) is tried again, at most this often."""
+SETTLE_LIMIT = 120.0
+"""The longest wait for the host's memory use to stop falling before a hog run."""
+
+
+def settled_level(what: str) -> float:
+    """The host's memory use once it has stopped falling (this VM hands a hog's freed
+    pages back over seconds to a minute: tests/helpers/memory.py), said when the wait was
+    long; after SETTLE_LIMIT, where it is then (the run goes on: its line is set there)."""
+    t = time.monotonic()
+    level = settled_percent(steady=0.2, over=5.0, limit=SETTLE_LIMIT)
+    took = time.monotonic() - t
+    if took >= SETTLE_LIMIT:
+        print(f"{what}: the host's memory use was still moving after {SETTLE_LIMIT:g} s: "
+              f"taken at {level:.1f} %", file=sys.stderr)
+    elif took > 15:
+        print(f"{what}: waited {took:.0f} s for the host's memory use to stop falling "
+              f"(freed pages handed back late): {level:.1f} %", file=sys.stderr)
+    return level
 
 
 def filler(*args: str) -> subprocess.Popen[str]:
@@ -260,12 +327,12 @@ def time_to_mission(runs: int, monit_bin: str | None,
         ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)]).returncode == 0
     psi = pressure.unavailable() is None
     vm = psutil.virtual_memory()
-    # ``margin`` points above the host's use, crossed by a hog that goes on to 1.5 points
-    # past it (others' work moves the host's figure too: the hog must clear it well, and
-    # its removal must bring it back; a run waits for the host to be back below the line,
-    # and where others' work has moved it for good, both tools get a line ``margin`` above
-    # where it is now).
-    mem_threshold = vm.percent + margin
+    # ``margin`` points above the host's use once it has stopped falling (this VM hands
+    # freed memory back late: tests/helpers/memory.py), crossed by a hog that goes on to
+    # 1.5 points past it (others' work moves the host's figure too: the hog must clear it
+    # well); before each hog run the level is taken again, once settled, and both tools
+    # get a line ``margin`` above it when it has moved.
+    mem_threshold = settled_level("start") + margin
     hog_mb = int(vm.total / 2**20 * (margin + 4.5) / 100)  # room for the host's own drift
     memory = """
 [[detector]]
@@ -325,25 +392,20 @@ match_cmdline = true
 
     fired: dict[str, float] = {}
 
-    def both(fault: str, t0: float, run: int, fill: subprocess.Popen[str] | None = None,
-             row: str = "") -> None:
-        row = row or fault
-        ours[row].append(d.opened_after(fault, t0))
+    def both(fault: str, t0: float, run: int, fill: subprocess.Popen[str] | None = None
+             ) -> None:
+        ours[fault].append(d.opened_after(fault, t0))
         if monit is not None and fault in checks:
             fired[fault] = monit.wait(fault, "fail", t0)
-            theirs[row].append(fired[fault] - t0)
+            theirs[fault].append(fired[fault] - t0)
         if fill is not None:  # the same two alarms, timed from the crossing
             assert fill.stdout is not None
-            word, stamp = fill.stdout.readline().split()
-            assert word == "crossed", (fault, word, stamp)
-            if stamp == "never":  # others' work moved the host's figure: no crossing seen
-                print(f"{fault} run {run + 1}: the filler never saw the threshold crossed "
-                      "(the host's own use moved): no crossing time", file=sys.stderr)
-            elif row == fault:
-                crossing[fault].append(float(stamp) - t0)
-                ours[f"{fault}*"].append(ours[fault][-1] + t0 - float(stamp))
-                if monit is not None and fault in checks:
-                    theirs[f"{fault}*"].append(fired[fault] - float(stamp))
+            word, when = fill.stdout.readline().split()
+            assert word == "crossed" and when != "never", (fault, word, when)
+            crossing[fault].append(float(when) - t0)
+            ours[f"{fault}*"].append(ours[fault][-1] + t0 - float(when))
+            if monit is not None and fault in checks:
+                theirs[f"{fault}*"].append(fired[fault] - float(when))
             assert fill.stdout.readline().strip() == "ready"
 
     def cleared(fault: str, run: int) -> None:
@@ -352,43 +414,100 @@ match_cmdline = true
         if monit is not None and fault in checks and fault != "log":  # no "else" for it
             monit.wait(fault, "ok", fired[fault])
 
-    def hog(row: str, rate: float, run: int) -> None:
+    def set_line(row: str, run: int) -> float:
+        """The host's settled level; both tools' line moved ``margin`` above it when the
+        level has moved (others' work, or the late return of a previous hog's pages)."""
         nonlocal mem_threshold
-        now = psutil.virtual_memory().percent
-        if abs(mem_threshold - margin - now) > margin / 4:  # others' work moved the host
-            mem_threshold = now + margin
-            print(f"{row} run {run + 1}: the host's use moved to {now:.1f} %: both tools' "
-                  f"line is now {mem_threshold:.2f} %", file=sys.stderr)
+        level = settled_level(f"{row} run {run + 1}")
+        if abs(mem_threshold - margin - level) > margin / 4:
+            mem_threshold = level + margin
+            print(f"{row} run {run + 1}: the host's use settled at {level:.1f} %: both "
+                  f"tools' line is now {mem_threshold:.2f} %", file=sys.stderr)
             d.reload(memory.format(mem_threshold) + dets)
             if monit is not None:
                 checks["memory"] = monit_memory.format(mem_threshold / 100 * vm.total / 2**20)
                 monit.reload(checks)
             d.wait_sampled()
-        # Others' work moves the host's figure: start from below the line (its level is a
-        # state with no event: read every 0.5 s, for at most a minute).
+        return level
+
+    def memory_back(row: str, run: int, opened: float | None, failed: float | None) -> None:
+        """After a hog: until the kernel shows its memory as available again (late, on
+        this VM), then until graced resolved the mission it opened (at ``opened``) and
+        Monit said ok after its alarm (at ``failed``)."""
+        t = time.monotonic()
         try:
-            poll_until(lambda: psutil.virtual_memory().percent < mem_threshold - margin / 2,
-                       60, "the host's memory use back below the threshold", 0.5)
+            wait_below(mem_threshold, f"{row} run {run + 1}", BACK_S)
         except AssertionError as exc:
-            print(f"{row} run {run + 1}: skipped: {exc}", file=sys.stderr)
-            return
-        gap = mem_threshold - psutil.virtual_memory().percent
-        if gap > margin + 0.5:  # others freed memory: the hog has further to go
-            print(f"{row} run {run + 1}: the host's use is {gap:.1f} points below the "
-                  f"threshold (set {margin:g} above it)", file=sys.stderr)
+            raise SystemExit(str(exc)) from None
+        if time.monotonic() - t > 10:
+            print(f"{row} run {run + 1}: the kernel took {time.monotonic() - t:.0f} s to show "
+                  "the hog's memory as available again", file=sys.stderr)
+        if opened is not None:
+            d.next_event("mission.resolved", "memory", timeout=120, since=opened)
+        if monit is not None and failed is not None:
+            monit.wait("memory", "ok", failed, timeout=120)
+
+    def hog(row: str, rate: float, run: int) -> None:
+        """One hog run, repeated (up to HOG_ATTEMPTS times, each said) when others' work
+        spoils it: the host crossed the line before the hog did, or fell so far while it
+        ran that the hog never reached it."""
+        for attempt in range(HOG_ATTEMPTS):
+            spoilt = hog_once(row, rate, run)
+            if spoilt is None:
+                return
+            print(f"{row} run {run + 1}, attempt {attempt + 1}: not counted: {spoilt}",
+                  file=sys.stderr)
+        print(f"{row} run {run + 1}: skipped after {HOG_ATTEMPTS} spoilt attempts",
+              file=sys.stderr)
+
+    def hog_once(row: str, rate: float, run: int) -> str | None:
+        """A hog run: the figures recorded, or why the run does not count."""
+        level = set_line(row, run)
+        checked = time.time()
+        last = monit.last("memory") if monit is not None else None
+        alarm = last[1] if last is not None and last[0] == "fail" else None
+        if (active := d.active("memory")) or alarm is not None:
+            memory_back(row, run, checked if active else None, alarm)
+            return "the host was above the line before the hog started (others' work)"
         proc = filler("memory", str(hog_mb), f"{mem_threshold:.2f}", str(rate))
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline().strip() == "armed"
         time.sleep(random.random())
         proc.stdin.write("go\n")
         proc.stdin.flush()
-        word, stamp = proc.stdout.readline().split()
+        word, when = proc.stdout.readline().split()
         assert word == "start", word
-        t0 = float(stamp)  # the fault's start: the hog's first allocation (its stamp)
-        both("memory", t0, run, proc, row)
+        t0 = float(when)  # the fault's start: the hog's first allocation (its stamp)
+        word, when = proc.stdout.readline().split()  # the crossing, or "never"
+        assert word == "crossed", word
+        assert proc.stdout.readline().strip() == "ready"
+        if when == "never":
+            now = psutil.virtual_memory().percent
+            proc.stdin.close()
+            proc.wait()
+            last = monit.last("memory") if monit is not None else None
+            memory_back(row, run, checked if d.active("memory") else None,
+                        last[1] if last is not None and last[0] == "fail" else None)
+            return (f"the hog ({hog_mb} MB) never took the host past {mem_threshold:.2f} % "
+                    f"(it settled at {level:.1f} % before, {now:.1f} % with the hog: the "
+                    "host's use fell meanwhile)")
+        crossed = float(when)
+        opened = stamp(d.next_event("mission.opened", "memory", 30, since=checked))
+        failed = monit.wait("memory", "fail", checked) if monit is not None else None
         proc.stdin.close()
         proc.wait()
-        cleared("memory", run)
+        memory_back(row, run, opened, failed)
+        if opened < t0 or (failed is not None and failed < t0):
+            return "the host crossed the line before the hog started (others' work)"
+        ours[row].append(opened - t0)
+        if failed is not None:
+            theirs[row].append(failed - t0)
+        if row == "memory":  # the same two alarms, timed from the crossing
+            crossing[row].append(crossed - t0)
+            ours["memory*"].append(opened - crossed)
+            if failed is not None:
+                theirs["memory*"].append(failed - crossed)
+        return None
 
     if mounted:  # a disk that has been filling: 45 % used, its threshold 50 %
         (mnt / "before").write_bytes(b"x" * int(0.45 * 8 * 2**20))
@@ -400,9 +519,9 @@ match_cmdline = true
             # Inject each fault at a random phase of the 1 s cycles, so the figures are not
             # an artefact of injecting just before or after a sample (these random pauses
             # are the experiment's design, not waits for an event).
-            # memory (the time includes the hog's own allocation), fast, then a leak
+            # memory: a runaway (and, last, a leak: in between, the kernel hands the
+            # runaway's pages back)
             hog("memory", 0.0, run)
-            hog("memory~", LEAK_MB_S, run)
             if psi:
                 time.sleep(random.random())
                 with pressure.memory_cgroup(f"grace-bench-{uuid.uuid4().hex[:8]}", 16) as cg:
@@ -438,6 +557,7 @@ match_cmdline = true
                 fill.wait()
                 (mnt / "fill").unlink()
                 cleared("disk", run)
+            hog("memory~", LEAK_MB_S, run)
     finally:
         d.stop()
         if monit is not None:
@@ -565,8 +685,9 @@ def main() -> None:
     ap.add_argument("--idle-seconds", type=float, default=300.0)
     ap.add_argument("--quiet-wait", type=float, default=300.0, metavar="SECONDS",
                     help="wait at most this long for a quiet host before the idle phase")
-    ap.add_argument("--memory-margin", type=float, default=1.5, metavar="POINTS",
-                    help="the memory threshold, this many points above the host's use")
+    ap.add_argument("--memory-margin", type=float, default=1.0, metavar="POINTS",
+                    help="the memory threshold, this many points above the host's use once it has "
+                         "stopped falling")
     ap.add_argument("--no-baseline", action="store_true", help="skip the baseline figures")
     args = ap.parse_args()
     monit_bin = ensure_monit()
@@ -583,20 +704,25 @@ def main() -> None:
     print(f"bench/detect.py  ({args.runs} runs per fault; graced interval 1 s, Monit "
           f"`set daemon 1`; {cores()} cores; load average "
           f"{load0[0]:.2f} at the start of the faults, {load1[0]:.2f} at the end)")
-    print("time from injecting the fault to graced's mission.opened and to Monit's action "
-          "(medians over the runs; memory: from the hog's first allocation, a runaway the "
-          f"kernel fills as fast as it hands out pages, to a threshold {args.memory_margin:g} "
-          "points above the host's use; disk: from starting the filler; memory* and disk*: "
-          "the same alarms timed from the moment the filler saw the host cross the "
-          "threshold, i.e. each tool's own detection delay; memory~: the same hog leaking at "
-          f"{LEAK_MB_S} MB/s, no target: its own ramp, the same for both, dominates)")
+    print("time from injecting the fault to graced's mission.opened and to Monit's action, "
+          "medians over the runs. The target is judged on the rows marked *: memory and "
+          "disk timed from the moment the filler saw the host cross the threshold (the "
+          "fault became detectable: each tool's own delay). The rows memory and disk are "
+          "timed from the fault's start (memory: the hog's first allocation, a runaway the "
+          f"kernel fills as fast as it hands out pages, to a line {args.memory_margin:.1f} "
+          "points above the host's settled use; disk: starting the filler): they include "
+          "the fault's own ramp to the threshold, paid by both tools alike, so their ratio "
+          "is bounded below by the floor printed beside them (the ratio a graced with no "
+          f"delay at all would have). memory~: the same hog leaking at {LEAK_MB_S} MB/s, no "
+          "target: its own ramp dominates both times")
     print(f"{'fault':10} {'graced s':>9} {'(max)':>7} {'Monit s':>8} {'ratio':>6}  target")
     verdicts = []
     for fault in ROWS:
         ts, ms = ours[fault], theirs[fault]
         if not ts:
-            why = {"psi": f"skipped: {pressure.unavailable()}"}.get(
-                fault.rstrip("*"), "skipped: needs root for a tmpfs")
+            why = {"psi": f"skipped: {pressure.unavailable()}",
+                   "disk": "skipped: needs root for a tmpfs"}.get(
+                fault.rstrip("*"), "no run counted (see the messages above)")
             print(f"{fault:10} {why}")
             continue
         g = statistics.median(ts)
@@ -605,6 +731,10 @@ def main() -> None:
         if ms and fault == "memory~":
             m = statistics.median(ms)
             line += f" {m:>8.3f} {g / m:>6.2f}  (no target)"
+        elif ms and fault in RAMPED:
+            m, f = statistics.median(ms), statistics.median(crossing[fault])
+            line += (f" {m:>8.3f} {g / m:>6.2f}  not judged: includes the fault's own "
+                     f"{f:.3f} s ramp (max {max(crossing[fault]):.3f}), floor {f / m:.2f}")
         elif ms:
             m = statistics.median(ms)
             ok = g / m <= 0.5 and (not fast or g <= 0.1)
@@ -617,15 +747,8 @@ def main() -> None:
             line += "  (Monit not installed)"
         print(line)
     if verdicts:
-        print(f"graced vs Monit: {sum(verdicts)} of {len(verdicts)} rows meet their target")
-    for fault in ("memory", "disk"):
-        if crossing[fault] and theirs[f"{fault}*"]:
-            # Both tools' times are the fault's own time to the threshold plus their own
-            # delay: the ratio a graced with no delay at all would have is the floor.
-            f, m = statistics.median(crossing[fault]), statistics.median(theirs[f"{fault}*"])
-            print(f"{fault}: the fault itself took {f:.3f} s (median, max "
-                  f"{max(crossing[fault]):.3f}) from its start to the threshold, paid by "
-                  f"both; with no delay of its own graced's ratio would be {f / (f + m):.2f}")
+        print(f"graced vs Monit: {sum(verdicts)} of {len(verdicts)} judged rows meet their "
+              "target")
     print("graced's detectors listened by: " + "; ".join(f"{k} {v}" for k, v in modes.items()))
     idle_host = bool(info["idle"])
     print(f"idle, measured at once over {info['seconds']:.0f} s: load per core (1 min) "

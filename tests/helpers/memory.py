@@ -23,14 +23,14 @@ BACK_S = 180.0
 """The longest wait for the kernel to show a hog's memory as available again."""
 
 
-def settled_percent(steady: float = 0.3, over: float = 2.0) -> float:
+def settled_percent(steady: float = 0.3, over: float = 2.0, limit: float = SETTLE_S) -> float:
     """The host's memory use once it has stopped falling (freed pages still being
     reported from earlier work lower it for a while): the highest of its reads over the
     last ``over`` seconds once they span no more than ``steady`` points, or after
-    ``SETTLE_S`` the current read. A level taken while it still falls would put a
+    ``limit`` seconds the current read. A level taken while it still falls would put a
     threshold "4 points above the host's use" within reach of the host alone."""
     reads: list[tuple[float, float]] = []
-    deadline = time.monotonic() + SETTLE_S
+    deadline = time.monotonic() + limit
     while True:
         now = time.monotonic()
         reads.append((now, psutil.virtual_memory().percent))
