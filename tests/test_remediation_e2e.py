@@ -180,7 +180,9 @@ def test_rejected_and_expired_missions_never_execute(make_graced, marker, shortd
     count = shortdir / "ran"
     g, w = setup(make_graced, process_detector(marker)
                  + restart_playbook(marker, "critical", count_file=str(count)),
-                 remediation="approval_timeout = 2.0\n")
+                 # Time for a person (here: gracectl on a loaded machine) to reject the
+                 # first before it expires; the second is left to expire.
+                 remediation="approval_timeout = 8.0\n")
     first = w.wait("mission.awaiting_approval", "worker", 10)["payload"]
     res = g.ctl("missions", "reject", str(first["id"]), "--comment", "not now")
     assert res.returncode == 0, res.stderr
@@ -198,7 +200,7 @@ def test_rejected_and_expired_missions_never_execute(make_graced, marker, shortd
     proc.kill()
     proc.wait()
     second = w.wait("mission.awaiting_approval", "worker", 15, count=2)["payload"]
-    w.wait("mission.expired", "worker", 10)
+    w.wait("mission.expired", "worker", 20)
     assert mission(g, second["id"])["steps"] == []
     assert w.events("mission.executing", "worker") == [] and not count.exists()
 
