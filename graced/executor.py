@@ -570,6 +570,12 @@ class Executor:
             was.append(shown)
             del was[:-16]
         m.plan = current
+        # The reason names the plan it waits with now: the hash it named before is no
+        # longer one an approval may name.
+        left = max(0.0, (m.expires_at or time.time()) - time.time())
+        m.reason = (f"risk {m.risk}: playbook {m.playbook} changed since its plan was shown; "
+                    f"needs approval (expires in {left:.0f} s); plan sha256 "
+                    f"{current['sha256'][:16]}" + (f" (was {shown[:16]})" if shown else ""))
         # Not waiting on the commit (a reload answers at once, even on a full disk).
         await self.mesh.publish("mission.plan_changed", {
             **m.brief(), "was": shown, "steps": current["steps"]}, writes=[store.upsert(m)],

@@ -231,6 +231,15 @@ def test_an_approval_for_a_plan_changed_since_is_refused(make_graced, shortdir: 
         assert changed["values"] == before["values"]  # the values it was shown with
         assert (event["id"], event["was"], event["plan_sha256"]) == (
             mid, before["sha256"], changed["sha256"])
+        # The reason names the plan it waits with now, in the event, show and ls --json
+        # (it named the replaced one, and approving that hash is refused).
+        listed = json.loads(g.ctl("missions", "ls", "--json", check=True).stdout)
+        row = next(r for r in listed if r["id"] == mid)
+        shown_text = g.ctl("missions", "show", str(mid), check=True).stdout
+        reason_line = next(x for x in shown_text.splitlines() if "needs approval" in x)
+        for reason in (event["reason"], now["reason"], row["reason"], reason_line):
+            assert f"plan sha256 {changed['sha256'][:16]}" in reason, reason
+            assert f"plan sha256 {before['sha256'][:16]}" not in reason, reason
         # An approval of the plan shown before the reload is refused.
         # explain shows the plan it waits with now, and the replaced one only as replaced.
         explain = g.ctl("missions", "explain", str(mid), check=True).stdout.splitlines()
