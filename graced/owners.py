@@ -35,11 +35,16 @@ def uid_of(user: str) -> int:
 
 
 def check_user(user: str) -> str | None:
-    """A config check (graced/config/schema.py): None if ``user`` names a user here."""
+    """A config check (graced/config/schema.py): None if ``user`` names a user here (a
+    name, or a uid the host's user database knows)."""
     try:
-        uid_of(user)
+        uid = uid_of(user)
     except (LookupError, ValueError) as exc:
         return str(exc.args[0]) if exc.args else "not a user"
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return f"no user with uid {uid} on this host"
     return None
 
 

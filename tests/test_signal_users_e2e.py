@@ -64,7 +64,12 @@ def test_a_step_naming_an_unknown_user_fails_at_run_time_not_graced() -> None:
     ('"no-such-user-x"', "user: no user 'no-such-user-x' on this host"),
     ('""', "user: must not be empty"),
     ('"99999999999"', "user: uid 99999999999 is out of range"),
-    ("12", "user: expected a string, got integer 12"),
+    ("99999999999", "user: uid 99999999999 is out of range"),
+    ("-1", "user: uid -1 is out of range"),
+    ("true", "user: expected a name or a uid, got boolean"),
+    # graced.toml(5): a user this host does not know is refused when the config is loaded
+    ('"424242"', "user: no user with uid 424242 on this host"),
+    ("424242", "user: no user with uid 424242 on this host"),
 ])
 def test_a_signal_steps_user_is_checked_when_the_config_is_loaded(
         tmp_path: Path, value: str, reason: str) -> None:
@@ -75,6 +80,30 @@ def test_a_signal_steps_user_is_checked_when_the_config_is_loaded(
     assert res.returncode == 3 and res.stdout == ""
     assert res.stderr.count("\n") == 1, res.stderr
     assert f"{path}:7: [[playbook]] #1 (kick) step 1 {reason}" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("value", ["0", '"0"', '"root"'])
+def test_a_signal_steps_user_may_be_a_uid_as_a_toml_integer(tmp_path: Path, value: str) -> None:
+    """graced.toml(5): ``user`` is a name or a uid; a uid may be written as a number."""
+    path = tmp_path / "graced.toml"
+    path.write_text('[[playbook]]\nname = "kick"\nrisk = "low"\n[[playbook.step]]\n'
+                    f'action = "signal"\nprocess = "svcd"\nuser = {value}\n')
+    res = graced_cmd("config", "check", str(path))
+    assert res.returncode == 0, res.stderr
+
+
+def test_a_signal_step_naming_pid_1_is_refused_when_the_config_is_loaded(
+        tmp_path: Path) -> None:
+    """graced never signals pid 1: a step naming it is a config error, not a step that
+    fails when it runs."""
+    path = tmp_path / "graced.toml"
+    path.write_text('[[playbook]]\nname = "kick"\nrisk = "low"\n[[playbook.step]]\n'
+                    'action = "signal"\n\npid = 1\n')
+    res = graced_cmd("config", "check", str(path))
+    assert res.returncode == 3 and res.stdout == ""
+    assert res.stderr.count("\n") == 1, res.stderr
+    assert f"{path}:7: [[playbook]] #1 (kick) step 1 pid: graced never signals pid 1" in \
+        res.stderr, res.stderr
 
 
 def _as(user: str, exe: Path) -> tuple[subprocess.Popen[bytes], psutil.Process]:

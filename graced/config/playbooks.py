@@ -13,12 +13,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..owners import check_user
+from ..owners import MAX_UID, check_user
 from .detectors import SEVERITIES
 from .schema import (
     Check,
     ConfigError,
     Where,
+    _type_name,
     build_table,
     check,
     each,
@@ -68,7 +69,8 @@ class StepConfig:
     pid_file: str = ""
     match_cmdline: bool = False
     # signal: only processes whose real user is this one (a name or a uid this host
-    # knows); without it, never a login user's process found by name (graced.owners)
+    # knows; a uid may be a TOML integer); without it, never a login user's process
+    # found by name (graced.owners)
     user: str = field(default="", metadata=check(_user))
     max_output: int = field(default=65536, metadata=check(positive))
 
@@ -94,6 +96,8 @@ def _run_rule(st: StepConfig) -> tuple[str, str] | None:
 def _signal_rule(st: StepConfig) -> tuple[str, str] | None:
     if not (st.process or st.pid or st.pid_file):
         return "process", 'action "signal" needs process, pid or pid_file'
+    if st.pid == 1:
+        return "pid", "graced never signals pid 1 (init)"
     return None
 
 
@@ -159,6 +163,16 @@ def _build_step(raw: Any, at: Where, label: str) -> StepConfig:
         raise ConfigError(f"{at('playbook.step', None)}{label} must be a table")
     name = kind_of(raw, "action", tuple(ACTIONS), at, label, "playbook.step")
     action = ACTIONS[name]
+    user = raw.get("user")
+    if isinstance(user, int) and not isinstance(user, bool):
+        # A uid written as a TOML integer is the same uid as its decimal string.
+        if not 0 <= user <= MAX_UID:
+            raise ConfigError(f"{at('playbook.step', 'user')}{label} user: uid {user} is out "
+                              f"of range (0 to {MAX_UID})")
+        raw = {**raw, "user": str(user)}
+    elif user is not None and not isinstance(user, str):
+        raise ConfigError(f"{at('playbook.step', 'user')}{label} user: expected a name or a "
+                          f"uid, got {_type_name(user)}")
     st = build_table(StepConfig, raw, "playbook.step", at, label,
                      allowed=[*COMMON, *action.keys], owner=f'action "{name}"',
                      ranges=action.keys)
