@@ -246,6 +246,10 @@ def _health_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
                      "approve ID)")
     if st.get("escalated"):
         missions += f"; {len(st['escalated'])} escalated (needs a person)"
+    if st.get("held"):
+        held = st["held"]
+        missions += (f"; {len(held)} rejected or expired, symptom still there (no new "
+                     "mission while it lasts): " + ", ".join(f"#{i}" for i in held))
     failing = st["failing_detectors"]
     probes = st.get("failing_probes") or {}
     # A failing detector is not running: "15 running, 2 failing" (review of #19, newcomer 7).

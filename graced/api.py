@@ -269,7 +269,8 @@ class Api:
         degraded += [f"detector {name} failing: {d['last_error']}"
                      for name, d in failing.items()]
         return {"missions": by_severity, "awaiting_approval": awaiting,
-                "escalated": escalated, "failing_detectors": failing,
+                "escalated": escalated, "held": self.executor.engine.held_by_person(),
+                "failing_detectors": failing,
                 "failing_probes": probes,
                 "detectors_total": len(self.runner.status), "degraded": degraded}
 

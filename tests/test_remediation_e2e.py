@@ -189,6 +189,13 @@ def test_rejected_and_expired_missions_never_execute(make_graced, marker, shortd
     assert mission(g, first["id"])["state"] == "rejected"
     again = g.ctl("missions", "approve", str(first["id"]), "--yes")
     assert again.returncode == 5  # no longer active
+    # The symptom is still there: status says so (not degraded: a person decided).
+    st = g.ctl("status", "--json")
+    assert st.returncode == 0, st.stderr
+    assert json.loads(st.stdout)["held"] == [first["id"]]
+    shown = g.ctl("status").stdout
+    assert f"1 rejected or expired, symptom still there (no new mission while it lasts): " \
+           f"#{first['id']}" in " ".join(shown.split())
     # Rejected: the symptom is a person's now, so while the worker stays absent no new
     # mission opens. Once it has been back and goes missing again, graced asks again,
     # and that request, unanswered, expires.
@@ -197,6 +204,7 @@ def test_rejected_and_expired_missions_never_execute(make_graced, marker, shortd
     assert recovered.wait_for(lambda ls: len(ls) >= 1, 15)
     recovered.proc.terminate()
     assert len([m for m in w.missions("worker")]) == 1
+    assert json.loads(g.ctl("status", "--json", check=True).stdout)["held"] == []
     proc.kill()
     proc.wait()
     second = w.wait("mission.awaiting_approval", "worker", 15, count=2)["payload"]

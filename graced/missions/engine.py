@@ -193,6 +193,14 @@ class MissionEngine:
         to look (they stay in the default mission list and in status)."""
         return sorted(mid for state, mid in self.held.values() if state == "escalated")
 
+    def held_by_person(self) -> list[int]:
+        """The rejected or expired missions whose symptom was not seen normal since: a
+        person said no (or nobody answered), so no new mission opens while it lasts, but
+        the symptom is still there (status says so, as Alertmanager lists a silenced
+        alert: not degraded, not hidden)."""
+        return sorted(mid for state, mid in self.held.values()
+                      if state in ("rejected", "expired"))
+
     def transition(self, m: Mission, to: str, now: float, reason: str) -> Transition:
         """Move an active mission to ``to`` (from the executor); final states close it."""
         self._move(m, to, now, reason)
