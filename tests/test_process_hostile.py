@@ -22,6 +22,7 @@ import pytest
 from graced.detectors.process import _PidfdBudget
 from graced.owners import login_uids, service_owner
 from tests.conftest import Graced
+from tests.helpers.procs import poll_until
 from tests.helpers.users import login_user
 from tests.test_event_sources_e2e import _started, killed_and_restarted
 
@@ -211,3 +212,69 @@ def test_the_pidfd_budget_is_shared_fairly_among_process_detectors() -> None:
     assert budget.take(svc, 100) == 15 and budget.take(crowd, 1) == 0
     budget.leave(svc)
     assert budget.excess(crowd) == 0 and budget.take(crowd, 100) == 15
+
+
+@pytest.mark.slow  # each sample reads every process on the host: 0.5 s on a busy one
+def test_process_rss_summaries_say_what_a_login_users_process_of_the_name_is() -> None:
+    """A newcomer's finding: 'hog X at 0.5 MB' while a login user's X ran uncounted, and,
+    with nothing counted, 'no process named X running; 1 more named so', which contradicts
+    itself. Every summary of the sample says how many of the name were not counted, and
+    whose they are; 'running' only when none runs at all."""
+    from graced.config import DetectorConfig
+    from graced.detectors.process import ProcessPresence, ProcessRss
+    from graced.detectors.scoring import Scorer
+
+    decoy_user = login_user()
+    uid = pwd.getpwnam(decoy_user).pw_uid
+    name = f"r9{uuid.uuid4().hex[:8]}"
+    where = Path(tempfile.mkdtemp(prefix="grace-rss-"))
+    note = "1 more named so, of login users, not counted without the detector's user key"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        where.chmod(0o755)
+        exe = where / name
+        shutil.copy(shutil.which("sleep") or "/bin/sleep", exe)
+        exe.chmod(0o755)
+        rss = DetectorConfig(name="hog", kind="process_rss", process=name, threshold=1e6)
+        count = DetectorConfig(name="svc", kind="process", process=name)
+
+        def summary(cfg: DetectorConfig) -> str:
+            det = ProcessRss(cfg) if cfg.kind == "process_rss" else ProcessPresence(cfg)
+            try:
+                [obs] = det.sample()
+                return Scorer(cfg).judge(obs, 0.0).summary
+            finally:
+                det.close()
+
+        real = subprocess.Popen([str(exe), "600"], stdin=subprocess.DEVNULL)
+        procs.append(real)
+        assert summary(rss).startswith(f"hog {name} at ")
+        assert "more named so" not in summary(rss)  # nothing left out: nothing said
+        procs.append(subprocess.Popen(["runuser", "-u", decoy_user, "--", str(exe), "600"],
+                                      stdin=subprocess.DEVNULL, start_new_session=True))
+        poll_until(lambda: any(p.info["name"] == name and p.info["uids"].real == uid
+                               for p in psutil.process_iter(["name", "uids"])), 10,
+                   "the login user's process never started")
+        healthy = summary(rss)
+        assert healthy.startswith(f"hog {name} at ") and healthy.endswith(f" MB; {note}"), \
+            healthy
+        assert summary(count) == f"svc {name} at 1 process; {note}"  # the same for process
+
+        real.kill()
+        real.wait()
+        assert summary(rss) == (f"hog {name}: no value: no process named {name!r} of the "
+                                f"service's users; {note}")
+        owned = DetectorConfig(name="hog", kind="process_rss", process=name, user="root")
+        assert summary(owned) == (f"hog {name}: no value: no process named {name!r} of user "
+                                  f"root; 1 more named so, not of user root, not counted")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        if len(procs) > 1:  # runuser's child, the login user's process, with it
+            try:
+                os.killpg(procs[1].pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(where, ignore_errors=True)

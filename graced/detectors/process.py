@@ -122,9 +122,27 @@ def _not_counted(cfg: DetectorConfig, others: int) -> str:
     """What an observation says of the matching processes left out, if any."""
     if not others:
         return ""
-    whose = (f"not of user {cfg.user}" if cfg.user
+    whose = (f"not of user {cfg.user}, not counted" if cfg.user
              else "of login users, not counted without the detector's user key")
     return f"; {others} more named so, {whose}"
+
+
+def _absent(cfg: DetectorConfig, others: int) -> str:
+    """Why a per-process metric has no value: no process of the service's users (and how
+    many of other users were left out: they run, but are not the service)."""
+    if not others:
+        return f"no process named {cfg.process!r} running"
+    whose = f"user {cfg.user}" if cfg.user else "the service's users"
+    return f"no process named {cfg.process!r} of {whose}" + _not_counted(cfg, others)
+
+
+def _noted(detail: dict[str, object], cfg: DetectorConfig, others: int) -> dict[str, object]:
+    """``detail`` with the count of the matching processes left out and, when there are
+    any, the note every summary of the sample ends with (scoring adds it)."""
+    detail["not_counted"] = others
+    if others:
+        detail["note"] = _not_counted(cfg, others)[2:]
+    return detail
 
 
 class ProcessPresence(SimpleDetector):
@@ -151,7 +169,7 @@ class ProcessPresence(SimpleDetector):
         procs, others = _matching(self.config, self._login_min, self._gone)
         pids = {p.pid for p in procs}
         obs = Observation(self.subject, float(len(pids)), "processes",
-                          detail={"pids": sorted(pids)[:20], "not_counted": others})
+                          detail=_noted({"pids": sorted(pids)[:20]}, self.config, others))
         if len(pids) < self.config.min_count:
             obs.failed = (f"{len(pids)} process(es) named {self.config.process!r} running, "
                           f"expected at least {self.config.min_count}"
@@ -259,10 +277,12 @@ class ProcessMetric(SimpleDetector):
                 continue
         if not count:
             return [Observation(self.subject, None, self.unit, detail={
-                "processes": 0, "absent": f"no process named {self.config.process!r} running"
-                                          + _not_counted(self.config, others)})]
+                "processes": 0, "not_counted": others,
+                "absent": _absent(self.config, others)})]
+        # Counted or not, a login user's process of the name is said (it may be the one
+        # using the memory): "hog at 58.7 MB; 1 more named so, of login users, ...".
         return [Observation(self.subject, self.value(total), self.unit,
-                            detail={"processes": count})]
+                            detail=_noted({"processes": count}, self.config, others))]
 
 
 class ProcessRss(ProcessMetric):

@@ -25,7 +25,13 @@ class Verdict:
     summary: str
 
 
+COUNTS = {"processes": "process", "events": "event"}
+"""Units that count things (a whole number, 1 in the singular: "1 process")."""
+
+
 def _fmt(value: float, unit: str) -> str:
+    if unit in COUNTS and value == int(value):
+        return f"{value:.0f} {COUNTS[unit] if value == 1 else unit}"
     text = f"{value:.1f}" if abs(value) < 1000 else f"{value:.0f}"
     return f"{text} {unit}".strip() if unit else text
 
@@ -108,14 +114,17 @@ class Scorer:
         value = obs.value
         score, anomalous, why = self.score_value(obs.subject, value, ts)
         limit = cfg.effective_threshold
+        # What the detector adds to any summary of a value (processes it did not count).
+        note = obs.detail.get("note") if obs.detail else None
+        tail = f"; {str(note)[:200]}" if note else ""
         if anomalous and why == "threshold" and limit is not None:
             word = "below" if cfg.below else "above"
             return Verdict(True, score, f"{name} at {_fmt(value, obs.unit)}, {word} the "
-                                        f"threshold {_fmt(limit, obs.unit)}")
+                                        f"threshold {_fmt(limit, obs.unit)}{tail}")
         if anomalous:
             return Verdict(True, score, f"{name} at {_fmt(value, obs.unit)} is unusual for it "
-                                        f"({why}, baseline score {score:.2f})")
-        return Verdict(False, score, f"{name} at {_fmt(value, obs.unit)}")
+                                        f"({why}, baseline score {score:.2f}){tail}")
+        return Verdict(False, score, f"{name} at {_fmt(value, obs.unit)}{tail}")
 
 
 NEAR = 0.25
