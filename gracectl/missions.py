@@ -24,7 +24,7 @@ from .command import (
 )
 from .errors import CtlError
 from .out import stderr_note
-from .plan_text import render_plan, skipped_lines
+from .plan_text import no_value, render_plan, skipped_lines, step_result
 
 SEVERITIES = ("low", "medium", "high", "critical")
 WHY_STATES = ("escalated", "failed")
@@ -118,7 +118,9 @@ def mission_text(result: dict[str, Any]) -> str:
         f"  detector    {f(m['detector'])} ({f(m['kind'])})",
         f"  subject     {f(m['subject'])}",
         f"  opened      {out.when(m['opened_at'])} ({out.age(result['now'] - m['opened_at'])} ago)",
-        f"  occurrences {f(m['occurrences'])}, last value {f(m['last_value'])}",
+        f"  occurrences {f(m['occurrences'])}, " + (
+            "the last sample had no value" if m["last_value"] is None
+            else f"last value {f(out.value(m['last_value']))}"),
     ]
     if m["closed_at"]:
         lines.append(f"  closed      {out.when(m['closed_at'])}")
@@ -137,11 +139,8 @@ def mission_text(result: dict[str, Any]) -> str:
         lines.append("steps:")
         for st in m["steps"]:
             what = " ".join(st.get("argv") or []) or st.get("unit") or st.get("process") or ""
-            status = "ok" if st["ok"] else f"FAILED ({f(st.get('error'))})"
-            # No exit code: the step timed out (its error says so) or never started.
-            code = "" if st.get("exit_code") is None else f"exit {f(st['exit_code'])}, "
-            lines.append(f"  {f(st['step'])}. {f(st['action'])} {f(what)}: {status}, {code}"
-                         f"{f(st['duration_s'])} s")
+            lines.append(f"  {f(st['step'])}. {f(st['action'])} {f(what)}: "
+                         f"{step_result(st)}")
             if st.get("pids"):
                 lines.append("       signalled pids " + ", ".join(f(p) for p in st["pids"]))
             lines.extend(skipped_lines(st))
@@ -154,11 +153,12 @@ def mission_text(result: dict[str, Any]) -> str:
         lines.append("approvals:")
         for a in m["approvals"]:
             note = f": {f(a['comment'])}" if a.get("comment") else ""
-            lines.append(f"  {out.when(a['at'])}  {f(a['decision'])} by {f(a.get('user'))} "
-                         f"({f(a.get('auth'))}){note}")
+            lines.append(f"  {out.when(a['at'])}  {f(a['decision'])} by "
+                         f"{f(a.get('user') or '?')} ({f(a.get('auth') or '?')}){note}")
     lines.append("samples:")
     for smp in m["samples"]:
-        lines.append(f"  {out.when(smp['ts'])}  {f(smp['value'])}  {f(smp['summary'])}")
+        lines.append(f"  {out.when(smp['ts'])}  {f(no_value(smp['value']))}  "
+                     f"{f(smp['summary'])}")
     lines.append("timeline:")
     for t in m["timeline"]:
         lines.append(f"  {out.when(t['ts'])}  {f(t['from'] or '-')} -> {f(t['to'])}  "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .out import safe  # plans carry monitored data (a subject, a process name)
+from .out import safe, value  # plans carry monitored data (a subject, a process name)
 
 
 def render_plan(plan: dict[str, Any]) -> list[str]:
@@ -65,3 +65,20 @@ def skipped_lines(st: dict[str, Any]) -> list[str]:
     if more > 0:
         lines.append(f"       and {more} more skipped")
     return lines
+
+
+def step_result(st: dict[str, Any]) -> str:
+    """How a step that ran ended, in words: "ok, exit 0, 0.2 s" or "FAILED (why), 5 s";
+    what the record does not hold (no exit code: it timed out or never started; no
+    error or duration) left out, never printed as Python's None."""
+    error = st.get("error")
+    status = "ok" if st.get("ok") else f"FAILED ({safe(error)})" if error else "FAILED"
+    code = st.get("exit_code")
+    took = st.get("duration_s")
+    return ", ".join([status, *([f"exit {safe(code)}"] if code is not None else []),
+                      *([f"{safe(took)} s"] if took is not None else [])])
+
+
+def no_value(v: Any) -> str:
+    """A sample's value as human output shows it: as JSON writes it, "no value" for none."""
+    return "no value" if v is None else value(v)

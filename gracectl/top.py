@@ -31,7 +31,7 @@ from graced.protocol.verify import announced_interval, stale_limit
 from .client import Connection, Endpoint, connect, decide
 from .errors import CtlError, Unreachable
 from .out import age, fit, kv, quantity_in, reason, safe, use_colour, value, when
-from .plan_text import render_plan
+from .plan_text import render_plan, step_result
 
 Segment = tuple[str, str]  # text, style
 Line = list[Segment]
@@ -432,9 +432,8 @@ def _detail_lines(model: Model, now: float) -> list[Line]:
     if m.get("steps"):
         out.append([(" steps:", "bold")])
         for st in m["steps"]:
-            ok = "ok" if st.get("ok") else f"FAILED ({st.get('error')})"
-            out.append([(f"   {st.get('step')}. {st.get('action')}: {ok}, "
-                         f"{st.get('duration_s')} s", "green" if st.get("ok") else "red")])
+            out.append([(f"   {st.get('step')}. {st.get('action')}: {step_result(st)}",
+                         "green" if st.get("ok") else "red")])
     out.append([(" timeline:", "bold")])
     for t in m.get("timeline") or []:
         out.append([(f"   {_clock(t['ts'])}  {t.get('from') or '-'} -> {t['to']}  {t['reason']}",

@@ -164,3 +164,16 @@ def test_a_unit_is_abbreviated_or_dropped_never_cut(number: float, unit: str, wi
     assert out.quantity_in(number, unit, width) == shown
     assert out.quantity(1.0, "processes") == "1 process"
     assert out.quantity(2.0, "processes") == "2 processes"
+
+
+def test_a_step_record_without_exit_code_error_or_duration_prints_no_none() -> None:
+    """A newcomer saw Python's None in human output ('last value None', 'FAILED (None)');
+    what a record does not hold is left out or said in words."""
+    from gracectl.plan_text import no_value, step_result
+
+    assert step_result({"ok": True, "exit_code": 0, "duration_s": 0.2}) == "ok, exit 0, 0.2 s"
+    assert step_result({"ok": False, "error": "timed out after 5 s", "exit_code": None,
+                        "duration_s": 5.0}) == "FAILED (timed out after 5 s), 5.0 s"
+    assert step_result({"ok": False, "error": None, "exit_code": None,
+                        "duration_s": None}) == "FAILED"
+    assert (no_value(None), no_value(58.7), no_value(True)) == ("no value", "58.7", "true")

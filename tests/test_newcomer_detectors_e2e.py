@@ -79,6 +79,9 @@ def test_a_killed_runaway_resolves_its_rss_mission_and_counts_as_a_success(
         explained = g.ctl("missions", "explain", str(waiting["id"]), check=True).stdout
         assert "learning  counted as a success of kill-hog for hog-rss:memhog" in explained
         assert "None" not in explained
+        shown = g.ctl("missions", "show", str(waiting["id"]), check=True).stdout
+        # The last sample had no value (memhog gone): said in words, not Python's None.
+        assert "the last sample had no value" in shown and "None" not in shown, shown
 
         # Samples go on with memhog gone: still nothing to measure, no new mission.
         later = sampled_after(g, "hog-rss", time.time() + 1.0, "hog-rss stopped sampling")
