@@ -24,7 +24,7 @@ from .command import (
 )
 from .errors import CtlError
 from .out import stderr_note
-from .plan_text import no_value, render_plan, skipped_lines, step_result
+from .plan_text import no_value, render_plan, signal_target, skipped_lines, step_result
 
 SEVERITIES = ("low", "medium", "high", "critical")
 WHY_STATES = ("escalated", "failed")
@@ -138,7 +138,8 @@ def mission_text(result: dict[str, Any]) -> str:
     if m["steps"]:
         lines.append("steps:")
         for st in m["steps"]:
-            what = " ".join(st.get("argv") or []) or st.get("unit") or st.get("process") or ""
+            what = signal_target(st) if st.get("action") == "signal" else (
+                " ".join(st.get("argv") or []) or st.get("unit") or "")
             lines.append(f"  {f(st['step'])}. {f(st['action'])} {f(what)}: "
                          f"{step_result(st)}")
             if st.get("pids"):

@@ -31,7 +31,7 @@ def render_plan(plan: dict[str, Any]) -> list[str]:
                       f"processes matching {json.dumps(st['process'])}"
                       if st.get("match_cmdline") else
                       f"processes named {json.dumps(st['process'])}")
-            whose = (f" of user {safe(st['user'])}" if st.get("user") else
+            whose = (f" of user {user_text(st)}" if st.get("user") else
                      "" if st.get("pid") or st.get("pid_file") else
                      " of root, a system or service user or graced's (never a login user)")
             lines.append(f"{head}: signal SIG{safe(st['signal'])} to {target}{whose}")
@@ -46,6 +46,24 @@ def render_plan(plan: dict[str, Any]) -> list[str]:
         lines.append("  values: " + " ".join(json.dumps(f"{{{k}}}={v}")
                                              for k, v in values.items()))
     return lines
+
+
+def user_text(st: dict[str, Any]) -> str:
+    """A signal step's ``user`` as shown: "rev9nu (1010)" when graced's host names the
+    uid it was given, else as written."""
+    if st.get("user_name"):
+        return f"{safe(st['user_name'])} ({safe(st['user'])})"
+    return safe(st["user"])
+
+
+def signal_target(st: dict[str, Any]) -> str:
+    """A signal step's record in a step label: the signal and what it targets
+    ("SIGTERM svcd", "SIGHUP pid 4242", "SIGTERM pid file /run/x.pid")."""
+    sig = f"SIG{safe(st['signal'])} " if st.get("signal") else ""
+    target = (safe(st["process"]) if st.get("process") else
+              f"pid {safe(st['pid'])}" if st.get("pid") else
+              f"pid file {safe(st['pid_file'])}" if st.get("pid_file") else "")
+    return sig + target
 
 
 def skipped_lines(st: dict[str, Any]) -> list[str]:

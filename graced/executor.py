@@ -776,6 +776,11 @@ class Executor:
                     "ok": result["ok"], "exit_code": result.get("exit_code"),
                     "duration_s": result["duration_s"], "output_sha256": result["output_sha256"],
                     "error": result.get("error"),
+                    # Who a signal step signalled, and who it left alone (bounded, as the
+                    # step record), in the signed stream too.
+                    **({"pids": result.get("pids", []), "skipped": result.get("skipped", []),
+                        "skipped_count": result.get("skipped_count", 0)}
+                       if st.action == "signal" else {}),
                     # graced could not run it (out of processes, descriptors...): not the
                     # playbook's failure, and learning credits nothing for it.
                     **({"graced_failure": result["graced_failure"]}
@@ -861,7 +866,8 @@ class Executor:
                     if not pids:
                         raise ProcessLookupError("no matching process" + (
                             f" ({found.summary()})" if found.skipped_count else ""))
-                    result.update(ok=True, pids=pids, exit_code=0)
+                    # A signal has no exit code: ok, and the pids it reached.
+                    result.update(ok=True, pids=pids, exit_code=None)
                 else:
                     argv, own_env = command(st, values)
                     env = dict(os.environ)

@@ -28,9 +28,11 @@ values); when that hid something, ``argv_sha256`` is the SHA-256 of the real arg
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
+import pwd
 import re
 from typing import Any
 
@@ -137,10 +139,15 @@ def describe(st: StepConfig, values: dict[str, str]) -> dict[str, Any]:
         return desc
     if st.action in ("restart_unit", "start_action"):
         return {"action": st.action, "unit": argv[-1], "argv": argv, "timeout": st.timeout}
-    return {"action": "signal", "signal": st.signal.upper().removeprefix("SIG"),
+    desc = {"action": "signal", "signal": st.signal.upper().removeprefix("SIG"),
             "process": substitute(st.process, values), "pid": st.pid,
             "pid_file": substitute(st.pid_file, values) if st.pid_file else "",
             "match_cmdline": st.match_cmdline, "user": st.user, "timeout": st.timeout}
+    if st.user.isascii() and st.user.isdigit():
+        # A uid: the plan names the user this host knows by it ("rev9nu (1010)").
+        with contextlib.suppress(KeyError, OverflowError):
+            desc["user_name"] = pwd.getpwuid(int(st.user)).pw_name
+    return desc
 
 
 def secrets(st: StepConfig, values: dict[str, str]) -> list[str]:

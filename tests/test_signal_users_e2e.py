@@ -163,7 +163,7 @@ def test_a_login_users_decoy_survives_a_signal_step_unless_its_user_is_named(
         files, config = {}, ""
         steps = {"byname": f'process = "{name}"',
                  "asuser": f'process = "{name}"\nuser = "{decoy_user}"',
-                 "pidroot": f'pid_file = "{pid_file}"\nuser = "root"'}
+                 "pidroot": f'pid_file = "{pid_file}"\nuser = 0'}
         for det, how in steps.items():
             files[det] = where / f"{det}.value"
             files[det].write_text("0")
@@ -191,6 +191,20 @@ def test_a_login_users_decoy_survives_a_signal_step_unless_its_user_is_named(
             assert (f"skipped pid {decoy.pid} ({name}, uid {decoy_uid}): of a login user, "
                     "not signalled without the step's user key") in shown, shown
             assert f"signalled pids {', '.join(str(p) for p in step['pids'])}" in shown
+            # A signal has no exit code: the label names the signal and target, no "exit 0".
+            assert step["exit_code"] is None, step
+            steps = shown.split("\nsteps:\n")[1].splitlines()
+            label = next(x for x in steps if x.strip().startswith("1. signal"))
+            assert label.strip().startswith(f"1. signal SIGTERM {name}: ok, "), label
+            assert "exit" not in label, label
+            # The signed stream says who was signalled and who was left alone.
+            finished = [json.loads(x)["payload"] for x in g.ctl(
+                "tail", "--json", "--since", "1", "--no-follow", "executor.step_finished",
+                check=True).stdout.splitlines()]
+            event = next(e for e in finished if e["mission"] == mid)
+            assert (event["pids"], event["skipped"], event["skipped_count"]) == (
+                step["pids"], step["skipped"], 1), event
+            assert event["exit_code"] is None
             # A dry run says the same before anything is signalled.
             dry = g.ctl("playbooks", "run", "sig-byname", "--mission", str(mid), "--dry-run",
                         check=True).stdout
@@ -198,11 +212,19 @@ def test_a_login_users_decoy_survives_a_signal_step_unless_its_user_is_named(
                     "service user or graced's (never a login user)") in dry, dry
             assert "targets now: none" in dry and f"skipped pid {decoy.pid} ({name}" in dry
 
-            # A pid file naming the decoy, but user = "root": left alone, the step fails.
+            # A pid file naming the decoy, but user = 0 (root): left alone, the step fails.
             files["pidroot"].write_text("99")
             mid = w.wait("mission.failed", "pidroot", 30)["payload"]["id"]
             step = _step(g, mid)
-            assert not step["ok"] and "not of user root" in step["error"], step
+            assert not step["ok"] and "not of user 0" in step["error"], step
+            # The plan names the user the uid is, the step its pid file.
+            shown = g.ctl("missions", "show", str(mid), check=True).stdout
+            assert (f"1. signal: signal SIGTERM to the pid in {pid_file} of user root (0)"
+                    in shown), shown
+            steps = shown.split("\nsteps:\n")[1].splitlines()
+            label = next(x for x in steps if x.strip().startswith("1. signal"))
+            assert label.strip().startswith(f"1. signal SIGTERM pid file {pid_file}: FAILED"), \
+                label
             assert step["skipped"][0]["pid"] == decoy.pid
             assert decoy.is_running()
 
