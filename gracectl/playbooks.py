@@ -92,7 +92,8 @@ def playbooks_run(ctx: click.Context, name: str, mission_id: int, dry_run: bool,
     """Run playbook NAME for mission ID now (control rights), or show what would run.
 
     A real run is journaled like any other: the mission goes to approved (run by hand by
-    you), executing, verifying; it spends the playbook's budget. A high or critical risk
+    you), executing, verifying; as a run a person approved, it spends no budget (budgets
+    ration automatic runs). A high or critical risk
     playbook needs what an approval needs: on a terminal its plan is printed and you are
     asked y/N (n runs nothing, exit 1); without one, --plan SHA256 or --yes (exit 2
     otherwise).

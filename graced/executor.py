@@ -123,10 +123,11 @@ class Budgets:
 
     def spend(self, pb: PlaybookConfig, subject: str, now: float,
               automatic: bool = True) -> None:
-        """A run of ``pb`` for ``subject``: it spends the playbook's budget, and the
-        global cap only if nobody approved it (the cap is on automatic runs)."""
-        self.per_key.setdefault(f"{pb.name}\0{subject}", []).append(now)
+        """A run of ``pb`` for ``subject``: an automatic one spends the playbook's budget
+        and the global cap; one a person approved or started spends neither (budgets
+        ration what graced does on its own: a person deciding each run is the ration)."""
         if automatic:
+            self.per_key.setdefault(f"{pb.name}\0{subject}", []).append(now)
             self.global_runs.append(now)
 
     def dump(self) -> str:
@@ -390,8 +391,10 @@ class Executor:
                 f"{self.engine.flap_window:g} s of clearing by itself; {pb.name} not run; "
                 "a human should look"))
             return
-        spent = self.budgets.spent(pb, m.subject, self.config.max_actions_per_hour, now,
-                                   automatic=pb.risk in AUTO_RISKS)
+        # Only an automatic run is rationed: a mission that waits for a person is never
+        # escalated for a budget its run would not spend.
+        spent = self.budgets.spent(pb, m.subject, self.config.max_actions_per_hour,
+                                   now) if pb.risk in AUTO_RISKS else None
         if spent:
             others = [c["playbook"] for c in (m.decision or {}).get("candidates", [])
                       if c["playbook"] != pb.name and not c.get("demoted")]
@@ -434,6 +437,9 @@ class Executor:
         if chosen is None or "budget" not in chosen or chosen["budget"][0] < chosen[
                 "budget"][1]:
             return
+        first = self._playbook(chosen["playbook"])
+        if first is None or first.risk not in AUTO_RISKS:
+            return  # it waits for a person: no budget holds it
         spare = [c for c in rows if c is not chosen and not c.get("demoted")
                  and "budget" in c and c["budget"][0] < c["budget"][1]]
         if not spare:
@@ -664,8 +670,9 @@ class Executor:
         """Run ``pb`` for an active mission now, at a person's request (``playbooks run``).
 
         Journaled as any run: an ``approved`` transition naming who asked, then the steps.
-        Policy (observe mode, pause, silences, risk) is the person's call here; the run
-        still spends the playbook's budget. Raises ValueError.
+        Policy (observe mode, pause, silences, risk) is the person's call here; like an
+        approved run, it spends no budget (budgets ration automatic runs). Raises
+        ValueError.
 
         The plan that runs has the values frozen in the mission's plan (the one a dry run
         and missions show print); ``named``, a hash or a prefix of it, must name it, else

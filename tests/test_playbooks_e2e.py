@@ -175,8 +175,9 @@ def test_playbooks_ls_dry_run_and_a_manual_run(make_graced, shortdir: Path, slee
                            "uid": os.geteuid(), "plan_sha256": m["plan"]["sha256"]}]
         after = {p["name"]: p for p in json.loads(g.ctl("playbooks", "ls", "--json",
                                                         check=True).stdout)["playbooks"]}
-        assert after["drain"]["budget_left"] == 3
-        assert after["drain"]["budget_used"] == {"queue": 1}
+        # Run by a person: the budget rations automatic runs only.
+        assert after["drain"]["budget_left"] == 4
+        assert after["drain"]["budget_used"] == {}
         assert after["drain"]["learned"]["runs"] == 1
         assert after["drain"]["learned"]["successes"] == 1
         # A closed mission cannot be run again.
@@ -619,5 +620,35 @@ def test_a_waiting_plan_keeps_its_hash_while_the_detector_samples_on(
                                 "--json", check=True).stdout)
         assert done["approvals"][-1]["plan_sha256"] == sha
         assert done["steps"][0]["output"].strip().endswith(f"value={FAULT}"), done["steps"]
+    finally:
+        w.close()
+
+
+@pytest.mark.slow
+def test_runs_a_person_approved_spend_no_budget(make_graced, shortdir: Path) -> None:
+    """A playbook that waits for approval (high) with budget 1: a person approves it, it
+    runs and resolves; the fault comes back within the hour and the mission waits for
+    approval again, it is not escalated for a budget it was never rationed by (runs a
+    person approved or started spend neither the playbook's budget nor the global cap)."""
+    queue = shortdir / "queue"
+    queue.write_text(NORMAL)
+    g = make_graced(detectors=value_detector("backlog", queue, "high")
+                    + drain_playbook(queue).replace("budget = 4", "budget = 1")
+                    + SETTINGS.format(approval=300.0).replace(
+                        "max_actions_per_hour = 10000", "max_actions_per_hour = 1"))
+    w = Watch(g)
+    try:
+        for n in (1, 2):
+            queue.write_text(FAULT)
+            waiting = w.wait("mission.awaiting_approval", "backlog", 20, count=n)["payload"]
+            ok = g.ctl("missions", "approve", str(waiting["id"]), "--plan",
+                       waiting["plan_sha256"])
+            assert ok.returncode == 0, ok.stderr
+            w.wait("mission.resolved", "backlog", 30, count=n)
+        assert not w.events("mission.escalated", "backlog")
+        listed = json.loads(g.ctl("playbooks", "ls", "--json", check=True).stdout)
+        drain = next(p for p in listed["playbooks"] if p["name"] == "drain")
+        assert (drain["budget_left"], drain["budget_used"]) == (1, {})
+        assert listed["global_left"] == 1
     finally:
         w.close()
