@@ -193,10 +193,12 @@ def _decide(ctx: click.Context, mission_id: int, comment: str, approve: bool,
         stderr_note(f"warning: {result['warning']}")
 
 
-def print_plan_lines(lines: list[str]) -> None:
-    """A rendered plan on stderr (render_plan escaped its fields), its long lines folded
-    to a terminal's width as ``missions show`` folds them (whole when not a terminal)."""
-    print(out.fold("\n".join(lines), stream=sys.stderr), file=sys.stderr, flush=True)
+def print_plan_lines(lines: list[str], err: bool = True) -> None:
+    """A rendered plan on stderr (stdout: ``err`` false; render_plan escaped its fields),
+    its long lines folded to that terminal's width as ``missions show`` folds them, each
+    continuation indented under its text (whole when not a terminal)."""
+    stream = sys.stderr if err else sys.stdout
+    print(out.fold("\n".join(lines), stream=stream), file=stream, flush=True)
 
 
 def check_plan_option(plan: str | None) -> str | None:

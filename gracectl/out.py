@@ -121,8 +121,11 @@ class Cell:
 class Column:
     """A table column: ``shrink`` (0 never; higher gives up width first) down to
     ``minimum`` (never below the header's width); ``keep_end`` cuts from the left;
-    ``right`` aligns right. A ``spill`` column (the last: a reason) that would be cut
-    moves under each row instead, wrapped at words, so it is read whole."""
+    ``right`` aligns right. A ``spill`` column (a reason, a match) that would be cut
+    moves under each row instead, wrapped at words, so it is read whole. A column with a
+    ``drop`` rank is left out (the highest rank first) when the table, every column at
+    its minimum, is still wider than the terminal: a column that is never cut (a name a
+    command takes) keeps its width."""
 
     header: str
     shrink: int = 0
@@ -130,54 +133,66 @@ class Column:
     keep_end: bool = False
     right: bool = False
     spill: bool = False
+    drop: int = 0
 
 
 SPILL_INDENT = "    "
 
 
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str | Column],
-          width: int | None = -1, stream: IO[str] | None = None) -> str:
+          width: int | None = -1, stream: IO[str] | None = None,
+          dropped: list[str] | None = None) -> str:
     """A plain-text table: a header line, a rule, the rows; cells escaped; fitted to the
-    terminal (``width`` -1) unless piped or --wide."""
-    cols = [h if isinstance(h, Column) else Column(h) for h in headers]
+    terminal (``width`` -1) unless piped or --wide. The headers of the columns left out
+    to fit are appended to ``dropped`` (for the caller's note)."""
+    every = [h if isinstance(h, Column) else Column(h) for h in headers]
     if width == -1:
         width = terminal_width(stream)
     cells = [[c if isinstance(c, Cell) else Cell(_plain(c)) for c in row] for row in rows]
     for row in cells:
-        row.extend(Cell("") for _ in range(len(cols) - len(row)))
+        row.extend(Cell("") for _ in range(len(every) - len(row)))
         for c in row:
             c.text = safe(c.text)
-    widths = [max([len(col.header)] + [len(r[i].text) for r in cells])
-              for i, col in enumerate(cols)]
+    natural = [max([len(col.header)] + [len(r[i].text) for r in cells])
+               for i, col in enumerate(every)]
+    shown = list(range(len(every)))  # the columns on the row's line, by index
+    widths = list(natural)
     spilled: int | None = None
     if width is not None and _total(widths) > width:
-        natural = list(widths)
-        _shrink(cols, widths, width)
-        spill = next((i for i, c in enumerate(cols) if c.spill), None)
+        _shrink(every, widths, width)
+        spill = next((i for i, c in enumerate(every) if c.spill), None)
         if spill is not None and (widths[spill] < natural[spill] or _total(widths) > width):
             spilled = spill
-            widths = [w for i, w in enumerate(natural) if i != spill]
-            cols = [c for i, c in enumerate(cols) if i != spill]
-            _shrink(cols, widths, width)
+            shown.remove(spill)
+            widths = list(natural)
+            _shrink(every, widths, width, shown)
+        for i in sorted((i for i in shown if every[i].drop), key=lambda i: -every[i].drop):
+            if _total([widths[j] for j in shown]) <= width:
+                break
+            shown.remove(i)
+            if dropped is not None:
+                dropped.append(every[i].header)
+            widths = list(natural)
+            _shrink(every, widths, width, shown)
+    cols = [every[i] for i in shown]
     colour = use_colour(stream)
 
     def line(parts: list[Cell]) -> str:
         out = []
-        for col, w, c in zip(cols, widths, parts, strict=False):
-            text = fit(c.text, w, col.keep_end)
-            pad = " " * (w - len(text))
+        for col, i, c in zip(cols, shown, parts, strict=True):
+            text = fit(c.text, widths[i], col.keep_end)
+            pad = " " * (widths[i] - len(text))
             if colour and c.colour:
                 text = paint(text, c.colour, stream)
             out.append(pad + text if col.right else text + pad)
         return "  ".join(out).rstrip()
 
-    lines = [line([Cell(c.header) for c in cols]), "  ".join("-" * w for w in widths)]
+    lines = [line([Cell(c.header) for c in cols]), "  ".join("-" * widths[i] for i in shown)]
     for row in cells:
+        lines.append(line([row[i] for i in shown]))
         if spilled is None:
-            lines.append(line(row))
             continue
         extra = row[spilled]
-        lines.append(line([c for i, c in enumerate(row) if i != spilled]))
         if extra.text and extra.text != "-":  # nothing to say: no line for it
             assert width is not None
             # Whole: wrapped at words under the row (a word longer than a line split).
@@ -204,26 +219,33 @@ def _total(widths: list[int]) -> int:
     return sum(widths) + 2 * (len(widths) - 1)
 
 
-def _shrink(cols: list[Column], widths: list[int], limit: int) -> None:
-    """Narrow the shrinkable columns, the widest first (by weight), until the table fits
-    or each is at its minimum."""
+def _shrink(cols: list[Column], widths: list[int], limit: int,
+            shown: list[int] | None = None) -> None:
+    """Narrow the shrinkable columns of ``shown`` (default: all), the widest first (by
+    weight), until those fit or each is at its minimum."""
+    shown = list(range(len(cols))) if shown is None else shown
     floor = [max(c.minimum, len(c.header), 1) for c in cols]
-    while _total(widths) > limit:
-        able = [i for i, c in enumerate(cols) if c.shrink and widths[i] > floor[i]]
+    while _total([widths[i] for i in shown]) > limit:
+        able = [i for i in shown if cols[i].shrink and widths[i] > floor[i]]
         if not able:
             return
         i = max(able, key=lambda j: (widths[j] - floor[j]) * cols[j].shrink)
         widths[i] -= 1
 
 
-_LABEL = re.compile(r"^(\s*)(\S+(?: \S+)?\s{2,})?")
+_LABEL = re.compile(r"^(\s*)(\S+(?: \S+)?\s{2,}|(?:\d+\. )?[\w-]+(?: [\w-]+)?: +)?")
+"""A line's leading spaces and its label: a column label (``outcome   ``), a field
+(``plan: ``, ``targets now: ``, ``values: ``) or a numbered step's (``1. run: ``)."""
+HANG = 2
+"""How much deeper than its line a continuation without a label is indented."""
 
 
 def fold(text: str, width: int | None = -1, stream: IO[str] | None = None) -> str:
     """Prose lines for a human's terminal (escaped already): each one longer than the
     terminal is wrapped at spaces, its continuation indented under its text (after a
-    label such as ``outcome   `` or its leading spaces), a word longer than a line cut
-    into pieces; nothing changes when piped or with --wide."""
+    label such as ``outcome   `` or ``plan: ``; without one, ``HANG`` deeper than the
+    line), a word longer than a line cut into pieces; nothing changes when piped or with
+    --wide. Every plan (missions show, approve, playbooks run) is folded by it."""
     if width == -1:
         width = terminal_width(stream)
     if width is None:
@@ -236,9 +258,10 @@ def fold(text: str, width: int | None = -1, stream: IO[str] | None = None) -> st
             out.append(line)
             continue
         m = _LABEL.match(line)
-        indent = len(m.group(0)) if m else 0
+        assert m is not None  # every part of it is optional
+        indent = len(m.group(0)) if m.group(2) else len(m.group(1)) + HANG
         if indent > width // 2:
-            indent = len(m.group(1)) + 2 if m else 2
+            indent = len(m.group(1)) + HANG
         out.extend(textwrap.wrap(line, width, subsequent_indent=" " * min(indent, width // 2),
                                  break_long_words=True, break_on_hyphens=False,
                                  drop_whitespace=True) or [""])

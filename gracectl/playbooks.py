@@ -65,13 +65,22 @@ def playbooks_ls(ctx: click.Context, as_json: bool) -> None:
                       ",".join(pb["steps"]),
                       f"{pb['budget_left']}/{pb['budget']} per {pb['budget_window']:g}s",
                       success, lr["runs"], last])
-    out.write(out.table(table, [
-        out.Column("PLAYBOOK", 2, 8), out.Column("MATCH", 3, 5), out.Column("RISK", 1, 4),
-        out.Column("STEPS", 2, 5), out.Column("BUDGET LEFT", 1, 11), out.Column("SUCCESS", 1, 7),
-        "RUNS", "LAST RUN"]))
+    dropped: list[str] = []
+    out.write(out.table(table, PLAYBOOK_COLUMNS, dropped=dropped))
     mode = result["mode"] + (", paused" if result["paused"] else "")
     stderr_note(f"remediation: {mode}; {result['global_left']} automatic actions left this "
-                "hour")
+                "hour" + (f" ({', '.join(dropped)} left out to fit the terminal: --wide "
+                          "shows them)" if dropped else ""))
+
+
+PLAYBOOK_COLUMNS = [
+    # The name is what 'playbooks run NAME' takes: never cut (kubectl never cuts NAME).
+    # Too wide, the match goes whole under its row, the steps are cut; then RUNS, LAST
+    # RUN and SUCCESS are left out, in that order (the note on stderr says so).
+    out.Column("PLAYBOOK"), out.Column("MATCH", 3, 24, spill=True), out.Column("RISK"),
+    out.Column("STEPS", 2, 5), out.Column("BUDGET LEFT"),
+    out.Column("SUCCESS", 1, 7, drop=1), out.Column("RUNS", drop=3),
+    out.Column("LAST RUN", drop=2)]
 
 
 @playbooks.command("run")
@@ -106,9 +115,9 @@ def playbooks_run(ctx: click.Context, name: str, mission_id: int, dry_run: bool,
             print_json(dry)
             return
         m = dry["mission"]
-        out.echo(f"dry run for mission {m['id']} ({safe(m['detector'])}:"
-                 f"{safe(m['subject'])}, {m['state']}): nothing was run")
-        out.echo("\n".join(render_plan(dry["plan"])))
+        print_plan_lines([f"dry run for mission {m['id']} ({safe(m['detector'])}:"
+                          f"{safe(m['subject'])}, {safe(m['state'])}): nothing was run",
+                          *render_plan(dry["plan"])], err=False)
         return
     shown = dry["plan"]
     if plan is None and not yes and shown["risk"] not in ("low", "medium"):

@@ -177,3 +177,46 @@ def test_a_step_record_without_exit_code_error_or_duration_prints_no_none() -> N
     assert step_result({"ok": False, "error": None, "exit_code": None,
                         "duration_s": None}) == "FAILED"
     assert (no_value(None), no_value(58.7), no_value(True)) == ("no value", "58.7", "true")
+
+
+def test_playbooks_ls_at_80_never_cuts_the_name_others_give_way() -> None:
+    """The newcomer's row ('restart-s…  detect…  low  run  1/3 per 3600s ...'): the name
+    whole, the match whole under its row; a name too long for every column leaves RUNS
+    and LAST RUN out, named for the caller's note."""
+    from gracectl.playbooks import PLAYBOOK_COLUMNS
+
+    row = ["restart-service", "detector=svc-health", "low", "run", "1/3 per 3600s", "100%",
+           2, "1m52s ago"]
+    lines = out.table([row], PLAYBOOK_COLUMNS, width=80).splitlines()
+    assert all(len(x) <= 80 for x in lines), lines
+    assert lines[2].split() == ["restart-service", "low", "run", "1/3", "per", "3600s", "100%",
+                                "2", "1m52s", "ago"]
+    assert lines[3] == out.SPILL_INDENT + "detector=svc-health"
+    long = ["restart-the-billing-queue-worker", "detector=queue-depth", "high (approval)",
+            "run,signal", "3/3 per 3600s", "50%", 4, "-"]
+    dropped: list[str] = []
+    lines = out.table([row, long], PLAYBOOK_COLUMNS, width=80, dropped=dropped).splitlines()
+    assert all(len(x) <= 80 for x in lines), lines
+    assert lines[0].split() == ["PLAYBOOK", "RISK", "STEPS", "BUDGET", "LEFT", "SUCCESS"]
+    assert lines[4].startswith("restart-the-billing-queue-worker  high (approval)  run,…")
+    assert dropped == ["RUNS", "LAST RUN"]
+    assert "LAST RUN" in out.table([row, long], PLAYBOOK_COLUMNS, width=None)  # --wide
+
+
+def test_a_plans_folded_lines_go_on_under_their_text() -> None:
+    """missions show, approve and playbooks run fold a plan one way: each continuation
+    under the text after its label ('plan: ', '1. run: ', 'values: ')."""
+    from gracectl.plan_text import render_plan
+
+    plan = {"playbook": "drain", "risk": "high", "sha256": "ab" * 32, "values": {
+        "subject": "/var/lib/app/cache/worker-queue-long-name", "detector": "queue-depth"},
+        "steps": [{"step": 1, "action": "run", "timeout": 5.0, "argv": [
+            "/bin/sh", "-c", "exit 0", "--first-long-option=/var/lib/app/cache/one",
+            "--second-long-option=/var/lib/app/cache/two"]}]}
+    lines = out.fold("\n".join(render_plan(plan)), 80).splitlines()
+    assert lines[:2] == ["plan: playbook drain (risk high), sha256", " " * 6 + "ab" * 32]
+    assert lines[2].startswith("  1. run: argv [") and lines[3].startswith(" " * 10 + '"')
+    values = next(i for i, x in enumerate(lines) if x.startswith("  values: "))
+    assert lines[values + 1].startswith(" " * 10 + '"'), lines
+    hung = out.fold("no label here " * 8, 40).splitlines()  # none: two spaces deeper
+    assert len(hung) > 1 and all(x[:2] == "  " and x[2] != " " for x in hung[1:]), hung

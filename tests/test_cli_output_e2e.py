@@ -285,3 +285,66 @@ def test_the_mode_column_is_never_cut() -> None:
     for width in (80, 60):
         text = out.table([row], DETECTOR_COLUMNS, width=width)
         assert " psi-trigger " in text.splitlines()[2], text
+
+
+BILLING = "restart-the-billing-queue-worker"
+BILLING_PLAYBOOK = (
+    f'[[playbook]]\nname = "{BILLING}"\ndetector = "queue-depth"\nrisk = "high"\n'
+    '[[playbook.step]]\naction = "run"\nargv = ["/bin/sh", "-c", "exit 0", "drain", '
+    '"--first-long-option=/var/lib/app/cache/one", "--second-long-option=/var/lib/app/two"]\n'
+    '[[playbook.step]]\naction = "signal"\nsignal = "TERM"\npid_file = "{pid_file}"\n')
+
+
+def _continued(lines: list[str], start: str, under: str) -> tuple[str, list[str]]:
+    """The line that starts with ``start`` (after its indent) and the lines folded from
+    it: those after it that begin exactly under its text ``under``."""
+    head = next(x for x in lines if x.lstrip().startswith(start))
+    indent = head.index(under)
+    rest = []
+    for x in lines[lines.index(head) + 1:]:
+        if not (x.startswith(" " * indent) and x[indent:indent + 1].strip()):
+            break
+        rest.append(x)
+    return head, rest
+
+
+@pytest.mark.slow
+def test_80_columns_a_playbooks_name_whole_and_plans_folded_under_their_text(
+        make_graced, shortdir: Path) -> None:
+    """A newcomer at 80 columns: playbooks ls cut the NAME that playbooks run takes (and
+    its match) while BUDGET LEFT stayed whole; playbooks run --dry-run was not folded; and
+    missions show folded a plan's lines without indenting what went on."""
+    value = shortdir / "value"
+    value.write_text("99\n")
+    pid_file = shortdir / "the-billing-queue-worker.pid"
+    pid_file.write_text("1\n")  # init: graced never signals it, and says so
+    g = make_graced(detectors=VALUE.format(file=value)
+                    + BILLING_PLAYBOOK.format(pid_file=pid_file))
+    g.ctl("wait", "1", "--state", "awaiting_approval", "--timeout", "20", check=True)
+    ctl = bin_path("gracectl")
+
+    def at_80(*args: str) -> list[str]:
+        rc, text = run_on_tty([ctl, *args], g.env, columns=80)
+        assert rc == 0, text
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()
+        assert all(len(x) <= 80 for x in lines), lines
+        return lines
+
+    listed = at_80("playbooks", "ls")
+    row = next(x for x in listed if x.startswith(BILLING))
+    assert row.split()[:3] == [BILLING, "high", "(approval)"], listed  # the name whole
+    assert "detector=queue-depth" in [x.strip() for x in listed]  # the match, whole, under
+
+    dry = at_80("playbooks", "run", BILLING, "--mission", "1", "--dry-run")
+    sha = json.loads(g.ctl("playbooks", "run", BILLING, "--mission", "1", "--dry-run",
+                           "--json", check=True).stdout)["plan"]["sha256"]
+    shown = at_80("missions", "show", "1")
+    for lines in (dry, shown):  # folded the same way: each continuation under its text
+        head, more = _continued(lines, "plan: playbook", "playbook")
+        assert head.endswith("(risk high), sha256") and more == [" " * 6 + sha], lines
+        head, more = _continued(lines, "1. run: argv", "argv")
+        assert "--second-long-option=/var/lib/app/two" in " ".join([head, *more]), lines
+        assert more, lines
+    head, more = _continued(dry, "targets now:", "none")
+    assert (" ".join(x.strip() for x in [head, *more]) == f"targets now: none (pid file "
+            f"{pid_file}: names pid 1, which graced never signals)"), dry
