@@ -34,6 +34,23 @@ def uid_of(user: str) -> int:
         raise LookupError(f"no user {user!r} on this host") from None
 
 
+def uid_name(user: str) -> str | None:
+    """The name of the user ``user`` is, if it is a uid this host knows, else None."""
+    if user.isascii() and user.isdigit():
+        try:
+            return pwd.getpwuid(int(user)).pw_name
+        except (KeyError, OverflowError):
+            return None
+    return None
+
+
+def user_label(user: str) -> str:
+    """``user`` as a message names it: a uid this host knows with its name, "root (0)";
+    anything else as written."""
+    name = uid_name(user)
+    return f"{name} ({user})" if name is not None else user
+
+
 def check_user(user: str) -> str | None:
     """A config check (graced/config/schema.py): None if ``user`` names a user here (a
     name, or a uid the host's user database knows)."""

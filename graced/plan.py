@@ -28,16 +28,15 @@ values); when that hid something, ``argv_sha256`` is the SHA-256 of the real arg
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import hashlib
 import json
-import pwd
 import re
 from typing import Any
 
 from .config import Config, PlaybookConfig, StepConfig
 from .missions.engine import Mission
+from .owners import uid_name
 from .redact import HIDDEN, redact_text
 
 # A plan may be named by a prefix of its SHA-256 this long, at least (missions show prints 16).
@@ -143,10 +142,9 @@ def describe(st: StepConfig, values: dict[str, str]) -> dict[str, Any]:
             "process": substitute(st.process, values), "pid": st.pid,
             "pid_file": substitute(st.pid_file, values) if st.pid_file else "",
             "match_cmdline": st.match_cmdline, "user": st.user, "timeout": st.timeout}
-    if st.user.isascii() and st.user.isdigit():
+    if (name := uid_name(st.user)) is not None:
         # A uid: the plan names the user this host knows by it ("rev9nu (1010)").
-        with contextlib.suppress(KeyError, OverflowError):
-            desc["user_name"] = pwd.getpwuid(int(st.user)).pw_name
+        desc["user_name"] = name
     return desc
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from .owners import foreign, login_uids, uid_of
+from .owners import foreign, login_uids, uid_of, user_label
 
 MAX_SKIPPED = 20
 """A step's record lists at most this many skipped processes (and counts them all):
@@ -75,7 +75,7 @@ def _target(pid: int) -> Target:
 def _reason(why: str, user: str) -> str:
     """What a step record says of a process :func:`graced.owners.foreign` refused."""
     return {"user unknown": "its user could not be read",
-            "another user": f"not of user {user}",
+            "another user": f"not of user {user_label(user)}",
             "login user": "of a login user, not signalled without the step's user key",
             }[why]
 

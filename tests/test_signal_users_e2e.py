@@ -216,7 +216,7 @@ def test_a_login_users_decoy_survives_a_signal_step_unless_its_user_is_named(
             files["pidroot"].write_text("99")
             mid = w.wait("mission.failed", "pidroot", 30)["payload"]["id"]
             step = _step(g, mid)
-            assert not step["ok"] and "not of user 0" in step["error"], step
+            assert not step["ok"] and "not of user root (0)" in step["error"], step
             # The plan names the user the uid is, the step its pid file.
             shown = g.ctl("missions", "show", str(mid), check=True).stdout
             assert (f"1. signal: signal SIGTERM to the pid in {pid_file} of user root (0)"
