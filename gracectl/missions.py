@@ -143,7 +143,10 @@ def mission_text(result: dict[str, Any]) -> str:
             lines.append(f"  {f(st['step'])}. {f(st['action'])} {f(what)}: "
                          f"{step_result(st)}")
             if st.get("pids"):
-                lines.append("       signalled pids " + ", ".join(f(p) for p in st["pids"]))
+                count = st.get("pids_count")  # graced lists at most 100 of them
+                more = count - len(st["pids"]) if isinstance(count, int) else 0
+                lines.append("       signalled pids " + ", ".join(f(p) for p in st["pids"])
+                             + (f" and {more} more" if more > 0 else ""))
             lines.extend(skipped_lines(st))
             for out_line in out.safe_lines(st.get("output") or "")[-5:]:
                 lines.append(f"       | {out_line}")

@@ -26,13 +26,17 @@ def render_plan(plan: dict[str, Any]) -> list[str]:
         elif st["action"] in ("restart_unit", "start_action"):
             lines.append(f"{head}: unit {safe(st['unit'])} (argv {json.dumps(st['argv'])})")
         else:
+            by_pid = st.get("pid") or st.get("pid_file")
             target = (f"pid {st['pid']}" if st.get("pid") else
                       f"the pid in {safe(st['pid_file'])}" if st.get("pid_file") else
-                      f"processes matching {json.dumps(st['process'])}"
+                      f"processes named {json.dumps(st['process'])} or with it anywhere "
+                      "in their command line (a wrapper's too)"
                       if st.get("match_cmdline") else
                       f"processes named {json.dumps(st['process'])}")
-            whose = (f" of user {user_text(st)}" if st.get("user") else
-                     "" if st.get("pid") or st.get("pid_file") else
+            whose = (f" if of {user_text(st)}" if st.get("user") and by_pid else
+                     f" of {user_text(st)}" if st.get("user") else
+                     " if of root, a system or service user or graced's (never a login "
+                     "user's)" if by_pid else
                      " of root, a system or service user or graced's (never a login user)")
             lines.append(f"{head}: signal SIG{safe(st['signal'])} to {target}{whose}")
             if "matching_pids" in st:
@@ -49,11 +53,13 @@ def render_plan(plan: dict[str, Any]) -> list[str]:
 
 
 def user_text(st: dict[str, Any]) -> str:
-    """A signal step's ``user`` as shown: "rev9nu (1010)" when graced's host names the
-    uid it was given, else as written."""
+    """A signal step's ``user`` as shown: "user rev9nu (1010)" when graced's host names
+    the uid it was given, "uid 1011" for a uid it does not name (a number is always a
+    uid: graced refuses at load a number that is also a user's name), else "user NAME"."""
+    user = str(st["user"])
     if st.get("user_name"):
-        return f"{safe(st['user_name'])} ({safe(st['user'])})"
-    return safe(st["user"])
+        return f"user {safe(st['user_name'])} ({safe(user)})"
+    return f"uid {user}" if user.isascii() and user.isdigit() else f"user {safe(user)}"
 
 
 def signal_target(st: dict[str, Any]) -> str:

@@ -21,11 +21,11 @@ from typing import Any
 import psutil
 import trio
 
-from . import __version__, keys
+from . import __version__, keys, targets
 from .auth import CONTROL, READ, PerKeyBudget
 from .config import Config
 from .detectors.runner import DetectorRunner
-from .executor import AUTO_RISKS, Executor, PlanChanged
+from .executor import AUTO_RISKS, MAX_STEP_ERROR, Executor, PlanChanged
 from .integration import detector_health
 from .journal import JournalReader
 from .learning import Learning
@@ -977,12 +977,14 @@ class Api:
                     try:
                         found = await trio.to_thread.run_sync(
                             self.executor.pids, st, plan["values"])
-                        step["matching_pids"] = [t.pid for t in found.targets]
+                        step["matching_pids"] = [
+                            t.pid for t in found.targets[:targets.MAX_PIDS]]
+                        step["matching_count"] = len(found.targets)
                         step["skipped"] = found.skipped
                         step["skipped_count"] = found.skipped_count
                     except (OSError, ValueError, psutil.Error) as exc:
                         step["matching_pids"] = []
-                        step["error"] = str(exc)
+                        step["error"] = targets.clip(str(exc), MAX_STEP_ERROR)
             return {"dry_run": True, "mission": m.brief(), "plan": plan}
         user = self._controller(client, req, "running a playbook by hand")
         who = {"user": user, "uid": client.peer.uid, "auth": (

@@ -83,6 +83,12 @@ AUTO_RISKS = ("low", "medium")
 # After a step's process exits, how long its output pipes are still read: a process it
 # started in the background (``nohup worker &``) keeps them open, and the step is over.
 STEP_DRAIN_S = 0.5
+MAX_STEP_ERROR = 2048
+"""A step's error, at most, in characters (cut, and marked so)."""
+MAX_STEP_RECORD = 64 * 1024
+"""A step's record without its output (bounded apart, by the step's max_output), at most,
+in bytes of JSON: one record once reached 15.7 MB of escaped process names and every
+client's missions ls failed (attacker, session 9)."""
 
 
 @dataclass
@@ -874,7 +880,8 @@ class Executor:
                         raise ProcessLookupError("no matching process" + (
                             f" ({found.summary()})" if found.skipped_count else ""))
                     # A signal has no exit code: ok, and the pids it reached.
-                    result.update(ok=True, pids=pids, exit_code=None)
+                    result.update(ok=True, pids=pids[:targets.MAX_PIDS],
+                                  pids_count=len(pids), exit_code=None)
                 else:
                     argv, own_env = command(st, values)
                     env = dict(os.environ)
@@ -905,9 +912,11 @@ class Executor:
         hide = secrets(st, values)
         result["output"] = redact_output(output[: st.max_output].decode("utf-8", "replace"), hide)
         if result.get("error"):
-            result["error"] = redact_output(str(result["error"]), hide)
+            # psutil's errors name the process: a name anyone can make 128 KiB long
+            result["error"] = targets.clip(redact_output(str(result["error"]), hide),
+                                           MAX_STEP_ERROR)
         result["output_truncated"] = len(output) > st.max_output
-        return result
+        return bounded_step(result)
 
     @staticmethod
     def pids(st: StepConfig, values: dict[str, str]) -> targets.Selection:
@@ -926,6 +935,20 @@ class Executor:
                 "max_actions_per_hour": self.config.max_actions_per_hour,
                 "silences": len(self.silences.items),
                 "playbooks": [p.name for p in self.playbooks]}
+
+
+def bounded_step(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` within MAX_STEP_RECORD bytes of JSON (its output apart): skipped
+    processes dropped from the end (``skipped_count`` still counts them all) until it
+    fits. Every field is bounded already; this holds the sum."""
+    def size() -> int:
+        body = {k: v for k, v in result.items() if k != "output"}
+        return len(json.dumps(body, default=str))
+
+    skipped = result.get("skipped")
+    while isinstance(skipped, list) and skipped and size() > MAX_STEP_RECORD:
+        skipped.pop()
+    return result
 
 
 async def run_step_process(argv: Sequence[str], env: dict[str, str],

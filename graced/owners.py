@@ -10,7 +10,10 @@ UID_MAX) is a decoy until ``user`` names that account (review of #19, attacker 3
 
 from __future__ import annotations
 
+import os
 import pwd
+
+import psutil
 
 DYNAMIC_USERS = range(61184, 65520)
 """systemd's DynamicUser= uids: services, never a login account."""
@@ -98,3 +101,26 @@ def foreign(owner: int | None, wanted: int | None, login_min: int, me: int) -> s
     if wanted is not None:
         return None if owner == wanted else "another user"
     return None if service_owner(owner, login_min, me) else "login user"
+
+
+COMM_LEN = 15
+"""The bytes of a process name the kernel keeps (its comm); psutil completes a name this
+long from argv[0], which means reading the whole command line."""
+
+
+def named(proc: psutil.Process, name: str) -> bool:
+    """Whether ``proc``'s name (psutil's) is exactly ``name``, reading its command line
+    only when its comm already matches ``name``'s first COMM_LEN bytes: anyone may
+    give thousands of processes megabytes of command line (session 9, attacker)."""
+    want = os.fsencode(name)
+    try:
+        with open(f"/proc/{proc.pid}/comm", "rb") as fh:
+            comm = fh.read(64).rstrip(b"\n")
+    except OSError:  # gone, or no /proc: psutil's answer alone
+        comm = want[:COMM_LEN]
+    if comm != want[:COMM_LEN]:
+        return False
+    try:
+        return proc.name() == name
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False

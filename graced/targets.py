@@ -2,13 +2,16 @@
 
 A signal step names its target by exact process name (``process``; the command line
 only with ``match_cmdline = true``), by ``pid``, or by ``pid_file``. Never pid 1, a pid
-<= 0 or graced itself. Found by name, a process is hit only if its real user is the
-step's ``user``, or without ``user`` one a login account cannot be (graced.owners, the
-process detectors' rule): a login user's process of the service's name is a decoy, left
-alone. With ``user``, a ``pid`` or ``pid_file`` target must be that user's too. A pid
-file is trusted only if it is a regular file (not a symlink), owned by root or by the
-user the named process runs as, and writable by nobody else (no group or other write
-bit); it must hold one decimal pid. Each target
+<= 0 or graced itself. However found (by name, command line, pid or pid file), a
+process is hit only if its real user is the step's ``user``, or without ``user`` one a
+login account cannot be (graced.owners, the process detectors' rule): a login user's
+process of the service's name, or one that got the pid a stale pid file names, is a
+decoy, left alone. A pid file is trusted only if it is a regular file (not a symlink),
+owned by root or by the user the named process runs as, and writable by nobody else (no
+group or other write bit); it must hold one decimal pid, of a process that started no
+later than the file was written (STALE_SLACK_S). What a step record keeps of process
+data is bounded: names cut at MAX_NAME characters, MAX_SKIPPED skipped processes,
+MAX_PIDS signalled pids. Each target
 is remembered with its start time, and re-checked just before the signal: through a
 pidfd (opened first, then checked, then signalled through), so a pid recycled by
 another process in between is never hit.
@@ -25,11 +28,22 @@ from typing import Any
 
 import psutil
 
-from .owners import foreign, login_uids, uid_of, user_label
+from .owners import foreign, login_uids, named, uid_of, user_label
 
 MAX_SKIPPED = 20
 """A step's record lists at most this many skipped processes (and counts them all):
 anyone may start thousands of decoys."""
+MAX_NAME = 128
+"""A process name as a step record holds it, at most (cut, and marked so): psutil extends
+a 15-character comm with argv[0]'s basename, which anyone can make 128 KiB long."""
+MAX_PIDS = 100
+"""A step's record lists at most this many signalled pids (``pids_count`` counts them all)."""
+CUT = "...[cut]"
+
+
+def clip(text: str, limit: int = MAX_NAME) -> str:
+    """``text`` as a step record holds it: at most ``limit`` characters, marked when cut."""
+    return text if len(text) <= limit else text[:limit] + CUT
 
 
 @dataclass(frozen=True)
@@ -50,7 +64,8 @@ class Selection:
     def skip(self, pid: int, name: str, uid: int | None, reason: str) -> None:
         self.skipped_count += 1
         if len(self.skipped) < MAX_SKIPPED:
-            self.skipped.append({"pid": pid, "name": name, "uid": uid, "reason": reason})
+            self.skipped.append({"pid": pid, "name": clip(name), "uid": uid,
+                                 "reason": clip(reason, 4 * MAX_NAME)})
 
     def summary(self) -> str:
         """The skipped processes' reasons, counted: "2 of a login user, not signalled
@@ -69,7 +84,7 @@ def _allowed(pid: int) -> bool:
 
 def _target(pid: int) -> Target:
     proc = psutil.Process(pid)
-    return Target(pid, proc.create_time(), proc.name())
+    return Target(pid, proc.create_time(), clip(proc.name()))
 
 
 def _reason(why: str, user: str) -> str:
@@ -80,8 +95,9 @@ def _reason(why: str, user: str) -> str:
             }[why]
 
 
-def pid_from_file(path: str) -> int:
-    """The pid a trusted pid file names; raises PermissionError or ValueError."""
+def pid_from_file(path: str) -> tuple[int, float]:
+    """The pid a trusted pid file names, and when the file was last written (its mtime);
+    raises PermissionError or ValueError."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
@@ -111,40 +127,66 @@ def pid_from_file(path: str) -> int:
     if info.st_uid not in (0, owner):
         raise PermissionError(f"pid file {path}: owned by uid {info.st_uid}, neither root "
                               f"nor the user of process {pid} (uid {owner}); not trusted")
-    return pid
+    return pid, info.st_mtime
+
+
+STALE_SLACK_S = 2.0
+"""How much later than its pid file's last write a process may have started and still be
+the one the file names (a service writes the file just after it starts; clocks of
+process start times are coarse). Started later, the pid was reused: the service died and
+another process got its number."""
+
+
+def _by_pid(sel: Selection, pid: int, pid_file: str, wanted: int | None, user: str) -> None:
+    """A ``pid`` or ``pid_file`` target: the process, unless graced.owners' rule refuses
+    its user (without ``user``, a login user's process is a decoy whatever names it) or
+    it started after the pid file was written (a stale file, its pid reused)."""
+    if pid and not _allowed(pid):
+        raise PermissionError(f"pid {pid}: graced never signals it")
+    written = None
+    if not pid:
+        pid, written = pid_from_file(pid_file)
+    target = _target(pid)
+    owner = psutil.Process(target.pid).uids().real
+    if why := foreign(owner, wanted, login_uids().start, os.getuid()):
+        sel.skip(target.pid, target.name, owner, _reason(why, user))
+    elif written is not None and target.started > written + STALE_SLACK_S:
+        sel.skip(target.pid, target.name, owner,
+                 f"started {target.started - written:.0f} s after pid file {pid_file} was "
+                 "written: a stale file, its pid reused")
+    else:
+        sel.targets.append(target)
 
 
 def find(*, pid: int = 0, pid_file: str = "", process: str = "",
          match_cmdline: bool = False, user: str = "") -> Selection:
     """The processes a step names, now, and those it leaves alone. ``user`` (a name or a
-    uid) is whose processes it may hit; "" means the service's (see the module)."""
+    uid) is whose processes it may hit; "" means the service's (see the module). A
+    command line is read only with ``match_cmdline`` and only of a process whose name is
+    not already a match: anyone may give thousands of processes megabytes of it."""
     try:
         wanted = uid_of(user) if user else None
     except LookupError as exc:
         raise ValueError(str(exc)) from None
     sel = Selection()
-    try:
-        if pid or pid_file:
-            if pid and not _allowed(pid):
-                raise PermissionError(f"pid {pid}: graced never signals it")
-            target = _target(pid or pid_from_file(pid_file))
-            owner = psutil.Process(target.pid).uids().real
-            if wanted is not None and owner != wanted:
-                sel.skip(target.pid, target.name, owner, _reason("another user", user))
-            else:
-                sel.targets.append(target)
-            return sel
-    except psutil.NoSuchProcess:
+    if pid or pid_file:
+        try:
+            _by_pid(sel, pid, pid_file, wanted, user)
+        except psutil.NoSuchProcess:
+            pass
         return sel
     login_min = login_uids().start
     me, my_uid = os.getpid(), os.getuid()
-    for proc in psutil.process_iter(["name", "cmdline", "create_time", "uids"]):
-        name = proc.info["name"] or ""
-        hit = name == process or (
-            match_cmdline and process in " ".join(proc.info["cmdline"] or []))
-        if not hit:
+    for proc in psutil.process_iter():
+        if not (named(proc, process) or match_cmdline and _in_cmdline(proc, process)):
             continue
-        owner = proc.info["uids"].real if proc.info["uids"] is not None else None
+        try:
+            name, started = proc.name(), proc.create_time()
+            owner: int | None = proc.uids().real
+        except psutil.NoSuchProcess:
+            continue
+        except psutil.AccessDenied:
+            owner = None
         if proc.pid == me:
             sel.skip(proc.pid, name, owner, "graced itself")
         elif not _allowed(proc.pid):
@@ -152,8 +194,17 @@ def find(*, pid: int = 0, pid_file: str = "", process: str = "",
         elif why := foreign(owner, wanted, login_min, my_uid):
             sel.skip(proc.pid, name, owner, _reason(why, user))
         else:
-            sel.targets.append(Target(proc.pid, proc.info["create_time"], name))
+            sel.targets.append(Target(proc.pid, started, clip(name)))
     return sel
+
+
+def _in_cmdline(proc: psutil.Process, text: str) -> bool:
+    """Whether ``text`` is in ``proc``'s command line (its arguments joined by spaces); a
+    process that exited or hides it does not match."""
+    try:
+        return text in " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
 
 
 def send(sel: Selection, sig: int) -> list[int]:

@@ -15,7 +15,7 @@ import threading
 import psutil
 
 from ..config import DetectorConfig
-from ..owners import foreign, login_uids, uid_of
+from ..owners import foreign, login_uids, named, uid_of
 from .base import Observation, SimpleDetector
 from .events import POLL, Wakeup
 
@@ -96,14 +96,16 @@ def _matching(cfg: DetectorConfig, login_min: int, gone: set[int] | None = None
     me = psutil.Process().pid
     uid = uid_of(cfg.user) if cfg.user else None
     my_uid = os.getuid()
-    for proc in psutil.process_iter(["name", "cmdline", "uids"]):
+    # A command line is read only with match_cmdline: anyone may give thousands of
+    # processes megabytes of it.
+    for proc in psutil.process_iter(["uids"]):
         if proc.pid == me or (gone and proc.pid in gone):
             continue
         try:
             if cfg.match_cmdline:
-                hit = cfg.process in " ".join(proc.info["cmdline"] or [])
+                hit = cfg.process in " ".join(proc.cmdline())
             else:
-                hit = proc.info["name"] == cfg.process
+                hit = named(proc, cfg.process)
             if hit and proc.status() == psutil.STATUS_ZOMBIE:
                 continue  # dead, not yet reaped: its name is still there
         except (psutil.NoSuchProcess, psutil.AccessDenied):

@@ -1,0 +1,220 @@
+"""Signal steps against an attacker's processes (session 9): what a step record keeps of
+process data is bounded, a pid or pid file target obeys the login-user rule, an exact
+name never costs a read of every command line, and the plan says whose processes it
+hits."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+
+from gracectl.plan_text import render_plan
+from graced.config import DetectorConfig
+from graced.detectors.process import _matching
+from graced.executor import MAX_STEP_RECORD
+from graced.owners import login_uids
+from graced.targets import CUT, MAX_NAME, MAX_SKIPPED, find
+from tests.helpers.procs import poll_until
+from tests.helpers.users import login_user
+from tests.test_hostile_data_e2e import value_detector
+from tests.test_missions_e2e import Watch
+from tests.test_signal_users_e2e import _as, _step
+
+
+@contextmanager
+def _processes(argvs: list[list[str]], exe: str) -> Iterator[list[psutil.Process]]:
+    """``exe`` run once per argv (argv[0] as given), killed at the end."""
+    procs = [subprocess.Popen(argv, executable=exe, stdin=subprocess.DEVNULL)
+             for argv in argvs]
+    try:
+        yield [psutil.Process(p.pid) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def _other_user() -> str:
+    """An account that is not the one running the tests (whose processes are then
+    another user's to a step naming it)."""
+    if os.geteuid() != 0:
+        return "root"
+    for name in ("daemon", "bin", "sys", "nobody"):
+        try:
+            pwd.getpwnam(name)
+            return name
+        except KeyError:
+            continue
+    pytest.skip("no account besides root (daemon, bin, sys, nobody) to name in a step")
+
+
+@pytest.mark.slow
+def test_processes_with_huge_escaped_names_leave_a_small_step_record(
+        make_graced, shortdir: Path) -> None:
+    """psutil extends a 15-character comm with argv[0]'s basename (up to 128 KiB), and a
+    control character is a 6-byte JSON escape: 22 such decoys made one step record 15.7
+    MB and missions ls failed for everyone. Names are cut at MAX_NAME, the record stays
+    under MAX_STEP_RECORD, and every view keeps working."""
+    name = "s9" + uuid.uuid4().hex[:13]  # 15 characters: the kernel's comm, whole
+    where = Path(tempfile.mkdtemp(prefix="grace-s9-"))
+    try:
+        link = where / name
+        link.symlink_to(shutil.which("sleep") or "/bin/sleep")
+        huge = name + "\x01" * 131040
+        other = _other_user()
+        value = shortdir / "value"
+        value.write_text("0")
+        g = make_graced(detectors=value_detector("v", value) + (
+            f'[[playbook]]\nname = "kick"\ndetector = "v"\nrisk = "low"\n'
+            f'[[playbook.step]]\naction = "signal"\nprocess = "{name}"\n'
+            f'match_cmdline = true\nuser = "{other}"\n'))
+        w = Watch(g)
+        try:
+            with _processes([[huge, "600"]] * (MAX_SKIPPED + 2), str(link)) as decoys:
+                poll_until(lambda: all(len(d.name()) > 100_000 for d in decoys), 10,
+                           "psutil never saw the decoys' long names")
+                value.write_text("99")
+                mid = w.wait("mission.failed", "v", 30)["payload"]["id"]
+            step = _step(g, mid)
+            assert not step["ok"] and step["skipped_count"] == MAX_SKIPPED + 2, step
+            names = {s["name"] for s in step["skipped"]}
+            assert names == {huge[:MAX_NAME] + CUT}, names
+            assert len(json.dumps(step)) < MAX_STEP_RECORD, len(json.dumps(step))
+            listed = g.ctl("missions", "ls", "--all", "--json")
+            assert listed.returncode == 0, listed.stderr
+            shown = g.ctl("missions", "show", str(mid))
+            assert shown.returncode == 0 and "[cut]" in shown.stdout, shown.stderr
+        finally:
+            w.close()
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def test_a_process_started_after_its_pid_file_was_written_is_left_alone(
+        tmp_path: Path) -> None:
+    """The service died and its stale pid file names a pid another process got since:
+    that process started after the file was written, and is not signalled."""
+    with _processes([["sleep", "600"]], shutil.which("sleep") or "/bin/sleep") as (proc,):
+        pid_file = tmp_path / "svc.pid"
+        pid_file.write_text(f"{proc.pid}\n")
+        pid_file.chmod(0o644)
+        assert [t.pid for t in find(pid_file=str(pid_file)).targets] == [proc.pid]
+        then = time.time() - 60  # written a minute before the process started
+        os.utime(pid_file, (then, then))
+        sel = find(pid_file=str(pid_file))
+        assert sel.targets == [] and sel.skipped_count == 1
+        assert "after pid file" in sel.skipped[0]["reason"] and \
+            "stale" in sel.skipped[0]["reason"], sel.skipped
+
+
+def test_an_exact_name_never_reads_a_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step or a detector naming a process exactly reads no process's command line
+    (anyone may give thousands of them a megabyte each); with match_cmdline, a step
+    reads it only of processes its name does not already match."""
+    read: list[int] = []
+    real = psutil.Process.cmdline
+
+    def spy(self: psutil.Process) -> list[str]:
+        read.append(self.pid)
+        return real(self)
+
+    monkeypatch.setattr(psutil.Process, "cmdline", spy)
+    name = "s9" + uuid.uuid4().hex[:8]
+    where = tempfile.mkdtemp(prefix="grace-s9-")
+    try:
+        exe = Path(where) / name
+        shutil.copy(shutil.which("sleep") or "/bin/sleep", exe)
+        with _processes([[name, "600"]], str(exe)) as (proc,):
+            assert [t.pid for t in find(process=name).targets] == [proc.pid]
+            found, _ = _matching(DetectorConfig(name="p", kind="process", process=name),
+                                 login_uids().start)
+            assert [p.pid for p in found] == [proc.pid]
+            assert read == []
+            assert [t.pid for t in find(process=name, match_cmdline=True).targets] == \
+                [proc.pid]
+            assert read and proc.pid not in read  # others' command lines, never its own
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def test_a_pid_file_naming_a_login_users_process_is_a_decoy_without_user(
+        make_graced, shortdir: Path) -> None:
+    """The service died; a login user got its pid and exec'd a process of its name. A
+    pid file target without ``user`` follows the login-user rule: the step signals
+    nothing, says why, and the plan said whose process it would hit."""
+    decoy_user = login_user()
+    name = "s9" + uuid.uuid4().hex[:8]
+    where = Path(tempfile.mkdtemp(prefix="grace-s9-"))
+    runner = None
+    try:
+        where.chmod(0o755)
+        exe = where / name
+        shutil.copy(shutil.which("sleep") or "/bin/sleep", exe)
+        exe.chmod(0o755)
+        runner, decoy = _as(decoy_user, exe)
+        pid_file = where / "svc.pid"  # root's, as the dead service left it
+        pid_file.write_text(f"{decoy.pid}\n")
+        pid_file.chmod(0o644)
+        value = shortdir / "value"
+        value.write_text("0")
+        g = make_graced(detectors=value_detector("v", value) + (
+            f'[[playbook]]\nname = "kick"\ndetector = "v"\nrisk = "low"\n'
+            f'[[playbook.step]]\naction = "signal"\npid_file = "{pid_file}"\n'))
+        w = Watch(g)
+        try:
+            value.write_text("99")
+            mid = w.wait("mission.failed", "v", 30)["payload"]["id"]
+            step = _step(g, mid)
+            assert not step["ok"] and step.get("pids") is None, step
+            assert step["skipped"] == [{
+                "pid": decoy.pid, "name": name, "uid": pwd.getpwnam(decoy_user).pw_uid,
+                "reason": "of a login user, not signalled without the step's user key"}]
+            assert decoy.is_running() and decoy.status() != psutil.STATUS_ZOMBIE
+            dry = g.ctl("playbooks", "run", "kick", "--mission", str(mid), "--dry-run",
+                        check=True).stdout
+            assert (f"signal SIGTERM to the pid in {pid_file} if of root, a system or "
+                    "service user or graced's (never a login user's)") in dry, dry
+            assert "targets now: none" in dry
+        finally:
+            w.close()
+    finally:
+        if runner is not None:
+            if runner.poll() is None:
+                os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait()
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def _plan_line(**step: object) -> str:
+    st = {"step": 1, "action": "signal", "signal": "TERM", "process": "svcd", "pid": 0,
+          "pid_file": "", "match_cmdline": False, "user": "", "timeout": 30.0, **step}
+    return render_plan({"playbook": "kick", "risk": "low", "sha256": "0" * 64,
+                        "steps": [st]})[1]
+
+
+def test_the_plan_says_whose_processes_a_signal_step_hits() -> None:
+    """match_cmdline hits any command line of the service's users containing the
+    string (root's runuser wrapper included): the plan says so, promising no more; a
+    numeric user is a uid (graced refuses a number that is also a user's name)."""
+    assert _plan_line(match_cmdline=True) == (
+        '  1. signal: signal SIGTERM to processes named "svcd" or with it anywhere in '
+        "their command line (a wrapper's too) of root, a system or service user or "
+        "graced's (never a login user)")
+    assert _plan_line(user="1011").endswith('processes named "svcd" of uid 1011')
+    assert _plan_line(user="postgres").endswith('processes named "svcd" of user postgres')
+    assert _plan_line(pid=4242, user="postgres").endswith("pid 4242 if user postgres's")
+    assert _plan_line(pid=4242).endswith(
+        "pid 4242 if of root, a system or service user or graced's (never a login user's)")
