@@ -102,7 +102,8 @@ def test_playbooks_ls_dry_run_and_a_manual_run(make_graced, shortdir: Path, slee
         assert 'env WHERE (value hidden, sha256:' in dry
         assert ('2. restart_unit: unit queue-worker.service (argv ["/usr/bin/systemctl", '
                 '"restart", "--", "queue-worker.service"])') in dry
-        assert f'3. signal: signal SIGHUP to processes matching "{marker}"' in dry
+        assert (f'3. signal: signal SIGHUP to processes named "{marker}" or with it anywhere '
+                "in their command line (a wrapper's too)") in dry
         assert f"targets now: {target.pid}" in dry
         assert target.poll() is None and queue.read_text() == FAULT
         as_json = json.loads(g.ctl("playbooks", "run", "inspect", "--mission", str(mid),

@@ -88,13 +88,13 @@ def test_processes_with_huge_escaped_names_leave_a_small_step_record(
                            "psutil never saw the decoys' long names")
                 value.write_text("99")
                 mid = w.wait("mission.failed", "v", 30)["payload"]["id"]
+            listed = g.ctl("missions", "ls", "--all", "--json")
+            assert listed.returncode == 0, listed.stderr
             step = _step(g, mid)
             assert not step["ok"] and step["skipped_count"] == MAX_SKIPPED + 2, step
             names = {s["name"] for s in step["skipped"]}
             assert names == {huge[:MAX_NAME] + CUT}, names
             assert len(json.dumps(step)) < MAX_STEP_RECORD, len(json.dumps(step))
-            listed = g.ctl("missions", "ls", "--all", "--json")
-            assert listed.returncode == 0, listed.stderr
             shown = g.ctl("missions", "show", str(mid))
             assert shown.returncode == 0 and "[cut]" in shown.stdout, shown.stderr
         finally:
