@@ -33,9 +33,8 @@ def render_plan(plan: dict[str, Any]) -> list[str]:
                       "in their command line (a wrapper's too)"
                       if st.get("match_cmdline") else
                       f"processes named {json.dumps(st['process'])}")
-            whose = (f" if of {user_text(st)}" if st.get("user") and by_pid else
-                     f" of {user_text(st)}" if st.get("user") else
-                     " if of root, a system or service user or graced's (never a login "
+            whose = (f" of {user_text(st)}" if st.get("user") else
+                     " of root, a system or service user or graced's (never a login "
                      "user's)" if by_pid else
                      " of root, a system or service user or graced's (never a login user)")
             lines.append(f"{head}: signal SIG{safe(st['signal'])} to {target}{whose}")

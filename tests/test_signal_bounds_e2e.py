@@ -185,8 +185,8 @@ def test_a_pid_file_naming_a_login_users_process_is_a_decoy_without_user(
             assert decoy.is_running() and decoy.status() != psutil.STATUS_ZOMBIE
             dry = g.ctl("playbooks", "run", "kick", "--mission", str(mid), "--dry-run",
                         check=True).stdout
-            assert (f"signal SIGTERM to the pid in {pid_file} if of root, a system or "
-                    "service user or graced's (never a login user's)") in dry, dry
+            assert (f"signal SIGTERM to the pid in {pid_file} of root, a system or "
+                    "service user or graced's (never a login user's)") in " ".join(dry.split())
             assert "targets now: none" in dry
         finally:
             w.close()
@@ -215,6 +215,6 @@ def test_the_plan_says_whose_processes_a_signal_step_hits() -> None:
         "graced's (never a login user)")
     assert _plan_line(user="1011").endswith('processes named "svcd" of uid 1011')
     assert _plan_line(user="postgres").endswith('processes named "svcd" of user postgres')
-    assert _plan_line(pid=4242, user="postgres").endswith("pid 4242 if user postgres's")
+    assert _plan_line(pid=4242, user="postgres").endswith("pid 4242 of user postgres")
     assert _plan_line(pid=4242).endswith(
-        "pid 4242 if of root, a system or service user or graced's (never a login user's)")
+        "pid 4242 of root, a system or service user or graced's (never a login user's)")
