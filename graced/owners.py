@@ -61,11 +61,28 @@ def check_user(user: str) -> str | None:
         uid = uid_of(user)
     except (LookupError, ValueError) as exc:
         return str(exc.args[0]) if exc.args else "not a user"
+    if (clash := _named_like_a_uid(user)) is not None and clash != uid:
+        # uid_of reads digits as a uid: the account NAMED so would never be the one hit
+        name = uid_name(user)
+        return (f'"{user}" is both uid {user}' + (f" ({name})" if name else "")
+                + f" and the name of the user with uid {clash}: write "
+                + (f'"{name}" for the first or ' if name else "") + f"{clash} for the second")
     try:
         pwd.getpwuid(uid)
     except KeyError:
         return f"no user with uid {uid} on this host"
     return None
+
+
+def _named_like_a_uid(user: str) -> int | None:
+    """The uid of the account whose name is ``user``, if ``user`` is all digits and one
+    is (useradd --badname makes them), else None."""
+    if not (user.isascii() and user.isdigit()):
+        return None
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
 
 
 def login_uids(defs: str = "/etc/login.defs") -> range:

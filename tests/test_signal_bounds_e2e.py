@@ -28,7 +28,8 @@ from graced.executor import MAX_STEP_RECORD
 from graced.owners import login_uids
 from graced.targets import CUT, MAX_NAME, MAX_SKIPPED, find
 from tests.helpers.procs import poll_until
-from tests.helpers.users import login_user
+from tests.helpers.users import login_user, user_named_like_a_uid
+from tests.test_config_keys import graced_cmd
 from tests.test_hostile_data_e2e import value_detector
 from tests.test_missions_e2e import Watch
 from tests.test_signal_users_e2e import _as, _step
@@ -218,3 +219,45 @@ def test_the_plan_says_whose_processes_a_signal_step_hits() -> None:
     assert _plan_line(pid=4242, user="postgres").endswith("pid 4242 of user postgres")
     assert _plan_line(pid=4242).endswith(
         "pid 4242 of root, a system or service user or graced's (never a login user's)")
+
+
+@pytest.mark.parametrize("quoted", [True, False])
+def test_a_number_that_is_also_a_user_name_is_refused_at_load(
+        tmp_path: Path, quoted: bool) -> None:
+    """``user = "1001"`` is uid 1001, even where an account is NAMED "1001" (uid 1002):
+    graced would hit the other account's processes. Refused in one line saying what to
+    write instead."""
+    number, its_uid = user_named_like_a_uid()
+    first = pwd.getpwuid(int(number)).pw_name
+    path = tmp_path / "graced.toml"
+    value = f'"{number}"' if quoted else number
+    path.write_text('[[playbook]]\nname = "kick"\nrisk = "low"\n[[playbook.step]]\n'
+                    f'action = "signal"\nprocess = "svcd"\nuser = {value}\n')
+    res = graced_cmd("config", "check", str(path))
+    assert res.returncode == 3 and res.stdout == "" and res.stderr.count("\n") == 1, res
+    assert (f'user: "{number}" is both uid {number} ({first}) and the name of the user '
+            f'with uid {its_uid}: write "{first}" for the first or {its_uid} for the '
+            "second") in res.stderr, res.stderr
+
+
+def test_the_docs_state_the_limits_of_the_rule_and_the_record() -> None:
+    """graced.toml(5) says that the rule goes by uid (an account made with useradd -r
+    counts as a service's), what match_cmdline hits, that a stale pid file's reused pid
+    is left alone, and the bounds of a step record, as the code has them."""
+    from graced.executor import MAX_STEP_ERROR
+    from graced.targets import MAX_PIDS
+    from tests.test_docs import MAN, ROOT, _roff_text
+
+    toml5 = " ".join(_roff_text(MAN / "graced.toml.5").split())
+    step = toml5[toml5.index('.BR signal ", " process ", " match_cmdline'):][:4000]
+    detector = toml5[toml5.index(".B user process, process_rss"):][:1600]
+    for text in (step, detector):
+        assert "system uid range (useradd -r) counts as a system account" in text
+    assert "a wrapper such as root's runuser, sudo, unshare" in step
+    assert "not the one the file names" in step
+    assert (f"cut at {MAX_NAME} characters" in step and f"pids at {MAX_PIDS}" in step
+            and f"error at {MAX_STEP_ERROR} characters" in step
+            and f"at {MAX_STEP_RECORD // 1024} KiB" in step), step
+    assert "a number that is also an account's name" in step
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "`useradd -r` counts" in readme and "a `runuser` or `sudo` wrapper too" in readme

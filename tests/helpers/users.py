@@ -50,13 +50,13 @@ def ensure_user(name: str, groups: tuple[str, ...] = ()) -> str:
         return _ensure_user(name, groups)
 
 
-def _ensure_user(name: str, groups: tuple[str, ...]) -> str:
+def _ensure_user(name: str, groups: tuple[str, ...], *flags: str) -> str:
     for group in groups:
         _ensure_group(group)
     try:
         pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin",
+        subprocess.run(["useradd", *flags, "--no-create-home", "--shell", "/usr/sbin/nologin",
                         "--comment", "grace test suite", name], check=True,
                        capture_output=True)
         _note("user", name)
@@ -90,3 +90,15 @@ def remove_created(record: Path) -> None:
         subprocess.run(["userdel" if kind == "user" else "groupdel", name],
                        check=False, capture_output=True)
     record.unlink(missing_ok=True)
+
+
+def user_named_like_a_uid() -> tuple[str, int]:
+    """An account whose name is the uid of another (the login user's): ("1001", its own
+    uid), made with useradd --badname; the test skips, saying why, where it cannot be."""
+    number = str(pwd.getpwnam(login_user()).pw_uid)
+    try:
+        with run_lock("users"):
+            _ensure_user(number, (), "--badname")
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"useradd --badname {number} failed: {exc.stderr.strip()}")
+    return number, pwd.getpwnam(number).pw_uid
