@@ -32,7 +32,7 @@ from tests.helpers.users import login_user, user_named_like_a_uid
 from tests.test_config_keys import graced_cmd
 from tests.test_hostile_data_e2e import value_detector
 from tests.test_missions_e2e import Watch
-from tests.test_signal_users_e2e import _as, _step
+from tests.test_signal_users_e2e import _as, _step, sleep_named
 
 
 @contextmanager
@@ -136,8 +136,7 @@ def test_an_exact_name_never_reads_a_command_line(monkeypatch: pytest.MonkeyPatc
     name = "s9" + uuid.uuid4().hex[:8]
     where = tempfile.mkdtemp(prefix="grace-s9-")
     try:
-        exe = Path(where) / name
-        shutil.copy(shutil.which("sleep") or "/bin/sleep", exe)
+        exe = sleep_named(Path(where), name)
         with _processes([[name, "600"]], str(exe)) as (proc,):
             assert [t.pid for t in find(process=name).targets] == [proc.pid]
             found, _ = _matching(DetectorConfig(name="p", kind="process", process=name),
@@ -161,10 +160,7 @@ def test_a_pid_file_naming_a_login_users_process_is_a_decoy_without_user(
     where = Path(tempfile.mkdtemp(prefix="grace-s9-"))
     runner = None
     try:
-        where.chmod(0o755)
-        exe = where / name
-        shutil.copy(shutil.which("sleep") or "/bin/sleep", exe)
-        exe.chmod(0o755)
+        exe = sleep_named(where, name)
         runner, decoy = _as(decoy_user, exe)
         pid_file = where / "svc.pid"  # root's, as the dead service left it
         pid_file.write_text(f"{decoy.pid}\n")

@@ -106,6 +106,15 @@ def test_a_signal_step_naming_pid_1_is_refused_when_the_config_is_loaded(
         res.stderr, res.stderr
 
 
+def sleep_named(where: Path, name: str) -> Path:
+    """A copy of sleep(1) named ``name`` in ``where``, which any user may run."""
+    where.chmod(0o755)
+    exe = where / name
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", exe)
+    exe.chmod(0o755)
+    return exe
+
+
 def _as(user: str, exe: Path) -> tuple[subprocess.Popen[bytes], psutil.Process]:
     """``exe`` run as ``user`` (runuser stays its parent): (runuser, the process)."""
     runner = subprocess.Popen(["runuser", "-u", user, "--", str(exe), "600"],
@@ -149,10 +158,7 @@ def test_a_login_users_decoy_survives_a_signal_step_unless_its_user_is_named(
     runners: list[subprocess.Popen[bytes]] = []
     service = None
     try:
-        where.chmod(0o755)
-        exe = where / name
-        shutil.copy(shutil.which("sleep") or "/bin/sleep", exe)
-        exe.chmod(0o755)
+        exe = sleep_named(where, name)
         service = subprocess.Popen([str(exe), "600"], stdin=subprocess.DEVNULL)  # graced's user
         sys_runner, sys_service = _as(system, exe)
         decoy_runner, decoy = _as(decoy_user, exe)
