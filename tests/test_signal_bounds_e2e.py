@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -257,3 +258,36 @@ def test_the_docs_state_the_limits_of_the_rule_and_the_record() -> None:
     assert "a number that is also an account's name" in step
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert "`useradd -r` counts" in readme and "a `runuser` or `sudo` wrapper too" in readme
+
+
+def test_a_step_lists_at_most_max_pids_signalled_pids_and_counts_them_all(
+        make_graced, shortdir: Path) -> None:
+    """A step that signals MAX_PIDS + 1 processes (graced's own user's: the service's)
+    lists MAX_PIDS of them, counts all, and missions show says how many more."""
+    from graced.targets import MAX_PIDS
+
+    name = "s9" + uuid.uuid4().hex[:8]
+    where = Path(tempfile.mkdtemp(prefix="grace-s9-"))
+    try:
+        exe = sleep_named(where, name)
+        value = shortdir / "value"
+        value.write_text("0")
+        g = make_graced(detectors=value_detector("v", value) + (
+            f'[[playbook]]\nname = "kick"\ndetector = "v"\nrisk = "low"\n'
+            f'[[playbook.step]]\naction = "signal"\nprocess = "{name}"\n'))
+        w = Watch(g)
+        try:
+            with _processes([[name, "600"]] * (MAX_PIDS + 1), str(exe)) as procs:
+                value.write_text("99")
+                mid = w.wait("mission.verifying", "v", 30)["payload"]["id"]
+                step = _step(g, mid)
+                assert step["ok"] and step["pids_count"] == MAX_PIDS + 1, step
+                assert len(step["pids"]) == MAX_PIDS
+                assert set(step["pids"]) < {p.pid for p in procs}
+                shown = g.ctl("missions", "show", str(mid), check=True).stdout
+                assert re.search(r"signalled pids [\d, ]+ and 1 more", " ".join(shown.split())), \
+                    shown
+        finally:
+            w.close()
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
