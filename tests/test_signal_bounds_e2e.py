@@ -49,6 +49,17 @@ def _processes(argvs: list[list[str]], exe: str) -> Iterator[list[psutil.Process
             p.wait()
 
 
+def _graced_with_step(make_graced, shortdir: Path, how: str):  # type: ignore[no-untyped-def]
+    """graced with a value detector (its file, "0": normal) whose playbook "kick" is one
+    signal step with the keys ``how``: (graced, the file; write 99 for an anomaly)."""
+    value = shortdir / "value"
+    value.write_text("0")
+    g = make_graced(detectors=value_detector("v", value) + (
+        '[[playbook]]\nname = "kick"\ndetector = "v"\nrisk = "low"\n'
+        f'[[playbook.step]]\naction = "signal"\n{how}'))
+    return g, value
+
+
 def _other_user() -> str:
     """An account that is not the one running the tests (whose processes are then
     another user's to a step naming it)."""
@@ -77,12 +88,9 @@ def test_processes_with_huge_escaped_names_leave_a_small_step_record(
         link.symlink_to(shutil.which("sleep") or "/bin/sleep")
         huge = name + "\x01" * 131040
         other = _other_user()
-        value = shortdir / "value"
-        value.write_text("0")
-        g = make_graced(detectors=value_detector("v", value) + (
-            f'[[playbook]]\nname = "kick"\ndetector = "v"\nrisk = "low"\n'
-            f'[[playbook.step]]\naction = "signal"\nprocess = "{name}"\n'
-            f'match_cmdline = true\nuser = "{other}"\n'))
+        g, value = _graced_with_step(
+            make_graced, shortdir,
+            f'process = "{name}"\nmatch_cmdline = true\nuser = "{other}"\n')
         w = Watch(g)
         try:
             with _processes([[huge, "600"]] * (MAX_SKIPPED + 2), str(link)) as decoys:
@@ -166,11 +174,7 @@ def test_a_pid_file_naming_a_login_users_process_is_a_decoy_without_user(
         pid_file = where / "svc.pid"  # root's, as the dead service left it
         pid_file.write_text(f"{decoy.pid}\n")
         pid_file.chmod(0o644)
-        value = shortdir / "value"
-        value.write_text("0")
-        g = make_graced(detectors=value_detector("v", value) + (
-            f'[[playbook]]\nname = "kick"\ndetector = "v"\nrisk = "low"\n'
-            f'[[playbook.step]]\naction = "signal"\npid_file = "{pid_file}"\n'))
+        g, value = _graced_with_step(make_graced, shortdir, f'pid_file = "{pid_file}"\n')
         w = Watch(g)
         try:
             value.write_text("99")
@@ -270,11 +274,7 @@ def test_a_step_lists_at_most_max_pids_signalled_pids_and_counts_them_all(
     where = Path(tempfile.mkdtemp(prefix="grace-s9-"))
     try:
         exe = sleep_named(where, name)
-        value = shortdir / "value"
-        value.write_text("0")
-        g = make_graced(detectors=value_detector("v", value) + (
-            f'[[playbook]]\nname = "kick"\ndetector = "v"\nrisk = "low"\n'
-            f'[[playbook.step]]\naction = "signal"\nprocess = "{name}"\n'))
+        g, value = _graced_with_step(make_graced, shortdir, f'process = "{name}"\n')
         w = Watch(g)
         try:
             with _processes([[name, "600"]] * (MAX_PIDS + 1), str(exe)) as procs:
