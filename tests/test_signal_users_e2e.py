@@ -139,6 +139,7 @@ def _step(g, mid: int) -> dict:  # type: ignore[no-untyped-def]
     return dict(shown["steps"][0])
 
 
+@pytest.mark.slow
 def test_a_login_users_decoy_survives_a_signal_step_unless_its_user_is_named(
         make_graced) -> None:
     """A decoy of the service's exact name, owned by a login user, survives ``process =
