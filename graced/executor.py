@@ -758,10 +758,8 @@ class Executor:
     async def _execute(self, m: Mission, pb: PlaybookConfig) -> None:
         try:
             now = time.time()
-            # A person approved it (or ran it by hand): not an automatic action.
-            by_person = any(a.get("decision") in ("approved", "run by hand")
-                            for a in m.approvals)
-            self.budgets.spend(pb, m.subject, now, automatic=not by_person)
+            # A person approved this run (or ran it by hand): not an automatic action.
+            self.budgets.spend(pb, m.subject, now, automatic=not approved_by_person(m))
             self.mesh.store([("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                               ("budgets", self.budgets.dump()))])
             # Credited only if the symptom is still there as the playbook starts.
@@ -780,7 +778,9 @@ class Executor:
                 desc = describe(st, values)
                 self.mesh.publish_nowait("executor.step_started", {
                     "mission": m.id, "playbook": pb.name, "step": index, **desc})
-                result = await self._run_step(st, values, desc)
+                # What a step reports may quote the monitored world (a process's name,
+                # an error naming it): stored and signed only in a form it has.
+                result = json_safe(await self._run_step(st, values, desc))
                 result["step"] = index
                 m.steps.append(result)
                 self.recent.append({"mission": m.id, **result})
@@ -810,6 +810,15 @@ class Executor:
                 f"playbook {pb.name} done; waiting for {m.detector} to clear "
                 f"(up to {pb.verify_timeout:g} s)"))
             self._watch_verification(m, pb.verify_timeout)
+        except Exception as exc:  # noqa: BLE001 - a run must never take graced down
+            log.exception("mission %d: graced failed running playbook %s", m.id, pb.name)
+            if m.state in ("approved", "executing"):
+                try:
+                    await self.record(self.engine.transition(
+                        m, "failed", time.time(), f"graced failed running playbook "
+                        f"{pb.name}: {type(exc).__name__}: {str(exc)[:200]}"))
+                except Exception:  # noqa: BLE001
+                    log.exception("mission %d: its failure could not be recorded", m.id)
         finally:
             self.running.pop(m.id, None)
 
@@ -991,3 +1000,16 @@ async def run_step_process(argv: Sequence[str], env: dict[str, str],
                     await stream.aclose()
             code = await proc.wait()
     return code, b"".join(out) + b"".join(err)
+
+
+def approved_by_person(m: Mission) -> bool:
+    """Whether the run about to start was approved by a person (``missions approve``,
+    ``playbooks run``) rather than by the policy: the mission's latest move to "approved"
+    is the moment a person's approval was recorded. Not any approval in its history:
+    after a restart the policy's own re-run of a mission a person once approved is
+    automatic and spends the budget (review s9b: it spent none, and a crash loop never
+    ended)."""
+    last = next((t for t in reversed(m.timeline) if t.get("to") == "approved"), None)
+    return last is not None and any(
+        a.get("decision") in ("approved", "run by hand") and a.get("at") == last.get("ts")
+        for a in m.approvals)

@@ -29,6 +29,7 @@ from typing import Any
 import psutil
 
 from .owners import foreign, login_uids, named, uid_of, user_label
+from .protocol.canonical import json_safe
 
 MAX_SKIPPED = 20
 """A step's record lists at most this many skipped processes (and counts them all):
@@ -42,7 +43,11 @@ CUT = "...[cut]"
 
 
 def clip(text: str, limit: int = MAX_NAME) -> str:
-    """``text`` as a step record holds it: at most ``limit`` characters, marked when cut."""
+    """``text`` as a step record holds it: at most ``limit`` characters, marked when cut,
+    and with a UTF-8 form: a process name that is not UTF-8 (any user can set one with
+    prctl) comes from psutil with lone surrogates, which have none (graced died
+    publishing one: review s9b); they become U+FFFD."""
+    text = json_safe(text)
     return text if len(text) <= limit else text[:limit] + CUT
 
 

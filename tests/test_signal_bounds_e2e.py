@@ -291,3 +291,77 @@ def test_a_step_lists_at_most_max_pids_signalled_pids_and_counts_them_all(
             w.close()
     finally:
         shutil.rmtree(where, ignore_errors=True)
+
+
+def test_a_run_is_a_persons_only_if_a_person_approved_that_run() -> None:
+    """Budgets ration automatic runs only: whether a run is a person's is decided by the
+    move to "approved" that starts it, not by any approval in the mission's history
+    (review s9b: after a restart, the policy's own re-run of a mission a person had run
+    by hand spent no budget, and a crash loop never ended)."""
+    from graced.executor import approved_by_person
+    from graced.missions.engine import MissionEngine
+
+    e = MissionEngine()
+    (opened,) = e.observe(detector="v", kind="value", subject="s", severity="medium",
+                          anomalous=True, score=1.0, summary="v at 99", value=99.0, now=100.0)
+    m = e.active[("v", "s")]
+    assert not approved_by_person(m)  # nothing approved yet
+    e.transition(m, "approved", 101.0, "risk low: approved automatically")
+    assert not approved_by_person(m)
+    e.transition(m, "executing", 101.0, "running")
+    e.transition(m, "interrupted", 102.0, "graced stopped")
+    m.approvals.append({"user": "root", "decision": "run by hand", "at": 103.0})
+    e.transition(m, "approved", 103.0, "run by hand by root: playbook p")
+    assert approved_by_person(m)
+    e.transition(m, "executing", 103.0, "running")
+    e.transition(m, "interrupted", 104.0, "graced stopped")
+    e.transition(m, "approved", 105.0, "risk low: approved automatically")
+    assert not approved_by_person(m)  # the person's approval was for the run before
+
+
+@pytest.mark.slow
+def test_a_process_name_that_is_not_utf8_is_recorded_and_graced_lives(
+        make_graced, shortdir: Path) -> None:
+    """Any user can give a process a name that is not UTF-8 (the executable's file name,
+    or prctl); psutil returns it with lone surrogates, which have no UTF-8 form. A step
+    that skipped such a process killed graced as it published executor.step_finished
+    (review s9b, again at every restart). Now the record and the signed event show
+    U+FFFD, graced runs on, and every view works."""
+    marker = "s9u" + uuid.uuid4().hex[:8]
+    where = Path(tempfile.mkdtemp(prefix="grace-s9u-"))
+    try:
+        link = os.fsencode(where) + b"/" + b"\xff\xfe" + marker.encode()[:9] + b"\x1b"
+        os.symlink(shutil.which("sleep") or "/bin/sleep", link)
+        other = _other_user()
+        g, value = _graced_with_step(
+            make_graced, shortdir,
+            f'process = "{marker}"\nmatch_cmdline = true\nuser = "{other}"\n')
+        w = Watch(g)
+        try:
+            decoy = subprocess.Popen([marker, "600"], executable=link,
+                                     stdin=subprocess.DEVNULL)
+            try:
+                poll_until(lambda: "\udcff" in psutil.Process(decoy.pid).name(), 10,
+                           "psutil never saw the decoy's name")
+                value.write_text("99")
+                mid = w.wait("mission.failed", "v", 30)["payload"]["id"]
+            finally:
+                decoy.kill()
+                decoy.wait()
+            assert g.proc.poll() is None, "graced died"
+            step = _step(g, mid)
+            assert not step["ok"] and step["skipped_count"] == 1, step
+            assert step["skipped"][0]["name"].startswith("\ufffd\ufffd"), step
+            events = g.ctl("tail", "--json", "--since", "1", "--no-follow",
+                           "executor.step_finished")
+            assert events.returncode == 0, events.stderr
+            ev = next(e for e in map(json.loads, events.stdout.splitlines())
+                      if e["payload"]["mission"] == mid)
+            assert ev["payload"]["skipped"][0]["name"].startswith("\ufffd\ufffd"), ev
+            shown = g.ctl("missions", "show", str(mid))
+            assert shown.returncode == 0 and "\\e" in shown.stdout, shown.stderr
+            assert g.ctl("status").returncode == 0
+        finally:
+            w.close()
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
