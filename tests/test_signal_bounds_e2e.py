@@ -360,7 +360,9 @@ def test_a_process_name_that_is_not_utf8_is_recorded_and_graced_lives(
             assert ev["payload"]["skipped"][0]["name"].startswith("\ufffd\ufffd"), ev
             shown = g.ctl("missions", "show", str(mid))
             assert shown.returncode == 0 and "\\e" in shown.stdout, shown.stderr
-            assert g.ctl("status").returncode == 0
+            # 7: degraded once the failing step's next missions escalate (its budget).
+            assert g.ctl("status").returncode in (0, 7)
+            assert g.proc.poll() is None, "graced died"
         finally:
             w.close()
     finally:
