@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import ROOT, Graced
 from tests.helpers import memory, pressure
-from tests.test_missions_e2e import Watch, _ready_tail
+from tests.test_missions_e2e import Watch, _ready_tail, assert_one_mission_until
 
 MISSIONS = '\n[missions]\nresolve_after = 1\nflap_window = 0\nupdate_interval = 60\n'
 
@@ -260,7 +260,7 @@ def test_a_memory_hog_opens_one_mission_as_it_crosses_and_it_resolves(make_grace
         memory.wait_below(threshold - 0.3, "after the hog exited")
         resolved = w.wait("mission.resolved", "mem", 3 * interval + 15)
         assert resolved["payload"]["id"] == opened["payload"]["id"]
-        assert len(w.missions("mem")) == 1
+        assert_one_mission_until(w.missions("mem"), resolved)
         w.close()
     finally:
         hog.kill()
