@@ -87,9 +87,6 @@ def _allowed(pid: int) -> bool:
     return pid > 1 and pid != os.getpid()
 
 
-def _target(pid: int) -> Target:
-    proc = psutil.Process(pid)
-    return Target(pid, proc.create_time(), clip(proc.name()))
 
 
 def _reason(why: str, user: str) -> str:
@@ -151,8 +148,9 @@ def _by_pid(sel: Selection, pid: int, pid_file: str, wanted: int | None, user: s
     written = None
     if not pid:
         pid, written = pid_from_file(pid_file)
-    target = _target(pid)
-    owner = psutil.Process(target.pid).uids().real
+    proc = psutil.Process(pid)
+    target = Target(pid, proc.create_time(), clip(proc.name()))
+    owner = proc.uids().real
     if why := foreign(owner, wanted, login_uids().start, os.getuid()):
         sel.skip(target.pid, target.name, owner, _reason(why, user))
     elif written is not None and target.started > written + STALE_SLACK_S:

@@ -28,6 +28,7 @@ from graced.detectors.process import _matching
 from graced.executor import MAX_STEP_RECORD
 from graced.owners import login_uids
 from graced.targets import CUT, MAX_NAME, MAX_SKIPPED, find
+from tests.conftest import Graced
 from tests.helpers.procs import poll_until
 from tests.helpers.users import login_user, user_named_like_a_uid
 from tests.test_config_keys import graced_cmd
@@ -74,6 +75,26 @@ def _other_user() -> str:
     pytest.skip("no account besides root (daemon, bin, sys, nobody) to name in a step")
 
 
+@contextmanager
+def _decoys_skipped(make_graced, shortdir: Path,  # type: ignore[no-untyped-def]
+                    name: str) -> Iterator[tuple[Path, Graced, Path, Watch]]:
+    """A copy of sleep(1) called ``name`` (in a fresh directory), and a watched graced
+    whose step signals processes with ``name`` in their command line of another user
+    than this one: this user's decoys are found, skipped and recorded.
+    (the executable, graced, its value file: write 99 for an anomaly, the watch)."""
+    with tempfile.TemporaryDirectory(prefix="grace-s9-") as where:
+        exe = sleep_named(Path(where), name)
+        other = _other_user()
+        g, value = _graced_with_step(
+            make_graced, shortdir,
+            f'process = "{name}"\nmatch_cmdline = true\nuser = "{other}"\n')
+        w = Watch(g)
+        try:
+            yield exe, g, value, w
+        finally:
+            w.close()
+
+
 @pytest.mark.slow
 def test_processes_with_huge_escaped_names_leave_a_small_step_record(
         make_graced, shortdir: Path) -> None:
@@ -82,35 +103,22 @@ def test_processes_with_huge_escaped_names_leave_a_small_step_record(
     MB and missions ls failed for everyone. Names are cut at MAX_NAME, the record stays
     under MAX_STEP_RECORD, and every view keeps working."""
     name = "s9" + uuid.uuid4().hex[:13]  # 15 characters: the kernel's comm, whole
-    where = Path(tempfile.mkdtemp(prefix="grace-s9-"))
-    try:
-        link = where / name
-        link.symlink_to(shutil.which("sleep") or "/bin/sleep")
-        huge = name + "\x01" * 131040
-        other = _other_user()
-        g, value = _graced_with_step(
-            make_graced, shortdir,
-            f'process = "{name}"\nmatch_cmdline = true\nuser = "{other}"\n')
-        w = Watch(g)
-        try:
-            with _processes([[huge, "600"]] * (MAX_SKIPPED + 2), str(link)) as decoys:
-                poll_until(lambda: all(len(d.name()) > 100_000 for d in decoys), 10,
-                           "psutil never saw the decoys' long names")
-                value.write_text("99")
-                mid = w.wait("mission.failed", "v", 30)["payload"]["id"]
-            listed = g.ctl("missions", "ls", "--all", "--json")
-            assert listed.returncode == 0, listed.stderr
-            step = _step(g, mid)
-            assert not step["ok"] and step["skipped_count"] == MAX_SKIPPED + 2, step
-            names = {s["name"] for s in step["skipped"]}
-            assert names == {huge[:MAX_NAME] + CUT}, names
-            assert len(json.dumps(step)) < MAX_STEP_RECORD, len(json.dumps(step))
-            shown = g.ctl("missions", "show", str(mid))
-            assert shown.returncode == 0 and "[cut]" in shown.stdout, shown.stderr
-        finally:
-            w.close()
-    finally:
-        shutil.rmtree(where, ignore_errors=True)
+    huge = name + "\x01" * 131040
+    with _decoys_skipped(make_graced, shortdir, name) as (exe, g, value, w):
+        with _processes([[huge, "600"]] * (MAX_SKIPPED + 2), str(exe)) as decoys:
+            poll_until(lambda: all(len(d.name()) > 100_000 for d in decoys), 10,
+                       "psutil never saw the decoys' long names")
+            value.write_text("99")
+            mid = w.wait("mission.failed", "v", 30)["payload"]["id"]
+        listed = g.ctl("missions", "ls", "--all", "--json")
+        assert listed.returncode == 0, listed.stderr
+        step = _step(g, mid)
+        assert not step["ok"] and step["skipped_count"] == MAX_SKIPPED + 2, step
+        names = {s["name"] for s in step["skipped"]}
+        assert names == {huge[:MAX_NAME] + CUT}, names
+        assert len(json.dumps(step)) < MAX_STEP_RECORD, len(json.dumps(step))
+        shown = g.ctl("missions", "show", str(mid))
+        assert shown.returncode == 0 and "[cut]" in shown.stdout, shown.stderr
 
 
 def test_a_process_started_after_its_pid_file_was_written_is_left_alone(
@@ -328,42 +336,32 @@ def test_a_process_name_that_is_not_utf8_is_recorded_and_graced_lives(
     (review s9b, again at every restart). Now the record and the signed event show
     U+FFFD, graced runs on, and every view works."""
     marker = "s9u" + uuid.uuid4().hex[:8]
-    where = Path(tempfile.mkdtemp(prefix="grace-s9u-"))
-    try:
-        link = os.fsencode(where) + b"/" + b"\xff\xfe" + marker.encode()[:9] + b"\x1b"
-        os.symlink(shutil.which("sleep") or "/bin/sleep", link)
-        other = _other_user()
-        g, value = _graced_with_step(
-            make_graced, shortdir,
-            f'process = "{marker}"\nmatch_cmdline = true\nuser = "{other}"\n')
-        w = Watch(g)
+    # A file name that is not UTF-8 (str with the bytes escaped, as os.fsdecode gives).
+    name = os.fsdecode(b"\xff\xfe" + marker.encode()[:9] + b"\x1b")
+    with _decoys_skipped(make_graced, shortdir, marker) as (exe, g, value, w):
+        decoy_exe = exe.rename(exe.with_name(name))
+        decoy = subprocess.Popen([marker, "600"], executable=decoy_exe,
+                                 stdin=subprocess.DEVNULL)
         try:
-            decoy = subprocess.Popen([marker, "600"], executable=link,
-                                     stdin=subprocess.DEVNULL)
-            try:
-                poll_until(lambda: "\udcff" in psutil.Process(decoy.pid).name(), 10,
-                           "psutil never saw the decoy's name")
-                value.write_text("99")
-                mid = w.wait("mission.failed", "v", 30)["payload"]["id"]
-            finally:
-                decoy.kill()
-                decoy.wait()
-            assert g.proc.poll() is None, "graced died"
-            step = _step(g, mid)
-            assert not step["ok"] and step["skipped_count"] == 1, step
-            assert step["skipped"][0]["name"].startswith("\ufffd\ufffd"), step
-            events = g.ctl("tail", "--json", "--since", "1", "--no-follow",
-                           "executor.step_finished")
-            assert events.returncode == 0, events.stderr
-            ev = next(e for e in map(json.loads, events.stdout.splitlines())
-                      if e["payload"]["mission"] == mid)
-            assert ev["payload"]["skipped"][0]["name"].startswith("\ufffd\ufffd"), ev
-            shown = g.ctl("missions", "show", str(mid))
-            assert shown.returncode == 0 and "\\e" in shown.stdout, shown.stderr
-            # 7: degraded once the failing step's next missions escalate (its budget).
-            assert g.ctl("status").returncode in (0, 7)
-            assert g.proc.poll() is None, "graced died"
+            poll_until(lambda: "\udcff" in psutil.Process(decoy.pid).name(), 10,
+                       "psutil never saw the decoy's name")
+            value.write_text("99")
+            mid = w.wait("mission.failed", "v", 30)["payload"]["id"]
         finally:
-            w.close()
-    finally:
-        shutil.rmtree(where, ignore_errors=True)
+            decoy.kill()
+            decoy.wait()
+        assert g.proc.poll() is None, "graced died"
+        step = _step(g, mid)
+        assert not step["ok"] and step["skipped_count"] == 1, step
+        assert step["skipped"][0]["name"].startswith("\ufffd\ufffd"), step
+        events = g.ctl("tail", "--json", "--since", "1", "--no-follow",
+                       "executor.step_finished")
+        assert events.returncode == 0, events.stderr
+        ev = next(e for e in map(json.loads, events.stdout.splitlines())
+                  if e["payload"]["mission"] == mid)
+        assert ev["payload"]["skipped"][0]["name"].startswith("\ufffd\ufffd"), ev
+        shown = g.ctl("missions", "show", str(mid))
+        assert shown.returncode == 0 and "\\e" in shown.stdout, shown.stderr
+        # 7: degraded once the failing step's next missions escalate (its budget).
+        assert g.ctl("status").returncode in (0, 7)
+        assert g.proc.poll() is None, "graced died"
