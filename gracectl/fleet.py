@@ -99,7 +99,9 @@ class Nats:
         """Feed every message of ``stream`` on ``subject`` to ``on_message`` (on this
         loop's thread), from the first, each once and in stream order, by an ordered
         consumer; with ``follow``, then live (``on_idle`` is called whenever it has
-        caught up) until interrupted.
+        caught up) until interrupted. Without ``follow`` it ends once the consumer has
+        nothing left and its server has reached the stream's last seq as its leader
+        gave it when the read began (a replica may lag the leader).
 
         A read that times out inside NATS (a JetStream request not answered, or no
         message while some are left: a cluster electing a leader after losing a node,
@@ -109,26 +111,26 @@ class Nats:
         again); then :class:`Unreachable` (exit 3)."""
 
         async def go() -> int:
-            from nats.js import api
             from nats.js.errors import NotFoundError
 
             patience = _Patience(f"reading stream {stream}", self.timeout)
             try:
-                await patience.call(lambda: self.js.stream_info(stream))
+                stream_info = await patience.call(lambda: self.js.stream_info(stream))
             except NotFoundError:
                 raise CtlError(f"no stream {stream} on NATS at {_redact(self.url)} (no graced "
                                "has forwarded to it yet)", ExitCode.NOT_FOUND) from None
+            replicas = consumer_replicas(stream_info)
+            end = stream_info.state.last_seq or 0  # the stream's last seq, by its leader
             count = left = 0
             after = 0  # the stream seq of the last message taken
             while True:
                 def consumer(start: int = after + 1) -> Coroutine[Any, Any, Any]:
-                    # A config of its own each try: nats-py fills in the deliver subject,
-                    # and a consumer a timed-out try made may still push to that one.
-                    config = None if start == 1 else api.ConsumerConfig(
-                        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                        opt_start_seq=start)
-                    return self.js.subscribe(subject, stream=stream, ordered_consumer=True,
-                                             config=config)
+                    nonlocal replicas
+                    made = _ordered(self.nc, self.js, stream, subject, start, replicas)
+                    # Any try after this one follows a timeout: its consumer may have been
+                    # placed on a peer that is gone. From then on, replicated as the stream.
+                    replicas = stream_replicas(stream_info)
+                    return made
 
                 sub = await patience.call(consumer)
                 try:
@@ -142,25 +144,38 @@ class Nats:
                     resumed = after > 0
                     left = max(left if resumed else 0,
                                info.num_pending + (info.delivered.consumer_seq or 0))
-                    while follow or left:
-                        try:
-                            msg = await sub.next_msg(timeout=0.25 if follow else self.timeout)
-                        except TimeoutError:
-                            if not follow:
-                                patience.timed_out(f"{left} messages left")
-                                break  # resume after the last message taken
-                            if on_idle is not None:
+                    last_cseq = 0  # the consumer seq of the last message taken from sub
+                    while True:
+                        while follow or left:
+                            try:
+                                msg = await sub.next_msg(
+                                    timeout=0.25 if follow else self.timeout)
+                            except TimeoutError:
+                                if not follow:
+                                    patience.timed_out(f"{left} messages left")
+                                    break  # resume after the last message taken
+                                if on_idle is not None:
+                                    on_idle()
+                                continue
+                            patience.answered()
+                            after = msg.metadata.sequence.stream
+                            last_cseq = msg.metadata.sequence.consumer
+                            on_message(msg.subject, msg.data)
+                            count += 1
+                            left = max(left - 1 if resumed else 0, msg.metadata.num_pending)
+                            if left == 0 and on_idle is not None:
                                 on_idle()
-                            continue
-                        patience.answered()
-                        after = msg.metadata.sequence.stream
-                        on_message(msg.subject, msg.data)
-                        count += 1
-                        left = max(left - 1 if resumed else 0, msg.metadata.num_pending)
-                        if left == 0 and on_idle is not None:
-                            on_idle()
-                    else:
-                        return count
+                        else:
+                            # Nothing left by the consumer's count; but it counts what
+                            # the server it lives on holds, and a replica may not yet
+                            # have applied all the stream's leader acknowledged (a
+                            # cluster just after losing a node): done once it has looked
+                            # as far as the stream reached when this read began.
+                            left = await _settled(sub, end, last_cseq, patience)
+                            if left:
+                                continue
+                            return count
+                        break
                 finally:
                     await sub.unsubscribe()
 
@@ -174,6 +189,64 @@ class Nats:
 
 
 READ_ATTEMPTS = 3  # tries of a read that times out inside NATS, in a row
+
+
+def stream_replicas(info: Any) -> int:
+    """How many copies the stream keeps (1 on a single server)."""
+    return max(1, int(getattr(info.config, "num_replicas", None) or 1))
+
+
+def consumer_replicas(info: Any) -> int:
+    """Copies of a read's consumer: 1 while every peer of the stream is current; the
+    stream's own count once one is not.
+
+    nats-py's ordered consumer is R1, and nats-server (2.9) places an R1 consumer on
+    any peer of the stream it still counts as up: for a while after a node dies (killed,
+    not shut down), a third of the consumers of an R3 stream land on the dead node and
+    their creation is never answered (measured, session 10). A consumer replicated as
+    the stream is lives wherever a quorum of the stream lives, at the cost of a raft
+    group (0.2-0.8 s to create on a healthy cluster, where R1 takes milliseconds)."""
+    peers = getattr(getattr(info, "cluster", None), "replicas", None) or []
+    if all(p.current and not p.offline for p in peers):
+        return 1
+    return stream_replicas(info)
+
+
+async def _ordered(nc: Any, js: Any, stream: str, subject: str, start: int,
+                   replicas: int) -> Any:
+    """nats-py's ordered consumer on ``subject`` from stream seq ``start`` (what
+    ``js.subscribe(..., ordered_consumer=True)`` makes), with ``replicas`` copies. A
+    config of its own each try: a consumer a timed-out try made may still push to the
+    deliver subject of that one. Its resets after a gap keep the config (and the copies)."""
+    from nats.js import api
+
+    config = api.ConsumerConfig(
+        deliver_subject=nc.new_inbox(), filter_subject=subject,
+        deliver_policy=(api.DeliverPolicy.ALL if start == 1
+                        else api.DeliverPolicy.BY_START_SEQUENCE),
+        opt_start_seq=None if start == 1 else start,
+        flow_control=True, idle_heartbeat=5.0, ack_policy=api.AckPolicy.NONE,
+        max_deliver=1, ack_wait=22 * 3600, num_replicas=replicas, mem_storage=True)
+    info = await js.add_consumer(stream, config=config)
+    return await js.subscribe_bind(stream, config, info.name, ordered_consumer=True)
+
+
+async def _settled(sub: Any, end: int, last_cseq: int, patience: _Patience) -> int:
+    """How many messages are still to come to ``sub`` (on the server or in the client's
+    queue, past consumer seq ``last_cseq``); 0 once its server has looked at the stream
+    up to seq ``end``. A server that does not get there within the read's timeout counts
+    as a timeout of ``patience``."""
+    waited_from = time.monotonic()
+    while True:
+        info = await patience.call(sub.consumer_info, progress=False)
+        left = int(info.num_pending or 0) + max(0, (info.delivered.consumer_seq or 0)
+                                                - last_cseq)
+        if left or (info.delivered.stream_seq or 0) >= end:
+            return left
+        if time.monotonic() - waited_from > patience.timeout:
+            patience.timed_out(f"the server holding the consumer to reach seq {end}")
+            waited_from = time.monotonic()
+        await asyncio.sleep(0.05)
 
 
 class _Patience:
@@ -197,9 +270,11 @@ class _Patience:
                  f"{self.timeout:g} s; trying again ({self.failed + 1} of {READ_ATTEMPTS})",
                  err=True)
 
-    async def call(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    async def call(self, make: Callable[[], Coroutine[Any, Any, T]],
+                   progress: bool = True) -> T:
         """A JetStream API request, tried again while it times out or JetStream says it
-        is unavailable for now (no leader yet)."""
+        is unavailable for now (no leader yet); its answer resets the count unless it
+        is not ``progress`` (a question asked while waiting for something else)."""
         from nats.errors import NoRespondersError
         from nats.js.errors import ServiceUnavailableError
 
@@ -213,7 +288,8 @@ class _Patience:
                 self.timed_out(f"JetStream unavailable: {exc}")
                 await asyncio.sleep(min(self.timeout, 1.0))
                 continue
-            self.answered()
+            if progress:
+                self.answered()
             return result
 
 

@@ -326,3 +326,28 @@ def test_the_fleet_frame_counts_hosts_and_puts_approvals_first() -> None:
     assert len(short) == 5 and short[-1][0][0].startswith(" q quit")
     broken = _view(signer, _mission_chain(signer)[:1] + _mission_chain(signer)[2:])
     assert render(broken, 120, 40, 1_800_000_100.0)[0][1][1] == "alarm"
+
+
+def test_a_reads_consumer_is_replicated_as_the_stream_once_a_peer_is_lost() -> None:
+    """nats-server 2.9 may place an R1 consumer on a stream peer that was killed a moment
+    ago; its creation is then never answered (a third of the reads after a node of a
+    3-node cluster died, measured in session 10). While every peer is current a read's
+    consumer is R1 (milliseconds to make); once one is not, it has the stream's copies."""
+    from nats.js import api
+
+    from gracectl.fleet import consumer_replicas, stream_replicas
+
+    def info(replicas: int, *peers: tuple[bool, bool | None]) -> api.StreamInfo:
+        return api.StreamInfo.from_response({
+            "config": {"name": "GRACE", "num_replicas": replicas},
+            "state": {"messages": 0, "bytes": 0, "first_seq": 0, "last_seq": 0,
+                      "consumer_count": 0},
+            "cluster": {"name": "grace", "leader": "n2", "replicas": [
+                {"name": f"n{i}", "current": current, "offline": offline, "active": 0}
+                for i, (current, offline) in enumerate(peers, 3)]}})
+
+    assert consumer_replicas(info(3, (True, None), (True, None))) == 1
+    assert consumer_replicas(info(3, (True, None), (False, None))) == 3
+    assert consumer_replicas(info(3, (True, None), (True, True))) == 3
+    assert consumer_replicas(info(1)) == 1  # one server: no peers
+    assert stream_replicas(info(5, (True, None))) == 5

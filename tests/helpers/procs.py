@@ -166,11 +166,46 @@ def poll_until(pred: Callable[[], bool], timeout: float, what: str,
         time.sleep(pause)
 
 
-def tcp_listener(port: int = 0) -> socket.socket:
-    """A real TCP service on loopback for a probe to reach: it accepts connections
-    (the kernel's backlog) until closed; reopen it on the same port to bring it back."""
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", port))
-    s.listen(16)
-    return s
+class TcpService:
+    """A real TCP service on loopback for a probe to reach: a thread accepts each
+    connection and closes it, as a service answers, until :meth:`close` (then the port
+    refuses); open another on the same port to bring it back.
+
+    It must accept: a socket that only listens holds its backlog's worth of connections,
+    and once that is full the kernel drops further SYNs, so a probe times out instead of
+    connecting (CI, session 10: a page that took 6 s to load saw the probe time out)."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(64)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # shut down by close()
+                return
+            conn.close()
+
+    def getsockname(self) -> tuple[str, int]:
+        return self.sock.getsockname()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Stop listening: connections are refused from now on."""
+        try:
+            # Wakes the thread's accept() (closing alone would not: the blocked call
+            # holds the socket open, still listening).
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._thread.join(5)
+        self.sock.close()
+
+
+def tcp_listener(port: int = 0) -> TcpService:
+    """A :class:`TcpService` on ``port`` (0: any free port)."""
+    return TcpService(port)
