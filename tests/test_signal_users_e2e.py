@@ -4,6 +4,7 @@ login user can start a process under the service's name, and graced must not kil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pwd
@@ -19,6 +20,7 @@ import pytest
 
 from graced.owners import foreign, login_uids, uid_of
 from graced.targets import MAX_SKIPPED, Selection, find
+from tests.conftest import Graced
 from tests.helpers.procs import poll_until
 from tests.helpers.users import login_user
 from tests.test_config_keys import graced_cmd
@@ -60,6 +62,20 @@ def test_a_step_naming_an_unknown_user_fails_at_run_time_not_graced() -> None:
         find(process="svcd", user="no-such-user-x")
 
 
+USER_TABLES = {
+    # where a ``user`` key is, the table it is in, and the line its key is on
+    "signal step": ('[[playbook]]\nname = "kick"\nrisk = "low"\n[[playbook.step]]\n'
+                    'action = "signal"\nprocess = "svcd"\nuser = {value}\n',
+                    "7: [[playbook]] #1 (kick) step 1"),
+    "process detector": ('[[detector]]\nname = "svc"\nkind = "process"\nprocess = "svcd"\n'
+                         'user = {value}\n', "5: [[detector]] #1 (svc)"),
+    "process_rss detector": ('[[detector]]\nname = "rss"\nkind = "process_rss"\n'
+                             'threshold = 100.0\nprocess = "svcd"\nuser = {value}\n',
+                             "6: [[detector]] #1 (rss)"),
+}
+
+
+@pytest.mark.parametrize("table", list(USER_TABLES))
 @pytest.mark.parametrize("value, reason", [
     ('"no-such-user-x"', "user: no user 'no-such-user-x' on this host"),
     ('""', "user: must not be empty"),
@@ -67,29 +83,62 @@ def test_a_step_naming_an_unknown_user_fails_at_run_time_not_graced() -> None:
     ("99999999999", "user: uid 99999999999 is out of range"),
     ("-1", "user: uid -1 is out of range"),
     ("true", "user: expected a name or a uid, got boolean"),
+    ("1.5", "user: expected a name or a uid, got number"),
     # graced.toml(5): a user this host does not know is refused when the config is loaded
     ('"424242"', "user: no user with uid 424242 on this host"),
     ("424242", "user: no user with uid 424242 on this host"),
 ])
-def test_a_signal_steps_user_is_checked_when_the_config_is_loaded(
-        tmp_path: Path, value: str, reason: str) -> None:
+def test_a_user_key_is_checked_when_the_config_is_loaded(
+        tmp_path: Path, table: str, value: str, reason: str) -> None:
+    """Signal steps and process detectors check ``user`` alike, when the config is
+    loaded: one line naming the table and the key, exit 3."""
+    text, where = USER_TABLES[table]
     path = tmp_path / "graced.toml"
-    path.write_text('[[playbook]]\nname = "kick"\nrisk = "low"\n[[playbook.step]]\n'
-                    f'action = "signal"\nprocess = "svcd"\nuser = {value}\n')
+    path.write_text(text.format(value=value))
     res = graced_cmd("config", "check", str(path))
     assert res.returncode == 3 and res.stdout == ""
     assert res.stderr.count("\n") == 1, res.stderr
-    assert f"{path}:7: [[playbook]] #1 (kick) step 1 {reason}" in res.stderr, res.stderr
+    assert f"{path}:{where} {reason}" in res.stderr, res.stderr
 
 
+@pytest.mark.parametrize("table", list(USER_TABLES))
 @pytest.mark.parametrize("value", ["0", '"0"', '"root"'])
-def test_a_signal_steps_user_may_be_a_uid_as_a_toml_integer(tmp_path: Path, value: str) -> None:
+def test_a_user_key_may_be_a_uid_as_a_toml_integer(
+        tmp_path: Path, table: str, value: str) -> None:
     """graced.toml(5): ``user`` is a name or a uid; a uid may be written as a number."""
     path = tmp_path / "graced.toml"
-    path.write_text('[[playbook]]\nname = "kick"\nrisk = "low"\n[[playbook.step]]\n'
-                    f'action = "signal"\nprocess = "svcd"\nuser = {value}\n')
+    path.write_text(USER_TABLES[table][0].format(value=value))
     res = graced_cmd("config", "check", str(path))
     assert res.returncode == 0, res.stderr
+
+
+def test_a_reload_naming_an_unknown_user_in_a_process_detector_keeps_the_running_config(
+        graced: Graced) -> None:
+    """Before, a process detector's unknown user was found only when it sampled: now a
+    reload (gracectl reload, as SIGHUP) refuses the file with one line naming the
+    detector and the key, and the running detector keeps its user."""
+    good = graced.config.read_text().replace("detector = []\n", "") + (
+        '[[detector]]\nname = "svc"\nkind = "process"\nprocess = "svcd"\nuser = "root"\n')
+    graced.config.write_text(good)
+    graced.ctl("status", check=True)  # the key pinned first: reload's stderr is its own
+    res = graced.ctl("reload")
+    assert res.returncode == 0, res.stderr
+    line = good.count("\n")  # the user key is the file's last line
+    graced.config.write_text(good.replace('user = "root"', 'user = "no-such-user-x"'))
+    res = graced.ctl("reload")
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith("gracectl: config rejected, the running one kept: "), res.stderr
+    assert (f"{graced.config}:{line}: [[detector]] #1 (svc) user: no user 'no-such-user-x' "
+            "on this host") in res.stderr, res.stderr
+    rejected = json.loads(graced.ctl("tail", "--json", "--since", "1", "--no-follow",
+                                     "daemon.config_rejected", check=True).stdout.splitlines()[-1])
+    assert "[[detector]] #1 (svc) user: no user 'no-such-user-x'" in \
+        rejected["payload"]["reason"], rejected
+    assert rejected["payload"]["running_sha256"] == hashlib.sha256(good.encode()).hexdigest()
+    shown = json.loads(graced.ctl("detectors", "--json", check=True).stdout)
+    assert list(shown) == ["svc"] and shown["svc"]["errors"] == 0, shown
+    assert graced.proc.poll() is None
 
 
 def test_a_signal_step_naming_pid_1_is_refused_when_the_config_is_loaded(

@@ -33,6 +33,7 @@ from .schema import (
     each,
     http_url,
     kind_of,
+    known_user,
     non_empty,
     non_empty_list,
     non_negative,
@@ -43,6 +44,7 @@ from .schema import (
     require,
     tables,
     unique_name,
+    user_as_text,
 )
 
 SEVERITIES = ("low", "medium", "high", "critical")
@@ -75,8 +77,10 @@ class DetectorConfig:
     process: str = ""
     match_cmdline: bool = False
     # process, process_rss: only processes whose real user is this one (a name or a uid),
-    # so another user's process of the same name is no decoy (review of #19, attacker 3)
-    user: str = ""
+    # so another user's process of the same name is no decoy (review of #19, attacker 3);
+    # checked as a signal step's (a name or a uid this host knows; a uid may be a TOML
+    # integer), when the config is loaded
+    user: str = field(default="", metadata=check(known_user))
     min_count: int = field(default=1, metadata=check(non_negative))
     # tcp
     host: str = ""
@@ -238,10 +242,10 @@ KINDS: dict[str, Kind] = {
     "inodes": Kind({**_PERCENT, "path": absolute_path}, threshold=90.0, min_change=PCT,
                    subject=lambda d: d.path),
     "process": Kind({"threshold": non_negative, "process": non_empty, "match_cmdline": None,
-                     "min_count": None, "user": non_empty}, requires=("process",),
+                     "min_count": None, "user": None}, requires=("process",),
                     subject=lambda d: d.process),
     "process_rss": Kind({"threshold": positive, "process": non_empty, "match_cmdline": None,
-                         "user": non_empty},
+                         "user": None},
                         requires=("process",), subject=lambda d: d.process,
                         rule=_needs_threshold, min_change=1.0),
     "tcp": Kind({**_MS, "host": non_empty, "port": between(1, 65535), "send": None,
@@ -291,6 +295,7 @@ def build_detectors(value: Any, where: Where) -> list[DetectorConfig]:
     for item, at, label in tables(value, "detector", where):
         name = kind_of(item, "kind", DETECTOR_KINDS, at, label, "detector")
         kind = KINDS[name]
+        item = user_as_text(item, "detector", at, label)
         det = build_table(DetectorConfig, item, "detector", at, label,
                           allowed=keys_of_kind(name), owner=f'kind "{name}"', ranges=kind.keys)
         unique_name(det.name, names, at, label, "detector")

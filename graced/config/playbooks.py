@@ -13,17 +13,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..owners import MAX_UID, check_user
 from .detectors import SEVERITIES
 from .schema import (
     Check,
     ConfigError,
     Where,
-    _type_name,
     build_table,
     check,
     each,
     kind_of,
+    known_user,
     non_empty,
     non_empty_list,
     one_of,
@@ -31,6 +30,7 @@ from .schema import (
     require,
     tables,
     unique_name,
+    user_as_text,
 )
 
 RISKS = ("low", "medium", "high", "critical")
@@ -40,10 +40,6 @@ SIGNALS = ("TERM", "KILL", "HUP", "INT", "QUIT", "USR1", "USR2", "STOP", "CONT")
 def _signal(v: str) -> str | None:
     return None if v.upper().removeprefix("SIG") in SIGNALS else (
         "must be one of " + ", ".join(SIGNALS))
-
-
-def _user(v: str) -> str | None:
-    return non_empty(v) or check_user(v)
 
 
 def _env_list(v: list[str]) -> str | None:
@@ -71,7 +67,7 @@ class StepConfig:
     # signal: only processes whose real user is this one (a name or a uid this host
     # knows; a uid may be a TOML integer); without it, never a login user's process
     # found by name (graced.owners)
-    user: str = field(default="", metadata=check(_user))
+    user: str = field(default="", metadata=check(known_user))
     max_output: int = field(default=65536, metadata=check(positive))
 
 
@@ -163,16 +159,7 @@ def _build_step(raw: Any, at: Where, label: str) -> StepConfig:
         raise ConfigError(f"{at('playbook.step', None)}{label} must be a table")
     name = kind_of(raw, "action", tuple(ACTIONS), at, label, "playbook.step")
     action = ACTIONS[name]
-    user = raw.get("user")
-    if isinstance(user, int) and not isinstance(user, bool):
-        # A uid written as a TOML integer is the same uid as its decimal string.
-        if not 0 <= user <= MAX_UID:
-            raise ConfigError(f"{at('playbook.step', 'user')}{label} user: uid {user} is out "
-                              f"of range (0 to {MAX_UID})")
-        raw = {**raw, "user": str(user)}
-    elif user is not None and not isinstance(user, str):
-        raise ConfigError(f"{at('playbook.step', 'user')}{label} user: expected a name or a "
-                          f"uid, got {_type_name(user)}")
+    raw = user_as_text(raw, "playbook.step", at, label)
     st = build_table(StepConfig, raw, "playbook.step", at, label,
                      allowed=[*COMMON, *action.keys], owner=f'action "{name}"',
                      ranges=action.keys)

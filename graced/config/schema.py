@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Union, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
+from ..owners import MAX_UID, check_user
 from ..redact import redact_text
 
 Check = Callable[[Any], "str | None"]
@@ -85,6 +86,28 @@ def each(inner: Check) -> Check:
 
 def non_empty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
+
+
+def known_user(v: str) -> str | None:
+    """A ``user`` key (signal steps, process detectors): a name or a uid this host's
+    user database knows (graced.owners.check_user)."""
+    return non_empty(v) or check_user(v)
+
+
+def user_as_text(raw: dict[str, Any], table: str, at: Where, label: str) -> dict[str, Any]:
+    """``raw`` with its ``user`` key as :func:`known_user` checks it: a uid written as a
+    TOML integer is the same uid as its decimal string; anything but a string or a whole
+    number in range is refused, naming the key."""
+    user = raw.get("user")
+    if isinstance(user, int) and not isinstance(user, bool):
+        if not 0 <= user <= MAX_UID:
+            raise ConfigError(f"{at(table, 'user')}{label} user: uid {user} is out of range "
+                              f"(0 to {MAX_UID})")
+        return {**raw, "user": str(user)}
+    if user is not None and not isinstance(user, str):
+        raise ConfigError(f"{at(table, 'user')}{label} user: expected a name or a uid, got "
+                          f"{_type_name(user)}")
+    return raw
 
 
 def non_empty_list(v: list[Any]) -> str | None:
