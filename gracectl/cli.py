@@ -813,6 +813,8 @@ def detectors(ctx: click.Context, as_json: bool) -> None:
         mode = str(d.get("mode") or "poll")[:11]  # an older graced says nothing: it polls
         # Why a listening kind polls (or polls some): said after the reason, read whole.
         note = f"; mode: {d['mode_note']}" if d.get("mode_note") else ""
+        if d.get("skipped"):  # samples not taken: a value file caught while rewritten
+            note += f"; {d['skipped']} skipped (last: {d.get('last_skipped')})"
         for subject, smp in subjects.items():
             if smp is None:
                 rows.append([name, d["kind"], d["state"], mode, "", "", "",

@@ -26,6 +26,9 @@ class Observation:
     failed: str | None = None  # why the probe failed: itself an anomaly
     alarm: str | None = None  # a kind-specific anomaly decided by the detector (log rates)
     event: str | None = None  # a one-off anomaly, e.g. "restarted (pid 10 -> 12)"
+    # No sample this time, and why (a file caught while it is rewritten): neither normal
+    # nor anomalous, the subject keeps its last sample; counted in the detector's status.
+    skipped: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
 
 

@@ -96,15 +96,59 @@ class Inodes(SimpleDetector):
                             detail={"inodes": st.f_files, "free": st.f_ffree})]
 
 
-class FileValue(SimpleDetector):
-    """A number read from a file (e.g. a metric another program writes)."""
+REREAD_S = 0.005
+"""A value file that reads empty or not as a number is read again this much later, once:
+``echo 42 > f`` truncates the file, then writes, and a read in between sees nothing."""
 
-    def sample(self) -> list[Observation]:
+
+SETTLED = 0.75
+"""...and one that has read so since this share of an interval (the sample before, as
+samples come an interval apart, give or take a thread's start) is reported."""
+
+
+class FileValue(SimpleDetector):
+    """A number read from a file (e.g. a metric another program writes).
+
+    A read that finds no number (empty, or a number half written) is read again once,
+    ``REREAD_S`` later; still none, the sample is skipped (counted in the detector's
+    status) unless the file has stayed so since the sample before (an interval ago): the
+    same text, and an empty file not written since. Only then is it reported, as a failed
+    sample, as it always was. A file that its writer rewrites all the time is never caught
+    at rest, so it is never reported."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        super().__init__(config)
+        self._bad: tuple[float, tuple[object, ...]] | None = None  # since when, what
+
+    def _read(self) -> tuple[str, float | None, tuple[object, ...]]:
         # A file that is missing or unreadable is a detector failure, as for every kind
         # (graced.toml(5)): graced cannot see, which is not a symptom of what it watches.
         with open(self.config.file) as fh:
             text = fh.read(4096).strip()
+            st = os.fstat(fh.fileno())
         try:
-            return [Observation(self.subject, float(text))]
+            value: float | None = float(text)
         except ValueError:
-            return [Observation(self.subject, None, failed=f"not a number: {text[:40]!r}")]
+            value = None
+        # What the file holds, for "the same bad content as before": junk is itself; an
+        # empty file is the same only if nobody wrote it since (a rewriter truncates).
+        what = (text,) if text else ("", st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        return text, value, what
+
+    def sample(self) -> list[Observation]:
+        text, value, what = self._read()
+        if value is None:
+            time.sleep(REREAD_S)
+            text, value, what = self._read()
+        if value is not None:
+            self._bad = None
+            return [Observation(self.subject, value)]
+        now = time.monotonic()
+        if self._bad is None or self._bad[1] != what:
+            self._bad = (now, what)
+        why = f"not a number: {text[:40]!r}" + ("" if text else " (the file is empty)")
+        # The next sample is due an interval later, give or take a thread's start.
+        if now - self._bad[0] < SETTLED * self.config.interval:
+            return [Observation(self.subject, None, skipped=f"{why} (read twice "
+                                f"{REREAD_S * 1000:g} ms apart; being rewritten?)")]
+        return [Observation(self.subject, None, failed=why)]

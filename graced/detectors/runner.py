@@ -310,7 +310,8 @@ class DetectorRunner:
             step = min(step, hint)
         if cfg.kind in ADAPTIVE and not cfg.baseline:
             for obs in observations:
-                if obs.failed or (cfg.name, obs.subject) in self.engine.active:
+                if obs.failed or obs.skipped \
+                        or (cfg.name, obs.subject) in self.engine.active:
                     continue
                 step = min(step, next_interval(cfg.interval, obs.value,
                                                cfg.effective_threshold, cfg.below,
@@ -322,6 +323,10 @@ class DetectorRunner:
         subjects = self.status[cfg.name]["subjects"]
         now = time.time()
         for obs in observations:
+            if obs.skipped:  # neither normal nor anomalous: the last sample stands
+                self.status[cfg.name]["skipped"] += 1
+                self.status[cfg.name]["last_skipped"] = obs.skipped
+                continue
             verdict, transitions = judge_and_observe(scorer, self.engine, cfg, obs, now)
             key = (cfg.name, obs.subject)
             subjects[obs.subject] = {"ts": now, "value": obs.value, "unit": obs.unit,
@@ -374,7 +379,8 @@ class DetectorRunner:
 def _fresh(d: DetectorConfig) -> dict[str, Any]:
     return {"kind": d.kind, "interval": d.interval, "threshold": d.effective_threshold,
             "state": "starting", "subjects": {},
-            "errors": 0, "last_error": None, "mode": POLL, "mode_note": "",
+            "errors": 0, "last_error": None, "skipped": 0, "last_skipped": None,
+            "mode": POLL, "mode_note": "",
             "cadence": d.interval, "sampled_at": trio.current_time(),
             "timeout": float(getattr(d, "timeout", 0) or 0), "below": d.below}
 
@@ -385,7 +391,7 @@ def _check_values(observations: list[Any]) -> None:
     for obs in observations:
         try:
             canonical_bytes([obs.subject, obs.value, obs.unit, obs.detail, obs.failed,
-                             obs.alarm, obs.event])
+                             obs.alarm, obs.event, obs.skipped])
         except CanonicalError as exc:
             raise ValueError(f"subject {str(obs.subject)[:80]!r}: a value graced cannot "
                              f"record ({exc})") from None
