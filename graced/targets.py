@@ -9,7 +9,11 @@ process of the service's name, or one that got the pid a stale pid file names, i
 decoy, left alone. A pid file is trusted only if it is a regular file (not a symlink),
 owned by root or by the user the named process runs as, and writable by nobody else (no
 group or other write bit); it must hold one decimal pid, of a process that started no
-later than the file was written (STALE_SLACK_S). What a step record keeps of process
+later than the file was written (STALE_SLACK_S). The way to it is trusted as sshd's
+StrictModes trusts the way to authorized_keys: every directory from / down to it and
+every symlink on the way owned by root or that user, no directory writable by group or
+others unless sticky; resolved one entry at a time, each checked before it is followed,
+and the file opened relative to its directory's fd (no path resolved twice). What a step record keeps of process
 data is bounded: names cut at MAX_NAME characters, MAX_SKIPPED skipped processes,
 MAX_PIDS signalled pids. Each target
 is remembered with its start time, and re-checked just before the signal: through a
@@ -19,10 +23,13 @@ another process in between is never hit.
 
 from __future__ import annotations
 
+import collections
+import errno
 import os
 import re
 import signal
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,14 +104,121 @@ def _reason(why: str, user: str) -> str:
             }[why]
 
 
-def pid_from_file(path: str) -> tuple[int, float]:
-    """The pid a trusted pid file names, and when the file was last written (its mtime);
-    raises PermissionError or ValueError."""
+MAX_LINKS = 40
+"""Symlinks followed on the way to a pid file, at most (the kernel's own limit: ELOOP)."""
+
+
+class _Way:
+    """The way to a pid file, as :func:`_open_pid_file` walks it, and who owns it: only
+    root and the named process's user may (StrictModes). Known before the pid is read:
+    the step's ``user``, if it names one, and that at most one user besides root owns an
+    entry; so an entry that cannot be trusted whatever the file names is refused before
+    anything is opened through it."""
+
+    def __init__(self, path: str, wanted: int | None) -> None:
+        self.path, self.wanted = path, wanted
+        self.owner: tuple[int, str] | None = None  # the one non-root owner: (uid, entry)
+
+    def refuse(self, why: str) -> PermissionError:
+        return PermissionError(f"pid file {self.path}: {why}; not trusted")
+
+    def entry(self, what: str, info: os.stat_result) -> None:
+        """Check a directory or symlink on the way (``what``: "directory /run")."""
+        mode = stat.S_IMODE(info.st_mode)
+        if stat.S_ISDIR(info.st_mode) and mode & 0o022 and not mode & stat.S_ISVTX:
+            raise self.refuse(f"{what} is writable by group or others (mode {mode:04o}) "
+                              "and not sticky")
+        uid = info.st_uid
+        if uid == 0:
+            return
+        if self.wanted is not None and uid != self.wanted:
+            raise self.refuse(f"{what} is owned by uid {uid}, neither root nor the step's "
+                              f"user (uid {self.wanted})")
+        if self.owner is not None and self.owner[0] != uid:
+            raise self.refuse(f"{what} is owned by uid {uid} and {self.owner[1]} by uid "
+                              f"{self.owner[0]}: only root and the named process's user "
+                              "may own the way to it")
+        self.owner = self.owner or (uid, what)
+
+    def check_owner(self, pid: int, owner: int) -> None:
+        """Once the process is known: the way's one non-root owner must be its user."""
+        if self.owner is not None and self.owner[0] != owner:
+            raise self.refuse(f"{self.owner[1]} is owned by uid {self.owner[0]}, neither "
+                              f"root nor the user of process {pid} (uid {owner})")
+
+
+def _os(path: str, entry: str, op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``op(*args, **kwargs)``, an OSError from it one line naming the pid file and the
+    ``entry`` on the way that failed ("" for the file itself)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        return op(*args, **kwargs)
     except OSError as exc:
-        raise PermissionError(f"pid file {path}: {exc.strerror} (a symlink is not "
-                              "followed)") from None
+        at = f"{entry}: " if entry else ""
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+            raise PermissionError(f"pid file {path}: {at}a symlink (not followed); not "
+                                  "trusted") from None
+        failed = PermissionError(f"pid file {path}: {at}{exc.strerror}")
+        failed.errno = exc.errno  # graced's own exhaustion (EMFILE) stays known as such
+        raise failed from None
+
+
+def _open_pid_file(path: str, way: _Way) -> int:
+    """The pid file at ``path``, opened for reading (O_NOFOLLOW: never a symlink itself)
+    relative to its directory's fd, after every directory from / down to it and every
+    symlink on the way was checked by ``way`` as it was resolved, one entry at a time:
+    nothing is opened through an entry refused, and no path is resolved again."""
+    todo = collections.deque(part for part in path.split("/") if part)
+    where: list[str] = []  # the entries of the directory ``fd`` is
+    links = 0
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY)
+    try:
+        way.entry("directory /", os.fstat(fd))
+        while todo:
+            name = todo.popleft()
+            if name == "." or name == ".." and not where:
+                continue
+            up = name == ".."
+            if not todo and not up:  # the pid file itself
+                return int(_os(path, "", os.open, name,
+                               os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd))
+            shown = "/" + "/".join(where[:-1] if up else [*where, name])
+            info = _os(path, shown, os.stat, name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(info.st_mode):
+                links += 1
+                if links > MAX_LINKS:
+                    raise way.refuse(f"more than {MAX_LINKS} symlinks on the way")
+                way.entry(f"symlink {shown}", info)
+                target = _os(path, shown, os.readlink, name, dir_fd=fd)
+                todo.extendleft(reversed([p for p in target.split("/") if p]))
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd = -1
+                    fd = os.open("/", os.O_PATH | os.O_DIRECTORY)
+                    where = []
+                continue
+            inner = _os(path, shown, os.open, name,
+                        os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+            way.entry(f"directory {shown}", os.fstat(fd))
+            where = where[:-1] if up else [*where, name]
+        raise PermissionError(f"pid file {path}: names a directory, not a file")
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def pid_from_file(path: str, wanted: int | None = None) -> tuple[int, float]:
+    """The pid a trusted pid file names, and when the file was last written (its mtime);
+    raises PermissionError or ValueError. ``wanted``: the uid the step's ``user`` names.
+    Trusted: every directory from / down to the file and every symlink on the way owned
+    by root or the named process's user, no directory writable by group or others unless
+    sticky (/tmp), and the file itself a regular file (not a symlink), owned so too and
+    writable by nobody else (see :class:`_Way`)."""
+    if not path.startswith("/"):
+        path = os.path.join(os.getcwd(), path)
+    way = _Way(path, wanted)
+    fd = _open_pid_file(path, way)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -126,6 +240,7 @@ def pid_from_file(path: str) -> tuple[int, float]:
         owner = psutil.Process(pid).uids().real
     except psutil.NoSuchProcess:
         raise ProcessLookupError(f"pid file {path}: no process {pid}") from None
+    way.check_owner(pid, owner)
     if info.st_uid not in (0, owner):
         raise PermissionError(f"pid file {path}: owned by uid {info.st_uid}, neither root "
                               f"nor the user of process {pid} (uid {owner}); not trusted")
@@ -147,7 +262,7 @@ def _by_pid(sel: Selection, pid: int, pid_file: str, wanted: int | None, user: s
         raise PermissionError(f"pid {pid}: graced never signals it")
     written = None
     if not pid:
-        pid, written = pid_from_file(pid_file)
+        pid, written = pid_from_file(pid_file, wanted)
     proc = psutil.Process(pid)
     target = Target(pid, proc.create_time(), clip(proc.name()))
     owner = proc.uids().real
