@@ -13,9 +13,9 @@ later than the file was written (STALE_SLACK_S). The way to it is trusted as ssh
 StrictModes trusts the way to authorized_keys: every directory from / down to it and
 every symlink on the way owned by root or that user, no directory writable by group or
 others unless sticky; resolved one entry at a time, each checked before it is followed,
-and the file opened relative to its directory's fd (no path resolved twice). What a step record keeps of process
-data is bounded: names cut at MAX_NAME characters, MAX_SKIPPED skipped processes,
-MAX_PIDS signalled pids. Each target
+and the file opened relative to its directory's fd (no path resolved twice). What a
+step record keeps of process data is bounded: names cut at MAX_NAME characters,
+MAX_SKIPPED skipped processes, MAX_PIDS signalled pids. Each target
 is remembered with its start time, and re-checked just before the signal: through a
 pidfd (opened first, then checked, then signalled through), so a pid recycled by
 another process in between is never hit.
