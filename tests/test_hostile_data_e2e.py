@@ -40,6 +40,23 @@ def value_detector(name: str, file: Path) -> str:
             f'subject = "queue"\ninterval = 0.2\nthreshold = 50.0\n')
 
 
+def graced_signalling(make_graced, where: Path,  # type: ignore[no-untyped-def]
+                       steps: dict[str, str]) -> tuple[Graced, dict[str, Path]]:
+    """graced with, for each name in ``steps``, a value detector of that name (its file in
+    ``where``, "0": normal; write 99 for an anomaly) whose low-risk playbook "sig-NAME" is
+    one SIGTERM signal step with the keys ``steps[NAME]``: (graced, the value files)."""
+    files, config = {}, ""
+    for name, how in steps.items():
+        files[name] = where / f"{name}.value"
+        files[name].write_text("0")
+        config += value_detector(name, files[name]) + (
+            f'[[playbook]]\nname = "sig-{name}"\ndetector = "{name}"\nrisk = "low"\n'
+            f'verify_timeout = 30.0\n[[playbook.step]]\naction = "signal"\n'
+            f'signal = "TERM"\n{how}\n')
+    g = make_graced(detectors=config + "\n[remediation]\nmax_actions_per_hour = 100\n")
+    return g, files
+
+
 def with_a_mission(make_graced, shortdir: Path) -> tuple[Graced, Watch, Path, int]:
     """graced with a value detector whose mission is open."""
     value = shortdir / "value"
@@ -175,19 +192,9 @@ def test_signal_steps_hit_only_what_they_name(make_graced, shortdir: Path) -> No
     foreign.chmod(0o644)
     if os.geteuid() == 0:
         os.chown(foreign, 65534, 65534)  # nobody's file naming root's process
-    files = {}
-    detectors = ""
-    for name in ("byname", "openpid", "minuspid", "foreignpid"):
-        files[name] = shortdir / f"{name}.value"
-        files[name].write_text("0")
-        detectors += value_detector(name, files[name])
     steps = {"byname": 'process = "svcd"', "openpid": f'pid_file = "{open_pid}"',
              "minuspid": f'pid_file = "{minus}"', "foreignpid": f'pid_file = "{foreign}"'}
-    for name, how in steps.items():
-        detectors += (f'[[playbook]]\nname = "sig-{name}"\ndetector = "{name}"\nrisk = "low"\n'
-                      f'verify_timeout = 30.0\n[[playbook.step]]\naction = "signal"\n'
-                      f'signal = "TERM"\n{how}\n')
-    g = make_graced(detectors=detectors + "\n[remediation]\nmax_actions_per_hour = 100\n")
+    g, files = graced_signalling(make_graced, shortdir, steps)
     w = Watch(g)
     try:
         for name in steps:

@@ -20,7 +20,7 @@ import pytest
 
 from graced.targets import MAX_LINKS, pid_from_file
 from tests.helpers.users import login_user
-from tests.test_hostile_data_e2e import value_detector
+from tests.test_hostile_data_e2e import graced_signalling
 from tests.test_missions_e2e import Watch
 
 
@@ -95,19 +95,12 @@ def test_a_pid_file_is_trusted_only_if_the_way_to_it_is(make_graced, shortdir: P
             "linkeduser": f"directory {shortdir}/theirs is owned by uid {uid}, neither root "
                           f"nor the user of process {pid['linkeduser']} (uid 0)",
         }
-        config = ""
-        for case in cases:
-            value = shortdir / f"{case}.value"
-            value.write_text("0")
-            config += value_detector(case, value) + (
-                f'[[playbook]]\nname = "sig-{case}"\ndetector = "{case}"\nrisk = "low"\n'
-                f'verify_timeout = 30.0\n[[playbook.step]]\naction = "signal"\n'
-                f'signal = "TERM"\npid_file = "{files[case]}"\n')
-        g = make_graced(detectors=config + "\n[remediation]\nmax_actions_per_hour = 100\n")
+        g, values = graced_signalling(make_graced, shortdir, {
+            case: f'pid_file = "{files[case]}"' for case in cases})
         w = Watch(g)
         try:
-            for case in cases:
-                (shortdir / f"{case}.value").write_text("99")
+            for value in values.values():
+                value.write_text("99")
             for case, proc in zip(cases, procs, strict=True):
                 if case not in refused:
                     assert proc.wait(30) == -signal.SIGTERM, case

@@ -24,7 +24,7 @@ from tests.conftest import Graced
 from tests.helpers.procs import poll_until
 from tests.helpers.users import login_user
 from tests.test_config_keys import graced_cmd
-from tests.test_hostile_data_e2e import value_detector
+from tests.test_hostile_data_e2e import graced_signalling
 from tests.test_missions_e2e import Watch
 
 
@@ -216,18 +216,10 @@ def test_a_login_users_decoy_survives_a_signal_step_unless_its_user_is_named(
         pid_file = where / "decoy.pid"
         pid_file.write_text(f"{decoy.pid}\n")
         pid_file.chmod(0o644)
-        files, config = {}, ""
         steps = {"byname": f'process = "{name}"',
                  "asuser": f'process = "{name}"\nuser = "{decoy_user}"',
                  "pidroot": f'pid_file = "{pid_file}"\nuser = 0'}
-        for det, how in steps.items():
-            files[det] = where / f"{det}.value"
-            files[det].write_text("0")
-            config += value_detector(det, files[det]) + (
-                f'[[playbook]]\nname = "sig-{det}"\ndetector = "{det}"\nrisk = "low"\n'
-                f'verify_timeout = 30.0\n[[playbook.step]]\naction = "signal"\n'
-                f'signal = "TERM"\n{how}\n')
-        g = make_graced(detectors=config + "\n[remediation]\nmax_actions_per_hour = 100\n")
+        g, files = graced_signalling(make_graced, where, steps)
         w = Watch(g)
         try:
             # By name, no user: the service's two processes, never the decoy.
