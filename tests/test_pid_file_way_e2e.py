@@ -163,7 +163,7 @@ def test_an_untrusted_way_is_refused_before_anything_is_read_through_it(
     two users besides root on the way (one of them cannot be the process's), or one
     that is not the step's ``user``; the file there need not even exist."""
     other = pwd.getpwnam(login_user()).pw_uid
-    nobody = pwd.getpwnam("nobody").pw_uid
+    nobody = 65534  # any other uid: it need not have an account
     where = tmp_path.resolve()
     where.chmod(0o755)
     (where / "theirs" / "nested").mkdir(parents=True)
