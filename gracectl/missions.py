@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from graced.protocol import ExitCode
+
 from . import out
 from .command import (
     STATES,
@@ -224,7 +226,10 @@ def _review(ctx: click.Context, mission_id: int) -> str | None:
 
 def review_plan(m: dict[str, Any]) -> str | None:
     """The plan mission ``m`` waits with, then y/N on the terminal; the hash approved
-    (CtlError, exit 1, when not)."""
+    (CtlError, exit 1, when not; exit 9, nothing asked, when it waits for no decision)."""
+    if m.get("state") != "awaiting_approval":
+        raise CtlError(f"mission {m.get('id')} is {out.safe_text(str(m.get('state')))}, not "
+                       "waiting for a decision: nothing was sent", ExitCode.NOT_WAITING)
     plan = m.get("plan")
     if plan:
         print_plan_lines([f"mission {m['id']} ({m['state']}) would run this plan:",
@@ -262,6 +267,9 @@ def missions_approve(ctx: click.Context, mission_id: int, comment: str, plan: st
     graced refuses an approval of the old plan and the mission waits with its new plan.
     An approval while the symptom is clearing (its latest samples normal) is refused
     with the reason, unless --even-if-clearing.
+
+    Exit 5: no such mission; 9: the mission is not waiting for a decision (approved or
+    rejected already, executing, resolved, failed, expired...), its state named.
     """
     plan = check_plan_option(plan)
     if plan is None and not yes:
@@ -279,5 +287,9 @@ def missions_approve(ctx: click.Context, mission_id: int, comment: str, plan: st
 @json_option
 @click.pass_context
 def missions_reject(ctx: click.Context, mission_id: int, comment: str, as_json: bool) -> None:
-    """Reject a mission awaiting approval: nothing runs."""
+    """Reject a mission awaiting approval: nothing runs.
+
+    Exit 5: no such mission; 9: the mission is not waiting for a decision (approved or
+    rejected already, executing, resolved, failed, expired...), its state named.
+    """
     _decide(ctx, mission_id, comment, False, as_json)

@@ -106,7 +106,8 @@ def playbooks_run(ctx: click.Context, name: str, mission_id: int, dry_run: bool,
     ration automatic runs). A high or critical risk
     playbook needs what an approval needs: on a terminal its plan is printed and you are
     asked y/N (n runs nothing, exit 1); without one, --plan SHA256 or --yes (exit 2
-    otherwise).
+    otherwise). Exit 5: no such playbook or mission; 9: the mission is not open,
+    interrupted or waiting for approval (closed, or already running a plan).
     """
     plan = check_plan_option(plan)
     dry = perform(lambda: call(endpoint_of(ctx), "playbooks.run", {

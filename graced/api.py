@@ -25,7 +25,7 @@ from . import __version__, keys, targets
 from .auth import CONTROL, READ, PerKeyBudget
 from .config import Config
 from .detectors.runner import DetectorRunner
-from .executor import AUTO_RISKS, MAX_STEP_ERROR, Executor, PlanChanged
+from .executor import AUTO_RISKS, MAX_STEP_ERROR, Executor, NotWaiting, PlanChanged
 from .integration import detector_health
 from .journal import JournalReader
 from .learning import Learning
@@ -51,6 +51,13 @@ log = logging.getLogger("graced.api")
 def _when(t: float | str) -> str:
     """A time in a message: the ISO form (a string given was checked to be one)."""
     return t if isinstance(t, str) else str(shown(t))
+
+
+def not_waiting(closed: Any, verb: str) -> str:
+    """Why a closed mission takes no decision and no run (exit 9), in one line: its
+    state and the reason it closed ("cleared before approval")."""
+    return (f"mission {closed.id} is {closed.state}, not waiting for a decision: "
+            f"{closed.reason}; {verb} refused")
 
 
 OPENED = ("params.opened must be the mission's opened_at: its number, or its ISO 8601 "
@@ -729,14 +736,16 @@ class Api:
             m = await self.executor.decide(mid, approve, who, comment, opened, plan)
         except PlanChanged as exc:
             raise RequestError("plan_changed", str(exc)) from None
-        except LookupError as exc:
+        except NotWaiting as exc:  # exit 9: approved already, executing...
+            raise RequestError("not_waiting", f"{exc}; {verb} refused") from None
+        except LookupError:
             rows = await self._read(f"{store.SELECT} WHERE id = ?", (mid,))
             if rows:
                 closed = store.from_row(rows[0])
-                # Exit 5 (no longer active), with the reason: "cleared before approval".
-                raise RequestError("not_found", f"mission {mid} is no longer active: "
-                                   f"{closed.state}: {closed.reason}; {verb} refused") from None
-            raise RequestError("not_found", str(exc)) from None
+                # Exit 9, not 5 (no such mission), with the reason: "cleared before
+                # approval".
+                raise RequestError("not_waiting", not_waiting(closed, verb)) from None
+            raise RequestError("not_found", f"no mission {mid}") from None
         except ValueError as exc:
             raise RequestError("invalid", str(exc)) from None
         if approve and seen[0] > 0:
@@ -1016,6 +1025,9 @@ class Api:
             done = await self.executor.run_by_hand(m.id, pb, who, writes, named)
         except PlanChanged as exc:
             raise RequestError("plan_changed", str(exc)) from None
+        except NotWaiting as exc:  # exit 9, as approve says for a closed mission
+            raise RequestError("not_waiting", str(exc) if self.executor.engine.by_id(m.id)
+                               else not_waiting(m, "run")) from None
         except LookupError as exc:
             raise RequestError("not_found", str(exc)) from None
         except ValueError as exc:

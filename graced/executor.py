@@ -186,6 +186,11 @@ class PlanChanged(ValueError):
     """An approval named a plan that is no longer the one that would run."""
 
 
+class NotWaiting(ValueError):
+    """A decision or a run by hand for a mission that exists but does not wait for one
+    (already approved, executing, resolved...): not the same as no such mission."""
+
+
 NOTIFIER_THREADS = 4
 # errno values that mean graced itself is out of a resource, not that a step failed.
 OWN_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOSPC,
@@ -609,7 +614,8 @@ class Executor:
     async def decide(self, mission_id: int, approve: bool, who: dict[str, Any],
                      comment: str, opened: float | str | None = None,
                      plan_sha256: str | None = None) -> Mission:
-        """Approve or reject a mission awaiting approval; raises LookupError/ValueError.
+        """Approve or reject a mission awaiting approval; raises LookupError (no active
+        mission), NotWaiting (one in another state) or ValueError.
 
         ``opened``, when given, must be the mission's ``opened_at`` (the number, or its
         ISO form as ``--json`` prints it): the decision was made for that mission and no
@@ -627,7 +633,7 @@ class Executor:
                              f"{opened if isinstance(opened, str) else shown(opened)}, but "
                              f"mission {mission_id} opened at {shown(m.opened_at)}")
         if m.state != "awaiting_approval":
-            raise ValueError(f"mission {mission_id} is {m.state}, not awaiting approval")
+            raise NotWaiting(f"mission {mission_id} is {m.state}, not waiting for a decision")
         now = time.time()
         if approve:
             current = self.current_plan(m)
@@ -682,15 +688,16 @@ class Executor:
 
         The plan that runs has the values frozen in the mission's plan (the one a dry run
         and missions show print); ``named``, a hash or a prefix of it, must name it, else
-        :class:`PlanChanged` and nothing runs.
+        :class:`PlanChanged` and nothing runs. A mission closed, or not open, interrupted
+        or waiting: :class:`NotWaiting`.
         """
         m = self.engine.by_id(mission_id)
         if m is None:
-            raise ValueError(f"mission {mission_id} is not active (closed missions cannot "
-                             "be run again)")
+            raise NotWaiting(f"mission {mission_id} is closed (closed missions cannot be run "
+                             "again)")
         if m.id in self.running or m.state not in ("open", "interrupted", "awaiting_approval"):
-            raise ValueError(f"mission {mission_id} is {m.state}: a playbook runs only for an "
-                             "open, interrupted or waiting mission")
+            raise NotWaiting(f"mission {mission_id} is {m.state}, not waiting for a decision: "
+                             "a playbook runs only for an open, interrupted or waiting mission")
         plan = build_plan(pb, plan_values(m))
         if named is not None and not names_plan(named, plan["sha256"]):
             raise PlanChanged(f"mission {m.id}: the request names plan {named[:16]}, but "

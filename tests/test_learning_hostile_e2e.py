@@ -317,7 +317,7 @@ def test_a_stale_approval_runs_nothing_before_or_after_a_restart(
             g.stop()
             g.start()
         res = g.ctl("missions", "approve", str(waiting["id"]), "--yes")
-        assert res.returncode == 5 and "cleared before approval" in res.stderr, res.stderr
+        assert res.returncode == 9 and "cleared before approval" in res.stderr, res.stderr
         assert res.stderr.count("\n") == 1
     assert not ran.exists()
     explain = g.ctl("missions", "explain", str(waiting["id"]), check=True).stdout

@@ -183,7 +183,8 @@ def test_playbooks_ls_dry_run_and_a_manual_run(make_graced, shortdir: Path, slee
         assert after["drain"]["learned"]["successes"] == 1
         # A closed mission cannot be run again.
         again = g.ctl("playbooks", "run", "drain", "--mission", str(mid), "--yes")
-        assert again.returncode == 1 and "not active" in again.stderr
+        assert again.returncode == 9 and "not waiting for a decision" in again.stderr, \
+            again.stderr
     finally:
         w.close()
 

@@ -188,7 +188,7 @@ def test_rejected_and_expired_missions_never_execute(make_graced, marker, shortd
     assert res.returncode == 0, res.stderr
     assert mission(g, first["id"])["state"] == "rejected"
     again = g.ctl("missions", "approve", str(first["id"]), "--yes")
-    assert again.returncode == 5  # no longer active
+    assert again.returncode == 9, again.stderr  # rejected: not waiting for a decision
     # The symptom is still there: status says so (not degraded: a person decided).
     st = g.ctl("status", "--json")
     assert st.returncode == 0, st.stderr

@@ -75,6 +75,7 @@ class ExitCode(enum.IntEnum):
     TIMEOUT = 6
     DEGRADED = 7  # gracectl status: journal commits or a detector failing
     PRUNED = 8  # tail --since: the events asked for were pruned (journal retention)
+    NOT_WAITING = 9  # approve, reject, playbooks run: the mission is not waiting for that
     BAD_SIGNATURE = 10
     CHAIN_BROKEN = 11
     REPLAYED = 12

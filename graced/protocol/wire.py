@@ -32,6 +32,7 @@ ERROR_EXIT = {
     "unavailable": ExitCode.ERROR,
     "not_authorised": ExitCode.NOT_AUTHORISED,
     "not_found": ExitCode.NOT_FOUND,
+    "not_waiting": ExitCode.NOT_WAITING,
     "invalid": ExitCode.ERROR,
     "plan_changed": ExitCode.ERROR,
     "bad_signature": ExitCode.BAD_SIGNATURE,
