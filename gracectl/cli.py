@@ -382,7 +382,8 @@ LINES = Lines()
                    "'@EPOCH', 'today' (as journalctl).")
 @click.option("--until", "-U", metavar="SEQ|TIME",
               help="Stop after this seq, or before the first event after this time "
-                   "(before --since: exit 2, as journalctl).")
+                   "(before --since: exit 2, as journalctl; a seq and a time are compared "
+                   "by the time the seq's event was published).")
 @click.option("-o", "--output", type=click.Choice(out.TAIL_OUTPUTS), default="short",
               show_default=True,
               help="short: time, seq, topic, payload; json and jsonl: each event in its "

@@ -15,7 +15,7 @@ from graced.protocol.verify import announced_interval, stale_limit
 from graced.protocol.wire import CLOSE_REVOKED
 
 from .client import Endpoint, closed_error, connect
-from .errors import RemoteError, Unreachable
+from .errors import CtlError, RemoteError, Unreachable
 from .out import TAIL_OUTPUTS, fit, kv, safe, stderr_note, terminal_width, when
 from .timespec import Point
 
@@ -292,6 +292,8 @@ async def _start(endpoint: Endpoint, opts: TailOptions) -> int | None:
     if since is not None:
         floor = (since.seq if since.seq is not None
                  else await _seq_at(endpoint, opts.trusted_key, float(since.ts or 0)))
+        if opts.until is not None:
+            await _check_range(endpoint, opts.trusted_key, since, opts.until, floor)
     if not opts.count_back:
         return floor
     return await _last_matching(endpoint, opts, floor or 1)
@@ -377,6 +379,40 @@ async def _seq_at(endpoint: Endpoint, key: bytes | None, ts: float) -> int:
         else:
             lo = seq + 1
     return lo
+
+
+async def _check_range(endpoint: Endpoint, key: bytes | None, since: Point, until: Point,
+                       floor: int) -> None:
+    """A --since and an --until of different kinds (a seq and a time; two of one kind are
+    compared before graced is asked), compared once the journal says when the seq's event
+    was published, or which event the time falls on: a --since after the --until is a
+    usage error (exit 2), as journalctl refuses it. A seq not published yet, or pruned,
+    has no time: not compared. ``floor``: the first seq at or after a --since time."""
+    if since.seq is not None and until.ts is not None:
+        got: list[dict[str, Any]] = []
+
+        def first(seq: int, event: dict[str, Any]) -> bool:
+            if seq == since.seq:
+                got.append(event)
+            return False
+
+        async with connect(endpoint, key) as conn:  # its signature checked: it decides
+            await _scan(conn, since.seq, first)
+        try:
+            at = parse_ts(str(got[0].get("ts"))) if got else None
+        except (ValueError, TypeError, OverflowError):
+            at = None
+        if at is not None and at > until.ts:
+            raise CtlError(f"--since {since.seq} is after --until "
+                           f"{when(until.ts, ms=True)}: seq {since.seq} was published at "
+                           f"{when(at, ms=True)}; no event can be in that range",
+                           ExitCode.USAGE)
+    elif since.ts is not None and until.seq is not None:
+        _, oldest = await _head(endpoint, key)
+        if oldest <= until.seq < floor:  # seq until.seq was published before the time
+            raise CtlError(f"--since {when(since.ts, ms=True)} is after --until "
+                           f"{until.seq}: seq {until.seq} was published before that time; no "
+                           "event can be in that range", ExitCode.USAGE)
 
 
 LOOKBACK = (1_000, 32_000, 1_000_000, 2**62)

@@ -53,7 +53,8 @@ def _span(text: str) -> float | None:
 
 def after(since: Point, until: Point) -> bool:
     """Whether ``since`` lies after ``until`` (both seqs, or both times): a range no event
-    can be in, which journalctl refuses. A seq against a time is not known here."""
+    can be in, which journalctl refuses. A seq against a time is not known here: tail
+    compares them once graced says when the seq's event was published."""
     if since.seq is not None and until.seq is not None:
         return since.seq > until.seq
     if since.ts is not None and until.ts is not None:

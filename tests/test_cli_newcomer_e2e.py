@@ -194,6 +194,40 @@ def test_tail_refuses_a_since_after_its_until_and_escapes_as_the_docs_say(
 
 
 @pytest.mark.slow
+def test_tail_compares_a_seq_with_a_time_by_when_its_event_was_published(
+        graced: Graced) -> None:
+    """-S SEQ -U TIME (or -S TIME -U SEQ): graced says when the seq's event was published,
+    and a --since after the --until is exit 2 with one line, as for two of one kind."""
+    from graced.protocol import parse_ts
+
+    g = graced
+    g.ctl("emit", "user.a", check=True)
+    g.ctl("emit", "user.b", check=True)  # another gracectl later: a later time
+    a, b = (json.loads(x) for x in g.ctl("tail", "--no-follow", "-o", "json", "-n", "all",
+                                          "user.*", check=True).stdout.splitlines())
+    between = f"@{(parse_ts(a['ts']) + parse_ts(b['ts'])) / 2:.6f}"
+    for since, until, why in (
+            (str(b["seq"]), between, f"seq {b['seq']} was published at "),
+            (between, str(a["seq"]), f"seq {a['seq']} was published before that time")):
+        res = g.ctl("tail", "--no-follow", "-S", since, "-U", until, "user.*")
+        assert res.returncode == 2 and res.stdout == "", res
+        assert res.stderr.startswith("gracectl: --since ") and " is after --until " \
+            in res.stderr, res.stderr
+        assert why in res.stderr and res.stderr.endswith(
+            "; no event can be in that range\n") and res.stderr.count("\n") == 1, res.stderr
+    # The right way round, each range holds one event.
+    for since, until, seq in ((str(a["seq"]), between, a["seq"]),
+                              (between, str(b["seq"]), b["seq"])):
+        ok = g.ctl("tail", "--no-follow", "-o", "json", "-S", since, "-U", until, "user.*",
+                   check=True)
+        assert [json.loads(x)["seq"] for x in ok.stdout.splitlines()] == [seq], ok
+    # A seq not published yet has no time: nothing to compare, nothing to show.
+    later = g.ctl("tail", "--no-follow", "-S", str(b["seq"] + 1000), "-U", between)
+    assert later.returncode == 0 and later.stdout == "", later
+    assert "-- No entries --" in later.stderr, later.stderr
+
+
+@pytest.mark.slow
 def test_a_failing_detector_says_why_in_plain_words(make_graced, shortdir: Path) -> None:
     queue = shortdir / "queue"
     queue.write_text(FAULT)
