@@ -265,7 +265,7 @@ def test_a_failing_detector_says_why_in_plain_words(make_graced, shortdir: Path)
 
 
 DETECTOR_KEYS = {"kind", "interval", "threshold", "below", "state", "errors", "last_error",
-                 "mode", "mode_note", "cadence", "subjects"}
+                 "skipped", "last_skipped", "mode", "mode_note", "cadence", "subjects"}
 SAMPLE_KEYS = {"ts", "value", "unit", "anomalous", "score", "summary", "failed"}
 ESC = "\x1b["
 LOCAL = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?[+-]\d\d:\d\d")
