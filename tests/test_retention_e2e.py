@@ -51,6 +51,19 @@ class SizeWatch:
         return self.largest
 
 
+def following_checkpoints(g: Graced) -> LineCollector:
+    """``gracectl tail -n 0 daemon.checkpoint``, once it is following: a tail started a
+    moment before a burst may subscribe after the burst's first prune (CI, under load:
+    one checkpoint of two seen). It also takes user.tail-ready, emitted until it shows."""
+    tail = LineCollector(g.ctl_popen("tail", "--json", "-n", "0", "daemon.checkpoint",
+                                     "user.tail-ready"))
+    for _ in range(60):
+        g.ctl("emit", "user.tail-ready", check=True)
+        if tail.wait_for(lambda ls: any('"user.tail-ready"' in x for x in ls), 1):
+            return tail
+    raise AssertionError(f"the tail never followed: {tail.lines[-3:]}")
+
+
 def journal_config(max_size: int, max_age: float = 0) -> str:
     return f"[journal]\nmax_size = {max_size}\nmax_age = {max_age}\n"
 
@@ -92,7 +105,7 @@ def test_a_small_max_size_holds_and_what_is_kept_verifies(make_graced) -> None:
     limit = 4 * MiB
     g = make_graced(extra_config=journal_config(limit))
     watch = SizeWatch(g.state)
-    checkpoints = LineCollector(g.ctl_popen("tail", "--json", "-n", "0", "daemon.checkpoint"))
+    checkpoints = following_checkpoints(g)
     # 12 MiB of events, three times the limit.
     pad = json.dumps({"pad": "x" * 16000})
     res = g.ctl("emit", "user.load", "--count", "800", "--payload", pad, "--json")
@@ -124,7 +137,7 @@ def test_a_small_max_size_holds_and_what_is_kept_verifies(make_graced) -> None:
 @pytest.mark.slow
 def test_max_age_prunes_old_events_behind_a_checkpoint(make_graced) -> None:
     g = make_graced(extra_config=journal_config(0, max_age=2), heartbeat=5)
-    checkpoints = LineCollector(g.ctl_popen("tail", "--json", "-n", "0", "daemon.checkpoint"))
+    checkpoints = following_checkpoints(g)
     first_emit = json.loads(g.ctl("emit", "user.old", "--json", check=True).stdout)
     assert checkpoints.wait_for(
         lambda ls: any(p["payload"]["first_seq"] > first_emit["last_seq"]
@@ -181,7 +194,7 @@ def test_a_reload_applies_new_retention_limits(make_graced) -> None:
     look prunes to the new max_age, status shows the new limits, and a later reload to 0
     stops pruning by age."""
     g = make_graced(extra_config=journal_config(0, max_age=0), heartbeat=5)
-    checkpoints = LineCollector(g.ctl_popen("tail", "--json", "-n", "0", "daemon.checkpoint"))
+    checkpoints = following_checkpoints(g)
     old = json.loads(g.ctl("emit", "user.old", "--json", check=True).stdout)["last_seq"]
     g.config.write_text(g.config.read_text().replace(journal_config(0, max_age=0),
                                                      journal_config(8 * MiB, max_age=1)))
@@ -215,7 +228,7 @@ def test_a_plain_tail_starts_at_what_is_kept_while_retention_prunes(make_graced)
     pad = json.dumps({"pad": "z" * 2000})
     flood = g.ctl_popen("emit", "user.flood", "--count", "1000000", "--rate", "3000",
                         "--payload", pad)
-    checkpoints = LineCollector(g.ctl_popen("tail", "--json", "-n", "0", "daemon.checkpoint"))
+    checkpoints = following_checkpoints(g)
     try:
         assert checkpoints.wait_for(lambda ls: len(prune_checkpoints(ls)) >= 1, 30), \
             g.stderr()
