@@ -36,7 +36,7 @@ from . import out, trust
 from .client import Connection, decide, sole_exception
 from .command import Finite, read_key_file, utc_option, wide_option
 from .errors import CtlError, NotFound, Unreachable
-from .fleetview import FleetView, HostView, dumps, event_time, resolve_host
+from .fleetview import FleetView, HostView, dumps, event_time, in_view, resolve_host
 from .tail import format_event
 
 T = TypeVar("T")
@@ -406,7 +406,8 @@ def _age(seconds: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout (for scripts).")
 @click.pass_context
 def fleet_ls(ctx: click.Context, as_json: bool) -> None:
-    """The hosts: name, daemon id, last heartbeat, open missions by severity, forwarding
+    """The hosts: name, daemon id, last heartbeat, open missions by severity (and the
+    escalated ones that need a person, as the host's status counts them), forwarding
     lag, verification status. Exits 11 (or the violation's code) when the stream of a
     host whose key is pinned fails verification, 10 when a forged message on its
     subjects was rejected (a host with no key pinned is shown as unverified, or failed,
@@ -435,6 +436,8 @@ def hosts_table(hosts: list[HostView], now: float, width: int | None = -1) -> st
     rows = []
     for h in hosts:
         missions = ", ".join(f"{n} {sev}" for sev, n in sorted(h.open_missions().items()))
+        if h.escalated():
+            missions += f"{'; ' if missions else ''}{len(h.escalated())} escalated"
         verified = h.verified + (f"; {h.rejected_note}" if h.rejection else "")
         rows.append([h.host, h.daemon_id, h.state(now), _age(h.silent_for(now)),
                      missions or "-", "-" if h.fleet_lag is None else h.fleet_lag,
@@ -483,7 +486,8 @@ def fleet_missions() -> None:
 @click.option("--host", "hosts", multiple=True, metavar="HOST",
               help="Only this host (name, daemon id or its prefix); repeatable.")
 @click.option("--state", "states", multiple=True, metavar="STATE",
-              help="Only missions in this state; repeatable (default: the open ones).")
+              help="Only missions in this state; repeatable (default: as the host's missions "
+                   "ls, the active ones and the escalated ones that need a person).")
 @click.option("--all", "show_all", is_flag=True, help="Closed missions too.")
 @click.option("--unverified", "show_unverified", is_flag=True,
               help="Also the missions of hosts with no key pinned (marked UNVERIFIED: "
@@ -493,7 +497,9 @@ def fleet_missions() -> None:
 @click.pass_context
 def fleet_missions_ls(ctx: click.Context, hosts: tuple[str, ...], states: tuple[str, ...],
                       show_all: bool, show_unverified: bool, as_json: bool) -> None:
-    """Each host's missions as its verified mission.* events last showed them. Hosts
+    """Each host's missions as its verified mission.* events last showed them; by
+    default those the host's missions ls lists (active, or escalated and needing a person:
+    its symptom not seen normal since, "needs_person" in JSON). Hosts
     with no key pinned are left out unless --unverified (then marked); in JSON each
     mission has "verified" (true: from events verified against the host's pinned key).
     Exits 11 (or the violation's code) when the stream of a host whose key is pinned
@@ -512,7 +518,7 @@ def fleet_missions_ls(ctx: click.Context, hosts: tuple[str, ...], states: tuple[
         for m in h.missions.values():
             if states and m.get("state") not in states:
                 continue
-            if not states and not show_all and m.get("state") in _closed():
+            if not states and not show_all and not in_view(m):
                 continue
             rows.append({**m, "host": h.host, "daemon_id": h.daemon_id,
                          "verified": h.key is not None})
@@ -549,12 +555,6 @@ def fleet_missions_show(ctx: click.Context, host_name: str, mission_id: int,
         return
     out.echo(f"host {out.safe(host.host)} ({host.daemon_id})")
     out.echo(mission_text(result))
-
-
-def _closed() -> tuple[str, ...]:
-    from .fleetview import CLOSED
-
-    return CLOSED
 
 
 @fleet.command("tail")

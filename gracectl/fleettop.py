@@ -25,7 +25,7 @@ from typing import Any
 from graced.protocol import fleet as names
 
 from .fleet import Nats, _exit_for, _Keys, _load_from, hosts_table, missions_table
-from .fleetview import CLOSED, FleetView, HostView
+from .fleetview import FleetView, HostView, in_view
 from .out import fit
 from .top import Line, _safe, _section, full_screen, plain
 
@@ -38,7 +38,7 @@ def open_missions(hosts: list[HostView]) -> list[dict[str, Any]]:
     by severity, host and id."""
     rows = [{**m, "host": h.host, "daemon_id": h.daemon_id, "verified": True}
             for h in hosts if h.key is not None for m in h.missions.values()
-            if m.get("state") not in CLOSED]
+            if in_view(m)]
     rows.sort(key=lambda r: (r.get("state") != "awaiting_approval",
                              SEVERITY_RANK.get(str(r.get("severity")), 9),
                              r["host"], r["daemon_id"], r["id"]))

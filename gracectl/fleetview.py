@@ -103,12 +103,18 @@ class HostView:
         return not self.stopped and silent is not None and silent > limit
 
     def open_missions(self) -> dict[str, int]:
+        """The active missions by severity, as the host's status counts them (and its
+        heartbeat's open_missions): an escalated one is not among them."""
         out: dict[str, int] = {}
         for m in self.missions.values():
-            if m.get("state") not in CLOSED:
+            if m.get("state") in ACTIVE:
                 sev = str(m.get("severity"))
                 out[sev] = out.get(sev, 0) + 1
         return out
+
+    def escalated(self) -> list[int]:
+        """The escalated missions that need a person (the host's status "escalated")."""
+        return sorted(i for i, m in self.missions.items() if needs_person(m))
 
     def public(self, now: float) -> dict[str, Any]:
         return {
@@ -118,6 +124,7 @@ class HostView:
             "silent_for": self.silent_for(now), "stale": self.stale(now),
             "stopped": self.stopped, "forwarding_lag": self.fleet_lag,
             "open_missions": self.open_missions(), "open_missions_reported": self.open_reported,
+            "escalated": self.escalated(),
             "verified": self.verified, "state": self.state(now),
             "rejected": self.rejected,
             "rejection": None if self.rejection is None else {
@@ -129,7 +136,20 @@ class HostView:
         }
 
 
-CLOSED = ("resolved", "failed", "rejected", "expired", "interrupted")
+# The host's active states (graced.missions.engine.ACTIVE): interrupted is one (graced
+# restarted while its playbook ran: it is watched until it resolves or fails).
+ACTIVE = ("detected", "open", "awaiting_approval", "approved", "executing", "verifying",
+          "interrupted")
+
+
+def needs_person(m: dict[str, Any]) -> bool:
+    """An escalated mission whose symptom the host has not seen normal since."""
+    return m.get("state") == "escalated" and bool(m.get("needs_person"))
+
+
+def in_view(m: dict[str, Any]) -> bool:
+    """In the host's default missions ls: active, or escalated and needing a person."""
+    return m.get("state") in ACTIVE or needs_person(m)
 
 
 class FleetView:
@@ -297,12 +317,28 @@ class FleetView:
             view.open_reported = n if isinstance(n, int) and not isinstance(n, bool) \
                 else view.open_reported
             view.last_heartbeat = event_time(event)
+            held = payload.get("escalated")
+            if isinstance(held, list):
+                # The host's word on which still need a person: the others' symptom was
+                # seen normal (or their detector left the config) whatever events the
+                # stream lost.
+                for mid, m in view.missions.items():
+                    if needs_person(m) and mid not in held:
+                        m["needs_person"] = False
             view.heartbeat_interval = announced_interval(event) or view.heartbeat_interval
             lag = payload.get("fleet_lag")
             view.fleet_lag = lag if isinstance(lag, int) else None
+        elif topic == "detector.recovered":
+            # Its first normal sample releases an escalated mission of that detector and
+            # subject on the host: it no longer needs a person (missions ls, status).
+            for m in view.missions.values():
+                if needs_person(m) and m.get("detector") == payload.get("detector") \
+                        and m.get("subject") == payload.get("subject"):
+                    m["needs_person"] = False
         elif topic.startswith("mission.") and isinstance(payload.get("id"), int) \
                 and "state" in payload:
-            view.missions[payload["id"]] = {**payload, "updated_at": event_time(event)}
+            view.missions[payload["id"]] = {**payload, "updated_at": event_time(event),
+                                            "needs_person": payload["state"] == "escalated"}
 
 
 def event_time(event: dict[str, Any]) -> float:

@@ -55,6 +55,8 @@ from .silences import Silences
 from .wire import Budget, Server, certificate_names, tls_context, tls_digest
 
 log = logging.getLogger("graced")
+# A heartbeat lists at most this many escalated missions that need a person (more: none).
+MAX_BEAT_ESCALATED = 1000
 
 
 def _prepare_state_dir(path: Path) -> None:
@@ -506,6 +508,11 @@ class Daemon:
                         beat["host"] = self.hostname
                         if self.engine is not None:
                             beat["open_missions"] = len(self.engine.active)
+                            # The escalated missions that still need a person (status's
+                            # "escalated"), bounded: the fleet view drops the others.
+                            escalated = self.engine.needs_person()
+                            if len(escalated) <= MAX_BEAT_ESCALATED:
+                                beat["escalated"] = escalated
                     mesh.publish_nowait("daemon.heartbeat", beat)
                     last_beat = now
                 await trio.sleep_until(min(last_beat + interval, last_checkpoint + every))

@@ -351,3 +351,64 @@ def test_a_reads_consumer_is_replicated_as_the_stream_once_a_peer_is_lost() -> N
     assert consumer_replicas(info(3, (True, None), (True, True))) == 3
     assert consumer_replicas(info(1)) == 1  # one server: no peers
     assert stream_replicas(info(5, (True, None))) == 5
+
+
+def _steps_chain(signer: Signer, steps: list[tuple[str, dict[str, object]]]
+                 ) -> list[tuple[str, bytes]]:
+    out, prev = [], GENESIS_PREV
+    for seq, (topic, payload) in enumerate(steps, 1):
+        ev = signer.make_event(seq=seq, ts=1_800_000_000.0 + seq, topic=topic,
+                               payload=payload, prev=prev)
+        prev = ev.hash
+        out.append((names.subject_for(DAEMON, topic), ev.text.encode()))
+    return out
+
+
+def test_open_missions_and_escalated_ones_are_counted_as_the_host_counts_them() -> None:
+    """As the host's status and missions ls: an escalated mission needs a person until
+    the host sees its symptom normal (its detector.recovered, or a heartbeat whose
+    escalated list no longer names it: a restart or a reload released it with no
+    event); an interrupted one is still active; the counts agree with the heartbeat's."""
+    from gracectl.fleet import hosts_table
+    from gracectl.fleetview import ACTIVE, in_view
+    from graced.missions.engine import ACTIVE as HOST_ACTIVE
+
+    assert ACTIVE == HOST_ACTIVE
+    signer = Signer(nacl.signing.SigningKey.generate())
+
+    def mission(mid: int, state: str, severity: str, detector: str) -> dict[str, object]:
+        return {"id": mid, "state": state, "severity": severity, "detector": detector,
+                "subject": "s"}
+
+    beat = {"interval": 5, "host": "web1", "open_missions": 2}
+    steps: list[tuple[str, dict[str, object]]] = [
+        ("daemon.started", {"host": "web1", "version": "0.1.0"}),
+        ("mission.opened", mission(13, "open", "high", "a")),
+        ("mission.escalated", mission(13, "escalated", "high", "a")),
+        ("mission.opened", mission(15, "open", "medium", "b")),
+        ("mission.interrupted", mission(16, "interrupted", "low", "c")),
+        ("mission.opened", mission(17, "open", "high", "d")),
+        ("mission.escalated", mission(17, "escalated", "high", "d")),
+        ("daemon.heartbeat", {**beat, "escalated": [13, 17]}),
+    ]
+    host = _view(signer, _steps_chain(signer, steps)).hosts[DAEMON]
+    assert host.open_missions() == {"medium": 1, "low": 1}
+    assert sum(host.open_missions().values()) == host.open_reported
+    assert host.escalated() == [13, 17]
+    assert sorted(i for i, m in host.missions.items() if in_view(m)) == [13, 15, 16, 17]
+    assert "1 low, 1 medium; 2 escalated" in hosts_table([host], 1_800_000_010.0, None)
+    # #13's symptom clears: the host says detector.recovered for its detector and subject.
+    steps.append(("detector.recovered", {"detector": "a", "subject": "s", "value": 1}))
+    host = _view(signer, _steps_chain(signer, steps)).hosts[DAEMON]
+    assert host.escalated() == [17] and not in_view(host.missions[13])
+    assert host.public(1_800_000_010.0)["escalated"] == [17]
+    # A recovery of another subject releases nothing; a heartbeat that no longer names
+    # #17 (released with no event, as by a reload that dropped its detector) does.
+    steps.append(("detector.recovered", {"detector": "d", "subject": "t", "value": 1}))
+    assert _view(signer, _steps_chain(signer, steps)).hosts[DAEMON].escalated() == [17]
+    steps.append(("daemon.heartbeat", {**beat, "escalated": []}))
+    host = _view(signer, _steps_chain(signer, steps)).hosts[DAEMON]
+    assert host.escalated() == [] and host.missions[17]["state"] == "escalated"
+    # A heartbeat with no list (an older graced, or more than it lists) releases nothing.
+    steps[-1] = ("daemon.heartbeat", beat)
+    assert _view(signer, _steps_chain(signer, steps)).hosts[DAEMON].escalated() == [17]

@@ -327,8 +327,12 @@ class DetectorRunner:
                 self.status[cfg.name]["skipped"] += 1
                 self.status[cfg.name]["last_skipped"] = obs.skipped
                 continue
-            verdict, transitions = judge_and_observe(scorer, self.engine, cfg, obs, now)
             key = (cfg.name, obs.subject)
+            # A key handed to a person (escalated, ...) is released by its first normal
+            # sample; that sample is its detector.recovered even where graced did not see
+            # it anomalous since it started (a restart): the fleet view ends it there.
+            held = key in self.engine.held
+            verdict, transitions = judge_and_observe(scorer, self.engine, cfg, obs, now)
             subjects[obs.subject] = {"ts": now, "value": obs.value, "unit": obs.unit,
                                      "anomalous": verdict.anomalous,
                                      "score": round(verdict.score, 4),
@@ -342,7 +346,7 @@ class DetectorRunner:
                     "detector": cfg.name, "kind": cfg.kind, "subject": obs.subject,
                     "value": obs.value, "score": round(verdict.score, 4),
                     "summary": verdict.summary})
-            elif not verdict.anomalous and key in self._anomalous:
+            elif not verdict.anomalous and (key in self._anomalous or held):
                 self._anomalous.discard(key)
                 self.mesh.publish_nowait("detector.recovered", {
                     "detector": cfg.name, "subject": obs.subject, "value": obs.value,

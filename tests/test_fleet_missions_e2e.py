@@ -1,0 +1,114 @@
+"""The fleet view's missions agree with the host's: a real graced forwarding to a real
+nats-server, a real fault, a real failing playbook, the real gracectl on both sides.
+
+Skipped with the reason where nats-server cannot be installed (tests/helpers/nats.py).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.nats import Operator, one_host, status, wait_caught_up
+from tests.helpers.procs import poll_until
+from tests.test_missions_e2e import MISSIONS, Watch
+from tests.test_remediation_e2e import process_detector, start_sleeper
+
+
+def _failing_playbook() -> str:
+    """Runs for the worker's mission, fails, and may run once an hour: the mission fails,
+    the next one for the same symptom finds the budget spent and escalates."""
+    return ('[[playbook]]\nname = "fix-worker"\ndetector = "worker"\nrisk = "low"\n'
+            'budget = 1\nverify_timeout = 5.0\n'
+            '[[playbook.step]]\naction = "run"\nargv = ["false"]\ntimeout = 5.0\n')
+
+
+def _other(marker: str) -> str:
+    """A medium detector of a process never started, with no playbook: its mission stays
+    open all along (the #15 of the report)."""
+    return (f'[[detector]]\nname = "other"\nkind = "process"\ninterval = 1.0\n'
+            f'process = "{marker}"\nmatch_cmdline = true\nseverity = "medium"\n')
+
+
+def _rows(missions: list[dict[str, Any]]) -> list[tuple[int, str, str]]:
+    return sorted((m["id"], m["state"], m["severity"]) for m in missions)
+
+
+def _fleet_host(op: Operator) -> dict[str, Any]:
+    hosts = op.fleet_json("ls")["hosts"]
+    assert len(hosts) == 1, hosts
+    return dict(hosts[0])
+
+
+@pytest.mark.slow
+def test_an_escalated_mission_whose_symptom_cleared_leaves_the_fleet_view_as_the_host(
+        shortdir: Path) -> None:
+    marker = f"grace-fleetm-{uuid.uuid4().hex[:8]}"
+    worker = start_sleeper(marker)
+    try:
+        with one_host(shortdir, detectors=(
+                process_detector(marker) + _failing_playbook()
+                + _other(f"grace-never-{uuid.uuid4().hex[:8]}")
+                + MISSIONS.format(flap=0))) as h:
+            g, op = h.g, h.op
+            op.pin(g)
+            w = Watch(g)
+            try:
+                w.wait("mission.opened", "other", 20)
+                worker.kill()
+                worker.wait(10)
+                w.wait("mission.failed", "worker", 30)
+                escalated = w.wait("mission.escalated", "worker", 30)["payload"]
+                assert "budget" in escalated["reason"], escalated
+            finally:
+                w.close()
+
+            def host_missions() -> list[tuple[int, str, str]]:
+                return _rows(json.loads(g.ctl("missions", "ls", "--json",
+                                              check=True).stdout))
+
+            # Escalated, symptom still there: on the host and in the fleet, one mission
+            # open (medium) and one escalated that needs a person.
+            local = host_missions()
+            assert sorted(state for _, state, _ in local) == ["escalated", "open"], local
+            assert status(g)["escalated"] == [escalated["id"]]
+            wait_caught_up(g)
+            assert _rows(op.fleet_json("missions", "ls")) == local
+            # Until a heartbeat after the escalation, the host's own count may be older.
+            poll_until(lambda: _fleet_host(op)["open_missions_reported"] == 1, 30,
+                       "a heartbeat counting one open mission")
+            listed = _fleet_host(op)
+            assert listed["open_missions"] == {"medium": 1}, listed
+            assert listed["escalated"] == [escalated["id"]], listed
+            table = op.fleet("ls", "--wide")
+            assert "1 medium; 1 escalated" in table.stdout, table.stdout
+
+            # The symptom clears: the host stops listing the escalated mission (and its
+            # status drops exit 7); so must the fleet view.
+            cleared = start_sleeper(marker)
+            try:
+                poll_until(lambda: status(g)["escalated"] == [], 30,
+                           "the host releasing the escalated mission")
+                wait_caught_up(g)
+                local = host_missions()
+                assert [state for _, state, _ in local] == ["open"], local
+                assert g.ctl("status", "-q").returncode == 0
+                assert _rows(op.fleet_json("missions", "ls")) == local
+                listed = _fleet_host(op)
+                assert listed["open_missions"] == {"medium": 1}, listed
+                assert listed["escalated"] == [], listed
+                assert listed["open_missions_reported"] == 1, listed
+                # --state escalated still finds it, as missions ls --state does.
+                assert _rows(op.fleet_json("missions", "ls", "--state", "escalated")) \
+                    == _rows(json.loads(g.ctl("missions", "ls", "--state", "escalated",
+                                              "--json", check=True).stdout))
+            finally:
+                cleared.kill()
+                cleared.wait(10)
+    finally:
+        worker.kill()
+        worker.wait(10)
