@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import shlex
 import sys
 import threading
 import time
@@ -554,7 +555,8 @@ def fleet_missions_show(ctx: click.Context, host_name: str, mission_id: int,
                           **result["mission"]}))
         return
     out.echo(f"host {out.safe(host.host)} ({host.daemon_id})")
-    out.echo(mission_text(result))
+    # Approved from here as fleet approve HOST ID (HOST as it was named: it found one host).
+    out.echo(mission_text(result, f"gracectl fleet approve {shlex.quote(host_name)}"))
 
 
 @fleet.command("tail")

@@ -106,8 +106,9 @@ def missions_show(ctx: click.Context, mission_id: int, as_json: bool) -> None:
     out.write(out.fold(out.safe_text(mission_text(result))))
 
 
-def mission_text(result: dict[str, Any]) -> str:
-    """missions.get's answer for a human (missions show, fleet missions show)."""
+def mission_text(result: dict[str, Any], approve: str = "gracectl missions approve") -> str:
+    """missions.get's answer for a human (missions show, fleet missions show); ``approve``
+    is the command that approves it from where it is shown, before its id."""
     m = result["mission"]
     # Each field is escaped on its own (newlines too): a comment, a unit's description or
     # a step's output cannot forge a line of its own ("approved by root").
@@ -134,8 +135,7 @@ def mission_text(result: dict[str, Any]) -> str:
         lines.append(f"  expires     {out.when(m['expires_at'])}")
     if m.get("plan"):
         if m["state"] == "awaiting_approval":
-            lines.append("awaiting approval of this plan (gracectl missions approve "
-                         f"{m['id']}):")
+            lines.append(f"awaiting approval of this plan ({approve} {m['id']}):")
         lines.extend(render_plan(m["plan"]))
     if m["steps"]:
         lines.append("steps:")

@@ -28,10 +28,12 @@ def _failing_playbook() -> str:
 
 
 def _other(marker: str) -> str:
-    """A medium detector of a process never started, with no playbook: its mission stays
-    open all along (the #15 of the report)."""
+    """A medium detector of a process never started, with a high-risk playbook never
+    approved: its mission stays active all along (the #15 of the report)."""
     return (f'[[detector]]\nname = "other"\nkind = "process"\ninterval = 1.0\n'
-            f'process = "{marker}"\nmatch_cmdline = true\nseverity = "medium"\n')
+            f'process = "{marker}"\nmatch_cmdline = true\nseverity = "medium"\n'
+            '[[playbook]]\nname = "page-other"\ndetector = "other"\nrisk = "high"\n'
+            '[[playbook.step]]\naction = "run"\nargv = ["true"]\ntimeout = 5.0\n')
 
 
 def _rows(missions: list[dict[str, Any]]) -> list[tuple[int, str, str]]:
@@ -50,7 +52,7 @@ def test_an_escalated_mission_whose_symptom_cleared_leaves_the_fleet_view_as_the
     marker = f"grace-fleetm-{uuid.uuid4().hex[:8]}"
     worker = start_sleeper(marker)
     try:
-        with one_host(shortdir, detectors=(
+        with one_host(shortdir, control=True, detectors=(
                 process_detector(marker) + _failing_playbook()
                 + _other(f"grace-never-{uuid.uuid4().hex[:8]}")
                 + MISSIONS.format(flap=0))) as h:
@@ -58,7 +60,7 @@ def test_an_escalated_mission_whose_symptom_cleared_leaves_the_fleet_view_as_the
             op.pin(g)
             w = Watch(g)
             try:
-                w.wait("mission.opened", "other", 20)
+                w.wait("mission.awaiting_approval", "other", 20)
                 worker.kill()
                 worker.wait(10)
                 w.wait("mission.failed", "worker", 30)
@@ -74,7 +76,8 @@ def test_an_escalated_mission_whose_symptom_cleared_leaves_the_fleet_view_as_the
             # Escalated, symptom still there: on the host and in the fleet, one mission
             # open (medium) and one escalated that needs a person.
             local = host_missions()
-            assert sorted(state for _, state, _ in local) == ["escalated", "open"], local
+            assert sorted(state for _, state, _ in local) == ["awaiting_approval",
+                                                              "escalated"], local
             assert status(g)["escalated"] == [escalated["id"]]
             wait_caught_up(g)
             assert _rows(op.fleet_json("missions", "ls")) == local
@@ -95,7 +98,7 @@ def test_an_escalated_mission_whose_symptom_cleared_leaves_the_fleet_view_as_the
                            "the host releasing the escalated mission")
                 wait_caught_up(g)
                 local = host_missions()
-                assert [state for _, state, _ in local] == ["open"], local
+                assert [state for _, state, _ in local] == ["awaiting_approval"], local
                 assert g.ctl("status", "-q").returncode == 0
                 assert _rows(op.fleet_json("missions", "ls")) == local
                 listed = _fleet_host(op)
@@ -112,3 +115,27 @@ def test_an_escalated_mission_whose_symptom_cleared_leaves_the_fleet_view_as_the
     finally:
         worker.kill()
         worker.wait(10)
+
+
+@pytest.mark.slow
+def test_fleet_missions_show_points_to_fleet_approve(shortdir: Path) -> None:
+    """The plan a mission awaits approval with, shown from the fleet, names the command
+    that approves it from there (fleet approve HOST ID, HOST as it was named), not the
+    host's own missions approve."""
+    with one_host(shortdir, control=True, detectors=(
+            _other(f"grace-never-{uuid.uuid4().hex[:8]}") + MISSIONS.format(flap=0))) as h:
+        g, op = h.g, h.op
+        daemon_id = op.pin(g)
+        w = Watch(g)
+        try:
+            mid = w.wait("mission.awaiting_approval", "other", 20)["payload"]["id"]
+        finally:
+            w.close()
+        wait_caught_up(g)
+        local = g.ctl("missions", "show", str(mid), check=True).stdout
+        assert f"awaiting approval of this plan (gracectl missions approve {mid}):" in local
+        shown = op.fleet("missions", "show", daemon_id[:8], str(mid))
+        assert shown.returncode == 0, shown.stderr
+        assert (f"awaiting approval of this plan (gracectl fleet approve {daemon_id[:8]} "
+                f"{mid}):") in shown.stdout, shown.stdout
+        assert "missions approve" not in shown.stdout, shown.stdout
