@@ -174,7 +174,8 @@ def status(ctx: click.Context, as_json: bool, quiet: bool) -> None:
     """Show the daemon's state: identity, health, execution, missions, journal, clients.
 
     Exits 7 when graced is degraded (journal commits or a detector failing, or a mission
-    escalated whose symptom was not seen normal since: it needs a person), so that
+    escalated, or expired with nobody deciding, whose symptom was not seen normal since:
+    it needs a person), so that
     `gracectl status && ...` works in scripts and health checks; a pause is shown but is
     not degraded, nor is a probe whose target fails (refused, timed out: shown, and a
     mission of its own).
@@ -246,9 +247,11 @@ def _health_rows(st: dict[str, Any]) -> list[tuple[str, str]]:
                      "approve ID)")
     if st.get("escalated"):
         missions += f"; {len(st['escalated'])} escalated (needs a person)"
+    if st.get("expired"):
+        missions += f"; {len(st['expired'])} expired, nobody decided (needs a person)"
     if st.get("held"):
         held = st["held"]
-        missions += (f"; {len(held)} rejected or expired, symptom still there (no new "
+        missions += (f"; {len(held)} rejected, symptom still there (no new "
                      "mission while it lasts): " + ", ".join(f"#{i}" for i in held))
     failing = st["failing_detectors"]
     probes = st.get("failing_probes") or {}

@@ -29,8 +29,9 @@ from .out import stderr_note
 from .plan_text import no_value, render_plan, signal_target, skipped_lines, step_result
 
 SEVERITIES = ("low", "medium", "high", "critical")
-WHY_STATES = ("escalated", "failed")
-"""States whose reason missions ls adds to the symptom (why it escalated or failed)."""
+WHY_STATES = ("escalated", "failed", "expired")
+"""States whose reason missions ls adds to the symptom (why it escalated, failed or
+expired)."""
 SEVERITY_COLOUR = {"low": "cyan", "medium": "yellow", "high": "red", "critical": "magenta"}
 
 
@@ -55,8 +56,8 @@ def missions() -> None:
 @click.pass_context
 def missions_ls(ctx: click.Context, states: tuple[str, ...], severities: tuple[str, ...],
                 show_all: bool, limit: int, as_json: bool) -> None:
-    """List missions: by default the active ones and the escalated ones that need a person
-    (symptom not seen normal since)."""
+    """List missions: by default the active ones and the escalated or expired (nobody
+    decided) ones that need a person (symptom not seen normal since)."""
     result = perform(lambda: call(endpoint_of(ctx), "missions.list", {
         "states": list(states) or None, "severities": list(severities) or None,
         "all": show_all, "limit": limit}))

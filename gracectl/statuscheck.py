@@ -117,7 +117,7 @@ STATUS: Schema = {
     "executor": {"paused": _bool, "mode": _text, "actions_last_hour": _int,
                  "max_actions_per_hour": _int, "silences?": _int},
     "missions": _map(_int), "awaiting_approval?": _int, "escalated?": _list(_int),
-    "held?": _list(_int),
+    "held?": _list(_int), "expired?": _list(_int),
     "failing_detectors": ERRORS, "failing_probes?": ERRORS, "detectors_total": _int,
     "degraded": _list(_text),
     "journal": {"size_bytes": _number(MAX_NUMBER), "commit_latency_ms": _number(MAX_NUMBER),

@@ -271,12 +271,18 @@ class Api:
         if escalated:
             degraded.append(f"{len(escalated)} escalated (needs a person): mission "
                             + ", ".join(f"#{i}" for i in escalated))
+        expired = self.executor.engine.expired_unanswered()
+        if expired:
+            degraded.append(f"{len(expired)} expired, nobody decided, symptom still there "
+                            "(no new mission while it lasts): mission "
+                            + ", ".join(f"#{i}" for i in expired))
         if self.mesh.failing_since is not None:
             degraded.append(f"journal commits failing: {self.mesh.last_error}")
         degraded += [f"detector {name} failing: {d['last_error']}"
                      for name, d in failing.items()]
         return {"missions": by_severity, "awaiting_approval": awaiting,
                 "escalated": escalated, "held": self.executor.engine.held_by_person(),
+                "expired": expired,
                 "failing_detectors": failing,
                 "failing_probes": probes,
                 "detectors_total": len(self.runner.status), "degraded": degraded}
@@ -308,12 +314,13 @@ class Api:
             raise RequestError("bad_request", "params.limit must be an integer 1-10000")
         rows = []
         if not p.get("all") and not states:
-            # The default view: the active missions and the escalated ones a person has
-            # not seen the symptom of clear yet.
+            # The default view: the active missions and the escalated or expired ones a
+            # person has not seen the symptom of clear yet.
             states = list(ACTIVE)
-            escalated = self.executor.engine.needs_person()[-limit:]
-            if escalated:
-                rows = await self._read(*store.list_query(None, severities, limit, escalated))
+            engine = self.executor.engine
+            waiting = sorted([*engine.needs_person(), *engine.expired_unanswered()])[-limit:]
+            if waiting:
+                rows = await self._read(*store.list_query(None, severities, limit, waiting))
         rows = sorted([*rows, *await self._read(*store.list_query(states, severities, limit))],
                       key=lambda r: -r[0])[:limit]
         return {"missions": [store.from_row(r).public() for r in rows], "now": time.time()}

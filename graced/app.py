@@ -48,7 +48,7 @@ from .missions import store
 from .missions.engine import HANDED_OVER, MissionEngine
 from .protocol import Signer
 from .readers import SharedReader
-from .reload import ConfigRejected, Reloader, removed_reason
+from .reload import ConfigRejected, Reloader, lost_subject_reason, removed_reason
 from .retention import Retention, checkpoint_payload
 from .safefiles import check_dir_chain, check_private_dir, make_dirs, write_new
 from .silences import Silences
@@ -428,7 +428,8 @@ class Daemon:
             "GROUP BY detector, subject")
         # Keys whose last mission handed the symptom to a person (a rejection holds until
         # the symptom is seen normal, across restarts) — not those expired because their
-        # detector left the config (reload.py's reason): that handed nothing over.
+        # detector left the config or stopped reporting the subject (reload.py's
+        # reasons): that handed nothing over.
         last = journal.query(  # SQLite: the bare columns come from the MAX(id) row
             "SELECT detector, subject, state, MAX(id) FROM missions GROUP BY detector, subject")
         held: dict[tuple[str, str], tuple[str, int]] = {}
@@ -441,7 +442,7 @@ class Daemon:
                 reason = json.loads(str(data), parse_constant=lambda _: None).get("reason")
             except (ValueError, AttributeError):
                 reason = None
-            if reason != removed_reason(str(d)):
+            if reason not in (removed_reason(str(d)), lost_subject_reason(str(d), str(s))):
                 held[(str(d), str(s))] = (str(state), int(str(mid)))
         states: dict[str, Any] = {}
         for name, data in journal.query("SELECT name, data FROM detector_state"):

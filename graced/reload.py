@@ -63,6 +63,12 @@ def removed_reason(detector: str) -> str:
     return f"detector {detector} was removed from the config"
 
 
+def lost_subject_reason(detector: str, subject: str) -> str:
+    """Why a mission expired when a reload changed its detector so that it no longer
+    reports that subject (graced reads it at start: such an expiry holds nothing)."""
+    return f"detector {detector} no longer reports subject {subject} (its config changed)"
+
+
 class ConfigRejected(Exception):
     """The new config was refused; the message is the reason (one line)."""
 
@@ -220,8 +226,8 @@ class Reloader:
             if cfg is None or reports(cfg, m.subject) or m.id in self.executor.running:
                 continue
             await self.executor.record(self.engine.transition(
-                m, "expired", now, f"detector {m.detector} no longer reports subject "
-                f"{m.subject} (its config changed)"), durable=False)
+                m, "expired", now, lost_subject_reason(m.detector, m.subject)),
+                durable=False)
             closed.append(m.id)
         for key in [k for k in self.engine.held if k[0] in changed
                     and not reports(changed[k[0]], k[1])]:

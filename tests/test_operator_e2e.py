@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Graced
-from tests.helpers.procs import LineCollector
+from tests.helpers.procs import LineCollector, poll_until
 from tests.test_missions_e2e import MISSIONS, Watch
 
 
@@ -142,3 +142,61 @@ def test_a_rejection_holds_across_a_restart_until_the_symptom_clears(make_graced
     value.write_text("90\n")
     assert tail.wait_for(lambda _: bool(after("mission.awaiting_approval")), 30)
     assert after("mission.awaiting_approval")[0]["payload"]["id"] == waiting + 1
+
+
+@pytest.mark.slow
+def test_an_expired_approval_keeps_graced_degraded_until_the_symptom_clears(
+        make_graced, shortdir: Path) -> None:
+    """Nobody approved or rejected within approval_timeout and the symptom is still there:
+    no new mission opens, so graced must not go quiet. status says which mission and
+    that nobody decided (exit 7, -q too), missions ls keeps it in view, the notifier is
+    told it expired (default on); all until the symptom is seen normal."""
+    value, notes = shortdir / "value", shortdir / "notes"
+    value.write_text("90\n")
+    notifier = ('\n[[notifier]]\nname = "file"\nkind = "command"\n'
+                f'argv = ["sh", "-c", "cat >> \\"$0\\"; echo >> \\"$0\\"", "{notes}"]\n')
+    g = make_graced(detectors=_hot(value, _cooling(value, "high", 5))
+                    + "\n[remediation]\napproval_timeout = 2.0\n" + notifier)
+    w = Watch(g)
+    waiting = w.wait("mission.awaiting_approval", "hot", 30)["payload"]["id"]
+    w.wait("mission.expired", "hot", 30)
+
+    said = f"1 expired, nobody decided, symptom still there (no new mission while it " \
+           f"lasts): mission #{waiting}"
+    st = g.ctl("status")
+    assert st.returncode == 7, (st.returncode, st.stdout, st.stderr)
+    health = [line for line in st.stdout.splitlines() if line.split()[:1] == ["health"]]
+    assert len(health) == 1 and said in " ".join(health[0].split()), st.stdout
+    assert "1 expired, nobody decided (needs a person)" in " ".join(st.stdout.split())
+    assert g.ctl("status", "-q").returncode == 7
+    js = json.loads(g.ctl("status", "--json").stdout)
+    assert js["expired"] == [waiting] and js["held"] == [] and js["degraded"] == [said]
+
+    assert [(m["id"], m["state"]) for m in _ls(g)] == [(waiting, "expired")]
+    row = g.ctl("missions", "ls", "--wide", check=True).stdout.splitlines()[2:]
+    assert len(row) == 1 and row[0].split()[:3] == [str(waiting), "medium", "expired"], row
+    assert "expired: no approval before it expired" in row[0], row
+
+    def told() -> list[str]:
+        return [json.loads(line)["mission"]["state"]
+                for line in notes.read_text().splitlines() if line.strip()]
+    poll_until(lambda: notes.exists() and len(told()) >= 2, 15, "the notifier told twice")
+    assert told() == ["awaiting_approval", "expired"]
+
+    # A restart (an upgrade) keeps it: graced saw nothing while it was stopped.
+    w.close()
+    assert g.stop() == 0
+    g.start()
+    assert g.ctl("status").returncode == 7
+    assert json.loads(g.ctl("status", "--json").stdout)["expired"] == [waiting]
+
+    # The person mends it: once the detector sees it normal, nobody is needed any more.
+    recovered = LineCollector(g.ctl_popen("tail", "--json", "--since", "1",
+                                          "detector.recovered"))
+    value.write_text("10\n")
+    assert recovered.wait_for(lambda ls: len(ls) >= 1, 30), recovered.lines
+    recovered.proc.terminate()
+    assert _ls(g) == []
+    st = g.ctl("status")
+    assert st.returncode == 0, st.stdout
+    assert "expired" not in st.stdout

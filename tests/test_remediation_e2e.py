@@ -194,7 +194,7 @@ def test_rejected_and_expired_missions_never_execute(make_graced, marker, shortd
     assert st.returncode == 0, st.stderr
     assert json.loads(st.stdout)["held"] == [first["id"]]
     shown = g.ctl("status").stdout
-    assert f"1 rejected or expired, symptom still there (no new mission while it lasts): " \
+    assert f"1 rejected, symptom still there (no new mission while it lasts): " \
            f"#{first['id']}" in " ".join(shown.split())
     # Rejected: the symptom is a person's now, so while the worker stays absent no new
     # mission opens. Once it has been back and goes missing again, graced asks again,

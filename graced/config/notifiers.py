@@ -38,8 +38,9 @@ class NotifierConfig:
     argv: list[str] = field(default_factory=list)
     url: str = ""
     timeout: float = field(default=10.0, metadata=check(positive))
-    on: list[str] = field(default_factory=lambda: ["awaiting_approval", "escalated", "failed"],
-                          metadata=check(each(one_of(STATES))))
+    on: list[str] = field(
+        default_factory=lambda: ["awaiting_approval", "escalated", "failed", "expired"],
+        metadata=check(each(one_of(STATES))))
 
 
 # Keys every notifier has.

@@ -194,12 +194,17 @@ class MissionEngine:
         return sorted(mid for state, mid in self.held.values() if state == "escalated")
 
     def held_by_person(self) -> list[int]:
-        """The rejected or expired missions whose symptom was not seen normal since: a
-        person said no (or nobody answered), so no new mission opens while it lasts, but
-        the symptom is still there (status says so, as Alertmanager lists a silenced
-        alert: not degraded, not hidden)."""
-        return sorted(mid for state, mid in self.held.values()
-                      if state in ("rejected", "expired"))
+        """The rejected missions whose symptom was not seen normal since: a person said
+        no, so no new mission opens while it lasts, but the symptom is still there
+        (status says so, as Alertmanager lists a silenced alert: not degraded, not
+        hidden)."""
+        return sorted(mid for state, mid in self.held.values() if state == "rejected")
+
+    def expired_unanswered(self) -> list[int]:
+        """The expired missions whose symptom was not seen normal since: nobody decided
+        before approval_timeout and no new mission opens while it lasts, so a person
+        has to look (graced is degraded; they stay in the default mission list)."""
+        return sorted(mid for state, mid in self.held.values() if state == "expired")
 
     def transition(self, m: Mission, to: str, now: float, reason: str) -> Transition:
         """Move an active mission to ``to`` (from the executor); final states close it."""
