@@ -18,7 +18,7 @@ Prints:
   * forwarding throughput per host: --burst events made at once on one host alone, then
     on every host at once (median and slowest host), with the total;
   * JetStream storage: bytes per stored event and per host per day at --rate.
-Needs nats-server on PATH (or /usr/sbin) and nats-py (pip install 'grace[fleet]').
+Needs nats-server on PATH (or /usr/sbin) and nats-py (pip install '.[fleet]' in this checkout).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ A quarter of the way into the flood, the real gracectl sends ``fleet approve <ho
 answer is "no mission 999", exit 5: the request got through and was checked). Prints how
 long that took from the start of the flood and its exit code, how long the flood took
 to publish, the requests graced dropped and its resident memory before and after.
-Needs nats-server on PATH (or /usr/sbin) and nats-py (pip install 'grace[fleet]').
+Needs nats-server on PATH (or /usr/sbin) and nats-py (pip install '.[fleet]' in this checkout).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import click
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 
+from graced.errors import install_extra
 from graced.protocol import ExitCode, Violation, key_id, parse_event_line
 from graced.protocol import fleet as names
 from graced.protocol.times import epoch
@@ -62,7 +63,8 @@ class Nats:
         try:
             import nats
         except ImportError:
-            raise CtlError("gracectl fleet needs nats-py: pip install 'grace[fleet]'") from None
+            raise CtlError("gracectl fleet needs nats-py: "
+                           + install_extra("fleet", "gracectl")) from None
 
         async def quiet(*_: Any) -> None:
             """nats-py prints a traceback per failed attempt by default; gracectl says

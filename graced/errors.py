@@ -16,6 +16,14 @@ class DaemonExit(enum.IntEnum):
     SOCKET = 5
 
 
+def install_extra(extra: str, program: str = "graced") -> str:
+    """How to install one of grace's optional extras (``fleet``, ``postgres``): from the
+    checkout grace was installed from, never by name from PyPI, whose "grace" is an
+    unrelated project (a supply-chain trap)."""
+    return (f"pip install '.[{extra}]' in the grace checkout, with the pip of the venv "
+            f"{program} runs from")
+
+
 class StartupError(Exception):
     """graced cannot start; the message is one line for stderr."""
 

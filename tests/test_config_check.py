@@ -253,7 +253,7 @@ def test_check_warns_about_a_missing_path_and_a_missing_optional_module(tmp_path
 
     example = next(e for e in _examples() if 'kind = "postgres"' in e)
     path.write_text("version = 1\n" + example)
-    # A Python where psycopg cannot be imported, as on a host without grace[postgres].
+    # A Python where psycopg cannot be imported, as on a host without the postgres extra.
     shadow = tmp_path / "site" / "psycopg"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text('raise ImportError("No module named \'psycopg\'")\n')
@@ -263,7 +263,8 @@ def test_check_warns_about_a_missing_path_and_a_missing_optional_module(tmp_path
     [line] = res.stderr.splitlines()
     assert line.startswith(f"graced: warning: {path}:")
     assert line.endswith("kind: postgres needs the Python module psycopg (No module named "
-                         "'psycopg'): install it (pip install 'grace[postgres]') or the "
+                         "'psycopg'): install it (pip install '.[postgres]' in the grace "
+                         "checkout, with the pip of the venv graced runs from) or the "
                          "detector fails")
     assert graced_cmd("config", "check", str(path)).stderr == ""  # here it is installed
 

@@ -192,3 +192,21 @@ def test_the_offline_verify_example_gives_the_key_in_readme_man_and_help() -> No
                         ("verify --help", " ".join(help_text.split()))):
         assert example in text, f"{where} has no offline verify example with --key"
     assert "--key" in _options(ctl_cli.commands["verify"])
+
+
+def test_no_doc_or_message_installs_an_extra_by_the_pypi_name_grace() -> None:
+    """PyPI's "grace" is an unrelated project (CoffeeScript, slimit): `pip install` of
+    the name with an extra on a fresh venv installs it. Every doc, message and comment
+    says how to install an extra from this checkout ('.[fleet]'), never by that name."""
+    by_name = re.compile("grace" + r"\[|pip install\s+(?:-\S+\s+)*['\"]?grace(?![\w./-])")
+    found = []
+    for top in ("README.md", "docs", "man", "graced", "gracectl", "tests", "bench", "systemd",
+                ".ci", "pyproject.toml"):
+        base = ROOT / top
+        for path in [base] if base.is_file() else sorted(base.rglob("*")):
+            if not path.is_file() or path.suffix in (".pyc", ".png"):
+                continue
+            text = path.read_text(errors="replace")
+            found += [f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: "
+                      f"{m.group()}" for m in by_name.finditer(text)]
+    assert found == []

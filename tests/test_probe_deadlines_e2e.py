@@ -18,7 +18,7 @@ from tests.test_missions_e2e import helper, watched  # noqa: F401
 @pytest.mark.slow
 def test_a_dripping_peer_and_a_mute_postgres_fail_by_their_deadline(
         watched, shortdir: Path) -> None:  # noqa: F811
-    pytest.importorskip("psycopg", reason="the postgres probe needs grace[postgres]")
+    pytest.importorskip("psycopg", reason="the postgres probe needs the postgres extra")
     drip_file, mute_file = shortdir / "drip.port", shortdir / "mute.port"
     drip = helper("trickle", str(drip_file))
     mute = helper("mute_postgres", str(mute_file))
@@ -58,7 +58,7 @@ def test_a_postgres_probe_reads_a_bounded_share_of_a_huge_answer() -> None:
     not grow with the answer; the connection then serves the next sample."""
     import resource
 
-    pytest.importorskip("psycopg", reason="the postgres probe needs grace[postgres]")
+    pytest.importorskip("psycopg", reason="the postgres probe needs the postgres extra")
     from graced.config import DetectorConfig
     from graced.detectors.probes import PostgresProbe
     from tests.helpers.postgres import postgres_server

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import tomli_w
 
 from .. import cgroupfs, paths
+from ..errors import install_extra
 from ..protocol.wire import loopback_host
 from ..safefiles import foreign_or_writable
 from .daemon import (
@@ -205,7 +206,7 @@ def _verification_warnings(cfg: Config, where: Where) -> tuple[str, ...]:
 
 
 # Detector kinds that need a module graced does not depend on: kind -> (module, extra).
-OPTIONAL = {"postgres": ("psycopg", "grace[postgres]")}
+OPTIONAL = {"postgres": ("psycopg", "postgres")}
 
 
 def _host_warnings(cfg: Config, where: Where) -> tuple[str, ...]:
@@ -232,7 +233,7 @@ def _host_warnings(cfg: Config, where: Where) -> tuple[str, ...]:
             except ImportError as exc:
                 warnings.append(f"{where('detector', 'kind', index)}{label} kind: "
                                 f"{d.kind} needs the Python module {module} ({exc}): install "
-                                f"it (pip install '{extra}') or the detector fails")
+                                f"it ({install_extra(extra)}) or the detector fails")
     return tuple(warnings)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import httpc
 from ..config import DetectorConfig
+from ..errors import install_extra
 from ..protocol.text import safe
 from ..redact import redact_text, redact_url
 from .base import Observation, SimpleDetector
@@ -105,7 +106,7 @@ class _Deadline:
 
 
 class PostgresProbe(SimpleDetector):
-    """The latency of a real query on a PostgreSQL server (psycopg 3: ``grace[postgres]``).
+    """The latency of a real query on a PostgreSQL server (psycopg 3: the ``postgres`` extra).
 
     One connection is kept between samples and opened again after an error; the server
     cancels a query past ``timeout`` (statement_timeout), so a lock or a slow plan is a
@@ -124,7 +125,7 @@ class PostgresProbe(SimpleDetector):
             import psycopg
         except ImportError:
             raise RuntimeError("the postgres detector needs psycopg 3: "
-                               "pip install 'grace[postgres]'") from None
+                               + install_extra("postgres")) from None
         self.psycopg: Any = psycopg
         self.conn: Any = None
 

@@ -1,6 +1,6 @@
 """The fleet: forwarding to NATS JetStream, requests by NATS (see docs/fleet.md).
 
-Imported only when ``[fleet] url`` is set; nats-py (the extra ``grace[fleet]``) is
+Imported only when ``[fleet] url`` is set; nats-py (the ``fleet`` extra) is
 imported on the forwarder's own thread, so a missing module is an error at start.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import trio
 
 from ..config.fleet import FleetConfig
-from ..errors import StartupError
+from ..errors import StartupError, install_extra
 from ..learning import Learning
 from ..mesh import Mesh
 from ..protocol import Signer
@@ -34,7 +34,7 @@ def make_forwarder(cfg: FleetConfig, *, daemon_id: str, mesh: Mesh, journal_path
         import nats  # noqa: F401
     except ImportError:
         raise StartupError("[fleet] url is set but nats-py is not installed "
-                           "(pip install 'grace[fleet]')") from None
+                           f"({install_extra('fleet')})") from None
     if not valid_daemon_id(daemon_id):
         raise StartupError(f"[fleet] needs a daemon id that is a UUID (the daemon-id file "
                            f"holds {daemon_id[:60]!r})")

@@ -260,7 +260,7 @@ class Forwarder:
             pass
 
     async def _main(self) -> None:
-        import nats  # the optional extra grace[fleet]
+        import nats  # the optional extra fleet
         from nats.js.errors import NotFoundError
 
         self._wake = asyncio.Event()

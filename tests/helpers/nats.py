@@ -4,7 +4,7 @@ gracectl), and :func:`one_host`: one nats-server and one real graced forwarding 
 
 Uses Debian's ``nats-server`` package (installed with apt-get when running as root and it
 is missing); skips with the reason when it cannot be had, or when nats-py (the extra
-``grace[fleet]``) is missing.
+the ``fleet`` extra) is missing.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def ensure_nats() -> str:
     try:
         import nats  # noqa: F401
     except ImportError:
-        pytest.skip("nats-py is not installed (pip install 'grace[fleet]')")
+        pytest.skip("nats-py is not installed (pip install '.[fleet]' in this checkout)")
     return found
 
 

@@ -45,7 +45,7 @@ def ensure_postgres() -> Path:
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        pytest.skip("psycopg is not installed (pip install 'grace[postgres]')")
+        pytest.skip("psycopg is not installed (pip install '.[postgres]' in this checkout)")
     return bindir
 
 
