@@ -129,6 +129,7 @@ STATUS: Schema = {
     "wire": {"clients": _int, "subscribers": _int, "dropped_total": _int,
              "refused_total": _int, "socket": _text, "tcp_ports": _list(_int)},
     "fleet?": {"connected": _bool, "lag_events": _int, "lag_seconds": _number(MAX_NUMBER),
+               "disconnected_seconds?": _number(MAX_DURATION),
                "url": _text, "stream": _text, "acked_seq?": _int, "last_error?": _text},
     "learning?": {"strategy": _text, "patterns": _int, "outcomes": _int,
                   "success_rate_7d?": _number(1.0), "consulted_share?": _number(1.0),

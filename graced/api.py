@@ -280,6 +280,9 @@ class Api:
             degraded.append(f"journal commits failing: {self.mesh.last_error}")
         degraded += [f"detector {name} failing: {d['last_error']}"
                      for name, d in failing.items()]
+        fleet_down = self.fleet.degraded(time.time()) if self.fleet is not None else None
+        if fleet_down:
+            degraded.append(fleet_down)
         return {"missions": by_severity, "awaiting_approval": awaiting,
                 "escalated": escalated, "held": self.executor.engine.held_by_person(),
                 "expired": expired,

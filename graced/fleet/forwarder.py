@@ -139,6 +139,7 @@ class Forwarder:
         self.screen = screen  # None: no key may sign (every request can only be refused)
         self.acked = acked or 0
         self.connected = False
+        self.down_since: float | None = time.time()  # when it last lost NATS (or started)
         self.last_error: str | None = None
         self.forwarded = 0
         self.resumed_from: int | None = None
@@ -225,6 +226,23 @@ class Forwarder:
             except trio.ClosedResourceError:
                 pass
 
+    def disconnected_for(self, now: float) -> float:
+        """Seconds since forwarding lost NATS (or started without it); 0 if connected."""
+        since = self.down_since
+        return 0.0 if self.connected or since is None else max(0.0, now - since)
+
+    def degraded(self, now: float) -> str | None:
+        """Why forwarding makes graced degraded: disconnected for longer than
+        ``[fleet] degraded_after`` with events behind (a fleet that sees nothing of this
+        host, as a Prometheus alert on a lag would fire); else None."""
+        down = self.disconnected_for(now)
+        lag = max(0, self.mesh.delivered_seq - self.acked)
+        if not lag or down < self.cfg.degraded_after:
+            return None
+        return (f"fleet forwarding to {redact_url(self.cfg.url)} disconnected for "
+                f"{down:.0f} s, {lag} events behind (more than [fleet] degraded_after "
+                f"{self.cfg.degraded_after:g} s)")
+
     def status(self) -> dict[str, Any]:
         head = self.mesh.delivered_seq
         lag = max(0, head - self.acked)
@@ -233,6 +251,8 @@ class Forwarder:
             "url": redact_url(self.cfg.url), "stream": self.cfg.stream,
             "connected": self.connected, "acked_seq": self.acked, "head_seq": head,
             "lag_events": lag,
+            "disconnected_seconds": round(self.disconnected_for(time.time()), 3),
+            "degraded_after": self.cfg.degraded_after,
             "lag_seconds": round(time.time() - behind, 3) if lag and behind else 0.0,
             "forwarded": self.forwarded, "resumed_from": self.resumed_from,
             "requests_served": self.rpc_served, "requests_dropped": self.rpc_dropped,
@@ -268,10 +288,13 @@ class Forwarder:
         reader = await loop.run_in_executor(None, JournalReader, self.journal_path)
 
         async def disconnected() -> None:
+            if self.connected:
+                self.down_since = time.time()
             self.connected = False
 
         async def reconnected() -> None:
             self.connected = True
+            self.down_since = None
 
         rpc_subject = names.rpc_subject(self.daemon_id)
 
@@ -293,6 +316,7 @@ class Forwarder:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
         self.connected = True
+        self.down_since = None
         js = nc.jetstream(timeout=self.cfg.ack_timeout)
         rpc_slots = asyncio.Semaphore(MAX_RPC)
         await nc.subscribe(rpc_subject,

@@ -3,8 +3,8 @@ the operator's side of the fleet (:class:`Operator`: a home of its own and the r
 gracectl), and :func:`one_host`: one nats-server and one real graced forwarding to it.
 
 Uses Debian's ``nats-server`` package (installed with apt-get when running as root and it
-is missing); skips with the reason when it cannot be had, or when nats-py (the extra
-the ``fleet`` extra) is missing.
+is missing); skips with the reason when it cannot be had, or when nats-py (the
+``fleet`` extra) is missing.
 """
 
 from __future__ import annotations
