@@ -778,6 +778,8 @@ def reload(ctx: click.Context, timeout: float, as_json: bool) -> None:
 
     A refused config leaves the running one in place; the reason is printed. Exit 6 if
     graced has not answered within --timeout (whether it applied the file is unknown).
+    A graced started with no config file reloads the embedded default; a file written
+    since is named in a warning (restart graced to use it), exit 0.
     """
     try:
         result = perform(lambda: OneCall(

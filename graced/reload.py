@@ -29,6 +29,7 @@ import trio
 from . import logs
 from .config import EMBEDDED, Config, ConfigError, DetectorConfig, load_config
 from .config.daemon import SECTIONS
+from .config.file import locate as find_config
 from .detectors.runner import DetectorRunner
 from .errors import StartupError
 from .executor import Executor
@@ -142,7 +143,12 @@ class Reloader:
         """Re-read and apply the config; raises :class:`ConfigRejected` (old one kept)."""
         async with self._lock:
             try:
-                new = await trio.to_thread.run_sync(lambda: load_config(self.locate()))
+                path = self.locate()
+                new = await trio.to_thread.run_sync(lambda: load_config(path))
+                # Started on the embedded default: a file written since is not read (a
+                # reload never reads another file), so say it needs a restart.
+                written = None if path is not None else await trio.to_thread.run_sync(
+                    lambda: find_config(None))
                 if new.blank and self.config.source != EMBEDDED:
                     # An editor saving in place truncates first: never apply "nothing".
                     raise ConfigError(f"{new.source}: is empty (a save in progress?); the "
@@ -175,9 +181,10 @@ class Reloader:
                 tls_renewed = digest != self.tls_digest and self.config.daemon.tls_cert \
                     == new.daemon.tls_cert and self.config.daemon.tls_key == new.daemon.tls_key
                 self.tls_digest = digest
-            return await self._apply(new, by, tls_renewed)
+            return await self._apply(new, by, tls_renewed, written)
 
-    async def _apply(self, new: Config, by: str, tls_renewed: bool = False) -> dict[str, Any]:
+    async def _apply(self, new: Config, by: str, tls_renewed: bool = False,
+                     written: Path | None = None) -> dict[str, Any]:
         changed = changes(self.config, new)
         if tls_renewed:  # the same paths, new contents
             changed["sections"].setdefault("daemon", []).append("tls_cert/tls_key contents")
@@ -200,13 +207,19 @@ class Reloader:
             self.engine.forget_detector(name)
         closed += await self._close_missions_of_lost_subjects(
             {d.name: d for d in new.detector if d.name in diff["changed"]})
-        for warning in new.warnings:
+        warnings = list(new.warnings)
+        if written is not None:
+            warnings.append(
+                f"a config file now exists at {written}, but graced started without one and "
+                "runs the embedded default: restart graced to use it (a reload reads only "
+                "the file found at start)")
+        for warning in warnings:
             log.warning("%s", warning)
         # heartbeat_interval: a verifier's stale limit follows it (docs/protocol.md).
         payload = {"by": by, "source": new.source, "sha256": new.digest, "detectors": diff,
                    "heartbeat_interval": new.daemon.heartbeat_interval,
                    **changed, "replanned_missions": replanned, "closed_missions": closed,
-                   "warnings": list(new.warnings)}
+                   "warnings": warnings, "restart_for": str(written) if written else None}
         payload["summary"] = summary(payload)
         log.info("config reloaded (%s): %s sha256 %s; %s", by, new.source,
                  new.digest[:12] or "-", payload["summary"])

@@ -165,6 +165,38 @@ def test_reload_of_a_config_moved_away_is_refused_not_replaced(make_graced, shor
         g.stderr()) and "<embedded default>" not in g.stderr()
 
 
+@pytest.mark.slow
+def test_a_config_file_written_after_an_embedded_start_says_a_restart_is_needed(
+        make_graced, shortdir: Path) -> None:
+    """Started with no config file (the embedded default), then the user writes
+    ~/.config/graced/graced.toml: a reload does not read it (never another file) and says
+    so, naming the path and that graced must be restarted; exit 0 (the reload itself
+    worked), as systemctl warns of a changed unit file on stderr and exits 0."""
+    g = make_graced(start=False)
+    g.config.rename(shortdir / "not-used.toml")
+    g.pass_config = False
+    g.socket = g.home / "run" / "graced" / "graced.sock"  # the embedded default's
+    g.start()
+    g.ctl("status")  # pins its key on first use (a line of its own)
+    res = g.ctl("reload")
+    assert (res.returncode, res.stdout) == (0, ""), res.stderr
+    assert res.stderr == "gracectl: reloaded <embedded default> (sha256 -): nothing changed\n"
+
+    written = g.home / ".config" / "graced" / "graced.toml"
+    written.parent.mkdir(parents=True)
+    written.write_text("version = 1\n")
+    res = g.ctl("reload")
+    assert (res.returncode, res.stdout) == (0, ""), res.stderr
+    assert res.stderr.splitlines() == [
+        "gracectl: reloaded <embedded default> (sha256 -): nothing changed",
+        f"gracectl: warning: a config file now exists at {written}, but graced started "
+        "without one and runs the embedded default: restart graced to use it (a reload "
+        "reads only the file found at start)"], res.stderr
+    answer = json.loads(g.ctl("reload", "--json", check=True).stdout)
+    assert answer["restart_for"] == str(written) and answer["source"] == "<embedded default>"
+    assert f"a config file now exists at {written}" in g.stderr()
+
+
 def test_reload_under_systemd_keeps_its_configuration_directory(make_graced, shortdir: Path
                                                                 ) -> None:
     """With CONFIGURATION_DIRECTORY (as systemd sets it), the file there is the config;
