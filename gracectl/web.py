@@ -440,7 +440,8 @@ def write_launcher(url: str) -> Path:
                    "address or over https; the relay serves no TLS, so nothing else).")
 @click.option("--open/--no-open", "open_", default=True, show_default=True,
               help="Open the page in the default browser (through a launcher file only "
-                   "this user can read: the token is never on a command line).")
+                   "this user can read: the token is never on a command line); with no "
+                   "browser, says so on stderr.")
 @click.pass_context
 def web(ctx: click.Context, port: int, bind: str, open_: bool) -> None:
     """Serve Mission Control in the browser, relayed from graced's Unix socket.
@@ -450,6 +451,10 @@ def web(ctx: click.Context, port: int, bind: str, open_: bool) -> None:
     verifies every frame itself against the daemon's key: the one gracectl trusts for
     the socket, passed in the URL and pinned by the browser. The page has this user's
     rights on graced: it can approve or reject a mission only if this user may.
+
+    From a laptop, forward the SAME port and fix it: `ssh -L P:127.0.0.1:P HOST`, then
+    `gracectl web --port P --no-open` on HOST, and open the URL on the laptop (the page
+    checks its Host: another local port gets "unknown Host").
     """
     endpoint = endpoint_of(ctx)
     if endpoint.url:
@@ -495,7 +500,12 @@ def web(ctx: click.Context, port: int, bind: str, open_: bool) -> None:
                     click.echo(f"gracectl: cannot write the launcher file ({exc}); open the "
                                "URL above yourself", err=True)
                 else:
-                    await trio.to_thread.run_sync(webbrowser.open, launcher[0].as_uri())
+                    opened = await trio.to_thread.run_sync(webbrowser.open,
+                                                           launcher[0].as_uri())
+                    if not opened:  # no browser here (a server over ssh): say so
+                        forget_launcher()
+                        click.echo("gracectl: no browser could be opened; open the URL "
+                                   "above", err=True)
 
     try:
         perform(go)

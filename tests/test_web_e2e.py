@@ -468,3 +468,31 @@ def test_the_relay_wants_the_token_the_host_and_the_origin(make_graced) -> None:
         assert trio.run(with_token, token) == (4001, "bad, spent or missing login token")
     finally:
         relay.close()
+
+
+@pytest.mark.slow
+def test_with_no_browser_to_open_web_says_so_in_one_line(graced: Graced,
+                                                         shortdir: Path) -> None:
+    """The default --open on a server with no browser (no display, none on PATH): the URL
+    on stdout, then one line on stderr saying none could be opened, and the launcher file
+    (it holds the token) is not left behind."""
+    bare = shortdir / "bare-path"
+    bare.mkdir()
+    env = {k: v for k, v in graced.env.items()
+           if k not in ("DISPLAY", "WAYLAND_DISPLAY", "BROWSER")}
+    env["PATH"] = str(bare)  # no www-browser, lynx, w3m, xdg-open...
+    runtime = Path(env["XDG_RUNTIME_DIR"])
+    runtime.mkdir(parents=True, exist_ok=True)
+    out = LineCollector(subprocess.Popen(
+        [graced.ctl_argv0(), "web"], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True))
+    try:
+        said = "gracectl: no browser could be opened; open the URL above"
+        assert out.wait_for(lambda ls: said in ls, 30)
+        urls = [i for i, line in enumerate(out.lines) if line.startswith("http://127.0.0.1:")]
+        assert len(urls) == 1 and urls[0] < out.lines.index(said), out.lines
+        assert out.lines.count(said) == 1
+        assert not list(runtime.glob("gracectl-web-*"))
+    finally:
+        out.proc.terminate()
+        out.wait_exit(10)
