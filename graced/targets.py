@@ -23,13 +23,10 @@ another process in between is never hit.
 
 from __future__ import annotations
 
-import collections
-import errno
 import os
 import re
 import signal
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +34,7 @@ import psutil
 
 from .owners import foreign, login_uids, named, uid_of, user_label
 from .protocol.canonical import json_safe
+from .trustpath import open_way
 
 MAX_SKIPPED = 20
 """A step's record lists at most this many skipped processes (and counts them all):
@@ -104,10 +102,6 @@ def _reason(why: str, user: str) -> str:
             }[why]
 
 
-MAX_LINKS = 40
-"""Symlinks followed on the way to a pid file, at most (the kernel's own limit: ELOOP)."""
-
-
 class _Way:
     """The way to a pid file, as :func:`_open_pid_file` walks it, and who owns it: only
     root and the named process's user may (StrictModes). Known before the pid is read:
@@ -147,65 +141,11 @@ class _Way:
                               f"root nor the user of process {pid} (uid {owner})")
 
 
-def _os(path: str, entry: str, op: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``op(*args, **kwargs)``, an OSError from it one line naming the pid file and the
-    ``entry`` on the way that failed ("" for the file itself)."""
-    try:
-        return op(*args, **kwargs)
-    except OSError as exc:
-        at = f"{entry}: " if entry else ""
-        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
-            raise PermissionError(f"pid file {path}: {at}a symlink (not followed); not "
-                                  "trusted") from None
-        failed = PermissionError(f"pid file {path}: {at}{exc.strerror}")
-        failed.errno = exc.errno  # graced's own exhaustion (EMFILE) stays known as such
-        raise failed from None
-
-
 def _open_pid_file(path: str, way: _Way) -> int:
-    """The pid file at ``path``, opened for reading (O_NOFOLLOW: never a symlink itself)
-    relative to its directory's fd, after every directory from / down to it and every
-    symlink on the way was checked by ``way`` as it was resolved, one entry at a time:
-    nothing is opened through an entry refused, and no path is resolved again."""
-    todo = collections.deque(part for part in path.split("/") if part)
-    where: list[str] = []  # the entries of the directory ``fd`` is
-    links = 0
-    fd = os.open("/", os.O_PATH | os.O_DIRECTORY)
-    try:
-        way.entry("directory /", os.fstat(fd))
-        while todo:
-            name = todo.popleft()
-            if name == "." or name == ".." and not where:
-                continue
-            up = name == ".."
-            if not todo and not up:  # the pid file itself
-                return int(_os(path, "", os.open, name,
-                               os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd))
-            shown = "/" + "/".join(where[:-1] if up else [*where, name])
-            info = _os(path, shown, os.stat, name, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISLNK(info.st_mode):
-                links += 1
-                if links > MAX_LINKS:
-                    raise way.refuse(f"more than {MAX_LINKS} symlinks on the way")
-                way.entry(f"symlink {shown}", info)
-                target = _os(path, shown, os.readlink, name, dir_fd=fd)
-                todo.extendleft(reversed([p for p in target.split("/") if p]))
-                if target.startswith("/"):
-                    os.close(fd)
-                    fd = -1
-                    fd = os.open("/", os.O_PATH | os.O_DIRECTORY)
-                    where = []
-                continue
-            inner = _os(path, shown, os.open, name,
-                        os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            os.close(fd)
-            fd = inner
-            way.entry(f"directory {shown}", os.fstat(fd))
-            where = where[:-1] if up else [*where, name]
-        raise PermissionError(f"pid file {path}: names a directory, not a file")
-    finally:
-        if fd >= 0:
-            os.close(fd)
+    """The pid file at ``path``, opened for reading (never a symlink itself) relative to
+    its directory's fd, after every entry on the way was checked by ``way``
+    (:func:`graced.trustpath.open_way`)."""
+    return open_way(path, way, prefix=f"pid file {path}")
 
 
 def pid_from_file(path: str, wanted: int | None = None) -> tuple[int, float]:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from graced.targets import MAX_LINKS, pid_from_file
+from graced.targets import pid_from_file
+from graced.trustpath import MAX_LINKS
 from tests.helpers.users import login_user
 from tests.test_hostile_data_e2e import graced_signalling
 from tests.test_missions_e2e import Watch

@@ -27,6 +27,7 @@ from inotify_simple import flags as inf
 
 from ..cgroupfs import CgroupFileMissing, cgroup2_root
 from ..config import DetectorConfig
+from ..trustpath import open_monitored
 from .base import Observation
 from .events import POLL, Watches
 
@@ -69,7 +70,7 @@ class CgroupMemory:
         """The counters; ``_ident`` becomes the cgroup's identity, and a new cgroup's
         baseline is zero."""
         try:
-            fh = open(self.path)
+            fh = os.fdopen(open_monitored(self.path))  # graced.trustpath: the way to it
         except FileNotFoundError:
             raise CgroupFileMissing(os.path.dirname(self.path), "memory.events") from None
         with fh:

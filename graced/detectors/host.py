@@ -9,6 +9,7 @@ import time
 import psutil
 
 from ..config import DetectorConfig
+from ..trustpath import open_monitored
 from .base import Observation, SimpleDetector
 
 
@@ -96,6 +97,8 @@ class Inodes(SimpleDetector):
                             detail={"inodes": st.f_files, "free": st.f_ffree})]
 
 
+MAX_READ = 4096
+"""Bytes of a value file read, at most: a number is short, whatever the file holds."""
 REREAD_S = 0.005
 """A value file that reads empty or not as a number is read again this much later, once:
 ``echo 42 > f`` truncates the file, then writes, and a read in between sees nothing."""
@@ -120,12 +123,20 @@ class FileValue(SimpleDetector):
         super().__init__(config)
         self._bad: tuple[float, tuple[object, ...]] | None = None  # since when, what
 
-    def _read(self) -> tuple[str, float | None, tuple[object, ...]]:
-        # A file that is missing or unreadable is a detector failure, as for every kind
-        # (graced.toml(5)): graced cannot see, which is not a symptom of what it watches.
-        with open(self.config.file) as fh:
-            text = fh.read(4096).strip()
-            st = os.fstat(fh.fileno())
+    def _read(self) -> tuple[int, float | None, tuple[object, ...]]:
+        """(The file's size, its number or None, what it holds). A file that is missing
+        or unreadable is a detector failure, as for every kind (graced.toml(5)): graced
+        cannot see, which is not a symptom of what it watches. So is one that the way to
+        it does not let graced trust (graced.trustpath: a user who controls a directory
+        or symlink on the way and could not read the file), or one that is not a regular
+        file (a FIFO would hold the sample in open() for good)."""
+        fd = open_monitored(self.config.file)
+        try:
+            data = os.read(fd, MAX_READ)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        text = data.decode("utf-8", "replace").strip()
         try:
             value: float | None = float(text)
         except ValueError:
@@ -133,20 +144,23 @@ class FileValue(SimpleDetector):
         # What the file holds, for "the same bad content as before": junk is itself; an
         # empty file is the same only if nobody wrote it since (a rewriter truncates).
         what = (text,) if text else ("", st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-        return text, value, what
+        return st.st_size, value, what
 
     def sample(self) -> list[Observation]:
-        text, value, what = self._read()
+        size, value, what = self._read()
         if value is None:
             time.sleep(REREAD_S)
-            text, value, what = self._read()
+            size, value, what = self._read()
         if value is not None:
             self._bad = None
             return [Observation(self.subject, value)]
         now = time.monotonic()
         if self._bad is None or self._bad[1] != what:
             self._bad = (now, what)
-        why = f"not a number: {text[:40]!r}" + ("" if text else " (the file is empty)")
+        # Never what the file holds: a monitored file is another user's data, and what
+        # this says reaches `gracectl detectors`, the journal and NATS (review s10).
+        why = "not a number " + (f"({size} byte{'' if size == 1 else 's'})" if size
+                                 else "(the file is empty)")
         # The next sample is due an interval later, give or take a thread's start.
         if now - self._bad[0] < SETTLED * self.config.interval:
             return [Observation(self.subject, None, skipped=f"{why} (read twice "

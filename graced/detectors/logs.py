@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import stat
 import subprocess
 import time
 from typing import IO, Any
@@ -29,6 +28,7 @@ from typing import IO, Any
 from inotify_simple import flags as inf
 
 from ..config import DetectorConfig
+from ..trustpath import open_monitored
 from .base import Observation
 from .events import POLL, Watches
 
@@ -152,12 +152,12 @@ class _Window:
 def open_regular(path: str) -> IO[bytes]:
     """``path`` opened for reading, never blocking (a FIFO swapped in for the log would
     hold the sample thread in open() for good) and only if it is a regular file: a FIFO,
-    a device (/dev/zero) or a socket is refused with an OSError naming it."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    a device (/dev/zero) or a socket is refused with an OSError naming it. And only if
+    the way to it lets graced trust it (graced.trustpath): a log that a user who controls
+    a directory or symlink on the way could not read is never read, so no line of it is
+    ever counted or reported."""
+    fd = open_monitored(path)
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise OSError(f"{path}: not a regular file (a log must be one)")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:

@@ -23,6 +23,7 @@ import time
 
 from ..cgroupfs import CgroupFileMissing
 from ..config import DetectorConfig
+from ..trustpath import open_monitored
 from .base import Observation
 from .events import POLL, Wakeup
 
@@ -67,7 +68,8 @@ class Pressure:
         self.wakeup: Wakeup | None = None
         self.mode, self.mode_note = POLL, ""
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            # Written to: never through a way a user who could not write it controls.
+            self._fd = open_monitored(self.path, write=True)
             os.write(self._fd, trigger(config))
         except OSError as exc:
             self._close_fd()
@@ -82,7 +84,7 @@ class Pressure:
 
     def _total(self) -> int:
         try:
-            fh = open(self.path)
+            fh = os.fdopen(open_monitored(self.path))  # graced.trustpath: the way to it
         except FileNotFoundError:
             if not self.config.cgroup:
                 raise
