@@ -10,7 +10,10 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 
 class Waited:
@@ -127,31 +130,57 @@ def read_fifo(path: str, timeout: float) -> bytes:
         os.close(fd)
 
 
-def write_fifo(path: str, data: bytes, timeout: float) -> None:
-    """Write ``data`` to the FIFO at ``path`` once a reader opens it (the reader's open is
-    the event, e.g. a detector's next sample), then put a fresh FIFO in its place for the
-    next reader; AssertionError after ``timeout``."""
-    opened: list[int] = []
-    opener = threading.Thread(target=lambda: opened.append(os.open(path, os.O_WRONLY)),
-                              daemon=True)
-    opener.start()  # a blocking open returns when a reader opens the other end
-    opener.join(timeout)
-    if not opened:
-        # Be the reader ourselves, so the blocked open returns and the thread ends.
-        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
-        opener.join(5)
-        for fd in opened:
-            os.close(fd)
-        raise AssertionError(f"no reader opened {path} within {timeout} s")
-    try:
-        os.write(opened[0], data)
-        # A fresh FIFO takes the name before this reader sees EOF: the next write meets
-        # the next open, never this reader (which would read both values as one).
-        fresh = f"{path}.next"
-        os.mkfifo(fresh)
-        os.replace(fresh, path)
-    finally:
-        os.close(opened[0])
+class ValueFeed:
+    """A value file fed one value per sample of a real graced's ``value`` detector: the
+    detector's read is the event. Each value is put in place by a rename with its access
+    time set to 0, so the read that takes it sets it (relatime updates the access time of
+    a file read after it was written); once seen, it is set to 0 again, so a second read
+    of the same value is seen too and fails the test (it would be a sample the test did
+    not mean). A value file must be a regular file (graced refuses a FIFO)."""
+
+    def __init__(self, path: Path, first: bytes) -> None:
+        self.path = path
+        probe = path.with_name(path.name + ".atime")
+        probe.write_text("1\n")
+        os.utime(probe, ns=(0, time.time_ns()))
+        probe.read_text()
+        recorded = os.stat(probe).st_atime_ns != 0
+        probe.unlink()
+        if not recorded:
+            pytest.skip(f"the file system of {path} records no access times (noatime): a "
+                        "test cannot see when graced read a value")
+        self._put(first)
+
+    def _put(self, data: bytes) -> None:
+        fresh = self.path.with_name(self.path.name + ".next")
+        fresh.write_bytes(data)
+        os.utime(fresh, ns=(0, time.time_ns()))
+        os.replace(fresh, self.path)
+        self.pending = True
+
+    def wait_read(self, timeout: float) -> None:
+        """Until a sample read the value in place; AssertionError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while (st := os.stat(self.path)).st_atime_ns == 0:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no sample read {self.path} within {timeout} s")
+            time.sleep(0.001)
+        os.utime(self.path, ns=(0, st.st_mtime_ns))
+        self.pending = False
+
+    def rearm(self) -> None:
+        """The value in place is to be read once more (by a graced started again)."""
+        os.utime(self.path, ns=(0, os.stat(self.path).st_mtime_ns))
+        self.pending = True
+
+    def feed(self, data: bytes, timeout: float = 10) -> None:
+        """Once the value in place was read (once), put ``data`` in its place."""
+        if self.pending:
+            self.wait_read(timeout)
+        if os.stat(self.path).st_atime_ns != 0:
+            raise AssertionError(f"{self.path}: a value was sampled twice (the test was "
+                                 "slower than the detector's interval)")
+        self._put(data)
 
 
 def poll_until(pred: Callable[[], bool], timeout: float, what: str,
