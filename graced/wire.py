@@ -67,6 +67,9 @@ REPLAY_SHARE = 8 << 20
 JOURNAL_READS = 4  # replays reading the journal at once (each a connection and its cache)
 COALESCE_BYTES = 256 << 10  # frames joined into one message, at most
 UNPROVEN_REQUESTS = 4  # requests (hello, refusals) a TCP connection may send before a key
+# An unproven connection still in its TLS/WebSocket handshake after this many seconds is
+# the first to give way (a client finishes it in milliseconds): see _first_to_go.
+STALE_HANDSHAKE = 1.0
 COALESCE = 512
 LISTEN_BACKLOG = 1024
 
@@ -233,7 +236,15 @@ class Unproven:
     prove a key whatever they send (hello resets nothing), and at most
     :data:`UNPROVEN_REQUESTS` requests. When the budget is full a newcomer is not
     refused: the oldest unproven connection of the address holding the most is closed
-    instead, so nobody holding idle connections keeps a client with a key out.
+    instead; so is the oldest unproven connection of the newcomer's address when that
+    address is at ``per_address`` (and of the address holding the most at ``max_tcp``),
+    so nobody holding idle connections keeps a client with a key out, not even from the
+    same address (everyone behind an SSH tunnel or a proxy comes from 127.0.0.1); one
+    stalled in its handshake for over :data:`STALE_HANDSHAKE` s goes before the oldest.
+    One that proved a key never gives way to one that has not. A connection giving way
+    counts against no limit from then on; while it closes (up to 3 s, telling the peer
+    why) it is one of at most ``per_address`` such per address and ``max_tcp`` in all,
+    beyond which it is closed at once without a word.
     """
 
     host: str
@@ -241,6 +252,8 @@ class Unproven:
     scope: trio.CancelScope
     client: Client | None = None
     requests: int = 0
+    # Made room for a newcomer: "closing" (counted in Server.giving_way) or "cut" (at once).
+    gave_way: str = ""
 
     def close(self, reason: str) -> None:
         """Close it: with 1008 and ``reason`` once it is a WebSocket client, else at once."""
@@ -396,6 +409,8 @@ class Server:
         self.unproven: dict[str, list[Unproven]] = {}
         self.unproven_count = 0
         self.unproven_closed = 0  # evicted, out of time or out of requests
+        # Per address: unproven connections that gave way and are closing (see Unproven).
+        self.giving_way: dict[str, int] = {}
         self.per_uid: dict[int | None, int] = {}
         self.refusing: dict[str, int] = {}  # per address: over-budget peers being told why
         # Whether a Unix peer (uid, groups) is an approver: the reserved slots are theirs
@@ -599,11 +614,7 @@ class Server:
             await self._handle(stream, peer)
         finally:
             self.unix_clients -= 1
-            left = self.per_uid[peer.uid] - 1
-            if left:
-                self.per_uid[peer.uid] = left
-            else:
-                del self.per_uid[peer.uid]
+            _count_down(self.per_uid, peer.uid)
 
     def _over_budget(self, stream: trio.SocketStream, why: str) -> None:
         """Close a connection the budget has no room for, at once and without a word."""
@@ -618,6 +629,7 @@ class Server:
         except OSError:
             host, addr = "?", "?"
         b = self.budget
+        self._make_room_for_newcomer(host)
         from_here = self.per_address.get(host, 0)
         if self.tcp_clients >= b.max_tcp or from_here >= b.per_address \
                 or self.handshaking >= b.handshakes:
@@ -645,18 +657,40 @@ class Server:
         self.unproven.setdefault(host, []).append(entry)
         self.unproven_count += 1
         self.tcp_clients += 1
-        self.per_address[host] = from_here + 1
+        self.per_address[host] = self.per_address.get(host, 0) + 1
         try:
             with entry.scope:
                 await self._handle_tcp_counted(stream, Peer("tcp", address=addr), entry)
         finally:
             self._proven(entry)
-            self.tcp_clients -= 1
-            left = self.per_address[host] - 1
-            if left:
-                self.per_address[host] = left
-            else:
-                del self.per_address[host]
+            if entry.gave_way == "closing":
+                _count_down(self.giving_way, host)
+            elif not entry.gave_way:
+                self.tcp_clients -= 1
+                _count_down(self.per_address, host)
+
+    def _make_room_for_newcomer(self, host: str) -> None:
+        """Before a new TCP connection from ``host``, at ``per_address`` or ``max_tcp``:
+        the oldest unproven connection of ``host`` (at ``max_tcp``: of the address holding
+        the most) gives way, so connections that proved no key lock out nobody."""
+        b = self.budget
+        from_here = self.per_address.get(host, 0)
+        mine = self.unproven.get(host)
+        if from_here >= b.per_address and mine:
+            self._give_way(_first_to_go(mine), f"{from_here} connections from {host} (limit "
+                                    f"{b.per_address}); the oldest that has not proved a "
+                                    "key gives way")
+        if self.tcp_clients >= b.max_tcp and self.unproven_count:
+            self._give_way(self._most_held(), f"{self.tcp_clients} TCP clients (limit "
+                                              f"{b.max_tcp}); the oldest that has not proved "
+                                              "a key, from the address holding the most, "
+                                              "gives way")
+
+    def _most_held(self) -> Unproven:
+        """The oldest unproven connection of the address holding the most of them."""
+        most = max((entries for entries in self.unproven.values() if entries),
+                   key=lambda entries: (len(entries), -entries[0].since))
+        return _first_to_go(most)
 
     def _make_room_for_unproven(self, host: str) -> None:
         """Before a new TCP connection from ``host``: close the unproven connection that
@@ -664,20 +698,30 @@ class Server:
         b = self.budget
         mine = self.unproven.get(host, [])
         if len(mine) >= b.unproven_per_address:
-            victim = mine[0]
-            why = (f"{len(mine)} connections from {host} have not proved a key (limit "
-                   f"{b.unproven_per_address}); the oldest gives way")
+            self._give_way(_first_to_go(mine), (
+                f"{len(mine)} connections from {host} have not proved a key (limit "
+                f"{b.unproven_per_address}); the oldest gives way"))
         elif self.unproven_count >= b.unproven:
-            victim = max((entries[0] for entries in self.unproven.values() if entries),
-                         key=lambda e: (len(self.unproven[e.host]), -e.since))
-            why = (f"{self.unproven_count} connections have not proved a key (limit "
-                   f"{b.unproven}); the oldest from the address holding the most gives way")
-        else:
-            return
+            self._give_way(self._most_held(), f"{self.unproven_count} connections have not "
+                                              f"proved a key (limit {b.unproven}); the oldest "
+                                              "from the address holding the most gives way")
+
+    def _give_way(self, victim: Unproven, why: str) -> None:
+        """Close ``victim`` (unproven) to make room: from now on it counts against no
+        limit, only against the bound on connections giving way (see :class:`Unproven`)."""
         self._proven(victim)  # it no longer counts: the newcomer takes its place
         self.unproven_closed += 1
         self.refusals.refuse(f"tcp {victim.host}", "connect", why)
-        victim.close(why)
+        self.tcp_clients -= 1
+        _count_down(self.per_address, victim.host)
+        if self.giving_way.get(victim.host, 0) >= self.budget.per_address \
+                or sum(self.giving_way.values()) >= self.budget.max_tcp:
+            victim.gave_way = "cut"
+            victim.scope.cancel()  # too many closing already: at once, without a word
+        else:
+            victim.gave_way = "closing"
+            self.giving_way[victim.host] = self.giving_way.get(victim.host, 0) + 1
+            victim.close(why)
 
     def _proven(self, entry: Unproven) -> None:
         """``entry`` leaves the unproven budget (it proved a key, gave way or ended)."""
@@ -1177,6 +1221,7 @@ class Server:
             "handshaking": self.handshaking,
             "unauthenticated": self.unproven_count,
             "unauthenticated_closed": self.unproven_closed,
+            "giving_way": sum(self.giving_way.values()),
             "socket": str(self.socket_path),
             "tcp_ports": self.tcp_ports,
         }
@@ -1193,6 +1238,27 @@ def _read_journal(path: Path, first: int, last: int, max_bytes: int) -> list[str
         return reader.read(first, last, REPLAY_CHUNK, max_bytes)
     finally:
         reader.close()
+
+
+def _first_to_go(entries: list[Unproven]) -> Unproven:
+    """Which of one address's unproven connections (oldest first) gives way: the oldest
+    still in its handshake after :data:`STALE_HANDSHAKE` s, else the oldest. A client
+    finishes its handshake in milliseconds: connections stalled in theirs go first, before
+    one that is through it (or just starting it) and racing to prove its key."""
+    now = trio.current_time()
+    for entry in entries:
+        if entry.client is None and now - entry.since > STALE_HANDSHAKE:
+            return entry
+    return entries[0]
+
+
+def _count_down(counts: dict[Any, int], key: Any) -> None:
+    """One less for ``key``; a count that reaches 0 leaves ``counts``."""
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 def _cut(value: str, limit: int = 100) -> str:

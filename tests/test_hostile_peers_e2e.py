@@ -449,3 +449,76 @@ def test_secrets_in_a_urls_path_are_never_shown(make_graced, shortdir) -> None:
     assert res.returncode == 3, res.stderr
     assert "cannot reach graced at wss://REDACTED@127.0.0.1" in res.stderr, res.stderr
     assert "URLPW1" not in res.stderr + res.stdout and "URLTOK2" not in res.stderr
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", ["", "max_unauthenticated_per_address = 16\n"],
+                         ids=["defaults", "unauthenticated-over-the-address-limit"])
+async def test_held_handshakes_from_one_address_do_not_lock_out_a_key_from_it(
+        make_graced, budget: str) -> None:
+    """The security review: a local user holding 20 WebSocket handshakes on 127.0.0.1
+    (never proving a key) made root's ``gracectl --url ws://127.0.0.1:PORT --key key.pub
+    status`` fail 5/5 with ``503: too many clients: 8 from 127.0.0.1 (limit 8)``; everyone
+    behind an SSH tunnel or a proxy arrives from 127.0.0.1. Here 24 raw sockets on
+    127.0.0.1, re-opened whenever graced closes them: half stop mid-request, half finish
+    the WebSocket handshake and then never answer (not even graced's close). At the
+    address's limit the oldest connection that has not proved a key gives way, so
+    gracectl with its key gets in three times in a row; the limit still holds, and the
+    connections giving way are bounded too (graced's descriptors do not grow with the
+    flood)."""
+    import trio
+
+    g = _keyed(make_graced, "auth_timeout = 60\nhandshake_timeout = 60\n" + budget)
+    port = (await _status_json(g))["wire"]["tcp_ports"][0]
+    assert g.proc is not None
+    fds_before = _open_fds(g.proc.pid)
+    head = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n".encode()
+    full = head + (b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                   b"Sec-WebSocket-Version: 13\r\n\r\n")
+    opened = 0
+    upgraded = 0
+    stop = trio.Event()
+
+    async def attacker(request: bytes) -> None:
+        nonlocal opened, upgraded
+        while not stop.is_set():
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                opened += 1
+                await stream.send_all(request)
+                while data := await stream.receive_some(65536):  # until graced closes it
+                    upgraded += data.startswith(b"HTTP/1.1 101")
+                await stream.aclose()
+            except (OSError, trio.BrokenResourceError):
+                pass
+            await trio.sleep(1)  # a script keeping its connections open, looking each second
+
+    env = {k: v for k, v in g.env.items() if k != "GRACE_SOCKET"}
+    url = f"ws://127.0.0.1:{port}"
+    wire = []
+    fds = []
+    async with trio.open_nursery() as nursery:
+        for i in range(24):
+            nursery.start_soon(attacker, head if i % 2 else full)
+        with trio.move_on_after(30):  # (before the fix, held ones kept the rest out)
+            while opened < 48 or upgraded < 12:  # noqa: ASYNC110 - the attackers' tally
+                await trio.sleep(0.1)
+        for _ in range(3):
+            res = await trio.to_thread.run_sync(lambda: g.ctl(
+                "--url", url, "--key", str(g.state / "key.pub"), "status", env=env,
+                timeout=30))
+            assert res.returncode == 0, res.stderr
+            wire.append((await _status_json(g))["wire"])
+            fds.append(_open_fds(g.proc.pid))
+        stop.set()
+        nursery.cancel_scope.cancel()
+    assert all(w["tcp_clients"] <= 8 for w in wire), wire  # max_clients_per_address
+    assert all(w["giving_way"] <= 8 for w in wire), wire
+    # At most the address's 8, as many giving way, gracectl's own and a refusal's.
+    assert max(fds) - fds_before <= 8 + 8 + 2, (fds_before, fds)
+    assert wire[-1]["unauthenticated_closed"] > 0
+    assert opened >= 48 and upgraded >= 12, (opened, upgraded)  # both kinds held
