@@ -500,11 +500,12 @@ def fleet_missions() -> None:
 @click.pass_context
 def fleet_missions_ls(ctx: click.Context, hosts: tuple[str, ...], states: tuple[str, ...],
                       show_all: bool, show_unverified: bool, as_json: bool) -> None:
-    """Each host's missions as its verified mission.* events last showed them; by
-    default those the host's missions ls lists (active, or escalated and needing a person:
-    its symptom not seen normal since, "needs_person" in JSON). Hosts
-    with no key pinned are left out unless --unverified (then marked); in JSON each
-    mission has "verified" (true: from events verified against the host's pinned key).
+    """Each host's missions as its verified mission.* events last showed them, host by
+    host, newest first (as missions ls there); by default those the host's missions ls
+    lists (active, or escalated and needing a person: its symptom not seen normal since,
+    "needs_person" in JSON). Hosts with no key pinned are left out unless --unverified
+    (then marked); in JSON each mission has "verified" (true: from events verified
+    against the host's pinned key).
     Exits 11 (or the violation's code) when the stream of a host whose key is pinned
     fails verification."""
     view = _view(ctx)
@@ -525,7 +526,8 @@ def fleet_missions_ls(ctx: click.Context, hosts: tuple[str, ...], states: tuple[
                 continue
             rows.append({**m, "host": h.host, "daemon_id": h.daemon_id,
                          "verified": h.key is not None})
-    rows.sort(key=lambda r: (r["host"], r["daemon_id"], r["id"]))
+    # Host by host, each newest first, as missions ls lists them there.
+    rows.sort(key=lambda r: (r["host"], r["daemon_id"], -r["id"]))
     if as_json:
         click.echo(dumps(rows))
     else:

@@ -37,7 +37,7 @@ def _other(marker: str) -> str:
 
 
 def _rows(missions: list[dict[str, Any]]) -> list[tuple[int, str, str]]:
-    return sorted((m["id"], m["state"], m["severity"]) for m in missions)
+    return [(m["id"], m["state"], m["severity"]) for m in missions]
 
 
 def _fleet_host(op: Operator) -> dict[str, Any]:
@@ -105,6 +105,11 @@ def test_an_escalated_mission_whose_symptom_cleared_leaves_the_fleet_view_as_the
                 assert listed["open_missions"] == {"medium": 1}, listed
                 assert listed["escalated"] == [], listed
                 assert listed["open_missions_reported"] == 1, listed
+                # --all lists every mission in the host's order (newest first).
+                every = _rows(json.loads(g.ctl("missions", "ls", "--all", "--json",
+                                               check=True).stdout))
+                assert [i for i, _, _ in every] == [3, 2, 1], every
+                assert _rows(op.fleet_json("missions", "ls", "--all")) == every
                 # --state escalated still finds it, as missions ls --state does.
                 assert _rows(op.fleet_json("missions", "ls", "--state", "escalated")) \
                     == _rows(json.loads(g.ctl("missions", "ls", "--state", "escalated",
