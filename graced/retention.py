@@ -173,7 +173,7 @@ class Retention:
                     return  # the mesh is closing
                 except Exception as exc:  # noqa: BLE001 - tried again next time
                     if self.last_error is None:
-                        log.warning("retention: %s (trying again)", exc)
+                        log.warning("%s (trying again)", exc)
                     self.last_error = str(exc)
                 finally:
                     mesh.looked(at)
@@ -227,6 +227,6 @@ class Retention:
         self.prunes += 1
         self.last_prune = {"at": self.clock(), "first_seq": cut, "events": pruned,
                            "reason": reason}
-        log.info("retention (%s): pruned events %d-%d; the oldest kept is %d",
-                 reason, first, cut - 1, cut)
+        log.info("pruned events %d-%d (%s); the oldest kept is %d",
+                 first, cut - 1, reason, cut)
         return pruned

@@ -144,3 +144,7 @@ def test_fleet_missions_show_points_to_fleet_approve(shortdir: Path) -> None:
         assert (f"awaiting approval of this plan (gracectl fleet approve {daemon_id[:8]} "
                 f"{mid}):") in shown.stdout, shown.stdout
         assert "missions approve" not in shown.stdout, shown.stdout
+        # graced's log names the component once (the formatter adds it).
+        log = g.stderr()
+        assert "fleet: forwarding to nats://127.0.0.1:" in log, log
+        assert "fleet: fleet:" not in log, log

@@ -357,7 +357,7 @@ class Forwarder:
         start = stored if self.local_acked is None else min(self.local_acked, stored)
         self.acked = start
         self.resumed_from = start + 1
-        log.info("fleet: forwarding to %s stream %s from seq %d (JetStream holds up to %d)",
+        log.info("forwarding to %s stream %s from seq %d (JetStream holds up to %d)",
                  redact_url(self.cfg.url), self.cfg.stream, start + 1, stored)
 
     @staticmethod
@@ -414,7 +414,7 @@ class Forwarder:
                 # will show that gap; say so here too.
                 self.last_error = (f"events {self.acked + 1}..{seqs[0] - 1} were pruned from "
                                    "the journal before they could be forwarded")
-                log.error("fleet: %s", self.last_error)
+                log.error("%s", self.last_error)
             results: list[Any] = list(await asyncio.gather(*sends, return_exceptions=True))
             ok = 0
             for i, res in enumerate(results):
@@ -463,7 +463,7 @@ class Forwarder:
                f"send (stream seq {ack.seq}); sent again under a fresh id")
         self._alert = (time.time(), why)
         self.last_error = why
-        log.error("fleet: %s", why)
+        log.error("%s", why)
         try:
             return await js.publish(subject, data, stream=self.cfg.stream, headers={
                 names.MSG_ID_HEADER: names.msg_id(kid, seq, data, secrets.token_hex(8))})
@@ -517,7 +517,7 @@ class Forwarder:
                         self.overwritten += 1
                         self.last_error = ("knowledge: this host's entry in the bucket was "
                                            "overwritten or deleted; put again")
-                        log.warning("fleet: %s", self.last_error)
+                        log.warning("%s", self.last_error)
                         await kv.put(self.daemon_id, self._shared)
                 except Exception as exc:  # noqa: BLE001 - too big, or NATS away: next time
                     self.last_error = redact_text(f"knowledge put: {exc}")[:300]
@@ -659,14 +659,14 @@ class Forwarder:
             reply = await loop.run_in_executor(None, functools.partial(
                 trio.from_thread.run, self.answer, text, peer, trio_token=self._token))
         except Exception as exc:  # noqa: BLE001 - graced is stopping
-            log.warning("fleet: request by NATS not answered: %s", exc)
+            log.warning("request by NATS not answered: %s", exc)
             return
         self.rpc_served += 1
         if reply:
             try:
                 await msg.respond(reply.encode())
             except Exception as exc:  # noqa: BLE001 - the asker went away
-                log.info("fleet: could not send a reply: %s", exc)
+                log.info("could not send a reply: %s", exc)
 
 
 def _fields(body: str) -> tuple[str, int, str]:

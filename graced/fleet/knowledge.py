@@ -180,7 +180,7 @@ class KnowledgeShare:
             self.refused += 1
             self._seen[key] = digest
             self.last_error = f"export of {key[:40]} refused: {exc}"[:300]
-            log.warning("fleet: %s", self.last_error)
+            log.warning("%s", self.last_error)
             return self.last_error
         # Journaled first, with its event; applied once committed (as knowledge.import).
         await self.mesh.publish("learning.imported", {

@@ -227,7 +227,7 @@ class Learning:
             sig=sig, detector=m.detector, subject=m.subject, playbook=o["playbook"],
             success=success, ttr=o["ttr"], now=now, incident=m.incident or m.id, own=own)
         if not more:  # over the caps (a configuration of more than 64 playbooks)
-            log.warning("learning: no room for %s on %s: the outcome of mission %s is "
+            log.warning("no room for %s on %s: the outcome of mission %s is "
                         "stored, not learned", o["playbook"], sig, m.id)
             return writes, events
         writes += more
