@@ -146,3 +146,32 @@ def test_a_log_reached_through_a_users_link_is_read_only_if_that_user_could(
         assert w.missions("users") == [], w.missions("users")
     finally:
         w.close()
+
+
+def test_a_fifo_at_a_value_path_is_a_failure_and_a_file_back_is_read_again(
+        make_graced, shortdir: Path) -> None:
+    """A FIFO renamed over a value file (no writer will ever open it) never holds the
+    sample in open(): the detector fails, "not a regular file"; a regular file with a
+    value back, the detector is up again with it within a few samples. A value path that
+    leads to a device (/dev/zero) fails the same way."""
+    value = shortdir / "depth"
+    value.write_text("5\n")
+    (shortdir / "zero").symlink_to("/dev/zero")
+    g = make_graced(detectors="".join(
+        f'[[detector]]\nname = "{name}"\nkind = "value"\nfile = "{path}"\n'
+        'interval = 0.2\nthreshold = 1e9\n'
+        for name, path in (("depth", value), ("zero", shortdir / "zero"))))
+    poll_until(lambda: _detector(g, "depth")["subjects"].get(str(value), {}).get(
+        "value") == 5, 20, "the value read")
+    fifo = shortdir / "fifo"
+    os.mkfifo(fifo)
+    fifo.rename(value)
+    why = f"{value}: not a regular file"
+    poll_until(lambda: _detector(g, "depth").get("last_error") == why, 15,
+               "the FIFO reported")
+    assert _detector(g, "zero").get("last_error") == f"{shortdir}/zero: not a regular file"
+    back = shortdir / "new"
+    back.write_text("42\n")
+    back.rename(value)
+    poll_until(lambda: (d := _detector(g, "depth"))["state"] == "up"
+               and d["subjects"][str(value)]["value"] == 42, 15, "the detector back")
