@@ -429,12 +429,15 @@ class Daemon:
         # Keys whose last mission handed the symptom to a person (a rejection holds until
         # the symptom is seen normal, across restarts) — not those expired because their
         # detector left the config or stopped reporting the subject (reload.py's
-        # reasons): that handed nothing over.
+        # reasons): that handed nothing over. Nor those of a detector no longer in the
+        # config, or disabled (changed while graced was stopped): nothing would ever see
+        # the symptom clear, and an escalated or expired hold keeps graced degraded.
+        sampled = {d.name for d in self.config.detector if d.enabled}
         last = journal.query(  # SQLite: the bare columns come from the MAX(id) row
             "SELECT detector, subject, state, MAX(id) FROM missions GROUP BY detector, subject")
         held: dict[tuple[str, str], tuple[str, int]] = {}
         for d, s, state, mid in last:
-            if state not in HANDED_OVER:
+            if state not in HANDED_OVER or str(d) not in sampled:
                 continue
             # Read in Python: a row 0.1.0 wrote (a bare NaN) is not JSON to SQLite.
             (data,) = journal.query("SELECT data FROM missions WHERE id = ?", (mid,))[0]

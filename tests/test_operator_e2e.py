@@ -200,3 +200,26 @@ def test_an_expired_approval_keeps_graced_degraded_until_the_symptom_clears(
     st = g.ctl("status")
     assert st.returncode == 0, st.stdout
     assert "expired" not in st.stdout
+
+
+@pytest.mark.slow
+def test_a_hold_of_a_detector_disabled_while_graced_was_stopped_ends_at_start(
+        make_graced, shortdir: Path) -> None:
+    """An expired approval holds its symptom (degraded); the operator disables that
+    detector and restarts graced: nothing will ever sample it again, so nothing is held
+    and graced is not degraded for it forever."""
+    value = shortdir / "value"
+    value.write_text("90\n")
+    g = make_graced(detectors=_hot(value, _cooling(value, "high", 5))
+                    + "\n[remediation]\napproval_timeout = 1.0\n")
+    w = Watch(g)
+    waiting = w.wait("mission.expired", "hot", 30)["payload"]["id"]
+    w.close()
+    assert json.loads(g.ctl("status", "--json").stdout)["expired"] == [waiting]
+    assert g.stop() == 0
+    g.config.write_text(g.config.read_text().replace('name = "hot"\n',
+                                                     'name = "hot"\nenabled = false\n'))
+    g.start()
+    st = g.ctl("status", "--json")
+    assert st.returncode == 0, st.stdout
+    assert json.loads(st.stdout)["expired"] == [] and _ls(g) == []
