@@ -82,6 +82,15 @@ def _named(old: list[Any], new: list[Any]) -> dict[str, list[str]]:
             "removed": [n for n in before if n not in after]}
 
 
+def changed_keys(old: list[Any], new: list[Any]) -> dict[str, list[str]]:
+    """The keys of each changed ``[[table]]`` entry (by name) whose value differs: named,
+    never their values (a notifier's URL or header may hold a secret)."""
+    before = {x.name: x for x in old}
+    return {x.name: [f.name for f in dataclasses.fields(x) if f.compare
+                     and getattr(x, f.name) != getattr(before[x.name], f.name)]
+            for x in new if x.name in before and x != before[x.name]}
+
+
 def changes(old: Config, new: Config) -> dict[str, Any]:
     """What a reload changes, besides the detectors: playbooks and notifiers (by name),
     and the keys of each single table ([remediation] mode, approvers, keys ...)."""
@@ -91,6 +100,10 @@ def changes(old: Config, new: Config) -> dict[str, Any]:
             for section in SECTIONS}
     return {"playbooks": _named(old.playbook, new.playbook),
             "notifiers": _named(old.notifier, new.notifier),
+            "changed_keys": {what: changed_keys(getattr(old, table), getattr(new, table))
+                             for what, table in (("detectors", "detector"),
+                                                 ("playbooks", "playbook"),
+                                                 ("notifiers", "notifier"))},
             "sections": {section: names for section, names in keys.items() if names}}
 
 
@@ -105,7 +118,12 @@ def summary(result: dict[str, Any]) -> str:
     parts = []
     for what in ("detectors", "playbooks", "notifiers"):
         diff = result.get(what) or {}
-        done = "; ".join(f"{how} {', '.join(names)}" for how, names in diff.items() if names)
+        keys = (result.get("changed_keys") or {}).get(what) or {}
+        # "changed scratch-disk (threshold)": each changed entry with its keys, as a
+        # single table's ("[remediation] mode").
+        done = "; ".join(f"{how} " + ", ".join(
+            f"{n} ({', '.join(keys[n])})" if how == "changed" and keys.get(n) else n
+            for n in names) for how, names in diff.items() if names)
         if done:
             parts.append(f"{what} {done}")
     parts += [f"[{section}] {', '.join(keys)}"

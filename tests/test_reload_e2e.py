@@ -264,11 +264,23 @@ def test_reload_names_every_section_that_changed(make_graced, shortdir: Path) ->
     assert done["playbooks"] == {"added": [], "changed": ["cool"], "removed": []}
     assert done["notifiers"] == {"added": ["pager"], "changed": [], "removed": []}
     assert done["sections"] == {"remediation": ["mode", "approvers"]}
+    assert done["changed_keys"] == {"detectors": {}, "playbooks": {"cool": ["step"]},
+                                    "notifiers": {}}
     assert done["replanned_missions"] == [waiting]
+    assert "playbooks changed cool (step)" in done["summary"], done["summary"]
     g.config.write_text(g.config.read_text().replace('mode = "observe"', 'mode = "act"'))
     res = g.ctl("reload")
     assert res.returncode == 0
     assert res.stderr.rstrip().endswith(": [remediation] mode"), res.stderr
+    # A changed detector or notifier names its keys as a table does, never their values
+    # (a notifier's argv or URL may hold a secret).
+    g.config.write_text(g.config.read_text().replace("threshold = 50.0", "threshold = 75.0")
+                        .replace('argv = ["true"]', 'argv = ["true", "s3cret-token"]'))
+    res = g.ctl("reload")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.rstrip().endswith(": detectors changed hot (threshold); notifiers "
+                                        "changed pager (argv)"), res.stderr
+    assert "s3cret" not in res.stderr and "75" not in res.stderr.split("): ")[-1]
 
 
 @pytest.mark.slow
