@@ -78,8 +78,9 @@ def missions_similar(ctx: click.Context, mission_id: int, limit: int, as_json: b
         out.write(out.table(_similar_rows(result["similar"]), headers=SIMILAR_HEADERS))
 
 
-def explain_lines(m: dict[str, Any], now: float) -> list[str]:
-    """The decision behind a mission, short enough to read in ten seconds."""
+def explain_lines(m: dict[str, Any], now: float, width: int | None = -1) -> list[str]:
+    """The decision behind a mission, short enough to read in ten seconds; the ranking
+    table fits ``width`` columns (-1: the terminal's; None: whole)."""
     flap = ", flapping" if m["flapping"] else ""
     lines = [f"mission {m['id']}  {m['detector']}:{m['subject']}  {m['severity']}{flap}  "
              f"{m['state']}"]
@@ -116,7 +117,8 @@ def explain_lines(m: dict[str, Any], now: float) -> list[str]:
                              "-" if c["score"] is None else f"{c['score']:.2f}",
                              _secs(c["mttr_s"]),
                              f"{budget[0]}/{budget[1]}" if budget else "-", mark])
-            width = out.terminal_width()
+            if width == -1:
+                width = out.terminal_width()
             table = out.table(rows, headers=[
                 out.Column("PLAYBOOK", 2, 8), "RISK", "OK/RUNS", out.Column("IMPORTED", 1, 8),
                 "RATE", "MEAN", "SCORE", "MTTR", "BUDGET", "PICK"],

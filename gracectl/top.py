@@ -418,13 +418,15 @@ def _footer(model: Model, now: float) -> Line:
     return [(" q quit  ? keys  j/k or arrows move  Enter detail  a approve  r reject ", "dim")]
 
 
-def _detail_lines(model: Model, now: float) -> list[Line]:
+def _detail_lines(model: Model, now: float, width: int) -> list[Line]:
     from .learn import explain_lines
 
     m = model.detail or {}
     out: list[Line] = [[(f" mission {m.get('id')}: {m.get('summary')}",
                          SEVERITY_STYLE.get(str(m.get("severity")), "bold"))]]
-    out += [[(" " + line, "normal")] for line in explain_lines(m, now)]
+    # Fitted to the screen less the line's lead, as the table would be on a terminal
+    # (top draws on one; --once may be piped): a row wrapped would read as two.
+    out += [[(" " + line, "normal")] for line in explain_lines(m, now, max(20, width - 1))]
     if m.get("plan"):
         style = "alarm" if model.prompt and model.prompt[2] else "bold"
         out += [[(" " + line, style if i == 0 else "normal")]
@@ -451,7 +453,7 @@ def render(model: Model, width: int, height: int, now: float) -> list[Line]:
         return _safe([*lines, *body[:room], *([[]] * max(0, room - len(body))),
                       [(" any key: back ", "dim")]])
     if model.detail is not None:
-        body = [w for line in _detail_lines(model, now) for w in _wrap(line, width)]
+        body = [w for line in _detail_lines(model, now, width) for w in _wrap(line, width)]
         if model.plan_focus:  # approve what you can see: the plan, from its first line
             model.plan_focus = False
             model.scroll = next((i for i, line in enumerate(body)

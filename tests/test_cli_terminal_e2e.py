@@ -73,6 +73,12 @@ def test_80x24_tables_and_top_fit_and_show_each_reason(make_graced, shortdir: Pa
         t.keys("Enter")
         text = t.wait_for(lambda s: "mission 1:" in s and "more lines below" in s, 10)
         _fits(text, 80)
+        # The ranking table fits the screen: its header and each row on one line each
+        # (not wrapped into broken rows).
+        rows = text.split("\n")
+        head = next(i for i, line in enumerate(rows) if "PLAYBOOK" in line)
+        assert "PICK" in rows[head] and "RISK" in rows[head], text
+        assert "high" in rows[head + 2] and "chosen" in rows[head + 2], text
         seen = screen = text
         while "more lines below" in screen:  # a page at a time, reading what goes by
             t.keys("NPage")
