@@ -32,7 +32,7 @@ from typing import Any
 
 import psutil
 
-from .owners import foreign, login_uids, named, uid_of, user_label
+from .owners import foreign, in_cmdline, login_uids, named, uid_of, user_label
 from .protocol.canonical import json_safe
 from .trustpath import open_way
 
@@ -236,7 +236,7 @@ def find(*, pid: int = 0, pid_file: str = "", process: str = "",
     login_min = login_uids().start
     me, my_uid = os.getpid(), os.getuid()
     for proc in psutil.process_iter():
-        if not (named(proc, process) or match_cmdline and _in_cmdline(proc, process)):
+        if not (named(proc, process) or match_cmdline and in_cmdline(proc.pid, process)):
             continue
         try:
             name, started = proc.name(), proc.create_time()
@@ -254,15 +254,6 @@ def find(*, pid: int = 0, pid_file: str = "", process: str = "",
         else:
             sel.targets.append(Target(proc.pid, started, clip(name)))
     return sel
-
-
-def _in_cmdline(proc: psutil.Process, text: str) -> bool:
-    """Whether ``text`` is in ``proc``'s command line (its arguments joined by spaces); a
-    process that exited or hides it does not match."""
-    try:
-        return text in " ".join(proc.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
 
 
 def send(sel: Selection, sig: int) -> list[int]:

@@ -15,7 +15,7 @@ import threading
 import psutil
 
 from ..config import DetectorConfig
-from ..owners import foreign, login_uids, named, uid_of
+from ..owners import foreign, in_cmdline, login_uids, named, uid_of
 from .base import Observation, SimpleDetector
 from .events import POLL, Wakeup
 
@@ -103,7 +103,7 @@ def _matching(cfg: DetectorConfig, login_min: int, gone: set[int] | None = None
             continue
         try:
             if cfg.match_cmdline:
-                hit = cfg.process in " ".join(proc.cmdline())
+                hit = in_cmdline(proc.pid, cfg.process)  # its first CMDLINE_PREFIX bytes
             else:
                 hit = named(proc, cfg.process)
             if hit and proc.status() == psutil.STATUS_ZOMBIE:
