@@ -9,7 +9,10 @@ looks for, then times graced.targets.find as a step by exact name (``process = N
 and with ``match_cmdline = true`` runs it: median wall time of ``--runs`` runs each,
 with no decoys first and then with them. An exact name reads no command line (session 9,
 attacker: 0.1 s became 1.2 s with 200 decoys of 1 MB when it read them all);
-match_cmdline must read every one, and its time is printed for comparison.
+match_cmdline reads the first 4096 bytes of each (graced.owners.CMDLINE_PREFIX; review
+s10: 150 decoys of 1.8 MB cost a third of a core when it read them whole), and its
+time is printed for comparison. The process detectors' match_cmdline reads the same
+prefix through the same function.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import psutil
 import pytest
 
 from gracectl.plan_text import render_plan
+from graced import owners
 from graced.config import DetectorConfig
 from graced.detectors.process import _matching
 from graced.executor import MAX_STEP_RECORD
@@ -149,7 +150,14 @@ def test_an_exact_name_never_reads_a_command_line(monkeypatch: pytest.MonkeyPatc
         read.append(self.pid)
         return real(self)
 
+    prefix = owners.cmdline_prefix
+
+    def spy_prefix(pid: int) -> str | None:
+        read.append(pid)
+        return prefix(pid)
+
     monkeypatch.setattr(psutil.Process, "cmdline", spy)
+    monkeypatch.setattr(owners, "cmdline_prefix", spy_prefix)  # match_cmdline's reader
     name = "s9" + uuid.uuid4().hex[:8]
     where = tempfile.mkdtemp(prefix="grace-s9-")
     try:
