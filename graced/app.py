@@ -252,7 +252,9 @@ class Daemon:
 
             forwarder = make_forwarder(cfg.fleet, daemon_id=self.daemon_id, mesh=mesh,
                                        journal_path=journal.path,
-                                       acked=meta.get("fleet_acked"), answer=server.answer,
+                                       acked=meta.get("fleet_acked"),
+                                       acked_at=meta.get("fleet_acked_at"),
+                                       answer=server.answer,
                                        screen=server.authenticator.screen,
                                        hostname=self.hostname, signer=signer,
                                        learning=learning, knowledge_lock=api.knowledge_lock)
@@ -320,6 +322,8 @@ class Daemon:
                                                                "reason": "signal"})
                         server.going_away("graced is stopping")
                         await server.wait_all_closed()
+                        if forwarder is not None:
+                            await forwarder.drain()
                     if cs.cancelled_caught:
                         log.warning("shutdown deadline reached; closing remaining clients")
                     nursery.cancel_scope.cancel()

@@ -4,6 +4,7 @@ nats-server, real graced, the real gracectl fleet (as tests/test_fleet_e2e.py)."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import socket
@@ -370,3 +371,48 @@ def test_a_real_approval_gets_through_a_flood_of_forged_signed_requests(
             assert fl["requests_dropped"] > 1000, fl  # the forged ones, never queued
         finally:
             kill_all(marker)
+
+
+@pytest.mark.slow
+def test_a_replayed_old_event_of_the_host_does_not_make_graced_send_its_journal_again(
+        shortdir: Path) -> None:
+    """The security review: with graced stopped, a NATS client that is not the host
+    published the host's genuine seq-1 event (crypto.key_created) again on its subject;
+    on restart graced logged ``forwarding … from seq 2 (JetStream holds up to 1)`` and
+    sent its whole journal again. graced never resumes below its own acknowledged
+    position because of what the stream's last message for it says; it goes back only
+    if the stream really lacks the event it acked (looked up by its stream seq). Here
+    JetStream's duplicate window is 1 s (as after graced was down for longer than the
+    default 2 minutes): anything sent again would be stored again."""
+    with one_host(shortdir) as site:
+        server, op, g = site.server, site.op, site.g
+        daemon_id = op.pin(g)
+        assert g.ctl("emit", "user.before", "--count", "30").returncode == 0
+        acked = wait_caught_up(g)["fleet"]["acked_seq"]
+
+        async def short_window(nc: Any, js: Any) -> None:
+            info = await js.stream_info("GRACE")
+            await js.update_stream(dataclasses.replace(info.config, duplicate_window=1.0))
+
+        _nats(server.url, short_window)
+        g.stop()
+        time.sleep(1.5)  # the duplicate window (1 s) passes: the stream holds no id now
+
+        async def replay(nc: Any, js: Any) -> int:
+            first = await js.get_msg("GRACE", seq=1)
+            assert json.loads(first.data)["seq"] == 1  # the host's genuine genesis event
+            for _ in range(3):
+                await js.publish(first.subject, first.data)
+            return int((await js.stream_info("GRACE")).state.messages)
+
+        held = _nats(server.url, replay)
+        g.start()
+        st = wait_caught_up(g)
+        # Every journaled event once, and the attacker's three copies: none sent again.
+        messages = _nats(server.url, lambda nc, js: js.stream_info("GRACE")).state.messages
+        head = status(g)["head_seq"]  # heartbeats go on meanwhile
+        assert st["head_seq"] + 3 <= messages <= head + 3, (messages, held, st["head_seq"])
+        assert st["fleet"]["resumed_from"] > acked, (st["fleet"], acked)
+        assert "from seq 2 " not in g.stderr()
+        res = op.fleet("tail", "--verify", "--no-follow", "--host", daemon_id, timeout=120)
+        assert res.returncode == 0, res.stderr

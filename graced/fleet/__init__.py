@@ -25,6 +25,7 @@ __all__ = ["Forwarder", "make_forwarder"]
 
 def make_forwarder(cfg: FleetConfig, *, daemon_id: str, mesh: Mesh, journal_path: Path,
                    acked: str | None, answer: Callable[[str, str], Awaitable[str]],
+                   acked_at: str | None = None,
                    screen: Callable[[Request], str], hostname: str, signer: Signer,
                    learning: Learning, knowledge_lock: trio.Lock | None = None) -> Forwarder:
     """A forwarder for ``[fleet]``; raises StartupError if it cannot run here."""
@@ -39,10 +40,12 @@ def make_forwarder(cfg: FleetConfig, *, daemon_id: str, mesh: Mesh, journal_path
         raise StartupError(f"[fleet] needs a daemon id that is a UUID (the daemon-id file "
                            f"holds {daemon_id[:60]!r})")
     start = int(acked) if acked and acked.isdigit() else None
+    seq, _, stream_seq = (acked_at or "").partition(":")
+    at = (int(seq), int(stream_seq)) if seq.isdigit() and stream_seq.isdigit() else None
     share = None
     if cfg.share_knowledge or cfg.knowledge_keys:
         share = KnowledgeShare(daemon_id=daemon_id, hostname=hostname, signer=signer,
                                mesh=mesh, learning=learning, trusted=list(cfg.knowledge_keys),
                                lock=knowledge_lock)
     return Forwarder(cfg, daemon_id=daemon_id, mesh=mesh, journal_path=journal_path,
-                     acked=start, answer=answer, screen=screen, knowledge=share)
+                     acked=start, acked_at=at, answer=answer, screen=screen, knowledge=share)

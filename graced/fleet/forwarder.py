@@ -13,9 +13,14 @@ no duplicate. A "duplicate" ack is taken only when the message JetStream holds u
 id is byte for byte the one sent; anything else (a message someone else published with
 that id, or one purged since) is counted, alerted (``status``, the fleet component of
 ``integration``) and the event sent again under a fresh id. The acked seq is kept in the
-journal's ``meta`` (``fleet_acked``); after a restart, and when the stream was deleted
-under it, forwarding resumes from the lower of it and the last seq JetStream holds for
-this host (a last message that is not this host's journaled event counts for nothing).
+journal's ``meta`` (``fleet_acked``), with the stream seq JetStream stored it at
+(``fleet_acked_at``: ``SEQ:STREAM_SEQ``). After a restart, and when the stream was deleted
+under it, forwarding resumes from that acked seq; it goes back below it only when the
+stream really lacks the event acked: the stream's last message for this host is an
+earlier event of its journal (a last message that is not this host's journaled event
+counts for nothing) *and* the message at the acked event's stream seq is not that very
+event (purged, or the stream made anew). So anyone on NATS publishing an old genuine
+event of this host again cannot make graced send its journal again.
 
 Nothing here ever blocks trio: publishing, acks and reconnects happen on the asyncio
 thread; graced only lags, and ``status`` says by how much (:meth:`Forwarder.status`).
@@ -70,6 +75,7 @@ from .knowledge import KnowledgeShare
 log = logging.getLogger("graced.fleet")
 
 META_KEY = "fleet_acked"
+AT_KEY = "fleet_acked_at"  # "SEQ:STREAM_SEQ": where JetStream stored event SEQ
 MAX_RPC = 8  # signed requests by NATS served at once
 MAX_RPC_WAITING = 32  # signed requests waiting for a slot; more are dropped
 MAX_RPC_BYTES = 1 << 20
@@ -127,6 +133,7 @@ class Forwarder:
 
     def __init__(self, cfg: FleetConfig, *, daemon_id: str, mesh: Mesh, journal_path: Path,
                  acked: int | None, answer: Callable[[str, str], Awaitable[str]],
+                 acked_at: tuple[int, int] | None = None,
                  screen: Callable[[Request], str] | None = None,
                  knowledge: KnowledgeShare | None = None) -> None:
         self.cfg = cfg
@@ -135,6 +142,8 @@ class Forwarder:
         self.mesh = mesh
         self.journal_path = journal_path
         self.local_acked = acked
+        # (seq, stream seq) of an acked event: one tuple, set at once (read by trio's _save).
+        self._acked_at = acked_at if acked is not None else None
         self.answer = answer
         self.screen = screen  # None: no key may sign (every request can only be refused)
         self.acked = acked or 0
@@ -177,13 +186,20 @@ class Forwarder:
             await trio.sleep_forever()
         finally:
             sub.close()
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                # Give the last events (daemon.stopping) a moment to reach JetStream.
-                self._poke(self.mesh.delivered_seq)
-                if self.connected:
-                    await self.wait_acked(self.mesh.delivered_seq)
+            with trio.CancelScope(shield=True):
+                await self.drain()
             fut.cancel()
             bridge.stop()
+
+    async def drain(self) -> None:
+        """At shutdown, while the mesh still commits: give the last events (daemon.stopping)
+        a moment to reach JetStream, and keep where forwarding got for the restart (a
+        stale value costs copies once JetStream's duplicate window has passed)."""
+        with trio.move_on_after(2):
+            self._poke(self.mesh.delivered_seq)
+            if self.connected:
+                await self.wait_acked(self.mesh.delivered_seq)
+        self._save(force=True)
 
     def _on_event(self, ev: SignedEvent) -> None:
         """A mesh subscriber: never blocks, only wakes the forwarder."""
@@ -204,9 +220,10 @@ class Forwarder:
         self._waiters.append((seq, done))
         await done.wait()
 
-    def _save(self) -> None:
+    def _save(self, force: bool = False) -> None:
         """On trio, after the acked seq moved: wake its waiters, and keep it in the
-        journal's meta (committed with the next group)."""
+        journal's meta (committed with the next group; ``force``: now, not at most once a
+        second)."""
         if self._waiters:
             waiting = []
             for seq, done in self._waiters:
@@ -216,13 +233,18 @@ class Forwarder:
                     waiting.append((seq, done))
             self._waiters = waiting
         now = time.monotonic()
-        # At most once a second (not at the end either: the mesh may be stopping): a stale
-        # value only costs copies that JetStream drops by message id when forwarding resumes.
-        if self.acked != self._saved and now - self._saved_at >= 1.0:
-            self._saved, self._saved_at = self.acked, now
+        # At most once a second: a stale value costs copies that JetStream drops by message
+        # id when forwarding resumes (within its duplicate window, 2 minutes by default).
+        at = self._acked_at
+        acked = at[0] if at is not None else self.acked
+        if acked != self._saved and (force or now - self._saved_at >= 1.0):
+            self._saved, self._saved_at = acked, now
+            sql = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+            rows = [(sql, (META_KEY, str(acked)))]
+            if at is not None:
+                rows.append((sql, (AT_KEY, f"{at[0]}:{at[1]}")))
             try:
-                self.mesh.store([("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                                  (META_KEY, str(self.acked)))])
+                self.mesh.store(rows)
             except trio.ClosedResourceError:
                 pass
 
@@ -335,30 +357,57 @@ class Forwarder:
 
     async def _resume(self, js: Any, reader: JournalReader,
                       not_found: type[Exception]) -> None:
-        """Where to start: the lower of our acked seq and JetStream's last for this host
-        (which counts only if it is byte for byte the event this host journaled)."""
+        """Where to start: our acked seq, unless the stream lacks that event; then
+        JetStream's last for this host (which counts only if it is byte for byte the
+        event this host journaled). See the module's docstring."""
         backoff = 0.2
+        local = self.local_acked
         while True:
             try:
                 await self._ensure_stream(js, not_found)
+                at: tuple[int, int] | None = None
                 try:
                     last = await js.get_last_msg(self.cfg.stream,
                                                  names.host_filter(self.daemon_id))
                     stored = self._own_seq(reader, bytes(last.data or b""))
+                    if stored is not None:
+                        at = (stored, int(last.seq))
                 except not_found:
                     stored = 0
+                if stored is None:  # not this host's event: trust only our own acked seq
+                    stored = local or 0
+                if local is None:
+                    start = stored
+                elif stored >= local or await self._holds(js, reader, not_found):
+                    start, at = local, self._acked_at  # never below what JetStream acked
+                else:
+                    start = stored  # the stream lost what we sent: send it again
                 break
             except Exception as exc:  # noqa: BLE001 - NATS unreachable: retry
                 self.last_error = redact_text(f"resume: {type(exc).__name__}: {exc}")[:300]
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
-        if stored is None:  # not this host's event: trust only our own acked seq
-            stored = self.local_acked or 0
-        start = stored if self.local_acked is None else min(self.local_acked, stored)
         self.acked = start
+        self._acked_at = at if at is not None and at[0] == start else None
         self.resumed_from = start + 1
         log.info("forwarding to %s stream %s from seq %d (JetStream holds up to %d)",
                  redact_url(self.cfg.url), self.cfg.stream, start + 1, stored)
+
+    async def _holds(self, js: Any, reader: JournalReader,
+                     not_found: type[Exception]) -> bool:
+        """Whether the stream still holds the event we acked, looked up at the stream seq
+        JetStream stored it at: byte for byte, on its subject."""
+        at = self._acked_at
+        if at is None or at[0] != self.local_acked:
+            return False  # where it was stored is not known: the stream's word stands
+        try:
+            held = await js.get_msg(self.cfg.stream, seq=at[1])
+        except not_found:
+            return False
+        body = reader.read(at[0], at[0], 1)
+        if not body or bytes(held.data or b"") != body[0].encode():
+            return False
+        return bool(held.subject == names.subject_for(self.daemon_id, _fields(body[0])[2]))
 
     @staticmethod
     def _own_seq(reader: JournalReader, data: bytes) -> int | None:
@@ -381,7 +430,6 @@ class Forwarder:
         from nats.js.errors import NoStreamResponseError
 
         assert self._wake is not None
-        prefix = names.PREFIX
         backoff = 0.1
         while True:
             head = max(self._head, self.mesh.delivered_seq)
@@ -402,8 +450,7 @@ class Forwarder:
             for body in bodies:
                 kid, seq, topic = _fields(body)
                 seqs.append(seq)
-                subject = f"{prefix}.{self.daemon_id}." + ".".join(
-                    names.subject_token(t) for t in topic.split("."))
+                subject = names.subject_for(self.daemon_id, topic)
                 data = body.encode()
                 msgs.append((subject, data, kid, seq))
                 sends.append(js.publish(subject, data, stream=self.cfg.stream, headers={
@@ -425,6 +472,7 @@ class Forwarder:
                 ok += 1
             if ok:
                 self.acked = seqs[ok - 1]
+                self._acked_at = (self.acked, int(results[ok - 1].seq))
                 self.forwarded += ok
                 self._behind_since = time.time() if self.acked < self._head else None
                 self._trio_soon(self._save)
