@@ -179,6 +179,11 @@ class Nats:
                                 continue
                             return count
                         break
+                except NotFoundError:
+                    # The consumer NATS just made is unknown to it (a new replicated
+                    # consumer with no leader yet, one a lost node held, one NATS removed
+                    # as idle under load): resume after the last message taken.
+                    patience.timed_out("the consumer was not found")
                 finally:
                     await sub.unsubscribe()
 
