@@ -26,7 +26,6 @@ finds no line end within MAX_LINE_BYTES (that line is too long: nothing more to 
 from __future__ import annotations
 
 import errno
-import functools
 import gc
 import os
 import re
@@ -331,28 +330,97 @@ def _verify_chunk(path: str, start: int, end: int, public_key: bytes,
             gc.enable()
 
 
-# In a worker of the parallel pass: a flag shared by all the workers (shared memory),
-# raised by the first chunk that fails, so that the chunks already handed out are
-# skipped before the parent has even heard of it.
-_failed: Any = None
+def _fan_worker(conn: Any, counter: Any, lock: Any, failed: Any, path: str,
+                public_key: bytes, stale_after: float | None,
+                ranges: list[tuple[int, int]]) -> None:
+    """A worker of the parallel pass: takes the next chunk (``counter``, under ``lock``)
+    until none is left or one has failed (``failed``, shared by all), and sends (i, what
+    chunk i proves) on ``conn``; (i, None) for a chunk that fails, or for anything that
+    goes wrong here (the one pass that follows says what)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the pass
+    i = -1
+    try:
+        while not failed.value:
+            with lock:
+                i = counter.value
+                if i >= len(ranges):
+                    return
+                counter.value = i + 1
+            start, end = ranges[i]
+            chunk = _verify_chunk(path, start, end, public_key, stale_after)
+            if chunk is None:
+                failed.value = 1
+            conn.send((i, chunk))
+            if chunk is None:
+                return
+    except Exception:  # noqa: BLE001 - said by the one pass that follows
+        failed.value = 1
+        try:
+            conn.send((max(i, 0), None))
+        except OSError:
+            pass
+    finally:
+        conn.close()
 
 
-def _share_failure(flag: Any) -> None:
-    global _failed
-    _failed = flag
+def _fan_out(path: str, public_key: bytes, stale_after: float | None,
+             ranges: list[tuple[int, int]], workers: int,
+             progress: Callable[[int, int], None] | None) -> list[_Chunk] | None:
+    """What each chunk proves, verified by ``workers`` forked processes as they finish;
+    None at the first chunk that fails, whatever its place (the workers are killed at
+    once: none goes on reading a file already known to fail), or if a worker died.
 
+    Processes of its own, not multiprocessing.Pool: a Pool's terminate() after a pass cut
+    short can hang for good (CPython issues 73945 and 96995; CI, session 10: a --jobs 2
+    verify of a stream failing in two chunks hung 300 s). Killing a worker here can leave
+    nothing waiting: the counter's lock is never taken again once the pass stops."""
+    import multiprocessing
+    from multiprocessing.connection import wait
 
-def _verify_numbered(path: str, public_key: bytes, stale_after: float | None,
-                     part: tuple[int, tuple[int, int]]) -> tuple[int, _Chunk | None]:
-    """:func:`_verify_chunk` of the ``part`` numbered i: (i, what it proves); (i, None)
-    at once if a chunk has failed already."""
-    i, (start, end) = part
-    if _failed is not None and _failed.value:
-        return i, None
-    chunk = _verify_chunk(path, start, end, public_key, stale_after)
-    if chunk is None and _failed is not None:
-        _failed.value = 1
-    return i, chunk
+    context = multiprocessing.get_context("fork")
+    counter = context.RawValue("q", 0)
+    lock = context.Lock()
+    failed = context.RawValue("b", 0)
+    procs: list[Any] = []
+    readers: list[Any] = []
+    chunks: list[_Chunk | None] = [None] * len(ranges)
+    try:
+        for _ in range(min(workers, len(ranges))):
+            reader, writer = context.Pipe(duplex=False)
+            readers.append(reader)
+            proc = context.Process(target=_fan_worker, daemon=True, args=(
+                writer, counter, lock, failed, path, public_key, stale_after, ranges))
+            proc.start()
+            procs.append(proc)
+            writer.close()
+        finished = 0
+        open_readers = list(readers)
+        while open_readers:
+            for reader in wait(open_readers):  # type: ignore[assignment]
+                try:
+                    i, chunk = reader.recv()
+                except EOFError:  # the worker is done (or died)
+                    open_readers.remove(reader)
+                    continue
+                if chunk is None:
+                    return None
+                chunks[i] = chunk
+                finished += 1
+                if progress is not None:
+                    progress(finished, len(ranges))
+        if any(c is None for c in chunks):
+            return None  # a worker died before it sent its chunk
+        return [c for c in chunks if c is not None]
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in procs:
+            proc.join()
+        for reader in readers:
+            reader.close()
 
 
 def _boundaries(path: str, size: int, pieces: int) -> list[tuple[int, int]] | None:
@@ -388,7 +456,6 @@ def _parallel(path: str, public_key: bytes, *, anchor: tuple[int, str] | None,
               progress: Callable[[int, int], None] | None = None) -> Result | None:
     """The parallel pass: a Result if the file is proved, None to verify it again in one
     pass (something is wrong, or the file cannot be split)."""
-    import multiprocessing
 
     size = os.path.getsize(path)
     # Small chunks, many per worker: the last ones end close together, no core idles
@@ -406,23 +473,10 @@ def _parallel(path: str, public_key: bytes, *, anchor: tuple[int, str] | None,
             if progress is not None:
                 progress(i + 1, len(ranges))
     else:
-        # multiprocessing.Pool, not ProcessPoolExecutor: leaving its block for any reason
-        # (an error, too many open files, a signal, the first chunk that fails) terminates
-        # its workers, so none is left behind holding the caller's pipes open, and none
-        # goes on reading a file already known to fail. Chunks are taken as they finish:
-        # a failing one stops the pass at once, whatever its place (the one pass that
-        # follows names the first violation in file order).
-        context = multiprocessing.get_context("fork")
-        failed = context.RawValue("b", 0)
-        with context.Pool(min(workers, len(ranges)), _share_failure, (failed,)) as pool:
-            done = pool.imap_unordered(functools.partial(_verify_numbered, path, public_key,
-                                                         stale_after), enumerate(ranges))
-            for finished, (i, chunk) in enumerate(done, 1):
-                if chunk is None:
-                    return None
-                chunks[i] = chunk
-                if progress is not None:
-                    progress(finished, len(ranges))
+        done = _fan_out(path, public_key, stale_after, ranges, workers, progress)
+        if done is None:
+            return None
+        chunks = list(done)
     if not chunks or any(c is None for c in chunks):
         return None
     verifier = ChainVerifier(public_key, anchor=anchor, first_seq=None if anchor else 1)
