@@ -99,20 +99,26 @@ def test_a_dropped_event_a_forgery_and_a_misfiled_event_are_reported() -> None:
     assert unknown.hosts[other].violation is not None
 
 
-def _mission_chain(signer: Signer) -> list[tuple[str, bytes]]:
-    """started, heartbeat, mission 1 awaiting approval, heartbeat, heartbeat."""
+def _steps_chain(signer: Signer, steps: list[tuple[str, dict[str, object]]],
+                 t0: float = 1_800_000_000.0) -> list[tuple[str, bytes]]:
+    """These (topic, payload) signed in a chain from genesis, a second apart from t0."""
     out, prev = [], GENESIS_PREV
-    steps = [("daemon.started", {"host": "web1", "version": "0.1.0"}),
-             ("daemon.heartbeat", {"interval": 5, "host": "web1"}),
-             ("mission.opened", {"id": 1, "state": "awaiting_approval", "severity": "high"}),
-             ("daemon.heartbeat", {"interval": 5, "host": "web1"}),
-             ("daemon.heartbeat", {"interval": 5, "host": "web1"})]
     for seq, (topic, payload) in enumerate(steps, 1):
-        ev = signer.make_event(seq=seq, ts=1_800_000_090.0 + seq, topic=topic,
-                               payload=payload, prev=prev)
+        ev = signer.make_event(seq=seq, ts=t0 + seq, topic=topic, payload=payload, prev=prev)
         prev = ev.hash
         out.append((names.subject_for(DAEMON, topic), ev.text.encode()))
     return out
+
+
+def _mission_chain(signer: Signer) -> list[tuple[str, bytes]]:
+    """started, heartbeat, mission 1 awaiting approval, heartbeat, heartbeat."""
+    steps: list[tuple[str, dict[str, object]]] = [
+        ("daemon.started", {"host": "web1", "version": "0.1.0"}),
+        ("daemon.heartbeat", {"interval": 5, "host": "web1"}),
+        ("mission.opened", {"id": 1, "state": "awaiting_approval", "severity": "high"}),
+        ("daemon.heartbeat", {"interval": 5, "host": "web1"}),
+        ("daemon.heartbeat", {"interval": 5, "host": "web1"})]
+    return _steps_chain(signer, steps, 1_800_000_090.0)
 
 
 def test_one_injected_message_does_not_blind_the_view_to_a_host() -> None:
@@ -351,17 +357,6 @@ def test_a_reads_consumer_is_replicated_as_the_stream_once_a_peer_is_lost() -> N
     assert consumer_replicas(info(3, (True, None), (True, True))) == 3
     assert consumer_replicas(info(1)) == 1  # one server: no peers
     assert stream_replicas(info(5, (True, None))) == 5
-
-
-def _steps_chain(signer: Signer, steps: list[tuple[str, dict[str, object]]]
-                 ) -> list[tuple[str, bytes]]:
-    out, prev = [], GENESIS_PREV
-    for seq, (topic, payload) in enumerate(steps, 1):
-        ev = signer.make_event(seq=seq, ts=1_800_000_000.0 + seq, topic=topic,
-                               payload=payload, prev=prev)
-        prev = ev.hash
-        out.append((names.subject_for(DAEMON, topic), ev.text.encode()))
-    return out
 
 
 def test_open_missions_and_escalated_ones_are_counted_as_the_host_counts_them() -> None:
