@@ -123,6 +123,51 @@ def test_an_escalated_mission_whose_symptom_cleared_leaves_the_fleet_view_as_the
 
 
 @pytest.mark.slow
+def test_a_symptom_that_cleared_while_graced_was_stopped_releases_its_escalation(
+        shortdir: Path) -> None:
+    """graced restarted holds an escalated mission for a person until its detector sees
+    the symptom normal; that first normal sample is journaled as detector.recovered (it
+    was not, graced having seen it anomalous only before the restart), so the fleet view
+    ends the escalation with the host."""
+    marker = f"grace-fleetr-{uuid.uuid4().hex[:8]}"
+    worker = start_sleeper(marker)
+    cleared = None
+    try:
+        with one_host(shortdir, detectors=(process_detector(marker) + _failing_playbook()
+                                           + MISSIONS.format(flap=0))) as h:
+            g, op = h.g, h.op
+            op.pin(g)
+            w = Watch(g)
+            try:
+                worker.kill()  # a real fault
+                worker.wait(10)
+                mid = w.wait("mission.escalated", "worker", 30)["payload"]["id"]
+            finally:
+                w.close()
+            wait_caught_up(g)
+            assert _fleet_host(op)["escalated"] == [mid]
+            g.stop()
+            cleared = start_sleeper(marker)  # the symptom clears while graced is down
+            g.start()
+            poll_until(lambda: status(g)["escalated"] == [], 30,
+                       "the host releasing the escalated mission")
+            recovered = [json.loads(line)["payload"] for line in g.ctl(
+                "tail", "--no-follow", "--json", "-n", "all", "detector.recovered",
+                check=True).stdout.splitlines()]
+            assert [(r["detector"], r["subject"]) for r in recovered] == [
+                ("worker", marker)], recovered
+            wait_caught_up(g)
+            assert json.loads(g.ctl("missions", "ls", "--json", check=True).stdout) == []
+            assert op.fleet_json("missions", "ls") == []
+            assert _fleet_host(op)["escalated"] == []
+    finally:
+        for proc in (worker, cleared):
+            if proc is not None:
+                proc.kill()
+                proc.wait(10)
+
+
+@pytest.mark.slow
 def test_fleet_missions_show_points_to_fleet_approve(shortdir: Path) -> None:
     """The plan a mission awaits approval with, shown from the fleet, names the command
     that approves it from there (fleet approve HOST ID, HOST as it was named), not the
