@@ -74,12 +74,19 @@ class NatsServer:
         self.cluster_port = cluster_port
         self.routes = cluster or []
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_once = False
+        self.log_from = 0
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0, wait: bool = True) -> None:
+        self._launch()
+        if wait:
+            self.wait_ready(timeout)
+
+    def _launch(self) -> None:
         argv = [self.binary, "-js", "-sd", str(self.base / "store"), "-a", "127.0.0.1",
                 "-p", str(self.port), "-m", str(self.monitor), "-n", self.name]
         if self.cluster_port is not None:
@@ -88,10 +95,9 @@ class NatsServer:
             argv += ["--cluster_name", "grace", "--cluster",
                      f"nats://127.0.0.1:{self.cluster_port}", "--routes", routes]
         log = open(self.base / "server.log", "ab")  # noqa: SIM115
+        self.log_from = log.tell()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         log.close()
-        if wait:
-            self.wait_ready(timeout)
 
     def healthy(self) -> bool:
         """The server answers /healthz with JetStream up (2.9's monitoring endpoint)."""
@@ -104,14 +110,26 @@ class NatsServer:
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not self.healthy():
+        moved = 0
+        # Its own process alive and answering: another server's monitor may answer on a
+        # port this one could not take.
+        while not (self.proc is not None and self.proc.poll() is None and self.healthy()):
             if self.proc is not None and self.proc.poll() is not None:
+                if (not self.started_once and moved < 5
+                        and "address already in use" in self.log()[self.log_from:]):
+                    # free_port() let go of the port before nats-server took it, and
+                    # something else took it meanwhile (CI: the monitor port): others.
+                    self.port, self.monitor = free_port(), free_port()
+                    moved += 1
+                    self._launch()
+                    continue
                 raise RuntimeError(f"nats-server {self.name} exited {self.proc.returncode}: "
                                    f"{self.log()[-2000:]}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nats-server {self.name} not healthy within {timeout} s:"
                                    f" {self.log()[-2000:]}")
             time.sleep(0.1)
+        self.started_once = True  # a restart keeps its ports: they are the cluster's
 
     def log(self) -> str:
         try:
