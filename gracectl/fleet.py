@@ -38,7 +38,15 @@ from . import out, trust
 from .client import Connection, decide, sole_exception
 from .command import Finite, read_key_file, utc_option, wide_option
 from .errors import CtlError, NotFound, Unreachable
-from .fleetview import FleetView, HostView, dumps, event_time, in_view, resolve_host
+from .fleetview import (
+    SEVERITY_RANK,
+    FleetView,
+    HostView,
+    dumps,
+    event_time,
+    in_view,
+    resolve_host,
+)
 from .tail import format_event
 
 T = TypeVar("T")
@@ -443,7 +451,10 @@ def hosts_table(hosts: list[HostView], now: float, width: int | None = -1) -> st
     the daemon id down to a prefix, the verification on its own line; --wide: whole)."""
     rows = []
     for h in hosts:
-        missions = ", ".join(f"{n} {sev}" for sev, n in sorted(h.open_missions().items()))
+        # Most severe first, as status counts them ("2 high, 1 medium").
+        counts = h.open_missions()
+        missions = ", ".join(f"{counts[sev]} {sev}" for sev in sorted(
+            counts, key=lambda sev: (SEVERITY_RANK.get(sev, 9), sev)))
         if h.escalated():
             missions += f"{'; ' if missions else ''}{len(h.escalated())} escalated"
         verified = h.verified + (f"; {h.rejected_note}" if h.rejection else "")

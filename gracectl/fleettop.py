@@ -25,11 +25,10 @@ from typing import Any
 from graced.protocol import fleet as names
 
 from .fleet import Nats, _exit_for, _Keys, _load_from, hosts_table, missions_table
-from .fleetview import FleetView, HostView, in_view
+from .fleetview import SEVERITY_RANK, FleetView, HostView, in_view
 from .out import fit
 from .top import Line, _safe, _section, full_screen, plain
 
-SEVERITY_RANK = {"critical": 0, "high": 1, "medium": 2, "low": 3}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 

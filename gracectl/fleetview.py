@@ -136,6 +136,7 @@ class HostView:
         }
 
 
+SEVERITY_RANK = {"critical": 0, "high": 1, "medium": 2, "low": 3}  # most severe first
 # The host's active states (graced.missions.engine.ACTIVE): interrupted is one (graced
 # restarted while its playbook ran: it is watched until it resolves or fails).
 ACTIVE = ("detected", "open", "awaiting_approval", "approved", "executing", "verifying",

@@ -391,7 +391,7 @@ def test_open_missions_and_escalated_ones_are_counted_as_the_host_counts_them() 
     assert sum(host.open_missions().values()) == host.open_reported
     assert host.escalated() == [13, 17]
     assert sorted(i for i, m in host.missions.items() if in_view(m)) == [13, 15, 16, 17]
-    assert "1 low, 1 medium; 2 escalated" in hosts_table([host], 1_800_000_010.0, None)
+    assert "1 medium, 1 low; 2 escalated" in hosts_table([host], 1_800_000_010.0, None)
     # #13's symptom clears: the host says detector.recovered for its detector and subject.
     steps.append(("detector.recovered", {"detector": "a", "subject": "s", "value": 1}))
     host = _view(signer, _steps_chain(signer, steps)).hosts[DAEMON]
