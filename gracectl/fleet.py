@@ -39,6 +39,7 @@ from .client import Connection, decide, sole_exception
 from .command import Finite, read_key_file, utc_option, wide_option
 from .errors import CtlError, NotFound, Unreachable
 from .fleetview import (
+    PERSON_STATES,
     SEVERITY_RANK,
     FleetView,
     HostView,
@@ -423,8 +424,8 @@ def _age(seconds: float | None) -> str:
 @click.pass_context
 def fleet_ls(ctx: click.Context, as_json: bool) -> None:
     """The hosts: name, daemon id, last heartbeat, open missions by severity (and the
-    escalated ones that need a person, as the host's status counts them), forwarding
-    lag, verification status. Exits 11 (or the violation's code) when the stream of a
+    escalated or expired ones that need a person, as the host's status counts them),
+    forwarding lag, verification status. Exits 11 (or the violation's code) when the stream of a
     host whose key is pinned fails verification, 10 when a forged message on its
     subjects was rejected (a host with no key pinned is shown as unverified, or failed,
     but sets no exit code: anyone on NATS can make one up)."""
@@ -455,8 +456,9 @@ def hosts_table(hosts: list[HostView], now: float, width: int | None = -1) -> st
         counts = h.open_missions()
         missions = ", ".join(f"{counts[sev]} {sev}" for sev in sorted(
             counts, key=lambda sev: (SEVERITY_RANK.get(sev, 9), sev)))
-        if h.escalated():
-            missions += f"{'; ' if missions else ''}{len(h.escalated())} escalated"
+        for state in PERSON_STATES:  # as status: "; 1 escalated", "; 1 expired"
+            if h.waiting(state):
+                missions += f"{'; ' if missions else ''}{len(h.waiting(state))} {state}"
         verified = h.verified + (f"; {h.rejected_note}" if h.rejection else "")
         rows.append([h.host, h.daemon_id, h.state(now), _age(h.silent_for(now)),
                      missions or "-", "-" if h.fleet_lag is None else h.fleet_lag,
@@ -506,7 +508,8 @@ def fleet_missions() -> None:
               help="Only this host (name, daemon id or its prefix); repeatable.")
 @click.option("--state", "states", multiple=True, metavar="STATE",
               help="Only missions in this state; repeatable (default: as the host's missions "
-                   "ls, the active ones and the escalated ones that need a person).")
+                   "ls, the active ones and the escalated or expired ones that need a "
+                   "person).")
 @click.option("--all", "show_all", is_flag=True, help="Closed missions too.")
 @click.option("--unverified", "show_unverified", is_flag=True,
               help="Also the missions of hosts with no key pinned (marked UNVERIFIED: "
@@ -518,12 +521,11 @@ def fleet_missions_ls(ctx: click.Context, hosts: tuple[str, ...], states: tuple[
                       show_all: bool, show_unverified: bool, as_json: bool) -> None:
     """Each host's missions as its verified mission.* events last showed them, host by
     host, newest first (as missions ls there); by default those the host's missions ls
-    lists (active, or escalated and needing a person: its symptom not seen normal since,
-    "needs_person" in JSON). Hosts with no key pinned are left out unless --unverified
-    (then marked); in JSON each mission has "verified" (true: from events verified
-    against the host's pinned key).
-    Exits 11 (or the violation's code) when the stream of a host whose key is pinned
-    fails verification."""
+    lists (active, or escalated or expired and needing a person: its symptom not seen
+    normal since, "needs_person" in JSON). Hosts with no key pinned are left out unless
+    --unverified (then marked); in JSON each mission has "verified" (true: from events
+    verified against the host's pinned key). Exits 11 (or the violation's code) when the
+    stream of a host whose key is pinned fails verification."""
     view = _view(ctx)
     chosen = list(view.hosts.values())
     if hosts:

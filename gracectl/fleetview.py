@@ -114,7 +114,12 @@ class HostView:
 
     def escalated(self) -> list[int]:
         """The escalated missions that need a person (the host's status "escalated")."""
-        return sorted(i for i, m in self.missions.items() if needs_person(m))
+        return self.waiting("escalated")
+
+    def waiting(self, state: str) -> list[int]:
+        """The missions closed as ``state`` (escalated, expired) that need a person."""
+        return sorted(i for i, m in self.missions.items()
+                      if needs_person(m) and m.get("state") == state)
 
     def public(self, now: float) -> dict[str, Any]:
         return {
@@ -124,7 +129,7 @@ class HostView:
             "silent_for": self.silent_for(now), "stale": self.stale(now),
             "stopped": self.stopped, "forwarding_lag": self.fleet_lag,
             "open_missions": self.open_missions(), "open_missions_reported": self.open_reported,
-            "escalated": self.escalated(),
+            "escalated": self.escalated(), "expired": self.waiting("expired"),
             "verified": self.verified, "state": self.state(now),
             "rejected": self.rejected,
             "rejection": None if self.rejection is None else {
@@ -143,13 +148,19 @@ ACTIVE = ("detected", "open", "awaiting_approval", "approved", "executing", "ver
           "interrupted")
 
 
+# Closed as these, a mission needs a person while the host holds its symptom (not seen
+# normal since): escalated, or expired with nobody deciding (the host's status lists both).
+PERSON_STATES = ("escalated", "expired")
+
+
 def needs_person(m: dict[str, Any]) -> bool:
-    """An escalated mission whose symptom the host has not seen normal since."""
-    return m.get("state") == "escalated" and bool(m.get("needs_person"))
+    """An escalated or expired mission whose symptom the host has not seen normal since."""
+    return m.get("state") in PERSON_STATES and bool(m.get("needs_person"))
 
 
 def in_view(m: dict[str, Any]) -> bool:
-    """In the host's default missions ls: active, or escalated and needing a person."""
+    """In the host's default missions ls: active, or escalated or expired and needing a
+    person."""
     return m.get("state") in ACTIVE or needs_person(m)
 
 
@@ -318,19 +329,21 @@ class FleetView:
             view.open_reported = n if isinstance(n, int) and not isinstance(n, bool) \
                 else view.open_reported
             view.last_heartbeat = event_time(event)
-            held = payload.get("escalated")
-            if isinstance(held, list):
-                # The host's word on which still need a person: the others' symptom was
-                # seen normal (or their detector left the config) whatever events the
-                # stream lost.
-                for mid, m in view.missions.items():
-                    if needs_person(m) and mid not in held:
-                        m["needs_person"] = False
+            for state in PERSON_STATES:
+                held = payload.get(state)
+                if isinstance(held, list):
+                    # The host's word on which still need a person: the others' symptom
+                    # was seen normal (or their detector left the config) whatever events
+                    # the stream lost.
+                    for mid, m in view.missions.items():
+                        if needs_person(m) and m.get("state") == state and mid not in held:
+                            m["needs_person"] = False
             view.heartbeat_interval = announced_interval(event) or view.heartbeat_interval
             lag = payload.get("fleet_lag")
             view.fleet_lag = lag if isinstance(lag, int) else None
         elif topic == "detector.recovered":
-            # Its first normal sample releases an escalated mission of that detector and
+            # Its first normal sample releases an escalated (expired) mission of that
+            # detector and
             # subject on the host: it no longer needs a person (missions ls, status).
             for m in view.missions.values():
                 if needs_person(m) and m.get("detector") == payload.get("detector") \
@@ -339,7 +352,7 @@ class FleetView:
         elif topic.startswith("mission.") and isinstance(payload.get("id"), int) \
                 and "state" in payload:
             view.missions[payload["id"]] = {**payload, "updated_at": event_time(event),
-                                            "needs_person": payload["state"] == "escalated"}
+                                            "needs_person": payload["state"] in PERSON_STATES}
 
 
 def event_time(event: dict[str, Any]) -> float:

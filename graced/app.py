@@ -55,7 +55,8 @@ from .silences import Silences
 from .wire import Budget, Server, certificate_names, tls_context, tls_digest
 
 log = logging.getLogger("graced")
-# A heartbeat lists at most this many escalated missions that need a person (more: none).
+# A heartbeat lists at most this many escalated (expired) missions that need a person
+# (more: none).
 MAX_BEAT_ESCALATED = 1000
 
 
@@ -516,11 +517,13 @@ class Daemon:
                         beat["host"] = self.hostname
                         if self.engine is not None:
                             beat["open_missions"] = len(self.engine.active)
-                            # The escalated missions that still need a person (status's
-                            # "escalated"), bounded: the fleet view drops the others.
-                            escalated = self.engine.needs_person()
-                            if len(escalated) <= MAX_BEAT_ESCALATED:
-                                beat["escalated"] = escalated
+                            # The escalated and expired missions that still need a
+                            # person (status's lists), bounded: the fleet view drops the
+                            # others.
+                            for name, ids in (("escalated", self.engine.needs_person()),
+                                              ("expired", self.engine.expired_unanswered())):
+                                if len(ids) <= MAX_BEAT_ESCALATED:
+                                    beat[name] = ids
                     mesh.publish_nowait("daemon.heartbeat", beat)
                     last_beat = now
                 await trio.sleep_until(min(last_beat + interval, last_checkpoint + every))

@@ -168,6 +168,43 @@ def test_a_symptom_that_cleared_while_graced_was_stopped_releases_its_escalation
 
 
 @pytest.mark.slow
+def test_an_approval_nobody_gave_in_time_stays_in_the_fleet_view_as_on_the_host(
+        shortdir: Path) -> None:
+    """A mission that expired with nobody deciding and its symptom still there is listed
+    by missions ls and status (it needs a person); the fleet view lists it alike, and
+    drops it with the host once the symptom clears."""
+    marker = f"grace-fleete-{uuid.uuid4().hex[:8]}"
+    with one_host(shortdir, detectors=(_other(marker) + MISSIONS.format(flap=0)
+                                       + "\n[remediation]\napproval_timeout = 1.0\n")) as h:
+        g, op = h.g, h.op
+        op.pin(g)
+        w = Watch(g)
+        try:
+            mid = w.wait("mission.expired", "other", 30)["payload"]["id"]
+        finally:
+            w.close()
+        assert status(g)["expired"] == [mid]
+        wait_caught_up(g)
+        local = json.loads(g.ctl("missions", "ls", "--json", check=True).stdout)
+        assert _rows(local) == [(mid, "expired", "medium")], local
+        assert _rows(op.fleet_json("missions", "ls")) == _rows(local)
+        listed = _fleet_host(op)
+        assert (listed["expired"], listed["open_missions"]) == ([mid], {}), listed
+        assert "1 expired" in op.fleet("ls", "--wide").stdout
+        cleared = start_sleeper(marker)
+        try:
+            poll_until(lambda: status(g)["expired"] == [], 30,
+                       "the host releasing the expired mission")
+            wait_caught_up(g)
+            assert json.loads(g.ctl("missions", "ls", "--json", check=True).stdout) == []
+            assert op.fleet_json("missions", "ls") == []
+            assert _fleet_host(op)["expired"] == []
+        finally:
+            cleared.kill()
+            cleared.wait(10)
+
+
+@pytest.mark.slow
 def test_fleet_missions_show_points_to_fleet_approve(shortdir: Path) -> None:
     """The plan a mission awaits approval with, shown from the fleet, names the command
     that approves it from there (fleet approve HOST ID, HOST as it was named), not the

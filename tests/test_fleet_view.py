@@ -384,14 +384,16 @@ def test_open_missions_and_escalated_ones_are_counted_as_the_host_counts_them() 
         ("mission.interrupted", mission(16, "interrupted", "low", "c")),
         ("mission.opened", mission(17, "open", "high", "d")),
         ("mission.escalated", mission(17, "escalated", "high", "d")),
-        ("daemon.heartbeat", {**beat, "escalated": [13, 17]}),
+        ("mission.expired", mission(18, "expired", "medium", "e")),  # nobody decided
+        ("daemon.heartbeat", {**beat, "escalated": [13, 17], "expired": [18]}),
     ]
     host = _view(signer, _steps_chain(signer, steps)).hosts[DAEMON]
     assert host.open_missions() == {"medium": 1, "low": 1}
     assert sum(host.open_missions().values()) == host.open_reported
-    assert host.escalated() == [13, 17]
-    assert sorted(i for i, m in host.missions.items() if in_view(m)) == [13, 15, 16, 17]
-    assert "1 medium, 1 low; 2 escalated" in hosts_table([host], 1_800_000_010.0, None)
+    assert host.escalated() == [13, 17] and host.waiting("expired") == [18]
+    assert sorted(i for i, m in host.missions.items() if in_view(m)) == [13, 15, 16, 17, 18]
+    assert "1 medium, 1 low; 2 escalated; 1 expired" in hosts_table(
+        [host], 1_800_000_010.0, None)
     # #13's symptom clears: the host says detector.recovered for its detector and subject.
     steps.append(("detector.recovered", {"detector": "a", "subject": "s", "value": 1}))
     host = _view(signer, _steps_chain(signer, steps)).hosts[DAEMON]
@@ -401,9 +403,15 @@ def test_open_missions_and_escalated_ones_are_counted_as_the_host_counts_them() 
     # #17 (released with no event, as by a reload that dropped its detector) does.
     steps.append(("detector.recovered", {"detector": "d", "subject": "t", "value": 1}))
     assert _view(signer, _steps_chain(signer, steps)).hosts[DAEMON].escalated() == [17]
-    steps.append(("daemon.heartbeat", {**beat, "escalated": []}))
+    steps.append(("daemon.heartbeat", {**beat, "escalated": [], "expired": [18]}))
     host = _view(signer, _steps_chain(signer, steps)).hosts[DAEMON]
     assert host.escalated() == [] and host.missions[17]["state"] == "escalated"
+    assert host.public(1_800_000_010.0)["expired"] == [18]
+    # The expired one's symptom seen normal: released as the host releases it.
+    steps.append(("detector.recovered", {"detector": "e", "subject": "s", "value": 1}))
+    host = _view(signer, _steps_chain(signer, steps)).hosts[DAEMON]
+    assert host.waiting("expired") == [] and not in_view(host.missions[18])
     # A heartbeat with no list (an older graced, or more than it lists) releases nothing.
-    steps[-1] = ("daemon.heartbeat", beat)
-    assert _view(signer, _steps_chain(signer, steps)).hosts[DAEMON].escalated() == [17]
+    older = [*steps[:-2], ("daemon.heartbeat", beat)]
+    host = _view(signer, _steps_chain(signer, older)).hosts[DAEMON]
+    assert host.escalated() == [17] and host.waiting("expired") == [18]
