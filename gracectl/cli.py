@@ -175,8 +175,9 @@ def status(ctx: click.Context, as_json: bool, quiet: bool) -> None:
 
     Exits 7 when graced is degraded (journal commits or a detector failing, or a mission
     escalated, or expired with nobody deciding, whose symptom was not seen normal since:
-    it needs a person; or fleet forwarding disconnected for longer than [fleet]
-    degraded_after, 60 s, with events behind), so that
+    it needs a person; or fleet forwarding behind, its oldest unacknowledged event
+    waiting longer than [fleet] degraded_after, 60 s, connected or not: disconnected,
+    or publishes refused), so that
     `gracectl status && ...` works in scripts and health checks; a pause is shown but is
     not degraded, nor is a probe whose target fails (refused, timed out: shown, and a
     mission of its own).

@@ -41,7 +41,8 @@ class FleetConfig:
     max_bytes_per_host: int = field(default=256 << 20, metadata=check(positive))
     in_flight: int = field(default=256, metadata=check(between(1, 65536)))
     ack_timeout: float = field(default=5.0, metadata=check(positive))
-    # Disconnected this long with events behind: graced is degraded (status exit 7).
+    # Behind this long (the oldest unacknowledged event waiting), connected or not:
+    # graced is degraded (status exit 7).
     degraded_after: float = field(default=60.0, metadata=check(positive))
     share_knowledge: bool = True  # put this host's knowledge export in grace-knowledge
     knowledge_keys: list[str] = field(default_factory=list)  # peers whose exports to import

@@ -67,6 +67,7 @@ from ..journal import JournalReader
 from ..mesh import Mesh
 from ..protocol import SignedEvent
 from ..protocol import fleet as names
+from ..protocol.signing import parse_ts
 from ..protocol.wire import Request, RequestError, parse_request
 from ..redact import redact_text, redact_url
 from .bridge import AsyncioThread
@@ -164,7 +165,11 @@ class Forwarder:
         self._rpc_tasks: set[asyncio.Future[None]] = set()  # held: asyncio keeps weak refs
         self.refused_duplicates = 0
         self._alert: tuple[float, str] | None = None
+        # When the oldest event not yet acknowledged came (None: caught up), and why
+        # JetStream refused the last publishes while connected (None: it did not).
         self._behind_since: float | None = None
+        self._started = time.time()
+        self._refused: str | None = None
         self._head = mesh.delivered_seq
         self._wake: asyncio.Event | None = None
         self._bridge: AsyncioThread | None = None
@@ -253,29 +258,42 @@ class Forwarder:
         since = self.down_since
         return 0.0 if self.connected or since is None else max(0.0, now - since)
 
+    def behind_for(self, now: float) -> float:
+        """Seconds the oldest event not yet acknowledged by JetStream has waited; 0 if none."""
+        behind = self._behind_since
+        if self.mesh.delivered_seq <= self.acked or behind is None:
+            return 0.0
+        return max(0.0, now - behind)
+
     def degraded(self, now: float) -> str | None:
-        """Why forwarding makes graced degraded: disconnected for longer than
-        ``[fleet] degraded_after`` with events behind (a fleet that sees nothing of this
-        host, as a Prometheus alert on a lag would fire); else None."""
-        down = self.disconnected_for(now)
+        """Why forwarding makes graced degraded: behind (its oldest unacknowledged event
+        waiting) for longer than ``[fleet] degraded_after``, connected or not (a fleet
+        that sees nothing of this host, as a Prometheus alert on a lag would fire), and
+        why: disconnected, or the publishes JetStream refused; else None."""
         lag = max(0, self.mesh.delivered_seq - self.acked)
-        if not lag or down < self.cfg.degraded_after:
+        behind = self.behind_for(now)
+        if not lag or behind < self.cfg.degraded_after:
             return None
-        return (f"fleet forwarding to {redact_url(self.cfg.url)} disconnected for "
-                f"{down:.0f} s, {lag} events behind (more than [fleet] degraded_after "
-                f"{self.cfg.degraded_after:g} s)")
+        if not self.connected:
+            why = f"disconnected for {self.disconnected_for(now):.0f} s"
+        elif self._refused is not None:
+            why = f"publishes refused: {self._refused}"
+        else:
+            why = "publishes not acknowledged yet"
+        return (f"fleet forwarding to {redact_url(self.cfg.url)} {lag} events behind for "
+                f"{behind:.0f} s (more than [fleet] degraded_after "
+                f"{self.cfg.degraded_after:g} s): {why}")
 
     def status(self) -> dict[str, Any]:
         head = self.mesh.delivered_seq
         lag = max(0, head - self.acked)
-        behind = self._behind_since
         return {
             "url": redact_url(self.cfg.url), "stream": self.cfg.stream,
             "connected": self.connected, "acked_seq": self.acked, "head_seq": head,
             "lag_events": lag,
             "disconnected_seconds": round(self.disconnected_for(time.time()), 3),
             "degraded_after": self.cfg.degraded_after,
-            "lag_seconds": round(time.time() - behind, 3) if lag and behind else 0.0,
+            "lag_seconds": round(self.behind_for(time.time()), 3),
             "forwarded": self.forwarded, "resumed_from": self.resumed_from,
             "requests_served": self.rpc_served, "requests_dropped": self.rpc_dropped,
             "requests_resent": self.rpc_resent,
@@ -384,7 +402,8 @@ class Forwarder:
                     start = stored  # the stream lost what we sent: send it again
                 break
             except Exception as exc:  # noqa: BLE001 - NATS unreachable: retry
-                self.last_error = redact_text(f"resume: {type(exc).__name__}: {exc}")[:300]
+                self.last_error = self._refused = \
+                    redact_text(f"resume: {type(exc).__name__}: {exc}")[:300]
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
         self.acked = start
@@ -446,6 +465,9 @@ class Forwarder:
             if not bodies:
                 await asyncio.sleep(0.05)
                 continue
+            # The oldest event waiting: since it was made (graced running), not since
+            # forwarding last moved.
+            self._behind_since = self._made_at(bodies[0])
             sends, seqs, msgs = [], [], []
             for body in bodies:
                 kid, seq, topic = _fields(body)
@@ -474,11 +496,13 @@ class Forwarder:
                 self.acked = seqs[ok - 1]
                 self._acked_at = (self.acked, int(results[ok - 1].seq))
                 self.forwarded += ok
-                self._behind_since = time.time() if self.acked < self._head else None
+                self._behind_since = (self._made_at(bodies[ok]) if ok < len(bodies)
+                                      else None if self.acked >= self._head else time.time())
                 self._trio_soon(self._save)
             if ok < len(results):
                 exc = results[ok]
-                self.last_error = redact_text(f"publish: {type(exc).__name__}: {exc}")[:300]
+                self.last_error = self._refused = \
+                    redact_text(f"publish: {type(exc).__name__}: {exc}")[:300]
                 if isinstance(exc, (not_found, NoStreamResponseError)):
                     # The stream was deleted: make it again, and resend what it lost.
                     try:
@@ -490,6 +514,16 @@ class Forwarder:
                 backoff = min(backoff * 2, 2.0)
             else:
                 backoff = 0.1
+                self._refused = None
+
+    def _made_at(self, body: str) -> float:
+        """When the journaled event ``body`` was made (not before graced started, not
+        after now)."""
+        try:
+            made = parse_ts(str(json.loads(body)["ts"]))
+        except (ValueError, KeyError, TypeError):
+            made = time.time()
+        return min(time.time(), max(self._started, made))
 
     async def _check_duplicate(self, js: Any, ack: Any, subject: str, data: bytes, kid: str,
                                seq: int) -> Any:
