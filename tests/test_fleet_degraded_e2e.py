@@ -116,3 +116,32 @@ def test_publishes_refused_while_connected_past_degraded_after_is_degraded_until
         cap_stream(site.server.url, capped=False)
         wait_caught_up(g, 60)
         assert g.ctl("status", "-q").returncode == 0
+
+
+def users(deny: str) -> str:
+    """nats-server's users: graced's may publish anything but ``deny``."""
+    return ("authorization { users = [ {user: g, password: pw, permissions: "
+            f'{{publish: {{deny: ["{deny}"]}}}}}} ] }}\n')
+
+
+@pytest.mark.slow
+def test_publishes_denied_by_a_permission_past_degraded_after_is_degraded_until_allowed(
+        shortdir: Path) -> None:
+    with one_host(shortdir, fleet=f'user = "g"\npassword = "pw"\n'
+                  f"degraded_after = {DEGRADED_AFTER}\n",
+                  server_conf=users("nothing.>")) as site:
+        g = site.g
+        wait_caught_up(g)
+        site.server.reload(users("grace.>"))
+        g.ctl("emit", "user.note", check=True)
+
+        poll_degraded(g, connected=True)
+        line = health_line(g)
+        # A denied publish is only a timeout to the publisher: the line says why.
+        assert ("): publishes refused: publish: Error: nats: permissions violation for "
+                'publish to "grace.') in line, line
+        assert g.ctl("status", "-q").returncode == 7
+
+        site.server.reload(users("nothing.>"))
+        wait_caught_up(g, 60)
+        assert g.ctl("status", "-q").returncode == 0

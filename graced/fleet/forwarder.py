@@ -170,6 +170,9 @@ class Forwarder:
         self._behind_since: float | None = None
         self._started = time.time()
         self._refused: str | None = None
+        # The last "permissions violation for publish" NATS reported (monotonic time, text):
+        # a publish it denies is only a timeout to the publisher.
+        self._violation: tuple[float, str] | None = None
         self._head = mesh.delivered_seq
         self._wake: asyncio.Event | None = None
         self._bridge: AsyncioThread | None = None
@@ -343,6 +346,8 @@ class Forwarder:
                 self.rpc_dropped += 1  # a request its full subscription had no room for
                 return
             self.last_error = redact_text(f"{type(exc).__name__}: {exc}")[:300]
+            if "permissions violation for publish" in str(exc):
+                self._violation = (time.monotonic(), self.last_error)
 
         backoff = 0.2
         while True:
@@ -484,6 +489,7 @@ class Forwarder:
                 self.last_error = (f"events {self.acked + 1}..{seqs[0] - 1} were pruned from "
                                    "the journal before they could be forwarded")
                 log.error("%s", self.last_error)
+            sent_at = time.monotonic()
             results: list[Any] = list(await asyncio.gather(*sends, return_exceptions=True))
             ok = 0
             for i, res in enumerate(results):
@@ -501,8 +507,10 @@ class Forwarder:
                 self._trio_soon(self._save)
             if ok < len(results):
                 exc = results[ok]
-                self.last_error = self._refused = \
-                    redact_text(f"publish: {type(exc).__name__}: {exc}")[:300]
+                why, denied = f"{type(exc).__name__}: {exc}", self._violation
+                if isinstance(exc, TimeoutError) and denied and denied[0] >= sent_at:
+                    why = denied[1]  # why no ack came: NATS said so, to the error callback
+                self.last_error = self._refused = redact_text(f"publish: {why}")[:300]
                 if isinstance(exc, (not_found, NoStreamResponseError)):
                     # The stream was deleted: make it again, and resend what it lost.
                     try:

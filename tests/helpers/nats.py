@@ -61,13 +61,16 @@ def free_port() -> int:
 
 class NatsServer:
     """One nats-server process; :meth:`stop` and :meth:`start` again keep its port and
-    its store (a restart, as an operator's)."""
+    its store (a restart, as an operator's). ``conf``: a configuration file's text (users
+    and their permissions, say), which :meth:`reload` replaces as an operator does."""
 
     def __init__(self, base: Path, name: str = "n1", cluster: list[int] | None = None,
-                 cluster_port: int | None = None) -> None:
+                 cluster_port: int | None = None, conf: str | None = None) -> None:
         self.binary = ensure_nats()
         self.base = base / name
         self.base.mkdir(parents=True, exist_ok=True)
+        self.conf = None if conf is None else self.base / "server.conf"
+        self.conf_text = conf or ""
         self.name = name
         self.port = free_port()
         self.monitor = free_port()
@@ -89,6 +92,9 @@ class NatsServer:
     def _launch(self) -> None:
         argv = [self.binary, "-js", "-sd", str(self.base / "store"), "-a", "127.0.0.1",
                 "-p", str(self.port), "-m", str(self.monitor), "-n", self.name]
+        if self.conf is not None:  # all in the file: a reload would undo the flags
+            self._write_conf()
+            argv = [self.binary, "-c", str(self.conf)]
         if self.cluster_port is not None:
             routes = ",".join(f"nats://127.0.0.1:{p}" for p in self.routes
                               if p != self.cluster_port)
@@ -130,6 +136,24 @@ class NatsServer:
                                    f" {self.log()[-2000:]}")
             time.sleep(0.1)
         self.started_once = True  # a restart keeps its ports: they are the cluster's
+
+    def _write_conf(self) -> None:
+        assert self.conf is not None and self.cluster_port is None
+        self.conf.write_text(
+            f'server_name: {self.name}\nlisten: "127.0.0.1:{self.port}"\n'
+            f'http: "127.0.0.1:{self.monitor}"\n'
+            f'jetstream {{ store_dir: "{self.base / "store"}" }}\n{self.conf_text}')
+
+    def reload(self, conf: str) -> None:
+        """Replace the configuration file's ``conf`` and have the server reload it
+        (SIGHUP); returns once its log says it did."""
+        assert self.conf is not None and self.proc is not None
+        before = self.log().count("Reloaded server configuration")
+        self.conf_text = conf
+        self._write_conf()
+        self.proc.send_signal(signal.SIGHUP)
+        poll_until(lambda: self.log().count("Reloaded server configuration") > before, 30,
+                   "nats-server reloaded its configuration", pause=0.1)
 
     def log(self) -> str:
         try:
@@ -260,12 +284,13 @@ class OneHost:
 
 @contextmanager
 def one_host(base: Path, config: str = "", fleet: str = "", control: bool = False,
-             detectors: str = "") -> Iterator[OneHost]:
+             detectors: str = "", server_conf: str | None = None) -> Iterator[OneHost]:
     """A nats-server and a graced (``config`` added to its graced.toml's ``[daemon]``,
     ``fleet`` to its ``[fleet]``, ``detectors`` (detectors, playbooks, other tables)
     last) started; with ``control``, the operator's signing key made first and put in
-    graced's ``[remediation] control_keys``. Both stopped at the end."""
-    server = NatsServer(base)
+    graced's ``[remediation] control_keys``; ``server_conf``: the nats-server's
+    configuration file. Both stopped at the end."""
+    server = NatsServer(base, conf=server_conf)
     server.start()
     try:
         op = Operator(base, server.url)
