@@ -116,7 +116,7 @@ class _Way:
     def refuse(self, why: str) -> PermissionError:
         return PermissionError(f"pid file {self.path}: {why}; not trusted")
 
-    def entry(self, what: str, info: os.stat_result) -> None:
+    def entry(self, what: str, info: os.stat_result, fd: int = -1) -> None:
         """Check a directory or symlink on the way (``what``: "directory /run")."""
         mode = stat.S_IMODE(info.st_mode)
         if stat.S_ISDIR(info.st_mode) and mode & 0o022 and not mode & stat.S_ISVTX:

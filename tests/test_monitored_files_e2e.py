@@ -94,6 +94,44 @@ def test_a_value_file_swapped_for_a_link_to_graceds_key_is_not_read(
         w.close()
 
 
+@pytest.mark.slow
+def test_a_link_into_a_directory_its_owner_cannot_pass_is_not_read(
+        make_graced, shortdir: Path) -> None:
+    """Review s10, finding 1, replayed: the user who owns the value file's directory
+    renames a symlink to a 0644 file in root's private 0700 directory over it; `cat` as
+    that user is denied, and graced neither: the detector fails with one line naming
+    the user and the directory they cannot pass, the file's number is never reported.
+    The directory opened to others (0711), the same link is read."""
+    other = login_user()
+    uid = pwd.getpwnam(other).pw_uid
+    q = _users_dir(shortdir, other)
+    value = q / "queue_depth"
+    value.write_text("5\n")
+    os.chown(value, uid, -1)
+    private = shortdir / "private"
+    private.mkdir(mode=0o700)
+    secret = private / "count"
+    secret.write_text("4242\n")
+    secret.chmod(0o644)
+    denied = subprocess.run(["runuser", "-u", other, "--", "cat", str(secret)],
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            timeout=30)
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
+    g = make_graced(detectors=f'[[detector]]\nname = "queue"\nkind = "value"\n'
+                              f'file = "{value}"\ninterval = 0.2\nthreshold = 1e9\n')
+    poll_until(lambda: _detector(g, "queue")["subjects"].get(str(value), {}).get(
+        "value") == 5, 20, "the value read")
+    _as(other, f"ln -sf {secret} {q}/new && mv -f {q}/new {value}")
+    why = (f"{value}: directory {q} is owned by user {other} ({uid}), who may not pass "
+           f"directory {private} on the way to the file it leads to; not read")
+    poll_until(lambda: _detector(g, "queue").get("last_error") == why, 20, "the refusal")
+    assert why in g.ctl("detectors", check=True).stdout
+    assert _detector(g, "queue")["subjects"][str(value)]["value"] == 5
+    private.chmod(0o711)  # now theirs to reach: `cat` would read it
+    poll_until(lambda: (d := _detector(g, "queue"))["state"] == "up"
+               and d["subjects"][str(value)]["value"] == 4242, 20, "the link read")
+
+
 def test_junk_in_a_value_file_is_said_by_its_size_never_by_what_it_holds(
         make_graced, shortdir: Path) -> None:
     """Text that is not a number is reported by its size: the file is the writer's data
