@@ -270,7 +270,8 @@ class ReaderWay:
 def open_monitored(path: str, write: bool = False) -> int:
     """A file a detector reads, opened (non-blocking; read-write with ``write``) only if
     it is a regular file and every non-root user who controls the way to it could read
-    (or ``write``) it themselves (see the module): else PermissionError, or OSError for
+    (or ``write``) it themselves and pass every directory to it, and no ACL on the way
+    hides who may (see the module): else PermissionError, or OSError for
     a file missing or not a regular one (a FIFO, a device such as /dev/zero, a socket),
     one line naming it."""
     if not path.startswith("/"):
