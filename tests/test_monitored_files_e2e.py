@@ -42,6 +42,22 @@ def _users_dir(base: Path, user: str) -> Path:
     return d
 
 
+def _users_value(make_graced: Any, shortdir: Path) -> tuple[str, int, Path, Path, Graced]:
+    """A second user, the directory they own (``q``), a value file of theirs in it
+    holding 5, and a real graced whose detector "queue" has read that 5."""
+    other = login_user()
+    uid = pwd.getpwnam(other).pw_uid
+    q = _users_dir(shortdir, other)
+    value = q / "queue_depth"
+    value.write_text("5\n")
+    os.chown(value, uid, -1)
+    g = make_graced(detectors=f'[[detector]]\nname = "queue"\nkind = "value"\n'
+                              f'file = "{value}"\ninterval = 0.2\nthreshold = 1e9\n')
+    poll_until(lambda: _detector(g, "queue")["subjects"].get(str(value), {}).get(
+        "value") == 5, 20, "the value read")
+    return other, uid, q, value, g
+
+
 def _pieces(secret: str, width: int = 8) -> list[str]:
     return [secret[i:i + width] for i in range(0, len(secret) - width + 1)]
 
@@ -54,19 +70,10 @@ def test_a_value_file_swapped_for_a_link_to_graceds_key_is_not_read(
     naming the file and that user; no piece of the key is in `gracectl detectors` (text
     or JSON), the missions, the journal or graced's log. The user puts a number back:
     the detector is up again with it."""
-    other = login_user()
-    uid = pwd.getpwnam(other).pw_uid
-    q = _users_dir(shortdir, other)
-    value = q / "queue_depth"
-    value.write_text("5\n")
-    os.chown(value, uid, -1)
-    g = make_graced(detectors=f'[[detector]]\nname = "queue"\nkind = "value"\n'
-                              f'file = "{value}"\ninterval = 0.2\nthreshold = 1e9\n')
+    other, uid, q, value, g = _users_value(make_graced, shortdir)
     every = LineCollector(g.ctl_popen("tail", "--json", "--since", "1"))
     w = Watch(g)
     try:
-        poll_until(lambda: _detector(g, "queue")["subjects"].get(str(value), {}).get(
-            "value") == 5, 20, "the value read")
         key = g.state / "key"
         secret = key.read_text().strip()
         assert len(secret) >= 40, "graced's key file is not the base64 text expected"
@@ -102,12 +109,7 @@ def test_a_link_into_a_directory_its_owner_cannot_pass_is_not_read(
     that user is denied, and graced neither: the detector fails with one line naming
     the user and the directory they cannot pass, the file's number is never reported.
     The directory opened to others (0711), the same link is read."""
-    other = login_user()
-    uid = pwd.getpwnam(other).pw_uid
-    q = _users_dir(shortdir, other)
-    value = q / "queue_depth"
-    value.write_text("5\n")
-    os.chown(value, uid, -1)
+    other, uid, q, value, g = _users_value(make_graced, shortdir)
     private = shortdir / "private"
     private.mkdir(mode=0o700)
     secret = private / "count"
@@ -117,10 +119,6 @@ def test_a_link_into_a_directory_its_owner_cannot_pass_is_not_read(
                             capture_output=True, text=True, stdin=subprocess.DEVNULL,
                             timeout=30)
     assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
-    g = make_graced(detectors=f'[[detector]]\nname = "queue"\nkind = "value"\n'
-                              f'file = "{value}"\ninterval = 0.2\nthreshold = 1e9\n')
-    poll_until(lambda: _detector(g, "queue")["subjects"].get(str(value), {}).get(
-        "value") == 5, 20, "the value read")
     _as(other, f"ln -sf {secret} {q}/new && mv -f {q}/new {value}")
     why = (f"{value}: directory {q} is owned by user {other} ({uid}), who may not pass "
            f"directory {private} on the way to the file it leads to; not read")
