@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Graced
-from tests.helpers.nats import one_host, wait_caught_up
+from tests.helpers.nats import OneHost, one_host, wait_caught_up
 from tests.helpers.procs import poll_until
 
 DEGRADED_AFTER = 5.0
@@ -43,13 +43,16 @@ def poll_degraded(g: Graced, connected: bool) -> list[dict[str, Any]]:
     return seen
 
 
-def health_line(g: Graced) -> str:
-    res = g.ctl("status")
+def health_line(site: OneHost) -> str:
+    """The degraded health line of status (exit 7, and 7 for status -q), one-spaced,
+    past the part every cause shares; asserts that part."""
+    res = site.g.ctl("status")
     assert res.returncode == 7, (res.stdout, res.stderr)
+    assert site.g.ctl("status", "-q").returncode == 7
     [health] = [line for line in res.stdout.splitlines() if line.startswith("health")]
     line = " ".join(health.split())
-    assert "events behind for " in line and \
-        f"s (more than [fleet] degraded_after {DEGRADED_AFTER:g} s): " in line, line
+    assert f"fleet forwarding to {site.server.url} " in line and "events behind for " \
+        in line and f"s (more than [fleet] degraded_after {DEGRADED_AFTER:g} s): " in line, line
     return line
 
 
@@ -64,10 +67,8 @@ def test_forwarding_disconnected_past_degraded_after_is_degraded_until_it_catche
         g.ctl("emit", "user.note", check=True)
 
         poll_degraded(g, connected=False)
-        line = health_line(g)
-        assert f"fleet forwarding to {site.server.url} " in line, line
+        line = health_line(site)
         assert "): disconnected for " in line, line
-        assert g.ctl("status", "-q").returncode == 7
 
         site.server.start()
         wait_caught_up(g, 60)
@@ -107,11 +108,9 @@ def test_publishes_refused_while_connected_past_degraded_after_is_degraded_until
 
         seen = poll_degraded(g, connected=True)
         assert "maximum messages exceeded" in (seen[-1]["last_error"] or ""), seen[-1]
-        line = health_line(g)
-        assert f"fleet forwarding to {site.server.url} " in line, line
+        line = health_line(site)
         assert "): publishes refused: publish: " in line, line
         assert "maximum messages exceeded" in line, line
-        assert g.ctl("status", "-q").returncode == 7
 
         cap_stream(site.server.url, capped=False)
         wait_caught_up(g, 60)
@@ -136,11 +135,10 @@ def test_publishes_denied_by_a_permission_past_degraded_after_is_degraded_until_
         g.ctl("emit", "user.note", check=True)
 
         poll_degraded(g, connected=True)
-        line = health_line(g)
+        line = health_line(site)
         # A denied publish is only a timeout to the publisher: the line says why.
         assert ("): publishes refused: publish: Error: nats: permissions violation for "
                 'publish to "grace.') in line, line
-        assert g.ctl("status", "-q").returncode == 7
 
         site.server.reload(users("nothing.>"))
         wait_caught_up(g, 60)
