@@ -588,7 +588,10 @@ async def test_idle_and_half_open_tcp_floods_leave_root_its_slots(
             assert decided["ok"], decided
             await ws.aclose()
             nursery.cancel_scope.cancel()
-        assert status["wire"]["refused_total"] > 0
+        # The floods were turned away: refused, or (an idle one that proved no key) made
+        # to give way to a newcomer.
+        wire = status["wire"]
+        assert wire["refused_total"] + wire["unauthenticated_closed"] > 0, wire
         assert g.ctl("status").returncode in (0, 7)  # the real gracectl, as root
         w.wait("mission.resolved", "worker", 30)
         demoted = g.ctl("tail", "--json", "--since", "1", "--no-follow", "learning.demoted",
